@@ -1,0 +1,24 @@
+// Errors the transports raise. They carry the op, the rank and the peer so that the message a
+// user sees says where and why; the process group maps them onto torch.distributed errors.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace ep {
+
+// A wait ran past the group's timeout: a peer never arrived.
+class TimeoutError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The ranks disagree (split sizes, handles, sequence) or a system call failed.
+class CommError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+std::string errno_string(int err);
+
+}  // namespace ep

@@ -1,0 +1,20 @@
+// What a user can set on an "ep" group: torch_ep.Options (Python) fills this struct, from its
+// arguments or from the TORCH_EP_* environment variables, once, when the group is created.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+
+namespace ep {
+
+struct Config {
+  std::chrono::milliseconds timeout{std::chrono::minutes(30)};  // every wait, host and device
+  bool host_transport = true;           // CPU all_to_all over shared memory (else Gloo)
+  size_t host_slot_bytes = 256 << 10;   // shared-memory chunk size
+  int host_num_slots = 8;               // chunks in flight per pair of ranks
+  size_t cuda_buffer_bytes = 64 << 20;  // registered receive buffer per rank (CUDA)
+  int num_sms = 0;                      // SM budget of communication kernels; 0 = automatic
+  int ranks_per_node = 0;               // override of the node size; 0 = detect
+};
+
+}  // namespace ep

@@ -1,0 +1,308 @@
+#include "backend/process_group/process_group_ep.hpp"
+
+#include <unistd.h>
+
+#include <fstream>
+
+#include "backend/process_group/work.hpp"
+
+namespace ep {
+namespace {
+
+// Two ranks share a host when hostname and boot id agree (containers can share a hostname).
+std::string host_identity() {
+  char name[256] = {0};
+  gethostname(name, sizeof(name) - 1);
+  std::string boot_id;
+  std::ifstream("/proc/sys/kernel/random/boot_id") >> boot_id;
+  return std::string(name) + "/" + boot_id;
+}
+
+}  // namespace
+
+ProcessGroupEP::ProcessGroupEP(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, Config config,
+                               c10::intrusive_ptr<c10d::Backend> cpu_backend,
+                               c10::intrusive_ptr<c10d::Backend> cuda_backend)
+    : c10d::Backend(rank, size),
+      config_(config),
+      store_(store),
+      rendezvous_(store, rank, size, config.timeout),
+      cpu_backend_(std::move(cpu_backend)),
+      cuda_backend_(std::move(cuda_backend)) {
+  TORCH_CHECK(cpu_backend_, "ProcessGroupEP needs an inner CPU backend");
+}
+
+ProcessGroupEP::~ProcessGroupEP() { shutdown(); }
+
+std::string ProcessGroupEP::host_path() const {
+  std::lock_guard<std::mutex> lock(host_mutex_);
+  switch (host_path_) {
+    case HostPath::kShm: return "shm";
+    case HostPath::kGloo: return "gloo";
+    default: return "";
+  }
+}
+
+HostTransport* ProcessGroupEP::host_transport() {
+  std::lock_guard<std::mutex> lock(host_mutex_);
+  if (host_path_ == HostPath::kUndecided) {
+    // Every rank must take the same path, so each decides from everyone's identity.
+    auto ids = rendezvous_.all_gather("ep/host/identity", to_bytes(config_.host_transport ? host_identity() : ""));
+    bool one_host = true;
+    for (const auto& id : ids) one_host = one_host && !id.empty() && id == ids[0];
+    if (one_host) {
+      HostTransportConfig hc;
+      hc.slot_bytes = config_.host_slot_bytes;
+      hc.num_slots = config_.host_num_slots;
+      hc.timeout = config_.timeout;
+      host_transport_ = std::make_unique<HostTransport>(rendezvous_, hc, "ep/host/transport");
+      host_path_ = HostPath::kShm;
+    } else {
+      host_path_ = HostPath::kGloo;
+    }
+  }
+  return host_transport_.get();
+}
+
+c10d::Backend& ProcessGroupEP::inner_for(const at::Tensor& tensor, const char* op) {
+  if (tensor.is_cuda()) {
+    TORCH_CHECK(cuda_backend_, op, ": got a CUDA tensor, but this 'ep' group was created without CUDA "
+                "(torch.cuda.is_available() was False)");
+    return *cuda_backend_;
+  }
+  return *cpu_backend_;
+}
+
+c10d::Backend& ProcessGroupEP::inner_for(const std::vector<at::Tensor>& tensors, const char* op) {
+  return tensors.empty() ? *cpu_backend_ : inner_for(tensors[0], op);
+}
+
+// ----------------------------------------------------------------------------- all_to_all
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output, at::Tensor& input,
+                                                             std::vector<int64_t>& output_split_sizes,
+                                                             std::vector<int64_t>& input_split_sizes,
+                                                             const c10d::AllToAllOptions& opts) {
+  AllToAllLayout layout =
+      check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, getSize());
+  if (!input.device().is_cpu())
+    return inner_for(input, "all_to_all_single").alltoall_base(output, input, output_split_sizes,
+                                                                input_split_sizes, opts);
+
+  auto work = c10::make_intrusive<EPWork>(getRank(), c10d::OpType::ALLTOALL_BASE, "ep:all_to_all_single",
+                                          std::vector<at::Tensor>{output});
+  // The task holds the tensors until it has run: they stay alive however the caller drops them.
+  host_worker_.enqueue([this, work, output, input, output_split_sizes, input_split_sizes, layout]() mutable {
+    try {
+      HostTransport* transport = host_transport();
+      if (!transport) {
+        cpu_backend_->alltoall_base(output, input, output_split_sizes, input_split_sizes)->wait();
+        work->complete();
+        return;
+      }
+      const at::Tensor in = input.contiguous();
+      at::Tensor out = output.is_contiguous() ? output : at::empty_like(output, at::MemoryFormat::Contiguous);
+      const auto* in_ptr = static_cast<const char*>(in.data_ptr());
+      auto* out_ptr = static_cast<char*>(out.data_ptr());
+      std::vector<SendBuffer> sends(getSize());
+      std::vector<RecvBuffer> recvs(getSize());
+      for (int r = 0; r < getSize(); ++r) {
+        sends[r] = {in_ptr + layout.send_offsets[r], layout.send_bytes[r]};
+        recvs[r] = {out_ptr + layout.recv_offsets[r], layout.recv_bytes[r]};
+      }
+      transport->all_to_all(sends, recvs, "all_to_all_single");
+      if (!out.is_same(output)) output.copy_(out);
+      work->complete();
+    } catch (...) {
+      work->complete(as_dist_error(std::current_exception()));
+    }
+  });
+  return work;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall(std::vector<at::Tensor>& outputs,
+                                                        std::vector<at::Tensor>& inputs,
+                                                        const c10d::AllToAllOptions& opts) {
+  check_all_to_all(outputs, inputs, getSize());
+  if (!inputs[0].device().is_cpu()) return inner_for(inputs, "all_to_all").alltoall(outputs, inputs, opts);
+
+  auto work = c10::make_intrusive<EPWork>(getRank(), c10d::OpType::ALLTOALL, "ep:all_to_all", outputs);
+  host_worker_.enqueue([this, work, outputs, inputs]() mutable {
+    try {
+      HostTransport* transport = host_transport();
+      if (!transport) {
+        cpu_backend_->alltoall(outputs, inputs)->wait();
+        work->complete();
+        return;
+      }
+      std::vector<at::Tensor> ins(getSize()), outs(getSize());
+      std::vector<SendBuffer> sends(getSize());
+      std::vector<RecvBuffer> recvs(getSize());
+      for (int r = 0; r < getSize(); ++r) {
+        ins[r] = inputs[r].contiguous();
+        outs[r] = outputs[r].is_contiguous() ? outputs[r] : at::empty_like(outputs[r], at::MemoryFormat::Contiguous);
+        sends[r] = {ins[r].data_ptr(), ins[r].nbytes()};
+        recvs[r] = {outs[r].data_ptr(), outs[r].nbytes()};
+      }
+      transport->all_to_all(sends, recvs, "all_to_all");
+      for (int r = 0; r < getSize(); ++r)
+        if (!outs[r].is_same(outputs[r])) outputs[r].copy_(outs[r]);
+      work->complete();
+    } catch (...) {
+      work->complete(as_dist_error(std::current_exception()));
+    }
+  });
+  return work;
+}
+
+// ----------------------------------------------------------------------------- delegated
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::broadcast(std::vector<at::Tensor>& tensors,
+                                                         const c10d::BroadcastOptions& opts) {
+  return inner_for(tensors, "broadcast").broadcast(tensors, opts);
+}
+double ProcessGroupEP::premul_factor(const c10d::ReduceOp& op) {
+  auto* s = dynamic_cast<c10d::NCCLPreMulSumSupplement*>(op.supplement_.get());
+  TORCH_CHECK_VALUE(s, "PREMUL_SUM needs a factor");
+  return s->tensor_factor.defined() ? s->tensor_factor.item<double>() : s->double_factor;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_via_sum(c10d::Backend& inner, const c10d::ReduceOp& op,
+                                                              const std::vector<at::Tensor>& outputs,
+                                                              c10d::OpType type, const SumLauncher& launch) {
+  auto inner_work = launch(c10d::ReduceOp(c10d::ReduceOp::SUM));
+  auto work = c10::make_intrusive<EPWork>(getRank(), type, "ep:reduce_avg", outputs);
+  const int size = getSize();
+  const bool average = op == c10d::ReduceOp::AVG;
+  inner_work->getFuture()->addCallback([work, outputs, size, average](c10::ivalue::Future& f) {
+    if (f.hasError()) return work->complete(f.exception_ptr());
+    try {
+      if (average)
+        for (const auto& t : outputs) {
+          if (at::isIntegralType(t.scalar_type(), /*includeBool=*/true)) t.div_(size, "floor");
+          else t.div_(size);
+        }
+      work->complete();
+    } catch (...) {
+      work->complete(std::current_exception());
+    }
+  });
+  return work;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allreduce(std::vector<at::Tensor>& tensors,
+                                                         const c10d::AllreduceOptions& opts) {
+  c10d::Backend& inner = inner_for(tensors, "all_reduce");
+  const bool gloo = &inner == cpu_backend_.get();
+  if (gloo && (opts.reduceOp == c10d::ReduceOp::AVG || opts.reduceOp == c10d::ReduceOp::PREMUL_SUM)) {
+    if (opts.reduceOp == c10d::ReduceOp::PREMUL_SUM)
+      for (auto& t : tensors) t.mul_(premul_factor(opts.reduceOp));
+    return reduce_via_sum(inner, opts.reduceOp, tensors, c10d::OpType::ALLREDUCE, [&](const c10d::ReduceOp& sum) {
+      c10d::AllreduceOptions o = opts;
+      o.reduceOp = sum;
+      return inner.allreduce(tensors, o);
+    });
+  }
+  return inner.allreduce(tensors, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allreduce_sparse(std::vector<at::Tensor>& tensors,
+                                                                const c10d::AllreduceOptions& opts) {
+  return inner_for(tensors, "all_reduce").allreduce_sparse(tensors, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allreduce_coalesced(std::vector<at::Tensor>& tensors,
+                                                                   const c10d::AllreduceCoalescedOptions& opts) {
+  return inner_for(tensors, "all_reduce_coalesced").allreduce_coalesced(tensors, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce(std::vector<at::Tensor>& tensors,
+                                                      const c10d::ReduceOptions& opts) {
+  return inner_for(tensors, "reduce").reduce(tensors, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                                         std::vector<at::Tensor>& inputs,
+                                                         const c10d::AllgatherOptions& opts) {
+  return inner_for(inputs, "all_gather").allgather(outputs, inputs, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::_allgather_base(at::Tensor& output, at::Tensor& input,
+                                                               const c10d::AllgatherOptions& opts) {
+  return inner_for(input, "all_gather_into_tensor")._allgather_base(output, input, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputs,
+                                                                   std::vector<at::Tensor>& inputs,
+                                                                   const c10d::AllgatherOptions& opts) {
+  return inner_for(inputs, "all_gather_coalesced").allgather_coalesced(outputs, inputs, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
+                                                                               std::vector<at::Tensor>& inputs,
+                                                                               const c10d::AllgatherOptions& opts) {
+  return inner_for(inputs, "all_gather_into_tensor_coalesced").allgather_into_tensor_coalesced(outputs, inputs, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::gather(std::vector<std::vector<at::Tensor>>& outputs,
+                                                      std::vector<at::Tensor>& inputs,
+                                                      const c10d::GatherOptions& opts) {
+  return inner_for(inputs, "gather").gather(outputs, inputs, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::scatter(std::vector<at::Tensor>& outputs,
+                                                       std::vector<std::vector<at::Tensor>>& inputs,
+                                                       const c10d::ScatterOptions& opts) {
+  return inner_for(outputs, "scatter").scatter(outputs, inputs, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_scatter(std::vector<at::Tensor>& outputs,
+                                                              std::vector<std::vector<at::Tensor>>& inputs,
+                                                              const c10d::ReduceScatterOptions& opts) {
+  return inner_for(outputs, "reduce_scatter").reduce_scatter(outputs, inputs, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
+                                                                    const c10d::ReduceScatterOptions& opts) {
+  c10d::Backend& inner = inner_for(input, "reduce_scatter_tensor");
+  const bool gloo = &inner == cpu_backend_.get();
+  if (gloo && (opts.reduceOp == c10d::ReduceOp::AVG || opts.reduceOp == c10d::ReduceOp::PREMUL_SUM)) {
+    // The input is the caller's: scale a copy of it, never the original.
+    at::Tensor in = opts.reduceOp == c10d::ReduceOp::PREMUL_SUM ? input.mul(premul_factor(opts.reduceOp)) : input;
+    return reduce_via_sum(inner, opts.reduceOp, {output}, c10d::OpType::_REDUCE_SCATTER_BASE,
+                          [&](const c10d::ReduceOp& sum) {
+                            c10d::ReduceScatterOptions o = opts;
+                            o.reduceOp = sum;
+                            return inner._reduce_scatter_base(output, in, o);
+                          });
+  }
+  return inner._reduce_scatter_base(output, input, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_scatter_tensor_coalesced(
+    std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs, const c10d::ReduceScatterOptions& opts) {
+  return inner_for(inputs, "reduce_scatter_tensor_coalesced").reduce_scatter_tensor_coalesced(outputs, inputs, opts);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::send(std::vector<at::Tensor>& tensors, int dst_rank, int tag) {
+  return inner_for(tensors, "send").send(tensors, dst_rank, tag);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::recv(std::vector<at::Tensor>& tensors, int src_rank, int tag) {
+  return inner_for(tensors, "recv").recv(tensors, src_rank, tag);
+}
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::recvAnysource(std::vector<at::Tensor>& tensors, int tag) {
+  return inner_for(tensors, "recv").recvAnysource(tensors, tag);
+}
+// Barriers go through the CPU backend: it works whatever device the ranks use.
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::barrier(const c10d::BarrierOptions& opts) {
+  return cpu_backend_->barrier(opts);
+}
+void ProcessGroupEP::monitoredBarrier(const c10d::BarrierOptions& opts, bool wait_all_ranks) {
+  cpu_backend_->monitoredBarrier(opts, wait_all_ranks);
+}
+void ProcessGroupEP::setSequenceNumberForGroup() { cpu_backend_->setSequenceNumberForGroup(); }
+uint64_t ProcessGroupEP::getSequenceNumberForGroup() { return cpu_backend_->getSequenceNumberForGroup(); }
+
+void ProcessGroupEP::abort() {
+  {
+    std::lock_guard<std::mutex> lock(host_mutex_);
+    if (host_transport_) host_transport_->abort("the process group was aborted");
+  }
+  cpu_backend_->abort();
+  if (cuda_backend_ && cuda_backend_ != cpu_backend_) cuda_backend_->abort();
+}
+
+void ProcessGroupEP::shutdown() {
+  host_worker_.stop();
+  std::lock_guard<std::mutex> lock(host_mutex_);
+  host_transport_.reset();  // unmaps the segments; their names were unlinked at set-up
+}
+
+}  // namespace ep

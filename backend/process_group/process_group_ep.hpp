@@ -1,0 +1,114 @@
+// ProcessGroupEP: the c10d backend registered as "ep".
+//
+// all_to_all_single (alltoall_base) and all_to_all run on torch_ep's transports: CPU tensors on
+// the shared-memory HostTransport when every rank is on one host. Every other collective goes
+// to an inner backend built on the same Store: Gloo for CPU tensors; for CUDA tensors NCCL when
+// ranks have distinct GPUs, else Gloo (NCCL refuses two ranks on one GPU).
+#pragma once
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+#include <torch/version.h>
+
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "backend/process_group/config.hpp"
+#include "backend/process_group/host_worker.hpp"
+#include "backend/process_group/store_rendezvous.hpp"
+#include "backend/process_group/validate.hpp"
+#include "backend/transport/host/host_transport.hpp"
+
+namespace ep {
+
+class ProcessGroupEP : public c10d::Backend {
+ public:
+  ProcessGroupEP(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, Config config,
+                 c10::intrusive_ptr<c10d::Backend> cpu_backend, c10::intrusive_ptr<c10d::Backend> cuda_backend);
+  ~ProcessGroupEP() override;
+
+  const std::string getBackendName() const override { return "ep"; }
+  const Config& config() const { return config_; }
+  // Which path CPU all_to_all takes: "shm" (our transport), "gloo" (delegated), or "" until the
+  // first call decides.
+  std::string host_path() const;
+
+  // --- ours ---
+  c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
+                                               std::vector<int64_t>& output_split_sizes,
+                                               std::vector<int64_t>& input_split_sizes,
+                                               const c10d::AllToAllOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall(std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+                                          const c10d::AllToAllOptions& opts) override;
+
+  // --- delegated to the inner backend of the tensors' device ---
+  c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
+                                           const c10d::BroadcastOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
+                                           const c10d::AllreduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce_sparse(std::vector<at::Tensor>& tensors,
+                                                  const c10d::AllreduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce_coalesced(std::vector<at::Tensor>& tensors,
+                                                     const c10d::AllreduceCoalescedOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& tensors, const c10d::ReduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                           std::vector<at::Tensor>& inputs,
+                                           const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
+                                                 const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputs,
+                                                     std::vector<at::Tensor>& inputs,
+                                                     const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
+                                                                 std::vector<at::Tensor>& inputs,
+                                                                 const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> gather(std::vector<std::vector<at::Tensor>>& outputs,
+                                        std::vector<at::Tensor>& inputs, const c10d::GatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> scatter(std::vector<at::Tensor>& outputs,
+                                         std::vector<std::vector<at::Tensor>>& inputs,
+                                         const c10d::ScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter(std::vector<at::Tensor>& outputs,
+                                                std::vector<std::vector<at::Tensor>>& inputs,
+                                                const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(at::Tensor& output, at::Tensor& input,
+                                                      const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter_tensor_coalesced(std::vector<at::Tensor>& outputs,
+                                                                 std::vector<at::Tensor>& inputs,
+                                                                 const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dst_rank, int tag) override;
+  c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int src_rank, int tag) override;
+  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors, int tag) override;
+  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
+  void monitoredBarrier(const c10d::BarrierOptions& opts, bool wait_all_ranks) override;
+  void setSequenceNumberForGroup() override;
+  uint64_t getSequenceNumberForGroup() override;
+  void abort() override;
+  void shutdown() override;
+
+ private:
+  c10d::Backend& inner_for(const at::Tensor& tensor, const char* op);
+  c10d::Backend& inner_for(const std::vector<at::Tensor>& tensors, const char* op);
+  // Gloo has no AVG or PREMUL_SUM: run SUM and scale the result (or the input) around it.
+  using SumLauncher = std::function<c10::intrusive_ptr<c10d::Work>(const c10d::ReduceOp&)>;
+  c10::intrusive_ptr<c10d::Work> reduce_via_sum(c10d::Backend& inner, const c10d::ReduceOp& op,
+                                                const std::vector<at::Tensor>& outputs, c10d::OpType type,
+                                                const SumLauncher& launch);
+  static double premul_factor(const c10d::ReduceOp& op);
+  // The host transport, created by the first CPU all_to_all (collective, on the worker thread);
+  // null when the ranks are not all on one host or the option turned it off.
+  HostTransport* host_transport();
+
+  Config config_;
+  c10::intrusive_ptr<c10d::Store> store_;
+  StoreRendezvous rendezvous_;
+  c10::intrusive_ptr<c10d::Backend> cpu_backend_;
+  c10::intrusive_ptr<c10d::Backend> cuda_backend_;
+
+  mutable std::mutex host_mutex_;
+  enum class HostPath { kUndecided, kShm, kGloo } host_path_ = HostPath::kUndecided;
+  std::unique_ptr<HostTransport> host_transport_;
+  HostWorker host_worker_;  // declared last: joined first on destruction
+};
+
+}  // namespace ep

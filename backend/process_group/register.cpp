@@ -1,0 +1,36 @@
+#include "backend/process_group/register.hpp"
+
+#include <pybind11/chrono.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+
+#include "backend/process_group/process_group_ep.hpp"
+
+namespace py = pybind11;
+
+namespace ep {
+
+void register_process_group(py::module_& m) {
+  // Importing torch.distributed registers c10d's pybind types (Store, Backend) that ours build on.
+  py::module_::import("torch.distributed");
+
+  py::class_<Config>(m, "Config", "Settings of one 'ep' group; built by torch_ep.Options.")
+      .def(py::init<>())
+      .def_readwrite("timeout", &Config::timeout)
+      .def_readwrite("host_transport", &Config::host_transport)
+      .def_readwrite("host_slot_bytes", &Config::host_slot_bytes)
+      .def_readwrite("host_num_slots", &Config::host_num_slots)
+      .def_readwrite("cuda_buffer_bytes", &Config::cuda_buffer_bytes)
+      .def_readwrite("num_sms", &Config::num_sms)
+      .def_readwrite("ranks_per_node", &Config::ranks_per_node);
+
+  py::class_<ProcessGroupEP, c10d::Backend, c10::intrusive_ptr<ProcessGroupEP>>(m, "ProcessGroupEP")
+      .def(py::init<const c10::intrusive_ptr<c10d::Store>&, int, int, Config, c10::intrusive_ptr<c10d::Backend>,
+                    c10::intrusive_ptr<c10d::Backend>>(),
+           py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("config"), py::arg("cpu_backend"),
+           py::arg("cuda_backend") = nullptr, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("config", &ProcessGroupEP::config)
+      .def_property_readonly("host_path", &ProcessGroupEP::host_path,
+                              "'shm' or 'gloo' once the first CPU all_to_all has chosen, else ''");
+}
+
+}  // namespace ep

@@ -1,0 +1,235 @@
+#include "backend/transport/host/host_transport.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <new>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "backend/common/errors.hpp"
+
+namespace ep {
+
+// Segment layout, owned by one rank (its inbox):
+//   [SegmentHeader][ChannelControl x size][slots: size x num_slots x slot_stride]
+// The slots of channel `src` start at slots_offset + src * num_slots * slot_stride; each slot
+// is a 64-byte SlotHeader followed by slot_bytes of payload.
+struct HostTransport::SegmentHeader {
+  Doorbell doorbell;                 // rung by peers when a slot for us fills or one of ours frees
+  alignas(64) std::atomic<uint32_t> failed;  // set when the owner hit an error; peers stop waiting
+};
+struct HostTransport::ChannelControl {
+  alignas(64) std::atomic<uint64_t> head;  // slots published by the sender
+  alignas(64) std::atomic<uint64_t> tail;  // slots released by the receiver (the owner)
+};
+struct alignas(64) HostTransport::SlotHeader {
+  uint64_t message_seq;    // which call of this (sender, receiver) pair
+  uint64_t message_bytes;  // the whole message's size, checked against the receiver's split
+};
+
+namespace {
+
+constexpr size_t kAlign = 64;
+size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+size_t controls_offset() { return round_up(sizeof(Doorbell) + 64, kAlign); }
+
+std::string random_id() {
+  std::random_device rd;
+  std::ostringstream s;
+  s << std::hex << getpid() << "_" << rd() << rd();
+  return s.str();
+}
+
+struct SharedConfig {  // rank 0's choice, so that every rank lays out segments identically
+  uint64_t slot_bytes;
+  uint64_t num_slots;
+  char id[48];
+};
+
+}  // namespace
+
+HostTransport::SegmentHeader* HostTransport::header(int owner) const {
+  return reinterpret_cast<SegmentHeader*>(segments_[owner].data());
+}
+
+HostTransport::ChannelControl* HostTransport::channel(int owner, int src) const {
+  return reinterpret_cast<ChannelControl*>(segments_[owner].data() + controls_offset()) + src;
+}
+
+HostTransport::SlotHeader* HostTransport::slot(int owner, int src, uint64_t index) const {
+  size_t slots_offset = controls_offset() + round_up(sizeof(ChannelControl) * size_, kAlign);
+  size_t offset = slots_offset + (size_t(src) * num_slots_ + index % num_slots_) * slot_stride_;
+  return reinterpret_cast<SlotHeader*>(segments_[owner].data() + offset);
+}
+
+HostTransport::HostTransport(Rendezvous& rdv, const HostTransportConfig& config, const std::string& tag)
+    : rank_(rdv.rank()), size_(rdv.size()), timeout_(config.timeout), segments_(rdv.size()),
+      send_seq_(rdv.size(), 0), recv_seq_(rdv.size(), 0) {
+  SharedConfig shared{};
+  if (rank_ == 0) {
+    shared.slot_bytes = round_up(std::max<size_t>(config.slot_bytes, kAlign), kAlign);
+    shared.num_slots = std::max(config.num_slots, 1);
+    std::string id = random_id();
+    std::strncpy(shared.id, id.c_str(), sizeof(shared.id) - 1);
+    const auto* p = reinterpret_cast<const uint8_t*>(&shared);
+    rdv.set(tag + "/config", std::vector<uint8_t>(p, p + sizeof(shared)));
+  } else {
+    auto bytes = rdv.get(tag + "/config");
+    std::memcpy(&shared, bytes.data(), sizeof(shared));
+  }
+  slot_bytes_ = shared.slot_bytes;
+  num_slots_ = static_cast<int>(shared.num_slots);
+  slot_stride_ = sizeof(SlotHeader) + slot_bytes_;
+  unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  spin_ = unsigned(size_) <= cores ? 4000 : 0;
+
+  size_t bytes = controls_offset() + round_up(sizeof(ChannelControl) * size_, kAlign) +
+                 size_t(size_) * num_slots_ * slot_stride_;
+  auto name = [&](int r) { return "/torch_ep_" + std::string(shared.id) + "_" + std::to_string(r); };
+  // posix_fallocate zero-fills, so counters and flags start at 0.
+  segments_[rank_] = ShmSegment::create(name(rank_), bytes);
+  try {
+    rdv.barrier(tag + "/created");
+    for (int r = 0; r < size_; ++r)
+      if (r != rank_) segments_[r] = ShmSegment::open(name(r), bytes);
+    rdv.barrier(tag + "/mapped");
+  } catch (...) {
+    segments_[rank_].unlink();
+    throw;
+  }
+  segments_[rank_].unlink();  // every peer holds a mapping: the name is no longer needed
+}
+
+HostTransport::~HostTransport() = default;
+
+void HostTransport::abort(const std::string& why) {
+  if (!broken_.exchange(true)) broken_message_ = why;
+  header(rank_)->doorbell.ring();
+}
+
+void HostTransport::raise_broken() const {
+  throw CommError("torch_ep: this group's host transport stopped after an earlier error and takes no more "
+                  "calls; destroy the process group. The error was: " + broken_message_);
+}
+
+void HostTransport::fail(const std::string& message) {
+  if (!broken_.exchange(true)) broken_message_ = message;
+  header(rank_)->failed.store(1, std::memory_order_release);
+  for (int p = 0; p < size_; ++p)
+    if (p != rank_) header(p)->doorbell.ring();
+  throw CommError(message);
+}
+
+void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
+                               const char* op_name) {
+  if (broken_.load()) raise_broken();
+  const int me = rank_;
+  if (sends[me].bytes != recvs[me].bytes)
+    fail(std::string(op_name) + ": rank " + std::to_string(me) + " sends " + std::to_string(sends[me].bytes) +
+         " bytes to itself but expects " + std::to_string(recvs[me].bytes));
+  if (sends[me].bytes && sends[me].ptr != recvs[me].ptr) std::memcpy(recvs[me].ptr, sends[me].ptr, sends[me].bytes);
+
+  std::vector<size_t> sent(size_, 0), received(size_, 0);
+  std::vector<char> send_done(size_, 0), recv_done(size_, 0);
+  send_done[me] = recv_done[me] = 1;
+  int pending = 2 * (size_ - 1);
+  const auto start = std::chrono::steady_clock::now();
+  Doorbell& my_bell = header(me)->doorbell;
+
+  while (pending > 0) {
+    const uint32_t seen = my_bell.snapshot();
+    bool progressed = false;
+    // Peers in rotated order, so that rank r's first chunk goes to r+1 and the load spreads.
+    for (int i = 1; i < size_; ++i) {
+      const int dst = (me + i) % size_;
+      if (send_done[dst]) continue;
+      ChannelControl* ch = channel(dst, me);
+      uint64_t head = ch->head.load(std::memory_order_relaxed);
+      const uint64_t tail = ch->tail.load(std::memory_order_acquire);
+      const uint64_t head_before = head;
+      const auto* src = static_cast<const char*>(sends[dst].ptr);
+      while (!send_done[dst] && head - tail < uint64_t(num_slots_)) {
+        SlotHeader* s = slot(dst, me, head);
+        const size_t n = std::min(slot_bytes_, sends[dst].bytes - sent[dst]);
+        s->message_seq = send_seq_[dst];
+        s->message_bytes = sends[dst].bytes;
+        if (n) std::memcpy(reinterpret_cast<char*>(s) + sizeof(SlotHeader), src + sent[dst], n);
+        sent[dst] += n;
+        ch->head.store(++head, std::memory_order_release);
+        if (sent[dst] == sends[dst].bytes) {
+          send_done[dst] = 1;
+          ++send_seq_[dst];
+          --pending;
+        }
+      }
+      if (head != head_before) {
+        header(dst)->doorbell.ring();
+        progressed = true;
+      }
+    }
+    for (int i = 1; i < size_; ++i) {
+      const int src = (me - i + size_) % size_;
+      if (recv_done[src]) continue;
+      ChannelControl* ch = channel(me, src);
+      uint64_t tail = ch->tail.load(std::memory_order_relaxed);
+      const uint64_t head = ch->head.load(std::memory_order_acquire);
+      const uint64_t tail_before = tail;
+      auto* dst = static_cast<char*>(recvs[src].ptr);
+      while (!recv_done[src] && tail < head) {
+        const SlotHeader* s = slot(me, src, tail);
+        if (s->message_seq != recv_seq_[src])
+          fail(std::string(op_name) + ": rank " + std::to_string(me) + " received message #" +
+               std::to_string(s->message_seq) + " from rank " + std::to_string(src) + " while expecting #" +
+               std::to_string(recv_seq_[src]) + ": the ranks issued collectives in different orders");
+        if (s->message_bytes != recvs[src].bytes)
+          fail(std::string(op_name) + ": rank " + std::to_string(me) + " expects " + std::to_string(recvs[src].bytes) +
+               " bytes from rank " + std::to_string(src) + ", but rank " + std::to_string(src) + " sends " +
+               std::to_string(s->message_bytes) + " bytes: the ranks' split sizes disagree");
+        const size_t n = std::min(slot_bytes_, recvs[src].bytes - received[src]);
+        if (n) std::memcpy(dst + received[src], reinterpret_cast<const char*>(s) + sizeof(SlotHeader), n);
+        received[src] += n;
+        ch->tail.store(++tail, std::memory_order_release);
+        if (received[src] == recvs[src].bytes) {
+          recv_done[src] = 1;
+          ++recv_seq_[src];
+          --pending;
+        }
+      }
+      if (tail != tail_before) {
+        header(src)->doorbell.ring();
+        progressed = true;
+      }
+    }
+    if (progressed || pending == 0) continue;
+
+    if (broken_.load()) raise_broken();
+    for (int p = 0; p < size_; ++p)
+      if (p != me && header(p)->failed.load(std::memory_order_acquire))
+        fail(std::string(op_name) + ": rank " + std::to_string(me) + " stopped because peer rank " +
+             std::to_string(p) + " reported an error in this group");
+    const auto elapsed = std::chrono::steady_clock::now() - start;
+    if (elapsed > timeout_) {
+      int peer = -1;
+      const char* what = "";
+      for (int i = 1; i < size_ && peer < 0; ++i) {
+        const int p = (me + i) % size_;
+        if (!recv_done[p]) peer = p, what = "receiving from";
+        else if (!send_done[p]) peer = p, what = "sending to";
+      }
+      std::string msg = std::string(op_name) + ": timed out on rank " + std::to_string(me) + " after " +
+                        std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()) +
+                        " ms " + what + " rank " + std::to_string(peer) + " (" +
+                        std::to_string(received[peer]) + "/" + std::to_string(recvs[peer].bytes) +
+                        " bytes received, " + std::to_string(sent[peer]) + "/" + std::to_string(sends[peer].bytes) +
+                        " sent): the peer never arrived or stalled";
+      if (!broken_.exchange(true)) broken_message_ = msg;
+      throw TimeoutError(msg);
+    }
+    my_bell.wait(seen, spin_, std::chrono::microseconds(20000));
+  }
+}
+
+}  // namespace ep

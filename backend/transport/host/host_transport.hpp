@@ -1,0 +1,83 @@
+// All-to-all between the ranks of one host through POSIX shared memory.
+//
+// Each rank owns one segment: its inbox. For every peer `src` the inbox holds a channel, a ring
+// of `num_slots` slots of `slot_bytes` each, that only `src` writes and only the owner reads.
+// A message of any size streams through the ring in slot-sized chunks; head (slots published,
+// written by the sender) and tail (slots released, written by the receiver) are monotonic
+// counters, so nothing is reset between calls. Every message takes at least one slot, whose
+// header carries the message's sequence number and size: a receiver detects ranks that
+// disagree on split sizes or on the order of calls instead of reading garbage.
+// This is the protocol shape of the CUDA intranode path, so CPU tests exercise the same logic.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backend/transport/host/doorbell.hpp"
+#include "backend/transport/host/shm_segment.hpp"
+#include "backend/transport/rendezvous.hpp"
+
+namespace ep {
+
+struct HostTransportConfig {
+  size_t slot_bytes = 256 << 10;  // one chunk; rounded up to 64 bytes
+  int num_slots = 8;              // chunks in flight per (sender, receiver) pair
+  std::chrono::milliseconds timeout{std::chrono::minutes(30)};
+};
+
+struct SendBuffer {
+  const void* ptr;
+  size_t bytes;
+};
+struct RecvBuffer {
+  void* ptr;
+  size_t bytes;  // what this rank expects; the sender's header must agree
+};
+
+class HostTransport {
+ public:
+  // Collective: every rank of `rdv` constructs its transport with the same `tag`.
+  HostTransport(Rendezvous& rdv, const HostTransportConfig& config, const std::string& tag);
+  ~HostTransport();
+
+  // sends[p] goes to rank p, recvs[p] receives from rank p (both indexed by rank, self included).
+  // Throws TimeoutError when a peer does not keep up within the timeout, CommError when the
+  // ranks disagree; after either the transport refuses further calls.
+  void all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs, const char* op_name);
+
+  // Fails any wait in progress and every later call (from any thread).
+  void abort(const std::string& why);
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+
+ private:
+  struct SegmentHeader;
+  struct ChannelControl;
+  struct SlotHeader;
+
+  SegmentHeader* header(int owner) const;
+  ChannelControl* channel(int owner, int src) const;
+  SlotHeader* slot(int owner, int src, uint64_t index) const;
+  void fail(const std::string& message);  // records the error, tells the peers, throws
+  [[noreturn]] void raise_broken() const;
+
+  int rank_;
+  int size_;
+  size_t slot_bytes_;
+  size_t slot_stride_;
+  int num_slots_;
+  std::chrono::milliseconds timeout_;
+  int spin_;  // polls before sleeping; 0 when ranks outnumber cores
+  std::vector<ShmSegment> segments_;
+  std::vector<uint64_t> send_seq_;  // messages sent to each peer
+  std::vector<uint64_t> recv_seq_;  // messages received from each peer
+  std::atomic<bool> broken_{false};
+  std::string broken_message_;
+};
+
+}  // namespace ep

@@ -1,0 +1,16 @@
+#include "backend/transport/rendezvous.hpp"
+
+namespace ep {
+
+std::vector<std::vector<uint8_t>> Rendezvous::all_gather(const std::string& tag,
+                                                         const std::vector<uint8_t>& value) {
+  set(tag + "/" + std::to_string(rank()), value);
+  std::vector<std::vector<uint8_t>> all(size());
+  for (int r = 0; r < size(); ++r) all[r] = r == rank() ? value : get(tag + "/" + std::to_string(r));
+  return all;
+}
+
+std::vector<uint8_t> to_bytes(const std::string& s) { return {s.begin(), s.end()}; }
+std::string to_string(const std::vector<uint8_t>& b) { return {b.begin(), b.end()}; }
+
+}  // namespace ep

@@ -1,0 +1,30 @@
+// The control plane the transports need at set-up: a key/value exchange among the ranks of
+// one group. ProcessGroupEP implements it on the c10d Store; transports stay torch-free.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ep {
+
+class Rendezvous {
+ public:
+  virtual ~Rendezvous() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual void set(const std::string& key, const std::vector<uint8_t>& value) = 0;
+  // Blocks until `key` exists (bounded by the group timeout).
+  virtual std::vector<uint8_t> get(const std::string& key) = 0;
+  // Every rank publishes `value` under `tag`; returns all ranks' values, indexed by rank.
+  std::vector<std::vector<uint8_t>> all_gather(const std::string& tag,
+                                               const std::vector<uint8_t>& value);
+  // Returns once every rank has reached the barrier named `tag`.
+  virtual void barrier(const std::string& tag) = 0;
+};
+
+std::vector<uint8_t> to_bytes(const std::string& s);
+std::string to_string(const std::vector<uint8_t>& b);
+
+}  // namespace ep

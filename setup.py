@@ -1,0 +1,66 @@
+"""Builds torch_ep._C by driving CMake.
+
+`pip install --no-build-isolation .` (or `-e .`): the build must see the torch that will run it,
+so build isolation stays off. With a CUDA torch and nvcc the CUDA sources are built as well.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+def _cmake_binary() -> str:
+    try:  # the PyPI cmake package, when present, is preferred over an old system cmake
+        import cmake
+
+        return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+    except ImportError:
+        found = shutil.which("cmake")
+        if not found:
+            raise RuntimeError("cmake not found: pip install cmake")
+        return found
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: CMakeExtension) -> None:
+        import torch
+        import torch.utils
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_temp = Path(self.build_temp).resolve() / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+
+        with_cuda = os.environ.get("TORCH_EP_WITH_CUDA")
+        if with_cuda is None:
+            with_cuda = "ON" if (torch.version.cuda and shutil.which("nvcc")) else "OFF"
+        cfg = "Debug" if self.debug else os.environ.get("TORCH_EP_BUILD_TYPE", "Release")
+        args = [
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DTORCH_EP_WITH_CUDA={with_cuda}",
+        ]
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        cmake = _cmake_binary()
+        subprocess.check_call([cmake, str(ROOT), *args], cwd=build_temp)
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
+        subprocess.check_call([cmake, "--build", ".", "--parallel", jobs], cwd=build_temp)
+
+
+setup(
+    ext_modules=[CMakeExtension("torch_ep._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)

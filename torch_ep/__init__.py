@@ -1,0 +1,16 @@
+"""torch_ep: expert-parallel communication for PyTorch.
+
+``import torch_ep`` registers the torch.distributed backend "ep"; then
+``dist.init_process_group(backend="ep")`` gives a group whose all_to_all runs on torch_ep's own
+transports and whose other collectives delegate to Gloo or NCCL.
+"""
+import torch
+import torch.distributed as dist
+
+from . import _C
+from ._backend import BACKEND_NAME, get_backend, register
+from .options import Options
+
+register()
+
+__all__ = ["BACKEND_NAME", "Options", "get_backend"]

@@ -1,0 +1,56 @@
+"""The creator torch.distributed calls for every group whose backend is "ep"."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from .options import Options
+
+BACKEND_NAME = "ep"
+
+
+def _ranks_share_a_gpu(store: dist.Store, rank: int, size: int) -> bool:
+    """True when two ranks of the group drive the same GPU (NCCL refuses that)."""
+    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    store.set(f"ep/gpu/{rank}", uuid)
+    uuids = [store.get(f"ep/gpu/{r}").decode() for r in range(size)]
+    return len(set(uuids)) < size
+
+
+def create_backend(dist_opts, pg_options) -> _C.ProcessGroupEP:
+    if pg_options is None:
+        options = Options()
+    elif isinstance(pg_options, Options):
+        options = pg_options
+    else:
+        raise TypeError(f"pg_options for backend 'ep' must be a torch_ep.Options, got {type(pg_options).__name__}")
+    store, rank, size = dist_opts.store, dist_opts.group_rank, dist_opts.group_size
+    config = options._to_config(dist_opts.timeout)
+
+    cpu_backend = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, config.timeout)
+    cuda_backend = None
+    if torch.cuda.is_available():
+        if _ranks_share_a_gpu(store, rank, size) or not dist.is_nccl_available():
+            cuda_backend = cpu_backend  # Gloo moves CUDA tensors through the host
+        else:
+            nccl_options = dist.ProcessGroupNCCL.Options()
+            nccl_options._timeout = config.timeout
+            cuda_backend = dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", store), rank, size, nccl_options)
+    return _C.ProcessGroupEP(store, rank, size, config, cpu_backend, cuda_backend)
+
+
+def register() -> None:
+    if BACKEND_NAME.upper() not in dist.Backend._plugins:
+        dist.Backend.register_backend(BACKEND_NAME, create_backend, extended_api=True, devices=["cpu", "cuda"])
+
+
+def get_backend(group=None) -> _C.ProcessGroupEP:
+    """The ProcessGroupEP behind `group` (default: the default group)."""
+    group = group or dist.group.WORLD
+    if group is None:
+        raise RuntimeError("torch_ep: no default process group; call dist.init_process_group(backend='ep') first")
+    backend = group._get_backend(torch.device("cpu"))
+    if not isinstance(backend, _C.ProcessGroupEP):
+        raise ValueError(f"group: expected a group whose backend is 'ep', got {dist.get_backend(group)!r}")
+    return backend

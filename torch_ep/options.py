@@ -1,0 +1,92 @@
+"""torch_ep.Options: the settings of an "ep" group, passed as ``pg_options``.
+
+Every field can also come from the environment (for torchrun users); the variables are read
+here and nowhere else, when an Options is built.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Optional
+
+from . import _C
+
+# Every TORCH_EP_* variable the library reads, with what it sets.
+ENVIRONMENT = {
+    "TORCH_EP_TIMEOUT_S": "timeout: seconds any wait may take before the op raises (default: init_process_group's timeout)",
+    "TORCH_EP_HOST_TRANSPORT": "0 sends CPU all_to_all through Gloo instead of shared memory",
+    "TORCH_EP_HOST_SLOT_BYTES": "shared-memory chunk size in bytes (default 256 KiB)",
+    "TORCH_EP_HOST_NUM_SLOTS": "shared-memory chunks in flight per pair of ranks (default 8)",
+    "TORCH_EP_CUDA_BUFFER_BYTES": "registered CUDA receive buffer per rank in bytes (default 64 MiB)",
+    "TORCH_EP_NUM_SMS": "SMs a communication kernel may use (default: automatic)",
+    "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
+}
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer") from None
+
+
+def _env_timeout() -> Optional[timedelta]:
+    value = os.environ.get("TORCH_EP_TIMEOUT_S")
+    if not value:
+        return None
+    try:
+        return timedelta(seconds=float(value))
+    except ValueError:
+        raise ValueError(f"TORCH_EP_TIMEOUT_S={value!r}: expected seconds") from None
+
+
+def _default(name: str, fallback):
+    return lambda: (lambda v: fallback if v is None else v)(_env_int(name))
+
+
+@dataclass
+class Options:
+    """Settings of an "ep" process group.
+
+    Pass as ``dist.init_process_group(backend="ep", pg_options=torch_ep.Options(...))`` or
+    ``dist.new_group(..., pg_options=...)``. Fields left at their defaults take the matching
+    ``TORCH_EP_*`` environment variable when it is set (see ``torch_ep.options.ENVIRONMENT``).
+    """
+
+    timeout: Optional[timedelta] = field(default_factory=_env_timeout)
+    host_transport: bool = field(default_factory=lambda: _env_int("TORCH_EP_HOST_TRANSPORT") != 0)
+    host_slot_bytes: int = field(default_factory=_default("TORCH_EP_HOST_SLOT_BYTES", 256 << 10))
+    host_num_slots: int = field(default_factory=_default("TORCH_EP_HOST_NUM_SLOTS", 8))
+    cuda_buffer_bytes: int = field(default_factory=_default("TORCH_EP_CUDA_BUFFER_BYTES", 64 << 20))
+    num_sms: int = field(default_factory=_default("TORCH_EP_NUM_SMS", 0))
+    ranks_per_node: int = field(default_factory=_default("TORCH_EP_RANKS_PER_NODE", 0))
+
+    def __post_init__(self) -> None:
+        checks = {
+            "host_slot_bytes": self.host_slot_bytes >= 64,
+            "host_num_slots": self.host_num_slots >= 1,
+            "cuda_buffer_bytes": self.cuda_buffer_bytes >= 1 << 16,
+            "num_sms": self.num_sms >= 0,
+            "ranks_per_node": self.ranks_per_node >= 0,
+        }
+        minimum = {"host_slot_bytes": 64, "host_num_slots": 1, "cuda_buffer_bytes": 1 << 16}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"Options.{name}={getattr(self, name)}: expected >= {minimum.get(name, 0)}")
+        if self.timeout is not None and self.timeout.total_seconds() <= 0:
+            raise ValueError(f"Options.timeout={self.timeout}: expected a positive duration")
+
+    def _to_config(self, default_timeout: timedelta) -> "_C.Config":
+        config = _C.Config()
+        config.timeout = self.timeout or default_timeout
+        config.host_transport = self.host_transport
+        config.host_slot_bytes = self.host_slot_bytes
+        config.host_num_slots = self.host_num_slots
+        config.cuda_buffer_bytes = self.cuda_buffer_bytes
+        config.num_sms = self.num_sms
+        config.ranks_per_node = self.ranks_per_node
+        return config
