@@ -18,26 +18,40 @@ def _splits(rows: int, splits: Optional[Sequence[int]], size: int) -> List[int]:
     return list(splits)
 
 
+def _pack(t: torch.Tensor):
+    # Raw bytes: pickling tensors of some dtypes (fp8) is not supported by torch.save.
+    t = t.detach().cpu().contiguous()
+    return str(t.dtype).removeprefix("torch."), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _unpack(packed) -> torch.Tensor:
+    dtype, shape, data = packed
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return flat.view(getattr(torch, dtype)).reshape(shape)
+
+
+def _all_gather(value, group):
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
 def all_to_all_single(output_shape, input: torch.Tensor, output_split_sizes=None, input_split_sizes=None,
                       group=None) -> torch.Tensor:
     """What all_to_all_single should leave in an output of `output_shape`, on the CPU."""
     size = dist.get_world_size(group)
     rank = dist.get_rank(group)
     in_splits = _splits(input.shape[0], input_split_sizes, size)
-    gathered: list = [None] * size
-    dist.all_gather_object(gathered, (input.detach().cpu(), in_splits), group=group)
     pieces = []
-    for src, (tensor, splits) in enumerate(gathered):
+    for packed, splits in _all_gather((_pack(input), in_splits), group):
         start = sum(splits[:rank])
-        pieces.append(tensor[start:start + splits[rank]])
-    out = torch.cat(pieces) if pieces else torch.empty(0)
-    return out.reshape(output_shape)
+        pieces.append(_unpack(packed)[start:start + splits[rank]])
+    return torch.cat(pieces).reshape(output_shape)
 
 
 def all_to_all(input_tensor_list: Sequence[torch.Tensor], group=None) -> List[torch.Tensor]:
     """What the list form of all_to_all should leave in each output, on the CPU."""
     size = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    gathered: list = [None] * size
-    dist.all_gather_object(gathered, [t.detach().cpu() for t in input_tensor_list], group=group)
-    return [gathered[src][rank] for src in range(size)]
+    gathered = _all_gather([_pack(t) for t in input_tensor_list], group)
+    return [_unpack(gathered[src][rank]) for src in range(size)]
