@@ -1,0 +1,272 @@
+"""all_to_all_single bandwidth of the "ep" backend, with references measured in the same run.
+
+    torchrun --nproc-per-node 4 benchmarks/all_to_all.py --out benchmarks/results/cpu
+
+Every rank sends the same number of bytes (the size on the x axis), split evenly over all ranks,
+itself included. Measured, size by size and one after another:
+  ep       the default group, backend "ep"
+  gloo     dist.new_group(backend="gloo") over the same ranks and tensors
+  nccl     dist.new_group(backend="nccl"), on CUDA when every rank has a GPU of its own
+           (NCCL refuses two ranks on one GPU)
+  roofline on CUDA: the all_to_all bandwidth per rank that the GPU's memory allows; a plain
+           dst.copy_(src) of the same bytes on one rank moves copy_rate = 2*bytes/time (read +
+           write), and an all_to_all must read and write each byte at least once for each of
+           the R ranks sharing the GPU: roofline = copy_rate / (2R), R = 1 with a GPU per rank
+algbw = bytes sent per rank / time; busbw = algbw * (R-1)/R (nccl-tests' convention). A time is
+the median over runs of the slowest rank's time in that run. Before timing, each
+implementation's output is checked once against fresh random data.
+
+Rank 0 prints the table and writes all_to_all.md, all_to_all.json and all_to_all.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+if __package__ in (None, ""):  # run as a script (torchrun): make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch_ep  # noqa: F401,E402  registers the "ep" backend
+from benchmarks import common  # noqa: E402
+
+SUBJECT = "ep"
+ROOFLINE = "roofline"
+
+
+@dataclass
+class Measurement:
+    impl: str
+    size: int            # the size asked for: the table's and plot's label
+    bytes_per_rank: int  # what each rank sent: `size` rounded down to a multiple of the ranks
+    run_times_s: List[float]  # per timed run, the slowest rank's seconds per call
+
+    @property
+    def time_s(self) -> float:
+        return common.median(self.run_times_s)
+
+    @property
+    def algbw_gbps(self) -> float:
+        return self.bytes_per_rank / self.time_s / 1e9
+
+    def busbw_gbps(self, world_size: int) -> float:
+        return self.algbw_gbps * (world_size - 1) / world_size
+
+
+def pick_device(kind: str = "auto") -> torch.device:
+    """cuda:(LOCAL_RANK % device_count) where CUDA is available (or asked for), else the CPU."""
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def sizes_between(min_bytes: int, max_bytes: int, factor: int) -> List[int]:
+    sizes, size = [], min_bytes
+    while size <= max_bytes:
+        sizes.append(size)
+        size *= factor
+    return sizes
+
+
+def pair_data(seed: int, src: int, dst: int, num_bytes: int, device: torch.device) -> torch.Tensor:
+    """The bytes rank `src` sends to rank `dst`: random, and reproducible on both ends."""
+    generator = torch.Generator().manual_seed(seed + 7919 * src + 104729 * dst)
+    return torch.randint(0, 256, (num_bytes,), dtype=torch.uint8, generator=generator).to(device)
+
+
+def slowest_rank(run_times_s: List[float], sync_group) -> List[float]:
+    times = torch.tensor(run_times_s, dtype=torch.float64)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=sync_group)
+    return times.tolist()
+
+
+def check_output(impl: str, group, send: torch.Tensor, expected: torch.Tensor, sync_group) -> None:
+    """One all_to_all_single into a poisoned output; raises on every rank if any rank got wrong data."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    recv = expected.bitwise_not()  # differs from the expected data in every byte
+    dist.all_to_all_single(recv, send, group=group)
+    problem = None
+    if not torch.equal(recv, expected):
+        chunk = expected.numel() // world_size
+        bad = (recv != expected).nonzero()[0].item()
+        problem = f"rank {rank} got wrong bytes from rank {bad // chunk}, first at offset {bad % chunk} of {chunk}"
+    problems: List[Optional[str]] = [None] * world_size
+    dist.all_gather_object(problems, problem, group=sync_group)
+    problems = [p for p in problems if p]
+    if problems:
+        raise RuntimeError(f"{impl}: all_to_all_single of {common.format_bytes(send.numel())} per rank gave "
+                           f"wrong output, not timing it: " + "; ".join(problems))
+
+
+def ops_per_run(num_bytes: int) -> int:
+    # Back-to-back calls per timed run, so that short calls outweigh the barrier's exit skew.
+    return max(1, min(32, (1 << 20) // num_bytes))
+
+
+def shared_seed(sync_group) -> int:
+    """A fresh seed, the same on every rank: senders and receivers derive the same data from it."""
+    seed = [random.getrandbits(31) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(seed, src=0, group=sync_group)
+    return seed[0]
+
+
+def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync_group, *, runs: int,
+                 warmup: int) -> List[Measurement]:
+    """Checks, then times all_to_all_single of `size` bytes per rank on each group of `impls`.
+
+    `sync_group` (a Gloo group of the same ranks) carries the barriers, checks and reductions.
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    seed = shared_seed(sync_group)
+    chunk = size // world_size  # sizes that R does not divide send R*(size//R) bytes
+    send = torch.cat([pair_data(seed, rank, dst, chunk, device) for dst in range(world_size)])
+    expected = torch.cat([pair_data(seed, src, rank, chunk, device) for src in range(world_size)])
+    recv = torch.empty_like(expected)
+    ops = {impl: (lambda group=group: dist.all_to_all_single(recv, send, group=group))
+           for impl, group in impls.items()}
+    for impl, group in impls.items():
+        check_output(impl, group, send, expected, sync_group)
+        for _ in range(warmup):
+            ops[impl]()
+    # Runs of the implementations take turns, so that load from outside the benchmark (a shared
+    # machine) weighs on each alike and the ratios hold even when absolute times drift.
+    run_times = {impl: [] for impl in impls}
+    for _ in range(runs):
+        for impl, op in ops.items():
+            run_times[impl] += common.time_runs(op, device=device, runs=1, warmup=0,
+                                                ops_per_run=ops_per_run(send.numel()),
+                                                barrier=lambda: dist.barrier(group=sync_group))
+    return [Measurement(impl, size, send.numel(), slowest_rank(times, sync_group))
+            for impl, times in run_times.items()]
+
+
+def measure_roofline(size: int, device: torch.device, ranks_per_gpu: int, sync_group, *, runs: int,
+                     warmup: int) -> Measurement:
+    """The copy roofline as an all_to_all time: one rank copies while the others wait."""
+    run_times: List[Optional[List[float]]] = [None]
+    if dist.get_rank() == 0:
+        src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        copy_times = common.time_runs(lambda: dst.copy_(src), device=device, runs=runs, warmup=warmup,
+                                      ops_per_run=ops_per_run(size))
+        # roofline algbw = copy_rate/(2R) = size / (copy_time * R)
+        run_times = [[t * ranks_per_gpu for t in copy_times]]
+    dist.broadcast_object_list(run_times, src=0, group=sync_group)
+    return Measurement(ROOFLINE, size, size, run_times[0])
+
+
+def ranks_per_gpu(device: torch.device, sync_group) -> int:
+    """The most ranks that share one GPU (1 when every rank has its own)."""
+    uuids: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(uuids, str(torch.cuda.get_device_properties(device).uuid), group=sync_group)
+    return max(Counter(uuids).values())
+
+
+def results_table(measurements: List[Measurement], world_size: int) -> str:
+    """One row per size: time, algbw and busbw of each implementation, then ep's ratio to each."""
+    impls = list(dict.fromkeys(m.impl for m in measurements))
+    timed = [i for i in impls if i != ROOFLINE]
+    by_key = {(m.impl, m.size): m for m in measurements}
+    headers = ["size/rank"]
+    for impl in timed:
+        headers += [f"{impl} us", f"{impl} algbw GB/s", f"{impl} busbw GB/s"]
+    if ROOFLINE in impls:
+        headers.append("roofline algbw GB/s")
+    headers += [f"{SUBJECT}/{impl}" for impl in impls if impl != SUBJECT]
+    rows = []
+    for size in sorted({m.size for m in measurements}):
+        row = [common.format_bytes(size)]
+        for impl in timed:
+            m = by_key[impl, size]
+            row += [f"{m.time_s * 1e6:.1f}", f"{m.algbw_gbps:.3f}", f"{m.busbw_gbps(world_size):.3f}"]
+        if ROOFLINE in impls:
+            row.append(f"{by_key[ROOFLINE, size].algbw_gbps:.1f}")
+        subject = by_key[SUBJECT, size]
+        for impl in impls:
+            if impl != SUBJECT:
+                ratio = subject.algbw_gbps / by_key[impl, size].algbw_gbps
+                row.append(f"{ratio:.0%}" if impl == ROOFLINE else f"{ratio:.2f}x")
+        rows.append(row)
+    return common.markdown_table(headers, rows)
+
+
+def write_results(out_dir: str, measurements: List[Measurement], meta: Dict[str, object], table: str) -> None:
+    world_size = meta["ranks"]
+    common.write_json(os.path.join(out_dir, "all_to_all.json"), {
+        "benchmark": "all_to_all_single",
+        "meta": meta,
+        "results": [{"impl": m.impl, "size": m.size, "bytes_per_rank": m.bytes_per_rank, "time_us": m.time_s * 1e6,
+                     "algbw_GBps": m.algbw_gbps, "busbw_GBps": m.busbw_gbps(world_size),
+                     "run_times_us": [t * 1e6 for t in m.run_times_s]} for m in measurements],
+    })
+    header = (f"# all_to_all_single: {world_size} ranks, {meta['device']}\n\n"
+              + "\n".join(f"- {key}: {value}" for key, value in meta.items()) + "\n\n")
+    common.write_text(os.path.join(out_dir, "all_to_all.md"), header + table)
+    series = {}
+    for m in measurements:
+        xs, ys = series.setdefault(m.impl, ([], []))
+        xs.append(m.size)
+        ys.append(m.algbw_gbps)
+    common.write_plot(os.path.join(out_dir, "all_to_all.png"), series, dashed=[ROOFLINE],
+                      title=f"all_to_all_single, {world_size} ranks, {meta['machine']}",
+                      xlabel="bytes sent per rank", ylabel="algbw (GB/s)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="folder for all_to_all.{md,json,png} (default: print only)")
+    parser.add_argument("--min-bytes", type=int, default=4 << 10, help="smallest size sent per rank")
+    parser.add_argument("--max-bytes", type=int, default=64 << 20, help="largest size sent per rank")
+    parser.add_argument("--factor", type=int, choices=[2, 4], default=4, help="ratio of successive sizes")
+    parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS, help="timed runs per size (median)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before the timed runs")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device(args.device)
+    dist.init_process_group(SUBJECT)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    sync_group = dist.new_group(backend="gloo")
+    impls = {SUBJECT: dist.group.WORLD, "gloo": sync_group}
+    sharing = 1
+    if device.type == "cuda":
+        sharing = ranks_per_gpu(device, sync_group)
+        if sharing == 1 and dist.is_nccl_available():
+            impls["nccl"] = dist.new_group(backend="nccl")
+
+    measurements = []
+    for size in sizes_between(args.min_bytes, args.max_bytes, args.factor):
+        measurements += measure_size(impls, size, device, sync_group, runs=args.runs, warmup=args.warmup)
+        if device.type == "cuda":
+            measurements.append(measure_roofline(size, device, sharing, sync_group, runs=args.runs,
+                                                 warmup=args.warmup))
+        if rank == 0:
+            print(f"measured {common.format_bytes(size)} per rank", flush=True)
+
+    if rank == 0:
+        meta = common.run_metadata(device, ranks=world_size, runs=args.runs, warmup=args.warmup,
+                                   env={k: v for k, v in os.environ.items() if k.startswith("TORCH_EP_")})
+        if device.type == "cuda":
+            meta["ranks_per_gpu"] = sharing
+        table = results_table(measurements, world_size)
+        print(table, flush=True)
+        if args.out:
+            write_results(args.out, measurements, meta, table)
+    dist.barrier(group=sync_group)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

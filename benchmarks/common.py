@@ -1,0 +1,160 @@
+"""Helpers shared by the benchmark scripts: timing, statistics, and the table, JSON and plot writers.
+
+Timing follows DESIGN.md "Measuring": warm-up calls first, then at least 20 timed runs, and the
+median is what gets reported. On the CPU a run is timed with time.perf_counter, on CUDA with
+events on the current stream; either way every run starts at a barrier, so that the ranks start
+together and a run measures the collective rather than a late rank.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIN_TIMED_RUNS = 20
+
+
+def time_runs(op: Callable[[], object], *, device: torch.device, runs: int = MIN_TIMED_RUNS, warmup: int = 5,
+              ops_per_run: int = 1, barrier: Optional[Callable[[], object]] = None) -> List[float]:
+    """Seconds per call of `op` in each of `runs` timed runs on this rank.
+
+    A run calls `op` `ops_per_run` times back to back and counts the mean; more calls per run
+    keep the barrier's exit skew small against short ops. `barrier` (e.g. a Gloo barrier of
+    every rank taking part) starts each run; leave it None to time one rank alone.
+    """
+    for _ in range(warmup):
+        op()
+    cuda = device.type == "cuda"
+    times = []
+    for _ in range(runs):
+        if cuda:
+            torch.cuda.synchronize(device)
+        if barrier is not None:
+            barrier()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(ops_per_run):
+                op()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            start_s = time.perf_counter()
+            for _ in range(ops_per_run):
+                op()
+            seconds = time.perf_counter() - start_s
+        times.append(seconds / ops_per_run)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def format_bytes(num_bytes: int) -> str:
+    """1024 -> '1 KiB', 64 << 20 -> '64 MiB'; sizes that are not whole units keep a fraction."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if num_bytes >= 1 << shift:
+            value = num_bytes / (1 << shift)
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.2f} {unit}"
+    return f"{num_bytes} B"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table, columns padded so that it also reads well as plain text."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    def line(row):
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |"
+    separator = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(cells[0]), separator] + [line(row) for row in cells[1:]])
+
+
+def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
+def write_json(path: str, data: object) -> None:
+    write_text(path, json.dumps(data, indent=2))
+
+
+def write_plot(path: str, series: Dict[str, Tuple[Sequence[float], Sequence[float]]], *, title: str,
+               xlabel: str, ylabel: str, dashed: Sequence[str] = ()) -> bool:
+    """A log-log PNG with one line per entry of `series` ({label: (xs, ys)}); False without matplotlib.
+
+    matplotlib is imported here, not at the top, so that scripts run where it is not installed.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, "--" if label in dashed else "-o", label=label, markersize=4)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    xs = sorted({x for xs, _ in series.values() for x in xs})
+    ax.set_xticks(xs, [format_bytes(int(x)) for x in xs], rotation=45, ha="right")
+    ax.minorticks_off()
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def git_commit() -> str:
+    """The short hash of the checked-out commit, with '+dirty' when files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (x{torch.cuda.device_count()})"
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores"
+
+
+def run_metadata(device: torch.device, **extra) -> Dict[str, object]:
+    """What a result file needs to be read later: when, on what, from which commit."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "machine": machine_description(device),
+        "device": device.type,
+        "torch": torch.__version__,
+        **extra,
+    }
