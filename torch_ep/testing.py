@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import queue
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional
@@ -81,15 +82,19 @@ class RankPool:
 
     def _collect(self, what: str, timeout_s: float) -> List[Any]:
         out: List[Any] = [None] * self.world_size
-        errors = {}
-        for _ in range(self.world_size):
+        answered, errors = set(), {}
+        deadline = time.monotonic() + timeout_s
+        while len(answered) < self.world_size:
             try:
-                rank, ok, value = self._results.get(timeout=timeout_s)
+                rank, ok, value = self._results.get(timeout=1.0)
             except queue.Empty:
-                self.broken = True
-                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
-                raise RankError(f"{what}: no answer from some ranks within {timeout_s:.0f} s "
-                                f"(dead ranks: {dead}); {len(errors)} errors so far: {errors}") from None
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in answered]
+                if dead or time.monotonic() > deadline:
+                    self.broken = True
+                    why = f"ranks {dead} died" if dead else f"no answer within {timeout_s:.0f} s"
+                    raise RankError(f"{what}: {why}; errors so far: {errors}") from None
+                continue
+            answered.add(rank)
             if ok:
                 out[rank] = value
             else:

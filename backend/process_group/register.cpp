@@ -31,6 +31,13 @@ void register_process_group(py::module_& m) {
       .def_property_readonly("config", &ProcessGroupEP::config)
       .def_property_readonly("host_path", &ProcessGroupEP::host_path,
                               "'shm' or 'gloo' once the first CPU all_to_all has chosen, else ''");
+
+  // The argument checks alone, for tests of their messages on inputs no group would accept.
+  m.def("_check_all_to_all_single",
+        [](const at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
+           const std::vector<int64_t>& input_split_sizes, int group_size) {
+          check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, group_size);
+        });
 }
 
 }  // namespace ep
