@@ -1,0 +1,743 @@
+"""The collectives an "ep" group delegates to its inner backend (Gloo for CPU tensors).
+
+Every rank draws its input from a seed derived from (test seed, rank), so any rank can rebuild
+every other rank's input and compute the expected result locally, with plain torch ops and no
+communication. Outputs are poisoned before each call, so an op that writes nothing fails.
+"""
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as fcol
+
+import torch_ep
+from torch_ep import reference
+from torch_ep.testing import poison_, random_tensor, same_bits
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch deprecates some of the old names
+
+
+def new_seed() -> int:
+    return int(torch.randint(0, 2**30, ()).item())
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def rank_input(seed, rank, shape, dtype, kind="any"):
+    """Rank `rank`'s input of a test: the same tensor wherever it is rebuilt.
+
+    kind: "any" (random_tensor: random bits of the dtype, floats ~N(0, 8)), "small" (ints in
+    [-1000, 1000], sums cannot overflow), "nonneg" (ints in [0, 1000]), "factor" (ints in
+    +-[1, 3], products of 4 cannot overflow).
+    """
+    g = torch.Generator().manual_seed(seed * 7919 + rank)
+    if kind == "any" or dtype.is_floating_point or dtype == torch.bool:
+        return random_tensor(shape, dtype, g)
+    if kind == "small":
+        return torch.randint(-1000, 1001, shape, generator=g).to(dtype)
+    if kind == "nonneg":
+        return torch.randint(0, 1001, shape, generator=g).to(dtype)
+    if kind == "factor":
+        magnitude = torch.randint(1, 4, shape, generator=g)
+        sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+        return (magnitude * sign).to(dtype)
+    raise ValueError(kind)
+
+
+def every_input(seed, shape, dtype, kind="any", group=None):
+    """The inputs of every rank of `group`, indexed by group rank."""
+    return [rank_input(seed, r, shape, dtype, kind) for r in range(dist.get_world_size(group))]
+
+
+def assert_reduced(actual, expected, what, inputs=None):
+    """Exact for integers; for floats, within the rounding of a reduction in the dtype itself
+    (the order is the backend's: in bf16 a sum of n terms may be off by ~n ulps of the largest)."""
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
+    if expected.dtype.is_floating_point:
+        eps = torch.finfo(expected.dtype).eps
+        scale = max((x.abs().max().item() for x in inputs), default=1.0) if inputs else expected.abs().max().item()
+        atol = 2 * eps * scale * (len(inputs) if inputs else 4)
+        torch.testing.assert_close(actual, expected, rtol=2 * eps, atol=atol, msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(actual, expected), f"{what}: got {actual}, expected {expected}"
+
+
+def local_reduce(tensors, op, group_size):
+    """The reduction of `tensors` (one per rank) computed here, in float64 for floats."""
+    dtype = tensors[0].dtype
+    stacked = torch.stack([t.double() if dtype.is_floating_point else t for t in tensors])
+    if op == dist.ReduceOp.SUM:
+        out = stacked.sum(0, dtype=stacked.dtype)
+    elif op == dist.ReduceOp.PRODUCT:
+        out = stacked.prod(0, dtype=stacked.dtype)
+    elif op == dist.ReduceOp.MAX:
+        out = stacked.amax(0)
+    elif op == dist.ReduceOp.MIN:
+        out = stacked.amin(0)
+    elif op == dist.ReduceOp.AVG:
+        total = stacked.sum(0, dtype=stacked.dtype)
+        out = total / group_size if dtype.is_floating_point else torch.div(total, group_size, rounding_mode="floor")
+    else:
+        raise ValueError(op)
+    return out.to(dtype)
+
+
+# ----------------------------------------------------------------------------- backend name
+
+
+def rank_backend_names():
+    return dist.get_backend(), dist.get_backend(dist.group.WORLD), type(torch_ep.get_backend()).__name__
+
+
+def test_default_group_backend_is_ep(pool):
+    """dist.get_backend() reports "ep" and the group's CPU backend is our ProcessGroupEP."""
+    assert pool.run(rank_backend_names) == [("ep", "ep", "ProcessGroupEP")] * pool.world_size
+
+
+# ----------------------------------------------------------------------------- all_reduce
+
+ALL_REDUCE_CASES = [
+    # (op name, dtype, input kind)
+    ("SUM", torch.float32, "any"),
+    ("SUM", torch.float64, "any"),
+    ("SUM", torch.bfloat16, "any"),
+    ("SUM", torch.int64, "small"),
+    ("SUM", torch.int32, "small"),
+    ("MAX", torch.float32, "any"),
+    ("MAX", torch.int64, "any"),
+    ("MIN", torch.float32, "any"),
+    ("MIN", torch.int32, "any"),
+    ("PRODUCT", torch.int64, "factor"),
+    ("PRODUCT", torch.int32, "factor"),
+    ("PRODUCT", torch.float32, "factor"),
+    ("AVG", torch.float32, "any"),
+    ("AVG", torch.float64, "any"),
+    ("AVG", torch.bfloat16, "any"),
+    ("AVG", torch.int64, "nonneg"),  # sums not divisible by the group size: integer division
+    ("AVG", torch.int32, "nonneg"),
+]
+
+
+def rank_all_reduce(seed, op_name, dtype, kind):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    op = getattr(dist.ReduceOp, op_name)
+    inputs = every_input(seed, (7, 5), dtype, kind)
+    t = inputs[rank].clone()
+    dist.all_reduce(t, op=op)
+    assert_reduced(t, local_reduce(inputs, op, size), f"all_reduce {op_name} {dtype}", inputs)
+
+
+@pytest.mark.parametrize("op_name,dtype,kind", ALL_REDUCE_CASES,
+                         ids=[f"{o}-{str(d).removeprefix('torch.')}" for o, d, _ in ALL_REDUCE_CASES])
+def test_all_reduce(pool, op_name, dtype, kind):
+    """all_reduce gives every rank the reduction of all inputs, for each op and dtype."""
+    pool.run(rank_all_reduce, new_seed(), op_name, dtype, kind)
+
+
+def rank_all_reduce_premul_sum(seed, tensor_factor):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    inputs = every_input(seed, (6, 4), torch.float64)
+    factors = [0.5 + r for r in range(size)]  # per-rank factors: each scales its own input
+    factor = torch.tensor([factors[rank]], dtype=torch.float64) if tensor_factor else factors[rank]
+    t = inputs[rank].clone()
+    dist.all_reduce(t, op=dist._make_nccl_premul_sum(factor))
+    expected = sum(x * f for x, f in zip(inputs, factors))
+    torch.testing.assert_close(t, expected)
+
+
+@pytest.mark.parametrize("tensor_factor", [False, True], ids=["float_factor", "tensor_factor"])
+def test_all_reduce_premul_sum(pool, tensor_factor):
+    """PREMUL_SUM scales each rank's input by that rank's factor, then sums (NCCL's semantics)."""
+    pool.run(rank_all_reduce_premul_sum, new_seed(), tensor_factor)
+
+
+# ----------------------------------------------------------------------------- broadcast, all_gather
+
+DATA_DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.uint8]
+
+
+def rank_broadcast(seed, dtype):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    for src in range(size):
+        inputs = every_input(seed + src, (4, 3), dtype)
+        t = inputs[rank].clone() if rank == src else poison_(torch.empty(4, 3, dtype=dtype))
+        dist.broadcast(t, src=src)
+        assert same_bits(t, inputs[src]), f"broadcast from {src}: wrong data on rank {rank}"
+
+
+@pytest.mark.parametrize("dtype", DATA_DTYPES, ids=str)
+def test_broadcast(pool, dtype):
+    """broadcast from every source rank copies the source's tensor to every rank, bit for bit."""
+    pool.run(rank_broadcast, new_seed(), dtype)
+
+
+def rank_all_gather(seed, dtype):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    inputs = every_input(seed, (3, 5), dtype)
+    outputs = [poison_(torch.empty(3, 5, dtype=dtype)) for _ in range(size)]
+    dist.all_gather(outputs, inputs[rank])
+    for r in range(size):
+        assert same_bits(outputs[r], inputs[r]), f"all_gather: block {r} wrong on rank {rank}"
+
+
+@pytest.mark.parametrize("dtype", DATA_DTYPES, ids=str)
+def test_all_gather(pool, dtype):
+    """all_gather fills output r with rank r's input on every rank."""
+    pool.run(rank_all_gather, new_seed(), dtype)
+
+
+def rank_all_gather_into_tensor(seed, dtype):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    inputs = every_input(seed, (3, 5), dtype)
+    out = poison_(torch.empty(3 * size, 5, dtype=dtype))
+    dist.all_gather_into_tensor(out, inputs[rank])
+    assert same_bits(out, torch.cat(inputs)), f"all_gather_into_tensor: wrong output on rank {rank}"
+
+
+@pytest.mark.parametrize("dtype", DATA_DTYPES, ids=str)
+def test_all_gather_into_tensor(pool, dtype):
+    """all_gather_into_tensor concatenates every rank's input along dim 0, in rank order."""
+    pool.run(rank_all_gather_into_tensor, new_seed(), dtype)
+
+
+# ----------------------------------------------------------------------------- reduce_scatter
+
+
+def rank_reduce_scatter_tensor(seed, op_name, dtype, kind):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    op = getattr(dist.ReduceOp, op_name)
+    inputs = every_input(seed, (size * 3, 4), dtype, kind)
+    inp = inputs[rank].clone()
+    out = poison_(torch.empty(3, 4, dtype=dtype))
+    dist.reduce_scatter_tensor(out, inp, op=op)
+    assert same_bits(inp, inputs[rank]), "reduce_scatter_tensor modified its input"
+    expected = local_reduce([x.chunk(size)[rank] for x in inputs], op, size)
+    assert_reduced(out, expected, f"reduce_scatter_tensor {op_name} {dtype} on rank {rank}")
+
+
+RS_BUG = ("ProcessGroupEP::_reduce_scatter_base emulates AVG/PREMUL_SUM via reduce_via_sum, which calls "
+          "getFuture() on Gloo's reduce-scatter Work; Gloo does not implement it: "
+          "'RuntimeError: Work::getFuture not implemented.'")
+
+
+@pytest.mark.parametrize("op_name,dtype,kind", [
+    ("SUM", torch.float32, "any"),
+    ("SUM", torch.int64, "small"),
+    ("MAX", torch.float64, "any"),
+    pytest.param("AVG", torch.float32, "any", marks=pytest.mark.xfail(reason=RS_BUG, strict=True)),
+    pytest.param("AVG", torch.int64, "nonneg", marks=pytest.mark.xfail(reason=RS_BUG, strict=True)),
+], ids=["SUM-float32", "SUM-int64", "MAX-float64", "AVG-float32", "AVG-int64"])
+def test_reduce_scatter_tensor(pool, op_name, dtype, kind):
+    """reduce_scatter_tensor leaves rank r the reduction of every input's chunk r; the input is untouched."""
+    pool.run(rank_reduce_scatter_tensor, new_seed(), op_name, dtype, kind)
+
+
+def rank_reduce_scatter_tensor_premul_sum(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    inputs = every_input(seed, (size * 2, 3), torch.float64)
+    factors = [1.5 + r for r in range(size)]
+    inp = inputs[rank].clone()
+    out = poison_(torch.empty(2, 3, dtype=torch.float64))
+    dist.reduce_scatter_tensor(out, inp, op=dist._make_nccl_premul_sum(factors[rank]))
+    assert same_bits(inp, inputs[rank]), "reduce_scatter_tensor PREMUL_SUM modified its input"
+    torch.testing.assert_close(out, sum(x.chunk(size)[rank] * f for x, f in zip(inputs, factors)))
+
+
+@pytest.mark.xfail(reason=RS_BUG, strict=True)
+def test_reduce_scatter_tensor_premul_sum(pool):
+    """reduce_scatter_tensor with PREMUL_SUM scales a copy of each input by its rank's factor."""
+    pool.run(rank_reduce_scatter_tensor_premul_sum, new_seed())
+
+
+def rank_reduce_scatter_list(seed, op_name, dtype, kind):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    op = getattr(dist.ReduceOp, op_name)
+    # Rank r's input list: one [2, 3] tensor per destination rank.
+    lists = [[rank_input(seed + 1000 * dst, r, (2, 3), dtype, kind) for dst in range(size)] for r in range(size)]
+    out = poison_(torch.empty(2, 3, dtype=dtype))
+    dist.reduce_scatter(out, [t.clone() for t in lists[rank]], op=op)
+    expected = local_reduce([lists[r][rank] for r in range(size)], op, size)
+    assert_reduced(out, expected, f"reduce_scatter {op_name} {dtype} on rank {rank}")
+
+
+@pytest.mark.parametrize("op_name,dtype,kind", [
+    ("SUM", torch.float32, "any"),
+    ("SUM", torch.int64, "small"),
+    ("AVG", torch.float32, "any"),
+], ids=["SUM-float32", "SUM-int64", "AVG-float32"])
+def test_reduce_scatter_list(pool, op_name, dtype, kind):
+    """reduce_scatter (list form) leaves rank r the reduction of every rank's r-th input."""
+    pool.run(rank_reduce_scatter_list, new_seed(), op_name, dtype, kind)
+
+
+# ----------------------------------------------------------------------------- integer AVG everywhere
+
+
+def rank_integer_avg(seed, form):
+    """Integer AVG through `form`; every form must agree with all_reduce's integer division."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    inputs = every_input(seed, (size * 2,), torch.int64, "nonneg")
+    expected = local_reduce(inputs, dist.ReduceOp.AVG, size)
+    t = inputs[rank].clone()
+    if form == "all_reduce":
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    elif form == "functional_all_reduce":
+        t = fcol.all_reduce(t, "avg", dist.group.WORLD)
+    elif form == "reduce":
+        dist.reduce(t, dst=0, op=dist.ReduceOp.AVG)
+        if rank != 0:
+            return
+    elif form == "all_reduce_coalesced":
+        dist.all_reduce_coalesced([t], op=dist.ReduceOp.AVG)
+    elif form == "reduce_scatter":
+        out = poison_(torch.empty(2, dtype=torch.int64))
+        dist.reduce_scatter(out, list(t.chunk(size)), op=dist.ReduceOp.AVG)
+        t, expected = out, expected.chunk(size)[rank]
+    else:
+        raise ValueError(form)
+    assert_reduced(t, expected, f"integer AVG via {form}")
+
+
+INT_AVG_BUG = ("only all_reduce emulates AVG on Gloo; reduce, all_reduce_coalesced and reduce_scatter forward "
+               "AVG to Gloo, which fails on integer tensors: \"result type Float can't be cast to the desired "
+               "output type Long\"")
+
+
+@pytest.mark.parametrize("form", [
+    "all_reduce",
+    "functional_all_reduce",
+    pytest.param("reduce", marks=pytest.mark.xfail(reason=INT_AVG_BUG, strict=True)),
+    pytest.param("all_reduce_coalesced", marks=pytest.mark.xfail(reason=INT_AVG_BUG, strict=True)),
+    pytest.param("reduce_scatter", marks=pytest.mark.xfail(reason=INT_AVG_BUG, strict=True)),
+])
+def test_integer_avg_in_every_reducing_collective(pool, form):
+    """ReduceOp.AVG on int64 works, with the same integer division, in every reducing collective."""
+    pool.run(rank_integer_avg, new_seed(), form)
+
+
+def rank_premul_sum_form(seed, form):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    inputs = every_input(seed, (5,), torch.float64)
+    factors = [0.25 + r for r in range(size)]
+    expected = sum(x * f for x, f in zip(inputs, factors))
+    op = dist._make_nccl_premul_sum(factors[rank])
+    t = inputs[rank].clone()
+    if form == "reduce":
+        dist.reduce(t, dst=0, op=op)
+        if rank != 0:
+            return
+    elif form == "all_reduce_coalesced":
+        dist.all_reduce_coalesced([t], op=op)
+    else:
+        raise ValueError(form)
+    torch.testing.assert_close(t, expected)
+
+
+PREMUL_BUG = ("only all_reduce and reduce_scatter_tensor emulate PREMUL_SUM; reduce and all_reduce_coalesced "
+              "forward it to Gloo: 'RuntimeError: Cannot use ReduceOp.PREMUL_SUM with Gloo'")
+
+
+@pytest.mark.xfail(reason=PREMUL_BUG, strict=True)
+@pytest.mark.parametrize("form", ["reduce", "all_reduce_coalesced"])
+def test_premul_sum_in_other_reducing_collectives(pool, form):
+    """PREMUL_SUM, which NCCL supports in every reduction, also works in reduce and all_reduce_coalesced."""
+    pool.run(rank_premul_sum_form, new_seed(), form)
+
+
+# ----------------------------------------------------------------------------- reduce, gather, scatter
+
+
+def rank_reduce(seed, op_name, dtype, kind):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    op = getattr(dist.ReduceOp, op_name)
+    for dst in range(size):
+        inputs = every_input(seed + dst, (4, 4), dtype, kind)
+        t = inputs[rank].clone()
+        dist.reduce(t, dst=dst, op=op)
+        if rank == dst:
+            assert_reduced(t, local_reduce(inputs, op, size), f"reduce {op_name} to {dst}")
+
+
+@pytest.mark.parametrize("op_name,dtype,kind", [
+    ("SUM", torch.float32, "any"),
+    ("MAX", torch.int64, "any"),
+    ("PRODUCT", torch.int64, "factor"),
+], ids=["SUM-float32", "MAX-int64", "PRODUCT-int64"])
+def test_reduce(pool, op_name, dtype, kind):
+    """reduce to every destination rank in turn leaves the reduction on that rank."""
+    pool.run(rank_reduce, new_seed(), op_name, dtype, kind)
+
+
+def rank_gather(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    for dst in range(size):
+        inputs = every_input(seed + dst, (2, 3), torch.float32)
+        outputs = [poison_(torch.empty(2, 3)) for _ in range(size)] if rank == dst else None
+        dist.gather(inputs[rank], outputs, dst=dst)
+        if rank == dst:
+            for r in range(size):
+                assert same_bits(outputs[r], inputs[r]), f"gather to {dst}: block {r} wrong"
+
+
+def test_gather(pool):
+    """gather to every destination collects each rank's tensor in rank order."""
+    pool.run(rank_gather, new_seed())
+
+
+def rank_scatter(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    for src in range(size):
+        pieces = every_input(seed + src, (3,), torch.int64)  # pieces[r]: what src sends to r
+        out = poison_(torch.empty(3, dtype=torch.int64))
+        dist.scatter(out, [p.clone() for p in pieces] if rank == src else None, src=src)
+        assert same_bits(out, pieces[rank]), f"scatter from {src}: rank {rank} got the wrong piece"
+
+
+def test_scatter(pool):
+    """scatter from every source gives rank r the source's r-th tensor."""
+    pool.run(rank_scatter, new_seed())
+
+
+# ----------------------------------------------------------------------------- point to point
+
+
+def rank_send_recv(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    # Every pair exchanges once, in one global order: the lower rank sends first. No cycles, no deadlock.
+    for a in range(size):
+        for b in range(a + 1, size):
+            if rank not in (a, b):
+                continue
+            peer = b if rank == a else a
+            mine = rank_input(seed + 101 * a + b, rank, (5, 2), torch.float32)
+            theirs = rank_input(seed + 101 * a + b, peer, (5, 2), torch.float32)
+            got = poison_(torch.empty(5, 2))
+            if rank == a:
+                dist.send(mine, dst=peer, tag=7)
+                dist.recv(got, src=peer, tag=7)
+            else:
+                dist.recv(got, src=peer, tag=7)
+                dist.send(mine, dst=peer, tag=7)
+            assert same_bits(got, theirs), f"recv on rank {rank} from {peer}: wrong data"
+    # Receive from any source: rank 0 learns each sender's rank from recv's return value.
+    if rank == 0:
+        seen = {}
+        for _ in range(size - 1):
+            got = poison_(torch.empty(4, dtype=torch.int64))
+            src = dist.recv(got)
+            seen[src] = got
+        assert sorted(seen) == list(range(1, size))
+        for src, got in seen.items():
+            assert same_bits(got, rank_input(seed, src, (4,), torch.int64)), f"any-source recv from {src}"
+    else:
+        dist.send(rank_input(seed, rank, (4,), torch.int64), dst=0)
+
+
+def test_send_recv(pool):
+    """Blocking send/recv between every pair of ranks, with tags, and recv from any source."""
+    pool.run(rank_send_recv, new_seed())
+
+
+def rank_isend_irecv(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    msg = lambda src, dst: rank_input(seed + 31 * dst, src, (3, 3), torch.bfloat16)  # noqa: E731
+    received = {p: poison_(torch.empty(3, 3, dtype=torch.bfloat16)) for p in range(size) if p != rank}
+    works = [dist.irecv(t, src=p) for p, t in received.items()]
+    works += [dist.isend(msg(rank, p), dst=p) for p in range(size) if p != rank]
+    for w in works:
+        w.wait()
+    for p, t in received.items():
+        assert same_bits(t, msg(p, rank)), f"irecv on rank {rank} from {p}: wrong data"
+    # batch_isend_irecv around a ring.
+    nxt, prv = (rank + 1) % size, (rank - 1) % size
+    ring_in = poison_(torch.empty(6))
+    ops = [dist.P2POp(dist.isend, rank_input(seed + 5, rank, (6,), torch.float32), nxt),
+           dist.P2POp(dist.irecv, ring_in, prv)]
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+    assert same_bits(ring_in, rank_input(seed + 5, prv, (6,), torch.float32)), "batch_isend_irecv ring"
+
+
+def test_isend_irecv(pool):
+    """isend/irecv to and from every peer at once, and batch_isend_irecv around a ring."""
+    pool.run(rank_isend_irecv, new_seed())
+
+
+# ----------------------------------------------------------------------------- barrier
+
+
+def rank_barrier(directory, round_id, async_op):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if rank == size - 1:
+        time.sleep(0.3)  # the last rank arrives late: a barrier that does not wait lets the others through
+    open(os.path.join(directory, f"{round_id}_{rank}"), "w").close()
+    if async_op:
+        work = dist.barrier(async_op=True)
+        work.wait()
+    else:
+        dist.barrier()
+    missing = [r for r in range(size) if not os.path.exists(os.path.join(directory, f"{round_id}_{r}"))]
+    assert not missing, f"rank {rank} left the barrier before ranks {missing} reached it"
+
+
+@pytest.mark.parametrize("async_op", [False, True], ids=["sync", "async"])
+def test_barrier(pool, tmp_path, async_op):
+    """No rank leaves barrier() until every rank has entered it (the last one arrives late)."""
+    pool.run(rank_barrier, str(tmp_path), "r0", async_op)
+
+
+# ----------------------------------------------------------------------------- coalesced forms
+
+
+def rank_all_reduce_coalesced(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    shapes = [(3,), (2, 5), (7,)]
+    inputs = [every_input(seed + i, s, torch.float32) for i, s in enumerate(shapes)]
+    tensors = [x[rank].clone() for x in inputs]
+    dist.all_reduce_coalesced(tensors, op=dist.ReduceOp.SUM)
+    for i, t in enumerate(tensors):
+        assert_reduced(t, local_reduce(inputs[i], dist.ReduceOp.SUM, size), f"all_reduce_coalesced tensor {i}")
+    tensors = [x[rank].clone() for x in inputs]
+    dist.all_reduce_coalesced(tensors, op=dist.ReduceOp.MAX)
+    for i, t in enumerate(tensors):
+        assert_reduced(t, local_reduce(inputs[i], dist.ReduceOp.MAX, size), f"all_reduce_coalesced MAX {i}")
+
+
+def test_all_reduce_coalesced(pool):
+    """all_reduce_coalesced reduces each tensor of the list as all_reduce would (SUM and MAX)."""
+    pool.run(rank_all_reduce_coalesced, new_seed())
+
+
+def rank_all_gather_coalesced(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    shapes = [(2,), (3, 2)]
+    inputs = [every_input(seed + i, s, torch.float32) for i, s in enumerate(shapes)]
+    outputs = [[poison_(torch.empty(s)) for s in shapes] for _ in range(size)]
+    dist.all_gather_coalesced(outputs, [x[rank] for x in inputs])
+    for r in range(size):
+        for i in range(len(shapes)):
+            assert same_bits(outputs[r][i], inputs[i][r]), f"all_gather_coalesced: rank {r} tensor {i}"
+
+
+def test_all_gather_coalesced(pool):
+    """all_gather_coalesced gathers several tensors of different shapes at once."""
+    pool.run(rank_all_gather_coalesced, new_seed())
+
+
+def rank_coalescing_manager(seed, async_ops):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    shapes = [(size * 2,), (size, 3)]
+    inputs = [every_input(seed + i, s, torch.float32) for i, s in enumerate(shapes)]
+
+    # all_reduce, AVG included (batched into one allreduce_coalesced)
+    for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+        tensors = [x[rank].clone() for x in inputs]
+        with dist._coalescing_manager(async_ops=async_ops) as cm:
+            for t in tensors:
+                dist.all_reduce(t, op=op)
+        if async_ops:
+            cm.wait()
+        for i, t in enumerate(tensors):
+            assert_reduced(t, local_reduce(inputs[i], op, size), f"coalesced all_reduce {op} tensor {i}")
+
+    # all_gather_into_tensor (allgather_into_tensor_coalesced)
+    outputs = [poison_(torch.empty(size * s[0], *s[1:])) for s in shapes]
+    with dist._coalescing_manager(async_ops=async_ops) as cm:
+        for o, x in zip(outputs, inputs):
+            dist.all_gather_into_tensor(o, x[rank])
+    if async_ops:
+        cm.wait()
+    for i, o in enumerate(outputs):
+        assert same_bits(o, torch.cat(inputs[i])), f"coalesced all_gather_into_tensor tensor {i}"
+
+    # reduce_scatter_tensor (reduce_scatter_tensor_coalesced)
+    outputs = [poison_(torch.empty(s[0] // size, *s[1:])) for s in shapes]
+    with dist._coalescing_manager(async_ops=async_ops) as cm:
+        for o, x in zip(outputs, inputs):
+            dist.reduce_scatter_tensor(o, x[rank].clone())
+    if async_ops:
+        cm.wait()
+    for i, o in enumerate(outputs):
+        expected = local_reduce([x.chunk(size)[rank] for x in inputs[i]], dist.ReduceOp.SUM, size)
+        assert_reduced(o, expected, f"coalesced reduce_scatter_tensor tensor {i}")
+
+
+@pytest.mark.parametrize("async_ops", [False, True], ids=["sync", "async"])
+def test_coalescing_manager(pool, async_ops):
+    """dist._coalescing_manager batches all_reduce, all_gather_into_tensor and reduce_scatter_tensor."""
+    pool.run(rank_coalescing_manager, new_seed(), async_ops)
+
+
+# ----------------------------------------------------------------------------- object collectives
+
+
+def random_object(seed, rank):
+    g = torch.Generator().manual_seed(seed * 31 + rank)
+    return {"rank": rank, "name": f"r{rank}-{seed}", "tensor": torch.randn(3, generator=g),
+            "nested": [rank, (int(torch.randint(0, 10**9, (), generator=g)),)]}
+
+
+def same_object(a, b):
+    return (a.keys() == b.keys() and torch.equal(a["tensor"], b["tensor"])
+            and all(a[k] == b[k] for k in a if k != "tensor"))
+
+
+def rank_object_collectives(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    objects = [random_object(seed, r) for r in range(size)]
+
+    gathered = [None] * size
+    dist.all_gather_object(gathered, objects[rank])
+    assert all(same_object(gathered[r], objects[r]) for r in range(size)), "all_gather_object"
+
+    src = size - 1
+    box = [objects[rank], "padding"] if rank == src else [None, None]
+    dist.broadcast_object_list(box, src=src)
+    assert same_object(box[0], objects[src]) and box[1] == "padding", "broadcast_object_list"
+
+    dst = 1 % size
+    out = [None] * size if rank == dst else None
+    dist.gather_object(objects[rank], out, dst=dst)
+    if rank == dst:
+        assert all(same_object(out[r], objects[r]) for r in range(size)), "gather_object"
+
+    src = 0
+    recv = [None]
+    per_rank = [random_object(seed + 1, r) for r in range(size)]
+    dist.scatter_object_list(recv, per_rank if rank == src else None, src=src)
+    assert same_object(recv[0], per_rank[rank]), "scatter_object_list"
+
+
+def test_object_collectives(pool):
+    """all_gather_object, broadcast_object_list, gather_object and scatter_object_list round-trip objects."""
+    pool.run(rank_object_collectives, new_seed())
+
+
+# ----------------------------------------------------------------------------- functional collectives
+
+
+def rank_functional_collectives(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    # A fresh group: its transport is chosen on its first all_to_all, which here is the functional one.
+    group = dist.new_group()
+    try:
+        g = torch.Generator().manual_seed(seed)
+        splits = torch.randint(0, 4, (size, size), generator=g)  # [src, dst] rows
+        in_splits, out_splits = splits[rank].tolist(), splits[:, rank].tolist()
+        x = rank_input(seed, rank, (sum(in_splits), 3), torch.float32)
+        y = fcol.all_to_all_single(x, out_splits, in_splits, group)
+        y = fcol.wait_tensor(y)
+        expected = reference.all_to_all_single((sum(out_splits), 3), x, out_splits, in_splits, group=group)
+        assert same_bits(y, expected), "functional all_to_all_single (uneven)"
+        assert torch_ep.get_backend(group).host_path == "shm", "functional all_to_all did not reach our transport"
+
+        x = rank_input(seed + 1, rank, (size * 2, 2), torch.int64)
+        y = fcol.wait_tensor(fcol.all_to_all_single(x, None, None, group))
+        assert same_bits(y, reference.all_to_all_single(y.shape, x, group=group)), "functional all_to_all (even)"
+
+        inputs = every_input(seed + 2, (4, 3), torch.float32)
+        for op_name, op in (("sum", dist.ReduceOp.SUM), ("avg", dist.ReduceOp.AVG), ("max", dist.ReduceOp.MAX)):
+            out = fcol.wait_tensor(fcol.all_reduce(inputs[rank], op_name, group))
+            assert_reduced(out, local_reduce(inputs, op, size), f"functional all_reduce {op_name}")
+        assert torch.equal(inputs[rank], rank_input(seed + 2, rank, (4, 3), torch.float32)), \
+            "functional all_reduce modified its input"
+
+        out = fcol.wait_tensor(fcol.all_gather_tensor(inputs[rank], 0, group))
+        assert same_bits(out, torch.cat(inputs)), "functional all_gather_tensor"
+
+        big = every_input(seed + 3, (size * 2, 3), torch.float32)
+        out = fcol.wait_tensor(fcol.reduce_scatter_tensor(big[rank], "sum", 0, group))
+        assert_reduced(out, local_reduce([b.chunk(size)[rank] for b in big], dist.ReduceOp.SUM, size),
+                       "functional reduce_scatter_tensor")
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_functional_collectives(pool):
+    """torch.distributed._functional_collectives (through the c10d dispatcher) run on the "ep" group."""
+    pool.run(rank_functional_collectives, new_seed())
+
+
+# ----------------------------------------------------------------------------- async_op
+
+
+def rank_async_op(seed, name):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    inputs = every_input(seed, (size * 2, 3), torch.float32)
+    mine = inputs[rank].clone()
+    if name == "all_reduce":
+        out = mine
+        work = dist.all_reduce(out, async_op=True)
+        expected = local_reduce(inputs, dist.ReduceOp.SUM, size)
+    elif name == "all_reduce_avg":
+        out = mine
+        work = dist.all_reduce(out, op=dist.ReduceOp.AVG, async_op=True)
+        expected = local_reduce(inputs, dist.ReduceOp.AVG, size)
+    elif name == "broadcast":
+        out = mine if rank == 0 else poison_(torch.empty_like(mine))
+        work = dist.broadcast(out, src=0, async_op=True)
+        expected = inputs[0]
+    elif name == "all_gather_into_tensor":
+        out = poison_(torch.empty(size * size * 2, 3))
+        work = dist.all_gather_into_tensor(out, mine, async_op=True)
+        expected = torch.cat(inputs)
+    elif name == "all_to_all_single":
+        out = poison_(torch.empty_like(mine))
+        work = dist.all_to_all_single(out, mine, async_op=True)
+        expected = torch.cat([x.chunk(size)[rank] for x in inputs])
+    elif name == "reduce_scatter_tensor":
+        out = poison_(torch.empty(2, 3))
+        work = dist.reduce_scatter_tensor(out, mine, async_op=True)
+        expected = local_reduce([x.chunk(size)[rank] for x in inputs], dist.ReduceOp.SUM, size)
+    elif name == "reduce_scatter":
+        out = poison_(torch.empty(2, 3))
+        work = dist.reduce_scatter(out, list(mine.chunk(size)), async_op=True)
+        expected = local_reduce([x.chunk(size)[rank] for x in inputs], dist.ReduceOp.SUM, size)
+    else:
+        raise ValueError(name)
+    future = work.get_future()
+    assert work.wait() is True
+    value = future.wait()
+    assert future.done() and work.is_completed()
+    assert_reduced(out, expected, f"async {name}")
+    return type(value).__name__
+
+
+GETFUTURE_BUG = ("Gloo's reduce-scatter Work (forwarded unchanged by ProcessGroupEP) raises "
+                 "'Work::getFuture not implemented.'; the design requires getFuture() to work")
+
+
+@pytest.mark.parametrize("name", [
+    "all_reduce", "all_reduce_avg", "broadcast", "all_gather_into_tensor", "all_to_all_single",
+    pytest.param("reduce_scatter_tensor", marks=pytest.mark.xfail(reason=GETFUTURE_BUG, strict=True)),
+    pytest.param("reduce_scatter", marks=pytest.mark.xfail(reason=GETFUTURE_BUG, strict=True)),
+])
+def test_async_op_wait_and_future(pool, name):
+    """async_op=True returns a Work whose wait() and get_future().wait() both complete with the right data."""
+    pool.run(rank_async_op, new_seed(), name)
+
+
+def rank_many_async_in_flight(seed):
+    """Several async ops of different kinds in flight at once, waited in reverse order."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    a = every_input(seed, (8,), torch.float32)
+    b = every_input(seed + 1, (size * 4,), torch.int64)
+    t_a = a[rank].clone()
+    gathered = poison_(torch.empty(size * 8))
+    t_b_out = poison_(torch.empty(size * 4, dtype=torch.int64))
+    works = [dist.all_reduce(t_a, async_op=True),
+             dist.all_gather_into_tensor(gathered, a[rank], async_op=True),
+             dist.all_to_all_single(t_b_out, b[rank], async_op=True)]
+    for w in reversed(works):
+        w.wait()
+    assert_reduced(t_a, local_reduce(a, dist.ReduceOp.SUM, size), "async all_reduce")
+    assert same_bits(gathered, torch.cat(a)), "async all_gather_into_tensor"
+    assert same_bits(t_b_out, torch.cat([x.chunk(size)[rank] for x in b])), "async all_to_all_single"
+
+
+def test_many_async_ops_in_flight(pool):
+    """Delegated and shared-memory ops in flight together complete correctly, whatever the wait order."""
+    pool.run(rank_many_async_in_flight, new_seed())
