@@ -1,0 +1,117 @@
+"""Launching as users do: torchrun with init_process_group(backend="ep") and no other arguments,
+and init_process_group with an explicit Store (TCPStore, FileStore) from plain spawned processes."""
+import multiprocessing as mp
+import os
+import queue
+import subprocess
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).parent / "scripts" / "torchrun_all_to_all.py"
+LAUNCH_TIMEOUT_S = 120
+
+
+def test_torchrun_standalone():
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 script.py` runs an "ep" job to exit 0.
+
+    The script checks an uneven all_to_all_single against the reference and an all_reduce; each rank
+    prints what it used, which shows the shared-memory path ran and that TORCH_EP_* variables reach
+    the group's options.
+    """
+    seed = int(torch.randint(0, 2**30, ()).item())
+    env = dict(os.environ, TEST_SEED=str(seed), TORCH_EP_HOST_SLOT_BYTES="4096", TORCH_EP_TIMEOUT_S="60",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "0", str(SCRIPT)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    log = f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, log
+
+    splits = torch.randint(1, 6, (2, 2), generator=torch.Generator().manual_seed(seed))
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("OK "))
+    expected = [f"OK rank={r} world_size=2 host_path=shm slot_bytes=4096 rows={int(splits[:, r].sum())}"
+                for r in range(2)]
+    assert lines == expected, log
+
+
+# ----------------------------------------------------------------------------- explicit store
+
+
+def store_rank_main(rank, world_size, port, file_store_path, seed, results):
+    """One rank: init "ep" on a TCPStore, check, destroy; then again on a FileStore (re-created group)."""
+    try:
+        import torch.distributed as dist
+
+        import torch_ep
+        from torch_ep import reference
+
+        torch.set_num_threads(1)
+        rows = []
+        stores = [
+            lambda: dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=60)),
+            lambda: dist.FileStore(file_store_path, world_size),
+        ]
+        for round_id, make_store in enumerate(stores):
+            dist.init_process_group("ep", store=make_store(), rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=60))
+            assert dist.get_backend() == "ep"
+            g = torch.Generator().manual_seed(seed + round_id)
+            splits = torch.randint(0, 5, (world_size, world_size), generator=g)
+            in_splits, out_splits = splits[rank].tolist(), splits[:, rank].tolist()
+            x = torch.randint(-2**40, 2**40, (sum(in_splits), 5), generator=torch.Generator().manual_seed(seed + rank))
+            y = torch.full((sum(out_splits), 5), -1, dtype=torch.int64)
+            dist.all_to_all_single(y, x, out_splits, in_splits)
+            assert torch.equal(y, reference.all_to_all_single(y.shape, x, out_splits, in_splits)), \
+                f"round {round_id}: all_to_all_single differs from the reference"
+            t = torch.tensor([rank + 1.0, -rank])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            assert t.tolist() == [float(world_size), 0.0], f"round {round_id}: all_reduce MAX gave {t}"
+            rows.append((torch_ep.get_backend().host_path, y.shape[0]))
+            dist.destroy_process_group()
+        results.put((rank, True, rows))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+
+
+def test_init_with_explicit_store(tmp_path):
+    """init_process_group("ep", store=TCPStore|FileStore, rank=, world_size=) from spawned processes,
+    twice in a row (the default group destroyed and re-created)."""
+    import torch.distributed as dist
+
+    world_size = 3
+    seed = int(torch.randint(0, 2**30, ()).item())
+    server = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                           timeout=timedelta(seconds=60))  # held by the test: the port is known before spawning
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=store_rank_main, daemon=True,
+                         args=(r, world_size, server.port, str(tmp_path / "filestore"), seed, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    answers = {}
+    try:
+        for _ in range(world_size):
+            rank, ok, value = results.get(timeout=LAUNCH_TIMEOUT_S)
+            answers[rank] = (ok, value)
+    except queue.Empty:
+        pass
+    finally:
+        for p in procs:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    failures = {r: v for r, (ok, v) in answers.items() if not ok}
+    assert not failures, "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+    assert sorted(answers) == list(range(world_size)), f"no answer from ranks {set(range(world_size)) - set(answers)}"
+    for r in range(world_size):
+        expected_rows = [int(torch.randint(0, 5, (world_size, world_size),
+                                           generator=torch.Generator().manual_seed(seed + i))[:, r].sum())
+                         for i in range(2)]
+        assert answers[r][1] == [("shm", n) for n in expected_rows]
+    assert [p.exitcode for p in procs] == [0] * world_size
