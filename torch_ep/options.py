@@ -21,6 +21,7 @@ ENVIRONMENT = {
     "TORCH_EP_CUDA_BUFFER_BYTES": "registered CUDA receive buffer per rank in bytes (default 64 MiB)",
     "TORCH_EP_NUM_SMS": "SMs a communication kernel may use (default: automatic)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
+    "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
 }
 
 
@@ -64,6 +65,7 @@ class Options:
     cuda_buffer_bytes: int = field(default_factory=_default("TORCH_EP_CUDA_BUFFER_BYTES", 64 << 20))
     num_sms: int = field(default_factory=_default("TORCH_EP_NUM_SMS", 0))
     ranks_per_node: int = field(default_factory=_default("TORCH_EP_RANKS_PER_NODE", 0))
+    blocking_wait: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_BLOCKING_WAIT")))
 
     def __post_init__(self) -> None:
         checks = {
@@ -89,4 +91,5 @@ class Options:
         config.cuda_buffer_bytes = self.cuda_buffer_bytes
         config.num_sms = self.num_sms
         config.ranks_per_node = self.ranks_per_node
+        config.blocking_wait = self.blocking_wait
         return config

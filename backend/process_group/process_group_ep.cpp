@@ -43,14 +43,21 @@ std::string ProcessGroupEP::host_path() const {
   }
 }
 
+bool ProcessGroupEP::ranks_share_host() {
+  std::lock_guard<std::mutex> lock(identity_mutex_);
+  if (one_host_ < 0) {
+    // Every rank must choose the same path, so each decides from everyone's identity.
+    auto ids = rendezvous_.all_gather("ep/host/identity", to_bytes(host_identity()));
+    one_host_ = 1;
+    for (const auto& id : ids) one_host_ = one_host_ && id == ids[0];
+  }
+  return one_host_ == 1;
+}
+
 HostTransport* ProcessGroupEP::host_transport() {
   std::lock_guard<std::mutex> lock(host_mutex_);
   if (host_path_ == HostPath::kUndecided) {
-    // Every rank must take the same path, so each decides from everyone's identity.
-    auto ids = rendezvous_.all_gather("ep/host/identity", to_bytes(config_.host_transport ? host_identity() : ""));
-    bool one_host = true;
-    for (const auto& id : ids) one_host = one_host && !id.empty() && id == ids[0];
-    if (one_host) {
+    if (config_.host_transport && ranks_share_host()) {
       HostTransportConfig hc;
       hc.slot_bytes = config_.host_slot_bytes;
       hc.num_slots = config_.host_num_slots;
@@ -63,6 +70,30 @@ HostTransport* ProcessGroupEP::host_transport() {
   }
   return host_transport_.get();
 }
+
+std::string ProcessGroupEP::cuda_path() const {
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  switch (cuda_path_) {
+    case CudaPath::kOurs: return "cuda";
+    case CudaPath::kDelegated: return "delegated";
+    default: return "";
+  }
+}
+
+#ifndef TORCH_EP_WITH_CUDA
+std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device&) {
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  cuda_path_ = CudaPath::kDelegated;
+  return nullptr;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                                               std::vector<std::pair<at::Tensor, at::Tensor>>,
+                                                               std::vector<SendBuffer>, std::vector<RecvBuffer>,
+                                                               c10d::OpType, const char* op_name) {
+  TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
+}
+#endif
 
 c10d::Backend& ProcessGroupEP::inner_for(const at::Tensor& tensor, const char* op) {
   if (tensor.is_cuda()) {
@@ -85,6 +116,20 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
                                                              const c10d::AllToAllOptions& opts) {
   AllToAllLayout layout =
       check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, getSize());
+  if (input.is_cuda() && cuda_transport(input.device())) {
+    std::vector<SendBuffer> sends(getSize());
+    std::vector<RecvBuffer> recvs(getSize());
+    at::Tensor in = input.contiguous();  // on the caller's stream, before the comm stream forks
+    at::Tensor out = output.is_contiguous() ? output : at::empty_like(output, at::MemoryFormat::Contiguous);
+    for (int r = 0; r < getSize(); ++r) {
+      sends[r] = {static_cast<const char*>(in.data_ptr()) + layout.send_offsets[r], layout.send_bytes[r]};
+      recvs[r] = {static_cast<char*>(out.data_ptr()) + layout.recv_offsets[r], layout.recv_bytes[r]};
+    }
+    std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
+    if (!out.is_same(output)) copy_back.emplace_back(output, out);
+    return cuda_all_to_all({output}, {in, out}, std::move(copy_back), std::move(sends), std::move(recvs),
+                           c10d::OpType::ALLTOALL_BASE, "all_to_all_single");
+  }
   if (!input.device().is_cpu())
     return inner_for(input, "all_to_all_single").alltoall_base(output, input, output_split_sizes,
                                                                 input_split_sizes, opts);
@@ -124,6 +169,23 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall(std::vector<at::Tensor>&
                                                         std::vector<at::Tensor>& inputs,
                                                         const c10d::AllToAllOptions& opts) {
   check_all_to_all(outputs, inputs, getSize());
+  if (inputs[0].is_cuda() && cuda_transport(inputs[0].device())) {
+    std::vector<SendBuffer> sends(getSize());
+    std::vector<RecvBuffer> recvs(getSize());
+    std::vector<at::Tensor> buffers;
+    std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
+    for (int r = 0; r < getSize(); ++r) {
+      at::Tensor in = inputs[r].contiguous();
+      at::Tensor out = outputs[r].is_contiguous() ? outputs[r] : at::empty_like(outputs[r], at::MemoryFormat::Contiguous);
+      if (!out.is_same(outputs[r])) copy_back.emplace_back(outputs[r], out);
+      sends[r] = {in.data_ptr(), in.nbytes()};
+      recvs[r] = {out.data_ptr(), out.nbytes()};
+      buffers.push_back(in);
+      buffers.push_back(out);
+    }
+    return cuda_all_to_all(outputs, std::move(buffers), std::move(copy_back), std::move(sends), std::move(recvs),
+                           c10d::OpType::ALLTOALL, "all_to_all");
+  }
   if (!inputs[0].device().is_cpu()) return inner_for(inputs, "all_to_all").alltoall(outputs, inputs, opts);
 
   auto work = c10::make_intrusive<EPWork>(getRank(), c10d::OpType::ALLTOALL, "ep:all_to_all", outputs);
@@ -301,8 +363,12 @@ void ProcessGroupEP::abort() {
 
 void ProcessGroupEP::shutdown() {
   host_worker_.stop();
-  std::lock_guard<std::mutex> lock(host_mutex_);
-  host_transport_.reset();  // unmaps the segments; their names were unlinked at set-up
+  {
+    std::lock_guard<std::mutex> lock(host_mutex_);
+    host_transport_.reset();  // unmaps the segments; their names were unlinked at set-up
+  }
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  cuda_transport_.reset();  // Works still alive keep it until they go
 }
 
 }  // namespace ep

@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include "backend/process_group/config.hpp"
 #include "backend/process_group/host_worker.hpp"
@@ -21,6 +22,8 @@
 #include "backend/transport/host/host_transport.hpp"
 
 namespace ep {
+
+class CudaTransport;
 
 class ProcessGroupEP : public c10d::Backend {
  public:
@@ -33,6 +36,8 @@ class ProcessGroupEP : public c10d::Backend {
   // Which path CPU all_to_all takes: "shm" (our transport), "gloo" (delegated), or "" until the
   // first call decides.
   std::string host_path() const;
+  // Which path CUDA all_to_all takes: "cuda" (our transport), "delegated", or "" until decided.
+  std::string cuda_path() const;
 
   // --- ours ---
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
@@ -98,6 +103,17 @@ class ProcessGroupEP : public c10d::Backend {
   // The host transport, created by the first CPU all_to_all (collective, on the worker thread);
   // null when the ranks are not all on one host or the option turned it off.
   HostTransport* host_transport();
+  // True when every rank of the group runs on this host (collective the first time; cached).
+  bool ranks_share_host();
+  // The CUDA transport for `device`, created by the first CUDA all_to_all (collective); null when
+  // the ranks span hosts. Defined in cuda_path.cpp; without CUDA support it is always null.
+  std::shared_ptr<CudaTransport> cuda_transport(const at::Device& device);
+  // Runs an all_to_all on the CUDA transport. sends/recvs are byte spans of `buffers` (kept alive
+  // until the op ends); `copy_back` pairs (output, contiguous staging) for non-contiguous outputs.
+  c10::intrusive_ptr<c10d::Work> cuda_all_to_all(std::vector<at::Tensor> outputs, std::vector<at::Tensor> buffers,
+                                                 std::vector<std::pair<at::Tensor, at::Tensor>> copy_back,
+                                                 std::vector<SendBuffer> sends, std::vector<RecvBuffer> recvs,
+                                                 c10d::OpType type, const char* op_name);
 
   Config config_;
   c10::intrusive_ptr<c10d::Store> store_;
@@ -108,6 +124,13 @@ class ProcessGroupEP : public c10d::Backend {
   mutable std::mutex host_mutex_;
   enum class HostPath { kUndecided, kShm, kGloo } host_path_ = HostPath::kUndecided;
   std::unique_ptr<HostTransport> host_transport_;
+  std::mutex identity_mutex_;
+  int one_host_ = -1;  // -1 unknown, else 0/1
+
+  mutable std::mutex cuda_mutex_;
+  enum class CudaPath { kUndecided, kOurs, kDelegated } cuda_path_ = CudaPath::kUndecided;
+  std::shared_ptr<CudaTransport> cuda_transport_;
+  std::optional<c10::Stream> comm_stream_;
   HostWorker host_worker_;  // declared last: joined first on destruction
 };
 

@@ -21,7 +21,8 @@ void register_process_group(py::module_& m) {
       .def_readwrite("host_num_slots", &Config::host_num_slots)
       .def_readwrite("cuda_buffer_bytes", &Config::cuda_buffer_bytes)
       .def_readwrite("num_sms", &Config::num_sms)
-      .def_readwrite("ranks_per_node", &Config::ranks_per_node);
+      .def_readwrite("ranks_per_node", &Config::ranks_per_node)
+      .def_readwrite("blocking_wait", &Config::blocking_wait);
 
   py::class_<ProcessGroupEP, c10d::Backend, c10::intrusive_ptr<ProcessGroupEP>>(m, "ProcessGroupEP")
       .def(py::init<const c10::intrusive_ptr<c10d::Store>&, int, int, Config, c10::intrusive_ptr<c10d::Backend>,
@@ -30,7 +31,9 @@ void register_process_group(py::module_& m) {
            py::arg("cuda_backend") = nullptr, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("config", &ProcessGroupEP::config)
       .def_property_readonly("host_path", &ProcessGroupEP::host_path,
-                              "'shm' or 'gloo' once the first CPU all_to_all has chosen, else ''");
+                              "'shm' or 'gloo' once the first CPU all_to_all has chosen, else ''")
+      .def_property_readonly("cuda_path", &ProcessGroupEP::cuda_path,
+                              "'cuda' or 'delegated' once the first CUDA all_to_all has chosen, else ''");
 
   // The argument checks alone, for tests of their messages on inputs no group would accept.
   m.def("_check_all_to_all_single",

@@ -1,0 +1,71 @@
+// ProcessGroupEP's CUDA half: the comm stream, the lazily created CudaTransport, and the glue
+// that gives its ops ProcessGroupNCCL's stream semantics.
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "backend/process_group/cuda/cuda_work.hpp"
+#include "backend/process_group/process_group_ep.hpp"
+#include "backend/process_group/work.hpp"
+#include "backend/transport/cuda/cuda_transport.hpp"
+
+namespace ep {
+
+std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& device) {
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  if (cuda_path_ == CudaPath::kUndecided) {
+    // CUDA IPC needs every rank on this host; otherwise the inner backend (NCCL) carries it.
+    if (ranks_share_host()) {
+      CudaTransportConfig cc;
+      cc.device = device.index();
+      cc.buffer_bytes = config_.cuda_buffer_bytes;
+      cc.timeout = config_.timeout;
+      cuda_transport_ = std::make_shared<CudaTransport>(rendezvous_, cc, "ep/cuda/transport");
+      comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
+      cuda_path_ = CudaPath::kOurs;
+    } else {
+      cuda_path_ = CudaPath::kDelegated;
+    }
+  }
+  if (cuda_transport_)
+    TORCH_CHECK_VALUE(cuda_transport_->device() == device.index(), "this 'ep' group runs on cuda:",
+                      cuda_transport_->device(), " (its first CUDA op), but got a tensor on ", device,
+                      "; use one device per rank and group");
+  return cuda_transport_;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(
+    std::vector<at::Tensor> outputs, std::vector<at::Tensor> buffers,
+    std::vector<std::pair<at::Tensor, at::Tensor>> copy_back, std::vector<SendBuffer> sends,
+    std::vector<RecvBuffer> recvs, c10d::OpType type, const char* op_name) {
+  std::shared_ptr<CudaTransport> transport = cuda_transport_;
+  const c10::DeviceIndex device = c10::DeviceIndex(transport->device());
+  c10::cuda::CUDAGuard guard(device);
+  auto caller = c10::cuda::getCurrentCUDAStream(device);
+  c10::cuda::CUDAStream comm(c10::cuda::CUDAStream::UNCHECKED, *comm_stream_);
+
+  // The comm stream starts after everything the caller queued so far (inputs are ready).
+  cudaEvent_t ready;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(ready, caller.stream()));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(comm.stream(), ready, 0));
+  C10_CUDA_CHECK(cudaEventDestroy(ready));  // released by CUDA once recorded work completes
+  try {
+    transport->all_to_all(sends, recvs, comm.stream(), op_name);
+  } catch (const std::exception& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+  {
+    c10::cuda::CUDAStreamGuard on_comm(comm);
+    for (auto& [dst, src] : copy_back) dst.copy_(src);
+  }
+  // The caching allocator must not hand these blocks to the caller's stream before the comm
+  // stream is done with them, even if the caller drops the tensors right away.
+  for (const auto& t : buffers) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
+  for (const auto& t : outputs) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
+  return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport,
+                                         config_.blocking_wait, config_.timeout);
+}
+
+}  // namespace ep

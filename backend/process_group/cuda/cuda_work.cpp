@@ -1,0 +1,83 @@
+#include "backend/process_group/cuda/cuda_work.hpp"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
+
+#include <thread>
+
+#include "backend/transport/cuda/cuda_transport.hpp"
+
+namespace ep {
+
+EPCudaWork::EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs,
+                       c10::cuda::CUDAStream comm_stream, std::shared_ptr<CudaTransport> transport,
+                       bool blocking_wait, std::chrono::milliseconds timeout)
+    : c10d::Work(rank, type), outputs_(std::move(outputs)), device_(comm_stream.device_index()),
+      transport_(std::move(transport)), blocking_wait_(blocking_wait), timeout_(timeout) {
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(done_, comm_stream.stream()));
+  c10::cuda::CUDAStreamGuard guard(comm_stream);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(comm_stream.stream(), &capture);
+  if (capture == cudaStreamCaptureStatusNone) {
+    // Completed on the comm stream: fut.wait() makes the waiter's stream wait for it.
+    future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()),
+                                                       std::vector<c10::Device>{comm_stream.device()});
+  } else {
+    future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()));
+  }
+  future_->markCompleted(c10::IValue(outputs_));
+}
+
+EPCudaWork::~EPCudaWork() {
+  if (done_) cudaEventDestroy(done_);
+}
+
+void EPCudaWork::raise_if_failed() const {
+  const std::string error = transport_->error();
+  if (!error.empty()) C10_THROW_ERROR(DistBackendError, error);
+}
+
+bool EPCudaWork::isCompleted() {
+  const cudaError_t state = cudaEventQuery(done_);
+  if (state == cudaErrorNotReady) return false;
+  C10_CUDA_CHECK(state);
+  return true;
+}
+
+bool EPCudaWork::isSuccess() const { return transport_->error().empty(); }
+
+std::exception_ptr EPCudaWork::exception() const {
+  try {
+    raise_if_failed();
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
+}
+
+bool EPCudaWork::wait(std::chrono::milliseconds timeout) {
+  raise_if_failed();
+  if (blocking_wait_) {
+    // Poll rather than cudaEventSynchronize: the transport's watchdog may release a stuck op,
+    // and the error it records should surface here, within the timeout.
+    const auto limit = timeout == kNoTimeout ? timeout_ : timeout;
+    const auto start = std::chrono::steady_clock::now();
+    while (!isCompleted()) {
+      raise_if_failed();
+      if (std::chrono::steady_clock::now() - start > limit + std::chrono::seconds(1))
+        C10_THROW_ERROR(DistBackendError, "torch_ep: Work.wait() timed out on rank " + std::to_string(rank_));
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+    raise_if_failed();
+  }
+  synchronize();
+  return true;
+}
+
+void EPCudaWork::synchronize() {
+  C10_CUDA_CHECK(cudaStreamWaitEvent(c10::cuda::getCurrentCUDAStream(device_).stream(), done_, 0));
+}
+
+}  // namespace ep

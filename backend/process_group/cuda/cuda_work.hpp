@@ -1,0 +1,41 @@
+// The Work of a CUDA op run on torch_ep's transport, with ProcessGroupNCCL's stream semantics:
+// wait() makes the caller's current stream wait for the op (no CPU block, unless the group
+// asked for blocking waits); get_future() is a CUDA-aware future of the outputs.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+#include <memory>
+
+namespace ep {
+
+class CudaTransport;
+
+class EPCudaWork : public c10d::Work {
+ public:
+  ~EPCudaWork() override;
+  EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs, c10::cuda::CUDAStream comm_stream,
+             std::shared_ptr<CudaTransport> transport, bool blocking_wait, std::chrono::milliseconds timeout);
+
+  bool isCompleted() override;
+  bool isSuccess() const override;
+  std::exception_ptr exception() const override;
+  bool wait(std::chrono::milliseconds timeout) override;
+  void synchronize() override;
+  std::vector<at::Tensor> result() override { return outputs_; }
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+
+ private:
+  void raise_if_failed() const;
+  std::vector<at::Tensor> outputs_;
+  c10::DeviceIndex device_;
+  cudaEvent_t done_ = nullptr;  // recorded on the comm stream after the op
+  std::shared_ptr<CudaTransport> transport_;
+  bool blocking_wait_;
+  std::chrono::milliseconds timeout_;
+  c10::intrusive_ptr<c10::ivalue::Future> future_;
+};
+
+}  // namespace ep

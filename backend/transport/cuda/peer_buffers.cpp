@@ -1,0 +1,37 @@
+#include "backend/transport/cuda/peer_buffers.hpp"
+
+#include <cstring>
+
+#include "backend/transport/cuda/cuda_check.hpp"
+
+namespace ep {
+
+PeerBuffers::PeerBuffers(Rendezvous& rdv, int device, size_t bytes, const std::string& tag)
+    : rank_(rdv.rank()), device_(device), bytes_(bytes), blocks_(rdv.size(), nullptr) {
+  EP_CUDA_CHECK(cudaSetDevice(device));
+  EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&blocks_[rank_]), bytes));
+  cudaIpcMemHandle_t handle;
+  EP_CUDA_CHECK(cudaIpcGetMemHandle(&handle, blocks_[rank_]));
+  const auto* h = reinterpret_cast<const uint8_t*>(&handle);
+  auto handles = rdv.all_gather(tag + "/ipc", std::vector<uint8_t>(h, h + sizeof(handle)));
+  for (int r = 0; r < rdv.size(); ++r) {
+    if (r == rank_) continue;
+    cudaIpcMemHandle_t peer;
+    std::memcpy(&peer, handles[r].data(), sizeof(peer));
+    void* ptr = nullptr;
+    EP_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, peer, cudaIpcMemLazyEnablePeerAccess));
+    blocks_[r] = static_cast<char*>(ptr);
+  }
+  rdv.barrier(tag + "/mapped");
+}
+
+PeerBuffers::~PeerBuffers() {
+  cudaSetDevice(device_);
+  for (size_t r = 0; r < blocks_.size(); ++r) {
+    if (!blocks_[r]) continue;
+    if (int(r) == rank_) cudaFree(blocks_[r]);
+    else cudaIpcCloseMemHandle(blocks_[r]);
+  }
+}
+
+}  // namespace ep
