@@ -8,14 +8,27 @@ from torch_ep.testing import RankPool
 _pools = {}
 
 
-def rank_pool(world_size: int) -> RankPool:
-    """A pool of `world_size` ranks on the "ep" backend, shared by the tests of a session."""
-    pool = _pools.get(world_size)
+def rank_pool(world_size: int, cuda: bool = False) -> RankPool:
+    """A pool of `world_size` ranks on the "ep" backend, shared by the tests of a session.
+    CUDA pools bind rank r to GPU r % device_count; ranks sharing a GPU split it under MPS."""
+    key = (world_size, cuda)
+    pool = _pools.get(key)
     if pool is None or pool.broken:
         if pool is not None:
             pool.close()
-        pool = _pools[world_size] = RankPool(world_size, env={"TORCH_EP_TIMEOUT_S": "60"})
+        env = {"TORCH_EP_TIMEOUT_S": "60"}
+        if cuda:
+            import torch
+
+            sharing = -(-world_size // max(torch.cuda.device_count(), 1))
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // sharing)
+        pool = _pools[key] = RankPool(world_size, env=env, cuda=cuda)
     return pool
+
+
+def cuda_world_sizes():
+    """GPU test topologies: TORCH_EP_TEST_WORLD_SIZES (the GPU suite sets 1,2,4,8), else 2."""
+    return [int(n) for n in os.environ.get("TORCH_EP_TEST_WORLD_SIZES", "2").split(",")]
 
 
 @pytest.fixture(params=[2, 3, 4], ids=lambda n: f"{n}ranks")

@@ -33,13 +33,13 @@ def split_matrix(kind: str, size: int, seed: int) -> torch.Tensor:
     raise ValueError(kind)
 
 
-def check_single(dtype, kind, row_shape, seed, group=None, even_call=False):
+def check_single(dtype, kind, row_shape, seed, group=None, even_call=False, device="cpu"):
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     m = split_matrix(kind, size, seed)
     in_splits, out_splits = m[rank].tolist(), m[:, rank].tolist()
     g = torch.Generator().manual_seed(seed * 131 + rank)
-    inp = random_tensor((sum(in_splits), *row_shape), dtype, g)
-    out = poison_(torch.empty((sum(out_splits), *row_shape), dtype=dtype))
+    inp = random_tensor((sum(in_splits), *row_shape), dtype, g, device)
+    out = poison_(torch.empty((sum(out_splits), *row_shape), dtype=dtype, device=device))
     if even_call:  # no split lists: the even split
         dist.all_to_all_single(out, inp, group=group)
         expected = reference.all_to_all_single(out.shape, inp, group=group)
@@ -49,13 +49,14 @@ def check_single(dtype, kind, row_shape, seed, group=None, even_call=False):
     assert same_bits(out, expected), f"{dtype} {kind} {row_shape}: output differs from the reference"
 
 
-def rank_all_dtypes(seed):
+def rank_all_dtypes(seed, device="cpu"):
     for i, dtype in enumerate(DTYPES):
         for kind in ("even", "uneven", "zeros", "to_one"):
-            check_single(dtype, kind, (5,), seed + i)
-    check_single(torch.float32, "even", (), seed, even_call=True)  # 1-D tensors
-    check_single(torch.bfloat16, "even", (2, 3), seed, even_call=True)
-    return torch_ep.get_backend().host_path
+            check_single(dtype, kind, (5,), seed + i, device=device)
+    check_single(torch.float32, "even", (), seed, even_call=True, device=device)  # 1-D tensors
+    check_single(torch.bfloat16, "even", (2, 3), seed, even_call=True, device=device)
+    backend = torch_ep.get_backend()
+    return backend.cuda_path if device == "cuda" else backend.host_path
 
 
 def test_all_dtypes_and_splits(pool):
@@ -79,10 +80,10 @@ def test_messages_larger_than_buffers(pool):
     pool.run(rank_larger_than_buffers, seed=torch.randint(0, 2**30, ()).item())
 
 
-def rank_async_and_ordering(seed):
+def rank_async_and_ordering(seed, device="cpu"):
     rank, size = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(seed + rank)
-    inputs = [torch.randn(size * (i + 1), 4, generator=g) for i in range(6)]
+    inputs = [torch.randn(size * (i + 1), 4, generator=g).to(device) for i in range(6)]
     outputs = [poison_(torch.empty_like(x)) for x in inputs]
     works = [dist.all_to_all_single(o, x, async_op=True) for o, x in zip(outputs, inputs)]
     futures = [w.get_future() for w in works]
@@ -98,12 +99,12 @@ def test_async_op_and_future(pool):
     pool.run(rank_async_and_ordering, seed=torch.randint(0, 2**30, ()).item())
 
 
-def rank_non_contiguous(seed):
+def rank_non_contiguous(seed, device="cpu"):
     rank, size = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(seed + rank)
-    base = torch.randn(6, size * 2, generator=g)
+    base = torch.randn(6, size * 2, generator=g).to(device)
     inp = base.t()  # [size*2, 6], not contiguous
-    out_storage = poison_(torch.empty(size * 2, 12))
+    out_storage = poison_(torch.empty(size * 2, 12, device=device))
     out = out_storage[:, ::2]  # [size*2, 6], strided
     dist.all_to_all_single(out, inp)
     assert same_bits(out.contiguous(), reference.all_to_all_single(out.shape, inp.contiguous()))
@@ -114,14 +115,14 @@ def test_non_contiguous(pool):
     pool.run(rank_non_contiguous, seed=torch.randint(0, 2**30, ()).item())
 
 
-def rank_list_form(seed):
+def rank_list_form(seed, device="cpu"):
     rank, size = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, 4, (size, size), generator=g)  # rows[src][dst]
     gl = torch.Generator().manual_seed(seed + 7 + rank)
     for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.bool):
-        inputs = [random_tensor((int(rows[rank][d]), 3), dtype, gl) for d in range(size)]
-        outputs = [poison_(torch.empty(int(rows[s][rank]), 3, dtype=dtype)) for s in range(size)]
+        inputs = [random_tensor((int(rows[rank][d]), 3), dtype, gl, device) for d in range(size)]
+        outputs = [poison_(torch.empty(int(rows[s][rank]), 3, dtype=dtype, device=device)) for s in range(size)]
         dist.all_to_all(outputs, inputs)
         expected = reference.all_to_all(inputs)
         for s in range(size):

@@ -24,7 +24,7 @@ class RankError(AssertionError):
 
 
 def _rank_main(rank: int, world_size: int, init_file: str, backend: str, env: Dict[str, str],
-               timeout_s: float, tasks: "mp.Queue", results: "mp.Queue") -> None:
+               timeout_s: float, cuda: bool, tasks: "mp.Queue", results: "mp.Queue") -> None:
     os.environ.update(env)
     import torch.distributed as dist
 
@@ -32,6 +32,8 @@ def _rank_main(rank: int, world_size: int, init_file: str, backend: str, env: Di
 
     torch.set_num_threads(1)
     try:
+        if cuda:  # ranks beyond the GPU count share GPUs, as in GPU-NOTES.md
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
     except BaseException:
@@ -61,7 +63,7 @@ class RankPool:
     """
 
     def __init__(self, world_size: int, backend: str = "ep", env: Optional[Dict[str, str]] = None,
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, cuda: bool = False):
         self.world_size = world_size
         self.timeout_s = timeout_s
         ctx = mp.get_context("spawn")
@@ -71,8 +73,8 @@ class RankPool:
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._procs = [
             ctx.Process(target=_rank_main, daemon=True,
-                        args=(r, world_size, init_file, backend, dict(env or {}), timeout_s, self._tasks[r],
-                              self._results))
+                        args=(r, world_size, init_file, backend, dict(env or {}), timeout_s, cuda,
+                              self._tasks[r], self._results))
             for r in range(world_size)
         ]
         for p in self._procs:

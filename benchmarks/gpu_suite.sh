@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
+#
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all]
+#
+# Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
+# at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
+# Finishes within 10 minutes on one H100. Everything lands in OUT/suite.tar.gz plus a summary.
+set -uo pipefail
+OUT=$(realpath -m "${1:-out/gpu}")
+WHAT=${2:-all}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+cd "$ROOT"
+export PYTHONUNBUFFERED=1
+# Never NVLink multicast on shared machines (KINDS.md); harmless elsewhere.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+SUMMARY="$OUT/summary.md"
+echo "# GPU suite $(date -u +%F' '%H:%M) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" > "$SUMMARY"
+step() { echo "== $*" | tee -a "$SUMMARY"; }
+
+{ nvidia-smi; python3 -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.device_count())'; } \
+  > "$LOGS/machine.txt" 2>&1
+head -20 "$LOGS/machine.txt" >> "$SUMMARY"
+GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+
+step "build"
+if ! MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
+  tail -40 "$LOGS/build.log" | tee -a "$SUMMARY"
+  tar -czf "$OUT/suite.tar.gz" -C "$OUT" logs; exit 1
+fi
+python3 -c 'import torch_ep; assert torch_ep._C.has_cuda, "built without CUDA"' 2>&1 | tee -a "$SUMMARY"
+
+MPS_STARTED=0
+start_mps() {
+  command -v nvidia-cuda-mps-control > /dev/null || { echo "no MPS: ranks sharing a GPU are time-sliced" | tee -a "$SUMMARY"; return; }
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/torch_ep_mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/torch_ep_mps_log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d && MPS_STARTED=1 && echo "MPS started" | tee -a "$SUMMARY"
+}
+stop_mps() {
+  if [ "$MPS_STARTED" = 1 ]; then echo quit | nvidia-cuda-mps-control; MPS_STARTED=0; fi
+  tar -czf "$OUT/suite.tar.gz" -C "$OUT" logs 2> /dev/null
+}
+trap stop_mps EXIT
+[ "$GPUS" -lt 8 ] && start_mps
+
+STATUS=0
+if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
+  step "GPU tests, 1 2 4 8 ranks"
+  TORCH_EP_TEST_WORLD_SIZES=1,2,4,8 timeout 300 python3 -m pytest tests/test_cuda_all_to_all.py -q -ra -x \
+    > "$LOGS/gpu_tests.log" 2>&1 || STATUS=1
+  tail -15 "$LOGS/gpu_tests.log" >> "$SUMMARY"
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
+  for R in 1 2 4 8; do
+    step "all_to_all benchmark, $R ranks"
+    SHARING=$(( (R + GPUS - 1) / GPUS ))
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 150 \
+      torchrun --standalone --nproc-per-node "$R" benchmarks/all_to_all.py --device cuda \
+      --max-bytes $((256 << 20)) --out "$LOGS/all_to_all_${R}ranks" > "$LOGS/bench_${R}ranks.log" 2>&1 || STATUS=1
+    tail -16 "$LOGS/bench_${R}ranks.log" >> "$SUMMARY"
+  done
+fi
+step "done (status $STATUS)"
+exit $STATUS

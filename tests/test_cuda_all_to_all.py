@@ -1,0 +1,184 @@
+"""all_to_all on CUDA tensors over torch_ep's own transport (GPU machines only).
+
+Ranks beyond the GPU count share GPUs (under MPS in the GPU suite). The checks are the CPU
+tests' own rank functions run on CUDA tensors, plus what only CUDA has: stream semantics,
+CUDA-graph capture, memory that stays flat, and timeouts that raise instead of hanging.
+"""
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import test_all_to_all as cpu_checks
+import torch_ep
+from conftest import cuda_world_sizes, rank_pool
+from torch_ep import reference
+from torch_ep.testing import poison_, same_bits
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C.has_cuda,
+                                reason="needs CUDA and a CUDA build of torch_ep")
+
+
+@pytest.fixture(params=cuda_world_sizes(), ids=lambda n: f"{n}ranks")
+def cuda_pool(request):
+    return rank_pool(request.param, cuda=True)
+
+
+def _seed():
+    return int(torch.randint(0, 2**30, ()).item())
+
+
+def test_all_dtypes_and_splits(cuda_pool):
+    paths = cuda_pool.run(cpu_checks.rank_all_dtypes, seed=_seed(), device="cuda")
+    assert paths == ["cuda"] * cuda_pool.world_size  # our transport, not NCCL or Gloo
+
+
+def test_async_op_and_future(cuda_pool):
+    cuda_pool.run(cpu_checks.rank_async_and_ordering, seed=_seed(), device="cuda")
+
+
+def test_non_contiguous(cuda_pool):
+    cuda_pool.run(cpu_checks.rank_non_contiguous, seed=_seed(), device="cuda")
+
+
+def test_list_form(cuda_pool):
+    cuda_pool.run(cpu_checks.rank_list_form, seed=_seed(), device="cuda")
+
+
+def rank_larger_than_buffers(seed):
+    # A 64 KiB registered block: 4 KiB chunks, so every message crosses many chunk boundaries
+    # and reuses each slot many times within one call.
+    group = dist.new_group(pg_options=torch_ep.Options(cuda_buffer_bytes=64 << 10))
+    try:
+        for i, kind in enumerate(("even", "uneven", "to_one")):
+            cpu_checks.check_single(torch.float32, kind, (4099,), seed + i, group=group, device="cuda")
+    finally:
+        dist.destroy_process_group(group)
+    # The default block: messages of tens of MiB.
+    cpu_checks.check_single(torch.bfloat16, "uneven", (2_000_000,), seed, device="cuda")
+
+
+def test_messages_larger_than_buffers(cuda_pool):
+    cuda_pool.run(rank_larger_than_buffers, seed=_seed())
+
+
+def rank_stream_semantics(seed):
+    """The op follows the caller's stream: inputs written on a side stream just before the call
+    are what gets sent, and wait() orders later work on that stream after the op."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    side = torch.cuda.Stream()
+    g = torch.Generator(device="cuda").manual_seed(seed + rank)
+    with torch.cuda.stream(side):
+        x = torch.empty(size * 1024, 256, device="cuda")
+        torch.cuda._sleep(20_000_000)  # keep the stream busy so a missing dependency would show
+        x.normal_(generator=g)
+        y = poison_(torch.empty_like(x))
+        work = dist.all_to_all_single(y, x, async_op=True)
+        work.wait()
+        checksum = y.double().sum()  # queued on `side` after wait(): must see the whole output
+    torch.cuda.synchronize()
+    expected = reference.all_to_all_single(y.shape, x)
+    assert same_bits(y, expected)
+    assert checksum.item() == expected.double().sum().item()
+    fut = dist.all_to_all_single(y, x, async_op=True).get_future()
+    assert same_bits(fut.wait()[0], expected)
+
+
+def test_stream_semantics(cuda_pool):
+    cuda_pool.run(rank_stream_semantics, seed=_seed())
+
+
+def rank_cuda_graph(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator(device="cuda").manual_seed(seed + rank)
+    static_in = torch.randn(size * 64, 33, device="cuda", generator=g)
+    static_out = torch.empty_like(static_in)
+    dist.all_to_all_single(static_out, static_in)  # warm-up creates the transport outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dist.all_to_all_single(static_out, static_in)
+    for _ in range(5):
+        static_in.normal_(generator=g)
+        poison_(static_out)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert same_bits(static_out, reference.all_to_all_single(static_out.shape, static_in))
+
+
+def test_cuda_graph_capture_and_replay(cuda_pool):
+    cuda_pool.run(rank_cuda_graph, seed=_seed())
+
+
+def rank_memory_stays_flat(seed, iterations):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator(device="cuda").manual_seed(seed + rank)
+    shared = torch.Generator().manual_seed(seed)
+
+    def one_call():
+        n = int(torch.randint(1, 2000, (), generator=shared))
+        x = torch.randn(size * n, 64, device="cuda", generator=g)
+        y = torch.empty_like(x)
+        dist.all_to_all_single(y, x)
+
+    for _ in range(20):
+        one_call()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(iterations):
+        one_call()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() - before
+
+
+def test_repeated_calls_leak_nothing(cuda_pool):
+    growth = cuda_pool.run(rank_memory_stays_flat, seed=_seed(), iterations=300)
+    assert growth == [0] * cuda_pool.world_size
+
+
+def rank_wrong_device():
+    x = torch.randn(dist.get_world_size() * 2, device="cuda")
+    try:
+        dist.all_to_all_single(torch.empty(x.shape), x)
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e).split("\n")[0]
+    return None
+
+
+def test_wrong_device_raises(cuda_pool):
+    for err in cuda_pool.run(rank_wrong_device):
+        assert err is not None and "input is on cuda" in err[1] and "output is on cpu" in err[1], err
+
+
+def rank_peer_never_arrives():
+    """Rank 1 skips the second call: rank 0 must raise within the timeout, naming the op and
+    the peer, and its stream must not hang."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3), blocking_wait=True))
+    x = torch.randn(size * 4, device="cuda")
+    y = torch.empty_like(x)
+    dist.all_to_all_single(y, x, group=group)  # sets the transport up on every rank
+    torch.cuda.synchronize()
+    error, elapsed = None, 0.0
+    if rank == 0:
+        start = time.monotonic()
+        try:
+            dist.all_to_all_single(y, x, group=group)
+        except Exception as e:  # noqa: BLE001
+            error = (type(e).__name__, str(e))
+        elapsed = time.monotonic() - start
+        torch.cuda.synchronize()  # returns: the watchdog released the stuck stream
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return error, elapsed
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_timeout_names_op_and_peer(world_size):
+    pool = rank_pool(world_size, cuda=True)
+    (error, elapsed), _ = pool.run(rank_peer_never_arrives)
+    assert error is not None and error[0] == "DistBackendError", error
+    assert "all_to_all_single: timed out on rank 0" in error[1] and "peer rank(s) 1" in error[1], error
+    assert 2.5 < elapsed < 20, elapsed
