@@ -229,24 +229,40 @@ double ProcessGroupEP::premul_factor(const c10d::ReduceOp& op) {
   return s->tensor_factor.defined() ? s->tensor_factor.item<double>() : s->double_factor;
 }
 
-c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_via_sum(c10d::Backend& inner, const c10d::ReduceOp& op,
-                                                              const std::vector<at::Tensor>& outputs,
-                                                              c10d::OpType type, const SumLauncher& launch) {
-  auto inner_work = launch(c10d::ReduceOp(c10d::ReduceOp::SUM));
-  auto work = c10::make_intrusive<EPWork>(getRank(), type, "ep:reduce_avg", outputs);
+bool ProcessGroupEP::needs_emulation(const c10d::Backend& inner, const c10d::ReduceOp& op) const {
+  return &inner == cpu_backend_.get() && (op == c10d::ReduceOp::AVG || op == c10d::ReduceOp::PREMUL_SUM);
+}
+
+std::vector<at::Tensor> ProcessGroupEP::scaled_copies(const std::vector<at::Tensor>& tensors,
+                                                      const c10d::ReduceOp& op) {
+  if (op != c10d::ReduceOp::PREMUL_SUM) return tensors;
+  const double factor = premul_factor(op);
+  std::vector<at::Tensor> out;
+  for (const auto& t : tensors) out.push_back(t.mul(factor));  // never scale the caller's input
+  return out;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::emulate_reduction(
+    const c10d::ReduceOp& op, std::vector<at::Tensor> results, std::vector<at::Tensor> outputs, c10d::OpType type,
+    const std::function<c10::intrusive_ptr<c10d::Work>()>& launch_sum) {
+  auto inner_work = launch_sum();
+  auto work = c10::make_intrusive<EPWork>(getRank(), type, "ep:emulated_reduction", outputs);
   const int size = getSize();
   const bool average = op == c10d::ReduceOp::AVG;
-  inner_work->getFuture()->addCallback([work, outputs, size, average](c10::ivalue::Future& f) {
-    if (f.hasError()) return work->complete(f.exception_ptr());
+  // Finished on the worker thread: Gloo's Works do not all offer getFuture().
+  host_worker_.enqueue([work, inner_work, results, outputs, size, average]() mutable {
     try {
-      if (average)
-        for (const auto& t : outputs) {
-          if (at::isIntegralType(t.scalar_type(), /*includeBool=*/true)) t.div_(size, "floor");
-          else t.div_(size);
+      inner_work->wait();
+      for (size_t i = 0; i < results.size(); ++i) {
+        if (average) {  // integer AVG truncates, as NCCL's ncclAvg does
+          if (at::isIntegralType(results[i].scalar_type(), /*includeBool=*/true)) results[i].div_(size, "trunc");
+          else results[i].div_(size);
         }
+        if (i < outputs.size() && !results[i].is_same(outputs[i])) outputs[i].copy_(results[i]);
+      }
       work->complete();
     } catch (...) {
-      work->complete(std::current_exception());
+      work->complete(as_dist_error(std::current_exception()));
     }
   });
   return work;
@@ -255,17 +271,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_via_sum(c10d::Backend& inn
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allreduce(std::vector<at::Tensor>& tensors,
                                                          const c10d::AllreduceOptions& opts) {
   c10d::Backend& inner = inner_for(tensors, "all_reduce");
-  const bool gloo = &inner == cpu_backend_.get();
-  if (gloo && (opts.reduceOp == c10d::ReduceOp::AVG || opts.reduceOp == c10d::ReduceOp::PREMUL_SUM)) {
-    if (opts.reduceOp == c10d::ReduceOp::PREMUL_SUM)
-      for (auto& t : tensors) t.mul_(premul_factor(opts.reduceOp));
-    return reduce_via_sum(inner, opts.reduceOp, tensors, c10d::OpType::ALLREDUCE, [&](const c10d::ReduceOp& sum) {
-      c10d::AllreduceOptions o = opts;
-      o.reduceOp = sum;
-      return inner.allreduce(tensors, o);
-    });
-  }
-  return inner.allreduce(tensors, opts);
+  if (!needs_emulation(inner, opts.reduceOp)) return inner.allreduce(tensors, opts);
+  auto operands = scaled_copies(tensors, opts.reduceOp);
+  return emulate_reduction(opts.reduceOp, operands, tensors, c10d::OpType::ALLREDUCE, [&] {
+    c10d::AllreduceOptions o = opts;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    return inner.allreduce(operands, o);
+  });
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allreduce_sparse(std::vector<at::Tensor>& tensors,
                                                                 const c10d::AllreduceOptions& opts) {
@@ -273,11 +285,28 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allreduce_sparse(std::vector<at::
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allreduce_coalesced(std::vector<at::Tensor>& tensors,
                                                                    const c10d::AllreduceCoalescedOptions& opts) {
-  return inner_for(tensors, "all_reduce_coalesced").allreduce_coalesced(tensors, opts);
+  c10d::Backend& inner = inner_for(tensors, "all_reduce_coalesced");
+  if (!needs_emulation(inner, opts.reduceOp)) return inner.allreduce_coalesced(tensors, opts);
+  auto operands = scaled_copies(tensors, opts.reduceOp);
+  return emulate_reduction(opts.reduceOp, operands, tensors, c10d::OpType::ALLREDUCE_COALESCED, [&] {
+    c10d::AllreduceCoalescedOptions o = opts;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    return inner.allreduce_coalesced(operands, o);
+  });
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce(std::vector<at::Tensor>& tensors,
                                                       const c10d::ReduceOptions& opts) {
-  return inner_for(tensors, "reduce").reduce(tensors, opts);
+  c10d::Backend& inner = inner_for(tensors, "reduce");
+  if (!needs_emulation(inner, opts.reduceOp)) return inner.reduce(tensors, opts);
+  auto operands = scaled_copies(tensors, opts.reduceOp);
+  // Only the root's tensor receives the result; the others keep their input.
+  const bool root = opts.rootRank == getRank();
+  return emulate_reduction(opts.reduceOp, root ? operands : std::vector<at::Tensor>{},
+                           root ? tensors : std::vector<at::Tensor>{}, c10d::OpType::REDUCE, [&] {
+                             c10d::ReduceOptions o = opts;
+                             o.reduceOp = c10d::ReduceOp::SUM;
+                             return inner.reduce(operands, o);
+                           });
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allgather(std::vector<std::vector<at::Tensor>>& outputs,
                                                          std::vector<at::Tensor>& inputs,
@@ -311,23 +340,26 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::scatter(std::vector<at::Tensor>& 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_scatter(std::vector<at::Tensor>& outputs,
                                                               std::vector<std::vector<at::Tensor>>& inputs,
                                                               const c10d::ReduceScatterOptions& opts) {
-  return inner_for(outputs, "reduce_scatter").reduce_scatter(outputs, inputs, opts);
+  c10d::Backend& inner = inner_for(outputs, "reduce_scatter");
+  if (!needs_emulation(inner, opts.reduceOp)) return inner.reduce_scatter(outputs, inputs, opts);
+  std::vector<std::vector<at::Tensor>> operands;
+  for (const auto& list : inputs) operands.push_back(scaled_copies(list, opts.reduceOp));
+  return emulate_reduction(opts.reduceOp, outputs, outputs, c10d::OpType::REDUCE_SCATTER, [&] {
+    c10d::ReduceScatterOptions o = opts;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    return inner.reduce_scatter(outputs, operands, o);
+  });
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
                                                                     const c10d::ReduceScatterOptions& opts) {
   c10d::Backend& inner = inner_for(input, "reduce_scatter_tensor");
-  const bool gloo = &inner == cpu_backend_.get();
-  if (gloo && (opts.reduceOp == c10d::ReduceOp::AVG || opts.reduceOp == c10d::ReduceOp::PREMUL_SUM)) {
-    // The input is the caller's: scale a copy of it, never the original.
-    at::Tensor in = opts.reduceOp == c10d::ReduceOp::PREMUL_SUM ? input.mul(premul_factor(opts.reduceOp)) : input;
-    return reduce_via_sum(inner, opts.reduceOp, {output}, c10d::OpType::_REDUCE_SCATTER_BASE,
-                          [&](const c10d::ReduceOp& sum) {
-                            c10d::ReduceScatterOptions o = opts;
-                            o.reduceOp = sum;
-                            return inner._reduce_scatter_base(output, in, o);
-                          });
-  }
-  return inner._reduce_scatter_base(output, input, opts);
+  if (!needs_emulation(inner, opts.reduceOp)) return inner._reduce_scatter_base(output, input, opts);
+  at::Tensor operand = scaled_copies({input}, opts.reduceOp)[0];
+  return emulate_reduction(opts.reduceOp, {output}, {output}, c10d::OpType::_REDUCE_SCATTER_BASE, [&] {
+    c10d::ReduceScatterOptions o = opts;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    return inner._reduce_scatter_base(output, operand, o);
+  });
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_scatter_tensor_coalesced(
     std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs, const c10d::ReduceScatterOptions& opts) {

@@ -94,11 +94,14 @@ class ProcessGroupEP : public c10d::Backend {
  private:
   c10d::Backend& inner_for(const at::Tensor& tensor, const char* op);
   c10d::Backend& inner_for(const std::vector<at::Tensor>& tensors, const char* op);
-  // Gloo has no AVG or PREMUL_SUM: run SUM and scale the result (or the input) around it.
-  using SumLauncher = std::function<c10::intrusive_ptr<c10d::Work>(const c10d::ReduceOp&)>;
-  c10::intrusive_ptr<c10d::Work> reduce_via_sum(c10d::Backend& inner, const c10d::ReduceOp& op,
-                                                const std::vector<at::Tensor>& outputs, c10d::OpType type,
-                                                const SumLauncher& launch);
+  // Gloo has no AVG or PREMUL_SUM. Emulated: `launch_sum` runs a SUM (on scaled copies for
+  // PREMUL_SUM); when it ends, `results` are divided by the group size (AVG) and copied into
+  // `outputs` where they are other tensors. True when `op` needs this on `inner`.
+  bool needs_emulation(const c10d::Backend& inner, const c10d::ReduceOp& op) const;
+  c10::intrusive_ptr<c10d::Work> emulate_reduction(const c10d::ReduceOp& op, std::vector<at::Tensor> results,
+                                                   std::vector<at::Tensor> outputs, c10d::OpType type,
+                                                   const std::function<c10::intrusive_ptr<c10d::Work>()>& launch_sum);
+  static std::vector<at::Tensor> scaled_copies(const std::vector<at::Tensor>& tensors, const c10d::ReduceOp& op);
   static double premul_factor(const c10d::ReduceOp& op);
   // The host transport, created by the first CPU all_to_all (collective, on the worker thread);
   // null when the ranks are not all on one host or the option turned it off.
