@@ -31,10 +31,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-if __package__ in (None, ""):  # run as a script (torchrun): make `benchmarks` importable
+import torch_ep  # noqa: F401  registers the "ep" backend
+
+# Run as a script (torchrun), make `benchmarks` importable. After torch_ep's import: the source
+# tree's torch_ep has no built extension unless installed editable, so it must not shadow the
+# installed one.
+if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch_ep  # noqa: F401,E402  registers the "ep" backend
 from benchmarks import common  # noqa: E402
 
 SUBJECT = "ep"

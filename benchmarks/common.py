@@ -156,5 +156,7 @@ def run_metadata(device: torch.device, **extra) -> Dict[str, object]:
         "machine": machine_description(device),
         "device": device.type,
         "torch": torch.__version__,
+        # Other work on the machine skews timings; a load well above the ranks' count says so.
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
         **extra,
     }

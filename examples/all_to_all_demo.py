@@ -10,9 +10,12 @@ import sys
 
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `benchmarks`
+import torch_ep  # noqa: F401  registers the "ep" backend
 
-import torch_ep  # noqa: E402  registers the "ep" backend
+# For `benchmarks`; after torch_ep's import, so that the installed torch_ep (with its built
+# extension) wins over the source tree's.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from benchmarks import all_to_all as bench  # noqa: E402
 from benchmarks.common import format_bytes  # noqa: E402
 
