@@ -79,7 +79,8 @@ def local_reduce(tensors, op, group_size):
         out = stacked.amin(0)
     elif op == dist.ReduceOp.AVG:
         total = stacked.sum(0, dtype=stacked.dtype)
-        out = total / group_size if dtype.is_floating_point else torch.div(total, group_size, rounding_mode="floor")
+        # Integers: truncation toward zero, as NCCL's ncclAvg (sum, then C integer division).
+        out = total / group_size if dtype.is_floating_point else torch.div(total, group_size, rounding_mode="trunc")
     else:
         raise ValueError(op)
     return out.to(dtype)
@@ -116,8 +117,9 @@ ALL_REDUCE_CASES = [
     ("AVG", torch.float32, "any"),
     ("AVG", torch.float64, "any"),
     ("AVG", torch.bfloat16, "any"),
-    ("AVG", torch.int64, "nonneg"),  # sums not divisible by the group size: integer division
-    ("AVG", torch.int32, "nonneg"),
+    ("AVG", torch.int64, "small"),  # negative sums not divisible by the group size: trunc, not floor
+    ("AVG", torch.int32, "small"),
+    ("AVG", torch.int64, "nonneg"),
 ]
 
 
@@ -218,17 +220,12 @@ def rank_reduce_scatter_tensor(seed, op_name, dtype, kind):
     assert_reduced(out, expected, f"reduce_scatter_tensor {op_name} {dtype} on rank {rank}")
 
 
-RS_BUG = ("ProcessGroupEP::_reduce_scatter_base emulates AVG/PREMUL_SUM via reduce_via_sum, which calls "
-          "getFuture() on Gloo's reduce-scatter Work; Gloo does not implement it: "
-          "'RuntimeError: Work::getFuture not implemented.'")
-
-
 @pytest.mark.parametrize("op_name,dtype,kind", [
     ("SUM", torch.float32, "any"),
     ("SUM", torch.int64, "small"),
     ("MAX", torch.float64, "any"),
-    pytest.param("AVG", torch.float32, "any", marks=pytest.mark.xfail(reason=RS_BUG, strict=True)),
-    pytest.param("AVG", torch.int64, "nonneg", marks=pytest.mark.xfail(reason=RS_BUG, strict=True)),
+    ("AVG", torch.float32, "any"),
+    ("AVG", torch.int64, "small"),
 ], ids=["SUM-float32", "SUM-int64", "MAX-float64", "AVG-float32", "AVG-int64"])
 def test_reduce_scatter_tensor(pool, op_name, dtype, kind):
     """reduce_scatter_tensor leaves rank r the reduction of every input's chunk r; the input is untouched."""
@@ -246,7 +243,6 @@ def rank_reduce_scatter_tensor_premul_sum(seed):
     torch.testing.assert_close(out, sum(x.chunk(size)[rank] * f for x, f in zip(inputs, factors)))
 
 
-@pytest.mark.xfail(reason=RS_BUG, strict=True)
 def test_reduce_scatter_tensor_premul_sum(pool):
     """reduce_scatter_tensor with PREMUL_SUM scales a copy of each input by its rank's factor."""
     pool.run(rank_reduce_scatter_tensor_premul_sum, new_seed())
@@ -267,7 +263,8 @@ def rank_reduce_scatter_list(seed, op_name, dtype, kind):
     ("SUM", torch.float32, "any"),
     ("SUM", torch.int64, "small"),
     ("AVG", torch.float32, "any"),
-], ids=["SUM-float32", "SUM-int64", "AVG-float32"])
+    ("AVG", torch.int64, "small"),
+], ids=["SUM-float32", "SUM-int64", "AVG-float32", "AVG-int64"])
 def test_reduce_scatter_list(pool, op_name, dtype, kind):
     """reduce_scatter (list form) leaves rank r the reduction of every rank's r-th input."""
     pool.run(rank_reduce_scatter_list, new_seed(), op_name, dtype, kind)
@@ -279,7 +276,7 @@ def test_reduce_scatter_list(pool, op_name, dtype, kind):
 def rank_integer_avg(seed, form):
     """Integer AVG through `form`; every form must agree with all_reduce's integer division."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    inputs = every_input(seed, (size * 2,), torch.int64, "nonneg")
+    inputs = every_input(seed, (size * 2,), torch.int64, "small")
     expected = local_reduce(inputs, dist.ReduceOp.AVG, size)
     t = inputs[rank].clone()
     if form == "all_reduce":
@@ -301,26 +298,16 @@ def rank_integer_avg(seed, form):
     assert_reduced(t, expected, f"integer AVG via {form}")
 
 
-INT_AVG_BUG = ("only all_reduce emulates AVG on Gloo; reduce, all_reduce_coalesced and reduce_scatter forward "
-               "AVG to Gloo, which fails on integer tensors: \"result type Float can't be cast to the desired "
-               "output type Long\"")
-
-
-@pytest.mark.parametrize("form", [
-    "all_reduce",
-    "functional_all_reduce",
-    pytest.param("reduce", marks=pytest.mark.xfail(reason=INT_AVG_BUG, strict=True)),
-    pytest.param("all_reduce_coalesced", marks=pytest.mark.xfail(reason=INT_AVG_BUG, strict=True)),
-    pytest.param("reduce_scatter", marks=pytest.mark.xfail(reason=INT_AVG_BUG, strict=True)),
-])
+@pytest.mark.parametrize("form", ["all_reduce", "functional_all_reduce", "reduce", "all_reduce_coalesced",
+                                  "reduce_scatter"])
 def test_integer_avg_in_every_reducing_collective(pool, form):
-    """ReduceOp.AVG on int64 works, with the same integer division, in every reducing collective."""
+    """ReduceOp.AVG on int64 works, with the same integer division (trunc), in every reducing collective."""
     pool.run(rank_integer_avg, new_seed(), form)
 
 
 def rank_premul_sum_form(seed, form):
     rank, size = dist.get_rank(), dist.get_world_size()
-    inputs = every_input(seed, (5,), torch.float64)
+    inputs = every_input(seed, (size,), torch.float64)
     factors = [0.25 + r for r in range(size)]
     expected = sum(x * f for x, f in zip(inputs, factors))
     op = dist._make_nccl_premul_sum(factors[rank])
@@ -331,19 +318,21 @@ def rank_premul_sum_form(seed, form):
             return
     elif form == "all_reduce_coalesced":
         dist.all_reduce_coalesced([t], op=op)
+    elif form == "reduce_scatter":
+        pieces = [p.clone() for p in t.chunk(size)]
+        out = poison_(torch.empty(1, dtype=torch.float64))
+        dist.reduce_scatter(out, pieces, op=op)
+        assert all(torch.equal(p, q) for p, q in zip(pieces, t.chunk(size))), "reduce_scatter PREMUL_SUM modified its input"
+        t, expected = out, expected.chunk(size)[rank]
     else:
         raise ValueError(form)
     torch.testing.assert_close(t, expected)
 
 
-PREMUL_BUG = ("only all_reduce and reduce_scatter_tensor emulate PREMUL_SUM; reduce and all_reduce_coalesced "
-              "forward it to Gloo: 'RuntimeError: Cannot use ReduceOp.PREMUL_SUM with Gloo'")
-
-
-@pytest.mark.xfail(reason=PREMUL_BUG, strict=True)
-@pytest.mark.parametrize("form", ["reduce", "all_reduce_coalesced"])
+@pytest.mark.parametrize("form", ["reduce", "all_reduce_coalesced", "reduce_scatter"])
 def test_premul_sum_in_other_reducing_collectives(pool, form):
-    """PREMUL_SUM, which NCCL supports in every reduction, also works in reduce and all_reduce_coalesced."""
+    """PREMUL_SUM, which NCCL supports in every reduction, also works in reduce, all_reduce_coalesced and
+    reduce_scatter (list form)."""
     pool.run(rank_premul_sum_form, new_seed(), form)
 
 
@@ -725,15 +714,20 @@ def rank_many_async_in_flight(seed):
     rank, size = dist.get_rank(), dist.get_world_size()
     a = every_input(seed, (8,), torch.float32)
     b = every_input(seed + 1, (size * 4,), torch.int64)
-    t_a = a[rank].clone()
+    t_a, t_avg = a[rank].clone(), a[rank].clone()
     gathered = poison_(torch.empty(size * 8))
     t_b_out = poison_(torch.empty(size * 4, dtype=torch.int64))
+    t_b_out2 = poison_(torch.empty(size * 4, dtype=torch.int64))
     works = [dist.all_reduce(t_a, async_op=True),
+             dist.all_to_all_single(t_b_out, b[rank], async_op=True),
+             dist.all_reduce(t_avg, op=dist.ReduceOp.AVG, async_op=True),  # emulated: finished on our worker
              dist.all_gather_into_tensor(gathered, a[rank], async_op=True),
-             dist.all_to_all_single(t_b_out, b[rank], async_op=True)]
+             dist.all_to_all_single(t_b_out2, b[rank], async_op=True)]
     for w in reversed(works):
         w.wait()
     assert_reduced(t_a, local_reduce(a, dist.ReduceOp.SUM, size), "async all_reduce")
+    assert_reduced(t_avg, local_reduce(a, dist.ReduceOp.AVG, size), "async all_reduce AVG")
+    assert same_bits(t_b_out2, t_b_out), "second async all_to_all_single"
     assert same_bits(gathered, torch.cat(a)), "async all_gather_into_tensor"
     assert same_bits(t_b_out, torch.cat([x.chunk(size)[rank] for x in b])), "async all_to_all_single"
 
