@@ -3,12 +3,15 @@ and init_process_group with an explicit Store (TCPStore, FileStore) from plain s
 import multiprocessing as mp
 import os
 import queue
+import re
 import subprocess
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).parent / "scripts" / "torchrun_all_to_all.py"
@@ -32,7 +35,8 @@ def test_torchrun_standalone():
     assert proc.returncode == 0, log
 
     splits = torch.randint(1, 6, (2, 2), generator=torch.Generator().manual_seed(seed))
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("OK "))
+    # The ranks share one stdout pipe: their lines may interleave, so find each report by pattern.
+    lines = sorted(re.findall(r"OK rank=\d+ world_size=\d+ host_path=\w* slot_bytes=\d+ rows=\d+", proc.stdout))
     expected = [f"OK rank={r} world_size=2 host_path=shm slot_bytes=4096 rows={int(splits[:, r].sum())}"
                 for r in range(2)]
     assert lines == expected, log
@@ -115,3 +119,66 @@ def test_init_with_explicit_store(tmp_path):
                          for i in range(2)]
         assert answers[r][1] == [("shm", n) for n in expected_rows]
     assert [p.exitcode for p in procs] == [0] * world_size
+
+
+# ----------------------------------------------------------------------------- releasing the backend
+
+
+def release_rank_main(rank, init_file, results):
+    """Holds torch_ep.get_backend() (as a user script may), destroys the group while an all_reduce
+    is still in flight on Gloo's thread, then drops that last reference."""
+    try:
+        import time
+
+        import torch.distributed as dist
+
+        import torch_ep
+
+        dist.init_process_group("ep", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=30))
+        backend = torch_ep.get_backend()
+        results.put((rank, True, "ready"))
+        if rank == 1:
+            time.sleep(1.0)  # rank 0's all_reduce waits for this one on Gloo's worker thread meanwhile
+        dist.all_reduce(torch.randn(1 << 12), async_op=True)  # the Work is referenced only by Gloo
+        dist.destroy_process_group()
+        del backend  # the last reference: ProcessGroupEP is destroyed here
+        results.put((rank, True, "released"))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "deadlock: when the last reference to a ProcessGroupEP is a Python one (torch_ep.get_backend()), "
+    "~ProcessGroupEP runs with the GIL held (plain pybind11 holder), ~ProcessGroupGloo joins its runLoop "
+    "thread, and that thread needs the GIL to release the tensors of a finished Work "
+    "(ProcessGroupGloo::AsyncWork::~AsyncWork -> TensorImpl::decref_pyobject -> gil_scoped_acquire)"))
+def test_releasing_last_backend_reference_does_not_hang(tmp_path):
+    """Dropping a torch_ep.get_backend() reference after destroy_process_group returns promptly."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=release_rank_main, daemon=True, args=(r, str(tmp_path / "init"), results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    answers = {}
+    try:
+        deadline = None
+        while len([v for v in answers.values() if v != "ready"]) < 2:
+            timeout = LAUNCH_TIMEOUT_S if deadline is None else max(0.1, deadline - time.monotonic())
+            try:
+                rank, ok, value = results.get(timeout=timeout)
+            except queue.Empty:
+                break
+            assert ok, f"rank {rank} failed:\n{value}"
+            answers[rank] = value
+            if deadline is None and list(answers.values()).count("ready") == 2:
+                deadline = time.monotonic() + 5  # about 1.5 s of work once both ranks are up
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.join(timeout=0.5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert answers == {0: "released", 1: "released"}, f"ranks did not release the backend: {answers}"

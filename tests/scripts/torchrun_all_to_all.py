@@ -32,6 +32,9 @@ def main() -> None:
     backend = torch_ep.get_backend()
     print(f"OK rank={rank} world_size={size} host_path={backend.host_path} "
           f"slot_bytes={backend.config.host_slot_bytes} rows={y.shape[0]}", flush=True)
+    # Dropped before destroy_process_group: a ProcessGroupEP whose last reference is a Python one can
+    # deadlock on release (tests/test_torchrun.py::test_releasing_last_backend_reference_does_not_hang).
+    del backend
     dist.destroy_process_group()
 
 
