@@ -49,7 +49,7 @@ trap stop_mps EXIT
 STATUS=0
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   step "GPU tests, 1 2 4 8 ranks"
-  TORCH_EP_TEST_WORLD_SIZES=1,2,4,8 timeout 300 python3 -m pytest tests/test_cuda_all_to_all.py -q -ra -x \
+  TORCH_EP_TEST_WORLD_SIZES=1,2,4,8 timeout 240 python3 -m pytest tests/test_cuda_all_to_all.py -q -ra -x \
     > "$LOGS/gpu_tests.log" 2>&1 || STATUS=1
   tail -15 "$LOGS/gpu_tests.log" >> "$SUMMARY"
 fi
@@ -58,7 +58,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   for R in 1 2 4 8; do
     step "all_to_all benchmark, $R ranks"
     SHARING=$(( (R + GPUS - 1) / GPUS ))
-    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 150 \
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 120 \
       torchrun --standalone --nproc-per-node "$R" benchmarks/all_to_all.py --device cuda \
       --max-bytes $((256 << 20)) --out "$LOGS/all_to_all_${R}ranks" > "$LOGS/bench_${R}ranks.log" 2>&1 || STATUS=1
     tail -16 "$LOGS/bench_${R}ranks.log" >> "$SUMMARY"

@@ -35,6 +35,33 @@ def test_all_dtypes_and_splits(cuda_pool):
     assert paths == ["cuda"] * cuda_pool.world_size  # our transport, not NCCL or Gloo
 
 
+def rank_disagreeing_splits():
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group()
+    x = torch.randn(size * 2, device="cuda")
+    out_splits = [2] * size
+    if rank == 0:
+        out_splits[1], out_splits[0] = 3, 1  # rank 1 sends rank 0 two rows, not three
+    y = torch.empty(sum(out_splits), device="cuda")
+    error = None
+    try:
+        dist.all_to_all_single(y, x, out_splits, [2] * size, group=group)
+    except Exception as e:  # noqa: BLE001
+        error = (type(e).__name__, str(e))
+    torch.cuda.synchronize()
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return error
+
+
+def test_disagreeing_splits_raise_on_both_ranks(cuda_pool):
+    if cuda_pool.world_size < 2:
+        pytest.skip("needs two ranks")
+    errors = cuda_pool.run(rank_disagreeing_splits, timeout_s=120)
+    for rank in (0, 1):
+        assert errors[rank] is not None and "split sizes disagree" in errors[rank][1], errors
+
+
 def test_async_op_and_future(cuda_pool):
     cuda_pool.run(cpu_checks.rank_async_and_ordering, seed=_seed(), device="cuda")
 
@@ -180,5 +207,5 @@ def test_timeout_names_op_and_peer(world_size):
     pool = rank_pool(world_size, cuda=True)
     (error, elapsed), _ = pool.run(rank_peer_never_arrives)
     assert error is not None and error[0] == "DistBackendError", error
-    assert "all_to_all_single: timed out on rank 0" in error[1] and "peer rank(s) 1" in error[1], error
+    assert "all_to_all_single: timed out on rank 0" in error[1] and "rank 1" in error[1], error
     assert 2.5 < elapsed < 20, elapsed

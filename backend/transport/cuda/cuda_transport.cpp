@@ -3,19 +3,52 @@
 #include <cuda.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "backend/transport/cuda/cuda_check.hpp"
 
 namespace ep {
 namespace {
 
-// Block layout: [full flags: size x 2][empty flags: size x 2] ... padding ... [regions].
-// Region `src` (size x 2 slots of chunk_bytes) starts at kDataOffset + src * 2 * chunk_bytes.
+// Block layout: flags, then the staging regions.
+//   [full: size x 2][empty: size x 2][ready: size][done: size] (uint32) ... [regions at kDataOffset]
+// Region `src` (2 slots of chunk_bytes) starts at kDataOffset + src * 2 * chunk_bytes.
 constexpr size_t kDataOffset = 64 << 10;
 constexpr int kSlots = 2;
 constexpr size_t kChunkAlign = 4096;
+constexpr int kMaxRanks = 2048;  // flags of kMaxRanks ranks fit before kDataOffset
 
 CUdeviceptr dptr(const void* p) { return reinterpret_cast<CUdeviceptr>(p); }
+
+size_t chunk_bytes_for(size_t buffer_bytes, int size) {
+  return std::max<size_t>(buffer_bytes / (size_t(size) * kSlots * kChunkAlign), 1) * kChunkAlign;
+}
+
+HostTransportConfig control_config(std::chrono::milliseconds timeout) {
+  HostTransportConfig c;
+  c.slot_bytes = 256;  // one ControlRecord per message
+  c.num_slots = 4;
+  c.timeout = timeout;
+  return c;
+}
+
+// What a rank tells one peer at the start of every call.
+struct ControlRecord {
+  uint64_t send_bytes;    // what I send you
+  uint64_t expect_bytes;  // what I expect from you
+  uint64_t offset;        // where in the exported allocation your data goes
+  uint32_t exported;      // 1 when `handle` is valid (or nothing is expected)
+  uint32_t pad;
+  cudaIpcMemHandle_t handle;
+};
+static_assert(sizeof(ControlRecord) <= 256, "a control record fits one control slot");
+
+void wait_flag(cudaStream_t s, uint32_t* flag) {
+  EP_CU_CHECK(cuStreamWaitValue32(s, dptr(flag), 1, CU_STREAM_WAIT_VALUE_GEQ));
+}
+void write_flag(cudaStream_t s, uint32_t* flag, uint32_t value) {
+  EP_CU_CHECK(cuStreamWriteValue32(s, dptr(flag), value, CU_STREAM_WRITE_VALUE_DEFAULT));
+}
 
 }  // namespace
 
@@ -25,6 +58,12 @@ uint32_t* CudaTransport::full_flag(int owner, int src, int slot) const {
 uint32_t* CudaTransport::empty_flag(int owner, int dst, int slot) const {
   return reinterpret_cast<uint32_t*>(buffers_.block(owner)) + size_ * kSlots + dst * kSlots + slot;
 }
+uint32_t* CudaTransport::ready_flag(int owner, int receiver) const {
+  return reinterpret_cast<uint32_t*>(buffers_.block(owner)) + size_ * kSlots * 2 + receiver;
+}
+uint32_t* CudaTransport::done_flag(int owner, int sender) const {
+  return reinterpret_cast<uint32_t*>(buffers_.block(owner)) + size_ * kSlots * 2 + size_ + sender;
+}
 char* CudaTransport::slot_data(int owner, int src, int slot) const {
   return buffers_.block(owner) + kDataOffset + (size_t(src) * kSlots + slot) * chunk_bytes_;
 }
@@ -33,21 +72,18 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
     : rank_(rdv.rank()),
       size_(rdv.size()),
       timeout_(config.timeout),
-      buffers_(rdv, config.device,
-               kDataOffset + std::max<size_t>(config.buffer_bytes / (rdv.size() * kSlots * kChunkAlign), 1) *
-                                 kChunkAlign * rdv.size() * kSlots,
+      buffers_(rdv, config.device, kDataOffset + chunk_bytes_for(config.buffer_bytes, rdv.size()) * rdv.size() * kSlots,
                tag + "/buffers"),
-      chunk_bytes_(std::max<size_t>(config.buffer_bytes / (rdv.size() * kSlots * kChunkAlign), 1) * kChunkAlign) {
-  static_assert(kDataOffset >= 2 * 4096 * kSlots * sizeof(uint32_t), "flags must fit before the data");
+      chunk_bytes_(chunk_bytes_for(config.buffer_bytes, rdv.size())),
+      control_(rdv, control_config(config.timeout), tag + "/control"),
+      opened_(rdv.size()) {
+  if (size_ > kMaxRanks) throw CommError("torch_ep: the CUDA transport supports up to 2048 ranks per node");
   EP_CUDA_CHECK(cudaSetDevice(config.device));
-  // full = 0 (nothing sent), empty = 1 (every slot free).
-  std::vector<uint32_t> flags(size_t(size_) * kSlots * 2, 0);
-  std::fill(flags.begin() + size_ * kSlots, flags.end(), 1u);
+  // full = 0 (nothing sent), empty = 1 (every slot free), ready = done = 0.
+  std::vector<uint32_t> flags(size_t(size_) * (kSlots * 2 + 2), 0);
+  std::fill(flags.begin() + size_ * kSlots, flags.begin() + size_ * kSlots * 2, 1u);
   EP_CUDA_CHECK(cudaMemcpy(buffers_.block(rank_), flags.data(), flags.size() * sizeof(uint32_t),
                            cudaMemcpyHostToDevice));
-  peer_streams_.assign(size_, nullptr);
-  for (int p = 0; p < size_; ++p)
-    if (p != rank_) EP_CUDA_CHECK(cudaStreamCreateWithFlags(&peer_streams_[p], cudaStreamNonBlocking));
   EP_CUDA_CHECK(cudaStreamCreateWithFlags(&watchdog_stream_, cudaStreamNonBlocking));
   rdv.barrier(tag + "/ready");  // no peer writes our flags before they are initialised
   watchdog_ = std::thread([this] { watch(); });
@@ -59,13 +95,10 @@ CudaTransport::~CudaTransport() {
     stopping_ = true;  // calls still in flight finish, or time out and are released, first
   }
   cv_.notify_all();
-  watchdog_.join();  // returns once nothing is in flight (releasing stuck waits if needed)
+  watchdog_.join();
   cudaSetDevice(buffers_.device());
-  for (cudaStream_t s : peer_streams_)
-    if (s) {
-      cudaStreamSynchronize(s);
-      cudaStreamDestroy(s);
-    }
+  for (auto& peer : opened_)
+    for (auto& [handle, ptr] : peer) cudaIpcCloseMemHandle(ptr);
   if (watchdog_stream_) {
     cudaStreamSynchronize(watchdog_stream_);
     cudaStreamDestroy(watchdog_stream_);
@@ -77,6 +110,15 @@ std::string CudaTransport::error() const {
   return error_;
 }
 
+char* CudaTransport::open_peer_allocation(int peer, const cudaIpcMemHandle_t& handle) {
+  std::string key(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  auto it = opened_[peer].find(key);
+  if (it != opened_[peer].end()) return it->second;
+  void* ptr = nullptr;
+  EP_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess));
+  return opened_[peer][key] = static_cast<char*>(ptr);
+}
+
 void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
                                cudaStream_t stream, const char* op_name) {
   {
@@ -86,59 +128,76 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
                       "takes no more calls; destroy the process group. The error was: " + error_);
   }
   EP_CUDA_CHECK(cudaSetDevice(buffers_.device()));
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  const bool capturing = capture != cudaStreamCaptureStatusNone;
 
+  // 1. Control exchange: sizes both ways, and where each peer's data should land.
+  std::vector<ControlRecord> mine(size_), theirs(size_);
+  bool all_exported = true;
+  for (int p = 0; p < size_; ++p) {
+    ControlRecord& r = mine[p];
+    std::memset(&r, 0, sizeof(r));
+    r.send_bytes = sends[p].bytes;
+    r.expect_bytes = recvs[p].bytes;
+    r.exported = 1;
+    if (p == rank_ || recvs[p].bytes == 0) continue;
+    CUdeviceptr base = 0;
+    size_t extent = 0;
+    // Exportable when the buffer is a plain cudaMalloc allocation (torch's caching allocator
+    // without expandable segments); otherwise the call takes the staged path.
+    if (cuMemGetAddressRange(&base, &extent, dptr(recvs[p].ptr)) == CUDA_SUCCESS &&
+        cudaIpcGetMemHandle(&r.handle, reinterpret_cast<void*>(base)) == cudaSuccess) {
+      r.offset = dptr(recvs[p].ptr) - base;
+    } else {
+      cudaGetLastError();  // clear the failed export
+      r.exported = 0;
+      all_exported = false;
+    }
+  }
+  std::vector<SendBuffer> ctrl_sends(size_);
+  std::vector<RecvBuffer> ctrl_recvs(size_);
+  for (int p = 0; p < size_; ++p) {
+    ctrl_sends[p] = {&mine[p], sizeof(ControlRecord)};
+    ctrl_recvs[p] = {&theirs[p], sizeof(ControlRecord)};
+  }
+  control_.all_to_all(ctrl_sends, ctrl_recvs, op_name);
+  std::vector<int> peers;
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    if (theirs[p].expect_bytes != sends[p].bytes || theirs[p].send_bytes != recvs[p].bytes) {
+      // Both ranks of the pair raise; peers that queued work with them are released by their
+      // watchdogs. The flags no longer agree, so this transport takes no more calls.
+      std::string msg = std::string(op_name) + ": rank " + std::to_string(rank_) + " sends " +
+                        std::to_string(sends[p].bytes) + " bytes to rank " + std::to_string(p) + " and expects " +
+                        std::to_string(recvs[p].bytes) + ", but rank " + std::to_string(p) + " expects " +
+                        std::to_string(theirs[p].expect_bytes) + " and sends " +
+                        std::to_string(theirs[p].send_bytes) + ": the ranks' split sizes disagree";
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (error_.empty()) error_ = msg;
+      throw CommError(msg);
+    }
+    all_exported = all_exported && theirs[p].exported;
+    if (sends[p].bytes || recvs[p].bytes) peers.push_back(p);
+  }
+  // Every rank sent its export flag to every peer, so all ranks compute the same AND and agree
+  // on the path.
+
+  // 2. Data.
   if (sends[rank_].bytes)
     EP_CUDA_CHECK(cudaMemcpyAsync(recvs[rank_].ptr, sends[rank_].ptr, sends[rank_].bytes, cudaMemcpyDeviceToDevice,
                                   stream));
-  Inflight op{op_name, std::chrono::steady_clock::now(), {}, nullptr};
-  cudaEvent_t fork;
-  EP_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
-  EP_CUDA_CHECK(cudaEventRecord(fork, stream));
-  for (int i = 1; i < size_; ++i) {
-    const int peer = (rank_ + i) % size_;  // rotated, so that not every rank starts with rank 0
-    const size_t send_chunks = (sends[peer].bytes + chunk_bytes_ - 1) / chunk_bytes_;
-    const size_t recv_chunks = (recvs[peer].bytes + chunk_bytes_ - 1) / chunk_bytes_;
-    if (send_chunks == 0 && recv_chunks == 0) continue;
-    cudaStream_t s = peer_streams_[peer];
-    EP_CUDA_CHECK(cudaStreamWaitEvent(s, fork, 0));
-    const auto* src = static_cast<const char*>(sends[peer].ptr);
-    auto* dst = static_cast<char*>(recvs[peer].ptr);
-    // Chunk k of each direction, interleaved: a send waits only on the peer draining chunk k-2,
-    // a receive only on the peer's chunk k, so every rank's stream keeps moving.
-    for (size_t k = 0; k < std::max(send_chunks, recv_chunks); ++k) {
-      const int slot = int(k % kSlots);
-      if (k < send_chunks) {
-        const size_t n = std::min(chunk_bytes_, sends[peer].bytes - k * chunk_bytes_);
-        EP_CU_CHECK(cuStreamWaitValue32(s, dptr(empty_flag(rank_, peer, slot)), 1, CU_STREAM_WAIT_VALUE_GEQ));
-        EP_CU_CHECK(cuStreamWriteValue32(s, dptr(empty_flag(rank_, peer, slot)), 0, CU_STREAM_WRITE_VALUE_DEFAULT));
-        EP_CUDA_CHECK(cudaMemcpyAsync(slot_data(peer, rank_, slot), src + k * chunk_bytes_, n,
-                                      cudaMemcpyDeviceToDevice, s));
-        EP_CU_CHECK(cuStreamWriteValue32(s, dptr(full_flag(peer, rank_, slot)), 1, CU_STREAM_WRITE_VALUE_DEFAULT));
-      }
-      if (k < recv_chunks) {
-        const size_t n = std::min(chunk_bytes_, recvs[peer].bytes - k * chunk_bytes_);
-        EP_CU_CHECK(cuStreamWaitValue32(s, dptr(full_flag(rank_, peer, slot)), 1, CU_STREAM_WAIT_VALUE_GEQ));
-        EP_CU_CHECK(cuStreamWriteValue32(s, dptr(full_flag(rank_, peer, slot)), 0, CU_STREAM_WRITE_VALUE_DEFAULT));
-        EP_CUDA_CHECK(cudaMemcpyAsync(dst + k * chunk_bytes_, slot_data(rank_, peer, slot), n,
-                                      cudaMemcpyDeviceToDevice, s));
-        EP_CU_CHECK(cuStreamWriteValue32(s, dptr(empty_flag(peer, rank_, slot)), 1, CU_STREAM_WRITE_VALUE_DEFAULT));
-      }
-    }
-    cudaEvent_t joined;
-    EP_CUDA_CHECK(cudaEventCreateWithFlags(&joined, cudaEventDisableTiming));
-    EP_CUDA_CHECK(cudaEventRecord(joined, s));
-    EP_CUDA_CHECK(cudaStreamWaitEvent(stream, joined, 0));
-    op.peer_done.emplace_back(peer, joined);
+  if (all_exported) {
+    std::vector<char*> remote(size_, nullptr);
+    for (int p = 0; p < size_; ++p)
+      if (p != rank_ && sends[p].bytes) remote[p] = open_peer_allocation(p, theirs[p].handle) + theirs[p].offset;
+    enqueue_direct(sends, remote, recvs, stream);
+    ++direct_calls_;
+  } else {
+    enqueue_staged(sends, recvs, stream);
   }
-  if (capturing) {  // a captured graph runs later, where the watchdog cannot see it
-    for (auto& [peer, e] : op.peer_done) cudaEventDestroy(e);
-    cudaEventDestroy(fork);
-    return;
-  }
-  cudaEventDestroy(fork);  // destruction is deferred by CUDA until the recorded work completes
+
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;  // replays run where the watchdog cannot see
+  Inflight op{op_name, std::chrono::steady_clock::now(), std::move(peers), nullptr};
   EP_CUDA_CHECK(cudaEventCreateWithFlags(&op.done, cudaEventDisableTiming));
   EP_CUDA_CHECK(cudaEventRecord(op.done, stream));
   {
@@ -148,9 +207,72 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
   cv_.notify_all();
 }
 
+void CudaTransport::enqueue_direct(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
+                                   const std::vector<RecvBuffer>& recvs, cudaStream_t stream) {
+  // All "ready" signals go first, so no rank's copies wait on a rank that is itself waiting.
+  for (int i = 1; i < size_; ++i) {
+    const int src = (rank_ + size_ - i) % size_;
+    if (recvs[src].bytes) write_flag(stream, ready_flag(src, rank_), 1);
+  }
+  for (int i = 1; i < size_; ++i) {
+    const int dst = (rank_ + i) % size_;  // rotated, so that not every rank copies to rank 0 first
+    if (!sends[dst].bytes) continue;
+    wait_flag(stream, ready_flag(rank_, dst));
+    write_flag(stream, ready_flag(rank_, dst), 0);
+    EP_CUDA_CHECK(cudaMemcpyAsync(remote_outputs[dst], sends[dst].ptr, sends[dst].bytes, cudaMemcpyDeviceToDevice,
+                                  stream));
+    write_flag(stream, done_flag(dst, rank_), 1);
+  }
+  for (int i = 1; i < size_; ++i) {
+    const int src = (rank_ + size_ - i) % size_;
+    if (!recvs[src].bytes) continue;
+    wait_flag(stream, done_flag(rank_, src));
+    write_flag(stream, done_flag(rank_, src), 0);
+  }
+}
+
+void CudaTransport::enqueue_staged(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
+                                   cudaStream_t stream) {
+  std::vector<size_t> send_chunks(size_, 0), recv_chunks(size_, 0);
+  size_t rounds = 0;
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    send_chunks[p] = (sends[p].bytes + chunk_bytes_ - 1) / chunk_bytes_;
+    recv_chunks[p] = (recvs[p].bytes + chunk_bytes_ - 1) / chunk_bytes_;
+    rounds = std::max({rounds, send_chunks[p], recv_chunks[p]});
+  }
+  // Round k sends every peer its chunk k, then receives every peer's chunk k. A send waits only
+  // on the peer draining chunk k-2 (queued in round k-2), a receive on the peer's round-k send,
+  // which the peer queued before its own receives: every stream keeps moving.
+  for (size_t k = 0; k < rounds; ++k) {
+    const int slot = int(k % kSlots);
+    for (int i = 1; i < size_; ++i) {
+      const int dst = (rank_ + i) % size_;
+      if (k >= send_chunks[dst]) continue;
+      const size_t n = std::min(chunk_bytes_, sends[dst].bytes - k * chunk_bytes_);
+      wait_flag(stream, empty_flag(rank_, dst, slot));
+      write_flag(stream, empty_flag(rank_, dst, slot), 0);
+      EP_CUDA_CHECK(cudaMemcpyAsync(slot_data(dst, rank_, slot), static_cast<const char*>(sends[dst].ptr) +
+                                    k * chunk_bytes_, n, cudaMemcpyDeviceToDevice, stream));
+      write_flag(stream, full_flag(dst, rank_, slot), 1);
+    }
+    for (int i = 1; i < size_; ++i) {
+      const int src = (rank_ + size_ - i) % size_;
+      if (k >= recv_chunks[src]) continue;
+      const size_t n = std::min(chunk_bytes_, recvs[src].bytes - k * chunk_bytes_);
+      wait_flag(stream, full_flag(rank_, src, slot));
+      write_flag(stream, full_flag(rank_, src, slot), 0);
+      EP_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(recvs[src].ptr) + k * chunk_bytes_, slot_data(rank_, src, slot),
+                                    n, cudaMemcpyDeviceToDevice, stream));
+      write_flag(stream, empty_flag(src, rank_, slot), 1);
+    }
+  }
+}
+
 void CudaTransport::release_waits() {
   // Non-zero bytes in every flag of ours: each GEQ-1 wait on this rank passes.
-  cudaMemsetAsync(buffers_.block(rank_), 0x01, size_t(size_) * kSlots * 2 * sizeof(uint32_t), watchdog_stream_);
+  cudaMemsetAsync(buffers_.block(rank_), 0x01, size_t(size_) * (kSlots * 2 + 2) * sizeof(uint32_t),
+                  watchdog_stream_);
 }
 
 void CudaTransport::watch() {
@@ -166,16 +288,14 @@ void CudaTransport::watch() {
         const auto elapsed = std::chrono::steady_clock::now() - op.start;
         if (error_.empty() && elapsed > timeout_) {
           std::string peers;
-          for (auto& [peer, e] : op.peer_done)
-            if (cudaEventQuery(e) == cudaErrorNotReady) peers += (peers.empty() ? "" : ", ") + std::to_string(peer);
+          for (int p : op.peers) peers += (peers.empty() ? "" : ", ") + std::to_string(p);
           error_ = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
                    std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()) +
-                   " ms waiting for peer rank(s) " + peers + ": the peer never arrived or stalled";
+                   " ms waiting for peer rank(s) " + peers + ": a peer never arrived or stalled";
         }
         if (!error_.empty()) release_waits();
         break;
       }
-      for (auto& [peer, e] : op.peer_done) cudaEventDestroy(e);
       cudaEventDestroy(op.done);
       if (state != cudaSuccess && error_.empty()) error_ = op.op + ": CUDA error " + cudaGetErrorString(state);
       inflight_.pop_front();

@@ -1,15 +1,22 @@
-// All-to-all between the GPUs (or ranks sharing a GPU) of one node, on copy engines and stream
-// memory operations: no kernel spins, so ranks never compete for SMs and no wait needs a
-// co-resident peer.
+// All-to-all between the GPUs (or ranks sharing a GPU) of one node, on copies and stream memory
+// operations: no kernel spins, so ranks never compete for SMs and no wait needs a co-resident
+// peer. Everything a rank does runs on the caller's (comm) stream: one blocking stream per rank
+// (several per rank alias onto shared hardware queues under MPS and can deadlock).
 //
-// Each rank's registered block holds, for every source rank, a region of two slots (double
-// buffering). A message streams through its receiver's region in slot-sized chunks:
+// Each call starts with a control exchange over shared memory: every rank tells every peer how
+// many bytes it sends and expects, and exports the receive buffer (CUDA IPC handle + offset).
+// Sizes that disagree raise on both ranks of the pair before anything is queued.
+//
+// Direct path (one copy), when every receive buffer could be exported:
+//   receiver: set ready[me] in each sender's block; later wait done[src] for each sender
+//   sender:   wait ready[dst] -> copy straight into dst's output -> set done[me] in dst's block
+// Staged path (two copies), the fallback: each rank's registered block holds, for every source,
+// a region of two slots, and a message streams through it in slot-sized chunks:
 //   sender (per chunk):   wait empty[dst][s] -> clear it -> copy chunk into dst's slot s ->
 //                         set full[me][s] in dst's block
 //   receiver (per chunk): wait full[src][s]  -> clear it -> copy slot s out to the output ->
 //                         set empty[me][s] in src's block
 // Flags go back to their initial values after every call, so a captured CUDA graph replays.
-// Each peer has its own stream, forked from and joined back into the caller's stream.
 // A watchdog bounds every wait: past the timeout it records an error naming the op and the
 // peers that never answered, then releases the stuck waits so no stream hangs forever.
 #pragma once
@@ -24,6 +31,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "backend/transport/cuda/peer_buffers.hpp"
@@ -53,18 +61,28 @@ class CudaTransport {
   std::string error() const;
   int device() const { return buffers_.device(); }
   size_t chunk_bytes() const { return chunk_bytes_; }
+  // Calls that took the direct (one-copy) path so far; the rest were staged.
+  uint64_t direct_calls() const { return direct_calls_; }
 
  private:
   struct Inflight {
     std::string op;
     std::chrono::steady_clock::time_point start;
-    std::vector<std::pair<int, cudaEvent_t>> peer_done;  // per peer stream
+    std::vector<int> peers;  // ranks this call exchanges data with
     cudaEvent_t done;
   };
 
   uint32_t* full_flag(int owner, int src, int slot) const;
   uint32_t* empty_flag(int owner, int dst, int slot) const;
+  uint32_t* ready_flag(int owner, int receiver) const;  // receiver's output is ready for owner's data
+  uint32_t* done_flag(int owner, int sender) const;     // sender's data has landed in owner's output
   char* slot_data(int owner, int src, int slot) const;
+  void enqueue_direct(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
+                      const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
+  void enqueue_staged(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
+                      cudaStream_t stream);
+  // Maps a peer's exported allocation once; later calls reuse the mapping.
+  char* open_peer_allocation(int peer, const cudaIpcMemHandle_t& handle);
   void watch();
   void release_waits();  // makes every wait on this rank's flags pass
 
@@ -73,7 +91,9 @@ class CudaTransport {
   std::chrono::milliseconds timeout_;
   PeerBuffers buffers_;
   size_t chunk_bytes_;
-  std::vector<cudaStream_t> peer_streams_;
+  HostTransport control_;  // per-call exchange of sizes and receive-buffer handles
+  std::vector<std::unordered_map<std::string, char*>> opened_;  // per peer: handle bytes -> mapping
+  uint64_t direct_calls_ = 0;
   cudaStream_t watchdog_stream_ = nullptr;
 
   mutable std::mutex mutex_;
