@@ -36,8 +36,10 @@ def test_all_dtypes_and_splits(cuda_pool):
 
 
 def rank_disagreeing_splits():
+    """Ranks 0 and 1 disagree: both raise before queueing anything; the other ranks, which queued
+    work with them, are released by their watchdogs after the (short) timeout."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    group = dist.new_group()
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=4)))
     x = torch.randn(size * 2, device="cuda")
     out_splits = [2] * size
     if rank == 0:
