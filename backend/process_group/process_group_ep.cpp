@@ -2,7 +2,7 @@
 
 #include <unistd.h>
 
-#include <fstream>
+#include <cstdio>
 
 #include "backend/process_group/work.hpp"
 
@@ -13,8 +13,11 @@ namespace {
 std::string host_identity() {
   char name[256] = {0};
   gethostname(name, sizeof(name) - 1);
-  std::string boot_id;
-  std::ifstream("/proc/sys/kernel/random/boot_id") >> boot_id;
+  char boot_id[64] = {0};
+  if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
+    if (!std::fgets(boot_id, sizeof(boot_id), f)) boot_id[0] = 0;
+    std::fclose(f);
+  }
   return std::string(name) + "/" + boot_id;
 }
 

@@ -5,8 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <new>
-#include <random>
-#include <sstream>
+#include <cstdio>
 #include <thread>
 
 #include "backend/common/errors.hpp"
@@ -36,11 +35,15 @@ constexpr size_t kAlign = 64;
 size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 size_t controls_offset() { return round_up(sizeof(Doorbell) + 64, kAlign); }
 
+// A name no other group on this host uses: pid, time and a counter (no iostreams: they crashed
+// in this library on one toolchain, and snprintf is all this needs).
 std::string random_id() {
-  std::random_device rd;
-  std::ostringstream s;
-  s << std::hex << getpid() << "_" << rd() << rd();
-  return s.str();
+  static std::atomic<uint64_t> counter{0};
+  const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%x_%llx_%llx", unsigned(getpid()), (unsigned long long)now,
+                (unsigned long long)counter.fetch_add(1));
+  return buf;
 }
 
 struct SharedConfig {  // rank 0's choice, so that every rank lays out segments identically
