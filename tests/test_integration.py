@@ -143,8 +143,11 @@ def rank_group_with_options(seed):
     group = dist.new_group(pg_options=options)
     try:
         config = torch_ep.get_backend(group).config
-        assert (config.host_slot_bytes, config.host_num_slots) == (128, 2), "pg_options were not applied"
-        assert config.timeout.total_seconds() == 30
+        settings = (config.host_slot_bytes, config.host_num_slots, config.timeout.total_seconds())
+        # `config` keeps the ProcessGroupEP's Python wrapper alive; released after destroy it can deadlock
+        # (tests/test_torchrun.py::test_releasing_last_backend_reference_does_not_hang), so drop it now.
+        del config
+        assert settings == (128, 2, 30), "pg_options were not applied"
         # Rows of 3 KiB through 128-byte slots: every message crosses many chunk boundaries.
         check_uneven_all_to_all(group, seed, row_shape=(768,))
         return torch_ep.get_backend(group).host_path

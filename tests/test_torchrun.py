@@ -149,7 +149,8 @@ def release_rank_main(rank, init_file, results):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "deadlock: when the last reference to a ProcessGroupEP is a Python one (torch_ep.get_backend()), "
+    "deadlock: when the last reference to a ProcessGroupEP is a Python one (torch_ep.get_backend(), or "
+    "its .config, which keeps the wrapper alive), "
     "~ProcessGroupEP runs with the GIL held (plain pybind11 holder), ~ProcessGroupGloo joins its runLoop "
     "thread, and that thread needs the GIL to release the tensors of a finished Work "
     "(ProcessGroupGloo::AsyncWork::~AsyncWork -> TensorImpl::decref_pyobject -> gil_scoped_acquire)"))
