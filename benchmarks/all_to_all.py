@@ -113,9 +113,9 @@ def check_output(impl: str, group, send: torch.Tensor, expected: torch.Tensor, s
 
 def ops_per_run(num_bytes: int) -> int:
     # Back-to-back calls per timed run (nccl-tests times a loop too): ranks leave the barrier
-    # up to hundreds of microseconds apart on a loaded machine, and a single call would count
-    # that skew as its own time.
-    return max(2, min(32, (64 << 20) // num_bytes))
+    # up to hundreds of microseconds apart on a loaded machine, and a few calls would count
+    # that skew as their own time.
+    return max(8, min(32, (256 << 20) // num_bytes))
 
 
 def shared_seed(sync_group) -> int:
@@ -157,17 +157,17 @@ def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync
 
 def measure_roofline(size: int, device: torch.device, ranks_per_gpu: int, sync_group, *, runs: int,
                      warmup: int) -> Measurement:
-    """The copy roofline as an all_to_all time: one rank copies while the others wait."""
-    run_times: List[Optional[List[float]]] = [None]
-    if dist.get_rank() == 0:
-        src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        copy_times = common.time_runs(lambda: dst.copy_(src), device=device, runs=runs, warmup=warmup,
-                                      ops_per_run=ops_per_run(size))
-        # roofline algbw = copy_rate/(2R) = size / (copy_time * R)
-        run_times = [[t * ranks_per_gpu for t in copy_times]]
-    dist.broadcast_object_list(run_times, src=0, group=sync_group)
-    return Measurement(ROOFLINE, size, size, run_times[0])
+    """The copy roofline as an all_to_all time: every rank copies `size` bytes at once.
+
+    An all_to_all must at least read and write each byte once, so on a GPU shared by R ranks it
+    is bounded by the time of R concurrent copies: roofline algbw = copy_rate / (2R), with the
+    whole GPU's copy rate (read + write), measured under the same sharing (MPS split) as ep.
+    """
+    src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = common.time_runs(lambda: dst.copy_(src), device=device, runs=runs, warmup=warmup,
+                             ops_per_run=ops_per_run(size), barrier=lambda: dist.barrier(group=sync_group))
+    return Measurement(ROOFLINE, size, size, slowest_rank(times, sync_group))
 
 
 def ranks_per_gpu(device: torch.device, sync_group) -> int:
@@ -192,15 +192,17 @@ def results_table(measurements: List[Measurement], world_size: int) -> str:
     for size in sorted({m.size for m in measurements}):
         row = [common.format_bytes(size)]
         for impl in timed:
-            m = by_key[impl, size]
-            row += [f"{m.time_s * 1e6:.1f}", f"{m.algbw_gbps:.3f}", f"{m.busbw_gbps(world_size):.3f}"]
+            m = by_key.get((impl, size))
+            row += ([f"{m.time_s * 1e6:.1f}", f"{m.algbw_gbps:.3f}", f"{m.busbw_gbps(world_size):.3f}"] if m
+                    else ["-"] * 3)
         if ROOFLINE in impls:
             row.append(f"{by_key[ROOFLINE, size].algbw_gbps:.1f}")
         subject = by_key[SUBJECT, size]
         for impl in impls:
             if impl != SUBJECT:
-                ratio = subject.algbw_gbps / by_key[impl, size].algbw_gbps
-                row.append(f"{ratio:.0%}" if impl == ROOFLINE else f"{ratio:.2f}x")
+                other = by_key.get((impl, size))
+                ratio = subject.algbw_gbps / other.algbw_gbps if other else None
+                row.append("-" if ratio is None else f"{ratio:.0%}" if impl == ROOFLINE else f"{ratio:.2f}x")
         rows.append(row)
     return common.markdown_table(headers, rows)
 
@@ -236,6 +238,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS, help="timed runs per size (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before the timed runs")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--gloo-max-bytes", type=int, default=None,
+                        help="largest size Gloo is timed at (default: all on CPU, 4 MiB on CUDA, where "
+                             "Gloo stages through the host and takes seconds per call)")
     return parser.parse_args()
 
 
@@ -253,8 +258,11 @@ def main() -> None:
             impls["nccl"] = dist.new_group(backend="nccl")
 
     measurements = []
+    gloo_max = args.gloo_max_bytes if args.gloo_max_bytes is not None else (
+        4 << 20 if device.type == "cuda" else args.max_bytes)
     for size in sizes_between(args.min_bytes, args.max_bytes, args.factor):
-        measurements += measure_size(impls, size, device, sync_group, runs=args.runs, warmup=args.warmup)
+        timed = {impl: group for impl, group in impls.items() if impl != "gloo" or size <= gloo_max}
+        measurements += measure_size(timed, size, device, sync_group, runs=args.runs, warmup=args.warmup)
         if device.type == "cuda":
             measurements.append(measure_roofline(size, device, sharing, sync_group, runs=args.runs,
                                                  warmup=args.warmup))

@@ -25,12 +25,17 @@ step() { echo "== $*" | tee -a "$SUMMARY"; }
 head -20 "$LOGS/machine.txt" >> "$SUMMARY"
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 
-step "build"
+# The image's first g++ (/opt/gcc) is newer than the system libstdc++ the process loads: an
+# extension built with it carries its own libstdc++ locale instances and crashes in any
+# ostringstream (every TORCH_CHECK message). Build with the g++ that matches the runtime.
+if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
+step "build (CXX=${CXX:-default})"
 if ! MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
   tail -40 "$LOGS/build.log" | tee -a "$SUMMARY"
   tar -czf "$OUT/suite.tar.gz" -C "$OUT" logs; exit 1
 fi
 python3 -c 'import torch_ep; assert torch_ep._C.has_cuda, "built without CUDA"' 2>&1 | tee -a "$SUMMARY"
+python3 tools/cuda_smoke.py 2>&1 | tail -3 | tee -a "$SUMMARY"  # the error path: a toolchain mismatch crashes here
 
 MPS_STARTED=0
 start_mps() {

@@ -119,6 +119,29 @@ char* CudaTransport::open_peer_allocation(int peer, const cudaIpcMemHandle_t& ha
   return opened_[peer][key] = static_cast<char*>(ptr);
 }
 
+bool CudaTransport::export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset) {
+  unsigned long long buffer_id = 0;
+  CUdeviceptr base = 0;
+  CUpointer_attribute attrs[2] = {CU_POINTER_ATTRIBUTE_BUFFER_ID, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR};
+  void* values[2] = {&buffer_id, &base};
+  if (cuPointerGetAttributes(2, attrs, values, dptr(ptr)) != CUDA_SUCCESS || base == 0) return false;
+  auto it = exported_.find(buffer_id);
+  if (it == exported_.end()) {
+    cudaIpcMemHandle_t h;
+    // Exportable when the buffer is a plain cudaMalloc allocation (torch's caching allocator
+    // without expandable segments); otherwise the call takes the staged path.
+    if (cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(base)) != cudaSuccess) {
+      cudaGetLastError();  // clear the failed export
+      return false;
+    }
+    if (exported_.size() > 4096) exported_.clear();  // bounded: ids of freed blocks never return
+    it = exported_.emplace(buffer_id, std::make_pair(base, h)).first;
+  }
+  *handle = it->second.second;
+  *offset = dptr(ptr) - it->second.first;
+  return true;
+}
+
 void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
                                cudaStream_t stream, const char* op_name) {
   {
@@ -139,15 +162,7 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     r.expect_bytes = recvs[p].bytes;
     r.exported = 1;
     if (p == rank_ || recvs[p].bytes == 0) continue;
-    CUdeviceptr base = 0;
-    size_t extent = 0;
-    // Exportable when the buffer is a plain cudaMalloc allocation (torch's caching allocator
-    // without expandable segments); otherwise the call takes the staged path.
-    if (cuMemGetAddressRange(&base, &extent, dptr(recvs[p].ptr)) == CUDA_SUCCESS &&
-        cudaIpcGetMemHandle(&r.handle, reinterpret_cast<void*>(base)) == cudaSuccess) {
-      r.offset = dptr(recvs[p].ptr) - base;
-    } else {
-      cudaGetLastError();  // clear the failed export
+    if (!export_allocation(recvs[p].ptr, &r.handle, &r.offset)) {
       r.exported = 0;
       all_exported = false;
     }

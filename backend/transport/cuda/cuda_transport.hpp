@@ -21,6 +21,7 @@
 // peers that never answered, then releases the stuck waits so no stream hangs forever.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -83,6 +84,8 @@ class CudaTransport {
                       cudaStream_t stream);
   // Maps a peer's exported allocation once; later calls reuse the mapping.
   char* open_peer_allocation(int peer, const cudaIpcMemHandle_t& handle);
+  // Exports the allocation holding `ptr` (handle + offset); false when it cannot be exported.
+  bool export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset);
   void watch();
   void release_waits();  // makes every wait on this rank's flags pass
 
@@ -93,6 +96,9 @@ class CudaTransport {
   size_t chunk_bytes_;
   HostTransport control_;  // per-call exchange of sizes and receive-buffer handles
   std::vector<std::unordered_map<std::string, char*>> opened_;  // per peer: handle bytes -> mapping
+  // Our exported allocations by CUDA buffer id (unique per allocation, never reused), so that a
+  // steady stream of calls over the caching allocator's blocks makes no export call.
+  std::unordered_map<uint64_t, std::pair<CUdeviceptr, cudaIpcMemHandle_t>> exported_;
   uint64_t direct_calls_ = 0;
   cudaStream_t watchdog_stream_ = nullptr;
 
