@@ -4,6 +4,7 @@ import multiprocessing as mp
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,20 @@ SCRIPT = Path(__file__).parent / "scripts" / "torchrun_all_to_all.py"
 LAUNCH_TIMEOUT_S = 120
 
 
+def run_process_group(cmd, env, timeout_s):
+    """Runs `cmd` in its own session; on timeout kills the whole session (torchrun's workers too,
+    which killing torchrun alone would leave running) and reports the timeout as exit code None."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+        return proc.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return None, stdout, stderr + f"\n[killed after {timeout_s} s]"
+
+
 def test_torchrun_standalone():
     """`python -m torch.distributed.run --standalone --nproc-per-node 2 script.py` runs an "ep" job to exit 0.
 
@@ -30,13 +45,13 @@ def test_torchrun_standalone():
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", "0", str(SCRIPT)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    log = f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr[-4000:]}"
-    assert proc.returncode == 0, log
+    returncode, stdout, stderr = run_process_group(cmd, env, LAUNCH_TIMEOUT_S)
+    log = f"exit code {returncode}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr[-4000:]}"
+    assert returncode == 0, log
 
     splits = torch.randint(1, 6, (2, 2), generator=torch.Generator().manual_seed(seed))
     # The ranks share one stdout pipe: their lines may interleave, so find each report by pattern.
-    lines = sorted(re.findall(r"OK rank=\d+ world_size=\d+ host_path=\w* slot_bytes=\d+ rows=\d+", proc.stdout))
+    lines = sorted(re.findall(r"OK rank=\d+ world_size=\d+ host_path=\w* slot_bytes=\d+ rows=\d+", stdout))
     expected = [f"OK rank={r} world_size=2 host_path=shm slot_bytes=4096 rows={int(splits[:, r].sum())}"
                 for r in range(2)]
     assert lines == expected, log
