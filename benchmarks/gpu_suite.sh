@@ -25,10 +25,14 @@ step() { echo "== $*" | tee -a "$SUMMARY"; }
 head -20 "$LOGS/machine.txt" >> "$SUMMARY"
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 
-# The image's first g++ (/opt/gcc) is newer than the system libstdc++ the process loads: an
-# extension built with it carries its own libstdc++ locale instances and crashes in any
-# ostringstream (every TORCH_CHECK message). Build with the g++ that matches the runtime.
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
+# The GPU image sets CXX to /opt/gcc's g++, newer than the system libstdc++ that python loads:
+# an extension built with it carries its own libstdc++ locale instances and crashes formatting
+# a number into any ostringstream (every TORCH_CHECK message with a count). Build with the
+# system g++, which matches the runtime; TORCH_EP_CXX overrides.
+for candidate in "${TORCH_EP_CXX:-}" /usr/bin/g++ /usr/bin/g++-13 /usr/bin/g++-14; do
+  if [ -n "$candidate" ] && [ -x "$candidate" ]; then export CXX=$candidate CUDAHOSTCXX=$candidate; break; fi
+done
+{ "$CXX" --version | head -1; ldconfig -p | grep "libstdc++.so.6 " | head -2; } >> "$SUMMARY" 2>&1
 step "build (CXX=${CXX:-default})"
 if ! MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
   tail -40 "$LOGS/build.log" | tee -a "$SUMMARY"
