@@ -5,13 +5,14 @@
 Every rank sends the same number of bytes (the size on the x axis), split evenly over all ranks,
 itself included. Measured, size by size and one after another:
   ep       the default group, backend "ep"
-  gloo     dist.new_group(backend="gloo") over the same ranks and tensors
+  gloo     dist.new_group(backend="gloo") over the same ranks and tensors (on CUDA only up to
+           --gloo-max-bytes: Gloo stages CUDA tensors through the host)
   nccl     dist.new_group(backend="nccl"), on CUDA when every rank has a GPU of its own
            (NCCL refuses two ranks on one GPU)
-  roofline on CUDA: the all_to_all bandwidth per rank that the GPU's memory allows; a plain
-           dst.copy_(src) of the same bytes on one rank moves copy_rate = 2*bytes/time (read +
-           write), and an all_to_all must read and write each byte at least once for each of
-           the R ranks sharing the GPU: roofline = copy_rate / (2R), R = 1 with a GPU per rank
+  roofline on CUDA: the all_to_all bandwidth per rank that GPU memory allows. An all_to_all
+           must read and write each byte at least once, so every rank times a plain
+           dst.copy_(src) of the same bytes, all at once: the R ranks sharing a GPU split its
+           copy_rate (read + write), roofline = copy_rate / (2R), R = 1 with a GPU per rank
 algbw = bytes sent per rank / time; busbw = algbw * (R-1)/R (nccl-tests' convention). A time is
 the median over runs of the slowest rank's time in that run. Before timing, each
 implementation's output is checked once against fresh random data.
