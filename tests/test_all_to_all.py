@@ -65,8 +65,15 @@ def test_all_dtypes_and_splits(pool):
 
 
 def rank_larger_than_buffers(seed):
-    # The default ring holds 8 x 256 KiB per pair: these messages (about 3 MiB) stream through.
+    # About 3 MiB per message: one copy by process_vm_readv where the kernel allows it...
     check_single(torch.float32, "uneven", (150_000,), seed)
+    # ...and through the ring (8 x 256 KiB per pair) when that path is off.
+    ring = dist.new_group(pg_options=torch_ep.Options(host_one_copy=False))
+    try:
+        check_single(torch.float32, "uneven", (150_000,), seed + 1, group=ring)
+        assert torch_ep.get_backend(ring).host_path == "shm" and not torch_ep.get_backend(ring).host_one_copy
+    finally:
+        dist.destroy_process_group(ring)
     # A tiny ring on a second group: every message crosses many slot boundaries.
     group = dist.new_group(pg_options=torch_ep.Options(host_slot_bytes=64, host_num_slots=2))
     try:

@@ -695,14 +695,10 @@ def rank_async_op(seed, name):
     return type(value).__name__
 
 
-GETFUTURE_BUG = ("Gloo's reduce-scatter Work (forwarded unchanged by ProcessGroupEP) raises "
-                 "'Work::getFuture not implemented.'; the design requires getFuture() to work")
-
-
 @pytest.mark.parametrize("name", [
     "all_reduce", "all_reduce_avg", "broadcast", "all_gather_into_tensor", "all_to_all_single",
-    pytest.param("reduce_scatter_tensor", marks=pytest.mark.xfail(reason=GETFUTURE_BUG, strict=True)),
-    pytest.param("reduce_scatter", marks=pytest.mark.xfail(reason=GETFUTURE_BUG, strict=True)),
+    "reduce_scatter_tensor",
+    "reduce_scatter",
 ])
 def test_async_op_wait_and_future(pool, name):
     """async_op=True returns a Work whose wait() and get_future().wait() both complete with the right data."""

@@ -270,10 +270,6 @@ def test_survivor_gets_error_naming_dead_peer(tmp_path):
         ranks.kill_all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a peer that dies before the group's first all_to_all_single (transport not set up yet) gives the "
-    "survivors a bare 'RuntimeError: Wait timeout' from the Store (HostTransport set-up / Rendezvous::get), "
-    "which names neither the op nor the missing rank"))
 def test_survivor_gets_error_naming_peer_that_died_before_set_up(tmp_path):
     """A peer SIGKILLed before any all_to_all_single: the survivors' first all_to_all_single (which sets
     up the transport) raises within the timeout, naming the op and the dead rank."""

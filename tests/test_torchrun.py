@@ -163,12 +163,6 @@ def release_rank_main(rank, init_file, results):
         results.put((rank, False, traceback.format_exc()))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "deadlock: when the last reference to a ProcessGroupEP is a Python one (torch_ep.get_backend(), or "
-    "its .config, which keeps the wrapper alive), "
-    "~ProcessGroupEP runs with the GIL held (plain pybind11 holder), ~ProcessGroupGloo joins its runLoop "
-    "thread, and that thread needs the GIL to release the tensors of a finished Work "
-    "(ProcessGroupGloo::AsyncWork::~AsyncWork -> TensorImpl::decref_pyobject -> gil_scoped_acquire)"))
 def test_releasing_last_backend_reference_does_not_hang(tmp_path):
     """Dropping a torch_ep.get_backend() reference after destroy_process_group returns promptly."""
     ctx = mp.get_context("spawn")

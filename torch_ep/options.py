@@ -18,6 +18,7 @@ ENVIRONMENT = {
     "TORCH_EP_HOST_TRANSPORT": "0 sends CPU all_to_all through Gloo instead of shared memory",
     "TORCH_EP_HOST_SLOT_BYTES": "shared-memory chunk size in bytes (default 256 KiB)",
     "TORCH_EP_HOST_NUM_SLOTS": "shared-memory chunks in flight per pair of ranks (default 8)",
+    "TORCH_EP_HOST_ONE_COPY": "0 keeps large CPU messages in the shared-memory ring instead of one process_vm_readv copy",
     "TORCH_EP_CUDA_BUFFER_BYTES": "registered CUDA receive buffer per rank in bytes (default 64 MiB)",
     "TORCH_EP_NUM_SMS": "SMs a communication kernel may use (default: automatic)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
@@ -62,6 +63,7 @@ class Options:
     host_transport: bool = field(default_factory=lambda: _env_int("TORCH_EP_HOST_TRANSPORT") != 0)
     host_slot_bytes: int = field(default_factory=_default("TORCH_EP_HOST_SLOT_BYTES", 256 << 10))
     host_num_slots: int = field(default_factory=_default("TORCH_EP_HOST_NUM_SLOTS", 8))
+    host_one_copy: bool = field(default_factory=lambda: _env_int("TORCH_EP_HOST_ONE_COPY") != 0)
     cuda_buffer_bytes: int = field(default_factory=_default("TORCH_EP_CUDA_BUFFER_BYTES", 64 << 20))
     num_sms: int = field(default_factory=_default("TORCH_EP_NUM_SMS", 0))
     ranks_per_node: int = field(default_factory=_default("TORCH_EP_RANKS_PER_NODE", 0))
@@ -88,6 +90,7 @@ class Options:
         config.host_transport = self.host_transport
         config.host_slot_bytes = self.host_slot_bytes
         config.host_num_slots = self.host_num_slots
+        config.host_one_copy = self.host_one_copy
         config.cuda_buffer_bytes = self.cuda_buffer_bytes
         config.num_sms = self.num_sms
         config.ranks_per_node = self.ranks_per_node

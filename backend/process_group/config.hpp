@@ -12,6 +12,7 @@ struct Config {
   bool host_transport = true;           // CPU all_to_all over shared memory (else Gloo)
   size_t host_slot_bytes = 256 << 10;   // shared-memory chunk size
   int host_num_slots = 8;               // chunks in flight per pair of ranks
+  bool host_one_copy = true;            // large CPU messages by process_vm_readv where allowed
   size_t cuda_buffer_bytes = 64 << 20;  // registered receive buffer per rank (CUDA)
   int num_sms = 0;                      // SM budget of communication kernels; 0 = automatic
   int ranks_per_node = 0;               // override of the node size; 0 = detect

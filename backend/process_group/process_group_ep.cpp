@@ -4,6 +4,9 @@
 
 #include <cstdio>
 
+#include <torch/csrc/utils/pybind.h>
+
+#include "backend/common/errors.hpp"
 #include "backend/process_group/work.hpp"
 
 namespace ep {
@@ -35,7 +38,15 @@ ProcessGroupEP::ProcessGroupEP(const c10::intrusive_ptr<c10d::Store>& store, int
   TORCH_CHECK(cpu_backend_, "ProcessGroupEP needs an inner CPU backend");
 }
 
-ProcessGroupEP::~ProcessGroupEP() { shutdown(); }
+ProcessGroupEP::~ProcessGroupEP() {
+  // The last reference may be a Python object dropped with the GIL held, and the inner Gloo
+  // backend's destructor joins a thread that needs the GIL to free a Work's tensors: release it.
+  std::optional<pybind11::gil_scoped_release> no_gil;
+  if (Py_IsInitialized() && PyGILState_Check()) no_gil.emplace();
+  shutdown();
+  cpu_backend_.reset();
+  cuda_backend_.reset();
+}
 
 std::string ProcessGroupEP::host_path() const {
   std::lock_guard<std::mutex> lock(host_mutex_);
@@ -57,21 +68,29 @@ bool ProcessGroupEP::ranks_share_host() {
   return one_host_ == 1;
 }
 
-HostTransport* ProcessGroupEP::host_transport() {
+HostTransport* ProcessGroupEP::host_transport(const char* op_name) {
   std::lock_guard<std::mutex> lock(host_mutex_);
-  if (host_path_ == HostPath::kUndecided) {
+  if (host_path_ == HostPath::kUndecided) try {
     if (config_.host_transport && ranks_share_host()) {
       HostTransportConfig hc;
       hc.slot_bytes = config_.host_slot_bytes;
       hc.num_slots = config_.host_num_slots;
+      hc.one_copy = config_.host_one_copy;
       hc.timeout = config_.timeout;
       host_transport_ = std::make_unique<HostTransport>(rendezvous_, hc, "ep/host/transport");
       host_path_ = HostPath::kShm;
     } else {
       host_path_ = HostPath::kGloo;
     }
+  } catch (const std::exception& e) {
+    throw TimeoutError(std::string(op_name) + ": setting up this group's shared-memory transport failed: " + e.what());
   }
   return host_transport_.get();
+}
+
+bool ProcessGroupEP::host_one_copy() const {
+  std::lock_guard<std::mutex> lock(host_mutex_);
+  return host_transport_ && host_transport_->one_copy();
 }
 
 std::string ProcessGroupEP::cuda_path() const {
@@ -84,7 +103,7 @@ std::string ProcessGroupEP::cuda_path() const {
 }
 
 #ifndef TORCH_EP_WITH_CUDA
-std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device&) {
+std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device&, const char*) {
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   cuda_path_ = CudaPath::kDelegated;
   return nullptr;
@@ -119,7 +138,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
                                                              const c10d::AllToAllOptions& opts) {
   AllToAllLayout layout =
       check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, getSize());
-  if (input.is_cuda() && cuda_transport(input.device())) {
+  if (input.is_cuda() && cuda_transport(input.device(), "all_to_all_single")) {
     std::vector<SendBuffer> sends(getSize());
     std::vector<RecvBuffer> recvs(getSize());
     at::Tensor in = input.contiguous();  // on the caller's stream, before the comm stream forks
@@ -142,7 +161,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
   // The task holds the tensors until it has run: they stay alive however the caller drops them.
   host_worker_.enqueue([this, work, output, input, output_split_sizes, input_split_sizes, layout]() mutable {
     try {
-      HostTransport* transport = host_transport();
+      HostTransport* transport = host_transport("all_to_all_single");
       if (!transport) {
         cpu_backend_->alltoall_base(output, input, output_split_sizes, input_split_sizes)->wait();
         work->complete();
@@ -172,7 +191,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall(std::vector<at::Tensor>&
                                                         std::vector<at::Tensor>& inputs,
                                                         const c10d::AllToAllOptions& opts) {
   check_all_to_all(outputs, inputs, getSize());
-  if (inputs[0].is_cuda() && cuda_transport(inputs[0].device())) {
+  if (inputs[0].is_cuda() && cuda_transport(inputs[0].device(), "all_to_all")) {
     std::vector<SendBuffer> sends(getSize());
     std::vector<RecvBuffer> recvs(getSize());
     std::vector<at::Tensor> buffers;
@@ -194,7 +213,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall(std::vector<at::Tensor>&
   auto work = c10::make_intrusive<EPWork>(getRank(), c10d::OpType::ALLTOALL, "ep:all_to_all", outputs);
   host_worker_.enqueue([this, work, outputs, inputs]() mutable {
     try {
-      HostTransport* transport = host_transport();
+      HostTransport* transport = host_transport("all_to_all");
       if (!transport) {
         cpu_backend_->alltoall(outputs, inputs)->wait();
         work->complete();
@@ -263,6 +282,20 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::emulate_reduction(
         }
         if (i < outputs.size() && !results[i].is_same(outputs[i])) outputs[i].copy_(results[i]);
       }
+      work->complete();
+    } catch (...) {
+      work->complete(as_dist_error(std::current_exception()));
+    }
+  });
+  return work;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::with_future(c10::intrusive_ptr<c10d::Work> inner_work,
+                                                           std::vector<at::Tensor> outputs, c10d::OpType type) {
+  auto work = c10::make_intrusive<EPWork>(getRank(), type, "ep:delegated", outputs);
+  host_worker_.enqueue([work, inner_work]() {
+    try {
+      inner_work->wait();
       work->complete();
     } catch (...) {
       work->complete(as_dist_error(std::current_exception()));
@@ -344,7 +377,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_scatter(std::vector<at::Te
                                                               std::vector<std::vector<at::Tensor>>& inputs,
                                                               const c10d::ReduceScatterOptions& opts) {
   c10d::Backend& inner = inner_for(outputs, "reduce_scatter");
-  if (!needs_emulation(inner, opts.reduceOp)) return inner.reduce_scatter(outputs, inputs, opts);
+  if (!needs_emulation(inner, opts.reduceOp)) {
+    auto w = inner.reduce_scatter(outputs, inputs, opts);
+    return &inner == cpu_backend_.get() ? with_future(w, outputs, c10d::OpType::REDUCE_SCATTER) : w;
+  }
   std::vector<std::vector<at::Tensor>> operands;
   for (const auto& list : inputs) operands.push_back(scaled_copies(list, opts.reduceOp));
   return emulate_reduction(opts.reduceOp, outputs, outputs, c10d::OpType::REDUCE_SCATTER, [&] {
@@ -356,7 +392,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_scatter(std::vector<at::Te
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
                                                                     const c10d::ReduceScatterOptions& opts) {
   c10d::Backend& inner = inner_for(input, "reduce_scatter_tensor");
-  if (!needs_emulation(inner, opts.reduceOp)) return inner._reduce_scatter_base(output, input, opts);
+  if (!needs_emulation(inner, opts.reduceOp)) {
+    auto w = inner._reduce_scatter_base(output, input, opts);
+    return &inner == cpu_backend_.get() ? with_future(w, {output}, c10d::OpType::_REDUCE_SCATTER_BASE) : w;
+  }
   at::Tensor operand = scaled_copies({input}, opts.reduceOp)[0];
   return emulate_reduction(opts.reduceOp, {output}, {output}, c10d::OpType::_REDUCE_SCATTER_BASE, [&] {
     c10d::ReduceScatterOptions o = opts;
@@ -402,8 +441,12 @@ void ProcessGroupEP::shutdown() {
     std::lock_guard<std::mutex> lock(host_mutex_);
     host_transport_.reset();  // unmaps the segments; their names were unlinked at set-up
   }
-  std::lock_guard<std::mutex> lock(cuda_mutex_);
-  cuda_transport_.reset();  // Works still alive keep it until they go
+  {
+    std::lock_guard<std::mutex> lock(cuda_mutex_);
+    cuda_transport_.reset();  // Works still alive keep it until they go
+  }
+  if (cpu_backend_) cpu_backend_->shutdown();
+  if (cuda_backend_ && cuda_backend_ != cpu_backend_) cuda_backend_->shutdown();
 }
 
 }  // namespace ep

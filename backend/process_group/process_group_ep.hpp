@@ -36,6 +36,8 @@ class ProcessGroupEP : public c10d::Backend {
   // Which path CPU all_to_all takes: "shm" (our transport), "gloo" (delegated), or "" until the
   // first call decides.
   std::string host_path() const;
+  // Whether large CPU messages move with one copy (cross-memory attach) on this group.
+  bool host_one_copy() const;
   // Which path CUDA all_to_all takes: "cuda" (our transport), "delegated", or "" until decided.
   std::string cuda_path() const;
 
@@ -101,16 +103,20 @@ class ProcessGroupEP : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> emulate_reduction(const c10d::ReduceOp& op, std::vector<at::Tensor> results,
                                                    std::vector<at::Tensor> outputs, c10d::OpType type,
                                                    const std::function<c10::intrusive_ptr<c10d::Work>()>& launch_sum);
+  // Wraps an inner Work that lacks getFuture() (Gloo's reduce-scatters) in one that has it,
+  // completed on the worker thread once the inner Work ends.
+  c10::intrusive_ptr<c10d::Work> with_future(c10::intrusive_ptr<c10d::Work> inner_work,
+                                             std::vector<at::Tensor> outputs, c10d::OpType type);
   static std::vector<at::Tensor> scaled_copies(const std::vector<at::Tensor>& tensors, const c10d::ReduceOp& op);
   static double premul_factor(const c10d::ReduceOp& op);
   // The host transport, created by the first CPU all_to_all (collective, on the worker thread);
   // null when the ranks are not all on one host or the option turned it off.
-  HostTransport* host_transport();
+  HostTransport* host_transport(const char* op_name);
   // True when every rank of the group runs on this host (collective the first time; cached).
   bool ranks_share_host();
   // The CUDA transport for `device`, created by the first CUDA all_to_all (collective); null when
   // the ranks span hosts. Defined in cuda_path.cpp; without CUDA support it is always null.
-  std::shared_ptr<CudaTransport> cuda_transport(const at::Device& device);
+  std::shared_ptr<CudaTransport> cuda_transport(const at::Device& device, const char* op_name);
   // Runs an all_to_all on the CUDA transport. sends/recvs are byte spans of `buffers` (kept alive
   // until the op ends); `copy_back` pairs (output, contiguous staging) for non-contiguous outputs.
   c10::intrusive_ptr<c10d::Work> cuda_all_to_all(std::vector<at::Tensor> outputs, std::vector<at::Tensor> buffers,

@@ -19,6 +19,7 @@ void register_process_group(py::module_& m) {
       .def_readwrite("host_transport", &Config::host_transport)
       .def_readwrite("host_slot_bytes", &Config::host_slot_bytes)
       .def_readwrite("host_num_slots", &Config::host_num_slots)
+      .def_readwrite("host_one_copy", &Config::host_one_copy)
       .def_readwrite("cuda_buffer_bytes", &Config::cuda_buffer_bytes)
       .def_readwrite("num_sms", &Config::num_sms)
       .def_readwrite("ranks_per_node", &Config::ranks_per_node)
@@ -29,9 +30,12 @@ void register_process_group(py::module_& m) {
                     c10::intrusive_ptr<c10d::Backend>>(),
            py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("config"), py::arg("cpu_backend"),
            py::arg("cuda_backend") = nullptr, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("config", &ProcessGroupEP::config)
+      // By value: a reference would keep the backend alive from Python.
+      .def_property_readonly("config", [](const ProcessGroupEP& pg) { return pg.config(); })
       .def_property_readonly("host_path", &ProcessGroupEP::host_path,
                               "'shm' or 'gloo' once the first CPU all_to_all has chosen, else ''")
+      .def_property_readonly("host_one_copy", &ProcessGroupEP::host_one_copy,
+                              "True when large CPU messages move by one process_vm_readv copy")
       .def_property_readonly("cuda_path", &ProcessGroupEP::cuda_path,
                               "'cuda' or 'delegated' once the first CUDA all_to_all has chosen, else ''");
 

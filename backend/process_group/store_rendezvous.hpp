@@ -3,6 +3,7 @@
 
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include "backend/common/errors.hpp"
 #include "backend/transport/rendezvous.hpp"
 
 namespace ep {
@@ -15,12 +16,23 @@ class StoreRendezvous : public Rendezvous {
   int size() const override { return size_; }
   void set(const std::string& key, const std::vector<uint8_t>& value) override { store_->set(key, value); }
   std::vector<uint8_t> get(const std::string& key) override {
-    store_->wait({key}, timeout_);
+    try {
+      store_->wait({key}, timeout_);
+    } catch (const std::exception& e) {
+      throw TimeoutError("rank " + std::to_string(rank_) + " waited " + std::to_string(timeout_.count()) +
+                         " ms for '" + key + "' in the store (" + e.what() + ")");
+    }
     return store_->get(key);
   }
   void barrier(const std::string& tag) override {
     if (store_->add(tag + "/arrived", 1) == size_) store_->set(tag + "/done", std::vector<uint8_t>{1});
-    store_->wait({tag + "/done"}, timeout_);
+    try {
+      store_->wait({tag + "/done"}, timeout_);
+    } catch (const std::exception& e) {
+      throw TimeoutError("rank " + std::to_string(rank_) + " waited " + std::to_string(timeout_.count()) +
+                         " ms at barrier '" + tag + "': " + std::to_string(store_->add(tag + "/arrived", 0)) +
+                         " of " + std::to_string(size_) + " ranks arrived");
+    }
   }
 
  private:

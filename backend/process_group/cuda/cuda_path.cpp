@@ -12,9 +12,9 @@
 
 namespace ep {
 
-std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& device) {
+std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& device, const char* op_name) {
   std::lock_guard<std::mutex> lock(cuda_mutex_);
-  if (cuda_path_ == CudaPath::kUndecided) {
+  if (cuda_path_ == CudaPath::kUndecided) try {
     // CUDA IPC needs every rank on this host; otherwise the inner backend (NCCL) carries it.
     if (ranks_share_host()) {
       CudaTransportConfig cc;
@@ -27,6 +27,9 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& 
     } else {
       cuda_path_ = CudaPath::kDelegated;
     }
+  } catch (const std::exception& e) {
+    C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's CUDA transport failed: " +
+                                          e.what());
   }
   if (cuda_transport_)
     TORCH_CHECK_VALUE(cuda_transport_->device() == device.index(), "this 'ep' group runs on cuda:",

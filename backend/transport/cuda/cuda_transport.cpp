@@ -28,6 +28,7 @@ HostTransportConfig control_config(std::chrono::milliseconds timeout) {
   HostTransportConfig c;
   c.slot_bytes = 256;  // one ControlRecord per message
   c.num_slots = 4;
+  c.one_copy = false;  // records are tiny
   c.timeout = timeout;
   return c;
 }

@@ -7,6 +7,10 @@
 // counters, so nothing is reset between calls. Every message takes at least one slot, whose
 // header carries the message's sequence number and size: a receiver detects ranks that
 // disagree on split sizes or on the order of calls instead of reading garbage.
+// Messages of kOneCopyBytes and more take one copy instead of two when the kernel allows
+// cross-memory attach between the ranks (checked once at set-up): the sender posts a descriptor
+// (pid, address) in its slot, the receiver reads the data straight out of the sender's memory
+// with process_vm_readv and acknowledges, and the sender's call ends only after every ack.
 // This is the protocol shape of the CUDA intranode path, so CPU tests exercise the same logic.
 #pragma once
 
@@ -26,6 +30,7 @@ namespace ep {
 struct HostTransportConfig {
   size_t slot_bytes = 256 << 10;  // one chunk; rounded up to 64 bytes
   int num_slots = 8;              // chunks in flight per (sender, receiver) pair
+  bool one_copy = true;           // large messages by process_vm_readv where the kernel allows it
   std::chrono::milliseconds timeout{std::chrono::minutes(30)};
 };
 
@@ -54,6 +59,9 @@ class HostTransport {
 
   int rank() const { return rank_; }
   int size() const { return size_; }
+  // True when large messages move with one copy (cross-memory attach works between all ranks).
+  bool one_copy() const { return one_copy_; }
+  static constexpr size_t kOneCopyBytes = 64 << 10;
 
  private:
   struct SegmentHeader;
@@ -63,6 +71,7 @@ class HostTransport {
   SegmentHeader* header(int owner) const;
   ChannelControl* channel(int owner, int src) const;
   SlotHeader* slot(int owner, int src, uint64_t index) const;
+  bool probe_one_copy(Rendezvous& rdv, const std::string& tag);  // collective
   void fail(const std::string& message);  // records the error, tells the peers, throws
   [[noreturn]] void raise_broken() const;
 
@@ -76,6 +85,8 @@ class HostTransport {
   std::vector<ShmSegment> segments_;
   std::vector<uint64_t> send_seq_;  // messages sent to each peer
   std::vector<uint64_t> recv_seq_;  // messages received from each peer
+  std::vector<uint64_t> acks_due_;  // one-copy messages sent to each peer so far
+  bool one_copy_ = false;
   std::atomic<bool> broken_{false};
   std::string broken_message_;
 };
