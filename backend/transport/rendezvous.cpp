@@ -23,6 +23,5 @@ std::vector<std::vector<uint8_t>> Rendezvous::all_gather(const std::string& tag,
 }
 
 std::vector<uint8_t> to_bytes(const std::string& s) { return {s.begin(), s.end()}; }
-std::string to_string(const std::vector<uint8_t>& b) { return {b.begin(), b.end()}; }
 
 }  // namespace ep

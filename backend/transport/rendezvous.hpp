@@ -25,6 +25,5 @@ class Rendezvous {
 };
 
 std::vector<uint8_t> to_bytes(const std::string& s);
-std::string to_string(const std::vector<uint8_t>& b);
 
 }  // namespace ep

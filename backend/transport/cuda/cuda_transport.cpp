@@ -205,7 +205,6 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     for (int p = 0; p < size_; ++p)
       if (p != rank_ && sends[p].bytes) remote[p] = open_peer_allocation(p, theirs[p].handle) + theirs[p].offset;
     enqueue_direct(sends, remote, recvs, stream);
-    ++direct_calls_;
   } else {
     enqueue_staged(sends, recvs, stream);
   }

@@ -61,9 +61,6 @@ class CudaTransport {
   // The error that stopped this transport, or "" while it is healthy.
   std::string error() const;
   int device() const { return buffers_.device(); }
-  size_t chunk_bytes() const { return chunk_bytes_; }
-  // Calls that took the direct (one-copy) path so far; the rest were staged.
-  uint64_t direct_calls() const { return direct_calls_; }
 
  private:
   struct Inflight {
@@ -99,7 +96,6 @@ class CudaTransport {
   // Our exported allocations by CUDA buffer id (unique per allocation, never reused), so that a
   // steady stream of calls over the caching allocator's blocks makes no export call.
   std::unordered_map<uint64_t, std::pair<CUdeviceptr, cudaIpcMemHandle_t>> exported_;
-  uint64_t direct_calls_ = 0;
   cudaStream_t watchdog_stream_ = nullptr;
 
   mutable std::mutex mutex_;
