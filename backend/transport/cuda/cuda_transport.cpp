@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "backend/kernels/all_to_all.cuh"
 #include "backend/transport/cuda/cuda_check.hpp"
 
 namespace ep {
@@ -17,6 +18,9 @@ constexpr size_t kDataOffset = 64 << 10;
 constexpr int kSlots = 2;
 constexpr size_t kChunkAlign = 4096;
 constexpr int kMaxRanks = 2048;  // flags of kMaxRanks ranks fit before kDataOffset
+// Messages up to this size go through the one-launch kernel: for them latency, not bandwidth,
+// decides, and the kernel waits on all peers at once where stream waits queue one by one.
+constexpr size_t kSmallMessageBytes = 1 << 20;
 
 CUdeviceptr dptr(const void* p) { return reinterpret_cast<CUdeviceptr>(p); }
 
@@ -86,6 +90,9 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   EP_CUDA_CHECK(cudaMemcpy(buffers_.block(rank_), flags.data(), flags.size() * sizeof(uint32_t),
                            cudaMemcpyHostToDevice));
   EP_CUDA_CHECK(cudaStreamCreateWithFlags(&watchdog_stream_, cudaStreamNonBlocking));
+  EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&kernel_error_host_), sizeof(int), cudaHostAllocMapped));
+  *kernel_error_host_ = 0;
+  EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&kernel_error_device_), kernel_error_host_, 0));
   rdv.barrier(tag + "/ready");  // no peer writes our flags before they are initialised
   watchdog_ = std::thread([this] { watch(); });
 }
@@ -104,6 +111,7 @@ CudaTransport::~CudaTransport() {
     cudaStreamSynchronize(watchdog_stream_);
     cudaStreamDestroy(watchdog_stream_);
   }
+  if (kernel_error_host_) cudaFreeHost(kernel_error_host_);
 }
 
 std::string CudaTransport::error() const {
@@ -204,7 +212,13 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     std::vector<char*> remote(size_, nullptr);
     for (int p = 0; p < size_; ++p)
       if (p != rank_ && sends[p].bytes) remote[p] = open_peer_allocation(p, theirs[p].handle) + theirs[p].offset;
-    enqueue_direct(sends, remote, recvs, stream);
+    size_t largest = 0;
+    for (int p = 0; p < size_; ++p)
+      if (p != rank_) largest = std::max(largest, sends[p].bytes);
+    if (largest <= kSmallMessageBytes && size_ <= kernels::kMaxRanksPerNode)
+      launch_direct_small(sends, remote, recvs, stream);
+    else
+      enqueue_direct(sends, remote, recvs, stream);
   } else {
     enqueue_staged(sends, recvs, stream);
   }
@@ -244,6 +258,30 @@ void CudaTransport::enqueue_direct(const std::vector<SendBuffer>& sends, const s
     wait_flag(stream, done_flag(rank_, src));
     write_flag(stream, done_flag(rank_, src), 0);
   }
+}
+
+void CudaTransport::launch_direct_small(const std::vector<SendBuffer>& sends,
+                                        const std::vector<char*>& remote_outputs,
+                                        const std::vector<RecvBuffer>& recvs, cudaStream_t stream) {
+  kernels::AllToAllSmallParams p{};
+  p.size = size_;
+  p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
+  p.error = kernel_error_device_;
+  for (int peer = 0; peer < size_; ++peer) {
+    if (peer == rank_) continue;  // the self block was copied on the stream already
+    if (sends[peer].bytes) {
+      p.send[peer] = static_cast<const char*>(sends[peer].ptr);
+      p.remote_recv[peer] = remote_outputs[peer];
+      p.send_bytes[peer] = sends[peer].bytes;
+      p.ready_to_wait[peer] = ready_flag(rank_, peer);
+      p.done_to_set[peer] = done_flag(peer, rank_);
+    }
+    if (recvs[peer].bytes) {
+      p.ready_to_set[peer] = ready_flag(peer, rank_);
+      p.done_to_wait[peer] = done_flag(rank_, peer);
+    }
+  }
+  EP_CUDA_CHECK(kernels::launch_all_to_all_small(p, stream));
 }
 
 void CudaTransport::enqueue_staged(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
@@ -313,6 +351,11 @@ void CudaTransport::watch() {
       }
       cudaEventDestroy(op.done);
       if (state != cudaSuccess && error_.empty()) error_ = op.op + ": CUDA error " + cudaGetErrorString(state);
+      const int waited_for = *static_cast<volatile int*>(kernel_error_host_);
+      if (waited_for && error_.empty())  // a kernel's bounded wait expired and it gave up
+        error_ = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
+                 std::to_string(timeout_.count()) + " ms waiting for peer rank(s) " + std::to_string(waited_for - 1) +
+                 " (in the device kernel): a peer never arrived or stalled";
       inflight_.pop_front();
     }
     if (stopping_ && inflight_.empty()) return;

@@ -10,6 +10,9 @@
 // Direct path (one copy), when every receive buffer could be exported:
 //   receiver: set ready[me] in each sender's block; later wait done[src] for each sender
 //   sender:   wait ready[dst] -> copy straight into dst's output -> set done[me] in dst's block
+// A rank whose messages are all small runs its side as one kernel (backend/kernels) that polls
+// every flag at once; larger ones use copies and stream memory operations. The flags are the
+// same either way, so each rank chooses alone.
 // Staged path (two copies), the fallback: each rank's registered block holds, for every source,
 // a region of two slots, and a message streams through it in slot-sized chunks:
 //   sender (per chunk):   wait empty[dst][s] -> clear it -> copy chunk into dst's slot s ->
@@ -77,6 +80,8 @@ class CudaTransport {
   char* slot_data(int owner, int src, int slot) const;
   void enqueue_direct(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
                       const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
+  void launch_direct_small(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
+                           const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
   void enqueue_staged(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
                       cudaStream_t stream);
   // Maps a peer's exported allocation once; later calls reuse the mapping.
@@ -97,6 +102,8 @@ class CudaTransport {
   // steady stream of calls over the caching allocator's blocks makes no export call.
   std::unordered_map<uint64_t, std::pair<CUdeviceptr, cudaIpcMemHandle_t>> exported_;
   cudaStream_t watchdog_stream_ = nullptr;
+  int* kernel_error_host_ = nullptr;  // pinned, mapped: 1 + the peer a kernel's wait timed out on
+  int* kernel_error_device_ = nullptr;
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;

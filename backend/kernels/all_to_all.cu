@@ -1,0 +1,86 @@
+#include "backend/kernels/all_to_all.cuh"
+
+namespace ep::kernels {
+namespace {
+
+constexpr int kThreads = 512;
+
+__device__ __forceinline__ uint64_t now_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Waits until *flag != 0, then clears it; false after the deadline (the peer never came).
+__device__ bool take_flag(uint32_t* flag, uint64_t deadline) {
+  while (load_acquire(flag) == 0) {
+    if (now_ns() > deadline) return false;
+    __nanosleep(100);
+  }
+  *flag = 0;
+  return true;
+}
+
+// The whole block copies `bytes`: 16 bytes per access where both ends allow it.
+__device__ void block_copy(char* dst, const char* src, uint64_t bytes) {
+  uint64_t done = 0;
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
+    const uint64_t vectors = bytes / 16;
+    auto* d = reinterpret_cast<int4*>(dst);
+    const auto* s = reinterpret_cast<const int4*>(src);
+    for (uint64_t i = threadIdx.x; i < vectors; i += blockDim.x) d[i] = s[i];
+    done = vectors * 16;
+  }
+  for (uint64_t i = done + threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
+}
+
+// Block b sends to peers b, b + gridDim.x, ...; block 0 first tells every sender that our
+// output is ready and, last, waits for every sender's data.
+__global__ void __launch_bounds__(kThreads) all_to_all_small_kernel(AllToAllSmallParams p) {
+  const uint64_t deadline = now_ns() + p.timeout_ns;
+  if (blockIdx.x == 0)
+    for (int src = threadIdx.x; src < p.size; src += blockDim.x)
+      if (p.ready_to_set[src]) store_release(p.ready_to_set[src], 1);
+
+  __shared__ int go;
+  for (int dst = blockIdx.x; dst < p.size; dst += gridDim.x) {
+    if (!p.ready_to_wait[dst]) continue;
+    if (threadIdx.x == 0) {
+      go = take_flag(p.ready_to_wait[dst], deadline);
+      if (!go) atomicExch(p.error, 1 + dst);
+    }
+    __syncthreads();
+    if (go) block_copy(p.remote_recv[dst], p.send[dst], p.send_bytes[dst]);
+    __syncthreads();  // every thread's stores are issued before the release below
+    if (threadIdx.x == 0 && go) {
+      __threadfence_system();
+      store_release(p.done_to_set[dst], 1);
+    }
+  }
+
+  if (blockIdx.x == 0)
+    for (int src = threadIdx.x; src < p.size; src += blockDim.x)
+      if (p.done_to_wait[src] && !take_flag(p.done_to_wait[src], deadline)) atomicExch(p.error, 1 + src);
+}
+
+}  // namespace
+
+cudaError_t launch_all_to_all_small(const AllToAllSmallParams& params, cudaStream_t stream) {
+  if (params.size < 1 || params.size > kMaxRanksPerNode) return cudaErrorInvalidValue;
+  // One block per peer: the grid stays small enough to be resident next to other ranks' work
+  // (ranks sharing a GPU under MPS each hold a slice of the SMs).
+  all_to_all_small_kernel<<<params.size, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace ep::kernels
