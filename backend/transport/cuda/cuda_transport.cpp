@@ -215,10 +215,13 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     size_t largest = 0;
     for (int p = 0; p < size_; ++p)
       if (p != rank_) largest = std::max(largest, sends[p].bytes);
-    if (largest <= kSmallMessageBytes && size_ <= kernels::kMaxRanksPerNode)
+    if (peers.empty()) {
+      // Nothing crosses ranks (world size 1, or all-zero splits to peers): the self copy is all.
+    } else if (largest <= kSmallMessageBytes && size_ <= kernels::kMaxRanksPerNode) {
       launch_direct_small(sends, remote, recvs, stream);
-    else
+    } else {
       enqueue_direct(sends, remote, recvs, stream);
+    }
   } else {
     enqueue_staged(sends, recvs, stream);
   }
