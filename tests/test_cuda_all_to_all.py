@@ -89,6 +89,20 @@ def rank_larger_than_buffers(seed):
     cpu_checks.check_single(torch.bfloat16, "uneven", (2_000_000,), seed, device="cuda")
 
 
+def rank_sm_budget(seed):
+    # One SM for the small-message kernel: a single block serves every peer in turn.
+    group = dist.new_group(pg_options=torch_ep.Options(num_sms=1))
+    try:
+        for i, kind in enumerate(("even", "uneven", "to_one")):
+            cpu_checks.check_single(torch.bfloat16, kind, (257,), seed + i, group=group, device="cuda")
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_sm_budget(cuda_pool):
+    cuda_pool.run(rank_sm_budget, seed=_seed())
+
+
 def test_messages_larger_than_buffers(cuda_pool):
     cuda_pool.run(rank_larger_than_buffers, seed=_seed())
 

@@ -76,10 +76,11 @@ __global__ void __launch_bounds__(kThreads) all_to_all_small_kernel(AllToAllSmal
 }  // namespace
 
 cudaError_t launch_all_to_all_small(const AllToAllSmallParams& params, cudaStream_t stream) {
-  if (params.size < 1 || params.size > kMaxRanksPerNode) return cudaErrorInvalidValue;
-  // One block per peer: the grid stays small enough to be resident next to other ranks' work
-  // (ranks sharing a GPU under MPS each hold a slice of the SMs).
-  all_to_all_small_kernel<<<params.size, kThreads, 0, stream>>>(params);
+  if (params.size < 1 || params.size > kMaxRanksPerNode || params.num_blocks < 1) return cudaErrorInvalidValue;
+  // At most one block per peer: the grid stays small enough to be resident next to other
+  // ranks' work (ranks sharing a GPU under MPS each hold a slice of the SMs).
+  const int blocks = params.num_blocks < params.size ? params.num_blocks : params.size;
+  all_to_all_small_kernel<<<blocks, kThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

@@ -15,6 +15,7 @@ constexpr int kMaxRanksPerNode = 32;
 // block; each rank clears the flags it waited on. Null flag pointers mean "no traffic".
 struct AllToAllSmallParams {
   int size;
+  int num_blocks;  // the SM budget: blocks share the peers when fewer than `size`
   const char* send[kMaxRanksPerNode];       // this rank's block for peer p
   char* remote_recv[kMaxRanksPerNode];      // where it lands in peer p's output (mapped)
   uint64_t send_bytes[kMaxRanksPerNode];

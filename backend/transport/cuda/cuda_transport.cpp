@@ -77,6 +77,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
     : rank_(rdv.rank()),
       size_(rdv.size()),
       timeout_(config.timeout),
+      num_sms_(config.num_sms),
       buffers_(rdv, config.device, kDataOffset + chunk_bytes_for(config.buffer_bytes, rdv.size()) * rdv.size() * kSlots,
                tag + "/buffers"),
       chunk_bytes_(chunk_bytes_for(config.buffer_bytes, rdv.size())),
@@ -268,6 +269,7 @@ void CudaTransport::launch_direct_small(const std::vector<SendBuffer>& sends,
                                         const std::vector<RecvBuffer>& recvs, cudaStream_t stream) {
   kernels::AllToAllSmallParams p{};
   p.size = size_;
+  p.num_blocks = num_sms_ > 0 ? num_sms_ : size_;
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = kernel_error_device_;
   for (int peer = 0; peer < size_; ++peer) {

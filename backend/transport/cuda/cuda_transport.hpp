@@ -47,6 +47,7 @@ namespace ep {
 struct CudaTransportConfig {
   int device = 0;
   size_t buffer_bytes = 64 << 20;  // this rank's registered receive block
+  int num_sms = 0;                 // SM budget of the transport's kernels; 0 = one block per peer
   std::chrono::milliseconds timeout{std::chrono::minutes(30)};
 };
 
@@ -94,6 +95,7 @@ class CudaTransport {
   int rank_;
   int size_;
   std::chrono::milliseconds timeout_;
+  int num_sms_;
   PeerBuffers buffers_;
   size_t chunk_bytes_;
   HostTransport control_;  // per-call exchange of sizes and receive-buffer handles
