@@ -109,10 +109,8 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device&,
   return nullptr;
 }
 
-c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::Tensor>, std::vector<at::Tensor>,
-                                                               std::vector<std::pair<at::Tensor, at::Tensor>>,
-                                                               std::vector<SendBuffer>, std::vector<RecvBuffer>,
-                                                               c10d::OpType, const char* op_name) {
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::Tensor>, AllToAllSpans, c10d::OpType,
+                                                               const char* op_name) {
   TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
 }
 #endif
@@ -132,53 +130,59 @@ c10d::Backend& ProcessGroupEP::inner_for(const std::vector<at::Tensor>& tensors,
 
 // ----------------------------------------------------------------------------- all_to_all
 
-c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output, at::Tensor& input,
-                                                             std::vector<int64_t>& output_split_sizes,
-                                                             std::vector<int64_t>& input_split_sizes,
-                                                             const c10d::AllToAllOptions& opts) {
-  AllToAllLayout layout =
-      check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, getSize());
-  if (input.is_cuda() && cuda_transport(input.device(), "all_to_all_single")) {
-    std::vector<SendBuffer> sends(getSize());
-    std::vector<RecvBuffer> recvs(getSize());
-    at::Tensor in = input.contiguous();  // on the caller's stream, before the comm stream forks
-    at::Tensor out = output.is_contiguous() ? output : at::empty_like(output, at::MemoryFormat::Contiguous);
-    for (int r = 0; r < getSize(); ++r) {
-      sends[r] = {static_cast<const char*>(in.data_ptr()) + layout.send_offsets[r], layout.send_bytes[r]};
-      recvs[r] = {static_cast<char*>(out.data_ptr()) + layout.recv_offsets[r], layout.recv_bytes[r]};
-    }
-    std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
-    if (!out.is_same(output)) copy_back.emplace_back(output, out);
-    return cuda_all_to_all({output}, {in, out}, std::move(copy_back), std::move(sends), std::move(recvs),
-                           c10d::OpType::ALLTOALL_BASE, "all_to_all_single");
-  }
-  if (!input.device().is_cpu())
-    return inner_for(input, "all_to_all_single").alltoall_base(output, input, output_split_sizes,
-                                                                input_split_sizes, opts);
+namespace {
 
-  auto work = c10::make_intrusive<EPWork>(getRank(), c10d::OpType::ALLTOALL_BASE, "ep:all_to_all_single",
-                                          std::vector<at::Tensor>{output});
+at::Tensor contiguous_staging(const at::Tensor& output, AllToAllSpans& spans) {
+  if (output.is_contiguous()) return output;
+  at::Tensor staging = at::empty_like(output, at::MemoryFormat::Contiguous);
+  spans.copy_back.emplace_back(output, staging);
+  return staging;
+}
+
+// all_to_all_single: one tensor each way, cut into per-rank blocks by `layout`.
+AllToAllSpans single_spans(const at::Tensor& output, const at::Tensor& input, const AllToAllLayout& layout) {
+  AllToAllSpans spans;
+  const at::Tensor in = input.contiguous();
+  const at::Tensor out = contiguous_staging(output, spans);
+  const auto* in_ptr = static_cast<const char*>(in.data_ptr());
+  auto* out_ptr = static_cast<char*>(out.data_ptr());
+  for (size_t r = 0; r < layout.send_bytes.size(); ++r) {
+    spans.sends.push_back({in_ptr + layout.send_offsets[r], layout.send_bytes[r]});
+    spans.recvs.push_back({out_ptr + layout.recv_offsets[r], layout.recv_bytes[r]});
+  }
+  spans.buffers = {in, out};
+  return spans;
+}
+
+// all_to_all: a tensor per rank each way.
+AllToAllSpans list_spans(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& inputs) {
+  AllToAllSpans spans;
+  for (size_t r = 0; r < inputs.size(); ++r) {
+    const at::Tensor in = inputs[r].contiguous();
+    const at::Tensor out = contiguous_staging(outputs[r], spans);
+    spans.sends.push_back({in.data_ptr(), in.nbytes()});
+    spans.recvs.push_back({out.data_ptr(), out.nbytes()});
+    spans.buffers.push_back(in);
+    spans.buffers.push_back(out);
+  }
+  return spans;
+}
+
+}  // namespace
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::host_all_to_all(
+    std::vector<at::Tensor> outputs, AllToAllSpans spans, c10d::OpType type, const char* op_name,
+    std::function<c10::intrusive_ptr<c10d::Work>()> delegate) {
+  auto work = c10::make_intrusive<EPWork>(getRank(), type, op_name, outputs);
   // The task holds the tensors until it has run: they stay alive however the caller drops them.
-  host_worker_.enqueue([this, work, output, input, output_split_sizes, input_split_sizes, layout]() mutable {
+  host_worker_.enqueue([this, work, spans = std::move(spans), op_name, delegate = std::move(delegate)]() {
     try {
-      HostTransport* transport = host_transport("all_to_all_single");
-      if (!transport) {
-        cpu_backend_->alltoall_base(output, input, output_split_sizes, input_split_sizes)->wait();
-        work->complete();
-        return;
+      if (HostTransport* transport = host_transport(op_name)) {
+        transport->all_to_all(spans.sends, spans.recvs, op_name);
+        for (const auto& [output, staging] : spans.copy_back) output.copy_(staging);
+      } else {
+        delegate()->wait();
       }
-      const at::Tensor in = input.contiguous();
-      at::Tensor out = output.is_contiguous() ? output : at::empty_like(output, at::MemoryFormat::Contiguous);
-      const auto* in_ptr = static_cast<const char*>(in.data_ptr());
-      auto* out_ptr = static_cast<char*>(out.data_ptr());
-      std::vector<SendBuffer> sends(getSize());
-      std::vector<RecvBuffer> recvs(getSize());
-      for (int r = 0; r < getSize(); ++r) {
-        sends[r] = {in_ptr + layout.send_offsets[r], layout.send_bytes[r]};
-        recvs[r] = {out_ptr + layout.recv_offsets[r], layout.recv_bytes[r]};
-      }
-      transport->all_to_all(sends, recvs, "all_to_all_single");
-      if (!out.is_same(output)) output.copy_(out);
       work->complete();
     } catch (...) {
       work->complete(as_dist_error(std::current_exception()));
@@ -187,56 +191,34 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
   return work;
 }
 
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output, at::Tensor& input,
+                                                             std::vector<int64_t>& output_split_sizes,
+                                                             std::vector<int64_t>& input_split_sizes,
+                                                             const c10d::AllToAllOptions& opts) {
+  AllToAllLayout layout =
+      check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, getSize());
+  if (input.is_cuda() && cuda_transport(input.device(), "all_to_all_single"))
+    // Staging happens on the caller's stream, before the comm stream forks.
+    return cuda_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
+                           "all_to_all_single");
+  if (!input.device().is_cpu())
+    return inner_for(input, "all_to_all_single").alltoall_base(output, input, output_split_sizes,
+                                                                input_split_sizes, opts);
+  return host_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
+                         "all_to_all_single", [this, output, input, output_split_sizes, input_split_sizes]() mutable {
+                           return cpu_backend_->alltoall_base(output, input, output_split_sizes, input_split_sizes);
+                         });
+}
+
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall(std::vector<at::Tensor>& outputs,
                                                         std::vector<at::Tensor>& inputs,
                                                         const c10d::AllToAllOptions& opts) {
   check_all_to_all(outputs, inputs, getSize());
-  if (inputs[0].is_cuda() && cuda_transport(inputs[0].device(), "all_to_all")) {
-    std::vector<SendBuffer> sends(getSize());
-    std::vector<RecvBuffer> recvs(getSize());
-    std::vector<at::Tensor> buffers;
-    std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
-    for (int r = 0; r < getSize(); ++r) {
-      at::Tensor in = inputs[r].contiguous();
-      at::Tensor out = outputs[r].is_contiguous() ? outputs[r] : at::empty_like(outputs[r], at::MemoryFormat::Contiguous);
-      if (!out.is_same(outputs[r])) copy_back.emplace_back(outputs[r], out);
-      sends[r] = {in.data_ptr(), in.nbytes()};
-      recvs[r] = {out.data_ptr(), out.nbytes()};
-      buffers.push_back(in);
-      buffers.push_back(out);
-    }
-    return cuda_all_to_all(outputs, std::move(buffers), std::move(copy_back), std::move(sends), std::move(recvs),
-                           c10d::OpType::ALLTOALL, "all_to_all");
-  }
+  if (inputs[0].is_cuda() && cuda_transport(inputs[0].device(), "all_to_all"))
+    return cuda_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all");
   if (!inputs[0].device().is_cpu()) return inner_for(inputs, "all_to_all").alltoall(outputs, inputs, opts);
-
-  auto work = c10::make_intrusive<EPWork>(getRank(), c10d::OpType::ALLTOALL, "ep:all_to_all", outputs);
-  host_worker_.enqueue([this, work, outputs, inputs]() mutable {
-    try {
-      HostTransport* transport = host_transport("all_to_all");
-      if (!transport) {
-        cpu_backend_->alltoall(outputs, inputs)->wait();
-        work->complete();
-        return;
-      }
-      std::vector<at::Tensor> ins(getSize()), outs(getSize());
-      std::vector<SendBuffer> sends(getSize());
-      std::vector<RecvBuffer> recvs(getSize());
-      for (int r = 0; r < getSize(); ++r) {
-        ins[r] = inputs[r].contiguous();
-        outs[r] = outputs[r].is_contiguous() ? outputs[r] : at::empty_like(outputs[r], at::MemoryFormat::Contiguous);
-        sends[r] = {ins[r].data_ptr(), ins[r].nbytes()};
-        recvs[r] = {outs[r].data_ptr(), outs[r].nbytes()};
-      }
-      transport->all_to_all(sends, recvs, "all_to_all");
-      for (int r = 0; r < getSize(); ++r)
-        if (!outs[r].is_same(outputs[r])) outputs[r].copy_(outs[r]);
-      work->complete();
-    } catch (...) {
-      work->complete(as_dist_error(std::current_exception()));
-    }
-  });
-  return work;
+  return host_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all",
+                         [this, outputs, inputs]() mutable { return cpu_backend_->alltoall(outputs, inputs); });
 }
 
 // ----------------------------------------------------------------------------- delegated
@@ -267,35 +249,28 @@ std::vector<at::Tensor> ProcessGroupEP::scaled_copies(const std::vector<at::Tens
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::emulate_reduction(
     const c10d::ReduceOp& op, std::vector<at::Tensor> results, std::vector<at::Tensor> outputs, c10d::OpType type,
     const std::function<c10::intrusive_ptr<c10d::Work>()>& launch_sum) {
-  auto inner_work = launch_sum();
-  auto work = c10::make_intrusive<EPWork>(getRank(), type, "ep:emulated_reduction", outputs);
   const int size = getSize();
   const bool average = op == c10d::ReduceOp::AVG;
-  // Finished on the worker thread: Gloo's Works do not all offer getFuture().
-  host_worker_.enqueue([work, inner_work, results, outputs, size, average]() mutable {
-    try {
-      inner_work->wait();
-      for (size_t i = 0; i < results.size(); ++i) {
-        if (average) {  // integer AVG truncates, as NCCL's ncclAvg does
-          if (at::isIntegralType(results[i].scalar_type(), /*includeBool=*/true)) results[i].div_(size, "trunc");
-          else results[i].div_(size);
-        }
-        if (i < outputs.size() && !results[i].is_same(outputs[i])) outputs[i].copy_(results[i]);
+  return with_future(launch_sum(), outputs, type, [results, outputs, size, average]() {
+    for (size_t i = 0; i < results.size(); ++i) {
+      if (average) {  // integer AVG truncates, as NCCL's ncclAvg does
+        if (at::isIntegralType(results[i].scalar_type(), /*includeBool=*/true)) results[i].div_(size, "trunc");
+        else results[i].div_(size);
       }
-      work->complete();
-    } catch (...) {
-      work->complete(as_dist_error(std::current_exception()));
+      if (i < outputs.size() && !results[i].is_same(outputs[i])) outputs[i].copy_(results[i]);
     }
   });
-  return work;
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::with_future(c10::intrusive_ptr<c10d::Work> inner_work,
-                                                           std::vector<at::Tensor> outputs, c10d::OpType type) {
+                                                           std::vector<at::Tensor> outputs, c10d::OpType type,
+                                                           std::function<void()> finish) {
   auto work = c10::make_intrusive<EPWork>(getRank(), type, "ep:delegated", outputs);
-  host_worker_.enqueue([work, inner_work]() {
+  // Finished on the worker thread: Gloo's Works do not all offer getFuture().
+  host_worker_.enqueue([work, inner_work, finish = std::move(finish)]() {
     try {
       inner_work->wait();
+      if (finish) finish();
       work->complete();
     } catch (...) {
       work->complete(as_dist_error(std::current_exception()));

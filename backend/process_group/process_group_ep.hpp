@@ -25,6 +25,16 @@ namespace ep {
 
 class CudaTransport;
 
+// One all_to_all as byte spans over contiguous tensors. Non-contiguous outputs are received into
+// contiguous staging tensors and copied back (`copy_back`, pairs of output and staging) once the
+// data has landed; `buffers` holds what the spans point into, alive until the op ends.
+struct AllToAllSpans {
+  std::vector<SendBuffer> sends;
+  std::vector<RecvBuffer> recvs;
+  std::vector<at::Tensor> buffers;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
+};
+
 class ProcessGroupEP : public c10d::Backend {
  public:
   ProcessGroupEP(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, Config config,
@@ -104,9 +114,10 @@ class ProcessGroupEP : public c10d::Backend {
                                                    std::vector<at::Tensor> outputs, c10d::OpType type,
                                                    const std::function<c10::intrusive_ptr<c10d::Work>()>& launch_sum);
   // Wraps an inner Work that lacks getFuture() (Gloo's reduce-scatters) in one that has it,
-  // completed on the worker thread once the inner Work ends.
+  // completed on the worker thread once the inner Work ends and `finish` (if any) has run.
   c10::intrusive_ptr<c10d::Work> with_future(c10::intrusive_ptr<c10d::Work> inner_work,
-                                             std::vector<at::Tensor> outputs, c10d::OpType type);
+                                             std::vector<at::Tensor> outputs, c10d::OpType type,
+                                             std::function<void()> finish = {});
   static std::vector<at::Tensor> scaled_copies(const std::vector<at::Tensor>& tensors, const c10d::ReduceOp& op);
   static double premul_factor(const c10d::ReduceOp& op);
   // The host transport, created by the first CPU all_to_all (collective, on the worker thread);
@@ -117,12 +128,14 @@ class ProcessGroupEP : public c10d::Backend {
   // The CUDA transport for `device`, created by the first CUDA all_to_all (collective); null when
   // the ranks span hosts. Defined in cuda_path.cpp; without CUDA support it is always null.
   std::shared_ptr<CudaTransport> cuda_transport(const at::Device& device, const char* op_name);
-  // Runs an all_to_all on the CUDA transport. sends/recvs are byte spans of `buffers` (kept alive
-  // until the op ends); `copy_back` pairs (output, contiguous staging) for non-contiguous outputs.
-  c10::intrusive_ptr<c10d::Work> cuda_all_to_all(std::vector<at::Tensor> outputs, std::vector<at::Tensor> buffers,
-                                                 std::vector<std::pair<at::Tensor, at::Tensor>> copy_back,
-                                                 std::vector<SendBuffer> sends, std::vector<RecvBuffer> recvs,
+  // Runs an all_to_all on the CUDA transport.
+  c10::intrusive_ptr<c10d::Work> cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
                                                  c10d::OpType type, const char* op_name);
+  // Runs an all_to_all on the host transport, from the worker thread; `delegate` runs it on the
+  // inner Gloo backend instead when the ranks span hosts.
+  c10::intrusive_ptr<c10d::Work> host_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
+                                                 c10d::OpType type, const char* op_name,
+                                                 std::function<c10::intrusive_ptr<c10d::Work>()> delegate);
 
   Config config_;
   c10::intrusive_ptr<c10d::Store> store_;

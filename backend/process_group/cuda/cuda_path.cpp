@@ -39,10 +39,8 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& 
   return cuda_transport_;
 }
 
-c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(
-    std::vector<at::Tensor> outputs, std::vector<at::Tensor> buffers,
-    std::vector<std::pair<at::Tensor, at::Tensor>> copy_back, std::vector<SendBuffer> sends,
-    std::vector<RecvBuffer> recvs, c10d::OpType type, const char* op_name) {
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
+                                                               c10d::OpType type, const char* op_name) {
   std::shared_ptr<CudaTransport> transport = cuda_transport_;
   const c10::DeviceIndex device = c10::DeviceIndex(transport->device());
   c10::cuda::CUDAGuard guard(device);
@@ -56,17 +54,17 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(
   C10_CUDA_CHECK(cudaStreamWaitEvent(comm.stream(), ready, 0));
   C10_CUDA_CHECK(cudaEventDestroy(ready));  // released by CUDA once recorded work completes
   try {
-    transport->all_to_all(sends, recvs, comm.stream(), op_name);
+    transport->all_to_all(spans.sends, spans.recvs, comm.stream(), op_name);
   } catch (const std::exception& e) {
     C10_THROW_ERROR(DistBackendError, e.what());
   }
   {
     c10::cuda::CUDAStreamGuard on_comm(comm);
-    for (auto& [dst, src] : copy_back) dst.copy_(src);
+    for (auto& [output, staging] : spans.copy_back) output.copy_(staging);
   }
   // The caching allocator must not hand these blocks to the caller's stream before the comm
   // stream is done with them, even if the caller drops the tensors right away.
-  for (const auto& t : buffers) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
+  for (const auto& t : spans.buffers) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
   for (const auto& t : outputs) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
   return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport,
                                          config_.blocking_wait, config_.timeout);
