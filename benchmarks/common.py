@@ -20,6 +20,7 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_TIMED_RUNS = 20
+L2_FLUSH_BYTES = 256 << 20  # several times any current GPU's L2 (H100: 50 MiB)
 
 
 def time_runs(op: Callable[[], object], *, device: torch.device, runs: int = MIN_TIMED_RUNS, warmup: int = 5,
@@ -54,6 +55,14 @@ def time_runs(op: Callable[[], object], *, device: torch.device, runs: int = MIN
             seconds = time.perf_counter() - start_s
         times.append(seconds / ops_per_run)
     return times
+
+
+def l2_flusher(device: torch.device) -> Callable[[], object]:
+    """A call that evicts the GPU's L2 cache by writing 256 MiB (DeepEP's bench writes 256 MB),
+    so that the next timed op reads its inputs from device memory; a no-op on the CPU."""
+    if device.type != "cuda":
+        return lambda: None
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device).zero_
 
 
 def median(values: Sequence[float]) -> float:

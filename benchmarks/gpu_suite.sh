@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all]
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe]      (moe: the MoE tests and benchmark only)
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
@@ -56,11 +56,28 @@ trap stop_mps EXIT
 [ "$GPUS" -lt 8 ] && start_mps
 
 STATUS=0
+python3 -c 'import deep_ep; print("deep_ep", deep_ep.__file__)' >> "$SUMMARY" 2>&1 || echo "deep_ep: not importable" >> "$SUMMARY"
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   step "GPU tests, 1 2 4 8 ranks"
   TORCH_EP_TEST_WORLD_SIZES=1,2,4,8 timeout 240 python3 -m pytest tests/test_cuda_all_to_all.py -q -ra -x \
     > "$LOGS/gpu_tests.log" 2>&1 || STATUS=1
   tail -15 "$LOGS/gpu_tests.log" >> "$SUMMARY"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = tests ] || [ "$WHAT" = moe ]; then
+  step "GPU MoE tests, ${TORCH_EP_MOE_WORLD_SIZES:-1,2,4,8} ranks"
+  TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_MOE_WORLD_SIZES:-1,2,4,8} timeout 300 python3 -m pytest tests/test_cuda_moe.py \
+    -q -ra -x > "$LOGS/gpu_moe_tests.log" 2>&1 || STATUS=1
+  grep -v "^\[rank" "$LOGS/gpu_moe_tests.log" | tail -40 >> "$SUMMARY"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then
+  for R in 2 4 8; do
+    step "MoE benchmark, $R ranks (4096 tokens, hidden 7168, top-8, 256 experts)"
+    SHARING=$(( (R + GPUS - 1) / GPUS ))
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 90 \
+      torchrun --standalone --nproc-per-node "$R" benchmarks/moe.py --out "$LOGS/moe_${R}ranks" \
+      > "$LOGS/moe_bench_${R}ranks.log" 2>&1 || STATUS=1
+    tail -12 "$LOGS/moe_bench_${R}ranks.log" >> "$SUMMARY"
+  done
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then

@@ -38,7 +38,8 @@ def test_kernel_compiles_for_sm90(source, tmp_path):
 
 
 CUDA_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport", "cuda", "*.cpp"))
-                           + glob.glob(os.path.join(ROOT, "backend", "process_group", "cuda", "*.cpp")))
+                           + glob.glob(os.path.join(ROOT, "backend", "process_group", "cuda", "*.cpp"))
+                           + glob.glob(os.path.join(ROOT, "backend", "ops", "cuda", "*.cpp")))
 
 
 def _cuda_include_dir():

@@ -9,8 +9,11 @@ import torch.distributed as dist
 
 from . import _C
 from ._backend import BACKEND_NAME, get_backend, register
+from .moe import MoEWork, combine, dispatch, get_dispatch_layout
 from .options import Options
+from .types import CombineResult, DispatchHandle, DispatchLayout, DispatchResult
 
 register()
 
-__all__ = ["BACKEND_NAME", "Options", "get_backend"]
+__all__ = ["BACKEND_NAME", "Options", "get_backend", "get_dispatch_layout", "dispatch", "combine", "MoEWork",
+           "DispatchLayout", "DispatchHandle", "DispatchResult", "CombineResult"]

@@ -8,12 +8,13 @@ all_gather computation in tests/test_reference_moe.py.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .types import CombineResult, DispatchHandle, DispatchLayout, DispatchResult, Payload
+from .types import CombineResult, DispatchLayout, DispatchResult, Payload
 
 
 def _splits(rows: int, splits: Optional[Sequence[int]], size: int) -> List[int]:
@@ -69,6 +70,17 @@ def _experts_per_rank(num_experts: int, size: int) -> int:
     return num_experts // size
 
 
+@dataclass
+class ReferenceHandle:
+    """The reference's own route record (the real ops' DispatchHandle holds a device table)."""
+    num_experts: int
+    num_tokens: int
+    send_token_index: torch.Tensor  # [S] int64: token ids this rank sent, grouped by target rank
+    send_counts: List[int]
+    recv_counts: List[int]
+    num_recv_tokens_per_expert: List[int]  # unpadded
+
+
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group=None) -> DispatchLayout:
     """Where each token goes: -1 slots are not routed; rank r owns experts [r*E/R, (r+1)*E/R)."""
     size = dist.get_world_size(group)
@@ -88,10 +100,18 @@ def _exchange_rows(t: torch.Tensor, send_counts: List[int], recv_counts: List[in
     return out
 
 
-def dispatch(x: Payload, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor] = None, *,
-             num_experts: int, group=None, expert_alignment: int = 1) -> DispatchResult:
+def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None, *,
+             num_experts: Optional[int] = None, group=None, expert_alignment: int = 1,
+             handle: Optional[ReferenceHandle] = None) -> DispatchResult:
     """Sends each token once to every rank owning one of its experts (rows by source rank, then
-    source token order); the receiver sees its own experts' local ids and weights, -1 / 0 else."""
+    source token order); the receiver sees its own experts' local ids and weights, -1 / 0 else.
+    With `handle`, sends x along that earlier route and returns no top-k."""
+    if handle is not None:
+        def resend(t):
+            return _exchange_rows(t[handle.send_token_index], handle.send_counts, handle.recv_counts, group)
+        recv_x = tuple(resend(t) for t in x) if isinstance(x, tuple) else resend(x)
+        per_expert = [-(-n // expert_alignment) * expert_alignment for n in handle.num_recv_tokens_per_expert]
+        return DispatchResult(recv_x, None, None, per_expert, handle)
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     per_rank = _experts_per_rank(num_experts, size)
     layout = get_dispatch_layout(topk_idx, num_experts, group)
@@ -116,15 +136,14 @@ def dispatch(x: Payload, topk_idx: torch.Tensor, topk_weights: Optional[torch.Te
     if topk_weights is not None:
         sent_w = torch.where(mine, topk_weights[send_index].float(), torch.zeros_like(topk_weights[send_index].float()))
         recv_topk_weights = _exchange_rows(sent_w, send_counts, recv_counts, group)
-    per_expert = [int((recv_topk_idx == e).any(dim=1).sum()) for e in range(per_rank)]
-    per_expert = [-(-n // expert_alignment) * expert_alignment for n in per_expert]
-    handle = DispatchHandle(group_name=str(getattr(group, "group_name", "default")), num_experts=num_experts,
-                            num_tokens=topk_idx.shape[0], send_token_index=send_index, send_counts=send_counts,
-                            recv_counts=recv_counts, is_token_in_rank=layout.is_token_in_rank)
+    unpadded = [int((recv_topk_idx == e).any(dim=1).sum()) for e in range(per_rank)]
+    per_expert = [-(-n // expert_alignment) * expert_alignment for n in unpadded]
+    handle = ReferenceHandle(num_experts=num_experts, num_tokens=topk_idx.shape[0], send_token_index=send_index,
+                             send_counts=send_counts, recv_counts=recv_counts, num_recv_tokens_per_expert=unpadded)
     return DispatchResult(recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle)
 
 
-def combine(x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None, *,
+def combine(x: torch.Tensor, handle: ReferenceHandle, topk_weights: Optional[torch.Tensor] = None, *,
             group=None) -> CombineResult:
     """The reverse route of dispatch: each token's rows from every rank it went to, summed in
     float32 (unweighted), in the dtype of `x`."""

@@ -23,14 +23,38 @@ class DispatchLayout:
 
 @dataclass
 class DispatchHandle:
-    """Everything combine (and a re-dispatch) needs to retrace a dispatch's route."""
+    """A dispatch's route, for combine and for re-dispatching along it (dispatch(handle=...)).
+
+    `meta` is the routing table on the op's device (layout in backend/kernels/moe_meta.hpp);
+    `counts` a CPU int64 vector: [dispatch id, num_worst_tokens, rows sent to each rank (R),
+    rows received from each rank (R), received tokens per local expert (E/R)]; -1 where only
+    the device knows (a CUDA dispatch with num_worst_tokens).
+    """
     group_name: str
+    num_ranks: int
     num_experts: int
-    num_tokens: int                 # N: tokens this rank dispatched
-    send_token_index: torch.Tensor  # [S] int64: token ids this rank sent, grouped by target rank
-    send_counts: List[int]          # [R] rows sent to each rank
-    recv_counts: List[int]          # [R] rows received from each rank
-    is_token_in_rank: torch.Tensor  # [N, R] bool
+    num_tokens: int      # N: tokens this rank dispatched
+    meta: torch.Tensor
+    counts: torch.Tensor
+    num_worst_tokens: int = 0  # > 0: the dispatch's outputs had this many rows
+
+    @property
+    def dispatch_id(self) -> int:
+        return int(self.counts[0])
+
+    @property
+    def send_counts(self) -> List[int]:
+        return self.counts[2:2 + self.num_ranks].tolist()
+
+    @property
+    def recv_counts(self) -> List[int]:
+        r = self.num_ranks
+        return self.counts[2 + r:2 + 2 * r].tolist()
+
+    @property
+    def num_recv_tokens_per_expert(self) -> List[int]:
+        """Unpadded: tokens received for each local expert."""
+        return self.counts[2 + 2 * self.num_ranks:].tolist()
 
 
 @dataclass

@@ -1,35 +1,10 @@
 #include "backend/kernels/all_to_all.cuh"
+#include "backend/kernels/sync.cuh"
 
 namespace ep::kernels {
 namespace {
 
 constexpr int kThreads = 512;
-
-__device__ __forceinline__ uint64_t now_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// Waits until *flag != 0, then clears it; false after the deadline (the peer never came).
-__device__ bool take_flag(uint32_t* flag, uint64_t deadline) {
-  while (load_acquire(flag) == 0) {
-    if (now_ns() > deadline) return false;
-    __nanosleep(100);
-  }
-  *flag = 0;
-  return true;
-}
 
 // The whole block copies `bytes`: 16 bytes per access where both ends allow it.
 __device__ void block_copy(char* dst, const char* src, uint64_t bytes) {

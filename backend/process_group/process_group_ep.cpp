@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <numeric>
 
 #include <torch/csrc/utils/pybind.h>
 
@@ -113,6 +114,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::T
                                                                const char* op_name) {
   TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
 }
+
+std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device&, const char* op_name) {
+  TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
+}
 #endif
 
 c10d::Backend& ProcessGroupEP::inner_for(const at::Tensor& tensor, const char* op) {
@@ -189,6 +194,41 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::host_all_to_all(
     }
   });
   return work;
+}
+
+void ProcessGroupEP::host_exchange(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
+                                   const char* op_name) {
+  AllToAllSpans spans;
+  spans.sends = sends;
+  spans.recvs = recvs;
+  // Where the ranks span hosts, the same bytes go through Gloo as one uint8 all_to_all_single.
+  auto delegate = [this, sends, recvs]() {
+    std::vector<int64_t> in_splits, out_splits;
+    std::vector<at::Tensor> ins, outs;
+    for (size_t p = 0; p < sends.size(); ++p) {
+      in_splits.push_back(int64_t(sends[p].bytes));
+      out_splits.push_back(int64_t(recvs[p].bytes));
+      ins.push_back(at::from_blob(const_cast<void*>(sends[p].ptr), {int64_t(sends[p].bytes)}, at::kByte));
+      outs.push_back(at::from_blob(recvs[p].ptr, {int64_t(recvs[p].bytes)}, at::kByte));
+    }
+    at::Tensor input = at::cat(ins), output = at::empty({std::accumulate(out_splits.begin(), out_splits.end(),
+                                                                          int64_t(0))}, at::kByte);
+    cpu_backend_->alltoall_base(output, input, out_splits, in_splits)->wait();
+    int64_t at = 0;
+    for (size_t p = 0; p < outs.size(); ++p) {
+      outs[p].copy_(output.narrow(0, at, out_splits[p]));
+      at += out_splits[p];
+    }
+    auto done = c10::make_intrusive<EPWork>(getRank(), c10d::OpType::ALLTOALL_BASE, "ep:delegated",
+                                            std::vector<at::Tensor>{});
+    done->complete();
+    return c10::intrusive_ptr<c10d::Work>(done);
+  };
+  auto work = host_all_to_all({}, std::move(spans), c10d::OpType::ALLTOALL_BASE, op_name, delegate);
+  // Peers may take a while; other Python threads go on meanwhile.
+  std::optional<pybind11::gil_scoped_release> no_gil;
+  if (Py_IsInitialized() && PyGILState_Check()) no_gil.emplace();
+  work->wait();
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output, at::Tensor& input,

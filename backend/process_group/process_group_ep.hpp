@@ -10,6 +10,7 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/version.h>
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -50,6 +51,19 @@ class ProcessGroupEP : public c10d::Backend {
   bool host_one_copy() const;
   // Which path CUDA all_to_all takes: "cuda" (our transport), "delegated", or "" until decided.
   std::string cuda_path() const;
+
+  // --- for the MoE ops (backend/ops) ---
+  // A blocking all_to_all of byte spans over the host transport (Gloo where the ranks span
+  // hosts), in order with this group's other host-side ops.
+  void host_exchange(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
+                     const char* op_name);
+  // Numbers the group's dispatches (1, 2, ...): ranks compare it to catch calls out of step,
+  // and combine compares the handles' numbers.
+  uint64_t next_dispatch_id() { return ++dispatch_count_; }
+  // The CUDA transport of the MoE kernels, apart from all_to_all's so that their flags never
+  // meet (all_to_all runs on the comm stream, MoE ops on the caller's). Created by the first
+  // CUDA dispatch (collective); throws where CUDA IPC cannot reach every rank.
+  std::shared_ptr<CudaTransport> moe_transport(const at::Device& device, const char* op_name);
 
   // --- ours ---
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
@@ -153,6 +167,8 @@ class ProcessGroupEP : public c10d::Backend {
   enum class CudaPath { kUndecided, kOurs, kDelegated } cuda_path_ = CudaPath::kUndecided;
   std::shared_ptr<CudaTransport> cuda_transport_;
   std::optional<c10::Stream> comm_stream_;
+  std::shared_ptr<CudaTransport> moe_transport_;
+  std::atomic<uint64_t> dispatch_count_{0};
   HostWorker host_worker_;  // declared last: joined first on destruction
 };
 

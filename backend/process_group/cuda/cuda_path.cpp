@@ -39,6 +39,30 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& 
   return cuda_transport_;
 }
 
+std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& device, const char* op_name) {
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  if (!moe_transport_) {
+    // Ranks on other hosts cannot map each other's memory; the internode path is another issue.
+    TORCH_CHECK(ranks_share_host(), op_name, ": CUDA dispatch/combine need every rank of the group on one host");
+    try {
+      CudaTransportConfig cc;
+      cc.device = device.index();
+      cc.buffer_bytes = 0;  // flags only: the MoE kernels read peers' tensors, not a staging block
+      cc.num_sms = config_.num_sms;
+      cc.timeout = config_.timeout;
+      cc.control_slot_bytes = 16 << 10;  // a dispatch record in one chunk
+      moe_transport_ = std::make_shared<CudaTransport>(rendezvous_, cc, "ep/cuda/moe");
+    } catch (const std::exception& e) {
+      C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's CUDA transport for "
+                                            "dispatch/combine failed: " + e.what());
+    }
+  }
+  TORCH_CHECK_VALUE(moe_transport_->device() == device.index(), op_name, ": this 'ep' group runs dispatch/combine on cuda:",
+                    moe_transport_->device(), " (its first call), but got a tensor on ", device,
+                    "; use one device per rank and group");
+  return moe_transport_;
+}
+
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
                                                                c10d::OpType type, const char* op_name) {
   std::shared_ptr<CudaTransport> transport = cuda_transport_;

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "backend/kernels/all_to_all.cuh"
+#include "backend/kernels/moe.cuh"  // kErrorOverflow
 #include "backend/transport/cuda/cuda_check.hpp"
 
 namespace ep {
@@ -28,9 +29,9 @@ size_t chunk_bytes_for(size_t buffer_bytes, int size) {
   return std::max<size_t>(buffer_bytes / (size_t(size) * kSlots * kChunkAlign), 1) * kChunkAlign;
 }
 
-HostTransportConfig control_config(std::chrono::milliseconds timeout) {
+HostTransportConfig control_config(std::chrono::milliseconds timeout, size_t slot_bytes) {
   HostTransportConfig c;
-  c.slot_bytes = 256;  // one ControlRecord per message
+  c.slot_bytes = slot_bytes;  // all_to_all: one ControlRecord per message
   c.num_slots = 4;
   c.one_copy = false;  // records are tiny
   c.timeout = timeout;
@@ -81,7 +82,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
       buffers_(rdv, config.device, kDataOffset + chunk_bytes_for(config.buffer_bytes, rdv.size()) * rdv.size() * kSlots,
                tag + "/buffers"),
       chunk_bytes_(chunk_bytes_for(config.buffer_bytes, rdv.size())),
-      control_(rdv, control_config(config.timeout), tag + "/control"),
+      control_(rdv, control_config(config.timeout, config.control_slot_bytes), tag + "/control"),
       opened_(rdv.size()) {
   if (size_ > kMaxRanks) throw CommError("torch_ep: the CUDA transport supports up to 2048 ranks per node");
   EP_CUDA_CHECK(cudaSetDevice(config.device));
@@ -152,14 +153,40 @@ bool CudaTransport::export_allocation(const void* ptr, cudaIpcMemHandle_t* handl
   return true;
 }
 
-void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
-                               cudaStream_t stream, const char* op_name) {
+void CudaTransport::check_healthy(const char* op_name) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!error_.empty())
+    throw CommError(std::string(op_name) + ": this group's CUDA transport stopped after an earlier error and "
+                    "takes no more calls; destroy the process group. The error was: " + error_);
+}
+
+void CudaTransport::exchange(const void* mine, void* theirs, size_t record_bytes, const char* op_name) {
+  std::vector<SendBuffer> sends(size_);
+  std::vector<RecvBuffer> recvs(size_);
+  for (int p = 0; p < size_; ++p) {
+    sends[p] = {static_cast<const char*>(mine) + p * record_bytes, record_bytes};
+    recvs[p] = {static_cast<char*>(theirs) + p * record_bytes, record_bytes};
+  }
+  control_.all_to_all(sends, recvs, op_name);
+}
+
+void CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<int> peers) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;  // replays run where the watchdog cannot see
+  Inflight op{op_name, std::chrono::steady_clock::now(), std::move(peers), nullptr};
+  EP_CUDA_CHECK(cudaEventCreateWithFlags(&op.done, cudaEventDisableTiming));
+  EP_CUDA_CHECK(cudaEventRecord(op.done, stream));
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!error_.empty())
-      throw CommError(std::string(op_name) + ": this group's CUDA transport stopped after an earlier error and "
-                      "takes no more calls; destroy the process group. The error was: " + error_);
+    inflight_.push_back(std::move(op));
   }
+  cv_.notify_all();
+}
+
+void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
+                               cudaStream_t stream, const char* op_name) {
+  check_healthy(op_name);
   EP_CUDA_CHECK(cudaSetDevice(buffers_.device()));
 
   // 1. Control exchange: sizes both ways, and where each peer's data should land.
@@ -227,17 +254,7 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     enqueue_staged(sends, recvs, stream);
   }
 
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return;  // replays run where the watchdog cannot see
-  Inflight op{op_name, std::chrono::steady_clock::now(), std::move(peers), nullptr};
-  EP_CUDA_CHECK(cudaEventCreateWithFlags(&op.done, cudaEventDisableTiming));
-  EP_CUDA_CHECK(cudaEventRecord(op.done, stream));
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    inflight_.push_back(std::move(op));
-  }
-  cv_.notify_all();
+  track(op_name, stream, std::move(peers));
 }
 
 void CudaTransport::enqueue_direct(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
@@ -357,7 +374,10 @@ void CudaTransport::watch() {
       cudaEventDestroy(op.done);
       if (state != cudaSuccess && error_.empty()) error_ = op.op + ": CUDA error " + cudaGetErrorString(state);
       const int waited_for = *static_cast<volatile int*>(kernel_error_host_);
-      if (waited_for && error_.empty())  // a kernel's bounded wait expired and it gave up
+      if (waited_for == kernels::kErrorOverflow && error_.empty())
+        error_ = op.op + ": rank " + std::to_string(rank_) +
+                 " received more rows than num_worst_tokens allows; the rows past it were dropped";
+      else if (waited_for && error_.empty())  // a kernel's bounded wait expired and it gave up
         error_ = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
                  std::to_string(timeout_.count()) + " ms waiting for peer rank(s) " + std::to_string(waited_for - 1) +
                  " (in the device kernel): a peer never arrived or stalled";

@@ -48,6 +48,7 @@ struct CudaTransportConfig {
   int device = 0;
   size_t buffer_bytes = 64 << 20;  // this rank's registered receive block
   int num_sms = 0;                 // SM budget of the transport's kernels; 0 = one block per peer
+  size_t control_slot_bytes = 256;  // chunk of the per-call control exchange over shared memory
   std::chrono::milliseconds timeout{std::chrono::minutes(30)};
 };
 
@@ -65,6 +66,26 @@ class CudaTransport {
   // The error that stopped this transport, or "" while it is healthy.
   std::string error() const;
   int device() const { return buffers_.device(); }
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+
+  // ---- for kernels that read peers' memory directly (MoE dispatch/combine, backend/ops) ----
+  // Throws naming `op_name` once the transport has failed.
+  void check_healthy(const char* op_name) const;
+  // Sends mine[p] (record_bytes each) to every rank p and returns what each sent us, over shared
+  // memory; raises on timeouts like all_to_all.
+  void exchange(const void* mine, void* theirs, size_t record_bytes, const char* op_name);
+  // Exports the allocation holding `ptr` (handle + offset); false when it cannot be exported.
+  bool export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset);
+  // Maps a peer's exported allocation once; later calls reuse the mapping.
+  char* open_peer_allocation(int peer, const cudaIpcMemHandle_t& handle);
+  // Handshake flags: a set ready/done flag in `owner`'s block at index `peer`.
+  uint32_t* ready_flag(int owner, int peer) const;
+  uint32_t* done_flag(int owner, int peer) const;
+  int* kernel_error() const { return kernel_error_device_; }
+  std::chrono::milliseconds timeout() const { return timeout_; }
+  // Lets the watchdog bound what was just queued on `stream` (a no-op while capturing a graph).
+  void track(const char* op_name, cudaStream_t stream, std::vector<int> peers);
 
  private:
   struct Inflight {
@@ -76,8 +97,6 @@ class CudaTransport {
 
   uint32_t* full_flag(int owner, int src, int slot) const;
   uint32_t* empty_flag(int owner, int dst, int slot) const;
-  uint32_t* ready_flag(int owner, int receiver) const;  // receiver's output is ready for owner's data
-  uint32_t* done_flag(int owner, int sender) const;     // sender's data has landed in owner's output
   char* slot_data(int owner, int src, int slot) const;
   void enqueue_direct(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
                       const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
@@ -85,10 +104,6 @@ class CudaTransport {
                            const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
   void enqueue_staged(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
                       cudaStream_t stream);
-  // Maps a peer's exported allocation once; later calls reuse the mapping.
-  char* open_peer_allocation(int peer, const cudaIpcMemHandle_t& handle);
-  // Exports the allocation holding `ptr` (handle + offset); false when it cannot be exported.
-  bool export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset);
   void watch();
   void release_waits();  // makes every wait on this rank's flags pass
 

@@ -1,0 +1,316 @@
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+
+#include "backend/kernels/moe.cuh"
+#include "backend/kernels/sync.cuh"
+
+namespace ep::kernels {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+// ------------------------------------------------------------------------------------ layout
+
+// Block r lists the tokens going to rank r in token order: a ballot per warp and a scan over
+// the block's warps give each token its row among rank r's rows.
+__global__ void __launch_bounds__(kThreads) layout_kernel(LayoutParams p) {
+  extern __shared__ int counters[];  // [2 * experts_per_rank]: pairs, then tokens, per local expert
+  __shared__ int warp_counts[kWarps];
+  __shared__ int id_lo, id_hi;
+  const int r = blockIdx.x;
+  const MetaLayout l{p.num_ranks, p.num_experts, p.num_tokens};
+  const int64_t per_rank = l.experts_per_rank(), lo = r * per_rank, hi = lo + per_rank;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int* pairs = counters;
+  int* tokens = counters + per_rank;
+  for (int64_t i = threadIdx.x; i < 2 * per_rank; i += blockDim.x) counters[i] = 0;
+  if (threadIdx.x == 0) id_lo = INT_MAX, id_hi = INT_MIN;
+  __syncthreads();
+
+  int running = 0;  // rows of rank r so far; the same in every thread
+  int my_lo = INT_MAX, my_hi = INT_MIN;
+  for (int64_t base = 0; base < p.num_tokens; base += blockDim.x) {
+    const int64_t t = base + threadIdx.x;
+    bool goes = false;
+    if (t < p.num_tokens) {
+      const int64_t* row = p.topk_idx + t * p.num_topk;
+      for (int k = 0; k < p.num_topk; ++k) {
+        const int64_t e = row[k];
+        if (r == 0) {  // block 0 also finds the id range, to reject bad input
+          const int c = int(e < INT_MIN ? INT_MIN : (e > INT_MAX ? INT_MAX : e));
+          my_lo = min(my_lo, c);
+          my_hi = max(my_hi, c);
+        }
+        if (e < lo || e >= hi) continue;
+        goes = true;
+        atomicAdd(&pairs[e - lo], 1);
+        bool repeated = false;  // a token counts once per expert, however many slots name it
+        for (int j = 0; j < k; ++j) repeated = repeated || row[j] == e;
+        if (!repeated) atomicAdd(&tokens[e - lo], 1);
+      }
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, goes);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < int(blockDim.x / 32); ++w) {
+      before += w < warp ? warp_counts[w] : 0;
+      total += warp_counts[w];
+    }
+    const int pos = running + before + __popc(ballot & ((1u << lane) - 1));
+    if (t < p.num_tokens) {
+      p.meta[l.token_pos() + t * p.num_ranks + r] = goes ? pos : -1;
+      if (goes) p.meta[l.send_tokens() + r * p.num_tokens + pos] = int32_t(t);
+      if (p.is_token_in_rank) p.is_token_in_rank[t * p.num_ranks + r] = goes;
+    }
+    running += total;
+    __syncthreads();  // warp_counts is reused
+  }
+  if (r == 0) {
+    atomicMin(&id_lo, my_lo);
+    atomicMax(&id_hi, my_hi);
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < per_rank; i += blockDim.x) {
+    p.meta[l.pairs_per_expert() + lo + i] = pairs[i];
+    p.meta[l.tokens_per_rank_expert() + lo + i] = tokens[i];
+  }
+  if (threadIdx.x == 0) {
+    p.meta[l.tokens_per_rank() + r] = running;
+    p.meta[l.row_offset_at_rank() + r] = 0;  // dispatch fills it in
+    if (r == 0) {
+      p.meta[l.id_range()] = id_lo;
+      p.meta[l.id_range() + 1] = id_hi;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ signal
+
+__global__ void signal_kernel(SignalParams p) {
+  const uint64_t deadline = now_ns() + p.timeout_ns;
+  const int peer = threadIdx.x;
+  if (peer >= p.num_ranks) return;
+  __threadfence_system();  // what this stream wrote before is visible before the flag says so
+  if (p.to_set[peer]) store_release(p.to_set[peer], 1);
+  if (p.to_wait[peer] && !take_flag(p.to_wait[peer], deadline)) atomicExch(p.error, 1 + peer);
+}
+
+// ------------------------------------------------------------------------------------ dispatch
+
+// A warp copies `bytes` in units of V, four loads in flight per lane.
+template <typename V>
+__device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t bytes, int lane) {
+  const int64_t n = bytes / int64_t(sizeof(V));
+  V* d = reinterpret_cast<V*>(dst);
+  const V* s = reinterpret_cast<const V*>(src);
+  int64_t i = lane;
+  for (; i + 96 < n; i += 128) {
+    const V a = s[i], b = s[i + 32], c = s[i + 64], e = s[i + 96];
+    d[i] = a, d[i + 32] = b, d[i + 64] = c, d[i + 96] = e;
+  }
+  for (; i < n; i += 32) d[i] = s[i];
+}
+
+template <typename V>
+__global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
+  __shared__ int64_t first_row[kMaxRanksPerNode + 1];  // where each source's rows start here
+  const int R = p.num_ranks;
+  const int lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    int64_t at = 0;
+    for (int s = 0; s < R; ++s) {
+      first_row[s] = at;
+      at += p.src[s].meta[MetaLayout::tokens_per_rank() + p.rank];
+    }
+    first_row[R] = at;
+  }
+  if (blockIdx.x == 0 && threadIdx.x < R) {
+    // For combine: where this rank's rows start among rank d's received rows.
+    const int d = threadIdx.x;
+    int64_t at = 0;
+    for (int s = 0; s < p.rank; ++s) at += p.src[s].meta[MetaLayout::tokens_per_rank() + d];
+    const MetaLayout mine{R, p.num_experts, p.src[p.rank].num_tokens};
+    p.meta[mine.row_offset_at_rank() + d] = int32_t(at);
+  }
+  __syncthreads();
+  const int64_t received = first_row[R];
+  if (received > p.capacity && blockIdx.x == 0 && threadIdx.x == 0) atomicExch(p.error, kErrorOverflow);
+  const int64_t rows = received < p.capacity ? received : p.capacity;
+  const int64_t per_rank = p.num_experts / R, lo = p.rank * per_rank, hi = lo + per_rank;
+
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + (threadIdx.x >> 5); row < p.capacity; row += warps) {
+    if (row >= rows) {  // padding of a fixed-size output: routed nowhere
+      for (int k = lane; k < p.num_topk; k += 32) {
+        if (p.recv_topk_idx) p.recv_topk_idx[row * p.num_topk + k] = -1;
+        if (p.recv_topk_weights) p.recv_topk_weights[row * p.num_topk + k] = 0.f;
+      }
+      continue;
+    }
+    int s = 0;
+    while (row >= first_row[s + 1]) ++s;
+    const DispatchSource src = p.src[s];
+    const MetaLayout theirs{R, p.num_experts, src.num_tokens};
+    const int64_t t = src.meta[theirs.send_tokens() + p.rank * src.num_tokens + (row - first_row[s])];
+    warp_copy<V>(p.recv_x + row * p.row_bytes, src.x + t * p.row_bytes, p.row_bytes, lane);
+    for (int i = lane; i < p.num_scales; i += 32)
+      p.recv_x_scales[row * p.num_scales + i] = src.x_scales[t * p.num_scales + i];
+    if (src.topk_idx) {
+      for (int k = lane; k < p.num_topk; k += 32) {
+        const int64_t e = src.topk_idx[t * p.num_topk + k];
+        const bool mine = e >= lo && e < hi;
+        p.recv_topk_idx[row * p.num_topk + k] = mine ? e - lo : -1;
+        if (p.recv_topk_weights)
+          p.recv_topk_weights[row * p.num_topk + k] = mine ? src.topk_weights[t * p.num_topk + k] : 0.f;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ combine
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float(float v) { return v; }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16(v); }
+template <>
+__device__ __forceinline__ __half from_float(float v) { return __float2half(v); }
+template <>
+__device__ __forceinline__ float from_float(float v) { return v; }
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// A warp per token: lane d holds where the token's row sits in rank d's input, and the warp
+// sums those rows (ascending rank: the result does not depend on timing), V elements a lane.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
+  __shared__ int64_t rows_of_warp[kWarps][kMaxRanksPerNode];
+  const int R = p.num_ranks;
+  const int lane = threadIdx.x & 31;
+  int64_t* rows = rows_of_warp[threadIdx.x >> 5];
+  const MetaLayout l{R, p.num_experts, p.num_tokens};
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x / 32) + (threadIdx.x >> 5); t < p.num_tokens; t += warps) {
+    int64_t row = -1;
+    if (lane < R) {
+      const int pos = p.meta[l.token_pos() + t * R + lane];
+      if (pos >= 0) row = p.meta[l.row_offset_at_rank() + lane] + int64_t(pos);
+      rows[lane] = row;
+    }
+    __syncwarp();
+    const unsigned sources = __ballot_sync(0xffffffffu, row >= 0);
+    for (int64_t c = lane; c < p.hidden / V; c += 32) {
+      float acc[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] = 0.f;
+      for (unsigned left = sources; left; left &= left - 1) {
+        const int d = __ffs(left) - 1;
+        const int64_t r = rows[d];
+        const auto pk = reinterpret_cast<const Pack<T, V>*>(reinterpret_cast<const T*>(p.x[d]) + r * p.hidden)[c];
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] += to_float(pk.v[i]);
+      }
+      Pack<T, V> out;
+#pragma unroll
+      for (int i = 0; i < V; ++i) out.v[i] = from_float<T>(acc[i]);
+      reinterpret_cast<Pack<T, V>*>(reinterpret_cast<T*>(p.out) + t * p.hidden)[c] = out;
+    }
+    if (p.out_weights) {
+      for (int k = lane; k < p.num_topk; k += 32) {
+        float acc = 0.f;
+        for (unsigned left = sources; left; left &= left - 1) {
+          const int d = __ffs(left) - 1;
+          const int64_t r = rows[d];
+          acc += p.topk_weights[d][r * p.num_topk + k];
+        }
+        p.out_weights[t * p.num_topk + k] = acc;
+      }
+    }
+    __syncwarp();  // rows[] is rewritten for the next token
+  }
+}
+
+bool aligned(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
+
+int grid_for(int num_blocks, int64_t warps_of_work) {
+  const int64_t wanted = (warps_of_work + kWarps - 1) / kWarps;
+  return int(wanted < 1 ? 1 : (wanted < num_blocks ? wanted : num_blocks));
+}
+
+template <typename T>
+cudaError_t launch_combine_as(const CombineParams& p, cudaStream_t stream) {
+  // V elements per access: 16 bytes where the hidden size and every input allow it.
+  constexpr int kVector = 16 / sizeof(T);
+  bool wide = p.hidden % kVector == 0 && aligned(p.out, 16);
+  for (int d = 0; d < p.num_ranks; ++d) wide = wide && (!p.x[d] || aligned(p.x[d], 16));
+  const int grid = grid_for(p.num_blocks, p.num_tokens);
+  if (wide)
+    combine_kernel<T, kVector><<<grid, kThreads, 0, stream>>>(p);
+  else
+    combine_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream) {
+  if (p.num_ranks < 1 || p.num_experts % p.num_ranks) return cudaErrorInvalidValue;
+  const size_t smem = 2 * size_t(p.num_experts / p.num_ranks) * sizeof(int);
+  layout_kernel<<<p.num_ranks, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_signal(const SignalParams& p, cudaStream_t stream) {
+  if (p.num_ranks < 1 || p.num_ranks > kMaxRanksPerNode) return cudaErrorInvalidValue;
+  signal_kernel<<<1, 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
+  if (p.num_ranks < 1 || p.num_ranks > kMaxRanksPerNode || p.num_blocks < 1) return cudaErrorInvalidValue;
+  // The widest access that the row size and every row's address allow.
+  int vec = 16;
+  auto fits = [&](const void* ptr) { return !ptr || aligned(ptr, vec); };
+  for (;; vec /= 2) {
+    bool ok = p.row_bytes % vec == 0 && fits(p.recv_x);
+    for (int s = 0; s < p.num_ranks; ++s) ok = ok && fits(p.src[s].x);
+    if (ok || vec == 1) break;
+  }
+  const int grid = grid_for(p.num_blocks, p.capacity);
+  switch (vec) {
+    case 16: dispatch_kernel<int4><<<grid, kThreads, 0, stream>>>(p); break;
+    case 8: dispatch_kernel<int2><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: dispatch_kernel<int><<<grid, kThreads, 0, stream>>>(p); break;
+    case 2: dispatch_kernel<short><<<grid, kThreads, 0, stream>>>(p); break;
+    default: dispatch_kernel<char><<<grid, kThreads, 0, stream>>>(p); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
+  if (p.num_ranks < 1 || p.num_ranks > kMaxRanksPerNode || p.num_blocks < 1) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kBFloat16: return launch_combine_as<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return launch_combine_as<__half>(p, stream);
+    case DType::kFloat32: return launch_combine_as<float>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace ep::kernels

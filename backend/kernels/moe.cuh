@@ -1,0 +1,89 @@
+// Launchers of the MoE kernels (layout, dispatch, combine). Torch-free: raw pointers and POD
+// parameter structs.
+//
+// Dispatch and combine pull: each rank's kernel reads its peers' memory (CUDA IPC mappings)
+// and writes only its own outputs, so each row moves exactly once, straight from the tensor
+// that holds it to the tensor that needs it. A token going to several experts of one rank is
+// read once by that rank. Around the pull, `launch_signal` runs the flag handshake: first
+// "my inputs are ready to be read", last "I have finished reading yours".
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/kernels/all_to_all.cuh"  // kMaxRanksPerNode
+#include "backend/kernels/moe_meta.hpp"
+
+namespace ep::kernels {
+
+// ---- layout: the routing table (moe_meta.hpp) of one rank's topk_idx
+struct LayoutParams {
+  const int64_t* topk_idx;  // [N, K]
+  int64_t num_tokens;
+  int num_topk;
+  int num_ranks;
+  int64_t num_experts;
+  int32_t* meta;            // MetaLayout{num_ranks, num_experts, num_tokens}.size() int32
+  bool* is_token_in_rank;   // [N, R], or null
+};
+cudaError_t launch_layout(const LayoutParams& params, cudaStream_t stream);
+
+// ---- flag handshake: set every flag of `to_set`, then wait for (and clear) every flag of `to_wait`
+struct SignalParams {
+  int num_ranks;
+  uint32_t* to_set[kMaxRanksPerNode];   // null: nothing to tell that rank
+  uint32_t* to_wait[kMaxRanksPerNode];  // null: nothing to wait for
+  uint64_t timeout_ns;
+  int* error;  // host-mapped: 1 + the rank a wait timed out on
+};
+cudaError_t launch_signal(const SignalParams& params, cudaStream_t stream);
+
+// ---- dispatch: pull the rows every source rank sends to this rank
+struct DispatchSource {
+  const char* x;              // [N_src, H] payload rows
+  const float* x_scales;      // [N_src, num_scales], or null
+  const int64_t* topk_idx;    // [N_src, K], or null (a dispatch along a handle)
+  const float* topk_weights;  // [N_src, K], or null
+  const int32_t* meta;        // the source's routing table
+  int64_t num_tokens;         // N_src
+};
+struct DispatchParams {
+  int num_ranks;
+  int rank;
+  int64_t num_experts;
+  DispatchSource src[kMaxRanksPerNode];
+  int64_t row_bytes;  // H * element size
+  int num_scales;
+  int num_topk;
+  char* recv_x;
+  float* recv_x_scales;
+  int64_t* recv_topk_idx;    // local expert ids, -1 for others' experts and for padding rows
+  float* recv_topk_weights;
+  int64_t capacity;          // rows of the outputs; rows past those received are padding
+  int32_t* meta;             // this rank's table: gets row_offset_at_rank
+  int num_blocks;            // the SM budget
+  int* error;                // host-mapped: kErrorOverflow when more rows arrive than `capacity`
+};
+constexpr int kErrorOverflow = -1;
+cudaError_t launch_dispatch(const DispatchParams& params, cudaStream_t stream);
+
+// ---- combine: for each token, sum the rows the ranks it went to send back
+enum class DType : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2 };
+struct CombineParams {
+  int num_ranks;
+  int64_t num_experts;
+  int64_t num_tokens;
+  const int32_t* meta;                          // this rank's table (token_pos, row_offset_at_rank)
+  const char* x[kMaxRanksPerNode];              // each rank's combine input [M_r, H]
+  const float* topk_weights[kMaxRanksPerNode];  // each rank's [M_r, K], or null
+  int64_t hidden;
+  DType dtype;
+  int num_topk;
+  char* out;          // [N, H], dtype
+  float* out_weights; // [N, K], or null
+  int num_blocks;
+};
+cudaError_t launch_combine(const CombineParams& params, cudaStream_t stream);
+
+}  // namespace ep::kernels

@@ -1,0 +1,267 @@
+// The MoE ops on CUDA tensors: host glue around backend/kernels/moe.cu.
+//
+// Each call runs on the caller's current stream:
+//   [layout]      routing table on the device (a new route only)
+//   host          the table's header comes back (unless a handle or num_worst_tokens gives the
+//                 sizes), then one record exchange with every peer: sizes, checks, and IPC
+//                 handles of the tensors its kernel will read
+//   [signal]      "my inputs are ready" to every peer, then wait for theirs
+//   [dispatch | combine]   pull straight from the peers' tensors into this rank's outputs
+//   [signal]      "I am done reading yours", then wait until every peer is done with ours, so
+//                 no input is freed or overwritten while a peer still reads it
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstring>
+
+#include "backend/kernels/moe.cuh"
+#include "backend/ops/moe_ops.hpp"
+#include "backend/ops/moe_protocol.hpp"
+#include "backend/process_group/process_group_ep.hpp"
+#include "backend/transport/cuda/cuda_check.hpp"
+#include "backend/transport/cuda/cuda_transport.hpp"
+
+namespace ep::moe {
+namespace {
+
+using at::Tensor;
+using kernels::MetaLayout;
+
+const void* ptr_of(const std::optional<Tensor>& t) { return t && t->numel() ? t->data_ptr() : nullptr; }
+const void* ptr_of(const Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
+
+// Exports `ptrs` into records[p].regions for every peer; false when one cannot be exported.
+bool share(CudaTransport& transport, const std::vector<const void*>& ptrs, std::vector<Record>& records) {
+  PeerRegion regions[kMaxRegions];
+  std::memset(regions, 0, sizeof(regions));
+  bool ok = true;
+  for (size_t i = 0; i < ptrs.size(); ++i) {
+    if (!ptrs[i]) continue;
+    cudaIpcMemHandle_t handle;
+    if (!transport.export_allocation(ptrs[i], &handle, &regions[i].offset)) {
+      ok = false;
+      continue;
+    }
+    std::memcpy(regions[i].ipc_handle, &handle, sizeof(handle));
+    regions[i].valid = 1;
+  }
+  for (Record& r : records) std::memcpy(r.regions, regions, sizeof(regions));
+  if (!ok)
+    for (Record& r : records)
+      set_rejected(r, "an input lives in memory CUDA IPC cannot export (expandable segments?); CUDA "
+                      "dispatch/combine read peers' tensors in place and need cudaMalloc'd blocks");
+  return ok;
+}
+
+// Where a peer's region is mapped here; this rank's own pointer for itself.
+const char* peer_ptr(CudaTransport& transport, int peer, const Record& record, int region, const void* own) {
+  if (peer == transport.rank()) return static_cast<const char*>(own);
+  const PeerRegion& r = record.regions[region];
+  if (!r.valid) return nullptr;
+  cudaIpcMemHandle_t handle;
+  std::memcpy(&handle, r.ipc_handle, sizeof(handle));
+  return transport.open_peer_allocation(peer, handle) + r.offset;
+}
+
+std::vector<Record> exchange(CudaTransport& transport, const std::vector<Record>& mine, const char* op) {
+  std::vector<Record> theirs(mine.size());
+  transport.exchange(mine.data(), theirs.data(), sizeof(Record), op);
+  return theirs;
+}
+
+// The flag handshake with every peer: `ready` before the pull, `done` after it.
+void signal_all(CudaTransport& transport, bool ready, cudaStream_t stream) {
+  kernels::SignalParams p{};
+  p.num_ranks = transport.size();
+  p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(transport.timeout()).count());
+  p.error = transport.kernel_error();
+  const int me = transport.rank();
+  for (int peer = 0; peer < p.num_ranks; ++peer) {
+    if (peer == me) continue;
+    p.to_set[peer] = ready ? transport.ready_flag(peer, me) : transport.done_flag(peer, me);
+    p.to_wait[peer] = ready ? transport.ready_flag(me, peer) : transport.done_flag(me, peer);
+  }
+  EP_CUDA_CHECK(kernels::launch_signal(p, stream));
+}
+
+int num_blocks(ProcessGroupEP& group, const at::Device& device) {
+  if (group.config().num_sms > 0) return group.config().num_sms;
+  int sms = 0;
+  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  return sms;
+}
+
+std::vector<int> peers_of(int rank, int size) {
+  std::vector<int> peers;
+  for (int p = 0; p < size; ++p)
+    if (p != rank) peers.push_back(p);
+  return peers;
+}
+
+std::shared_ptr<CudaTransport> transport_for(ProcessGroupEP& group, const at::Device& device, const char* op) {
+  TORCH_CHECK_VALUE(group.getSize() <= kernels::kMaxRanksPerNode, op, ": CUDA dispatch/combine support groups of up to ",
+                    kernels::kMaxRanksPerNode, " ranks, this one has ", group.getSize());
+  std::shared_ptr<CudaTransport> transport = group.moe_transport(device, op);
+  transport->check_healthy(op);
+  return transport;
+}
+
+}  // namespace
+
+Tensor layout_cuda(const Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, Tensor* is_token_in_rank) {
+  c10::cuda::CUDAGuard guard(topk_idx.device());
+  const int64_t N = topk_idx.size(0);
+  const MetaLayout l{num_ranks, num_experts, N};
+  Tensor meta = at::empty({l.size()}, topk_idx.options().dtype(at::kInt));
+  kernels::LayoutParams p{};
+  p.topk_idx = topk_idx.data_ptr<int64_t>();
+  p.num_tokens = N;
+  p.num_topk = int(topk_idx.size(1));
+  p.num_ranks = int(num_ranks);
+  p.num_experts = num_experts;
+  p.meta = meta.data_ptr<int32_t>();
+  if (is_token_in_rank) {
+    *is_token_in_rank = at::empty({N, num_ranks}, topk_idx.options().dtype(at::kBool));
+    p.is_token_in_rank = is_token_in_rank->data_ptr<bool>();
+  }
+  C10_CUDA_CHECK(kernels::launch_layout(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return meta;
+}
+
+DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
+  const char* op = "dispatch";
+  const at::Device device = a.x.device();
+  c10::cuda::CUDAGuard guard(device);
+  std::shared_ptr<CudaTransport> transport = transport_for(group, device, op);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const int64_t R = group.getSize(), rank = group.getRank();
+  const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts;
+  const bool cached = a.handle_meta.has_value(), worst = a.num_worst_tokens > 0;
+  const MetaLayout l{R, E, N};
+
+  try {
+    const Tensor meta = cached ? *a.handle_meta : layout_cuda(*a.topk_idx, E, R, nullptr);
+    // The sizes, on the host: from the handle, or from the table (one wait for the layout
+    // kernel), or nowhere with num_worst_tokens, so that nothing waits on the device.
+    Tensor header;
+    std::vector<int64_t> send(R, -1);
+    if (cached) {
+      send = a.handle_counts->send;
+    } else if (!worst) {
+      header = at::empty({l.header_size()}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+      EP_CUDA_CHECK(cudaMemcpyAsync(header.data_ptr(), meta.data_ptr(), header.nbytes(), cudaMemcpyDeviceToHost,
+                                    stream));
+      EP_CUDA_CHECK(cudaStreamSynchronize(stream));
+      for (int64_t p = 0; p < R; ++p) send[p] = header.data_ptr<int32_t>()[l.tokens_per_rank() + p];
+    }
+
+    const uint64_t call_id = group.next_dispatch_id();
+    std::vector<Record> mine = dispatch_records(a, R, call_id, header.defined() ? header.data_ptr<int32_t>() : nullptr);
+    share(*transport, {ptr_of(a.x), ptr_of(a.x_scales), ptr_of(a.topk_idx), ptr_of(a.topk_weights), ptr_of(meta)},
+          mine);
+    const std::vector<Record> theirs = exchange(*transport, mine, op);
+    check_records(op, int(rank), mine[rank], theirs);
+    const HandleCounts counts = dispatch_counts(a, rank, call_id, send, theirs);
+    int64_t M = 0;
+    for (int64_t n : counts.recv) M += n;
+    const int64_t capacity = worst ? a.num_worst_tokens : M;
+    const int64_t K = cached ? 0 : a.topk_idx->size(1);
+
+    DispatchOutputs o;
+    o.recv_x = at::empty({capacity, H}, a.x.options());
+    o.recv_x_scales = a.x_scales ? at::empty({capacity, a.x_scales->size(1)}, a.x_scales->options())
+                                 : at::empty({0}, a.x.options().dtype(at::kFloat));
+    o.recv_topk_idx = cached ? at::empty({0}, a.x.options().dtype(at::kLong))
+                             : at::empty({capacity, K}, a.x.options().dtype(at::kLong));
+    o.recv_topk_weights = a.topk_weights ? at::empty({capacity, K}, a.x.options().dtype(at::kFloat))
+                                         : at::empty({0}, a.x.options().dtype(at::kFloat));
+
+    kernels::DispatchParams p{};
+    p.num_ranks = int(R);
+    p.rank = int(rank);
+    p.num_experts = E;
+    for (int s = 0; s < R; ++s) {
+      kernels::DispatchSource& src = p.src[s];
+      src.x = peer_ptr(*transport, s, theirs[s], 0, ptr_of(a.x));
+      src.x_scales = reinterpret_cast<const float*>(peer_ptr(*transport, s, theirs[s], 1, ptr_of(a.x_scales)));
+      src.topk_idx = reinterpret_cast<const int64_t*>(peer_ptr(*transport, s, theirs[s], 2, ptr_of(a.topk_idx)));
+      src.topk_weights = reinterpret_cast<const float*>(peer_ptr(*transport, s, theirs[s], 3, ptr_of(a.topk_weights)));
+      src.meta = reinterpret_cast<const int32_t*>(peer_ptr(*transport, s, theirs[s], 4, ptr_of(meta)));
+      src.num_tokens = theirs[s].num_tokens;
+    }
+    p.row_bytes = H * int64_t(a.x.element_size());
+    p.num_scales = a.x_scales ? int(a.x_scales->size(1)) : 0;
+    p.num_topk = int(K);
+    p.recv_x = static_cast<char*>(o.recv_x.data_ptr());
+    p.recv_x_scales = a.x_scales ? o.recv_x_scales.data_ptr<float>() : nullptr;
+    p.recv_topk_idx = cached ? nullptr : o.recv_topk_idx.data_ptr<int64_t>();
+    p.recv_topk_weights = a.topk_weights ? o.recv_topk_weights.data_ptr<float>() : nullptr;
+    p.capacity = capacity;
+    p.meta = meta.data_ptr<int32_t>();
+    p.num_blocks = num_blocks(group, device);
+    p.error = transport->kernel_error();
+
+    signal_all(*transport, /*ready=*/true, stream);
+    EP_CUDA_CHECK(kernels::launch_dispatch(p, stream));
+    signal_all(*transport, /*ready=*/false, stream);
+    transport->track(op, stream, peers_of(int(rank), int(R)));
+
+    o.meta = cached ? at::empty({0}, meta.options()) : meta;
+    o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
+    return o;
+  } catch (const CommError& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+}
+
+CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
+  const char* op = "combine";
+  const at::Device device = a.x.device();
+  c10::cuda::CUDAGuard guard(device);
+  std::shared_ptr<CudaTransport> transport = transport_for(group, device, op);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const int64_t R = group.getSize(), rank = group.getRank();
+  const int64_t N = a.num_tokens, H = a.x.size(1);
+  const int64_t K = a.topk_weights ? a.topk_weights->size(1) : 0;
+
+  try {
+    std::vector<Record> mine = combine_records(a, R);
+    share(*transport, {ptr_of(a.x), ptr_of(a.topk_weights)}, mine);
+    const std::vector<Record> theirs = exchange(*transport, mine, op);
+    check_records(op, int(rank), mine[rank], theirs);
+    check_combine_counts(a, rank, theirs);
+
+    CombineOutputs o;
+    o.combined_x = at::empty({N, H}, a.x.options());
+    o.combined_topk_weights = a.topk_weights ? at::empty({N, K}, a.x.options().dtype(at::kFloat))
+                                             : at::empty({0}, a.x.options().dtype(at::kFloat));
+    kernels::CombineParams p{};
+    p.num_ranks = int(R);
+    p.num_experts = a.num_experts;
+    p.num_tokens = N;
+    p.meta = a.handle_meta.data_ptr<int32_t>();
+    for (int d = 0; d < R; ++d) {
+      p.x[d] = peer_ptr(*transport, d, theirs[d], 0, ptr_of(a.x));
+      p.topk_weights[d] = reinterpret_cast<const float*>(peer_ptr(*transport, d, theirs[d], 1, ptr_of(a.topk_weights)));
+    }
+    p.hidden = H;
+    p.dtype = a.x.scalar_type() == at::kBFloat16 ? kernels::DType::kBFloat16
+              : a.x.scalar_type() == at::kHalf   ? kernels::DType::kFloat16
+                                                  : kernels::DType::kFloat32;
+    p.num_topk = int(K);
+    p.out = static_cast<char*>(o.combined_x.data_ptr());
+    p.out_weights = a.topk_weights ? o.combined_topk_weights.data_ptr<float>() : nullptr;
+    p.num_blocks = num_blocks(group, device);
+
+    signal_all(*transport, /*ready=*/true, stream);
+    EP_CUDA_CHECK(kernels::launch_combine(p, stream));
+    signal_all(*transport, /*ready=*/false, stream);
+    transport->track(op, stream, peers_of(int(rank), int(R)));
+    return o;
+  } catch (const CommError& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+}
+
+}  // namespace ep::moe

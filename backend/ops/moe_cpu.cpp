@@ -1,0 +1,212 @@
+// The MoE ops on CPU tensors, over the group's shared-memory transport: the same protocol as
+// the CUDA path (a record exchange, then the rows), so CI runs the real logic with several
+// processes. Data moves as one packed row per (token, destination rank):
+//   dispatch row: x | fp8 scales | local expert ids (int64) | weights (float32)
+//   combine row:  x | weights
+#include <climits>
+#include <cstring>
+
+#include "backend/kernels/moe_meta.hpp"
+#include "backend/ops/moe_ops.hpp"
+#include "backend/ops/moe_protocol.hpp"
+#include "backend/process_group/process_group_ep.hpp"
+
+namespace ep::moe {
+namespace {
+
+using at::Tensor;
+using kernels::MetaLayout;
+
+std::vector<Record> exchange_records(ProcessGroupEP& group, const std::vector<Record>& mine, const char* op) {
+  std::vector<Record> theirs(mine.size());
+  std::vector<SendBuffer> sends;
+  std::vector<RecvBuffer> recvs;
+  for (size_t p = 0; p < mine.size(); ++p) {
+    sends.push_back({&mine[p], sizeof(Record)});
+    recvs.push_back({&theirs[p], sizeof(Record)});
+  }
+  group.host_exchange(sends, recvs, op);
+  return theirs;
+}
+
+// Rows of `rows` ([S, row_bytes] uint8), `counts[p]` of them for rank p, each way.
+Tensor exchange_rows(ProcessGroupEP& group, const Tensor& rows, int64_t row_bytes, const std::vector<int64_t>& send,
+                     const std::vector<int64_t>& recv, int64_t recv_rows, const char* op) {
+  Tensor out = at::empty({recv_rows, row_bytes}, at::kByte);
+  std::vector<SendBuffer> sends;
+  std::vector<RecvBuffer> recvs;
+  const char* in_ptr = static_cast<const char*>(rows.data_ptr());
+  char* out_ptr = static_cast<char*>(out.data_ptr());
+  for (size_t p = 0; p < send.size(); ++p) {
+    sends.push_back({in_ptr, size_t(send[p] * row_bytes)});
+    recvs.push_back({out_ptr, size_t(recv[p] * row_bytes)});
+    in_ptr += send[p] * row_bytes;
+    out_ptr += recv[p] * row_bytes;
+  }
+  group.host_exchange(sends, recvs, op);
+  return out;
+}
+
+// A 2-D tensor's rows as raw bytes, [rows, width * element size].
+Tensor as_bytes(const Tensor& t) {
+  return t.contiguous().view(at::kByte).reshape({t.size(0), t.size(1) * int64_t(t.element_size())});
+}
+
+// Columns [at, at + bytes) of packed rows, as a [rows, ...] tensor of `dtype`.
+Tensor unpack(const Tensor& rows, int64_t& at, int64_t width, at::ScalarType dtype) {
+  const int64_t bytes = width * int64_t(c10::elementSize(dtype));
+  Tensor t = rows.narrow(1, at, bytes).clone(at::MemoryFormat::Contiguous).view(dtype);  // offset 0: aligned
+  at += bytes;
+  return t;
+}
+
+// Token ids sent to each rank, in rank order then token order: the order of the packed rows.
+Tensor send_order(const Tensor& meta, const MetaLayout& l, const std::vector<int64_t>& send) {
+  std::vector<Tensor> parts;
+  for (int64_t r = 0; r < l.num_ranks; ++r)
+    parts.push_back(meta.narrow(0, l.send_tokens() + r * l.num_tokens, send[r]));
+  return at::cat(parts).to(at::kLong);
+}
+
+}  // namespace
+
+Tensor layout_cpu(const Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, Tensor* is_token_in_rank) {
+  const int64_t N = topk_idx.size(0), K = topk_idx.size(1);
+  const MetaLayout l{num_ranks, num_experts, N};
+  const int64_t per_rank = l.experts_per_rank();
+  Tensor meta = at::zeros({l.size()}, at::kInt);
+  int32_t* m = meta.data_ptr<int32_t>();
+  std::fill(m + l.token_pos(), m + l.token_pos() + N * num_ranks, -1);
+  int64_t lo = INT32_MAX, hi = INT32_MIN;
+  const int64_t* idx = topk_idx.data_ptr<int64_t>();
+  std::vector<char> goes(num_ranks);
+  for (int64_t t = 0; t < N; ++t) {
+    std::fill(goes.begin(), goes.end(), 0);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = idx[t * K + k];
+      lo = std::min(lo, e);
+      hi = std::max(hi, e);
+      if (e < 0 || e >= num_experts) continue;
+      const int64_t r = e / per_rank;
+      goes[r] = 1;
+      m[l.pairs_per_expert() + e]++;
+      bool repeated = false;  // a token counts once per expert, however many slots name it
+      for (int64_t j = 0; j < k; ++j) repeated = repeated || idx[t * K + j] == e;
+      if (!repeated) m[l.tokens_per_rank_expert() + e]++;  // [r, e - r*per_rank] is flat index e
+    }
+    for (int64_t r = 0; r < num_ranks; ++r) {
+      if (!goes[r]) continue;
+      int32_t& count = m[l.tokens_per_rank() + r];
+      m[l.token_pos() + t * num_ranks + r] = count;
+      m[l.send_tokens() + r * N + count] = int32_t(t);
+      ++count;
+    }
+  }
+  m[l.id_range()] = int32_t(std::max<int64_t>(lo, INT32_MIN));
+  m[l.id_range() + 1] = int32_t(std::min<int64_t>(hi, INT32_MAX));
+  if (is_token_in_rank)
+    *is_token_in_rank = meta.narrow(0, l.token_pos(), N * num_ranks).view({N, num_ranks}).ge(0);
+  return meta;
+}
+
+DispatchOutputs dispatch_cpu(ProcessGroupEP& group, const DispatchArgs& a) {
+  const char* op = "dispatch";
+  const int64_t R = group.getSize(), rank = group.getRank();
+  const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts;
+  const bool cached = a.handle_meta.has_value();
+  const int64_t K = cached ? 0 : a.topk_idx->size(1);
+  const MetaLayout l{R, E, N};
+  const int64_t per_rank = l.experts_per_rank();
+
+  const Tensor meta = cached ? *a.handle_meta : layout_cpu(*a.topk_idx, E, R, nullptr);
+  const int32_t* m = meta.data_ptr<int32_t>();
+  std::vector<int64_t> send(m + l.tokens_per_rank(), m + l.tokens_per_rank() + R);
+
+  // 1. Records: what each peer receives, and whether this rank's input is sound.
+  const uint64_t call_id = group.next_dispatch_id();
+  const std::vector<Record> mine = dispatch_records(a, R, call_id, m);
+  const std::vector<Record> theirs = exchange_records(group, mine, op);
+  check_records(op, int(rank), mine[rank], theirs);
+  const HandleCounts counts = dispatch_counts(a, rank, call_id, send, theirs);
+  int64_t M = 0;
+  for (int64_t n : counts.recv) M += n;
+
+  // 2. Rows: pack what each rank gets, exchange, unpack.
+  const Tensor order = send_order(meta, l, send);
+  std::vector<Tensor> parts{as_bytes(a.x.index_select(0, order))};
+  if (a.x_scales) parts.push_back(as_bytes(a.x_scales->index_select(0, order)));
+  if (!cached) {
+    const Tensor target = at::repeat_interleave(at::arange(R, at::kLong), at::tensor(send, at::kLong)).unsqueeze(1);
+    const Tensor ids = a.topk_idx->index_select(0, order);
+    const Tensor owned = ids.ge(0).logical_and(ids.div(per_rank, "floor").eq(target));
+    parts.push_back(as_bytes(at::where(owned, ids - target * per_rank, at::full_like(ids, -1))));
+    if (a.topk_weights)
+      parts.push_back(as_bytes(at::where(owned, a.topk_weights->index_select(0, order), at::zeros({}, at::kFloat))));
+  }
+  const Tensor packed = at::cat(parts, 1).contiguous();
+  const int64_t row_bytes = packed.size(1);
+  const Tensor rows = exchange_rows(group, packed, row_bytes, send, counts.recv, M, op);
+
+  DispatchOutputs o;
+  int64_t at = 0;
+  o.recv_x = unpack(rows, at, H, a.x.scalar_type());
+  o.recv_x_scales = a.x_scales ? unpack(rows, at, a.x_scales->size(1), at::kFloat) : at::empty({0}, at::kFloat);
+  o.recv_topk_idx = cached ? at::empty({0}, at::kLong) : unpack(rows, at, K, at::kLong);
+  o.recv_topk_weights = a.topk_weights ? unpack(rows, at, K, at::kFloat) : at::empty({0}, at::kFloat);
+  if (a.num_worst_tokens > 0) {
+    // Fixed-size outputs: real rows first, then padding that routes nowhere.
+    TORCH_CHECK_VALUE(M <= a.num_worst_tokens, op, ": rank ", rank, " received ", M,
+                      " rows, more than num_worst_tokens=", a.num_worst_tokens);
+    auto pad = [&](const Tensor& t, double value) {
+      if (t.dim() < 2) return t;
+      Tensor out = at::full({a.num_worst_tokens, t.size(1)}, value, t.options());
+      out.narrow(0, 0, M).copy_(t);
+      return out;
+    };
+    o.recv_x = pad(o.recv_x, 0);
+    o.recv_x_scales = pad(o.recv_x_scales, 0);
+    o.recv_topk_idx = pad(o.recv_topk_idx, -1);
+    o.recv_topk_weights = pad(o.recv_topk_weights, 0);
+  }
+  // A dispatch along a handle gives no new handle: the caller keeps the one it passed.
+  o.meta = cached ? at::empty({0}, at::kInt) : meta;
+  o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
+  return o;
+}
+
+CombineOutputs combine_cpu(ProcessGroupEP& group, const CombineArgs& a) {
+  const char* op = "combine";
+  const int64_t R = group.getSize(), rank = group.getRank();
+  const int64_t N = a.num_tokens, H = a.x.size(1), E = a.num_experts;
+  const MetaLayout l{R, E, N};
+  const HandleCounts& h = a.handle_counts;
+
+  const std::vector<Record> mine = combine_records(a, R);
+  const std::vector<Record> theirs = exchange_records(group, mine, op);
+  check_records(op, int(rank), mine[rank], theirs);
+  check_combine_counts(a, rank, theirs);
+
+  int64_t M = 0, S = 0;
+  for (int64_t p = 0; p < R; ++p) M += h.recv[p], S += h.send[p];
+  std::vector<Tensor> parts{as_bytes(a.x.narrow(0, 0, M))};
+  if (a.topk_weights) parts.push_back(as_bytes(a.topk_weights->narrow(0, 0, M)));
+  const Tensor packed = parts.size() == 1 ? parts[0] : at::cat(parts, 1).contiguous();
+  const int64_t row_bytes = packed.size(1);
+  const Tensor rows = exchange_rows(group, packed, row_bytes, h.recv, h.send, S, op);
+
+  // Sum in float32, rank by rank in order: the result does not depend on timing.
+  const Tensor order = send_order(a.handle_meta, l, h.send);
+  int64_t at = 0;
+  const Tensor back_x = unpack(rows, at, H, a.x.scalar_type());
+  CombineOutputs o;
+  o.combined_x = at::zeros({N, H}, at::kFloat).index_add_(0, order, back_x.to(at::kFloat)).to(a.x.scalar_type());
+  if (a.topk_weights) {
+    const int64_t K = a.topk_weights->size(1);
+    o.combined_topk_weights = at::zeros({N, K}, at::kFloat).index_add_(0, order, unpack(rows, at, K, at::kFloat));
+  } else {
+    o.combined_topk_weights = at::empty({0}, at::kFloat);
+  }
+  return o;
+}
+
+}  // namespace ep::moe

@@ -1,0 +1,258 @@
+// Registration of the MoE ops and the argument checks they all share. The checks run before any
+// communication, on the calling rank; what only the data can tell (expert ids out of range) is
+// reported through the call's first exchange instead, so that every rank raises together.
+#include "backend/ops/moe_ops.hpp"
+
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/library.h>
+
+#include "backend/kernels/moe_meta.hpp"
+#include "backend/ops/moe_protocol.hpp"
+#include "backend/process_group/process_group_ep.hpp"
+
+namespace ep::moe {
+
+HandleCounts HandleCounts::parse(const std::vector<int64_t>& counts, int64_t num_ranks, int64_t experts_per_rank) {
+  TORCH_CHECK_VALUE(int64_t(counts.size()) == 2 + 2 * num_ranks + experts_per_rank,
+                    "handle: its counts hold ", counts.size(), " values, but a handle of a group of ", num_ranks,
+                    " ranks with ", experts_per_rank, " experts per rank holds ",
+                    2 + 2 * num_ranks + experts_per_rank, "; was it made for another group or num_experts?");
+  HandleCounts h;
+  h.call_id = counts[0];
+  h.num_worst_tokens = counts[1];
+  h.send.assign(counts.begin() + 2, counts.begin() + 2 + num_ranks);
+  h.recv.assign(counts.begin() + 2 + num_ranks, counts.begin() + 2 + 2 * num_ranks);
+  h.per_expert.assign(counts.begin() + 2 + 2 * num_ranks, counts.end());
+  return h;
+}
+
+at::Tensor HandleCounts::to_tensor() const {
+  std::vector<int64_t> v{call_id, num_worst_tokens};
+  v.insert(v.end(), send.begin(), send.end());
+  v.insert(v.end(), recv.begin(), recv.end());
+  v.insert(v.end(), per_expert.begin(), per_expert.end());
+  return at::tensor(v, at::kLong);
+}
+
+namespace {
+
+using at::Tensor;
+
+ProcessGroupEP& resolve_group(const std::string& group_name, const at::Device& device, const char* op) {
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  try {
+    pg = c10d::resolve_process_group(group_name);
+  } catch (const std::exception&) {
+    TORCH_CHECK_VALUE(false, op, ": no process group is registered under the name '", group_name, "'");
+  }
+  c10::intrusive_ptr<c10d::Backend> backend;
+  try {
+    backend = pg->getBackend(device.type());
+  } catch (const std::exception&) {
+  }
+  auto* ep_backend = dynamic_cast<ProcessGroupEP*>(backend.get());
+  TORCH_CHECK_VALUE(ep_backend, op, ": the group '", group_name, "' has no 'ep' backend for ", device.type(),
+                    " tensors; create it with backend=\"ep\"");
+  return *ep_backend;
+}
+
+void check_experts(const char* op, int64_t num_experts, int64_t num_ranks) {
+  TORCH_CHECK_VALUE(num_experts > 0, op, ": num_experts must be positive, got ", num_experts);
+  TORCH_CHECK_VALUE(num_experts % num_ranks == 0, op, ": num_experts=", num_experts,
+                    " must be divisible by the group size ", num_ranks, " (each rank owns num_experts/size experts)");
+  TORCH_CHECK_VALUE(num_experts / num_ranks <= kMaxLocalExperts, op, ": num_experts/group size = ",
+                    num_experts / num_ranks, " experts per rank; at most ", kMaxLocalExperts, " are supported");
+}
+
+void check_on(const char* op, const char* name, const Tensor& t, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), " but x is on ", device,
+                    "; all tensors of one call must be on one device");
+}
+
+void check_topk(const char* op, const Tensor& topk_idx, int64_t rows, const at::Device& device) {
+  TORCH_CHECK_TYPE(topk_idx.scalar_type() == at::kLong, op, ": topk_idx must be int64 (global expert ids, -1 = "
+                   "not routed), got ", topk_idx.scalar_type());
+  TORCH_CHECK_VALUE(topk_idx.dim() == 2 && topk_idx.size(0) == rows, op, ": topk_idx must have shape [", rows,
+                    ", num_topk] (one row per token of x), got ", topk_idx.sizes());
+  TORCH_CHECK_VALUE(topk_idx.size(1) >= 1 && topk_idx.size(1) <= 64, op,
+                    ": topk_idx must have 1 to 64 slots per token, got ", topk_idx.size(1));
+  check_on(op, "topk_idx", topk_idx, device);
+}
+
+void check_weights(const char* op, const Tensor& w, int64_t rows, int64_t num_topk, const at::Device& device) {
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, op, ": topk_weights must be float32, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == rows && (num_topk < 0 || w.size(1) == num_topk), op,
+                    ": topk_weights must have shape [", rows, ", ", num_topk < 0 ? "num_topk" : std::to_string(num_topk),
+                    "], got ", w.sizes());
+  check_on(op, "topk_weights", w, device);
+}
+
+void check_payload(const char* op, const Tensor& x, const std::optional<Tensor>& scales) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [num_tokens, hidden], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) >= 1, op, ": x must have a hidden size of at least 1, got ", x.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu() || x.device().is_cuda(), op, ": x must be a CPU or CUDA tensor, got ",
+                    x.device());
+  if (x.scalar_type() == at::kFloat8_e4m3fn) {
+    TORCH_CHECK_VALUE(scales.has_value(), op, ": an fp8 x comes as the pair (x, scales); scales are missing");
+    const int64_t groups = (x.size(1) + 127) / 128;
+    TORCH_CHECK_TYPE(scales->scalar_type() == at::kFloat, op, ": the fp8 scales must be float32, got ",
+                     scales->scalar_type());
+    TORCH_CHECK_VALUE(scales->dim() == 2 && scales->size(0) == x.size(0) && scales->size(1) == groups, op,
+                      ": the fp8 scales must have shape [", x.size(0), ", ", groups,
+                      "] (one per 128 channels), got ", scales->sizes());
+    check_on(op, "the fp8 scales", *scales, x.device());
+  } else {
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
+                         x.scalar_type() == at::kFloat,
+                     op, ": x must be bfloat16, float16 or float32, or the pair (float8_e4m3fn x, float32 scales); "
+                     "got ", x.scalar_type());
+    TORCH_CHECK_VALUE(!scales.has_value(), op, ": scales are only taken with an fp8 x, but x is ", x.scalar_type());
+  }
+}
+
+void check_meta(const char* op, const Tensor& meta, int64_t num_experts, int64_t num_ranks, int64_t num_tokens,
+                const at::Device& device) {
+  TORCH_CHECK_VALUE(meta.scalar_type() == at::kInt && meta.dim() == 1, op,
+                    ": handle: its routing table must be a 1-D int32 tensor; is this a torch_ep handle?");
+  const int64_t n = kernels::MetaLayout::tokens_for_size(meta.numel(), num_ranks, num_experts);
+  TORCH_CHECK_VALUE(n >= 0, op, ": handle: its routing table does not fit a group of ", num_ranks, " ranks and ",
+                    num_experts, " experts; was it made by another group or with another num_experts?");
+  TORCH_CHECK_VALUE(num_tokens < 0 || n == num_tokens, op, ": handle: it routes ", n, " tokens but x has ",
+                    num_tokens, " rows; it was made by a dispatch of other tokens");
+  TORCH_CHECK_VALUE(meta.device() == device, op, ": handle: it lives on ", meta.device(), " but x is on ", device);
+}
+
+std::vector<int64_t> counts_vector(const char* op, const Tensor& counts) {
+  TORCH_CHECK_VALUE(counts.scalar_type() == at::kLong && counts.dim() == 1 && counts.device().is_cpu(), op,
+                    ": handle: its counts must be a 1-D int64 CPU tensor; is this a torch_ep handle?");
+  const Tensor c = counts.contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+std::tuple<Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx, int64_t num_experts,
+                                                       int64_t num_ranks) {
+  const char* op = "get_dispatch_layout";
+  TORCH_CHECK_VALUE(num_ranks >= 1, op, ": num_ranks must be at least 1");
+  check_experts(op, num_experts, num_ranks);
+  check_topk(op, topk_idx, topk_idx.dim() == 2 ? topk_idx.size(0) : -1, topk_idx.device());
+  Tensor in_rank;
+  const Tensor idx = topk_idx.contiguous();
+  Tensor meta = idx.is_cuda() ? layout_cuda(idx, num_experts, num_ranks, &in_rank)
+                              : layout_cpu(idx, num_experts, num_ranks, &in_rank);
+  kernels::MetaLayout l{num_ranks, num_experts, idx.size(0)};
+  return {meta.narrow(0, l.tokens_per_rank(), num_ranks).clone(),
+          meta.narrow(0, l.pairs_per_expert(), num_experts).clone(), in_rank};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
+    const Tensor& x, const std::optional<Tensor>& x_scales, const std::optional<Tensor>& topk_idx,
+    const std::optional<Tensor>& topk_weights, const std::optional<Tensor>& handle_meta,
+    const std::optional<Tensor>& handle_counts, int64_t num_experts, int64_t num_worst_tokens, c10::string_view group_name) {
+  const char* op = "dispatch";
+  check_payload(op, x, x_scales);
+  ProcessGroupEP& group = resolve_group(std::string(group_name), x.device(), op);
+  const int64_t R = group.getSize();
+  check_experts(op, num_experts, R);
+  TORCH_CHECK_VALUE(num_worst_tokens >= 0, op, ": num_worst_tokens must be >= 0, got ", num_worst_tokens);
+  const int64_t N = x.size(0);
+
+  DispatchArgs a;
+  a.x = x.contiguous();
+  if (x_scales) a.x_scales = x_scales->contiguous();
+  a.num_experts = num_experts;
+  a.num_worst_tokens = num_worst_tokens;
+  if (handle_meta) {
+    TORCH_CHECK_VALUE(!topk_idx && !topk_weights, op, ": give either topk_idx (a new route) or a handle (an earlier "
+                      "route), not both");
+    check_meta(op, *handle_meta, num_experts, R, N, x.device());
+    a.handle_meta = handle_meta->contiguous();
+    TORCH_CHECK_VALUE(handle_counts.has_value(), op, ": a handle needs both its routing table and its counts");
+    a.handle_counts = HandleCounts::parse(counts_vector(op, *handle_counts), R, num_experts / R);
+  } else {
+    TORCH_CHECK_VALUE(topk_idx.has_value(), op, ": give topk_idx and num_experts (a new route) or a handle");
+    check_topk(op, *topk_idx, N, x.device());
+    a.topk_idx = topk_idx->contiguous();
+    if (topk_weights) {
+      check_weights(op, *topk_weights, N, topk_idx->size(1), x.device());
+      a.topk_weights = topk_weights->contiguous();
+    }
+  }
+  DispatchOutputs o = x.is_cuda() ? dispatch_cuda(group, a) : dispatch_cpu(group, a);
+  return {o.recv_x, o.recv_x_scales, o.recv_topk_idx, o.recv_topk_weights, o.meta, o.counts};
+}
+
+std::tuple<Tensor, Tensor> combine(const Tensor& x, const std::optional<Tensor>& topk_weights,
+                                   const Tensor& handle_meta, const Tensor& handle_counts, int64_t num_experts,
+                                   c10::string_view group_name) {
+  const char* op = "combine";
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) >= 1, op, ": x must be 2-D [received rows, hidden], got shape ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
+                   op, ": x must be bfloat16, float16 or float32, got ", x.scalar_type());
+  ProcessGroupEP& group = resolve_group(std::string(group_name), x.device(), op);
+  const int64_t R = group.getSize();
+  check_experts(op, num_experts, R);
+  check_meta(op, handle_meta, num_experts, R, -1, x.device());
+
+  CombineArgs a;
+  a.x = x.contiguous();
+  a.handle_meta = handle_meta.contiguous();
+  a.handle_counts = HandleCounts::parse(counts_vector(op, handle_counts), R, num_experts / R);
+  a.num_experts = num_experts;
+  a.num_tokens = kernels::MetaLayout::tokens_for_size(handle_meta.numel(), R, num_experts);
+  int64_t rows = 0;
+  for (int64_t n : a.handle_counts.recv) rows += n;
+  if (a.handle_counts.num_worst_tokens > 0) {
+    TORCH_CHECK_VALUE(x.size(0) == a.handle_counts.num_worst_tokens, op, ": x must have num_worst_tokens = ",
+                      a.handle_counts.num_worst_tokens, " rows, as the dispatch's outputs had, got ", x.size(0));
+  } else {
+    TORCH_CHECK_VALUE(x.size(0) == rows, op, ": x must have one row per row the dispatch delivered to this rank (",
+                      rows, "), got ", x.size(0));
+  }
+  if (topk_weights) {
+    check_weights(op, *topk_weights, x.size(0), -1, x.device());
+    a.topk_weights = topk_weights->contiguous();
+  }
+  CombineOutputs o = x.is_cuda() ? combine_cuda(group, a) : combine_cpu(group, a);
+  return {o.combined_x, o.combined_topk_weights};
+}
+
+}  // namespace
+
+#ifndef TORCH_EP_WITH_CUDA
+at::Tensor layout_cuda(const at::Tensor&, int64_t, int64_t, at::Tensor*) {
+  TORCH_CHECK(false, "get_dispatch_layout: torch_ep was built without CUDA support");
+}
+DispatchOutputs dispatch_cuda(ProcessGroupEP&, const DispatchArgs&) {
+  TORCH_CHECK(false, "dispatch: torch_ep was built without CUDA support");
+}
+CombineOutputs combine_cuda(ProcessGroupEP&, const CombineArgs&) {
+  TORCH_CHECK(false, "combine: torch_ep was built without CUDA support");
+}
+#endif
+
+TORCH_LIBRARY(ep, m) {
+  m.def("get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> "
+        "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank)");
+  m.def("dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, Tensor? handle_meta, "
+        "Tensor? handle_counts, int num_experts, int num_worst_tokens, str group_name) -> "
+        "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, Tensor meta, "
+        "Tensor counts)");
+  m.def("combine(Tensor x, Tensor? topk_weights, Tensor handle_meta, Tensor handle_counts, int num_experts, "
+        "str group_name) -> (Tensor combined_x, Tensor combined_topk_weights)");
+}
+
+TORCH_LIBRARY_IMPL(ep, CPU, m) {
+  m.impl("get_dispatch_layout", get_dispatch_layout);
+  m.impl("dispatch", dispatch);
+  m.impl("combine", combine);
+}
+
+TORCH_LIBRARY_IMPL(ep, CUDA, m) {
+  m.impl("get_dispatch_layout", get_dispatch_layout);
+  m.impl("dispatch", dispatch);
+  m.impl("combine", combine);
+}
+
+}  // namespace ep::moe

@@ -1,0 +1,73 @@
+// The MoE ops (namespace ep, TORCH_LIBRARY): arguments as the device implementations receive
+// them, after moe_ops.cpp has checked them, and the implementations' entry points.
+//
+// A dispatch handle travels as two tensors: `meta` (kernels/moe_meta.hpp, on the op's device)
+// and `counts`, a CPU int64 vector laid out as below, so that the ops stay plain torch ops that
+// torch.compile can trace.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace ep {
+class ProcessGroupEP;
+}
+
+namespace ep::moe {
+
+// counts = [dispatch id, num_worst_tokens, rows sent to each rank (R), rows received from each
+//           rank (R), received tokens per local expert (E/R), before any alignment]
+// Counts only the device knows (a dispatch with num_worst_tokens on CUDA) are -1.
+struct HandleCounts {
+  int64_t call_id = 0;
+  int64_t num_worst_tokens = 0;  // > 0: the dispatch's outputs had this many rows
+  std::vector<int64_t> send, recv, per_expert;
+
+  static HandleCounts parse(const std::vector<int64_t>& counts, int64_t num_ranks, int64_t experts_per_rank);
+  at::Tensor to_tensor() const;
+};
+
+struct DispatchArgs {
+  at::Tensor x;                          // [N, H] bf16/fp16/fp32, or fp8 with x_scales
+  std::optional<at::Tensor> x_scales;    // [N, ceil(H/128)] float32
+  std::optional<at::Tensor> topk_idx;    // [N, K] int64; absent when re-dispatching with a handle
+  std::optional<at::Tensor> topk_weights;  // [N, K] float32
+  std::optional<at::Tensor> handle_meta;   // set: re-dispatch along this handle's route
+  std::optional<HandleCounts> handle_counts;
+  int64_t num_experts = 0;
+  int64_t num_worst_tokens = 0;  // > 0: outputs have this many rows and no host sync is needed
+};
+
+struct DispatchOutputs {
+  at::Tensor recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights;  // absent ones are empty
+  at::Tensor meta;    // the handle: routing table
+  at::Tensor counts;  // the handle: HandleCounts::to_tensor()
+};
+
+struct CombineArgs {
+  at::Tensor x;                            // [M, H]: one row per row dispatch delivered here
+  std::optional<at::Tensor> topk_weights;  // [M, K] float32
+  at::Tensor handle_meta;
+  HandleCounts handle_counts;
+  int64_t num_experts = 0;
+  int64_t num_tokens = 0;  // N of the dispatch
+};
+
+struct CombineOutputs {
+  at::Tensor combined_x, combined_topk_weights;  // the latter empty when no weights were given
+};
+
+// Layout: the routing table of `topk_idx` (meta) and, when asked, is_token_in_rank [N, R].
+at::Tensor layout_cpu(const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
+                      at::Tensor* is_token_in_rank);
+DispatchOutputs dispatch_cpu(ProcessGroupEP& group, const DispatchArgs& args);
+CombineOutputs combine_cpu(ProcessGroupEP& group, const CombineArgs& args);
+
+at::Tensor layout_cuda(const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
+                       at::Tensor* is_token_in_rank);
+DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& args);
+CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& args);
+
+}  // namespace ep::moe

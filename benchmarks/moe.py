@@ -1,0 +1,400 @@
+"""MoE dispatch / combine bandwidth of torch_ep, with references measured in the same run.
+
+    torchrun --nproc-per-node 8 benchmarks/moe.py --out benchmarks/results/moe
+    torchrun --nproc-per-node 2 benchmarks/moe.py --impl reference --tokens 256 --hidden 512 --out /tmp/moe_bench
+
+DeepEP's setting by default: every rank dispatches 4096 tokens of hidden 7168, each to its top 8
+of 256 experts, drawn as DeepEP's tests draw them (top-k of random scores: 8 distinct experts,
+uniformly at random); --masked-ratio sets that share of the slots to -1 (not routed). --tokens
+takes several counts for a sweep. Ops, timed one after another:
+  dispatch bf16    dispatch(x, topk_idx, topk_weights, num_experts=E), layout included
+  dispatch fp8     the same with x cast to float8_e4m3fn per 128-channel block, float32 scales
+  dispatch cached  dispatch(x, handle=handle), the handle of a bf16 dispatch (where --impl has it)
+  combine bf16     combine(recv_x, handle): the reverse of a bf16 dispatch
+--impl picks what is measured: torch_ep's ops ("ep") or torch_ep.reference's (to develop the
+benchmark before the ops exist). References in the same run:
+  roofline  every rank copies as many bytes as the op moves to it (dst.copy_(src)), all ranks at
+            once: the bandwidth that memory allows an op that writes each received byte once,
+            under the same sharing of the device as the op
+  DeepEP    deep_ep.Buffer (intranode) on the same data, when deep_ep imports and every rank has
+            a GPU of its own: get_dispatch_layout + dispatch (what a DeepEP user runs for one of
+            our dispatches), dispatch(handle=), combine
+Bandwidth = bytes received per rank / time, DeepEP's convention: dispatch counts received rows x
+row bytes (fp8 rows count their scales), combine the bytes of the bf16 dispatch that it reverses.
+bytes/rank is the mean over ranks; a time is the median over runs of the slowest rank's time in
+that run. On CUDA every run starts with the L2 cache flushed (256 MiB written), as DeepEP's bench
+does. Before timing, ep's outputs are checked bit for bit against torch_ep.reference's on the
+same inputs (integer-valued x, so that combine's sums are exact); a mismatch aborts the run.
+
+Rank 0 prints the table and writes moe.md and moe.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+import torch_ep
+from torch_ep import reference
+from torch_ep.testing import same_bits
+
+# Run as a script (torchrun), make `benchmarks` importable. After torch_ep's import: the source
+# tree's torch_ep has no built extension unless installed editable, so it must not shadow the
+# installed one.
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.all_to_all import pick_device, ranks_per_gpu, shared_seed, slowest_rank  # noqa: E402
+
+ROOFLINE = "roofline"
+DEEPEP = "DeepEP"
+OPS = ("dispatch bf16", "dispatch fp8", "dispatch cached", "combine bf16")
+FP8_BLOCK = 128  # channels per fp8 scale
+
+
+@dataclass
+class Measurement:
+    impl: str
+    op: str
+    tokens: int                # tokens dispatched per rank
+    rank_bytes: List[int]      # bytes each rank received (combine: in the dispatch it reverses)
+    run_times_s: List[float]   # per timed run, the slowest rank's seconds
+
+    @property
+    def bytes_per_rank(self) -> float:
+        return sum(self.rank_bytes) / len(self.rank_bytes)
+
+    @property
+    def time_s(self) -> float:
+        return common.median(self.run_times_s)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_per_rank / self.time_s / 1e9
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor                               # [N, H] bf16, integer-valued
+    x_fp8: Tuple[torch.Tensor, torch.Tensor]      # x cast per 128-channel block, with its scales
+    topk_idx: torch.Tensor                        # [N, K] int64, -1 = not routed
+    topk_weights: torch.Tensor                    # [N, K] float32
+
+
+def cast_to_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x_fp8 [N, H] float8_e4m3fn, scales [N, ceil(H/128)] float32), x ~ x_fp8 * scale of its
+    block: DeepEP's per_token_cast_to_fp8, with a last partial block padded with zeros."""
+    n, h = x.shape
+    blocks = -(-h // FP8_BLOCK)
+    padded = torch.nn.functional.pad(x.float(), (0, blocks * FP8_BLOCK - h)).view(n, blocks, FP8_BLOCK)
+    amax = padded.abs().amax(dim=2).clamp(min=1e-4)
+    x_fp8 = (padded * (448.0 / amax).unsqueeze(2)).view(n, -1)[:, :h].to(torch.float8_e4m3fn)
+    return x_fp8, amax / 448.0
+
+
+def make_inputs(seed: int, rank: int, world_size: int, tokens: int, args, device: torch.device) -> Inputs:
+    generator = torch.Generator().manual_seed(seed + 7919 * rank)
+    scores = torch.randn(tokens, args.experts, generator=generator).abs() + 1
+    topk_idx = scores.topk(args.top_k, dim=-1, sorted=False).indices
+    topk_idx[torch.rand(topk_idx.shape, generator=generator) < args.masked_ratio] = -1
+    topk_weights = torch.rand(topk_idx.shape, generator=generator)
+    # A combined row sums up to one row per rank: with |x| <= 256 / R every partial sum is an
+    # integer that bf16 holds exactly, so any summation order gives the reference's bits.
+    bound = max(1, 256 // world_size)
+    x = torch.randint(-bound, bound + 1, (tokens, args.hidden), generator=generator).to(torch.bfloat16)
+    x = x.to(device)
+    return Inputs(x, cast_to_fp8(x), topk_idx.to(device), topk_weights.to(device))
+
+
+def rank_problems(problem: Optional[str], sync_group) -> List[str]:
+    """Every rank's `problem` (None for none), as 'rank r: ...', the same list on every rank."""
+    problems: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem, group=sync_group)
+    return [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+
+
+def subject_ops(impl: str, inputs: Inputs, num_experts: int) -> Tuple[Dict[str, Callable[[], object]], object]:
+    """The ops of `impl` on `inputs`, and the bf16 dispatch whose handle and output they reuse."""
+    if impl == "reference":
+        dispatch, combine = reference.dispatch, reference.combine
+    else:
+        dispatch, combine = torch_ep.dispatch, torch_ep.combine
+    x, idx, weights = inputs.x, inputs.topk_idx, inputs.topk_weights
+    first = dispatch(x, idx, weights, num_experts=num_experts)
+    ops = {
+        "dispatch bf16": lambda: dispatch(x, idx, weights, num_experts=num_experts),
+        "dispatch fp8": lambda: dispatch(inputs.x_fp8, idx, weights, num_experts=num_experts),
+        "combine bf16": lambda: combine(first.recv_x, first.handle),
+    }
+    if "handle" in inspect.signature(dispatch).parameters:  # a re-dispatch along the handle's route
+        ops["dispatch cached"] = lambda: dispatch(x, handle=first.handle)
+    return ops, first
+
+
+def row_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+
+
+def differences(what: str, got, expected) -> List[str]:
+    """Where `got` differs from `expected` (tensors bit for bit, tuples item by item, others by ==)."""
+    if isinstance(expected, torch.Tensor):
+        if not (isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == expected.dtype):
+            got_kind = f"{got.dtype} {tuple(got.shape)}" if isinstance(got, torch.Tensor) else type(got).__name__
+            return [f"{what} is {got_kind}, expected {expected.dtype} {tuple(expected.shape)}"]
+        if same_bits(got, expected):
+            return []
+        bad = (row_bytes(got) != row_bytes(expected)).any(dim=1).nonzero().flatten()
+        return [f"{what}: {bad.numel()} of {got.shape[0]} rows differ, first row {bad[0].item()}"]
+    if isinstance(expected, tuple):
+        if not isinstance(got, tuple) or len(got) != len(expected):
+            return [f"{what} is not a pair"]
+        return [d for i, (g, e) in enumerate(zip(got, expected)) for d in differences(f"{what}[{i}]", g, e)]
+    return [] if got == expected else [f"{what} differs: {got} != {expected}"]
+
+
+def check_against_reference(ops: Dict[str, Callable[[], object]], inputs: Inputs, num_experts: int,
+                            sync_group) -> None:
+    """One call of each ep op against torch_ep.reference on the same inputs; raises on every rank
+    if any rank got a different result."""
+    expected = {op: reference.dispatch(payload, inputs.topk_idx, inputs.topk_weights, num_experts=num_experts)
+                for op, payload in (("dispatch bf16", inputs.x), ("dispatch fp8", inputs.x_fp8))}
+    found = []
+    for op, want in expected.items():
+        got = ops[op]()
+        for field in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
+            found += differences(f"{op} {field}", getattr(got, field), getattr(want, field))
+    bf16 = expected["dispatch bf16"]
+    if "dispatch cached" in ops:
+        found += differences("dispatch cached recv_x", ops["dispatch cached"]().recv_x, bf16.recv_x)
+    found += differences("combine bf16 combined_x", ops["combine bf16"]().combined_x,
+                         reference.combine(bf16.recv_x, bf16.handle).combined_x)
+    problems = rank_problems("; ".join(found) or None, sync_group)
+    if problems:
+        raise RuntimeError(f"ep differs from torch_ep.reference on {inputs.x.shape[0]} tokens per rank, "
+                           f"not timing it:\n  " + "\n  ".join(problems))
+
+
+class DeepEP:
+    """DeepEP's intranode Buffer over every rank, or why it cannot be measured (`unavailable`)."""
+
+    def __init__(self, hidden: int, device: torch.device, sharing: int, sync_group):
+        self.buffer, self.unavailable = None, None
+        if device.type != "cuda":
+            self.unavailable = "CPU run"
+        elif not dist.is_nccl_available():
+            self.unavailable = "no NCCL for its process group"
+        elif sharing > 2:
+            # Its kernels spin on flags set by peers' kernels; with 4 ranks sharing the H100 under
+            # MPS its combine timed out (GPU-NOTES.md): a hang, not a measurement. 2 ranks worked.
+            self.unavailable = f"{sharing} ranks share a GPU; DeepEP did not finish beyond 2"
+        if self.unavailable:
+            return
+        problem = None
+        try:
+            import deep_ep
+            self.topk_idx_dtype = getattr(deep_ep, "topk_idx_t", torch.int64)
+        except Exception as e:  # noqa: BLE001  any failure to load is reported, not raised
+            problem = f"import deep_ep: {type(e).__name__}: {e}"
+        self.disable(rank_problems(problem, sync_group))
+        if self.unavailable:
+            return
+        # NCCL refuses two ranks on one GPU; DeepEP only exchanges its IPC handles over the group.
+        group = dist.new_group(backend="nccl" if sharing == 1 else "gloo")
+        problem = None
+        try:
+            # Buffer size as DeepEP's README sizes it: the larger of its dispatch and combine hints.
+            num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden * 2, group.size())
+                                for config in (deep_ep.Buffer.get_dispatch_config(group.size()),
+                                               deep_ep.Buffer.get_combine_config(group.size())))
+            self.buffer = deep_ep.Buffer(group, num_nvl_bytes)
+        except Exception as e:  # noqa: BLE001
+            problem = f"deep_ep.Buffer: {type(e).__name__}: {e}"
+        self.disable(rank_problems(problem, sync_group))
+
+    def disable(self, problems: List[str]) -> None:
+        if problems:
+            self.buffer, self.unavailable = None, "; ".join(problems)
+
+    def ops(self, inputs: Inputs, num_experts: int, recv_rows: int, sync_group) -> Dict[str, Callable[[], object]]:
+        """DeepEP's ops on `inputs` (none once unavailable); a first call of each must succeed on
+        every rank and receive `recv_rows` rows, as ep did, or DeepEP is dropped from the run."""
+        if self.buffer is None:
+            return {}
+        buffer, x, weights = self.buffer, inputs.x, inputs.topk_weights
+        idx = inputs.topk_idx.to(self.topk_idx_dtype)
+
+        def layout_and_dispatch(payload):
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+            return buffer.dispatch(payload, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                   num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
+
+        problem, ops = None, {}
+        try:
+            recv_x, _, _, _, handle, _ = layout_and_dispatch(x)
+            ops = {
+                "dispatch bf16": lambda: layout_and_dispatch(x),
+                "dispatch fp8": lambda: layout_and_dispatch(inputs.x_fp8),
+                "dispatch cached": lambda: buffer.dispatch(x, handle=handle),
+                "combine bf16": lambda: buffer.combine(recv_x, handle),
+            }
+            for op in ops.values():
+                op()
+            torch.cuda.synchronize()
+            if recv_x.shape[0] != recv_rows:
+                problem = f"received {recv_x.shape[0]} rows where torch_ep received {recv_rows}"
+        except Exception as e:  # noqa: BLE001
+            problem = f"{type(e).__name__}: {e}"
+        problems = rank_problems(problem, sync_group)
+        if problems:
+            self.disable([f"{inputs.x.shape[0]} tokens: {p}" for p in problems])
+            return {}
+        return ops
+
+
+def copy_op(num_bytes: int, device: torch.device) -> Callable[[], object]:
+    src = torch.randint(0, 256, (num_bytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync_group) -> List[Measurement]:
+    """Checks, then times every op of the subject, DeepEP and the roofline on `tokens` tokens per rank."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    inputs = make_inputs(shared_seed(sync_group), rank, world_size, tokens, args, device)
+    ops, first = subject_ops(args.impl, inputs, args.experts)
+    if args.impl == "ep":
+        check_against_reference(ops, inputs, args.experts, sync_group)
+
+    recv_rows = first.recv_x.shape[0]
+    row_bytes = {"bf16": args.hidden * 2, "fp8": args.hidden + 4 * -(-args.hidden // FP8_BLOCK)}
+    op_bytes = {op: recv_rows * row_bytes["fp8" if "fp8" in op else "bf16"] for op in OPS}
+    rank_bytes: List[Optional[Dict[str, int]]] = [None] * world_size
+    dist.all_gather_object(rank_bytes, op_bytes, group=sync_group)
+
+    timed = {(args.impl, op): fn for op, fn in ops.items()}
+    timed.update({(DEEPEP, op): fn for op, fn in deepep.ops(inputs, args.experts, recv_rows, sync_group).items()})
+    copies = {num_bytes: copy_op(num_bytes, device) for num_bytes in set(op_bytes.values())}
+    timed.update({(ROOFLINE, op): copies[op_bytes[op]] for op in OPS})
+    for fn in timed.values():
+        for _ in range(args.warmup):
+            fn()
+    flush = common.l2_flusher(device)
+
+    def start_run():
+        flush()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the flush ends before the ranks start together
+        dist.barrier(group=sync_group)
+
+    # One call per timed run, each after a flush (DeepEP's bench does the same); the calls are
+    # long enough (hundreds of microseconds and up) that the ranks' skew leaving the barrier is
+    # small against them. Runs of the implementations take turns, so that outside load weighs
+    # on each alike.
+    run_times: Dict[Tuple[str, str], List[float]] = {key: [] for key in timed}
+    for _ in range(args.runs):
+        for key, fn in timed.items():
+            run_times[key] += common.time_runs(fn, device=device, runs=1, warmup=0, barrier=start_run)
+    return [Measurement(impl, op, tokens, [b[op] for b in rank_bytes], slowest_rank(times, sync_group))
+            for (impl, op), times in run_times.items()]
+
+
+def results_table(measurements: List[Measurement], subject: str) -> str:
+    """One row per token count and op: the subject's time and bandwidth, the roofline's and
+    DeepEP's bandwidth, and the subject's ratio to each ("n/a" where one was not measured)."""
+    by_key = {(m.impl, m.op, m.tokens): m for m in measurements}
+    headers = ["tokens", "op", "bytes/rank", f"{subject} us", f"{subject} GB/s", "roofline GB/s",
+               f"{subject}/roofline", f"{DEEPEP} us", f"{DEEPEP} GB/s", f"{subject}/{DEEPEP}"]
+    rows = []
+    for tokens in sorted({m.tokens for m in measurements}):
+        for op in OPS:
+            subject_m, roofline, deepep = (by_key.get((impl, op, tokens)) for impl in (subject, ROOFLINE, DEEPEP))
+            row = [tokens, op, common.format_bytes(int(roofline.bytes_per_rank))]
+            row += [f"{subject_m.time_s * 1e6:.1f}", f"{subject_m.gbps:.2f}"] if subject_m else ["n/a"] * 2
+            row += [f"{roofline.gbps:.2f}", f"{subject_m.gbps / roofline.gbps:.0%}" if subject_m else "n/a"]
+            row += [f"{deepep.time_s * 1e6:.1f}", f"{deepep.gbps:.2f}"] if deepep else ["n/a"] * 2
+            row.append(f"{subject_m.gbps / deepep.gbps:.2f}x" if subject_m and deepep else "n/a")
+            rows.append(row)
+    return common.markdown_table(headers, rows)
+
+
+def write_results(out_dir: str, measurements: List[Measurement], meta: Dict[str, object], table: str) -> None:
+    common.write_json(os.path.join(out_dir, "moe.json"), {
+        "benchmark": "moe dispatch/combine",
+        "meta": meta,
+        "results": [{"impl": m.impl, "op": m.op, "tokens": m.tokens, "bytes_per_rank": m.bytes_per_rank,
+                     "rank_bytes": m.rank_bytes, "time_us": m.time_s * 1e6, "GBps": m.gbps,
+                     "run_times_us": [t * 1e6 for t in m.run_times_s]} for m in measurements],
+    })
+    header = (f"# MoE dispatch/combine: {meta['ranks']} ranks, {meta['device']}\n\n"
+              + "\n".join(f"- {key}: {value}" for key, value in meta.items()) + "\n\n")
+    common.write_text(os.path.join(out_dir, "moe.md"), header + table)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="folder for moe.{md,json} (default: print only)")
+    parser.add_argument("--impl", choices=["ep", "reference"], default="ep",
+                        help="what is measured: torch_ep's ops, or torch_ep.reference's")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096], help="tokens per rank (one row set each)")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256, help="experts in all, split evenly over the ranks")
+    parser.add_argument("--masked-ratio", type=float, default=0.0, help="share of top-k slots set to -1")
+    parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS, help="timed runs per op (median)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls of each op before the timed runs")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = parser.parse_args()
+    if not 0 < args.top_k <= args.experts:
+        parser.error(f"--top-k {args.top_k} must be in 1..--experts ({args.experts})")
+    if not 0.0 <= args.masked_ratio <= 1.0:
+        parser.error("--masked-ratio must be in [0, 1]")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.experts % world_size:
+        parser.error(f"--experts {args.experts} must be divisible by the number of ranks ({world_size})")
+    if args.impl == "ep" and not all(hasattr(torch_ep, name) for name in ("dispatch", "combine")):
+        parser.error("this torch_ep has no dispatch/combine yet; --impl reference measures the reference")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device(args.device)
+    dist.init_process_group(torch_ep.BACKEND_NAME)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    sync_group = dist.new_group(backend="gloo")
+    sharing = ranks_per_gpu(device, sync_group) if device.type == "cuda" else 1
+    deepep = DeepEP(args.hidden, device, sharing, sync_group)
+
+    measurements = []
+    for tokens in args.tokens:
+        measurements += measure_tokens(tokens, args, device, deepep, sync_group)
+        if rank == 0:
+            print(f"measured {tokens} tokens per rank", flush=True)
+
+    if rank == 0:
+        meta = common.run_metadata(
+            device, ranks=world_size, impl=args.impl, hidden=args.hidden, top_k=args.top_k, experts=args.experts,
+            masked_ratio=args.masked_ratio, runs=args.runs, warmup=args.warmup,
+            checked=("bit for bit against torch_ep.reference" if args.impl == "ep" else "no (--impl reference)"),
+            deepep="measured" if deepep.buffer is not None else f"n/a: {deepep.unavailable}",
+            env={k: v for k, v in os.environ.items() if k.startswith("TORCH_EP_")})
+        if device.type == "cuda":
+            meta["ranks_per_gpu"] = sharing
+        table = results_table(measurements, args.impl)
+        print(table, flush=True)
+        print(f"DeepEP: {meta['deepep']}", flush=True)
+        if args.out:
+            write_results(args.out, measurements, meta, table)
+    dist.barrier(group=sync_group)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""MoE dispatch / combine (torch_ep.dispatch, torch_ep.combine, torch_ep.get_dispatch_layout)
+against torch_ep.reference, on 2 to 4 CPU ranks over the shared-memory transport.
+
+The rank functions take a `device` so that tests/test_cuda_moe.py runs the same checks on CUDA.
+Data is integer-valued, so sums are exact and every comparison is bit for bit.
+"""
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torch_ep
+from torch_ep import reference
+from torch_ep.testing import same_bits
+
+PAYLOAD_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _seed():
+    return int(torch.randint(0, 2**30, ()).item())
+
+
+def make_routing(kind, g, num_tokens, top_k, num_experts, rank, size):
+    """topk_idx [N, K]: distinct experts per token with -1 in random slots, or an extreme."""
+    top_k = min(top_k, num_experts) if kind != "repeated" else top_k
+    if num_tokens == 0:
+        return torch.empty(0, top_k, dtype=torch.int64)
+    if kind == "one_expert":  # every token of every rank to the last expert
+        idx = torch.full((num_tokens, top_k), -1, dtype=torch.int64)
+        idx[:, 0] = num_experts - 1
+        return idx
+    if kind == "repeated":  # the same expert in several slots of a token: it still travels once
+        return torch.randint(0, num_experts, (num_tokens, 1), generator=g).repeat(1, top_k)
+    idx = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)])
+    idx[torch.rand(idx.shape, generator=g) < 0.2] = -1
+    if kind == "unrouted":
+        idx[: num_tokens // 2] = -1
+    return idx
+
+
+def make_inputs(seed, kind, hidden, top_k, experts_per_rank, dtype, device, max_tokens=24):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    num_experts = experts_per_rank * size
+    g = torch.Generator().manual_seed(seed + 7919 * rank)
+    num_tokens = 0 if (kind == "empty_rank" and rank == size - 1) else int(torch.randint(1, max_tokens, (),
+                                                                                         generator=g))
+    idx = make_routing(kind, g, num_tokens, top_k, num_experts, rank, size)
+    x = torch.randint(-60, 60, (num_tokens, hidden), generator=g).to(dtype)
+    w = torch.randint(1, 9, idx.shape, generator=g).float() / 8  # exact in float32
+    return num_experts, g, x.to(device), idx.to(device), w.to(device)
+
+
+def _poison_cache(device, nbytes):
+    """The next allocations reuse poisoned memory: outputs the op forgets to write show up."""
+    if device != "cpu":
+        torch.full((max(nbytes, 1) // 4 + 1024,), float("nan"), device=device)
+
+
+def check_result(result, expected, with_topk=True):
+    ex, got = expected, result
+    if isinstance(ex.recv_x, tuple):
+        assert same_bits(got.recv_x[0].cpu(), ex.recv_x[0]) and same_bits(got.recv_x[1].cpu(), ex.recv_x[1])
+    else:
+        assert same_bits(got.recv_x.cpu(), ex.recv_x), "recv_x differs from the reference"
+    if with_topk:
+        assert torch.equal(got.recv_topk_idx.cpu(), ex.recv_topk_idx), "recv_topk_idx differs"
+        if ex.recv_topk_weights is not None:
+            assert torch.equal(got.recv_topk_weights.cpu(), ex.recv_topk_weights), "recv_topk_weights differ"
+    assert got.num_recv_tokens_per_expert == ex.num_recv_tokens_per_expert
+
+
+def rank_dispatch_combine(seed, kind, hidden, top_k, experts_per_rank, dtype, alignment=1, device="cpu"):
+    rank = dist.get_rank()
+    num_experts, g, x, idx, w = make_inputs(seed, kind, hidden, top_k, experts_per_rank, dtype, device)
+    xc, idxc, wc = x.cpu(), idx.cpu(), w.cpu()
+
+    # Layout.
+    layout = torch_ep.get_dispatch_layout(idx, num_experts)
+    ref_layout = reference.get_dispatch_layout(idxc, num_experts)
+    assert torch.equal(layout.num_tokens_per_rank.cpu(), ref_layout.num_tokens_per_rank)
+    assert torch.equal(layout.num_tokens_per_expert.cpu(), ref_layout.num_tokens_per_expert)
+    assert torch.equal(layout.is_token_in_rank.cpu(), ref_layout.is_token_in_rank)
+
+    # Dispatch.
+    expected = reference.dispatch(xc, idxc, wc, num_experts=num_experts, expert_alignment=alignment)
+    _poison_cache(device, expected.recv_x.numel() * 4)
+    got = torch_ep.dispatch(x, idx, w, num_experts=num_experts, expert_alignment=alignment, layout=layout)
+    check_result(got, expected)
+    assert got.work is None
+
+    # Combine: each rank sends back what it received times (rank + 1).
+    back = (got.recv_x.float() * (rank + 1)).to(dtype)
+    ref_back = (expected.recv_x.float() * (rank + 1)).to(dtype)
+    ref_comb = reference.combine(ref_back, expected.handle, expected.recv_topk_weights)
+    _poison_cache(device, x.numel() * 4)
+    comb = torch_ep.combine(back, got.handle, got.recv_topk_weights)
+    assert same_bits(comb.combined_x.cpu(), ref_comb.combined_x), "combined_x differs from the reference"
+    assert torch.equal(comb.combined_topk_weights.cpu(), ref_comb.combined_topk_weights)
+
+    # Re-dispatch of new data along the handle, and the fp8 pair, sent as is.
+    x2 = torch.randint(-60, 60, tuple(x.shape), generator=g).to(dtype)
+    again = torch_ep.dispatch(x2.to(device), handle=got.handle, expert_alignment=alignment)
+    check_result(again, reference.dispatch(x2, handle=expected.handle, expert_alignment=alignment), with_topk=False)
+    assert again.recv_topk_idx is None and again.handle is got.handle
+    scales = torch.rand(x.shape[0], (hidden + 127) // 128, generator=g)
+    fp8 = (x2.float().to(torch.float8_e4m3fn), scales)
+    got8 = torch_ep.dispatch(tuple(t.to(device) for t in fp8), idx, num_experts=num_experts)
+    check_result(got8, reference.dispatch(fp8, idxc, num_experts=num_experts))
+    comb2 = torch_ep.combine(back, got.handle)  # the handle stays valid after other dispatches
+    assert same_bits(comb2.combined_x.cpu(), ref_comb.combined_x) and comb2.combined_topk_weights is None
+    return got.recv_x.shape[0]
+
+
+@pytest.mark.parametrize("kind,hidden,top_k,experts_per_rank,dtype", [
+    ("random", 7, 4, 2, torch.bfloat16),
+    ("random", 1, 1, 1, torch.float32),
+    ("random", 130, 9, 3, torch.float16),
+    ("random", 7168, 8, 4, torch.bfloat16),
+    ("one_expert", 16, 2, 2, torch.bfloat16),
+    ("empty_rank", 5, 3, 2, torch.float32),
+    ("unrouted", 24, 3, 2, torch.bfloat16),
+    ("repeated", 8, 3, 2, torch.float32),
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_dispatch_combine(pool, kind, hidden, top_k, experts_per_rank, dtype):
+    pool.run(rank_dispatch_combine, _seed(), kind, hidden, top_k, experts_per_rank, dtype)
+
+
+def test_expert_alignment(pool4):
+    pool4.run(rank_dispatch_combine, _seed(), "random", 12, 3, 3, torch.bfloat16, alignment=4)
+
+
+def test_many_tokens_beyond_the_ring(pool4):
+    """Enough rows that each message streams through the shared-memory ring several times."""
+    pool4.run(rank_many_tokens, _seed())
+
+
+def rank_many_tokens(seed, device="cpu"):
+    num_experts, g, x, idx, w = make_inputs(seed, "random", 1024, 8, 8, torch.bfloat16, device, max_tokens=600)
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    got = torch_ep.dispatch(x, idx, w, num_experts=num_experts)
+    check_result(got, expected)
+    comb = torch_ep.combine(got.recv_x, got.handle, got.recv_topk_weights)
+    ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
+    assert same_bits(comb.combined_x.cpu(), ref.combined_x)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def rank_autograd(seed, device="cpu"):
+    """dispatch's backward is a combine of the gradients; combine's a dispatch along the handle."""
+    num_experts, g, x, idx, w = make_inputs(seed, "random", 10, 3, 2, torch.float32, device)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    expected = reference.dispatch(x.detach().cpu(), idx.cpu(), w.detach().cpu(), num_experts=num_experts)
+    got = torch_ep.dispatch(x, idx, w, num_experts=num_experts)
+    grad_rows = torch.randint(-5, 5, got.recv_x.shape, generator=g).float()
+    grad_w = torch.randint(-5, 5, got.recv_topk_weights.shape, generator=g).float()
+    ((got.recv_x * grad_rows.to(device)).sum() + (got.recv_topk_weights * grad_w.to(device)).sum()).backward()
+    # d/dx[t] = the sum of the gradients of t's rows; d/dw[t, k] likewise, only from the rank owning slot k.
+    masked = grad_w * (expected.recv_topk_idx >= 0)
+    want = reference.combine(grad_rows, expected.handle, masked)
+    assert torch.equal(x.grad.cpu(), want.combined_x)
+    assert torch.equal(w.grad.cpu(), want.combined_topk_weights)
+
+    rows = got.recv_x.detach().clone().requires_grad_(True)
+    rw = got.recv_topk_weights.detach().clone().requires_grad_(True)
+    comb = torch_ep.combine(rows, got.handle, rw)
+    grad_out = torch.randint(-5, 5, comb.combined_x.shape, generator=g).float()
+    grad_cw = torch.randint(-5, 5, comb.combined_topk_weights.shape, generator=g).float()
+    ((comb.combined_x * grad_out.to(device)).sum() + (comb.combined_topk_weights * grad_cw.to(device)).sum()).backward()
+    assert torch.equal(rows.grad.cpu(), reference.dispatch(grad_out, handle=expected.handle).recv_x)
+    assert torch.equal(rw.grad.cpu(), reference.dispatch(grad_cw, handle=expected.handle).recv_x)
+
+
+def test_autograd(pool):
+    pool.run(rank_autograd, _seed())
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def rank_compiled(seed, device="cpu"):
+    """A compiled module with dispatch and combine: traced (the ops are in the FX graphs) and
+    equal to eager. dispatch's row count depends on the data, as nonzero's does, so dynamo
+    traces it when capture_dynamic_output_shape_ops is on (num_worst_tokens needs no flag)."""
+    import torch._dynamo
+
+    num_experts, g, x, idx, w = make_inputs(seed, "random", 16, 2, 2, torch.float32, device)
+
+    class Exchange(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.full((16,), 2.0))
+
+        def forward(self, x, idx, w):
+            d = torch_ep.dispatch(x * self.scale, idx, w, num_experts=num_experts)
+            return torch_ep.combine(d.recv_x + 1, d.handle).combined_x
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    module = Exchange().to(device)
+    eager = module(x, idx, w)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(module, backend=backend)(x, idx, w)
+    assert torch.equal(compiled, eager)
+    # The ops sit in the graphs of the autograd.Function bodies that dynamo traced.
+    targets = {str(n.target) for gm in graphs for sub in gm.modules() if hasattr(sub, "graph")
+               for n in sub.graph.nodes}
+    assert {"ep.dispatch", "ep.combine"} <= {t.removesuffix(".default") for t in targets}, targets
+    # The compiled module also trains: gradients equal eager's.
+    module.scale.grad = None
+    module(x, idx, w).sum().backward()
+    eager_grad = module.scale.grad.clone()
+    module.scale.grad = None
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        torch.compile(module, backend="aot_eager")(x, idx, w).sum().backward()
+    assert torch.equal(module.scale.grad, eager_grad)
+
+
+def test_torch_compile(pool):
+    pool.run(rank_compiled, _seed())
+
+
+# ----------------------------------------------------------------------------- async_op
+
+def rank_async(seed, device="cpu"):
+    num_experts, g, x, idx, w = make_inputs(seed, "random", 33, 4, 2, torch.bfloat16, device)
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    got = torch_ep.dispatch(x, idx, w, num_experts=num_experts, async_op=True)
+    got.work.wait()
+    check_result(got, expected)
+    comb = torch_ep.combine(got.recv_x, got.handle, async_op=True)
+    comb.work.wait()
+    ref = reference.combine(expected.recv_x, expected.handle)
+    assert same_bits(comb.combined_x.cpu(), ref.combined_x)
+
+
+def test_async_op(pool):
+    pool.run(rank_async, _seed())
+
+
+def rank_worst_case(seed, device="cpu"):
+    """num_worst_tokens: fixed-size outputs, real rows first, padding routed nowhere."""
+    num_experts, g, x, idx, w = make_inputs(seed, "random", 9, 3, 2, torch.float32, device)
+    worst = 24 * dist.get_world_size()
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    got = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst)
+    m = expected.recv_x.shape[0]
+    assert got.recv_x.shape[0] == worst and got.recv_topk_idx.shape[0] == worst
+    assert same_bits(got.recv_x[:m].cpu(), expected.recv_x)
+    assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx)
+    assert bool((got.recv_topk_idx[m:] == -1).all())
+    comb = torch_ep.combine(got.recv_x, got.handle)
+    assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
+
+
+def test_num_worst_tokens(pool):
+    pool.run(rank_worst_case, _seed())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _raises(fn, exc, text):
+    try:
+        fn()
+    except exc as e:
+        assert text in str(e), f"expected {text!r} in: {e}"
+        return str(e)
+    raise AssertionError(f"expected {exc.__name__} with {text!r}")
+
+
+def rank_bad_input(device="cpu"):
+    """Every bad input raises before any data moves, naming the argument; the group works after."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    num_experts, g, x, idx, w = make_inputs(_seed_for_all(), "random", 8, 2, 2, torch.float32, device)
+    d = lambda **kw: torch_ep.dispatch(**{"x": x, "topk_idx": idx, "topk_weights": w, "num_experts": num_experts,
+                                          **kw})
+    _raises(lambda: d(num_experts=num_experts + 1), ValueError, "must be divisible by the group size")
+    _raises(lambda: d(x=x.int()), TypeError, "x must be bfloat16, float16 or float32")
+    _raises(lambda: d(x=x[0]), ValueError, "x must be 2-D")
+    _raises(lambda: d(topk_idx=idx.int()), TypeError, "topk_idx must be int64")
+    _raises(lambda: d(topk_idx=idx[:-1] if idx.shape[0] else idx.new_zeros(1, 2)), ValueError,
+            "topk_idx must have shape")
+    _raises(lambda: d(topk_weights=w.double()), TypeError, "topk_weights must be float32")
+    _raises(lambda: d(topk_weights=w[:, :1]), ValueError, "topk_weights must have shape")
+    _raises(lambda: d(x=(x.to(torch.float8_e4m3fn), torch.ones(x.shape[0], 3))), ValueError, "fp8 scales")
+    _raises(lambda: torch_ep.dispatch(x), ValueError, "needs topk_idx and num_experts")
+
+    # Expert ids out of range on one rank: every rank raises, and the group goes on.
+    bad = idx.clone()
+    if rank == 0:
+        bad = torch.full_like(idx, num_experts)
+    msg = _raises(lambda: d(topk_idx=bad), ValueError, "expert ids outside [-1, num_experts")
+    assert ("rank 0" in msg) if rank != 0 else ("the largest" in msg)
+
+    # Disagreeing ranks (another hidden size on the last rank): all raise, nothing moves.
+    if rank == size - 1:
+        _raises(lambda: d(x=torch.ones(x.shape[0], 9, device=device)), RuntimeError, "the ranks disagree on the hidden size")
+    else:
+        _raises(lambda: d(), RuntimeError, "the ranks disagree on the hidden size")
+
+    good = d()
+    # Handles: of another layout, of another group, or not a handle at all.
+    other = torch.ones(x.shape[0] + 1, 8, device=device)
+    _raises(lambda: torch_ep.dispatch(other, handle=good.handle), ValueError, "the handle routes")
+    _raises(lambda: torch_ep.combine(good.recv_x[:, :3], "handle"), TypeError, "handle: expected")
+    _raises(lambda: torch_ep.combine(torch.ones(good.recv_x.shape[0] + 1, 8, device=device), good.handle), ValueError,
+            "x must have one row per row")
+    sub = dist.new_group()
+    _raises(lambda: torch_ep.combine(good.recv_x, good.handle, group=sub), ValueError, "it was made on group")
+    dist.destroy_process_group(sub)
+
+    # After all that, the group still dispatches and combines correctly.
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    check_result(d(), expected)
+    comb = torch_ep.combine(good.recv_x, good.handle)
+    assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
+
+
+_shared_seed = [12345]
+
+
+def _seed_for_all():
+    _shared_seed[0] += 1
+    return _shared_seed[0]
+
+
+def test_bad_input(pool):
+    pool.run(rank_bad_input)
+
+
+def test_handle_of_another_dispatch_raises_everywhere(pool):
+    pool.run(rank_mismatched_handles)
+
+
+def rank_mismatched_handles(device="cpu"):
+    """Rank 0 combines with the handle of another dispatch than its peers: all ranks raise."""
+    rank = dist.get_rank()
+    num_experts, g, x, idx, w = make_inputs(_seed(), "random", 8, 2, 2, torch.float32, device)
+    first = torch_ep.dispatch(x, idx, num_experts=num_experts)
+    second = torch_ep.dispatch(x, idx, num_experts=num_experts)
+    chosen = first if rank == 0 else second
+    _raises(lambda: torch_ep.combine(chosen.recv_x, chosen.handle), RuntimeError, "handle of the same dispatch")
+    comb = torch_ep.combine(second.recv_x, second.handle)  # the group goes on
+    assert comb.combined_x.shape == x.shape
+
+
+def test_ops_are_registered():
+    for name in ("get_dispatch_layout", "dispatch", "combine"):
+        assert hasattr(torch.ops.ep, name)

@@ -1,0 +1,271 @@
+"""MoE dispatch and combine on an "ep" group (the API of DESIGN.md).
+
+The work is done by the torch ops ep::get_dispatch_layout, ep::dispatch and ep::combine
+(backend/ops, CPU and CUDA kernels). This module gives them their Python signatures, autograd
+(dispatch's backward is a combine of the gradients, combine's a dispatch along the handle),
+fake kernels for torch.compile, and async_op.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import _C  # noqa: F401  (registers the ep:: ops)
+from .types import CombineResult, DispatchHandle, DispatchLayout, DispatchResult, Payload
+
+__all__ = ["get_dispatch_layout", "dispatch", "combine", "MoEWork"]
+
+
+def _group(group):
+    group = group or dist.group.WORLD
+    if group is None:
+        raise RuntimeError("torch_ep: no default process group; call dist.init_process_group(backend='ep') first")
+    return group
+
+
+def _split_payload(x: Payload) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"x: expected a tensor or the fp8 pair (x, scales), got a sequence of {len(x)}")
+        return x[0], x[1]
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor or the fp8 pair (x, scales), got {type(x).__name__}")
+    return x, None
+
+
+def _aligned(counts, alignment: int):
+    return [-(-n // alignment) * alignment if n >= 0 else n for n in counts]
+
+
+# ------------------------------------------------------------------------------- async_op
+
+class MoEWork:
+    """What an async_op call returns: wait() makes the current stream wait for the op (no CPU
+    block), as a ProcessGroupNCCL Work does; CPU ops are complete when they return."""
+
+    def __init__(self, event: Optional[torch.cuda.Event] = None, outputs=(), device=None):
+        self._event, self._device = event, device
+        self._outputs = [t for t in outputs if isinstance(t, torch.Tensor)]
+
+    def wait(self, timeout=None) -> bool:
+        if self._event is not None:
+            stream = torch.cuda.current_stream(self._device)
+            stream.wait_event(self._event)
+            # The outputs were made on the side stream; tell the allocator the caller uses them.
+            for t in self._outputs:
+                t.record_stream(stream)
+        return True
+
+    def is_completed(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def synchronize(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+
+_side_streams: dict = {}
+
+
+def _run(fn, inputs, async_op: bool):
+    """Runs fn() now, or on a side stream that first waits for the caller's work (async_op)."""
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    if not async_op:
+        return fn(), None
+    if device.type != "cuda":
+        return fn(), MoEWork()
+    caller = torch.cuda.current_stream(device)
+    side = _side_streams.setdefault(device, torch.cuda.Stream(device))
+    side.wait_stream(caller)
+    with torch.cuda.stream(side):
+        outputs = fn()
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            t.record_stream(side)
+    event = torch.cuda.Event()
+    event.record(side)
+    flat = [t for group in outputs for t in (group if isinstance(group, (tuple, list)) else (group,))]
+    return outputs, MoEWork(event, flat, device)
+
+
+# ------------------------------------------------------------------------------- autograd
+
+class _Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts, num_worst_tokens,
+                group_name):
+        out = torch.ops.ep.dispatch(x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts,
+                                    num_worst_tokens, group_name)
+        recv_x, recv_scales, recv_idx, recv_w, meta, counts = out
+        if handle_meta is not None:
+            meta, counts = handle_meta, handle_counts
+        ctx.num_experts, ctx.group_name, ctx.has_weights = num_experts, group_name, topk_weights is not None
+        ctx.save_for_backward(meta, counts, recv_idx if topk_weights is not None else None)
+        ctx.mark_non_differentiable(recv_scales, recv_idx, out[4], out[5])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_x, _scales, _idx, grad_w, _meta, _counts):
+        meta, counts, recv_idx = ctx.saved_tensors
+        weights = None
+        if ctx.has_weights and ctx.needs_input_grad[3] and grad_w is not None:
+            # Slots of other ranks' experts were zeros, not the weights: no gradient flows there.
+            weights = grad_w.masked_fill(recv_idx < 0, 0)
+        if grad_x is None:
+            return (None,) * 9
+        combined, combined_w = torch.ops.ep.combine(grad_x.contiguous(), weights, meta, counts, ctx.num_experts,
+                                                    ctx.group_name)
+        return combined, None, None, combined_w if weights is not None else None, None, None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_weights, handle_meta, handle_counts, num_experts, num_worst_tokens, group_name):
+        ctx.num_experts, ctx.num_worst_tokens, ctx.group_name = num_experts, num_worst_tokens, group_name
+        ctx.save_for_backward(handle_meta, handle_counts)
+        return torch.ops.ep.combine(x, topk_weights, handle_meta, handle_counts, num_experts, group_name)
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_w):
+        meta, counts = ctx.saved_tensors
+        grad_x = grad_x.contiguous() if grad_x is not None else None
+        recv_x = torch.ops.ep.dispatch(grad_x, None, None, None, meta, counts, ctx.num_experts,
+                                       ctx.num_worst_tokens, ctx.group_name)[0] if grad_x is not None else None
+        recv_w = None
+        if ctx.needs_input_grad[1] and grad_w is not None and grad_w.numel():
+            # Weights go back along the same route as a float32 payload.
+            recv_w = torch.ops.ep.dispatch(grad_w.contiguous(), None, None, None, meta, counts, ctx.num_experts,
+                                           ctx.num_worst_tokens, ctx.group_name)[0]
+        return recv_x, recv_w, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------- public API
+
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group=None) -> DispatchLayout:
+    """Where each token of `topk_idx` [N, K] goes: tokens per rank, token-expert pairs per expert,
+    and is_token_in_rank [N, R]. Local: no communication."""
+    size = dist.get_world_size(_group(group))
+    return DispatchLayout(*torch.ops.ep.get_dispatch_layout(topk_idx, num_experts, size))
+
+
+def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None, *,
+             num_experts: Optional[int] = None, group=None, layout: Optional[DispatchLayout] = None,
+             handle: Optional[DispatchHandle] = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+             async_op: bool = False) -> DispatchResult:
+    """Sends each token to every rank that owns one of its experts, once per rank.
+
+    Give `topk_idx` [N, K] (global expert ids, -1 = not routed) and `num_experts`, or the
+    `handle` of an earlier dispatch to send new data along the same route. Received rows are
+    ordered by source rank, then by the source's token order. `num_worst_tokens` > 0 makes every
+    output that many rows long (real rows first), so that a CUDA dispatch needs no host
+    synchronisation and can be captured in a graph. `layout` (from get_dispatch_layout) is
+    accepted for DeepEP-style call sites; the op computes its own routing table in any case.
+    """
+    g = _group(group)
+    x_data, x_scales = _split_payload(x)
+    if expert_alignment < 1:
+        raise ValueError(f"expert_alignment must be >= 1, got {expert_alignment}")
+    if handle is not None:
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle: expected the DispatchHandle of an earlier torch_ep dispatch, got "
+                            f"{type(handle).__name__}")
+        if topk_idx is not None or topk_weights is not None:
+            raise ValueError("give either topk_idx (a new route) or handle (an earlier route), not both")
+        if handle.group_name != g.group_name:
+            raise ValueError(f"handle: it was made on group {handle.group_name!r}, not on this call's group "
+                             f"{g.group_name!r}")
+        if num_experts is not None and num_experts != handle.num_experts:
+            raise ValueError(f"num_experts={num_experts} differs from the handle's {handle.num_experts}")
+        if x_data.dim() >= 1 and x_data.shape[0] != handle.num_tokens:
+            raise ValueError(f"x: the handle routes {handle.num_tokens} tokens but x has {x_data.shape[0]} rows")
+        num_experts = handle.num_experts
+        meta, counts, num_worst_tokens = handle.meta, handle.counts, handle.num_worst_tokens
+    else:
+        if topk_idx is None or num_experts is None:
+            raise ValueError("dispatch needs topk_idx and num_experts, or the handle of an earlier dispatch")
+        meta = counts = None
+        if layout is not None and tuple(layout.is_token_in_rank.shape) != (topk_idx.shape[0], g.size()):
+            raise ValueError(f"layout: its is_token_in_rank has shape {tuple(layout.is_token_in_rank.shape)}, "
+                             f"expected {(topk_idx.shape[0], g.size())}; was it made for this topk_idx?")
+
+    def call():
+        return _Dispatch.apply(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens,
+                               g.group_name)
+
+    (recv_x, recv_scales, recv_idx, recv_w, new_meta, new_counts), work = _run(
+        call, [x_data, x_scales, topk_idx, topk_weights, meta], async_op)
+    if handle is None:
+        handle = DispatchHandle(g.group_name, g.size(), num_experts, x_data.shape[0], new_meta, new_counts,
+                                num_worst_tokens)
+    return DispatchResult(
+        recv_x=(recv_x, recv_scales) if x_scales is not None else recv_x,
+        recv_topk_idx=recv_idx if topk_idx is not None else None,
+        recv_topk_weights=recv_w if topk_weights is not None else None,
+        num_recv_tokens_per_expert=_aligned(handle.num_recv_tokens_per_expert, expert_alignment),
+        handle=handle, work=work)
+
+
+def combine(x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None, *, group=None,
+            async_op: bool = False) -> CombineResult:
+    """The reverse route of `handle`'s dispatch: for each token, the sum (in float32, unweighted)
+    of the rows the ranks it went to send back, as x's dtype; likewise for topk_weights."""
+    g = _group(group)
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"handle: expected the DispatchHandle of a torch_ep dispatch, got {type(handle).__name__}")
+    if handle.group_name != g.group_name:
+        raise ValueError(f"handle: it was made on group {handle.group_name!r}, not on this call's group "
+                         f"{g.group_name!r}")
+
+    def call():
+        return _Combine.apply(x, topk_weights, handle.meta, handle.counts, handle.num_experts,
+                              handle.num_worst_tokens, g.group_name)
+
+    (combined, combined_w), work = _run(call, [x, topk_weights], async_op)
+    return CombineResult(combined, combined_w if topk_weights is not None else None, work)
+
+
+# ------------------------------------------------------------------------------- fake kernels
+
+def _group_size(group_name: str) -> int:
+    return dist.distributed_c10d._resolve_process_group(group_name).size()
+
+
+@torch.library.register_fake("ep::get_dispatch_layout")
+def _layout_fake(topk_idx, num_experts, num_ranks):
+    return (topk_idx.new_empty(num_ranks, dtype=torch.int32), topk_idx.new_empty(num_experts, dtype=torch.int32),
+            topk_idx.new_empty(topk_idx.shape[0], num_ranks, dtype=torch.bool))
+
+
+@torch.library.register_fake("ep::dispatch")
+def _dispatch_fake(x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts, num_worst_tokens,
+                   group_name):
+    r = _group_size(group_name)
+    rows = num_worst_tokens if num_worst_tokens > 0 else torch.library.get_ctx().new_dynamic_size()
+    n, hidden = x.shape
+    recv_x = x.new_empty(rows, hidden)
+    recv_scales = x_scales.new_empty(rows, x_scales.shape[1]) if x_scales is not None else x.new_empty(0, dtype=torch.float32)
+    if handle_meta is None:
+        k = topk_idx.shape[1]
+        recv_idx = x.new_empty(rows, k, dtype=torch.int64)
+        recv_w = x.new_empty(rows, k, dtype=torch.float32) if topk_weights is not None else x.new_empty(0, dtype=torch.float32)
+        header = 2 * r + 2 * num_experts + 2
+        meta = x.new_empty(header + 2 * n * r, dtype=torch.int32)
+        counts = torch.empty(2 + 2 * r + num_experts // r, dtype=torch.int64, device="cpu")
+    else:
+        recv_idx = x.new_empty(0, dtype=torch.int64)
+        recv_w = x.new_empty(0, dtype=torch.float32)
+        meta = x.new_empty(0, dtype=torch.int32)
+        counts = torch.empty(0, dtype=torch.int64, device="cpu")
+    return recv_x, recv_scales, recv_idx, recv_w, meta, counts
+
+
+@torch.library.register_fake("ep::combine")
+def _combine_fake(x, topk_weights, handle_meta, handle_counts, num_experts, group_name):
+    r = _group_size(group_name)
+    header = 2 * r + 2 * num_experts + 2
+    n = (handle_meta.shape[0] - header) // (2 * r)
+    combined_w = (x.new_empty(n, topk_weights.shape[1], dtype=torch.float32) if topk_weights is not None
+                  else x.new_empty(0, dtype=torch.float32))
+    return x.new_empty(n, x.shape[1]), combined_w
