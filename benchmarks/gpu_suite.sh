@@ -69,6 +69,14 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tests ] || [ "$WHAT" = moe ]; then
     -q -ra -x > "$LOGS/gpu_moe_tests.log" 2>&1 || STATUS=1
   grep -v "^\[rank" "$LOGS/gpu_moe_tests.log" | tail -40 >> "$SUMMARY"
 fi
+if [ "$WHAT" = profile ]; then
+  for R in 2 4; do
+    step "MoE profile, $R ranks"
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) timeout 120 torchrun --standalone --nproc-per-node "$R" \
+      tools/moe_profile.py > "$LOGS/moe_profile_${R}ranks.log" 2>&1 || STATUS=1
+    grep "^rank 0" "$LOGS/moe_profile_${R}ranks.log" >> "$SUMMARY"
+  done
+fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then
   for R in 2 4 8; do
     step "MoE benchmark, $R ranks (4096 tokens, hidden 7168, top-8, 256 experts)"

@@ -47,7 +47,7 @@ class MoEWork:
 
     def __init__(self, event: Optional[torch.cuda.Event] = None, outputs=(), device=None):
         self._event, self._device = event, device
-        self._outputs = [t for t in outputs if isinstance(t, torch.Tensor)]
+        self._outputs = [t for t in outputs if isinstance(t, torch.Tensor) and t.is_cuda]
 
     def wait(self, timeout=None) -> bool:
         if self._event is not None:

@@ -1,0 +1,69 @@
+"""Where a dispatch / combine spends its time: kernel durations (torch.profiler) next to the
+wall time per call, at DeepEP's benchmark shape. Run with torchrun on a GPU machine:
+
+    torchrun --nproc-per-node 2 tools/moe_profile.py [--hidden 7168] [--tokens 4096]
+"""
+import argparse
+import os
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+import torch_ep
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=8)
+    args = parser.parse_args()
+    dist.init_process_group("ep")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    g = torch.Generator(device="cuda").manual_seed(rank)
+    scores = torch.rand(args.tokens, args.experts, device="cuda", generator=g)
+    idx = scores.topk(args.top_k, dim=1).indices
+    w = torch.rand(args.tokens, args.top_k, device="cuda", generator=g)
+    x = torch.randn(args.tokens, args.hidden, device="cuda", generator=g).bfloat16()
+    fp8 = (x.float().to(torch.float8_e4m3fn), torch.rand(args.tokens, (args.hidden + 127) // 128, device="cuda"))
+    d = torch_ep.dispatch(x, idx, w, num_experts=args.experts)
+    ops = {
+        "layout": lambda: torch_ep.get_dispatch_layout(idx, args.experts),
+        "dispatch bf16": lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts),
+        "dispatch fp8": lambda: torch_ep.dispatch(fp8, idx, w, num_experts=args.experts),
+        "dispatch cached": lambda: torch_ep.dispatch(x, handle=d.handle),
+        "combine bf16": lambda: torch_ep.combine(d.recv_x, d.handle),
+        "raw op dispatch": lambda: torch.ops.ep.dispatch(x, None, idx, w, None, None, args.experts, 0,
+                                                         dist.group.WORLD.group_name),
+    }
+    lines = []
+    for name, fn in ops.items():
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        dist.barrier()
+        n = 30
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / n
+        kernels = defaultdict(float)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[e.name.split("<")[0].split("(")[0][-40:]] += e.device_time_total / n
+        top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:5])
+        lines.append(f"rank {rank} {name:16s} wall {wall * 1e6:7.1f} us/call | kernels us/call: {top}")
+        dist.barrier()
+    for line in lines:
+        print(line, flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
