@@ -70,11 +70,12 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tests ] || [ "$WHAT" = moe ]; then
   grep -v "^\[rank" "$LOGS/gpu_moe_tests.log" | tail -40 >> "$SUMMARY"
 fi
 if [ "$WHAT" = profile ]; then
-  for R in 2 4; do
+  for R in 2; do
     step "MoE profile, $R ranks"
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) timeout 120 torchrun --standalone --nproc-per-node "$R" \
       tools/moe_profile.py > "$LOGS/moe_profile_${R}ranks.log" 2>&1 || STATUS=1
-    grep "^rank 0" "$LOGS/moe_profile_${R}ranks.log" >> "$SUMMARY"
+    grep -v "^\[rank\|^W1125\|^rank [1-9]\|TRACE" "$LOGS/moe_profile_${R}ranks.log" | head -30 >> "$SUMMARY"
+    grep TRACE "$LOGS/moe_profile_${R}ranks.log" | head -40 >> "$SUMMARY"
   done
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then

@@ -11,6 +11,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;  // combine: row chunks per lane in flight
 
 // ------------------------------------------------------------------------------------ layout
 
@@ -215,21 +216,34 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     }
     __syncwarp();
     const unsigned sources = __ballot_sync(0xffffffffu, row >= 0);
-    for (int64_t c = lane; c < p.hidden / V; c += 32) {
-      float acc[V];
+    // Four chunks of the row per lane at once: four loads in flight from each source.
+    const int64_t chunks = p.hidden / V;
+    for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+      float acc[kUnroll][V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) acc[i] = 0.f;
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[u][i] = 0.f;
       for (unsigned left = sources; left; left &= left - 1) {
         const int d = __ffs(left) - 1;
-        const int64_t r = rows[d];
-        const auto pk = reinterpret_cast<const Pack<T, V>*>(reinterpret_cast<const T*>(p.x[d]) + r * p.hidden)[c];
+        const auto* in = reinterpret_cast<const Pack<T, V>*>(reinterpret_cast<const T*>(p.x[d]) + rows[d] * p.hidden);
+        Pack<T, V> pk[kUnroll];
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] += to_float(pk.v[i]);
+        for (int u = 0; u < kUnroll; ++u)
+          if (c0 + u * 32 < chunks) pk[u] = in[c0 + u * 32];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[u][i] += to_float(pk[u].v[i]);
       }
-      Pack<T, V> out;
 #pragma unroll
-      for (int i = 0; i < V; ++i) out.v[i] = from_float<T>(acc[i]);
-      reinterpret_cast<Pack<T, V>*>(reinterpret_cast<T*>(p.out) + t * p.hidden)[c] = out;
+      for (int u = 0; u < kUnroll; ++u) {
+        if (c0 + u * 32 >= chunks) break;
+        Pack<T, V> out;
+#pragma unroll
+        for (int i = 0; i < V; ++i) out.v[i] = from_float<T>(acc[u][i]);
+        reinterpret_cast<Pack<T, V>*>(reinterpret_cast<T*>(p.out) + t * p.hidden)[c0 + u * 32] = out;
+      }
     }
     if (p.out_weights) {
       for (int k = lane; k < p.num_topk; k += 32) {
