@@ -146,6 +146,8 @@ def rank_missing_peer():
     rank, size = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3)))
     num_experts, g, x, idx, w = checks.make_inputs(_seed_for(rank), "random", 16, 2, 2, torch.float32, "cuda")
+    torch_ep.dispatch(x, idx, num_experts=num_experts, group=group)  # every rank sets the transport up
+    torch.cuda.synchronize()
     error = None
     if rank != size - 1:
         start = time.monotonic()

@@ -119,6 +119,7 @@ def rank_dispatch_combine(seed, kind, hidden, top_k, experts_per_rank, dtype, al
     ("random", 7168, 8, 4, torch.bfloat16),
     ("one_expert", 16, 2, 2, torch.bfloat16),
     ("empty_rank", 5, 3, 2, torch.float32),
+    ("empty_rank", 4, 1, 1, torch.float32),
     ("unrouted", 24, 3, 2, torch.bfloat16),
     ("repeated", 8, 3, 2, torch.float32),
 ], ids=lambda v: str(v).replace("torch.", ""))

@@ -49,7 +49,10 @@ Tensor exchange_rows(ProcessGroupEP& group, const Tensor& rows, int64_t row_byte
 
 // A 2-D tensor's rows as raw bytes, [rows, width * element size].
 Tensor as_bytes(const Tensor& t) {
-  return t.contiguous().view(at::kByte).reshape({t.size(0), t.size(1) * int64_t(t.element_size())});
+  const int64_t width = t.size(1) * int64_t(t.element_size());
+  // An empty tensor can carry strides (e.g. 0 from a broadcast) that view() refuses.
+  if (t.numel() == 0) return at::empty({t.size(0), width}, at::kByte);
+  return t.contiguous().view(at::kByte).reshape({t.size(0), width});
 }
 
 // Columns [at, at + bytes) of packed rows, as a [rows, ...] tensor of `dtype`.

@@ -42,8 +42,15 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& 
 std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& device, const char* op_name) {
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   if (!moe_transport_) {
+    bool one_host = false;
+    try {
+      one_host = ranks_share_host();
+    } catch (const std::exception& e) {
+      C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": timed out setting up this group's CUDA "
+                                            "transport for dispatch/combine: " + e.what());
+    }
     // Ranks on other hosts cannot map each other's memory; the internode path is another issue.
-    TORCH_CHECK(ranks_share_host(), op_name, ": CUDA dispatch/combine need every rank of the group on one host");
+    TORCH_CHECK(one_host, op_name, ": CUDA dispatch/combine need every rank of the group on one host");
     try {
       CudaTransportConfig cc;
       cc.device = device.index();
