@@ -92,6 +92,10 @@ def _run(fn, inputs, async_op: bool):
 
 # ------------------------------------------------------------------------------- autograd
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts, num_worst_tokens,
@@ -190,9 +194,11 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
             raise ValueError(f"layout: its is_token_in_rank has shape {tuple(layout.is_token_in_rank.shape)}, "
                              f"expected {(topk_idx.shape[0], g.size())}; was it made for this topk_idx?")
 
+    # autograd.Function costs tens of microseconds per call: only where a gradient can flow.
+    op = _Dispatch.apply if _needs_grad(x_data, topk_weights) else torch.ops.ep.dispatch
+
     def call():
-        return _Dispatch.apply(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens,
-                               g.group_name)
+        return op(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens, g.group_name)
 
     (recv_x, recv_scales, recv_idx, recv_w, new_meta, new_counts), work = _run(
         call, [x_data, x_scales, topk_idx, topk_weights, meta], async_op)
@@ -219,8 +225,10 @@ def combine(x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torc
                          f"{g.group_name!r}")
 
     def call():
-        return _Combine.apply(x, topk_weights, handle.meta, handle.counts, handle.num_experts,
-                              handle.num_worst_tokens, g.group_name)
+        if _needs_grad(x, topk_weights):
+            return _Combine.apply(x, topk_weights, handle.meta, handle.counts, handle.num_experts,
+                                  handle.num_worst_tokens, g.group_name)
+        return torch.ops.ep.combine(x, topk_weights, handle.meta, handle.counts, handle.num_experts, g.group_name)
 
     (combined, combined_w), work = _run(call, [x, topk_weights], async_op)
     return CombineResult(combined, combined_w if topk_weights is not None else None, work)

@@ -9,84 +9,102 @@
 namespace ep::kernels {
 namespace {
 
-constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;  // combine: row chunks per lane in flight
 
 // ------------------------------------------------------------------------------------ layout
 
-// Block r lists the tokens going to rank r in token order: a ballot per warp and a scan over
-// the block's warps give each token its row among rank r's rows.
-__global__ void __launch_bounds__(kThreads) layout_kernel(LayoutParams p) {
+// Two passes over a grid of (token chunk, rank) blocks, so that every SM can take part:
+//   count: each block marks its chunk's tokens going to rank r, ranks them within the chunk
+//          (a ballot per warp, a scan over the warps), counts per expert, and records the
+//          chunk's total;
+//   place: each block adds the totals of the chunks before it and writes the final rows.
+// The header is zeroed first: counters accumulate with atomics, and the id range is kept as
+// min(0, smallest) and max(0, largest), enough to tell ids below -1 or from num_experts up.
+__global__ void __launch_bounds__(kThreads) layout_count_kernel(LayoutParams p) {
   extern __shared__ int counters[];  // [2 * experts_per_rank]: pairs, then tokens, per local expert
   __shared__ int warp_counts[kWarps];
   __shared__ int id_lo, id_hi;
-  const int r = blockIdx.x;
+  const int r = blockIdx.y;
   const MetaLayout l{p.num_ranks, p.num_experts, p.num_tokens};
   const int64_t per_rank = l.experts_per_rank(), lo = r * per_rank, hi = lo + per_rank;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int* pairs = counters;
   int* tokens = counters + per_rank;
   for (int64_t i = threadIdx.x; i < 2 * per_rank; i += blockDim.x) counters[i] = 0;
-  if (threadIdx.x == 0) id_lo = INT_MAX, id_hi = INT_MIN;
+  if (threadIdx.x == 0) id_lo = 0, id_hi = 0;
   __syncthreads();
 
-  int running = 0;  // rows of rank r so far; the same in every thread
-  int my_lo = INT_MAX, my_hi = INT_MIN;
-  for (int64_t base = 0; base < p.num_tokens; base += blockDim.x) {
-    const int64_t t = base + threadIdx.x;
-    bool goes = false;
-    if (t < p.num_tokens) {
-      const int64_t* row = p.topk_idx + t * p.num_topk;
-      for (int k = 0; k < p.num_topk; ++k) {
-        const int64_t e = row[k];
-        if (r == 0) {  // block 0 also finds the id range, to reject bad input
-          const int c = int(e < INT_MIN ? INT_MIN : (e > INT_MAX ? INT_MAX : e));
-          my_lo = min(my_lo, c);
-          my_hi = max(my_hi, c);
-        }
-        if (e < lo || e >= hi) continue;
-        goes = true;
-        atomicAdd(&pairs[e - lo], 1);
-        bool repeated = false;  // a token counts once per expert, however many slots name it
-        for (int j = 0; j < k; ++j) repeated = repeated || row[j] == e;
-        if (!repeated) atomicAdd(&tokens[e - lo], 1);
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  bool goes = false;
+  int my_lo = 0, my_hi = 0;
+  if (t < p.num_tokens) {
+    const int64_t* row = p.topk_idx + t * p.num_topk;
+    for (int k = 0; k < p.num_topk; ++k) {
+      const int64_t e = row[k];
+      if (r == 0) {  // blocks of rank 0 also find the id range, to reject bad input
+        const int c = int(e < INT_MIN ? INT_MIN : (e > INT_MAX ? INT_MAX : e));
+        my_lo = min(my_lo, c);
+        my_hi = max(my_hi, c);
       }
+      if (e < lo || e >= hi) continue;
+      goes = true;
+      atomicAdd(&pairs[e - lo], 1);
+      bool repeated = false;  // a token counts once per expert, however many slots name it
+      for (int j = 0; j < k; ++j) repeated = repeated || row[j] == e;
+      if (!repeated) atomicAdd(&tokens[e - lo], 1);
     }
-    const unsigned ballot = __ballot_sync(0xffffffffu, goes);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
-    __syncthreads();
-    int before = 0, total = 0;
-    for (int w = 0; w < int(blockDim.x / 32); ++w) {
-      before += w < warp ? warp_counts[w] : 0;
-      total += warp_counts[w];
-    }
-    const int pos = running + before + __popc(ballot & ((1u << lane) - 1));
-    if (t < p.num_tokens) {
-      p.meta[l.token_pos() + t * p.num_ranks + r] = goes ? pos : -1;
-      if (goes) p.meta[l.send_tokens() + r * p.num_tokens + pos] = int32_t(t);
-      if (p.is_token_in_rank) p.is_token_in_rank[t * p.num_ranks + r] = goes;
-    }
-    running += total;
-    __syncthreads();  // warp_counts is reused
   }
-  if (r == 0) {
+  const unsigned ballot = __ballot_sync(0xffffffffu, goes);
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  if (r == 0 && (my_lo < 0 || my_hi > 0)) {
     atomicMin(&id_lo, my_lo);
     atomicMax(&id_hi, my_hi);
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < per_rank; i += blockDim.x) {
-    p.meta[l.pairs_per_expert() + lo + i] = pairs[i];
-    p.meta[l.tokens_per_rank_expert() + lo + i] = tokens[i];
+  int before = 0, total = 0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    total += warp_counts[w];
+  }
+  if (t < p.num_tokens) {
+    p.meta[l.token_pos() + t * p.num_ranks + r] = goes ? before + __popc(ballot & ((1u << lane) - 1)) : -1;
+    if (p.is_token_in_rank) p.is_token_in_rank[t * p.num_ranks + r] = goes;
   }
   if (threadIdx.x == 0) {
-    p.meta[l.tokens_per_rank() + r] = running;
-    p.meta[l.row_offset_at_rank() + r] = 0;  // dispatch fills it in
+    p.chunk_counts[r * gridDim.x + blockIdx.x] = total;
     if (r == 0) {
-      p.meta[l.id_range()] = id_lo;
-      p.meta[l.id_range() + 1] = id_hi;
+      atomicMin(&p.meta[l.id_range()], id_lo);
+      atomicMax(&p.meta[l.id_range() + 1], id_hi);
     }
   }
+  for (int64_t i = threadIdx.x; i < per_rank; i += blockDim.x) {
+    if (pairs[i]) atomicAdd(&p.meta[l.pairs_per_expert() + lo + i], pairs[i]);
+    if (tokens[i]) atomicAdd(&p.meta[l.tokens_per_rank_expert() + lo + i], tokens[i]);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) layout_place_kernel(LayoutParams p) {
+  __shared__ int first;
+  const int r = blockIdx.y;
+  const MetaLayout l{p.num_ranks, p.num_experts, p.num_tokens};
+  const int* counts = p.chunk_counts + r * gridDim.x;
+  if (threadIdx.x == 0) {
+    int before = 0, total = 0;
+    for (int c = 0; c < int(gridDim.x); ++c) {
+      before += c < int(blockIdx.x) ? counts[c] : 0;
+      total += counts[c];
+    }
+    first = before;
+    if (blockIdx.x == 0) p.meta[l.tokens_per_rank() + r] = total;
+  }
+  __syncthreads();
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= p.num_tokens) return;
+  int32_t* pos = p.meta + l.token_pos() + t * p.num_ranks + r;
+  if (*pos < 0) return;
+  *pos += first;
+  p.meta[l.send_tokens() + r * p.num_tokens + *pos] = int32_t(t);
 }
 
 // ------------------------------------------------------------------------------------ signal
@@ -285,8 +303,13 @@ cudaError_t launch_combine_as(const CombineParams& p, cudaStream_t stream) {
 
 cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream) {
   if (p.num_ranks < 1 || p.num_experts % p.num_ranks) return cudaErrorInvalidValue;
-  const size_t smem = 2 * size_t(p.num_experts / p.num_ranks) * sizeof(int);
-  layout_kernel<<<p.num_ranks, kThreads, smem, stream>>>(p);
+  const MetaLayout l{p.num_ranks, p.num_experts, p.num_tokens};
+  cudaError_t err = cudaMemsetAsync(p.meta, 0, l.header_size() * sizeof(int32_t), stream);
+  if (err != cudaSuccess || p.num_tokens == 0) return err;
+  const dim3 grid(unsigned(layout_chunks(p.num_tokens)), unsigned(p.num_ranks));
+  const size_t smem = 2 * size_t(l.experts_per_rank()) * sizeof(int);
+  layout_count_kernel<<<grid, kThreads, smem, stream>>>(p);
+  layout_place_kernel<<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -121,6 +121,8 @@ Tensor layout_cuda(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
   p.num_ranks = int(num_ranks);
   p.num_experts = num_experts;
   p.meta = meta.data_ptr<int32_t>();
+  const Tensor scratch = at::empty({num_ranks * kernels::layout_chunks(N)}, meta.options());
+  p.chunk_counts = scratch.data_ptr<int32_t>();
   if (is_token_in_rank) {
     *is_token_in_rank = at::empty({N, num_ranks}, topk_idx.options().dtype(at::kBool));
     p.is_token_in_rank = is_token_in_rank->data_ptr<bool>();
@@ -146,6 +148,10 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     // kernel), or nowhere with num_worst_tokens, so that nothing waits on the device.
     Tensor header;
     std::vector<int64_t> send(R, -1);
+    // The handshake goes out before the host waits, so it overlaps that wait; where the host
+    // does not wait, after the exchange, so that no rank's kernel waits on a peer's host.
+    const bool early_ready = !cached && !worst;
+    if (early_ready) signal_all(*transport, /*ready=*/true, stream);
     if (cached) {
       send = a.handle_counts->send;
     } else if (!worst) {
@@ -202,7 +208,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.num_blocks = num_blocks(group, device);
     p.error = transport->kernel_error();
 
-    signal_all(*transport, /*ready=*/true, stream);
+    if (!early_ready) signal_all(*transport, /*ready=*/true, stream);
     EP_CUDA_CHECK(kernels::launch_dispatch(p, stream));
     signal_all(*transport, /*ready=*/false, stream);
     transport->track(op, stream, peers_of(int(rank), int(R)));

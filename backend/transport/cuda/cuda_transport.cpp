@@ -107,6 +107,7 @@ CudaTransport::~CudaTransport() {
   cv_.notify_all();
   watchdog_.join();
   cudaSetDevice(buffers_.device());
+  for (cudaEvent_t e : spare_events_) cudaEventDestroy(e);
   for (auto& peer : opened_)
     for (auto& [handle, ptr] : peer) cudaIpcCloseMemHandle(ptr);
   if (watchdog_stream_) {
@@ -175,7 +176,14 @@ void CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<
   EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return;  // replays run where the watchdog cannot see
   Inflight op{op_name, std::chrono::steady_clock::now(), std::move(peers), nullptr};
-  EP_CUDA_CHECK(cudaEventCreateWithFlags(&op.done, cudaEventDisableTiming));
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!spare_events_.empty()) {  // events are recycled: creating one costs microseconds under MPS
+      op.done = spare_events_.back();
+      spare_events_.pop_back();
+    }
+  }
+  if (!op.done) EP_CUDA_CHECK(cudaEventCreateWithFlags(&op.done, cudaEventDisableTiming));
   EP_CUDA_CHECK(cudaEventRecord(op.done, stream));
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -371,7 +379,7 @@ void CudaTransport::watch() {
         if (!error_.empty()) release_waits();
         break;
       }
-      cudaEventDestroy(op.done);
+      spare_events_.push_back(op.done);
       if (state != cudaSuccess && error_.empty()) error_ = op.op + ": CUDA error " + cudaGetErrorString(state);
       const int waited_for = *static_cast<volatile int*>(kernel_error_host_);
       if (waited_for == kernels::kErrorOverflow && error_.empty())

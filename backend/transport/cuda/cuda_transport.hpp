@@ -125,6 +125,7 @@ class CudaTransport {
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Inflight> inflight_;
+  std::vector<cudaEvent_t> spare_events_;  // of finished calls, for the next ones
   std::string error_;
   bool stopping_ = false;
   std::thread watchdog_;
