@@ -8,6 +8,8 @@ of 256 experts, drawn as DeepEP's tests draw them (top-k of random scores: 8 dis
 uniformly at random); --masked-ratio sets that share of the slots to -1 (not routed). --tokens
 takes several counts for a sweep. Ops, timed one after another:
   dispatch bf16    dispatch(x, topk_idx, topk_weights, num_experts=E), layout included
+  ..., layout given  the same with layout=get_dispatch_layout(...) computed once before (DeepEP's
+                   convention: its published figures pass a precomputed layout)
   dispatch fp8     the same with x cast to float8_e4m3fn per 128-channel block, float32 scales
   dispatch cached  dispatch(x, handle=handle), the handle of a bf16 dispatch (where --impl has it)
   combine bf16     combine(recv_x, handle): the reverse of a bf16 dispatch
@@ -55,7 +57,8 @@ from benchmarks.all_to_all import pick_device, ranks_per_gpu, shared_seed, slowe
 
 ROOFLINE = "roofline"
 DEEPEP = "DeepEP"
-OPS = ("dispatch bf16", "dispatch fp8", "dispatch cached", "combine bf16")
+OPS = ("dispatch bf16", "dispatch fp8", "dispatch bf16, layout given", "dispatch fp8, layout given",
+       "dispatch cached", "combine bf16")
 FP8_BLOCK = 128  # channels per fp8 scale
 
 
@@ -135,6 +138,11 @@ def subject_ops(impl: str, inputs: Inputs, num_experts: int) -> Tuple[Dict[str, 
     }
     if "handle" in inspect.signature(dispatch).parameters:  # a re-dispatch along the handle's route
         ops["dispatch cached"] = lambda: dispatch(x, handle=first.handle)
+    if impl != "reference":  # DeepEP's convention: the layout computed once, before the timed call
+        layout = torch_ep.get_dispatch_layout(idx, num_experts)
+        ops["dispatch bf16, layout given"] = lambda: dispatch(x, idx, weights, num_experts=num_experts, layout=layout)
+        ops["dispatch fp8, layout given"] = lambda: dispatch(inputs.x_fp8, idx, weights, num_experts=num_experts,
+                                                             layout=layout)
     return ops, first
 
 
@@ -167,9 +175,12 @@ def check_against_reference(ops: Dict[str, Callable[[], object]], inputs: Inputs
                 for op, payload in (("dispatch bf16", inputs.x), ("dispatch fp8", inputs.x_fp8))}
     found = []
     for op, want in expected.items():
-        got = ops[op]()
-        for field in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
-            found += differences(f"{op} {field}", getattr(got, field), getattr(want, field))
+        for variant in (op, f"{op}, layout given"):
+            if variant not in ops:
+                continue
+            got = ops[variant]()
+            for field in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
+                found += differences(f"{variant} {field}", getattr(got, field), getattr(want, field))
     bf16 = expected["dispatch bf16"]
     if "dispatch cached" in ops:
         found += differences("dispatch cached recv_x", ops["dispatch cached"]().recv_x, bf16.recv_x)
@@ -230,17 +241,20 @@ class DeepEP:
         buffer, x, weights = self.buffer, inputs.x, inputs.topk_weights
         idx = inputs.topk_idx.to(self.topk_idx_dtype)
 
-        def layout_and_dispatch(payload):
-            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+        def layout_and_dispatch(payload, layout=None):
+            per_rank, _, per_expert, in_rank, _ = layout or buffer.get_dispatch_layout(idx, num_experts)
             return buffer.dispatch(payload, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                    num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
 
         problem, ops = None, {}
         try:
             recv_x, _, _, _, handle, _ = layout_and_dispatch(x)
+            layout = buffer.get_dispatch_layout(idx, num_experts)
             ops = {
                 "dispatch bf16": lambda: layout_and_dispatch(x),
                 "dispatch fp8": lambda: layout_and_dispatch(inputs.x_fp8),
+                "dispatch bf16, layout given": lambda: layout_and_dispatch(x, layout),
+                "dispatch fp8, layout given": lambda: layout_and_dispatch(inputs.x_fp8, layout),
                 "dispatch cached": lambda: buffer.dispatch(x, handle=handle),
                 "combine bf16": lambda: buffer.combine(recv_x, handle),
             }

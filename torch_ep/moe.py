@@ -99,12 +99,14 @@ def _needs_grad(*tensors) -> bool:
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts, num_worst_tokens,
-                group_name):
+                group_name, layout_meta=None):
         out = torch.ops.ep.dispatch(x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts,
-                                    num_worst_tokens, group_name)
+                                    num_worst_tokens, group_name, layout_meta)
         recv_x, recv_scales, recv_idx, recv_w, meta, counts = out
         if handle_meta is not None:
             meta, counts = handle_meta, handle_counts
+        elif layout_meta is not None:
+            meta = layout_meta
         ctx.num_experts, ctx.group_name, ctx.has_weights = num_experts, group_name, topk_weights is not None
         ctx.save_for_backward(meta, counts, recv_idx if topk_weights is not None else None)
         ctx.mark_non_differentiable(recv_scales, recv_idx, out[4], out[5])
@@ -118,10 +120,10 @@ class _Dispatch(torch.autograd.Function):
             # Slots of other ranks' experts were zeros, not the weights: no gradient flows there.
             weights = grad_w.masked_fill(recv_idx < 0, 0)
         if grad_x is None:
-            return (None,) * 9
+            return (None,) * 10
         combined, combined_w = torch.ops.ep.combine(grad_x.contiguous(), weights, meta, counts, ctx.num_experts,
                                                     ctx.group_name)
-        return combined, None, None, combined_w if weights is not None else None, None, None, None, None, None
+        return combined, None, None, combined_w if weights is not None else None, None, None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -149,7 +151,8 @@ class _Combine(torch.autograd.Function):
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group=None) -> DispatchLayout:
     """Where each token of `topk_idx` [N, K] goes: tokens per rank, token-expert pairs per expert,
-    and is_token_in_rank [N, R]. Local: no communication."""
+    and is_token_in_rank [N, R]. Local: no communication. Passing the result to
+    dispatch(layout=) spares dispatch its own layout step (DeepEP's calling convention)."""
     size = dist.get_world_size(_group(group))
     return DispatchLayout(*torch.ops.ep.get_dispatch_layout(topk_idx, num_experts, size))
 
@@ -193,18 +196,20 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
         if layout is not None and tuple(layout.is_token_in_rank.shape) != (topk_idx.shape[0], g.size()):
             raise ValueError(f"layout: its is_token_in_rank has shape {tuple(layout.is_token_in_rank.shape)}, "
                              f"expected {(topk_idx.shape[0], g.size())}; was it made for this topk_idx?")
+    layout_meta = layout.meta if (layout is not None and handle is None) else None
 
     # autograd.Function costs tens of microseconds per call: only where a gradient can flow.
     op = _Dispatch.apply if _needs_grad(x_data, topk_weights) else torch.ops.ep.dispatch
 
     def call():
-        return op(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens, g.group_name)
+        return op(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens, g.group_name,
+                  layout_meta)
 
     (recv_x, recv_scales, recv_idx, recv_w, new_meta, new_counts), work = _run(
         call, [x_data, x_scales, topk_idx, topk_weights, meta], async_op)
     if handle is None:
-        handle = DispatchHandle(g.group_name, g.size(), num_experts, x_data.shape[0], new_meta, new_counts,
-                                num_worst_tokens)
+        handle = DispatchHandle(g.group_name, g.size(), num_experts, x_data.shape[0],
+                                layout_meta if layout_meta is not None else new_meta, new_counts, num_worst_tokens)
     return DispatchResult(
         recv_x=(recv_x, recv_scales) if x_scales is not None else recv_x,
         recv_topk_idx=recv_idx if topk_idx is not None else None,
@@ -242,13 +247,20 @@ def _group_size(group_name: str) -> int:
 
 @torch.library.register_fake("ep::get_dispatch_layout")
 def _layout_fake(topk_idx, num_experts, num_ranks):
+    n = topk_idx.shape[0]
     return (topk_idx.new_empty(num_ranks, dtype=torch.int32), topk_idx.new_empty(num_experts, dtype=torch.int32),
-            topk_idx.new_empty(topk_idx.shape[0], num_ranks, dtype=torch.bool))
+            topk_idx.new_empty(n, num_ranks, dtype=torch.bool),
+            topk_idx.new_empty(_meta_header(num_ranks, num_experts) + 2 * n * num_ranks, dtype=torch.int32))
+
+
+def _meta_header(num_ranks: int, num_experts: int) -> int:
+    # MetaLayout::header_size() of backend/kernels/moe_meta.hpp
+    return num_ranks + 2 * num_experts + 2
 
 
 @torch.library.register_fake("ep::dispatch")
 def _dispatch_fake(x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts, num_worst_tokens,
-                   group_name):
+                   group_name, layout_meta=None):
     r = _group_size(group_name)
     rows = num_worst_tokens if num_worst_tokens > 0 else torch.library.get_ctx().new_dynamic_size()
     n, hidden = x.shape
@@ -258,8 +270,8 @@ def _dispatch_fake(x, x_scales, topk_idx, topk_weights, handle_meta, handle_coun
         k = topk_idx.shape[1]
         recv_idx = x.new_empty(rows, k, dtype=torch.int64)
         recv_w = x.new_empty(rows, k, dtype=torch.float32) if topk_weights is not None else x.new_empty(0, dtype=torch.float32)
-        header = 2 * r + 2 * num_experts + 2
-        meta = x.new_empty(header + 2 * n * r, dtype=torch.int32)
+        meta = x.new_empty(0 if layout_meta is not None else _meta_header(r, num_experts) + 2 * n * r,
+                           dtype=torch.int32)
         counts = torch.empty(2 + 2 * r + num_experts // r, dtype=torch.int64, device="cpu")
     else:
         recv_idx = x.new_empty(0, dtype=torch.int64)
@@ -272,8 +284,7 @@ def _dispatch_fake(x, x_scales, topk_idx, topk_weights, handle_meta, handle_coun
 @torch.library.register_fake("ep::combine")
 def _combine_fake(x, topk_weights, handle_meta, handle_counts, num_experts, group_name):
     r = _group_size(group_name)
-    header = 2 * r + 2 * num_experts + 2
-    n = (handle_meta.shape[0] - header) // (2 * r)
+    n = (handle_meta.shape[0] - _meta_header(r, num_experts)) // (2 * r)
     combined_w = (x.new_empty(n, topk_weights.shape[1], dtype=torch.float32) if topk_weights is not None
                   else x.new_empty(0, dtype=torch.float32))
     return x.new_empty(n, x.shape[1]), combined_w

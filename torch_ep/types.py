@@ -19,6 +19,9 @@ class DispatchLayout:
     num_tokens_per_rank: torch.Tensor    # [R] int32: tokens going to each rank (once per rank)
     num_tokens_per_expert: torch.Tensor  # [E] int32: token-expert pairs per global expert
     is_token_in_rank: torch.Tensor       # [N, R] bool
+    # The routing table behind these (backend/kernels/moe_meta.hpp): given to dispatch(layout=),
+    # it spares dispatch its own layout step. None from torch_ep.reference.
+    meta: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -147,14 +147,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
     }
     first_row[R] = at;
   }
-  if (blockIdx.x == 0 && threadIdx.x < R) {
-    // For combine: where this rank's rows start among rank d's received rows.
-    const int d = threadIdx.x;
-    int64_t at = 0;
-    for (int s = 0; s < p.rank; ++s) at += p.src[s].meta[MetaLayout::tokens_per_rank() + d];
-    const MetaLayout mine{R, p.num_experts, p.src[p.rank].num_tokens};
-    p.meta[mine.row_offset_at_rank() + d] = int32_t(at);
-  }
   __syncthreads();
   const int64_t received = first_row[R];
   if (received > p.capacity && blockIdx.x == 0 && threadIdx.x == 0) atomicExch(p.error, kErrorOverflow);
@@ -220,16 +212,24 @@ struct alignas(sizeof(T) * V) Pack {
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
   __shared__ int64_t rows_of_warp[kWarps][kMaxRanksPerNode];
+  __shared__ int64_t first_row_at[kMaxRanksPerNode];  // where this rank's rows start on rank d
   const int R = p.num_ranks;
   const int lane = threadIdx.x & 31;
   int64_t* rows = rows_of_warp[threadIdx.x >> 5];
   const MetaLayout l{R, p.num_experts, p.num_tokens};
+  if (threadIdx.x < R) {  // rank d received the rows of ranks 0 .. rank-1 before ours
+    int64_t at = 0;
+    for (int s = 0; s < p.rank; ++s) at += p.meta[s][MetaLayout::tokens_per_rank() + threadIdx.x];
+    first_row_at[threadIdx.x] = at;
+  }
+  __syncthreads();
+  const int32_t* mine = p.meta[p.rank];
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
   for (int64_t t = blockIdx.x * int64_t(blockDim.x / 32) + (threadIdx.x >> 5); t < p.num_tokens; t += warps) {
     int64_t row = -1;
     if (lane < R) {
-      const int pos = p.meta[l.token_pos() + t * R + lane];
-      if (pos >= 0) row = p.meta[l.row_offset_at_rank() + lane] + int64_t(pos);
+      const int pos = mine[l.token_pos() + t * R + lane];
+      if (pos >= 0) row = first_row_at[lane] + int64_t(pos);
       rows[lane] = row;
     }
     __syncwarp();

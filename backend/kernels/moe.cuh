@@ -65,7 +65,6 @@ struct DispatchParams {
   int64_t* recv_topk_idx;    // local expert ids, -1 for others' experts and for padding rows
   float* recv_topk_weights;
   int64_t capacity;          // rows of the outputs; rows past those received are padding
-  int32_t* meta;             // this rank's table: gets row_offset_at_rank
   int num_blocks;            // the SM budget
   int* error;                // host-mapped: kErrorOverflow when more rows arrive than `capacity`
 };
@@ -76,9 +75,10 @@ cudaError_t launch_dispatch(const DispatchParams& params, cudaStream_t stream);
 enum class DType : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2 };
 struct CombineParams {
   int num_ranks;
+  int rank;
   int64_t num_experts;
   int64_t num_tokens;
-  const int32_t* meta;                          // this rank's table (token_pos, row_offset_at_rank)
+  const int32_t* meta[kMaxRanksPerNode];        // each rank's routing table (this rank's: token_pos)
   const char* x[kMaxRanksPerNode];              // each rank's combine input [M_r, H]
   const float* topk_weights[kMaxRanksPerNode];  // each rank's [M_r, K], or null
   int64_t hidden;

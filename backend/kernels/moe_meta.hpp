@@ -1,5 +1,5 @@
 // The routing table of one dispatch ("meta"): one int32 array per rank, on the op's device,
-// written by the layout step and kept in the dispatch handle. Kernels on peers read parts of it
+// written by the layout step, never modified afterwards, and kept in the dispatch handle. Kernels on peers read parts of it
 // through IPC, so its layout is shared by the CPU code, the CUDA kernels and the host glue.
 // Torch-free: plain offsets, usable on host and device.
 #pragma once
@@ -28,10 +28,8 @@ struct MetaLayout {
   EP_HOST_DEVICE int64_t tokens_per_rank_expert() const { return num_ranks + num_experts; }
   // [2] smallest and largest expert id seen (clamped to int32), to reject bad input
   EP_HOST_DEVICE int64_t id_range() const { return num_ranks + 2 * num_experts; }
-  // [R] first row of this rank's tokens among rank r's received rows (written by dispatch)
-  EP_HOST_DEVICE int64_t row_offset_at_rank() const { return id_range() + 2; }
   // What the host copies back after the layout step: everything above.
-  EP_HOST_DEVICE int64_t header_size() const { return row_offset_at_rank() + num_ranks; }
+  EP_HOST_DEVICE int64_t header_size() const { return id_range() + 2; }
   // [N, R] row of token t among the rows sent to rank r, or -1 when it does not go there
   EP_HOST_DEVICE int64_t token_pos() const { return header_size(); }
   // [R, N] the tokens sent to rank r, in token order (the first tokens_per_rank[r] are valid)
@@ -40,7 +38,7 @@ struct MetaLayout {
 
   // The N a meta array of `size` elements was made for; -1 when it fits no N.
   EP_HOST_DEVICE static int64_t tokens_for_size(int64_t size, int64_t num_ranks, int64_t num_experts) {
-    const int64_t rest = size - (num_ranks + 2 * num_experts + 2 + num_ranks);
+    const int64_t rest = size - (num_ranks + 2 * num_experts + 2);
     if (rest < 0 || rest % (2 * num_ranks)) return -1;
     return rest / (2 * num_ranks);
   }

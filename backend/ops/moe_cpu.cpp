@@ -121,7 +121,7 @@ DispatchOutputs dispatch_cpu(ProcessGroupEP& group, const DispatchArgs& a) {
   const MetaLayout l{R, E, N};
   const int64_t per_rank = l.experts_per_rank();
 
-  const Tensor meta = cached ? *a.handle_meta : layout_cpu(*a.topk_idx, E, R, nullptr);
+  const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cpu(*a.topk_idx, E, R, nullptr);
   const int32_t* m = meta.data_ptr<int32_t>();
   std::vector<int64_t> send(m + l.tokens_per_rank(), m + l.tokens_per_rank() + R);
 
@@ -172,7 +172,7 @@ DispatchOutputs dispatch_cpu(ProcessGroupEP& group, const DispatchArgs& a) {
     o.recv_topk_weights = pad(o.recv_topk_weights, 0);
   }
   // A dispatch along a handle gives no new handle: the caller keeps the one it passed.
-  o.meta = cached ? at::empty({0}, at::kInt) : meta;
+  o.meta = cached || a.layout_meta ? at::empty({0}, at::kInt) : meta;  // the caller keeps the table it gave
   o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
   return o;
 }

@@ -130,8 +130,8 @@ std::vector<int64_t> counts_vector(const char* op, const Tensor& counts) {
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
 }
 
-std::tuple<Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx, int64_t num_experts,
-                                                       int64_t num_ranks) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx, int64_t num_experts,
+                                                               int64_t num_ranks) {
   const char* op = "get_dispatch_layout";
   TORCH_CHECK_VALUE(num_ranks >= 1, op, ": num_ranks must be at least 1");
   check_experts(op, num_experts, num_ranks);
@@ -142,13 +142,14 @@ std::tuple<Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx, i
                               : layout_cpu(idx, num_experts, num_ranks, &in_rank);
   kernels::MetaLayout l{num_ranks, num_experts, idx.size(0)};
   return {meta.narrow(0, l.tokens_per_rank(), num_ranks).clone(),
-          meta.narrow(0, l.pairs_per_expert(), num_experts).clone(), in_rank};
+          meta.narrow(0, l.pairs_per_expert(), num_experts).clone(), in_rank, meta};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
     const Tensor& x, const std::optional<Tensor>& x_scales, const std::optional<Tensor>& topk_idx,
     const std::optional<Tensor>& topk_weights, const std::optional<Tensor>& handle_meta,
-    const std::optional<Tensor>& handle_counts, int64_t num_experts, int64_t num_worst_tokens, c10::string_view group_name) {
+    const std::optional<Tensor>& handle_counts, int64_t num_experts, int64_t num_worst_tokens, c10::string_view group_name,
+    const std::optional<Tensor>& layout_meta) {
   const char* op = "dispatch";
   check_payload(op, x, x_scales);
   ProcessGroupEP& group = resolve_group(std::string(group_name), x.device(), op);
@@ -173,6 +174,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
     TORCH_CHECK_VALUE(topk_idx.has_value(), op, ": give topk_idx and num_experts (a new route) or a handle");
     check_topk(op, *topk_idx, N, x.device());
     a.topk_idx = topk_idx->contiguous();
+    if (layout_meta) {
+      check_meta(op, *layout_meta, num_experts, R, N, x.device());
+      a.layout_meta = layout_meta->contiguous();
+    }
     if (topk_weights) {
       check_weights(op, *topk_weights, N, topk_idx->size(1), x.device());
       a.topk_weights = topk_weights->contiguous();
@@ -234,9 +239,9 @@ CombineOutputs combine_cuda(ProcessGroupEP&, const CombineArgs&) {
 
 TORCH_LIBRARY(ep, m) {
   m.def("get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> "
-        "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank)");
+        "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank, Tensor meta)");
   m.def("dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, Tensor? handle_meta, "
-        "Tensor? handle_counts, int num_experts, int num_worst_tokens, str group_name) -> "
+        "Tensor? handle_counts, int num_experts, int num_worst_tokens, str group_name, Tensor? layout_meta=None) -> "
         "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, Tensor meta, "
         "Tensor counts)");
   m.def("combine(Tensor x, Tensor? topk_weights, Tensor handle_meta, Tensor handle_counts, int num_experts, "

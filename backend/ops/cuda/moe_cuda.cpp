@@ -143,7 +143,8 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   const MetaLayout l{R, E, N};
 
   try {
-    const Tensor meta = cached ? *a.handle_meta : layout_cuda(*a.topk_idx, E, R, nullptr);
+    const bool given = cached || a.layout_meta;  // a routing table computed earlier
+    const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, nullptr);
     // The sizes, on the host: from the handle, or from the table (one wait for the layout
     // kernel), or nowhere with num_worst_tokens, so that nothing waits on the device.
     Tensor header;
@@ -204,7 +205,6 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.recv_topk_idx = cached ? nullptr : o.recv_topk_idx.data_ptr<int64_t>();
     p.recv_topk_weights = a.topk_weights ? o.recv_topk_weights.data_ptr<float>() : nullptr;
     p.capacity = capacity;
-    p.meta = meta.data_ptr<int32_t>();
     p.num_blocks = num_blocks(group, device);
     p.error = transport->kernel_error();
 
@@ -213,7 +213,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     signal_all(*transport, /*ready=*/false, stream);
     transport->track(op, stream, peers_of(int(rank), int(R)));
 
-    o.meta = cached ? at::empty({0}, meta.options()) : meta;
+    o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
     o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
     return o;
   } catch (const CommError& e) {
@@ -233,7 +233,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
 
   try {
     std::vector<Record> mine = combine_records(a, R);
-    share(*transport, {ptr_of(a.x), ptr_of(a.topk_weights)}, mine);
+    share(*transport, {ptr_of(a.x), ptr_of(a.topk_weights), ptr_of(a.handle_meta)}, mine);
     const std::vector<Record> theirs = exchange(*transport, mine, op);
     check_records(op, int(rank), mine[rank], theirs);
     check_combine_counts(a, rank, theirs);
@@ -244,12 +244,13 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
                                              : at::empty({0}, a.x.options().dtype(at::kFloat));
     kernels::CombineParams p{};
     p.num_ranks = int(R);
+    p.rank = int(rank);
     p.num_experts = a.num_experts;
     p.num_tokens = N;
-    p.meta = a.handle_meta.data_ptr<int32_t>();
     for (int d = 0; d < R; ++d) {
       p.x[d] = peer_ptr(*transport, d, theirs[d], 0, ptr_of(a.x));
       p.topk_weights[d] = reinterpret_cast<const float*>(peer_ptr(*transport, d, theirs[d], 1, ptr_of(a.topk_weights)));
+      p.meta[d] = reinterpret_cast<const int32_t*>(peer_ptr(*transport, d, theirs[d], 2, ptr_of(a.handle_meta)));
     }
     p.hidden = H;
     p.dtype = a.x.scalar_type() == at::kBFloat16 ? kernels::DType::kBFloat16
