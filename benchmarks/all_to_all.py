@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -65,15 +63,6 @@ class Measurement:
         return self.algbw_gbps * (world_size - 1) / world_size
 
 
-def pick_device(kind: str = "auto") -> torch.device:
-    """cuda:(LOCAL_RANK % device_count) where CUDA is available (or asked for), else the CPU."""
-    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    torch.cuda.set_device(device)
-    return device
-
-
 def sizes_between(min_bytes: int, max_bytes: int, factor: int) -> List[int]:
     sizes, size = [], min_bytes
     while size <= max_bytes:
@@ -86,12 +75,6 @@ def pair_data(seed: int, src: int, dst: int, num_bytes: int, device: torch.devic
     """The bytes rank `src` sends to rank `dst`: random, and reproducible on both ends."""
     generator = torch.Generator().manual_seed(seed + 7919 * src + 104729 * dst)
     return torch.randint(0, 256, (num_bytes,), dtype=torch.uint8, generator=generator).to(device)
-
-
-def slowest_rank(run_times_s: List[float], sync_group) -> List[float]:
-    times = torch.tensor(run_times_s, dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=sync_group)
-    return times.tolist()
 
 
 def check_output(impl: str, group, send: torch.Tensor, expected: torch.Tensor, sync_group) -> None:
@@ -119,13 +102,6 @@ def ops_per_run(num_bytes: int) -> int:
     return max(8, min(32, (256 << 20) // num_bytes))
 
 
-def shared_seed(sync_group) -> int:
-    """A fresh seed, the same on every rank: senders and receivers derive the same data from it."""
-    seed = [random.getrandbits(31) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(seed, src=0, group=sync_group)
-    return seed[0]
-
-
 def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync_group, *, runs: int,
                  warmup: int) -> List[Measurement]:
     """Checks, then times all_to_all_single of `size` bytes per rank on each group of `impls`.
@@ -133,7 +109,7 @@ def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync
     `sync_group` (a Gloo group of the same ranks) carries the barriers, checks and reductions.
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    seed = shared_seed(sync_group)
+    seed = common.shared_seed(sync_group)
     chunk = size // world_size  # sizes that R does not divide send R*(size//R) bytes
     send = torch.cat([pair_data(seed, rank, dst, chunk, device) for dst in range(world_size)])
     expected = torch.cat([pair_data(seed, src, rank, chunk, device) for src in range(world_size)])
@@ -152,7 +128,7 @@ def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync
             run_times[impl] += common.time_runs(op, device=device, runs=1, warmup=0,
                                                 ops_per_run=ops_per_run(send.numel()),
                                                 barrier=lambda: dist.barrier(group=sync_group))
-    return [Measurement(impl, size, send.numel(), slowest_rank(times, sync_group))
+    return [Measurement(impl, size, send.numel(), common.slowest_rank(times, sync_group))
             for impl, times in run_times.items()]
 
 
@@ -168,14 +144,7 @@ def measure_roofline(size: int, device: torch.device, ranks_per_gpu: int, sync_g
     dst = torch.empty_like(src)
     times = common.time_runs(lambda: dst.copy_(src), device=device, runs=runs, warmup=warmup,
                              ops_per_run=ops_per_run(size), barrier=lambda: dist.barrier(group=sync_group))
-    return Measurement(ROOFLINE, size, size, slowest_rank(times, sync_group))
-
-
-def ranks_per_gpu(device: torch.device, sync_group) -> int:
-    """The most ranks that share one GPU (1 when every rank has its own)."""
-    uuids: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(uuids, str(torch.cuda.get_device_properties(device).uuid), group=sync_group)
-    return max(Counter(uuids).values())
+    return Measurement(ROOFLINE, size, size, common.slowest_rank(times, sync_group))
 
 
 def results_table(measurements: List[Measurement], world_size: int) -> str:
@@ -247,14 +216,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    device = pick_device(args.device)
+    device = common.pick_device(args.device)
     dist.init_process_group(SUBJECT)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     sync_group = dist.new_group(backend="gloo")
     impls = {SUBJECT: dist.group.WORLD, "gloo": sync_group}
     sharing = 1
     if device.type == "cuda":
-        sharing = ranks_per_gpu(device, sync_group)
+        sharing = common.ranks_per_gpu(device, sync_group)
         if sharing == 1 and dist.is_nccl_available():
             impls["nccl"] = dist.new_group(backend="nccl")
 

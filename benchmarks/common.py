@@ -11,12 +11,15 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
+from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_TIMED_RUNS = 20
@@ -169,3 +172,34 @@ def run_metadata(device: torch.device, **extra) -> Dict[str, object]:
         "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
         **extra,
     }
+
+
+# ------------------------------------------------------------------ ranks (every benchmark script)
+
+def pick_device(kind: str = "auto") -> torch.device:
+    """cuda:(LOCAL_RANK % device_count) where CUDA is available (or asked for), else the CPU."""
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def slowest_rank(run_times_s: List[float], sync_group) -> List[float]:
+    times = torch.tensor(run_times_s, dtype=torch.float64)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=sync_group)
+    return times.tolist()
+
+
+def shared_seed(sync_group) -> int:
+    """A fresh seed, the same on every rank: senders and receivers derive the same data from it."""
+    seed = [random.getrandbits(31) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(seed, src=0, group=sync_group)
+    return seed[0]
+
+
+def ranks_per_gpu(device: torch.device, sync_group) -> int:
+    """The most ranks that share one GPU (1 when every rank has its own)."""
+    uuids: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(uuids, str(torch.cuda.get_device_properties(device).uuid), group=sync_group)
+    return max(Counter(uuids).values())

@@ -53,7 +53,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.all_to_all import pick_device, ranks_per_gpu, shared_seed, slowest_rank  # noqa: E402
 
 ROOFLINE = "roofline"
 DEEPEP = "DeepEP"
@@ -281,7 +280,7 @@ def copy_op(num_bytes: int, device: torch.device) -> Callable[[], object]:
 def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync_group) -> List[Measurement]:
     """Checks, then times every op of the subject, DeepEP and the roofline on `tokens` tokens per rank."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    inputs = make_inputs(shared_seed(sync_group), rank, world_size, tokens, args, device)
+    inputs = make_inputs(common.shared_seed(sync_group), rank, world_size, tokens, args, device)
     ops, first = subject_ops(args.impl, inputs, args.experts)
     if args.impl == "ep":
         check_against_reference(ops, inputs, args.experts, sync_group)
@@ -315,7 +314,7 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     for _ in range(args.runs):
         for key, fn in timed.items():
             run_times[key] += common.time_runs(fn, device=device, runs=1, warmup=0, barrier=start_run)
-    return [Measurement(impl, op, tokens, [b[op] for b in rank_bytes], slowest_rank(times, sync_group))
+    return [Measurement(impl, op, tokens, [b[op] for b in rank_bytes], common.slowest_rank(times, sync_group))
             for (impl, op), times in run_times.items()]
 
 
@@ -379,11 +378,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    device = pick_device(args.device)
+    device = common.pick_device(args.device)
     dist.init_process_group(torch_ep.BACKEND_NAME)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     sync_group = dist.new_group(backend="gloo")
-    sharing = ranks_per_gpu(device, sync_group) if device.type == "cuda" else 1
+    sharing = common.ranks_per_gpu(device, sync_group) if device.type == "cuda" else 1
     deepep = DeepEP(args.hidden, device, sharing, sync_group)
 
     measurements = []

@@ -29,16 +29,7 @@ def cuda_pool(request):
 _seed = checks._seed
 
 
-@pytest.mark.parametrize("kind,hidden,top_k,experts_per_rank,dtype", [
-    ("random", 7, 4, 2, torch.bfloat16),
-    ("random", 1, 1, 1, torch.float32),
-    ("random", 130, 9, 3, torch.float16),
-    ("random", 7168, 8, 4, torch.bfloat16),
-    ("one_expert", 16, 2, 2, torch.bfloat16),
-    ("empty_rank", 5, 3, 2, torch.float32),
-    ("unrouted", 24, 3, 2, torch.bfloat16),
-    ("repeated", 8, 3, 2, torch.float32),
-], ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("kind,hidden,top_k,experts_per_rank,dtype", checks.ROUTE_CASES, ids=checks.CASE_IDS)
 def test_dispatch_combine(cuda_pool, kind, hidden, top_k, experts_per_rank, dtype):
     cuda_pool.run(checks.rank_dispatch_combine, _seed(), kind, hidden, top_k, experts_per_rank, dtype, device="cuda")
 

@@ -2,8 +2,6 @@
 same weights: forward, and gradients w.r.t. x, the router and the experts; and the training
 example under torchrun."""
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from test_torchrun import run_process_group  # kills torchrun's whole session on a timeout
 from torch_ep.nn import ExpertParallelMoE
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "moe_train.py"
@@ -110,19 +109,6 @@ def test_layer_matches_dense_moe(pool, activation, top_k, experts_per_rank, empt
     rank's experts equal those of the dense MoE over all ranks' tokens and all experts."""
     counts = pool.run(rank_layer_vs_dense, _seed(), activation, top_k, experts_per_rank, empty_rank)
     assert (counts[-1] == 0) == empty_rank
-
-
-def run_process_group(cmd, env, timeout_s):
-    """Runs `cmd` in its own session; on timeout kills the session (torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-        return proc.returncode, stdout, stderr
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        return None, stdout, stderr + f"\n[killed after {timeout_s} s]"
 
 
 def test_training_example_under_torchrun():
