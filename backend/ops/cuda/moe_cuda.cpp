@@ -85,8 +85,11 @@ void signal_all(CudaTransport& transport, bool ready, cudaStream_t stream) {
   EP_CUDA_CHECK(kernels::launch_signal(p, stream));
 }
 
-int num_blocks(ProcessGroupEP& group, const CudaTransport& transport) {
-  return group.config().num_sms > 0 ? group.config().num_sms : transport.sm_count();
+int num_blocks(ProcessGroupEP& group, const at::Device& device) {
+  if (group.config().num_sms > 0) return group.config().num_sms;
+  int sms = 0;
+  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  return sms;
 }
 
 std::vector<int> peers_of(int rank, int size) {
@@ -202,7 +205,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.recv_topk_idx = cached ? nullptr : o.recv_topk_idx.data_ptr<int64_t>();
     p.recv_topk_weights = a.topk_weights ? o.recv_topk_weights.data_ptr<float>() : nullptr;
     p.capacity = capacity;
-    p.num_blocks = num_blocks(group, *transport);
+    p.num_blocks = num_blocks(group, device);
     p.error = transport->kernel_error();
 
     if (!early_ready) signal_all(*transport, /*ready=*/true, stream);
@@ -256,7 +259,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     p.num_topk = int(K);
     p.out = static_cast<char*>(o.combined_x.data_ptr());
     p.out_weights = a.topk_weights ? o.combined_topk_weights.data_ptr<float>() : nullptr;
-    p.num_blocks = num_blocks(group, *transport);
+    p.num_blocks = num_blocks(group, device);
 
     signal_all(*transport, /*ready=*/true, stream);
     EP_CUDA_CHECK(kernels::launch_combine(p, stream));

@@ -86,7 +86,6 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
       opened_(rdv.size()) {
   if (size_ > kMaxRanks) throw CommError("torch_ep: the CUDA transport supports up to 2048 ranks per node");
   EP_CUDA_CHECK(cudaSetDevice(config.device));
-  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, config.device));
   // full = 0 (nothing sent), empty = 1 (every slot free), ready = done = 0.
   std::vector<uint32_t> flags(size_t(size_) * (kSlots * 2 + 2), 0);
   std::fill(flags.begin() + size_ * kSlots, flags.begin() + size_ * kSlots * 2, 1u);

@@ -67,7 +67,6 @@ class CudaTransport {
   std::string error() const;
   int device() const { return buffers_.device(); }
   int rank() const { return rank_; }
-  int sm_count() const { return sm_count_; }  // of this transport's device
   int size() const { return size_; }
 
   // ---- for kernels that read peers' memory directly (MoE dispatch/combine, backend/ops) ----
@@ -112,7 +111,6 @@ class CudaTransport {
   int size_;
   std::chrono::milliseconds timeout_;
   int num_sms_;
-  int sm_count_ = 0;
   PeerBuffers buffers_;
   size_t chunk_bytes_;
   HostTransport control_;  // per-call exchange of sizes and receive-buffer handles
