@@ -60,6 +60,26 @@ def time_runs(op: Callable[[], object], *, device: torch.device, runs: int = MIN
     return times
 
 
+def time_stream(op: Callable[[], object], *, device: torch.device, calls: int) -> List[float]:
+    """Seconds of each of `calls` back-to-back calls of `op` (DeepEP's bench): each call sits
+    between two events on the current stream and the host never waits in between, so it runs
+    ahead of the device as a model's forward pass does. On the CPU, wall time per call."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(calls):
+            start_s = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - start_s)
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+    for start, end in events:
+        start.record()
+        op()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
 def l2_flusher(device: torch.device) -> Callable[[], object]:
     """A call that evicts the GPU's L2 cache by writing 256 MiB (DeepEP's bench writes 256 MB),
     so that the next timed op reads its inputs from device memory; a no-op on the CPU."""

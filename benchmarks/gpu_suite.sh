@@ -85,7 +85,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 90 \
       torchrun --standalone --nproc-per-node "$R" benchmarks/moe.py --out "$LOGS/moe_${R}ranks" \
       > "$LOGS/moe_bench_${R}ranks.log" 2>&1 || STATUS=1
-    tail -12 "$LOGS/moe_bench_${R}ranks.log" >> "$SUMMARY"
+    tail -18 "$LOGS/moe_bench_${R}ranks.log" >> "$SUMMARY"
   done
 fi
 

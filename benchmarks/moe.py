@@ -23,9 +23,14 @@ benchmark before the ops exist). References in the same run:
             our dispatches), dispatch(handle=), combine
 Bandwidth = bytes received per rank / time, DeepEP's convention: dispatch counts received rows x
 row bytes (fp8 rows count their scales), combine the bytes of the bf16 dispatch that it reverses.
-bytes/rank is the mean over ranks; a time is the median over runs of the slowest rank's time in
-that run. On CUDA every run starts with the L2 cache flushed (256 MiB written), as DeepEP's bench
-does. Before timing, ep's outputs are checked bit for bit against torch_ep.reference's on the
+bytes/rank is the mean over ranks. Two timing methods, each for every implementation:
+  isolated  one call per run: L2 flushed (256 MiB written), a barrier, then the call between two
+            events; the time is the median over runs of the slowest rank's. Every host-side
+            microsecond of the call (and the ranks' skew leaving the barrier) is on the clock.
+  stream    DeepEP's bench: L2 flushed once, then --stream-calls calls back to back, each between
+            two events, no barrier; the time is the mean over calls (the first dropped) of the
+            slowest rank's. The host prepares a call while the GPU still runs the previous one,
+            as in a model's forward pass; DeepEP's published figures are measured this way. Before timing, ep's outputs are checked bit for bit against torch_ep.reference's on the
 same inputs (integer-valued x, so that combine's sums are exact); a mismatch aborts the run.
 
 Rank 0 prints the table and writes moe.md and moe.json to --out.
@@ -67,7 +72,8 @@ class Measurement:
     op: str
     tokens: int                # tokens dispatched per rank
     rank_bytes: List[int]      # bytes each rank received (combine: in the dispatch it reverses)
-    run_times_s: List[float]   # per timed run, the slowest rank's seconds
+    run_times_s: List[float]   # per timed run (isolated) or call (stream), the slowest rank's seconds
+    method: str = "isolated"   # or "stream" (see the module's docstring)
 
     @property
     def bytes_per_rank(self) -> float:
@@ -75,6 +81,8 @@ class Measurement:
 
     @property
     def time_s(self) -> float:
+        if self.method == "stream":  # DeepEP's bench reports the mean
+            return sum(self.run_times_s) / len(self.run_times_s)
         return common.median(self.run_times_s)
 
     @property
@@ -314,26 +322,34 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     for _ in range(args.runs):
         for key, fn in timed.items():
             run_times[key] += common.time_runs(fn, device=device, runs=1, warmup=0, barrier=start_run)
-    return [Measurement(impl, op, tokens, [b[op] for b in rank_bytes], common.slowest_rank(times, sync_group))
-            for (impl, op), times in run_times.items()]
+    measurements = [Measurement(impl, op, tokens, [b[op] for b in rank_bytes], common.slowest_rank(times, sync_group))
+                    for (impl, op), times in run_times.items()]
+    if args.stream_calls > 1:
+        for (impl, op), fn in timed.items():
+            start_run()
+            times = common.time_stream(fn, device=device, calls=args.stream_calls)[1:]
+            measurements.append(Measurement(impl, op, tokens, [b[op] for b in rank_bytes],
+                                            common.slowest_rank(times, sync_group), method="stream"))
+    return measurements
 
 
 def results_table(measurements: List[Measurement], subject: str) -> str:
-    """One row per token count and op: the subject's time and bandwidth, the roofline's and
+    """One row per token count, timing method and op: the subject's time and bandwidth, the roofline's and
     DeepEP's bandwidth, and the subject's ratio to each ("n/a" where one was not measured)."""
-    by_key = {(m.impl, m.op, m.tokens): m for m in measurements}
-    headers = ["tokens", "op", "bytes/rank", f"{subject} us", f"{subject} GB/s", "roofline GB/s",
+    by_key = {(m.impl, m.op, m.tokens, m.method): m for m in measurements}
+    headers = ["tokens", "method", "op", "bytes/rank", f"{subject} us", f"{subject} GB/s", "roofline GB/s",
                f"{subject}/roofline", f"{DEEPEP} us", f"{DEEPEP} GB/s", f"{subject}/{DEEPEP}"]
     rows = []
-    for tokens in sorted({m.tokens for m in measurements}):
-        for op in OPS:
-            subject_m, roofline, deepep = (by_key.get((impl, op, tokens)) for impl in (subject, ROOFLINE, DEEPEP))
-            row = [tokens, op, common.format_bytes(int(roofline.bytes_per_rank))]
-            row += [f"{subject_m.time_s * 1e6:.1f}", f"{subject_m.gbps:.2f}"] if subject_m else ["n/a"] * 2
-            row += [f"{roofline.gbps:.2f}", f"{subject_m.gbps / roofline.gbps:.0%}" if subject_m else "n/a"]
-            row += [f"{deepep.time_s * 1e6:.1f}", f"{deepep.gbps:.2f}"] if deepep else ["n/a"] * 2
-            row.append(f"{subject_m.gbps / deepep.gbps:.2f}x" if subject_m and deepep else "n/a")
-            rows.append(row)
+    for tokens, method, op in sorted({(m.tokens, m.method, m.op) for m in measurements},
+                                 key=lambda k: (k[0], k[1], OPS.index(k[2]))):
+        subject_m, roofline, deepep = (by_key.get((impl, op, tokens, method))
+                                       for impl in (subject, ROOFLINE, DEEPEP))
+        row = [tokens, method, op, common.format_bytes(int(roofline.bytes_per_rank))]
+        row += [f"{subject_m.time_s * 1e6:.1f}", f"{subject_m.gbps:.2f}"] if subject_m else ["n/a"] * 2
+        row += [f"{roofline.gbps:.2f}", f"{subject_m.gbps / roofline.gbps:.0%}" if subject_m else "n/a"]
+        row += [f"{deepep.time_s * 1e6:.1f}", f"{deepep.gbps:.2f}"] if deepep else ["n/a"] * 2
+        row.append(f"{subject_m.gbps / deepep.gbps:.2f}x" if subject_m and deepep else "n/a")
+        rows.append(row)
     return common.markdown_table(headers, rows)
 
 
@@ -341,7 +357,7 @@ def write_results(out_dir: str, measurements: List[Measurement], meta: Dict[str,
     common.write_json(os.path.join(out_dir, "moe.json"), {
         "benchmark": "moe dispatch/combine",
         "meta": meta,
-        "results": [{"impl": m.impl, "op": m.op, "tokens": m.tokens, "bytes_per_rank": m.bytes_per_rank,
+        "results": [{"impl": m.impl, "op": m.op, "tokens": m.tokens, "method": m.method, "bytes_per_rank": m.bytes_per_rank,
                      "rank_bytes": m.rank_bytes, "time_us": m.time_s * 1e6, "GBps": m.gbps,
                      "run_times_us": [t * 1e6 for t in m.run_times_s]} for m in measurements],
     })
@@ -362,6 +378,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--masked-ratio", type=float, default=0.0, help="share of top-k slots set to -1")
     parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS, help="timed runs per op (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls of each op before the timed runs")
+    parser.add_argument("--stream-calls", type=int, default=50,
+                        help="back-to-back calls per op for the stream method (DeepEP's bench: 50); <= 1 skips it")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args()
     if not 0 < args.top_k <= args.experts:
@@ -394,7 +412,7 @@ def main() -> None:
     if rank == 0:
         meta = common.run_metadata(
             device, ranks=world_size, impl=args.impl, hidden=args.hidden, top_k=args.top_k, experts=args.experts,
-            masked_ratio=args.masked_ratio, runs=args.runs, warmup=args.warmup,
+            masked_ratio=args.masked_ratio, runs=args.runs, warmup=args.warmup, stream_calls=args.stream_calls,
             checked=("bit for bit against torch_ep.reference" if args.impl == "ep" else "no (--impl reference)"),
             deepep="measured" if deepep.buffer is not None else f"n/a: {deepep.unavailable}",
             env={k: v for k, v in os.environ.items() if k.startswith("TORCH_EP_")})

@@ -81,6 +81,8 @@ def rank_dispatch_combine(seed, kind, hidden, top_k, experts_per_rank, dtype, al
     assert torch.equal(layout.num_tokens_per_rank.cpu(), ref_layout.num_tokens_per_rank)
     assert torch.equal(layout.num_tokens_per_expert.cpu(), ref_layout.num_tokens_per_expert)
     assert torch.equal(layout.is_token_in_rank.cpu(), ref_layout.is_token_in_rank)
+    # On CUDA the sizes travel to the host behind the layout, so that dispatch(layout=) never waits.
+    assert (layout.header is not None) == (torch.device(device).type == "cuda")
 
     # Dispatch.
     expected = reference.dispatch(xc, idxc, wc, num_experts=num_experts, expert_alignment=alignment)
@@ -297,6 +299,11 @@ def rank_bad_input(device="cpu"):
     _raises(lambda: d(topk_weights=w[:, :1]), ValueError, "topk_weights must have shape")
     _raises(lambda: d(x=(x.to(torch.float8_e4m3fn), torch.ones(x.shape[0], 3))), ValueError, "fp8 scales")
     _raises(lambda: torch_ep.dispatch(x), ValueError, "needs topk_idx and num_experts")
+    meta = torch_ep.get_dispatch_layout(idx, num_experts).meta
+    raw = lambda *tail: torch.ops.ep.dispatch(x, None, idx, None, None, None, num_experts, 0,  # noqa: E731
+                                              dist.group.WORLD.group_name, *tail)
+    _raises(lambda: raw(meta, torch.zeros(3, dtype=torch.int32)), ValueError, "layout_header must be the layout's header")
+    _raises(lambda: raw(None, torch.zeros(3, dtype=torch.int32)), ValueError, "layout_header comes with layout_meta")
 
     # Expert ids out of range on one rank: every rank raises, and the group goes on.
     bad = idx.clone()

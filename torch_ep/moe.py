@@ -99,9 +99,9 @@ def _needs_grad(*tensors) -> bool:
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts, num_worst_tokens,
-                group_name, layout_meta=None):
+                group_name, layout_meta=None, layout_header=None):
         out = torch.ops.ep.dispatch(x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts,
-                                    num_worst_tokens, group_name, layout_meta)
+                                    num_worst_tokens, group_name, layout_meta, layout_header)
         recv_x, recv_scales, recv_idx, recv_w, meta, counts = out
         if handle_meta is not None:
             meta, counts = handle_meta, handle_counts
@@ -120,10 +120,10 @@ class _Dispatch(torch.autograd.Function):
             # Slots of other ranks' experts were zeros, not the weights: no gradient flows there.
             weights = grad_w.masked_fill(recv_idx < 0, 0)
         if grad_x is None:
-            return (None,) * 10
+            return (None,) * 11
         combined, combined_w = torch.ops.ep.combine(grad_x.contiguous(), weights, meta, counts, ctx.num_experts,
                                                     ctx.group_name)
-        return combined, None, None, combined_w if weights is not None else None, None, None, None, None, None, None
+        return combined, None, None, combined_w if weights is not None else None, None, None, None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -154,7 +154,16 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group=None) ->
     and is_token_in_rank [N, R]. Local: no communication. Passing the result to
     dispatch(layout=) spares dispatch its own layout step (DeepEP's calling convention)."""
     size = dist.get_world_size(_group(group))
-    return DispatchLayout(*torch.ops.ep.get_dispatch_layout(topk_idx, num_experts, size))
+    layout = DispatchLayout(*torch.ops.ep.get_dispatch_layout(topk_idx, num_experts, size))
+    if layout.meta.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        # The sizes go to the host now, behind the layout kernel, so that a dispatch with this
+        # layout finds them there and never waits for the device.
+        header = layout.meta[:_meta_header(size, num_experts)]
+        layout.header = torch.empty(header.shape, dtype=header.dtype, pin_memory=True)
+        layout.header.copy_(header, non_blocking=True)
+        layout.header_ready = torch.cuda.Event()
+        layout.header_ready.record()
+    return layout
 
 
 def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None, *,
@@ -197,13 +206,16 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
             raise ValueError(f"layout: its is_token_in_rank has shape {tuple(layout.is_token_in_rank.shape)}, "
                              f"expected {(topk_idx.shape[0], g.size())}; was it made for this topk_idx?")
     layout_meta = layout.meta if (layout is not None and handle is None) else None
+    layout_header = layout.header if layout_meta is not None else None
+    if layout_header is not None:
+        layout.header_ready.synchronize()  # done long ago where the layout is reused
 
     # autograd.Function costs tens of microseconds per call: only where a gradient can flow.
     op = _Dispatch.apply if _needs_grad(x_data, topk_weights) else torch.ops.ep.dispatch
 
     def call():
         return op(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens, g.group_name,
-                  layout_meta)
+                  layout_meta, layout_header)
 
     (recv_x, recv_scales, recv_idx, recv_w, new_meta, new_counts), work = _run(
         call, [x_data, x_scales, topk_idx, topk_weights, meta], async_op)
@@ -260,7 +272,7 @@ def _meta_header(num_ranks: int, num_experts: int) -> int:
 
 @torch.library.register_fake("ep::dispatch")
 def _dispatch_fake(x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts, num_worst_tokens,
-                   group_name, layout_meta=None):
+                   group_name, layout_meta=None, layout_header=None):
     r = _group_size(group_name)
     rows = num_worst_tokens if num_worst_tokens > 0 else torch.library.get_ctx().new_dynamic_size()
     n, hidden = x.shape

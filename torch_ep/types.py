@@ -4,7 +4,7 @@ Named fields rather than positional tuples: downstream code keeps and passes han
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -22,6 +22,11 @@ class DispatchLayout:
     # The routing table behind these (backend/kernels/moe_meta.hpp): given to dispatch(layout=),
     # it spares dispatch its own layout step. None from torch_ep.reference.
     meta: Optional[torch.Tensor] = None
+    # On CUDA, the table's header (the sizes) copied to pinned host memory as the layout was
+    # made, and the event that marks the copy done: dispatch(layout=) reads its sizes there
+    # instead of waiting for the device.
+    header: Optional[torch.Tensor] = field(default=None, repr=False)
+    header_ready: Optional[object] = field(default=None, repr=False, compare=False)
 
 
 @dataclass

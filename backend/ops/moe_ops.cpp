@@ -149,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
     const Tensor& x, const std::optional<Tensor>& x_scales, const std::optional<Tensor>& topk_idx,
     const std::optional<Tensor>& topk_weights, const std::optional<Tensor>& handle_meta,
     const std::optional<Tensor>& handle_counts, int64_t num_experts, int64_t num_worst_tokens, c10::string_view group_name,
-    const std::optional<Tensor>& layout_meta) {
+    const std::optional<Tensor>& layout_meta, const std::optional<Tensor>& layout_header) {
   const char* op = "dispatch";
   check_payload(op, x, x_scales);
   ProcessGroupEP& group = resolve_group(std::string(group_name), x.device(), op);
@@ -177,6 +177,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
     if (layout_meta) {
       check_meta(op, *layout_meta, num_experts, R, N, x.device());
       a.layout_meta = layout_meta->contiguous();
+      if (layout_header) {
+        const kernels::MetaLayout l{R, num_experts, N};
+        TORCH_CHECK_VALUE(!layout_header->is_cuda() && layout_header->scalar_type() == at::kInt &&
+                              layout_header->dim() == 1 && layout_header->numel() == l.header_size(),
+                          op, ": layout_header must be the layout's header on the host (CPU int32, ", l.header_size(),
+                          " values), got ", layout_header->scalar_type(), " ", layout_header->sizes(), " on ",
+                          layout_header->device());
+        a.layout_header = layout_header->contiguous();
+      }
+    } else {
+      TORCH_CHECK_VALUE(!layout_header, op, ": layout_header comes with layout_meta");
     }
     if (topk_weights) {
       check_weights(op, *topk_weights, N, topk_idx->size(1), x.device());
@@ -241,7 +252,7 @@ TORCH_LIBRARY(ep, m) {
   m.def("get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> "
         "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank, Tensor meta)");
   m.def("dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, Tensor? handle_meta, "
-        "Tensor? handle_counts, int num_experts, int num_worst_tokens, str group_name, Tensor? layout_meta=None) -> "
+        "Tensor? handle_counts, int num_experts, int num_worst_tokens, str group_name, Tensor? layout_meta=None, Tensor? layout_header=None) -> "
         "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, Tensor meta, "
         "Tensor counts)");
   m.def("combine(Tensor x, Tensor? topk_weights, Tensor handle_meta, Tensor handle_counts, int num_experts, "

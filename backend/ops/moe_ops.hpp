@@ -36,6 +36,7 @@ struct DispatchArgs {
   std::optional<at::Tensor> topk_weights;  // [N, K] float32
   std::optional<at::Tensor> handle_meta;   // set: re-dispatch along this handle's route
   std::optional<at::Tensor> layout_meta;   // set: topk_idx's table from get_dispatch_layout
+  std::optional<at::Tensor> layout_header;  // set: that table's header, already on the host (CPU int32)
   std::optional<HandleCounts> handle_counts;
   int64_t num_experts = 0;
   int64_t num_worst_tokens = 0;  // > 0: outputs have this many rows and no host sync is needed

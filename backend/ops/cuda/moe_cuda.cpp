@@ -145,16 +145,19 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   try {
     const bool given = cached || a.layout_meta;  // a routing table computed earlier
     const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, nullptr);
-    // The sizes, on the host: from the handle, or from the table (one wait for the layout
-    // kernel), or nowhere with num_worst_tokens, so that nothing waits on the device.
-    Tensor header;
+    // The sizes, on the host: from the handle, from the given layout's host copy, or from the
+    // table (one wait for the layout kernel), or nowhere with num_worst_tokens, so that nothing
+    // waits on the device.
+    Tensor header = a.layout_header ? *a.layout_header : Tensor();
     std::vector<int64_t> send(R, -1);
     // The handshake goes out before the host waits, so it overlaps that wait; where the host
     // does not wait, after the exchange, so that no rank's kernel waits on a peer's host.
-    const bool early_ready = !cached && !worst;
-    if (early_ready) signal_all(*transport, /*ready=*/true, stream);
+    const bool host_waits = !cached && !worst && !header.defined();
+    if (host_waits) signal_all(*transport, /*ready=*/true, stream);
     if (cached) {
       send = a.handle_counts->send;
+    } else if (header.defined()) {
+      for (int64_t p = 0; p < R; ++p) send[p] = header.data_ptr<int32_t>()[l.tokens_per_rank() + p];
     } else if (!worst) {
       header = at::empty({l.header_size()}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
       EP_CUDA_CHECK(cudaMemcpyAsync(header.data_ptr(), meta.data_ptr(), header.nbytes(), cudaMemcpyDeviceToHost,
@@ -208,7 +211,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.num_blocks = num_blocks(group, device);
     p.error = transport->kernel_error();
 
-    if (!early_ready) signal_all(*transport, /*ready=*/true, stream);
+    if (!host_waits) signal_all(*transport, /*ready=*/true, stream);
     EP_CUDA_CHECK(kernels::launch_dispatch(p, stream));
     signal_all(*transport, /*ready=*/false, stream);
     transport->track(op, stream, peers_of(int(rank), int(R)));
