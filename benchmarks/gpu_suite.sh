@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe]      (moe: the MoE tests and benchmark only)
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|profile]
+#     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
+#     the ranks); profile: tools/moe_profile.py with 2 ranks
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
@@ -79,7 +81,7 @@ if [ "$WHAT" = profile ]; then
   done
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then
-  for R in 2 4 8; do
+  for R in ${TORCH_EP_MOE_BENCH_RANKS:-2 4 8}; do
     step "MoE benchmark, $R ranks (4096 tokens, hidden 7168, top-8, 256 experts)"
     SHARING=$(( (R + GPUS - 1) / GPUS ))
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 90 \

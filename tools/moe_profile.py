@@ -31,7 +31,10 @@ def main():
     x = torch.randn(args.tokens, args.hidden, device="cuda", generator=g).bfloat16()
     fp8 = (x.float().to(torch.float8_e4m3fn), torch.rand(args.tokens, (args.hidden + 127) // 128, device="cuda"))
     d = torch_ep.dispatch(x, idx, w, num_experts=args.experts)
+    layout = torch_ep.get_dispatch_layout(idx, args.experts)
     ops = {
+        "dispatch bf16, layout given": lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts, layout=layout),
+        "dispatch fp8, layout given": lambda: torch_ep.dispatch(fp8, idx, w, num_experts=args.experts, layout=layout),
         "layout": lambda: torch_ep.get_dispatch_layout(idx, args.experts),
         "dispatch bf16": lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts),
         "dispatch fp8": lambda: torch_ep.dispatch(fp8, idx, w, num_experts=args.experts),
@@ -60,14 +63,23 @@ def main():
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:5])
         lines.append(f"rank {rank} {name:16s} wall {wall * 1e6:7.1f} us/call | kernels us/call: {top}")
         dist.barrier()
-    # Host side of a cached dispatch: the slowest CPU calls (runtime API, ops) per call.
-    fn = ops["dispatch cached"]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            fn()
+    # The host side, back to back as in the benchmark's stream method: the op's phases
+    # (ep::<op>/<phase> ranges of backend/ops/cuda/moe_cuda.cpp) in microseconds per call.
+    tables = []
+    for name in ("dispatch fp8, layout given", "dispatch cached", "combine bf16"):
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
+        dist.barrier()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(30):
+                ops[name]()
+            host = (time.perf_counter() - start) / 30
+            torch.cuda.synchronize()
+        phases = {e.key: e.cpu_time_total / 30 for e in prof.key_averages()
+                  if e.key.startswith(("ep::", "aten::empty", "cuda"))}
+        top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])[:12])
+        lines.append(f"rank {rank} HOST {name}: {host * 1e6:.1f} us/call on the host | {top}")
+    table = ""
     # The same protocol on CPU tensors (host exchange + shared-memory rows), tiny payload.
     xc, idxc = torch.randn(64, 8), idx[:64].cpu()
     dc = torch_ep.dispatch(xc, idxc, num_experts=args.experts)

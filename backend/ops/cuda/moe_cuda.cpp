@@ -9,11 +9,13 @@
 //   [dispatch | combine]   pull straight from the peers' tensors into this rank's outputs
 //   [signal]      "I am done reading yours", then wait until every peer is done with ours, so
 //                 no input is freed or overwritten while a peer still reads it
+#include <ATen/record_function.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstring>
+#include <optional>
 
 #include "backend/kernels/moe.cuh"
 #include "backend/ops/moe_ops.hpp"
@@ -27,6 +29,20 @@ namespace {
 
 using at::Tensor;
 using kernels::MetaLayout;
+
+// Names the host phases of a call as ranges in torch.profiler's CPU timeline
+// (tools/moe_profile.py); costs nothing when no profiler runs.
+class Phases {
+ public:
+  void next(const char* name) {
+    current_.reset();
+    current_.emplace(at::RecordScope::USER_SCOPE);
+    if (current_->isActive()) current_->before(name, c10::ArrayRef<const c10::IValue>{});
+  }
+
+ private:
+  std::optional<at::RecordFunction> current_;
+};
 
 const void* ptr_of(const std::optional<Tensor>& t) { return t && t->numel() ? t->data_ptr() : nullptr; }
 const void* ptr_of(const Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
@@ -142,7 +158,9 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   const bool cached = a.handle_meta.has_value(), worst = a.num_worst_tokens > 0;
   const MetaLayout l{R, E, N};
 
+  Phases phase;
   try {
+    phase.next("ep::dispatch/layout");
     const bool given = cached || a.layout_meta;  // a routing table computed earlier
     const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, nullptr);
     // The sizes, on the host: from the handle, from the given layout's host copy, or from the
@@ -159,6 +177,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     } else if (header.defined()) {
       for (int64_t p = 0; p < R; ++p) send[p] = header.data_ptr<int32_t>()[l.tokens_per_rank() + p];
     } else if (!worst) {
+      phase.next("ep::dispatch/wait_for_sizes");
       header = at::empty({l.header_size()}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
       EP_CUDA_CHECK(cudaMemcpyAsync(header.data_ptr(), meta.data_ptr(), header.nbytes(), cudaMemcpyDeviceToHost,
                                     stream));
@@ -166,11 +185,15 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       for (int64_t p = 0; p < R; ++p) send[p] = header.data_ptr<int32_t>()[l.tokens_per_rank() + p];
     }
 
+    phase.next("ep::dispatch/records");
     const uint64_t call_id = group.next_dispatch_id();
     std::vector<Record> mine = dispatch_records(a, R, call_id, header.defined() ? header.data_ptr<int32_t>() : nullptr);
+    phase.next("ep::dispatch/export");
     share(*transport, {ptr_of(a.x), ptr_of(a.x_scales), ptr_of(a.topk_idx), ptr_of(a.topk_weights), ptr_of(meta)},
           mine);
+    phase.next("ep::dispatch/exchange");
     const std::vector<Record> theirs = exchange(*transport, mine, op);
+    phase.next("ep::dispatch/outputs");
     check_records(op, int(rank), mine[rank], theirs);
     const HandleCounts counts = dispatch_counts(a, rank, call_id, send, theirs);
     int64_t M = 0;
@@ -211,9 +234,11 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.num_blocks = num_blocks(group, device);
     p.error = transport->kernel_error();
 
+    phase.next("ep::dispatch/launch");
     if (!host_waits) signal_all(*transport, /*ready=*/true, stream);
     EP_CUDA_CHECK(kernels::launch_dispatch(p, stream));
     signal_all(*transport, /*ready=*/false, stream);
+    phase.next("ep::dispatch/track");
     transport->track(op, stream, peers_of(int(rank), int(R)));
 
     o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
@@ -234,10 +259,15 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
   const int64_t N = a.num_tokens, H = a.x.size(1);
   const int64_t K = a.topk_weights ? a.topk_weights->size(1) : 0;
 
+  Phases phase;
   try {
+    phase.next("ep::combine/records");
     std::vector<Record> mine = combine_records(a, R);
+    phase.next("ep::combine/export");
     share(*transport, {ptr_of(a.x), ptr_of(a.topk_weights), ptr_of(a.handle_meta)}, mine);
+    phase.next("ep::combine/exchange");
     const std::vector<Record> theirs = exchange(*transport, mine, op);
+    phase.next("ep::combine/outputs");
     check_records(op, int(rank), mine[rank], theirs);
     check_combine_counts(a, rank, theirs);
 
@@ -264,9 +294,11 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     p.out_weights = a.topk_weights ? o.combined_topk_weights.data_ptr<float>() : nullptr;
     p.num_blocks = num_blocks(group, device);
 
+    phase.next("ep::combine/launch");
     signal_all(*transport, /*ready=*/true, stream);
     EP_CUDA_CHECK(kernels::launch_combine(p, stream));
     signal_all(*transport, /*ready=*/false, stream);
+    phase.next("ep::combine/track");
     transport->track(op, stream, peers_of(int(rank), int(R)));
     return o;
   } catch (const CommError& e) {

@@ -189,7 +189,6 @@ void CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<
     std::lock_guard<std::mutex> lock(mutex_);
     inflight_.push_back(std::move(op));
   }
-  cv_.notify_all();
 }
 
 void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
@@ -360,38 +359,57 @@ void CudaTransport::release_waits() {
 
 void CudaTransport::watch() {
   cudaSetDevice(buffers_.device());
+  // Calls move from inflight_ to this thread's own queue and are queried without the lock:
+  // a driver call under it would stall the next op's track() on the caller's thread.
+  std::deque<Inflight> watched;
+  std::vector<cudaEvent_t> finished;
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
     const bool releasing = !error_.empty();
+    // track() does not wake us: a poll every 50 ms keeps the timeout's resolution, and a busy
+    // caller pays no wake-up per call.
     cv_.wait_for(lock, releasing ? std::chrono::milliseconds(1) : std::chrono::milliseconds(50));
-    while (!inflight_.empty()) {
-      Inflight& op = inflight_.front();
+    for (Inflight& op : inflight_) watched.push_back(std::move(op));
+    inflight_.clear();
+    lock.unlock();
+
+    std::string error;
+    bool stalled = false;
+    while (!watched.empty()) {
+      Inflight& op = watched.front();
       const cudaError_t state = cudaEventQuery(op.done);
       if (state == cudaErrorNotReady) {
         const auto elapsed = std::chrono::steady_clock::now() - op.start;
-        if (error_.empty() && elapsed > timeout_) {
+        if (elapsed > timeout_) {
           std::string peers;
           for (int p : op.peers) peers += (peers.empty() ? "" : ", ") + std::to_string(p);
-          error_ = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
-                   std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()) +
-                   " ms waiting for peer rank(s) " + peers + ": a peer never arrived or stalled";
+          error = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
+                  std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()) +
+                  " ms waiting for peer rank(s) " + peers + ": a peer never arrived or stalled";
         }
-        if (!error_.empty()) release_waits();
+        stalled = true;
         break;
       }
-      spare_events_.push_back(op.done);
-      if (state != cudaSuccess && error_.empty()) error_ = op.op + ": CUDA error " + cudaGetErrorString(state);
+      finished.push_back(op.done);
       const int waited_for = *static_cast<volatile int*>(kernel_error_host_);
-      if (waited_for == kernels::kErrorOverflow && error_.empty())
-        error_ = op.op + ": rank " + std::to_string(rank_) +
-                 " received more rows than num_worst_tokens allows; the rows past it were dropped";
-      else if (waited_for && error_.empty())  // a kernel's bounded wait expired and it gave up
-        error_ = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
-                 std::to_string(timeout_.count()) + " ms waiting for peer rank(s) " + std::to_string(waited_for - 1) +
-                 " (in the device kernel): a peer never arrived or stalled";
-      inflight_.pop_front();
+      if (state != cudaSuccess)
+        error = op.op + ": CUDA error " + cudaGetErrorString(state);
+      else if (waited_for == kernels::kErrorOverflow)
+        error = op.op + ": rank " + std::to_string(rank_) +
+                " received more rows than num_worst_tokens allows; the rows past it were dropped";
+      else if (waited_for)  // a kernel's bounded wait expired and it gave up
+        error = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
+                std::to_string(timeout_.count()) + " ms waiting for peer rank(s) " + std::to_string(waited_for - 1) +
+                " (in the device kernel): a peer never arrived or stalled";
+      watched.pop_front();
     }
-    if (stopping_ && inflight_.empty()) return;
+
+    lock.lock();
+    spare_events_.insert(spare_events_.end(), finished.begin(), finished.end());
+    finished.clear();
+    if (!error.empty() && error_.empty()) error_ = error;
+    if (stalled && !error_.empty()) release_waits();
+    if (stopping_ && inflight_.empty() && watched.empty()) return;
   }
 }
 
