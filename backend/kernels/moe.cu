@@ -118,6 +118,54 @@ __global__ void signal_kernel(SignalParams p) {
   if (p.to_wait[peer] && !take_flag(p.to_wait[peer], deadline)) atomicExch(p.error, 1 + peer);
 }
 
+// Before a pull kernel reads any peer: block 0 says this rank's inputs are ready, and every
+// block waits (without clearing) for the peers' word.
+__device__ void handshake_begin(const Handshake& h, int num_ranks) {
+  const int peer = threadIdx.x;
+  if (peer < num_ranks) {
+    if (blockIdx.x == 0 && h.ready_to_set[peer]) {
+      __threadfence_system();
+      store_release(h.ready_to_set[peer], 1);
+    }
+    if (h.ready_to_wait[peer]) {
+      const uint64_t deadline = now_ns() + h.timeout_ns;
+      while (load_acquire(h.ready_to_wait[peer]) == 0) {
+        if (now_ns() > deadline) {
+          atomicExch(h.error, 1 + peer);
+          break;
+        }
+        __nanosleep(100);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// After a block's last read of a peer. The last block of the grid clears the ready flags it
+// waited on (before its done flag lets a peer's next call set them again), says done, and
+// waits until every peer is done reading this rank's inputs.
+__device__ void handshake_end(const Handshake& h, int num_ranks) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(h.blocks_finished, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  const int peer = threadIdx.x;
+  if (peer < num_ranks) {
+    if (h.ready_to_wait[peer]) *h.ready_to_wait[peer] = 0;
+    if (h.done_to_set[peer]) {
+      __threadfence_system();
+      store_release(h.done_to_set[peer], 1);
+    }
+    if (h.done_to_wait[peer] && !take_flag(h.done_to_wait[peer], now_ns() + h.timeout_ns))
+      atomicExch(h.error, 1 + peer);
+  }
+  if (threadIdx.x == 0) *h.blocks_finished = 0;
+}
+
 // ------------------------------------------------------------------------------------ dispatch
 
 // A warp copies `bytes` in units of V, four loads in flight per lane.
@@ -139,6 +187,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
   __shared__ int64_t first_row[kMaxRanksPerNode + 1];  // where each source's rows start here
   const int R = p.num_ranks;
   const int lane = threadIdx.x & 31;
+  handshake_begin(p.handshake, R);
   if (threadIdx.x == 0) {
     int64_t at = 0;
     for (int s = 0; s < R; ++s) {
@@ -180,6 +229,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
       }
     }
   }
+  handshake_end(p.handshake, R);
 }
 
 // ------------------------------------------------------------------------------------ combine
@@ -217,6 +267,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
   const int lane = threadIdx.x & 31;
   int64_t* rows = rows_of_warp[threadIdx.x >> 5];
   const MetaLayout l{R, p.num_experts, p.num_tokens};
+  handshake_begin(p.handshake, R);
   if (threadIdx.x < R) {  // rank d received the rows of ranks 0 .. rank-1 before ours
     int64_t at = 0;
     for (int s = 0; s < p.rank; ++s) at += p.meta[s][MetaLayout::tokens_per_rank() + threadIdx.x];
@@ -276,6 +327,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     }
     __syncwarp();  // rows[] is rewritten for the next token
   }
+  handshake_end(p.handshake, R);
 }
 
 bool aligned(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }

@@ -4,8 +4,9 @@
 // Dispatch and combine pull: each rank's kernel reads its peers' memory (CUDA IPC mappings)
 // and writes only its own outputs, so each row moves exactly once, straight from the tensor
 // that holds it to the tensor that needs it. A token going to several experts of one rank is
-// read once by that rank. Around the pull, `launch_signal` runs the flag handshake: first
-// "my inputs are ready to be read", last "I have finished reading yours".
+// read once by that rank. Around the pull runs a flag handshake: first "my inputs are ready to
+// be read", last "I have finished reading yours"; inside the pull kernel (Handshake), or in
+// `launch_signal` where the ready half must go out before the host knows the sizes.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -43,6 +44,20 @@ struct SignalParams {
 };
 cudaError_t launch_signal(const SignalParams& params, cudaStream_t stream);
 
+// ---- the same handshake inside a pull kernel, so that a call is one launch: block 0 sets the
+// `ready_to_set` flags and every block waits for the `ready_to_wait` ones before it reads a peer;
+// the last block to finish clears those, sets `done_to_set` and waits for `done_to_wait`.
+// Null entries skip that part (a signal kernel did it, or there is nothing to say).
+struct Handshake {
+  uint32_t* ready_to_set[kMaxRanksPerNode];
+  uint32_t* ready_to_wait[kMaxRanksPerNode];
+  uint32_t* done_to_set[kMaxRanksPerNode];
+  uint32_t* done_to_wait[kMaxRanksPerNode];
+  uint32_t* blocks_finished;  // device counter, 0 between kernels
+  uint64_t timeout_ns;
+  int* error;  // host-mapped: 1 + the rank a wait timed out on
+};
+
 // ---- dispatch: pull the rows every source rank sends to this rank
 struct DispatchSource {
   const char* x;              // [N_src, H] payload rows
@@ -67,6 +82,7 @@ struct DispatchParams {
   int64_t capacity;          // rows of the outputs; rows past those received are padding
   int num_blocks;            // the SM budget
   int* error;                // host-mapped: kErrorOverflow when more rows arrive than `capacity`
+  Handshake handshake;
 };
 constexpr int kErrorOverflow = -1;
 cudaError_t launch_dispatch(const DispatchParams& params, cudaStream_t stream);
@@ -87,6 +103,7 @@ struct CombineParams {
   char* out;          // [N, H], dtype
   float* out_weights; // [N, K], or null
   int num_blocks;
+  Handshake handshake;
 };
 cudaError_t launch_combine(const CombineParams& params, cudaStream_t stream);
 

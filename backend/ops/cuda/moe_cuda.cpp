@@ -2,13 +2,14 @@
 //
 // Each call runs on the caller's current stream:
 //   [layout]      routing table on the device (a new route only)
-//   host          the table's header comes back (unless a handle or num_worst_tokens gives the
-//                 sizes), then one record exchange with every peer: sizes, checks, and IPC
-//                 handles of the tensors its kernel will read
-//   [signal]      "my inputs are ready" to every peer, then wait for theirs
-//   [dispatch | combine]   pull straight from the peers' tensors into this rank's outputs
-//   [signal]      "I am done reading yours", then wait until every peer is done with ours, so
-//                 no input is freed or overwritten while a peer still reads it
+//   host          the sizes: from the handle, the given layout's host copy, or the table's
+//                 header copied back (a wait; then a [signal] kernel sends "ready" first, so it
+//                 overlaps the wait); none with num_worst_tokens. Then one record exchange with
+//                 every peer: sizes, checks, and IPC handles of the tensors its kernel will read
+//   [dispatch | combine]   one kernel: "my inputs are ready" to every peer and wait for theirs;
+//                 pull straight from the peers' tensors into this rank's outputs; then "I am
+//                 done reading yours" and wait until every peer is done with ours, so no input
+//                 is freed or overwritten while a peer still reads it
 #include <ATen/record_function.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -86,8 +87,9 @@ std::vector<Record> exchange(CudaTransport& transport, const std::vector<Record>
   return theirs;
 }
 
-// The flag handshake with every peer: `ready` before the pull, `done` after it.
-void signal_all(CudaTransport& transport, bool ready, cudaStream_t stream) {
+// The ready half of the handshake as a kernel of its own, for a dispatch whose host must wait
+// for the sizes: sent before that wait, it overlaps it.
+void signal_ready(CudaTransport& transport, cudaStream_t stream) {
   kernels::SignalParams p{};
   p.num_ranks = transport.size();
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(transport.timeout()).count());
@@ -95,10 +97,30 @@ void signal_all(CudaTransport& transport, bool ready, cudaStream_t stream) {
   const int me = transport.rank();
   for (int peer = 0; peer < p.num_ranks; ++peer) {
     if (peer == me) continue;
-    p.to_set[peer] = ready ? transport.ready_flag(peer, me) : transport.done_flag(peer, me);
-    p.to_wait[peer] = ready ? transport.ready_flag(me, peer) : transport.done_flag(me, peer);
+    p.to_set[peer] = transport.ready_flag(peer, me);
+    p.to_wait[peer] = transport.ready_flag(me, peer);
   }
   EP_CUDA_CHECK(kernels::launch_signal(p, stream));
+}
+
+// The handshake inside the pull kernel: the done half always, the ready half unless a signal
+// kernel sent it earlier.
+kernels::Handshake handshake(CudaTransport& transport, bool with_ready) {
+  kernels::Handshake h{};
+  h.blocks_finished = transport.grid_counter();
+  h.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(transport.timeout()).count());
+  h.error = transport.kernel_error();
+  const int me = transport.rank();
+  for (int peer = 0; peer < transport.size(); ++peer) {
+    if (peer == me) continue;
+    if (with_ready) {
+      h.ready_to_set[peer] = transport.ready_flag(peer, me);
+      h.ready_to_wait[peer] = transport.ready_flag(me, peer);
+    }
+    h.done_to_set[peer] = transport.done_flag(peer, me);
+    h.done_to_wait[peer] = transport.done_flag(me, peer);
+  }
+  return h;
 }
 
 int num_blocks(ProcessGroupEP& group, const at::Device& device) {
@@ -171,7 +193,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     // The handshake goes out before the host waits, so it overlaps that wait; where the host
     // does not wait, after the exchange, so that no rank's kernel waits on a peer's host.
     const bool host_waits = !cached && !worst && !header.defined();
-    if (host_waits) signal_all(*transport, /*ready=*/true, stream);
+    if (host_waits) signal_ready(*transport, stream);
     if (cached) {
       send = a.handle_counts->send;
     } else if (header.defined()) {
@@ -234,10 +256,10 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.num_blocks = num_blocks(group, device);
     p.error = transport->kernel_error();
 
+    p.handshake = handshake(*transport, /*with_ready=*/!host_waits);
+
     phase.next("ep::dispatch/launch");
-    if (!host_waits) signal_all(*transport, /*ready=*/true, stream);
     EP_CUDA_CHECK(kernels::launch_dispatch(p, stream));
-    signal_all(*transport, /*ready=*/false, stream);
     phase.next("ep::dispatch/track");
     transport->track(op, stream, peers_of(int(rank), int(R)));
 
@@ -294,10 +316,10 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     p.out_weights = a.topk_weights ? o.combined_topk_weights.data_ptr<float>() : nullptr;
     p.num_blocks = num_blocks(group, device);
 
+    p.handshake = handshake(*transport, /*with_ready=*/true);
+
     phase.next("ep::combine/launch");
-    signal_all(*transport, /*ready=*/true, stream);
     EP_CUDA_CHECK(kernels::launch_combine(p, stream));
-    signal_all(*transport, /*ready=*/false, stream);
     phase.next("ep::combine/track");
     transport->track(op, stream, peers_of(int(rank), int(R)));
     return o;

@@ -13,7 +13,8 @@ namespace ep {
 namespace {
 
 // Block layout: flags, then the staging regions.
-//   [full: size x 2][empty: size x 2][ready: size][done: size] (uint32) ... [regions at kDataOffset]
+//   [full: size x 2][empty: size x 2][ready: size][done: size] (uint32) ... [grid counter]
+//   [regions at kDataOffset]
 // Region `src` (2 slots of chunk_bytes) starts at kDataOffset + src * 2 * chunk_bytes.
 constexpr size_t kDataOffset = 64 << 10;
 constexpr int kSlots = 2;
@@ -70,6 +71,9 @@ uint32_t* CudaTransport::ready_flag(int owner, int receiver) const {
 uint32_t* CudaTransport::done_flag(int owner, int sender) const {
   return reinterpret_cast<uint32_t*>(buffers_.block(owner)) + size_ * kSlots * 2 + size_ + sender;
 }
+uint32_t* CudaTransport::grid_counter() const {
+  return reinterpret_cast<uint32_t*>(buffers_.block(rank_) + kDataOffset) - 1;  // past every flag
+}
 char* CudaTransport::slot_data(int owner, int src, int slot) const {
   return buffers_.block(owner) + kDataOffset + (size_t(src) * kSlots + slot) * chunk_bytes_;
 }
@@ -91,6 +95,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   std::fill(flags.begin() + size_ * kSlots, flags.begin() + size_ * kSlots * 2, 1u);
   EP_CUDA_CHECK(cudaMemcpy(buffers_.block(rank_), flags.data(), flags.size() * sizeof(uint32_t),
                            cudaMemcpyHostToDevice));
+  EP_CUDA_CHECK(cudaMemset(grid_counter(), 0, sizeof(uint32_t)));
   EP_CUDA_CHECK(cudaStreamCreateWithFlags(&watchdog_stream_, cudaStreamNonBlocking));
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&kernel_error_host_), sizeof(int), cudaHostAllocMapped));
   *kernel_error_host_ = 0;

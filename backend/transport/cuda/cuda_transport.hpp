@@ -82,6 +82,9 @@ class CudaTransport {
   // Handshake flags: a set ready/done flag in `owner`'s block at index `peer`.
   uint32_t* ready_flag(int owner, int peer) const;
   uint32_t* done_flag(int owner, int peer) const;
+  // A counter in this rank's own block, 0 between kernels: a kernel's blocks count themselves
+  // done on it, and the last one resets it.
+  uint32_t* grid_counter() const;
   int* kernel_error() const { return kernel_error_device_; }
   std::chrono::milliseconds timeout() const { return timeout_; }
   // Lets the watchdog bound what was just queued on `stream` (a no-op while capturing a graph).
