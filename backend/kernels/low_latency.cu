@@ -28,8 +28,12 @@ __device__ __forceinline__ void store_release_u64(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// The first error wins, mostly: a plain check-then-store (a race only picks which error shows),
+// as the word is pinned host memory, where device atomics are not guaranteed on every platform.
 __device__ __forceinline__ void report(int* error, int kind, int peer) {
-  atomicCAS_system(error, 0, kind * 65536 + peer + 1);
+  volatile int* word = error;
+  if (*word == 0) *word = kind * 65536 + peer + 1;
+  __threadfence_system();
 }
 
 // Waits until *p != 0 and returns it; 0 after the deadline (the peer never came).
