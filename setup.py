@@ -32,6 +32,33 @@ def _cmake_binary() -> str:
         return found
 
 
+def _nvshmem_root(with_cuda: str) -> str:
+    """The nvidia/nvshmem folder of the nvidia-nvshmem-cu13 wheel (torch's own NVSHMEM), or "".
+
+    TORCH_EP_WITH_NVSHMEM=0 leaves it out; =1 makes its absence an error; unset: used when found.
+    Only CUDA builds take it."""
+    wanted = os.environ.get("TORCH_EP_WITH_NVSHMEM")
+    if wanted == "0" or with_cuda != "ON":
+        if wanted == "1":
+            raise RuntimeError("TORCH_EP_WITH_NVSHMEM=1 needs a CUDA build (a CUDA torch and nvcc)")
+        return ""
+    try:
+        import nvidia.nvshmem
+
+        roots = [Path(p) for p in nvidia.nvshmem.__path__]
+    except ImportError:
+        roots = []
+    for root in roots:
+        needed = [root / "include" / "nvshmem.h", root / "lib" / "libnvshmem_host.so.3",
+                  root / "lib" / "libnvshmem_device.a"]
+        if all(p.exists() for p in needed):
+            return str(root)
+    if wanted == "1":
+        raise RuntimeError("TORCH_EP_WITH_NVSHMEM=1, but no nvidia-nvshmem-cu13 wheel with headers, "
+                           "libnvshmem_host.so.3 and libnvshmem_device.a is importable (pip install nvidia-nvshmem-cu13)")
+    return ""
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
         import torch
@@ -52,6 +79,8 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DTORCH_EP_WITH_CUDA={with_cuda}",
         ]
+        nvshmem = _nvshmem_root(with_cuda)
+        args += [f"-DTORCH_EP_WITH_NVSHMEM={'ON' if nvshmem else 'OFF'}", f"-DTORCH_EP_NVSHMEM_ROOT={nvshmem}"]
         if shutil.which("ninja"):
             args.append("-GNinja")
         cmake = _cmake_binary()

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|profile]
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile]
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
-#     the ranks); profile: tools/moe_profile.py with 2 ranks
+#     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES);
+#     profile: tools/moe_profile.py with 2 ranks
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
@@ -41,6 +42,8 @@ if ! MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$
   tar -czf "$OUT/suite.tar.gz" -C "$OUT" logs; exit 1
 fi
 python3 -c 'import torch_ep; assert torch_ep._C.has_cuda, "built without CUDA"' 2>&1 | tee -a "$SUMMARY"
+grep -h "torch_ep: NVSHMEM from" "$LOGS/build.log" | head -1 >> "$SUMMARY"
+python3 -c 'import torch_ep; print("torch_ep built with NVSHMEM:", torch_ep._C.has_nvshmem)' 2>&1 | tee -a "$SUMMARY"
 python3 tools/cuda_smoke.py 2>&1 | tail -3 | tee -a "$SUMMARY"  # the error path: a toolchain mismatch crashes here
 
 MPS_STARTED=0
@@ -88,6 +91,30 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then
       torchrun --standalone --nproc-per-node "$R" benchmarks/moe.py --out "$LOGS/moe_${R}ranks" \
       > "$LOGS/moe_bench_${R}ranks.log" 2>&1 || STATUS=1
     tail -18 "$LOGS/moe_bench_${R}ranks.log" >> "$SUMMARY"
+  done
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then
+  # nvshmem4py (NVSHMEM's Python bindings, which initialise NVSHMEM) is not installed on the GPU
+  # machine and it has no network: its wheel travels in the repository's git-ignored .whl/.
+  if ! python3 -c 'import nvshmem.core' > /dev/null 2>&1; then
+    if ls .whl/nvshmem4py*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/nvshmem4py*.whl >> "$LOGS/build.log" 2>&1
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+  fi
+  python3 -c 'import nvshmem.core, nvshmem; print("nvshmem4py", nvshmem.__version__)' 2>&1 | tail -1 | tee -a "$SUMMARY"
+  step "GPU low-latency tests, ${TORCH_EP_LL_WORLD_SIZES:-1,2,4,8} ranks"
+  TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_LL_WORLD_SIZES:-1,2,4,8} timeout 360 python3 -m pytest \
+    tests/test_cuda_low_latency.py tests/test_low_latency.py -q -ra -x > "$LOGS/gpu_ll_tests.log" 2>&1 || STATUS=1
+  grep -v "^\[rank" "$LOGS/gpu_ll_tests.log" | tail -40 >> "$SUMMARY"
+  for R in 2 4 8; do
+    step "low-latency benchmark, $R ranks (128 tokens, hidden 7168, top-8, 256 experts)"
+    SHARING=$(( (R + GPUS - 1) / GPUS ))
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 120 \
+      torchrun --standalone --nproc-per-node "$R" benchmarks/low_latency.py --out "$LOGS/low_latency_${R}ranks" \
+      > "$LOGS/ll_bench_${R}ranks.log" 2>&1 || STATUS=1
+    tail -8 "$LOGS/ll_bench_${R}ranks.log" >> "$SUMMARY"
   done
 fi
 

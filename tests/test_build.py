@@ -25,7 +25,9 @@ def test_extension_matches_torch():
     assert torch_ep._C.has_cuda == (torch.version.cuda is not None and torch_ep._C.has_cuda)
 
 
-KERNELS = sorted(glob.glob(os.path.join(ROOT, "backend", "kernels", "*.cu")))
+# low_latency.cu needs NVSHMEM's headers and relocatable device code: checked on its own below.
+KERNELS = sorted(k for k in glob.glob(os.path.join(ROOT, "backend", "kernels", "*.cu"))
+                 if os.path.basename(k) != "low_latency.cu")
 
 
 @pytest.mark.skipif(not has_nvcc, reason="nvcc not on PATH")
@@ -35,6 +37,45 @@ def test_kernel_compiles_for_sm90(source, tmp_path):
     cmd = ["nvcc", "-c", "-std=c++17", "-arch=sm_90", "-O2", f"-I{ROOT}", source, "-o", str(tmp_path / "k.o")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _nvshmem_root():
+    """The nvidia-nvshmem-cu13 wheel's nvidia/nvshmem folder (TORCH_EP_NVSHMEM_ROOT overrides), or None."""
+    roots = [os.environ["TORCH_EP_NVSHMEM_ROOT"]] if os.environ.get("TORCH_EP_NVSHMEM_ROOT") else []
+    try:
+        import nvidia.nvshmem
+
+        roots += list(nvidia.nvshmem.__path__)
+    except ImportError:
+        pass
+    for root in roots:
+        if all(os.path.exists(os.path.join(root, *p)) for p in
+               (("include", "nvshmem.h"), ("lib", "libnvshmem_device.a"), ("lib", "libnvshmem_host.so.3"))):
+            return root
+    return None
+
+
+@pytest.mark.skipif(not has_nvcc or _nvshmem_root() is None, reason="needs nvcc and the nvidia-nvshmem-cu13 wheel")
+def test_low_latency_kernels_compile_and_device_link(tmp_path):
+    """low_latency.cu compiles with -rdc against NVSHMEM's headers and device-links with
+    libnvshmem_device.a into a shared object, as CMakeLists.txt builds it (sm_90, no -dlto)."""
+    nvshmem = _nvshmem_root()
+    cuda_root = os.path.dirname(_cuda_include_dir() or "/usr/local/cuda/include")
+    cuda_lib = next((d for d in (os.path.join(cuda_root, "lib64"), os.path.join(cuda_root, "lib"))
+                     if os.path.exists(os.path.join(d, "libcudart.so"))), os.path.join(cuda_root, "lib64"))
+    obj, dlink, lib = tmp_path / "ll.o", tmp_path / "ll_dlink.o", tmp_path / "libll.so"
+    steps = [
+        ["nvcc", "-c", "-rdc=true", "-std=c++17", "-arch=sm_90", "-O2", "-Xcompiler", "-fPIC", f"-I{ROOT}",
+         f"-I{nvshmem}/include", os.path.join(ROOT, "backend", "kernels", "low_latency.cu"), "-o", str(obj)],
+        ["nvcc", "-dlink", "-arch=sm_90", "-Xcompiler", "-fPIC", str(obj), f"{nvshmem}/lib/libnvshmem_device.a",
+         "-o", str(dlink)],
+        ["g++", "-shared", str(obj), str(dlink), f"{nvshmem}/lib/libnvshmem_device.a",
+         f"{nvshmem}/lib/libnvshmem_host.so.3", f"-L{cuda_lib}", "-lcudart", "-Wl,--exclude-libs,libnvshmem_device.a",
+         "-Wl,-z,defs", "-o", str(lib)],
+    ]
+    for cmd in steps:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, " ".join(cmd) + "\n" + result.stderr[-4000:]
 
 
 CUDA_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport", "cuda", "*.cpp"))
@@ -70,5 +111,30 @@ def test_cuda_host_code_compiles(source, tmp_path):
     cmd = ["g++", std, "-fsyntax-only", "-DTORCH_EP_WITH_CUDA=1", f"-I{ROOT}", f"-I{torch_include}",
            f"-I{torch_include}/torch/csrc/api/include", f"-I{tmp_path}", f"-I{cuda_include}",
            f"-I{cuda_include}/cccl", f"-I{sysconfig.get_paths()['include']}", source]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+NVSHMEM_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport", "nvshmem", "*.cpp"))
+                              + [os.path.join(ROOT, "backend", "ops", "cuda", "low_latency_cuda.cpp")])
+
+
+@pytest.mark.skipif(_cuda_include_dir() is None or torch.version.cuda is not None or _nvshmem_root() is None,
+                    reason="needs the CUDA headers, NVSHMEM's, and a CPU torch")
+@pytest.mark.parametrize("source", NVSHMEM_HOST_SOURCES, ids=os.path.basename)
+def test_nvshmem_host_code_compiles(source, tmp_path):
+    """The NVSHMEM runtime and the low-latency glue compile as the NVSHMEM build compiles them."""
+    import sysconfig
+
+    macros = tmp_path / "c10" / "cuda" / "impl"
+    macros.mkdir(parents=True)
+    (macros / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    cuda_include = _cuda_include_dir()
+    std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13) else "-std=c++17"
+    cmd = ["g++", std, "-fsyntax-only", "-DTORCH_EP_WITH_CUDA=1", "-DTORCH_EP_WITH_NVSHMEM=1", f"-I{ROOT}",
+           f"-I{torch_include}", f"-I{torch_include}/torch/csrc/api/include", f"-I{tmp_path}",
+           f"-I{_nvshmem_root()}/include", f"-I{cuda_include}", f"-I{cuda_include}/cccl",
+           f"-I{sysconfig.get_paths()['include']}", source]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]

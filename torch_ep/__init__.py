@@ -9,11 +9,14 @@ import torch.distributed as dist
 
 from . import _C
 from ._backend import BACKEND_NAME, get_backend, register
+from .low_latency import low_latency_combine, low_latency_dispatch
 from .moe import MoEWork, combine, dispatch, get_dispatch_layout
 from .options import Options
-from .types import CombineResult, DispatchHandle, DispatchLayout, DispatchResult
+from .types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResult, LowLatencyCombineResult,
+                    LowLatencyDispatchResult, LowLatencyHandle)
 
 register()
 
 __all__ = ["BACKEND_NAME", "Options", "get_backend", "get_dispatch_layout", "dispatch", "combine", "MoEWork",
-           "DispatchLayout", "DispatchHandle", "DispatchResult", "CombineResult"]
+           "DispatchLayout", "DispatchHandle", "DispatchResult", "CombineResult", "low_latency_dispatch",
+           "low_latency_combine", "LowLatencyHandle", "LowLatencyDispatchResult", "LowLatencyCombineResult"]

@@ -156,3 +156,136 @@ def combine(x: torch.Tensor, handle: ReferenceHandle, topk_weights: Optional[tor
         combined_w = torch.zeros((handle.num_tokens, topk_weights.shape[1]), dtype=torch.float32, device=x.device)
         combined_w.index_add_(0, handle.send_token_index, back_w)
     return CombineResult(combined.to(x.dtype), combined_w)
+
+
+# --------------------------------------------------------------------------- low-latency dispatch / combine
+
+FP8_BLOCK = 128  # channels per fp8 scale
+_HEADER_BYTES = 16  # per message: int32 (local expert or 0, slot or 0, t*K + k, 0)
+
+
+def cast_fp8_blocks(x: torch.Tensor, round_scale: bool = False):
+    """(x_fp8 [N, H] float8_e4m3fn, scales [N, H/128] float32) with the low-latency kernel's
+    arithmetic, step for step in float32: amax of each 128 channels (at least 1e-4),
+    scale = amax / 448 (rounded up to a power of two with round_scale: the exponent goes up by one
+    unless the mantissa is zero), x_fp8 = fp8(x * (1 / scale)), round to nearest even."""
+    n, h = x.shape
+    xf = x.float().reshape(n, h // FP8_BLOCK, FP8_BLOCK)
+    scale = xf.abs().amax(dim=2).clamp(min=1e-4) / 448.0
+    if round_scale:
+        bits = scale.view(torch.int32)
+        bits = torch.where((bits & 0x7FFFFF) != 0, (bits & 0x7F800000) + 0x800000, bits)
+        scale = bits.view(torch.float32)
+    inv = 1.0 / scale
+    return (xf * inv.unsqueeze(2)).reshape(n, h).to(torch.float8_e4m3fn), scale
+
+
+def _exchange_messages(messages: torch.Tensor, dest: torch.Tensor, size: int, group):
+    """all_to_all_single of uint8 message rows to `dest` ranks; returns (rows, source rank of each)."""
+    order = torch.argsort(dest, stable=True)
+    send_counts = torch.bincount(dest, minlength=size)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    recv = _exchange_rows(messages[order], send_counts.tolist(), recv_counts.tolist(), group)
+    src = torch.repeat_interleave(torch.arange(size, device=messages.device), recv_counts)
+    return recv, src
+
+
+def _header(*columns: torch.Tensor) -> torch.Tensor:
+    cols = list(columns) + [torch.zeros_like(columns[0])] * (4 - len(columns))
+    return torch.stack([c.to(torch.int32) for c in cols], dim=1).view(torch.uint8)
+
+
+def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_per_rank: int, num_experts: int,
+                         use_fp8: bool = True, round_scale: bool = False, group=None):
+    """torch_ep.low_latency_dispatch on all_to_all_single: each (token t, slot k) with expert e
+    is one message to e's owner, at slot = its position among this rank's (t, k) pairs for e in
+    (t, k) order (pairs past max_tokens_per_rank are dropped, as the kernel does). fp8 payloads
+    are cast by cast_fp8_blocks, the kernel's arithmetic, so they compare bit for bit too.
+    Returns a LowLatencyDispatchResult (no hook); rows past each (expert, rank)'s count are zero."""
+    from .types import LowLatencyDispatchResult, LowLatencyHandle
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = _experts_per_rank(num_experts, size)
+    n, hidden = x.shape
+    k_slots = topk_idx.shape[1]
+    if bool(((topk_idx < -1) | (topk_idx >= num_experts)).any()):
+        raise ValueError(f"topk_idx holds expert ids outside [-1, {num_experts})")
+    flat = topk_idx.reshape(-1)
+    pairs = (flat >= 0).nonzero().flatten()  # q = t*K + k, in order
+    experts = flat[pairs]
+    counts = torch.bincount(experts, minlength=num_experts)
+    order = torch.argsort(experts, stable=True)
+    slot = torch.empty_like(pairs)
+    slot[order] = torch.arange(pairs.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[experts[order]]
+    keep = slot < max_tokens_per_rank
+    pairs, experts, slot = pairs[keep], experts[keep], slot[keep]
+    tokens = pairs // k_slots
+
+    if use_fp8:
+        x8, scales = cast_fp8_blocks(x, round_scale)
+        payload = torch.cat([x8.view(torch.uint8), scales.view(torch.uint8).reshape(n, hidden // FP8_BLOCK * 4)], dim=1)
+    else:
+        payload = x.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(n, 2 * hidden)
+    messages = torch.cat([_header(experts % local, slot, pairs), payload[tokens]], dim=1)
+    recv, src = _exchange_messages(messages, experts // local, size, group)
+
+    head = recv[:, :_HEADER_BYTES].contiguous().view(torch.int32).long()
+    le, slot, q = head[:, 0], head[:, 1], head[:, 2]
+    row = src * max_tokens_per_rank + slot
+    rows = size * max_tokens_per_rank
+    body = recv[:, _HEADER_BYTES:]
+    if use_fp8:
+        recv_x = torch.zeros(local, rows, hidden, dtype=torch.uint8, device=x.device)
+        recv_x[le, row] = body[:, :hidden]
+        recv_scales = torch.zeros(local, rows, hidden // FP8_BLOCK, dtype=torch.float32, device=x.device)
+        recv_scales[le, row] = body[:, hidden:].contiguous().view(torch.float32)
+        out_x = (recv_x.view(torch.float8_e4m3fn), recv_scales)
+    else:
+        recv_x = torch.zeros(local, rows, hidden, dtype=torch.bfloat16, device=x.device)
+        recv_x[le, row] = body.contiguous().view(torch.bfloat16)
+        out_x = recv_x
+    src_info = torch.zeros(local, rows, dtype=torch.int32, device=x.device)
+    src_info[le, row] = q.to(torch.int32)
+    layout = torch.zeros(local * size, dtype=torch.int64, device=x.device)
+    layout.index_add_(0, le * size + src, torch.ones_like(le))
+    layout = layout.view(local, size).to(torch.int32)
+    handle = LowLatencyHandle(getattr(group or dist.group.WORLD, "group_name", ""), size, num_experts,
+                              max_tokens_per_rank, n, hidden, src_info, layout, use_fp8)
+    return LowLatencyDispatchResult(out_x, layout.sum(dim=1, dtype=torch.int32), handle, None)
+
+
+def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle, *,
+                        group=None, out: Optional[torch.Tensor] = None):
+    """torch_ep.low_latency_combine on all_to_all_single: row [e, r*max + i] (i < layout[e, r])
+    goes back to rank r as its (t, k) = src_info; then out[t] = bf16(sum over k = 0..K-1 with a
+    valid expert of float32(w[t, k]) * float32(row)), multiply then add, in k order (the kernel's
+    arithmetic). Returns a LowLatencyCombineResult (no hook)."""
+    from .types import LowLatencyCombineResult
+
+    size = dist.get_world_size(group)
+    local, rows, hidden = x.shape
+    max_tokens = handle.max_tokens_per_rank
+    counts = handle.layout.long()
+    index = torch.arange(max_tokens, device=x.device)
+    valid = index.view(1, 1, max_tokens) < counts.view(local, size, 1)          # [E_local, R, max]
+    le, r, i = valid.nonzero(as_tuple=True)
+    row = r * max_tokens + i
+    q = handle.src_info[le, row].long()
+    messages = torch.cat([_header(q), x[le, row].to(torch.bfloat16).contiguous().view(torch.uint8)], dim=1)
+    recv, _ = _exchange_messages(messages, r, size, group)
+
+    n, k_slots = topk_idx.shape
+    slots = torch.zeros(n * k_slots, hidden, dtype=torch.bfloat16, device=x.device)
+    slots[recv[:, :_HEADER_BYTES].contiguous().view(torch.int32)[:, 0].long()] = \
+        recv[:, _HEADER_BYTES:].contiguous().view(torch.bfloat16)
+    slots = slots.view(n, k_slots, hidden)
+    acc = torch.zeros(n, hidden, dtype=torch.float32, device=x.device)
+    for k in range(k_slots):
+        routed = ((topk_idx[:, k] >= 0) & (topk_idx[:, k] < handle.num_experts)).unsqueeze(1)
+        acc = torch.where(routed, acc + topk_weights[:, k:k + 1].float() * slots[:, k].float(), acc)
+    combined = acc.to(torch.bfloat16)
+    if out is not None:
+        out.copy_(combined)
+        combined = out
+    return LowLatencyCombineResult(combined, None)

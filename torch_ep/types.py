@@ -5,7 +5,7 @@ Named fields rather than positional tuples: downstream code keeps and passes han
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -80,3 +80,39 @@ class CombineResult:
     combined_x: torch.Tensor                        # [N, H]: the sum of the rows sent back for each token
     combined_topk_weights: Optional[torch.Tensor]   # [N, K] likewise, when weights were given
     work: Optional[object] = None
+
+
+# ------------------------------------------------------------------ low-latency dispatch / combine
+
+@dataclass
+class LowLatencyHandle:
+    """What low_latency_combine needs from a low_latency_dispatch: where each received row came
+    from. Made by torch_ep.low_latency_dispatch and by torch_ep.reference's (same fields)."""
+    group_name: str
+    num_ranks: int
+    num_experts: int
+    max_tokens_per_rank: int
+    num_tokens: int              # N: tokens this rank dispatched
+    hidden: int
+    src_info: torch.Tensor       # [E_local, R*max] int32: t*K + k at the source rank, per received row
+    layout: torch.Tensor         # [E_local, R] int32: rows received for each local expert from each rank
+    use_fp8: bool
+
+
+@dataclass
+class LowLatencyDispatchResult:
+    """recv_x: [E_local, R*max_tokens_per_rank, H] bf16, or with use_fp8 the pair (float8_e4m3fn
+    [E_local, R*max, H], float32 scales [E_local, R*max, H/128]). Expert e's rows from rank r sit
+    at [e, r*max : r*max + handle.layout[e, r]], in the source's (token, slot) order; rows past
+    those are not written. recv_count [E_local] int32: rows per local expert. With
+    return_recv_hook the outputs are valid once `hook()` has run (on the current stream)."""
+    recv_x: Payload
+    recv_count: torch.Tensor
+    handle: LowLatencyHandle
+    hook: Optional[Callable[[], None]] = None
+
+
+@dataclass
+class LowLatencyCombineResult:
+    combined_x: torch.Tensor                    # [N, H] bf16: sum over k of topk_weights[t, k] * row
+    hook: Optional[Callable[[], None]] = None   # with return_recv_hook: call it to receive

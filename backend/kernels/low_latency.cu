@@ -1,0 +1,491 @@
+// Low-latency dispatch / combine kernels (protocol and buffer layout: low_latency.cuh).
+//
+// Peers are reached through nvshmem_ptr: every rank of the group must map every other's
+// symmetric heap (NVLink P2P, or the same GPU under MPS). A peer it cannot map is reported as
+// an error; remote (network) puts are not implemented here.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include "backend/kernels/low_latency.cuh"
+#include "backend/kernels/sync.cuh"  // now_ns
+
+namespace ep::kernels::ll {
+namespace {
+
+constexpr int kWarps = kThreads / 32;
+constexpr int kSendChunk = 512;      // channels a warp moves per work unit (16 per lane)
+constexpr int kRecvChunk = 256;      // channels per work unit of the combine receive (8 per lane)
+
+__device__ __forceinline__ uint64_t load_acquire_u64(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release_u64(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// The first error wins, mostly: a plain check-then-store (a race only picks which error shows),
+// as the word is pinned host memory, where device atomics are not guaranteed on every platform.
+__device__ __forceinline__ void report(int* error, int kind, int peer) {
+  volatile int* word = error;
+  if (*word == 0) *word = kind * 65536 + peer + 1;
+  __threadfence_system();
+}
+
+// Waits until *p != 0 and returns it; 0 after the deadline (the peer never came).
+__device__ __forceinline__ uint64_t wait_nonzero(const uint64_t* p, uint64_t deadline) {
+  uint64_t v;
+  while ((v = load_acquire_u64(p)) == 0) {
+    if (now_ns() > deadline) return 0;
+    __nanosleep(64);
+  }
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T* at(char* base, int64_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+// Every rank's address of this half, for the threads r < R of the block; null where a peer is
+// not mapped (reported once, by block 0).
+__device__ __forceinline__ void map_peers(const GroupArgs& g, char** peer_half) {
+  for (int r = threadIdx.x; r < g.num_ranks; r += blockDim.x) {
+    peer_half[r] = static_cast<char*>(nvshmem_ptr(g.half, r));
+    if (!peer_half[r] && blockIdx.x == 0) report(g.error, kNoPeerMapping, r);
+  }
+}
+
+// Waits (threads r < R) until rank r has given the credit of `credits[r]` back. Read only: the
+// last block of the kernel takes the credits once every block has seen them.
+__device__ __forceinline__ void wait_credits(const GroupArgs& g, int64_t credits, int error_kind) {
+  const uint64_t deadline = now_ns() + g.timeout_ns;
+  for (int r = threadIdx.x; r < g.num_ranks; r += blockDim.x)
+    if (!wait_nonzero(at<uint64_t>(g.half, credits + 8 * r), deadline)) report(g.error, error_kind, r);
+}
+
+// True in the one block that finishes last; every block's writes (to peers as well) are
+// visible system-wide before it returns true, and the counter is back at zero.
+__device__ __forceinline__ bool last_block(const GroupArgs& g, Counter counter) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t* c = at<uint32_t>(g.half, g.layout.counters() + 4 * counter);
+    __threadfence_system();
+    last = atomicAdd(c, 1u) == gridDim.x - 1;
+    if (last) {
+      *c = 0;
+      __threadfence_system();
+    }
+  }
+  __syncthreads();
+  return last;
+}
+
+// Sets `offset` (a flag or credit slot) to `value` in every rank's half (or only in `ranks`).
+__device__ __forceinline__ void signal_ranks(const GroupArgs& g, char* const* peer_half, int64_t offset,
+                                             uint64_t value) {
+  for (int r = threadIdx.x; r < g.num_ranks; r += blockDim.x)
+    if (peer_half[r]) store_release_u64(at<uint64_t>(peer_half[r], offset), value);
+}
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
+
+// fp8 scale of a group whose largest magnitude is `amax`: amax / 448 (amax at least 1e-4),
+// rounded up to a power of two with `round_scale`. torch_ep.reference computes the same.
+__device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
+  float scale = __fdiv_rn(fmaxf(amax, 1e-4f), 448.f);
+  if (round_scale) {
+    uint32_t bits = __float_as_uint(scale);
+    if (bits & 0x7fffffu) bits = (bits & 0x7f800000u) + 0x800000u;
+    scale = __uint_as_float(bits);
+  }
+  return scale;
+}
+
+// ------------------------------------------------------------------------------ dispatch send
+
+// Shared memory: idx [N*K] (int32 expert ids, -1 when not routed), rank_in_segment [N*K],
+// segment_base [kWarps][E] (per-warp counts, then their exclusive prefix), totals [E].
+// The slot of pair p = t*K + k among this rank's pairs for expert e (in pair order) is
+// rank_in_segment[p] + segment_base[segment of p][e]: deterministic, the reference's order.
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchSendParams p) {
+  extern __shared__ int smem[];
+  __shared__ char* peer_half[kMaxRanks];
+  const GroupArgs& g = p.g;
+  const int R = g.num_ranks, E = p.num_experts, K = p.num_topk, H = p.hidden;
+  const int E_local = E / R;
+  const int NK = p.num_tokens * K;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int* idx = smem;
+  int* rank_in_segment = idx + NK;
+  int* segment_base = rank_in_segment + NK;
+  int* totals = segment_base + kWarps * E;
+
+  map_peers(g, peer_half);
+  wait_credits(g, g.layout.dispatch_credits(), kDispatchSendTimeout);
+  for (int i = threadIdx.x; i < NK; i += blockDim.x) {
+    const int64_t e = p.topk_idx[i];
+    const bool valid = e >= 0 && e < E;
+    if (!valid && e != -1 && blockIdx.x == 0) report(g.error, kBadExpert, g.rank);
+    idx[i] = valid ? int(e) : -1;
+  }
+  for (int i = threadIdx.x; i < kWarps * E; i += blockDim.x) segment_base[i] = 0;
+  __syncthreads();
+
+  // Per-warp counts over contiguous segments of pairs, 32 pairs at a time.
+  const int segment = (NK + kWarps * 32 - 1) / (kWarps * 32) * 32;
+  {
+    const int begin = warp * segment, end = min(NK, begin + segment);
+    int* counts = segment_base + warp * E;
+    for (int base = begin; base < end; base += 32) {
+      const int q = base + lane;
+      const int e = q < end ? idx[q] : -1;
+      const unsigned same = __match_any_sync(0xffffffffu, e);
+      const int before = e >= 0 ? counts[e] : 0;
+      __syncwarp();
+      if (e >= 0) {
+        rank_in_segment[q] = before + __popc(same & ((1u << lane) - 1));
+        if (lane == __ffs(same) - 1) counts[e] = before + __popc(same);
+      }
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int running = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const int c = segment_base[w * E + e];
+      segment_base[w * E + e] = running;
+      running += c;
+    }
+    totals[e] = running;
+    if (running > p.max_tokens && blockIdx.x == 0) report(g.error, kDispatchOverflow, e / E_local);
+  }
+  __syncthreads();
+
+  // Payload: a warp takes (token, 512-channel chunk) units, casts once, stores to every slot.
+  const int64_t msg_bytes = LowLatencyLayout::message_bytes(H, p.use_fp8);
+  const int64_t payload_bytes = p.use_fp8 ? H : 2 * int64_t(H);
+  const int chunks = (H + kSendChunk - 1) / kSendChunk;
+  const int64_t units = int64_t(p.num_tokens) * chunks;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += warps) {
+    const int t = int(u / chunks), c = int(u % chunks);
+    const int ch0 = c * kSendChunk + lane * 16;
+    const bool active = ch0 < H;
+    uint4 raw[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+    if (active) {
+      const uint4* src = reinterpret_cast<const uint4*>(p.x + int64_t(t) * H + ch0);
+      raw[0] = __ldg(src);
+      raw[1] = __ldg(src + 1);
+    }
+    uint4 packed = make_uint4(0, 0, 0, 0);  // fp8: 16 channels
+    float scale = 0.f;
+    if (p.use_fp8) {
+      float v[16];
+      const uint32_t* w32 = reinterpret_cast<const uint32_t*>(raw);
+      float amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        v[2 * i] = bf16_bits_to_float(w32[i] & 0xffffu);
+        v[2 * i + 1] = bf16_bits_to_float(w32[i] >> 16);
+        amax = fmaxf(amax, fmaxf(fabsf(v[2 * i]), fabsf(v[2 * i + 1])));
+      }
+      // 8 lanes hold one 128-channel group.
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+      scale = fp8_scale(amax, p.round_scale);
+      const float inv = __fdiv_rn(1.f, scale);
+      uint32_t out[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
+            make_float2(__fmul_rn(v[4 * i], inv), __fmul_rn(v[4 * i + 1], inv)), __NV_SATFINITE, __NV_E4M3);
+        const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
+            make_float2(__fmul_rn(v[4 * i + 2], inv), __fmul_rn(v[4 * i + 3], inv)), __NV_SATFINITE, __NV_E4M3);
+        out[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+      }
+      packed = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+    for (int k = 0; k < K; ++k) {
+      const int q = t * K + k;
+      const int e = idx[q];
+      if (e < 0) continue;
+      const int slot = rank_in_segment[q] + segment_base[(q / segment) * E + e];
+      if (slot >= p.max_tokens) continue;
+      const int dst = e / E_local, local_expert = e - dst * E_local;
+      char* peer = peer_half[dst];
+      if (!peer) continue;
+      char* msg = peer + g.layout.dispatch_region() +
+                  ((int64_t(local_expert) * R + g.rank) * p.max_tokens + slot) * msg_bytes;
+      if (active) {
+        if (p.use_fp8) {
+          *reinterpret_cast<uint4*>(msg + 16 + ch0) = packed;
+          if ((lane & 7) == 0) *reinterpret_cast<float*>(msg + 16 + payload_bytes + (ch0 / kChannelsPerScale) * 4) = scale;
+        } else {
+          uint4* d = reinterpret_cast<uint4*>(msg + 16 + int64_t(ch0) * 2);
+          d[0] = raw[0];
+          d[1] = raw[1];
+        }
+      }
+      if (c == 0 && lane == 0) *reinterpret_cast<int4*>(msg) = make_int4(q, t, k, 0);
+    }
+  }
+
+  // Counts out: once every block's rows are visible, count + 1 into each expert's flag.
+  if (last_block(g, kDispatchSendCounter)) {
+    for (int r = threadIdx.x; r < R; r += blockDim.x)  // credits taken before anyone can give them back
+      *at<uint64_t>(g.half, g.layout.dispatch_credits() + 8 * r) = 0;
+    __syncthreads();
+    __threadfence_system();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      const int dst = e / E_local, local_expert = e - dst * E_local;
+      if (!peer_half[dst]) continue;
+      const uint64_t count = uint64_t(min(totals[e], p.max_tokens));
+      store_release_u64(at<uint64_t>(peer_half[dst], g.layout.dispatch_flags() + 8 * (int64_t(local_expert) * R + g.rank)),
+                        count + 1);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ dispatch recv
+
+// A block per local expert: threads r < R wait for rank r's count, then warps copy the rows
+// out of the symmetric buffer (L2 loads: peers wrote them) into the caller's tensors.
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchRecvParams p) {
+  __shared__ char* peer_half[kMaxRanks];
+  __shared__ int counts[kMaxRanks];
+  const GroupArgs& g = p.g;
+  const int R = g.num_ranks, H = p.hidden, E_local = p.num_experts / R;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t msg_bytes = LowLatencyLayout::message_bytes(H, p.use_fp8);
+  const int64_t payload_bytes = p.use_fp8 ? H : 2 * int64_t(H);
+  const int num_scales = H / kChannelsPerScale;
+  const int64_t rows_per_expert = int64_t(R) * p.max_tokens;
+  map_peers(g, peer_half);
+  const uint64_t deadline = now_ns() + g.timeout_ns;
+
+  for (int le = blockIdx.x; le < E_local; le += gridDim.x) {
+    for (int r = threadIdx.x; r < R; r += blockDim.x) {
+      uint64_t* flag = at<uint64_t>(g.half, g.layout.dispatch_flags() + 8 * (int64_t(le) * R + r));
+      const uint64_t v = wait_nonzero(flag, deadline);
+      if (!v) report(g.error, kDispatchRecvTimeout, r);
+      *flag = 0;
+      counts[r] = v ? int(v - 1) : 0;
+      p.recv_layout[int64_t(le) * R + r] = counts[r];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int total = 0;
+      for (int r = 0; r < R; ++r) total += counts[r];
+      p.recv_count[le] = total;
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int i = warp; i < counts[r]; i += kWarps) {
+        const char* msg = g.half + g.layout.dispatch_region() + ((int64_t(le) * R + r) * p.max_tokens + i) * msg_bytes;
+        const int64_t row = le * rows_per_expert + int64_t(r) * p.max_tokens + i;
+        const uint4* src = reinterpret_cast<const uint4*>(msg + 16);
+        uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(p.recv_x) + row * payload_bytes);
+        for (int64_t j = lane; j < payload_bytes / 16; j += 32) dst[j] = __ldcg(src + j);
+        if (p.use_fp8) {
+          const float* s = reinterpret_cast<const float*>(msg + 16 + payload_bytes);
+          for (int j = lane; j < num_scales; j += 32) p.recv_scales[row * num_scales + j] = __ldcg(s + j);
+        }
+        if (lane == 0) p.recv_src_info[row] = __ldcg(reinterpret_cast<const int*>(msg));
+      }
+    }
+    __syncthreads();  // counts[] is rewritten for the next expert
+  }
+
+  if (last_block(g, kDispatchRecvCounter))  // every row read: the senders may write this half again
+    signal_ranks(g, peer_half, g.layout.dispatch_credits() + 8 * int64_t(g.rank), 1);
+}
+
+// ------------------------------------------------------------------------------ combine send
+
+// Rows go back to the rank and slot they came from: x[le, r*max + i] -> rank r's combine
+// region at row src_info (= t*K + k there). Warps take (row, 512-channel chunk) units over the
+// received rows, numbered through a prefix of the per-(expert, rank) counts.
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParams p) {
+  extern __shared__ int prefix[];  // [E + 1]: rows before (le, r), pairs in (le, r) order
+  __shared__ char* peer_half[kMaxRanks];
+  const GroupArgs& g = p.g;
+  const int R = g.num_ranks, H = p.hidden, E = p.num_experts;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  map_peers(g, peer_half);
+  wait_credits(g, g.layout.combine_credits(), kCombineSendTimeout);
+  if (warp == 0) {  // exclusive scan of layout [E_local * R], 32 at a time
+    int running = 0;
+    for (int base = 0; base < E; base += 32) {
+      const int q = base + lane;
+      int v = q < E ? min(max(p.layout[q], 0), p.max_tokens) : 0;
+      int incl = v;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += n;
+      }
+      if (q < E) prefix[q] = running + incl - v;
+      running += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) prefix[E] = running;
+  }
+  __syncthreads();
+
+  const int chunks = (H + kSendChunk - 1) / kSendChunk;
+  const int64_t units = int64_t(prefix[E]) * chunks;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += warps) {
+    const int m = int(u / chunks), c = int(u % chunks);
+    int lo = 0, hi = E;  // the pair q with prefix[q] <= m < prefix[q + 1]
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (prefix[mid] <= m) lo = mid; else hi = mid;
+    }
+    const int le = lo / R, r = lo - le * R, i = m - prefix[lo];
+    const int64_t row = (int64_t(le) * R + r) * p.max_tokens + i;
+    char* peer = peer_half[r];
+    const int ch0 = c * kSendChunk + lane * 16;
+    if (!peer || ch0 >= H) continue;
+    const int slot = p.src_info[row];
+    const uint4* src = reinterpret_cast<const uint4*>(p.x + row * H + ch0);
+    uint4* dst = reinterpret_cast<uint4*>(peer + g.layout.combine_region() + (int64_t(slot) * H + ch0) * 2);
+    const uint4 a = __ldg(src), b = __ldg(src + 1);
+    dst[0] = a;
+    dst[1] = b;
+  }
+
+  if (last_block(g, kCombineSendCounter)) {
+    for (int r = threadIdx.x; r < R; r += blockDim.x) *at<uint64_t>(g.half, g.layout.combine_credits() + 8 * r) = 0;
+    __syncthreads();
+    __threadfence_system();
+    signal_ranks(g, peer_half, g.layout.combine_flags() + 8 * int64_t(g.rank), 1);  // every rank, rows or not
+  }
+}
+
+// ------------------------------------------------------------------------------ combine recv
+
+// out[t] = bf16(sum over k = 0..K-1 with a valid expert of w[t,k] * row[t*K + k]), in float32,
+// multiply then add (no FMA), in k order: torch_ep.reference does the same arithmetic.
+__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineRecvParams p) {
+  __shared__ char* peer_half[kMaxRanks];
+  const GroupArgs& g = p.g;
+  const int R = g.num_ranks, H = p.hidden, K = p.num_topk;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  map_peers(g, peer_half);
+  {
+    const uint64_t deadline = now_ns() + g.timeout_ns;
+    for (int r = threadIdx.x; r < R; r += blockDim.x)
+      if (!wait_nonzero(at<uint64_t>(g.half, g.layout.combine_flags() + 8 * r), deadline))
+        report(g.error, kCombineRecvTimeout, r);
+  }
+  __syncthreads();
+
+  const int chunks = (H + kRecvChunk - 1) / kRecvChunk;
+  const int64_t units = int64_t(p.num_tokens) * chunks;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  const char* rows = g.half + g.layout.combine_region();
+  for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += warps) {
+    const int t = int(u / chunks), c = int(u % chunks);
+    const int ch0 = c * kRecvChunk + lane * 8;
+    if (ch0 >= H) continue;
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const int64_t e = p.topk_idx[int64_t(t) * K + k];
+      if (e < 0 || e >= p.num_experts) continue;
+      const float w = p.topk_weights[int64_t(t) * K + k];
+      const uint4 v = __ldcg(reinterpret_cast<const uint4*>(rows + ((int64_t(t) * K + k) * H + ch0) * 2));
+      const uint32_t* w32 = reinterpret_cast<const uint32_t*>(&v);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, bf16_bits_to_float(w32[i] & 0xffffu)));
+        acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, bf16_bits_to_float(w32[i] >> 16)));
+      }
+    }
+    uint32_t out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i]));
+      const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i + 1]));
+      out[i] = lo | (hi << 16);
+    }
+    *reinterpret_cast<uint4*>(p.out + int64_t(t) * H + ch0) = make_uint4(out[0], out[1], out[2], out[3]);
+  }
+
+  if (last_block(g, kCombineRecvCounter)) {
+    for (int r = threadIdx.x; r < R; r += blockDim.x) *at<uint64_t>(g.half, g.layout.combine_flags() + 8 * r) = 0;
+    __syncthreads();
+    __threadfence_system();
+    signal_ranks(g, peer_half, g.layout.combine_credits() + 8 * int64_t(g.rank), 1);
+  }
+}
+
+int grid_for(int num_blocks, int64_t warps_of_work) {
+  const int64_t wanted = (warps_of_work + kWarps - 1) / kWarps;
+  return int(wanted < 1 ? 1 : (wanted < num_blocks ? wanted : num_blocks));
+}
+
+bool valid_group(const GroupArgs& g) {
+  return g.num_ranks >= 1 && g.num_ranks <= kMaxRanks && g.rank >= 0 && g.rank < g.num_ranks && g.half &&
+         g.num_blocks >= 1 && g.error;
+}
+
+}  // namespace
+
+int64_t dispatch_send_smem(int num_tokens, int num_topk, int num_experts) {
+  const int64_t bytes = (2 * int64_t(num_tokens) * num_topk + int64_t(kWarps + 1) * num_experts) * 4;
+  int device = 0, limit = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return -1;
+  return bytes <= limit - 1024 ? bytes : -1;  // some static shared memory besides
+}
+
+cudaError_t launch_dispatch_send(const DispatchSendParams& p, cudaStream_t stream) {
+  if (!valid_group(p.g) || p.num_experts % p.g.num_ranks || p.hidden % kHiddenMultiple) return cudaErrorInvalidValue;
+  const int64_t smem = dispatch_send_smem(p.num_tokens, p.num_topk, p.num_experts);
+  if (smem < 0) return cudaErrorInvalidValue;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t units = int64_t(p.num_tokens) * ((p.hidden + kSendChunk - 1) / kSendChunk);
+  dispatch_send_kernel<<<grid_for(p.g.num_blocks, units), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dispatch_recv(const DispatchRecvParams& p, cudaStream_t stream) {
+  if (!valid_group(p.g) || p.num_experts % p.g.num_ranks || p.hidden % kHiddenMultiple) return cudaErrorInvalidValue;
+  const int E_local = p.num_experts / p.g.num_ranks;
+  const int grid = E_local < p.g.num_blocks ? E_local : p.g.num_blocks;
+  dispatch_recv_kernel<<<grid < 1 ? 1 : grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine_send(const CombineSendParams& p, cudaStream_t stream) {
+  if (!valid_group(p.g) || p.num_experts % p.g.num_ranks || p.hidden % kHiddenMultiple) return cudaErrorInvalidValue;
+  const size_t smem = (size_t(p.num_experts) + 1) * sizeof(int);
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(combine_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  combine_send_kernel<<<p.g.num_blocks, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine_recv(const CombineRecvParams& p, cudaStream_t stream) {
+  if (!valid_group(p.g) || p.hidden % kHiddenMultiple) return cudaErrorInvalidValue;
+  const int64_t units = int64_t(p.num_tokens) * ((p.hidden + kRecvChunk - 1) / kRecvChunk);
+  combine_recv_kernel<<<grid_for(p.g.num_blocks, units), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace ep::kernels::ll

@@ -1,0 +1,203 @@
+// The low-latency ops on CUDA tensors: host glue around backend/kernels/low_latency.cu, on the
+// caller's current stream. Nothing here waits on the device or allocates by data, so a call
+// can be captured in a CUDA graph; the outputs are allocated at their fixed sizes.
+#ifdef TORCH_EP_WITH_NVSHMEM
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+
+#include "backend/common/errors.hpp"
+#include "backend/kernels/low_latency.cuh"
+#include "backend/ops/low_latency_ops.hpp"
+#include "backend/transport/cuda/cuda_check.hpp"
+#include "backend/transport/nvshmem/low_latency_buffer.hpp"
+#include "backend/transport/nvshmem/nvshmem_runtime.hpp"
+
+namespace ep::ll {
+namespace {
+
+using at::Tensor;
+using kernels::ll::LowLatencyLayout;
+
+LowLatencyLayout layout_for(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t num_topk,
+                            int64_t hidden) {
+  LowLatencyLayout l;
+  l.num_ranks = num_ranks;
+  l.num_local_experts = num_local_experts;
+  l.max_tokens = max_tokens;
+  l.max_topk = num_topk;
+  l.max_hidden = hidden;
+  return l;
+}
+
+// The group's buffer, checked: set up, healthy, on `device`, large enough for `need`.
+LowLatencyBuffer& buffer_for(const std::string& group_name, const at::Device& device, const LowLatencyLayout* need,
+                             const char* op) {
+  LowLatencyBuffer* buffer = find_low_latency_buffer(group_name);
+  TORCH_CHECK(buffer, op, ": the group '", group_name, "' has no low-latency buffers; call torch_ep.",
+              "low_latency_dispatch / low_latency_combine, which set NVSHMEM and the buffers up, rather than "
+              "torch.ops.ep.* directly");
+  TORCH_CHECK_VALUE(buffer->device() == device.index(), op, ": the group's low-latency buffers are on cuda:",
+                    buffer->device(), " but the tensors are on ", device);
+  TORCH_CHECK(!need || buffer->fits(*need), op, ": the group's low-latency buffers are smaller than this call needs; ",
+              "torch_ep.low_latency_dispatch/combine grow them (collectively, outside CUDA-graph capture)");
+  try {
+    buffer->check(op);
+  } catch (const CommError& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+  return *buffer;
+}
+
+cudaStream_t current_stream(const at::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+
+void launch_dispatch_recv(LowLatencyBuffer& buffer, const DispatchOutputs& o, int64_t max_tokens, int64_t num_experts,
+                          cudaStream_t stream) {
+  kernels::ll::DispatchRecvParams p{};
+  p.g = buffer.args(int(o.half));
+  p.hidden = int(o.recv_x.size(2));
+  p.num_experts = int(num_experts);
+  p.max_tokens = int(max_tokens);
+  p.use_fp8 = o.recv_x.scalar_type() == at::kFloat8_e4m3fn;
+  p.recv_x = o.recv_x.data_ptr();
+  p.recv_scales = p.use_fp8 ? o.recv_scales.data_ptr<float>() : nullptr;
+  p.recv_count = o.recv_count.data_ptr<int32_t>();
+  p.recv_src_info = o.recv_src_info.data_ptr<int32_t>();
+  p.recv_layout = o.recv_layout.data_ptr<int32_t>();
+  C10_CUDA_CHECK(kernels::ll::launch_dispatch_recv(p, stream));
+}
+
+void launch_combine_recv(LowLatencyBuffer& buffer, const Tensor& topk_idx, const Tensor& topk_weights,
+                         const Tensor& out, int64_t half, int64_t num_experts, cudaStream_t stream) {
+  kernels::ll::CombineRecvParams p{};
+  p.g = buffer.args(int(half));
+  p.topk_idx = topk_idx.data_ptr<int64_t>();
+  p.topk_weights = topk_weights.data_ptr<float>();
+  p.out = reinterpret_cast<uint16_t*>(out.data_ptr());
+  p.num_tokens = int(topk_idx.size(0));
+  p.hidden = int(out.size(1));
+  p.num_topk = int(topk_idx.size(1));
+  p.num_experts = int(num_experts);
+  C10_CUDA_CHECK(kernels::ll::launch_combine_recv(p, stream));
+}
+
+}  // namespace
+
+DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t max_tokens, int64_t num_experts,
+                              bool use_fp8, bool round_scale, bool send_only, const std::string& group_name) {
+  const char* op = "low_latency_dispatch";
+  const at::Device device = x.device();
+  c10::cuda::CUDAGuard guard(device);
+  const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
+  const int64_t R = probe ? probe->size() : 0;
+  const int64_t N = x.size(0), H = x.size(1), K = topk_idx.size(1), E_local = R ? num_experts / R : 0;
+  const LowLatencyLayout need = layout_for(R, E_local, max_tokens, K, H);
+  LowLatencyBuffer& buffer = buffer_for(group_name, device, &need, op);
+  TORCH_CHECK_VALUE(kernels::ll::dispatch_send_smem(int(N), int(K), int(num_experts)) >= 0, op, ": ", N, " tokens x ",
+                    K, " slots and ", num_experts, " experts need more shared memory than a block has");
+  const int64_t rows = R * max_tokens;
+  const auto opts = x.options();
+  DispatchOutputs o;
+  o.recv_x = at::empty({E_local, rows, H}, opts.dtype(use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16));
+  o.recv_scales = use_fp8 ? at::empty({E_local, rows, H / kernels::ll::kChannelsPerScale}, opts.dtype(at::kFloat))
+                          : at::empty({0}, opts.dtype(at::kFloat));
+  o.recv_count = at::empty({E_local}, opts.dtype(at::kInt));
+  o.recv_src_info = at::empty({E_local, rows}, opts.dtype(at::kInt));
+  o.recv_layout = at::empty({E_local, R}, opts.dtype(at::kInt));
+  o.half = buffer.next_half(LowLatencyBuffer::kDispatch);
+
+  const cudaStream_t stream = current_stream(device);
+  kernels::ll::DispatchSendParams p{};
+  p.g = buffer.args(int(o.half));
+  p.x = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  p.topk_idx = topk_idx.data_ptr<int64_t>();
+  p.num_tokens = int(N);
+  p.hidden = int(H);
+  p.num_topk = int(K);
+  p.num_experts = int(num_experts);
+  p.max_tokens = int(max_tokens);
+  p.use_fp8 = use_fp8;
+  p.round_scale = round_scale;
+  C10_CUDA_CHECK(kernels::ll::launch_dispatch_send(p, stream));
+  if (!send_only) launch_dispatch_recv(buffer, o, max_tokens, num_experts, stream);
+  return o;
+}
+
+void dispatch_recv_cuda(const DispatchOutputs& o, int64_t max_tokens, int64_t num_experts,
+                        const std::string& group_name) {
+  const at::Device device = o.recv_x.device();
+  c10::cuda::CUDAGuard guard(device);
+  LowLatencyBuffer& buffer = buffer_for(group_name, device, nullptr, "low_latency_dispatch (receive hook)");
+  launch_dispatch_recv(buffer, o, max_tokens, num_experts, current_stream(device));
+}
+
+int64_t combine_cuda(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& src_info,
+                     const Tensor& layout, const Tensor& out, int64_t max_tokens, int64_t num_experts, bool send_only,
+                     const std::string& group_name) {
+  const char* op = "low_latency_combine";
+  const at::Device device = x.device();
+  c10::cuda::CUDAGuard guard(device);
+  const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
+  const int64_t R = probe ? probe->size() : 0;
+  const int64_t H = x.size(2), K = topk_idx.size(1);
+  const LowLatencyLayout need = layout_for(R, R ? num_experts / R : 0, max_tokens, K, H);
+  LowLatencyBuffer& buffer = buffer_for(group_name, device, &need, op);
+  const int64_t half = buffer.next_half(LowLatencyBuffer::kCombine);
+  const cudaStream_t stream = current_stream(device);
+  kernels::ll::CombineSendParams p{};
+  p.g = buffer.args(int(half));
+  p.x = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  p.src_info = src_info.data_ptr<int32_t>();
+  p.layout = layout.data_ptr<int32_t>();
+  p.hidden = int(H);
+  p.num_experts = int(num_experts);
+  p.max_tokens = int(max_tokens);
+  C10_CUDA_CHECK(kernels::ll::launch_combine_send(p, stream));
+  if (!send_only) launch_combine_recv(buffer, topk_idx, topk_weights, out, half, num_experts, stream);
+  return half;
+}
+
+void combine_recv_cuda(const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& out, int64_t half,
+                       int64_t num_experts, const std::string& group_name) {
+  const at::Device device = out.device();
+  c10::cuda::CUDAGuard guard(device);
+  LowLatencyBuffer& buffer = buffer_for(group_name, device, nullptr, "low_latency_combine (receive hook)");
+  launch_combine_recv(buffer, topk_idx, topk_weights, out, half, num_experts, current_stream(device));
+}
+
+// ---- runtime
+
+int nvshmem_status() { return nvshmem::init_status(); }
+
+void nvshmem_attach(int rank, int size) { nvshmem::attach(rank, size); }
+
+bool buffer_fits(const std::string& group_name, int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens,
+                 int64_t num_topk, int64_t hidden) {
+  const LowLatencyBuffer* buffer = find_low_latency_buffer(group_name);
+  return buffer && buffer->fits(layout_for(num_ranks, num_local_experts, max_tokens, num_topk, hidden));
+}
+
+bool reserve_buffer(const std::string& group_name, int rank, int size, int device, std::chrono::milliseconds timeout,
+                    int num_sms, int64_t num_local_experts, int64_t max_tokens, int64_t num_topk, int64_t hidden) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return reserve_low_latency_buffer(group_name, rank, size, device, timeout, num_sms,
+                                    layout_for(size, num_local_experts, max_tokens, num_topk, hidden));
+}
+
+void check_errors(const std::string& group_name, const char* op) {
+  LowLatencyBuffer* buffer = find_low_latency_buffer(group_name);
+  if (!buffer) return;
+  try {
+    buffer->check(op);
+  } catch (const CommError& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+}
+
+}  // namespace ep::ll
+
+#endif  // TORCH_EP_WITH_NVSHMEM

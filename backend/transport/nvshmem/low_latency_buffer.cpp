@@ -1,0 +1,164 @@
+#include "backend/transport/nvshmem/low_latency_buffer.hpp"
+
+#include <algorithm>
+#include <unordered_map>
+#include <vector>
+
+#include "backend/transport/cuda/cuda_check.hpp"
+#include "backend/transport/nvshmem/nvshmem_runtime.hpp"
+
+namespace ep {
+
+using kernels::ll::LowLatencyLayout;
+
+LowLatencyBuffer::LowLatencyBuffer(int rank, int size, int device, std::chrono::milliseconds timeout, int num_sms)
+    : rank_(rank), size_(size), device_(device), timeout_(timeout) {
+  if (size > kernels::ll::kMaxRanks)
+    throw CommError("torch_ep: low-latency ops support groups of up to " + std::to_string(kernels::ll::kMaxRanks) +
+                    " ranks, this one has " + std::to_string(size));
+  int sms = num_sms;
+  if (sms <= 0) EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  num_blocks_ = sms;
+  EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(int), cudaHostAllocMapped));
+  *error_host_ = 0;
+  EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
+}
+
+LowLatencyBuffer::~LowLatencyBuffer() {
+  if (error_host_) cudaFreeHost(error_host_);
+}
+
+bool LowLatencyBuffer::fits(const LowLatencyLayout& n) const {
+  return base_ && n.num_ranks == layout_.num_ranks && n.num_local_experts <= layout_.num_local_experts &&
+         n.max_tokens <= layout_.max_tokens && n.max_topk <= layout_.max_topk && n.max_hidden <= layout_.max_hidden;
+}
+
+bool LowLatencyBuffer::reserve(const LowLatencyLayout& need) {
+  if (fits(need)) return false;
+  LowLatencyLayout grown = need;
+  grown.num_ranks = size_;
+  if (base_) {
+    grown.num_local_experts = std::max(grown.num_local_experts, layout_.num_local_experts);
+    grown.max_tokens = std::max(grown.max_tokens, layout_.max_tokens);
+    grown.max_topk = std::max(grown.max_topk, layout_.max_topk);
+    grown.max_hidden = std::max(grown.max_hidden, layout_.max_hidden);
+  }
+  EP_CUDA_CHECK(cudaSetDevice(device_));
+  EP_CUDA_CHECK(cudaDeviceSynchronize());  // no kernel of ours still uses the old buffer
+  if (base_) nvshmem::free_symmetric(base_);
+  base_ = nullptr;
+  char* base = static_cast<char*>(nvshmem::malloc_symmetric(size_t(grown.total_bytes())));
+  std::string unmapped;
+  for (int pe = 0; pe < size_; ++pe)
+    if (!nvshmem::peer_ptr(base, pe)) unmapped += (unmapped.empty() ? "" : ", ") + std::to_string(pe);
+  if (!unmapped.empty())
+    throw CommError("torch_ep: low-latency ops reach peers by NVLink/P2P (nvshmem_ptr), but rank " +
+                    std::to_string(rank_) + " cannot map the buffers of ranks " + unmapped +
+                    "; low-latency ops across nodes are not implemented yet");
+  // Flags and counters zero; every credit given (nothing to protect yet).
+  EP_CUDA_CHECK(cudaMemset(base, 0, size_t(grown.total_bytes())));
+  const std::vector<uint64_t> ones(size_t(size_), 1);
+  for (int half = 0; half < 2; ++half) {
+    char* h = base + half * grown.half_bytes();
+    EP_CUDA_CHECK(cudaMemcpy(h + grown.dispatch_credits(), ones.data(), ones.size() * 8, cudaMemcpyHostToDevice));
+    EP_CUDA_CHECK(cudaMemcpy(h + grown.combine_credits(), ones.data(), ones.size() * 8, cudaMemcpyHostToDevice));
+  }
+  EP_CUDA_CHECK(cudaDeviceSynchronize());
+  base_ = base;
+  layout_ = grown;
+  calls_[0] = calls_[1] = 0;
+  return true;
+}
+
+void LowLatencyBuffer::check(const char* op) {
+  if (!failed_.empty()) throw CommError(std::string("torch_ep: ") + op + ": " + failed_);
+  const int code = *static_cast<volatile int*>(error_host_);
+  if (code == 0) return;
+  const int kind = kernels::ll::error_kind(code), peer = kernels::ll::error_peer(code);
+  const std::string timeout = std::to_string(double(timeout_.count()) / 1000.0) + " s";
+  std::string what;
+  bool fatal = true;
+  switch (kind) {
+    case kernels::ll::kDispatchSendTimeout:
+      what = "a low_latency_dispatch send waited past the timeout (" + timeout + ") for rank " + std::to_string(peer) +
+             " to receive the dispatch before last on the same buffer half (more than two dispatches in flight, or a "
+             "rank stopped calling)";
+      break;
+    case kernels::ll::kDispatchRecvTimeout:
+      what = "a low_latency_dispatch receive waited past the timeout (" + timeout + ") for rank " +
+             std::to_string(peer) + " to send";
+      break;
+    case kernels::ll::kCombineSendTimeout:
+      what = "a low_latency_combine send waited past the timeout (" + timeout + ") for rank " + std::to_string(peer) +
+             " to receive the combine before last on the same buffer half";
+      break;
+    case kernels::ll::kCombineRecvTimeout:
+      what = "a low_latency_combine receive waited past the timeout (" + timeout + ") for rank " +
+             std::to_string(peer) + " to send";
+      break;
+    case kernels::ll::kDispatchOverflow:
+      what = "a low_latency_dispatch sent more than max_tokens_per_rank rows to one expert of rank " +
+             std::to_string(peer) + " (a token naming one expert in several slots?); the extra rows were dropped";
+      fatal = false;
+      break;
+    case kernels::ll::kBadExpert:
+      what = "a low_latency_dispatch got a topk_idx entry outside [-1, num_experts) on rank " + std::to_string(peer) +
+             "; such slots were not routed";
+      fatal = false;
+      break;
+    case kernels::ll::kNoPeerMapping:
+      what = "a low-latency kernel could not map rank " + std::to_string(peer) +
+             "'s buffer (nvshmem_ptr returned null: is the device state registered?)";
+      break;
+    default:
+      what = "a low-latency kernel reported error code " + std::to_string(code);
+  }
+  *static_cast<volatile int*>(error_host_) = 0;
+  what = "rank " + std::to_string(rank_) + ": " + what;
+  if (fatal) failed_ = what + "; the group's low-latency buffers are out of step since, so every later call raises";
+  throw CommError(std::string("torch_ep: ") + op + ": " + what + " (reported by an earlier call's kernel)");
+}
+
+kernels::ll::GroupArgs LowLatencyBuffer::args(int half) const {
+  kernels::ll::GroupArgs g{};
+  g.rank = rank_;
+  g.num_ranks = size_;
+  g.half = base_ + half * layout_.half_bytes();
+  g.layout = layout_;
+  g.num_blocks = num_blocks_;
+  g.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
+  g.error = error_device_;
+  return g;
+}
+
+namespace {
+std::mutex registry_mutex;
+std::unordered_map<std::string, std::unique_ptr<LowLatencyBuffer>>& registry() {
+  static auto* r = new std::unordered_map<std::string, std::unique_ptr<LowLatencyBuffer>>();  // never destroyed
+  return *r;
+}
+}  // namespace
+
+LowLatencyBuffer* find_low_latency_buffer(const std::string& group_name) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto it = registry().find(group_name);
+  return it == registry().end() ? nullptr : it->second.get();
+}
+
+bool reserve_low_latency_buffer(const std::string& group_name, int rank, int size, int device,
+                                std::chrono::milliseconds timeout, int num_sms, const LowLatencyLayout& need) {
+  LowLatencyBuffer* buffer;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    auto& slot = registry()[group_name];
+    if (!slot) slot = std::make_unique<LowLatencyBuffer>(rank, size, device, timeout, num_sms);
+    buffer = slot.get();
+  }
+  if (buffer->rank() != rank || buffer->size() != size || buffer->device() != device)
+    throw CommError("torch_ep: group '" + group_name + "' already has low-latency buffers for rank " +
+                    std::to_string(buffer->rank()) + " of " + std::to_string(buffer->size()) + " on cuda:" +
+                    std::to_string(buffer->device()));
+  return buffer->reserve(need);
+}
+
+}  // namespace ep

@@ -1,0 +1,62 @@
+// The symmetric buffer of one group's low-latency ops (layout: backend/kernels/low_latency.cuh),
+// its mapped error word, and which half the next call of each kind uses.
+//
+// Created and grown by torch_ep/low_latency.py through reserve(), collectively: every rank calls
+// it with the same sizes, in the same order, then the group barriers before any kernel runs.
+// Growing frees the old buffer (after a device synchronize) and allocates the union of the
+// sizes seen. The buffer is never freed at exit: nvshmem_free is collective, and ranks leave
+// at different times.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "backend/kernels/low_latency.cuh"
+
+namespace ep {
+
+class LowLatencyBuffer {
+ public:
+  enum Kind : int { kDispatch = 0, kCombine = 1 };
+
+  LowLatencyBuffer(int rank, int size, int device, std::chrono::milliseconds timeout, int num_sms);
+  ~LowLatencyBuffer();
+  LowLatencyBuffer(const LowLatencyBuffer&) = delete;
+  LowLatencyBuffer& operator=(const LowLatencyBuffer&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int device() const { return device_; }
+  bool fits(const kernels::ll::LowLatencyLayout& need) const;
+  // Collective: makes the buffer hold at least `need` (true when it allocated).
+  bool reserve(const kernels::ll::LowLatencyLayout& need);
+  // Raises (naming `op`) what a kernel reported since the last check; timeouts leave the flags
+  // out of step with the peers', so after one every call raises.
+  void check(const char* op);
+  // The half the next call of `kind` uses, alternating.
+  int next_half(Kind kind) { return int(calls_[kind]++ & 1); }
+  kernels::ll::GroupArgs args(int half) const;
+
+ private:
+  int rank_, size_, device_;
+  std::chrono::milliseconds timeout_;
+  int num_blocks_;
+  kernels::ll::LowLatencyLayout layout_{};
+  char* base_ = nullptr;         // symmetric: two halves
+  int* error_host_ = nullptr;    // pinned, mapped
+  int* error_device_ = nullptr;
+  uint64_t calls_[2] = {0, 0};
+  std::string failed_;           // set after a timeout
+};
+
+// The buffer of the group named `group_name`, or null before torch_ep/low_latency.py set it up.
+LowLatencyBuffer* find_low_latency_buffer(const std::string& group_name);
+// Creates (first call) and grows the group's buffer: collective, see LowLatencyBuffer::reserve.
+bool reserve_low_latency_buffer(const std::string& group_name, int rank, int size, int device,
+                                std::chrono::milliseconds timeout, int num_sms,
+                                const kernels::ll::LowLatencyLayout& need);
+
+}  // namespace ep

@@ -1,0 +1,251 @@
+"""Low-latency dispatch / combine latency of torch_ep, with the HBM copy roofline of the same bytes
+measured in the same run.
+
+    torchrun --nproc-per-node 2 benchmarks/low_latency.py --out benchmarks/results/low_latency_h100_2ranks
+
+The decoding setting of DeepEP's low-latency figures by default: every rank dispatches 128 tokens
+of hidden 7168, each to its top 8 of 256 experts (top-k of random scores, as DeepEP's tests draw
+them). Ops, each timed as CUDA-graph replays of --reps back-to-back calls (no host overhead; the
+time is per call, including the wait for the slowest peer):
+  dispatch fp8 / bf16   low_latency_dispatch(x, topk_idx, max_tokens_per_rank=128, ...)
+  combine               low_latency_combine(expert outputs, topk_idx, topk_weights, handle)
+  ... send / ... recv   the hook split: a graph of the send alone, then one of the hook alone,
+                        timed one call at a time after a barrier (recv includes waiting for
+                        the peers' sends, and the barrier's exit skew)
+Bytes per rank, DeepEP's convention: rows received x row bytes (fp8 rows count their scales);
+combine: the rows sent back, bf16. A time is the median over --runs runs of the slowest rank's
+time; every run starts with the L2 cache flushed and a barrier. Roofline: every rank copies as
+many bytes as the op moves to it (dst.copy_(src)), all ranks at once, timed the same way; the
+ratio op time / roofline time is what the issue's 8-rank target bounds (<= 2x).
+Before timing, the outputs are checked against torch_ep.reference (bf16 dispatch and combine bit
+for bit on integer-valued data; fp8 scales bit for bit).
+
+Rank 0 prints the table and writes low_latency.md and low_latency.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List
+
+import torch
+import torch.distributed as dist
+
+import torch_ep
+from torch_ep import reference
+from torch_ep.testing import same_bits
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+FP8_BLOCK = 128
+# Published EP8 figures (not measured here): DeepEP on H800 (RDMA + NVLink), pplx-kernels on H100 (NVLink).
+PUBLISHED_US = {"DeepEP dispatch": 77.0, "DeepEP combine": 114.0, "pplx dispatch": 83.6, "pplx combine": 102.3}
+TARGETS_2_RANKS_US = {"dispatch": 30.0, "combine": 40.0}
+
+
+def make_inputs(seed: int, args, device):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(seed + 7919 * rank)
+    scores = torch.randn(args.tokens, args.experts, generator=g).abs() + 1
+    idx = scores.topk(args.top_k, dim=-1, sorted=False).indices
+    weights = torch.randint(1, 9, idx.shape, generator=g).float() / 8
+    bound = max(1, 64 // args.top_k)  # combine's weighted sums stay integers bf16 holds exactly
+    x = torch.randint(-bound, bound + 1, (args.tokens, args.hidden), generator=g).to(torch.bfloat16)
+    return x.to(device), idx.to(device), weights.to(device)
+
+
+def expert_outputs(recv_x: torch.Tensor) -> torch.Tensor:
+    return recv_x  # bf16 rows sent back as they came: combine's bytes, not an expert's work
+
+
+def check(x, idx, w, args, sync_group) -> None:
+    problems = []
+    for fp8 in (False, True):
+        got = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=args.tokens, num_experts=args.experts,
+                                            use_fp8=fp8)
+        want = reference.low_latency_dispatch(x.cpu(), idx.cpu(), max_tokens_per_rank=args.tokens,
+                                              num_experts=args.experts, use_fp8=fp8)
+        counts = want.handle.layout.long()
+        valid = (torch.arange(args.tokens).view(1, 1, -1) < counts.unsqueeze(2)).view(counts.shape[0], -1)
+        if not torch.equal(got.handle.layout.cpu(), want.handle.layout):
+            problems.append(f"{'fp8' if fp8 else 'bf16'} dispatch: counts differ")
+            continue
+        if fp8:
+            if not same_bits(got.recv_x[1].cpu()[valid], want.recv_x[1][valid]):
+                problems.append("fp8 dispatch: scales differ")
+        else:
+            if not same_bits(got.recv_x.cpu()[valid], want.recv_x[valid]):
+                problems.append("bf16 dispatch: rows differ")
+            comb = torch_ep.low_latency_combine(expert_outputs(got.recv_x), idx, w, got.handle)
+            ref = reference.low_latency_combine(expert_outputs(want.recv_x), idx.cpu(), w.cpu(), want.handle)
+            if not same_bits(comb.combined_x.cpu(), ref.combined_x):
+                problems.append("combine: output differs")
+    torch.cuda.synchronize()
+    gathered: List = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems, group=sync_group)
+    found = [f"rank {r}: {p}" for r, ps in enumerate(gathered) for p in ps]
+    if found:
+        raise RuntimeError("low-latency ops differ from torch_ep.reference, not timing them:\n  " + "\n  ".join(found))
+
+
+def capture(fn: Callable[[], object], reps: int) -> torch.cuda.CUDAGraph:
+    fn()  # outside the graph: buffers and NVSHMEM are set up here
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+def time_graphs(graphs: List[torch.cuda.CUDAGraph], reps: int, args, device, sync_group) -> List[List[float]]:
+    """Per run, the seconds per call of each graph in turn (each after its own flush + barrier),
+    as the slowest rank saw them."""
+    flush = common.l2_flusher(device)
+    times: List[List[float]] = [[] for _ in graphs]
+    for _ in range(args.warmup):
+        for g in graphs:
+            g.replay()
+    for _ in range(args.runs):
+        for i, g in enumerate(graphs):
+            flush()
+            torch.cuda.synchronize(device)
+            dist.barrier(group=sync_group)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            times[i].append(start.elapsed_time(end) / 1e3 / reps)
+    return [common.slowest_rank(t, sync_group) for t in times]
+
+
+def time_split(send: Callable[[], object], args, device, sync_group):
+    """The hook split: one send then its hook, each captured on its own, timed per call."""
+    state = {}
+
+    def do_send():
+        state["result"] = send()
+
+    do_send()
+    state["result"].hook()
+    torch.cuda.synchronize()
+    g_send, g_recv = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_send):
+        do_send()
+    hook = state["result"].hook
+    with torch.cuda.graph(g_recv, pool=g_send.pool()):
+        hook()
+    flush = common.l2_flusher(device)
+    send_t, recv_t = [], []
+    for run in range(args.warmup + args.runs):
+        flush()
+        torch.cuda.synchronize(device)
+        dist.barrier(group=sync_group)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        events[0].record()
+        g_send.replay()
+        events[1].record()
+        g_recv.replay()
+        events[2].record()
+        events[2].synchronize()
+        if run >= args.warmup:
+            send_t.append(events[0].elapsed_time(events[1]) / 1e3)
+            recv_t.append(events[1].elapsed_time(events[2]) / 1e3)
+    return common.slowest_rank(send_t, sync_group), common.slowest_rank(recv_t, sync_group)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per rank (= max_tokens_per_rank)")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=10, help="calls per timed graph replay")
+    args = parser.parse_args()
+
+    device = common.pick_device("cuda")
+    dist.init_process_group(torch_ep.BACKEND_NAME)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    sync_group = dist.new_group(backend="gloo")
+    sharing = common.ranks_per_gpu(device, sync_group)
+    x, idx, w = make_inputs(common.shared_seed(sync_group), args, device)
+    check(x, idx, w, args, sync_group)
+
+    kw = dict(max_tokens_per_rank=args.tokens, num_experts=args.experts)
+    bf16 = torch_ep.low_latency_dispatch(x, idx, use_fp8=False, **kw)
+    torch.cuda.synchronize()
+    y = expert_outputs(bf16.recv_x).clone()
+    rows = int(bf16.recv_count.sum())
+    row_bytes = {"fp8": args.hidden + args.hidden // FP8_BLOCK * 4, "bf16": 2 * args.hidden}
+    op_bytes = {"dispatch fp8": rows * row_bytes["fp8"], "dispatch bf16": rows * row_bytes["bf16"],
+                "combine": rows * row_bytes["bf16"]}
+    ops: Dict[str, Callable[[], object]] = {
+        "dispatch fp8": lambda: torch_ep.low_latency_dispatch(x, idx, use_fp8=True, **kw),
+        "dispatch bf16": lambda: torch_ep.low_latency_dispatch(x, idx, use_fp8=False, **kw),
+        "combine": lambda: torch_ep.low_latency_combine(y, idx, w, bf16.handle),
+    }
+    copies = {}
+    for op, nbytes in op_bytes.items():
+        src = torch.randint(0, 256, (max(nbytes, 1),), dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        copies[op] = (lambda d, s: (lambda: d.copy_(s)))(dst, src)
+    names = list(ops)
+    graphs = [capture(ops[n], args.reps) for n in names] + [capture(copies[n], args.reps) for n in names]
+    timed = time_graphs(graphs, args.reps, args, device, sync_group)
+    split = {
+        "dispatch fp8": time_split(lambda: torch_ep.low_latency_dispatch(x, idx, use_fp8=True, return_recv_hook=True,
+                                                                         **kw), args, device, sync_group),
+        "combine": time_split(lambda: torch_ep.low_latency_combine(y, idx, w, bf16.handle, return_recv_hook=True),
+                              args, device, sync_group),
+    }
+    all_bytes: List = [None] * size
+    dist.all_gather_object(all_bytes, op_bytes, group=sync_group)
+
+    if rank == 0:
+        results, table_rows = [], []
+        for i, op in enumerate(names):
+            t, roof = common.median(timed[i]), common.median(timed[len(names) + i])
+            nbytes = sum(b[op] for b in all_bytes) / size
+            entry = {"op": op, "bytes_per_rank": nbytes, "time_us": t * 1e6, "GBps": nbytes / t / 1e9,
+                     "roofline_us": roof * 1e6, "ratio_to_roofline": t / roof,
+                     "run_times_us": [v * 1e6 for v in timed[i]]}
+            if op in split:
+                entry["send_us"] = common.median(split[op][0]) * 1e6
+                entry["recv_us"] = common.median(split[op][1]) * 1e6
+            kind = "dispatch" if op.startswith("dispatch") else "combine"
+            entry["target_us_2_ranks"] = TARGETS_2_RANKS_US[kind] if size == 2 else None
+            results.append(entry)
+            table_rows.append([op, common.format_bytes(int(nbytes)), f"{entry['time_us']:.1f}", f"{entry['GBps']:.1f}",
+                               f"{entry['roofline_us']:.1f}", f"{entry['ratio_to_roofline']:.2f}x",
+                               f"{entry['send_us']:.1f}" if "send_us" in entry else "-",
+                               f"{entry['recv_us']:.1f}" if "recv_us" in entry else "-",
+                               f"{entry['target_us_2_ranks']:.0f}" if entry["target_us_2_ranks"] else "-"])
+        table = common.markdown_table(["op", "bytes/rank", "us", "GB/s", "roofline us", "vs roofline", "send us",
+                                       "recv us", "target us (R=2)"], table_rows)
+        meta = common.run_metadata(device, ranks=size, ranks_per_gpu=sharing, tokens=args.tokens, hidden=args.hidden,
+                                   top_k=args.top_k, experts=args.experts, runs=args.runs, reps=args.reps,
+                                   published_ep8_us=PUBLISHED_US, checked="against torch_ep.reference",
+                                   env={k: v for k, v in os.environ.items()
+                                        if k.startswith(("TORCH_EP_", "NVSHMEM_", "CUDA_MPS"))})
+        print(table, flush=True)
+        if args.out:
+            common.write_json(os.path.join(args.out, "low_latency.json"),
+                              {"benchmark": "low-latency dispatch/combine", "meta": meta, "results": results})
+            header = (f"# Low-latency dispatch/combine: {size} ranks, {meta['machine']}\n\n"
+                      + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n")
+            common.write_text(os.path.join(args.out, "low_latency.md"), header + table)
+    dist.barrier(group=sync_group)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Low-latency dispatch / combine on CUDA (NVSHMEM) against torch_ep.reference.
+
+bf16 payloads compare bit for bit; fp8 payloads are cast with the reference's arithmetic, so
+scales must be equal and payload bytes nearly all equal (and all within the quantisation
+error); combine compares bit for bit (integer-valued data, weights in eighths). Also: the
+receive hook, two live results, repeated calls, CUDA-graph capture and replay, and bad input
+raising before any kernel while the group keeps working. Ranks share the GPU under MPS in the
+GPU suite (NVSHMEM's full multi-process-per-GPU mode needs it).
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+import torch_ep
+from conftest import cuda_world_sizes, rank_pool
+from test_low_latency import FP8_BLOCK, expert_outputs, make_inputs, valid_rows
+from torch_ep import reference
+from torch_ep.testing import poison_, same_bits
+
+
+def _nvshmem4py_importable():
+    try:
+        import nvshmem.core  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not torch_ep._C.has_cuda or not torch_ep._C.has_nvshmem
+    or not _nvshmem4py_importable(),
+    reason="needs CUDA, a torch_ep built with NVSHMEM, and nvshmem4py")
+
+
+@pytest.fixture(params=cuda_world_sizes(), ids=lambda n: f"{n}ranks")
+def cuda_pool(request):
+    return rank_pool(request.param, cuda=True)
+
+
+def _seed():
+    return int(torch.randint(0, 2**30, ()).item())
+
+
+def check_dispatch(got, expected, use_fp8):
+    """The rows each (expert, rank) received, the counts and the handle, against the reference."""
+    h, eh = got.handle, expected.handle
+    assert torch.equal(h.layout.cpu(), eh.layout), (h.layout.cpu(), eh.layout)
+    assert torch.equal(got.recv_count.cpu(), expected.recv_count)
+    valid = valid_rows(eh)
+    assert torch.equal(h.src_info.cpu()[valid], eh.src_info[valid])
+    if not use_fp8:
+        assert same_bits(got.recv_x.cpu()[valid], expected.recv_x[valid]), "recv_x differs from the reference"
+        return
+    x8, scales = (t.cpu()[valid] for t in got.recv_x)
+    ex8, escales = (t[valid] for t in expected.recv_x)
+    assert same_bits(scales, escales), "fp8 scales differ from the reference"
+    same = (x8.view(torch.uint8) == ex8.view(torch.uint8))
+    assert same.float().mean().item() >= 0.999 if same.numel() else True, f"{(~same).sum().item()} fp8 bytes differ"
+    step = scales.repeat_interleave(FP8_BLOCK, dim=1) * 32  # one e4m3 step at the top of the range
+    assert bool(((x8.float() * scales.repeat_interleave(FP8_BLOCK, 1) -
+                  ex8.float() * escales.repeat_interleave(FP8_BLOCK, 1)).abs() <= step).all())
+
+
+def run_case(seed, kind, num_tokens, hidden, top_k, experts_per_rank, use_fp8, round_scale, max_tokens, hook=False):
+    num_experts, x, idx, w = make_inputs(seed, kind, num_tokens, hidden, top_k, experts_per_rank, device="cuda")
+    xc, idxc, wc = x.cpu(), idx.cpu(), w.cpu()
+    expected = reference.low_latency_dispatch(xc, idxc, max_tokens_per_rank=max_tokens, num_experts=num_experts,
+                                              use_fp8=use_fp8, round_scale=round_scale)
+    got = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=max_tokens, num_experts=num_experts,
+                                        use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=hook)
+    assert (got.hook is not None) == hook
+    if hook:
+        got.hook()
+    check_dispatch(got, expected, use_fp8)
+
+    y_ref = expert_outputs(expected.recv_x, expected.handle)
+    ref_out = reference.low_latency_combine(y_ref, idxc, wc, expected.handle).combined_x
+    out = poison_(torch.empty(x.shape[0], hidden, dtype=torch.bfloat16, device="cuda"))
+    comb = torch_ep.low_latency_combine(y_ref.cuda(), idx, w, got.handle, return_recv_hook=hook, out=out)
+    assert comb.combined_x is out
+    if hook:
+        comb.hook()
+    assert same_bits(out.cpu(), ref_out), "combined_x differs from the reference"
+    torch.cuda.synchronize()
+    torch_ep.low_latency.check_errors()
+    return got
+
+
+CASES = [  # kind, tokens, hidden, top-k, experts per rank, fp8, round_scale, max_tokens_per_rank
+    ("random", 6, 256, 3, 2, False, False, 8),
+    ("random", 6, 256, 3, 2, True, False, 8),
+    ("random", 9, 384, 4, 3, True, True, 9),
+    ("random", 128, 7168, 8, 4, True, False, 128),
+    ("random", 128, 7168, 8, 4, False, False, 128),
+    ("one_expert", 16, 128, 2, 2, False, False, 16),
+    ("empty_rank", 5, 128, 2, 1, True, False, 8),
+    ("unrouted", 12, 256, 3, 2, False, False, 12),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
+def test_dispatch_combine(cuda_pool, case):
+    cuda_pool.run(run_case, _seed(), *case)
+
+
+def test_hook(cuda_pool):
+    cuda_pool.run(run_case, _seed(), "random", 8, 256, 3, 2, True, False, 8, hook=True)
+    cuda_pool.run(run_case, _seed(), "random", 8, 256, 3, 2, False, False, 8, hook=True)
+
+
+def rank_two_live_and_repeated(seed):
+    """Two dispatches alive at once (with hooks: both sent before either is received), then a
+    run of repeated calls with fresh data, each checked."""
+    max_tokens = 10
+    inputs = [make_inputs(seed + i, "random", 10, 256, 3, 2, device="cuda") for i in range(2)]
+    num_experts = inputs[0][0]
+    sent = [torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=max_tokens, num_experts=num_experts,
+                                          use_fp8=False, return_recv_hook=True) for _, x, idx, _ in inputs]
+    for d in sent:
+        d.hook()
+    for d, (_, x, idx, _) in zip(sent, inputs):
+        check_dispatch(d, reference.low_latency_dispatch(x.cpu(), idx.cpu(), max_tokens_per_rank=max_tokens,
+                                                         num_experts=num_experts, use_fp8=False), False)
+    for i in range(6):
+        run_case(seed + 100 + i, "random", 10, 256, 3, 2, i % 2 == 0, False, max_tokens, hook=i % 3 == 0)
+
+
+def test_two_live_results_and_repeated_calls(cuda_pool):
+    cuda_pool.run(rank_two_live_and_repeated, _seed())
+
+
+def rank_graph(seed, use_fp8):
+    """dispatch + expert + combine captured in one CUDA graph, replayed on new data."""
+    max_tokens, hidden = 12, 256
+    num_experts, x, idx, w = make_inputs(seed, "random", 12, hidden, 3, 2, device="cuda")
+    static_x = x.clone()
+    out = torch.empty(x.shape[0], hidden, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        d = torch_ep.low_latency_dispatch(static_x, idx, max_tokens_per_rank=max_tokens, num_experts=num_experts,
+                                          use_fp8=use_fp8)
+        y = expert_outputs(d.recv_x, d.handle)
+        torch_ep.low_latency_combine(y, idx, w, d.handle, out=out)
+        return d
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph: NVSHMEM and the buffers are set up here
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        d = step()
+    g = torch.Generator().manual_seed(seed + 1 + dist.get_rank())
+    for _ in range(3):
+        new_x = torch.randint(-60, 60, tuple(x.shape), generator=g).to(torch.bfloat16)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.low_latency_dispatch(new_x, idx.cpu(), max_tokens_per_rank=max_tokens,
+                                                  num_experts=num_experts, use_fp8=use_fp8)
+        check_dispatch(d, expected, use_fp8)
+        y_ref = expert_outputs(expected.recv_x, expected.handle)
+        ref_out = reference.low_latency_combine(y_ref, idx.cpu(), w.cpu(), expected.handle).combined_x
+        if not use_fp8:
+            assert same_bits(out.cpu(), ref_out)
+        dist.barrier()
+    torch_ep.low_latency.check_errors()
+
+
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+def test_cuda_graph(cuda_pool, use_fp8):
+    cuda_pool.run(rank_graph, _seed(), use_fp8)
+
+
+def rank_bad_input(seed):
+    """Bad input raises on the calling rank before any kernel; every rank then makes a good call."""
+    num_experts, x, idx, w = make_inputs(seed, "random", 6, 256, 2, 2, device="cuda")
+    with pytest.raises(ValueError, match="more than max_tokens_per_rank"):
+        torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=3, num_experts=num_experts)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        torch_ep.low_latency_dispatch(x[:, :100].contiguous(), idx, max_tokens_per_rank=8, num_experts=num_experts)
+    with pytest.raises(TypeError, match="bfloat16"):
+        torch_ep.low_latency_dispatch(x.float(), idx, max_tokens_per_rank=8, num_experts=num_experts)
+    with pytest.raises(ValueError, match="divisible"):
+        torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts + 1)
+    run_case(seed + 1, "random", 6, 256, 2, 2, False, False, 8)
+
+
+def test_bad_input(cuda_pool):
+    cuda_pool.run(rank_bad_input, _seed())

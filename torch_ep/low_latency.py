@@ -1,0 +1,252 @@
+"""Low-latency MoE dispatch and combine (DESIGN.md), for decoding: a fixed capacity per expert,
+fp8 cast on the fly, no host synchronisation (capturable in a CUDA graph), and a receive hook so
+that no SM waits while data is in flight.
+
+The ops (torch.ops.ep.low_latency_*, backend/ops) run on NVSHMEM symmetric memory: every rank
+writes its messages straight into the receiving rank's buffer over NVLink / the shared GPU.
+NVSHMEM itself is set up here, once per process, on the first call: rank 0 of the group makes a
+unique id with nvshmem4py, the group broadcasts it, every rank initialises NVSHMEM with it
+(`nvshmem.core.init`), then the extension registers its own device state with that same host
+library (nvshmemx_init_attr's entry). Where NVSHMEM was already initialised in the process (by
+torch's NVSHMEM symmetric memory, say), that world is used as it is, if it is this group.
+
+Before initialising, variables NVSHMEM reads at init get defaults where unset (never overriding
+the user's): on one host NVSHMEM_REMOTE_TRANSPORT=none, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo,
+NVSHMEM_DISABLE_NCCL=1, NVSHMEM_DISABLE_NVLS=1; everywhere NVSHMEM_SYMMETRIC_SIZE large enough
+for the first call's buffers (at least 2 GiB).
+
+Rules, as DeepEP's:
+- Every rank of the group makes the same calls with the same max_tokens_per_rank, hidden size,
+  num_experts and top-k (the first call, and any that needs larger buffers, allocate
+  collectively; do those outside CUDA-graph capture).
+- At most two dispatches (and two combines) in flight: call the hook of dispatch i before sending
+  dispatch i + 2. A send that would overwrite a buffer half a peer has not read waits (bounded
+  by the group's timeout) instead of corrupting it.
+- One NVSHMEM world per process: low-latency ops on a second group of other ranks raise.
+- Every rank must reach every other by NVLink P2P or share its GPU (one node); the ranks sharing
+  a GPU need MPS (NVSHMEM's full multi-process-per-GPU mode).
+- topk_idx names distinct experts per token (a repeated expert takes two slots of its capacity).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from ._backend import get_backend
+from .types import LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle
+
+__all__ = ["low_latency_dispatch", "low_latency_combine", "check_errors"]
+
+# Variables NVSHMEM reads at initialisation, defaulted (never overridden) when every rank of the
+# group is on one host.
+SINGLE_HOST_NVSHMEM_ENV = {
+    "NVSHMEM_REMOTE_TRANSPORT": "none",
+    "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
+    "NVSHMEM_DISABLE_NCCL": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+MIN_SYMMETRIC_HEAP_BYTES = 2 << 30
+FP8_BLOCK = 128
+
+_world: Optional[Tuple[int, ...]] = None  # global ranks of this process's NVSHMEM world
+
+
+def _group(group):
+    group = group or dist.group.WORLD
+    if group is None:
+        raise RuntimeError("torch_ep: no default process group; call dist.init_process_group(backend='ep') first")
+    return group
+
+
+def _require_nvshmem_and_cuda(op: str, t: torch.Tensor) -> None:
+    if not _C.has_nvshmem:
+        raise RuntimeError(f"{op}: {_C._ll_no_nvshmem_message}")
+    if not t.is_cuda:
+        raise ValueError(f"{op}: low-latency ops run on CUDA tensors, got {t.device} "
+                         f"(torch_ep.reference.{op} is the CPU reference)")
+
+
+def _bootstrap_nvshmem(group, device: torch.device, heap_bytes: int) -> None:
+    """Initialises NVSHMEM through nvshmem4py with a unique id broadcast over `group`."""
+    try:
+        import nvshmem.core as nvshmem_core
+        try:
+            from cuda.core import Device
+        except ImportError:
+            from cuda.core.experimental import Device
+    except ImportError as e:
+        raise RuntimeError(f"torch_ep low-latency ops initialise NVSHMEM with nvshmem4py, which did not import "
+                           f"({type(e).__name__}: {e}); pip install nvshmem4py-cu13") from e
+    hosts = [None] * group.size()
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    defaults = dict(SINGLE_HOST_NVSHMEM_ENV) if len(set(hosts)) == 1 else {}
+    defaults["NVSHMEM_SYMMETRIC_SIZE"] = str(max(MIN_SYMMETRIC_HEAP_BYTES, heap_bytes * 3 // 2 + (256 << 20)))
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+
+    uid_bytes = [None]
+    if group.rank() == 0:
+        uid = nvshmem_core.get_unique_id()
+        uid_bytes = [ctypes.string_at(uid.ptr, uid._data.nbytes)]
+    dist.broadcast_object_list(uid_bytes, src=dist.get_global_rank(group, 0), group=group)
+    uid = nvshmem_core.get_unique_id(empty=True)
+    ctypes.memmove(uid.ptr, uid_bytes[0], len(uid_bytes[0]))
+    with torch.cuda.device(device):
+        nvshmem_core.init(device=Device(device.index), uid=uid, rank=group.rank(), nranks=group.size(),
+                          initializer_method="uid")
+
+
+def _init_nvshmem(group, device: torch.device, heap_bytes: int) -> None:
+    global _world
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if _world is not None:
+        if _world != ranks:
+            raise RuntimeError(f"torch_ep low-latency ops: this process's NVSHMEM world is the group of global ranks "
+                               f"{list(_world)}; a group of ranks {list(ranks)} cannot use it (one group of "
+                               f"low-latency ranks per process)")
+        return
+    if _C._ll_nvshmem_status() < 2:  # not initialised yet (by us, torch or the user)
+        _bootstrap_nvshmem(group, device, heap_bytes)
+    with torch.cuda.device(device):
+        _C._ll_nvshmem_attach(group.rank(), group.size())
+    _world = ranks
+
+
+def _ensure_buffers(group, device: torch.device, num_experts: int, max_tokens: int, num_topk: int,
+                    hidden: int) -> None:
+    """The group's symmetric buffers hold these sizes; else sets NVSHMEM up and (re)allocates
+    them, collectively, and barriers the group."""
+    name, size = group.group_name, group.size()
+    local = num_experts // size
+    if _C._ll_buffer_fits(name, size, local, max_tokens, num_topk, hidden):
+        return
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("torch_ep low-latency ops: this call needs new (larger) symmetric buffers, which are "
+                           "allocated collectively and cannot be during CUDA-graph capture; make one call of the same "
+                           "sizes before capturing")
+    _init_nvshmem(group, device, _C._ll_buffer_bytes(size, local, max_tokens, num_topk, hidden))
+    config = get_backend(group).config
+    _C._ll_reserve_buffer(name, group.rank(), size, device.index, config.timeout, config.num_sms, local, max_tokens,
+                          num_topk, hidden)
+    dist.barrier(group=group)  # no peer writes into a buffer before its owner has cleared it
+
+
+def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_per_rank: int, num_experts: int,
+                         use_fp8: bool = True, round_scale: bool = False, return_recv_hook: bool = False,
+                         group=None) -> LowLatencyDispatchResult:
+    """Sends each (token, top-k slot) to the rank owning its expert, into a fixed-capacity layout.
+
+    x: [N, H] bfloat16, N <= max_tokens_per_rank, H a multiple of 128. topk_idx: [N, K] int64
+    global expert ids (-1 = not routed); rank r owns experts [r*E/R, (r+1)*E/R).
+    use_fp8: cast to float8_e4m3fn on the fly with one float32 scale per 128 channels,
+    scale = max(amax, 1e-4) / 448, rounded up to a power of two with round_scale (so that
+    dequantising is exact in any precision, as DeepEP's round_scale); else bf16 as is.
+    Returns recv_x [E_local, R*max_tokens_per_rank, H] (or the fp8 pair with scales
+    [E_local, R*max, H/128]), recv_count [E_local] int32 and the handle for combine; expert e's
+    rows from rank r are at [e, r*max : r*max + handle.layout[e, r]], in r's (token, slot) order.
+    With return_recv_hook the call only sends; the outputs are valid after `result.hook()`.
+    """
+    op = "low_latency_dispatch"
+    g = _group(group)
+    _C._ll_check_dispatch_args(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, g.size())
+    if round_scale and not use_fp8:
+        raise ValueError(f"{op}: round_scale applies to fp8 scales only (use_fp8=False)")
+    _require_nvshmem_and_cuda(op, x)
+    _ensure_buffers(g, x.device, num_experts, max_tokens_per_rank, topk_idx.shape[1], x.shape[1])
+    recv_x, scales, count, src_info, layout, half = torch.ops.ep.low_latency_dispatch(
+        x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round_scale, return_recv_hook, g.group_name)
+    handle = LowLatencyHandle(g.group_name, g.size(), num_experts, max_tokens_per_rank, x.shape[0], x.shape[1],
+                              src_info, layout, use_fp8)
+    hook = None
+    if return_recv_hook:
+        name = g.group_name
+
+        def hook() -> None:
+            torch.ops.ep.low_latency_dispatch_recv(recv_x, scales, count, src_info, layout, half,
+                                                   max_tokens_per_rank, num_experts, name)
+    return LowLatencyDispatchResult(recv_x=(recv_x, scales) if use_fp8 else recv_x, recv_count=count, handle=handle,
+                                    hook=hook)
+
+
+def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        handle: LowLatencyHandle, *, return_recv_hook: bool = False,
+                        out: Optional[torch.Tensor] = None) -> LowLatencyCombineResult:
+    """Sends each expert output row back to the token it came from and sums, per token,
+    topk_weights[t, k] * row(t, k) over the valid slots k in order, in float32, to bf16.
+
+    x: [E_local, R*max_tokens_per_rank, H] bfloat16, laid out as the dispatch's recv_x.
+    topk_idx / topk_weights: [N, K] int64 / float32, the dispatch's routing and its weights.
+    out: an optional [N, H] bf16 tensor to write into. With return_recv_hook the call only
+    sends; combined_x is valid after `result.hook()`.
+    """
+    op = "low_latency_combine"
+    if not isinstance(handle, LowLatencyHandle):
+        raise TypeError(f"handle: expected the LowLatencyHandle of a low_latency_dispatch, got {type(handle).__name__}")
+    g = dist.distributed_c10d._resolve_process_group(handle.group_name)
+    n = topk_idx.shape[0] if topk_idx.dim() >= 1 else 0
+    if n != handle.num_tokens:
+        raise ValueError(f"{op}: topk_idx has {n} tokens but the handle's dispatch sent {handle.num_tokens}")
+    if out is None:
+        hidden = x.shape[-1] if x.dim() >= 1 else 0
+        out = torch.empty((n, hidden), dtype=torch.bfloat16, device=x.device)
+    _C._ll_check_combine_args(x, topk_idx, topk_weights, handle.src_info, handle.layout, out,
+                              handle.max_tokens_per_rank, handle.num_experts, g.size())
+    _require_nvshmem_and_cuda(op, x)
+    _ensure_buffers(g, x.device, handle.num_experts, handle.max_tokens_per_rank, topk_idx.shape[1], x.shape[2])
+    half = torch.ops.ep.low_latency_combine(x, topk_idx, topk_weights, handle.src_info, handle.layout, out,
+                                            handle.max_tokens_per_rank, handle.num_experts, return_recv_hook,
+                                            handle.group_name)
+    hook = None
+    if return_recv_hook:
+        name, num_experts = handle.group_name, handle.num_experts
+
+        def hook() -> None:
+            torch.ops.ep.low_latency_combine_recv(topk_idx, topk_weights, out, half, num_experts, name)
+    return LowLatencyCombineResult(out, hook)
+
+
+def check_errors(group=None) -> None:
+    """Raises what the group's low-latency kernels reported (a timeout waiting for a peer, more
+    rows than the capacity, an expert id out of range) since the last check. Every op checks on
+    entry; call this after a synchronize to see a failure of the last calls."""
+    _C._ll_check_errors(_group(group).group_name)
+
+
+# ------------------------------------------------------------------------------- fake kernels
+
+def _group_size(group_name: str) -> int:
+    return dist.distributed_c10d._resolve_process_group(group_name).size()
+
+
+@torch.library.register_fake("ep::low_latency_dispatch")
+def _dispatch_fake(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round_scale, send_only, group_name):
+    r = _group_size(group_name)
+    local, rows, hidden = num_experts // r, r * max_tokens_per_rank, x.shape[1]
+    recv_x = x.new_empty(local, rows, hidden, dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16)
+    scales = (x.new_empty(local, rows, hidden // FP8_BLOCK, dtype=torch.float32) if use_fp8
+              else x.new_empty(0, dtype=torch.float32))
+    return (recv_x, scales, x.new_empty(local, dtype=torch.int32), x.new_empty(local, rows, dtype=torch.int32),
+            x.new_empty(local, r, dtype=torch.int32), 0)
+
+
+@torch.library.register_fake("ep::low_latency_dispatch_recv")
+def _dispatch_recv_fake(recv_x, recv_scales, recv_count, recv_src_info, recv_layout, half, max_tokens_per_rank,
+                        num_experts, group_name):
+    return None
+
+
+@torch.library.register_fake("ep::low_latency_combine")
+def _combine_fake(x, topk_idx, topk_weights, src_info, layout, out, max_tokens_per_rank, num_experts, send_only,
+                  group_name):
+    return 0
+
+
+@torch.library.register_fake("ep::low_latency_combine_recv")
+def _combine_recv_fake(topk_idx, topk_weights, out, half, num_experts, group_name):
+    return None
