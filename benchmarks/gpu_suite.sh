@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile]
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
-#     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES);
+#     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES,
+#     TORCH_EP_LL_BENCH_RANKS);
 #     profile: tools/moe_profile.py with 2 ranks
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
@@ -108,7 +109,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then
   TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_LL_WORLD_SIZES:-1,2,4,8} timeout 360 python3 -m pytest \
     tests/test_cuda_low_latency.py tests/test_low_latency.py -q -ra -x > "$LOGS/gpu_ll_tests.log" 2>&1 || STATUS=1
   grep -v "^\[rank" "$LOGS/gpu_ll_tests.log" | tail -40 >> "$SUMMARY"
-  for R in 2 4 8; do
+  for R in ${TORCH_EP_LL_BENCH_RANKS:-2 4 8}; do
     step "low-latency benchmark, $R ranks (128 tokens, hidden 7168, top-8, 256 experts)"
     SHARING=$(( (R + GPUS - 1) / GPUS ))
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 120 \
