@@ -224,7 +224,9 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
 
     if use_fp8:
         x8, scales = cast_fp8_blocks(x, round_scale)
-        payload = torch.cat([x8.view(torch.uint8), scales.view(torch.uint8).reshape(n, hidden // FP8_BLOCK * 4)], dim=1)
+        # reshape(-1) first: an empty scales tensor may carry a stride that view() refuses
+        payload = torch.cat([x8.view(torch.uint8), scales.reshape(-1).view(torch.uint8).reshape(n, hidden // FP8_BLOCK * 4)],
+                            dim=1)
     else:
         payload = x.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(n, 2 * hidden)
     messages = torch.cat([_header(experts % local, slot, pairs), payload[tokens]], dim=1)

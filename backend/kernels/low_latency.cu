@@ -93,6 +93,21 @@ __device__ __forceinline__ void signal_ranks(const GroupArgs& g, char* const* pe
     if (peer_half[r]) store_release_u64(at<uint64_t>(peer_half[r], offset), value);
 }
 
+// A warp copies n 16-byte words, eight L2 loads in flight per lane before any store: rows are
+// a few kilobytes, so a copy is a handful of memory round trips, not one per word.
+__device__ __forceinline__ void warp_copy_l2(uint4* dst, const uint4* src, int64_t n, int lane) {
+  constexpr int kInFlight = 8;
+  for (int64_t base = lane; base < n; base += 32 * kInFlight) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (base + 32 * u < n) v[u] = __ldcg(src + base + 32 * u);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (base + 32 * u < n) dst[base + 32 * u] = v[u];
+  }
+}
+
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
 // fp8 scale of a group whose largest magnitude is `amax`: amax / 448 (amax at least 1e-4),
@@ -113,7 +128,7 @@ __device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
 // segment_base [kWarps][E] (per-warp counts, then their exclusive prefix), totals [E].
 // The slot of pair p = t*K + k among this rank's pairs for expert e (in pair order) is
 // rank_in_segment[p] + segment_base[segment of p][e]: deterministic, the reference's order.
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchSendParams p) {
+__global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSendParams p) {
   extern __shared__ int smem[];
   __shared__ char* peer_half[kMaxRanks];
   const GroupArgs& g = p.g;
@@ -258,9 +273,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchSendPar
 
 // A block per local expert: threads r < R wait for rank r's count, then warps copy the rows
 // out of the symmetric buffer (L2 loads: peers wrote them) into the caller's tensors.
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchRecvParams p) {
+__global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DispatchRecvParams p) {
   __shared__ char* peer_half[kMaxRanks];
-  __shared__ int counts[kMaxRanks];
+  __shared__ int counts[kMaxRanks + 1];
   const GroupArgs& g = p.g;
   const int R = g.num_ranks, H = p.hidden, E_local = p.num_experts / R;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -281,24 +296,31 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchRecvPar
       p.recv_layout[int64_t(le) * R + r] = counts[r];
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0) {  // counts become the exclusive prefix over sources, total last
       int total = 0;
-      for (int r = 0; r < R; ++r) total += counts[r];
+      for (int r = 0; r < R; ++r) {
+        const int c = counts[r];
+        counts[r] = total;
+        total += c;
+      }
+      counts[R] = total;
       p.recv_count[le] = total;
     }
-    for (int r = 0; r < R; ++r) {
-      for (int i = warp; i < counts[r]; i += kWarps) {
-        const char* msg = g.half + g.layout.dispatch_region() + ((int64_t(le) * R + r) * p.max_tokens + i) * msg_bytes;
-        const int64_t row = le * rows_per_expert + int64_t(r) * p.max_tokens + i;
-        const uint4* src = reinterpret_cast<const uint4*>(msg + 16);
-        uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(p.recv_x) + row * payload_bytes);
-        for (int64_t j = lane; j < payload_bytes / 16; j += 32) dst[j] = __ldcg(src + j);
-        if (p.use_fp8) {
-          const float* s = reinterpret_cast<const float*>(msg + 16 + payload_bytes);
-          for (int j = lane; j < num_scales; j += 32) p.recv_scales[row * num_scales + j] = __ldcg(s + j);
-        }
-        if (lane == 0) p.recv_src_info[row] = __ldcg(reinterpret_cast<const int*>(msg));
+    __syncthreads();
+    // The expert's rows of every source, spread over all warps of the block.
+    for (int m = warp; m < counts[R]; m += kWarps) {
+      int r = 0;
+      while (m >= counts[r + 1]) ++r;
+      const int i = m - counts[r];
+      const char* msg = g.half + g.layout.dispatch_region() + ((int64_t(le) * R + r) * p.max_tokens + i) * msg_bytes;
+      const int64_t row = le * rows_per_expert + int64_t(r) * p.max_tokens + i;
+      warp_copy_l2(reinterpret_cast<uint4*>(static_cast<char*>(p.recv_x) + row * payload_bytes),
+                   reinterpret_cast<const uint4*>(msg + 16), payload_bytes / 16, lane);
+      if (p.use_fp8) {
+        const float* s = reinterpret_cast<const float*>(msg + 16 + payload_bytes);
+        for (int j = lane; j < num_scales; j += 32) p.recv_scales[row * num_scales + j] = __ldcg(s + j);
       }
+      if (lane == 0) p.recv_src_info[row] = __ldcg(reinterpret_cast<const int*>(msg));
     }
     __syncthreads();  // counts[] is rewritten for the next expert
   }
@@ -312,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchRecvPar
 // Rows go back to the rank and slot they came from: x[le, r*max + i] -> rank r's combine
 // region at row src_info (= t*K + k there). Warps take (row, 512-channel chunk) units over the
 // received rows, numbered through a prefix of the per-(expert, rank) counts.
-__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParams p) {
+__global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendParams p) {
   extern __shared__ int prefix[];  // [E + 1]: rows before (le, r), pairs in (le, r) order
   __shared__ char* peer_half[kMaxRanks];
   const GroupArgs& g = p.g;
@@ -338,27 +360,21 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
   }
   __syncthreads();
 
-  const int chunks = (H + kSendChunk - 1) / kSendChunk;
-  const int64_t units = int64_t(prefix[E]) * chunks;
+  // A warp per received row: the whole row back to its source, eight loads in flight a lane.
   const int64_t warps = int64_t(gridDim.x) * kWarps;
-  for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += warps) {
-    const int m = int(u / chunks), c = int(u % chunks);
+  for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E]; m += warps) {
     int lo = 0, hi = E;  // the pair q with prefix[q] <= m < prefix[q + 1]
     while (hi - lo > 1) {
       const int mid = (lo + hi) / 2;
       if (prefix[mid] <= m) lo = mid; else hi = mid;
     }
-    const int le = lo / R, r = lo - le * R, i = m - prefix[lo];
+    const int le = lo / R, r = lo - le * R, i = int(m) - prefix[lo];
     const int64_t row = (int64_t(le) * R + r) * p.max_tokens + i;
     char* peer = peer_half[r];
-    const int ch0 = c * kSendChunk + lane * 16;
-    if (!peer || ch0 >= H) continue;
+    if (!peer) continue;
     const int slot = p.src_info[row];
-    const uint4* src = reinterpret_cast<const uint4*>(p.x + row * H + ch0);
-    uint4* dst = reinterpret_cast<uint4*>(peer + g.layout.combine_region() + (int64_t(slot) * H + ch0) * 2);
-    const uint4 a = __ldg(src), b = __ldg(src + 1);
-    dst[0] = a;
-    dst[1] = b;
+    warp_copy_l2(reinterpret_cast<uint4*>(peer + g.layout.combine_region() + int64_t(slot) * H * 2),
+                 reinterpret_cast<const uint4*>(p.x + row * H), int64_t(H) * 2 / 16, lane);
   }
 
   if (last_block(g, kCombineSendCounter)) {
@@ -373,7 +389,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
 
 // out[t] = bf16(sum over k = 0..K-1 with a valid expert of w[t,k] * row[t*K + k]), in float32,
 // multiply then add (no FMA), in k order: torch_ep.reference does the same arithmetic.
-__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineRecvParams p) {
+__global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvParams p) {
   __shared__ char* peer_half[kMaxRanks];
   const GroupArgs& g = p.g;
   const int R = g.num_ranks, H = p.hidden, K = p.num_topk;
@@ -398,16 +414,30 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineRecvParam
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-    for (int k = 0; k < K; ++k) {
-      const int64_t e = p.topk_idx[int64_t(t) * K + k];
-      if (e < 0 || e >= p.num_experts) continue;
-      const float w = p.topk_weights[int64_t(t) * K + k];
-      const uint4 v = __ldcg(reinterpret_cast<const uint4*>(rows + ((int64_t(t) * K + k) * H + ch0) * 2));
-      const uint32_t* w32 = reinterpret_cast<const uint32_t*>(&v);
+    // Four slots' rows in flight at once, then summed in k order.
+    constexpr int kSlotsInFlight = 4;
+    for (int k0 = 0; k0 < K; k0 += kSlotsInFlight) {
+      uint4 v[kSlotsInFlight];
+      float w[kSlotsInFlight];
+      bool routed[kSlotsInFlight];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, bf16_bits_to_float(w32[i] & 0xffffu)));
-        acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, bf16_bits_to_float(w32[i] >> 16)));
+      for (int u = 0; u < kSlotsInFlight; ++u) {
+        const int k = k0 + u;
+        const int64_t e = k < K ? p.topk_idx[int64_t(t) * K + k] : -1;
+        routed[u] = e >= 0 && e < p.num_experts;
+        if (!routed[u]) continue;
+        w[u] = p.topk_weights[int64_t(t) * K + k];
+        v[u] = __ldcg(reinterpret_cast<const uint4*>(rows + ((int64_t(t) * K + k) * H + ch0) * 2));
+      }
+#pragma unroll
+      for (int u = 0; u < kSlotsInFlight; ++u) {
+        if (!routed[u]) continue;
+        const uint32_t* w32 = reinterpret_cast<const uint32_t*>(&v[u]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w[u], bf16_bits_to_float(w32[i] & 0xffffu)));
+          acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w[u], bf16_bits_to_float(w32[i] >> 16)));
+        }
       }
     }
     uint32_t out[4];
