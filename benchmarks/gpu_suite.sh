@@ -95,9 +95,9 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then
   done
 fi
 
-if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then
-  # nvshmem4py (NVSHMEM's Python bindings, which initialise NVSHMEM) is not installed on the GPU
-  # machine and it has no network: its wheel travels in the repository's git-ignored .whl/.
+# nvshmem4py (NVSHMEM's Python bindings, which initialise NVSHMEM) is not installed on the GPU
+# machine and it has no network: its wheel travels in the repository's git-ignored .whl/.
+need_nvshmem4py() {
   if ! python3 -c 'import nvshmem.core' > /dev/null 2>&1; then
     if ls .whl/nvshmem4py*.whl > /dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/nvshmem4py*.whl >> "$LOGS/build.log" 2>&1
@@ -105,6 +105,16 @@ if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then
     fi
   fi
   python3 -c 'import nvshmem.core, nvshmem; print("nvshmem4py", nvshmem.__version__)' 2>&1 | tail -1 | tee -a "$SUMMARY"
+}
+if [ "$WHAT" = profile ]; then
+  need_nvshmem4py
+  step "low-latency profile, 2 ranks"
+  CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 120 torchrun --standalone --nproc-per-node 2 \
+    tools/ll_profile.py > "$LOGS/ll_profile_2ranks.log" 2>&1 || STATUS=1
+  grep "^rank" "$LOGS/ll_profile_2ranks.log" >> "$SUMMARY"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then
+  need_nvshmem4py
   step "GPU low-latency tests, ${TORCH_EP_LL_WORLD_SIZES:-1,2,4,8} ranks"
   TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_LL_WORLD_SIZES:-1,2,4,8} timeout 360 python3 -m pytest \
     tests/test_cuda_low_latency.py tests/test_low_latency.py -q -ra -x > "$LOGS/gpu_ll_tests.log" 2>&1 || STATUS=1

@@ -183,8 +183,9 @@ def rank_bad_input(seed):
         torch_ep.low_latency_dispatch(x[:, :100].contiguous(), idx, max_tokens_per_rank=8, num_experts=num_experts)
     with pytest.raises(TypeError, match="bfloat16"):
         torch_ep.low_latency_dispatch(x.float(), idx, max_tokens_per_rank=8, num_experts=num_experts)
-    with pytest.raises(ValueError, match="divisible"):
-        torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts + 1)
+    if dist.get_world_size() > 1:  # any count divides among one rank
+        with pytest.raises(ValueError, match="divisible"):
+            torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts + 1)
     run_case(seed + 1, "random", 6, 256, 2, 2, False, False, 8)
 
 
