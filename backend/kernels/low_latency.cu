@@ -28,6 +28,11 @@ __device__ __forceinline__ void store_release_u64(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// After this thread's own system fence, a plain system-scope store publishes like a release.
+__device__ __forceinline__ void store_relaxed_u64(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 // The first error wins, mostly: a plain check-then-store (a race only picks which error shows),
 // as the word is pinned host memory, where device atomics are not guaranteed on every platform.
 __device__ __forceinline__ void report(int* error, int kind, int peer) {
@@ -69,13 +74,15 @@ __device__ __forceinline__ void wait_credits(const GroupArgs& g, int64_t credits
 }
 
 // True in the one block that finishes last; every block's writes (to peers as well) are
-// visible system-wide before it returns true, and the counter is back at zero.
+// visible system-wide before it returns true, and the counter is back at zero. Each block
+// orders its writes before its count at GPU scope only; the last block's one system fence
+// then covers them all (fences are cumulative), as a system fence in every block is costly.
 __device__ __forceinline__ bool last_block(const GroupArgs& g, Counter counter) {
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
     uint32_t* c = at<uint32_t>(g.half, g.layout.counters() + 4 * counter);
-    __threadfence_system();
+    __threadfence();
     last = atomicAdd(c, 1u) == gridDim.x - 1;
     if (last) {
       *c = 0;
@@ -86,7 +93,8 @@ __device__ __forceinline__ bool last_block(const GroupArgs& g, Counter counter) 
   return last;
 }
 
-// Sets `offset` (a flag or credit slot) to `value` in every rank's half (or only in `ranks`).
+// Sets `offset` (a flag or credit slot) to `value` in every rank's half, a release store per
+// rank: what this block (and, through last_block, the grid) wrote before is visible first.
 __device__ __forceinline__ void signal_ranks(const GroupArgs& g, char* const* peer_half, int64_t offset,
                                              uint64_t value) {
   for (int r = threadIdx.x; r < g.num_ranks; r += blockDim.x)
@@ -253,17 +261,18 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSend
     }
   }
 
-  // Counts out: once every block's rows are visible, count + 1 into each expert's flag.
-  if (last_block(g, kDispatchSendCounter)) {
-    for (int r = threadIdx.x; r < R; r += blockDim.x)  // credits taken before anyone can give them back
+  // Counts out: once every block's rows are visible, count + 1 into each expert's flag. One
+  // warp does it: a system fence per lane, then plain stores (a fence per flag costs more).
+  if (last_block(g, kDispatchSendCounter) && warp == 0) {
+    for (int r = lane; r < R; r += 32)  // credits taken before anyone can give them back
       *at<uint64_t>(g.half, g.layout.dispatch_credits() + 8 * r) = 0;
-    __syncthreads();
+    __syncwarp();
     __threadfence_system();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    for (int e = lane; e < E; e += 32) {
       const int dst = e / E_local, local_expert = e - dst * E_local;
       if (!peer_half[dst]) continue;
       const uint64_t count = uint64_t(min(totals[e], p.max_tokens));
-      store_release_u64(at<uint64_t>(peer_half[dst], g.layout.dispatch_flags() + 8 * (int64_t(local_expert) * R + g.rank)),
+      store_relaxed_u64(at<uint64_t>(peer_half[dst], g.layout.dispatch_flags() + 8 * (int64_t(local_expert) * R + g.rank)),
                         count + 1);
     }
   }
@@ -380,7 +389,6 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
   if (last_block(g, kCombineSendCounter)) {
     for (int r = threadIdx.x; r < R; r += blockDim.x) *at<uint64_t>(g.half, g.layout.combine_credits() + 8 * r) = 0;
     __syncthreads();
-    __threadfence_system();
     signal_ranks(g, peer_half, g.layout.combine_flags() + 8 * int64_t(g.rank), 1);  // every rank, rows or not
   }
 }
@@ -453,7 +461,6 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvPa
   if (last_block(g, kCombineRecvCounter)) {
     for (int r = threadIdx.x; r < R; r += blockDim.x) *at<uint64_t>(g.half, g.layout.combine_flags() + 8 * r) = 0;
     __syncthreads();
-    __threadfence_system();
     signal_ranks(g, peer_half, g.layout.combine_credits() + 8 * int64_t(g.rank), 1);
   }
 }
