@@ -1,5 +1,6 @@
 """Where a low-latency dispatch / combine spends its time: each kernel's duration (torch.profiler)
-at DeepEP's decoding shape. A receive kernel's time includes waiting for the peers' sends.
+in a replayed CUDA graph of back-to-back calls, at DeepEP's decoding shape. A receive kernel's
+time includes waiting for the peers' sends.
 
     torchrun --nproc-per-node 2 tools/ll_profile.py [--tokens 128] [--hidden 7168]
 """
@@ -19,7 +20,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=10)
     args = parser.parse_args()
     dist.init_process_group("ep")
     rank = dist.get_rank()
@@ -38,13 +39,19 @@ def main():
     }
     lines = []
     for name, fn in ops.items():
-        for _ in range(5):
+        # Replays of a graph of back-to-back calls, as the benchmark times them: no host in the way.
+        for _ in range(3):
             fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(args.calls):
+                fn()
+        graph.replay()
         torch.cuda.synchronize()
         dist.barrier()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.calls):
-                fn()
+            graph.replay()
             torch.cuda.synchronize()
         kernels = defaultdict(float)
         for e in prof.events():
