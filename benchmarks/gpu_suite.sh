@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile]
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile|ll-profile]
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
 #     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES,
 #     TORCH_EP_LL_BENCH_RANKS);
-#     profile: tools/moe_profile.py with 2 ranks
+#     profile: tools/moe_profile.py and tools/ll_profile.py with 2 ranks (ll-profile: the latter only;
+#     TORCH_EP_LL_PROFILE_RANKS)
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
@@ -106,12 +107,14 @@ need_nvshmem4py() {
   fi
   python3 -c 'import nvshmem.core, nvshmem; print("nvshmem4py", nvshmem.__version__)' 2>&1 | tail -1 | tee -a "$SUMMARY"
 }
-if [ "$WHAT" = profile ]; then
+if [ "$WHAT" = profile ] || [ "$WHAT" = ll-profile ]; then
   need_nvshmem4py
-  step "low-latency profile, 2 ranks"
-  CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 120 torchrun --standalone --nproc-per-node 2 \
-    tools/ll_profile.py > "$LOGS/ll_profile_2ranks.log" 2>&1 || STATUS=1
-  grep "^rank" "$LOGS/ll_profile_2ranks.log" >> "$SUMMARY"
+  for R in ${TORCH_EP_LL_PROFILE_RANKS:-2}; do
+    step "low-latency profile, $R ranks"
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) timeout 120 torchrun --standalone --nproc-per-node "$R" \
+      tools/ll_profile.py > "$LOGS/ll_profile_${R}ranks.log" 2>&1 || STATUS=1
+    grep "^rank" "$LOGS/ll_profile_${R}ranks.log" >> "$SUMMARY"
+  done
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then
   need_nvshmem4py
