@@ -138,9 +138,15 @@ class RankPool:
     def run_on(self, ranks: Iterable[int], fn: Callable, *args, timeout_s: Optional[float] = None,
                **kwargs) -> Dict[int, Any]:
         """Runs fn on `ranks` only (the others stay idle); returns {rank: result}."""
+        ranks = list(ranks)
+        self.start(ranks, fn, *args, **kwargs)
+        return self.results(ranks, getattr(fn, "__name__", str(fn)), timeout_s)
+
+    def start(self, ranks: Iterable[int], fn: Callable, *args, **kwargs) -> None:
+        """Starts fn on `ranks` and returns at once (a fault test kills a rank meanwhile);
+        results() collects the answers."""
         if self.broken:
             raise RankError("this RankPool broke in an earlier call (a rank hung or died)")
-        ranks = list(ranks)
         for r in ranks:
             try:
                 self._conns[r].send((fn, args, kwargs))
@@ -148,7 +154,10 @@ class RankPool:
                 self.broken = True
                 raise RankError(f"{getattr(fn, '__name__', fn)}: rank {r} is gone "
                                 f"(exit code {self._procs[r].exitcode})") from None
-        return self._collect(getattr(fn, "__name__", str(fn)), ranks, timeout_s or self.timeout_s * 2)
+
+    def results(self, ranks: Iterable[int], what: str = "results", timeout_s: Optional[float] = None) -> Dict[int, Any]:
+        """The answers of `ranks` to what start() sent them, {rank: result}."""
+        return self._collect(what, ranks, timeout_s or self.timeout_s * 2)
 
     def kill(self, rank: int) -> None:
         """SIGKILLs one rank (fault tests) and reaps it; the pool no longer runs on every rank."""
