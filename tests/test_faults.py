@@ -143,11 +143,17 @@ def test_rank_killed_mid_stream(world_size, victim):
 
 # ----------------------------------------------------------------------------- timeouts
 
-def rank_timeout(kind, timeout_s, absent, seed):
+def rank_timeout(kind, timeout_s, absent, seed, source="option"):
     """On a group with a short timeout, every rank but `absent` makes a call (`kind`) that the
-    absent rank never joins. Returns the error, then the errors of later calls on that group."""
+    absent rank never joins. Returns the error, then the errors of later calls on that group.
+    The timeout comes from torch_ep.Options, or (`source` "new_group") from new_group's own
+    timeout argument when Options leaves it unset."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=timeout_s)))
+    if source == "option":
+        group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=timeout_s)))
+    else:
+        group = dist.new_group(timeout=timedelta(seconds=timeout_s), pg_options=torch_ep.Options(timeout=None))
+    assert torch_ep.get_backend(group).config.timeout == timedelta(seconds=timeout_s)
     splits = torch.randint(1, 4, (size, size), generator=torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed + rank)
     if kind != "set_up":  # a first call that every rank makes: the transport is up
@@ -181,6 +187,7 @@ def rank_timeout(kind, timeout_s, absent, seed):
 
 OPS = {"set_up": "all_to_all_single", "all_to_all": "all_to_all_single", "async": "all_to_all_single",
        "dispatch": "dispatch", "combine": "combine"}
+CASES = [(kind, "option") for kind in OPS] + [("all_to_all", "new_group")]
 
 
 @pytest.fixture
@@ -188,13 +195,13 @@ def pool3():
     return rank_pool(3)
 
 
-@pytest.mark.parametrize("kind", list(OPS))
-def test_timeout_raises_naming_op_rank_peer_and_time(pool3, kind):
+@pytest.mark.parametrize("kind,source", CASES, ids=lambda v: str(v))
+def test_timeout_raises_naming_op_rank_peer_and_time(pool3, kind, source):
     """A peer that never joins: within the timeout every other rank raises a DistBackendError
     (a RuntimeError) naming the op, itself, the missing peer and the time waited; later calls on
     that group, delegated ones included, are refused at once with a clear message."""
     timeout_s, absent = 2, pool3.world_size - 1
-    results = pool3.run(rank_timeout, kind, timeout_s, absent, random.randrange(2**30))
+    results = pool3.run(rank_timeout, kind, timeout_s, absent, random.randrange(2**30), source)
     for rank, (first, later) in enumerate(results):
         if rank == absent:
             continue
