@@ -262,26 +262,26 @@ def rank_fuzz_moe(seed, cases, device="cpu"):
 def test_fuzz_all_to_all(pool):
     seed = _seed()
     print(f"TORCH_EP_FUZZ_SEED={seed}")
-    kinds = pool.run(rank_fuzz_all_to_all, seed, _cases(40))[0]
-    assert sum(kinds.values()) == _cases(40)
+    kinds = pool.run(rank_fuzz_all_to_all, seed, _cases(100))[0]
+    assert sum(kinds.values()) == _cases(100)
 
 
 def test_fuzz_dispatch_combine(pool):
     seed = _seed()
     print(f"TORCH_EP_FUZZ_SEED={seed}")
-    kinds = pool.run(rank_fuzz_moe, seed, _cases(25))[0]
-    assert sum(kinds.values()) == _cases(25)
+    kinds = pool.run(rank_fuzz_moe, seed, _cases(60))[0]
+    assert sum(kinds.values()) == _cases(60)
 
 
 def test_cases_cover_the_extremes():
     """The case generator draws every kind of split, route and layout within the default
     number of cases (whatever the seed: checked for 20 seeds)."""
     for seed in range(20):
-        cases = [all_to_all_case(seed, c, 4) for c in range(40)]
+        cases = [all_to_all_case(seed, c, 4) for c in range(100)]
         assert {p["kind"] for p in cases} >= {"to_one", "empty_ranks", "huge", "random"}, seed
         assert any(p["layout"]["input"] != "contiguous" for p in cases)
         assert any(p["layout"]["output"] != "contiguous" for p in cases)
-        routes = [moe_case(seed, c, 4) for c in range(25)]
+        routes = [moe_case(seed, c, 4) for c in range(60)]
         assert {p["x_layout"] for p in routes} > {"contiguous"}, seed
 
 
@@ -298,11 +298,11 @@ def cuda_pool(request):
 def test_fuzz_all_to_all_cuda(cuda_pool):
     seed = _seed()
     print(f"TORCH_EP_FUZZ_SEED={seed}")
-    cuda_pool.run(rank_fuzz_all_to_all, seed, _cases(40), device="cuda")
+    cuda_pool.run(rank_fuzz_all_to_all, seed, _cases(100), device="cuda")
 
 
 @cuda
 def test_fuzz_dispatch_combine_cuda(cuda_pool):
     seed = _seed()
     print(f"TORCH_EP_FUZZ_SEED={seed}")
-    cuda_pool.run(rank_fuzz_moe, seed, _cases(25), device="cuda")
+    cuda_pool.run(rank_fuzz_moe, seed, _cases(60), device="cuda")
