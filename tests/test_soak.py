@@ -245,13 +245,19 @@ SOAK_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
 def test_soak():
     seed, calls = _seed(), _calls()
     print(f"TORCH_EP_SOAK_SEED={seed} TORCH_EP_SOAK_CALLS={calls}")
-    results = rank_pool(4, env=SOAK_ENV).run(rank_soak, seed, calls, timeout_s=max(120, calls * 0.1))
+    pool = rank_pool(4, env=SOAK_ENV)
+    try:
+        results = pool.run(rank_soak, seed, calls, timeout_s=max(120, calls * 0.1))
+    finally:
+        pool.close()  # its memory goes back before the next tests
     check_flat(results, calls, "cpu")
 
 
 @pytest.fixture(params=cuda_world_sizes(), ids=lambda n: f"{n}ranks")
 def cuda_pool(request):
-    return rank_pool(request.param, cuda=True, env=SOAK_ENV)
+    pool = rank_pool(request.param, cuda=True, env=SOAK_ENV)
+    yield pool
+    pool.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C.has_cuda,

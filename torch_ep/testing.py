@@ -172,6 +172,7 @@ class RankPool:
         exit within the timeout are killed."""
         if self._exit_codes is not None:
             return self._exit_codes
+        self.broken = True  # runs nothing more
         for conn, p in zip(self._conns, self._procs):
             if p.is_alive():
                 try:
