@@ -8,15 +8,17 @@ from torch_ep.testing import RankPool
 _pools = {}
 
 
-def rank_pool(world_size: int, cuda: bool = False) -> RankPool:
-    """A pool of `world_size` ranks on the "ep" backend, shared by the tests of a session.
+def rank_pool(world_size: int, cuda: bool = False, env=None) -> RankPool:
+    """A pool of `world_size` ranks on the "ep" backend, shared by the tests of a session that
+    ask for the same `env` (extra environment variables of the ranks).
     CUDA pools bind rank r to GPU r % device_count; ranks sharing a GPU split it under MPS."""
-    key = (world_size, cuda)
+    extra = dict(env or {})
+    key = (world_size, cuda, tuple(sorted(extra.items())))
     pool = _pools.get(key)
     if pool is None or pool.broken:
         if pool is not None:
             pool.close()
-        env = {"TORCH_EP_TIMEOUT_S": "60"}
+        env = {"TORCH_EP_TIMEOUT_S": "60", **extra}
         if cuda:
             import torch
 

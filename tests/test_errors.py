@@ -108,26 +108,3 @@ def rank_bad_pg_options():
 def test_pg_options_of_wrong_type(pool4):
     for err in pool4.run(rank_bad_pg_options):
         assert err == ("TypeError", "pg_options for backend 'ep' must be a torch_ep.Options, got dict")
-
-
-def rank_disagreeing_splits():
-    """Ranks that disagree on split sizes get an error, not corrupted memory; here on a
-    throw-away group, since a transport that saw a disagreement takes no more calls."""
-    rank, size = dist.get_rank(), dist.get_world_size()
-    group = dist.new_group()
-    x = torch.randn(size * 2)
-    # Rank 0 believes it receives 3 elements from rank 1; rank 1 sends 2.
-    out_splits = [2] * size
-    if rank == 0:
-        out_splits[1], out_splits[0] = 3, 1
-    y = torch.empty(sum(out_splits))
-    err = _error_of(lambda: dist.all_to_all_single(y, x, out_splits, [2] * size, group=group))
-    dist.destroy_process_group(group)
-    _all_to_all_still_works()
-    return err
-
-
-def test_disagreeing_splits_raise_instead_of_corrupting(pool):
-    errors = pool.run(rank_disagreeing_splits)
-    assert errors[0][0] == "DistBackendError"
-    assert "split sizes disagree" in errors[0][1] or "expects" in errors[0][1]

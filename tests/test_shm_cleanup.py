@@ -1,21 +1,18 @@
 """The shared-memory transport leaves nothing in /dev/shm, even when a rank is SIGKILLed, and a
 rank whose peer died gets an error within the group's timeout instead of hanging.
 
-These tests kill ranks, so they use their own processes (not the shared RankPool), and bound
+These tests kill ranks, so they use a RankPool of their own (not the shared one), and bound
 every wait. Other runs on this machine may hold torch_ep_* names while they set up: a name
 counts as ours unless its creator pid (the name is torch_ep_<hex pid>_<random>_<rank>) is a live
 process that is not one of our ranks.
 """
-import multiprocessing as mp
 import os
-import queue
-import signal
 import time
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
+
+from torch_ep.testing import RankPool
 
 WAIT_S = 60  # bound on any single step (process start-up on a busy 2-core machine included)
 
@@ -112,124 +109,51 @@ def timed_all_to_all():
     return time.monotonic() - start, None
 
 
-def rank_main(rank, world_size, init_file, env, commands, results):
-    os.environ.update(env)
-    try:
-        import torch.distributed as dist
-
-        import torch_ep  # noqa: F401  registers "ep"
-
-        torch.set_num_threads(1)
-        dist.init_process_group("ep", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=WAIT_S))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
-        return
-    results.put((rank, True, "ready"))
-    while True:
-        command = commands.get()
-        if command is None:
-            dist.destroy_process_group()
-            results.put((rank, True, "destroyed"))
-            return
-        name, args = command
-        try:
-            results.put((rank, True, globals()[name](*args)))
-        except BaseException:
-            results.put((rank, False, traceback.format_exc()))
-
-
 # ----------------------------------------------------------------------------- test side
 
 
-class Ranks:
-    """`world_size` spawned ranks in one "ep" group, driven by commands; every wait is bounded."""
-
-    def __init__(self, world_size, tmp_path, env=None):
-        ctx = mp.get_context("spawn")
-        self.world_size = world_size
-        self.results = ctx.Queue()
-        self.commands = [ctx.Queue() for _ in range(world_size)]
-        env = {"OMP_NUM_THREADS": "1", **(env or {})}
-        self.procs = [ctx.Process(target=rank_main, daemon=True,
-                                  args=(r, world_size, str(tmp_path / "init"), env, self.commands[r], self.results))
-                      for r in range(world_size)]
-        for p in self.procs:
-            p.start()
-        self.pids = {p.pid for p in self.procs}
-        self.collect(range(world_size), "process group initialisation")
-
-    def collect(self, ranks, what):
-        ranks = list(ranks)
-        out, errors = {}, {}
-        deadline = time.monotonic() + WAIT_S
-        while len(out) + len(errors) < len(ranks):
-            try:
-                rank, ok, value = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"{what}: no answer within {WAIT_S} s from ranks "
-                                     f"{sorted(set(ranks) - set(out) - set(errors))}") from None
-            (out if ok else errors)[rank] = value
-        assert not errors, f"{what} failed:\n" + "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors.items())
-        return [out[r] for r in ranks]
-
-    def run(self, name, *args, ranks=None):
-        ranks = range(self.world_size) if ranks is None else ranks
-        for r in ranks:
-            self.commands[r].put((name, args))
-        return self.collect(ranks, name)
-
-    def destroy_and_join(self):
-        for q in self.commands:
-            q.put(None)
-        self.collect(range(self.world_size), "destroy_process_group")
-        for p in self.procs:
-            p.join(timeout=WAIT_S)
-        return [p.exitcode for p in self.procs]
-
-    def sigkill(self, rank):
-        os.kill(self.procs[rank].pid, signal.SIGKILL)
-        self.procs[rank].join(timeout=WAIT_S)
-        assert self.procs[rank].exitcode == -signal.SIGKILL
-
-    def kill_all(self):
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-        for p in self.procs:
-            p.join(timeout=WAIT_S)
+def start_ranks(world_size, env=None):
+    """Ranks of their own (not the shared pool: these tests kill them); every wait is bounded."""
+    return RankPool(world_size, env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout_s=WAIT_S)
 
 
-def test_no_segments_left_after_normal_use(tmp_path):
+def run(ranks, name, *args, on=None):
+    on = range(ranks.world_size) if on is None else on
+    out = ranks.run_on(on, globals()[name], *args, timeout_s=WAIT_S)
+    return [out[r] for r in on]
+
+
+def test_no_segments_left_after_normal_use():
     """After all_to_all_single (default group and a sub-group), names are already gone; after
     destroy_process_group and a clean exit, nothing is left either."""
     before = set(shm_names())
-    ranks = Ranks(3, tmp_path)
+    ranks = start_ranks(3)
     try:
         seed = int(torch.randint(0, 2**30, ()).item())
-        assert ranks.run("checked_all_to_all", seed) == [True] * 3
-        assert ranks.run("subgroup_round", seed) == [True] * 3
-        assert ranks.run("checked_all_to_all", seed + 1) == [True] * 3
-        listing = ranks.run("barrier_then_list_shm")[0]
+        assert run(ranks, "checked_all_to_all", seed) == [True] * 3
+        assert run(ranks, "subgroup_round", seed) == [True] * 3
+        assert run(ranks, "checked_all_to_all", seed + 1) == [True] * 3
+        listing = run(ranks, "barrier_then_list_shm")[0]
         assert leaked(listing, before, ranks.pids) == [], "names still linked after set-up finished"
-        assert ranks.destroy_and_join() == [0, 0, 0]
     finally:
-        ranks.kill_all()
+        exit_codes = ranks.close()
+    assert exit_codes == [0, 0, 0]
     assert leaked(shm_names(), before, ranks.pids) == []
 
 
-def test_no_segments_left_after_sigkill(tmp_path):
+def test_no_segments_left_after_sigkill():
     """A rank SIGKILLed after the transport is set up, then the others SIGKILLed by the test (as a
     job scheduler would): /dev/shm holds no torch_ep_* name of ours."""
     before = set(shm_names())
-    ranks = Ranks(3, tmp_path)
+    ranks = start_ranks(3)
     try:
         seed = int(torch.randint(0, 2**30, ()).item())
-        assert ranks.run("checked_all_to_all", seed) == [True] * 3
-        assert ranks.run("subgroup_round", seed) == [True] * 3
-        ranks.sigkill(1)
+        assert run(ranks, "checked_all_to_all", seed) == [True] * 3
+        assert run(ranks, "subgroup_round", seed) == [True] * 3
+        for r in range(3):
+            ranks.kill(r)
     finally:
-        ranks.kill_all()
+        ranks.close()
     assert leaked(shm_names(), before, ranks.pids) == []
 
 
@@ -241,47 +165,38 @@ def check_survivor_errors(outcomes, survivors, timeout_s, dead=1):
         assert f"rank {dead}" in error, f"rank {rank}: the error does not name the dead peer: {error}"
 
 
-def finish_survivors(ranks, survivors):
-    """destroy_process_group on the survivors returns, and they exit cleanly."""
-    for r in survivors:
-        ranks.commands[r].put(None)
-    assert ranks.collect(survivors, "destroy_process_group after a peer died") == ["destroyed"] * len(survivors)
-    for r in survivors:
-        ranks.procs[r].join(timeout=WAIT_S)
-    assert [ranks.procs[r].exitcode for r in survivors] == [0] * len(survivors)
-
-
-def test_survivor_gets_error_naming_dead_peer(tmp_path):
+def test_survivor_gets_error_naming_dead_peer():
     """With TORCH_EP_TIMEOUT_S=3, all_to_all_single on a rank whose peer was SIGKILLed raises within
     the timeout (plus slack), naming the op and the dead rank, instead of hanging; later calls fail
     at once, and the survivors can still destroy the group and exit."""
     timeout_s = 3
     survivors = [0, 2]
-    ranks = Ranks(3, tmp_path, env={"TORCH_EP_TIMEOUT_S": str(timeout_s)})
+    ranks = start_ranks(3, env={"TORCH_EP_TIMEOUT_S": str(timeout_s)})
     try:
         seed = int(torch.randint(0, 2**30, ()).item())
-        assert ranks.run("checked_all_to_all", seed) == [True] * 3
-        ranks.sigkill(1)
-        check_survivor_errors(ranks.run("timed_all_to_all", ranks=survivors), survivors, timeout_s)
-        for rank, (elapsed, error) in zip(survivors, ranks.run("timed_all_to_all", ranks=survivors)):
+        assert run(ranks, "checked_all_to_all", seed) == [True] * 3
+        ranks.kill(1)
+        check_survivor_errors(run(ranks, "timed_all_to_all", on=survivors), survivors, timeout_s)
+        for rank, (elapsed, error) in zip(survivors, run(ranks, "timed_all_to_all", on=survivors)):
             assert error is not None and elapsed < 1.0, f"rank {rank}: second call after the error: {elapsed:.1f} s, {error}"
-        finish_survivors(ranks, survivors)
     finally:
-        ranks.kill_all()
+        exit_codes = ranks.close()
+    # destroy_process_group returned on the survivors, and they exited cleanly.
+    assert exit_codes == [0, -9, 0]
 
 
-def test_survivor_gets_error_naming_peer_that_died_before_set_up(tmp_path):
+def test_survivor_gets_error_naming_peer_that_died_before_set_up():
     """A peer SIGKILLed before any all_to_all_single: the survivors' first all_to_all_single (which sets
     up the transport) raises within the timeout, naming the op and the dead rank."""
     timeout_s = 3
     survivors = [0, 2]
     before = set(shm_names())
-    ranks = Ranks(3, tmp_path, env={"TORCH_EP_TIMEOUT_S": str(timeout_s)})
+    ranks = start_ranks(3, env={"TORCH_EP_TIMEOUT_S": str(timeout_s)})
     try:
-        ranks.sigkill(1)
-        outcomes = ranks.run("timed_all_to_all", ranks=survivors)
+        ranks.kill(1)
+        outcomes = run(ranks, "timed_all_to_all", on=survivors)
         assert leaked(shm_names(), before, ranks.pids) == [], "a failed set-up left names behind"
-        finish_survivors(ranks, survivors)
-        check_survivor_errors(outcomes, survivors, timeout_s)
     finally:
-        ranks.kill_all()
+        exit_codes = ranks.close()
+    assert exit_codes == [0, -9, 0]
+    check_survivor_errors(outcomes, survivors, timeout_s)

@@ -24,8 +24,9 @@ def _splits(rows: int, splits: Optional[Sequence[int]], size: int) -> List[int]:
 
 
 def _pack(t: torch.Tensor):
-    # Raw bytes: pickling tensors of some dtypes (fp8) is not supported by torch.save.
-    t = t.detach().cpu().contiguous()
+    # Raw bytes: pickling tensors of some dtypes (fp8) is not supported by torch.save. A clone,
+    # not contiguous(): a "contiguous" tensor with size-1 dims can keep strides view() refuses.
+    t = t.detach().cpu().clone(memory_format=torch.contiguous_format)
     return str(t.dtype).removeprefix("torch."), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 

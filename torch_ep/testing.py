@@ -2,29 +2,34 @@
 
 Starting N Python processes that import torch costs seconds; a test suite that did it per test
 would spend most of its time there. ``RankPool`` starts the ranks once, joins them in one
-process group, and runs module-level functions on every rank, returning each rank's result or
-raising with every failing rank's traceback.
+process group, and runs module-level functions on every rank (or on some of them), returning
+each rank's result or raising with every failing rank's traceback. Fault tests may SIGKILL a
+rank (``kill``): each rank talks to the test process over its own pipe, so a rank that dies
+mid-message can block nobody else (a shared multiprocessing.Queue has a write lock that a
+killed rank can take to its grave, which hung the survivors' answers).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
 import os
-import queue
+import signal
+import sys
 import tempfile
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
 
 class RankError(AssertionError):
-    """One or more ranks raised; the message holds each one's traceback."""
+    """One or more ranks raised, hung or died; the message holds each one's traceback."""
 
 
 def _rank_main(rank: int, world_size: int, init_file: str, backend: str, env: Dict[str, str],
-               timeout_s: float, cuda: bool, tasks: "mp.Queue", results: "mp.Queue") -> None:
+               timeout_s: float, cuda: bool, conn) -> None:
     os.environ.update(env)
     import torch.distributed as dist
 
@@ -37,29 +42,37 @@ def _rank_main(rank: int, world_size: int, init_file: str, backend: str, env: Di
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
     except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+        conn.send((False, traceback.format_exc()))
         return
-    results.put((rank, True, None))
+    conn.send((True, None))
     while True:
-        task = tasks.get()
+        try:
+            task = conn.recv()
+        except EOFError:  # the test process went away
+            break
         if task is None:
             break
         fn, args, kwargs = task
         try:
-            results.put((rank, True, fn(*args, **kwargs)))
+            result = (True, fn(*args, **kwargs))
         except BaseException:
-            results.put((rank, False, traceback.format_exc()))
+            result = (False, traceback.format_exc())
+        conn.send(result)
     try:
         dist.destroy_process_group()
-    except Exception:
-        pass
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # close() reports the exit code
 
 
 class RankPool:
     """`world_size` processes in one process group (default backend "ep"), run on demand.
 
     ``pool.run(fn, *args)`` calls ``fn(*args)`` on every rank (fn must be importable:
-    a module-level function) and returns the per-rank results, indexed by rank.
+    a module-level function) and returns the per-rank results, indexed by rank;
+    ``pool.run_on(ranks, fn, *args)`` on some ranks only. Every wait is bounded: a rank that
+    does not answer within the timeout, or dies, raises RankError and marks the pool broken.
     """
 
     def __init__(self, world_size: int, backend: str = "ep", env: Optional[Dict[str, str]] = None,
@@ -69,60 +82,115 @@ class RankPool:
         ctx = mp.get_context("spawn")
         self._dir = tempfile.TemporaryDirectory(prefix="torch_ep_pool_")
         init_file = os.path.join(self._dir.name, "store")
-        self._results = ctx.Queue()
-        self._tasks = [ctx.Queue() for _ in range(world_size)]
-        self._procs = [
-            ctx.Process(target=_rank_main, daemon=True,
-                        args=(r, world_size, init_file, backend, dict(env or {}), timeout_s, cuda,
-                              self._tasks[r], self._results))
-            for r in range(world_size)
-        ]
-        for p in self._procs:
-            p.start()
+        self._conns, self._procs = [], []
+        for r in range(world_size):
+            ours, theirs = ctx.Pipe()
+            self._conns.append(ours)
+            self._procs.append(ctx.Process(target=_rank_main, daemon=True,
+                                           args=(r, world_size, init_file, backend, dict(env or {}), timeout_s,
+                                                 cuda, theirs)))
+            self._procs[-1].start()
+            theirs.close()  # only the child holds its end: its death shows here as end-of-file
+        self.pids = [p.pid for p in self._procs]
         self.broken = False
-        self._collect("process group initialisation", timeout_s + 60)
+        self._exit_codes: Optional[List[Optional[int]]] = None
+        try:
+            self._collect("process group initialisation", range(world_size), timeout_s + 60)
+        except BaseException:
+            self.close()  # no process outlives a failed start
+            raise
 
-    def _collect(self, what: str, timeout_s: float) -> List[Any]:
-        out: List[Any] = [None] * self.world_size
-        answered, errors = set(), {}
+    def _collect(self, what: str, ranks: Iterable[int], timeout_s: float) -> Dict[int, Any]:
+        pending = {self._conns[r]: r for r in ranks}
+        out: Dict[int, Any] = {}
+        errors: Dict[int, str] = {}
+        dead: List[int] = []
         deadline = time.monotonic() + timeout_s
-        while len(answered) < self.world_size:
-            try:
-                rank, ok, value = self._results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in answered]
-                if dead or time.monotonic() > deadline:
-                    self.broken = True
-                    why = f"ranks {dead} died" if dead else f"no answer within {timeout_s:.0f} s"
-                    raise RankError(f"{what}: {why}; errors so far: {errors}") from None
-                continue
-            answered.add(rank)
-            if ok:
-                out[rank] = value
-            else:
-                errors[rank] = value
+        while pending:
+            ready = mp.connection.wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self.broken = True
+                raise RankError(f"{what}: no answer within {timeout_s:.0f} s from ranks {sorted(pending.values())}; "
+                                f"errors so far: {errors}")
+            for conn in ready:
+                rank = pending.pop(conn)
+                try:
+                    ok, value = conn.recv()
+                except (EOFError, OSError):
+                    dead.append(rank)
+                    continue
+                (out if ok else errors)[rank] = value
+        if dead:
+            self.broken = True
+            for r in dead:
+                self._procs[r].join(timeout=5)
+            codes = {r: self._procs[r].exitcode for r in dead}
+            raise RankError(f"{what}: ranks {sorted(dead)} died (exit codes {codes}); errors so far: {errors}")
         if errors:
             text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
             raise RankError(f"{what} failed on ranks {sorted(errors)}:\n{text}")
         return out
 
     def run(self, fn: Callable, *args, timeout_s: Optional[float] = None, **kwargs) -> List[Any]:
+        out = self.run_on(range(self.world_size), fn, *args, timeout_s=timeout_s, **kwargs)
+        return [out[r] for r in range(self.world_size)]
+
+    def run_on(self, ranks: Iterable[int], fn: Callable, *args, timeout_s: Optional[float] = None,
+               **kwargs) -> Dict[int, Any]:
+        """Runs fn on `ranks` only (the others stay idle); returns {rank: result}."""
+        ranks = list(ranks)
+        self.start(ranks, fn, *args, **kwargs)
+        return self.results(ranks, getattr(fn, "__name__", str(fn)), timeout_s)
+
+    def start(self, ranks: Iterable[int], fn: Callable, *args, **kwargs) -> None:
+        """Starts fn on `ranks` and returns at once (a fault test kills a rank meanwhile);
+        results() collects the answers."""
         if self.broken:
             raise RankError("this RankPool broke in an earlier call (a rank hung or died)")
-        for q in self._tasks:
-            q.put((fn, args, kwargs))
-        return self._collect(getattr(fn, "__name__", str(fn)), timeout_s or self.timeout_s * 2)
+        for r in ranks:
+            try:
+                self._conns[r].send((fn, args, kwargs))
+            except OSError:
+                self.broken = True
+                raise RankError(f"{getattr(fn, '__name__', fn)}: rank {r} is gone "
+                                f"(exit code {self._procs[r].exitcode})") from None
 
-    def close(self) -> None:
-        for q, p in zip(self._tasks, self._procs):
+    def results(self, ranks: Iterable[int], what: str = "results", timeout_s: Optional[float] = None) -> Dict[int, Any]:
+        """The answers of `ranks` to what start() sent them, {rank: result}."""
+        return self._collect(what, ranks, timeout_s or self.timeout_s * 2)
+
+    def kill(self, rank: int) -> None:
+        """SIGKILLs one rank (fault tests) and reaps it; the pool no longer runs on every rank."""
+        os.kill(self._procs[rank].pid, signal.SIGKILL)
+        self._procs[rank].join(timeout=self.timeout_s)
+        if self._procs[rank].exitcode != -signal.SIGKILL:
+            raise RankError(f"rank {rank} did not die of SIGKILL (exit code {self._procs[rank].exitcode})")
+
+    def close(self) -> List[Optional[int]]:
+        """Destroys the process group on every live rank and ends the processes; returns their
+        exit codes (0: destroy_process_group and exit were clean; -9: killed). Ranks that do not
+        exit within the timeout are killed."""
+        if self._exit_codes is not None:
+            return self._exit_codes
+        self.broken = True  # runs nothing more
+        for conn, p in zip(self._conns, self._procs):
             if p.is_alive():
-                q.put(None)
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + self.timeout_s
         for p in self._procs:
-            p.join(timeout=20)
-            if p.is_alive():
-                p.kill()
-                p.join()
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(self._procs) if p.is_alive()]
+        for r in hung:
+            self._procs[r].kill()
+            self._procs[r].join()
+        for conn in self._conns:
+            conn.close()
         self._dir.cleanup()
+        self._exit_codes = [None if r in hung else p.exitcode for r, p in enumerate(self._procs)]
+        return self._exit_codes
 
     def __enter__(self) -> "RankPool":
         return self

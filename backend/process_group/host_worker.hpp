@@ -15,11 +15,14 @@ class HostWorker {
  public:
   HostWorker() = default;
   ~HostWorker() { stop(); }
+  // Throws once stop() has begun: a task queued then would never run, and its Work never end.
   void enqueue(std::function<void()> task);
-  void stop();  // runs what is queued, then joins
+  // Runs what is queued, then joins. Safe to call twice, or from several threads.
+  void stop();
 
  private:
   void loop();
+  std::mutex stop_mutex_;
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;

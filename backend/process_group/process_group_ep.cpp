@@ -45,8 +45,6 @@ ProcessGroupEP::~ProcessGroupEP() {
   std::optional<pybind11::gil_scoped_release> no_gil;
   if (Py_IsInitialized() && PyGILState_Check()) no_gil.emplace();
   shutdown();
-  cpu_backend_.reset();
-  cuda_backend_.reset();
 }
 
 std::string ProcessGroupEP::host_path() const {
@@ -120,17 +118,40 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device&, 
 }
 #endif
 
-c10d::Backend& ProcessGroupEP::inner_for(const at::Tensor& tensor, const char* op) {
-  if (tensor.is_cuda()) {
-    TORCH_CHECK(cuda_backend_, op, ": got a CUDA tensor, but this 'ep' group was created without CUDA "
-                "(torch.cuda.is_available() was False)");
-    return *cuda_backend_;
-  }
-  return *cpu_backend_;
+void ProcessGroupEP::check_usable(const char* op) const {
+  if (!unusable_.load(std::memory_order_acquire)) return;
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  C10_THROW_ERROR(DistBackendError, std::string(op) + " on rank " + std::to_string(getRank()) +
+                                        ": this 'ep' process group takes no more calls: " + unusable_why_ +
+                                        ". Destroy it (dist.destroy_process_group) and create a new one.");
 }
 
-c10d::Backend& ProcessGroupEP::inner_for(const std::vector<at::Tensor>& tensors, const char* op) {
-  return tensors.empty() ? *cpu_backend_ : inner_for(tensors[0], op);
+void ProcessGroupEP::stop_taking_calls(const std::string& why, bool overrule) {
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  if (unusable_.load() && !overrule) return;  // the first error is the one worth reporting
+  unusable_why_ = why;
+  unusable_.store(true, std::memory_order_release);
+}
+
+c10::intrusive_ptr<c10d::Backend> ProcessGroupEP::cpu_backend(const char* op) {
+  check_usable(op);
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  TORCH_CHECK(cpu_backend_, op, ": this 'ep' process group was shut down");  // raced with shutdown()
+  return cpu_backend_;
+}
+
+c10::intrusive_ptr<c10d::Backend> ProcessGroupEP::inner_for(const at::Tensor& tensor, const char* op) {
+  if (!tensor.is_cuda()) return cpu_backend(op);
+  check_usable(op);
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  TORCH_CHECK(cuda_backend_ || !cpu_backend_, op, ": got a CUDA tensor, but this 'ep' group was created without "
+              "CUDA (torch.cuda.is_available() was False)");
+  TORCH_CHECK(cuda_backend_, op, ": this 'ep' process group was shut down");
+  return cuda_backend_;
+}
+
+c10::intrusive_ptr<c10d::Backend> ProcessGroupEP::inner_for(const std::vector<at::Tensor>& tensors, const char* op) {
+  return tensors.empty() ? cpu_backend(op) : inner_for(tensors[0], op);
 }
 
 // ----------------------------------------------------------------------------- all_to_all
@@ -178,9 +199,11 @@ AllToAllSpans list_spans(const std::vector<at::Tensor>& outputs, const std::vect
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::host_all_to_all(
     std::vector<at::Tensor> outputs, AllToAllSpans spans, c10d::OpType type, const char* op_name,
     std::function<c10::intrusive_ptr<c10d::Work>()> delegate) {
+  check_usable(op_name);
   auto work = c10::make_intrusive<EPWork>(getRank(), type, op_name, outputs);
   // The task holds the tensors until it has run: they stay alive however the caller drops them.
-  host_worker_.enqueue([this, work, spans = std::move(spans), op_name, delegate = std::move(delegate)]() {
+  host_worker_.enqueue([this, work, spans = std::move(spans), op_name, delegate = std::move(delegate)]() mutable {
+    std::exception_ptr error;
     try {
       if (HostTransport* transport = host_transport(op_name)) {
         transport->all_to_all(spans.sends, spans.recvs, op_name);
@@ -188,10 +211,21 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::host_all_to_all(
       } else {
         delegate()->wait();
       }
-      work->complete();
+    } catch (const TimeoutError& e) {
+      // The transport no longer agrees with the peers on what comes next: nothing on this group is safe.
+      stop_taking_calls(std::string("an earlier call failed: ") + e.what());
+      error = as_dist_error(std::current_exception());
+    } catch (const CommError& e) {
+      stop_taking_calls(std::string("an earlier call failed: ") + e.what());
+      error = as_dist_error(std::current_exception());
     } catch (...) {
-      work->complete(as_dist_error(std::current_exception()));
+      error = as_dist_error(std::current_exception());
     }
+    // The tensors go before the caller can go on (and perhaps exit): freeing one may need the
+    // GIL, and a thread that asks a finalizing interpreter for it is ended on the spot.
+    spans = AllToAllSpans();
+    delegate = nullptr;
+    work->complete(error);
   });
   return work;
 }
@@ -202,7 +236,7 @@ void ProcessGroupEP::host_exchange(const std::vector<SendBuffer>& sends, const s
   spans.sends = sends;
   spans.recvs = recvs;
   // Where the ranks span hosts, the same bytes go through Gloo as one uint8 all_to_all_single.
-  auto delegate = [this, sends, recvs]() {
+  auto delegate = [this, cpu = cpu_backend(op_name), sends, recvs]() {
     std::vector<int64_t> in_splits, out_splits;
     std::vector<at::Tensor> ins, outs;
     for (size_t p = 0; p < sends.size(); ++p) {
@@ -213,7 +247,7 @@ void ProcessGroupEP::host_exchange(const std::vector<SendBuffer>& sends, const s
     }
     at::Tensor input = at::cat(ins), output = at::empty({std::accumulate(out_splits.begin(), out_splits.end(),
                                                                           int64_t(0))}, at::kByte);
-    cpu_backend_->alltoall_base(output, input, out_splits, in_splits)->wait();
+    cpu->alltoall_base(output, input, out_splits, in_splits)->wait();
     int64_t at = 0;
     for (size_t p = 0; p < outs.size(); ++p) {
       outs[p].copy_(output.narrow(0, at, out_splits[p]));
@@ -235,6 +269,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
                                                              std::vector<int64_t>& output_split_sizes,
                                                              std::vector<int64_t>& input_split_sizes,
                                                              const c10d::AllToAllOptions& opts) {
+  check_usable("all_to_all_single");
   AllToAllLayout layout =
       check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, getSize());
   if (input.is_cuda() && cuda_transport(input.device(), "all_to_all_single"))
@@ -242,30 +277,34 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
     return cuda_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
                            "all_to_all_single");
   if (!input.device().is_cpu())
-    return inner_for(input, "all_to_all_single").alltoall_base(output, input, output_split_sizes,
+    return inner_for(input, "all_to_all_single")->alltoall_base(output, input, output_split_sizes,
                                                                 input_split_sizes, opts);
   return host_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
-                         "all_to_all_single", [this, output, input, output_split_sizes, input_split_sizes]() mutable {
-                           return cpu_backend_->alltoall_base(output, input, output_split_sizes, input_split_sizes);
+                         "all_to_all_single", [cpu = cpu_backend("all_to_all_single"), output, input,
+                                               output_split_sizes, input_split_sizes]() mutable {
+                           return cpu->alltoall_base(output, input, output_split_sizes, input_split_sizes);
                          });
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall(std::vector<at::Tensor>& outputs,
                                                         std::vector<at::Tensor>& inputs,
                                                         const c10d::AllToAllOptions& opts) {
+  check_usable("all_to_all");
   check_all_to_all(outputs, inputs, getSize());
   if (inputs[0].is_cuda() && cuda_transport(inputs[0].device(), "all_to_all"))
     return cuda_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all");
-  if (!inputs[0].device().is_cpu()) return inner_for(inputs, "all_to_all").alltoall(outputs, inputs, opts);
+  if (!inputs[0].device().is_cpu()) return inner_for(inputs, "all_to_all")->alltoall(outputs, inputs, opts);
   return host_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all",
-                         [this, outputs, inputs]() mutable { return cpu_backend_->alltoall(outputs, inputs); });
+                         [cpu = cpu_backend("all_to_all"), outputs, inputs]() mutable {
+                           return cpu->alltoall(outputs, inputs);
+                         });
 }
 
 // ----------------------------------------------------------------------------- delegated
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::broadcast(std::vector<at::Tensor>& tensors,
                                                          const c10d::BroadcastOptions& opts) {
-  return inner_for(tensors, "broadcast").broadcast(tensors, opts);
+  return inner_for(tensors, "broadcast")->broadcast(tensors, opts);
 }
 double ProcessGroupEP::premul_factor(const c10d::ReduceOp& op) {
   auto* s = dynamic_cast<c10d::NCCLPreMulSumSupplement*>(op.supplement_.get());
@@ -274,7 +313,7 @@ double ProcessGroupEP::premul_factor(const c10d::ReduceOp& op) {
 }
 
 bool ProcessGroupEP::needs_emulation(const c10d::Backend& inner, const c10d::ReduceOp& op) const {
-  return &inner == cpu_backend_.get() && (op == c10d::ReduceOp::AVG || op == c10d::ReduceOp::PREMUL_SUM);
+  return inner.getBackendName() == "gloo" && (op == c10d::ReduceOp::AVG || op == c10d::ReduceOp::PREMUL_SUM);
 }
 
 std::vector<at::Tensor> ProcessGroupEP::scaled_copies(const std::vector<at::Tensor>& tensors,
@@ -307,48 +346,51 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::with_future(c10::intrusive_ptr<c1
                                                            std::function<void()> finish) {
   auto work = c10::make_intrusive<EPWork>(getRank(), type, "ep:delegated", outputs);
   // Finished on the worker thread: Gloo's Works do not all offer getFuture().
-  host_worker_.enqueue([work, inner_work, finish = std::move(finish)]() {
+  host_worker_.enqueue([work, inner_work, finish = std::move(finish)]() mutable {
+    std::exception_ptr error;
     try {
       inner_work->wait();
       if (finish) finish();
-      work->complete();
     } catch (...) {
-      work->complete(as_dist_error(std::current_exception()));
+      error = as_dist_error(std::current_exception());
     }
+    inner_work.reset();  // its tensors go before the caller goes on, as in host_all_to_all
+    finish = nullptr;
+    work->complete(error);
   });
   return work;
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allreduce(std::vector<at::Tensor>& tensors,
                                                          const c10d::AllreduceOptions& opts) {
-  c10d::Backend& inner = inner_for(tensors, "all_reduce");
-  if (!needs_emulation(inner, opts.reduceOp)) return inner.allreduce(tensors, opts);
+  auto inner = inner_for(tensors, "all_reduce");
+  if (!needs_emulation(*inner, opts.reduceOp)) return inner->allreduce(tensors, opts);
   auto operands = scaled_copies(tensors, opts.reduceOp);
   return emulate_reduction(opts.reduceOp, operands, tensors, c10d::OpType::ALLREDUCE, [&] {
     c10d::AllreduceOptions o = opts;
     o.reduceOp = c10d::ReduceOp::SUM;
-    return inner.allreduce(operands, o);
+    return inner->allreduce(operands, o);
   });
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allreduce_sparse(std::vector<at::Tensor>& tensors,
                                                                 const c10d::AllreduceOptions& opts) {
-  return inner_for(tensors, "all_reduce").allreduce_sparse(tensors, opts);
+  return inner_for(tensors, "all_reduce")->allreduce_sparse(tensors, opts);
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allreduce_coalesced(std::vector<at::Tensor>& tensors,
                                                                    const c10d::AllreduceCoalescedOptions& opts) {
-  c10d::Backend& inner = inner_for(tensors, "all_reduce_coalesced");
-  if (!needs_emulation(inner, opts.reduceOp)) return inner.allreduce_coalesced(tensors, opts);
+  auto inner = inner_for(tensors, "all_reduce_coalesced");
+  if (!needs_emulation(*inner, opts.reduceOp)) return inner->allreduce_coalesced(tensors, opts);
   auto operands = scaled_copies(tensors, opts.reduceOp);
   return emulate_reduction(opts.reduceOp, operands, tensors, c10d::OpType::ALLREDUCE_COALESCED, [&] {
     c10d::AllreduceCoalescedOptions o = opts;
     o.reduceOp = c10d::ReduceOp::SUM;
-    return inner.allreduce_coalesced(operands, o);
+    return inner->allreduce_coalesced(operands, o);
   });
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce(std::vector<at::Tensor>& tensors,
                                                       const c10d::ReduceOptions& opts) {
-  c10d::Backend& inner = inner_for(tensors, "reduce");
-  if (!needs_emulation(inner, opts.reduceOp)) return inner.reduce(tensors, opts);
+  auto inner = inner_for(tensors, "reduce");
+  if (!needs_emulation(*inner, opts.reduceOp)) return inner->reduce(tensors, opts);
   auto operands = scaled_copies(tensors, opts.reduceOp);
   // Only the root's tensor receives the result; the others keep their input.
   const bool root = opts.rootRank == getRank();
@@ -356,101 +398,119 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce(std::vector<at::Tensor>& t
                            root ? tensors : std::vector<at::Tensor>{}, c10d::OpType::REDUCE, [&] {
                              c10d::ReduceOptions o = opts;
                              o.reduceOp = c10d::ReduceOp::SUM;
-                             return inner.reduce(operands, o);
+                             return inner->reduce(operands, o);
                            });
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allgather(std::vector<std::vector<at::Tensor>>& outputs,
                                                          std::vector<at::Tensor>& inputs,
                                                          const c10d::AllgatherOptions& opts) {
-  return inner_for(inputs, "all_gather").allgather(outputs, inputs, opts);
+  return inner_for(inputs, "all_gather")->allgather(outputs, inputs, opts);
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::_allgather_base(at::Tensor& output, at::Tensor& input,
                                                                const c10d::AllgatherOptions& opts) {
-  return inner_for(input, "all_gather_into_tensor")._allgather_base(output, input, opts);
+  return inner_for(input, "all_gather_into_tensor")->_allgather_base(output, input, opts);
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputs,
                                                                    std::vector<at::Tensor>& inputs,
                                                                    const c10d::AllgatherOptions& opts) {
-  return inner_for(inputs, "all_gather_coalesced").allgather_coalesced(outputs, inputs, opts);
+  return inner_for(inputs, "all_gather_coalesced")->allgather_coalesced(outputs, inputs, opts);
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
                                                                                std::vector<at::Tensor>& inputs,
                                                                                const c10d::AllgatherOptions& opts) {
-  return inner_for(inputs, "all_gather_into_tensor_coalesced").allgather_into_tensor_coalesced(outputs, inputs, opts);
+  return inner_for(inputs, "all_gather_into_tensor_coalesced")->allgather_into_tensor_coalesced(outputs, inputs, opts);
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::gather(std::vector<std::vector<at::Tensor>>& outputs,
                                                       std::vector<at::Tensor>& inputs,
                                                       const c10d::GatherOptions& opts) {
-  return inner_for(inputs, "gather").gather(outputs, inputs, opts);
+  return inner_for(inputs, "gather")->gather(outputs, inputs, opts);
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::scatter(std::vector<at::Tensor>& outputs,
                                                        std::vector<std::vector<at::Tensor>>& inputs,
                                                        const c10d::ScatterOptions& opts) {
-  return inner_for(outputs, "scatter").scatter(outputs, inputs, opts);
+  return inner_for(outputs, "scatter")->scatter(outputs, inputs, opts);
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_scatter(std::vector<at::Tensor>& outputs,
                                                               std::vector<std::vector<at::Tensor>>& inputs,
                                                               const c10d::ReduceScatterOptions& opts) {
-  c10d::Backend& inner = inner_for(outputs, "reduce_scatter");
-  if (!needs_emulation(inner, opts.reduceOp)) {
-    auto w = inner.reduce_scatter(outputs, inputs, opts);
-    return &inner == cpu_backend_.get() ? with_future(w, outputs, c10d::OpType::REDUCE_SCATTER) : w;
+  auto inner = inner_for(outputs, "reduce_scatter");
+  if (!needs_emulation(*inner, opts.reduceOp)) {
+    auto w = inner->reduce_scatter(outputs, inputs, opts);
+    return inner->getBackendName() == "gloo" ? with_future(w, outputs, c10d::OpType::REDUCE_SCATTER) : w;
   }
   std::vector<std::vector<at::Tensor>> operands;
   for (const auto& list : inputs) operands.push_back(scaled_copies(list, opts.reduceOp));
   return emulate_reduction(opts.reduceOp, outputs, outputs, c10d::OpType::REDUCE_SCATTER, [&] {
     c10d::ReduceScatterOptions o = opts;
     o.reduceOp = c10d::ReduceOp::SUM;
-    return inner.reduce_scatter(outputs, operands, o);
+    return inner->reduce_scatter(outputs, operands, o);
   });
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
                                                                     const c10d::ReduceScatterOptions& opts) {
-  c10d::Backend& inner = inner_for(input, "reduce_scatter_tensor");
-  if (!needs_emulation(inner, opts.reduceOp)) {
-    auto w = inner._reduce_scatter_base(output, input, opts);
-    return &inner == cpu_backend_.get() ? with_future(w, {output}, c10d::OpType::_REDUCE_SCATTER_BASE) : w;
+  auto inner = inner_for(input, "reduce_scatter_tensor");
+  if (!needs_emulation(*inner, opts.reduceOp)) {
+    auto w = inner->_reduce_scatter_base(output, input, opts);
+    return inner->getBackendName() == "gloo" ? with_future(w, {output}, c10d::OpType::_REDUCE_SCATTER_BASE) : w;
   }
   at::Tensor operand = scaled_copies({input}, opts.reduceOp)[0];
   return emulate_reduction(opts.reduceOp, {output}, {output}, c10d::OpType::_REDUCE_SCATTER_BASE, [&] {
     c10d::ReduceScatterOptions o = opts;
     o.reduceOp = c10d::ReduceOp::SUM;
-    return inner._reduce_scatter_base(output, operand, o);
+    return inner->_reduce_scatter_base(output, operand, o);
   });
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::reduce_scatter_tensor_coalesced(
     std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs, const c10d::ReduceScatterOptions& opts) {
-  return inner_for(inputs, "reduce_scatter_tensor_coalesced").reduce_scatter_tensor_coalesced(outputs, inputs, opts);
+  return inner_for(inputs, "reduce_scatter_tensor_coalesced")->reduce_scatter_tensor_coalesced(outputs, inputs, opts);
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::send(std::vector<at::Tensor>& tensors, int dst_rank, int tag) {
-  return inner_for(tensors, "send").send(tensors, dst_rank, tag);
+  return inner_for(tensors, "send")->send(tensors, dst_rank, tag);
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::recv(std::vector<at::Tensor>& tensors, int src_rank, int tag) {
-  return inner_for(tensors, "recv").recv(tensors, src_rank, tag);
+  return inner_for(tensors, "recv")->recv(tensors, src_rank, tag);
 }
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::recvAnysource(std::vector<at::Tensor>& tensors, int tag) {
-  return inner_for(tensors, "recv").recvAnysource(tensors, tag);
+  return inner_for(tensors, "recv")->recvAnysource(tensors, tag);
 }
 // Barriers go through the CPU backend: it works whatever device the ranks use.
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::barrier(const c10d::BarrierOptions& opts) {
-  return cpu_backend_->barrier(opts);
+  return cpu_backend("barrier")->barrier(opts);
 }
 void ProcessGroupEP::monitoredBarrier(const c10d::BarrierOptions& opts, bool wait_all_ranks) {
-  cpu_backend_->monitoredBarrier(opts, wait_all_ranks);
+  cpu_backend("monitored_barrier")->monitoredBarrier(opts, wait_all_ranks);
 }
-void ProcessGroupEP::setSequenceNumberForGroup() { cpu_backend_->setSequenceNumberForGroup(); }
-uint64_t ProcessGroupEP::getSequenceNumberForGroup() { return cpu_backend_->getSequenceNumberForGroup(); }
+void ProcessGroupEP::setSequenceNumberForGroup() {
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  if (cpu_backend_) cpu_backend_->setSequenceNumberForGroup();
+}
+uint64_t ProcessGroupEP::getSequenceNumberForGroup() {
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  return cpu_backend_ ? cpu_backend_->getSequenceNumberForGroup() : 0;
+}
 
 void ProcessGroupEP::abort() {
+  stop_taking_calls("it was aborted (abort())");
   {
+    // A wait in progress on the worker thread fails now, and so do the peers' waits on this rank.
     std::lock_guard<std::mutex> lock(host_mutex_);
-    if (host_transport_) host_transport_->abort("the process group was aborted");
+    if (host_transport_) host_transport_->abort("rank " + std::to_string(getRank()) + " aborted its process group");
   }
-  cpu_backend_->abort();
-  if (cuda_backend_ && cuda_backend_ != cpu_backend_) cuda_backend_->abort();
+  c10::intrusive_ptr<c10d::Backend> cpu, cuda;
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    cpu = cpu_backend_;
+    cuda = cuda_backend_;
+  }
+  if (cpu) cpu->abort();
+  if (cuda && cuda != cpu) cuda->abort();
 }
 
 void ProcessGroupEP::shutdown() {
+  // Threads are joined below; they may need the GIL to free Python tensors.
+  std::optional<pybind11::gil_scoped_release> no_gil;
+  if (Py_IsInitialized() && PyGILState_Check()) no_gil.emplace();
+  stop_taking_calls("it was shut down (destroy_process_group or shutdown())", /*overrule=*/true);
   host_worker_.stop();
   {
     std::lock_guard<std::mutex> lock(host_mutex_);
@@ -459,9 +519,20 @@ void ProcessGroupEP::shutdown() {
   {
     std::lock_guard<std::mutex> lock(cuda_mutex_);
     cuda_transport_.reset();  // Works still alive keep it until they go
+    moe_transport_.reset();
   }
-  if (cpu_backend_) cpu_backend_->shutdown();
-  if (cuda_backend_ && cuda_backend_ != cpu_backend_) cuda_backend_->shutdown();
-}
+  // The inner backends go now, not with the last reference to this group, which a user's module
+  // may hold until the interpreter exits: Gloo's threads free finished Works' tensors, which
+  // needs the GIL, and a thread asking a finalizing interpreter for it is ended inside a
+  // destructor (std::terminate: "terminate called without an active exception").
+  c10::intrusive_ptr<c10d::Backend> cpu, cuda;
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    cpu = std::move(cpu_backend_);
+    cuda = std::move(cuda_backend_);
+  }
+  if (cpu) cpu->shutdown();
+  if (cuda && cuda != cpu) cuda->shutdown();
+}  // `cpu` and `cuda` held the last references: their destructors join their threads here
 
 }  // namespace ep

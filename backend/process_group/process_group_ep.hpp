@@ -118,8 +118,15 @@ class ProcessGroupEP : public c10d::Backend {
   void shutdown() override;
 
  private:
-  c10d::Backend& inner_for(const at::Tensor& tensor, const char* op);
-  c10d::Backend& inner_for(const std::vector<at::Tensor>& tensors, const char* op);
+  // Raises DistBackendError naming `op` once the group takes no more calls: it was shut down or
+  // aborted, or a transport failed (its state no longer agrees with the peers').
+  void check_usable(const char* op) const;
+  // Makes every later call raise with `why`; the first reason stays unless `overrule`.
+  void stop_taking_calls(const std::string& why, bool overrule = false);
+  // The inner backend for `op` (after check_usable): a reference, since shutdown() drops ours.
+  c10::intrusive_ptr<c10d::Backend> cpu_backend(const char* op);
+  c10::intrusive_ptr<c10d::Backend> inner_for(const at::Tensor& tensor, const char* op);
+  c10::intrusive_ptr<c10d::Backend> inner_for(const std::vector<at::Tensor>& tensors, const char* op);
   // Gloo has no AVG or PREMUL_SUM. Emulated: `launch_sum` runs a SUM (on scaled copies for
   // PREMUL_SUM); when it ends, `results` are divided by the group size (AVG) and copied into
   // `outputs` where they are other tensors. True when `op` needs this on `inner`.
@@ -154,8 +161,11 @@ class ProcessGroupEP : public c10d::Backend {
   Config config_;
   c10::intrusive_ptr<c10d::Store> store_;
   StoreRendezvous rendezvous_;
-  c10::intrusive_ptr<c10d::Backend> cpu_backend_;
-  c10::intrusive_ptr<c10d::Backend> cuda_backend_;
+  mutable std::mutex state_mutex_;
+  c10::intrusive_ptr<c10d::Backend> cpu_backend_;   // null after shutdown()
+  c10::intrusive_ptr<c10d::Backend> cuda_backend_;  // null without CUDA, or after shutdown()
+  std::atomic<bool> unusable_{false};
+  std::string unusable_why_;  // under state_mutex_
 
   mutable std::mutex host_mutex_;
   enum class HostPath { kUndecided, kShm, kGloo } host_path_ = HostPath::kUndecided;

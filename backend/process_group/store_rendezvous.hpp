@@ -18,20 +18,25 @@ class StoreRendezvous : public Rendezvous {
   std::vector<uint8_t> get(const std::string& key) override {
     try {
       store_->wait({key}, timeout_);
-    } catch (const std::exception& e) {
+    } catch (const c10::Error& e) {  // the store's own message, without its C++ backtrace
       throw TimeoutError("rank " + std::to_string(rank_) + " waited " + std::to_string(timeout_.count()) +
-                         " ms for '" + key + "' in the store (" + e.what() + ")");
+                         " ms for '" + key + "' in the store (" + e.what_without_backtrace() + ")");
     }
     return store_->get(key);
   }
   void barrier(const std::string& tag) override {
-    if (store_->add(tag + "/arrived", 1) == size_) store_->set(tag + "/done", std::vector<uint8_t>{1});
+    // A key per rank, so that a timeout names the ranks that never came.
+    std::vector<std::string> keys;
+    for (int r = 0; r < size_; ++r) keys.push_back(tag + "/" + std::to_string(r));
+    store_->set(keys[rank_], std::vector<uint8_t>{1});
     try {
-      store_->wait({tag + "/done"}, timeout_);
-    } catch (const std::exception& e) {
+      store_->wait(keys, timeout_);
+    } catch (const c10::Error&) {
+      std::string missing;
+      for (int r = 0; r < size_; ++r)
+        if (!store_->check({keys[r]})) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
       throw TimeoutError("rank " + std::to_string(rank_) + " waited " + std::to_string(timeout_.count()) +
-                         " ms at barrier '" + tag + "': " + std::to_string(store_->add(tag + "/arrived", 0)) +
-                         " of " + std::to_string(size_) + " ranks arrived");
+                         " ms at barrier '" + tag + "' for rank(s) " + missing + ", which never arrived");
     }
   }
 

@@ -40,6 +40,7 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& 
 }
 
 std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& device, const char* op_name) {
+  check_usable(op_name);
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   if (!moe_transport_) {
     bool one_host = false;

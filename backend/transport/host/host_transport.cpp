@@ -20,11 +20,11 @@ namespace ep {
 struct HostTransport::SegmentHeader {
   Doorbell doorbell;                 // rung by peers when a slot for us fills or one of ours frees
   alignas(64) std::atomic<uint32_t> failed;  // set when the owner hit an error; peers stop waiting
+  char failure[448];                 // the owner's error, written before `failed` is set
 };
 struct HostTransport::ChannelControl {
   alignas(64) std::atomic<uint64_t> head;  // slots published by the sender
-  alignas(64) std::atomic<uint64_t> tail;  // slots released by the receiver (the owner)
-  alignas(64) std::atomic<uint64_t> acks;  // one-copy messages the receiver has read
+  alignas(64) std::atomic<uint64_t> tail;  // slots released by the receiver (the owner), after use
 };
 struct alignas(64) HostTransport::SlotHeader {
   uint64_t message_seq;    // which call of this (sender, receiver) pair
@@ -37,7 +37,6 @@ namespace {
 
 constexpr size_t kAlign = 64;
 size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
-size_t controls_offset() { return round_up(sizeof(Doorbell) + 64, kAlign); }
 
 // A name no other group on this host uses: pid, time and a counter (no iostreams: they crashed
 // in this library on one toolchain, and snprintf is all this needs).
@@ -58,6 +57,8 @@ struct SharedConfig {  // rank 0's choice, so that every rank lays out segments 
 
 }  // namespace
 
+size_t HostTransport::controls_offset() { return round_up(sizeof(SegmentHeader), kAlign); }
+
 HostTransport::SegmentHeader* HostTransport::header(int owner) const {
   return reinterpret_cast<SegmentHeader*>(segments_[owner].data());
 }
@@ -74,7 +75,7 @@ HostTransport::SlotHeader* HostTransport::slot(int owner, int src, uint64_t inde
 
 HostTransport::HostTransport(Rendezvous& rdv, const HostTransportConfig& config, const std::string& tag)
     : rank_(rdv.rank()), size_(rdv.size()), timeout_(config.timeout), segments_(rdv.size()),
-      send_seq_(rdv.size(), 0), recv_seq_(rdv.size(), 0), acks_due_(rdv.size(), 0) {
+      send_seq_(rdv.size(), 0), recv_seq_(rdv.size(), 0) {
   SharedConfig shared{};
   if (rank_ == 0) {
     shared.slot_bytes = round_up(std::max<size_t>(config.slot_bytes, kAlign), kAlign);
@@ -150,22 +151,44 @@ bool HostTransport::probe_one_copy(Rendezvous& rdv, const std::string& tag) {
 
 HostTransport::~HostTransport() = default;
 
-void HostTransport::abort(const std::string& why) {
-  if (!broken_.exchange(true)) broken_message_ = why;
-  header(rank_)->doorbell.ring();
+void HostTransport::stop(const std::string& message) {
+  {
+    std::lock_guard<std::mutex> lock(broken_mutex_);
+    if (!broken_.load()) {
+      broken_message_ = message;
+      SegmentHeader* mine = header(rank_);
+      std::strncpy(mine->failure, message.c_str(), sizeof(mine->failure) - 1);
+      mine->failed.store(1, std::memory_order_release);
+      broken_.store(true);
+    }
+  }
+  // Our own bell too: a wait in progress on another thread (abort) wakes up and sees it.
+  for (int p = 0; p < size_; ++p) header(p)->doorbell.ring();
 }
 
+void HostTransport::abort(const std::string& why) { stop(why); }
+
 void HostTransport::raise_broken() const {
+  std::lock_guard<std::mutex> lock(broken_mutex_);
   throw CommError("torch_ep: this group's host transport stopped after an earlier error and takes no more "
                   "calls; destroy the process group. The error was: " + broken_message_);
 }
 
 void HostTransport::fail(const std::string& message) {
-  if (!broken_.exchange(true)) broken_message_ = message;
-  header(rank_)->failed.store(1, std::memory_order_release);
-  for (int p = 0; p < size_; ++p)
-    if (p != rank_) header(p)->doorbell.ring();
+  stop(message);
   throw CommError(message);
+}
+
+void HostTransport::check_slot(const SlotHeader* s, int src, size_t expected_bytes, const char* op_name) {
+  const int me = rank_;
+  if (s->message_seq != recv_seq_[src])
+    fail(std::string(op_name) + ": rank " + std::to_string(me) + " received message #" +
+         std::to_string(s->message_seq) + " from rank " + std::to_string(src) + " while expecting #" +
+         std::to_string(recv_seq_[src]) + ": the ranks issued collectives in different orders");
+  if (s->message_bytes != expected_bytes)
+    fail(std::string(op_name) + ": rank " + std::to_string(me) + " expects " + std::to_string(expected_bytes) +
+         " bytes from rank " + std::to_string(src) + ", but rank " + std::to_string(src) + " sends " +
+         std::to_string(s->message_bytes) + " bytes: the ranks' split sizes disagree");
 }
 
 void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
@@ -177,10 +200,16 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
          " bytes to itself but expects " + std::to_string(recvs[me].bytes));
   if (sends[me].bytes && sends[me].ptr != recvs[me].ptr) std::memcpy(recvs[me].ptr, sends[me].ptr, sends[me].bytes);
 
+  // Agreement: a receiver checks the first slot (sequence number and size) of every peer's
+  // message before it takes any slot, and a send counts as done only once the receiver has
+  // taken all of its slots. So when any pair disagrees, the receiver that sees it fails, and
+  // every other rank, whose message to that receiver is never taken, fails with it: all ranks
+  // raise in the same call, and none returns with data from a call its peers rejected.
   std::vector<size_t> sent(size_, 0), received(size_, 0);
-  std::vector<char> send_done(size_, 0), recv_done(size_, 0);
-  send_done[me] = recv_done[me] = 1;
-  int pending = 2 * (size_ - 1);
+  std::vector<uint64_t> end_slot(size_, 0);  // head once the whole message to a peer is out
+  std::vector<char> posted(size_, 0), send_done(size_, 0), recv_done(size_, 0), checked(size_, 0);
+  posted[me] = send_done[me] = recv_done[me] = checked[me] = 1;
+  int pending = 2 * (size_ - 1), unchecked = size_ - 1;
   const auto start = std::chrono::steady_clock::now();
   Doorbell& my_bell = header(me)->doorbell;
 
@@ -192,55 +221,62 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
       const int dst = (me + i) % size_;
       if (send_done[dst]) continue;
       ChannelControl* ch = channel(dst, me);
-      uint64_t head = ch->head.load(std::memory_order_relaxed);
       const uint64_t tail = ch->tail.load(std::memory_order_acquire);
-      const uint64_t head_before = head;
-      const auto* src = static_cast<const char*>(sends[dst].ptr);
-      if (one_copy_ && sends[dst].bytes >= kOneCopyBytes) {
-        // Done once the descriptor is out and the receiver has acknowledged reading.
-        if (sent[dst] == 0 && head - tail < uint64_t(num_slots_)) {
-          SlotHeader* s = slot(dst, me, head);
-          s->message_seq = send_seq_[dst];
-          s->message_bytes = sends[dst].bytes;
-          s->source_pid = uint64_t(getpid());
-          s->source_addr = reinterpret_cast<uint64_t>(src);
-          sent[dst] = sends[dst].bytes;
-          ++acks_due_[dst];
-          ch->head.store(++head, std::memory_order_release);
+      if (!posted[dst]) {
+        uint64_t head = ch->head.load(std::memory_order_relaxed);
+        const uint64_t head_before = head;
+        const auto* src = static_cast<const char*>(sends[dst].ptr);
+        if (one_copy_ && sends[dst].bytes >= kOneCopyBytes) {
+          // One slot holds where the data is; the receiver reads it straight from our memory.
+          if (head - tail < uint64_t(num_slots_)) {
+            SlotHeader* s = slot(dst, me, head);
+            s->message_seq = send_seq_[dst];
+            s->message_bytes = sends[dst].bytes;
+            s->source_pid = uint64_t(getpid());
+            s->source_addr = reinterpret_cast<uint64_t>(src);
+            sent[dst] = sends[dst].bytes;
+            posted[dst] = 1;
+            ch->head.store(++head, std::memory_order_release);
+          }
+        } else {
+          while (!posted[dst] && head - tail < uint64_t(num_slots_)) {
+            SlotHeader* s = slot(dst, me, head);
+            const size_t n = std::min(slot_bytes_, sends[dst].bytes - sent[dst]);
+            s->message_seq = send_seq_[dst];
+            s->message_bytes = sends[dst].bytes;
+            s->source_pid = 0;
+            if (n) std::memcpy(reinterpret_cast<char*>(s) + sizeof(SlotHeader), src + sent[dst], n);
+            sent[dst] += n;
+            posted[dst] = sent[dst] == sends[dst].bytes;
+            ch->head.store(++head, std::memory_order_release);
+          }
         }
-        if (sent[dst] && ch->acks.load(std::memory_order_acquire) >= acks_due_[dst]) {
-          send_done[dst] = 1;
-          ++send_seq_[dst];
-          --pending;
-          progressed = true;
-        }
+        if (posted[dst]) end_slot[dst] = head;
         if (head != head_before) {
           header(dst)->doorbell.ring();
           progressed = true;
         }
-        continue;
       }
-      while (!send_done[dst] && head - tail < uint64_t(num_slots_)) {
-        SlotHeader* s = slot(dst, me, head);
-        const size_t n = std::min(slot_bytes_, sends[dst].bytes - sent[dst]);
-        s->message_seq = send_seq_[dst];
-        s->message_bytes = sends[dst].bytes;
-        s->source_pid = 0;
-        if (n) std::memcpy(reinterpret_cast<char*>(s) + sizeof(SlotHeader), src + sent[dst], n);
-        sent[dst] += n;
-        ch->head.store(++head, std::memory_order_release);
-        if (sent[dst] == sends[dst].bytes) {
-          send_done[dst] = 1;
-          ++send_seq_[dst];
-          --pending;
-        }
-      }
-      if (head != head_before) {
-        header(dst)->doorbell.ring();
+      if (posted[dst] && ch->tail.load(std::memory_order_acquire) >= end_slot[dst]) {
+        send_done[dst] = 1;
+        ++send_seq_[dst];
+        --pending;
         progressed = true;
       }
     }
-    for (int i = 1; i < size_; ++i) {
+    for (int i = 1; i < size_ && unchecked > 0; ++i) {
+      const int src = (me - i + size_) % size_;
+      if (checked[src]) continue;
+      ChannelControl* ch = channel(me, src);
+      const uint64_t tail = ch->tail.load(std::memory_order_relaxed);
+      if (tail < ch->head.load(std::memory_order_acquire)) {
+        check_slot(slot(me, src, tail), src, recvs[src].bytes, op_name);
+        checked[src] = 1;
+        --unchecked;
+        progressed = true;
+      }
+    }
+    for (int i = 1; i < size_ && unchecked == 0; ++i) {
       const int src = (me - i + size_) % size_;
       if (recv_done[src]) continue;
       ChannelControl* ch = channel(me, src);
@@ -250,27 +286,18 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
       auto* dst = static_cast<char*>(recvs[src].ptr);
       while (!recv_done[src] && tail < head) {
         const SlotHeader* s = slot(me, src, tail);
-        if (s->message_seq != recv_seq_[src])
-          fail(std::string(op_name) + ": rank " + std::to_string(me) + " received message #" +
-               std::to_string(s->message_seq) + " from rank " + std::to_string(src) + " while expecting #" +
-               std::to_string(recv_seq_[src]) + ": the ranks issued collectives in different orders");
-        if (s->message_bytes != recvs[src].bytes)
-          fail(std::string(op_name) + ": rank " + std::to_string(me) + " expects " + std::to_string(recvs[src].bytes) +
-               " bytes from rank " + std::to_string(src) + ", but rank " + std::to_string(src) + " sends " +
-               std::to_string(s->message_bytes) + " bytes: the ranks' split sizes disagree");
+        check_slot(s, src, recvs[src].bytes, op_name);
         if (s->source_pid) {  // one copy, straight out of the sender's memory
           if (!read_remote(pid_t(s->source_pid), s->source_addr, dst, recvs[src].bytes))
             fail(std::string(op_name) + ": rank " + std::to_string(me) + " could not read rank " +
                  std::to_string(src) + "'s data: " + errno_string(errno));
           received[src] = recvs[src].bytes;
-          ch->tail.store(++tail, std::memory_order_release);
-          ch->acks.fetch_add(1, std::memory_order_release);
         } else {
           const size_t n = std::min(slot_bytes_, recvs[src].bytes - received[src]);
           if (n) std::memcpy(dst + received[src], reinterpret_cast<const char*>(s) + sizeof(SlotHeader), n);
           received[src] += n;
-          ch->tail.store(++tail, std::memory_order_release);
         }
+        ch->tail.store(++tail, std::memory_order_release);  // after the data is out: the sender may go on
         if (received[src] == recvs[src].bytes) {
           recv_done[src] = 1;
           ++recv_seq_[src];
@@ -285,26 +312,33 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     if (progressed || pending == 0) continue;
 
     if (broken_.load()) raise_broken();
-    for (int p = 0; p < size_; ++p)
-      if (p != me && header(p)->failed.load(std::memory_order_acquire))
+    for (int p = 0; p < size_; ++p) {
+      const SegmentHeader* peer = header(p);
+      if (p != me && peer->failed.load(std::memory_order_acquire))
         fail(std::string(op_name) + ": rank " + std::to_string(me) + " stopped because peer rank " +
-             std::to_string(p) + " reported an error in this group");
+             std::to_string(p) + " failed: " + std::string(peer->failure, strnlen(peer->failure, sizeof(peer->failure))));
+    }
     const auto elapsed = std::chrono::steady_clock::now() - start;
     if (elapsed > timeout_) {
+      // Name the peer holding the call up: first one whose message never came (nothing is taken
+      // before every peer's has), then one that has not taken ours, then one still sending.
       int peer = -1;
-      const char* what = "";
-      for (int i = 1; i < size_ && peer < 0; ++i) {
-        const int p = (me + i) % size_;
-        if (!recv_done[p]) peer = p, what = "receiving from";
-        else if (!send_done[p]) peer = p, what = "sending to";
-      }
+      std::string what;
+      for (int pass = 0; pass < 3 && peer < 0; ++pass)
+        for (int i = 1; i < size_ && peer < 0; ++i) {
+          const int p = (me + i) % size_;
+          if (pass == 0 && !checked[p]) peer = p, what = "waiting for rank " + std::to_string(p) + " to arrive";
+          if (pass == 1 && !send_done[p])
+            peer = p, what = posted[p] ? "waiting for rank " + std::to_string(p) + " to take its data"
+                                       : "sending to rank " + std::to_string(p);
+          if (pass == 2 && !recv_done[p]) peer = p, what = "receiving from rank " + std::to_string(p);
+        }
       std::string msg = std::string(op_name) + ": timed out on rank " + std::to_string(me) + " after " +
                         std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()) +
-                        " ms " + what + " rank " + std::to_string(peer) + " (" +
-                        std::to_string(received[peer]) + "/" + std::to_string(recvs[peer].bytes) +
-                        " bytes received, " + std::to_string(sent[peer]) + "/" + std::to_string(sends[peer].bytes) +
-                        " sent): the peer never arrived or stalled";
-      if (!broken_.exchange(true)) broken_message_ = msg;
+                        " ms " + what + " (" + std::to_string(received[peer]) + "/" +
+                        std::to_string(recvs[peer].bytes) + " bytes received from it, " + std::to_string(sent[peer]) +
+                        "/" + std::to_string(sends[peer].bytes) + " sent): the peer never arrived or stalled";
+      stop(msg);  // peers waiting on us stop now, not at their own timeout
       throw TimeoutError(msg);
     }
     my_bell.wait(seen, spin_, std::chrono::microseconds(20000));

@@ -7,10 +7,13 @@
 // counters, so nothing is reset between calls. Every message takes at least one slot, whose
 // header carries the message's sequence number and size: a receiver detects ranks that
 // disagree on split sizes or on the order of calls instead of reading garbage.
+// A receiver takes no slot before it has checked the first slot of every peer's message, and a
+// sender's call ends only once the receiver has taken all of its slots: ranks that disagree
+// all raise in the same call (see all_to_all).
 // Messages of kOneCopyBytes and more take one copy instead of two when the kernel allows
 // cross-memory attach between the ranks (checked once at set-up): the sender posts a descriptor
-// (pid, address) in its slot, the receiver reads the data straight out of the sender's memory
-// with process_vm_readv and acknowledges, and the sender's call ends only after every ack.
+// (pid, address) in its slot, and the receiver reads the data straight out of the sender's
+// memory with process_vm_readv before it releases the slot.
 // This is the protocol shape of the CUDA intranode path, so CPU tests exercise the same logic.
 #pragma once
 
@@ -18,6 +21,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -54,7 +58,8 @@ class HostTransport {
   // ranks disagree; after either the transport refuses further calls.
   void all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs, const char* op_name);
 
-  // Fails any wait in progress and every later call (from any thread).
+  // Fails any wait in progress and every later call (from any thread); peers in a call with
+  // this rank fail too, naming `why`.
   void abort(const std::string& why);
 
   int rank() const { return rank_; }
@@ -68,11 +73,17 @@ class HostTransport {
   struct ChannelControl;
   struct SlotHeader;
 
+  static size_t controls_offset();
   SegmentHeader* header(int owner) const;
   ChannelControl* channel(int owner, int src) const;
   SlotHeader* slot(int owner, int src, uint64_t index) const;
   bool probe_one_copy(Rendezvous& rdv, const std::string& tag);  // collective
-  void fail(const std::string& message);  // records the error, tells the peers, throws
+  // Records the first error (later calls raise it) and tells the peers, whose waits on this
+  // rank then fail at once instead of at their timeout.
+  void stop(const std::string& message);
+  void fail(const std::string& message);  // stop(), then throws CommError
+  // Fails unless `s` is the next message from `src` and carries `expected_bytes`.
+  void check_slot(const SlotHeader* s, int src, size_t expected_bytes, const char* op_name);
   [[noreturn]] void raise_broken() const;
 
   int rank_;
@@ -85,10 +96,10 @@ class HostTransport {
   std::vector<ShmSegment> segments_;
   std::vector<uint64_t> send_seq_;  // messages sent to each peer
   std::vector<uint64_t> recv_seq_;  // messages received from each peer
-  std::vector<uint64_t> acks_due_;  // one-copy messages sent to each peer so far
   bool one_copy_ = false;
   std::atomic<bool> broken_{false};
-  std::string broken_message_;
+  mutable std::mutex broken_mutex_;
+  std::string broken_message_;  // under broken_mutex_
 };
 
 }  // namespace ep

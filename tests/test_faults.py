@@ -1,0 +1,332 @@
+"""Faults on CPU: waits that time out, abort(), shutdown(), ranks that disagree, and a rank
+SIGKILLed in the middle of a stream of mixed calls.
+
+Each failure must raise on the host, naming the op, the rank, the peer and the time waited,
+instead of hanging or corrupting memory; the group then refuses further calls with a clear
+message, and destroy_process_group still works. Timeouts are short (2-3 s) on groups made for
+the test, so the shared pool's default group stays usable. Where data moved before the fault,
+it is checked: all_to_all blocks carry values every rank can compute, and a dispatch followed
+by a combine returns x times the number of ranks each token went to.
+"""
+import os
+import random
+import signal
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torch_ep
+from torch_ep import reference
+from torch_ep.testing import RankPool, poison_, same_bits
+
+from conftest import rank_pool
+from test_shm_cleanup import leaked, shm_names
+
+SLACK_S = 10  # on top of the timeout: a busy 2-core CI machine wakes sleepers late
+
+
+def _error_of(call):
+    start = time.monotonic()
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - the test inspects whatever was raised
+        return time.monotonic() - start, type(e).__name__, str(e)
+    return time.monotonic() - start, None, None
+
+
+def _default_group_still_works(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    x = torch.randn(size * 3, 5, generator=torch.Generator().manual_seed(seed + rank))
+    y = poison_(torch.empty_like(x))
+    dist.all_to_all_single(y, x)
+    assert same_bits(y, reference.all_to_all_single(y.shape, x))
+
+
+# ----------------------------------------------------------------------------- checked streams
+
+def _block(call, src, dst, rows, width, device):
+    """The block `src` sends `dst` in call `call`: int64 values any rank can compute."""
+    base = ((call * 131 + src) * 257 + dst) * 1_000_003
+    return (base + torch.arange(rows * width, dtype=torch.int64, device=device)).view(rows, width)
+
+
+def checked_all_to_all(call, splits, group=None, async_op=False, width=3, device="cpu"):
+    """all_to_all_single with `splits` [src, dst] rows; every received block is checked."""
+    rank = dist.get_rank(group)
+    size = splits.shape[0]
+    sends = [_block(call, rank, d, int(splits[rank, d]), width, device) for d in range(size)]
+    x = torch.cat(sends)
+    out_splits = splits[:, rank].tolist()
+    y = poison_(torch.empty(sum(out_splits), width, dtype=torch.int64, device=device))
+    work = dist.all_to_all_single(y, x, out_splits, splits[rank].tolist(), group=group, async_op=async_op)
+    if async_op:
+        work.wait()
+    expected = torch.cat([_block(call, s, rank, int(splits[s, rank]), width, device) for s in range(size)])
+    assert torch.equal(y, expected), f"call {call}: all_to_all_single delivered wrong data"
+
+
+def checked_round_trip(g, group=None, num_tokens=12, hidden=8, experts_per_rank=2, top_k=2, device="cpu"):
+    """dispatch then combine of what arrived: each token comes back as x times the number of
+    ranks it went to (integer-valued float32: exact)."""
+    size = dist.get_world_size(group)
+    num_experts = experts_per_rank * size
+    idx = torch.empty(0, top_k, dtype=torch.int64)
+    if num_tokens:
+        idx = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)])
+        idx[torch.rand(idx.shape, generator=g) < 0.25] = -1
+    x = torch.randint(-50, 50, (num_tokens, hidden), generator=g).float()
+    d = torch_ep.dispatch(x.to(device), idx.to(device), num_experts=num_experts, group=group)
+    back = torch_ep.combine(d.recv_x, d.handle, group=group).combined_x
+    ranks_per_token = reference.get_dispatch_layout(idx, num_experts, group).is_token_in_rank.sum(1, keepdim=True)
+    assert torch.equal(back.cpu(), x * ranks_per_token), "dispatch + combine lost or changed rows"
+
+
+def rank_mixed_stream(seed, max_calls, victim=-1, device="cpu"):
+    """all_to_all_single (random splits, some async) and dispatch + combine, each checked, until
+    a call raises (a peer died) or max_calls; returns (calls done, seconds the failing call took,
+    its error or None). Rank `victim` SIGKILLs itself at a random moment of a random call."""
+    size = dist.get_world_size()
+    shared = random.Random(seed)  # the same op sequence and sizes on every rank
+    g = torch.Generator().manual_seed(seed + dist.get_rank())
+    die_at = shared.randrange(20, 200)
+    for call in range(max_calls):
+        if call == die_at and dist.get_rank() == victim:
+            threading.Timer(random.uniform(0, 0.005), os.kill, (os.getpid(), signal.SIGKILL)).start()
+        op = shared.choice(["all_to_all", "all_to_all", "async", "moe"])
+        splits = torch.randint(0, 9, (size, size), generator=torch.Generator().manual_seed(shared.randrange(2**31)))
+        start = time.monotonic()
+        try:
+            if op == "moe":
+                checked_round_trip(g, device=device)
+            else:
+                checked_all_to_all(call, splits, async_op=op == "async", device=device)
+        except AssertionError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            return call, time.monotonic() - start, f"{type(e).__name__}: {e}"
+    return max_calls, 0.0, None
+
+
+def _names_dead_peer(error, dead):
+    return f"rank {dead}" in error and any(op in error for op in ("all_to_all_single", "dispatch", "combine"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+@pytest.mark.parametrize("world_size,victim", [(3, 1), (4, 0)])
+def test_rank_killed_mid_stream(world_size, victim):
+    """A rank SIGKILLed (by itself, at a random moment of a random call) while the group streams
+    mixed, checked all_to_all_single and dispatch/combine calls: every survivor raises within the
+    timeout, naming the op and the dead rank, then destroys the group and exits 0; no process
+    hangs and /dev/shm keeps nothing."""
+    timeout_s = 3
+    before = set(shm_names())
+    ranks = RankPool(world_size, env={"OMP_NUM_THREADS": "1", "TORCH_EP_TIMEOUT_S": str(timeout_s)}, timeout_s=60)
+    survivors = [r for r in range(world_size) if r != victim]
+    seed = random.randrange(2**30)
+    try:
+        ranks.start(range(world_size), rank_mixed_stream, seed, 10**6, victim)
+        outcomes = ranks.results(survivors, "rank_mixed_stream after the kill", timeout_s=timeout_s + 60)
+    finally:
+        exit_codes = ranks.close()
+    for r, (calls, elapsed, error) in outcomes.items():
+        assert error is not None, f"seed {seed}: rank {r} finished {calls} calls although rank {victim} is dead"
+        assert calls >= 20, f"seed {seed}: rank {r} failed before the kill: {error}"
+        assert elapsed < timeout_s + SLACK_S, f"seed {seed}: rank {r} raised after {elapsed:.1f} s: {error}"
+        assert _names_dead_peer(error, victim), f"seed {seed}: rank {r}: the error names neither op nor peer: {error}"
+    assert exit_codes == [-9 if r == victim else 0 for r in range(world_size)], exit_codes
+    assert leaked(shm_names(), before, ranks.pids) == []
+
+
+# ----------------------------------------------------------------------------- timeouts
+
+def rank_timeout(kind, timeout_s, absent, seed, source="option"):
+    """On a group with a short timeout, every rank but `absent` makes a call (`kind`) that the
+    absent rank never joins. Returns the error, then the errors of later calls on that group.
+    The timeout comes from torch_ep.Options, or (`source` "new_group") from new_group's own
+    timeout argument when Options leaves it unset."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if source == "option":
+        group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=timeout_s)))
+    else:
+        group = dist.new_group(timeout=timedelta(seconds=timeout_s), pg_options=torch_ep.Options(timeout=None))
+    assert torch_ep.get_backend(group).config.timeout == timedelta(seconds=timeout_s)
+    splits = torch.randint(1, 4, (size, size), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + rank)
+    if kind != "set_up":  # a first call that every rank makes: the transport is up
+        checked_all_to_all(0, splits, group=group)
+    if kind == "combine":
+        num_experts = 2 * size
+        idx = torch.randint(0, num_experts, (6, 2), generator=g)
+        d = torch_ep.dispatch(torch.randn(6, 4, generator=g), idx, num_experts=num_experts, group=group)
+    calls = {
+        "set_up": lambda: checked_all_to_all(1, splits, group=group),
+        "all_to_all": lambda: checked_all_to_all(1, splits, group=group),
+        "async": lambda: checked_all_to_all(1, splits, group=group, async_op=True),
+        "dispatch": lambda: checked_round_trip(g, group=group),
+        "combine": lambda: torch_ep.combine(d.recv_x, d.handle, group=group),
+    }
+    first = later = None
+    if rank != absent:
+        first = _error_of(calls[kind])
+        x = torch.ones(size * 2)
+        later = {
+            "all_to_all_single": _error_of(lambda: dist.all_to_all_single(torch.empty_like(x), x, group=group)),
+            "all_reduce": _error_of(lambda: dist.all_reduce(x, group=group)),
+            "barrier": _error_of(lambda: dist.barrier(group=group)),
+            "dispatch": _error_of(lambda: checked_round_trip(g, group=group)),
+        }
+    dist.barrier()  # the absent rank waits here for the others' errors
+    dist.destroy_process_group(group)
+    _default_group_still_works(seed)
+    return first, later
+
+
+OPS = {"set_up": "all_to_all_single", "all_to_all": "all_to_all_single", "async": "all_to_all_single",
+       "dispatch": "dispatch", "combine": "combine"}
+CASES = [(kind, "option") for kind in OPS] + [("all_to_all", "new_group")]
+
+
+@pytest.fixture
+def pool3():
+    return rank_pool(3)
+
+
+@pytest.mark.parametrize("kind,source", CASES, ids=lambda v: str(v))
+def test_timeout_raises_naming_op_rank_peer_and_time(pool3, kind, source):
+    """A peer that never joins: within the timeout every other rank raises a DistBackendError
+    (a RuntimeError) naming the op, itself, the missing peer and the time waited; later calls on
+    that group, delegated ones included, are refused at once with a clear message."""
+    timeout_s, absent = 2, pool3.world_size - 1
+    results = pool3.run(rank_timeout, kind, timeout_s, absent, random.randrange(2**30), source)
+    for rank, (first, later) in enumerate(results):
+        if rank == absent:
+            continue
+        elapsed, kind_name, error = first
+        assert kind_name == "DistBackendError", f"rank {rank}: {kind_name}: {error}"
+        assert issubclass(dist.DistBackendError, RuntimeError)
+        assert elapsed < timeout_s + SLACK_S, f"rank {rank}: raised after {elapsed:.1f} s: {error}"
+        assert "timed out" in error or "never arrived" in error, f"rank {rank}: {error}"
+        assert OPS[kind] in error, f"rank {rank}: the op is not named: {error}"
+        assert f"rank {absent}" in error, f"rank {rank}: the missing peer is not named: {error}"
+        assert f"rank {rank}" in error and " ms" in error, f"rank {rank}: no rank or time: {error}"
+        for op, (elapsed, kind_name, error) in later.items():
+            assert kind_name == "DistBackendError" and elapsed < 1.0, f"rank {rank}, later {op}: {kind_name}: {error}"
+            assert error.startswith(f"{op} on rank {rank}: this 'ep' process group takes no more calls"), error
+            assert "destroy" in error, error
+
+
+# ----------------------------------------------------------------------------- abort / shutdown
+
+def rank_abort(seed):
+    """Rank 0 aborts a group while its own async all_to_all_single and rank 1's call wait for
+    a rank that never comes (the group's timeout is long): both raise at once."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=60)))
+    splits = torch.randint(1, 4, (size, size), generator=torch.Generator().manual_seed(seed))
+    checked_all_to_all(0, splits, group=group)
+    x = torch.ones(size * 2)
+    first = later = None
+    if rank == 0:
+        work = dist.all_to_all_single(torch.empty_like(x), x, group=group, async_op=True)
+        time.sleep(0.5)
+        assert not work.is_completed()
+        group.abort()
+        first = _error_of(work.wait)
+        later = _error_of(lambda: dist.all_to_all_single(torch.empty_like(x), x, group=group))
+    elif rank == 1:
+        first = _error_of(lambda: dist.all_to_all_single(torch.empty_like(x), x, group=group))
+    dist.barrier()
+    dist.destroy_process_group(group)  # works on an aborted group
+    _default_group_still_works(seed)
+    return first, later
+
+
+def test_abort_ends_waits_here_and_at_peers(pool3):
+    results = pool3.run(rank_abort, random.randrange(2**30))
+    (elapsed0, kind0, error0), later = results[0]
+    assert kind0 == "DistBackendError" and elapsed0 < SLACK_S and "aborted" in error0, (elapsed0, error0)
+    elapsed1, kind1, error1 = results[1][0]
+    assert kind1 == "DistBackendError" and elapsed1 < SLACK_S, (elapsed1, error1)
+    assert "rank 0 aborted its process group" in error1, error1
+    assert later[1] == "DistBackendError" and "takes no more calls: it was aborted" in later[2], later
+
+
+def _thread_names():
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+
+def _count(names, prefix):
+    return sum(n.startswith(prefix) for n in names)
+
+
+def rank_shutdown(seed):
+    """shutdown() (what destroy_process_group calls) refuses later calls, and ends the group's
+    threads and its inner Gloo backend's even while Python still holds the group (as a module
+    that keeps its group does): threads left to a finalizing interpreter died inside a
+    destructor and aborted the process ("terminate called without an active exception")."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    before = _thread_names()
+    group = dist.new_group()
+    splits = torch.randint(1, 4, (size, size), generator=torch.Generator().manual_seed(seed))
+    checked_all_to_all(0, splits, group=group)
+    checked_round_trip(torch.Generator().manual_seed(seed + rank), group=group)
+    t = torch.full((4,), float(rank))
+    dist.all_reduce(t, op=dist.ReduceOp.AVG, group=group)  # emulated on the worker thread
+    assert torch.equal(t, torch.full((4,), (size - 1) / 2))
+    during = _thread_names()
+    group.shutdown()
+    x = torch.ones(size * 2)
+    errors = {
+        "all_to_all_single": _error_of(lambda: dist.all_to_all_single(torch.empty_like(x), x, group=group)),
+        "all_reduce": _error_of(lambda: dist.all_reduce(x, group=group)),
+        "dispatch": _error_of(lambda: checked_round_trip(torch.Generator(), group=group)),
+    }
+    dist.destroy_process_group(group)  # after shutdown(): still fine
+    after = _thread_names()
+    _default_group_still_works(seed)
+    return before, during, after, errors
+
+
+def test_shutdown_refuses_calls_and_ends_threads(pool):
+    for before, during, after, errors in pool.run(rank_shutdown, random.randrange(2**30)):
+        assert _count(during, "torch_ep_worker") == _count(before, "torch_ep_worker") + 1, during
+        assert _count(during, "pt_gloo_runloop") > _count(before, "pt_gloo_runloop"), during
+        assert _count(after, "torch_ep_worker") == _count(before, "torch_ep_worker"), after
+        assert _count(after, "pt_gloo_runloop") == _count(before, "pt_gloo_runloop"), after
+        for op, (elapsed, kind, error) in errors.items():
+            assert kind == "DistBackendError", (op, kind, error)
+            assert "takes no more calls: it was shut down" in error, (op, error)
+
+
+# ----------------------------------------------------------------------------- disagreement
+
+def rank_disagreeing_splits(seed):
+    """Rank 0 expects one row more from rank 1 than rank 1 sends: every rank raises in that call
+    (none returns data from a call its peers rejected), and later calls are refused."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group()
+    x = torch.randn(size * 2, generator=torch.Generator().manual_seed(seed + rank))
+    out_splits = [2] * size
+    if rank == 0:
+        out_splits[1] = 3
+    y = poison_(torch.empty(sum(out_splits)))
+    err = _error_of(lambda: dist.all_to_all_single(y, x, out_splits, [2] * size, group=group))
+    later = _error_of(lambda: dist.all_to_all_single(torch.empty_like(x), x, group=group))
+    dist.barrier()
+    dist.destroy_process_group(group)
+    _default_group_still_works(seed)
+    return err, later
+
+
+def test_disagreeing_splits_raise_on_every_rank(pool):
+    for rank, (err, later) in enumerate(pool.run(rank_disagreeing_splits, random.randrange(2**30))):
+        elapsed, kind, error = err
+        assert kind == "DistBackendError", f"rank {rank}: {kind}: {error}"
+        assert "rank 0 expects 12 bytes from rank 1, but rank 1 sends 8 bytes: the ranks' split sizes disagree" \
+            in error, f"rank {rank}: {error}"
+        assert elapsed < SLACK_S, f"rank {rank}: took {elapsed:.1f} s"
+        assert later[1] == "DistBackendError" and "takes no more calls" in later[2], later
