@@ -71,9 +71,9 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   tail -15 "$LOGS/gpu_tests.log" >> "$SUMMARY"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
-  step "GPU reliability tests (fuzz, ${TORCH_EP_SOAK_CALLS:=10000}-call soak), ${TORCH_EP_RELIABILITY_WORLD_SIZES:-2,4,8} ranks"
+  step "GPU reliability tests (fuzz, ${TORCH_EP_SOAK_CALLS:=10000}-call soak, a rank killed), ${TORCH_EP_RELIABILITY_WORLD_SIZES:-2,4,8} ranks"
   TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_RELIABILITY_WORLD_SIZES:-2,4,8} TORCH_EP_SOAK_CALLS=$TORCH_EP_SOAK_CALLS \
-    timeout 300 python3 -m pytest tests/test_fuzz.py tests/test_soak.py -k cuda -q -ra -x \
+    timeout 300 python3 -m pytest tests/test_fuzz.py tests/test_soak.py tests/test_faults.py -k cuda -q -ra -x \
     > "$LOGS/gpu_reliability.log" 2>&1 || STATUS=1
   grep -v "^\[rank" "$LOGS/gpu_reliability.log" | tail -15 >> "$SUMMARY"
 fi

@@ -10,6 +10,7 @@ by a combine returns x times the number of ranks each token went to.
 """
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -112,23 +113,26 @@ def rank_mixed_stream(seed, max_calls, victim=-1, device="cpu"):
 
 
 def _names_dead_peer(error, dead):
-    return f"rank {dead}" in error and any(op in error for op in ("all_to_all_single", "dispatch", "combine"))
+    # "rank 1", or the CUDA transport's "peer rank(s) 0, 1"
+    names = re.search(rf"\brank(\(s\))? (\d+, )*{dead}\b", error) is not None
+    return names and any(op in error for op in ("all_to_all_single", "dispatch", "combine"))
 
 
-@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
-@pytest.mark.parametrize("world_size,victim", [(3, 1), (4, 0)])
-def test_rank_killed_mid_stream(world_size, victim):
+def _kill_mid_stream(world_size, victim, device):
     """A rank SIGKILLed (by itself, at a random moment of a random call) while the group streams
     mixed, checked all_to_all_single and dispatch/combine calls: every survivor raises within the
     timeout, naming the op and the dead rank, then destroys the group and exits 0; no process
     hangs and /dev/shm keeps nothing."""
     timeout_s = 3
     before = set(shm_names())
-    ranks = RankPool(world_size, env={"OMP_NUM_THREADS": "1", "TORCH_EP_TIMEOUT_S": str(timeout_s)}, timeout_s=60)
+    env = {"OMP_NUM_THREADS": "1", "TORCH_EP_TIMEOUT_S": str(timeout_s)}
+    if device == "cuda":  # ranks sharing a GPU split it under MPS, as in the GPU suite
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // -(-world_size // torch.cuda.device_count()))
+    ranks = RankPool(world_size, env=env, timeout_s=60, cuda=device == "cuda")
     survivors = [r for r in range(world_size) if r != victim]
     seed = random.randrange(2**30)
     try:
-        ranks.start(range(world_size), rank_mixed_stream, seed, 10**6, victim)
+        ranks.start(range(world_size), rank_mixed_stream, seed, 10**6, victim, device)
         outcomes = ranks.results(survivors, "rank_mixed_stream after the kill", timeout_s=timeout_s + 60)
     finally:
         exit_codes = ranks.close()
@@ -139,6 +143,21 @@ def test_rank_killed_mid_stream(world_size, victim):
         assert _names_dead_peer(error, victim), f"seed {seed}: rank {r}: the error names neither op nor peer: {error}"
     assert exit_codes == [-9 if r == victim else 0 for r in range(world_size)], exit_codes
     assert leaked(shm_names(), before, ranks.pids) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+@pytest.mark.parametrize("world_size,victim", [(3, 1), (4, 0)])
+def test_rank_killed_mid_stream(world_size, victim):
+    _kill_mid_stream(world_size, victim, "cpu")
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch_ep._C.has_cuda), reason="needs CUDA and a CUDA build")
+@pytest.mark.parametrize("world_size,victim", [(2, 1), (4, 2)])
+def test_rank_killed_mid_stream_cuda(world_size, victim):
+    """The same on CUDA tensors: the survivors' kernels and host waits are bounded, the error
+    names the dead peer, and every survivor exits cleanly (its IPC mappings of the dead rank's
+    memory are released with its context)."""
+    _kill_mid_stream(world_size, victim, "cuda")
 
 
 # ----------------------------------------------------------------------------- timeouts

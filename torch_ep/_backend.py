@@ -37,7 +37,13 @@ def create_backend(dist_opts, pg_options) -> _C.ProcessGroupEP:
             nccl_options = dist.ProcessGroupNCCL.Options()
             nccl_options._timeout = config.timeout
             cuda_backend = dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", store), rank, size, nccl_options)
-    return _C.ProcessGroupEP(store, rank, size, config, cpu_backend, cuda_backend)
+    backend = _C.ProcessGroupEP(store, rank, size, config, cpu_backend, cuda_backend)
+    # No rank leaves the group's creation before every rank's inner backends are connected: a
+    # rank that destroyed the group at once (shutdown releases them) would otherwise close the
+    # Gloo pairs a slower peer is still connecting.
+    store.set(f"ep/created/{rank}", "1")
+    store.wait([f"ep/created/{r}" for r in range(size)], config.timeout)
+    return backend
 
 
 def register() -> None:
