@@ -364,6 +364,10 @@ void CudaTransport::release_waits() {
 
 void CudaTransport::watch() {
   cudaSetDevice(buffers_.device());
+  // Another thread may be capturing a CUDA graph in global mode, which forbids event queries
+  // from every thread in that mode and invalidates the capture; this thread never captures.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeThreadLocal;
+  cudaThreadExchangeStreamCaptureMode(&mode);
   // Calls move from inflight_ to this thread's own queue and are queried without the lock:
   // a driver call under it would stall the next op's track() on the caller's thread.
   std::deque<Inflight> watched;
