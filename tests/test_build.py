@@ -93,13 +93,9 @@ def _cuda_include_dir():
     return None
 
 
-@pytest.mark.skipif(_cuda_include_dir() is None or torch.version.cuda is not None,
-                    reason="needs the CUDA headers, and a CPU torch (a CUDA torch builds these for real)")
-@pytest.mark.parametrize("source", CUDA_HOST_SOURCES, ids=os.path.basename)
-def test_cuda_host_code_compiles(source, tmp_path):
-    """The CUDA transport and its torch glue compile against this torch's headers, so CI catches
-    a broken CUDA path without a GPU. CPU torch ships c10/cuda headers but not the generated
-    cuda_cmake_macros.h; an empty stand-in is enough for a syntax check."""
+def _syntax_check(source, tmp_path, defines=(), includes=()):
+    """g++ -fsyntax-only of a CUDA host file against this torch's headers. CPU torch ships
+    c10/cuda headers but not the generated cuda_cmake_macros.h; an empty stand-in is enough."""
     import sysconfig
 
     macros = tmp_path / "c10" / "cuda" / "impl"
@@ -108,11 +104,21 @@ def test_cuda_host_code_compiles(source, tmp_path):
     torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
     cuda_include = _cuda_include_dir()
     std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13) else "-std=c++17"
-    cmd = ["g++", std, "-fsyntax-only", "-DTORCH_EP_WITH_CUDA=1", f"-I{ROOT}", f"-I{torch_include}",
-           f"-I{torch_include}/torch/csrc/api/include", f"-I{tmp_path}", f"-I{cuda_include}",
-           f"-I{cuda_include}/cccl", f"-I{sysconfig.get_paths()['include']}", source]
+    cmd = ["g++", std, "-fsyntax-only", "-DTORCH_EP_WITH_CUDA=1", *(f"-D{d}=1" for d in defines), f"-I{ROOT}",
+           f"-I{torch_include}", f"-I{torch_include}/torch/csrc/api/include", f"-I{tmp_path}",
+           *(f"-I{i}" for i in includes), f"-I{cuda_include}", f"-I{cuda_include}/cccl",
+           f"-I{sysconfig.get_paths()['include']}", source]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.skipif(_cuda_include_dir() is None or torch.version.cuda is not None,
+                    reason="needs the CUDA headers, and a CPU torch (a CUDA torch builds these for real)")
+@pytest.mark.parametrize("source", CUDA_HOST_SOURCES, ids=os.path.basename)
+def test_cuda_host_code_compiles(source, tmp_path):
+    """The CUDA transport and its torch glue compile against this torch's headers, so CI catches
+    a broken CUDA path without a GPU."""
+    _syntax_check(source, tmp_path)
 
 
 NVSHMEM_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport", "nvshmem", "*.cpp"))
@@ -124,17 +130,4 @@ NVSHMEM_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport
 @pytest.mark.parametrize("source", NVSHMEM_HOST_SOURCES, ids=os.path.basename)
 def test_nvshmem_host_code_compiles(source, tmp_path):
     """The NVSHMEM runtime and the low-latency glue compile as the NVSHMEM build compiles them."""
-    import sysconfig
-
-    macros = tmp_path / "c10" / "cuda" / "impl"
-    macros.mkdir(parents=True)
-    (macros / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
-    cuda_include = _cuda_include_dir()
-    std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13) else "-std=c++17"
-    cmd = ["g++", std, "-fsyntax-only", "-DTORCH_EP_WITH_CUDA=1", "-DTORCH_EP_WITH_NVSHMEM=1", f"-I{ROOT}",
-           f"-I{torch_include}", f"-I{torch_include}/torch/csrc/api/include", f"-I{tmp_path}",
-           f"-I{_nvshmem_root()}/include", f"-I{cuda_include}", f"-I{cuda_include}/cccl",
-           f"-I{sysconfig.get_paths()['include']}", source]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
+    _syntax_check(source, tmp_path, defines=["TORCH_EP_WITH_NVSHMEM"], includes=[f"{_nvshmem_root()}/include"])
