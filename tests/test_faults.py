@@ -27,6 +27,8 @@ from torch_ep.testing import RankPool, poison_, same_bits
 from conftest import rank_pool
 from test_shm_cleanup import leaked, shm_names
 
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and torch_ep._C.has_cuda),
+                                reason="needs CUDA and a CUDA build")
 SLACK_S = 10  # on top of the timeout: a busy 2-core CI machine wakes sleepers late
 
 
@@ -151,7 +153,7 @@ def test_rank_killed_mid_stream(world_size, victim):
     _kill_mid_stream(world_size, victim, "cpu")
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch_ep._C.has_cuda), reason="needs CUDA and a CUDA build")
+@needs_cuda
 @pytest.mark.parametrize("world_size,victim", [(2, 1), (4, 2)])
 def test_rank_killed_mid_stream_cuda(world_size, victim):
     """The same on CUDA tensors: the survivors' kernels and host waits are bounded, the error
@@ -162,11 +164,13 @@ def test_rank_killed_mid_stream_cuda(world_size, victim):
 
 # ----------------------------------------------------------------------------- timeouts
 
-def rank_timeout(kind, timeout_s, absent, seed, source="option"):
+def rank_timeout(kind, timeout_s, absent, seed, source="option", device="cpu"):
     """On a group with a short timeout, every rank but `absent` makes a call (`kind`) that the
     absent rank never joins. Returns the error, then the errors of later calls on that group.
     The timeout comes from torch_ep.Options, or (`source` "new_group") from new_group's own
-    timeout argument when Options leaves it unset."""
+    timeout argument when Options leaves it unset. On CUDA tensors (`device`) the later calls
+    use them too, so a delegated one (all_reduce, barrier) goes to the inner backend only if the
+    failed CUDA transport did not close the group."""
     rank, size = dist.get_rank(), dist.get_world_size()
     if source == "option":
         group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=timeout_s)))
@@ -176,27 +180,29 @@ def rank_timeout(kind, timeout_s, absent, seed, source="option"):
     splits = torch.randint(1, 4, (size, size), generator=torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed + rank)
     if kind != "set_up":  # a first call that every rank makes: the transport is up
-        checked_all_to_all(0, splits, group=group)
+        checked_all_to_all(0, splits, group=group, device=device)
+        checked_round_trip(g, group=group, device=device)
     if kind == "combine":
         num_experts = 2 * size
         idx = torch.randint(0, num_experts, (6, 2), generator=g)
-        d = torch_ep.dispatch(torch.randn(6, 4, generator=g), idx, num_experts=num_experts, group=group)
+        x = torch.randn(6, 4, generator=g)
+        d = torch_ep.dispatch(x.to(device), idx.to(device), num_experts=num_experts, group=group)
     calls = {
-        "set_up": lambda: checked_all_to_all(1, splits, group=group),
-        "all_to_all": lambda: checked_all_to_all(1, splits, group=group),
-        "async": lambda: checked_all_to_all(1, splits, group=group, async_op=True),
-        "dispatch": lambda: checked_round_trip(g, group=group),
+        "set_up": lambda: checked_all_to_all(1, splits, group=group, device=device),
+        "all_to_all": lambda: checked_all_to_all(1, splits, group=group, device=device),
+        "async": lambda: checked_all_to_all(1, splits, group=group, async_op=True, device=device),
+        "dispatch": lambda: checked_round_trip(g, group=group, device=device),
         "combine": lambda: torch_ep.combine(d.recv_x, d.handle, group=group),
     }
     first = later = None
     if rank != absent:
         first = _error_of(calls[kind])
-        x = torch.ones(size * 2)
+        x = torch.ones(size * 2, device=device)
         later = {
             "all_to_all_single": _error_of(lambda: dist.all_to_all_single(torch.empty_like(x), x, group=group)),
             "all_reduce": _error_of(lambda: dist.all_reduce(x, group=group)),
             "barrier": _error_of(lambda: dist.barrier(group=group)),
-            "dispatch": _error_of(lambda: checked_round_trip(g, group=group)),
+            "dispatch": _error_of(lambda: checked_round_trip(g, group=group, device=device)),
         }
     dist.barrier()  # the absent rank waits here for the others' errors
     dist.destroy_process_group(group)
@@ -214,13 +220,7 @@ def pool3():
     return rank_pool(3)
 
 
-@pytest.mark.parametrize("kind,source", CASES, ids=lambda v: str(v))
-def test_timeout_raises_naming_op_rank_peer_and_time(pool3, kind, source):
-    """A peer that never joins: within the timeout every other rank raises a DistBackendError
-    (a RuntimeError) naming the op, itself, the missing peer and the time waited; later calls on
-    that group, delegated ones included, are refused at once with a clear message."""
-    timeout_s, absent = 2, pool3.world_size - 1
-    results = pool3.run(rank_timeout, kind, timeout_s, absent, random.randrange(2**30), source)
+def _check_timeouts(results, kind, timeout_s, absent):
     for rank, (first, later) in enumerate(results):
         if rank == absent:
             continue
@@ -236,6 +236,27 @@ def test_timeout_raises_naming_op_rank_peer_and_time(pool3, kind, source):
             assert kind_name == "DistBackendError" and elapsed < 1.0, f"rank {rank}, later {op}: {kind_name}: {error}"
             assert error.startswith(f"{op} on rank {rank}: this 'ep' process group takes no more calls"), error
             assert "destroy" in error, error
+
+
+@pytest.mark.parametrize("kind,source", CASES, ids=lambda v: str(v))
+def test_timeout_raises_naming_op_rank_peer_and_time(pool3, kind, source):
+    """A peer that never joins: within the timeout every other rank raises a DistBackendError
+    (a RuntimeError) naming the op, itself, the missing peer and the time waited; later calls on
+    that group, delegated ones included, are refused at once with a clear message."""
+    timeout_s, absent = 2, pool3.world_size - 1
+    results = pool3.run(rank_timeout, kind, timeout_s, absent, random.randrange(2**30), source)
+    _check_timeouts(results, kind, timeout_s, absent)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["all_to_all", "dispatch", "combine"])
+def test_timeout_cuda_refuses_every_later_call(kind):
+    """The same on CUDA tensors: once the group's CUDA transport has failed, the group refuses
+    every later call, delegated collectives included (the transport's failure closes it)."""
+    pool = rank_pool(3, cuda=True)
+    timeout_s, absent = 2, pool.world_size - 1
+    results = pool.run(rank_timeout, kind, timeout_s, absent, random.randrange(2**30), "option", "cuda")
+    _check_timeouts(results, kind, timeout_s, absent)
 
 
 # ----------------------------------------------------------------------------- abort / shutdown
@@ -271,6 +292,41 @@ def test_abort_ends_waits_here_and_at_peers(pool3):
     elapsed1, kind1, error1 = results[1][0]
     assert kind1 == "DistBackendError" and elapsed1 < SLACK_S, (elapsed1, error1)
     assert "rank 0 aborted its process group" in error1, error1
+    assert later[1] == "DistBackendError" and "takes no more calls: it was aborted" in later[2], later
+
+
+def rank_abort_kernel_wait(seed):
+    """Rank 0 aborts a group while its CUDA all_to_all_single waits on the device for rank 1,
+    whose stream is held up by a 5-second kernel: rank 0's wait() raises at once (the abort
+    releases the wait), not when rank 1 finally comes."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=60), blocking_wait=True))
+    splits = torch.randint(1, 4, (size, size), generator=torch.Generator().manual_seed(seed))
+    checked_all_to_all(0, splits, group=group, device="cuda")
+    x = torch.ones(size * 2, device="cuda")
+    y = torch.empty_like(x)
+    first = later = None
+    if rank == 1:
+        torch.cuda._sleep(int(5 * torch.cuda.get_device_properties(0).clock_rate * 1e3))  # ~5 s
+    work = dist.all_to_all_single(y, x, group=group, async_op=True)
+    if rank == 0:
+        time.sleep(0.5)
+        assert not work.is_completed(), "rank 0's all_to_all did not wait for rank 1"
+        group.abort()
+        first = _error_of(work.wait)
+        later = _error_of(lambda: dist.all_reduce(x, group=group))
+    torch.cuda.synchronize()  # rank 1: its late copies land before rank 0 lets go of `y`
+    dist.barrier()
+    dist.destroy_process_group(group)
+    _default_group_still_works(seed)
+    return first, later
+
+
+@needs_cuda
+def test_abort_releases_a_cuda_kernel_wait():
+    pool = rank_pool(2, cuda=True)
+    (elapsed, kind, error), later = pool.run(rank_abort_kernel_wait, random.randrange(2**30))[0]
+    assert kind == "DistBackendError" and elapsed < 2 and "aborted" in error, (elapsed, kind, error)
     assert later[1] == "DistBackendError" and "takes no more calls: it was aborted" in later[2], later
 
 

@@ -116,22 +116,30 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::T
 std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device&, const char* op_name) {
   TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
 }
+
+void ProcessGroupEP::abort_cuda(const std::string&) {}
 #endif
 
+void CallGate::close(const std::string& why, bool overrule) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closed_.load() && !overrule) return;  // the first error is the one worth reporting
+  why_ = why;
+  closed_.store(true, std::memory_order_release);
+}
+
+std::string CallGate::why() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return why_;
+}
+
 void ProcessGroupEP::check_usable(const char* op) const {
-  if (!unusable_.load(std::memory_order_acquire)) return;
-  std::lock_guard<std::mutex> lock(state_mutex_);
+  if (gate_->open()) return;
   C10_THROW_ERROR(DistBackendError, std::string(op) + " on rank " + std::to_string(getRank()) +
-                                        ": this 'ep' process group takes no more calls: " + unusable_why_ +
+                                        ": this 'ep' process group takes no more calls: " + gate_->why() +
                                         ". Destroy it (dist.destroy_process_group) and create a new one.");
 }
 
-void ProcessGroupEP::stop_taking_calls(const std::string& why, bool overrule) {
-  std::lock_guard<std::mutex> lock(state_mutex_);
-  if (unusable_.load() && !overrule) return;  // the first error is the one worth reporting
-  unusable_why_ = why;
-  unusable_.store(true, std::memory_order_release);
-}
+void ProcessGroupEP::stop_taking_calls(const std::string& why, bool overrule) { gate_->close(why, overrule); }
 
 c10::intrusive_ptr<c10d::Backend> ProcessGroupEP::cpu_backend(const char* op) {
   check_usable(op);
@@ -496,6 +504,7 @@ void ProcessGroupEP::abort() {
     std::lock_guard<std::mutex> lock(host_mutex_);
     if (host_transport_) host_transport_->abort("rank " + std::to_string(getRank()) + " aborted its process group");
   }
+  abort_cuda("rank " + std::to_string(getRank()) + " aborted its process group");  // releases kernel waits
   c10::intrusive_ptr<c10d::Backend> cpu, cuda;
   {
     std::lock_guard<std::mutex> lock(state_mutex_);

@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 
 #include "backend/process_group/config.hpp"
 #include "backend/process_group/host_worker.hpp"
@@ -34,6 +35,22 @@ struct AllToAllSpans {
   std::vector<RecvBuffer> recvs;
   std::vector<at::Tensor> buffers;
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
+};
+
+// Whether a group still takes calls. Shared with the group's transports, whose watchdogs close
+// it from their own threads when they fail: a reference to the group itself could end up as its
+// last one on such a thread, whose destructor would then join that very thread.
+class CallGate {
+ public:
+  bool open() const { return !closed_.load(std::memory_order_acquire); }
+  // Makes every later call refuse with `why`; the first reason stays unless `overrule`.
+  void close(const std::string& why, bool overrule = false);
+  std::string why() const;
+
+ private:
+  std::atomic<bool> closed_{false};
+  mutable std::mutex mutex_;
+  std::string why_;
 };
 
 class ProcessGroupEP : public c10d::Backend {
@@ -149,6 +166,11 @@ class ProcessGroupEP : public c10d::Backend {
   // The CUDA transport for `device`, created by the first CUDA all_to_all (collective); null when
   // the ranks span hosts. Defined in cuda_path.cpp; without CUDA support it is always null.
   std::shared_ptr<CudaTransport> cuda_transport(const at::Device& device, const char* op_name);
+  // Closes the gate when `transport` fails (a timeout, peers out of step), so that delegated
+  // collectives refuse too. Defined in cuda_path.cpp.
+  void refuse_calls_when_failed(CudaTransport& transport);
+  // Fails the CUDA transports now (abort()): their waits in flight are released.
+  void abort_cuda(const std::string& why);
   // Runs an all_to_all on the CUDA transport.
   c10::intrusive_ptr<c10d::Work> cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
                                                  c10d::OpType type, const char* op_name);
@@ -164,8 +186,7 @@ class ProcessGroupEP : public c10d::Backend {
   mutable std::mutex state_mutex_;
   c10::intrusive_ptr<c10d::Backend> cpu_backend_;   // null after shutdown()
   c10::intrusive_ptr<c10d::Backend> cuda_backend_;  // null without CUDA, or after shutdown()
-  std::atomic<bool> unusable_{false};
-  std::string unusable_why_;  // under state_mutex_
+  std::shared_ptr<CallGate> gate_ = std::make_shared<CallGate>();
 
   mutable std::mutex host_mutex_;
   enum class HostPath { kUndecided, kShm, kGloo } host_path_ = HostPath::kUndecided;

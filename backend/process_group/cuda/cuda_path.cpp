@@ -12,6 +12,17 @@
 
 namespace ep {
 
+void ProcessGroupEP::refuse_calls_when_failed(CudaTransport& transport) {
+  // The gate, not the group: the listener runs on the transport's watchdog thread.
+  transport.on_failure([gate = gate_](const std::string& why) { gate->close("its CUDA transport failed: " + why); });
+}
+
+void ProcessGroupEP::abort_cuda(const std::string& why) {
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  if (cuda_transport_) cuda_transport_->abort(why);
+  if (moe_transport_) moe_transport_->abort(why);
+}
+
 std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& device, const char* op_name) {
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   if (cuda_path_ == CudaPath::kUndecided) try {
@@ -23,6 +34,7 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& 
       cc.num_sms = config_.num_sms;
       cc.timeout = config_.timeout;
       cuda_transport_ = std::make_shared<CudaTransport>(rendezvous_, cc, "ep/cuda/transport");
+      refuse_calls_when_failed(*cuda_transport_);
       comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
       cuda_path_ = CudaPath::kOurs;
     } else {
@@ -60,6 +72,7 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& d
       cc.timeout = config_.timeout;
       cc.control_slot_bytes = 16 << 10;  // a dispatch record in one chunk
       moe_transport_ = std::make_shared<CudaTransport>(rendezvous_, cc, "ep/cuda/moe");
+      refuse_calls_when_failed(*moe_transport_);
     } catch (const std::exception& e) {
       C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's CUDA transport for "
                                             "dispatch/combine failed: " + e.what());

@@ -173,7 +173,7 @@ void CudaTransport::exchange(const void* mine, void* theirs, size_t record_bytes
     sends[p] = {static_cast<const char*>(mine) + p * record_bytes, record_bytes};
     recvs[p] = {static_cast<char*>(theirs) + p * record_bytes, record_bytes};
   }
-  control_.all_to_all(sends, recvs, op_name);
+  control_exchange(sends, recvs, op_name);
 }
 
 void CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<int> peers) {
@@ -222,7 +222,7 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     ctrl_sends[p] = {&mine[p], sizeof(ControlRecord)};
     ctrl_recvs[p] = {&theirs[p], sizeof(ControlRecord)};
   }
-  control_.all_to_all(ctrl_sends, ctrl_recvs, op_name);
+  control_exchange(ctrl_sends, ctrl_recvs, op_name);
   std::vector<int> peers;
   for (int p = 0; p < size_; ++p) {
     if (p == rank_) continue;
@@ -234,8 +234,7 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
                         std::to_string(recvs[p].bytes) + ", but rank " + std::to_string(p) + " expects " +
                         std::to_string(theirs[p].expect_bytes) + " and sends " +
                         std::to_string(theirs[p].send_bytes) + ": the ranks' split sizes disagree";
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (error_.empty()) error_ = msg;
+      fail(msg);
       throw CommError(msg);
     }
     all_exported = all_exported && theirs[p].exported;
@@ -356,6 +355,40 @@ void CudaTransport::enqueue_staged(const std::vector<SendBuffer>& sends, const s
   }
 }
 
+void CudaTransport::control_exchange(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
+                                     const char* op_name) {
+  try {
+    control_.all_to_all(sends, recvs, op_name);
+  } catch (const std::exception& e) {
+    fail(e.what());  // a peer is gone or out of step: so is this transport, for good
+    throw;
+  }
+}
+
+void CudaTransport::on_failure(std::function<void(const std::string&)> listener) {
+  std::string already;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    failure_listener_ = listener;
+    already = error_;
+  }
+  if (!already.empty() && listener) listener(already);
+}
+
+void CudaTransport::abort(const std::string& why) { fail(why); }
+
+void CudaTransport::fail(const std::string& why) {
+  std::function<void(const std::string&)> listener;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!error_.empty()) return;
+    error_ = why;
+    listener = failure_listener_;
+  }
+  cv_.notify_all();  // the watchdog releases whatever still waits
+  if (listener) listener(why);
+}
+
 void CudaTransport::release_waits() {
   // Non-zero bytes in every flag of ours: each GEQ-1 wait on this rank passes.
   cudaMemsetAsync(buffers_.block(rank_), 0x01, size_t(size_) * (kSlots * 2 + 2) * sizeof(uint32_t),
@@ -416,7 +449,11 @@ void CudaTransport::watch() {
     lock.lock();
     spare_events_.insert(spare_events_.end(), finished.begin(), finished.end());
     finished.clear();
-    if (!error.empty() && error_.empty()) error_ = error;
+    if (!error.empty()) {
+      lock.unlock();
+      fail(error);
+      lock.lock();
+    }
     if (stalled && !error_.empty()) release_waits();
     if (stopping_ && inflight_.empty() && watched.empty()) return;
   }

@@ -31,6 +31,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -65,6 +66,12 @@ class CudaTransport {
 
   // The error that stopped this transport, or "" while it is healthy.
   std::string error() const;
+  // `listener` hears, once and from whichever thread found it (often the watchdog's), the error
+  // that stops this transport: the group then refuses every later call, delegated ones too.
+  void on_failure(std::function<void(const std::string&)> listener);
+  // Stops the transport now (the group's abort()): calls in flight on this rank are released
+  // at the watchdog's next poll, and later calls raise `why`.
+  void abort(const std::string& why);
   int device() const { return buffers_.device(); }
   int rank() const { return rank_; }
   int size() const { return size_; }
@@ -108,6 +115,11 @@ class CudaTransport {
   void enqueue_staged(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
                       cudaStream_t stream);
   void watch();
+  // control_.all_to_all; a failure there fails the transport.
+  void control_exchange(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
+                        const char* op_name);
+  // Records the first error and tells the listener (called without mutex_ held).
+  void fail(const std::string& why);
   void release_waits();  // makes every wait on this rank's flags pass
 
   int rank_;
@@ -130,6 +142,7 @@ class CudaTransport {
   std::deque<Inflight> inflight_;
   std::vector<cudaEvent_t> spare_events_;  // of finished calls, for the next ones
   std::string error_;
+  std::function<void(const std::string&)> failure_listener_;
   bool stopping_ = false;
   std::thread watchdog_;
 };
