@@ -120,7 +120,7 @@ if [ "$WHAT" = profile ] || [ "$WHAT" = ll-profile ]; then
     step "low-latency profile, $R ranks"
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) timeout 120 torchrun --standalone --nproc-per-node "$R" \
       tools/ll_profile.py > "$LOGS/ll_profile_${R}ranks.log" 2>&1 || STATUS=1
-    grep "^rank" "$LOGS/ll_profile_${R}ranks.log" >> "$SUMMARY"
+    grep "^rank\|^trace\|^  rank" "$LOGS/ll_profile_${R}ranks.log" >> "$SUMMARY"
   done
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then

@@ -2,7 +2,13 @@
 in a replayed CUDA graph of back-to-back calls, at DeepEP's decoding shape. A receive kernel's
 time includes waiting for the peers' sends.
 
-    torchrun --nproc-per-node 2 tools/ll_profile.py [--tokens 128] [--hidden 7168]
+With TORCH_EP_LL_TRACE=1 the kernels also stamp the global timer at their phase boundaries
+(backend/kernels/low_latency.cu, `stamp`), and rank 0 prints the last call of each graph as one
+timeline of every rank's kernels (ranks on one GPU share its timer): when each kernel starts,
+and when its blocks pass each phase (median and last block), in microseconds from the call's
+first kernel start.
+
+    [TORCH_EP_LL_TRACE=1] torchrun --nproc-per-node 2 tools/ll_profile.py [--tokens 128] [--hidden 7168]
 """
 import argparse
 import os
@@ -12,6 +18,43 @@ import torch
 import torch.distributed as dist
 
 import torch_ep
+from torch_ep import _C
+
+# Phases each kernel stamps, in order (point 0 is the block's start).
+PHASES = {
+    "dispatch send": ["start", "credits", "counted", "payload", "last block", "flags out"],
+    "dispatch recv": ["start", "1st flags", "copied", "credits out"],
+    "combine send": ["start", "credits", "payload", "flags out"],
+    "combine recv": ["start", "flags", "reduced", "credits out"],
+}
+TRACE_BLOCKS, TRACE_POINTS = 256, 8  # kernels::ll::kTraceBlocks, kTracePoints
+
+
+def trace_timeline(words, kernels):
+    """Per kernel (of `kernels`, trace order): phase -> (median, last) over the blocks, in ns."""
+    trace = torch.tensor(words, dtype=torch.int64).view(4, TRACE_BLOCKS, TRACE_POINTS)
+    out = {}
+    for k, name in enumerate(PHASES):
+        if name not in kernels:
+            continue
+        blocks = trace[k][trace[k][:, 0] > 0]
+        phases = {}
+        for p, phase in enumerate(PHASES[name]):
+            t = blocks[:, p][blocks[:, p] > 0]
+            if len(t):
+                phases[phase] = (int(t.median()), int(t.max()) if p else int(t.min()))
+        out[name] = phases
+    return out
+
+
+def print_trace(op, timelines):
+    """timelines[rank][kernel][phase] = (median, last) ns: one table, times from the first start."""
+    t0 = min(ph["start"][1] for tl in timelines for ph in tl.values() if "start" in ph)
+    print(f"trace {op}: us from the first kernel start (median block / last block)")
+    for rank, tl in enumerate(timelines):
+        for kernel, phases in tl.items():
+            cells = [f"{ph} {(m - t0) / 1e3:.1f}/{(last - t0) / 1e3:.1f}" for ph, (m, last) in phases.items()]
+            print(f"  rank {rank} {kernel:13s} " + ", ".join(cells), flush=True)
 
 
 def main():
@@ -37,6 +80,8 @@ def main():
         "dispatch bf16": lambda: torch_ep.low_latency_dispatch(x, idx, use_fp8=False, **kw),
         "combine": lambda: torch_ep.low_latency_combine(y, idx, w, d.handle),
     }
+    tracing = bool(_C._ll_trace(dist.group.WORLD.group_name))
+    sync = dist.new_group(backend="gloo")
     lines = []
     for name, fn in ops.items():
         # Replays of a graph of back-to-back calls, as the benchmark times them: no host in the way.
@@ -60,6 +105,16 @@ def main():
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:6])
         lines.append(f"rank {rank} {name:14s} kernels us/call: {top}")
         dist.barrier()
+        if tracing:  # three more replays, each the last call's trace after a barrier
+            for _ in range(3):
+                dist.barrier()
+                graph.replay()
+                kernels = ["combine send", "combine recv"] if name == "combine" else ["dispatch send", "dispatch recv"]
+                mine = trace_timeline(_C._ll_trace(dist.group.WORLD.group_name), kernels)
+                every = [None] * dist.get_world_size()
+                dist.all_gather_object(every, mine, group=sync)
+                if rank == 0:
+                    print_trace(name, every)
     for line in lines:
         print(line, flush=True)
     dist.destroy_process_group()

@@ -51,6 +51,12 @@ __device__ __forceinline__ uint64_t wait_nonzero(const uint64_t* p, uint64_t dea
   return v;
 }
 
+// Thread 0 of the block stamps `point` of `kernel` (a no-op unless tracing).
+__device__ __forceinline__ void stamp(const GroupArgs& g, Counter kernel, int point) {
+  if (g.trace && threadIdx.x == 0 && blockIdx.x < kTraceBlocks)
+    g.trace[(int64_t(kernel) * kTraceBlocks + blockIdx.x) * kTracePoints + point] = now_ns();
+}
+
 template <typename T>
 __device__ __forceinline__ T* at(char* base, int64_t offset) {
   return reinterpret_cast<T*>(base + offset);
@@ -149,8 +155,10 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSend
   int* segment_base = rank_in_segment + NK;
   int* totals = segment_base + kWarps * E;
 
+  stamp(g, kDispatchSendCounter, 0);
   map_peers(g, peer_half);
   wait_credits(g, g.layout.dispatch_credits(), kDispatchSendTimeout);
+  stamp(g, kDispatchSendCounter, 1);
   for (int i = threadIdx.x; i < NK; i += blockDim.x) {
     const int64_t e = p.topk_idx[i];
     const bool valid = e >= 0 && e < E;
@@ -190,6 +198,7 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSend
     if (running > p.max_tokens && blockIdx.x == 0) report(g.error, kDispatchOverflow, e / E_local);
   }
   __syncthreads();
+  stamp(g, kDispatchSendCounter, 2);
 
   // Payload: a warp takes (token, 512-channel chunk) units, casts once, stores to every slot.
   const int64_t msg_bytes = LowLatencyLayout::message_bytes(H, p.use_fp8);
@@ -261,9 +270,12 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSend
     }
   }
 
+  stamp(g, kDispatchSendCounter, 3);
   // Counts out: once every block's rows are visible, count + 1 into each expert's flag. One
   // warp does it: a system fence per lane, then plain stores (a fence per flag costs more).
-  if (last_block(g, kDispatchSendCounter) && warp == 0) {
+  const bool last = last_block(g, kDispatchSendCounter);
+  stamp(g, kDispatchSendCounter, 4);
+  if (last && warp == 0) {
     for (int r = lane; r < R; r += 32)  // credits taken before anyone can give them back
       *at<uint64_t>(g.half, g.layout.dispatch_credits() + 8 * r) = 0;
     __syncwarp();
@@ -276,6 +288,7 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSend
                         count + 1);
     }
   }
+  stamp(g, kDispatchSendCounter, 5);
 }
 
 // ------------------------------------------------------------------------------ dispatch recv
@@ -292,6 +305,7 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DispatchRecv
   const int64_t payload_bytes = p.use_fp8 ? H : 2 * int64_t(H);
   const int num_scales = H / kChannelsPerScale;
   const int64_t rows_per_expert = int64_t(R) * p.max_tokens;
+  stamp(g, kDispatchRecvCounter, 0);
   map_peers(g, peer_half);
   const uint64_t deadline = now_ns() + g.timeout_ns;
 
@@ -305,6 +319,7 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DispatchRecv
       p.recv_layout[int64_t(le) * R + r] = counts[r];
     }
     __syncthreads();
+    if (le == blockIdx.x) stamp(g, kDispatchRecvCounter, 1);  // the first expert's flags are in
     if (threadIdx.x == 0) {  // counts become the exclusive prefix over sources, total last
       int total = 0;
       for (int r = 0; r < R; ++r) {
@@ -334,8 +349,10 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DispatchRecv
     __syncthreads();  // counts[] is rewritten for the next expert
   }
 
+  stamp(g, kDispatchRecvCounter, 2);
   if (last_block(g, kDispatchRecvCounter))  // every row read: the senders may write this half again
     signal_ranks(g, peer_half, g.layout.dispatch_credits() + 8 * int64_t(g.rank), 1);
+  stamp(g, kDispatchRecvCounter, 3);
 }
 
 // ------------------------------------------------------------------------------ combine send
@@ -349,8 +366,10 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
   const GroupArgs& g = p.g;
   const int R = g.num_ranks, H = p.hidden, E = p.num_experts;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  stamp(g, kCombineSendCounter, 0);
   map_peers(g, peer_half);
   wait_credits(g, g.layout.combine_credits(), kCombineSendTimeout);
+  stamp(g, kCombineSendCounter, 1);
   if (warp == 0) {  // exclusive scan of layout [E_local * R], 32 at a time
     int running = 0;
     for (int base = 0; base < E; base += 32) {
@@ -386,11 +405,13 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
                  reinterpret_cast<const uint4*>(p.x + row * H), int64_t(H) * 2 / 16, lane);
   }
 
+  stamp(g, kCombineSendCounter, 2);
   if (last_block(g, kCombineSendCounter)) {
     for (int r = threadIdx.x; r < R; r += blockDim.x) *at<uint64_t>(g.half, g.layout.combine_credits() + 8 * r) = 0;
     __syncthreads();
     signal_ranks(g, peer_half, g.layout.combine_flags() + 8 * int64_t(g.rank), 1);  // every rank, rows or not
   }
+  stamp(g, kCombineSendCounter, 3);
 }
 
 // ------------------------------------------------------------------------------ combine recv
@@ -402,6 +423,7 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvPa
   const GroupArgs& g = p.g;
   const int R = g.num_ranks, H = p.hidden, K = p.num_topk;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  stamp(g, kCombineRecvCounter, 0);
   map_peers(g, peer_half);
   {
     const uint64_t deadline = now_ns() + g.timeout_ns;
@@ -410,6 +432,7 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvPa
         report(g.error, kCombineRecvTimeout, r);
   }
   __syncthreads();
+  stamp(g, kCombineRecvCounter, 1);
 
   const int chunks = (H + kRecvChunk - 1) / kRecvChunk;
   const int64_t units = int64_t(p.num_tokens) * chunks;
@@ -458,11 +481,13 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvPa
     *reinterpret_cast<uint4*>(p.out + int64_t(t) * H + ch0) = make_uint4(out[0], out[1], out[2], out[3]);
   }
 
+  stamp(g, kCombineRecvCounter, 2);
   if (last_block(g, kCombineRecvCounter)) {
     for (int r = threadIdx.x; r < R; r += blockDim.x) *at<uint64_t>(g.half, g.layout.combine_flags() + 8 * r) = 0;
     __syncthreads();
     signal_ranks(g, peer_half, g.layout.combine_credits() + 8 * int64_t(g.rank), 1);
   }
+  stamp(g, kCombineRecvCounter, 3);
 }
 
 int grid_for(int num_blocks, int64_t warps_of_work) {

@@ -46,6 +46,7 @@ struct GroupArgs {
   int num_blocks;       // SM budget
   uint64_t timeout_ns;
   int* error;           // host-mapped error word (0 = fine)
+  uint64_t* trace;      // phase timestamps (kTraceWords), or null: off
 };
 
 struct DispatchSendParams {

@@ -57,4 +57,11 @@ struct LowLatencyLayout {
 // Grid counters of one half (LowLatencyLayout::counters), one per kernel.
 enum Counter : int { kDispatchSendCounter = 0, kDispatchRecvCounter = 1, kCombineSendCounter = 2, kCombineRecvCounter = 3 };
 
+// Phase trace (TORCH_EP_LL_TRACE=1, tools/ll_trace.py): thread 0 of each block writes the
+// global timer (ns) at up to kTracePoints points of each kernel, at
+// trace[(kernel * kTraceBlocks + block) * kTracePoints + point]; kernel is the Counter.
+constexpr int kTraceBlocks = 256;
+constexpr int kTracePoints = 8;
+constexpr int64_t kTraceWords = 4 * kTraceBlocks * kTracePoints;
+
 }  // namespace ep::kernels::ll

@@ -212,6 +212,7 @@ bool reserve_buffer(const std::string&, int, int, int, std::chrono::milliseconds
   TORCH_CHECK(false, kNoNvshmemMessage);
 }
 void check_errors(const std::string&, const char*) {}
+std::vector<uint64_t> trace(const std::string&) { return {}; }
 #endif
 
 int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t num_topk,
@@ -271,6 +272,8 @@ void register_low_latency(pybind11::module_& m) {
   m.def("_ll_buffer_fits", &ll::buffer_fits);
   m.def("_ll_reserve_buffer", &ll::reserve_buffer, py::call_guard<py::gil_scoped_release>());
   m.def("_ll_buffer_bytes", &ll::buffer_bytes);
+  m.def("_ll_trace", &ll::trace, py::call_guard<py::gil_scoped_release>(),
+        "the low-latency kernels' phase timestamps (TORCH_EP_LL_TRACE=1; tools/ll_trace.py)");
   m.def("_ll_check_errors", [](const std::string& group_name) { ll::check_errors(group_name, "low-latency ops"); });
 }
 

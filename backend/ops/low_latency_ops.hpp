@@ -18,6 +18,7 @@
 
 #include <chrono>
 #include <string>
+#include <vector>
 
 namespace ep::ll {
 
@@ -69,5 +70,7 @@ int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_t
                      int64_t hidden);
 // Raises what the group's kernels reported since the last check (no-op without a buffer).
 void check_errors(const std::string& group_name, const char* op);
+// The kernels' phase timestamps (LowLatencyBuffer::trace); empty unless tracing.
+std::vector<uint64_t> trace(const std::string& group_name);
 
 }  // namespace ep::ll

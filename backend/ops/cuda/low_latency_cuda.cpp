@@ -188,6 +188,11 @@ bool reserve_buffer(const std::string& group_name, int rank, int size, int devic
                                     layout_for(size, num_local_experts, max_tokens, num_topk, hidden));
 }
 
+std::vector<uint64_t> trace(const std::string& group_name) {
+  const LowLatencyBuffer* buffer = find_low_latency_buffer(group_name);
+  return buffer ? buffer->trace() : std::vector<uint64_t>();
+}
+
 void check_errors(const std::string& group_name, const char* op) {
   LowLatencyBuffer* buffer = find_low_latency_buffer(group_name);
   if (!buffer) return;

@@ -1,6 +1,7 @@
 #include "backend/transport/nvshmem/low_latency_buffer.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <unordered_map>
 #include <vector>
 
@@ -22,10 +23,26 @@ LowLatencyBuffer::LowLatencyBuffer(int rank, int size, int device, std::chrono::
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(int), cudaHostAllocMapped));
   *error_host_ = 0;
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
+  const char* trace = std::getenv("TORCH_EP_LL_TRACE");
+  if (trace && std::string(trace) == "1") {
+    EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&trace_), kernels::ll::kTraceWords * sizeof(uint64_t)));
+    EP_CUDA_CHECK(cudaMemset(trace_, 0, kernels::ll::kTraceWords * sizeof(uint64_t)));
+  }
 }
 
 LowLatencyBuffer::~LowLatencyBuffer() {
   if (error_host_) cudaFreeHost(error_host_);
+  if (trace_) cudaFree(trace_);
+}
+
+std::vector<uint64_t> LowLatencyBuffer::trace() const {
+  std::vector<uint64_t> words;
+  if (!trace_) return words;
+  words.resize(size_t(kernels::ll::kTraceWords));
+  EP_CUDA_CHECK(cudaSetDevice(device_));
+  EP_CUDA_CHECK(cudaDeviceSynchronize());
+  EP_CUDA_CHECK(cudaMemcpy(words.data(), trace_, words.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+  return words;
 }
 
 bool LowLatencyBuffer::fits(const LowLatencyLayout& n) const {
@@ -128,6 +145,7 @@ kernels::ll::GroupArgs LowLatencyBuffer::args(int half) const {
   g.num_blocks = num_blocks_;
   g.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   g.error = error_device_;
+  g.trace = trace_;
   return g;
 }
 

@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "backend/kernels/low_latency.cuh"
 
@@ -39,6 +40,9 @@ class LowLatencyBuffer {
   // The half the next call of `kind` uses, alternating.
   int next_half(Kind kind) { return int(calls_[kind]++ & 1); }
   kernels::ll::GroupArgs args(int half) const;
+  // The phase trace of the last kernels (kernels::ll::kTraceWords), empty unless
+  // TORCH_EP_LL_TRACE=1 was set when the buffer was created. Synchronises the device.
+  std::vector<uint64_t> trace() const;
 
  private:
   int rank_, size_, device_;
@@ -48,6 +52,7 @@ class LowLatencyBuffer {
   char* base_ = nullptr;         // symmetric: two halves
   int* error_host_ = nullptr;    // pinned, mapped
   int* error_device_ = nullptr;
+  uint64_t* trace_ = nullptr;    // device, kTraceWords; null unless tracing
   uint64_t calls_[2] = {0, 0};
   std::string failed_;           // set after a timeout
 };
