@@ -18,6 +18,7 @@
 #include <cstring>
 #include <optional>
 
+#include "backend/common/errors.hpp"
 #include "backend/kernels/moe.cuh"
 #include "backend/ops/moe_ops.hpp"
 #include "backend/ops/moe_protocol.hpp"
@@ -268,6 +269,8 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     return o;
   } catch (const CommError& e) {
     C10_THROW_ERROR(DistBackendError, e.what());
+  } catch (const TimeoutError& e) {  // a peer never came to the records' exchange
+    C10_THROW_ERROR(DistBackendError, e.what());
   }
 }
 
@@ -324,6 +327,8 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     transport->track(op, stream, peers_of(int(rank), int(R)));
     return o;
   } catch (const CommError& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  } catch (const TimeoutError& e) {  // a peer never came to the records' exchange
     C10_THROW_ERROR(DistBackendError, e.what());
   }
 }
