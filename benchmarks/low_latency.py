@@ -9,6 +9,8 @@ them). Ops, each timed as CUDA-graph replays of --reps back-to-back calls (no ho
 time is per call, including the wait for the slowest peer):
   dispatch fp8 / bf16   low_latency_dispatch(x, topk_idx, max_tokens_per_rank=128, ...)
   combine               low_latency_combine(expert outputs, topk_idx, topk_weights, handle)
+  combine zero-copy     the same with the expert outputs in low_latency_combine_buffer(handle):
+                        the peers read them there (one copy instead of two)
   ... send / ... recv   the hook split: a graph of the send alone, then one of the hook alone,
                         timed one call at a time after a barrier (recv includes waiting for
                         the peers' sends, and the barrier's exit skew)
@@ -84,6 +86,11 @@ def check(x, idx, w, args, sync_group) -> None:
             ref = reference.low_latency_combine(expert_outputs(want.recv_x), idx.cpu(), w.cpu(), want.handle)
             if not same_bits(comb.combined_x.cpu(), ref.combined_x):
                 problems.append("combine: output differs")
+            buf = torch_ep.low_latency_combine_buffer(got.handle)
+            buf.copy_(expert_outputs(got.recv_x))
+            comb = torch_ep.low_latency_combine(buf, idx, w, got.handle)
+            if not same_bits(comb.combined_x.cpu(), ref.combined_x):
+                problems.append("combine (zero copy): output differs")
     torch.cuda.synchronize()
     gathered: List = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, problems, group=sync_group)
@@ -187,11 +194,16 @@ def main() -> None:
     rows = int(bf16.recv_count.sum())
     row_bytes = {"fp8": args.hidden + args.hidden // FP8_BLOCK * 4, "bf16": 2 * args.hidden}
     op_bytes = {"dispatch fp8": rows * row_bytes["fp8"], "dispatch bf16": rows * row_bytes["bf16"],
-                "combine": rows * row_bytes["bf16"]}
+                "combine": rows * row_bytes["bf16"], "combine zero-copy": rows * row_bytes["bf16"]}
+    for _ in range(2):  # both halves' combine buffers hold the expert outputs
+        torch_ep.low_latency_combine(torch_ep.low_latency_combine_buffer(bf16.handle).copy_(y), idx, w, bf16.handle)
     ops: Dict[str, Callable[[], object]] = {
         "dispatch fp8": lambda: torch_ep.low_latency_dispatch(x, idx, use_fp8=True, **kw),
         "dispatch bf16": lambda: torch_ep.low_latency_dispatch(x, idx, use_fp8=False, **kw),
         "combine": lambda: torch_ep.low_latency_combine(y, idx, w, bf16.handle),
+        # the experts wrote into the combine buffer (once, above): the combine moves each row once
+        "combine zero-copy": lambda: torch_ep.low_latency_combine(torch_ep.low_latency_combine_buffer(bf16.handle), idx,
+                                                                  w, bf16.handle),
     }
     copies = {}
     for op, nbytes in op_bytes.items():

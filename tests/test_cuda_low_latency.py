@@ -61,7 +61,8 @@ def check_dispatch(got, expected, use_fp8):
                   ex8.float() * escales.repeat_interleave(FP8_BLOCK, 1)).abs() <= step).all())
 
 
-def run_case(seed, kind, num_tokens, hidden, top_k, experts_per_rank, use_fp8, round_scale, max_tokens, hook=False):
+def run_case(seed, kind, num_tokens, hidden, top_k, experts_per_rank, use_fp8, round_scale, max_tokens, hook=False,
+             zero_copy=False):
     num_experts, x, idx, w = make_inputs(seed, kind, num_tokens, hidden, top_k, experts_per_rank, device="cuda")
     xc, idxc, wc = x.cpu(), idx.cpu(), w.cpu()
     expected = reference.low_latency_dispatch(xc, idxc, max_tokens_per_rank=max_tokens, num_experts=num_experts,
@@ -76,7 +77,11 @@ def run_case(seed, kind, num_tokens, hidden, top_k, experts_per_rank, use_fp8, r
     y_ref = expert_outputs(expected.recv_x, expected.handle)
     ref_out = reference.low_latency_combine(y_ref, idxc, wc, expected.handle).combined_x
     out = poison_(torch.empty(x.shape[0], hidden, dtype=torch.bfloat16, device="cuda"))
-    comb = torch_ep.low_latency_combine(y_ref.cuda(), idx, w, got.handle, return_recv_hook=hook, out=out)
+    y = y_ref.cuda()
+    if zero_copy:  # the expert outputs written straight into the symmetric buffer the peers read
+        y = poison_(torch_ep.low_latency_combine_buffer(got.handle))
+        y.copy_(y_ref)
+    comb = torch_ep.low_latency_combine(y, idx, w, got.handle, return_recv_hook=hook, out=out)
     assert comb.combined_x is out
     if hook:
         comb.hook()
@@ -107,6 +112,16 @@ def test_hook(cuda_pool):
     cuda_pool.run(run_case, _seed(), "random", 8, 256, 3, 2, False, False, 8, hook=True)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]], ids=lambda c: "-".join(str(v) for v in c))
+def test_zero_copy_combine(cuda_pool, case):
+    """x written into low_latency_combine_buffer: the combine sends it without a copy. Twice in
+    a row (the two buffer halves), then with the hook."""
+    seed = _seed()
+    cuda_pool.run(run_case, seed, *case, zero_copy=True)
+    cuda_pool.run(run_case, seed + 1, *case, zero_copy=True)
+    cuda_pool.run(run_case, seed + 2, *case, hook=True, zero_copy=True)
+
+
 def rank_two_live_and_repeated(seed):
     """Two dispatches alive at once (with hooks: both sent before either is received), then a
     run of repeated calls with fresh data, each checked."""
@@ -128,8 +143,9 @@ def test_two_live_results_and_repeated_calls(cuda_pool):
     cuda_pool.run(rank_two_live_and_repeated, _seed())
 
 
-def rank_graph(seed, use_fp8):
-    """dispatch + expert + combine captured in one CUDA graph, replayed on new data."""
+def rank_graph(seed, use_fp8, zero_copy=False):
+    """dispatch + expert + combine captured in one CUDA graph, replayed on new data (with
+    zero_copy the expert writes into low_latency_combine_buffer)."""
     max_tokens, hidden = 12, 256
     num_experts, x, idx, w = make_inputs(seed, "random", 12, hidden, 3, 2, device="cuda")
     static_x = x.clone()
@@ -139,6 +155,8 @@ def rank_graph(seed, use_fp8):
         d = torch_ep.low_latency_dispatch(static_x, idx, max_tokens_per_rank=max_tokens, num_experts=num_experts,
                                           use_fp8=use_fp8)
         y = expert_outputs(d.recv_x, d.handle)
+        if zero_copy:
+            y = torch_ep.low_latency_combine_buffer(d.handle).copy_(y)
         torch_ep.low_latency_combine(y, idx, w, d.handle, out=out)
         return d
 
@@ -169,9 +187,10 @@ def rank_graph(seed, use_fp8):
     torch_ep.low_latency.check_errors()
 
 
-@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
-def test_cuda_graph(cuda_pool, use_fp8):
-    cuda_pool.run(rank_graph, _seed(), use_fp8)
+@pytest.mark.parametrize("use_fp8,zero_copy", [(False, False), (True, False), (False, True)],
+                         ids=["bf16", "fp8", "bf16-zero-copy"])
+def test_cuda_graph(cuda_pool, use_fp8, zero_copy):
+    cuda_pool.run(rank_graph, _seed(), use_fp8, zero_copy)
 
 
 def rank_bad_input(seed):
@@ -186,6 +205,11 @@ def rank_bad_input(seed):
     if dist.get_world_size() > 1:  # any count divides among one rank
         with pytest.raises(ValueError, match="divisible"):
             torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts + 1)
+    d = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts, use_fp8=False)
+    buf = torch_ep.low_latency_combine_buffer(d.handle)
+    with pytest.raises(ValueError, match="inside a low_latency_combine_buffer"):
+        torch_ep.low_latency_combine(buf.view(-1)[128:], idx, w, d.handle)
+    torch_ep.low_latency_combine(d.recv_x, idx, w, d.handle)  # completes the round
     run_case(seed + 1, "random", 6, 256, 2, 2, False, False, 8)
 
 

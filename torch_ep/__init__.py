@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from . import _C
 from ._backend import BACKEND_NAME, get_backend, register
-from .low_latency import low_latency_combine, low_latency_dispatch
+from .low_latency import low_latency_combine, low_latency_combine_buffer, low_latency_dispatch
 from .moe import MoEWork, combine, dispatch, get_dispatch_layout
 from .options import Options
 from .types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResult, LowLatencyCombineResult,
@@ -19,4 +19,5 @@ register()
 
 __all__ = ["BACKEND_NAME", "Options", "get_backend", "get_dispatch_layout", "dispatch", "combine", "MoEWork",
            "DispatchLayout", "DispatchHandle", "DispatchResult", "CombineResult", "low_latency_dispatch",
-           "low_latency_combine", "LowLatencyHandle", "LowLatencyDispatchResult", "LowLatencyCombineResult"]
+           "low_latency_combine", "low_latency_combine_buffer", "LowLatencyHandle", "LowLatencyDispatchResult",
+           "LowLatencyCombineResult"]

@@ -41,7 +41,7 @@ from . import _C
 from ._backend import get_backend
 from .types import LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle
 
-__all__ = ["low_latency_dispatch", "low_latency_combine", "check_errors"]
+__all__ = ["low_latency_dispatch", "low_latency_combine", "low_latency_combine_buffer", "check_errors"]
 
 # Variables NVSHMEM reads at initialisation, defaulted (never overridden) when every rank of the
 # group is on one host.
@@ -55,6 +55,7 @@ MIN_SYMMETRIC_HEAP_BYTES = 2 << 30
 FP8_BLOCK = 128
 
 _world: Optional[Tuple[int, ...]] = None  # global ranks of this process's NVSHMEM world
+_combine_regions: dict = {}  # group name -> {(address, bytes)} of the combine buffers handed out
 
 
 def _group(group):
@@ -183,12 +184,14 @@ def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
     x: [E_local, R*max_tokens_per_rank, H] bfloat16, laid out as the dispatch's recv_x.
     topk_idx / topk_weights: [N, K] int64 / float32, the dispatch's routing and its weights.
     out: an optional [N, H] bf16 tensor to write into. With return_recv_hook the call only
-    sends; combined_x is valid after `result.hook()`.
+    sends; combined_x is valid after `result.hook()`. x written into
+    low_latency_combine_buffer(handle) is not copied: the peers read it where it is.
     """
     op = "low_latency_combine"
     if not isinstance(handle, LowLatencyHandle):
         raise TypeError(f"handle: expected the LowLatencyHandle of a low_latency_dispatch, got {type(handle).__name__}")
     g = dist.distributed_c10d._resolve_process_group(handle.group_name)
+    _check_not_inside_a_region(op, x, g.group_name)
     n = topk_idx.shape[0] if topk_idx.dim() >= 1 else 0
     if n != handle.num_tokens:
         raise ValueError(f"{op}: topk_idx has {n} tokens but the handle's dispatch sent {handle.num_tokens}")
@@ -204,11 +207,40 @@ def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
                                             handle.group_name)
     hook = None
     if return_recv_hook:
-        name, num_experts = handle.group_name, handle.num_experts
+        name, num_experts, max_tokens = handle.group_name, handle.num_experts, handle.max_tokens_per_rank
 
         def hook() -> None:
-            torch.ops.ep.low_latency_combine_recv(topk_idx, topk_weights, out, half, num_experts, name)
+            torch.ops.ep.low_latency_combine_recv(topk_idx, topk_weights, out, half, max_tokens, num_experts, name)
     return LowLatencyCombineResult(out, hook)
+
+
+def low_latency_combine_buffer(handle: LowLatencyHandle) -> torch.Tensor:
+    """The [E_local, R*max_tokens_per_rank, H] bf16 tensor to write expert outputs into, so that
+    the next low_latency_combine moves them once (zero copy, as DeepEP's zero_copy combine).
+
+    It lives in the group's symmetric memory: the next low_latency_combine given it as x sends
+    without copying, and the peers read the rows straight from it. Before returning, this
+    queues a wait on the current stream (on the device, no host sync; capturable in a graph) for
+    the peers to be done reading the region from the combine before last, so the caller's
+    kernels may write it right away. Call it for each combine (it alternates between two
+    regions, as the combines do); x that is any other tensor is copied in as usual.
+    """
+    if not isinstance(handle, LowLatencyHandle):
+        raise TypeError(f"handle: expected the LowLatencyHandle of a low_latency_dispatch, got {type(handle).__name__}")
+    g = dist.distributed_c10d._resolve_process_group(handle.group_name)
+    device = handle.src_info.device
+    local = handle.num_experts // handle.num_ranks
+    buffer = _C._ll_combine_buffer(handle.group_name, local, handle.max_tokens_per_rank, handle.hidden, device)
+    _combine_regions.setdefault(g.group_name, set()).add((buffer.data_ptr(), buffer.nbytes))
+    return buffer
+
+
+def _check_not_inside_a_region(op: str, x: torch.Tensor, group_name: str) -> None:
+    start = x.data_ptr()
+    for base, nbytes in _combine_regions.get(group_name, ()):
+        if base < start < base + nbytes:
+            raise ValueError(f"{op}: x lies inside a low_latency_combine_buffer but does not start where it does; "
+                             f"pass the buffer itself (or a tensor of your own)")
 
 
 def check_errors(group=None) -> None:
@@ -248,5 +280,5 @@ def _combine_fake(x, topk_idx, topk_weights, src_info, layout, out, max_tokens_p
 
 
 @torch.library.register_fake("ep::low_latency_combine_recv")
-def _combine_recv_fake(topk_idx, topk_weights, out, half, num_experts, group_name):
+def _combine_recv_fake(topk_idx, topk_weights, out, half, max_tokens_per_rank, num_experts, group_name):
     return None

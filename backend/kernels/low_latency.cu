@@ -136,51 +136,55 @@ __device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
   return scale;
 }
 
-// ------------------------------------------------------------------------------ dispatch send
+// ------------------------------------------------------------------------------ pair numbering
 
-// Shared memory: idx [N*K] (int32 expert ids, -1 when not routed), rank_in_segment [N*K],
-// segment_base [kWarps][E] (per-warp counts, then their exclusive prefix), totals [E].
-// The slot of pair p = t*K + k among this rank's pairs for expert e (in pair order) is
-// rank_in_segment[p] + segment_base[segment of p][e]: deterministic, the reference's order.
-__global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSendParams p) {
-  extern __shared__ int smem[];
-  __shared__ char* peer_half[kMaxRanks];
-  const GroupArgs& g = p.g;
-  const int R = g.num_ranks, E = p.num_experts, K = p.num_topk, H = p.hidden;
-  const int E_local = E / R;
-  const int NK = p.num_tokens * K;
+// This rank's (token, slot) pairs numbered per expert in pair order (the reference's order):
+// the dispatch sends pair q = t*K + k to row slot(q) of expert idx[q]'s block for this rank, and
+// the combine finds the row there again. Shared memory (dispatch_send_smem): idx [N*K] (int32
+// expert ids, -1 when not routed), rank_in_segment [N*K], segment_base [kWarps][E] (per-warp
+// counts, then their exclusive prefix), totals [E].
+struct PairSlots {
+  int* idx;
+  int* rank_in_segment;
+  int* segment_base;
+  int* totals;
+  int segment;  // pairs per warp segment
+  int num_experts;
+  __device__ int slot(int q) const { return rank_in_segment[q] + segment_base[(q / segment) * num_experts + idx[q]]; }
+};
+
+// Every block computes the whole numbering (a few microseconds; no grid-wide step needed).
+// Ends with __syncthreads.
+__device__ PairSlots number_pairs(const GroupArgs& g, const int64_t* topk_idx, int num_pairs, int E, int* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int* idx = smem;
-  int* rank_in_segment = idx + NK;
-  int* segment_base = rank_in_segment + NK;
-  int* totals = segment_base + kWarps * E;
-
-  stamp(g, kDispatchSendCounter, 0);
-  map_peers(g, peer_half);
-  wait_credits(g, g.layout.dispatch_credits(), kDispatchSendTimeout);
-  stamp(g, kDispatchSendCounter, 1);
-  for (int i = threadIdx.x; i < NK; i += blockDim.x) {
-    const int64_t e = p.topk_idx[i];
+  PairSlots s;
+  s.idx = smem;
+  s.rank_in_segment = s.idx + num_pairs;
+  s.segment_base = s.rank_in_segment + num_pairs;
+  s.totals = s.segment_base + kWarps * E;
+  s.segment = (num_pairs + kWarps * 32 - 1) / (kWarps * 32) * 32;
+  s.num_experts = E;
+  for (int i = threadIdx.x; i < num_pairs; i += blockDim.x) {
+    const int64_t e = topk_idx[i];
     const bool valid = e >= 0 && e < E;
     if (!valid && e != -1 && blockIdx.x == 0) report(g.error, kBadExpert, g.rank);
-    idx[i] = valid ? int(e) : -1;
+    s.idx[i] = valid ? int(e) : -1;
   }
-  for (int i = threadIdx.x; i < kWarps * E; i += blockDim.x) segment_base[i] = 0;
+  for (int i = threadIdx.x; i < kWarps * E; i += blockDim.x) s.segment_base[i] = 0;
   __syncthreads();
 
   // Per-warp counts over contiguous segments of pairs, 32 pairs at a time.
-  const int segment = (NK + kWarps * 32 - 1) / (kWarps * 32) * 32;
   {
-    const int begin = warp * segment, end = min(NK, begin + segment);
-    int* counts = segment_base + warp * E;
+    const int begin = warp * s.segment, end = min(num_pairs, begin + s.segment);
+    int* counts = s.segment_base + warp * E;
     for (int base = begin; base < end; base += 32) {
       const int q = base + lane;
-      const int e = q < end ? idx[q] : -1;
+      const int e = q < end ? s.idx[q] : -1;
       const unsigned same = __match_any_sync(0xffffffffu, e);
       const int before = e >= 0 ? counts[e] : 0;
       __syncwarp();
       if (e >= 0) {
-        rank_in_segment[q] = before + __popc(same & ((1u << lane) - 1));
+        s.rank_in_segment[q] = before + __popc(same & ((1u << lane) - 1));
         if (lane == __ffs(same) - 1) counts[e] = before + __popc(same);
       }
       __syncwarp();
@@ -190,13 +194,35 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSend
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int running = 0;
     for (int w = 0; w < kWarps; ++w) {
-      const int c = segment_base[w * E + e];
-      segment_base[w * E + e] = running;
+      const int c = s.segment_base[w * E + e];
+      s.segment_base[w * E + e] = running;
       running += c;
     }
-    totals[e] = running;
-    if (running > p.max_tokens && blockIdx.x == 0) report(g.error, kDispatchOverflow, e / E_local);
+    s.totals[e] = running;
   }
+  __syncthreads();
+  return s;
+}
+
+// ------------------------------------------------------------------------------ dispatch send
+
+__global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSendParams p) {
+  extern __shared__ int smem[];
+  __shared__ char* peer_half[kMaxRanks];
+  const GroupArgs& g = p.g;
+  const int R = g.num_ranks, E = p.num_experts, K = p.num_topk, H = p.hidden;
+  const int E_local = E / R;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  stamp(g, kDispatchSendCounter, 0);
+  map_peers(g, peer_half);
+  // The numbering first: the credit it then waits for is almost always there already.
+  const PairSlots slots = number_pairs(g, p.topk_idx, p.num_tokens * K, E, smem);
+  if (blockIdx.x == 0)
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+      if (slots.totals[e] > p.max_tokens) report(g.error, kDispatchOverflow, e / E_local);
+  stamp(g, kDispatchSendCounter, 1);
+  wait_credits(g, g.layout.dispatch_credits(), kDispatchSendTimeout);
   __syncthreads();
   stamp(g, kDispatchSendCounter, 2);
 
@@ -247,9 +273,9 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSend
     }
     for (int k = 0; k < K; ++k) {
       const int q = t * K + k;
-      const int e = idx[q];
+      const int e = slots.idx[q];
       if (e < 0) continue;
-      const int slot = rank_in_segment[q] + segment_base[(q / segment) * E + e];
+      const int slot = slots.slot(q);
       if (slot >= p.max_tokens) continue;
       const int dst = e / E_local, local_expert = e - dst * E_local;
       char* peer = peer_half[dst];
@@ -283,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSend
     for (int e = lane; e < E; e += 32) {
       const int dst = e / E_local, local_expert = e - dst * E_local;
       if (!peer_half[dst]) continue;
-      const uint64_t count = uint64_t(min(totals[e], p.max_tokens));
+      const uint64_t count = uint64_t(min(slots.totals[e], p.max_tokens));
       store_relaxed_u64(at<uint64_t>(peer_half[dst], g.layout.dispatch_flags() + 8 * (int64_t(local_expert) * R + g.rank)),
                         count + 1);
     }
@@ -357,55 +383,53 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DispatchRecv
 
 // ------------------------------------------------------------------------------ combine send
 
-// Rows go back to the rank and slot they came from: x[le, r*max + i] -> rank r's combine
-// region at row src_info (= t*K + k there). Warps take (row, 512-channel chunk) units over the
-// received rows, numbered through a prefix of the per-(expert, rank) counts.
+// Rows of expert le from rank r live at [le][r][i] in x and in the combine region alike: the
+// copy keeps the layout and moves only received rows (layout[le, r] of them), a warp per row,
+// numbered through a prefix of the per-(expert, rank) counts. Then every rank may pull them.
 __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendParams p) {
   extern __shared__ int prefix[];  // [E + 1]: rows before (le, r), pairs in (le, r) order
   __shared__ char* peer_half[kMaxRanks];
   const GroupArgs& g = p.g;
   const int R = g.num_ranks, H = p.hidden, E = p.num_experts;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint16_t* region = at<uint16_t>(g.half, g.layout.combine_region());
+  const bool zero_copy = p.x == region;
   stamp(g, kCombineSendCounter, 0);
   map_peers(g, peer_half);
-  wait_credits(g, g.layout.combine_credits(), kCombineSendTimeout);
+  wait_credits(g, g.layout.combine_credits(), kCombineSendTimeout);  // readers of the call before last are done
   stamp(g, kCombineSendCounter, 1);
-  if (warp == 0) {  // exclusive scan of layout [E_local * R], 32 at a time
-    int running = 0;
-    for (int base = 0; base < E; base += 32) {
-      const int q = base + lane;
-      int v = q < E ? min(max(p.layout[q], 0), p.max_tokens) : 0;
-      int incl = v;
+  if (!zero_copy) {
+    if (warp == 0) {  // exclusive scan of layout [E_local * R], 32 at a time
+      int running = 0;
+      for (int base = 0; base < E; base += 32) {
+        const int q = base + lane;
+        int v = q < E ? min(max(p.layout[q], 0), p.max_tokens) : 0;
+        int incl = v;
 #pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int n = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += n;
+        for (int d = 1; d < 32; d <<= 1) {
+          const int n = __shfl_up_sync(0xffffffffu, incl, d);
+          if (lane >= d) incl += n;
+        }
+        if (q < E) prefix[q] = running + incl - v;
+        running += __shfl_sync(0xffffffffu, incl, 31);
       }
-      if (q < E) prefix[q] = running + incl - v;
-      running += __shfl_sync(0xffffffffu, incl, 31);
+      if (lane == 0) prefix[E] = running;
     }
-    if (lane == 0) prefix[E] = running;
-  }
-  __syncthreads();
-
-  // A warp per received row: the whole row back to its source, eight loads in flight a lane.
-  const int64_t warps = int64_t(gridDim.x) * kWarps;
-  for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E]; m += warps) {
-    int lo = 0, hi = E;  // the pair q with prefix[q] <= m < prefix[q + 1]
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (prefix[mid] <= m) lo = mid; else hi = mid;
+    __syncthreads();
+    const int64_t warps = int64_t(gridDim.x) * kWarps;
+    for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E]; m += warps) {
+      int lo = 0, hi = E;  // the pair q with prefix[q] <= m < prefix[q + 1]
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (prefix[mid] <= m) lo = mid; else hi = mid;
+      }
+      const int64_t row = int64_t(lo) * p.max_tokens + (m - prefix[lo]);  // lo = le * R + r
+      warp_copy_l2(reinterpret_cast<uint4*>(region + row * H), reinterpret_cast<const uint4*>(p.x + row * H),
+                   int64_t(H) * 2 / 16, lane);
     }
-    const int le = lo / R, r = lo - le * R, i = int(m) - prefix[lo];
-    const int64_t row = (int64_t(le) * R + r) * p.max_tokens + i;
-    char* peer = peer_half[r];
-    if (!peer) continue;
-    const int slot = p.src_info[row];
-    warp_copy_l2(reinterpret_cast<uint4*>(peer + g.layout.combine_region() + int64_t(slot) * H * 2),
-                 reinterpret_cast<const uint4*>(p.x + row * H), int64_t(H) * 2 / 16, lane);
   }
-
   stamp(g, kCombineSendCounter, 2);
+
   if (last_block(g, kCombineSendCounter)) {
     for (int r = threadIdx.x; r < R; r += blockDim.x) *at<uint64_t>(g.half, g.layout.combine_credits() + 8 * r) = 0;
     __syncthreads();
@@ -414,17 +438,25 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
   stamp(g, kCombineSendCounter, 3);
 }
 
+// Waits, without taking them, for the credits of this half's combine region (one block).
+__global__ void combine_region_wait_kernel(GroupArgs g) {
+  wait_credits(g, g.layout.combine_credits(), kCombineSendTimeout);
+}
+
 // ------------------------------------------------------------------------------ combine recv
 
-// out[t] = bf16(sum over k = 0..K-1 with a valid expert of w[t,k] * row[t*K + k]), in float32,
-// multiply then add (no FMA), in k order: torch_ep.reference does the same arithmetic.
+// out[t] = bf16(sum over k = 0..K-1 with a valid expert of w[t,k] * row(t, k)), in float32,
+// multiply then add (no FMA), in k order: torch_ep.reference does the same arithmetic. Row
+// (t, k) is row [le][me][slot] of its owner's combine region, slot numbered as the dispatch did.
 __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvParams p) {
+  extern __shared__ int smem[];
   __shared__ char* peer_half[kMaxRanks];
   const GroupArgs& g = p.g;
-  const int R = g.num_ranks, H = p.hidden, K = p.num_topk;
+  const int R = g.num_ranks, H = p.hidden, K = p.num_topk, E = p.num_experts, E_local = E / R;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   stamp(g, kCombineRecvCounter, 0);
   map_peers(g, peer_half);
+  const PairSlots slots = number_pairs(g, p.topk_idx, p.num_tokens * K, E, smem);
   {
     const uint64_t deadline = now_ns() + g.timeout_ns;
     for (int r = threadIdx.x; r < R; r += blockDim.x)
@@ -437,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvPa
   const int chunks = (H + kRecvChunk - 1) / kRecvChunk;
   const int64_t units = int64_t(p.num_tokens) * chunks;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
-  const char* rows = g.half + g.layout.combine_region();
+  const int64_t region = g.layout.combine_region();
   for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += warps) {
     const int t = int(u / chunks), c = int(u % chunks);
     const int ch0 = c * kRecvChunk + lane * 8;
@@ -454,11 +486,15 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvPa
 #pragma unroll
       for (int u = 0; u < kSlotsInFlight; ++u) {
         const int k = k0 + u;
-        const int64_t e = k < K ? p.topk_idx[int64_t(t) * K + k] : -1;
-        routed[u] = e >= 0 && e < p.num_experts;
+        const int q = t * K + k;
+        const int e = k < K ? slots.idx[q] : -1;
+        const int slot = e >= 0 ? slots.slot(q) : 0;
+        const int owner = e >= 0 ? e / E_local : 0;
+        routed[u] = e >= 0 && slot < p.max_tokens && peer_half[owner];
         if (!routed[u]) continue;
-        w[u] = p.topk_weights[int64_t(t) * K + k];
-        v[u] = __ldcg(reinterpret_cast<const uint4*>(rows + ((int64_t(t) * K + k) * H + ch0) * 2));
+        const int64_t row = (int64_t(e - owner * E_local) * R + g.rank) * p.max_tokens + slot;
+        w[u] = p.topk_weights[q];
+        v[u] = __ldcg(reinterpret_cast<const uint4*>(peer_half[owner] + region + (row * H + ch0) * 2));
       }
 #pragma unroll
       for (int u = 0; u < kSlotsInFlight; ++u) {
@@ -480,9 +516,9 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvPa
     }
     *reinterpret_cast<uint4*>(p.out + int64_t(t) * H + ch0) = make_uint4(out[0], out[1], out[2], out[3]);
   }
-
   stamp(g, kCombineRecvCounter, 2);
-  if (last_block(g, kCombineRecvCounter)) {
+
+  if (last_block(g, kCombineRecvCounter)) {  // every row read: the owners may write their regions again
     for (int r = threadIdx.x; r < R; r += blockDim.x) *at<uint64_t>(g.half, g.layout.combine_flags() + 8 * r) = 0;
     __syncthreads();
     signal_ranks(g, peer_half, g.layout.combine_credits() + 8 * int64_t(g.rank), 1);
@@ -544,9 +580,21 @@ cudaError_t launch_combine_send(const CombineSendParams& p, cudaStream_t stream)
 }
 
 cudaError_t launch_combine_recv(const CombineRecvParams& p, cudaStream_t stream) {
-  if (!valid_group(p.g) || p.hidden % kHiddenMultiple) return cudaErrorInvalidValue;
+  if (!valid_group(p.g) || p.num_experts % p.g.num_ranks || p.hidden % kHiddenMultiple) return cudaErrorInvalidValue;
+  const int64_t smem = dispatch_send_smem(p.num_tokens, p.num_topk, p.num_experts);
+  if (smem < 0) return cudaErrorInvalidValue;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(combine_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
   const int64_t units = int64_t(p.num_tokens) * ((p.hidden + kRecvChunk - 1) / kRecvChunk);
-  combine_recv_kernel<<<grid_for(p.g.num_blocks, units), kThreads, 0, stream>>>(p);
+  combine_recv_kernel<<<grid_for(p.g.num_blocks, units), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine_region_wait(const GroupArgs& g, cudaStream_t stream) {
+  if (!valid_group(g)) return cudaErrorInvalidValue;
+  combine_region_wait_kernel<<<1, 64, 0, stream>>>(g);
   return cudaGetLastError();
 }
 

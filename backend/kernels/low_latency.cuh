@@ -3,26 +3,35 @@
 // NVSHMEM device library; this header includes no NVSHMEM header, so host glue compiles
 // without NVSHMEM on its include path.
 //
-// Each op is two kernels, so that with a receive hook no SM waits while data is in flight:
+// Each op is two kernels, so that with a receive hook no SM waits while data is in flight.
+// Dispatch pushes:
 //   send: every (token, top-k slot) routed to expert e is one message written straight into the
 //         owner of e's symmetric receive region (NVLink P2P stores where nvshmem_ptr maps the
-//         peer, NVSHMEM puts elsewhere); the block that finishes last raises one flag per
-//         (destination expert, this rank) holding count + 1.
+//         peer); the block that finishes last raises one flag per (destination expert, this
+//         rank) holding count + 1.
 //   recv: waits for its flags (bounded by the timeout), clears them, copies the messages out
 //         into the caller's tensors; its last block hands a credit back to every sender.
+// Combine pulls, so that expert outputs written straight into the buffer move once:
+//   send: copies x's received rows into this rank's own combine region (nothing to copy when
+//         x is that region: low_latency_combine_buffer), then its last block raises a flag at
+//         every rank: "my rows are ready".
+//   recv: recomputes each (token, slot)'s row at its owner from topk_idx (the dispatch's
+//         deterministic order), waits for the owners' flags, reads the rows from their regions
+//         and sums them; its last block hands a credit back to every owner.
 // Flags and credits return to their initial values in every call, so a CUDA graph replays
-// without host-side sequence numbers. A sender waits for the credit of the buffer half it is
-// about to overwrite (given back by the receiver of the call before last on that half), so
+// without host-side sequence numbers. A rank waits for the credit of the buffer half it is
+// about to overwrite (given back by the readers of the call before last on that half), so
 // overlapping calls never clobber data a peer has not read yet; with the normal call pattern
 // the credit is already there and nobody waits.
 //
 // Symmetric memory of one group (LowLatencyLayout), two halves used alternately:
 //   per half: dispatch receive region [E_local][R][max_tokens] messages of msg_bytes
 //             dispatch flags        [E_local][R] uint64   (set by senders, cleared by the receiver)
-//             combine receive region [max_tokens * K_max] rows of H_max bf16 (indexed t*K + k)
-//             combine flags         [R] uint64
+//             combine region        [E_local][R][max_tokens] rows of H bf16: this rank's expert
+//                                   outputs, laid out as low_latency_combine's x
+//             combine flags         [R] uint64 (set by the owners of rows, cleared by the reader)
 //             dispatch credits      [R] uint64 (set to 1 by receivers, taken by this sender)
-//             combine credits       [R] uint64
+//             combine credits       [R] uint64 (set to 1 by readers, taken by this owner)
 //             grid counters         [4] uint32 (last-block detection of the four kernels)
 //   dispatch message: 16-byte header {int32 t*K + k, int32 t, int32 k, 0}, then the payload
 //             (fp8: H bytes then H/128 float32 scales; bf16: 2H bytes), padded to 16 bytes.
@@ -73,9 +82,8 @@ cudaError_t launch_dispatch_recv(const DispatchRecvParams& params, cudaStream_t 
 
 struct CombineSendParams {
   GroupArgs g;
-  const uint16_t* x;               // [E_local, R*max, H] bf16
-  const int32_t* src_info;         // dispatch's recv_src_info
-  const int32_t* layout;           // dispatch's recv_layout
+  const uint16_t* x;               // [E_local, R*max, H] bf16; the combine region itself: no copy
+  const int32_t* layout;           // dispatch's recv_layout: rows of x per (local expert, rank)
   int hidden, num_experts, max_tokens;
 };
 cudaError_t launch_combine_send(const CombineSendParams& params, cudaStream_t stream);
@@ -85,11 +93,16 @@ struct CombineRecvParams {
   const int64_t* topk_idx;      // [N, K]
   const float* topk_weights;    // [N, K]
   uint16_t* out;                // [N, H] bf16
-  int num_tokens, hidden, num_topk, num_experts;
+  int num_tokens, hidden, num_topk, num_experts, max_tokens;
 };
 cudaError_t launch_combine_recv(const CombineRecvParams& params, cudaStream_t stream);
 
-// Dynamic shared memory the dispatch send kernel needs, or -1 when it exceeds the device limit.
+// Waits (on the device, bounded by the timeout) until every reader of this half's combine region
+// has given its credit back: after it, the region may be written (low_latency_combine_buffer).
+cudaError_t launch_combine_region_wait(const GroupArgs& g, cudaStream_t stream);
+
+// Dynamic shared memory of the kernels that number (token, slot) pairs per expert (dispatch
+// send, combine recv), or -1 when it exceeds the device limit.
 int64_t dispatch_send_smem(int num_tokens, int num_topk, int num_experts);
 
 }  // namespace ep::kernels::ll

@@ -46,7 +46,10 @@ struct LowLatencyLayout {
     return align(dispatch_region() + num_local_experts * num_ranks * max_tokens * max_message_bytes());
   }
   EP_LL_HOST_DEVICE int64_t combine_region() const { return align(dispatch_flags() + num_local_experts * num_ranks * 8); }
-  EP_LL_HOST_DEVICE int64_t combine_flags() const { return align(combine_region() + max_tokens * max_topk * max_hidden * 2); }
+  // The combine region holds this rank's expert outputs, [E_local][R][max_tokens] rows of H bf16
+  // (a call's own sizes, packed: the layout of low_latency_combine's x), which peers pull.
+  EP_LL_HOST_DEVICE int64_t combine_region_bytes() const { return num_local_experts * num_ranks * max_tokens * max_hidden * 2; }
+  EP_LL_HOST_DEVICE int64_t combine_flags() const { return align(combine_region() + combine_region_bytes()); }
   EP_LL_HOST_DEVICE int64_t dispatch_credits() const { return align(combine_flags() + num_ranks * 8); }
   EP_LL_HOST_DEVICE int64_t combine_credits() const { return align(dispatch_credits() + num_ranks * 8); }
   EP_LL_HOST_DEVICE int64_t counters() const { return align(combine_credits() + num_ranks * 8); }

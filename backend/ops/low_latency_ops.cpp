@@ -177,14 +177,14 @@ int64_t low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tenso
 }
 
 void low_latency_combine_recv(const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& out, int64_t half,
-                              int64_t num_experts, c10::string_view group_name) {
+                              int64_t max_tokens_per_rank, int64_t num_experts, c10::string_view group_name) {
   const char* op = "low_latency_combine (receive hook)";
   TORCH_CHECK_VALUE(half == 0 || half == 1, op, ": half must be 0 or 1, got ", half);
   TORCH_CHECK_VALUE(topk_weights.sizes() == topk_idx.sizes() && out.dim() == 2 && out.size(0) == topk_idx.size(0) &&
                         out.is_contiguous() && out.scalar_type() == at::kBFloat16,
                     op, ": topk_idx, topk_weights and out do not match the send's");
   require_cuda(op, out);
-  combine_recv_cuda(topk_idx.contiguous(), topk_weights.contiguous(), out, half, num_experts,
+  combine_recv_cuda(topk_idx.contiguous(), topk_weights.contiguous(), out, half, max_tokens_per_rank, num_experts,
                     std::string(group_name));
 }
 
@@ -201,8 +201,11 @@ int64_t combine_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                      int64_t, bool, const std::string&) {
   TORCH_CHECK(false, "low_latency_combine: ", kNoNvshmemMessage);
 }
-void combine_recv_cuda(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const std::string&) {
+void combine_recv_cuda(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, const std::string&) {
   TORCH_CHECK(false, "low_latency_combine: ", kNoNvshmemMessage);
+}
+Tensor combine_buffer_cuda(const std::string&, int64_t, int64_t, int64_t, const at::Device&) {
+  TORCH_CHECK(false, "low_latency_combine_buffer: ", kNoNvshmemMessage);
 }
 int nvshmem_status() { return 0; }
 void nvshmem_attach(int, int) { TORCH_CHECK(false, kNoNvshmemMessage); }
@@ -235,7 +238,8 @@ TORCH_LIBRARY_FRAGMENT(ep, m) {
         "str group_name) -> ()");
   m.def("low_latency_combine(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor src_info, Tensor layout, "
         "Tensor(a!) out, int max_tokens_per_rank, int num_experts, bool send_only, str group_name) -> int");
-  m.def("low_latency_combine_recv(Tensor topk_idx, Tensor topk_weights, Tensor(a!) out, int half, int num_experts, "
+  m.def("low_latency_combine_recv(Tensor topk_idx, Tensor topk_weights, Tensor(a!) out, int half, "
+        "int max_tokens_per_rank, int num_experts, "
         "str group_name) -> ()");
 }
 
@@ -274,6 +278,8 @@ void register_low_latency(pybind11::module_& m) {
   m.def("_ll_buffer_bytes", &ll::buffer_bytes);
   m.def("_ll_trace", &ll::trace, py::call_guard<py::gil_scoped_release>(),
         "the low-latency kernels' phase timestamps (TORCH_EP_LL_TRACE=1; tools/ll_trace.py)");
+  m.def("_ll_combine_buffer", &ll::combine_buffer_cuda, py::arg("group_name"), py::arg("num_local_experts"),
+        py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("device"));
   m.def("_ll_check_errors", [](const std::string& group_name) { ll::check_errors(group_name, "low-latency ops"); });
 }
 

@@ -9,7 +9,8 @@
 //                               half, max_tokens_per_rank, num_experts, group_name)
 // ep::low_latency_combine(x, topk_idx, topk_weights, src_info, layout, out!, max_tokens_per_rank,
 //                         num_experts, send_only, group_name) -> half
-// ep::low_latency_combine_recv(topk_idx, topk_weights, out!, half, num_experts, group_name)
+// ep::low_latency_combine_recv(topk_idx, topk_weights, out!, half, max_tokens_per_rank, num_experts,
+//                              group_name)
 // With send_only the op launches its send kernel only and returns the buffer half it used;
 // the *_recv op (the Python hook) launches the receive kernel into the same outputs.
 #pragma once
@@ -53,7 +54,11 @@ int64_t combine_cuda(const at::Tensor& x, const at::Tensor& topk_idx, const at::
                      const at::Tensor& src_info, const at::Tensor& layout, const at::Tensor& out,
                      int64_t max_tokens_per_rank, int64_t num_experts, bool send_only, const std::string& group_name);
 void combine_recv_cuda(const at::Tensor& topk_idx, const at::Tensor& topk_weights, const at::Tensor& out,
-                       int64_t half, int64_t num_experts, const std::string& group_name);
+                       int64_t half, int64_t max_tokens_per_rank, int64_t num_experts, const std::string& group_name);
+// The combine region of the half the group's next combine uses, as the [E_local, R*max, H] bf16
+// tensor its x would be (low_latency_combine_buffer), once its readers are done with it.
+at::Tensor combine_buffer_cuda(const std::string& group_name, int64_t num_local_experts, int64_t max_tokens_per_rank,
+                               int64_t hidden, const at::Device& device);
 
 // ---- the runtime, for torch_ep/low_latency.py
 int nvshmem_status();

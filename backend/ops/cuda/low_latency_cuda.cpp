@@ -72,7 +72,8 @@ void launch_dispatch_recv(LowLatencyBuffer& buffer, const DispatchOutputs& o, in
 }
 
 void launch_combine_recv(LowLatencyBuffer& buffer, const Tensor& topk_idx, const Tensor& topk_weights,
-                         const Tensor& out, int64_t half, int64_t num_experts, cudaStream_t stream) {
+                         const Tensor& out, int64_t half, int64_t max_tokens, int64_t num_experts,
+                         cudaStream_t stream) {
   kernels::ll::CombineRecvParams p{};
   p.g = buffer.args(int(half));
   p.topk_idx = topk_idx.data_ptr<int64_t>();
@@ -82,6 +83,7 @@ void launch_combine_recv(LowLatencyBuffer& buffer, const Tensor& topk_idx, const
   p.hidden = int(out.size(1));
   p.num_topk = int(topk_idx.size(1));
   p.num_experts = int(num_experts);
+  p.max_tokens = int(max_tokens);
   C10_CUDA_CHECK(kernels::ll::launch_combine_recv(p, stream));
 }
 
@@ -151,22 +153,37 @@ int64_t combine_cuda(const Tensor& x, const Tensor& topk_idx, const Tensor& topk
   kernels::ll::CombineSendParams p{};
   p.g = buffer.args(int(half));
   p.x = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  p.src_info = src_info.data_ptr<int32_t>();
-  p.layout = layout.data_ptr<int32_t>();
+  p.layout = layout.data_ptr<int32_t>();  // src_info: the combine recomputes each row's place from topk_idx
   p.hidden = int(H);
   p.num_experts = int(num_experts);
   p.max_tokens = int(max_tokens);
   C10_CUDA_CHECK(kernels::ll::launch_combine_send(p, stream));
-  if (!send_only) launch_combine_recv(buffer, topk_idx, topk_weights, out, half, num_experts, stream);
+  if (!send_only) launch_combine_recv(buffer, topk_idx, topk_weights, out, half, max_tokens, num_experts, stream);
   return half;
 }
 
 void combine_recv_cuda(const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& out, int64_t half,
-                       int64_t num_experts, const std::string& group_name) {
+                       int64_t max_tokens, int64_t num_experts, const std::string& group_name) {
   const at::Device device = out.device();
   c10::cuda::CUDAGuard guard(device);
   LowLatencyBuffer& buffer = buffer_for(group_name, device, nullptr, "low_latency_combine (receive hook)");
-  launch_combine_recv(buffer, topk_idx, topk_weights, out, half, num_experts, current_stream(device));
+  launch_combine_recv(buffer, topk_idx, topk_weights, out, half, max_tokens, num_experts, current_stream(device));
+}
+
+Tensor combine_buffer_cuda(const std::string& group_name, int64_t num_local_experts, int64_t max_tokens,
+                           int64_t hidden, const at::Device& device) {
+  const char* op = "low_latency_combine_buffer";
+  c10::cuda::CUDAGuard guard(device);
+  const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
+  const int64_t R = probe ? probe->size() : 0;
+  // K does not size the combine region; 1 asks for nothing beyond what any earlier call made.
+  const LowLatencyLayout need = layout_for(R, num_local_experts, max_tokens, 1, hidden);
+  LowLatencyBuffer& buffer = buffer_for(group_name, device, &need, op);
+  const kernels::ll::GroupArgs g = buffer.args(buffer.peek_half(LowLatencyBuffer::kCombine));
+  // The user's kernels write the region next: first its readers of the call before last must be done.
+  C10_CUDA_CHECK(kernels::ll::launch_combine_region_wait(g, current_stream(device)));
+  return at::from_blob(g.half + g.layout.combine_region(), {num_local_experts, R * max_tokens, hidden},
+                       at::TensorOptions().dtype(at::kBFloat16).device(device));
 }
 
 // ---- runtime

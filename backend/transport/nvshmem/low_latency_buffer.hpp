@@ -39,6 +39,8 @@ class LowLatencyBuffer {
   void check(const char* op);
   // The half the next call of `kind` uses, alternating.
   int next_half(Kind kind) { return int(calls_[kind]++ & 1); }
+  // The half the next call of `kind` will use.
+  int peek_half(Kind kind) const { return int(calls_[kind] & 1); }
   kernels::ll::GroupArgs args(int half) const;
   // The phase trace of the last kernels (kernels::ll::kTraceWords), empty unless
   // TORCH_EP_LL_TRACE=1 was set when the buffer was created. Synchronises the device.
