@@ -1,31 +1,14 @@
 #include "backend/process_group/process_group_ep.hpp"
 
-#include <unistd.h>
-
-#include <cstdio>
 #include <numeric>
 
 #include <torch/csrc/utils/pybind.h>
 
 #include "backend/common/errors.hpp"
 #include "backend/process_group/work.hpp"
+#include "backend/transport/topology.hpp"
 
 namespace ep {
-namespace {
-
-// Two ranks share a host when hostname and boot id agree (containers can share a hostname).
-std::string host_identity() {
-  char name[256] = {0};
-  gethostname(name, sizeof(name) - 1);
-  char boot_id[64] = {0};
-  if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
-    if (!std::fgets(boot_id, sizeof(boot_id), f)) boot_id[0] = 0;
-    std::fclose(f);
-  }
-  return std::string(name) + "/" + boot_id;
-}
-
-}  // namespace
 
 ProcessGroupEP::ProcessGroupEP(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, Config config,
                                c10::intrusive_ptr<c10d::Backend> cpu_backend,
@@ -37,6 +20,12 @@ ProcessGroupEP::ProcessGroupEP(const c10::intrusive_ptr<c10d::Store>& store, int
       cpu_backend_(std::move(cpu_backend)),
       cuda_backend_(std::move(cuda_backend)) {
   TORCH_CHECK(cpu_backend_, "ProcessGroupEP needs an inner CPU backend");
+  try {  // collective, like the group's creation: every rank learns every rank's node
+    topology_ = detect_topology(rendezvous_, config.ranks_per_node, config.launch_local_world_size, host_identity(),
+                                "ep/topology");
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
 }
 
 ProcessGroupEP::~ProcessGroupEP() {

@@ -21,6 +21,7 @@
 #include "backend/process_group/store_rendezvous.hpp"
 #include "backend/process_group/validate.hpp"
 #include "backend/transport/host/host_transport.hpp"
+#include "backend/transport/topology.hpp"
 
 namespace ep {
 
@@ -44,6 +45,8 @@ class ProcessGroupEP : public c10d::Backend {
 
   const std::string getBackendName() const override { return "ep"; }
   const Config& config() const { return config_; }
+  // Nodes and rails of this group (backend/transport/topology.hpp), found at creation.
+  const Topology& topology() const { return topology_; }
   // Which path CPU all_to_all takes: "shm" (our transport), "gloo" (delegated), or "" until the
   // first call decides.
   std::string host_path() const;
@@ -60,6 +63,14 @@ class ProcessGroupEP : public c10d::Backend {
   // Numbers the group's dispatches (1, 2, ...): ranks compare it to catch calls out of step,
   // and combine compares the handles' numbers.
   uint64_t next_dispatch_id() { return ++dispatch_count_; }
+  // Bytes the MoE ops' hierarchical route sent to other nodes (the rail hop: RDMA between real
+  // nodes) and to other ranks of this node (the node hop: NVLink), since the group was created.
+  void count_hop_bytes(uint64_t rail, uint64_t node) {
+    rail_bytes_ += rail;
+    node_bytes_ += node;
+  }
+  uint64_t rail_bytes() const { return rail_bytes_.load(); }
+  uint64_t node_bytes() const { return node_bytes_.load(); }
   // The CUDA transport of the MoE kernels, apart from all_to_all's so that their flags never
   // meet (all_to_all runs on the comm stream, MoE ops on the caller's). Created by the first
   // CUDA dispatch (collective); throws where CUDA IPC cannot reach every rank.
@@ -161,6 +172,7 @@ class ProcessGroupEP : public c10d::Backend {
   Config config_;
   c10::intrusive_ptr<c10d::Store> store_;
   StoreRendezvous rendezvous_;
+  Topology topology_;
   mutable std::mutex state_mutex_;
   c10::intrusive_ptr<c10d::Backend> cpu_backend_;   // null after shutdown()
   c10::intrusive_ptr<c10d::Backend> cuda_backend_;  // null without CUDA, or after shutdown()
@@ -179,6 +191,7 @@ class ProcessGroupEP : public c10d::Backend {
   std::optional<c10::Stream> comm_stream_;
   std::shared_ptr<CudaTransport> moe_transport_;
   std::atomic<uint64_t> dispatch_count_{0};
+  std::atomic<uint64_t> rail_bytes_{0}, node_bytes_{0};
   HostWorker host_worker_;  // declared last: joined first on destruction
 };
 
