@@ -19,7 +19,9 @@ namespace {
 using at::Tensor;
 using kernels::MetaLayout;
 
-std::vector<Record> exchange_records(ProcessGroupEP& group, const std::vector<Record>& mine, const char* op) {
+}  // namespace
+
+std::vector<Record> exchange_records_on_host(ProcessGroupEP& group, const std::vector<Record>& mine, const char* op) {
   std::vector<Record> theirs(mine.size());
   std::vector<SendBuffer> sends;
   std::vector<RecvBuffer> recvs;
@@ -29,6 +31,12 @@ std::vector<Record> exchange_records(ProcessGroupEP& group, const std::vector<Re
   }
   group.host_exchange(sends, recvs, op);
   return theirs;
+}
+
+namespace {
+
+std::vector<Record> exchange_records(ProcessGroupEP& group, const std::vector<Record>& mine, const char* op) {
+  return exchange_records_on_host(group, mine, op);
 }
 
 // Rows of `rows` ([S, row_bytes] uint8), `counts[p]` of them for rank p, each way.

@@ -71,4 +71,12 @@ DispatchOutputs dispatch_hierarchical(ProcessGroupEP& group, const DispatchArgs&
 CombineOutputs combine_hierarchical(ProcessGroupEP& group, const CombineArgs& a, InternodeHops& hops,
                                     HopBytes* bytes);
 
+// The record exchange of the group's host channel (shared memory, or Gloo between hosts).
+std::vector<Record> exchange_records_on_host(ProcessGroupEP& group, const std::vector<Record>& mine, const char* op);
+
+// The CUDA route across nodes (backend/ops/cuda/moe_internode_cuda.cpp): the hops on the
+// group's InternodeTransport. Raise where the build has no NVSHMEM.
+DispatchOutputs dispatch_cuda_internode(ProcessGroupEP& group, const DispatchArgs& a);
+CombineOutputs combine_cuda_internode(ProcessGroupEP& group, const CombineArgs& a);
+
 }  // namespace ep::moe

@@ -90,7 +90,24 @@ std::string ProcessGroupEP::cuda_path() const {
   }
 }
 
+std::string ProcessGroupEP::internode_path() const {
+  if (!topology_.multi_node()) return "";
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  return internode_transport_ ? "nvshmem" : "host";
+}
+
 #ifndef TORCH_EP_WITH_CUDA
+bool ProcessGroupEP::internode_built() { return false; }
+
+std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at::Device&, const char* op_name) {
+  TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor>, AllToAllSpans,
+                                                                    c10d::OpType, const char* op_name) {
+  TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
+}
+
 std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device&, const char*) {
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   cuda_path_ = CudaPath::kDelegated;
@@ -261,6 +278,9 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
   check_usable("all_to_all_single");
   AllToAllLayout layout =
       check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, getSize());
+  if (input.is_cuda() && topology_.multi_node() && internode_built())  // peers on other nodes: NVSHMEM
+    return internode_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
+                                "all_to_all_single");
   if (input.is_cuda() && cuda_transport(input.device(), "all_to_all_single"))
     // Staging happens on the caller's stream, before the comm stream forks.
     return cuda_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
@@ -280,6 +300,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall(std::vector<at::Tensor>&
                                                         const c10d::AllToAllOptions& opts) {
   check_usable("all_to_all");
   check_all_to_all(outputs, inputs, getSize());
+  if (inputs[0].is_cuda() && topology_.multi_node() && internode_built())
+    return internode_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all");
   if (inputs[0].is_cuda() && cuda_transport(inputs[0].device(), "all_to_all"))
     return cuda_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all");
   if (!inputs[0].device().is_cpu()) return inner_for(inputs, "all_to_all")->alltoall(outputs, inputs, opts);
