@@ -85,21 +85,26 @@ def test_topology_from_launcher():
 
 # ----------------------------------------------------------------------------- all_to_all_single
 
-def rank_all_to_all_across_nodes(seed):
-    """all_to_all_single is correct for any split across virtual nodes (the host path: shm)."""
+def rank_all_to_all_across_nodes(seed, device="cpu", max_rows=40, width=3):
+    """all_to_all_single is correct for any split across virtual nodes: on CPU the host path
+    (shared memory), on CUDA IPC inside a node and NVSHMEM between nodes."""
     rank, size = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(seed)
-    splits = torch.randint(0, 40, (size, size), generator=g)
+    splits = torch.randint(0, max_rows, (size, size), generator=g)
     splits[0, :] = 0  # rank 0 sends nothing; a few empty pairs elsewhere
     splits[torch.rand(size, size, generator=g) < 0.2] = 0
     for dtype in (torch.bfloat16, torch.float32, torch.float8_e4m3fn):
         gen = torch.Generator().manual_seed(seed + rank)
-        inp = torch.randn(int(splits[rank].sum()), 3, generator=gen).mul(8).to(dtype)
-        out = poison_(torch.empty(int(splits[:, rank].sum()), 3, dtype=dtype))
-        dist.all_to_all_single(out, inp, splits[:, rank].tolist(), splits[rank].tolist())
+        inp = torch.randn(int(splits[rank].sum()), width, generator=gen).mul(8).to(dtype)
+        out = poison_(torch.empty(int(splits[:, rank].sum()), width, dtype=dtype, device=device))
+        dist.all_to_all_single(out, inp.to(device), splits[:, rank].tolist(), splits[rank].tolist())
         want = reference.all_to_all_single(out.shape, inp, splits[:, rank].tolist(), splits[rank].tolist())
-        assert same_bits(out, want), dtype
-    assert torch_ep.get_backend().host_path == "shm"
+        assert same_bits(out.cpu(), want), dtype
+    backend = torch_ep.get_backend()
+    if device == "cpu":
+        assert backend.host_path == "shm" and backend.internode_path == "host"
+    else:
+        assert backend.internode_path == "nvshmem"
 
 
 def test_all_to_all_across_nodes(nodes):
@@ -169,13 +174,13 @@ def test_combine_rounds_once_per_node():
     assert sum(differing) > 0  # the data did exercise the per-node rounding
 
 
-def rank_hop_bytes(seed):
+def rank_hop_bytes(seed, device="cpu"):
     """Each token crosses to another node at most once per node: the rail hop's bytes are, per
     token, its target nodes other than this one times the row size."""
     backend = torch_ep.get_backend()
     t = backend.topology
-    num_experts, g, x, idx, w = test_moe.make_inputs(seed, "random", 32, 6, 2, torch.bfloat16, "cpu", max_tokens=40)
-    layout = reference.get_dispatch_layout(idx, num_experts)
+    num_experts, g, x, idx, w = test_moe.make_inputs(seed, "random", 32, 6, 2, torch.bfloat16, device, max_tokens=40)
+    layout = reference.get_dispatch_layout(idx.cpu(), num_experts)
     nodes_of_token = layout.is_token_in_rank.view(-1, t.num_nodes, t.ranks_per_node).any(2)
     remote = int(nodes_of_token.sum()) - int(nodes_of_token[:, t.node].sum())
     row = 32 * 2 + idx.shape[1] * (8 + 4)  # x | global ids | weights

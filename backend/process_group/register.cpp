@@ -54,6 +54,8 @@ void register_process_group(py::module_& m) {
       .def_property_readonly("topology", [](const ProcessGroupEP& pg) { return pg.topology(); })
       .def_property_readonly("num_nodes", [](const ProcessGroupEP& pg) { return pg.topology().num_nodes; })
       .def_property_readonly("ranks_per_node", [](const ProcessGroupEP& pg) { return pg.topology().ranks_per_node; })
+      .def_property_readonly("internode_path", &ProcessGroupEP::internode_path,
+                             "'' on one node; 'nvshmem' once CUDA traffic crosses nodes on NVSHMEM; 'host' before")
       .def_property_readonly("rail_bytes", &ProcessGroupEP::rail_bytes,
                              "bytes the MoE ops' hierarchical route sent to other nodes (the rail hop: RDMA)")
       .def_property_readonly("node_bytes", &ProcessGroupEP::node_bytes,
