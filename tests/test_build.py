@@ -122,7 +122,10 @@ def test_cuda_host_code_compiles(source, tmp_path):
 
 
 NVSHMEM_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport", "nvshmem", "*.cpp"))
-                              + [os.path.join(ROOT, "backend", "ops", "cuda", "low_latency_cuda.cpp")])
+                              + [os.path.join(ROOT, "backend", "ops", "cuda", "low_latency_cuda.cpp")]
+                              # CUDA host files with an NVSHMEM-only branch (the internode path)
+                              + [os.path.join(ROOT, "backend", "process_group", "cuda", "internode_path.cpp"),
+                                 os.path.join(ROOT, "backend", "ops", "cuda", "moe_internode_cuda.cpp")])
 
 
 @pytest.mark.skipif(_cuda_include_dir() is None or torch.version.cuda is not None or _nvshmem_root() is None,

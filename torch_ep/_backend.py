@@ -1,6 +1,8 @@
 """The creator torch.distributed calls for every group whose backend is "ep"."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -18,6 +20,16 @@ def _ranks_share_a_gpu(store: dist.Store, rank: int, size: int) -> bool:
     return len(set(uuids)) < size
 
 
+def _launch_local_world_size(group_size: int) -> int:
+    """torchrun's LOCAL_WORLD_SIZE (ranks per node of the launch) where this group is the whole
+    launch, else 0: a subgroup's ranks are not the launch's blocks."""
+    try:
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return 0
+    return local if world == group_size and local > 0 else 0
+
+
 def create_backend(dist_opts, pg_options) -> _C.ProcessGroupEP:
     if pg_options is None:
         options = Options()
@@ -27,6 +39,7 @@ def create_backend(dist_opts, pg_options) -> _C.ProcessGroupEP:
         raise TypeError(f"pg_options for backend 'ep' must be a torch_ep.Options, got {type(pg_options).__name__}")
     store, rank, size = dist_opts.store, dist_opts.group_rank, dist_opts.group_size
     config = options._to_config(dist_opts.timeout)
+    config.launch_local_world_size = _launch_local_world_size(size)
 
     cpu_backend = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, config.timeout)
     cuda_backend = None

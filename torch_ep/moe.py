@@ -257,6 +257,12 @@ def _group_size(group_name: str) -> int:
     return dist.distributed_c10d._resolve_process_group(group_name).size()
 
 
+def _multi_node(group_name: str) -> bool:
+    """True when the group spans nodes: its handles then carry relay state of data-dependent size."""
+    from ._backend import get_backend
+    return get_backend(dist.distributed_c10d._resolve_process_group(group_name)).num_nodes > 1
+
+
 @torch.library.register_fake("ep::get_dispatch_layout")
 def _layout_fake(topk_idx, num_experts, num_ranks):
     n = topk_idx.shape[0]
@@ -284,7 +290,10 @@ def _dispatch_fake(x, x_scales, topk_idx, topk_weights, handle_meta, handle_coun
         recv_w = x.new_empty(rows, k, dtype=torch.float32) if topk_weights is not None else x.new_empty(0, dtype=torch.float32)
         meta = x.new_empty(0 if layout_meta is not None else _meta_header(r, num_experts) + 2 * n * r,
                            dtype=torch.int32)
-        counts = torch.empty(2 + 2 * r + num_experts // r, dtype=torch.int64, device="cpu")
+        fixed = 2 + 2 * r + num_experts // r
+        if _multi_node(group_name):  # + the relay state: data-dependent
+            fixed = torch.library.get_ctx().new_dynamic_size(min=fixed)
+        counts = torch.empty(fixed, dtype=torch.int64, device="cpu")
     else:
         recv_idx = x.new_empty(0, dtype=torch.int64)
         recv_w = x.new_empty(0, dtype=torch.float32)

@@ -145,9 +145,19 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
 
 
 def combine(x: torch.Tensor, handle: ReferenceHandle, topk_weights: Optional[torch.Tensor] = None, *,
-            group=None) -> CombineResult:
+            group=None, ranks_per_node: Optional[int] = None) -> CombineResult:
     """The reverse route of dispatch: each token's rows from every rank it went to, summed in
-    float32 (unweighted), in the dtype of `x`."""
+    float32 (unweighted), in the dtype of `x`.
+
+    Across nodes of `ranks_per_node` ranks (default: the group's own nodes where it is an "ep"
+    group spanning several), the arithmetic of the hierarchical route: for each node, the
+    float32 sum of its ranks' rows (rank order) rounded to x's dtype; then the float32 sum of
+    those, node by node, in x's dtype. Weights stay float32 throughout, summed node by node.
+    Pass ranks_per_node=0 for the one-node sum."""
+    if ranks_per_node is None:
+        ranks_per_node = _group_ranks_per_node(group)
+    if 0 < ranks_per_node < dist.get_world_size(group):
+        return _combine_by_node(x, handle, topk_weights, group, ranks_per_node)
     back = _exchange_rows(x, handle.recv_counts, handle.send_counts, group)
     combined = torch.zeros((handle.num_tokens, *x.shape[1:]), dtype=torch.float32, device=x.device)
     combined.index_add_(0, handle.send_token_index, back.float())
@@ -157,6 +167,41 @@ def combine(x: torch.Tensor, handle: ReferenceHandle, topk_weights: Optional[tor
         combined_w = torch.zeros((handle.num_tokens, topk_weights.shape[1]), dtype=torch.float32, device=x.device)
         combined_w.index_add_(0, handle.send_token_index, back_w)
     return CombineResult(combined.to(x.dtype), combined_w)
+
+
+def _group_ranks_per_node(group) -> int:
+    from ._backend import get_backend
+    try:
+        return get_backend(group).ranks_per_node
+    except ValueError:  # not an "ep" group: one node
+        return 0
+
+
+def _combine_by_node(x, handle, topk_weights, group, ranks_per_node):
+    size = dist.get_world_size(group)
+    num_nodes = size // ranks_per_node
+    # Row i of what comes back answers token send_token_index[i], from rank target[i].
+    target = torch.repeat_interleave(torch.arange(size), torch.tensor(handle.send_counts, dtype=torch.int64))
+    node_of_row = target // ranks_per_node
+
+    def reduce(t, round_to):
+        back = _exchange_rows(t, handle.recv_counts, handle.send_counts, group)
+        total = torch.zeros((handle.num_tokens, *t.shape[1:]), dtype=torch.float32)
+        partials, tokens = [], []
+        for node in range(num_nodes):
+            rows = (node_of_row == node).nonzero().flatten()
+            partial = torch.zeros((handle.num_tokens, *t.shape[1:]), dtype=torch.float32)
+            partial.index_add_(0, handle.send_token_index[rows], back[rows].float())
+            reached = torch.unique(handle.send_token_index[rows])  # sorted: token order
+            partials.append(partial[reached].to(round_to).float())
+            tokens.append(reached)
+        # Node by node, as the source adds what each node sends back.
+        total.index_add_(0, torch.cat(tokens), torch.cat(partials))
+        return total
+
+    combined = reduce(x, x.dtype).to(x.dtype)
+    combined_w = reduce(topk_weights.float(), torch.float32) if topk_weights is not None else None
+    return CombineResult(combined, combined_w)
 
 
 # --------------------------------------------------------------------------- low-latency dispatch / combine

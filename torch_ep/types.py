@@ -36,7 +36,8 @@ class DispatchHandle:
     `meta` is the routing table on the op's device (layout in backend/kernels/moe_meta.hpp);
     `counts` a CPU int64 vector: [dispatch id, num_worst_tokens, rows sent to each rank (R),
     rows received from each rank (R), received tokens per local expert (E/R)]; -1 where only
-    the device knows (a CUDA dispatch with num_worst_tokens).
+    the device knows (a CUDA dispatch with num_worst_tokens). A dispatch routed across nodes
+    appends its relay state (backend/ops/moe_internode.hpp, InternodeRoute).
     """
     group_name: str
     num_ranks: int
@@ -62,7 +63,13 @@ class DispatchHandle:
     @property
     def num_recv_tokens_per_expert(self) -> List[int]:
         """Unpadded: tokens received for each local expert."""
-        return self.counts[2 + 2 * self.num_ranks:].tolist()
+        start = 2 + 2 * self.num_ranks
+        return self.counts[start:start + self.num_experts // self.num_ranks].tolist()
+
+    @property
+    def internode(self) -> bool:
+        """True when the dispatch took the hierarchical route across nodes."""
+        return self.counts.numel() > 2 + 2 * self.num_ranks + self.num_experts // self.num_ranks
 
 
 @dataclass

@@ -8,7 +8,9 @@
 
 #include "backend/kernels/moe_meta.hpp"
 #include "backend/ops/moe_ops.hpp"
+#include "backend/ops/moe_internode.hpp"
 #include "backend/ops/moe_protocol.hpp"
+#include "backend/ops/moe_rows.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 
 namespace ep::moe {
@@ -17,7 +19,9 @@ namespace {
 using at::Tensor;
 using kernels::MetaLayout;
 
-std::vector<Record> exchange_records(ProcessGroupEP& group, const std::vector<Record>& mine, const char* op) {
+}  // namespace
+
+std::vector<Record> exchange_records_on_host(ProcessGroupEP& group, const std::vector<Record>& mine, const char* op) {
   std::vector<Record> theirs(mine.size());
   std::vector<SendBuffer> sends;
   std::vector<RecvBuffer> recvs;
@@ -27,6 +31,12 @@ std::vector<Record> exchange_records(ProcessGroupEP& group, const std::vector<Re
   }
   group.host_exchange(sends, recvs, op);
   return theirs;
+}
+
+namespace {
+
+std::vector<Record> exchange_records(ProcessGroupEP& group, const std::vector<Record>& mine, const char* op) {
+  return exchange_records_on_host(group, mine, op);
 }
 
 // Rows of `rows` ([S, row_bytes] uint8), `counts[p]` of them for rank p, each way.
@@ -47,22 +57,6 @@ Tensor exchange_rows(ProcessGroupEP& group, const Tensor& rows, int64_t row_byte
   return out;
 }
 
-// A 2-D tensor's rows as raw bytes, [rows, width * element size].
-Tensor as_bytes(const Tensor& t) {
-  const int64_t width = t.size(1) * int64_t(t.element_size());
-  // An empty tensor can carry strides (e.g. 0 from a broadcast) that view() refuses.
-  if (t.numel() == 0) return at::empty({t.size(0), width}, at::kByte);
-  return t.contiguous().view(at::kByte).reshape({t.size(0), width});
-}
-
-// Columns [at, at + bytes) of packed rows, as a [rows, ...] tensor of `dtype`.
-Tensor unpack(const Tensor& rows, int64_t& at, int64_t width, at::ScalarType dtype) {
-  const int64_t bytes = width * int64_t(c10::elementSize(dtype));
-  Tensor t = rows.narrow(1, at, bytes).clone(at::MemoryFormat::Contiguous).view(dtype);  // offset 0: aligned
-  at += bytes;
-  return t;
-}
-
 // Token ids sent to each rank, in rank order then token order: the order of the packed rows.
 Tensor send_order(const Tensor& meta, const MetaLayout& l, const std::vector<int64_t>& send) {
   std::vector<Tensor> parts;
@@ -70,6 +64,38 @@ Tensor send_order(const Tensor& meta, const MetaLayout& l, const std::vector<int
     parts.push_back(meta.narrow(0, l.send_tokens() + r * l.num_tokens, send[r]));
   return at::cat(parts).to(at::kLong);
 }
+
+// The hierarchical route's hops over the shared-memory transport: an exchange of the whole group
+// in which only the hop's peers (the rail, or the node) get data. The logic is the CUDA path's.
+class HostHops : public InternodeHops {
+ public:
+  explicit HostHops(ProcessGroupEP& group) : group_(group), topo_(group.topology()) {}
+  Tensor rail(const Tensor& rows, const std::vector<int64_t>& send, const std::vector<int64_t>& recv,
+              const char* op) override {
+    std::vector<int> peers;
+    for (int n = 0; n < topo_.num_nodes; ++n) peers.push_back(topo_.rank_of(n, topo_.local_rank));
+    return among(peers, rows, send, recv, op);
+  }
+  Tensor node(const Tensor& rows, const std::vector<int64_t>& send, const std::vector<int64_t>& recv,
+              const char* op) override {
+    return among(topo_.node_ranks(), rows, send, recv, op);
+  }
+  std::vector<Record> records(const std::vector<Record>& mine, const char* op) override {
+    return exchange_records(group_, mine, op);
+  }
+
+ private:
+  Tensor among(const std::vector<int>& peers, const Tensor& rows, const std::vector<int64_t>& send,
+               const std::vector<int64_t>& recv, const char* op) {
+    std::vector<int64_t> send_all(topo_.size, 0), recv_all(topo_.size, 0);
+    for (size_t i = 0; i < peers.size(); ++i) send_all[peers[i]] = send[i], recv_all[peers[i]] = recv[i];
+    int64_t total = 0;
+    for (int64_t n : recv) total += n;
+    return exchange_rows(group_, rows, rows.size(1), send_all, recv_all, total, op);
+  }
+  ProcessGroupEP& group_;
+  const Topology& topo_;
+};
 
 }  // namespace
 
@@ -124,6 +150,13 @@ DispatchOutputs dispatch_cpu(ProcessGroupEP& group, const DispatchArgs& a) {
   const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cpu(*a.topk_idx, E, R, nullptr);
   const int32_t* m = meta.data_ptr<int32_t>();
   std::vector<int64_t> send(m + l.tokens_per_rank(), m + l.tokens_per_rank() + R);
+  if (group.topology().multi_node()) {
+    HostHops hops(group);
+    HopBytes bytes;
+    DispatchOutputs o = dispatch_hierarchical(group, a, meta, cached ? nullptr : m, hops, &bytes);
+    group.count_hop_bytes(bytes.rail, bytes.node);
+    return o;
+  }
 
   // 1. Records: what each peer receives, and whether this rank's input is sound.
   const uint64_t call_id = group.next_dispatch_id();
@@ -183,6 +216,13 @@ CombineOutputs combine_cpu(ProcessGroupEP& group, const CombineArgs& a) {
   const int64_t N = a.num_tokens, H = a.x.size(1), E = a.num_experts;
   const MetaLayout l{R, E, N};
   const HandleCounts& h = a.handle_counts;
+  if (group.topology().multi_node()) {
+    HostHops hops(group);
+    HopBytes bytes;
+    CombineOutputs o = combine_hierarchical(group, a, hops, &bytes);
+    group.count_hop_bytes(bytes.rail, bytes.node);
+    return o;
+  }
 
   const std::vector<Record> mine = combine_records(a, R);
   const std::vector<Record> theirs = exchange_records(group, mine, op);

@@ -14,16 +14,17 @@
 namespace ep::moe {
 
 HandleCounts HandleCounts::parse(const std::vector<int64_t>& counts, int64_t num_ranks, int64_t experts_per_rank) {
-  TORCH_CHECK_VALUE(int64_t(counts.size()) == 2 + 2 * num_ranks + experts_per_rank,
+  TORCH_CHECK_VALUE(int64_t(counts.size()) >= 2 + 2 * num_ranks + experts_per_rank,
                     "handle: its counts hold ", counts.size(), " values, but a handle of a group of ", num_ranks,
-                    " ranks with ", experts_per_rank, " experts per rank holds ",
+                    " ranks with ", experts_per_rank, " experts per rank holds at least ",
                     2 + 2 * num_ranks + experts_per_rank, "; was it made for another group or num_experts?");
   HandleCounts h;
   h.call_id = counts[0];
   h.num_worst_tokens = counts[1];
   h.send.assign(counts.begin() + 2, counts.begin() + 2 + num_ranks);
   h.recv.assign(counts.begin() + 2 + num_ranks, counts.begin() + 2 + 2 * num_ranks);
-  h.per_expert.assign(counts.begin() + 2 + 2 * num_ranks, counts.end());
+  h.per_expert.assign(counts.begin() + 2 + 2 * num_ranks, counts.begin() + 2 + 2 * num_ranks + experts_per_rank);
+  h.internode.assign(counts.begin() + 2 + 2 * num_ranks + experts_per_rank, counts.end());
   return h;
 }
 
@@ -32,6 +33,7 @@ at::Tensor HandleCounts::to_tensor() const {
   v.insert(v.end(), send.begin(), send.end());
   v.insert(v.end(), recv.begin(), recv.end());
   v.insert(v.end(), per_expert.begin(), per_expert.end());
+  v.insert(v.end(), internode.begin(), internode.end());
   return at::tensor(v, at::kLong);
 }
 

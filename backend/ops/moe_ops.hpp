@@ -18,12 +18,15 @@ class ProcessGroupEP;
 namespace ep::moe {
 
 // counts = [dispatch id, num_worst_tokens, rows sent to each rank (R), rows received from each
-//           rank (R), received tokens per local expert (E/R), before any alignment]
+//           rank (R), received tokens per local expert (E/R), before any alignment,
+//           then, for a dispatch routed across nodes only, its relay state (InternodeRoute,
+//           backend/ops/moe_internode.hpp)]
 // Counts only the device knows (a dispatch with num_worst_tokens on CUDA) are -1.
 struct HandleCounts {
   int64_t call_id = 0;
   int64_t num_worst_tokens = 0;  // > 0: the dispatch's outputs had this many rows
   std::vector<int64_t> send, recv, per_expert;
+  std::vector<int64_t> internode;  // empty: the dispatch took the intranode route
 
   static HandleCounts parse(const std::vector<int64_t>& counts, int64_t num_ranks, int64_t experts_per_rank);
   at::Tensor to_tensor() const;

@@ -43,6 +43,8 @@ struct Record {
   int64_t rows;          // dispatch: rows I send you (-1: only the device knows); combine: rows
                          // you sent me at dispatch, which I now send back
   int64_t rows_back;     // combine: rows I sent you at dispatch
+  int64_t relay_rows;    // dispatch across nodes: tokens I send to your node through you (you are
+                         // my rail peer there, backend/ops/moe_internode.hpp); else 0
   char detail[256];      // why `status` is set
   PeerRegion regions[kMaxRegions];
   int32_t rows_per_expert[kMaxLocalExperts];  // dispatch: my rows for each of your experts

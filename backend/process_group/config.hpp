@@ -16,6 +16,7 @@ struct Config {
   size_t cuda_buffer_bytes = 64 << 20;  // registered receive buffer per rank (CUDA)
   int num_sms = 0;                      // SM budget of communication kernels; 0 = automatic
   int ranks_per_node = 0;               // override of the node size; 0 = detect
+  int launch_local_world_size = 0;      // the launcher's LOCAL_WORLD_SIZE where the group is the launch
   bool blocking_wait = false;           // CUDA Work.wait() blocks the CPU and raises on errors
 };
 

@@ -1,31 +1,14 @@
 #include "backend/process_group/process_group_ep.hpp"
 
-#include <unistd.h>
-
-#include <cstdio>
 #include <numeric>
 
 #include <torch/csrc/utils/pybind.h>
 
 #include "backend/common/errors.hpp"
 #include "backend/process_group/work.hpp"
+#include "backend/transport/topology.hpp"
 
 namespace ep {
-namespace {
-
-// Two ranks share a host when hostname and boot id agree (containers can share a hostname).
-std::string host_identity() {
-  char name[256] = {0};
-  gethostname(name, sizeof(name) - 1);
-  char boot_id[64] = {0};
-  if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
-    if (!std::fgets(boot_id, sizeof(boot_id), f)) boot_id[0] = 0;
-    std::fclose(f);
-  }
-  return std::string(name) + "/" + boot_id;
-}
-
-}  // namespace
 
 ProcessGroupEP::ProcessGroupEP(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, Config config,
                                c10::intrusive_ptr<c10d::Backend> cpu_backend,
@@ -37,6 +20,12 @@ ProcessGroupEP::ProcessGroupEP(const c10::intrusive_ptr<c10d::Store>& store, int
       cpu_backend_(std::move(cpu_backend)),
       cuda_backend_(std::move(cuda_backend)) {
   TORCH_CHECK(cpu_backend_, "ProcessGroupEP needs an inner CPU backend");
+  try {  // collective, like the group's creation: every rank learns every rank's node
+    topology_ = detect_topology(rendezvous_, config.ranks_per_node, config.launch_local_world_size, host_identity(),
+                                "ep/topology");
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
 }
 
 ProcessGroupEP::~ProcessGroupEP() {
@@ -101,7 +90,24 @@ std::string ProcessGroupEP::cuda_path() const {
   }
 }
 
+std::string ProcessGroupEP::internode_path() const {
+  if (!topology_.multi_node()) return "";
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  return internode_transport_ ? "nvshmem" : "host";
+}
+
 #ifndef TORCH_EP_WITH_CUDA
+bool ProcessGroupEP::internode_built() { return false; }
+
+std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at::Device&, const char* op_name) {
+  TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor>, AllToAllSpans,
+                                                                    c10d::OpType, const char* op_name) {
+  TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
+}
+
 std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device&, const char*) {
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   cuda_path_ = CudaPath::kDelegated;
@@ -280,6 +286,9 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
   check_usable("all_to_all_single");
   AllToAllLayout layout =
       check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, getSize());
+  if (input.is_cuda() && topology_.multi_node() && internode_built())  // peers on other nodes: NVSHMEM
+    return internode_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
+                                "all_to_all_single");
   if (input.is_cuda() && cuda_transport(input.device(), "all_to_all_single"))
     // Staging happens on the caller's stream, before the comm stream forks.
     return cuda_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
@@ -299,6 +308,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall(std::vector<at::Tensor>&
                                                         const c10d::AllToAllOptions& opts) {
   check_usable("all_to_all");
   check_all_to_all(outputs, inputs, getSize());
+  if (inputs[0].is_cuda() && topology_.multi_node() && internode_built())
+    return internode_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all");
   if (inputs[0].is_cuda() && cuda_transport(inputs[0].device(), "all_to_all"))
     return cuda_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all");
   if (!inputs[0].device().is_cpu()) return inner_for(inputs, "all_to_all")->alltoall(outputs, inputs, opts);

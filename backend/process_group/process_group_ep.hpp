@@ -22,10 +22,12 @@
 #include "backend/process_group/store_rendezvous.hpp"
 #include "backend/process_group/validate.hpp"
 #include "backend/transport/host/host_transport.hpp"
+#include "backend/transport/topology.hpp"
 
 namespace ep {
 
 class CudaTransport;
+class InternodeTransport;
 
 // One all_to_all as byte spans over contiguous tensors. Non-contiguous outputs are received into
 // contiguous staging tensors and copied back (`copy_back`, pairs of output and staging) once the
@@ -61,6 +63,8 @@ class ProcessGroupEP : public c10d::Backend {
 
   const std::string getBackendName() const override { return "ep"; }
   const Config& config() const { return config_; }
+  // Nodes and rails of this group (backend/transport/topology.hpp), found at creation.
+  const Topology& topology() const { return topology_; }
   // Which path CPU all_to_all takes: "shm" (our transport), "gloo" (delegated), or "" until the
   // first call decides.
   std::string host_path() const;
@@ -77,6 +81,24 @@ class ProcessGroupEP : public c10d::Backend {
   // Numbers the group's dispatches (1, 2, ...): ranks compare it to catch calls out of step,
   // and combine compares the handles' numbers.
   uint64_t next_dispatch_id() { return ++dispatch_count_; }
+  // Across nodes: "" while the group is one node; "nvshmem" once CUDA traffic crosses nodes
+  // over NVSHMEM (RDMA between real nodes); "host" before that (CPU tensors cross virtual nodes
+  // on the shared-memory transport, or Gloo between hosts).
+  std::string internode_path() const;
+  // CUDA IPC inside this node and NVSHMEM to other nodes, created by the first CUDA call that
+  // crosses nodes (collective). Defined in cuda/internode_path.cpp; raises without NVSHMEM.
+  std::shared_ptr<InternodeTransport> internode_transport(const at::Device& device, const char* op_name);
+  // Whether this build has the CUDA internode transport (CUDA and NVSHMEM); without it CUDA
+  // all_to_all across nodes stays on the intranode transport, or the inner backend between hosts.
+  static bool internode_built();
+  // Bytes the MoE ops' hierarchical route sent to other nodes (the rail hop: RDMA between real
+  // nodes) and to other ranks of this node (the node hop: NVLink), since the group was created.
+  void count_hop_bytes(uint64_t rail, uint64_t node) {
+    rail_bytes_ += rail;
+    node_bytes_ += node;
+  }
+  uint64_t rail_bytes() const { return rail_bytes_.load(); }
+  uint64_t node_bytes() const { return node_bytes_.load(); }
   // The CUDA transport of the MoE kernels, apart from all_to_all's so that their flags never
   // meet (all_to_all runs on the comm stream, MoE ops on the caller's). Created by the first
   // CUDA dispatch (collective); throws where CUDA IPC cannot reach every rank.
@@ -174,6 +196,9 @@ class ProcessGroupEP : public c10d::Backend {
   // Runs an all_to_all on the CUDA transport.
   c10::intrusive_ptr<c10d::Work> cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
                                                  c10d::OpType type, const char* op_name);
+  // Runs a CUDA all_to_all across nodes: IPC copies to this node's ranks, NVSHMEM puts to others.
+  c10::intrusive_ptr<c10d::Work> internode_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
+                                                      c10d::OpType type, const char* op_name);
   // Runs an all_to_all on the host transport, from the worker thread; `delegate` runs it on the
   // inner Gloo backend instead when the ranks span hosts.
   c10::intrusive_ptr<c10d::Work> host_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
@@ -183,6 +208,7 @@ class ProcessGroupEP : public c10d::Backend {
   Config config_;
   c10::intrusive_ptr<c10d::Store> store_;
   StoreRendezvous rendezvous_;
+  Topology topology_;
   mutable std::mutex state_mutex_;
   c10::intrusive_ptr<c10d::Backend> cpu_backend_;   // null after shutdown()
   c10::intrusive_ptr<c10d::Backend> cuda_backend_;  // null without CUDA, or after shutdown()
@@ -199,7 +225,10 @@ class ProcessGroupEP : public c10d::Backend {
   std::shared_ptr<CudaTransport> cuda_transport_;
   std::optional<c10::Stream> comm_stream_;
   std::shared_ptr<CudaTransport> moe_transport_;
+  std::shared_ptr<InternodeTransport> internode_transport_;
+  std::optional<c10::Stream> internode_stream_;
   std::atomic<uint64_t> dispatch_count_{0};
+  std::atomic<uint64_t> rail_bytes_{0}, node_bytes_{0};
   HostWorker host_worker_;  // declared last: joined first on destruction
 };
 

@@ -23,7 +23,26 @@ void register_process_group(py::module_& m) {
       .def_readwrite("cuda_buffer_bytes", &Config::cuda_buffer_bytes)
       .def_readwrite("num_sms", &Config::num_sms)
       .def_readwrite("ranks_per_node", &Config::ranks_per_node)
+      .def_readwrite("launch_local_world_size", &Config::launch_local_world_size)
       .def_readwrite("blocking_wait", &Config::blocking_wait);
+
+  py::class_<Topology>(m, "Topology", "Where the ranks of an 'ep' group sit (backend/transport/topology.hpp).")
+      .def_readonly("rank", &Topology::rank)
+      .def_readonly("size", &Topology::size)
+      .def_readonly("ranks_per_node", &Topology::ranks_per_node)
+      .def_readonly("num_nodes", &Topology::num_nodes)
+      .def_readonly("node", &Topology::node)
+      .def_readonly("local_rank", &Topology::local_rank)
+      .def_readonly("source", &Topology::source, "where ranks_per_node came from")
+      .def_readonly("problem", &Topology::problem, "why the hosts form no nodes, or ''")
+      .def_property_readonly("node_ranks", &Topology::node_ranks)
+      .def_property_readonly("rail_ranks", &Topology::rail_ranks)
+      .def("__repr__", [](const Topology& t) {
+        return "Topology(rank=" + std::to_string(t.rank) + ", size=" + std::to_string(t.size) +
+               ", ranks_per_node=" + std::to_string(t.ranks_per_node) + ", num_nodes=" + std::to_string(t.num_nodes) +
+               ", node=" + std::to_string(t.node) + ", local_rank=" + std::to_string(t.local_rank) + ", source='" +
+               t.source + "')";
+      });
 
   py::class_<ProcessGroupEP, c10d::Backend, c10::intrusive_ptr<ProcessGroupEP>>(m, "ProcessGroupEP")
       .def(py::init<const c10::intrusive_ptr<c10d::Store>&, int, int, Config, c10::intrusive_ptr<c10d::Backend>,
@@ -32,6 +51,15 @@ void register_process_group(py::module_& m) {
            py::arg("cuda_backend") = nullptr, py::call_guard<py::gil_scoped_release>())
       // By value: a reference would keep the backend alive from Python.
       .def_property_readonly("config", [](const ProcessGroupEP& pg) { return pg.config(); })
+      .def_property_readonly("topology", [](const ProcessGroupEP& pg) { return pg.topology(); })
+      .def_property_readonly("num_nodes", [](const ProcessGroupEP& pg) { return pg.topology().num_nodes; })
+      .def_property_readonly("ranks_per_node", [](const ProcessGroupEP& pg) { return pg.topology().ranks_per_node; })
+      .def_property_readonly("internode_path", &ProcessGroupEP::internode_path,
+                             "'' on one node; 'nvshmem' once CUDA traffic crosses nodes on NVSHMEM; 'host' before")
+      .def_property_readonly("rail_bytes", &ProcessGroupEP::rail_bytes,
+                             "bytes the MoE ops' hierarchical route sent to other nodes (the rail hop: RDMA)")
+      .def_property_readonly("node_bytes", &ProcessGroupEP::node_bytes,
+                             "bytes the MoE ops' hierarchical route sent to other ranks of this node (NVLink)")
       .def_property_readonly("host_path", &ProcessGroupEP::host_path,
                               "'shm' or 'gloo' once the first CPU all_to_all has chosen, else ''")
       .def_property_readonly("host_one_copy", &ProcessGroupEP::host_one_copy,

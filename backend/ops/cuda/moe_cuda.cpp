@@ -20,6 +20,7 @@
 
 #include "backend/common/errors.hpp"
 #include "backend/kernels/moe.cuh"
+#include "backend/ops/moe_internode.hpp"
 #include "backend/ops/moe_ops.hpp"
 #include "backend/ops/moe_protocol.hpp"
 #include "backend/process_group/process_group_ep.hpp"
@@ -172,6 +173,9 @@ Tensor layout_cuda(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
 
 DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   const char* op = "dispatch";
+  // Across nodes, the hierarchical route (without NVSHMEM in the build, virtual nodes on one
+  // host stay on this one).
+  if (group.topology().multi_node() && ProcessGroupEP::internode_built()) return dispatch_cuda_internode(group, a);
   const at::Device device = a.x.device();
   c10::cuda::CUDAGuard guard(device);
   std::shared_ptr<CudaTransport> transport = transport_for(group, device, op);
@@ -276,6 +280,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
 
 CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
   const char* op = "combine";
+  if (group.topology().multi_node() && ProcessGroupEP::internode_built()) return combine_cuda_internode(group, a);
   const at::Device device = a.x.device();
   c10::cuda::CUDAGuard guard(device);
   std::shared_ptr<CudaTransport> transport = transport_for(group, device, op);

@@ -3,7 +3,9 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <cstring>
 #include <mutex>
+#include <vector>
 #include <string>
 
 #include "backend/common/errors.hpp"
@@ -59,6 +61,39 @@ void attach(int rank, int size) {
     throw CommError("torch_ep: NVSHMEM was initialised as PE " + std::to_string(pe) + " of " + std::to_string(npes) +
                     ", but this rank is " + std::to_string(rank) + " of a group of " + std::to_string(size) +
                     "; low-latency ops need the NVSHMEM world to be their group (one such group per process)");
+}
+
+void init_over(Rendezvous& rdv, int device) {
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (nvshmemx_init_status() < NVSHMEM_STATUS_IS_INITIALIZED) {
+      nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
+      if (rdv.rank() == 0) {
+        if (nvshmemx_get_uniqueid(&id) != 0) throw CommError("torch_ep: nvshmemx_get_uniqueid failed");
+        const auto* p = reinterpret_cast<const uint8_t*>(&id);
+        rdv.set("nvshmem/uid", std::vector<uint8_t>(p, p + sizeof(id)));
+      } else {
+        const auto bytes = rdv.get("nvshmem/uid");
+        if (bytes.size() != sizeof(id)) throw CommError("torch_ep: NVSHMEM unique id of the wrong size in the store");
+        std::memcpy(&id, bytes.data(), sizeof(id));
+      }
+      nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
+      nvshmemx_set_attr_uniqueid_args(rdv.rank(), rdv.size(), &id, &attr);
+      if (cudaSetDevice(device) != cudaSuccess) throw CommError("torch_ep: cudaSetDevice failed before NVSHMEM init");
+      // nvshmemx_init_attr without its exit(-1): an error here must raise, not end the process.
+      int provided = 0;
+      const nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+                                          NVSHMEM_VENDOR_PATCH_VERSION};
+      const int err = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr,
+                                           version);
+      if (err != 0)
+        throw CommError("torch_ep: NVSHMEM initialisation failed (nvshmemi_init_thread returned " +
+                        std::to_string(err) + "); run with NVSHMEM_DEBUG=INFO to see why (transports: "
+                        "docs/internode.md)");
+      registered = true;  // this entry also registered torch_ep's device state
+    }
+  }
+  attach(rdv.rank(), rdv.size());
 }
 
 bool attached() {

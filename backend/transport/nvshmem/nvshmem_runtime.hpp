@@ -9,6 +9,8 @@
 
 #include <cstddef>
 
+#include "backend/transport/rendezvous.hpp"
+
 namespace ep::nvshmem {
 
 // nvshmemx_init_status(): 0 not initialised, 1 bootstrapped, 2 initialised, 3 limited
@@ -19,6 +21,11 @@ int init_status();
 // this process is PE `rank` of `size`. Idempotent. Throws CommError with what to do otherwise.
 void attach(int rank, int size);
 bool attached();
+
+// Initialises NVSHMEM over `rdv` where nothing has yet (rank 0's unique id goes through the
+// store; every rank of `rdv` calls this, as PE rdv.rank() of rdv.size()), then attach(). Reads
+// NVSHMEM's environment (transports, heap size) as it is: the caller sets nothing.
+void init_over(Rendezvous& rdv, int device);
 
 // Collective over every PE (nvshmem_malloc / nvshmem_free); throws when the heap is too small.
 void* malloc_symmetric(size_t bytes);

@@ -1,0 +1,148 @@
+// Dispatch and combine across nodes on CUDA tensors: the hierarchical route of
+// backend/ops/moe_internode.cpp, its rail hop on NVSHMEM puts (RDMA between real nodes), its
+// node hop on CUDA IPC copies, its records on the group's host channel. Everything is queued on
+// the caller's stream; the host waits for sizes (the routing header, the relay counts).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "backend/kernels/moe_meta.hpp"
+#include "backend/ops/moe_internode.hpp"
+#include "backend/process_group/process_group_ep.hpp"
+#include "backend/transport/cuda/cuda_check.hpp"
+#ifdef TORCH_EP_WITH_NVSHMEM
+#include "backend/transport/nvshmem/internode_transport.hpp"
+#endif
+
+namespace ep::moe {
+
+#ifdef TORCH_EP_WITH_NVSHMEM
+namespace {
+
+using at::Tensor;
+
+class CudaHops : public InternodeHops {
+ public:
+  CudaHops(ProcessGroupEP& group, InternodeTransport& transport, cudaStream_t stream)
+      : group_(group), transport_(transport), topo_(group.topology()), stream_(stream) {}
+
+  Tensor rail(const Tensor& rows, const std::vector<int64_t>& send, const std::vector<int64_t>& recv,
+              const char* op) override {
+    const int64_t row_bytes = rows.size(1);
+    Tensor out = at::empty({total(recv), row_bytes}, rows.options());
+    std::vector<SendBuffer> sends(topo_.size, SendBuffer{nullptr, 0});
+    std::vector<RecvBuffer> recvs(topo_.size, RecvBuffer{nullptr, 0});
+    std::vector<int> peers;
+    const char* in = rows.numel() ? static_cast<const char*>(rows.data_ptr()) : nullptr;
+    char* to = out.numel() ? static_cast<char*>(out.data_ptr()) : nullptr;
+    for (int m = 0; m < topo_.num_nodes; ++m) {
+      const int r = topo_.rank_of(m, topo_.local_rank);
+      sends[r] = {in, size_t(send[m] * row_bytes)};
+      recvs[r] = {to, size_t(recv[m] * row_bytes)};
+      in += send[m] * row_bytes;
+      to += recv[m] * row_bytes;
+      if (r != topo_.rank) peers.push_back(r);
+    }
+    if (sends[topo_.rank].bytes)
+      EP_CUDA_CHECK(cudaMemcpyAsync(recvs[topo_.rank].ptr, sends[topo_.rank].ptr, sends[topo_.rank].bytes,
+                                    cudaMemcpyDeviceToDevice, stream_));
+    transport_.net().all_to_all(peers, sends, recvs, stream_, op);
+    return out;
+  }
+
+  Tensor node(const Tensor& rows, const std::vector<int64_t>& send, const std::vector<int64_t>& recv,
+              const char* op) override {
+    const int64_t row_bytes = rows.size(1);
+    Tensor out = at::empty({total(recv), row_bytes}, rows.options());
+    std::vector<SendBuffer> sends;
+    std::vector<RecvBuffer> recvs;
+    const char* in = rows.numel() ? static_cast<const char*>(rows.data_ptr()) : nullptr;
+    char* to = out.numel() ? static_cast<char*>(out.data_ptr()) : nullptr;
+    for (int j = 0; j < topo_.ranks_per_node; ++j) {
+      sends.push_back({in, size_t(send[j] * row_bytes)});
+      recvs.push_back({to, size_t(recv[j] * row_bytes)});
+      in += send[j] * row_bytes;
+      to += recv[j] * row_bytes;
+    }
+    transport_.node().all_to_all(sends, recvs, stream_, op);
+    return out;
+  }
+
+  std::vector<Record> records(const std::vector<Record>& mine, const char* op) override {
+    return exchange_records_on_host(group_, mine, op);
+  }
+
+ private:
+  static int64_t total(const std::vector<int64_t>& v) {
+    int64_t n = 0;
+    for (int64_t x : v) n += x;
+    return n;
+  }
+  ProcessGroupEP& group_;
+  InternodeTransport& transport_;
+  const Topology& topo_;
+  cudaStream_t stream_;
+};
+
+std::shared_ptr<InternodeTransport> usable_transport(ProcessGroupEP& group, const at::Device& device, const char* op) {
+  std::shared_ptr<InternodeTransport> transport = group.internode_transport(device, op);
+  transport->net().check(op);
+  transport->node().check_healthy(op);
+  return transport;
+}
+
+}  // namespace
+
+DispatchOutputs dispatch_cuda_internode(ProcessGroupEP& group, const DispatchArgs& a) {
+  const char* op = "dispatch";
+  const at::Device device = a.x.device();
+  c10::cuda::CUDAGuard guard(device);
+  try {
+    std::shared_ptr<InternodeTransport> transport = usable_transport(group, device, op);
+    const int64_t R = group.getSize(), N = a.x.size(0), E = a.num_experts;
+    const kernels::MetaLayout l{R, E, N};
+    const bool cached = a.handle_meta.has_value();
+    const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, nullptr);
+    Tensor header;  // the sizes, on the host
+    if (!cached) header = a.layout_header ? *a.layout_header : meta.narrow(0, 0, l.header_size()).to(at::kCPU);
+    CudaHops hops(group, *transport, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+    HopBytes bytes;
+    DispatchOutputs o =
+        dispatch_hierarchical(group, a, meta, header.defined() ? header.data_ptr<int32_t>() : nullptr, hops, &bytes);
+    group.count_hop_bytes(bytes.rail, bytes.node);
+    return o;
+  } catch (const CommError& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+}
+
+CombineOutputs combine_cuda_internode(ProcessGroupEP& group, const CombineArgs& a) {
+  const char* op = "combine";
+  const at::Device device = a.x.device();
+  c10::cuda::CUDAGuard guard(device);
+  try {
+    std::shared_ptr<InternodeTransport> transport = usable_transport(group, device, op);
+    CudaHops hops(group, *transport, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+    HopBytes bytes;
+    CombineOutputs o = combine_hierarchical(group, a, hops, &bytes);
+    group.count_hop_bytes(bytes.rail, bytes.node);
+    return o;
+  } catch (const CommError& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+}
+
+#else
+
+DispatchOutputs dispatch_cuda_internode(ProcessGroupEP& group, const DispatchArgs& a) {
+  group.internode_transport(a.x.device(), "dispatch");  // raises what to install
+  return {};
+}
+CombineOutputs combine_cuda_internode(ProcessGroupEP& group, const CombineArgs& a) {
+  group.internode_transport(a.x.device(), "combine");
+  return {};
+}
+
+#endif
+
+}  // namespace ep::moe

@@ -1,0 +1,102 @@
+// ProcessGroupEP across nodes, CUDA tensors: the InternodeTransport (IPC inside the node, NVSHMEM
+// to other nodes) and all_to_all on it, with the stream semantics of cuda_path.cpp.
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "backend/process_group/cuda/cuda_work.hpp"
+#include "backend/process_group/process_group_ep.hpp"
+#ifdef TORCH_EP_WITH_NVSHMEM
+#include "backend/transport/nvshmem/internode_transport.hpp"
+#endif
+
+namespace ep {
+
+#ifdef TORCH_EP_WITH_NVSHMEM
+bool ProcessGroupEP::internode_built() { return true; }
+
+std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at::Device& device, const char* op_name) {
+  check_usable(op_name);
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  if (!internode_transport_) try {
+      CudaTransportConfig cc;
+      cc.device = device.index();
+      cc.buffer_bytes = config_.cuda_buffer_bytes;
+      cc.num_sms = config_.num_sms;
+      cc.timeout = config_.timeout;
+      cc.control_slot_bytes = 256;
+      internode_transport_ = std::make_shared<InternodeTransport>(rendezvous_, topology_, cc, "ep/internode");
+      internode_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
+    } catch (const std::exception& e) {
+      C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's transport across nodes "
+                                            "(CUDA IPC in the node, NVSHMEM between nodes) failed: " + e.what());
+    }
+  TORCH_CHECK_VALUE(internode_transport_->node().device() == device.index(), op_name, ": this 'ep' group runs on cuda:",
+                    internode_transport_->node().device(), " (its first CUDA op across nodes), but got a tensor on ",
+                    device, "; use one device per rank and group");
+  return internode_transport_;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor> outputs,
+                                                                    AllToAllSpans spans, c10d::OpType type,
+                                                                    const char* op_name) {
+  const at::Device device = outputs[0].device();
+  std::shared_ptr<InternodeTransport> transport = internode_transport(device, op_name);
+  c10::cuda::CUDAGuard guard(device);
+  auto caller = c10::cuda::getCurrentCUDAStream(device.index());
+  c10::cuda::CUDAStream comm(c10::cuda::CUDAStream::UNCHECKED, *internode_stream_);
+  cudaEvent_t ready;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(ready, caller.stream()));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(comm.stream(), ready, 0));
+  C10_CUDA_CHECK(cudaEventDestroy(ready));
+
+  const Topology& t = topology_;
+  try {
+    // This node's ranks (self included) over CUDA IPC, indexed by local rank.
+    std::vector<SendBuffer> node_sends;
+    std::vector<RecvBuffer> node_recvs;
+    for (int r : t.node_ranks()) {
+      node_sends.push_back(spans.sends[r]);
+      node_recvs.push_back(spans.recvs[r]);
+    }
+    transport->node().all_to_all(node_sends, node_recvs, comm.stream(), op_name);
+    // Every other rank over NVSHMEM: once per pair, whatever the split.
+    std::vector<int> remote;
+    for (int r = 0; r < t.size; ++r)
+      if (t.node_of(r) != t.node) remote.push_back(r);
+    transport->net().all_to_all(remote, spans.sends, spans.recvs, comm.stream(), op_name);
+    transport->node().track(op_name, comm.stream(), {});
+  } catch (const std::exception& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+  {
+    c10::cuda::CUDAStreamGuard on_comm(comm);
+    for (auto& [output, staging] : spans.copy_back) output.copy_(staging);
+  }
+  for (const auto& x : spans.buffers) c10::cuda::CUDACachingAllocator::recordStream(x.storage().data_ptr(), comm);
+  for (const auto& x : outputs) c10::cuda::CUDACachingAllocator::recordStream(x.storage().data_ptr(), comm);
+  return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport->node_shared(),
+                                         config_.blocking_wait, config_.timeout);
+}
+
+#else  // CUDA without NVSHMEM
+
+bool ProcessGroupEP::internode_built() { return false; }
+
+std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at::Device&, const char* op_name) {
+  TORCH_CHECK(false, op_name, ": this group spans ", topology_.num_nodes, " nodes, and CUDA traffic between nodes "
+              "runs on NVSHMEM, which this torch_ep build lacks: install nvidia-nvshmem-cu13 and rebuild "
+              "(TORCH_EP_WITH_NVSHMEM=1)");
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor>, AllToAllSpans,
+                                                                    c10d::OpType, const char* op_name) {
+  internode_transport(at::Device(at::kCUDA), op_name);
+  return {};
+}
+
+#endif
+
+}  // namespace ep

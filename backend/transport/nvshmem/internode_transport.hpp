@@ -1,0 +1,37 @@
+// A group's transports across nodes (CUDA tensors): CUDA IPC among the ranks of this rank's node
+// (the intranode CudaTransport over a node-sized rendezvous), and NVSHMEM puts to every other
+// rank (NvshmemExchange: RDMA between real nodes). Created collectively by the first CUDA call
+// that needs it; NVSHMEM is initialised over the group's store where nothing initialised it yet.
+// Header without NVSHMEM types.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "backend/transport/cuda/cuda_transport.hpp"
+#include "backend/transport/nvshmem/nvshmem_exchange.hpp"
+#include "backend/transport/subset_rendezvous.hpp"
+#include "backend/transport/topology.hpp"
+
+namespace ep {
+
+class InternodeTransport {
+ public:
+  // Collective over every rank of `group_rdv` (whose rendezvous must outlive this).
+  InternodeTransport(Rendezvous& group_rdv, const Topology& topology, const CudaTransportConfig& config,
+                     const std::string& tag);
+  const Topology& topology() const { return topology_; }
+  // Peers indexed by local rank.
+  CudaTransport& node() { return *node_; }
+  std::shared_ptr<CudaTransport> node_shared() { return node_; }
+  // Peers indexed by group rank (= NVSHMEM PE).
+  NvshmemExchange& net() { return *net_; }
+
+ private:
+  Topology topology_;
+  SubsetRendezvous node_rdv_;
+  std::shared_ptr<CudaTransport> node_;
+  std::unique_ptr<NvshmemExchange> net_;
+};
+
+}  // namespace ep

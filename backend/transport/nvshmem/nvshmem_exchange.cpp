@@ -1,0 +1,136 @@
+#include "backend/transport/nvshmem/nvshmem_exchange.hpp"
+
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <algorithm>
+
+#include "backend/kernels/internode.cuh"
+#include "backend/transport/cuda/cuda_check.hpp"
+#include "backend/transport/nvshmem/nvshmem_runtime.hpp"
+
+namespace ep {
+namespace {
+
+constexpr size_t kAlign = 4096;
+size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+uint64_t chunks_of(size_t bytes, size_t chunk) { return (bytes + chunk - 1) / chunk; }
+
+}  // namespace
+
+NvshmemExchange::NvshmemExchange(int rank, int size, const NvshmemExchangeConfig& config)
+    : rank_(rank),
+      size_(size),
+      num_slots_(std::max(config.num_slots, 1)),
+      chunk_bytes_(round_up(std::max<size_t>(config.chunk_bytes, kAlign), kAlign)),
+      timeout_(config.timeout),
+      chunks_sent_(size, 0),
+      chunks_received_(size, 0) {
+  EP_CUDA_CHECK(cudaSetDevice(config.device));
+  const size_t data = 2 * size_t(size) * num_slots_ * chunk_bytes_;  // receive slots, then send slots
+  const size_t signals = 2 * size_t(size) * num_slots_ * sizeof(uint64_t);
+  base_ = static_cast<char*>(nvshmem::malloc_symmetric(data + signals));  // collective
+  EP_CUDA_CHECK(cudaMemset(base_ + data, 0, signals));
+  EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(int), cudaHostAllocMapped));
+  *error_host_ = 0;
+  EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
+  EP_CUDA_CHECK(cudaDeviceSynchronize());
+  nvshmem_barrier_all();  // no peer signals us before our signals are zero
+}
+
+NvshmemExchange::~NvshmemExchange() {
+  // The symmetric buffer stays: nvshmem_free is collective and ranks leave at different times.
+  if (error_host_) cudaFreeHost(error_host_);
+}
+
+char* NvshmemExchange::slot(char* base, int src, int index) const {
+  return base + (size_t(src) * num_slots_ + index) * chunk_bytes_;
+}
+char* NvshmemExchange::send_slot(char* base, int dst, int index) const {
+  return slot(base, size_ + dst, index);
+}
+uint64_t* NvshmemExchange::full_signal(char* base, int src, int index) const {
+  return reinterpret_cast<uint64_t*>(base + 2 * size_t(size_) * num_slots_ * chunk_bytes_) + src * num_slots_ + index;
+}
+uint64_t* NvshmemExchange::credit_signal(char* base, int dst, int index) const {
+  return full_signal(base, 0, 0) + size_t(size_) * num_slots_ + dst * num_slots_ + index;
+}
+
+void NvshmemExchange::check(const char* op_name) {
+  if (!failed_.empty()) throw CommError(std::string(op_name) + ": " + failed_);
+  const int code = *static_cast<volatile int*>(error_host_);
+  if (code == 0) return;
+  failed_ = "rank " + std::to_string(rank_) + "'s internode (NVSHMEM) exchange waited past the timeout (" +
+            std::to_string(timeout_.count()) + " ms) for rank " + std::to_string(code - 1) +
+            " (it never came, or the ranks disagree on a message's size); its signals are out of step since, so "
+            "this group takes no more internode calls";
+  throw CommError(std::string(op_name) + ": " + failed_);
+}
+
+void NvshmemExchange::all_to_all(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
+                                 const std::vector<RecvBuffer>& recvs, cudaStream_t stream, const char* op_name) {
+  check(op_name);
+  const size_t S = size_t(num_slots_);
+  uint64_t rounds = 0;
+  for (int p : peers)
+    rounds = std::max({rounds, chunks_of(sends[p].bytes, chunk_bytes_), chunks_of(recvs[p].bytes, chunk_bytes_)});
+  const uint64_t timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
+  auto flush = [&](kernels::WaitSignalsParams& w) {
+    if (w.count == 0) return;
+    w.timeout_ns = timeout_ns;
+    w.error = error_device_;
+    EP_CUDA_CHECK(kernels::launch_wait_signals(w, stream));
+    w.count = 0;
+  };
+  auto add_wait = [&](kernels::WaitSignalsParams& w, const uint64_t* signal, uint64_t at_least, int peer) {
+    if (w.count == kernels::kMaxWaitSignals) flush(w);
+    w.signal[w.count] = signal;
+    w.at_least[w.count] = at_least;
+    w.peer[w.count] = peer;
+    ++w.count;
+  };
+  for (uint64_t k = 0; k < rounds; ++k) {
+    // Sends of round k: each waits for the peer to have emptied the slot's previous chunk.
+    kernels::WaitSignalsParams w{};
+    for (int p : peers) {
+      if (k >= chunks_of(sends[p].bytes, chunk_bytes_)) continue;
+      const uint64_t i = chunks_sent_[p] + k;
+      if (i >= S) add_wait(w, credit_signal(base_, p, int(i % S)), i / S, p);
+    }
+    flush(w);
+    for (int p : peers) {
+      if (k >= chunks_of(sends[p].bytes, chunk_bytes_)) continue;
+      const uint64_t i = chunks_sent_[p] + k;
+      const size_t n = std::min(chunk_bytes_, sends[p].bytes - size_t(k) * chunk_bytes_);
+      // Staged through our own symmetric memory: RDMA transports put only from registered memory.
+      // The put is the blocking kind, so the stage is free again once the stream passes it.
+      char* stage = send_slot(base_, p, int(i % S));
+      EP_CUDA_CHECK(cudaMemcpyAsync(stage, static_cast<const char*>(sends[p].ptr) + k * chunk_bytes_, n,
+                                    cudaMemcpyDeviceToDevice, stream));
+      nvshmemx_putmem_signal_on_stream(slot(base_, rank_, int(i % S)), stage, n, full_signal(base_, rank_, int(i % S)),
+                                       i / S + 1, NVSHMEM_SIGNAL_SET, p, stream);
+      bytes_sent_ += n;
+    }
+    // Receives of round k: wait for the chunk, copy it out, give the slot back.
+    for (int p : peers) {
+      if (k >= chunks_of(recvs[p].bytes, chunk_bytes_)) continue;
+      const uint64_t j = chunks_received_[p] + k;
+      add_wait(w, full_signal(base_, p, int(j % S)), j / S + 1, p);
+    }
+    flush(w);
+    for (int p : peers) {
+      if (k >= chunks_of(recvs[p].bytes, chunk_bytes_)) continue;
+      const uint64_t j = chunks_received_[p] + k;
+      const size_t n = std::min(chunk_bytes_, recvs[p].bytes - size_t(k) * chunk_bytes_);
+      EP_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(recvs[p].ptr) + k * chunk_bytes_, slot(base_, p, int(j % S)),
+                                    n, cudaMemcpyDeviceToDevice, stream));
+      nvshmemx_signal_op_on_stream(credit_signal(base_, rank_, int(j % S)), j / S + 1, NVSHMEM_SIGNAL_SET, p, stream);
+    }
+  }
+  for (int p : peers) {
+    chunks_sent_[p] += chunks_of(sends[p].bytes, chunk_bytes_);
+    chunks_received_[p] += chunks_of(recvs[p].bytes, chunk_bytes_);
+  }
+}
+
+}  // namespace ep

@@ -1,0 +1,166 @@
+"""Across nodes: the hierarchical dispatch/combine and all_to_all_single of an "ep" group that
+spans nodes, against the intranode path of the same ranks in the same run.
+
+    # one machine acting as 2 nodes (virtual nodes; ranks sharing a GPU need MPS, GPU-NOTES.md):
+    NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 \\
+        torchrun --nproc-per-node 4 benchmarks/internode.py --ranks-per-node 2 --out DIR
+    # real nodes (docs/internode.md): nodes from torchrun's LOCAL_WORLD_SIZE
+    torchrun --nnodes 2 --nproc-per-node 8 ... benchmarks/internode.py --out DIR
+
+Two groups of the same ranks: "intranode" (ranks_per_node = world size: one node, the CUDA IPC
+kernels; only where every rank is on one host) and "internode" (--ranks-per-node, or the
+launch's nodes: rail hop on NVSHMEM, node hop on CUDA IPC). Ops: dispatch bf16 and fp8 (layout
+given), combine bf16 (DeepEP's setting by default: 4096 tokens of hidden 7168, top-8 of 256
+experts), and all_to_all_single (--a2a-bytes per rank, even split).
+
+Per op and group: time (median over runs of the slowest rank, each run after a barrier, L2
+flushed), bytes received per rank / time (DeepEP's convention for dispatch/combine; sent for
+all_to_all), and for the internode group the bytes each rank sent over the rail hop (to other
+nodes: RDMA between real nodes) and over the node hop (to its node's other ranks: NVLink),
+read from get_backend(group).rail_bytes / node_bytes, and the rail hop's bandwidth, which is
+what DeepEP's internode figures report (H800, CX7 400 Gb/s: 43-58 GB/s RDMA). On virtual nodes
+the "RDMA" hop is NVSHMEM over P2P on the same GPU: the figure shows the route's cost, not a
+network's. Outputs are checked against torch_ep.reference before timing. Rank 0 prints the
+table and writes internode.md and internode.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+import torch_ep
+from torch_ep import reference
+from torch_ep.testing import same_bits
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+FP8_BLOCK = 128
+
+
+def make_inputs(args, rank: int, num_experts: int, device):
+    g = torch.Generator().manual_seed(args.seed + 7919 * rank)
+    scores = torch.rand(args.tokens, num_experts, generator=g)
+    idx = scores.topk(args.topk, dim=1).indices
+    x = torch.randint(-8, 8, (args.tokens, args.hidden), generator=g).to(torch.bfloat16)
+    w = torch.rand(idx.shape, generator=g)
+    scales = torch.rand(args.tokens, (args.hidden + FP8_BLOCK - 1) // FP8_BLOCK, generator=g) + 0.5
+    return x.to(device), idx.to(device), w.to(device), (x.float().to(torch.float8_e4m3fn).to(device), scales.to(device))
+
+
+def check(group, x, idx, w, fp8, num_experts):
+    """Bit for bit against the reference (integer data: combine's sums are exact)."""
+    d = torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group)
+    ref = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts, group=group)
+    assert same_bits(d.recv_x.cpu(), ref.recv_x) and torch.equal(d.recv_topk_idx.cpu(), ref.recv_topk_idx)
+    c = torch_ep.combine(d.recv_x, d.handle, group=group).combined_x
+    assert same_bits(c.cpu(), reference.combine(ref.recv_x, ref.handle, group=group).combined_x)
+    d8 = torch_ep.dispatch(fp8, idx, num_experts=num_experts, group=group)
+    ref8 = reference.dispatch(tuple(t.cpu() for t in fp8), idx.cpu(), num_experts=num_experts, group=group)
+    assert same_bits(d8.recv_x[0].cpu(), ref8.recv_x[0]) and same_bits(d8.recv_x[1].cpu(), ref8.recv_x[1])
+
+
+def measure(name, group, args, device, sync, flush) -> List[Dict]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    num_experts = args.experts
+    x, idx, w, fp8 = make_inputs(args, rank, num_experts, device)
+    check(group, x, idx, w, fp8, num_experts)
+    backend = torch_ep.get_backend(group)
+    layout = torch_ep.get_dispatch_layout(idx, num_experts, group=group)
+    d = torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group, layout=layout)
+    recv_rows = d.recv_x.shape[0]
+    row_bf16 = args.hidden * 2
+    row_fp8 = args.hidden + fp8[1].shape[1] * 4
+    a2a_in = torch.randn(args.a2a_bytes // 2, dtype=torch.bfloat16, device=device)
+    a2a_out = torch.empty_like(a2a_in)
+    ops = {
+        "dispatch bf16": (lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group, layout=layout),
+                          recv_rows * row_bf16),
+        "dispatch fp8": (lambda: torch_ep.dispatch(fp8, idx, num_experts=num_experts, group=group, layout=layout),
+                         recv_rows * row_fp8),
+        "combine bf16": (lambda: torch_ep.combine(d.recv_x, d.handle, group=group), recv_rows * row_bf16),
+        "all_to_all_single": (lambda: dist.all_to_all_single(a2a_out, a2a_in, group=group), args.a2a_bytes),
+    }
+    rows = []
+    for op, (fn, nbytes) in ops.items():
+        rail0, node0 = backend.rail_bytes, backend.node_bytes
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rail, node = backend.rail_bytes - rail0, backend.node_bytes - node0
+        if op == "all_to_all_single" and backend.num_nodes > 1:  # not counted by the MoE counters
+            per_peer = args.a2a_bytes // world
+            t = backend.topology
+            rail, node = per_peer * (world - t.ranks_per_node), per_peer * (t.ranks_per_node - 1)
+
+        def run():
+            flush()
+            fn()
+
+        times = common.slowest_rank(common.time_runs(run, device=device, runs=args.runs, barrier=lambda: dist.barrier(sync)),
+                                    sync)
+        seconds = common.median(times)
+        stats = torch.tensor([nbytes, rail, node], dtype=torch.float64)
+        dist.all_reduce(stats, group=sync)
+        stats /= world
+        rows.append({"group": name, "op": op, "num_nodes": backend.num_nodes, "time_us": seconds * 1e6,
+                     "bytes_per_rank": stats[0].item(), "GB/s": stats[0].item() / seconds / 1e9,
+                     "rail_bytes_per_rank": stats[1].item(), "node_bytes_per_rank": stats[2].item(),
+                     "rail_GB/s": stats[1].item() / seconds / 1e9, "internode_path": backend.internode_path})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks-per-node", type=int, default=0, help="0: the launch's nodes")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--a2a-bytes", type=int, default=64 << 20)
+    parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    device = common.pick_device(args.device)
+    dist.init_process_group("ep")
+    world = dist.get_world_size()
+    sync = dist.new_group(backend="gloo")
+    flush = common.l2_flusher(device)
+    groups = {"internode": dist.new_group(backend="ep", pg_options=torch_ep.Options(ranks_per_node=args.ranks_per_node))}
+    hosts: List[str] = [None] * world
+    dist.all_gather_object(hosts, os.uname().nodename, group=sync)
+    if len(set(hosts)) == 1:  # the intranode path needs every rank on one host
+        groups = {"intranode": dist.new_group(backend="ep", pg_options=torch_ep.Options(ranks_per_node=world)), **groups}
+    rows = []
+    for name, group in groups.items():
+        rows += measure(name, group, args, device, sync, flush)
+    if dist.get_rank() == 0:
+        headers = ["group", "op", "nodes", "time (us)", "recv GB/s", "bytes/rank", "rail (RDMA) bytes/rank",
+                   "node (NVLink) bytes/rank", "rail GB/s", "path"]
+        table = common.markdown_table(headers, [
+            [r["group"], r["op"], r["num_nodes"], f"{r['time_us']:.1f}", f"{r['GB/s']:.1f}",
+             common.format_bytes(int(r["bytes_per_rank"])), common.format_bytes(int(r["rail_bytes_per_rank"])),
+             common.format_bytes(int(r["node_bytes_per_rank"])), f"{r['rail_GB/s']:.1f}", r["internode_path"] or "-"]
+            for r in rows])
+        meta = common.run_metadata(device, world_size=world, args=vars(args))
+        print(table)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            common.write_text(os.path.join(args.out, "internode.md"), f"# internode ({meta})\n\n{table}\n")
+            common.write_json(os.path.join(args.out, "internode.json"), {"meta": meta, "rows": rows})
+    dist.barrier(sync)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
