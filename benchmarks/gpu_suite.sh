@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile|ll-profile]
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile|ll-profile|internode]
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
 #     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES,
-#     TORCH_EP_LL_BENCH_RANKS);
+#     TORCH_EP_LL_BENCH_RANKS); internode: tests and benchmark across virtual nodes
+#     (TORCH_EP_INTERNODE_TOPOLOGIES, e.g. 2x2,2x4; TORCH_EP_INTERNODE_BENCH, e.g. 2x2);
 #     profile: tools/moe_profile.py and tools/ll_profile.py with 2 ranks (ll-profile: the latter only;
 #     TORCH_EP_LL_PROFILE_RANKS)
 #
@@ -136,6 +137,22 @@ if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then
       torchrun --standalone --nproc-per-node "$R" benchmarks/low_latency.py --out "$LOGS/low_latency_${R}ranks" \
       > "$LOGS/ll_bench_${R}ranks.log" 2>&1 || STATUS=1
     tail -8 "$LOGS/ll_bench_${R}ranks.log" >> "$SUMMARY"
+  done
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = internode ]; then
+  step "GPU internode tests, virtual nodes ${TORCH_EP_INTERNODE_TOPOLOGIES:=2x2,2x4} (nodes x ranks per node)"
+  TORCH_EP_INTERNODE_TOPOLOGIES=$TORCH_EP_INTERNODE_TOPOLOGIES timeout 300 python3 -m pytest tests/test_cuda_internode.py \
+    -q -ra -x > "$LOGS/gpu_internode_tests.log" 2>&1 || STATUS=1
+  grep -v "^\[rank" "$LOGS/gpu_internode_tests.log" | tail -30 >> "$SUMMARY"
+  for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
+    R=$(( ${TOPO%x*} * ${TOPO#*x} ))
+    step "internode benchmark, $TOPO virtual nodes"
+    NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 \
+      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) timeout 150 torchrun --standalone --nproc-per-node "$R" \
+      benchmarks/internode.py --ranks-per-node "${TOPO#*x}" --out "$LOGS/internode_$TOPO" \
+      > "$LOGS/internode_bench_$TOPO.log" 2>&1 || STATUS=1
+    tail -16 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
   done
 fi
 
