@@ -64,6 +64,15 @@ trap stop_mps EXIT
 [ "$GPUS" -lt 8 ] && start_mps
 
 STATUS=0
+# run_bench R LIMIT_S LOG SUMMARY_LINES SCRIPT ARGS...: torchrun of a benchmark on R ranks, each with
+# its share of the GPU it shares, its output in LOGS/LOG and its last lines in the summary.
+run_bench() {
+  local R=$1 LIMIT=$2 LOG=$3 LINES=$4; shift 4
+  local SHARING=$(( (R + GPUS - 1) / GPUS ))
+  CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout "$LIMIT" \
+    torchrun --standalone --nproc-per-node "$R" "$@" > "$LOGS/$LOG" 2>&1 || STATUS=1
+  tail -"$LINES" "$LOGS/$LOG" >> "$SUMMARY"
+}
 python3 -c 'import deep_ep; print("deep_ep", deep_ep.__file__)' >> "$SUMMARY" 2>&1 || echo "deep_ep: not importable" >> "$SUMMARY"
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   step "GPU tests, 1 2 4 8 ranks"
@@ -96,11 +105,7 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then
   for R in ${TORCH_EP_MOE_BENCH_RANKS:-2 4 8}; do
     step "MoE benchmark, $R ranks (4096 tokens, hidden 7168, top-8, 256 experts)"
-    SHARING=$(( (R + GPUS - 1) / GPUS ))
-    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 90 \
-      torchrun --standalone --nproc-per-node "$R" benchmarks/moe.py --out "$LOGS/moe_${R}ranks" \
-      > "$LOGS/moe_bench_${R}ranks.log" 2>&1 || STATUS=1
-    tail -18 "$LOGS/moe_bench_${R}ranks.log" >> "$SUMMARY"
+    run_bench "$R" 90 "moe_bench_${R}ranks.log" 18 benchmarks/moe.py --out "$LOGS/moe_${R}ranks"
   done
 fi
 
@@ -132,11 +137,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then
   grep -v "^\[rank" "$LOGS/gpu_ll_tests.log" | tail -40 >> "$SUMMARY"
   for R in ${TORCH_EP_LL_BENCH_RANKS:-2 4 8}; do
     step "low-latency benchmark, $R ranks (128 tokens, hidden 7168, top-8, 256 experts)"
-    SHARING=$(( (R + GPUS - 1) / GPUS ))
-    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 120 \
-      torchrun --standalone --nproc-per-node "$R" benchmarks/low_latency.py --out "$LOGS/low_latency_${R}ranks" \
-      > "$LOGS/ll_bench_${R}ranks.log" 2>&1 || STATUS=1
-    tail -8 "$LOGS/ll_bench_${R}ranks.log" >> "$SUMMARY"
+    run_bench "$R" 120 "ll_bench_${R}ranks.log" 8 benchmarks/low_latency.py --out "$LOGS/low_latency_${R}ranks"
   done
 fi
 
@@ -159,11 +160,8 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   for R in 1 2 4 8; do
     step "all_to_all benchmark, $R ranks"
-    SHARING=$(( (R + GPUS - 1) / GPUS ))
-    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / SHARING)) timeout 120 \
-      torchrun --standalone --nproc-per-node "$R" benchmarks/all_to_all.py --device cuda \
-      --max-bytes $((256 << 20)) --out "$LOGS/all_to_all_${R}ranks" > "$LOGS/bench_${R}ranks.log" 2>&1 || STATUS=1
-    tail -16 "$LOGS/bench_${R}ranks.log" >> "$SUMMARY"
+    run_bench "$R" 120 "bench_${R}ranks.log" 16 benchmarks/all_to_all.py --device cuda --max-bytes $((256 << 20)) \
+      --out "$LOGS/all_to_all_${R}ranks"
   done
 fi
 step "done (status $STATUS)"

@@ -7,16 +7,17 @@
 
 namespace ep {
 
-// A wait ran past the group's timeout: a peer never arrived.
-class TimeoutError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
 // The ranks disagree (split sizes, handles, sequence) or a system call failed.
 class CommError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+};
+
+// A wait ran past the group's timeout: a peer never arrived. A CommError too, so that every
+// place that maps communication failures onto torch errors maps timeouts with them.
+class TimeoutError : public CommError {
+ public:
+  using CommError::CommError;
 };
 
 std::string errno_string(int err);

@@ -4,19 +4,13 @@
 namespace ep::kernels {
 namespace {
 
-__device__ __forceinline__ uint64_t load_acquire_u64(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // One thread per signal. NVSHMEM sets a signal only after the data of its put is visible, so
 // once every thread has seen its value the copies queued after this kernel read whole chunks.
 __global__ void wait_signals_kernel(const WaitSignalsParams p) {
   const int i = threadIdx.x;
   if (i < p.count) {
     const uint64_t deadline = now_ns() + p.timeout_ns;
-    while (load_acquire_u64(p.signal[i]) < p.at_least[i]) {
+    while (load_acquire(p.signal[i]) < p.at_least[i]) {
       if (now_ns() > deadline) {
         atomicCAS(p.error, 0, 1 + p.peer[i]);  // the stream goes on; the host raises at the next call
         break;

@@ -9,7 +9,7 @@
 #include <nvshmemx.h>
 
 #include "backend/kernels/low_latency.cuh"
-#include "backend/kernels/sync.cuh"  // now_ns
+#include "backend/kernels/sync.cuh"  // now_ns, load_acquire, store_release
 
 namespace ep::kernels::ll {
 namespace {
@@ -17,16 +17,6 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 constexpr int kSendChunk = 512;      // channels a warp moves per work unit (16 per lane)
 constexpr int kRecvChunk = 256;      // channels per work unit of the combine receive (8 per lane)
-
-__device__ __forceinline__ uint64_t load_acquire_u64(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void store_release_u64(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 
 // After this thread's own system fence, a plain system-scope store publishes like a release.
 __device__ __forceinline__ void store_relaxed_u64(uint64_t* p, uint64_t v) {
@@ -44,7 +34,7 @@ __device__ __forceinline__ void report(int* error, int kind, int peer) {
 // Waits until *p != 0 and returns it; 0 after the deadline (the peer never came).
 __device__ __forceinline__ uint64_t wait_nonzero(const uint64_t* p, uint64_t deadline) {
   uint64_t v;
-  while ((v = load_acquire_u64(p)) == 0) {
+  while ((v = load_acquire(p)) == 0) {
     if (now_ns() > deadline) return 0;
     __nanosleep(64);
   }
@@ -104,7 +94,7 @@ __device__ __forceinline__ bool last_block(const GroupArgs& g, Counter counter) 
 __device__ __forceinline__ void signal_ranks(const GroupArgs& g, char* const* peer_half, int64_t offset,
                                              uint64_t value) {
   for (int r = threadIdx.x; r < g.num_ranks; r += blockDim.x)
-    if (peer_half[r]) store_release_u64(at<uint64_t>(peer_half[r], offset), value);
+    if (peer_half[r]) store_release(at<uint64_t>(peer_half[r], offset), value);
 }
 
 // A warp copies n 16-byte words, eight L2 loads in flight per lane before any store: rows are
@@ -140,7 +130,7 @@ __device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
 
 // This rank's (token, slot) pairs numbered per expert in pair order (the reference's order):
 // the dispatch sends pair q = t*K + k to row slot(q) of expert idx[q]'s block for this rank, and
-// the combine finds the row there again. Shared memory (dispatch_send_smem): idx [N*K] (int32
+// the combine finds the row there again. Shared memory (numbering_smem): idx [N*K] (int32
 // expert ids, -1 when not routed), rank_in_segment [N*K], segment_base [kWarps][E] (per-warp
 // counts, then their exclusive prefix), totals [E].
 struct PairSlots {
@@ -531,6 +521,13 @@ int grid_for(int num_blocks, int64_t warps_of_work) {
   return int(wanted < 1 ? 1 : (wanted < num_blocks ? wanted : num_blocks));
 }
 
+// Lets `kernel` take `smem` bytes of dynamic shared memory (beyond 48 KiB needs opting in).
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, int64_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+}
+
 bool valid_group(const GroupArgs& g) {
   return g.num_ranks >= 1 && g.num_ranks <= kMaxRanks && g.rank >= 0 && g.rank < g.num_ranks && g.half &&
          g.num_blocks >= 1 && g.error;
@@ -538,7 +535,7 @@ bool valid_group(const GroupArgs& g) {
 
 }  // namespace
 
-int64_t dispatch_send_smem(int num_tokens, int num_topk, int num_experts) {
+int64_t numbering_smem(int num_tokens, int num_topk, int num_experts) {
   const int64_t bytes = (2 * int64_t(num_tokens) * num_topk + int64_t(kWarps + 1) * num_experts) * 4;
   int device = 0, limit = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -549,12 +546,9 @@ int64_t dispatch_send_smem(int num_tokens, int num_topk, int num_experts) {
 
 cudaError_t launch_dispatch_send(const DispatchSendParams& p, cudaStream_t stream) {
   if (!valid_group(p.g) || p.num_experts % p.g.num_ranks || p.hidden % kHiddenMultiple) return cudaErrorInvalidValue;
-  const int64_t smem = dispatch_send_smem(p.num_tokens, p.num_topk, p.num_experts);
+  const int64_t smem = numbering_smem(p.num_tokens, p.num_topk, p.num_experts);
   if (smem < 0) return cudaErrorInvalidValue;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = allow_dynamic_smem(dispatch_send_kernel, smem); err != cudaSuccess) return err;
   const int64_t units = int64_t(p.num_tokens) * ((p.hidden + kSendChunk - 1) / kSendChunk);
   dispatch_send_kernel<<<grid_for(p.g.num_blocks, units), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
@@ -571,22 +565,16 @@ cudaError_t launch_dispatch_recv(const DispatchRecvParams& p, cudaStream_t strea
 cudaError_t launch_combine_send(const CombineSendParams& p, cudaStream_t stream) {
   if (!valid_group(p.g) || p.num_experts % p.g.num_ranks || p.hidden % kHiddenMultiple) return cudaErrorInvalidValue;
   const size_t smem = (size_t(p.num_experts) + 1) * sizeof(int);
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(combine_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel, smem); err != cudaSuccess) return err;
   combine_send_kernel<<<p.g.num_blocks, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 cudaError_t launch_combine_recv(const CombineRecvParams& p, cudaStream_t stream) {
   if (!valid_group(p.g) || p.num_experts % p.g.num_ranks || p.hidden % kHiddenMultiple) return cudaErrorInvalidValue;
-  const int64_t smem = dispatch_send_smem(p.num_tokens, p.num_topk, p.num_experts);
+  const int64_t smem = numbering_smem(p.num_tokens, p.num_topk, p.num_experts);
   if (smem < 0) return cudaErrorInvalidValue;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(combine_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = allow_dynamic_smem(combine_recv_kernel, smem); err != cudaSuccess) return err;
   const int64_t units = int64_t(p.num_tokens) * ((p.hidden + kRecvChunk - 1) / kRecvChunk);
   combine_recv_kernel<<<grid_for(p.g.num_blocks, units), kThreads, smem, stream>>>(p);
   return cudaGetLastError();

@@ -103,6 +103,6 @@ cudaError_t launch_combine_region_wait(const GroupArgs& g, cudaStream_t stream);
 
 // Dynamic shared memory of the kernels that number (token, slot) pairs per expert (dispatch
 // send, combine recv), or -1 when it exceeds the device limit.
-int64_t dispatch_send_smem(int num_tokens, int num_topk, int num_experts);
+int64_t numbering_smem(int num_tokens, int num_topk, int num_experts);
 
 }  // namespace ep::kernels::ll

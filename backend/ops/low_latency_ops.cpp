@@ -172,7 +172,7 @@ int64_t low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tenso
   check_combine_args(x, topk_idx, topk_weights, src_info, layout, out, max_tokens_per_rank, num_experts,
                      group_size(group_name, op));
   require_cuda(op, x);
-  return combine_cuda(x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous(), src_info.contiguous(),
+  return combine_cuda(x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous(),
                       layout.contiguous(), out, max_tokens_per_rank, num_experts, send_only, std::string(group_name));
 }
 
@@ -197,7 +197,7 @@ DispatchOutputs dispatch_cuda(const Tensor&, const Tensor&, int64_t, int64_t, bo
 void dispatch_recv_cuda(const DispatchOutputs&, int64_t, int64_t, const std::string&) {
   TORCH_CHECK(false, "low_latency_dispatch: ", kNoNvshmemMessage);
 }
-int64_t combine_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+int64_t combine_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
                      int64_t, bool, const std::string&) {
   TORCH_CHECK(false, "low_latency_combine: ", kNoNvshmemMessage);
 }
@@ -220,13 +220,7 @@ std::vector<uint64_t> trace(const std::string&) { return {}; }
 
 int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t num_topk,
                      int64_t hidden) {
-  kernels::ll::LowLatencyLayout l;
-  l.num_ranks = num_ranks;
-  l.num_local_experts = num_local_experts;
-  l.max_tokens = max_tokens;
-  l.max_topk = num_topk;
-  l.max_hidden = hidden;
-  return l.total_bytes();
+  return kernels::ll::LowLatencyLayout::of(num_ranks, num_local_experts, max_tokens, num_topk, hidden).total_bytes();
 }
 
 TORCH_LIBRARY_FRAGMENT(ep, m) {

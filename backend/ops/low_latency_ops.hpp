@@ -50,8 +50,9 @@ DispatchOutputs dispatch_cuda(const at::Tensor& x, const at::Tensor& topk_idx, i
                               const std::string& group_name);
 void dispatch_recv_cuda(const DispatchOutputs& outputs, int64_t max_tokens_per_rank, int64_t num_experts,
                         const std::string& group_name);
+// (The handle's src_info is checked by the op but not needed: the receive renumbers the pairs.)
 int64_t combine_cuda(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,
-                     const at::Tensor& src_info, const at::Tensor& layout, const at::Tensor& out,
+                     const at::Tensor& layout, const at::Tensor& out,
                      int64_t max_tokens_per_rank, int64_t num_experts, bool send_only, const std::string& group_name);
 void combine_recv_cuda(const at::Tensor& topk_idx, const at::Tensor& topk_weights, const at::Tensor& out,
                        int64_t half, int64_t max_tokens_per_rank, int64_t num_experts, const std::string& group_name);

@@ -183,27 +183,7 @@ DispatchOutputs dispatch_cpu(ProcessGroupEP& group, const DispatchArgs& a) {
   const int64_t row_bytes = packed.size(1);
   const Tensor rows = exchange_rows(group, packed, row_bytes, send, counts.recv, M, op);
 
-  DispatchOutputs o;
-  int64_t at = 0;
-  o.recv_x = unpack(rows, at, H, a.x.scalar_type());
-  o.recv_x_scales = a.x_scales ? unpack(rows, at, a.x_scales->size(1), at::kFloat) : at::empty({0}, at::kFloat);
-  o.recv_topk_idx = cached ? at::empty({0}, at::kLong) : unpack(rows, at, K, at::kLong);
-  o.recv_topk_weights = a.topk_weights ? unpack(rows, at, K, at::kFloat) : at::empty({0}, at::kFloat);
-  if (a.num_worst_tokens > 0) {
-    // Fixed-size outputs: real rows first, then padding that routes nowhere.
-    TORCH_CHECK_VALUE(M <= a.num_worst_tokens, op, ": rank ", rank, " received ", M,
-                      " rows, more than num_worst_tokens=", a.num_worst_tokens);
-    auto pad = [&](const Tensor& t, double value) {
-      if (t.dim() < 2) return t;
-      Tensor out = at::full({a.num_worst_tokens, t.size(1)}, value, t.options());
-      out.narrow(0, 0, M).copy_(t);
-      return out;
-    };
-    o.recv_x = pad(o.recv_x, 0);
-    o.recv_x_scales = pad(o.recv_x_scales, 0);
-    o.recv_topk_idx = pad(o.recv_topk_idx, -1);
-    o.recv_topk_weights = pad(o.recv_topk_weights, 0);
-  }
+  DispatchOutputs o = unpack_dispatch_rows(rows, a, cached, rank, op);
   // A dispatch along a handle gives no new handle: the caller keeps the one it passed.
   o.meta = cached || a.layout_meta ? at::empty({0}, at::kInt) : meta;  // the caller keeps the table it gave
   o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();

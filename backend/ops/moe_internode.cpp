@@ -193,28 +193,7 @@ DispatchOutputs dispatch_hierarchical(ProcessGroupEP& group, const DispatchArgs&
   }
 
   // 5. Outputs, as the intranode route gives them.
-  const int64_t M = rows.size(0);
-  DispatchOutputs o;
-  int64_t at = 0;
-  o.recv_x = unpack(rows, at, H, a.x.scalar_type());
-  o.recv_x_scales = a.x_scales ? unpack(rows, at, a.x_scales->size(1), at::kFloat)
-                               : at::empty({0}, a.x.options().dtype(at::kFloat));
-  o.recv_topk_idx = cached ? at::empty({0}, a.x.options().dtype(at::kLong)) : unpack(rows, at, K, at::kLong);
-  o.recv_topk_weights = a.topk_weights ? unpack(rows, at, K, at::kFloat) : at::empty({0}, a.x.options().dtype(at::kFloat));
-  if (a.num_worst_tokens > 0) {
-    TORCH_CHECK_VALUE(M <= a.num_worst_tokens, op, ": rank ", rank, " received ", M,
-                      " rows, more than num_worst_tokens=", a.num_worst_tokens);
-    auto pad = [&](const Tensor& t, double value) {
-      if (t.dim() < 2) return t;
-      Tensor out = at::full({a.num_worst_tokens, t.size(1)}, value, t.options());
-      out.narrow(0, 0, M).copy_(t);
-      return out;
-    };
-    o.recv_x = pad(o.recv_x, 0);
-    o.recv_x_scales = pad(o.recv_x_scales, 0);
-    o.recv_topk_idx = pad(o.recv_topk_idx, -1);
-    o.recv_topk_weights = pad(o.recv_topk_weights, 0);
-  }
+  DispatchOutputs o = unpack_dispatch_rows(rows, a, cached, rank, op);
   o.meta = cached || a.layout_meta ? at::empty({0}, meta.options()) : meta;
   if (cached) {
     o.counts = at::empty({0}, at::kLong);

@@ -225,11 +225,9 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::host_all_to_all(
       } else {
         delegate()->wait();
       }
-    } catch (const TimeoutError& e) {
-      // The transport no longer agrees with the peers on what comes next: nothing on this group is safe.
-      stop_taking_calls(std::string("an earlier call failed: ") + e.what());
-      error = as_dist_error(std::current_exception());
     } catch (const CommError& e) {
+      // Timeouts included: the transport no longer agrees with the peers on what comes next, so
+      // nothing on this group is safe.
       stop_taking_calls(std::string("an earlier call failed: ") + e.what());
       error = as_dist_error(std::current_exception());
     } catch (...) {

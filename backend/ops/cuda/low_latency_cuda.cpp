@@ -21,17 +21,6 @@ namespace {
 using at::Tensor;
 using kernels::ll::LowLatencyLayout;
 
-LowLatencyLayout layout_for(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t num_topk,
-                            int64_t hidden) {
-  LowLatencyLayout l;
-  l.num_ranks = num_ranks;
-  l.num_local_experts = num_local_experts;
-  l.max_tokens = max_tokens;
-  l.max_topk = num_topk;
-  l.max_hidden = hidden;
-  return l;
-}
-
 // The group's buffer, checked: set up, healthy, on `device`, large enough for `need`.
 LowLatencyBuffer& buffer_for(const std::string& group_name, const at::Device& device, const LowLatencyLayout* need,
                              const char* op) {
@@ -97,9 +86,9 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
   const int64_t R = probe ? probe->size() : 0;
   const int64_t N = x.size(0), H = x.size(1), K = topk_idx.size(1), E_local = R ? num_experts / R : 0;
-  const LowLatencyLayout need = layout_for(R, E_local, max_tokens, K, H);
+  const LowLatencyLayout need = LowLatencyLayout::of(R, E_local, max_tokens, K, H);
   LowLatencyBuffer& buffer = buffer_for(group_name, device, &need, op);
-  TORCH_CHECK_VALUE(kernels::ll::dispatch_send_smem(int(N), int(K), int(num_experts)) >= 0, op, ": ", N, " tokens x ",
+  TORCH_CHECK_VALUE(kernels::ll::numbering_smem(int(N), int(K), int(num_experts)) >= 0, op, ": ", N, " tokens x ",
                     K, " slots and ", num_experts, " experts need more shared memory than a block has");
   const int64_t rows = R * max_tokens;
   const auto opts = x.options();
@@ -137,8 +126,7 @@ void dispatch_recv_cuda(const DispatchOutputs& o, int64_t max_tokens, int64_t nu
   launch_dispatch_recv(buffer, o, max_tokens, num_experts, current_stream(device));
 }
 
-int64_t combine_cuda(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& src_info,
-                     const Tensor& layout, const Tensor& out, int64_t max_tokens, int64_t num_experts, bool send_only,
+int64_t combine_cuda(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& layout, const Tensor& out, int64_t max_tokens, int64_t num_experts, bool send_only,
                      const std::string& group_name) {
   const char* op = "low_latency_combine";
   const at::Device device = x.device();
@@ -146,14 +134,14 @@ int64_t combine_cuda(const Tensor& x, const Tensor& topk_idx, const Tensor& topk
   const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
   const int64_t R = probe ? probe->size() : 0;
   const int64_t H = x.size(2), K = topk_idx.size(1);
-  const LowLatencyLayout need = layout_for(R, R ? num_experts / R : 0, max_tokens, K, H);
+  const LowLatencyLayout need = LowLatencyLayout::of(R, R ? num_experts / R : 0, max_tokens, K, H);
   LowLatencyBuffer& buffer = buffer_for(group_name, device, &need, op);
   const int64_t half = buffer.next_half(LowLatencyBuffer::kCombine);
   const cudaStream_t stream = current_stream(device);
   kernels::ll::CombineSendParams p{};
   p.g = buffer.args(int(half));
   p.x = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  p.layout = layout.data_ptr<int32_t>();  // src_info: the combine recomputes each row's place from topk_idx
+  p.layout = layout.data_ptr<int32_t>();
   p.hidden = int(H);
   p.num_experts = int(num_experts);
   p.max_tokens = int(max_tokens);
@@ -177,7 +165,7 @@ Tensor combine_buffer_cuda(const std::string& group_name, int64_t num_local_expe
   const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
   const int64_t R = probe ? probe->size() : 0;
   // K does not size the combine region; 1 asks for nothing beyond what any earlier call made.
-  const LowLatencyLayout need = layout_for(R, num_local_experts, max_tokens, 1, hidden);
+  const LowLatencyLayout need = LowLatencyLayout::of(R, num_local_experts, max_tokens, 1, hidden);
   LowLatencyBuffer& buffer = buffer_for(group_name, device, &need, op);
   const kernels::ll::GroupArgs g = buffer.args(buffer.peek_half(LowLatencyBuffer::kCombine));
   // The user's kernels write the region next: first its readers of the call before last must be done.
@@ -195,14 +183,14 @@ void nvshmem_attach(int rank, int size) { nvshmem::attach(rank, size); }
 bool buffer_fits(const std::string& group_name, int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens,
                  int64_t num_topk, int64_t hidden) {
   const LowLatencyBuffer* buffer = find_low_latency_buffer(group_name);
-  return buffer && buffer->fits(layout_for(num_ranks, num_local_experts, max_tokens, num_topk, hidden));
+  return buffer && buffer->fits(LowLatencyLayout::of(num_ranks, num_local_experts, max_tokens, num_topk, hidden));
 }
 
 bool reserve_buffer(const std::string& group_name, int rank, int size, int device, std::chrono::milliseconds timeout,
                     int num_sms, int64_t num_local_experts, int64_t max_tokens, int64_t num_topk, int64_t hidden) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   return reserve_low_latency_buffer(group_name, rank, size, device, timeout, num_sms,
-                                    layout_for(size, num_local_experts, max_tokens, num_topk, hidden));
+                                    LowLatencyLayout::of(size, num_local_experts, max_tokens, num_topk, hidden));
 }
 
 std::vector<uint64_t> trace(const std::string& group_name) {

@@ -271,9 +271,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
     o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
     return o;
-  } catch (const CommError& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
-  } catch (const TimeoutError& e) {  // a peer never came to the records' exchange
+  } catch (const CommError& e) {  // timeouts included
     C10_THROW_ERROR(DistBackendError, e.what());
   }
 }
@@ -331,9 +329,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     phase.next("ep::combine/track");
     transport->track(op, stream, peers_of(int(rank), int(R)));
     return o;
-  } catch (const CommError& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
-  } catch (const TimeoutError& e) {  // a peer never came to the records' exchange
+  } catch (const CommError& e) {  // timeouts included
     C10_THROW_ERROR(DistBackendError, e.what());
   }
 }
