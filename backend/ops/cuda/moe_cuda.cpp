@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <chrono>
 #include <cstring>
 #include <optional>
 
@@ -89,19 +90,31 @@ std::vector<Record> exchange(CudaTransport& transport, const std::vector<Record>
   return theirs;
 }
 
+// The bound on a handshake kernel's waits and where a timed-out one reports its peer, alike
+// for the signal kernel (SignalParams) and the pull kernels (Handshake).
+template <typename Params>
+void set_wait_bound(const CudaTransport& transport, Params& p) {
+  p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(transport.timeout()).count());
+  p.error = transport.kernel_error();
+}
+
+// The ready half's flags: this rank's on every peer, to set, and every peer's here, to wait for.
+void set_ready_flags(const CudaTransport& transport, uint32_t** to_set, uint32_t** to_wait) {
+  const int me = transport.rank();
+  for (int peer = 0; peer < transport.size(); ++peer) {
+    if (peer == me) continue;
+    to_set[peer] = transport.ready_flag(peer, me);
+    to_wait[peer] = transport.ready_flag(me, peer);
+  }
+}
+
 // The ready half of the handshake as a kernel of its own, for a dispatch whose host must wait
 // for the sizes: sent before that wait, it overlaps it.
 void signal_ready(CudaTransport& transport, cudaStream_t stream) {
   kernels::SignalParams p{};
   p.num_ranks = transport.size();
-  p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(transport.timeout()).count());
-  p.error = transport.kernel_error();
-  const int me = transport.rank();
-  for (int peer = 0; peer < p.num_ranks; ++peer) {
-    if (peer == me) continue;
-    p.to_set[peer] = transport.ready_flag(peer, me);
-    p.to_wait[peer] = transport.ready_flag(me, peer);
-  }
+  set_wait_bound(transport, p);
+  set_ready_flags(transport, p.to_set, p.to_wait);
   EP_CUDA_CHECK(kernels::launch_signal(p, stream));
 }
 
@@ -110,15 +123,11 @@ void signal_ready(CudaTransport& transport, cudaStream_t stream) {
 kernels::Handshake handshake(CudaTransport& transport, bool with_ready) {
   kernels::Handshake h{};
   h.blocks_finished = transport.grid_counter();
-  h.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(transport.timeout()).count());
-  h.error = transport.kernel_error();
+  set_wait_bound(transport, h);
+  if (with_ready) set_ready_flags(transport, h.ready_to_set, h.ready_to_wait);
   const int me = transport.rank();
   for (int peer = 0; peer < transport.size(); ++peer) {
     if (peer == me) continue;
-    if (with_ready) {
-      h.ready_to_set[peer] = transport.ready_flag(peer, me);
-      h.ready_to_wait[peer] = transport.ready_flag(me, peer);
-    }
     h.done_to_set[peer] = transport.done_flag(peer, me);
     h.done_to_wait[peer] = transport.done_flag(me, peer);
   }
