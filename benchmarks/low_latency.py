@@ -12,13 +12,19 @@ time is per call, including the wait for the slowest peer):
   combine zero-copy     the same with the expert outputs in low_latency_combine_buffer(handle):
                         the peers read them there (one copy instead of two)
   ... send / ... recv   the hook split: a graph of the send alone, then one of the hook alone,
-                        timed one call at a time after a barrier (recv includes waiting for
-                        the peers' sends, and the barrier's exit skew)
+                        timed one call at a time (recv includes waiting for the peers' sends)
 Bytes per rank, DeepEP's convention: rows received x row bytes (fp8 rows count their scales);
 combine: the rows sent back, bf16. A time is the median over --runs runs of the slowest rank's
-time; every run starts with the L2 cache flushed and a barrier. Roofline: every rank copies as
-many bytes as the op moves to it (dst.copy_(src)), all ranks at once, timed the same way; the
-ratio op time / roofline time is what the issue's 8-rank target bounds (<= 2x).
+time. Every run starts with the L2 cache flushed and a barrier, then one untimed call of the same
+op (a full call, replayed from a graph of its own) before the timed region: that synchronising
+call ends on a rank only once every peer has sent to it, and every rank's host has already queued
+the timed graph behind it, so the timed region starts in step on every rank's device. The ranks
+leave the Gloo barrier milliseconds apart (8 ranks sharing a GPU), and without that call the first
+timed call would wait out that skew. The synchronising call reads the op's inputs, so they are in
+L2 when the timed calls start, as they are for all but the first of the back-to-back calls anyway.
+Roofline: every rank copies as many bytes as the op moves to it (dst.copy_(src)), timed the same
+way but with no synchronising call (a copy waits on no peer: each rank's copies start as it leaves
+the barrier); the ratio op time / roofline time is what the issue's 8-rank target bounds (<= 2x).
 Before timing, the outputs are checked against torch_ep.reference (bf16 dispatch and combine bit
 for bit on integer-valued data; fp8 scales bit for bit).
 
@@ -29,7 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -99,30 +105,46 @@ def check(x, idx, w, args, sync_group) -> None:
         raise RuntimeError("low-latency ops differ from torch_ep.reference, not timing them:\n  " + "\n  ".join(found))
 
 
-def capture(fn: Callable[[], object], reps: int) -> torch.cuda.CUDAGraph:
+def capture(fn: Callable[[], object], reps: int, pool=None) -> torch.cuda.CUDAGraph:
     fn()  # outside the graph: buffers and NVSHMEM are set up here
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         for _ in range(reps):
             fn()
     torch.cuda.synchronize()
     return graph
 
 
-def time_graphs(graphs: List[torch.cuda.CUDAGraph], reps: int, args, device, sync_group) -> List[List[float]]:
-    """Per run, the seconds per call of each graph in turn (each after its own flush + barrier),
-    as the slowest rank saw them."""
+def capture_synced(fn: Callable[[], object], reps: int) -> Tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
+    """The timed graph of `reps` calls and the graph of one call to replay before it (see
+    time_graphs). One memory pool: the one call's outputs (hundreds of MiB for a dispatch) are
+    freed by the end of its capture, and the timed graph reuses them; captured in replay order."""
+    sync = capture(fn, 1)
+    return capture(fn, reps, pool=sync.pool()), sync
+
+
+def time_graphs(graphs: List[Tuple[torch.cuda.CUDAGraph, Optional[torch.cuda.CUDAGraph]]], reps: int, args, device,
+                sync_group) -> List[List[float]]:
+    """Per run, the seconds per call of each (timed graph, synchronising graph or None) in turn,
+    as the slowest rank saw them. Each timed replay follows its own flush, barrier and
+    synchronising replay: that one call of the op ends only once every peer has sent, and the
+    host queues the timed replay right behind it, so the timed region starts in step on every
+    rank instead of as each leaves the barrier."""
     flush = common.l2_flusher(device)
     times: List[List[float]] = [[] for _ in graphs]
     for _ in range(args.warmup):
-        for g in graphs:
+        for g, sync in graphs:
+            if sync is not None:
+                sync.replay()
             g.replay()
     for _ in range(args.runs):
-        for i, g in enumerate(graphs):
+        for i, (g, sync) in enumerate(graphs):
             flush()
             torch.cuda.synchronize(device)
             dist.barrier(group=sync_group)
+            if sync is not None:
+                sync.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             g.replay()
@@ -132,21 +154,25 @@ def time_graphs(graphs: List[torch.cuda.CUDAGraph], reps: int, args, device, syn
     return [common.slowest_rank(t, sync_group) for t in times]
 
 
-def time_split(send: Callable[[], object], args, device, sync_group):
-    """The hook split: one send then its hook, each captured on its own, timed per call."""
+def time_split(send: Callable[[], object], sync: Callable[[], object], args, device, sync_group):
+    """The hook split: one send then its hook, each captured on its own, timed per call.
+    `sync` is one full call of the same op (no hook), replayed before the send as in time_graphs,
+    so that recv measures the receive, not the ranks' skew leaving the barrier."""
     state = {}
 
     def do_send():
         state["result"] = send()
 
+    g_sync = capture(sync, 1)
     do_send()
     state["result"].hook()
     torch.cuda.synchronize()
     g_send, g_recv = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g_send):
+    # one pool for the three, captured in replay order (the send's outputs stay live for the hook)
+    with torch.cuda.graph(g_send, pool=g_sync.pool()):
         do_send()
     hook = state["result"].hook
-    with torch.cuda.graph(g_recv, pool=g_send.pool()):
+    with torch.cuda.graph(g_recv, pool=g_sync.pool()):
         hook()
     flush = common.l2_flusher(device)
     send_t, recv_t = [], []
@@ -154,6 +180,7 @@ def time_split(send: Callable[[], object], args, device, sync_group):
         flush()
         torch.cuda.synchronize(device)
         dist.barrier(group=sync_group)
+        g_sync.replay()
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         events[0].record()
         g_send.replay()
@@ -211,13 +238,15 @@ def main() -> None:
         dst = torch.empty_like(src)
         copies[op] = (lambda d, s: (lambda: d.copy_(s)))(dst, src)
     names = list(ops)
-    graphs = [capture(ops[n], args.reps) for n in names] + [capture(copies[n], args.reps) for n in names]
-    timed = time_graphs(graphs, args.reps, args, device, sync_group)
+    op_graphs = [capture_synced(ops[n], args.reps) for n in names]
+    roofline_graphs = [(capture(copies[n], args.reps), None) for n in names]  # a copy waits on no peer: no sync call
+    timed = time_graphs(op_graphs + roofline_graphs, args.reps, args, device, sync_group)
     split = {
         "dispatch fp8": time_split(lambda: torch_ep.low_latency_dispatch(x, idx, use_fp8=True, return_recv_hook=True,
-                                                                         **kw), args, device, sync_group),
+                                                                         **kw), ops["dispatch fp8"], args, device,
+                                   sync_group),
         "combine": time_split(lambda: torch_ep.low_latency_combine(y, idx, w, bf16.handle, return_recv_hook=True),
-                              args, device, sync_group),
+                              ops["combine"], args, device, sync_group),
     }
     all_bytes: List = [None] * size
     dist.all_gather_object(all_bytes, op_bytes, group=sync_group)
