@@ -10,8 +10,6 @@ first kernel start.
 
     [TORCH_EP_LL_TRACE=1] torchrun --nproc-per-node 2 tools/ll_profile.py [--tokens 128] [--hidden 7168]
 """
-import argparse
-import os
 from collections import defaultdict
 
 import torch
@@ -19,6 +17,8 @@ import torch.distributed as dist
 
 import torch_ep
 from torch_ep import _C
+
+from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools/, the script's folder
 
 # Phases each kernel stamps, in order (point 0 is the block's start).
 PHASES = {
@@ -58,20 +58,11 @@ def print_trace(op, timelines):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--top-k", type=int, default=8)
+    parser = shape_parser(tokens=128)
     parser.add_argument("--calls", type=int, default=10)
     args = parser.parse_args()
-    dist.init_process_group("ep")
-    rank = dist.get_rank()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    g = torch.Generator(device="cuda").manual_seed(rank)
-    idx = torch.rand(args.tokens, args.experts, device="cuda", generator=g).topk(args.top_k, dim=1).indices
-    w = torch.rand(args.tokens, args.top_k, device="cuda", generator=g)
-    x = torch.randn(args.tokens, args.hidden, device="cuda", generator=g).bfloat16()
+    rank = init_on_local_gpu()
+    x, idx, w = make_inputs(args, rank)
     kw = dict(max_tokens_per_rank=args.tokens, num_experts=args.experts)
     d = torch_ep.low_latency_dispatch(x, idx, use_fp8=False, **kw)
     y = d.recv_x.clone()

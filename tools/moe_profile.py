@@ -3,8 +3,6 @@ wall time per call, at DeepEP's benchmark shape. Run with torchrun on a GPU mach
 
     torchrun --nproc-per-node 2 tools/moe_profile.py [--hidden 7168] [--tokens 4096]
 """
-import argparse
-import os
 import time
 from collections import defaultdict
 
@@ -13,22 +11,13 @@ import torch.distributed as dist
 
 import torch_ep
 
+from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools/, the script's folder
+
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--top-k", type=int, default=8)
-    args = parser.parse_args()
-    dist.init_process_group("ep")
-    rank, size = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    g = torch.Generator(device="cuda").manual_seed(rank)
-    scores = torch.rand(args.tokens, args.experts, device="cuda", generator=g)
-    idx = scores.topk(args.top_k, dim=1).indices
-    w = torch.rand(args.tokens, args.top_k, device="cuda", generator=g)
-    x = torch.randn(args.tokens, args.hidden, device="cuda", generator=g).bfloat16()
+    args = shape_parser(tokens=4096).parse_args()
+    rank = init_on_local_gpu()
+    x, idx, w = make_inputs(args, rank)
     fp8 = (x.float().to(torch.float8_e4m3fn), torch.rand(args.tokens, (args.hidden + 127) // 128, device="cuda"))
     d = torch_ep.dispatch(x, idx, w, num_experts=args.experts)
     layout = torch_ep.get_dispatch_layout(idx, args.experts)
