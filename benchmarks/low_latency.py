@@ -22,9 +22,11 @@ the timed graph behind it, so the timed region starts in step on every rank's de
 leave the Gloo barrier milliseconds apart (8 ranks sharing a GPU), and without that call the first
 timed call would wait out that skew. The synchronising call reads the op's inputs, so they are in
 L2 when the timed calls start, as they are for all but the first of the back-to-back calls anyway.
+A sleep kernel ahead of the synchronising call holds the stream while the host queues the rest,
+so no timed region includes the host's time to launch a graph.
 Roofline: every rank copies as many bytes as the op moves to it (dst.copy_(src)), timed the same
-way but with no synchronising call (a copy waits on no peer: each rank's copies start as it leaves
-the barrier); the ratio op time / roofline time is what the issue's 8-rank target bounds (<= 2x).
+way, after the same synchronising call, so that all ranks copy at once and share the HBM as the
+op does; the ratio op time / roofline time is what the issue's 8-rank target bounds (<= 2x).
 Before timing, the outputs are checked against torch_ep.reference (bf16 dispatch and combine bit
 for bit on integer-valued data; fp8 scales bit for bit).
 
@@ -105,6 +107,13 @@ def check(x, idx, w, args, sync_group) -> None:
         raise RuntimeError("low-latency ops differ from torch_ep.reference, not timing them:\n  " + "\n  ".join(found))
 
 
+def hold_stream() -> None:
+    """Keeps the stream busy (about half a millisecond) while the host queues what follows, so
+    that no timed region includes the host's time to launch a graph: an event runs as soon as
+    the stream reaches it, and a graph launched after it would start later by that much."""
+    torch.cuda._sleep(1_000_000)
+
+
 def capture(fn: Callable[[], object], reps: int, pool=None) -> torch.cuda.CUDAGraph:
     fn()  # outside the graph: buffers and NVSHMEM are set up here
     torch.cuda.synchronize()
@@ -143,6 +152,7 @@ def time_graphs(graphs: List[Tuple[torch.cuda.CUDAGraph, Optional[torch.cuda.CUD
             flush()
             torch.cuda.synchronize(device)
             dist.barrier(group=sync_group)
+            hold_stream()
             if sync is not None:
                 sync.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -180,6 +190,7 @@ def time_split(send: Callable[[], object], sync: Callable[[], object], args, dev
         flush()
         torch.cuda.synchronize(device)
         dist.barrier(group=sync_group)
+        hold_stream()
         g_sync.replay()
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         events[0].record()
@@ -239,7 +250,9 @@ def main() -> None:
         copies[op] = (lambda d, s: (lambda: d.copy_(s)))(dst, src)
     names = list(ops)
     op_graphs = [capture_synced(ops[n], args.reps) for n in names]
-    roofline_graphs = [(capture(copies[n], args.reps), None) for n in names]  # a copy waits on no peer: no sync call
+    # The copies start after the op's synchronising call too, so that every rank copies at once
+    # (the roofline is the HBM shared by all ranks, as the op shares it).
+    roofline_graphs = [(capture(copies[n], args.reps), sync) for n, (_, sync) in zip(names, op_graphs)]
     timed = time_graphs(op_graphs + roofline_graphs, args.reps, args, device, sync_group)
     split = {
         "dispatch fp8": time_split(lambda: torch_ep.low_latency_dispatch(x, idx, use_fp8=True, return_recv_hook=True,

@@ -48,6 +48,7 @@ def check_dispatch(got, expected, use_fp8):
     assert torch.equal(got.recv_count.cpu(), expected.recv_count)
     valid = valid_rows(eh)
     assert torch.equal(h.src_info.cpu()[valid], eh.src_info[valid])
+    assert torch.equal(h.send_slot.cpu(), eh.send_slot), "send_slot differs from the reference"
     if not use_fp8:
         assert same_bits(got.recv_x.cpu()[valid], expected.recv_x[valid]), "recv_x differs from the reference"
         return

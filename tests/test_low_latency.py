@@ -99,17 +99,19 @@ def test_combine_argument_checks():
     x = torch.zeros(local, ranks * max_tokens, hidden, dtype=torch.bfloat16)
     idx = torch.zeros(3, 2, dtype=torch.int64)
     w = torch.zeros(3, 2)
-    src = torch.zeros(local, ranks * max_tokens, dtype=torch.int32)
+    slot = torch.zeros(3, 2, dtype=torch.int32)
     layout = torch.zeros(local, ranks, dtype=torch.int32)
     out = torch.empty(3, hidden, dtype=torch.bfloat16)
 
-    def check(x=x, w=w, layout=layout, out=out):
-        _C._ll_check_combine_args(x, idx, w, src, layout, out, max_tokens, local * ranks, ranks)
+    def check(x=x, w=w, slot=slot, layout=layout, out=out):
+        _C._ll_check_combine_args(x, idx, w, slot, layout, out, max_tokens, local * ranks, ranks)
 
     check()
     _raises(lambda: check(x=x[:1]), ValueError, "x must have shape [2, 8, hidden]")
     _raises(lambda: check(w=w.double()), TypeError, "topk_weights must be float32")
     _raises(lambda: check(layout=layout[:, :1]), ValueError, "handle")
+    _raises(lambda: check(slot=slot[:2]), ValueError, "send_slot")
+    _raises(lambda: check(slot=slot.long()), ValueError, "send_slot")
     _raises(lambda: check(out=torch.empty(3, hidden)), TypeError, "out must be bfloat16")
     _raises(lambda: check(out=torch.empty(hidden, 3, dtype=torch.bfloat16).t()), ValueError, "contiguous")
 
@@ -142,11 +144,11 @@ def rank_fake_kernels():
     with FakeTensorMode():
         x = torch.empty(5, 256, dtype=torch.bfloat16)
         idx = torch.empty(5, 3, dtype=torch.int64)
-        recv_x, scales, count, src, layout, half = torch.ops.ep.low_latency_dispatch(x, idx, 8, 2 * size, True, False,
-                                                                                      False, name)
+        recv_x, scales, count, src, layout, slot, half = torch.ops.ep.low_latency_dispatch(
+            x, idx, 8, 2 * size, True, False, False, name)
         assert recv_x.shape == (2, 8 * size, 256) and recv_x.dtype == torch.float8_e4m3fn
         assert scales.shape == (2, 8 * size, 2) and count.shape == (2,) and src.shape == (2, 8 * size)
-        assert layout.shape == (2, size)
+        assert layout.shape == (2, size) and slot.shape == (5, 3) and slot.dtype == torch.int32
         recv_bf16 = torch.ops.ep.low_latency_dispatch(x, idx, 8, 2 * size, False, False, False, name)[0]
         assert recv_bf16.dtype == torch.bfloat16
 
@@ -166,6 +168,16 @@ def rank_reference(seed, kind, num_tokens, hidden, top_k, experts_per_rank, use_
                                          use_fp8=use_fp8, round_scale=round_scale)
     gathered = [None] * size
     dist.all_gather_object(gathered, (x, idx, w))
+
+    # send_slot: each of this rank's pairs' position among its pairs for the same expert, -1 when
+    # not routed or past the capacity.
+    flat = idx.reshape(-1)
+    slots = torch.full_like(flat, -1)
+    for e in flat[flat >= 0].unique():
+        pairs = (flat == e).nonzero().flatten()[:max_tokens]
+        slots[pairs] = torch.arange(pairs.numel())
+    assert got.handle.send_slot.dtype == torch.int32 and got.handle.send_slot.shape == idx.shape
+    assert torch.equal(got.handle.send_slot.reshape(-1).long(), slots)
 
     # Dispatch: rank s's pairs for expert e, in (t, k) order, at [e_local, s*max + j].
     recv_x = got.recv_x[0].view(torch.uint8) if use_fp8 else got.recv_x

@@ -22,10 +22,10 @@ from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools
 
 # Phases each kernel stamps, in order (point 0 is the block's start).
 PHASES = {
-    "dispatch send": ["start", "counted", "credits", "payload", "last block", "flags out"],
-    "dispatch recv": ["start", "1st flags", "copied", "credits out"],
+    "dispatch send": ["start", "credits", "numbered + cast", "flags out"],
+    "dispatch recv": ["start", "flags", "copied", "credits out"],
     "combine send": ["start", "credits", "copied in", "flags out"],
-    "combine recv": ["start", "counted + flags", "reduced", "credits out"],
+    "combine recv": ["start", "flags", "reduced", "credits out"],
 }
 TRACE_BLOCKS, TRACE_POINTS = 256, 8  # kernels::ll::kTraceBlocks, kTracePoints
 

@@ -3,7 +3,8 @@ fp8 cast on the fly, no host synchronisation (capturable in a CUDA graph), and a
 that no SM waits while data is in flight.
 
 The ops (torch.ops.ep.low_latency_*, backend/ops) run on NVSHMEM symmetric memory: every rank
-writes its messages straight into the receiving rank's buffer over NVLink / the shared GPU.
+casts its tokens once into its own buffer and the ranks that need them read them from there, over
+NVLink / the shared GPU (and likewise for the expert outputs in combine).
 NVSHMEM itself is set up here, once per process, on the first call: rank 0 of the group makes a
 unique id with nvshmem4py, the group broadcasts it, every rank initialises NVSHMEM with it
 (`nvshmem.core.init`), then the extension registers its own device state with that same host
@@ -160,17 +161,17 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
         raise ValueError(f"{op}: round_scale applies to fp8 scales only (use_fp8=False)")
     _require_nvshmem_and_cuda(op, x)
     _ensure_buffers(g, x.device, num_experts, max_tokens_per_rank, topk_idx.shape[1], x.shape[1])
-    recv_x, scales, count, src_info, layout, half = torch.ops.ep.low_latency_dispatch(
+    recv_x, scales, count, src_info, layout, send_slot, half = torch.ops.ep.low_latency_dispatch(
         x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round_scale, return_recv_hook, g.group_name)
     handle = LowLatencyHandle(g.group_name, g.size(), num_experts, max_tokens_per_rank, x.shape[0], x.shape[1],
-                              src_info, layout, use_fp8)
+                              src_info, layout, send_slot, use_fp8)
     hook = None
     if return_recv_hook:
-        name = g.group_name
+        name, num_topk = g.group_name, topk_idx.shape[1]
 
         def hook() -> None:
             torch.ops.ep.low_latency_dispatch_recv(recv_x, scales, count, src_info, layout, half,
-                                                   max_tokens_per_rank, num_experts, name)
+                                                   max_tokens_per_rank, num_topk, num_experts, name)
     return LowLatencyDispatchResult(recv_x=(recv_x, scales) if use_fp8 else recv_x, recv_count=count, handle=handle,
                                     hook=hook)
 
@@ -198,19 +199,21 @@ def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
     if out is None:
         hidden = x.shape[-1] if x.dim() >= 1 else 0
         out = torch.empty((n, hidden), dtype=torch.bfloat16, device=x.device)
-    _C._ll_check_combine_args(x, topk_idx, topk_weights, handle.src_info, handle.layout, out,
+    _C._ll_check_combine_args(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
                               handle.max_tokens_per_rank, handle.num_experts, g.size())
     _require_nvshmem_and_cuda(op, x)
     _ensure_buffers(g, x.device, handle.num_experts, handle.max_tokens_per_rank, topk_idx.shape[1], x.shape[2])
-    half = torch.ops.ep.low_latency_combine(x, topk_idx, topk_weights, handle.src_info, handle.layout, out,
+    half = torch.ops.ep.low_latency_combine(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
                                             handle.max_tokens_per_rank, handle.num_experts, return_recv_hook,
                                             handle.group_name)
     hook = None
     if return_recv_hook:
         name, num_experts, max_tokens = handle.group_name, handle.num_experts, handle.max_tokens_per_rank
+        send_slot = handle.send_slot
 
         def hook() -> None:
-            torch.ops.ep.low_latency_combine_recv(topk_idx, topk_weights, out, half, max_tokens, num_experts, name)
+            torch.ops.ep.low_latency_combine_recv(topk_idx, send_slot, topk_weights, out, half, max_tokens,
+                                                  num_experts, name)
     return LowLatencyCombineResult(out, hook)
 
 
@@ -264,21 +267,21 @@ def _dispatch_fake(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round
     scales = (x.new_empty(local, rows, hidden // FP8_BLOCK, dtype=torch.float32) if use_fp8
               else x.new_empty(0, dtype=torch.float32))
     return (recv_x, scales, x.new_empty(local, dtype=torch.int32), x.new_empty(local, rows, dtype=torch.int32),
-            x.new_empty(local, r, dtype=torch.int32), 0)
+            x.new_empty(local, r, dtype=torch.int32), x.new_empty(topk_idx.shape, dtype=torch.int32), 0)
 
 
 @torch.library.register_fake("ep::low_latency_dispatch_recv")
 def _dispatch_recv_fake(recv_x, recv_scales, recv_count, recv_src_info, recv_layout, half, max_tokens_per_rank,
-                        num_experts, group_name):
+                        num_topk, num_experts, group_name):
     return None
 
 
 @torch.library.register_fake("ep::low_latency_combine")
-def _combine_fake(x, topk_idx, topk_weights, src_info, layout, out, max_tokens_per_rank, num_experts, send_only,
+def _combine_fake(x, topk_idx, topk_weights, send_slot, layout, out, max_tokens_per_rank, num_experts, send_only,
                   group_name):
     return 0
 
 
 @torch.library.register_fake("ep::low_latency_combine_recv")
-def _combine_recv_fake(topk_idx, topk_weights, out, half, max_tokens_per_rank, num_experts, group_name):
+def _combine_recv_fake(topk_idx, send_slot, topk_weights, out, half, max_tokens_per_rank, num_experts, group_name):
     return None

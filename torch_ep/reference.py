@@ -266,6 +266,8 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
     slot[order] = torch.arange(pairs.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[experts[order]]
     keep = slot < max_tokens_per_rank
     pairs, experts, slot = pairs[keep], experts[keep], slot[keep]
+    send_slot = torch.full((n * k_slots,), -1, dtype=torch.int32, device=x.device)
+    send_slot[pairs] = slot.to(torch.int32)
     tokens = pairs // k_slots
 
     if use_fp8:
@@ -299,7 +301,7 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
     layout.index_add_(0, le * size + src, torch.ones_like(le))
     layout = layout.view(local, size).to(torch.int32)
     handle = LowLatencyHandle(getattr(group or dist.group.WORLD, "group_name", ""), size, num_experts,
-                              max_tokens_per_rank, n, hidden, src_info, layout, use_fp8)
+                              max_tokens_per_rank, n, hidden, src_info, layout, send_slot.view(n, k_slots), use_fp8)
     return LowLatencyDispatchResult(out_x, layout.sum(dim=1, dtype=torch.int32), handle, None)
 
 

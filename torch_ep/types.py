@@ -94,7 +94,8 @@ class CombineResult:
 @dataclass
 class LowLatencyHandle:
     """What low_latency_combine needs from a low_latency_dispatch: where each received row came
-    from. Made by torch_ep.low_latency_dispatch and by torch_ep.reference's (same fields)."""
+    from, and where each sent (token, slot) went. Made by torch_ep.low_latency_dispatch and by
+    torch_ep.reference's (same fields)."""
     group_name: str
     num_ranks: int
     num_experts: int
@@ -103,6 +104,7 @@ class LowLatencyHandle:
     hidden: int
     src_info: torch.Tensor       # [E_local, R*max] int32: t*K + k at the source rank, per received row
     layout: torch.Tensor         # [E_local, R] int32: rows received for each local expert from each rank
+    send_slot: torch.Tensor      # [N, K] int32: row of each (token, slot) among its expert's rows from this rank, -1 unsent
     use_fp8: bool
 
 

@@ -19,18 +19,17 @@ constexpr int kHiddenMultiple = 128;   // the hidden size must be a multiple of 
 
 // Kernel error codes written to the host-mapped error word: kind * 65536 + peer + 1.
 enum ErrorKind : int {
-  kDispatchSendTimeout = 1,  // waiting for a receiver's credit
-  kDispatchRecvTimeout = 2,  // waiting for a sender's flag
+  kDispatchSendTimeout = 1,  // waiting for the receivers of the call before last to be done reading
+  kDispatchRecvTimeout = 2,  // waiting for a sender's tokens
   kCombineSendTimeout = 3,
   kCombineRecvTimeout = 4,
-  kDispatchOverflow = 5,     // more than max_tokens messages from one rank to one expert
+  kDispatchOverflow = 5,     // more than max_tokens pairs from one rank to one expert
   kBadExpert = 6,            // a topk_idx entry outside [-1, num_experts)
-  kNoPeerMapping = 7,        // nvshmem_ptr gave no address for a peer
 };
 inline int error_kind(int code) { return code >> 16; }
 inline int error_peer(int code) { return (code & 0xffff) - 1; }
 
-// Byte offsets inside one half of the symmetric buffer.
+// Byte offsets inside one half of the symmetric buffer (the protocol: low_latency.cuh).
 struct LowLatencyLayout {
   int64_t num_ranks = 0, num_local_experts = 0, max_tokens = 0, max_topk = 0, max_hidden = 0;
 
@@ -46,21 +45,30 @@ struct LowLatencyLayout {
   }
 
   EP_LL_HOST_DEVICE static int64_t align(int64_t n) { return (n + 127) / 128 * 128; }
-  // One dispatch message (header + the larger of the bf16 and fp8 payloads), 16-byte aligned.
-  EP_LL_HOST_DEVICE static int64_t message_bytes(int64_t hidden, bool fp8) {
+  // One token as the dispatch sends it (fp8: H bytes then H/128 float32 scales; bf16: 2H
+  // bytes), 16-byte aligned.
+  EP_LL_HOST_DEVICE static int64_t token_bytes(int64_t hidden, bool fp8) {
     const int64_t payload = fp8 ? hidden + hidden / kChannelsPerScale * 4 : hidden * 2;
-    return (16 + payload + 15) / 16 * 16;
+    return (payload + 15) / 16 * 16;
   }
-  EP_LL_HOST_DEVICE int64_t max_message_bytes() const { return message_bytes(max_hidden, false); }
-  EP_LL_HOST_DEVICE int64_t dispatch_region() const { return 0; }
-  EP_LL_HOST_DEVICE int64_t dispatch_flags() const {
-    return align(dispatch_region() + num_local_experts * num_ranks * max_tokens * max_message_bytes());
+  EP_LL_HOST_DEVICE int64_t num_experts() const { return num_local_experts * num_ranks; }
+  // This rank's tokens, cast once: [max_tokens] of token_bytes (bf16 is the larger).
+  EP_LL_HOST_DEVICE int64_t dispatch_tokens() const { return 0; }
+  // Per expert of the whole group, the pairs q = t*K + k this rank sends it, in pair order:
+  // [num_experts][max_tokens] int32; then how many, [num_experts] int32.
+  EP_LL_HOST_DEVICE int64_t dispatch_lists() const {
+    return align(dispatch_tokens() + max_tokens * token_bytes(max_hidden, false));
   }
-  EP_LL_HOST_DEVICE int64_t combine_region() const { return align(dispatch_flags() + num_local_experts * num_ranks * 8); }
+  EP_LL_HOST_DEVICE int64_t dispatch_counts() const { return align(dispatch_lists() + num_experts() * max_tokens * 4); }
+  // Completion words (uint64 [R], one per peer): "rank r's tokens are out" (set by r, read here).
+  EP_LL_HOST_DEVICE int64_t dispatch_flags() const { return align(dispatch_counts() + num_experts() * 4); }
   // The combine region holds this rank's expert outputs, [E_local][R][max_tokens] rows of H bf16
   // (a call's own sizes, packed: the layout of low_latency_combine's x), which peers pull.
+  EP_LL_HOST_DEVICE int64_t combine_region() const { return align(dispatch_flags() + num_ranks * 8); }
   EP_LL_HOST_DEVICE int64_t combine_region_bytes() const { return num_local_experts * num_ranks * max_tokens * max_hidden * 2; }
+  // "rank r's expert outputs are in its combine region" (set by r, read here).
   EP_LL_HOST_DEVICE int64_t combine_flags() const { return align(combine_region() + combine_region_bytes()); }
+  // "rank r is done reading this half's tokens / combine region" (set by r, read here).
   EP_LL_HOST_DEVICE int64_t dispatch_credits() const { return align(combine_flags() + num_ranks * 8); }
   EP_LL_HOST_DEVICE int64_t combine_credits() const { return align(dispatch_credits() + num_ranks * 8); }
   EP_LL_HOST_DEVICE int64_t counters() const { return align(combine_credits() + num_ranks * 8); }
@@ -68,10 +76,16 @@ struct LowLatencyLayout {
   EP_LL_HOST_DEVICE int64_t total_bytes() const { return 2 * half_bytes(); }
 };
 
-// Grid counters of one half (LowLatencyLayout::counters), one per kernel.
+// A completion word is complete when its two halves are equal and nonzero: each of the n blocks
+// that write it adds 1, and one of them also adds n << 32. Initially the credits are complete
+// ("nothing to protect yet") and the flags zero.
+constexpr uint64_t kCompleteWord = (uint64_t(1) << 32) | 1;
+
+// Grid counters of one half (LowLatencyLayout::counters), one per kernel: the blocks that have
+// passed the kernel's wait, so that the last one can reset the words waited on.
 enum Counter : int { kDispatchSendCounter = 0, kDispatchRecvCounter = 1, kCombineSendCounter = 2, kCombineRecvCounter = 3 };
 
-// Phase trace (TORCH_EP_LL_TRACE=1, tools/ll_trace.py): thread 0 of each block writes the
+// Phase trace (TORCH_EP_LL_TRACE=1, tools/ll_profile.py): thread 0 of each block writes the
 // global timer (ns) at up to kTracePoints points of each kernel, at
 // trace[(kernel * kTraceBlocks + block) * kTracePoints + point]; kernel is the Counter.
 constexpr int kTraceBlocks = 256;

@@ -89,7 +89,7 @@ void check_dispatch_args(const Tensor& x, const Tensor& topk_idx, int64_t max_to
   check_topk_idx(op, topk_idx, x, x.size(0));
 }
 
-void check_combine_args(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& src_info,
+void check_combine_args(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& send_slot,
                         const Tensor& layout, const Tensor& out, int64_t max_tokens_per_rank, int64_t num_experts,
                         int64_t num_ranks) {
   const char* op = "low_latency_combine";
@@ -111,12 +111,14 @@ void check_combine_args(const Tensor& x, const Tensor& topk_idx, const Tensor& t
   TORCH_CHECK_VALUE(topk_weights.sizes() == topk_idx.sizes(), op, ": topk_weights must have topk_idx's shape ",
                     topk_idx.sizes(), ", got ", topk_weights.sizes());
   check_same_device(op, "topk_weights", topk_weights, x);
-  TORCH_CHECK_VALUE(src_info.scalar_type() == at::kInt && src_info.dim() == 2 && src_info.size(0) == E_local &&
-                        src_info.size(1) == rows && layout.scalar_type() == at::kInt && layout.dim() == 2 &&
-                        layout.size(0) == E_local && layout.size(1) == num_ranks,
-                    op, ": handle: it does not fit this group and num_experts (src_info ", src_info.sizes(),
-                    ", layout ", layout.sizes(), "); was it made by another group's or another num_experts' dispatch?");
-  check_same_device(op, "the handle", src_info, x);
+  TORCH_CHECK_VALUE(layout.scalar_type() == at::kInt && layout.dim() == 2 && layout.size(0) == E_local &&
+                        layout.size(1) == num_ranks,
+                    op, ": handle: it does not fit this group and num_experts (layout ", layout.sizes(),
+                    "); was it made by another group's or another num_experts' dispatch?");
+  TORCH_CHECK_VALUE(send_slot.scalar_type() == at::kInt && send_slot.sizes() == topk_idx.sizes(), op,
+                    ": handle: its send_slot ", send_slot.sizes(), " does not match topk_idx ", topk_idx.sizes(),
+                    "; combine takes the topk_idx its dispatch was given");
+  check_same_device(op, "the handle", send_slot, x);
   check_same_device(op, "the handle", layout, x);
   TORCH_CHECK_TYPE(out.scalar_type() == at::kBFloat16, op, ": out must be bfloat16, got ", out.scalar_type());
   TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == N && out.size(1) == x.size(2) && out.is_contiguous(), op,
@@ -133,7 +135,7 @@ void require_cuda(const char* op, const Tensor& x) {
                     " (torch_ep.reference.", op, " is the CPU reference)");
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, int64_t> low_latency_dispatch(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int64_t> low_latency_dispatch(
     const Tensor& x, const Tensor& topk_idx, int64_t max_tokens_per_rank, int64_t num_experts, bool use_fp8,
     bool round_scale, bool send_only, c10::string_view group_name) {
   const char* op = "low_latency_dispatch";
@@ -142,17 +144,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, int64_t> low_latency_dispatch
   require_cuda(op, x);
   DispatchOutputs o = dispatch_cuda(x.contiguous(), topk_idx.contiguous(), max_tokens_per_rank, num_experts, use_fp8,
                                     round_scale, send_only, std::string(group_name));
-  return {o.recv_x, o.recv_scales, o.recv_count, o.recv_src_info, o.recv_layout, o.half};
+  return {o.recv_x, o.recv_scales, o.recv_count, o.recv_src_info, o.recv_layout, o.send_slot, o.half};
 }
 
 void low_latency_dispatch_recv(const Tensor& recv_x, const Tensor& recv_scales, const Tensor& recv_count,
                                const Tensor& recv_src_info, const Tensor& recv_layout, int64_t half,
-                               int64_t max_tokens_per_rank, int64_t num_experts, c10::string_view group_name) {
+                               int64_t max_tokens_per_rank, int64_t num_topk, int64_t num_experts,
+                               c10::string_view group_name) {
   const char* op = "low_latency_dispatch (receive hook)";
   const int64_t R = group_size(group_name, op);
   check_experts(op, num_experts, R);
   const int64_t E_local = num_experts / R, rows = R * max_tokens_per_rank;
   TORCH_CHECK_VALUE(half == 0 || half == 1, op, ": half must be 0 or 1, got ", half);
+  TORCH_CHECK_VALUE(num_topk >= 1 && num_topk <= 64, op, ": num_topk must be 1 to 64, got ", num_topk);
   TORCH_CHECK_VALUE(recv_x.dim() == 3 && recv_x.size(0) == E_local && recv_x.size(1) == rows && recv_x.is_contiguous(),
                     op, ": recv_x must be the contiguous [", E_local, ", ", rows, ", hidden] tensor its send made, got ",
                     recv_x.sizes());
@@ -160,32 +164,34 @@ void low_latency_dispatch_recv(const Tensor& recv_x, const Tensor& recv_scales, 
   TORCH_CHECK_VALUE(!fp8 || (recv_scales.dim() == 3 && recv_scales.size(2) == recv_x.size(2) / kChannelsPerScale), op,
                     ": recv_scales do not match recv_x");
   require_cuda(op, recv_x);
-  DispatchOutputs o{recv_x, recv_scales, recv_count, recv_src_info, recv_layout, half};
-  dispatch_recv_cuda(o, max_tokens_per_rank, num_experts, std::string(group_name));
+  DispatchOutputs o{recv_x, recv_scales, recv_count, recv_src_info, recv_layout, at::Tensor(), half};
+  dispatch_recv_cuda(o, max_tokens_per_rank, num_topk, num_experts, std::string(group_name));
 }
 
 int64_t low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights,
-                            const Tensor& src_info, const Tensor& layout, const Tensor& out,
+                            const Tensor& send_slot, const Tensor& layout, const Tensor& out,
                             int64_t max_tokens_per_rank, int64_t num_experts, bool send_only,
                             c10::string_view group_name) {
   const char* op = "low_latency_combine";
-  check_combine_args(x, topk_idx, topk_weights, src_info, layout, out, max_tokens_per_rank, num_experts,
+  check_combine_args(x, topk_idx, topk_weights, send_slot, layout, out, max_tokens_per_rank, num_experts,
                      group_size(group_name, op));
   require_cuda(op, x);
-  return combine_cuda(x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous(),
+  return combine_cuda(x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous(), send_slot.contiguous(),
                       layout.contiguous(), out, max_tokens_per_rank, num_experts, send_only, std::string(group_name));
 }
 
-void low_latency_combine_recv(const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& out, int64_t half,
-                              int64_t max_tokens_per_rank, int64_t num_experts, c10::string_view group_name) {
+void low_latency_combine_recv(const Tensor& topk_idx, const Tensor& send_slot, const Tensor& topk_weights,
+                              const Tensor& out, int64_t half, int64_t max_tokens_per_rank, int64_t num_experts,
+                              c10::string_view group_name) {
   const char* op = "low_latency_combine (receive hook)";
   TORCH_CHECK_VALUE(half == 0 || half == 1, op, ": half must be 0 or 1, got ", half);
-  TORCH_CHECK_VALUE(topk_weights.sizes() == topk_idx.sizes() && out.dim() == 2 && out.size(0) == topk_idx.size(0) &&
+  TORCH_CHECK_VALUE(topk_weights.sizes() == topk_idx.sizes() && send_slot.sizes() == topk_idx.sizes() &&
+                        send_slot.scalar_type() == at::kInt && out.dim() == 2 && out.size(0) == topk_idx.size(0) &&
                         out.is_contiguous() && out.scalar_type() == at::kBFloat16,
-                    op, ": topk_idx, topk_weights and out do not match the send's");
+                    op, ": topk_idx, send_slot, topk_weights and out do not match the send's");
   require_cuda(op, out);
-  combine_recv_cuda(topk_idx.contiguous(), topk_weights.contiguous(), out, half, max_tokens_per_rank, num_experts,
-                    std::string(group_name));
+  combine_recv_cuda(topk_idx.contiguous(), send_slot.contiguous(), topk_weights.contiguous(), out, half,
+                    max_tokens_per_rank, num_experts, std::string(group_name));
 }
 
 }  // namespace
@@ -194,14 +200,15 @@ void low_latency_combine_recv(const Tensor& topk_idx, const Tensor& topk_weights
 DispatchOutputs dispatch_cuda(const Tensor&, const Tensor&, int64_t, int64_t, bool, bool, bool, const std::string&) {
   TORCH_CHECK(false, "low_latency_dispatch: ", kNoNvshmemMessage);
 }
-void dispatch_recv_cuda(const DispatchOutputs&, int64_t, int64_t, const std::string&) {
+void dispatch_recv_cuda(const DispatchOutputs&, int64_t, int64_t, int64_t, const std::string&) {
   TORCH_CHECK(false, "low_latency_dispatch: ", kNoNvshmemMessage);
 }
-int64_t combine_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
-                     int64_t, bool, const std::string&) {
+int64_t combine_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                     int64_t, int64_t, bool, const std::string&) {
   TORCH_CHECK(false, "low_latency_combine: ", kNoNvshmemMessage);
 }
-void combine_recv_cuda(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, const std::string&) {
+void combine_recv_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t,
+                       const std::string&) {
   TORCH_CHECK(false, "low_latency_combine: ", kNoNvshmemMessage);
 }
 Tensor combine_buffer_cuda(const std::string&, int64_t, int64_t, int64_t, const at::Device&) {
@@ -226,15 +233,14 @@ int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_t
 TORCH_LIBRARY_FRAGMENT(ep, m) {
   m.def("low_latency_dispatch(Tensor x, Tensor topk_idx, int max_tokens_per_rank, int num_experts, bool use_fp8, "
         "bool round_scale, bool send_only, str group_name) -> (Tensor recv_x, Tensor recv_scales, Tensor recv_count, "
-        "Tensor recv_src_info, Tensor recv_layout, int half)");
+        "Tensor recv_src_info, Tensor recv_layout, Tensor send_slot, int half)");
   m.def("low_latency_dispatch_recv(Tensor(a!) recv_x, Tensor(b!) recv_scales, Tensor(c!) recv_count, "
-        "Tensor(d!) recv_src_info, Tensor(e!) recv_layout, int half, int max_tokens_per_rank, int num_experts, "
-        "str group_name) -> ()");
-  m.def("low_latency_combine(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor src_info, Tensor layout, "
+        "Tensor(d!) recv_src_info, Tensor(e!) recv_layout, int half, int max_tokens_per_rank, int num_topk, "
+        "int num_experts, str group_name) -> ()");
+  m.def("low_latency_combine(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor send_slot, Tensor layout, "
         "Tensor(a!) out, int max_tokens_per_rank, int num_experts, bool send_only, str group_name) -> int");
-  m.def("low_latency_combine_recv(Tensor topk_idx, Tensor topk_weights, Tensor(a!) out, int half, "
-        "int max_tokens_per_rank, int num_experts, "
-        "str group_name) -> ()");
+  m.def("low_latency_combine_recv(Tensor topk_idx, Tensor send_slot, Tensor topk_weights, Tensor(a!) out, int half, "
+        "int max_tokens_per_rank, int num_experts, str group_name) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ep, CPU, m) {
@@ -262,7 +268,7 @@ void register_low_latency(pybind11::module_& m) {
   m.def("_ll_check_dispatch_args", &ll::check_dispatch_args, py::arg("x"), py::arg("topk_idx"),
         py::arg("max_tokens_per_rank"), py::arg("num_experts"), py::arg("use_fp8"), py::arg("num_ranks"));
   m.def("_ll_check_combine_args", &ll::check_combine_args, py::arg("x"), py::arg("topk_idx"), py::arg("topk_weights"),
-        py::arg("src_info"), py::arg("layout"), py::arg("out"), py::arg("max_tokens_per_rank"), py::arg("num_experts"),
+        py::arg("send_slot"), py::arg("layout"), py::arg("out"), py::arg("max_tokens_per_rank"), py::arg("num_experts"),
         py::arg("num_ranks"));
   m.def("_ll_nvshmem_status", &ll::nvshmem_status, "nvshmemx_init_status() (0 without NVSHMEM in the build)");
   m.def("_ll_nvshmem_attach", &ll::nvshmem_attach, py::arg("rank"), py::arg("size"),

@@ -4,13 +4,13 @@
 //
 // ep::low_latency_dispatch(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round_scale,
 //                          send_only, group_name)
-//     -> (recv_x, recv_scales, recv_count, recv_src_info, recv_layout, half)
+//     -> (recv_x, recv_scales, recv_count, recv_src_info, recv_layout, send_slot, half)
 // ep::low_latency_dispatch_recv(recv_x!, recv_scales!, recv_count!, recv_src_info!, recv_layout!,
-//                               half, max_tokens_per_rank, num_experts, group_name)
-// ep::low_latency_combine(x, topk_idx, topk_weights, src_info, layout, out!, max_tokens_per_rank,
+//                               half, max_tokens_per_rank, num_topk, num_experts, group_name)
+// ep::low_latency_combine(x, topk_idx, topk_weights, send_slot, layout, out!, max_tokens_per_rank,
 //                         num_experts, send_only, group_name) -> half
-// ep::low_latency_combine_recv(topk_idx, topk_weights, out!, half, max_tokens_per_rank, num_experts,
-//                              group_name)
+// ep::low_latency_combine_recv(topk_idx, send_slot, topk_weights, out!, half, max_tokens_per_rank,
+//                              num_experts, group_name)
 // With send_only the op launches its send kernel only and returns the buffer half it used;
 // the *_recv op (the Python hook) launches the receive kernel into the same outputs.
 #pragma once
@@ -32,7 +32,7 @@ bool built_with_nvshmem();
 void check_dispatch_args(const at::Tensor& x, const at::Tensor& topk_idx, int64_t max_tokens_per_rank,
                          int64_t num_experts, bool use_fp8, int64_t num_ranks);
 void check_combine_args(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,
-                        const at::Tensor& src_info, const at::Tensor& layout, const at::Tensor& out,
+                        const at::Tensor& send_slot, const at::Tensor& layout, const at::Tensor& out,
                         int64_t max_tokens_per_rank, int64_t num_experts, int64_t num_ranks);
 
 struct DispatchOutputs {
@@ -41,6 +41,7 @@ struct DispatchOutputs {
   at::Tensor recv_count;     // [E_local] int32
   at::Tensor recv_src_info;  // [E_local, R*max] int32: t*K + k at the source rank
   at::Tensor recv_layout;    // [E_local, R] int32: rows from each rank
+  at::Tensor send_slot;      // [N, K] int32: each (token, slot)'s row among its expert's rows from this rank
   int64_t half = 0;
 };
 
@@ -48,14 +49,14 @@ struct DispatchOutputs {
 DispatchOutputs dispatch_cuda(const at::Tensor& x, const at::Tensor& topk_idx, int64_t max_tokens_per_rank,
                               int64_t num_experts, bool use_fp8, bool round_scale, bool send_only,
                               const std::string& group_name);
-void dispatch_recv_cuda(const DispatchOutputs& outputs, int64_t max_tokens_per_rank, int64_t num_experts,
-                        const std::string& group_name);
-// (The handle's src_info is checked by the op but not needed: the receive renumbers the pairs.)
+void dispatch_recv_cuda(const DispatchOutputs& outputs, int64_t max_tokens_per_rank, int64_t num_topk,
+                        int64_t num_experts, const std::string& group_name);
 int64_t combine_cuda(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,
-                     const at::Tensor& layout, const at::Tensor& out,
+                     const at::Tensor& send_slot, const at::Tensor& layout, const at::Tensor& out,
                      int64_t max_tokens_per_rank, int64_t num_experts, bool send_only, const std::string& group_name);
-void combine_recv_cuda(const at::Tensor& topk_idx, const at::Tensor& topk_weights, const at::Tensor& out,
-                       int64_t half, int64_t max_tokens_per_rank, int64_t num_experts, const std::string& group_name);
+void combine_recv_cuda(const at::Tensor& topk_idx, const at::Tensor& send_slot, const at::Tensor& topk_weights,
+                       const at::Tensor& out, int64_t half, int64_t max_tokens_per_rank, int64_t num_experts,
+                       const std::string& group_name);
 // The combine region of the half the group's next combine uses, as the [E_local, R*max, H] bf16
 // tensor its x would be (low_latency_combine_buffer), once its readers are done with it.
 at::Tensor combine_buffer_cuda(const std::string& group_name, int64_t num_local_experts, int64_t max_tokens_per_rank,

@@ -44,11 +44,12 @@ cudaStream_t current_stream(const at::Device& device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 
-void launch_dispatch_recv(LowLatencyBuffer& buffer, const DispatchOutputs& o, int64_t max_tokens, int64_t num_experts,
-                          cudaStream_t stream) {
+void launch_dispatch_recv(LowLatencyBuffer& buffer, const DispatchOutputs& o, int64_t max_tokens, int64_t num_topk,
+                          int64_t num_experts, cudaStream_t stream) {
   kernels::ll::DispatchRecvParams p{};
   p.g = buffer.args(int(o.half));
   p.hidden = int(o.recv_x.size(2));
+  p.num_topk = int(num_topk);
   p.num_experts = int(num_experts);
   p.max_tokens = int(max_tokens);
   p.use_fp8 = o.recv_x.scalar_type() == at::kFloat8_e4m3fn;
@@ -60,12 +61,13 @@ void launch_dispatch_recv(LowLatencyBuffer& buffer, const DispatchOutputs& o, in
   C10_CUDA_CHECK(kernels::ll::launch_dispatch_recv(p, stream));
 }
 
-void launch_combine_recv(LowLatencyBuffer& buffer, const Tensor& topk_idx, const Tensor& topk_weights,
-                         const Tensor& out, int64_t half, int64_t max_tokens, int64_t num_experts,
-                         cudaStream_t stream) {
+void launch_combine_recv(LowLatencyBuffer& buffer, const Tensor& topk_idx, const Tensor& send_slot,
+                         const Tensor& topk_weights, const Tensor& out, int64_t half, int64_t max_tokens,
+                         int64_t num_experts, cudaStream_t stream) {
   kernels::ll::CombineRecvParams p{};
   p.g = buffer.args(int(half));
   p.topk_idx = topk_idx.data_ptr<int64_t>();
+  p.send_slot = send_slot.data_ptr<int32_t>();
   p.topk_weights = topk_weights.data_ptr<float>();
   p.out = reinterpret_cast<uint16_t*>(out.data_ptr());
   p.num_tokens = int(topk_idx.size(0));
@@ -88,8 +90,6 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   const int64_t N = x.size(0), H = x.size(1), K = topk_idx.size(1), E_local = R ? num_experts / R : 0;
   const LowLatencyLayout need = LowLatencyLayout::of(R, E_local, max_tokens, K, H);
   LowLatencyBuffer& buffer = buffer_for(group_name, device, &need, op);
-  TORCH_CHECK_VALUE(kernels::ll::numbering_smem(int(N), int(K), int(num_experts)) >= 0, op, ": ", N, " tokens x ",
-                    K, " slots and ", num_experts, " experts need more shared memory than a block has");
   const int64_t rows = R * max_tokens;
   const auto opts = x.options();
   DispatchOutputs o;
@@ -99,6 +99,7 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   o.recv_count = at::empty({E_local}, opts.dtype(at::kInt));
   o.recv_src_info = at::empty({E_local, rows}, opts.dtype(at::kInt));
   o.recv_layout = at::empty({E_local, R}, opts.dtype(at::kInt));
+  o.send_slot = at::empty({N, K}, opts.dtype(at::kInt));
   o.half = buffer.next_half(LowLatencyBuffer::kDispatch);
 
   const cudaStream_t stream = current_stream(device);
@@ -106,6 +107,7 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   p.g = buffer.args(int(o.half));
   p.x = reinterpret_cast<const uint16_t*>(x.data_ptr());
   p.topk_idx = topk_idx.data_ptr<int64_t>();
+  p.send_slot = o.send_slot.data_ptr<int32_t>();
   p.num_tokens = int(N);
   p.hidden = int(H);
   p.num_topk = int(K);
@@ -114,19 +116,20 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   p.use_fp8 = use_fp8;
   p.round_scale = round_scale;
   C10_CUDA_CHECK(kernels::ll::launch_dispatch_send(p, stream));
-  if (!send_only) launch_dispatch_recv(buffer, o, max_tokens, num_experts, stream);
+  if (!send_only) launch_dispatch_recv(buffer, o, max_tokens, K, num_experts, stream);
   return o;
 }
 
-void dispatch_recv_cuda(const DispatchOutputs& o, int64_t max_tokens, int64_t num_experts,
+void dispatch_recv_cuda(const DispatchOutputs& o, int64_t max_tokens, int64_t num_topk, int64_t num_experts,
                         const std::string& group_name) {
   const at::Device device = o.recv_x.device();
   c10::cuda::CUDAGuard guard(device);
   LowLatencyBuffer& buffer = buffer_for(group_name, device, nullptr, "low_latency_dispatch (receive hook)");
-  launch_dispatch_recv(buffer, o, max_tokens, num_experts, current_stream(device));
+  launch_dispatch_recv(buffer, o, max_tokens, num_topk, num_experts, current_stream(device));
 }
 
-int64_t combine_cuda(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& layout, const Tensor& out, int64_t max_tokens, int64_t num_experts, bool send_only,
+int64_t combine_cuda(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& send_slot,
+                     const Tensor& layout, const Tensor& out, int64_t max_tokens, int64_t num_experts, bool send_only,
                      const std::string& group_name) {
   const char* op = "low_latency_combine";
   const at::Device device = x.device();
@@ -146,16 +149,18 @@ int64_t combine_cuda(const Tensor& x, const Tensor& topk_idx, const Tensor& topk
   p.num_experts = int(num_experts);
   p.max_tokens = int(max_tokens);
   C10_CUDA_CHECK(kernels::ll::launch_combine_send(p, stream));
-  if (!send_only) launch_combine_recv(buffer, topk_idx, topk_weights, out, half, max_tokens, num_experts, stream);
+  if (!send_only)
+    launch_combine_recv(buffer, topk_idx, send_slot, topk_weights, out, half, max_tokens, num_experts, stream);
   return half;
 }
 
-void combine_recv_cuda(const Tensor& topk_idx, const Tensor& topk_weights, const Tensor& out, int64_t half,
-                       int64_t max_tokens, int64_t num_experts, const std::string& group_name) {
+void combine_recv_cuda(const Tensor& topk_idx, const Tensor& send_slot, const Tensor& topk_weights, const Tensor& out,
+                       int64_t half, int64_t max_tokens, int64_t num_experts, const std::string& group_name) {
   const at::Device device = out.device();
   c10::cuda::CUDAGuard guard(device);
   LowLatencyBuffer& buffer = buffer_for(group_name, device, nullptr, "low_latency_combine (receive hook)");
-  launch_combine_recv(buffer, topk_idx, topk_weights, out, half, max_tokens, num_experts, current_stream(device));
+  launch_combine_recv(buffer, topk_idx, send_slot, topk_weights, out, half, max_tokens, num_experts,
+                      current_stream(device));
 }
 
 Tensor combine_buffer_cuda(const std::string& group_name, int64_t num_local_experts, int64_t max_tokens,

@@ -64,24 +64,29 @@ bool LowLatencyBuffer::reserve(const LowLatencyLayout& need) {
   EP_CUDA_CHECK(cudaDeviceSynchronize());  // no kernel of ours still uses the old buffer
   if (base_) nvshmem::free_symmetric(base_);
   base_ = nullptr;
+  peers_.clear();
   char* base = static_cast<char*>(nvshmem::malloc_symmetric(size_t(grown.total_bytes())));
   std::string unmapped;
-  for (int pe = 0; pe < size_; ++pe)
-    if (!nvshmem::peer_ptr(base, pe)) unmapped += (unmapped.empty() ? "" : ", ") + std::to_string(pe);
+  std::vector<char*> peers(size_t(size_), nullptr);
+  for (int pe = 0; pe < size_; ++pe) {
+    peers[pe] = static_cast<char*>(nvshmem::peer_ptr(base, pe));
+    if (!peers[pe]) unmapped += (unmapped.empty() ? "" : ", ") + std::to_string(pe);
+  }
   if (!unmapped.empty())
     throw CommError("torch_ep: low-latency ops reach peers by NVLink/P2P (nvshmem_ptr), but rank " +
                     std::to_string(rank_) + " cannot map the buffers of ranks " + unmapped +
                     "; low-latency ops across nodes are not implemented yet");
-  // Flags and counters zero; every credit given (nothing to protect yet).
+  // Flags and counters zero; every credit complete (nothing to protect yet).
   EP_CUDA_CHECK(cudaMemset(base, 0, size_t(grown.total_bytes())));
-  const std::vector<uint64_t> ones(size_t(size_), 1);
+  const std::vector<uint64_t> given(size_t(size_), kernels::ll::kCompleteWord);
   for (int half = 0; half < 2; ++half) {
     char* h = base + half * grown.half_bytes();
-    EP_CUDA_CHECK(cudaMemcpy(h + grown.dispatch_credits(), ones.data(), ones.size() * 8, cudaMemcpyHostToDevice));
-    EP_CUDA_CHECK(cudaMemcpy(h + grown.combine_credits(), ones.data(), ones.size() * 8, cudaMemcpyHostToDevice));
+    EP_CUDA_CHECK(cudaMemcpy(h + grown.dispatch_credits(), given.data(), given.size() * 8, cudaMemcpyHostToDevice));
+    EP_CUDA_CHECK(cudaMemcpy(h + grown.combine_credits(), given.data(), given.size() * 8, cudaMemcpyHostToDevice));
   }
   EP_CUDA_CHECK(cudaDeviceSynchronize());
   base_ = base;
+  peers_ = std::move(peers);
   layout_ = grown;
   calls_[0] = calls_[1] = 0;
   return true;
@@ -98,7 +103,7 @@ void LowLatencyBuffer::check(const char* op) {
   switch (kind) {
     case kernels::ll::kDispatchSendTimeout:
       what = "a low_latency_dispatch send waited past the timeout (" + timeout + ") for rank " + std::to_string(peer) +
-             " to receive the dispatch before last on the same buffer half (more than two dispatches in flight, or a "
+             " to finish receiving the dispatch before last on the same buffer half (more than two dispatches in flight, or a "
              "rank stopped calling)";
       break;
     case kernels::ll::kDispatchRecvTimeout:
@@ -107,7 +112,7 @@ void LowLatencyBuffer::check(const char* op) {
       break;
     case kernels::ll::kCombineSendTimeout:
       what = "a low_latency_combine send waited past the timeout (" + timeout + ") for rank " + std::to_string(peer) +
-             " to receive the combine before last on the same buffer half";
+             " to finish receiving the combine before last on the same buffer half";
       break;
     case kernels::ll::kCombineRecvTimeout:
       what = "a low_latency_combine receive waited past the timeout (" + timeout + ") for rank " +
@@ -123,10 +128,6 @@ void LowLatencyBuffer::check(const char* op) {
              "; such slots were not routed";
       fatal = false;
       break;
-    case kernels::ll::kNoPeerMapping:
-      what = "a low-latency kernel could not map rank " + std::to_string(peer) +
-             "'s buffer (nvshmem_ptr returned null: is the device state registered?)";
-      break;
     default:
       what = "a low-latency kernel reported error code " + std::to_string(code);
   }
@@ -141,6 +142,7 @@ kernels::ll::GroupArgs LowLatencyBuffer::args(int half) const {
   g.rank = rank_;
   g.num_ranks = size_;
   g.half = base_ + half * layout_.half_bytes();
+  for (size_t r = 0; r < peers_.size(); ++r) g.peers[r] = peers_[r] + half * layout_.half_bytes();
   g.layout = layout_;
   g.num_blocks = num_blocks_;
   g.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());

@@ -52,6 +52,7 @@ class LowLatencyBuffer {
   int num_blocks_;
   kernels::ll::LowLatencyLayout layout_{};
   char* base_ = nullptr;         // symmetric: two halves
+  std::vector<char*> peers_;     // every rank's base_, as this rank maps it
   int* error_host_ = nullptr;    // pinned, mapped
   int* error_device_ = nullptr;
   uint64_t* trace_ = nullptr;    // device, kTraceWords; null unless tracing
