@@ -27,6 +27,8 @@ so no timed region includes the host's time to launch a graph.
 Roofline: every rank copies as many bytes as the op moves to it (dst.copy_(src)), timed the same
 way, after the same synchronising call, so that all ranks copy at once and share the HBM as the
 op does; the ratio op time / roofline time is what the issue's 8-rank target bounds (<= 2x).
+HBM bound: the same bytes read once and written once by every rank on the GPU, at --hbm-rate (the
+GPU's best copy rate, all SMs; the copy roofline above runs under each rank's MPS share of SMs).
 Before timing, the outputs are checked against torch_ep.reference (bf16 dispatch and combine bit
 for bit on integer-valued data; fp8 scales bit for bit).
 
@@ -215,6 +217,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10, help="calls per timed graph replay")
+    parser.add_argument("--hbm-rate", type=float, default=3.0e12,
+                        help="bytes/s (read + written) of the GPU's best device copy, for the HBM bound column; "
+                             "3.0e12: a 1 GiB copy on the H100 (GPU-NOTES.md)")
     args = parser.parse_args()
 
     device = common.pick_device("cuda")
@@ -269,8 +274,10 @@ def main() -> None:
         for i, op in enumerate(names):
             t, roof = common.median(timed[i]), common.median(timed[len(names) + i])
             nbytes = sum(b[op] for b in all_bytes) / size
+            bound = nbytes * sharing * 2 / args.hbm_rate  # each byte read once and written once, per GPU
             entry = {"op": op, "bytes_per_rank": nbytes, "time_us": t * 1e6, "GBps": nbytes / t / 1e9,
                      "roofline_us": roof * 1e6, "ratio_to_roofline": t / roof,
+                     "hbm_bound_us": bound * 1e6, "ratio_to_hbm_bound": t / bound,
                      "run_times_us": [v * 1e6 for v in timed[i]]}
             if op in split:
                 entry["send_us"] = common.median(split[op][0]) * 1e6
@@ -280,13 +287,15 @@ def main() -> None:
             results.append(entry)
             table_rows.append([op, common.format_bytes(int(nbytes)), f"{entry['time_us']:.1f}", f"{entry['GBps']:.1f}",
                                f"{entry['roofline_us']:.1f}", f"{entry['ratio_to_roofline']:.2f}x",
+                               f"{entry['hbm_bound_us']:.1f}", f"{entry['ratio_to_hbm_bound']:.2f}x",
                                f"{entry['send_us']:.1f}" if "send_us" in entry else "-",
                                f"{entry['recv_us']:.1f}" if "recv_us" in entry else "-",
                                f"{entry['target_us_2_ranks']:.0f}" if entry["target_us_2_ranks"] else "-"])
-        table = common.markdown_table(["op", "bytes/rank", "us", "GB/s", "roofline us", "vs roofline", "send us",
-                                       "recv us", "target us (R=2)"], table_rows)
+        table = common.markdown_table(["op", "bytes/rank", "us", "GB/s", "roofline us", "vs roofline", "HBM bound us",
+                                       "vs bound", "send us", "recv us", "target us (R=2)"], table_rows)
         meta = common.run_metadata(device, ranks=size, ranks_per_gpu=sharing, tokens=args.tokens, hidden=args.hidden,
                                    top_k=args.top_k, experts=args.experts, runs=args.runs, reps=args.reps,
+                                   hbm_rate_Bps=args.hbm_rate,
                                    published_ep8_us=PUBLISHED_US, checked="against torch_ep.reference",
                                    env={k: v for k, v in os.environ.items()
                                         if k.startswith(("TORCH_EP_", "NVSHMEM_", "CUDA_MPS"))})

@@ -216,3 +216,42 @@ def rank_bad_input(seed):
 
 def test_bad_input(cuda_pool):
     cuda_pool.run(rank_bad_input, _seed())
+
+
+def rank_errors_the_kernels_see(seed):
+    """What only the kernels can check without a host sync: an expert id past num_experts (on
+    rank 0), and more pairs for one expert than its capacity (every token names expert 0 twice).
+    The calls complete as the reference does (the id unrouted, the pairs past the capacity
+    dropped), check_errors then raises naming the problem, and the group keeps working."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    num_experts, n, hidden, max_tokens = 2 * size, 4, 256, 4
+    g = torch.Generator().manual_seed(seed + rank)
+    x = torch.randint(-60, 60, (n, hidden), generator=g).to(torch.bfloat16)
+    w = torch.randint(1, 9, (n, 2), generator=g).float() / 8
+    twice = torch.zeros(n, 2, dtype=torch.int64)  # 2n = 8 pairs for expert 0, capacity 4
+    bad = torch.stack([torch.randperm(num_experts, generator=g)[:2] for _ in range(n)])
+    if rank == 0:
+        bad[1, 1] = num_experts + 3
+    for idx, problem in ((twice, "more than max_tokens_per_rank"), (bad, "outside \\[-1, num_experts\\)")):
+        routed = idx.masked_fill(idx >= num_experts, -1)
+        expected = reference.low_latency_dispatch(x, routed, max_tokens_per_rank=max_tokens, num_experts=num_experts,
+                                                  use_fp8=False)
+        got = torch_ep.low_latency_dispatch(x.cuda(), idx.cuda(), max_tokens_per_rank=max_tokens,
+                                            num_experts=num_experts, use_fp8=False)
+        check_dispatch(got, expected, False)
+        torch.cuda.synchronize()
+        if rank == 0 or idx is twice:  # every rank sends expert 0 too many pairs
+            with pytest.raises(dist.DistBackendError, match=problem):
+                torch_ep.low_latency.check_errors()
+        torch_ep.low_latency.check_errors()  # reported once, and not fatal
+        y = expert_outputs(expected.recv_x, expected.handle)
+        ref_out = reference.low_latency_combine(y, routed, w, expected.handle).combined_x
+        comb = torch_ep.low_latency_combine(y.cuda(), idx.cuda(), w.cuda(), got.handle)
+        assert same_bits(comb.combined_x.cpu(), ref_out), "combined_x differs from the reference"
+        torch.cuda.synchronize()
+        torch_ep.low_latency.check_errors()
+    run_case(seed + 1, "random", 6, 256, 2, 2, True, False, 8)
+
+
+def test_errors_the_kernels_see(cuda_pool):
+    cuda_pool.run(rank_errors_the_kernels_see, _seed())

@@ -129,6 +129,15 @@ def rank_errors_without_cuda():
         assert "CUDA tensors" in text, text
     with pytest.raises(ValueError, match="more than max_tokens_per_rank"):
         torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=2, num_experts=num_experts)
+    # No autograd (decoding ops): a tensor that requires grad is refused, not silently detached.
+    with pytest.raises(RuntimeError, match="x requires grad, but the low-latency ops have no autograd"):
+        torch_ep.low_latency_dispatch(x.clone().requires_grad_(), idx, max_tokens_per_rank=8, num_experts=num_experts)
+    d = reference.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts, use_fp8=False)
+    with pytest.raises(RuntimeError, match="topk_weights requires grad"):
+        torch_ep.low_latency_combine(d.recv_x, idx, w.clone().requires_grad_(), d.handle)
+    with torch.no_grad(), pytest.raises((RuntimeError, ValueError)) as info:  # past the autograd check
+        torch_ep.low_latency_combine(d.recv_x, idx, w.clone().requires_grad_(), d.handle)
+    assert "requires grad" not in str(info.value)
     dist.barrier()
 
 

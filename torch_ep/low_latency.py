@@ -74,6 +74,16 @@ def _require_nvshmem_and_cuda(op: str, t: torch.Tensor) -> None:
                          f"(torch_ep.reference.{op} is the CPU reference)")
 
 
+def _refuse_autograd(op: str, **tensors: torch.Tensor) -> None:
+    """The low-latency ops serve decoding and have no backward: refuse to silently detach."""
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if t.requires_grad:
+                raise RuntimeError(f"{op}: {name} requires grad, but the low-latency ops have no autograd (they "
+                                   f"serve decoding, as DeepEP's); call them under torch.no_grad() or on detached "
+                                   f"tensors, or use torch_ep.dispatch / torch_ep.combine, which differentiate")
+
+
 def _bootstrap_nvshmem(group, device: torch.device, heap_bytes: int) -> None:
     """Initialises NVSHMEM through nvshmem4py with a unique id broadcast over `group`."""
     try:
@@ -159,6 +169,7 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
     _C._ll_check_dispatch_args(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, g.size())
     if round_scale and not use_fp8:
         raise ValueError(f"{op}: round_scale applies to fp8 scales only (use_fp8=False)")
+    _refuse_autograd(op, x=x)
     _require_nvshmem_and_cuda(op, x)
     _ensure_buffers(g, x.device, num_experts, max_tokens_per_rank, topk_idx.shape[1], x.shape[1])
     recv_x, scales, count, src_info, layout, send_slot, half = torch.ops.ep.low_latency_dispatch(
@@ -201,6 +212,7 @@ def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
         out = torch.empty((n, hidden), dtype=torch.bfloat16, device=x.device)
     _C._ll_check_combine_args(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
                               handle.max_tokens_per_rank, handle.num_experts, g.size())
+    _refuse_autograd(op, x=x, topk_weights=topk_weights)
     _require_nvshmem_and_cuda(op, x)
     _ensure_buffers(g, x.device, handle.num_experts, handle.max_tokens_per_rank, topk_idx.shape[1], x.shape[2])
     half = torch.ops.ep.low_latency_combine(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,

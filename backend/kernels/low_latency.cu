@@ -363,7 +363,7 @@ __global__ void combine_region_wait_kernel(GroupArgs g) {
 // out[t] = bf16(sum over k = 0..K-1 with a valid expert of w[t,k] * row(t, k)), in float32,
 // multiply then add (no FMA), in k order: torch_ep.reference does the same arithmetic. Row
 // (t, k) is row [le][me][send_slot] of its owner's combine region.
-__global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvParams p) {
+__global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(CombineRecvParams p) {
   const GroupArgs& g = p.g;
   const int R = g.num_ranks, H = p.hidden, K = p.num_topk, E = p.num_experts, E_local = E / R;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -382,8 +382,8 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(CombineRecvPa
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-    // Four slots' rows in flight at once, then summed in k order.
-    constexpr int kSlotsInFlight = 4;
+    // Eight slots' rows in flight at once (all of DeepEP's top-8), then summed in k order.
+    constexpr int kSlotsInFlight = 8;
     for (int k0 = 0; k0 < K; k0 += kSlotsInFlight) {
       uint4 v[kSlotsInFlight];
       float w[kSlotsInFlight];
