@@ -7,6 +7,8 @@ receive hook, two live results, repeated calls, CUDA-graph capture and replay, a
 raising before any kernel while the group keeps working. Ranks share the GPU under MPS in the
 GPU suite (NVSHMEM's full multi-process-per-GPU mode needs it).
 """
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -255,3 +257,34 @@ def rank_errors_the_kernels_see(seed):
 
 def test_errors_the_kernels_see(cuda_pool):
     cuda_pool.run(rank_errors_the_kernels_see, _seed())
+
+
+def rank_peer_never_sends(absent):
+    """A peer that never makes the call: the receive gives up after the group's timeout, the
+    error names the op, this rank and the missing peer, and every later call raises."""
+    num_experts, x, idx, w = make_inputs(7, "random", 6, 256, 2, 2, device="cuda")
+    d = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)  # sets up
+    torch.cuda.synchronize()
+    dist.barrier()
+    if dist.get_rank() == absent:
+        return None
+    start = time.monotonic()
+    torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)
+    torch.cuda.synchronize()  # returns: the kernel gave up waiting
+    waited = time.monotonic() - start
+    with pytest.raises(dist.DistBackendError) as first:
+        torch_ep.low_latency.check_errors()
+    expert_rows = torch.zeros(d.recv_x[0].shape, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(dist.DistBackendError) as later:
+        torch_ep.low_latency_combine(expert_rows, idx, w, d.handle)
+    return waited, str(first.value), str(later.value)
+
+
+def test_peer_never_sends():
+    timeout_s, absent = 5, 1
+    pool = rank_pool(2, cuda=True, env={"TORCH_EP_TIMEOUT_S": str(timeout_s)})
+    waited, first, later = pool.run(rank_peer_never_sends, absent)[0]
+    assert timeout_s - 0.5 <= waited <= timeout_s + 10, waited
+    assert f"rank 0: a low_latency_dispatch receive waited past the timeout ({timeout_s}" in first, first
+    assert f"for rank {absent} to send" in first, first
+    assert "low_latency_combine" in later and "every later call raises" in later, later

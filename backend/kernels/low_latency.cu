@@ -40,9 +40,8 @@ __device__ __forceinline__ T* at(char* base, int64_t offset) {
 __device__ __forceinline__ bool complete(uint64_t v) { return v != 0 && (v >> 32) == (v & 0xffffffffu); }
 
 // Threads r < R wait (bounded by the timeout) until word r at `offset` of this rank's half is
-// complete. The block that passes last resets the words: every block of this kernel has seen
-// them, and no peer adds to them again before this kernel's own arrivals (which follow).
-__device__ void wait_words(const GroupArgs& g, int64_t offset, Counter counter, int error_kind) {
+// complete; a word still incomplete at the deadline is reported, naming its peer.
+__device__ void wait_complete(const GroupArgs& g, int64_t offset, int error_kind) {
   const uint64_t deadline = now_ns() + g.timeout_ns;
   for (int r = threadIdx.x; r < g.num_ranks; r += blockDim.x) {
     const uint64_t* word = at<uint64_t>(g.half, offset + 8 * r);
@@ -54,6 +53,13 @@ __device__ void wait_words(const GroupArgs& g, int64_t offset, Counter counter, 
       __nanosleep(64);
     }
   }
+}
+
+// wait_complete, then the block that passes last resets the words: every block of this kernel
+// has seen them, and no peer adds to them again before this kernel's own arrivals (which follow).
+// After it every thread of the block may read what the peers published.
+__device__ void wait_words(const GroupArgs& g, int64_t offset, Counter counter, int error_kind) {
+  wait_complete(g, offset, error_kind);
   __syncthreads();
   if (threadIdx.x == 0) {
     uint32_t* passed = at<uint32_t>(g.half, g.layout.counters() + 4 * counter);
@@ -345,17 +351,7 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
 
 // Waits, without taking them, for the credits of this half's combine region (one block).
 __global__ void combine_region_wait_kernel(GroupArgs g) {
-  const uint64_t deadline = now_ns() + g.timeout_ns;
-  for (int r = threadIdx.x; r < g.num_ranks; r += blockDim.x) {
-    const uint64_t* word = at<uint64_t>(g.half, g.layout.combine_credits() + 8 * r);
-    while (!complete(load_acquire(word))) {
-      if (now_ns() > deadline) {
-        report(g.error, kCombineSendTimeout, r);
-        break;
-      }
-      __nanosleep(64);
-    }
-  }
+  wait_complete(g, g.layout.combine_credits(), kCombineSendTimeout);
 }
 
 // ------------------------------------------------------------------------------ combine recv
