@@ -130,22 +130,21 @@ def _init_nvshmem(group, device: torch.device, heap_bytes: int) -> None:
     _world = ranks
 
 
-def _ensure_buffers(group, device: torch.device, num_experts: int, max_tokens: int, num_topk: int,
-                    hidden: int) -> None:
+def _ensure_buffers(group, device: torch.device, num_experts: int, max_tokens: int, hidden: int) -> None:
     """The group's symmetric buffers hold these sizes; else sets NVSHMEM up and (re)allocates
     them, collectively, and barriers the group."""
     name, size = group.group_name, group.size()
     local = num_experts // size
-    if _C._ll_buffer_fits(name, size, local, max_tokens, num_topk, hidden):
+    if _C._ll_buffer_fits(name, size, local, max_tokens, hidden):
         return
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("torch_ep low-latency ops: this call needs new (larger) symmetric buffers, which are "
                            "allocated collectively and cannot be during CUDA-graph capture; make one call of the same "
                            "sizes before capturing")
-    _init_nvshmem(group, device, _C._ll_buffer_bytes(size, local, max_tokens, num_topk, hidden))
+    _init_nvshmem(group, device, _C._ll_buffer_bytes(size, local, max_tokens, hidden))
     config = get_backend(group).config
     _C._ll_reserve_buffer(name, group.rank(), size, device.index, config.timeout, config.num_sms, local, max_tokens,
-                          num_topk, hidden)
+                          hidden)
     dist.barrier(group=group)  # no peer writes into a buffer before its owner has cleared it
 
 
@@ -171,7 +170,7 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
         raise ValueError(f"{op}: round_scale applies to fp8 scales only (use_fp8=False)")
     _refuse_autograd(op, x=x)
     _require_nvshmem_and_cuda(op, x)
-    _ensure_buffers(g, x.device, num_experts, max_tokens_per_rank, topk_idx.shape[1], x.shape[1])
+    _ensure_buffers(g, x.device, num_experts, max_tokens_per_rank, x.shape[1])
     recv_x, scales, count, src_info, layout, send_slot, half = torch.ops.ep.low_latency_dispatch(
         x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round_scale, return_recv_hook, g.group_name)
     handle = LowLatencyHandle(g.group_name, g.size(), num_experts, max_tokens_per_rank, x.shape[0], x.shape[1],
@@ -214,7 +213,7 @@ def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
                               handle.max_tokens_per_rank, handle.num_experts, g.size())
     _refuse_autograd(op, x=x, topk_weights=topk_weights)
     _require_nvshmem_and_cuda(op, x)
-    _ensure_buffers(g, x.device, handle.num_experts, handle.max_tokens_per_rank, topk_idx.shape[1], x.shape[2])
+    _ensure_buffers(g, x.device, handle.num_experts, handle.max_tokens_per_rank, x.shape[2])
     half = torch.ops.ep.low_latency_combine(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
                                             handle.max_tokens_per_rank, handle.num_experts, return_recv_hook,
                                             handle.group_name)

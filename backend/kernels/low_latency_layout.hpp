@@ -31,17 +31,10 @@ inline int error_peer(int code) { return (code & 0xffff) - 1; }
 
 // Byte offsets inside one half of the symmetric buffer (the protocol: low_latency.cuh).
 struct LowLatencyLayout {
-  int64_t num_ranks = 0, num_local_experts = 0, max_tokens = 0, max_topk = 0, max_hidden = 0;
+  int64_t num_ranks = 0, num_local_experts = 0, max_tokens = 0, max_hidden = 0;
 
-  static LowLatencyLayout of(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t max_topk,
-                             int64_t max_hidden) {
-    LowLatencyLayout l;
-    l.num_ranks = num_ranks;
-    l.num_local_experts = num_local_experts;
-    l.max_tokens = max_tokens;
-    l.max_topk = max_topk;
-    l.max_hidden = max_hidden;
-    return l;
+  static LowLatencyLayout of(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t max_hidden) {
+    return LowLatencyLayout{num_ranks, num_local_experts, max_tokens, max_hidden};
   }
 
   EP_LL_HOST_DEVICE static int64_t align(int64_t n) { return (n + 127) / 128 * 128; }

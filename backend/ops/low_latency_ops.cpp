@@ -216,18 +216,16 @@ Tensor combine_buffer_cuda(const std::string&, int64_t, int64_t, int64_t, const 
 }
 int nvshmem_status() { return 0; }
 void nvshmem_attach(int, int) { TORCH_CHECK(false, kNoNvshmemMessage); }
-bool buffer_fits(const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t) { return false; }
-bool reserve_buffer(const std::string&, int, int, int, std::chrono::milliseconds, int, int64_t, int64_t, int64_t,
-                    int64_t) {
+bool buffer_fits(const std::string&, int64_t, int64_t, int64_t, int64_t) { return false; }
+bool reserve_buffer(const std::string&, int, int, int, std::chrono::milliseconds, int, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, kNoNvshmemMessage);
 }
 void check_errors(const std::string&, const char*) {}
 std::vector<uint64_t> trace(const std::string&) { return {}; }
 #endif
 
-int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t num_topk,
-                     int64_t hidden) {
-  return kernels::ll::LowLatencyLayout::of(num_ranks, num_local_experts, max_tokens, num_topk, hidden).total_bytes();
+int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t hidden) {
+  return kernels::ll::LowLatencyLayout::of(num_ranks, num_local_experts, max_tokens, hidden).total_bytes();
 }
 
 TORCH_LIBRARY_FRAGMENT(ep, m) {
@@ -277,7 +275,7 @@ void register_low_latency(pybind11::module_& m) {
   m.def("_ll_reserve_buffer", &ll::reserve_buffer, py::call_guard<py::gil_scoped_release>());
   m.def("_ll_buffer_bytes", &ll::buffer_bytes);
   m.def("_ll_trace", &ll::trace, py::call_guard<py::gil_scoped_release>(),
-        "the low-latency kernels' phase timestamps (TORCH_EP_LL_TRACE=1; tools/ll_trace.py)");
+        "the low-latency kernels' phase timestamps (TORCH_EP_LL_TRACE=1; tools/ll_profile.py)");
   m.def("_ll_combine_buffer", &ll::combine_buffer_cuda, py::arg("group_name"), py::arg("num_local_experts"),
         py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("device"));
   m.def("_ll_check_errors", [](const std::string& group_name) { ll::check_errors(group_name, "low-latency ops"); });

@@ -67,14 +67,13 @@ int nvshmem_status();
 void nvshmem_attach(int rank, int size);
 // Whether the group's buffer holds these sizes (false before its first reserve).
 bool buffer_fits(const std::string& group_name, int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens,
-                 int64_t num_topk, int64_t hidden);
+                 int64_t hidden);
 // Collective: allocates or grows the group's symmetric buffer; true when it did (the caller
 // then barriers the group before any kernel may write into a peer's new buffer).
 bool reserve_buffer(const std::string& group_name, int rank, int size, int device, std::chrono::milliseconds timeout,
-                    int num_sms, int64_t num_local_experts, int64_t max_tokens, int64_t num_topk, int64_t hidden);
+                    int num_sms, int64_t num_local_experts, int64_t max_tokens, int64_t hidden);
 // Symmetric bytes the buffer of these sizes takes.
-int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t num_topk,
-                     int64_t hidden);
+int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t hidden);
 // Raises what the group's kernels reported since the last check (no-op without a buffer).
 void check_errors(const std::string& group_name, const char* op);
 // The kernels' phase timestamps (LowLatencyBuffer::trace); empty unless tracing.

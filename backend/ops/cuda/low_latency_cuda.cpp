@@ -88,7 +88,7 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
   const int64_t R = probe ? probe->size() : 0;
   const int64_t N = x.size(0), H = x.size(1), K = topk_idx.size(1), E_local = R ? num_experts / R : 0;
-  const LowLatencyLayout need = LowLatencyLayout::of(R, E_local, max_tokens, K, H);
+  const LowLatencyLayout need = LowLatencyLayout::of(R, E_local, max_tokens, H);
   LowLatencyBuffer& buffer = buffer_for(group_name, device, &need, op);
   const int64_t rows = R * max_tokens;
   const auto opts = x.options();
@@ -136,8 +136,8 @@ int64_t combine_cuda(const Tensor& x, const Tensor& topk_idx, const Tensor& topk
   c10::cuda::CUDAGuard guard(device);
   const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
   const int64_t R = probe ? probe->size() : 0;
-  const int64_t H = x.size(2), K = topk_idx.size(1);
-  const LowLatencyLayout need = LowLatencyLayout::of(R, R ? num_experts / R : 0, max_tokens, K, H);
+  const int64_t H = x.size(2);
+  const LowLatencyLayout need = LowLatencyLayout::of(R, R ? num_experts / R : 0, max_tokens, H);
   LowLatencyBuffer& buffer = buffer_for(group_name, device, &need, op);
   const int64_t half = buffer.next_half(LowLatencyBuffer::kCombine);
   const cudaStream_t stream = current_stream(device);
@@ -169,8 +169,7 @@ Tensor combine_buffer_cuda(const std::string& group_name, int64_t num_local_expe
   c10::cuda::CUDAGuard guard(device);
   const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
   const int64_t R = probe ? probe->size() : 0;
-  // K does not size the combine region; 1 asks for nothing beyond what any earlier call made.
-  const LowLatencyLayout need = LowLatencyLayout::of(R, num_local_experts, max_tokens, 1, hidden);
+  const LowLatencyLayout need = LowLatencyLayout::of(R, num_local_experts, max_tokens, hidden);
   LowLatencyBuffer& buffer = buffer_for(group_name, device, &need, op);
   const kernels::ll::GroupArgs g = buffer.args(buffer.peek_half(LowLatencyBuffer::kCombine));
   // The user's kernels write the region next: first its readers of the call before last must be done.
@@ -186,16 +185,16 @@ int nvshmem_status() { return nvshmem::init_status(); }
 void nvshmem_attach(int rank, int size) { nvshmem::attach(rank, size); }
 
 bool buffer_fits(const std::string& group_name, int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens,
-                 int64_t num_topk, int64_t hidden) {
+                 int64_t hidden) {
   const LowLatencyBuffer* buffer = find_low_latency_buffer(group_name);
-  return buffer && buffer->fits(LowLatencyLayout::of(num_ranks, num_local_experts, max_tokens, num_topk, hidden));
+  return buffer && buffer->fits(LowLatencyLayout::of(num_ranks, num_local_experts, max_tokens, hidden));
 }
 
 bool reserve_buffer(const std::string& group_name, int rank, int size, int device, std::chrono::milliseconds timeout,
-                    int num_sms, int64_t num_local_experts, int64_t max_tokens, int64_t num_topk, int64_t hidden) {
+                    int num_sms, int64_t num_local_experts, int64_t max_tokens, int64_t hidden) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   return reserve_low_latency_buffer(group_name, rank, size, device, timeout, num_sms,
-                                    LowLatencyLayout::of(size, num_local_experts, max_tokens, num_topk, hidden));
+                                    LowLatencyLayout::of(size, num_local_experts, max_tokens, hidden));
 }
 
 std::vector<uint64_t> trace(const std::string& group_name) {

@@ -92,25 +92,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::T
   auto caller = c10::cuda::getCurrentCUDAStream(device);
   c10::cuda::CUDAStream comm(c10::cuda::CUDAStream::UNCHECKED, *comm_stream_);
 
-  // The comm stream starts after everything the caller queued so far (inputs are ready).
-  cudaEvent_t ready;
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-  C10_CUDA_CHECK(cudaEventRecord(ready, caller.stream()));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(comm.stream(), ready, 0));
-  C10_CUDA_CHECK(cudaEventDestroy(ready));  // released by CUDA once recorded work completes
+  start_after(caller, comm);
   try {
     transport->all_to_all(spans.sends, spans.recvs, comm.stream(), op_name);
   } catch (const std::exception& e) {
     C10_THROW_ERROR(DistBackendError, e.what());
   }
-  {
-    c10::cuda::CUDAStreamGuard on_comm(comm);
-    for (auto& [output, staging] : spans.copy_back) output.copy_(staging);
-  }
-  // The caching allocator must not hand these blocks to the caller's stream before the comm
-  // stream is done with them, even if the caller drops the tensors right away.
-  for (const auto& t : spans.buffers) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
-  for (const auto& t : outputs) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
+  finish_on(comm, spans, outputs);
   return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport,
                                          config_.blocking_wait, config_.timeout);
 }

@@ -1,14 +1,33 @@
 #include "backend/process_group/cuda/cuda_work.hpp"
 
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 
 #include <thread>
 
+#include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_transport.hpp"
 
 namespace ep {
+
+void start_after(const c10::cuda::CUDAStream& caller, const c10::cuda::CUDAStream& comm) {
+  cudaEvent_t ready;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(ready, caller.stream()));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(comm.stream(), ready, 0));
+  C10_CUDA_CHECK(cudaEventDestroy(ready));  // released by CUDA once recorded work completes
+}
+
+void finish_on(const c10::cuda::CUDAStream& comm, const AllToAllSpans& spans, const std::vector<at::Tensor>& outputs) {
+  {
+    c10::cuda::CUDAStreamGuard on_comm(comm);
+    for (const auto& [output, staging] : spans.copy_back) output.copy_(staging);
+  }
+  for (const auto& t : spans.buffers) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
+  for (const auto& t : outputs) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
+}
 
 EPCudaWork::EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs,
                        c10::cuda::CUDAStream comm_stream, std::shared_ptr<CudaTransport> transport,

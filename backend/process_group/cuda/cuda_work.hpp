@@ -12,6 +12,14 @@
 namespace ep {
 
 class CudaTransport;
+struct AllToAllSpans;
+
+// The comm stream starts after everything the caller queued so far (the inputs are ready).
+void start_after(const c10::cuda::CUDAStream& caller, const c10::cuda::CUDAStream& comm);
+// Queued on `comm` once an all_to_all's data has landed: staging copied back into non-contiguous
+// outputs; and the caching allocator must not hand the buffers or outputs to the caller's stream
+// before `comm` is done with them, even if the caller drops the tensors right away.
+void finish_on(const c10::cuda::CUDAStream& comm, const AllToAllSpans& spans, const std::vector<at::Tensor>& outputs);
 
 class EPCudaWork : public c10d::Work {
  public:

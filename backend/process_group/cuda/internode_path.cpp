@@ -46,11 +46,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
   c10::cuda::CUDAGuard guard(device);
   auto caller = c10::cuda::getCurrentCUDAStream(device.index());
   c10::cuda::CUDAStream comm(c10::cuda::CUDAStream::UNCHECKED, *internode_stream_);
-  cudaEvent_t ready;
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-  C10_CUDA_CHECK(cudaEventRecord(ready, caller.stream()));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(comm.stream(), ready, 0));
-  C10_CUDA_CHECK(cudaEventDestroy(ready));
+  start_after(caller, comm);
 
   const Topology& t = topology_;
   try {
@@ -71,12 +67,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
   } catch (const std::exception& e) {
     C10_THROW_ERROR(DistBackendError, e.what());
   }
-  {
-    c10::cuda::CUDAStreamGuard on_comm(comm);
-    for (auto& [output, staging] : spans.copy_back) output.copy_(staging);
-  }
-  for (const auto& x : spans.buffers) c10::cuda::CUDACachingAllocator::recordStream(x.storage().data_ptr(), comm);
-  for (const auto& x : outputs) c10::cuda::CUDACachingAllocator::recordStream(x.storage().data_ptr(), comm);
+  finish_on(comm, spans, outputs);
   return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport->node_shared(),
                                          config_.blocking_wait, config_.timeout);
 }

@@ -47,7 +47,7 @@ std::vector<uint64_t> LowLatencyBuffer::trace() const {
 
 bool LowLatencyBuffer::fits(const LowLatencyLayout& n) const {
   return base_ && n.num_ranks == layout_.num_ranks && n.num_local_experts <= layout_.num_local_experts &&
-         n.max_tokens <= layout_.max_tokens && n.max_topk <= layout_.max_topk && n.max_hidden <= layout_.max_hidden;
+         n.max_tokens <= layout_.max_tokens && n.max_hidden <= layout_.max_hidden;
 }
 
 bool LowLatencyBuffer::reserve(const LowLatencyLayout& need) {
@@ -57,7 +57,6 @@ bool LowLatencyBuffer::reserve(const LowLatencyLayout& need) {
   if (base_) {
     grown.num_local_experts = std::max(grown.num_local_experts, layout_.num_local_experts);
     grown.max_tokens = std::max(grown.max_tokens, layout_.max_tokens);
-    grown.max_topk = std::max(grown.max_topk, layout_.max_topk);
     grown.max_hidden = std::max(grown.max_hidden, layout_.max_hidden);
   }
   EP_CUDA_CHECK(cudaSetDevice(device_));
