@@ -138,6 +138,10 @@ def rank_errors_without_cuda():
     with torch.no_grad(), pytest.raises((RuntimeError, ValueError)) as info:  # past the autograd check
         torch_ep.low_latency_combine(d.recv_x, idx, w.clone().requires_grad_(), d.handle)
     assert "requires grad" not in str(info.value)
+    # The receive hook's op checks what it is given too.
+    t = torch.empty(0)
+    with pytest.raises(ValueError, match="num_topk must be 1 to 64, got 0"):
+        torch.ops.ep.low_latency_dispatch_recv(t, t, t, t, t, 0, 8, 0, num_experts, dist.group.WORLD.group_name)
     dist.barrier()
 
 
