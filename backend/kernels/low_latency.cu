@@ -290,44 +290,62 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSend
 
 // ------------------------------------------------------------------------------ dispatch put
 
-// Pushes what remote owners would read in place: the token of each of this rank's pairs for
-// their experts, to row [le][me][slot] of their remote_tokens, then (block 0, a warp per peer)
-// the lists and counts of their experts. Every put signals the owner's flag for this rank,
-// counted: the counts' put closes it with the total. A kernel apart from send, which numbered
-// and cast what is pushed here, in any block.
-__global__ void __launch_bounds__(kThreads, 1) dispatch_put_kernel(DispatchSendParams p) {
-  extern __shared__ int prefix[];  // [E + 1]: pairs for remote experts before each expert
-  const GroupArgs& g = p.g;
-  const int R = g.num_ranks, E = p.num_experts, E_local = E / R, cap = p.max_tokens;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int* lists = at<int>(g.half, g.layout.dispatch_lists());
-  const int* counts = at<int>(g.half, g.layout.dispatch_counts());
-  for (int e = threadIdx.x; e < E; e += blockDim.x) prefix[e] = is_remote(g, e / E_local) ? min(max(counts[e], 0), cap) : 0;
-  __syncthreads();
-  if (warp == 0) warp_exclusive_scan(prefix, E, lane);
-  __syncthreads();
+// Whether pair slots [k0, k1) of token t hold an expert of rank r.
+__device__ __forceinline__ bool has_expert_of(const DispatchSendParams& p, int t, int r, int k0, int k1, int step) {
+  const int64_t first = int64_t(r) * (p.num_experts / p.g.num_ranks), last = first + p.num_experts / p.g.num_ranks;
+  bool hit = false;
+  for (int k = k0; k < k1; k += step) {
+    const int64_t e = __ldg(p.topk_idx + int64_t(t) * p.num_topk + k);
+    hit |= e >= first && e < last;
+  }
+  return hit;
+}
 
+// Whether token t goes to rank r (a warp, lanes over the top-k).
+__device__ __forceinline__ bool goes_to(const DispatchSendParams& p, int t, int r, int lane) {
+  return __any_sync(0xffffffffu, has_expert_of(p, t, r, lane, p.num_topk, 32));
+}
+
+// How many of the tokens go to rank r (a warp, lanes over the tokens).
+__device__ __forceinline__ int count_going_to(const DispatchSendParams& p, int r, int lane) {
+  int n = 0;
+  for (int t = lane; t < p.num_tokens; t += 32) n += has_expert_of(p, t, r, 0, p.num_topk, 1);
+  return __reduce_add_sync(0xffffffffu, n);
+}
+
+// Pushes what remote owners would read in place: each token with a pair for their experts,
+// once per owner, to row [me][t] of their remote_tokens (a copy of the part of this rank's token
+// region they need), then (block 0, a warp per peer) the lists and counts of their experts.
+// Every put signals the owner's flag for this rank, counted: the counts' put closes it with the
+// total. A kernel apart from send, which cast the tokens and numbered the pairs in any block.
+__global__ void __launch_bounds__(kThreads, 1) dispatch_put_kernel(DispatchSendParams p) {
+  const GroupArgs& g = p.g;
+  const int R = g.num_ranks, E_local = p.num_experts / R, cap = p.max_tokens;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
   const char* tokens = g.half + g.layout.dispatch_tokens();
+  char* mirror = g.half + g.layout.remote_tokens() + int64_t(g.rank) * cap * token_bytes;  // ours, at the owner
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
-  const int64_t warps = int64_t(gridDim.x) * kWarps;
-  for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E]; m += warps) {
-    const int e = find_in_prefix(prefix, E, int(m)), i = int(m - prefix[e]);
-    const int owner = e / E_local, le = e - owner * E_local;
-    const int q = lists[int64_t(e) * cap + i];
-    char* row = g.half + g.layout.remote_tokens() + ((int64_t(le) * R + g.rank) * cap + i) * token_bytes;
-    nvshmemx_putmem_signal_nbi_warp(row, tokens + int64_t(q / p.num_topk) * token_bytes, size_t(token_bytes), flag, 1,
-                                    NVSHMEM_SIGNAL_ADD, owner);
+  stamp(g, kDispatchSendCounter, 4);  // the send kernel's points are 0-3
+  const int64_t units = int64_t(p.num_tokens) * R;  // (t, r), a warp each
+  for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += int64_t(gridDim.x) * kWarps) {
+    const int t = int(u / R), r = int(u % R);
+    if (is_remote(g, r) && goes_to(p, t, r, lane))
+      nvshmemx_putmem_signal_nbi_warp(mirror + t * token_bytes, tokens + t * token_bytes, size_t(token_bytes), flag, 1,
+                                      NVSHMEM_SIGNAL_ADD, r);
   }
+  stamp(g, kDispatchSendCounter, 5);
   if (blockIdx.x != 0) return;
+  const int* lists = at<int>(g.half, g.layout.dispatch_lists());
+  const int* counts = at<int>(g.half, g.layout.dispatch_counts());
   for (int r = warp; r < R; r += kWarps) {
     if (!is_remote(g, r)) continue;
-    const int64_t rows = prefix[(r + 1) * E_local] - prefix[r * E_local];
+    const int64_t pushed = count_going_to(p, r, lane);  // tokens the loop above puts to r
     const int64_t list_ints = int64_t(E_local) * cap;  // the owner's experts, whole capacity
     nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_lists()) + g.rank * list_ints,
                                     lists + r * list_ints, size_t(list_ints) * 4, flag, 1, NVSHMEM_SIGNAL_ADD, r);
     nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_counts()) + g.rank * E_local,
-                                    counts + r * E_local, size_t(E_local) * 4, flag, closing_signal(rows + 2),
+                                    counts + r * E_local, size_t(E_local) * 4, flag, closing_signal(pushed + 2),
                                     NVSHMEM_SIGNAL_ADD, r);
   }
 }
@@ -378,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
     const char* token;
     if (is_remote(g, r)) {
       q = __ldcg(at<int>(g.half, g.layout.remote_lists()) + (int64_t(r) * E_local + le) * p.max_tokens + i);
-      token = g.half + g.layout.remote_tokens() + ((int64_t(le) * R + r) * p.max_tokens + i) * token_bytes;
+      token = g.half + g.layout.remote_tokens() + (int64_t(r) * p.max_tokens + q / p.num_topk) * token_bytes;
     } else {
       char* peer = g.peers[r];
       q = __ldcg(at<int>(peer, g.layout.dispatch_lists()) + int64_t(e) * p.max_tokens + i);
@@ -556,9 +574,7 @@ cudaError_t launch_dispatch_send(const DispatchSendParams& p, cudaStream_t strea
   const int64_t units = p.num_experts + int64_t(p.num_tokens) * ((p.hidden + kSendChunk - 1) / kSendChunk);
   dispatch_send_kernel<<<grid_for(p.g.num_blocks, units), kThreads, 0, stream>>>(p);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || !any_remote(p.g)) return err;
-  const int64_t smem = (int64_t(p.num_experts) + 1) * int64_t(sizeof(int));
-  if (const cudaError_t err = allow_dynamic_smem(dispatch_put_kernel, smem); err != cudaSuccess) return err;
-  dispatch_put_kernel<<<p.g.num_blocks, kThreads, smem, stream>>>(p);
+  dispatch_put_kernel<<<grid_for(p.g.num_blocks, int64_t(p.num_tokens) * p.g.num_ranks), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -23,8 +23,8 @@
 // Remote peers (on another node: GroupArgs::peers[r] is null) cannot be read in place; what
 // they would read is pushed to them instead, through NVSHMEM's device API (put with signal,
 // so the same code runs over IBGDA, IBRC or P2P):
-//   dispatch: a third kernel (put), after send, pushes each pair's token for a remote expert
-//             into the owner's remote_tokens, and the lists and counts of its experts;
+//   dispatch: a third kernel (put), after send, pushes each token once to every remote owner
+//             of one of its experts (remote_tokens), and the lists and counts of its experts;
 //   combine:  send pushes each row back to its remote token's rank (remote_rows);
 //   receivers of both read those regions locally.
 // A remote peer's flag counts puts rather than blocks (low_latency_layout.hpp); credits go back

@@ -69,10 +69,11 @@ struct LowLatencyLayout {
   EP_LL_HOST_DEVICE int64_t counters() const { return align(combine_credits() + num_ranks * 8); }
   // Where remote peers (another node: no load or store reaches them, only NVSHMEM's device API)
   // push what local peers would read in place. Empty unless `remote`.
-  // Dispatch tokens from remote senders: [E_local][R][max_tokens] tokens of a call's token_bytes.
+  // Dispatch tokens from remote senders: [R][max_tokens] tokens of a call's token_bytes, rank r's
+  // token t at [r][t] (those of r's tokens that have a pair for one of this rank's experts).
   EP_LL_HOST_DEVICE int64_t remote_tokens() const { return align(counters() + 4 * 4); }
   EP_LL_HOST_DEVICE int64_t remote_tokens_bytes() const {
-    return remote * num_local_experts * num_ranks * max_tokens * token_bytes(max_hidden, false);
+    return remote * num_ranks * max_tokens * token_bytes(max_hidden, false);
   }
   // Their lists and counts for this rank's experts: [R][E_local][max_tokens] int32 pairs q = t*K + k;
   // [R][E_local] int32.
