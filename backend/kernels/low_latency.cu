@@ -313,39 +313,51 @@ __device__ __forceinline__ int count_going_to(const DispatchSendParams& p, int r
   return __reduce_add_sync(0xffffffffu, n);
 }
 
+// A sender's count for expert e (as numbered: at most the capacity).
+__device__ __forceinline__ int count_of(const int* counts, int e, int cap) { return min(max(counts[e], 0), cap); }
+
 // Pushes what remote owners would read in place: each token with a pair for their experts,
 // once per owner, to row [me][t] of their remote_tokens (a copy of the part of this rank's token
-// region they need), then (block 0, a warp per peer) the lists and counts of their experts.
-// Every put signals the owner's flag for this rank, counted: the counts' put closes it with the
-// total. A kernel apart from send, which cast the tokens and numbered the pairs in any block.
+// region they need); each of their experts' lists (the used part) to [me][le] of their
+// remote_lists; then (block 0, a warp per owner) the counts of their experts. Every put signals
+// the owner's flag for this rank, counted: the counts' put closes it with the total. A kernel
+// apart from send, which cast the tokens and numbered the pairs in any of its blocks.
 __global__ void __launch_bounds__(kThreads, 1) dispatch_put_kernel(DispatchSendParams p) {
   const GroupArgs& g = p.g;
-  const int R = g.num_ranks, E_local = p.num_experts / R, cap = p.max_tokens;
+  const int R = g.num_ranks, E = p.num_experts, E_local = E / R, cap = p.max_tokens;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
   const char* tokens = g.half + g.layout.dispatch_tokens();
   char* mirror = g.half + g.layout.remote_tokens() + int64_t(g.rank) * cap * token_bytes;  // ours, at the owner
+  const int* lists = at<int>(g.half, g.layout.dispatch_lists());
+  const int* counts = at<int>(g.half, g.layout.dispatch_counts());
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
   stamp(g, kDispatchSendCounter, 4);  // the send kernel's points are 0-3
-  const int64_t units = int64_t(p.num_tokens) * R;  // (t, r), a warp each
+  // Units, a warp each: (t, r) for every token and rank, then expert e's list.
+  const int64_t token_units = int64_t(p.num_tokens) * R, units = token_units + E;
   for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += int64_t(gridDim.x) * kWarps) {
-    const int t = int(u / R), r = int(u % R);
-    if (is_remote(g, r) && goes_to(p, t, r, lane))
-      nvshmemx_putmem_signal_nbi_warp(mirror + t * token_bytes, tokens + t * token_bytes, size_t(token_bytes), flag, 1,
-                                      NVSHMEM_SIGNAL_ADD, r);
+    if (u < token_units) {
+      const int t = int(u / R), r = int(u % R);
+      if (is_remote(g, r) && goes_to(p, t, r, lane))
+        nvshmemx_putmem_signal_nbi_warp(mirror + t * token_bytes, tokens + t * token_bytes, size_t(token_bytes), flag,
+                                        1, NVSHMEM_SIGNAL_ADD, r);
+    } else {
+      const int e = int(u - token_units), r = e / E_local, n = count_of(counts, e, cap);
+      if (is_remote(g, r) && n > 0)
+        nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_lists()) +
+                                            (int64_t(g.rank) * E_local + e - r * E_local) * cap,
+                                        lists + int64_t(e) * cap, size_t(n) * 4, flag, 1, NVSHMEM_SIGNAL_ADD, r);
+    }
   }
   stamp(g, kDispatchSendCounter, 5);
   if (blockIdx.x != 0) return;
-  const int* lists = at<int>(g.half, g.layout.dispatch_lists());
-  const int* counts = at<int>(g.half, g.layout.dispatch_counts());
   for (int r = warp; r < R; r += kWarps) {
     if (!is_remote(g, r)) continue;
-    const int64_t pushed = count_going_to(p, r, lane);  // tokens the loop above puts to r
-    const int64_t list_ints = int64_t(E_local) * cap;  // the owner's experts, whole capacity
-    nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_lists()) + g.rank * list_ints,
-                                    lists + r * list_ints, size_t(list_ints) * 4, flag, 1, NVSHMEM_SIGNAL_ADD, r);
+    int lists_put = 0;  // the loop above put the tokens going to r and r's non-empty lists
+    for (int le = lane; le < E_local; le += 32) lists_put += count_of(counts, r * E_local + le, cap) > 0;
+    const int64_t puts = count_going_to(p, r, lane) + __reduce_add_sync(0xffffffffu, lists_put) + 1;
     nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_counts()) + g.rank * E_local,
-                                    counts + r * E_local, size_t(E_local) * 4, flag, closing_signal(pushed + 2),
+                                    counts + r * E_local, size_t(E_local) * 4, flag, closing_signal(puts),
                                     NVSHMEM_SIGNAL_ADD, r);
   }
 }
@@ -458,12 +470,13 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
         nvshmemx_putmem_signal_nbi_warp(dst, region + row * H, size_t(H) * 2, flag, 1, NVSHMEM_SIGNAL_ADD, r);
       }
     }
-    if (blockIdx.x == 0) {
-      for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    if (blockIdx.x == 0) {  // a warp per remote rank: the closing signal, with the number of rows
+      for (int r = warp; r < R; r += kWarps) {
         if (!is_remote(g, r)) continue;
-        int64_t rows = 0;
-        for (int le = 0; le < E_local; ++le) rows += min(max(p.layout[le * R + r], 0), p.max_tokens);
-        nvshmemx_signal_op(flag, closing_signal(rows + 1), NVSHMEM_SIGNAL_ADD, r);
+        int rows = 0;
+        for (int le = lane; le < E_local; le += 32) rows += min(max(p.layout[le * R + r], 0), p.max_tokens);
+        rows = __reduce_add_sync(0xffffffffu, rows);
+        if (lane == 0) nvshmemx_signal_op(flag, closing_signal(rows + 1), NVSHMEM_SIGNAL_ADD, r);
       }
     }
   }
@@ -574,7 +587,8 @@ cudaError_t launch_dispatch_send(const DispatchSendParams& p, cudaStream_t strea
   const int64_t units = p.num_experts + int64_t(p.num_tokens) * ((p.hidden + kSendChunk - 1) / kSendChunk);
   dispatch_send_kernel<<<grid_for(p.g.num_blocks, units), kThreads, 0, stream>>>(p);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || !any_remote(p.g)) return err;
-  dispatch_put_kernel<<<grid_for(p.g.num_blocks, int64_t(p.num_tokens) * p.g.num_ranks), kThreads, 0, stream>>>(p);
+  const int64_t put_units = int64_t(p.num_tokens) * p.g.num_ranks + p.num_experts;
+  dispatch_put_kernel<<<grid_for(p.g.num_blocks, put_units), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
