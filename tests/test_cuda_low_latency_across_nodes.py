@@ -69,3 +69,17 @@ def test_cuda_graph(remote_pool, use_fp8, zero_copy):
 
 def test_errors_the_kernels_see(remote_pool):
     remote_pool.run(ll.rank_errors_the_kernels_see, ll._seed())
+
+
+def test_remote_peer_never_sends():
+    """A rank of the other node that never makes the call: the receive gives up after the group's
+    timeout, naming the op, this rank and the missing peer; later calls raise."""
+    timeout_s, absent = 5, 2
+    env = dict(SINGLE_HOST_NVSHMEM, TORCH_EP_RANKS_PER_NODE="2", TORCH_EP_FORCE_REMOTE="1",
+               TORCH_EP_TIMEOUT_S=str(timeout_s))
+    pool = rank_pool(4, cuda=True, env=env)
+    waited, first, later = pool.run(ll.rank_peer_never_sends, absent)[0]
+    assert timeout_s - 0.5 <= waited <= timeout_s + 10, waited
+    assert f"rank 0: a low_latency_dispatch receive waited past the timeout ({timeout_s}" in first, first
+    assert f"for rank {absent} to send" in first, first
+    assert "low_latency_combine" in later and "every later call raises" in later, later
