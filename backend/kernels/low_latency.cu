@@ -18,12 +18,6 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 constexpr int kSendChunk = 512;      // channels a warp casts per work unit (16 per lane)
 constexpr int kRecvChunk = 256;      // channels per work unit of the combine receive (8 per lane)
-// Bytes of one put to a remote rank. Rows go in pieces, a warp each: over P2P a put is a warp's
-// plain copy, one 512-byte step per memory round trip, so a whole 14 KiB row in one put would be
-// 28 round trips in a row; pieces spread them over warps.
-constexpr int64_t kPutBytes = 2048;
-
-__host__ __device__ __forceinline__ int64_t pieces_of(int64_t bytes) { return (bytes + kPutBytes - 1) / kPutBytes; }
 
 // The first error wins, mostly: a plain check-then-store (a race only picks which error shows),
 // as the word is pinned host memory, where device atomics are not guaranteed on every platform.
@@ -339,17 +333,14 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_put_kernel(DispatchSendP
   const int* counts = at<int>(g.half, g.layout.dispatch_counts());
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
   stamp(g, kDispatchSendCounter, 4);  // the send kernel's points are 0-3
-  // Units, a warp each: (t, r, piece) for every token, rank and piece of a token, then expert
-  // e's list.
-  const int64_t pieces = pieces_of(token_bytes), token_units = int64_t(p.num_tokens) * R * pieces;
-  const int64_t units = token_units + E;
+  // Units, a warp each: (t, r) for every token and rank, then expert e's list.
+  const int64_t token_units = int64_t(p.num_tokens) * R, units = token_units + E;
   for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += int64_t(gridDim.x) * kWarps) {
     if (u < token_units) {
-      const int t = int(u / (R * pieces)), r = int(u / pieces % R);
-      const int64_t at = u % pieces * kPutBytes, bytes = min(kPutBytes, token_bytes - at);
+      const int t = int(u / R), r = int(u % R);
       if (is_remote(g, r) && goes_to(p, t, r, lane))
-        nvshmemx_putmem_signal_nbi_warp(mirror + t * token_bytes + at, tokens + t * token_bytes + at, size_t(bytes),
-                                        flag, 1, NVSHMEM_SIGNAL_ADD, r);
+        nvshmemx_putmem_signal_nbi_warp(mirror + t * token_bytes, tokens + t * token_bytes, size_t(token_bytes), flag,
+                                        1, NVSHMEM_SIGNAL_ADD, r);
     } else {
       const int e = int(u - token_units), r = e / E_local, n = count_of(counts, e, cap);
       if (is_remote(g, r) && n > 0)
@@ -364,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_put_kernel(DispatchSendP
     if (!is_remote(g, r)) continue;
     int lists_put = 0;  // the loop above put the tokens going to r and r's non-empty lists
     for (int le = lane; le < E_local; le += 32) lists_put += count_of(counts, r * E_local + le, cap) > 0;
-    const int64_t puts = count_going_to(p, r, lane) * pieces + __reduce_add_sync(0xffffffffu, lists_put) + 1;
+    const int64_t puts = count_going_to(p, r, lane) + __reduce_add_sync(0xffffffffu, lists_put) + 1;
     nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_counts()) + g.rank * E_local,
                                     counts + r * E_local, size_t(E_local) * 4, flag, closing_signal(puts),
                                     NVSHMEM_SIGNAL_ADD, r);
@@ -464,21 +455,19 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
     if (warp == 0) warp_exclusive_scan(prefix, E, lane);
     __syncthreads();
     uint64_t* flag = my_word(g, g.layout.combine_flags());
-    const int64_t warps = int64_t(gridDim.x) * kWarps, row_bytes = int64_t(H) * 2, pieces = pieces_of(row_bytes);
-    // A warp per piece of a row (kPutBytes, a multiple of 16): copied in, then pushed if remote.
-    for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E] * pieces; m += warps) {
-      const int q = find_in_prefix(prefix, E, int(m / pieces));  // q = le * R + r
-      const int i = int(m / pieces - prefix[q]), le = q / R, r = q % R;
-      const int64_t at = m % pieces * kPutBytes, bytes = min(kPutBytes, row_bytes - at);
+    const int64_t warps = int64_t(gridDim.x) * kWarps;
+    for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E]; m += warps) {
+      const int q = find_in_prefix(prefix, E, int(m));  // q = le * R + r
+      const int i = int(m - prefix[q]), le = q / R, r = q % R;
       const int64_t row = int64_t(q) * p.max_tokens + i;
-      char* piece = reinterpret_cast<char*>(region + row * H) + at;
       if (!zero_copy)
-        warp_copy_l2(reinterpret_cast<uint4*>(piece), reinterpret_cast<const uint4*>(p.x + row * H) + at / 16,
-                     bytes / 16, lane);
+        warp_copy_l2(reinterpret_cast<uint4*>(region + row * H), reinterpret_cast<const uint4*>(p.x + row * H),
+                     int64_t(H) * 2 / 16, lane);
       if (is_remote(g, r)) {
         __syncwarp();  // the lanes' copies are in before the put reads them
-        char* dst = g.half + g.layout.remote_rows() + ((int64_t(g.rank) * E_local + le) * p.max_tokens + i) * row_bytes;
-        nvshmemx_putmem_signal_nbi_warp(dst + at, piece, size_t(bytes), flag, 1, NVSHMEM_SIGNAL_ADD, r);
+        uint16_t* dst = at<uint16_t>(g.half, g.layout.remote_rows()) +
+                        ((int64_t(g.rank) * E_local + le) * p.max_tokens + i) * H;
+        nvshmemx_putmem_signal_nbi_warp(dst, region + row * H, size_t(H) * 2, flag, 1, NVSHMEM_SIGNAL_ADD, r);
       }
     }
     if (blockIdx.x == 0) {  // a warp per remote rank: the closing signal, with the number of rows
@@ -487,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
         int rows = 0;
         for (int le = lane; le < E_local; le += 32) rows += min(max(p.layout[le * R + r], 0), p.max_tokens);
         rows = __reduce_add_sync(0xffffffffu, rows);
-        if (lane == 0) nvshmemx_signal_op(flag, closing_signal(rows * pieces + 1), NVSHMEM_SIGNAL_ADD, r);
+        if (lane == 0) nvshmemx_signal_op(flag, closing_signal(rows + 1), NVSHMEM_SIGNAL_ADD, r);
       }
     }
   }
