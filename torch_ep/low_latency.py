@@ -165,12 +165,15 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
     """
     op = "low_latency_dispatch"
     g = _group(group)
-    _C._ll_check_dispatch_args(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, g.size())
     if round_scale and not use_fp8:
         raise ValueError(f"{op}: round_scale applies to fp8 scales only (use_fp8=False)")
     _refuse_autograd(op, x=x)
-    _require_nvshmem_and_cuda(op, x)
-    _ensure_buffers(g, x.device, num_experts, max_tokens_per_rank, x.shape[1])
+    if torch.compiler.is_compiling():
+        _ensure_buffers_when_traced(g.group_name, x.device.index, num_experts, max_tokens_per_rank, x.shape[1])
+    else:  # under torch.compile the op makes these checks itself
+        _C._ll_check_dispatch_args(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, g.size())
+        _require_nvshmem_and_cuda(op, x)
+        _ensure_buffers(g, x.device, num_experts, max_tokens_per_rank, x.shape[1])
     recv_x, scales, count, src_info, layout, send_slot, half = torch.ops.ep.low_latency_dispatch(
         x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round_scale, return_recv_hook, g.group_name)
     handle = LowLatencyHandle(g.group_name, g.size(), num_experts, max_tokens_per_rank, x.shape[0], x.shape[1],
@@ -201,19 +204,25 @@ def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
     op = "low_latency_combine"
     if not isinstance(handle, LowLatencyHandle):
         raise TypeError(f"handle: expected the LowLatencyHandle of a low_latency_dispatch, got {type(handle).__name__}")
-    g = dist.distributed_c10d._resolve_process_group(handle.group_name)
-    _check_not_inside_a_region(op, x, g.group_name)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        _check_not_inside_a_region(op, x, handle.group_name)
     n = topk_idx.shape[0] if topk_idx.dim() >= 1 else 0
     if n != handle.num_tokens:
         raise ValueError(f"{op}: topk_idx has {n} tokens but the handle's dispatch sent {handle.num_tokens}")
     if out is None:
         hidden = x.shape[-1] if x.dim() >= 1 else 0
         out = torch.empty((n, hidden), dtype=torch.bfloat16, device=x.device)
-    _C._ll_check_combine_args(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
-                              handle.max_tokens_per_rank, handle.num_experts, g.size())
     _refuse_autograd(op, x=x, topk_weights=topk_weights)
-    _require_nvshmem_and_cuda(op, x)
-    _ensure_buffers(g, x.device, handle.num_experts, handle.max_tokens_per_rank, x.shape[2])
+    if compiling:
+        _ensure_buffers_when_traced(handle.group_name, x.device.index, handle.num_experts,
+                                    handle.max_tokens_per_rank, x.shape[2])
+    else:  # under torch.compile the op makes these checks itself
+        g = dist.distributed_c10d._resolve_process_group(handle.group_name)
+        _C._ll_check_combine_args(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
+                                  handle.max_tokens_per_rank, handle.num_experts, g.size())
+        _require_nvshmem_and_cuda(op, x)
+        _ensure_buffers(g, x.device, handle.num_experts, handle.max_tokens_per_rank, x.shape[2])
     half = torch.ops.ep.low_latency_combine(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
                                             handle.max_tokens_per_rank, handle.num_experts, return_recv_hook,
                                             handle.group_name)
@@ -249,6 +258,21 @@ def low_latency_combine_buffer(handle: LowLatencyHandle) -> torch.Tensor:
     return buffer
 
 
+@torch.compiler.assume_constant_result
+def _ensure_buffers_when_traced(group_name: str, device_index: int, num_experts: int, max_tokens: int,
+                                hidden: int) -> int:
+    """_ensure_buffers, run by torch.compile as it traces a call (every rank traces its first call
+    alike, so the collective set-up stays in step), not by the compiled code: what it runs then is
+    only the op, which finds the buffers in place. The argument checks are the op's own."""
+    g = dist.distributed_c10d._resolve_process_group(group_name)
+    if not _C.has_nvshmem:
+        raise RuntimeError(f"low-latency ops: {_C._ll_no_nvshmem_message}")
+    if device_index is None:
+        raise ValueError("low-latency ops run on CUDA tensors (torch_ep.reference has the CPU references)")
+    _ensure_buffers(g, torch.device("cuda", device_index), num_experts, max_tokens, hidden)
+    return 0
+
+
 def _check_not_inside_a_region(op: str, x: torch.Tensor, group_name: str) -> None:
     start = x.data_ptr()
     for base, nbytes in _combine_regions.get(group_name, ()):
@@ -278,7 +302,15 @@ def _dispatch_fake(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round
     scales = (x.new_empty(local, rows, hidden // FP8_BLOCK, dtype=torch.float32) if use_fp8
               else x.new_empty(0, dtype=torch.float32))
     return (recv_x, scales, x.new_empty(local, dtype=torch.int32), x.new_empty(local, rows, dtype=torch.int32),
-            x.new_empty(local, r, dtype=torch.int32), x.new_empty(topk_idx.shape, dtype=torch.int32), 0)
+            x.new_empty(local, r, dtype=torch.int32), x.new_empty(topk_idx.shape, dtype=torch.int32),
+            _half_fake(send_only))
+
+
+def _half_fake(send_only: bool):
+    """The buffer half a call used: 0 or 1 by the call's parity, so data-dependent for a traced
+    graph. Only the receive hook reads it (send_only); without one it is never used, and a
+    constant keeps the op free of unbacked symbols (CUDA-graph partitions keep it inside)."""
+    return torch.library.get_ctx().new_dynamic_size() if send_only else 0
 
 
 @torch.library.register_fake("ep::low_latency_dispatch_recv")
@@ -290,7 +322,7 @@ def _dispatch_recv_fake(recv_x, recv_scales, recv_count, recv_src_info, recv_lay
 @torch.library.register_fake("ep::low_latency_combine")
 def _combine_fake(x, topk_idx, topk_weights, send_slot, layout, out, max_tokens_per_rank, num_experts, send_only,
                   group_name):
-    return 0
+    return _half_fake(send_only)
 
 
 @torch.library.register_fake("ep::low_latency_combine_recv")

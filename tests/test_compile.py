@@ -1,0 +1,194 @@
+"""torch.compile with fullgraph=True and the default backend (inductor), forward and backward:
+dispatch, combine and get_dispatch_layout (exact sizes with capture_dynamic_output_shape_ops,
+num_worst_tokens with no flag and no unbacked size), funcol.all_to_all_single_autograd on an
+"ep" group, and ExpertParallelMoE; compiled against eager, bit for bit where the arithmetic
+allows (integer-valued data through the ops; the layer's float MLP within a tolerance).
+
+The rank functions take a `device`: tests/test_cuda_compile.py runs them on CUDA, with
+mode="reduce-overhead" and the low-latency ops.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+import torch_ep
+from conftest import rank_pool
+from test_moe import _seed, make_inputs
+
+
+def _reset():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
+def inductor_recording(graphs):
+    """The default backend (inductor), keeping each dynamo graph for inspection."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+    return backend
+
+
+def unbacked_symbols(graphs):
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    found = set()
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if value is not None:
+                found |= free_unbacked_symbols(value)
+    return found
+
+
+def ops_in(graphs):
+    """The ops of the graphs, those inside the autograd.Function bodies dynamo traced included."""
+    return {str(n.target).removesuffix(".default") for gm in graphs for sub in gm.modules()
+            if hasattr(sub, "graph") for n in sub.graph.nodes}
+
+
+def _grads(tensors):
+    grads = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return grads
+
+
+# ------------------------------------------------------------------------ the ops, one graph
+
+def rank_ops(seed, mode, device="cpu"):
+    """get_dispatch_layout + dispatch(layout=) + a re-dispatch along the handle + combine with
+    weights, forward and backward, as one fullgraph inductor graph; equal to eager bit for bit.
+    mode "exact": data-dependent row counts (capture_dynamic_output_shape_ops); "worst":
+    num_worst_tokens, no flag, and no unbacked symbol in the graph."""
+    _reset()
+    num_experts, g, x, idx, w = make_inputs(seed, "random", 16, 3, 2, torch.float32, device)
+    n, size = x.shape[0], dist.get_world_size()
+    worst = 24 * size if mode == "worst" else 0  # make_inputs draws at most 23 tokens per rank
+    x2 = torch.randint(-60, 60, x.shape, generator=g).float().to(device)
+    scale = torch.randint(1, 4, (16,), generator=g).float().to(device)
+    gx = torch.randint(-4, 5, x.shape, generator=g).float().to(device)
+    gw = torch.randint(-4, 5, w.shape, generator=g).float().to(device)
+
+    def f(x, idx, w, x2):
+        layout = torch_ep.get_dispatch_layout(idx, num_experts)
+        d = torch_ep.dispatch(x * scale, idx, w, num_experts=num_experts, layout=layout, num_worst_tokens=worst)
+        again = torch_ep.dispatch(x2, handle=d.handle)
+        y = d.recv_x * 2 + again.recv_x * d.recv_topk_weights.sum(1, keepdim=True)
+        c = torch_ep.combine(y, d.handle, d.recv_topk_weights * 3)
+        return c.combined_x, c.combined_topk_weights, layout.num_tokens_per_rank, layout.is_token_in_rank
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w, x2)]
+        out = fn(leaves[0], idx, leaves[1], leaves[2])
+        ((out[0] * gx).sum() + (out[1] * gw).sum()).backward()
+        return [o.detach() for o in out] + _grads(leaves)
+
+    graphs = []
+    compiled = torch.compile(f, fullgraph=True, backend=inductor_recording(graphs))
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=(mode == "exact")):
+        got = run(compiled)
+        got_again = run(compiled)  # the cached graph, no recompilation
+    expected = run(f)
+    names = ["combined_x", "combined_topk_weights", "num_tokens_per_rank", "is_token_in_rank", "grad x", "grad w",
+             "grad x2"]
+    for name, a, b, c in zip(names, got, got_again, expected):
+        assert torch.equal(a, c), f"{mode}: {name} differs from eager"
+        assert torch.equal(b, c), f"{mode}: {name} differs from eager on the second call"
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+    assert {"ep.dispatch", "ep.combine", "ep.get_dispatch_layout"} <= ops_in(graphs)
+    if mode == "worst":
+        assert not unbacked_symbols(graphs), unbacked_symbols(graphs)
+
+
+@pytest.mark.parametrize("mode", ["exact", "worst"])
+def test_ops_fullgraph(mode):
+    rank_pool(2).run(rank_ops, _seed(), mode)
+
+
+# ------------------------------------------------------------------------ functional collectives
+
+def rank_funcol(seed, device="cpu"):
+    """funcol.all_to_all_single_autograd inside a fullgraph-compiled function (the torchtitan
+    pattern), forward and backward, equal to eager."""
+    import torch.distributed._functional_collectives as funcol
+
+    _reset()
+    rank, size = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(seed)  # the same split matrix on every rank
+    splits = torch.randint(0, 6, (size, size), generator=g)
+    send, recv = splits[rank].tolist(), splits[:, rank].tolist()
+    g.manual_seed(seed + 1 + rank)
+    x = torch.randint(-50, 50, (sum(send), 8), generator=g).float().to(device)
+    grad = torch.randint(-50, 50, (sum(recv), 8), generator=g).float().to(device)
+    group = dist.group.WORLD
+
+    def f(x):
+        out = funcol.all_to_all_single_autograd(x * 2, recv, send, group)
+        return out + 1
+
+    def run(fn):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf)
+        (out * grad).sum().backward()
+        return out.detach(), leaf.grad
+
+    got = run(torch.compile(f, fullgraph=True))
+    expected = run(f)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    # And against all_to_all_single itself.
+    direct = torch.empty(sum(recv), 8, device=device)
+    dist.all_to_all_single(direct, x * 2, recv, send)
+    assert torch.equal(got[0], direct + 1)
+
+
+def test_funcol_all_to_all_single_autograd():
+    rank_pool(2).run(rank_funcol, _seed())
+
+
+# ------------------------------------------------------------------------ the MoE layer
+
+def make_layer(seed, device, num_tokens, hidden=16, experts_per_rank=2, dtype=torch.float32):
+    from torch_ep.nn import ExpertParallelMoE
+
+    size = dist.get_world_size()
+    torch.manual_seed(seed + dist.get_rank())
+    layer = ExpertParallelMoE(hidden, 2 * hidden, experts_per_rank * size, 2, device=device, dtype=dtype,
+                              num_worst_tokens=num_tokens * size)
+    g = torch.Generator().manual_seed(seed + 31 * dist.get_rank())
+    x = torch.randn(num_tokens, hidden, generator=g).to(device, dtype)
+    grad = torch.randn(num_tokens, hidden, generator=g).to(device, dtype)
+    return layer, x, grad
+
+
+def layer_step(layer, x, grad):
+    leaf = x.clone().requires_grad_()
+    out = layer(leaf)
+    (out * grad).sum().backward()
+    params = [leaf] + list(layer.parameters())
+    return [out.detach()] + _grads(params)
+
+
+def rank_layer(seed, device="cpu"):
+    """ExpertParallelMoE with num_worst_tokens under torch.compile(fullgraph=True): one graph,
+    no unbacked symbol; output and every gradient match eager. The static path also matches the
+    exact-size path of the same layer."""
+    _reset()
+    layer, x, grad = make_layer(seed, device, num_tokens=12)
+    graphs = []
+    compiled = torch.compile(layer, fullgraph=True, backend=inductor_recording(graphs))
+    got = layer_step(compiled, x, grad)
+    expected = layer_step(layer, x, grad)
+    layer.num_worst_tokens = 0
+    exact = layer_step(layer, x, grad)
+    for i, (a, b, c) in enumerate(zip(got, expected, exact)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"tensor {i}, compiled vs eager: {m}")
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5, msg=lambda m: f"tensor {i}, static vs exact: {m}")
+    assert len(graphs) == 1 and not unbacked_symbols(graphs)
+
+
+def test_moe_layer_fullgraph():
+    rank_pool(2).run(rank_layer, _seed())
