@@ -46,8 +46,10 @@ def unbacked_symbols(graphs):
 
 def ops_in(graphs):
     """The ops of the graphs, those inside the autograd.Function bodies dynamo traced included."""
-    return {str(n.target).removesuffix(".default") for gm in graphs for sub in gm.modules()
-            if hasattr(sub, "graph") for n in sub.graph.nodes}
+    nodes = [n for gm in graphs for sub in gm.modules() if hasattr(sub, "graph") for n in sub.graph.nodes]
+    # An op that mutates an argument sits in an auto_functionalized node, as its first argument.
+    return {str(n.args[0] if "auto_functionalized" in str(n.target) else n.target).removesuffix(".default")
+            for n in nodes}
 
 
 def _grads(tensors):
@@ -192,3 +194,58 @@ def rank_layer(seed, device="cpu"):
 
 def test_moe_layer_fullgraph():
     rank_pool(2).run(rank_layer, _seed())
+
+
+# ------------------------------------------------------------------------ low-latency ops (traced only)
+
+class _Traced(Exception):
+    pass
+
+
+def rank_low_latency_traces(hook):
+    """The low-latency wrappers trace as one graph (dynamo, then AOT autograd's forward graph)
+    with fullgraph=True; here on CPU tensors and without running them (the ops need NVSHMEM and
+    CUDA: tests/test_cuda_compile.py runs them), the set-up at trace time stubbed out."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    import torch_ep.low_latency as ll
+
+    _reset()
+    size = dist.get_world_size()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def forward_compiler(fw, inputs):
+            graphs.append(fw)
+            raise _Traced()
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler)
+
+    def step(x, idx, w):
+        d = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=2 * size, use_fp8=True,
+                                          return_recv_hook=hook)
+        if hook:
+            d.hook()
+        y = d.recv_x[0].float() * d.recv_x[1].repeat_interleave(128, dim=-1)
+        c = torch_ep.low_latency_combine(y.bfloat16(), idx, w, d.handle, return_recv_hook=hook)
+        if hook:
+            c.hook()
+        return c.combined_x
+
+    setup = ll._ensure_buffers_when_traced
+    ll._ensure_buffers_when_traced = torch.compiler.assume_constant_result(lambda *args: 0)
+    try:
+        x = torch.randn(5, 256).bfloat16()
+        idx = torch.randint(0, 2 * size, (5, 3))
+        w = torch.rand(5, 3)
+        with pytest.raises(Exception, match="_Traced"):
+            torch.compile(step, fullgraph=True, backend=backend)(x, idx, w)
+    finally:
+        ll._ensure_buffers_when_traced = setup
+    assert len(graphs) == 1
+    ops = ops_in(graphs)
+    assert {"ep.low_latency_dispatch", "ep.low_latency_combine_in_graph"} <= ops, ops
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["no_hook", "hook"])
+def test_low_latency_traces(hook):
+    rank_pool(2).run(rank_low_latency_traces, hook)
