@@ -38,7 +38,7 @@ def unbacked_symbols(graphs):
     found = set()
     for gm in graphs:
         for node in gm.graph.nodes:
-            value = node.meta.get("example_value")
+            value = node.meta.get("example_value", node.meta.get("val"))
             if value is not None:
                 found |= free_unbacked_symbols(value)
     return found
@@ -241,7 +241,7 @@ def rank_low_latency_traces(hook):
             torch.compile(step, fullgraph=True, backend=backend)(x, idx, w)
     finally:
         ll._ensure_buffers_when_traced = setup
-    assert len(graphs) == 1
+    assert len(graphs) == 1 and not unbacked_symbols(graphs), unbacked_symbols(graphs)
     ops = ops_in(graphs)
     assert {"ep.low_latency_dispatch", "ep.low_latency_combine_in_graph"} <= ops, ops
 
