@@ -407,9 +407,10 @@ def measure_layer(args, device: torch.device, sync_group) -> None:
     rows = [[tokens, method, name, f"{r[method] * 1e6:.1f}", f"{eager[method] / r[method]:.2f}x"]
             for method in ("isolated", "stream") for name, r in results.items()]
     table = common.markdown_table(["tokens", "method", "layer", "us per call", "vs eager"], rows)
+    from torch._dynamo.utils import counters
     config = (f"ExpertParallelMoE hidden {args.layer_hidden}, ffn {args.layer_ffn}, {args.layer_experts} experts, "
               f"top-{args.layer_top_k}, bf16, num_worst_tokens {tokens * world_size}, inference; compiled matches "
-              f"eager within {worst:.2g} (relative)")
+              f"eager within {worst:.2g} (relative); inductor counters {dict(counters['inductor'])}")
     print(f"{config}\n{table}", flush=True)
     if args.out:
         meta = common.run_metadata(device, ranks=world_size, layer=config, runs=args.runs, warmup=args.warmup,

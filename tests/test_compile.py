@@ -186,9 +186,10 @@ def rank_layer(seed, device="cpu"):
     expected = layer_step(layer, x, grad)
     layer.num_worst_tokens = 0
     exact = layer_step(layer, x, grad)
+    tol = 1e-5 if device == "cpu" else 1e-4  # cuBLAS may split the sums differently per shape
     for i, (a, b, c) in enumerate(zip(got, expected, exact)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"tensor {i}, compiled vs eager: {m}")
-        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5, msg=lambda m: f"tensor {i}, static vs exact: {m}")
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"tensor {i}, compiled vs eager: {m}")
+        torch.testing.assert_close(b, c, rtol=tol, atol=tol, msg=lambda m: f"tensor {i}, static vs exact: {m}")
     assert len(graphs) == 1 and not unbacked_symbols(graphs)
 
 
