@@ -217,8 +217,8 @@ class _Traced(Exception):
 
 
 def rank_low_latency_traces(hook):
-    """The low-latency wrappers trace as one graph (dynamo, then AOT autograd's forward graph)
-    with fullgraph=True; here on CPU tensors and without running them (the ops need NVSHMEM and
+    """The low-latency wrappers trace as one graph (dynamo, then AOT autograd's forward graph,
+    which inductor compiles) with fullgraph=True; here on CPU tensors and without running them (the ops need NVSHMEM and
     CUDA: tests/test_cuda_compile.py runs them), the set-up at trace time stubbed out."""
     from torch._functorch.aot_autograd import aot_module_simplified
 
@@ -230,9 +230,15 @@ def rank_low_latency_traces(hook):
 
     def backend(gm, example_inputs):
         def forward_compiler(fw, inputs):
+            from torch._inductor.compile_fx import compile_fx_inner
+
             graphs.append(fw)
+            compile_fx_inner(fw, inputs)  # inductor lowers it too
             raise _Traced()
-        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler)
+        from torch._inductor.decomposition import select_decomp_table
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
+                                     decompositions=select_decomp_table())
 
     def step(x, idx, w):
         d = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=2 * size, use_fp8=True,
