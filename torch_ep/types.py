@@ -78,7 +78,7 @@ class DispatchResult:
     recv_topk_idx: Optional[torch.Tensor]    # [M, K] int64 local expert ids, -1 for other ranks' experts
     recv_topk_weights: Optional[torch.Tensor]  # [M, K] float32, 0 where recv_topk_idx is -1
     # [E_local], each padded to expert_alignment (-1 where only the device knows: a CUDA dispatch
-    # with num_worst_tokens). None: read from the handle when first asked for (see below).
+    # with num_worst_tokens). None: computed from the handle whenever read (see below).
     num_recv_tokens_per_expert: Optional[List[int]]
     handle: DispatchHandle
     work: Optional[object] = None            # set only with async_op
