@@ -105,16 +105,19 @@ def rank_ops(seed, mode, device="cpu"):
     if mode == "worst":
         assert not unbacked_symbols(graphs), unbacked_symbols(graphs)
 
-    # A compiled region may hand its result and handle back: no guard, no graph break, and the
-    # (padded) counts are read when asked for, outside the graph.
+    # A compiled region may hand its result and handle back (no guard, no graph break; the padded
+    # counts are read when asked for, outside the graph), and may read the counts itself
+    # (data-dependent ints, no guard either).
     def dispatch_only(x, idx, w):
-        return torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst, expert_alignment=4)
+        d = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst, expert_alignment=4)
+        return d, x.new_full((1,), sum(d.num_recv_tokens_per_expert))
 
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=(mode == "exact")):
-        got = torch.compile(dispatch_only, fullgraph=True)(x, idx, w)
-    expected = dispatch_only(x, idx, w)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=(mode == "exact"), capture_scalar_outputs=True):
+        got, got_total = torch.compile(dispatch_only, fullgraph=True)(x, idx, w)
+    expected, expected_total = dispatch_only(x, idx, w)
     assert torch.equal(got.recv_x, expected.recv_x) and torch.equal(got.recv_topk_idx, expected.recv_topk_idx)
     assert got.num_recv_tokens_per_expert == expected.num_recv_tokens_per_expert
+    assert torch.equal(got_total, expected_total)
     assert torch.equal(torch_ep.combine(got.recv_x, got.handle).combined_x,
                        torch_ep.combine(expected.recv_x, expected.handle).combined_x)
 

@@ -86,12 +86,16 @@ class DispatchResult:
 
 
 def _per_expert_get(self: DispatchResult) -> List[int]:
-    # Lazy, so that a dispatch traced by torch.compile makes no host list (and no guard on its
-    # data-dependent values) unless the caller asks for one.
+    # Lazy, so that a dispatch traced by torch.compile makes no host list unless the caller asks
+    # for one; then, in a compiled region, the counts are data-dependent ints.
     counts = self.__dict__.get("_num_recv_tokens_per_expert")
     if counts is None:
         a = self.expert_alignment
-        counts = [-(-n // a) * a if n >= 0 else n for n in self.handle.num_recv_tokens_per_expert]
+        counts = self.handle.num_recv_tokens_per_expert
+        if a > 1:
+            # ceil(n / a) * a, with -1 (a count only the device knows) left as is; branch-free, so
+            # that a data-dependent n needs no guard.
+            counts = [-(-n // a) * a - torch.sym_max(0, -n) for n in counts]
     return counts
 
 
