@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile|ll-profile|internode]
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile|ll-profile|internode|compile]
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
 #     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES,
 #     TORCH_EP_LL_BENCH_RANKS); internode: tests and benchmark across virtual nodes
 #     (TORCH_EP_INTERNODE_TOPOLOGIES, e.g. 2x2,2x4; TORCH_EP_INTERNODE_BENCH, e.g. 2x2), the
 #     low-latency ops with the remote path forced among them included; ll-remote: only the latter;
 #     profile: tools/moe_profile.py and tools/ll_profile.py with 2 ranks (ll-profile: the latter only;
-#     TORCH_EP_LL_PROFILE_RANKS)
+#     TORCH_EP_LL_PROFILE_RANKS); compile: the torch.compile tests (tests/test_cuda_compile.py,
+#     TORCH_EP_COMPILE_WORLD_SIZES, default 2), the demo with --compile (reduce-overhead) and the
+#     compiled-layer benchmark rows, with 2 ranks
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
@@ -140,6 +142,21 @@ if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then
     step "low-latency benchmark, $R ranks (128 tokens, hidden 7168, top-8, 256 experts)"
     run_bench "$R" 120 "ll_bench_${R}ranks.log" 8 benchmarks/low_latency.py --out "$LOGS/low_latency_${R}ranks"
   done
+fi
+
+if [ "$WHAT" = compile ]; then
+  need_nvshmem4py
+  step "GPU torch.compile tests, ${TORCH_EP_COMPILE_WORLD_SIZES:-2} ranks"
+  TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_COMPILE_WORLD_SIZES:-2} timeout 420 python3 -m pytest \
+    tests/test_cuda_compile.py -q -ra > "$LOGS/gpu_compile_tests.log" 2>&1 || STATUS=1
+  grep -v "^\[rank" "$LOGS/gpu_compile_tests.log" | tail -40 >> "$SUMMARY"
+  step "examples/moe_train.py --compile --compile-mode reduce-overhead, 2 ranks"
+  CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / ((2 + GPUS - 1) / GPUS))) timeout 180 torchrun --standalone \
+    --nproc-per-node 2 examples/moe_train.py --compile --compile-mode reduce-overhead --steps 30 \
+    > "$LOGS/moe_train_compiled.log" 2>&1 || STATUS=1
+  tail -3 "$LOGS/moe_train_compiled.log" >> "$SUMMARY"
+  step "compiled MoE layer benchmark, 2 ranks (4096 tokens per rank; reduce-overhead against eager)"
+  run_bench 2 150 "moe_layer_bench_2ranks.log" 10 benchmarks/moe.py --layer only --out "$LOGS/moe_layer_2ranks"
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = internode ] || [ "$WHAT" = ll-remote ]; then

@@ -34,6 +34,13 @@ bytes/rank is the mean over ranks. Two timing methods, each for every implementa
 same inputs (integer-valued x, so that combine's sums are exact); a mismatch aborts the run.
 
 Rank 0 prints the table and writes moe.md and moe.json to --out.
+
+--layer also|only adds (or runs only) the layer rows: torch_ep.nn.ExpertParallelMoE with
+num_worst_tokens (bf16, --layer-hidden/--layer-ffn/--layer-experts/--layer-top-k, the first
+--tokens per rank), one inference call per timed run, eager against
+torch.compile(layer, mode="reduce-overhead", fullgraph=True) (inductor's CUDA graphs; the default
+mode on the CPU). Same isolated and stream methods; time per layer call. Rank 0 writes
+moe_layer.md and moe_layer.json.
 """
 from __future__ import annotations
 
@@ -366,6 +373,55 @@ def write_results(out_dir: str, measurements: List[Measurement], meta: Dict[str,
     common.write_text(os.path.join(out_dir, "moe.md"), header + table)
 
 
+def measure_layer(args, device: torch.device, sync_group) -> None:
+    """The layer rows (--layer): ExpertParallelMoE(num_worst_tokens=) per call, eager against
+    torch.compile(mode="reduce-overhead", fullgraph=True); checked against eager first."""
+    from torch_ep.nn import ExpertParallelMoE
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    tokens = args.tokens[0]
+    torch.manual_seed(1000 + rank)
+    layer = ExpertParallelMoE(args.layer_hidden, args.layer_ffn, args.layer_experts, args.layer_top_k,
+                              dtype=torch.bfloat16, device=device, num_worst_tokens=tokens * world_size)
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    compiled = torch.compile(layer, mode=mode, fullgraph=True)
+    x = torch.randn(tokens, args.layer_hidden, dtype=torch.bfloat16, device=device)
+    results = {}
+    with torch.no_grad():
+        for _ in range(3):  # compiles, records the CUDA graphs, replays
+            got = compiled(x).clone()
+        expected = layer(x)
+        worst = ((got.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-6)).item()
+        if worst > 2e-2:
+            raise RuntimeError(f"the compiled layer differs from eager by {worst:.3g} (relative to the largest output)")
+        barrier = lambda: dist.barrier(group=sync_group)  # noqa: E731
+        for name, fn in (("eager", lambda: layer(x)), (f"compiled ({mode})", lambda: compiled(x))):
+            isolated = common.time_runs(fn, device=device, runs=args.runs, warmup=args.warmup, barrier=barrier)
+            barrier()
+            stream = common.time_stream(fn, device=device, calls=max(args.stream_calls, 2))[1:]
+            results[name] = {"isolated": common.median(common.slowest_rank(isolated, sync_group)),
+                             "stream": sum(common.slowest_rank(stream, sync_group)) / len(stream)}
+    if rank != 0:
+        return
+    eager = results["eager"]
+    rows = [[tokens, method, name, f"{r[method] * 1e6:.1f}", f"{eager[method] / r[method]:.2f}x"]
+            for method in ("isolated", "stream") for name, r in results.items()]
+    table = common.markdown_table(["tokens", "method", "layer", "us per call", "vs eager"], rows)
+    from torch._dynamo.utils import counters
+    config = (f"ExpertParallelMoE hidden {args.layer_hidden}, ffn {args.layer_ffn}, {args.layer_experts} experts, "
+              f"top-{args.layer_top_k}, bf16, num_worst_tokens {tokens * world_size}, inference; compiled matches "
+              f"eager within {worst:.2g} (relative); inductor counters {dict(counters['inductor'])}")
+    print(f"{config}\n{table}", flush=True)
+    if args.out:
+        meta = common.run_metadata(device, ranks=world_size, layer=config, runs=args.runs, warmup=args.warmup,
+                                   stream_calls=args.stream_calls)
+        common.write_json(os.path.join(args.out, "moe_layer.json"), {
+            "benchmark": "moe layer, compiled vs eager", "meta": meta,
+            "results": [{"layer": name, "tokens": tokens, **{f"{m}_us": t * 1e6 for m, t in r.items()}}
+                        for name, r in results.items()]})
+        common.write_text(os.path.join(args.out, "moe_layer.md"), f"# {config}\n\n{table}")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="folder for moe.{md,json} (default: print only)")
@@ -381,6 +437,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stream-calls", type=int, default=50,
                         help="back-to-back calls per op for the stream method (DeepEP's bench: 50); <= 1 skips it")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--layer", choices=["no", "also", "only"], default="no",
+                        help="the compiled-layer rows: also, or only them (see the module's docstring)")
+    parser.add_argument("--layer-hidden", type=int, default=2048)
+    parser.add_argument("--layer-ffn", type=int, default=1024)
+    parser.add_argument("--layer-experts", type=int, default=8)
+    parser.add_argument("--layer-top-k", type=int, default=2)
     args = parser.parse_args()
     if not 0 < args.top_k <= args.experts:
         parser.error(f"--top-k {args.top_k} must be in 1..--experts ({args.experts})")
@@ -404,12 +466,14 @@ def main() -> None:
     deepep = DeepEP(args.hidden, device, sharing, sync_group)
 
     measurements = []
-    for tokens in args.tokens:
+    if args.layer != "no":
+        measure_layer(args, device, sync_group)
+    for tokens in args.tokens if args.layer != "only" else []:
         measurements += measure_tokens(tokens, args, device, deepep, sync_group)
         if rank == 0:
             print(f"measured {tokens} tokens per rank", flush=True)
 
-    if rank == 0:
+    if rank == 0 and measurements:
         meta = common.run_metadata(
             device, ranks=world_size, impl=args.impl, hidden=args.hidden, top_k=args.top_k, experts=args.experts,
             masked_ratio=args.masked_ratio, runs=args.runs, warmup=args.warmup, stream_calls=args.stream_calls,

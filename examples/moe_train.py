@@ -1,8 +1,11 @@
 """Trains a small expert-parallel MoE model (torch_ep.nn.ExpertParallelMoE) on a synthetic task.
 
-    torchrun --nproc-per-node 4 examples/moe_train.py [--device cpu|cuda] [--steps 50]
+    torchrun --nproc-per-node 4 examples/moe_train.py [--device cpu|cuda] [--steps 50] [--compile]
 
 Model: input projection -> ExpertParallelMoE (2 experts per rank, top-2, residual) -> head.
+--compile trains through torch.compile(model, fullgraph=True) (the model is one block; the
+default backend, inductor): the MoE layer then takes num_worst_tokens, which gives it static
+shapes. --compile-mode reduce-overhead adds inductor's CUDA graphs (GPU).
 Task: regression onto a fixed random nonlinear teacher; every rank draws its own inputs. The
 dense parameters (projection, head, router) are replicated and their gradients averaged over
 the group; each rank's experts are its own. Exits non-zero unless the loss went down.
@@ -20,10 +23,10 @@ from torch_ep.nn import ExpertParallelMoE
 
 
 class Model(torch.nn.Module):
-    def __init__(self, in_dim, hidden, ffn, out_dim, num_experts, top_k, device):
+    def __init__(self, in_dim, hidden, ffn, out_dim, num_experts, top_k, device, num_worst_tokens=0):
         super().__init__()
         self.proj = torch.nn.Linear(in_dim, hidden, device=device)
-        self.moe = ExpertParallelMoE(hidden, ffn, num_experts, top_k, device=device)
+        self.moe = ExpertParallelMoE(hidden, ffn, num_experts, top_k, device=device, num_worst_tokens=num_worst_tokens)
         self.head = torch.nn.Linear(hidden, out_dim, device=device)
 
     def forward(self, x):
@@ -44,6 +47,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="tokens per rank and step")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--compile", action="store_true", help="train through torch.compile(fullgraph=True)")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead"], default="default",
+                        help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs, GPU only)")
     args = parser.parse_args()
 
     if args.device == "cuda":
@@ -60,12 +66,18 @@ def main() -> None:
     # Experts differ per rank (their own seed); the layer broadcasts its router from rank 0, and
     # the other dense parameters are broadcast here, so the replicas start equal.
     torch.manual_seed(1000 + rank)
-    model = Model(in_dim, args.hidden, 2 * args.hidden, out_dim, num_experts=2 * size, top_k=2, device=device)
+    # Compiled, the layer takes num_worst_tokens: a rank receives at most every rank's tokens.
+    model = Model(in_dim, args.hidden, 2 * args.hidden, out_dim, num_experts=2 * size, top_k=2, device=device,
+                  num_worst_tokens=args.batch * size if args.compile else 0)
     dense = dense_parameters(model)
     with torch.no_grad():
         for p in dense:
             dist.broadcast(p.data, src=0)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    forward = model
+    if args.compile:
+        forward = torch.compile(model, fullgraph=True, **({} if args.compile_mode == "default"
+                                                          else {"mode": args.compile_mode}))
 
     # The teacher is the same on every rank (seed 0); the inputs are each rank's own.
     teacher = torch.Generator().manual_seed(0)
@@ -78,7 +90,7 @@ def main() -> None:
         x = torch.randn(args.batch, in_dim, generator=data)
         y = torch.sin(x @ a) @ b
         x, y = x.to(device), y.to(device)
-        loss = F.mse_loss(model(x), y)
+        loss = F.mse_loss(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -105,7 +117,8 @@ def main() -> None:
     first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
     ok = last < 0.8 * first
     if rank == 0:
-        print(f"{size} ranks on {device.type}: loss {first:.4f} -> {last:.4f} "
+        how = f", compiled ({args.compile_mode})" if args.compile else ""
+        print(f"{size} ranks on {device.type}{how}: loss {first:.4f} -> {last:.4f} "
               f"({'loss went down' if ok else 'LOSS DID NOT GO DOWN'})", flush=True)
     dist.destroy_process_group()
     sys.exit(0 if ok else 1)

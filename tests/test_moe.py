@@ -272,6 +272,27 @@ def test_num_worst_tokens(pool):
     pool.run(rank_worst_case, _seed())
 
 
+def rank_worst_overflow(seed):
+    """More rows than num_worst_tokens: on CPU the receiving rank raises at once, naming the
+    dispatch, the rows that arrived and num_worst_tokens; torch_ep.check_errors() has nothing
+    left to report, and the group keeps working."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    x = torch.randn(5, 8) + rank
+    idx = torch.full((5, 1), 0, dtype=torch.int64)  # every token to rank 0's expert
+    if rank == 0:
+        msg = _raises(lambda: torch_ep.dispatch(x, idx, num_experts=2 * size, num_worst_tokens=2), ValueError,
+                      f"rank 0 received {5 * size} rows, more than num_worst_tokens=2")
+        assert msg.startswith("dispatch #"), msg
+    else:
+        torch_ep.dispatch(x, idx, num_experts=2 * size, num_worst_tokens=2)
+    torch_ep.check_errors()
+    rank_worst_case(seed)
+
+
+def test_num_worst_tokens_overflow(pool):
+    pool.run(rank_worst_overflow, _seed())
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _raises(fn, exc, text):

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from . import _C
 from ._backend import BACKEND_NAME, get_backend, register
+from .errors import check_errors
 from .low_latency import low_latency_combine, low_latency_combine_buffer, low_latency_dispatch
 from .moe import MoEWork, combine, dispatch, get_dispatch_layout
 from .options import Options
@@ -17,7 +18,7 @@ from .types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResul
 
 register()
 
-__all__ = ["BACKEND_NAME", "Options", "get_backend", "get_dispatch_layout", "dispatch", "combine", "MoEWork",
+__all__ = ["BACKEND_NAME", "Options", "get_backend", "check_errors", "get_dispatch_layout", "dispatch", "combine", "MoEWork",
            "DispatchLayout", "DispatchHandle", "DispatchResult", "CombineResult", "low_latency_dispatch",
            "low_latency_combine", "low_latency_combine_buffer", "LowLatencyHandle", "LowLatencyDispatchResult",
            "LowLatencyCombineResult"]

@@ -190,18 +190,24 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
     """
     op = "low_latency_dispatch"
     g = _group(group)
-    _C._ll_check_dispatch_args(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, g.size())
     if round_scale and not use_fp8:
         raise ValueError(f"{op}: round_scale applies to fp8 scales only (use_fp8=False)")
     _refuse_autograd(op, x=x)
-    _require_nvshmem_and_cuda(op, x)
-    _ensure_buffers(g, x.device, num_experts, max_tokens_per_rank, x.shape[1])
+    if torch.compiler.is_compiling():
+        _ensure_buffers_when_traced(g.group_name, x.device.index, num_experts, max_tokens_per_rank, x.shape[1])
+    else:  # under torch.compile the op makes these checks itself
+        _C._ll_check_dispatch_args(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, g.size())
+        _require_nvshmem_and_cuda(op, x)
+        _ensure_buffers(g, x.device, num_experts, max_tokens_per_rank, x.shape[1])
+    send_only = return_recv_hook and _hook_traceable("low_latency_dispatch")
     recv_x, scales, count, src_info, layout, send_slot, half = torch.ops.ep.low_latency_dispatch(
-        x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round_scale, return_recv_hook, g.group_name)
+        x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round_scale, send_only, g.group_name)
     handle = LowLatencyHandle(g.group_name, g.size(), num_experts, max_tokens_per_rank, x.shape[0], x.shape[1],
                               src_info, layout, send_slot, use_fp8)
     hook = None
-    if return_recv_hook:
+    if return_recv_hook and not send_only:
+        hook = _received
+    elif return_recv_hook:
         name, num_topk = g.group_name, topk_idx.shape[1]
 
         def hook() -> None:
@@ -226,24 +232,38 @@ def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
     op = "low_latency_combine"
     if not isinstance(handle, LowLatencyHandle):
         raise TypeError(f"handle: expected the LowLatencyHandle of a low_latency_dispatch, got {type(handle).__name__}")
-    g = dist.distributed_c10d._resolve_process_group(handle.group_name)
-    _check_not_inside_a_region(op, x, g.group_name)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        _check_not_inside_a_region(op, x, handle.group_name)
     n = topk_idx.shape[0] if topk_idx.dim() >= 1 else 0
     if n != handle.num_tokens:
         raise ValueError(f"{op}: topk_idx has {n} tokens but the handle's dispatch sent {handle.num_tokens}")
     if out is None:
         hidden = x.shape[-1] if x.dim() >= 1 else 0
         out = torch.empty((n, hidden), dtype=torch.bfloat16, device=x.device)
-    _C._ll_check_combine_args(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
-                              handle.max_tokens_per_rank, handle.num_experts, g.size())
     _refuse_autograd(op, x=x, topk_weights=topk_weights)
-    _require_nvshmem_and_cuda(op, x)
-    _ensure_buffers(g, x.device, handle.num_experts, handle.max_tokens_per_rank, x.shape[2])
-    half = torch.ops.ep.low_latency_combine(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
-                                            handle.max_tokens_per_rank, handle.num_experts, return_recv_hook,
-                                            handle.group_name)
+    if compiling:
+        _ensure_buffers_when_traced(handle.group_name, x.device.index, handle.num_experts,
+                                    handle.max_tokens_per_rank, x.shape[2])
+    else:  # under torch.compile the op makes these checks itself
+        g = dist.distributed_c10d._resolve_process_group(handle.group_name)
+        _C._ll_check_combine_args(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
+                                  handle.max_tokens_per_rank, handle.num_experts, g.size())
+        _require_nvshmem_and_cuda(op, x)
+        _ensure_buffers(g, x.device, handle.num_experts, handle.max_tokens_per_rank, x.shape[2])
+    send_only = return_recv_hook and _hook_traceable("low_latency_combine")
+    if compiling and not send_only:
+        _combine_in_graph(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
+                          handle.max_tokens_per_rank, handle.num_experts, handle.group_name)
+        half = 0
+    else:
+        half = torch.ops.ep.low_latency_combine(x, topk_idx, topk_weights, handle.send_slot, handle.layout, out,
+                                                handle.max_tokens_per_rank, handle.num_experts, send_only,
+                                                handle.group_name)
     hook = None
-    if return_recv_hook:
+    if return_recv_hook and not send_only:
+        hook = _received
+    elif return_recv_hook:
         name, num_experts, max_tokens = handle.group_name, handle.num_experts, handle.max_tokens_per_rank
         send_slot = handle.send_slot
 
@@ -272,6 +292,57 @@ def low_latency_combine_buffer(handle: LowLatencyHandle) -> torch.Tensor:
     buffer = _C._ll_combine_buffer(handle.group_name, local, handle.max_tokens_per_rank, handle.hidden, device)
     _combine_regions.setdefault(g.group_name, set()).add((buffer.data_ptr(), buffer.nbytes))
     return buffer
+
+
+def _hook_traceable(op: str) -> bool:
+    """Whether a receive hook can be split from its send here. The hook passes the buffer half the
+    send used (0 or 1 by the call's parity). Traced by torch.compile, that half is data-dependent,
+    which the op's schema allows only if it returns a SymInt; with an `int` return the traced
+    graph would keep the half of the call it traced. Then, under torch.compile, the call sends
+    and receives at once and its hook has nothing left to do (the outputs are valid on return)."""
+    return not torch.compiler.is_compiling() or _HALF_IS_SYMBOLIC[op]
+
+
+def _returns_symint(op: str) -> bool:
+    return str(getattr(torch.ops.ep, op).default._schema.returns[-1].type) == "SymInt"
+
+
+_HALF_IS_SYMBOLIC = {op: _returns_symint(op) for op in ("low_latency_dispatch", "low_latency_combine")}
+
+
+def _received() -> None:
+    """The hook of a call that already received (see _hook_traceable)."""
+
+
+@torch.library.custom_op("ep::low_latency_combine_in_graph", mutates_args=("out",))
+def _combine_in_graph(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, send_slot: torch.Tensor,
+                      layout: torch.Tensor, out: torch.Tensor, max_tokens_per_rank: int, num_experts: int,
+                      group_name: str) -> None:
+    """ep::low_latency_combine sending and receiving at once, as torch.compile traces it: dynamo
+    puts no op whose result is a bare int (the buffer half) in a graph."""
+    torch.ops.ep.low_latency_combine(x, topk_idx, topk_weights, send_slot, layout, out, max_tokens_per_rank,
+                                     num_experts, False, group_name)
+
+
+@_combine_in_graph.register_fake
+def _combine_in_graph_fake(x, topk_idx, topk_weights, send_slot, layout, out, max_tokens_per_rank, num_experts,
+                           group_name) -> None:
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _ensure_buffers_when_traced(group_name: str, device_index: int, num_experts: int, max_tokens: int,
+                                hidden: int) -> int:
+    """_ensure_buffers, run by torch.compile as it traces a call (every rank traces its first call
+    alike, so the collective set-up stays in step), not by the compiled code: what it runs then is
+    only the op, which finds the buffers in place. The argument checks are the op's own."""
+    g = dist.distributed_c10d._resolve_process_group(group_name)
+    if not _C.has_nvshmem:
+        raise RuntimeError(f"low-latency ops: {_C._ll_no_nvshmem_message}")
+    if device_index is None:
+        raise ValueError("low-latency ops run on CUDA tensors (torch_ep.reference has the CPU references)")
+    _ensure_buffers(g, torch.device("cuda", device_index), num_experts, max_tokens, hidden)
+    return 0
 
 
 def _check_not_inside_a_region(op: str, x: torch.Tensor, group_name: str) -> None:
@@ -303,7 +374,18 @@ def _dispatch_fake(x, topk_idx, max_tokens_per_rank, num_experts, use_fp8, round
     scales = (x.new_empty(local, rows, hidden // FP8_BLOCK, dtype=torch.float32) if use_fp8
               else x.new_empty(0, dtype=torch.float32))
     return (recv_x, scales, x.new_empty(local, dtype=torch.int32), x.new_empty(local, rows, dtype=torch.int32),
-            x.new_empty(local, r, dtype=torch.int32), x.new_empty(topk_idx.shape, dtype=torch.int32), 0)
+            x.new_empty(local, r, dtype=torch.int32), x.new_empty(topk_idx.shape, dtype=torch.int32),
+            _half_fake("low_latency_dispatch", send_only))
+
+
+def _half_fake(op: str, send_only: bool):
+    """The buffer half a call used: 0 or 1 by the call's parity, so data-dependent for a traced
+    graph. Only the receive hook reads it (send_only); without one it is never used, and a
+    constant keeps the op free of unbacked symbols (CUDA-graph partitions keep it inside). An op
+    whose schema returns an `int` cannot return a data-dependent one (see _hook_traceable)."""
+    if send_only and _HALF_IS_SYMBOLIC[op]:
+        return torch.library.get_ctx().new_dynamic_size()
+    return 0
 
 
 @torch.library.register_fake("ep::low_latency_dispatch_recv")
@@ -315,7 +397,7 @@ def _dispatch_recv_fake(recv_x, recv_scales, recv_count, recv_src_info, recv_lay
 @torch.library.register_fake("ep::low_latency_combine")
 def _combine_fake(x, topk_idx, topk_weights, send_slot, layout, out, max_tokens_per_rank, num_experts, send_only,
                   group_name):
-    return 0
+    return _half_fake("low_latency_combine", send_only)
 
 
 @torch.library.register_fake("ep::low_latency_combine_recv")

@@ -35,10 +35,6 @@ def _split_payload(x: Payload) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     return x, None
 
 
-def _aligned(counts, alignment: int):
-    return [-(-n // alignment) * alignment if n >= 0 else n for n in counts]
-
-
 # ------------------------------------------------------------------------------- async_op
 
 class MoEWork:
@@ -226,8 +222,7 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
         recv_x=(recv_x, recv_scales) if x_scales is not None else recv_x,
         recv_topk_idx=recv_idx if topk_idx is not None else None,
         recv_topk_weights=recv_w if topk_weights is not None else None,
-        num_recv_tokens_per_expert=_aligned(handle.num_recv_tokens_per_expert, expert_alignment),
-        handle=handle, work=work)
+        num_recv_tokens_per_expert=None, handle=handle, work=work, expert_alignment=expert_alignment)
 
 
 def combine(x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None, *, group=None,

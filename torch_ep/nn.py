@@ -30,11 +30,19 @@ class ExpertParallelMoE(torch.nn.Module):
     sum the contributions of every rank's tokens; do not all-reduce them (divide them by the
     group size if each rank's loss is a mean over its own tokens and the dense gradients are
     averaged, so that both match the gradient of the mean over ranks).
+
+    `num_worst_tokens` > 0 gives the dispatch fixed-size outputs (that many rows; a rank can
+    receive at most tokens-per-rank x group size) and runs every local expert on every received
+    row, weighted by the row's gate for it (0 for rows routed elsewhere and for padding): no
+    data-dependent shape and no host synchronisation anywhere in the layer, so that
+    `torch.compile(layer, fullgraph=True)` traces it as one graph and mode="reduce-overhead"
+    replays it as CUDA graphs, at num_local_experts times the expert FLOPs of the default
+    (exact-size) path.
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, group=None,
                  expert_alignment: int = 1, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None, activation: str = "swiglu"):
+                 device: Optional[torch.device] = None, activation: str = "swiglu", num_worst_tokens: int = 0):
         super().__init__()
         self.group = group or dist.group.WORLD
         if self.group is None:
@@ -44,6 +52,8 @@ class ExpertParallelMoE(torch.nn.Module):
             raise ValueError(f"num_experts={num_experts} must be divisible by the group size {size}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if num_worst_tokens < 0:
+            raise ValueError(f"num_worst_tokens must be >= 0, got {num_worst_tokens}")
         if activation not in ("swiglu", "gelu"):
             raise ValueError(f"activation must be 'swiglu' or 'gelu', got {activation!r}")
         self.hidden, self.ffn_hidden = hidden, ffn_hidden
@@ -51,6 +61,7 @@ class ExpertParallelMoE(torch.nn.Module):
         self.num_local_experts = num_experts // size
         self.expert_offset = dist.get_rank(self.group) * self.num_local_experts
         self.expert_alignment, self.activation = expert_alignment, activation
+        self.num_worst_tokens = num_worst_tokens
 
         factory = {"dtype": dtype, "device": device}
         self.router = torch.nn.Linear(hidden, num_experts, bias=False, **factory)
@@ -93,9 +104,12 @@ class ExpertParallelMoE(torch.nn.Module):
         x = x.reshape(-1, self.hidden).contiguous()
         topk_idx, topk_weights = self.gate(x)
         d = dispatch(x, topk_idx, topk_weights, num_experts=self.num_experts, group=self.group,
-                     expert_alignment=self.expert_alignment)
-        y = self._run_experts(d.recv_x, d.recv_topk_idx, d.recv_topk_weights,
-                              d.handle.num_recv_tokens_per_expert)
+                     expert_alignment=self.expert_alignment, num_worst_tokens=self.num_worst_tokens)
+        if self.num_worst_tokens:
+            y = self._run_experts_static(d.recv_x, d.recv_topk_idx, d.recv_topk_weights)
+        else:
+            y = self._run_experts(d.recv_x, d.recv_topk_idx, d.recv_topk_weights,
+                                  d.handle.num_recv_tokens_per_expert)
         # The rows are already weighted: combine's unweighted sum is the MoE output.
         return combine(y, d.handle, group=self.group).combined_x.reshape(shape)
 
@@ -122,10 +136,26 @@ class ExpertParallelMoE(torch.nn.Module):
         y = torch.zeros(recv_x.shape[0], self.hidden, dtype=torch.float32, device=recv_x.device)
         return y.index_add(0, pair_row, weighted).to(recv_x.dtype)
 
+    def _run_experts_static(self, recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch.Tensor) -> torch.Tensor:
+        """_run_experts with fixed shapes: every local expert on every row, weighted by its gate
+        (recv_idx is -1 in every slot of a padding row, so padding weighs 0)."""
+        local = torch.arange(self.num_local_experts, device=recv_idx.device)
+        hit = recv_idx.unsqueeze(0) == local.view(-1, 1, 1)  # [E_local, M, K]
+        gate_w = (recv_w.unsqueeze(0) * hit).sum(-1)  # [E_local, M]
+        # Padding rows hold whatever the buffer held: zero them, or a NaN there would reach the
+        # expert gradients through 0 * NaN.
+        real = (recv_idx >= 0).any(-1, keepdim=True)
+        x = torch.where(real, recv_x.to(self.w1.dtype), 0).unsqueeze(0)  # [1, M, H]
+        h = x @ self.w1  # [E_local, M, F]
+        h = F.silu(h) * (x @ self.w3) if self.w3 is not None else F.gelu(h)
+        out = (h @ self.w2).float() * gate_w.unsqueeze(-1)  # [E_local, M, H]
+        return out.sum(0).to(recv_x.dtype)
+
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, "
                 f"local_experts=[{self.expert_offset}, {self.expert_offset + self.num_local_experts}), "
-                f"top_k={self.top_k}, activation={self.activation}")
+                f"top_k={self.top_k}, activation={self.activation}"
+                + (f", num_worst_tokens={self.num_worst_tokens}" if self.num_worst_tokens else ""))
 
 
 def _uniform(shape, bound: float, factory) -> torch.Tensor:

@@ -77,9 +77,33 @@ class DispatchResult:
     recv_x: Payload                          # [M, H] (or the fp8 pair), by source rank then token order
     recv_topk_idx: Optional[torch.Tensor]    # [M, K] int64 local expert ids, -1 for other ranks' experts
     recv_topk_weights: Optional[torch.Tensor]  # [M, K] float32, 0 where recv_topk_idx is -1
-    num_recv_tokens_per_expert: List[int]    # [E_local], each padded to expert_alignment
+    # [E_local], each padded to expert_alignment (-1 where only the device knows: a CUDA dispatch
+    # with num_worst_tokens). None: computed from the handle whenever read (see below).
+    num_recv_tokens_per_expert: Optional[List[int]]
     handle: DispatchHandle
     work: Optional[object] = None            # set only with async_op
+    expert_alignment: int = 1
+
+
+def _per_expert_get(self: DispatchResult) -> List[int]:
+    # Lazy, so that a dispatch traced by torch.compile makes no host list unless the caller asks
+    # for one; then, in a compiled region, the counts are data-dependent ints.
+    counts = self.__dict__.get("_num_recv_tokens_per_expert")
+    if counts is None:
+        a = self.expert_alignment
+        counts = self.handle.num_recv_tokens_per_expert
+        if a > 1:
+            # ceil(n / a) * a, with -1 (a count only the device knows) left as is; branch-free, so
+            # that a data-dependent n needs no guard.
+            counts = [-(-n // a) * a - torch.sym_max(0, -n) for n in counts]
+    return counts
+
+
+def _per_expert_set(self: DispatchResult, counts: Optional[List[int]]) -> None:
+    self.__dict__["_num_recv_tokens_per_expert"] = counts
+
+
+DispatchResult.num_recv_tokens_per_expert = property(_per_expert_get, _per_expert_set)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 // user sees says where and why; the process group maps them onto torch.distributed errors.
 #pragma once
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -21,5 +22,10 @@ class TimeoutError : public CommError {
 };
 
 std::string errno_string(int err);
+
+// The error of a dispatch whose rank received more rows than num_worst_tokens, CPU and CUDA
+// alike; `dropped`: the call returned with the rows that fit (CUDA, where only the kernel saw it).
+std::string dispatch_overflow_message(int64_t call_id, int64_t rank, int64_t received, int64_t num_worst_tokens,
+                                      bool dropped);
 
 }  // namespace ep

@@ -198,7 +198,14 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
   }
   __syncthreads();
   const int64_t received = first_row[R];
-  if (received > p.capacity && blockIdx.x == 0 && threadIdx.x == 0) atomicExch(p.error, kErrorOverflow);
+  if (received > p.capacity && blockIdx.x == 0 && threadIdx.x == 0 &&
+      atomicCAS(&p.overflow->state, 0, 1) == 0) {  // the first overflow since the host took the last one
+    p.overflow->call_id = p.call_id;
+    p.overflow->received = received;
+    p.overflow->capacity = p.capacity;
+    __threadfence_system();
+    atomicExch(&p.overflow->state, 2);
+  }
   const int64_t rows = received < p.capacity ? received : p.capacity;
   const int64_t per_rank = p.num_experts / R, lo = p.rank * per_rank, hi = lo + per_rank;
 
@@ -281,6 +288,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     if (lane < R) {
       const int pos = mine[l.token_pos() + t * R + lane];
       if (pos >= 0) row = first_row_at[lane] + int64_t(pos);
+      if (row >= p.x_rows[lane]) row = -1;  // dropped by an overflowing dispatch
       rows[lane] = row;
     }
     __syncwarp();

@@ -59,6 +59,16 @@ struct Handshake {
 };
 
 // ---- dispatch: pull the rows every source rank sends to this rank
+// A dispatch whose rank received more rows than its outputs hold (num_worst_tokens), as its
+// kernel reports it in host-mapped memory. The first one is kept until the host takes it
+// (state 2 -> 0); later ones are not recorded meanwhile.
+struct DispatchOverflow {
+  int64_t call_id;   // the dispatch's number; a CUDA-graph replay reports the captured call's
+  int64_t received;  // rows that arrived for this rank
+  int64_t capacity;  // rows the outputs hold (num_worst_tokens); the rows past it were dropped
+  int32_t state;     // 0 free, 1 being written, 2 written
+  int32_t pad;
+};
 struct DispatchSource {
   const char* x;              // [N_src, H] payload rows
   const float* x_scales;      // [N_src, num_scales], or null
@@ -81,10 +91,10 @@ struct DispatchParams {
   float* recv_topk_weights;
   int64_t capacity;          // rows of the outputs; rows past those received are padding
   int num_blocks;            // the SM budget
-  int* error;                // host-mapped: kErrorOverflow when more rows arrive than `capacity`
+  int64_t call_id;           // for the overflow report
+  DispatchOverflow* overflow;  // host-mapped: where more rows arriving than `capacity` is reported
   Handshake handshake;
 };
-constexpr int kErrorOverflow = -1;
 cudaError_t launch_dispatch(const DispatchParams& params, cudaStream_t stream);
 
 // ---- combine: for each token, sum the rows the ranks it went to send back
@@ -97,6 +107,9 @@ struct CombineParams {
   const int32_t* meta[kMaxRanksPerNode];        // each rank's routing table (this rank's: token_pos)
   const char* x[kMaxRanksPerNode];              // each rank's combine input [M_r, H]
   const float* topk_weights[kMaxRanksPerNode];  // each rank's [M_r, K], or null
+  // Rows of each rank's x: a row past them was dropped by an overflowing dispatch
+  // (num_worst_tokens too small) and counts as not sent, instead of being read out of bounds.
+  int64_t x_rows[kMaxRanksPerNode];
   int64_t hidden;
   DType dtype;
   int num_topk;

@@ -183,7 +183,7 @@ DispatchOutputs dispatch_cpu(ProcessGroupEP& group, const DispatchArgs& a) {
   const int64_t row_bytes = packed.size(1);
   const Tensor rows = exchange_rows(group, packed, row_bytes, send, counts.recv, M, op);
 
-  DispatchOutputs o = unpack_dispatch_rows(rows, a, cached, rank, op);
+  DispatchOutputs o = unpack_dispatch_rows(rows, a, cached, rank, counts.call_id);
   // A dispatch along a handle gives no new handle: the caller keeps the one it passed.
   o.meta = cached || a.layout_meta ? at::empty({0}, at::kInt) : meta;  // the caller keeps the table it gave
   o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();

@@ -193,7 +193,7 @@ DispatchOutputs dispatch_hierarchical(ProcessGroupEP& group, const DispatchArgs&
   }
 
   // 5. Outputs, as the intranode route gives them.
-  DispatchOutputs o = unpack_dispatch_rows(rows, a, cached, rank, op);
+  DispatchOutputs o = unpack_dispatch_rows(rows, a, cached, rank, counts.call_id);
   o.meta = cached || a.layout_meta ? at::empty({0}, meta.options()) : meta;
   if (cached) {
     o.counts = at::empty({0}, at::kLong);

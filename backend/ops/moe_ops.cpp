@@ -6,6 +6,7 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include "backend/kernels/moe_meta.hpp"
 #include "backend/ops/moe_protocol.hpp"
@@ -250,15 +251,28 @@ CombineOutputs combine_cuda(ProcessGroupEP&, const CombineArgs&) {
 }
 #endif
 
+// dispatch and combine exchange records on the host at every call and keep the handle's counts
+// in a CPU tensor: inductor's CUDA graphs (mode="reduce-overhead") must run them outside the
+// graph, between its partitions, rather than capture one call's host work (the tag says so). A
+// dispatch with num_worst_tokens can still be captured whole with torch.cuda.graph.
+const std::vector<at::Tag>& host_synced_op_tags() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  static const std::vector<at::Tag> tags{at::Tag::cudagraph_unsafe};
+#else
+  static const std::vector<at::Tag> tags;
+#endif
+  return tags;
+}
+
 TORCH_LIBRARY(ep, m) {
   m.def("get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> "
         "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank, Tensor meta)");
   m.def("dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, Tensor? handle_meta, "
         "Tensor? handle_counts, int num_experts, int num_worst_tokens, str group_name, Tensor? layout_meta=None, Tensor? layout_header=None) -> "
         "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, Tensor meta, "
-        "Tensor counts)");
+        "Tensor counts)", host_synced_op_tags());
   m.def("combine(Tensor x, Tensor? topk_weights, Tensor handle_meta, Tensor handle_counts, int num_experts, "
-        "str group_name) -> (Tensor combined_x, Tensor combined_topk_weights)");
+        "str group_name) -> (Tensor combined_x, Tensor combined_topk_weights)", host_synced_op_tags());
 }
 
 TORCH_LIBRARY_IMPL(ep, CPU, m) {

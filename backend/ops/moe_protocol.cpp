@@ -124,6 +124,7 @@ std::vector<Record> combine_records(const CombineArgs& a, int64_t num_ranks) {
                                                      a.x.size(1), int64_t(a.x.scalar_type()), 0, false,
                                                      a.topk_weights.has_value()));
   for (int64_t p = 0; p < num_ranks; ++p) {
+    records[p].num_tokens = a.x.size(0);
     records[p].rows = h.recv[p];
     records[p].rows_back = h.send[p];
   }

@@ -34,7 +34,7 @@ struct Record {
   uint64_t call_id;      // dispatch: the group's dispatch count; combine: the handle's dispatch
   uint64_t handle_id;    // dispatch along a handle: the dispatch that made it; else 0
   int64_t num_experts;
-  int64_t num_tokens;    // dispatch: my N (peers' kernels read my routing table)
+  int64_t num_tokens;    // dispatch: my N (peers' kernels read my routing table); combine: my x's rows
   int64_t hidden;
   int64_t dtype;         // c10::ScalarType of x
   int64_t num_topk;      // 0 when topk_idx is not sent (a dispatch with a handle, or combine)

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include "backend/common/errors.hpp"
 #include "backend/ops/moe_ops.hpp"
 
 namespace ep::moe {
@@ -28,7 +29,7 @@ inline at::Tensor unpack(const at::Tensor& rows, int64_t& at, int64_t width, at:
 // outputs on x's device, padded to num_worst_tokens where asked: real rows first, then padding
 // that routes nowhere. Leaves meta and counts to the caller.
 inline DispatchOutputs unpack_dispatch_rows(const at::Tensor& rows, const DispatchArgs& a, bool cached, int64_t rank,
-                                            const char* op) {
+                                            int64_t call_id) {
   const int64_t M = rows.size(0), H = a.x.size(1), K = cached ? 0 : a.topk_idx->size(1);
   const at::TensorOptions opts = a.x.options();
   DispatchOutputs o;
@@ -38,8 +39,8 @@ inline DispatchOutputs unpack_dispatch_rows(const at::Tensor& rows, const Dispat
   o.recv_topk_idx = cached ? at::empty({0}, opts.dtype(at::kLong)) : unpack(rows, at, K, at::kLong);
   o.recv_topk_weights = a.topk_weights ? unpack(rows, at, K, at::kFloat) : at::empty({0}, opts.dtype(at::kFloat));
   if (a.num_worst_tokens > 0) {
-    TORCH_CHECK_VALUE(M <= a.num_worst_tokens, op, ": rank ", rank, " received ", M,
-                      " rows, more than num_worst_tokens=", a.num_worst_tokens);
+    TORCH_CHECK_VALUE(M <= a.num_worst_tokens, dispatch_overflow_message(call_id, rank, M, a.num_worst_tokens,
+                                                                         /*dropped=*/false));
     auto pad = [&](const at::Tensor& t, double value) {
       if (t.dim() < 2) return t;
       at::Tensor out = at::full({a.num_worst_tokens, t.size(1)}, value, t.options());

@@ -124,6 +124,8 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device&, 
 }
 
 void ProcessGroupEP::abort_cuda(const std::string&) {}
+
+void ProcessGroupEP::check_errors() { check_usable("check_errors"); }
 #endif
 
 void CallGate::close(const std::string& why, bool overrule) {

@@ -103,6 +103,10 @@ class ProcessGroupEP : public c10d::Backend {
   // meet (all_to_all runs on the comm stream, MoE ops on the caller's). Created by the first
   // CUDA dispatch (collective); throws where CUDA IPC cannot reach every rank.
   std::shared_ptr<CudaTransport> moe_transport(const at::Device& device, const char* op_name);
+  // What the device reported since the last call (torch_ep.check_errors): raises DistBackendError
+  // when the group takes no more calls, ValueError naming a CUDA dispatch that received more
+  // rows than num_worst_tokens (and forgets it: the group stays usable).
+  void check_errors();
 
   // --- ours ---
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,

@@ -66,7 +66,9 @@ void register_process_group(py::module_& m) {
       .def_property_readonly("host_one_copy", &ProcessGroupEP::host_one_copy,
                               "True when large CPU messages move by one process_vm_readv copy")
       .def_property_readonly("cuda_path", &ProcessGroupEP::cuda_path,
-                              "'cuda' or 'delegated' once the first CUDA all_to_all has chosen, else ''");
+                              "'cuda' or 'delegated' once the first CUDA all_to_all has chosen, else ''")
+      .def("check_errors", &ProcessGroupEP::check_errors, py::call_guard<py::gil_scoped_release>(),
+           "Raises what the group's CUDA dispatch/combine kernels reported (torch_ep.check_errors)");
 
   // The argument checks alone, for tests of their messages on inputs no group would accept.
   m.def("_check_all_to_all_single",

@@ -148,6 +148,18 @@ std::vector<int> peers_of(int rank, int size) {
   return peers;
 }
 
+// A dispatch kernel that received more rows than num_worst_tokens reported it; the host raises
+// it through the next call's records, so that every rank raises together and the group goes on
+// (the kernel dropped the rows past the outputs and completed its handshake; combines skip rows
+// past their peers' inputs). This is the first host step after such a kernel where this rank
+// waits (the sizes of a dispatch without num_worst_tokens) or the next call after it finished;
+// torch_ep.check_errors() asks at any time.
+void reject_if_overflowed(CudaTransport& transport, std::vector<Record>& mine) {
+  const std::string why = transport.take_dispatch_overflow();
+  if (why.empty()) return;
+  for (Record& r : mine) set_rejected(r, why);
+}
+
 std::shared_ptr<CudaTransport> transport_for(ProcessGroupEP& group, const at::Device& device, const char* op) {
   TORCH_CHECK_VALUE(group.getSize() <= kernels::kMaxRanksPerNode, op, ": CUDA dispatch/combine support groups of up to ",
                     kernels::kMaxRanksPerNode, " ranks, this one has ", group.getSize());
@@ -224,6 +236,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     phase.next("ep::dispatch/records");
     const uint64_t call_id = group.next_dispatch_id();
     std::vector<Record> mine = dispatch_records(a, R, call_id, header.defined() ? header.data_ptr<int32_t>() : nullptr);
+    reject_if_overflowed(*transport, mine);
     phase.next("ep::dispatch/export");
     share(*transport, {ptr_of(a.x), ptr_of(a.x_scales), ptr_of(a.topk_idx), ptr_of(a.topk_weights), ptr_of(meta)},
           mine);
@@ -268,7 +281,8 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.recv_topk_weights = a.topk_weights ? o.recv_topk_weights.data_ptr<float>() : nullptr;
     p.capacity = capacity;
     p.num_blocks = num_blocks(group, device);
-    p.error = transport->kernel_error();
+    p.call_id = int64_t(call_id);
+    p.overflow = transport->dispatch_overflow();
 
     p.handshake = handshake(*transport, /*with_ready=*/!host_waits);
 
@@ -300,6 +314,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
   try {
     phase.next("ep::combine/records");
     std::vector<Record> mine = combine_records(a, R);
+    reject_if_overflowed(*transport, mine);
     phase.next("ep::combine/export");
     share(*transport, {ptr_of(a.x), ptr_of(a.topk_weights), ptr_of(a.handle_meta)}, mine);
     phase.next("ep::combine/exchange");
@@ -321,6 +336,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
       p.x[d] = peer_ptr(*transport, d, theirs[d], 0, ptr_of(a.x));
       p.topk_weights[d] = reinterpret_cast<const float*>(peer_ptr(*transport, d, theirs[d], 1, ptr_of(a.topk_weights)));
       p.meta[d] = reinterpret_cast<const int32_t*>(peer_ptr(*transport, d, theirs[d], 2, ptr_of(a.handle_meta)));
+      p.x_rows[d] = d == rank ? a.x.size(0) : theirs[d].num_tokens;
     }
     p.hidden = H;
     p.dtype = a.x.scalar_type() == at::kBFloat16 ? kernels::DType::kBFloat16

@@ -17,6 +17,18 @@ void ProcessGroupEP::refuse_calls_when_failed(CudaTransport& transport) {
   transport.on_failure([gate = gate_](const std::string& why) { gate->close("its CUDA transport failed: " + why); });
 }
 
+void ProcessGroupEP::check_errors() {
+  check_usable("check_errors");
+  std::shared_ptr<CudaTransport> moe;
+  {
+    std::lock_guard<std::mutex> lock(cuda_mutex_);
+    moe = moe_transport_;
+  }
+  if (!moe) return;
+  const std::string overflow = moe->take_dispatch_overflow();
+  TORCH_CHECK_VALUE(overflow.empty(), overflow);
+}
+
 void ProcessGroupEP::abort_cuda(const std::string& why) {
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   if (cuda_transport_) cuda_transport_->abort(why);

@@ -6,7 +6,6 @@
 #include <cstring>
 
 #include "backend/kernels/all_to_all.cuh"
-#include "backend/kernels/moe.cuh"  // kErrorOverflow
 #include "backend/transport/cuda/cuda_check.hpp"
 
 namespace ep {
@@ -100,6 +99,9 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&kernel_error_host_), sizeof(int), cudaHostAllocMapped));
   *kernel_error_host_ = 0;
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&kernel_error_device_), kernel_error_host_, 0));
+  EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&overflow_host_), sizeof(*overflow_host_), cudaHostAllocMapped));
+  std::memset(overflow_host_, 0, sizeof(*overflow_host_));
+  EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&overflow_device_), overflow_host_, 0));
   rdv.barrier(tag + "/ready");  // no peer writes our flags before they are initialised
   watchdog_ = std::thread([this] { watch(); });
 }
@@ -120,6 +122,16 @@ CudaTransport::~CudaTransport() {
     cudaStreamDestroy(watchdog_stream_);
   }
   if (kernel_error_host_) cudaFreeHost(kernel_error_host_);
+  if (overflow_host_) cudaFreeHost(overflow_host_);
+}
+
+std::string CudaTransport::take_dispatch_overflow() {
+  volatile kernels::DispatchOverflow* o = overflow_host_;
+  if (!o || o->state != 2) return "";
+  std::atomic_thread_fence(std::memory_order_acquire);
+  const int64_t call_id = o->call_id, received = o->received, capacity = o->capacity;
+  o->state = 0;
+  return dispatch_overflow_message(call_id, rank_, received, capacity, /*dropped=*/true);
 }
 
 std::string CudaTransport::error() const {
@@ -436,9 +448,6 @@ void CudaTransport::watch() {
       const int waited_for = *static_cast<volatile int*>(kernel_error_host_);
       if (state != cudaSuccess)
         error = op.op + ": CUDA error " + cudaGetErrorString(state);
-      else if (waited_for == kernels::kErrorOverflow)
-        error = op.op + ": rank " + std::to_string(rank_) +
-                " received more rows than num_worst_tokens allows; the rows past it were dropped";
       else if (waited_for)  // a kernel's bounded wait expired and it gave up
         error = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
                 std::to_string(timeout_.count()) + " ms waiting for peer rank(s) " + std::to_string(waited_for - 1) +

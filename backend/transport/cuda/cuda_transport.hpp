@@ -39,6 +39,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "backend/kernels/moe.cuh"  // DispatchOverflow
 #include "backend/transport/cuda/peer_buffers.hpp"
 #include "backend/transport/host/host_transport.hpp"  // SendBuffer, RecvBuffer
 #include "backend/transport/rendezvous.hpp"
@@ -93,6 +94,11 @@ class CudaTransport {
   // done on it, and the last one resets it.
   uint32_t* grid_counter() const;
   int* kernel_error() const { return kernel_error_device_; }
+  // Where dispatch kernels report receiving more rows than num_worst_tokens (device pointer).
+  kernels::DispatchOverflow* dispatch_overflow() const { return overflow_device_; }
+  // The overflow a finished dispatch kernel reported, as the error to raise, and clears it; ""
+  // when none did. Bad input, not a transport failure: the transport stays healthy.
+  std::string take_dispatch_overflow();
   std::chrono::milliseconds timeout() const { return timeout_; }
   // Lets the watchdog bound what was just queued on `stream` (a no-op while capturing a graph).
   void track(const char* op_name, cudaStream_t stream, std::vector<int> peers);
@@ -136,6 +142,8 @@ class CudaTransport {
   cudaStream_t watchdog_stream_ = nullptr;
   int* kernel_error_host_ = nullptr;  // pinned, mapped: 1 + the peer a kernel's wait timed out on
   int* kernel_error_device_ = nullptr;
+  kernels::DispatchOverflow* overflow_host_ = nullptr;  // pinned, mapped
+  kernels::DispatchOverflow* overflow_device_ = nullptr;
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;
