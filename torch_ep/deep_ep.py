@@ -1,0 +1,689 @@
+"""DeepEP v1's Python API (`Buffer`, `Config`, `EventOverlap`, `topk_idx_t`) on torch_ep.
+
+Code written for DeepEP's legacy `Buffer` switches with one import::
+
+    from torch_ep import deep_ep          # instead of: import deep_ep
+    buffer = deep_ep.Buffer(group, num_nvl_bytes)
+    per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx, topk_weights=topk_weights)
+    combined_x, combined_topk_weights, event = buffer.combine(expert_out, handle, recv_topk_weights)
+
+Every call is one call of torch_ep's own ops (torch_ep.get_dispatch_layout / dispatch / combine /
+low_latency_dispatch / low_latency_combine / low_latency_combine_buffer) on an "ep" group over
+the ranks of `group`: `group` itself when its backend is "ep", else one group made once per
+set of ranks (`dist.new_group(ranks, backend="ep")`, over a subgroup with
+use_local_synchronization, so that only its ranks take part, as in DeepEP) and reused by later
+Buffers over the same ranks: an NCCL group, a Gloo group or the default group all work. Groups that
+span nodes take torch_ep's hierarchical route with the same calls. CPU tensors run on torch_ep's
+shared-memory transport, so DeepEP-API code can be tested without a GPU (the low-latency calls
+excepted: they need CUDA and NVSHMEM, as torch_ep's own).
+
+Streams and events, as DeepEP's: the high-throughput calls (and the low-latency ones with
+async_finish) run on the Buffer's communication stream (`get_comm_stream()`), after
+`previous_event` or, without one, after the current stream's work. Without async_finish the
+current stream then waits for them; with it they return an EventOverlap whose
+`current_stream_wait()` (or the `with` form's exit) makes the current stream wait. Outputs are
+recorded on the current stream unless allocate_on_comm_stream. On CPU tensors every call has
+finished when it returns: an event is one that has already happened (current_stream_wait() does
+nothing), and a `previous_event` holding a CUDA event is waited for on the host first.
+
+Handles are DeepEP's tuples (same length, so callers that unpack them keep working) that also
+carry torch_ep's handle in an attribute, `handle.native`; a tuple not made here is refused.
+- Intranode dispatch: (rank_prefix_matrix, None, None, None, is_token_in_rank, None).
+  rank_prefix_matrix [R, R] int32: entry [i][j] = rows rank j receives from ranks 0..i. It costs
+  one small all-gather of the send counts per dispatch (on the host; on the device, by
+  all_to_all_single, for a CUDA dispatch with num_worst_tokens). torch_ep has no channels and
+  keeps no recv_src_idx, so elements 1-3 and 5 are None.
+- Across nodes: DeepEP's 10-tuple with is_token_in_rank at 0 and recv_gbl_rank_prefix_sum ([R]
+  int32, rows received from ranks 0..i) at 6, None elsewhere.
+- Low latency: (recv_src_info, recv_layout_range, num_max_dispatch_tokens_per_rank, hidden,
+  num_experts). recv_src_info [E_local, R*max] int32: each received row's token index at its
+  source rank. recv_layout_range [E_local, R] int64: (begin << 32) | count for the rows of each
+  source rank. See "Differences" for where those rows are.
+
+Differences from DeepEP (each one raises naming the argument where a caller could rely on it):
+- `comm` (an mpi4py communicator) without `group`: ValueError; torch_ep runs on torch.distributed.
+- `enable_shrink=True` and the mask-buffer methods: ValueError; torch_ep cannot mask ranks.
+- `allow_nvlink_for_low_latency_mode=False` with low_latency_mode: ValueError; torch_ep's
+  low-latency path runs over NVLink P2P (or a shared GPU) only, it has no RDMA-only mode.
+- Low-latency calls on a Buffer made without low_latency_mode: ValueError, as DeepEP asserts.
+- `dispatch` without `topk_idx` (DeepEP can route by is_token_in_rank alone): ValueError;
+  torch_ep routes by topk_idx. num_tokens_per_rank / num_tokens_per_expert / is_token_in_rank
+  must still be given (DeepEP's rule) and checked for shape; the routing comes from topk_idx.
+- `dispatch_wait_recv_cost_stats`, `combine_wait_recv_cost_stats`, `use_logfmt=True`: ValueError.
+- `zero_copy=True` with an `x` that is not the tensor get_next_low_latency_combine_buffer
+  returned: ValueError (DeepEP would silently send the buffer's stale content).
+- `get_local_buffer_tensor`: NotImplementedError; torch_ep exposes no raw buffer.
+- Low-latency receive layout: expert e's rows from rank r sit at [e, r*max : r*max + count],
+  not packed from row 0 in arrival order; recv_layout_range gives each (begin, count) in
+  DeepEP's encoding, but code that reads rows [0, recv_count[e]) as the valid ones (a masked
+  grouped GEMM with masked_m=recv_count) must read the ranges instead.
+- fp8 scales of low_latency_dispatch are float32 [E_local, R*max, H/128] row-major (DeepEP's
+  are column-major in the last two dimensions; the values are the same). With use_ue8m0 they
+  are packed to int32 [E_local, R*max, ceil(H/512)], column-major as DeepEP's.
+- `bias` of combine is added after the sum was rounded to x's dtype (DeepEP adds it before):
+  results can differ by one rounding.
+Accepted with no effect (nothing to tune or size here, results unchanged): num_nvl_bytes,
+num_rdma_bytes, num_qps_per_rank, allow_mnnvl, Config's chunk sizes, `config` arguments, and
+clean_low_latency_buffer (torch_ep's buffers need no cleaning). Buffer.set_num_sms applies to
+the "ep" groups made after it (Options.num_sms); a group that already was "ep" keeps its own.
+torch_ep can do more than DeepEP in places, and does: num_worst_tokens across nodes, x in fp16
+or fp32, any number of ranks in get_dispatch_config.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from ._backend import BACKEND_NAME, get_backend
+from .low_latency import low_latency_combine_buffer, low_latency_combine as _ll_combine
+from .low_latency import low_latency_dispatch as _ll_dispatch
+from .moe import combine as _combine, dispatch as _dispatch, get_dispatch_layout as _get_dispatch_layout
+from .options import Options
+from .types import DispatchHandle, DispatchLayout, LowLatencyHandle
+
+__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "topk_idx_t"]
+
+# The integer type of top-k expert ids (DeepEP builds it as int64 by default; torch_ep always is).
+topk_idx_t = torch.int64
+
+_FP8_BLOCK = 128
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class Config:
+    """DeepEP's performance config. torch_ep's kernels have no channels or chunks to tune: the
+    values are checked as DeepEP checks them and kept, and the size hints are estimates for
+    callers that size a Buffer with them (torch_ep sizes its own buffers)."""
+
+    def __init__(self, num_sms: int = 20, num_max_nvl_chunked_send_tokens: int = 6,
+                 num_max_nvl_chunked_recv_tokens: int = 256, num_max_rdma_chunked_send_tokens: int = 6,
+                 num_max_rdma_chunked_recv_tokens: int = 256) -> None:
+        self.num_sms = _positive_int("num_sms", num_sms, 0)
+        self.num_max_nvl_chunked_send_tokens = _positive_int("num_max_nvl_chunked_send_tokens",
+                                                             num_max_nvl_chunked_send_tokens)
+        self.num_max_nvl_chunked_recv_tokens = _positive_int("num_max_nvl_chunked_recv_tokens",
+                                                             num_max_nvl_chunked_recv_tokens)
+        self.num_max_rdma_chunked_send_tokens = _positive_int("num_max_rdma_chunked_send_tokens",
+                                                              num_max_rdma_chunked_send_tokens)
+        self.num_max_rdma_chunked_recv_tokens = _positive_int("num_max_rdma_chunked_recv_tokens",
+                                                              num_max_rdma_chunked_recv_tokens)
+        if num_max_nvl_chunked_send_tokens >= num_max_nvl_chunked_recv_tokens:
+            raise ValueError("num_max_nvl_chunked_send_tokens must be below num_max_nvl_chunked_recv_tokens")
+        if num_max_rdma_chunked_send_tokens >= num_max_rdma_chunked_recv_tokens:
+            raise ValueError("num_max_rdma_chunked_send_tokens must be below num_max_rdma_chunked_recv_tokens")
+
+    def _hint(self, hidden_bytes: int, num_ranks: int, chunk_tokens: int) -> int:
+        channels = max(self.num_sms // 2, 1)
+        per_token = hidden_bytes + 128 * (8 + 4 + 4)  # row, top-k ids, weights and scales at their largest
+        return -(-channels * num_ranks * chunk_tokens * per_token // 128) * 128
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        return self._hint(hidden_bytes, min(num_ranks, 8), self.num_max_nvl_chunked_recv_tokens)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        return 0 if num_ranks <= 8 else self._hint(hidden_bytes, num_ranks // 8, self.num_max_rdma_chunked_recv_tokens)
+
+    def __repr__(self) -> str:
+        return (f"Config(num_sms={self.num_sms}, nvl={self.num_max_nvl_chunked_send_tokens}/"
+                f"{self.num_max_nvl_chunked_recv_tokens}, rdma={self.num_max_rdma_chunked_send_tokens}/"
+                f"{self.num_max_rdma_chunked_recv_tokens})")
+
+
+class EventHandle:
+    """A point on a stream: a CUDA event recorded there (on the current stream by default), or,
+    for CPU work and where CUDA is absent, a point already passed."""
+
+    def __init__(self, stream: Optional[torch.cuda.Stream] = None) -> None:
+        self.event = None
+        if stream is not None or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            self.event = torch.cuda.Event()
+            self.event.record(stream if stream is not None else torch.cuda.current_stream())
+
+    def current_stream_wait(self) -> None:
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+    def _stream_wait(self, stream) -> None:
+        if self.event is not None:
+            stream.wait_event(self.event)
+
+    def _host_wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class EventOverlap:
+    """DeepEP's event wrapper: `current_stream_wait()` makes the current stream wait for the
+    event; `with event: ...` runs the block's work first and waits on exit. `extra_tensors` keep
+    the call's tensors alive until the event is dropped (DeepEP's CUDA-graph-safe record_stream)."""
+
+    def __init__(self, event: Optional[EventHandle] = None,
+                 extra_tensors: Optional[Tuple[torch.Tensor, ...]] = None) -> None:
+        self.event = event
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self) -> None:
+        if self.event is None:
+            raise RuntimeError("current_stream_wait: this EventOverlap holds no event (the call was made "
+                               "without async_finish, so the current stream already waits for it)")
+        self.event.current_stream_wait()
+
+    def __enter__(self) -> "EventOverlap":
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+        if self.event is not None:
+            self.event.current_stream_wait()
+
+
+class _Handle(tuple):
+    """A DeepEP handle tuple; `native` is the torch_ep handle behind it."""
+
+    def __new__(cls, items: Sequence, native):
+        handle = super().__new__(cls, items)
+        handle.native = native
+        return handle
+
+
+def _native(handle, kind, what: str = "handle"):
+    native = getattr(handle, "native", None)
+    if not isinstance(native, kind):
+        raise TypeError(f"{what}: expected the handle a torch_ep.deep_ep Buffer returned from "
+                        f"{'low_latency_dispatch' if kind is LowLatencyHandle else 'dispatch'}, got "
+                        f"{type(handle).__name__}")
+    return native
+
+
+def _tensors(*values) -> List[torch.Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out += _tensors(*v)
+    return out
+
+
+class Buffer:
+    """DeepEP's communication buffer, on torch_ep. See the module's docstring for what differs.
+
+    Attributes: rank, group_size, group (the caller's), num_nvl_bytes, num_rdma_bytes,
+    low_latency_mode, explicitly_destroy, runtime (the ProcessGroupEP; None once destroyed),
+    ep_group (the "ep" group the calls run on)."""
+
+    num_sms: int = 20
+    _num_sms_set: bool = False
+
+    def __init__(self, group: Optional[dist.ProcessGroup], num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 explicitly_destroy: bool = False, enable_shrink: bool = False, comm=None) -> None:
+        if group is None:
+            raise ValueError("comm: torch_ep.deep_ep runs on torch.distributed process groups; pass `group` "
+                             "(mpi4py communicators are not supported)" if comm is not None else
+                             "group: a torch.distributed process group is required")
+        _positive_int("num_nvl_bytes", num_nvl_bytes, 0)
+        _positive_int("num_rdma_bytes", num_rdma_bytes, 0)
+        if low_latency_mode:
+            _positive_int("num_qps_per_rank", num_qps_per_rank)
+            if not allow_nvlink_for_low_latency_mode:
+                raise ValueError("allow_nvlink_for_low_latency_mode=False: torch_ep's low-latency ops run over "
+                                 "NVLink P2P (or a shared GPU) only; there is no RDMA-only mode")
+        if enable_shrink:
+            raise ValueError("enable_shrink=True: torch_ep cannot mask ranks out of a group")
+        self.group, self.rank, self.group_size = group, group.rank(), group.size()
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode, self.explicitly_destroy, self.enable_shrink = low_latency_mode, explicitly_destroy, False
+        self.ep_group = group if dist.get_backend(group) == BACKEND_NAME else _ep_group_over(group)
+        self.runtime = get_backend(self.ep_group)
+        self._num_nodes, self._ranks_per_node = self.runtime.num_nodes, self.runtime.ranks_per_node
+        self._comm_streams: dict = {}
+        self._layout: Optional[DispatchLayout] = None  # the last get_dispatch_layout's, for dispatch(layout=)
+        self._zero_copy_buffers: dict = {}            # data_ptr -> the combine buffers handed out
+
+    # ------------------------------------------------------------------ lifetime and settings
+
+    def destroy(self) -> None:
+        """Releases the Buffer; later calls raise. An "ep" group made for it stays for later
+        Buffers over the same ranks (released with the default group)."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy: the Buffer was made without explicitly_destroy=True")
+        self.runtime, self._layout = None, None
+        self._zero_copy_buffers.clear()
+
+    def _check_alive(self, op: str) -> None:
+        if self.runtime is None:
+            raise RuntimeError(f"{op}: this Buffer was destroyed")
+
+    def _require_low_latency(self, op: str) -> None:
+        self._check_alive(op)
+        if not self.low_latency_mode:
+            raise ValueError(f"{op}: low_latency_mode: the Buffer was made with low_latency_mode=False")
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return bool(_C.has_cuda)
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """The SMs the high-throughput kernels of "ep" groups made after this may use."""
+        _positive_int("new_num_sms", new_num_sms)
+        if new_num_sms % 2:
+            raise ValueError(f"new_num_sms must be even, got {new_num_sms}")
+        Buffer.num_sms, Buffer._num_sms_set = new_num_sms, True
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event on the current stream (one already passed where CUDA is not in use)."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes of symmetric memory torch_ep's low-latency ops take for these sizes."""
+        _positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+        _positive_int("hidden", hidden)
+        _positive_int("num_ranks", num_ranks)
+        if _positive_int("num_experts", num_experts) % num_ranks:
+            raise ValueError(f"num_experts={num_experts} must be divisible by num_ranks={num_ranks}")
+        return int(_C._ll_buffer_bytes(num_ranks, num_experts // num_ranks, num_max_dispatch_tokens_per_rank, hidden))
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        _positive_int("num_ranks", num_ranks)
+        return Config(Buffer.num_sms, 6, 256, 6, 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        _positive_int("num_ranks", num_ranks)
+        return Config(Buffer.num_sms, 6, 256, 6, 128)
+
+    def get_comm_stream(self) -> torch.cuda.Stream:
+        """The stream this Buffer's calls run on, for the current CUDA device."""
+        self._check_alive("get_comm_stream")
+        if not torch.cuda.is_available():
+            raise RuntimeError("get_comm_stream: CUDA is not available; on CPU tensors the calls run on the "
+                               "calling thread and have finished when they return")
+        return self._comm_stream(torch.device("cuda", torch.cuda.current_device()))
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        raise NotImplementedError("get_local_buffer_tensor: torch_ep exposes no raw communication buffer")
+
+    def _comm_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._comm_streams.get(device.index)
+        if stream is None:
+            stream = self._comm_streams[device.index] = torch.cuda.Stream(device)
+        return stream
+
+    # ------------------------------------------------------------------ streams
+
+    def _launch(self, device: torch.device, fn: Callable, inputs: Sequence, previous_event, async_finish: bool,
+                allocate_on_comm_stream: bool, on_comm_stream: bool = True):
+        """Runs fn() -> (result, outputs) with DeepEP's stream semantics; returns (result, EventOverlap)."""
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True (as DeepEP)")
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event: expected an EventOverlap, got {type(previous_event).__name__}")
+        if device.type != "cuda":
+            if previous_event is not None and previous_event.event is not None:
+                previous_event.event._host_wait()
+            result, _ = fn()
+            return result, EventOverlap(_done_event()) if async_finish else EventOverlap()
+        compute = torch.cuda.current_stream(device)
+        if not on_comm_stream:  # the low-latency ops without async_finish: on the current stream
+            result, _ = fn()
+            return result, EventOverlap()
+        comm = self._comm_stream(device)
+        if previous_event is not None and previous_event.event is not None:
+            previous_event.event._stream_wait(comm)
+        else:
+            comm.wait_stream(compute)
+        with torch.cuda.stream(comm):
+            result, outputs = fn()
+        outputs = _tensors(outputs)
+        if not allocate_on_comm_stream:
+            for t in outputs:
+                if t.is_cuda:
+                    t.record_stream(compute)
+        if not async_finish:
+            compute.wait_stream(comm)
+            return result, EventOverlap()
+        inputs = [t for t in _tensors(inputs) if t.is_cuda]
+        for t in inputs:
+            t.record_stream(comm)
+        return result, EventOverlap(EventHandle(comm), tuple(inputs + outputs))
+
+    # ------------------------------------------------------------------ high throughput
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False):
+        """(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [nodes] int32 or None on one node,
+        num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool, EventOverlap)."""
+        self._check_alive("get_dispatch_layout")
+
+        def run():
+            layout = _get_dispatch_layout(topk_idx, num_experts, group=self.ep_group)
+            per_node = None
+            if self._num_nodes > 1:
+                n = layout.is_token_in_rank.shape[0]
+                per_node = layout.is_token_in_rank.view(n, self._num_nodes, self._ranks_per_node).any(2).sum(
+                    0, dtype=torch.int32)
+            return (layout, per_node), [layout.num_tokens_per_rank, layout.num_tokens_per_expert,
+                                        layout.is_token_in_rank, layout.meta, per_node]
+
+        (layout, per_node), event = self._launch(topk_idx.device, run, [topk_idx], previous_event, async_finish,
+                                                 allocate_on_comm_stream)
+        self._layout = layout
+        return layout.num_tokens_per_rank, per_node, layout.num_tokens_per_expert, layout.is_token_in_rank, event
+
+    def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[Tuple] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None, num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None, num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Sends each token to the ranks owning its experts. Returns (recv_x, recv_topk_idx,
+        recv_topk_weights, num_recv_tokens_per_expert_list, handle, EventOverlap); with `handle`
+        (a cached route) the middle four are None. recv_x is [M, H] (or the fp8 pair), rows by
+        source rank then source token order; recv_topk_idx holds local expert ids, -1 elsewhere.
+        num_worst_tokens > 0: M = num_worst_tokens and the list is empty (DeepEP's contract)."""
+        self._check_alive("dispatch")
+        _check_config(config)
+        _positive_int("num_worst_tokens", num_worst_tokens, 0)
+        x_data = x[0] if isinstance(x, (tuple, list)) else x
+        if not isinstance(x_data, torch.Tensor):
+            raise TypeError(f"x: expected a tensor or the fp8 pair (x, scales), got {type(x).__name__}")
+        group = self.ep_group
+        if handle is not None:
+            native = _native(handle, DispatchHandle)
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("topk_idx/topk_weights: a dispatch with a cached handle sends none (DeepEP's rule)")
+            if num_worst_tokens not in (0, native.num_worst_tokens):
+                raise ValueError(f"num_worst_tokens={num_worst_tokens}: the handle's dispatch had "
+                                 f"{native.num_worst_tokens}; a cached dispatch keeps its route's sizes")
+
+            def run_cached():
+                d = _dispatch(x, handle=native, expert_alignment=expert_alignment, group=group)
+                return d.recv_x, d.recv_x
+
+            recv_x, event = self._launch(x_data.device, run_cached, [x], previous_event, async_finish,
+                                         allocate_on_comm_stream)
+            return recv_x, None, None, None, None, event
+
+        missing = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
+                                            ("is_token_in_rank", is_token_in_rank),
+                                            ("num_tokens_per_expert", num_tokens_per_expert)) if value is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: dispatch without a handle needs the layout "
+                             f"(Buffer.get_dispatch_layout gives it)")
+        if topk_idx is None:
+            raise ValueError("topk_idx: torch_ep routes tokens by their top-k expert ids; dispatch needs topk_idx "
+                             "(is_token_in_rank alone is not supported)")
+        num_experts = num_tokens_per_expert.numel()
+        n = topk_idx.shape[0] if topk_idx.dim() >= 1 else -1
+        if num_tokens_per_rank.numel() != self.group_size:
+            raise ValueError(f"num_tokens_per_rank must have {self.group_size} entries (one per rank), got "
+                             f"{num_tokens_per_rank.numel()}")
+        if tuple(is_token_in_rank.shape) != (n, self.group_size):
+            raise ValueError(f"is_token_in_rank must have shape [{n}, {self.group_size}] (tokens, ranks), got "
+                             f"{list(is_token_in_rank.shape)}")
+        layout = self._layout if (self._layout is not None and self._layout.is_token_in_rank is is_token_in_rank) \
+            else None
+
+        def run():
+            d = _dispatch(x, topk_idx, topk_weights, num_experts=num_experts, group=group, layout=layout,
+                          expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
+            made = self._make_handle(d.handle, is_token_in_rank, x_data.device)
+            return (d, made), [d.recv_x, d.recv_topk_idx, d.recv_topk_weights, list(made)]
+
+        (d, made), event = self._launch(x_data.device, run, [x, topk_idx, topk_weights], previous_event, async_finish,
+                                        allocate_on_comm_stream)
+        per_expert = [] if num_worst_tokens > 0 else d.num_recv_tokens_per_expert
+        return d.recv_x, d.recv_topk_idx, d.recv_topk_weights, per_expert, made, event
+
+    def _make_handle(self, native: DispatchHandle, is_token_in_rank: torch.Tensor, device: torch.device) -> _Handle:
+        r = self.group_size
+        recv = native.counts[2 + r:2 + 2 * r]
+        if native.internode:
+            prefix = None
+            if bool((recv >= 0).all()):
+                prefix = recv.cumsum(0).to(torch.int32).to(device)
+            return _Handle((is_token_in_rank, None, None, None, None, None, prefix, None, None, None), native)
+        return _Handle((self._rank_prefix_matrix(native, device), None, None, None, is_token_in_rank, None), native)
+
+    def _rank_prefix_matrix(self, native: DispatchHandle, device: torch.device) -> torch.Tensor:
+        """[R, R] int32, [i][j] = rows rank j receives from ranks 0..i: every rank's send counts,
+        gathered, summed down the sources."""
+        r = self.group_size
+        send = native.counts[2:2 + r]
+        if bool((send >= 0).all()):  # known on the host: gather there
+            gathered = torch.empty(r * r, dtype=torch.int64)
+            dist.all_gather_into_tensor(gathered, send.contiguous(), group=self.ep_group)
+            matrix = gathered.view(r, r).cumsum(0).to(torch.int32)
+            if device.type == "cuda":
+                return matrix.pin_memory().to(device, non_blocking=True)
+            return matrix
+        # A CUDA dispatch with num_worst_tokens: the counts are on the device only (the routing
+        # table's first R entries); gather them there, with no host synchronisation.
+        send_dev = native.meta[:r].to(torch.int32)
+        gathered = torch.empty(r * r, dtype=torch.int32, device=send_dev.device)
+        dist.all_to_all_single(gathered, send_dev.repeat(r), group=self.ep_group)
+        return gathered.view(r, r).cumsum(0, dtype=torch.int32)
+
+    def combine(self, x: torch.Tensor, handle: Tuple, topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
+                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """The reverse of the handle's dispatch: per token, the unweighted sum of the rows sent back
+        (plus `bias`: one or two [N, H] tensors). Returns (combined_x [N, H],
+        combined_topk_weights [N, K] or None, EventOverlap)."""
+        self._check_alive("combine")
+        _check_config(config)
+        native = _native(handle, DispatchHandle)
+        biases = _unpack_bias(bias, native.num_tokens, x)
+
+        def run():
+            c = _combine(x, native, topk_weights, group=self.ep_group)
+            out = c.combined_x
+            if biases:
+                total = out.float()
+                for b in biases:
+                    total = total + b.float()
+                out = total.to(out.dtype)
+            return (out, c.combined_topk_weights), [out, c.combined_topk_weights]
+
+        (out, weights), event = self._launch(x.device, run, [x, topk_weights, biases], previous_event, async_finish,
+                                             allocate_on_comm_stream)
+        return out, weights, event
+
+    # ------------------------------------------------------------------ low latency
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Nothing to clean: torch_ep's low-latency buffers never need it. Checks the arguments."""
+        self._require_low_latency("clean_low_latency_buffer")
+        _positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+        _positive_int("hidden", hidden)
+        if _positive_int("num_experts", num_experts) % self.group_size:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the group size {self.group_size}")
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """Returns (recv_x, recv_count [E_local] int32, handle, EventOverlap, hook). recv_x:
+        [E_local, R*max, H] bf16, or the fp8 pair (scales float32 [E_local, R*max, H/128], or with
+        use_ue8m0 packed int32 [E_local, R*max, ceil(H/512)]). Expert e's rows from rank r are
+        [e, r*max : r*max + count] (handle[1] holds each (begin, count)). With return_recv_hook
+        the call only sends; the outputs, the handle's tensors and the stats are valid once the
+        hook has run."""
+        op = "low_latency_dispatch"
+        self._require_low_latency(op)
+        if dispatch_wait_recv_cost_stats is not None:
+            raise ValueError("dispatch_wait_recv_cost_stats: torch_ep does not time the receive")
+        if use_ue8m0 and not (use_fp8 and round_scale):
+            raise ValueError("use_ue8m0=True needs use_fp8=True and round_scale=True")
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set (as DeepEP)")
+        size, local = self.group_size, num_experts // max(self.group_size, 1)
+        stats = cumulative_local_expert_recv_stats
+        if stats is not None:
+            if not isinstance(stats, torch.Tensor) or stats.dtype != torch.int32:
+                raise TypeError("cumulative_local_expert_recv_stats must be an int32 tensor")
+            if tuple(stats.shape) != (local,) or stats.device != x.device:
+                raise ValueError(f"cumulative_local_expert_recv_stats must have shape [{local}] (local experts) on "
+                                 f"{x.device}, got {list(stats.shape)} on {stats.device}")
+        max_tokens = num_max_dispatch_tokens_per_rank
+
+        def run():
+            d = _ll_dispatch(x, topk_idx, max_tokens_per_rank=max_tokens, num_experts=num_experts, use_fp8=use_fp8,
+                             round_scale=round_scale, return_recv_hook=return_recv_hook, group=self.ep_group)
+            native, k = d.handle, topk_idx.shape[1]
+            src_info = torch.empty_like(native.src_info)
+            layout_range = torch.empty(native.layout.shape, dtype=torch.int64, device=x.device)
+            begin = (torch.arange(size, dtype=torch.int64, device=x.device) * max_tokens) << 32
+            recv_x, packed = d.recv_x, None
+            if use_ue8m0:
+                scales = d.recv_x[1]
+                width = -(-scales.shape[2] // 4)
+                packed = torch.empty(local, width, size * max_tokens, dtype=torch.int32,
+                                     device=x.device).transpose(1, 2)
+                recv_x = (d.recv_x[0], packed)
+
+            def finish() -> None:
+                torch.div(native.src_info, k, rounding_mode="floor", out=src_info)
+                torch.bitwise_or(begin, native.layout.long(), out=layout_range)
+                if stats is not None:
+                    stats.add_(d.recv_count)
+                if packed is not None:
+                    packed.copy_(_pack_ue8m0(d.recv_x[1]))
+
+            hook = None
+            if return_recv_hook:
+                def hook() -> None:
+                    d.hook()
+                    finish()
+            else:
+                finish()
+            made = _Handle((src_info, layout_range, max_tokens, x.shape[1], num_experts), native)
+            return (recv_x, d.recv_count, made, hook), [recv_x, d.recv_count, src_info, layout_range]
+
+        (recv_x, count, made, hook), event = self._launch(
+            x.device, run, [x, topk_idx, stats], None, async_finish, False, on_comm_stream=async_finish)
+        return recv_x, count, made, event, hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+        """Sends each expert output row back and sums per token with the weights. Returns
+        (combined_x [N, H] bf16, EventOverlap, hook); with return_recv_hook combined_x is valid
+        once the hook has run."""
+        op = "low_latency_combine"
+        self._require_low_latency(op)
+        native = _native(handle, LowLatencyHandle)
+        if use_logfmt:
+            raise ValueError("use_logfmt=True: torch_ep's low-latency combine sends bf16 only")
+        if combine_wait_recv_cost_stats is not None:
+            raise ValueError("combine_wait_recv_cost_stats: torch_ep does not time the receive")
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set (as DeepEP)")
+        if zero_copy and (not isinstance(x, torch.Tensor) or x.data_ptr() not in self._zero_copy_buffers):
+            raise ValueError("zero_copy=True: x must be the tensor get_next_low_latency_combine_buffer returned "
+                             "(write the expert outputs into it)")
+
+        def run():
+            c = _ll_combine(x, topk_idx, topk_weights, native, return_recv_hook=return_recv_hook, out=out)
+            return (c.combined_x, c.hook), [c.combined_x]
+
+        (combined, hook), event = self._launch(x.device, run, [x, topk_idx, topk_weights], None, async_finish, False,
+                                               on_comm_stream=async_finish)
+        return combined, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
+        """The [E_local, R*max, H] bf16 tensor to write expert outputs into for a zero-copy
+        low_latency_combine (call it for each combine)."""
+        self._require_low_latency("get_next_low_latency_combine_buffer")
+        buffer = low_latency_combine_buffer(_native(handle, LowLatencyHandle))
+        self._zero_copy_buffers[buffer.data_ptr()] = buffer
+        return buffer
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        raise ValueError("enable_shrink: torch_ep cannot mask ranks (low_latency_update_mask_buffer)")
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        raise ValueError("enable_shrink: torch_ep cannot mask ranks (low_latency_query_mask_buffer)")
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        raise ValueError("enable_shrink: torch_ep cannot mask ranks (low_latency_clean_mask_buffer)")
+
+
+# "ep" groups made for Buffers over other groups, by (ranks, SM budget): a later Buffer over the
+# same ranks reuses its group. Kept until the default group is destroyed: destroying and making
+# again a group of the same ranks with use_local_synchronization would reuse its store prefix.
+_ep_groups: dict = {}
+
+
+def _ep_group_over(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    ranks = tuple(dist.get_process_group_ranks(group))
+    key = (ranks, Buffer.num_sms if Buffer._num_sms_set else None)
+    made = _ep_groups.get(key)
+    if made is not None and made in dist.distributed_c10d._world.pg_map:
+        return made
+    options = Options(num_sms=Buffer.num_sms) if Buffer._num_sms_set else None
+    # Over the whole world every rank makes the Buffer: a plain new_group. Over a subgroup only its
+    # ranks do (DeepEP's Buffer is made by the group's ranks alone): local synchronisation.
+    whole = len(ranks) == dist.get_world_size()
+    made = _ep_groups[key] = dist.new_group(list(ranks), backend=BACKEND_NAME, pg_options=options,
+                                            use_local_synchronization=not whole)
+    return made
+
+
+def _done_event() -> EventHandle:
+    event = EventHandle.__new__(EventHandle)
+    event.event = None
+    return event
+
+
+def _check_config(config) -> None:
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config: expected a torch_ep.deep_ep.Config, got {type(config).__name__}")
+
+
+def _unpack_bias(bias, num_tokens: int, x) -> List[torch.Tensor]:
+    if bias is None:
+        return []
+    biases = list(bias) if isinstance(bias, (tuple, list)) else [bias]
+    if not 1 <= len(biases) <= 2:
+        raise ValueError(f"bias: expected a tensor or a pair of tensors, got {len(biases)}")
+    hidden = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() >= 1 else -1
+    for b in biases:
+        if not isinstance(b, torch.Tensor) or not b.dtype.is_floating_point:
+            raise TypeError(f"bias must be floating-point tensors, got {getattr(b, 'dtype', type(b).__name__)}")
+        if tuple(b.shape) != (num_tokens, hidden) or b.device != x.device:
+            raise ValueError(f"bias must have shape [{num_tokens}, {hidden}] (the dispatched tokens, hidden) on "
+                             f"{x.device}, got {list(b.shape)} on {b.device}")
+    return biases
+
+
+def _pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
+    """float32 power-of-two scales [..., S] -> their exponent bytes, four to an int32 [..., ceil(S/4)]."""
+    exponents = ((scales.contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    pad = -exponents.shape[-1] % 4
+    if pad:
+        exponents = torch.nn.functional.pad(exponents, (0, pad))
+    return exponents.view(torch.int32)
