@@ -297,7 +297,7 @@ def test_static_surface():
         pass
     # UE8M0: each power-of-two scale's exponent byte, four to an int32.
     scales = torch.tensor([[[2.0 ** -3, 1.0, 2.0 ** 5, 0.5, 4.0]]])
-    packed = deep_ep._pack_ue8m0(scales)
+    packed = deep_ep.utils._pack_ue8m0(scales)
     assert packed.shape == (1, 1, 2) and packed.dtype == torch.int32
     assert packed.view(torch.uint8).flatten().tolist() == [124, 127, 132, 126, 129, 0, 0, 0]
 
