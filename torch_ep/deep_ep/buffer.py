@@ -17,6 +17,10 @@ from ..types import DispatchHandle, DispatchLayout, LowLatencyHandle
 from .utils import (Config, EventHandle, EventOverlap, _check_config, _done_event, _Handle, _native, _pack_ue8m0,
                     _positive_int, _tensors, _unpack_bias)
 
+# torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns there).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class Buffer:
     """DeepEP's communication buffer, on torch_ep. See the module's docstring for what differs.
 
@@ -274,7 +278,7 @@ class Buffer:
         send = native.counts[2:2 + r]
         if bool((send >= 0).all()):  # known on the host: gather there
             gathered = torch.empty(r * r, dtype=torch.int64)
-            dist.all_gather_into_tensor(gathered, send.contiguous(), group=self.ep_group)
+            _all_gather(gathered, send.contiguous(), group=self.ep_group)
             matrix = gathered.view(r, r).cumsum(0).to(torch.int32)
             if device.type == "cuda":
                 return matrix.pin_memory().to(device, non_blocking=True)
