@@ -225,13 +225,14 @@ def main() -> None:
         loss = F.mse_loss(model(x), torch.tanh(x @ a))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        dist.all_reduce(model.router.weight.grad, op=dist.ReduceOp.AVG)  # replicated: the mean
+        dist.all_reduce(model.router.weight.grad)  # replicated: the mean over ranks (SUM: Gloo has no AVG
+        model.router.weight.grad.div_(size)        # in every torch)
         for p in model.experts.parameters():
             p.grad.div_(size)  # already a sum over every rank's tokens
         opt.step()
         global_loss = loss.detach().clone()
-        dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
-        losses.append(global_loss.item())
+        dist.all_reduce(global_loss)
+        losses.append(global_loss.item() / size)
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {losses[-1]:.4f}", flush=True)
     window = max(1, min(5, args.steps // 4))
