@@ -75,14 +75,15 @@ def test_comm_stream_and_previous_event(cuda_pool):
 
 
 def rank_graph(seed):
-    """DeepEP-API dispatch + combine with num_worst_tokens captured in one CUDA graph, replayed on new data."""
+    """DeepEP-API layout, dispatch and combine with num_worst_tokens captured in one CUDA graph,
+    replayed on new data."""
     buffer = deep_ep.Buffer(dist.group.WORLD)
     num_experts, g, x, idx, w = moe_checks.make_inputs(seed, "random", 64, 4, 2, torch.bfloat16, "cuda")
     worst = 24 * dist.get_world_size()
     static_x = x.clone()
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
 
-    def step():
+    def step():  # layout, dispatch and combine, all captured (as DeepEP's callers capture them)
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
         recv_x, _, _, _, handle, _ = buffer.dispatch(static_x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                                      num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
                                                      num_worst_tokens=worst)

@@ -33,8 +33,9 @@ Handles are DeepEP's tuples (same length, so callers that unpack them keep worki
 carry torch_ep's handle in an attribute, `handle.native`; a tuple not made here is refused.
 - Intranode dispatch: (rank_prefix_matrix, None, None, None, is_token_in_rank, None).
   rank_prefix_matrix [R, R] int32: entry [i][j] = rows rank j receives from ranks 0..i. It costs
-  one small all-gather of the send counts per dispatch (on the host; on the device, by
-  all_to_all_single, for a CUDA dispatch with num_worst_tokens). torch_ep has no channels and
+  one small exchange of the send counts per dispatch (an all_to_all_single of R*R counts on the
+  "ep" group: CPU tensors on the shared-memory transport; on the device, with no host
+  synchronisation, for a CUDA dispatch with num_worst_tokens). torch_ep has no channels and
   keeps no recv_src_idx, so elements 1-3 and 5 are None.
 - Across nodes: DeepEP's 10-tuple with is_token_in_rank at 0 and recv_gbl_rank_prefix_sum ([R]
   int32, rows received from ranks 0..i) at 6, None elsewhere.

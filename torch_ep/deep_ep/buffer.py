@@ -17,10 +17,6 @@ from ..types import DispatchHandle, DispatchLayout, LowLatencyHandle
 from .utils import (Config, EventHandle, EventOverlap, _check_config, _done_event, _Handle, _native, _pack_ue8m0,
                     _positive_int, _tensors, _unpack_bias)
 
-# torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns there).
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
 class Buffer:
     """DeepEP's communication buffer, on torch_ep. See the module's docstring for what differs.
 
@@ -273,22 +269,21 @@ class Buffer:
 
     def _rank_prefix_matrix(self, native: DispatchHandle, device: torch.device) -> torch.Tensor:
         """[R, R] int32, [i][j] = rows rank j receives from ranks 0..i: every rank's send counts,
-        gathered, summed down the sources."""
+        gathered (all_to_all_single of the counts to every rank, on torch_ep's own transport),
+        summed down the sources."""
         r = self.group_size
         send = native.counts[2:2 + r]
-        if bool((send >= 0).all()):  # known on the host: gather there
-            gathered = torch.empty(r * r, dtype=torch.int64)
-            _all_gather(gathered, send.contiguous(), group=self.ep_group)
-            matrix = gathered.view(r, r).cumsum(0).to(torch.int32)
-            if device.type == "cuda":
-                return matrix.pin_memory().to(device, non_blocking=True)
-            return matrix
-        # A CUDA dispatch with num_worst_tokens: the counts are on the device only (the routing
-        # table's first R entries); gather them there, with no host synchronisation.
-        send_dev = native.meta[:r].to(torch.int32)
-        gathered = torch.empty(r * r, dtype=torch.int32, device=send_dev.device)
-        dist.all_to_all_single(gathered, send_dev.repeat(r), group=self.ep_group)
-        return gathered.view(r, r).cumsum(0, dtype=torch.int32)
+        on_host = bool((send >= 0).all())
+        if not on_host:
+            # A CUDA dispatch with num_worst_tokens: the counts are on the device only (the routing
+            # table's first R entries); gather them there, with no host synchronisation.
+            send = native.meta[:r].to(torch.int64)
+        gathered = torch.empty(r * r, dtype=torch.int64, device=send.device)
+        dist.all_to_all_single(gathered, send.repeat(r), group=self.ep_group)
+        matrix = gathered.view(r, r).cumsum(0).to(torch.int32)
+        if on_host and device.type == "cuda":
+            return matrix.pin_memory().to(device, non_blocking=True)
+        return matrix
 
     def combine(self, x: torch.Tensor, handle: Tuple, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
