@@ -225,8 +225,10 @@ def main() -> None:
         loss = F.mse_loss(model(x), torch.tanh(x @ a))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        dist.all_reduce(model.router.weight.grad)  # replicated: the mean over ranks (SUM: Gloo has no AVG
-        model.router.weight.grad.div_(size)        # in every torch)
+        # The replicated router: the mean of the ranks' gradients (a sum, then a division: not every
+        # torch's Gloo has AVG).
+        dist.all_reduce(model.router.weight.grad)
+        model.router.weight.grad.div_(size)
         for p in model.experts.parameters():
             p.grad.div_(size)  # already a sum over every rank's tokens
         opt.step()

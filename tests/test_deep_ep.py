@@ -6,12 +6,17 @@ gathered inputs (the handle's rank_prefix_matrix, the per-node counts); Buffers 
 bad input raising the native API's errors before any data moves, the group working afterwards.
 The rank functions take a `device` so that tests/test_cuda_deep_ep.py runs them on CUDA.
 """
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import test_moe as moe_checks
 from conftest import rank_pool
+from test_torchrun import run_process_group
 from torch_ep import deep_ep, reference
 from torch_ep.testing import same_bits
 
@@ -324,3 +329,15 @@ def rank_internode(seed):
 
 def test_internode_virtual_nodes():
     rank_pool(4, env={"TORCH_EP_RANKS_PER_NODE": "2"}).run(rank_internode, _seed())
+
+
+def test_drop_in_example_under_torchrun():
+    """examples/deep_ep_drop_in.py on 2 CPU ranks of a Gloo default group: its first step matches
+    the dense layer (forward and gradients), the loss goes down, and it exits 0."""
+    example = Path(__file__).parent.parent / "examples" / "deep_ep_drop_in.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EP_TIMEOUT_S="60")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "0", str(example), "--device", "cpu", "--steps", "12", "--batch", "32"]
+    returncode, stdout, stderr = run_process_group(cmd, env, 180)
+    log = f"exit code {returncode}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr[-4000:]}"
+    assert returncode == 0 and "2 ranks on cpu (gloo group)" in stdout, log

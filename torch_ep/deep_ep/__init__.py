@@ -53,6 +53,8 @@ Differences from DeepEP (each one raises naming the argument where a caller coul
 - `dispatch` without `topk_idx` (DeepEP can route by is_token_in_rank alone): ValueError;
   torch_ep routes by topk_idx. num_tokens_per_rank / num_tokens_per_expert / is_token_in_rank
   must still be given (DeepEP's rule) and checked for shape; the routing comes from topk_idx.
+- A cached dispatch (`handle=`) with a num_worst_tokens other than its route's: ValueError; the
+  route keeps the sizes of the dispatch that made it.
 - `dispatch_wait_recv_cost_stats`, `combine_wait_recv_cost_stats`, `use_logfmt=True`: ValueError.
 - `zero_copy=True` with an `x` that is not the tensor get_next_low_latency_combine_buffer
   returned: ValueError (DeepEP would silently send the buffer's stale content).
