@@ -451,7 +451,8 @@ def main() -> None:
 
     if rank == 0:
         meta = common.run_metadata(
-            device, ranks=world_size, impl=args.impl, api=args.api, hidden=args.hidden, top_k=args.top_k, experts=args.experts,
+            device, ranks=world_size, impl=args.impl, api=args.api, hidden=args.hidden, top_k=args.top_k,
+            experts=args.experts,
             masked_ratio=args.masked_ratio, runs=args.runs, warmup=args.warmup, stream_calls=args.stream_calls,
             checked=("bit for bit against torch_ep.reference" if args.impl == "ep" else "no (--impl reference)"),
             deepep="measured" if deepep.buffer is not None else f"n/a: {deepep.unavailable}",

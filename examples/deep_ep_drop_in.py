@@ -162,7 +162,8 @@ def check_first_step(model, x, group):
     rank, local = group.rank(), model.experts.w1.shape[0]
     mine = slice(rank * local, (rank + 1) * local)
     checks = {"x.grad": (x.grad, x_ref.grad), "router.grad": (model.router.weight.grad, router_ref.grad),
-              "w1.grad": (model.experts.w1.grad, w1_ref.grad[mine]), "w2.grad": (model.experts.w2.grad, w2_ref.grad[mine])}
+              "w1.grad": (model.experts.w1.grad, w1_ref.grad[mine]),
+              "w2.grad": (model.experts.w2.grad, w2_ref.grad[mine])}
     bad = [name for name, (got, want) in checks.items() if not torch.allclose(got, want, rtol=1e-4, atol=1e-5)]
     model.zero_grad(set_to_none=True)
     return bad

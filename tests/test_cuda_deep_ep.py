@@ -212,7 +212,8 @@ _ll_buffers = {}
 def _ll_buffer():
     """One low-latency Buffer per rank process (NVSHMEM is set up once per process)."""
     if "buffer" not in _ll_buffers:
-        hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, dist.get_world_size(), 4 * dist.get_world_size())
+        size = dist.get_world_size()
+        hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, size, 4 * size)
         _ll_buffers["buffer"] = deep_ep.Buffer(dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True,
                                                num_qps_per_rank=4)
     return _ll_buffers["buffer"]
