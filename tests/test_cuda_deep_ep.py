@@ -162,7 +162,7 @@ def rank_low_latency(seed, num_tokens, hidden, top_k, experts_per_rank, use_fp8,
         scales = expected.recv_x[1]  # powers of two (round_scale)
         valid = _valid(expected.handle)
         want = ((scales.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
-        got = packed.contiguous().view(torch.uint8).cpu()[..., :want.shape[-1]]
+        got = torch.empty(packed.shape, dtype=torch.int32).copy_(packed).view(torch.uint8)[..., :want.shape[-1]]
         assert torch.equal(got[valid], want[valid])
         # The fp8 rows, read with the reference's scales (the packed ones were checked above).
         check_dispatch(SimpleNamespace(recv_x=(x8, scales), recv_count=recv_count, handle=native), expected, use_fp8)

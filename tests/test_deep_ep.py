@@ -341,3 +341,150 @@ def test_drop_in_example_under_torchrun():
     returncode, stdout, stderr = run_process_group(cmd, env, 180)
     log = f"exit code {returncode}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr[-4000:]}"
     assert returncode == 0 and "2 ranks on cpu (gloo group)" in stdout, log
+
+
+# ------------------------------------------------------------------------------------ low latency
+# The low-latency ops need CUDA and NVSHMEM (tests/test_cuda_deep_ep.py runs them). Here the
+# Buffer's own work around them (the receive hook, DeepEP's handle encodings, the statistics,
+# UE8M0 packing, the zero-copy rule) runs on CPU over stand-ins built on torch_ep.reference's
+# low-latency ops, whose outputs stay poisoned until their hook runs, as the real ones' do.
+
+class _ReferenceLowLatency:
+    """Stand-ins for torch_ep's low-latency ops, on torch_ep.reference."""
+
+    def __init__(self):
+        self.combine_buffers = {}
+
+    def dispatch(self, x, topk_idx, *, max_tokens_per_rank, num_experts, use_fp8, round_scale, return_recv_hook,
+                 group):
+        from torch_ep.testing import poison_
+        from torch_ep.types import LowLatencyDispatchResult, LowLatencyHandle
+
+        d = reference.low_latency_dispatch(x, topk_idx, max_tokens_per_rank=max_tokens_per_rank,
+                                           num_experts=num_experts, use_fp8=use_fp8, round_scale=round_scale,
+                                           group=group)
+        h = d.handle
+        real = [d.recv_x] if not use_fp8 else list(d.recv_x)
+        real += [d.recv_count, h.src_info, h.layout]
+        outs = [t.clone() for t in real]
+        handle = LowLatencyHandle(h.group_name, h.num_ranks, h.num_experts, h.max_tokens_per_rank, h.num_tokens,
+                                  h.hidden, outs[-2], outs[-1], h.send_slot, use_fp8)
+
+        def receive():
+            for out, t in zip(outs, real):
+                out.copy_(t)
+
+        if return_recv_hook:
+            for out in outs:
+                poison_(out)
+        else:
+            receive()
+        recv_x = tuple(outs[:2]) if use_fp8 else outs[0]
+        return LowLatencyDispatchResult(recv_x, outs[-3], handle, receive if return_recv_hook else None)
+
+    def combine(self, x, topk_idx, topk_weights, handle, *, return_recv_hook=False, out=None):
+        from torch_ep.testing import poison_
+        from torch_ep.types import LowLatencyCombineResult
+
+        combined = reference.low_latency_combine(x, topk_idx, topk_weights, handle).combined_x
+        out = out if out is not None else torch.empty_like(combined)
+        def receive():
+            out.copy_(combined)
+
+        if return_recv_hook:
+            poison_(out)
+            return LowLatencyCombineResult(out, receive)
+        receive()
+        return LowLatencyCombineResult(out, None)
+
+    def combine_buffer(self, handle):
+        shape = (handle.num_experts // handle.num_ranks, handle.num_ranks * handle.max_tokens_per_rank, handle.hidden)
+        if shape not in self.combine_buffers:
+            self.combine_buffers[shape] = torch.empty(shape, dtype=torch.bfloat16)
+        return self.combine_buffers[shape]
+
+
+def rank_low_latency_on_reference(seed, num_tokens, hidden, top_k, experts_per_rank, use_fp8, use_ue8m0, max_tokens,
+                                  hook, zero_copy):
+    from test_low_latency import expert_outputs, make_inputs
+    from torch_ep.deep_ep import buffer as buffer_module
+    from torch_ep.testing import poison_
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    stand_in = _ReferenceLowLatency()
+    saved = buffer_module._ll_dispatch, buffer_module._ll_combine, buffer_module.low_latency_combine_buffer
+    buffer_module._ll_dispatch, buffer_module._ll_combine = stand_in.dispatch, stand_in.combine
+    buffer_module.low_latency_combine_buffer = stand_in.combine_buffer
+    try:
+        buffer = deep_ep.Buffer(dist.group.WORLD, low_latency_mode=True, num_qps_per_rank=experts_per_rank)
+        num_experts, x, idx, w = make_inputs(seed, "random", num_tokens, hidden, top_k, experts_per_rank)
+        local = num_experts // size
+        stats0 = torch.randint(0, 1000, (local,), dtype=torch.int32)
+        stats = stats0.clone()
+        recv_x, recv_count, handle, event, recv_hook = buffer.low_latency_dispatch(
+            x, idx, max_tokens, num_experts, cumulative_local_expert_recv_stats=stats, use_fp8=use_fp8,
+            round_scale=use_ue8m0, use_ue8m0=use_ue8m0, return_recv_hook=hook)
+        assert (recv_hook is not None) == hook and event.event is None
+        if hook:
+            recv_hook()
+
+        # What every rank can compute from all ranks' inputs: rank s's (token, slot) pairs for
+        # expert e, in order, at rows [s*max, s*max + count) of e's slab.
+        everyone = [None] * size
+        dist.all_gather_object(everyone, (x, idx))
+        src_info, layout_range, *sizes = handle
+        assert sizes == [max_tokens, hidden, num_experts] and len(handle) == 5
+        assert layout_range.dtype == torch.int64 and src_info.dtype == torch.int32
+        rows = recv_x[0] if use_fp8 else recv_x
+        total = torch.zeros(local, dtype=torch.int32)
+        for le in range(local):
+            for s, (xs, idxs) in enumerate(everyone):
+                pairs = (idxs.reshape(-1) == rank * local + le).nonzero().flatten()[:max_tokens]
+                begin, count = int(layout_range[le, s]) >> 32, int(layout_range[le, s]) & 0xFFFFFFFF
+                assert (begin, count) == (s * max_tokens, pairs.numel())
+                tokens = pairs // idxs.shape[1]
+                assert torch.equal(src_info[le, begin:begin + count].long(), tokens)
+                if not use_fp8:
+                    assert same_bits(rows[le, begin:begin + count], xs[tokens])
+                total[le] += count
+        assert torch.equal(recv_count, total) and torch.equal(stats, stats0 + total)
+        if use_ue8m0:
+            packed = recv_x[1]
+            assert packed.dtype == torch.int32 and packed.shape == (local, size * max_tokens, -(-hidden // 512))
+            assert packed.stride()[1] == 1  # column-major in the last two dimensions, as DeepEP's
+            # The received rows' power-of-two scales, from the reference's dispatch of the same inputs.
+            ref = reference.low_latency_dispatch(x, idx, max_tokens_per_rank=max_tokens, num_experts=num_experts,
+                                                 round_scale=True)
+            exponents = ((ref.recv_x[1].view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+            got = torch.empty(packed.shape, dtype=torch.int32).copy_(packed).view(torch.uint8)[..., :exponents.shape[-1]]
+            valid = torch.arange(size * max_tokens).view(1, -1) % max_tokens < \
+                ref.handle.layout.long().repeat_interleave(max_tokens, dim=1)
+            assert torch.equal(got[valid], exponents[valid])
+
+        # Combine: each expert's rows times (its global id + 1), weighted and summed per token.
+        y_ref = expert_outputs(recv_x if not use_ue8m0 else ref.recv_x, handle.native)
+        want = reference.low_latency_combine(y_ref, idx, w, handle.native).combined_x
+        y = y_ref
+        if zero_copy:
+            y = poison_(buffer.get_next_low_latency_combine_buffer(handle))
+            y.copy_(y_ref)
+        out = poison_(torch.empty(x.shape[0], hidden, dtype=torch.bfloat16))
+        combined, event, send_hook = buffer.low_latency_combine(y, idx, w, handle, zero_copy=zero_copy,
+                                                                return_recv_hook=hook, out=out)
+        assert combined is out and (send_hook is not None) == hook
+        if hook:
+            send_hook()
+        assert same_bits(out, want)
+        with pytest.raises(ValueError, match="zero_copy=True: x must be the tensor"):
+            buffer.low_latency_combine(y_ref.clone(), idx, w, handle, zero_copy=True)
+    finally:
+        buffer_module._ll_dispatch, buffer_module._ll_combine, buffer_module.low_latency_combine_buffer = saved
+
+
+@pytest.mark.parametrize("case", [  # tokens, hidden, top-k, experts per rank, fp8, ue8m0, max tokens, hook, zero copy
+    (6, 256, 3, 2, False, False, 8, True, True),
+    (9, 384, 4, 3, True, False, 9, False, False),
+    (5, 512, 2, 2, True, True, 5, True, False),
+], ids=lambda c: "-".join(str(v) for v in c))
+def test_low_latency_layer_on_reference(pool4, case):
+    pool4.run(rank_low_latency_on_reference, _seed(), *case)
