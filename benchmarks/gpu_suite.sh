@@ -5,7 +5,8 @@
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
 #     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES,
 #     TORCH_EP_LL_BENCH_RANKS); internode: tests and benchmark across virtual nodes
-#     (TORCH_EP_INTERNODE_TOPOLOGIES, e.g. 2x2,2x4; TORCH_EP_INTERNODE_BENCH, e.g. 2x2);
+#     (TORCH_EP_INTERNODE_TOPOLOGIES, e.g. 2x2,2x4; TORCH_EP_INTERNODE_BENCH, e.g. 2x2), the
+#     low-latency ops with the remote path forced among them included; ll-remote: only the latter;
 #     profile: tools/moe_profile.py and tools/ll_profile.py with 2 ranks (ll-profile: the latter only;
 #     TORCH_EP_LL_PROFILE_RANKS); deep_ep: torch_ep.deep_ep's GPU tests, its example, and the MoE
 #     benchmark through the native API and through the DeepEP API (TORCH_EP_DEEP_EP_WORLD_SIZES,
@@ -160,11 +161,22 @@ if [ "$WHAT" = all ] || [ "$WHAT" = deep_ep ]; then
   done
 fi
 
-if [ "$WHAT" = all ] || [ "$WHAT" = internode ]; then
-  step "GPU internode tests, virtual nodes ${TORCH_EP_INTERNODE_TOPOLOGIES:=2x2,2x4} (nodes x ranks per node)"
-  TORCH_EP_INTERNODE_TOPOLOGIES=$TORCH_EP_INTERNODE_TOPOLOGIES timeout 300 python3 -m pytest tests/test_cuda_internode.py \
+if [ "$WHAT" = all ] || [ "$WHAT" = internode ] || [ "$WHAT" = ll-remote ]; then
+  need_nvshmem4py
+  TESTS="tests/test_cuda_low_latency_across_nodes.py"
+  [ "$WHAT" = ll-remote ] || TESTS="tests/test_cuda_internode.py $TESTS"
+  step "GPU internode tests ($TESTS), virtual nodes ${TORCH_EP_INTERNODE_TOPOLOGIES:=2x2,2x4} (nodes x ranks per node)"
+  TORCH_EP_INTERNODE_TOPOLOGIES=$TORCH_EP_INTERNODE_TOPOLOGIES timeout 360 python3 -m pytest $TESTS \
     -q -ra -x > "$LOGS/gpu_internode_tests.log" 2>&1 || STATUS=1
   grep -v "^\[rank" "$LOGS/gpu_internode_tests.log" | tail -30 >> "$SUMMARY"
+  for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
+    R=$(( ${TOPO%x*} * ${TOPO#*x} ))
+    step "low-latency benchmark, $TOPO virtual nodes, remote path forced against intranode"
+    run_bench "$R" 150 "ll_remote_bench_$TOPO.log" 12 benchmarks/low_latency.py --remote-ranks-per-node "${TOPO#*x}" \
+      --out "$LOGS/low_latency_remote_$TOPO"
+  done
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = internode ]; then
   for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
     R=$(( ${TOPO%x*} * ${TOPO#*x} ))
     step "internode benchmark, $TOPO virtual nodes"

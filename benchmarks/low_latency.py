@@ -32,6 +32,11 @@ GPU's best copy rate, all SMs; the copy roofline above runs under each rank's MP
 Before timing, the outputs are checked against torch_ep.reference (bf16 dispatch and combine bit
 for bit on integer-valued data; fp8 scales bit for bit).
 
+Across nodes: --remote-ranks-per-node L also times every op on a second group of the same
+ranks split into nodes of L with Options.force_remote, so that ranks on other (virtual) nodes
+are reached through NVSHMEM's device API (puts), as across real nodes; rows "... (remote)"
+give their time against the intranode op of the same run ("vs intranode").
+
 Rank 0 prints the table and writes low_latency.md and low_latency.json to --out.
 """
 from __future__ import annotations
@@ -74,11 +79,11 @@ def expert_outputs(recv_x: torch.Tensor) -> torch.Tensor:
     return recv_x  # bf16 rows sent back as they came: combine's bytes, not an expert's work
 
 
-def check(x, idx, w, args, sync_group) -> None:
+def check(x, idx, w, args, sync_group, group=None) -> None:
     problems = []
     for fp8 in (False, True):
         got = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=args.tokens, num_experts=args.experts,
-                                            use_fp8=fp8)
+                                            use_fp8=fp8, group=group)
         want = reference.low_latency_dispatch(x.cpu(), idx.cpu(), max_tokens_per_rank=args.tokens,
                                               num_experts=args.experts, use_fp8=fp8)
         counts = want.handle.layout.long()
@@ -207,30 +212,9 @@ def time_split(send: Callable[[], object], sync: Callable[[], object], args, dev
     return common.slowest_rank(send_t, sync_group), common.slowest_rank(recv_t, sync_group)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--tokens", type=int, default=128, help="tokens per rank (= max_tokens_per_rank)")
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=10, help="calls per timed graph replay")
-    parser.add_argument("--hbm-rate", type=float, default=3.0e12,
-                        help="bytes/s (read + written) of the GPU's best device copy, for the HBM bound column; "
-                             "3.0e12: a 1 GiB copy on the H100 (GPU-NOTES.md)")
-    args = parser.parse_args()
-
-    device = common.pick_device("cuda")
-    dist.init_process_group(torch_ep.BACKEND_NAME)
-    rank, size = dist.get_rank(), dist.get_world_size()
-    sync_group = dist.new_group(backend="gloo")
-    sharing = common.ranks_per_gpu(device, sync_group)
-    x, idx, w = make_inputs(common.shared_seed(sync_group), args, device)
-    check(x, idx, w, args, sync_group)
-
-    kw = dict(max_tokens_per_rank=args.tokens, num_experts=args.experts)
+def make_ops(x, idx, w, args, group):
+    """The timed ops on `group`, their bytes per rank, and (send with hook, full call) of the split."""
+    kw = dict(max_tokens_per_rank=args.tokens, num_experts=args.experts, group=group)
     bf16 = torch_ep.low_latency_dispatch(x, idx, use_fp8=False, **kw)
     torch.cuda.synchronize()
     y = expert_outputs(bf16.recv_x).clone()
@@ -248,6 +232,53 @@ def main() -> None:
         "combine zero-copy": lambda: torch_ep.low_latency_combine(torch_ep.low_latency_combine_buffer(bf16.handle), idx,
                                                                   w, bf16.handle),
     }
+    split = {
+        "dispatch fp8": (lambda: torch_ep.low_latency_dispatch(x, idx, use_fp8=True, return_recv_hook=True, **kw),
+                         ops["dispatch fp8"]),
+        "combine": (lambda: torch_ep.low_latency_combine(y, idx, w, bf16.handle, return_recv_hook=True),
+                    ops["combine"]),
+    }
+    return ops, op_bytes, split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per rank (= max_tokens_per_rank)")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=10, help="calls per timed graph replay")
+    parser.add_argument("--hbm-rate", type=float, default=3.0e12,
+                        help="bytes/s (read + written) of the GPU's best device copy, for the HBM bound column; "
+                             "3.0e12: a 1 GiB copy on the H100 (GPU-NOTES.md)")
+    parser.add_argument("--remote-ranks-per-node", type=int, default=0,
+                        help="also time the ops with ranks on other virtual nodes of this size reached by NVSHMEM puts")
+    args = parser.parse_args()
+
+    device = common.pick_device("cuda")
+    dist.init_process_group(torch_ep.BACKEND_NAME)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    sync_group = dist.new_group(backend="gloo")
+    sharing = common.ranks_per_gpu(device, sync_group)
+    x, idx, w = make_inputs(common.shared_seed(sync_group), args, device)
+    groups = {"": None}
+    if args.remote_ranks_per_node:
+        groups[" (remote)"] = dist.new_group(
+            pg_options=torch_ep.Options(ranks_per_node=args.remote_ranks_per_node, force_remote=True))
+    ops: Dict[str, Callable[[], object]] = {}
+    op_bytes: Dict[str, int] = {}
+    split_ops: Dict[str, Tuple[Callable[[], object], Callable[[], object]]] = {}
+    # The remote group first: the first call sizes NVSHMEM's heap, and its buffers are the larger.
+    for group in reversed(list(groups.values())):
+        check(x, idx, w, args, sync_group, group)
+    for suffix, group in groups.items():
+        group_ops, group_bytes, group_split = make_ops(x, idx, w, args, group)
+        ops.update({op + suffix: fn for op, fn in group_ops.items()})
+        op_bytes.update({op + suffix: n for op, n in group_bytes.items()})
+        split_ops.update({op + suffix: fns for op, fns in group_split.items()})
     copies = {}
     for op, nbytes in op_bytes.items():
         src = torch.randint(0, 256, (max(nbytes, 1),), dtype=torch.uint8, device=device)
@@ -259,13 +290,7 @@ def main() -> None:
     # (the roofline is the HBM shared by all ranks, as the op shares it).
     roofline_graphs = [(capture(copies[n], args.reps), sync) for n, (_, sync) in zip(names, op_graphs)]
     timed = time_graphs(op_graphs + roofline_graphs, args.reps, args, device, sync_group)
-    split = {
-        "dispatch fp8": time_split(lambda: torch_ep.low_latency_dispatch(x, idx, use_fp8=True, return_recv_hook=True,
-                                                                         **kw), ops["dispatch fp8"], args, device,
-                                   sync_group),
-        "combine": time_split(lambda: torch_ep.low_latency_combine(y, idx, w, bf16.handle, return_recv_hook=True),
-                              ops["combine"], args, device, sync_group),
-    }
+    split = {op: time_split(send, ops[op], args, device, sync_group) for op, (send, _) in split_ops.items()}
     all_bytes: List = [None] * size
     dist.all_gather_object(all_bytes, op_bytes, group=sync_group)
 
@@ -284,15 +309,18 @@ def main() -> None:
                 entry["recv_us"] = common.median(split[op][1]) * 1e6
             kind = "dispatch" if op.startswith("dispatch") else "combine"
             entry["target_us_2_ranks"] = TARGETS_2_RANKS_US[kind] if size == 2 else None
+            if op.endswith(" (remote)"):
+                entry["ratio_to_intranode"] = entry["time_us"] / results[names.index(op[:-len(" (remote)")])]["time_us"]
             results.append(entry)
             table_rows.append([op, common.format_bytes(int(nbytes)), f"{entry['time_us']:.1f}", f"{entry['GBps']:.1f}",
                                f"{entry['roofline_us']:.1f}", f"{entry['ratio_to_roofline']:.2f}x",
                                f"{entry['hbm_bound_us']:.1f}", f"{entry['ratio_to_hbm_bound']:.2f}x",
                                f"{entry['send_us']:.1f}" if "send_us" in entry else "-",
                                f"{entry['recv_us']:.1f}" if "recv_us" in entry else "-",
-                               f"{entry['target_us_2_ranks']:.0f}" if entry["target_us_2_ranks"] else "-"])
+                               f"{entry['target_us_2_ranks']:.0f}" if entry["target_us_2_ranks"] else "-",
+                               f"{entry['ratio_to_intranode']:.2f}x" if "ratio_to_intranode" in entry else "-"])
         table = common.markdown_table(["op", "bytes/rank", "us", "GB/s", "roofline us", "vs roofline", "HBM bound us",
-                                       "vs bound", "send us", "recv us", "target us (R=2)"], table_rows)
+                                       "vs bound", "send us", "recv us", "target us (R=2)", "vs intranode"], table_rows)
         meta = common.run_metadata(device, ranks=size, ranks_per_gpu=sharing, tokens=args.tokens, hidden=args.hidden,
                                    top_k=args.top_k, experts=args.experts, runs=args.runs, reps=args.reps,
                                    hbm_rate_Bps=args.hbm_rate,

@@ -66,3 +66,39 @@ def test_hop_bytes(cuda_nodes):
 def test_bad_input(cuda_nodes):
     cuda_nodes.run(checks.rank_bad_input, device="cuda")
     cuda_nodes.run(checks.rank_mismatched_handles, device="cuda")
+
+
+def rank_remote_peer_never_arrives():
+    """The first rank of node 1 skips a call: rank 0's Work.wait() (blocking waits) raises within
+    the timeout, naming the op and that peer, which only the NVSHMEM hop waits for."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    absent = int(os.environ["TORCH_EP_RANKS_PER_NODE"])
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3), blocking_wait=True))
+    x = torch.randn(size * 4, device="cuda")
+    y = torch.empty_like(x)
+    dist.all_to_all_single(y, x, group=group)  # sets the transports up on every rank
+    torch.cuda.synchronize()
+    error, elapsed = None, 0.0
+    if rank != absent:
+        start = time.monotonic()
+        try:
+            dist.all_to_all_single(y, x, group=group)
+        except Exception as e:  # noqa: BLE001
+            error = (type(e).__name__, str(e))
+        elapsed = time.monotonic() - start
+        torch.cuda.synchronize()  # returns: the waits are bounded
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return error, elapsed, absent
+
+
+def test_remote_peer_never_arrives_raises_in_wait(cuda_nodes):
+    (error, elapsed, absent) = cuda_nodes.run(rank_remote_peer_never_arrives)[0]
+    assert error is not None and error[0] == "DistBackendError", error
+    assert "all_to_all_single" in error[1] and f"for rank {absent}" in error[1], error
+    assert 2.5 < elapsed < 20, elapsed

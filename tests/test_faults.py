@@ -120,14 +120,19 @@ def _names_dead_peer(error, dead):
     return names and any(op in error for op in ("all_to_all_single", "dispatch", "combine"))
 
 
-def _kill_mid_stream(world_size, victim, device):
+def _kill_mid_stream(world_size, victim, device, ranks_per_node=0):
     """A rank SIGKILLed (by itself, at a random moment of a random call) while the group streams
     mixed, checked all_to_all_single and dispatch/combine calls: every survivor raises within the
     timeout, naming the op and the dead rank, then destroys the group and exits 0; no process
-    hangs and /dev/shm keeps nothing."""
+    hangs and /dev/shm keeps nothing. With ranks_per_node the group spans virtual nodes: the
+    calls take the route across nodes (NVSHMEM on CUDA)."""
     timeout_s = 3
     before = set(shm_names())
     env = {"OMP_NUM_THREADS": "1", "TORCH_EP_TIMEOUT_S": str(timeout_s)}
+    if ranks_per_node:
+        env["TORCH_EP_RANKS_PER_NODE"] = str(ranks_per_node)
+        env.update({"NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
+                    "NVSHMEM_DISABLE_NCCL": "1", "NVSHMEM_DISABLE_NVLS": "1"})
     if device == "cuda":  # ranks sharing a GPU split it under MPS, as in the GPU suite
         env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // -(-world_size // torch.cuda.device_count()))
     ranks = RankPool(world_size, env=env, timeout_s=60, cuda=device == "cuda")
@@ -148,18 +153,23 @@ def _kill_mid_stream(world_size, victim, device):
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
-@pytest.mark.parametrize("world_size,victim", [(3, 1), (4, 0)])
-def test_rank_killed_mid_stream(world_size, victim):
-    _kill_mid_stream(world_size, victim, "cpu")
+@pytest.mark.parametrize("world_size,victim,ranks_per_node", [(3, 1, 0), (4, 0, 0), (4, 3, 2)],
+                         ids=["3ranks", "4ranks", "2x2-nodes"])
+def test_rank_killed_mid_stream(world_size, victim, ranks_per_node):
+    _kill_mid_stream(world_size, victim, "cpu", ranks_per_node)
 
 
 @needs_cuda
-@pytest.mark.parametrize("world_size,victim", [(2, 1), (4, 2)])
-def test_rank_killed_mid_stream_cuda(world_size, victim):
+@pytest.mark.parametrize("world_size,victim,ranks_per_node", [(2, 1, 0), (4, 2, 0), (4, 1, 2)],
+                         ids=["2ranks", "4ranks", "2x2-nodes"])
+def test_rank_killed_mid_stream_cuda(world_size, victim, ranks_per_node):
     """The same on CUDA tensors: the survivors' kernels and host waits are bounded, the error
     names the dead peer, and every survivor exits cleanly (its IPC mappings of the dead rank's
-    memory are released with its context)."""
-    _kill_mid_stream(world_size, victim, "cuda")
+    memory are released with its context). Across virtual nodes the NVSHMEM hop's waits are
+    bounded too."""
+    if ranks_per_node and not torch_ep._C.has_nvshmem:
+        pytest.skip("the route across nodes on CUDA needs a torch_ep built with NVSHMEM")
+    _kill_mid_stream(world_size, victim, "cuda", ranks_per_node)
 
 
 # ----------------------------------------------------------------------------- timeouts

@@ -22,7 +22,7 @@ from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools
 
 # Phases each kernel stamps, in order (point 0 is the block's start).
 PHASES = {
-    "dispatch send": ["start", "credits", "numbered + cast", "flags out"],
+    "dispatch send": ["start", "credits", "numbered + cast", "flags out", "put start", "tokens put"],
     "dispatch recv": ["start", "flags", "copied", "credits out"],
     "combine send": ["start", "credits", "copied in", "flags out"],
     "combine recv": ["start", "flags", "reduced", "credits out"],

@@ -4,7 +4,10 @@ that no SM waits while data is in flight.
 
 The ops (torch.ops.ep.low_latency_*, backend/ops) run on NVSHMEM symmetric memory: every rank
 casts its tokens once into its own buffer and the ranks that need them read them from there, over
-NVLink / the shared GPU (and likewise for the expert outputs in combine).
+NVLink / the shared GPU (and likewise for the expert outputs in combine). Ranks on other nodes,
+which no load reaches, get them pushed instead, by NVSHMEM's device API (puts with a signal, over
+IBGDA, IBRC or whatever NVSHMEM's remote transport is); Options.force_remote
+(TORCH_EP_FORCE_REMOTE=1) takes that path between virtual nodes of one machine too.
 NVSHMEM itself is set up here, once per process, on the first call: rank 0 of the group makes a
 unique id with nvshmem4py, the group broadcasts it, every rank initialises NVSHMEM with it
 (`nvshmem.core.init`), then the extension registers its own device state with that same host
@@ -24,8 +27,9 @@ Rules, as DeepEP's:
   dispatch i + 2. A send that would overwrite a buffer half a peer has not read waits (bounded
   by the group's timeout) instead of corrupting it.
 - One NVSHMEM world per process: low-latency ops on a second group of other ranks raise.
-- Every rank must reach every other by NVLink P2P or share its GPU (one node); the ranks sharing
-  a GPU need MPS (NVSHMEM's full multi-process-per-GPU mode).
+- The ranks of a node must reach each other by NVLink P2P or share a GPU (ranks sharing a GPU
+  need MPS: NVSHMEM's full multi-process-per-GPU mode). Groups that span nodes take larger
+  buffers (the regions remote peers push into: about twice the symmetric memory).
 - topk_idx names distinct experts per token (a repeated expert takes two slots of its capacity).
 """
 from __future__ import annotations
@@ -42,7 +46,8 @@ from . import _C
 from ._backend import get_backend
 from .types import LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle
 
-__all__ = ["low_latency_dispatch", "low_latency_combine", "low_latency_combine_buffer", "check_errors"]
+__all__ = ["low_latency_dispatch", "low_latency_combine", "low_latency_combine_buffer", "check_errors",
+           "remote_ranks"]
 
 # Variables NVSHMEM reads at initialisation, defaulted (never overridden) when every rank of the
 # group is on one host.
@@ -130,21 +135,41 @@ def _init_nvshmem(group, device: torch.device, heap_bytes: int) -> None:
     _world = ranks
 
 
+def _remote_ranks(group) -> Tuple[bool, list]:
+    """Whether the group spans nodes (its buffers then have the regions remote peers push into),
+    and the ranks to reach by NVSHMEM puts even where they could be mapped (Options.force_remote:
+    every rank on another node). Those NVSHMEM cannot map are remote in any case."""
+    backend = get_backend(group)
+    topology = backend.topology
+    if topology.num_nodes <= 1:
+        return False, []
+    if not backend.config.force_remote:
+        return True, []
+    return True, [r for r in range(group.size()) if r // topology.ranks_per_node != topology.node]
+
+
+def remote_ranks(group=None) -> list:
+    """The ranks of the group that its low-latency kernels reach by NVSHMEM puts (other nodes),
+    not by loads; empty before the first call."""
+    return list(_C._ll_remote_ranks(_group(group).group_name)) if _C.has_nvshmem else []
+
+
 def _ensure_buffers(group, device: torch.device, num_experts: int, max_tokens: int, hidden: int) -> None:
     """The group's symmetric buffers hold these sizes; else sets NVSHMEM up and (re)allocates
     them, collectively, and barriers the group."""
     name, size = group.group_name, group.size()
     local = num_experts // size
-    if _C._ll_buffer_fits(name, size, local, max_tokens, hidden):
+    spans_nodes, forced = _remote_ranks(group)
+    if _C._ll_buffer_fits(name, size, local, max_tokens, hidden, spans_nodes):
         return
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("torch_ep low-latency ops: this call needs new (larger) symmetric buffers, which are "
                            "allocated collectively and cannot be during CUDA-graph capture; make one call of the same "
                            "sizes before capturing")
-    _init_nvshmem(group, device, _C._ll_buffer_bytes(size, local, max_tokens, hidden))
+    _init_nvshmem(group, device, _C._ll_buffer_bytes(size, local, max_tokens, hidden, spans_nodes))
     config = get_backend(group).config
     _C._ll_reserve_buffer(name, group.rank(), size, device.index, config.timeout, config.num_sms, local, max_tokens,
-                          hidden)
+                          hidden, spans_nodes, forced)
     dist.barrier(group=group)  # no peer writes into a buffer before its owner has cleared it
 
 

@@ -1,10 +1,13 @@
 // Low-latency dispatch / combine kernels (protocol and buffer layout: low_latency.cuh).
 //
-// Peers are reached through the addresses the host mapped once (GroupArgs::peers, from
-// nvshmem_ptr): every rank of the group maps every other's symmetric heap (NVLink P2P, or the
-// same GPU under MPS). Remote (network) transfers are not implemented here.
+// Local peers are reached through the addresses the host mapped once (GroupArgs::peers, from
+// nvshmem_ptr: NVLink P2P, or the same GPU under MPS). Remote peers (null there) only through
+// NVSHMEM's device API: puts with a signal into symmetric addresses of this rank's own half,
+// which NVSHMEM translates for the target.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
 
 #include "backend/kernels/low_latency.cuh"
 #include "backend/kernels/sync.cuh"  // now_ns, load_acquire
@@ -15,6 +18,12 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 constexpr int kSendChunk = 512;      // channels a warp casts per work unit (16 per lane)
 constexpr int kRecvChunk = 256;      // channels per work unit of the combine receive (8 per lane)
+// Bytes of one put to a remote rank. Rows go in pieces, a warp each: over P2P a put is a warp's
+// plain copy, one 512-byte step per memory round trip, so a whole 14 KiB row in one put would be
+// 28 round trips in a row; pieces spread them over warps.
+constexpr int64_t kPutBytes = 2048;
+
+__host__ __device__ __forceinline__ int64_t pieces_of(int64_t bytes) { return (bytes + kPutBytes - 1) / kPutBytes; }
 
 // The first error wins, mostly: a plain check-then-store (a race only picks which error shows),
 // as the word is pinned host memory, where device atomics are not guaranteed on every platform.
@@ -33,6 +42,21 @@ __device__ __forceinline__ void stamp(const GroupArgs& g, Counter kernel, int po
 template <typename T>
 __device__ __forceinline__ T* at(char* base, int64_t offset) {
   return reinterpret_cast<T*>(base + offset);
+}
+
+// Rank r is on another node: NVSHMEM's device API reaches it, no load or store does.
+__device__ __forceinline__ bool is_remote(const GroupArgs& g, int r) { return g.peers[r] == nullptr; }
+
+__host__ __device__ bool any_remote(const GroupArgs& g) {
+  for (int r = 0; r < g.num_ranks; ++r)
+    if (!g.peers[r]) return true;
+  return false;
+}
+
+// The completion word of this rank at `offset` of rank r's half, as NVSHMEM names it: the
+// symmetric address in this rank's own half.
+__device__ __forceinline__ uint64_t* my_word(const GroupArgs& g, int64_t offset) {
+  return at<uint64_t>(g.half, offset + 8 * g.rank);
 }
 
 // --------------------------------------------------------------------------- completion words
@@ -73,17 +97,26 @@ __device__ void wait_words(const GroupArgs& g, int64_t offset, Counter counter, 
 
 // This block's arrival at word `rank` of `offset` in every rank's half, once everything the
 // block wrote (and read) before is done and visible system-wide. Every block of the grid
-// arrives; block 0 also adds their number.
-__device__ void arrive_everywhere(const GroupArgs& g, int64_t offset) {
+// arrives; block 0 also adds their number. Remote peers get it as an NVSHMEM signal, unless
+// `remote_too` is false: their word then counts the puts that carry the data instead.
+__device__ void arrive_everywhere(const GroupArgs& g, int64_t offset, bool remote_too) {
   __syncthreads();
   if (threadIdx.x < 32) {
     __threadfence_system();
     const uint64_t add = 1 + (blockIdx.x == 0 ? uint64_t(gridDim.x) << 32 : 0);
-    for (int r = threadIdx.x; r < g.num_ranks; r += 32)
-      atomicAdd_system(reinterpret_cast<unsigned long long*>(g.peers[r] + offset + 8 * g.rank),
-                       static_cast<unsigned long long>(add));
+    for (int r = threadIdx.x; r < g.num_ranks; r += 32) {
+      if (!is_remote(g, r))
+        atomicAdd_system(reinterpret_cast<unsigned long long*>(g.peers[r] + offset + 8 * g.rank),
+                         static_cast<unsigned long long>(add));
+      else if (remote_too)
+        nvshmemx_signal_op(my_word(g, offset), add, NVSHMEM_SIGNAL_ADD, r);
+    }
   }
 }
+
+// The signal of the last put to a remote peer that receives `puts` puts in all (this one
+// included): it adds the total, so the peer's word completes once every put has landed.
+__device__ __forceinline__ uint64_t closing_signal(int64_t puts) { return (uint64_t(puts) << 32) | 1; }
 
 // ----------------------------------------------------------------------------------- helpers
 
@@ -257,8 +290,85 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSend
     }
   }
   stamp(g, kDispatchSendCounter, 2);
-  arrive_everywhere(g, g.layout.dispatch_flags());  // "my tokens, lists and counts are out"
+  arrive_everywhere(g, g.layout.dispatch_flags(), false);  // "my tokens, lists and counts are out"
   stamp(g, kDispatchSendCounter, 3);
+}
+
+// ------------------------------------------------------------------------------ dispatch put
+
+// Whether pair slots [k0, k1) of token t hold an expert of rank r.
+__device__ __forceinline__ bool has_expert_of(const DispatchSendParams& p, int t, int r, int k0, int k1, int step) {
+  const int64_t first = int64_t(r) * (p.num_experts / p.g.num_ranks), last = first + p.num_experts / p.g.num_ranks;
+  bool hit = false;
+  for (int k = k0; k < k1; k += step) {
+    const int64_t e = __ldg(p.topk_idx + int64_t(t) * p.num_topk + k);
+    hit |= e >= first && e < last;
+  }
+  return hit;
+}
+
+// Whether token t goes to rank r (a warp, lanes over the top-k).
+__device__ __forceinline__ bool goes_to(const DispatchSendParams& p, int t, int r, int lane) {
+  return __any_sync(0xffffffffu, has_expert_of(p, t, r, lane, p.num_topk, 32));
+}
+
+// How many of the tokens go to rank r (a warp, lanes over the tokens).
+__device__ __forceinline__ int count_going_to(const DispatchSendParams& p, int r, int lane) {
+  int n = 0;
+  for (int t = lane; t < p.num_tokens; t += 32) n += has_expert_of(p, t, r, 0, p.num_topk, 1);
+  return __reduce_add_sync(0xffffffffu, n);
+}
+
+// A sender's count for expert e (as numbered: at most the capacity).
+__device__ __forceinline__ int count_of(const int* counts, int e, int cap) { return min(max(counts[e], 0), cap); }
+
+// Pushes what remote owners would read in place: each token with a pair for their experts,
+// once per owner, to row [me][t] of their remote_tokens (a copy of the part of this rank's token
+// region they need); each of their experts' lists (the used part) to [me][le] of their
+// remote_lists; then (block 0, a warp per owner) the counts of their experts. Every put signals
+// the owner's flag for this rank, counted: the counts' put closes it with the total. A kernel
+// apart from send, which cast the tokens and numbered the pairs in any of its blocks.
+__global__ void __launch_bounds__(kThreads, 1) dispatch_put_kernel(DispatchSendParams p) {
+  const GroupArgs& g = p.g;
+  const int R = g.num_ranks, E = p.num_experts, E_local = E / R, cap = p.max_tokens;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
+  const char* tokens = g.half + g.layout.dispatch_tokens();
+  char* mirror = g.half + g.layout.remote_tokens() + int64_t(g.rank) * cap * token_bytes;  // ours, at the owner
+  const int* lists = at<int>(g.half, g.layout.dispatch_lists());
+  const int* counts = at<int>(g.half, g.layout.dispatch_counts());
+  uint64_t* flag = my_word(g, g.layout.dispatch_flags());
+  stamp(g, kDispatchSendCounter, 4);  // the send kernel's points are 0-3
+  // Units, a warp each: (t, r, piece) for every token, rank and piece of a token, then expert
+  // e's list.
+  const int64_t pieces = pieces_of(token_bytes), token_units = int64_t(p.num_tokens) * R * pieces;
+  const int64_t units = token_units + E;
+  for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += int64_t(gridDim.x) * kWarps) {
+    if (u < token_units) {
+      const int t = int(u / (R * pieces)), r = int(u / pieces % R);
+      const int64_t at = u % pieces * kPutBytes, bytes = min(kPutBytes, token_bytes - at);
+      if (is_remote(g, r) && goes_to(p, t, r, lane))
+        nvshmemx_putmem_signal_nbi_warp(mirror + t * token_bytes + at, tokens + t * token_bytes + at, size_t(bytes),
+                                        flag, 1, NVSHMEM_SIGNAL_ADD, r);
+    } else {
+      const int e = int(u - token_units), r = e / E_local, n = count_of(counts, e, cap);
+      if (is_remote(g, r) && n > 0)
+        nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_lists()) +
+                                            (int64_t(g.rank) * E_local + e - r * E_local) * cap,
+                                        lists + int64_t(e) * cap, size_t(n) * 4, flag, 1, NVSHMEM_SIGNAL_ADD, r);
+    }
+  }
+  stamp(g, kDispatchSendCounter, 5);
+  if (blockIdx.x != 0) return;
+  for (int r = warp; r < R; r += kWarps) {
+    if (!is_remote(g, r)) continue;
+    int lists_put = 0;  // the loop above put the tokens going to r and r's non-empty lists
+    for (int le = lane; le < E_local; le += 32) lists_put += count_of(counts, r * E_local + le, cap) > 0;
+    const int64_t puts = count_going_to(p, r, lane) * pieces + __reduce_add_sync(0xffffffffu, lists_put) + 1;
+    nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_counts()) + g.rank * E_local,
+                                    counts + r * E_local, size_t(E_local) * 4, flag, closing_signal(puts),
+                                    NVSHMEM_SIGNAL_ADD, r);
+  }
 }
 
 // ------------------------------------------------------------------------------ dispatch recv
@@ -282,10 +392,14 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
   wait_words(g, g.layout.dispatch_flags(), kDispatchRecvCounter, kDispatchRecvTimeout);
   stamp(g, kDispatchRecvCounter, 1);
 
+  // Rank r's counts, lists and tokens for this rank's experts: at r (read in place), or, for a
+  // remote r, in this rank's remote regions (pushed by dispatch_put).
   for (int u = threadIdx.x; u < units; u += blockDim.x) {
     const int le = expert_of(u), r = u % R;
     const int e = g.rank * E_local + le;
-    const int c = min(max(__ldcg(at<int>(g.peers[r], g.layout.dispatch_counts()) + e), 0), p.max_tokens);
+    const int* count = is_remote(g, r) ? at<int>(g.half, g.layout.remote_counts()) + r * E_local + le
+                                       : at<int>(g.peers[r], g.layout.dispatch_counts()) + e;
+    const int c = min(max(__ldcg(count), 0), p.max_tokens);
     prefix[u] = c;
     p.recv_layout[int64_t(le) * R + r] = c;
   }
@@ -299,9 +413,16 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
     const int u = find_in_prefix(prefix, units, m);
     const int le = expert_of(u), r = u % R, i = m - prefix[u];
     const int e = g.rank * E_local + le;
-    char* peer = g.peers[r];
-    const int q = __ldcg(at<int>(peer, g.layout.dispatch_lists()) + int64_t(e) * p.max_tokens + i);
-    const char* token = peer + g.layout.dispatch_tokens() + int64_t(q / p.num_topk) * token_bytes;
+    int q;
+    const char* token;
+    if (is_remote(g, r)) {
+      q = __ldcg(at<int>(g.half, g.layout.remote_lists()) + (int64_t(r) * E_local + le) * p.max_tokens + i);
+      token = g.half + g.layout.remote_tokens() + (int64_t(r) * p.max_tokens + q / p.num_topk) * token_bytes;
+    } else {
+      char* peer = g.peers[r];
+      q = __ldcg(at<int>(peer, g.layout.dispatch_lists()) + int64_t(e) * p.max_tokens + i);
+      token = peer + g.layout.dispatch_tokens() + int64_t(q / p.num_topk) * token_bytes;
+    }
     const int64_t row = le * rows_per_expert + int64_t(r) * p.max_tokens + i;
     warp_copy_l2(reinterpret_cast<uint4*>(static_cast<char*>(p.recv_x) + row * payload_bytes),
                  reinterpret_cast<const uint4*>(token), payload_bytes / 16, lane);
@@ -312,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
     if (lane == 0) p.recv_src_info[row] = q;
   }
   stamp(g, kDispatchRecvCounter, 2);
-  arrive_everywhere(g, g.layout.dispatch_credits());  // done reading every rank's tokens
+  arrive_everywhere(g, g.layout.dispatch_credits(), true);  // done reading every rank's tokens
   stamp(g, kDispatchRecvCounter, 3);
 }
 
@@ -320,32 +441,58 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
 
 // Rows of expert le from rank r live at [le][r][i] in x and in the combine region alike: the
 // copy keeps the layout and moves only received rows (layout[le, r] of them), a warp per row,
-// numbered through a prefix of the per-(expert, rank) counts. Then every rank may pull them.
+// numbered through a prefix of the per-(expert, rank) counts. Then every local rank may pull
+// them; a remote rank r gets its rows pushed, each from the region to row [e][i] of its
+// remote_rows (e = this rank's expert le), then a closing signal with their number.
 __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendParams p) {
-  extern __shared__ int prefix[];  // [E + 1]: rows before (le, r), pairs in (le, r) order
+  extern __shared__ int prefix[];  // [E + 1]: rows to move before (le, r), in (le, r) order
   const GroupArgs& g = p.g;
-  const int H = p.hidden, E = p.num_experts;
+  const int H = p.hidden, E = p.num_experts, R = g.num_ranks, E_local = E / R;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint16_t* region = at<uint16_t>(g.half, g.layout.combine_region());
+  const bool zero_copy = p.x == region;
   stamp(g, kCombineSendCounter, 0);
-  // The readers of the call before last are done with this half's region.
+  // The readers of the call before last are done with this half's region (and remote ones with
+  // their remote_rows, which this call overwrites).
   wait_words(g, g.layout.combine_credits(), kCombineSendCounter, kCombineSendTimeout);
   stamp(g, kCombineSendCounter, 1);
-  if (p.x != region) {
-    for (int q = threadIdx.x; q < E; q += blockDim.x) prefix[q] = min(max(p.layout[q], 0), p.max_tokens);
+  if (!zero_copy || any_remote(g)) {  // else nothing to move
+    // Rows to move: every row, to copy it in; only remote peers' rows under zero copy.
+    for (int q = threadIdx.x; q < E; q += blockDim.x)
+      prefix[q] = zero_copy && !is_remote(g, q % R) ? 0 : min(max(p.layout[q], 0), p.max_tokens);
     __syncthreads();
     if (warp == 0) warp_exclusive_scan(prefix, E, lane);
     __syncthreads();
-    const int64_t warps = int64_t(gridDim.x) * kWarps;
-    for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E]; m += warps) {
-      const int q = find_in_prefix(prefix, E, int(m));  // q = le * R + r
-      const int64_t row = int64_t(q) * p.max_tokens + (m - prefix[q]);
-      warp_copy_l2(reinterpret_cast<uint4*>(region + row * H), reinterpret_cast<const uint4*>(p.x + row * H),
-                   int64_t(H) * 2 / 16, lane);
+    uint64_t* flag = my_word(g, g.layout.combine_flags());
+    const int64_t warps = int64_t(gridDim.x) * kWarps, row_bytes = int64_t(H) * 2, pieces = pieces_of(row_bytes);
+    // A warp per piece of a row (kPutBytes, a multiple of 16): copied in, then pushed if remote.
+    for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E] * pieces; m += warps) {
+      const int q = find_in_prefix(prefix, E, int(m / pieces));  // q = le * R + r
+      const int i = int(m / pieces - prefix[q]), le = q / R, r = q % R;
+      const int64_t at = m % pieces * kPutBytes, bytes = min(kPutBytes, row_bytes - at);
+      const int64_t row = int64_t(q) * p.max_tokens + i;
+      char* piece = reinterpret_cast<char*>(region + row * H) + at;
+      if (!zero_copy)
+        warp_copy_l2(reinterpret_cast<uint4*>(piece), reinterpret_cast<const uint4*>(p.x + row * H) + at / 16,
+                     bytes / 16, lane);
+      if (is_remote(g, r)) {
+        __syncwarp();  // the lanes' copies are in before the put reads them
+        char* dst = g.half + g.layout.remote_rows() + ((int64_t(g.rank) * E_local + le) * p.max_tokens + i) * row_bytes;
+        nvshmemx_putmem_signal_nbi_warp(dst + at, piece, size_t(bytes), flag, 1, NVSHMEM_SIGNAL_ADD, r);
+      }
+    }
+    if (blockIdx.x == 0) {  // a warp per remote rank: the closing signal, with the number of rows
+      for (int r = warp; r < R; r += kWarps) {
+        if (!is_remote(g, r)) continue;
+        int rows = 0;
+        for (int le = lane; le < E_local; le += 32) rows += min(max(p.layout[le * R + r], 0), p.max_tokens);
+        rows = __reduce_add_sync(0xffffffffu, rows);
+        if (lane == 0) nvshmemx_signal_op(flag, closing_signal(rows * pieces + 1), NVSHMEM_SIGNAL_ADD, r);
+      }
     }
   }
   stamp(g, kCombineSendCounter, 2);
-  arrive_everywhere(g, g.layout.combine_flags());  // every rank, rows or not
+  arrive_everywhere(g, g.layout.combine_flags(), false);  // every local rank, rows or not
   stamp(g, kCombineSendCounter, 3);
 }
 
@@ -394,8 +541,11 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(CombineRecvPa
         if (!routed[s]) continue;
         const int owner = int(e) / E_local;
         const int64_t row = (int64_t(e - owner * E_local) * R + g.rank) * p.max_tokens + slot;
+        const char* src = is_remote(g, owner)  // pushed here by the owner, or read at the owner
+                              ? g.half + g.layout.remote_rows() + ((e * p.max_tokens + slot) * H + ch0) * 2
+                              : g.peers[owner] + region + (row * H + ch0) * 2;
         w[s] = __ldg(p.topk_weights + q);
-        v[s] = __ldcg(reinterpret_cast<const uint4*>(g.peers[owner] + region + (row * H + ch0) * 2));
+        v[s] = __ldcg(reinterpret_cast<const uint4*>(src));
       }
 #pragma unroll
       for (int s = 0; s < kSlotsInFlight; ++s) {
@@ -418,7 +568,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(CombineRecvPa
     *reinterpret_cast<uint4*>(p.out + int64_t(t) * H + ch0) = make_uint4(out[0], out[1], out[2], out[3]);
   }
   stamp(g, kCombineRecvCounter, 2);
-  arrive_everywhere(g, g.layout.combine_credits());  // every row read: the owners may write their regions again
+  arrive_everywhere(g, g.layout.combine_credits(), true);  // every row read: the owners may write again
   stamp(g, kCombineRecvCounter, 3);
 }
 
@@ -435,12 +585,8 @@ cudaError_t allow_dynamic_smem(Kernel kernel, int64_t smem) {
 }
 
 bool valid_group(const GroupArgs& g) {
-  if (g.num_ranks < 1 || g.num_ranks > kMaxRanks || g.rank < 0 || g.rank >= g.num_ranks || !g.half ||
-      g.num_blocks < 1 || !g.error)
-    return false;
-  for (int r = 0; r < g.num_ranks; ++r)
-    if (!g.peers[r]) return false;
-  return true;
+  return g.num_ranks >= 1 && g.num_ranks <= kMaxRanks && g.rank >= 0 && g.rank < g.num_ranks && g.half &&
+         g.peers[g.rank] && g.num_blocks >= 1 && g.error && (!any_remote(g) || g.layout.remote);
 }
 
 }  // namespace
@@ -451,6 +597,9 @@ cudaError_t launch_dispatch_send(const DispatchSendParams& p, cudaStream_t strea
     return cudaErrorInvalidValue;
   const int64_t units = p.num_experts + int64_t(p.num_tokens) * ((p.hidden + kSendChunk - 1) / kSendChunk);
   dispatch_send_kernel<<<grid_for(p.g.num_blocks, units), kThreads, 0, stream>>>(p);
+  if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || !any_remote(p.g)) return err;
+  const int64_t put_units = int64_t(p.num_tokens) * p.g.num_ranks + p.num_experts;
+  dispatch_put_kernel<<<grid_for(p.g.num_blocks, put_units), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -469,10 +618,12 @@ cudaError_t launch_dispatch_recv(const DispatchRecvParams& p, cudaStream_t strea
 cudaError_t launch_combine_send(const CombineSendParams& p, cudaStream_t stream) {
   if (!valid_group(p.g) || p.num_experts % p.g.num_ranks || p.hidden % kHiddenMultiple) return cudaErrorInvalidValue;
   const bool zero_copy = reinterpret_cast<const char*>(p.x) == p.g.half + p.g.layout.combine_region();
-  const int64_t smem = zero_copy ? 0 : (int64_t(p.num_experts) + 1) * int64_t(sizeof(int));
+  // Zero copy with every peer local: nothing to move, one block only takes the credits and
+  // raises the flags.
+  const bool idle = zero_copy && !any_remote(p.g);
+  const int64_t smem = idle ? 0 : (int64_t(p.num_experts) + 1) * int64_t(sizeof(int));
   if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel, smem); err != cudaSuccess) return err;
-  // Zero copy: nothing to move, one block only takes the credits and raises the flags.
-  combine_send_kernel<<<zero_copy ? 1 : p.g.num_blocks, kThreads, smem, stream>>>(p);
+  combine_send_kernel<<<idle ? 1 : p.g.num_blocks, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -20,6 +20,15 @@
 //   recv: finds each (token, slot)'s row at its owner (expert, this rank, send_slot), waits
 //         for the owners' flags, reads the rows from their regions and sums them; each block
 //         then adds its arrival to a credit at every owner.
+// Remote peers (on another node: GroupArgs::peers[r] is null) cannot be read in place; what
+// they would read is pushed to them instead, through NVSHMEM's device API (put with signal,
+// so the same code runs over IBGDA, IBRC or P2P):
+//   dispatch: a third kernel (put), after send, pushes each token once to every remote owner
+//             of one of its experts (remote_tokens), and the lists and counts of its experts;
+//   combine:  send pushes each row back to its remote token's rank (remote_rows);
+//   receivers of both read those regions locally.
+// A remote peer's flag counts puts rather than blocks (low_latency_layout.hpp); credits go back
+// as NVSHMEM signals.
 // Flags and credits are completion words (low_latency_layout.hpp): every block of the writer
 // adds its arrival, so no block waits for the others before signalling. The last block past a
 // wait resets the words it waited on, before its own arrival: nobody adds to them again until
@@ -40,6 +49,8 @@
 //             dispatch credits       [R] completion words (set by the readers of our tokens)
 //             combine credits        [R] completion words (set by the readers of our rows)
 //             grid counters          [4] uint32 (blocks past each kernel's wait)
+//             remote regions         groups across nodes only: tokens, lists, counts and
+//                                    combine rows that remote peers push (LowLatencyLayout)
 #pragma once
 
 #include <cuda_runtime.h>
@@ -56,7 +67,8 @@ struct GroupArgs {
   int rank;
   int num_ranks;
   char* half;           // this rank's address of the half (symmetric: the same offset on every rank)
-  char* peers[kMaxRanks];  // every rank's half, as this rank maps it (NVLink P2P or the same GPU)
+  char* peers[kMaxRanks];  // every rank's half, as this rank maps it (NVLink P2P or the same GPU);
+                           // null: a remote rank, reached through NVSHMEM's device API only
   LowLatencyLayout layout;
   int num_blocks;       // SM budget
   uint64_t timeout_ns;
@@ -73,6 +85,7 @@ struct DispatchSendParams {
   bool use_fp8;
   bool round_scale;         // fp8 scales rounded up to a power of two
 };
+// Launches send, then put when the group has remote peers.
 cudaError_t launch_dispatch_send(const DispatchSendParams& params, cudaStream_t stream);
 
 struct DispatchRecvParams {

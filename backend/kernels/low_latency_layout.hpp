@@ -32,9 +32,11 @@ inline int error_peer(int code) { return (code & 0xffff) - 1; }
 // Byte offsets inside one half of the symmetric buffer (the protocol: low_latency.cuh).
 struct LowLatencyLayout {
   int64_t num_ranks = 0, num_local_experts = 0, max_tokens = 0, max_hidden = 0;
+  int64_t remote = 0;  // 1: the regions remote peers push into (groups that span nodes)
 
-  static LowLatencyLayout of(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t max_hidden) {
-    return LowLatencyLayout{num_ranks, num_local_experts, max_tokens, max_hidden};
+  static LowLatencyLayout of(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t max_hidden,
+                             bool remote = false) {
+    return LowLatencyLayout{num_ranks, num_local_experts, max_tokens, max_hidden, remote ? 1 : 0};
   }
 
   EP_LL_HOST_DEVICE static int64_t align(int64_t n) { return (n + 127) / 128 * 128; }
@@ -65,13 +67,33 @@ struct LowLatencyLayout {
   EP_LL_HOST_DEVICE int64_t dispatch_credits() const { return align(combine_flags() + num_ranks * 8); }
   EP_LL_HOST_DEVICE int64_t combine_credits() const { return align(dispatch_credits() + num_ranks * 8); }
   EP_LL_HOST_DEVICE int64_t counters() const { return align(combine_credits() + num_ranks * 8); }
-  EP_LL_HOST_DEVICE int64_t half_bytes() const { return align(counters() + 4 * 4); }
+  // Where remote peers (another node: no load or store reaches them, only NVSHMEM's device API)
+  // push what local peers would read in place. Empty unless `remote`.
+  // Dispatch tokens from remote senders: [R][max_tokens] tokens of a call's token_bytes, rank r's
+  // token t at [r][t] (those of r's tokens that have a pair for one of this rank's experts).
+  EP_LL_HOST_DEVICE int64_t remote_tokens() const { return align(counters() + 4 * 4); }
+  EP_LL_HOST_DEVICE int64_t remote_tokens_bytes() const {
+    return remote * num_ranks * max_tokens * token_bytes(max_hidden, false);
+  }
+  // Their lists and counts for this rank's experts: [R][E_local][max_tokens] int32 pairs q = t*K + k;
+  // [R][E_local] int32.
+  EP_LL_HOST_DEVICE int64_t remote_lists() const { return align(remote_tokens() + remote_tokens_bytes()); }
+  EP_LL_HOST_DEVICE int64_t remote_counts() const {
+    return align(remote_lists() + remote * num_ranks * num_local_experts * max_tokens * 4);
+  }
+  // Combine rows from remote owners: [E][max_tokens] rows of H bf16, row (e, slot) answering this
+  // rank's pair with send_slot `slot` for expert e.
+  EP_LL_HOST_DEVICE int64_t remote_rows() const { return align(remote_counts() + remote * num_ranks * num_local_experts * 4); }
+  EP_LL_HOST_DEVICE int64_t remote_rows_bytes() const { return remote * num_experts() * max_tokens * max_hidden * 2; }
+  EP_LL_HOST_DEVICE int64_t half_bytes() const { return align(remote_rows() + remote_rows_bytes()); }
   EP_LL_HOST_DEVICE int64_t total_bytes() const { return 2 * half_bytes(); }
 };
 
-// A completion word is complete when its two halves are equal and nonzero: each of the n blocks
-// that write it adds 1, and one of them also adds n << 32. Initially the credits are complete
-// ("nothing to protect yet") and the flags zero.
+// A completion word is complete when its two halves are equal and nonzero: each of the n writes
+// adds 1, and one of them also adds n << 32, whatever the order they land in. A write is a
+// block's arrival (local peers), or one NVSHMEM put-with-signal (the data a remote peer pushes:
+// the word completes once all of it has landed). Initially the credits are complete ("nothing
+// to protect yet") and the flags zero.
 constexpr uint64_t kCompleteWord = (uint64_t(1) << 32) | 1;
 
 // Grid counters of one half (LowLatencyLayout::counters), one per kernel: the blocks that have

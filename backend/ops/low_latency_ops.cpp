@@ -216,16 +216,18 @@ Tensor combine_buffer_cuda(const std::string&, int64_t, int64_t, int64_t, const 
 }
 int nvshmem_status() { return 0; }
 void nvshmem_attach(int, int) { TORCH_CHECK(false, kNoNvshmemMessage); }
-bool buffer_fits(const std::string&, int64_t, int64_t, int64_t, int64_t) { return false; }
-bool reserve_buffer(const std::string&, int, int, int, std::chrono::milliseconds, int, int64_t, int64_t, int64_t) {
+bool buffer_fits(const std::string&, int64_t, int64_t, int64_t, int64_t, bool) { return false; }
+bool reserve_buffer(const std::string&, int, int, int, std::chrono::milliseconds, int, int64_t, int64_t, int64_t, bool,
+                    const std::vector<int>&) {
   TORCH_CHECK(false, kNoNvshmemMessage);
 }
+std::vector<int> remote_ranks(const std::string&) { return {}; }
 void check_errors(const std::string&, const char*) {}
 std::vector<uint64_t> trace(const std::string&) { return {}; }
 #endif
 
-int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t hidden) {
-  return kernels::ll::LowLatencyLayout::of(num_ranks, num_local_experts, max_tokens, hidden).total_bytes();
+int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t hidden, bool remote) {
+  return kernels::ll::LowLatencyLayout::of(num_ranks, num_local_experts, max_tokens, hidden, remote).total_bytes();
 }
 
 TORCH_LIBRARY_FRAGMENT(ep, m) {
@@ -274,6 +276,8 @@ void register_low_latency(pybind11::module_& m) {
   m.def("_ll_buffer_fits", &ll::buffer_fits);
   m.def("_ll_reserve_buffer", &ll::reserve_buffer, py::call_guard<py::gil_scoped_release>());
   m.def("_ll_buffer_bytes", &ll::buffer_bytes);
+  m.def("_ll_remote_ranks", &ll::remote_ranks,
+        "the ranks the group's low-latency kernels reach through NVSHMEM's device API (puts), not by loads");
   m.def("_ll_trace", &ll::trace, py::call_guard<py::gil_scoped_release>(),
         "the low-latency kernels' phase timestamps (TORCH_EP_LL_TRACE=1; tools/ll_profile.py)");
   m.def("_ll_combine_buffer", &ll::combine_buffer_cuda, py::arg("group_name"), py::arg("num_local_experts"),

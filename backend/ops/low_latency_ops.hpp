@@ -65,15 +65,20 @@ at::Tensor combine_buffer_cuda(const std::string& group_name, int64_t num_local_
 // ---- the runtime, for torch_ep/low_latency.py
 int nvshmem_status();
 void nvshmem_attach(int rank, int size);
-// Whether the group's buffer holds these sizes (false before its first reserve).
+// Whether the group's buffer holds these sizes (false before its first reserve). `remote`: with
+// the regions remote peers push into (groups that span nodes).
 bool buffer_fits(const std::string& group_name, int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens,
-                 int64_t hidden);
+                 int64_t hidden, bool remote);
 // Collective: allocates or grows the group's symmetric buffer; true when it did (the caller
-// then barriers the group before any kernel may write into a peer's new buffer).
+// then barriers the group before any kernel may write into a peer's new buffer). The kernels
+// reach `remote_ranks`, and peers nvshmem_ptr cannot map, through NVSHMEM's device API only.
 bool reserve_buffer(const std::string& group_name, int rank, int size, int device, std::chrono::milliseconds timeout,
-                    int num_sms, int64_t num_local_experts, int64_t max_tokens, int64_t hidden);
+                    int num_sms, int64_t num_local_experts, int64_t max_tokens, int64_t hidden, bool remote,
+                    const std::vector<int>& remote_ranks);
 // Symmetric bytes the buffer of these sizes takes.
-int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t hidden);
+int64_t buffer_bytes(int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens, int64_t hidden, bool remote);
+// The ranks the group's kernels reach through NVSHMEM's device API (empty without a buffer).
+std::vector<int> remote_ranks(const std::string& group_name);
 // Raises what the group's kernels reported since the last check (no-op without a buffer).
 void check_errors(const std::string& group_name, const char* op);
 // The kernels' phase timestamps (LowLatencyBuffer::trace); empty unless tracing.

@@ -18,7 +18,8 @@ use_local_synchronization, so that only its ranks take part, as in DeepEP) and r
 Buffers over the same ranks: an NCCL group, a Gloo group or the default group all work. Groups that
 span nodes take torch_ep's hierarchical route with the same calls. CPU tensors run on torch_ep's
 shared-memory transport, so DeepEP-API code can be tested without a GPU (the low-latency calls
-excepted: they need CUDA and NVSHMEM, as torch_ep's own).
+excepted: they need CUDA and NVSHMEM, as torch_ep's own; across nodes they push to remote ranks
+by NVSHMEM puts, within a node they load over NVLink).
 
 Streams and events, as DeepEP's: the high-throughput calls (and the low-latency ones with
 async_finish) run on the Buffer's communication stream (`get_comm_stream()`), after
@@ -47,8 +48,10 @@ carry torch_ep's handle in an attribute, `handle.native`; a tuple not made here 
 Differences from DeepEP (each one raises naming the argument where a caller could rely on it):
 - `comm` (an mpi4py communicator) without `group`: ValueError; torch_ep runs on torch.distributed.
 - `enable_shrink=True` and the mask-buffer methods: ValueError; torch_ep cannot mask ranks.
-- `allow_nvlink_for_low_latency_mode=False` with low_latency_mode: ValueError; torch_ep's
-  low-latency path runs over NVLink P2P (or a shared GPU) only, it has no RDMA-only mode.
+- `allow_nvlink_for_low_latency_mode=False` with low_latency_mode: ValueError; inside a node
+  torch_ep's low-latency path runs over NVLink P2P (or a shared GPU) only, it has no RDMA-only
+  mode (across nodes it pushes by NVSHMEM puts; Options.force_remote forces that between
+  virtual nodes).
 - Low-latency calls on a Buffer made without low_latency_mode: ValueError, as DeepEP asserts.
 - `dispatch` without `topk_idx` (DeepEP can route by is_token_in_rank alone): ValueError;
   torch_ep routes by topk_idx. num_tokens_per_rank / num_tokens_per_expert / is_token_in_rank

@@ -40,8 +40,8 @@ class Buffer:
         if low_latency_mode:
             _positive_int("num_qps_per_rank", num_qps_per_rank)
             if not allow_nvlink_for_low_latency_mode:
-                raise ValueError("allow_nvlink_for_low_latency_mode=False: torch_ep's low-latency ops run over "
-                                 "NVLink P2P (or a shared GPU) only; there is no RDMA-only mode")
+                raise ValueError("allow_nvlink_for_low_latency_mode=False: inside a node torch_ep's low-latency ops "
+                                 "run over NVLink P2P (or a shared GPU); there is no RDMA-only mode")
         if enable_shrink:
             raise ValueError("enable_shrink=True: torch_ep cannot mask ranks out of a group")
         self.group, self.rank, self.group_size = group, group.rank(), group.size()
@@ -93,13 +93,16 @@ class Buffer:
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
-        """Bytes of symmetric memory torch_ep's low-latency ops take for these sizes."""
+        """Bytes of symmetric memory torch_ep's low-latency ops take for these sizes on one node
+        (a group across nodes takes about twice as much: the regions remote peers push into).
+        torch_ep sizes its buffers itself; num_rdma_bytes is not needed."""
         _positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
         _positive_int("hidden", hidden)
         _positive_int("num_ranks", num_ranks)
         if _positive_int("num_experts", num_experts) % num_ranks:
             raise ValueError(f"num_experts={num_experts} must be divisible by num_ranks={num_ranks}")
-        return int(_C._ll_buffer_bytes(num_ranks, num_experts // num_ranks, num_max_dispatch_tokens_per_rank, hidden))
+        return int(_C._ll_buffer_bytes(num_ranks, num_experts // num_ranks, num_max_dispatch_tokens_per_rank, hidden,
+                                       False))
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:

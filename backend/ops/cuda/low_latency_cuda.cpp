@@ -185,16 +185,23 @@ int nvshmem_status() { return nvshmem::init_status(); }
 void nvshmem_attach(int rank, int size) { nvshmem::attach(rank, size); }
 
 bool buffer_fits(const std::string& group_name, int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens,
-                 int64_t hidden) {
+                 int64_t hidden, bool remote) {
   const LowLatencyBuffer* buffer = find_low_latency_buffer(group_name);
-  return buffer && buffer->fits(LowLatencyLayout::of(num_ranks, num_local_experts, max_tokens, hidden));
+  return buffer && buffer->fits(LowLatencyLayout::of(num_ranks, num_local_experts, max_tokens, hidden, remote));
 }
 
 bool reserve_buffer(const std::string& group_name, int rank, int size, int device, std::chrono::milliseconds timeout,
-                    int num_sms, int64_t num_local_experts, int64_t max_tokens, int64_t hidden) {
+                    int num_sms, int64_t num_local_experts, int64_t max_tokens, int64_t hidden, bool remote,
+                    const std::vector<int>& remote_ranks) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   return reserve_low_latency_buffer(group_name, rank, size, device, timeout, num_sms,
-                                    LowLatencyLayout::of(size, num_local_experts, max_tokens, hidden));
+                                    LowLatencyLayout::of(size, num_local_experts, max_tokens, hidden, remote),
+                                    remote_ranks);
+}
+
+std::vector<int> remote_ranks(const std::string& group_name) {
+  const LowLatencyBuffer* buffer = find_low_latency_buffer(group_name);
+  return buffer ? buffer->remote_ranks() : std::vector<int>();
 }
 
 std::vector<uint64_t> trace(const std::string& group_name) {

@@ -31,9 +31,11 @@ void finish_on(const c10::cuda::CUDAStream& comm, const AllToAllSpans& spans, co
 
 EPCudaWork::EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs,
                        c10::cuda::CUDAStream comm_stream, std::shared_ptr<CudaTransport> transport,
-                       bool blocking_wait, std::chrono::milliseconds timeout)
+                       bool blocking_wait, std::chrono::milliseconds timeout,
+                       std::function<std::string()> more_errors)
     : c10d::Work(rank, type), outputs_(std::move(outputs)), device_(comm_stream.device_index()),
-      transport_(std::move(transport)), blocking_wait_(blocking_wait), timeout_(timeout) {
+      transport_(std::move(transport)), more_errors_(std::move(more_errors)), blocking_wait_(blocking_wait),
+      timeout_(timeout) {
   C10_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
   C10_CUDA_CHECK(cudaEventRecord(done_, comm_stream.stream()));
   c10::cuda::CUDAStreamGuard guard(comm_stream);
@@ -56,6 +58,9 @@ EPCudaWork::~EPCudaWork() {
 void EPCudaWork::raise_if_failed() const {
   const std::string error = transport_->error();
   if (!error.empty()) C10_THROW_ERROR(DistBackendError, error);
+  if (!more_errors_) return;
+  const std::string more = more_errors_();
+  if (!more.empty()) C10_THROW_ERROR(DistBackendError, "torch_ep: " + more);
 }
 
 bool EPCudaWork::isCompleted() {
@@ -65,7 +70,7 @@ bool EPCudaWork::isCompleted() {
   return true;
 }
 
-bool EPCudaWork::isSuccess() const { return transport_->error().empty(); }
+bool EPCudaWork::isSuccess() const { return transport_->error().empty() && (!more_errors_ || more_errors_().empty()); }
 
 std::exception_ptr EPCudaWork::exception() const {
   try {

@@ -7,7 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
+#include <functional>
 #include <memory>
+#include <string>
 
 namespace ep {
 
@@ -24,8 +26,11 @@ void finish_on(const c10::cuda::CUDAStream& comm, const AllToAllSpans& spans, co
 class EPCudaWork : public c10d::Work {
  public:
   ~EPCudaWork() override;
+  // `more_errors`, where given, reports failures of another transport the op used ("" if none):
+  // the NVSHMEM hop across nodes.
   EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs, c10::cuda::CUDAStream comm_stream,
-             std::shared_ptr<CudaTransport> transport, bool blocking_wait, std::chrono::milliseconds timeout);
+             std::shared_ptr<CudaTransport> transport, bool blocking_wait, std::chrono::milliseconds timeout,
+             std::function<std::string()> more_errors = {});
 
   bool isCompleted() override;
   bool isSuccess() const override;
@@ -41,6 +46,7 @@ class EPCudaWork : public c10d::Work {
   c10::DeviceIndex device_;
   cudaEvent_t done_ = nullptr;  // recorded on the comm stream after the op
   std::shared_ptr<CudaTransport> transport_;
+  std::function<std::string()> more_errors_;
   bool blocking_wait_;
   std::chrono::milliseconds timeout_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;

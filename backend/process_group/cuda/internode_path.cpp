@@ -68,8 +68,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
     C10_THROW_ERROR(DistBackendError, e.what());
   }
   finish_on(comm, spans, outputs);
+  // Work.wait() also raises a peer the NVSHMEM hop waited for in vain (blocking waits poll it).
+  auto net_error = [transport, op_name] {
+    const std::string e = transport->net().error();
+    return e.empty() ? e : std::string(op_name) + ": " + e;
+  };
   return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport->node_shared(),
-                                         config_.blocking_wait, config_.timeout);
+                                         config_.blocking_wait, config_.timeout, net_error);
 }
 
 #else  // CUDA without NVSHMEM

@@ -47,10 +47,17 @@ std::vector<uint64_t> LowLatencyBuffer::trace() const {
 
 bool LowLatencyBuffer::fits(const LowLatencyLayout& n) const {
   return base_ && n.num_ranks == layout_.num_ranks && n.num_local_experts <= layout_.num_local_experts &&
-         n.max_tokens <= layout_.max_tokens && n.max_hidden <= layout_.max_hidden;
+         n.max_tokens <= layout_.max_tokens && n.max_hidden <= layout_.max_hidden && n.remote <= layout_.remote;
 }
 
-bool LowLatencyBuffer::reserve(const LowLatencyLayout& need) {
+std::vector<int> LowLatencyBuffer::remote_ranks() const {
+  std::vector<int> remote;
+  for (size_t r = 0; r < peers_.size(); ++r)
+    if (!peers_[r]) remote.push_back(int(r));
+  return remote;
+}
+
+bool LowLatencyBuffer::reserve(const LowLatencyLayout& need, const std::vector<int>& remote_ranks) {
   if (fits(need)) return false;
   LowLatencyLayout grown = need;
   grown.num_ranks = size_;
@@ -58,6 +65,7 @@ bool LowLatencyBuffer::reserve(const LowLatencyLayout& need) {
     grown.num_local_experts = std::max(grown.num_local_experts, layout_.num_local_experts);
     grown.max_tokens = std::max(grown.max_tokens, layout_.max_tokens);
     grown.max_hidden = std::max(grown.max_hidden, layout_.max_hidden);
+    grown.remote = std::max(grown.remote, layout_.remote);
   }
   EP_CUDA_CHECK(cudaSetDevice(device_));
   EP_CUDA_CHECK(cudaDeviceSynchronize());  // no kernel of ours still uses the old buffer
@@ -68,13 +76,18 @@ bool LowLatencyBuffer::reserve(const LowLatencyLayout& need) {
   std::string unmapped;
   std::vector<char*> peers(size_t(size_), nullptr);
   for (int pe = 0; pe < size_; ++pe) {
-    peers[pe] = static_cast<char*>(nvshmem::peer_ptr(base, pe));
-    if (!peers[pe]) unmapped += (unmapped.empty() ? "" : ", ") + std::to_string(pe);
+    const bool forced = pe != rank_ && std::find(remote_ranks.begin(), remote_ranks.end(), pe) != remote_ranks.end();
+    if (!forced) peers[pe] = static_cast<char*>(nvshmem::peer_ptr(base, pe));
+    if (!peers[pe] && !forced) unmapped += (unmapped.empty() ? "" : ", ") + std::to_string(pe);
   }
-  if (!unmapped.empty())
-    throw CommError("torch_ep: low-latency ops reach peers by NVLink/P2P (nvshmem_ptr), but rank " +
-                    std::to_string(rank_) + " cannot map the buffers of ranks " + unmapped +
-                    "; low-latency ops across nodes are not implemented yet");
+  if (!peers[rank_]) throw CommError("torch_ep: nvshmem_ptr cannot map this rank's own low-latency buffer");
+  // Remote regions are sized for groups that span nodes only (the same on every rank, as the
+  // symmetric allocation must be): a peer that cannot be mapped on one node is a setup error.
+  if (!unmapped.empty() && !grown.remote)
+    throw CommError("torch_ep: low-latency ops reach the ranks of their own node by NVLink/P2P (nvshmem_ptr), but "
+                    "rank " + std::to_string(rank_) + " cannot map the buffers of ranks " + unmapped +
+                    ", which the group's topology puts on its node (NVLink P2P off, or ranks sharing a GPU without "
+                    "MPS?)");
   // Flags and counters zero; every credit complete (nothing to protect yet).
   EP_CUDA_CHECK(cudaMemset(base, 0, size_t(grown.total_bytes())));
   const std::vector<uint64_t> given(size_t(size_), kernels::ll::kCompleteWord);
@@ -141,7 +154,7 @@ kernels::ll::GroupArgs LowLatencyBuffer::args(int half) const {
   g.rank = rank_;
   g.num_ranks = size_;
   g.half = base_ + half * layout_.half_bytes();
-  for (size_t r = 0; r < peers_.size(); ++r) g.peers[r] = peers_[r] + half * layout_.half_bytes();
+  for (size_t r = 0; r < peers_.size(); ++r) g.peers[r] = peers_[r] ? peers_[r] + half * layout_.half_bytes() : nullptr;
   g.layout = layout_;
   g.num_blocks = num_blocks_;
   g.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
@@ -165,7 +178,8 @@ LowLatencyBuffer* find_low_latency_buffer(const std::string& group_name) {
 }
 
 bool reserve_low_latency_buffer(const std::string& group_name, int rank, int size, int device,
-                                std::chrono::milliseconds timeout, int num_sms, const LowLatencyLayout& need) {
+                                std::chrono::milliseconds timeout, int num_sms, const LowLatencyLayout& need,
+                                const std::vector<int>& remote_ranks) {
   LowLatencyBuffer* buffer;
   {
     std::lock_guard<std::mutex> lock(registry_mutex);
@@ -177,7 +191,7 @@ bool reserve_low_latency_buffer(const std::string& group_name, int rank, int siz
     throw CommError("torch_ep: group '" + group_name + "' already has low-latency buffers for rank " +
                     std::to_string(buffer->rank()) + " of " + std::to_string(buffer->size()) + " on cuda:" +
                     std::to_string(buffer->device()));
-  return buffer->reserve(need);
+  return buffer->reserve(need, remote_ranks);
 }
 
 }  // namespace ep

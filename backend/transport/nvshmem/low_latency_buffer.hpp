@@ -32,8 +32,12 @@ class LowLatencyBuffer {
   int size() const { return size_; }
   int device() const { return device_; }
   bool fits(const kernels::ll::LowLatencyLayout& need) const;
-  // Collective: makes the buffer hold at least `need` (true when it allocated).
-  bool reserve(const kernels::ll::LowLatencyLayout& need);
+  // Collective: makes the buffer hold at least `need` (true when it allocated). Peers in
+  // `remote_ranks`, and those nvshmem_ptr cannot map, are remote: the kernels reach them through
+  // NVSHMEM's device API only, which needs need.remote (the same on every rank).
+  bool reserve(const kernels::ll::LowLatencyLayout& need, const std::vector<int>& remote_ranks);
+  // The ranks reached through NVSHMEM's device API (no load or store reaches them).
+  std::vector<int> remote_ranks() const;
   // Raises (naming `op`) what a kernel reported since the last check; timeouts leave the flags
   // out of step with the peers', so after one every call raises.
   void check(const char* op);
@@ -52,7 +56,7 @@ class LowLatencyBuffer {
   int num_blocks_;
   kernels::ll::LowLatencyLayout layout_{};
   char* base_ = nullptr;         // symmetric: two halves
-  std::vector<char*> peers_;     // every rank's base_, as this rank maps it
+  std::vector<char*> peers_;     // every rank's base_, as this rank maps it; null: remote
   int* error_host_ = nullptr;    // pinned, mapped
   int* error_device_ = nullptr;
   uint64_t* trace_ = nullptr;    // device, kTraceWords; null unless tracing
@@ -65,6 +69,6 @@ LowLatencyBuffer* find_low_latency_buffer(const std::string& group_name);
 // Creates (first call) and grows the group's buffer: collective, see LowLatencyBuffer::reserve.
 bool reserve_low_latency_buffer(const std::string& group_name, int rank, int size, int device,
                                 std::chrono::milliseconds timeout, int num_sms,
-                                const kernels::ll::LowLatencyLayout& need);
+                                const kernels::ll::LowLatencyLayout& need, const std::vector<int>& remote_ranks);
 
 }  // namespace ep

@@ -56,15 +56,19 @@ uint64_t* NvshmemExchange::credit_signal(char* base, int dst, int index) const {
   return full_signal(base, 0, 0) + size_t(size_) * num_slots_ + dst * num_slots_ + index;
 }
 
-void NvshmemExchange::check(const char* op_name) {
-  if (!failed_.empty()) throw CommError(std::string(op_name) + ": " + failed_);
+std::string NvshmemExchange::error() {
+  std::lock_guard<std::mutex> lock(error_mutex_);
   const int code = *static_cast<volatile int*>(error_host_);
-  if (code == 0) return;
-  failed_ = "rank " + std::to_string(rank_) + "'s internode (NVSHMEM) exchange waited past the timeout (" +
-            std::to_string(timeout_.count()) + " ms) for rank " + std::to_string(code - 1) +
-            " (it never came, or the ranks disagree on a message's size); its signals are out of step since, so "
-            "this group takes no more internode calls";
-  throw CommError(std::string(op_name) + ": " + failed_);
+  if (failed_.empty() && code != 0)
+    failed_ = "rank " + std::to_string(rank_) + "'s internode (NVSHMEM) exchange waited past the timeout (" +
+              std::to_string(timeout_.count()) + " ms) for rank " + std::to_string(code - 1) +
+              " (it never came, or the ranks disagree on a message's size); its signals are out of step since, so "
+              "this group takes no more internode calls";
+  return failed_;
+}
+
+void NvshmemExchange::check(const char* op_name) {
+  if (const std::string failed = error(); !failed.empty()) throw CommError(std::string(op_name) + ": " + failed);
 }
 
 void NvshmemExchange::all_to_all(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,

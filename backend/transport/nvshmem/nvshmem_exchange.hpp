@@ -53,6 +53,9 @@ class NvshmemExchange {
                   const std::vector<RecvBuffer>& recvs, cudaStream_t stream, const char* op_name);
   // Raises what a wait kernel reported since the last call (a peer that never came).
   void check(const char* op_name);
+  // What failed, or "": check's text without raising, for Work.wait() polling while a wait
+  // kernel may still report (the first report fails the exchange for good).
+  std::string error();
   // Bytes put to other PEs so far.
   uint64_t bytes_sent() const { return bytes_sent_; }
 
@@ -71,6 +74,7 @@ class NvshmemExchange {
   std::vector<uint64_t> chunks_sent_, chunks_received_;  // per peer, over the exchange's life
   int* error_host_ = nullptr;
   int* error_device_ = nullptr;
+  std::mutex error_mutex_;  // error() runs on the caller's thread and on Work.wait()'s
   std::string failed_;
   uint64_t bytes_sent_ = 0;
 };

@@ -1,0 +1,85 @@
+"""Low-latency dispatch / combine across (virtual) nodes: the remote path, forced.
+
+With TORCH_EP_FORCE_REMOTE=1 the ops reach every rank on another node through NVSHMEM's device
+API (puts with a signal into the regions remote peers push into), as across real nodes, although
+on one machine NVLink or the shared GPU could map them. The same checks as the intranode tests
+(test_cuda_low_latency.py), against the same reference: bf16 bit for bit, fp8 with the
+reference's arithmetic, combine bit for bit; the receive hook, zero copy, two live results,
+CUDA-graph capture and replay, and what only the kernels see. TORCH_EP_INTERNODE_TOPOLOGIES
+picks the virtual nodes (e.g. "2x2,2x4"); ranks sharing a GPU need MPS.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import test_cuda_low_latency as ll
+import torch_ep
+from conftest import rank_pool
+
+pytestmark = ll.pytestmark
+
+SINGLE_HOST_NVSHMEM = {"NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
+                       "NVSHMEM_DISABLE_NCCL": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _topologies():
+    return [tuple(int(v) for v in t.split("x")) for t in os.environ.get("TORCH_EP_INTERNODE_TOPOLOGIES", "2x2").split(",")]
+
+
+@pytest.fixture(params=_topologies(), ids=lambda t: f"{t[0]}x{t[1]}")
+def remote_pool(request):
+    nodes, per_node = request.param
+    env = {name: os.environ.get(name, value) for name, value in SINGLE_HOST_NVSHMEM.items()}
+    env.update({"TORCH_EP_RANKS_PER_NODE": str(per_node), "TORCH_EP_FORCE_REMOTE": "1"})
+    return rank_pool(nodes * per_node, cuda=True, env=env)
+
+
+def rank_case_and_remote_ranks(*case, **kwargs):
+    """One checked round, then the ranks the kernels pushed to: every rank of the other nodes."""
+    ll.run_case(*case, **kwargs)
+    per_node = int(os.environ["TORCH_EP_RANKS_PER_NODE"])
+    node = dist.get_rank() // per_node
+    return torch_ep.low_latency.remote_ranks() == [r for r in range(dist.get_world_size()) if r // per_node != node]
+
+
+@pytest.mark.parametrize("case", ll.CASES, ids=lambda c: "-".join(str(v) for v in c))
+def test_dispatch_combine(remote_pool, case):
+    assert all(remote_pool.run(rank_case_and_remote_ranks, ll._seed(), *case)), "the remote path was not taken"
+
+
+def test_hook_and_zero_copy(remote_pool):
+    seed = ll._seed()
+    remote_pool.run(ll.run_case, seed, "random", 8, 256, 3, 2, True, False, 8, hook=True)
+    remote_pool.run(ll.run_case, seed + 1, "random", 8, 256, 3, 2, False, False, 8, hook=True, zero_copy=True)
+    remote_pool.run(ll.run_case, seed + 2, *ll.CASES[3], zero_copy=True)
+    remote_pool.run(ll.run_case, seed + 3, *ll.CASES[6], zero_copy=True)
+
+
+def test_two_live_results_and_repeated_calls(remote_pool):
+    remote_pool.run(ll.rank_two_live_and_repeated, ll._seed())
+
+
+@pytest.mark.parametrize("use_fp8,zero_copy", [(False, False), (True, False), (False, True)],
+                         ids=["bf16", "fp8", "bf16-zero-copy"])
+def test_cuda_graph(remote_pool, use_fp8, zero_copy):
+    remote_pool.run(ll.rank_graph, ll._seed(), use_fp8, zero_copy)
+
+
+def test_errors_the_kernels_see(remote_pool):
+    remote_pool.run(ll.rank_errors_the_kernels_see, ll._seed())
+
+
+def test_remote_peer_never_sends():
+    """A rank of the other node that never makes the call: the receive gives up after the group's
+    timeout, naming the op, this rank and the missing peer; later calls raise."""
+    timeout_s, absent = 5, 2
+    env = dict(SINGLE_HOST_NVSHMEM, TORCH_EP_RANKS_PER_NODE="2", TORCH_EP_FORCE_REMOTE="1",
+               TORCH_EP_TIMEOUT_S=str(timeout_s))
+    pool = rank_pool(4, cuda=True, env=env)
+    waited, first, later = pool.run(ll.rank_peer_never_sends, absent)[0]
+    assert timeout_s - 0.5 <= waited <= timeout_s + 10, waited
+    assert f"rank 0: a low_latency_dispatch receive waited past the timeout ({timeout_s}" in first, first
+    assert f"for rank {absent} to send" in first, first
+    assert "low_latency_combine" in later and "every later call raises" in later, later
