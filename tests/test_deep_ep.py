@@ -488,3 +488,34 @@ def rank_low_latency_on_reference(seed, num_tokens, hidden, top_k, experts_per_r
 ], ids=lambda c: "-".join(str(v) for v in c))
 def test_low_latency_layer_on_reference(pool4, case):
     pool4.run(rank_low_latency_on_reference, _seed(), *case)
+
+
+def rank_subgroups(seed):
+    """4 ranks as two expert-parallel groups of 2 (as in TP x EP): each rank makes a Buffer over
+    its own Gloo subgroup only; the "ep" group under it is made by those 2 ranks alone."""
+    rank = dist.get_rank()
+    halves = [dist.new_group([0, 1], backend="gloo"), dist.new_group([2, 3], backend="gloo")]
+    mine = halves[rank // 2]
+    buffer = deep_ep.Buffer(mine)
+    assert dist.get_process_group_ranks(buffer.ep_group) == [rank // 2 * 2, rank // 2 * 2 + 1]
+    g = torch.Generator().manual_seed(seed + rank)
+    num_experts = 6
+    idx = torch.stack([torch.randperm(num_experts, generator=g)[:2] for _ in range(7)])
+    x = torch.randint(-60, 60, (7, 32), generator=g).to(torch.bfloat16)
+    w = torch.rand(idx.shape, generator=g)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+    recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
+        topk_weights=w)
+    expected = reference.dispatch(x, idx, w, num_experts=num_experts, group=mine)
+    assert same_bits(recv_x, expected.recv_x) and torch.equal(recv_idx, expected.recv_topk_idx)
+    assert int(handle[0][-1, mine.rank()]) == recv_x.shape[0]
+    combined, combined_w, _ = buffer.combine(recv_x, handle, recv_w)
+    want = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights, group=mine)
+    assert same_bits(combined, want.combined_x) and torch.equal(combined_w, want.combined_topk_weights)
+    for group in halves:
+        dist.destroy_process_group(group)
+
+
+def test_buffer_over_a_subgroup(pool4):
+    pool4.run(rank_subgroups, _seed())
