@@ -64,6 +64,11 @@ def rank_high_throughput(seed, group_kind, hidden, dtype, alignment=1, device="c
     num_experts, g, x, idx, w = moe_checks.make_inputs(seed, "random", hidden, 3, 2, dtype, device)
     xc, idxc, wc = x.cpu(), idx.cpu(), w.cpu()
     per_rank, per_expert, in_rank = check_layout(buffer, idx, num_experts)
+    # Each layout's routing table stays at hand for dispatch while its is_token_in_rank lives.
+    second = buffer.get_dispatch_layout(idx, num_experts)[3]
+    assert {id(in_rank), id(second)} == set(buffer._layouts)
+    del second
+    assert set(buffer._layouts) == {id(in_rank)}
 
     expected = reference.dispatch(xc, idxc, wc, num_experts=num_experts, expert_alignment=alignment)
     moe_checks._poison_cache(device, expected.recv_x.numel() * 4)

@@ -1,6 +1,7 @@
 """DeepEP's Buffer on torch_ep's ops (see the package's docstring for what differs)."""
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,7 +52,9 @@ class Buffer:
         self.runtime = get_backend(self.ep_group)
         self._num_nodes, self._ranks_per_node = self.runtime.num_nodes, self.runtime.ranks_per_node
         self._comm_streams: dict = {}
-        self._layout: Optional[DispatchLayout] = None  # the last get_dispatch_layout's, for dispatch(layout=)
+        # get_dispatch_layout's routing tables by id(is_token_in_rank), for dispatch(layout=): each entry
+        # holds a weak reference to that tensor and goes when it does.
+        self._layouts: dict = {}
         self._zero_copy_buffers: dict = {}            # data_ptr -> the combine buffers handed out
 
     # ------------------------------------------------------------------ lifetime and settings
@@ -61,7 +64,8 @@ class Buffer:
         Buffers over the same ranks (released with the default group)."""
         if not self.explicitly_destroy:
             raise RuntimeError("destroy: the Buffer was made without explicitly_destroy=True")
-        self.runtime, self._layout = None, None
+        self.runtime = None
+        self._layouts.clear()
         self._zero_copy_buffers.clear()
 
     def _check_alive(self, op: str) -> None:
@@ -191,8 +195,13 @@ class Buffer:
 
         (layout, per_node), event = self._launch(topk_idx.device, run, [topk_idx], previous_event, async_finish,
                                                  allocate_on_comm_stream)
-        self._layout = layout
+        self._remember(layout)
         return layout.num_tokens_per_rank, per_node, layout.num_tokens_per_expert, layout.is_token_in_rank, event
+
+    def _remember(self, layout: DispatchLayout) -> None:
+        key, layouts = id(layout.is_token_in_rank), self._layouts
+        ref = weakref.ref(layout.is_token_in_rank, lambda _: layouts.pop(key, None))
+        layouts[key] = (ref, (layout.meta, layout.header, layout.header_ready))
 
     def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[Tuple] = None,
                  num_tokens_per_rank: Optional[torch.Tensor] = None,
@@ -247,7 +256,9 @@ class Buffer:
         if tuple(is_token_in_rank.shape) != (n, self.group_size):
             raise ValueError(f"is_token_in_rank must have shape [{n}, {self.group_size}] (tokens, ranks), got "
                              f"{list(is_token_in_rank.shape)}")
-        layout = self._layout if (self._layout is not None and self._layout.is_token_in_rank is is_token_in_rank) \
+        entry = self._layouts.get(id(is_token_in_rank))
+        cached = entry[1] if entry is not None and entry[0]() is is_token_in_rank else None
+        layout = DispatchLayout(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, *cached) if cached \
             else None
 
         def run():
