@@ -461,7 +461,8 @@ def rank_low_latency_on_reference(seed, num_tokens, hidden, top_k, experts_per_r
             ref = reference.low_latency_dispatch(x, idx, max_tokens_per_rank=max_tokens, num_experts=num_experts,
                                                  round_scale=True)
             exponents = ((ref.recv_x[1].view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
-            got = torch.empty(packed.shape, dtype=torch.int32).copy_(packed).view(torch.uint8)[..., :exponents.shape[-1]]
+            got = torch.empty(packed.shape, dtype=torch.int32).copy_(packed).view(torch.uint8)
+            got = got[..., :exponents.shape[-1]]
             valid = torch.arange(size * max_tokens).view(1, -1) % max_tokens < \
                 ref.handle.layout.long().repeat_interleave(max_tokens, dim=1)
             assert torch.equal(got[valid], exponents[valid])
