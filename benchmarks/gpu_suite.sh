@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile|ll-profile|internode|compile]
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile|ll-profile|internode|compile|deep_ep]
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
 #     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES,
 #     TORCH_EP_LL_BENCH_RANKS); internode: tests and benchmark across virtual nodes
@@ -10,7 +10,9 @@
 #     profile: tools/moe_profile.py and tools/ll_profile.py with 2 ranks (ll-profile: the latter only;
 #     TORCH_EP_LL_PROFILE_RANKS); compile: the torch.compile tests (tests/test_cuda_compile.py,
 #     TORCH_EP_COMPILE_WORLD_SIZES, default 2), the demo with --compile (reduce-overhead) and the
-#     compiled-layer benchmark rows, with 2 ranks
+#     compiled-layer benchmark rows, with 2 ranks; deep_ep: torch_ep.deep_ep's GPU tests, its
+#     example, and the MoE benchmark through the native API and through the DeepEP API
+#     (TORCH_EP_DEEP_EP_WORLD_SIZES, TORCH_EP_DEEP_EP_BENCH_RANKS; default 2 ranks)
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
@@ -157,6 +159,23 @@ if [ "$WHAT" = compile ]; then
   tail -3 "$LOGS/moe_train_compiled.log" >> "$SUMMARY"
   step "compiled MoE layer benchmark, 2 ranks (4096 tokens per rank; reduce-overhead against eager)"
   run_bench 2 150 "moe_layer_bench_2ranks.log" 10 benchmarks/moe.py --layer only --out "$LOGS/moe_layer_2ranks"
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = deep_ep ]; then
+  need_nvshmem4py
+  step "GPU torch_ep.deep_ep tests, ${TORCH_EP_DEEP_EP_WORLD_SIZES:-2} ranks"
+  TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_DEEP_EP_WORLD_SIZES:-2} timeout 300 python3 -m pytest tests/test_cuda_deep_ep.py \
+    tests/test_deep_ep.py -q -ra -x > "$LOGS/gpu_deep_ep_tests.log" 2>&1 || STATUS=1
+  grep -v "^\[rank" "$LOGS/gpu_deep_ep_tests.log" | tail -30 >> "$SUMMARY"
+  step "examples/deep_ep_drop_in.py, 2 ranks"
+  run_bench 2 120 deep_ep_example.log 3 examples/deep_ep_drop_in.py --device cuda
+  for R in ${TORCH_EP_DEEP_EP_BENCH_RANKS:-2}; do
+    for API in native deep_ep; do
+      step "MoE benchmark through the $API API, $R ranks (4096 tokens, hidden 7168, top-8, 256 experts)"
+      run_bench "$R" 90 "moe_bench_${API}_${R}ranks.log" 18 benchmarks/moe.py --api "$API" \
+        --out "$LOGS/moe_${API}_${R}ranks"
+    done
+  done
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = internode ] || [ "$WHAT" = ll-remote ]; then

@@ -14,7 +14,9 @@ takes several counts for a sweep. Ops, timed one after another:
   dispatch cached  dispatch(x, handle=handle), the handle of a bf16 dispatch (where --impl has it)
   combine bf16     combine(recv_x, handle): the reverse of a bf16 dispatch
 --impl picks what is measured: torch_ep's ops ("ep") or torch_ep.reference's (to develop the
-benchmark before the ops exist). References in the same run:
+benchmark before the ops exist). --api deep_ep measures the same ops through torch_ep.deep_ep's
+Buffer (DeepEP's calls: get_dispatch_layout then dispatch, the handle tuples, the comm stream),
+labelled "ep/deep_ep", to compare with a run of the native API. References in the same run:
   roofline  every rank copies as many bytes as the op moves to it (dst.copy_(src)), all ranks at
             once: the bandwidth that memory allows an op that writes each received byte once,
             under the same sharing of the device as the op
@@ -137,8 +139,38 @@ def rank_problems(problem: Optional[str], sync_group) -> List[str]:
     return [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
 
 
-def subject_ops(impl: str, inputs: Inputs, num_experts: int) -> Tuple[Dict[str, Callable[[], object]], object]:
+def deep_ep_ops(inputs: Inputs, num_experts: int) -> Tuple[Dict[str, Callable[[], object]], object]:
+    """subject_ops through torch_ep.deep_ep's Buffer, results in the native API's field names."""
+    from types import SimpleNamespace
+
+    from torch_ep import deep_ep
+    buffer = deep_ep.Buffer(dist.group.WORLD)
+    x, idx, weights = inputs.x, inputs.topk_idx, inputs.topk_weights
+
+    def dispatch(payload, layout=None):
+        per_rank, _, per_expert, in_rank, _ = layout or buffer.get_dispatch_layout(idx, num_experts)
+        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+            payload, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx, topk_weights=weights)
+        return SimpleNamespace(recv_x=recv_x, recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
+                               num_recv_tokens_per_expert=counts, handle=handle)
+
+    first, layout = dispatch(x), buffer.get_dispatch_layout(idx, num_experts)
+    return {
+        "dispatch bf16": lambda: dispatch(x),
+        "dispatch fp8": lambda: dispatch(inputs.x_fp8),
+        "dispatch bf16, layout given": lambda: dispatch(x, layout),
+        "dispatch fp8, layout given": lambda: dispatch(inputs.x_fp8, layout),
+        "dispatch cached": lambda: SimpleNamespace(recv_x=buffer.dispatch(x, handle=first.handle)[0]),
+        "combine bf16": lambda: SimpleNamespace(combined_x=buffer.combine(first.recv_x, first.handle)[0]),
+    }, first
+
+
+def subject_ops(impl: str, inputs: Inputs, num_experts: int,
+                api: str = "native") -> Tuple[Dict[str, Callable[[], object]], object]:
     """The ops of `impl` on `inputs`, and the bf16 dispatch whose handle and output they reuse."""
+    if api == "deep_ep":
+        return deep_ep_ops(inputs, num_experts)
     if impl == "reference":
         dispatch, combine = reference.dispatch, reference.combine
     else:
@@ -296,7 +328,7 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     """Checks, then times every op of the subject, DeepEP and the roofline on `tokens` tokens per rank."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     inputs = make_inputs(common.shared_seed(sync_group), rank, world_size, tokens, args, device)
-    ops, first = subject_ops(args.impl, inputs, args.experts)
+    ops, first = subject_ops(args.impl, inputs, args.experts, args.api)
     if args.impl == "ep":
         check_against_reference(ops, inputs, args.experts, sync_group)
 
@@ -306,7 +338,7 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     rank_bytes: List[Optional[Dict[str, int]]] = [None] * world_size
     dist.all_gather_object(rank_bytes, op_bytes, group=sync_group)
 
-    timed = {(args.impl, op): fn for op, fn in ops.items()}
+    timed = {(subject_name(args), op): fn for op, fn in ops.items()}
     timed.update({(DEEPEP, op): fn for op, fn in deepep.ops(inputs, args.experts, recv_rows, sync_group).items()})
     copies = {num_bytes: copy_op(num_bytes, device) for num_bytes in set(op_bytes.values())}
     timed.update({(ROOFLINE, op): copies[op_bytes[op]] for op in OPS})
@@ -338,6 +370,10 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
             measurements.append(Measurement(impl, op, tokens, [b[op] for b in rank_bytes],
                                             common.slowest_rank(times, sync_group), method="stream"))
     return measurements
+
+
+def subject_name(args) -> str:
+    return args.impl if args.api == "native" else f"{args.impl}/deep_ep"
 
 
 def results_table(measurements: List[Measurement], subject: str) -> str:
@@ -427,6 +463,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="folder for moe.{md,json} (default: print only)")
     parser.add_argument("--impl", choices=["ep", "reference"], default="ep",
                         help="what is measured: torch_ep's ops, or torch_ep.reference's")
+    parser.add_argument("--api", choices=["native", "deep_ep"], default="native",
+                        help="torch_ep's own API, or the same ops through torch_ep.deep_ep's Buffer")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096], help="tokens per rank (one row set each)")
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--top-k", type=int, default=8)
@@ -446,6 +484,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if not 0 < args.top_k <= args.experts:
         parser.error(f"--top-k {args.top_k} must be in 1..--experts ({args.experts})")
+    if args.api == "deep_ep" and args.impl != "ep":
+        parser.error("--api deep_ep measures torch_ep's ops (--impl ep)")
     if not 0.0 <= args.masked_ratio <= 1.0:
         parser.error("--masked-ratio must be in [0, 1]")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -475,14 +515,15 @@ def main() -> None:
 
     if rank == 0 and measurements:
         meta = common.run_metadata(
-            device, ranks=world_size, impl=args.impl, hidden=args.hidden, top_k=args.top_k, experts=args.experts,
+            device, ranks=world_size, impl=args.impl, api=args.api, hidden=args.hidden, top_k=args.top_k,
+            experts=args.experts,
             masked_ratio=args.masked_ratio, runs=args.runs, warmup=args.warmup, stream_calls=args.stream_calls,
             checked=("bit for bit against torch_ep.reference" if args.impl == "ep" else "no (--impl reference)"),
             deepep="measured" if deepep.buffer is not None else f"n/a: {deepep.unavailable}",
             env={k: v for k, v in os.environ.items() if k.startswith("TORCH_EP_")})
         if device.type == "cuda":
             meta["ranks_per_gpu"] = sharing
-        table = results_table(measurements, args.impl)
+        table = results_table(measurements, subject_name(args))
         print(table, flush=True)
         print(f"DeepEP: {meta['deepep']}", flush=True)
         if args.out:

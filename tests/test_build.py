@@ -134,3 +134,14 @@ NVSHMEM_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport
 def test_nvshmem_host_code_compiles(source, tmp_path):
     """The NVSHMEM runtime and the low-latency glue compile as the NVSHMEM build compiles them."""
     _syntax_check(source, tmp_path, defines=["TORCH_EP_WITH_NVSHMEM"], includes=[f"{_nvshmem_root()}/include"])
+
+
+def test_ci_runs_the_readme_commands():
+    """.ci/run runs exactly the README's Quick start commands, so that CI checks what a user runs."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        quick_start = f.read().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [block.split("```", 1)[0].strip() for block in quick_start.split("```bash\n")[1:]]
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci_lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2, commands
+    assert [line for line in ci_lines if line in commands] == commands, (commands, ci_lines)

@@ -1,0 +1,469 @@
+"""DeepEP's Buffer on torch_ep's ops (see the package's docstring for what differs)."""
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .. import _C
+from .._backend import BACKEND_NAME, get_backend
+from ..low_latency import low_latency_combine as _ll_combine
+from ..low_latency import low_latency_combine_buffer
+from ..low_latency import low_latency_dispatch as _ll_dispatch
+from ..moe import combine as _combine, dispatch as _dispatch, get_dispatch_layout as _get_dispatch_layout
+from ..options import Options
+from ..types import DispatchHandle, DispatchLayout, LowLatencyHandle
+from .utils import (Config, EventHandle, EventOverlap, _check_config, _done_event, _Handle, _native, _pack_ue8m0,
+                    _positive_int, _tensors, _unpack_bias)
+
+class Buffer:
+    """DeepEP's communication buffer, on torch_ep. See the module's docstring for what differs.
+
+    Attributes: rank, group_size, group (the caller's), num_nvl_bytes, num_rdma_bytes,
+    low_latency_mode, explicitly_destroy, runtime (the ProcessGroupEP; None once destroyed),
+    ep_group (the "ep" group the calls run on)."""
+
+    num_sms: int = 20
+    _num_sms_set: bool = False
+
+    def __init__(self, group: Optional[dist.ProcessGroup], num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 explicitly_destroy: bool = False, enable_shrink: bool = False, comm=None) -> None:
+        if group is None:
+            raise ValueError("comm: torch_ep.deep_ep runs on torch.distributed process groups; pass `group` "
+                             "(mpi4py communicators are not supported)" if comm is not None else
+                             "group: a torch.distributed process group is required")
+        _positive_int("num_nvl_bytes", num_nvl_bytes, 0)
+        _positive_int("num_rdma_bytes", num_rdma_bytes, 0)
+        if low_latency_mode:
+            _positive_int("num_qps_per_rank", num_qps_per_rank)
+            if not allow_nvlink_for_low_latency_mode:
+                raise ValueError("allow_nvlink_for_low_latency_mode=False: inside a node torch_ep's low-latency ops "
+                                 "run over NVLink P2P (or a shared GPU); there is no RDMA-only mode")
+        if enable_shrink:
+            raise ValueError("enable_shrink=True: torch_ep cannot mask ranks out of a group")
+        self.group, self.rank, self.group_size = group, group.rank(), group.size()
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode, self.explicitly_destroy, self.enable_shrink = low_latency_mode, explicitly_destroy, False
+        self.ep_group = group if dist.get_backend(group) == BACKEND_NAME else _ep_group_over(group)
+        self.runtime = get_backend(self.ep_group)
+        self._num_nodes, self._ranks_per_node = self.runtime.num_nodes, self.runtime.ranks_per_node
+        self._comm_streams: dict = {}
+        # get_dispatch_layout's routing tables by id(is_token_in_rank), for dispatch(layout=): each entry
+        # holds a weak reference to that tensor and goes when it does.
+        self._layouts: dict = {}
+        self._zero_copy_buffers: dict = {}            # data_ptr -> the combine buffers handed out
+
+    # ------------------------------------------------------------------ lifetime and settings
+
+    def destroy(self) -> None:
+        """Releases the Buffer; later calls raise. An "ep" group made for it stays for later
+        Buffers over the same ranks (released with the default group)."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy: the Buffer was made without explicitly_destroy=True")
+        self.runtime = None
+        self._layouts.clear()
+        self._zero_copy_buffers.clear()
+
+    def _check_alive(self, op: str) -> None:
+        if self.runtime is None:
+            raise RuntimeError(f"{op}: this Buffer was destroyed")
+
+    def _require_low_latency(self, op: str) -> None:
+        self._check_alive(op)
+        if not self.low_latency_mode:
+            raise ValueError(f"{op}: low_latency_mode: the Buffer was made with low_latency_mode=False")
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return bool(_C.has_cuda)
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """The SMs the high-throughput kernels of "ep" groups made after this may use."""
+        _positive_int("new_num_sms", new_num_sms)
+        if new_num_sms % 2:
+            raise ValueError(f"new_num_sms must be even, got {new_num_sms}")
+        Buffer.num_sms, Buffer._num_sms_set = new_num_sms, True
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event on the current stream (one already passed where CUDA is not in use)."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes of symmetric memory torch_ep's low-latency ops take for these sizes on one node
+        (a group across nodes takes about twice as much: the regions remote peers push into).
+        torch_ep sizes its buffers itself; num_rdma_bytes is not needed."""
+        _positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+        _positive_int("hidden", hidden)
+        _positive_int("num_ranks", num_ranks)
+        if _positive_int("num_experts", num_experts) % num_ranks:
+            raise ValueError(f"num_experts={num_experts} must be divisible by num_ranks={num_ranks}")
+        return int(_C._ll_buffer_bytes(num_ranks, num_experts // num_ranks, num_max_dispatch_tokens_per_rank, hidden,
+                                       False))
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        _positive_int("num_ranks", num_ranks)
+        return Config(Buffer.num_sms, 6, 256, 6, 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        _positive_int("num_ranks", num_ranks)
+        return Config(Buffer.num_sms, 6, 256, 6, 128)
+
+    def get_comm_stream(self) -> torch.cuda.Stream:
+        """The stream this Buffer's calls run on, for the current CUDA device."""
+        self._check_alive("get_comm_stream")
+        if not torch.cuda.is_available():
+            raise RuntimeError("get_comm_stream: CUDA is not available; on CPU tensors the calls run on the "
+                               "calling thread and have finished when they return")
+        return self._comm_stream(torch.device("cuda", torch.cuda.current_device()))
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        raise NotImplementedError("get_local_buffer_tensor: torch_ep exposes no raw communication buffer")
+
+    def _comm_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._comm_streams.get(device.index)
+        if stream is None:
+            stream = self._comm_streams[device.index] = torch.cuda.Stream(device)
+        return stream
+
+    # ------------------------------------------------------------------ streams
+
+    def _launch(self, device: torch.device, fn: Callable, inputs: Sequence, previous_event, async_finish: bool,
+                allocate_on_comm_stream: bool, on_comm_stream: bool = True):
+        """Runs fn() -> (result, outputs) with DeepEP's stream semantics; returns (result, EventOverlap)."""
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True (as DeepEP)")
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event: expected an EventOverlap, got {type(previous_event).__name__}")
+        if device.type != "cuda":
+            if previous_event is not None and previous_event.event is not None:
+                previous_event.event._host_wait()
+            result, _ = fn()
+            return result, EventOverlap(_done_event()) if async_finish else EventOverlap()
+        compute = torch.cuda.current_stream(device)
+        if not on_comm_stream:  # the low-latency ops without async_finish: on the current stream
+            result, _ = fn()
+            return result, EventOverlap()
+        comm = self._comm_stream(device)
+        if previous_event is not None and previous_event.event is not None:
+            previous_event.event._stream_wait(comm)
+        else:
+            comm.wait_stream(compute)
+        with torch.cuda.stream(comm):
+            result, outputs = fn()
+        outputs = _tensors(outputs)
+        if not allocate_on_comm_stream:
+            for t in outputs:
+                if t.is_cuda:
+                    t.record_stream(compute)
+        if not async_finish:
+            compute.wait_stream(comm)
+            return result, EventOverlap()
+        inputs = [t for t in _tensors(inputs) if t.is_cuda]
+        for t in inputs:
+            t.record_stream(comm)
+        return result, EventOverlap(EventHandle(comm), tuple(inputs + outputs))
+
+    # ------------------------------------------------------------------ high throughput
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False):
+        """(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [nodes] int32 or None on one node,
+        num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool, EventOverlap)."""
+        self._check_alive("get_dispatch_layout")
+
+        def run():
+            layout = _get_dispatch_layout(topk_idx, num_experts, group=self.ep_group)
+            per_node = None
+            if self._num_nodes > 1:
+                n = layout.is_token_in_rank.shape[0]
+                per_node = layout.is_token_in_rank.view(n, self._num_nodes, self._ranks_per_node).any(2).sum(
+                    0, dtype=torch.int32)
+            return (layout, per_node), [layout.num_tokens_per_rank, layout.num_tokens_per_expert,
+                                        layout.is_token_in_rank, layout.meta, per_node]
+
+        (layout, per_node), event = self._launch(topk_idx.device, run, [topk_idx], previous_event, async_finish,
+                                                 allocate_on_comm_stream)
+        self._remember(layout)
+        return layout.num_tokens_per_rank, per_node, layout.num_tokens_per_expert, layout.is_token_in_rank, event
+
+    def _remember(self, layout: DispatchLayout) -> None:
+        key, layouts = id(layout.is_token_in_rank), self._layouts
+        ref = weakref.ref(layout.is_token_in_rank, lambda _: layouts.pop(key, None))
+        layouts[key] = (ref, (layout.meta, layout.header, layout.header_ready))
+
+    def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[Tuple] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None, num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Sends each token to the ranks owning its experts. Returns (recv_x, recv_topk_idx,
+        recv_topk_weights, num_recv_tokens_per_expert_list, handle, EventOverlap); with `handle`
+        (a cached route) the middle four are None. recv_x is [M, H] (or the fp8 pair), rows by
+        source rank then source token order; recv_topk_idx holds local expert ids, -1 elsewhere.
+        num_worst_tokens > 0: M = num_worst_tokens and the list is empty (DeepEP's contract)."""
+        self._check_alive("dispatch")
+        _check_config(config)
+        _positive_int("num_worst_tokens", num_worst_tokens, 0)
+        x_data = x[0] if isinstance(x, (tuple, list)) else x
+        if not isinstance(x_data, torch.Tensor):
+            raise TypeError(f"x: expected a tensor or the fp8 pair (x, scales), got {type(x).__name__}")
+        group = self.ep_group
+        if handle is not None:
+            native = _native(handle, DispatchHandle)
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("topk_idx/topk_weights: a dispatch with a cached handle sends none (DeepEP's rule)")
+            if num_worst_tokens not in (0, native.num_worst_tokens):
+                raise ValueError(f"num_worst_tokens={num_worst_tokens}: the handle's dispatch had "
+                                 f"{native.num_worst_tokens}; a cached dispatch keeps its route's sizes")
+
+            def run_cached():
+                d = _dispatch(x, handle=native, expert_alignment=expert_alignment, group=group)
+                return d.recv_x, d.recv_x
+
+            recv_x, event = self._launch(x_data.device, run_cached, [x], previous_event, async_finish,
+                                         allocate_on_comm_stream)
+            return recv_x, None, None, None, None, event
+
+        missing = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
+                                            ("is_token_in_rank", is_token_in_rank),
+                                            ("num_tokens_per_expert", num_tokens_per_expert)) if value is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: dispatch without a handle needs the layout "
+                             f"(Buffer.get_dispatch_layout gives it)")
+        if topk_idx is None:
+            raise ValueError("topk_idx: torch_ep routes tokens by their top-k expert ids; dispatch needs topk_idx "
+                             "(is_token_in_rank alone is not supported)")
+        num_experts = num_tokens_per_expert.numel()
+        n = topk_idx.shape[0] if topk_idx.dim() >= 1 else -1
+        if num_tokens_per_rank.numel() != self.group_size:
+            raise ValueError(f"num_tokens_per_rank must have {self.group_size} entries (one per rank), got "
+                             f"{num_tokens_per_rank.numel()}")
+        if tuple(is_token_in_rank.shape) != (n, self.group_size):
+            raise ValueError(f"is_token_in_rank must have shape [{n}, {self.group_size}] (tokens, ranks), got "
+                             f"{list(is_token_in_rank.shape)}")
+        entry = self._layouts.get(id(is_token_in_rank))
+        cached = entry[1] if entry is not None and entry[0]() is is_token_in_rank else None
+        layout = DispatchLayout(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, *cached) if cached \
+            else None
+
+        def run():
+            d = _dispatch(x, topk_idx, topk_weights, num_experts=num_experts, group=group, layout=layout,
+                          expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
+            made = self._make_handle(d.handle, is_token_in_rank, x_data.device)
+            return (d, made), [d.recv_x, d.recv_topk_idx, d.recv_topk_weights, list(made)]
+
+        (d, made), event = self._launch(x_data.device, run, [x, topk_idx, topk_weights], previous_event, async_finish,
+                                        allocate_on_comm_stream)
+        per_expert = [] if num_worst_tokens > 0 else d.num_recv_tokens_per_expert
+        return d.recv_x, d.recv_topk_idx, d.recv_topk_weights, per_expert, made, event
+
+    def _make_handle(self, native: DispatchHandle, is_token_in_rank: torch.Tensor, device: torch.device) -> _Handle:
+        r = self.group_size
+        recv = native.counts[2 + r:2 + 2 * r]
+        if native.internode:
+            prefix = None
+            if bool((recv >= 0).all()):
+                prefix = recv.cumsum(0).to(torch.int32).to(device)
+            return _Handle((is_token_in_rank, None, None, None, None, None, prefix, None, None, None), native)
+        return _Handle((self._rank_prefix_matrix(native, device), None, None, None, is_token_in_rank, None), native)
+
+    def _rank_prefix_matrix(self, native: DispatchHandle, device: torch.device) -> torch.Tensor:
+        """[R, R] int32, [i][j] = rows rank j receives from ranks 0..i: every rank's send counts,
+        gathered (all_to_all_single of the counts to every rank, on torch_ep's own transport),
+        summed down the sources."""
+        r = self.group_size
+        send = native.counts[2:2 + r]
+        on_host = bool((send >= 0).all())
+        if not on_host:
+            # A CUDA dispatch with num_worst_tokens: the counts are on the device only (the routing
+            # table's first R entries); gather them there, with no host synchronisation.
+            send = native.meta[:r].to(torch.int64)
+        gathered = torch.empty(r * r, dtype=torch.int64, device=send.device)
+        dist.all_to_all_single(gathered, send.repeat(r), group=self.ep_group)
+        matrix = gathered.view(r, r).cumsum(0).to(torch.int32)
+        if on_host and device.type == "cuda":
+            return matrix.pin_memory().to(device, non_blocking=True)
+        return matrix
+
+    def combine(self, x: torch.Tensor, handle: Tuple, topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
+                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """The reverse of the handle's dispatch: per token, the unweighted sum of the rows sent back
+        (plus `bias`: one or two [N, H] tensors). Returns (combined_x [N, H],
+        combined_topk_weights [N, K] or None, EventOverlap)."""
+        self._check_alive("combine")
+        _check_config(config)
+        native = _native(handle, DispatchHandle)
+        biases = _unpack_bias(bias, native.num_tokens, x)
+
+        def run():
+            c = _combine(x, native, topk_weights, group=self.ep_group)
+            out = c.combined_x
+            if biases:
+                total = out.float()
+                for b in biases:
+                    total = total + b.float()
+                out = total.to(out.dtype)
+            return (out, c.combined_topk_weights), [out, c.combined_topk_weights]
+
+        (out, weights), event = self._launch(x.device, run, [x, topk_weights, biases], previous_event, async_finish,
+                                             allocate_on_comm_stream)
+        return out, weights, event
+
+    # ------------------------------------------------------------------ low latency
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Nothing to clean: torch_ep's low-latency buffers never need it. Checks the arguments."""
+        self._require_low_latency("clean_low_latency_buffer")
+        _positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+        _positive_int("hidden", hidden)
+        if _positive_int("num_experts", num_experts) % self.group_size:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the group size {self.group_size}")
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """Returns (recv_x, recv_count [E_local] int32, handle, EventOverlap, hook). recv_x:
+        [E_local, R*max, H] bf16, or the fp8 pair (scales float32 [E_local, R*max, H/128], or with
+        use_ue8m0 packed int32 [E_local, R*max, ceil(H/512)]). Expert e's rows from rank r are
+        [e, r*max : r*max + count] (handle[1] holds each (begin, count)). With return_recv_hook
+        the call only sends; the outputs, the handle's tensors and the stats are valid once the
+        hook has run."""
+        op = "low_latency_dispatch"
+        self._require_low_latency(op)
+        if dispatch_wait_recv_cost_stats is not None:
+            raise ValueError("dispatch_wait_recv_cost_stats: torch_ep does not time the receive")
+        if use_ue8m0 and not (use_fp8 and round_scale):
+            raise ValueError("use_ue8m0=True needs use_fp8=True and round_scale=True")
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set (as DeepEP)")
+        size, local = self.group_size, num_experts // max(self.group_size, 1)
+        stats = cumulative_local_expert_recv_stats
+        if stats is not None:
+            if not isinstance(stats, torch.Tensor) or stats.dtype != torch.int32:
+                raise TypeError("cumulative_local_expert_recv_stats must be an int32 tensor")
+            if tuple(stats.shape) != (local,) or stats.device != x.device:
+                raise ValueError(f"cumulative_local_expert_recv_stats must have shape [{local}] (local experts) on "
+                                 f"{x.device}, got {list(stats.shape)} on {stats.device}")
+        max_tokens = num_max_dispatch_tokens_per_rank
+
+        def run():
+            d = _ll_dispatch(x, topk_idx, max_tokens_per_rank=max_tokens, num_experts=num_experts, use_fp8=use_fp8,
+                             round_scale=round_scale, return_recv_hook=return_recv_hook, group=self.ep_group)
+            native, k = d.handle, topk_idx.shape[1]
+            src_info = torch.empty_like(native.src_info)
+            layout_range = torch.empty(native.layout.shape, dtype=torch.int64, device=x.device)
+            begin = (torch.arange(size, dtype=torch.int64, device=x.device) * max_tokens) << 32
+            recv_x, packed = d.recv_x, None
+            if use_ue8m0:
+                scales = d.recv_x[1]
+                width = -(-scales.shape[2] // 4)
+                packed = torch.empty(local, width, size * max_tokens, dtype=torch.int32,
+                                     device=x.device).transpose(1, 2)
+                recv_x = (d.recv_x[0], packed)
+
+            def finish() -> None:
+                torch.div(native.src_info, k, rounding_mode="floor", out=src_info)
+                torch.bitwise_or(begin, native.layout.long(), out=layout_range)
+                if stats is not None:
+                    stats.add_(d.recv_count)
+                if packed is not None:
+                    packed.copy_(_pack_ue8m0(d.recv_x[1]))
+
+            hook = None
+            if return_recv_hook:
+                def hook() -> None:
+                    d.hook()
+                    finish()
+            else:
+                finish()
+            made = _Handle((src_info, layout_range, max_tokens, x.shape[1], num_experts), native)
+            return (recv_x, d.recv_count, made, hook), [recv_x, d.recv_count, src_info, layout_range]
+
+        (recv_x, count, made, hook), event = self._launch(
+            x.device, run, [x, topk_idx, stats], None, async_finish, False, on_comm_stream=async_finish)
+        return recv_x, count, made, event, hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+        """Sends each expert output row back and sums per token with the weights. Returns
+        (combined_x [N, H] bf16, EventOverlap, hook); with return_recv_hook combined_x is valid
+        once the hook has run."""
+        op = "low_latency_combine"
+        self._require_low_latency(op)
+        native = _native(handle, LowLatencyHandle)
+        if use_logfmt:
+            raise ValueError("use_logfmt=True: torch_ep's low-latency combine sends bf16 only")
+        if combine_wait_recv_cost_stats is not None:
+            raise ValueError("combine_wait_recv_cost_stats: torch_ep does not time the receive")
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set (as DeepEP)")
+        if zero_copy and (not isinstance(x, torch.Tensor) or x.data_ptr() not in self._zero_copy_buffers):
+            raise ValueError("zero_copy=True: x must be the tensor get_next_low_latency_combine_buffer returned "
+                             "(write the expert outputs into it)")
+
+        def run():
+            c = _ll_combine(x, topk_idx, topk_weights, native, return_recv_hook=return_recv_hook, out=out)
+            return (c.combined_x, c.hook), [c.combined_x]
+
+        (combined, hook), event = self._launch(x.device, run, [x, topk_idx, topk_weights], None, async_finish, False,
+                                               on_comm_stream=async_finish)
+        return combined, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
+        """The [E_local, R*max, H] bf16 tensor to write expert outputs into for a zero-copy
+        low_latency_combine (call it for each combine)."""
+        self._require_low_latency("get_next_low_latency_combine_buffer")
+        buffer = low_latency_combine_buffer(_native(handle, LowLatencyHandle))
+        self._zero_copy_buffers[buffer.data_ptr()] = buffer
+        return buffer
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        raise ValueError("enable_shrink: torch_ep cannot mask ranks (low_latency_update_mask_buffer)")
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        raise ValueError("enable_shrink: torch_ep cannot mask ranks (low_latency_query_mask_buffer)")
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        raise ValueError("enable_shrink: torch_ep cannot mask ranks (low_latency_clean_mask_buffer)")
+
+
+# "ep" groups made for Buffers over other groups, by (ranks, SM budget): a later Buffer over the
+# same ranks reuses its group. Kept until the default group is destroyed: destroying and making
+# again a group of the same ranks with use_local_synchronization would reuse its store prefix.
+_ep_groups: dict = {}
+
+
+def _ep_group_over(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    ranks = tuple(dist.get_process_group_ranks(group))
+    key = (ranks, Buffer.num_sms if Buffer._num_sms_set else None)
+    made = _ep_groups.get(key)
+    if made is not None and made in dist.distributed_c10d._world.pg_map:
+        return made
+    options = Options(num_sms=Buffer.num_sms) if Buffer._num_sms_set else None
+    # Over the whole world every rank makes the Buffer: a plain new_group. Over a subgroup only its
+    # ranks do (DeepEP's Buffer is made by the group's ranks alone): local synchronisation.
+    whole = len(ranks) == dist.get_world_size()
+    made = _ep_groups[key] = dist.new_group(list(ranks), backend=BACKEND_NAME, pg_options=options,
+                                            use_local_synchronization=not whole)
+    return made

@@ -1,0 +1,163 @@
+"""DeepEP's small types on torch_ep: Config, EventHandle, EventOverlap, and the handle tuples."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ..types import LowLatencyHandle
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class Config:
+    """DeepEP's performance config. torch_ep's kernels have no channels or chunks to tune: the
+    values are checked as DeepEP checks them and kept, and the size hints are estimates for
+    callers that size a Buffer with them (torch_ep sizes its own buffers)."""
+
+    def __init__(self, num_sms: int = 20, num_max_nvl_chunked_send_tokens: int = 6,
+                 num_max_nvl_chunked_recv_tokens: int = 256, num_max_rdma_chunked_send_tokens: int = 6,
+                 num_max_rdma_chunked_recv_tokens: int = 256) -> None:
+        self.num_sms = _positive_int("num_sms", num_sms, 0)
+        self.num_max_nvl_chunked_send_tokens = _positive_int("num_max_nvl_chunked_send_tokens",
+                                                             num_max_nvl_chunked_send_tokens)
+        self.num_max_nvl_chunked_recv_tokens = _positive_int("num_max_nvl_chunked_recv_tokens",
+                                                             num_max_nvl_chunked_recv_tokens)
+        self.num_max_rdma_chunked_send_tokens = _positive_int("num_max_rdma_chunked_send_tokens",
+                                                              num_max_rdma_chunked_send_tokens)
+        self.num_max_rdma_chunked_recv_tokens = _positive_int("num_max_rdma_chunked_recv_tokens",
+                                                              num_max_rdma_chunked_recv_tokens)
+        if num_max_nvl_chunked_send_tokens >= num_max_nvl_chunked_recv_tokens:
+            raise ValueError("num_max_nvl_chunked_send_tokens must be below num_max_nvl_chunked_recv_tokens")
+        if num_max_rdma_chunked_send_tokens >= num_max_rdma_chunked_recv_tokens:
+            raise ValueError("num_max_rdma_chunked_send_tokens must be below num_max_rdma_chunked_recv_tokens")
+
+    def _hint(self, hidden_bytes: int, num_ranks: int, chunk_tokens: int) -> int:
+        channels = max(self.num_sms // 2, 1)
+        per_token = hidden_bytes + 128 * (8 + 4 + 4)  # row, top-k ids, weights and scales at their largest
+        return -(-channels * num_ranks * chunk_tokens * per_token // 128) * 128
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        return self._hint(hidden_bytes, min(num_ranks, 8), self.num_max_nvl_chunked_recv_tokens)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        return 0 if num_ranks <= 8 else self._hint(hidden_bytes, num_ranks // 8, self.num_max_rdma_chunked_recv_tokens)
+
+    def __repr__(self) -> str:
+        return (f"Config(num_sms={self.num_sms}, nvl={self.num_max_nvl_chunked_send_tokens}/"
+                f"{self.num_max_nvl_chunked_recv_tokens}, rdma={self.num_max_rdma_chunked_send_tokens}/"
+                f"{self.num_max_rdma_chunked_recv_tokens})")
+
+
+class EventHandle:
+    """A point on a stream: a CUDA event recorded there (on the current stream by default), or,
+    for CPU work and where CUDA is absent, a point already passed."""
+
+    def __init__(self, stream: Optional[torch.cuda.Stream] = None) -> None:
+        self.event = None
+        if stream is not None or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            self.event = torch.cuda.Event()
+            self.event.record(stream if stream is not None else torch.cuda.current_stream())
+
+    def current_stream_wait(self) -> None:
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+    def _stream_wait(self, stream) -> None:
+        if self.event is not None:
+            stream.wait_event(self.event)
+
+    def _host_wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class EventOverlap:
+    """DeepEP's event wrapper: `current_stream_wait()` makes the current stream wait for the
+    event; `with event: ...` runs the block's work first and waits on exit. `extra_tensors` keep
+    the call's tensors alive until the event is dropped (DeepEP's CUDA-graph-safe record_stream)."""
+
+    def __init__(self, event: Optional[EventHandle] = None,
+                 extra_tensors: Optional[Tuple[torch.Tensor, ...]] = None) -> None:
+        self.event = event
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self) -> None:
+        if self.event is None:
+            raise RuntimeError("current_stream_wait: this EventOverlap holds no event (the call was made "
+                               "without async_finish, so the current stream already waits for it)")
+        self.event.current_stream_wait()
+
+    def __enter__(self) -> "EventOverlap":
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+        if self.event is not None:
+            self.event.current_stream_wait()
+
+
+class _Handle(tuple):
+    """A DeepEP handle tuple; `native` is the torch_ep handle behind it."""
+
+    def __new__(cls, items: Sequence, native):
+        handle = super().__new__(cls, items)
+        handle.native = native
+        return handle
+
+
+def _native(handle, kind, what: str = "handle"):
+    native = getattr(handle, "native", None)
+    if not isinstance(native, kind):
+        raise TypeError(f"{what}: expected the handle a torch_ep.deep_ep Buffer returned from "
+                        f"{'low_latency_dispatch' if kind is LowLatencyHandle else 'dispatch'}, got "
+                        f"{type(handle).__name__}")
+    return native
+
+
+def _tensors(*values) -> List[torch.Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out += _tensors(*v)
+    return out
+
+
+def _done_event() -> EventHandle:
+    event = EventHandle.__new__(EventHandle)
+    event.event = None
+    return event
+
+
+def _check_config(config) -> None:
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config: expected a torch_ep.deep_ep.Config, got {type(config).__name__}")
+
+
+def _unpack_bias(bias, num_tokens: int, x) -> List[torch.Tensor]:
+    if bias is None:
+        return []
+    biases = list(bias) if isinstance(bias, (tuple, list)) else [bias]
+    if not 1 <= len(biases) <= 2:
+        raise ValueError(f"bias: expected a tensor or a pair of tensors, got {len(biases)}")
+    hidden = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() >= 1 else -1
+    for b in biases:
+        if not isinstance(b, torch.Tensor) or not b.dtype.is_floating_point:
+            raise TypeError(f"bias must be floating-point tensors, got {getattr(b, 'dtype', type(b).__name__)}")
+        if tuple(b.shape) != (num_tokens, hidden) or b.device != x.device:
+            raise ValueError(f"bias must have shape [{num_tokens}, {hidden}] (the dispatched tokens, hidden) on "
+                             f"{x.device}, got {list(b.shape)} on {b.device}")
+    return biases
+
+
+def _pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
+    """float32 power-of-two scales [..., S] -> their exponent bytes, four to an int32 [..., ceil(S/4)]."""
+    exponents = ((scales.contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    pad = -exponents.shape[-1] % 4
+    if pad:
+        exponents = torch.nn.functional.pad(exponents, (0, pad))
+    return exponents.view(torch.int32)
