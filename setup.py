@@ -65,13 +65,18 @@ class CMakeBuild(build_ext):
         import torch.utils
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_temp = Path(self.build_temp).resolve() / ext.name
-        build_temp.mkdir(parents=True, exist_ok=True)
-
         with_cuda = os.environ.get("TORCH_EP_WITH_CUDA")
         if with_cuda is None:
             with_cuda = "ON" if (torch.version.cuda and shutil.which("nvcc")) else "OFF"
         cfg = "Debug" if self.debug else os.environ.get("TORCH_EP_BUILD_TYPE", "Release")
+        generator = "ninja" if shutil.which("ninja") else "make"
+        # A CMake build folder in the tree, one per configuration, kept between builds: pip's
+        # editable builds run in a fresh temporary folder each time, and a second install (the
+        # README's test command after its demo command) would otherwise compile everything again.
+        key = f"{sys.implementation.cache_tag}-torch{torch.__version__}-{cfg}-cuda{with_cuda}-{generator}"
+        build_temp = ROOT / "build" / "cmake" / key.replace("+", "_")
+        build_temp.mkdir(parents=True, exist_ok=True)
+
         args = [
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -81,7 +86,7 @@ class CMakeBuild(build_ext):
         ]
         nvshmem = _nvshmem_root(with_cuda)
         args += [f"-DTORCH_EP_WITH_NVSHMEM={'ON' if nvshmem else 'OFF'}", f"-DTORCH_EP_NVSHMEM_ROOT={nvshmem}"]
-        if shutil.which("ninja"):
+        if generator == "ninja":
             args.append("-GNinja")
         cmake = _cmake_binary()
         subprocess.check_call([cmake, str(ROOT), *args], cwd=build_temp)
