@@ -86,8 +86,9 @@ def check(x, idx, w, args, sync_group, group=None) -> None:
                                             use_fp8=fp8, group=group)
         want = reference.low_latency_dispatch(x.cpu(), idx.cpu(), max_tokens_per_rank=args.tokens,
                                               num_experts=args.experts, use_fp8=fp8)
-        counts = want.handle.layout.long()
-        valid = (torch.arange(args.tokens).view(1, 1, -1) < counts.unsqueeze(2)).view(counts.shape[0], -1)
+        # each expert's rows packed from row 0
+        valid = torch.arange(want.recv_x[0].shape[1] if fp8 else want.recv_x.shape[1]).view(1, -1) < \
+            want.recv_count.view(-1, 1)
         if not torch.equal(got.handle.layout.cpu(), want.handle.layout):
             problems.append(f"{'fp8' if fp8 else 'bf16'} dispatch: counts differ")
             continue

@@ -16,6 +16,7 @@ import test_deep_ep as checks
 import test_moe as moe_checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
+from test_low_latency import valid_rows as _valid
 from torch_ep import deep_ep, reference
 from torch_ep.testing import poison_, same_bits
 
@@ -175,7 +176,8 @@ def rank_low_latency(seed, num_tokens, hidden, top_k, experts_per_rank, use_fp8,
     assert torch.equal(src_info.cpu()[valid], (expected.handle.src_info // idx.shape[1])[valid])
     assert layout_range.dtype == torch.int64
     begin, count = (layout_range.cpu() >> 32), (layout_range.cpu() & 0xFFFFFFFF)
-    assert torch.equal(begin, (torch.arange(size) * max_tokens).expand(local, size))
+    counts = expected.handle.layout.long()
+    assert torch.equal(begin, counts.cumsum(1) - counts)  # packed by source rank
     assert torch.equal(count.int(), expected.handle.layout)
     assert torch.equal(stats.cpu(), stats0.cpu() + expected.recv_count)
 
@@ -198,12 +200,6 @@ def rank_low_latency(seed, num_tokens, hidden, top_k, experts_per_rank, use_fp8,
     with pytest.raises(ValueError, match="zero_copy=True: x must be the tensor"):
         buffer.low_latency_combine(y_ref.cuda(), idx, w, handle, zero_copy=True)
     torch.cuda.synchronize()
-
-
-def _valid(handle):
-    local, size, max_tokens = handle.layout.shape[0], handle.num_ranks, handle.max_tokens_per_rank
-    index = torch.arange(max_tokens).view(1, 1, max_tokens)
-    return (index < handle.layout.long().cpu().view(local, size, 1)).view(local, -1)
 
 
 _ll_buffers = {}

@@ -56,10 +56,9 @@ def expert_outputs(recv_x, handle):
 
 
 def valid_rows(handle):
-    """[E_local, R*max] bool: the rows the dispatch wrote."""
-    local, size, max_tokens = handle.layout.shape[0], handle.num_ranks, handle.max_tokens_per_rank
-    index = torch.arange(max_tokens).view(1, 1, max_tokens)
-    return (index < handle.layout.long().cpu().view(local, size, 1)).view(local, -1)
+    """[E_local, R*max] bool: the rows the dispatch wrote (each expert's, packed from row 0)."""
+    size, max_tokens = handle.num_ranks, handle.max_tokens_per_rank
+    return torch.arange(size * max_tokens).view(1, -1) < handle.layout.long().cpu().sum(1, keepdim=True)
 
 
 # ------------------------------------------------------------------------------------ argument checks
@@ -192,7 +191,7 @@ def rank_reference(seed, kind, num_tokens, hidden, top_k, experts_per_rank, use_
     assert got.handle.send_slot.dtype == torch.int32 and got.handle.send_slot.shape == idx.shape
     assert torch.equal(got.handle.send_slot.reshape(-1).long(), slots)
 
-    # Dispatch: rank s's pairs for expert e, in (t, k) order, at [e_local, s*max + j].
+    # Dispatch: rank s's pairs for expert e, in (t, k) order, packed after those of ranks before s.
     recv_x = got.recv_x[0].view(torch.uint8) if use_fp8 else got.recv_x
     for le in range(local):
         e = rank * local + le
@@ -202,7 +201,7 @@ def rank_reference(seed, kind, num_tokens, hidden, top_k, experts_per_rank, use_
             count = pairs.numel()
             total += count
             assert int(got.handle.layout[le, s]) == count
-            rows = slice(s * max_tokens, s * max_tokens + count)
+            rows = slice(total - count, total)
             assert torch.equal(got.handle.src_info[le, rows].long(), pairs)
             tokens = pairs // idxs.shape[1]
             if use_fp8:

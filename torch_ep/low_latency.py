@@ -185,7 +185,8 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
     dequantising is exact in any precision, as DeepEP's round_scale); else bf16 as is.
     Returns recv_x [E_local, R*max_tokens_per_rank, H] (or the fp8 pair with scales
     [E_local, R*max, H/128]), recv_count [E_local] int32 and the handle for combine; expert e's
-    rows from rank r are at [e, r*max : r*max + handle.layout[e, r]], in r's (token, slot) order.
+    rows are packed from row 0 by source rank (as DeepEP's): rank r's at [e, b : b + handle.layout[e, r]]
+    with b = handle.layout[e, :r].sum(), in r's (token, slot) order; recv_count[e] rows in all.
     With return_recv_hook the call only sends; the outputs are valid after `result.hook()`.
     """
     op = "low_latency_dispatch"

@@ -242,6 +242,12 @@ def _header(*columns: torch.Tensor) -> torch.Tensor:
     return torch.stack([c.to(torch.int32) for c in cols], dim=1).view(torch.uint8)
 
 
+def _packed_begin(layout: torch.Tensor) -> torch.Tensor:
+    """[E_local, R]: where rank r's rows for each local expert start (the rows of ranks before r)."""
+    layout = layout.long()
+    return layout.cumsum(1) - layout
+
+
 def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_per_rank: int, num_experts: int,
                          use_fp8: bool = True, round_scale: bool = False, group=None):
     """torch_ep.low_latency_dispatch on all_to_all_single: each (token t, slot k) with expert e
@@ -282,7 +288,11 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
 
     head = recv[:, :_HEADER_BYTES].contiguous().view(torch.int32).long()
     le, slot, q = head[:, 0], head[:, 1], head[:, 2]
-    row = src * max_tokens_per_rank + slot
+    layout = torch.zeros(local * size, dtype=torch.int64, device=x.device)
+    layout.index_add_(0, le * size + src, torch.ones_like(le))
+    layout = layout.view(local, size)
+    # Each expert's rows packed from row 0 by source rank: rank s's start after ranks < s'.
+    row = _packed_begin(layout)[le, src] + slot
     rows = size * max_tokens_per_rank
     body = recv[:, _HEADER_BYTES:]
     if use_fp8:
@@ -297,9 +307,7 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
         out_x = recv_x
     src_info = torch.zeros(local, rows, dtype=torch.int32, device=x.device)
     src_info[le, row] = q.to(torch.int32)
-    layout = torch.zeros(local * size, dtype=torch.int64, device=x.device)
-    layout.index_add_(0, le * size + src, torch.ones_like(le))
-    layout = layout.view(local, size).to(torch.int32)
+    layout = layout.to(torch.int32)
     handle = LowLatencyHandle(getattr(group or dist.group.WORLD, "group_name", ""), size, num_experts,
                               max_tokens_per_rank, n, hidden, src_info, layout, send_slot.view(n, k_slots), use_fp8)
     return LowLatencyDispatchResult(out_x, layout.sum(dim=1, dtype=torch.int32), handle, None)
@@ -307,8 +315,8 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
 
 def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle, *,
                         group=None, out: Optional[torch.Tensor] = None):
-    """torch_ep.low_latency_combine on all_to_all_single: row [e, r*max + i] (i < layout[e, r])
-    goes back to rank r as its (t, k) = src_info; then out[t] = bf16(sum over k = 0..K-1 with a
+    """torch_ep.low_latency_combine on all_to_all_single: row [e, begin(e, r) + i] (i < layout[e, r],
+    begin(e, r) the rows of ranks before r) goes back to rank r as its (t, k) = src_info; then out[t] = bf16(sum over k = 0..K-1 with a
     valid expert of float32(w[t, k]) * float32(row)), multiply then add, in k order (the kernel's
     arithmetic). Returns a LowLatencyCombineResult (no hook)."""
     from .types import LowLatencyCombineResult
@@ -320,7 +328,7 @@ def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
     index = torch.arange(max_tokens, device=x.device)
     valid = index.view(1, 1, max_tokens) < counts.view(local, size, 1)          # [E_local, R, max]
     le, r, i = valid.nonzero(as_tuple=True)
-    row = r * max_tokens + i
+    row = _packed_begin(counts)[le, r] + i
     q = handle.src_info[le, row].long()
     messages = torch.cat([_header(q), x[le, row].to(torch.bfloat16).contiguous().view(torch.uint8)], dim=1)
     recv, _ = _exchange_messages(messages, r, size, group)

@@ -135,9 +135,10 @@ class LowLatencyHandle:
 @dataclass
 class LowLatencyDispatchResult:
     """recv_x: [E_local, R*max_tokens_per_rank, H] bf16, or with use_fp8 the pair (float8_e4m3fn
-    [E_local, R*max, H], float32 scales [E_local, R*max, H/128]). Expert e's rows from rank r sit
-    at [e, r*max : r*max + handle.layout[e, r]], in the source's (token, slot) order; rows past
-    those are not written. recv_count [E_local] int32: rows per local expert. With
+    [E_local, R*max, H], float32 scales [E_local, R*max, H/128]). Expert e's rows are packed
+    from row 0, by source rank, as DeepEP's: rank r's at [e, b : b + handle.layout[e, r]] with b
+    = handle.layout[e, :r].sum(), in the source's (token, slot) order; rows past recv_count[e]
+    are not written. recv_count [E_local] int32: rows per local expert. With
     return_recv_hook the outputs are valid once `hook()` has run (on the current stream)."""
     recv_x: Payload
     recv_count: torch.Tensor

@@ -366,7 +366,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_put_kernel(DispatchSendP
 
 // Block b takes local experts b, b + grid, ...: for each (expert, rank) unit it reads the rank's
 // count and list for the expert, then its warps copy the listed tokens out of that rank's token
-// region (L2 loads: a peer wrote them) into row [le][r * max + i] of the caller's tensors.
+// region (L2 loads: a peer wrote them) into the caller's tensors: row i of rank r's for expert le
+// goes to [le][rows of ranks < r + i], packed from row 0 as DeepEP's (the block has every count).
 __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecvParams p) {
   extern __shared__ int prefix[];  // [units + 1]: rows of the block's units before each
   const GroupArgs& g = p.g;
@@ -414,7 +415,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
       q = __ldcg(at<int>(peer, g.layout.dispatch_lists()) + int64_t(e) * p.max_tokens + i);
       token = peer + g.layout.dispatch_tokens() + int64_t(q / p.num_topk) * token_bytes;
     }
-    const int64_t row = le * rows_per_expert + int64_t(r) * p.max_tokens + i;
+    // Packed: the expert's rows from ranks before r come first (prefix[u - r]: its unit of rank 0).
+    const int64_t row = le * rows_per_expert + (m - prefix[u - r]);
     warp_copy_l2(reinterpret_cast<uint4*>(static_cast<char*>(p.recv_x) + row * payload_bytes),
                  reinterpret_cast<const uint4*>(token), payload_bytes / 16, lane);
     if (p.use_fp8) {
@@ -430,13 +432,16 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
 
 // ------------------------------------------------------------------------------ combine send
 
-// Rows of expert le from rank r live at [le][r][i] in x and in the combine region alike: the
+// Rows of expert le from rank r live at [le][rows of ranks < r + i] in x and in the combine region
+// alike (packed, as dispatch's recv_x): the
 // copy keeps the layout and moves only received rows (layout[le, r] of them), a warp per row,
 // numbered through a prefix of the per-(expert, rank) counts. Then every local rank may pull
 // them; a remote rank r gets its rows pushed, each from the region to row [e][i] of its
 // remote_rows (e = this rank's expert le), then a closing signal with their number.
 __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendParams p) {
-  extern __shared__ int prefix[];  // [E + 1]: rows to move before (le, r), in (le, r) order
+  extern __shared__ int smem[];
+  int* prefix = smem;             // [E + 1]: rows to move before (le, r), in (le, r) order
+  int* packed = smem + p.num_experts + 1;  // [E + 1]: rows before (le, r) in x, all of them
   const GroupArgs& g = p.g;
   const int H = p.hidden, E = p.num_experts, R = g.num_ranks, E_local = E / R;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -447,10 +452,19 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
   // their remote_rows, which this call overwrites).
   wait_words(g, g.layout.combine_credits(), kCombineSendCounter, kCombineSendTimeout);
   stamp(g, kCombineSendCounter, 1);
+  // x's rows of expert le are packed by source rank: (le, r)'s start at packed[q] - packed[le * R]
+  // within the expert. Block 0 publishes those offsets for the readers (before its arrival).
+  for (int q = threadIdx.x; q < E; q += blockDim.x) packed[q] = min(max(p.layout[q], 0), p.max_tokens);
+  __syncthreads();
+  if (warp == 0) warp_exclusive_scan(packed, E, lane);
+  __syncthreads();
+  if (blockIdx.x == 0)
+    for (int q = threadIdx.x; q < E; q += blockDim.x)
+      at<int>(g.half, g.layout.combine_offsets())[q] = packed[q] - packed[q / R * R];
   if (!zero_copy || any_remote(g)) {  // else nothing to move
     // Rows to move: every row, to copy it in; only remote peers' rows under zero copy.
     for (int q = threadIdx.x; q < E; q += blockDim.x)
-      prefix[q] = zero_copy && !is_remote(g, q % R) ? 0 : min(max(p.layout[q], 0), p.max_tokens);
+      prefix[q] = zero_copy && !is_remote(g, q % R) ? 0 : packed[q + 1] - packed[q];
     __syncthreads();
     if (warp == 0) warp_exclusive_scan(prefix, E, lane);
     __syncthreads();
@@ -459,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
     for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E]; m += warps) {
       const int q = find_in_prefix(prefix, E, int(m));  // q = le * R + r
       const int i = int(m - prefix[q]), le = q / R, r = q % R;
-      const int64_t row = int64_t(q) * p.max_tokens + i;
+      const int64_t row = int64_t(le) * R * p.max_tokens + (packed[q] - packed[le * R]) + i;
       if (!zero_copy)
         warp_copy_l2(reinterpret_cast<uint4*>(region + row * H), reinterpret_cast<const uint4*>(p.x + row * H),
                      int64_t(H) * 2 / 16, lane);
@@ -494,7 +508,8 @@ __global__ void combine_region_wait_kernel(GroupArgs g) {
 
 // out[t] = bf16(sum over k = 0..K-1 with a valid expert of w[t,k] * row(t, k)), in float32,
 // multiply then add (no FMA), in k order: torch_ep.reference does the same arithmetic. Row
-// (t, k) is row [le][me][send_slot] of its owner's combine region.
+// (t, k) is row [le][offset + send_slot] of its owner's combine region, offset where the owner
+// put this rank's rows for le (published in its half), or pushed here for a remote owner.
 __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(CombineRecvParams p) {
   const GroupArgs& g = p.g;
   const int R = g.num_ranks, H = p.hidden, K = p.num_topk, E = p.num_experts, E_local = E / R;
@@ -528,11 +543,15 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(CombineRecvPa
         const int slot = e >= 0 && e < E ? __ldg(p.send_slot + q) : -1;
         routed[s] = slot >= 0 && slot < p.max_tokens;
         if (!routed[s]) continue;
-        const int owner = int(e) / E_local;
-        const int64_t row = (int64_t(e - owner * E_local) * R + g.rank) * p.max_tokens + slot;
-        const char* src = is_remote(g, owner)  // pushed here by the owner, or read at the owner
-                              ? g.half + g.layout.remote_rows() + ((e * p.max_tokens + slot) * H + ch0) * 2
-                              : g.peers[owner] + region + (row * H + ch0) * 2;
+        const int owner = int(e) / E_local, le = int(e) - owner * E_local;
+        const char* src;
+        if (is_remote(g, owner)) {  // pushed here by the owner
+          src = g.half + g.layout.remote_rows() + ((e * p.max_tokens + slot) * H + ch0) * 2;
+        } else {  // read at the owner, where this rank's rows for le start at its published offset
+          const int start = __ldcg(at<int>(g.peers[owner], g.layout.combine_offsets()) + le * R + g.rank);
+          const int64_t row = int64_t(le) * R * p.max_tokens + start + slot;
+          src = g.peers[owner] + region + (row * H + ch0) * 2;
+        }
         w[s] = __ldg(p.topk_weights + q);
         v[s] = __ldcg(reinterpret_cast<const uint4*>(src));
       }
@@ -610,7 +629,7 @@ cudaError_t launch_combine_send(const CombineSendParams& p, cudaStream_t stream)
   // Zero copy with every peer local: nothing to move, one block only takes the credits and
   // raises the flags.
   const bool idle = zero_copy && !any_remote(p.g);
-  const int64_t smem = idle ? 0 : (int64_t(p.num_experts) + 1) * int64_t(sizeof(int));
+  const int64_t smem = 2 * (int64_t(p.num_experts) + 1) * int64_t(sizeof(int));
   if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel, smem); err != cudaSuccess) return err;
   combine_send_kernel<<<idle ? 1 : p.g.num_blocks, kThreads, smem, stream>>>(p);
   return cudaGetLastError();

@@ -15,11 +15,12 @@
 //         caller's tensors; each block then adds its arrival to a credit at every rank.
 // Combine:
 //   send: copies x's received rows into this rank's own combine region (nothing to copy when
-//         x is that region: low_latency_combine_buffer), then its blocks add their arrival to
-//         a flag at every rank: "my rows are ready".
-//   recv: finds each (token, slot)'s row at its owner (expert, this rank, send_slot), waits
-//         for the owners' flags, reads the rows from their regions and sums them; each block
-//         then adds its arrival to a credit at every owner.
+//         x is that region: low_latency_combine_buffer) and publishes where each rank's rows
+//         start there, then its blocks add their arrival to a flag at every rank: "my rows are
+//         ready".
+//   recv: finds each (token, slot)'s row at its owner (expert le, this rank's offset there, then
+//         send_slot), waits for the owners' flags, reads the rows from their regions and sums
+//         them; each block then adds its arrival to a credit at every owner.
 // Remote peers (on another node: GroupArgs::peers[r] is null) cannot be read in place; what
 // they would read is pushed to them instead, through NVSHMEM's device API (put with signal,
 // so the same code runs over IBGDA, IBRC or P2P):
@@ -43,7 +44,7 @@
 //                                    H/128 float32 scales; bf16: 2H bytes)
 //             dispatch lists, counts [E][max_tokens] int32 pairs q = t*K + k; [E] int32
 //             dispatch flags         [R] completion words (set by senders)
-//             combine region         [E_local][R][max_tokens] rows of H bf16: this rank's expert
+//             combine region         [E_local][R*max_tokens] rows of H bf16: this rank's expert
 //                                    outputs, laid out as low_latency_combine's x
 //             combine flags          [R] completion words (set by the owners of rows)
 //             dispatch credits       [R] completion words (set by the readers of our tokens)
@@ -92,7 +93,8 @@ struct DispatchRecvParams {
   GroupArgs g;
   int hidden, num_topk, num_experts, max_tokens;
   bool use_fp8;
-  void* recv_x;              // [E_local, R*max, H] fp8 or bf16
+  void* recv_x;              // [E_local, R*max, H] fp8 or bf16; an expert's rows packed from row 0,
+                             // by source rank (as DeepEP's), each rank's in its (token, slot) order
   float* recv_scales;        // [E_local, R*max, H/128] (fp8 only)
   int32_t* recv_count;       // [E_local]
   int32_t* recv_src_info;    // [E_local, R*max]: t*K + k of each received row at its source

@@ -57,8 +57,9 @@ struct LowLatencyLayout {
   EP_LL_HOST_DEVICE int64_t dispatch_counts() const { return align(dispatch_lists() + num_experts() * max_tokens * 4); }
   // Completion words (uint64 [R], one per peer): "rank r's tokens are out" (set by r, read here).
   EP_LL_HOST_DEVICE int64_t dispatch_flags() const { return align(dispatch_counts() + num_experts() * 4); }
-  // The combine region holds this rank's expert outputs, [E_local][R][max_tokens] rows of H bf16
-  // (a call's own sizes, packed: the layout of low_latency_combine's x), which peers pull.
+  // The combine region holds this rank's expert outputs, [E_local][R * max_tokens] rows of H bf16
+  // (a call's own sizes: the layout of low_latency_combine's x, rows packed by source rank as in
+  // dispatch's recv_x), which peers pull.
   EP_LL_HOST_DEVICE int64_t combine_region() const { return align(dispatch_flags() + num_ranks * 8); }
   EP_LL_HOST_DEVICE int64_t combine_region_bytes() const { return num_local_experts * num_ranks * max_tokens * max_hidden * 2; }
   // "rank r's expert outputs are in its combine region" (set by r, read here).
@@ -67,11 +68,14 @@ struct LowLatencyLayout {
   EP_LL_HOST_DEVICE int64_t dispatch_credits() const { return align(combine_flags() + num_ranks * 8); }
   EP_LL_HOST_DEVICE int64_t combine_credits() const { return align(dispatch_credits() + num_ranks * 8); }
   EP_LL_HOST_DEVICE int64_t counters() const { return align(combine_credits() + num_ranks * 8); }
+  // Where rank r's rows for local expert le start in this rank's combine region (packed, as
+  // dispatch's recv_x): [E_local][R] int32, published by combine send for the readers.
+  EP_LL_HOST_DEVICE int64_t combine_offsets() const { return align(counters() + 4 * 4); }
   // Where remote peers (another node: no load or store reaches them, only NVSHMEM's device API)
   // push what local peers would read in place. Empty unless `remote`.
   // Dispatch tokens from remote senders: [R][max_tokens] tokens of a call's token_bytes, rank r's
   // token t at [r][t] (those of r's tokens that have a pair for one of this rank's experts).
-  EP_LL_HOST_DEVICE int64_t remote_tokens() const { return align(counters() + 4 * 4); }
+  EP_LL_HOST_DEVICE int64_t remote_tokens() const { return align(combine_offsets() + num_experts() * 4); }
   EP_LL_HOST_DEVICE int64_t remote_tokens_bytes() const {
     return remote * num_ranks * max_tokens * token_bytes(max_hidden, false);
   }

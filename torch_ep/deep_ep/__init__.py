@@ -62,10 +62,9 @@ Differences from DeepEP (each one raises naming the argument where a caller coul
 - `zero_copy=True` with an `x` that is not the tensor get_next_low_latency_combine_buffer
   returned: ValueError (DeepEP would silently send the buffer's stale content).
 - `get_local_buffer_tensor`: NotImplementedError; torch_ep exposes no raw buffer.
-- Low-latency receive layout: expert e's rows from rank r sit at [e, r*max : r*max + count],
-  not packed from row 0 in arrival order; recv_layout_range gives each (begin, count) in
-  DeepEP's encoding, but code that reads rows [0, recv_count[e]) as the valid ones (a masked
-  grouped GEMM with masked_m=recv_count) must read the ranges instead.
+- Low-latency receive layout: each expert's rows are packed from row 0 as DeepEP's, but by
+  source rank (rank r's after those of ranks before it), not in arrival order: deterministic;
+  rows [0, recv_count[e]) are the valid ones and recv_layout_range gives each (begin, count).
 - fp8 scales of low_latency_dispatch are float32 [E_local, R*max, H/128] row-major (DeepEP's
   are column-major in the last two dimensions; the values are the same). With use_ue8m0 they
   are packed to int32 [E_local, R*max, ceil(H/512)], column-major as DeepEP's.

@@ -343,8 +343,8 @@ class Buffer:
                              return_recv_hook: bool = False):
         """Returns (recv_x, recv_count [E_local] int32, handle, EventOverlap, hook). recv_x:
         [E_local, R*max, H] bf16, or the fp8 pair (scales float32 [E_local, R*max, H/128], or with
-        use_ue8m0 packed int32 [E_local, R*max, ceil(H/512)]). Expert e's rows from rank r are
-        [e, r*max : r*max + count] (handle[1] holds each (begin, count)). With return_recv_hook
+        use_ue8m0 packed int32 [E_local, R*max, ceil(H/512)]). Expert e's rows are packed from row
+        0 by source rank (handle[1] holds each rank's (begin, count)). With return_recv_hook
         the call only sends; the outputs, the handle's tensors and the stats are valid once the
         hook has run."""
         op = "low_latency_dispatch"
@@ -371,7 +371,6 @@ class Buffer:
             native, k = d.handle, topk_idx.shape[1]
             src_info = torch.empty_like(native.src_info)
             layout_range = torch.empty(native.layout.shape, dtype=torch.int64, device=x.device)
-            begin = (torch.arange(size, dtype=torch.int64, device=x.device) * max_tokens) << 32
             recv_x, packed = d.recv_x, None
             if use_ue8m0:
                 scales = d.recv_x[1]
@@ -382,7 +381,8 @@ class Buffer:
 
             def finish() -> None:
                 torch.div(native.src_info, k, rounding_mode="floor", out=src_info)
-                torch.bitwise_or(begin, native.layout.long(), out=layout_range)
+                counts = native.layout.long()  # packed by source rank: rank r's rows follow ranks < r's
+                torch.bitwise_or((counts.cumsum(1) - counts) << 32, counts, out=layout_range)
                 if stats is not None:
                     stats.add_(d.recv_count)
                 if packed is not None:
