@@ -48,6 +48,13 @@ def _bytes_past(t, rows):
     return flat[rows * (flat.numel() // max(t.shape[0], 1)):].clone()
 
 
+def _reported(device):
+    """Where the device finds a problem (CUDA, given output) it raises after a synchronisation."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch_ep.all_to_all.check_errors()
+
+
 def _check_result(res, expected, what):
     assert same_bits(res.output_splits, expected.output_splits), f"{what}: output_splits"
     assert same_bits(res.output_offsets, expected.output_offsets), f"{what}: output_offsets"
@@ -105,6 +112,7 @@ def rank_overflow(seed, device="cpu"):
     error = None
     try:
         torch_ep.all_to_all_v(inp, splits, output=out)
+        _reported(device)
     except RuntimeError as e:
         error = str(e)
     if short:
@@ -159,11 +167,13 @@ def rank_bad_input(device="cpu"):
     wrong_sum[0] += 1 if rank == 0 else 0
     negative = good.clone()
     negative[0], negative[1 % size] = (-1, 2 * size + 1) if rank == size - 1 and size > 1 else (2, 2)
-    cases["sum"] = (lambda: torch_ep.all_to_all_v(x, wrong_sum, output=out), ValueError,
+    cases["sum"] = (lambda: (torch_ep.all_to_all_v(x, wrong_sum, output=out), _reported(device)), ValueError,
                     ["input_splits", "sum to"] if rank == 0 else ["rank 0", "input_splits"])
     if size > 1:
-        cases["negative"] = (lambda: torch_ep.all_to_all_v(x, negative, output=out), ValueError,
+        cases["negative"] = (lambda: (torch_ep.all_to_all_v(x, negative, output=out), _reported(device)), ValueError,
                              ["input_splits[0]", "-1"] if rank == size - 1 else [f"rank {size - 1}", "input_splits"])
+    cases["sum, allocated"] = (lambda: torch_ep.all_to_all_v(x, wrong_sum), ValueError,
+                               ["input_splits", "sum to"] if rank == 0 else ["rank 0", "input_splits"])
     problems = []
     for name, (fn, kind, words) in cases.items():
         err = _error_of(fn)

@@ -12,7 +12,7 @@ import test_all_to_all_v as cpu_checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
 from torch_ep import reference
-from torch_ep.testing import RankError, poison_, same_bits
+from torch_ep.testing import poison_, same_bits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C.has_cuda,
                                 reason="needs CUDA and a CUDA build of torch_ep")
@@ -105,8 +105,74 @@ def rank_cuda_graph_changing_splits(seed):
         assert same_bits(res.output_offsets, expected.output_offsets)
 
 
-@pytest.mark.xfail(raises=RankError, strict=True,
-                   reason="this build reads input_splits on the host, so a capture raises; the device-side "
-                          "splits exchange (issue 16) makes this pass")
 def test_cuda_graph_replay_with_changing_splits(cuda_pool):
     cuda_pool.run(rank_cuda_graph_changing_splits, seed=_seed())
+
+
+def rank_many_chunks(seed):
+    """A 64 KiB buffer: staging slots of a few KiB, so every message crosses many chunks and
+    reuses each slot within one call; rows whose size is not a multiple of 16 bytes too."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(cuda_buffer_bytes=64 << 10))
+    try:
+        for i, (dtype, row_shape) in enumerate([(torch.float32, (4099,)), (torch.bfloat16, (2048,)),
+                                                (torch.uint8, (3,))]):
+            m = cpu_checks.split_matrix("random", size, seed + i) * 7
+            g = torch.Generator().manual_seed(seed * 7 + i * 131 + rank)
+            from torch_ep.testing import random_tensor
+            inp = random_tensor((int(m[rank].sum()), *row_shape), dtype, g, "cuda")
+            splits = m[rank].cuda()
+            total = int(m[:, rank].sum())
+            expected = reference.all_to_all_v(inp, splits, group=group)
+            out = poison_(torch.empty((total + 1, *row_shape), dtype=dtype, device="cuda"))
+            res = torch_ep.all_to_all_v(inp, splits, output=out, group=group)
+            torch.cuda.synchronize()
+            assert same_bits(out[:total], expected.output), f"{dtype} {row_shape}"
+            assert same_bits(res.output_splits, expected.output_splits)
+            res = torch_ep.all_to_all_v(inp, splits, group=group)
+            assert same_bits(res.output, expected.output), f"{dtype} {row_shape}: allocated"
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_messages_larger_than_staging(cuda_pool):
+    cuda_pool.run(rank_many_chunks, seed=_seed())
+
+
+def rank_peer_never_arrives():
+    """Rank 1 skips the second call: rank 0's call into a given output returns at once (no host
+    wait); its kernels give up after the timeout, and the next call raises naming op, rank and
+    peer. The stream does not hang."""
+    import time
+    from datetime import timedelta
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3)))
+    x = torch.randn(size * 4, 2, device="cuda")
+    splits = torch.full((size,), 4, dtype=torch.int64, device="cuda")
+    out = torch.empty_like(x)
+    torch_ep.all_to_all_v(x, splits, output=out, group=group)  # sets everything up on every rank
+    torch.cuda.synchronize()
+    error, elapsed = None, 0.0
+    if rank == 0:
+        start = time.monotonic()
+        torch_ep.all_to_all_v(x, splits, output=out, group=group)
+        torch.cuda.synchronize()  # returns: the kernels' waits are bounded
+        elapsed = time.monotonic() - start
+        time.sleep(0.5)  # the watchdog polls every 50 ms
+        try:
+            torch_ep.all_to_all_v(x, splits, output=out, group=group)
+        except Exception as e:  # noqa: BLE001
+            error = (type(e).__name__, str(e))
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return error, elapsed
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_timeout_names_op_and_peer(world_size):
+    pool = rank_pool(world_size, cuda=True)
+    (error, elapsed), _ = pool.run(rank_peer_never_arrives)
+    assert error is not None and error[0] == "DistBackendError", error
+    assert "all_to_all_v: timed out on rank 0" in error[1] and "rank(s) 1" in error[1], error
+    assert 2.5 < elapsed < 20, elapsed

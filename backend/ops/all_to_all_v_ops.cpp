@@ -19,9 +19,11 @@
 //          arrived, and the group stays in step.
 //   2. data: one all_to_all_single of rows on the group's own transport (shared memory, or the
 //      CUDA transport on the comm stream, which the caller's stream then waits for).
-// On CUDA step 1 first reads input_splits on the host: one synchronisation per call. The
-// device-side exchange of the splits (no host synchronisation, CUDA graphs with changing
-// splits) is the next step (issue 16); until then a capture raises.
+// That is the CPU path, and CUDA's where the kernels cannot reach every rank (ranks on several
+// hosts, or more than kMaxRanksPerNode): there step 1 first reads input_splits on the host, and
+// a CUDA graph capture raises. Elsewhere on CUDA the splits never leave the device
+// (backend/ops/cuda/all_to_all_v_cuda.cpp, backend/kernels/all_to_all_v.cuh): the same
+// agreement runs in a kernel, and what only it can see raises at the next call.
 #include <c10/core/DeviceGuard.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
@@ -34,6 +36,8 @@
 
 #include "backend/ops/moe_ops.hpp"  // resolve_group
 #include "backend/process_group/process_group_ep.hpp"
+
+#include "backend/ops/all_to_all_v.hpp"
 
 #ifdef TORCH_EP_WITH_CUDA
 #include <cuda_runtime.h>
@@ -93,9 +97,8 @@ std::vector<int64_t> host_splits(const Tensor& input_splits) {
   if (input_splits.is_cuda()) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(input_splits.device().index()).stream(), &capture);
-    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, kOp, ": this build reads input_splits on the host, which a "
-                "CUDA graph capture cannot do; capturing all_to_all_v with changing splits needs the device-side "
-                "splits exchange (not built yet)");
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, kOp, ": where the ranks span hosts (or exceed ",
+                "the CUDA kernels' limit) input_splits are read on the host, which a CUDA graph capture cannot do");
   }
 #endif
   const Tensor s = input_splits.to(at::kCPU).contiguous();
@@ -196,6 +199,11 @@ Tensor exclusive_cumsum(const std::vector<int64_t>& v) {
 // offsets on the host.
 std::pair<Tensor, Tensor> run(ProcessGroupEP& group, const Tensor& input, const Tensor& input_splits,
                               const std::optional<Tensor>& given, Tensor* allocated, bool allow_extra_rows) {
+#ifdef TORCH_EP_WITH_CUDA
+  if (input.is_cuda())  // the splits stay on the device, where the kernels reach every rank
+    if (std::shared_ptr<AllToAllVState> state = group.all_to_all_v_state(input.device(), kOp))
+      return all_to_all_v_cuda(group, *state, input, input_splits, given, allocated, allow_extra_rows);
+#endif
   const c10::DeviceGuard guard(input.device());
   const std::vector<int64_t> splits = host_splits(input_splits);
   const int64_t capacity = given ? given->size(0) : kAllocate;
@@ -233,6 +241,21 @@ std::tuple<Tensor, Tensor> all_to_all_v_into(const Tensor& input, const Tensor& 
   return {splits, offsets};
 }
 
+// Raises what the CUDA kernels of this group's earlier all_to_all_v calls reported (none on CPU,
+// where every call raises its own problems).
+void all_to_all_v_check(c10::string_view group_name) {
+#ifdef TORCH_EP_WITH_CUDA
+  ProcessGroupEP* group = nullptr;
+  try {
+    group = &moe::resolve_group(std::string(group_name), at::Device(at::kCUDA), kOp);
+  } catch (const c10::Error&) {
+    return;  // no CUDA backend on this group: nothing can have been reported
+  }
+  if (auto state = group->all_to_all_v_state(at::Device(at::kCUDA), kOp, /*create=*/false))
+    check_all_to_all_v_reports(*state, group->getRank(), kOp);
+#endif
+}
+
 }  // namespace
 }  // namespace ep::a2av
 
@@ -245,6 +268,7 @@ TORCH_LIBRARY_FRAGMENT(ep, m) {
   // sends a gradient of a given output's whole capacity).
   m.def("all_to_all_v_into(Tensor input, Tensor input_splits, Tensor(a!) output, str group_name, "
         "bool allow_extra_rows=False) -> (Tensor output_splits, Tensor output_offsets)");
+  m.def("all_to_all_v_check(str group_name) -> ()", a2av::all_to_all_v_check);
 }
 
 TORCH_LIBRARY_IMPL(ep, CPU, m) {
