@@ -133,9 +133,11 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
   }
 }
 
-// Block 0 copies this rank's own rows; block b > 0 sends to rank + b and receives from rank - b.
+// Block (b, lane) = blockIdx.x (b * lanes + lane): b = 0 copies a share of this rank's own rows;
+// b > 0 sends chunks lane, lane + lanes, ... to rank + b and receives those of rank - b.
 __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_move_kernel(AllToAllVParams p) {
-  const int R = p.num_ranks, me = p.rank, b = blockIdx.x;
+  const int R = p.num_ranks, me = p.rank, lanes = p.layout.lanes;
+  const int b = blockIdx.x / lanes, lane = blockIdx.x % lanes;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   const int64_t* send_rows = p.plan;
   const int64_t* send_offsets = p.plan + R;
@@ -143,8 +145,12 @@ __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_move_kernel(AllToAl
   const int64_t* recv_offsets = p.plan + 3 * R;
   const uint64_t row_bytes = uint64_t(p.row_bytes);
   if (b == 0) {
-    block_copy(p.output + recv_offsets[me] * row_bytes, p.input + send_offsets[me] * row_bytes,
-               uint64_t(recv_rows[me]) * row_bytes);
+    const uint64_t bytes = uint64_t(recv_rows[me]) * row_bytes;
+    const uint64_t share = (bytes / lanes + 15) / 16 * 16;  // 16-byte multiples keep vector copies aligned
+    const uint64_t from = share * lane < bytes ? share * lane : bytes;
+    const uint64_t to = from + share < bytes ? from + share : bytes;
+    block_copy(p.output + recv_offsets[me] * row_bytes + from, p.input + send_offsets[me] * row_bytes + from,
+               to - from);
     return;
   }
   const int dst = (me + b) % R, src = (me + R - b) % R;
@@ -154,38 +160,38 @@ __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_move_kernel(AllToAl
   char* recv = p.output + recv_offsets[src] * row_bytes;
   const uint64_t chunk = p.layout.chunk_bytes;
   const uint64_t send_chunks = (send_bytes + chunk - 1) / chunk, recv_chunks = (recv_bytes + chunk - 1) / chunk;
-  const uint64_t rounds = send_chunks > recv_chunks ? send_chunks : recv_chunks;
   __shared__ int go;
-  for (uint64_t k = 0; k < rounds; ++k) {
-    const int slot = int(k % L::kSlots);
+  // Round j moves chunk k = lane + j * lanes each way, through this lane's slot j % 2.
+  for (uint64_t j = 0, k = lane; k < send_chunks || k < recv_chunks; ++j, k += lanes) {
+    const int slot = int(j % L::kSlots);
     if (k < send_chunks) {
       if (threadIdx.x == 0) {
-        go = take_flag(flag_at(p.blocks[me], L::empty_flag(dst, slot)), deadline);  // dst drained chunk k - 2
+        go = take_flag(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline);  // dst drained round j - 2
         if (!go) atomicExch(p.error, 1 + dst);
       }
       __syncthreads();
       if (!go) return;
       const uint64_t n = send_bytes - k * chunk < chunk ? send_bytes - k * chunk : chunk;
-      block_copy(p.blocks[dst] + p.layout.slot(me, slot), send + k * chunk, n);
+      block_copy(p.blocks[dst] + p.layout.slot(me, lane, slot), send + k * chunk, n);
       __syncthreads();  // every thread's stores are issued before the release below
       if (threadIdx.x == 0) {
         __threadfence_system();
-        store_release(flag_at(p.blocks[dst], L::full_flag(me, slot)), 1);
+        store_release(flag_at(p.blocks[dst], L::full_flag(me, lane, slot)), 1);
       }
     }
     if (k < recv_chunks) {
       if (threadIdx.x == 0) {
-        go = take_flag(flag_at(p.blocks[me], L::full_flag(src, slot)), deadline);  // src sent chunk k
+        go = take_flag(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline);  // src sent round j
         if (!go) atomicExch(p.error, 1 + src);
       }
       __syncthreads();
       if (!go) return;
       const uint64_t n = recv_bytes - k * chunk < chunk ? recv_bytes - k * chunk : chunk;
-      block_copy(recv + k * chunk, p.blocks[me] + p.layout.slot(src, slot), n, CachedGlobalLoad{});
+      block_copy(recv + k * chunk, p.blocks[me] + p.layout.slot(src, lane, slot), n, CachedGlobalLoad{});
       __syncthreads();  // every thread has read the slot before it is handed back
       if (threadIdx.x == 0) {
         __threadfence_system();
-        store_release(flag_at(p.blocks[src], L::empty_flag(me, slot)), 1);
+        store_release(flag_at(p.blocks[src], L::empty_flag(me, lane, slot)), 1);
       }
     }
   }
@@ -201,11 +207,12 @@ cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t
 }
 
 cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t stream) {
-  if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0)
+  if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0 ||
+      params.layout.lanes < 1 || params.layout.lanes > L::kMaxLanes)
     return cudaErrorInvalidValue;
-  // One block per peer offset: the grid stays small enough to be resident next to other ranks'
-  // work (ranks sharing a GPU under MPS each hold a slice of the SMs).
-  all_to_all_v_move_kernel<<<params.num_ranks, kMoveThreads, 0, stream>>>(params);
+  // One block per (peer offset, lane): the grid stays small enough to be resident next to other
+  // ranks' work (ranks sharing a GPU under MPS each hold a slice of the SMs).
+  all_to_all_v_move_kernel<<<params.num_ranks * params.layout.lanes, kMoveThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

@@ -4,10 +4,10 @@
 // Each rank registers one block (CUDA IPC, mapped by every peer), laid out by AllToAllVLayout:
 //   records: per source rank, the record it published for this call (its splits, capacity, ...)
 //   flags:   per source, "record here" (set by the source, cleared by this rank once read);
-//            per (source, slot), "staging slot full" (set by the source, cleared by this rank);
-//            per (destination, slot), "slot in the destination's block empty" (set by the
-//            destination once drained, cleared by this rank before it fills the slot again)
-//   staging: per source, two slots of chunk_bytes
+//            per (source, lane, slot), "staging slot full" (set by the source, cleared by this
+//            rank); per (destination, lane, slot), "slot in the destination's block empty" (set by
+//            the destination once drained, cleared by this rank before it fills the slot again)
+//   staging: per (source, lane), two slots of chunk_bytes
 // Flags go back to their initial values after every call (records: 0, full: 0, empty: 1), so
 // calls need no sequence numbers and a captured CUDA graph replays.
 //
@@ -18,11 +18,13 @@
 //     moves if any rank's splits are invalid or the ranks disagree on the row size; nothing goes
 //     to a rank whose output would overflow. Writes output_splits, output_offsets and this
 //     rank's part of the plan.
-//   move (one block per peer offset b = 0..R-1): block b sends to rank + b and receives from
-//     rank - b, in rounds: round k sends chunk k into the destination's slot k % 2 (after it
-//     drained chunk k - 2), then receives chunk k from the source's slot k % 2 into the output.
-//     A send waits only on a round k - 2 receive, a receive on the source's round-k send, which
-//     precedes its own receive: no cycle. Block 0 copies this rank's rows to itself directly.
+//   move (one block per peer offset b = 0..R-1 and lane): a message is cut into chunks, and
+//     chunk k travels in lane k % lanes, so each pair of ranks has `lanes` independent pipelines.
+//     Block (b, lane) sends to rank + b and receives from rank - b, in rounds: its round j sends
+//     its j-th chunk into its lane's slot j % 2 in the destination's block (after the destination
+//     drained round j - 2), then receives the source's j-th chunk of that lane into the output.
+//     A send waits only on a round j - 2 receive, a receive on the source's round-j send, which
+//     precedes its own receive: no cycle. The blocks of b = 0 copy this rank's rows to itself.
 // Copies: two per byte between ranks (into staging, out of it), one within a rank.
 // Every wait is bounded by timeout_ns; one that expires sets *error = 1 + the peer (the
 // transport's watchdog then fails the group, naming op, rank and peer). Problems of the call
@@ -50,28 +52,35 @@ struct AllToAllVLayout {
   static constexpr size_t kFlagsOffset = 16 << 10;
   static constexpr size_t kDataOffset = 64 << 10;
   static constexpr int kSlots = 2;
+  static constexpr int kMaxLanes = 4;
 
   uint64_t chunk_bytes;  // a staging slot
+  int lanes;             // pipelines per pair of ranks, 1..kMaxLanes
+
+  // Lanes for a group of `num_ranks`: the move kernel has num_ranks * lanes blocks, which must be
+  // resident at once next to the other ranks' (ranks sharing a GPU each hold a slice of it).
+  __host__ __device__ static int lanes_for(int num_ranks) { return num_ranks <= 8 ? 4 : num_ranks <= 16 ? 2 : 1; }
 
   __host__ __device__ static size_t record(int src) { return size_t(src) * kRecordWords * sizeof(int64_t); }
   __host__ __device__ static size_t record_flag(int src) { return kFlagsOffset + size_t(src) * 4; }
-  __host__ __device__ static size_t full_flag(int src, int slot) {
-    return kFlagsOffset + 256 + (size_t(src) * kSlots + slot) * 4;
+  __host__ __device__ static size_t full_flag(int src, int lane, int slot) {
+    return kFlagsOffset + 1024 + ((size_t(src) * kMaxLanes + lane) * kSlots + slot) * 4;
   }
-  __host__ __device__ static size_t empty_flag(int dst, int slot) {
-    return kFlagsOffset + 512 + (size_t(dst) * kSlots + slot) * 4;
+  __host__ __device__ static size_t empty_flag(int dst, int lane, int slot) {
+    return kFlagsOffset + 2048 + ((size_t(dst) * kMaxLanes + lane) * kSlots + slot) * 4;
   }
-  static constexpr size_t kFlagsBytes = 768;  // every flag above, for kMaxRanksPerNode ranks
-  __host__ __device__ size_t slot(int src, int slot) const {
-    return kDataOffset + (size_t(src) * kSlots + slot) * chunk_bytes;
+  static constexpr size_t kFlagsBytes = 3072;  // every flag above, for kMaxRanksPerNode ranks
+  __host__ __device__ size_t slot(int src, int lane, int slot) const {
+    return kDataOffset + ((size_t(src) * lanes + lane) * kSlots + slot) * chunk_bytes;
   }
   __host__ __device__ size_t total_bytes(int num_ranks) const {
-    return kDataOffset + size_t(num_ranks) * kSlots * chunk_bytes;
+    return kDataOffset + size_t(num_ranks) * lanes * kSlots * chunk_bytes;
   }
 };
 static_assert(kMaxRanksPerNode * AllToAllVLayout::kRecordWords * sizeof(int64_t) <= AllToAllVLayout::kFlagsOffset,
               "the records fit before the flags");
-static_assert(kMaxRanksPerNode * 4 <= 256 && kMaxRanksPerNode * AllToAllVLayout::kSlots * 4 <= 256 &&
+static_assert(kMaxRanksPerNode * 4 <= 1024 &&
+                  kMaxRanksPerNode * AllToAllVLayout::kMaxLanes * AllToAllVLayout::kSlots * 4 <= 1024 &&
                   AllToAllVLayout::kFlagsOffset + AllToAllVLayout::kFlagsBytes <= AllToAllVLayout::kDataOffset,
               "the flags fit before the staging slots");
 

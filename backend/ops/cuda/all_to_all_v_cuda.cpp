@@ -26,10 +26,11 @@ using kernels::AllToAllVLayout;
 
 namespace {
 
-// Two staging slots per source: up to 1 MiB each, within the group's CUDA buffer size.
-uint64_t chunk_bytes_for(size_t buffer_bytes, int size) {
+// Two staging slots per (source, lane): up to 1 MiB each, within the group's CUDA buffer size.
+uint64_t chunk_bytes_for(size_t buffer_bytes, int size, int lanes) {
   constexpr uint64_t kAlign = 4096, kMax = 1 << 20;
-  const uint64_t chunk = std::min<uint64_t>(buffer_bytes / (uint64_t(size) * AllToAllVLayout::kSlots), kMax);
+  const uint64_t chunk =
+      std::min<uint64_t>(buffer_bytes / (uint64_t(size) * lanes * AllToAllVLayout::kSlots), kMax);
   return std::max<uint64_t>(chunk / kAlign, 1) * kAlign;
 }
 
@@ -39,7 +40,8 @@ class AllToAllVState {
  public:
   AllToAllVState(Rendezvous& rdv, const Config& config, int device, const std::string& tag)
       : rank_(rdv.rank()), size_(rdv.size()) {
-    layout_.chunk_bytes = chunk_bytes_for(config.cuda_buffer_bytes, size_);
+    layout_.lanes = AllToAllVLayout::lanes_for(size_);
+    layout_.chunk_bytes = chunk_bytes_for(config.cuda_buffer_bytes, size_, layout_.lanes);
     buffers_ = std::make_unique<PeerBuffers>(rdv, device, layout_.total_bytes(size_), tag + "/buffers");
     CudaTransportConfig cc;
     cc.device = device;
@@ -50,8 +52,9 @@ class AllToAllVState {
     // Record flags 0 (slot free), full 0, empty 1 (every slot of every destination free).
     std::vector<uint32_t> flags(AllToAllVLayout::kFlagsBytes / 4, 0);
     for (int d = 0; d < kernels::kMaxRanksPerNode; ++d)
-      for (int s = 0; s < AllToAllVLayout::kSlots; ++s)
-        flags[(AllToAllVLayout::empty_flag(d, s) - AllToAllVLayout::kFlagsOffset) / 4] = 1;
+      for (int lane = 0; lane < AllToAllVLayout::kMaxLanes; ++lane)
+        for (int s = 0; s < AllToAllVLayout::kSlots; ++s)
+          flags[(AllToAllVLayout::empty_flag(d, lane, s) - AllToAllVLayout::kFlagsOffset) / 4] = 1;
     EP_CUDA_CHECK(cudaMemcpy(buffers_->block(rank_) + AllToAllVLayout::kFlagsOffset, flags.data(),
                              flags.size() * sizeof(uint32_t), cudaMemcpyHostToDevice));
     EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&report_host_), kernels::kReportWords * sizeof(int64_t),
