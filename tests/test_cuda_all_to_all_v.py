@@ -176,3 +176,45 @@ def test_timeout_names_op_and_peer(world_size):
     assert error is not None and error[0] == "DistBackendError", error
     assert "all_to_all_v: timed out on rank 0" in error[1] and "rank(s) 1" in error[1], error
     assert 2.5 < elapsed < 20, elapsed
+
+
+def rank_abort_releases_kernel_wait():
+    """Rank 0 aborts the group while its all_to_all_v kernels wait for rank 1 (held up by a
+    5-second kernel): rank 0's stream is released at once, not at the timeout, and later calls
+    raise. Rank 1 then waits for rank 0 until the (8-second) timeout."""
+    import time
+    from datetime import timedelta
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=8)))
+    x = torch.randn(size * 4, 2, device="cuda")
+    splits = torch.full((size,), 4, dtype=torch.int64, device="cuda")
+    out = torch.empty_like(x)
+    torch_ep.all_to_all_v(x, splits, output=out, group=group)
+    torch.cuda.synchronize()
+    if rank == 1:
+        torch.cuda._sleep(int(5 * torch.cuda.get_device_properties(0).clock_rate * 1e3))  # ~5 s
+    torch_ep.all_to_all_v(x, splits, output=out, group=group)
+    elapsed = later = None
+    if rank == 0:
+        time.sleep(0.5)
+        start = time.monotonic()
+        group.abort()
+        torch.cuda.synchronize()
+        elapsed = time.monotonic() - start
+        try:
+            torch_ep.all_to_all_v(x, splits, output=out, group=group)
+        except Exception as e:  # noqa: BLE001
+            later = (type(e).__name__, str(e))
+    torch.cuda.synchronize()
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return elapsed, later
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_abort_releases_a_kernel_wait(world_size):
+    pool = rank_pool(world_size, cuda=True)
+    (elapsed, later), _ = pool.run(rank_abort_releases_kernel_wait, timeout_s=120)
+    assert elapsed < 2, elapsed
+    assert later is not None and later[0] == "DistBackendError" and "aborted" in later[1], later

@@ -13,12 +13,25 @@ __device__ __forceinline__ uint32_t* flag_at(char* block, size_t offset) {
   return reinterpret_cast<uint32_t*>(block + offset);
 }
 
-// Waits until *flag == value, leaving it; false after the deadline.
-__device__ __forceinline__ bool wait_for(const uint32_t* flag, uint32_t value, uint64_t deadline) {
-  while (load_acquire(flag) != value) {
+// Waits until *flag == value, leaving it; false after the deadline or once the group is aborted
+// (a host-mapped word: read only every few polls).
+__device__ __forceinline__ bool wait_for(const uint32_t* flag, uint32_t value, uint64_t deadline, const int* abort) {
+  for (uint32_t polls = 1; load_acquire(flag) != value; ++polls) {
     if (now_ns() > deadline) return false;
+    if (polls % 64 == 0 && *reinterpret_cast<const volatile int*>(abort)) return false;
     __nanosleep(100);
   }
+  return true;
+}
+
+// Waits until *flag != 0, then clears it; false as wait_for.
+__device__ __forceinline__ bool take(uint32_t* flag, uint64_t deadline, const int* abort) {
+  for (uint32_t polls = 1; load_acquire(flag) == 0; ++polls) {
+    if (now_ns() > deadline) return false;
+    if (polls % 64 == 0 && *reinterpret_cast<const volatile int*>(abort)) return false;
+    __nanosleep(100);
+  }
+  *flag = 0;
   return true;
 }
 
@@ -42,7 +55,7 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
   // 1. This rank's record into peer t's block, once t has read the one before.
   if (t < R) {
     uint32_t* flag = flag_at(p.blocks[t], L::record_flag(me));
-    if (!wait_for(flag, 0, deadline)) {
+    if (!wait_for(flag, 0, deadline, p.abort)) {
       atomicExch(p.error, 1 + t);
       failed = 1;
     } else {
@@ -59,7 +72,7 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
   // 2. Source t's record from this rank's block; then its slot is free again.
   if (t < R) {
     uint32_t* flag = flag_at(p.blocks[me], L::record_flag(t));
-    if (!wait_for(flag, 1, deadline)) {
+    if (!wait_for(flag, 1, deadline, p.abort)) {
       atomicExch(p.error, 1 + t);
       failed = 1;
     } else {
@@ -166,7 +179,7 @@ __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_move_kernel(AllToAl
     const int slot = int(j % L::kSlots);
     if (k < send_chunks) {
       if (threadIdx.x == 0) {
-        go = take_flag(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline);  // dst drained round j - 2
+        go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort);  // dst drained round j - 2
         if (!go) atomicExch(p.error, 1 + dst);
       }
       __syncthreads();
@@ -181,7 +194,7 @@ __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_move_kernel(AllToAl
     }
     if (k < recv_chunks) {
       if (threadIdx.x == 0) {
-        go = take_flag(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline);  // src sent round j
+        go = take(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline, p.abort);  // src sent round j
         if (!go) atomicExch(p.error, 1 + src);
       }
       __syncthreads();

@@ -26,8 +26,8 @@
 //     A send waits only on a round j - 2 receive, a receive on the source's round-j send, which
 //     precedes its own receive: no cycle. The blocks of b = 0 copy this rank's rows to itself.
 // Copies: two per byte between ranks (into staging, out of it), one within a rank.
-// Every wait is bounded by timeout_ns; one that expires sets *error = 1 + the peer (the
-// transport's watchdog then fails the group, naming op, rank and peer). Problems of the call
+// Every wait is bounded by timeout_ns (and ends when *abort is set); one that gives up sets
+// *error = 1 + the peer (the transport's watchdog then fails the group, naming op, rank and peer). Problems of the call
 // itself (invalid splits, an overflowing output) go to *report, which the host raises later.
 #pragma once
 
@@ -113,6 +113,7 @@ struct AllToAllVParams {
   AllToAllVLayout layout;
   uint64_t timeout_ns;
   int* error;       // host-mapped: 1 + the peer a wait timed out on (fatal)
+  const int* abort;  // host-mapped: non-zero once the group is aborted; every wait then gives up
   int64_t* report;  // host-mapped: kReportWords, the first problem since the host last looked
 };
 

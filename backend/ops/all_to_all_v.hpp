@@ -24,6 +24,8 @@ class AllToAllVState;
 std::shared_ptr<AllToAllVState> create_all_to_all_v_state(Rendezvous& rdv, const Config& config, int device,
                                                           const std::string& tag);
 CudaTransport& transport_of(AllToAllVState& state);
+// The group's abort(): the kernels' waits in flight give up, and later calls raise `why`.
+void abort_all_to_all_v(AllToAllVState& state, const std::string& why);
 int device_of(const AllToAllVState& state);
 
 // Raises (on this rank) what the kernels of earlier calls reported and no call raised yet: an

@@ -61,12 +61,22 @@ class AllToAllVState {
                                 cudaHostAllocMapped));
     std::fill(report_host_, report_host_ + kernels::kReportWords, 0);
     EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&report_device_), report_host_, 0));
+    EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&abort_host_), sizeof(int), cudaHostAllocMapped));
+    *abort_host_ = 0;
+    EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_device_), abort_host_, 0));
     rdv.barrier(tag + "/ready");  // no peer writes our flags before they are initialised
   }
 
   ~AllToAllVState() {
     transport_.reset();  // first: its destructor lets calls in flight finish (or time out)
     if (report_host_) cudaFreeHost(report_host_);
+    if (abort_host_) cudaFreeHost(abort_host_);
+  }
+
+  // The group's abort(): waits in flight give up at their next poll, and the transport fails.
+  void abort(const std::string& why) {
+    *static_cast<volatile int*>(abort_host_) = 1;
+    transport_->abort(why);
   }
 
   CudaTransport& transport() { return *transport_; }
@@ -111,6 +121,7 @@ class AllToAllVState {
     p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(transport_->timeout()).count());
     p.error = transport_->kernel_error();
     p.report = report_device_;
+    p.abort = abort_device_;
   }
 
  private:
@@ -120,6 +131,8 @@ class AllToAllVState {
   std::shared_ptr<CudaTransport> transport_;
   int64_t* report_host_ = nullptr;    // pinned, mapped: kReportWords
   int64_t* report_device_ = nullptr;
+  int* abort_host_ = nullptr;         // pinned, mapped: set by abort()
+  int* abort_device_ = nullptr;
 };
 
 std::shared_ptr<AllToAllVState> create_all_to_all_v_state(Rendezvous& rdv, const Config& config, int device,
@@ -128,6 +141,7 @@ std::shared_ptr<AllToAllVState> create_all_to_all_v_state(Rendezvous& rdv, const
 }
 
 CudaTransport& transport_of(AllToAllVState& state) { return state.transport(); }
+void abort_all_to_all_v(AllToAllVState& state, const std::string& why) { state.abort(why); }
 int device_of(const AllToAllVState& state) { return state.device(); }
 
 void check_all_to_all_v_reports(AllToAllVState& state, int rank, const char* op) { state.check_reports(rank, op); }

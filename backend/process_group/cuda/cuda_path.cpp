@@ -35,7 +35,7 @@ void ProcessGroupEP::abort_cuda(const std::string& why) {
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   if (cuda_transport_) cuda_transport_->abort(why);
   if (moe_transport_) moe_transport_->abort(why);
-  if (a2av_state_) transport_of(*a2av_state_).abort(why);
+  if (a2av_state_) abort_all_to_all_v(*a2av_state_, why);
 }
 
 std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& device, const char* op_name) {
