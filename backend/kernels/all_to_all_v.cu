@@ -8,6 +8,7 @@ namespace {
 using L = AllToAllVLayout;
 constexpr int kPlanThreads = kMaxRanksPerNode;  // one per rank
 constexpr int kMoveThreads = 512;
+constexpr int kUnroll = 4;  // 16-byte loads in flight per thread: 32 KiB per block
 
 __device__ __forceinline__ uint32_t* flag_at(char* block, size_t offset) {
   return reinterpret_cast<uint32_t*>(block + offset);
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
 
 // Block (b, lane) = blockIdx.x (b * lanes + lane): b = 0 copies a share of this rank's own rows;
 // b > 0 sends chunks lane, lane + lanes, ... to rank + b and receives those of rank - b.
-__global__ void __launch_bounds__(kMoveThreads) all_to_all_v_move_kernel(AllToAllVParams p) {
+__global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_kernel(AllToAllVParams p) {
   const int R = p.num_ranks, me = p.rank, lanes = p.layout.lanes;
   const int b = blockIdx.x / lanes, lane = blockIdx.x % lanes;
   const uint64_t deadline = now_ns() + p.timeout_ns;
@@ -162,8 +163,8 @@ __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_move_kernel(AllToAl
     const uint64_t share = (bytes / lanes + 15) / 16 * 16;  // 16-byte multiples keep vector copies aligned
     const uint64_t from = share * lane < bytes ? share * lane : bytes;
     const uint64_t to = from + share < bytes ? from + share : bytes;
-    block_copy(p.output + recv_offsets[me] * row_bytes + from, p.input + send_offsets[me] * row_bytes + from,
-               to - from);
+    block_copy<kUnroll>(p.output + recv_offsets[me] * row_bytes + from,
+                        p.input + send_offsets[me] * row_bytes + from, to - from);
     return;
   }
   const int dst = (me + b) % R, src = (me + R - b) % R;
@@ -185,7 +186,7 @@ __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_move_kernel(AllToAl
       __syncthreads();
       if (!go) return;
       const uint64_t n = send_bytes - k * chunk < chunk ? send_bytes - k * chunk : chunk;
-      block_copy(p.blocks[dst] + p.layout.slot(me, lane, slot), send + k * chunk, n);
+      block_copy<kUnroll>(p.blocks[dst] + p.layout.slot(me, lane, slot), send + k * chunk, n);
       __syncthreads();  // every thread's stores are issued before the release below
       if (threadIdx.x == 0) {
         __threadfence_system();
@@ -200,7 +201,7 @@ __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_move_kernel(AllToAl
       __syncthreads();
       if (!go) return;
       const uint64_t n = recv_bytes - k * chunk < chunk ? recv_bytes - k * chunk : chunk;
-      block_copy(recv + k * chunk, p.blocks[me] + p.layout.slot(src, lane, slot), n, CachedGlobalLoad{});
+      block_copy<kUnroll>(recv + k * chunk, p.blocks[me] + p.layout.slot(src, lane, slot), n, CachedGlobalLoad{});
       __syncthreads();  // every thread has read the slot before it is handed back
       if (threadIdx.x == 0) {
         __threadfence_system();
@@ -223,8 +224,10 @@ cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t
   if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0 ||
       params.layout.lanes < 1 || params.layout.lanes > L::kMaxLanes)
     return cudaErrorInvalidValue;
-  // One block per (peer offset, lane): the grid stays small enough to be resident next to other
-  // ranks' work (ranks sharing a GPU under MPS each hold a slice of the SMs).
+  // One block per (peer offset, lane). A block waits only on the blocks of the same index on
+  // other ranks, so the grid need not be resident at once: with blocks dispatched in index
+  // order, the lowest pending index runs on every rank and finishes (ranks sharing a GPU under
+  // MPS each hold a slice of its SMs).
   all_to_all_v_move_kernel<<<params.num_ranks * params.layout.lanes, kMoveThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }

@@ -57,8 +57,8 @@ struct AllToAllVLayout {
   uint64_t chunk_bytes;  // a staging slot
   int lanes;             // pipelines per pair of ranks, 1..kMaxLanes
 
-  // Lanes for a group of `num_ranks`: the move kernel has num_ranks * lanes blocks, which must be
-  // resident at once next to the other ranks' (ranks sharing a GPU each hold a slice of it).
+  // Lanes for a group of `num_ranks`: the move kernel has num_ranks * lanes blocks; more ranks
+  // sharing a GPU hold fewer SMs each.
   __host__ __device__ static int lanes_for(int num_ranks) { return num_ranks <= 8 ? 4 : num_ranks <= 16 ? 2 : 1; }
 
   __host__ __device__ static size_t record(int src) { return size_t(src) * kRecordWords * sizeof(int64_t); }
