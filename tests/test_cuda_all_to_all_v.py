@@ -218,3 +218,34 @@ def test_abort_releases_a_kernel_wait(world_size):
     (elapsed, later), _ = pool.run(rank_abort_releases_kernel_wait, timeout_s=120)
     assert elapsed < 2, elapsed
     assert later is not None and later[0] == "DistBackendError" and "aborted" in later[1], later
+
+
+def rank_overflow_raised_at_next_call(seed):
+    """Unchecked, an overflow raises at the rank's next call, after that call is queued: its
+    data still moves on every rank, and the call after works everywhere."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    m, splits, inp, total = cpu_checks._case("to_one", seed, torch.float32, (3,), "cuda")
+    short = rank == size - 1
+    out = poison_(torch.empty(total - 1 if short else total + 1, 3, device="cuda"))
+    before = out.clone()
+    torch_ep.all_to_all_v(inp, splits, output=out)  # returns: nothing waits for the device
+    m, splits, inp, total = cpu_checks._case("random", seed + 1, torch.float32, (3,), "cuda")
+    out2 = poison_(torch.empty(total, 3, device="cuda"))
+    error = None
+    try:
+        torch_ep.all_to_all_v(inp, splits, output=out2)
+    except RuntimeError as e:
+        error = str(e)
+    torch.cuda.synchronize()
+    if short:
+        assert error is not None and "output has room for" in error and "earlier" in error, error
+        assert same_bits(out, before), "an overflowing call wrote its output"
+    else:
+        assert error is None, error
+    assert same_bits(out2, reference.all_to_all_v(inp, splits).output), "the next call's data did not move"
+    res = torch_ep.all_to_all_v(inp, splits)
+    assert same_bits(res.output, reference.all_to_all_v(inp, splits).output)
+
+
+def test_overflow_raised_at_next_call(cuda_pool):
+    cuda_pool.run(rank_overflow_raised_at_next_call, seed=_seed())

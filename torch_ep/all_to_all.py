@@ -62,9 +62,10 @@ def all_to_all_v(input: torch.Tensor, input_splits: torch.Tensor, *, output: Opt
 
     On CUDA with `output` given the host does not wait for anything: the splits go from rank to
     rank on the device, the call can be captured in a CUDA graph and replayed with other splits,
-    and what only the device sees (an output too small, invalid splits) raises at the next call
-    on the group, or at check_errors(). (Where the ranks span hosts, the splits are read on the
-    host and such problems raise at the call.)
+    and what only the device sees (an output too small, invalid splits) raises at check_errors(),
+    or at the next call on the group once that call is queued (so that the ranks stay in step;
+    its own results are lost with the exception). (Where the ranks span hosts, the splits are
+    read on the host and such problems raise at the call.)
     """
     g = _group(group)
     if not isinstance(input, torch.Tensor):

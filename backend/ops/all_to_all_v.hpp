@@ -33,8 +33,9 @@ int device_of(const AllToAllVState& state);
 void check_all_to_all_v_reports(AllToAllVState& state, int rank, const char* op);
 
 // One call on the caller's stream. With `given` there is no host synchronisation: problems the
-// kernels find raise at the next call (or check_all_to_all_v_reports). Without, the output is
-// allocated once the sizes are known (one wait), into *allocated, and they raise at the call.
+// kernels find raise at the next call, once that one is queued (or at check_all_to_all_v_reports).
+// Without, the output is allocated once the sizes are known (one wait), into *allocated, and
+// they raise at the call.
 // Returns output_splits and output_offsets, on the device.
 std::pair<at::Tensor, at::Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVState& state,
                                                     const at::Tensor& input, const at::Tensor& input_splits,

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <numeric>
 #include <vector>
@@ -82,35 +83,50 @@ class AllToAllVState {
   CudaTransport& transport() { return *transport_; }
   int device() const { return buffers_->device(); }
 
-  void check_reports(int rank, const char* op) {
+  using Report = std::array<int64_t, kernels::kReportWords>;
+
+  // The first problem the kernels reported since the host last looked (report[0] == 0: none),
+  // cleared: the kernel reports again once the word is clear.
+  Report take_report() {
+    Report w{};
     volatile int64_t* report = report_host_;
-    if (report[0] == kernels::kReportNone) return;
-    int64_t w[kernels::kReportWords];
+    if (report[0] == kernels::kReportNone) return w;
     for (int i = 0; i < kernels::kReportWords; ++i) w[i] = report[i];
-    report[0] = kernels::kReportNone;  // the kernel reports again once this is clear
+    report[0] = kernels::kReportNone;
+    return w;
+  }
+
+  // Raises `w` (report[0] != 0). `earlier`: an earlier call's, into a given output.
+  [[noreturn]] static void raise(const Report& w, int rank, const char* op, bool earlier) {
     const std::string where = std::string(op) + ": rank " + std::to_string(rank) + ": ";
-    const char* later = " (found by the device during an earlier call into a given output, which does not wait for "
-                        "it)";
+    const std::string when = earlier ? " (found by the device during an earlier all_to_all_v into a given output, "
+                                       "which does not wait for it)"
+                                     : "";
     switch (w[0]) {
       case kernels::kReportOverflow:
         TORCH_CHECK(false, where, "output has room for ", w[1], " rows (its capacity, dim 0) but ", w[2],
-                    " rows arrived; nothing was written to output", later, ". Give an output of at least ", w[2],
+                    " rows arrived; nothing was written to output", when, ". Give an output of at least ", w[2],
                     " rows, or none (output=None allocates it)");
       case kernels::kReportBadSplits:
         if (w[1] != rank)
           TORCH_CHECK_VALUE(false, where, "rank ", w[1], " passed invalid input_splits (its own error says how); no "
-                            "data moved on any rank", later);
+                            "data moved on any rank", when);
         if (w[2] != AllToAllVLayout::kBadSum)
           TORCH_CHECK_VALUE(false, where, "input_splits[", w[2] - 1, "] is ", w[5], ", expected a count >= 0; no "
-                            "data moved", later);
+                            "data moved", when);
         TORCH_CHECK_VALUE(false, where, "input_splits sum to ", w[3], " but input has ", w[4], " rows (dim 0); no "
-                          "data moved", later);
+                          "data moved", when);
       case kernels::kReportRowBytes:
         TORCH_CHECK_VALUE(false, where, "rank ", w[1], "'s rows hold ", w[2], " bytes but this rank's hold ", w[3],
-                          ": dtype and trailing shape must match on every rank; no data moved", later);
+                          ": dtype and trailing shape must match on every rank; no data moved", when);
       default:
-        TORCH_CHECK(false, where, "the device reported error code ", w[0]);
+        TORCH_CHECK(false, where, "the device reported error code ", w[0], when);
     }
+  }
+
+  void check_reports(int rank, const char* op) {
+    const Report w = take_report();
+    if (w[0] != kernels::kReportNone) raise(w, rank, op, /*earlier=*/true);
   }
 
   void fill(kernels::AllToAllVParams& p) const {
@@ -152,7 +168,9 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
   const char* op = "all_to_all_v";
   const int rank = group.getRank(), R = group.getSize();
   c10::cuda::CUDAGuard guard(input.device());
-  state.check_reports(rank, op);
+  // An earlier call's problem raises once this call is queued: raising before would leave the
+  // peers' kernels waiting for this rank's record, and the group out of step.
+  const AllToAllVState::Report earlier = state.take_report();
   try {
     state.transport().check_healthy(op);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
@@ -188,7 +206,9 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       EP_CUDA_CHECK(cudaMemcpyAsync(sizes.data_ptr(), p.output_splits, R * sizeof(int64_t), cudaMemcpyDeviceToHost,
                                     stream));
       EP_CUDA_CHECK(cudaStreamSynchronize(stream));
-      state.check_reports(rank, op);  // this call's: every rank raises alike, and nothing moves on any
+      // This call's problems: every rank finds the same and raises, and no rank queues the move.
+      const AllToAllVState::Report now = state.take_report();
+      if (now[0] != kernels::kReportNone) AllToAllVState::raise(now, rank, op, /*earlier=*/false);
       const int64_t* n = sizes.data_ptr<int64_t>();
       std::vector<int64_t> shape = in.sizes().vec();
       shape[0] = std::accumulate(n, n + R, int64_t(0));
@@ -201,6 +221,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     for (int r = 0; r < R; ++r)
       if (r != rank) peers.push_back(r);
     state.transport().track(op, stream, std::move(peers));
+    if (earlier[0] != kernels::kReportNone) AllToAllVState::raise(earlier, rank, op, /*earlier=*/true);
     return {output_splits, output_offsets};
   } catch (const CommError& e) {  // timeouts included
     C10_THROW_ERROR(DistBackendError, e.what());
