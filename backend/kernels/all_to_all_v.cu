@@ -141,6 +141,7 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
       report[2] = arrived;
     }
     if (code != kReportNone) {
+      report[kReportCallId] = p.call_id;
       __threadfence_system();
       report[0] = code;
     }

@@ -93,6 +93,7 @@ enum AllToAllVReport : int64_t {
   kReportRowBytes = 3,   // [1] a rank whose rows differ from this rank's, [2] its row bytes, [3] ours
 };
 constexpr int kReportWords = 8;
+constexpr int kReportCallId = 7;  // every report: the call_id of the call whose plan made it
 
 struct AllToAllVParams {
   int rank;
@@ -115,6 +116,7 @@ struct AllToAllVParams {
   int* error;       // host-mapped: 1 + the peer a wait timed out on (fatal)
   const int* abort;  // host-mapped: non-zero once the group is aborted; every wait then gives up
   int64_t* report;  // host-mapped: kReportWords, the first problem since the host last looked
+  int64_t call_id;  // the host's count of this group's calls, for the report
 };
 
 cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t stream);

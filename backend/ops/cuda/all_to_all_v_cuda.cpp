@@ -129,7 +129,7 @@ class AllToAllVState {
     if (w[0] != kernels::kReportNone) raise(w, rank, op, /*earlier=*/true);
   }
 
-  void fill(kernels::AllToAllVParams& p) const {
+  void fill(kernels::AllToAllVParams& p) {
     p.rank = rank_;
     p.num_ranks = size_;
     for (int r = 0; r < size_; ++r) p.blocks[r] = buffers_->block(r);
@@ -138,6 +138,7 @@ class AllToAllVState {
     p.error = transport_->kernel_error();
     p.report = report_device_;
     p.abort = abort_device_;
+    p.call_id = ++calls_;
   }
 
  private:
@@ -147,6 +148,7 @@ class AllToAllVState {
   std::shared_ptr<CudaTransport> transport_;
   int64_t* report_host_ = nullptr;    // pinned, mapped: kReportWords
   int64_t* report_device_ = nullptr;
+  int64_t calls_ = 0;                 // calls so far: each one's call_id
   int* abort_host_ = nullptr;         // pinned, mapped: set by abort()
   int* abort_device_ = nullptr;
 };
@@ -170,7 +172,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
   c10::cuda::CUDAGuard guard(input.device());
   // An earlier call's problem raises once this call is queued: raising before would leave the
   // peers' kernels waiting for this rank's record, and the group out of step.
-  const AllToAllVState::Report earlier = state.take_report();
+  AllToAllVState::Report raise_later = state.take_report();
   try {
     state.transport().check_healthy(op);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
@@ -206,9 +208,11 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       EP_CUDA_CHECK(cudaMemcpyAsync(sizes.data_ptr(), p.output_splits, R * sizeof(int64_t), cudaMemcpyDeviceToHost,
                                     stream));
       EP_CUDA_CHECK(cudaStreamSynchronize(stream));
-      // This call's problems: every rank finds the same and raises, and no rank queues the move.
+      // A problem found now (this call's, or an earlier call's whose plan ran meanwhile) raises
+      // once the move is queued too: every rank queues it, and after a problem of this call
+      // (found alike by every rank) it moves nothing.
       const AllToAllVState::Report now = state.take_report();
-      if (now[0] != kernels::kReportNone) AllToAllVState::raise(now, rank, op, /*earlier=*/false);
+      if (now[0] != kernels::kReportNone) raise_later = now;
       const int64_t* n = sizes.data_ptr<int64_t>();
       std::vector<int64_t> shape = in.sizes().vec();
       shape[0] = std::accumulate(n, n + R, int64_t(0));
@@ -221,7 +225,8 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     for (int r = 0; r < R; ++r)
       if (r != rank) peers.push_back(r);
     state.transport().track(op, stream, std::move(peers));
-    if (earlier[0] != kernels::kReportNone) AllToAllVState::raise(earlier, rank, op, /*earlier=*/true);
+    if (raise_later[0] != kernels::kReportNone)
+      AllToAllVState::raise(raise_later, rank, op, /*earlier=*/raise_later[kernels::kReportCallId] != p.call_id);
     return {output_splits, output_offsets};
   } catch (const CommError& e) {  // timeouts included
     C10_THROW_ERROR(DistBackendError, e.what());
