@@ -176,6 +176,12 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
   try {
     state.transport().check_healthy(op);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+    if (!given) {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+      TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op, ": output=None waits for the sizes to allocate the "
+                  "output, which a CUDA graph capture cannot do; give an output (its worst-case rows)");
+    }
     const Tensor in = input.contiguous();
     const Tensor splits = input_splits.contiguous();
     const Tensor output_splits = at::empty({R}, splits.options());
