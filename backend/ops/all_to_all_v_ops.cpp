@@ -8,7 +8,7 @@
 // Rows from rank s land at output[output_offsets[s] : output_offsets[s] + output_splits[s]],
 // the offsets being the exclusive cumulative sum of output_splits (rank order, from row 0).
 //
-// How a call runs (CPU and CUDA alike, for now):
+// How a call runs on the host path:
 //   1. records: every rank sends every peer the same record, [capacity, status, splits[R]]
 //      (capacity -1: the op allocates), over the group's host channel. So every rank learns
 //      the whole split matrix and every capacity, and all ranks agree on what moves:
@@ -17,27 +17,27 @@
 //        - a rank that would receive more rows than its output holds receives none: its
 //          senders send it nothing, it raises naming output, its capacity and the rows that
 //          arrived, and the group stays in step.
-//   2. data: one all_to_all_single of rows on the group's own transport (shared memory, or the
-//      CUDA transport on the comm stream, which the caller's stream then waits for).
+//   2. data: the list form of all_to_all over views of input and output, on the group's own
+//      transport (shared memory, or the CUDA transport on the comm stream, which the caller's
+//      stream then waits for).
 // That is the CPU path, and CUDA's where the kernels cannot reach every rank (ranks on several
 // hosts, or more than kMaxRanksPerNode): there step 1 first reads input_splits on the host, and
 // a CUDA graph capture raises. Elsewhere on CUDA the splits never leave the device
 // (backend/ops/cuda/all_to_all_v_cuda.cpp, backend/kernels/all_to_all_v.cuh): the same
-// agreement runs in a kernel, and what only it can see raises at the next call.
+// agreement runs in a kernel, and what only it can see raises later (check_errors, or the next
+// call once queued).
 #include <c10/core/DeviceGuard.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
-#include <numeric>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "backend/ops/all_to_all_v.hpp"
 #include "backend/ops/moe_ops.hpp"  // resolve_group
 #include "backend/process_group/process_group_ep.hpp"
-
-#include "backend/ops/all_to_all_v.hpp"
 
 #ifdef TORCH_EP_WITH_CUDA
 #include <cuda_runtime.h>
