@@ -52,7 +52,7 @@ def _reported(device):
     """Where the device finds a problem (CUDA, given output) it raises after a synchronisation."""
     if device == "cuda":
         torch.cuda.synchronize()
-        torch_ep.all_to_all.check_errors()
+        torch_ep.check_errors()
 
 
 def _check_result(res, expected, what):

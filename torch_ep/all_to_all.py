@@ -15,7 +15,7 @@ from . import _C  # noqa: F401  (registers the ep:: ops)
 from .moe import _group, _needs_grad, _run
 from .types import AllToAllVResult
 
-__all__ = ["all_to_all_v", "check_errors"]
+__all__ = ["all_to_all_v"]
 
 
 class _AllToAllV(torch.autograd.Function):
@@ -62,7 +62,8 @@ def all_to_all_v(input: torch.Tensor, input_splits: torch.Tensor, *, output: Opt
 
     On CUDA with `output` given the host does not wait for anything: the splits go from rank to
     rank on the device, the call can be captured in a CUDA graph and replayed with other splits,
-    and what only the device sees (an output too small, invalid splits) raises at check_errors(),
+    and what only the device sees (an output too small, invalid splits) raises at
+    torch_ep.check_errors(),
     or at the next call on the group once that call is queued (so that the ranks stay in step;
     its own results are lost with the exception). (Where the ranks span hosts, the splits are
     read on the host and such problems raise at the call.)
@@ -88,13 +89,6 @@ def all_to_all_v(input: torch.Tensor, input_splits: torch.Tensor, *, output: Opt
 
     (out, splits, offsets), work = _run(call, [input, input_splits, output], async_op)
     return AllToAllVResult(out, splits, offsets, work)
-
-
-def check_errors(group=None) -> None:
-    """Raises what the CUDA kernels of the group's earlier all_to_all_v calls into a given output
-    reported (more rows than the output holds, invalid input_splits on some rank) and no call
-    raised yet. Call it after a synchronisation; the next all_to_all_v call checks too."""
-    torch.ops.ep.all_to_all_v_check(_group(group).group_name)
 
 
 # ------------------------------------------------------------------------------- fake kernels

@@ -24,8 +24,8 @@
 // hosts, or more than kMaxRanksPerNode): there step 1 first reads input_splits on the host, and
 // a CUDA graph capture raises. Elsewhere on CUDA the splits never leave the device
 // (backend/ops/cuda/all_to_all_v_cuda.cpp, backend/kernels/all_to_all_v.cuh): the same
-// agreement runs in a kernel, and what only it can see raises later (check_errors, or the next
-// call once queued).
+// agreement runs in a kernel, and what only it can see raises later (torch_ep.check_errors, or
+// the next call once queued).
 #include <c10/core/DeviceGuard.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
@@ -241,21 +241,6 @@ std::tuple<Tensor, Tensor> all_to_all_v_into(const Tensor& input, const Tensor& 
   return {splits, offsets};
 }
 
-// Raises what the CUDA kernels of this group's earlier all_to_all_v calls reported (none on CPU,
-// where every call raises its own problems).
-void all_to_all_v_check(c10::string_view group_name) {
-#ifdef TORCH_EP_WITH_CUDA
-  ProcessGroupEP* group = nullptr;
-  try {
-    group = &moe::resolve_group(std::string(group_name), at::Device(at::kCUDA), kOp);
-  } catch (const c10::Error&) {
-    return;  // no CUDA backend on this group: nothing can have been reported
-  }
-  if (auto state = group->all_to_all_v_state(at::Device(at::kCUDA), kOp, /*create=*/false))
-    check_all_to_all_v_reports(*state, group->getRank(), kOp);
-#endif
-}
-
 }  // namespace
 }  // namespace ep::a2av
 
@@ -268,7 +253,6 @@ TORCH_LIBRARY_FRAGMENT(ep, m) {
   // sends a gradient of a given output's whole capacity).
   m.def("all_to_all_v_into(Tensor input, Tensor input_splits, Tensor(a!) output, str group_name, "
         "bool allow_extra_rows=False) -> (Tensor output_splits, Tensor output_offsets)");
-  m.def("all_to_all_v_check(str group_name) -> ()", a2av::all_to_all_v_check);
 }
 
 TORCH_LIBRARY_IMPL(ep, CPU, m) {

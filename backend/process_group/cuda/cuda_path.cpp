@@ -22,13 +22,17 @@ void ProcessGroupEP::refuse_calls_when_failed(CudaTransport& transport) {
 void ProcessGroupEP::check_errors() {
   check_usable("check_errors");
   std::shared_ptr<CudaTransport> moe;
+  std::shared_ptr<AllToAllVState> a2av;
   {
     std::lock_guard<std::mutex> lock(cuda_mutex_);
     moe = moe_transport_;
+    a2av = a2av_state_;
   }
-  if (!moe) return;
-  const std::string overflow = moe->take_dispatch_overflow();
-  TORCH_CHECK_VALUE(overflow.empty(), overflow);
+  if (moe) {
+    const std::string overflow = moe->take_dispatch_overflow();
+    TORCH_CHECK_VALUE(overflow.empty(), overflow);
+  }
+  if (a2av) check_all_to_all_v_reports(*a2av, getRank(), "all_to_all_v");
 }
 
 void ProcessGroupEP::abort_cuda(const std::string& why) {
