@@ -229,27 +229,36 @@ def test_async_op(pool4):
 
 
 def rank_compiled(seed, device="cpu"):
-    """The ops trace under torch.compile(fullgraph=True): the given output keeps static shapes,
-    the allocated one gets an unbacked row count."""
+    """torch_ep.all_to_all_v traces as one graph under torch.compile(fullgraph=True): a given
+    output keeps static shapes, an allocated one gets an unbacked row count, and the backward
+    (into a given output) is compiled too."""
     import torch._dynamo
 
-    group_name = dist.group.WORLD.group_name
-
-    def into(x, s, out):
-        splits, offsets = torch.ops.ep.all_to_all_v_into(x, s, out, group_name)
-        return out * 2, splits, offsets
+    def given(x, s, out):
+        r = torch_ep.all_to_all_v(x, s, output=out)
+        return r.output * 2, r.output_splits, r.output_offsets
 
     def allocated(x, s):
-        return torch.ops.ep.all_to_all_v(x, s, group_name)[0] + 1
+        return torch_ep.all_to_all_v(x, s).output + 1
+
+    def loss(x, s, out, w):
+        r = torch_ep.all_to_all_v(x, s, output=out)
+        return (r.output * w).nansum()  # rows past the received ones are poison: no gradient flows there
 
     m, splits, inp, total = _case("random", seed, torch.float32, (4,), device)
-    expected = reference.all_to_all_v(inp, splits).output
+    expected = reference.all_to_all_v(inp, splits)
     out = poison_(torch.empty(total + 1, 4, device=device))
-    doubled, s, _ = torch.compile(into, fullgraph=True, backend="aot_eager")(inp, splits, out)
-    assert same_bits(doubled[:total], expected * 2) and same_bits(out[:total], expected)
+    doubled, s, offsets = torch.compile(given, fullgraph=True, backend="aot_eager")(inp, splits, out)
+    assert same_bits(doubled[:total], expected.output * 2) and same_bits(out[:total], expected.output)
+    assert same_bits(s, expected.output_splits) and same_bits(offsets, expected.output_offsets)
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         plus = torch.compile(allocated, fullgraph=True, backend="aot_eager")(inp, splits)
-    assert same_bits(plus, expected + 1)
+    assert same_bits(plus, expected.output + 1)
+    x = inp.clone().requires_grad_()
+    g = torch.Generator().manual_seed(seed + 5 + dist.get_rank())
+    w = torch.randint(1, 5, (total + 1, 4), generator=g).float().to(device)
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(x, splits, poison_(torch.empty_like(out)), w).backward()
+    assert same_bits(x.grad, reference.all_to_all_v(w[:total].contiguous(), expected.output_splits).output)
 
 
 @pytest.mark.parametrize("world_size", [2])
