@@ -9,6 +9,8 @@ itself included. Measured, size by size and one after another:
            --gloo-max-bytes: Gloo stages CUDA tensors through the host)
   nccl     dist.new_group(backend="nccl"), on CUDA when every rank has a GPU of its own
            (NCCL refuses two ranks on one GPU)
+  all_to_all_v  torch_ep.all_to_all_v on the "ep" group, the same bytes as uint8 rows, the
+           splits an int64 tensor on the device and the output given
   roofline on CUDA: the all_to_all bandwidth per rank that GPU memory allows. An all_to_all
            must read and write each byte at least once, so every rank times a plain
            dst.copy_(src) of the same bytes, all at once: the R ranks sharing a GPU split its
@@ -30,7 +32,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-import torch_ep  # noqa: F401  registers the "ep" backend
+import torch_ep  # registers the "ep" backend
 
 # Run as a script (torchrun), make `benchmarks` importable. After torch_ep's import: the source
 # tree's torch_ep has no built extension unless installed editable, so it must not shadow the
@@ -41,6 +43,7 @@ if __package__ in (None, ""):
 from benchmarks import common  # noqa: E402
 
 SUBJECT = "ep"
+ALL_TO_ALL_V = "all_to_all_v"  # torch_ep.all_to_all_v on the subject's group
 ROOFLINE = "roofline"
 
 
@@ -77,11 +80,20 @@ def pair_data(seed: int, src: int, dst: int, num_bytes: int, device: torch.devic
     return torch.randint(0, 256, (num_bytes,), dtype=torch.uint8, generator=generator).to(device)
 
 
+def make_op(impl: str, group, recv: torch.Tensor, send: torch.Tensor):
+    """One call of `impl` from `send` into `recv` (even split)."""
+    if impl == ALL_TO_ALL_V:
+        splits = torch.full((dist.get_world_size(),), send.numel() // dist.get_world_size(), dtype=torch.int64,
+                            device=send.device)
+        return lambda: torch_ep.all_to_all_v(send, splits, output=recv, group=group)
+    return lambda: dist.all_to_all_single(recv, send, group=group)
+
+
 def check_output(impl: str, group, send: torch.Tensor, expected: torch.Tensor, sync_group) -> None:
-    """One all_to_all_single into a poisoned output; raises on every rank if any rank got wrong data."""
+    """One call into a poisoned output; raises on every rank if any rank got wrong data."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     recv = expected.bitwise_not()  # differs from the expected data in every byte
-    dist.all_to_all_single(recv, send, group=group)
+    make_op(impl, group, recv, send)()
     problem = None
     if not torch.equal(recv, expected):
         chunk = expected.numel() // world_size
@@ -91,7 +103,7 @@ def check_output(impl: str, group, send: torch.Tensor, expected: torch.Tensor, s
     dist.all_gather_object(problems, problem, group=sync_group)
     problems = [p for p in problems if p]
     if problems:
-        raise RuntimeError(f"{impl}: all_to_all_single of {common.format_bytes(send.numel())} per rank gave "
+        raise RuntimeError(f"{impl}: {common.format_bytes(send.numel())} per rank gave "
                            f"wrong output, not timing it: " + "; ".join(problems))
 
 
@@ -104,7 +116,7 @@ def ops_per_run(num_bytes: int) -> int:
 
 def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync_group, *, runs: int,
                  warmup: int) -> List[Measurement]:
-    """Checks, then times all_to_all_single of `size` bytes per rank on each group of `impls`.
+    """Checks, then times the all_to_all of `size` bytes per rank on each group of `impls`.
 
     `sync_group` (a Gloo group of the same ranks) carries the barriers, checks and reductions.
     """
@@ -114,8 +126,7 @@ def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync
     send = torch.cat([pair_data(seed, rank, dst, chunk, device) for dst in range(world_size)])
     expected = torch.cat([pair_data(seed, src, rank, chunk, device) for src in range(world_size)])
     recv = torch.empty_like(expected)
-    ops = {impl: (lambda group=group: dist.all_to_all_single(recv, send, group=group))
-           for impl, group in impls.items()}
+    ops = {impl: make_op(impl, group, recv, send) for impl, group in impls.items()}
     for impl, group in impls.items():
         check_output(impl, group, send, expected, sync_group)
         for _ in range(warmup):
@@ -220,7 +231,7 @@ def main() -> None:
     dist.init_process_group(SUBJECT)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     sync_group = dist.new_group(backend="gloo")
-    impls = {SUBJECT: dist.group.WORLD, "gloo": sync_group}
+    impls = {SUBJECT: dist.group.WORLD, ALL_TO_ALL_V: dist.group.WORLD, "gloo": sync_group}
     sharing = 1
     if device.type == "cuda":
         sharing = common.ranks_per_gpu(device, sync_group)

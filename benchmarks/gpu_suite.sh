@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|profile|ll-profile|internode|compile|deep_ep]
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|a2av|profile|ll-profile|internode|compile|deep_ep]
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
 #     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES,
 #     TORCH_EP_LL_BENCH_RANKS); internode: tests and benchmark across virtual nodes
 #     (TORCH_EP_INTERNODE_TOPOLOGIES, e.g. 2x2,2x4; TORCH_EP_INTERNODE_BENCH, e.g. 2x2), the
 #     low-latency ops with the remote path forced among them included; ll-remote: only the latter;
+#     a2av: the all_to_all_v tests (TORCH_EP_A2AV_WORLD_SIZES, default 1,2,4) and the all_to_all benchmark,
+#     whose all_to_all_v row sits next to all_to_all_single's (TORCH_EP_A2AV_BENCH_RANKS, default 1 2 4);
 #     profile: tools/moe_profile.py and tools/ll_profile.py with 2 ranks (ll-profile: the latter only;
 #     TORCH_EP_LL_PROFILE_RANKS); compile: the torch.compile tests (tests/test_cuda_compile.py,
 #     TORCH_EP_COMPILE_WORLD_SIZES, default 2), the demo with --compile (reduce-overhead) and the
@@ -97,6 +99,19 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tests ] || [ "$WHAT" = moe ]; then
   TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_MOE_WORLD_SIZES:-1,2,4,8} timeout 300 python3 -m pytest tests/test_cuda_moe.py \
     -q -ra -x > "$LOGS/gpu_moe_tests.log" 2>&1 || STATUS=1
   grep -v "^\[rank" "$LOGS/gpu_moe_tests.log" | tail -40 >> "$SUMMARY"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = tests ] || [ "$WHAT" = a2av ]; then
+  step "GPU all_to_all_v tests, ${TORCH_EP_A2AV_WORLD_SIZES:-1,2,4} ranks"
+  TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_A2AV_WORLD_SIZES:-1,2,4} timeout 300 python3 -m pytest tests/test_cuda_all_to_all_v.py \
+    -q -ra -x > "$LOGS/gpu_a2av_tests.log" 2>&1 || STATUS=1
+  grep -v "^\[rank" "$LOGS/gpu_a2av_tests.log" | tail -30 >> "$SUMMARY"
+fi
+if [ "$WHAT" = a2av ]; then
+  for R in ${TORCH_EP_A2AV_BENCH_RANKS:-1 2 4}; do
+    step "all_to_all benchmark (all_to_all_single and all_to_all_v rows), $R ranks"
+    run_bench "$R" 120 "a2av_bench_${R}ranks.log" 16 benchmarks/all_to_all.py --device cuda --max-bytes $((64 << 20)) \
+      --out "$LOGS/a2av_${R}ranks"
+  done
 fi
 if [ "$WHAT" = profile ]; then
   for R in 2; do

@@ -28,6 +28,10 @@ def check_errors(group=None) -> None:
       next one after the overflowing kernel finished).
     - The low-latency ops' kernel errors (more rows than the capacity, an expert id out of range),
       as torch_ep.low_latency.check_errors raises them.
+    - all_to_all_v into a given output on CUDA: RuntimeError when more rows arrived than the
+      output holds (none was written), ValueError when some rank's input_splits were invalid
+      (nothing moved). Without this check they raise at the rank's next all_to_all_v, once that
+      call is queued.
 
     It reads what finished kernels wrote: call it after a synchronize, or between replays of a
     CUDA graph (replays run no host code, so nothing else raises). A graph replay reports the call

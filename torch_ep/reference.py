@@ -63,6 +63,32 @@ def all_to_all(input_tensor_list: Sequence[torch.Tensor], group=None) -> List[to
     return [_unpack(gathered[src][rank]) for src in range(size)]
 
 
+def all_to_all_v(input: torch.Tensor, input_splits: torch.Tensor, *, output: Optional[torch.Tensor] = None,
+                 group=None):
+    """torch_ep.all_to_all_v on all_to_all_single: the splits go first (an int64
+    all_to_all_single), then the rows, into `output`'s first rows (raising, with nothing written,
+    when they do not fit) or into a new tensor of exactly the received rows. Returns an
+    AllToAllVResult (no work). Not differentiable: the tests derive the expected gradients."""
+    from .types import AllToAllVResult
+
+    size = dist.get_world_size(group)
+    if input_splits.shape != (size,) or input_splits.dtype != torch.int64:
+        raise ValueError(f"input_splits must be int64 [{size}], got {input_splits.dtype} {tuple(input_splits.shape)}")
+    output_splits = torch.empty_like(input_splits)
+    dist.all_to_all_single(output_splits, input_splits.contiguous(), group=group)
+    send, recv = input_splits.tolist(), output_splits.tolist()
+    rows = torch.empty((sum(recv), *input.shape[1:]), dtype=input.dtype, device=input.device)
+    dist.all_to_all_single(rows, input.contiguous(), recv, send, group=group)
+    if output is None:
+        output = rows
+    elif rows.shape[0] > output.shape[0]:
+        raise ValueError(f"all_to_all_v: output has room for {output.shape[0]} rows but {rows.shape[0]} arrived")
+    else:
+        output[:rows.shape[0]] = rows
+    offsets = torch.cumsum(output_splits, 0) - output_splits
+    return AllToAllVResult(output, output_splits, offsets)
+
+
 # --------------------------------------------------------------------------- MoE dispatch / combine
 
 def _experts_per_rank(num_experts: int, size: int) -> int:

@@ -1,4 +1,4 @@
-"""Result and handle types of the MoE ops (shared by the real ops and torch_ep.reference).
+"""Result and handle types of the MoE ops and all_to_all_v (shared by the real ops and torch_ep.reference).
 
 Named fields rather than positional tuples: downstream code keeps and passes handles around.
 """
@@ -111,6 +111,16 @@ class CombineResult:
     combined_x: torch.Tensor                        # [N, H]: the sum of the rows sent back for each token
     combined_topk_weights: Optional[torch.Tensor]   # [N, K] likewise, when weights were given
     work: Optional[object] = None
+
+
+@dataclass
+class AllToAllVResult:
+    """What all_to_all_v returns (and torch_ep.reference's). Rows from rank s sit at
+    output[output_offsets[s] : output_offsets[s] + output_splits[s]]: rank order, from row 0."""
+    output: torch.Tensor          # [M, *]: the given output (M = its capacity), or exactly the rows received
+    output_splits: torch.Tensor   # [R] int64 on input's device: rows received from each rank
+    output_offsets: torch.Tensor  # [R] int64 on input's device: exclusive cumulative sum of output_splits
+    work: Optional[object] = None  # set only with async_op
 
 
 # ------------------------------------------------------------------ low-latency dispatch / combine

@@ -1,23 +1,11 @@
 #include "backend/kernels/all_to_all.cuh"
+#include "backend/kernels/copy.cuh"
 #include "backend/kernels/sync.cuh"
 
 namespace ep::kernels {
 namespace {
 
 constexpr int kThreads = 512;
-
-// The whole block copies `bytes`: 16 bytes per access where both ends allow it.
-__device__ void block_copy(char* dst, const char* src, uint64_t bytes) {
-  uint64_t done = 0;
-  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
-    const uint64_t vectors = bytes / 16;
-    auto* d = reinterpret_cast<int4*>(dst);
-    const auto* s = reinterpret_cast<const int4*>(src);
-    for (uint64_t i = threadIdx.x; i < vectors; i += blockDim.x) d[i] = s[i];
-    done = vectors * 16;
-  }
-  for (uint64_t i = done + threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
-}
 
 // Block b sends to peers b, b + gridDim.x, ...; block 0 first tells every sender that our
 // output is ready and, last, waits for every sender's data.

@@ -38,10 +38,6 @@ at::Tensor HandleCounts::to_tensor() const {
   return at::tensor(v, at::kLong);
 }
 
-namespace {
-
-using at::Tensor;
-
 ProcessGroupEP& resolve_group(const std::string& group_name, const at::Device& device, const char* op) {
   c10::intrusive_ptr<c10d::ProcessGroup> pg;
   try {
@@ -59,6 +55,10 @@ ProcessGroupEP& resolve_group(const std::string& group_name, const at::Device& d
                     " tensors; create it with backend=\"ep\"");
   return *ep_backend;
 }
+
+namespace {
+
+using at::Tensor;
 
 void check_experts(const char* op, int64_t num_experts, int64_t num_ranks) {
   TORCH_CHECK_VALUE(num_experts > 0, op, ": num_experts must be positive, got ", num_experts);

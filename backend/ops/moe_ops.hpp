@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace ep {
@@ -63,6 +64,10 @@ struct CombineArgs {
 struct CombineOutputs {
   at::Tensor combined_x, combined_topk_weights;  // the latter empty when no weights were given
 };
+
+// The "ep" backend of the group registered as `group_name`, for `device`'s tensors; raises naming
+// `op` when there is none (shared by every op of TORCH_LIBRARY(ep)).
+ProcessGroupEP& resolve_group(const std::string& group_name, const at::Device& device, const char* op);
 
 // Layout: the routing table of `topk_idx` (meta) and, when asked, is_token_in_rank [N, R].
 at::Tensor layout_cpu(const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,

@@ -126,6 +126,10 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device&, 
 void ProcessGroupEP::abort_cuda(const std::string&) {}
 
 void ProcessGroupEP::check_errors() { check_usable("check_errors"); }
+
+std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Device&, const char*, bool) {
+  return nullptr;
+}
 #endif
 
 void CallGate::close(const std::string& why, bool overrule) {
@@ -540,6 +544,7 @@ void ProcessGroupEP::shutdown() {
     std::lock_guard<std::mutex> lock(cuda_mutex_);
     cuda_transport_.reset();  // Works still alive keep it until they go
     moe_transport_.reset();
+    a2av_state_.reset();
   }
   // The inner backends go now, not with the last reference to this group, which a user's module
   // may hold until the interpreter exits: Gloo's threads free finished Works' tensors, which

@@ -26,6 +26,7 @@
 
 namespace ep {
 
+class AllToAllVState;
 class CudaTransport;
 class InternodeTransport;
 
@@ -107,6 +108,12 @@ class ProcessGroupEP : public c10d::Backend {
   // when the group takes no more calls, ValueError naming a CUDA dispatch that received more
   // rows than num_worst_tokens (and forgets it: the group stays usable).
   void check_errors();
+
+  // all_to_all_v's CUDA state (backend/ops/all_to_all_v.hpp), created by its first CUDA call
+  // (collective) unless `create` is false; null where its kernels cannot reach every rank (ranks
+  // on several hosts, more than kMaxRanksPerNode ranks) or without CUDA in the build.
+  std::shared_ptr<AllToAllVState> all_to_all_v_state(const at::Device& device, const char* op_name,
+                                                     bool create = true);
 
   // --- ours ---
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
@@ -229,6 +236,8 @@ class ProcessGroupEP : public c10d::Backend {
   std::shared_ptr<CudaTransport> cuda_transport_;
   std::optional<c10::Stream> comm_stream_;
   std::shared_ptr<CudaTransport> moe_transport_;
+  std::shared_ptr<AllToAllVState> a2av_state_;
+  bool a2av_decided_ = false;
   std::shared_ptr<InternodeTransport> internode_transport_;
   std::optional<c10::Stream> internode_stream_;
   std::atomic<uint64_t> dispatch_count_{0};

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "backend/kernels/all_to_all.cuh"  // kMaxRanksPerNode
+#include "backend/ops/all_to_all_v.hpp"
 #include "backend/process_group/cuda/cuda_work.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/process_group/work.hpp"
@@ -20,19 +22,24 @@ void ProcessGroupEP::refuse_calls_when_failed(CudaTransport& transport) {
 void ProcessGroupEP::check_errors() {
   check_usable("check_errors");
   std::shared_ptr<CudaTransport> moe;
+  std::shared_ptr<AllToAllVState> a2av;
   {
     std::lock_guard<std::mutex> lock(cuda_mutex_);
     moe = moe_transport_;
+    a2av = a2av_state_;
   }
-  if (!moe) return;
-  const std::string overflow = moe->take_dispatch_overflow();
-  TORCH_CHECK_VALUE(overflow.empty(), overflow);
+  if (moe) {
+    const std::string overflow = moe->take_dispatch_overflow();
+    TORCH_CHECK_VALUE(overflow.empty(), overflow);
+  }
+  if (a2av) check_all_to_all_v_reports(*a2av, getRank(), "all_to_all_v");
 }
 
 void ProcessGroupEP::abort_cuda(const std::string& why) {
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   if (cuda_transport_) cuda_transport_->abort(why);
   if (moe_transport_) moe_transport_->abort(why);
+  if (a2av_state_) abort_all_to_all_v(*a2av_state_, why);
 }
 
 std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& device, const char* op_name) {
@@ -94,6 +101,35 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& d
                     moe_transport_->device(), " (its first call), but got a tensor on ", device,
                     "; use one device per rank and group");
   return moe_transport_;
+}
+
+std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Device& device, const char* op_name,
+                                                                   bool create) {
+  check_usable(op_name);
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  if (!a2av_decided_ && create) {
+    bool one_host = false;
+    try {
+      one_host = ranks_share_host();
+    } catch (const std::exception& e) {
+      C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": timed out setting up this group's CUDA "
+                                            "transport for all_to_all_v: " + e.what());
+    }
+    // Every rank decides alike: the kernels map every peer's block through CUDA IPC.
+    if (one_host && getSize() <= kernels::kMaxRanksPerNode) try {
+      a2av_state_ = create_all_to_all_v_state(rendezvous_, config_, device.index(), "ep/cuda/a2av");
+      refuse_calls_when_failed(transport_of(*a2av_state_));
+    } catch (const std::exception& e) {
+      C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's CUDA transport for "
+                                            "all_to_all_v failed: " + e.what());
+    }
+    a2av_decided_ = true;
+  }
+  if (a2av_state_ && create)
+    TORCH_CHECK_VALUE(device_of(*a2av_state_) == device.index(), op_name, ": this 'ep' group runs all_to_all_v on "
+                      "cuda:", device_of(*a2av_state_), " (its first call), but got a tensor on ", device,
+                      "; use one device per rank and group");
+  return a2av_state_;
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,

@@ -1,0 +1,236 @@
+#include "backend/kernels/all_to_all_v.cuh"
+#include "backend/kernels/copy.cuh"
+#include "backend/kernels/sync.cuh"
+
+namespace ep::kernels {
+namespace {
+
+using L = AllToAllVLayout;
+constexpr int kPlanThreads = kMaxRanksPerNode;  // one per rank
+constexpr int kMoveThreads = 512;
+constexpr int kUnroll = 4;  // 16-byte loads in flight per thread: 32 KiB per block
+
+__device__ __forceinline__ uint32_t* flag_at(char* block, size_t offset) {
+  return reinterpret_cast<uint32_t*>(block + offset);
+}
+
+// Waits until *flag == value, leaving it; false after the deadline or once the group is aborted
+// (a host-mapped word: read only every few polls).
+__device__ __forceinline__ bool wait_for(const uint32_t* flag, uint32_t value, uint64_t deadline, const int* abort) {
+  for (uint32_t polls = 1; load_acquire(flag) != value; ++polls) {
+    if (now_ns() > deadline) return false;
+    if (polls % 64 == 0 && *reinterpret_cast<const volatile int*>(abort)) return false;
+    __nanosleep(100);
+  }
+  return true;
+}
+
+// Waits until *flag != 0, then clears it; false as wait_for.
+__device__ __forceinline__ bool take(uint32_t* flag, uint64_t deadline, const int* abort) {
+  for (uint32_t polls = 1; load_acquire(flag) == 0; ++polls) {
+    if (now_ns() > deadline) return false;
+    if (polls % 64 == 0 && *reinterpret_cast<const volatile int*>(abort)) return false;
+    __nanosleep(100);
+  }
+  *flag = 0;
+  return true;
+}
+
+__global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) {
+  const int t = threadIdx.x, R = p.num_ranks, me = p.rank;
+  const uint64_t deadline = now_ns() + p.timeout_ns;
+  __shared__ int64_t splits[kMaxRanksPerNode];                     // this rank's
+  __shared__ int64_t records[kMaxRanksPerNode][L::kRecordWords];   // each source's
+  __shared__ bool overflows[kMaxRanksPerNode];                     // per receiver
+  __shared__ int failed;                                           // a wait timed out
+  if (t == 0) failed = 0;
+  if (t < R) splits[t] = p.input_splits[t];
+  __syncthreads();
+  int64_t sum = 0, status = 0;
+  for (int d = 0; d < R; ++d) {
+    if (splits[d] < 0 && status == 0) status = 1 + d;
+    sum += splits[d];
+  }
+  if (status == 0 && (p.allow_extra_rows ? sum > p.num_rows : sum != p.num_rows)) status = L::kBadSum;
+
+  // 1. This rank's record into peer t's block, once t has read the one before.
+  if (t < R) {
+    uint32_t* flag = flag_at(p.blocks[t], L::record_flag(me));
+    if (!wait_for(flag, 0, deadline, p.abort)) {
+      atomicExch(p.error, 1 + t);
+      failed = 1;
+    } else {
+      volatile int64_t* record = reinterpret_cast<volatile int64_t*>(p.blocks[t] + L::record(me));
+      for (int d = 0; d < R; ++d) record[d] = splits[d];
+      record[L::kCapacity] = p.capacity;
+      record[L::kStatus] = status;
+      record[L::kRowBytes] = p.row_bytes;
+      record[L::kNumRows] = p.num_rows;
+      __threadfence_system();
+      store_release(flag, 1);
+    }
+  }
+  // 2. Source t's record from this rank's block; then its slot is free again.
+  if (t < R) {
+    uint32_t* flag = flag_at(p.blocks[me], L::record_flag(t));
+    if (!wait_for(flag, 1, deadline, p.abort)) {
+      atomicExch(p.error, 1 + t);
+      failed = 1;
+    } else {
+      const volatile int64_t* record = reinterpret_cast<const volatile int64_t*>(p.blocks[me] + L::record(t));
+      for (int w = 0; w < R; ++w) records[t][w] = record[w];
+      for (size_t w = kMaxRanksPerNode; w < L::kRecordWords; ++w) records[t][w] = record[w];
+      store_release(flag, 0);
+    }
+  }
+  __syncthreads();
+
+  // 3. The plan, the same on every rank: nothing moves after a timeout, invalid splits on any
+  // rank, or ranks whose rows differ in size; nothing goes to a rank whose output would overflow.
+  int bad_rank = -1, size_rank = -1;
+  for (int s = 0; s < R; ++s) {
+    if (bad_rank < 0 && records[s][L::kStatus] != 0) bad_rank = s;
+    if (size_rank < 0 && records[s][L::kRowBytes] != p.row_bytes) size_rank = s;
+  }
+  const bool nothing = failed || bad_rank >= 0 || size_rank >= 0;
+  if (t < R) {
+    int64_t total = 0;
+    for (int s = 0; s < R; ++s) total += records[s][t];
+    overflows[t] = records[t][L::kCapacity] >= 0 && total > records[t][L::kCapacity];
+  }
+  __syncthreads();
+  const bool overflow = !nothing && overflows[me];
+  if (t < R) {
+    int64_t send_offset = 0, recv_offset = 0, out_offset = 0;
+    for (int s = 0; s < t; ++s) {
+      send_offset += splits[s];
+      out_offset += nothing ? 0 : records[s][me];
+    }
+    recv_offset = overflow ? 0 : out_offset;
+    const int64_t arrived = nothing ? 0 : records[t][me];
+    p.plan[t] = nothing || overflows[t] ? 0 : splits[t];
+    p.plan[R + t] = send_offset;
+    p.plan[2 * R + t] = overflow ? 0 : arrived;
+    p.plan[3 * R + t] = recv_offset;
+    p.output_splits[t] = arrived;
+    p.output_offsets[t] = out_offset;
+  }
+  if (t == 0 && !failed && *reinterpret_cast<volatile int64_t*>(p.report) == kReportNone) {
+    volatile int64_t* report = p.report;
+    int64_t code = kReportNone;
+    if (bad_rank >= 0) {
+      int64_t bad_sum = 0;
+      for (int d = 0; d < R; ++d) bad_sum += records[bad_rank][d];
+      code = kReportBadSplits;
+      report[1] = bad_rank;
+      report[2] = records[bad_rank][L::kStatus];
+      report[3] = bad_sum;
+      report[4] = records[bad_rank][L::kNumRows];
+      const int64_t status = records[bad_rank][L::kStatus];
+      report[5] = status != L::kBadSum ? records[bad_rank][status - 1] : 0;
+    } else if (size_rank >= 0) {
+      code = kReportRowBytes;
+      report[1] = size_rank;
+      report[2] = records[size_rank][L::kRowBytes];
+      report[3] = p.row_bytes;
+    } else if (overflow) {
+      int64_t arrived = 0;
+      for (int s = 0; s < R; ++s) arrived += records[s][me];
+      code = kReportOverflow;
+      report[1] = p.capacity;
+      report[2] = arrived;
+    }
+    if (code != kReportNone) {
+      report[kReportCallId] = p.call_id;
+      __threadfence_system();
+      report[0] = code;
+    }
+  }
+}
+
+// Block (b, lane) = blockIdx.x (b * lanes + lane): b = 0 copies a share of this rank's own rows;
+// b > 0 sends chunks lane, lane + lanes, ... to rank + b and receives those of rank - b.
+__global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_kernel(AllToAllVParams p) {
+  const int R = p.num_ranks, me = p.rank, lanes = p.layout.lanes;
+  const int b = blockIdx.x / lanes, lane = blockIdx.x % lanes;
+  const uint64_t deadline = now_ns() + p.timeout_ns;
+  const int64_t* send_rows = p.plan;
+  const int64_t* send_offsets = p.plan + R;
+  const int64_t* recv_rows = p.plan + 2 * R;
+  const int64_t* recv_offsets = p.plan + 3 * R;
+  const uint64_t row_bytes = uint64_t(p.row_bytes);
+  if (b == 0) {
+    const uint64_t bytes = uint64_t(recv_rows[me]) * row_bytes;
+    const uint64_t share = (bytes / lanes + 15) / 16 * 16;  // 16-byte multiples keep vector copies aligned
+    const uint64_t from = share * lane < bytes ? share * lane : bytes;
+    const uint64_t to = from + share < bytes ? from + share : bytes;
+    block_copy<kUnroll>(p.output + recv_offsets[me] * row_bytes + from,
+                        p.input + send_offsets[me] * row_bytes + from, to - from);
+    return;
+  }
+  const int dst = (me + b) % R, src = (me + R - b) % R;
+  const uint64_t send_bytes = uint64_t(send_rows[dst]) * row_bytes;
+  const uint64_t recv_bytes = uint64_t(recv_rows[src]) * row_bytes;
+  const char* send = p.input + send_offsets[dst] * row_bytes;
+  char* recv = p.output + recv_offsets[src] * row_bytes;
+  const uint64_t chunk = p.layout.chunk_bytes;
+  const uint64_t send_chunks = (send_bytes + chunk - 1) / chunk, recv_chunks = (recv_bytes + chunk - 1) / chunk;
+  __shared__ int go;
+  // Round j moves chunk k = lane + j * lanes each way, through this lane's slot j % 2.
+  for (uint64_t j = 0, k = lane; k < send_chunks || k < recv_chunks; ++j, k += lanes) {
+    const int slot = int(j % L::kSlots);
+    if (k < send_chunks) {
+      if (threadIdx.x == 0) {
+        go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort);  // dst drained round j - 2
+        if (!go) atomicExch(p.error, 1 + dst);
+      }
+      __syncthreads();
+      if (!go) return;
+      const uint64_t n = send_bytes - k * chunk < chunk ? send_bytes - k * chunk : chunk;
+      block_copy<kUnroll>(p.blocks[dst] + p.layout.slot(me, lane, slot), send + k * chunk, n);
+      __syncthreads();  // every thread's stores are issued before the release below
+      if (threadIdx.x == 0) {
+        __threadfence_system();
+        store_release(flag_at(p.blocks[dst], L::full_flag(me, lane, slot)), 1);
+      }
+    }
+    if (k < recv_chunks) {
+      if (threadIdx.x == 0) {
+        go = take(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline, p.abort);  // src sent round j
+        if (!go) atomicExch(p.error, 1 + src);
+      }
+      __syncthreads();
+      if (!go) return;
+      const uint64_t n = recv_bytes - k * chunk < chunk ? recv_bytes - k * chunk : chunk;
+      block_copy<kUnroll>(recv + k * chunk, p.blocks[me] + p.layout.slot(src, lane, slot), n, CachedGlobalLoad{});
+      __syncthreads();  // every thread has read the slot before it is handed back
+      if (threadIdx.x == 0) {
+        __threadfence_system();
+        store_release(flag_at(p.blocks[src], L::empty_flag(me, lane, slot)), 1);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t stream) {
+  if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0)
+    return cudaErrorInvalidValue;
+  all_to_all_v_plan_kernel<<<1, kPlanThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t stream) {
+  if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0 ||
+      params.layout.lanes < 1 || params.layout.lanes > L::kMaxLanes)
+    return cudaErrorInvalidValue;
+  // One block per (peer offset, lane). A block waits only on the blocks of the same index on
+  // other ranks, so the grid need not be resident at once: with blocks dispatched in index
+  // order, the lowest pending index runs on every rank and finishes (ranks sharing a GPU under
+  // MPS each hold a slice of its SMs).
+  all_to_all_v_move_kernel<<<params.num_ranks * params.layout.lanes, kMoveThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace ep::kernels

@@ -1,0 +1,125 @@
+// Launchers of the all_to_all_v kernels: the split sizes never leave the device. Torch-free: raw
+// pointers and one POD parameter struct for both kernels.
+//
+// Each rank registers one block (CUDA IPC, mapped by every peer), laid out by AllToAllVLayout:
+//   records: per source rank, the record it published for this call (its splits, capacity, ...)
+//   flags:   per source, "record here" (set by the source, cleared by this rank once read);
+//            per (source, lane, slot), "staging slot full" (set by the source, cleared by this
+//            rank); per (destination, lane, slot), "slot in the destination's block empty" (set by
+//            the destination once drained, cleared by this rank before it fills the slot again)
+//   staging: per (source, lane), two slots of chunk_bytes
+// Flags go back to their initial values after every call (records: 0, full: 0, empty: 1), so
+// calls need no sequence numbers and a captured CUDA graph replays.
+//
+// A call is two launches on the caller's stream:
+//   plan (one block): wait until the record slot in each peer's block is free, write this rank's
+//     record there and raise its flag; wait for every peer's record here, read it, free the slot.
+//     Every rank then knows every rank's splits and capacity and computes the same plan: nothing
+//     moves if any rank's splits are invalid or the ranks disagree on the row size; nothing goes
+//     to a rank whose output would overflow. Writes output_splits, output_offsets and this
+//     rank's part of the plan.
+//   move (one block per peer offset b = 0..R-1 and lane): a message is cut into chunks, and
+//     chunk k travels in lane k % lanes, so each pair of ranks has `lanes` independent pipelines.
+//     Block (b, lane) sends to rank + b and receives from rank - b, in rounds: its round j sends
+//     its j-th chunk into its lane's slot j % 2 in the destination's block (after the destination
+//     drained round j - 2), then receives the source's j-th chunk of that lane into the output.
+//     A send waits only on a round j - 2 receive, a receive on the source's round-j send, which
+//     precedes its own receive: no cycle. The blocks of b = 0 copy this rank's rows to itself.
+// Copies: two per byte between ranks (into staging, out of it), one within a rank.
+// Every wait is bounded by timeout_ns (and ends when *abort is set); one that gives up sets
+// *error = 1 + the peer (the transport's watchdog then fails the group, naming op, rank and peer). Problems of the call
+// itself (invalid splits, an overflowing output) go to *report, which the host raises later.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "backend/kernels/all_to_all.cuh"  // kMaxRanksPerNode
+
+namespace ep::kernels {
+
+// Offsets in each rank's registered block. Host and device.
+struct AllToAllVLayout {
+  static constexpr size_t kRecordWords = kMaxRanksPerNode + 4;  // splits[R], then the fields below
+  static constexpr size_t kCapacity = kMaxRanksPerNode;         // rows the output holds; -1: allocated after
+  static constexpr size_t kStatus = kMaxRanksPerNode + 1;       // 0, or 1 + the first negative split's index,
+                                                                // or kBadSum
+  static constexpr size_t kRowBytes = kMaxRanksPerNode + 2;
+  static constexpr size_t kNumRows = kMaxRanksPerNode + 3;      // rows of input
+  static constexpr int64_t kBadSum = int64_t(1) << 40;
+  static constexpr size_t kFlagsOffset = 16 << 10;
+  static constexpr size_t kDataOffset = 64 << 10;
+  static constexpr int kSlots = 2;
+  static constexpr int kMaxLanes = 4;
+
+  uint64_t chunk_bytes;  // a staging slot
+  int lanes;             // pipelines per pair of ranks, 1..kMaxLanes
+
+  // Lanes for a group of `num_ranks`: the move kernel has num_ranks * lanes blocks; more ranks
+  // sharing a GPU hold fewer SMs each.
+  __host__ __device__ static int lanes_for(int num_ranks) { return num_ranks <= 8 ? 4 : num_ranks <= 16 ? 2 : 1; }
+
+  __host__ __device__ static size_t record(int src) { return size_t(src) * kRecordWords * sizeof(int64_t); }
+  __host__ __device__ static size_t record_flag(int src) { return kFlagsOffset + size_t(src) * 4; }
+  __host__ __device__ static size_t full_flag(int src, int lane, int slot) {
+    return kFlagsOffset + 1024 + ((size_t(src) * kMaxLanes + lane) * kSlots + slot) * 4;
+  }
+  __host__ __device__ static size_t empty_flag(int dst, int lane, int slot) {
+    return kFlagsOffset + 2048 + ((size_t(dst) * kMaxLanes + lane) * kSlots + slot) * 4;
+  }
+  static constexpr size_t kFlagsBytes = 3072;  // every flag above, for kMaxRanksPerNode ranks
+  __host__ __device__ size_t slot(int src, int lane, int slot) const {
+    return kDataOffset + ((size_t(src) * lanes + lane) * kSlots + slot) * chunk_bytes;
+  }
+  __host__ __device__ size_t total_bytes(int num_ranks) const {
+    return kDataOffset + size_t(num_ranks) * lanes * kSlots * chunk_bytes;
+  }
+};
+static_assert(kMaxRanksPerNode * AllToAllVLayout::kRecordWords * sizeof(int64_t) <= AllToAllVLayout::kFlagsOffset,
+              "the records fit before the flags");
+static_assert(kMaxRanksPerNode * 4 <= 1024 &&
+                  kMaxRanksPerNode * AllToAllVLayout::kMaxLanes * AllToAllVLayout::kSlots * 4 <= 1024 &&
+                  AllToAllVLayout::kFlagsOffset + AllToAllVLayout::kFlagsBytes <= AllToAllVLayout::kDataOffset,
+              "the flags fit before the staging slots");
+
+// What the plan kernel reports for the host to raise (report[0] = 0: nothing).
+enum AllToAllVReport : int64_t {
+  kReportNone = 0,
+  kReportOverflow = 1,   // [1] capacity, [2] rows that arrived
+  kReportBadSplits = 2,  // [1] the rank, [2] its status (AllToAllVLayout::kStatus), [3] its splits' sum,
+                         // [4] its rows, [5] its first negative split
+  kReportRowBytes = 3,   // [1] a rank whose rows differ from this rank's, [2] its row bytes, [3] ours
+};
+constexpr int kReportWords = 8;
+constexpr int kReportCallId = 7;  // every report: the call_id of the call whose plan made it
+
+struct AllToAllVParams {
+  int rank;
+  int num_ranks;
+  // this call
+  const int64_t* input_splits;  // [R] on the device: rows for each rank
+  int64_t num_rows;             // N, input's rows
+  int64_t capacity;             // M, output's rows; -1 when the host allocates it after the plan
+  int allow_extra_rows;         // input may hold rows past the splits' sum (they stay)
+  int64_t row_bytes;
+  const char* input;            // [N, row_bytes], contiguous
+  char* output;                 // [M, row_bytes], contiguous (move only)
+  int64_t* output_splits;       // [R]: rows that arrived from each rank (0s when nothing moved)
+  int64_t* output_offsets;      // [R]: their exclusive cumulative sum
+  int64_t* plan;                // [4R] device scratch: send rows, send row offsets, receive rows, receive row offsets
+  // the group's registered blocks
+  char* blocks[kMaxRanksPerNode];  // rank r's block as mapped here
+  AllToAllVLayout layout;
+  uint64_t timeout_ns;
+  int* error;       // host-mapped: 1 + the peer a wait timed out on (fatal)
+  const int* abort;  // host-mapped: non-zero once the group is aborted; every wait then gives up
+  int64_t* report;  // host-mapped: kReportWords, the first problem since the host last looked
+  int64_t call_id;  // the host's count of this group's calls, for the report
+};
+
+cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t stream);
+cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t stream);
+
+}  // namespace ep::kernels

@@ -1,0 +1,242 @@
+// all_to_all_v on CUDA tensors: host glue around backend/kernels/all_to_all_v.cu. The host only
+// launches: the splits go from rank to rank through the registered blocks, and the plan the
+// kernels agree on decides what moves. The one wait is for an output the op allocates itself.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <numeric>
+#include <vector>
+
+#include "backend/common/errors.hpp"
+#include "backend/kernels/all_to_all_v.cuh"
+#include "backend/ops/all_to_all_v.hpp"
+#include "backend/process_group/config.hpp"
+#include "backend/process_group/process_group_ep.hpp"
+#include "backend/transport/cuda/cuda_check.hpp"
+#include "backend/transport/cuda/cuda_transport.hpp"
+#include "backend/transport/cuda/peer_buffers.hpp"
+
+namespace ep {
+
+using at::Tensor;
+using kernels::AllToAllVLayout;
+
+namespace {
+
+// Two staging slots per (source, lane): up to 1 MiB each, within the group's CUDA buffer size.
+uint64_t chunk_bytes_for(size_t buffer_bytes, int size, int lanes) {
+  constexpr uint64_t kAlign = 4096, kMax = 1 << 20;
+  const uint64_t chunk =
+      std::min<uint64_t>(buffer_bytes / (uint64_t(size) * lanes * AllToAllVLayout::kSlots), kMax);
+  return std::max<uint64_t>(chunk / kAlign, 1) * kAlign;
+}
+
+}  // namespace
+
+class AllToAllVState {
+ public:
+  AllToAllVState(Rendezvous& rdv, const Config& config, int device, const std::string& tag)
+      : rank_(rdv.rank()), size_(rdv.size()) {
+    layout_.lanes = AllToAllVLayout::lanes_for(size_);
+    layout_.chunk_bytes = chunk_bytes_for(config.cuda_buffer_bytes, size_, layout_.lanes);
+    buffers_ = std::make_unique<PeerBuffers>(rdv, device, layout_.total_bytes(size_), tag + "/buffers");
+    CudaTransportConfig cc;
+    cc.device = device;
+    cc.buffer_bytes = 0;  // flags only: the watchdog, the kernel error word and the failure listener
+    cc.num_sms = config.num_sms;
+    cc.timeout = config.timeout;
+    transport_ = std::make_shared<CudaTransport>(rdv, cc, tag + "/transport");
+    // Record flags 0 (slot free), full 0, empty 1 (every slot of every destination free).
+    std::vector<uint32_t> flags(AllToAllVLayout::kFlagsBytes / 4, 0);
+    for (int d = 0; d < kernels::kMaxRanksPerNode; ++d)
+      for (int lane = 0; lane < AllToAllVLayout::kMaxLanes; ++lane)
+        for (int s = 0; s < AllToAllVLayout::kSlots; ++s)
+          flags[(AllToAllVLayout::empty_flag(d, lane, s) - AllToAllVLayout::kFlagsOffset) / 4] = 1;
+    EP_CUDA_CHECK(cudaMemcpy(buffers_->block(rank_) + AllToAllVLayout::kFlagsOffset, flags.data(),
+                             flags.size() * sizeof(uint32_t), cudaMemcpyHostToDevice));
+    EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&report_host_), kernels::kReportWords * sizeof(int64_t),
+                                cudaHostAllocMapped));
+    std::fill(report_host_, report_host_ + kernels::kReportWords, 0);
+    EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&report_device_), report_host_, 0));
+    EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&abort_host_), sizeof(int), cudaHostAllocMapped));
+    *abort_host_ = 0;
+    EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_device_), abort_host_, 0));
+    rdv.barrier(tag + "/ready");  // no peer writes our flags before they are initialised
+  }
+
+  ~AllToAllVState() {
+    transport_.reset();  // first: its destructor lets calls in flight finish (or time out)
+    if (report_host_) cudaFreeHost(report_host_);
+    if (abort_host_) cudaFreeHost(abort_host_);
+  }
+
+  // The group's abort(): waits in flight give up at their next poll, and the transport fails.
+  void abort(const std::string& why) {
+    *static_cast<volatile int*>(abort_host_) = 1;
+    transport_->abort(why);
+  }
+
+  CudaTransport& transport() { return *transport_; }
+  int device() const { return buffers_->device(); }
+
+  using Report = std::array<int64_t, kernels::kReportWords>;
+
+  // The first problem the kernels reported since the host last looked (report[0] == 0: none),
+  // cleared: the kernel reports again once the word is clear.
+  Report take_report() {
+    Report w{};
+    volatile int64_t* report = report_host_;
+    if (report[0] == kernels::kReportNone) return w;
+    for (int i = 0; i < kernels::kReportWords; ++i) w[i] = report[i];
+    report[0] = kernels::kReportNone;
+    return w;
+  }
+
+  // Raises `w` (report[0] != 0). `earlier`: an earlier call's, into a given output.
+  [[noreturn]] static void raise(const Report& w, int rank, const char* op, bool earlier) {
+    const std::string where = std::string(op) + ": rank " + std::to_string(rank) + ": ";
+    const std::string when = earlier ? " (found by the device during an earlier all_to_all_v into a given output, "
+                                       "which does not wait for it)"
+                                     : "";
+    switch (w[0]) {
+      case kernels::kReportOverflow:
+        TORCH_CHECK(false, where, "output has room for ", w[1], " rows (its capacity, dim 0) but ", w[2],
+                    " rows arrived; nothing was written to output", when, ". Give an output of at least ", w[2],
+                    " rows, or none (output=None allocates it)");
+      case kernels::kReportBadSplits:
+        if (w[1] != rank)
+          TORCH_CHECK_VALUE(false, where, "rank ", w[1], " passed invalid input_splits (its own error says how); no "
+                            "data moved on any rank", when);
+        if (w[2] != AllToAllVLayout::kBadSum)
+          TORCH_CHECK_VALUE(false, where, "input_splits[", w[2] - 1, "] is ", w[5], ", expected a count >= 0; no "
+                            "data moved", when);
+        TORCH_CHECK_VALUE(false, where, "input_splits sum to ", w[3], " but input has ", w[4], " rows (dim 0); no "
+                          "data moved", when);
+      case kernels::kReportRowBytes:
+        TORCH_CHECK_VALUE(false, where, "rank ", w[1], "'s rows hold ", w[2], " bytes but this rank's hold ", w[3],
+                          ": dtype and trailing shape must match on every rank; no data moved", when);
+      default:
+        TORCH_CHECK(false, where, "the device reported error code ", w[0], when);
+    }
+  }
+
+  void check_reports(int rank, const char* op) {
+    const Report w = take_report();
+    if (w[0] != kernels::kReportNone) raise(w, rank, op, /*earlier=*/true);
+  }
+
+  void fill(kernels::AllToAllVParams& p) {
+    p.rank = rank_;
+    p.num_ranks = size_;
+    for (int r = 0; r < size_; ++r) p.blocks[r] = buffers_->block(r);
+    p.layout = layout_;
+    p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(transport_->timeout()).count());
+    p.error = transport_->kernel_error();
+    p.report = report_device_;
+    p.abort = abort_device_;
+    p.call_id = ++calls_;
+  }
+
+ private:
+  int rank_, size_;
+  AllToAllVLayout layout_{};
+  std::unique_ptr<PeerBuffers> buffers_;
+  std::shared_ptr<CudaTransport> transport_;
+  int64_t* report_host_ = nullptr;    // pinned, mapped: kReportWords
+  int64_t* report_device_ = nullptr;
+  int64_t calls_ = 0;                 // calls so far: each one's call_id
+  int* abort_host_ = nullptr;         // pinned, mapped: set by abort()
+  int* abort_device_ = nullptr;
+};
+
+std::shared_ptr<AllToAllVState> create_all_to_all_v_state(Rendezvous& rdv, const Config& config, int device,
+                                                          const std::string& tag) {
+  return std::make_shared<AllToAllVState>(rdv, config, device, tag);
+}
+
+CudaTransport& transport_of(AllToAllVState& state) { return state.transport(); }
+void abort_all_to_all_v(AllToAllVState& state, const std::string& why) { state.abort(why); }
+int device_of(const AllToAllVState& state) { return state.device(); }
+
+void check_all_to_all_v_reports(AllToAllVState& state, int rank, const char* op) { state.check_reports(rank, op); }
+
+std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVState& state, const Tensor& input,
+                                            const Tensor& input_splits, const std::optional<Tensor>& given,
+                                            Tensor* allocated, bool allow_extra_rows) {
+  const char* op = "all_to_all_v";
+  const int rank = group.getRank(), R = group.getSize();
+  c10::cuda::CUDAGuard guard(input.device());
+  // An earlier call's problem raises once this call is queued: raising before would leave the
+  // peers' kernels waiting for this rank's record, and the group out of step.
+  AllToAllVState::Report raise_later = state.take_report();
+  try {
+    state.transport().check_healthy(op);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+    if (!given) {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+      TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op, ": output=None waits for the sizes to allocate the "
+                  "output, which a CUDA graph capture cannot do; give an output (its worst-case rows)");
+    }
+    const Tensor in = input.contiguous();
+    const Tensor splits = input_splits.contiguous();
+    const Tensor output_splits = at::empty({R}, splits.options());
+    const Tensor output_offsets = at::empty({R}, splits.options());
+    const Tensor plan = at::empty({4 * R}, splits.options());
+
+    kernels::AllToAllVParams p{};
+    state.fill(p);
+    p.input_splits = splits.data_ptr<int64_t>();
+    p.num_rows = in.size(0);
+    p.capacity = given ? given->size(0) : -1;
+    p.allow_extra_rows = allow_extra_rows ? 1 : 0;
+    int64_t row_bytes = in.element_size();
+    for (int64_t d = 1; d < in.dim(); ++d) row_bytes *= in.size(d);
+    p.row_bytes = row_bytes;
+    p.input = static_cast<const char*>(in.data_ptr());
+    p.output_splits = output_splits.data_ptr<int64_t>();
+    p.output_offsets = output_offsets.data_ptr<int64_t>();
+    p.plan = plan.data_ptr<int64_t>();
+    EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
+
+    Tensor output, staging;
+    if (given) {
+      output = *given;
+      // A strided output is filled through a contiguous copy of itself: rows past the received
+      // ones go back unchanged, and nothing waits for the sizes.
+      staging = output.is_contiguous() ? output : output.contiguous();
+    } else {
+      const Tensor sizes = at::empty({R}, splits.options().device(at::kCPU).pinned_memory(true));
+      EP_CUDA_CHECK(cudaMemcpyAsync(sizes.data_ptr(), p.output_splits, R * sizeof(int64_t), cudaMemcpyDeviceToHost,
+                                    stream));
+      EP_CUDA_CHECK(cudaStreamSynchronize(stream));
+      // A problem found now (this call's, or an earlier call's whose plan ran meanwhile) raises
+      // once the move is queued too: every rank queues it, and after a problem of this call
+      // (found alike by every rank) it moves nothing.
+      const AllToAllVState::Report now = state.take_report();
+      if (now[0] != kernels::kReportNone) raise_later = now;
+      const int64_t* n = sizes.data_ptr<int64_t>();
+      std::vector<int64_t> shape = in.sizes().vec();
+      shape[0] = std::accumulate(n, n + R, int64_t(0));
+      output = staging = *allocated = at::empty(shape, in.options());
+    }
+    p.output = static_cast<char*>(staging.data_ptr());
+    EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+    if (!staging.is_same(output)) output.copy_(staging);
+    std::vector<int> peers;
+    for (int r = 0; r < R; ++r)
+      if (r != rank) peers.push_back(r);
+    state.transport().track(op, stream, std::move(peers));
+    if (raise_later[0] != kernels::kReportNone)
+      AllToAllVState::raise(raise_later, rank, op, /*earlier=*/raise_later[kernels::kReportCallId] != p.call_id);
+    return {output_splits, output_offsets};
+  } catch (const CommError& e) {  // timeouts included
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+}
+
+}  // namespace ep

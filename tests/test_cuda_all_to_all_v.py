@@ -1,0 +1,251 @@
+"""torch_ep.all_to_all_v on CUDA tensors (GPU machines only): the CPU tests' rank functions on
+CUDA, plus what only CUDA has (the caller's stream, CUDA-graph capture).
+
+    TORCH_EP_TEST_WORLD_SIZES=1,2,4 python -m pytest tests/test_cuda_all_to_all_v.py -q
+    (or: bash benchmarks/gpu_suite.sh OUT a2av)
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+import test_all_to_all_v as cpu_checks
+import torch_ep
+from conftest import cuda_world_sizes, rank_pool
+from torch_ep import reference
+from torch_ep.testing import poison_, same_bits
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C.has_cuda,
+                                reason="needs CUDA and a CUDA build of torch_ep")
+
+
+@pytest.fixture(params=cuda_world_sizes(), ids=lambda n: f"{n}ranks")
+def cuda_pool(request):
+    return rank_pool(request.param, cuda=True)
+
+
+def _seed():
+    return int(torch.randint(0, 2**30, ()).item())
+
+
+def test_given_and_allocated_outputs(cuda_pool):
+    paths = cuda_pool.run(cpu_checks.rank_given_and_allocated, seed=_seed(), device="cuda")
+    assert paths == ["cuda"] * cuda_pool.world_size  # our transport, not NCCL or Gloo
+
+
+def test_overflow_refused_and_group_keeps_working(cuda_pool):
+    cuda_pool.run(cpu_checks.rank_overflow, seed=_seed(), device="cuda")
+
+
+def test_bad_input_raises_naming_the_argument(cuda_pool):
+    cuda_pool.run(cpu_checks.rank_bad_input, device="cuda")
+
+
+def test_autograd(cuda_pool):
+    cuda_pool.run(cpu_checks.rank_autograd, seed=_seed(), device="cuda")
+
+
+def test_async_op(cuda_pool):
+    cuda_pool.run(cpu_checks.rank_async, seed=_seed(), device="cuda")
+
+
+def test_torch_compile(cuda_pool):
+    cuda_pool.run(cpu_checks.rank_compiled, seed=_seed(), device="cuda")
+
+
+def rank_side_stream(seed):
+    """The op follows the caller's stream: input and splits written on a busy side stream just
+    before the call are what is sent, and the output is ready for work queued after it there."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    side = torch.cuda.Stream()
+    g = torch.Generator(device="cuda").manual_seed(seed + rank)
+    rows = 256 * size
+    with torch.cuda.stream(side):
+        x = torch.empty(rows, 64, device="cuda")
+        splits = torch.empty(size, dtype=torch.int64, device="cuda")
+        torch.cuda._sleep(20_000_000)  # a missing dependency on this stream would show
+        x.normal_(generator=g)
+        splits.copy_(torch.bincount(torch.randint(0, size, (rows,), device="cuda", generator=g), minlength=size))
+        out = poison_(torch.empty(rows * size, 64, device="cuda"))
+        res = torch_ep.all_to_all_v(x, splits, output=out)
+        checksum = out.view(torch.int32).long().sum()  # exact and order-independent
+    torch.cuda.synchronize()
+    expected = reference.all_to_all_v(x, splits, output=poison_(torch.empty_like(out)))
+    assert same_bits(out, expected.output) and same_bits(res.output_splits, expected.output_splits)
+    assert checksum.item() == expected.output.view(torch.int32).long().sum().item()
+
+
+def test_side_stream(cuda_pool):
+    cuda_pool.run(rank_side_stream, seed=_seed())
+
+
+def rank_cuda_graph_changing_splits(seed):
+    """One capture, replayed with other splits each time (same N per rank, spread differently):
+    each replay must deliver exactly the rows the new splits say, offsets included."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator(device="cuda").manual_seed(seed + rank)
+    rows = 64 * size
+    static_in = torch.randn(rows, 33, device="cuda", generator=g)
+    static_splits = torch.full((size,), 64, dtype=torch.int64, device="cuda")
+    static_out = torch.empty(rows * size, 33, device="cuda")
+    torch_ep.all_to_all_v(static_in, static_splits, output=static_out)  # sets the transport up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = torch_ep.all_to_all_v(static_in, static_splits, output=static_out)
+    for _ in range(5):
+        static_in.normal_(generator=g)
+        static_splits.copy_(torch.bincount(torch.randint(0, size, (rows,), device="cuda", generator=g),
+                                           minlength=size))
+        poison_(static_out)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.all_to_all_v(static_in, static_splits, output=poison_(torch.empty_like(static_out)))
+        assert same_bits(static_out, expected.output)
+        assert same_bits(res.output_splits, expected.output_splits)
+        assert same_bits(res.output_offsets, expected.output_offsets)
+
+
+def test_cuda_graph_replay_with_changing_splits(cuda_pool):
+    cuda_pool.run(rank_cuda_graph_changing_splits, seed=_seed())
+
+
+def rank_many_chunks(seed):
+    """A 64 KiB buffer: staging slots of a few KiB, so every message crosses many chunks and
+    reuses each slot within one call; rows whose size is not a multiple of 16 bytes too."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(cuda_buffer_bytes=64 << 10))
+    try:
+        for i, (dtype, row_shape) in enumerate([(torch.float32, (4099,)), (torch.bfloat16, (2048,)),
+                                                (torch.uint8, (3,))]):
+            m = cpu_checks.split_matrix("random", size, seed + i) * 7
+            g = torch.Generator().manual_seed(seed * 7 + i * 131 + rank)
+            from torch_ep.testing import random_tensor
+            inp = random_tensor((int(m[rank].sum()), *row_shape), dtype, g, "cuda")
+            splits = m[rank].cuda()
+            total = int(m[:, rank].sum())
+            expected = reference.all_to_all_v(inp, splits, group=group)
+            out = poison_(torch.empty((total + 1, *row_shape), dtype=dtype, device="cuda"))
+            res = torch_ep.all_to_all_v(inp, splits, output=out, group=group)
+            torch.cuda.synchronize()
+            assert same_bits(out[:total], expected.output), f"{dtype} {row_shape}"
+            assert same_bits(res.output_splits, expected.output_splits)
+            res = torch_ep.all_to_all_v(inp, splits, group=group)
+            assert same_bits(res.output, expected.output), f"{dtype} {row_shape}: allocated"
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_messages_larger_than_staging(cuda_pool):
+    cuda_pool.run(rank_many_chunks, seed=_seed())
+
+
+def rank_peer_never_arrives():
+    """Rank 1 skips the second call: rank 0's call into a given output returns at once (no host
+    wait); its kernels give up after the timeout, and the next call raises naming op, rank and
+    peer. The stream does not hang."""
+    import time
+    from datetime import timedelta
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3)))
+    x = torch.randn(size * 4, 2, device="cuda")
+    splits = torch.full((size,), 4, dtype=torch.int64, device="cuda")
+    out = torch.empty_like(x)
+    torch_ep.all_to_all_v(x, splits, output=out, group=group)  # sets everything up on every rank
+    torch.cuda.synchronize()
+    error, elapsed = None, 0.0
+    if rank == 0:
+        start = time.monotonic()
+        torch_ep.all_to_all_v(x, splits, output=out, group=group)
+        torch.cuda.synchronize()  # returns: the kernels' waits are bounded
+        elapsed = time.monotonic() - start
+        time.sleep(0.5)  # the watchdog polls every 50 ms
+        try:
+            torch_ep.all_to_all_v(x, splits, output=out, group=group)
+        except Exception as e:  # noqa: BLE001
+            error = (type(e).__name__, str(e))
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return error, elapsed
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_timeout_names_op_and_peer(world_size):
+    pool = rank_pool(world_size, cuda=True)
+    (error, elapsed), _ = pool.run(rank_peer_never_arrives)
+    assert error is not None and error[0] == "DistBackendError", error
+    assert "all_to_all_v: timed out on rank 0" in error[1] and "rank(s) 1" in error[1], error
+    assert 2.5 < elapsed < 20, elapsed
+
+
+def rank_abort_releases_kernel_wait():
+    """Rank 0 aborts the group while its all_to_all_v kernels wait for rank 1 (held up by a
+    5-second kernel): rank 0's stream is released at once, not at the timeout, and later calls
+    raise. Rank 1 then waits for rank 0 until the (8-second) timeout."""
+    import time
+    from datetime import timedelta
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=8)))
+    x = torch.randn(size * 4, 2, device="cuda")
+    splits = torch.full((size,), 4, dtype=torch.int64, device="cuda")
+    out = torch.empty_like(x)
+    torch_ep.all_to_all_v(x, splits, output=out, group=group)
+    torch.cuda.synchronize()
+    if rank == 1:
+        torch.cuda._sleep(int(5 * torch.cuda.get_device_properties(0).clock_rate * 1e3))  # ~5 s
+    torch_ep.all_to_all_v(x, splits, output=out, group=group)
+    elapsed = later = None
+    if rank == 0:
+        time.sleep(0.5)
+        start = time.monotonic()
+        group.abort()
+        torch.cuda.synchronize()
+        elapsed = time.monotonic() - start
+        try:
+            torch_ep.all_to_all_v(x, splits, output=out, group=group)
+        except Exception as e:  # noqa: BLE001
+            later = (type(e).__name__, str(e))
+    torch.cuda.synchronize()
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return elapsed, later
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_abort_releases_a_kernel_wait(world_size):
+    pool = rank_pool(world_size, cuda=True)
+    (elapsed, later), _ = pool.run(rank_abort_releases_kernel_wait, timeout_s=120)
+    assert elapsed < 2, elapsed
+    assert later is not None and later[0] == "DistBackendError" and "aborted" in later[1], later
+
+
+def rank_overflow_raised_at_next_call(seed):
+    """Unchecked, an overflow raises at the rank's next call, after that call is queued: its
+    data still moves on every rank, and the call after works everywhere."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    m, splits, inp, total = cpu_checks._case("to_one", seed, torch.float32, (3,), "cuda")
+    short = rank == size - 1
+    out = poison_(torch.empty(total - 1 if short else total + 1, 3, device="cuda"))
+    before = out.clone()
+    torch_ep.all_to_all_v(inp, splits, output=out)  # returns: nothing waits for the device
+    m, splits, inp, total = cpu_checks._case("random", seed + 1, torch.float32, (3,), "cuda")
+    out2 = poison_(torch.empty(total, 3, device="cuda"))
+    error = None
+    try:
+        torch_ep.all_to_all_v(inp, splits, output=out2)
+    except RuntimeError as e:
+        error = str(e)
+    torch.cuda.synchronize()
+    if short:
+        assert error is not None and "output has room for" in error and "earlier" in error, error
+        assert same_bits(out, before), "an overflowing call wrote its output"
+    else:
+        assert error is None, error
+    assert same_bits(out2, reference.all_to_all_v(inp, splits).output), "the next call's data did not move"
+    res = torch_ep.all_to_all_v(inp, splits)
+    assert same_bits(res.output, reference.all_to_all_v(inp, splits).output)
+
+
+def test_overflow_raised_at_next_call(cuda_pool):
+    cuda_pool.run(rank_overflow_raised_at_next_call, seed=_seed())
