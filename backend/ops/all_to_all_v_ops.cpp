@@ -20,9 +20,10 @@
 //   2. data: the list form of all_to_all over views of input and output, on the group's own
 //      transport (shared memory, or the CUDA transport on the comm stream, which the caller's
 //      stream then waits for).
-// That is the CPU path, and CUDA's where the kernels cannot reach every rank (ranks on several
-// hosts, or more than kMaxRanksPerNode): there step 1 first reads input_splits on the host, and
-// a CUDA graph capture raises. Elsewhere on CUDA the splits never leave the device
+// That is the CPU path, and CUDA's by default and where the kernels cannot reach every rank
+// (ranks on several hosts, or more than kMaxRanksPerNode): there step 1 first reads input_splits
+// on the host, and a CUDA graph capture raises. With Options.all_to_all_v_device (experimental:
+// not yet run on a GPU) and elsewhere on CUDA the splits never leave the device
 // (backend/ops/cuda/all_to_all_v_cuda.cpp, backend/kernels/all_to_all_v.cuh): the same
 // agreement runs in a kernel, and what only it can see raises later (torch_ep.check_errors, or
 // the next call once queued).
@@ -97,8 +98,9 @@ std::vector<int64_t> host_splits(const Tensor& input_splits) {
   if (input_splits.is_cuda()) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(input_splits.device().index()).stream(), &capture);
-    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, kOp, ": where the ranks span hosts (or exceed ",
-                "the CUDA kernels' limit) input_splits are read on the host, which a CUDA graph capture cannot do");
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, kOp, ": input_splits are read on the host here, which a "
+                "CUDA graph capture cannot do; the device path (Options.all_to_all_v_device, "
+                "TORCH_EP_ALL_TO_ALL_V_DEVICE=1, ranks of one host) keeps them on the device");
   }
 #endif
   const Tensor s = input_splits.to(at::kCPU).contiguous();
@@ -200,7 +202,9 @@ Tensor exclusive_cumsum(const std::vector<int64_t>& v) {
 std::pair<Tensor, Tensor> run(ProcessGroupEP& group, const Tensor& input, const Tensor& input_splits,
                               const std::optional<Tensor>& given, Tensor* allocated, bool allow_extra_rows) {
 #ifdef TORCH_EP_WITH_CUDA
-  if (input.is_cuda())  // the splits stay on the device, where the kernels reach every rank
+  // The device path is opt-in until it has run on a GPU (its first run there, 2026-12-02, got no
+  // test through within 45 s); the splits then stay on the device where the kernels reach every rank.
+  if (input.is_cuda() && group.config().all_to_all_v_device)
     if (std::shared_ptr<AllToAllVState> state = group.all_to_all_v_state(input.device(), kOp))
       return all_to_all_v_cuda(group, *state, input, input_splits, given, allocated, allow_extra_rows);
 #endif
