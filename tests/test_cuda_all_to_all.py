@@ -197,9 +197,9 @@ def test_wrong_device_raises(cuda_pool):
         assert err is not None and "input is on cuda" in err[1] and "output is on cpu" in err[1], err
 
 
-def rank_peer_never_arrives():
-    """Rank 1 skips the second call: rank 0 must raise within the timeout, naming the op and
-    the peer, and its stream must not hang."""
+def rank_peer_never_arrives(absent=1):
+    """Rank `absent` skips the second call: every other rank must raise within the timeout (a
+    blocking wait), naming the op and the peer, and its stream must not hang."""
     rank, size = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3), blocking_wait=True))
     x = torch.randn(size * 4, device="cuda")
@@ -207,7 +207,7 @@ def rank_peer_never_arrives():
     dist.all_to_all_single(y, x, group=group)  # sets the transport up on every rank
     torch.cuda.synchronize()
     error, elapsed = None, 0.0
-    if rank == 0:
+    if rank != absent:
         start = time.monotonic()
         try:
             dist.all_to_all_single(y, x, group=group)
