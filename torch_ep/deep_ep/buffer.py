@@ -56,6 +56,7 @@ class Buffer:
         # holds a weak reference to that tensor and goes when it does.
         self._layouts: dict = {}
         self._zero_copy_buffers: dict = {}            # data_ptr -> the combine buffers handed out
+        self._cuda_exchange_ready = False             # the prefix matrix's CUDA all_to_all is set up
 
     # ------------------------------------------------------------------ lifetime and settings
 
@@ -261,10 +262,13 @@ class Buffer:
         layout = DispatchLayout(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, *cached) if cached \
             else None
 
+        if x_data.is_cuda:
+            self._ready_cuda_exchange(x_data.device)
+
         def run():
             d = _dispatch(x, topk_idx, topk_weights, num_experts=num_experts, group=group, layout=layout,
                           expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
-            made = self._make_handle(d.handle, is_token_in_rank, x_data.device)
+            made = self._make_handle(d.handle, is_token_in_rank, num_tokens_per_rank, x_data.device)
             return (d, made), [d.recv_x, d.recv_topk_idx, d.recv_topk_weights, list(made)]
 
         (d, made), event = self._launch(x_data.device, run, [x, topk_idx, topk_weights], previous_event, async_finish,
@@ -272,7 +276,18 @@ class Buffer:
         per_expert = [] if num_worst_tokens > 0 else d.num_recv_tokens_per_expert
         return d.recv_x, d.recv_topk_idx, d.recv_topk_weights, per_expert, made, event
 
-    def _make_handle(self, native: DispatchHandle, is_token_in_rank: torch.Tensor, device: torch.device) -> _Handle:
+    def _ready_cuda_exchange(self, device: torch.device) -> None:
+        """Sets up the CUDA all_to_all that gathers the prefix matrix's counts when they are on the
+        device only (under a CUDA-graph capture, the layout has no host copy): once, collectively
+        (every rank's first CUDA dispatch), and never inside a capture, where it could not allocate."""
+        if self._cuda_exchange_ready or torch.cuda.is_current_stream_capturing():
+            return
+        probe = torch.zeros(self.group_size, dtype=torch.int64, device=device)
+        dist.all_to_all_single(torch.empty_like(probe), probe, group=self.ep_group)
+        self._cuda_exchange_ready = True
+
+    def _make_handle(self, native: DispatchHandle, is_token_in_rank: torch.Tensor, num_tokens_per_rank: torch.Tensor,
+                     device: torch.device) -> _Handle:
         r = self.group_size
         recv = native.counts[2 + r:2 + 2 * r]
         if native.internode:
@@ -280,9 +295,11 @@ class Buffer:
             if bool((recv >= 0).all()):
                 prefix = recv.cumsum(0).to(torch.int32).to(device)
             return _Handle((is_token_in_rank, None, None, None, None, None, prefix, None, None, None), native)
-        return _Handle((self._rank_prefix_matrix(native, device), None, None, None, is_token_in_rank, None), native)
+        return _Handle((self._rank_prefix_matrix(native, num_tokens_per_rank, device), None, None, None,
+                        is_token_in_rank, None), native)
 
-    def _rank_prefix_matrix(self, native: DispatchHandle, device: torch.device) -> torch.Tensor:
+    def _rank_prefix_matrix(self, native: DispatchHandle, num_tokens_per_rank: torch.Tensor,
+                            device: torch.device) -> torch.Tensor:
         """[R, R] int32, [i][j] = rows rank j receives from ranks 0..i: every rank's send counts,
         gathered (all_to_all_single of the counts to every rank, on torch_ep's own transport),
         summed down the sources."""
@@ -290,9 +307,10 @@ class Buffer:
         send = native.counts[2:2 + r]
         on_host = bool((send >= 0).all())
         if not on_host:
-            # A CUDA dispatch with num_worst_tokens: the counts are on the device only (the routing
-            # table's first R entries); gather them there, with no host synchronisation.
-            send = native.meta[:r].to(torch.int64)
+            # A CUDA dispatch with num_worst_tokens: the counts are on the device only; the caller's
+            # layout holds them (num_tokens_per_rank; the native handle keeps no routing table when
+            # a layout was given). Gather them there, with no host synchronisation.
+            send = num_tokens_per_rank.to(torch.int64)
         gathered = torch.empty(r * r, dtype=torch.int64, device=send.device)
         dist.all_to_all_single(gathered, send.repeat(r), group=self.ep_group)
         matrix = gathered.view(r, r).cumsum(0).to(torch.int32)
