@@ -196,6 +196,9 @@ class ProcessGroupEP : public c10d::Backend {
   HostTransport* host_transport(const char* op_name);
   // True when every rank of the group runs on this host (collective the first time; cached).
   bool ranks_share_host();
+  // ranks_share_host for a CUDA transport's set-up: a timeout raises DistBackendError naming
+  // `op_name` and `purpose` (what the transport is for).
+  bool ranks_share_host_for(const char* op_name, const char* purpose);
   // The CUDA transport for `device`, created by the first CUDA all_to_all (collective); null when
   // the ranks span hosts. Defined in cuda_path.cpp; without CUDA support it is always null.
   std::shared_ptr<CudaTransport> cuda_transport(const at::Device& device, const char* op_name);

@@ -70,17 +70,20 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& 
   return cuda_transport_;
 }
 
+bool ProcessGroupEP::ranks_share_host_for(const char* op_name, const char* purpose) {
+  try {
+    return ranks_share_host();
+  } catch (const std::exception& e) {
+    C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": timed out setting up this group's CUDA transport for " +
+                                          purpose + ": " + e.what());
+  }
+}
+
 std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& device, const char* op_name) {
   check_usable(op_name);
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   if (!moe_transport_) {
-    bool one_host = false;
-    try {
-      one_host = ranks_share_host();
-    } catch (const std::exception& e) {
-      C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": timed out setting up this group's CUDA "
-                                            "transport for dispatch/combine: " + e.what());
-    }
+    const bool one_host = ranks_share_host_for(op_name, "dispatch/combine");
     // Ranks on other hosts cannot map each other's memory; the internode path is another issue.
     TORCH_CHECK(one_host, op_name, ": CUDA dispatch/combine need every rank of the group on one host");
     try {
@@ -108,13 +111,7 @@ std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Dev
   check_usable(op_name);
   std::lock_guard<std::mutex> lock(cuda_mutex_);
   if (!a2av_decided_ && create) {
-    bool one_host = false;
-    try {
-      one_host = ranks_share_host();
-    } catch (const std::exception& e) {
-      C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": timed out setting up this group's CUDA "
-                                            "transport for all_to_all_v: " + e.what());
-    }
+    const bool one_host = ranks_share_host_for(op_name, "all_to_all_v");
     // Every rank decides alike: the kernels map every peer's block through CUDA IPC.
     if (one_host && getSize() <= kernels::kMaxRanksPerNode) try {
       a2av_state_ = create_all_to_all_v_state(rendezvous_, config_, device.index(), "ep/cuda/a2av");
