@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import test_all_to_all as all_to_all_checks
 import torch_ep
 from conftest import rank_pool
 from torch_ep import reference
@@ -17,20 +18,15 @@ ROW_SHAPES = [(), (5,), (2, 3)]
 
 
 def split_matrix(kind: str, size: int, seed: int) -> torch.Tensor:
-    """[src, dst] rows sent, the same on every rank (seeded by `seed` alone)."""
+    """[src, dst] rows sent, the same on every rank (seeded by `seed` alone): test_all_to_all's
+    kinds, and "random", which also has a rank that receives nothing."""
+    if kind != "random":
+        return all_to_all_checks.split_matrix(kind, size, seed)
     g = torch.Generator().manual_seed(seed)
-    if kind == "random":
-        m = torch.randint(0, 6, (size, size), generator=g)
-        m[int(torch.randint(0, size, (1,), generator=g)), :] = 0   # a rank that sends nothing
-        m[:, int(torch.randint(0, size, (1,), generator=g))] = 0   # a rank that receives nothing
-        return m
-    if kind == "zeros":
-        return torch.zeros(size, size, dtype=torch.int64)
-    if kind == "to_one":
-        m = torch.zeros(size, size, dtype=torch.int64)
-        m[:, size - 1] = torch.randint(1, 5, (size,), generator=g)
-        return m
-    raise ValueError(kind)
+    m = torch.randint(0, 6, (size, size), generator=g)
+    m[int(torch.randint(0, size, (1,), generator=g)), :] = 0   # a rank that sends nothing
+    m[:, int(torch.randint(0, size, (1,), generator=g))] = 0   # a rank that receives nothing
+    return m
 
 
 def _case(kind, seed, dtype, row_shape, device):
