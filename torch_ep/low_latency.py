@@ -135,7 +135,7 @@ def _init_nvshmem(group, device: torch.device, heap_bytes: int) -> None:
     _world = ranks
 
 
-def _remote_ranks(group) -> Tuple[bool, list]:
+def _remote_plan(group) -> Tuple[bool, list]:
     """Whether the group spans nodes (its buffers then have the regions remote peers push into),
     and the ranks to reach by NVSHMEM puts even where they could be mapped (Options.force_remote:
     every rank on another node). Those NVSHMEM cannot map are remote in any case."""
@@ -159,7 +159,7 @@ def _ensure_buffers(group, device: torch.device, num_experts: int, max_tokens: i
     them, collectively, and barriers the group."""
     name, size = group.group_name, group.size()
     local = num_experts // size
-    spans_nodes, forced = _remote_ranks(group)
+    spans_nodes, forced = _remote_plan(group)
     if _C._ll_buffer_fits(name, size, local, max_tokens, hidden, spans_nodes):
         return
     if torch.cuda.is_current_stream_capturing():
