@@ -36,32 +36,46 @@ def test_all_dtypes_and_splits(cuda_pool):
 
 
 def rank_disagreeing_splits():
-    """Ranks 0 and 1 disagree: both raise before queueing anything; the other ranks, which queued
-    work with them, are released by their watchdogs after the (short) timeout."""
+    """Ranks 0 and 1 disagree (rank 0 expects three rows from rank 1, which sends two). The device
+    protocol checks every receiver's counts against its senders' in the kernel: nothing moves on
+    any rank, every rank's outputs stay as they were, and every rank raises, at the next
+    synchronising check (torch_ep.check_errors, a blocking wait, or its next call). The group
+    keeps working."""
     rank, size = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=4)))
     x = torch.randn(size * 2, device="cuda")
     out_splits = [2] * size
     if rank == 0:
-        out_splits[1], out_splits[0] = 3, 1  # rank 1 sends rank 0 two rows, not three
-    y = torch.empty(sum(out_splits), device="cuda")
+        out_splits[1], out_splits[0] = 3, 1
+    y = poison_(torch.empty(sum(out_splits), device="cuda"))
+    before = y.clone()
     error = None
     try:
         dist.all_to_all_single(y, x, out_splits, [2] * size, group=group)
+        torch.cuda.synchronize()
+        torch_ep.check_errors(group)
     except Exception as e:  # noqa: BLE001
         error = (type(e).__name__, str(e))
     torch.cuda.synchronize()
+    assert same_bits(y, before), "a refused call wrote its output"
+    # The group keeps working: a correct call afterwards.
+    x = torch.randn(size * 2, device="cuda")
+    y = poison_(torch.empty(size * 2, device="cuda"))
+    dist.all_to_all_single(y, x, group=group)
+    expected = reference.all_to_all_single(y.shape, x.cpu(), group=group)
+    ok_after = same_bits(y.cpu(), expected)
     dist.barrier()
     dist.destroy_process_group(group)
-    return error
+    return error, ok_after
 
 
-def test_disagreeing_splits_raise_on_both_ranks(cuda_pool):
+def test_disagreeing_splits_raise_on_every_rank(cuda_pool):
     if cuda_pool.world_size < 2:
         pytest.skip("needs two ranks")
-    errors = cuda_pool.run(rank_disagreeing_splits, timeout_s=120)
-    for rank in (0, 1):
-        assert errors[rank] is not None and "split sizes disagree" in errors[rank][1], errors
+    results = cuda_pool.run(rank_disagreeing_splits, timeout_s=120)
+    for rank, (error, ok_after) in enumerate(results):
+        assert error is not None and "split sizes disagree" in error[1] and "rank 0 expects" in error[1], results
+        assert ok_after, f"rank {rank}: the call after the refused one went wrong"
 
 
 def test_async_op_and_future(cuda_pool):

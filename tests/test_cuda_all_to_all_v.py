@@ -1,6 +1,6 @@
-"""torch_ep.all_to_all_v on CUDA tensors (GPU machines only), on its device path
-(TORCH_EP_ALL_TO_ALL_V_DEVICE=1): the CPU tests' rank functions on CUDA, plus what only CUDA has
-(the caller's stream, CUDA-graph capture).
+"""torch_ep.all_to_all_v on CUDA tensors (GPU machines only), on its device path (the default;
+TORCH_EP_ALL_TO_ALL_DEVICE=0 falls back to reading the splits on the host): the CPU tests' rank
+functions on CUDA, plus what only CUDA has (the caller's stream, CUDA-graph capture).
 
     TORCH_EP_TEST_WORLD_SIZES=1,2,4 python -m pytest tests/test_cuda_all_to_all_v.py -q
     (or: bash benchmarks/gpu_suite.sh OUT a2av)
@@ -18,9 +18,8 @@ from torch_ep.testing import poison_, same_bits
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C.has_cuda,
                                 reason="needs CUDA and a CUDA build of torch_ep")
 
-# The device path (splits never on the host; opt-in until it has passed here). Its first GPU run
-# (H200, 2026-12-02, 2 ranks) got no test through within 45 s: run these first next time.
-DEVICE_PATH = {"TORCH_EP_ALL_TO_ALL_V_DEVICE": "1"}
+# The device path (splits never on the host), stated although it is the default.
+DEVICE_PATH = {"TORCH_EP_ALL_TO_ALL_DEVICE": "1"}
 
 
 @pytest.fixture(params=cuda_world_sizes(), ids=lambda n: f"{n}ranks")

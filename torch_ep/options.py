@@ -23,8 +23,8 @@ ENVIRONMENT = {
     "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default: one per peer)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
-    "TORCH_EP_ALL_TO_ALL_V_DEVICE": "1 runs CUDA all_to_all_v with the splits on the device (no host wait, CUDA-graph "
-                                    "capturable; experimental: not yet run on a GPU)",
+    "TORCH_EP_ALL_TO_ALL_DEVICE": "0 runs CUDA all_to_all_single and all_to_all_v on the host-exchange protocol instead "
+                                  "of the device protocol (splits checked by the kernels, no host round trip)",
     "TORCH_EP_FORCE_REMOTE": "1 makes the low-latency ops reach ranks on other (virtual) nodes by NVSHMEM puts, as "
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
 }
@@ -73,7 +73,7 @@ class Options:
     ranks_per_node: int = field(default_factory=_default("TORCH_EP_RANKS_PER_NODE", 0))
     blocking_wait: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_BLOCKING_WAIT")))
     force_remote: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_FORCE_REMOTE")))
-    all_to_all_v_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_V_DEVICE")))
+    all_to_all_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_DEVICE") != 0)
 
     def __post_init__(self) -> None:
         checks = {
@@ -102,5 +102,5 @@ class Options:
         config.ranks_per_node = self.ranks_per_node
         config.blocking_wait = self.blocking_wait
         config.force_remote = self.force_remote
-        config.all_to_all_v_device = self.all_to_all_v_device
+        config.all_to_all_device = self.all_to_all_device
         return config

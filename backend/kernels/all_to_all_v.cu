@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
   __shared__ bool overflows[kMaxRanksPerNode];                     // per receiver
   __shared__ int failed;                                           // a wait timed out
   if (t == 0) failed = 0;
-  if (t < R) splits[t] = p.input_splits[t];
+  if (t < R) splits[t] = p.input_splits ? p.input_splits[t] : p.host_splits[t];
   __syncthreads();
   int64_t sum = 0, status = 0;
   for (int d = 0; d < R; ++d) {
@@ -66,6 +66,9 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
       record[L::kStatus] = status;
       record[L::kRowBytes] = p.row_bytes;
       record[L::kNumRows] = p.num_rows;
+      record[L::kHasExpected] = p.has_expected;
+      if (p.has_expected)
+        for (int s = 0; s < R; ++s) record[L::kExpected + s] = p.expected_splits[s];
       __threadfence_system();
       store_release(flag, 1);
     }
@@ -79,20 +82,27 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
     } else {
       const volatile int64_t* record = reinterpret_cast<const volatile int64_t*>(p.blocks[me] + L::record(t));
       for (int w = 0; w < R; ++w) records[t][w] = record[w];
-      for (size_t w = kMaxRanksPerNode; w < L::kRecordWords; ++w) records[t][w] = record[w];
+      for (size_t w = kMaxRanksPerNode; w < L::kExpected; ++w) records[t][w] = record[w];
+      if (records[t][L::kHasExpected])
+        for (int s = 0; s < R; ++s) records[t][L::kExpected + s] = record[L::kExpected + s];
       store_release(flag, 0);
     }
   }
   __syncthreads();
 
   // 3. The plan, the same on every rank: nothing moves after a timeout, invalid splits on any
-  // rank, or ranks whose rows differ in size; nothing goes to a rank whose output would overflow.
-  int bad_rank = -1, size_rank = -1;
+  // rank, ranks whose rows differ in size, or a receiver expecting other counts than its senders
+  // send; nothing goes to a rank whose output would overflow.
+  int bad_rank = -1, size_rank = -1, mismatch_to = -1, mismatch_from = -1;
   for (int s = 0; s < R; ++s) {
     if (bad_rank < 0 && records[s][L::kStatus] != 0) bad_rank = s;
     if (size_rank < 0 && records[s][L::kRowBytes] != p.row_bytes) size_rank = s;
   }
-  const bool nothing = failed || bad_rank >= 0 || size_rank >= 0;
+  for (int d = 0; d < R && mismatch_to < 0; ++d)
+    if (records[d][L::kHasExpected])
+      for (int s = 0; s < R && mismatch_to < 0; ++s)
+        if (records[d][L::kExpected + s] != records[s][d]) mismatch_to = d, mismatch_from = s;
+  const bool nothing = failed || bad_rank >= 0 || size_rank >= 0 || mismatch_to >= 0;
   if (t < R) {
     int64_t total = 0;
     for (int s = 0; s < R; ++s) total += records[s][t];
@@ -133,6 +143,12 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
       report[1] = size_rank;
       report[2] = records[size_rank][L::kRowBytes];
       report[3] = p.row_bytes;
+    } else if (mismatch_to >= 0) {
+      code = kReportMismatch;
+      report[1] = mismatch_to;
+      report[2] = mismatch_from;
+      report[3] = records[mismatch_to][L::kExpected + mismatch_from];
+      report[4] = records[mismatch_from][mismatch_to];
     } else if (overflow) {
       int64_t arrived = 0;
       for (int s = 0; s < R; ++s) arrived += records[s][me];
@@ -142,6 +158,7 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
     }
     if (code != kReportNone) {
       report[kReportCallId] = p.call_id;
+      report[kReportOp] = p.op;
       __threadfence_system();
       report[0] = code;
     }

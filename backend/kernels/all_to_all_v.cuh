@@ -42,14 +42,18 @@ namespace ep::kernels {
 
 // Offsets in each rank's registered block. Host and device.
 struct AllToAllVLayout {
-  static constexpr size_t kRecordWords = kMaxRanksPerNode + 4;  // splits[R], then the fields below
+  // A record: splits[R], the fields below, then expected[R] (the rows this rank expects from
+  // each rank, all_to_all_single's output_split_sizes; unchecked unless kHasExpected).
+  static constexpr size_t kRecordWords = 2 * kMaxRanksPerNode + 5;
   static constexpr size_t kCapacity = kMaxRanksPerNode;         // rows the output holds; -1: allocated after
   static constexpr size_t kStatus = kMaxRanksPerNode + 1;       // 0, or 1 + the first negative split's index,
                                                                 // or kBadSum
   static constexpr size_t kRowBytes = kMaxRanksPerNode + 2;
   static constexpr size_t kNumRows = kMaxRanksPerNode + 3;      // rows of input
+  static constexpr size_t kHasExpected = kMaxRanksPerNode + 4;
+  static constexpr size_t kExpected = kMaxRanksPerNode + 5;
   static constexpr int64_t kBadSum = int64_t(1) << 40;
-  static constexpr size_t kFlagsOffset = 16 << 10;
+  static constexpr size_t kFlagsOffset = 32 << 10;
   static constexpr size_t kDataOffset = 64 << 10;
   static constexpr int kSlots = 2;
   static constexpr int kMaxLanes = 4;
@@ -91,15 +95,21 @@ enum AllToAllVReport : int64_t {
   kReportBadSplits = 2,  // [1] the rank, [2] its status (AllToAllVLayout::kStatus), [3] its splits' sum,
                          // [4] its rows, [5] its first negative split
   kReportRowBytes = 3,   // [1] a rank whose rows differ from this rank's, [2] its row bytes, [3] ours
+  kReportMismatch = 4,   // [1] a receiver, [2] a sender, [3] rows the receiver expects, [4] rows the sender sends
 };
 constexpr int kReportWords = 8;
+constexpr int kReportOp = 6;      // every report: the op of the call whose plan made it (AllToAllVOp)
 constexpr int kReportCallId = 7;  // every report: the call_id of the call whose plan made it
+enum AllToAllVOp : int64_t { kOpAllToAllV = 0, kOpAllToAllSingle = 1 };
 
 struct AllToAllVParams {
   int rank;
   int num_ranks;
   // this call
-  const int64_t* input_splits;  // [R] on the device: rows for each rank
+  const int64_t* input_splits;  // [R] on the device: rows for each rank; null: host_splits
+  int64_t host_splits[kMaxRanksPerNode];     // the splits, known on the host (all_to_all_single)
+  int has_expected;                          // the receiver states what it expects from each rank:
+  int64_t expected_splits[kMaxRanksPerNode]; // any disagreement moves nothing on any rank
   int64_t num_rows;             // N, input's rows
   int64_t capacity;             // M, output's rows; -1 when the host allocates it after the plan
   int allow_extra_rows;         // input may hold rows past the splits' sum (they stay)
@@ -117,6 +127,7 @@ struct AllToAllVParams {
   const int* abort;  // host-mapped: non-zero once the group is aborted; every wait then gives up
   int64_t* report;  // host-mapped: kReportWords, the first problem since the host last looked
   int64_t call_id;  // the host's count of this group's calls, for the report
+  int64_t op;       // AllToAllVOp, for the report
 };
 
 cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t stream);

@@ -8,6 +8,9 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
+
+struct CUstream_st;  // cudaStream_t, without CUDA's headers (this one is built without CUDA too)
 
 namespace ep {
 
@@ -31,6 +34,17 @@ int device_of(const AllToAllVState& state);
 // Raises (on this rank) what the kernels of earlier calls reported and no call raised yet: an
 // output too small, invalid splits on some rank, ranks whose rows differ in size.
 void check_all_to_all_v_reports(AllToAllVState& state, int rank, const char* op);
+
+// all_to_all_single on the same kernels, queued on `stream`: byte counts known on the host go
+// in the kernel's parameters, and the device checks each receiver's recv_bytes against what its
+// senders send (a disagreement moves nothing on any rank; it raises at the next call, or where
+// take_all_to_all_single_report hands it to the call's Work). Returns the call's id.
+int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
+                               const std::vector<size_t>& send_bytes, const std::vector<size_t>& recv_bytes,
+                               CUstream_st* stream);
+// The error the call `call_id` reported, taken, or "".
+std::string take_all_to_all_single_report(AllToAllVState& state, int64_t call_id, int rank);
+std::shared_ptr<CudaTransport> shared_transport_of(AllToAllVState& state);
 
 // One call on the caller's stream. With `given` there is no host synchronisation: problems the
 // kernels find raise at the next call, once that one is queued (or at check_all_to_all_v_reports).

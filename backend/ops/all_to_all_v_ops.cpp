@@ -99,8 +99,8 @@ std::vector<int64_t> host_splits(const Tensor& input_splits) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(input_splits.device().index()).stream(), &capture);
     TORCH_CHECK(capture == cudaStreamCaptureStatusNone, kOp, ": input_splits are read on the host here, which a "
-                "CUDA graph capture cannot do; the device path (Options.all_to_all_v_device, "
-                "TORCH_EP_ALL_TO_ALL_V_DEVICE=1, ranks of one host) keeps them on the device");
+                "CUDA graph capture cannot do; the device path (Options.all_to_all_device, on by default for "
+                "ranks of one host, at most 32) keeps them on the device");
   }
 #endif
   const Tensor s = input_splits.to(at::kCPU).contiguous();
@@ -202,9 +202,9 @@ Tensor exclusive_cumsum(const std::vector<int64_t>& v) {
 std::pair<Tensor, Tensor> run(ProcessGroupEP& group, const Tensor& input, const Tensor& input_splits,
                               const std::optional<Tensor>& given, Tensor* allocated, bool allow_extra_rows) {
 #ifdef TORCH_EP_WITH_CUDA
-  // The device path is opt-in until it has run on a GPU (its first run there, 2026-12-02, got no
-  // test through within 45 s); the splits then stay on the device where the kernels reach every rank.
-  if (input.is_cuda() && group.config().all_to_all_v_device)
+  // The device path (Options.all_to_all_device, on by default): the splits stay on the device
+  // where the kernels reach every rank.
+  if (input.is_cuda() && group.config().all_to_all_device)
     if (std::shared_ptr<AllToAllVState> state = group.all_to_all_v_state(input.device(), kOp))
       return all_to_all_v_cuda(group, *state, input, input_splits, given, allocated, allow_extra_rows);
 #endif

@@ -67,6 +67,8 @@ HostTransport* ProcessGroupEP::host_transport(const char* op_name) {
       hc.timeout = config_.timeout;
       host_transport_ = std::make_unique<HostTransport>(rendezvous_, hc, "ep/host/transport");
       host_path_ = HostPath::kShm;
+      // Cleared in shutdown() before the transport goes.
+      gate_->set_peer_notice([t = host_transport_.get()](const std::string& why) { t->abort(why); });
     } else {
       host_path_ = HostPath::kGloo;
     }
@@ -125,6 +127,12 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device&, 
 
 void ProcessGroupEP::abort_cuda(const std::string&) {}
 
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at::Tensor&, AllToAllSpans,
+                                                                        const std::vector<size_t>&,
+                                                                        const std::vector<size_t>&) {
+  return {};
+}
+
 void ProcessGroupEP::check_errors() { check_usable("check_errors"); }
 
 std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Device&, const char*, bool) {
@@ -137,6 +145,17 @@ void CallGate::close(const std::string& why, bool overrule) {
   if (closed_.load() && !overrule) return;  // the first error is the one worth reporting
   why_ = why;
   closed_.store(true, std::memory_order_release);
+}
+
+void CallGate::close_and_tell_peers(const std::string& why) {
+  close(why);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (peer_notice_) peer_notice_(why);
+}
+
+void CallGate::set_peer_notice(std::function<void(const std::string&)> notice) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  peer_notice_ = std::move(notice);
 }
 
 std::string CallGate::why() const {
@@ -293,6 +312,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
   if (input.is_cuda() && topology_.multi_node() && internode_built())  // peers on other nodes: NVSHMEM
     return internode_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
                                 "all_to_all_single");
+  if (input.is_cuda() && config_.all_to_all_device)
+    if (auto work = device_all_to_all_single(output, single_spans(output, input, layout), layout.send_bytes,
+                                             layout.recv_bytes))
+      return work;
   if (input.is_cuda() && cuda_transport(input.device(), "all_to_all_single"))
     // Staging happens on the caller's stream, before the comm stream forks.
     return cuda_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
@@ -538,6 +561,7 @@ void ProcessGroupEP::shutdown() {
   host_worker_.stop();
   {
     std::lock_guard<std::mutex> lock(host_mutex_);
+    gate_->set_peer_notice(nullptr);
     host_transport_.reset();  // unmaps the segments; their names were unlinked at set-up
   }
   {

@@ -49,11 +49,17 @@ class CallGate {
   // Makes every later call refuse with `why`; the first reason stays unless `overrule`.
   void close(const std::string& why, bool overrule = false);
   std::string why() const;
+  // Closes the gate and tells the peers through `notice`: across nodes a rank may wait on a
+  // live peer that is itself stuck on a dead one, and only the stuck one knows which.
+  void close_and_tell_peers(const std::string& why);
+  // How to tell them (the host transport's failure word); empty to stop telling.
+  void set_peer_notice(std::function<void(const std::string&)> notice);
 
  private:
   std::atomic<bool> closed_{false};
   mutable std::mutex mutex_;
   std::string why_;
+  std::function<void(const std::string&)> peer_notice_;
 };
 
 class ProcessGroupEP : public c10d::Backend {
@@ -207,6 +213,11 @@ class ProcessGroupEP : public c10d::Backend {
   void refuse_calls_when_failed(CudaTransport& transport);
   // Fails the CUDA transports now (abort()): their waits in flight are released.
   void abort_cuda(const std::string& why);
+  // all_to_all_single on the device protocol (all_to_all_v's kernels, backend/ops/all_to_all_v.hpp):
+  // no host control exchange. A null Work where those kernels cannot reach every rank.
+  c10::intrusive_ptr<c10d::Work> device_all_to_all_single(const at::Tensor& output, AllToAllSpans spans,
+                                                          const std::vector<size_t>& send_bytes,
+                                                          const std::vector<size_t>& recv_bytes);
   // Runs an all_to_all on the CUDA transport.
   c10::intrusive_ptr<c10d::Work> cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
                                                  c10d::OpType type, const char* op_name);

@@ -96,13 +96,20 @@ class AllToAllVState {
     return w;
   }
 
-  // Raises `w` (report[0] != 0). `earlier`: an earlier call's, into a given output.
+  // Raises `w` (report[0] != 0). `earlier`: an earlier call's, which did not wait for it.
   [[noreturn]] static void raise(const Report& w, int rank, const char* op, bool earlier) {
+    const std::string made_by = w[kernels::kReportOp] == kernels::kOpAllToAllSingle
+                                    ? "all_to_all_single"
+                                    : "all_to_all_v into a given output";
+    if (earlier) op = w[kernels::kReportOp] == kernels::kOpAllToAllSingle ? "all_to_all_single" : "all_to_all_v";
     const std::string where = std::string(op) + ": rank " + std::to_string(rank) + ": ";
-    const std::string when = earlier ? " (found by the device during an earlier all_to_all_v into a given output, "
-                                       "which does not wait for it)"
-                                     : "";
+    const std::string when =
+        earlier ? " (found by the device during an earlier " + made_by + ", which does not wait for it)" : "";
     switch (w[0]) {
+      case kernels::kReportMismatch:
+        TORCH_CHECK_VALUE(false, where, "split sizes disagree: rank ", w[1], " expects ", w[3], " bytes from rank ",
+                          w[2], ", which sends it ", w[4], "; no data moved on any rank", when,
+                          ". Every rank's output_split_sizes[s] must equal what rank s's input_split_sizes send it");
       case kernels::kReportOverflow:
         TORCH_CHECK(false, where, "output has room for ", w[1], " rows (its capacity, dim 0) but ", w[2],
                     " rows arrived; nothing was written to output", when, ". Give an output of at least ", w[2],
@@ -123,6 +130,26 @@ class AllToAllVState {
         TORCH_CHECK(false, where, "the device reported error code ", w[0], when);
     }
   }
+
+  // The message of the problem `call_id` reported, taken (""), so that a Work can raise its own
+  // call's problem once; another call's stays for the next call to raise.
+  std::string take_report_of(int64_t call_id, int rank) {
+    volatile int64_t* report = report_host_;
+    if (report[0] == kernels::kReportNone || report[kernels::kReportCallId] != call_id) return "";
+    try {
+      raise(take_report(), rank, "all_to_all_single", /*earlier=*/false);
+    } catch (const c10::Error& e) {
+      return e.what_without_backtrace();
+    }
+  }
+
+  int64_t* scratch(int size) {
+    if (!scratch_.defined())
+      scratch_ = at::empty({6 * int64_t(kernels::kMaxRanksPerNode)},
+                           at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device()));
+    return scratch_.data_ptr<int64_t>();
+  }
+  std::shared_ptr<CudaTransport> shared_transport() const { return transport_; }
 
   void check_reports(int rank, const char* op) {
     const Report w = take_report();
@@ -151,6 +178,7 @@ class AllToAllVState {
   int64_t calls_ = 0;                 // calls so far: each one's call_id
   int* abort_host_ = nullptr;         // pinned, mapped: set by abort()
   int* abort_device_ = nullptr;
+  Tensor scratch_;                    // all_to_all_single's plan and counts; its calls share one stream
 };
 
 std::shared_ptr<AllToAllVState> create_all_to_all_v_state(Rendezvous& rdv, const Config& config, int device,
@@ -163,6 +191,55 @@ void abort_all_to_all_v(AllToAllVState& state, const std::string& why) { state.a
 int device_of(const AllToAllVState& state) { return state.device(); }
 
 void check_all_to_all_v_reports(AllToAllVState& state, int rank, const char* op) { state.check_reports(rank, op); }
+
+std::shared_ptr<CudaTransport> shared_transport_of(AllToAllVState& state) { return state.shared_transport(); }
+
+std::string take_all_to_all_single_report(AllToAllVState& state, int64_t call_id, int rank) {
+  return state.take_report_of(call_id, rank);
+}
+
+int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
+                               const std::vector<size_t>& send_bytes, const std::vector<size_t>& recv_bytes,
+                               cudaStream_t stream) {
+  const char* op = "all_to_all_single";
+  const int R = int(send_bytes.size());
+  // An earlier call's problem raises once this call is queued (see all_to_all_v_cuda).
+  const AllToAllVState::Report raise_later = state.take_report();
+  kernels::AllToAllVParams p{};
+  try {
+    state.transport().check_healthy(op);
+    state.fill(p);
+    p.op = kernels::kOpAllToAllSingle;
+    p.input_splits = nullptr;  // bytes, known here: in the parameters, no copy to the device
+    int64_t rows = 0, capacity = 0;
+    for (int r = 0; r < R; ++r) {
+      p.host_splits[r] = int64_t(send_bytes[r]);
+      p.expected_splits[r] = int64_t(recv_bytes[r]);
+      rows += p.host_splits[r];
+      capacity += p.expected_splits[r];
+    }
+    p.has_expected = 1;
+    p.num_rows = rows;
+    p.capacity = capacity;
+    p.row_bytes = 1;
+    p.input = input;
+    p.output = output;
+    int64_t* scratch = state.scratch(R);
+    p.output_splits = scratch;
+    p.output_offsets = scratch + kernels::kMaxRanksPerNode;
+    p.plan = scratch + 2 * kernels::kMaxRanksPerNode;
+    EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
+    EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+    std::vector<int> peers;
+    for (int r = 0; r < R; ++r)
+      if (r != rank) peers.push_back(r);
+    state.transport().track(op, stream, std::move(peers));
+  } catch (const CommError& e) {  // timeouts included
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+  if (raise_later[0] != kernels::kReportNone) AllToAllVState::raise(raise_later, rank, op, /*earlier=*/true);
+  return p.call_id;
+}
 
 std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVState& state, const Tensor& input,
                                             const Tensor& input_splits, const std::optional<Tensor>& given,

@@ -15,8 +15,11 @@
 namespace ep {
 
 void ProcessGroupEP::refuse_calls_when_failed(CudaTransport& transport) {
-  // The gate, not the group: the listener runs on the transport's watchdog thread.
-  transport.on_failure([gate = gate_](const std::string& why) { gate->close("its CUDA transport failed: " + why); });
+  // The gate, not the group: the listener runs on the transport's watchdog thread. The peers
+  // hear of it too: one waiting on this rank over the host channel then names the real cause.
+  transport.on_failure([gate = gate_](const std::string& why) {
+    gate->close_and_tell_peers("its CUDA transport failed: " + why);
+  });
 }
 
 void ProcessGroupEP::check_errors() {
@@ -127,6 +130,45 @@ std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Dev
                       "cuda:", device_of(*a2av_state_), " (its first call), but got a tensor on ", device,
                       "; use one device per rank and group");
   return a2av_state_;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at::Tensor& output, AllToAllSpans spans,
+                                                                        const std::vector<size_t>& send_bytes,
+                                                                        const std::vector<size_t>& recv_bytes) {
+  const char* op = "all_to_all_single";
+  std::shared_ptr<AllToAllVState> state = all_to_all_v_state(output.device(), op);
+  if (!state) return {};
+  const c10::DeviceIndex device = output.device().index();
+  c10::cuda::CUDAGuard guard(device);
+  auto caller = c10::cuda::getCurrentCUDAStream(device);
+  {
+    std::lock_guard<std::mutex> lock(cuda_mutex_);
+    if (!comm_stream_) comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device);
+  }
+  c10::cuda::CUDAStream comm(c10::cuda::CUDAStream::UNCHECKED, *comm_stream_);
+  start_after(caller, comm);
+  // spans.buffers: the contiguous input, and the output or its contiguous staging (single_spans).
+  const char* in = static_cast<const char*>(spans.buffers[0].data_ptr());
+  char* out = static_cast<char*>(spans.buffers[1].data_ptr());
+  int64_t call_id = 0;
+  std::exception_ptr earlier;  // an earlier call's problem: raised once this call is fully queued
+  try {
+    call_id = all_to_all_single_cuda(*state, getRank(), in, out, send_bytes, recv_bytes, comm.stream());
+  } catch (...) {
+    earlier = std::current_exception();
+  }
+  std::vector<at::Tensor> outputs{output};
+  finish_on(comm, spans, outputs);
+  if (earlier) std::rethrow_exception(earlier);
+  // A disagreement the device found in this very call raises at the Work's wait, once.
+  auto seen = std::make_shared<std::string>();
+  auto more_errors = [state, call_id, rank = getRank(), seen]() {
+    if (seen->empty()) *seen = take_all_to_all_single_report(*state, call_id, rank);
+    return *seen;
+  };
+  return c10::make_intrusive<EPCudaWork>(getRank(), c10d::OpType::ALLTOALL_BASE, std::move(outputs), comm,
+                                         shared_transport_of(*state), config_.blocking_wait, config_.timeout,
+                                         more_errors);
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,

@@ -319,7 +319,10 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
              std::to_string(p) + " failed: " + std::string(peer->failure, strnlen(peer->failure, sizeof(peer->failure))));
     }
     const auto elapsed = std::chrono::steady_clock::now() - start;
-    if (elapsed > timeout_) {
+    // Past the timeout a stalled peer gets a grace to report its own failure (checked above):
+    // across nodes it may be stuck on a dead rank, and its error names that rank.
+    const auto grace = std::min<std::chrono::milliseconds>(timeout_ / 2, std::chrono::milliseconds(2000));
+    if (elapsed > timeout_ + grace) {
       // Name the peer holding the call up: first one whose message never came (nothing is taken
       // before every peer's has), then one that has not taken ours, then one still sending.
       int peer = -1;
