@@ -11,6 +11,8 @@ itself included. Measured, size by size and one after another:
            (NCCL refuses two ranks on one GPU)
   all_to_all_v  torch_ep.all_to_all_v on the "ep" group, the same bytes as uint8 rows, the
            splits an int64 tensor on the device and the output given
+  ep_graph on CUDA: the ep call captured in a CUDA graph and replayed: the device's time per
+           call without the host's (Python, c10d, launches), what a captured model step pays
   ep_host_exchange  on CUDA: an "ep" group with Options(all_to_all_device=False), the protocol
            before the device one (a control exchange on the host every call), for comparison
   roofline on CUDA: the all_to_all bandwidth per rank that GPU memory allows. An all_to_all
@@ -46,6 +48,7 @@ from benchmarks import common  # noqa: E402
 
 SUBJECT = "ep"
 ALL_TO_ALL_V = "all_to_all_v"  # torch_ep.all_to_all_v on the subject's group
+GRAPH = "ep_graph"  # the subject's call captured in a CUDA graph
 ROOFLINE = "roofline"
 
 
@@ -84,6 +87,14 @@ def pair_data(seed: int, src: int, dst: int, num_bytes: int, device: torch.devic
 
 def make_op(impl: str, group, recv: torch.Tensor, send: torch.Tensor):
     """One call of `impl` from `send` into `recv` (even split)."""
+    if impl == GRAPH:
+        op = make_op(SUBJECT, group, recv, send)
+        op()  # the group's state is set up outside the capture (collectively)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            op()
+        return graph.replay
     if impl == ALL_TO_ALL_V:
         splits = torch.full((dist.get_world_size(),), send.numel() // dist.get_world_size(), dtype=torch.int64,
                             device=send.device)
@@ -237,6 +248,7 @@ def main() -> None:
     sharing = 1
     if device.type == "cuda":
         sharing = common.ranks_per_gpu(device, sync_group)
+        impls[GRAPH] = dist.group.WORLD
         impls["ep_host_exchange"] = dist.new_group(backend="ep",
                                                    pg_options=torch_ep.Options(all_to_all_device=False))
         if sharing == 1 and dist.is_nccl_available():

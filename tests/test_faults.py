@@ -68,6 +68,11 @@ def checked_all_to_all(call, splits, group=None, async_op=False, width=3, device
     work = dist.all_to_all_single(y, x, out_splits, splits[rank].tolist(), group=group, async_op=async_op)
     if async_op:
         work.wait()
+    if device == "cuda":
+        # The device protocol checks counts and waits for peers in its kernels, like NCCL without
+        # blocking waits: what went wrong raises at the next synchronising check.
+        torch.cuda.synchronize()
+        torch_ep.check_errors(group)
     expected = torch.cat([_block(call, s, rank, int(splits[s, rank]), width, device) for s in range(size)])
     assert torch.equal(y, expected), f"call {call}: all_to_all_single delivered wrong data"
 

@@ -18,7 +18,11 @@ def check_errors(group=None) -> None:
     """Raises what the group's ops reported since the last check, on this rank:
 
     - DistBackendError (a RuntimeError): the group takes no more calls (a timeout, a dead peer,
-      abort), or a low-latency kernel gave up waiting for a peer (low_latency.check_errors).
+      abort), or a kernel gave up waiting for a peer: a CUDA all_to_all_single, all_to_all_v,
+      dispatch or combine (once the caller has synchronised, this check finds it at once), or a
+      low-latency op (low_latency.check_errors).
+    - ValueError: a CUDA all_to_all_single whose ranks' split sizes disagree (the device found it;
+      nothing moved on any rank), or an all_to_all_v into a given output that overflowed it.
     - ValueError: a CUDA dispatch received more rows than num_worst_tokens, naming it: "dispatch
       #<call number>: rank <r> received <rows> rows, more than num_worst_tokens=<n>". Its outputs
       hold the first n rows; combines along its handle (and its backward) leave the others out.

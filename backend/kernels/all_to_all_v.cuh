@@ -56,24 +56,28 @@ struct AllToAllVLayout {
   static constexpr size_t kFlagsOffset = 32 << 10;
   static constexpr size_t kDataOffset = 64 << 10;
   static constexpr int kSlots = 2;
-  static constexpr int kMaxLanes = 4;
+  static constexpr int kMaxLanes = 16;
 
   uint64_t chunk_bytes;  // a staging slot
   int lanes;             // pipelines per pair of ranks, 1..kMaxLanes
 
-  // Lanes for a group of `num_ranks`: the move kernel has num_ranks * lanes blocks; more ranks
+  // Lanes for a group of `num_ranks`: the move kernel has num_ranks * lanes blocks (32 up to 16
+  // ranks: one block per SM moves ~20-30 GB/s, and large messages need a few dozen); more ranks
   // sharing a GPU hold fewer SMs each.
-  __host__ __device__ static int lanes_for(int num_ranks) { return num_ranks <= 8 ? 4 : num_ranks <= 16 ? 2 : 1; }
+  __host__ __device__ static int lanes_for(int num_ranks) {
+    return num_ranks <= 2 ? 16 : num_ranks <= 4 ? 8 : num_ranks <= 8 ? 4 : num_ranks <= 16 ? 2 : 1;
+  }
 
   __host__ __device__ static size_t record(int src) { return size_t(src) * kRecordWords * sizeof(int64_t); }
   __host__ __device__ static size_t record_flag(int src) { return kFlagsOffset + size_t(src) * 4; }
+  static constexpr size_t kLaneFlagsBytes = size_t(kMaxRanksPerNode) * kMaxLanes * kSlots * 4;
   __host__ __device__ static size_t full_flag(int src, int lane, int slot) {
     return kFlagsOffset + 1024 + ((size_t(src) * kMaxLanes + lane) * kSlots + slot) * 4;
   }
   __host__ __device__ static size_t empty_flag(int dst, int lane, int slot) {
-    return kFlagsOffset + 2048 + ((size_t(dst) * kMaxLanes + lane) * kSlots + slot) * 4;
+    return kFlagsOffset + 1024 + kLaneFlagsBytes + ((size_t(dst) * kMaxLanes + lane) * kSlots + slot) * 4;
   }
-  static constexpr size_t kFlagsBytes = 3072;  // every flag above, for kMaxRanksPerNode ranks
+  static constexpr size_t kFlagsBytes = 1024 + 2 * kLaneFlagsBytes;  // every flag above
   __host__ __device__ size_t slot(int src, int lane, int slot) const {
     return kDataOffset + ((size_t(src) * lanes + lane) * kSlots + slot) * chunk_bytes;
   }
@@ -84,7 +88,6 @@ struct AllToAllVLayout {
 static_assert(kMaxRanksPerNode * AllToAllVLayout::kRecordWords * sizeof(int64_t) <= AllToAllVLayout::kFlagsOffset,
               "the records fit before the flags");
 static_assert(kMaxRanksPerNode * 4 <= 1024 &&
-                  kMaxRanksPerNode * AllToAllVLayout::kMaxLanes * AllToAllVLayout::kSlots * 4 <= 1024 &&
                   AllToAllVLayout::kFlagsOffset + AllToAllVLayout::kFlagsBytes <= AllToAllVLayout::kDataOffset,
               "the flags fit before the staging slots");
 

@@ -85,6 +85,7 @@ bool ProcessGroupEP::host_one_copy() const {
 
 std::string ProcessGroupEP::cuda_path() const {
   std::lock_guard<std::mutex> lock(cuda_mutex_);
+  if (a2av_state_) return "cuda";  // all_to_all_single / all_to_all_v on the device protocol
   switch (cuda_path_) {
     case CudaPath::kOurs: return "cuda";
     case CudaPath::kDelegated: return "delegated";

@@ -24,12 +24,21 @@ void ProcessGroupEP::refuse_calls_when_failed(CudaTransport& transport) {
 
 void ProcessGroupEP::check_errors() {
   check_usable("check_errors");
-  std::shared_ptr<CudaTransport> moe;
+  std::shared_ptr<CudaTransport> moe, a2a;
   std::shared_ptr<AllToAllVState> a2av;
   {
     std::lock_guard<std::mutex> lock(cuda_mutex_);
     moe = moe_transport_;
+    a2a = cuda_transport_;
     a2av = a2av_state_;
+  }
+  // A kernel's bounded wait that gave up (a peer that never came) raises here once the caller
+  // has synchronised, not at the watchdog's next poll.
+  try {
+    for (CudaTransport* t : {moe.get(), a2a.get(), a2av ? &transport_of(*a2av) : nullptr})
+      if (t) t->check_healthy("check_errors");
+  } catch (const CommError& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
   }
   if (moe) {
     const std::string overflow = moe->take_dispatch_overflow();

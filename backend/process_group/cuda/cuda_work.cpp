@@ -56,6 +56,10 @@ EPCudaWork::~EPCudaWork() {
 }
 
 void EPCudaWork::raise_if_failed() const {
+  try {
+    transport_->check_healthy("wait");  // a kernel's timeout counts once the kernel has ended
+  } catch (const CommError&) {
+  }
   const std::string error = transport_->error();
   if (!error.empty()) C10_THROW_ERROR(DistBackendError, error);
   if (!more_errors_) return;

@@ -171,11 +171,25 @@ bool CudaTransport::export_allocation(const void* ptr, cudaIpcMemHandle_t* handl
   return true;
 }
 
-void CudaTransport::check_healthy(const char* op_name) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!error_.empty())
+void CudaTransport::check_healthy(const char* op_name) {
+  const int waited_for = *static_cast<volatile int*>(kernel_error_host_);
+  std::string error, kernel_error;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (error_.empty() && waited_for)  // the watchdog has not seen it yet
+      kernel_error = (last_op_.empty() ? std::string(op_name) : last_op_) + ": timed out on rank " +
+                     std::to_string(rank_) + " after " + std::to_string(timeout_.count()) +
+                     " ms waiting for peer rank(s) " + std::to_string(waited_for - 1) +
+                     " (in the device kernel): a peer never arrived or stalled";
+    error = error_;
+  }
+  if (!kernel_error.empty()) {
+    fail(kernel_error);
+    error = this->error();
+  }
+  if (!error.empty())
     throw CommError(std::string(op_name) + ": this group's CUDA transport stopped after an earlier error and "
-                    "takes no more calls; destroy the process group. The error was: " + error_);
+                    "takes no more calls; destroy the process group. The error was: " + error);
 }
 
 void CudaTransport::exchange(const void* mine, void* theirs, size_t record_bytes, const char* op_name) {
@@ -204,6 +218,7 @@ void CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<
   EP_CUDA_CHECK(cudaEventRecord(op.done, stream));
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    last_op_ = op.op;
     inflight_.push_back(std::move(op));
   }
 }

@@ -78,8 +78,10 @@ class CudaTransport {
   int size() const { return size_; }
 
   // ---- for kernels that read peers' memory directly (MoE dispatch/combine, backend/ops) ----
-  // Throws naming `op_name` once the transport has failed.
-  void check_healthy(const char* op_name) const;
+  // Throws naming `op_name` once the transport has failed, or once a kernel's bounded wait gave
+  // up (read from the mapped error word now, not at the watchdog's next poll: a synchronised
+  // caller learns it at once).
+  void check_healthy(const char* op_name);
   // Sends mine[p] (record_bytes each) to every rank p and returns what each sent us, over shared
   // memory; raises on timeouts like all_to_all.
   void exchange(const void* mine, void* theirs, size_t record_bytes, const char* op_name);
@@ -150,6 +152,7 @@ class CudaTransport {
   std::deque<Inflight> inflight_;
   std::vector<cudaEvent_t> spare_events_;  // of finished calls, for the next ones
   std::string error_;
+  std::string last_op_;  // of the last tracked call: what a kernel's timeout is reported against
   std::function<void(const std::string&)> failure_listener_;
   bool stopping_ = false;
   std::thread watchdog_;
