@@ -178,7 +178,9 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_kernel(AllT
   const uint64_t row_bytes = uint64_t(p.row_bytes);
   if (b == 0) {
     const uint64_t bytes = uint64_t(recv_rows[me]) * row_bytes;
-    const uint64_t share = (bytes / lanes + 15) / 16 * 16;  // 16-byte multiples keep vector copies aligned
+    // 16-byte multiples keep vector copies aligned; rounded up, so that fewer bytes than lanes
+    // still go (to the first lane)
+    const uint64_t share = ((bytes + lanes - 1) / lanes + 15) / 16 * 16;
     const uint64_t from = share * lane < bytes ? share * lane : bytes;
     const uint64_t to = from + share < bytes ? from + share : bytes;
     block_copy<kUnroll>(p.output + recv_offsets[me] * row_bytes + from,

@@ -135,6 +135,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
 }
 
 void ProcessGroupEP::check_errors() { check_usable("check_errors"); }
+void ProcessGroupEP::check_internode_errors() {}
 
 std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Device&, const char*, bool) {
   return nullptr;

@@ -114,6 +114,8 @@ class ProcessGroupEP : public c10d::Backend {
   // when the group takes no more calls, ValueError naming a CUDA dispatch that received more
   // rows than num_worst_tokens (and forgets it: the group stays usable).
   void check_errors();
+  // check_errors' part across nodes: what the NVSHMEM hop's kernels reported (internode_path.cpp).
+  void check_internode_errors();
 
   // all_to_all_v's CUDA state (backend/ops/all_to_all_v.hpp), created by its first CUDA call
   // (collective) unless `create` is false; null where its kernels cannot reach every rank (ranks

@@ -40,6 +40,7 @@ void ProcessGroupEP::check_errors() {
   } catch (const CommError& e) {
     C10_THROW_ERROR(DistBackendError, e.what());
   }
+  check_internode_errors();
   if (moe) {
     const std::string overflow = moe->take_dispatch_overflow();
     TORCH_CHECK_VALUE(overflow.empty(), overflow);

@@ -77,7 +77,25 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
                                          config_.blocking_wait, config_.timeout, net_error);
 }
 
+void ProcessGroupEP::check_internode_errors() {
+  std::shared_ptr<InternodeTransport> transport;
+  {
+    std::lock_guard<std::mutex> lock(cuda_mutex_);
+    transport = internode_transport_;
+  }
+  if (!transport) return;
+  const std::string e = transport->net().error();
+  if (!e.empty()) C10_THROW_ERROR(DistBackendError, "check_errors on rank " + std::to_string(getRank()) + ": " + e);
+  try {
+    transport->node().check_healthy("check_errors");
+  } catch (const CommError& err) {
+    C10_THROW_ERROR(DistBackendError, err.what());
+  }
+}
+
 #else  // CUDA without NVSHMEM
+
+void ProcessGroupEP::check_internode_errors() {}
 
 bool ProcessGroupEP::internode_built() { return false; }
 

@@ -179,7 +179,7 @@ void CudaTransport::check_healthy(const char* op_name) {
     if (error_.empty() && waited_for)  // the watchdog has not seen it yet
       kernel_error = (last_op_.empty() ? std::string(op_name) : last_op_) + ": timed out on rank " +
                      std::to_string(rank_) + " after " + std::to_string(timeout_.count()) +
-                     " ms waiting for peer rank(s) " + std::to_string(waited_for - 1) +
+                     " ms waiting for peer rank " + std::to_string(waited_for - 1) +
                      " (in the device kernel): a peer never arrived or stalled";
     error = error_;
   }
@@ -465,7 +465,7 @@ void CudaTransport::watch() {
         error = op.op + ": CUDA error " + cudaGetErrorString(state);
       else if (waited_for)  // a kernel's bounded wait expired and it gave up
         error = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
-                std::to_string(timeout_.count()) + " ms waiting for peer rank(s) " + std::to_string(waited_for - 1) +
+                std::to_string(timeout_.count()) + " ms waiting for peer rank " + std::to_string(waited_for - 1) +
                 " (in the device kernel): a peer never arrived or stalled";
       watched.pop_front();
     }

@@ -60,7 +60,8 @@ std::string NvshmemExchange::error() {
   std::lock_guard<std::mutex> lock(error_mutex_);
   const int code = *static_cast<volatile int*>(error_host_);
   if (failed_.empty() && code != 0)
-    failed_ = "rank " + std::to_string(rank_) + "'s internode (NVSHMEM) exchange waited past the timeout (" +
+    failed_ = "rank " + std::to_string(rank_) + "'s internode (NVSHMEM) exchange" +
+              (last_op_.empty() ? "" : " (in " + last_op_ + ")") + " waited past the timeout (" +
               std::to_string(timeout_.count()) + " ms) for rank " + std::to_string(code - 1) +
               " (it never came, or the ranks disagree on a message's size); its signals are out of step since, so "
               "this group takes no more internode calls";
@@ -74,6 +75,10 @@ void NvshmemExchange::check(const char* op_name) {
 void NvshmemExchange::all_to_all(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
                                  const std::vector<RecvBuffer>& recvs, cudaStream_t stream, const char* op_name) {
   check(op_name);
+  {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    last_op_ = op_name;
+  }
   const size_t S = size_t(num_slots_);
   uint64_t rounds = 0;
   for (int p : peers)

@@ -76,6 +76,7 @@ class NvshmemExchange {
   int* error_device_ = nullptr;
   std::mutex error_mutex_;  // error() runs on the caller's thread and on Work.wait()'s
   std::string failed_;
+  std::string last_op_;  // of the last call, named in its error
   uint64_t bytes_sent_ = 0;
 };
 
