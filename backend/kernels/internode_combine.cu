@@ -102,12 +102,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
         for (int j = 0; j < L; ++j)
           src[j] = pos[j] >= 0 ? row(p, l.stage(), (int64_t(j) * NN + m) * C + pos[j]) : nullptr;
         char* dst = row(p, l.rail_send(), m * C + slot);
-        for (int64_t e = lane; e < H; e += 32) {
-          float acc = 0.f;
-          for (int j = 0; j < L; ++j)
-            if (src[j]) acc += to_float(reinterpret_cast<const T*>(src[j])[e]);
-          reinterpret_cast<T*>(dst)[e] = from_float<T>(acc);
-        }
+        sum_rows<T>(dst, L, [&](int j) { return src[j]; }, H, lane);
         if (p.out_weights)
           for (int64_t e = lane; e < K; e += 32) {
             float acc = 0.f;
@@ -149,14 +144,10 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
         }
       }
     if (__shfl_sync(0xffffffffu, lost, 0)) return;
-    for (int64_t e = lane; e < H; e += 32) {
-      float acc = 0.f;
-      for (int m = 0; m < NN; ++m) {
-        const int32_t slot = p.node_pos[t * NN + m];
-        if (slot >= 0) acc += to_float(reinterpret_cast<const T*>(row(p, l.rail_recv(), m * C + slot))[e]);
-      }
-      reinterpret_cast<T*>(p.out)[t * H + e] = from_float<T>(acc);
-    }
+    const int32_t* slots = p.node_pos + t * NN;
+    sum_rows<T>(p.out + t * H * int64_t(sizeof(T)), NN,
+                [&](int m) -> const char* { return slots[m] >= 0 ? row(p, l.rail_recv(), m * C + slots[m]) : nullptr; },
+                H, lane);
     if (p.out_weights)
       for (int64_t e = lane; e < K; e += 32) {
         float acc = 0.f;

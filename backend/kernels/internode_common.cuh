@@ -86,6 +86,40 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { retur
 template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ float from_float(float v) { return v; }
 
+// dst = the float32 sum of the rows src(0..n) (null: none) in that order, rounded once to T; a
+// warp, 16 bytes a lane where the rows allow it.
+template <typename T, typename Src>
+__device__ __forceinline__ void sum_rows(char* dst, int n, Src src, int64_t hidden, int lane) {
+  constexpr int kPer = 16 / sizeof(T);
+  if ((hidden * int64_t(sizeof(T))) % 16 == 0 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    for (int64_t v = lane; v < hidden / kPer; v += 32) {
+      float acc[kPer];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
+      for (int j = 0; j < n; ++j) {
+        const char* row = src(j);
+        if (!row) continue;
+        const uint4 w = __ldcg(reinterpret_cast<const uint4*>(row) + v);
+        const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) acc[i] += to_float(e[i]);
+      }
+      uint4 out;
+      T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) o[i] = from_float<T>(acc[i]);
+      reinterpret_cast<uint4*>(dst)[v] = out;
+    }
+    return;
+  }
+  for (int64_t e = lane; e < hidden; e += 32) {
+    float acc = 0.f;
+    for (int j = 0; j < n; ++j)
+      if (const char* row = src(j)) acc += to_float(reinterpret_cast<const T*>(row)[e]);
+    reinterpret_cast<T*>(dst)[e] = from_float<T>(acc);
+  }
+}
+
 // Grid of a kernel whose blocks wait on peers: within the SM budget (ranks share a GPU under
 // MPS), and no more blocks than units of work.
 inline int grid_for(int num_blocks, int64_t units) {

@@ -110,8 +110,10 @@ std::string refusal(const ix::IxRecordHeader& d, const InternodeBuffer& b) {
 }
 
 // The parameters every launch of a call shares.
-ix::IxParams call_params(InternodeBuffer& b, int32_t op, const Tensor& meta, int64_t N, int64_t E, Tensor& scratch) {
+ix::IxParams call_params(ProcessGroupEP& group, InternodeBuffer& b, int32_t op, const Tensor& meta, int64_t N,
+                         int64_t E, Tensor& scratch) {
   ix::IxParams p = b.params();
+  if (group.config().num_sms > 0) p.num_blocks = group.config().num_sms;  // the SM budget
   const int64_t NN = p.layout.num_nodes;
   scratch = at::empty({NN + 2 * NN * std::max<int64_t>(N, 1)}, meta.options());
   p.op = op;
@@ -143,7 +145,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
 
   const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, nullptr);
   Tensor scratch;
-  ix::IxParams p = call_params(buf, ix::kDispatch, meta, N, E, scratch);
+  ix::IxParams p = call_params(group, buf, ix::kDispatch, meta, N, E, scratch);
   const uint64_t call_id = group.next_dispatch_id();
   ix::IxRecordHeader& mine = p.mine;
   mine.op = ix::kDispatch;
@@ -245,7 +247,7 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   InternodeBuffer& buf = buffer_for(group, transport, stride, stream, op);
 
   Tensor scratch;
-  ix::IxParams p = call_params(buf, ix::kCombine, a.handle_meta, N, E, scratch);
+  ix::IxParams p = call_params(group, buf, ix::kCombine, a.handle_meta, N, E, scratch);
   ix::IxRecordHeader& mine = p.mine;
   mine.op = ix::kCombine;
   mine.call_id = h.call_id;
