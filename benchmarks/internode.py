@@ -3,13 +3,17 @@ spans nodes, against the intranode path of the same ranks in the same run.
 
     # one machine acting as 2 nodes (virtual nodes; ranks sharing a GPU need MPS, GPU-NOTES.md):
     NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 \\
-        torchrun --nproc-per-node 4 benchmarks/internode.py --ranks-per-node 2 --out DIR
+        NVSHMEM_SYMMETRIC_SIZE=3G torchrun --nproc-per-node 4 benchmarks/internode.py --ranks-per-node 2 --out DIR
     # real nodes (docs/internode.md): nodes from torchrun's LOCAL_WORLD_SIZE
     torchrun --nnodes 2 --nproc-per-node 8 ... benchmarks/internode.py --out DIR
 
-Two groups of the same ranks: "intranode" (ranks_per_node = world size: one node, the CUDA IPC
-kernels; only where every rank is on one host) and "internode" (--ranks-per-node, or the
-launch's nodes: rail hop on NVSHMEM, node hop on CUDA IPC). Ops: dispatch bf16 and fp8 (layout
+Three groups of the same ranks: "intranode" (ranks_per_node = world size: one node, the CUDA IPC
+kernels; only where every rank is on one host), "internode" (--ranks-per-node, or the launch's
+nodes: the device-driven route, Options.internode_device) and "internode-host" (the same nodes on
+the host-driven route: rail hop on NVSHMEM rounds the host queues, node hop on CUDA IPC; kept as
+a row while Options.internode_device exists; --no-host-route leaves it out). The device route's
+buffer takes (2 x nodes + ranks) x tokens x ~16.5 KiB per rank of NVSHMEM heap (docs/internode.md):
+set NVSHMEM_SYMMETRIC_SIZE to fit it (3G covers 2x4 at the default shape, both internode groups). Ops: dispatch bf16 and fp8 (layout
 given), combine bf16 (DeepEP's setting by default: 4096 tokens of hidden 7168, top-8 of 256
 experts), and all_to_all_single (--a2a-bytes per rank, even split).
 
@@ -129,6 +133,7 @@ def main():
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--no-host-route", action="store_true", help="leave out the host-driven route's rows")
     args = parser.parse_args()
 
     device = common.pick_device(args.device)
@@ -136,7 +141,11 @@ def main():
     world = dist.get_world_size()
     sync = dist.new_group(backend="gloo")
     flush = common.l2_flusher(device)
-    groups = {"internode": dist.new_group(backend="ep", pg_options=torch_ep.Options(ranks_per_node=args.ranks_per_node))}
+    across = lambda device_route: torch_ep.Options(  # noqa: E731
+        ranks_per_node=args.ranks_per_node, internode_device=device_route, internode_capacity=max(args.tokens, 1))
+    groups = {"internode": dist.new_group(backend="ep", pg_options=across(True))}
+    if not args.no_host_route:
+        groups["internode-host"] = dist.new_group(backend="ep", pg_options=across(False))
     hosts: List[str] = [None] * world
     dist.all_gather_object(hosts, os.uname().nodename, group=sync)
     if len(set(hosts)) == 1:  # the intranode path needs every rank on one host

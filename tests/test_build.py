@@ -25,9 +25,11 @@ def test_extension_matches_torch():
     assert torch_ep._C.has_cuda == (torch.version.cuda is not None and torch_ep._C.has_cuda)
 
 
-# low_latency.cu needs NVSHMEM's headers and relocatable device code: checked on its own below.
+# The kernels that call NVSHMEM's device API need its headers and relocatable device code:
+# checked on their own below.
+NVSHMEM_KERNELS = ["low_latency.cu", "internode_notify.cu", "internode_dispatch.cu", "internode_combine.cu"]
 KERNELS = sorted(k for k in glob.glob(os.path.join(ROOT, "backend", "kernels", "*.cu"))
-                 if os.path.basename(k) != "low_latency.cu")
+                 if os.path.basename(k) not in NVSHMEM_KERNELS)
 
 
 @pytest.mark.skipif(not has_nvcc, reason="nvcc not on PATH")
@@ -56,20 +58,24 @@ def _nvshmem_root():
 
 
 @pytest.mark.skipif(not has_nvcc or _nvshmem_root() is None, reason="needs nvcc and the nvidia-nvshmem-cu13 wheel")
-def test_low_latency_kernels_compile_and_device_link(tmp_path):
-    """low_latency.cu compiles with -rdc against NVSHMEM's headers and device-links with
-    libnvshmem_device.a into a shared object, as CMakeLists.txt builds it (sm_90, no -dlto)."""
+def test_nvshmem_kernels_compile_and_device_link(tmp_path):
+    """The NVSHMEM kernels (low_latency.cu and the device-driven route across nodes,
+    internode_*.cu) compile with -rdc against NVSHMEM's headers and device-link with
+    libnvshmem_device.a into a shared object, as CMakeLists.txt builds them (sm_90, no -dlto)."""
     nvshmem = _nvshmem_root()
     cuda_root = os.path.dirname(_cuda_include_dir() or "/usr/local/cuda/include")
     cuda_lib = next((d for d in (os.path.join(cuda_root, "lib64"), os.path.join(cuda_root, "lib"))
                      if os.path.exists(os.path.join(d, "libcudart.so"))), os.path.join(cuda_root, "lib64"))
-    obj, dlink, lib = tmp_path / "ll.o", tmp_path / "ll_dlink.o", tmp_path / "libll.so"
+    objs = [str(tmp_path / (k[:-3] + ".o")) for k in NVSHMEM_KERNELS]
+    dlink, lib = tmp_path / "ll_dlink.o", tmp_path / "libll.so"
     steps = [
         ["nvcc", "-c", "-rdc=true", "-std=c++17", "-arch=sm_90", "-O2", "-Xcompiler", "-fPIC", f"-I{ROOT}",
-         f"-I{nvshmem}/include", os.path.join(ROOT, "backend", "kernels", "low_latency.cu"), "-o", str(obj)],
-        ["nvcc", "-dlink", "-arch=sm_90", "-Xcompiler", "-fPIC", str(obj), f"{nvshmem}/lib/libnvshmem_device.a",
+         f"-I{nvshmem}/include", os.path.join(ROOT, "backend", "kernels", k), "-o", obj]
+        for k, obj in zip(NVSHMEM_KERNELS, objs)
+    ] + [
+        ["nvcc", "-dlink", "-arch=sm_90", "-Xcompiler", "-fPIC", *objs, f"{nvshmem}/lib/libnvshmem_device.a",
          "-o", str(dlink)],
-        ["g++", "-shared", str(obj), str(dlink), f"{nvshmem}/lib/libnvshmem_device.a",
+        ["g++", "-shared", *objs, str(dlink), f"{nvshmem}/lib/libnvshmem_device.a",
          f"{nvshmem}/lib/libnvshmem_host.so.3", f"-L{cuda_lib}", "-lcudart", "-Wl,--exclude-libs,libnvshmem_device.a",
          "-Wl,-z,defs", "-o", str(lib)],
     ]
@@ -125,7 +131,8 @@ NVSHMEM_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport
                               + [os.path.join(ROOT, "backend", "ops", "cuda", "low_latency_cuda.cpp")]
                               # CUDA host files with an NVSHMEM-only branch (the internode path)
                               + [os.path.join(ROOT, "backend", "process_group", "cuda", "internode_path.cpp"),
-                                 os.path.join(ROOT, "backend", "ops", "cuda", "moe_internode_cuda.cpp")])
+                                 os.path.join(ROOT, "backend", "ops", "cuda", "moe_internode_cuda.cpp"),
+                                 os.path.join(ROOT, "backend", "ops", "cuda", "moe_internode_device.cpp")])
 
 
 @pytest.mark.skipif(_cuda_include_dir() is None or torch.version.cuda is not None or _nvshmem_root() is None,

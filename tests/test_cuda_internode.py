@@ -1,8 +1,12 @@
 """Across nodes on CUDA (GPU machines with NVSHMEM only): virtual nodes on the GPU(s) of one
 machine, 4 ranks as 2 nodes of 2 and 8 ranks as 2 nodes of 4 (TORCH_EP_INTERNODE_TOPOLOGIES
 picks them, e.g. "2x2,2x4"). all_to_all_single goes by CUDA IPC inside a node and by NVSHMEM
-puts between nodes; dispatch/combine take the hierarchical route (rail hop on NVSHMEM, node hop
-on IPC). Same checks as the CPU tests (test_internode.py, test_moe.py), same reference.
+puts between nodes; dispatch/combine take the hierarchical route, on both of its CUDA forms
+(TORCH_EP_INTERNODE_ROUTES picks them, default "device,host"): "device", driven by the device
+through NVSHMEM's device API (Options.internode_device, the default), and "host", the rounds
+the host drives (rail hop on NVSHMEM, node hop on IPC). Same checks as the CPU tests
+(test_internode.py, test_moe.py), same reference; the device route adds CUDA-graph capture and
+its capacity check.
 
 Ranks sharing a GPU need MPS (NVSHMEM's full multi-process-per-GPU mode; GPU-NOTES.md). The
 ranks get NVSHMEM's single-host settings unless the environment already sets them.
@@ -30,13 +34,35 @@ def topologies():
     return os.environ.get("TORCH_EP_INTERNODE_TOPOLOGIES", "2x2,2x4").split(",")
 
 
-@pytest.fixture(params=topologies())
-def cuda_nodes(request):
-    world, per_node = internode.TOPOLOGIES[request.param]
+def routes():
+    return os.environ.get("TORCH_EP_INTERNODE_ROUTES", "device,host").split(",")
+
+
+# Tokens per rank per call the device route's buffer takes in these tests (the most any test
+# sends is 600, rank_many_tokens; test_over_capacity sends more).
+CAPACITY = 1024
+
+
+def _pool(topology, route):
+    world, per_node = internode.TOPOLOGIES[topology]
     env = {name: os.environ.get(name, value) for name, value in SINGLE_HOST_NVSHMEM.items()}
     # A small registered budget: messages stream through the NVSHMEM slots in many chunks.
-    env.update({"TORCH_EP_RANKS_PER_NODE": str(per_node), "TORCH_EP_CUDA_BUFFER_BYTES": str(1 << 20)})
+    env.update({"TORCH_EP_RANKS_PER_NODE": str(per_node), "TORCH_EP_CUDA_BUFFER_BYTES": str(1 << 20),
+                "TORCH_EP_INTERNODE_DEVICE": "1" if route == "device" else "0",
+                "TORCH_EP_INTERNODE_CAPACITY": str(CAPACITY)})
     return rank_pool(world, cuda=True, env=env)
+
+
+@pytest.fixture(params=[(t, r) for t in topologies() for r in routes()], ids=lambda p: f"{p[0]}-{p[1]}")
+def cuda_nodes(request):
+    return _pool(*request.param)
+
+
+@pytest.fixture(params=topologies())
+def device_route(request):
+    if "device" not in routes():
+        pytest.skip("TORCH_EP_INTERNODE_ROUTES leaves out the device route")
+    return _pool(request.param, "device")
 
 
 _seed = checks._seed
@@ -81,3 +107,80 @@ def test_remote_peer_never_arrives_raises_in_wait(cuda_nodes):
     named = re.search(r"for rank (\d+)", error[1])
     assert "all_to_all_single" in error[1] and named and int(named.group(1)) >= absent, error
     assert 2.5 < elapsed < 20, elapsed
+
+
+# ----------------------------------------------------------------------------- device route only
+
+def rank_graph_capture(seed, replays=3):
+    """dispatch + combine with num_worst_tokens captured in one CUDA graph, replayed with new
+    inputs of the same shapes: every replay matches the reference."""
+    import torch.distributed as dist
+    from torch_ep import reference
+    from torch_ep.testing import same_bits
+
+    hidden, top_k, experts_per_rank, n = 64, 3, 2, 20
+    size = dist.get_world_size()
+    num_experts, worst = experts_per_rank * size, n * size
+
+    def fixed(s):  # n tokens, top_k distinct experts each, exact weights
+        g = torch.Generator().manual_seed(s + 7919 * dist.get_rank())
+        x = torch.randint(-60, 60, (n, hidden), generator=g).to(torch.bfloat16)
+        idx = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(n)])
+        w = torch.randint(1, 9, idx.shape, generator=g).float() / 8
+        return x.cuda(), idx.cuda(), w.cuda()
+
+    x, idx, w = fixed(seed)
+    step = lambda: (lambda d: (d, torch_ep.combine(d.recv_x, d.handle)))(  # noqa: E731
+        torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up outside the capture (the first call allocates the buffers)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        d, c = step()
+    torch.cuda.synchronize()
+    dist.barrier()
+    for r in range(replays):
+        nx, nidx, nw = fixed(seed + 17 * (r + 1))
+        x.copy_(nx), idx.copy_(nidx), w.copy_(nw)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.dispatch(nx.cpu(), nidx.cpu(), nw.cpu(), num_experts=num_experts)
+        m = expected.recv_x.shape[0]
+        assert same_bits(d.recv_x[:m].cpu(), expected.recv_x), f"replay {r}: recv_x differs"
+        assert torch.equal(d.recv_topk_idx[:m].cpu(), expected.recv_topk_idx), f"replay {r}: recv_topk_idx differs"
+        assert bool((d.recv_topk_idx[m:] == -1).all())
+        ref = reference.combine(expected.recv_x, expected.handle)
+        assert same_bits(c.combined_x.cpu(), ref.combined_x), f"replay {r}: combined_x differs"
+        dist.barrier()
+    return True
+
+
+def test_graph_capture_and_replay(device_route):
+    assert all(device_route.run(rank_graph_capture, _seed()))
+
+
+def rank_over_capacity(seed):
+    """One rank dispatches more tokens than Options.internode_capacity: every rank raises
+    ValueError naming x and the option, nothing moves, and the group works afterwards."""
+    import torch.distributed as dist
+
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 8, 2, 2, torch.float32, "cuda")
+    if dist.get_rank() == 0:
+        big = CAPACITY + 5
+        x = torch.randn(big, 8, device="cuda")
+        idx = torch.randint(0, num_experts, (big, 2), device="cuda")
+        w = torch.ones(big, 2, device="cuda")
+    msg = checks._raises(lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts), ValueError,
+                         "internode_capacity")
+    assert "x has" in msg and ("rank 0" in msg), msg
+    checks.rank_dispatch_combine(seed + 1, "random", 16, 2, 2, torch.bfloat16, device="cuda")
+    return msg
+
+
+def test_over_capacity(device_route):
+    device_route.run(rank_over_capacity, _seed())

@@ -27,6 +27,12 @@ ENVIRONMENT = {
                                   "of the device protocol (splits checked by the kernels, no host round trip)",
     "TORCH_EP_FORCE_REMOTE": "1 makes the low-latency ops reach ranks on other (virtual) nodes by NVSHMEM puts, as "
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
+    "TORCH_EP_INTERNODE_DEVICE": "0 sends CUDA dispatch/combine across nodes on the host-driven route (host rounds, "
+                                 "records over the host channel) instead of the device-driven one (default 1)",
+    "TORCH_EP_INTERNODE_CAPACITY": "device route across nodes: the most tokens a rank dispatches per call (default "
+                                   "4096); sizes its NVSHMEM buffer, see docs/internode.md",
+    "TORCH_EP_INTERNODE_ROW_BYTES": "device route across nodes: the least row stride in bytes its buffer is sized for "
+                                    "(default: the first call's rows, at least 16.5 KiB)",
 }
 
 
@@ -74,6 +80,9 @@ class Options:
     blocking_wait: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_BLOCKING_WAIT")))
     force_remote: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_FORCE_REMOTE")))
     all_to_all_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_DEVICE") != 0)
+    internode_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_INTERNODE_DEVICE")))
+    internode_capacity: int = field(default_factory=_default("TORCH_EP_INTERNODE_CAPACITY", 4096))
+    internode_row_bytes: int = field(default_factory=_default("TORCH_EP_INTERNODE_ROW_BYTES", 0))
 
     def __post_init__(self) -> None:
         checks = {
@@ -82,8 +91,10 @@ class Options:
             "cuda_buffer_bytes": self.cuda_buffer_bytes >= 1 << 16,
             "num_sms": self.num_sms >= 0,
             "ranks_per_node": self.ranks_per_node >= 0,
+            "internode_capacity": self.internode_capacity >= 1,
+            "internode_row_bytes": self.internode_row_bytes >= 0,
         }
-        minimum = {"host_slot_bytes": 64, "host_num_slots": 1, "cuda_buffer_bytes": 1 << 16}
+        minimum = {"host_slot_bytes": 64, "host_num_slots": 1, "cuda_buffer_bytes": 1 << 16, "internode_capacity": 1}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"Options.{name}={getattr(self, name)}: expected >= {minimum.get(name, 0)}")
@@ -103,4 +114,7 @@ class Options:
         config.blocking_wait = self.blocking_wait
         config.force_remote = self.force_remote
         config.all_to_all_device = self.all_to_all_device
+        config.internode_device = self.internode_device
+        config.internode_capacity = self.internode_capacity
+        config.internode_row_bytes = self.internode_row_bytes
         return config

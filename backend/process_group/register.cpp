@@ -26,7 +26,10 @@ void register_process_group(py::module_& m) {
       .def_readwrite("launch_local_world_size", &Config::launch_local_world_size)
       .def_readwrite("blocking_wait", &Config::blocking_wait)
       .def_readwrite("force_remote", &Config::force_remote)
-      .def_readwrite("all_to_all_device", &Config::all_to_all_device);
+      .def_readwrite("all_to_all_device", &Config::all_to_all_device)
+      .def_readwrite("internode_device", &Config::internode_device)
+      .def_readwrite("internode_capacity", &Config::internode_capacity)
+      .def_readwrite("internode_row_bytes", &Config::internode_row_bytes);
 
   py::class_<Topology>(m, "Topology", "Where the ranks of an 'ep' group sit (backend/transport/topology.hpp).")
       .def_readonly("rank", &Topology::rank)

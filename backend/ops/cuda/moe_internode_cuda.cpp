@@ -1,5 +1,6 @@
-// Dispatch and combine across nodes on CUDA tensors: the hierarchical route of
-// backend/ops/moe_internode.cpp, its rail hop on NVSHMEM puts (RDMA between real nodes), its
+// Dispatch and combine across nodes on CUDA tensors. By default (Options.internode_device) the
+// device-driven route (moe_internode_device.cpp). Else the host-driven one: the hierarchical route
+// of backend/ops/moe_internode.cpp, its rail hop on NVSHMEM puts (RDMA between real nodes), its
 // node hop on CUDA IPC copies, its records on the group's host channel. Everything is queued on
 // the caller's stream; the host waits for sizes (the routing header, the relay counts).
 #include <c10/cuda/CUDAException.h>
@@ -11,6 +12,7 @@
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
 #ifdef TORCH_EP_WITH_NVSHMEM
+#include "backend/ops/cuda/moe_internode_device.hpp"
 #include "backend/transport/nvshmem/internode_transport.hpp"
 #endif
 
@@ -99,6 +101,7 @@ DispatchOutputs dispatch_cuda_internode(ProcessGroupEP& group, const DispatchArg
   c10::cuda::CUDAGuard guard(device);
   try {
     std::shared_ptr<InternodeTransport> transport = usable_transport(group, device, op);
+    if (group.config().internode_device) return dispatch_cuda_internode_device(group, *transport, a);
     const int64_t R = group.getSize(), N = a.x.size(0), E = a.num_experts;
     const kernels::MetaLayout l{R, E, N};
     const bool cached = a.handle_meta.has_value();
@@ -122,6 +125,7 @@ CombineOutputs combine_cuda_internode(ProcessGroupEP& group, const CombineArgs& 
   c10::cuda::CUDAGuard guard(device);
   try {
     std::shared_ptr<InternodeTransport> transport = usable_transport(group, device, op);
+    if (group.config().internode_device) return combine_cuda_internode_device(group, *transport, a);
     CudaHops hops(group, *transport, c10::cuda::getCurrentCUDAStream(device.index()).stream());
     HopBytes bytes;
     CombineOutputs o = combine_hierarchical(group, a, hops, &bytes);

@@ -12,6 +12,7 @@ InternodeTransport::InternodeTransport(Rendezvous& group_rdv, const Topology& to
     : topology_(topology),
       node_rdv_(group_rdv, topology.node_ranks(), tag + "/node" + std::to_string(topology.node)) {
   if (!topology_.problem.empty()) throw CommError("torch_ep: " + topology_.problem);
+  config_ = config;
   node_ = std::make_shared<CudaTransport>(node_rdv_, config, "transport");
   nvshmem::init_over(group_rdv, config.device);
   NvshmemExchangeConfig nc;
@@ -21,6 +22,11 @@ InternodeTransport::InternodeTransport(Rendezvous& group_rdv, const Topology& to
   nc.num_slots = 2;
   nc.timeout = config.timeout;
   net_ = std::make_unique<NvshmemExchange>(topology.rank, topology.size, nc);
+}
+
+InternodeBuffer& InternodeTransport::moe(int64_t capacity, int64_t min_row_bytes) {
+  if (!moe_) moe_ = std::make_unique<InternodeBuffer>(topology_, config_.device, config_.timeout, capacity, min_row_bytes);
+  return *moe_;
 }
 
 }  // namespace ep

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "backend/transport/cuda/cuda_transport.hpp"
+#include "backend/transport/nvshmem/internode_buffer.hpp"
 #include "backend/transport/nvshmem/nvshmem_exchange.hpp"
 #include "backend/transport/subset_rendezvous.hpp"
 #include "backend/transport/topology.hpp"
@@ -26,12 +27,17 @@ class InternodeTransport {
   std::shared_ptr<CudaTransport> node_shared() { return node_; }
   // Peers indexed by group rank (= NVSHMEM PE).
   NvshmemExchange& net() { return *net_; }
+  // The buffer of the device-driven dispatch/combine; made (not yet allocated) on first use.
+  InternodeBuffer& moe(int64_t capacity, int64_t min_row_bytes);
+  InternodeBuffer* moe_if_made() { return moe_.get(); }
 
  private:
   Topology topology_;
   SubsetRendezvous node_rdv_;
   std::shared_ptr<CudaTransport> node_;
   std::unique_ptr<NvshmemExchange> net_;
+  CudaTransportConfig config_;
+  std::unique_ptr<InternodeBuffer> moe_;
 };
 
 }  // namespace ep

@@ -1,0 +1,189 @@
+// Combine across nodes on the device (internode_device.cuh), the dispatch's route backwards:
+// every rank pushes its rows to the forwarder of each row's source (same node, the source's
+// local index) while every source pushes its forward positions (routes) to its rail peers; each
+// forwarder sums its node's rows per token (float32, local rank by local rank, rounded once) and
+// puts one row per token to the source over the rail; the source sums the nodes' rows (float32,
+// node by node, rounded once).
+#include "backend/kernels/internode_common.cuh"
+
+namespace ep::kernels::ix {
+namespace {
+
+__global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
+  if (!call_ok(p)) return;
+  const IxLayout& l = p.layout;
+  const int R = l.num_ranks, L = l.ranks_per_node, NN = l.num_nodes;
+  const int64_t C = l.capacity, K = p.num_topk;
+  const int warp = threadIdx.x / 32;
+  const IxCtrl& c = ctrl(p);
+  const int32_t* token_pos = p.meta + MetaLayout{R, p.num_experts, p.num_tokens}.token_pos();
+
+  // As a source: the forward positions of every token sent to node m (the dispatch's), to the
+  // rail peer there, a chunk a put, each adding 1 to its route word for this node.
+  int32_t* routes = at<int32_t>(p.base, l.route_send());
+  for (int m = 0; m < NN; ++m) {
+    const int64_t n = p.node_count[m], chunks = (n + kChunkRows - 1) / kChunkRows;
+    for (int64_t k = (blockIdx.x + int64_t(m) * 7) % gridDim.x; k < chunks; k += gridDim.x) {
+      const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
+      for (int64_t i = threadIdx.x; i < rows * L; i += blockDim.x) {
+        const int64_t slot = first + i / L, t = p.node_tokens[int64_t(m) * p.num_tokens + slot];
+        routes[(m * C + slot) * L + i % L] = token_pos[t * R + m * L + i % L];
+      }
+      __syncthreads();
+      nvshmemx_putmem_signal_nbi_block(at<int32_t>(p.base, l.route_recv()) + (p.node * C + first) * L,
+                                       routes + (m * C + first) * L, size_t(rows * L * 4), route_flag(p, p.node), 1,
+                                       NVSHMEM_SIGNAL_ADD, rank_of(p, m, p.local));
+      __syncthreads();
+    }
+  }
+
+  // As a receiver of the dispatch: row i (of source s) back to the forwarder (this node, s's
+  // local index), at stage[this local rank, s's node][its index among s's rows]. Each put adds 1
+  // to the forwarder's count word for this rank; one closing signal per forwarder adds the total.
+  const int64_t M = c.prefix[R], warps = int64_t(gridDim.x) * (kThreads / 32);
+  for (int64_t i = int64_t(blockIdx.x) * (kThreads / 32) + warp; i < M; i += warps) {
+    const int s = source_of(c.prefix, R, i);
+    const int forwarder = rank_of(p, p.node, s % L);
+    char* dst = row(p, l.stage(), (int64_t(p.local) * NN + s / L) * C + (i - c.prefix[s]));
+    nvshmemx_putmem_signal_nbi_warp(dst, p.x + i * p.x_bytes, size_t(p.x_bytes), count_word(p, p.local), 1,
+                                    NVSHMEM_SIGNAL_ADD, forwarder);
+    if (p.topk_weights)
+      nvshmemx_putmem_signal_nbi_warp(dst + p.off_weights, p.topk_weights + i * K, size_t(4 * K),
+                                      count_word(p, p.local), 1, NVSHMEM_SIGNAL_ADD, forwarder);
+  }
+  if (blockIdx.x == 0 && threadIdx.x < L) {
+    int64_t puts = 0;
+    for (int s = threadIdx.x; s < R; s += L) puts += c.recv[s];
+    if (p.topk_weights) puts *= 2;
+    nvshmemx_signal_op(count_word(p, p.local), ll::closing_signal(puts + 1), NVSHMEM_SIGNAL_ADD,
+                       rank_of(p, p.node, threadIdx.x));
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) nvshmem_quiet();  // route_send is written again by the next combine
+}
+
+// As a forwarder: once every local rank's rows and every source's routes are in, one row per
+// relayed token, the float32 sum of its local ranks' rows in rank order rounded to x's dtype
+// (weights summed in float32), into rail_send[m], put chunk by chunk to the source on node m.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
+  if (!call_ok(p)) return;
+  const IxLayout& l = p.layout;
+  const int L = l.ranks_per_node, NN = l.num_nodes;
+  const int64_t C = l.capacity, K = p.num_topk, H = p.hidden;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const IxCtrl& c = ctrl(p);
+  const uint64_t seq = c.seq;
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  const uint64_t deadline = now_ns() + p.timeout_ns;
+  for (int j = threadIdx.x; j < L; j += blockDim.x)
+    if (!wait_complete(count_word(p, j), deadline)) {
+      ll::report(p.error, kReduceTimeout, rank_of(p, p.node, j));
+      failed = 1;
+    }
+  for (int m = threadIdx.x; m < NN; m += blockDim.x)
+    if (!wait_at_least(route_flag(p, m), uint64_t((c.relay[m] + kChunkRows - 1) / kChunkRows), deadline)) {
+      ll::report(p.error, kReduceTimeout, rank_of(p, m, p.local));
+      failed = 1;
+    }
+  __syncthreads();
+  if (failed) return;
+  const int32_t* routes = at<int32_t>(p.base, l.route_recv());
+  for (int m = 0; m < NN; ++m) {
+    const int64_t n = c.relay[m], chunks = (n + kChunkRows - 1) / kChunkRows;
+    for (int64_t k = (blockIdx.x + int64_t(m) * 7) % gridDim.x; k < chunks; k += gridDim.x) {
+      const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
+      if (warp < rows) {
+        const int64_t slot = first + warp;
+        const int32_t* pos = routes + (m * C + slot) * L;
+        const char* src[kMaxLocal];
+        for (int j = 0; j < L; ++j)
+          src[j] = pos[j] >= 0 ? row(p, l.stage(), (int64_t(j) * NN + m) * C + pos[j]) : nullptr;
+        char* dst = row(p, l.rail_send(), m * C + slot);
+        sum_rows<T>(dst, L, [&](int j) { return src[j]; }, H, lane);
+        if (p.out_weights)
+          for (int64_t e = lane; e < K; e += 32) {
+            float acc = 0.f;
+            for (int j = 0; j < L; ++j)
+              if (src[j]) acc += reinterpret_cast<const float*>(src[j] + p.off_weights)[e];
+            at<float>(dst, p.off_weights)[e] = acc;
+          }
+      }
+      __syncthreads();
+      nvshmemx_putmem_signal_nbi_block(row(p, l.rail_recv(), p.node * C + first), row(p, l.rail_send(), m * C + first),
+                                       size_t(rows * p.row_stride), chunk_flag(p, p.node, k), seq, NVSHMEM_SIGNAL_SET,
+                                       rank_of(p, m, p.local));
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) nvshmem_quiet();  // rail_send is written again by the next call
+}
+
+// As the source: token t's output is the float32 sum, node by node, of the rows the nodes it
+// went to sent back, rounded once; a token sent nowhere gets zeros.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
+  if (!call_ok(p)) return;
+  const IxLayout& l = p.layout;
+  const int NN = l.num_nodes;
+  const int64_t C = l.capacity, K = p.num_topk, H = p.hidden;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const uint64_t seq = ctrl(p).seq;
+  const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+  for (int64_t t = int64_t(blockIdx.x) * (kThreads / 32) + warp; t < p.num_tokens; t += warps) {
+    bool lost = false;
+    if (lane == 0)
+      for (int m = 0; m < NN; ++m) {
+        const int32_t slot = p.node_pos[t * NN + m];
+        if (slot >= 0 && !wait_at_least(chunk_flag(p, m, slot / kChunkRows), seq, now_ns() + p.timeout_ns)) {
+          ll::report(p.error, kCombineTimeout, rank_of(p, m, p.local));
+          lost = true;
+          break;
+        }
+      }
+    if (__shfl_sync(0xffffffffu, lost, 0)) return;
+    const int32_t* slots = p.node_pos + t * NN;
+    sum_rows<T>(p.out + t * H * int64_t(sizeof(T)), NN,
+                [&](int m) -> const char* { return slots[m] >= 0 ? row(p, l.rail_recv(), m * C + slots[m]) : nullptr; },
+                H, lane);
+    if (p.out_weights)
+      for (int64_t e = lane; e < K; e += 32) {
+        float acc = 0.f;
+        for (int m = 0; m < NN; ++m) {
+          const int32_t slot = p.node_pos[t * NN + m];
+          if (slot >= 0) acc += at<float>(row(p, l.rail_recv(), m * C + slot), p.off_weights)[e];
+        }
+        p.out_weights[t * K + e] = acc;
+      }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_combine_push(const IxParams& p, cudaStream_t stream) {
+  combine_push_kernel<<<p.num_blocks, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine_reduce(const IxParams& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kBFloat16: combine_reduce_kernel<__nv_bfloat16><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
+    case DType::kFloat16: combine_reduce_kernel<__half><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
+    default: combine_reduce_kernel<float><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine_receive(const IxParams& p, cudaStream_t stream) {
+  const int grid = grid_for(p.num_blocks, (p.num_tokens + kThreads / 32 - 1) / (kThreads / 32));
+  switch (p.dtype) {
+    case DType::kBFloat16: combine_receive_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kFloat16: combine_receive_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
+    default: combine_receive_kernel<float><<<grid, kThreads, 0, stream>>>(p); break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace ep::kernels::ix

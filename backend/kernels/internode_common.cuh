@@ -1,0 +1,130 @@
+// Device helpers of the internode kernels (internode_*.cu, their only includers): addressing of
+// the symmetric buffer, bounded waits, row copies. Error reports, completion words and warp copies
+// are the low-latency kernels' (low_latency_device.cuh).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include "backend/kernels/internode_device.cuh"
+#include "backend/kernels/low_latency_device.cuh"  // ll::report, ll::complete, ll::closing_signal
+#include "backend/kernels/sync.cuh"                // now_ns, load_acquire
+
+namespace ep::kernels::ix {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ T* at(char* base, int64_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+__device__ __forceinline__ IxCtrl& ctrl(const IxParams& p) { return *at<IxCtrl>(p.base, p.layout.ctrl()); }
+__device__ __forceinline__ char* row(const IxParams& p, int64_t region, int64_t index) {
+  return p.base + region + index * p.row_stride;
+}
+__device__ __forceinline__ uint64_t* chunk_flag(const IxParams& p, int node, int64_t chunk) {
+  return at<uint64_t>(p.base, p.layout.chunk_flags()) + node * p.layout.chunks() + chunk;
+}
+__device__ __forceinline__ uint64_t* count_word(const IxParams& p, int index) {
+  return at<uint64_t>(p.base, p.layout.counts()) + index;
+}
+__device__ __forceinline__ uint64_t* route_flag(const IxParams& p, int node) {
+  return at<uint64_t>(p.base, p.layout.route_flags()) + node;
+}
+__device__ __forceinline__ int rank_of(const IxParams& p, int node, int local) {
+  return node * p.layout.ranks_per_node + local;
+}
+
+// Waits (bounded) until *word >= value; false at the deadline.
+__device__ __forceinline__ bool wait_at_least(const uint64_t* word, uint64_t value, uint64_t deadline) {
+  while (load_acquire(word) < value) {
+    if (now_ns() > deadline) return false;
+    __nanosleep(64);
+  }
+  return true;
+}
+
+// Waits (bounded) until the completion word (ll::complete) is complete.
+__device__ __forceinline__ bool wait_complete(const uint64_t* word, uint64_t deadline) {
+  while (!ll::complete(load_acquire(word))) {
+    if (now_ns() > deadline) return false;
+    __nanosleep(64);
+  }
+  return true;
+}
+
+// A warp copies `bytes` from src to dst: 16-byte words where both are aligned, else bytes.
+__device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t bytes, int lane) {
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes)) & 15) == 0) {
+    ll::warp_copy_l2(reinterpret_cast<uint4*>(dst), reinterpret_cast<const uint4*>(src), bytes / 16, lane);
+  } else {
+    for (int64_t i = lane; i < bytes; i += 32) dst[i] = src[i];
+  }
+}
+
+// The source rank of output row i (prefix ascending, R + 1 entries).
+__device__ __forceinline__ int source_of(const int64_t* prefix, int num_ranks, int64_t i) {
+  int lo = 0, hi = num_ranks;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (prefix[mid] <= i) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// Every thread of the block learns whether the call goes on (the notify step's verdict).
+__device__ __forceinline__ bool call_ok(const IxParams& p) { return *static_cast<volatile int32_t*>(&ctrl(p).ok); }
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float(float v) { return v; }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ float from_float(float v) { return v; }
+
+// dst = the float32 sum of the rows src(0..n) (null: none) in that order, rounded once to T; a
+// warp, 16 bytes a lane where the rows allow it.
+template <typename T, typename Src>
+__device__ __forceinline__ void sum_rows(char* dst, int n, Src src, int64_t hidden, int lane) {
+  constexpr int kPer = 16 / sizeof(T);
+  if ((hidden * int64_t(sizeof(T))) % 16 == 0 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    for (int64_t v = lane; v < hidden / kPer; v += 32) {
+      float acc[kPer];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
+      for (int j = 0; j < n; ++j) {
+        const char* row = src(j);
+        if (!row) continue;
+        const uint4 w = __ldcg(reinterpret_cast<const uint4*>(row) + v);
+        const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) acc[i] += to_float(e[i]);
+      }
+      uint4 out;
+      T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) o[i] = from_float<T>(acc[i]);
+      reinterpret_cast<uint4*>(dst)[v] = out;
+    }
+    return;
+  }
+  for (int64_t e = lane; e < hidden; e += 32) {
+    float acc = 0.f;
+    for (int j = 0; j < n; ++j)
+      if (const char* row = src(j)) acc += to_float(reinterpret_cast<const T*>(row)[e]);
+    reinterpret_cast<T*>(dst)[e] = from_float<T>(acc);
+  }
+}
+
+// Grid of a kernel whose blocks wait on peers: within the SM budget (ranks share a GPU under
+// MPS), and no more blocks than units of work.
+inline int grid_for(int num_blocks, int64_t units) {
+  return int(units < 1 ? 1 : (units < num_blocks ? units : num_blocks));
+}
+
+}  // namespace
+}  // namespace ep::kernels::ix

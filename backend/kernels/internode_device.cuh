@@ -1,0 +1,191 @@
+// Dispatch and combine across nodes, driven by the device (launchers; kernels in
+// internode_notify.cu, internode_dispatch.cu, internode_combine.cu). Torch-free: raw pointers and
+// one POD parameter struct for the whole family. The route is DeepEP's hierarchical one
+// (backend/ops/moe_internode.hpp): source s = (node n, local l) sends a token once to every node
+// m owning one of its experts, to its rail peer (m, l), which forwards it to m's owning ranks.
+//
+// Every cross-rank access goes through NVSHMEM's device API (put with signal, signal ops), also
+// inside a node and between virtual nodes of one GPU, so the same code runs over IBGDA/IBRC.
+//
+// Symmetric buffer of one group (IxLayout; C = capacity, tokens per rank per call; W = row
+// stride in bytes; NN nodes, L ranks per node, R = NN * L):
+//   rail_send  [NN][C] rows   dispatch: packed tokens per target node; combine: forwarder's sums
+//   rail_recv  [NN][C] rows   dispatch: what rail peers sent (by source node); combine: the sums
+//                             per node, at the source
+//   stage      [R][C]  rows   dispatch: forwarded rows by source rank; combine: rows back, by
+//                             (sending local rank j, source node m) = j * NN + m
+//   route_send/route_recv [NN][C][L] int32  combine: each relayed token's row index at every
+//                             local rank of the node (the dispatch's forward positions)
+//   records    send [R], recv [2][R]   the notify step's per-call records (parity of seq)
+//   signals    notify [2][R], chunk [NN][C/B], route [NN], count [R] (uint64)
+//   ctrl       this rank's device state of the call (IxCtrl)
+// Calls are numbered on the device (ctrl.seq, the same on every rank since every call is
+// collective): notify and chunk signals are SET to seq and waited for with >= seq, counters
+// are reset by the notify step before this rank's record goes out (no peer adds to them before
+// it has that record), so nothing is reset by the host and a CUDA graph replays.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/kernels/moe_meta.hpp"  // EP_HOST_DEVICE
+
+namespace ep::kernels::ix {
+
+constexpr int kMaxRanks = 128;           // group size
+constexpr int kMaxLocal = 8;             // ranks per node
+constexpr int kMaxLocalExperts = 1024;   // experts per rank
+constexpr int kChunkRows = 16;           // rows per rail put: one per warp of a block
+constexpr int kThreads = 512;
+
+enum Op : int32_t { kDispatch = 1, kCombine = 2 };
+// Record status: why a rank refuses the call (every rank then refuses alike).
+enum Status : int32_t { kOk = 0, kOverCapacity = 1, kBadExpertIds = 2, kRowTooWide = 3, kBadHandle = 4 };
+// Error word (host-mapped): kind * 65536 + peer + 1, the first one wins.
+enum ErrorKind : int {
+  kNotifyTimeout = 1,   // a rank's record never came
+  kForwardTimeout = 2,  // the rail peer's chunk never came (peer: that source)
+  kReceiveTimeout = 3,  // a forwarder's rows never came (peer: the forwarder)
+  kReduceTimeout = 4,   // combine: a local rank's rows or a source's routes never came
+  kCombineTimeout = 5,  // combine: a node's sums never came (peer: its forwarder)
+  kRejected = 6,        // a call no host waited for was refused by rank `peer` (its status)
+  kOverflow = 7,        // a dispatch received more rows than num_worst_tokens (peer: this rank)
+};
+EP_HOST_DEVICE inline int error_kind(int code) { return code / 65536; }
+EP_HOST_DEVICE inline int error_peer(int code) { return code % 65536 - 1; }
+
+// What every rank tells every peer at the start of a call (the fields check_records compares).
+struct IxRecordHeader {
+  int32_t op;
+  int32_t status;
+  int64_t call_id;     // dispatch: the group's dispatch number; combine: the handle's
+  int64_t handle_id;   // dispatch along a handle: the handle's dispatch; else 0
+  int64_t num_experts;
+  int64_t hidden;
+  int64_t dtype;
+  int64_t num_topk;
+  int64_t has_scales;
+  int64_t has_weights;
+  int64_t num_tokens;  // N
+  int64_t detail;      // with status: the value refused (N, or the row bytes)
+  int32_t id_min, id_max;  // expert ids seen (dispatch without handle)
+  int32_t rows;        // tokens I send to you
+  int32_t relay_rows;  // tokens I send to your node through you (you are my rail peer there)
+};
+struct IxRecord : IxRecordHeader {
+  int32_t rows_per_expert[kMaxLocalExperts];  // dispatch without handle: per expert of yours
+};
+constexpr int64_t kRecordHeaderBytes = int64_t(sizeof(IxRecordHeader));
+static_assert(kRecordHeaderBytes % 8 == 0, "records are copied in 8-byte words");
+
+// What the notify step leaves in host-mapped memory; the host reads it after `ticket` shows.
+struct IxHostCtrl {
+  volatile int64_t ticket;  // the call's ticket, written last
+  int32_t ok;               // every record fine and consistent
+  int32_t timed_out;
+  int64_t total_recv;                       // rows this rank receives
+  int32_t recv[kMaxRanks];                  // rows from each source
+  int32_t send[kMaxRanks];                  // rows to each rank
+  int32_t node_send[kMaxRanks];             // [NN] tokens to each node
+  int32_t relay[kMaxRanks];                 // [NN] tokens each rail peer sends through this rank
+  int32_t per_expert[kMaxLocalExperts];     // received tokens per local expert
+  IxRecordHeader records[kMaxRanks];
+};
+
+// Device state of the current call, in the symmetric buffer (never read by peers).
+struct IxCtrl {
+  uint64_t seq;
+  int32_t ok;
+  int32_t pad;
+  int64_t prefix[kMaxRanks + 1];   // received rows before each source; [R] = total
+  int32_t recv[kMaxRanks];
+  int32_t relay[kMaxRanks];        // [NN] tokens the rail peer on node m sends through this rank
+};
+
+struct IxLayout {
+  int num_ranks, num_nodes, ranks_per_node;
+  int64_t capacity;   // C
+  int64_t row_bytes;  // W, a multiple of 16
+
+  EP_HOST_DEVICE int64_t chunks() const { return (capacity + kChunkRows - 1) / kChunkRows; }
+  EP_HOST_DEVICE int64_t rail_send() const { return 0; }
+  EP_HOST_DEVICE int64_t rail_recv() const { return rail_send() + num_nodes * capacity * row_bytes; }
+  EP_HOST_DEVICE int64_t stage() const { return rail_recv() + num_nodes * capacity * row_bytes; }
+  EP_HOST_DEVICE int64_t route_send() const { return stage() + int64_t(num_ranks) * capacity * row_bytes; }
+  EP_HOST_DEVICE int64_t route_recv() const { return route_send() + align(num_nodes * capacity * ranks_per_node * 4); }
+  EP_HOST_DEVICE int64_t records_send() const { return route_recv() + align(num_nodes * capacity * ranks_per_node * 4); }
+  EP_HOST_DEVICE int64_t records_recv() const { return records_send() + num_ranks * int64_t(sizeof(IxRecord)); }
+  EP_HOST_DEVICE int64_t notify_flags() const { return records_recv() + 2 * num_ranks * int64_t(sizeof(IxRecord)); }
+  EP_HOST_DEVICE int64_t chunk_flags() const { return notify_flags() + 2 * num_ranks * 8; }
+  EP_HOST_DEVICE int64_t route_flags() const { return chunk_flags() + num_nodes * chunks() * 8; }
+  EP_HOST_DEVICE int64_t counts() const { return route_flags() + num_nodes * 8; }
+  EP_HOST_DEVICE int64_t ctrl() const { return align(counts() + num_ranks * 8); }
+  EP_HOST_DEVICE int64_t total_bytes() const { return align(ctrl() + int64_t(sizeof(IxCtrl))); }
+  EP_HOST_DEVICE static int64_t align(int64_t b) { return (b + 255) / 256 * 256; }
+};
+
+enum class DType : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2 };
+
+struct IxParams {
+  // the group
+  char* base;  // this rank's symmetric buffer (its address names every peer's copy too)
+  IxLayout layout;
+  int rank, node, local;
+  uint64_t timeout_ns;
+  int* error;          // host-mapped error word
+  IxHostCtrl* host;    // host-mapped (device address)
+  int num_blocks;      // SM budget of the kernels that wait on peers
+  // the call
+  int32_t op;
+  int64_t row_stride;  // bytes between rows of this call (<= layout.row_bytes), a multiple of 16
+  int64_t ticket;      // written to host->ticket by the notify step
+  bool host_waits;     // a host reads the notify's result (else refusals go to the error word)
+  IxRecordHeader mine;  // this rank's record header (status set by the host where it refuses)
+  const int32_t* meta;  // the rank-level routing table (moe_meta.hpp) of this rank's tokens
+  int64_t num_tokens;   // N
+  int64_t num_experts;
+  bool cached;          // dispatch along a handle: no ids/weights travel
+  // routing by node (node_layout): scratch on the device
+  int32_t* node_count;   // [NN]
+  int32_t* node_tokens;  // [NN, N] tokens to node m in token order (rail slot = index)
+  int32_t* node_pos;     // [N, NN] rail slot of token t at node m, or -1
+  // dispatch rows: payload | scales | topk ids (int64) | weights | forward positions [L] int32,
+  // each field at a 16-byte offset
+  const char* x;  // [N, x_bytes]
+  int64_t x_bytes;
+  const float* x_scales;  // [N, num_scales] or null
+  int num_scales;
+  const int64_t* topk_idx;     // [N, K] or null
+  const float* topk_weights;   // [N, K] or null
+  int num_topk;
+  int64_t off_scales, off_ids, off_weights, off_pos;  // field offsets in a row
+  // dispatch outputs
+  char* recv_x;
+  float* recv_x_scales;
+  int64_t* recv_topk_idx;
+  float* recv_topk_weights;
+  int64_t out_rows;  // rows the outputs hold: num_worst_tokens, or the total the host read
+  // combine: x [x_rows, hidden] rows back (| weights at off_weights), outputs [N, hidden]
+  int64_t x_rows;
+  DType dtype;
+  int64_t hidden;
+  char* out;
+  float* out_weights;
+};
+
+// Routing by node, from the rank-level table (meta): node_count, node_tokens, node_pos.
+cudaError_t launch_node_layout(const IxParams& p, cudaStream_t stream);
+// The records: put to every rank, wait for every rank's, check them, publish the counts.
+cudaError_t launch_notify(const IxParams& p, cudaStream_t stream);
+// Dispatch: rail puts (sender), forwarding (rail peer), then into the outputs (receiver).
+cudaError_t launch_dispatch_send(const IxParams& p, cudaStream_t stream);
+cudaError_t launch_dispatch_forward(const IxParams& p, cudaStream_t stream);
+cudaError_t launch_dispatch_receive(const IxParams& p, cudaStream_t stream);
+// Combine: rows back to the forwarders (and routes to them), their sums to the sources, and
+// the sums over nodes.
+cudaError_t launch_combine_push(const IxParams& p, cudaStream_t stream);
+cudaError_t launch_combine_reduce(const IxParams& p, cudaStream_t stream);
+cudaError_t launch_combine_receive(const IxParams& p, cudaStream_t stream);
+
+}  // namespace ep::kernels::ix

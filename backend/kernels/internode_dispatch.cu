@@ -1,0 +1,160 @@
+// Dispatch across nodes on the device (internode_device.cuh): the rail puts of the sender, the
+// forwarding of the rail peer, and the receive into the outputs. Three launches on one stream;
+// only the forward and receive kernels wait, on other ranks, each wait bounded.
+#include "backend/kernels/internode_common.cuh"
+
+namespace ep::kernels::ix {
+namespace {
+
+// Packs each token going to node m, chunk by chunk (a warp a row), into rail_send[m] and puts
+// the chunk to the rail peer (m, local), into its rail_recv[this node], with the chunk's signal
+// SET to seq. A row: payload | scales | global ids | weights | where each rank of node m gets it.
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
+  if (!call_ok(p)) return;
+  const IxLayout& l = p.layout;
+  const int R = l.num_ranks, L = l.ranks_per_node, NN = l.num_nodes;
+  const int64_t C = l.capacity, K = p.num_topk;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const uint64_t seq = ctrl(p).seq;
+  const int32_t* token_pos = p.meta + MetaLayout{R, p.num_experts, p.num_tokens}.token_pos();
+  for (int m = 0; m < NN; ++m) {
+    const int64_t n = p.node_count[m], chunks = (n + kChunkRows - 1) / kChunkRows;
+    // Nodes start at different blocks, so that small sends to many nodes spread over the grid.
+    for (int64_t c = (blockIdx.x + int64_t(m) * 7) % gridDim.x; c < chunks; c += gridDim.x) {
+      const int64_t rows = n - c * kChunkRows < kChunkRows ? n - c * kChunkRows : kChunkRows;
+      if (warp < rows) {
+        const int64_t slot = c * kChunkRows + warp, t = p.node_tokens[int64_t(m) * p.num_tokens + slot];
+        char* dst = row(p, l.rail_send(), m * C + slot);
+        warp_copy(dst, p.x + t * p.x_bytes, p.x_bytes, lane);
+        if (p.x_scales)
+          warp_copy(dst + p.off_scales, reinterpret_cast<const char*>(p.x_scales + t * p.num_scales), 4 * p.num_scales,
+                    lane);
+        if (!p.cached) {
+          for (int64_t k = lane; k < K; k += 32) at<int64_t>(dst, p.off_ids)[k] = p.topk_idx[t * K + k];
+          if (p.topk_weights)
+            for (int64_t k = lane; k < K; k += 32) at<float>(dst, p.off_weights)[k] = p.topk_weights[t * K + k];
+        }
+        for (int j = lane; j < L; j += 32) at<int32_t>(dst, p.off_pos)[j] = token_pos[t * R + m * L + j];
+      }
+      __syncthreads();
+      nvshmemx_putmem_signal_nbi_block(row(p, l.rail_recv(), p.node * C + c * kChunkRows),
+                                       row(p, l.rail_send(), m * C + c * kChunkRows), size_t(rows * p.row_stride),
+                                       chunk_flag(p, p.node, c), seq, NVSHMEM_SIGNAL_SET, rank_of(p, m, p.local));
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) nvshmem_quiet();  // rail_send is packed again by the next call
+}
+
+// For every source node m, chunk by chunk as they land: each row to every rank j of this node
+// that gets it, into j's stage[source][its row index there], adding 1 to j's count for the source.
+__global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) {
+  if (!call_ok(p)) return;
+  const IxLayout& l = p.layout;
+  const int L = l.ranks_per_node, NN = l.num_nodes;
+  const int64_t C = l.capacity;
+  const int warp = threadIdx.x / 32;
+  const IxCtrl& c = ctrl(p);
+  const uint64_t seq = c.seq;
+  __shared__ int failed;
+  for (int m = 0; m < NN; ++m) {
+    const int s = rank_of(p, m, p.local);  // the source these rows come from
+    const int64_t n = c.relay[m], chunks = (n + kChunkRows - 1) / kChunkRows;
+    for (int64_t k = (blockIdx.x + int64_t(m) * 7) % gridDim.x; k < chunks; k += gridDim.x) {
+      if (threadIdx.x == 0) {
+        failed = !wait_at_least(chunk_flag(p, m, k), seq, now_ns() + p.timeout_ns);
+        if (failed) ll::report(p.error, kForwardTimeout, s);
+      }
+      __syncthreads();
+      if (failed) return;
+      const int64_t rows = n - k * kChunkRows < kChunkRows ? n - k * kChunkRows : kChunkRows;
+      if (warp < rows) {
+        char* src = row(p, l.rail_recv(), m * C + k * kChunkRows + warp);
+        const int32_t* pos = at<int32_t>(src, p.off_pos);
+        for (int j = 0; j < L; ++j) {
+          const int32_t at_j = pos[j];
+          if (at_j >= 0)
+            nvshmemx_putmem_signal_nbi_warp(row(p, l.stage(), int64_t(s) * C + at_j), src, size_t(p.off_pos),
+                                            count_word(p, s), 1, NVSHMEM_SIGNAL_ADD, rank_of(p, p.node, j));
+        }
+      }
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) nvshmem_quiet();
+}
+
+// Waits for every source's rows (its count), then copies stage into the outputs at the prefix
+// offsets: rows by source rank, then source token order. Ids become local (-1 for other ranks'
+// experts, weight 0). Rows past the received ones are padding (num_worst_tokens).
+__global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) {
+  const IxLayout& l = p.layout;
+  const int R = l.num_ranks;
+  const int64_t C = l.capacity, K = p.num_topk, per = p.num_experts / R;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const IxCtrl& c = ctrl(p);
+  const bool ok = call_ok(p);
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  if (ok) {
+    const uint64_t deadline = now_ns() + p.timeout_ns;
+    for (int s = threadIdx.x; s < R; s += blockDim.x)
+      if (!wait_at_least(count_word(p, s), uint64_t(c.recv[s]), deadline)) {
+        ll::report(p.error, kReceiveTimeout, rank_of(p, p.node, s % l.ranks_per_node));
+        failed = 1;
+      }
+  }
+  __syncthreads();
+  const int64_t M = ok && !failed ? c.prefix[R] : 0;
+  if (M > p.out_rows && blockIdx.x == 0 && threadIdx.x == 0) ll::report(p.error, kOverflow, p.rank);
+  const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+  for (int64_t i = int64_t(blockIdx.x) * (kThreads / 32) + warp; i < p.out_rows; i += warps) {
+    if (i < M) {
+      const int s = source_of(c.prefix, R, i);
+      const char* src = row(p, l.stage(), int64_t(s) * C + (i - c.prefix[s]));
+      warp_copy(p.recv_x + i * p.x_bytes, src, p.x_bytes, lane);
+      if (p.recv_x_scales)
+        warp_copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales, 4 * p.num_scales,
+                  lane);
+      if (!p.cached)
+        for (int64_t k = lane; k < K; k += 32) {
+          const int64_t id = reinterpret_cast<const int64_t*>(src + p.off_ids)[k];
+          const bool owned = id >= 0 && id / per == p.rank;
+          p.recv_topk_idx[i * K + k] = owned ? id - p.rank * per : -1;
+          if (p.recv_topk_weights)
+            p.recv_topk_weights[i * K + k] = owned ? reinterpret_cast<const float*>(src + p.off_weights)[k] : 0.f;
+        }
+    } else {
+      for (int64_t b = lane; b < p.x_bytes; b += 32) p.recv_x[i * p.x_bytes + b] = 0;
+      if (p.recv_x_scales)
+        for (int64_t k = lane; k < p.num_scales; k += 32) p.recv_x_scales[i * p.num_scales + k] = 0.f;
+      if (!p.cached)
+        for (int64_t k = lane; k < K; k += 32) {
+          p.recv_topk_idx[i * K + k] = -1;
+          if (p.recv_topk_weights) p.recv_topk_weights[i * K + k] = 0.f;
+        }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_dispatch_send(const IxParams& p, cudaStream_t stream) {
+  dispatch_send_kernel<<<p.num_blocks, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dispatch_forward(const IxParams& p, cudaStream_t stream) {
+  dispatch_forward_kernel<<<p.num_blocks, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dispatch_receive(const IxParams& p, cudaStream_t stream) {
+  dispatch_receive_kernel<<<grid_for(p.num_blocks, (p.out_rows + kThreads / 32 - 1) / (kThreads / 32)), kThreads, 0,
+                            stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace ep::kernels::ix

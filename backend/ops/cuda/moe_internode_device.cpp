@@ -1,0 +1,307 @@
+// Dispatch and combine across nodes driven by the device: the host glue of
+// backend/kernels/internode_device.cuh. Every step is a launch on the caller's stream; the host
+// waits at most once, for the notify step's counts (mapped pinned memory), to size a dispatch's
+// outputs (not at all with num_worst_tokens), and a combine waits for the notify's verdict only
+// where its dispatch waited too (so that bad calls raise at the call, as on the other routes).
+#ifdef TORCH_EP_WITH_NVSHMEM
+#include "backend/ops/cuda/moe_internode_device.hpp"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "backend/kernels/internode_device.cuh"
+#include "backend/ops/moe_protocol.hpp"
+#include "backend/process_group/process_group_ep.hpp"
+#include "backend/transport/cuda/cuda_check.hpp"
+#include "backend/transport/nvshmem/internode_transport.hpp"
+
+namespace ep::moe {
+namespace {
+
+namespace ix = kernels::ix;
+using at::Tensor;
+
+constexpr int64_t kDeviceRoute = -2;        // handle tail of this route: [num_nodes, ranks_per_node, -2]
+constexpr int64_t kDefaultRowBytes = 16896;  // a bf16 row of hidden 7168 with top-8 ids and weights fits
+
+int64_t r16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// A dispatch row: payload | scales | global ids | weights | forward positions [L], 16-byte fields.
+struct DispatchRow {
+  int64_t x_bytes, off_scales, off_ids, off_weights, off_pos, stride;
+  DispatchRow(int64_t x, int64_t scales, int64_t topk, bool weights, int64_t L)
+      : x_bytes(x),
+        off_scales(r16(x)),
+        off_ids(off_scales + r16(4 * scales)),
+        off_weights(off_ids + r16(8 * topk)),
+        off_pos(off_weights + (weights ? r16(4 * topk) : 0)),
+        stride(off_pos + r16(4 * L)) {}
+};
+
+ix::DType dtype_of(at::ScalarType t) {
+  return t == at::kBFloat16 ? ix::DType::kBFloat16 : t == at::kHalf ? ix::DType::kFloat16 : ix::DType::kFloat32;
+}
+
+bool device_route_handle(const std::vector<int64_t>& tail, const Topology& t) {
+  return tail.size() == 3 && tail[0] == t.num_nodes && tail[1] == t.ranks_per_node && tail[2] == kDeviceRoute;
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status;
+  EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+InternodeBuffer& buffer_for(ProcessGroupEP& group, InternodeTransport& transport, int64_t row_bytes,
+                            cudaStream_t stream, const char* op) {
+  const Config& c = group.config();
+  InternodeBuffer& b =
+      transport.moe(c.internode_capacity, c.internode_row_bytes > 0 ? c.internode_row_bytes : kDefaultRowBytes);
+  b.check(op);
+  if (!b.allocated()) {
+    TORCH_CHECK(!capturing(stream), op, ": the group's first call across nodes allocates its NVSHMEM buffer "
+                "(collectively), which a CUDA graph cannot capture; run one dispatch before capturing");
+    b.reserve(row_bytes);
+  }
+  return b;
+}
+
+std::string refusal(const ix::IxRecordHeader& d, const InternodeBuffer& b) {
+  switch (d.status) {
+    case ix::kOverCapacity:
+      return "x has " + std::to_string(d.detail) + " rows (tokens), more than the " + std::to_string(b.capacity()) +
+             " a rank may send per call across nodes; raise Options.internode_capacity (TORCH_EP_INTERNODE_CAPACITY)";
+    case ix::kBadExpertIds:
+      return "topk_idx holds expert ids outside [-1, num_experts=" + std::to_string(d.num_experts) +
+             "): the smallest is " + std::to_string(d.id_min) + ", the largest " + std::to_string(d.id_max);
+    case ix::kRowTooWide:
+      return "x's rows take " + std::to_string(d.detail) + " bytes in the buffers across nodes, which were sized for " +
+             std::to_string(b.row_bytes()) + " by this group's first call; set Options.internode_row_bytes "
+             "(TORCH_EP_INTERNODE_ROW_BYTES) to at least that";
+    case ix::kBadHandle:
+      return "handle: it was not made by a dispatch on this group's device route across nodes (another group, or "
+             "Options.internode_device changed)";
+    default:
+      return "status " + std::to_string(d.status);
+  }
+}
+
+// Raises what the records say, in the words of the host records' checks (check_records).
+[[noreturn]] void raise_refusal(const char* op, int rank, const ix::IxHostCtrl& h, const InternodeBuffer& b,
+                                int num_ranks) {
+  std::vector<Record> theirs;
+  for (int r = 0; r < num_ranks; ++r) {
+    const ix::IxRecordHeader& d = h.records[r];
+    Record rec = make_record(d.op == ix::kDispatch ? OpKind::kDispatch : OpKind::kCombine, uint64_t(d.call_id),
+                             d.num_experts, d.hidden, d.dtype, d.num_topk, d.has_scales != 0, d.has_weights != 0);
+    rec.handle_id = uint64_t(d.handle_id);
+    rec.num_tokens = d.num_tokens;
+    if (d.status != ix::kOk) set_rejected(rec, refusal(d, b));
+    theirs.push_back(rec);
+  }
+  check_records(op, rank, theirs[rank], theirs);
+  for (int r = 0; r < num_ranks; ++r)
+    TORCH_CHECK(theirs[r].handle_id == theirs[rank].handle_id, op, ": rank ", r, " re-dispatches along the handle of "
+                "dispatch #", theirs[r].handle_id, " but rank ", rank, " along that of dispatch #",
+                theirs[rank].handle_id, "; every rank must pass the handle of the same dispatch");
+  TORCH_CHECK(false, op, ": rank ", rank, " refused a call across nodes that its peers' records accept");
+}
+
+// The parameters every launch of a call shares.
+ix::IxParams call_params(ProcessGroupEP& group, InternodeBuffer& b, int32_t op, const Tensor& meta, int64_t N,
+                         int64_t E, Tensor& scratch) {
+  ix::IxParams p = b.params();
+  if (group.config().num_sms > 0) p.num_blocks = group.config().num_sms;  // the SM budget
+  const int64_t NN = p.layout.num_nodes;
+  scratch = at::empty({NN + 2 * NN * std::max<int64_t>(N, 1)}, meta.options());
+  p.op = op;
+  p.meta = meta.data_ptr<int32_t>();
+  p.num_tokens = N;
+  p.num_experts = E;
+  p.node_count = scratch.data_ptr<int32_t>();
+  p.node_tokens = p.node_count + NN;
+  p.node_pos = p.node_tokens + NN * std::max<int64_t>(N, 1);
+  return p;
+}
+
+}  // namespace
+
+DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeTransport& transport,
+                                               const DispatchArgs& a) {
+  const char* op = "dispatch";
+  const Topology& topo = group.topology();
+  const int R = topo.size, rank = topo.rank, L = topo.ranks_per_node, NN = topo.num_nodes;
+  const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts;
+  const bool cached = a.handle_meta.has_value(), worst = a.num_worst_tokens > 0;
+  const int64_t K = cached ? 0 : a.topk_idx->size(1), S = a.x_scales ? a.x_scales->size(1) : 0;
+  const bool with_weights = !cached && a.topk_weights.has_value();
+  TORCH_CHECK_VALUE(E / R <= ix::kMaxLocalExperts, op, ": across nodes on the device, a rank owns at most ",
+                    ix::kMaxLocalExperts, " experts; this call gives it ", E / R);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.x.device().index()).stream();
+  const DispatchRow row(H * int64_t(a.x.element_size()), S, K, with_weights, L);
+  InternodeBuffer& buf = buffer_for(group, transport, std::max(row.stride, r16(2 * H) + r16(4 * K)), stream, op);
+
+  const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, nullptr);
+  Tensor scratch;
+  ix::IxParams p = call_params(group, buf, ix::kDispatch, meta, N, E, scratch);
+  const uint64_t call_id = group.next_dispatch_id();
+  ix::IxRecordHeader& mine = p.mine;
+  mine.op = ix::kDispatch;
+  mine.call_id = int64_t(call_id);
+  mine.handle_id = cached ? a.handle_counts->call_id : 0;
+  mine.num_experts = E;
+  mine.hidden = H;
+  mine.dtype = int64_t(a.x.scalar_type());
+  mine.num_topk = K;
+  mine.has_scales = S > 0;
+  mine.has_weights = with_weights;
+  mine.num_tokens = N;
+  if (cached && !device_route_handle(a.handle_counts->internode, topo)) {
+    mine.status = ix::kBadHandle;
+  } else if (N > buf.capacity()) {
+    mine.status = ix::kOverCapacity;
+    mine.detail = N;
+  } else if (row.stride > buf.row_bytes()) {
+    mine.status = ix::kRowTooWide;
+    mine.detail = row.stride;
+  }
+  p.row_stride = row.stride;
+  p.host_waits = !worst;
+  p.cached = cached;
+  p.x = static_cast<const char*>(a.x.data_ptr());
+  p.x_bytes = row.x_bytes;
+  p.x_scales = S ? a.x_scales->data_ptr<float>() : nullptr;
+  p.num_scales = int(S);
+  p.topk_idx = cached ? nullptr : a.topk_idx->data_ptr<int64_t>();
+  p.topk_weights = with_weights ? a.topk_weights->data_ptr<float>() : nullptr;
+  p.num_topk = int(K);
+  p.off_scales = row.off_scales;
+  p.off_ids = row.off_ids;
+  p.off_weights = row.off_weights;
+  p.off_pos = row.off_pos;
+
+  EP_CUDA_CHECK(ix::launch_node_layout(p, stream));
+  EP_CUDA_CHECK(ix::launch_notify(p, stream));
+  EP_CUDA_CHECK(ix::launch_dispatch_send(p, stream));
+  EP_CUDA_CHECK(ix::launch_dispatch_forward(p, stream));
+
+  HandleCounts counts;
+  counts.call_id = int64_t(call_id);
+  counts.num_worst_tokens = a.num_worst_tokens;
+  counts.send.assign(R, -1);
+  counts.recv.assign(R, -1);
+  counts.per_expert.assign(E / R, -1);
+  counts.internode = {NN, L, kDeviceRoute};
+  int64_t M = a.num_worst_tokens;
+  if (!worst) {  // the one host wait: the sizes of the outputs
+    const ix::IxHostCtrl& h = buf.wait_for(p.ticket, op);
+    if (!h.ok) raise_refusal(op, rank, h, buf, R);
+    M = h.total_recv;
+    for (int r = 0; r < R; ++r) {
+      counts.send[r] = h.send[r];
+      counts.recv[r] = h.recv[r];
+    }
+    if (!cached) counts.per_expert.assign(h.per_expert, h.per_expert + E / R);
+    // Bytes of the fields a row carries (x | scales | ids | weights), as the host route counts them.
+    const int64_t fields = row.x_bytes + 4 * S + (cached ? 0 : 8 * K) + (with_weights ? 4 * K : 0);
+    uint64_t rail = 0, node = 0;
+    for (int m = 0; m < NN; ++m)
+      if (m != topo.node) rail += uint64_t(h.node_send[m] * fields);
+    for (int s = 0; s < R; ++s)
+      if (s % L != topo.local_rank) node += uint64_t(h.recv[s] * fields);
+    group.count_hop_bytes(rail, node);
+  } else if (mine.status != ix::kOk) {
+    TORCH_CHECK_VALUE(false, op, " on rank ", rank, ": ", refusal(mine, buf));
+  }
+
+  DispatchOutputs o;
+  const at::TensorOptions opts = a.x.options();
+  o.recv_x = at::empty({M, H}, opts);
+  o.recv_x_scales = S ? at::empty({M, S}, opts.dtype(at::kFloat)) : at::empty({0}, opts.dtype(at::kFloat));
+  o.recv_topk_idx = cached ? at::empty({0}, opts.dtype(at::kLong)) : at::empty({M, K}, opts.dtype(at::kLong));
+  o.recv_topk_weights = with_weights ? at::empty({M, K}, opts.dtype(at::kFloat)) : at::empty({0}, opts.dtype(at::kFloat));
+  p.recv_x = static_cast<char*>(o.recv_x.data_ptr());
+  p.recv_x_scales = S ? o.recv_x_scales.data_ptr<float>() : nullptr;
+  p.recv_topk_idx = cached ? nullptr : o.recv_topk_idx.data_ptr<int64_t>();
+  p.recv_topk_weights = with_weights ? o.recv_topk_weights.data_ptr<float>() : nullptr;
+  p.out_rows = M;
+  EP_CUDA_CHECK(ix::launch_dispatch_receive(p, stream));
+
+  o.meta = cached || a.layout_meta ? at::empty({0}, meta.options()) : meta;
+  o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
+  return o;
+}
+
+CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTransport& transport,
+                                             const CombineArgs& a) {
+  const char* op = "combine";
+  const Topology& topo = group.topology();
+  const int R = topo.size, rank = topo.rank, L = topo.ranks_per_node, NN = topo.num_nodes;
+  const int64_t N = a.num_tokens, H = a.x.size(1), E = a.num_experts;
+  const int64_t K = a.topk_weights ? a.topk_weights->size(1) : 0;
+  const HandleCounts& h = a.handle_counts;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.x.device().index()).stream();
+  const int64_t x_bytes = H * int64_t(a.x.element_size()), stride = r16(x_bytes) + r16(4 * K);
+  InternodeBuffer& buf = buffer_for(group, transport, stride, stream, op);
+
+  Tensor scratch;
+  ix::IxParams p = call_params(group, buf, ix::kCombine, a.handle_meta, N, E, scratch);
+  ix::IxRecordHeader& mine = p.mine;
+  mine.op = ix::kCombine;
+  mine.call_id = h.call_id;
+  mine.num_experts = E;
+  mine.hidden = H;
+  mine.dtype = int64_t(a.x.scalar_type());
+  mine.has_weights = K > 0;
+  mine.num_tokens = a.x.size(0);
+  if (!device_route_handle(h.internode, topo)) {
+    mine.status = ix::kBadHandle;
+  } else if (stride > buf.row_bytes()) {
+    mine.status = ix::kRowTooWide;
+    mine.detail = stride;
+  }
+  const bool host_waits = h.num_worst_tokens == 0 && !capturing(stream);
+  p.row_stride = stride;
+  p.host_waits = host_waits;
+  p.cached = true;  // no per-expert counts travel
+  p.x = static_cast<const char*>(a.x.data_ptr());
+  p.x_bytes = x_bytes;
+  p.x_rows = a.x.size(0);
+  p.topk_weights = K ? a.topk_weights->data_ptr<float>() : nullptr;
+  p.num_topk = int(K);
+  p.off_weights = r16(x_bytes);
+  p.dtype = dtype_of(a.x.scalar_type());
+  p.hidden = H;
+
+  CombineOutputs o;
+  o.combined_x = at::empty({N, H}, a.x.options());
+  o.combined_topk_weights = K ? at::empty({N, K}, a.x.options().dtype(at::kFloat))
+                              : at::empty({0}, a.x.options().dtype(at::kFloat));
+  p.out = static_cast<char*>(o.combined_x.data_ptr());
+  p.out_weights = K ? o.combined_topk_weights.data_ptr<float>() : nullptr;
+
+  EP_CUDA_CHECK(ix::launch_node_layout(p, stream));
+  EP_CUDA_CHECK(ix::launch_notify(p, stream));
+  EP_CUDA_CHECK(ix::launch_combine_push(p, stream));
+  EP_CUDA_CHECK(ix::launch_combine_reduce(p, stream));
+  EP_CUDA_CHECK(ix::launch_combine_receive(p, stream));
+  if (host_waits) {
+    const ix::IxHostCtrl& c = buf.wait_for(p.ticket, op);
+    if (!c.ok) raise_refusal(op, rank, c, buf, R);
+    const int64_t fields = x_bytes + 4 * K;
+    uint64_t rail = 0, node = 0;
+    for (int m = 0; m < NN; ++m)
+      if (m != topo.node) rail += uint64_t(c.relay[m] * fields);
+    for (int s = 0; s < R; ++s)
+      if (s % L != topo.local_rank) node += uint64_t(h.recv[s] * fields);
+    group.count_hop_bytes(rail, node);
+  } else if (mine.status != ix::kOk) {
+    TORCH_CHECK_VALUE(false, op, " on rank ", rank, ": ", refusal(mine, buf));
+  }
+  return o;
+}
+
+}  // namespace ep::moe
+#endif  // TORCH_EP_WITH_NVSHMEM

@@ -1,0 +1,142 @@
+#include "backend/transport/nvshmem/internode_buffer.hpp"
+
+#include <c10/util/Exception.h>
+#include <nvshmem.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <thread>
+
+#include "backend/common/errors.hpp"
+#include "backend/transport/cuda/cuda_check.hpp"
+#include "backend/transport/nvshmem/nvshmem_runtime.hpp"
+
+namespace ep {
+
+namespace ix = kernels::ix;
+
+InternodeBuffer::InternodeBuffer(const Topology& topology, int device, std::chrono::milliseconds timeout,
+                                 int64_t capacity, int64_t min_row_bytes)
+    : topology_(topology), device_(device), timeout_(timeout) {
+  if (topology.size > ix::kMaxRanks || topology.ranks_per_node > ix::kMaxLocal)
+    throw CommError("torch_ep: dispatch/combine across nodes on the device support up to " +
+                    std::to_string(ix::kMaxRanks) + " ranks of up to " + std::to_string(ix::kMaxLocal) +
+                    " per node; this group has " + std::to_string(topology.size) + " ranks of " +
+                    std::to_string(topology.ranks_per_node) + " (Options.internode_device=False takes the host route)");
+  layout_.num_ranks = topology.size;
+  layout_.num_nodes = topology.num_nodes;
+  layout_.ranks_per_node = topology.ranks_per_node;
+  layout_.capacity = capacity;
+  layout_.row_bytes = (std::max<int64_t>(min_row_bytes, 16) + 15) / 16 * 16;
+  EP_CUDA_CHECK(cudaSetDevice(device));
+  EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(int), cudaHostAllocMapped));
+  *error_host_ = 0;
+  EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
+  EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&ctrl_host_), sizeof(ix::IxHostCtrl), cudaHostAllocMapped));
+  std::memset(static_cast<void*>(ctrl_host_), 0, sizeof(ix::IxHostCtrl));
+  EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctrl_device_), ctrl_host_, 0));
+}
+
+InternodeBuffer::~InternodeBuffer() {
+  if (error_host_) cudaFreeHost(error_host_);
+  if (ctrl_host_) cudaFreeHost(ctrl_host_);
+}
+
+void InternodeBuffer::reserve(int64_t row_bytes) {
+  if (base_) return;
+  layout_.row_bytes = std::max(layout_.row_bytes, (row_bytes + 15) / 16 * 16);
+  EP_CUDA_CHECK(cudaSetDevice(device_));
+  char* base = static_cast<char*>(nvshmem::malloc_symmetric(size_t(layout_.total_bytes())));  // collective
+  // Signals, counters and the call number at zero (every rank, before any peer's first put:
+  // malloc_symmetric ends in a barrier, and the memset is done before this returns).
+  EP_CUDA_CHECK(cudaMemset(base + layout_.notify_flags(), 0, size_t(layout_.total_bytes() - layout_.notify_flags())));
+  EP_CUDA_CHECK(cudaDeviceSynchronize());
+  nvshmem_barrier_all();  // no peer puts here before the memset above
+  int sms = 0;
+  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_));
+  num_blocks_ = std::max(1, sms);
+  base_ = base;
+}
+
+std::string InternodeBuffer::describe(int code) const {
+  const int kind = ix::error_kind(code), peer = ix::error_peer(code);
+  const std::string waited = " past the timeout (" + std::to_string(double(timeout_.count()) / 1000.0) + " s)";
+  const std::string who = "rank " + std::to_string(topology_.rank);
+  switch (kind) {
+    case ix::kNotifyTimeout:
+      return who + " waited" + waited + " for rank " + std::to_string(peer) + "'s record of a dispatch/combine across "
+             "nodes (it never came, or stopped calling)";
+    case ix::kForwardTimeout:
+      return who + " (forwarding a dispatch across nodes) waited" + waited + " for rank " + std::to_string(peer) +
+             "'s rows over the rail";
+    case ix::kReceiveTimeout:
+      return who + " (receiving a dispatch across nodes) waited" + waited + " for the rows rank " +
+             std::to_string(peer) + " forwards";
+    case ix::kReduceTimeout:
+      return who + " (forwarding a combine across nodes) waited" + waited + " for rank " + std::to_string(peer);
+    case ix::kCombineTimeout:
+      return who + " (receiving a combine across nodes) waited" + waited + " for the sums of rank " +
+             std::to_string(peer);
+    case ix::kRejected:
+      return "rank " + std::to_string(peer) + " refused a dispatch/combine across nodes whose results no host "
+             "waited for (num_worst_tokens; its outputs are padding only); call it without num_worst_tokens to see why";
+    case ix::kOverflow:
+      return who + " received more rows in a dispatch across nodes than num_worst_tokens; the rows past it were "
+             "dropped";
+    default:
+      return "a kernel across nodes reported error code " + std::to_string(code);
+  }
+}
+
+std::string InternodeBuffer::error() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!failed_.empty()) return failed_;
+  const int code = *static_cast<volatile int*>(error_host_);
+  const int kind = ix::error_kind(code);
+  if (code != 0 && kind != ix::kRejected && kind != ix::kOverflow)
+    failed_ = describe(code) + "; the group's buffers across nodes are out of step since, so every later call raises";
+  return failed_;
+}
+
+void InternodeBuffer::check(const char* op) {
+  if (const std::string e = error(); !e.empty()) throw CommError(std::string("torch_ep: ") + op + ": " + e);
+  const int code = *static_cast<volatile int*>(error_host_);
+  if (code == 0) return;
+  *static_cast<volatile int*>(error_host_) = 0;
+  TORCH_CHECK_VALUE(false, op, ": ", describe(code), " (reported by an earlier call's kernel)");
+}
+
+ix::IxParams InternodeBuffer::params() {
+  ix::IxParams p{};
+  p.base = base_;
+  p.layout = layout_;
+  p.rank = topology_.rank;
+  p.node = topology_.node;
+  p.local = topology_.local_rank;
+  p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
+  p.error = error_device_;
+  p.host = ctrl_device_;
+  p.num_blocks = num_blocks_;
+  p.ticket = ++tickets_;
+  return p;
+}
+
+const ix::IxHostCtrl& InternodeBuffer::wait_for(int64_t ticket, const char* op) {
+  // The notify step's own waits are bounded by the timeout; the stream may hold earlier work
+  // (the caller's), so the host allows twice that before it gives up.
+  const auto deadline = std::chrono::steady_clock::now() + 2 * timeout_;
+  int spins = 0;
+  while (ctrl_host_->ticket != ticket) {
+    if (std::chrono::steady_clock::now() > deadline)
+      throw CommError(std::string("torch_ep: ") + op + ": rank " + std::to_string(topology_.rank) + " waited past " +
+                      std::to_string(2 * timeout_.count()) + " ms for the sizes of a call across nodes (the device "
+                      "never reached its notify step)");
+    if (++spins > 1024) std::this_thread::yield();
+  }
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (const std::string e = error(); !e.empty()) throw CommError(std::string("torch_ep: ") + op + ": " + e);
+  return *ctrl_host_;
+}
+
+}  // namespace ep

@@ -1,0 +1,66 @@
+// The symmetric buffer of one group's device-driven dispatch/combine across nodes (layout:
+// backend/kernels/internode_device.cuh), its host-mapped error word and notify results.
+//
+// Allocated collectively by the group's first such dispatch, sized by the capacity C (tokens per
+// rank per call, Options.internode_capacity) and the row stride W (the larger of that call's
+// rows, a bf16 combine of its hidden size, and Options.internode_row_bytes); never grown, so
+// that a captured CUDA graph stays valid: a call needing more is refused on every rank. Never
+// freed: nvshmem_free is collective and ranks leave at different times.
+// Header without NVSHMEM types.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "backend/kernels/internode_device.cuh"
+#include "backend/transport/topology.hpp"
+
+namespace ep {
+
+class InternodeBuffer {
+ public:
+  InternodeBuffer(const Topology& topology, int device, std::chrono::milliseconds timeout, int64_t capacity,
+                  int64_t min_row_bytes);
+  ~InternodeBuffer();
+  InternodeBuffer(const InternodeBuffer&) = delete;
+  InternodeBuffer& operator=(const InternodeBuffer&) = delete;
+
+  // Collective on the first call: allocates for rows of `row_bytes` (at least). Later calls
+  // allocate nothing. Must not run during a CUDA-graph capture the first time.
+  void reserve(int64_t row_bytes);
+  bool allocated() const { return base_ != nullptr; }
+  int64_t capacity() const { return layout_.capacity; }
+  int64_t row_bytes() const { return layout_.row_bytes; }
+  // Raises (naming `op`) what a kernel reported since the last check. Timeouts leave the
+  // buffer's signals out of step with the peers', so after one every call raises.
+  void check(const char* op);
+  // Work.wait()'s view of check(): the failure's text, or "" (does not clear it).
+  std::string error();
+  // The group's parameters with this call's ticket (host_waits callers wait for it).
+  kernels::ix::IxParams params();
+  // Waits (bounded by the timeout) until the notify step of the call with `ticket` wrote its
+  // results; raises naming `op` otherwise.
+  const kernels::ix::IxHostCtrl& wait_for(int64_t ticket, const char* op);
+  int num_blocks() const { return num_blocks_; }
+
+ private:
+  std::string describe(int code) const;
+
+  Topology topology_;
+  int device_;
+  std::chrono::milliseconds timeout_;
+  int num_blocks_ = 1;
+  kernels::ix::IxLayout layout_{};
+  char* base_ = nullptr;  // symmetric
+  int* error_host_ = nullptr;  // pinned, mapped
+  int* error_device_ = nullptr;
+  kernels::ix::IxHostCtrl* ctrl_host_ = nullptr;  // pinned, mapped
+  kernels::ix::IxHostCtrl* ctrl_device_ = nullptr;
+  int64_t tickets_ = 0;
+  std::mutex mutex_;
+  std::string failed_;  // set after a timeout
+};
+
+}  // namespace ep
