@@ -11,10 +11,10 @@ itself included. Measured, size by size and one after another:
            (NCCL refuses two ranks on one GPU)
   all_to_all_v  torch_ep.all_to_all_v on the "ep" group, the same bytes as uint8 rows, the
            splits an int64 tensor on the device and the output given
-  ep_graph on CUDA: the ep call captured in a CUDA graph and replayed: the device's time per
+  ep_graph on CUDA: the ep_device call captured in a CUDA graph and replayed: the device's time per
            call without the host's (Python, c10d, launches), what a captured model step pays
-  ep_host_exchange  on CUDA: an "ep" group with Options(all_to_all_device=False), the protocol
-           before the device one (a control exchange on the host every call), for comparison
+  ep_device  on CUDA: an "ep" group with Options(all_to_all_device=True): all_to_all_single on
+           the device protocol (counts checked by the kernels, no host control exchange)
   roofline on CUDA: the all_to_all bandwidth per rank that GPU memory allows. An all_to_all
            must read and write each byte at least once, so every rank times a plain
            dst.copy_(src) of the same bytes, all at once: the R ranks sharing a GPU split its
@@ -248,9 +248,8 @@ def main() -> None:
     sharing = 1
     if device.type == "cuda":
         sharing = common.ranks_per_gpu(device, sync_group)
-        impls[GRAPH] = dist.group.WORLD
-        impls["ep_host_exchange"] = dist.new_group(backend="ep",
-                                                   pg_options=torch_ep.Options(all_to_all_device=False))
+        impls["ep_device"] = dist.new_group(backend="ep", pg_options=torch_ep.Options(all_to_all_device=True))
+        impls[GRAPH] = impls["ep_device"]
         if sharing == 1 and dist.is_nccl_available():
             impls["nccl"] = dist.new_group(backend="nccl")
 

@@ -21,9 +21,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C
                                 reason="needs CUDA and a CUDA build of torch_ep")
 
 
-@pytest.fixture(params=cuda_world_sizes(), ids=lambda n: f"{n}ranks")
+# Both protocols of all_to_all_single: the host control exchange (the default, one copy) and the
+# device protocol (Options.all_to_all_device: counts checked by the kernels, staged).
+PROTOCOLS = {"host": {"TORCH_EP_ALL_TO_ALL_DEVICE": "0"}, "device": {"TORCH_EP_ALL_TO_ALL_DEVICE": "1"}}
+
+
+@pytest.fixture(params=[(n, p) for n in cuda_world_sizes() for p in PROTOCOLS], ids=lambda v: f"{v[0]}ranks-{v[1]}")
 def cuda_pool(request):
-    return rank_pool(request.param, cuda=True)
+    world_size, protocol = request.param
+    return rank_pool(world_size, cuda=True, env=PROTOCOLS[protocol])
 
 
 def _seed():
@@ -36,12 +42,15 @@ def test_all_dtypes_and_splits(cuda_pool):
 
 
 def rank_disagreeing_splits():
-    """Ranks 0 and 1 disagree (rank 0 expects three rows from rank 1, which sends two). The device
-    protocol checks every receiver's counts against its senders' in the kernel: nothing moves on
-    any rank, every rank's outputs stay as they were, and every rank raises, at the next
-    synchronising check (torch_ep.check_errors, a blocking wait, or its next call). The group
-    keeps working."""
+    """Ranks 0 and 1 disagree (rank 0 expects three rows from rank 1, which sends two).
+    - host protocol: both raise before queueing anything; the other ranks, which queued work
+      with them, are released by their watchdogs after the (short) timeout.
+    - device protocol: the kernel checks every receiver's counts against its senders': nothing
+      moves on any rank, every output stays as it was, and every rank raises at the next
+      synchronising check (torch_ep.check_errors, a blocking wait, or its next call). The group
+      keeps working."""
     rank, size = dist.get_rank(), dist.get_world_size()
+    device_protocol = torch_ep.Options().all_to_all_device
     group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=4)))
     x = torch.randn(size * 2, device="cuda")
     out_splits = [2] * size
@@ -57,6 +66,10 @@ def rank_disagreeing_splits():
     except Exception as e:  # noqa: BLE001
         error = (type(e).__name__, str(e))
     torch.cuda.synchronize()
+    if not device_protocol:
+        dist.barrier()
+        dist.destroy_process_group(group)
+        return error, None
     assert same_bits(y, before), "a refused call wrote its output"
     # The group keeps working: a correct call afterwards.
     x = torch.randn(size * 2, device="cuda")
@@ -69,11 +82,16 @@ def rank_disagreeing_splits():
     return error, ok_after
 
 
-def test_disagreeing_splits_raise_on_every_rank(cuda_pool):
+def test_disagreeing_splits_raise(cuda_pool):
     if cuda_pool.world_size < 2:
         pytest.skip("needs two ranks")
     results = cuda_pool.run(rank_disagreeing_splits, timeout_s=120)
+    device_protocol = results[0][1] is not None
     for rank, (error, ok_after) in enumerate(results):
+        if not device_protocol:  # the pair that disagrees raises at the call
+            if rank in (0, 1):
+                assert error is not None and "split sizes disagree" in error[1], results
+            continue
         assert error is not None and "split sizes disagree" in error[1] and "rank 0 expects" in error[1], results
         assert ok_after, f"rank {rank}: the call after the refused one went wrong"
 

@@ -1,5 +1,5 @@
 """torch_ep.all_to_all_v on CUDA tensors (GPU machines only), on its device path (the default;
-TORCH_EP_ALL_TO_ALL_DEVICE=0 falls back to reading the splits on the host): the CPU tests' rank
+TORCH_EP_ALL_TO_ALL_V_DEVICE=0 falls back to reading the splits on the host): the CPU tests' rank
 functions on CUDA, plus what only CUDA has (the caller's stream, CUDA-graph capture).
 
     TORCH_EP_TEST_WORLD_SIZES=1,2,4 python -m pytest tests/test_cuda_all_to_all_v.py -q
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C
                                 reason="needs CUDA and a CUDA build of torch_ep")
 
 # The device path (splits never on the host), stated although it is the default.
-DEVICE_PATH = {"TORCH_EP_ALL_TO_ALL_DEVICE": "1"}
+DEVICE_PATH = {"TORCH_EP_ALL_TO_ALL_V_DEVICE": "1"}
 
 
 @pytest.fixture(params=cuda_world_sizes(), ids=lambda n: f"{n}ranks")

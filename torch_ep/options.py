@@ -23,8 +23,10 @@ ENVIRONMENT = {
     "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default: one per peer)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
-    "TORCH_EP_ALL_TO_ALL_DEVICE": "0 runs CUDA all_to_all_single and all_to_all_v on the host-exchange protocol instead "
-                                  "of the device protocol (splits checked by the kernels, no host round trip)",
+    "TORCH_EP_ALL_TO_ALL_V_DEVICE": "0 makes CUDA all_to_all_v read its splits on the host (one wait, not capturable) "
+                                    "instead of keeping them on the device",
+    "TORCH_EP_ALL_TO_ALL_DEVICE": "1 runs CUDA all_to_all_single on the device protocol (counts checked by the kernels, "
+                                  "no host round trip; staged, two copies per byte)",
     "TORCH_EP_FORCE_REMOTE": "1 makes the low-latency ops reach ranks on other (virtual) nodes by NVSHMEM puts, as "
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
     "TORCH_EP_INTERNODE_DEVICE": "0 sends CUDA dispatch/combine across nodes on the host-driven route (host rounds, "
@@ -79,7 +81,8 @@ class Options:
     ranks_per_node: int = field(default_factory=_default("TORCH_EP_RANKS_PER_NODE", 0))
     blocking_wait: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_BLOCKING_WAIT")))
     force_remote: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_FORCE_REMOTE")))
-    all_to_all_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_DEVICE") != 0)
+    all_to_all_v_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_V_DEVICE") != 0)
+    all_to_all_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_DEVICE")))
     internode_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_INTERNODE_DEVICE")))
     internode_capacity: int = field(default_factory=_default("TORCH_EP_INTERNODE_CAPACITY", 4096))
     internode_row_bytes: int = field(default_factory=_default("TORCH_EP_INTERNODE_ROW_BYTES", 0))
@@ -113,6 +116,7 @@ class Options:
         config.ranks_per_node = self.ranks_per_node
         config.blocking_wait = self.blocking_wait
         config.force_remote = self.force_remote
+        config.all_to_all_v_device = self.all_to_all_v_device
         config.all_to_all_device = self.all_to_all_device
         config.internode_device = self.internode_device
         config.internode_capacity = self.internode_capacity

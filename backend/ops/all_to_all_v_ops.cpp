@@ -22,8 +22,8 @@
 //      stream then waits for).
 // That is the CPU path, and CUDA's by default and where the kernels cannot reach every rank
 // (ranks on several hosts, or more than kMaxRanksPerNode): there step 1 first reads input_splits
-// on the host, and a CUDA graph capture raises. With Options.all_to_all_v_device (experimental:
-// not yet run on a GPU) and elsewhere on CUDA the splits never leave the device
+// on the host, and a CUDA graph capture raises. With Options.all_to_all_v_device (the default)
+// and elsewhere on CUDA the splits never leave the device
 // (backend/ops/cuda/all_to_all_v_cuda.cpp, backend/kernels/all_to_all_v.cuh): the same
 // agreement runs in a kernel, and what only it can see raises later (torch_ep.check_errors, or
 // the next call once queued).
@@ -99,7 +99,7 @@ std::vector<int64_t> host_splits(const Tensor& input_splits) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(input_splits.device().index()).stream(), &capture);
     TORCH_CHECK(capture == cudaStreamCaptureStatusNone, kOp, ": input_splits are read on the host here, which a "
-                "CUDA graph capture cannot do; the device path (Options.all_to_all_device, on by default for "
+                "CUDA graph capture cannot do; the device path (Options.all_to_all_v_device, on by default for "
                 "ranks of one host, at most 32) keeps them on the device");
   }
 #endif
@@ -202,9 +202,9 @@ Tensor exclusive_cumsum(const std::vector<int64_t>& v) {
 std::pair<Tensor, Tensor> run(ProcessGroupEP& group, const Tensor& input, const Tensor& input_splits,
                               const std::optional<Tensor>& given, Tensor* allocated, bool allow_extra_rows) {
 #ifdef TORCH_EP_WITH_CUDA
-  // The device path (Options.all_to_all_device, on by default): the splits stay on the device
+  // The device path (Options.all_to_all_v_device, on by default): the splits stay on the device
   // where the kernels reach every rank.
-  if (input.is_cuda() && group.config().all_to_all_device)
+  if (input.is_cuda() && group.config().all_to_all_v_device)
     if (std::shared_ptr<AllToAllVState> state = group.all_to_all_v_state(input.device(), kOp))
       return all_to_all_v_cuda(group, *state, input, input_splits, given, allocated, allow_extra_rows);
 #endif

@@ -19,8 +19,9 @@ struct Config {
   int ranks_per_node = 0;               // override of the node size; 0 = detect
   int launch_local_world_size = 0;      // the launcher's LOCAL_WORLD_SIZE where the group is the launch
   bool blocking_wait = false;           // CUDA Work.wait() blocks the CPU and raises on errors
-  bool all_to_all_device = true;        // CUDA all_to_all_single and all_to_all_v on the device protocol
-                                        // (no host control exchange; all_to_all_v's splits stay on the device)
+  bool all_to_all_v_device = true;      // CUDA all_to_all_v keeps its splits on the device (its kernels)
+  bool all_to_all_device = false;       // CUDA all_to_all_single on the same kernels: no host control
+                                        // exchange, but staged (two copies): opt-in until it has a one-copy path
   bool force_remote = false;            // low-latency ops reach other nodes' ranks by NVSHMEM puts even
                                         // where they could map them (tests the path across nodes on one)
   bool internode_device = false;        // CUDA dispatch/combine across nodes driven by the device (NVSHMEM

@@ -26,6 +26,7 @@ void register_process_group(py::module_& m) {
       .def_readwrite("launch_local_world_size", &Config::launch_local_world_size)
       .def_readwrite("blocking_wait", &Config::blocking_wait)
       .def_readwrite("force_remote", &Config::force_remote)
+      .def_readwrite("all_to_all_v_device", &Config::all_to_all_v_device)
       .def_readwrite("all_to_all_device", &Config::all_to_all_device)
       .def_readwrite("internode_device", &Config::internode_device)
       .def_readwrite("internode_capacity", &Config::internode_capacity)
