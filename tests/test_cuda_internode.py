@@ -49,7 +49,8 @@ def _pool(topology, route):
     # A small registered budget: messages stream through the NVSHMEM slots in many chunks.
     env.update({"TORCH_EP_RANKS_PER_NODE": str(per_node), "TORCH_EP_CUDA_BUFFER_BYTES": str(1 << 20),
                 "TORCH_EP_INTERNODE_DEVICE": "1" if route == "device" else "0",
-                "TORCH_EP_INTERNODE_CAPACITY": str(CAPACITY)})
+                "TORCH_EP_INTERNODE_CAPACITY": str(CAPACITY),
+                "TORCH_EP_TIMEOUT_S": os.environ.get("TORCH_EP_TIMEOUT_S", "60")})
     return rank_pool(world, cuda=True, env=env)
 
 
