@@ -212,8 +212,9 @@ if [ "$WHAT" = all ] || [ "$WHAT" = internode ]; then
   for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
     R=$(( ${TOPO%x*} * ${TOPO#*x} ))
     step "internode benchmark, $TOPO virtual nodes"
+    # Two groups across nodes and the device route's buffer pass NVSHMEM's 1 GiB default heap.
     NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 \
-      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) timeout 150 torchrun --standalone --nproc-per-node "$R" \
+      NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-3G} CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) timeout 150 torchrun --standalone --nproc-per-node "$R" \
       benchmarks/internode.py --ranks-per-node "${TOPO#*x}" --out "$LOGS/internode_$TOPO" \
       > "$LOGS/internode_bench_$TOPO.log" 2>&1 || STATUS=1
     tail -16 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
