@@ -83,7 +83,8 @@ run_bench() {
 python3 -c 'import deep_ep; print("deep_ep", deep_ep.__file__)' >> "$SUMMARY" 2>&1 || echo "deep_ep: not importable" >> "$SUMMARY"
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   step "GPU tests, 1 2 4 8 ranks"
-  TORCH_EP_TEST_WORLD_SIZES=1,2,4,8 timeout 240 python3 -m pytest tests/test_cuda_all_to_all.py -q -ra -x \
+  # Both protocols of all_to_all_single (host control exchange, device): twice the tests.
+  TORCH_EP_TEST_WORLD_SIZES=1,2,4,8 timeout 420 python3 -m pytest tests/test_cuda_all_to_all.py -q -ra -x \
     > "$LOGS/gpu_tests.log" 2>&1 || STATUS=1
   tail -15 "$LOGS/gpu_tests.log" >> "$SUMMARY"
 fi
