@@ -70,6 +70,7 @@ class AllToAllVState {
 
   ~AllToAllVState() {
     transport_.reset();  // first: its destructor lets calls in flight finish (or time out)
+    if (last_call_) cudaEventDestroy(last_call_);
     if (report_host_) cudaFreeHost(report_host_);
     if (abort_host_) cudaFreeHost(abort_host_);
   }
@@ -143,6 +144,20 @@ class AllToAllVState {
     }
   }
 
+  // Calls of this group run one after another whatever stream they are queued on (all_to_all_v
+  // on the caller's, all_to_all_single on the comm stream): every rank writes its records in
+  // call order, and two calls of one rank never share the blocks at once. `begin` makes
+  // `stream` wait for the previous call; `end` marks this one. Inside a graph capture neither
+  // (an event recorded outside cannot be waited on there; replays follow the graph's stream).
+  void begin(cudaStream_t stream) {
+    if (capturing(stream)) return;
+    if (!last_call_) EP_CUDA_CHECK(cudaEventCreateWithFlags(&last_call_, cudaEventDisableTiming));
+    else EP_CUDA_CHECK(cudaStreamWaitEvent(stream, last_call_, 0));
+  }
+  void end(cudaStream_t stream) {
+    if (!capturing(stream)) EP_CUDA_CHECK(cudaEventRecord(last_call_, stream));
+  }
+
   int64_t* scratch(int size) {
     if (!scratch_.defined())
       scratch_ = at::empty({6 * int64_t(kernels::kMaxRanksPerNode)},
@@ -178,7 +193,14 @@ class AllToAllVState {
   int64_t calls_ = 0;                 // calls so far: each one's call_id
   int* abort_host_ = nullptr;         // pinned, mapped: set by abort()
   int* abort_device_ = nullptr;
-  Tensor scratch_;                    // all_to_all_single's plan and counts; its calls share one stream
+  Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: begin/end)
+  cudaEvent_t last_call_ = nullptr;   // recorded after the last call's kernels
+
+  static bool capturing(cudaStream_t stream) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    return capture != cudaStreamCaptureStatusNone;
+  }
 };
 
 std::shared_ptr<AllToAllVState> create_all_to_all_v_state(Rendezvous& rdv, const Config& config, int device,
@@ -228,8 +250,10 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
     p.output_splits = scratch;
     p.output_offsets = scratch + kernels::kMaxRanksPerNode;
     p.plan = scratch + 2 * kernels::kMaxRanksPerNode;
+    state.begin(stream);
     EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
     EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+    state.end(stream);
     std::vector<int> peers;
     for (int r = 0; r < R; ++r)
       if (r != rank) peers.push_back(r);
@@ -278,6 +302,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     p.output_splits = output_splits.data_ptr<int64_t>();
     p.output_offsets = output_offsets.data_ptr<int64_t>();
     p.plan = plan.data_ptr<int64_t>();
+    state.begin(stream);
     EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
 
     Tensor output, staging;
@@ -303,6 +328,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     }
     p.output = static_cast<char*>(staging.data_ptr());
     EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+    state.end(stream);
     if (!staging.is_same(output)) output.copy_(staging);
     std::vector<int> peers;
     for (int r = 0; r < R; ++r)
