@@ -253,3 +253,39 @@ def rank_overflow_raised_at_next_call(seed):
 
 def test_overflow_raised_at_next_call(cuda_pool):
     cuda_pool.run(rank_overflow_raised_at_next_call, seed=_seed())
+
+
+def rank_interleaved_with_all_to_all_single(seed):
+    """all_to_all_single on the device protocol (the comm stream) and all_to_all_v (the caller's
+    stream) share the group's kernels and blocks: an async all_to_all_single followed at once by
+    all_to_all_v calls, with no wait between, must run in call order on every rank and deliver
+    both right. Small messages and many rounds, so that the kernels of consecutive calls would
+    overlap if nothing ordered them."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(all_to_all_device=True))
+    try:
+        g = torch.Generator(device="cuda").manual_seed(seed + rank)
+        for i in range(20):
+            x = torch.randn(size * 3, 7, device="cuda", generator=g)
+            y = poison_(torch.empty_like(x))
+            work = dist.all_to_all_single(y, x, group=group, async_op=True)
+            rows = 8 * size
+            v_in = torch.randn(rows, 5, device="cuda", generator=g)
+            splits = torch.bincount(torch.randint(0, size, (rows,), device="cuda", generator=g), minlength=size)
+            v_out = poison_(torch.empty(rows * size, 5, device="cuda"))
+            res = torch_ep.all_to_all_v(v_in, splits, output=v_out, group=group)
+            work.wait()
+            torch.cuda.synchronize()
+            torch_ep.check_errors(group)
+            assert same_bits(y.cpu(), reference.all_to_all_single(y.shape, x.cpu(), group=group)), f"call {i}: single"
+            expected = reference.all_to_all_v(v_in, splits, output=poison_(torch.empty_like(v_out)), group=group)
+            assert same_bits(v_out, expected.output) and same_bits(res.output_splits, expected.output_splits), \
+                f"call {i}: all_to_all_v"
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_interleaved_with_all_to_all_single(cuda_pool):
+    if cuda_pool.world_size < 2:
+        pytest.skip("needs two ranks")
+    cuda_pool.run(rank_interleaved_with_all_to_all_single, seed=_seed())
