@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|a2av|profile|ll-profile|internode|compile|deep_ep]
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|a2av|profile|ll-profile|internode|compile|deep_ep|pending]
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
 #     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES,
 #     TORCH_EP_LL_BENCH_RANKS); internode: tests and benchmark across virtual nodes
@@ -15,6 +15,10 @@
 #     compiled-layer benchmark rows, with 2 ranks; deep_ep: torch_ep.deep_ep's GPU tests, its
 #     example, and the MoE benchmark through the native API and through the DeepEP API
 #     (TORCH_EP_DEEP_EP_WORLD_SIZES, TORCH_EP_DEEP_EP_BENCH_RANKS; default 2 ranks)
+#     pending: what was built but has not passed on a GPU yet, most valuable first, each step
+#     bounded (the device route across nodes at 2x2, both all_to_all_single protocols at 2 and 4
+#     ranks, all_to_all_v at 4 ranks, the CUDA fault tests), then the all_to_all benchmark
+#     (TORCH_EP_PENDING_BENCH_RANKS, default 2); a short TORCH_EP_TIMEOUT_S makes a hang fail fast
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
@@ -141,6 +145,28 @@ need_nvshmem4py() {
   fi
   python3 -c 'import nvshmem.core, nvshmem; print("nvshmem4py", nvshmem.__version__)' 2>&1 | tail -1 | tee -a "$SUMMARY"
 }
+if [ "$WHAT" = pending ]; then
+  need_nvshmem4py
+  # pending_test NAME LIMIT_S [ENV=VALUE ...] -- PYTEST_ARGS...: one bounded pytest step.
+  pending_test() {
+    local name=$1 limit=$2; shift 2
+    local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+    step "pending: $name"
+    env TORCH_EP_TIMEOUT_S=20 "${envs[@]}" timeout -s INT "$limit" python3 -m pytest -o faulthandler_timeout=$((limit - 8)) \
+      "$@" -q -ra > "$LOGS/pending_$name.log" 2>&1 || STATUS=1
+    grep -v "^\[rank\|^  " "$LOGS/pending_$name.log" | tail -12 >> "$SUMMARY"
+  }
+  pending_test internode_device 110 NVSHMEM_SYMMETRIC_SIZE=3G TORCH_EP_INTERNODE_TOPOLOGIES=2x2 \
+    TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py -x
+  pending_test all_to_all 100 TORCH_EP_TEST_WORLD_SIZES=2,4 -- tests/test_cuda_all_to_all.py -x
+  pending_test all_to_all_v 60 TORCH_EP_TEST_WORLD_SIZES=4 -- tests/test_cuda_all_to_all_v.py -x
+  pending_test faults 80 -- tests/test_faults.py -k "killed_mid_stream_cuda or timeout_cuda"
+  for R in ${TORCH_EP_PENDING_BENCH_RANKS:-2}; do
+    step "all_to_all benchmark, $R ranks (ep, ep_device, ep_graph, all_to_all_v)"
+    run_bench "$R" 90 "pending_bench_${R}ranks.log" 12 benchmarks/all_to_all.py --device cuda --max-bytes $((64 << 20)) \
+      --out "$LOGS/all_to_all_${R}ranks"
+  done
+fi
 if [ "$WHAT" = profile ] || [ "$WHAT" = ll-profile ]; then
   need_nvshmem4py
   for R in ${TORCH_EP_LL_PROFILE_RANKS:-2}; do
