@@ -139,8 +139,11 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
     __threadfence_system();
     p.host->ticket = p.ticket;
     __threadfence_system();
-    // (the refusing rank's own host raised already)
-    if (!ok && !timed_out_s && !p.host_waits && bad_s != p.rank) ll::report(p.error, kRejected, bad_s);
+    // Every rank reports, the refusing one too (its host raised at this call already): the next
+    // call then raises on every rank before it launches anything, so the ranks stay in step. Were
+    // the refusing rank left out, it alone would launch the next call's notify, wait for records
+    // its peers never send, time out and leave the group out of step for good.
+    if (!ok && !timed_out_s && !p.host_waits) ll::report(p.error, kRejected, bad_s);
     nvshmem_quiet();  // the record stage is reused by the next call
   }
 }
