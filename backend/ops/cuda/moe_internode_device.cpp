@@ -80,6 +80,9 @@ std::string refusal(const ix::IxRecordHeader& d, const InternodeBuffer& b) {
       return "x's rows take " + std::to_string(d.detail) + " bytes in the buffers across nodes, which were sized for " +
              std::to_string(b.row_bytes()) + " by this group's first call; set Options.internode_row_bytes "
              "(TORCH_EP_INTERNODE_ROW_BYTES) to at least that";
+    case ix::kOverflowed:
+      return "an earlier dispatch across nodes with num_worst_tokens received more rows than num_worst_tokens on "
+             "this rank; the rows past it were dropped";
     case ix::kBadHandle:
       return "handle: it was not made by a dispatch on this group's device route across nodes (another group, or "
              "Options.internode_device changed)";
@@ -167,6 +170,9 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
     mine.status = ix::kRowTooWide;
     mine.detail = row.stride;
   }
+  // An earlier dispatch's overflow refuses this call on every rank (check() did not raise it);
+  // not a captured call, whose record every replay would repeat.
+  if (mine.status == ix::kOk && !capturing(stream) && buf.take_overflow()) mine.status = ix::kOverflowed;
   p.row_stride = row.stride;
   p.host_waits = !worst;
   p.cached = cached;
@@ -262,6 +268,8 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
     mine.status = ix::kRowTooWide;
     mine.detail = stride;
   }
+  // As in dispatch: an earlier dispatch's overflow refuses this call on every rank.
+  if (mine.status == ix::kOk && !capturing(stream) && buf.take_overflow()) mine.status = ix::kOverflowed;
   const bool host_waits = h.num_worst_tokens == 0 && !capturing(stream);
   p.row_stride = stride;
   p.host_waits = host_waits;

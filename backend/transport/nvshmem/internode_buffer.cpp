@@ -102,9 +102,18 @@ std::string InternodeBuffer::error() {
 void InternodeBuffer::check(const char* op) {
   if (const std::string e = error(); !e.empty()) throw CommError(std::string("torch_ep: ") + op + ": " + e);
   const int code = *static_cast<volatile int*>(error_host_);
-  if (code == 0) return;
+  // An overflow is known to this rank only: raising it here, before this call's notify, would
+  // leave the peers waiting for this rank's record (take_overflow() refuses the call instead).
+  if (code == 0 || ix::error_kind(code) == ix::kOverflow) return;
   *static_cast<volatile int*>(error_host_) = 0;
   TORCH_CHECK_VALUE(false, op, ": ", describe(code), " (reported by an earlier call's kernel)");
+}
+
+bool InternodeBuffer::take_overflow() {
+  const int code = *static_cast<volatile int*>(error_host_);
+  if (ix::error_kind(code) != ix::kOverflow) return false;
+  *static_cast<volatile int*>(error_host_) = 0;
+  return true;
 }
 
 ix::IxParams InternodeBuffer::params() {

@@ -36,6 +36,10 @@ class InternodeBuffer {
   // Raises (naming `op`) what a kernel reported since the last check. Timeouts leave the
   // buffer's signals out of step with the peers', so after one every call raises.
   void check(const char* op);
+  // Whether a dispatch kernel reported receiving more rows than num_worst_tokens since the last
+  // call (clears it). check() leaves that report for this: the caller refuses its next call with
+  // it in the record, so that every rank raises at that call together.
+  bool take_overflow();
   // Work.wait()'s view of check(): the failure's text, or "" (does not clear it).
   std::string error();
   // The group's parameters with this call's ticket (host_waits callers wait for it).
