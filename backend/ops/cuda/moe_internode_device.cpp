@@ -143,6 +143,10 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   TORCH_CHECK_VALUE(E / R <= ix::kMaxLocalExperts, op, ": across nodes on the device, a rank owns at most ",
                     ix::kMaxLocalExperts, " experts; this call gives it ", E / R);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.x.device().index()).stream();
+  // Without num_worst_tokens the host waits for the notify's sizes, which a capture never runs:
+  // refuse at once (every rank captures alike) rather than wait out twice the timeout.
+  TORCH_CHECK_VALUE(worst || !capturing(stream), op, ": inside a CUDA graph capture, a dispatch across nodes needs "
+                    "num_worst_tokens (without it the host waits for the received sizes)");
   const DispatchRow row(H * int64_t(a.x.element_size()), S, K, with_weights, L);
   InternodeBuffer& buf = buffer_for(group, transport, std::max(row.stride, r16(2 * H) + r16(4 * K)), stream, op);
 
