@@ -142,7 +142,9 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
     // Every rank reports, the refusing one too (its host raised at this call already): the next
     // call then raises on every rank before it launches anything, so the ranks stay in step. Were
     // the refusing rank left out, it alone would launch the next call's notify, wait for records
-    // its peers never send, time out and leave the group out of step for good.
+    // its peers never send, time out and leave the group out of step for good. (Still racy: a
+    // host that reaches its next call before this kernel ran raises one call later than a peer;
+    // carrying the refusal in the next call's record, as kOverflowed does, would close that.)
     if (!ok && !timed_out_s && !p.host_waits) ll::report(p.error, kRejected, bad_s);
     nvshmem_quiet();  // the record stage is reused by the next call
   }
