@@ -83,6 +83,10 @@ std::string refusal(const ix::IxRecordHeader& d, const InternodeBuffer& b) {
     case ix::kOverflowed:
       return "an earlier dispatch across nodes with num_worst_tokens received more rows than num_worst_tokens on "
              "this rank; the rows past it were dropped";
+    case ix::kRefusedBefore:
+      return "rank " + std::to_string(d.detail) + " refused an earlier dispatch/combine across nodes whose results "
+             "no host waited for (num_worst_tokens, or a CUDA graph; its outputs were padding only); call it without "
+             "num_worst_tokens to see why";
     case ix::kBadHandle:
       return "handle: it was not made by a dispatch on this group's device route across nodes (another group, or "
              "Options.internode_device changed)";
@@ -174,9 +178,10 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
     mine.status = ix::kRowTooWide;
     mine.detail = row.stride;
   }
-  // An earlier dispatch's overflow refuses this call on every rank (check() did not raise it);
-  // not a captured call, whose record every replay would repeat.
-  if (mine.status == ix::kOk && !capturing(stream) && buf.take_overflow()) mine.status = ix::kOverflowed;
+  // What a kernel reported since (an overflow, a refusal no host waited for) refuses this call on
+  // every rank (InternodeBuffer::take_pending); not a captured call, whose record every replay
+  // would repeat.
+  if (mine.status == ix::kOk && !capturing(stream)) mine.status = buf.take_pending(mine.detail);
   p.row_stride = row.stride;
   p.host_waits = !worst;
   p.cached = cached;
@@ -272,8 +277,8 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
     mine.status = ix::kRowTooWide;
     mine.detail = stride;
   }
-  // As in dispatch: an earlier dispatch's overflow refuses this call on every rank.
-  if (mine.status == ix::kOk && !capturing(stream) && buf.take_overflow()) mine.status = ix::kOverflowed;
+  // As in dispatch: what a kernel reported since refuses this call on every rank.
+  if (mine.status == ix::kOk && !capturing(stream)) mine.status = buf.take_pending(mine.detail);
   const bool host_waits = h.num_worst_tokens == 0 && !capturing(stream);
   p.row_stride = stride;
   p.host_waits = host_waits;
