@@ -144,6 +144,7 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
         }
       }
     if (__shfl_sync(0xffffffffu, lost, 0)) return;
+    __syncwarp();  // lane 0's acquire of the chunk flags orders the other lanes' reads of the rows
     const int32_t* slots = p.node_pos + t * NN;
     sum_rows<T>(p.out + t * H * int64_t(sizeof(T)), NN,
                 [&](int m) -> const char* { return slots[m] >= 0 ? row(p, l.rail_recv(), m * C + slots[m]) : nullptr; },

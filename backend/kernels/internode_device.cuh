@@ -41,7 +41,11 @@ constexpr int kThreads = 512;
 
 enum Op : int32_t { kDispatch = 1, kCombine = 2 };
 // Record status: why a rank refuses the call (every rank then refuses alike).
-enum Status : int32_t { kOk = 0, kOverCapacity = 1, kBadExpertIds = 2, kRowTooWide = 3, kBadHandle = 4 };
+enum Status : int32_t {
+  kOk = 0, kOverCapacity = 1, kBadExpertIds = 2, kRowTooWide = 3, kBadHandle = 4,
+  kOverflowed = 5,  // an earlier dispatch (num_worst_tokens) on this rank received more rows than it holds
+  kRefusedBefore = 6,  // rank `detail` refused an earlier call that no host waited for (this rank's kRejected)
+};
 // Error word (host-mapped): kind * 65536 + peer + 1, the first one wins.
 enum ErrorKind : int {
   kNotifyTimeout = 1,   // a rank's record never came

@@ -52,13 +52,14 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
   const bool with_experts = p.op == kDispatch && !p.cached;
   const int64_t per = p.num_experts / R;
   __shared__ uint64_t seq_s;
-  __shared__ int bad_s, timed_out_s;
+  __shared__ int bad_s, news_s, timed_out_s;
   __shared__ IxRecordHeader mine;
   IxCtrl& c = ctrl(p);
   if (threadIdx.x == 0) {
     seq_s = c.seq + 1;
     c.seq = seq_s;
     bad_s = R;  // the first rank refusing or disagreeing; R: none
+    news_s = R;  // the same, leaving out kRefusedBefore (a refusal the ranks were told of already)
     timed_out_s = 0;
     mine = p.mine;
     if (with_experts && mine.status == kOk) {
@@ -99,8 +100,11 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
       atomicExch(&timed_out_s, 1);
     }
   __syncthreads();
-  for (int r = threadIdx.x; r < R; r += blockDim.x)
-    if (!timed_out_s && (got[r].status != kOk || !same_call(got[r], mine))) atomicMin(&bad_s, r);
+  for (int r = threadIdx.x; r < R && !timed_out_s; r += blockDim.x) {
+    const bool differs = !same_call(got[r], mine);
+    if (got[r].status != kOk || differs) atomicMin(&bad_s, r);
+    if ((got[r].status != kOk && got[r].status != kRefusedBefore) || differs) atomicMin(&news_s, r);
+  }
   __syncthreads();
   const bool ok = bad_s == R && !timed_out_s;
 
@@ -139,8 +143,14 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
     __threadfence_system();
     p.host->ticket = p.ticket;
     __threadfence_system();
-    // (the refusing rank's own host raised already)
-    if (!ok && !timed_out_s && !p.host_waits && bad_s != p.rank) ll::report(p.error, kRejected, bad_s);
+    // A refusal no host waits for reaches the peers' hosts through their error words, and each
+    // host carries it into the record of a later call (kRefusedBefore), which every rank then
+    // refuses together: a host never raises it before a call's notify, which would leave that
+    // rank out of the call while its peers wait for its record (and hosts learn it at different
+    // calls: each reads its word whenever it starts a call). Not reported: a rank's own refusal
+    // its host raised at this call already, and kRefusedBefore (no refusal chain).
+    if (!ok && !timed_out_s && !p.host_waits && news_s < R && !(news_s == p.rank && p.mine.status != kOk))
+      ll::report(p.error, kRejected, news_s);
     nvshmem_quiet();  // the record stage is reused by the next call
   }
 }

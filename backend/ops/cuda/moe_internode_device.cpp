@@ -80,6 +80,13 @@ std::string refusal(const ix::IxRecordHeader& d, const InternodeBuffer& b) {
       return "x's rows take " + std::to_string(d.detail) + " bytes in the buffers across nodes, which were sized for " +
              std::to_string(b.row_bytes()) + " by this group's first call; set Options.internode_row_bytes "
              "(TORCH_EP_INTERNODE_ROW_BYTES) to at least that";
+    case ix::kOverflowed:
+      return "an earlier dispatch across nodes with num_worst_tokens received more rows than num_worst_tokens on "
+             "this rank; the rows past it were dropped";
+    case ix::kRefusedBefore:
+      return "rank " + std::to_string(d.detail) + " refused an earlier dispatch/combine across nodes whose results "
+             "no host waited for (num_worst_tokens, or a CUDA graph; its outputs were padding only); call it without "
+             "num_worst_tokens to see why";
     case ix::kBadHandle:
       return "handle: it was not made by a dispatch on this group's device route across nodes (another group, or "
              "Options.internode_device changed)";
@@ -140,6 +147,10 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   TORCH_CHECK_VALUE(E / R <= ix::kMaxLocalExperts, op, ": across nodes on the device, a rank owns at most ",
                     ix::kMaxLocalExperts, " experts; this call gives it ", E / R);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.x.device().index()).stream();
+  // Without num_worst_tokens the host waits for the notify's sizes, which a capture never runs:
+  // refuse at once (every rank captures alike) rather than wait out twice the timeout.
+  TORCH_CHECK_VALUE(worst || !capturing(stream), op, ": inside a CUDA graph capture, a dispatch across nodes needs "
+                    "num_worst_tokens (without it the host waits for the received sizes)");
   const DispatchRow row(H * int64_t(a.x.element_size()), S, K, with_weights, L);
   InternodeBuffer& buf = buffer_for(group, transport, std::max(row.stride, r16(2 * H) + r16(4 * K)), stream, op);
 
@@ -167,6 +178,10 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
     mine.status = ix::kRowTooWide;
     mine.detail = row.stride;
   }
+  // What a kernel reported since (an overflow, a refusal no host waited for) refuses this call on
+  // every rank (InternodeBuffer::take_pending); not a captured call, whose record every replay
+  // would repeat.
+  if (mine.status == ix::kOk && !capturing(stream)) mine.status = buf.take_pending(mine.detail);
   p.row_stride = row.stride;
   p.host_waits = !worst;
   p.cached = cached;
@@ -262,6 +277,8 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
     mine.status = ix::kRowTooWide;
     mine.detail = stride;
   }
+  // As in dispatch: what a kernel reported since refuses this call on every rank.
+  if (mine.status == ix::kOk && !capturing(stream)) mine.status = buf.take_pending(mine.detail);
   const bool host_waits = h.num_worst_tokens == 0 && !capturing(stream);
   p.row_stride = stride;
   p.host_waits = host_waits;

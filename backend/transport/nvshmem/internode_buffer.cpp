@@ -101,10 +101,18 @@ std::string InternodeBuffer::error() {
 
 void InternodeBuffer::check(const char* op) {
   if (const std::string e = error(); !e.empty()) throw CommError(std::string("torch_ep: ") + op + ": " + e);
+  // kRejected and kOverflow are known to this rank only (and at a time of its own): raising them
+  // here, before this call's notify, would leave the peers waiting for this rank's record.
+  // take_pending() refuses the call through its record instead.
+}
+
+ix::Status InternodeBuffer::take_pending(int64_t& detail) {
   const int code = *static_cast<volatile int*>(error_host_);
-  if (code == 0) return;
+  const int kind = ix::error_kind(code);
+  if (kind != ix::kOverflow && kind != ix::kRejected) return ix::kOk;
   *static_cast<volatile int*>(error_host_) = 0;
-  TORCH_CHECK_VALUE(false, op, ": ", describe(code), " (reported by an earlier call's kernel)");
+  detail = ix::error_peer(code);
+  return kind == ix::kOverflow ? ix::kOverflowed : ix::kRefusedBefore;
 }
 
 ix::IxParams InternodeBuffer::params() {

@@ -33,9 +33,15 @@ class InternodeBuffer {
   bool allocated() const { return base_ != nullptr; }
   int64_t capacity() const { return layout_.capacity; }
   int64_t row_bytes() const { return layout_.row_bytes; }
-  // Raises (naming `op`) what a kernel reported since the last check. Timeouts leave the
-  // buffer's signals out of step with the peers', so after one every call raises.
+  // Raises (naming `op`) a timeout a kernel reported. Timeouts leave the buffer's signals out
+  // of step with the peers', so after one every call raises.
   void check(const char* op);
+  // What a kernel reported that this rank's next call must refuse with (clears it): kOverflowed
+  // (a dispatch received more rows than num_worst_tokens), kRefusedBefore with `detail` the
+  // refusing rank (a call no host waited for was refused), else kOk. The caller puts it in its
+  // record, so that every rank refuses that call together; raising it before the call instead
+  // would leave this rank out of the call's notify alone.
+  kernels::ix::Status take_pending(int64_t& detail);
   // Work.wait()'s view of check(): the failure's text, or "" (does not clear it).
   std::string error();
   // The group's parameters with this call's ticket (host_waits callers wait for it).
