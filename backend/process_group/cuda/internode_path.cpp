@@ -8,6 +8,7 @@
 #include "backend/process_group/cuda/cuda_work.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #ifdef TORCH_EP_WITH_NVSHMEM
+#include "backend/transport/nvshmem/internode_buffer.hpp"
 #include "backend/transport/nvshmem/internode_transport.hpp"
 #endif
 
@@ -86,6 +87,10 @@ void ProcessGroupEP::check_internode_errors() {
   if (!transport) return;
   const std::string e = transport->net().error();
   if (!e.empty()) C10_THROW_ERROR(DistBackendError, "check_errors on rank " + std::to_string(getRank()) + ": " + e);
+  // The device route's dispatch/combine: a wait of its kernels that gave up.
+  if (InternodeBuffer* moe = transport->moe_if_made())
+    if (const std::string m = moe->error(); !m.empty())
+      C10_THROW_ERROR(DistBackendError, "check_errors on rank " + std::to_string(getRank()) + ": " + m);
   try {
     transport->node().check_healthy("check_errors");
   } catch (const CommError& err) {
