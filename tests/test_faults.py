@@ -125,7 +125,7 @@ def _names_dead_peer(error, dead):
     return names and any(op in error for op in ("all_to_all_single", "dispatch", "combine"))
 
 
-def _kill_mid_stream(world_size, victim, device, ranks_per_node=0):
+def _kill_mid_stream(world_size, victim, device, ranks_per_node=0, extra_env=None):
     """A rank SIGKILLed (by itself, at a random moment of a random call) while the group streams
     mixed, checked all_to_all_single and dispatch/combine calls: every survivor raises within the
     timeout, naming the op and the dead rank, then destroys the group and exits 0; no process
@@ -133,7 +133,7 @@ def _kill_mid_stream(world_size, victim, device, ranks_per_node=0):
     calls take the route across nodes (NVSHMEM on CUDA)."""
     timeout_s = 3
     before = set(shm_names())
-    env = {"OMP_NUM_THREADS": "1", "TORCH_EP_TIMEOUT_S": str(timeout_s)}
+    env = {"OMP_NUM_THREADS": "1", "TORCH_EP_TIMEOUT_S": str(timeout_s), **(extra_env or {})}
     if ranks_per_node:
         env["TORCH_EP_RANKS_PER_NODE"] = str(ranks_per_node)
         env.update({"NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
@@ -175,6 +175,15 @@ def test_rank_killed_mid_stream_cuda(world_size, victim, ranks_per_node):
     if ranks_per_node and not torch_ep._C.has_nvshmem:
         pytest.skip("the route across nodes on CUDA needs a torch_ep built with NVSHMEM")
     _kill_mid_stream(world_size, victim, "cuda", ranks_per_node)
+
+
+@needs_cuda
+@pytest.mark.parametrize("world_size,victim", [(2, 1), (4, 2)], ids=["2ranks", "4ranks"])
+def test_rank_killed_mid_stream_cuda_device_protocol(world_size, victim):
+    """The same with all_to_all_single on the device protocol (Options.all_to_all_device): the
+    plan kernel's wait for the dead rank's record is bounded, nothing moves, and the survivors'
+    check after the call names the op and the dead peer."""
+    _kill_mid_stream(world_size, victim, "cuda", extra_env={"TORCH_EP_ALL_TO_ALL_DEVICE": "1"})
 
 
 # ----------------------------------------------------------------------------- timeouts
