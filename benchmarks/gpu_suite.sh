@@ -160,7 +160,7 @@ if [ "$WHAT" = pending ]; then
     TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py -x
   pending_test all_to_all 100 TORCH_EP_TEST_WORLD_SIZES=2,4 -- tests/test_cuda_all_to_all.py -x
   pending_test all_to_all_v 60 TORCH_EP_TEST_WORLD_SIZES=4 -- tests/test_cuda_all_to_all_v.py -x
-  pending_test faults 80 -- tests/test_faults.py -k "killed_mid_stream_cuda or timeout_cuda"
+  pending_test faults 100 -- tests/test_faults.py -k "killed_mid_stream_cuda or timeout_cuda"
   for R in ${TORCH_EP_PENDING_BENCH_RANKS:-2}; do
     step "all_to_all benchmark, $R ranks (ep, ep_device, ep_graph, all_to_all_v)"
     run_bench "$R" 90 "pending_bench_${R}ranks.log" 12 benchmarks/all_to_all.py --device cuda --max-bytes $((64 << 20)) \

@@ -283,6 +283,18 @@ def test_timeout_cuda_refuses_every_later_call(kind):
     _check_timeouts(results, kind, timeout_s, absent)
 
 
+@needs_cuda
+@pytest.mark.parametrize("kind", ["all_to_all", "async"])
+def test_timeout_cuda_device_protocol(kind):
+    """The same with all_to_all_single on the device protocol: the kernel's bounded wait gives
+    up, the check after the call raises naming op, rank, peer and time, and the group refuses
+    every later call."""
+    pool = rank_pool(3, cuda=True, env={"TORCH_EP_ALL_TO_ALL_DEVICE": "1"})
+    timeout_s, absent = 2, pool.world_size - 1
+    results = pool.run(rank_timeout, kind, timeout_s, absent, random.randrange(2**30), "option", "cuda")
+    _check_timeouts(results, kind, timeout_s, absent)
+
+
 # ----------------------------------------------------------------------------- abort / shutdown
 
 def rank_abort(seed):
