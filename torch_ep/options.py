@@ -29,8 +29,9 @@ ENVIRONMENT = {
                                   "no host round trip; staged, two copies per byte)",
     "TORCH_EP_FORCE_REMOTE": "1 makes the low-latency ops reach ranks on other (virtual) nodes by NVSHMEM puts, as "
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
-    "TORCH_EP_INTERNODE_DEVICE": "0 sends CUDA dispatch/combine across nodes on the host-driven route (host rounds, "
-                                 "records over the host channel) instead of the device-driven one (default 1)",
+    "TORCH_EP_INTERNODE_DEVICE": "1 sends CUDA dispatch/combine across nodes on the device-driven route (NVSHMEM "
+                                 "device API, one host wait) instead of the host-driven one (host rounds); opt-in "
+                                 "until it has passed on a GPU",
     "TORCH_EP_INTERNODE_CAPACITY": "device route across nodes: the most tokens a rank dispatches per call (default "
                                    "4096); sizes its NVSHMEM buffer, see docs/internode.md",
     "TORCH_EP_INTERNODE_ROW_BYTES": "device route across nodes: the least row stride in bytes its buffer is sized for "
