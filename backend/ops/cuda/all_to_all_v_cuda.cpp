@@ -149,6 +149,11 @@ class AllToAllVState {
   // call order, and two calls of one rank never share the blocks at once. `begin` makes
   // `stream` wait for the previous call; `end` marks this one. Inside a graph capture neither
   // (an event recorded outside cannot be waited on there; replays follow the graph's stream).
+  static bool capturing(cudaStream_t stream) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    return capture != cudaStreamCaptureStatusNone;
+  }
   void begin(cudaStream_t stream) {
     if (capturing(stream)) return;
     if (!last_call_) EP_CUDA_CHECK(cudaEventCreateWithFlags(&last_call_, cudaEventDisableTiming));
@@ -158,7 +163,7 @@ class AllToAllVState {
     if (!capturing(stream)) EP_CUDA_CHECK(cudaEventRecord(last_call_, stream));
   }
 
-  int64_t* scratch(int size) {
+  int64_t* scratch() {
     if (!scratch_.defined())
       scratch_ = at::empty({6 * int64_t(kernels::kMaxRanksPerNode)},
                            at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device()));
@@ -196,11 +201,6 @@ class AllToAllVState {
   Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: begin/end)
   cudaEvent_t last_call_ = nullptr;   // recorded after the last call's kernels
 
-  static bool capturing(cudaStream_t stream) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    return capture != cudaStreamCaptureStatusNone;
-  }
 };
 
 std::shared_ptr<AllToAllVState> create_all_to_all_v_state(Rendezvous& rdv, const Config& config, int device,
@@ -246,7 +246,7 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
     p.row_bytes = 1;
     p.input = input;
     p.output = output;
-    int64_t* scratch = state.scratch(R);
+    int64_t* scratch = state.scratch();
     p.output_splits = scratch;
     p.output_offsets = scratch + kernels::kMaxRanksPerNode;
     p.plan = scratch + 2 * kernels::kMaxRanksPerNode;
@@ -278,9 +278,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     state.transport().check_healthy(op);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
     if (!given) {
-      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-      EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-      TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op, ": output=None waits for the sizes to allocate the "
+      TORCH_CHECK(!AllToAllVState::capturing(stream), op, ": output=None waits for the sizes to allocate the "
                   "output, which a CUDA graph capture cannot do; give an output (its worst-case rows)");
     }
     const Tensor in = input.contiguous();

@@ -161,15 +161,17 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
   const char* in = static_cast<const char*>(spans.buffers[0].data_ptr());
   char* out = static_cast<char*>(spans.buffers[1].data_ptr());
   int64_t call_id = 0;
-  std::exception_ptr earlier;  // an earlier call's problem: raised once this call is fully queued
+  // Raised once the buffers are tied to the comm stream: an earlier call's problem (this call is
+  // queued) or a failed transport (nothing was).
+  std::exception_ptr pending;
   try {
     call_id = all_to_all_single_cuda(*state, getRank(), in, out, send_bytes, recv_bytes, comm.stream());
   } catch (...) {
-    earlier = std::current_exception();
+    pending = std::current_exception();
   }
   std::vector<at::Tensor> outputs{output};
   finish_on(comm, spans, outputs);
-  if (earlier) std::rethrow_exception(earlier);
+  if (pending) std::rethrow_exception(pending);
   // A disagreement the device found in this very call raises at the Work's wait, once.
   auto seen = std::make_shared<std::string>();
   auto more_errors = [state, call_id, rank = getRank(), seen]() {
