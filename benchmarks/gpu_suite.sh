@@ -16,9 +16,9 @@
 #     example, and the MoE benchmark through the native API and through the DeepEP API
 #     (TORCH_EP_DEEP_EP_WORLD_SIZES, TORCH_EP_DEEP_EP_BENCH_RANKS; default 2 ranks)
 #     pending: what was built but has not passed on a GPU yet, most valuable first, each step
-#     bounded (the device route across nodes at 2x2, both all_to_all_single protocols at 2 and 4
-#     ranks, all_to_all_v at 4 ranks, the CUDA fault tests), then the all_to_all benchmark
-#     (TORCH_EP_PENDING_BENCH_RANKS, default 2); a short TORCH_EP_TIMEOUT_S makes a hang fail fast
+#     bounded (TORCH_EP_PENDING_STEPS picks: the device route across nodes at 2x2 and its
+#     benchmark, the CUDA timeout fault tests; a2a_bench adds the all_to_all benchmark at
+#     TORCH_EP_PENDING_BENCH_RANKS); a short TORCH_EP_TIMEOUT_S makes a hang fail fast
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
@@ -156,16 +156,28 @@ if [ "$WHAT" = pending ]; then
       "$@" -q -ra > "$LOGS/pending_$name.log" 2>&1 || STATUS=1
     grep -v "^\[rank\|^  " "$LOGS/pending_$name.log" | tail -12 >> "$SUMMARY"
   }
-  pending_test internode_device 110 NVSHMEM_SYMMETRIC_SIZE=3G TORCH_EP_INTERNODE_TOPOLOGIES=2x2 \
-    TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py -x
-  pending_test all_to_all 100 TORCH_EP_TEST_WORLD_SIZES=2,4 -- tests/test_cuda_all_to_all.py -x
-  pending_test all_to_all_v 60 TORCH_EP_TEST_WORLD_SIZES=4 -- tests/test_cuda_all_to_all_v.py -x
-  pending_test faults 100 -- tests/test_faults.py -k "killed_mid_stream_cuda or timeout_cuda"
-  for R in ${TORCH_EP_PENDING_BENCH_RANKS:-2}; do
-    step "all_to_all benchmark, $R ranks (ep, ep_device, ep_graph, all_to_all_v)"
-    run_bench "$R" 90 "pending_bench_${R}ranks.log" 12 benchmarks/all_to_all.py --device cuda --max-bytes $((64 << 20)) \
-      --out "$LOGS/all_to_all_${R}ranks"
-  done
+  # Steps (TORCH_EP_PENDING_STEPS picks, in this order): internode (the device route across nodes,
+  # every test at 2x2), internode_bench (its benchmark against the host route and the intranode
+  # route), timeouts (the CUDA timeout fault tests), a2a_bench (the all_to_all benchmark).
+  STEPS=" ${TORCH_EP_PENDING_STEPS:-internode internode_bench timeouts} "
+  [[ $STEPS == *" internode "* ]] && pending_test internode_device 240 NVSHMEM_SYMMETRIC_SIZE=3G \
+    TORCH_EP_INTERNODE_TOPOLOGIES=2x2 TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py
+  if [[ $STEPS == *" internode_bench "* ]]; then
+    step "internode benchmark, 2x2 virtual nodes (device route, host route, intranode)"
+    NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_SYMMETRIC_SIZE=3G \
+      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-33} timeout 150 torchrun --standalone \
+      --nproc-per-node 4 benchmarks/internode.py --ranks-per-node 2 --out "$LOGS/internode_2x2" \
+      > "$LOGS/internode_bench_2x2.log" 2>&1 || STATUS=1
+    tail -16 "$LOGS/internode_bench_2x2.log" >> "$SUMMARY"
+  fi
+  [[ $STEPS == *" timeouts "* ]] && pending_test timeouts 150 -- tests/test_faults.py -k "timeout_cuda"
+  if [[ $STEPS == *" a2a_bench "* ]]; then
+    for R in ${TORCH_EP_PENDING_BENCH_RANKS:-2}; do
+      step "all_to_all benchmark, $R ranks (ep, ep_device, ep_graph, all_to_all_v)"
+      run_bench "$R" 90 "pending_bench_${R}ranks.log" 12 benchmarks/all_to_all.py --device cuda --max-bytes $((64 << 20)) \
+        --out "$LOGS/all_to_all_${R}ranks"
+    done
+  fi
 fi
 if [ "$WHAT" = profile ] || [ "$WHAT" = ll-profile ]; then
   need_nvshmem4py

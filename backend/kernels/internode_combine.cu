@@ -47,14 +47,14 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
     char* dst = row(p, l.stage(), (int64_t(p.local) * NN + s / L) * C + (i - c.prefix[s]));
     nvshmemx_putmem_signal_nbi_warp(dst, p.x + i * p.x_bytes, size_t(p.x_bytes), count_word(p, p.local), 1,
                                     NVSHMEM_SIGNAL_ADD, forwarder);
-    if (p.topk_weights)
+    if (p.num_topk > 0)
       nvshmemx_putmem_signal_nbi_warp(dst + p.off_weights, p.topk_weights + i * K, size_t(4 * K),
                                       count_word(p, p.local), 1, NVSHMEM_SIGNAL_ADD, forwarder);
   }
   if (blockIdx.x == 0 && threadIdx.x < L) {
     int64_t puts = 0;
     for (int s = threadIdx.x; s < R; s += L) puts += c.recv[s];
-    if (p.topk_weights) puts *= 2;
+    if (p.num_topk > 0) puts *= 2;
     nvshmemx_signal_op(count_word(p, p.local), ll::closing_signal(puts + 1), NVSHMEM_SIGNAL_ADD,
                        rank_of(p, p.node, threadIdx.x));
   }
@@ -103,7 +103,9 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
           src[j] = pos[j] >= 0 ? row(p, l.stage(), (int64_t(j) * NN + m) * C + pos[j]) : nullptr;
         char* dst = row(p, l.rail_send(), m * C + slot);
         sum_rows<T>(dst, L, [&](int j) { return src[j]; }, H, lane);
-        if (p.out_weights)
+        // Weights travel when the call has them (num_topk > 0), whatever this rank's own
+        // outputs hold: a forwarder with no tokens of its own has a null out_weights.
+        if (K > 0)
           for (int64_t e = lane; e < K; e += 32) {
             float acc = 0.f;
             for (int j = 0; j < L; ++j)
@@ -149,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
     sum_rows<T>(p.out + t * H * int64_t(sizeof(T)), NN,
                 [&](int m) -> const char* { return slots[m] >= 0 ? row(p, l.rail_recv(), m * C + slots[m]) : nullptr; },
                 H, lane);
-    if (p.out_weights)
+    if (K > 0)
       for (int64_t e = lane; e < K; e += 32) {
         float acc = 0.f;
         for (int m = 0; m < NN; ++m) {
