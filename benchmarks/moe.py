@@ -16,7 +16,8 @@ takes several counts for a sweep. Ops, timed one after another:
 --impl picks what is measured: torch_ep's ops ("ep") or torch_ep.reference's (to develop the
 benchmark before the ops exist). --api deep_ep measures the same ops through torch_ep.deep_ep's
 Buffer (DeepEP's calls: get_dispatch_layout then dispatch, the handle tuples, the comm stream),
-labelled "ep/deep_ep", to compare with a run of the native API. References in the same run:
+labelled "ep/deep_ep"; --api both times the native API and the DeepEP API in the same run, turn
+about, and reports the wrapper's time against the native API's. References in the same run:
   roofline  every rank copies as many bytes as the op moves to it (dst.copy_(src)), all ranks at
             once: the bandwidth that memory allows an op that writes each received byte once,
             under the same sharing of the device as the op
@@ -328,9 +329,12 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     """Checks, then times every op of the subject, DeepEP and the roofline on `tokens` tokens per rank."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     inputs = make_inputs(common.shared_seed(sync_group), rank, world_size, tokens, args, device)
-    ops, first = subject_ops(args.impl, inputs, args.experts, args.api)
+    ops, first = subject_ops(args.impl, inputs, args.experts, "native" if args.api == "both" else args.api)
+    wrapped = deep_ep_ops(inputs, args.experts)[0] if args.api == "both" else {}
     if args.impl == "ep":
         check_against_reference(ops, inputs, args.experts, sync_group)
+        if wrapped:
+            check_against_reference(wrapped, inputs, args.experts, sync_group)
 
     recv_rows = first.recv_x.shape[0]
     row_bytes = {"bf16": args.hidden * 2, "fp8": args.hidden + 4 * -(-args.hidden // FP8_BLOCK)}
@@ -339,6 +343,7 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     dist.all_gather_object(rank_bytes, op_bytes, group=sync_group)
 
     timed = {(subject_name(args), op): fn for op, fn in ops.items()}
+    timed.update({(WRAPPER, op): fn for op, fn in wrapped.items()})
     timed.update({(DEEPEP, op): fn for op, fn in deepep.ops(inputs, args.experts, recv_rows, sync_group).items()})
     copies = {num_bytes: copy_op(num_bytes, device) for num_bytes in set(op_bytes.values())}
     timed.update({(ROOFLINE, op): copies[op_bytes[op]] for op in OPS})
@@ -372,16 +377,21 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     return measurements
 
 
+WRAPPER = "ep/deep_ep"  # --api both: the DeepEP-API rows beside the native API's
+
+
 def subject_name(args) -> str:
-    return args.impl if args.api == "native" else f"{args.impl}/deep_ep"
+    return WRAPPER if args.api == "deep_ep" else args.impl
 
 
 def results_table(measurements: List[Measurement], subject: str) -> str:
     """One row per token count, timing method and op: the subject's time and bandwidth, the roofline's and
     DeepEP's bandwidth, and the subject's ratio to each ("n/a" where one was not measured)."""
     by_key = {(m.impl, m.op, m.tokens, m.method): m for m in measurements}
+    wrapped = subject != WRAPPER and any(m.impl == WRAPPER for m in measurements)
     headers = ["tokens", "method", "op", "bytes/rank", f"{subject} us", f"{subject} GB/s", "roofline GB/s",
                f"{subject}/roofline", f"{DEEPEP} us", f"{DEEPEP} GB/s", f"{subject}/{DEEPEP}"]
+    headers += [f"{WRAPPER} us", f"{WRAPPER} time/{subject}"] if wrapped else []
     rows = []
     for tokens, method, op in sorted({(m.tokens, m.method, m.op) for m in measurements},
                                  key=lambda k: (k[0], k[1], OPS.index(k[2]))):
@@ -392,6 +402,10 @@ def results_table(measurements: List[Measurement], subject: str) -> str:
         row += [f"{roofline.gbps:.2f}", f"{subject_m.gbps / roofline.gbps:.0%}" if subject_m else "n/a"]
         row += [f"{deepep.time_s * 1e6:.1f}", f"{deepep.gbps:.2f}"] if deepep else ["n/a"] * 2
         row.append(f"{subject_m.gbps / deepep.gbps:.2f}x" if subject_m and deepep else "n/a")
+        if wrapped:  # the DeepEP API's cost over the native API: 1.03x is 3% slower
+            wrapper_m = by_key.get((WRAPPER, op, tokens, method))
+            row += ([f"{wrapper_m.time_s * 1e6:.1f}", f"{wrapper_m.time_s / subject_m.time_s:.3f}x"]
+                    if wrapper_m and subject_m else ["n/a"] * 2)
         rows.append(row)
     return common.markdown_table(headers, rows)
 
@@ -463,8 +477,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="folder for moe.{md,json} (default: print only)")
     parser.add_argument("--impl", choices=["ep", "reference"], default="ep",
                         help="what is measured: torch_ep's ops, or torch_ep.reference's")
-    parser.add_argument("--api", choices=["native", "deep_ep"], default="native",
-                        help="torch_ep's own API, or the same ops through torch_ep.deep_ep's Buffer")
+    parser.add_argument("--api", choices=["native", "deep_ep", "both"], default="native",
+                        help="torch_ep's own API, the same ops through torch_ep.deep_ep's Buffer, or both "
+                             "in the same run (the wrapper's time against the native API's)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096], help="tokens per rank (one row set each)")
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--top-k", type=int, default=8)
@@ -484,8 +499,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if not 0 < args.top_k <= args.experts:
         parser.error(f"--top-k {args.top_k} must be in 1..--experts ({args.experts})")
-    if args.api == "deep_ep" and args.impl != "ep":
-        parser.error("--api deep_ep measures torch_ep's ops (--impl ep)")
+    if args.api != "native" and args.impl != "ep":
+        parser.error(f"--api {args.api} measures torch_ep's ops (--impl ep)")
     if not 0.0 <= args.masked_ratio <= 1.0:
         parser.error("--masked-ratio must be in [0, 1]")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
