@@ -105,21 +105,31 @@ def rank_ops(seed, mode, device="cpu"):
     if mode == "worst":
         assert not unbacked_symbols(graphs), unbacked_symbols(graphs)
 
-    # A compiled region may hand its result and handle back (no guard, no graph break; the padded
-    # counts are read when asked for, outside the graph), and may read the counts itself
-    # (data-dependent ints, no guard either).
+    # A compiled region may read the padded counts itself (data-dependent ints: no guard, no graph
+    # break), train through the dispatch, and hand its result and handle back (the counts then
+    # read outside the graph, when asked for). torch 2.11's dynamo runs no property setter: the
+    # counts must be readable without one.
     def dispatch_only(x, idx, w):
         d = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst, expert_alignment=4)
-        return d, x.new_full((1,), sum(d.num_recv_tokens_per_expert))
+        total = x.new_full((1,), sum(d.num_recv_tokens_per_expert))
+        c = torch_ep.combine(d.recv_x * d.recv_topk_weights.sum(1, keepdim=True), d.handle)
+        return d, total, c.combined_x
+
+    def run_dispatch_only(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w)]
+        d, total, out = fn(leaves[0], idx, leaves[1])
+        (out * gx).sum().backward()
+        return [d, total, out.detach()] + _grads(leaves)
 
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=(mode == "exact"), capture_scalar_outputs=True):
-        got, got_total = torch.compile(dispatch_only, fullgraph=True)(x, idx, w)
-    expected, expected_total = dispatch_only(x, idx, w)
+        got, *got_tensors = run_dispatch_only(torch.compile(dispatch_only, fullgraph=True))
+    expected, *expected_tensors = run_dispatch_only(dispatch_only)
     assert torch.equal(got.recv_x, expected.recv_x) and torch.equal(got.recv_topk_idx, expected.recv_topk_idx)
     assert got.num_recv_tokens_per_expert == expected.num_recv_tokens_per_expert
-    assert torch.equal(got_total, expected_total)
-    assert torch.equal(torch_ep.combine(got.recv_x, got.handle).combined_x,
-                       torch_ep.combine(expected.recv_x, expected.handle).combined_x)
+    for name, a, b in zip(["sum of the counts", "combined_x", "grad x", "grad w"], got_tensors, expected_tensors):
+        assert torch.equal(a, b), f"{mode}: dispatch_only's {name} differs from eager"
+    assert torch.equal(torch_ep.combine(got.recv_x.detach(), got.handle).combined_x,
+                       torch_ep.combine(expected.recv_x.detach(), expected.handle).combined_x)
 
 
 @pytest.mark.parametrize("mode", ["exact", "worst"])

@@ -37,11 +37,6 @@ def cuda_pool(request):
     return rank_pool(request.param, cuda=True)
 
 
-# torch 2.11's dynamo (the GPU machine's) reads DispatchResult's dataclass field instead of the
-# lazy num_recv_tokens_per_expert property (None: "'NoneType' object is not iterable" at the
-# test's sum()); torch 2.13 (CI) runs it. Seen on the H200 on 2026-12-02.
-@pytest.mark.xfail(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12), strict=False,
-                   reason="torch < 2.12 dynamo reads the dataclass field, not the lazy counts property")
 @pytest.mark.parametrize("mode", ["exact", "worst"])
 def test_ops_fullgraph(cuda_pool, mode):
     cuda_pool.run(checks.rank_ops, _seed(), mode, device="cuda")

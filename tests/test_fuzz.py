@@ -10,7 +10,6 @@ TORCH_EP_FUZZ_SEED sets it, and every failure names it and the case; TORCH_EP_FU
 the number of cases per test (CI default below: bounded time). The rank functions take a device,
 so the same cases run on CUDA (the tests at the end, on GPU machines).
 """
-import dataclasses
 import os
 import random
 
@@ -176,7 +175,15 @@ def _trimmed(result, m):
     cut = (lambda t: t[:m]) if m is not None else (lambda t: t)
     x = tuple(cut(t) for t in result.recv_x) if isinstance(result.recv_x, tuple) else cut(result.recv_x)
     weights = cut(result.recv_topk_weights) if result.recv_topk_weights is not None else None
-    return dataclasses.replace(result, recv_x=x, recv_topk_idx=cut(result.recv_topk_idx), recv_topk_weights=weights)
+    return _with(result, recv_x=x, recv_topk_idx=cut(result.recv_topk_idx), recv_topk_weights=weights)
+
+
+def _with(result, **changes):
+    """A copy of a DispatchResult with `changes` (it is not a dataclass: no dataclasses.replace)."""
+    fields = dict(recv_x=result.recv_x, recv_topk_idx=result.recv_topk_idx, recv_topk_weights=result.recv_topk_weights,
+                  num_recv_tokens_per_expert=result.num_recv_tokens_per_expert, handle=result.handle,
+                  work=result.work, expert_alignment=result.expert_alignment)
+    return torch_ep.DispatchResult(**{**fields, **changes})
 
 
 def run_moe_case(p, seed, case, device):
@@ -219,7 +226,7 @@ def run_moe_case(p, seed, case, device):
             real = _trimmed(got, m)
             if device != "cpu" and all(c == -1 for c in real.num_recv_tokens_per_expert):
                 # A CUDA dispatch with num_worst_tokens leaves the counts on the device.
-                real = dataclasses.replace(real, num_recv_tokens_per_expert=expected.num_recv_tokens_per_expert)
+                real = _with(real, num_recv_tokens_per_expert=expected.num_recv_tokens_per_expert)
             check_result(real, expected)
         else:
             check_result(got, expected)

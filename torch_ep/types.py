@@ -72,38 +72,53 @@ class DispatchHandle:
         return self.counts.numel() > 2 + 2 * self.num_ranks + self.num_experts // self.num_ranks
 
 
-@dataclass
 class DispatchResult:
-    recv_x: Payload                          # [M, H] (or the fp8 pair), by source rank then token order
-    recv_topk_idx: Optional[torch.Tensor]    # [M, K] int64 local expert ids, -1 for other ranks' experts
-    recv_topk_weights: Optional[torch.Tensor]  # [M, K] float32, 0 where recv_topk_idx is -1
-    # [E_local], each padded to expert_alignment (-1 where only the device knows: a CUDA dispatch
-    # with num_worst_tokens). None: computed from the handle whenever read (see below).
-    num_recv_tokens_per_expert: Optional[List[int]]
-    handle: DispatchHandle
-    work: Optional[object] = None            # set only with async_op
-    expert_alignment: int = 1
+    """What dispatch returns (and torch_ep.reference's).
 
+    recv_x: [M, H] (or the fp8 pair), by source rank then token order.
+    recv_topk_idx: [M, K] int64 local expert ids, -1 for other ranks' experts.
+    recv_topk_weights: [M, K] float32, 0 where recv_topk_idx is -1.
+    num_recv_tokens_per_expert: [E_local] ints, each padded to expert_alignment (-1 where only
+        the device knows: a CUDA dispatch with num_worst_tokens). Given as None, they are
+        computed from the handle whenever read: a dispatch traced by torch.compile then makes
+        no host list unless the caller asks for one, and in a compiled region they are
+        data-dependent ints.
+    work: set only with async_op.
 
-def _per_expert_get(self: DispatchResult) -> List[int]:
-    # Lazy, so that a dispatch traced by torch.compile makes no host list unless the caller asks
-    # for one; then, in a compiled region, the counts are data-dependent ints.
-    counts = self.__dict__.get("_num_recv_tokens_per_expert")
-    if counts is None:
-        a = self.expert_alignment
-        counts = self.handle.num_recv_tokens_per_expert
-        if a > 1:
-            # ceil(n / a) * a, with -1 (a count only the device knows) left as is; branch-free, so
-            # that a data-dependent n needs no guard.
-            counts = [-(-n // a) * a - torch.sym_max(0, -n) for n in counts]
-    return counts
+    Not a dataclass: the counts are a read-only property over a private attribute that
+    __init__ sets directly. torch 2.11's dynamo does not run a property's setter on an object
+    made inside the compiled region (it records a plain attribute and reads that back, None,
+    instead of calling the getter), so the value must never pass through a setter.
+    """
 
+    def __init__(self, recv_x: Payload, recv_topk_idx: Optional[torch.Tensor],
+                 recv_topk_weights: Optional[torch.Tensor], num_recv_tokens_per_expert: Optional[List[int]],
+                 handle: DispatchHandle, work: Optional[object] = None, expert_alignment: int = 1):
+        self.recv_x = recv_x
+        self.recv_topk_idx = recv_topk_idx
+        self.recv_topk_weights = recv_topk_weights
+        self._num_recv_tokens_per_expert = num_recv_tokens_per_expert
+        self.handle = handle
+        self.work = work
+        self.expert_alignment = expert_alignment
 
-def _per_expert_set(self: DispatchResult, counts: Optional[List[int]]) -> None:
-    self.__dict__["_num_recv_tokens_per_expert"] = counts
+    @property
+    def num_recv_tokens_per_expert(self) -> List[int]:
+        counts = self._num_recv_tokens_per_expert
+        if counts is None:
+            a = self.expert_alignment
+            counts = self.handle.num_recv_tokens_per_expert
+            if a > 1:
+                # ceil(n / a) * a, with -1 (a count only the device knows) left as is; branch-free,
+                # so that a data-dependent n needs no guard.
+                counts = [-(-n // a) * a - torch.sym_max(0, -n) for n in counts]
+        return counts
 
-
-DispatchResult.num_recv_tokens_per_expert = property(_per_expert_get, _per_expert_set)
+    def __repr__(self) -> str:
+        return (f"DispatchResult(recv_x={self.recv_x!r}, recv_topk_idx={self.recv_topk_idx!r}, "
+                f"recv_topk_weights={self.recv_topk_weights!r}, "
+                f"num_recv_tokens_per_expert={self.num_recv_tokens_per_expert!r}, handle={self.handle!r}, "
+                f"work={self.work!r}, expert_alignment={self.expert_alignment!r})")
 
 
 @dataclass
