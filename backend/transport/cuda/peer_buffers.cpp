@@ -25,13 +25,18 @@ PeerBuffers::PeerBuffers(Rendezvous& rdv, int device, size_t bytes, const std::s
   rdv.barrier(tag + "/mapped");
 }
 
-PeerBuffers::~PeerBuffers() {
+void PeerBuffers::close_peers() {
   cudaSetDevice(device_);
   for (size_t r = 0; r < blocks_.size(); ++r) {
-    if (!blocks_[r]) continue;
-    if (int(r) == rank_) cudaFree(blocks_[r]);
-    else cudaIpcCloseMemHandle(blocks_[r]);
+    if (int(r) == rank_ || !blocks_[r]) continue;
+    cudaIpcCloseMemHandle(blocks_[r]);
+    blocks_[r] = nullptr;
   }
+}
+
+PeerBuffers::~PeerBuffers() {
+  close_peers();
+  if (blocks_[rank_]) cudaFree(blocks_[rank_]);
 }
 
 }  // namespace ep
