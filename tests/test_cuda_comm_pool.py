@@ -96,7 +96,7 @@ def rank_one_copy(seed):
         # Messages of several MiB: many chunks over every block of the move.
         _check(group, pool, torch.bfloat16, "uneven", (300_000,), seed)
         assert _one_copy(group)
-        _check(group, pool, torch.uint8, "even", (4 << 20,), seed)
+        _check(group, pool, torch.uint8, "even", (1 << 20,), seed)
         assert _one_copy(group)
         stats = torch_ep.get_backend(group)._comm_pool_stats()
         assert stats[0] == POOL_BYTES and 0 < stats[1] <= POOL_BYTES, stats
