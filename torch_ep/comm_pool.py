@@ -54,7 +54,8 @@ def comm_pool(group=None) -> "torch.cuda.MemPool":
     - Lifetime: destroying the group unmaps the peers' arenas at once; this rank's arena is freed
       once the group object is gone and every tensor of the pool has been freed (torch gives
       cached segments back when the pool is dropped, or at ``torch.cuda.empty_cache()``).
-      Allocations from the pool after the group was destroyed fail.
+      After the group was destroyed the pool serves only segments it already holds: an
+      allocation that needs a new one fails.
 
     Raises RuntimeError without CUDA: CPU tensors need no pool (CPU all_to_all between the ranks
     of a host already moves large messages with one copy, by process_vm_readv).
