@@ -137,9 +137,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
 void ProcessGroupEP::check_errors() { check_usable("check_errors"); }
 void ProcessGroupEP::check_internode_errors() {}
 
-pybind11::object ProcessGroupEP::comm_pool_allocator(int) {
-  TORCH_CHECK(false, "torch_ep.comm_pool: torch_ep was built without CUDA support");
-}
+pybind11::object ProcessGroupEP::comm_pool_allocator(int) { TORCH_CHECK(false, "torch_ep was built without CUDA"); }
 std::vector<int64_t> ProcessGroupEP::comm_pool_stats() { return {}; }
 std::shared_ptr<CommPool> ProcessGroupEP::comm_pool() const { return nullptr; }
 void ProcessGroupEP::close_comm_pool() {}
@@ -318,8 +316,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
   check_usable("all_to_all_single");
   AllToAllLayout layout =
       check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, getSize());
-  // A group with a comm pool: every rank takes the device protocol, whose plan picks one copy when
-  // every receiver's output lies in the pool (a rank alone cannot know whether its peers' do).
+  // A group with a comm pool: the device protocol on every rank, whose plan picks one copy
   if (input.is_cuda() && comm_pool())
     if (auto work = device_all_to_all_single(output, single_spans(output, input, layout), layout.send_bytes,
                                              layout.recv_bytes))
