@@ -16,9 +16,10 @@
 #     example, and the MoE benchmark through the native API and through the DeepEP API
 #     (TORCH_EP_DEEP_EP_WORLD_SIZES, TORCH_EP_DEEP_EP_BENCH_RANKS; default 2 ranks)
 #     pending: what was built but has not passed on a GPU yet, most valuable first, each step
-#     bounded (TORCH_EP_PENDING_STEPS picks: the device route across nodes at 2x2 and its
-#     benchmark, the CUDA timeout fault tests; a2a_bench adds the all_to_all benchmark at
-#     TORCH_EP_PENDING_BENCH_RANKS); a short TORCH_EP_TIMEOUT_S makes a hang fail fast
+#     bounded (TORCH_EP_PENDING_STEPS picks: the device route across nodes at 2x2, deep_ep's
+#     tests, example and benchmark, comm_pool's tests, the internode benchmark; timeouts and
+#     a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS) on request); a short TORCH_EP_TIMEOUT_S makes
+#     a hang fail fast
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
@@ -157,11 +158,23 @@ if [ "$WHAT" = pending ]; then
     grep -v "^\[rank\|^  " "$LOGS/pending_$name.log" | tail -12 >> "$SUMMARY"
   }
   # Steps (TORCH_EP_PENDING_STEPS picks, in this order): internode (the device route across nodes,
-  # every test at 2x2), internode_bench (its benchmark against the host route and the intranode
-  # route), timeouts (the CUDA timeout fault tests), a2a_bench (the all_to_all benchmark).
-  STEPS=" ${TORCH_EP_PENDING_STEPS:-internode internode_bench timeouts} "
-  [[ $STEPS == *" internode "* ]] && pending_test internode_device 240 NVSHMEM_SYMMETRIC_SIZE=3G \
+  # every test at 2x2), deep_ep (torch_ep.deep_ep's GPU tests, its example, the MoE benchmark
+  # through both APIs in one run), pool (torch_ep.comm_pool's tests with the all_to_all and
+  # all_to_all_v tests whose kernels it shares, 1-2 ranks), internode_bench (the device route's
+  # benchmark against the host route and the intranode route), timeouts (the CUDA timeout fault
+  # tests), a2a_bench (the all_to_all benchmark, with the pool row).
+  STEPS=" ${TORCH_EP_PENDING_STEPS:-internode deep_ep pool internode_bench} "
+  [[ $STEPS == *" internode "* ]] && pending_test internode_device 200 NVSHMEM_SYMMETRIC_SIZE=3G \
     TORCH_EP_INTERNODE_TOPOLOGIES=2x2 TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py
+  if [[ $STEPS == *" deep_ep "* ]]; then
+    pending_test deep_ep 90 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py tests/test_deep_ep.py -x
+    step "examples/deep_ep_drop_in.py, 2 ranks"
+    run_bench 2 90 deep_ep_example.log 3 examples/deep_ep_drop_in.py --device cuda
+    step "MoE benchmark, the native API and the DeepEP API in the same run, 2 ranks"
+    run_bench 2 150 moe_bench_deep_ep_2ranks.log 30 benchmarks/moe.py --api both --out "$LOGS/moe_deep_ep_2ranks"
+  fi
+  [[ $STEPS == *" pool "* ]] && pending_test pool 150 TORCH_EP_TEST_WORLD_SIZES=1,2 -- tests/test_cuda_comm_pool.py \
+    tests/test_cuda_all_to_all_v.py tests/test_cuda_all_to_all.py
   if [[ $STEPS == *" internode_bench "* ]]; then
     step "internode benchmark, 2x2 virtual nodes (device route, host route, intranode)"
     NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_SYMMETRIC_SIZE=3G \
