@@ -158,23 +158,24 @@ if [ "$WHAT" = pending ]; then
     grep -v "^\[rank\|^  " "$LOGS/pending_$name.log" | tail -12 >> "$SUMMARY"
   }
   # Steps (TORCH_EP_PENDING_STEPS picks, in this order): internode (the device route across nodes,
-  # every test at 2x2), deep_ep (torch_ep.deep_ep's GPU tests, its example, the MoE benchmark
-  # through both APIs in one run), pool (torch_ep.comm_pool's tests with the all_to_all and
-  # all_to_all_v tests whose kernels it shares, 1-2 ranks), internode_bench (the device route's
+  # every test at 2x2), pool (torch_ep.comm_pool's tests with the all_to_all and all_to_all_v
+  # tests whose kernels it shares, TORCH_EP_POOL_WORLD_SIZES, default 2 ranks), deep_ep
+  # (torch_ep.deep_ep's GPU tests, its example, the MoE benchmark through both APIs in one run),
+  # internode_bench (the device route's
   # benchmark against the host route and the intranode route), timeouts (the CUDA timeout fault
   # tests), a2a_bench (the all_to_all benchmark, with the pool row).
-  STEPS=" ${TORCH_EP_PENDING_STEPS:-internode deep_ep pool internode_bench} "
-  [[ $STEPS == *" internode "* ]] && pending_test internode_device 200 NVSHMEM_SYMMETRIC_SIZE=3G \
+  STEPS=" ${TORCH_EP_PENDING_STEPS:-internode pool deep_ep internode_bench} "
+  [[ $STEPS == *" internode "* ]] && pending_test internode_device 130 NVSHMEM_SYMMETRIC_SIZE=3G \
     TORCH_EP_INTERNODE_TOPOLOGIES=2x2 TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py
-  if [[ $STEPS == *" deep_ep "* ]]; then
-    pending_test deep_ep 90 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py tests/test_deep_ep.py -x
-    step "examples/deep_ep_drop_in.py, 2 ranks"
-    run_bench 2 90 deep_ep_example.log 3 examples/deep_ep_drop_in.py --device cuda
-    step "MoE benchmark, the native API and the DeepEP API in the same run, 2 ranks"
-    run_bench 2 150 moe_bench_deep_ep_2ranks.log 30 benchmarks/moe.py --api both --out "$LOGS/moe_deep_ep_2ranks"
-  fi
-  [[ $STEPS == *" pool "* ]] && pending_test pool 150 TORCH_EP_TEST_WORLD_SIZES=1,2 -- tests/test_cuda_comm_pool.py \
+  [[ $STEPS == *" pool "* ]] && pending_test pool 110 TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- tests/test_cuda_comm_pool.py \
     tests/test_cuda_all_to_all_v.py tests/test_cuda_all_to_all.py
+  if [[ $STEPS == *" deep_ep "* ]]; then
+    pending_test deep_ep 60 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py tests/test_deep_ep.py -x
+    step "examples/deep_ep_drop_in.py, 2 ranks"
+    run_bench 2 60 deep_ep_example.log 3 examples/deep_ep_drop_in.py --device cuda
+    step "MoE benchmark, the native API and the DeepEP API in the same run, 2 ranks"
+    run_bench 2 130 moe_bench_deep_ep_2ranks.log 30 benchmarks/moe.py --api both --out "$LOGS/moe_deep_ep_2ranks"
+  fi
   if [[ $STEPS == *" internode_bench "* ]]; then
     step "internode benchmark, 2x2 virtual nodes (device route, host route, intranode)"
     NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_SYMMETRIC_SIZE=3G \
