@@ -21,10 +21,8 @@ class PeerBuffers {
   PeerBuffers(const PeerBuffers&) = delete;
   PeerBuffers& operator=(const PeerBuffers&) = delete;
 
-  // Rank r's block as mapped in this process (ours for r == rank; null once close_peers ran).
+  // Rank r's block as mapped in this process (ours for r == rank).
   char* block(int r) const { return blocks_[r]; }
-  // Unmaps the peers' blocks now (idempotent); ours stays until the destructor.
-  void close_peers();
   size_t bytes() const { return bytes_; }
   int device() const { return device_; }
 
