@@ -164,17 +164,17 @@ if [ "$WHAT" = pending ]; then
   # internode_bench (the device route's
   # benchmark against the host route and the intranode route), timeouts (the CUDA timeout fault
   # tests), a2a_bench (the all_to_all benchmark, with the pool row).
-  STEPS=" ${TORCH_EP_PENDING_STEPS:-internode pool deep_ep internode_bench} "
-  [[ $STEPS == *" internode "* ]] && pending_test internode_device 130 NVSHMEM_SYMMETRIC_SIZE=3G \
+  STEPS=" ${TORCH_EP_PENDING_STEPS:-internode deep_ep internode_bench} "
+  [[ $STEPS == *" internode "* ]] && pending_test internode_device 110 NVSHMEM_SYMMETRIC_SIZE=3G \
     TORCH_EP_INTERNODE_TOPOLOGIES=2x2 TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py
   [[ $STEPS == *" pool "* ]] && pending_test pool 110 TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- tests/test_cuda_comm_pool.py \
     tests/test_cuda_all_to_all_v.py tests/test_cuda_all_to_all.py
   if [[ $STEPS == *" deep_ep "* ]]; then
-    pending_test deep_ep 60 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py tests/test_deep_ep.py -x
+    pending_test deep_ep 45 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py tests/test_deep_ep.py -x
     step "examples/deep_ep_drop_in.py, 2 ranks"
-    run_bench 2 60 deep_ep_example.log 3 examples/deep_ep_drop_in.py --device cuda
+    run_bench 2 50 deep_ep_example.log 3 examples/deep_ep_drop_in.py --device cuda
     step "MoE benchmark, the native API and the DeepEP API in the same run, 2 ranks"
-    run_bench 2 130 moe_bench_deep_ep_2ranks.log 30 benchmarks/moe.py --api both --out "$LOGS/moe_deep_ep_2ranks"
+    run_bench 2 120 moe_bench_deep_ep_2ranks.log 30 benchmarks/moe.py --api both --out "$LOGS/moe_deep_ep_2ranks"
   fi
   if [[ $STEPS == *" internode_bench "* ]]; then
     step "internode benchmark, 2x2 virtual nodes (device route, host route, intranode)"
