@@ -29,9 +29,8 @@ ENVIRONMENT = {
                                   "no host round trip; staged, two copies per byte)",
     "TORCH_EP_FORCE_REMOTE": "1 makes the low-latency ops reach ranks on other (virtual) nodes by NVSHMEM puts, as "
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
-    "TORCH_EP_INTERNODE_DEVICE": "1 sends CUDA dispatch/combine across nodes on the device-driven route (NVSHMEM "
-                                 "device API, one host wait) instead of the host-driven one (host rounds); opt-in "
-                                 "until it has passed on a GPU",
+    "TORCH_EP_INTERNODE_DEVICE": "0 sends CUDA dispatch/combine across nodes on the host-driven route (host rounds) "
+                                 "instead of the device-driven one (NVSHMEM device API, one host wait; the default)",
     "TORCH_EP_INTERNODE_CAPACITY": "device route across nodes: the most tokens a rank dispatches per call (default "
                                    "4096); sizes its NVSHMEM buffer, see docs/internode.md",
     "TORCH_EP_INTERNODE_ROW_BYTES": "device route across nodes: the least row stride in bytes its buffer is sized for "
@@ -84,7 +83,7 @@ class Options:
     force_remote: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_FORCE_REMOTE")))
     all_to_all_v_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_V_DEVICE") != 0)
     all_to_all_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_DEVICE")))
-    internode_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_INTERNODE_DEVICE")))
+    internode_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_INTERNODE_DEVICE") != 0)
     internode_capacity: int = field(default_factory=_default("TORCH_EP_INTERNODE_CAPACITY", 4096))
     internode_row_bytes: int = field(default_factory=_default("TORCH_EP_INTERNODE_ROW_BYTES", 0))
 

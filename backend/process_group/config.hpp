@@ -24,7 +24,7 @@ struct Config {
                                         // exchange, but staged (two copies): opt-in until it has a one-copy path
   bool force_remote = false;            // low-latency ops reach other nodes' ranks by NVSHMEM puts even
                                         // where they could map them (tests the path across nodes on one)
-  bool internode_device = false;        // CUDA dispatch/combine across nodes driven by the device (NVSHMEM
+  bool internode_device = true;         // CUDA dispatch/combine across nodes driven by the device (NVSHMEM
                                         // device API, no host rounds); false: the host-driven route
   int64_t internode_capacity = 4096;    // device route: most tokens per rank per call (sizes its buffer)
   int64_t internode_row_bytes = 0;      // device route: least row stride its buffer is sized for (0: from
