@@ -90,6 +90,12 @@ def rank_dispatch_combine(seed, kind, hidden, top_k, experts_per_rank, dtype, al
     got = torch_ep.dispatch(x, idx, w, num_experts=num_experts, expert_alignment=alignment, layout=layout)
     check_result(got, expected)
     assert got.work is None
+    # Every rank's sends, as the records carried them (DeepEP's rank_prefix_matrix comes from it).
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, ref_layout.num_tokens_per_rank.tolist())
+    sent = got.handle.send_matrix
+    assert sent is not None or got.handle.internode, "an intranode handle of a small group holds the send matrix"
+    assert sent is None or sent.tolist() == rows, f"send matrix {sent.tolist()} != every rank's sends {rows}"
 
     # Combine: each rank sends back what it received times (rank + 1).
     back = (got.recv_x.float() * (rank + 1)).to(dtype)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C  # noqa: F401  (registers the ep:: ops)
-from .types import CombineResult, DispatchHandle, DispatchLayout, DispatchResult, Payload
+from .types import CombineResult, DispatchHandle, DispatchLayout, DispatchResult, Payload, send_matrix_size
 
 __all__ = ["get_dispatch_layout", "dispatch", "combine", "MoEWork"]
 
@@ -285,7 +285,7 @@ def _dispatch_fake(x, x_scales, topk_idx, topk_weights, handle_meta, handle_coun
         recv_w = x.new_empty(rows, k, dtype=torch.float32) if topk_weights is not None else x.new_empty(0, dtype=torch.float32)
         meta = x.new_empty(0 if layout_meta is not None else _meta_header(r, num_experts) + 2 * n * r,
                            dtype=torch.int32)
-        fixed = 2 + 2 * r + num_experts // r
+        fixed = 2 + 2 * r + num_experts // r + send_matrix_size(r)
         if _multi_node(group_name):  # + the relay state: data-dependent
             fixed = torch.library.get_ctx().new_dynamic_size(min=fixed)
         counts = torch.empty(fixed, dtype=torch.int64, device="cpu")

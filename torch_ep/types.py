@@ -29,14 +29,21 @@ class DispatchLayout:
     header_ready: Optional[object] = field(default=None, repr=False, compare=False)
 
 
+def send_matrix_size(num_ranks: int) -> int:
+    """Entries of the send matrix in a handle's counts (backend/ops/moe_ops.hpp, HandleCounts)."""
+    return num_ranks * num_ranks if num_ranks <= 32 else 0
+
+
 @dataclass
 class DispatchHandle:
     """A dispatch's route, for combine and for re-dispatching along it (dispatch(handle=...)).
 
     `meta` is the routing table on the op's device (layout in backend/kernels/moe_meta.hpp);
     `counts` a CPU int64 vector: [dispatch id, num_worst_tokens, rows sent to each rank (R),
-    rows received from each rank (R), received tokens per local expert (E/R)]; -1 where only
-    the device knows (a CUDA dispatch with num_worst_tokens). A dispatch routed across nodes
+    rows received from each rank (R), received tokens per local expert (E/R), and in groups of
+    up to 32 ranks the send matrix (R x R: rows rank s sent rank j), which every rank learns from
+    the records the dispatch exchanges anyway]; -1 where only the device knows (a CUDA dispatch
+    with num_worst_tokens, or the device route across nodes). A dispatch routed across nodes
     appends its relay state (backend/ops/moe_internode.hpp, InternodeRoute).
     """
     group_name: str
@@ -67,9 +74,21 @@ class DispatchHandle:
         return self.counts[start:start + self.num_experts // self.num_ranks].tolist()
 
     @property
+    def send_matrix(self) -> Optional[torch.Tensor]:
+        """[R, R] int64 CPU: rows rank s sent rank j at [s, j]; None where the handle does not
+        hold it (groups of more than 32 ranks, or sizes only the device knows)."""
+        r = self.num_ranks
+        start = 2 + 2 * r + self.num_experts // r
+        matrix = self.counts[start:start + send_matrix_size(r)]
+        if matrix.numel() == 0 or bool((matrix < 0).any()):
+            return None
+        return matrix.view(r, r)
+
+    @property
     def internode(self) -> bool:
         """True when the dispatch took the hierarchical route across nodes."""
-        return self.counts.numel() > 2 + 2 * self.num_ranks + self.num_experts // self.num_ranks
+        r = self.num_ranks
+        return self.counts.numel() > 2 + 2 * r + self.num_experts // r + send_matrix_size(r)
 
 
 class DispatchResult:

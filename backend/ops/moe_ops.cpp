@@ -14,18 +14,24 @@
 
 namespace ep::moe {
 
+int64_t HandleCounts::matrix_size(int64_t num_ranks) {
+  return num_ranks <= kMaxMatrixRanks ? num_ranks * num_ranks : 0;
+}
+
 HandleCounts HandleCounts::parse(const std::vector<int64_t>& counts, int64_t num_ranks, int64_t experts_per_rank) {
-  TORCH_CHECK_VALUE(int64_t(counts.size()) >= 2 + 2 * num_ranks + experts_per_rank,
-                    "handle: its counts hold ", counts.size(), " values, but a handle of a group of ", num_ranks,
-                    " ranks with ", experts_per_rank, " experts per rank holds at least ",
-                    2 + 2 * num_ranks + experts_per_rank, "; was it made for another group or num_experts?");
+  const int64_t fixed = 2 + 2 * num_ranks + experts_per_rank + matrix_size(num_ranks);
+  TORCH_CHECK_VALUE(int64_t(counts.size()) >= fixed, "handle: its counts hold ", counts.size(),
+                    " values, but a handle of a group of ", num_ranks, " ranks with ", experts_per_rank,
+                    " experts per rank holds at least ", fixed, "; was it made for another group or num_experts?");
   HandleCounts h;
   h.call_id = counts[0];
   h.num_worst_tokens = counts[1];
   h.send.assign(counts.begin() + 2, counts.begin() + 2 + num_ranks);
   h.recv.assign(counts.begin() + 2 + num_ranks, counts.begin() + 2 + 2 * num_ranks);
-  h.per_expert.assign(counts.begin() + 2 + 2 * num_ranks, counts.begin() + 2 + 2 * num_ranks + experts_per_rank);
-  h.internode.assign(counts.begin() + 2 + 2 * num_ranks + experts_per_rank, counts.end());
+  const auto per_expert = counts.begin() + 2 + 2 * num_ranks, sent = per_expert + experts_per_rank;
+  h.per_expert.assign(per_expert, sent);
+  h.sent.assign(sent, sent + matrix_size(num_ranks));
+  h.internode.assign(sent + matrix_size(num_ranks), counts.end());
   return h;
 }
 
@@ -34,6 +40,7 @@ at::Tensor HandleCounts::to_tensor() const {
   v.insert(v.end(), send.begin(), send.end());
   v.insert(v.end(), recv.begin(), recv.end());
   v.insert(v.end(), per_expert.begin(), per_expert.end());
+  v.insert(v.end(), sent.begin(), sent.end());
   v.insert(v.end(), internode.begin(), internode.end());
   return at::tensor(v, at::kLong);
 }

@@ -27,7 +27,12 @@ struct HandleCounts {
   int64_t call_id = 0;
   int64_t num_worst_tokens = 0;  // > 0: the dispatch's outputs had this many rows
   std::vector<int64_t> send, recv, per_expert;
+  // [R * R]: rows rank s sent rank j at s * R + j (-1 where only the device knows); held by
+  // groups of up to kMaxMatrixRanks (matrix_size), for DeepEP's rank_prefix_matrix
+  std::vector<int64_t> sent;
   std::vector<int64_t> internode;  // empty: the dispatch took the intranode route
+
+  static int64_t matrix_size(int64_t num_ranks);
 
   static HandleCounts parse(const std::vector<int64_t>& counts, int64_t num_ranks, int64_t experts_per_rank);
   at::Tensor to_tensor() const;

@@ -78,6 +78,9 @@ std::vector<Record> dispatch_records(const DispatchArgs& a, int64_t num_ranks, u
     set_rejected(base, "topk_idx holds expert ids outside [-1, num_experts=" + std::to_string(E) +
                            "): the smallest is " + std::to_string(header[l.id_range()]) + ", the largest " +
                            std::to_string(header[l.id_range() + 1]));
+  if (num_ranks <= kMaxMatrixRanks)
+    for (int64_t p = 0; p < num_ranks; ++p)
+      base.send_row[p] = cached ? int32_t(a.handle_counts->send[p]) : header ? header[l.tokens_per_rank() + p] : -1;
   std::vector<Record> records(num_ranks, base);
   for (int64_t p = 0; p < num_ranks; ++p) {
     if (cached) {
@@ -115,6 +118,8 @@ HandleCounts dispatch_counts(const DispatchArgs& a, int64_t rank, uint64_t call_
     for (int64_t e = 0; e < per_rank; ++e) c.per_expert[e] += theirs[p].rows_per_expert[e];
   }
   if (theirs[0].rows < 0) c.per_expert.assign(per_rank, -1);  // only the device knows
+  if (R <= kMaxMatrixRanks)
+    for (int64_t s = 0; s < R; ++s) c.sent.insert(c.sent.end(), theirs[s].send_row, theirs[s].send_row + R);
   return c;
 }
 

@@ -17,6 +17,7 @@ namespace ep::moe {
 
 constexpr int kMaxLocalExperts = 1024;  // experts per rank a record can count
 constexpr int kMaxRegions = 5;          // buffers a rank exports per call
+constexpr int kMaxMatrixRanks = 32;     // groups up to this size keep every rank's sends in a handle
 
 enum class OpKind : uint32_t { kDispatch = 0x45504431, kCombine = 0x45504332 };
 
@@ -48,6 +49,9 @@ struct Record {
   char detail[256];      // why `status` is set
   PeerRegion regions[kMaxRegions];
   int32_t rows_per_expert[kMaxLocalExperts];  // dispatch: my rows for each of your experts
+  // dispatch, groups of up to kMaxMatrixRanks: my rows for every rank (-1: only the device knows),
+  // so that each rank learns the whole send matrix from the records it gets anyway
+  int32_t send_row[kMaxMatrixRanks];
 };
 
 // What a caller knows of its own side, to build its records.

@@ -33,10 +33,11 @@ nothing), and a `previous_event` holding a CUDA event is waited for on the host 
 Handles are DeepEP's tuples (same length, so callers that unpack them keep working) that also
 carry torch_ep's handle in an attribute, `handle.native`; a tuple not made here is refused.
 - Intranode dispatch: (rank_prefix_matrix, None, None, None, is_token_in_rank, None).
-  rank_prefix_matrix [R, R] int32: entry [i][j] = rows rank j receives from ranks 0..i. It costs
-  one small exchange of the send counts per dispatch (an all_to_all_single of R*R counts on the
-  "ep" group: CPU tensors on the shared-memory transport; on the device, with no host
-  synchronisation, for a CUDA dispatch with num_worst_tokens). torch_ep has no channels and
+  rank_prefix_matrix [R, R] int32: entry [i][j] = rows rank j receives from ranks 0..i. In groups
+  of up to 32 ranks the dispatch's own records carry every rank's send counts, so it costs no
+  exchange; otherwise, and for a CUDA dispatch with num_worst_tokens (sizes on the device only),
+  one small all_to_all_single of the counts per dispatch on the "ep" group (on the device, with
+  no host synchronisation, in the latter case). torch_ep has no channels and
   keeps no recv_src_idx, so elements 1-3 and 5 are None.
 - Across nodes: DeepEP's 10-tuple with is_token_in_rank at 0 and recv_gbl_rank_prefix_sum ([R]
   int32, rows received from ranks 0..i) at 6, None elsewhere.

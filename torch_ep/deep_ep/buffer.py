@@ -301,9 +301,14 @@ class Buffer:
     def _rank_prefix_matrix(self, native: DispatchHandle, num_tokens_per_rank: torch.Tensor,
                             device: torch.device) -> torch.Tensor:
         """[R, R] int32, [i][j] = rows rank j receives from ranks 0..i: every rank's send counts,
-        gathered (all_to_all_single of the counts to every rank, on torch_ep's own transport),
-        summed down the sources."""
+        summed down the sources. The handle holds them where the dispatch's records carried them
+        (groups of up to 32 ranks, sizes on the host); else they are gathered (all_to_all_single
+        of the counts to every rank, on torch_ep's own transport)."""
         r = self.group_size
+        sent = native.send_matrix
+        if sent is not None:
+            matrix = sent.cumsum(0).to(torch.int32)
+            return matrix.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else matrix
         send = native.counts[2:2 + r]
         on_host = bool((send >= 0).all())
         if not on_host:

@@ -208,6 +208,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   counts.send.assign(R, -1);
   counts.recv.assign(R, -1);
   counts.per_expert.assign(E / R, -1);
+  counts.sent.assign(HandleCounts::matrix_size(R), -1);  // the records travel on the device only
   counts.internode = {NN, L, kDeviceRoute};
   int64_t M = a.num_worst_tokens;
   if (!worst) {  // the one host wait: the sizes of the outputs
