@@ -122,8 +122,10 @@ def write_json(path: str, data: object) -> None:
 
 
 def write_plot(path: str, series: Dict[str, Tuple[Sequence[float], Sequence[float]]], *, title: str,
-               xlabel: str, ylabel: str, dashed: Sequence[str] = ()) -> bool:
-    """A log-log PNG with one line per entry of `series` ({label: (xs, ys)}); False without matplotlib.
+               xlabel: str, ylabel: str, dashed: Sequence[str] = (),
+               xtick_label: Callable[[float], str] = lambda x: format_bytes(int(x)), log_y: bool = True) -> bool:
+    """A PNG with one line per entry of `series` ({label: (xs, ys)}), x on a log2 axis (ticks named by
+    `xtick_label`), y on a log axis unless `log_y` is False; False without matplotlib.
 
     matplotlib is imported here, not at the top, so that scripts run where it is not installed.
     """
@@ -137,9 +139,12 @@ def write_plot(path: str, series: Dict[str, Tuple[Sequence[float], Sequence[floa
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, "--" if label in dashed else "-o", label=label, markersize=4)
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
     xs = sorted({x for xs, _ in series.values() for x in xs})
-    ax.set_xticks(xs, [format_bytes(int(x)) for x in xs], rotation=45, ha="right")
+    ax.set_xticks(xs, [xtick_label(x) for x in xs], rotation=45, ha="right")
     ax.minorticks_off()
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, which="major", alpha=0.3)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|ll|a2av|profile|ll-profile|internode|compile|deep_ep|pending]
+#   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|sm-sweep|ll|a2av|profile|ll-profile|internode|compile|deep_ep|pending]
+#     sm-sweep: MoE dispatch/combine bandwidth against the SM budget 1..32 (benchmarks/moe.py --sm-sweep,
+#     4096 tokens; TORCH_EP_SM_SWEEP_RANKS, default 2): LOGS/moe_sm_sweep_Rranks/moe_sm_sweep.{json,png},
+#     whose sm_table_entry goes into torch_ep/data/sm_table.json
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
 #     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES,
 #     TORCH_EP_LL_BENCH_RANKS); internode: tests and benchmark across virtual nodes
@@ -132,6 +135,13 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then
   for R in ${TORCH_EP_MOE_BENCH_RANKS:-2 4 8}; do
     step "MoE benchmark, $R ranks (4096 tokens, hidden 7168, top-8, 256 experts)"
     run_bench "$R" 90 "moe_bench_${R}ranks.log" 18 benchmarks/moe.py --out "$LOGS/moe_${R}ranks"
+  done
+fi
+if [ "$WHAT" = sm-sweep ]; then
+  for R in ${TORCH_EP_SM_SWEEP_RANKS:-2}; do
+    step "MoE bandwidth against the SM budget, $R ranks (4096 tokens, hidden 7168, top-8, 256 experts)"
+    run_bench "$R" 240 "moe_sm_sweep_${R}ranks.log" 20 benchmarks/moe.py --sm-sweep 1,2,4,8,16,24,32 \
+      --tokens 4096 --out "$LOGS/moe_sm_sweep_${R}ranks"
   done
 fi
 

@@ -44,6 +44,9 @@ num_worst_tokens (bf16, --layer-hidden/--layer-ffn/--layer-experts/--layer-top-k
 torch.compile(layer, mode="reduce-overhead", fullgraph=True) (inductor's CUDA graphs; the default
 mode on the CPU). Same isolated and stream methods; time per layer call. Rank 0 writes
 moe_layer.md and moe_layer.json.
+
+--sm-sweep 1,2,4,8,16,24,32 runs instead the sweep over the SM budget (Options.num_sms) of
+benchmarks/moe_sm_sweep.py: moe_sm_sweep.{json,png} and the entry for torch_ep/data/sm_table.json.
 """
 from __future__ import annotations
 
@@ -496,7 +499,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layer-ffn", type=int, default=1024)
     parser.add_argument("--layer-experts", type=int, default=8)
     parser.add_argument("--layer-top-k", type=int, default=2)
+    parser.add_argument("--sm-sweep", default=None, metavar="S,S,...",
+                        help="instead of the table: time dispatch and combine bf16 at each SM budget (Options.num_sms), "
+                             "e.g. 1,2,4,8,16,24,32; writes moe_sm_sweep.{json,png} with the torch_ep/data/sm_table.json "
+                             "entry (benchmarks/moe_sm_sweep.py)")
     args = parser.parse_args()
+    if args.sm_sweep is not None:
+        from benchmarks.moe_sm_sweep import parse_budgets
+        try:
+            args.sm_sweep = parse_budgets(args.sm_sweep)
+        except ValueError as e:
+            parser.error(str(e))
+        if args.impl != "ep" or args.api != "native" or args.layer != "no":
+            parser.error("--sm-sweep measures torch_ep's native ops (no --impl, --api or --layer)")
     if not 0 < args.top_k <= args.experts:
         parser.error(f"--top-k {args.top_k} must be in 1..--experts ({args.experts})")
     if args.api != "native" and args.impl != "ep":
@@ -517,6 +532,12 @@ def main() -> None:
     dist.init_process_group(torch_ep.BACKEND_NAME)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     sync_group = dist.new_group(backend="gloo")
+    if args.sm_sweep:
+        from benchmarks import moe_sm_sweep
+        moe_sm_sweep.run(args, device, sync_group)
+        dist.barrier(group=sync_group)
+        dist.destroy_process_group()
+        return
     sharing = common.ranks_per_gpu(device, sync_group) if device.type == "cuda" else 1
     deepep = DeepEP(args.hidden, device, sharing, sync_group)
 

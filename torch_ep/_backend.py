@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 import torch.distributed as dist
 
-from . import _C
+from . import _C, sm_table
 from .options import Options
 
 BACKEND_NAME = "ep"
 
 
-def _ranks_share_a_gpu(store: dist.Store, rank: int, size: int) -> bool:
-    """True when two ranks of the group drive the same GPU (NCCL refuses that)."""
+def _ranks_per_gpu(store: dist.Store, rank: int, size: int) -> int:
+    """The most ranks of the group that drive one GPU (1 when each has its own; NCCL refuses more)."""
     uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
     store.set(f"ep/gpu/{rank}", uuid)
     uuids = [store.get(f"ep/gpu/{r}").decode() for r in range(size)]
-    return len(set(uuids)) < size
+    return max(Counter(uuids).values())
 
 
 def _launch_local_world_size(group_size: int) -> int:
@@ -44,7 +45,9 @@ def create_backend(dist_opts, pg_options) -> _C.ProcessGroupEP:
     cpu_backend = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, config.timeout)
     cuda_backend = None
     if torch.cuda.is_available():
-        if _ranks_share_a_gpu(store, rank, size) or not dist.is_nccl_available():
+        ranks_per_gpu = _ranks_per_gpu(store, rank, size)
+        sm_table.apply(config, options.num_sms, torch.cuda.get_device_name(), size, ranks_per_gpu)
+        if ranks_per_gpu > 1 or not dist.is_nccl_available():
             cuda_backend = cpu_backend  # Gloo moves CUDA tensors through the host
         else:
             nccl_options = dist.ProcessGroupNCCL.Options()

@@ -20,7 +20,8 @@ ENVIRONMENT = {
     "TORCH_EP_HOST_NUM_SLOTS": "shared-memory chunks in flight per pair of ranks (default 8)",
     "TORCH_EP_HOST_ONE_COPY": "0 keeps large CPU messages in the shared-memory ring instead of one process_vm_readv copy",
     "TORCH_EP_CUDA_BUFFER_BYTES": "registered CUDA receive buffer per rank in bytes (default 64 MiB)",
-    "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default: one per peer)",
+    "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default 0, automatic: CUDA dispatch/combine take "
+                        "torch_ep/data/sm_table.json's budget for the GPU and group, else every SM; all_to_all one per peer)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
     "TORCH_EP_ALL_TO_ALL_V_DEVICE": "0 makes CUDA all_to_all_v read its splits on the host (one wait, not capturable) "

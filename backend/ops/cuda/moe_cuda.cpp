@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <optional>
@@ -134,11 +135,14 @@ kernels::Handshake handshake(CudaTransport& transport, bool with_ready) {
   return h;
 }
 
-int num_blocks(ProcessGroupEP& group, const at::Device& device) {
+// The grid of a dispatch or combine kernel: Options.num_sms where set, else the op's budget
+// measured for this GPU and group size (`measured`, from torch_ep/data/sm_table.json; 0 where
+// the table has none), else every SM.
+int num_blocks(ProcessGroupEP& group, const at::Device& device, int measured) {
   if (group.config().num_sms > 0) return group.config().num_sms;
   int sms = 0;
   EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
-  return sms;
+  return measured > 0 ? std::min(measured, sms) : sms;
 }
 
 std::vector<int> peers_of(int rank, int size) {
@@ -280,7 +284,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.recv_topk_idx = cached ? nullptr : o.recv_topk_idx.data_ptr<int64_t>();
     p.recv_topk_weights = a.topk_weights ? o.recv_topk_weights.data_ptr<float>() : nullptr;
     p.capacity = capacity;
-    p.num_blocks = num_blocks(group, device);
+    p.num_blocks = num_blocks(group, device, group.config().auto_sms_dispatch);
     p.call_id = int64_t(call_id);
     p.overflow = transport->dispatch_overflow();
 
@@ -345,7 +349,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     p.num_topk = int(K);
     p.out = static_cast<char*>(o.combined_x.data_ptr());
     p.out_weights = a.topk_weights ? o.combined_topk_weights.data_ptr<float>() : nullptr;
-    p.num_blocks = num_blocks(group, device);
+    p.num_blocks = num_blocks(group, device, group.config().auto_sms_combine);
 
     p.handshake = handshake(*transport, /*with_ready=*/true);
 

@@ -1,0 +1,111 @@
+"""The SM budget table (torch_ep/sm_table.py): deriving an entry from a sweep, looking it up, and
+Options.num_sms overriding it; and benchmarks/moe.py's --sm-sweep flag. CPU only, synthetic numbers."""
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+import torch_ep
+from torch_ep import sm_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Bandwidth rising with SMs to a plateau: dispatch reaches 95% of its best (80) at 24 SMs, combine
+# (best 50, reached at 16) already at 8.
+SWEEP = {"dispatch": {1: 10.0, 2: 19.0, 4: 38.0, 8: 60.0, 16: 75.0, 24: 79.0, 32: 80.0},
+         "combine": {1: 8.0, 2: 16.0, 4: 30.0, 8: 48.0, 16: 50.0, 24: 49.5, 32: 49.0}}
+
+
+def entry(**overrides):
+    fields = dict(device="NVIDIA H200", ranks=2, ranks_per_gpu=1)
+    fields.update(overrides)
+    return sm_table.derive_entry(SWEEP, **fields)
+
+
+def test_fewest_sms_reaching_the_best():
+    assert sm_table.fewest_sms(SWEEP["dispatch"]) == 24
+    assert sm_table.fewest_sms(SWEEP["combine"]) == 8
+    assert sm_table.fewest_sms(SWEEP["dispatch"], reach=1.0) == 32
+    assert sm_table.fewest_sms({4: 5.0}) == 4
+    with pytest.raises(ValueError, match="no measurements"):
+        sm_table.fewest_sms({})
+
+
+def test_derive_entry():
+    e = entry(measured={"tokens": 4096})
+    assert (e["device"], e["ranks"], e["ranks_per_gpu"], e["dispatch"], e["combine"]) == ("NVIDIA H200", 2, 1, 24, 8)
+    assert e["measured"]["tokens"] == 4096 and e["measured"]["reach"] == sm_table.REACH
+    assert e["measured"]["GBps"]["combine"]["16"] == 50.0
+    json.dumps(e)  # what the sweep writes
+    with pytest.raises(ValueError, match="no combine bandwidth"):
+        sm_table.derive_entry({"dispatch": SWEEP["dispatch"]}, device="x", ranks=2, ranks_per_gpu=1)
+
+
+def test_lookup():
+    table = {"entries": [entry(), {**entry(ranks=8), "dispatch": 99}]}
+    assert sm_table.lookup("NVIDIA H200", 2, 1, table) == {"dispatch": 24, "combine": 8}
+    assert sm_table.lookup("NVIDIA H200", 8, 1, table) == {"dispatch": 99, "combine": 8}
+    assert sm_table.lookup("NVIDIA H200", 2, 2, table) is None  # other sharing of the GPU
+    assert sm_table.lookup("NVIDIA H100 80GB HBM3", 2, 1, table) is None
+    assert sm_table.lookup("NVIDIA H200", 4, 1, {"entries": []}) is None
+
+
+def test_lookup_reads_the_table_file(tmp_path, monkeypatch):
+    path = tmp_path / "sm_table.json"
+    path.write_text(json.dumps({"entries": [entry()]}))
+    monkeypatch.setattr(sm_table, "TABLE_PATH", path)
+    assert sm_table.lookup("NVIDIA H200", 2, 1) == {"dispatch": 24, "combine": 8}
+
+
+def test_shipped_table_parses():
+    table = sm_table.load()
+    assert isinstance(table["entries"], list) and table["reach"] == sm_table.REACH
+    for e in table["entries"]:
+        assert {"device", "ranks", "ranks_per_gpu", *sm_table.OPS} <= e.keys()
+
+
+def config_with_table(options, table):
+    config = options._to_config(timedelta(seconds=60))
+    sm_table.apply(config, options.num_sms, "NVIDIA H200", 2, 1, table)
+    return config
+
+
+def test_automatic_takes_the_table_and_num_sms_overrides_it(monkeypatch):
+    monkeypatch.delenv("TORCH_EP_NUM_SMS", raising=False)
+    table = {"entries": [entry()]}
+    auto = config_with_table(torch_ep.Options(), table)
+    assert (auto.num_sms, auto.auto_sms_dispatch, auto.auto_sms_combine) == (0, 24, 8)
+    explicit = config_with_table(torch_ep.Options(num_sms=4), table)
+    assert (explicit.num_sms, explicit.auto_sms_dispatch, explicit.auto_sms_combine) == (4, 0, 0)
+    monkeypatch.setenv("TORCH_EP_NUM_SMS", "6")
+    from_env = config_with_table(torch_ep.Options(), table)
+    assert (from_env.num_sms, from_env.auto_sms_dispatch, from_env.auto_sms_combine) == (6, 0, 0)
+    monkeypatch.delenv("TORCH_EP_NUM_SMS")
+    none = config_with_table(torch_ep.Options(), {"entries": []})
+    assert (none.num_sms, none.auto_sms_dispatch, none.auto_sms_combine) == (0, 0, 0)  # every SM
+
+
+def test_moe_benchmark_has_the_sweep_flag():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe.py"), "--help"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--sm-sweep" in out.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe.py"), "--sm-sweep", "0,4"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "expected SM counts >= 1" in bad.stderr
+
+
+def test_parse_budgets():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.moe_sm_sweep import parse_budgets
+    finally:
+        sys.path.remove(str(ROOT))
+    assert parse_budgets("8,1,2,8") == [1, 2, 8]
+    with pytest.raises(ValueError, match="separated by commas"):
+        parse_budgets("1;2")
