@@ -19,10 +19,11 @@
 #     example, and the MoE benchmark through the native API and through the DeepEP API
 #     (TORCH_EP_DEEP_EP_WORLD_SIZES, TORCH_EP_DEEP_EP_BENCH_RANKS; default 2 ranks)
 #     pending: what was built but has not passed on a GPU yet, most valuable first, each step
-#     bounded (TORCH_EP_PENDING_STEPS picks: the device route across nodes at 2x2, deep_ep's
-#     tests, example and benchmark, comm_pool's tests, the internode benchmark; timeouts and
-#     a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS) on request); a short TORCH_EP_TIMEOUT_S makes
-#     a hang fail fast
+#     bounded; TORCH_EP_PENDING_STEPS picks among internode (the device route's tests at 2x2),
+#     pool (comm_pool's tests, on its branch), deep_ep (tests, example, both-API benchmark),
+#     internode_bench, timeouts, a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS), compile (the compile
+#     mode) and sm_sweep (the sm-sweep mode); default "deep_ep compile". A short
+#     TORCH_EP_TIMEOUT_S makes a hang fail fast
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
@@ -137,13 +138,14 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then
     run_bench "$R" 90 "moe_bench_${R}ranks.log" 18 benchmarks/moe.py --out "$LOGS/moe_${R}ranks"
   done
 fi
-if [ "$WHAT" = sm-sweep ]; then
+sm_sweep() {
   for R in ${TORCH_EP_SM_SWEEP_RANKS:-2}; do
     step "MoE bandwidth against the SM budget, $R ranks (4096 tokens, hidden 7168, top-8, 256 experts)"
     run_bench "$R" 240 "moe_sm_sweep_${R}ranks.log" 20 benchmarks/moe.py --sm-sweep 1,2,4,8,16,24,32 \
       --tokens 4096 --out "$LOGS/moe_sm_sweep_${R}ranks"
   done
-fi
+}
+[ "$WHAT" = sm-sweep ] && sm_sweep
 
 # nvshmem4py (NVSHMEM's Python bindings, which initialise NVSHMEM) is not installed on the GPU
 # machine and it has no network: its wheel travels in the repository's git-ignored .whl/.
@@ -173,8 +175,9 @@ if [ "$WHAT" = pending ]; then
   # (torch_ep.deep_ep's GPU tests, its example, the MoE benchmark through both APIs in one run),
   # internode_bench (the device route's
   # benchmark against the host route and the intranode route), timeouts (the CUDA timeout fault
-  # tests), a2a_bench (the all_to_all benchmark, with the pool row).
-  STEPS=" ${TORCH_EP_PENDING_STEPS:-internode deep_ep internode_bench} "
+  # tests), a2a_bench (the all_to_all benchmark, with the pool row); then compile (the compile
+  # mode's checks) and sm_sweep (the sm-sweep mode).
+  STEPS=" ${TORCH_EP_PENDING_STEPS:-deep_ep compile} "
   [[ $STEPS == *" internode "* ]] && pending_test internode_device 110 NVSHMEM_SYMMETRIC_SIZE=3G \
     TORCH_EP_INTERNODE_TOPOLOGIES=2x2 TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py
   [[ $STEPS == *" pool "* ]] && pending_test pool 110 TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- tests/test_cuda_comm_pool.py \
@@ -224,7 +227,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = ll ]; then
   done
 fi
 
-if [ "$WHAT" = compile ]; then
+compile_checks() {
   need_nvshmem4py
   step "GPU torch.compile tests, ${TORCH_EP_COMPILE_WORLD_SIZES:-2} ranks"
   TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_COMPILE_WORLD_SIZES:-2} timeout 420 python3 -m pytest \
@@ -237,7 +240,8 @@ if [ "$WHAT" = compile ]; then
   tail -3 "$LOGS/moe_train_compiled.log" >> "$SUMMARY"
   step "compiled MoE layer benchmark, 2 ranks (4096 tokens per rank; reduce-overhead against eager)"
   run_bench 2 150 "moe_layer_bench_2ranks.log" 10 benchmarks/moe.py --layer only --out "$LOGS/moe_layer_2ranks"
-fi
+}
+[ "$WHAT" = compile ] && compile_checks
 
 if [ "$WHAT" = all ] || [ "$WHAT" = deep_ep ]; then
   need_nvshmem4py
@@ -279,6 +283,11 @@ if [ "$WHAT" = all ] || [ "$WHAT" = internode ]; then
       > "$LOGS/internode_bench_$TOPO.log" 2>&1 || STATUS=1
     tail -16 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
   done
+fi
+
+if [ "$WHAT" = pending ]; then
+  [[ $STEPS == *" compile "* ]] && compile_checks
+  [[ $STEPS == *" sm_sweep "* ]] && sm_sweep
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
