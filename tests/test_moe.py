@@ -120,6 +120,12 @@ def rank_dispatch_combine(seed, kind, hidden, top_k, experts_per_rank, dtype, al
     return got.recv_x.shape[0]
 
 
+def test_send_matrix_cap_matches_the_extension():
+    from torch_ep import _C
+    from torch_ep.types import MAX_MATRIX_RANKS
+    assert MAX_MATRIX_RANKS == _C.max_matrix_ranks
+
+
 # Routes and payloads every device is checked on: -1 slots, ranks with no tokens, all tokens to
 # one expert, hidden sizes 1 to 7168 (not all multiples of 8), top-k 1 to 9.
 ROUTE_CASES = [

@@ -29,9 +29,12 @@ class DispatchLayout:
     header_ready: Optional[object] = field(default=None, repr=False, compare=False)
 
 
+MAX_MATRIX_RANKS = 32  # kMaxMatrixRanks of backend/ops/moe_protocol.hpp (tests/test_moe.py checks it)
+
+
 def send_matrix_size(num_ranks: int) -> int:
     """Entries of the send matrix in a handle's counts (backend/ops/moe_ops.hpp, HandleCounts)."""
-    return num_ranks * num_ranks if num_ranks <= 32 else 0
+    return num_ranks * num_ranks if num_ranks <= MAX_MATRIX_RANKS else 0
 
 
 @dataclass
@@ -68,18 +71,24 @@ class DispatchHandle:
         return self.counts[2 + r:2 + 2 * r].tolist()
 
     @property
+    def _per_expert_start(self) -> int:
+        return 2 + 2 * self.num_ranks
+
+    @property
+    def _matrix_start(self) -> int:
+        return self._per_expert_start + self.num_experts // self.num_ranks
+
+    @property
     def num_recv_tokens_per_expert(self) -> List[int]:
         """Unpadded: tokens received for each local expert."""
-        start = 2 + 2 * self.num_ranks
-        return self.counts[start:start + self.num_experts // self.num_ranks].tolist()
+        return self.counts[self._per_expert_start:self._matrix_start].tolist()
 
     @property
     def send_matrix(self) -> Optional[torch.Tensor]:
         """[R, R] int64 CPU: rows rank s sent rank j at [s, j]; None where the handle does not
         hold it (groups of more than 32 ranks, or sizes only the device knows)."""
         r = self.num_ranks
-        start = 2 + 2 * r + self.num_experts // r
-        matrix = self.counts[start:start + send_matrix_size(r)]
+        matrix = self.counts[self._matrix_start:self._matrix_start + send_matrix_size(r)]
         if matrix.numel() == 0 or bool((matrix < 0).any()):
             return None
         return matrix.view(r, r)
@@ -87,8 +96,7 @@ class DispatchHandle:
     @property
     def internode(self) -> bool:
         """True when the dispatch took the hierarchical route across nodes."""
-        r = self.num_ranks
-        return self.counts.numel() > 2 + 2 * r + self.num_experts // r + send_matrix_size(r)
+        return self.counts.numel() > self._matrix_start + send_matrix_size(self.num_ranks)
 
 
 class DispatchResult:

@@ -306,20 +306,17 @@ class Buffer:
         of the counts to every rank, on torch_ep's own transport)."""
         r = self.group_size
         sent = native.send_matrix
-        if sent is not None:
-            matrix = sent.cumsum(0).to(torch.int32)
-            return matrix.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else matrix
-        send = native.counts[2:2 + r]
-        on_host = bool((send >= 0).all())
-        if not on_host:
-            # A CUDA dispatch with num_worst_tokens: the counts are on the device only; the caller's
-            # layout holds them (num_tokens_per_rank; the native handle keeps no routing table when
-            # a layout was given). Gather them there, with no host synchronisation.
-            send = num_tokens_per_rank.to(torch.int64)
-        gathered = torch.empty(r * r, dtype=torch.int64, device=send.device)
-        dist.all_to_all_single(gathered, send.repeat(r), group=self.ep_group)
-        matrix = gathered.view(r, r).cumsum(0).to(torch.int32)
-        if on_host and device.type == "cuda":
+        if sent is None:
+            send = native.counts[2:2 + r]
+            if not bool((send >= 0).all()):
+                # A CUDA dispatch with num_worst_tokens: the counts are on the device only; the
+                # caller's layout holds them (num_tokens_per_rank; the native handle keeps no routing
+                # table when a layout was given). Gather them there, with no host synchronisation.
+                send = num_tokens_per_rank.to(torch.int64)
+            sent = torch.empty(r * r, dtype=torch.int64, device=send.device)
+            dist.all_to_all_single(sent, send.repeat(r), group=self.ep_group)
+        matrix = sent.view(r, r).cumsum(0).to(torch.int32)
+        if matrix.device.type == "cpu" and device.type == "cuda":
             return matrix.pin_memory().to(device, non_blocking=True)
         return matrix
 

@@ -149,18 +149,13 @@ class AllToAllVState {
   // call order, and two calls of one rank never share the blocks at once. `begin` makes
   // `stream` wait for the previous call; `end` marks this one. Inside a graph capture neither
   // (an event recorded outside cannot be waited on there; replays follow the graph's stream).
-  static bool capturing(cudaStream_t stream) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    return capture != cudaStreamCaptureStatusNone;
-  }
   void begin(cudaStream_t stream) {
-    if (capturing(stream)) return;
+    if (stream_capturing(stream)) return;
     if (!last_call_) EP_CUDA_CHECK(cudaEventCreateWithFlags(&last_call_, cudaEventDisableTiming));
     else EP_CUDA_CHECK(cudaStreamWaitEvent(stream, last_call_, 0));
   }
   void end(cudaStream_t stream) {
-    if (!capturing(stream)) EP_CUDA_CHECK(cudaEventRecord(last_call_, stream));
+    if (!stream_capturing(stream)) EP_CUDA_CHECK(cudaEventRecord(last_call_, stream));
   }
 
   int64_t* scratch() {
@@ -278,7 +273,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     state.transport().check_healthy(op);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
     if (!given) {
-      TORCH_CHECK(!AllToAllVState::capturing(stream), op, ": output=None waits for the sizes to allocate the "
+      TORCH_CHECK(!stream_capturing(stream), op, ": output=None waits for the sizes to allocate the "
                   "output, which a CUDA graph capture cannot do; give an output (its worst-case rows)");
     }
     const Tensor in = input.contiguous();

@@ -48,12 +48,6 @@ bool device_route_handle(const std::vector<int64_t>& tail, const Topology& t) {
   return tail.size() == 3 && tail[0] == t.num_nodes && tail[1] == t.ranks_per_node && tail[2] == kDeviceRoute;
 }
 
-bool capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status;
-  EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status != cudaStreamCaptureStatusNone;
-}
-
 InternodeBuffer& buffer_for(ProcessGroupEP& group, InternodeTransport& transport, int64_t row_bytes,
                             cudaStream_t stream, const char* op) {
   const Config& c = group.config();
@@ -61,7 +55,7 @@ InternodeBuffer& buffer_for(ProcessGroupEP& group, InternodeTransport& transport
       transport.moe(c.internode_capacity, c.internode_row_bytes > 0 ? c.internode_row_bytes : kDefaultRowBytes);
   b.check(op);
   if (!b.allocated()) {
-    TORCH_CHECK(!capturing(stream), op, ": the group's first call across nodes allocates its NVSHMEM buffer "
+    TORCH_CHECK(!stream_capturing(stream), op, ": the group's first call across nodes allocates its NVSHMEM buffer "
                 "(collectively), which a CUDA graph cannot capture; run one dispatch before capturing");
     b.reserve(row_bytes);
   }
@@ -149,8 +143,8 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.x.device().index()).stream();
   // Without num_worst_tokens the host waits for the notify's sizes, which a capture never runs:
   // refuse at once (every rank captures alike) rather than wait out twice the timeout.
-  TORCH_CHECK_VALUE(worst || !capturing(stream), op, ": inside a CUDA graph capture, a dispatch across nodes needs "
-                    "num_worst_tokens (without it the host waits for the received sizes)");
+  TORCH_CHECK_VALUE(worst || !stream_capturing(stream), op, ": inside a CUDA graph capture, a dispatch across "
+                    "nodes needs num_worst_tokens (without it the host waits for the received sizes)");
   const DispatchRow row(H * int64_t(a.x.element_size()), S, K, with_weights, L);
   InternodeBuffer& buf = buffer_for(group, transport, std::max(row.stride, r16(2 * H) + r16(4 * K)), stream, op);
 
@@ -181,7 +175,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   // What a kernel reported since (an overflow, a refusal no host waited for) refuses this call on
   // every rank (InternodeBuffer::take_pending); not a captured call, whose record every replay
   // would repeat.
-  if (mine.status == ix::kOk && !capturing(stream)) mine.status = buf.take_pending(mine.detail);
+  if (mine.status == ix::kOk && !stream_capturing(stream)) mine.status = buf.take_pending(mine.detail);
   p.row_stride = row.stride;
   p.host_waits = !worst;
   p.cached = cached;
@@ -279,8 +273,8 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
     mine.detail = stride;
   }
   // As in dispatch: what a kernel reported since refuses this call on every rank.
-  if (mine.status == ix::kOk && !capturing(stream)) mine.status = buf.take_pending(mine.detail);
-  const bool host_waits = h.num_worst_tokens == 0 && !capturing(stream);
+  if (mine.status == ix::kOk && !stream_capturing(stream)) mine.status = buf.take_pending(mine.detail);
+  const bool host_waits = h.num_worst_tokens == 0 && !stream_capturing(stream);
   p.row_stride = stride;
   p.host_waits = host_waits;
   p.cached = true;  // no per-expert counts travel

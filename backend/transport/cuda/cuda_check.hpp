@@ -26,3 +26,15 @@
                             " (" + __FILE__ + ":" + std::to_string(__LINE__) + ")");                      \
     }                                                                                                      \
   } while (0)
+
+namespace ep {
+
+// Whether `stream` is being captured into a CUDA graph (where host waits and events recorded
+// outside the capture cannot be used).
+inline bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+}  // namespace ep

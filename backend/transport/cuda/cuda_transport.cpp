@@ -203,9 +203,7 @@ void CudaTransport::exchange(const void* mine, void* theirs, size_t record_bytes
 }
 
 void CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<int> peers) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return;  // replays run where the watchdog cannot see
+  if (stream_capturing(stream)) return;  // replays run where the watchdog cannot see
   Inflight op{op_name, std::chrono::steady_clock::now(), std::move(peers), nullptr};
   {
     std::lock_guard<std::mutex> lock(mutex_);
