@@ -32,6 +32,20 @@ def main():
         "raw op dispatch": lambda: torch.ops.ep.dispatch(x, None, idx, w, None, None, args.experts, 0,
                                                          dist.group.WORLD.group_name),
     }
+    # The same calls through torch_ep.deep_ep's Buffer (DeepEP's API), whose cost over the native
+    # API's is the wrapper's.
+    from torch_ep import deep_ep
+    buffer = deep_ep.Buffer(dist.group.WORLD)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, args.experts)
+    wrapped = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                   topk_idx=idx, topk_weights=w)
+    recv_x, *_, handle, _ = buffer.dispatch(x, **wrapped)
+    ops.update({
+        "deep_ep dispatch bf16, layout given": lambda: buffer.dispatch(x, **wrapped),
+        "deep_ep dispatch fp8, layout given": lambda: buffer.dispatch(fp8, **wrapped),
+        "deep_ep dispatch cached": lambda: buffer.dispatch(x, handle=handle),
+        "deep_ep combine bf16": lambda: buffer.combine(recv_x, handle),
+    })
     lines = []
     for name, fn in ops.items():
         for _ in range(5):
@@ -50,12 +64,13 @@ def main():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 kernels[e.name.split("<")[0].split("(")[0][-40:]] += e.device_time_total / n
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:5])
-        lines.append(f"rank {rank} {name:16s} wall {wall * 1e6:7.1f} us/call | kernels us/call: {top}")
+        lines.append(f"rank {rank} {name:36s} wall {wall * 1e6:7.1f} us/call | kernels us/call: {top}")
         dist.barrier()
     # The host side, back to back as in the benchmark's stream method: the op's phases
     # (ep::<op>/<phase> ranges of backend/ops/cuda/moe_cuda.cpp) in microseconds per call.
     tables = []
-    for name in ("dispatch fp8, layout given", "dispatch cached", "combine bf16"):
+    for name in ("dispatch fp8, layout given", "dispatch cached", "combine bf16", "deep_ep dispatch bf16, layout given",
+                 "deep_ep dispatch cached"):
         torch.cuda.synchronize()
         dist.barrier()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -65,7 +80,7 @@ def main():
             host = (time.perf_counter() - start) / 30
             torch.cuda.synchronize()
         phases = {e.key: e.cpu_time_total / 30 for e in prof.key_averages()
-                  if e.key.startswith(("ep::", "aten::empty", "cuda"))}
+                  if e.key.startswith(("ep::", "aten::", "cuda"))}
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])[:12])
         lines.append(f"rank {rank} HOST {name}: {host * 1e6:.1f} us/call on the host | {top}")
     table = ""

@@ -26,7 +26,10 @@ async_finish) run on the Buffer's communication stream (`get_comm_stream()`), af
 `previous_event` or, without one, after the current stream's work. Without async_finish the
 current stream then waits for them; with it they return an EventOverlap whose
 `current_stream_wait()` (or the `with` form's exit) makes the current stream wait. Outputs are
-recorded on the current stream unless allocate_on_comm_stream. On CPU tensors every call has
+recorded on the current stream unless allocate_on_comm_stream. A call with neither
+previous_event nor async_finish runs on the current stream itself: the order is the same (after
+the stream's work, before what follows), without two cross-stream waits and outputs that the
+allocator could not reuse in stream order. On CPU tensors every call has
 finished when it returns: an event is one that has already happened (current_stream_wait() does
 nothing), and a `previous_event` holding a CUDA event is waited for on the host first.
 

@@ -152,7 +152,10 @@ class Buffer:
             result, _ = fn()
             return result, EventOverlap(_done_event()) if async_finish else EventOverlap()
         compute = torch.cuda.current_stream(device)
-        if not on_comm_stream:  # the low-latency ops without async_finish: on the current stream
+        if not on_comm_stream or (previous_event is None and not async_finish):
+            # Ordered as DeepEP's comm stream would order it (after the current stream's work, and
+            # the current stream waits for it), at the native API's cost: no cross-stream waits,
+            # and outputs the allocator reuses in stream order (record_stream would hold them back).
             result, _ = fn()
             return result, EventOverlap()
         comm = self._comm_stream(device)
