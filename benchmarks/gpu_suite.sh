@@ -21,8 +21,10 @@
 #     pending: what was built but has not passed on a GPU yet, most valuable first, each step
 #     bounded; TORCH_EP_PENDING_STEPS picks among internode (the device route's tests at 2x2),
 #     pool (comm_pool's tests, on its branch), deep_ep (tests, example, both-API benchmark),
-#     internode_bench, timeouts, a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS), compile (the compile
-#     mode) and sm_sweep (the sm-sweep mode); default "deep_ep compile". A short
+#     internode_bench, timeouts, a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS), compile_tests (the
+#     compile tests alone), deep_ep_bench (the both-API benchmark alone), moe_profile
+#     (tools/moe_profile.py, 2 ranks), compile (the compile mode) and sm_sweep (the sm-sweep
+#     mode); default "deep_ep compile". A short
 #     TORCH_EP_TIMEOUT_S makes a hang fail fast
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
@@ -188,6 +190,18 @@ if [ "$WHAT" = pending ]; then
     run_bench 2 50 deep_ep_example.log 3 examples/deep_ep_drop_in.py --device cuda
     step "MoE benchmark, the native API and the DeepEP API in the same run, 2 ranks"
     run_bench 2 120 moe_bench_deep_ep_2ranks.log 30 benchmarks/moe.py --api both --out "$LOGS/moe_deep_ep_2ranks"
+  fi
+  [[ $STEPS == *" compile_tests "* ]] && pending_test compile_tests 240 \
+    TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_COMPILE_WORLD_SIZES:-2} -- tests/test_cuda_compile.py
+  if [[ $STEPS == *" deep_ep_bench "* ]]; then
+    step "MoE benchmark, the native API and the DeepEP API in the same run, 2 ranks"
+    run_bench 2 120 moe_bench_deep_ep_2ranks.log 30 benchmarks/moe.py --api both --out "$LOGS/moe_deep_ep_2ranks"
+  fi
+  if [[ $STEPS == *" moe_profile "* ]]; then
+    step "MoE profile (native API and DeepEP API), 2 ranks"
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 100 torchrun --standalone --nproc-per-node 2 \
+      tools/moe_profile.py > "$LOGS/moe_profile_2ranks.log" 2>&1 || STATUS=1
+    grep "^rank 0" "$LOGS/moe_profile_2ranks.log" >> "$SUMMARY"
   fi
   if [[ $STEPS == *" internode_bench "* ]]; then
     step "internode benchmark, 2x2 virtual nodes (device route, host route, intranode)"
