@@ -15,6 +15,8 @@ itself included. Measured, size by size and one after another:
            call without the host's (Python, c10d, launches), what a captured model step pays
   ep_device  on CUDA: an "ep" group with Options(all_to_all_device=True): all_to_all_single on
            the device protocol (counts checked by the kernels, no host control exchange)
+  ep_pool  on CUDA: an "ep" group with a torch_ep.comm_pool, input and output allocated from it:
+           the device protocol's one-copy move (each sender writes into its receivers' outputs)
   roofline on CUDA: the all_to_all bandwidth per rank that GPU memory allows. An all_to_all
            must read and write each byte at least once, so every rank times a plain
            dst.copy_(src) of the same bytes, all at once: the R ranks sharing a GPU split its
@@ -49,6 +51,7 @@ from benchmarks import common  # noqa: E402
 SUBJECT = "ep"
 ALL_TO_ALL_V = "all_to_all_v"  # torch_ep.all_to_all_v on the subject's group
 GRAPH = "ep_graph"  # the subject's call captured in a CUDA graph
+POOL = "ep_pool"  # input and output from torch_ep.comm_pool of its group
 ROOFLINE = "roofline"
 
 
@@ -86,7 +89,14 @@ def pair_data(seed: int, src: int, dst: int, num_bytes: int, device: torch.devic
 
 
 def make_op(impl: str, group, recv: torch.Tensor, send: torch.Tensor):
-    """One call of `impl` from `send` into `recv` (even split)."""
+    """One call of `impl` from `send` into `recv` (even split). For ep_pool the call runs on
+    copies of both from the group's comm pool; `op.output` is its output."""
+    if impl == POOL:
+        with torch.cuda.use_mem_pool(torch_ep.comm_pool(group)):
+            pool_send, pool_recv = send.clone(), recv.clone()
+        op = lambda: dist.all_to_all_single(pool_recv, pool_send, group=group)  # noqa: E731
+        op.output = pool_recv
+        return op
     if impl == GRAPH:
         op = make_op(SUBJECT, group, recv, send)
         op()  # the group's state is set up outside the capture (collectively)
@@ -106,7 +116,9 @@ def check_output(impl: str, group, send: torch.Tensor, expected: torch.Tensor, s
     """One call into a poisoned output; raises on every rank if any rank got wrong data."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     recv = expected.bitwise_not()  # differs from the expected data in every byte
-    make_op(impl, group, recv, send)()
+    op = make_op(impl, group, recv, send)
+    op()
+    recv = getattr(op, "output", recv)
     problem = None
     if not torch.equal(recv, expected):
         chunk = expected.numel() // world_size
@@ -250,6 +262,9 @@ def main() -> None:
         sharing = common.ranks_per_gpu(device, sync_group)
         impls["ep_device"] = dist.new_group(backend="ep", pg_options=torch_ep.Options(all_to_all_device=True))
         impls[GRAPH] = impls["ep_device"]
+        # Its own group: a group with a comm pool runs every all_to_all_single on the device protocol.
+        impls[POOL] = dist.new_group(backend="ep", pg_options=torch_ep.Options(
+            comm_pool_bytes=max(1 << 30, 8 * args.max_bytes)))
         if sharing == 1 and dist.is_nccl_available():
             impls["nccl"] = dist.new_group(backend="nccl")
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from . import _C
 from ._backend import BACKEND_NAME, get_backend, register
 from .all_to_all import all_to_all_v
+from .comm_pool import comm_pool
 from .errors import check_errors
 from .low_latency import low_latency_combine, low_latency_combine_buffer, low_latency_dispatch
 from .moe import MoEWork, combine, dispatch, get_dispatch_layout
@@ -22,4 +23,4 @@ register()
 __all__ = ["BACKEND_NAME", "Options", "get_backend", "check_errors", "get_dispatch_layout", "dispatch", "combine", "MoEWork",
            "DispatchLayout", "DispatchHandle", "DispatchResult", "CombineResult", "low_latency_dispatch",
            "low_latency_combine", "low_latency_combine_buffer", "LowLatencyHandle", "LowLatencyDispatchResult",
-           "LowLatencyCombineResult", "all_to_all_v", "AllToAllVResult"]
+           "LowLatencyCombineResult", "all_to_all_v", "AllToAllVResult", "comm_pool"]

@@ -20,6 +20,8 @@ ENVIRONMENT = {
     "TORCH_EP_HOST_NUM_SLOTS": "shared-memory chunks in flight per pair of ranks (default 8)",
     "TORCH_EP_HOST_ONE_COPY": "0 keeps large CPU messages in the shared-memory ring instead of one process_vm_readv copy",
     "TORCH_EP_CUDA_BUFFER_BYTES": "registered CUDA receive buffer per rank in bytes (default 64 MiB)",
+    "TORCH_EP_COMM_POOL_BYTES": "torch_ep.comm_pool's arena per rank in bytes (default 1 GiB), reserved on the GPU by "
+                                "the first comm_pool call on a group; tensors of the pool must fit in it",
     "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default 0, automatic: CUDA dispatch/combine take "
                         "torch_ep/data/sm_table.json's budget for the GPU and group, else every SM; all_to_all one per peer)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
@@ -78,6 +80,7 @@ class Options:
     host_num_slots: int = field(default_factory=_default("TORCH_EP_HOST_NUM_SLOTS", 8))
     host_one_copy: bool = field(default_factory=lambda: _env_int("TORCH_EP_HOST_ONE_COPY") != 0)
     cuda_buffer_bytes: int = field(default_factory=_default("TORCH_EP_CUDA_BUFFER_BYTES", 64 << 20))
+    comm_pool_bytes: int = field(default_factory=_default("TORCH_EP_COMM_POOL_BYTES", 1 << 30))
     num_sms: int = field(default_factory=_default("TORCH_EP_NUM_SMS", 0))
     ranks_per_node: int = field(default_factory=_default("TORCH_EP_RANKS_PER_NODE", 0))
     blocking_wait: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_BLOCKING_WAIT")))
@@ -93,12 +96,14 @@ class Options:
             "host_slot_bytes": self.host_slot_bytes >= 64,
             "host_num_slots": self.host_num_slots >= 1,
             "cuda_buffer_bytes": self.cuda_buffer_bytes >= 1 << 16,
+            "comm_pool_bytes": self.comm_pool_bytes >= 2 << 20,
             "num_sms": self.num_sms >= 0,
             "ranks_per_node": self.ranks_per_node >= 0,
             "internode_capacity": self.internode_capacity >= 1,
             "internode_row_bytes": self.internode_row_bytes >= 0,
         }
-        minimum = {"host_slot_bytes": 64, "host_num_slots": 1, "cuda_buffer_bytes": 1 << 16, "internode_capacity": 1}
+        minimum = {"host_slot_bytes": 64, "host_num_slots": 1, "cuda_buffer_bytes": 1 << 16, "comm_pool_bytes": 2 << 20,
+                   "internode_capacity": 1}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"Options.{name}={getattr(self, name)}: expected >= {minimum.get(name, 0)}")
@@ -113,6 +118,7 @@ class Options:
         config.host_num_slots = self.host_num_slots
         config.host_one_copy = self.host_one_copy
         config.cuda_buffer_bytes = self.cuda_buffer_bytes
+        config.comm_pool_bytes = self.comm_pool_bytes
         config.num_sms = self.num_sms
         config.ranks_per_node = self.ranks_per_node
         config.blocking_wait = self.blocking_wait

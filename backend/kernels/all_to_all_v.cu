@@ -1,3 +1,4 @@
+#include "backend/kernels/all_to_all_pool.cuh"
 #include "backend/kernels/all_to_all_v.cuh"
 #include "backend/kernels/copy.cuh"
 #include "backend/kernels/sync.cuh"
@@ -14,34 +15,13 @@ __device__ __forceinline__ uint32_t* flag_at(char* block, size_t offset) {
   return reinterpret_cast<uint32_t*>(block + offset);
 }
 
-// Waits until *flag == value, leaving it; false after the deadline or once the group is aborted
-// (a host-mapped word: read only every few polls).
-__device__ __forceinline__ bool wait_for(const uint32_t* flag, uint32_t value, uint64_t deadline, const int* abort) {
-  for (uint32_t polls = 1; load_acquire(flag) != value; ++polls) {
-    if (now_ns() > deadline) return false;
-    if (polls % 64 == 0 && *reinterpret_cast<const volatile int*>(abort)) return false;
-    __nanosleep(100);
-  }
-  return true;
-}
-
-// Waits until *flag != 0, then clears it; false as wait_for.
-__device__ __forceinline__ bool take(uint32_t* flag, uint64_t deadline, const int* abort) {
-  for (uint32_t polls = 1; load_acquire(flag) == 0; ++polls) {
-    if (now_ns() > deadline) return false;
-    if (polls % 64 == 0 && *reinterpret_cast<const volatile int*>(abort)) return false;
-    __nanosleep(100);
-  }
-  *flag = 0;
-  return true;
-}
-
 __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) {
   const int t = threadIdx.x, R = p.num_ranks, me = p.rank;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   __shared__ int64_t splits[kMaxRanksPerNode];                     // this rank's
   __shared__ int64_t records[kMaxRanksPerNode][L::kRecordWords];   // each source's
   __shared__ bool overflows[kMaxRanksPerNode];                     // per receiver
+  __shared__ bool unreachable[kMaxRanksPerNode];                   // receives bytes outside its arena
   __shared__ int failed;                                           // a wait timed out
   if (t == 0) failed = 0;
   if (t < R) splits[t] = p.input_splits ? p.input_splits[t] : p.host_splits[t];
@@ -69,6 +49,7 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
       record[L::kHasExpected] = p.has_expected;
       if (p.has_expected)
         for (int s = 0; s < R; ++s) record[L::kExpected + s] = p.expected_splits[s];
+      record[L::kOutArena] = p.out_arena;
       __threadfence_system();
       store_release(flag, 1);
     }
@@ -85,6 +66,7 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
       for (size_t w = kMaxRanksPerNode; w < L::kExpected; ++w) records[t][w] = record[w];
       if (records[t][L::kHasExpected])
         for (int s = 0; s < R; ++s) records[t][L::kExpected + s] = record[L::kExpected + s];
+      records[t][L::kOutArena] = record[L::kOutArena];
       store_release(flag, 0);
     }
   }
@@ -107,9 +89,14 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
     int64_t total = 0;
     for (int s = 0; s < R; ++s) total += records[s][t];
     overflows[t] = records[t][L::kCapacity] >= 0 && total > records[t][L::kCapacity];
+    const int64_t arena = records[t][L::kOutArena];
+    unreachable[t] = arena == -1 || (arena < 0 && total > 0);
   }
   __syncthreads();
   const bool overflow = !nothing && overflows[me];
+  // One copy when every rank can take it (then the staged plan below moves nothing).
+  bool direct = p.pool_plan != nullptr && !nothing;
+  for (int d = 0; d < R; ++d) direct = direct && !unreachable[d];
   if (t < R) {
     int64_t send_offset = 0, recv_offset = 0, out_offset = 0;
     for (int s = 0; s < t; ++s) {
@@ -118,13 +105,23 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
     }
     recv_offset = overflow ? 0 : out_offset;
     const int64_t arrived = nothing ? 0 : records[t][me];
-    p.plan[t] = nothing || overflows[t] ? 0 : splits[t];
+    const int64_t send_rows = nothing || overflows[t] ? 0 : splits[t];
+    p.plan[t] = direct ? 0 : send_rows;
     p.plan[R + t] = send_offset;
-    p.plan[2 * R + t] = overflow ? 0 : arrived;
+    p.plan[2 * R + t] = direct || overflow ? 0 : arrived;
     p.plan[3 * R + t] = recv_offset;
     p.output_splits[t] = arrived;
     p.output_offsets[t] = out_offset;
+    if (p.pool_plan) {
+      // Where this rank's rows for t go: after those of the ranks before this one, in t's output.
+      int64_t before = 0;
+      for (int s = 0; s < me; ++s) before += records[s][t];
+      p.pool_plan[PoolPlan::bytes(t)] = direct ? send_rows * p.row_bytes : 0;
+      p.pool_plan[PoolPlan::arena_offset(R, t)] = records[t][L::kOutArena] + before * p.row_bytes;
+      p.pool_plan[PoolPlan::input_offset(R, t)] = send_offset * p.row_bytes;
+    }
   }
+  if (t == 0 && p.pool_plan) p.pool_plan[PoolPlan::kDirect] = direct ? 1 : 0;
   if (t == 0 && !failed && *reinterpret_cast<volatile int64_t*>(p.report) == kReportNone) {
     volatile int64_t* report = p.report;
     int64_t code = kReportNone;
@@ -165,11 +162,11 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
   }
 }
 
-// Block (b, lane) = blockIdx.x (b * lanes + lane): b = 0 copies a share of this rank's own rows;
+// Block (b, lane) = `block` (b * lanes + lane): b = 0 copies a share of this rank's own rows;
 // b > 0 sends chunks lane, lane + lanes, ... to rank + b and receives those of rank - b.
-__global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_kernel(AllToAllVParams p) {
+__device__ void staged_move(const AllToAllVParams& p, int block) {
   const int R = p.num_ranks, me = p.rank, lanes = p.layout.lanes;
-  const int b = blockIdx.x / lanes, lane = blockIdx.x % lanes;
+  const int b = block / lanes, lane = block % lanes;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   const int64_t* send_rows = p.plan;
   const int64_t* send_offsets = p.plan + R;
@@ -231,6 +228,21 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_kernel(AllT
   }
 }
 
+__global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_kernel(AllToAllVParams p) {
+  staged_move(p, blockIdx.x);
+}
+
+// A group with a comm pool: one copy where the plan chose it (every block), else the staged move
+// (the first num_ranks * lanes blocks; the others end at once).
+__global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(AllToAllVParams p) {
+  if (*reinterpret_cast<const volatile int64_t*>(p.pool_plan + PoolPlan::kDirect) != 0) {
+    pool::push<kUnroll>(p);
+    pool::finish(p);
+  } else if (int(blockIdx.x) < p.num_ranks * p.layout.lanes) {
+    staged_move(p, blockIdx.x);
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t stream) {
@@ -249,6 +261,15 @@ cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t
   // order, the lowest pending index runs on every rank and finishes (ranks sharing a GPU under
   // MPS each hold a slice of its SMs).
   all_to_all_v_move_kernel<<<params.num_ranks * params.layout.lanes, kMoveThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int blocks, cudaStream_t stream) {
+  if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0 ||
+      params.layout.lanes < 1 || params.layout.lanes > L::kMaxLanes || params.pool_plan == nullptr)
+    return cudaErrorInvalidValue;
+  const int staged = params.num_ranks * params.layout.lanes;
+  all_to_all_v_move_any_kernel<<<blocks > staged ? blocks : staged, kMoveThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

@@ -26,6 +26,13 @@
 //     A send waits only on a round j - 2 receive, a receive on the source's round-j send, which
 //     precedes its own receive: no cycle. The blocks of b = 0 copy this rank's rows to itself.
 // Copies: two per byte between ranks (into staging, out of it), one within a rank.
+// One copy (groups with a comm pool, backend/kernels/all_to_all_pool.cu): each record also says
+// where the rank's output lies in its comm pool arena, which every peer has mapped since the pool
+// was created. When every rank that receives bytes has its output there, the plan says so on every
+// rank alike, the staged plan moves nothing, and the move kernel's blocks write each message
+// straight into its receiver's output; the last block of a message raises the receiver's "done"
+// flag for this source, and the receiver's last block takes every source's flag before the call
+// ends. Otherwise (some output outside the arenas) the same launch runs the staged move above.
 // Every wait is bounded by timeout_ns (and ends when *abort is set); one that gives up sets
 // *error = 1 + the peer (the transport's watchdog then fails the group, naming op, rank and peer). Problems of the call
 // itself (invalid splits, an overflowing output) go to *report, which the host raises later.
@@ -43,8 +50,9 @@ namespace ep::kernels {
 // Offsets in each rank's registered block. Host and device.
 struct AllToAllVLayout {
   // A record: splits[R], the fields below, then expected[R] (the rows this rank expects from
-  // each rank, all_to_all_single's output_split_sizes; unchecked unless kHasExpected).
-  static constexpr size_t kRecordWords = 2 * kMaxRanksPerNode + 5;
+  // each rank, all_to_all_single's output_split_sizes; unchecked unless kHasExpected), then
+  // kOutArena.
+  static constexpr size_t kRecordWords = 2 * kMaxRanksPerNode + 6;
   static constexpr size_t kCapacity = kMaxRanksPerNode;         // rows the output holds; -1: allocated after
   static constexpr size_t kStatus = kMaxRanksPerNode + 1;       // 0, or 1 + the first negative split's index,
                                                                 // or kBadSum
@@ -52,6 +60,7 @@ struct AllToAllVLayout {
   static constexpr size_t kNumRows = kMaxRanksPerNode + 3;      // rows of input
   static constexpr size_t kHasExpected = kMaxRanksPerNode + 4;
   static constexpr size_t kExpected = kMaxRanksPerNode + 5;
+  static constexpr size_t kOutArena = 2 * kMaxRanksPerNode + 5;  // AllToAllVParams::out_arena
   static constexpr int64_t kBadSum = int64_t(1) << 40;
   static constexpr size_t kFlagsOffset = 32 << 10;
   static constexpr size_t kDataOffset = 64 << 10;
@@ -77,7 +86,17 @@ struct AllToAllVLayout {
   __host__ __device__ static size_t empty_flag(int dst, int lane, int slot) {
     return kFlagsOffset + 1024 + kLaneFlagsBytes + ((size_t(dst) * kMaxLanes + lane) * kSlots + slot) * 4;
   }
-  static constexpr size_t kFlagsBytes = 1024 + 2 * kLaneFlagsBytes;  // every flag above
+  // One copy: "source's messages here are complete" (set by the source, taken by this rank);
+  // per destination, chunks of this rank's message already written (this rank's blocks count,
+  // the last resets); this rank's blocks that finished the call (the last resets).
+  __host__ __device__ static size_t pool_done_flag(int src) {
+    return kFlagsOffset + 1024 + 2 * kLaneFlagsBytes + size_t(src) * 4;
+  }
+  __host__ __device__ static size_t pool_chunk_count(int dst) {
+    return kFlagsOffset + 1024 + 2 * kLaneFlagsBytes + kMaxRanksPerNode * 4 + size_t(dst) * 4;
+  }
+  static constexpr size_t kPoolFinished = kFlagsOffset + 1024 + 2 * kLaneFlagsBytes + 2 * kMaxRanksPerNode * 4;
+  static constexpr size_t kFlagsBytes = 1024 + 2 * kLaneFlagsBytes + 2 * kMaxRanksPerNode * 4 + 4;  // every flag above
   __host__ __device__ size_t slot(int src, int lane, int slot) const {
     return kDataOffset + ((size_t(src) * lanes + lane) * kSlots + slot) * chunk_bytes;
   }
@@ -131,9 +150,27 @@ struct AllToAllVParams {
   int64_t* report;  // host-mapped: kReportWords, the first problem since the host last looked
   int64_t call_id;  // the host's count of this group's calls, for the report
   int64_t op;       // AllToAllVOp, for the report
+  // one copy (a group with a comm pool; launch_all_to_all_v_move_any)
+  int64_t out_arena;              // this rank's output in its arena: its byte offset there; -2: it
+                                  // receives nothing (output empty); -1: out of reach (no one copy)
+  char* pool[kMaxRanksPerNode];   // rank r's comm pool arena as mapped here
+  int64_t* pool_plan;             // [1 + 3R] device scratch: one copy (1) or staged (0); bytes for each
+                                  // destination, their offset in its arena, their offset in input; or null
+};
+
+// The plan's pool_plan, for the host (tests) and the move kernels.
+struct PoolPlan {
+  static constexpr int kDirect = 0;
+  __host__ __device__ static int bytes(int dst) { return 1 + dst; }
+  __host__ __device__ static int arena_offset(int num_ranks, int dst) { return 1 + num_ranks + dst; }
+  __host__ __device__ static int input_offset(int num_ranks, int dst) { return 1 + 2 * num_ranks + dst; }
+  __host__ __device__ static int words(int num_ranks) { return 1 + 3 * num_ranks; }
 };
 
 cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t stream);
 cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t stream);
+// The move of a group with a comm pool (params.pool_plan set): one copy where the plan chose it,
+// else the staged move. `blocks`: the grid when it is one copy (at least num_ranks * lanes).
+cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int blocks, cudaStream_t stream);
 
 }  // namespace ep::kernels

@@ -43,4 +43,26 @@ __device__ __forceinline__ bool take_flag(uint32_t* flag, uint64_t deadline) {
   return true;
 }
 
+// Waits until *flag == value, leaving it; false after the deadline or once the group is aborted
+// (*abort, a host-mapped word: read only every few polls).
+__device__ __forceinline__ bool wait_for(const uint32_t* flag, uint32_t value, uint64_t deadline, const int* abort) {
+  for (uint32_t polls = 1; load_acquire(flag) != value; ++polls) {
+    if (now_ns() > deadline) return false;
+    if (polls % 64 == 0 && *reinterpret_cast<const volatile int*>(abort)) return false;
+    __nanosleep(100);
+  }
+  return true;
+}
+
+// Waits until *flag != 0, then clears it; false as wait_for.
+__device__ __forceinline__ bool take(uint32_t* flag, uint64_t deadline, const int* abort) {
+  for (uint32_t polls = 1; load_acquire(flag) == 0; ++polls) {
+    if (now_ns() > deadline) return false;
+    if (polls % 64 == 0 && *reinterpret_cast<const volatile int*>(abort)) return false;
+    __nanosleep(100);
+  }
+  *flag = 0;
+  return true;
+}
+
 }  // namespace ep::kernels

@@ -35,13 +35,24 @@ int device_of(const AllToAllVState& state);
 // output too small, invalid splits on some rank, ranks whose rows differ in size.
 void check_all_to_all_v_reports(AllToAllVState& state, int rank, const char* op);
 
+// A group's comm pool (backend/transport/cuda/comm_pool.hpp) as one call sees it.
+struct CommPoolCall {
+  char* const* arenas;    // [R]: rank r's arena as mapped here
+  int64_t output_offset;  // this rank's output: its byte offset in its arena; -2: empty; -1: outside
+};
+
 // all_to_all_single on the same kernels, queued on `stream`: byte counts known on the host go
 // in the kernel's parameters, and the device checks each receiver's recv_bytes against what its
 // senders send (a disagreement moves nothing on any rank; it raises at the next call, or where
 // take_all_to_all_single_report hands it to the call's Work). Returns the call's id.
+// `pool` (a group with a comm pool, every call of it): the plan chooses one copy when every
+// rank's output that receives bytes lies in its arena, else the staged move.
 int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
                                const std::vector<size_t>& send_bytes, const std::vector<size_t>& recv_bytes,
-                               CUstream_st* stream);
+                               CUstream_st* stream, const CommPoolCall* pool = nullptr);
+// Whether the last call of a group with a comm pool moved its bytes with one copy (waits for the
+// device: for tests).
+bool last_call_one_copy(AllToAllVState& state);
 // The error the call `call_id` reported, taken, or "".
 std::string take_all_to_all_single_report(AllToAllVState& state, int64_t call_id, int rank);
 std::shared_ptr<CudaTransport> shared_transport_of(AllToAllVState& state);

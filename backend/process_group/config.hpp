@@ -15,6 +15,8 @@ struct Config {
   int host_num_slots = 8;               // chunks in flight per pair of ranks
   bool host_one_copy = true;            // large CPU messages by process_vm_readv where allowed
   size_t cuda_buffer_bytes = 64 << 20;  // registered receive buffer per rank (CUDA)
+  size_t comm_pool_bytes = size_t(1) << 30;  // torch_ep.comm_pool's arena per rank (CUDA), reserved by its
+                                             // first call on the group
   int num_sms = 0;                      // SM budget of communication kernels; 0 = automatic
   int auto_sms_dispatch = 0;            // where num_sms is 0: dispatch's budget measured for this GPU and
   int auto_sms_combine = 0;             // group size (torch_ep/data/sm_table.json); 0 = every SM

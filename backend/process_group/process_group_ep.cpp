@@ -137,6 +137,11 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
 void ProcessGroupEP::check_errors() { check_usable("check_errors"); }
 void ProcessGroupEP::check_internode_errors() {}
 
+pybind11::object ProcessGroupEP::comm_pool_allocator(int) { TORCH_CHECK(false, "torch_ep was built without CUDA"); }
+std::vector<int64_t> ProcessGroupEP::comm_pool_stats() { return {}; }
+std::shared_ptr<CommPool> ProcessGroupEP::comm_pool() const { return nullptr; }
+void ProcessGroupEP::close_comm_pool() {}
+
 std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Device&, const char*, bool) {
   return nullptr;
 }
@@ -311,6 +316,11 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
   check_usable("all_to_all_single");
   AllToAllLayout layout =
       check_all_to_all_single(output, input, output_split_sizes, input_split_sizes, getSize());
+  // A group with a comm pool: the device protocol on every rank, whose plan picks one copy
+  if (input.is_cuda() && comm_pool())
+    if (auto work = device_all_to_all_single(output, single_spans(output, input, layout), layout.send_bytes,
+                                             layout.recv_bytes))
+      return work;
   if (input.is_cuda() && topology_.multi_node() && internode_built())  // peers on other nodes: NVSHMEM
     return internode_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
                                 "all_to_all_single");
@@ -572,6 +582,7 @@ void ProcessGroupEP::shutdown() {
     moe_transport_.reset();
     a2av_state_.reset();
   }
+  close_comm_pool();
   // The inner backends go now, not with the last reference to this group, which a user's module
   // may hold until the interpreter exits: Gloo's threads free finished Works' tensors, which
   // needs the GIL, and a thread asking a finalizing interpreter for it is ended inside a

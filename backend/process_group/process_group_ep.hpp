@@ -24,9 +24,14 @@
 #include "backend/transport/host/host_transport.hpp"
 #include "backend/transport/topology.hpp"
 
+namespace pybind11 {
+class object;
+}
+
 namespace ep {
 
 class AllToAllVState;
+class CommPool;
 class CudaTransport;
 class InternodeTransport;
 
@@ -123,6 +128,16 @@ class ProcessGroupEP : public c10d::Backend {
   std::shared_ptr<AllToAllVState> all_to_all_v_state(const at::Device& device, const char* op_name,
                                                      bool create = true);
 
+  // The torch allocator (a torch._C._cuda_CUDAAllocator) of this group's comm pool on cuda:`device`,
+  // created by the first call (collective: every rank reserves Config::comm_pool_bytes and maps
+  // every peer's arena). Afterwards every CUDA all_to_all_single of the group runs on the device
+  // protocol, with one copy when every receiver's output lies in the pool. Defined in
+  // cuda/comm_pool_path.cpp; raises without CUDA, or where CUDA IPC cannot reach every rank.
+  pybind11::object comm_pool_allocator(int device);
+  // {arena bytes, bytes torch holds in it, whether the last all_to_all_single went with one copy
+  // (waits for the device)}; empty without a comm pool. For tests.
+  std::vector<int64_t> comm_pool_stats();
+
   // --- ours ---
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
                                                std::vector<int64_t>& output_split_sizes,
@@ -215,6 +230,11 @@ class ProcessGroupEP : public c10d::Backend {
   void refuse_calls_when_failed(CudaTransport& transport);
   // Fails the CUDA transports now (abort()): their waits in flight are released.
   void abort_cuda(const std::string& why);
+  // The comm pool, or null (cuda/comm_pool_path.cpp).
+  std::shared_ptr<CommPool> comm_pool() const;
+  // Shutdown: once the comm stream has drained, unmaps the peers' arenas; this rank's arena goes
+  // when torch has given back every segment (CommPool::close).
+  void close_comm_pool();
   // all_to_all_single on the device protocol (all_to_all_v's kernels, backend/ops/all_to_all_v.hpp):
   // no host control exchange. A null Work where those kernels cannot reach every rank.
   c10::intrusive_ptr<c10d::Work> device_all_to_all_single(const at::Tensor& output, AllToAllSpans spans,
@@ -254,6 +274,8 @@ class ProcessGroupEP : public c10d::Backend {
   std::shared_ptr<CudaTransport> moe_transport_;
   std::shared_ptr<AllToAllVState> a2av_state_;
   bool a2av_decided_ = false;
+  std::shared_ptr<CommPool> comm_pool_;
+  std::shared_ptr<void> comm_allocator_;  // its torch allocator (a CUDAAllocator)
   std::shared_ptr<InternodeTransport> internode_transport_;
   std::optional<c10::Stream> internode_stream_;
   std::atomic<uint64_t> dispatch_count_{0};

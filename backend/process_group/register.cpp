@@ -1,8 +1,10 @@
 #include "backend/process_group/register.hpp"
 
 #include <pybind11/chrono.h>
+#include <pybind11/stl.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
+#include "backend/common/arena_allocator.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 
 namespace py = pybind11;
@@ -21,6 +23,7 @@ void register_process_group(py::module_& m) {
       .def_readwrite("host_num_slots", &Config::host_num_slots)
       .def_readwrite("host_one_copy", &Config::host_one_copy)
       .def_readwrite("cuda_buffer_bytes", &Config::cuda_buffer_bytes)
+      .def_readwrite("comm_pool_bytes", &Config::comm_pool_bytes)
       .def_readwrite("num_sms", &Config::num_sms)
       .def_readwrite("auto_sms_dispatch", &Config::auto_sms_dispatch)
       .def_readwrite("auto_sms_combine", &Config::auto_sms_combine)
@@ -75,7 +78,23 @@ void register_process_group(py::module_& m) {
       .def_property_readonly("cuda_path", &ProcessGroupEP::cuda_path,
                               "'cuda' or 'delegated' once the first CUDA all_to_all has chosen, else ''")
       .def("check_errors", &ProcessGroupEP::check_errors, py::call_guard<py::gil_scoped_release>(),
-           "Raises what the group's CUDA dispatch/combine kernels reported (torch_ep.check_errors)");
+           "Raises what the group's CUDA dispatch/combine kernels reported (torch_ep.check_errors)")
+      .def("_comm_pool_allocator", &ProcessGroupEP::comm_pool_allocator, py::arg("device"),
+           "The torch allocator of this group's comm pool on cuda:device (collective the first time); "
+           "torch_ep.comm_pool wraps it in a torch.cuda.MemPool")
+      .def("_comm_pool_stats", &ProcessGroupEP::comm_pool_stats, py::call_guard<py::gil_scoped_release>(),
+           "[arena bytes, bytes torch holds in it, 1 if the last all_to_all_single went with one copy] "
+           "(waits for the device), or [] without a comm pool: for tests");
+
+  // The comm pool's range allocator alone, for CPU tests of its bookkeeping.
+  py::class_<ArenaAllocator>(m, "_ArenaAllocator")
+      .def(py::init<size_t, size_t>(), py::arg("bytes"), py::arg("alignment"))
+      .def("allocate", &ArenaAllocator::allocate, py::arg("bytes"))
+      .def("free", &ArenaAllocator::free, py::arg("offset"))
+      .def_property_readonly("bytes", &ArenaAllocator::bytes)
+      .def_property_readonly("used", &ArenaAllocator::used)
+      .def_property_readonly("largest_free", &ArenaAllocator::largest_free)
+      .def_property_readonly("num_allocations", &ArenaAllocator::num_allocations);
 
   // The argument checks alone, for tests of their messages on inputs no group would accept.
   m.def("_check_all_to_all_single",

@@ -65,6 +65,11 @@ class AllToAllVState {
     EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&abort_host_), sizeof(int), cudaHostAllocMapped));
     *abort_host_ = 0;
     EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_device_), abort_host_, 0));
+    int sms = 0;
+    EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    // The one-copy move: two blocks of 512 threads per SM (its launch bounds), on the SM budget
+    // when one is set. Under MPS the blocks of the GPU's other ranks queue for their own SMs.
+    pool_blocks_ = 2 * (config.num_sms > 0 ? std::min(config.num_sms, sms) : sms);
     rdv.barrier(tag + "/ready");  // no peer writes our flags before they are initialised
   }
 
@@ -158,12 +163,15 @@ class AllToAllVState {
     if (!stream_capturing(stream)) EP_CUDA_CHECK(cudaEventRecord(last_call_, stream));
   }
 
+  // [6 kMaxRanksPerNode]: output_splits, output_offsets, plan; then the pool plan.
   int64_t* scratch() {
     if (!scratch_.defined())
-      scratch_ = at::empty({6 * int64_t(kernels::kMaxRanksPerNode)},
+      scratch_ = at::zeros({6 * int64_t(kernels::kMaxRanksPerNode) + kernels::PoolPlan::words(kernels::kMaxRanksPerNode)},
                            at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device()));
     return scratch_.data_ptr<int64_t>();
   }
+  int64_t* pool_plan() { return scratch() + 6 * kernels::kMaxRanksPerNode; }
+  int pool_blocks() const { return pool_blocks_; }
   std::shared_ptr<CudaTransport> shared_transport() const { return transport_; }
 
   void check_reports(int rank, const char* op) {
@@ -181,6 +189,8 @@ class AllToAllVState {
     p.report = report_device_;
     p.abort = abort_device_;
     p.call_id = ++calls_;
+    p.out_arena = -1;  // no one copy unless the call says otherwise
+    p.pool_plan = nullptr;
   }
 
  private:
@@ -194,6 +204,7 @@ class AllToAllVState {
   int* abort_host_ = nullptr;         // pinned, mapped: set by abort()
   int* abort_device_ = nullptr;
   Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: begin/end)
+  int pool_blocks_ = 0;               // grid of the one-copy move
   cudaEvent_t last_call_ = nullptr;   // recorded after the last call's kernels
 
 };
@@ -217,7 +228,7 @@ std::string take_all_to_all_single_report(AllToAllVState& state, int64_t call_id
 
 int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
                                const std::vector<size_t>& send_bytes, const std::vector<size_t>& recv_bytes,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, const CommPoolCall* pool) {
   const char* op = "all_to_all_single";
   const int R = int(send_bytes.size());
   // An earlier call's problem raises once this call is queued (see all_to_all_v_cuda).
@@ -245,9 +256,23 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
     p.output_splits = scratch;
     p.output_offsets = scratch + kernels::kMaxRanksPerNode;
     p.plan = scratch + 2 * kernels::kMaxRanksPerNode;
+    if (pool) {
+      p.out_arena = pool->output_offset;
+      for (int r = 0; r < R; ++r) p.pool[r] = pool->arenas[r];
+      p.pool_plan = state.pool_plan();
+    }
     state.begin(stream);
     EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
-    EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+    if (pool) {
+      // About two chunks of at least 32 KiB per block (backend/kernels/all_to_all_pool.cuh): small
+      // calls launch fewer blocks. Ranks may launch different grids: none waits on a peer's count.
+      uint64_t sent = 0;
+      for (size_t b : send_bytes) sent += b;
+      const int blocks = int(std::min<uint64_t>(state.pool_blocks(), std::max<uint64_t>(1, sent / (64 << 10))));
+      EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, blocks, stream));
+    } else {
+      EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+    }
     state.end(stream);
     std::vector<int> peers;
     for (int r = 0; r < R; ++r)
@@ -258,6 +283,15 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
   }
   if (raise_later[0] != kernels::kReportNone) AllToAllVState::raise(raise_later, rank, op, /*earlier=*/true);
   return p.call_id;
+}
+
+bool last_call_one_copy(AllToAllVState& state) {
+  int64_t direct = 0;
+  c10::cuda::CUDAGuard guard(c10::DeviceIndex(state.device()));
+  EP_CUDA_CHECK(cudaDeviceSynchronize());
+  EP_CUDA_CHECK(cudaMemcpy(&direct, state.pool_plan() + kernels::PoolPlan::kDirect, sizeof(direct),
+                           cudaMemcpyDeviceToHost));
+  return direct != 0;
 }
 
 std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVState& state, const Tensor& input,

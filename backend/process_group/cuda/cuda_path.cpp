@@ -10,6 +10,7 @@
 #include "backend/process_group/cuda/cuda_work.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/process_group/work.hpp"
+#include "backend/transport/cuda/comm_pool.hpp"
 #include "backend/transport/cuda/cuda_transport.hpp"
 
 namespace ep {
@@ -160,12 +161,25 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
   // spans.buffers: the contiguous input, and the output or its contiguous staging (single_spans).
   const char* in = static_cast<const char*>(spans.buffers[0].data_ptr());
   char* out = static_cast<char*>(spans.buffers[1].data_ptr());
+  // A group with a comm pool: where this rank's output lies in its arena, for the plan to choose
+  // one copy when every receiver's does (an empty output takes either path).
+  std::shared_ptr<CommPool> pool = comm_pool();
+  std::vector<char*> arenas;
+  CommPoolCall pool_call{};
+  if (pool) {
+    for (int r = 0; r < getSize(); ++r) arenas.push_back(pool->arena(r));
+    size_t out_bytes = 0;
+    for (size_t b : recv_bytes) out_bytes += b;
+    pool_call.arenas = arenas.data();
+    pool_call.output_offset = out_bytes == 0 ? -2 : pool->offset_of(out, out_bytes);
+  }
   int64_t call_id = 0;
   // Raised once the buffers are tied to the comm stream: an earlier call's problem (this call is
   // queued) or a failed transport (nothing was).
   std::exception_ptr pending;
   try {
-    call_id = all_to_all_single_cuda(*state, getRank(), in, out, send_bytes, recv_bytes, comm.stream());
+    call_id = all_to_all_single_cuda(*state, getRank(), in, out, send_bytes, recv_bytes, comm.stream(),
+                                     pool ? &pool_call : nullptr);
   } catch (...) {
     pending = std::current_exception();
   }

@@ -25,13 +25,39 @@ PeerBuffers::PeerBuffers(Rendezvous& rdv, int device, size_t bytes, const std::s
   rdv.barrier(tag + "/mapped");
 }
 
-PeerBuffers::~PeerBuffers() {
-  cudaSetDevice(device_);
-  for (size_t r = 0; r < blocks_.size(); ++r) {
-    if (!blocks_[r]) continue;
-    if (int(r) == rank_) cudaFree(blocks_[r]);
-    else cudaIpcCloseMemHandle(blocks_[r]);
+namespace {
+
+// Makes `device` current for its lifetime: the comm pool frees its arena from inside torch's
+// allocator, whose caller's current device must stay as it was.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    if (previous_ != device) cudaSetDevice(device);
   }
+  ~DeviceScope() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = -1;
+};
+
+}  // namespace
+
+void PeerBuffers::close_peers() {
+  DeviceScope scope(device_);
+  for (size_t r = 0; r < blocks_.size(); ++r) {
+    if (int(r) == rank_ || !blocks_[r]) continue;
+    cudaIpcCloseMemHandle(blocks_[r]);
+    blocks_[r] = nullptr;
+  }
+}
+
+PeerBuffers::~PeerBuffers() {
+  close_peers();
+  DeviceScope scope(device_);
+  if (blocks_[rank_]) cudaFree(blocks_[rank_]);
 }
 
 }  // namespace ep

@@ -21,8 +21,10 @@ class PeerBuffers {
   PeerBuffers(const PeerBuffers&) = delete;
   PeerBuffers& operator=(const PeerBuffers&) = delete;
 
-  // Rank r's block as mapped in this process (ours for r == rank).
+  // Rank r's block as mapped in this process (ours for r == rank; null once close_peers ran).
   char* block(int r) const { return blocks_[r]; }
+  // Unmaps the peers' blocks now (idempotent); ours stays until the destructor.
+  void close_peers();
   size_t bytes() const { return bytes_; }
   int device() const { return device_; }
 

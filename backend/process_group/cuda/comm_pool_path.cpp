@@ -1,0 +1,129 @@
+// ProcessGroupEP's comm pool (torch_ep.comm_pool): the arena every rank maps once
+// (backend/transport/cuda/comm_pool.hpp), and the torch allocator that carves the segments of a
+// torch.cuda.MemPool out of it. torch's caching allocator keeps those segments and splits them
+// into tensors; it comes back to this allocator only for a new segment or to return one.
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/cuda/CUDAPluggableAllocator.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <mutex>
+#include <vector>
+
+#include "backend/kernels/all_to_all.cuh"  // kMaxRanksPerNode
+#include "backend/ops/all_to_all_v.hpp"
+#include "backend/process_group/process_group_ep.hpp"
+#include "backend/transport/cuda/comm_pool.hpp"
+
+namespace ep {
+
+namespace {
+
+using TorchAllocator = c10::cuda::CUDACachingAllocator::CUDAAllocator;
+
+// Why this thread's last allocation from a comm pool failed ("" after a success). torch retries a
+// failed segment once it has returned cached ones, then raises its own out-of-memory error; the
+// observer below adds this reason to it, as a warning just before.
+thread_local std::string last_failure;
+
+void explain_out_of_memory() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    try {
+      c10::cuda::CUDACachingAllocator::attachOutOfMemoryObserver([](int64_t, size_t, size_t, size_t) {
+        if (last_failure.empty()) return;
+        TORCH_WARN(last_failure);
+        last_failure.clear();
+      });
+    } catch (const std::exception&) {
+      // A current allocator without observers: torch's message alone.
+    }
+  });
+}
+
+// Every comm pool allocator this process made, kept to its end. torch's MemPool and its private
+// pool hold the allocator by raw pointer, and the pool returns its segments (through the
+// allocator) whenever its last tensor goes, which may be long after the MemPool and the group.
+// An allocator is small; the arena it points to is freed by CommPool once closed and empty.
+std::shared_ptr<TorchAllocator> keep_for_the_process(std::shared_ptr<TorchAllocator> allocator) {
+  static std::mutex mutex;
+  static auto* kept = new std::vector<std::shared_ptr<TorchAllocator>>();  // never destroyed: no exit-order trap
+  std::lock_guard<std::mutex> lock(mutex);
+  kept->push_back(allocator);
+  return allocator;
+}
+
+}  // namespace
+
+std::shared_ptr<CommPool> ProcessGroupEP::comm_pool() const {
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  return comm_pool_;
+}
+
+pybind11::object ProcessGroupEP::comm_pool_allocator(int device) {
+  const char* op = "comm_pool";
+  std::shared_ptr<void> allocator;
+  {
+    pybind11::gil_scoped_release no_gil;  // collective: peers may take a while
+    // The device protocol's state first (collective): calls on pool tensors run on its kernels.
+    std::shared_ptr<AllToAllVState> state = all_to_all_v_state(at::Device(at::kCUDA, c10::DeviceIndex(device)), op);
+    TORCH_CHECK(state, "torch_ep.comm_pool: needs every rank of the group on one host (each maps its peers' arenas "
+                "through CUDA IPC) and at most ", kernels::kMaxRanksPerNode, " ranks; this group has ", getSize(),
+                " ranks", topology_.multi_node() ? " on several nodes" : "");
+    std::lock_guard<std::mutex> lock(cuda_mutex_);
+    if (!comm_pool_) {
+      c10::cuda::CUDAGuard guard{c10::DeviceIndex(device)};
+      std::shared_ptr<CommPool> pool;
+      try {
+        pool = std::make_shared<CommPool>(rendezvous_, device, config_.comm_pool_bytes, "ep/cuda/comm_pool");
+      } catch (const std::exception& e) {
+        C10_THROW_ERROR(DistBackendError, std::string("torch_ep.comm_pool: setting up the arenas (") +
+                                              std::to_string(config_.comm_pool_bytes) +
+                                              " bytes per rank, TORCH_EP_COMM_POOL_BYTES) failed: " + e.what());
+      }
+      std::shared_ptr<TorchAllocator> torch_allocator = keep_for_the_process(torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
+          [pool](size_t bytes, int device, cudaStream_t) -> void* {
+            std::string why;
+            void* ptr = pool->allocate(bytes, device, &why);
+            last_failure = std::move(why);
+            return ptr;
+          },
+          [pool](void* ptr, size_t, int, cudaStream_t) { pool->release(ptr); }));
+      explain_out_of_memory();
+      comm_pool_ = std::move(pool);
+      comm_allocator_ = torch_allocator;
+    }
+    TORCH_CHECK_VALUE(comm_pool_->device() == device, "torch_ep.comm_pool: this group's pool is on cuda:",
+                      comm_pool_->device(), ", but the current device is cuda:", device);
+    allocator = comm_allocator_;
+  }
+  return pybind11::cast(std::static_pointer_cast<TorchAllocator>(allocator));
+}
+
+std::vector<int64_t> ProcessGroupEP::comm_pool_stats() {
+  std::shared_ptr<CommPool> pool = comm_pool();
+  std::shared_ptr<AllToAllVState> state = all_to_all_v_state(at::Device(at::kCUDA), "comm_pool", /*create=*/false);
+  if (!pool || !state) return {};
+  return {int64_t(pool->bytes()), int64_t(pool->used()), last_call_one_copy(*state) ? 1 : 0};
+}
+
+void ProcessGroupEP::close_comm_pool() {
+  std::shared_ptr<CommPool> pool;
+  std::optional<c10::Stream> comm;
+  {
+    std::lock_guard<std::mutex> lock(cuda_mutex_);
+    pool = std::move(comm_pool_);
+    comm_allocator_.reset();  // kept for the process (keep_for_the_process): segments may still come back
+    comm = comm_stream_;
+  }
+  if (!pool) return;
+  // A call in flight may still write the peers' arenas through their mappings.
+  if (comm) {
+    c10::cuda::CUDAGuard guard(comm->device_index());
+    cudaStreamSynchronize(c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *comm).stream());
+  }
+  pool->close();
+}
+
+}  // namespace ep

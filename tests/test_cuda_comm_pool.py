@@ -1,0 +1,310 @@
+"""torch_ep.comm_pool on CUDA (GPU machines only): tensors from the pool take the one-copy path
+of all_to_all_single, every other call keeps working on the same group, and the pool's memory
+comes and goes with the group.
+
+    TORCH_EP_TEST_WORLD_SIZES=1,2,4 python -m pytest tests/test_cuda_comm_pool.py -q
+
+Every check draws fresh random data, poisons the output and compares with torch_ep.reference;
+`_one_copy` asks the device which move the last call took, so a silent fall back to the staged
+move (correct, but twice the traffic) fails the test too.
+"""
+import contextlib
+import time
+import warnings
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import test_all_to_all as cpu_checks
+import torch_ep
+from conftest import cuda_world_sizes, rank_pool
+from torch_ep import reference
+from torch_ep.testing import poison_, random_tensor, same_bits
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C.has_cuda,
+                                reason="needs CUDA and a CUDA build of torch_ep")
+
+POOL_BYTES = 256 << 20  # per rank and test group; torch's segments are 2 MiB multiples
+
+
+@pytest.fixture(params=cuda_world_sizes(), ids=lambda n: f"{n}ranks")
+def cuda_pool(request):
+    return rank_pool(request.param, cuda=True)
+
+
+def _seed():
+    return int(torch.randint(0, 2**30, ()).item())
+
+
+def _pool_group(**options):
+    group = dist.new_group(pg_options=torch_ep.Options(comm_pool_bytes=POOL_BYTES, **options))
+    return group, torch_ep.comm_pool(group)
+
+
+def _one_copy(group) -> bool:
+    """Whether the group's last all_to_all_single moved its bytes once (waits for the device)."""
+    return torch_ep.get_backend(group)._comm_pool_stats()[2] == 1
+
+
+def _allocated(pool, use_pool, shape, dtype):
+    with torch.cuda.use_mem_pool(pool) if use_pool else contextlib.nullcontext():
+        return torch.empty(shape, dtype=dtype, device="cuda")
+
+
+def _check(group, pool, dtype, kind, row_shape, seed, *, in_pool=True, out_pool=True, split_lists=True):
+    """One all_to_all_single of `kind` (test_all_to_all.split_matrix) on tensors from the pool or
+    not; the output must match the reference."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    m = cpu_checks.split_matrix(kind, size, seed)
+    in_splits, out_splits = m[rank].tolist(), m[:, rank].tolist()
+    g = torch.Generator().manual_seed(seed * 131 + rank)
+    inp = _allocated(pool, in_pool, (sum(in_splits), *row_shape), dtype)
+    inp.copy_(random_tensor(inp.shape, dtype, g, "cuda"))
+    out = poison_(_allocated(pool, out_pool, (sum(out_splits), *row_shape), dtype))
+    if split_lists:
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+        expected = reference.all_to_all_single(out.shape, inp, out_splits, in_splits, group=group)
+    else:
+        dist.all_to_all_single(out, inp, group=group)
+        expected = reference.all_to_all_single(out.shape, inp, group=group)
+    assert same_bits(out, expected), f"{dtype} {kind} {row_shape} in_pool={in_pool} out_pool={out_pool}: wrong output"
+    return m
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.bool, torch.int64, torch.complex64]
+
+
+def rank_one_copy(seed):
+    group, pool = _pool_group()
+    try:
+        assert torch_ep.comm_pool(group) is pool  # one pool per group
+        assert isinstance(pool, torch.cuda.MemPool)
+        assert torch_ep.get_backend(group).cuda_path == "cuda"
+        for i, dtype in enumerate(DTYPES):
+            for kind in ("even", "uneven", "zeros", "to_one"):
+                _check(group, pool, dtype, kind, (5,), seed + i)
+                assert _one_copy(group), f"{dtype} {kind}: not one copy"
+        _check(group, pool, torch.float32, "even", (), seed, split_lists=False)  # 1-D, even split
+        assert _one_copy(group)
+        _check(group, pool, torch.bfloat16, "uneven", (3, 7), seed)  # odd row bytes: unaligned offsets
+        assert _one_copy(group)
+        # The input may lie anywhere: the sender reads it locally.
+        _check(group, pool, torch.float16, "uneven", (33,), seed, in_pool=False)
+        assert _one_copy(group)
+        # Messages of several MiB: many chunks over every block of the move.
+        _check(group, pool, torch.bfloat16, "uneven", (300_000,), seed)
+        assert _one_copy(group)
+        _check(group, pool, torch.uint8, "even", (1 << 20,), seed)
+        assert _one_copy(group)
+        stats = torch_ep.get_backend(group)._comm_pool_stats()
+        assert stats[0] == POOL_BYTES and 0 < stats[1] <= POOL_BYTES, stats
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_one_copy_dtypes_and_splits(cuda_pool):
+    cuda_pool.run(rank_one_copy, seed=_seed(), timeout_s=300)
+
+
+def rank_mixed_calls(seed):
+    """Calls on and off the pool, interleaved on one group: the plan picks the move on the
+    device, so ranks never disagree, even when only some ranks' outputs are in the pool."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group, pool = _pool_group()
+    try:
+        for round_ in range(3):
+            s = seed + 10 * round_
+            _check(group, pool, torch.float32, "uneven", (17,), s)
+            assert _one_copy(group)
+            m = _check(group, pool, torch.float32, "uneven", (17,), s + 1, in_pool=False, out_pool=False)
+            # (outputs that receive nothing take either move: with none receiving, it is one copy)
+            assert _one_copy(group) == (int(m.sum()) == 0)
+            # Only rank 0's output outside the pool: every rank takes the staged move.
+            _check(group, pool, torch.bfloat16, "even", (9,), s + 2, out_pool=rank != 0)
+            assert not _one_copy(group), "one copy although rank 0's output is outside the pool"
+            # A non-contiguous output goes through a contiguous copy, outside the pool.
+            with torch.cuda.use_mem_pool(pool):
+                inp = torch.randn(size * 4, 6, device="cuda")
+                out = poison_(torch.empty(6, size * 4, device="cuda")).t()
+            dist.all_to_all_single(out, inp, group=group)
+            assert same_bits(out, reference.all_to_all_single(out.shape, inp, group=group))
+            # all_to_all_v on the same group, its own kernels, pool tensors or not.
+            with torch.cuda.use_mem_pool(pool):
+                rows = torch.randn(size * 3, 5, device="cuda")
+            splits = torch.full((size,), 3, dtype=torch.int64, device="cuda")
+            result = torch_ep.all_to_all_v(rows, splits, group=group)
+            expected = reference.all_to_all_single((size * 3, 5), rows, group=group)
+            assert same_bits(result.output, expected)
+            _check(group, pool, torch.int32, "to_one", (3,), s + 3)
+            assert _one_copy(group)
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_mixed_pool_and_other_calls(cuda_pool):
+    cuda_pool.run(rank_mixed_calls, seed=_seed(), timeout_s=300)
+
+
+def rank_many_calls(seed, iterations):
+    """Tensors allocated from the pool and freed again, call after call, of random sizes: every
+    call correct and one copy, and the arena in use stays bounded."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group, pool = _pool_group()
+    shared = torch.Generator().manual_seed(seed)  # the same split matrices on every rank
+    g = torch.Generator(device="cuda").manual_seed(seed + rank)
+    try:
+        for i in range(iterations):
+            m = torch.randint(0, 64, (size, size), generator=shared) * int(torch.randint(1, 50, (), generator=shared))
+            in_splits, out_splits = m[rank].tolist(), m[:, rank].tolist()
+            hidden = int(torch.randint(1, 300, (), generator=shared))
+            with torch.cuda.use_mem_pool(pool):
+                inp = torch.randn(sum(in_splits), hidden, device="cuda", generator=g)
+                out = poison_(torch.empty(sum(out_splits), hidden, device="cuda"))
+            dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+            if i % 5 == 0:
+                expected = reference.all_to_all_single(out.shape, inp, out_splits, in_splits, group=group)
+                assert same_bits(out, expected), f"call {i}: wrong output"
+                assert _one_copy(group), f"call {i}: not one copy"
+            del inp, out
+        torch.cuda.synchronize()
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_reuse_across_many_calls(cuda_pool):
+    cuda_pool.run(rank_many_calls, seed=_seed(), iterations=100, timeout_s=600)
+
+
+def rank_disagreeing_splits():
+    """Ranks 0 and 1 disagree (rank 0 expects three rows from rank 1, which sends two): nothing
+    moves on any rank, every rank raises at its next synchronising check, and the group keeps
+    working with one copy."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group, pool = _pool_group(timeout=timedelta(seconds=20))
+    try:
+        out_splits = [2] * size
+        if rank == 0:
+            out_splits[1], out_splits[0] = 3, 1
+        with torch.cuda.use_mem_pool(pool):
+            x = torch.randn(size * 2, device="cuda")
+            y = poison_(torch.empty(sum(out_splits), device="cuda"))
+        before = y.clone()
+        error = None
+        try:
+            dist.all_to_all_single(y, x, out_splits, [2] * size, group=group)
+            torch.cuda.synchronize()
+            torch_ep.check_errors(group)
+        except Exception as e:  # noqa: BLE001
+            error = str(e)
+        torch.cuda.synchronize()
+        assert same_bits(y, before), "a refused call wrote its output"
+        _check(group, pool, torch.float32, "uneven", (4,), 7)
+        return error, _one_copy(group)
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_disagreeing_splits_raise_on_every_rank(cuda_pool):
+    if cuda_pool.world_size < 2:
+        pytest.skip("needs two ranks")
+    for error, one_copy_after in cuda_pool.run(rank_disagreeing_splits, timeout_s=120):
+        assert error is not None and "split sizes disagree" in error and "rank 0 expects" in error, error
+        assert one_copy_after
+
+
+def rank_cuda_graph(seed):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group, pool = _pool_group()
+    try:
+        g = torch.Generator(device="cuda").manual_seed(seed + rank)
+        with torch.cuda.use_mem_pool(pool):
+            static_in = torch.randn(size * 64, 33, device="cuda", generator=g)
+            static_out = torch.empty_like(static_in)
+        dist.all_to_all_single(static_out, static_in, group=group)  # the group's state, outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            dist.all_to_all_single(static_out, static_in, group=group)
+        for _ in range(5):
+            static_in.normal_(generator=g)
+            poison_(static_out)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert same_bits(static_out, reference.all_to_all_single(static_out.shape, static_in, group=group))
+            assert _one_copy(group)
+        del graph
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_cuda_graph_capture_and_replay(cuda_pool):
+    cuda_pool.run(rank_cuda_graph, seed=_seed(), timeout_s=120)
+
+
+def rank_lifetime():
+    """A tensor of the pool outlives its group; new segments are refused once the group is gone,
+    and a pool too small says which setting to raise."""
+    size = dist.get_world_size()
+    group, pool = _pool_group(comm_pool_bytes=32 << 20)
+    with torch.cuda.use_mem_pool(pool):
+        x = torch.arange(size * 1000, device="cuda", dtype=torch.float32)
+    too_big = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with torch.cuda.use_mem_pool(pool):
+                torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            too_big = type(e).__name__
+    explained = any("TORCH_EP_COMM_POOL_BYTES" in str(w.message) for w in caught)
+    dist.destroy_process_group(group)
+    del group
+    intact = torch.equal(x.cpu(), torch.arange(size * 1000, dtype=torch.float32))
+    after = None
+    try:
+        with torch.cuda.use_mem_pool(pool):
+            torch.empty(8 << 20, dtype=torch.uint8, device="cuda")  # more than the cached segment
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        after = type(e).__name__
+    del x, pool
+    torch.cuda.empty_cache()
+    return too_big, explained, intact, after
+
+
+def test_pool_lifetime_and_size_errors(cuda_pool):
+    for too_big, explained, intact, after in cuda_pool.run(rank_lifetime, timeout_s=120):
+        assert too_big is not None and explained, (too_big, explained)
+        assert intact
+        assert after is not None
+
+
+def rank_peer_never_arrives(absent=1):
+    rank = dist.get_rank()
+    group, pool = _pool_group(timeout=timedelta(seconds=3), blocking_wait=True)
+    with torch.cuda.use_mem_pool(pool):
+        x = torch.randn(dist.get_world_size() * 4, device="cuda")
+        y = torch.empty_like(x)
+    dist.all_to_all_single(y, x, group=group)
+    torch.cuda.synchronize()
+    error, elapsed = None, 0.0
+    if rank != absent:
+        start = time.monotonic()
+        try:
+            dist.all_to_all_single(y, x, group=group)
+        except Exception as e:  # noqa: BLE001
+            error = (type(e).__name__, str(e))
+        elapsed = time.monotonic() - start
+        torch.cuda.synchronize()
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return error, elapsed
+
+
+def test_timeout_names_op_and_peer():
+    pool = rank_pool(2, cuda=True)
+    (error, elapsed), _ = pool.run(rank_peer_never_arrives, timeout_s=120)
+    assert error is not None and error[0] == "DistBackendError", error
+    assert "all_to_all_single" in error[1] and "rank 1" in error[1], error
+    assert 2.5 < elapsed < 30, elapsed
