@@ -21,6 +21,7 @@
 #     pending: what was built but has not passed on a GPU yet, most valuable first, each step
 #     bounded; TORCH_EP_PENDING_STEPS picks among internode (the device route's tests at 2x2),
 #     pool (comm_pool's tests, on its branch), deep_ep (tests, example, both-API benchmark),
+#     (TORCH_EP_POOL_TESTS picks the files), deep_ep_tests (its GPU tests alone),
 #     internode_bench, timeouts, a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS), compile_tests (the
 #     compile tests alone), deep_ep_bench (the both-API benchmark alone), moe_profile
 #     (tools/moe_profile.py, 2 ranks), compile (the compile mode) and sm_sweep (the sm-sweep
@@ -182,8 +183,9 @@ if [ "$WHAT" = pending ]; then
   STEPS=" ${TORCH_EP_PENDING_STEPS:-deep_ep compile} "
   [[ $STEPS == *" internode "* ]] && pending_test internode_device 110 NVSHMEM_SYMMETRIC_SIZE=3G \
     TORCH_EP_INTERNODE_TOPOLOGIES=2x2 TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py
-  [[ $STEPS == *" pool "* ]] && pending_test pool 110 TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- tests/test_cuda_comm_pool.py \
-    tests/test_cuda_all_to_all_v.py tests/test_cuda_all_to_all.py
+  [[ $STEPS == *" pool "* ]] && pending_test pool 110 TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- \
+    ${TORCH_EP_POOL_TESTS:-tests/test_cuda_comm_pool.py tests/test_cuda_all_to_all_v.py tests/test_cuda_all_to_all.py}
+  [[ $STEPS == *" deep_ep_tests "* ]] && pending_test deep_ep_tests 60 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py
   if [[ $STEPS == *" deep_ep "* ]]; then
     pending_test deep_ep 45 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py tests/test_deep_ep.py -x
     step "examples/deep_ep_drop_in.py, 2 ranks"

@@ -39,7 +39,7 @@ def _seed():
 
 
 def _pool_group(**options):
-    group = dist.new_group(pg_options=torch_ep.Options(comm_pool_bytes=POOL_BYTES, **options))
+    group = dist.new_group(pg_options=torch_ep.Options(**{"comm_pool_bytes": POOL_BYTES, **options}))
     return group, torch_ep.comm_pool(group)
 
 

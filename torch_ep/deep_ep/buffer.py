@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,32 @@ from ..options import Options
 from ..types import DispatchHandle, DispatchLayout, LowLatencyHandle
 from .utils import (Config, EventHandle, EventOverlap, _check_config, _done_event, _Handle, _native, _pack_ue8m0,
                     _positive_int, _tensors, _unpack_bias)
+
+class _PinnedStaging:
+    """Pinned host slots through which small int32 matrices go to the GPU: a pin_memory and a
+    to(device) per call cost tens of microseconds of host time that a dispatch waits out. A slot is
+    written again only after the copy out of it has run (its event)."""
+
+    def __init__(self, shape, device: torch.device, num_slots: int = 8):
+        host = torch.empty((num_slots, *shape), dtype=torch.int32, pin_memory=True)
+        self.slots = list(host.unbind(0))
+        self.events: List[Optional[torch.cuda.Event]] = [None] * num_slots
+        self.device, self.next = device, 0
+
+    def cumsum_to_device(self, matrix: torch.Tensor) -> torch.Tensor:
+        """matrix.cumsum(0) as int32 on the device, copied in stream order (no host wait)."""
+        i = self.next
+        self.next = (i + 1) % len(self.slots)
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # long done: eight calls ago
+        slot = self.slots[i]
+        torch.cumsum(matrix, 0, dtype=torch.int32, out=slot)
+        out = torch.empty(slot.shape, dtype=torch.int32, device=self.device)
+        out.copy_(slot, non_blocking=True)
+        event = self.events[i] = self.events[i] or torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return out
+
 
 class Buffer:
     """DeepEP's communication buffer, on torch_ep. See the module's docstring for what differs.
@@ -57,6 +83,7 @@ class Buffer:
         self._layouts: dict = {}
         self._zero_copy_buffers: dict = {}            # data_ptr -> the combine buffers handed out
         self._cuda_exchange_ready = False             # the prefix matrix's CUDA all_to_all is set up
+        self._prefix_staging: dict = {}               # device -> _PinnedStaging of the prefix matrices
 
     # ------------------------------------------------------------------ lifetime and settings
 
@@ -318,10 +345,12 @@ class Buffer:
                 send = num_tokens_per_rank.to(torch.int64)
             sent = torch.empty(r * r, dtype=torch.int64, device=send.device)
             dist.all_to_all_single(sent, send.repeat(r), group=self.ep_group)
-        matrix = sent.view(r, r).cumsum(0).to(torch.int32)
-        if matrix.device.type == "cpu" and device.type == "cuda":
-            return matrix.pin_memory().to(device, non_blocking=True)
-        return matrix
+        if sent.device.type == "cpu" and device.type == "cuda":
+            staging = self._prefix_staging.get(device)
+            if staging is None:
+                staging = self._prefix_staging[device] = _PinnedStaging((r, r), device)
+            return staging.cumsum_to_device(sent.view(r, r))
+        return sent.view(r, r).cumsum(0).to(torch.int32)
 
     def combine(self, x: torch.Tensor, handle: Tuple, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
