@@ -23,7 +23,8 @@
 #     pool (comm_pool's tests, on its branch), deep_ep (tests, example, both-API benchmark),
 #     (TORCH_EP_POOL_TESTS picks the files), deep_ep_tests (its GPU tests alone),
 #     internode_bench, timeouts, a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS), compile_tests (the
-#     compile tests alone), deep_ep_bench (the both-API benchmark alone), moe_profile
+#     compile tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
+#     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
 #     (tools/moe_profile.py, 2 ranks), compile (the compile mode) and sm_sweep (the sm-sweep
 #     mode); default "deep_ep compile". A short
 #     TORCH_EP_TIMEOUT_S makes a hang fail fast
@@ -198,6 +199,12 @@ if [ "$WHAT" = pending ]; then
   if [[ $STEPS == *" deep_ep_bench "* ]]; then
     step "MoE benchmark, the native API and the DeepEP API in the same run, 2 ranks"
     run_bench 2 120 moe_bench_deep_ep_2ranks.log 30 benchmarks/moe.py --api both --out "$LOGS/moe_deep_ep_2ranks"
+  fi
+  if [[ $STEPS == *" deep_ep_overhead "* ]]; then
+    step "torch_ep.deep_ep's overhead over the native API, part by part, 2 ranks"
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 90 torchrun --standalone --nproc-per-node 2 \
+      tools/deep_ep_overhead.py > "$LOGS/deep_ep_overhead_2ranks.log" 2>&1 || STATUS=1
+    grep -v "^W1202\|^\*\*\*" "$LOGS/deep_ep_overhead_2ranks.log" | tail -24 >> "$SUMMARY"
   fi
   if [[ $STEPS == *" moe_profile "* ]]; then
     step "MoE profile (native API and DeepEP API), 2 ranks"

@@ -1,0 +1,102 @@
+"""Where torch_ep.deep_ep's dispatch spends time beyond the native API's, on a GPU. Run with
+torchrun:
+
+    torchrun --nproc-per-node 2 tools/deep_ep_overhead.py [--tokens 4096]
+
+The same layout-given dispatch (bf16 and fp8) through the native API, through the Buffer, and
+through the Buffer with one part of its own work swapped out, timed back to back (the stream
+method: calls queued one after another, one synchronisation at the end); then the host time of
+each part of the Buffer's work alone. Rank 0 prints microseconds per call.
+"""
+import time
+
+import torch
+import torch.distributed as dist
+
+import torch_ep
+from torch_ep import deep_ep
+from torch_ep.deep_ep import buffer as buffer_module
+
+from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools/, the script's folder
+
+
+def per_call_us(fn, calls: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main():
+    args = shape_parser(tokens=4096).parse_args()
+    rank = init_on_local_gpu()
+    x, idx, w = make_inputs(args, rank)
+    fp8 = (x.float().to(torch.float8_e4m3fn), torch.rand(args.tokens, (args.hidden + 127) // 128, device="cuda"))
+    layout = torch_ep.get_dispatch_layout(idx, args.experts)
+    buffer = deep_ep.Buffer(dist.group.WORLD)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, args.experts)
+    given = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                 topk_idx=idx, topk_weights=w)
+    real_matrix = buffer_module.Buffer._rank_prefix_matrix
+
+    def old_matrix(self, native, num_tokens_per_rank, device):  # before the pinned ring
+        return native.send_matrix.cumsum(0).to(torch.int32).pin_memory().to(device, non_blocking=True)
+
+    variants = {
+        "Buffer, prefix matrix through the pinned ring": real_matrix,
+        "Buffer, prefix matrix by pin_memory().to()": old_matrix,
+        "Buffer, prefix matrix on the host only": lambda self, native, n, device: native.send_matrix.cumsum(0),
+        "Buffer, no prefix matrix": lambda self, native, n, device: None,
+    }
+    lines = []
+    for name, payload in (("bf16", x), ("fp8", fp8)):
+        lines.append(f"dispatch {name}, layout given: native API "
+                     f"{per_call_us(lambda: torch_ep.dispatch(payload, idx, w, num_experts=args.experts, layout=layout)):.1f} us")
+        for label, matrix in variants.items():
+            buffer_module.Buffer._rank_prefix_matrix = matrix
+            lines.append(f"dispatch {name}, layout given: {label} {per_call_us(lambda: buffer.dispatch(payload, **given)):.1f} us")
+        buffer_module.Buffer._rank_prefix_matrix = real_matrix
+
+    # A fresh route: the native API's one call, its two (layout, then dispatch), and the Buffer's two.
+    def native_two():
+        return torch_ep.dispatch(x, idx, w, num_experts=args.experts, layout=torch_ep.get_dispatch_layout(idx, args.experts))
+
+    def buffer_two():
+        r, _, e, t, _ = buffer.get_dispatch_layout(idx, args.experts)
+        return buffer.dispatch(x, num_tokens_per_rank=r, is_token_in_rank=t, num_tokens_per_expert=e, topk_idx=idx,
+                               topk_weights=w)
+    lines.append(f"dispatch bf16, fresh: native API, one call {per_call_us(lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts)):.1f} us")
+    lines.append(f"dispatch bf16, fresh: native API, layout then dispatch {per_call_us(native_two):.1f} us")
+    lines.append(f"dispatch bf16, fresh: Buffer, layout then dispatch {per_call_us(buffer_two):.1f} us")
+    lines.append(f"get_dispatch_layout alone: native {per_call_us(lambda: torch_ep.get_dispatch_layout(idx, args.experts)):.1f} us, "
+                 f"Buffer {per_call_us(lambda: buffer.get_dispatch_layout(idx, args.experts)):.1f} us")
+
+    # The host work of each part alone, on one dispatch's handle (no communication).
+    d = torch_ep.dispatch(x, idx, w, num_experts=args.experts, layout=layout)
+    parts = {
+        "send_matrix": lambda: d.handle.send_matrix,
+        "num_recv_tokens_per_expert": lambda: d.num_recv_tokens_per_expert,
+        "prefix matrix, pinned ring": lambda: real_matrix(buffer, d.handle, per_rank, x.device),
+        "prefix matrix, pin_memory().to()": lambda: old_matrix(buffer, d.handle, per_rank, x.device),
+        "Buffer._make_handle": lambda: buffer._make_handle(d.handle, in_rank, per_rank, x.device),
+    }
+    for label, fn in parts.items():
+        for _ in range(50):
+            fn()
+        start = time.perf_counter()
+        for _ in range(1000):
+            fn()
+        lines.append(f"host: {label} {(time.perf_counter() - start) * 1e3:.2f} us")
+        torch.cuda.synchronize()
+    if rank == 0:
+        print("\n".join(lines), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
