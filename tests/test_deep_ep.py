@@ -332,6 +332,28 @@ def rank_internode(seed):
     assert size == 4
 
 
+def test_handle_elements_made_when_read():
+    """A handle element given as _Lazy is made once, on first read, by every way a caller reads a
+    tuple (index, negative index, slice, unpacking, iteration), and not before."""
+    from torch_ep.deep_ep.utils import _Handle, _Lazy
+    made = []
+
+    def make():
+        made.append(1)
+        return torch.arange(4)
+
+    handle = _Handle((_Lazy(make), None, "two", 3), native="native")
+    assert len(handle) == 4 and handle.native == "native" and handle[2] == "two" and not made
+    assert handle.tensors_made() == []
+    assert torch.equal(handle[-4], torch.arange(4)) and handle[0] is handle[-4] and len(made) == 1
+    first, _, two, three = handle
+    assert first is handle[0] and (two, three) == ("two", 3) and handle[1:3] == (None, "two")
+    assert list(handle)[0] is first and isinstance(handle, tuple) and len(made) == 1
+    assert len(handle.tensors_made()) == 1 and "tensor" in repr(handle)
+    with pytest.raises(IndexError):
+        handle[4]
+
+
 def test_internode_virtual_nodes():
     rank_pool(4, env={"TORCH_EP_RANKS_PER_NODE": "2"}).run(rank_internode, _seed())
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -14,34 +14,16 @@ from ..low_latency import low_latency_combine_buffer
 from ..low_latency import low_latency_dispatch as _ll_dispatch
 from ..moe import combine as _combine, dispatch as _dispatch, get_dispatch_layout as _get_dispatch_layout
 from ..options import Options
-from ..types import DispatchHandle, DispatchLayout, LowLatencyHandle
-from .utils import (Config, EventHandle, EventOverlap, _check_config, _done_event, _Handle, _native, _pack_ue8m0,
-                    _positive_int, _tensors, _unpack_bias)
+from ..types import MAX_MATRIX_RANKS, DispatchHandle, DispatchLayout, LowLatencyHandle
+from .utils import (Config, EventHandle, EventOverlap, _check_config, _done_event, _Handle, _Lazy, _native,
+                    _pack_ue8m0, _positive_int, _tensors, _unpack_bias)
 
-class _PinnedStaging:
-    """Pinned host slots through which small int32 matrices go to the GPU: a pin_memory and a
-    to(device) per call cost tens of microseconds of host time that a dispatch waits out. A slot is
-    written again only after the copy out of it has run (its event)."""
 
-    def __init__(self, shape, device: torch.device, num_slots: int = 8):
-        host = torch.empty((num_slots, *shape), dtype=torch.int32, pin_memory=True)
-        self.slots = list(host.unbind(0))
-        self.events: List[Optional[torch.cuda.Event]] = [None] * num_slots
-        self.device, self.next = device, 0
-
-    def cumsum_to_device(self, matrix: torch.Tensor) -> torch.Tensor:
-        """matrix.cumsum(0) as int32 on the device, copied in stream order (no host wait)."""
-        i = self.next
-        self.next = (i + 1) % len(self.slots)
-        if self.events[i] is not None:
-            self.events[i].synchronize()  # long done: eight calls ago
-        slot = self.slots[i]
-        torch.cumsum(matrix, 0, dtype=torch.int32, out=slot)
-        out = torch.empty(slot.shape, dtype=torch.int32, device=self.device)
-        out.copy_(slot, non_blocking=True)
-        event = self.events[i] = self.events[i] or torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return out
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`, copied in stream order (no host wait)."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 class Buffer:
@@ -83,7 +65,6 @@ class Buffer:
         self._layouts: dict = {}
         self._zero_copy_buffers: dict = {}            # data_ptr -> the combine buffers handed out
         self._cuda_exchange_ready = False             # the prefix matrix's CUDA all_to_all is set up
-        self._prefix_staging: dict = {}               # device -> _PinnedStaging of the prefix matrices
 
     # ------------------------------------------------------------------ lifetime and settings
 
@@ -299,7 +280,7 @@ class Buffer:
             d = _dispatch(x, topk_idx, topk_weights, num_experts=num_experts, group=group, layout=layout,
                           expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
             made = self._make_handle(d.handle, is_token_in_rank, num_tokens_per_rank, x_data.device)
-            return (d, made), [d.recv_x, d.recv_topk_idx, d.recv_topk_weights, list(made)]
+            return (d, made), [d.recv_x, d.recv_topk_idx, d.recv_topk_weights, made.tensors_made()]
 
         (d, made), event = self._launch(x_data.device, run, [x, topk_idx, topk_weights], previous_event, async_finish,
                                         allocate_on_comm_stream)
@@ -319,22 +300,24 @@ class Buffer:
     def _make_handle(self, native: DispatchHandle, is_token_in_rank: torch.Tensor, num_tokens_per_rank: torch.Tensor,
                      device: torch.device) -> _Handle:
         r = self.group_size
-        recv = native.counts[2 + r:2 + 2 * r]
         if native.internode:
-            prefix = None
-            if bool((recv >= 0).all()):
-                prefix = recv.cumsum(0).to(torch.int32).to(device)
-            return _Handle((is_token_in_rank, None, None, None, None, None, prefix, None, None, None), native)
+            def prefix():  # rows received from ranks 0..i; None where only the device knows them
+                recv = native.counts[2 + r:2 + 2 * r]
+                return _to_device(recv.cumsum(0).to(torch.int32), device) if bool((recv >= 0).all()) else None
+            return _Handle((is_token_in_rank, None, None, None, None, None, _Lazy(prefix), None, None, None), native)
         return _Handle((self._rank_prefix_matrix(native, num_tokens_per_rank, device), None, None, None,
                         is_token_in_rank, None), native)
 
     def _rank_prefix_matrix(self, native: DispatchHandle, num_tokens_per_rank: torch.Tensor,
-                            device: torch.device) -> torch.Tensor:
+                            device: torch.device) -> Union[torch.Tensor, _Lazy]:
         """[R, R] int32, [i][j] = rows rank j receives from ranks 0..i: every rank's send counts,
         summed down the sources. The handle holds them where the dispatch's records carried them
-        (groups of up to 32 ranks, sizes on the host); else they are gathered (all_to_all_single
-        of the counts to every rank, on torch_ep's own transport)."""
+        (groups of up to 32 ranks, sizes on the host): the matrix is then made when first read.
+        Else they are gathered now, on every rank (all_to_all_single of the counts to every rank,
+        on torch_ep's own transport: a collective cannot wait for a read that some ranks never do)."""
         r = self.group_size
+        if r <= MAX_MATRIX_RANKS and int(native.counts[2]) >= 0:  # the sizes are on the host
+            return _Lazy(lambda: _to_device(native.send_matrix.cumsum(0).to(torch.int32), device))
         sent = native.send_matrix
         if sent is None:
             send = native.counts[2:2 + r]
@@ -345,12 +328,7 @@ class Buffer:
                 send = num_tokens_per_rank.to(torch.int64)
             sent = torch.empty(r * r, dtype=torch.int64, device=send.device)
             dist.all_to_all_single(sent, send.repeat(r), group=self.ep_group)
-        if sent.device.type == "cpu" and device.type == "cuda":
-            staging = self._prefix_staging.get(device)
-            if staging is None:
-                staging = self._prefix_staging[device] = _PinnedStaging((r, r), device)
-            return staging.cumsum_to_device(sent.view(r, r))
-        return sent.view(r, r).cumsum(0).to(torch.int32)
+        return _to_device(sent.view(r, r).cumsum(0).to(torch.int32), device)
 
     def combine(self, x: torch.Tensor, handle: Tuple, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
