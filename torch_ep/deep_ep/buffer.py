@@ -159,13 +159,13 @@ class Buffer:
                 previous_event.event._host_wait()
             result, _ = fn()
             return result, EventOverlap(_done_event()) if async_finish else EventOverlap()
-        compute = torch.cuda.current_stream(device)
         if not on_comm_stream or (previous_event is None and not async_finish):
             # Ordered as DeepEP's comm stream would order it (after the current stream's work, and
             # the current stream waits for it), at the native API's cost: no cross-stream waits,
             # and outputs the allocator reuses in stream order (record_stream would hold them back).
             result, _ = fn()
             return result, EventOverlap()
+        compute = torch.cuda.current_stream(device)
         comm = self._comm_stream(device)
         if previous_event is not None and previous_event.event is not None:
             previous_event.event._stream_wait(comm)
@@ -280,7 +280,7 @@ class Buffer:
             d = _dispatch(x, topk_idx, topk_weights, num_experts=num_experts, group=group, layout=layout,
                           expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
             made = self._make_handle(d.handle, is_token_in_rank, num_tokens_per_rank, x_data.device)
-            return (d, made), [d.recv_x, d.recv_topk_idx, d.recv_topk_weights, made.tensors_made()]
+            return (d, made), [d.recv_x, d.recv_topk_idx, d.recv_topk_weights, made]
 
         (d, made), event = self._launch(x_data.device, run, [x, topk_idx, topk_weights], previous_event, async_finish,
                                         allocate_on_comm_stream)

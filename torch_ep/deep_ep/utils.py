@@ -157,6 +157,8 @@ def _tensors(*values) -> List[torch.Tensor]:
     for v in values:
         if isinstance(v, torch.Tensor):
             out.append(v)
+        elif isinstance(v, _Handle):
+            out += v.tensors_made()  # iterating would make its deferred elements
         elif isinstance(v, (tuple, list)):
             out += _tensors(*v)
     return out
