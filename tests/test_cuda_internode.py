@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+import test_compile as compile_checks
 import test_cuda_all_to_all as all_to_all_checks
 import test_internode as internode
 import test_moe as checks
@@ -163,6 +164,13 @@ def rank_graph_capture(seed, replays=3):
 
 def test_graph_capture_and_replay(device_route):
     assert all(device_route.run(rank_graph_capture, _seed()))
+
+
+def test_compile_fullgraph_with_num_worst_tokens(device_route):
+    """get_dispatch_layout, dispatch, a re-dispatch and combine across nodes, forward and
+    backward, as one fullgraph inductor graph with no unbacked size (the device route's handle
+    has a fixed size), equal to eager bit for bit (test_compile.rank_ops)."""
+    device_route.run(compile_checks.rank_ops, _seed(), "worst", device="cuda", timeout_s=300)
 
 
 def rank_over_capacity(seed):

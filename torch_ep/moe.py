@@ -252,10 +252,17 @@ def _group_size(group_name: str) -> int:
     return dist.distributed_c10d._resolve_process_group(group_name).size()
 
 
-def _multi_node(group_name: str) -> bool:
-    """True when the group spans nodes: its handles then carry relay state of data-dependent size."""
+def _route_tail(group_name: str, device: torch.device):
+    """The length of a handle's state across nodes: 0 on one node; 3 on the device-driven route
+    (CUDA, NVSHMEM built, Options.internode_device: [nodes, ranks per node, route tag]); else
+    None, data-dependent (the host-driven route keeps each relayed token's targets)."""
     from ._backend import get_backend
-    return get_backend(dist.distributed_c10d._resolve_process_group(group_name)).num_nodes > 1
+    backend = get_backend(dist.distributed_c10d._resolve_process_group(group_name))
+    if backend.num_nodes <= 1:
+        return 0
+    if device.type == "cuda" and _C.has_nvshmem and backend.config.internode_device:
+        return 3  # backend/ops/cuda/moe_internode_device.cpp: counts.internode
+    return None
 
 
 @torch.library.register_fake("ep::get_dispatch_layout")
@@ -286,9 +293,9 @@ def _dispatch_fake(x, x_scales, topk_idx, topk_weights, handle_meta, handle_coun
         meta = x.new_empty(0 if layout_meta is not None else _meta_header(r, num_experts) + 2 * n * r,
                            dtype=torch.int32)
         fixed = 2 + 2 * r + num_experts // r + send_matrix_size(r)
-        if _multi_node(group_name):  # + the relay state: data-dependent
-            fixed = torch.library.get_ctx().new_dynamic_size(min=fixed)
-        counts = torch.empty(fixed, dtype=torch.int64, device="cpu")
+        tail = _route_tail(group_name, x.device)
+        size = fixed + tail if tail is not None else torch.library.get_ctx().new_dynamic_size(min=fixed)
+        counts = torch.empty(size, dtype=torch.int64, device="cpu")
     else:
         recv_idx = x.new_empty(0, dtype=torch.int64)
         recv_w = x.new_empty(0, dtype=torch.float32)
