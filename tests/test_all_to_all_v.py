@@ -225,10 +225,12 @@ def test_async_op(pool4):
 
 
 def rank_compiled(seed, device="cpu"):
-    """torch_ep.all_to_all_v traces as one graph under torch.compile(fullgraph=True): a given
-    output keeps static shapes, an allocated one gets an unbacked row count, and the backward
-    (into a given output) is compiled too."""
+    """torch_ep.all_to_all_v traces as one graph under torch.compile(fullgraph=True) with the
+    default backend (inductor): a given output keeps static shapes (no unbacked size), an
+    allocated one gets an unbacked row count, and the backward (into a given output) is compiled
+    too."""
     import torch._dynamo
+    from test_compile import inductor_recording, ops_in, unbacked_symbols
 
     def given(x, s, out):
         r = torch_ep.all_to_all_v(x, s, output=out)
@@ -241,19 +243,23 @@ def rank_compiled(seed, device="cpu"):
         r = torch_ep.all_to_all_v(x, s, output=out)
         return (r.output * w).nansum()  # rows past the received ones are poison: no gradient flows there
 
+    torch._dynamo.reset()
     m, splits, inp, total = _case("random", seed, torch.float32, (4,), device)
     expected = reference.all_to_all_v(inp, splits)
     out = poison_(torch.empty(total + 1, 4, device=device))
-    doubled, s, offsets = torch.compile(given, fullgraph=True, backend="aot_eager")(inp, splits, out)
+    graphs = []
+    doubled, s, offsets = torch.compile(given, fullgraph=True, backend=inductor_recording(graphs))(inp, splits, out)
     assert same_bits(doubled[:total], expected.output * 2) and same_bits(out[:total], expected.output)
     assert same_bits(s, expected.output_splits) and same_bits(offsets, expected.output_offsets)
+    assert len(graphs) == 1 and "ep.all_to_all_v" in str(ops_in(graphs)), ops_in(graphs)
+    assert not unbacked_symbols(graphs), unbacked_symbols(graphs)
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        plus = torch.compile(allocated, fullgraph=True, backend="aot_eager")(inp, splits)
+        plus = torch.compile(allocated, fullgraph=True)(inp, splits)
     assert same_bits(plus, expected.output + 1)
     x = inp.clone().requires_grad_()
     g = torch.Generator().manual_seed(seed + 5 + dist.get_rank())
     w = torch.randint(1, 5, (total + 1, 4), generator=g).float().to(device)
-    torch.compile(loss, fullgraph=True, backend="aot_eager")(x, splits, poison_(torch.empty_like(out)), w).backward()
+    torch.compile(loss, fullgraph=True)(x, splits, poison_(torch.empty_like(out)), w).backward()
     assert same_bits(x.grad, reference.all_to_all_v(w[:total].contiguous(), expected.output_splits).output)
 
 
