@@ -342,7 +342,7 @@ def test_handle_elements_made_when_read():
         made.append(1)
         return torch.arange(4)
 
-    handle = _Handle((_Lazy(make), None, "two", 3), native="native")
+    handle = _Handle((None, None, "two", 3), "native", {0: _Lazy(make)})
     assert len(handle) == 4 and handle.native == "native" and handle[2] == "two" and not made
     assert handle.tensors_made() == []
     assert torch.equal(handle[-4], torch.arange(4)) and handle[0] is handle[-4] and len(made) == 1

@@ -251,10 +251,10 @@ class Buffer:
                                          allocate_on_comm_stream)
             return recv_x, None, None, None, None, event
 
-        missing = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
-                                            ("is_token_in_rank", is_token_in_rank),
-                                            ("num_tokens_per_expert", num_tokens_per_expert)) if value is None]
-        if missing:
+        if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+            missing = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
+                                                ("is_token_in_rank", is_token_in_rank),
+                                                ("num_tokens_per_expert", num_tokens_per_expert)) if value is None]
             raise ValueError(f"{', '.join(missing)}: dispatch without a handle needs the layout "
                              f"(Buffer.get_dispatch_layout gives it)")
         if topk_idx is None:
@@ -304,9 +304,12 @@ class Buffer:
             def prefix():  # rows received from ranks 0..i; None where only the device knows them
                 recv = native.counts[2 + r:2 + 2 * r]
                 return _to_device(recv.cumsum(0).to(torch.int32), device) if bool((recv >= 0).all()) else None
-            return _Handle((is_token_in_rank, None, None, None, None, None, _Lazy(prefix), None, None, None), native)
-        return _Handle((self._rank_prefix_matrix(native, num_tokens_per_rank, device), None, None, None,
-                        is_token_in_rank, None), native)
+            return _Handle((is_token_in_rank, None, None, None, None, None, None, None, None, None), native,
+                           {6: _Lazy(prefix)})
+        matrix = self._rank_prefix_matrix(native, num_tokens_per_rank, device)
+        if isinstance(matrix, _Lazy):
+            return _Handle((None, None, None, None, is_token_in_rank, None), native, {0: matrix})
+        return _Handle((matrix, None, None, None, is_token_in_rank, None), native)
 
     def _rank_prefix_matrix(self, native: DispatchHandle, num_tokens_per_rank: torch.Tensor,
                             device: torch.device) -> Union[torch.Tensor, _Lazy]:

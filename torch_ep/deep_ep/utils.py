@@ -109,16 +109,16 @@ class _Lazy:
 
 
 class _Handle(tuple):
-    """A DeepEP handle tuple; `native` is the torch_ep handle behind it. Elements given as _Lazy
-    are made when first read (indexing, unpacking, iteration): the rank prefix matrix is a copy
+    """A DeepEP handle tuple; `native` is the torch_ep handle behind it. Elements in `lazy` are
+    made when first read (indexing, unpacking, iteration): the rank prefix matrix is a copy
     to the GPU that a dispatch would otherwise wait behind (measured: +60 % of a layout-given
     dispatch's time on the H200), and that callers of DeepEP's API rarely read."""
 
-    def __new__(cls, items: Sequence, native):
-        items = list(items)
-        handle = super().__new__(cls, [None if isinstance(v, _Lazy) else v for v in items])
+    def __new__(cls, items: Sequence, native, lazy: Optional[dict] = None):
+        """`items` with None where `lazy` ({index: _Lazy}) makes the element on first read."""
+        handle = super().__new__(cls, items)
         handle.native = native
-        handle._lazy = {i: v for i, v in enumerate(items) if isinstance(v, _Lazy)}
+        handle._lazy = lazy if lazy is not None else {}
         return handle
 
     def __getitem__(self, index):
