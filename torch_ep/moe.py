@@ -171,7 +171,8 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
     Give `topk_idx` [N, K] (global expert ids, -1 = not routed) and `num_experts`, or the
     `handle` of an earlier dispatch to send new data along the same route. Received rows are
     ordered by source rank, then by the source's token order. `num_worst_tokens` > 0 makes every
-    output that many rows long (real rows first), so that a CUDA dispatch needs no host
+    output that many rows long (real rows first, then padding that routes nowhere: expert -1,
+    weight 0, recv_x zero on CPU and unspecified on CUDA), so that a CUDA dispatch needs no host
     synchronisation and can be captured in a graph. `layout` (from get_dispatch_layout) is
     accepted for DeepEP-style call sites; the op computes its own routing table in any case.
     """
