@@ -4,6 +4,7 @@ Ranks beyond the GPU count share GPUs (under MPS in the GPU suite). The checks a
 tests' own rank functions run on CUDA tensors, plus what only CUDA has: stream semantics,
 CUDA-graph capture, memory that stays flat, and timeouts that raise instead of hanging.
 """
+import contextlib
 import time
 from datetime import timedelta
 
@@ -229,13 +230,18 @@ def test_wrong_device_raises(cuda_pool):
         assert err is not None and "input is on cuda" in err[1] and "output is on cpu" in err[1], err
 
 
-def rank_peer_never_arrives(absent=1):
+def rank_peer_never_arrives(absent=1, pooled=False):
     """Rank `absent` skips the second call: every other rank must raise within the timeout (a
-    blocking wait), naming the op and the peer, and its stream must not hang."""
+    blocking wait), naming the op and the peer, and its stream must not hang. `pooled`: the
+    tensors come from the group's torch_ep.comm_pool (the one-copy path)."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3), blocking_wait=True))
-    x = torch.randn(size * 4, device="cuda")
-    y = torch.empty_like(x)
+    options = dict(timeout=timedelta(seconds=3), blocking_wait=True)
+    if pooled:
+        options["comm_pool_bytes"] = 64 << 20
+    group = dist.new_group(pg_options=torch_ep.Options(**options))
+    with torch.cuda.use_mem_pool(torch_ep.comm_pool(group)) if pooled else contextlib.nullcontext():
+        x = torch.randn(size * 4, device="cuda")
+        y = torch.empty_like(x)
     dist.all_to_all_single(y, x, group=group)  # sets the transport up on every rank
     torch.cuda.synchronize()
     error, elapsed = None, 0.0

@@ -9,7 +9,6 @@ Every check draws fresh random data, poisons the output and compares with torch_
 move (correct, but twice the traffic) fails the test too.
 """
 import contextlib
-import time
 import warnings
 from datetime import timedelta
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import test_all_to_all as cpu_checks
+import test_cuda_all_to_all as cuda_checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
 from torch_ep import reference
@@ -280,31 +280,9 @@ def test_pool_lifetime_and_size_errors(cuda_pool):
         assert after is not None
 
 
-def rank_peer_never_arrives(absent=1):
-    rank = dist.get_rank()
-    group, pool = _pool_group(timeout=timedelta(seconds=3), blocking_wait=True)
-    with torch.cuda.use_mem_pool(pool):
-        x = torch.randn(dist.get_world_size() * 4, device="cuda")
-        y = torch.empty_like(x)
-    dist.all_to_all_single(y, x, group=group)
-    torch.cuda.synchronize()
-    error, elapsed = None, 0.0
-    if rank != absent:
-        start = time.monotonic()
-        try:
-            dist.all_to_all_single(y, x, group=group)
-        except Exception as e:  # noqa: BLE001
-            error = (type(e).__name__, str(e))
-        elapsed = time.monotonic() - start
-        torch.cuda.synchronize()
-    dist.barrier()
-    dist.destroy_process_group(group)
-    return error, elapsed
-
-
 def test_timeout_names_op_and_peer():
     pool = rank_pool(2, cuda=True)
-    (error, elapsed), _ = pool.run(rank_peer_never_arrives, timeout_s=120)
+    (error, elapsed), _ = pool.run(cuda_checks.rank_peer_never_arrives, pooled=True, timeout_s=120)
     assert error is not None and error[0] == "DistBackendError", error
     assert "all_to_all_single" in error[1] and "rank 1" in error[1], error
     assert 2.5 < elapsed < 30, elapsed
