@@ -2,9 +2,10 @@
 # The GPU suite: build, GPU tests with 1, 2, 4 and 8 ranks, then the benchmarks; logs in OUT.
 #
 #   bash benchmarks/gpu_suite.sh OUT [tests|bench|all|moe|sm-sweep|ll|a2av|profile|ll-profile|internode|compile|deep_ep|pending]
-#     sm-sweep: MoE dispatch/combine bandwidth against the SM budget 1..32 (benchmarks/moe.py --sm-sweep,
-#     4096 tokens; TORCH_EP_SM_SWEEP_RANKS, default 2): LOGS/moe_sm_sweep_Rranks/moe_sm_sweep.{json,png},
-#     whose sm_table_entry goes into torch_ep/data/sm_table.json
+#     sm-sweep: MoE dispatch/combine bandwidth against the SM budget 1..64 and the copy variant
+#     (benchmarks/moe.py --sm-sweep --copy, 4096 tokens; TORCH_EP_SM_SWEEP_RANKS, default 2;
+#     TORCH_EP_SM_SWEEP_BUDGETS, TORCH_EP_SM_SWEEP_COPIES, default warp,unroll,bulk):
+#     LOGS/moe_sm_sweep_Rranks/moe_sm_sweep.{json,png}, whose sm_table_entries go into torch_ep/data/sm_table.json
 #     moe: the MoE tests and benchmark only (TORCH_EP_MOE_WORLD_SIZES, TORCH_EP_MOE_BENCH_RANKS pick
 #     the ranks); ll: the low-latency tests and benchmark only (TORCH_EP_LL_WORLD_SIZES,
 #     TORCH_EP_LL_BENCH_RANKS); internode: tests and benchmark across virtual nodes
@@ -25,8 +26,8 @@
 #     internode_bench, timeouts, a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS), compile_tests (the
 #     compile tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
 #     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
-#     (tools/moe_profile.py, 2 ranks), compile (the compile mode) and sm_sweep (the sm-sweep
-#     mode); default "deep_ep compile". A short
+#     (tools/moe_profile.py, 2 ranks), copy_tests (the MoE copy variants' GPU tests, 2 ranks),
+#     compile (the compile mode) and sm_sweep (the sm-sweep mode); default "deep_ep compile". A short
 #     TORCH_EP_TIMEOUT_S makes a hang fail fast
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
@@ -143,10 +144,14 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ] || [ "$WHAT" = moe ]; then
   done
 fi
 sm_sweep() {
+  # Every budget up to the whole share of the GPU, each with every copy variant (Options.moe_copy);
+  # about 2 s per budget and variant at 2 ranks. The last lines are the stream GB/s pivot table.
+  local BUDGETS=${TORCH_EP_SM_SWEEP_BUDGETS:-1,2,4,8,16,24,32,48,64} COPIES=${TORCH_EP_SM_SWEEP_COPIES:-warp,unroll,bulk}
   for R in ${TORCH_EP_SM_SWEEP_RANKS:-2}; do
-    step "MoE bandwidth against the SM budget, $R ranks (4096 tokens, hidden 7168, top-8, 256 experts)"
-    run_bench "$R" 240 "moe_sm_sweep_${R}ranks.log" 20 benchmarks/moe.py --sm-sweep 1,2,4,8,16,24,32 \
+    step "MoE bandwidth against the SM budget ($BUDGETS) and copy variant ($COPIES), $R ranks (4096 tokens, hidden 7168, top-8, 256 experts)"
+    run_bench "$R" 240 "moe_sm_sweep_${R}ranks.log" 16 benchmarks/moe.py --sm-sweep "$BUDGETS" --copy "$COPIES" \
       --tokens 4096 --out "$LOGS/moe_sm_sweep_${R}ranks"
+    grep "^[0-9]* SMs:" "$LOGS/moe_sm_sweep_${R}ranks.log" >> "$SUMMARY"
   done
 }
 [ "$WHAT" = sm-sweep ] && sm_sweep
@@ -221,6 +226,11 @@ if [ "$WHAT" = pending ]; then
     tail -16 "$LOGS/internode_bench_2x2.log" >> "$SUMMARY"
   fi
   [[ $STEPS == *" timeouts "* ]] && pending_test timeouts 150 -- tests/test_faults.py -k "timeout_cuda"
+  # copy_tests: the copy variants (Options.moe_copy unroll and bulk) against the reference at 1, 2,
+  # 3, 8 SMs and automatic, their fuzz included, 2 ranks (TORCH_EP_COPY_WORLD_SIZES).
+  [[ $STEPS == *" copy_tests "* ]] && pending_test copy_tests 300 TORCH_EP_TEST_WORLD_SIZES=2 \
+    TORCH_EP_COPY_WORLD_SIZES=${TORCH_EP_COPY_WORLD_SIZES:-2} -- tests/test_cuda_moe.py tests/test_fuzz.py \
+    -k "copy_variant"
   if [[ $STEPS == *" a2a_bench "* ]]; then
     for R in ${TORCH_EP_PENDING_BENCH_RANKS:-2}; do
       step "all_to_all benchmark, $R ranks (ep, ep_device, ep_graph, all_to_all_v)"

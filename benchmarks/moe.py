@@ -46,7 +46,8 @@ mode on the CPU). Same isolated and stream methods; time per layer call. Rank 0 
 moe_layer.md and moe_layer.json.
 
 --sm-sweep 1,2,4,8,16,24,32 runs instead the sweep over the SM budget (Options.num_sms) of
-benchmarks/moe_sm_sweep.py: moe_sm_sweep.{json,png} and the entry for torch_ep/data/sm_table.json.
+benchmarks/moe_sm_sweep.py: moe_sm_sweep.{json,png} and the entry for torch_ep/data/sm_table.json;
+--copy warp,bulk sweeps each budget with each copy variant (Options.moe_copy) in the same run.
 """
 from __future__ import annotations
 
@@ -217,12 +218,18 @@ def differences(what: str, got, expected) -> List[str]:
     return [] if got == expected else [f"{what} differs: {got} != {expected}"]
 
 
+def reference_results(inputs: Inputs, num_experts: int) -> Dict[str, object]:
+    """torch_ep.reference's dispatch bf16 and fp8 of `inputs`, what check_against_reference compares with."""
+    return {op: reference.dispatch(payload, inputs.topk_idx, inputs.topk_weights, num_experts=num_experts)
+            for op, payload in (("dispatch bf16", inputs.x), ("dispatch fp8", inputs.x_fp8))}
+
+
 def check_against_reference(ops: Dict[str, Callable[[], object]], inputs: Inputs, num_experts: int,
-                            sync_group) -> None:
-    """One call of each ep op against torch_ep.reference on the same inputs; raises on every rank
-    if any rank got a different result."""
-    expected = {op: reference.dispatch(payload, inputs.topk_idx, inputs.topk_weights, num_experts=num_experts)
-                for op, payload in (("dispatch bf16", inputs.x), ("dispatch fp8", inputs.x_fp8))}
+                            sync_group, expected: Optional[Dict[str, object]] = None) -> None:
+    """One call of each ep op against torch_ep.reference on the same inputs (`expected`: from
+    reference_results, computed here when not given); raises on every rank if any rank got a
+    different result."""
+    expected = expected or reference_results(inputs, num_experts)
     found = []
     for op, want in expected.items():
         for variant in (op, f"{op}, layout given"):
@@ -503,11 +510,17 @@ def parse_args() -> argparse.Namespace:
                         help="instead of the table: time dispatch and combine bf16 at each SM budget (Options.num_sms), "
                              "e.g. 1,2,4,8,16,24,32; writes moe_sm_sweep.{json,png} with the torch_ep/data/sm_table.json "
                              "entry (benchmarks/moe_sm_sweep.py)")
+    parser.add_argument("--copy", default=None, metavar="C,C,...",
+                        help="with --sm-sweep: the copy variants (Options.moe_copy: warp, unroll, bulk) each budget "
+                             "is measured with, e.g. warp,bulk (default warp)")
     args = parser.parse_args()
+    if args.copy is not None and args.sm_sweep is None:
+        parser.error("--copy goes with --sm-sweep")
     if args.sm_sweep is not None:
-        from benchmarks.moe_sm_sweep import parse_budgets
+        from benchmarks.moe_sm_sweep import parse_budgets, parse_copies
         try:
             args.sm_sweep = parse_budgets(args.sm_sweep)
+            args.copy = parse_copies(args.copy or "warp")
         except ValueError as e:
             parser.error(str(e))
         if args.impl != "ep" or args.api != "native" or args.layer != "no":

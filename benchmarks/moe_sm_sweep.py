@@ -1,32 +1,36 @@
 """MoE dispatch/combine bandwidth against the SM budget: `benchmarks/moe.py --sm-sweep 1,2,4,8,16,24,32`.
 
-    torchrun --nproc-per-node 2 benchmarks/moe.py --sm-sweep 1,2,4,8,16,24,32 --out /tmp/sweep
+    torchrun --nproc-per-node 2 benchmarks/moe.py --sm-sweep 1,2,4,8,16,24,32 --copy warp,bulk --out /tmp/sweep
 
-For each budget S, an "ep" group over every rank with torch_ep.Options(num_sms=S) runs dispatch
-bf16 and combine bf16 (moe.py's ops and bandwidth, on the first --tokens), checked against
-torch_ep.reference, then timed by moe.py's two methods: stream (--stream-calls back to back) and
-isolated (--runs, one call each after an L2 flush and a barrier). Rank 0 prints the table and
-writes to --out:
-  moe_sm_sweep.json  the bandwidths, and `sm_table_entry`: the entry for torch_ep/data/sm_table.json
-                     (per op the fewest SMs whose stream bandwidth reaches 95% of the sweep's best;
-                     add it to the table's "entries" by hand, see torch_ep/sm_table.py)
-  moe_sm_sweep.png   GB/s against SMs, one line per op and method
+For each budget S and copy variant C (--copy, default warp), an "ep" group over every rank with
+torch_ep.Options(num_sms=S, moe_copy=C) runs dispatch bf16, dispatch fp8 and combine bf16
+(moe.py's ops and bandwidth, on the first --tokens), checked against torch_ep.reference, then
+timed by moe.py's two methods: stream (--stream-calls back to back) and isolated (--runs, one
+call each after an L2 flush and a barrier). Rank 0 prints the table, then stream GB/s with a row
+per budget and a column per op and variant, and writes to --out:
+  moe_sm_sweep.json  the bandwidths, and `sm_table_entries`: per variant the entry for
+                     torch_ep/data/sm_table.json (per op the fewest SMs whose stream bandwidth
+                     reaches 95% of that variant's best; add it to the table's "entries" by hand,
+                     see torch_ep/sm_table.py); `sm_table_entry` is the first variant's
+  moe_sm_sweep.png   GB/s against SMs, one line per op, variant and method
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 import torch_ep
 from torch_ep import sm_table
+from torch_ep.options import MOE_COPIES
 
 from benchmarks import common
-from benchmarks.moe import Measurement, check_against_reference, make_inputs
+from benchmarks.moe import FP8_BLOCK, Measurement, check_against_reference, make_inputs, reference_results
 
 SWEPT = {"dispatch": "dispatch bf16", "combine": "combine bf16"}  # table op -> moe.py op
+OPS = ("dispatch bf16", "dispatch fp8", "combine bf16")  # timed at each budget
 
 
 def parse_budgets(text: str) -> List[int]:
@@ -40,18 +44,31 @@ def parse_budgets(text: str) -> List[int]:
     return budgets
 
 
-def measure_budget(sms: int, inputs, tokens: int, args, device: torch.device, sync_group) -> List[Measurement]:
-    """dispatch bf16 and combine bf16 on a group whose kernels may use `sms` SMs."""
-    group = dist.new_group(backend=torch_ep.BACKEND_NAME, pg_options=torch_ep.Options(num_sms=sms))
+def parse_copies(text: str) -> List[str]:
+    """'warp,bulk' -> ['warp', 'bulk']: distinct copy variants (Options.moe_copy), in the given order."""
+    copies = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    unknown = [c for c in copies if c not in MOE_COPIES]
+    if not copies or unknown:
+        raise ValueError(f"--copy {text!r}: expected variants among {', '.join(MOE_COPIES)} separated by commas")
+    return copies
+
+
+def measure_budget(sms: int, copy: str, inputs, expected, tokens: int, args, device: torch.device,
+                   sync_group) -> List[Measurement]:
+    """OPS on a group whose kernels may use `sms` SMs and move rows with `copy`."""
+    group = dist.new_group(backend=torch_ep.BACKEND_NAME, pg_options=torch_ep.Options(num_sms=sms, moe_copy=copy))
     x, idx, weights, E = inputs.x, inputs.topk_idx, inputs.topk_weights, args.experts
     first = torch_ep.dispatch(x, idx, weights, num_experts=E, group=group)
     ops = {
         "dispatch bf16": lambda: torch_ep.dispatch(x, idx, weights, num_experts=E, group=group),
+        "dispatch fp8": lambda: torch_ep.dispatch(inputs.x_fp8, idx, weights, num_experts=E, group=group),
         "combine bf16": lambda: torch_ep.combine(first.recv_x, first.handle, group=group),
     }
-    check_against_reference(ops, inputs, E, sync_group)
-    op_bytes = first.recv_x.shape[0] * args.hidden * x.element_size()  # combine: the dispatch it reverses
-    rank_bytes: List[Optional[int]] = [None] * dist.get_world_size()
+    check_against_reference(ops, inputs, E, sync_group, expected)
+    rows = first.recv_x.shape[0]  # combine: the bytes of the dispatch it reverses
+    op_bytes = {op: rows * (args.hidden + 4 * -(-args.hidden // FP8_BLOCK) if "fp8" in op else args.hidden * 2)
+                for op in OPS}
+    rank_bytes: List[Optional[Dict[str, int]]] = [None] * dist.get_world_size()
     dist.all_gather_object(rank_bytes, op_bytes, group=sync_group)
     flush = common.l2_flusher(device)
 
@@ -62,14 +79,15 @@ def measure_budget(sms: int, inputs, tokens: int, args, device: torch.device, sy
         dist.barrier(group=sync_group)
 
     measurements = []
+    label = f"ep sms={sms} copy={copy}"
     for op, fn in ops.items():
+        op_rank_bytes = [b[op] for b in rank_bytes]
         isolated = common.time_runs(fn, device=device, runs=args.runs, warmup=args.warmup, barrier=start_run)
-        measurements.append(Measurement(f"ep sms={sms}", op, tokens, rank_bytes,
-                                        common.slowest_rank(isolated, sync_group)))
+        measurements.append(Measurement(label, op, tokens, op_rank_bytes, common.slowest_rank(isolated, sync_group)))
         if args.stream_calls > 1:
             start_run()
             stream = common.time_stream(fn, device=device, calls=args.stream_calls)[1:]
-            measurements.append(Measurement(f"ep sms={sms}", op, tokens, rank_bytes,
+            measurements.append(Measurement(label, op, tokens, op_rank_bytes,
                                             common.slowest_rank(stream, sync_group), method="stream"))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -78,21 +96,40 @@ def measure_budget(sms: int, inputs, tokens: int, args, device: torch.device, sy
     return measurements
 
 
-def sweep_gbps(results: Dict[int, List[Measurement]], method: str) -> Dict[str, Dict[int, float]]:
-    """{table op: {sms: GB/s}} of one timing method."""
-    return {table_op: {sms: m.gbps for sms, ms in results.items() for m in ms if m.op == op and m.method == method}
+Results = Dict[Tuple[int, str], List[Measurement]]  # (sms, copy) -> measurements
+
+
+def sweep_gbps(results: Results, method: str, copy: str) -> Dict[str, Dict[int, float]]:
+    """{table op: {sms: GB/s}} of one timing method and copy variant."""
+    return {table_op: {sms: m.gbps for (sms, c), ms in results.items() if c == copy for m in ms
+                       if m.op == op and m.method == method}
             for table_op, op in SWEPT.items()}
+
+
+def pivot_table(results: Results, method: str, copies: List[str]) -> str:
+    """GB/s of `method`: a row per budget, a column per op and copy variant."""
+    by_key = {(sms, c, m.op): m for (sms, c), ms in results.items() for m in ms if m.method == method}
+    columns = [(op, c) for op in OPS for c in copies]
+    rows = [[sms] + [f"{by_key[(sms, c, op)].gbps:.1f}" if (sms, c, op) in by_key else "n/a" for op, c in columns]
+            for sms in sorted({sms for sms, _ in results})]
+    return common.markdown_table(["SMs"] + [f"{op} {c}" for op, c in columns], rows)
 
 
 def run(args, device: torch.device, sync_group) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     tokens = args.tokens[0]
+    copies = args.copy or ["warp"]
     inputs = make_inputs(common.shared_seed(sync_group), rank, world_size, tokens, args, device)
-    results = {}
+    expected = reference_results(inputs, args.experts)
+    results: Results = {}
     for sms in args.sm_sweep:
-        results[sms] = measure_budget(sms, inputs, tokens, args, device, sync_group)
-        if rank == 0:
-            print(f"measured {sms} SMs", flush=True)
+        for copy in copies:
+            results[(sms, copy)] = measure_budget(sms, copy, inputs, expected, tokens, args, device, sync_group)
+        if rank == 0:  # progress, and what a run cut short still tells
+            method = "stream" if args.stream_calls > 1 else "isolated"
+            gbps = {(c, m.op): m.gbps for c in copies for m in results[(sms, c)] if m.method == method}
+            print(f"{sms} SMs: " + " | ".join(op + "".join(f" {c} {gbps[(c, op)]:.1f}" for c in copies) for op in OPS)
+                  + f" GB/s ({method})", flush=True)
     ranks_per_gpu = common.ranks_per_gpu(device, sync_group) if device.type == "cuda" else 1
     if rank != 0:
         return
@@ -102,30 +139,36 @@ def run(args, device: torch.device, sync_group) -> None:
     shape = {"tokens": tokens, "hidden": args.hidden, "top_k": args.top_k, "experts": args.experts,
              "masked_ratio": args.masked_ratio}
     meta = common.run_metadata(device, device_name=device_name, ranks=world_size, ranks_per_gpu=ranks_per_gpu,
-                               sms=args.sm_sweep, runs=args.runs, warmup=args.warmup, stream_calls=args.stream_calls,
-                               checked="bit for bit against torch_ep.reference", **shape)
-    entry = sm_table.derive_entry(sweep_gbps(results, method), device=device_name, ranks=world_size,
-                                  ranks_per_gpu=ranks_per_gpu, measured={
-                                      "method": method, **shape, "date": meta["date"], "commit": meta["commit"]})
-    rows = [[sms, m.method, m.op, common.format_bytes(int(m.bytes_per_rank)), f"{m.time_s * 1e6:.1f}", f"{m.gbps:.2f}"]
-            for sms, ms in results.items() for m in sorted(ms, key=lambda m: (m.method, m.op))]
-    table = common.markdown_table(["SMs", "method", "op", "bytes/rank", "us", "GB/s"], rows)
-    chosen = ", ".join(f"{op} {entry[op]} SMs" for op in sm_table.OPS)
-    print(f"{table}\nsm_table entry ({method}, {sm_table.REACH:.0%} of the best): {chosen}", flush=True)
+                               sms=args.sm_sweep, copies=copies, runs=args.runs, warmup=args.warmup,
+                               stream_calls=args.stream_calls, checked="bit for bit against torch_ep.reference",
+                               **shape)
+    entries = [sm_table.derive_entry(sweep_gbps(results, method, copy), device=device_name, ranks=world_size,
+                                     ranks_per_gpu=ranks_per_gpu, copy=copy, measured={
+                                         "method": method, **shape, "date": meta["date"], "commit": meta["commit"]})
+               for copy in copies]
+    rows = [[sms, copy, m.method, m.op, common.format_bytes(int(m.bytes_per_rank)), f"{m.time_s * 1e6:.1f}",
+             f"{m.gbps:.2f}"]
+            for (sms, copy), ms in results.items() for m in sorted(ms, key=lambda m: (m.method, m.op))]
+    table = common.markdown_table(["SMs", "copy", "method", "op", "bytes/rank", "us", "GB/s"], rows)
+    chosen = "; ".join(f"{e['copy']}: " + ", ".join(f"{op} {e[op]} SMs" for op in sm_table.OPS) for e in entries)
+    print(f"{table}\n\n{method} GB/s per rank:\n{pivot_table(results, method, copies)}\n"
+          f"sm_table entries ({method}, {sm_table.REACH:.0%} of each variant's best): {chosen}", flush=True)
     if not args.out:
         return
     common.write_json(os.path.join(args.out, "moe_sm_sweep.json"), {
-        "benchmark": "moe dispatch/combine against the SM budget (Options.num_sms)",
+        "benchmark": "moe dispatch/combine against the SM budget (Options.num_sms) and copy variant (Options.moe_copy)",
         "meta": meta,
-        "results": [{"sms": sms, "op": m.op, "method": m.method, "tokens": m.tokens, "bytes_per_rank": m.bytes_per_rank,
-                     "time_us": m.time_s * 1e6, "GBps": m.gbps, "run_times_us": [t * 1e6 for t in m.run_times_s]}
-                    for sms, ms in results.items() for m in ms],
-        "sm_table_entry": entry,
+        "results": [{"sms": sms, "copy": copy, "op": m.op, "method": m.method, "tokens": m.tokens,
+                     "bytes_per_rank": m.bytes_per_rank, "time_us": m.time_s * 1e6, "GBps": m.gbps,
+                     "run_times_us": [t * 1e6 for t in m.run_times_s]}
+                    for (sms, copy), ms in results.items() for m in ms],
+        "sm_table_entry": entries[0],
+        "sm_table_entries": entries,
     })
     series = {}
-    for sms, ms in results.items():
+    for (sms, copy), ms in results.items():
         for m in ms:
-            xs, ys = series.setdefault(f"{m.op} ({m.method})", ([], []))
+            xs, ys = series.setdefault(f"{m.op} {copy} ({m.method})", ([], []))
             xs.append(sms)
             ys.append(m.gbps)
     written = common.write_plot(

@@ -4,6 +4,7 @@ The CPU tests' rank functions run here on CUDA tensors (same reference, same exa
 what only CUDA has: CUDA-graph capture with num_worst_tokens, an SM budget, memory that stays
 flat, and a peer that never comes raising instead of hanging.
 """
+import os
 import time
 from datetime import timedelta
 
@@ -163,3 +164,93 @@ def test_missing_peer_times_out(cuda_pool):
     for message, elapsed in results[:-1]:
         assert "dispatch" in message and "timed out" in message, message
         assert elapsed < 30
+
+
+# ----------------------------------------------------------------------------- copy variants
+# Options.moe_copy's kernels (TORCH_EP_MOE_COPY) at small SM budgets and the automatic one (0),
+# on the same checks: rows the bulk copies take (multiples of 16 bytes), rows that fall back to
+# the warp kernels (odd hidden sizes), fp8 with its scales, dispatch along a handle, combine with
+# weights, many tokens (the ring wraps many times), num_worst_tokens padding. Pools of
+# TORCH_EP_COPY_WORLD_SIZES ranks (default 2), so that the GPU suite's 1,2,4,8 do not multiply them.
+COPY_CASES = [("bulk", sms) for sms in (1, 2, 8, 0)] + [("unroll", sms) for sms in (1, 8, 0)]
+COPY_ROUTES = [
+    ("random", 7168, 8, 4, torch.bfloat16),   # 14 KiB rows: bulk, a row across two stages
+    ("random", 64, 4, 2, torch.float32),      # 256-byte rows: bulk, many rows a stage
+    ("random", 7, 4, 2, torch.bfloat16),      # 14-byte rows: warp kernels
+    ("random", 130, 9, 3, torch.float16),     # 260-byte rows: warp kernels
+    ("empty_rank", 256, 3, 2, torch.bfloat16),
+    ("unrouted", 24, 3, 2, torch.bfloat16),
+    ("one_expert", 16, 2, 2, torch.bfloat16),
+    ("repeated", 8, 3, 2, torch.float32),
+]
+
+
+def copy_world_sizes():
+    return [int(n) for n in os.environ.get("TORCH_EP_COPY_WORLD_SIZES", "2").split(",")]
+
+
+@pytest.fixture(params=[(n, copy, sms) for n in copy_world_sizes() for copy, sms in COPY_CASES],
+                ids=lambda v: f"{v[0]}ranks-{v[1]}-sms{v[2]}")
+def copy_pool(request):
+    world_size, copy, sms = request.param
+    return rank_pool(world_size, cuda=True, env={"TORCH_EP_MOE_COPY": copy, "TORCH_EP_NUM_SMS": str(sms)})
+
+
+def rank_worst_case_wide(seed):
+    """num_worst_tokens on rows the bulk copies take, bf16 then fp8 with scales: real rows first,
+    then padding rows routed nowhere (topk ids -1, weights 0), in outputs poisoned beforehand."""
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 256, 4, 2, torch.bfloat16, "cuda", max_tokens=90)
+    worst = 100 * dist.get_world_size()
+    scales = torch.rand(x.shape[0], 2, generator=g)
+    fp8 = (x.cpu().float().to(torch.float8_e4m3fn), scales)
+    for payload, sent in ((x.cpu(), x), (fp8, tuple(t.cuda() for t in fp8))):
+        expected = reference.dispatch(payload, idx.cpu(), w.cpu(), num_experts=num_experts)
+        checks._poison_cache("cuda", worst * 256 * 8)
+        got = torch_ep.dispatch(sent, idx, w, num_experts=num_experts, num_worst_tokens=worst)
+        m = expected.recv_topk_idx.shape[0]
+        if isinstance(payload, tuple):
+            assert same_bits(got.recv_x[0][:m].cpu(), expected.recv_x[0]), "fp8 recv_x differs"
+            assert same_bits(got.recv_x[1][:m].cpu(), expected.recv_x[1]), "fp8 scales differ"
+        else:
+            assert same_bits(got.recv_x[:m].cpu(), expected.recv_x), "recv_x differs"
+        assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx)
+        assert torch.equal(got.recv_topk_weights[:m].cpu(), expected.recv_topk_weights)
+        assert bool((got.recv_topk_idx[m:] == -1).all()) and bool((got.recv_topk_weights[m:] == 0).all())
+        if not isinstance(payload, tuple):
+            comb = torch_ep.combine(got.recv_x, got.handle)
+            assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
+        dist.barrier()
+
+
+def rank_copy_variant(seed):
+    for i, case in enumerate(COPY_ROUTES):
+        checks.rank_dispatch_combine(seed + i, *case, device="cuda")
+    checks.rank_many_tokens(seed, device="cuda")
+    rank_worst_case_wide(seed)
+    checks.rank_dispatch_combine(seed, "random", 12, 3, 3, torch.bfloat16, alignment=4, device="cuda")
+
+
+def test_copy_variant(copy_pool):
+    """Every check above on a pool whose default group runs TORCH_EP_MOE_COPY's kernels with
+    TORCH_EP_NUM_SMS blocks, against torch_ep.reference bit for bit."""
+    copy_pool.run(rank_copy_variant, _seed())
+
+
+def rank_copy_options(copy):
+    group = dist.new_group(pg_options=torch_ep.Options(moe_copy=copy, num_sms=3))
+    num_experts, g, x, idx, w = checks.make_inputs(_seed_for(0) + dist.get_rank(), "random", 512, 4, 2,
+                                                   torch.bfloat16, "cuda", max_tokens=200)
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    got = torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group)
+    checks.check_result(got, expected)
+    comb = torch_ep.combine(got.recv_x, got.handle, got.recv_topk_weights, group=group)
+    ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
+    assert same_bits(comb.combined_x.cpu(), ref.combined_x)
+    assert torch.equal(comb.combined_topk_weights.cpu(), ref.combined_topk_weights)
+    dist.destroy_process_group(group)
+
+
+@pytest.mark.parametrize("copy", ["bulk", "unroll"])
+def test_copy_variant_through_options(cuda_pool, copy):
+    """Options(moe_copy=...) on a new group, beside the default group's warp kernels."""
+    cuda_pool.run(rank_copy_options, copy)

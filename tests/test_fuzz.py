@@ -313,3 +313,14 @@ def test_fuzz_dispatch_combine_cuda(cuda_pool):
     seed = _seed()
     print(f"TORCH_EP_FUZZ_SEED={seed}")
     cuda_pool.run(rank_fuzz_moe, seed, _cases(60), device="cuda")
+
+
+@cuda
+@pytest.mark.parametrize("copy,sms", [("bulk", 1), ("bulk", 3), ("unroll", 2)])
+def test_fuzz_dispatch_combine_cuda_copy_variants(copy, sms):
+    """The CUDA dispatch/combine fuzz on the copy variants (TORCH_EP_MOE_COPY) with few SMs: their
+    own kernels where rows are multiples of 16 bytes, the warp kernels' fallback elsewhere."""
+    pool = rank_pool(cuda_world_sizes()[0], cuda=True, env={"TORCH_EP_MOE_COPY": copy, "TORCH_EP_NUM_SMS": str(sms)})
+    seed = _seed()
+    print(f"TORCH_EP_FUZZ_SEED={seed} (TORCH_EP_MOE_COPY={copy}, TORCH_EP_NUM_SMS={sms})")
+    pool.run(rank_fuzz_moe, seed, _cases(40), device="cuda")

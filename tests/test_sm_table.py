@@ -109,3 +109,49 @@ def test_parse_budgets():
     assert parse_budgets("8,1,2,8") == [1, 2, 8]
     with pytest.raises(ValueError, match="separated by commas"):
         parse_budgets("1;2")
+
+
+def test_entries_per_copy_variant(monkeypatch):
+    """Entries name their copy variant (Options.moe_copy); one without a name is warp's."""
+    bulk = {**entry(copy="bulk"), "dispatch": 4, "combine": 2}
+    legacy = {k: v for k, v in entry().items() if k != "copy"}
+    table = {"entries": [legacy, bulk]}
+    assert entry()["copy"] == "warp"
+    assert sm_table.lookup("NVIDIA H200", 2, 1, table) == {"dispatch": 24, "combine": 8}
+    assert sm_table.lookup("NVIDIA H200", 2, 1, table, copy="bulk") == {"dispatch": 4, "combine": 2}
+    assert sm_table.lookup("NVIDIA H200", 2, 1, table, copy="unroll") is None
+    monkeypatch.delenv("TORCH_EP_NUM_SMS", raising=False)
+    config = torch_ep.Options(moe_copy="bulk")._to_config(timedelta(seconds=60))
+    sm_table.apply(config, 0, "NVIDIA H200", 2, 1, table, copy="bulk")
+    assert (config.moe_copy, config.auto_sms_dispatch, config.auto_sms_combine) == (2, 4, 2)
+
+
+def test_moe_copy_option(monkeypatch):
+    monkeypatch.delenv("TORCH_EP_MOE_COPY", raising=False)
+    assert torch_ep.Options().moe_copy == "warp"
+    assert torch_ep.Options()._to_config(timedelta(seconds=60)).moe_copy == 0
+    monkeypatch.setenv("TORCH_EP_MOE_COPY", "bulk")
+    assert torch_ep.Options().moe_copy == "bulk"
+    assert torch_ep.Options(moe_copy="unroll")._to_config(timedelta(seconds=60)).moe_copy == 1
+    monkeypatch.setenv("TORCH_EP_MOE_COPY", "tma")
+    with pytest.raises(ValueError, match="TORCH_EP_MOE_COPY"):
+        torch_ep.Options()
+
+
+def test_readme_lists_every_environment_variable():
+    """The README's environment table and torch_ep.options.ENVIRONMENT name the same variables."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(TORCH_EP_[A-Z0-9_]+)` \|", readme, flags=re.M))
+    assert listed == set(torch_ep.options.ENVIRONMENT)
+
+
+def test_parse_copies():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.moe_sm_sweep import parse_copies
+    finally:
+        sys.path.remove(str(ROOT))
+    assert parse_copies("warp,bulk,warp") == ["warp", "bulk"]
+    with pytest.raises(ValueError, match="expected variants"):
+        parse_copies("warp,tma")

@@ -46,7 +46,8 @@ def create_backend(dist_opts, pg_options) -> _C.ProcessGroupEP:
     cuda_backend = None
     if torch.cuda.is_available():
         ranks_per_gpu = _ranks_per_gpu(store, rank, size)
-        sm_table.apply(config, options.num_sms, torch.cuda.get_device_name(), size, ranks_per_gpu)
+        sm_table.apply(config, options.num_sms, torch.cuda.get_device_name(), size, ranks_per_gpu,
+                       copy=options.moe_copy)
         if ranks_per_gpu > 1 or not dist.is_nccl_available():
             cuda_backend = cpu_backend  # Gloo moves CUDA tensors through the host
         else:

@@ -24,6 +24,9 @@ ENVIRONMENT = {
                                 "the first comm_pool call on a group; tensors of the pool must fit in it",
     "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default 0, automatic: CUDA dispatch/combine take "
                         "torch_ep/data/sm_table.json's budget for the GPU and group, else every SM; all_to_all one per peer)",
+    "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: warp (default; a warp per row, 16-byte "
+                         "loads), unroll (the same with four times the loads in flight) or bulk (Hopper bulk "
+                         "async copies through a shared-memory ring: many bytes in flight per SM, for few SMs)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
     "TORCH_EP_ALL_TO_ALL_V_DEVICE": "0 makes CUDA all_to_all_v read its splits on the host (one wait, not capturable) "
@@ -61,6 +64,9 @@ def _env_timeout() -> Optional[timedelta]:
         raise ValueError(f"TORCH_EP_TIMEOUT_S={value!r}: expected seconds") from None
 
 
+MOE_COPIES = ("warp", "unroll", "bulk")  # Options.moe_copy's values, in the order of kernels::MoeCopy
+
+
 def _default(name: str, fallback):
     return lambda: (lambda v: fallback if v is None else v)(_env_int(name))
 
@@ -83,6 +89,7 @@ class Options:
     comm_pool_bytes: int = field(default_factory=_default("TORCH_EP_COMM_POOL_BYTES", 1 << 30))
     num_sms: int = field(default_factory=_default("TORCH_EP_NUM_SMS", 0))
     ranks_per_node: int = field(default_factory=_default("TORCH_EP_RANKS_PER_NODE", 0))
+    moe_copy: str = field(default_factory=lambda: os.environ.get("TORCH_EP_MOE_COPY") or "warp")
     blocking_wait: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_BLOCKING_WAIT")))
     force_remote: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_FORCE_REMOTE")))
     all_to_all_v_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_V_DEVICE") != 0)
@@ -107,6 +114,9 @@ class Options:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"Options.{name}={getattr(self, name)}: expected >= {minimum.get(name, 0)}")
+        if self.moe_copy not in MOE_COPIES:
+            raise ValueError(f"Options.moe_copy={self.moe_copy!r} (TORCH_EP_MOE_COPY): expected one of "
+                             f"{', '.join(MOE_COPIES)}")
         if self.timeout is not None and self.timeout.total_seconds() <= 0:
             raise ValueError(f"Options.timeout={self.timeout}: expected a positive duration")
 
@@ -121,6 +131,7 @@ class Options:
         config.comm_pool_bytes = self.comm_pool_bytes
         config.num_sms = self.num_sms
         config.ranks_per_node = self.ranks_per_node
+        config.moe_copy = MOE_COPIES.index(self.moe_copy)
         config.blocking_wait = self.blocking_wait
         config.force_remote = self.force_remote
         config.all_to_all_v_device = self.all_to_all_v_device

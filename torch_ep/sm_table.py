@@ -2,12 +2,13 @@
 
 torch_ep/data/sm_table.json lists entries, each written by ``benchmarks/moe.py --sm-sweep``::
 
-    {"device": "NVIDIA H200", "ranks": 8, "ranks_per_gpu": 1,
+    {"device": "NVIDIA H200", "ranks": 8, "ranks_per_gpu": 1, "copy": "bulk",
      "dispatch": 24, "combine": 16, "measured": {...the sweep's shape, date and commit...}}
 
 `dispatch` and `combine` are the fewest SMs whose bandwidth reached `reach` (95%) of the best the
 sweep measured. An "ep" group whose Options.num_sms is 0 (automatic) takes the entry of its GPU
-model (torch.cuda.get_device_name), size and ranks per GPU; with none, its kernels use every SM.
+model (torch.cuda.get_device_name), size, ranks per GPU and copy variant (Options.moe_copy; an
+entry without "copy" is the default "warp"'s); with none, its kernels use every SM.
 The budgets bound the intranode kernels' grid; groups across nodes keep their own.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Dict, Mapping, Optional
 TABLE_PATH = Path(__file__).resolve().parent / "data" / "sm_table.json"
 OPS = ("dispatch", "combine")
 REACH = 0.95  # share of the sweep's best bandwidth that the chosen budget must reach
+DEFAULT_COPY = "warp"  # Options.moe_copy of entries that name none
 
 
 def fewest_sms(gbps_by_sms: Mapping[int, float], reach: float = REACH) -> int:
@@ -30,12 +32,13 @@ def fewest_sms(gbps_by_sms: Mapping[int, float], reach: float = REACH) -> int:
 
 
 def derive_entry(gbps: Mapping[str, Mapping[int, float]], *, device: str, ranks: int, ranks_per_gpu: int,
-                 reach: float = REACH, measured: Optional[Dict[str, object]] = None) -> Dict[str, object]:
-    """A table entry from a sweep: `gbps` is {op: {sms: GB/s}} for each op of OPS."""
+                 reach: float = REACH, measured: Optional[Dict[str, object]] = None,
+                 copy: str = DEFAULT_COPY) -> Dict[str, object]:
+    """A table entry from a sweep of one copy variant: `gbps` is {op: {sms: GB/s}} for each op of OPS."""
     missing = [op for op in OPS if not gbps.get(op)]
     if missing:
         raise ValueError(f"derive_entry: the sweep has no {' or '.join(missing)} bandwidth")
-    entry: Dict[str, object] = {"device": device, "ranks": ranks, "ranks_per_gpu": ranks_per_gpu}
+    entry: Dict[str, object] = {"device": device, "ranks": ranks, "ranks_per_gpu": ranks_per_gpu, "copy": copy}
     entry.update({op: fewest_sms(gbps[op], reach) for op in OPS})
     entry["measured"] = {"reach": reach, **(measured or {}),
                          "GBps": {op: {str(s): g for s, g in sorted(gbps[op].items())} for op in OPS}}
@@ -47,22 +50,24 @@ def load(path: Optional[Path] = None) -> Dict[str, object]:
         return json.load(f)
 
 
-def lookup(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Mapping[str, object]] = None
-           ) -> Optional[Dict[str, int]]:
-    """{"dispatch": sms, "combine": sms} of the table's entry for this GPU model and group, or None."""
+def lookup(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Mapping[str, object]] = None,
+           copy: str = DEFAULT_COPY) -> Optional[Dict[str, int]]:
+    """{"dispatch": sms, "combine": sms} of the table's entry for this GPU model, group and copy
+    variant, or None."""
     table = load() if table is None else table
     for entry in table.get("entries", []):
-        if (entry.get("device"), entry.get("ranks"), entry.get("ranks_per_gpu")) == (device, ranks, ranks_per_gpu):
+        key = (entry.get("device"), entry.get("ranks"), entry.get("ranks_per_gpu"), entry.get("copy", DEFAULT_COPY))
+        if key == (device, ranks, ranks_per_gpu, copy):
             return {op: int(entry[op]) for op in OPS}
     return None
 
 
 def apply(config, options_num_sms: int, device: str, ranks: int, ranks_per_gpu: int,
-          table: Optional[Mapping[str, object]] = None) -> None:
+          table: Optional[Mapping[str, object]] = None, copy: str = DEFAULT_COPY) -> None:
     """Sets config.auto_sms_{dispatch,combine} from the table where Options.num_sms is 0; an
     explicit num_sms (Options or TORCH_EP_NUM_SMS) overrides the table and leaves them at 0."""
     if options_num_sms > 0:
         return
-    budgets = lookup(device, ranks, ranks_per_gpu, table)
+    budgets = lookup(device, ranks, ranks_per_gpu, table, copy)
     if budgets:
         config.auto_sms_dispatch, config.auto_sms_combine = budgets["dispatch"], budgets["combine"]

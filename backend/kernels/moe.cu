@@ -4,13 +4,14 @@
 #include <climits>
 
 #include "backend/kernels/moe.cuh"
+#include "backend/kernels/moe_bulk.cuh"
+#include "backend/kernels/moe_device.cuh"
 #include "backend/kernels/sync.cuh"
 
 namespace ep::kernels {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;  // combine: row chunks per lane in flight
 
 // ------------------------------------------------------------------------------------ layout
 
@@ -118,95 +119,41 @@ __global__ void signal_kernel(SignalParams p) {
   if (p.to_wait[peer] && !take_flag(p.to_wait[peer], deadline)) atomicExch(p.error, 1 + peer);
 }
 
-// Before a pull kernel reads any peer: block 0 says this rank's inputs are ready, and every
-// block waits (without clearing) for the peers' word.
-__device__ void handshake_begin(const Handshake& h, int num_ranks) {
-  const int peer = threadIdx.x;
-  if (peer < num_ranks) {
-    if (blockIdx.x == 0 && h.ready_to_set[peer]) {
-      __threadfence_system();
-      store_release(h.ready_to_set[peer], 1);
-    }
-    if (h.ready_to_wait[peer]) {
-      const uint64_t deadline = now_ns() + h.timeout_ns;
-      while (load_acquire(h.ready_to_wait[peer]) == 0) {
-        if (now_ns() > deadline) {
-          atomicExch(h.error, 1 + peer);
-          break;
-        }
-        __nanosleep(100);
-      }
-    }
-  }
-  __syncthreads();
-}
-
-// After a block's last read of a peer. The last block of the grid clears the ready flags it
-// waited on (before its done flag lets a peer's next call set them again), says done, and
-// waits until every peer is done reading this rank's inputs.
-__device__ void handshake_end(const Handshake& h, int num_ranks) {
-  __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(h.blocks_finished, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  const int peer = threadIdx.x;
-  if (peer < num_ranks) {
-    if (h.ready_to_wait[peer]) *h.ready_to_wait[peer] = 0;
-    if (h.done_to_set[peer]) {
-      __threadfence_system();
-      store_release(h.done_to_set[peer], 1);
-    }
-    if (h.done_to_wait[peer] && !take_flag(h.done_to_wait[peer], now_ns() + h.timeout_ns))
-      atomicExch(h.error, 1 + peer);
-  }
-  if (threadIdx.x == 0) *h.blocks_finished = 0;
-}
-
 // ------------------------------------------------------------------------------------ dispatch
 
-// A warp copies `bytes` in units of V, four loads in flight per lane.
-template <typename V>
+// A warp copies `bytes` in units of V, kDepth loads in flight per lane (the last round guarded).
+template <typename V, int kDepth>
 __device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t bytes, int lane) {
   const int64_t n = bytes / int64_t(sizeof(V));
   V* d = reinterpret_cast<V*>(dst);
   const V* s = reinterpret_cast<const V*>(src);
   int64_t i = lane;
-  for (; i + 96 < n; i += 128) {
-    const V a = s[i], b = s[i + 32], c = s[i + 64], e = s[i + 96];
-    d[i] = a, d[i + 32] = b, d[i + 64] = c, d[i + 96] = e;
+  for (; i + 32 * (kDepth - 1) < n; i += 32 * kDepth) {
+    V v[kDepth];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) v[u] = s[i + 32 * u];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) d[i + 32 * u] = v[u];
   }
-  for (; i < n; i += 32) d[i] = s[i];
+  if (i < n) {
+    V v[kDepth];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u)
+      if (i + 32 * u < n) v[u] = s[i + 32 * u];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u)
+      if (i + 32 * u < n) d[i + 32 * u] = v[u];
+  }
 }
 
-template <typename V>
+// kDepth: loads in flight per lane (MoeCopy kWarp 4, kUnroll 16).
+template <typename V, int kDepth>
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
   __shared__ int64_t first_row[kMaxRanksPerNode + 1];  // where each source's rows start here
   const int R = p.num_ranks;
   const int lane = threadIdx.x & 31;
   handshake_begin(p.handshake, R);
-  if (threadIdx.x == 0) {
-    int64_t at = 0;
-    for (int s = 0; s < R; ++s) {
-      first_row[s] = at;
-      at += p.src[s].meta[MetaLayout::tokens_per_rank() + p.rank];
-    }
-    first_row[R] = at;
-  }
-  __syncthreads();
-  const int64_t received = first_row[R];
-  if (received > p.capacity && blockIdx.x == 0 && threadIdx.x == 0 &&
-      atomicCAS(&p.overflow->state, 0, 1) == 0) {  // the first overflow since the host took the last one
-    p.overflow->call_id = p.call_id;
-    p.overflow->received = received;
-    p.overflow->capacity = p.capacity;
-    __threadfence_system();
-    atomicExch(&p.overflow->state, 2);
-  }
-  const int64_t rows = received < p.capacity ? received : p.capacity;
+  const int64_t rows = dispatch_rows(p, first_row);
   const int64_t per_rank = p.num_experts / R, lo = p.rank * per_rank, hi = lo + per_rank;
 
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
@@ -223,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
     const DispatchSource src = p.src[s];
     const MetaLayout theirs{R, p.num_experts, src.num_tokens};
     const int64_t t = src.meta[theirs.send_tokens() + p.rank * src.num_tokens + (row - first_row[s])];
-    warp_copy<V>(p.recv_x + row * p.row_bytes, src.x + t * p.row_bytes, p.row_bytes, lane);
+    warp_copy<V, kDepth>(p.recv_x + row * p.row_bytes, src.x + t * p.row_bytes, p.row_bytes, lane);
     for (int i = lane; i < p.num_scales; i += 32)
       p.recv_x_scales[row * p.num_scales + i] = src.x_scales[t * p.num_scales + i];
     if (src.topk_idx) {
@@ -241,32 +188,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
 
 // ------------------------------------------------------------------------------------ combine
 
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float(float v) { return v; }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16(v); }
-template <>
-__device__ __forceinline__ __half from_float(float v) { return __float2half(v); }
-template <>
-__device__ __forceinline__ float from_float(float v) { return v; }
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
 // A warp per token: lane d holds where the token's row sits in rank d's input, and the warp
-// sums those rows (ascending rank: the result does not depend on timing), V elements a lane.
-template <typename T, int V>
+// sums those rows (ascending rank: the result does not depend on timing), V elements a lane,
+// kUnroll chunks of the row per lane at once (MoeCopy kWarp 4, kUnroll 8).
+template <typename T, int V, int kUnroll>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
   __shared__ int64_t rows_of_warp[kWarps][kMaxRanksPerNode];
   __shared__ int64_t first_row_at[kMaxRanksPerNode];  // where this rank's rows start on rank d
@@ -293,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     }
     __syncwarp();
     const unsigned sources = __ballot_sync(0xffffffffu, row >= 0);
-    // Four chunks of the row per lane at once: four loads in flight from each source.
+    // kUnroll chunks of the row per lane at once: kUnroll loads in flight from each source.
     const int64_t chunks = p.hidden / V;
     for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
       float acc[kUnroll][V];
@@ -345,7 +270,7 @@ int grid_for(int num_blocks, int64_t warps_of_work) {
   return int(wanted < 1 ? 1 : (wanted < num_blocks ? wanted : num_blocks));
 }
 
-template <typename T>
+template <typename T, int kUnroll>
 cudaError_t launch_combine_as(const CombineParams& p, cudaStream_t stream) {
   // V elements per access: 16 bytes where the hidden size and every input allow it.
   constexpr int kVector = 16 / sizeof(T);
@@ -353,9 +278,27 @@ cudaError_t launch_combine_as(const CombineParams& p, cudaStream_t stream) {
   for (int d = 0; d < p.num_ranks; ++d) wide = wide && (!p.x[d] || aligned(p.x[d], 16));
   const int grid = grid_for(p.num_blocks, p.num_tokens);
   if (wide)
-    combine_kernel<T, kVector><<<grid, kThreads, 0, stream>>>(p);
+    combine_kernel<T, kVector, kUnroll><<<grid, kThreads, 0, stream>>>(p);
   else
-    combine_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+    combine_kernel<T, 1, kUnroll><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_combine_as(const CombineParams& p, cudaStream_t stream) {
+  return p.copy == MoeCopy::kUnroll ? launch_combine_as<T, 8>(p, stream) : launch_combine_as<T, 4>(p, stream);
+}
+
+template <int kDepth>
+cudaError_t launch_dispatch_warps(const DispatchParams& p, int vec, cudaStream_t stream) {
+  const int grid = grid_for(p.num_blocks, p.capacity);
+  switch (vec) {
+    case 16: dispatch_kernel<int4, kDepth><<<grid, kThreads, 0, stream>>>(p); break;
+    case 8: dispatch_kernel<int2, kDepth><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: dispatch_kernel<int, kDepth><<<grid, kThreads, 0, stream>>>(p); break;
+    case 2: dispatch_kernel<short, kDepth><<<grid, kThreads, 0, stream>>>(p); break;
+    default: dispatch_kernel<char, kDepth><<<grid, kThreads, 0, stream>>>(p); break;
+  }
   return cudaGetLastError();
 }
 
@@ -389,19 +332,19 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
     for (int s = 0; s < p.num_ranks; ++s) ok = ok && fits(p.src[s].x);
     if (ok || vec == 1) break;
   }
-  const int grid = grid_for(p.num_blocks, p.capacity);
-  switch (vec) {
-    case 16: dispatch_kernel<int4><<<grid, kThreads, 0, stream>>>(p); break;
-    case 8: dispatch_kernel<int2><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: dispatch_kernel<int><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: dispatch_kernel<short><<<grid, kThreads, 0, stream>>>(p); break;
-    default: dispatch_kernel<char><<<grid, kThreads, 0, stream>>>(p); break;
+  if (p.copy == MoeCopy::kBulk && vec == 16) {  // bulk copies need 16-byte rows and addresses
+    const cudaError_t err = launch_dispatch_bulk(p, stream);
+    if (err != cudaErrorNotSupported) return err;  // else no sm_90: warps
   }
-  return cudaGetLastError();
+  return p.copy == MoeCopy::kUnroll ? launch_dispatch_warps<16>(p, vec, stream) : launch_dispatch_warps<4>(p, vec, stream);
 }
 
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
   if (p.num_ranks < 1 || p.num_ranks > kMaxRanksPerNode || p.num_blocks < 1) return cudaErrorInvalidValue;
+  if (p.copy == MoeCopy::kBulk) {
+    const cudaError_t err = launch_combine_bulk(p, stream);
+    if (err != cudaErrorNotSupported) return err;  // else the rows do not suit bulk copies: warps
+  }
   switch (p.dtype) {
     case DType::kBFloat16: return launch_combine_as<__nv_bfloat16>(p, stream);
     case DType::kFloat16: return launch_combine_as<__half>(p, stream);

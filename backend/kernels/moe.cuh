@@ -58,6 +58,17 @@ struct Handshake {
   int* error;  // host-mapped: 1 + the rank a wait timed out on
 };
 
+// ---- how dispatch and combine move the rows (Options.moe_copy), all pulling the same bytes:
+//   kWarp    a warp per row (dispatch) or token (combine), 16-byte loads, four per lane in flight:
+//            enough with many SMs, too few bytes in flight per SM when the grid is small
+//   kUnroll  the same kernels with sixteen loads per lane in flight (dispatch) and twice the chunks
+//            of a row per lane (combine): fewer round trips to memory per row
+//   kBulk    Hopper bulk async copies (cp.async.bulk, TMA) through a ring of shared-memory stages
+//            per block, one thread issuing: ~128 KiB in flight per SM whatever the grid (moe_bulk.cu).
+//            Needs sm_90 and rows of a multiple of 16 bytes at 16-byte aligned addresses; anything
+//            else runs kWarp.
+enum class MoeCopy : int { kWarp = 0, kUnroll = 1, kBulk = 2 };
+
 // ---- dispatch: pull the rows every source rank sends to this rank
 // A dispatch whose rank received more rows than its outputs hold (num_worst_tokens), as its
 // kernel reports it in host-mapped memory. The first one is kept until the host takes it
@@ -91,6 +102,7 @@ struct DispatchParams {
   float* recv_topk_weights;
   int64_t capacity;          // rows of the outputs; rows past those received are padding
   int num_blocks;            // the SM budget
+  MoeCopy copy;
   int64_t call_id;           // for the overflow report
   DispatchOverflow* overflow;  // host-mapped: where more rows arriving than `capacity` is reported
   Handshake handshake;
@@ -116,6 +128,7 @@ struct CombineParams {
   char* out;          // [N, H], dtype
   float* out_weights; // [N, K], or null
   int num_blocks;
+  MoeCopy copy;
   Handshake handshake;
 };
 cudaError_t launch_combine(const CombineParams& params, cudaStream_t stream);

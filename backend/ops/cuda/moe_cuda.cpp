@@ -285,6 +285,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.recv_topk_weights = a.topk_weights ? o.recv_topk_weights.data_ptr<float>() : nullptr;
     p.capacity = capacity;
     p.num_blocks = num_blocks(group, device, group.config().auto_sms_dispatch);
+    p.copy = kernels::MoeCopy(group.config().moe_copy);
     p.call_id = int64_t(call_id);
     p.overflow = transport->dispatch_overflow();
 
@@ -350,6 +351,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     p.out = static_cast<char*>(o.combined_x.data_ptr());
     p.out_weights = a.topk_weights ? o.combined_topk_weights.data_ptr<float>() : nullptr;
     p.num_blocks = num_blocks(group, device, group.config().auto_sms_combine);
+    p.copy = kernels::MoeCopy(group.config().moe_copy);
 
     p.handshake = handshake(*transport, /*with_ready=*/true);
 

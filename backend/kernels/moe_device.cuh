@@ -1,0 +1,110 @@
+// Device code shared by the MoE pull kernels (moe.cu, moe_bulk.cu): the flag handshake around a
+// pull, and the payload element types combine sums.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "backend/kernels/moe.cuh"
+#include "backend/kernels/sync.cuh"
+
+namespace ep::kernels {
+
+// Before a pull kernel reads any peer: block 0 says this rank's inputs are ready, and every
+// block waits (without clearing) for the peers' word.
+__device__ inline void handshake_begin(const Handshake& h, int num_ranks) {
+  const int peer = threadIdx.x;
+  if (peer < num_ranks) {
+    if (blockIdx.x == 0 && h.ready_to_set[peer]) {
+      __threadfence_system();
+      store_release(h.ready_to_set[peer], 1);
+    }
+    if (h.ready_to_wait[peer]) {
+      const uint64_t deadline = now_ns() + h.timeout_ns;
+      while (load_acquire(h.ready_to_wait[peer]) == 0) {
+        if (now_ns() > deadline) {
+          atomicExch(h.error, 1 + peer);
+          break;
+        }
+        __nanosleep(100);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// After a block's last read of a peer. The last block of the grid clears the ready flags it
+// waited on (before its done flag lets a peer's next call set them again), says done, and
+// waits until every peer is done reading this rank's inputs.
+__device__ inline void handshake_end(const Handshake& h, int num_ranks) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(h.blocks_finished, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  const int peer = threadIdx.x;
+  if (peer < num_ranks) {
+    if (h.ready_to_wait[peer]) *h.ready_to_wait[peer] = 0;
+    if (h.done_to_set[peer]) {
+      __threadfence_system();
+      store_release(h.done_to_set[peer], 1);
+    }
+    if (h.done_to_wait[peer] && !take_flag(h.done_to_wait[peer], now_ns() + h.timeout_ns))
+      atomicExch(h.error, 1 + peer);
+  }
+  if (threadIdx.x == 0) *h.blocks_finished = 0;
+}
+
+// Where each source's rows start among this rank's received rows (first_row[R]: rows received),
+// and the overflow report of a dispatch that received more than its outputs hold (block 0).
+// Every thread of the block calls it; it returns the rows to copy (at most capacity).
+__device__ inline int64_t dispatch_rows(const DispatchParams& p, int64_t* first_row) {
+  const int R = p.num_ranks;
+  if (threadIdx.x == 0) {
+    int64_t at = 0;
+    for (int s = 0; s < R; ++s) {
+      first_row[s] = at;
+      at += p.src[s].meta[MetaLayout::tokens_per_rank() + p.rank];
+    }
+    first_row[R] = at;
+  }
+  __syncthreads();
+  const int64_t received = first_row[R];
+  if (received > p.capacity && blockIdx.x == 0 && threadIdx.x == 0 &&
+      atomicCAS(&p.overflow->state, 0, 1) == 0) {  // the first overflow since the host took the last one
+    p.overflow->call_id = p.call_id;
+    p.overflow->received = received;
+    p.overflow->capacity = p.capacity;
+    __threadfence_system();
+    atomicExch(&p.overflow->state, 2);
+  }
+  return received < p.capacity ? received : p.capacity;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float(float v) { return v; }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16(v); }
+template <>
+__device__ __forceinline__ __half from_float(float v) { return __float2half(v); }
+template <>
+__device__ __forceinline__ float from_float(float v) { return v; }
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+}  // namespace ep::kernels
