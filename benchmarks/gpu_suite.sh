@@ -27,7 +27,7 @@
 #     compile tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
 #     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
 #     (tools/moe_profile.py, 2 ranks), copy_tests (the MoE copy variants' GPU tests, 2 ranks),
-#     compile (the compile mode) and sm_sweep (the sm-sweep mode); default "deep_ep compile". A short
+#     compile (the compile mode) and sm_sweep (the sm-sweep mode); default "deep_ep_bench deep_ep_overhead copy_tests sm_sweep". A short
 #     TORCH_EP_TIMEOUT_S makes a hang fail fast
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
@@ -186,7 +186,7 @@ if [ "$WHAT" = pending ]; then
   # benchmark against the host route and the intranode route), timeouts (the CUDA timeout fault
   # tests), a2a_bench (the all_to_all benchmark, with the pool row); then compile (the compile
   # mode's checks) and sm_sweep (the sm-sweep mode).
-  STEPS=" ${TORCH_EP_PENDING_STEPS:-deep_ep compile} "
+  STEPS=" ${TORCH_EP_PENDING_STEPS:-deep_ep_bench deep_ep_overhead copy_tests sm_sweep} "
   [[ $STEPS == *" internode "* ]] && pending_test internode_device 110 NVSHMEM_SYMMETRIC_SIZE=3G \
     TORCH_EP_INTERNODE_TOPOLOGIES=2x2 TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py
   [[ $STEPS == *" pool "* ]] && pending_test pool 110 TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- \
