@@ -21,14 +21,15 @@
 #     (TORCH_EP_DEEP_EP_WORLD_SIZES, TORCH_EP_DEEP_EP_BENCH_RANKS; default 2 ranks)
 #     pending: what was built but has not passed on a GPU yet, most valuable first, each step
 #     bounded; TORCH_EP_PENDING_STEPS picks among internode (the device route's tests at 2x2),
-#     pool (comm_pool's tests, on its branch), deep_ep (tests, example, both-API benchmark),
-#     (TORCH_EP_POOL_TESTS picks the files), deep_ep_tests (its GPU tests alone),
-#     internode_bench, timeouts, a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS), compile_tests (the
-#     compile tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
+#     pool (comm_pool's tests with the all_to_all and all_to_all_v ones; TORCH_EP_POOL_TESTS picks
+#     the files, TORCH_EP_POOL_WORLD_SIZES the ranks), deep_ep_tests (torch_ep.deep_ep's GPU
+#     tests), deep_ep (those, its example and the both-API benchmark), compile_tests (the compile
+#     tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
 #     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
-#     (tools/moe_profile.py, 2 ranks), copy_tests (the MoE copy variants' GPU tests, 2 ranks),
-#     compile (the compile mode) and sm_sweep (the sm-sweep mode); default "deep_ep_bench deep_ep_overhead copy_tests sm_sweep". A short
-#     TORCH_EP_TIMEOUT_S makes a hang fail fast
+#     (tools/moe_profile.py), copy_tests (the MoE copy variants' GPU tests), internode_bench,
+#     timeouts, a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS), compile (the compile mode) and
+#     sm_sweep (the sm-sweep mode); default "deep_ep_bench deep_ep_overhead copy_tests sm_sweep".
+#     A short TORCH_EP_TIMEOUT_S makes a hang fail fast
 #
 # Ranks beyond the GPU count share GPUs; when they do, an MPS daemon is started (and stopped
 # at the end) and each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks-per-GPU.
