@@ -22,7 +22,7 @@
 #     pending: what was built but has not passed on a GPU yet, most valuable first, each step
 #     bounded; TORCH_EP_PENDING_STEPS picks among internode (the device route's tests at 2x2),
 #     pool (comm_pool's tests with the all_to_all and all_to_all_v ones; TORCH_EP_POOL_TESTS picks
-#     the files, TORCH_EP_POOL_WORLD_SIZES the ranks), deep_ep_tests (torch_ep.deep_ep's GPU
+#     the files, TORCH_EP_POOL_WORLD_SIZES the ranks, TORCH_EP_POOL_LIMIT_S its bound), deep_ep_tests (torch_ep.deep_ep's GPU
 #     tests), deep_ep (those, its example and the both-API benchmark), compile_tests (the compile
 #     tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
 #     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
@@ -190,7 +190,7 @@ if [ "$WHAT" = pending ]; then
   STEPS=" ${TORCH_EP_PENDING_STEPS:-deep_ep_bench deep_ep_overhead copy_tests sm_sweep} "
   [[ $STEPS == *" internode "* ]] && pending_test internode_device 110 NVSHMEM_SYMMETRIC_SIZE=3G \
     TORCH_EP_INTERNODE_TOPOLOGIES=2x2 TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py
-  [[ $STEPS == *" pool "* ]] && pending_test pool 110 TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- \
+  [[ $STEPS == *" pool "* ]] && pending_test pool ${TORCH_EP_POOL_LIMIT_S:-110} TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- \
     ${TORCH_EP_POOL_TESTS:-tests/test_cuda_comm_pool.py tests/test_cuda_all_to_all_v.py tests/test_cuda_all_to_all.py}
   [[ $STEPS == *" deep_ep_tests "* ]] && pending_test deep_ep_tests 60 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py
   if [[ $STEPS == *" deep_ep "* ]]; then
