@@ -22,8 +22,8 @@
 #     pending: what was built but has not passed on a GPU yet, most valuable first, each step
 #     bounded; TORCH_EP_PENDING_STEPS picks among internode (the device route's tests at 2x2),
 #     pool (comm_pool's tests with the all_to_all and all_to_all_v ones; TORCH_EP_POOL_TESTS picks
-#     the files, TORCH_EP_POOL_WORLD_SIZES the ranks, TORCH_EP_POOL_LIMIT_S its bound), deep_ep_tests (torch_ep.deep_ep's GPU
-#     tests), deep_ep (those, its example and the both-API benchmark), compile_tests (the compile
+#     the files, TORCH_EP_POOL_WORLD_SIZES the ranks, TORCH_EP_POOL_LIMIT_S its bound),
+#     deep_ep_tests (torch_ep.deep_ep's GPU tests), deep_ep (those, its example and the both-API benchmark), compile_tests (the compile
 #     tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
 #     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
 #     (tools/moe_profile.py), copy_tests (the MoE copy variants' GPU tests), internode_bench,
