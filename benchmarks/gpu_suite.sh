@@ -224,7 +224,7 @@ if [ "$WHAT" = pending ]; then
       CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-33} timeout 150 torchrun --standalone \
       --nproc-per-node 4 benchmarks/internode.py --ranks-per-node 2 --out "$LOGS/internode_2x2" \
       > "$LOGS/internode_bench_2x2.log" 2>&1 || STATUS=1
-    tail -16 "$LOGS/internode_bench_2x2.log" >> "$SUMMARY"
+    tail -18 "$LOGS/internode_bench_2x2.log" >> "$SUMMARY"
   fi
   [[ $STEPS == *" timeouts "* ]] && pending_test timeouts 150 -- tests/test_faults.py -k "timeout_cuda"
   # copy_tests: the MoE GPU tests (the default warp kernels share code with the others) and the
@@ -316,7 +316,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = internode ]; then
       NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-3G} CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) timeout 150 torchrun --standalone --nproc-per-node "$R" \
       benchmarks/internode.py --ranks-per-node "${TOPO#*x}" --out "$LOGS/internode_$TOPO" \
       > "$LOGS/internode_bench_$TOPO.log" 2>&1 || STATUS=1
-    tail -16 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
+    tail -18 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
   done
 fi
 

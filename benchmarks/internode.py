@@ -7,11 +7,13 @@ spans nodes, against the intranode path of the same ranks in the same run.
     # real nodes (docs/internode.md): nodes from torchrun's LOCAL_WORLD_SIZE
     torchrun --nnodes 2 --nproc-per-node 8 ... benchmarks/internode.py --out DIR
 
-Three groups of the same ranks: "intranode" (ranks_per_node = world size: one node, the CUDA IPC
+Groups of the same ranks: "intranode" (ranks_per_node = world size: one node, the CUDA IPC
 kernels; only where every rank is on one host), "internode" (--ranks-per-node, or the launch's
 nodes: the device-driven route, Options.internode_device) and "internode-host" (the same nodes on
 the host-driven route: rail hop on NVSHMEM rounds the host queues, node hop on CUDA IPC; kept as
-a row while Options.internode_device exists; --no-host-route leaves it out). The device route's
+a row while Options.internode_device exists; --no-host-route leaves it out), and
+"internode-a2a-device" (all_to_all_single only, its NVSHMEM hop in one launch:
+Options.internode_a2a_device; every chunk checked first). The device route's
 buffer takes (2 x nodes + ranks) x tokens x ~16.5 KiB per rank of NVSHMEM heap (docs/internode.md):
 set NVSHMEM_SYMMETRIC_SIZE to fit it (3G covers 2x4 at the default shape, both internode groups). Ops: dispatch bf16 and fp8 (layout
 given), combine bf16 (DeepEP's setting by default: 4096 tokens of hidden 7168, top-8 of 256
@@ -71,27 +73,42 @@ def check(group, x, idx, w, fp8, num_experts):
     assert same_bits(d8.recv_x[0].cpu(), ref8.recv_x[0]) and same_bits(d8.recv_x[1].cpu(), ref8.recv_x[1])
 
 
-def measure(name, group, args, device, sync, flush) -> List[Dict]:
+def check_all_to_all(group, a2a_in, a2a_out):
+    """Every chunk where it belongs: rank r's chunk j holds r * world + j (bf16-exact)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    chunks = a2a_in.view(world, -1)
+    for j in range(world):
+        chunks[j].fill_(float(rank * world + j))
+    dist.all_to_all_single(a2a_out, a2a_in, group=group)
+    got = a2a_out.view(world, -1).float()
+    want = torch.tensor([s * world + rank for s in range(world)], dtype=torch.float32, device=got.device)
+    assert torch.equal(got, want[:, None].expand_as(got)), "all_to_all_single: a chunk is wrong"
+
+
+def measure(name, group, args, device, sync, flush, a2a_only=False) -> List[Dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     num_experts = args.experts
-    x, idx, w, fp8 = make_inputs(args, rank, num_experts, device)
-    check(group, x, idx, w, fp8, num_experts)
     backend = torch_ep.get_backend(group)
-    layout = torch_ep.get_dispatch_layout(idx, num_experts, group=group)
-    d = torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group, layout=layout)
-    recv_rows = d.recv_x.shape[0]
-    row_bf16 = args.hidden * 2
-    row_fp8 = args.hidden + fp8[1].shape[1] * 4
     a2a_in = torch.randn(args.a2a_bytes // 2, dtype=torch.bfloat16, device=device)
     a2a_out = torch.empty_like(a2a_in)
-    ops = {
-        "dispatch bf16": (lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group, layout=layout),
-                          recv_rows * row_bf16),
-        "dispatch fp8": (lambda: torch_ep.dispatch(fp8, idx, num_experts=num_experts, group=group, layout=layout),
-                         recv_rows * row_fp8),
-        "combine bf16": (lambda: torch_ep.combine(d.recv_x, d.handle, group=group), recv_rows * row_bf16),
-        "all_to_all_single": (lambda: dist.all_to_all_single(a2a_out, a2a_in, group=group), args.a2a_bytes),
-    }
+    check_all_to_all(group, a2a_in, a2a_out)
+    ops = {"all_to_all_single": (lambda: dist.all_to_all_single(a2a_out, a2a_in, group=group), args.a2a_bytes)}
+    if not a2a_only:
+        x, idx, w, fp8 = make_inputs(args, rank, num_experts, device)
+        check(group, x, idx, w, fp8, num_experts)
+        layout = torch_ep.get_dispatch_layout(idx, num_experts, group=group)
+        d = torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group, layout=layout)
+        recv_rows = d.recv_x.shape[0]
+        row_bf16 = args.hidden * 2
+        row_fp8 = args.hidden + fp8[1].shape[1] * 4
+        ops = {
+            "dispatch bf16": (lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group, layout=layout),
+                              recv_rows * row_bf16),
+            "dispatch fp8": (lambda: torch_ep.dispatch(fp8, idx, num_experts=num_experts, group=group, layout=layout),
+                             recv_rows * row_fp8),
+            "combine bf16": (lambda: torch_ep.combine(d.recv_x, d.handle, group=group), recv_rows * row_bf16),
+            **ops,
+        }
     rows = []
     for op, (fn, nbytes) in ops.items():
         rail0, node0 = backend.rail_bytes, backend.node_bytes
@@ -146,13 +163,16 @@ def main():
     groups = {"internode": dist.new_group(backend="ep", pg_options=across(True))}
     if not args.no_host_route:
         groups["internode-host"] = dist.new_group(backend="ep", pg_options=across(False))
+    # all_to_all_single with its NVSHMEM hop in one launch (Options.internode_a2a_device): its row only.
+    a2a_device = torch_ep.Options(ranks_per_node=args.ranks_per_node, internode_a2a_device=True)
+    groups["internode-a2a-device"] = dist.new_group(backend="ep", pg_options=a2a_device)
     hosts: List[str] = [None] * world
     dist.all_gather_object(hosts, os.uname().nodename, group=sync)
     if len(set(hosts)) == 1:  # the intranode path needs every rank on one host
         groups = {"intranode": dist.new_group(backend="ep", pg_options=torch_ep.Options(ranks_per_node=world)), **groups}
     rows = []
     for name, group in groups.items():
-        rows += measure(name, group, args, device, sync, flush)
+        rows += measure(name, group, args, device, sync, flush, a2a_only=name == "internode-a2a-device")
     if dist.get_rank() == 0:
         headers = ["group", "op", "nodes", "time (us)", "recv GB/s", "bytes/rank", "rail (RDMA) bytes/rank",
                    "node (NVLink) bytes/rank", "rail GB/s", "path"]

@@ -27,7 +27,8 @@ def test_extension_matches_torch():
 
 # The kernels that call NVSHMEM's device API need its headers and relocatable device code:
 # checked on their own below.
-NVSHMEM_KERNELS = ["low_latency.cu", "internode_notify.cu", "internode_dispatch.cu", "internode_combine.cu"]
+NVSHMEM_KERNELS = ["low_latency.cu", "internode_notify.cu", "internode_dispatch.cu", "internode_combine.cu",
+                   "internode_exchange.cu"]
 KERNELS = sorted(k for k in glob.glob(os.path.join(ROOT, "backend", "kernels", "*.cu"))
                  if os.path.basename(k) not in NVSHMEM_KERNELS)
 

@@ -44,14 +44,14 @@ def routes():
 CAPACITY = 1024
 
 
-def _pool(topology, route):
+def _pool(topology, route, extra=None):
     world, per_node = internode.TOPOLOGIES[topology]
     env = {name: os.environ.get(name, value) for name, value in SINGLE_HOST_NVSHMEM.items()}
     # A small registered budget: messages stream through the NVSHMEM slots in many chunks.
     env.update({"TORCH_EP_RANKS_PER_NODE": str(per_node), "TORCH_EP_CUDA_BUFFER_BYTES": str(1 << 20),
                 "TORCH_EP_INTERNODE_DEVICE": "1" if route == "device" else "0",
                 "TORCH_EP_INTERNODE_CAPACITY": str(CAPACITY),
-                "TORCH_EP_TIMEOUT_S": os.environ.get("TORCH_EP_TIMEOUT_S", "60")})
+                "TORCH_EP_TIMEOUT_S": os.environ.get("TORCH_EP_TIMEOUT_S", "60"), **(extra or {})})
     return rank_pool(world, cuda=True, env=env)
 
 
@@ -74,6 +74,16 @@ def test_all_to_all_across_nodes(cuda_nodes):
     cuda_nodes.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda")
     # Messages of several chunks each (128 KiB slots): slots are reused, credits flow back.
     cuda_nodes.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda", max_rows=3000, width=64)
+
+
+@pytest.mark.parametrize("topology", topologies())
+def test_all_to_all_across_nodes_device_driven(topology):
+    """The same, with the NVSHMEM hop in one launch (TORCH_EP_INTERNODE_A2A_DEVICE=1): any split,
+    many chunks per pair (the 1 MiB budget), several calls so the slots wrap."""
+    pool = _pool(topology, "device", {"TORCH_EP_INTERNODE_A2A_DEVICE": "1"})
+    for _ in range(2):
+        pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda")
+    pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda", max_rows=3000, width=64)
 
 
 @pytest.mark.parametrize("kind,hidden,top_k,experts_per_rank,dtype", checks.ROUTE_CASES, ids=checks.CASE_IDS)

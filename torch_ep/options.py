@@ -37,6 +37,8 @@ ENVIRONMENT = {
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
     "TORCH_EP_INTERNODE_DEVICE": "0 sends CUDA dispatch/combine across nodes on the host-driven route (host rounds) "
                                  "instead of the device-driven one (NVSHMEM device API, one host wait; the default)",
+    "TORCH_EP_INTERNODE_A2A_DEVICE": "1 moves CUDA all_to_all's NVSHMEM hop across nodes in one launch (a block per "
+                                     "peer and slot) instead of rounds the host queues (opt-in until it has run on a GPU)",
     "TORCH_EP_INTERNODE_CAPACITY": "device route across nodes: the most tokens a rank dispatches per call (default "
                                    "4096); sizes its NVSHMEM buffer, see docs/internode.md",
     "TORCH_EP_INTERNODE_ROW_BYTES": "device route across nodes: the least row stride in bytes its buffer is sized for "
@@ -95,6 +97,7 @@ class Options:
     all_to_all_v_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_V_DEVICE") != 0)
     all_to_all_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_DEVICE")))
     internode_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_INTERNODE_DEVICE") != 0)
+    internode_a2a_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_INTERNODE_A2A_DEVICE")))
     internode_capacity: int = field(default_factory=_default("TORCH_EP_INTERNODE_CAPACITY", 4096))
     internode_row_bytes: int = field(default_factory=_default("TORCH_EP_INTERNODE_ROW_BYTES", 0))
 
@@ -137,6 +140,7 @@ class Options:
         config.all_to_all_v_device = self.all_to_all_v_device
         config.all_to_all_device = self.all_to_all_device
         config.internode_device = self.internode_device
+        config.internode_a2a_device = self.internode_a2a_device
         config.internode_capacity = self.internode_capacity
         config.internode_row_bytes = self.internode_row_bytes
         return config

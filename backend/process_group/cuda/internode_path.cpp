@@ -27,7 +27,8 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
       cc.num_sms = config_.num_sms;
       cc.timeout = config_.timeout;
       cc.control_slot_bytes = 256;
-      internode_transport_ = std::make_shared<InternodeTransport>(rendezvous_, topology_, cc, "ep/internode");
+      internode_transport_ = std::make_shared<InternodeTransport>(rendezvous_, topology_, cc, "ep/internode",
+                                                                  config_.internode_a2a_device);
       internode_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
     } catch (const std::exception& e) {
       C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's transport across nodes "

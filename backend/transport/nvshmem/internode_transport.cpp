@@ -8,7 +8,7 @@
 namespace ep {
 
 InternodeTransport::InternodeTransport(Rendezvous& group_rdv, const Topology& topology,
-                                       const CudaTransportConfig& config, const std::string& tag)
+                                       const CudaTransportConfig& config, const std::string& tag, bool device_exchange)
     : topology_(topology),
       node_rdv_(group_rdv, topology.node_ranks(), tag + "/node" + std::to_string(topology.node)) {
   if (!topology_.problem.empty()) throw CommError("torch_ep: " + topology_.problem);
@@ -17,9 +17,14 @@ InternodeTransport::InternodeTransport(Rendezvous& group_rdv, const Topology& to
   nvshmem::init_over(group_rdv, config.device);
   NvshmemExchangeConfig nc;
   nc.device = config.device;
-  // The registered budget, spread over the peers' slots (two each), at least 64 KiB a chunk.
-  nc.chunk_bytes = std::max<size_t>(config.buffer_bytes / (2 * size_t(topology.size)), 64 << 10);
-  nc.num_slots = 2;
+  // The registered budget, spread over the peers' slots, at least 64 KiB a chunk. Two slots a
+  // peer for the host-queued rounds; the device-driven exchange runs a block per peer and slot,
+  // so more slots (smaller chunks) are more blocks at work, up to about 64 per direction in all
+  // (a grid small enough to be resident at once: blocks wait on the peer's).
+  const int remote_peers = std::max(topology.size - topology.ranks_per_node, 1);
+  nc.num_slots = device_exchange ? std::clamp(64 / remote_peers, 2, 16) : 2;
+  nc.chunk_bytes = std::max<size_t>(config.buffer_bytes / (size_t(nc.num_slots) * topology.size), 64 << 10);
+  nc.device_driven = device_exchange;
   nc.timeout = config.timeout;
   net_ = std::make_unique<NvshmemExchange>(topology.rank, topology.size, nc);
 }

@@ -19,8 +19,9 @@ namespace ep {
 class InternodeTransport {
  public:
   // Collective over every rank of `group_rdv` (whose rendezvous must outlive this).
+  // `device_exchange`: all_to_all's NVSHMEM hop in one launch (NvshmemExchangeConfig::device_driven).
   InternodeTransport(Rendezvous& group_rdv, const Topology& topology, const CudaTransportConfig& config,
-                     const std::string& tag);
+                     const std::string& tag, bool device_exchange = false);
   const Topology& topology() const { return topology_; }
   // Peers indexed by local rank.
   CudaTransport& node() { return *node_; }

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "backend/kernels/internode.cuh"
+#include "backend/kernels/internode_exchange.cuh"
 #include "backend/transport/cuda/cuda_check.hpp"
 #include "backend/transport/nvshmem/nvshmem_runtime.hpp"
 
@@ -24,6 +25,7 @@ NvshmemExchange::NvshmemExchange(int rank, int size, const NvshmemExchangeConfig
       num_slots_(std::max(config.num_slots, 1)),
       chunk_bytes_(round_up(std::max<size_t>(config.chunk_bytes, kAlign), kAlign)),
       timeout_(config.timeout),
+      device_driven_(config.device_driven),
       chunks_sent_(size, 0),
       chunks_received_(size, 0) {
   EP_CUDA_CHECK(cudaSetDevice(config.device));
@@ -79,6 +81,9 @@ void NvshmemExchange::all_to_all(const std::vector<int>& peers, const std::vecto
     std::lock_guard<std::mutex> lock(error_mutex_);
     last_op_ = op_name;
   }
+  // Both ways keep the same slots, signal values and counters, so either may take any call.
+  if (device_driven_ && peers.size() <= size_t(kernels::kMaxExchangePeers))
+    return all_to_all_on_device(peers, sends, recvs, stream);
   const size_t S = size_t(num_slots_);
   uint64_t rounds = 0;
   for (int p : peers)
@@ -140,6 +145,34 @@ void NvshmemExchange::all_to_all(const std::vector<int>& peers, const std::vecto
     chunks_sent_[p] += chunks_of(sends[p].bytes, chunk_bytes_);
     chunks_received_[p] += chunks_of(recvs[p].bytes, chunk_bytes_);
   }
+}
+
+void NvshmemExchange::all_to_all_on_device(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
+                                           const std::vector<RecvBuffer>& recvs, cudaStream_t stream) {
+  kernels::ExchangeParams p{};
+  p.base = base_;
+  p.rank = rank_;
+  p.size = size_;
+  p.num_slots = num_slots_;
+  p.chunk_bytes = chunk_bytes_;
+  p.num_peers = int(peers.size());
+  p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
+  p.error = error_device_;
+  for (size_t q = 0; q < peers.size(); ++q) {
+    const int pe = peers[q];
+    kernels::ExchangePeer& e = p.peers[q];
+    e.pe = pe;
+    e.send = static_cast<const char*>(sends[pe].ptr);
+    e.send_bytes = sends[pe].bytes;
+    e.sent_before = chunks_sent_[pe];
+    e.recv = static_cast<char*>(recvs[pe].ptr);
+    e.recv_bytes = recvs[pe].bytes;
+    e.received_before = chunks_received_[pe];
+    chunks_sent_[pe] += chunks_of(sends[pe].bytes, chunk_bytes_);
+    chunks_received_[pe] += chunks_of(recvs[pe].bytes, chunk_bytes_);
+    bytes_sent_ += sends[pe].bytes;
+  }
+  EP_CUDA_CHECK(kernels::launch_exchange(p, stream));
 }
 
 }  // namespace ep

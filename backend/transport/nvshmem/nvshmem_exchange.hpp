@@ -12,6 +12,11 @@
 // round by round (round k: the k-th chunk to every peer, then the k-th from every peer), which
 // cannot deadlock: a send of round k needs only the peer's receives of round k - S.
 //
+// With `device_driven` (Options.internode_a2a_device) one launch does it all instead
+// (kernels/internode_exchange.cuh): a block per (peer, slot) sends, another receives, the chunks
+// of that slot in order, with the same signal values and counters, so the two ways can take turns;
+// peers NVSHMEM reaches by P2P get their puts straight from the input, with no stage.
+//
 // Waits run in a kernel with the group's deadline (kernels/internode.cuh). A wait that times out
 // lets the stream go on and is raised, naming the peer, by the next call; after it the exchange
 // takes no more calls. Both sides must agree on every message's size (the MoE records or the
@@ -36,6 +41,9 @@ struct NvshmemExchangeConfig {
   size_t chunk_bytes = 4 << 20;  // one slot
   int num_slots = 2;             // slots per source: chunks in flight per pair
   std::chrono::milliseconds timeout{std::chrono::minutes(30)};
+  // One launch per call moves every chunk (kernels/internode_exchange.cuh: a block per peer and
+  // slot), instead of rounds the host queues; the same slots and signals.
+  bool device_driven = false;
 };
 
 class NvshmemExchange {
@@ -51,6 +59,7 @@ class NvshmemExchange {
   // `stream`; the buffers must stay valid until it gets there.
   void all_to_all(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
                   const std::vector<RecvBuffer>& recvs, cudaStream_t stream, const char* op_name);
+  bool device_driven() const { return device_driven_; }
   // Raises what a wait kernel reported since the last call (a peer that never came).
   void check(const char* op_name);
   // What failed, or "": check's text without raising, for Work.wait() polling while a wait
@@ -65,8 +74,12 @@ class NvshmemExchange {
   uint64_t* full_signal(char* base, int src, int index) const;
   uint64_t* credit_signal(char* base, int dst, int index) const;
 
+  void all_to_all_on_device(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
+                            const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
+
   int rank_, size_, num_slots_;
   size_t chunk_bytes_;
+  bool device_driven_;
   std::chrono::milliseconds timeout_;
   // Symmetric: [receive slots: size x slots x chunk][send stages: size x slots x chunk]
   //            [full: size x slots][credit: size x slots] (uint64 signals)
