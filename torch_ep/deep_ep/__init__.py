@@ -39,8 +39,8 @@ carry torch_ep's handle in an attribute, `handle.native`; a tuple not made here 
   rank_prefix_matrix [R, R] int32: entry [i][j] = rows rank j receives from ranks 0..i. In groups
   of up to 32 ranks the dispatch's own records carry every rank's send counts, so it costs no
   exchange, and the matrix is made (a copy to the GPU) when the element is first read: made at
-  once, the copy queued behind the dispatch cost it 60 % of its time on the H200; otherwise, and for a CUDA dispatch with num_worst_tokens (sizes on the device only),
-  one small all_to_all_single of the counts per dispatch on the "ep" group (on the device, with
+  once, the copy queued behind the dispatch cost it 60 % of its time on the H200. Otherwise, and
+  for a CUDA dispatch with num_worst_tokens (sizes on the device only), one small all_to_all_single of the counts per dispatch on the "ep" group (on the device, with
   no host synchronisation, in the latter case). torch_ep has no channels and
   keeps no recv_src_idx, so elements 1-3 and 5 are None.
 - Across nodes: DeepEP's 10-tuple with is_token_in_rank at 0 and recv_gbl_rank_prefix_sum ([R]

@@ -125,11 +125,12 @@ class _Handle(tuple):
         if isinstance(index, slice):
             return tuple(self[i] for i in range(*index.indices(len(self))))
         i = operator.index(index)
-        value = self._lazy.get(i + len(self) if i < 0 else i)
+        i = i + len(self) if i < 0 else i
+        value = self._lazy.get(i)
         if value is None:
-            return tuple.__getitem__(self, i)
+            return tuple.__getitem__(self, index)
         if isinstance(value, _Lazy):
-            value = self._lazy[i + len(self) if i < 0 else i] = value.make()
+            value = self._lazy[i] = value.make()
         return value
 
     def __iter__(self):
