@@ -27,7 +27,8 @@
 #     tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
 #     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
 #     (tools/moe_profile.py), copy_tests (the MoE copy variants' GPU tests), internode_bench,
-#     timeouts, a2a_bench (at TORCH_EP_PENDING_BENCH_RANKS), compile (the compile mode) and
+#     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), timeouts, a2a_bench (at
+#     TORCH_EP_PENDING_BENCH_RANKS), compile (the compile mode) and
 #     sm_sweep (the sm-sweep mode); default "deep_ep_bench deep_ep_overhead copy_tests sm_sweep".
 #     A short TORCH_EP_TIMEOUT_S makes a hang fail fast
 #
@@ -225,6 +226,13 @@ if [ "$WHAT" = pending ]; then
       --nproc-per-node 4 benchmarks/internode.py --ranks-per-node 2 --out "$LOGS/internode_2x2" \
       > "$LOGS/internode_bench_2x2.log" 2>&1 || STATUS=1
     tail -18 "$LOGS/internode_bench_2x2.log" >> "$SUMMARY"
+  fi
+  if [[ $STEPS == *" sm_ceiling "* ]]; then
+    step "the copy rate of k SMs, whatever the op (tools/sm_copy_ceiling.cu, one process, the whole GPU)"
+    NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    { "$NVCC" -O3 -arch=sm_90 -std=c++17 -o /tmp/sm_copy_ceiling tools/sm_copy_ceiling.cu && \
+      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 timeout 120 /tmp/sm_copy_ceiling 512; } > "$LOGS/sm_copy_ceiling.log" 2>&1 || STATUS=1
+    tail -20 "$LOGS/sm_copy_ceiling.log" >> "$SUMMARY"
   fi
   [[ $STEPS == *" timeouts "* ]] && pending_test timeouts 150 -- tests/test_faults.py -k "timeout_cuda"
   # copy_tests: the MoE GPU tests (the default warp kernels share code with the others) and the

@@ -78,6 +78,38 @@ def main():
     lines.append(f"get_dispatch_layout alone: native {per_call_us(lambda: torch_ep.get_dispatch_layout(idx, args.experts)):.1f} us, "
                  f"Buffer {per_call_us(lambda: buffer.get_dispatch_layout(idx, args.experts)):.1f} us")
 
+    # Host time of issuing the fresh route's calls (no wait at the end), then where it goes (cProfile).
+    def host_us(fn, calls: int = 20) -> float:
+        per_call_us(fn, 5)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        spent = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+        return spent
+    for label, fn in (("native one call", lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts)),
+                      ("native layout", lambda: torch_ep.get_dispatch_layout(idx, args.experts)),
+                      ("native layout then dispatch", native_two),
+                      ("Buffer layout", lambda: buffer.get_dispatch_layout(idx, args.experts)),
+                      ("Buffer layout then dispatch", buffer_two)):
+        lines.append(f"host, fresh: {label} {host_us(fn):.1f} us per call issued")
+    import cProfile
+    import io
+    import pstats
+    for label, fn in (("native layout then dispatch", native_two), ("Buffer layout then dispatch", buffer_two)):
+        per_call_us(fn, 5)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(14)
+        lines.append(f"cProfile, 20 calls, {label}:\n" + "\n".join(
+            line for line in text.getvalue().splitlines() if line.strip() and not line.startswith("   Ordered")))
+
     # The host work of each part alone, on one dispatch's handle (no communication).
     d = torch_ep.dispatch(x, idx, w, num_experts=args.experts, layout=layout)
     parts = {
