@@ -88,12 +88,18 @@ def main():
         spent = (time.perf_counter() - start) / calls * 1e6
         torch.cuda.synchronize()
         return spent
-    for label, fn in (("native one call", lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts)),
+    routed = torch_ep.dispatch(x, idx, w, num_experts=args.experts, layout=layout)
+    for label, fn in (("native layout given, bf16", lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts,
+                                                                               layout=layout)),
+                      ("native layout given, fp8", lambda: torch_ep.dispatch(fp8, idx, w, num_experts=args.experts,
+                                                                              layout=layout)),
+                      ("native combine", lambda: torch_ep.combine(routed.recv_x, routed.handle)),
+                      ("native one call", lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts)),
                       ("native layout", lambda: torch_ep.get_dispatch_layout(idx, args.experts)),
                       ("native layout then dispatch", native_two),
                       ("Buffer layout", lambda: buffer.get_dispatch_layout(idx, args.experts)),
                       ("Buffer layout then dispatch", buffer_two)):
-        lines.append(f"host, fresh: {label} {host_us(fn):.1f} us per call issued")
+        lines.append(f"host: {label} {host_us(fn):.1f} us per call issued")
     import cProfile
     import io
     import pstats
