@@ -204,10 +204,8 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
                              f"expected {(topk_idx.shape[0], g.size())}; was it made for this topk_idx?")
     layout_meta = layout.meta if (layout is not None and handle is None) else None
     layout_header = layout.header if layout_meta is not None else None
-    if layout_header is not None and not layout.header_ready.query():
-        # A layout made just before: the op copies the sizes back itself, with its handshake sent
-        # ahead of that wait (as without a layout). A reused layout's host copy is long there.
-        layout_header = None
+    if layout_header is not None:
+        layout.header_ready.synchronize()  # done long ago where the layout is reused
 
     # autograd.Function costs tens of microseconds per call: only where a gradient can flow.
     op = _Dispatch.apply if _needs_grad(x_data, topk_weights) else torch.ops.ep.dispatch
