@@ -205,7 +205,10 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
     layout_meta = layout.meta if (layout is not None and handle is None) else None
     layout_header = layout.header if layout_meta is not None else None
     if layout_header is not None:
-        layout.header_ready.synchronize()  # done long ago where the layout is reused
+        # Done long ago where the layout is reused. Not left to the op where it is not: every rank
+        # must take the same handshake (a rank whose op waits on its stream after signalling "ready"
+        # would deadlock with one that signals from its kernel, after the host exchange).
+        layout.header_ready.synchronize()
 
     # autograd.Function costs tens of microseconds per call: only where a gradient can flow.
     op = _Dispatch.apply if _needs_grad(x_data, topk_weights) else torch.ops.ep.dispatch
