@@ -209,7 +209,7 @@ if [ "$WHAT" = pending ]; then
   fi
   if [[ $STEPS == *" deep_ep_overhead "* ]]; then
     step "torch_ep.deep_ep's overhead over the native API, part by part, 2 ranks"
-    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 90 torchrun --standalone --nproc-per-node 2 \
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 120 torchrun --standalone --nproc-per-node 2 \
       tools/deep_ep_overhead.py > "$LOGS/deep_ep_overhead_2ranks.log" 2>&1 || STATUS=1
     grep -v "^W1202\|^\*\*\*" "$LOGS/deep_ep_overhead_2ranks.log" | tail -24 >> "$SUMMARY"
   fi

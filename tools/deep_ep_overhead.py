@@ -53,7 +53,12 @@ def main():
         "Buffer, prefix matrix on the host only": lambda self, native, n, device: native.send_matrix.cumsum(0),
         "Buffer, no prefix matrix": lambda self, native, n, device: None,
     }
-    lines = []
+    class Lines(list):  # rank 0 prints each line as it comes, so that a killed run still tells
+        def append(self, line):
+            super().append(line)
+            if rank == 0:
+                print(line, flush=True)
+    lines = Lines()
     for name, payload in (("bf16", x), ("fp8", fp8)):
         lines.append(f"dispatch {name}, layout given: native API "
                      f"{per_call_us(lambda: torch_ep.dispatch(payload, idx, w, num_experts=args.experts, layout=layout)):.1f} us")
@@ -133,8 +138,6 @@ def main():
             fn()
         lines.append(f"host: {label} {(time.perf_counter() - start) * 1e3:.2f} us")
         torch.cuda.synchronize()
-    if rank == 0:
-        print("\n".join(lines), flush=True)
     dist.destroy_process_group()
 
 
