@@ -12,8 +12,9 @@ kernels; only where every rank is on one host), "internode" (--ranks-per-node, o
 nodes: the device-driven route, Options.internode_device) and "internode-host" (the same nodes on
 the host-driven route: rail hop on NVSHMEM rounds the host queues, node hop on CUDA IPC; kept as
 a row while Options.internode_device exists; --no-host-route leaves it out), and
-"internode-a2a-device" (all_to_all_single only, its NVSHMEM hop in one launch:
-Options.internode_a2a_device; every chunk checked first). The device route's
+"internode-a2a-rounds" (all_to_all_single only, its NVSHMEM hop in rounds the host queues:
+Options.internode_a2a_device=False; the other groups move it in one launch; every chunk
+checked first). The device route's
 buffer takes (2 x nodes + ranks) x tokens x ~16.5 KiB per rank of NVSHMEM heap (docs/internode.md):
 set NVSHMEM_SYMMETRIC_SIZE to fit it (3G covers 2x4 at the default shape, both internode groups). Ops: dispatch bf16 and fp8 (layout
 given), combine bf16 (DeepEP's setting by default: 4096 tokens of hidden 7168, top-8 of 256
@@ -158,16 +159,16 @@ def main():
     groups = {"internode": dist.new_group(backend="ep", pg_options=across(True))}
     if not args.no_host_route:
         groups["internode-host"] = dist.new_group(backend="ep", pg_options=across(False))
-    # all_to_all_single with its NVSHMEM hop in one launch (Options.internode_a2a_device): its row only.
-    a2a_device = torch_ep.Options(ranks_per_node=args.ranks_per_node, internode_a2a_device=True)
-    groups["internode-a2a-device"] = dist.new_group(backend="ep", pg_options=a2a_device)
+    # all_to_all_single with its NVSHMEM hop in rounds the host queues (not the default): its row only.
+    a2a_rounds = torch_ep.Options(ranks_per_node=args.ranks_per_node, internode_a2a_device=False)
+    groups["internode-a2a-rounds"] = dist.new_group(backend="ep", pg_options=a2a_rounds)
     hosts: List[str] = [None] * world
     dist.all_gather_object(hosts, os.uname().nodename, group=sync)
     if len(set(hosts)) == 1:  # the intranode path needs every rank on one host
         groups = {"intranode": dist.new_group(backend="ep", pg_options=torch_ep.Options(ranks_per_node=world)), **groups}
     rows = []
     for name, group in groups.items():
-        rows += measure(name, group, args, device, sync, flush, a2a_only=name == "internode-a2a-device")
+        rows += measure(name, group, args, device, sync, flush, a2a_only=name == "internode-a2a-rounds")
     if dist.get_rank() == 0:
         headers = ["group", "op", "nodes", "time (us)", "recv GB/s", "bytes/rank", "rail (RDMA) bytes/rank",
                    "node (NVLink) bytes/rank", "rail GB/s", "path"]

@@ -77,10 +77,11 @@ def test_all_to_all_across_nodes(cuda_nodes):
 
 
 @pytest.mark.parametrize("topology", topologies())
-def test_all_to_all_across_nodes_device_driven(topology):
-    """The same, with the NVSHMEM hop in one launch (TORCH_EP_INTERNODE_A2A_DEVICE=1): any split,
-    many chunks per pair (the 1 MiB budget), several calls so the slots wrap."""
-    pool = _pool(topology, "device", {"TORCH_EP_INTERNODE_A2A_DEVICE": "1"})
+def test_all_to_all_across_nodes_host_rounds(topology):
+    """The same, with the NVSHMEM hop in rounds the host queues (TORCH_EP_INTERNODE_A2A_DEVICE=0;
+    the default is one launch): any split, many chunks per pair (the 1 MiB budget), several calls
+    so the slots wrap."""
+    pool = _pool(topology, "device", {"TORCH_EP_INTERNODE_A2A_DEVICE": "0"})
     for _ in range(2):
         pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda")
     pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda", max_rows=3000, width=64)

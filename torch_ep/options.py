@@ -97,7 +97,7 @@ class Options:
     all_to_all_v_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_V_DEVICE") != 0)
     all_to_all_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_DEVICE")))
     internode_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_INTERNODE_DEVICE") != 0)
-    internode_a2a_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_INTERNODE_A2A_DEVICE")))
+    internode_a2a_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_INTERNODE_A2A_DEVICE") != 0)
     internode_capacity: int = field(default_factory=_default("TORCH_EP_INTERNODE_CAPACITY", 4096))
     internode_row_bytes: int = field(default_factory=_default("TORCH_EP_INTERNODE_ROW_BYTES", 0))
 

@@ -32,8 +32,8 @@ struct Config {
                                         // where they could map them (tests the path across nodes on one)
   bool internode_device = true;         // CUDA dispatch/combine across nodes driven by the device (NVSHMEM
                                         // device API, no host rounds); false: the host-driven route
-  bool internode_a2a_device = false;    // CUDA all_to_all across nodes: its NVSHMEM hop in one launch, not
-                                        // rounds the host queues (opt-in until it has run on a GPU)
+  bool internode_a2a_device = true;     // CUDA all_to_all across nodes: its NVSHMEM hop in one launch, not
+                                        // rounds the host queues (false: the rounds)
   int64_t internode_capacity = 4096;    // device route: most tokens per rank per call (sizes its buffer)
   int64_t internode_row_bytes = 0;      // device route: least row stride its buffer is sized for (0: from
                                         // the first call, at least 16.5 KiB)
