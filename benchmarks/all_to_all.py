@@ -1,6 +1,6 @@
 """all_to_all_single bandwidth of the "ep" backend, with references measured in the same run.
 
-    torchrun --nproc-per-node 4 benchmarks/all_to_all.py --out benchmarks/results/cpu
+    torchrun --nproc-per-node 4 benchmarks/all_to_all.py --out /tmp/all_to_all
 
 Every rank sends the same number of bytes (the size on the x axis), split evenly over all ranks,
 itself included. Measured, size by size and one after another:

@@ -12,11 +12,20 @@ per budget and a column per op and variant, and writes to --out:
                      torch_ep/data/sm_table.json (per op the fewest SMs whose stream bandwidth
                      reaches 95% of that variant's best; add it to the table's "entries" by hand,
                      see torch_ep/sm_table.py); `sm_table_entry` is the first variant's
-  moe_sm_sweep.png   GB/s against SMs, one line per op, variant and method
+  moe_sm_sweep.png   GB/s per rank against SMs: a subplot per op, a colour per variant, stream
+                     solid and isolated dashed; DeepEP's tuned figure dotted where DEEPEP_TUNED
+                     has the sweep's setting
+
+Re-plot a sweep's JSON, no GPU needed (torch_ep importable, a CPU build will do; matplotlib):
+
+    python -m benchmarks.moe_sm_sweep --replot moe_sm_sweep.json moe_sm_sweep.png
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -31,6 +40,16 @@ from benchmarks.moe import FP8_BLOCK, Measurement, check_against_reference, make
 
 SWEPT = {"dispatch": "dispatch bf16", "combine": "combine bf16"}  # table op -> moe.py op
 OPS = ("dispatch bf16", "dispatch fp8", "combine bf16")  # timed at each budget
+
+# DeepEP v1 (commit 567632d, built from source on the GPU machine), its own intranode test tuned over
+# SMs and chunk sizes (best at 24 SMs), with the ranks sharing the GPU under MPS as the sweep's do:
+# GB/s per rank, drawn as reference lines on a sweep of the same setting.
+# (device, ranks, ranks per GPU, tokens, hidden, top_k, experts) -> {op: GB/s}
+DEEPEP_TUNED = {
+    ("NVIDIA H200", 2, 2, 4096, 7168, 8, 256): {"dispatch bf16": 310.0, "dispatch fp8": 228.0, "combine bf16": 248.0},
+    ("NVIDIA H100 80GB HBM3", 2, 2, 4096, 7168, 8, 256): {"dispatch bf16": 284.0, "dispatch fp8": 223.0,
+                                                          "combine bf16": 233.0},
+}
 
 
 def parse_budgets(text: str) -> List[int]:
@@ -155,7 +174,7 @@ def run(args, device: torch.device, sync_group) -> None:
           f"sm_table entries ({method}, {sm_table.REACH:.0%} of each variant's best): {chosen}", flush=True)
     if not args.out:
         return
-    common.write_json(os.path.join(args.out, "moe_sm_sweep.json"), {
+    data = {
         "benchmark": "moe dispatch/combine against the SM budget (Options.num_sms) and copy variant (Options.moe_copy)",
         "meta": meta,
         "results": [{"sms": sms, "copy": copy, "op": m.op, "method": m.method, "tokens": m.tokens,
@@ -164,16 +183,87 @@ def run(args, device: torch.device, sync_group) -> None:
                     for (sms, copy), ms in results.items() for m in ms],
         "sm_table_entry": entries[0],
         "sm_table_entries": entries,
-    })
-    series = {}
-    for (sms, copy), ms in results.items():
-        for m in ms:
-            xs, ys = series.setdefault(f"{m.op} {copy} ({m.method})", ([], []))
-            xs.append(sms)
-            ys.append(m.gbps)
-    written = common.write_plot(
-        os.path.join(args.out, "moe_sm_sweep.png"), series, xtick_label=lambda x: str(int(x)), log_y=False,
-        title=f"MoE bandwidth against SMs: {world_size} ranks, {device_name}, {tokens} tokens x {args.hidden}",
-        xlabel="SMs (Options.num_sms)", ylabel="GB/s per rank")
-    if not written:
+    }
+    common.write_json(os.path.join(args.out, "moe_sm_sweep.json"), data)
+    if not plot_sweep(data, os.path.join(args.out, "moe_sm_sweep.png")):
         print("moe_sm_sweep.png: not written (no matplotlib)", flush=True)
+
+
+def deepep_reference(meta: dict) -> Optional[Dict[str, float]]:
+    """DeepEP's tuned GB/s per op for the setting in a sweep's meta, or None where none is known."""
+    key = (meta.get("device_name"), meta.get("ranks"), meta.get("ranks_per_gpu"), meta.get("tokens"),
+           meta.get("hidden"), meta.get("top_k"), meta.get("experts"))
+    return DEEPEP_TUNED.get(key) if not meta.get("masked_ratio") else None
+
+
+def plot_sweep(data: dict, path: str) -> bool:
+    """A sweep's data (moe_sm_sweep.json's content) as a PNG: a subplot per op, a colour per copy
+    variant, stream solid and isolated dashed, GB/s per rank against SMs on a log2 axis, and DeepEP's
+    tuned figure as a dotted line where deepep_reference knows the setting; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+    except ImportError:
+        return False
+    meta, results = data["meta"], data["results"]
+    copies = list(dict.fromkeys(r.get("copy", "warp") for r in results))  # files before --copy: warp
+    methods = {"stream": "-", "isolated": "--"}
+    colours = dict(zip(copies, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
+    reference = deepep_reference(meta) or {}
+    budgets = sorted({r["sms"] for r in results})
+    fig, axes = plt.subplots(1, len(OPS), figsize=(15, 5), sharey=True)
+    for ax, op in zip(axes, OPS):
+        for copy in copies:
+            for method, style in methods.items():
+                points = sorted((r["sms"], r["GBps"]) for r in results
+                                if r["op"] == op and r.get("copy", "warp") == copy and r["method"] == method)
+                if points:
+                    ax.plot(*zip(*points), style, marker="o", markersize=3, color=colours[copy])
+        if op in reference:
+            ax.axhline(reference[op], color="black", linestyle=":", linewidth=1.5)
+            ax.annotate(f"DeepEP tuned: {reference[op]:.0f}", (budgets[0], reference[op]), xytext=(0, 3),
+                        textcoords="offset points", fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set(title=op, xlabel="SMs (Options.num_sms)")
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelleft=True)
+    top = max([r["GBps"] for r in results] + list(reference.values()))
+    axes[0].set_ylim(0, 1.05 * top)  # shared by every subplot; set once, after every line is drawn
+    axes[0].set_ylabel("GB/s per rank")
+    handles = [Line2D([], [], color=colours[c], marker="o", markersize=3, label=c) for c in copies]
+    handles += [Line2D([], [], color="gray", linestyle=style, label=method) for method, style in methods.items()]
+    if reference:
+        handles.append(Line2D([], [], color="black", linestyle=":", label="DeepEP, its own test tuned (24 SMs)"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    sharing = f"{meta.get('ranks')} ranks" + (f" sharing one {meta.get('device_name')}" if meta.get("ranks_per_gpu") == meta.get("ranks")
+                                             else f", {meta.get('ranks_per_gpu')} per {meta.get('device_name')}")
+    fig.suptitle(f"MoE bandwidth against the SM budget: {sharing}; {meta.get('tokens')} tokens x {meta.get('hidden')}, "
+                 f"top-{meta.get('top_k')} of {meta.get('experts')} experts; {meta.get('date')}, commit {meta.get('commit')}")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Re-plot a moe_sm_sweep.json; the sweep itself runs through "
+                                                 "benchmarks/moe.py --sm-sweep")
+    parser.add_argument("--replot", nargs=2, metavar=("JSON", "PNG"), required=True,
+                        help="the sweep's moe_sm_sweep.json and the PNG to write")
+    args = parser.parse_args(argv)
+    with open(args.replot[0]) as f:
+        data = json.load(f)
+    if not plot_sweep(data, args.replot[1]):
+        print("no matplotlib: pip install matplotlib", file=sys.stderr)
+        return 1
+    print(f"wrote {args.replot[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
