@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch_ep
 from torch_ep import deep_ep
 from torch_ep.deep_ep import buffer as buffer_module
+from torch_ep.deep_ep.utils import _HostCounts
 
 from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools/, the script's folder
 
@@ -44,14 +45,14 @@ def main():
                  topk_idx=idx, topk_weights=w)
     real_matrix = buffer_module.Buffer._rank_prefix_matrix
 
-    def old_matrix(self, native, num_tokens_per_rank, device):  # made at once, copied behind the dispatch
+    def old_matrix(self, native, host, num_tokens_per_rank, device):  # made at once, copied behind the dispatch
         return native.send_matrix.cumsum(0).to(torch.int32).pin_memory().to(device, non_blocking=True)
 
     variants = {
         "Buffer, prefix matrix made when read (not read)": real_matrix,
         "Buffer, prefix matrix made at once": old_matrix,
-        "Buffer, prefix matrix on the host only": lambda self, native, n, device: native.send_matrix.cumsum(0),
-        "Buffer, no prefix matrix": lambda self, native, n, device: None,
+        "Buffer, prefix matrix on the host only": lambda self, native, host, n, device: native.send_matrix.cumsum(0),
+        "Buffer, no prefix matrix": lambda self, native, host, n, device: None,
     }
     class Lines(list):  # rank 0 prints each line as it comes, so that a killed run still tells
         def append(self, line):
@@ -126,9 +127,10 @@ def main():
     parts = {
         "send_matrix": lambda: d.handle.send_matrix,
         "num_recv_tokens_per_expert": lambda: d.num_recv_tokens_per_expert,
-        "prefix matrix, deferred": lambda: real_matrix(buffer, d.handle, per_rank, x.device),
-        "prefix matrix, made at once": lambda: old_matrix(buffer, d.handle, per_rank, x.device),
-        "Buffer._make_handle": lambda: buffer._make_handle(d.handle, in_rank, per_rank, x.device),
+        "the handle's counts read once (_HostCounts)": lambda: _HostCounts(d.handle),
+        "prefix matrix, deferred": lambda: real_matrix(buffer, d.handle, _HostCounts(d.handle), per_rank, x.device),
+        "prefix matrix, made at once": lambda: old_matrix(buffer, d.handle, None, per_rank, x.device),
+        "Buffer._make_handle": lambda: buffer._make_handle(d.handle, _HostCounts(d.handle), in_rank, per_rank, x.device),
     }
     for label, fn in parts.items():
         for _ in range(50):

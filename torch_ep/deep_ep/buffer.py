@@ -15,7 +15,7 @@ from ..low_latency import low_latency_dispatch as _ll_dispatch
 from ..moe import combine as _combine, dispatch as _dispatch, get_dispatch_layout as _get_dispatch_layout
 from ..options import Options
 from ..types import MAX_MATRIX_RANKS, DispatchHandle, DispatchLayout, LowLatencyHandle
-from .utils import (Config, EventHandle, EventOverlap, _check_config, _done_event, _Handle, _Lazy, _native,
+from .utils import (Config, EventHandle, EventOverlap, _check_config, _done_event, _Handle, _HostCounts, _Lazy, _native,
                     _pack_ue8m0, _positive_int, _tensors, _unpack_bias)
 
 
@@ -213,7 +213,7 @@ class Buffer:
     def _remember(self, layout: DispatchLayout) -> None:
         key, layouts = id(layout.is_token_in_rank), self._layouts
         ref = weakref.ref(layout.is_token_in_rank, lambda _: layouts.pop(key, None))
-        layouts[key] = (ref, (layout.meta, layout.header, layout.header_ready))
+        layouts[key] = (ref, (layout.meta, layout.header, layout.header_ready))  # not is_token_in_rank: it keys
 
     def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[Tuple] = None,
                  num_tokens_per_rank: Optional[torch.Tensor] = None,
@@ -279,12 +279,13 @@ class Buffer:
         def run():
             d = _dispatch(x, topk_idx, topk_weights, num_experts=num_experts, group=group, layout=layout,
                           expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
-            made = self._make_handle(d.handle, is_token_in_rank, num_tokens_per_rank, x_data.device)
-            return (d, made), [d.recv_x, d.recv_topk_idx, d.recv_topk_weights, made]
+            host = _HostCounts(d.handle)
+            made = self._make_handle(d.handle, host, is_token_in_rank, num_tokens_per_rank, x_data.device)
+            return (d, host, made), [d.recv_x, d.recv_topk_idx, d.recv_topk_weights, made]
 
-        (d, made), event = self._launch(x_data.device, run, [x, topk_idx, topk_weights], previous_event, async_finish,
-                                        allocate_on_comm_stream)
-        per_expert = [] if num_worst_tokens > 0 else d.num_recv_tokens_per_expert
+        (d, host, made), event = self._launch(x_data.device, run, [x, topk_idx, topk_weights], previous_event,
+                                              async_finish, allocate_on_comm_stream)
+        per_expert = [] if num_worst_tokens > 0 else host.per_expert(expert_alignment)
         return d.recv_x, d.recv_topk_idx, d.recv_topk_weights, per_expert, made, event
 
     def _ready_cuda_exchange(self, device: torch.device) -> None:
@@ -297,21 +298,21 @@ class Buffer:
         dist.all_to_all_single(torch.empty_like(probe), probe, group=self.ep_group)
         self._cuda_exchange_ready = True
 
-    def _make_handle(self, native: DispatchHandle, is_token_in_rank: torch.Tensor, num_tokens_per_rank: torch.Tensor,
-                     device: torch.device) -> _Handle:
+    def _make_handle(self, native: DispatchHandle, host: "_HostCounts", is_token_in_rank: torch.Tensor,
+                     num_tokens_per_rank: torch.Tensor, device: torch.device) -> _Handle:
         r = self.group_size
-        if native.internode:
+        if host.internode:
             def prefix():  # rows received from ranks 0..i; None where only the device knows them
                 recv = native.counts[2 + r:2 + 2 * r]
                 return _to_device(recv.cumsum(0).to(torch.int32), device) if bool((recv >= 0).all()) else None
             return _Handle((is_token_in_rank, None, None, None, None, None, None, None, None, None), native,
                            {6: _Lazy(prefix)})
-        matrix = self._rank_prefix_matrix(native, num_tokens_per_rank, device)
+        matrix = self._rank_prefix_matrix(native, host, num_tokens_per_rank, device)
         if isinstance(matrix, _Lazy):
             return _Handle((None, None, None, None, is_token_in_rank, None), native, {0: matrix})
         return _Handle((matrix, None, None, None, is_token_in_rank, None), native)
 
-    def _rank_prefix_matrix(self, native: DispatchHandle, num_tokens_per_rank: torch.Tensor,
+    def _rank_prefix_matrix(self, native: DispatchHandle, host: "_HostCounts", num_tokens_per_rank: torch.Tensor,
                             device: torch.device) -> Union[torch.Tensor, _Lazy]:
         """[R, R] int32, [i][j] = rows rank j receives from ranks 0..i: every rank's send counts,
         summed down the sources. The handle holds them where the dispatch's records carried them
@@ -319,7 +320,7 @@ class Buffer:
         Else they are gathered now, on every rank (all_to_all_single of the counts to every rank,
         on torch_ep's own transport: a collective cannot wait for a read that some ranks never do)."""
         r = self.group_size
-        if r <= MAX_MATRIX_RANKS and int(native.counts[2]) >= 0:  # the sizes are on the host
+        if r <= MAX_MATRIX_RANKS and host.sizes_on_host:
             return _Lazy(lambda: _to_device(native.send_matrix.cumsum(0).to(torch.int32), device))
         sent = native.send_matrix
         if sent is None:
