@@ -106,21 +106,25 @@ def main():
                       ("Buffer layout", lambda: buffer.get_dispatch_layout(idx, args.experts)),
                       ("Buffer layout then dispatch", buffer_two)):
         lines.append(f"host: {label} {host_us(fn):.1f} us per call issued")
+    # Where the fresh route's host time goes: cProfile's own time per function, in microseconds
+    # per call of the route (pstats prints seconds to 3 decimals, too coarse here).
     import cProfile
-    import io
     import pstats
-    for label, fn in (("native layout then dispatch", native_two), ("Buffer layout then dispatch", buffer_two)):
+    calls = 50
+    for label, fn in (("native layout then dispatch", native_two), ("Buffer layout then dispatch", buffer_two),
+                      ("Buffer dispatch, layout given, fp8", lambda: buffer.dispatch(fp8, **given))):
         per_call_us(fn, 5)
         profiler = cProfile.Profile()
         profiler.enable()
-        for _ in range(20):
+        for _ in range(calls):
             fn()
         torch.cuda.synchronize()
         profiler.disable()
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(14)
-        lines.append(f"cProfile, 20 calls, {label}:\n" + "\n".join(
-            line for line in text.getvalue().splitlines() if line.strip() and not line.startswith("   Ordered")))
+        stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, own s, total s, callers)}
+        top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
+        lines.append(f"cProfile, {label}, us per call (own / with callees): " + "; ".join(
+            f"{name} ({file.rsplit('/', 1)[-1]}:{line}) {own / calls * 1e6:.1f} / {total / calls * 1e6:.1f}"
+            for (file, line, name), (_, _, own, total, _) in top))
 
     # The host work of each part alone, on one dispatch's handle (no communication).
     d = torch_ep.dispatch(x, idx, w, num_experts=args.experts, layout=layout)
