@@ -37,8 +37,8 @@ ENVIRONMENT = {
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
     "TORCH_EP_INTERNODE_DEVICE": "0 sends CUDA dispatch/combine across nodes on the host-driven route (host rounds) "
                                  "instead of the device-driven one (NVSHMEM device API, one host wait; the default)",
-    "TORCH_EP_INTERNODE_A2A_DEVICE": "1 moves CUDA all_to_all's NVSHMEM hop across nodes in one launch (a block per "
-                                     "peer and slot) instead of rounds the host queues (opt-in until it has run on a GPU)",
+    "TORCH_EP_INTERNODE_A2A_DEVICE": "0 moves CUDA all_to_all's NVSHMEM hop across nodes in rounds the host queues "
+                                     "instead of one launch (a block per peer and slot; the default)",
     "TORCH_EP_INTERNODE_CAPACITY": "device route across nodes: the most tokens a rank dispatches per call (default "
                                    "4096); sizes its NVSHMEM buffer, see docs/internode.md",
     "TORCH_EP_INTERNODE_ROW_BYTES": "device route across nodes: the least row stride in bytes its buffer is sized for "

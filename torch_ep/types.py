@@ -99,6 +99,14 @@ class DispatchHandle:
         return self.counts.numel() > self._matrix_start + send_matrix_size(self.num_ranks)
 
 
+def pad_counts(counts: List[int], alignment: int) -> List[int]:
+    """Each count rounded up to a multiple of `alignment`, -1 (a count only the device knows) left
+    as is; branch-free, so that a data-dependent count needs no guard under torch.compile."""
+    if alignment == 1:
+        return counts
+    return [-(-n // alignment) * alignment - torch.sym_max(0, -n) for n in counts]
+
+
 class DispatchResult:
     """What dispatch returns (and torch_ep.reference's).
 
@@ -135,10 +143,7 @@ class DispatchResult:
         if counts is None:
             a = self.expert_alignment
             counts = self.handle.num_recv_tokens_per_expert
-            if a > 1:
-                # ceil(n / a) * a, with -1 (a count only the device knows) left as is; branch-free,
-                # so that a data-dependent n needs no guard.
-                counts = [-(-n // a) * a - torch.sym_max(0, -n) for n in counts]
+            counts = pad_counts(counts, a)
         return counts
 
     def __repr__(self) -> str:

@@ -40,9 +40,10 @@ carry torch_ep's handle in an attribute, `handle.native`; a tuple not made here 
   of up to 32 ranks the dispatch's own records carry every rank's send counts, so it costs no
   exchange, and the matrix is made (a copy to the GPU) when the element is first read: made at
   once, the copy queued behind the dispatch cost it 60 % of its time on the H200. Otherwise, and
-  for a CUDA dispatch with num_worst_tokens (sizes on the device only), one small all_to_all_single of the counts per dispatch on the "ep" group (on the device, with
-  no host synchronisation, in the latter case). torch_ep has no channels and
-  keeps no recv_src_idx, so elements 1-3 and 5 are None.
+  for a CUDA dispatch with num_worst_tokens (sizes on the device only), one small
+  all_to_all_single of the counts per dispatch on the "ep" group (on the device, with no host
+  synchronisation, in the latter case). torch_ep has no channels and keeps no recv_src_idx, so
+  elements 1-3 and 5 are None.
 - Across nodes: DeepEP's 10-tuple with is_token_in_rank at 0 and recv_gbl_rank_prefix_sum ([R]
   int32, rows received from ranks 0..i; made when first read) at 6, None elsewhere.
 - Low latency: (recv_src_info, recv_layout_range, num_max_dispatch_tokens_per_rank, hidden,

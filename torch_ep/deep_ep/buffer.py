@@ -213,7 +213,8 @@ class Buffer:
     def _remember(self, layout: DispatchLayout) -> None:
         key, layouts = id(layout.is_token_in_rank), self._layouts
         ref = weakref.ref(layout.is_token_in_rank, lambda _: layouts.pop(key, None))
-        layouts[key] = (ref, (layout.meta, layout.header, layout.header_ready))  # not is_token_in_rank: it keys
+        # The entry leaves is_token_in_rank out: holding its own key, it would never be dropped.
+        layouts[key] = (ref, (layout.meta, layout.header, layout.header_ready))
 
     def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[Tuple] = None,
                  num_tokens_per_rank: Optional[torch.Tensor] = None,
@@ -301,7 +302,7 @@ class Buffer:
     def _make_handle(self, native: DispatchHandle, host: "_HostCounts", is_token_in_rank: torch.Tensor,
                      num_tokens_per_rank: torch.Tensor, device: torch.device) -> _Handle:
         r = self.group_size
-        if host.internode:
+        if native.internode:
             def prefix():  # rows received from ranks 0..i; None where only the device knows them
                 recv = native.counts[2 + r:2 + 2 * r]
                 return _to_device(recv.cumsum(0).to(torch.int32), device) if bool((recv >= 0).all()) else None

@@ -6,7 +6,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..types import LowLatencyHandle, send_matrix_size
+from ..types import DispatchHandle, LowLatencyHandle, pad_counts
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -109,33 +109,24 @@ class _Lazy:
 
 
 class _HostCounts:
-    """A dispatch handle's counts (DispatchHandle.counts: id, flags, send and receive counts per
-    rank, received tokens per local expert, the send matrix) read once as a list: each value read
-    from the tensor costs a few microseconds of host time per call, which a layout-given dispatch
-    on a fast GPU cannot hide."""
-    __slots__ = ("values", "num_ranks", "num_local_experts")
+    """A dispatch handle's counts (DispatchHandle.counts) read once as a list, at the handle's own
+    offsets: each value read from the tensor costs a few microseconds of host time per call, which
+    a layout-given dispatch on a fast GPU cannot hide."""
+    __slots__ = ("values", "native")
 
-    def __init__(self, native):
+    def __init__(self, native: DispatchHandle):
         self.values = native.counts.tolist()
-        self.num_ranks = native.num_ranks
-        self.num_local_experts = native.num_experts // native.num_ranks
+        self.native = native
 
     @property
     def sizes_on_host(self) -> bool:
-        """False where only the device knows the sizes (a CUDA dispatch with num_worst_tokens)."""
-        return self.values[2] >= 0
-
-    @property
-    def internode(self) -> bool:  # as DispatchHandle.internode
-        r = self.num_ranks
-        return len(self.values) > 2 + 2 * r + self.num_local_experts + send_matrix_size(r)
+        """False where only the device knows the sizes (a CUDA dispatch with num_worst_tokens: -1)."""
+        return self.values[2] >= 0  # the first send count
 
     def per_expert(self, alignment: int) -> List[int]:
-        """Received tokens per local expert, each padded to `alignment` (-1, unknown, kept), as
-        DispatchResult.num_recv_tokens_per_expert."""
-        start = 2 + 2 * self.num_ranks
-        counts = self.values[start:start + self.num_local_experts]
-        return counts if alignment == 1 else [n if n < 0 else -(-n // alignment) * alignment for n in counts]
+        """As DispatchResult.num_recv_tokens_per_expert."""
+        n = self.native
+        return pad_counts(self.values[n._per_expert_start:n._matrix_start], alignment)
 
 
 class _Handle(tuple):
