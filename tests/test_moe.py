@@ -81,8 +81,16 @@ def rank_dispatch_combine(seed, kind, hidden, top_k, experts_per_rank, dtype, al
     assert torch.equal(layout.num_tokens_per_rank.cpu(), ref_layout.num_tokens_per_rank)
     assert torch.equal(layout.num_tokens_per_expert.cpu(), ref_layout.num_tokens_per_expert)
     assert torch.equal(layout.is_token_in_rank.cpu(), ref_layout.is_token_in_rank)
-    # On CUDA the sizes travel to the host behind the layout, so that dispatch(layout=) never waits.
+    # On CUDA the layout kernel writes the sizes to pinned host memory too, each rank's part followed
+    # by its ready flag, so that dispatch(layout=) reads them without a stream wait.
     assert (layout.header is not None) == (torch.device(device).type == "cuda")
+    if layout.header is not None:
+        torch.cuda.synchronize()
+        r, size = dist.get_world_size(), len(layout.meta) - 2 * idx.shape[0] * dist.get_world_size()
+        assert layout.header.is_pinned() and layout.header.numel() == size + r
+        assert torch.equal(layout.header[:size], layout.meta[:size].cpu())
+        assert layout.header[size:].tolist() == [1] * r, "every rank's part of the header is flagged ready"
+        assert layout.num_tokens_per_rank.untyped_storage().data_ptr() != layout.meta.untyped_storage().data_ptr()
 
     # Dispatch.
     expected = reference.dispatch(xc, idxc, wc, num_experts=num_experts, expert_alignment=alignment)

@@ -150,16 +150,12 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group=None) ->
     and is_token_in_rank [N, R]. Local: no communication. Passing the result to
     dispatch(layout=) spares dispatch its own layout step (DeepEP's calling convention)."""
     size = dist.get_world_size(_group(group))
-    layout = DispatchLayout(*torch.ops.ep.get_dispatch_layout(topk_idx, num_experts, size))
-    if layout.meta.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
-        # The sizes go to the host now, behind the layout kernel, so that a dispatch with this
-        # layout finds them there and never waits for the device.
-        header = layout.meta[:_meta_header(size, num_experts)]
-        layout.header = torch.empty(header.shape, dtype=header.dtype, pin_memory=True)
-        layout.header.copy_(header, non_blocking=True)
-        layout.header_ready = torch.cuda.Event()
-        layout.header_ready.record()
-    return layout
+    # On CUDA the kernel also writes the sizes to pinned host memory, so that a dispatch with this
+    # layout reads them there (no copy, event or stream wait); not inside a trace or a capture.
+    host_header = topk_idx.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+    per_rank, per_expert, in_rank, meta, header = torch.ops.ep.get_dispatch_layout(topk_idx, num_experts, size,
+                                                                                  host_header)
+    return DispatchLayout(per_rank, per_expert, in_rank, meta, header if host_header else None)
 
 
 def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None, *,
@@ -204,11 +200,6 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
                              f"expected {(topk_idx.shape[0], g.size())}; was it made for this topk_idx?")
     layout_meta = layout.meta if (layout is not None and handle is None) else None
     layout_header = layout.header if layout_meta is not None else None
-    if layout_header is not None:
-        # Done long ago where the layout is reused. Not left to the op where it is not: every rank
-        # must take the same handshake (a rank whose op waits on its stream after signalling "ready"
-        # would deadlock with one that signals from its kernel, after the host exchange).
-        layout.header_ready.synchronize()
 
     # autograd.Function costs tens of microseconds per call: only where a gradient can flow.
     op = _Dispatch.apply if _needs_grad(x_data, topk_weights) else torch.ops.ep.dispatch
@@ -270,11 +261,13 @@ def _route_tail(group_name: str, device: torch.device):
 
 
 @torch.library.register_fake("ep::get_dispatch_layout")
-def _layout_fake(topk_idx, num_experts, num_ranks):
+def _layout_fake(topk_idx, num_experts, num_ranks, host_header=False):
     n = topk_idx.shape[0]
+    header = _meta_header(num_ranks, num_experts) + num_ranks if host_header and topk_idx.is_cuda else 0
     return (topk_idx.new_empty(num_ranks, dtype=torch.int32), topk_idx.new_empty(num_experts, dtype=torch.int32),
             topk_idx.new_empty(n, num_ranks, dtype=torch.bool),
-            topk_idx.new_empty(_meta_header(num_ranks, num_experts) + 2 * n * num_ranks, dtype=torch.int32))
+            topk_idx.new_empty(_meta_header(num_ranks, num_experts) + 2 * n * num_ranks, dtype=torch.int32),
+            torch.empty(header, dtype=torch.int32, device="cpu"))
 
 
 def _meta_header(num_ranks: int, num_experts: int) -> int:

@@ -22,11 +22,10 @@ class DispatchLayout:
     # The routing table behind these (backend/kernels/moe_meta.hpp): given to dispatch(layout=),
     # it spares dispatch its own layout step. None from torch_ep.reference.
     meta: Optional[torch.Tensor] = None
-    # On CUDA, the table's header (the sizes) copied to pinned host memory as the layout was
-    # made, and the event that marks the copy done: dispatch(layout=) reads its sizes there
-    # instead of waiting for the device.
+    # On CUDA, the table's header (the sizes) in pinned host memory, written there by the layout
+    # kernel with a ready flag per rank (MetaLayout::host_header_size): dispatch(layout=) reads
+    # its sizes there instead of waiting for the stream.
     header: Optional[torch.Tensor] = field(default=None, repr=False)
-    header_ready: Optional[object] = field(default=None, repr=False, compare=False)
 
 
 MAX_MATRIX_RANKS = 32  # kMaxMatrixRanks of backend/ops/moe_protocol.hpp (tests/test_moe.py checks it)

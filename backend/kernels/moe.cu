@@ -15,18 +15,19 @@ constexpr int kWarps = kThreads / 32;
 
 // ------------------------------------------------------------------------------------ layout
 
-// Two passes over a grid of (token chunk, rank) blocks, so that every SM can take part:
-//   count: each block marks its chunk's tokens going to rank r, ranks them within the chunk
-//          (a ballot per warp, a scan over the warps), counts per expert, and records the
-//          chunk's total;
-//   place: each block adds the totals of the chunks before it and writes the final rows.
-// The header is zeroed first: counters accumulate with atomics, and the id range is kept as
-// min(0, smallest) and max(0, largest), enough to tell ids below -1 or from num_experts up.
-__global__ void __launch_bounds__(kThreads) layout_count_kernel(LayoutParams p) {
+// One launch, one block per destination rank r, one pass over the tokens in tiles of kThreads:
+// a token's row among those sent to r is the number of earlier tokens going there (a ballot per
+// warp, a scan over the warps, a running total over the tiles). Each block writes only r's part
+// of the table and counts in shared memory, so nothing is zeroed first. Block 0 also finds the
+// id range, kept as min(0, smallest) and max(0, largest): enough to tell ids below -1 or from
+// num_experts up. With a host header (pinned, mapped), each block also writes its part of the
+// header there, then raises its ready flag: the host reads the sizes with no copy, event or
+// stream wait, and the layout costs the host one launch.
+__global__ void __launch_bounds__(kThreads) layout_kernel(LayoutParams p) {
   extern __shared__ int counters[];  // [2 * experts_per_rank]: pairs, then tokens, per local expert
   __shared__ int warp_counts[kWarps];
   __shared__ int id_lo, id_hi;
-  const int r = blockIdx.y;
+  const int r = blockIdx.x;
   const MetaLayout l{p.num_ranks, p.num_experts, p.num_tokens};
   const int64_t per_rank = l.experts_per_rank(), lo = r * per_rank, hi = lo + per_rank;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -36,76 +37,77 @@ __global__ void __launch_bounds__(kThreads) layout_count_kernel(LayoutParams p) 
   if (threadIdx.x == 0) id_lo = 0, id_hi = 0;
   __syncthreads();
 
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  bool goes = false;
+  int sent = 0;  // tokens of the tiles before this one that go to r (the same in every thread)
   int my_lo = 0, my_hi = 0;
-  if (t < p.num_tokens) {
-    const int64_t* row = p.topk_idx + t * p.num_topk;
-    for (int k = 0; k < p.num_topk; ++k) {
-      const int64_t e = row[k];
-      if (r == 0) {  // blocks of rank 0 also find the id range, to reject bad input
-        const int c = int(e < INT_MIN ? INT_MIN : (e > INT_MAX ? INT_MAX : e));
-        my_lo = min(my_lo, c);
-        my_hi = max(my_hi, c);
+  for (int64_t first = 0; first < p.num_tokens; first += blockDim.x) {
+    const int64_t t = first + threadIdx.x;
+    bool goes = false;
+    if (t < p.num_tokens) {
+      const int64_t* row = p.topk_idx + t * p.num_topk;
+      for (int k = 0; k < p.num_topk; ++k) {
+        const int64_t e = row[k];
+        if (r == 0) {  // block 0 also finds the id range, to reject bad input
+          const int c = int(e < INT_MIN ? INT_MIN : (e > INT_MAX ? INT_MAX : e));
+          my_lo = min(my_lo, c);
+          my_hi = max(my_hi, c);
+        }
+        if (e < lo || e >= hi) continue;
+        goes = true;
+        atomicAdd(&pairs[e - lo], 1);
+        bool repeated = false;  // a token counts once per expert, however many slots name it
+        for (int j = 0; j < k; ++j) repeated = repeated || row[j] == e;
+        if (!repeated) atomicAdd(&tokens[e - lo], 1);
       }
-      if (e < lo || e >= hi) continue;
-      goes = true;
-      atomicAdd(&pairs[e - lo], 1);
-      bool repeated = false;  // a token counts once per expert, however many slots name it
-      for (int j = 0; j < k; ++j) repeated = repeated || row[j] == e;
-      if (!repeated) atomicAdd(&tokens[e - lo], 1);
     }
+    const unsigned ballot = __ballot_sync(0xffffffffu, goes);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      before += w < warp ? warp_counts[w] : 0;
+      total += warp_counts[w];
+    }
+    if (t < p.num_tokens) {
+      const int pos = goes ? sent + before + __popc(ballot & ((1u << lane) - 1)) : -1;
+      p.meta[l.token_pos() + t * p.num_ranks + r] = pos;
+      if (goes) p.meta[l.send_tokens() + r * p.num_tokens + pos] = int32_t(t);
+      if (p.is_token_in_rank) p.is_token_in_rank[t * p.num_ranks + r] = goes;
+    }
+    sent += total;
+    __syncthreads();  // the next tile writes warp_counts again
   }
-  const unsigned ballot = __ballot_sync(0xffffffffu, goes);
-  if (lane == 0) warp_counts[warp] = __popc(ballot);
   if (r == 0 && (my_lo < 0 || my_hi > 0)) {
     atomicMin(&id_lo, my_lo);
     atomicMax(&id_hi, my_hi);
   }
   __syncthreads();
-  int before = 0, total = 0;
-  for (int w = 0; w < int(blockDim.x / 32); ++w) {
-    before += w < warp ? warp_counts[w] : 0;
-    total += warp_counts[w];
-  }
-  if (t < p.num_tokens) {
-    p.meta[l.token_pos() + t * p.num_ranks + r] = goes ? before + __popc(ballot & ((1u << lane) - 1)) : -1;
-    if (p.is_token_in_rank) p.is_token_in_rank[t * p.num_ranks + r] = goes;
-  }
+
+  // r's part of the header: in the table, in the caller's count tensors, on the host.
+  int32_t* host = p.host_header;
+  auto put = [&](int64_t index, int value) {
+    p.meta[index] = value;
+    if (host) host[index] = value;
+  };
   if (threadIdx.x == 0) {
-    p.chunk_counts[r * gridDim.x + blockIdx.x] = total;
+    put(l.tokens_per_rank() + r, sent);
+    if (p.tokens_per_rank) p.tokens_per_rank[r] = sent;
     if (r == 0) {
-      atomicMin(&p.meta[l.id_range()], id_lo);
-      atomicMax(&p.meta[l.id_range() + 1], id_hi);
+      put(l.id_range(), id_lo);
+      put(l.id_range() + 1, id_hi);
     }
   }
   for (int64_t i = threadIdx.x; i < per_rank; i += blockDim.x) {
-    if (pairs[i]) atomicAdd(&p.meta[l.pairs_per_expert() + lo + i], pairs[i]);
-    if (tokens[i]) atomicAdd(&p.meta[l.tokens_per_rank_expert() + lo + i], tokens[i]);
+    put(l.pairs_per_expert() + lo + i, pairs[i]);
+    if (p.pairs_per_expert) p.pairs_per_expert[lo + i] = pairs[i];
+    put(l.tokens_per_rank_expert() + lo + i, tokens[i]);
   }
-}
-
-__global__ void __launch_bounds__(kThreads) layout_place_kernel(LayoutParams p) {
-  __shared__ int first;
-  const int r = blockIdx.y;
-  const MetaLayout l{p.num_ranks, p.num_experts, p.num_tokens};
-  const int* counts = p.chunk_counts + r * gridDim.x;
-  if (threadIdx.x == 0) {
-    int before = 0, total = 0;
-    for (int c = 0; c < int(gridDim.x); ++c) {
-      before += c < int(blockIdx.x) ? counts[c] : 0;
-      total += counts[c];
+  if (host) {
+    __syncthreads();  // every thread's part of the header is written before the flag says so
+    if (threadIdx.x == 0) {
+      __threadfence_system();
+      store_release(reinterpret_cast<uint32_t*>(host + l.header_size() + r), 1u);
     }
-    first = before;
-    if (blockIdx.x == 0) p.meta[l.tokens_per_rank() + r] = total;
   }
-  __syncthreads();
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= p.num_tokens) return;
-  int32_t* pos = p.meta + l.token_pos() + t * p.num_ranks + r;
-  if (*pos < 0) return;
-  *pos += first;
-  p.meta[l.send_tokens() + r * p.num_tokens + *pos] = int32_t(t);
 }
 
 // ------------------------------------------------------------------------------------ signal
@@ -307,12 +309,8 @@ cudaError_t launch_dispatch_warps(const DispatchParams& p, int vec, cudaStream_t
 cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream) {
   if (p.num_ranks < 1 || p.num_experts % p.num_ranks) return cudaErrorInvalidValue;
   const MetaLayout l{p.num_ranks, p.num_experts, p.num_tokens};
-  cudaError_t err = cudaMemsetAsync(p.meta, 0, l.header_size() * sizeof(int32_t), stream);
-  if (err != cudaSuccess || p.num_tokens == 0) return err;
-  const dim3 grid(unsigned(layout_chunks(p.num_tokens)), unsigned(p.num_ranks));
   const size_t smem = 2 * size_t(l.experts_per_rank()) * sizeof(int);
-  layout_count_kernel<<<grid, kThreads, smem, stream>>>(p);
-  layout_place_kernel<<<grid, kThreads, 0, stream>>>(p);
+  layout_kernel<<<unsigned(p.num_ranks), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

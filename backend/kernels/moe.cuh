@@ -20,17 +20,19 @@ namespace ep::kernels {
 
 // ---- layout: the routing table (moe_meta.hpp) of one rank's topk_idx
 constexpr int kThreads = 512;  // threads per block of every MoE kernel
-// Chunks of kThreads tokens the layout works in; it needs layout_chunks(N) * R ints of scratch.
-inline int64_t layout_chunks(int64_t num_tokens) { return (num_tokens + kThreads - 1) / kThreads; }
 struct LayoutParams {
   const int64_t* topk_idx;  // [N, K]
   int64_t num_tokens;
   int num_topk;
   int num_ranks;
   int64_t num_experts;
-  int32_t* meta;            // MetaLayout{num_ranks, num_experts, num_tokens}.size() int32
-  bool* is_token_in_rank;   // [N, R], or null
-  int32_t* chunk_counts;    // scratch: [R, layout_chunks(N)]
+  int32_t* meta;               // MetaLayout{num_ranks, num_experts, num_tokens}.size() int32
+  bool* is_token_in_rank;      // [N, R], or null
+  int32_t* tokens_per_rank;    // [R]: the header's column, in a tensor of its own; or null
+  int32_t* pairs_per_expert;   // [E]: likewise; or null
+  int32_t* host_header;        // pinned host memory, [MetaLayout::host_header_size()]: the header,
+                               // then a ready flag per rank (0 before the launch, 1 once that
+                               // rank's part is there); or null
 };
 cudaError_t launch_layout(const LayoutParams& params, cudaStream_t stream);
 

@@ -30,6 +30,9 @@ struct MetaLayout {
   EP_HOST_DEVICE int64_t id_range() const { return num_ranks + 2 * num_experts; }
   // What the host copies back after the layout step: everything above.
   EP_HOST_DEVICE int64_t header_size() const { return id_range() + 2; }
+  // The header as the layout kernel writes it to the host: the header, then a ready flag per
+  // rank r, set once r's part of the header is there.
+  EP_HOST_DEVICE int64_t host_header_size() const { return header_size() + num_ranks; }
   // [N, R] row of token t among the rows sent to rank r, or -1 when it does not go there
   EP_HOST_DEVICE int64_t token_pos() const { return header_size(); }
   // [R, N] the tokens sent to rank r, in token order (the first tokens_per_rank[r] are valid)

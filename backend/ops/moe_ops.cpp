@@ -8,6 +8,9 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <chrono>
+#include <thread>
+
 #include "backend/kernels/moe_meta.hpp"
 #include "backend/ops/moe_protocol.hpp"
 #include "backend/process_group/process_group_ep.hpp"
@@ -140,20 +143,32 @@ std::vector<int64_t> counts_vector(const char* op, const Tensor& counts) {
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx, int64_t num_experts,
-                                                               int64_t num_ranks) {
+// host_header: on CUDA, also the header in pinned host memory, written by the layout kernel
+// (for dispatch(layout_header=), which then reads the sizes without waiting on the stream); an
+// empty CPU tensor otherwise.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx, int64_t num_experts,
+                                                                       int64_t num_ranks, bool host_header) {
   const char* op = "get_dispatch_layout";
   TORCH_CHECK_VALUE(num_ranks >= 1, op, ": num_ranks must be at least 1");
   check_experts(op, num_experts, num_ranks);
   check_topk(op, topk_idx, topk_idx.dim() == 2 ? topk_idx.size(0) : -1, topk_idx.device());
-  Tensor in_rank;
   const Tensor idx = topk_idx.contiguous();
-  Tensor meta = idx.is_cuda() ? layout_cuda(idx, num_experts, num_ranks, &in_rank)
-                              : layout_cpu(idx, num_experts, num_ranks, &in_rank);
+  const Tensor no_header = at::empty({0}, at::TensorOptions().dtype(at::kInt));
+  if (idx.is_cuda()) {
+    LayoutExtras out;
+    out.want_counts = out.want_is_token_in_rank = true;
+    out.want_host_header = host_header;
+    Tensor meta = layout_cuda(idx, num_experts, num_ranks, &out);
+    return {out.num_tokens_per_rank, out.num_tokens_per_expert, out.is_token_in_rank, meta,
+            host_header ? out.host_header : no_header};
+  }
+  Tensor in_rank;
+  Tensor meta = layout_cpu(idx, num_experts, num_ranks, &in_rank);
   kernels::MetaLayout l{num_ranks, num_experts, idx.size(0)};
   return {meta.narrow(0, l.tokens_per_rank(), num_ranks).clone(),
-          meta.narrow(0, l.pairs_per_expert(), num_experts).clone(), in_rank, meta};
+          meta.narrow(0, l.pairs_per_expert(), num_experts).clone(), in_rank, meta, no_header};
 }
+
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
     const Tensor& x, const std::optional<Tensor>& x_scales, const std::optional<Tensor>& topk_idx,
@@ -190,8 +205,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
       if (layout_header) {
         const kernels::MetaLayout l{R, num_experts, N};
         TORCH_CHECK_VALUE(!layout_header->is_cuda() && layout_header->scalar_type() == at::kInt &&
-                              layout_header->dim() == 1 && layout_header->numel() == l.header_size(),
-                          op, ": layout_header must be the layout's header on the host (CPU int32, ", l.header_size(),
+                              layout_header->dim() == 1 && layout_header->numel() == l.host_header_size(),
+                          op, ": layout_header must be the layout's header on the host (CPU int32, ",
+                          l.host_header_size(),
                           " values), got ", layout_header->scalar_type(), " ", layout_header->sizes(), " on ",
                           layout_header->device());
         a.layout_header = layout_header->contiguous();
@@ -246,8 +262,26 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const std::optional<Tensor>&
 
 }  // namespace
 
+void wait_for_host_header(const Tensor& host_header, int64_t num_ranks, int64_t num_experts, int64_t num_tokens,
+                          std::chrono::milliseconds timeout, const char* op, int rank) {
+  const kernels::MetaLayout l{num_ranks, num_experts, num_tokens};
+  const int32_t* flags = host_header.data_ptr<int32_t>() + l.header_size();
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (int64_t r = 0; r < num_ranks; ++r) {
+    for (uint64_t spins = 0; __atomic_load_n(flags + r, __ATOMIC_ACQUIRE) == 0; ++spins) {
+      if (spins % 1024 == 1023) {
+        if (std::chrono::steady_clock::now() > deadline)
+          C10_THROW_ERROR(DistBackendError, std::string(op) + ": rank " + std::to_string(rank) +
+                                                ": the routing layout's sizes did not come back from the device "
+                                                "within the group's timeout (is an earlier op on this stream stuck?)");
+        std::this_thread::yield();
+      }
+    }
+  }
+}
+
 #ifndef TORCH_EP_WITH_CUDA
-at::Tensor layout_cuda(const at::Tensor&, int64_t, int64_t, at::Tensor*) {
+at::Tensor layout_cuda(const at::Tensor&, int64_t, int64_t, LayoutExtras*) {
   TORCH_CHECK(false, "get_dispatch_layout: torch_ep was built without CUDA support");
 }
 DispatchOutputs dispatch_cuda(ProcessGroupEP&, const DispatchArgs&) {
@@ -272,8 +306,9 @@ const std::vector<at::Tag>& host_synced_op_tags() {
 }
 
 TORCH_LIBRARY(ep, m) {
-  m.def("get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> "
-        "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank, Tensor meta)");
+  m.def("get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks, bool host_header=False) -> "
+        "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank, Tensor meta, "
+        "Tensor host_header)");
   m.def("dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, Tensor? handle_meta, "
         "Tensor? handle_counts, int num_experts, int num_worst_tokens, str group_name, Tensor? layout_meta=None, Tensor? layout_header=None) -> "
         "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, Tensor meta, "

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include <chrono>
 #include <optional>
 #include <string>
 #include <vector>
@@ -80,8 +81,20 @@ at::Tensor layout_cpu(const at::Tensor& topk_idx, int64_t num_experts, int64_t n
 DispatchOutputs dispatch_cpu(ProcessGroupEP& group, const DispatchArgs& args);
 CombineOutputs combine_cpu(ProcessGroupEP& group, const CombineArgs& args);
 
+// What a CUDA layout makes besides the routing table, each only where the caller asks (`want_*`).
+struct LayoutExtras {
+  bool want_counts = false, want_is_token_in_rank = false, want_host_header = false;
+  at::Tensor num_tokens_per_rank, num_tokens_per_expert;  // [R], [E] int32: the header's columns
+  at::Tensor is_token_in_rank;                            // [N, R] bool
+  at::Tensor host_header;  // pinned CPU int32 [MetaLayout::host_header_size()], written by the
+                           // kernel: read it after wait_for_host_header
+};
 at::Tensor layout_cuda(const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
-                       at::Tensor* is_token_in_rank);
+                       LayoutExtras* extras = nullptr);
+// Waits until the layout kernel has written every rank's part of `host_header` (its ready flags),
+// at most `timeout`; raises naming the op and the rank.
+void wait_for_host_header(const at::Tensor& host_header, int64_t num_ranks, int64_t num_experts, int64_t num_tokens,
+                          std::chrono::milliseconds timeout, const char* op, int rank);
 DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& args);
 CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& args);
 

@@ -214,7 +214,7 @@ class Buffer:
         key, layouts = id(layout.is_token_in_rank), self._layouts
         ref = weakref.ref(layout.is_token_in_rank, lambda _: layouts.pop(key, None))
         # The entry leaves is_token_in_rank out: holding its own key, it would never be dropped.
-        layouts[key] = (ref, (layout.meta, layout.header, layout.header_ready))
+        layouts[key] = (ref, (layout.meta, layout.header))
 
     def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[Tuple] = None,
                  num_tokens_per_rank: Optional[torch.Tensor] = None,

@@ -2,14 +2,15 @@
 //
 // Each call runs on the caller's current stream:
 //   [layout]      routing table on the device (a new route only)
-//   host          the sizes: from the handle, the given layout's host copy, or the table's
-//                 header copied back (a wait; then a [signal] kernel sends "ready" first, so it
-//                 overlaps the wait); none with num_worst_tokens. Then one record exchange with
+//   host          the sizes: from the handle, the given layout's host header, or the header
+//                 the layout kernel writes to pinned memory (a wait; then a [signal] kernel
+//                 sends "ready" first, so it overlaps the wait); none with num_worst_tokens. Then one record exchange with
 //                 every peer: sizes, checks, and IPC handles of the tensors its kernel will read
 //   [dispatch | combine]   one kernel: "my inputs are ready" to every peer and wait for theirs;
 //                 pull straight from the peers' tensors into this rank's outputs; then "I am
 //                 done reading yours" and wait until every peer is done with ours, so no input
 //                 is freed or overwritten while a peer still reads it
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/record_function.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -174,11 +175,13 @@ std::shared_ptr<CudaTransport> transport_for(ProcessGroupEP& group, const at::De
 
 }  // namespace
 
-Tensor layout_cuda(const Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, Tensor* is_token_in_rank) {
+Tensor layout_cuda(const Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, LayoutExtras* extras) {
   c10::cuda::CUDAGuard guard(topk_idx.device());
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = topk_idx.size(0);
   const MetaLayout l{num_ranks, num_experts, N};
-  Tensor meta = at::empty({l.size()}, topk_idx.options().dtype(at::kInt));
+  const at::TensorOptions ints = topk_idx.options().dtype(at::kInt);
+  Tensor meta = at::empty({l.size()}, ints);
   kernels::LayoutParams p{};
   p.topk_idx = topk_idx.data_ptr<int64_t>();
   p.num_tokens = N;
@@ -186,13 +189,25 @@ Tensor layout_cuda(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
   p.num_ranks = int(num_ranks);
   p.num_experts = num_experts;
   p.meta = meta.data_ptr<int32_t>();
-  const Tensor scratch = at::empty({num_ranks * kernels::layout_chunks(N)}, meta.options());
-  p.chunk_counts = scratch.data_ptr<int32_t>();
-  if (is_token_in_rank) {
-    *is_token_in_rank = at::empty({N, num_ranks}, topk_idx.options().dtype(at::kBool));
-    p.is_token_in_rank = is_token_in_rank->data_ptr<bool>();
+  if (extras && extras->want_counts) {
+    extras->num_tokens_per_rank = at::empty({num_ranks}, ints);
+    extras->num_tokens_per_expert = at::empty({num_experts}, ints);
+    p.tokens_per_rank = extras->num_tokens_per_rank.data_ptr<int32_t>();
+    p.pairs_per_expert = extras->num_tokens_per_expert.data_ptr<int32_t>();
   }
-  C10_CUDA_CHECK(kernels::launch_layout(p, c10::cuda::getCurrentCUDAStream().stream()));
+  if (extras && extras->want_is_token_in_rank) {
+    extras->is_token_in_rank = at::empty({N, num_ranks}, topk_idx.options().dtype(at::kBool));
+    p.is_token_in_rank = extras->is_token_in_rank.data_ptr<bool>();
+  }
+  if (extras && extras->want_host_header) {
+    Tensor& host = extras->host_header = at::empty({l.host_header_size()}, ints.device(at::kCPU).pinned_memory(true));
+    std::fill_n(host.data_ptr<int32_t>() + l.header_size(), num_ranks, 0);  // the ready flags
+    p.host_header = host.data_ptr<int32_t>();  // pinned memory is mapped: the kernel writes it directly
+    // The allocator must not hand this block out again before the kernel has written it.
+    at::getHostAllocator(at::kCUDA)->record_event(p.host_header, host.storage().data_ptr().get_context(),
+                                                  stream.unwrap());
+  }
+  C10_CUDA_CHECK(kernels::launch_layout(p, stream.stream()));
   return meta;
 }
 
@@ -214,26 +229,32 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   try {
     phase.next("ep::dispatch/layout");
     const bool given = cached || a.layout_meta;  // a routing table computed earlier
-    const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, nullptr);
-    // The sizes, on the host: from the handle, from the given layout's host copy, or from the
-    // table (one wait for the layout kernel), or nowhere with num_worst_tokens, so that nothing
-    // waits on the device.
-    Tensor header = a.layout_header ? *a.layout_header : Tensor();
+    // The sizes, on the host: from the handle, from the given layout's host header, or from the
+    // header the layout kernel writes to the host now (one wait for that kernel), or nowhere
+    // with num_worst_tokens, so that nothing waits on the device.
+    LayoutExtras fresh;
+    fresh.want_host_header = !given && !worst;
+    const bool host_waits = !cached && !worst && !a.layout_header;
+    TORCH_CHECK_VALUE(!host_waits || !stream_capturing(stream), op, ": inside a CUDA graph capture, a dispatch "
+                      "needs num_worst_tokens or a handle (without them the host waits for the sizes)");
+    const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, &fresh);
+    Tensor header = a.layout_header ? *a.layout_header : fresh.host_header;
     std::vector<int64_t> send(R, -1);
     // The handshake goes out before the host waits, so it overlaps that wait; where the host
     // does not wait, after the exchange, so that no rank's kernel waits on a peer's host.
-    const bool host_waits = !cached && !worst && !header.defined();
     if (host_waits) signal_ready(*transport, stream);
     if (cached) {
       send = a.handle_counts->send;
-    } else if (header.defined()) {
-      for (int64_t p = 0; p < R; ++p) send[p] = header.data_ptr<int32_t>()[l.tokens_per_rank() + p];
     } else if (!worst) {
       phase.next("ep::dispatch/wait_for_sizes");
-      header = at::empty({l.header_size()}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
-      EP_CUDA_CHECK(cudaMemcpyAsync(header.data_ptr(), meta.data_ptr(), header.nbytes(), cudaMemcpyDeviceToHost,
-                                    stream));
-      EP_CUDA_CHECK(cudaStreamSynchronize(stream));
+      if (header.defined()) {  // the layout kernel's, now or earlier: its ready flags
+        wait_for_host_header(header, R, E, N, group.config().timeout, op, int(rank));
+      } else {  // a layout made without its host header (under a capture, or by hand): copy it back
+        header = at::empty({l.header_size()}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+        EP_CUDA_CHECK(cudaMemcpyAsync(header.data_ptr(), meta.data_ptr(), header.nbytes(), cudaMemcpyDeviceToHost,
+                                      stream));
+        EP_CUDA_CHECK(cudaStreamSynchronize(stream));
+      }
       for (int64_t p = 0; p < R; ++p) send[p] = header.data_ptr<int32_t>()[l.tokens_per_rank() + p];
     }
 
