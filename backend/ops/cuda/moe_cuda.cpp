@@ -245,7 +245,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     if (host_waits) signal_ready(*transport, stream);
     if (cached) {
       send = a.handle_counts->send;
-    } else if (!worst) {
+    } else if (!worst || header.defined()) {  // a given layout's header is read, as every rank does
       phase.next("ep::dispatch/wait_for_sizes");
       if (header.defined()) {  // the layout kernel's, now or earlier: its ready flags
         wait_for_host_header(header, R, E, N, group.config().timeout, op, int(rank));
