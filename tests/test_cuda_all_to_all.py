@@ -5,6 +5,7 @@ tests' own rank functions run on CUDA tensors, plus what only CUDA has: stream s
 CUDA-graph capture, memory that stays flat, and timeouts that raise instead of hanging.
 """
 import contextlib
+import math
 import time
 from datetime import timedelta
 
@@ -16,7 +17,7 @@ import test_all_to_all as cpu_checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
 from torch_ep import reference
-from torch_ep.testing import poison_, same_bits
+from torch_ep.testing import poison_, random_tensor, same_bits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C.has_cuda,
                                 reason="needs CUDA and a CUDA build of torch_ep")
@@ -138,6 +139,86 @@ def test_sm_budget(cuda_pool):
 
 def test_messages_larger_than_buffers(cuda_pool):
     cuda_pool.run(rank_larger_than_buffers, seed=_seed())
+
+
+# Message sizes in bytes about the staged move's chunks (backend/kernels/all_to_all_v.cu cuts each
+# message into chunks of its own size, from 32 KiB up to one staging slot, spread over the lanes;
+# its sender and its receiver must cut it alike): empty, a few bytes, under 32 KiB, either side of
+# 32 KiB, between 32 KiB and a 64 KiB slot (SMALL_SLOTS), either side of that slot, a few such
+# slots, just past a default 1 MiB slot, and many rounds of 64 KiB slots. None but the empty one
+# is a multiple of 16 bytes.
+CHUNK_EDGE_BYTES = (0, 5, 1000, (32 << 10) - 1, (32 << 10) + 1, (48 << 10) + 7, (64 << 10) - 3, (64 << 10) + 5,
+                    (300 << 10) + 11, (1 << 20) + 1, (7 << 19) + 13)
+# cuda_buffer_bytes with 64 KiB staging slots at 2 to 8 ranks (a slot is the buffer over
+# ranks x lanes x 2, lanes = 16, 8 or 4), and with 4 KiB slots, under the smallest chunk.
+SMALL_SLOTS, TINY_SLOTS = 4 << 20, 64 << 10
+# Many rounds of the default 1 MiB slots (a round is lanes x 1 MiB: 16 MiB at 2 ranks).
+LARGE_MESSAGE_BYTES = (40 << 20) + 3
+
+
+def chunk_edge_matrix(size: int, call: int, large: bool = False) -> torch.Tensor:
+    """[src, dst] message bytes of call `call`, the same on every rank. Over len(CHUNK_EDGE_BYTES)
+    calls every pair meets every size, and a pair's two directions always differ (3s + 5d and
+    3d + 5s differ mod 11), so each block of the move sends and receives messages cut into
+    chunks of different sizes and counts. `large`: rank 0 sends the last rank LARGE_MESSAGE_BYTES."""
+    n = len(CHUNK_EDGE_BYTES)
+    m = torch.tensor([[CHUNK_EDGE_BYTES[(call + 3 * s + 5 * d) % n] for d in range(size)] for s in range(size)],
+                     dtype=torch.int64)
+    if large:
+        m[0, size - 1] = LARGE_MESSAGE_BYTES
+    return m
+
+
+def chunk_edge_input(rows: int, dtype, row_shape, generator, device="cuda") -> torch.Tensor:
+    """Random rows; as uint8, never 0 (poison_'s value for uint8), so that no byte left unwritten
+    can pass for data."""
+    if dtype == torch.uint8:
+        return torch.randint(1, 256, (rows, *row_shape), generator=generator, dtype=torch.uint8).to(device)
+    return random_tensor((rows, *row_shape), dtype, generator, device)
+
+
+# Raw bytes (every size exact, mostly unaligned), and 12-byte rows (sizes rounded up to rows).
+CHUNK_EDGE_ROWS = ((torch.uint8, ()), (torch.float32, (3,)))
+
+
+def chunk_edge_rows(m: torch.Tensor, dtype, row_shape) -> torch.Tensor:
+    """The bytes of m as whole rows of dtype x row_shape, rounded up."""
+    row_bytes = torch.empty((), dtype=dtype).element_size() * math.prod(row_shape)
+    return (m + row_bytes - 1) // row_bytes
+
+
+def rank_chunk_edges(seed):
+    """all_to_all_single of CHUNK_EDGE_BYTES messages, every pair in both directions, through the
+    device protocol's default 1 MiB staging slots (one call with a message of many rounds too),
+    64 KiB and 4 KiB slots (the host protocol's chunks, cut from the same buffer sizes, likewise);
+    outputs poisoned, compared bit for bit with the reference."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    n = len(CHUNK_EDGE_BYTES)
+    groups = {"default": None}
+    for name, buffer_bytes in (("64 KiB slots", SMALL_SLOTS), ("4 KiB slots", TINY_SLOTS)):
+        groups[name] = dist.new_group(pg_options=torch_ep.Options(cuda_buffer_bytes=buffer_bytes))
+    try:
+        for name, group in groups.items():
+            for call in range(n + (group is None)):
+                large = call == n
+                m = chunk_edge_matrix(size, (seed + call) % n, large=large)
+                for dtype, row_shape in CHUNK_EDGE_ROWS[:1] if large else CHUNK_EDGE_ROWS:
+                    rows = chunk_edge_rows(m, dtype, row_shape)
+                    in_splits, out_splits = rows[rank].tolist(), rows[:, rank].tolist()
+                    g = torch.Generator().manual_seed(seed * 131 + call * 17 + rank)
+                    inp = chunk_edge_input(sum(in_splits), dtype, row_shape, g)
+                    out = poison_(torch.empty((sum(out_splits), *row_shape), dtype=dtype, device="cuda"))
+                    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+                    expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
+                    assert same_bits(out, expected), f"{name}, bytes {m.tolist()}, {dtype} {row_shape}: output differs"
+    finally:
+        for group in groups.values():
+            if group is not None:
+                dist.destroy_process_group(group)
+
+
+def test_messages_about_the_chunk_sizes(cuda_pool):
+    cuda_pool.run(rank_chunk_edges, seed=_seed(), timeout_s=300)
 
 
 def rank_stream_semantics(seed):

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import test_all_to_all_v as cpu_checks
+import test_cuda_all_to_all as single_checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
 from torch_ep import reference
@@ -143,6 +144,88 @@ def rank_many_chunks(seed):
 
 def test_messages_larger_than_staging(cuda_pool):
     cuda_pool.run(rank_many_chunks, seed=_seed())
+
+
+def rank_chunk_edges(seed):
+    """Messages about the staged move's chunk sizes (test_cuda_all_to_all.CHUNK_EDGE_BYTES): every
+    pair in both directions, as raw bytes and as 12-byte rows, through the default 1 MiB staging
+    slots (one call with a message of many rounds too), 64 KiB and 4 KiB slots; into a given
+    output (poisoned, one row to spare that must stay so) and an allocated one. The reference runs
+    on CPU copies over the host transport, apart from the kernels under test."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    n = len(single_checks.CHUNK_EDGE_BYTES)
+    groups = {"default": None}
+    for name, buffer_bytes in (("64 KiB slots", single_checks.SMALL_SLOTS), ("4 KiB slots", single_checks.TINY_SLOTS)):
+        groups[name] = dist.new_group(pg_options=torch_ep.Options(cuda_buffer_bytes=buffer_bytes))
+    try:
+        for name, group in groups.items():
+            for call in range(n + (group is None)):
+                large = call == n
+                m = single_checks.chunk_edge_matrix(size, (seed + call) % n, large=large)
+                rows_kinds = single_checks.CHUNK_EDGE_ROWS
+                for dtype, row_shape in rows_kinds[:1] if large else rows_kinds:
+                    what = f"{name}, bytes {m.tolist()}, {dtype} {row_shape}"
+                    rows = single_checks.chunk_edge_rows(m, dtype, row_shape)
+                    g = torch.Generator().manual_seed(seed * 131 + call * 17 + rank)
+                    inp = single_checks.chunk_edge_input(int(rows[rank].sum()), dtype, row_shape, g)
+                    splits = rows[rank].cuda()
+                    total = int(rows[:, rank].sum())
+                    expected = reference.all_to_all_v(inp.cpu(), splits.cpu())
+                    out = poison_(torch.empty((total + 1, *row_shape), dtype=dtype, device="cuda"))
+                    res = torch_ep.all_to_all_v(inp, splits, output=out, group=group)
+                    torch.cuda.synchronize()
+                    torch_ep.check_errors(group)
+                    assert same_bits(out[:total], expected.output), f"{what}: given output differs"
+                    assert same_bits(out[total:], poison_(torch.empty_like(out[total:]))), f"{what}: spare row written"
+                    assert same_bits(res.output_splits, expected.output_splits), f"{what}: output_splits"
+                    assert same_bits(res.output_offsets, expected.output_offsets), f"{what}: output_offsets"
+                    res = torch_ep.all_to_all_v(inp, splits, group=group)
+                    assert same_bits(res.output, expected.output), f"{what}: allocated output differs"
+    finally:
+        for group in groups.values():
+            if group is not None:
+                dist.destroy_process_group(group)
+
+
+def test_messages_about_the_chunk_sizes(cuda_pool):
+    cuda_pool.run(rank_chunk_edges, seed=_seed(), timeout_s=300)
+
+
+def rank_chunk_edges_graph(seed):
+    """One capture, replayed with each CHUNK_EDGE_BYTES matrix in turn (each rank's fixed input:
+    those messages, and what is left to itself): chunk sizes and counts per lane change from one
+    replay to the next, so each replay must find every slot flag back where the protocol starts."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    n = len(single_checks.CHUNK_EDGE_BYTES)
+    matrices = [single_checks.chunk_edge_matrix(size, call) for call in range(n)]
+    rows = max(int(m.sum(1).max()) for m in matrices)
+    static_in = torch.ones(rows, dtype=torch.uint8, device="cuda")
+    static_splits = torch.zeros(size, dtype=torch.int64, device="cuda")
+    static_splits[rank] = rows
+    static_out = torch.empty(rows * size, dtype=torch.uint8, device="cuda")
+    torch_ep.all_to_all_v(static_in, static_splits, output=static_out)  # sets the transport up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = torch_ep.all_to_all_v(static_in, static_splits, output=static_out)
+    g = torch.Generator().manual_seed(seed + rank)
+    for call in range(n):
+        m = matrices[(seed + call) % n].clone()
+        m.diagonal().add_(rows - m.sum(1))  # the rest of each rank's input to itself
+        static_in.copy_(single_checks.chunk_edge_input(rows, torch.uint8, (), g))
+        static_splits.copy_(m[rank])
+        poison_(static_out)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.all_to_all_v(static_in.cpu(), static_splits.cpu(),
+                                          output=poison_(torch.empty(rows * size, dtype=torch.uint8)))
+        assert same_bits(static_out, expected.output), f"replay {call}, bytes {m.tolist()}"
+        assert same_bits(res.output_splits, expected.output_splits), f"replay {call}: output_splits"
+        assert same_bits(res.output_offsets, expected.output_offsets), f"replay {call}: output_offsets"
+
+
+def test_cuda_graph_replay_across_chunk_sizes(cuda_pool):
+    cuda_pool.run(rank_chunk_edges_graph, seed=_seed(), timeout_s=300)
 
 
 def rank_peer_never_arrives():

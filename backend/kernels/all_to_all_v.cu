@@ -10,6 +10,23 @@ using L = AllToAllVLayout;
 constexpr int kPlanThreads = kMaxRanksPerNode;  // one per rank
 constexpr int kMoveThreads = 512;
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread: 32 KiB per block
+// The smallest chunk a message is cut into (unless the slot is smaller): the bytes one block
+// copies in a single pass of kUnroll loads per thread. A smaller chunk is not copied faster (its
+// loads go in serial round trips through block_copy's tail loop) and costs a handshake more.
+constexpr uint64_t kMinStagedChunk = uint64_t(kMoveThreads) * kUnroll * 16;
+
+// The chunk size of a message of `bytes`: the fewest rounds of `lanes` slot-sized chunks that
+// hold it, its bytes spread evenly over every lane in those rounds (16-byte multiples keep vector
+// copies aligned), at least kMinStagedChunk, at most a slot. A function of the message's size and
+// the group's layout only: its sender and its receiver cut it alike (the plan gives the
+// receiver's recv_rows[src] equal to the sender's send_rows[dst]).
+__device__ __forceinline__ uint64_t message_chunk_bytes(uint64_t bytes, const AllToAllVLayout& layout) {
+  const uint64_t slot = layout.chunk_bytes, lanes = uint64_t(layout.lanes);
+  const uint64_t rounds = bytes == 0 ? 1 : (bytes + lanes * slot - 1) / (lanes * slot);
+  const uint64_t even = ((bytes + lanes * rounds - 1) / (lanes * rounds) + 15) / 16 * 16;
+  const uint64_t chunk = even > kMinStagedChunk ? even : kMinStagedChunk;
+  return chunk < slot ? chunk : slot;
+}
 
 __device__ __forceinline__ uint32_t* flag_at(char* block, size_t offset) {
   return reinterpret_cast<uint32_t*>(block + offset);
@@ -104,6 +121,10 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
       out_offset += nothing ? 0 : records[s][me];
     }
     recv_offset = overflow ? 0 : out_offset;
+    // The rows this rank sends t (plan[t]) are the rows t's plan receives from it (plan[2R + me]
+    // there): splits[t] is records[me][t] on t, and nothing, overflows[t] and direct come out
+    // alike on every rank (but for `failed`, which is fatal; row sizes that differ anywhere make
+    // nothing everywhere). So the move kernel's two ends count, and cut into chunks, the same bytes.
     const int64_t arrived = nothing ? 0 : records[t][me];
     const int64_t send_rows = nothing || overflows[t] ? 0 : splits[t];
     p.plan[t] = direct ? 0 : send_rows;
@@ -189,8 +210,11 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
   const uint64_t recv_bytes = uint64_t(recv_rows[src]) * row_bytes;
   const char* send = p.input + send_offsets[dst] * row_bytes;
   char* recv = p.output + recv_offsets[src] * row_bytes;
-  const uint64_t chunk = p.layout.chunk_bytes;
-  const uint64_t send_chunks = (send_bytes + chunk - 1) / chunk, recv_chunks = (recv_bytes + chunk - 1) / chunk;
+  // Each way's message has its own chunk size (message_chunk_bytes), the same on both its ends.
+  const uint64_t send_chunk = message_chunk_bytes(send_bytes, p.layout);
+  const uint64_t recv_chunk = message_chunk_bytes(recv_bytes, p.layout);
+  const uint64_t send_chunks = (send_bytes + send_chunk - 1) / send_chunk;
+  const uint64_t recv_chunks = (recv_bytes + recv_chunk - 1) / recv_chunk;
   __shared__ int go;
   // Round j moves chunk k = lane + j * lanes each way, through this lane's slot j % 2.
   for (uint64_t j = 0, k = lane; k < send_chunks || k < recv_chunks; ++j, k += lanes) {
@@ -202,8 +226,9 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
       }
       __syncthreads();
       if (!go) return;
-      const uint64_t n = send_bytes - k * chunk < chunk ? send_bytes - k * chunk : chunk;
-      block_copy<kUnroll>(p.blocks[dst] + p.layout.slot(me, lane, slot), send + k * chunk, n);
+      const uint64_t from = k * send_chunk;
+      const uint64_t n = send_bytes - from < send_chunk ? send_bytes - from : send_chunk;
+      block_copy<kUnroll>(p.blocks[dst] + p.layout.slot(me, lane, slot), send + from, n);
       __syncthreads();  // every thread's stores are issued before the release below
       if (threadIdx.x == 0) {
         __threadfence_system();
@@ -217,8 +242,9 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
       }
       __syncthreads();
       if (!go) return;
-      const uint64_t n = recv_bytes - k * chunk < chunk ? recv_bytes - k * chunk : chunk;
-      block_copy<kUnroll>(recv + k * chunk, p.blocks[me] + p.layout.slot(src, lane, slot), n, CachedGlobalLoad{});
+      const uint64_t from = k * recv_chunk;
+      const uint64_t n = recv_bytes - from < recv_chunk ? recv_bytes - from : recv_chunk;
+      block_copy<kUnroll>(recv + from, p.blocks[me] + p.layout.slot(src, lane, slot), n, CachedGlobalLoad{});
       __syncthreads();  // every thread has read the slot before it is handed back
       if (threadIdx.x == 0) {
         __threadfence_system();

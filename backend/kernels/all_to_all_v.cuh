@@ -20,6 +20,12 @@
 //     rank's part of the plan.
 //   move (one block per peer offset b = 0..R-1 and lane): a message is cut into chunks, and
 //     chunk k travels in lane k % lanes, so each pair of ranks has `lanes` independent pipelines.
+//     Each message has its own chunk size, a function of its bytes and the layout alone (its
+//     sender and receiver agree on its bytes, so they cut it alike): its bytes spread evenly over
+//     every lane in the fewest rounds of slot-sized chunks, at least 32 KiB (what one block copies
+//     in one pass), at most a slot. So a message smaller than `lanes` slots still spreads over
+//     the lanes: with 16 lanes and 1 MiB slots, 128 KiB goes as 4 chunks of 32 KiB, 512 KiB as
+//     16 of 32 KiB, 8 MiB as 16 of 512 KiB, 20 MiB as 32 of 640 KiB.
 //     Block (b, lane) sends to rank + b and receives from rank - b, in rounds: its round j sends
 //     its j-th chunk into its lane's slot j % 2 in the destination's block (after the destination
 //     drained round j - 2), then receives the source's j-th chunk of that lane into the output.
@@ -67,7 +73,7 @@ struct AllToAllVLayout {
   static constexpr int kSlots = 2;
   static constexpr int kMaxLanes = 16;
 
-  uint64_t chunk_bytes;  // a staging slot
+  uint64_t chunk_bytes;  // a staging slot: the largest chunk
   int lanes;             // pipelines per pair of ranks, 1..kMaxLanes
 
   // Lanes for a group of `num_ranks`: the move kernel has num_ranks * lanes blocks (32 up to 16
