@@ -186,7 +186,8 @@ if [ "$WHAT" = pending ]; then
   # (torch_ep.deep_ep's GPU tests, its example, the MoE benchmark through both APIs in one run),
   # internode_bench (the device route's
   # benchmark against the host route and the intranode route), timeouts (the CUDA timeout fault
-  # tests), a2a_bench (the all_to_all benchmark, with the pool row); then compile (the compile
+  # tests), a2a_profile (all_to_all's host time per call), a2a_bench (the all_to_all benchmark,
+  # with the pool row); then compile (the compile
   # mode's checks) and sm_sweep (the sm-sweep mode).
   STEPS=" ${TORCH_EP_PENDING_STEPS:-deep_ep_bench deep_ep_overhead copy_tests sm_sweep} "
   [[ $STEPS == *" internode "* ]] && pending_test internode_device ${TORCH_EP_INTERNODE_LIMIT_S:-200} NVSHMEM_SYMMETRIC_SIZE=3G \
@@ -241,6 +242,12 @@ if [ "$WHAT" = pending ]; then
   [[ $STEPS == *" copy_tests "* ]] && pending_test copy_tests 300 TORCH_EP_TEST_WORLD_SIZES=2 \
     TORCH_EP_COPY_WORLD_SIZES=${TORCH_EP_COPY_WORLD_SIZES:-2} -- tests/test_cuda_moe.py tests/test_fuzz.py \
     -k "(not test_fuzz or copy_variant) and not missing_peer"
+  if [[ $STEPS == *" a2a_profile "* ]]; then
+    step "all_to_all's host time per call (tools/a2a_profile.py), 2 ranks"
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 90 torchrun --standalone --nproc-per-node 2 \
+      tools/a2a_profile.py --cpu-only > "$LOGS/a2a_profile_2ranks.log" 2>&1 || STATUS=1
+    grep -v "^W1\|^\*\*\*" "$LOGS/a2a_profile_2ranks.log" | tail -40 >> "$SUMMARY"
+  fi
   if [[ $STEPS == *" a2a_bench "* ]]; then
     for R in ${TORCH_EP_PENDING_BENCH_RANKS:-2}; do
       step "all_to_all benchmark, $R ranks (ep, ep_device, ep_graph, all_to_all_v)"
