@@ -11,7 +11,6 @@
 //                 done reading yours" and wait until every peer is done with ours, so no input
 //                 is freed or overwritten while a peer still reads it
 #include <ATen/core/CachingHostAllocator.h>
-#include <ATen/record_function.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,6 +21,7 @@
 #include <optional>
 
 #include "backend/common/errors.hpp"
+#include "backend/common/phases.hpp"
 #include "backend/kernels/moe.cuh"
 #include "backend/ops/moe_internode.hpp"
 #include "backend/ops/moe_ops.hpp"
@@ -35,20 +35,6 @@ namespace {
 
 using at::Tensor;
 using kernels::MetaLayout;
-
-// Names the host phases of a call as ranges in torch.profiler's CPU timeline
-// (tools/moe_profile.py); costs nothing when no profiler runs.
-class Phases {
- public:
-  void next(const char* name) {
-    current_.reset();
-    current_.emplace(at::RecordScope::USER_SCOPE);
-    if (current_->isActive()) current_->before(name, c10::ArrayRef<const c10::IValue>{});
-  }
-
- private:
-  std::optional<at::RecordFunction> current_;
-};
 
 const void* ptr_of(const std::optional<Tensor>& t) { return t && t->numel() ? t->data_ptr() : nullptr; }
 const void* ptr_of(const Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "backend/common/phases.hpp"
 #include "backend/kernels/all_to_all.cuh"  // kMaxRanksPerNode
 #include "backend/ops/all_to_all_v.hpp"
 #include "backend/process_group/cuda/cuda_work.hpp"
@@ -147,6 +148,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
                                                                         const std::vector<size_t>& send_bytes,
                                                                         const std::vector<size_t>& recv_bytes) {
   const char* op = "all_to_all_single";
+  Phases phase;  // the host's share of a call, for tools/a2a_profile.py
+  phase.next("ep::all_to_all_single/state");
   std::shared_ptr<AllToAllVState> state = all_to_all_v_state(output.device(), op);
   if (!state) return {};
   const c10::DeviceIndex device = output.device().index();
@@ -157,6 +160,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
     if (!comm_stream_) comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device);
   }
   c10::cuda::CUDAStream comm(c10::cuda::CUDAStream::UNCHECKED, *comm_stream_);
+  phase.next("ep::all_to_all_single/fork");
   start_after(caller, comm);
   // spans.buffers: the contiguous input, and the output or its contiguous staging (single_spans).
   const char* in = static_cast<const char*>(spans.buffers[0].data_ptr());
@@ -177,15 +181,18 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
   // Raised once the buffers are tied to the comm stream: an earlier call's problem (this call is
   // queued) or a failed transport (nothing was).
   std::exception_ptr pending;
+  phase.next("ep::all_to_all_single/launch");
   try {
     call_id = all_to_all_single_cuda(*state, getRank(), in, out, send_bytes, recv_bytes, comm.stream(),
                                      pool ? &pool_call : nullptr);
   } catch (...) {
     pending = std::current_exception();
   }
+  phase.next("ep::all_to_all_single/finish");
   std::vector<at::Tensor> outputs{output};
   finish_on(comm, spans, outputs);
   if (pending) std::rethrow_exception(pending);
+  phase.next("ep::all_to_all_single/work");
   // A disagreement the device found in this very call raises at the Work's wait, once.
   auto seen = std::make_shared<std::string>();
   auto more_errors = [state, call_id, rank = getRank(), seen]() {

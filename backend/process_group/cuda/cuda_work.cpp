@@ -5,19 +5,64 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 
+#include <mutex>
 #include <thread>
+#include <unordered_map>
+#include <vector>
 
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_transport.hpp"
 
 namespace ep {
 
+namespace {
+
+// Timing-free CUDA events, recycled: creating and destroying one costs microseconds per call on
+// a host whose GPU is shared under MPS. Never destroyed: the process may outlive the driver.
+class EventPool {
+ public:
+  cudaEvent_t take() {
+    int device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto& spare = spare_[device];
+      if (!spare.empty()) {
+        cudaEvent_t event = spare.back();
+        spare.pop_back();
+        return event;
+      }
+    }
+    cudaEvent_t event;
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    return event;
+  }
+  // `device`: the one current when the event was taken.
+  void give(int device, cudaEvent_t event) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    spare_[device].push_back(event);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<int, std::vector<cudaEvent_t>> spare_;
+};
+
+EventPool& events() {
+  static EventPool* pool = new EventPool();
+  return *pool;
+}
+
+}  // namespace
+
 void start_after(const c10::cuda::CUDAStream& caller, const c10::cuda::CUDAStream& comm) {
-  cudaEvent_t ready;
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-  C10_CUDA_CHECK(cudaEventRecord(ready, caller.stream()));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(comm.stream(), ready, 0));
-  C10_CUDA_CHECK(cudaEventDestroy(ready));  // released by CUDA once recorded work completes
+  // The wait takes the event's state when it is queued, so one event serves every call.
+  c10::cuda::CUDAGuard guard(caller.device_index());
+  static thread_local std::unordered_map<int, cudaEvent_t> forks;
+  cudaEvent_t& fork = forks[caller.device_index()];
+  if (!fork) fork = events().take();
+  C10_CUDA_CHECK(cudaEventRecord(fork, caller.stream()));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(comm.stream(), fork, 0));
 }
 
 void finish_on(const c10::cuda::CUDAStream& comm, const AllToAllSpans& spans, const std::vector<at::Tensor>& outputs) {
@@ -34,25 +79,37 @@ EPCudaWork::EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outp
                        bool blocking_wait, std::chrono::milliseconds timeout,
                        std::function<std::string()> more_errors)
     : c10d::Work(rank, type), outputs_(std::move(outputs)), device_(comm_stream.device_index()),
+      comm_stream_(comm_stream),
       transport_(std::move(transport)), more_errors_(std::move(more_errors)), blocking_wait_(blocking_wait),
       timeout_(timeout) {
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  c10::cuda::CUDAGuard guard(device_);
+  done_ = events().take();
   C10_CUDA_CHECK(cudaEventRecord(done_, comm_stream.stream()));
-  c10::cuda::CUDAStreamGuard guard(comm_stream);
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(comm_stream.stream(), &capture);
-  if (capture == cudaStreamCaptureStatusNone) {
-    // Completed on the comm stream: fut.wait() makes the waiter's stream wait for it.
+  captured_ = capture != cudaStreamCaptureStatusNone;
+}
+
+// Made when first asked for: most callers only wait(), and a CUDA-aware future costs the host
+// microseconds per call (its type, and an event recorded per output storage).
+c10::intrusive_ptr<c10::ivalue::Future> EPCudaWork::getFuture() {
+  std::lock_guard<std::mutex> lock(future_mutex_);
+  if (future_) return future_;
+  if (!captured_) {
+    // Completed on the comm stream (at its tail now, which holds this op's end): fut.wait()
+    // makes the waiter's stream wait for it.
+    c10::cuda::CUDAStreamGuard guard(comm_stream_);
     future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()),
-                                                       std::vector<c10::Device>{comm_stream.device()});
+                                                       std::vector<c10::Device>{comm_stream_.device()});
   } else {
     future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()));
   }
   future_->markCompleted(c10::IValue(outputs_));
+  return future_;
 }
 
 EPCudaWork::~EPCudaWork() {
-  if (done_) cudaEventDestroy(done_);
+  if (done_) events().give(device_, done_);
 }
 
 void EPCudaWork::raise_if_failed() const {

@@ -9,6 +9,7 @@
 
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 
 namespace ep {
@@ -38,18 +39,21 @@ class EPCudaWork : public c10d::Work {
   bool wait(std::chrono::milliseconds timeout) override;
   void synchronize() override;
   std::vector<at::Tensor> result() override { return outputs_; }
-  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
 
  private:
   void raise_if_failed() const;
   std::vector<at::Tensor> outputs_;
   c10::DeviceIndex device_;
-  cudaEvent_t done_ = nullptr;  // recorded on the comm stream after the op
+  c10::cuda::CUDAStream comm_stream_;
+  bool captured_ = false;       // queued inside a CUDA graph capture
+  cudaEvent_t done_ = nullptr;  // recorded on the comm stream after the op; from a pool
   std::shared_ptr<CudaTransport> transport_;
   std::function<std::string()> more_errors_;
   bool blocking_wait_;
   std::chrono::milliseconds timeout_;
-  c10::intrusive_ptr<c10::ivalue::Future> future_;
+  std::mutex future_mutex_;
+  c10::intrusive_ptr<c10::ivalue::Future> future_;  // made by getFuture()
 };
 
 }  // namespace ep
