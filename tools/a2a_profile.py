@@ -52,29 +52,20 @@ def warm(fn, calls: int = 10):
     dist.barrier()  # every rank starts the timed calls together: a rank's calls wait on its peers'
 
 
-def host_us(fn, calls: int, repeats: int) -> float:
-    """Host time per call issued: the clock stops before the synchronisation."""
+def time_us(fn, calls: int, repeats: int, *, with_device: bool) -> float:
+    """Time per call over `calls` back-to-back calls, the median of `repeats` runs. with_device
+    False: the host time per call issued (the clock stops before the synchronisation); True:
+    the time per call once the device's work is counted too (it stops after)."""
     runs = []
     for _ in range(repeats):
         warm(fn)
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        if with_device:
+            torch.cuda.synchronize()
         runs.append((time.perf_counter() - start) / calls * 1e6)
         torch.cuda.synchronize()
-    return statistics.median(runs)
-
-
-def stream_us(fn, calls: int, repeats: int) -> float:
-    """Time per call with the device's work: the clock stops after the synchronisation."""
-    runs = []
-    for _ in range(repeats):
-        warm(fn)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        runs.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(runs)
 
 
@@ -127,9 +118,9 @@ def main():
         }
         label = f"{nbytes >> 10} KiB per rank" if nbytes >= 1024 else f"{nbytes} B per rank"
         for name, fn in subjects.items():
-            say(f"{label}: host {name} {host_us(fn, args.calls, args.repeats):.1f} us per call issued")
+            say(f"{label}: host {name} {time_us(fn, args.calls, args.repeats, with_device=False):.1f} us per call issued")
         for name, fn in subjects.items():
-            say(f"{label}: stream {name} {stream_us(fn, args.calls, args.repeats):.1f} us per call")
+            say(f"{label}: stream {name} {time_us(fn, args.calls, args.repeats, with_device=True):.1f} us per call")
         for name, fn in subjects.items():
             breakdown = profile_line(fn, args.calls, args.top, args.cpu_only)
             say(f"{label}: profile {name}, self CPU us per call: {breakdown}")
