@@ -302,7 +302,7 @@ class Buffer:
     def _make_handle(self, native: DispatchHandle, host: "_HostCounts", is_token_in_rank: torch.Tensor,
                      num_tokens_per_rank: torch.Tensor, device: torch.device) -> _Handle:
         r = self.group_size
-        if native.internode:
+        if host.internode:
             def prefix():  # rows received from ranks 0..i; None where only the device knows them
                 recv = native.counts[2 + r:2 + 2 * r]
                 return _to_device(recv.cumsum(0).to(torch.int32), device) if bool((recv >= 0).all()) else None

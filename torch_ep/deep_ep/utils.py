@@ -6,7 +6,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..types import DispatchHandle, LowLatencyHandle, pad_counts
+from ..types import DispatchHandle, LowLatencyHandle, pad_counts, send_matrix_size
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -110,13 +110,14 @@ class _Lazy:
 
 class _HostCounts:
     """A dispatch handle's counts (DispatchHandle.counts) read once as a list, at the handle's own
-    offsets: each value read from the tensor costs a few microseconds of host time per call, which
-    a layout-given dispatch on a fast GPU cannot hide."""
-    __slots__ = ("values", "native")
+    offsets: each value read from the tensor, and each offset worked out again, costs host time
+    per call, which a layout-given dispatch on a fast GPU cannot hide."""
+    __slots__ = ("values", "per_expert_start", "matrix_start", "internode")
 
     def __init__(self, native: DispatchHandle):
         self.values = native.counts.tolist()
-        self.native = native
+        self.per_expert_start, self.matrix_start = native._per_expert_start, native._matrix_start
+        self.internode = len(self.values) > self.matrix_start + send_matrix_size(native.num_ranks)
 
     @property
     def sizes_on_host(self) -> bool:
@@ -125,8 +126,7 @@ class _HostCounts:
 
     def per_expert(self, alignment: int) -> List[int]:
         """As DispatchResult.num_recv_tokens_per_expert."""
-        n = self.native
-        return pad_counts(self.values[n._per_expert_start:n._matrix_start], alignment)
+        return pad_counts(self.values[self.per_expert_start:self.matrix_start], alignment)
 
 
 class _Handle(tuple):
