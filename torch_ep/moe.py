@@ -263,11 +263,13 @@ def _route_tail(group_name: str, device: torch.device):
 @torch.library.register_fake("ep::get_dispatch_layout")
 def _layout_fake(topk_idx, num_experts, num_ranks, host_header=False):
     n = topk_idx.shape[0]
-    header = _meta_header(num_ranks, num_experts) + num_ranks if host_header and topk_idx.is_cuda else 0
+    if host_header and topk_idx.is_cuda:
+        header = torch.empty(_meta_header(num_ranks, num_experts) + num_ranks, dtype=torch.int32, device="cpu")
+    else:
+        header = topk_idx.new_empty(0, dtype=torch.int32)
     return (topk_idx.new_empty(num_ranks, dtype=torch.int32), topk_idx.new_empty(num_experts, dtype=torch.int32),
             topk_idx.new_empty(n, num_ranks, dtype=torch.bool),
-            topk_idx.new_empty(_meta_header(num_ranks, num_experts) + 2 * n * num_ranks, dtype=torch.int32),
-            torch.empty(header, dtype=torch.int32, device="cpu"))
+            topk_idx.new_empty(_meta_header(num_ranks, num_experts) + 2 * n * num_ranks, dtype=torch.int32), header)
 
 
 def _meta_header(num_ranks: int, num_experts: int) -> int:

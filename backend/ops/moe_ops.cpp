@@ -145,7 +145,7 @@ std::vector<int64_t> counts_vector(const char* op, const Tensor& counts) {
 
 // host_header: on CUDA, also the header in pinned host memory, written by the layout kernel
 // (for dispatch(layout_header=), which then reads the sizes without waiting on the stream); an
-// empty CPU tensor otherwise.
+// empty tensor otherwise.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx, int64_t num_experts,
                                                                        int64_t num_ranks, bool host_header) {
   const char* op = "get_dispatch_layout";
@@ -153,7 +153,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> get_dispatch_layout(const Ten
   check_experts(op, num_experts, num_ranks);
   check_topk(op, topk_idx, topk_idx.dim() == 2 ? topk_idx.size(0) : -1, topk_idx.device());
   const Tensor idx = topk_idx.contiguous();
-  const Tensor no_header = at::empty({0}, at::TensorOptions().dtype(at::kInt));
+  // Without a host header, an empty tensor on topk_idx's device: under torch.compile (which never
+  // asks for one) every output of the op stays on that device.
+  const Tensor no_header = at::empty({0}, idx.options().dtype(at::kInt));
   if (idx.is_cuda()) {
     LayoutExtras out;
     out.want_counts = out.want_is_token_in_rank = true;
