@@ -67,9 +67,9 @@ _side_streams: dict = {}
 
 def _run(fn, inputs, async_op: bool):
     """Runs fn() now, or on a side stream that first waits for the caller's work (async_op)."""
-    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     if not async_op:
         return fn(), None
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     if device.type != "cuda":
         return fn(), MoEWork()
     caller = torch.cuda.current_stream(device)
@@ -89,7 +89,12 @@ def _run(fn, inputs, async_op: bool):
 # ------------------------------------------------------------------------------- autograd
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 class _Dispatch(torch.autograd.Function):
@@ -173,6 +178,7 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
     accepted for DeepEP-style call sites; the op computes its own routing table in any case.
     """
     g = _group(group)
+    size = g.size()
     x_data, x_scales = _split_payload(x)
     if expert_alignment < 1:
         raise ValueError(f"expert_alignment must be >= 1, got {expert_alignment}")
@@ -195,9 +201,9 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
         if topk_idx is None or num_experts is None:
             raise ValueError("dispatch needs topk_idx and num_experts, or the handle of an earlier dispatch")
         meta = counts = None
-        if layout is not None and tuple(layout.is_token_in_rank.shape) != (topk_idx.shape[0], g.size()):
+        if layout is not None and tuple(layout.is_token_in_rank.shape) != (topk_idx.shape[0], size):
             raise ValueError(f"layout: its is_token_in_rank has shape {tuple(layout.is_token_in_rank.shape)}, "
-                             f"expected {(topk_idx.shape[0], g.size())}; was it made for this topk_idx?")
+                             f"expected {(topk_idx.shape[0], size)}; was it made for this topk_idx?")
     layout_meta = layout.meta if (layout is not None and handle is None) else None
     layout_header = layout.header if layout_meta is not None else None
 
@@ -211,7 +217,7 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
     (recv_x, recv_scales, recv_idx, recv_w, new_meta, new_counts), work = _run(
         call, [x_data, x_scales, topk_idx, topk_weights, meta], async_op)
     if handle is None:
-        handle = DispatchHandle(g.group_name, g.size(), num_experts, x_data.shape[0],
+        handle = DispatchHandle(g.group_name, size, num_experts, x_data.shape[0],
                                 layout_meta if layout_meta is not None else new_meta, new_counts, num_worst_tokens)
     return DispatchResult(
         recv_x=(recv_x, recv_scales) if x_scales is not None else recv_x,
