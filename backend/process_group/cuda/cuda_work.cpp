@@ -5,62 +5,20 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 
-#include <mutex>
 #include <thread>
-#include <unordered_map>
-#include <vector>
 
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_transport.hpp"
+#include "backend/transport/cuda/event_pool.hpp"
 
 namespace ep {
-
-namespace {
-
-// Timing-free CUDA events, recycled: creating and destroying one costs microseconds per call on
-// a host whose GPU is shared under MPS. Never destroyed: the process may outlive the driver.
-class EventPool {
- public:
-  cudaEvent_t take() {
-    int device = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto& spare = spare_[device];
-      if (!spare.empty()) {
-        cudaEvent_t event = spare.back();
-        spare.pop_back();
-        return event;
-      }
-    }
-    cudaEvent_t event;
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    return event;
-  }
-  // `device`: the one current when the event was taken.
-  void give(int device, cudaEvent_t event) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    spare_[device].push_back(event);
-  }
-
- private:
-  std::mutex mutex_;
-  std::unordered_map<int, std::vector<cudaEvent_t>> spare_;
-};
-
-EventPool& events() {
-  static EventPool* pool = new EventPool();
-  return *pool;
-}
-
-}  // namespace
 
 void start_after(const c10::cuda::CUDAStream& caller, const c10::cuda::CUDAStream& comm) {
   // The wait takes the event's state when it is queued, so one event serves every call.
   c10::cuda::CUDAGuard guard(caller.device_index());
   static thread_local std::unordered_map<int, cudaEvent_t> forks;
   cudaEvent_t& fork = forks[caller.device_index()];
-  if (!fork) fork = events().take();
+  if (!fork) fork = event_pool().take(caller.device_index());
   C10_CUDA_CHECK(cudaEventRecord(fork, caller.stream()));
   C10_CUDA_CHECK(cudaStreamWaitEvent(comm.stream(), fork, 0));
 }
@@ -83,7 +41,7 @@ EPCudaWork::EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outp
       transport_(std::move(transport)), more_errors_(std::move(more_errors)), blocking_wait_(blocking_wait),
       timeout_(timeout) {
   c10::cuda::CUDAGuard guard(device_);
-  done_ = events().take();
+  done_ = event_pool().take(device_);
   C10_CUDA_CHECK(cudaEventRecord(done_, comm_stream.stream()));
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(comm_stream.stream(), &capture);
@@ -109,7 +67,7 @@ c10::intrusive_ptr<c10::ivalue::Future> EPCudaWork::getFuture() {
 }
 
 EPCudaWork::~EPCudaWork() {
-  if (done_) events().give(device_, done_);
+  if (done_) event_pool().give(device_, done_);
 }
 
 void EPCudaWork::raise_if_failed() const {

@@ -7,6 +7,7 @@
 
 #include "backend/kernels/all_to_all.cuh"
 #include "backend/transport/cuda/cuda_check.hpp"
+#include "backend/transport/cuda/event_pool.hpp"
 
 namespace ep {
 namespace {
@@ -114,7 +115,6 @@ CudaTransport::~CudaTransport() {
   cv_.notify_all();
   watchdog_.join();
   cudaSetDevice(buffers_.device());
-  for (cudaEvent_t e : spare_events_) cudaEventDestroy(e);
   for (auto& peer : opened_)
     for (auto& [handle, ptr] : peer) cudaIpcCloseMemHandle(ptr);
   if (watchdog_stream_) {
@@ -204,15 +204,7 @@ void CudaTransport::exchange(const void* mine, void* theirs, size_t record_bytes
 
 void CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<int> peers) {
   if (stream_capturing(stream)) return;  // replays run where the watchdog cannot see
-  Inflight op{op_name, std::chrono::steady_clock::now(), std::move(peers), nullptr};
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!spare_events_.empty()) {  // events are recycled: creating one costs microseconds under MPS
-      op.done = spare_events_.back();
-      spare_events_.pop_back();
-    }
-  }
-  if (!op.done) EP_CUDA_CHECK(cudaEventCreateWithFlags(&op.done, cudaEventDisableTiming));
+  Inflight op{op_name, std::chrono::steady_clock::now(), std::move(peers), event_pool().take(device())};
   EP_CUDA_CHECK(cudaEventRecord(op.done, stream));
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -469,7 +461,7 @@ void CudaTransport::watch() {
     }
 
     lock.lock();
-    spare_events_.insert(spare_events_.end(), finished.begin(), finished.end());
+    for (cudaEvent_t e : finished) event_pool().give(device(), e);
     finished.clear();
     if (!error.empty()) {
       lock.unlock();

@@ -150,7 +150,6 @@ class CudaTransport {
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Inflight> inflight_;
-  std::vector<cudaEvent_t> spare_events_;  // of finished calls, for the next ones
   std::string error_;
   std::string last_op_;  // of the last tracked call: what a kernel's timeout is reported against
   std::function<void(const std::string&)> failure_listener_;
