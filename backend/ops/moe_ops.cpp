@@ -8,9 +8,6 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include <chrono>
-#include <thread>
-
 #include "backend/kernels/moe_meta.hpp"
 #include "backend/ops/moe_protocol.hpp"
 #include "backend/process_group/process_group_ep.hpp"
@@ -171,7 +168,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> get_dispatch_layout(const Ten
           meta.narrow(0, l.pairs_per_expert(), num_experts).clone(), in_rank, meta, no_header};
 }
 
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
     const Tensor& x, const std::optional<Tensor>& x_scales, const std::optional<Tensor>& topk_idx,
     const std::optional<Tensor>& topk_weights, const std::optional<Tensor>& handle_meta,
@@ -263,24 +259,6 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const std::optional<Tensor>&
 }
 
 }  // namespace
-
-void wait_for_host_header(const Tensor& host_header, int64_t num_ranks, int64_t num_experts, int64_t num_tokens,
-                          std::chrono::milliseconds timeout, const char* op, int rank) {
-  const kernels::MetaLayout l{num_ranks, num_experts, num_tokens};
-  const int32_t* flags = host_header.data_ptr<int32_t>() + l.header_size();
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  for (int64_t r = 0; r < num_ranks; ++r) {
-    for (uint64_t spins = 0; __atomic_load_n(flags + r, __ATOMIC_ACQUIRE) == 0; ++spins) {
-      if (spins % 1024 == 1023) {
-        if (std::chrono::steady_clock::now() > deadline)
-          C10_THROW_ERROR(DistBackendError, std::string(op) + ": rank " + std::to_string(rank) +
-                                                ": the routing layout's sizes did not come back from the device "
-                                                "within the group's timeout (is an earlier op on this stream stuck?)");
-        std::this_thread::yield();
-      }
-    }
-  }
-}
 
 #ifndef TORCH_EP_WITH_CUDA
 at::Tensor layout_cuda(const at::Tensor&, int64_t, int64_t, LayoutExtras*) {

@@ -8,7 +8,6 @@
 
 #include <ATen/ATen.h>
 
-#include <chrono>
 #include <optional>
 #include <string>
 #include <vector>
@@ -87,14 +86,16 @@ struct LayoutExtras {
   at::Tensor num_tokens_per_rank, num_tokens_per_expert;  // [R], [E] int32: the header's columns
   at::Tensor is_token_in_rank;                            // [N, R] bool
   at::Tensor host_header;  // pinned CPU int32 [MetaLayout::host_header_size()], written by the
-                           // kernel: read it after wait_for_host_header
+                           // kernel: read it through sizes_on_host
 };
 at::Tensor layout_cuda(const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
                        LayoutExtras* extras = nullptr);
-// Waits until the layout kernel has written every rank's part of `host_header` (its ready flags),
-// at most `timeout`; raises naming the op and the rank.
-void wait_for_host_header(const at::Tensor& host_header, int64_t num_ranks, int64_t num_experts, int64_t num_tokens,
-                          std::chrono::milliseconds timeout, const char* op, int rank);
+// A new route's sizes on the host: `host_header` (the layout kernel's) once its ready flags are
+// set, waited for at most the group's timeout (raising with the op and the rank); where it is
+// undefined (a layout made without one: under a capture, or by hand), the header of `meta`
+// copied back on the current stream.
+at::Tensor sizes_on_host(ProcessGroupEP& group, const at::Tensor& host_header, const at::Tensor& meta,
+                         int64_t num_experts, int64_t num_tokens, const char* op);
 DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& args);
 CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& args);
 

@@ -4,8 +4,9 @@
 //   [layout]      routing table on the device (a new route only)
 //   host          the sizes: from the handle, the given layout's host header, or the header
 //                 the layout kernel writes to pinned memory (a wait; then a [signal] kernel
-//                 sends "ready" first, so it overlaps the wait); none with num_worst_tokens. Then one record exchange with
-//                 every peer: sizes, checks, and IPC handles of the tensors its kernel will read
+//                 sends "ready" first, so it overlaps the wait); none with num_worst_tokens.
+//                 Then one record exchange with every peer: sizes, checks, and IPC handles of
+//                 the tensors its kernel will read
 //   [dispatch | combine]   one kernel: "my inputs are ready" to every peer and wait for theirs;
 //                 pull straight from the peers' tensors into this rank's outputs; then "I am
 //                 done reading yours" and wait until every peer is done with ours, so no input
@@ -19,6 +20,7 @@
 #include <chrono>
 #include <cstring>
 #include <optional>
+#include <thread>
 
 #include "backend/common/errors.hpp"
 #include "backend/common/phases.hpp"
@@ -197,6 +199,32 @@ Tensor layout_cuda(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
   return meta;
 }
 
+Tensor sizes_on_host(ProcessGroupEP& group, const Tensor& host_header, const Tensor& meta, int64_t num_experts,
+                     int64_t num_tokens, const char* op) {
+  const MetaLayout l{group.getSize(), num_experts, num_tokens};
+  if (!host_header.defined()) {
+    Tensor header = at::empty({l.header_size()}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(meta.device().index()).stream();
+    EP_CUDA_CHECK(cudaMemcpyAsync(header.data_ptr(), meta.data_ptr(), header.nbytes(), cudaMemcpyDeviceToHost, stream));
+    EP_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return header;
+  }
+  const int32_t* flags = host_header.data_ptr<int32_t>() + l.header_size();
+  const auto deadline = std::chrono::steady_clock::now() + group.config().timeout;
+  for (int64_t r = 0; r < l.num_ranks; ++r) {
+    for (uint64_t spins = 0; __atomic_load_n(flags + r, __ATOMIC_ACQUIRE) == 0; ++spins) {
+      if (spins % 1024 == 1023) {
+        if (std::chrono::steady_clock::now() > deadline)
+          C10_THROW_ERROR(DistBackendError, std::string(op) + ": rank " + std::to_string(group.getRank()) +
+                                                ": the routing layout's sizes did not come back from the device "
+                                                "within the group's timeout (is an earlier op on this stream stuck?)");
+        std::this_thread::yield();
+      }
+    }
+  }
+  return host_header;
+}
+
 DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   const char* op = "dispatch";
   // Across nodes, the hierarchical route (without NVSHMEM in the build, virtual nodes on one
@@ -233,14 +261,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       send = a.handle_counts->send;
     } else if (!worst || header.defined()) {  // a given layout's header is read, as every rank does
       phase.next("ep::dispatch/wait_for_sizes");
-      if (header.defined()) {  // the layout kernel's, now or earlier: its ready flags
-        wait_for_host_header(header, R, E, N, group.config().timeout, op, int(rank));
-      } else {  // a layout made without its host header (under a capture, or by hand): copy it back
-        header = at::empty({l.header_size()}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
-        EP_CUDA_CHECK(cudaMemcpyAsync(header.data_ptr(), meta.data_ptr(), header.nbytes(), cudaMemcpyDeviceToHost,
-                                      stream));
-        EP_CUDA_CHECK(cudaStreamSynchronize(stream));
-      }
+      header = sizes_on_host(group, header, meta, E, N, op);
       for (int64_t p = 0; p < R; ++p) send[p] = header.data_ptr<int32_t>()[l.tokens_per_rank() + p];
     }
 

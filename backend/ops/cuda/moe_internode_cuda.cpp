@@ -103,19 +103,12 @@ DispatchOutputs dispatch_cuda_internode(ProcessGroupEP& group, const DispatchArg
     std::shared_ptr<InternodeTransport> transport = usable_transport(group, device, op);
     if (group.config().internode_device) return dispatch_cuda_internode_device(group, *transport, a);
     const int64_t R = group.getSize(), N = a.x.size(0), E = a.num_experts;
-    const kernels::MetaLayout l{R, E, N};
     const bool cached = a.handle_meta.has_value();
     LayoutExtras fresh;
     fresh.want_host_header = !cached && !a.layout_meta;
     const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, &fresh);
     Tensor header;  // the sizes, on the host
-    if (!cached) {
-      header = a.layout_header ? *a.layout_header : fresh.host_header;
-      if (header.defined())
-        wait_for_host_header(header, R, E, N, group.config().timeout, op, group.getRank());
-      else  // a layout made without its host header
-        header = meta.narrow(0, 0, l.header_size()).to(at::kCPU);
-    }
+    if (!cached) header = sizes_on_host(group, a.layout_header ? *a.layout_header : fresh.host_header, meta, E, N, op);
     CudaHops hops(group, *transport, c10::cuda::getCurrentCUDAStream(device.index()).stream());
     HopBytes bytes;
     DispatchOutputs o =
