@@ -187,34 +187,52 @@ def chunk_edge_rows(m: torch.Tensor, dtype, row_shape) -> torch.Tensor:
     return (m + row_bytes - 1) // row_bytes
 
 
+@contextlib.contextmanager
+def chunk_edge_groups():
+    """{name: group}: the default group (None), and groups whose buffers make 64 KiB and 4 KiB
+    staging slots; those are destroyed afterwards."""
+    groups = {"default": None}
+    try:
+        for name, buffer_bytes in (("64 KiB slots", SMALL_SLOTS), ("4 KiB slots", TINY_SLOTS)):
+            groups[name] = dist.new_group(pg_options=torch_ep.Options(cuda_buffer_bytes=buffer_bytes))
+        yield groups
+    finally:
+        for group in groups.values():
+            if group is not None:
+                dist.destroy_process_group(group)
+
+
+def chunk_edge_cases(seed, groups):
+    """(what, group, dtype, row_shape, rows, generator) for every call of the chunk-edge tests:
+    each group in turn, every CHUNK_EDGE_BYTES matrix as each kind of row (rows: [src, dst] rows
+    of the message, the same on every rank), and on the default group one call with a message of
+    many rounds; the generator draws this rank's input of that call."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    n = len(CHUNK_EDGE_BYTES)
+    for name, group in groups.items():
+        for call in range(n + (group is None)):
+            large = call == n
+            m = chunk_edge_matrix(size, (seed + call) % n, large=large)
+            for dtype, row_shape in CHUNK_EDGE_ROWS[:1] if large else CHUNK_EDGE_ROWS:
+                g = torch.Generator().manual_seed(seed * 131 + call * 17 + rank)
+                yield (f"{name}, bytes {m.tolist()}, {dtype} {row_shape}", group, dtype, row_shape,
+                       chunk_edge_rows(m, dtype, row_shape), g)
+
+
 def rank_chunk_edges(seed):
     """all_to_all_single of CHUNK_EDGE_BYTES messages, every pair in both directions, through the
     device protocol's default 1 MiB staging slots (one call with a message of many rounds too),
     64 KiB and 4 KiB slots (the host protocol's chunks, cut from the same buffer sizes, likewise);
     outputs poisoned, compared bit for bit with the reference."""
-    rank, size = dist.get_rank(), dist.get_world_size()
-    n = len(CHUNK_EDGE_BYTES)
-    groups = {"default": None}
-    for name, buffer_bytes in (("64 KiB slots", SMALL_SLOTS), ("4 KiB slots", TINY_SLOTS)):
-        groups[name] = dist.new_group(pg_options=torch_ep.Options(cuda_buffer_bytes=buffer_bytes))
-    try:
-        for name, group in groups.items():
-            for call in range(n + (group is None)):
-                large = call == n
-                m = chunk_edge_matrix(size, (seed + call) % n, large=large)
-                for dtype, row_shape in CHUNK_EDGE_ROWS[:1] if large else CHUNK_EDGE_ROWS:
-                    rows = chunk_edge_rows(m, dtype, row_shape)
-                    in_splits, out_splits = rows[rank].tolist(), rows[:, rank].tolist()
-                    g = torch.Generator().manual_seed(seed * 131 + call * 17 + rank)
-                    inp = chunk_edge_input(sum(in_splits), dtype, row_shape, g)
-                    out = poison_(torch.empty((sum(out_splits), *row_shape), dtype=dtype, device="cuda"))
-                    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-                    expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
-                    assert same_bits(out, expected), f"{name}, bytes {m.tolist()}, {dtype} {row_shape}: output differs"
-    finally:
-        for group in groups.values():
-            if group is not None:
-                dist.destroy_process_group(group)
+    rank = dist.get_rank()
+    with chunk_edge_groups() as groups:
+        for what, group, dtype, row_shape, rows, g in chunk_edge_cases(seed, groups):
+            in_splits, out_splits = rows[rank].tolist(), rows[:, rank].tolist()
+            inp = chunk_edge_input(sum(in_splits), dtype, row_shape, g)
+            out = poison_(torch.empty((sum(out_splits), *row_shape), dtype=dtype, device="cuda"))
+            dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+            expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
+            assert same_bits(out, expected), f"{what}: output differs"
 
 
 def test_messages_about_the_chunk_sizes(cuda_pool):

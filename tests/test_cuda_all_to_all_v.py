@@ -152,39 +152,23 @@ def rank_chunk_edges(seed):
     slots (one call with a message of many rounds too), 64 KiB and 4 KiB slots; into a given
     output (poisoned, one row to spare that must stay so) and an allocated one. The reference runs
     on CPU copies over the host transport, apart from the kernels under test."""
-    rank, size = dist.get_rank(), dist.get_world_size()
-    n = len(single_checks.CHUNK_EDGE_BYTES)
-    groups = {"default": None}
-    for name, buffer_bytes in (("64 KiB slots", single_checks.SMALL_SLOTS), ("4 KiB slots", single_checks.TINY_SLOTS)):
-        groups[name] = dist.new_group(pg_options=torch_ep.Options(cuda_buffer_bytes=buffer_bytes))
-    try:
-        for name, group in groups.items():
-            for call in range(n + (group is None)):
-                large = call == n
-                m = single_checks.chunk_edge_matrix(size, (seed + call) % n, large=large)
-                rows_kinds = single_checks.CHUNK_EDGE_ROWS
-                for dtype, row_shape in rows_kinds[:1] if large else rows_kinds:
-                    what = f"{name}, bytes {m.tolist()}, {dtype} {row_shape}"
-                    rows = single_checks.chunk_edge_rows(m, dtype, row_shape)
-                    g = torch.Generator().manual_seed(seed * 131 + call * 17 + rank)
-                    inp = single_checks.chunk_edge_input(int(rows[rank].sum()), dtype, row_shape, g)
-                    splits = rows[rank].cuda()
-                    total = int(rows[:, rank].sum())
-                    expected = reference.all_to_all_v(inp.cpu(), splits.cpu())
-                    out = poison_(torch.empty((total + 1, *row_shape), dtype=dtype, device="cuda"))
-                    res = torch_ep.all_to_all_v(inp, splits, output=out, group=group)
-                    torch.cuda.synchronize()
-                    torch_ep.check_errors(group)
-                    assert same_bits(out[:total], expected.output), f"{what}: given output differs"
-                    assert same_bits(out[total:], poison_(torch.empty_like(out[total:]))), f"{what}: spare row written"
-                    assert same_bits(res.output_splits, expected.output_splits), f"{what}: output_splits"
-                    assert same_bits(res.output_offsets, expected.output_offsets), f"{what}: output_offsets"
-                    res = torch_ep.all_to_all_v(inp, splits, group=group)
-                    assert same_bits(res.output, expected.output), f"{what}: allocated output differs"
-    finally:
-        for group in groups.values():
-            if group is not None:
-                dist.destroy_process_group(group)
+    rank = dist.get_rank()
+    with single_checks.chunk_edge_groups() as groups:
+        for what, group, dtype, row_shape, rows, g in single_checks.chunk_edge_cases(seed, groups):
+            inp = single_checks.chunk_edge_input(int(rows[rank].sum()), dtype, row_shape, g)
+            splits = rows[rank].cuda()
+            total = int(rows[:, rank].sum())
+            expected = reference.all_to_all_v(inp.cpu(), splits.cpu())
+            out = poison_(torch.empty((total + 1, *row_shape), dtype=dtype, device="cuda"))
+            res = torch_ep.all_to_all_v(inp, splits, output=out, group=group)
+            torch.cuda.synchronize()
+            torch_ep.check_errors(group)
+            assert same_bits(out[:total], expected.output), f"{what}: given output differs"
+            assert same_bits(out[total:], poison_(torch.empty_like(out[total:]))), f"{what}: spare row written"
+            assert same_bits(res.output_splits, expected.output_splits), f"{what}: output_splits"
+            assert same_bits(res.output_offsets, expected.output_offsets), f"{what}: output_offsets"
+            res = torch_ep.all_to_all_v(inp, splits, group=group)
+            assert same_bits(res.output, expected.output), f"{what}: allocated output differs"
 
 
 def test_messages_about_the_chunk_sizes(cuda_pool):
