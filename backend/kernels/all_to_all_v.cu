@@ -183,11 +183,23 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
   }
 }
 
-// Block (b, lane) = `block` (b * lanes + lane): b = 0 copies a share of this rank's own rows;
-// b > 0 sends chunks lane, lane + lanes, ... to rank + b and receives those of rank - b.
+// The staged move's grid: a pair of blocks per (peer offset b, lane), kStagedRoles * R * lanes.
+constexpr int kStagedRoles = 2;
+__host__ __device__ __forceinline__ int staged_blocks(int num_ranks, int lanes) {
+  return kStagedRoles * num_ranks * lanes;
+}
+
+// Blocks 2i and 2i + 1 are pair i = b * lanes + lane. For b = 0 both copy a share of this rank's
+// own rows. For b > 0 the first (sender) puts chunks lane, lane + lanes, ... of the message to
+// rank + b into that rank's slots; the second (receiver) copies those of rank - b out of this
+// rank's slots. Apart, the two copies of a round run at once, and a sender fills one slot
+// while the peer's receiver drains the other. A block waits only on the pair of the same index
+// on another rank, and the two blocks of the lowest pending pair are resident together (blocks
+// go in index order, and any share of the GPU holds two), so the grid need not be resident.
 __device__ void staged_move(const AllToAllVParams& p, int block) {
   const int R = p.num_ranks, me = p.rank, lanes = p.layout.lanes;
-  const int b = block / lanes, lane = block % lanes;
+  const int pair = block / kStagedRoles, role = block % kStagedRoles;
+  const int b = pair / lanes, lane = pair % lanes;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   const int64_t* send_rows = p.plan;
   const int64_t* send_offsets = p.plan + R;
@@ -196,38 +208,33 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
   const uint64_t row_bytes = uint64_t(p.row_bytes);
   if (b == 0) {
     const uint64_t bytes = uint64_t(recv_rows[me]) * row_bytes;
-    // 16-byte multiples keep vector copies aligned; rounded up, so that fewer bytes than lanes
-    // still go (to the first lane)
-    const uint64_t share = ((bytes + lanes - 1) / lanes + 15) / 16 * 16;
-    const uint64_t from = share * lane < bytes ? share * lane : bytes;
+    // 16-byte multiples keep vector copies aligned; rounded up, so that fewer bytes than shares
+    // still go (to the first)
+    const int shares = kStagedRoles * lanes, share_index = lane * kStagedRoles + role;
+    const uint64_t share = ((bytes + shares - 1) / shares + 15) / 16 * 16;
+    const uint64_t from = share * share_index < bytes ? share * share_index : bytes;
     const uint64_t to = from + share < bytes ? from + share : bytes;
     block_copy<kUnroll>(p.output + recv_offsets[me] * row_bytes + from,
                         p.input + send_offsets[me] * row_bytes + from, to - from);
     return;
   }
-  const int dst = (me + b) % R, src = (me + R - b) % R;
-  const uint64_t send_bytes = uint64_t(send_rows[dst]) * row_bytes;
-  const uint64_t recv_bytes = uint64_t(recv_rows[src]) * row_bytes;
-  const char* send = p.input + send_offsets[dst] * row_bytes;
-  char* recv = p.output + recv_offsets[src] * row_bytes;
-  // Each way's message has its own chunk size (message_chunk_bytes), the same on both its ends.
-  const uint64_t send_chunk = message_chunk_bytes(send_bytes, p.layout);
-  const uint64_t recv_chunk = message_chunk_bytes(recv_bytes, p.layout);
-  const uint64_t send_chunks = (send_bytes + send_chunk - 1) / send_chunk;
-  const uint64_t recv_chunks = (recv_bytes + recv_chunk - 1) / recv_chunk;
   __shared__ int go;
-  // Round j moves chunk k = lane + j * lanes each way, through this lane's slot j % 2.
-  for (uint64_t j = 0, k = lane; k < send_chunks || k < recv_chunks; ++j, k += lanes) {
-    const int slot = int(j % L::kSlots);
-    if (k < send_chunks) {
+  if (role == 0) {
+    const int dst = (me + b) % R;
+    const uint64_t bytes = uint64_t(send_rows[dst]) * row_bytes;
+    const char* send = p.input + send_offsets[dst] * row_bytes;
+    // Each way's message has its own chunk size (message_chunk_bytes), the same on both its ends.
+    const uint64_t chunk = message_chunk_bytes(bytes, p.layout), chunks = (bytes + chunk - 1) / chunk;
+    // Round j puts chunk k = lane + j * lanes through this lane's slot j % 2.
+    for (uint64_t j = 0, k = lane; k < chunks; ++j, k += lanes) {
+      const int slot = int(j % L::kSlots);
       if (threadIdx.x == 0) {
         go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort);  // dst drained round j - 2
         if (!go) atomicExch(p.error, 1 + dst);
       }
       __syncthreads();
       if (!go) return;
-      const uint64_t from = k * send_chunk;
-      const uint64_t n = send_bytes - from < send_chunk ? send_bytes - from : send_chunk;
+      const uint64_t from = k * chunk, n = bytes - from < chunk ? bytes - from : chunk;
       block_copy<kUnroll>(p.blocks[dst] + p.layout.slot(me, lane, slot), send + from, n);
       __syncthreads();  // every thread's stores are issued before the release below
       if (threadIdx.x == 0) {
@@ -235,15 +242,20 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
         store_release(flag_at(p.blocks[dst], L::full_flag(me, lane, slot)), 1);
       }
     }
-    if (k < recv_chunks) {
+  } else {
+    const int src = (me + R - b) % R;
+    const uint64_t bytes = uint64_t(recv_rows[src]) * row_bytes;
+    char* recv = p.output + recv_offsets[src] * row_bytes;
+    const uint64_t chunk = message_chunk_bytes(bytes, p.layout), chunks = (bytes + chunk - 1) / chunk;
+    for (uint64_t j = 0, k = lane; k < chunks; ++j, k += lanes) {
+      const int slot = int(j % L::kSlots);
       if (threadIdx.x == 0) {
         go = take(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline, p.abort);  // src sent round j
         if (!go) atomicExch(p.error, 1 + src);
       }
       __syncthreads();
       if (!go) return;
-      const uint64_t from = k * recv_chunk;
-      const uint64_t n = recv_bytes - from < recv_chunk ? recv_bytes - from : recv_chunk;
+      const uint64_t from = k * chunk, n = bytes - from < chunk ? bytes - from : chunk;
       block_copy<kUnroll>(recv + from, p.blocks[me] + p.layout.slot(src, lane, slot), n, CachedGlobalLoad{});
       __syncthreads();  // every thread has read the slot before it is handed back
       if (threadIdx.x == 0) {
@@ -259,12 +271,12 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_kernel(AllT
 }
 
 // A group with a comm pool: one copy where the plan chose it (every block), else the staged move
-// (the first num_ranks * lanes blocks; the others end at once).
+// (the first staged_blocks blocks; the others end at once).
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(AllToAllVParams p) {
   if (*reinterpret_cast<const volatile int64_t*>(p.pool_plan + PoolPlan::kDirect) != 0) {
     pool::push<kUnroll>(p);
     pool::finish(p);
-  } else if (int(blockIdx.x) < p.num_ranks * p.layout.lanes) {
+  } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) {
     staged_move(p, blockIdx.x);
   }
 }
@@ -282,11 +294,8 @@ cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t
   if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0 ||
       params.layout.lanes < 1 || params.layout.lanes > L::kMaxLanes)
     return cudaErrorInvalidValue;
-  // One block per (peer offset, lane). A block waits only on the blocks of the same index on
-  // other ranks, so the grid need not be resident at once: with blocks dispatched in index
-  // order, the lowest pending index runs on every rank and finishes (ranks sharing a GPU under
-  // MPS each hold a slice of its SMs).
-  all_to_all_v_move_kernel<<<params.num_ranks * params.layout.lanes, kMoveThreads, 0, stream>>>(params);
+  // A pair of blocks per (peer offset, lane), see staged_move: the grid need not be resident.
+  all_to_all_v_move_kernel<<<staged_blocks(params.num_ranks, params.layout.lanes), kMoveThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 
@@ -294,7 +303,7 @@ cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int bloc
   if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0 ||
       params.layout.lanes < 1 || params.layout.lanes > L::kMaxLanes || params.pool_plan == nullptr)
     return cudaErrorInvalidValue;
-  const int staged = params.num_ranks * params.layout.lanes;
+  const int staged = staged_blocks(params.num_ranks, params.layout.lanes);
   all_to_all_v_move_any_kernel<<<blocks > staged ? blocks : staged, kMoveThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }

@@ -18,7 +18,7 @@
 //     moves if any rank's splits are invalid or the ranks disagree on the row size; nothing goes
 //     to a rank whose output would overflow. Writes output_splits, output_offsets and this
 //     rank's part of the plan.
-//   move (one block per peer offset b = 0..R-1 and lane): a message is cut into chunks, and
+//   move (two blocks per peer offset b = 0..R-1 and lane): a message is cut into chunks, and
 //     chunk k travels in lane k % lanes, so each pair of ranks has `lanes` independent pipelines.
 //     Each message has its own chunk size, a function of its bytes and the layout alone (its
 //     sender and receiver agree on its bytes, so they cut it alike): its bytes spread evenly over
@@ -26,11 +26,12 @@
 //     in one pass), at most a slot. So a message smaller than `lanes` slots still spreads over
 //     the lanes: with 16 lanes and 1 MiB slots, 128 KiB goes as 4 chunks of 32 KiB, 512 KiB as
 //     16 of 32 KiB, 8 MiB as 16 of 512 KiB, 20 MiB as 32 of 640 KiB.
-//     Block (b, lane) sends to rank + b and receives from rank - b, in rounds: its round j sends
-//     its j-th chunk into its lane's slot j % 2 in the destination's block (after the destination
-//     drained round j - 2), then receives the source's j-th chunk of that lane into the output.
-//     A send waits only on a round j - 2 receive, a receive on the source's round-j send, which
-//     precedes its own receive: no cycle. The blocks of b = 0 copy this rank's rows to itself.
+//     For (b, lane) a sender block sends to rank + b and a receiver block receives from
+//     rank - b, in rounds: the sender's round j puts its j-th chunk into its lane's slot j % 2 in
+//     the destination's block (after the destination drained round j - 2); the receiver's round
+//     j copies the source's j-th chunk of that lane into the output and hands the slot back. A
+//     send waits only on a round j - 2 receive, a receive on the round-j send: no cycle, and the
+//     two copies of a round run at once. The blocks of b = 0 copy this rank's rows to itself.
 // Copies: two per byte between ranks (into staging, out of it), one within a rank.
 // One copy (groups with a comm pool, backend/kernels/all_to_all_pool.cu): each record also says
 // where the rank's output lies in its comm pool arena, which every peer has mapped since the pool
@@ -76,9 +77,9 @@ struct AllToAllVLayout {
   uint64_t chunk_bytes;  // a staging slot: the largest chunk
   int lanes;             // pipelines per pair of ranks, 1..kMaxLanes
 
-  // Lanes for a group of `num_ranks`: the move kernel has num_ranks * lanes blocks (32 up to 16
-  // ranks: one block per SM moves ~20-30 GB/s, and large messages need a few dozen); more ranks
-  // sharing a GPU hold fewer SMs each.
+  // Lanes for a group of `num_ranks`: the move kernel has 2 * num_ranks * lanes blocks (64 up to
+  // 16 ranks: a block moves ~20-30 GB/s, and large messages need a few dozen); more ranks sharing
+  // a GPU hold fewer SMs each.
   __host__ __device__ static int lanes_for(int num_ranks) {
     return num_ranks <= 2 ? 16 : num_ranks <= 4 ? 8 : num_ranks <= 8 ? 4 : num_ranks <= 16 ? 2 : 1;
   }
@@ -176,7 +177,7 @@ struct PoolPlan {
 cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t stream);
 cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t stream);
 // The move of a group with a comm pool (params.pool_plan set): one copy where the plan chose it,
-// else the staged move. `blocks`: the grid when it is one copy (at least num_ranks * lanes).
+// else the staged move. `blocks`: the grid when it is one copy (at least the staged move's).
 cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int blocks, cudaStream_t stream);
 
 }  // namespace ep::kernels
