@@ -55,6 +55,10 @@ __device__ __forceinline__ bool wait_complete(const uint64_t* word, uint64_t dea
   return true;
 }
 
+// One word of rank pe's copy of a symmetric address.
+__device__ __forceinline__ int64_t get_word(const int64_t* w, int pe) { return nvshmem_int64_g(w, pe); }
+__device__ __forceinline__ float get_word(const float* w, int pe) { return nvshmem_float_g(w, pe); }
+
 // A warp copies `bytes` from src to dst: 16-byte words where both are aligned, else bytes.
 __device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t bytes, int lane) {
   if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes)) & 15) == 0) {
