@@ -3,7 +3,8 @@
 // one POD parameter struct for the whole family. The route is DeepEP's hierarchical one
 // (backend/ops/moe_internode.hpp): source s = (node n, local l) sends a token once to every node
 // m owning one of its experts, to its rail peer (m, l), which forwards it to m's owning ranks;
-// its own node's ranks get it from s's packed copy instead (no put to itself, no forward).
+// its own node's ranks get it from s's packed copy instead (no put to itself, no forward), and
+// in combine s sums its own node's rows itself.
 //
 // Every cross-rank access goes through NVSHMEM's device API (put/get with signal, signal ops),
 // also inside a node and between virtual nodes of one GPU, so the same code runs over IBGDA/IBRC.
@@ -11,7 +12,7 @@
 // Symmetric buffer of one group (IxLayout; C = capacity, tokens per rank per call; W = row
 // stride in bytes; NN nodes, L ranks per node, R = NN * L):
 //   rail_send  [NN][C] rows   dispatch: packed tokens per target node (the own node's are read
-//                             in place by its ranks); combine: forwarder's sums
+//                             in place by its ranks); combine: forwarder's sums (other nodes)
 //   rail_recv  [NN][C] rows   dispatch: what rail peers sent (by source node); combine: the sums
 //                             per node, at the source
 //   stage      [R][C]  rows   dispatch: forwarded rows by source rank (other nodes' sources);
