@@ -59,6 +59,30 @@ __device__ __forceinline__ bool wait_complete(const uint64_t* word, uint64_t dea
 __device__ __forceinline__ int64_t get_word(const int64_t* w, int pe) { return nvshmem_int64_g(w, pe); }
 __device__ __forceinline__ float get_word(const float* w, int pe) { return nvshmem_float_g(w, pe); }
 
+// A warp gets `bytes` of rank pe's copy of the symmetric src into dst (local memory, not
+// necessarily symmetric). nvshmemx_getmem_warp over P2P keeps one load in flight per lane (its
+// loop stores each word before it loads the next); typed gets issued back to back keep
+// kInFlight, as warp_copy does. 8-byte words where both ends and bytes allow, else getmem.
+__device__ __forceinline__ void get_warp(char* dst, const char* src, int64_t bytes, int pe, int lane) {
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes)) & 7) != 0) {
+    nvshmemx_getmem_warp(dst, src, size_t(bytes), pe);
+    return;
+  }
+  constexpr int kInFlight = 16;
+  const int64_t n = bytes / 8;
+  const uint64_t* from = reinterpret_cast<const uint64_t*>(src);
+  uint64_t* to = reinterpret_cast<uint64_t*>(dst);
+  for (int64_t base = lane; base < n; base += 32 * kInFlight) {
+    uint64_t v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (base + 32 * u < n) v[u] = nvshmem_uint64_g(from + base + 32 * u, pe);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (base + 32 * u < n) to[base + 32 * u] = v[u];
+  }
+}
+
 // A warp copies `bytes` from src to dst: 16-byte words where both are aligned, else bytes.
 __device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t bytes, int lane) {
   if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes)) & 15) == 0) {

@@ -170,9 +170,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
       int32_t slot = 0;
       if (lane == 0) slot = nvshmem_int32_g(at<int32_t>(p.base, l.own_slots()) + p.local * C + index, s);
       const char* src = row(p, l.rail_send(), p.node * C + __shfl_sync(0xffffffffu, slot, 0));
-      nvshmemx_getmem_warp(p.recv_x + i * p.x_bytes, src, size_t(p.x_bytes), s);
+      get_warp(p.recv_x + i * p.x_bytes, src, p.x_bytes, s, lane);
       if (p.recv_x_scales)
-        nvshmemx_getmem_warp(p.recv_x_scales + i * p.num_scales, src + p.off_scales, size_t(4 * p.num_scales), s);
+        get_warp(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales, 4 * p.num_scales, s,
+                 lane);
       ids_out(src, [s](const auto* w) { return get_word(w, s); });
     }
   }
