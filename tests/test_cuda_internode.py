@@ -124,9 +124,113 @@ def test_remote_peer_never_arrives_raises_in_wait(cuda_nodes):
 
 # ----------------------------------------------------------------------------- device route only
 
-def rank_graph_capture(seed, replays=3):
+def node_routing(kind, g, num_tokens, top_k, experts_per_rank):
+    """topk_idx [num_tokens, top_k] (distinct experts, -1 in random slots) whose experts lie on
+    chosen nodes of the group: "own_node" (the source's node only: no rail hop), "other_nodes"
+    (none on the source's node: its node's ranks get nothing from it), "node0" (node 0's ranks
+    only: the other nodes receive nothing), "mixed" (the three in turn, token by token: own node
+    only, other nodes only, anywhere)."""
+    import torch.distributed as dist
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    per_node = torch_ep.get_backend().topology.ranks_per_node
+    node, nodes = rank // per_node, size // per_node
+
+    def experts_of(ms):
+        return torch.cat([torch.arange(m * per_node * experts_per_rank, (m + 1) * per_node * experts_per_rank)
+                          for m in ms])
+
+    pools = {"own_node": experts_of([node]), "other_nodes": experts_of([m for m in range(nodes) if m != node]),
+             "node0": experts_of([0]), "anywhere": torch.arange(size * experts_per_rank)}
+    turns = ["own_node", "other_nodes", "anywhere"] if kind == "mixed" else [kind]
+    if num_tokens == 0:
+        return torch.empty(0, top_k, dtype=torch.int64)
+    rows = []
+    for t in range(num_tokens):
+        pool = pools[turns[t % len(turns)]]
+        rows.append(pool[torch.randperm(len(pool), generator=g)[:top_k]])
+    idx = torch.stack(rows)
+    idx[torch.rand(idx.shape, generator=g) < 0.2] = -1
+    return idx
+
+
+def rank_node_routing(seed, kind, hidden, worst=False, device="cuda"):
+    """dispatch, combine and a re-dispatch along the handle with the routing of node_routing(kind)
+    and uneven sizes (rank 0 sends 300 tokens, each node's last rank none): the own node's rows
+    take the in-place path, the others the rail. bf16 rows of any value, so combine's one
+    rounding per node is checked bit for bit; outputs poisoned. Returns (rows this rank got from
+    its own node, from other nodes)."""
+    import torch.distributed as dist
+    from torch_ep import reference
+    from torch_ep.testing import same_bits
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    per_node = torch_ep.get_backend().topology.ranks_per_node
+    top_k, experts_per_rank = 3, 2
+    num_experts = experts_per_rank * size
+    g = torch.Generator().manual_seed(seed + 7919 * rank)
+    n = 300 if rank == 0 else 0 if rank % per_node == per_node - 1 else int(torch.randint(1, 24, (), generator=g))
+    idx = node_routing(kind, g, n, top_k, experts_per_rank)
+    x = torch.randn(n, hidden, generator=g).mul(50).to(torch.bfloat16)
+    w = torch.randint(1, 9, idx.shape, generator=g).float() / 8
+    expected = reference.dispatch(x, idx, w, num_experts=num_experts)
+    m = expected.recv_x.shape[0]
+    worst_rows = 300 + 24 * size if worst else 0
+    checks._poison_cache(device, max(m, worst_rows) * hidden * 4)
+    got = torch_ep.dispatch(x.to(device), idx.to(device), w.to(device), num_experts=num_experts,
+                            num_worst_tokens=worst_rows)
+    if worst:
+        assert got.recv_x.shape[0] == worst_rows
+        assert same_bits(got.recv_x[:m].cpu(), expected.recv_x), "recv_x differs"
+        assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx), "recv_topk_idx differs"
+        assert torch.equal(got.recv_topk_weights[:m].cpu(), expected.recv_topk_weights), "weights differ"
+        assert bool((got.recv_topk_idx[m:] == -1).all()) and bool((got.recv_x[m:] == 0).all())
+    else:
+        checks.check_result(got, expected)
+
+    back = torch.randn(tuple(got.recv_x.shape), generator=g).mul(100).to(torch.bfloat16)
+    want = reference.combine(back[:m], expected.handle, expected.recv_topk_weights)
+    checks._poison_cache(device, n * hidden * 4)
+    comb = torch_ep.combine(back.to(device), got.handle, got.recv_topk_weights)
+    assert same_bits(comb.combined_x.cpu(), want.combined_x), "combined_x differs from the reference"
+    assert torch.equal(comb.combined_topk_weights.cpu(), want.combined_topk_weights)
+
+    if not worst:
+        x2 = torch.randn(n, hidden, generator=g).mul(50).to(torch.bfloat16)
+        checks._poison_cache(device, m * hidden * 4)
+        again = torch_ep.dispatch(x2.to(device), handle=got.handle)
+        checks.check_result(again, reference.dispatch(x2, handle=expected.handle), with_topk=False)
+    node = rank // per_node
+    own = sum(expected.handle.recv_counts[node * per_node:(node + 1) * per_node])
+    return own, m - own
+
+
+@pytest.mark.parametrize("kind", ["own_node", "other_nodes", "node0", "mixed"])
+def test_node_routing(device_route, kind):
+    """The own node's rows (gets from the source's packed rows, summed by the source in combine)
+    and the rail's, alone and together, on uneven sizes; hidden 7 (byte copies) and 136 (16-byte
+    words), with and without num_worst_tokens."""
+    size = device_route.world_size
+    for hidden, worst in ((136, False), (7, False), (136, True)):
+        got = device_route.run(rank_node_routing, _seed(), kind, hidden, worst)
+        own, other = sum(o for o, _ in got), sum(r for _, r in got)
+        if kind in ("own_node", "mixed"):
+            assert own > 0
+        if kind == "own_node":
+            assert other == 0
+        if kind == "other_nodes":
+            assert own == 0 and other > 0
+        if kind == "node0":
+            assert all(o == 0 and r == 0 for o, r in got[size // 2:]), "node 1 receives nothing"
+        if kind == "mixed":
+            assert other > 0
+
+
+def rank_graph_capture(seed, replays=3, routing="anywhere"):
     """dispatch + combine with num_worst_tokens captured in one CUDA graph, replayed with new
-    inputs of the same shapes: every replay matches the reference."""
+    inputs of the same shapes: every replay matches the reference. routing "nodes" replays
+    node_routing's kinds in turn (own node only, other nodes only, node 0 only, mixed), so
+    that the own node's counters and the rail's go from some rows to none between replays."""
     import torch.distributed as dist
     from torch_ep import reference
     from torch_ep.testing import same_bits
@@ -134,11 +238,12 @@ def rank_graph_capture(seed, replays=3):
     hidden, top_k, experts_per_rank, n = 64, 3, 2, 20
     size = dist.get_world_size()
     num_experts, worst = experts_per_rank * size, n * size
+    kinds = ["anywhere"] if routing == "anywhere" else ["own_node", "other_nodes", "node0", "mixed"]
 
-    def fixed(s):  # n tokens, top_k distinct experts each, exact weights
+    def fixed(s, turn=0):  # n tokens, top_k distinct experts each, exact weights
         g = torch.Generator().manual_seed(s + 7919 * dist.get_rank())
         x = torch.randint(-60, 60, (n, hidden), generator=g).to(torch.bfloat16)
-        idx = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(n)])
+        idx = node_routing(kinds[turn % len(kinds)], g, n, top_k, experts_per_rank)
         w = torch.randint(1, 9, idx.shape, generator=g).float() / 8
         return x.cuda(), idx.cuda(), w.cuda()
 
@@ -158,7 +263,7 @@ def rank_graph_capture(seed, replays=3):
     torch.cuda.synchronize()
     dist.barrier()
     for r in range(replays):
-        nx, nidx, nw = fixed(seed + 17 * (r + 1))
+        nx, nidx, nw = fixed(seed + 17 * (r + 1), r)
         x.copy_(nx), idx.copy_(nidx), w.copy_(nw)
         graph.replay()
         torch.cuda.synchronize()
@@ -173,8 +278,10 @@ def rank_graph_capture(seed, replays=3):
     return True
 
 
-def test_graph_capture_and_replay(device_route):
-    assert all(device_route.run(rank_graph_capture, _seed()))
+@pytest.mark.parametrize("routing", ["anywhere", "nodes"])
+def test_graph_capture_and_replay(device_route, routing):
+    replays = 3 if routing == "anywhere" else 5
+    assert all(device_route.run(rank_graph_capture, _seed(), replays, routing))
 
 
 def test_compile_fullgraph_with_num_worst_tokens(device_route):

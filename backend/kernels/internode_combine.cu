@@ -1,9 +1,11 @@
 // Combine across nodes on the device (internode_device.cuh), the dispatch's route backwards:
 // every rank pushes its rows to the forwarder of each row's source (same node, the source's
-// local index) while every source pushes its forward positions (routes) to its rail peers; each
-// forwarder sums its node's rows per token (float32, local rank by local rank, rounded once) and
-// puts one row per token to the source over the rail; the source sums the nodes' rows (float32,
-// node by node, rounded once).
+// local index) while every source pushes its forward positions (routes) to its rail peers on the
+// other nodes; each forwarder sums its node's rows per token (float32, local rank by local rank,
+// rounded once) and puts one row per token to the source over the rail; the source sums the
+// nodes' rows (float32, node by node, rounded once). For its own node the source is the
+// forwarder: it sums those rows itself, in the same order and with the same rounding, as it
+// sums the nodes' (no put to itself, no routes: they are its own dispatch positions).
 #include "backend/kernels/internode_common.cuh"
 
 namespace ep::kernels::ix {
@@ -18,10 +20,11 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
   const IxCtrl& c = ctrl(p);
   const int32_t* token_pos = p.meta + MetaLayout{R, p.num_experts, p.num_tokens}.token_pos();
 
-  // As a source: the forward positions of every token sent to node m (the dispatch's), to the
-  // rail peer there, a chunk a put, each adding 1 to its route word for this node.
+  // As a source: the forward positions of every token sent to another node m (the dispatch's),
+  // to the rail peer there, a chunk a put, each adding 1 to its route word for this node.
   int32_t* routes = at<int32_t>(p.base, l.route_send());
   for (int m = 0; m < NN; ++m) {
+    if (m == p.node) continue;
     const int64_t n = p.node_count[m], chunks = (n + kChunkRows - 1) / kChunkRows;
     for (int64_t k = (blockIdx.x + int64_t(m) * 7) % gridDim.x; k < chunks; k += gridDim.x) {
       const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
@@ -62,9 +65,10 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
   if (threadIdx.x == 0) nvshmem_quiet();  // route_send is written again by the next combine
 }
 
-// As a forwarder: once every local rank's rows and every source's routes are in, one row per
-// relayed token, the float32 sum of its local ranks' rows in rank order rounded to x's dtype
-// (weights summed in float32), into rail_send[m], put chunk by chunk to the source on node m.
+// As a forwarder: once every local rank's rows and the other nodes' sources' routes are in, one
+// row per relayed token, the float32 sum of its local ranks' rows in rank order rounded to x's
+// dtype (weights summed in float32), into rail_send[m], put chunk by chunk to the source on
+// node m (m another node).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
   if (!call_ok(p)) return;
@@ -84,7 +88,8 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
       failed = 1;
     }
   for (int m = threadIdx.x; m < NN; m += blockDim.x)
-    if (!wait_at_least(route_flag(p, m), uint64_t((c.relay[m] + kChunkRows - 1) / kChunkRows), deadline)) {
+    if (m != p.node &&
+        !wait_at_least(route_flag(p, m), uint64_t((c.relay[m] + kChunkRows - 1) / kChunkRows), deadline)) {
       ll::report(p.error, kReduceTimeout, rank_of(p, m, p.local));
       failed = 1;
     }
@@ -92,6 +97,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
   if (failed) return;
   const int32_t* routes = at<int32_t>(p.base, l.route_recv());
   for (int m = 0; m < NN; ++m) {
+    if (m == p.node) continue;  // the sources sum their own node's rows (combine_receive_kernel)
     const int64_t n = c.relay[m], chunks = (n + kChunkRows - 1) / kChunkRows;
     for (int64_t k = (blockIdx.x + int64_t(m) * 7) % gridDim.x; k < chunks; k += gridDim.x) {
       const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
@@ -124,22 +130,37 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
 }
 
 // As the source: token t's output is the float32 sum, node by node, of the rows the nodes it
-// went to sent back, rounded once; a token sent nowhere gets zeros.
+// went to sent back, rounded once; this node's row is the sum of its ranks' rows (in stage, at
+// t's dispatch positions), rounded as a forwarder rounds it. A token sent nowhere gets zeros.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
-  const int NN = l.num_nodes;
+  const int R = l.num_ranks, L = l.ranks_per_node, NN = l.num_nodes;
   const int64_t C = l.capacity, K = p.num_topk, H = p.hidden;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const uint64_t seq = ctrl(p).seq;
+  const int32_t* token_pos = p.meta + MetaLayout{R, p.num_experts, p.num_tokens}.token_pos();
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  // This node's ranks' rows: their pushes are complete (as the reduce kernel waits for them).
+  const uint64_t deadline = now_ns() + p.timeout_ns;
+  for (int j = threadIdx.x; j < L; j += blockDim.x)
+    if (!wait_complete(count_word(p, j), deadline)) {
+      ll::report(p.error, kReduceTimeout, rank_of(p, p.node, j));
+      failed = 1;
+    }
+  __syncthreads();
+  if (failed) return;
   const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
   for (int64_t t = int64_t(blockIdx.x) * (kThreads / 32) + warp; t < p.num_tokens; t += warps) {
     bool lost = false;
     if (lane == 0)
       for (int m = 0; m < NN; ++m) {
         const int32_t slot = p.node_pos[t * NN + m];
-        if (slot >= 0 && !wait_at_least(chunk_flag(p, m, slot / kChunkRows), seq, now_ns() + p.timeout_ns)) {
+        if (m != p.node && slot >= 0 &&
+            !wait_at_least(chunk_flag(p, m, slot / kChunkRows), seq, now_ns() + p.timeout_ns)) {
           ll::report(p.error, kCombineTimeout, rank_of(p, m, p.local));
           lost = true;
           break;
@@ -148,18 +169,28 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
     if (__shfl_sync(0xffffffffu, lost, 0)) return;
     __syncwarp();  // lane 0's acquire of the chunk flags orders the other lanes' reads of the rows
     const int32_t* slots = p.node_pos + t * NN;
-    sum_rows<T>(p.out + t * H * int64_t(sizeof(T)), NN,
-                [&](int m) -> const char* { return slots[m] >= 0 ? row(p, l.rail_recv(), m * C + slots[m]) : nullptr; },
-                H, lane);
-    if (K > 0)
-      for (int64_t e = lane; e < K; e += 32) {
-        float acc = 0.f;
-        for (int m = 0; m < NN; ++m) {
-          const int32_t slot = p.node_pos[t * NN + m];
-          if (slot >= 0) acc += at<float>(row(p, l.rail_recv(), m * C + slot), p.off_weights)[e];
+    const int32_t* pos = token_pos + t * R + p.node * L;
+    const auto node_row = [&](int m) -> const char* {
+      return slots[m] >= 0 ? row(p, l.rail_recv(), m * C + slots[m]) : nullptr;
+    };
+    const auto local_row = [&](int j) -> const char* {
+      return pos[j] >= 0 ? row(p, l.stage(), (int64_t(j) * NN + p.node) * C + pos[j]) : nullptr;
+    };
+    sum_node_rows<T>(p.out + t * H * int64_t(sizeof(T)), NN, node_row, p.node, L, local_row, H, lane);
+    for (int64_t e = lane; e < K; e += 32) {  // weights: float32 throughout, in the same order
+      float acc = 0.f;
+      for (int m = 0; m < NN; ++m) {
+        if (m != p.node) {
+          if (const char* r = node_row(m)) acc += reinterpret_cast<const float*>(r + p.off_weights)[e];
+        } else if (slots[m] >= 0) {
+          float part = 0.f;
+          for (int j = 0; j < L; ++j)
+            if (const char* r = local_row(j)) part += reinterpret_cast<const float*>(r + p.off_weights)[e];
+          acc += part;
         }
-        p.out_weights[t * K + e] = acc;
       }
+      p.out_weights[t * K + e] = acc;
+    }
   }
 }
 

@@ -55,6 +55,34 @@ __device__ __forceinline__ bool wait_complete(const uint64_t* word, uint64_t dea
   return true;
 }
 
+// One word of rank pe's copy of a symmetric address.
+__device__ __forceinline__ int64_t get_word(const int64_t* w, int pe) { return nvshmem_int64_g(w, pe); }
+__device__ __forceinline__ float get_word(const float* w, int pe) { return nvshmem_float_g(w, pe); }
+
+// A warp gets `bytes` of rank pe's copy of the symmetric src into dst (local memory, not
+// necessarily symmetric). nvshmemx_getmem_warp over P2P keeps one load in flight per lane (its
+// loop stores each word before it loads the next); typed gets issued back to back keep
+// kInFlight, as warp_copy does. 8-byte words where both ends and bytes allow, else getmem.
+__device__ __forceinline__ void get_warp(char* dst, const char* src, int64_t bytes, int pe, int lane) {
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes)) & 7) != 0) {
+    nvshmemx_getmem_warp(dst, src, size_t(bytes), pe);
+    return;
+  }
+  constexpr int kInFlight = 16;
+  const int64_t n = bytes / 8;
+  const uint64_t* from = reinterpret_cast<const uint64_t*>(src);
+  uint64_t* to = reinterpret_cast<uint64_t*>(dst);
+  for (int64_t base = lane; base < n; base += 32 * kInFlight) {
+    uint64_t v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (base + 32 * u < n) v[u] = nvshmem_uint64_g(from + base + 32 * u, pe);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (base + 32 * u < n) to[base + 32 * u] = v[u];
+  }
+}
+
 // A warp copies `bytes` from src to dst: 16-byte words where both are aligned, else bytes.
 __device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t bytes, int lane) {
   if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes)) & 15) == 0) {
@@ -86,23 +114,42 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { retur
 template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ float from_float(float v) { return v; }
 
-// dst = the float32 sum of the rows src(0..n) (null: none) in that order, rounded once to T; a
-// warp, 16 bytes a lane where the rows allow it.
-template <typename T, typename Src>
-__device__ __forceinline__ void sum_rows(char* dst, int n, Src src, int64_t hidden, int lane) {
+// acc[0..16 / sizeof(T)) += the elements of 16-byte word v of row.
+template <typename T>
+__device__ __forceinline__ void add_word(float* acc, const char* row, int64_t v) {
+  const uint4 w = __ldcg(reinterpret_cast<const uint4*>(row) + v);
+  const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+  for (int i = 0; i < int(16 / sizeof(T)); ++i) acc[i] += to_float(e[i]);
+}
+
+// dst = the float32 sum, node by node, of one row per node, rounded once to T; a warp, 16 bytes
+// a lane where the rows allow it. Node m's row is node_row(m) (null: none), except node `own`
+// (-1: none), whose row is the float32 sum of local_row(0..L) (null: none) rounded to T, as a
+// forwarder sums it (combine_reduce_kernel), so that both give the same bits.
+template <typename T, typename NodeRow, typename LocalRow>
+__device__ __forceinline__ void sum_node_rows(char* dst, int n, NodeRow node_row, int own, int L, LocalRow local_row,
+                                              int64_t hidden, int lane) {
   constexpr int kPer = 16 / sizeof(T);
+  bool any_local = false;
+  for (int j = 0; j < L; ++j) any_local |= local_row(j) != nullptr;
   if ((hidden * int64_t(sizeof(T))) % 16 == 0 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
     for (int64_t v = lane; v < hidden / kPer; v += 32) {
       float acc[kPer];
 #pragma unroll
       for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
-      for (int j = 0; j < n; ++j) {
-        const char* row = src(j);
-        if (!row) continue;
-        const uint4 w = __ldcg(reinterpret_cast<const uint4*>(row) + v);
-        const T* e = reinterpret_cast<const T*>(&w);
+      for (int m = 0; m < n; ++m) {
+        if (m != own) {
+          if (const char* row = node_row(m)) add_word<T>(acc, row, v);
+        } else if (any_local) {
+          float part[kPer];
 #pragma unroll
-        for (int i = 0; i < kPer; ++i) acc[i] += to_float(e[i]);
+          for (int i = 0; i < kPer; ++i) part[i] = 0.f;
+          for (int j = 0; j < L; ++j)
+            if (const char* row = local_row(j)) add_word<T>(part, row, v);
+#pragma unroll
+          for (int i = 0; i < kPer; ++i) acc[i] += to_float(from_float<T>(part[i]));
+        }
       }
       uint4 out;
       T* o = reinterpret_cast<T*>(&out);
@@ -114,10 +161,24 @@ __device__ __forceinline__ void sum_rows(char* dst, int n, Src src, int64_t hidd
   }
   for (int64_t e = lane; e < hidden; e += 32) {
     float acc = 0.f;
-    for (int j = 0; j < n; ++j)
-      if (const char* row = src(j)) acc += to_float(reinterpret_cast<const T*>(row)[e]);
+    for (int m = 0; m < n; ++m) {
+      if (m != own) {
+        if (const char* row = node_row(m)) acc += to_float(reinterpret_cast<const T*>(row)[e]);
+      } else if (any_local) {
+        float part = 0.f;
+        for (int j = 0; j < L; ++j)
+          if (const char* row = local_row(j)) part += to_float(reinterpret_cast<const T*>(row)[e]);
+        acc += to_float(from_float<T>(part));
+      }
+    }
     reinterpret_cast<T*>(dst)[e] = from_float<T>(acc);
   }
+}
+
+// dst = the float32 sum of the rows src(0..n) (null: none) in that order, rounded once to T.
+template <typename T, typename Src>
+__device__ __forceinline__ void sum_rows(char* dst, int n, Src src, int64_t hidden, int lane) {
+  sum_node_rows<T>(dst, n, src, -1, 0, [](int) -> const char* { return nullptr; }, hidden, lane);
 }
 
 // Grid of a kernel whose blocks wait on peers: within the SM budget (ranks share a GPU under

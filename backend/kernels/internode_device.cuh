@@ -2,20 +2,25 @@
 // internode_notify.cu, internode_dispatch.cu, internode_combine.cu). Torch-free: raw pointers and
 // one POD parameter struct for the whole family. The route is DeepEP's hierarchical one
 // (backend/ops/moe_internode.hpp): source s = (node n, local l) sends a token once to every node
-// m owning one of its experts, to its rail peer (m, l), which forwards it to m's owning ranks.
+// m owning one of its experts, to its rail peer (m, l), which forwards it to m's owning ranks;
+// its own node's ranks get it from s's packed copy instead (no put to itself, no forward), and
+// in combine s sums its own node's rows itself.
 //
-// Every cross-rank access goes through NVSHMEM's device API (put with signal, signal ops), also
-// inside a node and between virtual nodes of one GPU, so the same code runs over IBGDA/IBRC.
+// Every cross-rank access goes through NVSHMEM's device API (put/get with signal, signal ops),
+// also inside a node and between virtual nodes of one GPU, so the same code runs over IBGDA/IBRC.
 //
 // Symmetric buffer of one group (IxLayout; C = capacity, tokens per rank per call; W = row
 // stride in bytes; NN nodes, L ranks per node, R = NN * L):
-//   rail_send  [NN][C] rows   dispatch: packed tokens per target node; combine: forwarder's sums
+//   rail_send  [NN][C] rows   dispatch: packed tokens per target node (the own node's are read
+//                             in place by its ranks); combine: forwarder's sums (other nodes)
 //   rail_recv  [NN][C] rows   dispatch: what rail peers sent (by source node); combine: the sums
 //                             per node, at the source
-//   stage      [R][C]  rows   dispatch: forwarded rows by source rank; combine: rows back, by
-//                             (sending local rank j, source node m) = j * NN + m
+//   stage      [R][C]  rows   dispatch: forwarded rows by source rank (other nodes' sources);
+//                             combine: rows back, by (sending local rank j, source node m) = j * NN + m
 //   route_send/route_recv [NN][C][L] int32  combine: each relayed token's row index at every
 //                             local rank of the node (the dispatch's forward positions)
+//   own_slots  [L][C] int32   dispatch: for own-node rank j, the rail_send[own node] slot of each
+//                             row this rank sends it, in j's row order
 //   records    send [R], recv [2][R]   the notify step's per-call records (parity of seq)
 //   signals    notify [2][R], chunk [NN][C/B], route [NN], count [R] (uint64)
 //   ctrl       this rank's device state of the call (IxCtrl)
@@ -118,7 +123,8 @@ struct IxLayout {
   EP_HOST_DEVICE int64_t stage() const { return rail_recv() + num_nodes * capacity * row_bytes; }
   EP_HOST_DEVICE int64_t route_send() const { return stage() + int64_t(num_ranks) * capacity * row_bytes; }
   EP_HOST_DEVICE int64_t route_recv() const { return route_send() + align(num_nodes * capacity * ranks_per_node * 4); }
-  EP_HOST_DEVICE int64_t records_send() const { return route_recv() + align(num_nodes * capacity * ranks_per_node * 4); }
+  EP_HOST_DEVICE int64_t own_slots() const { return route_recv() + align(num_nodes * capacity * ranks_per_node * 4); }
+  EP_HOST_DEVICE int64_t records_send() const { return own_slots() + align(ranks_per_node * capacity * 4); }
   EP_HOST_DEVICE int64_t records_recv() const { return records_send() + num_ranks * int64_t(sizeof(IxRecord)); }
   EP_HOST_DEVICE int64_t notify_flags() const { return records_recv() + 2 * num_ranks * int64_t(sizeof(IxRecord)); }
   EP_HOST_DEVICE int64_t chunk_flags() const { return notify_flags() + 2 * num_ranks * 8; }
@@ -182,7 +188,8 @@ struct IxParams {
 cudaError_t launch_node_layout(const IxParams& p, cudaStream_t stream);
 // The records: put to every rank, wait for every rank's, check them, publish the counts.
 cudaError_t launch_notify(const IxParams& p, cudaStream_t stream);
-// Dispatch: rail puts (sender), forwarding (rail peer), then into the outputs (receiver).
+// Dispatch: rail puts (sender), forwarding (rail peer), then into the outputs (receiver; rows
+// from its own node it gets from the sender's rail_send in place).
 cudaError_t launch_dispatch_send(const IxParams& p, cudaStream_t stream);
 cudaError_t launch_dispatch_forward(const IxParams& p, cudaStream_t stream);
 cudaError_t launch_dispatch_receive(const IxParams& p, cudaStream_t stream);

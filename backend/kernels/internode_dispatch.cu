@@ -1,6 +1,12 @@
 // Dispatch across nodes on the device (internode_device.cuh): the rail puts of the sender, the
 // forwarding of the rail peer, and the receive into the outputs. Three launches on one stream;
 // only the forward and receive kernels wait, on other ranks, each wait bounded.
+//
+// Copies per token (n nodes it goes to, k_own / k_rem receiving ranks on this node / others):
+// the own node's tokens are packed once and each receiver there gets its rows from the packed
+// copy (1 + k_own); another node's are packed, put over the rail, forwarded into each
+// receiver's stage and copied out (2 per node + 2 per receiver). x is the caller's tensor, not
+// symmetric, so a peer cannot read it in place: the pack is the least one copy.
 #include "backend/kernels/internode_common.cuh"
 
 namespace ep::kernels::ix {
@@ -9,6 +15,8 @@ namespace {
 // Packs each token going to node m, chunk by chunk (a warp a row), into rail_send[m] and puts
 // the chunk to the rail peer (m, local), into its rail_recv[this node], with the chunk's signal
 // SET to seq. A row: payload | scales | global ids | weights | where each rank of node m gets it.
+// This node's rows stay in rail_send[node] (its ranks get them there; the forward kernel tells
+// them), with own_slots saying which slot each of their rows is; positions are not written.
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
@@ -17,6 +25,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const uint64_t seq = ctrl(p).seq;
   const int32_t* token_pos = p.meta + MetaLayout{R, p.num_experts, p.num_tokens}.token_pos();
+  int32_t* own_slots = at<int32_t>(p.base, l.own_slots());
   for (int m = 0; m < NN; ++m) {
     const int64_t n = p.node_count[m], chunks = (n + kChunkRows - 1) / kChunkRows;
     // Nodes start at different blocks, so that small sends to many nodes spread over the grid.
@@ -34,9 +43,14 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
           if (p.topk_weights)
             for (int64_t k = lane; k < K; k += 32) at<float>(dst, p.off_weights)[k] = p.topk_weights[t * K + k];
         }
-        for (int j = lane; j < L; j += 32) at<int32_t>(dst, p.off_pos)[j] = token_pos[t * R + m * L + j];
+        for (int j = lane; j < L; j += 32) {
+          const int32_t pos = token_pos[t * R + m * L + j];
+          if (m != p.node) at<int32_t>(dst, p.off_pos)[j] = pos;
+          else if (pos >= 0) own_slots[j * C + pos] = int32_t(slot);
+        }
       }
       __syncthreads();
+      if (m == p.node) continue;
       nvshmemx_putmem_signal_nbi_block(row(p, l.rail_recv(), p.node * C + c * kChunkRows),
                                        row(p, l.rail_send(), m * C + c * kChunkRows), size_t(rows * p.row_stride),
                                        chunk_flag(p, p.node, c), seq, NVSHMEM_SIGNAL_SET, rank_of(p, m, p.local));
@@ -46,8 +60,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
   if (threadIdx.x == 0) nvshmem_quiet();  // rail_send is packed again by the next call
 }
 
-// For every source node m, chunk by chunk as they land: each row to every rank j of this node
-// that gets it, into j's stage[source][its row index there], adding 1 to j's count for the source.
+// First, as a source: the send kernel is over, so this node's rows are packed; add the rows
+// each rank j of this node gets from this rank to j's count for it (j gets them in place).
+// Then, for every other source node m, chunk by chunk as they land: each row to every rank j of
+// this node that gets it, into j's stage[source][its row index there], adding 1 to j's count for
+// the source.
 __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
@@ -57,7 +74,14 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
   const IxCtrl& c = ctrl(p);
   const uint64_t seq = c.seq;
   __shared__ int failed;
+  if (blockIdx.x == 0 && threadIdx.x < L) {
+    const int j = rank_of(p, p.node, threadIdx.x);
+    const int32_t rows = p.meta[MetaLayout{l.num_ranks, p.num_experts, p.num_tokens}.tokens_per_rank() + j];
+    __threadfence_system();  // the pack (previous kernel) before the count, for every observer
+    if (rows > 0) nvshmemx_signal_op(count_word(p, p.rank), uint64_t(rows), NVSHMEM_SIGNAL_ADD, j);
+  }
   for (int m = 0; m < NN; ++m) {
+    if (m == p.node) continue;
     const int s = rank_of(p, m, p.local);  // the source these rows come from
     const int64_t n = c.relay[m], chunks = (n + kChunkRows - 1) / kChunkRows;
     for (int64_t k = (blockIdx.x + int64_t(m) * 7) % gridDim.x; k < chunks; k += gridDim.x) {
@@ -85,9 +109,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
   if (threadIdx.x == 0) nvshmem_quiet();
 }
 
-// Waits for every source's rows (its count), then copies stage into the outputs at the prefix
-// offsets: rows by source rank, then source token order. Ids become local (-1 for other ranks'
-// experts, weight 0). Rows past the received ones are padding (num_worst_tokens).
+// Waits for every source's rows (its count), then copies them into the outputs at the prefix
+// offsets: rows by source rank, then source token order; another node's source's from stage,
+// this node's source's straight from its rail_send (gets). Ids become local (-1 for other
+// ranks' experts, weight 0). Rows past the received ones are padding (num_worst_tokens).
 __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) {
   const IxLayout& l = p.layout;
   const int R = l.num_ranks;
@@ -111,22 +136,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
   if (M > p.out_rows && blockIdx.x == 0 && threadIdx.x == 0) ll::report(p.error, kOverflow, p.rank);
   const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
   for (int64_t i = int64_t(blockIdx.x) * (kThreads / 32) + warp; i < p.out_rows; i += warps) {
-    if (i < M) {
-      const int s = source_of(c.prefix, R, i);
-      const char* src = row(p, l.stage(), int64_t(s) * C + (i - c.prefix[s]));
-      warp_copy(p.recv_x + i * p.x_bytes, src, p.x_bytes, lane);
-      if (p.recv_x_scales)
-        warp_copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales, 4 * p.num_scales,
-                  lane);
-      if (!p.cached)
-        for (int64_t k = lane; k < K; k += 32) {
-          const int64_t id = reinterpret_cast<const int64_t*>(src + p.off_ids)[k];
-          const bool owned = id >= 0 && id / per == p.rank;
-          p.recv_topk_idx[i * K + k] = owned ? id - p.rank * per : -1;
-          if (p.recv_topk_weights)
-            p.recv_topk_weights[i * K + k] = owned ? reinterpret_cast<const float*>(src + p.off_weights)[k] : 0.f;
-        }
-    } else {
+    if (i >= M) {
       for (int64_t b = lane; b < p.x_bytes; b += 32) p.recv_x[i * p.x_bytes + b] = 0;
       if (p.recv_x_scales)
         for (int64_t k = lane; k < p.num_scales; k += 32) p.recv_x_scales[i * p.num_scales + k] = 0.f;
@@ -135,6 +145,36 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
           p.recv_topk_idx[i * K + k] = -1;
           if (p.recv_topk_weights) p.recv_topk_weights[i * K + k] = 0.f;
         }
+      continue;
+    }
+    const int s = source_of(c.prefix, R, i);
+    const int64_t index = i - c.prefix[s];  // among s's rows to this rank
+    // Global ids (and weights) from the row at src, made local; load(ptr) reads a word of it.
+    const auto ids_out = [&](const char* src, auto load) {
+      for (int64_t k = lane; k < K && !p.cached; k += 32) {
+        const int64_t id = load(reinterpret_cast<const int64_t*>(src + p.off_ids) + k);
+        const bool owned = id >= 0 && id / per == p.rank;
+        p.recv_topk_idx[i * K + k] = owned ? id - p.rank * per : -1;
+        if (p.recv_topk_weights)
+          p.recv_topk_weights[i * K + k] = owned ? load(reinterpret_cast<const float*>(src + p.off_weights) + k) : 0.f;
+      }
+    };
+    if (s / l.ranks_per_node != p.node) {  // forwarded into stage
+      const char* src = row(p, l.stage(), int64_t(s) * C + index);
+      warp_copy(p.recv_x + i * p.x_bytes, src, p.x_bytes, lane);
+      if (p.recv_x_scales)
+        warp_copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales, 4 * p.num_scales,
+                  lane);
+      ids_out(src, [](const auto* w) { return *w; });
+    } else {  // s's packed row, in its rail_send (the symmetric address names s's copy)
+      int32_t slot = 0;
+      if (lane == 0) slot = nvshmem_int32_g(at<int32_t>(p.base, l.own_slots()) + p.local * C + index, s);
+      const char* src = row(p, l.rail_send(), p.node * C + __shfl_sync(0xffffffffu, slot, 0));
+      get_warp(p.recv_x + i * p.x_bytes, src, p.x_bytes, s, lane);
+      if (p.recv_x_scales)
+        get_warp(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales, 4 * p.num_scales, s,
+                 lane);
+      ids_out(src, [s](const auto* w) { return get_word(w, s); });
     }
   }
 }
