@@ -226,6 +226,19 @@ def test_node_routing(device_route, kind):
             assert other > 0
 
 
+@pytest.mark.parametrize("topology", topologies())
+def test_node_hop_by_puts(topology):
+    """TORCH_EP_INTERNODE_NODE_P2P=0: the node hop by NVSHMEM puts and gets, the path of node
+    peers NVSHMEM does not map (by default it stores and loads through the mapped buffers)."""
+    if "device" not in routes():
+        pytest.skip("TORCH_EP_INTERNODE_ROUTES leaves out the device route")
+    pool = _pool(topology, "device", {"TORCH_EP_INTERNODE_NODE_P2P": "0"})
+    for hidden, worst in ((136, False), (7, False), (136, True)):
+        own_other = pool.run(rank_node_routing, _seed(), "mixed", hidden, worst)
+        assert sum(o for o, _ in own_other) > 0 and sum(r for _, r in own_other) > 0
+    pool.run(checks.rank_autograd, _seed(), device="cuda")
+
+
 def rank_graph_capture(seed, replays=3, routing="anywhere"):
     """dispatch + combine with num_worst_tokens captured in one CUDA graph, replayed with new
     inputs of the same shapes: every replay matches the reference. routing "nodes" replays

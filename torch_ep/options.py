@@ -37,6 +37,9 @@ ENVIRONMENT = {
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
     "TORCH_EP_INTERNODE_DEVICE": "0 sends CUDA dispatch/combine across nodes on the host-driven route (host rounds) "
                                  "instead of the device-driven one (NVSHMEM device API, one host wait; the default)",
+    "TORCH_EP_INTERNODE_NODE_P2P": "0 makes the device-driven dispatch/combine across nodes use NVSHMEM puts and gets "
+                                   "inside a node too, instead of stores and loads through the mapped peer buffers "
+                                   "(NVLink P2P; the default where NVSHMEM maps the peer)",
     "TORCH_EP_INTERNODE_A2A_DEVICE": "0 moves CUDA all_to_all's NVSHMEM hop across nodes in rounds the host queues "
                                      "instead of one launch (a block per peer and slot; the default)",
     "TORCH_EP_INTERNODE_CAPACITY": "device route across nodes: the most tokens a rank dispatches per call (default "
@@ -98,6 +101,7 @@ class Options:
     all_to_all_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_DEVICE")))
     internode_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_INTERNODE_DEVICE") != 0)
     internode_a2a_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_INTERNODE_A2A_DEVICE") != 0)
+    internode_node_p2p: bool = field(default_factory=lambda: _env_int("TORCH_EP_INTERNODE_NODE_P2P") != 0)
     internode_capacity: int = field(default_factory=_default("TORCH_EP_INTERNODE_CAPACITY", 4096))
     internode_row_bytes: int = field(default_factory=_default("TORCH_EP_INTERNODE_ROW_BYTES", 0))
 
@@ -141,6 +145,7 @@ class Options:
         config.all_to_all_device = self.all_to_all_device
         config.internode_device = self.internode_device
         config.internode_a2a_device = self.internode_a2a_device
+        config.internode_node_p2p = self.internode_node_p2p
         config.internode_capacity = self.internode_capacity
         config.internode_row_bytes = self.internode_row_bytes
         return config

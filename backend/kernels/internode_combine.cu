@@ -16,7 +16,7 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
   const IxLayout& l = p.layout;
   const int R = l.num_ranks, L = l.ranks_per_node, NN = l.num_nodes;
   const int64_t C = l.capacity, K = p.num_topk;
-  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const IxCtrl& c = ctrl(p);
   const int32_t* token_pos = p.meta + MetaLayout{R, p.num_experts, p.num_tokens}.token_pos();
 
@@ -41,24 +41,42 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
   }
 
   // As a receiver of the dispatch: row i (of source s) back to the forwarder (this node, s's
-  // local index), at stage[this local rank, s's node][its index among s's rows]. Each put adds 1
-  // to the forwarder's count word for this rank; one closing signal per forwarder adds the total.
+  // local index), at stage[this local rank, s's node][its index among s's rows]. A row counts
+  // `units` on the forwarder's count word for this rank (a put each for the row and its
+  // weights); one closing signal per forwarder adds the total. Stores through the forwarder's
+  // mapped buffer count in shared memory and go out in one signal per forwarder at the end
+  // (as the dispatch's forward); puts, where it is not mapped, signal each.
+  __shared__ int pushed[kMaxLocal];
+  if (threadIdx.x < L) pushed[threadIdx.x] = 0;
+  __syncthreads();
+  const int units = p.num_topk > 0 ? 2 : 1;
   const int64_t M = c.prefix[R], warps = int64_t(gridDim.x) * (kThreads / 32);
   for (int64_t i = int64_t(blockIdx.x) * (kThreads / 32) + warp; i < M; i += warps) {
     const int s = source_of(c.prefix, R, i);
     const int forwarder = rank_of(p, p.node, s % L);
     char* dst = row(p, l.stage(), (int64_t(p.local) * NN + s / L) * C + (i - c.prefix[s]));
+    if (char* mapped = node_peer(p, dst, forwarder)) {
+      warp_copy(mapped, p.x + i * p.x_bytes, p.x_bytes, lane);
+      for (int64_t e = lane; e < K; e += 32)
+        at<float>(mapped, p.off_weights)[e] = p.topk_weights[i * K + e];
+      if (lane == 0) atomicAdd_block(&pushed[s % L], units);
+      continue;
+    }
     nvshmemx_putmem_signal_nbi_warp(dst, p.x + i * p.x_bytes, size_t(p.x_bytes), count_word(p, p.local), 1,
                                     NVSHMEM_SIGNAL_ADD, forwarder);
     if (p.num_topk > 0)
       nvshmemx_putmem_signal_nbi_warp(dst + p.off_weights, p.topk_weights + i * K, size_t(4 * K),
                                       count_word(p, p.local), 1, NVSHMEM_SIGNAL_ADD, forwarder);
   }
+  __threadfence_system();  // this thread's stores before the counts that announce them
+  __syncthreads();
+  if (threadIdx.x < L && pushed[threadIdx.x] > 0)
+    nvshmemx_signal_op(count_word(p, p.local), uint64_t(pushed[threadIdx.x]), NVSHMEM_SIGNAL_ADD,
+                       rank_of(p, p.node, threadIdx.x));
   if (blockIdx.x == 0 && threadIdx.x < L) {
     int64_t puts = 0;
     for (int s = threadIdx.x; s < R; s += L) puts += c.recv[s];
-    if (p.num_topk > 0) puts *= 2;
-    nvshmemx_signal_op(count_word(p, p.local), ll::closing_signal(puts + 1), NVSHMEM_SIGNAL_ADD,
+    nvshmemx_signal_op(count_word(p, p.local), ll::closing_signal(units * puts + 1), NVSHMEM_SIGNAL_ADD,
                        rank_of(p, p.node, threadIdx.x));
   }
   __syncthreads();

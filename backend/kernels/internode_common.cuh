@@ -55,6 +55,15 @@ __device__ __forceinline__ bool wait_complete(const uint64_t* word, uint64_t dea
   return true;
 }
 
+// Rank pe's copy of the symmetric address ptr as this rank's pointer, for the node hop only (pe
+// on this node): where NVSHMEM maps it (NVLink P2P, or one GPU) and IxParams::node_p2p allows,
+// else null and the caller puts or gets. Never for a rank on another node: a NIC cannot serve a
+// load or store.
+template <typename T>
+__device__ __forceinline__ T* node_peer(const IxParams& p, T* ptr, int pe) {
+  return p.node_p2p ? static_cast<T*>(nvshmem_ptr(const_cast<void*>(static_cast<const void*>(ptr)), pe)) : nullptr;
+}
+
 // One word of rank pe's copy of a symmetric address.
 __device__ __forceinline__ int64_t get_word(const int64_t* w, int pe) { return nvshmem_int64_g(w, pe); }
 __device__ __forceinline__ float get_word(const float* w, int pe) { return nvshmem_float_g(w, pe); }

@@ -6,8 +6,11 @@
 // its own node's ranks get it from s's packed copy instead (no put to itself, no forward), and
 // in combine s sums its own node's rows itself.
 //
-// Every cross-rank access goes through NVSHMEM's device API (put/get with signal, signal ops),
-// also inside a node and between virtual nodes of one GPU, so the same code runs over IBGDA/IBRC.
+// Every access to a rank on another node goes through NVSHMEM's device API (put/get with signal,
+// signal ops), also between virtual nodes of one GPU, so the same code runs over IBGDA/IBRC. The
+// node hop (ranks of one node: NVLink) stores and loads through the peers' mapped buffers
+// (nvshmem_ptr), a chunk's rows announced by one signal, as the intranode route does; where a
+// peer is not mapped, or with IxParams::node_p2p off, it too goes through puts and gets.
 //
 // Symmetric buffer of one group (IxLayout; C = capacity, tokens per rank per call; W = row
 // stride in bytes; NN nodes, L ranks per node, R = NN * L):
@@ -146,6 +149,7 @@ struct IxParams {
   int* error;          // host-mapped error word
   IxHostCtrl* host;    // host-mapped (device address)
   int num_blocks;      // SM budget of the kernels that wait on peers
+  bool node_p2p;       // the node hop by stores/loads where NVSHMEM maps the peer (else puts/gets)
   // the call
   int32_t op;
   int64_t row_stride;  // bytes between rows of this call (<= layout.row_bytes), a multiple of 16

@@ -63,17 +63,21 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
 // First, as a source: the send kernel is over, so this node's rows are packed; add the rows
 // each rank j of this node gets from this rank to j's count for it (j gets them in place).
 // Then, for every other source node m, chunk by chunk as they land: each row to every rank j of
-// this node that gets it, into j's stage[source][its row index there], adding 1 to j's count for
-// the source.
+// this node that gets it, into j's stage[source][its row index there], and j's count for the
+// source grows by the chunk's rows for j. The node hop stores through j's mapped buffer, 16
+// bytes a lane with several loads in flight, and announces a chunk with one signal per rank
+// (a put with a signal per row pays a fence and a remote atomic per row, and NVSHMEM's P2P warp
+// copy keeps one load in flight per lane); puts where j is not mapped.
 __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
   const int L = l.ranks_per_node, NN = l.num_nodes;
   const int64_t C = l.capacity;
-  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const IxCtrl& c = ctrl(p);
   const uint64_t seq = c.seq;
   __shared__ int failed;
+  __shared__ int forwarded[kMaxLocal];  // rows of the current chunk stored into each rank's stage
   if (blockIdx.x == 0 && threadIdx.x < L) {
     const int j = rank_of(p, p.node, threadIdx.x);
     const int32_t rows = p.meta[MetaLayout{l.num_ranks, p.num_experts, p.num_tokens}.tokens_per_rank() + j];
@@ -89,6 +93,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
         failed = !wait_at_least(chunk_flag(p, m, k), seq, now_ns() + p.timeout_ns);
         if (failed) ll::report(p.error, kForwardTimeout, s);
       }
+      if (threadIdx.x < L) forwarded[threadIdx.x] = 0;
       __syncthreads();
       if (failed) return;
       const int64_t rows = n - k * kChunkRows < kChunkRows ? n - k * kChunkRows : kChunkRows;
@@ -97,12 +102,22 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
         const int32_t* pos = at<int32_t>(src, p.off_pos);
         for (int j = 0; j < L; ++j) {
           const int32_t at_j = pos[j];
-          if (at_j >= 0)
-            nvshmemx_putmem_signal_nbi_warp(row(p, l.stage(), int64_t(s) * C + at_j), src, size_t(p.off_pos),
-                                            count_word(p, s), 1, NVSHMEM_SIGNAL_ADD, rank_of(p, p.node, j));
+          if (at_j < 0) continue;
+          char* dst = row(p, l.stage(), int64_t(s) * C + at_j);
+          if (char* mapped = node_peer(p, dst, rank_of(p, p.node, j))) {
+            warp_copy(mapped, src, p.off_pos, lane);
+            if (lane == 0) atomicAdd_block(&forwarded[j], 1);
+          } else {
+            nvshmemx_putmem_signal_nbi_warp(dst, src, size_t(p.off_pos), count_word(p, s), 1, NVSHMEM_SIGNAL_ADD,
+                                            rank_of(p, p.node, j));
+          }
         }
       }
+      __threadfence_system();  // this thread's stores before the counts that announce them
       __syncthreads();
+      if (threadIdx.x < L && forwarded[threadIdx.x] > 0)
+        nvshmemx_signal_op(count_word(p, s), uint64_t(forwarded[threadIdx.x]), NVSHMEM_SIGNAL_ADD,
+                           rank_of(p, p.node, threadIdx.x));
     }
   }
   __syncthreads();
@@ -167,14 +182,24 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
                   lane);
       ids_out(src, [](const auto* w) { return *w; });
     } else {  // s's packed row, in its rail_send (the symmetric address names s's copy)
+      const int32_t* slots = at<int32_t>(p.base, l.own_slots()) + p.local * C;
+      const int32_t* mapped_slots = node_peer(p, slots, s);
       int32_t slot = 0;
-      if (lane == 0) slot = nvshmem_int32_g(at<int32_t>(p.base, l.own_slots()) + p.local * C + index, s);
+      if (lane == 0) slot = mapped_slots ? __ldcg(mapped_slots + index) : nvshmem_int32_g(slots + index, s);
       const char* src = row(p, l.rail_send(), p.node * C + __shfl_sync(0xffffffffu, slot, 0));
-      get_warp(p.recv_x + i * p.x_bytes, src, p.x_bytes, s, lane);
-      if (p.recv_x_scales)
-        get_warp(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales, 4 * p.num_scales, s,
-                 lane);
-      ids_out(src, [s](const auto* w) { return get_word(w, s); });
+      if (const char* mapped = node_peer(p, src, s)) {  // loads through s's mapped buffer
+        warp_copy(p.recv_x + i * p.x_bytes, mapped, p.x_bytes, lane);
+        if (p.recv_x_scales)
+          warp_copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), mapped + p.off_scales,
+                    4 * p.num_scales, lane);
+        ids_out(mapped, [](const auto* w) { return __ldcg(w); });
+      } else {
+        get_warp(p.recv_x + i * p.x_bytes, src, p.x_bytes, s, lane);
+        if (p.recv_x_scales)
+          get_warp(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales,
+                   4 * p.num_scales, s, lane);
+        ids_out(src, [s](const auto* w) { return get_word(w, s); });
+      }
     }
   }
 }

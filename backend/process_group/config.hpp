@@ -34,6 +34,8 @@ struct Config {
                                         // device API, no host rounds); false: the host-driven route
   bool internode_a2a_device = true;     // CUDA all_to_all across nodes: its NVSHMEM hop in one launch, not
                                         // rounds the host queues (false: the rounds)
+  bool internode_node_p2p = true;       // device route: the node hop by stores/loads through mapped peer
+                                        // buffers (NVLink); false: NVSHMEM puts/gets inside a node too
   int64_t internode_capacity = 4096;    // device route: most tokens per rank per call (sizes its buffer)
   int64_t internode_row_bytes = 0;      // device route: least row stride its buffer is sized for (0: from
                                         // the first call, at least 16.5 KiB)

@@ -36,6 +36,7 @@ void register_process_group(py::module_& m) {
       .def_readwrite("all_to_all_device", &Config::all_to_all_device)
       .def_readwrite("internode_device", &Config::internode_device)
       .def_readwrite("internode_a2a_device", &Config::internode_a2a_device)
+      .def_readwrite("internode_node_p2p", &Config::internode_node_p2p)
       .def_readwrite("internode_capacity", &Config::internode_capacity)
       .def_readwrite("internode_row_bytes", &Config::internode_row_bytes);
 

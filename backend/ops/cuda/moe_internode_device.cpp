@@ -115,6 +115,7 @@ ix::IxParams call_params(ProcessGroupEP& group, InternodeBuffer& b, int32_t op, 
                          int64_t E, Tensor& scratch) {
   ix::IxParams p = b.params();
   if (group.config().num_sms > 0) p.num_blocks = group.config().num_sms;  // the SM budget
+  p.node_p2p = group.config().internode_node_p2p;
   const int64_t NN = p.layout.num_nodes;
   scratch = at::empty({NN + 2 * NN * std::max<int64_t>(N, 1)}, meta.options());
   p.op = op;
