@@ -27,6 +27,7 @@
 #     tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
 #     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
 #     (tools/moe_profile.py), copy_tests (the MoE copy variants' GPU tests), internode_bench,
+#     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
 #     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), timeouts, a2a_bench (at
 #     TORCH_EP_PENDING_BENCH_RANKS), compile (the compile mode) and
 #     sm_sweep (the sm-sweep mode); default "deep_ep_bench deep_ep_overhead copy_tests sm_sweep".
@@ -227,6 +228,14 @@ if [ "$WHAT" = pending ]; then
       --nproc-per-node 4 benchmarks/internode.py --ranks-per-node 2 --out "$LOGS/internode_2x2" \
       > "$LOGS/internode_bench_2x2.log" 2>&1 || STATUS=1
     tail -18 "$LOGS/internode_bench_2x2.log" >> "$SUMMARY"
+  fi
+  if [[ $STEPS == *" internode_profile "* ]]; then
+    step "internode profile, 2x2 virtual nodes (each kernel's time per call, every rank)"
+    NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_DISABLE_NVLS=1 \
+      NVSHMEM_SYMMETRIC_SIZE=3G TORCH_EP_RANKS_PER_NODE=2 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 \
+      TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-33} timeout 100 torchrun --standalone --nproc-per-node 4 \
+      tools/internode_profile.py > "$LOGS/internode_profile_2x2.log" 2>&1 || STATUS=1
+    grep "^rank " "$LOGS/internode_profile_2x2.log" >> "$SUMMARY"
   fi
   if [[ $STEPS == *" sm_ceiling "* ]]; then
     step "the copy rate of k SMs, whatever the op (tools/sm_copy_ceiling.cu, one process, the whole GPU)"

@@ -4,7 +4,8 @@
 // (backend/ops/moe_internode.hpp): source s = (node n, local l) sends a token once to every node
 // m owning one of its experts, to its rail peer (m, l), which forwards it to m's owning ranks;
 // its own node's ranks get it from s's packed copy instead (no put to itself, no forward), and
-// in combine s sums its own node's rows itself.
+// in combine s sums its own node's rows itself. The forward moves no row: the forwarder tells
+// each receiver where its rows lie in the forwarder's rail_recv, and the receiver reads them there.
 //
 // Every access to a rank on another node goes through NVSHMEM's device API (put/get with signal,
 // signal ops), also between virtual nodes of one GPU, so the same code runs over IBGDA/IBRC. The
@@ -18,12 +19,14 @@
 //                             in place by its ranks); combine: forwarder's sums (other nodes)
 //   rail_recv  [NN][C] rows   dispatch: what rail peers sent (by source node); combine: the sums
 //                             per node, at the source
-//   stage      [R][C]  rows   dispatch: forwarded rows by source rank (other nodes' sources);
-//                             combine: rows back, by (sending local rank j, source node m) = j * NN + m
+//   stage      [R][C]  rows   combine: rows back, by (sending local rank j, source node m) = j * NN + m
 //   route_send/route_recv [NN][C][L] int32  combine: each relayed token's row index at every
 //                             local rank of the node (the dispatch's forward positions)
 //   own_slots  [L][C] int32   dispatch: for own-node rank j, the rail_send[own node] slot of each
 //                             row this rank sends it, in j's row order
+//   relay_slots [R][C] int32  dispatch: for another node's source s, the rail_recv slot (at the
+//                             forwarder, this node's rank with s's local index) of each row s
+//                             sends this rank, in its row order (the forwarder writes them)
 //   records    send [R], recv [2][R]   the notify step's per-call records (parity of seq)
 //   signals    notify [2][R], chunk [NN][C/B], route [NN], count [R] (uint64)
 //   ctrl       this rank's device state of the call (IxCtrl)
@@ -127,7 +130,8 @@ struct IxLayout {
   EP_HOST_DEVICE int64_t route_send() const { return stage() + int64_t(num_ranks) * capacity * row_bytes; }
   EP_HOST_DEVICE int64_t route_recv() const { return route_send() + align(num_nodes * capacity * ranks_per_node * 4); }
   EP_HOST_DEVICE int64_t own_slots() const { return route_recv() + align(num_nodes * capacity * ranks_per_node * 4); }
-  EP_HOST_DEVICE int64_t records_send() const { return own_slots() + align(ranks_per_node * capacity * 4); }
+  EP_HOST_DEVICE int64_t relay_slots() const { return own_slots() + align(ranks_per_node * capacity * 4); }
+  EP_HOST_DEVICE int64_t records_send() const { return relay_slots() + align(num_ranks * capacity * 4); }
   EP_HOST_DEVICE int64_t records_recv() const { return records_send() + num_ranks * int64_t(sizeof(IxRecord)); }
   EP_HOST_DEVICE int64_t notify_flags() const { return records_recv() + 2 * num_ranks * int64_t(sizeof(IxRecord)); }
   EP_HOST_DEVICE int64_t chunk_flags() const { return notify_flags() + 2 * num_ranks * 8; }

@@ -1,12 +1,12 @@
 // Dispatch across nodes on the device (internode_device.cuh): the rail puts of the sender, the
-// forwarding of the rail peer, and the receive into the outputs. Three launches on one stream;
-// only the forward and receive kernels wait, on other ranks, each wait bounded.
+// forwarder's notes to its node's ranks, and the receive into the outputs. Three launches on one
+// stream; only the forward and receive kernels wait, on other ranks, each wait bounded.
 //
 // Copies per token (n nodes it goes to, k_own / k_rem receiving ranks on this node / others):
-// the own node's tokens are packed once and each receiver there gets its rows from the packed
-// copy (1 + k_own); another node's are packed, put over the rail, forwarded into each
-// receiver's stage and copied out (2 per node + 2 per receiver). x is the caller's tensor, not
-// symmetric, so a peer cannot read it in place: the pack is the least one copy.
+// it is packed once; each receiver on this node copies it from the packed row (k_own); for each
+// other node, the packed row is put over the rail and each receiver there copies it from its
+// forwarder's rail_recv (1 + k_rem). x is the caller's tensor, not symmetric, so a peer cannot
+// read it in place: the pack is the least one copy.
 #include "backend/kernels/internode_common.cuh"
 
 namespace ep::kernels::ix {
@@ -62,28 +62,27 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
 
 // First, as a source: the send kernel is over, so this node's rows are packed; add the rows
 // each rank j of this node gets from this rank to j's count for it (j gets them in place).
-// Then, for every other source node m, chunk by chunk as they land: each row to every rank j of
-// this node that gets it, into j's stage[source][its row index there], and j's count for the
-// source grows by the chunk's rows for j. The node hop stores through j's mapped buffer, 16
-// bytes a lane with several loads in flight, and announces a chunk with one signal per rank
-// (a put with a signal per row pays a fence and a remote atomic per row, and NVSHMEM's P2P warp
-// copy keeps one load in flight per lane); puts where j is not mapped.
+// Then, as the forwarder of every other source node m's rows, chunk by chunk as they land: no
+// row moves. For each row and each rank j of this node that gets it, j learns the row's slot in
+// this rank's rail_recv (j's relay_slots[source][its row index there]), and j's count for the
+// source grows by the chunk's rows for j, one signal per rank and chunk; j reads the rows in
+// place. Stores through j's mapped buffer (the node hop), puts where j is not mapped.
 __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
   const int L = l.ranks_per_node, NN = l.num_nodes;
   const int64_t C = l.capacity;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const IxCtrl& c = ctrl(p);
   const uint64_t seq = c.seq;
   __shared__ int failed;
-  __shared__ int forwarded[kMaxLocal];  // rows of the current chunk stored into each rank's stage
+  __shared__ int forwarded[kMaxLocal];  // rows of the current chunk each rank of this node gets
   if (blockIdx.x == 0 && threadIdx.x < L) {
     const int j = rank_of(p, p.node, threadIdx.x);
     const int32_t rows = p.meta[MetaLayout{l.num_ranks, p.num_experts, p.num_tokens}.tokens_per_rank() + j];
     __threadfence_system();  // the pack (previous kernel) before the count, for every observer
     if (rows > 0) nvshmemx_signal_op(count_word(p, p.rank), uint64_t(rows), NVSHMEM_SIGNAL_ADD, j);
   }
+  int32_t* relay_slots = at<int32_t>(p.base, l.relay_slots());
   for (int m = 0; m < NN; ++m) {
     if (m == p.node) continue;
     const int s = rank_of(p, m, p.local);  // the source these rows come from
@@ -96,24 +95,24 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
       if (threadIdx.x < L) forwarded[threadIdx.x] = 0;
       __syncthreads();
       if (failed) return;
-      const int64_t rows = n - k * kChunkRows < kChunkRows ? n - k * kChunkRows : kChunkRows;
-      if (warp < rows) {
-        char* src = row(p, l.rail_recv(), m * C + k * kChunkRows + warp);
-        const int32_t* pos = at<int32_t>(src, p.off_pos);
-        for (int j = 0; j < L; ++j) {
-          const int32_t at_j = pos[j];
-          if (at_j < 0) continue;
-          char* dst = row(p, l.stage(), int64_t(s) * C + at_j);
-          if (char* mapped = node_peer(p, dst, rank_of(p, p.node, j))) {
-            warp_copy(mapped, src, p.off_pos, lane);
-            if (lane == 0) atomicAdd_block(&forwarded[j], 1);
-          } else {
-            nvshmemx_putmem_signal_nbi_warp(dst, src, size_t(p.off_pos), count_word(p, s), 1, NVSHMEM_SIGNAL_ADD,
-                                            rank_of(p, p.node, j));
-          }
+      const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
+      bool put = false;
+      for (int64_t e = threadIdx.x; e < rows * L; e += blockDim.x) {
+        const int64_t slot = m * C + first + e / L;
+        const int j = int(e % L), pe = rank_of(p, p.node, j);
+        const int32_t at_j = at<int32_t>(row(p, l.rail_recv(), slot), p.off_pos)[j];
+        if (at_j < 0) continue;
+        int32_t* where = relay_slots + int64_t(s) * C + at_j;
+        if (int32_t* mapped = node_peer(p, where, pe)) {
+          *mapped = int32_t(slot);
+        } else {
+          nvshmem_int32_p(where, int32_t(slot), pe);
+          put = true;
         }
+        atomicAdd_block(&forwarded[j], 1);
       }
-      __threadfence_system();  // this thread's stores before the counts that announce them
+      if (put) nvshmem_fence();  // the puts before the counts that announce them
+      __threadfence_system();    // and the stores
       __syncthreads();
       if (threadIdx.x < L && forwarded[threadIdx.x] > 0)
         nvshmemx_signal_op(count_word(p, s), uint64_t(forwarded[threadIdx.x]), NVSHMEM_SIGNAL_ADD,
@@ -125,9 +124,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
 }
 
 // Waits for every source's rows (its count), then copies them into the outputs at the prefix
-// offsets: rows by source rank, then source token order; another node's source's from stage,
-// this node's source's straight from its rail_send (gets). Ids become local (-1 for other
-// ranks' experts, weight 0). Rows past the received ones are padding (num_worst_tokens).
+// offsets: rows by source rank, then source token order; another node's source's from its
+// forwarder's rail_recv, this node's source's from its rail_send, both in place. Ids become
+// local (-1 for other ranks' experts, weight 0). Rows past the received ones are padding
+// (num_worst_tokens).
 __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) {
   const IxLayout& l = p.layout;
   const int R = l.num_ranks;
@@ -174,32 +174,37 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
           p.recv_topk_weights[i * K + k] = owned ? load(reinterpret_cast<const float*>(src + p.off_weights) + k) : 0.f;
       }
     };
-    if (s / l.ranks_per_node != p.node) {  // forwarded into stage
-      const char* src = row(p, l.stage(), int64_t(s) * C + index);
-      warp_copy(p.recv_x + i * p.x_bytes, src, p.x_bytes, lane);
-      if (p.recv_x_scales)
-        warp_copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales, 4 * p.num_scales,
-                  lane);
-      ids_out(src, [](const auto* w) { return *w; });
-    } else {  // s's packed row, in its rail_send (the symmetric address names s's copy)
+    // Where row i lies: a row from another node's source in its forwarder's rail_recv (this
+    // node's rank with s's local index; the slot it wrote here), one from this node's source s
+    // in s's rail_send (the slot in s's own_slots). Read through the holder's mapped buffer (the
+    // node hop), or got where it is not mapped.
+    int holder;
+    int32_t slot = 0;
+    int64_t region;
+    if (s / l.ranks_per_node != p.node) {
+      holder = rank_of(p, p.node, s % l.ranks_per_node);
+      if (lane == 0) slot = __ldcg(at<int32_t>(p.base, l.relay_slots()) + int64_t(s) * C + index);
+      region = l.rail_recv();
+    } else {
+      holder = s;
       const int32_t* slots = at<int32_t>(p.base, l.own_slots()) + p.local * C;
       const int32_t* mapped_slots = node_peer(p, slots, s);
-      int32_t slot = 0;
       if (lane == 0) slot = mapped_slots ? __ldcg(mapped_slots + index) : nvshmem_int32_g(slots + index, s);
-      const char* src = row(p, l.rail_send(), p.node * C + __shfl_sync(0xffffffffu, slot, 0));
-      if (const char* mapped = node_peer(p, src, s)) {  // loads through s's mapped buffer
-        warp_copy(p.recv_x + i * p.x_bytes, mapped, p.x_bytes, lane);
-        if (p.recv_x_scales)
-          warp_copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), mapped + p.off_scales,
-                    4 * p.num_scales, lane);
-        ids_out(mapped, [](const auto* w) { return __ldcg(w); });
-      } else {
-        get_warp(p.recv_x + i * p.x_bytes, src, p.x_bytes, s, lane);
-        if (p.recv_x_scales)
-          get_warp(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales,
-                   4 * p.num_scales, s, lane);
-        ids_out(src, [s](const auto* w) { return get_word(w, s); });
-      }
+      region = l.rail_send() + p.node * C * p.row_stride;
+    }
+    const char* src = p.base + region + int64_t(__shfl_sync(0xffffffffu, slot, 0)) * p.row_stride;
+    if (const char* mapped = node_peer(p, src, holder)) {
+      warp_copy(p.recv_x + i * p.x_bytes, mapped, p.x_bytes, lane);
+      if (p.recv_x_scales)
+        warp_copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), mapped + p.off_scales,
+                  4 * p.num_scales, lane);
+      ids_out(mapped, [](const auto* w) { return __ldcg(w); });
+    } else {
+      get_warp(p.recv_x + i * p.x_bytes, src, p.x_bytes, holder, lane);
+      if (p.recv_x_scales)
+        get_warp(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales,
+                 4 * p.num_scales, holder, lane);
+      ids_out(src, [holder](const auto* w) { return get_word(w, holder); });
     }
   }
 }

@@ -1,0 +1,62 @@
+"""Where a dispatch / combine across (virtual) nodes spends its time: each kernel's duration
+(torch.profiler) per call on the device route, every rank, at DeepEP's normal shape. A kernel
+that waits on peers (forward, receive, reduce) counts its wait too.
+
+    NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 \\
+    NVSHMEM_DISABLE_NVLS=1 NVSHMEM_SYMMETRIC_SIZE=3G TORCH_EP_RANKS_PER_NODE=2 \\
+        torchrun --nproc-per-node 4 tools/internode_profile.py [--tokens 4096] [--calls 5]
+"""
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+import torch_ep
+
+from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools/, the script's folder
+
+
+def main():
+    parser = shape_parser(tokens=4096)
+    parser.add_argument("--calls", type=int, default=5)
+    args = parser.parse_args()
+    rank = init_on_local_gpu()
+    x, idx, w = make_inputs(args, rank)
+    fp8 = (x.float().to(torch.float8_e4m3fn),
+           torch.rand(args.tokens, (args.hidden + 127) // 128, device="cuda") + 0.5)
+    kw = dict(num_experts=args.experts)
+    layout = torch_ep.get_dispatch_layout(idx, args.experts)
+    d = torch_ep.dispatch(x, idx, w, layout=layout, **kw)
+    ops = {
+        "dispatch bf16": lambda: torch_ep.dispatch(x, idx, w, layout=layout, **kw),
+        "dispatch fp8": lambda: torch_ep.dispatch(fp8, idx, layout=layout, **kw),
+        "combine bf16": lambda: torch_ep.combine(d.recv_x, d.handle),
+    }
+    lines = []
+    for name, fn in ops.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        dist.barrier()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                fn()
+            torch.cuda.synchronize()
+        kernels = defaultdict(float)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[e.name.split("(")[0].split("::")[-1][-28:]] += e.device_time_total / args.calls
+        top = ", ".join(f"{k} {v:.0f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
+        lines.append(f"rank {rank} {name:13s} kernels us/call: {top}")
+        dist.barrier()
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, lines)
+    if rank == 0:
+        for mine in every:
+            for line in mine:
+                print(line, flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
