@@ -6,6 +6,7 @@ that waits on peers (forward, receive, reduce) counts its wait too.
     NVSHMEM_DISABLE_NVLS=1 NVSHMEM_SYMMETRIC_SIZE=3G TORCH_EP_RANKS_PER_NODE=2 \\
         torchrun --nproc-per-node 4 tools/internode_profile.py [--tokens 4096] [--calls 5]
 """
+import re
 from collections import defaultdict
 
 import torch
@@ -45,7 +46,8 @@ def main():
         kernels = defaultdict(float)
         for e in prof.events():
             if e.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[e.name.split("(")[0].split("::")[-1][-28:]] += e.device_time_total / args.calls
+                found = re.findall(r"([a-z_]+_kernel)", e.name)  # demangled or not
+                kernels[found[-1] if found else e.name[-28:]] += e.device_time_total / args.calls
         top = ", ".join(f"{k} {v:.0f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
         lines.append(f"rank {rank} {name:13s} kernels us/call: {top}")
         dist.barrier()
