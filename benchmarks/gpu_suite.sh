@@ -27,6 +27,7 @@
 #     tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
 #     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
 #     (tools/moe_profile.py), copy_tests (the MoE copy variants' GPU tests), internode_bench,
+#     (TORCH_EP_INTERNODE_BENCH_ARGS adds arguments, e.g. --no-host-route),
 #     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
 #     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), timeouts, a2a_bench (at
 #     TORCH_EP_PENDING_BENCH_RANKS), compile (the compile mode) and
@@ -226,7 +227,7 @@ if [ "$WHAT" = pending ]; then
     NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_SYMMETRIC_SIZE=3G \
       CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-33} timeout 150 torchrun --standalone \
       --nproc-per-node 4 benchmarks/internode.py --ranks-per-node 2 --out "$LOGS/internode_2x2" \
-      > "$LOGS/internode_bench_2x2.log" 2>&1 || STATUS=1
+      ${TORCH_EP_INTERNODE_BENCH_ARGS:-} > "$LOGS/internode_bench_2x2.log" 2>&1 || STATUS=1
     tail -18 "$LOGS/internode_bench_2x2.log" >> "$SUMMARY"
   fi
   if [[ $STEPS == *" internode_profile "* ]]; then
