@@ -18,7 +18,7 @@ from torch_ep import deep_ep
 from torch_ep.deep_ep import buffer as buffer_module
 from torch_ep.deep_ep.utils import _HostCounts
 
-from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools/, the script's folder
+from profile_common import init_on_local_gpu, make_fp8, make_inputs, shape_parser  # tools/, the script's folder
 
 
 def per_call_us(fn, calls: int = 50) -> float:
@@ -37,7 +37,7 @@ def main():
     args = shape_parser(tokens=4096).parse_args()
     rank = init_on_local_gpu()
     x, idx, w = make_inputs(args, rank)
-    fp8 = (x.float().to(torch.float8_e4m3fn), torch.rand(args.tokens, (args.hidden + 127) // 128, device="cuda"))
+    fp8 = make_fp8(x, args)
     layout = torch_ep.get_dispatch_layout(idx, args.experts)
     buffer = deep_ep.Buffer(dist.group.WORLD)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, args.experts)

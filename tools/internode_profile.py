@@ -6,15 +6,12 @@ that waits on peers (forward, receive, reduce) counts its wait too.
     NVSHMEM_DISABLE_NVLS=1 NVSHMEM_SYMMETRIC_SIZE=3G TORCH_EP_RANKS_PER_NODE=2 \\
         torchrun --nproc-per-node 4 tools/internode_profile.py [--tokens 4096] [--calls 5]
 """
-import re
-from collections import defaultdict
-
 import torch
 import torch.distributed as dist
 
 import torch_ep
 
-from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools/, the script's folder
+from profile_common import init_on_local_gpu, kernel_times, make_fp8, make_inputs, shape_parser, top_kernels  # tools/, the script's folder
 
 
 def main():
@@ -23,8 +20,7 @@ def main():
     args = parser.parse_args()
     rank = init_on_local_gpu()
     x, idx, w = make_inputs(args, rank)
-    fp8 = (x.float().to(torch.float8_e4m3fn),
-           torch.rand(args.tokens, (args.hidden + 127) // 128, device="cuda") + 0.5)
+    fp8 = make_fp8(x, args)
     kw = dict(num_experts=args.experts)
     layout = torch_ep.get_dispatch_layout(idx, args.experts)
     d = torch_ep.dispatch(x, idx, w, layout=layout, **kw)
@@ -43,12 +39,7 @@ def main():
             for _ in range(args.calls):
                 fn()
             torch.cuda.synchronize()
-        kernels = defaultdict(float)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                found = re.findall(r"([a-z_]+_kernel)", e.name)  # demangled or not
-                kernels[found[-1] if found else e.name[-28:]] += e.device_time_total / args.calls
-        top = ", ".join(f"{k} {v:.0f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
+        top = top_kernels(kernel_times(prof, args.calls), 8, digits=0)
         lines.append(f"rank {rank} {name:13s} kernels us/call: {top}")
         dist.barrier()
     every = [None] * dist.get_world_size()

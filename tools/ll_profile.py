@@ -10,7 +10,6 @@ first kernel start.
 
     [TORCH_EP_LL_TRACE=1] torchrun --nproc-per-node 2 tools/ll_profile.py [--tokens 128] [--hidden 7168]
 """
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -18,7 +17,7 @@ import torch.distributed as dist
 import torch_ep
 from torch_ep import _C
 
-from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools/, the script's folder
+from profile_common import init_on_local_gpu, kernel_times, make_inputs, shape_parser, top_kernels  # tools/, the script's folder
 
 # Phases each kernel stamps, in order (point 0 is the block's start).
 PHASES = {
@@ -89,11 +88,7 @@ def main():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             graph.replay()
             torch.cuda.synchronize()
-        kernels = defaultdict(float)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[e.name.split("(")[0].split("::")[-1][-32:]] += e.device_time_total / args.calls
-        top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:6])
+        top = top_kernels(kernel_times(prof, args.calls), 6)
         lines.append(f"rank {rank} {name:14s} kernels us/call: {top}")
         dist.barrier()
         if tracing:  # three more replays, each the last call's trace after a barrier

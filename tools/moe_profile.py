@@ -4,21 +4,20 @@ wall time per call, at DeepEP's benchmark shape. Run with torchrun on a GPU mach
     torchrun --nproc-per-node 2 tools/moe_profile.py [--hidden 7168] [--tokens 4096]
 """
 import time
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 
 import torch_ep
 
-from profile_common import init_on_local_gpu, make_inputs, shape_parser  # tools/, the script's folder
+from profile_common import init_on_local_gpu, kernel_times, make_fp8, make_inputs, shape_parser, top_kernels  # tools/, the script's folder
 
 
 def main():
     args = shape_parser(tokens=4096).parse_args()
     rank = init_on_local_gpu()
     x, idx, w = make_inputs(args, rank)
-    fp8 = (x.float().to(torch.float8_e4m3fn), torch.rand(args.tokens, (args.hidden + 127) // 128, device="cuda"))
+    fp8 = make_fp8(x, args)
     d = torch_ep.dispatch(x, idx, w, num_experts=args.experts)
     layout = torch_ep.get_dispatch_layout(idx, args.experts)
     ops = {
@@ -59,11 +58,7 @@ def main():
                 fn()
             torch.cuda.synchronize()
             wall = (time.perf_counter() - start) / n
-        kernels = defaultdict(float)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[e.name.split("<")[0].split("(")[0][-40:]] += e.device_time_total / n
-        top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:5])
+        top = top_kernels(kernel_times(prof, n), 5)
         lines.append(f"rank {rank} {name:36s} wall {wall * 1e6:7.1f} us/call | kernels us/call: {top}")
         dist.barrier()
     # The host side, back to back as in the benchmark's stream method: the op's phases

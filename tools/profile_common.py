@@ -1,7 +1,10 @@
-"""Set-up shared by tools/moe_profile.py and tools/ll_profile.py: the shape options, the process
-group with this rank's GPU current, and the inputs each rank draws."""
+"""Set-up shared by the profiling tools (moe_profile, ll_profile, internode_profile,
+deep_ep_overhead): the shape options, the process group with this rank's GPU current, the inputs
+each rank draws, and each kernel's time from a torch.profiler run."""
 import argparse
 import os
+import re
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -35,3 +38,25 @@ def make_inputs(args, rank: int):
     w = torch.rand(args.tokens, args.top_k, device="cuda", generator=g)
     x = torch.randn(args.tokens, args.hidden, device="cuda", generator=g).bfloat16()
     return x, idx, w
+
+
+def make_fp8(x, args):
+    """DeepEP's fp8 pair for x: x cast to float8_e4m3fn and one float32 scale per 128 columns."""
+    return x.float().to(torch.float8_e4m3fn), torch.rand(args.tokens, (args.hidden + 127) // 128, device="cuda")
+
+
+def kernel_times(prof, calls: int):
+    """Each CUDA kernel's device time per call (us) in a torch.profiler run of `calls` calls, by
+    the name of its `*_kernel` function (mangled or not) where it has one."""
+    times = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            found = re.findall(r"([A-Za-z_]+_kernel)", e.name)
+            times[found[-1] if found else e.name[-40:]] += e.device_time_total / calls
+    return times
+
+
+def top_kernels(times, count: int, digits: int = 1) -> str:
+    """The `count` longest kernels of kernel_times, "name us, ..."."""
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:count]
+    return ", ".join(f"{name} {us:.{digits}f}" for name, us in ranked)
