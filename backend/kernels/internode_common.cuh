@@ -123,13 +123,25 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { retur
 template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ float from_float(float v) { return v; }
 
-// acc[0..16 / sizeof(T)) += the elements of 16-byte word v of row.
+// Words per lane a row sum handles at once: their loads are independent, so a lane keeps
+// kSumWords loads of each row in flight instead of one (a row sum is bound by load latency).
+constexpr int kSumWords = 4;
+
+// acc[u][0..16 / sizeof(T)) += the elements of 16-byte word v + 32 u of row (u < kSumWords, the
+// words below `words`): the loads first, then the adds.
 template <typename T>
-__device__ __forceinline__ void add_word(float* acc, const char* row, int64_t v) {
-  const uint4 w = __ldcg(reinterpret_cast<const uint4*>(row) + v);
-  const T* e = reinterpret_cast<const T*>(&w);
+__device__ __forceinline__ void add_words(float (*acc)[16 / sizeof(T)], const char* row, int64_t v, int64_t words) {
+  uint4 w[kSumWords];
 #pragma unroll
-  for (int i = 0; i < int(16 / sizeof(T)); ++i) acc[i] += to_float(e[i]);
+  for (int u = 0; u < kSumWords; ++u)
+    if (v + 32 * u < words) w[u] = __ldcg(reinterpret_cast<const uint4*>(row) + v + 32 * u);
+#pragma unroll
+  for (int u = 0; u < kSumWords; ++u)
+    if (v + 32 * u < words) {
+      const T* e = reinterpret_cast<const T*>(&w[u]);
+#pragma unroll
+      for (int i = 0; i < int(16 / sizeof(T)); ++i) acc[u][i] += to_float(e[i]);
+    }
 }
 
 // dst = the float32 sum, node by node, of one row per node, rounded once to T; a warp, 16 bytes
@@ -143,28 +155,39 @@ __device__ __forceinline__ void sum_node_rows(char* dst, int n, NodeRow node_row
   bool any_local = false;
   for (int j = 0; j < L; ++j) any_local |= local_row(j) != nullptr;
   if ((hidden * int64_t(sizeof(T))) % 16 == 0 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
-    for (int64_t v = lane; v < hidden / kPer; v += 32) {
-      float acc[kPer];
+    const int64_t words = hidden / kPer;
+    for (int64_t v = lane; v < words; v += 32 * kSumWords) {
+      float acc[kSumWords][kPer];
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
+      for (int u = 0; u < kSumWords; ++u)
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) acc[u][i] = 0.f;
       for (int m = 0; m < n; ++m) {
         if (m != own) {
-          if (const char* row = node_row(m)) add_word<T>(acc, row, v);
+          if (const char* row = node_row(m)) add_words<T>(acc, row, v, words);
         } else if (any_local) {
-          float part[kPer];
+          float part[kSumWords][kPer];
 #pragma unroll
-          for (int i = 0; i < kPer; ++i) part[i] = 0.f;
+          for (int u = 0; u < kSumWords; ++u)
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) part[u][i] = 0.f;
           for (int j = 0; j < L; ++j)
-            if (const char* row = local_row(j)) add_word<T>(part, row, v);
+            if (const char* row = local_row(j)) add_words<T>(part, row, v, words);
 #pragma unroll
-          for (int i = 0; i < kPer; ++i) acc[i] += to_float(from_float<T>(part[i]));
+          for (int u = 0; u < kSumWords; ++u)
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) acc[u][i] += to_float(from_float<T>(part[u][i]));
         }
       }
-      uint4 out;
-      T* o = reinterpret_cast<T*>(&out);
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) o[i] = from_float<T>(acc[i]);
-      reinterpret_cast<uint4*>(dst)[v] = out;
+      for (int u = 0; u < kSumWords; ++u)
+        if (v + 32 * u < words) {
+          uint4 out;
+          T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+          for (int i = 0; i < kPer; ++i) o[i] = from_float<T>(acc[u][i]);
+          reinterpret_cast<uint4*>(dst)[v + 32 * u] = out;
+        }
     }
     return;
   }
