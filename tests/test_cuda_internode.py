@@ -129,7 +129,9 @@ def node_routing(kind, g, num_tokens, top_k, experts_per_rank):
     chosen nodes of the group: "own_node" (the source's node only: no rail hop), "other_nodes"
     (none on the source's node: its node's ranks get nothing from it), "node0" (node 0's ranks
     only: the other nodes receive nothing), "mixed" (the three in turn, token by token: own node
-    only, other nodes only, anywhere)."""
+    only, other nodes only, anywhere), "sparse" (nowhere, other nodes only, nowhere, anywhere in
+    turn: the packed rows, one per token that goes anywhere, leave gaps, and a token's rail slot
+    at a node differs from its index)."""
     import torch.distributed as dist
 
     rank, size = dist.get_rank(), dist.get_world_size()
@@ -142,12 +144,17 @@ def node_routing(kind, g, num_tokens, top_k, experts_per_rank):
 
     pools = {"own_node": experts_of([node]), "other_nodes": experts_of([m for m in range(nodes) if m != node]),
              "node0": experts_of([0]), "anywhere": torch.arange(size * experts_per_rank)}
-    turns = ["own_node", "other_nodes", "anywhere"] if kind == "mixed" else [kind]
+    turns = {"mixed": ["own_node", "other_nodes", "anywhere"],
+             "sparse": ["nowhere", "other_nodes", "nowhere", "anywhere"]}.get(kind, [kind])
     if num_tokens == 0:
         return torch.empty(0, top_k, dtype=torch.int64)
     rows = []
     for t in range(num_tokens):
-        pool = pools[turns[t % len(turns)]]
+        turn = turns[t % len(turns)]
+        if turn == "nowhere":
+            rows.append(torch.full((top_k,), -1, dtype=torch.int64))
+            continue
+        pool = pools[turn]
         rows.append(pool[torch.randperm(len(pool), generator=g)[:top_k]])
     idx = torch.stack(rows)
     idx[torch.rand(idx.shape, generator=g) < 0.2] = -1
@@ -205,7 +212,7 @@ def rank_node_routing(seed, kind, hidden, worst=False, device="cuda"):
     return own, m - own
 
 
-@pytest.mark.parametrize("kind", ["own_node", "other_nodes", "node0", "mixed"])
+@pytest.mark.parametrize("kind", ["own_node", "other_nodes", "node0", "mixed", "sparse"])
 def test_node_routing(device_route, kind):
     """The own node's rows (gets from the source's packed rows, summed by the source in combine)
     and the rail's, alone and together, on uneven sizes; hidden 7 (byte copies) and 136 (16-byte
@@ -222,7 +229,7 @@ def test_node_routing(device_route, kind):
             assert own == 0 and other > 0
         if kind == "node0":
             assert all(o == 0 and r == 0 for o, r in got[size // 2:]), "node 1 receives nothing"
-        if kind == "mixed":
+        if kind in ("mixed", "sparse"):
             assert other > 0
 
 
@@ -242,8 +249,8 @@ def test_node_hop_by_puts(topology):
 def rank_graph_capture(seed, replays=3, routing="anywhere"):
     """dispatch + combine with num_worst_tokens captured in one CUDA graph, replayed with new
     inputs of the same shapes: every replay matches the reference. routing "nodes" replays
-    node_routing's kinds in turn (own node only, other nodes only, node 0 only, mixed), so
-    that the own node's counters and the rail's go from some rows to none between replays."""
+    node_routing's kinds in turn (own node only, other nodes only, node 0 only, mixed, sparse),
+    so that the own node's counters and the rail's go from some rows to none between replays."""
     import torch.distributed as dist
     from torch_ep import reference
     from torch_ep.testing import same_bits
@@ -251,7 +258,7 @@ def rank_graph_capture(seed, replays=3, routing="anywhere"):
     hidden, top_k, experts_per_rank, n = 64, 3, 2, 20
     size = dist.get_world_size()
     num_experts, worst = experts_per_rank * size, n * size
-    kinds = ["anywhere"] if routing == "anywhere" else ["own_node", "other_nodes", "node0", "mixed"]
+    kinds = ["anywhere"] if routing == "anywhere" else ["own_node", "other_nodes", "node0", "mixed", "sparse"]
 
     def fixed(s, turn=0):  # n tokens, top_k distinct experts each, exact weights
         g = torch.Generator().manual_seed(s + 7919 * dist.get_rank())
@@ -293,7 +300,7 @@ def rank_graph_capture(seed, replays=3, routing="anywhere"):
 
 @pytest.mark.parametrize("routing", ["anywhere", "nodes"])
 def test_graph_capture_and_replay(device_route, routing):
-    replays = 3 if routing == "anywhere" else 5
+    replays = 3 if routing == "anywhere" else 6
     assert all(device_route.run(rank_graph_capture, _seed(), replays, routing))
 
 

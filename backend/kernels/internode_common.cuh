@@ -27,6 +27,9 @@ __device__ __forceinline__ char* row(const IxParams& p, int64_t region, int64_t 
 __device__ __forceinline__ uint64_t* chunk_flag(const IxParams& p, int node, int64_t chunk) {
   return at<uint64_t>(p.base, p.layout.chunk_flags()) + node * p.layout.chunks() + chunk;
 }
+__device__ __forceinline__ uint64_t* row_flag(const IxParams& p, int node, int64_t slot) {
+  return at<uint64_t>(p.base, p.layout.row_flags()) + node * p.layout.capacity + slot;
+}
 __device__ __forceinline__ uint64_t* count_word(const IxParams& p, int index) {
   return at<uint64_t>(p.base, p.layout.counts()) + index;
 }

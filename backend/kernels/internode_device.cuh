@@ -3,9 +3,10 @@
 // one POD parameter struct for the whole family. The route is DeepEP's hierarchical one
 // (backend/ops/moe_internode.hpp): source s = (node n, local l) sends a token once to every node
 // m owning one of its experts, to its rail peer (m, l), which forwards it to m's owning ranks;
-// its own node's ranks get it from s's packed copy instead (no put to itself, no forward), and
-// in combine s sums its own node's rows itself. The forward moves no row: the forwarder tells
-// each receiver where its rows lie in the forwarder's rail_recv, and the receiver reads them there.
+// s packs each token once and puts every other node's rows from that one packed copy; its own
+// node's ranks get it from the packed copy in place (no put to itself, no forward), and in
+// combine s sums its own node's rows itself. The forward moves no row: the forwarder tells each
+// receiver where its rows lie in the forwarder's rail_recv, and the receiver reads them there.
 //
 // Every access to a rank on another node goes through NVSHMEM's device API (put/get with signal,
 // signal ops), also between virtual nodes of one GPU, so the same code runs over IBGDA/IBRC. The
@@ -15,23 +16,25 @@
 //
 // Symmetric buffer of one group (IxLayout; C = capacity, tokens per rank per call; W = row
 // stride in bytes; NN nodes, L ranks per node, R = NN * L):
-//   rail_send  [NN][C] rows   dispatch: packed tokens per target node (the own node's are read
-//                             in place by its ranks); combine: forwarder's sums (other nodes)
-//   rail_recv  [NN][C] rows   dispatch: what rail peers sent (by source node); combine: the sums
-//                             per node, at the source
+//   rail_send  [NN][C] rows   dispatch: [this node][t] is token t packed, once for every node it
+//                             goes to (read in place by this node's ranks, put from to the rail
+//                             peers); combine: [m] the forwarder's sums for node m (m another node)
+//   rail_recv  [NN][C] rows   dispatch: what rail peers sent, by source node and rail slot;
+//                             combine: the sums per node, at the source
 //   stage      [R][C]  rows   combine: rows back, by (sending local rank j, source node m) = j * NN + m
 //   route_send/route_recv [NN][C][L] int32  combine: each relayed token's row index at every
 //                             local rank of the node (the dispatch's forward positions)
-//   own_slots  [L][C] int32   dispatch: for own-node rank j, the rail_send[own node] slot of each
-//                             row this rank sends it, in j's row order
+//   own_slots  [L][C] int32   dispatch: for own-node rank j, the packed row (token index, in
+//                             rail_send[own node]) of each row this rank sends it, in j's row order
 //   relay_slots [R][C] int32  dispatch: for another node's source s, the rail_recv slot (at the
 //                             forwarder, this node's rank with s's local index) of each row s
 //                             sends this rank, in its row order (the forwarder writes them)
 //   records    send [R], recv [2][R]   the notify step's per-call records (parity of seq)
-//   signals    notify [2][R], chunk [NN][C/B], route [NN], count [R] (uint64)
+//   signals    notify [2][R], chunk [NN][C/B] (combine), route [NN], count [R],
+//              row [NN][C] (dispatch: one per rail slot, set by the put of that row) (uint64)
 //   ctrl       this rank's device state of the call (IxCtrl)
 // Calls are numbered on the device (ctrl.seq, the same on every rank since every call is
-// collective): notify and chunk signals are SET to seq and waited for with >= seq, counters
+// collective): notify, chunk and row signals are SET to seq and waited for with >= seq, counters
 // are reset by the notify step before this rank's record goes out (no peer adds to them before
 // it has that record), so nothing is reset by the host and a CUDA graph replays.
 #pragma once
@@ -136,7 +139,8 @@ struct IxLayout {
   EP_HOST_DEVICE int64_t notify_flags() const { return records_recv() + 2 * num_ranks * int64_t(sizeof(IxRecord)); }
   EP_HOST_DEVICE int64_t chunk_flags() const { return notify_flags() + 2 * num_ranks * 8; }
   EP_HOST_DEVICE int64_t route_flags() const { return chunk_flags() + num_nodes * chunks() * 8; }
-  EP_HOST_DEVICE int64_t counts() const { return route_flags() + num_nodes * 8; }
+  EP_HOST_DEVICE int64_t row_flags() const { return route_flags() + num_nodes * 8; }
+  EP_HOST_DEVICE int64_t counts() const { return row_flags() + num_nodes * capacity * 8; }
   EP_HOST_DEVICE int64_t ctrl() const { return align(counts() + num_ranks * 8); }
   EP_HOST_DEVICE int64_t total_bytes() const { return align(ctrl() + int64_t(sizeof(IxCtrl))); }
   EP_HOST_DEVICE static int64_t align(int64_t b) { return (b + 255) / 256 * 256; }
@@ -168,8 +172,9 @@ struct IxParams {
   int32_t* node_count;   // [NN]
   int32_t* node_tokens;  // [NN, N] tokens to node m in token order (rail slot = index)
   int32_t* node_pos;     // [N, NN] rail slot of token t at node m, or -1
-  // dispatch rows: payload | scales | topk ids (int64) | weights | forward positions [L] int32,
-  // each field at a 16-byte offset
+  // dispatch rows: payload | scales | topk ids (int64) | weights | positions [R] int32 (the row's
+  // index at every rank of the group, -1 where it does not go: one packed row serves the
+  // forwarders of every node, each reading its own node's L), each field at a 16-byte offset
   const char* x;  // [N, x_bytes]
   int64_t x_bytes;
   const float* x_scales;  // [N, num_scales] or null
@@ -196,8 +201,8 @@ struct IxParams {
 cudaError_t launch_node_layout(const IxParams& p, cudaStream_t stream);
 // The records: put to every rank, wait for every rank's, check them, publish the counts.
 cudaError_t launch_notify(const IxParams& p, cudaStream_t stream);
-// Dispatch: rail puts (sender), forwarding (rail peer), then into the outputs (receiver; rows
-// from its own node it gets from the sender's rail_send in place).
+// Dispatch: one pack per token and rail puts from it (sender), forwarding (rail peer), then into
+// the outputs (receiver; rows from its own node it gets from the sender's packed rows in place).
 cudaError_t launch_dispatch_send(const IxParams& p, cudaStream_t stream);
 cudaError_t launch_dispatch_forward(const IxParams& p, cudaStream_t stream);
 cudaError_t launch_dispatch_receive(const IxParams& p, cudaStream_t stream);

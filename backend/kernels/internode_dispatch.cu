@@ -1,22 +1,28 @@
-// Dispatch across nodes on the device (internode_device.cuh): the rail puts of the sender, the
-// forwarder's notes to its node's ranks, and the receive into the outputs. Three launches on one
-// stream; only the forward and receive kernels wait, on other ranks, each wait bounded.
+// Dispatch across nodes on the device (internode_device.cuh): the pack and rail puts of the
+// sender, the forwarder's notes to its node's ranks, and the receive into the outputs. Three
+// launches on one stream; only the forward and receive kernels wait, on other ranks, each wait
+// bounded.
 //
-// Copies per token (n nodes it goes to, k_own / k_rem receiving ranks on this node / others):
-// it is packed once; each receiver on this node copies it from the packed row (k_own); for each
-// other node, the packed row is put over the rail and each receiver there copies it from its
-// forwarder's rail_recv (1 + k_rem). x is the caller's tensor, not symmetric, so a peer cannot
-// read it in place: the pack is the least one copy.
+// Copies per token (n nodes it goes to, own node included; k_own / k_rem receiving ranks on this
+// node / others): it is packed once (1); each receiver on this node copies it from the packed row
+// (k_own); for every other node, the same packed row is put over the rail (n - 1) and each
+// receiver there copies it from its forwarder's rail_recv (k_rem): 1 + (n - 1) + k. x is the
+// caller's tensor, not symmetric, so a peer cannot read it in place and a NIC cannot put from it:
+// the pack is the least one copy.
 #include "backend/kernels/internode_common.cuh"
 
 namespace ep::kernels::ix {
 namespace {
 
-// Packs each token going to node m, chunk by chunk (a warp a row), into rail_send[m] and puts
-// the chunk to the rail peer (m, local), into its rail_recv[this node], with the chunk's signal
-// SET to seq. A row: payload | scales | global ids | weights | where each rank of node m gets it.
-// This node's rows stay in rail_send[node] (its ranks get them there; the forward kernel tells
-// them), with own_slots saying which slot each of their rows is; positions are not written.
+// A warp a token: packs token t, when it goes to any node, once into rail_send[this node][t]
+// (payload | scales | global ids | weights | its row index at every rank of the group), tells
+// each rank j of this node that gets it which packed row its row is (own_slots), and puts the
+// packed row to the rail peer (m, local) of every other node m it goes to, into rail_peer's
+// rail_recv[this node][t's rail slot at m], with that slot's row signal SET to seq (put with
+// signal: the signal lands after the row, whatever QP or thread issued what; the rows of a
+// chunk are not contiguous here, so there is no one put per chunk). On a NIC each put is one
+// RDMA write of the row; on one GPU, NVSHMEM's P2P copy keeps one 16-byte load in flight per
+// lane, and the 16 warps of a block put at once.
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
@@ -26,44 +32,47 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
   const uint64_t seq = ctrl(p).seq;
   const int32_t* token_pos = p.meta + MetaLayout{R, p.num_experts, p.num_tokens}.token_pos();
   int32_t* own_slots = at<int32_t>(p.base, l.own_slots());
-  for (int m = 0; m < NN; ++m) {
-    const int64_t n = p.node_count[m], chunks = (n + kChunkRows - 1) / kChunkRows;
-    // Nodes start at different blocks, so that small sends to many nodes spread over the grid.
-    for (int64_t c = (blockIdx.x + int64_t(m) * 7) % gridDim.x; c < chunks; c += gridDim.x) {
-      const int64_t rows = n - c * kChunkRows < kChunkRows ? n - c * kChunkRows : kChunkRows;
-      if (warp < rows) {
-        const int64_t slot = c * kChunkRows + warp, t = p.node_tokens[int64_t(m) * p.num_tokens + slot];
-        char* dst = row(p, l.rail_send(), m * C + slot);
-        warp_copy(dst, p.x + t * p.x_bytes, p.x_bytes, lane);
-        if (p.x_scales)
-          warp_copy(dst + p.off_scales, reinterpret_cast<const char*>(p.x_scales + t * p.num_scales), 4 * p.num_scales,
-                    lane);
-        if (!p.cached) {
-          for (int64_t k = lane; k < K; k += 32) at<int64_t>(dst, p.off_ids)[k] = p.topk_idx[t * K + k];
-          if (p.topk_weights)
-            for (int64_t k = lane; k < K; k += 32) at<float>(dst, p.off_weights)[k] = p.topk_weights[t * K + k];
-        }
-        for (int j = lane; j < L; j += 32) {
-          const int32_t pos = token_pos[t * R + m * L + j];
-          if (m != p.node) at<int32_t>(dst, p.off_pos)[j] = pos;
-          else if (pos >= 0) own_slots[j * C + pos] = int32_t(slot);
-        }
-      }
-      __syncthreads();
-      if (m == p.node) continue;
-      nvshmemx_putmem_signal_nbi_block(row(p, l.rail_recv(), p.node * C + c * kChunkRows),
-                                       row(p, l.rail_send(), m * C + c * kChunkRows), size_t(rows * p.row_stride),
-                                       chunk_flag(p, p.node, c), seq, NVSHMEM_SIGNAL_SET, rank_of(p, m, p.local));
+  const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+  bool put = false;
+  for (int64_t t = int64_t(blockIdx.x) * (kThreads / 32) + warp; t < p.num_tokens; t += warps) {
+    const int32_t* slots = p.node_pos + t * NN;  // t's rail slot at each node, -1 where it does not go
+    bool goes = false;
+    for (int m = 0; m < NN; ++m) goes |= slots[m] >= 0;
+    if (!goes) continue;
+    char* packed = row(p, l.rail_send(), p.node * C + t);
+    warp_copy(packed, p.x + t * p.x_bytes, p.x_bytes, lane);
+    if (p.x_scales)
+      warp_copy(packed + p.off_scales, reinterpret_cast<const char*>(p.x_scales + t * p.num_scales),
+                4 * p.num_scales, lane);
+    if (!p.cached) {
+      for (int64_t k = lane; k < K; k += 32) at<int64_t>(packed, p.off_ids)[k] = p.topk_idx[t * K + k];
+      if (p.topk_weights)
+        for (int64_t k = lane; k < K; k += 32) at<float>(packed, p.off_weights)[k] = p.topk_weights[t * K + k];
+    }
+    for (int r = lane; r < R; r += 32) {
+      const int32_t pos = token_pos[t * R + r];
+      at<int32_t>(packed, p.off_pos)[r] = pos;
+      if (r / L == p.node && pos >= 0) own_slots[(r % L) * C + pos] = int32_t(t);
+    }
+    __syncwarp();  // the packed row, whole, before the puts read it
+    // Nodes from this one on, so that the puts of consecutive tokens spread over the rail peers.
+    for (int i = 1; i < NN; ++i) {
+      const int m = (p.node + i) % NN;
+      if (slots[m] < 0) continue;
+      nvshmemx_putmem_signal_nbi_warp(row(p, l.rail_recv(), p.node * C + slots[m]), packed, size_t(p.row_stride),
+                                      row_flag(p, p.node, slots[m]), seq, NVSHMEM_SIGNAL_SET,
+                                      rank_of(p, m, p.local));
+      put = true;
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0) nvshmem_quiet();  // rail_send is packed again by the next call
+  if (put && lane == 0) nvshmem_quiet();  // rail_send is packed again by the next call
 }
 
 // First, as a source: the send kernel is over, so this node's rows are packed; add the rows
 // each rank j of this node gets from this rank to j's count for it (j gets them in place).
-// Then, as the forwarder of every other source node m's rows, chunk by chunk as they land: no
-// row moves. For each row and each rank j of this node that gets it, j learns the row's slot in
+// Then, as the forwarder of every other source node m's rows, chunk by chunk (kChunkRows rail
+// slots) as their rows land (a signal per row): no row moves. For each row and each rank j of
+// this node that gets it (the row's positions at this node's ranks), j learns the row's slot in
 // this rank's rail_recv (j's relay_slots[source][its row index there]), and j's count for the
 // source grows by the chunk's rows for j, one signal per rank and chunk; j reads the rows in
 // place. Stores through j's mapped buffer (the node hop), puts where j is not mapped.
@@ -83,24 +92,28 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
     if (rows > 0) nvshmemx_signal_op(count_word(p, p.rank), uint64_t(rows), NVSHMEM_SIGNAL_ADD, j);
   }
   int32_t* relay_slots = at<int32_t>(p.base, l.relay_slots());
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
   for (int m = 0; m < NN; ++m) {
     if (m == p.node) continue;
     const int s = rank_of(p, m, p.local);  // the source these rows come from
     const int64_t n = c.relay[m], chunks = (n + kChunkRows - 1) / kChunkRows;
     for (int64_t k = (blockIdx.x + int64_t(m) * 7) % gridDim.x; k < chunks; k += gridDim.x) {
-      if (threadIdx.x == 0) {
-        failed = !wait_at_least(chunk_flag(p, m, k), seq, now_ns() + p.timeout_ns);
-        if (failed) ll::report(p.error, kForwardTimeout, s);
-      }
+      const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
       if (threadIdx.x < L) forwarded[threadIdx.x] = 0;
+      // A thread a row of the chunk waits for the row's signal (its acquire, then the barrier,
+      // orders every thread's reads of the row).
+      if (threadIdx.x < rows && !wait_at_least(row_flag(p, m, first + threadIdx.x), seq, now_ns() + p.timeout_ns)) {
+        ll::report(p.error, kForwardTimeout, s);
+        failed = 1;
+      }
       __syncthreads();
       if (failed) return;
-      const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
       bool put = false;
       for (int64_t e = threadIdx.x; e < rows * L; e += blockDim.x) {
         const int64_t slot = m * C + first + e / L;
         const int j = int(e % L), pe = rank_of(p, p.node, j);
-        const int32_t at_j = at<int32_t>(row(p, l.rail_recv(), slot), p.off_pos)[j];
+        const int32_t at_j = at<int32_t>(row(p, l.rail_recv(), slot), p.off_pos)[p.node * L + j];
         if (at_j < 0) continue;
         int32_t* where = relay_slots + int64_t(s) * C + at_j;
         if (int32_t* mapped = node_peer(p, where, pe)) {
@@ -125,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
 
 // Waits for every source's rows (its count), then copies them into the outputs at the prefix
 // offsets: rows by source rank, then source token order; another node's source's from its
-// forwarder's rail_recv, this node's source's from its rail_send, both in place. Ids become
+// forwarder's rail_recv, this node's source's from its packed rows, both in place. Ids become
 // local (-1 for other ranks' experts, weight 0). Rows past the received ones are padding
 // (num_worst_tokens).
 __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) {
@@ -176,8 +189,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
     };
     // Where row i lies: a row from another node's source in its forwarder's rail_recv (this
     // node's rank with s's local index; the slot it wrote here), one from this node's source s
-    // in s's rail_send (the slot in s's own_slots). Read through the holder's mapped buffer (the
-    // node hop), or got where it is not mapped.
+    // in s's packed rows (rail_send[this node], at the token index s's own_slots names). Read
+    // through the holder's mapped buffer (the node hop), or got where it is not mapped.
     int holder;
     int32_t slot = 0;
     int64_t region;

@@ -28,16 +28,17 @@ constexpr int64_t kDefaultRowBytes = 16896;  // a bf16 row of hidden 7168 with t
 
 int64_t r16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
-// A dispatch row: payload | scales | global ids | weights | forward positions [L], 16-byte fields.
+// A dispatch row: payload | scales | global ids | weights | positions [R] (the row's index at
+// every rank: one packed row serves every node's forwarder), 16-byte fields.
 struct DispatchRow {
   int64_t x_bytes, off_scales, off_ids, off_weights, off_pos, stride;
-  DispatchRow(int64_t x, int64_t scales, int64_t topk, bool weights, int64_t L)
+  DispatchRow(int64_t x, int64_t scales, int64_t topk, bool weights, int64_t R)
       : x_bytes(x),
         off_scales(r16(x)),
         off_ids(off_scales + r16(4 * scales)),
         off_weights(off_ids + r16(8 * topk)),
         off_pos(off_weights + (weights ? r16(4 * topk) : 0)),
-        stride(off_pos + r16(4 * L)) {}
+        stride(off_pos + r16(4 * R)) {}
 };
 
 ix::DType dtype_of(at::ScalarType t) {
@@ -146,7 +147,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   // refuse at once (every rank captures alike) rather than wait out twice the timeout.
   TORCH_CHECK_VALUE(worst || !stream_capturing(stream), op, ": inside a CUDA graph capture, a dispatch across "
                     "nodes needs num_worst_tokens (without it the host waits for the received sizes)");
-  const DispatchRow row(H * int64_t(a.x.element_size()), S, K, with_weights, L);
+  const DispatchRow row(H * int64_t(a.x.element_size()), S, K, with_weights, R);
   InternodeBuffer& buf = buffer_for(group, transport, std::max(row.stride, r16(2 * H) + r16(4 * K)), stream, op);
 
   const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, nullptr);
