@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
     // through the holder's mapped buffer (the node hop), or got where it is not mapped.
     int holder;
     int32_t slot = 0;
-    int64_t region;
+    int64_t region, first = 0;
     if (s / l.ranks_per_node != p.node) {
       holder = rank_of(p, p.node, s % l.ranks_per_node);
       if (lane == 0) slot = __ldcg(at<int32_t>(p.base, l.relay_slots()) + int64_t(s) * C + index);
@@ -203,22 +203,23 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
       const int32_t* slots = at<int32_t>(p.base, l.own_slots()) + p.local * C;
       const int32_t* mapped_slots = node_peer(p, slots, s);
       if (lane == 0) slot = mapped_slots ? __ldcg(mapped_slots + index) : nvshmem_int32_g(slots + index, s);
-      region = l.rail_send() + p.node * C * p.row_stride;
+      region = l.rail_send();
+      first = p.node * C;
     }
-    const char* src = p.base + region + int64_t(__shfl_sync(0xffffffffu, slot, 0)) * p.row_stride;
-    if (const char* mapped = node_peer(p, src, holder)) {
-      warp_copy(p.recv_x + i * p.x_bytes, mapped, p.x_bytes, lane);
+    const char* src = row(p, region, first + __shfl_sync(0xffffffffu, slot, 0));
+    // The row's payload and scales by copy(dst, from, bytes), its ids and weights by load(word).
+    const auto take = [&](const char* from, auto copy, auto load) {
+      copy(p.recv_x + i * p.x_bytes, from, p.x_bytes);
       if (p.recv_x_scales)
-        warp_copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), mapped + p.off_scales,
-                  4 * p.num_scales, lane);
-      ids_out(mapped, [](const auto* w) { return __ldcg(w); });
-    } else {
-      get_warp(p.recv_x + i * p.x_bytes, src, p.x_bytes, holder, lane);
-      if (p.recv_x_scales)
-        get_warp(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), src + p.off_scales,
-                 4 * p.num_scales, holder, lane);
-      ids_out(src, [holder](const auto* w) { return get_word(w, holder); });
-    }
+        copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), from + p.off_scales, 4 * p.num_scales);
+      ids_out(from, load);
+    };
+    if (const char* mapped = node_peer(p, src, holder))
+      take(mapped, [&](char* dst, const char* from, int64_t bytes) { warp_copy(dst, from, bytes, lane); },
+           [](const auto* w) { return __ldcg(w); });
+    else
+      take(src, [&](char* dst, const char* from, int64_t bytes) { get_warp(dst, from, bytes, holder, lane); },
+           [holder](const auto* w) { return get_word(w, holder); });
   }
 }
 
