@@ -161,12 +161,14 @@ def node_routing(kind, g, num_tokens, top_k, experts_per_rank):
     return idx
 
 
-def rank_node_routing(seed, kind, hidden, worst=False, device="cuda"):
+def rank_node_routing(seed, kind, hidden, worst=False, device="cuda", misaligned=False):
     """dispatch, combine and a re-dispatch along the handle with the routing of node_routing(kind)
     and uneven sizes (rank 0 sends 300 tokens, each node's last rank none): the own node's rows
     take the in-place path, the others the rail. bf16 rows of any value, so combine's one
-    rounding per node is checked bit for bit; outputs poisoned. Returns (rows this rank got from
-    its own node, from other nodes)."""
+    rounding per node is checked bit for bit; outputs poisoned. `misaligned`: combine's input
+    starts 2 bytes past a 16-byte boundary, so each rank pushes its rows for itself into its
+    stage instead of reading them from x in place. Returns (rows this rank got from its own node,
+    from other nodes)."""
     import torch.distributed as dist
     from torch_ep import reference
     from torch_ep.testing import same_bits
@@ -197,8 +199,11 @@ def rank_node_routing(seed, kind, hidden, worst=False, device="cuda"):
 
     back = torch.randn(tuple(got.recv_x.shape), generator=g).mul(100).to(torch.bfloat16)
     want = reference.combine(back[:m], expected.handle, expected.recv_topk_weights)
+    back_dev = back.to(device)
+    if misaligned:
+        back_dev = torch.empty(back.numel() + 1, dtype=back.dtype, device=device)[1:].view(back.shape).copy_(back)
     checks._poison_cache(device, n * hidden * 4)
-    comb = torch_ep.combine(back.to(device), got.handle, got.recv_topk_weights)
+    comb = torch_ep.combine(back_dev, got.handle, got.recv_topk_weights)
     assert same_bits(comb.combined_x.cpu(), want.combined_x), "combined_x differs from the reference"
     assert torch.equal(comb.combined_topk_weights.cpu(), want.combined_topk_weights)
 
@@ -216,10 +221,12 @@ def rank_node_routing(seed, kind, hidden, worst=False, device="cuda"):
 def test_node_routing(device_route, kind):
     """The own node's rows (gets from the source's packed rows, summed by the source in combine)
     and the rail's, alone and together, on uneven sizes; hidden 7 (byte copies) and 136 (16-byte
-    words), with and without num_worst_tokens."""
+    words), with and without num_worst_tokens; mixed also with combine's input misaligned (its
+    rows pushed, not read in place)."""
     size = device_route.world_size
-    for hidden, worst in ((136, False), (7, False), (136, True)):
-        got = device_route.run(rank_node_routing, _seed(), kind, hidden, worst)
+    cases = [(136, False, False), (7, False, False), (136, True, False)] + ([(136, False, True)] if kind == "mixed" else [])
+    for hidden, worst, misaligned in cases:
+        got = device_route.run(rank_node_routing, _seed(), kind, hidden, worst, misaligned=misaligned)
         own, other = sum(o for o, _ in got), sum(r for _, r in got)
         if kind in ("own_node", "mixed"):
             assert own > 0

@@ -5,11 +5,30 @@
 // rounded once) and puts one row per token to the source over the rail; the source sums the
 // nodes' rows (float32, node by node, rounded once). For its own node the source is the
 // forwarder: it sums those rows itself, in the same order and with the same rounding, as it
-// sums the nodes' (no put to itself, no routes: they are its own dispatch positions).
+// sums the nodes' (no put to itself, no routes: they are its own dispatch positions). A rank
+// that is the forwarder of its own rows (the sources with its local index) reads them from x in
+// place where x allows it (x_in_place): at 2 ranks a node, half the rows are never pushed.
 #include "backend/kernels/internode_common.cuh"
 
 namespace ep::kernels::ix {
 namespace {
+
+// Where local rank j's row `pos` of source s lies for this rank as its forwarder, and its
+// weights: in x itself for this rank's own rows (x_in_place), else in the stage, pushed there.
+struct LocalRows {
+  const IxParams& p;
+  const IxCtrl& c;
+  __device__ bool in_place(int j) const { return p.x_in_place && j == p.local; }
+  __device__ const char* row(int j, int s, int m, int32_t pos) const {
+    if (pos < 0) return nullptr;
+    if (in_place(j)) return p.x + (c.prefix[s] + pos) * p.x_bytes;
+    return ix::row(p, p.layout.stage(), (int64_t(j) * p.layout.num_nodes + m) * p.layout.capacity + pos);
+  }
+  __device__ const float* weights(int j, int s, int32_t pos, const char* row) const {
+    if (in_place(j)) return p.topk_weights + (c.prefix[s] + pos) * int64_t(p.num_topk);
+    return reinterpret_cast<const float*>(row + p.off_weights);
+  }
+};
 
 __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
   if (!call_ok(p)) return;
@@ -54,6 +73,7 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
   for (int64_t i = int64_t(blockIdx.x) * (kThreads / 32) + warp; i < M; i += warps) {
     const int s = source_of(c.prefix, R, i);
     const int forwarder = rank_of(p, p.node, s % L);
+    if (p.x_in_place && forwarder == p.rank) continue;  // read from x by this rank's reduce and receive
     char* dst = row(p, l.stage(), (int64_t(p.local) * NN + s / L) * C + (i - c.prefix[s]));
     if (char* mapped = node_peer(p, dst, forwarder)) {
       warp_copy(mapped, p.x + i * p.x_bytes, p.x_bytes, lane);
@@ -75,7 +95,8 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
                        rank_of(p, p.node, threadIdx.x));
   if (blockIdx.x == 0 && threadIdx.x < L) {
     int64_t puts = 0;
-    for (int s = threadIdx.x; s < R; s += L) puts += c.recv[s];
+    if (!(p.x_in_place && threadIdx.x == p.local))
+      for (int s = threadIdx.x; s < R; s += L) puts += c.recv[s];
     nvshmemx_signal_op(count_word(p, p.local), ll::closing_signal(units * puts + 1), NVSHMEM_SIGNAL_ADD,
                        rank_of(p, p.node, threadIdx.x));
   }
@@ -114,6 +135,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
   __syncthreads();
   if (failed) return;
   const int32_t* routes = at<int32_t>(p.base, l.route_recv());
+  const LocalRows local{p, c};
   for (int m = 0; m < NN; ++m) {
     if (m == p.node) continue;  // the sources sum their own node's rows (combine_receive_kernel)
     const int64_t n = c.relay[m], chunks = (n + kChunkRows - 1) / kChunkRows;
@@ -122,9 +144,9 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
       if (warp < rows) {
         const int64_t slot = first + warp;
         const int32_t* pos = routes + (m * C + slot) * L;
+        const int s = rank_of(p, m, p.local);  // the source: its forwarder has its local index
         const char* src[kMaxLocal];
-        for (int j = 0; j < L; ++j)
-          src[j] = pos[j] >= 0 ? row(p, l.stage(), (int64_t(j) * NN + m) * C + pos[j]) : nullptr;
+        for (int j = 0; j < L; ++j) src[j] = local.row(j, s, m, pos[j]);
         char* dst = row(p, l.rail_send(), m * C + slot);
         sum_rows<T>(dst, L, [&](int j) { return src[j]; }, H, lane);
         // Weights travel when the call has them (num_topk > 0), whatever this rank's own
@@ -133,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
           for (int64_t e = lane; e < K; e += 32) {
             float acc = 0.f;
             for (int j = 0; j < L; ++j)
-              if (src[j]) acc += reinterpret_cast<const float*>(src[j] + p.off_weights)[e];
+              if (src[j]) acc += local.weights(j, s, pos[j], src[j])[e];
             at<float>(dst, p.off_weights)[e] = acc;
           }
       }
@@ -159,6 +181,7 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const uint64_t seq = ctrl(p).seq;
   const int32_t* token_pos = p.meta + MetaLayout{R, p.num_experts, p.num_tokens}.token_pos();
+  const LocalRows local{p, ctrl(p)};
   __shared__ int failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
@@ -191,9 +214,7 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
     const auto node_row = [&](int m) -> const char* {
       return slots[m] >= 0 ? row(p, l.rail_recv(), m * C + slots[m]) : nullptr;
     };
-    const auto local_row = [&](int j) -> const char* {
-      return pos[j] >= 0 ? row(p, l.stage(), (int64_t(j) * NN + p.node) * C + pos[j]) : nullptr;
-    };
+    const auto local_row = [&](int j) -> const char* { return local.row(j, p.rank, p.node, pos[j]); };
     sum_node_rows<T>(p.out + t * H * int64_t(sizeof(T)), NN, node_row, p.node, L, local_row, H, lane);
     for (int64_t e = lane; e < K; e += 32) {  // weights: float32 throughout, in the same order
       float acc = 0.f;
@@ -203,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
         } else if (slots[m] >= 0) {
           float part = 0.f;
           for (int j = 0; j < L; ++j)
-            if (const char* r = local_row(j)) part += reinterpret_cast<const float*>(r + p.off_weights)[e];
+            if (const char* r = local_row(j)) part += local.weights(j, p.rank, pos[j], r)[e];
           acc += part;
         }
       }

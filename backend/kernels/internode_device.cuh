@@ -191,6 +191,8 @@ struct IxParams {
   int64_t out_rows;  // rows the outputs hold: num_worst_tokens, or the total the host read
   // combine: x [x_rows, hidden] rows back (| weights at off_weights), outputs [N, hidden]
   int64_t x_rows;
+  bool x_in_place;  // x is 16-byte aligned: this rank, as the forwarder of its own rows, reads
+                    // them from x (and topk_weights) instead of pushing them into its own stage
   DType dtype;
   int64_t hidden;
   char* out;

@@ -283,6 +283,7 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   p.x = static_cast<const char*>(a.x.data_ptr());
   p.x_bytes = x_bytes;
   p.x_rows = a.x.size(0);
+  p.x_in_place = reinterpret_cast<uintptr_t>(p.x) % 16 == 0;  // the row sums load 16-byte words
   p.topk_weights = K ? a.topk_weights->data_ptr<float>() : nullptr;
   p.num_topk = int(K);
   p.off_weights = r16(x_bytes);
