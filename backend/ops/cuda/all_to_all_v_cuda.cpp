@@ -184,17 +184,26 @@ class AllToAllVState {
   }
 
   // Calls of this group run one after another whatever stream they are queued on (all_to_all_v
-  // on the caller's, all_to_all_single on the comm stream): every rank writes its records in
-  // call order, and two calls of one rank never share the blocks at once. `begin` makes
+  // on the caller's, all_to_all_single on the group's comm stream): every rank writes its records
+  // in call order, and two calls of one rank never share the blocks at once. `begin` makes
   // `stream` wait for the previous call; `end` marks this one. Inside a graph capture neither
   // (an event recorded outside cannot be waited on there; replays follow the graph's stream).
-  void begin(cudaStream_t stream) {
+  // `comm`: the group's comm stream, which lives as long as the group: a call there after one
+  // there needs no event (the stream orders them), and one elsewhere after it takes an event
+  // recorded on it then (which covers the earlier call, if later work too).
+  void begin(cudaStream_t stream, bool comm) {
     if (stream_capturing(stream)) return;
     if (!last_call_) EP_CUDA_CHECK(cudaEventCreateWithFlags(&last_call_, cudaEventDisableTiming));
-    else EP_CUDA_CHECK(cudaStreamWaitEvent(stream, last_call_, 0));
+    if (last_on_comm_ && comm && last_comm_ == stream) return;
+    if (last_on_comm_) EP_CUDA_CHECK(cudaEventRecord(last_call_, last_comm_));
+    if (last_on_comm_ || recorded_) EP_CUDA_CHECK(cudaStreamWaitEvent(stream, last_call_, 0));
   }
-  void end(cudaStream_t stream) {
-    if (!stream_capturing(stream)) EP_CUDA_CHECK(cudaEventRecord(last_call_, stream));
+  void end(cudaStream_t stream, bool comm) {
+    if (stream_capturing(stream)) return;
+    last_on_comm_ = comm;
+    last_comm_ = comm ? stream : nullptr;
+    if (!comm) EP_CUDA_CHECK(cudaEventRecord(last_call_, stream));
+    recorded_ = !comm;
   }
 
   // [6 kMaxRanksPerNode]: output_splits, output_offsets, plan; then the pool plan.
@@ -241,7 +250,10 @@ class AllToAllVState {
   Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: begin/end)
   int pool_blocks_ = 0;               // grid of the one-copy move
   bool one_launch_ = true;            // plan and move in one launch
-  cudaEvent_t last_call_ = nullptr;   // recorded after the last call's kernels
+  cudaEvent_t last_call_ = nullptr;   // recorded after the last call's kernels (see begin)
+  bool recorded_ = false;             // last_call_ marks the last call
+  bool last_on_comm_ = false;         // the last call ran on last_comm_, the comm stream
+  cudaStream_t last_comm_ = nullptr;
 
 };
 
@@ -302,7 +314,7 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
     uint64_t sent = 0;
     for (size_t b : send_bytes) sent += b;
     const int blocks = int(std::min<uint64_t>(state.pool_blocks(), std::max<uint64_t>(1, sent / (64 << 10))));
-    state.begin(stream);
+    state.begin(stream, /*comm=*/true);
     if (state.one_launch()) {
       EP_CUDA_CHECK(kernels::launch_all_to_all_v_call(p, pool ? blocks : 0, stream));
     } else {
@@ -310,7 +322,7 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
       if (pool) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, blocks, stream));
       else EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
     }
-    state.end(stream);
+    state.end(stream, /*comm=*/true);
     std::vector<int> peers;
     for (int r = 0; r < R; ++r)
       if (r != rank) peers.push_back(r);
@@ -366,7 +378,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     p.output_splits = output_splits.data_ptr<int64_t>();
     p.output_offsets = output_offsets.data_ptr<int64_t>();
     p.plan = plan.data_ptr<int64_t>();
-    state.begin(stream);
+    state.begin(stream, /*comm=*/false);
 
     Tensor output, staging;
     if (given) {
@@ -398,7 +410,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     }
     p.output = static_cast<char*>(staging.data_ptr());
     if (!one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
-    state.end(stream);
+    state.end(stream, /*comm=*/false);
     if (!staging.is_same(output)) output.copy_(staging);
     std::vector<int> peers;
     for (int r = 0; r < R; ++r)
