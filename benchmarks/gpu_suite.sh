@@ -252,9 +252,9 @@ if [ "$WHAT" = pending ]; then
   fi
   if [[ $STEPS == *" a2a_sweep "* ]]; then
     # Settings as Options.all_to_all_* (lanes, slot, blocks, launches=2 for two launches); the
-    # defaults at 2 ranks: lanes=32,slot=128K and blocks=132 (two per SM of a half H200).
+    # defaults at 2 ranks: lanes=32,slot=128K and blocks=131 (two per SM of a half H200, less the plan's).
     STAGED=${TORCH_EP_A2A_SWEEP_STAGED:-"lanes=32,slot=128K;lanes=32,slot=128K,launches=2;lanes=16,slot=1M;lanes=16,slot=128K;lanes=32,slot=64K;lanes=32,slot=256K;lanes=32,slot=1M;lanes=8,slot=128K"}
-    POOLED=${TORCH_EP_A2A_SWEEP_POOL:-"blocks=132;blocks=132,launches=2;blocks=33;blocks=66;blocks=96;blocks=264"}
+    POOLED=${TORCH_EP_A2A_SWEEP_POOL:-"blocks=131;blocks=131,launches=2;blocks=32;blocks=65;blocks=97;blocks=263"}
     for R in ${TORCH_EP_PENDING_BENCH_RANKS:-2}; do
       step "all_to_all device protocol settings, $R ranks (staged: $STAGED; one copy: $POOLED)"
       run_bench "$R" ${TORCH_EP_A2A_SWEEP_LIMIT_S:-240} "a2a_sweep_${R}ranks.log" 30 benchmarks/all_to_all_sweep.py \

@@ -39,9 +39,10 @@ ENVIRONMENT = {
     "TORCH_EP_ALL_TO_ALL_SLOT_BYTES": "the device protocol's staged move: a staging slot in bytes, the largest chunk, "
                                       "a multiple of 4 KiB (default 0, automatic: 128 KiB, less where "
                                       "TORCH_EP_CUDA_BUFFER_BYTES / (2 x ranks x lanes) is less); the smallest over the ranks",
-    "TORCH_EP_ALL_TO_ALL_POOL_BLOCKS": "the device protocol's one-copy move (tensors of torch_ep.comm_pool): its blocks "
-                                       "(default 0, automatic: two per SM of this rank's share, TORCH_EP_NUM_SMS or "
-                                       "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the GPU)",
+    "TORCH_EP_ALL_TO_ALL_POOL_BLOCKS": "the device protocol's one-copy move (tensors of torch_ep.comm_pool): the "
+                                       "blocks that copy, one piece of the call each (default 0, automatic: two per SM "
+                                       "of this rank's share, TORCH_EP_NUM_SMS or CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of "
+                                       "the GPU, less one for the plan's block)",
     "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "0 runs the device protocol's plan and move as two kernel launches instead of one",
     "TORCH_EP_FORCE_REMOTE": "1 makes the low-latency ops reach ranks on other (virtual) nodes by NVSHMEM puts, as "
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",

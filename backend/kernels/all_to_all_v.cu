@@ -346,16 +346,17 @@ __device__ void finish_call(const AllToAllVParams& p, size_t finished, bool fuse
   if (last && one_copy(p)) pool::take_done(p);
 }
 
-// A group with a comm pool: one copy where the plan chose it (every block), else the staged move
-// (the first staged_blocks blocks; the others end at once).
+// A group with a comm pool: one copy where the plan chose it (the first pool_workers blocks), else
+// the staged move (the first staged_blocks blocks); the others end at once.
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(AllToAllVParams p) {
-  if (one_copy(p)) pool::push<kUnroll, kMoveThreads>(p, blockIdx.x, gridDim.x);
-  else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) staged_move(p, blockIdx.x);
+  if (one_copy(p)) {
+    if (int(blockIdx.x) < p.pool_workers) pool::push<kUnroll, kMoveThreads>(p, blockIdx.x, p.pool_workers);
+  } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) staged_move(p, blockIdx.x);
   finish_call(p, L::kPoolFinished, /*fused=*/false);
 }
 
-// A whole call in one launch: block 0 plans while the others wait for it, then every block moves
-// as the move kernels above do (block 0 takes no piece of a one-copy move: it starts late).
+// A whole call in one launch: block 0 plans while the others wait for it, then the blocks move as
+// the move kernels above do (blocks 1..pool_workers copy a one-copy move: block 0 starts late).
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllToAllVParams p) {
   bool planned = true;
   if (blockIdx.x == 0) {
@@ -366,7 +367,8 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllT
   }
   if (planned) {
     if (one_copy(p)) {
-      if (blockIdx.x > 0) pool::push<kUnroll, kMoveThreads>(p, blockIdx.x - 1, gridDim.x - 1);
+      if (blockIdx.x > 0 && int(blockIdx.x) <= p.pool_workers)
+        pool::push<kUnroll, kMoveThreads>(p, blockIdx.x - 1, p.pool_workers);
     } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) {
       staged_move(p, blockIdx.x);
     }
@@ -397,7 +399,9 @@ cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int bloc
       params.layout.lanes < 1 || params.layout.lanes > L::kMaxLanes || params.pool_plan == nullptr)
     return cudaErrorInvalidValue;
   const int staged = staged_blocks(params.num_ranks, params.layout.lanes);
-  all_to_all_v_move_any_kernel<<<blocks > staged ? blocks : staged, kMoveThreads, 0, stream>>>(params);
+  AllToAllVParams p = params;
+  p.pool_workers = blocks > 0 ? blocks : 1;
+  all_to_all_v_move_any_kernel<<<p.pool_workers > staged ? p.pool_workers : staged, kMoveThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -408,8 +412,10 @@ cudaError_t launch_all_to_all_v_call(const AllToAllVParams& params, int pool_blo
   // The staged move's blocks, or block 0 (the plan) and `pool_blocks` for a one copy: which one
   // runs is the plan's choice, made on the device.
   const int staged = staged_blocks(params.num_ranks, params.layout.lanes);
-  const int direct = params.pool_plan != nullptr ? 1 + (pool_blocks > 0 ? pool_blocks : 1) : 0;
-  all_to_all_v_call_kernel<<<direct > staged ? direct : staged, kMoveThreads, 0, stream>>>(params);
+  AllToAllVParams p = params;
+  p.pool_workers = params.pool_plan != nullptr ? (pool_blocks > 0 ? pool_blocks : 1) : 0;
+  const int direct = p.pool_workers > 0 ? 1 + p.pool_workers : 0;
+  all_to_all_v_call_kernel<<<direct > staged ? direct : staged, kMoveThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -46,7 +46,8 @@
 // was created. When every rank that receives bytes has its output there, the plan says so on every
 // rank alike, the staged plan moves nothing, and the blocks (but block 0) write each message
 // straight into its receiver's output, one contiguous piece of the call's bytes per block
-// (TORCH_EP_ALL_TO_ALL_POOL_BLOCKS of them, by default two per SM of this rank's share); the
+// (TORCH_EP_ALL_TO_ALL_POOL_BLOCKS of them, by default two per SM of this rank's share, less
+// one for the plan's block); the
 // last block of a message raises the receiver's "done" flag for this source, and the receiver's
 // last block takes every source's flag before the call ends. Otherwise (some output outside the
 // arenas) the same launch runs the staged move above.
@@ -183,6 +184,7 @@ struct AllToAllVParams {
   char* pool[kMaxRanksPerNode];   // rank r's comm pool arena as mapped here
   int64_t* pool_plan;             // [1 + 3R] device scratch: one copy (1) or staged (0); bytes for each
                                   // destination, their offset in its arena, their offset in input; or null
+  int pool_workers;               // the blocks that copy when it is one copy (the launchers set it)
 };
 
 // The plan's pool_plan, for the host (tests) and the move kernels.
@@ -200,8 +202,8 @@ cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t
 // else the staged move. `blocks`: the grid when it is one copy (at least the staged move's).
 cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int blocks, cudaStream_t stream);
 // A whole call, plan and move, in one launch (params.output given): the staged move's grid, or
-// with params.pool_plan set 1 + `pool_blocks` blocks where that is more (a one-copy move by every
-// block but block 0, the plan's).
+// with params.pool_plan set 1 + `pool_blocks` blocks where that is more (a one-copy move by blocks
+// 1..pool_blocks; block 0 plans).
 cudaError_t launch_all_to_all_v_call(const AllToAllVParams& params, int pool_blocks, cudaStream_t stream);
 
 }  // namespace ep::kernels

@@ -32,7 +32,8 @@ struct Config {
   int all_to_all_lanes = 0;             // staged move: pipelines per pair of ranks (the smallest over the ranks)
   size_t all_to_all_slot_bytes = 0;     // staged move: a staging slot, the largest chunk (the smallest over
                                         // the ranks; automatic: 128 KiB, less where cuda_buffer_bytes is)
-  int all_to_all_pool_blocks = 0;       // one-copy move: its grid (automatic: two blocks per SM of this rank)
+  int all_to_all_pool_blocks = 0;       // one-copy move: the blocks that copy (automatic: two per SM of this
+                                        // rank's share, less the plan's block)
   bool all_to_all_one_launch = true;    // plan and move in one kernel launch (false: two launches)
   bool force_remote = false;            // low-latency ops reach other nodes' ranks by NVSHMEM puts even
                                         // where they could map them (tests the path across nodes on one)

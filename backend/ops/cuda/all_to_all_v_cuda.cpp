@@ -101,9 +101,10 @@ class AllToAllVState {
     EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&abort_host_), sizeof(int), cudaHostAllocMapped));
     *abort_host_ = 0;
     EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_device_), abort_host_, 0));
-    // The one-copy move: two blocks of 512 threads per SM of this rank's share (its launch bounds),
-    // one piece of the call each.
-    pool_blocks_ = config.all_to_all_pool_blocks > 0 ? config.all_to_all_pool_blocks : 2 * sm_share(config, device);
+    // The one-copy move: one piece of the call per block; two blocks of 512 threads per SM of this
+    // rank's share (its launch bounds), the plan's block 0 of the one launch included.
+    pool_blocks_ = config.all_to_all_pool_blocks > 0 ? config.all_to_all_pool_blocks
+                                                     : std::max(1, 2 * sm_share(config, device) - 1);
     rdv.barrier(tag + "/ready");  // no peer writes our flags before they are initialised
   }
 
