@@ -243,19 +243,19 @@ def test_messages_about_the_chunk_sizes(cuda_pool):
 
 # The device protocol's settings (torch_ep.Options.all_to_all_*) other than the defaults: few lanes
 # and slots under, at and over the 32 KiB least chunk (a message then takes many rounds), the
-# largest lane count with 1 MiB slots, and plan and move in two launches.
+# largest lane count with 1 MiB slots, and plan and move in one launch.
 KNOB_GROUPS = {
     "3 lanes, 8 KiB slots": dict(all_to_all_lanes=3, all_to_all_slot_bytes=8 << 10),
     "1 lane, 36 KiB slots": dict(all_to_all_lanes=1, all_to_all_slot_bytes=36 << 10),
     "32 lanes, 1 MiB slots": dict(all_to_all_lanes=32, all_to_all_slot_bytes=1 << 20),
-    "two launches": dict(all_to_all_one_launch=False),
+    "one launch": dict(all_to_all_one_launch=True),
 }
 
 
 def rank_device_protocol_settings(seed):
     """all_to_all_single of CHUNK_EDGE_BYTES messages on the device protocol with each of
     KNOB_GROUPS' settings (one call with a message of many rounds each), and all_to_all_v into a
-    given output on the same groups (its plan and move in one launch but on the last); outputs
+    given output on the same groups (its plan and move in one launch on the last); outputs
     poisoned, compared bit for bit with the reference."""
     rank = dist.get_rank()
     groups = {}

@@ -110,13 +110,13 @@ def test_one_copy_dtypes_and_splits(cuda_pool):
 
 def rank_one_copy_knobs(seed):
     """The one-copy move with other grids than the default (Options.all_to_all_pool_blocks: one
-    block, a few, more than the call has 64 KiB pieces for) and with its plan and move in two
-    launches: every call's pieces cross message edges elsewhere (each rank's messages differ in
+    block, a few, more than the call has 64 KiB pieces for) and with its plan and move in one
+    launch: every call's pieces cross message edges elsewhere (each rank's messages differ in
     size, none a multiple of 16 bytes but the empty ones), the output poisoned, compared with the
     reference, and it must have been one copy."""
     rank, size = dist.get_rank(), dist.get_world_size()
     n = len(cuda_checks.CHUNK_EDGE_BYTES)
-    settings = [dict(all_to_all_pool_blocks=blocks) for blocks in (1, 3, 7, 300)] + [dict(all_to_all_one_launch=False)]
+    settings = [dict(all_to_all_pool_blocks=blocks) for blocks in (1, 3, 7, 300)] + [dict(all_to_all_one_launch=True)]
     for options in settings:
         group, pool = _pool_group(**options)
         try:

@@ -43,7 +43,7 @@ ENVIRONMENT = {
                                        "blocks that copy, one piece of the call each (default 0, automatic: two per SM "
                                        "of this rank's share, TORCH_EP_NUM_SMS or CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of "
                                        "the GPU, less one for the plan's block)",
-    "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "0 runs the device protocol's plan and move as two kernel launches instead of one",
+    "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "1 runs the device protocol's plan and move in one kernel launch instead of two (measured slower on one H200)",
     "TORCH_EP_FORCE_REMOTE": "1 makes the low-latency ops reach ranks on other (virtual) nodes by NVSHMEM puts, as "
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
     "TORCH_EP_INTERNODE_DEVICE": "0 sends CUDA dispatch/combine across nodes on the host-driven route (host rounds) "
@@ -107,7 +107,7 @@ class Options:
     all_to_all_lanes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_LANES", 0))
     all_to_all_slot_bytes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_SLOT_BYTES", 0))
     all_to_all_pool_blocks: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_POOL_BLOCKS", 0))
-    all_to_all_one_launch: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_ONE_LAUNCH") != 0)
+    all_to_all_one_launch: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_ONE_LAUNCH")))
     force_remote: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_FORCE_REMOTE")))
     all_to_all_v_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_V_DEVICE") != 0)
     all_to_all_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_DEVICE")))

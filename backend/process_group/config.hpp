@@ -34,7 +34,7 @@ struct Config {
                                         // the ranks; automatic: 128 KiB, less where cuda_buffer_bytes is)
   int all_to_all_pool_blocks = 0;       // one-copy move: the blocks that copy (automatic: two per SM of this
                                         // rank's share, less the plan's block)
-  bool all_to_all_one_launch = true;    // plan and move in one kernel launch (false: two launches)
+  bool all_to_all_one_launch = false;   // plan and move in one kernel launch (slower on one H200: two launches)
   bool force_remote = false;            // low-latency ops reach other nodes' ranks by NVSHMEM puts even
                                         // where they could map them (tests the path across nodes on one)
   bool internode_device = true;         // CUDA dispatch/combine across nodes driven by the device (NVSHMEM

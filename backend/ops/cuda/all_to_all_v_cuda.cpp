@@ -250,7 +250,7 @@ class AllToAllVState {
   int* abort_device_ = nullptr;
   Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: begin/end)
   int pool_blocks_ = 0;               // grid of the one-copy move
-  bool one_launch_ = true;            // plan and move in one launch
+  bool one_launch_ = false;           // plan and move in one launch
   cudaEvent_t last_call_ = nullptr;   // recorded after the last call's kernels (see begin)
   bool recorded_ = false;             // last_call_ marks the last call
   bool last_on_comm_ = false;         // the last call ran on last_comm_, the comm stream
