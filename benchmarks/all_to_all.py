@@ -90,7 +90,9 @@ def pair_data(seed: int, src: int, dst: int, num_bytes: int, device: torch.devic
 
 def make_op(impl: str, group, recv: torch.Tensor, send: torch.Tensor):
     """One call of `impl` from `send` into `recv` (even split). For ep_pool the call runs on
-    copies of both from the group's comm pool; `op.output` is its output."""
+    copies of both from the group's comm pool; `op.output` is its output. An impl's first word
+    says what it is ("ep_pool blocks=66": an ep_pool, see benchmarks/all_to_all_sweep.py)."""
+    impl = impl.split(" ", 1)[0]
     if impl == POOL:
         with torch.cuda.use_mem_pool(torch_ep.comm_pool(group)):
             pool_send, pool_recv = send.clone(), recv.clone()

@@ -30,6 +30,8 @@
 #     (TORCH_EP_INTERNODE_BENCH_ARGS adds arguments, e.g. --no-host-route),
 #     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
 #     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), timeouts, a2a_bench (at
+#     TORCH_EP_PENDING_BENCH_RANKS), a2a_sweep (benchmarks/all_to_all_sweep.py: the device
+#     protocol's staged and one-copy settings, TORCH_EP_A2A_SWEEP_STAGED / _POOL, at
 #     TORCH_EP_PENDING_BENCH_RANKS), compile (the compile mode) and
 #     sm_sweep (the sm-sweep mode); default "deep_ep_bench deep_ep_overhead copy_tests sm_sweep".
 #     A short TORCH_EP_TIMEOUT_S makes a hang fail fast
@@ -257,6 +259,17 @@ if [ "$WHAT" = pending ]; then
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 90 torchrun --standalone --nproc-per-node 2 \
       tools/a2a_profile.py --cpu-only > "$LOGS/a2a_profile_2ranks.log" 2>&1 || STATUS=1
     grep -v "^W1\|^\*\*\*" "$LOGS/a2a_profile_2ranks.log" | tail -40 >> "$SUMMARY"
+  fi
+  if [[ $STEPS == *" a2a_sweep "* ]]; then
+    # Settings as Options.all_to_all_* (lanes, slot, blocks, launches=2 for two launches); the
+    # defaults at 2 ranks: lanes=32,slot=128K and blocks=131 (two per SM of a half H200, less the plan's).
+    STAGED=${TORCH_EP_A2A_SWEEP_STAGED:-"lanes=32,slot=128K;lanes=32,slot=128K,launches=2;lanes=16,slot=1M;lanes=16,slot=128K;lanes=32,slot=64K;lanes=32,slot=256K;lanes=32,slot=1M;lanes=8,slot=128K"}
+    POOLED=${TORCH_EP_A2A_SWEEP_POOL:-"blocks=131;blocks=131,launches=2;blocks=32;blocks=65;blocks=97;blocks=263"}
+    for R in ${TORCH_EP_PENDING_BENCH_RANKS:-2}; do
+      step "all_to_all device protocol settings, $R ranks (staged: $STAGED; one copy: $POOLED)"
+      run_bench "$R" ${TORCH_EP_A2A_SWEEP_LIMIT_S:-240} "a2a_sweep_${R}ranks.log" 30 benchmarks/all_to_all_sweep.py \
+        --staged "$STAGED" --pool "$POOLED" --out "$LOGS/all_to_all_sweep_${R}ranks"
+    done
   fi
   if [[ $STEPS == *" a2a_bench "* ]]; then
     for R in ${TORCH_EP_PENDING_BENCH_RANKS:-2}; do

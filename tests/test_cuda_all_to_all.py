@@ -142,17 +142,18 @@ def test_messages_larger_than_buffers(cuda_pool):
 
 
 # Message sizes in bytes about the staged move's chunks (backend/kernels/all_to_all_v.cu cuts each
-# message into chunks of its own size, from 32 KiB up to one staging slot, spread over the lanes;
-# its sender and its receiver must cut it alike): empty, a few bytes, under 32 KiB, either side of
-# 32 KiB, between 32 KiB and a 64 KiB slot (SMALL_SLOTS), either side of that slot, a few such
-# slots, just past a default 1 MiB slot, and many rounds of 64 KiB slots. None but the empty one
-# is a multiple of 16 bytes.
+# message into chunks of its own size, from 32 KiB up to one staging slot, spread over the lanes in
+# at least 4 rounds; its sender and its receiver must cut it alike): empty, a few bytes, under
+# 32 KiB, either side of 32 KiB, between 32 KiB and a 64 KiB slot (SMALL_SLOTS), either side of
+# that slot, a few such slots, just past 1 MiB (8 default 128 KiB slots), and many rounds of
+# 64 KiB slots. None but the empty one is a multiple of 16 bytes.
 CHUNK_EDGE_BYTES = (0, 5, 1000, (32 << 10) - 1, (32 << 10) + 1, (48 << 10) + 7, (64 << 10) - 3, (64 << 10) + 5,
                     (300 << 10) + 11, (1 << 20) + 1, (7 << 19) + 13)
-# cuda_buffer_bytes with 64 KiB staging slots at 2 to 8 ranks (a slot is the buffer over
-# ranks x lanes x 2, lanes = 16, 8 or 4), and with 4 KiB slots, under the smallest chunk.
+# cuda_buffer_bytes that cut the host protocol's chunks small, with 64 KiB staging slots for the
+# device protocol (Options.all_to_all_slot_bytes), and a buffer whose slot would be under the
+# smallest, 4 KiB (the buffer over ranks x lanes x 2).
 SMALL_SLOTS, TINY_SLOTS = 4 << 20, 64 << 10
-# Many rounds of the default 1 MiB slots (a round is lanes x 1 MiB: 16 MiB at 2 ranks).
+# Many rounds of the default 128 KiB slots (a round is lanes x 128 KiB: 4 MiB at 2 ranks).
 LARGE_MESSAGE_BYTES = (40 << 20) + 3
 
 
@@ -189,12 +190,13 @@ def chunk_edge_rows(m: torch.Tensor, dtype, row_shape) -> torch.Tensor:
 
 @contextlib.contextmanager
 def chunk_edge_groups():
-    """{name: group}: the default group (None), and groups whose buffers make 64 KiB and 4 KiB
-    staging slots; those are destroyed afterwards."""
+    """{name: group}: the default group (None), and groups with 64 KiB and 4 KiB staging slots;
+    those are destroyed afterwards."""
     groups = {"default": None}
     try:
-        for name, buffer_bytes in (("64 KiB slots", SMALL_SLOTS), ("4 KiB slots", TINY_SLOTS)):
-            groups[name] = dist.new_group(pg_options=torch_ep.Options(cuda_buffer_bytes=buffer_bytes))
+        for name, options in (("64 KiB slots", dict(cuda_buffer_bytes=SMALL_SLOTS, all_to_all_slot_bytes=64 << 10)),
+                              ("4 KiB slots", dict(cuda_buffer_bytes=TINY_SLOTS))):
+            groups[name] = dist.new_group(pg_options=torch_ep.Options(**options))
         yield groups
     finally:
         for group in groups.values():
@@ -202,15 +204,15 @@ def chunk_edge_groups():
                 dist.destroy_process_group(group)
 
 
-def chunk_edge_cases(seed, groups):
+def chunk_edge_cases(seed, groups, large_groups=("default",)):
     """(what, group, dtype, row_shape, rows, generator) for every call of the chunk-edge tests:
     each group in turn, every CHUNK_EDGE_BYTES matrix as each kind of row (rows: [src, dst] rows
-    of the message, the same on every rank), and on the default group one call with a message of
-    many rounds; the generator draws this rank's input of that call."""
+    of the message, the same on every rank), and on the groups named in large_groups one call with
+    a message of many rounds; the generator draws this rank's input of that call."""
     rank, size = dist.get_rank(), dist.get_world_size()
     n = len(CHUNK_EDGE_BYTES)
     for name, group in groups.items():
-        for call in range(n + (group is None)):
+        for call in range(n + (name in large_groups)):
             large = call == n
             m = chunk_edge_matrix(size, (seed + call) % n, large=large)
             for dtype, row_shape in CHUNK_EDGE_ROWS[:1] if large else CHUNK_EDGE_ROWS:
@@ -221,7 +223,7 @@ def chunk_edge_cases(seed, groups):
 
 def rank_chunk_edges(seed):
     """all_to_all_single of CHUNK_EDGE_BYTES messages, every pair in both directions, through the
-    device protocol's default 1 MiB staging slots (one call with a message of many rounds too),
+    device protocol's default 128 KiB staging slots (one call with a message of many rounds too),
     64 KiB and 4 KiB slots (the host protocol's chunks, cut from the same buffer sizes, likewise);
     outputs poisoned, compared bit for bit with the reference."""
     rank = dist.get_rank()
@@ -237,6 +239,51 @@ def rank_chunk_edges(seed):
 
 def test_messages_about_the_chunk_sizes(cuda_pool):
     cuda_pool.run(rank_chunk_edges, seed=_seed(), timeout_s=300)
+
+
+# The device protocol's settings (torch_ep.Options.all_to_all_*) other than the defaults: few lanes
+# and slots under, at and over the 32 KiB least chunk (a message then takes many rounds), the
+# largest lane count with 1 MiB slots, and plan and move in one launch.
+KNOB_GROUPS = {
+    "3 lanes, 8 KiB slots": dict(all_to_all_lanes=3, all_to_all_slot_bytes=8 << 10),
+    "1 lane, 36 KiB slots": dict(all_to_all_lanes=1, all_to_all_slot_bytes=36 << 10),
+    "32 lanes, 1 MiB slots": dict(all_to_all_lanes=32, all_to_all_slot_bytes=1 << 20),
+    "one launch": dict(all_to_all_one_launch=True),
+}
+
+
+def rank_device_protocol_settings(seed):
+    """all_to_all_single of CHUNK_EDGE_BYTES messages on the device protocol with each of
+    KNOB_GROUPS' settings (one call with a message of many rounds each), and all_to_all_v into a
+    given output on the same groups (its plan and move in one launch on the last); outputs
+    poisoned, compared bit for bit with the reference."""
+    rank = dist.get_rank()
+    groups = {}
+    try:
+        for name, options in KNOB_GROUPS.items():
+            groups[name] = dist.new_group(pg_options=torch_ep.Options(all_to_all_device=True, **options))
+        for what, group, dtype, row_shape, rows, g in chunk_edge_cases(seed, groups, large_groups=tuple(groups)):
+            in_splits, out_splits = rows[rank].tolist(), rows[:, rank].tolist()
+            inp = chunk_edge_input(sum(in_splits), dtype, row_shape, g)
+            out = poison_(torch.empty((sum(out_splits), *row_shape), dtype=dtype, device="cuda"))
+            dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+            expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
+            assert same_bits(out, expected), f"{what}: all_to_all_single output differs"
+            poison_(out)
+            res = torch_ep.all_to_all_v(inp, rows[rank].cuda(), output=out, group=group)
+            torch.cuda.synchronize()
+            torch_ep.check_errors(group)
+            assert same_bits(out, expected), f"{what}: all_to_all_v output differs"
+            assert res.output_splits.tolist() == out_splits, f"{what}: all_to_all_v output_splits"
+    finally:
+        for group in groups.values():
+            dist.destroy_process_group(group)
+
+
+@pytest.mark.parametrize("world_size", cuda_world_sizes(), ids=lambda n: f"{n}ranks")
+def test_device_protocol_settings(world_size):
+    rank_pool(world_size, cuda=True, env=PROTOCOLS["device"]).run(rank_device_protocol_settings, seed=_seed(),
+                                                                   timeout_s=300)
 
 
 def rank_stream_semantics(seed):

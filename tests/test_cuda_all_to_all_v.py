@@ -148,7 +148,7 @@ def test_messages_larger_than_staging(cuda_pool):
 
 def rank_chunk_edges(seed):
     """Messages about the staged move's chunk sizes (test_cuda_all_to_all.CHUNK_EDGE_BYTES): every
-    pair in both directions, as raw bytes and as 12-byte rows, through the default 1 MiB staging
+    pair in both directions, as raw bytes and as 12-byte rows, through the default 128 KiB staging
     slots (one call with a message of many rounds too), 64 KiB and 4 KiB slots; into a given
     output (poisoned, one row to spare that must stay so) and an allocated one. The reference runs
     on CPU copies over the host transport, apart from the kernels under test."""

@@ -108,6 +108,37 @@ def test_one_copy_dtypes_and_splits(cuda_pool):
     cuda_pool.run(rank_one_copy, seed=_seed(), timeout_s=300)
 
 
+def rank_one_copy_knobs(seed):
+    """The one-copy move with other grids than the default (Options.all_to_all_pool_blocks: one
+    block, a few, more than the call has 64 KiB pieces for) and with its plan and move in one
+    launch: every call's pieces cross message edges elsewhere (each rank's messages differ in
+    size, none a multiple of 16 bytes but the empty ones), the output poisoned, compared with the
+    reference, and it must have been one copy."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    n = len(cuda_checks.CHUNK_EDGE_BYTES)
+    settings = [dict(all_to_all_pool_blocks=blocks) for blocks in (1, 3, 7, 300)] + [dict(all_to_all_one_launch=True)]
+    for options in settings:
+        group, pool = _pool_group(**options)
+        try:
+            for call in range(3):
+                m = cuda_checks.chunk_edge_matrix(size, (seed + call * 5) % n, large=call == 2)
+                in_splits, out_splits = m[rank].tolist(), m[:, rank].tolist()
+                g = torch.Generator().manual_seed(seed * 7 + call * 131 + rank)
+                inp = _allocated(pool, True, (sum(in_splits),), torch.uint8)
+                inp.copy_(cuda_checks.chunk_edge_input(sum(in_splits), torch.uint8, (), g))
+                out = poison_(_allocated(pool, True, (sum(out_splits),), torch.uint8))
+                dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+                expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
+                assert same_bits(out, expected), f"{options}, bytes {m.tolist()}: wrong output"
+                assert _one_copy(group), f"{options}, bytes {m.tolist()}: not one copy"
+        finally:
+            dist.destroy_process_group(group)
+
+
+def test_one_copy_grids_and_two_launches(cuda_pool):
+    cuda_pool.run(rank_one_copy_knobs, seed=_seed(), timeout_s=300)
+
+
 def rank_mixed_calls(seed):
     """Calls on and off the pool, interleaved on one group: the plan picks the move on the
     device, so ranks never disagree, even when only some ranks' outputs are in the pool."""

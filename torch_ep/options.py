@@ -33,6 +33,17 @@ ENVIRONMENT = {
                                     "instead of keeping them on the device",
     "TORCH_EP_ALL_TO_ALL_DEVICE": "1 runs CUDA all_to_all_single on the device protocol (counts checked by the kernels, "
                                   "no host round trip; staged, two copies per byte)",
+    "TORCH_EP_ALL_TO_ALL_LANES": "the device protocol's staged move (CUDA all_to_all_v, all_to_all_single with "
+                                 "TORCH_EP_ALL_TO_ALL_DEVICE=1): pipelines per pair of ranks, 1 to 32 (default 0, "
+                                 "automatic: 32 at 2 ranks, 8 at 4, 4 at 8; two blocks each); the smallest over the ranks",
+    "TORCH_EP_ALL_TO_ALL_SLOT_BYTES": "the device protocol's staged move: a staging slot in bytes, the largest chunk, "
+                                      "a multiple of 4 KiB (default 0, automatic: 128 KiB, less where "
+                                      "TORCH_EP_CUDA_BUFFER_BYTES / (2 x ranks x lanes) is less); the smallest over the ranks",
+    "TORCH_EP_ALL_TO_ALL_POOL_BLOCKS": "the device protocol's one-copy move (tensors of torch_ep.comm_pool): the "
+                                       "blocks that copy, one piece of the call each (default 0, automatic: two per SM "
+                                       "of this rank's share, TORCH_EP_NUM_SMS or CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of "
+                                       "the GPU, less one for the plan's block)",
+    "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "1 runs the device protocol's plan and move in one kernel launch instead of two (measured slower on one H200)",
     "TORCH_EP_FORCE_REMOTE": "1 makes the low-latency ops reach ranks on other (virtual) nodes by NVSHMEM puts, as "
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
     "TORCH_EP_INTERNODE_DEVICE": "0 sends CUDA dispatch/combine across nodes on the host-driven route (host rounds) "
@@ -96,6 +107,10 @@ class Options:
     ranks_per_node: int = field(default_factory=_default("TORCH_EP_RANKS_PER_NODE", 0))
     moe_copy: str = field(default_factory=lambda: os.environ.get("TORCH_EP_MOE_COPY") or "warp")
     blocking_wait: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_BLOCKING_WAIT")))
+    all_to_all_lanes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_LANES", 0))
+    all_to_all_slot_bytes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_SLOT_BYTES", 0))
+    all_to_all_pool_blocks: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_POOL_BLOCKS", 0))
+    all_to_all_one_launch: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_ONE_LAUNCH")))
     force_remote: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_FORCE_REMOTE")))
     all_to_all_v_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_V_DEVICE") != 0)
     all_to_all_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_DEVICE")))
@@ -115,12 +130,19 @@ class Options:
             "ranks_per_node": self.ranks_per_node >= 0,
             "internode_capacity": self.internode_capacity >= 1,
             "internode_row_bytes": self.internode_row_bytes >= 0,
+            "all_to_all_lanes": 0 <= self.all_to_all_lanes <= 32,
+            "all_to_all_slot_bytes": self.all_to_all_slot_bytes == 0 or (self.all_to_all_slot_bytes >= 4096 and
+                                                                        self.all_to_all_slot_bytes % 4096 == 0),
+            "all_to_all_pool_blocks": self.all_to_all_pool_blocks >= 0,
         }
         minimum = {"host_slot_bytes": 64, "host_num_slots": 1, "cuda_buffer_bytes": 1 << 16, "comm_pool_bytes": 2 << 20,
                    "internode_capacity": 1}
+        expected = {"all_to_all_lanes": "0 (automatic) to 32",
+                    "all_to_all_slot_bytes": "0 (automatic) or a multiple of 4096"}
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"Options.{name}={getattr(self, name)}: expected >= {minimum.get(name, 0)}")
+                raise ValueError(f"Options.{name}={getattr(self, name)}: expected "
+                                 f"{expected.get(name, f'>= {minimum.get(name, 0)}')}")
         if self.moe_copy not in MOE_COPIES:
             raise ValueError(f"Options.moe_copy={self.moe_copy!r} (TORCH_EP_MOE_COPY): expected one of "
                              f"{', '.join(MOE_COPIES)}")
@@ -140,6 +162,10 @@ class Options:
         config.ranks_per_node = self.ranks_per_node
         config.moe_copy = MOE_COPIES.index(self.moe_copy)
         config.blocking_wait = self.blocking_wait
+        config.all_to_all_lanes = self.all_to_all_lanes
+        config.all_to_all_slot_bytes = self.all_to_all_slot_bytes
+        config.all_to_all_pool_blocks = self.all_to_all_pool_blocks
+        config.all_to_all_one_launch = self.all_to_all_one_launch
         config.force_remote = self.force_remote
         config.all_to_all_v_device = self.all_to_all_v_device
         config.all_to_all_device = self.all_to_all_device

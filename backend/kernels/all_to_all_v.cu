@@ -9,20 +9,27 @@ namespace {
 using L = AllToAllVLayout;
 constexpr int kPlanThreads = kMaxRanksPerNode;  // one per rank
 constexpr int kMoveThreads = 512;
-constexpr int kUnroll = 4;  // 16-byte loads in flight per thread: 32 KiB per block
-// The smallest chunk a message is cut into (unless the slot is smaller): the bytes one block
-// copies in a single pass of kUnroll loads per thread. A smaller chunk is not copied faster (its
-// loads go in serial round trips through block_copy's tail loop) and costs a handshake more.
-constexpr uint64_t kMinStagedChunk = uint64_t(kMoveThreads) * kUnroll * 16;
+// 16-byte loads in flight per thread: 64 KiB per block, 128 KiB per SM at two blocks (what
+// tools/sm_copy_ceiling.cu found a copy needs to approach an SM's ceiling on the H200).
+constexpr int kUnroll = 8;
+// The smallest chunk a message is cut into (unless the slot is smaller): below it a chunk is not
+// copied faster (one pass of the block's loads is a memory round trip whatever its size) and costs
+// a handshake more.
+constexpr uint64_t kMinStagedChunk = 32 << 10;
+// Rounds a lane's share of a message takes at least, where the chunks stay >= kMinStagedChunk:
+// a lane's receiver copies round j while its sender fills round j + 1, so with n rounds the two
+// copies overlap for n - 1 of n + 1 steps; with 4 the pipeline's fill and drain cost a quarter.
+constexpr uint64_t kMinRounds = 4;
 
-// The chunk size of a message of `bytes`: the fewest rounds of `lanes` slot-sized chunks that
-// hold it, its bytes spread evenly over every lane in those rounds (16-byte multiples keep vector
-// copies aligned), at least kMinStagedChunk, at most a slot. A function of the message's size and
+// The chunk size of a message of `bytes`: its bytes spread evenly over every lane in at least
+// kMinRounds rounds (more where slot-sized chunks need more), in 16-byte multiples (vector copies
+// stay aligned), at least kMinStagedChunk, at most a slot. A function of the message's size and
 // the group's layout only: its sender and its receiver cut it alike (the plan gives the
 // receiver's recv_rows[src] equal to the sender's send_rows[dst]).
 __device__ __forceinline__ uint64_t message_chunk_bytes(uint64_t bytes, const AllToAllVLayout& layout) {
   const uint64_t slot = layout.chunk_bytes, lanes = uint64_t(layout.lanes);
-  const uint64_t rounds = bytes == 0 ? 1 : (bytes + lanes * slot - 1) / (lanes * slot);
+  const uint64_t needed = (bytes + lanes * slot - 1) / (lanes * slot);
+  const uint64_t rounds = needed > kMinRounds ? needed : kMinRounds;
   const uint64_t even = ((bytes + lanes * rounds - 1) / (lanes * rounds) + 15) / 16 * 16;
   const uint64_t chunk = even > kMinStagedChunk ? even : kMinStagedChunk;
   return chunk < slot ? chunk : slot;
@@ -32,7 +39,9 @@ __device__ __forceinline__ uint32_t* flag_at(char* block, size_t offset) {
   return reinterpret_cast<uint32_t*>(block + offset);
 }
 
-__global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) {
+// The plan, by one block whose first kPlanThreads threads (one per rank) do the work: the plan
+// kernel, or block 0 of the one-launch call kernel.
+__device__ void plan(const AllToAllVParams& p) {
   const int t = threadIdx.x, R = p.num_ranks, me = p.rank;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   __shared__ int64_t splits[kMaxRanksPerNode];                     // this rank's
@@ -183,6 +192,44 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
   }
 }
 
+__global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) { plan(p); }
+
+// One launch: block 0 writes the plan, then raises this rank's "plan ready" flag (the last block
+// to finish clears it again).
+__device__ void publish_plan(const AllToAllVParams& p) {
+  __syncthreads();  // every thread's words of the plan are written
+  if (threadIdx.x == 0) {
+    __threadfence();
+    store_release(flag_at(p.blocks[p.rank], L::kPlanReady), 1);
+  }
+}
+
+// The other blocks of the launch wait for block 0's plan. Block 0 starts first (blocks go in index
+// order) and its own waits give up after the timeout, so a bound of twice that leaves the report
+// of a missing peer to block 0; this one fires only if block 0 never ran.
+__device__ bool await_plan(const AllToAllVParams& p) {
+  __shared__ int ready;
+  if (threadIdx.x == 0) {
+    const uint64_t now = now_ns(), bound = p.timeout_ns < (UINT64_MAX - now) / 2 ? 2 * p.timeout_ns : UINT64_MAX - now;
+    ready = wait_for(flag_at(p.blocks[p.rank], L::kPlanReady), 1, now + bound, p.abort);
+    if (!ready) atomicCAS(p.error, 0, 1 + p.rank);
+  }
+  __syncthreads();
+  return ready != 0;
+}
+
+// A word of the plan, read from L2: in the one launch another block wrote it during this kernel.
+__device__ __forceinline__ int64_t plan_word(const int64_t* word) { return __ldcg(word); }
+
+// A drained staging slot's lines leave L2 without being written back: the staged bytes then cost
+// HBM nothing (the sender's next fill allocates the lines afresh), where an eviction would write
+// them to memory. Whole 128-byte lines only (a slot starts on one; its tail line is the slot's too).
+__device__ __forceinline__ void discard_from_l2(char* slot, uint64_t bytes) {
+  if ((reinterpret_cast<uintptr_t>(slot) & 127) != 0) return;
+  for (uint64_t line = threadIdx.x; line < (bytes + 127) / 128; line += blockDim.x)
+    asm volatile("discard.global.L2 [%0], 128;" ::"l"(slot + line * 128) : "memory");
+}
+
 // The staged move's grid: a pair of blocks per (peer offset b, lane), kStagedRoles * R * lanes.
 constexpr int kStagedRoles = 2;
 __host__ __device__ __forceinline__ int staged_blocks(int num_ranks, int lanes) {
@@ -207,22 +254,23 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
   const int64_t* recv_offsets = p.plan + 3 * R;
   const uint64_t row_bytes = uint64_t(p.row_bytes);
   if (b == 0) {
-    const uint64_t bytes = uint64_t(recv_rows[me]) * row_bytes;
+    const uint64_t bytes = uint64_t(plan_word(recv_rows + me)) * row_bytes;
     // 16-byte multiples keep vector copies aligned; rounded up, so that fewer bytes than shares
     // still go (to the first)
     const int shares = kStagedRoles * lanes, share_index = lane * kStagedRoles + role;
     const uint64_t share = ((bytes + shares - 1) / shares + 15) / 16 * 16;
     const uint64_t from = share * share_index < bytes ? share * share_index : bytes;
     const uint64_t to = from + share < bytes ? from + share : bytes;
-    block_copy<kUnroll>(p.output + recv_offsets[me] * row_bytes + from,
-                        p.input + send_offsets[me] * row_bytes + from, to - from);
+    block_copy_call<kUnroll, kMoveThreads>(p.output + plan_word(recv_offsets + me) * row_bytes + from,
+                                           p.input + plan_word(send_offsets + me) * row_bytes + from, to - from,
+                                           StreamingLoad{}, StreamingStore{});
     return;
   }
   __shared__ int go;
   if (role == 0) {
     const int dst = (me + b) % R;
-    const uint64_t bytes = uint64_t(send_rows[dst]) * row_bytes;
-    const char* send = p.input + send_offsets[dst] * row_bytes;
+    const uint64_t bytes = uint64_t(plan_word(send_rows + dst)) * row_bytes;
+    const char* send = p.input + plan_word(send_offsets + dst) * row_bytes;
     // Each way's message has its own chunk size (message_chunk_bytes), the same on both its ends.
     const uint64_t chunk = message_chunk_bytes(bytes, p.layout), chunks = (bytes + chunk - 1) / chunk;
     // Round j puts chunk k = lane + j * lanes through this lane's slot j % 2.
@@ -235,7 +283,8 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
       __syncthreads();
       if (!go) return;
       const uint64_t from = k * chunk, n = bytes - from < chunk ? bytes - from : chunk;
-      block_copy<kUnroll>(p.blocks[dst] + p.layout.slot(me, lane, slot), send + from, n);
+      block_copy_call<kUnroll, kMoveThreads>(p.blocks[dst] + p.layout.slot(me, lane, slot), send + from, n,
+                                             StreamingLoad{}, PlainStore{});
       __syncthreads();  // every thread's stores are issued before the release below
       if (threadIdx.x == 0) {
         __threadfence_system();
@@ -244,8 +293,8 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
     }
   } else {
     const int src = (me + R - b) % R;
-    const uint64_t bytes = uint64_t(recv_rows[src]) * row_bytes;
-    char* recv = p.output + recv_offsets[src] * row_bytes;
+    const uint64_t bytes = uint64_t(plan_word(recv_rows + src)) * row_bytes;
+    char* recv = p.output + plan_word(recv_offsets + src) * row_bytes;
     const uint64_t chunk = message_chunk_bytes(bytes, p.layout), chunks = (bytes + chunk - 1) / chunk;
     for (uint64_t j = 0, k = lane; k < chunks; ++j, k += lanes) {
       const int slot = int(j % L::kSlots);
@@ -256,8 +305,11 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
       __syncthreads();
       if (!go) return;
       const uint64_t from = k * chunk, n = bytes - from < chunk ? bytes - from : chunk;
-      block_copy<kUnroll>(recv + from, p.blocks[me] + p.layout.slot(src, lane, slot), n, CachedGlobalLoad{});
-      __syncthreads();  // every thread has read the slot before it is handed back
+      char* staged = p.blocks[me] + p.layout.slot(src, lane, slot);
+      block_copy_call<kUnroll, kMoveThreads>(recv + from, staged, n, CachedGlobalLoad{}, StreamingStore{});
+      __syncthreads();  // every thread has read the slot before it is dropped and handed back
+      discard_from_l2(staged, n);
+      __syncthreads();
       if (threadIdx.x == 0) {
         __threadfence_system();
         store_release(flag_at(p.blocks[src], L::empty_flag(me, lane, slot)), 1);
@@ -270,15 +322,58 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_kernel(AllT
   staged_move(p, blockIdx.x);
 }
 
-// A group with a comm pool: one copy where the plan chose it (every block), else the staged move
-// (the first staged_blocks blocks; the others end at once).
-__global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(AllToAllVParams p) {
-  if (*reinterpret_cast<const volatile int64_t*>(p.pool_plan + PoolPlan::kDirect) != 0) {
-    pool::push<kUnroll>(p);
-    pool::finish(p);
-  } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) {
-    staged_move(p, blockIdx.x);
+__device__ __forceinline__ bool one_copy(const AllToAllVParams& p) {
+  return p.pool_plan != nullptr && plan_word(p.pool_plan + PoolPlan::kDirect) != 0;
+}
+
+// Every block at its end: the last of the grid to get here resets the counter `finished` (and
+// with `fused` the "plan ready" flag) for the next call, and after a one-copy move takes every
+// source's "done" flag (this rank's own included): the call ends once this rank's output is whole.
+__device__ void finish_call(const AllToAllVParams& p, size_t finished, bool fused) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t* count = flag_at(p.blocks[p.rank], finished);
+    __threadfence();  // block 0's plan is written before its count: the last block reads it
+    last = atomicAdd(count, 1u) + 1 == gridDim.x;
+    if (last) {
+      *reinterpret_cast<volatile uint32_t*>(count) = 0;
+      if (fused) *reinterpret_cast<volatile uint32_t*>(flag_at(p.blocks[p.rank], L::kPlanReady)) = 0;
+    }
   }
+  __syncthreads();
+  // Every block counted, block 0 after its plan: the plan is there to read.
+  if (last && one_copy(p)) pool::take_done(p);
+}
+
+// A group with a comm pool: one copy where the plan chose it (the first pool_workers blocks), else
+// the staged move (the first staged_blocks blocks); the others end at once.
+__global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(AllToAllVParams p) {
+  if (one_copy(p)) {
+    if (int(blockIdx.x) < p.pool_workers) pool::push<kUnroll, kMoveThreads>(p, blockIdx.x, p.pool_workers);
+  } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) staged_move(p, blockIdx.x);
+  finish_call(p, L::kPoolFinished, /*fused=*/false);
+}
+
+// A whole call in one launch: block 0 plans while the others wait for it, then the blocks move as
+// the move kernels above do (blocks 1..pool_workers copy a one-copy move: block 0 starts late).
+__global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllToAllVParams p) {
+  bool planned = true;
+  if (blockIdx.x == 0) {
+    plan(p);
+    publish_plan(p);
+  } else {
+    planned = await_plan(p);
+  }
+  if (planned) {
+    if (one_copy(p)) {
+      if (blockIdx.x > 0 && int(blockIdx.x) <= p.pool_workers)
+        pool::push<kUnroll, kMoveThreads>(p, blockIdx.x - 1, p.pool_workers);
+    } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) {
+      staged_move(p, blockIdx.x);
+    }
+  }
+  finish_call(p, L::kCallFinished, /*fused=*/true);
 }
 
 }  // namespace
@@ -304,7 +399,23 @@ cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int bloc
       params.layout.lanes < 1 || params.layout.lanes > L::kMaxLanes || params.pool_plan == nullptr)
     return cudaErrorInvalidValue;
   const int staged = staged_blocks(params.num_ranks, params.layout.lanes);
-  all_to_all_v_move_any_kernel<<<blocks > staged ? blocks : staged, kMoveThreads, 0, stream>>>(params);
+  AllToAllVParams p = params;
+  p.pool_workers = blocks > 0 ? blocks : 1;
+  all_to_all_v_move_any_kernel<<<p.pool_workers > staged ? p.pool_workers : staged, kMoveThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_all_to_all_v_call(const AllToAllVParams& params, int pool_blocks, cudaStream_t stream) {
+  if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0 ||
+      params.layout.lanes < 1 || params.layout.lanes > L::kMaxLanes)
+    return cudaErrorInvalidValue;
+  // The staged move's blocks, or block 0 (the plan) and `pool_blocks` for a one copy: which one
+  // runs is the plan's choice, made on the device.
+  const int staged = staged_blocks(params.num_ranks, params.layout.lanes);
+  AllToAllVParams p = params;
+  p.pool_workers = params.pool_plan != nullptr ? (pool_blocks > 0 ? pool_blocks : 1) : 0;
+  const int direct = p.pool_workers > 0 ? 1 + p.pool_workers : 0;
+  all_to_all_v_call_kernel<<<direct > staged ? direct : staged, kMoveThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -1,5 +1,5 @@
 // Launchers of the all_to_all_v kernels: the split sizes never leave the device. Torch-free: raw
-// pointers and one POD parameter struct for both kernels.
+// pointers and one POD parameter struct for every kernel.
 //
 // Each rank registers one block (CUDA IPC, mapped by every peer), laid out by AllToAllVLayout:
 //   records: per source rank, the record it published for this call (its splits, capacity, ...)
@@ -11,38 +11,50 @@
 // Flags go back to their initial values after every call (records: 0, full: 0, empty: 1), so
 // calls need no sequence numbers and a captured CUDA graph replays.
 //
-// A call is two launches on the caller's stream:
-//   plan (one block): wait until the record slot in each peer's block is free, write this rank's
+// A call is one launch on its stream (all_to_all_v without an output: two, see below):
+//   plan (block 0): wait until the record slot in each peer's block is free, write this rank's
 //     record there and raise its flag; wait for every peer's record here, read it, free the slot.
 //     Every rank then knows every rank's splits and capacity and computes the same plan: nothing
 //     moves if any rank's splits are invalid or the ranks disagree on the row size; nothing goes
 //     to a rank whose output would overflow. Writes output_splits, output_offsets and this
-//     rank's part of the plan.
+//     rank's part of the plan, then raises this rank's "plan ready" flag; the other blocks wait
+//     for it (bounded), then move. The last block to finish clears the flag and the counters.
+//     all_to_all_v with no output runs the plan alone (a kernel of one block), the host waits for
+//     the sizes and allocates the output, then the move alone (TORCH_EP_ALL_TO_ALL_ONE_LAUNCH=0:
+//     every call so).
 //   move (two blocks per peer offset b = 0..R-1 and lane): a message is cut into chunks, and
 //     chunk k travels in lane k % lanes, so each pair of ranks has `lanes` independent pipelines.
 //     Each message has its own chunk size, a function of its bytes and the layout alone (its
 //     sender and receiver agree on its bytes, so they cut it alike): its bytes spread evenly over
-//     every lane in the fewest rounds of slot-sized chunks, at least 32 KiB (what one block copies
-//     in one pass), at most a slot. So a message smaller than `lanes` slots still spreads over
-//     the lanes: with 16 lanes and 1 MiB slots, 128 KiB goes as 4 chunks of 32 KiB, 512 KiB as
-//     16 of 32 KiB, 8 MiB as 16 of 512 KiB, 20 MiB as 32 of 640 KiB.
+//     every lane in at least 4 rounds, chunks of at least 32 KiB (one pass of a block's loads
+//     costs a memory round trip whatever its size) and at most a slot. Lanes and slot are the
+//     group's (TORCH_EP_ALL_TO_ALL_LANES, _SLOT_BYTES; by default 32 lanes at 2 ranks, 8 at 4, 4
+//     at 8, and 128 KiB slots): 64 MiB at 2 ranks sends 32 MiB to the peer as 8 rounds of 128 KiB
+//     in each of 32 lanes, so the peer drains round j while round j + 1 fills.
 //     For (b, lane) a sender block sends to rank + b and a receiver block receives from
 //     rank - b, in rounds: the sender's round j puts its j-th chunk into its lane's slot j % 2 in
 //     the destination's block (after the destination drained round j - 2); the receiver's round
-//     j copies the source's j-th chunk of that lane into the output and hands the slot back. A
-//     send waits only on a round j - 2 receive, a receive on the round-j send: no cycle, and the
+//     j copies the source's j-th chunk of that lane into the output, drops the slot's lines from
+//     L2 unwritten (discard) and hands the slot back. The slots in use stay small enough for L2
+//     (16 MiB per rank at 2 ranks), so a staged byte costs HBM one read and one write, as in a
+//     single copy; the input is read and the output written evict-first, to leave L2 to them.
+//     A send waits only on a round j - 2 receive, a receive on the round-j send: no cycle, and the
 //     two copies of a round run at once. The blocks of b = 0 copy this rank's rows to itself.
 // Copies: two per byte between ranks (into staging, out of it), one within a rank.
-// One copy (groups with a comm pool, backend/kernels/all_to_all_pool.cu): each record also says
+// One copy (groups with a comm pool, backend/kernels/all_to_all_pool.cuh): each record also says
 // where the rank's output lies in its comm pool arena, which every peer has mapped since the pool
 // was created. When every rank that receives bytes has its output there, the plan says so on every
-// rank alike, the staged plan moves nothing, and the move kernel's blocks write each message
-// straight into its receiver's output; the last block of a message raises the receiver's "done"
-// flag for this source, and the receiver's last block takes every source's flag before the call
-// ends. Otherwise (some output outside the arenas) the same launch runs the staged move above.
+// rank alike, the staged plan moves nothing, and the blocks (but block 0) write each message
+// straight into its receiver's output, one contiguous piece of the call's bytes per block
+// (TORCH_EP_ALL_TO_ALL_POOL_BLOCKS of them, by default two per SM of this rank's share, less
+// one for the plan's block); the
+// last block of a message raises the receiver's "done" flag for this source, and the receiver's
+// last block takes every source's flag before the call ends. Otherwise (some output outside the
+// arenas) the same launch runs the staged move above.
 // Every wait is bounded by timeout_ns (and ends when *abort is set); one that gives up sets
-// *error = 1 + the peer (the transport's watchdog then fails the group, naming op, rank and peer). Problems of the call
-// itself (invalid splits, an overflowing output) go to *report, which the host raises later.
+// *error = 1 + the peer (the transport's watchdog then fails the group, naming op, rank and
+// peer). Problems of the call itself (invalid splits, an overflowing output) go to *report,
+// which the host raises later.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -72,17 +84,22 @@ struct AllToAllVLayout {
   static constexpr size_t kFlagsOffset = 32 << 10;
   static constexpr size_t kDataOffset = 64 << 10;
   static constexpr int kSlots = 2;
-  static constexpr int kMaxLanes = 16;
+  static constexpr int kMaxLanes = 32;
 
   uint64_t chunk_bytes;  // a staging slot: the largest chunk
   int lanes;             // pipelines per pair of ranks, 1..kMaxLanes
 
-  // Lanes for a group of `num_ranks`: the move kernel has 2 * num_ranks * lanes blocks (64 up to
-  // 16 ranks: a block moves ~20-30 GB/s, and large messages need a few dozen); more ranks sharing
-  // a GPU hold fewer SMs each.
+  // Lanes for a group of `num_ranks`: the move kernel has 2 * num_ranks * lanes blocks, two per
+  // SM of a rank's share of one GPU shared by `num_ranks` under MPS (132 SMs: 128 blocks at 2
+  // ranks, 64 up to 16): a block moves ~20-30 GB/s, and the pipelines' flag round trips are hidden
+  // only with many of them in flight.
   __host__ __device__ static int lanes_for(int num_ranks) {
-    return num_ranks <= 2 ? 16 : num_ranks <= 4 ? 8 : num_ranks <= 8 ? 4 : num_ranks <= 16 ? 2 : 1;
+    return num_ranks <= 2 ? 32 : num_ranks <= 4 ? 8 : num_ranks <= 8 ? 4 : num_ranks <= 16 ? 2 : 1;
   }
+  // The default staging slot: small enough that every slot in use stays in L2 between its fill and
+  // its drain (2 ranks x 32 lanes x 2 slots x 128 KiB = 16 MiB per rank), so a staged byte costs
+  // HBM one read and one write, as a one-copy byte does; large enough for 2 passes of a block.
+  static constexpr uint64_t kDefaultSlotBytes = 128 << 10;
 
   __host__ __device__ static size_t record(int src) { return size_t(src) * kRecordWords * sizeof(int64_t); }
   __host__ __device__ static size_t record_flag(int src) { return kFlagsOffset + size_t(src) * 4; }
@@ -103,7 +120,11 @@ struct AllToAllVLayout {
     return kFlagsOffset + 1024 + 2 * kLaneFlagsBytes + kMaxRanksPerNode * 4 + size_t(dst) * 4;
   }
   static constexpr size_t kPoolFinished = kFlagsOffset + 1024 + 2 * kLaneFlagsBytes + 2 * kMaxRanksPerNode * 4;
-  static constexpr size_t kFlagsBytes = 1024 + 2 * kLaneFlagsBytes + 2 * kMaxRanksPerNode * 4 + 4;  // every flag above
+  // One launch (plan and move fused): "the plan is written" (block 0 sets it, the last block to
+  // finish clears it), and this rank's blocks that finished the call (the last resets it).
+  static constexpr size_t kPlanReady = kPoolFinished + 4;
+  static constexpr size_t kCallFinished = kPoolFinished + 8;
+  static constexpr size_t kFlagsBytes = 1024 + 2 * kLaneFlagsBytes + 2 * kMaxRanksPerNode * 4 + 12;  // every flag above
   __host__ __device__ size_t slot(int src, int lane, int slot) const {
     return kDataOffset + ((size_t(src) * lanes + lane) * kSlots + slot) * chunk_bytes;
   }
@@ -163,6 +184,7 @@ struct AllToAllVParams {
   char* pool[kMaxRanksPerNode];   // rank r's comm pool arena as mapped here
   int64_t* pool_plan;             // [1 + 3R] device scratch: one copy (1) or staged (0); bytes for each
                                   // destination, their offset in its arena, their offset in input; or null
+  int pool_workers;               // the blocks that copy when it is one copy (the launchers set it)
 };
 
 // The plan's pool_plan, for the host (tests) and the move kernels.
@@ -179,5 +201,9 @@ cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t
 // The move of a group with a comm pool (params.pool_plan set): one copy where the plan chose it,
 // else the staged move. `blocks`: the grid when it is one copy (at least the staged move's).
 cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int blocks, cudaStream_t stream);
+// A whole call, plan and move, in one launch (params.output given): the staged move's grid, or
+// with params.pool_plan set 1 + `pool_blocks` blocks where that is more (a one-copy move by blocks
+// 1..pool_blocks; block 0 plans).
+cudaError_t launch_all_to_all_v_call(const AllToAllVParams& params, int pool_blocks, cudaStream_t stream);
 
 }  // namespace ep::kernels

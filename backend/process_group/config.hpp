@@ -28,6 +28,13 @@ struct Config {
   bool all_to_all_v_device = true;      // CUDA all_to_all_v keeps its splits on the device (its kernels)
   bool all_to_all_device = false;       // CUDA all_to_all_single on the same kernels: no host control
                                         // exchange, but staged (two copies): opt-in until it has a one-copy path
+  // The device protocol's kernels (CUDA all_to_all_v, and all_to_all_single on it); 0 = automatic.
+  int all_to_all_lanes = 0;             // staged move: pipelines per pair of ranks (the smallest over the ranks)
+  size_t all_to_all_slot_bytes = 0;     // staged move: a staging slot, the largest chunk (the smallest over
+                                        // the ranks; automatic: 128 KiB, less where cuda_buffer_bytes is)
+  int all_to_all_pool_blocks = 0;       // one-copy move: the blocks that copy (automatic: two per SM of this
+                                        // rank's share, less the plan's block)
+  bool all_to_all_one_launch = false;   // plan and move in one kernel launch (slower on one H200: two launches)
   bool force_remote = false;            // low-latency ops reach other nodes' ranks by NVSHMEM puts even
                                         // where they could map them (tests the path across nodes on one)
   bool internode_device = true;         // CUDA dispatch/combine across nodes driven by the device (NVSHMEM

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -27,12 +29,46 @@ using kernels::AllToAllVLayout;
 
 namespace {
 
-// Two staging slots per (source, lane): up to 1 MiB each, within the group's CUDA buffer size.
-uint64_t chunk_bytes_for(size_t buffer_bytes, int size, int lanes) {
-  constexpr uint64_t kAlign = 4096, kMax = 1 << 20;
-  const uint64_t chunk =
-      std::min<uint64_t>(buffer_bytes / (uint64_t(size) * lanes * AllToAllVLayout::kSlots), kMax);
+// Two staging slots per (source, lane): AllToAllVLayout::kDefaultSlotBytes each, less where the
+// group's CUDA buffer size is less; a slot set in the options as given. 4 KiB multiples.
+uint64_t chunk_bytes_for(const Config& config, int size, int lanes) {
+  constexpr uint64_t kAlign = 4096;
+  const uint64_t chunk = config.all_to_all_slot_bytes > 0
+                             ? config.all_to_all_slot_bytes
+                             : std::min<uint64_t>(config.cuda_buffer_bytes / (uint64_t(size) * lanes * AllToAllVLayout::kSlots),
+                                                  AllToAllVLayout::kDefaultSlotBytes);
   return std::max<uint64_t>(chunk / kAlign, 1) * kAlign;
+}
+
+// The SMs this rank may fill: the SM budget where one is set, else its MPS share of the GPU
+// (ranks sharing a GPU each hold CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of its SMs), else every SM.
+int sm_share(const Config& config, int device) {
+  int sms = 0;
+  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (config.num_sms > 0) return std::min(config.num_sms, sms);
+  const char* mps = std::getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
+  const int percent = mps ? std::atoi(mps) : 100;
+  return percent > 0 && percent < 100 ? std::max(1, (sms * percent + 99) / 100) : sms;
+}
+
+// The layout every rank uses: each rank's lanes and slot from its options, the smallest over the
+// ranks (the kernels of two ranks must cut a message alike).
+AllToAllVLayout agreed_layout(Rendezvous& rdv, const Config& config, const std::string& tag) {
+  const int size = rdv.size();
+  AllToAllVLayout mine{};
+  mine.lanes = config.all_to_all_lanes > 0 ? std::min(config.all_to_all_lanes, AllToAllVLayout::kMaxLanes)
+                                           : AllToAllVLayout::lanes_for(size);
+  mine.chunk_bytes = chunk_bytes_for(config, size, mine.lanes);
+  std::vector<uint8_t> bytes(sizeof(mine));
+  std::memcpy(bytes.data(), &mine, sizeof(mine));
+  AllToAllVLayout agreed = mine;
+  for (const std::vector<uint8_t>& theirs : rdv.all_gather(tag + "/layout", bytes)) {
+    AllToAllVLayout l{};
+    std::memcpy(&l, theirs.data(), std::min(theirs.size(), sizeof(l)));
+    agreed.lanes = std::min(agreed.lanes, l.lanes);
+    agreed.chunk_bytes = std::min(agreed.chunk_bytes, l.chunk_bytes);
+  }
+  return agreed;
 }
 
 }  // namespace
@@ -41,8 +77,8 @@ class AllToAllVState {
  public:
   AllToAllVState(Rendezvous& rdv, const Config& config, int device, const std::string& tag)
       : rank_(rdv.rank()), size_(rdv.size()) {
-    layout_.lanes = AllToAllVLayout::lanes_for(size_);
-    layout_.chunk_bytes = chunk_bytes_for(config.cuda_buffer_bytes, size_, layout_.lanes);
+    layout_ = agreed_layout(rdv, config, tag);
+    one_launch_ = config.all_to_all_one_launch;
     buffers_ = std::make_unique<PeerBuffers>(rdv, device, layout_.total_bytes(size_), tag + "/buffers");
     CudaTransportConfig cc;
     cc.device = device;
@@ -65,11 +101,10 @@ class AllToAllVState {
     EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&abort_host_), sizeof(int), cudaHostAllocMapped));
     *abort_host_ = 0;
     EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_device_), abort_host_, 0));
-    int sms = 0;
-    EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    // The one-copy move: two blocks of 512 threads per SM (its launch bounds), on the SM budget
-    // when one is set. Under MPS the blocks of the GPU's other ranks queue for their own SMs.
-    pool_blocks_ = 2 * (config.num_sms > 0 ? std::min(config.num_sms, sms) : sms);
+    // The one-copy move: one piece of the call per block; two blocks of 512 threads per SM of this
+    // rank's share (its launch bounds), the plan's block 0 of the one launch included.
+    pool_blocks_ = config.all_to_all_pool_blocks > 0 ? config.all_to_all_pool_blocks
+                                                     : std::max(1, 2 * sm_share(config, device) - 1);
     rdv.barrier(tag + "/ready");  // no peer writes our flags before they are initialised
   }
 
@@ -150,17 +185,26 @@ class AllToAllVState {
   }
 
   // Calls of this group run one after another whatever stream they are queued on (all_to_all_v
-  // on the caller's, all_to_all_single on the comm stream): every rank writes its records in
-  // call order, and two calls of one rank never share the blocks at once. `begin` makes
+  // on the caller's, all_to_all_single on the group's comm stream): every rank writes its records
+  // in call order, and two calls of one rank never share the blocks at once. `begin` makes
   // `stream` wait for the previous call; `end` marks this one. Inside a graph capture neither
   // (an event recorded outside cannot be waited on there; replays follow the graph's stream).
-  void begin(cudaStream_t stream) {
+  // `comm`: the group's comm stream, which lives as long as the group: a call there after one
+  // there needs no event (the stream orders them), and one elsewhere after it takes an event
+  // recorded on it then (which covers the earlier call, if later work too).
+  void begin(cudaStream_t stream, bool comm) {
     if (stream_capturing(stream)) return;
     if (!last_call_) EP_CUDA_CHECK(cudaEventCreateWithFlags(&last_call_, cudaEventDisableTiming));
-    else EP_CUDA_CHECK(cudaStreamWaitEvent(stream, last_call_, 0));
+    if (last_on_comm_ && comm && last_comm_ == stream) return;
+    if (last_on_comm_) EP_CUDA_CHECK(cudaEventRecord(last_call_, last_comm_));
+    if (last_on_comm_ || recorded_) EP_CUDA_CHECK(cudaStreamWaitEvent(stream, last_call_, 0));
   }
-  void end(cudaStream_t stream) {
-    if (!stream_capturing(stream)) EP_CUDA_CHECK(cudaEventRecord(last_call_, stream));
+  void end(cudaStream_t stream, bool comm) {
+    if (stream_capturing(stream)) return;
+    last_on_comm_ = comm;
+    last_comm_ = comm ? stream : nullptr;
+    if (!comm) EP_CUDA_CHECK(cudaEventRecord(last_call_, stream));
+    recorded_ = !comm;
   }
 
   // [6 kMaxRanksPerNode]: output_splits, output_offsets, plan; then the pool plan.
@@ -172,6 +216,7 @@ class AllToAllVState {
   }
   int64_t* pool_plan() { return scratch() + 6 * kernels::kMaxRanksPerNode; }
   int pool_blocks() const { return pool_blocks_; }
+  bool one_launch() const { return one_launch_; }
   std::shared_ptr<CudaTransport> shared_transport() const { return transport_; }
 
   void check_reports(int rank, const char* op) {
@@ -205,7 +250,11 @@ class AllToAllVState {
   int* abort_device_ = nullptr;
   Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: begin/end)
   int pool_blocks_ = 0;               // grid of the one-copy move
-  cudaEvent_t last_call_ = nullptr;   // recorded after the last call's kernels
+  bool one_launch_ = false;           // plan and move in one launch
+  cudaEvent_t last_call_ = nullptr;   // recorded after the last call's kernels (see begin)
+  bool recorded_ = false;             // last_call_ marks the last call
+  bool last_on_comm_ = false;         // the last call ran on last_comm_, the comm stream
+  cudaStream_t last_comm_ = nullptr;
 
 };
 
@@ -261,19 +310,20 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
       for (int r = 0; r < R; ++r) p.pool[r] = pool->arenas[r];
       p.pool_plan = state.pool_plan();
     }
-    state.begin(stream);
-    EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
-    if (pool) {
-      // About two chunks of at least 32 KiB per block (backend/kernels/all_to_all_pool.cuh): small
-      // calls launch fewer blocks. Ranks may launch different grids: none waits on a peer's count.
-      uint64_t sent = 0;
-      for (size_t b : send_bytes) sent += b;
-      const int blocks = int(std::min<uint64_t>(state.pool_blocks(), std::max<uint64_t>(1, sent / (64 << 10))));
-      EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, blocks, stream));
+    // One piece of at least 64 KiB per block of a one-copy move (backend/kernels/all_to_all_pool.cuh):
+    // small calls launch fewer blocks. Ranks may launch different grids: none waits on a peer's count.
+    uint64_t sent = 0;
+    for (size_t b : send_bytes) sent += b;
+    const int blocks = int(std::min<uint64_t>(state.pool_blocks(), std::max<uint64_t>(1, sent / (64 << 10))));
+    state.begin(stream, /*comm=*/true);
+    if (state.one_launch()) {
+      EP_CUDA_CHECK(kernels::launch_all_to_all_v_call(p, pool ? blocks : 0, stream));
     } else {
-      EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+      EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
+      if (pool) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, blocks, stream));
+      else EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
     }
-    state.end(stream);
+    state.end(stream, /*comm=*/true);
     std::vector<int> peers;
     for (int r = 0; r < R; ++r)
       if (r != rank) peers.push_back(r);
@@ -329,8 +379,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     p.output_splits = output_splits.data_ptr<int64_t>();
     p.output_offsets = output_offsets.data_ptr<int64_t>();
     p.plan = plan.data_ptr<int64_t>();
-    state.begin(stream);
-    EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
+    state.begin(stream, /*comm=*/false);
 
     Tensor output, staging;
     if (given) {
@@ -338,7 +387,14 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       // A strided output is filled through a contiguous copy of itself: rows past the received
       // ones go back unchanged, and nothing waits for the sizes.
       staging = output.is_contiguous() ? output : output.contiguous();
-    } else {
+      p.output = static_cast<char*>(staging.data_ptr());
+    }
+    // An output given: plan and move in one launch. Else the plan alone first: the host waits for
+    // its sizes to allocate the output.
+    const bool one_launch = given && state.one_launch();
+    if (one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_call(p, 0, stream));
+    else EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
+    if (!given) {
       const Tensor sizes = at::empty({R}, splits.options().device(at::kCPU).pinned_memory(true));
       EP_CUDA_CHECK(cudaMemcpyAsync(sizes.data_ptr(), p.output_splits, R * sizeof(int64_t), cudaMemcpyDeviceToHost,
                                     stream));
@@ -354,8 +410,8 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       output = staging = *allocated = at::empty(shape, in.options());
     }
     p.output = static_cast<char*>(staging.data_ptr());
-    EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
-    state.end(stream);
+    if (!one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+    state.end(stream, /*comm=*/false);
     if (!staging.is_same(output)) output.copy_(staging);
     std::vector<int> peers;
     for (int r = 0; r < R; ++r)
