@@ -226,15 +226,22 @@ def rank_chunk_edges(seed):
     device protocol's default 128 KiB staging slots (one call with a message of many rounds too),
     64 KiB and 4 KiB slots (the host protocol's chunks, cut from the same buffer sizes, likewise);
     outputs poisoned, compared bit for bit with the reference."""
-    rank = dist.get_rank()
     with chunk_edge_groups() as groups:
         for what, group, dtype, row_shape, rows, g in chunk_edge_cases(seed, groups):
-            in_splits, out_splits = rows[rank].tolist(), rows[:, rank].tolist()
-            inp = chunk_edge_input(sum(in_splits), dtype, row_shape, g)
-            out = poison_(torch.empty((sum(out_splits), *row_shape), dtype=dtype, device="cuda"))
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-            expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
-            assert same_bits(out, expected), f"{what}: output differs"
+            chunk_edge_call(group, dtype, row_shape, rows, g, what)
+
+
+def chunk_edge_call(group, dtype, row_shape, rows, g, what):
+    """One all_to_all_single of a chunk_edge_cases case into a poisoned output, checked bit for
+    bit against the reference; returns (input, output, expected output)."""
+    rank = dist.get_rank()
+    in_splits, out_splits = rows[rank].tolist(), rows[:, rank].tolist()
+    inp = chunk_edge_input(sum(in_splits), dtype, row_shape, g)
+    out = poison_(torch.empty((sum(out_splits), *row_shape), dtype=dtype, device="cuda"))
+    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+    expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
+    assert same_bits(out, expected), f"{what}: all_to_all_single output differs"
+    return inp, out, expected
 
 
 def test_messages_about_the_chunk_sizes(cuda_pool):
@@ -263,18 +270,13 @@ def rank_device_protocol_settings(seed):
         for name, options in KNOB_GROUPS.items():
             groups[name] = dist.new_group(pg_options=torch_ep.Options(all_to_all_device=True, **options))
         for what, group, dtype, row_shape, rows, g in chunk_edge_cases(seed, groups, large_groups=tuple(groups)):
-            in_splits, out_splits = rows[rank].tolist(), rows[:, rank].tolist()
-            inp = chunk_edge_input(sum(in_splits), dtype, row_shape, g)
-            out = poison_(torch.empty((sum(out_splits), *row_shape), dtype=dtype, device="cuda"))
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-            expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
-            assert same_bits(out, expected), f"{what}: all_to_all_single output differs"
+            inp, out, expected = chunk_edge_call(group, dtype, row_shape, rows, g, what)
             poison_(out)
             res = torch_ep.all_to_all_v(inp, rows[rank].cuda(), output=out, group=group)
             torch.cuda.synchronize()
             torch_ep.check_errors(group)
             assert same_bits(out, expected), f"{what}: all_to_all_v output differs"
-            assert res.output_splits.tolist() == out_splits, f"{what}: all_to_all_v output_splits"
+            assert res.output_splits.tolist() == rows[:, rank].tolist(), f"{what}: all_to_all_v output_splits"
     finally:
         for group in groups.values():
             dist.destroy_process_group(group)
