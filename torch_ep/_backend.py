@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from . import _C, sm_table
 from .options import Options
+
+_GLOO_CONNECT_TIMEOUT = timedelta(minutes=1)
 
 BACKEND_NAME = "ep"
 
@@ -42,7 +45,13 @@ def create_backend(dist_opts, pg_options) -> _C.ProcessGroupEP:
     config = options._to_config(dist_opts.timeout)
     config.launch_local_world_size = _launch_local_world_size(size)
 
-    cpu_backend = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, config.timeout)
+    # Gloo connects its pairs within its timeout: a short op timeout (TORCH_EP_TIMEOUT_S=3 in the
+    # fault tests) must not fail a group whose ranks start a few seconds apart on a loaded host,
+    # so it connects within at least a minute and then takes the op timeout.
+    connect = max(config.timeout, _GLOO_CONNECT_TIMEOUT)
+    cpu_backend = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, connect)
+    if connect != config.timeout and hasattr(cpu_backend, "_set_default_timeout"):
+        cpu_backend._set_default_timeout(config.timeout)
     cuda_backend = None
     if torch.cuda.is_available():
         ranks_per_gpu = _ranks_per_gpu(store, rank, size)
