@@ -183,6 +183,11 @@ if [ "$WHAT" = pending ]; then
     env TORCH_EP_TIMEOUT_S=20 "${envs[@]}" timeout -s INT "$limit" python3 -m pytest -o faulthandler_timeout=$((limit - 8)) \
       "$@" -q -ra > "$LOGS/pending_$name.log" 2>&1 || STATUS=1
     grep -v "^\[rank\|^  " "$LOGS/pending_$name.log" | tail -12 >> "$SUMMARY"
+    # A step cut by its bound can leave its ranks (the test pool's spawned processes) spinning
+    # on the GPU, where they would disturb the next steps' timings.
+    if pkill -f "multiprocessing.spawn" 2> /dev/null; then
+      echo "(pending: $name left ranks running; killed)" >> "$SUMMARY"; sleep 2
+    fi
   }
   # Steps (TORCH_EP_PENDING_STEPS picks, in this order): internode (the device route across nodes,
   # every test at 2x2), pool (torch_ep.comm_pool's tests with the all_to_all and all_to_all_v
