@@ -17,14 +17,7 @@ from ..moe import _along, _combine_along, _layout, _new_route, _split_payload
 from ..options import Options
 from ..types import MAX_MATRIX_RANKS, DispatchHandle, DispatchLayout, LowLatencyHandle
 from .utils import (Config, EventHandle, EventOverlap, _check_config, _done_event, _Handle, _HostCounts, _Lazy, _native,
-                    _pack_ue8m0, _positive_int, _tensors, _unpack_bias)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`, copied in stream order (no host wait)."""
-    if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+                    _pack_ue8m0, _positive_int, _PrefixHandle, _tensors, _to_device, _unpack_bias)
 
 
 # What each call's result holds for _launch to record on a side stream (_tensors flattens it).
@@ -337,9 +330,15 @@ class Buffer:
         out, native, _ = _new_route(x_data, x_scales, topk_idx, topk_weights, num_experts, num_worst_tokens,
                                     self._ep_group_name, self.group_size, layout_meta, layout_header)
         host = _HostCounts(native)
-        made = self._make_handle(native, host, is_token_in_rank, num_tokens_per_rank, x_data.device)
+        made = self._make_handle(native, host, is_token_in_rank, num_tokens_per_rank)
+        if num_worst_tokens > 0:
+            per_expert = []
+        elif expert_alignment == 1:  # host.per_expert(1), without the call
+            per_expert = host.values[host.per_expert_start:host.matrix_start]
+        else:
+            per_expert = host.per_expert(expert_alignment)
         return (out[0] if x_scales is None else (out[0], out[1]), out[2], out[3] if topk_weights is not None else None,
-                [] if num_worst_tokens > 0 else host.per_expert(expert_alignment), made)
+                per_expert, made)
 
     def _cached(self, x_data, x_scales, native):
         out, _ = _along(x_data, x_scales, native, self._ep_group_name)  # the native dispatch(x, handle=native)
@@ -356,29 +355,36 @@ class Buffer:
         self._cuda_exchange_ready = True
 
     def _make_handle(self, native: DispatchHandle, host: "_HostCounts", is_token_in_rank: torch.Tensor,
-                     num_tokens_per_rank: torch.Tensor, device: torch.device) -> _Handle:
+                     num_tokens_per_rank: torch.Tensor, device: Optional[torch.device] = None) -> _Handle:
+        """DeepEP's handle of a dispatch; its tensors go to `device` (default: the dispatch's, as
+        native.meta's: the op checks that they agree), worked out only where one is made now."""
         r = self.group_size
         if host.internode:
             def prefix():  # rows received from ranks 0..i; None where only the device knows them
                 recv = native.counts[2 + r:2 + 2 * r]
-                return _to_device(recv.cumsum(0).to(torch.int32), device) if bool((recv >= 0).all()) else None
+                to = device if device is not None else native.meta.device
+                return _to_device(recv.cumsum(0).to(torch.int32), to) if bool((recv >= 0).all()) else None
             return _Handle((is_token_in_rank, None, None, None, None, None, None, None, None, None), native,
                            {6: _Lazy(prefix)})
         matrix = self._rank_prefix_matrix(native, host, num_tokens_per_rank, device)
-        if isinstance(matrix, _Lazy):
-            return _Handle((None, None, None, None, is_token_in_rank, None), native, {0: matrix})
+        if matrix is _PrefixHandle:  # the common case: made when read, by the handle itself
+            made = tuple.__new__(_PrefixHandle, (None, None, None, None, is_token_in_rank, None))
+            made.native = native  # _Handle.__new__'s work without its frame; _lazy comes when read
+            return made
         return _Handle((matrix, None, None, None, is_token_in_rank, None), native)
 
     def _rank_prefix_matrix(self, native: DispatchHandle, host: "_HostCounts", num_tokens_per_rank: torch.Tensor,
-                            device: torch.device) -> Union[torch.Tensor, _Lazy]:
+                            device: Optional[torch.device] = None) -> Union[torch.Tensor, type]:
         """[R, R] int32, [i][j] = rows rank j receives from ranks 0..i: every rank's send counts,
         summed down the sources. The handle holds them where the dispatch's records carried them
-        (groups of up to 32 ranks, sizes on the host): the matrix is then made when first read.
-        Else they are gathered now, on every rank (all_to_all_single of the counts to every rank,
-        on torch_ep's own transport: a collective cannot wait for a read that some ranks never do)."""
+        (groups of up to 32 ranks, sizes on the host): the matrix is then made when first read
+        (returns _PrefixHandle, the handle that does so). Else they are gathered now, on every
+        rank (all_to_all_single of the counts to every rank, on torch_ep's own transport: a
+        collective cannot wait for a read that some ranks never do)."""
         r = self.group_size
-        if r <= MAX_MATRIX_RANKS and host.sizes_on_host:
-            return _Lazy(lambda: _to_device(native.send_matrix.cumsum(0).to(torch.int32), device))
+        if r <= MAX_MATRIX_RANKS and host.values[2] >= 0:  # host.sizes_on_host, without the property
+            return _PrefixHandle
+        device = device if device is not None else native.meta.device
         sent = native.send_matrix
         if sent is None:
             send = native.counts[2:2 + r]
