@@ -150,16 +150,27 @@ class _Combine(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------- public API
 
+# The ops, looked up once: each torch.ops.ep.<op> is two attribute lookups through the op
+# namespaces' Python (about 0.5 us a call).
+_layout_op, _dispatch_op, _combine_op = torch.ops.ep.get_dispatch_layout, torch.ops.ep.dispatch, torch.ops.ep.combine
+
+
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group=None) -> DispatchLayout:
     """Where each token of `topk_idx` [N, K] goes: tokens per rank, token-expert pairs per expert,
     and is_token_in_rank [N, R]. Local: no communication. Passing the result to
     dispatch(layout=) spares dispatch its own layout step (DeepEP's calling convention)."""
-    size = dist.get_world_size(_group(group))
+    g = _group(group)
+    # The group's own size() (dist.get_world_size costs ~3 us a call): the same number for a
+    # ProcessGroup; the non-member placeholder takes get_world_size's -1 as before.
+    return _layout(topk_idx, num_experts, g.size() if isinstance(g, dist.ProcessGroup) else dist.get_world_size(g))
+
+
+def _layout(topk_idx: torch.Tensor, num_experts: int, size: int) -> DispatchLayout:
+    """get_dispatch_layout on a group of `size` ranks (torch_ep.deep_ep's Buffer knows its size)."""
     # On CUDA the kernel also writes the sizes to pinned host memory, so that a dispatch with this
     # layout reads them there (no copy, event or stream wait); not inside a trace or a capture.
     host_header = topk_idx.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
-    per_rank, per_expert, in_rank, meta, header = torch.ops.ep.get_dispatch_layout(topk_idx, num_experts, size,
-                                                                                  host_header)
+    per_rank, per_expert, in_rank, meta, header = _layout_op(topk_idx, num_experts, size, host_header)
     return DispatchLayout(per_rank, per_expert, in_rank, meta, header if host_header else None)
 
 
@@ -178,8 +189,8 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
     accepted for DeepEP-style call sites; the op computes its own routing table in any case.
     """
     g = _group(group)
-    size = g.size()
-    x_data, x_scales = _split_payload(x)
+    size, name = g.size(), g.group_name
+    x_data, x_scales = (x, None) if isinstance(x, torch.Tensor) else _split_payload(x)
     if expert_alignment < 1:
         raise ValueError(f"expert_alignment must be >= 1, got {expert_alignment}")
     if handle is not None:
@@ -188,42 +199,62 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
                             f"{type(handle).__name__}")
         if topk_idx is not None or topk_weights is not None:
             raise ValueError("give either topk_idx (a new route) or handle (an earlier route), not both")
-        if handle.group_name != g.group_name:
-            raise ValueError(f"handle: it was made on group {handle.group_name!r}, not on this call's group "
-                             f"{g.group_name!r}")
-        if num_experts is not None and num_experts != handle.num_experts:
-            raise ValueError(f"num_experts={num_experts} differs from the handle's {handle.num_experts}")
-        if x_data.dim() >= 1 and x_data.shape[0] != handle.num_tokens:
-            raise ValueError(f"x: the handle routes {handle.num_tokens} tokens but x has {x_data.shape[0]} rows")
-        num_experts = handle.num_experts
-        meta, counts, num_worst_tokens = handle.meta, handle.counts, handle.num_worst_tokens
-    else:
-        if topk_idx is None or num_experts is None:
-            raise ValueError("dispatch needs topk_idx and num_experts, or the handle of an earlier dispatch")
-        meta = counts = None
-        if layout is not None and tuple(layout.is_token_in_rank.shape) != (topk_idx.shape[0], size):
+        outputs, work = _along(x_data, x_scales, handle, name, num_experts, async_op)
+        return DispatchResult(outputs[0] if x_scales is None else (outputs[0], outputs[1]), None, None, None,
+                              handle, work, expert_alignment)
+    if topk_idx is None or num_experts is None:
+        raise ValueError("dispatch needs topk_idx and num_experts, or the handle of an earlier dispatch")
+    layout_meta = layout_header = None
+    if layout is not None:
+        if layout.is_token_in_rank.shape != (topk_idx.shape[0], size):  # a torch.Size is a tuple
             raise ValueError(f"layout: its is_token_in_rank has shape {tuple(layout.is_token_in_rank.shape)}, "
                              f"expected {(topk_idx.shape[0], size)}; was it made for this topk_idx?")
-    layout_meta = layout.meta if (layout is not None and handle is None) else None
-    layout_header = layout.header if layout_meta is not None else None
+        layout_meta = layout.meta
+        layout_header = layout.header if layout_meta is not None else None
+    outputs, handle, work = _new_route(x_data, x_scales, topk_idx, topk_weights, num_experts, num_worst_tokens, name,
+                                       size, layout_meta, layout_header, async_op)
+    return DispatchResult(outputs[0] if x_scales is None else (outputs[0], outputs[1]), outputs[2],
+                          outputs[3] if topk_weights is not None else None, None, handle, work, expert_alignment)
 
+
+def _along(x_data, x_scales, handle: DispatchHandle, name: str, num_experts=None, async_op=False):
+    """dispatch along `handle` (a DispatchHandle) on the group named `name`, after the checks that
+    it belongs there and routes x's rows: (the op's six outputs, work). torch_ep.deep_ep's
+    cached dispatch calls it too."""
+    if handle.group_name != name:
+        raise ValueError(f"handle: it was made on group {handle.group_name!r}, not on this call's group "
+                         f"{name!r}")
+    if num_experts is not None and num_experts != handle.num_experts:
+        raise ValueError(f"num_experts={num_experts} differs from the handle's {handle.num_experts}")
+    if x_data.dim() >= 1 and x_data.shape[0] != handle.num_tokens:
+        raise ValueError(f"x: the handle routes {handle.num_tokens} tokens but x has {x_data.shape[0]} rows")
+    return _issue_dispatch(x_data, x_scales, None, None, handle.meta, handle.counts, handle.num_experts,
+                           handle.num_worst_tokens, name, None, None, async_op)
+
+
+def _new_route(x_data, x_scales, topk_idx, topk_weights, num_experts, num_worst_tokens, name, size, layout_meta,
+               layout_header, async_op=False):
+    """dispatch along a new route, its arguments checked: (the op's six outputs, the handle, work).
+    torch_ep.deep_ep's Buffer calls it after its own checks (the same, on DeepEP's arguments)."""
+    outputs, work = _issue_dispatch(x_data, x_scales, topk_idx, topk_weights, None, None, num_experts,
+                                    num_worst_tokens, name, layout_meta, layout_header, async_op)
+    handle = DispatchHandle(name, size, num_experts, x_data.shape[0],
+                            layout_meta if layout_meta is not None else outputs[4], outputs[5], num_worst_tokens)
+    return outputs, handle, work
+
+
+def _issue_dispatch(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens, name,
+                    layout_meta, layout_header, async_op):
     # autograd.Function costs tens of microseconds per call: only where a gradient can flow.
-    op = _Dispatch.apply if _needs_grad(x_data, topk_weights) else torch.ops.ep.dispatch
-
-    def call():
-        return op(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens, g.group_name,
-                  layout_meta, layout_header)
-
-    (recv_x, recv_scales, recv_idx, recv_w, new_meta, new_counts), work = _run(
-        call, [x_data, x_scales, topk_idx, topk_weights, meta], async_op)
-    if handle is None:
-        handle = DispatchHandle(g.group_name, size, num_experts, x_data.shape[0],
-                                layout_meta if layout_meta is not None else new_meta, new_counts, num_worst_tokens)
-    return DispatchResult(
-        recv_x=(recv_x, recv_scales) if x_scales is not None else recv_x,
-        recv_topk_idx=recv_idx if topk_idx is not None else None,
-        recv_topk_weights=recv_w if topk_weights is not None else None,
-        num_recv_tokens_per_expert=None, handle=handle, work=work, expert_alignment=expert_alignment)
+    if torch.is_grad_enabled() and (x_data.requires_grad or (topk_weights is not None and topk_weights.requires_grad)):
+        op = _Dispatch.apply
+    else:
+        op = _dispatch_op
+    if not async_op:
+        return op(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens, name,
+                  layout_meta, layout_header), None
+    return _run(lambda: op(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens,
+                           name, layout_meta, layout_header), [x_data, x_scales, topk_idx, topk_weights, meta], True)
 
 
 def combine(x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None, *, group=None,
@@ -233,18 +264,23 @@ def combine(x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torc
     g = _group(group)
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle: expected the DispatchHandle of a torch_ep dispatch, got {type(handle).__name__}")
-    if handle.group_name != g.group_name:
-        raise ValueError(f"handle: it was made on group {handle.group_name!r}, not on this call's group "
-                         f"{g.group_name!r}")
-
-    def call():
-        if _needs_grad(x, topk_weights):
-            return _Combine.apply(x, topk_weights, handle.meta, handle.counts, handle.num_experts,
-                                  handle.num_worst_tokens, g.group_name)
-        return torch.ops.ep.combine(x, topk_weights, handle.meta, handle.counts, handle.num_experts, g.group_name)
-
-    (combined, combined_w), work = _run(call, [x, topk_weights], async_op)
+    (combined, combined_w), work = _combine_along(x, handle, topk_weights, g.group_name, async_op)
     return CombineResult(combined, combined_w if topk_weights is not None else None, work)
+
+
+def _combine_along(x, handle: DispatchHandle, topk_weights, name: str, async_op=False):
+    """combine along `handle` (a DispatchHandle) on the group named `name`, after the check that it
+    belongs there: (the op's two outputs, work). torch_ep.deep_ep's combine calls it too."""
+    if handle.group_name != name:
+        raise ValueError(f"handle: it was made on group {handle.group_name!r}, not on this call's group "
+                         f"{name!r}")
+    # autograd.Function costs tens of microseconds per call: only where a gradient can flow.
+    if torch.is_grad_enabled() and (x.requires_grad or (topk_weights is not None and topk_weights.requires_grad)):
+        op, args = _Combine.apply, (x, topk_weights, handle.meta, handle.counts, handle.num_experts,
+                                    handle.num_worst_tokens, name)
+    else:
+        op, args = _combine_op, (x, topk_weights, handle.meta, handle.counts, handle.num_experts, name)
+    return _run(lambda: op(*args), [x, topk_weights], True) if async_op else (op(*args), None)
 
 
 # ------------------------------------------------------------------------------- fake kernels

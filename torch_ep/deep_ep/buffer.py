@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import weakref
+from functools import partial
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -12,18 +13,33 @@ from .._backend import BACKEND_NAME, get_backend
 from ..low_latency import low_latency_combine as _ll_combine
 from ..low_latency import low_latency_combine_buffer
 from ..low_latency import low_latency_dispatch as _ll_dispatch
-from ..moe import combine as _combine, dispatch as _dispatch, get_dispatch_layout as _get_dispatch_layout
+from ..moe import _along, _combine_along, _layout, _new_route, _split_payload
 from ..options import Options
 from ..types import MAX_MATRIX_RANKS, DispatchHandle, DispatchLayout, LowLatencyHandle
 from .utils import (Config, EventHandle, EventOverlap, _check_config, _done_event, _Handle, _HostCounts, _Lazy, _native,
-                    _pack_ue8m0, _positive_int, _tensors, _unpack_bias)
+                    _pack_ue8m0, _positive_int, _PrefixHandle, _tensors, _to_device, _unpack_bias)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`, copied in stream order (no host wait)."""
-    if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+# What each call's result holds for _launch to record on a side stream (_tensors flattens it).
+def _itself(result):
+    return result
+
+
+def _first(result):
+    return result[0]
+
+
+def _layout_tensors(result):  # get_dispatch_layout: (DispatchLayout, tokens per node)
+    layout, per_node = result
+    return layout.num_tokens_per_rank, layout.num_tokens_per_expert, layout.is_token_in_rank, layout.meta, per_node
+
+
+def _made_tensors(result):  # dispatch: (recv_x, recv_topk_idx, recv_topk_weights, counts list, handle)
+    return result[0], result[1], result[2], result[4]
+
+
+def _ll_dispatch_tensors(result):  # low_latency_dispatch: (recv_x, recv_count, handle, hook)
+    return result[0], result[1], result[2]
 
 
 class Buffer:
@@ -58,6 +74,7 @@ class Buffer:
         self.low_latency_mode, self.explicitly_destroy, self.enable_shrink = low_latency_mode, explicitly_destroy, False
         self.ep_group = group if dist.get_backend(group) == BACKEND_NAME else _ep_group_over(group)
         self.runtime = get_backend(self.ep_group)
+        self._ep_group_name = self.ep_group.group_name  # fixed for the group's life, as ep_group is for ours
         self._num_nodes, self._ranks_per_node = self.runtime.num_nodes, self.runtime.ranks_per_node
         self._comm_streams: dict = {}
         # get_dispatch_layout's routing tables by id(is_token_in_rank), for dispatch(layout=): each entry
@@ -147,24 +164,30 @@ class Buffer:
 
     # ------------------------------------------------------------------ streams
 
-    def _launch(self, device: torch.device, fn: Callable, inputs: Sequence, previous_event, async_finish: bool,
-                allocate_on_comm_stream: bool, on_comm_stream: bool = True):
-        """Runs fn() -> (result, outputs) with DeepEP's stream semantics; returns (result, EventOverlap)."""
+    def _launch(self, like: torch.Tensor, fn: Callable, outputs: Callable, inputs: Sequence, previous_event,
+                async_finish: bool, allocate_on_comm_stream: bool, on_comm_stream: bool = True):
+        """Runs fn() with DeepEP's stream semantics on the device of `like`; returns (fn's result,
+        EventOverlap). outputs(result) lists the tensors it made, asked for only where a side stream
+        must record them (the common call builds no such list)."""
+        if previous_event is None and not async_finish:
+            # The common call, on any device: on the current stream, ordered as DeepEP's comm stream
+            # would order it (after the current stream's work, and the current stream waits for it),
+            # at the native API's cost: no cross-stream waits, and outputs the allocator reuses in
+            # stream order (record_stream would hold them back).
+            if allocate_on_comm_stream:
+                raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True (as DeepEP)")
+            return fn(), EventOverlap()
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True (as DeepEP)")
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
             raise TypeError(f"previous_event: expected an EventOverlap, got {type(previous_event).__name__}")
+        device = like.device
         if device.type != "cuda":
             if previous_event is not None and previous_event.event is not None:
                 previous_event.event._host_wait()
-            result, _ = fn()
-            return result, EventOverlap(_done_event()) if async_finish else EventOverlap()
-        if not on_comm_stream or (previous_event is None and not async_finish):
-            # Ordered as DeepEP's comm stream would order it (after the current stream's work, and
-            # the current stream waits for it), at the native API's cost: no cross-stream waits,
-            # and outputs the allocator reuses in stream order (record_stream would hold them back).
-            result, _ = fn()
-            return result, EventOverlap()
+            return fn(), EventOverlap(_done_event()) if async_finish else EventOverlap()
+        if not on_comm_stream:
+            return fn(), EventOverlap()
         compute = torch.cuda.current_stream(device)
         comm = self._comm_stream(device)
         if previous_event is not None and previous_event.event is not None:
@@ -172,8 +195,8 @@ class Buffer:
         else:
             comm.wait_stream(compute)
         with torch.cuda.stream(comm):
-            result, outputs = fn()
-        outputs = _tensors(outputs)
+            result = fn()
+        outputs = _tensors(outputs(result))
         if not allocate_on_comm_stream:
             for t in outputs:
                 if t.is_cuda:
@@ -193,22 +216,25 @@ class Buffer:
                             allocate_on_comm_stream: bool = False):
         """(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [nodes] int32 or None on one node,
         num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool, EventOverlap)."""
-        self._check_alive("get_dispatch_layout")
-
-        def run():
-            layout = _get_dispatch_layout(topk_idx, num_experts, group=self.ep_group)
-            per_node = None
-            if self._num_nodes > 1:
-                n = layout.is_token_in_rank.shape[0]
-                per_node = layout.is_token_in_rank.view(n, self._num_nodes, self._ranks_per_node).any(2).sum(
-                    0, dtype=torch.int32)
-            return (layout, per_node), [layout.num_tokens_per_rank, layout.num_tokens_per_expert,
-                                        layout.is_token_in_rank, layout.meta, per_node]
-
-        (layout, per_node), event = self._launch(topk_idx.device, run, [topk_idx], previous_event, async_finish,
-                                                 allocate_on_comm_stream)
+        if self.runtime is None:
+            self._check_alive("get_dispatch_layout")
+        if previous_event is None and not async_finish and not allocate_on_comm_stream:
+            (layout, per_node), event = self._layout(topk_idx, num_experts), EventOverlap()  # _launch's common call
+        else:
+            (layout, per_node), event = self._launch(topk_idx, partial(self._layout, topk_idx, num_experts),
+                                                     _layout_tensors, [topk_idx], previous_event, async_finish,
+                                                     allocate_on_comm_stream)
         self._remember(layout)
         return layout.num_tokens_per_rank, per_node, layout.num_tokens_per_expert, layout.is_token_in_rank, event
+
+    def _layout(self, topk_idx: torch.Tensor, num_experts: int):
+        layout = _layout(topk_idx, num_experts, self.group_size)  # the native get_dispatch_layout on ep_group
+        per_node = None
+        if self._num_nodes > 1:
+            n = layout.is_token_in_rank.shape[0]
+            per_node = layout.is_token_in_rank.view(n, self._num_nodes, self._ranks_per_node).any(2).sum(
+                0, dtype=torch.int32)
+        return layout, per_node
 
     def _remember(self, layout: DispatchLayout) -> None:
         key, layouts = id(layout.is_token_in_rank), self._layouts
@@ -229,13 +255,19 @@ class Buffer:
         (a cached route) the middle four are None. recv_x is [M, H] (or the fp8 pair), rows by
         source rank then source token order; recv_topk_idx holds local expert ids, -1 elsewhere.
         num_worst_tokens > 0: M = num_worst_tokens and the list is empty (DeepEP's contract)."""
-        self._check_alive("dispatch")
-        _check_config(config)
-        _positive_int("num_worst_tokens", num_worst_tokens, 0)
-        x_data = x[0] if isinstance(x, (tuple, list)) else x
-        if not isinstance(x_data, torch.Tensor):
-            raise TypeError(f"x: expected a tensor or the fp8 pair (x, scales), got {type(x).__name__}")
-        group = self.ep_group
+        if self.runtime is None:
+            self._check_alive("dispatch")
+        if config is not None:
+            _check_config(config)
+        if type(num_worst_tokens) is not int or num_worst_tokens < 0:  # the common int checked inline
+            _positive_int("num_worst_tokens", num_worst_tokens, 0)
+        # A tensor first: a failed isinstance on a tensor looks up its __class__ (~0.1 us each).
+        if isinstance(x, torch.Tensor):
+            x_data = x
+        else:
+            x_data = x[0] if isinstance(x, (tuple, list)) else x
+            if not isinstance(x_data, torch.Tensor):
+                raise TypeError(f"x: expected a tensor or the fp8 pair (x, scales), got {type(x).__name__}")
         if handle is not None:
             native = _native(handle, DispatchHandle)
             if topk_idx is not None or topk_weights is not None:
@@ -243,13 +275,16 @@ class Buffer:
             if num_worst_tokens not in (0, native.num_worst_tokens):
                 raise ValueError(f"num_worst_tokens={num_worst_tokens}: the handle's dispatch had "
                                  f"{native.num_worst_tokens}; a cached dispatch keeps its route's sizes")
+            # The native dispatch(x, handle=native) past its checks of the rest.
+            x_data, x_scales = (x, None) if x_data is x else _split_payload(x)
+            if expert_alignment < 1:
+                raise ValueError(f"expert_alignment must be >= 1, got {expert_alignment}")
 
-            def run_cached():
-                d = _dispatch(x, handle=native, expert_alignment=expert_alignment, group=group)
-                return d.recv_x, d.recv_x
-
-            recv_x, event = self._launch(x_data.device, run_cached, [x], previous_event, async_finish,
-                                         allocate_on_comm_stream)
+            if previous_event is None and not async_finish and not allocate_on_comm_stream:
+                # _launch's common call, without the call
+                return self._cached(x_data, x_scales, native), None, None, None, None, EventOverlap()
+            recv_x, event = self._launch(x_data, partial(self._cached, x_data, x_scales, native), _itself, [x],
+                                         previous_event, async_finish, allocate_on_comm_stream)
             return recv_x, None, None, None, None, event
 
         if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
@@ -261,33 +296,53 @@ class Buffer:
         if topk_idx is None:
             raise ValueError("topk_idx: torch_ep routes tokens by their top-k expert ids; dispatch needs topk_idx "
                              "(is_token_in_rank alone is not supported)")
-        num_experts = num_tokens_per_expert.numel()
-        n = topk_idx.shape[0] if topk_idx.dim() >= 1 else -1
-        if num_tokens_per_rank.numel() != self.group_size:
-            raise ValueError(f"num_tokens_per_rank must have {self.group_size} entries (one per rank), got "
+        num_experts, size, shape = num_tokens_per_expert.numel(), self.group_size, topk_idx.shape
+        n = shape[0] if shape else -1
+        if num_tokens_per_rank.numel() != size:
+            raise ValueError(f"num_tokens_per_rank must have {size} entries (one per rank), got "
                              f"{num_tokens_per_rank.numel()}")
-        if tuple(is_token_in_rank.shape) != (n, self.group_size):
-            raise ValueError(f"is_token_in_rank must have shape [{n}, {self.group_size}] (tokens, ranks), got "
+        if is_token_in_rank.shape != (n, size):
+            raise ValueError(f"is_token_in_rank must have shape [{n}, {size}] (tokens, ranks), got "
                              f"{list(is_token_in_rank.shape)}")
+        # The native dispatch's own checks of what it is given here (the rest hold by the above).
+        x_data, x_scales = (x, None) if x_data is x else _split_payload(x)
+        if expert_alignment < 1:
+            raise ValueError(f"expert_alignment must be >= 1, got {expert_alignment}")
         entry = self._layouts.get(id(is_token_in_rank))
-        cached = entry[1] if entry is not None and entry[0]() is is_token_in_rank else None
-        layout = DispatchLayout(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, *cached) if cached \
-            else None
+        layout_meta, layout_header = entry[1] if entry is not None and entry[0]() is is_token_in_rank else (None, None)
 
         if x_data.is_cuda:
             self._ready_cuda_exchange(x_data.device)
 
-        def run():
-            d = _dispatch(x, topk_idx, topk_weights, num_experts=num_experts, group=group, layout=layout,
-                          expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
-            host = _HostCounts(d.handle)
-            made = self._make_handle(d.handle, host, is_token_in_rank, num_tokens_per_rank, x_data.device)
-            return (d, host, made), [d.recv_x, d.recv_topk_idx, d.recv_topk_weights, made]
+        args = (x_data, x_scales, topk_idx, topk_weights, num_experts, num_worst_tokens, expert_alignment,
+                is_token_in_rank, num_tokens_per_rank, layout_meta, layout_header)
+        if previous_event is None and not async_finish and not allocate_on_comm_stream:
+            return (*self._route(*args), EventOverlap())  # _launch's common call, without the call
+        result, event = self._launch(x_data, partial(self._route, *args), _made_tensors, [x, topk_idx, topk_weights],
+                                     previous_event, async_finish, allocate_on_comm_stream)
+        return (*result, event)
 
-        (d, host, made), event = self._launch(x_data.device, run, [x, topk_idx, topk_weights], previous_event,
-                                              async_finish, allocate_on_comm_stream)
-        per_expert = [] if num_worst_tokens > 0 else host.per_expert(expert_alignment)
-        return d.recv_x, d.recv_topk_idx, d.recv_topk_weights, per_expert, made, event
+    # dispatch's work past its checks. Methods, not closures: a closure over a dozen of dispatch's
+    # variables costs more to make (~0.5 us) than the call.
+    def _route(self, x_data, x_scales, topk_idx, topk_weights, num_experts, num_worst_tokens, expert_alignment,
+               is_token_in_rank, num_tokens_per_rank, layout_meta, layout_header):
+        # The native dispatch past its checks: no DispatchLayout or DispatchResult to build.
+        out, native, _ = _new_route(x_data, x_scales, topk_idx, topk_weights, num_experts, num_worst_tokens,
+                                    self._ep_group_name, self.group_size, layout_meta, layout_header)
+        host = _HostCounts(native)
+        made = self._make_handle(native, host, is_token_in_rank, num_tokens_per_rank)
+        if num_worst_tokens > 0:
+            per_expert = []
+        elif expert_alignment == 1:  # host.per_expert(1), without the call
+            per_expert = host.values[host.per_expert_start:host.matrix_start]
+        else:
+            per_expert = host.per_expert(expert_alignment)
+        return (out[0] if x_scales is None else (out[0], out[1]), out[2], out[3] if topk_weights is not None else None,
+                per_expert, made)
+
+    def _cached(self, x_data, x_scales, native):
+        out, _ = _along(x_data, x_scales, native, self._ep_group_name)  # the native dispatch(x, handle=native)
+        return out[0] if x_scales is None else (out[0], out[1])
 
     def _ready_cuda_exchange(self, device: torch.device) -> None:
         """Sets up the CUDA all_to_all that gathers the prefix matrix's counts when they are on the
@@ -300,29 +355,36 @@ class Buffer:
         self._cuda_exchange_ready = True
 
     def _make_handle(self, native: DispatchHandle, host: "_HostCounts", is_token_in_rank: torch.Tensor,
-                     num_tokens_per_rank: torch.Tensor, device: torch.device) -> _Handle:
+                     num_tokens_per_rank: torch.Tensor, device: Optional[torch.device] = None) -> _Handle:
+        """DeepEP's handle of a dispatch; its tensors go to `device` (default: the dispatch's, as
+        native.meta's: the op checks that they agree), worked out only where one is made now."""
         r = self.group_size
         if host.internode:
             def prefix():  # rows received from ranks 0..i; None where only the device knows them
                 recv = native.counts[2 + r:2 + 2 * r]
-                return _to_device(recv.cumsum(0).to(torch.int32), device) if bool((recv >= 0).all()) else None
+                to = device if device is not None else native.meta.device
+                return _to_device(recv.cumsum(0).to(torch.int32), to) if bool((recv >= 0).all()) else None
             return _Handle((is_token_in_rank, None, None, None, None, None, None, None, None, None), native,
                            {6: _Lazy(prefix)})
         matrix = self._rank_prefix_matrix(native, host, num_tokens_per_rank, device)
-        if isinstance(matrix, _Lazy):
-            return _Handle((None, None, None, None, is_token_in_rank, None), native, {0: matrix})
+        if matrix is _PrefixHandle:  # the common case: made when read, by the handle itself
+            made = tuple.__new__(_PrefixHandle, (None, None, None, None, is_token_in_rank, None))
+            made.native = native  # _Handle.__new__'s work without its frame; _lazy comes when read
+            return made
         return _Handle((matrix, None, None, None, is_token_in_rank, None), native)
 
     def _rank_prefix_matrix(self, native: DispatchHandle, host: "_HostCounts", num_tokens_per_rank: torch.Tensor,
-                            device: torch.device) -> Union[torch.Tensor, _Lazy]:
+                            device: Optional[torch.device] = None) -> Union[torch.Tensor, type]:
         """[R, R] int32, [i][j] = rows rank j receives from ranks 0..i: every rank's send counts,
         summed down the sources. The handle holds them where the dispatch's records carried them
-        (groups of up to 32 ranks, sizes on the host): the matrix is then made when first read.
-        Else they are gathered now, on every rank (all_to_all_single of the counts to every rank,
-        on torch_ep's own transport: a collective cannot wait for a read that some ranks never do)."""
+        (groups of up to 32 ranks, sizes on the host): the matrix is then made when first read
+        (returns _PrefixHandle, the handle that does so). Else they are gathered now, on every
+        rank (all_to_all_single of the counts to every rank, on torch_ep's own transport: a
+        collective cannot wait for a read that some ranks never do)."""
         r = self.group_size
-        if r <= MAX_MATRIX_RANKS and host.sizes_on_host:
-            return _Lazy(lambda: _to_device(native.send_matrix.cumsum(0).to(torch.int32), device))
+        if r <= MAX_MATRIX_RANKS and host.values[2] >= 0:  # host.sizes_on_host, without the property
+            return _PrefixHandle
+        device = device if device is not None else native.meta.device
         sent = native.send_matrix
         if sent is None:
             send = native.counts[2:2 + r]
@@ -342,24 +404,27 @@ class Buffer:
         """The reverse of the handle's dispatch: per token, the unweighted sum of the rows sent back
         (plus `bias`: one or two [N, H] tensors). Returns (combined_x [N, H],
         combined_topk_weights [N, K] or None, EventOverlap)."""
-        self._check_alive("combine")
-        _check_config(config)
+        if self.runtime is None:
+            self._check_alive("combine")
+        if config is not None:
+            _check_config(config)
         native = _native(handle, DispatchHandle)
-        biases = _unpack_bias(bias, native.num_tokens, x)
-
-        def run():
-            c = _combine(x, native, topk_weights, group=self.ep_group)
-            out = c.combined_x
-            if biases:
-                total = out.float()
-                for b in biases:
-                    total = total + b.float()
-                out = total.to(out.dtype)
-            return (out, c.combined_topk_weights), [out, c.combined_topk_weights]
-
-        (out, weights), event = self._launch(x.device, run, [x, topk_weights, biases], previous_event, async_finish,
+        biases = _unpack_bias(bias, native.num_tokens, x) if bias is not None else ()
+        if previous_event is None and not async_finish and not allocate_on_comm_stream:
+            return (*self._combine(x, native, topk_weights, biases), EventOverlap())  # _launch's common call
+        (out, weights), event = self._launch(x, partial(self._combine, x, native, topk_weights, biases), _itself,
+                                             [x, topk_weights, biases], previous_event, async_finish,
                                              allocate_on_comm_stream)
         return out, weights, event
+
+    def _combine(self, x, native, topk_weights, biases):
+        (out, weights), _ = _combine_along(x, native, topk_weights, self._ep_group_name)  # the native combine
+        if biases:
+            total = out.float()
+            for b in biases:
+                total = total + b.float()
+            out = total.to(out.dtype)
+        return out, weights if topk_weights is not None else None
 
     # ------------------------------------------------------------------ low latency
 
@@ -431,10 +496,10 @@ class Buffer:
             else:
                 finish()
             made = _Handle((src_info, layout_range, max_tokens, x.shape[1], num_experts), native)
-            return (recv_x, d.recv_count, made, hook), [recv_x, d.recv_count, src_info, layout_range]
+            return recv_x, d.recv_count, made, hook
 
         (recv_x, count, made, hook), event = self._launch(
-            x.device, run, [x, topk_idx, stats], None, async_finish, False, on_comm_stream=async_finish)
+            x, run, _ll_dispatch_tensors, [x, topk_idx, stats], None, async_finish, False, on_comm_stream=async_finish)
         return recv_x, count, made, event, hook
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
@@ -459,9 +524,9 @@ class Buffer:
 
         def run():
             c = _ll_combine(x, topk_idx, topk_weights, native, return_recv_hook=return_recv_hook, out=out)
-            return (c.combined_x, c.hook), [c.combined_x]
+            return c.combined_x, c.hook
 
-        (combined, hook), event = self._launch(x.device, run, [x, topk_idx, topk_weights], None, async_finish, False,
+        (combined, hook), event = self._launch(x, run, _first, [x, topk_idx, topk_weights], None, async_finish, False,
                                                on_comm_stream=async_finish)
         return combined, event, hook
 

@@ -1,12 +1,13 @@
 """DeepEP's small types on torch_ep: Config, EventHandle, EventOverlap, and the handle tuples."""
 from __future__ import annotations
 
+import functools
 import operator
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..types import DispatchHandle, LowLatencyHandle, pad_counts, send_matrix_size
+from ..types import MAX_MATRIX_RANKS, DispatchHandle, LowLatencyHandle, pad_counts
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -100,24 +101,28 @@ class EventOverlap:
             self.event.current_stream_wait()
 
 
-class _Lazy:
-    """A handle element made when first read: `make()` gives it."""
-    __slots__ = ("make",)
-
-    def __init__(self, make: Callable[[], object]):
-        self.make = make
+class _Lazy(functools.partial):
+    """A handle element made when first read: _Lazy(make, *args)() gives it. A partial: made in
+    C, with no lambda to build and no Python __init__ to run per dispatch."""
+    __slots__ = ()
 
 
 class _HostCounts:
     """A dispatch handle's counts (DispatchHandle.counts) read once as a list, at the handle's own
     offsets: each value read from the tensor, and each offset worked out again, costs host time
-    per call, which a layout-given dispatch on a fast GPU cannot hide."""
+    per call, which a layout-given dispatch on a fast GPU cannot hide. `values` ends at the send
+    matrix where more follows than a view costs to make (tolist costs per value: the matrix has
+    R*R, 1024 values at 32 ranks; a view costs about 100 values)."""
     __slots__ = ("values", "per_expert_start", "matrix_start", "internode")
 
     def __init__(self, native: DispatchHandle):
-        self.values = native.counts.tolist()
-        self.per_expert_start, self.matrix_start = native._per_expert_start, native._matrix_start
-        self.internode = len(self.values) > self.matrix_start + send_matrix_size(native.num_ranks)
+        r, counts = native.num_ranks, native.counts
+        # DispatchHandle._per_expert_start and _matrix_start, without two property calls.
+        self.per_expert_start = start = 2 + 2 * r
+        self.matrix_start = end = start + native.num_experts // r
+        total = counts.numel()
+        self.values = (counts[:end] if total - end > 100 else counts).tolist()
+        self.internode = total > end + (r * r if r <= MAX_MATRIX_RANKS else 0)  # + send_matrix_size(r)
 
     @property
     def sizes_on_host(self) -> bool:
@@ -126,7 +131,8 @@ class _HostCounts:
 
     def per_expert(self, alignment: int) -> List[int]:
         """As DispatchResult.num_recv_tokens_per_expert."""
-        return pad_counts(self.values[self.per_expert_start:self.matrix_start], alignment)
+        counts = self.values[self.per_expert_start:self.matrix_start]
+        return counts if alignment == 1 else pad_counts(counts, alignment)
 
 
 class _Handle(tuple):
@@ -137,7 +143,7 @@ class _Handle(tuple):
 
     def __new__(cls, items: Sequence, native, lazy: Optional[dict] = None):
         """`items` with None where `lazy` ({index: _Lazy}) makes the element on first read."""
-        handle = super().__new__(cls, items)
+        handle = tuple.__new__(cls, items)
         handle.native = native
         handle._lazy = lazy if lazy is not None else {}
         return handle
@@ -151,7 +157,7 @@ class _Handle(tuple):
         if value is None:
             return tuple.__getitem__(self, index)
         if isinstance(value, _Lazy):
-            value = self._lazy[i] = value.make()
+            value = self._lazy[i] = value()
         return value
 
     def __iter__(self):
@@ -163,6 +169,31 @@ class _Handle(tuple):
     def tensors_made(self) -> List[torch.Tensor]:
         """The tensors among the elements made so far (for record_stream)."""
         return _tensors(*tuple.__iter__(self), *[v for v in self._lazy.values() if not isinstance(v, _Lazy)])
+
+
+class _PrefixHandle(_Handle):
+    """DeepEP's intranode dispatch handle whose element 0, the rank prefix matrix, is made from the
+    native handle's send matrix when first read, on the dispatch's device. Its _lazy entry too is
+    made then (__getattr__ runs only while the attribute is missing): built with every handle, it
+    cost each dispatch more than the rest of the handle."""
+
+    def __getattr__(self, name):
+        if name != "_lazy":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self._lazy = {0: _Lazy(_prefix_matrix, self.native)}
+        return self._lazy
+
+
+def _prefix_matrix(native: DispatchHandle) -> torch.Tensor:
+    """[R, R] int32 on the dispatch's device: rows rank j receives from ranks 0..i."""
+    return _to_device(native.send_matrix.cumsum(0).to(torch.int32), native.meta.device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`, copied in stream order (no host wait)."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def _native(handle, kind, what: str = "handle"):
