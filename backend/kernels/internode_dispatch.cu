@@ -73,9 +73,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
 // Then, as the forwarder of every other source node m's rows, chunk by chunk (kChunkRows rail
 // slots) as their rows land (a signal per row): no row moves. For each row and each rank j of
 // this node that gets it (the row's positions at this node's ranks), j learns the row's slot in
-// this rank's rail_recv (j's relay_slots[source][its row index there]), and j's count for the
-// source grows by the chunk's rows for j, one signal per rank and chunk; j reads the rows in
-// place. Stores through j's mapped buffer (the node hop), puts where j is not mapped.
+// this rank's rail_recv (j's relay_slots[source][its row index there]); at the end j's count for
+// each source grows by the rows this block gave it, one signal per (source, rank) and block; j
+// reads the rows in place. Stores through j's mapped buffer (the node hop), puts where j is not
+// mapped.
 __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
   const IxCtrl& c = ctrl(p);
   const uint64_t seq = c.seq;
   __shared__ int failed;
-  __shared__ int forwarded[kMaxLocal];  // rows of the current chunk each rank of this node gets
+  __shared__ int forwarded[kMaxRanks];  // [m * L + j]: rows from node m's source this block gave rank j of this node
   if (blockIdx.x == 0 && threadIdx.x < L) {
     const int j = rank_of(p, p.node, threadIdx.x);
     const int32_t rows = p.meta[MetaLayout{l.num_ranks, p.num_experts, p.num_tokens}.tokens_per_rank() + j];
@@ -93,14 +94,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
   }
   int32_t* relay_slots = at<int32_t>(p.base, l.relay_slots());
   if (threadIdx.x == 0) failed = 0;
+  for (int e = threadIdx.x; e < NN * L; e += blockDim.x) forwarded[e] = 0;
   __syncthreads();
+  bool put = false;
   for (int m = 0; m < NN; ++m) {
     if (m == p.node) continue;
     const int s = rank_of(p, m, p.local);  // the source these rows come from
     const int64_t n = c.relay[m], chunks = (n + kChunkRows - 1) / kChunkRows;
     for (int64_t k = (blockIdx.x + int64_t(m) * 7) % gridDim.x; k < chunks; k += gridDim.x) {
       const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
-      if (threadIdx.x < L) forwarded[threadIdx.x] = 0;
       // A thread a row of the chunk waits for the row's signal (its acquire, then the barrier,
       // orders every thread's reads of the row).
       if (threadIdx.x < rows && !wait_at_least(row_flag(p, m, first + threadIdx.x), seq, now_ns() + p.timeout_ns)) {
@@ -109,7 +111,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
       }
       __syncthreads();
       if (failed) return;
-      bool put = false;
       for (int64_t e = threadIdx.x; e < rows * L; e += blockDim.x) {
         const int64_t slot = m * C + first + e / L;
         const int j = int(e % L), pe = rank_of(p, p.node, j);
@@ -122,16 +123,19 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
           nvshmem_int32_p(where, int32_t(slot), pe);
           put = true;
         }
-        atomicAdd_block(&forwarded[j], 1);
+        atomicAdd_block(&forwarded[m * L + j], 1);
       }
-      if (put) nvshmem_fence();  // the puts before the counts that announce them
-      __threadfence_system();    // and the stores
-      __syncthreads();
-      if (threadIdx.x < L && forwarded[threadIdx.x] > 0)
-        nvshmemx_signal_op(count_word(p, s), uint64_t(forwarded[threadIdx.x]), NVSHMEM_SIGNAL_ADD,
-                           rank_of(p, p.node, threadIdx.x));
     }
   }
+  // One fence and one signal per (source, rank of this node) for all of this block's chunks,
+  // not one per chunk: the receivers wait for every row of a source before they copy any.
+  if (put) nvshmem_fence();  // the puts before the counts that announce them
+  __threadfence_system();    // and the stores
+  __syncthreads();
+  for (int e = threadIdx.x; e < NN * L; e += blockDim.x)
+    if (e / L != p.node && forwarded[e] > 0)
+      nvshmemx_signal_op(count_word(p, rank_of(p, e / L, p.local)), uint64_t(forwarded[e]), NVSHMEM_SIGNAL_ADD,
+                         rank_of(p, p.node, e % L));
   __syncthreads();
   if (threadIdx.x == 0) nvshmem_quiet();
 }
