@@ -73,9 +73,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
 // Then, as the forwarder of every other source node m's rows, chunk by chunk (kChunkRows rail
 // slots) as their rows land (a signal per row): no row moves. For each row and each rank j of
 // this node that gets it (the row's positions at this node's ranks), j learns the row's slot in
-// this rank's rail_recv (j's relay_slots[source][its row index there]), and j's count for the
-// source grows by the chunk's rows for j, one signal per rank and chunk; j reads the rows in
-// place. Stores through j's mapped buffer (the node hop), puts where j is not mapped.
+// this rank's rail_recv (j's relay_slots[source][its row index there]); at the end j's count for
+// each source grows by the rows this block gave it, one signal per (source, rank) and block; j
+// reads the rows in place. Stores through j's mapped buffer (the node hop), puts where j is not
+// mapped.
 __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
   const IxCtrl& c = ctrl(p);
   const uint64_t seq = c.seq;
   __shared__ int failed;
-  __shared__ int forwarded[kMaxLocal];  // rows of the current chunk each rank of this node gets
+  __shared__ int forwarded[kMaxRanks];  // [m * L + j]: rows from node m's source this block gave rank j of this node
   if (blockIdx.x == 0 && threadIdx.x < L) {
     const int j = rank_of(p, p.node, threadIdx.x);
     const int32_t rows = p.meta[MetaLayout{l.num_ranks, p.num_experts, p.num_tokens}.tokens_per_rank() + j];
@@ -93,14 +94,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
   }
   int32_t* relay_slots = at<int32_t>(p.base, l.relay_slots());
   if (threadIdx.x == 0) failed = 0;
+  for (int e = threadIdx.x; e < NN * L; e += blockDim.x) forwarded[e] = 0;
   __syncthreads();
+  bool put = false;
   for (int m = 0; m < NN; ++m) {
     if (m == p.node) continue;
     const int s = rank_of(p, m, p.local);  // the source these rows come from
     const int64_t n = c.relay[m], chunks = (n + kChunkRows - 1) / kChunkRows;
     for (int64_t k = (blockIdx.x + int64_t(m) * 7) % gridDim.x; k < chunks; k += gridDim.x) {
       const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
-      if (threadIdx.x < L) forwarded[threadIdx.x] = 0;
       // A thread a row of the chunk waits for the row's signal (its acquire, then the barrier,
       // orders every thread's reads of the row).
       if (threadIdx.x < rows && !wait_at_least(row_flag(p, m, first + threadIdx.x), seq, now_ns() + p.timeout_ns)) {
@@ -109,7 +111,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
       }
       __syncthreads();
       if (failed) return;
-      bool put = false;
       for (int64_t e = threadIdx.x; e < rows * L; e += blockDim.x) {
         const int64_t slot = m * C + first + e / L;
         const int j = int(e % L), pe = rank_of(p, p.node, j);
@@ -122,28 +123,31 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
           nvshmem_int32_p(where, int32_t(slot), pe);
           put = true;
         }
-        atomicAdd_block(&forwarded[j], 1);
+        atomicAdd_block(&forwarded[m * L + j], 1);
       }
-      if (put) nvshmem_fence();  // the puts before the counts that announce them
-      __threadfence_system();    // and the stores
-      __syncthreads();
-      if (threadIdx.x < L && forwarded[threadIdx.x] > 0)
-        nvshmemx_signal_op(count_word(p, s), uint64_t(forwarded[threadIdx.x]), NVSHMEM_SIGNAL_ADD,
-                           rank_of(p, p.node, threadIdx.x));
     }
   }
+  // One fence and one signal per (source, rank of this node) for all of this block's chunks,
+  // not one per chunk: the receivers wait for every row of a source before they copy any.
+  if (put) nvshmem_fence();  // the puts before the counts that announce them
+  __threadfence_system();    // and the stores
+  __syncthreads();
+  for (int e = threadIdx.x; e < NN * L; e += blockDim.x)
+    if (e / L != p.node && forwarded[e] > 0)
+      nvshmemx_signal_op(count_word(p, rank_of(p, e / L, p.local)), uint64_t(forwarded[e]), NVSHMEM_SIGNAL_ADD,
+                         rank_of(p, p.node, e % L));
   __syncthreads();
   if (threadIdx.x == 0) nvshmem_quiet();
 }
 
-// Waits for every source's rows (its count), then copies them into the outputs at the prefix
-// offsets: rows by source rank, then source token order; another node's source's from its
-// forwarder's rail_recv, this node's source's from its packed rows, both in place. Ids become
-// local (-1 for other ranks' experts, weight 0). Rows past the received ones are padding
-// (num_worst_tokens).
+// Waits for the sources' rows (their counts; this node's sources first, then the others'), then
+// copies them into the outputs at the prefix offsets: rows by source rank, then source token
+// order; another node's source's from its forwarder's rail_recv, this node's source's from its
+// packed rows, both in place. Ids become local (-1 for other ranks' experts, weight 0). Rows
+// past the received ones are padding (num_worst_tokens).
 __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) {
   const IxLayout& l = p.layout;
-  const int R = l.num_ranks;
+  const int R = l.num_ranks, L = l.ranks_per_node;
   const int64_t C = l.capacity, K = p.num_topk, per = p.num_experts / R;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const IxCtrl& c = ctrl(p);
@@ -151,75 +155,86 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
   __shared__ int failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
-  if (ok) {
-    const uint64_t deadline = now_ns() + p.timeout_ns;
-    for (int s = threadIdx.x; s < R; s += blockDim.x)
-      if (!wait_at_least(count_word(p, s), uint64_t(c.recv[s]), deadline)) {
-        ll::report(p.error, kReceiveTimeout, rank_of(p, p.node, s % l.ranks_per_node));
-        failed = 1;
-      }
-  }
-  __syncthreads();
-  const int64_t M = ok && !failed ? c.prefix[R] : 0;
-  if (M > p.out_rows && blockIdx.x == 0 && threadIdx.x == 0) ll::report(p.error, kOverflow, p.rank);
+  const uint64_t deadline = now_ns() + p.timeout_ns;
   const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
-  for (int64_t i = int64_t(blockIdx.x) * (kThreads / 32) + warp; i < p.out_rows; i += warps) {
-    if (i >= M) {
-      for (int64_t b = lane; b < p.x_bytes; b += 32) p.recv_x[i * p.x_bytes + b] = 0;
-      if (p.recv_x_scales)
-        for (int64_t k = lane; k < p.num_scales; k += 32) p.recv_x_scales[i * p.num_scales + k] = 0.f;
-      if (!p.cached)
-        for (int64_t k = lane; k < K; k += 32) {
-          p.recv_topk_idx[i * K + k] = -1;
-          if (p.recv_topk_weights) p.recv_topk_weights[i * K + k] = 0.f;
+  // Two passes: this node's sources' rows first (their counts come at the start of the peers'
+  // forward kernels), then the other nodes' (counted as their forwarders relay them), so that
+  // the first copies do not wait for the rail's rows. Padding (rows past the received ones,
+  // num_worst_tokens) in the first pass; the rows of a pass whose wait failed become padding.
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool own_pass = pass == 0;
+    if (ok) {
+      for (int s = threadIdx.x; s < R; s += blockDim.x)
+        if ((s / L == p.node) == own_pass && !wait_at_least(count_word(p, s), uint64_t(c.recv[s]), deadline)) {
+          ll::report(p.error, kReceiveTimeout, rank_of(p, p.node, s % L));
+          failed = 1;
         }
-      continue;
     }
-    const int s = source_of(c.prefix, R, i);
-    const int64_t index = i - c.prefix[s];  // among s's rows to this rank
-    // Global ids (and weights) from the row at src, made local; load(ptr) reads a word of it.
-    const auto ids_out = [&](const char* src, auto load) {
-      for (int64_t k = lane; k < K && !p.cached; k += 32) {
-        const int64_t id = load(reinterpret_cast<const int64_t*>(src + p.off_ids) + k);
-        const bool owned = id >= 0 && id / per == p.rank;
-        p.recv_topk_idx[i * K + k] = owned ? id - p.rank * per : -1;
-        if (p.recv_topk_weights)
-          p.recv_topk_weights[i * K + k] = owned ? load(reinterpret_cast<const float*>(src + p.off_weights) + k) : 0.f;
+    __syncthreads();
+    const bool lost = !ok || failed;
+    const int64_t M = ok ? c.prefix[R] : 0;
+    if (own_pass && M > p.out_rows && blockIdx.x == 0 && threadIdx.x == 0) ll::report(p.error, kOverflow, p.rank);
+    for (int64_t i = int64_t(blockIdx.x) * (kThreads / 32) + warp; i < p.out_rows; i += warps) {
+      const int s = i < M ? source_of(c.prefix, R, i) : -1;
+      if (s >= 0 && (s / L == p.node) != own_pass) continue;  // the other pass's row
+      if (s < 0 || lost) {  // padding: past the received rows (first pass), or a pass whose wait failed
+        if (s < 0 && !own_pass) continue;
+        for (int64_t b = lane; b < p.x_bytes; b += 32) p.recv_x[i * p.x_bytes + b] = 0;
+        if (p.recv_x_scales)
+          for (int64_t k = lane; k < p.num_scales; k += 32) p.recv_x_scales[i * p.num_scales + k] = 0.f;
+        if (!p.cached)
+          for (int64_t k = lane; k < K; k += 32) {
+            p.recv_topk_idx[i * K + k] = -1;
+            if (p.recv_topk_weights) p.recv_topk_weights[i * K + k] = 0.f;
+          }
+        continue;
       }
-    };
-    // Where row i lies: a row from another node's source in its forwarder's rail_recv (this
-    // node's rank with s's local index; the slot it wrote here), one from this node's source s
-    // in s's packed rows (rail_send[this node], at the token index s's own_slots names). Read
-    // through the holder's mapped buffer (the node hop), or got where it is not mapped.
-    int holder;
-    int32_t slot = 0;
-    int64_t region, first = 0;
-    if (s / l.ranks_per_node != p.node) {
-      holder = rank_of(p, p.node, s % l.ranks_per_node);
-      if (lane == 0) slot = __ldcg(at<int32_t>(p.base, l.relay_slots()) + int64_t(s) * C + index);
-      region = l.rail_recv();
-    } else {
-      holder = s;
-      const int32_t* slots = at<int32_t>(p.base, l.own_slots()) + p.local * C;
-      const int32_t* mapped_slots = node_peer(p, slots, s);
-      if (lane == 0) slot = mapped_slots ? __ldcg(mapped_slots + index) : nvshmem_int32_g(slots + index, s);
-      region = l.rail_send();
-      first = p.node * C;
+      const int64_t index = i - c.prefix[s];  // among s's rows to this rank
+      // Global ids (and weights) from the row at src, made local; load(ptr) reads a word of it.
+      const auto ids_out = [&](const char* src, auto load) {
+        for (int64_t k = lane; k < K && !p.cached; k += 32) {
+          const int64_t id = load(reinterpret_cast<const int64_t*>(src + p.off_ids) + k);
+          const bool owned = id >= 0 && id / per == p.rank;
+          p.recv_topk_idx[i * K + k] = owned ? id - p.rank * per : -1;
+          if (p.recv_topk_weights)
+            p.recv_topk_weights[i * K + k] =
+                owned ? load(reinterpret_cast<const float*>(src + p.off_weights) + k) : 0.f;
+        }
+      };
+      // Where row i lies: a row from another node's source in its forwarder's rail_recv (this
+      // node's rank with s's local index; the slot it wrote here), one from this node's source s
+      // in s's packed rows (rail_send[this node], at the token index s's own_slots names). Read
+      // through the holder's mapped buffer (the node hop), or got where it is not mapped.
+      int holder;
+      int32_t slot = 0;
+      int64_t region, first = 0;
+      if (s / l.ranks_per_node != p.node) {
+        holder = rank_of(p, p.node, s % l.ranks_per_node);
+        if (lane == 0) slot = __ldcg(at<int32_t>(p.base, l.relay_slots()) + int64_t(s) * C + index);
+        region = l.rail_recv();
+      } else {
+        holder = s;
+        const int32_t* slots = at<int32_t>(p.base, l.own_slots()) + p.local * C;
+        const int32_t* mapped_slots = node_peer(p, slots, s);
+        if (lane == 0) slot = mapped_slots ? __ldcg(mapped_slots + index) : nvshmem_int32_g(slots + index, s);
+        region = l.rail_send();
+        first = p.node * C;
+      }
+      const char* src = row(p, region, first + __shfl_sync(0xffffffffu, slot, 0));
+      // The row's payload and scales by copy(dst, from, bytes), its ids and weights by load(word).
+      const auto take = [&](const char* from, auto copy, auto load) {
+        copy(p.recv_x + i * p.x_bytes, from, p.x_bytes);
+        if (p.recv_x_scales)
+          copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), from + p.off_scales, 4 * p.num_scales);
+        ids_out(from, load);
+      };
+      if (const char* mapped = node_peer(p, src, holder))
+        take(mapped, [&](char* dst, const char* from, int64_t bytes) { warp_copy(dst, from, bytes, lane); },
+             [](const auto* w) { return __ldcg(w); });
+      else
+        take(src, [&](char* dst, const char* from, int64_t bytes) { get_warp(dst, from, bytes, holder, lane); },
+             [holder](const auto* w) { return get_word(w, holder); });
     }
-    const char* src = row(p, region, first + __shfl_sync(0xffffffffu, slot, 0));
-    // The row's payload and scales by copy(dst, from, bytes), its ids and weights by load(word).
-    const auto take = [&](const char* from, auto copy, auto load) {
-      copy(p.recv_x + i * p.x_bytes, from, p.x_bytes);
-      if (p.recv_x_scales)
-        copy(reinterpret_cast<char*>(p.recv_x_scales + i * p.num_scales), from + p.off_scales, 4 * p.num_scales);
-      ids_out(from, load);
-    };
-    if (const char* mapped = node_peer(p, src, holder))
-      take(mapped, [&](char* dst, const char* from, int64_t bytes) { warp_copy(dst, from, bytes, lane); },
-           [](const auto* w) { return __ldcg(w); });
-    else
-      take(src, [&](char* dst, const char* from, int64_t bytes) { get_warp(dst, from, bytes, holder, lane); },
-           [holder](const auto* w) { return get_word(w, holder); });
   }
 }
 
