@@ -54,8 +54,9 @@ void InternodeBuffer::reserve(int64_t row_bytes) {
   EP_CUDA_CHECK(cudaMemset(base + layout_.notify_flags(), 0, size_t(layout_.total_bytes() - layout_.notify_flags())));
   EP_CUDA_CHECK(cudaDeviceSynchronize());
   nvshmem_barrier_all();  // no peer puts here before the memset above
-  maps_node_peers_ = true;
-  for (int peer : topology_.node_ranks()) maps_node_peers_ = maps_node_peers_ && nvshmem_ptr(base, peer) != nullptr;
+  maps_node_peers_ = true;  // a node reads its ranks' combine_in in place only where all map each other
+  for (int peer : topology_.node_ranks())
+    maps_node_peers_ = maps_node_peers_ && nvshmem::peer_ptr(base, peer) != nullptr;
   int sms = 0;
   EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_));
   num_blocks_ = std::max(1, sms);
