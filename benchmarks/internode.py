@@ -15,10 +15,15 @@ a row while Options.internode_device exists; --no-host-route leaves it out), and
 "internode-a2a-rounds" (all_to_all_single only, its NVSHMEM hop in rounds the host queues:
 Options.internode_a2a_device=False; the other groups move it in one launch; every chunk
 checked first). The device route's
-buffer takes (2 x nodes + ranks) x tokens x ~16.5 KiB per rank of NVSHMEM heap (docs/internode.md):
+buffer takes (2 x nodes + 2 x ranks) x tokens x ~16.5 KiB per rank of NVSHMEM heap, the zero-copy
+combine input included (docs/internode.md):
 set NVSHMEM_SYMMETRIC_SIZE to fit it (3G covers 2x4 at the default shape, both internode groups). Ops: dispatch bf16 and fp8 (layout
 given), combine bf16 (DeepEP's setting by default: 4096 tokens of hidden 7168, top-8 of 256
-experts), and all_to_all_single (--a2a-bytes per rank, even split).
+experts), on the device route also "combine bf16, zero copy" (its input in torch_ep.combine_buffer:
+recv_x is written into it once before timing, a fill the caller's experts would do, not timed; each
+timed call takes combine_buffer, whose wait is part of the cost, and combines from it), and
+all_to_all_single (--a2a-bytes per rank, even split). "vs intranode" is the time over the
+intranode group's for the same op (plain combine for the zero-copy row).
 
 Per op and group: time (median over runs of the slowest rank, each run after a barrier, L2
 flushed), bytes received per rank / time (DeepEP's convention for dispatch/combine; sent for
@@ -69,9 +74,20 @@ def check(group, x, idx, w, fp8, num_experts):
     assert same_bits(d.recv_x.cpu(), ref.recv_x) and torch.equal(d.recv_topk_idx.cpu(), ref.recv_topk_idx)
     c = torch_ep.combine(d.recv_x, d.handle, group=group).combined_x
     assert same_bits(c.cpu(), reference.combine(ref.recv_x, ref.handle, group=group).combined_x)
+    if is_region(d.handle):
+        buf = torch_ep.combine_buffer(d.handle)
+        buf.copy_(d.recv_x)
+        zero_copy = torch_ep.combine(buf, d.handle, group=group).combined_x
+        assert same_bits(zero_copy.cpu(), c.cpu()), "combine from combine_buffer differs"
     d8 = torch_ep.dispatch(fp8, idx, num_experts=num_experts, group=group)
     ref8 = reference.dispatch(tuple(t.cpu() for t in fp8), idx.cpu(), num_experts=num_experts, group=group)
     assert same_bits(d8.recv_x[0].cpu(), ref8.recv_x[0]) and same_bits(d8.recv_x[1].cpu(), ref8.recv_x[1])
+
+
+def is_region(handle) -> bool:
+    """Whether combine_buffer hands out the group's zero-copy region (the same address twice), not
+    a plain tensor (one node, the host route)."""
+    return torch_ep.combine_buffer(handle).data_ptr() == torch_ep.combine_buffer(handle).data_ptr()
 
 
 def check_all_to_all(group, a2a_in, a2a_out):
@@ -105,6 +121,11 @@ def measure(name, group, args, device, sync, flush, a2a_only=False) -> List[Dict
             "combine bf16": (lambda: torch_ep.combine(d.recv_x, d.handle, group=group), recv_rows * row_bf16),
             **ops,
         }
+        if is_region(d.handle):
+            torch_ep.combine_buffer(d.handle).copy_(d.recv_x)  # the fill: not timed, done once
+            ops["combine bf16, zero copy"] = (
+                lambda: torch_ep.combine(torch_ep.combine_buffer(d.handle), d.handle, group=group),
+                recv_rows * row_bf16)
     rows = []
     for op, (fn, nbytes) in ops.items():
         rail0, node0 = backend.rail_bytes, backend.node_bytes
@@ -169,11 +190,16 @@ def main():
     rows = []
     for name, group in groups.items():
         rows += measure(name, group, args, device, sync, flush, a2a_only=name == "internode-a2a-rounds")
+    intranode = {r["op"]: r["time_us"] for r in rows if r["group"] == "intranode"}
+    for r in rows:  # the zero-copy combine against the intranode route's (plain) combine
+        base = intranode.get(r["op"].split(",")[0])
+        r["vs_intranode"] = r["time_us"] / base if base and r["group"] != "intranode" else None
     if dist.get_rank() == 0:
-        headers = ["group", "op", "nodes", "time (us)", "recv GB/s", "bytes/rank", "rail (RDMA) bytes/rank",
-                   "node (NVLink) bytes/rank", "rail GB/s", "path"]
+        headers = ["group", "op", "nodes", "time (us)", "vs intranode", "recv GB/s", "bytes/rank",
+                   "rail (RDMA) bytes/rank", "node (NVLink) bytes/rank", "rail GB/s", "path"]
         table = common.markdown_table(headers, [
-            [r["group"], r["op"], r["num_nodes"], f"{r['time_us']:.1f}", f"{r['GB/s']:.1f}",
+            [r["group"], r["op"], r["num_nodes"], f"{r['time_us']:.1f}",
+             f"{r['vs_intranode']:.2f}x" if r["vs_intranode"] else "-", f"{r['GB/s']:.1f}",
              common.format_bytes(int(r["bytes_per_rank"])), common.format_bytes(int(r["rail_bytes_per_rank"])),
              common.format_bytes(int(r["node_bytes_per_rank"])), f"{r['rail_GB/s']:.1f}", r["internode_path"] or "-"]
             for r in rows])

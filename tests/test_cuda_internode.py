@@ -5,8 +5,8 @@ puts between nodes; dispatch/combine take the hierarchical route, on both of its
 (TORCH_EP_INTERNODE_ROUTES picks them, default "device,host"): "device", driven by the device
 through NVSHMEM's device API (Options.internode_device, the default), and "host", the rounds
 the host drives (rail hop on NVSHMEM, node hop on IPC). Same checks as the CPU tests
-(test_internode.py, test_moe.py), same reference; the device route adds CUDA-graph capture and
-its capacity check.
+(test_internode.py, test_moe.py), same reference; the device route adds CUDA-graph capture, its
+capacity check and the zero-copy combine input (torch_ep.combine_buffer).
 
 Ranks sharing a GPU need MPS (NVSHMEM's full multi-process-per-GPU mode; GPU-NOTES.md). The
 ranks get NVSHMEM's single-host settings unless the environment already sets them.
@@ -251,13 +251,89 @@ def test_node_hop_by_puts(topology):
         own_other = pool.run(rank_node_routing, _seed(), "mixed", hidden, worst)
         assert sum(o for o, _ in own_other) > 0 and sum(r for _, r in own_other) > 0
     pool.run(checks.rank_autograd, _seed(), device="cuda")
+    # Without the mapping no rank reads another's combine input: combine_buffer is a plain tensor.
+    assert not any(pool.run(rank_zero_copy, _seed(), 136))
 
 
-def rank_graph_capture(seed, replays=3, routing="anywhere"):
+def rank_zero_copy(seed, hidden, who="all", worst=False, rounds=2):
+    """combine from torch_ep.combine_buffer (zero copy) after a dispatch of node_routing's "mixed"
+    kind with rank_node_routing's uneven sizes: `rounds` combines in a row, each writing fresh
+    rows into a new combine_buffer right after the previous combine was queued (no host sync:
+    the buffer's wait must hold the writes until the node's ranks have read the previous rows).
+    who: "all" ranks pass the buffer, or "mix" (odd ranks the buffer, even ranks a plain tensor).
+    bf16 rows of any value and weights, outputs poisoned, bit for bit against the reference.
+    Returns whether this rank's buffer was the group's region (the same address twice)."""
+    import torch.distributed as dist
+    from torch_ep import reference
+    from torch_ep.testing import same_bits
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    per_node = torch_ep.get_backend().topology.ranks_per_node
+    top_k, experts_per_rank = 3, 2
+    num_experts = experts_per_rank * size
+    g = torch.Generator().manual_seed(seed + 7919 * rank)
+    n = 300 if rank == 0 else 0 if rank % per_node == per_node - 1 else int(torch.randint(1, 24, (), generator=g))
+    idx = node_routing("mixed", g, n, top_k, experts_per_rank)
+    x = torch.randn(n, hidden, generator=g).mul(50).to(torch.bfloat16)
+    w = torch.randint(1, 9, idx.shape, generator=g).float() / 8
+    expected = reference.dispatch(x, idx, w, num_experts=num_experts)
+    m = expected.recv_x.shape[0]
+    got = torch_ep.dispatch(x.cuda(), idx.cuda(), w.cuda(), num_experts=num_experts,
+                            num_worst_tokens=300 + 24 * size if worst else 0)
+    rows = got.recv_x.shape[0]
+    use_buffer = who == "all" or rank % 2 == 1
+    backs = [torch.randn(rows, hidden, generator=g).mul(100).to(torch.bfloat16) for _ in range(rounds)]
+    backs_dev = [b.cuda() for b in backs]
+    torch.cuda.synchronize()
+    in_region, results = None, []
+    for back in backs_dev:
+        if use_buffer:
+            buf = torch_ep.combine_buffer(got.handle)
+            assert buf.shape == (rows, hidden) and buf.dtype == torch.bfloat16 and buf.is_cuda
+            again = torch_ep.combine_buffer(got.handle)
+            in_region = again.data_ptr() == buf.data_ptr()  # a plain tensor would be another allocation
+            buf.copy_(back)
+        else:
+            buf = back.clone()
+        checks._poison_cache("cuda", max(n, 1) * hidden * 4)
+        results.append(torch_ep.combine(buf, got.handle, got.recv_topk_weights))
+    for r, (back, comb) in enumerate(zip(backs, results)):
+        want = reference.combine(back[:m], expected.handle, expected.recv_topk_weights)
+        assert same_bits(comb.combined_x.cpu(), want.combined_x), f"combine {r}: combined_x differs"
+        assert torch.equal(comb.combined_topk_weights.cpu(), want.combined_topk_weights), f"combine {r}: weights"
+    dist.barrier()
+    return in_region
+
+
+ZERO_COPY_CASES = [("all", 136, False), ("all", 7, False), ("all", 136, True), ("mix", 136, False),
+                   ("mix", 7, True)]
+
+
+@pytest.mark.parametrize("who,hidden,worst", ZERO_COPY_CASES, ids=lambda v: str(v))
+def test_zero_copy_combine(device_route, who, hidden, worst):
+    """combine_buffer hands out the group's region on the device route (NVSHMEM maps the node's
+    ranks on one GPU), and a combine from it (every rank's, or some ranks' only) equals the
+    reference, also a second one right after (the region's reuse wait)."""
+    got = device_route.run(rank_zero_copy, _seed(), hidden, who, worst)
+    assert all(r is not False for r in got) and any(got), got
+
+
+def rank_zero_copy_by_route(seed):
+    return torch_ep.get_backend().config.internode_device, rank_zero_copy(seed, 136, "all", False, 1)
+
+
+def test_combine_buffer_by_route(cuda_nodes):
+    """The region on the device route; on the host-driven route a plain tensor, and combine works."""
+    for device_route, in_region in cuda_nodes.run(rank_zero_copy_by_route, _seed()):
+        assert in_region == device_route
+
+
+def rank_graph_capture(seed, replays=3, routing="anywhere", zero_copy=False):
     """dispatch + combine with num_worst_tokens captured in one CUDA graph, replayed with new
     inputs of the same shapes: every replay matches the reference. routing "nodes" replays
     node_routing's kinds in turn (own node only, other nodes only, node 0 only, mixed, sparse),
-    so that the own node's counters and the rail's go from some rows to none between replays."""
+    so that the own node's counters and the rail's go from some rows to none between replays.
+    zero_copy: the graph also holds combine_buffer (its wait) and the write of recv_x into it."""
     import torch.distributed as dist
     from torch_ep import reference
     from torch_ep.testing import same_bits
@@ -275,12 +351,21 @@ def rank_graph_capture(seed, replays=3, routing="anywhere"):
         return x.cuda(), idx.cuda(), w.cuda()
 
     x, idx, w = fixed(seed)
-    step = lambda: (lambda d: (d, torch_ep.combine(d.recv_x, d.handle)))(  # noqa: E731
-        torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst))
+
+    def step():
+        d = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst)
+        if not zero_copy:
+            return d, torch_ep.combine(d.recv_x, d.handle)
+        buf = torch_ep.combine_buffer(d.handle)
+        buf.copy_(d.recv_x)
+        return d, torch_ep.combine(buf, d.handle)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()  # warm up outside the capture (the first call allocates the buffers)
+        warm, _ = step()  # warm up outside the capture (the first call allocates the buffers)
+        if zero_copy:  # the group's region, not a plain tensor
+            assert torch_ep.combine_buffer(warm.handle).data_ptr() == torch_ep.combine_buffer(warm.handle).data_ptr()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     dist.barrier()
@@ -305,10 +390,11 @@ def rank_graph_capture(seed, replays=3, routing="anywhere"):
     return True
 
 
-@pytest.mark.parametrize("routing", ["anywhere", "nodes"])
+@pytest.mark.parametrize("routing", ["anywhere", "nodes", "nodes-zero-copy"])
 def test_graph_capture_and_replay(device_route, routing):
     replays = 3 if routing == "anywhere" else 6
-    assert all(device_route.run(rank_graph_capture, _seed(), replays, routing))
+    assert all(device_route.run(rank_graph_capture, _seed(), replays, routing.split("-")[0],
+                                routing.endswith("zero-copy")))
 
 
 def test_compile_fullgraph_with_num_worst_tokens(device_route):

@@ -144,6 +144,11 @@ def test_alignment_async_and_worst_case_across_nodes():
     pool.run(test_moe.rank_many_tokens, _seed())
 
 
+def test_combine_buffer_across_nodes():
+    """CPU groups have no zero-copy region: a plain tensor, and combine from it, across nodes too."""
+    virtual_nodes("2x2").run(test_moe.rank_combine_buffer, _seed())
+
+
 def test_torch_compile_across_nodes():
     virtual_nodes("2x2").run(test_moe.rank_compiled, _seed())
 

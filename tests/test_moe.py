@@ -292,6 +292,36 @@ def test_num_worst_tokens(pool):
     pool.run(rank_worst_case, _seed())
 
 
+def rank_combine_buffer(seed, device="cpu"):
+    """combine_buffer off the device route across nodes (CPU, one node, the host route): a plain
+    [M, H] tensor on the handle's device, bfloat16 unless asked (M: the rows received, or
+    num_worst_tokens), and a combine from it equals the reference. Bad arguments raise naming
+    themselves, and the group goes on."""
+    num_experts, g, x, idx, w = make_inputs(seed, "random", 16, 3, 2, torch.bfloat16, device)
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    for worst in (0, 24 * dist.get_world_size()):
+        d = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst)
+        buf = torch_ep.combine_buffer(d.handle)
+        assert tuple(buf.shape) == tuple(d.recv_x.shape) and buf.dtype == torch.bfloat16 and buf.device == x.device
+        back = torch.randint(-60, 60, tuple(buf.shape), generator=g).to(torch.bfloat16)
+        buf.copy_(back)
+        got = torch_ep.combine(buf, d.handle, d.recv_topk_weights)
+        m = expected.recv_x.shape[0]
+        want = reference.combine(back[:m], expected.handle, expected.recv_topk_weights)
+        assert same_bits(got.combined_x.cpu(), want.combined_x)
+        assert torch.equal(got.combined_topk_weights.cpu(), want.combined_topk_weights)
+    wide = torch_ep.combine_buffer(d.handle, torch.float32, hidden=5)
+    assert tuple(wide.shape) == (d.recv_x.shape[0], 5) and wide.dtype == torch.float32
+    _raises(lambda: torch_ep.combine_buffer(expected.handle), TypeError, "handle")
+    _raises(lambda: torch_ep.combine_buffer(d.handle, torch.int32), TypeError, "dtype")
+    _raises(lambda: torch_ep.combine_buffer(d.handle, hidden=0), ValueError, "hidden")
+    assert torch_ep.combine(d.recv_x, d.handle).combined_x.shape == x.shape  # the group goes on
+
+
+def test_combine_buffer(pool):
+    pool.run(rank_combine_buffer, _seed())
+
+
 def rank_worst_overflow(seed):
     """More rows than num_worst_tokens: on CPU the receiving rank raises at once, naming the
     dispatch, the rows that arrived and num_worst_tokens; torch_ep.check_errors() has nothing

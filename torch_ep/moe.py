@@ -15,7 +15,7 @@ import torch.distributed as dist
 from . import _C  # noqa: F401  (registers the ep:: ops)
 from .types import CombineResult, DispatchHandle, DispatchLayout, DispatchResult, Payload, send_matrix_size
 
-__all__ = ["get_dispatch_layout", "dispatch", "combine", "MoEWork"]
+__all__ = ["get_dispatch_layout", "dispatch", "combine", "combine_buffer", "MoEWork"]
 
 
 def _group(group):
@@ -239,7 +239,8 @@ def _new_route(x_data, x_scales, topk_idx, topk_weights, num_experts, num_worst_
     outputs, work = _issue_dispatch(x_data, x_scales, topk_idx, topk_weights, None, None, num_experts,
                                     num_worst_tokens, name, layout_meta, layout_header, async_op)
     handle = DispatchHandle(name, size, num_experts, x_data.shape[0],
-                            layout_meta if layout_meta is not None else outputs[4], outputs[5], num_worst_tokens)
+                            layout_meta if layout_meta is not None else outputs[4], outputs[5], num_worst_tokens,
+                            x_data.shape[1] if x_data.dim() == 2 else 0)
     return outputs, handle, work
 
 
@@ -281,6 +282,49 @@ def _combine_along(x, handle: DispatchHandle, topk_weights, name: str, async_op=
     else:
         op, args = _combine_op, (x, topk_weights, handle.meta, handle.counts, handle.num_experts, name)
     return _run(lambda: op(*args), [x, topk_weights], True) if async_op else (op(*args), None)
+
+
+COMBINE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@torch.compiler.disable
+def combine_buffer(handle: DispatchHandle, dtype: Optional[torch.dtype] = None, *,
+                   hidden: Optional[int] = None) -> torch.Tensor:
+    """The [M, H] tensor to write expert outputs into, for combine(it, handle): M the rows the
+    dispatch of `handle` delivered to this rank (its recv_x rows: num_worst_tokens where given),
+    H the dispatch's hidden size unless `hidden` is given, `dtype` bfloat16 unless given
+    (DeepEP's combine dtype; float16 and float32 are taken too).
+
+    Where the dispatch took the device route across nodes, it is this rank's region of the
+    group's NVSHMEM buffer: a combine given it as x leaves the rows where they are, and the
+    ranks of this node read them there (zero copy, as low_latency_combine_buffer). Before
+    returning, it queues on the current stream a wait (on the device, bounded by the group's
+    timeout; capturable in a CUDA graph) until those ranks are done reading the region in the
+    previous combine, so the caller's kernels may write it at once: call it before each combine
+    and write only the tensor of that call. Elsewhere (CPU, one node, the host-driven route, a
+    node whose ranks do not map each other, or a region too small: Options.internode_combine_rows)
+    it is a plain torch.empty of that shape on the handle's device, so code stays portable.
+    Eager only: under torch.compile it runs outside the graph (a graph break).
+    """
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"handle: expected the DispatchHandle of a torch_ep dispatch, got {type(handle).__name__}")
+    dtype = torch.bfloat16 if dtype is None else dtype
+    if dtype not in COMBINE_DTYPES:
+        raise TypeError(f"dtype: combine takes bfloat16, float16 or float32, got {dtype}")
+    hidden = handle.hidden if hidden is None else hidden
+    if hidden < 1:
+        raise ValueError(f"hidden: expected a positive hidden size, got {hidden}"
+                         + (" (the handle records none; pass hidden=)" if handle.hidden == 0 else ""))
+    if handle.num_worst_tokens > 0:
+        rows = handle.num_worst_tokens
+    else:
+        recv = handle.recv_counts
+        if any(n < 0 for n in recv):
+            raise ValueError("handle: its dispatch's received rows are known only on the device")
+        rows = sum(recv)
+    device = handle.meta.device
+    region = _C._combine_buffer(handle.group_name, handle.counts, handle.num_experts, rows, hidden, dtype, device)
+    return region if region is not None else torch.empty((rows, hidden), dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------- fake kernels

@@ -57,6 +57,10 @@ ENVIRONMENT = {
                                    "4096); sizes its NVSHMEM buffer, see docs/internode.md",
     "TORCH_EP_INTERNODE_ROW_BYTES": "device route across nodes: the least row stride in bytes its buffer is sized for "
                                     "(default: the first call's rows, at least 16.5 KiB)",
+    "TORCH_EP_INTERNODE_COMBINE_ROWS": "device route across nodes: rows (of that stride) of torch_ep.combine_buffer's "
+                                       "zero-copy region per rank (default 0: ranks x capacity, every row a rank can "
+                                       "receive; 264 MiB at 2x2 and the defaults); a combine_buffer that does not fit "
+                                       "is a plain tensor",
 }
 
 
@@ -119,6 +123,7 @@ class Options:
     internode_node_p2p: bool = field(default_factory=lambda: _env_int("TORCH_EP_INTERNODE_NODE_P2P") != 0)
     internode_capacity: int = field(default_factory=_default("TORCH_EP_INTERNODE_CAPACITY", 4096))
     internode_row_bytes: int = field(default_factory=_default("TORCH_EP_INTERNODE_ROW_BYTES", 0))
+    internode_combine_rows: int = field(default_factory=_default("TORCH_EP_INTERNODE_COMBINE_ROWS", 0))
 
     def __post_init__(self) -> None:
         checks = {
@@ -130,6 +135,7 @@ class Options:
             "ranks_per_node": self.ranks_per_node >= 0,
             "internode_capacity": self.internode_capacity >= 1,
             "internode_row_bytes": self.internode_row_bytes >= 0,
+            "internode_combine_rows": self.internode_combine_rows >= 0,
             "all_to_all_lanes": 0 <= self.all_to_all_lanes <= 32,
             "all_to_all_slot_bytes": self.all_to_all_slot_bytes == 0 or (self.all_to_all_slot_bytes >= 4096 and
                                                                         self.all_to_all_slot_bytes % 4096 == 0),
@@ -174,4 +180,5 @@ class Options:
         config.internode_node_p2p = self.internode_node_p2p
         config.internode_capacity = self.internode_capacity
         config.internode_row_bytes = self.internode_row_bytes
+        config.internode_combine_rows = self.internode_combine_rows
         return config

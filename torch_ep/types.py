@@ -55,6 +55,7 @@ class DispatchHandle:
     meta: torch.Tensor
     counts: torch.Tensor
     num_worst_tokens: int = 0  # > 0: the dispatch's outputs had this many rows
+    hidden: int = 0            # H of the dispatch's x (combine_buffer's default)
 
     @property
     def dispatch_id(self) -> int:

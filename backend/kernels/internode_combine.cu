@@ -8,25 +8,57 @@
 // sums the nodes' (no put to itself, no routes: they are its own dispatch positions). A rank
 // that is the forwarder of its own rows (the sources with its local index) reads them from x in
 // place where x allows it (x_in_place): at 2 ranks a node, half the rows are never pushed.
+// Zero copy: a rank whose x is its combine_in region (combine_buffer; IxCtrl::zero_copy) pushes
+// only its rows' weights; its node's ranks read its rows there through the mapping, and each
+// tells it when they are done (combine_in_done), which combine_buffer waits for before the
+// caller writes the region again.
 #include "backend/kernels/internode_common.cuh"
 
 namespace ep::kernels::ix {
 namespace {
 
-// Where local rank j's row `pos` of source s lies for this rank as its forwarder, and its
-// weights: in x itself for this rank's own rows (x_in_place), else in the stage, pushed there.
+// The zero-copy inputs of this node's other ranks, as this rank reads them: rank j's combine_in
+// through the mapping (null: j pushed its rows) and j's first row from source (m, this rank's
+// local index), j's prefix of that source, at [j * NN + m].
+struct NodeInputs {
+  const char* base[kMaxLocal];
+  int64_t first[kMaxRanks];
+};
+
+// Block-wide, once the count words are complete: j signals them after its notify wrote its prefix,
+// which stays until every rank has started the next call (each waits for all records there).
+__device__ void load_node_inputs(const IxParams& p, NodeInputs& in) {
+  const int L = p.layout.ranks_per_node, NN = p.layout.num_nodes;
+  const uint32_t zero_copy = ctrl(p).zero_copy & ~(1u << p.local);  // its own rows are x (x_in_place)
+  for (int j = threadIdx.x; j < L; j += blockDim.x)
+    in.base[j] = (zero_copy >> j) & 1 ? node_peer(p, at<char>(p.base, p.layout.combine_in()), rank_of(p, p.node, j))
+                                      : nullptr;
+  for (int i = threadIdx.x; i < L * NN; i += blockDim.x)
+    if ((zero_copy >> (i / NN)) & 1)
+      in.first[i] = node_peer(p, &ctrl(p), rank_of(p, p.node, i / NN))->prefix[rank_of(p, i % NN, p.local)];
+  __syncthreads();
+}
+
+// Where local rank j's row `pos` of source s (on node m) lies for this rank as its forwarder, and
+// its weights: this rank's own rows in x itself (x_in_place), a zero-copy rank's in its
+// combine_in (weights pushed into the stage), else both in the stage, pushed there.
 struct LocalRows {
   const IxParams& p;
   const IxCtrl& c;
+  const NodeInputs& in;
   __device__ bool in_place(int j) const { return p.x_in_place && j == p.local; }
+  __device__ const char* staged(int j, int m, int32_t pos) const {
+    return ix::row(p, p.layout.stage(), (int64_t(j) * p.layout.num_nodes + m) * p.layout.capacity + pos);
+  }
   __device__ const char* row(int j, int s, int m, int32_t pos) const {
     if (pos < 0) return nullptr;
     if (in_place(j)) return p.x + (c.prefix[s] + pos) * p.x_bytes;
-    return ix::row(p, p.layout.stage(), (int64_t(j) * p.layout.num_nodes + m) * p.layout.capacity + pos);
+    if (const char* base = in.base[j]) return base + (in.first[j * p.layout.num_nodes + m] + pos) * p.x_bytes;
+    return staged(j, m, pos);
   }
-  __device__ const float* weights(int j, int s, int32_t pos, const char* row) const {
+  __device__ const float* weights(int j, int s, int m, int32_t pos) const {
     if (in_place(j)) return p.topk_weights + (c.prefix[s] + pos) * int64_t(p.num_topk);
-    return reinterpret_cast<const float*>(row + p.off_weights);
+    return reinterpret_cast<const float*>(staged(j, m, pos) + p.off_weights);
   }
 };
 
@@ -64,26 +96,29 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
   // `units` on the forwarder's count word for this rank (a put each for the row and its
   // weights); one closing signal per forwarder adds the total. Stores through the forwarder's
   // mapped buffer count in shared memory and go out in one signal per forwarder at the end
-  // (as the dispatch's forward); puts, where it is not mapped, signal each.
+  // (as the dispatch's forward); puts, where it is not mapped, signal each. Zero copy: the
+  // forwarders read the rows in this rank's combine_in; only their weights go (none without).
   __shared__ int pushed[kMaxLocal];
   if (threadIdx.x < L) pushed[threadIdx.x] = 0;
   __syncthreads();
-  const int units = p.num_topk > 0 ? 2 : 1;
-  const int64_t M = c.prefix[R], warps = int64_t(gridDim.x) * (kThreads / 32);
+  const bool zero_copy = (c.zero_copy >> p.local) & 1;
+  const int units = zero_copy ? (p.num_topk > 0 ? 1 : 0) : (p.num_topk > 0 ? 2 : 1);
+  const int64_t M = units > 0 ? c.prefix[R] : 0, warps = int64_t(gridDim.x) * (kThreads / 32);
   for (int64_t i = int64_t(blockIdx.x) * (kThreads / 32) + warp; i < M; i += warps) {
     const int s = source_of(c.prefix, R, i);
     const int forwarder = rank_of(p, p.node, s % L);
     if (p.x_in_place && forwarder == p.rank) continue;  // read from x by this rank's reduce and receive
     char* dst = row(p, l.stage(), (int64_t(p.local) * NN + s / L) * C + (i - c.prefix[s]));
     if (char* mapped = node_peer(p, dst, forwarder)) {
-      warp_copy(mapped, p.x + i * p.x_bytes, p.x_bytes, lane);
+      if (!zero_copy) warp_copy(mapped, p.x + i * p.x_bytes, p.x_bytes, lane);
       for (int64_t e = lane; e < K; e += 32)
         at<float>(mapped, p.off_weights)[e] = p.topk_weights[i * K + e];
       if (lane == 0) atomicAdd_block(&pushed[s % L], units);
       continue;
     }
-    nvshmemx_putmem_signal_nbi_warp(dst, p.x + i * p.x_bytes, size_t(p.x_bytes), count_word(p, p.local), 1,
-                                    NVSHMEM_SIGNAL_ADD, forwarder);
+    if (!zero_copy)
+      nvshmemx_putmem_signal_nbi_warp(dst, p.x + i * p.x_bytes, size_t(p.x_bytes), count_word(p, p.local), 1,
+                                      NVSHMEM_SIGNAL_ADD, forwarder);
     if (p.num_topk > 0)
       nvshmemx_putmem_signal_nbi_warp(dst + p.off_weights, p.topk_weights + i * K, size_t(4 * K),
                                       count_word(p, p.local), 1, NVSHMEM_SIGNAL_ADD, forwarder);
@@ -134,8 +169,10 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
     }
   __syncthreads();
   if (failed) return;
+  __shared__ NodeInputs inputs;
+  load_node_inputs(p, inputs);
   const int32_t* routes = at<int32_t>(p.base, l.route_recv());
-  const LocalRows local{p, c};
+  const LocalRows local{p, c, inputs};
   for (int m = 0; m < NN; ++m) {
     if (m == p.node) continue;  // the sources sum their own node's rows (combine_receive_kernel)
     const int64_t n = c.relay[m], chunks = (n + kChunkRows - 1) / kChunkRows;
@@ -155,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
           for (int64_t e = lane; e < K; e += 32) {
             float acc = 0.f;
             for (int j = 0; j < L; ++j)
-              if (src[j]) acc += local.weights(j, s, pos[j], src[j])[e];
+              if (src[j]) acc += local.weights(j, s, m, pos[j])[e];
             at<float>(dst, p.off_weights)[e] = acc;
           }
       }
@@ -181,7 +218,8 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const uint64_t seq = ctrl(p).seq;
   const int32_t* token_pos = p.meta + MetaLayout{R, p.num_experts, p.num_tokens}.token_pos();
-  const LocalRows local{p, ctrl(p)};
+  __shared__ NodeInputs inputs;
+  const LocalRows local{p, ctrl(p), inputs};
   __shared__ int failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
@@ -194,6 +232,7 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
     }
   __syncthreads();
   if (failed) return;
+  load_node_inputs(p, inputs);
   const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
   for (int64_t t = int64_t(blockIdx.x) * (kThreads / 32) + warp; t < p.num_tokens; t += warps) {
     bool lost = false;
@@ -207,7 +246,7 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
           break;
         }
       }
-    if (__shfl_sync(0xffffffffu, lost, 0)) return;
+    if (__shfl_sync(0xffffffffu, lost, 0)) break;
     __syncwarp();  // lane 0's acquire of the chunk flags orders the other lanes' reads of the rows
     const int32_t* slots = p.node_pos + t * NN;
     const int32_t* pos = token_pos + t * R + p.node * L;
@@ -224,13 +263,39 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
         } else if (slots[m] >= 0) {
           float part = 0.f;
           for (int j = 0; j < L; ++j)
-            if (const char* r = local_row(j)) part += local.weights(j, p.rank, pos[j], r)[e];
+            if (local_row(j)) part += local.weights(j, p.rank, p.node, pos[j])[e];
           acc += part;
         }
       }
       p.out_weights[t * K + e] = acc;
     }
   }
+  // This rank's reads of its node's zero-copy inputs are over (its reduce kernel ran before):
+  // the last block past its reads tells each such rank, for combine_buffer's wait.
+  const uint32_t zero_copy = ctrl(p).zero_copy & ~(1u << p.local);
+  if (zero_copy == 0) return;
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&ctrl(p).receive_blocks_done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence_system();  // every block's loads before the signals
+  for (int j = threadIdx.x; j < L; j += blockDim.x)
+    if ((zero_copy >> j) & 1)
+      nvshmemx_signal_op(combine_in_done(p, p.local), seq, NVSHMEM_SIGNAL_SET, rank_of(p, p.node, j));
+}
+
+// One warp: lane k waits for node rank k's reads of this rank's combine_in in the last combine
+// that read it (IxCtrl::zero_copy_seq; 0: none yet).
+__global__ void combine_in_wait_kernel(IxParams p) {
+  const int k = int(threadIdx.x);
+  if (k >= p.layout.ranks_per_node || k == p.local) return;
+  const uint64_t deadline = now_ns() + p.timeout_ns;
+  if (!wait_at_least(combine_in_done(p, k), ctrl(p).zero_copy_seq, deadline))
+    ll::report(p.error, kCombineInTimeout, rank_of(p, p.node, k));
 }
 
 }  // namespace
@@ -246,6 +311,11 @@ cudaError_t launch_combine_reduce(const IxParams& p, cudaStream_t stream) {
     case DType::kFloat16: combine_reduce_kernel<__half><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
     default: combine_reduce_kernel<float><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
   }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine_in_wait(const IxParams& p, cudaStream_t stream) {
+  combine_in_wait_kernel<<<1, 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

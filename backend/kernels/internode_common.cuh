@@ -33,6 +33,9 @@ __device__ __forceinline__ uint64_t* row_flag(const IxParams& p, int node, int64
 __device__ __forceinline__ uint64_t* count_word(const IxParams& p, int index) {
   return at<uint64_t>(p.base, p.layout.counts()) + index;
 }
+__device__ __forceinline__ uint64_t* combine_in_done(const IxParams& p, int local) {
+  return at<uint64_t>(p.base, p.layout.combine_in_done()) + local;
+}
 __device__ __forceinline__ uint64_t* route_flag(const IxParams& p, int node) {
   return at<uint64_t>(p.base, p.layout.route_flags()) + node;
 }

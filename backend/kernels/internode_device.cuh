@@ -22,6 +22,10 @@
 //   rail_recv  [NN][C] rows   dispatch: what rail peers sent, by source node and rail slot;
 //                             combine: the sums per node, at the source
 //   stage      [R][C]  rows   combine: rows back, by (sending local rank j, source node m) = j * NN + m
+//                             (only their weights where j's rows are read in place: zero copy)
+//   combine_in [combine_rows] rows   combine: the zero-copy input (combine_buffer), dense [M, H]:
+//                             where a rank's x is this region, its node's ranks read its rows here
+//                             through the mapping instead of having them pushed into their stage
 //   route_send/route_recv [NN][C][L] int32  combine: each relayed token's row index at every
 //                             local rank of the node (the dispatch's forward positions)
 //   own_slots  [L][C] int32   dispatch: for own-node rank j, the packed row (token index, in
@@ -31,7 +35,9 @@
 //                             sends this rank, in its row order (the forwarder writes them)
 //   records    send [R], recv [2][R]   the notify step's per-call records (parity of seq)
 //   signals    notify [2][R], chunk [NN][C/B] (combine), route [NN], count [R],
-//              row [NN][C] (dispatch: one per rail slot, set by the put of that row) (uint64)
+//              row [NN][C] (dispatch: one per rail slot, set by the put of that row),
+//              combine_in_done [L] (node rank k: the last call whose reads of this rank's
+//              combine_in k has finished) (uint64)
 //   ctrl       this rank's device state of the call (IxCtrl)
 // Calls are numbered on the device (ctrl.seq, the same on every rank since every call is
 // collective): notify, chunk and row signals are SET to seq and waited for with >= seq, counters
@@ -69,6 +75,7 @@ enum ErrorKind : int {
   kCombineTimeout = 5,  // combine: a node's sums never came (peer: its forwarder)
   kRejected = 6,        // a call no host waited for was refused by rank `peer` (its status)
   kOverflow = 7,        // a dispatch received more rows than num_worst_tokens (peer: this rank)
+  kCombineInTimeout = 8,  // combine_buffer: node rank `peer` never finished reading this rank's combine_in
 };
 EP_HOST_DEVICE inline int error_kind(int code) { return code / 65536; }
 EP_HOST_DEVICE inline int error_peer(int code) { return code % 65536 - 1; }
@@ -90,6 +97,8 @@ struct IxRecordHeader {
   int32_t id_min, id_max;  // expert ids seen (dispatch without handle)
   int32_t rows;        // tokens I send to you
   int32_t relay_rows;  // tokens I send to your node through you (you are my rail peer there)
+  int32_t zero_copy;   // combine: my x is my combine_in region (my node's ranks may read it in place)
+  int32_t maps_node;   // combine: I map every rank of my node (node_p2p): I can read their combine_in
 };
 struct IxRecord : IxRecordHeader {
   int32_t rows_per_expert[kMaxLocalExperts];  // dispatch without handle: per expert of yours
@@ -112,25 +121,32 @@ struct IxHostCtrl {
 };
 
 // Device state of the current call, in the symmetric buffer (never read by peers).
+// Node peers read `prefix` through the mapping (zero copy) between their call's notify and the next.
 struct IxCtrl {
   uint64_t seq;
   int32_t ok;
-  int32_t pad;
+  uint32_t zero_copy;              // combine: bit j set where node rank j's rows are read in its combine_in
   int64_t prefix[kMaxRanks + 1];   // received rows before each source; [R] = total
   int32_t recv[kMaxRanks];
   int32_t relay[kMaxRanks];        // [NN] tokens the rail peer on node m sends through this rank
+  uint64_t zero_copy_seq;          // the last call whose combine read this rank's combine_in (0: none)
+  uint32_t receive_blocks_done;    // combine_receive_kernel's blocks past their reads (the last resets it)
+  int32_t pad;
 };
 
 struct IxLayout {
   int num_ranks, num_nodes, ranks_per_node;
-  int64_t capacity;   // C
-  int64_t row_bytes;  // W, a multiple of 16
+  int64_t capacity;      // C
+  int64_t row_bytes;     // W, a multiple of 16
+  int64_t combine_rows;  // rows of W bytes in combine_in (Options.internode_combine_rows)
 
   EP_HOST_DEVICE int64_t chunks() const { return (capacity + kChunkRows - 1) / kChunkRows; }
   EP_HOST_DEVICE int64_t rail_send() const { return 0; }
   EP_HOST_DEVICE int64_t rail_recv() const { return rail_send() + num_nodes * capacity * row_bytes; }
   EP_HOST_DEVICE int64_t stage() const { return rail_recv() + num_nodes * capacity * row_bytes; }
-  EP_HOST_DEVICE int64_t route_send() const { return stage() + int64_t(num_ranks) * capacity * row_bytes; }
+  EP_HOST_DEVICE int64_t combine_in() const { return align(stage() + int64_t(num_ranks) * capacity * row_bytes); }
+  EP_HOST_DEVICE int64_t combine_in_bytes() const { return combine_rows * row_bytes; }
+  EP_HOST_DEVICE int64_t route_send() const { return align(combine_in() + combine_in_bytes()); }
   EP_HOST_DEVICE int64_t route_recv() const { return route_send() + align(num_nodes * capacity * ranks_per_node * 4); }
   EP_HOST_DEVICE int64_t own_slots() const { return route_recv() + align(num_nodes * capacity * ranks_per_node * 4); }
   EP_HOST_DEVICE int64_t relay_slots() const { return own_slots() + align(ranks_per_node * capacity * 4); }
@@ -141,7 +157,8 @@ struct IxLayout {
   EP_HOST_DEVICE int64_t route_flags() const { return chunk_flags() + num_nodes * chunks() * 8; }
   EP_HOST_DEVICE int64_t row_flags() const { return route_flags() + num_nodes * 8; }
   EP_HOST_DEVICE int64_t counts() const { return row_flags() + num_nodes * capacity * 8; }
-  EP_HOST_DEVICE int64_t ctrl() const { return align(counts() + num_ranks * 8); }
+  EP_HOST_DEVICE int64_t combine_in_done() const { return counts() + num_ranks * 8; }
+  EP_HOST_DEVICE int64_t ctrl() const { return align(combine_in_done() + ranks_per_node * 8); }
   EP_HOST_DEVICE int64_t total_bytes() const { return align(ctrl() + int64_t(sizeof(IxCtrl))); }
   EP_HOST_DEVICE static int64_t align(int64_t b) { return (b + 255) / 256 * 256; }
 };
@@ -213,5 +230,8 @@ cudaError_t launch_dispatch_receive(const IxParams& p, cudaStream_t stream);
 cudaError_t launch_combine_push(const IxParams& p, cudaStream_t stream);
 cudaError_t launch_combine_reduce(const IxParams& p, cudaStream_t stream);
 cudaError_t launch_combine_receive(const IxParams& p, cudaStream_t stream);
+// combine_buffer: waits (bounded) until this node's ranks are done reading this rank's
+// combine_in in the last combine that read it, so that the caller may write it.
+cudaError_t launch_combine_in_wait(const IxParams& p, cudaStream_t stream);
 
 }  // namespace ep::kernels::ix

@@ -120,6 +120,16 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
     c.prefix[R] = total;
     p.host->total_recv = total;
     for (int m = 0; m < NN; ++m) c.relay[m] = p.host->relay[m] = ok ? got[rank_of(p, m, p.local)].relay_rows : 0;
+    // Zero copy: node rank j's rows are read in its combine_in where j's x is that region and every
+    // rank of the node maps its peers; every rank of the node sees the same records, so all agree.
+    uint32_t zero_copy = 0;
+    bool maps = ok && p.op == kCombine;
+    for (int j = 0; j < L && maps; ++j) maps = got[rank_of(p, p.node, j)].maps_node != 0;
+    for (int j = 0; j < L && maps; ++j)
+      if (got[rank_of(p, p.node, j)].zero_copy) zero_copy |= 1u << j;
+    c.zero_copy = zero_copy;
+    if ((zero_copy >> p.local) & 1) c.zero_copy_seq = seq;
+    c.receive_blocks_done = 0;
     c.ok = ok;
   }
   for (int s = threadIdx.x; s < R; s += blockDim.x) p.host->send[s] = p.meta[ml.tokens_per_rank() + s];

@@ -5,11 +5,15 @@
 
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <pybind11/stl.h>
+
 #include "backend/kernels/moe_meta.hpp"
 #include "backend/ops/moe_protocol.hpp"
+#include "backend/ops/register_moe.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 
 namespace ep::moe {
@@ -258,6 +262,20 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const std::optional<Tensor>&
   return {o.combined_x, o.combined_topk_weights};
 }
 
+// torch_ep.combine_buffer's region, or None where the caller makes a plain tensor: a CPU handle,
+// a group on one node, another route. Eager only (not an op): it hands out persistent memory.
+std::optional<Tensor> combine_buffer(const std::string& group_name, const Tensor& handle_counts, int64_t num_experts,
+                                     int64_t rows, int64_t hidden, at::ScalarType dtype, const at::Device& device) {
+  const char* op = "combine_buffer";
+  if (!device.is_cuda()) return std::nullopt;
+  ProcessGroupEP& group = resolve_group(group_name, device, op);
+  const int64_t R = group.getSize();
+  check_experts(op, num_experts, R);
+  const HandleCounts h = HandleCounts::parse(counts_vector(op, handle_counts), R, num_experts / R);
+  Tensor region = combine_buffer_cuda(group, h, rows, hidden, dtype, device);
+  return region.defined() ? std::optional<Tensor>(region) : std::nullopt;
+}
+
 }  // namespace
 
 #ifndef TORCH_EP_WITH_CUDA
@@ -269,6 +287,9 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP&, const DispatchArgs&) {
 }
 CombineOutputs combine_cuda(ProcessGroupEP&, const CombineArgs&) {
   TORCH_CHECK(false, "combine: torch_ep was built without CUDA support");
+}
+Tensor combine_buffer_cuda(ProcessGroupEP&, const HandleCounts&, int64_t, int64_t, at::ScalarType, const at::Device&) {
+  return {};
 }
 #endif
 
@@ -310,3 +331,14 @@ TORCH_LIBRARY_IMPL(ep, CUDA, m) {
 }
 
 }  // namespace ep::moe
+
+namespace ep {
+
+void register_moe(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("_combine_buffer", &moe::combine_buffer, py::arg("group_name"), py::arg("handle_counts"),
+        py::arg("num_experts"), py::arg("rows"), py::arg("hidden"), py::arg("dtype"), py::arg("device"),
+        "torch_ep.combine_buffer's zero-copy region, or None (the caller makes a plain tensor)");
+}
+
+}  // namespace ep

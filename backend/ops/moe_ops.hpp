@@ -98,5 +98,9 @@ at::Tensor sizes_on_host(ProcessGroupEP& group, const at::Tensor& host_header, c
                          int64_t num_experts, int64_t num_tokens, const char* op);
 DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& args);
 CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& args);
+// torch_ep.combine_buffer's zero-copy region [rows, hidden] (moe_internode_cuda.cpp), where the
+// handle's dispatch took the device route across nodes; undefined elsewhere (a plain tensor does).
+at::Tensor combine_buffer_cuda(ProcessGroupEP& group, const HandleCounts& handle_counts, int64_t rows,
+                               int64_t hidden, at::ScalarType dtype, const at::Device& device);
 
 }  // namespace ep::moe

@@ -46,6 +46,8 @@ struct Config {
   int64_t internode_capacity = 4096;    // device route: most tokens per rank per call (sizes its buffer)
   int64_t internode_row_bytes = 0;      // device route: least row stride its buffer is sized for (0: from
                                         // the first call, at least 16.5 KiB)
+  int64_t internode_combine_rows = 0;   // device route: rows (of that stride) of combine_buffer's region
+                                        // (0: ranks x internode_capacity, every row a rank can receive)
 };
 
 }  // namespace ep

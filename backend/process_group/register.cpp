@@ -42,7 +42,8 @@ void register_process_group(py::module_& m) {
       .def_readwrite("internode_a2a_device", &Config::internode_a2a_device)
       .def_readwrite("internode_node_p2p", &Config::internode_node_p2p)
       .def_readwrite("internode_capacity", &Config::internode_capacity)
-      .def_readwrite("internode_row_bytes", &Config::internode_row_bytes);
+      .def_readwrite("internode_row_bytes", &Config::internode_row_bytes)
+      .def_readwrite("internode_combine_rows", &Config::internode_combine_rows);
 
   py::class_<Topology>(m, "Topology", "Where the ranks of an 'ep' group sit (backend/transport/topology.hpp).")
       .def_readonly("rank", &Topology::rank)

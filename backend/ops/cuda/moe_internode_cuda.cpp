@@ -137,6 +137,17 @@ CombineOutputs combine_cuda_internode(ProcessGroupEP& group, const CombineArgs& 
   }
 }
 
+Tensor combine_buffer_cuda(ProcessGroupEP& group, const HandleCounts& h, int64_t rows, int64_t hidden,
+                           at::ScalarType dtype, const at::Device& device) {
+  if (!group.topology().multi_node() || !group.config().internode_device) return {};
+  c10::cuda::CUDAGuard guard(device);
+  try {
+    return combine_buffer_cuda_internode_device(group, h, rows, hidden, dtype, device);
+  } catch (const CommError& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+}
+
 #else
 
 DispatchOutputs dispatch_cuda_internode(ProcessGroupEP& group, const DispatchArgs& a) {
@@ -145,6 +156,10 @@ DispatchOutputs dispatch_cuda_internode(ProcessGroupEP& group, const DispatchArg
 }
 CombineOutputs combine_cuda_internode(ProcessGroupEP& group, const CombineArgs& a) {
   group.internode_transport(a.x.device(), "combine");
+  return {};
+}
+at::Tensor combine_buffer_cuda(ProcessGroupEP&, const HandleCounts&, int64_t, int64_t, at::ScalarType,
+                               const at::Device&) {
   return {};
 }
 

@@ -3,6 +3,8 @@
 // waits at most once, for the notify step's counts (mapped pinned memory), to size a dispatch's
 // outputs (not at all with num_worst_tokens), and a combine waits for the notify's verdict only
 // where its dispatch waited too (so that bad calls raise at the call, as on the other routes).
+// combine_buffer hands out this rank's combine_in region; a combine whose x is that region is
+// read there in place by the node's ranks (zero copy; internode_combine.cu).
 #ifdef TORCH_EP_WITH_NVSHMEM
 #include "backend/ops/cuda/moe_internode_device.hpp"
 
@@ -52,8 +54,9 @@ bool device_route_handle(const std::vector<int64_t>& tail, const Topology& t) {
 InternodeBuffer& buffer_for(ProcessGroupEP& group, InternodeTransport& transport, int64_t row_bytes,
                             cudaStream_t stream, const char* op) {
   const Config& c = group.config();
-  InternodeBuffer& b =
-      transport.moe(c.internode_capacity, c.internode_row_bytes > 0 ? c.internode_row_bytes : kDefaultRowBytes);
+  InternodeBuffer& b = transport.moe(c.internode_capacity,
+                                     c.internode_row_bytes > 0 ? c.internode_row_bytes : kDefaultRowBytes,
+                                     c.internode_combine_rows);
   b.check(op);
   if (!b.allocated()) {
     TORCH_CHECK(!stream_capturing(stream), op, ": the group's first call across nodes allocates its NVSHMEM buffer "
@@ -268,6 +271,11 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   mine.dtype = int64_t(a.x.scalar_type());
   mine.has_weights = K > 0;
   mine.num_tokens = a.x.size(0);
+  // Zero copy: x is the region combine_buffer handed out, and this rank maps its node's ranks;
+  // the notify reads it in place only where every rank of the node maps its peers.
+  mine.maps_node = group.config().internode_node_p2p && buf.maps_node_peers();
+  mine.zero_copy = mine.maps_node && a.x.data_ptr() == buf.combine_in() &&
+                   a.x.size(0) * x_bytes <= buf.combine_in_bytes();
   if (!device_route_handle(h.internode, topo)) {
     mine.status = ix::kBadHandle;
   } else if (stride > buf.row_bytes()) {
@@ -316,6 +324,29 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
     TORCH_CHECK_VALUE(false, op, " on rank ", rank, ": ", refusal(mine, buf));
   }
   return o;
+}
+
+Tensor combine_buffer_cuda_internode_device(ProcessGroupEP& group, const HandleCounts& h, int64_t rows,
+                                            int64_t hidden, at::ScalarType dtype, const at::Device& device) {
+  const char* op = "combine_buffer";
+  // A handle of this route means its dispatch made the transport and allocated the buffer: no
+  // collective step here (ranks may call this or not, each for itself).
+  if (!device_route_handle(h.internode, group.topology())) return {};
+  InternodeBuffer* buf = group.internode_transport(device, op)->moe_if_made();
+  if (!buf || !buf->allocated() || !group.config().internode_node_p2p || !buf->maps_node_peers()) return {};
+  buf->check(op);
+  const int64_t bytes = rows * hidden * int64_t(c10::elementSize(dtype));
+  if (bytes > buf->combine_in_bytes()) {
+    TORCH_WARN_ONCE("combine_buffer: ", rows, " rows of hidden ", hidden, " (", dtype, ") take ", bytes,
+                    " bytes, more than the ", buf->combine_in_bytes(), " of this group's zero-copy region; returning "
+                    "a plain tensor (combine pushes its rows). Raise Options.internode_combine_rows "
+                    "(TORCH_EP_INTERNODE_COMBINE_ROWS) for zero copy");
+    return {};
+  }
+  // The caller's kernels write the region next: first the node's ranks must be done reading it.
+  const ix::IxParams p = buf->params();
+  EP_CUDA_CHECK(ix::launch_combine_in_wait(p, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+  return at::from_blob(buf->combine_in(), {rows, hidden}, at::TensorOptions().dtype(dtype).device(device));
 }
 
 }  // namespace ep::moe

@@ -14,5 +14,10 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
                                                const DispatchArgs& a);
 CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTransport& transport,
                                              const CombineArgs& a);
+// This rank's zero-copy combine input [rows, hidden] of `dtype`, once the node's ranks are done
+// reading it (a wait queued on the current stream); undefined where the handle's dispatch did not
+// take this route, the node's ranks are not all mapped, or it does not fit.
+at::Tensor combine_buffer_cuda_internode_device(ProcessGroupEP& group, const HandleCounts& h, int64_t rows,
+                                                int64_t hidden, at::ScalarType dtype, const at::Device& device);
 
 }  // namespace ep::moe

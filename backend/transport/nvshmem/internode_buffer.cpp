@@ -17,7 +17,7 @@ namespace ep {
 namespace ix = kernels::ix;
 
 InternodeBuffer::InternodeBuffer(const Topology& topology, int device, std::chrono::milliseconds timeout,
-                                 int64_t capacity, int64_t min_row_bytes)
+                                 int64_t capacity, int64_t min_row_bytes, int64_t combine_rows)
     : topology_(topology), device_(device), timeout_(timeout) {
   if (topology.size > ix::kMaxRanks || topology.ranks_per_node > ix::kMaxLocal)
     throw CommError("torch_ep: dispatch/combine across nodes on the device support up to " +
@@ -29,6 +29,7 @@ InternodeBuffer::InternodeBuffer(const Topology& topology, int device, std::chro
   layout_.ranks_per_node = topology.ranks_per_node;
   layout_.capacity = capacity;
   layout_.row_bytes = (std::max<int64_t>(min_row_bytes, 16) + 15) / 16 * 16;
+  layout_.combine_rows = combine_rows > 0 ? combine_rows : topology.size * capacity;
   EP_CUDA_CHECK(cudaSetDevice(device));
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(int), cudaHostAllocMapped));
   *error_host_ = 0;
@@ -53,6 +54,9 @@ void InternodeBuffer::reserve(int64_t row_bytes) {
   EP_CUDA_CHECK(cudaMemset(base + layout_.notify_flags(), 0, size_t(layout_.total_bytes() - layout_.notify_flags())));
   EP_CUDA_CHECK(cudaDeviceSynchronize());
   nvshmem_barrier_all();  // no peer puts here before the memset above
+  maps_node_peers_ = true;  // a node reads its ranks' combine_in in place only where all map each other
+  for (int peer : topology_.node_ranks())
+    maps_node_peers_ = maps_node_peers_ && nvshmem::peer_ptr(base, peer) != nullptr;
   int sms = 0;
   EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_));
   num_blocks_ = std::max(1, sms);
@@ -78,6 +82,9 @@ std::string InternodeBuffer::describe(int code) const {
     case ix::kCombineTimeout:
       return who + " (receiving a combine across nodes) waited" + waited + " for the sums of rank " +
              std::to_string(peer);
+    case ix::kCombineInTimeout:
+      return who + " (combine_buffer) waited" + waited + " for rank " + std::to_string(peer) + " to finish reading "
+             "this rank's combine input of the last combine across nodes";
     case ix::kRejected:
       return "rank " + std::to_string(peer) + " refused a dispatch/combine across nodes whose results no host "
              "waited for (num_worst_tokens; its outputs are padding only); call it without num_worst_tokens to see why";

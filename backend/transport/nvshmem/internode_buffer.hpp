@@ -2,8 +2,9 @@
 // backend/kernels/internode_device.cuh), its host-mapped error word and notify results.
 //
 // Allocated collectively by the group's first such dispatch, sized by the capacity C (tokens per
-// rank per call, Options.internode_capacity) and the row stride W (the larger of that call's
-// rows, a bf16 combine of its hidden size, and Options.internode_row_bytes); never grown, so
+// rank per call, Options.internode_capacity), the row stride W (the larger of that call's
+// rows, a bf16 combine of its hidden size, and Options.internode_row_bytes) and the rows of the
+// zero-copy combine input (Options.internode_combine_rows, 0: R x C); never grown, so
 // that a captured CUDA graph stays valid: a call needing more is refused on every rank. Never
 // freed: nvshmem_free is collective and ranks leave at different times.
 // Header without NVSHMEM types.
@@ -21,8 +22,9 @@ namespace ep {
 
 class InternodeBuffer {
  public:
+  // combine_rows: rows of W bytes in combine_in, 0 for R x capacity (every row a rank can receive).
   InternodeBuffer(const Topology& topology, int device, std::chrono::milliseconds timeout, int64_t capacity,
-                  int64_t min_row_bytes);
+                  int64_t min_row_bytes, int64_t combine_rows);
   ~InternodeBuffer();
   InternodeBuffer(const InternodeBuffer&) = delete;
   InternodeBuffer& operator=(const InternodeBuffer&) = delete;
@@ -33,6 +35,12 @@ class InternodeBuffer {
   bool allocated() const { return base_ != nullptr; }
   int64_t capacity() const { return layout_.capacity; }
   int64_t row_bytes() const { return layout_.row_bytes; }
+  // The zero-copy combine input (combine_buffer), this rank's region, and its size in bytes.
+  char* combine_in() const { return base_ ? base_ + layout_.combine_in() : nullptr; }
+  int64_t combine_in_bytes() const { return layout_.combine_in_bytes(); }
+  // Whether NVSHMEM maps every rank of this node here (load/store through nvshmem_ptr): where
+  // one rank of a node does not, none of its ranks' combine inputs are read in place.
+  bool maps_node_peers() const { return maps_node_peers_; }
   // Raises (naming `op`) a timeout a kernel reported. Timeouts leave the buffer's signals out
   // of step with the peers', so after one every call raises.
   void check(const char* op);
@@ -60,6 +68,7 @@ class InternodeBuffer {
   int num_blocks_ = 1;
   kernels::ix::IxLayout layout_{};
   char* base_ = nullptr;  // symmetric
+  bool maps_node_peers_ = false;
   int* error_host_ = nullptr;  // pinned, mapped
   int* error_device_ = nullptr;
   kernels::ix::IxHostCtrl* ctrl_host_ = nullptr;  // pinned, mapped

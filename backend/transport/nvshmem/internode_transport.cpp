@@ -29,8 +29,10 @@ InternodeTransport::InternodeTransport(Rendezvous& group_rdv, const Topology& to
   net_ = std::make_unique<NvshmemExchange>(topology.rank, topology.size, nc);
 }
 
-InternodeBuffer& InternodeTransport::moe(int64_t capacity, int64_t min_row_bytes) {
-  if (!moe_) moe_ = std::make_unique<InternodeBuffer>(topology_, config_.device, config_.timeout, capacity, min_row_bytes);
+InternodeBuffer& InternodeTransport::moe(int64_t capacity, int64_t min_row_bytes, int64_t combine_rows) {
+  if (!moe_)
+    moe_ = std::make_unique<InternodeBuffer>(topology_, config_.device, config_.timeout, capacity, min_row_bytes,
+                                             combine_rows);
   return *moe_;
 }
 

@@ -29,7 +29,7 @@ class InternodeTransport {
   // Peers indexed by group rank (= NVSHMEM PE).
   NvshmemExchange& net() { return *net_; }
   // The buffer of the device-driven dispatch/combine; made (not yet allocated) on first use.
-  InternodeBuffer& moe(int64_t capacity, int64_t min_row_bytes);
+  InternodeBuffer& moe(int64_t capacity, int64_t min_row_bytes, int64_t combine_rows);
   InternodeBuffer* moe_if_made() { return moe_.get(); }
 
  private:
