@@ -27,7 +27,8 @@
 #     tests alone), deep_ep_bench (the both-API benchmark alone), deep_ep_overhead
 #     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
 #     (tools/moe_profile.py), copy_tests (the MoE copy variants' GPU tests), internode_bench,
-#     (TORCH_EP_INTERNODE_BENCH_ARGS adds arguments, e.g. --no-host-route),
+#     (TORCH_EP_INTERNODE_BENCH_ARGS adds arguments, e.g. --no-host-route; TORCH_EP_INTERNODE_BENCH the
+#     topologies, default 2x2), ll_remote_bench (the low-latency ops with the remote path forced, same topologies),
 #     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
 #     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), timeouts, a2a_bench (at
 #     TORCH_EP_PENDING_BENCH_RANKS), a2a_sweep (benchmarks/all_to_all_sweep.py: the device
@@ -230,12 +231,25 @@ if [ "$WHAT" = pending ]; then
     grep "^rank 0" "$LOGS/moe_profile_2ranks.log" >> "$SUMMARY"
   fi
   if [[ $STEPS == *" internode_bench "* ]]; then
-    step "internode benchmark, 2x2 virtual nodes (device route, host route, intranode)"
-    NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_SYMMETRIC_SIZE=3G \
-      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-33} timeout 150 torchrun --standalone \
-      --nproc-per-node 4 benchmarks/internode.py --ranks-per-node 2 --out "$LOGS/internode_2x2" \
-      ${TORCH_EP_INTERNODE_BENCH_ARGS:-} > "$LOGS/internode_bench_2x2.log" 2>&1 || STATUS=1
-    tail -18 "$LOGS/internode_bench_2x2.log" >> "$SUMMARY"
+    # TORCH_EP_INTERNODE_BENCH picks the topologies (default 2x2); every rank gets an equal
+    # share of the GPU's 132 SMs.
+    for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
+      R=$(( ${TOPO%x*} * ${TOPO#*x} ))
+      step "internode benchmark, $TOPO virtual nodes (device route, host route, intranode)"
+      NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_SYMMETRIC_SIZE=3G \
+        CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-$((132 / R))} timeout 150 \
+        torchrun --standalone --nproc-per-node "$R" benchmarks/internode.py --ranks-per-node "${TOPO#*x}" \
+        --out "$LOGS/internode_$TOPO" ${TORCH_EP_INTERNODE_BENCH_ARGS:-} > "$LOGS/internode_bench_$TOPO.log" 2>&1 || STATUS=1
+      tail -18 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
+    done
+  fi
+  if [[ $STEPS == *" ll_remote_bench "* ]]; then
+    for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
+      R=$(( ${TOPO%x*} * ${TOPO#*x} ))
+      step "low-latency benchmark, $TOPO virtual nodes, remote path forced against intranode"
+      run_bench "$R" 120 "ll_remote_bench_$TOPO.log" 12 benchmarks/low_latency.py --remote-ranks-per-node "${TOPO#*x}" \
+        --out "$LOGS/low_latency_remote_$TOPO"
+    done
   fi
   if [[ $STEPS == *" internode_profile "* ]]; then
     step "internode profile, 2x2 virtual nodes (each kernel's time per call, every rank)"
