@@ -32,7 +32,7 @@ bytes/rank is the mean over ranks. Two timing methods, each for every implementa
             microsecond of the call (and the ranks' skew leaving the barrier) is on the clock.
   stream    DeepEP's bench: L2 flushed once, then --stream-calls calls back to back, each between
             two events, no barrier; the time is the mean over calls (the first dropped) of the
-            slowest rank's. The host prepares a call while the GPU still runs the previous one,
+            slowest rank's, the median over --stream-rounds such rounds (the ops take turns). The host prepares a call while the GPU still runs the previous one,
             as in a model's forward pass; DeepEP's published figures are measured this way. Before timing, ep's outputs are checked bit for bit against torch_ep.reference's on the
 same inputs (integer-valued x, so that combine's sums are exact); a mismatch aborts the run.
 
@@ -88,6 +88,7 @@ class Measurement:
     rank_bytes: List[int]      # bytes each rank received (combine: in the dispatch it reverses)
     run_times_s: List[float]   # per timed run (isolated) or call (stream), the slowest rank's seconds
     method: str = "isolated"   # or "stream" (see the module's docstring)
+    stream_round_calls: int = 0  # stream: calls per round (run_times_s holds the rounds one after another)
 
     @property
     def bytes_per_rank(self) -> float:
@@ -95,8 +96,10 @@ class Measurement:
 
     @property
     def time_s(self) -> float:
-        if self.method == "stream":  # DeepEP's bench reports the mean
-            return sum(self.run_times_s) / len(self.run_times_s)
+        if self.method == "stream":  # DeepEP's bench reports the mean; the median of the rounds' means
+            n = self.stream_round_calls or len(self.run_times_s)
+            rounds = [self.run_times_s[i:i + n] for i in range(0, len(self.run_times_s), n)]
+            return common.median([sum(r) / len(r) for r in rounds])
         return common.median(self.run_times_s)
 
     @property
@@ -379,11 +382,17 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     measurements = [Measurement(impl, op, tokens, [b[op] for b in rank_bytes], common.slowest_rank(times, sync_group))
                     for (impl, op), times in run_times.items()]
     if args.stream_calls > 1:
-        for (impl, op), fn in timed.items():
-            start_run()
-            times = common.time_stream(fn, device=device, calls=args.stream_calls)[1:]
-            measurements.append(Measurement(impl, op, tokens, [b[op] for b in rank_bytes],
-                                            common.slowest_rank(times, sync_group), method="stream"))
+        # Rounds taking turns, as the isolated runs: a host hiccup in one op's block of calls (the
+        # ranks share this machine's few cores) weighs on one round's mean, not on the median.
+        stream_times: Dict[Tuple[str, str], List[float]] = {key: [] for key in timed}
+        for _ in range(args.stream_rounds):
+            for key, fn in timed.items():
+                start_run()
+                times = common.time_stream(fn, device=device, calls=args.stream_calls)[1:]
+                stream_times[key] += common.slowest_rank(times, sync_group)
+        measurements += [Measurement(impl, op, tokens, [b[op] for b in rank_bytes], times, method="stream",
+                                     stream_round_calls=args.stream_calls - 1)
+                         for (impl, op), times in stream_times.items()]
     return measurements
 
 
@@ -499,6 +508,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls of each op before the timed runs")
     parser.add_argument("--stream-calls", type=int, default=50,
                         help="back-to-back calls per op for the stream method (DeepEP's bench: 50); <= 1 skips it")
+    parser.add_argument("--stream-rounds", type=int, default=3,
+                        help="stream method: rounds of --stream-calls calls per op, the ops taking turns; "
+                             "the time is the median of the rounds' means")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--layer", choices=["no", "also", "only"], default="no",
                         help="the compiled-layer rows: also, or only them (see the module's docstring)")
@@ -567,6 +579,7 @@ def main() -> None:
             device, ranks=world_size, impl=args.impl, api=args.api, hidden=args.hidden, top_k=args.top_k,
             experts=args.experts,
             masked_ratio=args.masked_ratio, runs=args.runs, warmup=args.warmup, stream_calls=args.stream_calls,
+            stream_rounds=args.stream_rounds,
             checked=("bit for bit against torch_ep.reference" if args.impl == "ep" else "no (--impl reference)"),
             deepep="measured" if deepep.buffer is not None else f"n/a: {deepep.unavailable}",
             env={k: v for k, v in os.environ.items() if k.startswith("TORCH_EP_")})
