@@ -252,12 +252,15 @@ if [ "$WHAT" = pending ]; then
     done
   fi
   if [[ $STEPS == *" internode_profile "* ]]; then
-    step "internode profile, 2x2 virtual nodes (each kernel's time per call, every rank)"
-    NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_DISABLE_NVLS=1 \
-      NVSHMEM_SYMMETRIC_SIZE=3G TORCH_EP_RANKS_PER_NODE=2 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 \
-      TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-33} timeout 100 torchrun --standalone --nproc-per-node 4 \
-      tools/internode_profile.py > "$LOGS/internode_profile_2x2.log" 2>&1 || STATUS=1
-    grep "^rank " "$LOGS/internode_profile_2x2.log" >> "$SUMMARY"
+    for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
+      R=$(( ${TOPO%x*} * ${TOPO#*x} ))
+      step "internode profile, $TOPO virtual nodes (each kernel's time per call, every rank)"
+      NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_DISABLE_NVLS=1 \
+        NVSHMEM_SYMMETRIC_SIZE=3G TORCH_EP_RANKS_PER_NODE=${TOPO#*x} CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) \
+        TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-$((132 / R))} timeout 100 torchrun --standalone --nproc-per-node "$R" \
+        tools/internode_profile.py > "$LOGS/internode_profile_$TOPO.log" 2>&1 || STATUS=1
+      grep "^rank " "$LOGS/internode_profile_$TOPO.log" >> "$SUMMARY"
+    done
   fi
   if [[ $STEPS == *" sm_ceiling "* ]]; then
     step "the copy rate of k SMs, whatever the op (tools/sm_copy_ceiling.cu, one process, the whole GPU)"
