@@ -329,25 +329,40 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
 // ------------------------------------------------------------------------------ combine send
 
 // Rows of expert le from rank r live at [le][rows of ranks < r + i] in x and in the combine region
-// alike (packed, as dispatch's recv_x): the
-// copy keeps the layout and moves only received rows (layout[le, r] of them), a warp per row,
-// numbered through a prefix of the per-(expert, rank) counts. Then every local rank may pull
-// them; a remote rank r gets its rows pushed, each from the region to row [e][i] of its
-// remote_rows (e = this rank's expert le), then a closing signal with their number.
+// alike (packed, as dispatch's recv_x): the copy keeps the layout and moves only received rows
+// (layout[le, r] of them), a warp per row, numbered through prefixes of the per-(expert, rank)
+// counts. Then every local rank may pull them; a remote rank r gets its rows pushed, each from
+// the region to row [e][i] of its remote_rows (e = this rank's expert le). The remote rows come
+// first (their pushes are the long pole; the local copies overlap them), and r's closing signal,
+// with their number, goes before any: it needs only the layout. kPushRemote: the group has
+// remote peers; without, the kernel holds no NVSHMEM call and fits two blocks per SM unspilled
+// (with, it spills a little at two blocks per SM, kept: twice the pushes in flight).
+template <bool kPushRemote>
 __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendParams p) {
   extern __shared__ int smem[];
-  int* prefix = smem;             // [E + 1]: rows to move before (le, r), in (le, r) order
-  int* packed = smem + p.num_experts + 1;  // [E + 1]: rows before (le, r) in x, all of them
   const GroupArgs& g = p.g;
   const int H = p.hidden, E = p.num_experts, R = g.num_ranks, E_local = E / R;
+  int* packed = smem;                 // [E + 1]: rows before (le, r) in x, all of them
+  int* remote_prefix = smem + E + 1;  // [E + 1]: rows to push before (le, r), remote r only
+  int* local_prefix = smem + 2 * (E + 1);  // [E + 1]: rows to copy before (le, r), local r only
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint16_t* region = at<uint16_t>(g.half, g.layout.combine_region());
   const bool zero_copy = p.x == region;
   stamp(g, kCombineSendCounter, 0);
   // The readers of the call before last are done with this half's region (and remote ones with
-  // their remote_rows, which this call overwrites).
+  // their remote_rows, which this call overwrites, and have reset their flag for this rank).
   wait_words(g, g.layout.combine_credits(), kCombineSendCounter, kCombineSendTimeout);
   stamp(g, kCombineSendCounter, 1);
+  uint64_t* flag = my_word(g, g.layout.combine_flags());
+  if (kPushRemote && blockIdx.x == 0) {  // a warp per remote rank: the closing signal, with the number of rows
+    for (int r = warp; r < R; r += kWarps) {
+      if (!is_remote(g, r)) continue;
+      int rows = 0;
+      for (int le = lane; le < E_local; le += 32) rows += min(max(p.layout[le * R + r], 0), p.max_tokens);
+      rows = __reduce_add_sync(0xffffffffu, rows);
+      if (lane == 0) nvshmemx_signal_op(flag, closing_signal(rows + 1), NVSHMEM_SIGNAL_ADD, r);
+    }
+  }
   // x's rows of expert le are packed by source rank: (le, r)'s start at packed[q] - packed[le * R]
   // within the expert. Block 0 publishes those offsets for the readers (before its arrival).
   for (int q = threadIdx.x; q < E; q += blockDim.x) packed[q] = min(max(p.layout[q], 0), p.max_tokens);
@@ -357,36 +372,35 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
   if (blockIdx.x == 0)
     for (int q = threadIdx.x; q < E; q += blockDim.x)
       at<int>(g.half, g.layout.combine_offsets())[q] = packed[q] - packed[q / R * R];
-  if (!zero_copy || any_remote(g)) {  // else nothing to move
-    // Rows to move: every row, to copy it in; only remote peers' rows under zero copy.
-    for (int q = threadIdx.x; q < E; q += blockDim.x)
-      prefix[q] = zero_copy && !is_remote(g, q % R) ? 0 : packed[q + 1] - packed[q];
+  if (!zero_copy || kPushRemote) {  // else nothing to move
+    // Rows to move: every remote rank's (pushed, from the region: copied in first unless zero
+    // copy), then every local rank's (copied in, unless zero copy).
+    for (int q = threadIdx.x; q < E; q += blockDim.x) {
+      const int rows = packed[q + 1] - packed[q];
+      const bool remote = kPushRemote && is_remote(g, q % R);
+      remote_prefix[q] = remote ? rows : 0;
+      local_prefix[q] = remote || zero_copy ? 0 : rows;
+    }
     __syncthreads();
-    if (warp == 0) warp_exclusive_scan(prefix, E, lane);
+    if (warp == 0) warp_exclusive_scan(remote_prefix, E, lane);
+    if (warp == 1) warp_exclusive_scan(local_prefix, E, lane);
     __syncthreads();
-    uint64_t* flag = my_word(g, g.layout.combine_flags());
-    const int64_t warps = int64_t(gridDim.x) * kWarps;
-    for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E]; m += warps) {
-      const int q = find_in_prefix(prefix, E, int(m));  // q = le * R + r
-      const int i = int(m - prefix[q]), le = q / R, r = q % R;
+    const int64_t warps = int64_t(gridDim.x) * kWarps, pushed = remote_prefix[E];
+    for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < pushed + local_prefix[E]; m += warps) {
+      const bool remote = kPushRemote && m < pushed;
+      const int* prefix = remote ? remote_prefix : local_prefix;
+      const int mq = int(remote ? m : m - pushed);
+      const int q = find_in_prefix(prefix, E, mq);  // q = le * R + r
+      const int i = mq - prefix[q], le = q / R, r = q % R;
       const int64_t row = int64_t(le) * R * p.max_tokens + (packed[q] - packed[le * R]) + i;
       if (!zero_copy)
         warp_copy_l2(reinterpret_cast<uint4*>(region + row * H), reinterpret_cast<const uint4*>(p.x + row * H),
                      int64_t(H) * 2 / 16, lane);
-      if (is_remote(g, r)) {
+      if (kPushRemote && remote) {
         __syncwarp();  // the lanes' copies are in before the put reads them
         uint16_t* dst = at<uint16_t>(g.half, g.layout.remote_rows()) +
                         ((int64_t(g.rank) * E_local + le) * p.max_tokens + i) * H;
         nvshmemx_putmem_signal_nbi_warp(dst, region + row * H, size_t(H) * 2, flag, 1, NVSHMEM_SIGNAL_ADD, r);
-      }
-    }
-    if (blockIdx.x == 0) {  // a warp per remote rank: the closing signal, with the number of rows
-      for (int r = warp; r < R; r += kWarps) {
-        if (!is_remote(g, r)) continue;
-        int rows = 0;
-        for (int le = lane; le < E_local; le += 32) rows += min(max(p.layout[le * R + r], 0), p.max_tokens);
-        rows = __reduce_add_sync(0xffffffffu, rows);
-        if (lane == 0) nvshmemx_signal_op(flag, closing_signal(rows + 1), NVSHMEM_SIGNAL_ADD, r);
       }
     }
   }
@@ -526,9 +540,14 @@ cudaError_t launch_combine_send(const CombineSendParams& p, cudaStream_t stream)
   // Zero copy with every peer local: nothing to move, one block only takes the credits and
   // raises the flags.
   const bool idle = zero_copy && !any_remote(p.g);
-  const int64_t smem = 2 * (int64_t(p.num_experts) + 1) * int64_t(sizeof(int));
-  if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel, smem); err != cudaSuccess) return err;
-  combine_send_kernel<<<idle ? 1 : p.g.num_blocks, kThreads, smem, stream>>>(p);
+  const int64_t smem = 3 * (int64_t(p.num_experts) + 1) * int64_t(sizeof(int));
+  if (any_remote(p.g)) {
+    if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel<true>, smem); err != cudaSuccess) return err;
+    combine_send_kernel<true><<<p.g.num_blocks, kThreads, smem, stream>>>(p);
+  } else {
+    if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel<false>, smem); err != cudaSuccess) return err;
+    combine_send_kernel<false><<<idle ? 1 : p.g.num_blocks, kThreads, smem, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
