@@ -101,6 +101,15 @@ run_bench() {
     torchrun --standalone --nproc-per-node "$R" "$@" > "$LOGS/$LOG" 2>&1 || STATUS=1
   tail -"$LINES" "$LOGS/$LOG" >> "$SUMMARY"
 }
+# The low-latency ops with the remote path forced against intranode, at each TORCH_EP_INTERNODE_BENCH topology.
+ll_remote_benches() {
+  for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
+    local R=$(( ${TOPO%x*} * ${TOPO#*x} ))
+    step "low-latency benchmark, $TOPO virtual nodes, remote path forced against intranode"
+    run_bench "$R" 150 "ll_remote_bench_$TOPO.log" 12 benchmarks/low_latency.py --remote-ranks-per-node "${TOPO#*x}" \
+      --out "$LOGS/low_latency_remote_$TOPO"
+  done
+}
 python3 -c 'import deep_ep; print("deep_ep", deep_ep.__file__)' >> "$SUMMARY" 2>&1 || echo "deep_ep: not importable" >> "$SUMMARY"
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   step "GPU tests, 1 2 4 8 ranks"
@@ -243,14 +252,7 @@ if [ "$WHAT" = pending ]; then
       tail -18 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
     done
   fi
-  if [[ $STEPS == *" ll_remote_bench "* ]]; then
-    for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
-      R=$(( ${TOPO%x*} * ${TOPO#*x} ))
-      step "low-latency benchmark, $TOPO virtual nodes, remote path forced against intranode"
-      run_bench "$R" 120 "ll_remote_bench_$TOPO.log" 12 benchmarks/low_latency.py --remote-ranks-per-node "${TOPO#*x}" \
-        --out "$LOGS/low_latency_remote_$TOPO"
-    done
-  fi
+  [[ $STEPS == *" ll_remote_bench "* ]] && ll_remote_benches
   if [[ $STEPS == *" internode_profile "* ]]; then
     for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
       R=$(( ${TOPO%x*} * ${TOPO#*x} ))
@@ -360,12 +362,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = internode ] || [ "$WHAT" = ll-remote ]; then
   TORCH_EP_INTERNODE_TOPOLOGIES=$TORCH_EP_INTERNODE_TOPOLOGIES timeout 360 python3 -m pytest $TESTS \
     -q -ra -x > "$LOGS/gpu_internode_tests.log" 2>&1 || STATUS=1
   grep -v "^\[rank" "$LOGS/gpu_internode_tests.log" | tail -30 >> "$SUMMARY"
-  for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
-    R=$(( ${TOPO%x*} * ${TOPO#*x} ))
-    step "low-latency benchmark, $TOPO virtual nodes, remote path forced against intranode"
-    run_bench "$R" 150 "ll_remote_bench_$TOPO.log" 12 benchmarks/low_latency.py --remote-ranks-per-node "${TOPO#*x}" \
-      --out "$LOGS/low_latency_remote_$TOPO"
-  done
+  ll_remote_benches
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = internode ]; then
   for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
