@@ -88,13 +88,10 @@ def _run(fn, inputs, async_op: bool):
 
 # ------------------------------------------------------------------------------- autograd
 
-def _needs_grad(*tensors) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
+def _needs_grad(x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> bool:
+    """Whether a gradient can flow through an op on x (and weights): autograd.Function costs tens
+    of microseconds per call, so it runs only then."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weights is not None and weights.requires_grad))
 
 
 class _Dispatch(torch.autograd.Function):
@@ -246,11 +243,7 @@ def _new_route(x_data, x_scales, topk_idx, topk_weights, num_experts, num_worst_
 
 def _issue_dispatch(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens, name,
                     layout_meta, layout_header, async_op):
-    # autograd.Function costs tens of microseconds per call: only where a gradient can flow.
-    if torch.is_grad_enabled() and (x_data.requires_grad or (topk_weights is not None and topk_weights.requires_grad)):
-        op = _Dispatch.apply
-    else:
-        op = _dispatch_op
+    op = _Dispatch.apply if _needs_grad(x_data, topk_weights) else _dispatch_op
     if not async_op:
         return op(x_data, x_scales, topk_idx, topk_weights, meta, counts, num_experts, num_worst_tokens, name,
                   layout_meta, layout_header), None
@@ -275,8 +268,7 @@ def _combine_along(x, handle: DispatchHandle, topk_weights, name: str, async_op=
     if handle.group_name != name:
         raise ValueError(f"handle: it was made on group {handle.group_name!r}, not on this call's group "
                          f"{name!r}")
-    # autograd.Function costs tens of microseconds per call: only where a gradient can flow.
-    if torch.is_grad_enabled() and (x.requires_grad or (topk_weights is not None and topk_weights.requires_grad)):
+    if _needs_grad(x, topk_weights):
         op, args = _Combine.apply, (x, topk_weights, handle.meta, handle.counts, handle.num_experts,
                                     handle.num_worst_tokens, name)
     else:

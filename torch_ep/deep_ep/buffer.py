@@ -332,12 +332,7 @@ class Buffer:
                                     self._ep_group_name, self.group_size, layout_meta, layout_header)
         host = _HostCounts(native)
         made = self._make_handle(native, host, is_token_in_rank, num_tokens_per_rank)
-        if num_worst_tokens > 0:
-            per_expert = []
-        elif expert_alignment == 1:  # host.per_expert(1), without the call
-            per_expert = host.values[host.per_expert_start:host.matrix_start]
-        else:
-            per_expert = host.per_expert(expert_alignment)
+        per_expert = [] if num_worst_tokens > 0 else host.per_expert(expert_alignment)
         return (out[0] if x_scales is None else (out[0], out[1]), out[2], out[3] if topk_weights is not None else None,
                 per_expert, made)
 
@@ -383,7 +378,7 @@ class Buffer:
         rank (all_to_all_single of the counts to every rank, on torch_ep's own transport: a
         collective cannot wait for a read that some ranks never do)."""
         r = self.group_size
-        if r <= MAX_MATRIX_RANKS and host.values[2] >= 0:  # host.sizes_on_host, without the property
+        if r <= MAX_MATRIX_RANKS and host.sizes_on_host:
             return _PrefixHandle
         device = device if device is not None else native.meta.device
         sent = native.send_matrix

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..types import MAX_MATRIX_RANKS, DispatchHandle, LowLatencyHandle, pad_counts
+from ..types import DispatchHandle, LowLatencyHandle, pad_counts, send_matrix_size
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -116,13 +116,11 @@ class _HostCounts:
     __slots__ = ("values", "per_expert_start", "matrix_start", "internode")
 
     def __init__(self, native: DispatchHandle):
-        r, counts = native.num_ranks, native.counts
-        # DispatchHandle._per_expert_start and _matrix_start, without two property calls.
-        self.per_expert_start = start = 2 + 2 * r
-        self.matrix_start = end = start + native.num_experts // r
-        total = counts.numel()
+        counts = native.counts
+        self.per_expert_start, self.matrix_start = native._per_expert_start, native._matrix_start
+        end, total = self.matrix_start, counts.numel()
         self.values = (counts[:end] if total - end > 100 else counts).tolist()
-        self.internode = total > end + (r * r if r <= MAX_MATRIX_RANKS else 0)  # + send_matrix_size(r)
+        self.internode = total > end + send_matrix_size(native.num_ranks)
 
     @property
     def sizes_on_host(self) -> bool:
