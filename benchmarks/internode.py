@@ -30,7 +30,9 @@ split). "vs intranode" is the time over the intranode group's for the same op (t
 the zero-copy rows).
 
 Per op and group: time (median over runs of the slowest rank, each run after a barrier, L2
-flushed), bytes received per rank / time (DeepEP's convention for dispatch/combine; sent for
+flushed; the ranks' host skew leaving the barrier is on the clock), the stream time (DeepEP's
+bench method: --stream-calls calls back to back, L2 flushed once, the mean per call of the slowest
+rank, the first dropped), bytes received per rank / time (DeepEP's convention for dispatch/combine; sent for
 all_to_all), and for the internode group the bytes each rank sent over the rail hop (to other
 nodes: RDMA between real nodes) and over the node hop (to its node's other ranks: NVLink),
 read from get_backend(group).rail_bytes / node_bytes, and the rail hop's bandwidth, which is
@@ -117,7 +119,8 @@ def is_dispatch_region(group, x) -> bool:
 def is_region(handle) -> bool:
     """Whether combine_buffer hands out the group's zero-copy region (the same address twice), not
     a plain tensor (one node, the host route)."""
-    return torch_ep.combine_buffer(handle).data_ptr() == torch_ep.combine_buffer(handle).data_ptr()
+    first = torch_ep.combine_buffer(handle)  # held: a plain tensor freed first could come back at its address
+    return first.data_ptr() == torch_ep.combine_buffer(handle).data_ptr()
 
 
 def check_all_to_all(group, a2a_in, a2a_out):
@@ -189,13 +192,20 @@ def measure(name, group, args, device, sync, flush, a2a_only=False) -> List[Dict
         times = common.slowest_rank(common.time_runs(run, device=device, runs=args.runs, barrier=lambda: dist.barrier(sync)),
                                     sync)
         seconds = common.median(times)
+        stream_s = None
+        if args.stream_calls > 1:  # back to back, no barrier: the ranks' host skew off the clock
+            flush()
+            dist.barrier(sync)
+            calls = common.slowest_rank(common.time_stream(fn, device=device, calls=args.stream_calls)[1:], sync)
+            stream_s = sum(calls) / len(calls)
         stats = torch.tensor([nbytes, rail, node], dtype=torch.float64)
         dist.all_reduce(stats, group=sync)
         stats /= world
         rows.append({"group": name, "op": op, "num_nodes": backend.num_nodes, "time_us": seconds * 1e6,
                      "bytes_per_rank": stats[0].item(), "GB/s": stats[0].item() / seconds / 1e9,
                      "rail_bytes_per_rank": stats[1].item(), "node_bytes_per_rank": stats[2].item(),
-                     "rail_GB/s": stats[1].item() / seconds / 1e9, "internode_path": backend.internode_path})
+                     "rail_GB/s": stats[1].item() / seconds / 1e9, "internode_path": backend.internode_path,
+                     "stream_us": stream_s * 1e6 if stream_s is not None else None})
     return rows
 
 
@@ -212,6 +222,8 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-host-route", action="store_true", help="leave out the host-driven route's rows")
+    parser.add_argument("--stream-calls", type=int, default=20,
+                        help="calls back to back for the stream columns (DeepEP's bench method); <= 1 skips them")
     args = parser.parse_args()
 
     device = common.pick_device(args.device)
@@ -234,16 +246,19 @@ def main():
     rows = []
     for name, group in groups.items():
         rows += measure(name, group, args, device, sync, flush, a2a_only=name == "internode-a2a-rounds")
-    intranode = {r["op"]: r["time_us"] for r in rows if r["group"] == "intranode"}
+    intranode = {r["op"]: r for r in rows if r["group"] == "intranode"}
     for r in rows:  # the zero-copy combine against the intranode route's (plain) combine
-        base = intranode.get(r["op"].split(",")[0])
-        r["vs_intranode"] = r["time_us"] / base if base and r["group"] != "intranode" else None
+        base = intranode.get(r["op"].split(",")[0]) if r["group"] != "intranode" else None
+        r["vs_intranode"] = r["time_us"] / base["time_us"] if base else None
+        r["stream_vs_intranode"] = r["stream_us"] / base["stream_us"] if base and base["stream_us"] else None
     if dist.get_rank() == 0:
-        headers = ["group", "op", "nodes", "time (us)", "vs intranode", "recv GB/s", "bytes/rank",
-                   "rail (RDMA) bytes/rank", "node (NVLink) bytes/rank", "rail GB/s", "path"]
+        headers = ["group", "op", "nodes", "time (us)", "vs intranode", "stream us", "stream vs intranode",
+                   "recv GB/s", "bytes/rank", "rail (RDMA) bytes/rank", "node (NVLink) bytes/rank", "rail GB/s", "path"]
         table = common.markdown_table(headers, [
             [r["group"], r["op"], r["num_nodes"], f"{r['time_us']:.1f}",
-             f"{r['vs_intranode']:.2f}x" if r["vs_intranode"] else "-", f"{r['GB/s']:.1f}",
+             f"{r['vs_intranode']:.2f}x" if r["vs_intranode"] else "-",
+             f"{r['stream_us']:.1f}" if r["stream_us"] is not None else "-",
+             f"{r['stream_vs_intranode']:.2f}x" if r["stream_vs_intranode"] else "-", f"{r['GB/s']:.1f}",
              common.format_bytes(int(r["bytes_per_rank"])), common.format_bytes(int(r["rail_bytes_per_rank"])),
              common.format_bytes(int(r["node_bytes_per_rank"])), f"{r['rail_GB/s']:.1f}", r["internode_path"] or "-"]
             for r in rows])

@@ -49,6 +49,21 @@ def test_dispatch_combine(remote_pool, case):
     assert all(remote_pool.run(rank_case_and_remote_ranks, ll._seed(), *case)), "the remote path was not taken"
 
 
+# The send's pushes at the decoding shape's proportions: many experts per rank, so that tokens go
+# to several remote ranks each (one put per owner) and the last numbering warp of an owner sums
+# many counts; hidden sizes of several chunk batches, one with a partial chunk. (Experts per rank
+# stay at most 32: the buffers grow to the largest of every size the pool has seen, and more would
+# pass the default 2 GiB NVSHMEM heap at 2x4; the benchmark checks 64 and 32 at its shape.)
+PUSH_CASES = [("random", 64, 7168, 8, 24, True, False, 64), ("random", 64, 1664, 8, 24, False, False, 64),
+              ("random", 33, 640, 6, 17, True, True, 40)]
+
+
+@pytest.mark.parametrize("case", PUSH_CASES, ids=lambda c: "-".join(str(v) for v in c))
+def test_pushes_many_experts_and_owners(remote_pool, case):
+    assert all(remote_pool.run(rank_case_and_remote_ranks, ll._seed(), *case)), "the remote path was not taken"
+    remote_pool.run(ll.run_case, ll._seed() + 1, *case, hook=True, zero_copy=True)
+
+
 def test_hook_and_zero_copy(remote_pool):
     seed = ll._seed()
     remote_pool.run(ll.run_case, seed, "random", 8, 256, 3, 2, True, False, 8, hook=True)

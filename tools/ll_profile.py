@@ -19,9 +19,11 @@ from torch_ep import _C
 
 from profile_common import init_on_local_gpu, kernel_times, make_inputs, shape_parser, top_kernels  # tools/, the script's folder
 
-# Phases each kernel stamps, in order (point 0 is the block's start).
+# Phases each kernel stamps, in order (point 0 is the block's start). A point is stamped by the
+# block's thread 0 when its warp gets there; "flags out" follows a barrier of the block, so it is
+# when the whole block is done (across nodes: its pushes issued as well).
 PHASES = {
-    "dispatch send": ["start", "credits", "numbered + cast", "flags out", "put start", "tokens put"],
+    "dispatch send": ["start", "credits", "numbered + cast", "flags out"],
     "dispatch recv": ["start", "flags", "copied", "credits out"],
     "combine send": ["start", "credits", "copied in", "flags out"],
     "combine recv": ["start", "flags", "reduced", "credits out"],

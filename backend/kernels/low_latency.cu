@@ -23,8 +23,9 @@ constexpr int kRecvChunk = 256;      // channels per work unit of the combine re
 
 // One warp numbers expert e's pairs in pair order (the reference's order): pair q's slot is the
 // number of pairs before it with the same expert. Writes the list and count for the receiver
-// and send_slot for the combine; pairs past max_tokens are dropped (reported).
-__device__ void number_expert(const DispatchSendParams& p, int e, int* list, int* count, int lane) {
+// and send_slot for the combine; pairs past max_tokens are dropped (reported). Returns the count
+// (every lane).
+__device__ int number_expert(const DispatchSendParams& p, int e, int* list, int* count, int lane) {
   const int num_pairs = p.num_tokens * p.num_topk;
   constexpr int kBatch = 8;  // loads in flight before the ballots
   int n = 0;
@@ -52,25 +53,37 @@ __device__ void number_expert(const DispatchSendParams& p, int e, int* list, int
     *count = min(n, p.max_tokens);
     if (n > p.max_tokens) report(p.g.error, kDispatchOverflow, e / (p.num_experts / p.g.num_ranks));
   }
+  return min(n, p.max_tokens);
 }
 
-// One warp casts channels [c * 512, c * 512 + 512) of token t into this rank's token region:
-// bf16 as is, or fp8 with one scale per 128 channels (8 lanes). Chunk 0 also marks the token's
-// unrouted slots in send_slot (and reports expert ids out of range).
-__device__ void cast_token_chunk(const DispatchSendParams& p, int t, int c, char* token, int lane) {
-  const int H = p.hidden, K = p.num_topk;
-  if (c == 0) {
-    for (int k = lane; k < K; k += 32) {
-      const int64_t e = p.topk_idx[int64_t(t) * K + k];
-      if (e >= 0 && e < p.num_experts) continue;
-      p.send_slot[int64_t(t) * K + k] = -1;
-      if (e != -1) report(p.g.error, kBadExpert, p.g.rank);
-    }
+// Marks token t's unrouted slots in send_slot (and reports expert ids out of range). A warp.
+__device__ void mark_unrouted(const DispatchSendParams& p, int t, int lane) {
+  for (int k = lane; k < p.num_topk; k += 32) {
+    const int64_t e = p.topk_idx[int64_t(t) * p.num_topk + k];
+    if (e >= 0 && e < p.num_experts) continue;
+    p.send_slot[int64_t(t) * p.num_topk + k] = -1;
+    if (e != -1) report(p.g.error, kBadExpert, p.g.rank);
   }
+}
+
+// This lane's 16 channels of chunk c of token t (a chunk: kSendChunk channels, 16 per lane), or
+// false past the hidden size (whole 8-lane groups drop out together: H is a multiple of 128).
+__device__ __forceinline__ bool load_chunk(const DispatchSendParams& p, int t, int c, int lane, uint4 raw[2]) {
   const int ch0 = c * kSendChunk + lane * 16;
-  if (ch0 >= H) return;  // whole 8-lane groups drop out together (H is a multiple of 128)
-  const uint4* src = reinterpret_cast<const uint4*>(p.x + int64_t(t) * H + ch0);
-  uint4 raw[2] = {__ldg(src), __ldg(src + 1)};
+  if (ch0 >= p.hidden) return false;
+  const uint4* src = reinterpret_cast<const uint4*>(p.x + int64_t(t) * p.hidden + ch0);
+  raw[0] = __ldg(src);
+  raw[1] = __ldg(src + 1);
+  return true;
+}
+
+// Writes this lane's 16 channels of chunk c (raw, as load_chunk read them) into the token: bf16
+// as is, or fp8 with one scale per 128 channels (8 lanes). Every lane of the warp calls it.
+__device__ __forceinline__ void store_chunk(const DispatchSendParams& p, int c, const uint4 raw[2], char* token,
+                                            int lane) {
+  const int H = p.hidden;
+  const int ch0 = c * kSendChunk + lane * 16;
+  if (ch0 >= H) return;
   if (!p.use_fp8) {
     uint4* d = reinterpret_cast<uint4*>(token + int64_t(ch0) * 2);
     d[0] = raw[0];
@@ -107,36 +120,13 @@ __device__ void cast_token_chunk(const DispatchSendParams& p, int t, int c, char
   if ((lane & 7) == 0) *reinterpret_cast<float*>(token + H + (ch0 / kChannelsPerScale) * 4) = scale;
 }
 
-// Work units, a warp each: first the E experts' numberings, then (token, 512-channel chunk) casts.
-__global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DispatchSendParams p) {
-  const GroupArgs& g = p.g;
-  const int E = p.num_experts;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  stamp(g, kDispatchSendCounter, 0);
-  // The peers are done reading this half's tokens and lists (from the call before last).
-  wait_words(g, g.layout.dispatch_credits(), kDispatchSendCounter, kDispatchSendTimeout);
-  stamp(g, kDispatchSendCounter, 1);
-
-  char* tokens = g.half + g.layout.dispatch_tokens();
-  int* lists = at<int>(g.half, g.layout.dispatch_lists());
-  int* counts = at<int>(g.half, g.layout.dispatch_counts());
-  const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
-  const int chunks = (p.hidden + kSendChunk - 1) / kSendChunk;
-  const int64_t units = E + int64_t(p.num_tokens) * chunks;
-  for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += int64_t(gridDim.x) * kWarps) {
-    if (u < E) {
-      number_expert(p, int(u), lists + u * p.max_tokens, counts + u, lane);
-    } else {
-      const int t = int((u - E) / chunks), c = int((u - E) % chunks);
-      cast_token_chunk(p, t, c, tokens + t * token_bytes, lane);
-    }
-  }
-  stamp(g, kDispatchSendCounter, 2);
-  arrive_everywhere(g, g.layout.dispatch_flags(), false);  // "my tokens, lists and counts are out"
-  stamp(g, kDispatchSendCounter, 3);
+// One warp casts channels [c * 512, c * 512 + 512) of token t into this rank's token region.
+// Chunk 0 also marks the token's unrouted slots.
+__device__ void cast_token_chunk(const DispatchSendParams& p, int t, int c, char* token, int lane) {
+  if (c == 0) mark_unrouted(p, t, lane);
+  uint4 raw[2];
+  if (load_chunk(p, t, c, lane, raw)) store_chunk(p, c, raw, token, lane);
 }
-
-// ------------------------------------------------------------------------------ dispatch put
 
 // Whether pair slots [k0, k1) of token t hold an expert of rank r.
 __device__ __forceinline__ bool has_expert_of(const DispatchSendParams& p, int t, int r, int k0, int k1, int step) {
@@ -149,11 +139,6 @@ __device__ __forceinline__ bool has_expert_of(const DispatchSendParams& p, int t
   return hit;
 }
 
-// Whether token t goes to rank r (a warp, lanes over the top-k).
-__device__ __forceinline__ bool goes_to(const DispatchSendParams& p, int t, int r, int lane) {
-  return __any_sync(0xffffffffu, has_expert_of(p, t, r, lane, p.num_topk, 32));
-}
-
 // How many of the tokens go to rank r (a warp, lanes over the tokens).
 __device__ __forceinline__ int count_going_to(const DispatchSendParams& p, int r, int lane) {
   int n = 0;
@@ -161,53 +146,116 @@ __device__ __forceinline__ int count_going_to(const DispatchSendParams& p, int r
   return __reduce_add_sync(0xffffffffu, n);
 }
 
-// A sender's count for expert e (as numbered: at most the capacity).
-__device__ __forceinline__ int count_of(const int* counts, int e, int cap) { return min(max(counts[e], 0), cap); }
+// The remote ranks that own one of token t's experts, bit r for rank r (every lane of the warp).
+__device__ __forceinline__ unsigned long long remote_owners_of(const DispatchSendParams& p, int t, int lane) {
+  const int E_local = p.num_experts / p.g.num_ranks;
+  unsigned long long owners = 0;
+  for (int k = lane; k < p.num_topk; k += 32) {
+    const int64_t e = __ldg(p.topk_idx + int64_t(t) * p.num_topk + k);
+    if (e >= 0 && e < p.num_experts && is_remote(p.g, int(e / E_local))) owners |= 1ull << (e / E_local);
+  }
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) owners |= __shfl_xor_sync(0xffffffffu, owners, d);
+  return owners;
+}
 
-// Pushes what remote owners would read in place: each token with a pair for their experts,
-// once per owner, to row [me][t] of their remote_tokens (a copy of the part of this rank's token
-// region they need); each of their experts' lists (the used part) to [me][le] of their
-// remote_lists; then (block 0, a warp per owner) the counts of their experts. Every put signals
-// the owner's flag for this rank, counted: the counts' put closes it with the total. A kernel
-// apart from send, which cast the tokens and numbered the pairs in any of its blocks.
-__global__ void __launch_bounds__(kThreads, 1) dispatch_put_kernel(DispatchSendParams p) {
+// Groups across nodes: a warp casts the whole of token t (kChunksInFlight chunks' loads in flight
+// at once), then pushes it to each remote owner of one of its experts, to row [me][t] of their
+// remote_tokens: the push starts as soon as the token is cast, while other warps still cast
+// theirs, instead of in a kernel after every cast. One put per token and owner (a NIC moves
+// whole tokens best); each signals the owner's flag for this rank.
+__device__ void cast_and_push_token(const DispatchSendParams& p, int t, int lane) {
+  constexpr int kChunksInFlight = 4;
   const GroupArgs& g = p.g;
-  const int R = g.num_ranks, E = p.num_experts, E_local = E / R, cap = p.max_tokens;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
-  const char* tokens = g.half + g.layout.dispatch_tokens();
-  char* mirror = g.half + g.layout.remote_tokens() + int64_t(g.rank) * cap * token_bytes;  // ours, at the owner
+  char* token = g.half + g.layout.dispatch_tokens() + t * token_bytes;
+  const unsigned long long owners = remote_owners_of(p, t, lane);
+  mark_unrouted(p, t, lane);
+  const int chunks = (p.hidden + kSendChunk - 1) / kSendChunk;
+  for (int c0 = 0; c0 < chunks; c0 += kChunksInFlight) {
+    uint4 raw[kChunksInFlight][2];
+#pragma unroll
+    for (int i = 0; i < kChunksInFlight; ++i)
+      if (c0 + i < chunks) load_chunk(p, t, c0 + i, lane, raw[i]);
+#pragma unroll
+    for (int i = 0; i < kChunksInFlight; ++i)
+      if (c0 + i < chunks) store_chunk(p, c0 + i, raw[i], token, lane);  // skips what load_chunk did not load
+  }
+  __syncwarp();  // every lane's part of the token is in before the puts read it
+  char* mirror = g.half + g.layout.remote_tokens() + (int64_t(g.rank) * p.max_tokens + t) * token_bytes;
+  uint64_t* flag = my_word(g, g.layout.dispatch_flags());
+  for (unsigned long long left = owners; left; left &= left - 1)
+    nvshmemx_putmem_signal_nbi_warp(mirror, token, size_t(token_bytes), flag, 1, NVSHMEM_SIGNAL_ADD, __ffsll(left) - 1);
+}
+
+// Groups across nodes, after a warp numbered expert e (n pairs) of a remote owner r: pushes the
+// list to [me][le] of r's remote_lists, then counts itself among the warps that numbered r's
+// experts; the last of them pushes their counts with the closing signal, the number of puts r
+// gets from this rank in all (its tokens, non-empty lists and the counts): r's flag for this
+// rank completes once every one has landed, in whatever order.
+__device__ void push_numbering(const DispatchSendParams& p, int e, int n, int lane) {
+  const GroupArgs& g = p.g;
+  const int E_local = p.num_experts / g.num_ranks, r = e / E_local, le = e - r * E_local, cap = p.max_tokens;
   const int* lists = at<int>(g.half, g.layout.dispatch_lists());
   const int* counts = at<int>(g.half, g.layout.dispatch_counts());
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
-  stamp(g, kDispatchSendCounter, 4);  // the send kernel's points are 0-3
-  // Units, a warp each: (t, r) for every token and rank, then expert e's list.
-  const int64_t token_units = int64_t(p.num_tokens) * R, units = token_units + E;
+  __syncwarp();  // the lanes' list entries (and lane 0's count) are in
+  if (n > 0)
+    nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_lists()) + (int64_t(g.rank) * E_local + le) * cap,
+                                    lists + int64_t(e) * cap, size_t(n) * 4, flag, 1, NVSHMEM_SIGNAL_ADD, r);
+  uint32_t* numbered = at<uint32_t>(g.half, g.layout.owner_arrivals()) + r;
+  __threadfence();  // this warp's count is visible before its arrival
+  __syncwarp();
+  uint32_t before = 0;
+  if (lane == 0) before = atomicAdd(numbered, 1u);
+  if (__shfl_sync(0xffffffffu, before, 0) != uint32_t(E_local - 1)) return;
+  __threadfence();  // every other warp's count, seen through the counter, before reading them
+  if (lane == 0) *numbered = 0;  // all of r's experts are numbered: nobody adds to it again this call
+  int lists_put = 0;
+  for (int k = lane; k < E_local; k += 32) lists_put += min(max(__ldcg(counts + r * E_local + k), 0), cap) > 0;
+  const int64_t puts = count_going_to(p, r, lane) + __reduce_add_sync(0xffffffffu, lists_put) + 1;
+  nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_counts()) + g.rank * E_local, counts + r * E_local,
+                                  size_t(E_local) * 4, flag, closing_signal(puts), NVSHMEM_SIGNAL_ADD, r);
+}
+
+// Work units, a warp each. Within a node (kPushRemote false): first the E experts' numberings,
+// then (token, 512-channel chunk) casts. Across nodes: first the tokens, whole, each pushed to its
+// remote owners by the warp that cast it (the pushes are the long pole, so they start first);
+// then the numberings, which push the lists and counts (push_numbering).
+template <bool kPushRemote>
+__global__ void __launch_bounds__(kThreads, kPushRemote ? 1 : 2) dispatch_send_kernel(DispatchSendParams p) {
+  const GroupArgs& g = p.g;
+  const int E = p.num_experts, E_local = E / g.num_ranks;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  stamp(g, kDispatchSendCounter, 0);
+  // The peers are done reading this half's tokens and lists (from the call before last).
+  wait_words(g, g.layout.dispatch_credits(), kDispatchSendCounter, kDispatchSendTimeout);
+  stamp(g, kDispatchSendCounter, 1);
+
+  char* tokens = g.half + g.layout.dispatch_tokens();
+  int* lists = at<int>(g.half, g.layout.dispatch_lists());
+  int* counts = at<int>(g.half, g.layout.dispatch_counts());
+  const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
+  const int chunks = (p.hidden + kSendChunk - 1) / kSendChunk;
+  const int64_t token_units = kPushRemote ? p.num_tokens : int64_t(p.num_tokens) * chunks;
+  const int64_t first_token_unit = kPushRemote ? 0 : E, first_expert_unit = kPushRemote ? token_units : 0;
+  const int64_t units = E + token_units;
   for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += int64_t(gridDim.x) * kWarps) {
-    if (u < token_units) {
-      const int t = int(u / R), r = int(u % R);
-      if (is_remote(g, r) && goes_to(p, t, r, lane))
-        nvshmemx_putmem_signal_nbi_warp(mirror + t * token_bytes, tokens + t * token_bytes, size_t(token_bytes), flag,
-                                        1, NVSHMEM_SIGNAL_ADD, r);
+    if (u >= first_expert_unit && u < first_expert_unit + E) {
+      const int e = int(u - first_expert_unit);
+      const int n = number_expert(p, e, lists + int64_t(e) * p.max_tokens, counts + e, lane);
+      if (kPushRemote && is_remote(g, e / E_local)) push_numbering(p, e, n, lane);
+    } else if (kPushRemote) {
+      cast_and_push_token(p, int(u - first_token_unit), lane);
     } else {
-      const int e = int(u - token_units), r = e / E_local, n = count_of(counts, e, cap);
-      if (is_remote(g, r) && n > 0)
-        nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_lists()) +
-                                            (int64_t(g.rank) * E_local + e - r * E_local) * cap,
-                                        lists + int64_t(e) * cap, size_t(n) * 4, flag, 1, NVSHMEM_SIGNAL_ADD, r);
+      const int t = int((u - first_token_unit) / chunks), c = int((u - first_token_unit) % chunks);
+      cast_token_chunk(p, t, c, tokens + t * token_bytes, lane);
     }
   }
-  stamp(g, kDispatchSendCounter, 5);
-  if (blockIdx.x != 0) return;
-  for (int r = warp; r < R; r += kWarps) {
-    if (!is_remote(g, r)) continue;
-    int lists_put = 0;  // the loop above put the tokens going to r and r's non-empty lists
-    for (int le = lane; le < E_local; le += 32) lists_put += count_of(counts, r * E_local + le, cap) > 0;
-    const int64_t puts = count_going_to(p, r, lane) + __reduce_add_sync(0xffffffffu, lists_put) + 1;
-    nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_counts()) + g.rank * E_local,
-                                    counts + r * E_local, size_t(E_local) * 4, flag, closing_signal(puts),
-                                    NVSHMEM_SIGNAL_ADD, r);
-  }
+  stamp(g, kDispatchSendCounter, 2);
+  // "my tokens, lists and counts are out" (local peers; remote ones count the puts)
+  arrive_everywhere(g, g.layout.dispatch_flags(), false);
+  stamp(g, kDispatchSendCounter, 3);
 }
 
 // ------------------------------------------------------------------------------ dispatch recv
@@ -233,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
   stamp(g, kDispatchRecvCounter, 1);
 
   // Rank r's counts, lists and tokens for this rank's experts: at r (read in place), or, for a
-  // remote r, in this rank's remote regions (pushed by dispatch_put).
+  // remote r, in this rank's remote regions (pushed by r's dispatch send).
   for (int u = threadIdx.x; u < units; u += blockDim.x) {
     const int le = expert_of(u), r = u % R;
     const int e = g.rank * E_local + le;
@@ -281,25 +329,40 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
 // ------------------------------------------------------------------------------ combine send
 
 // Rows of expert le from rank r live at [le][rows of ranks < r + i] in x and in the combine region
-// alike (packed, as dispatch's recv_x): the
-// copy keeps the layout and moves only received rows (layout[le, r] of them), a warp per row,
-// numbered through a prefix of the per-(expert, rank) counts. Then every local rank may pull
-// them; a remote rank r gets its rows pushed, each from the region to row [e][i] of its
-// remote_rows (e = this rank's expert le), then a closing signal with their number.
+// alike (packed, as dispatch's recv_x): the copy keeps the layout and moves only received rows
+// (layout[le, r] of them), a warp per row, numbered through prefixes of the per-(expert, rank)
+// counts. Then every local rank may pull them; a remote rank r gets its rows pushed, each from
+// the region to row [e][i] of its remote_rows (e = this rank's expert le). The remote rows come
+// first (their pushes are the long pole; the local copies overlap them), and r's closing signal,
+// with their number, goes before any: it needs only the layout. kPushRemote: the group has
+// remote peers; without, the kernel holds no NVSHMEM call and fits two blocks per SM unspilled
+// (with, it spills a little at two blocks per SM, kept: twice the pushes in flight).
+template <bool kPushRemote>
 __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendParams p) {
   extern __shared__ int smem[];
-  int* prefix = smem;             // [E + 1]: rows to move before (le, r), in (le, r) order
-  int* packed = smem + p.num_experts + 1;  // [E + 1]: rows before (le, r) in x, all of them
   const GroupArgs& g = p.g;
   const int H = p.hidden, E = p.num_experts, R = g.num_ranks, E_local = E / R;
+  int* packed = smem;                 // [E + 1]: rows before (le, r) in x, all of them
+  int* remote_prefix = smem + E + 1;  // [E + 1]: rows to push before (le, r), remote r only
+  int* local_prefix = smem + 2 * (E + 1);  // [E + 1]: rows to copy before (le, r), local r only
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint16_t* region = at<uint16_t>(g.half, g.layout.combine_region());
   const bool zero_copy = p.x == region;
   stamp(g, kCombineSendCounter, 0);
   // The readers of the call before last are done with this half's region (and remote ones with
-  // their remote_rows, which this call overwrites).
+  // their remote_rows, which this call overwrites, and have reset their flag for this rank).
   wait_words(g, g.layout.combine_credits(), kCombineSendCounter, kCombineSendTimeout);
   stamp(g, kCombineSendCounter, 1);
+  uint64_t* flag = my_word(g, g.layout.combine_flags());
+  if (kPushRemote && blockIdx.x == 0) {  // a warp per remote rank: the closing signal, with the number of rows
+    for (int r = warp; r < R; r += kWarps) {
+      if (!is_remote(g, r)) continue;
+      int rows = 0;
+      for (int le = lane; le < E_local; le += 32) rows += min(max(p.layout[le * R + r], 0), p.max_tokens);
+      rows = __reduce_add_sync(0xffffffffu, rows);
+      if (lane == 0) nvshmemx_signal_op(flag, closing_signal(rows + 1), NVSHMEM_SIGNAL_ADD, r);
+    }
+  }
   // x's rows of expert le are packed by source rank: (le, r)'s start at packed[q] - packed[le * R]
   // within the expert. Block 0 publishes those offsets for the readers (before its arrival).
   for (int q = threadIdx.x; q < E; q += blockDim.x) packed[q] = min(max(p.layout[q], 0), p.max_tokens);
@@ -309,36 +372,35 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
   if (blockIdx.x == 0)
     for (int q = threadIdx.x; q < E; q += blockDim.x)
       at<int>(g.half, g.layout.combine_offsets())[q] = packed[q] - packed[q / R * R];
-  if (!zero_copy || any_remote(g)) {  // else nothing to move
-    // Rows to move: every row, to copy it in; only remote peers' rows under zero copy.
-    for (int q = threadIdx.x; q < E; q += blockDim.x)
-      prefix[q] = zero_copy && !is_remote(g, q % R) ? 0 : packed[q + 1] - packed[q];
+  if (!zero_copy || kPushRemote) {  // else nothing to move
+    // Rows to move: every remote rank's (pushed, from the region: copied in first unless zero
+    // copy), then every local rank's (copied in, unless zero copy).
+    for (int q = threadIdx.x; q < E; q += blockDim.x) {
+      const int rows = packed[q + 1] - packed[q];
+      const bool remote = kPushRemote && is_remote(g, q % R);
+      remote_prefix[q] = remote ? rows : 0;
+      local_prefix[q] = remote || zero_copy ? 0 : rows;
+    }
     __syncthreads();
-    if (warp == 0) warp_exclusive_scan(prefix, E, lane);
+    if (warp == 0) warp_exclusive_scan(remote_prefix, E, lane);
+    if (warp == 1) warp_exclusive_scan(local_prefix, E, lane);
     __syncthreads();
-    uint64_t* flag = my_word(g, g.layout.combine_flags());
-    const int64_t warps = int64_t(gridDim.x) * kWarps;
-    for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < prefix[E]; m += warps) {
-      const int q = find_in_prefix(prefix, E, int(m));  // q = le * R + r
-      const int i = int(m - prefix[q]), le = q / R, r = q % R;
+    const int64_t warps = int64_t(gridDim.x) * kWarps, pushed = remote_prefix[E];
+    for (int64_t m = int64_t(blockIdx.x) * kWarps + warp; m < pushed + local_prefix[E]; m += warps) {
+      const bool remote = kPushRemote && m < pushed;
+      const int* prefix = remote ? remote_prefix : local_prefix;
+      const int mq = int(remote ? m : m - pushed);
+      const int q = find_in_prefix(prefix, E, mq);  // q = le * R + r
+      const int i = mq - prefix[q], le = q / R, r = q % R;
       const int64_t row = int64_t(le) * R * p.max_tokens + (packed[q] - packed[le * R]) + i;
       if (!zero_copy)
         warp_copy_l2(reinterpret_cast<uint4*>(region + row * H), reinterpret_cast<const uint4*>(p.x + row * H),
                      int64_t(H) * 2 / 16, lane);
-      if (is_remote(g, r)) {
+      if (kPushRemote && remote) {
         __syncwarp();  // the lanes' copies are in before the put reads them
         uint16_t* dst = at<uint16_t>(g.half, g.layout.remote_rows()) +
                         ((int64_t(g.rank) * E_local + le) * p.max_tokens + i) * H;
         nvshmemx_putmem_signal_nbi_warp(dst, region + row * H, size_t(H) * 2, flag, 1, NVSHMEM_SIGNAL_ADD, r);
-      }
-    }
-    if (blockIdx.x == 0) {  // a warp per remote rank: the closing signal, with the number of rows
-      for (int r = warp; r < R; r += kWarps) {
-        if (!is_remote(g, r)) continue;
-        int rows = 0;
-        for (int le = lane; le < E_local; le += 32) rows += min(max(p.layout[le * R + r], 0), p.max_tokens);
-        rows = __reduce_add_sync(0xffffffffu, rows);
-        if (lane == 0) nvshmemx_signal_op(flag, closing_signal(rows + 1), NVSHMEM_SIGNAL_ADD, r);
       }
     }
   }
@@ -451,11 +513,12 @@ cudaError_t launch_dispatch_send(const DispatchSendParams& p, cudaStream_t strea
   if (!valid_group(p.g) || p.num_experts % p.g.num_ranks || p.hidden % kHiddenMultiple ||
       (p.num_tokens > 0 && !p.send_slot))
     return cudaErrorInvalidValue;
-  const int64_t units = p.num_experts + int64_t(p.num_tokens) * ((p.hidden + kSendChunk - 1) / kSendChunk);
-  dispatch_send_kernel<<<grid_for(p.g.num_blocks, units), kThreads, 0, stream>>>(p);
-  if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || !any_remote(p.g)) return err;
-  const int64_t put_units = int64_t(p.num_tokens) * p.g.num_ranks + p.num_experts;
-  dispatch_put_kernel<<<grid_for(p.g.num_blocks, put_units), kThreads, 0, stream>>>(p);
+  if (any_remote(p.g)) {  // a warp per token (cast and pushed whole) or expert
+    dispatch_send_kernel<true><<<grid_for(p.g.num_blocks, p.num_experts + int64_t(p.num_tokens)), kThreads, 0, stream>>>(p);
+  } else {  // a warp per expert or (token, chunk)
+    const int64_t units = p.num_experts + int64_t(p.num_tokens) * ((p.hidden + kSendChunk - 1) / kSendChunk);
+    dispatch_send_kernel<false><<<grid_for(p.g.num_blocks, units), kThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
@@ -477,9 +540,14 @@ cudaError_t launch_combine_send(const CombineSendParams& p, cudaStream_t stream)
   // Zero copy with every peer local: nothing to move, one block only takes the credits and
   // raises the flags.
   const bool idle = zero_copy && !any_remote(p.g);
-  const int64_t smem = 2 * (int64_t(p.num_experts) + 1) * int64_t(sizeof(int));
-  if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel, smem); err != cudaSuccess) return err;
-  combine_send_kernel<<<idle ? 1 : p.g.num_blocks, kThreads, smem, stream>>>(p);
+  const int64_t smem = 3 * (int64_t(p.num_experts) + 1) * int64_t(sizeof(int));
+  if (any_remote(p.g)) {
+    if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel<true>, smem); err != cudaSuccess) return err;
+    combine_send_kernel<true><<<p.g.num_blocks, kThreads, smem, stream>>>(p);
+  } else {
+    if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel<false>, smem); err != cudaSuccess) return err;
+    combine_send_kernel<false><<<idle ? 1 : p.g.num_blocks, kThreads, smem, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

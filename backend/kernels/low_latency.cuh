@@ -24,8 +24,11 @@
 // Remote peers (on another node: GroupArgs::peers[r] is null) cannot be read in place; what
 // they would read is pushed to them instead, through NVSHMEM's device API (put with signal,
 // so the same code runs over IBGDA, IBRC or P2P):
-//   dispatch: a third kernel (put), after send, pushes each token once to every remote owner
-//             of one of its experts (remote_tokens), and the lists and counts of its experts;
+//   dispatch: send (its variant for groups with remote peers: a warp casts a whole token)
+//             pushes each token, as soon as it is cast, once to every remote owner of one of
+//             its experts (remote_tokens), and each list as soon as it is numbered, then the
+//             counts of an owner's experts once all are numbered; no kernel apart, so the
+//             pushes overlap the casting and the receive kernel follows send directly;
 //   combine:  send pushes each row back to its remote token's rank (remote_rows);
 //   receivers of both read those regions locally.
 // A remote peer's flag counts puts rather than blocks (low_latency_layout.hpp); credits go back
@@ -86,7 +89,6 @@ struct DispatchSendParams {
   bool use_fp8;
   bool round_scale;         // fp8 scales rounded up to a power of two
 };
-// Launches send, then put when the group has remote peers.
 cudaError_t launch_dispatch_send(const DispatchSendParams& params, cudaStream_t stream);
 
 struct DispatchRecvParams {

@@ -89,7 +89,10 @@ struct LowLatencyLayout {
   // rank's pair with send_slot `slot` for expert e.
   EP_LL_HOST_DEVICE int64_t remote_rows() const { return align(remote_counts() + remote * num_ranks * num_local_experts * 4); }
   EP_LL_HOST_DEVICE int64_t remote_rows_bytes() const { return remote * num_experts() * max_tokens * max_hidden * 2; }
-  EP_LL_HOST_DEVICE int64_t half_bytes() const { return align(remote_rows() + remote_rows_bytes()); }
+  // Per rank, how many of its experts this rank's dispatch send has numbered so far ([R] uint32,
+  // groups across nodes only; this rank's own, back to zero by the end of the send that raised it).
+  EP_LL_HOST_DEVICE int64_t owner_arrivals() const { return align(remote_rows() + remote_rows_bytes()); }
+  EP_LL_HOST_DEVICE int64_t half_bytes() const { return align(owner_arrivals() + remote * num_ranks * 4); }
   EP_LL_HOST_DEVICE int64_t total_bytes() const { return 2 * half_bytes(); }
 };
 
