@@ -246,10 +246,10 @@ if [ "$WHAT" = pending ]; then
       R=$(( ${TOPO%x*} * ${TOPO#*x} ))
       step "internode benchmark, $TOPO virtual nodes (device route, host route, intranode)"
       NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_SYMMETRIC_SIZE=3G \
-        CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-$((132 / R))} timeout 150 \
+        CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-$((132 / R))} timeout 200 \
         torchrun --standalone --nproc-per-node "$R" benchmarks/internode.py --ranks-per-node "${TOPO#*x}" \
         --out "$LOGS/internode_$TOPO" ${TORCH_EP_INTERNODE_BENCH_ARGS:-} > "$LOGS/internode_bench_$TOPO.log" 2>&1 || STATUS=1
-      tail -18 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
+      tail -22 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
     done
   fi
   [[ $STEPS == *" ll_remote_bench "* ]] && ll_remote_benches
@@ -370,10 +370,10 @@ if [ "$WHAT" = all ] || [ "$WHAT" = internode ]; then
     step "internode benchmark, $TOPO virtual nodes"
     # Two groups across nodes and the device route's buffer pass NVSHMEM's 1 GiB default heap.
     NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 \
-      NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-3G} CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) timeout 150 torchrun --standalone --nproc-per-node "$R" \
+      NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-3G} CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) timeout 200 torchrun --standalone --nproc-per-node "$R" \
       benchmarks/internode.py --ranks-per-node "${TOPO#*x}" --out "$LOGS/internode_$TOPO" \
       > "$LOGS/internode_bench_$TOPO.log" 2>&1 || STATUS=1
-    tail -18 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
+    tail -22 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
   done
 fi
 

@@ -6,7 +6,7 @@ puts between nodes; dispatch/combine take the hierarchical route, on both of its
 through NVSHMEM's device API (Options.internode_device, the default), and "host", the rounds
 the host drives (rail hop on NVSHMEM, node hop on IPC). Same checks as the CPU tests
 (test_internode.py, test_moe.py), same reference; the device route adds CUDA-graph capture, its
-capacity check and the zero-copy combine input (torch_ep.combine_buffer).
+capacity check and the zero-copy inputs (torch_ep.combine_buffer, torch_ep.dispatch_buffer).
 
 Ranks sharing a GPU need MPS (NVSHMEM's full multi-process-per-GPU mode; GPU-NOTES.md). The
 ranks get NVSHMEM's single-host settings unless the environment already sets them.
@@ -253,6 +253,8 @@ def test_node_hop_by_puts(topology):
     pool.run(checks.rank_autograd, _seed(), device="cuda")
     # Without the mapping no rank reads another's combine input: combine_buffer is a plain tensor.
     assert not any(pool.run(rank_zero_copy, _seed(), 136))
+    # dispatch_buffer needs no mapping: the node's ranks get the packed rows, the rail puts from them.
+    assert all(pool.run(rank_zero_copy_dispatch, _seed(), 136))
 
 
 def rank_zero_copy(seed, hidden, who="all", worst=False, rounds=2):
@@ -328,12 +330,135 @@ def test_combine_buffer_by_route(cuda_nodes):
         assert in_region == device_route
 
 
-def rank_graph_capture(seed, replays=3, routing="anywhere", zero_copy=False):
+def check_dispatch(got, expected, worst_rows, what):
+    """got (a dispatch with num_worst_tokens = worst_rows, or without: 0) against the reference."""
+    from torch_ep.testing import same_bits
+
+    if not worst_rows:
+        checks.check_result(got, expected)
+        return
+    pairs = list(zip(got.recv_x, expected.recv_x)) if isinstance(got.recv_x, tuple) else [(got.recv_x, expected.recv_x)]
+    m = pairs[0][1].shape[0]
+    assert got.recv_topk_idx.shape[0] == worst_rows
+    for out, want in pairs:
+        assert same_bits(out[:m].cpu(), want), f"{what}: recv_x differs"
+    assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx), f"{what}: recv_topk_idx differs"
+    assert torch.equal(got.recv_topk_weights[:m].cpu(), expected.recv_topk_weights), f"{what}: weights differ"
+    assert bool((got.recv_topk_idx[m:] == -1).all())
+
+
+def rank_zero_copy_dispatch(seed, hidden, who="all", worst=False, fp8=False, rounds=3):
+    """dispatch from torch_ep.dispatch_buffer (zero copy) with node_routing's "mixed" routing and
+    rank_node_routing's uneven sizes: `rounds` dispatches in a row, each from fresh rows written
+    into a new dispatch_buffer right after the previous dispatch was queued (no host sync: the
+    buffer's wait must hold the writes until the node's ranks have read the previous rows). In
+    bf16, a combine of the previous dispatch runs between each fill and its dispatch (its sums
+    must not touch the rows). who: "all" ranks use the buffer, or "mix" (every other rank, node 0
+    from its first rank, node 1 from its second, ...: each node has a sender of tokens of each
+    kind; the others plain tensors). fp8: the pair, the first round's scales in the buffer too, the
+    later rounds' plain (copied by the pack). Outputs poisoned, bit for bit against the
+    reference. Returns whether this rank's buffer was its packed rows (the same address twice)."""
+    import torch.distributed as dist
+    from torch_ep import reference
+    from torch_ep.testing import same_bits
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    per_node = torch_ep.get_backend().topology.ranks_per_node
+    top_k, experts_per_rank = 3, 2
+    num_experts = experts_per_rank * size
+    g = torch.Generator().manual_seed(seed + 7919 * rank)
+    n = 300 if rank == 0 else 0 if rank % per_node == per_node - 1 else int(torch.randint(1, 24, (), generator=g))
+    idx = node_routing("mixed", g, n, top_k, experts_per_rank)
+    w = torch.randint(1, 9, idx.shape, generator=g).float() / 8
+    idx_dev, w_dev = idx.cuda(), w.cuda()
+    worst_rows = 300 + 24 * size if worst else 0
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+
+    def payload():
+        x = torch.randn(n, hidden, generator=g).mul(50).to(torch.bfloat16)
+        return (x.float().to(dtype), torch.rand(n, (hidden + 127) // 128, generator=g)) if fp8 else x
+
+    xs = [payload() for _ in range(rounds)]
+    xs_dev = [tuple(t.cuda() for t in x) if fp8 else x.cuda() for x in xs]
+    torch_ep.dispatch(xs_dev[0], idx_dev, w_dev, num_experts=num_experts)  # the first call allocates the buffer
+    torch.cuda.synchronize()
+    use_buffer = who == "all" or (rank + rank // per_node) % 2 == 0
+    in_region, results, combines = None, [], []
+    for r, x in enumerate(xs_dev):
+        src = x
+        if use_buffer:
+            buf, again = torch_ep.dispatch_buffer(n, hidden, dtype), torch_ep.dispatch_buffer(n, hidden, dtype)
+            data = buf[0] if fp8 else buf
+            assert data.shape == (n, hidden) and data.dtype == dtype and data.is_cuda
+            in_region = (again[0] if fp8 else again).data_ptr() == data.data_ptr()
+            data.copy_(x[0] if fp8 else x)
+            if fp8 and r == 0:
+                buf[1].copy_(x[1])
+            src = (data, buf[1] if r == 0 else x[1]) if fp8 else data
+        if results and not fp8:
+            prev = results[-1]
+            combines.append(torch_ep.combine(prev.recv_x, prev.handle, prev.recv_topk_weights))
+        checks._poison_cache("cuda", (300 + 24 * size) * hidden * 4)
+        results.append(torch_ep.dispatch(src, idx_dev, w_dev, num_experts=num_experts, num_worst_tokens=worst_rows))
+    for r, (x, got) in enumerate(zip(xs, results)):
+        expected = reference.dispatch(x, idx, w, num_experts=num_experts)
+        check_dispatch(got, expected, worst_rows, f"dispatch {r}")
+        if r < len(combines):
+            want = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
+            assert same_bits(combines[r].combined_x.cpu(), want.combined_x), f"combine after dispatch {r} differs"
+            assert torch.equal(combines[r].combined_topk_weights.cpu(), want.combined_topk_weights)
+    dist.barrier()
+    return in_region
+
+
+ZERO_COPY_DISPATCH_CASES = [("all", 136, False, False), ("all", 7, False, False), ("all", 136, True, False),
+                            ("mix", 136, False, False), ("all", 136, False, True), ("mix", 7, True, True)]
+
+
+@pytest.mark.parametrize("who,hidden,worst,fp8", ZERO_COPY_DISPATCH_CASES, ids=lambda v: str(v))
+def test_zero_copy_dispatch(device_route, who, hidden, worst, fp8):
+    """dispatch_buffer hands out this rank's packed rows on the device route, and dispatches from
+    them (every rank's, or some ranks' only; bf16 and the fp8 pair) equal the reference, also
+    back to back (the rows' reuse wait) and with a combine between a fill and its dispatch."""
+    got = device_route.run(rank_zero_copy_dispatch, _seed(), hidden, who, worst, fp8)
+    assert all(r is not False for r in got) and any(got), got
+
+
+def rank_dispatch_buffer_slice(seed):
+    """x a view of the packed rows other than dispatch_buffer's (from its second row): dispatch
+    copies it out before the pack writes those rows (a warning), and equals the reference."""
+    from torch_ep import reference
+
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 136, 3, 2, torch.bfloat16, "cuda")
+    n, hidden = x.shape
+    torch_ep.dispatch(x, idx, w, num_experts=num_experts)  # the first call allocates the buffer
+    rows = torch_ep.dispatch_buffer(n + 1, hidden)
+    rows[1:].copy_(x)
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    checks.check_result(torch_ep.dispatch(rows[1:], idx, w, num_experts=num_experts), expected)
+
+
+def rank_dispatch_buffer_by_route(seed):
+    checks.rank_dispatch_buffer(seed, device="cuda")
+    rank_dispatch_buffer_slice(seed + 1)
+    a, b = torch_ep.dispatch_buffer(4, 64), torch_ep.dispatch_buffer(4, 64)
+    return torch_ep.get_backend().config.internode_device, a.data_ptr() == b.data_ptr()
+
+
+def test_dispatch_buffer_by_route(cuda_nodes):
+    """The CPU test's checks (test_moe.rank_dispatch_buffer) and a slice of the rows as x: this
+    rank's packed rows on the device route, plain tensors on the host-driven route."""
+    for device_route, in_region in cuda_nodes.run(rank_dispatch_buffer_by_route, _seed()):
+        assert in_region == device_route
+
+
+def rank_graph_capture(seed, replays=3, routing="anywhere", zero_copy=False, zero_copy_dispatch=False):
     """dispatch + combine with num_worst_tokens captured in one CUDA graph, replayed with new
     inputs of the same shapes: every replay matches the reference. routing "nodes" replays
     node_routing's kinds in turn (own node only, other nodes only, node 0 only, mixed, sparse),
     so that the own node's counters and the rail's go from some rows to none between replays.
-    zero_copy: the graph also holds combine_buffer (its wait) and the write of recv_x into it."""
+    zero_copy: the graph also holds combine_buffer (its wait) and the write of recv_x into it;
+    zero_copy_dispatch likewise dispatch_buffer and the write of x into it."""
     import torch.distributed as dist
     from torch_ep import reference
     from torch_ep.testing import same_bits
@@ -353,7 +478,8 @@ def rank_graph_capture(seed, replays=3, routing="anywhere", zero_copy=False):
     x, idx, w = fixed(seed)
 
     def step():
-        d = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst)
+        src = torch_ep.dispatch_buffer(n, hidden).copy_(x) if zero_copy_dispatch else x
+        d = torch_ep.dispatch(src, idx, w, num_experts=num_experts, num_worst_tokens=worst)
         if not zero_copy:
             return d, torch_ep.combine(d.recv_x, d.handle)
         buf = torch_ep.combine_buffer(d.handle)
@@ -366,6 +492,8 @@ def rank_graph_capture(seed, replays=3, routing="anywhere", zero_copy=False):
         warm, _ = step()  # warm up outside the capture (the first call allocates the buffers)
         if zero_copy:  # the group's region, not a plain tensor
             assert torch_ep.combine_buffer(warm.handle).data_ptr() == torch_ep.combine_buffer(warm.handle).data_ptr()
+        if zero_copy_dispatch:  # this rank's packed rows (the first call allocated the buffer)
+            assert torch_ep.dispatch_buffer(n, hidden).data_ptr() == torch_ep.dispatch_buffer(n, hidden).data_ptr()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     dist.barrier()
@@ -390,11 +518,13 @@ def rank_graph_capture(seed, replays=3, routing="anywhere", zero_copy=False):
     return True
 
 
-@pytest.mark.parametrize("routing", ["anywhere", "nodes", "nodes-zero-copy"])
+@pytest.mark.parametrize("routing", ["anywhere", "nodes", "nodes-zero-copy", "nodes-zero-copy-dispatch"])
 def test_graph_capture_and_replay(device_route, routing):
+    """nodes-zero-copy: combine from combine_buffer; nodes-zero-copy-dispatch: dispatch from
+    dispatch_buffer too (both buffers' waits and fills captured)."""
     replays = 3 if routing == "anywhere" else 6
     assert all(device_route.run(rank_graph_capture, _seed(), replays, routing.split("-")[0],
-                                routing.endswith("zero-copy")))
+                                "-zero-copy" in routing, routing.endswith("-dispatch")))
 
 
 def test_compile_fullgraph_with_num_worst_tokens(device_route):

@@ -149,6 +149,12 @@ def test_combine_buffer_across_nodes():
     virtual_nodes("2x2").run(test_moe.rank_combine_buffer, _seed())
 
 
+def test_dispatch_buffer_across_nodes():
+    """CPU groups have no zero-copy region: a plain tensor (or fp8 pair), and dispatch from it,
+    across nodes too."""
+    virtual_nodes("2x2").run(test_moe.rank_dispatch_buffer, _seed())
+
+
 def test_torch_compile_across_nodes():
     virtual_nodes("2x2").run(test_moe.rank_compiled, _seed())
 

@@ -322,6 +322,43 @@ def test_combine_buffer(pool):
     pool.run(rank_combine_buffer, _seed())
 
 
+def rank_dispatch_buffer(seed, device="cpu"):
+    """dispatch_buffer: where no zero-copy region serves (CPU, one node, the host route) a plain
+    [N, H] tensor of the dtype asked (bfloat16 unless given; for float8_e4m3fn the pair with its
+    [N, ceil(H / 128)] float32 scales) on the device asked; on the device route across nodes this
+    rank's packed rows. Either way a dispatch from it, and one of the fp8 pair along the handle,
+    equal the reference. Bad arguments raise naming themselves, and the group goes on."""
+    num_experts, g, x, idx, w = make_inputs(seed, "random", 136, 3, 2, torch.bfloat16, device)
+    n, hidden = x.shape
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    buf = torch_ep.dispatch_buffer(n, hidden, device=device)
+    assert tuple(buf.shape) == (n, hidden) and buf.dtype == torch.bfloat16 and buf.device == x.device
+    _poison_cache(device, expected.recv_x.numel() * 4)
+    check_result(torch_ep.dispatch(buf.copy_(x), idx, w, num_experts=num_experts), expected)
+    got = torch_ep.dispatch(x, idx, w, num_experts=num_experts)
+    x8 = torch.randint(-60, 60, (n, hidden), generator=g).float().to(torch.float8_e4m3fn)
+    scales = torch.rand(n, 2, generator=g)
+    buf8, buf_scales = torch_ep.dispatch_buffer(n, hidden, torch.float8_e4m3fn, device=device)
+    assert tuple(buf8.shape) == (n, hidden) and buf8.dtype == torch.float8_e4m3fn and buf8.device == x.device
+    assert tuple(buf_scales.shape) == (n, 2) and buf_scales.dtype == torch.float32
+    buf8.copy_(x8), buf_scales.copy_(scales)
+    again = torch_ep.dispatch((buf8, buf_scales), handle=got.handle)
+    check_result(again, reference.dispatch((x8, scales), handle=expected.handle), with_topk=False)
+    wide = torch_ep.dispatch_buffer(n, 5, torch.float32, device=device)
+    assert tuple(wide.shape) == (n, 5) and wide.dtype == torch.float32
+    assert torch_ep.dispatch_buffer(0, hidden, device=device).shape == (0, hidden)
+    _raises(lambda: torch_ep.dispatch_buffer(-1, hidden, device=device), ValueError, "num_tokens")
+    _raises(lambda: torch_ep.dispatch_buffer(2.5, hidden, device=device), ValueError, "num_tokens")
+    _raises(lambda: torch_ep.dispatch_buffer(n, 0, device=device), ValueError, "hidden")
+    _raises(lambda: torch_ep.dispatch_buffer(n, hidden, torch.int32, device=device), TypeError, "dtype")
+    _raises(lambda: torch_ep.dispatch_buffer(n, hidden, device="meta"), ValueError, "device")
+    check_result(torch_ep.dispatch(x, idx, w, num_experts=num_experts), expected)  # the group goes on
+
+
+def test_dispatch_buffer(pool):
+    pool.run(rank_dispatch_buffer, _seed())
+
+
 def rank_worst_overflow(seed):
     """More rows than num_worst_tokens: on CPU the receiving rank raises at once, naming the
     dispatch, the rows that arrived and num_worst_tokens; torch_ep.check_errors() has nothing

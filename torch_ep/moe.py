@@ -15,7 +15,7 @@ import torch.distributed as dist
 from . import _C  # noqa: F401  (registers the ep:: ops)
 from .types import CombineResult, DispatchHandle, DispatchLayout, DispatchResult, Payload, send_matrix_size
 
-__all__ = ["get_dispatch_layout", "dispatch", "combine", "combine_buffer", "MoEWork"]
+__all__ = ["get_dispatch_layout", "dispatch", "combine", "combine_buffer", "dispatch_buffer", "MoEWork"]
 
 
 def _group(group):
@@ -317,6 +317,55 @@ def combine_buffer(handle: DispatchHandle, dtype: Optional[torch.dtype] = None, 
     device = handle.meta.device
     region = _C._combine_buffer(handle.group_name, handle.counts, handle.num_experts, rows, hidden, dtype, device)
     return region if region is not None else torch.empty((rows, hidden), dtype=dtype, device=device)
+
+
+DISPATCH_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
+
+
+@torch.compiler.disable
+def dispatch_buffer(num_tokens: int, hidden: int, dtype: torch.dtype = torch.bfloat16, *, group=None,
+                    device=None) -> Payload:
+    """The [num_tokens, hidden] tensor to write a dispatch's x into, for dispatch(it, ...) on
+    `group`: `dtype` bfloat16 unless given (float16 and float32 too); for torch.float8_e4m3fn
+    the pair (x [num_tokens, hidden], scales [num_tokens, ceil(hidden / 128)] float32) that
+    dispatch takes. `device`: the current CUDA device where CUDA is available, else the CPU.
+
+    Where dispatch takes the device route across nodes, it is a view of this rank's packed rows
+    in the group's NVSHMEM buffer (row-strided: rows lie the buffer's row stride apart, the
+    scales beside each row's payload): a dispatch given it as x (and the scales view as scales)
+    leaves the payload where it is and writes only each row's routing fields beside it, one
+    copy fewer per token (zero copy). Before returning, it queues on the current stream a wait
+    (on the device, bounded by the group's timeout; capturable in a CUDA graph) until this
+    node's ranks are done reading those rows in the previous dispatch, so the caller's kernels
+    may write it at once. It is one region per rank: call it before each dispatch, write the
+    tensor it returned, and dispatch from it before the group's next dispatch (which packs its
+    rows there; a combine in between leaves them alone). Elsewhere (CPU, one node, the host-
+    driven route, before the group's first dispatch across nodes allocated the buffer, more
+    tokens than Options.internode_capacity) it is a plain torch.empty, so code stays portable.
+    Eager only: under torch.compile it runs outside the graph (a graph break).
+    """
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"num_tokens: expected a number of tokens >= 0, got {num_tokens!r}")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"hidden: expected a positive hidden size, got {hidden!r}")
+    if dtype not in DISPATCH_DTYPES:
+        raise TypeError(f"dtype: dispatch takes bfloat16, float16, float32, or float8_e4m3fn with its scales; "
+                        f"got {dtype}")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected a CPU or CUDA device, got {device}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    g = _group(group)
+    views = _C._dispatch_buffer(g.group_name, num_tokens, hidden, dtype, device)
+    fp8 = dtype == torch.float8_e4m3fn
+    if not views:
+        views = [torch.empty((num_tokens, hidden), dtype=dtype, device=device)]
+        if fp8:
+            views.append(torch.empty((num_tokens, (hidden + 127) // 128), dtype=torch.float32, device=device))
+    return (views[0], views[1]) if fp8 else views[0]
 
 
 # ------------------------------------------------------------------------------- fake kernels

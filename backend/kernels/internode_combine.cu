@@ -141,8 +141,9 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
 
 // As a forwarder: once every local rank's rows and the other nodes' sources' routes are in, one
 // row per relayed token, the float32 sum of its local ranks' rows in rank order rounded to x's
-// dtype (weights summed in float32), into rail_send[m], put chunk by chunk to the source on
-// node m (m another node).
+// dtype (weights summed in float32), into rail_send[m] (block m: never over this node's packed
+// rows, which may hold the next dispatch's x), put chunk by chunk to the source on node m (m
+// another node).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
   if (!call_ok(p)) return;
@@ -184,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
         const int s = rank_of(p, m, p.local);  // the source: its forwarder has its local index
         const char* src[kMaxLocal];
         for (int j = 0; j < L; ++j) src[j] = local.row(j, s, m, pos[j]);
-        char* dst = row(p, l.rail_send(), m * C + slot);
+        char* dst = block_row(p, l.rail_send(), m, slot);
         sum_rows<T>(dst, L, [&](int j) { return src[j]; }, H, lane);
         // Weights travel when the call has them (num_topk > 0), whatever this rank's own
         // outputs hold: a forwarder with no tokens of its own has a null out_weights.
@@ -197,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
           }
       }
       __syncthreads();
-      nvshmemx_putmem_signal_nbi_block(row(p, l.rail_recv(), p.node * C + first), row(p, l.rail_send(), m * C + first),
+      nvshmemx_putmem_signal_nbi_block(row(p, l.rail_recv(), p.node * C + first), block_row(p, l.rail_send(), m, first),
                                        size_t(rows * p.row_stride), chunk_flag(p, p.node, k), seq, NVSHMEM_SIGNAL_SET,
                                        rank_of(p, m, p.local));
     }

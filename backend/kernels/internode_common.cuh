@@ -24,6 +24,13 @@ __device__ __forceinline__ IxCtrl& ctrl(const IxParams& p) { return *at<IxCtrl>(
 __device__ __forceinline__ char* row(const IxParams& p, int64_t region, int64_t index) {
   return p.base + region + index * p.row_stride;
 }
+// Row `index` of block `block` (C rows) of a region, the blocks C x W bytes apart whatever the
+// call's stride: where a call's rows are narrower than W (a combine's), row(block * C + index)
+// would run into the next block, e.g. the combine's sums for node m into this node's packed rows,
+// which dispatch_buffer hands out between calls. In a dispatch (stride W) both agree.
+__device__ __forceinline__ char* block_row(const IxParams& p, int64_t region, int64_t block, int64_t index) {
+  return p.base + region + block * p.layout.capacity * p.layout.row_bytes + index * p.row_stride;
+}
 __device__ __forceinline__ uint64_t* chunk_flag(const IxParams& p, int node, int64_t chunk) {
   return at<uint64_t>(p.base, p.layout.chunk_flags()) + node * p.layout.chunks() + chunk;
 }
@@ -35,6 +42,9 @@ __device__ __forceinline__ uint64_t* count_word(const IxParams& p, int index) {
 }
 __device__ __forceinline__ uint64_t* combine_in_done(const IxParams& p, int local) {
   return at<uint64_t>(p.base, p.layout.combine_in_done()) + local;
+}
+__device__ __forceinline__ uint64_t* dispatch_in_done(const IxParams& p, int local) {
+  return at<uint64_t>(p.base, p.layout.dispatch_in_done()) + local;
 }
 __device__ __forceinline__ uint64_t* route_flag(const IxParams& p, int node) {
   return at<uint64_t>(p.base, p.layout.route_flags()) + node;

@@ -15,10 +15,16 @@
 // peer is not mapped, or with IxParams::node_p2p off, it too goes through puts and gets.
 //
 // Symmetric buffer of one group (IxLayout; C = capacity, tokens per rank per call; W = row
-// stride in bytes; NN nodes, L ranks per node, R = NN * L):
+// stride in bytes; NN nodes, L ranks per node, R = NN * L). Rows lie a call's stride apart: W in
+// a dispatch (so that dispatch_buffer knows where each row's payload goes before the call), the
+// row's fields in a combine (its sums go over the rail in chunks of contiguous rows). rail_send's
+// node blocks lie C x W bytes apart whatever the stride (block_row), so that a combine's sums
+// never reach this node's packed rows; the other regions' blocks lie C rows of the call apart:
 //   rail_send  [NN][C] rows   dispatch: [this node][t] is token t packed, once for every node it
 //                             goes to (read in place by this node's ranks, put from to the rail
-//                             peers); combine: [m] the forwarder's sums for node m (m another node)
+//                             peers); its payload and scales are the zero-copy dispatch input
+//                             (dispatch_buffer: the caller writes x there, the pack adds the
+//                             rest); combine: [m] the forwarder's sums for node m (m another node)
 //   rail_recv  [NN][C] rows   dispatch: what rail peers sent, by source node and rail slot;
 //                             combine: the sums per node, at the source
 //   stage      [R][C]  rows   combine: rows back, by (sending local rank j, source node m) = j * NN + m
@@ -37,7 +43,8 @@
 //   signals    notify [2][R], chunk [NN][C/B] (combine), route [NN], count [R],
 //              row [NN][C] (dispatch: one per rail slot, set by the put of that row),
 //              combine_in_done [L] (node rank k: the last call whose reads of this rank's
-//              combine_in k has finished) (uint64)
+//              combine_in k has finished), dispatch_in_done [L] (node rank k: the last dispatch
+//              whose reads of this rank's packed rows k has finished) (uint64)
 //   ctrl       this rank's device state of the call (IxCtrl)
 // Calls are numbered on the device (ctrl.seq, the same on every rank since every call is
 // collective): notify, chunk and row signals are SET to seq and waited for with >= seq, counters
@@ -76,6 +83,7 @@ enum ErrorKind : int {
   kRejected = 6,        // a call no host waited for was refused by rank `peer` (its status)
   kOverflow = 7,        // a dispatch received more rows than num_worst_tokens (peer: this rank)
   kCombineInTimeout = 8,  // combine_buffer: node rank `peer` never finished reading this rank's combine_in
+  kDispatchInTimeout = 9,  // dispatch_buffer: node rank `peer` never finished reading this rank's packed rows
 };
 EP_HOST_DEVICE inline int error_kind(int code) { return code / 65536; }
 EP_HOST_DEVICE inline int error_peer(int code) { return code % 65536 - 1; }
@@ -130,7 +138,8 @@ struct IxCtrl {
   int32_t recv[kMaxRanks];
   int32_t relay[kMaxRanks];        // [NN] tokens the rail peer on node m sends through this rank
   uint64_t zero_copy_seq;          // the last call whose combine read this rank's combine_in (0: none)
-  uint32_t receive_blocks_done;    // combine_receive_kernel's blocks past their reads (the last resets it)
+  uint64_t dispatch_seq;           // the last dispatch that went ahead (its node ranks read this rank's packed rows)
+  uint32_t receive_blocks_done;    // the receive kernel's blocks past their reads (reset by the notify)
   int32_t pad;
 };
 
@@ -158,7 +167,10 @@ struct IxLayout {
   EP_HOST_DEVICE int64_t row_flags() const { return route_flags() + num_nodes * 8; }
   EP_HOST_DEVICE int64_t counts() const { return row_flags() + num_nodes * capacity * 8; }
   EP_HOST_DEVICE int64_t combine_in_done() const { return counts() + num_ranks * 8; }
-  EP_HOST_DEVICE int64_t ctrl() const { return align(combine_in_done() + ranks_per_node * 8); }
+  EP_HOST_DEVICE int64_t dispatch_in_done() const { return combine_in_done() + ranks_per_node * 8; }
+  EP_HOST_DEVICE int64_t ctrl() const { return align(dispatch_in_done() + ranks_per_node * 8); }
+  // This rank's packed rows (rail_send[node]): dispatch_buffer's region, C rows of W bytes.
+  EP_HOST_DEVICE int64_t dispatch_in(int node) const { return rail_send() + node * capacity * row_bytes; }
   EP_HOST_DEVICE int64_t total_bytes() const { return align(ctrl() + int64_t(sizeof(IxCtrl))); }
   EP_HOST_DEVICE static int64_t align(int64_t b) { return (b + 255) / 256 * 256; }
 };
@@ -177,7 +189,8 @@ struct IxParams {
   bool node_p2p;       // the node hop by stores/loads where NVSHMEM maps the peer (else puts/gets)
   // the call
   int32_t op;
-  int64_t row_stride;  // bytes between rows of this call (<= layout.row_bytes), a multiple of 16
+  int64_t row_stride;  // bytes between rows of this call in a block (dispatch: layout.row_bytes;
+                       // combine: its fields, <= that), a multiple of 16
   int64_t ticket;      // written to host->ticket by the notify step
   bool host_waits;     // a host reads the notify's result (else refusals go to the error word)
   IxRecordHeader mine;  // this rank's record header (status set by the host where it refuses)
@@ -200,6 +213,8 @@ struct IxParams {
   const float* topk_weights;   // [N, K] or null
   int num_topk;
   int64_t off_scales, off_ids, off_weights, off_pos;  // field offsets in a row
+  bool x_packed;       // x already lies in this rank's packed rows (dispatch_buffer): the pack leaves it
+  bool scales_packed;  // x_scales likewise, at off_scales
   // dispatch outputs
   char* recv_x;
   float* recv_x_scales;
@@ -233,5 +248,8 @@ cudaError_t launch_combine_receive(const IxParams& p, cudaStream_t stream);
 // combine_buffer: waits (bounded) until this node's ranks are done reading this rank's
 // combine_in in the last combine that read it, so that the caller may write it.
 cudaError_t launch_combine_in_wait(const IxParams& p, cudaStream_t stream);
+// dispatch_buffer: likewise for this rank's packed rows and the last dispatch that went ahead
+// (its rail puts are complete where the send kernel ended: nvshmem_quiet).
+cudaError_t launch_dispatch_in_wait(const IxParams& p, cudaStream_t stream);
 
 }  // namespace ep::kernels::ix

@@ -8,11 +8,19 @@
 // (k_own); for every other node, the same packed row is put over the rail (n - 1) and each
 // receiver there copies it from its forwarder's rail_recv (k_rem): 1 + (n - 1) + k. x is the
 // caller's tensor, not symmetric, so a peer cannot read it in place and a NIC cannot put from it:
-// the pack is the least one copy.
+// the pack is the least one copy. Unless x is already there: dispatch_buffer hands out the
+// packed rows' payload (and scales) for the caller to write x into, and the pack then writes only
+// the row's other fields beside it (x_packed): (n - 1) + k copies. Before handing them out it
+// waits until the last dispatch's readers of the packed rows are done (dispatch_in_wait_kernel).
 #include "backend/kernels/internode_common.cuh"
 
 namespace ep::kernels::ix {
 namespace {
+
+// The bytes of a dispatch row that travel: its fields up to the positions (rows lie W apart).
+__device__ __forceinline__ size_t row_fields(const IxParams& p) {
+  return size_t(p.off_pos + (4 * int64_t(p.layout.num_ranks) + 15) / 16 * 16);
+}
 
 // A warp a token: packs token t, when it goes to any node, once into rail_send[this node][t]
 // (payload | scales | global ids | weights | its row index at every rank of the group), tells
@@ -22,7 +30,8 @@ namespace {
 // signal: the signal lands after the row, whatever QP or thread issued what; the rows of a
 // chunk are not contiguous here, so there is no one put per chunk). On a NIC each put is one
 // RDMA write of the row; on one GPU, NVSHMEM's P2P copy keeps one 16-byte load in flight per
-// lane, and the 16 warps of a block put at once.
+// lane, and the 16 warps of a block put at once. Rows lie W apart; a put carries the row's fields
+// only. x (scales) in place already (x_packed, scales_packed) is not copied.
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
@@ -40,8 +49,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
     for (int m = 0; m < NN; ++m) goes |= slots[m] >= 0;
     if (!goes) continue;
     char* packed = row(p, l.rail_send(), p.node * C + t);
-    warp_copy(packed, p.x + t * p.x_bytes, p.x_bytes, lane);
-    if (p.x_scales)
+    if (!p.x_packed) warp_copy(packed, p.x + t * p.x_bytes, p.x_bytes, lane);
+    if (p.x_scales && !p.scales_packed)
       warp_copy(packed + p.off_scales, reinterpret_cast<const char*>(p.x_scales + t * p.num_scales),
                 4 * p.num_scales, lane);
     if (!p.cached) {
@@ -59,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
     for (int i = 1; i < NN; ++i) {
       const int m = (p.node + i) % NN;
       if (slots[m] < 0) continue;
-      nvshmemx_putmem_signal_nbi_warp(row(p, l.rail_recv(), p.node * C + slots[m]), packed, size_t(p.row_stride),
+      nvshmemx_putmem_signal_nbi_warp(row(p, l.rail_recv(), p.node * C + slots[m]), packed, row_fields(p),
                                       row_flag(p, p.node, slots[m]), seq, NVSHMEM_SIGNAL_SET,
                                       rank_of(p, m, p.local));
       put = true;
@@ -144,7 +153,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
 // copies them into the outputs at the prefix offsets: rows by source rank, then source token
 // order; another node's source's from its forwarder's rail_recv, this node's source's from its
 // packed rows, both in place. Ids become local (-1 for other ranks' experts, weight 0). Rows
-// past the received ones are padding (num_worst_tokens).
+// past the received ones are padding (num_worst_tokens). At the end, the last block tells each
+// rank of this node that this rank is done reading its packed rows (dispatch_buffer's wait).
 __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) {
   const IxLayout& l = p.layout;
   const int R = l.num_ranks, L = l.ranks_per_node;
@@ -236,6 +246,32 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
              [holder](const auto* w) { return get_word(w, holder); });
     }
   }
+  // Every block past its reads (gets included: they return the data), the last one signals
+  // this node's other ranks; a call that did not go ahead read nothing, and nobody waits for it.
+  if (!ok || L == 1) return;
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&ctrl(p).receive_blocks_done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence_system();  // every block's loads before the signals
+  const uint64_t seq = c.seq;
+  for (int j = threadIdx.x; j < L; j += blockDim.x)
+    if (j != p.local) nvshmemx_signal_op(dispatch_in_done(p, p.local), seq, NVSHMEM_SIGNAL_SET, rank_of(p, p.node, j));
+}
+
+// One warp: lane k waits for node rank k's reads of this rank's packed rows in the last dispatch
+// that went ahead (IxCtrl::dispatch_seq; 0: none yet). This rank's own reads are earlier on the
+// stream, and so is the send kernel's nvshmem_quiet (its rail puts read the rows).
+__global__ void dispatch_in_wait_kernel(IxParams p) {
+  const int k = int(threadIdx.x);
+  if (k >= p.layout.ranks_per_node || k == p.local) return;
+  const uint64_t deadline = now_ns() + p.timeout_ns;
+  if (!wait_at_least(dispatch_in_done(p, k), ctrl(p).dispatch_seq, deadline))
+    ll::report(p.error, kDispatchInTimeout, rank_of(p, p.node, k));
 }
 
 }  // namespace
@@ -247,6 +283,11 @@ cudaError_t launch_dispatch_send(const IxParams& p, cudaStream_t stream) {
 
 cudaError_t launch_dispatch_forward(const IxParams& p, cudaStream_t stream) {
   dispatch_forward_kernel<<<p.num_blocks, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dispatch_in_wait(const IxParams& p, cudaStream_t stream) {
+  dispatch_in_wait_kernel<<<1, 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

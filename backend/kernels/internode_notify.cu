@@ -129,6 +129,9 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
       if (got[rank_of(p, p.node, j)].zero_copy) zero_copy |= 1u << j;
     c.zero_copy = zero_copy;
     if ((zero_copy >> p.local) & 1) c.zero_copy_seq = seq;
+    // A dispatch that goes ahead: its receivers read this rank's packed rows, and each of this
+    // node's tells it when done (dispatch_in_done), which dispatch_buffer waits for.
+    if (ok && p.op == kDispatch) c.dispatch_seq = seq;
     c.receive_blocks_done = 0;
     c.ok = ok;
   }

@@ -186,8 +186,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
   const int64_t N = x.size(0);
 
   DispatchArgs a;
-  a.x = x.contiguous();
-  if (x_scales) a.x_scales = x_scales->contiguous();
+  // dispatch_buffer's row-strided views go on as they are: the route across nodes finds them in
+  // place (and copies out any other view of those rows).
+  a.x = x.is_contiguous() || !in_dispatch_buffer(group, x) ? x.contiguous() : x;
+  if (x_scales)
+    a.x_scales = x_scales->is_contiguous() || !in_dispatch_buffer(group, *x_scales) ? x_scales->contiguous() : *x_scales;
   a.num_experts = num_experts;
   a.num_worst_tokens = num_worst_tokens;
   if (handle_meta) {
@@ -276,6 +279,14 @@ std::optional<Tensor> combine_buffer(const std::string& group_name, const Tensor
   return region.defined() ? std::optional<Tensor>(region) : std::nullopt;
 }
 
+// torch_ep.dispatch_buffer's views, or none where the caller makes plain tensors: CPU, one node,
+// the host route, a buffer no dispatch has allocated yet, rows past the capacity. Eager only.
+std::vector<Tensor> dispatch_buffer(const std::string& group_name, int64_t rows, int64_t hidden,
+                                    at::ScalarType dtype, const at::Device& device) {
+  if (!device.is_cuda()) return {};
+  return dispatch_buffer_cuda(resolve_group(group_name, device, "dispatch_buffer"), rows, hidden, dtype, device);
+}
+
 }  // namespace
 
 #ifndef TORCH_EP_WITH_CUDA
@@ -291,6 +302,10 @@ CombineOutputs combine_cuda(ProcessGroupEP&, const CombineArgs&) {
 Tensor combine_buffer_cuda(ProcessGroupEP&, const HandleCounts&, int64_t, int64_t, at::ScalarType, const at::Device&) {
   return {};
 }
+std::vector<Tensor> dispatch_buffer_cuda(ProcessGroupEP&, int64_t, int64_t, at::ScalarType, const at::Device&) {
+  return {};
+}
+bool in_dispatch_buffer(ProcessGroupEP&, const Tensor&) { return false; }
 #endif
 
 // dispatch and combine exchange records on the host at every call and keep the handle's counts
@@ -339,6 +354,9 @@ void register_moe(pybind11::module_& m) {
   m.def("_combine_buffer", &moe::combine_buffer, py::arg("group_name"), py::arg("handle_counts"),
         py::arg("num_experts"), py::arg("rows"), py::arg("hidden"), py::arg("dtype"), py::arg("device"),
         "torch_ep.combine_buffer's zero-copy region, or None (the caller makes a plain tensor)");
+  m.def("_dispatch_buffer", &moe::dispatch_buffer, py::arg("group_name"), py::arg("rows"), py::arg("hidden"),
+        py::arg("dtype"), py::arg("device"),
+        "torch_ep.dispatch_buffer's views of this rank's packed rows ([x] or [x, scales]), or [] (plain tensors)");
 }
 
 }  // namespace ep

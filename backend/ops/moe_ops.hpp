@@ -102,5 +102,13 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& args);
 // handle's dispatch took the device route across nodes; undefined elsewhere (a plain tensor does).
 at::Tensor combine_buffer_cuda(ProcessGroupEP& group, const HandleCounts& handle_counts, int64_t rows,
                                int64_t hidden, at::ScalarType dtype, const at::Device& device);
+// torch_ep.dispatch_buffer's views of this rank's packed rows (moe_internode_cuda.cpp): x [rows,
+// hidden] of `dtype`, and for float8_e4m3fn its scales [rows, ceil(hidden / 128)] float32, row-
+// strided, where the device route across nodes runs and its buffer is allocated; none elsewhere
+// (plain tensors do).
+std::vector<at::Tensor> dispatch_buffer_cuda(ProcessGroupEP& group, int64_t rows, int64_t hidden,
+                                             at::ScalarType dtype, const at::Device& device);
+// Whether t lies in those rows: dispatch passes it on as it is (row-strided), not contiguous().
+bool in_dispatch_buffer(ProcessGroupEP& group, const at::Tensor& t);
 
 }  // namespace ep::moe

@@ -100,6 +100,8 @@ class ProcessGroupEP : public c10d::Backend {
   // CUDA IPC inside this node and NVSHMEM to other nodes, created by the first CUDA call that
   // crosses nodes (collective). Defined in cuda/internode_path.cpp; raises without NVSHMEM.
   std::shared_ptr<InternodeTransport> internode_transport(const at::Device& device, const char* op_name);
+  // The same where an earlier call made it, else null; creates nothing (not collective).
+  std::shared_ptr<InternodeTransport> internode_transport_if_made();
   // Whether this build has the CUDA internode transport (CUDA and NVSHMEM); without it CUDA
   // all_to_all across nodes stays on the intranode transport, or the inner backend between hosts.
   static bool internode_built();

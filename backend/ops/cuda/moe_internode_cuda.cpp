@@ -148,6 +148,24 @@ Tensor combine_buffer_cuda(ProcessGroupEP& group, const HandleCounts& h, int64_t
   }
 }
 
+std::vector<Tensor> dispatch_buffer_cuda(ProcessGroupEP& group, int64_t rows, int64_t hidden, at::ScalarType dtype,
+                                         const at::Device& device) {
+  if (!group.topology().multi_node() || !group.config().internode_device) return {};
+  c10::cuda::CUDAGuard guard(device);
+  try {
+    return dispatch_buffer_cuda_internode_device(group, rows, hidden, dtype, device);
+  } catch (const CommError& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+}
+
+bool in_dispatch_buffer(ProcessGroupEP& group, const Tensor& t) {
+  if (!t.is_cuda() || !group.topology().multi_node() || !group.config().internode_device) return false;
+  const std::shared_ptr<InternodeTransport> transport = group.internode_transport_if_made();
+  const InternodeBuffer* buf = transport ? transport->moe_if_made() : nullptr;
+  return buf && buf->in_dispatch_in(t.data_ptr());
+}
+
 #else
 
 DispatchOutputs dispatch_cuda_internode(ProcessGroupEP& group, const DispatchArgs& a) {
@@ -162,6 +180,10 @@ at::Tensor combine_buffer_cuda(ProcessGroupEP&, const HandleCounts&, int64_t, in
                                const at::Device&) {
   return {};
 }
+std::vector<at::Tensor> dispatch_buffer_cuda(ProcessGroupEP&, int64_t, int64_t, at::ScalarType, const at::Device&) {
+  return {};
+}
+bool in_dispatch_buffer(ProcessGroupEP&, const at::Tensor&) { return false; }
 
 #endif
 

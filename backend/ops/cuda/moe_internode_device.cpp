@@ -4,7 +4,9 @@
 // outputs (not at all with num_worst_tokens), and a combine waits for the notify's verdict only
 // where its dispatch waited too (so that bad calls raise at the call, as on the other routes).
 // combine_buffer hands out this rank's combine_in region; a combine whose x is that region is
-// read there in place by the node's ranks (zero copy; internode_combine.cu).
+// read there in place by the node's ranks (zero copy; internode_combine.cu). dispatch_buffer
+// hands out this rank's packed rows; a dispatch whose x is that view is not copied by the pack
+// (internode_dispatch.cu).
 #ifdef TORCH_EP_WITH_NVSHMEM
 #include "backend/ops/cuda/moe_internode_device.hpp"
 
@@ -45,6 +47,22 @@ struct DispatchRow {
 
 ix::DType dtype_of(at::ScalarType t) {
   return t == at::kBFloat16 ? ix::DType::kBFloat16 : t == at::kHalf ? ix::DType::kFloat16 : ix::DType::kFloat32;
+}
+
+// Whether t is dispatch_buffer's view of a field of this rank's packed rows: its first row at
+// `at`, rows W bytes apart, each contiguous.
+bool in_pack(const Tensor& t, const char* at, int64_t W) {
+  return t.data_ptr() == at && (t.size(0) <= 1 || t.stride(0) * int64_t(t.element_size()) == W) &&
+         (t.size(1) <= 1 || t.stride(1) == 1);
+}
+
+// t for the pack to read: contiguous, and out of this rank's packed rows, which the pack
+// overwrites (a view of them other than dispatch_buffer's is copied out first).
+Tensor readable(const Tensor& t, const InternodeBuffer& b, const char* what) {
+  if (!b.in_dispatch_in(t.data_ptr())) return t.contiguous();
+  TORCH_WARN_ONCE("dispatch: ", what, " lies in this rank's dispatch_buffer region but is not the view "
+                  "dispatch_buffer handed out (its first row and row stride); it is copied out before the pack");
+  return t.clone(at::MemoryFormat::Contiguous);
 }
 
 bool device_route_handle(const std::vector<int64_t>& tail, const Topology& t) {
@@ -181,12 +199,21 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   // every rank (InternodeBuffer::take_pending); not a captured call, whose record every replay
   // would repeat.
   if (mine.status == ix::kOk && !stream_capturing(stream)) mine.status = buf.take_pending(mine.detail);
-  p.row_stride = row.stride;
+  // Zero copy: x (its scales) is dispatch_buffer's view of this rank's packed rows, where the
+  // pack would put it; it stays. Each rank decides for itself: the rows are the same either way.
+  const int64_t W = buf.row_bytes();
+  const bool x_packed = in_pack(a.x, buf.dispatch_in(), W);
+  const bool scales_packed = S && in_pack(*a.x_scales, buf.dispatch_in() + row.off_scales, W);
+  const Tensor x = x_packed ? a.x : readable(a.x, buf, "x");
+  const Tensor x_scales = !S ? Tensor() : scales_packed ? *a.x_scales : readable(*a.x_scales, buf, "the fp8 scales");
+  p.row_stride = W;  // dispatch_buffer hands out the payloads before the call's other fields are known
   p.host_waits = !worst;
   p.cached = cached;
-  p.x = static_cast<const char*>(a.x.data_ptr());
+  p.x = static_cast<const char*>(x.data_ptr());
+  p.x_packed = x_packed;
   p.x_bytes = row.x_bytes;
-  p.x_scales = S ? a.x_scales->data_ptr<float>() : nullptr;
+  p.x_scales = S ? x_scales.data_ptr<float>() : nullptr;
+  p.scales_packed = scales_packed;
   p.num_scales = int(S);
   p.topk_idx = cached ? nullptr : a.topk_idx->data_ptr<int64_t>();
   p.topk_weights = with_weights ? a.topk_weights->data_ptr<float>() : nullptr;
@@ -347,6 +374,32 @@ Tensor combine_buffer_cuda_internode_device(ProcessGroupEP& group, const HandleC
   const ix::IxParams p = buf->params();
   EP_CUDA_CHECK(ix::launch_combine_in_wait(p, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
   return at::from_blob(buf->combine_in(), {rows, hidden}, at::TensorOptions().dtype(dtype).device(device));
+}
+
+std::vector<Tensor> dispatch_buffer_cuda_internode_device(ProcessGroupEP& group, int64_t rows, int64_t hidden,
+                                                          at::ScalarType dtype, const at::Device& device) {
+  const char* op = "dispatch_buffer";
+  // The buffer an earlier dispatch allocated (collectively), or none yet: a plain tensor. No
+  // collective step here (ranks may call this or not, each for itself).
+  const std::shared_ptr<InternodeTransport> transport = group.internode_transport_if_made();
+  InternodeBuffer* buf = transport ? transport->moe_if_made() : nullptr;
+  if (!buf || !buf->allocated()) return {};
+  TORCH_CHECK_VALUE(transport->node().device() == device.index(), op, ": this 'ep' group runs on cuda:",
+                    transport->node().device(), ", but device ", device, " was asked");
+  buf->check(op);
+  const int64_t W = buf->row_bytes(), x_bytes = hidden * int64_t(c10::elementSize(dtype));
+  const int64_t S = dtype == at::kFloat8_e4m3fn ? (hidden + 127) / 128 : 0;
+  // More rows than the capacity, or a payload wider than a row: the dispatch refuses it and says why.
+  if (rows > buf->capacity() || r16(x_bytes) + r16(4 * S) > W) return {};
+  // The caller's kernels write the rows next: first the node's ranks must be done reading them.
+  const ix::IxParams p = buf->params();
+  EP_CUDA_CHECK(ix::launch_dispatch_in_wait(p, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+  char* pack = buf->dispatch_in();
+  const at::TensorOptions opts = at::TensorOptions().device(device);
+  std::vector<Tensor> views{at::from_blob(pack, {rows, hidden}, {W / int64_t(c10::elementSize(dtype)), 1},
+                                          opts.dtype(dtype))};
+  if (S) views.push_back(at::from_blob(pack + r16(x_bytes), {rows, S}, {W / 4, 1}, opts.dtype(at::kFloat)));
+  return views;
 }
 
 }  // namespace ep::moe

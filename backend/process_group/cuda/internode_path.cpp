@@ -40,6 +40,11 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
   return internode_transport_;
 }
 
+std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport_if_made() {
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  return internode_transport_;
+}
+
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor> outputs,
                                                                     AllToAllSpans spans, c10d::OpType type,
                                                                     const char* op_name) {
@@ -110,6 +115,8 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
               "runs on NVSHMEM, which this torch_ep build lacks: install nvidia-nvshmem-cu13 and rebuild "
               "(TORCH_EP_WITH_NVSHMEM=1)");
 }
+
+std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport_if_made() { return nullptr; }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor>, AllToAllSpans,
                                                                     c10d::OpType, const char* op_name) {

@@ -85,6 +85,9 @@ std::string InternodeBuffer::describe(int code) const {
     case ix::kCombineInTimeout:
       return who + " (combine_buffer) waited" + waited + " for rank " + std::to_string(peer) + " to finish reading "
              "this rank's combine input of the last combine across nodes";
+    case ix::kDispatchInTimeout:
+      return who + " (dispatch_buffer) waited" + waited + " for rank " + std::to_string(peer) + " to finish reading "
+             "this rank's packed rows (its dispatch input) of the last dispatch across nodes";
     case ix::kRejected:
       return "rank " + std::to_string(peer) + " refused a dispatch/combine across nodes whose results no host "
              "waited for (num_worst_tokens; its outputs are padding only); call it without num_worst_tokens to see why";

@@ -3,8 +3,8 @@
 //
 // Allocated collectively by the group's first such dispatch, sized by the capacity C (tokens per
 // rank per call, Options.internode_capacity), the row stride W (the larger of that call's
-// rows, a bf16 combine of its hidden size, and Options.internode_row_bytes) and the rows of the
-// zero-copy combine input (Options.internode_combine_rows, 0: R x C); never grown, so
+// rows, a bf16 combine of its hidden size, and Options.internode_row_bytes; the dispatches' row
+// stride since) and the rows of the zero-copy combine input (Options.internode_combine_rows, 0: R x C); never grown, so
 // that a captured CUDA graph stays valid: a call needing more is refused on every rank. Never
 // freed: nvshmem_free is collective and ranks leave at different times.
 // Header without NVSHMEM types.
@@ -38,6 +38,13 @@ class InternodeBuffer {
   // The zero-copy combine input (combine_buffer), this rank's region, and its size in bytes.
   char* combine_in() const { return base_ ? base_ + layout_.combine_in() : nullptr; }
   int64_t combine_in_bytes() const { return layout_.combine_in_bytes(); }
+  // This rank's packed rows (dispatch_buffer's region: C rows of row_bytes()), and whether `ptr`
+  // lies in them.
+  char* dispatch_in() const { return base_ ? base_ + layout_.dispatch_in(topology_.node) : nullptr; }
+  bool in_dispatch_in(const void* ptr) const {
+    const char* c = static_cast<const char*>(ptr);
+    return base_ && c >= dispatch_in() && c < dispatch_in() + layout_.capacity * layout_.row_bytes;
+  }
   // Whether NVSHMEM maps every rank of this node here (load/store through nvshmem_ptr): where
   // one rank of a node does not, none of its ranks' combine inputs are read in place.
   bool maps_node_peers() const { return maps_node_peers_; }
