@@ -64,7 +64,8 @@ constexpr int kMaxRanks = 128;           // group size
 constexpr int kMaxLocal = 8;             // ranks per node
 constexpr int kMaxLocalExperts = 1024;   // experts per rank
 constexpr int kChunkRows = 16;           // rows per rail put: one per warp of a block
-constexpr int kThreads = 512;
+constexpr int kThreads = 512;            // a block of the kernels
+constexpr int kPutThreads = 1024;        // the dispatch send kernel's block where it only puts
 
 enum Op : int32_t { kDispatch = 1, kCombine = 2 };
 // Record status: why a rank refuses the call (every rank then refuses alike).

@@ -30,9 +30,11 @@ __device__ __forceinline__ size_t row_fields(const IxParams& p) {
 // signal: the signal lands after the row, whatever QP or thread issued what; the rows of a
 // chunk are not contiguous here, so there is no one put per chunk). On a NIC each put is one
 // RDMA write of the row; on one GPU, NVSHMEM's P2P copy keeps one 16-byte load in flight per
-// lane, and the 16 warps of a block put at once. Rows lie W apart; a put carries the row's fields
-// only. x (scales) in place already (x_packed, scales_packed) is not copied.
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
+// thread, so the bytes in flight follow the threads that put at once (Threads, below). Rows lie
+// W apart; a put carries the row's fields only. x (scales) in place already (x_packed,
+// scales_packed) is not copied.
+template <int Threads>
+__global__ void __launch_bounds__(Threads) dispatch_send_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
   const int R = l.num_ranks, L = l.ranks_per_node, NN = l.num_nodes;
@@ -41,9 +43,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(IxParams p) {
   const uint64_t seq = ctrl(p).seq;
   const int32_t* token_pos = p.meta + MetaLayout{R, p.num_experts, p.num_tokens}.token_pos();
   int32_t* own_slots = at<int32_t>(p.base, l.own_slots());
-  const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+  const int64_t warps = int64_t(gridDim.x) * (Threads / 32);
   bool put = false;
-  for (int64_t t = int64_t(blockIdx.x) * (kThreads / 32) + warp; t < p.num_tokens; t += warps) {
+  for (int64_t t = int64_t(blockIdx.x) * (Threads / 32) + warp; t < p.num_tokens; t += warps) {
     const int32_t* slots = p.node_pos + t * NN;  // t's rail slot at each node, -1 where it does not go
     bool goes = false;
     for (int m = 0; m < NN; ++m) goes |= slots[m] >= 0;
@@ -277,7 +279,13 @@ __global__ void dispatch_in_wait_kernel(IxParams p) {
 }  // namespace
 
 cudaError_t launch_dispatch_send(const IxParams& p, cudaStream_t stream) {
-  dispatch_send_kernel<<<p.num_blocks, kThreads, 0, stream>>>(p);
+  // With the payload packed already (dispatch_buffer) the kernel only puts: twice the threads
+  // a block keep twice the put loads in flight (2x2, bf16: 305 -> 200 us). Where it packs x its
+  // own unrolled copy wants the registers that 1024 threads halve (64: spills; no gain measured).
+  if (p.x_packed && (p.x_scales == nullptr || p.scales_packed))
+    dispatch_send_kernel<kPutThreads><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
+  else
+    dispatch_send_kernel<kThreads><<<p.num_blocks, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
