@@ -257,6 +257,18 @@ def test_node_hop_by_puts(topology):
     assert all(pool.run(rank_zero_copy_dispatch, _seed(), 136))
 
 
+def zero_copy_routing(seed, top_k=3, experts_per_rank=2):
+    """The zero-copy tests' routing, on the CPU: rank 0 sends 300 tokens, each node's last rank
+    none, the others 1-23, over "mixed" nodes. Returns (generator, n, topk_idx, num_experts); the
+    caller draws its rows and weights from the generator next."""
+    import torch.distributed as dist
+    rank, size = dist.get_rank(), dist.get_world_size()
+    per_node = torch_ep.get_backend().topology.ranks_per_node
+    g = torch.Generator().manual_seed(seed + 7919 * rank)
+    n = 300 if rank == 0 else 0 if rank % per_node == per_node - 1 else int(torch.randint(1, 24, (), generator=g))
+    return g, n, node_routing("mixed", g, n, top_k, experts_per_rank), experts_per_rank * size
+
+
 def rank_zero_copy(seed, hidden, who="all", worst=False, rounds=2):
     """combine from torch_ep.combine_buffer (zero copy) after a dispatch of node_routing's "mixed"
     kind with rank_node_routing's uneven sizes: `rounds` combines in a row, each writing fresh
@@ -270,12 +282,7 @@ def rank_zero_copy(seed, hidden, who="all", worst=False, rounds=2):
     from torch_ep.testing import same_bits
 
     rank, size = dist.get_rank(), dist.get_world_size()
-    per_node = torch_ep.get_backend().topology.ranks_per_node
-    top_k, experts_per_rank = 3, 2
-    num_experts = experts_per_rank * size
-    g = torch.Generator().manual_seed(seed + 7919 * rank)
-    n = 300 if rank == 0 else 0 if rank % per_node == per_node - 1 else int(torch.randint(1, 24, (), generator=g))
-    idx = node_routing("mixed", g, n, top_k, experts_per_rank)
+    g, n, idx, num_experts = zero_copy_routing(seed)
     x = torch.randn(n, hidden, generator=g).mul(50).to(torch.bfloat16)
     w = torch.randint(1, 9, idx.shape, generator=g).float() / 8
     expected = reference.dispatch(x, idx, w, num_experts=num_experts)
@@ -364,11 +371,7 @@ def rank_zero_copy_dispatch(seed, hidden, who="all", worst=False, fp8=False, rou
 
     rank, size = dist.get_rank(), dist.get_world_size()
     per_node = torch_ep.get_backend().topology.ranks_per_node
-    top_k, experts_per_rank = 3, 2
-    num_experts = experts_per_rank * size
-    g = torch.Generator().manual_seed(seed + 7919 * rank)
-    n = 300 if rank == 0 else 0 if rank % per_node == per_node - 1 else int(torch.randint(1, 24, (), generator=g))
-    idx = node_routing("mixed", g, n, top_k, experts_per_rank)
+    g, n, idx, num_experts = zero_copy_routing(seed)
     w = torch.randint(1, 9, idx.shape, generator=g).float() / 8
     idx_dev, w_dev = idx.cuda(), w.cuda()
     worst_rows = 300 + 24 * size if worst else 0
