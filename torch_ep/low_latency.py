@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from . import _C
 from ._backend import get_backend
-from .types import LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle
+from .types import FP8_BLOCK, LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle
 
 __all__ = ["low_latency_dispatch", "low_latency_combine", "low_latency_combine_buffer", "check_errors",
            "remote_ranks"]
@@ -58,7 +58,6 @@ SINGLE_HOST_NVSHMEM_ENV = {
     "NVSHMEM_DISABLE_NVLS": "1",
 }
 MIN_SYMMETRIC_HEAP_BYTES = 2 << 30
-FP8_BLOCK = 128
 
 _world: Optional[Tuple[int, ...]] = None  # global ranks of this process's NVSHMEM world
 _combine_regions: dict = {}  # group name -> {(address, bytes)} of the combine buffers handed out

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C  # noqa: F401  (registers the ep:: ops)
-from .types import CombineResult, DispatchHandle, DispatchLayout, DispatchResult, Payload, send_matrix_size
+from .types import FP8_BLOCK, CombineResult, DispatchHandle, DispatchLayout, DispatchResult, Payload, send_matrix_size
 
 __all__ = ["get_dispatch_layout", "dispatch", "combine", "combine_buffer", "dispatch_buffer", "MoEWork"]
 
@@ -351,9 +351,7 @@ def dispatch_buffer(num_tokens: int, hidden: int, dtype: torch.dtype = torch.bfl
     if dtype not in DISPATCH_DTYPES:
         raise TypeError(f"dtype: dispatch takes bfloat16, float16, float32, or float8_e4m3fn with its scales; "
                         f"got {dtype}")
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected a CPU or CUDA device, got {device}")
     if device.type == "cuda" and device.index is None:
@@ -364,7 +362,7 @@ def dispatch_buffer(num_tokens: int, hidden: int, dtype: torch.dtype = torch.bfl
     if not views:
         views = [torch.empty((num_tokens, hidden), dtype=dtype, device=device)]
         if fp8:
-            views.append(torch.empty((num_tokens, (hidden + 127) // 128), dtype=torch.float32, device=device))
+            views.append(torch.empty((num_tokens, -(-hidden // FP8_BLOCK)), dtype=torch.float32, device=device))
     return (views[0], views[1]) if fp8 else views[0]
 
 

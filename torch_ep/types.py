@@ -28,6 +28,7 @@ class DispatchLayout:
     header: Optional[torch.Tensor] = field(default=None, repr=False)
 
 
+FP8_BLOCK = 128  # channels per fp8 scale (the fp8 payload's scales are [N, ceil(hidden / FP8_BLOCK)])
 MAX_MATRIX_RANKS = 32  # kMaxMatrixRanks of backend/ops/moe_protocol.hpp (tests/test_moe.py checks it)
 
 
