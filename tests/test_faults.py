@@ -131,7 +131,8 @@ def _kill_mid_stream(world_size, victim, device, ranks_per_node=0, extra_env=Non
     mixed, checked all_to_all_single and dispatch/combine calls: every survivor raises within the
     timeout, naming the op and the dead rank, then destroys the group and exits 0; no process
     hangs and /dev/shm keeps nothing. With ranks_per_node the group spans virtual nodes: the
-    calls take the route across nodes (NVSHMEM on CUDA)."""
+    calls take the route across nodes (NVSHMEM on CUDA). On CPU the host transport sees the dead
+    rank's process gone and names it at once."""
     timeout_s = 3
     before = set(shm_names())
     env = {"OMP_NUM_THREADS": "1", "TORCH_EP_TIMEOUT_S": str(timeout_s), **(extra_env or {})}
@@ -154,6 +155,8 @@ def _kill_mid_stream(world_size, victim, device, ranks_per_node=0, extra_env=Non
         assert calls >= 20, f"seed {seed}: rank {r} failed before the kill: {error}"
         assert elapsed < timeout_s + SLACK_S, f"seed {seed}: rank {r} raised after {elapsed:.1f} s: {error}"
         assert _names_dead_peer(error, victim), f"seed {seed}: rank {r}: the error names neither op nor peer: {error}"
+        if device == "cpu":  # the host transport sees the process gone, with no wait for the timeout
+            assert "exited" in error, f"seed {seed}: rank {r}: the dead rank was not seen exiting: {error}"
     assert exit_codes == [-9 if r == victim else 0 for r in range(world_size)], exit_codes
     assert leaked(shm_names(), before, ranks.pids) == []
 

@@ -110,6 +110,7 @@ HostTransport::HostTransport(Rendezvous& rdv, const HostTransportConfig& config,
   }
   segments_[rank_].unlink();  // every peer holds a mapping: the name is no longer needed
   one_copy_ = config.one_copy && probe_one_copy(rdv, tag);
+  peers_ = PeerProcesses(rdv, tag);
 }
 
 namespace {
@@ -211,6 +212,7 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
   posted[me] = send_done[me] = recv_done[me] = checked[me] = 1;
   int pending = 2 * (size_ - 1), unchecked = size_ - 1;
   const auto start = std::chrono::steady_clock::now();
+  auto last_liveness_check = start;
   Doorbell& my_bell = header(me)->doorbell;
 
   while (pending > 0) {
@@ -318,10 +320,19 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
         fail(std::string(op_name) + ": rank " + std::to_string(me) + " stopped because peer rank " +
              std::to_string(p) + " failed: " + std::string(peer->failure, strnlen(peer->failure, sizeof(peer->failure))));
     }
-    const auto elapsed = std::chrono::steady_clock::now() - start;
-    // Past the timeout a stalled peer gets a grace to report its own failure (checked above):
-    // across nodes it may be stuck on a dead rank, and its error names that rank.
-    const auto grace = std::min<std::chrono::milliseconds>(timeout_ / 2, std::chrono::milliseconds(2000));
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_liveness_check >= kLivenessPeriod) {  // a killed peer is named at once, not at the timeout
+      last_liveness_check = now;
+      if (const int gone = peers_.first_gone(); gone >= 0) fail(peers_.gone_message(op_name, me, gone));
+    }
+    const auto elapsed = now - start;
+    // Past the timeout, a rank that has every peer's message but waits on one to take its own
+    // gets a grace: that peer may be stuck waiting on a third rank, and its own error, which
+    // names that rank, should reach us first (checked above). A rank still waiting for a
+    // message fails at the timeout itself.
+    const bool all_arrived = unchecked == 0;
+    const auto grace = all_arrived ? std::min<std::chrono::milliseconds>(timeout_ / 2, std::chrono::milliseconds(2000))
+                                   : std::chrono::milliseconds(0);
     if (elapsed > timeout_ + grace) {
       // Name the peer holding the call up: first one whose message never came (nothing is taken
       // before every peer's has), then one that has not taken ours, then one still sending.

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "backend/transport/host/doorbell.hpp"
+#include "backend/transport/host/peer_processes.hpp"
 #include "backend/transport/host/shm_segment.hpp"
 #include "backend/transport/rendezvous.hpp"
 
@@ -78,6 +79,7 @@ class HostTransport {
   ChannelControl* channel(int owner, int src) const;
   SlotHeader* slot(int owner, int src, uint64_t index) const;
   bool probe_one_copy(Rendezvous& rdv, const std::string& tag);  // collective
+  static constexpr std::chrono::milliseconds kLivenessPeriod{100};  // how often a stalled wait checks peers_
   // Records the first error (later calls raise it) and tells the peers, whose waits on this
   // rank then fail at once instead of at their timeout.
   void stop(const std::string& message);
@@ -97,6 +99,7 @@ class HostTransport {
   std::vector<uint64_t> send_seq_;  // messages sent to each peer
   std::vector<uint64_t> recv_seq_;  // messages received from each peer
   bool one_copy_ = false;
+  PeerProcesses peers_;  // a killed peer is named at once, not at the timeout
   std::atomic<bool> broken_{false};
   mutable std::mutex broken_mutex_;
   std::string broken_message_;  // under broken_mutex_

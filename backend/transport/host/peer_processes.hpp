@@ -1,0 +1,36 @@
+// The processes of a group's peers on this host, to tell a killed rank at once.
+//
+// A peer that dies (SIGKILL, a crash, the OOM killer) never reports its own failure, so its
+// peers would wait for their timeout, 30 minutes by default. Every rank publishes its pid and its
+// process's start time; a waiting rank then checks, now and then, that each peer's process still
+// runs. A peer is watched only where this rank sees that very process (same pid and start time),
+// so ranks in separate pid namespaces sharing /dev/shm are never called dead, and a recycled pid
+// is not taken for the peer.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backend/transport/rendezvous.hpp"
+
+namespace ep {
+
+class PeerProcesses {
+ public:
+  PeerProcesses() = default;
+  // Collective: every rank of `rdv` constructs it with the same `tag`.
+  PeerProcesses(Rendezvous& rdv, const std::string& tag);
+
+  // The first watched peer whose process is gone (exited, killed, or a zombie), else -1.
+  int first_gone() const;
+  uint64_t pid(int rank) const { return pid_[rank]; }
+  // "<op>: rank <me> stopped because peer rank <p> exited (its process <pid> is gone)"
+  std::string gone_message(const char* op_name, int me, int peer) const;
+
+ private:
+  std::vector<uint64_t> pid_;    // per rank, 0 where not watched
+  std::vector<uint64_t> start_;  // its process's start time, 0 where not watched
+};
+
+}  // namespace ep
