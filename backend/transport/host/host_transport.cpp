@@ -323,7 +323,8 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     const auto now = std::chrono::steady_clock::now();
     if (now - last_liveness_check >= kLivenessPeriod) {  // a killed peer is named at once, not at the timeout
       last_liveness_check = now;
-      if (const int gone = peers_.first_gone(); gone >= 0) fail(peers_.gone_message(op_name, me, gone));
+      for (int p = 0; p < size_; ++p)
+        if ((!checked[p] || !send_done[p] || !recv_done[p]) && peers_.gone(p)) fail(peers_.gone_message(op_name, me, p));
     }
     const auto elapsed = now - start;
     // Past the timeout, a rank that has every peer's message but waits on one to take its own

@@ -45,10 +45,8 @@ PeerProcesses::PeerProcesses(Rendezvous& rdv, const std::string& tag) {
   }
 }
 
-int PeerProcesses::first_gone() const {
-  for (size_t r = 0; r < start_.size(); ++r)
-    if (start_[r] && process_start_time(pid_[r]) != start_[r]) return int(r);
-  return -1;
+bool PeerProcesses::gone(int rank) const {
+  return start_[rank] && process_start_time(pid_[rank]) != start_[rank];
 }
 
 std::string PeerProcesses::gone_message(const char* op_name, int me, int peer) const {

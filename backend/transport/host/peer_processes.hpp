@@ -22,8 +22,9 @@ class PeerProcesses {
   // Collective: every rank of `rdv` constructs it with the same `tag`.
   PeerProcesses(Rendezvous& rdv, const std::string& tag);
 
-  // The first watched peer whose process is gone (exited, killed, or a zombie), else -1.
-  int first_gone() const;
+  // True when `rank` is watched and its process is gone (exited, killed, or a zombie). Ask only
+  // about peers a call still waits on: one that finished its part and exited is no fault.
+  bool gone(int rank) const;
   uint64_t pid(int rank) const { return pid_[rank]; }
   // "<op>: rank <me> stopped because peer rank <p> exited (its process <pid> is gone)"
   std::string gone_message(const char* op_name, int me, int peer) const;
