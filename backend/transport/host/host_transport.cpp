@@ -129,6 +129,15 @@ bool read_remote(pid_t pid, uint64_t addr, void* dst, size_t bytes) {
   }
   return true;
 }
+
+// A peer that stopped because a third rank failed quotes that rank's error: pass on only the
+// first error, so that a chain over many ranks still fits a failure and names the cause.
+std::string first_error(const std::string& failure) {
+  const std::string wrapped = " stopped because peer rank ", quoted = " failed: ";
+  const size_t at = failure.find(wrapped);
+  const size_t cause = at == std::string::npos ? at : failure.find(quoted, at + wrapped.size());
+  return cause == std::string::npos ? failure : failure.substr(cause + quoted.size());
+}
 }  // namespace
 
 bool HostTransport::probe_one_copy(Rendezvous& rdv, const std::string& tag) {
@@ -318,7 +327,8 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
       const SegmentHeader* peer = header(p);
       if (p != me && peer->failed.load(std::memory_order_acquire))
         fail(std::string(op_name) + ": rank " + std::to_string(me) + " stopped because peer rank " +
-             std::to_string(p) + " failed: " + std::string(peer->failure, strnlen(peer->failure, sizeof(peer->failure))));
+             std::to_string(p) + " failed: " +
+             first_error(std::string(peer->failure, strnlen(peer->failure, sizeof(peer->failure)))));
     }
     const auto now = std::chrono::steady_clock::now();
     if (now - last_liveness_check >= kLivenessPeriod) {  // a killed peer is named at once, not at the timeout
