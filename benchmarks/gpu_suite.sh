@@ -20,7 +20,8 @@
 #     example, and the MoE benchmark through the native API and through the DeepEP API
 #     (TORCH_EP_DEEP_EP_WORLD_SIZES, TORCH_EP_DEEP_EP_BENCH_RANKS; default 2 ranks)
 #     pending: what was built but has not passed on a GPU yet, most valuable first, each step
-#     bounded; TORCH_EP_PENDING_STEPS picks among internode (the device route's tests at 2x2),
+#     bounded; TORCH_EP_PENDING_STEPS picks among internode (the device route's tests, at
+#     TORCH_EP_INTERNODE_TOPOLOGIES, default 2x2),
 #     pool (comm_pool's tests with the all_to_all and all_to_all_v ones; TORCH_EP_POOL_TESTS picks
 #     the files, TORCH_EP_POOL_WORLD_SIZES the ranks, TORCH_EP_POOL_LIMIT_S its bound),
 #     deep_ep_tests (torch_ep.deep_ep's GPU tests), deep_ep (those, its example and the both-API benchmark), compile_tests (the compile
@@ -30,7 +31,8 @@
 #     (TORCH_EP_INTERNODE_BENCH_ARGS adds arguments, e.g. --no-host-route; TORCH_EP_INTERNODE_BENCH the
 #     topologies, default 2x2), ll_remote_bench (the low-latency ops with the remote path forced, same topologies),
 #     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
-#     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), timeouts, a2a_bench (at
+#     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), timeouts, faults (a rank killed
+#     mid-stream on CUDA), export_probe (tools/export_probe.py), a2a_bench (at
 #     TORCH_EP_PENDING_BENCH_RANKS), a2a_sweep (benchmarks/all_to_all_sweep.py: the device
 #     protocol's staged and one-copy settings, TORCH_EP_A2A_SWEEP_STAGED / _POOL, at
 #     TORCH_EP_PENDING_BENCH_RANKS), compile (the compile mode) and
@@ -210,7 +212,7 @@ if [ "$WHAT" = pending ]; then
   # mode's checks) and sm_sweep (the sm-sweep mode).
   STEPS=" ${TORCH_EP_PENDING_STEPS:-deep_ep_bench deep_ep_overhead copy_tests sm_sweep} "
   [[ $STEPS == *" internode "* ]] && pending_test internode_device ${TORCH_EP_INTERNODE_LIMIT_S:-200} NVSHMEM_SYMMETRIC_SIZE=3G \
-    TORCH_EP_INTERNODE_TOPOLOGIES=2x2 TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py
+    TORCH_EP_INTERNODE_TOPOLOGIES=${TORCH_EP_INTERNODE_TOPOLOGIES:-2x2} TORCH_EP_INTERNODE_ROUTES=device -- tests/test_cuda_internode.py
   [[ $STEPS == *" pool "* ]] && pending_test pool ${TORCH_EP_POOL_LIMIT_S:-110} TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- \
     ${TORCH_EP_POOL_TESTS:-tests/test_cuda_comm_pool.py tests/test_cuda_all_to_all_v.py tests/test_cuda_all_to_all.py}
   [[ $STEPS == *" deep_ep_tests "* ]] && pending_test deep_ep_tests 60 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py
@@ -272,6 +274,14 @@ if [ "$WHAT" = pending ]; then
     tail -20 "$LOGS/sm_copy_ceiling.log" >> "$SUMMARY"
   fi
   [[ $STEPS == *" timeouts "* ]] && pending_test timeouts 150 -- tests/test_faults.py -k "timeout_cuda"
+  # faults: a rank SIGKILLed mid-stream on CUDA (2 and 4 ranks, across 2x2 virtual nodes, the
+  # device protocol): the survivors name it, within a node at once (its process seen gone).
+  [[ $STEPS == *" faults "* ]] && pending_test faults 200 -- tests/test_faults.py -k "killed_mid_stream_cuda"
+  if [[ $STEPS == *" export_probe "* ]]; then
+    step "what an export costs (tools/export_probe.py: cuPointerGetAttributes, cudaIpcGetMemHandle; GPU idle and busy)"
+    timeout 60 python3 tools/export_probe.py > "$LOGS/export_probe.log" 2>&1 || STATUS=1
+    tail -20 "$LOGS/export_probe.log" >> "$SUMMARY"
+  fi
   # copy_tests: the MoE GPU tests (the default warp kernels share code with the others) and the
   # copy variants (Options.moe_copy unroll and bulk) against the reference at 1, 2, 8 SMs and
   # automatic, their fuzz included, 2 ranks (TORCH_EP_COPY_WORLD_SIZES).
