@@ -63,7 +63,6 @@ def main():
         dist.barrier()
     # The host side, back to back as in the benchmark's stream method: the op's phases
     # (ep::<op>/<phase> ranges of backend/ops/cuda/moe_cuda.cpp) in microseconds per call.
-    tables = []
     for name in ("dispatch fp8, layout given", "dispatch cached", "combine bf16", "deep_ep dispatch bf16, layout given",
                  "deep_ep dispatch cached"):
         torch.cuda.synchronize()
@@ -78,7 +77,6 @@ def main():
                   if e.key.startswith(("ep::", "aten::", "cuda"))}
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])[:12])
         lines.append(f"rank {rank} HOST {name}: {host * 1e6:.1f} us/call on the host | {top}")
-    table = ""
     # The same protocol on CPU tensors (host exchange + shared-memory rows), tiny payload.
     xc, idxc = torch.randn(64, 8), idx[:64].cpu()
     dc = torch_ep.dispatch(xc, idxc, num_experts=args.experts)
@@ -90,8 +88,6 @@ def main():
     lines.append(f"rank {rank} CPU cached dispatch (64 x 8 fp32): {(time.perf_counter() - start) / 50 * 1e6:.1f} us/call")
     for line in lines:
         print(line, flush=True)
-    if rank == 0:
-        print(table, flush=True)
     dist.destroy_process_group()
 
 
