@@ -65,7 +65,7 @@ TARGETS_2_RANKS_US = {"dispatch": 30.0, "combine": 40.0}
 
 
 def make_inputs(seed: int, args, device):
-    rank, size = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     g = torch.Generator().manual_seed(seed + 7919 * rank)
     scores = torch.randn(args.tokens, args.experts, generator=g).abs() + 1
     idx = scores.topk(args.top_k, dim=-1, sorted=False).indices

@@ -68,7 +68,7 @@ def rank_ops(seed, mode, device="cpu"):
     num_worst_tokens, no flag, and no unbacked symbol in the graph."""
     _reset()
     num_experts, g, x, idx, w = make_inputs(seed, "random", 16, 3, 2, torch.float32, device)
-    n, size = x.shape[0], dist.get_world_size()
+    size = dist.get_world_size()
     worst = 24 * size if mode == "worst" else 0  # make_inputs draws at most 23 tokens per rank
     x2 = torch.randint(-60, 60, x.shape, generator=g).float().to(device)
     scale = torch.randint(1, 4, (16,), generator=g).float().to(device)

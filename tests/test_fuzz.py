@@ -105,7 +105,7 @@ def _check_output(out, storage, expected, what):
 
 
 def run_all_to_all_case(p, seed, case, device):
-    rank, size = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     g = torch.Generator().manual_seed(seed * 7919 + case * 131 + rank)
     m, dtype, row_shape = p["splits"], p["dtype"], p["row_shape"]
     in_splits, out_splits = m[rank].tolist(), m[:, rank].tolist()

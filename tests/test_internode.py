@@ -168,7 +168,6 @@ def test_bad_input_across_nodes():
 def rank_rounding_per_node(seed):
     """bf16 rows of any value: the route rounds each node's sum to bf16 once, and reference.combine
     with the group's nodes says exactly how, bit for bit (the one-node sum differs)."""
-    rank = dist.get_rank()
     num_experts, g, x, idx, w = test_moe.make_inputs(seed, "random", 64, 4, 2, torch.bfloat16, "cpu")
     d = torch_ep.dispatch(x, idx, w, num_experts=num_experts)
     back = torch.randn(d.recv_x.shape, generator=g).mul(100).to(torch.bfloat16)

@@ -139,7 +139,7 @@ def dispatch(x: Payload, topk_idx: Optional[torch.Tensor] = None, topk_weights: 
         recv_x = tuple(resend(t) for t in x) if isinstance(x, tuple) else resend(x)
         per_expert = [-(-n // expert_alignment) * expert_alignment for n in handle.num_recv_tokens_per_expert]
         return DispatchResult(recv_x, None, None, per_expert, handle)
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    size = dist.get_world_size(group)
     per_rank = _experts_per_rank(num_experts, size)
     layout = get_dispatch_layout(topk_idx, num_experts, group)
     send_index = torch.cat([layout.is_token_in_rank[:, dst].nonzero().flatten() for dst in range(size)])
@@ -283,7 +283,7 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, *, max_tokens_
     Returns a LowLatencyDispatchResult (no hook); rows past each (expert, rank)'s count are zero."""
     from .types import LowLatencyDispatchResult, LowLatencyHandle
 
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    size = dist.get_world_size(group)
     local = _experts_per_rank(num_experts, size)
     n, hidden = x.shape
     k_slots = topk_idx.shape[1]
