@@ -146,6 +146,8 @@ ROUTE_CASES = [
     ("empty_rank", 4, 1, 1, torch.float32),
     ("unrouted", 24, 3, 2, torch.bfloat16),
     ("repeated", 8, 3, 2, torch.float32),
+    # 65 fp8 scales and 40 experts a token: the kernels' paths past 64 scales and 32 experts
+    ("random", 8320, 40, 24, torch.bfloat16),
 ]
 CASE_IDS = lambda v: str(v).replace("torch.", "")  # noqa: E731
 
