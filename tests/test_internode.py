@@ -113,7 +113,7 @@ def test_all_to_all_across_nodes(nodes):
 
 # ----------------------------------------------------------------------------- dispatch / combine
 
-@pytest.mark.parametrize("kind,hidden,top_k,experts_per_rank,dtype", ROUTE_CASES[:4] + ROUTE_CASES[4:6], ids=CASE_IDS)
+@pytest.mark.parametrize("kind,hidden,top_k,experts_per_rank,dtype", ROUTE_CASES[:6] + ROUTE_CASES[-1:], ids=CASE_IDS)
 def test_dispatch_combine_2x2(kind, hidden, top_k, experts_per_rank, dtype):
     virtual_nodes("2x2").run(test_moe.rank_dispatch_combine, _seed(), kind, hidden, top_k, experts_per_rank, dtype)
 
