@@ -20,7 +20,7 @@ namespace ep {
 struct HostTransport::SegmentHeader {
   Doorbell doorbell;                 // rung by peers when a slot for us fills or one of ours frees
   alignas(64) std::atomic<uint32_t> failed;  // set when the owner hit an error; peers stop waiting
-  char failure[448];                 // the owner's error, written before `failed` is set
+  char failure[448];                 // the first error of the chain that stopped the owner, before `failed`
 };
 struct HostTransport::ChannelControl {
   alignas(64) std::atomic<uint64_t> head;  // slots published by the sender
@@ -129,15 +129,6 @@ bool read_remote(pid_t pid, uint64_t addr, void* dst, size_t bytes) {
   }
   return true;
 }
-
-// A peer that stopped because a third rank failed quotes that rank's error: pass on only the
-// first error, so that a chain over many ranks still fits a failure and names the cause.
-std::string first_error(const std::string& failure) {
-  const std::string wrapped = " stopped because peer rank ", quoted = " failed: ";
-  const size_t at = failure.find(wrapped);
-  const size_t cause = at == std::string::npos ? at : failure.find(quoted, at + wrapped.size());
-  return cause == std::string::npos ? failure : failure.substr(cause + quoted.size());
-}
 }  // namespace
 
 bool HostTransport::probe_one_copy(Rendezvous& rdv, const std::string& tag) {
@@ -161,13 +152,14 @@ bool HostTransport::probe_one_copy(Rendezvous& rdv, const std::string& tag) {
 
 HostTransport::~HostTransport() = default;
 
-void HostTransport::stop(const std::string& message) {
+void HostTransport::stop(const std::string& message, const std::string& cause) {
   {
     std::lock_guard<std::mutex> lock(broken_mutex_);
     if (!broken_.load()) {
       broken_message_ = message;
       SegmentHeader* mine = header(rank_);
-      std::strncpy(mine->failure, message.c_str(), sizeof(mine->failure) - 1);
+      const std::string& shared = cause.empty() ? message : cause;
+      std::strncpy(mine->failure, shared.c_str(), sizeof(mine->failure) - 1);
       mine->failed.store(1, std::memory_order_release);
       broken_.store(true);
     }
@@ -184,8 +176,8 @@ void HostTransport::raise_broken() const {
                   "calls; destroy the process group. The error was: " + broken_message_);
 }
 
-void HostTransport::fail(const std::string& message) {
-  stop(message);
+void HostTransport::fail(const std::string& message, const std::string& cause) {
+  stop(message, cause);
   throw CommError(message);
 }
 
@@ -325,10 +317,12 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     if (broken_.load()) raise_broken();
     for (int p = 0; p < size_; ++p) {
       const SegmentHeader* peer = header(p);
-      if (p != me && peer->failed.load(std::memory_order_acquire))
+      if (p != me && peer->failed.load(std::memory_order_acquire)) {
+        const std::string cause(peer->failure, strnlen(peer->failure, sizeof(peer->failure)));
         fail(std::string(op_name) + ": rank " + std::to_string(me) + " stopped because peer rank " +
-             std::to_string(p) + " failed: " +
-             first_error(std::string(peer->failure, strnlen(peer->failure, sizeof(peer->failure)))));
+                 std::to_string(p) + " failed: " + cause,
+             cause);
+      }
     }
     const auto now = std::chrono::steady_clock::now();
     if (now - last_liveness_check >= kLivenessPeriod) {  // a killed peer is named at once, not at the timeout

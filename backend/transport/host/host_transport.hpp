@@ -81,9 +81,11 @@ class HostTransport {
   bool probe_one_copy(Rendezvous& rdv, const std::string& tag);  // collective
   static constexpr std::chrono::milliseconds kLivenessPeriod{100};  // how often a stalled wait checks peers_
   // Records the first error (later calls raise it) and tells the peers, whose waits on this
-  // rank then fail at once instead of at their timeout.
-  void stop(const std::string& message);
-  void fail(const std::string& message);  // stop(), then throws CommError
+  // rank then fail at once instead of at their timeout. `cause`, where given, is what the peers
+  // read instead of `message`: the first error of a chain of ranks stopping for one another, so
+  // that it fits the header's failure and still names the rank that failed first.
+  void stop(const std::string& message, const std::string& cause = "");
+  void fail(const std::string& message, const std::string& cause = "");  // stop(), then throws CommError
   // Fails unless `s` is the next message from `src` and carries `expected_bytes`.
   void check_slot(const SlotHeader* s, int src, size_t expected_bytes, const char* op_name);
   [[noreturn]] void raise_broken() const;
