@@ -109,8 +109,8 @@ HostTransport::HostTransport(Rendezvous& rdv, const HostTransportConfig& config,
     throw;
   }
   segments_[rank_].unlink();  // every peer holds a mapping: the name is no longer needed
-  one_copy_ = config.one_copy && probe_one_copy(rdv, tag);
   peers_ = PeerProcesses(rdv, tag);
+  one_copy_ = config.one_copy && probe_one_copy(rdv, tag);
 }
 
 namespace {
@@ -132,18 +132,19 @@ bool read_remote(pid_t pid, uint64_t addr, void* dst, size_t bytes) {
 }  // namespace
 
 bool HostTransport::probe_one_copy(Rendezvous& rdv, const std::string& tag) {
-  // Every rank publishes where a known value lives and reads every peer's; one copy is used
-  // only if every rank could read every peer (the answer must be the same on all ranks).
+  // Every rank publishes where a known value lives and reads every peer's (at the pid that
+  // peers_ gathered); one copy is used only if every rank could read every peer (the answer
+  // must be the same on all ranks).
   static const uint64_t kMagic = 0x746f7263685f6570ull;  // "torch_ep"
-  uint64_t me[2] = {uint64_t(getpid()), reinterpret_cast<uint64_t>(&kMagic)};
-  const auto* p = reinterpret_cast<const uint8_t*>(me);
-  auto all = rdv.all_gather(tag + "/one_copy_probe", std::vector<uint8_t>(p, p + sizeof(me)));
+  const uint64_t where = reinterpret_cast<uint64_t>(&kMagic);
+  const auto* p = reinterpret_cast<const uint8_t*>(&where);
+  auto all = rdv.all_gather(tag + "/one_copy_probe", std::vector<uint8_t>(p, p + sizeof(where)));
   uint8_t ok = 1;
   for (int r = 0; r < size_ && ok; ++r) {
     if (r == rank_) continue;
-    uint64_t peer[2], value = 0;
-    std::memcpy(peer, all[r].data(), sizeof(peer));
-    ok = read_remote(pid_t(peer[0]), peer[1], &value, sizeof(value)) && value == kMagic;
+    uint64_t addr = 0, value = 0;
+    std::memcpy(&addr, all[r].data(), sizeof(addr));
+    ok = read_remote(pid_t(peers_.pid(r)), addr, &value, sizeof(value)) && value == kMagic;
   }
   for (const auto& verdict : rdv.all_gather(tag + "/one_copy_ok", {ok}))
     if (!verdict[0]) return false;

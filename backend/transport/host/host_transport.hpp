@@ -78,7 +78,7 @@ class HostTransport {
   SegmentHeader* header(int owner) const;
   ChannelControl* channel(int owner, int src) const;
   SlotHeader* slot(int owner, int src, uint64_t index) const;
-  bool probe_one_copy(Rendezvous& rdv, const std::string& tag);  // collective
+  bool probe_one_copy(Rendezvous& rdv, const std::string& tag);  // collective; after peers_
   static constexpr std::chrono::milliseconds kLivenessPeriod{100};  // how often a stalled wait checks peers_
   // Records the first error (later calls raise it) and tells the peers, whose waits on this
   // rank then fail at once instead of at their timeout. `cause`, where given, is what the peers

@@ -40,8 +40,8 @@ PeerProcesses::PeerProcesses(Rendezvous& rdv, const std::string& tag) {
   for (int r = 0; r < rdv.size(); ++r) {
     uint64_t peer[2];
     std::memcpy(peer, all[r].data(), sizeof(peer));
-    if (r != rdv.rank() && peer[1] != 0 && process_start_time(peer[0]) == peer[1])
-      pid_[r] = peer[0], start_[r] = peer[1];
+    pid_[r] = peer[0];
+    if (r != rdv.rank() && peer[1] != 0 && process_start_time(peer[0]) == peer[1]) start_[r] = peer[1];
   }
 }
 

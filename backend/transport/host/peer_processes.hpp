@@ -25,12 +25,12 @@ class PeerProcesses {
   // True when `rank` is watched and its process is gone (exited, killed, or a zombie). Ask only
   // about peers a call still waits on: one that finished its part and exited is no fault.
   bool gone(int rank) const;
-  uint64_t pid(int rank) const { return pid_[rank]; }
+  uint64_t pid(int rank) const { return pid_[rank]; }  // as that rank published it (its own namespace)
   // "<op>: rank <me> stopped because peer rank <p> exited (its process <pid> is gone)"
   std::string gone_message(const char* op_name, int me, int peer) const;
 
  private:
-  std::vector<uint64_t> pid_;    // per rank, 0 where not watched
+  std::vector<uint64_t> pid_;    // per rank
   std::vector<uint64_t> start_;  // its process's start time, 0 where not watched
 };
 
