@@ -42,6 +42,7 @@ def routes():
 # Tokens per rank per call the device route's buffer takes in these tests (the most any test
 # sends is 600, rank_many_tokens; test_over_capacity sends more).
 CAPACITY = 1024
+ROW_BYTES = 18 << 10
 
 
 def _pool(topology, route, extra=None):
@@ -51,6 +52,9 @@ def _pool(topology, route, extra=None):
     env.update({"TORCH_EP_RANKS_PER_NODE": str(per_node), "TORCH_EP_CUDA_BUFFER_BYTES": str(1 << 20),
                 "TORCH_EP_INTERNODE_DEVICE": "1" if route == "device" else "0",
                 "TORCH_EP_INTERNODE_CAPACITY": str(CAPACITY),
+                # The buffer's row stride is fixed by a group's first call (at least 16.5 KiB);
+                # the widest route case (hidden 8320 bf16, top-40, 65 fp8 scales) needs 17152.
+                "TORCH_EP_INTERNODE_ROW_BYTES": str(ROW_BYTES),
                 "TORCH_EP_TIMEOUT_S": os.environ.get("TORCH_EP_TIMEOUT_S", "60"), **(extra or {})})
     return rank_pool(world, cuda=True, env=env)
 
@@ -557,3 +561,20 @@ def rank_over_capacity(seed):
 
 def test_over_capacity(device_route):
     device_route.run(rank_over_capacity, _seed())
+
+
+def rank_row_too_wide(seed):
+    """After a first call has sized the buffer (ROW_BYTES), a dispatch of wider rows: every rank
+    raises ValueError naming x and Options.internode_row_bytes with the bytes its rows need,
+    nothing moves, and the group works afterwards."""
+    checks.rank_dispatch_combine(seed, "random", 16, 2, 2, torch.bfloat16, device="cuda")
+    num_experts, g, x, idx, w = checks.make_inputs(seed + 1, "random", ROW_BYTES // 2 + 64, 2, 2, torch.bfloat16, "cuda")
+    msg = checks._raises(lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts), ValueError,
+                         "internode_row_bytes")
+    assert "x's rows take" in msg and f"sized for {ROW_BYTES}" in msg, msg
+    checks.rank_dispatch_combine(seed + 2, "random", 16, 2, 2, torch.bfloat16, device="cuda")
+    return msg
+
+
+def test_row_too_wide(device_route):
+    device_route.run(rank_row_too_wide, _seed())
