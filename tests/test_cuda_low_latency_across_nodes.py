@@ -28,12 +28,21 @@ def _topologies():
     return [tuple(int(v) for v in t.split("x")) for t in os.environ.get("TORCH_EP_INTERNODE_TOPOLOGIES", "2x2").split(",")]
 
 
+def _remote_pool(topology, **extra_env):
+    nodes, per_node = topology
+    env = {name: os.environ.get(name, value) for name, value in SINGLE_HOST_NVSHMEM.items()}
+    env.update({"TORCH_EP_RANKS_PER_NODE": str(per_node), "TORCH_EP_FORCE_REMOTE": "1", **extra_env})
+    return rank_pool(nodes * per_node, cuda=True, env=env)
+
+
 @pytest.fixture(params=_topologies(), ids=lambda t: f"{t[0]}x{t[1]}")
 def remote_pool(request):
-    nodes, per_node = request.param
-    env = {name: os.environ.get(name, value) for name, value in SINGLE_HOST_NVSHMEM.items()}
-    env.update({"TORCH_EP_RANKS_PER_NODE": str(per_node), "TORCH_EP_FORCE_REMOTE": "1"})
-    return rank_pool(nodes * per_node, cuda=True, env=env)
+    return _remote_pool(request.param)
+
+
+@pytest.fixture(params=_topologies(), ids=lambda t: f"{t[0]}x{t[1]}")
+def remote_pool_one_block(request):
+    return _remote_pool(request.param, TORCH_EP_NUM_SMS="1")
 
 
 def rank_case_and_remote_ranks(*case, **kwargs):
@@ -62,6 +71,15 @@ PUSH_CASES = [("random", 64, 7168, 8, 24, True, False, 64), ("random", 64, 1664,
 def test_pushes_many_experts_and_owners(remote_pool, case):
     assert all(remote_pool.run(rank_case_and_remote_ranks, ll._seed(), *case)), "the remote path was not taken"
     remote_pool.run(ll.run_case, ll._seed() + 1, *case, hook=True, zero_copy=True)
+
+
+def test_one_block_many_steps(remote_pool_one_block):
+    """One block a kernel (TORCH_EP_NUM_SMS=1): the send's block casts every token, a step of its
+    warps at a time, and shares each step's puts among them; three steps of tokens (the owners of
+    step 2 reuse step 0's shared slots), the last one with experts to number too."""
+    case = ("random", 41, 640, 6, 17, True, True, 48)
+    checked = remote_pool_one_block.run(rank_case_and_remote_ranks, ll._seed(), *case)
+    assert all(checked), "the remote path was not taken"
 
 
 def test_hook_and_zero_copy(remote_pool):
