@@ -13,6 +13,8 @@ takes several counts for a sweep. Ops, timed one after another:
   dispatch fp8     the same with x cast to float8_e4m3fn per 128-channel block, float32 scales
   dispatch cached  dispatch(x, handle=handle), the handle of a bf16 dispatch (where --impl has it)
   combine bf16     combine(recv_x, handle): the reverse of a bf16 dispatch
+Each dispatch on a new route (all but cached) reads its num_recv_tokens_per_expert as a list,
+as DeepEP's dispatch always returns it (a MoE layer sizes its expert GEMMs with it).
 --impl picks what is measured: torch_ep's ops ("ep") or torch_ep.reference's (to develop the
 benchmark before the ops exist). --api deep_ep measures the same ops through torch_ep.deep_ep's
 Buffer (DeepEP's calls: get_dispatch_layout then dispatch, the handle tuples, the comm stream),
@@ -147,56 +149,76 @@ def rank_problems(problem: Optional[str], sync_group) -> List[str]:
     return [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
 
 
-def deep_ep_ops(inputs: Inputs, num_experts: int) -> Tuple[Dict[str, Callable[[], object]], object]:
-    """subject_ops through torch_ep.deep_ep's Buffer, results in the native API's field names."""
-    from types import SimpleNamespace
+# What each DeepEP-API op returns, by the native result's field names (for the check only: the
+# timed calls return DeepEP's tuples as they are, so that no adapter is on the clock).
+DEEP_EP_FIELDS = {"recv_x": 0, "recv_topk_idx": 1, "recv_topk_weights": 2, "num_recv_tokens_per_expert": 3,
+                  "handle": 4}
 
+
+def deep_ep_fields(op: str, result) -> object:
+    """`result` of `op` through torch_ep.deep_ep's Buffer, its fields named as the native API's."""
+    from types import SimpleNamespace
+    if op == "combine bf16":
+        return SimpleNamespace(combined_x=result[0])
+    return SimpleNamespace(**{name: result[i] for name, i in DEEP_EP_FIELDS.items()})
+
+
+def deep_ep_ops(inputs: Inputs, num_experts: int) -> Tuple[Dict[str, Callable[[], object]], object]:
+    """subject_ops through torch_ep.deep_ep's Buffer: each op returns DeepEP's tuple (read it
+    with deep_ep_fields). A new route's dispatch returns its per-expert counts as a list, always
+    (DeepEP's contract): subject_ops' native dispatches read theirs too, so both do that work."""
     from torch_ep import deep_ep
     buffer = deep_ep.Buffer(dist.group.WORLD)
     x, idx, weights = inputs.x, inputs.topk_idx, inputs.topk_weights
 
     def dispatch(payload, layout=None):
         per_rank, _, per_expert, in_rank, _ = layout or buffer.get_dispatch_layout(idx, num_experts)
-        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            payload, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=idx, topk_weights=weights)
-        return SimpleNamespace(recv_x=recv_x, recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
-                               num_recv_tokens_per_expert=counts, handle=handle)
+        return buffer.dispatch(payload, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                               num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
 
-    first, layout = dispatch(x), buffer.get_dispatch_layout(idx, num_experts)
+    first, layout = deep_ep_fields("dispatch bf16", dispatch(x)), buffer.get_dispatch_layout(idx, num_experts)
     return {
         "dispatch bf16": lambda: dispatch(x),
         "dispatch fp8": lambda: dispatch(inputs.x_fp8),
         "dispatch bf16, layout given": lambda: dispatch(x, layout),
         "dispatch fp8, layout given": lambda: dispatch(inputs.x_fp8, layout),
-        "dispatch cached": lambda: SimpleNamespace(recv_x=buffer.dispatch(x, handle=first.handle)[0]),
-        "combine bf16": lambda: SimpleNamespace(combined_x=buffer.combine(first.recv_x, first.handle)[0]),
+        "dispatch cached": lambda: buffer.dispatch(x, handle=first.handle),
+        "combine bf16": lambda: buffer.combine(first.recv_x, first.handle),
     }, first
 
 
 def subject_ops(impl: str, inputs: Inputs, num_experts: int,
                 api: str = "native") -> Tuple[Dict[str, Callable[[], object]], object]:
-    """The ops of `impl` on `inputs`, and the bf16 dispatch whose handle and output they reuse."""
+    """The ops of `impl` on `inputs`, and the bf16 dispatch whose handle and output they reuse.
+    A dispatch on a new route reads its num_recv_tokens_per_expert, the list DeepEP's dispatch
+    always returns (and a MoE layer sizes its expert GEMMs with): the native result makes it only
+    when read, so an op that skipped it would leave that host work out of the native rows alone."""
     if api == "deep_ep":
         return deep_ep_ops(inputs, num_experts)
     if impl == "reference":
         dispatch, combine = reference.dispatch, reference.combine
     else:
         dispatch, combine = torch_ep.dispatch, torch_ep.combine
+
+    def routed(*args, **kwargs):  # a dispatch on a new route, with its per-expert counts as a list
+        result = dispatch(*args, **kwargs)
+        result.num_recv_tokens_per_expert  # made when read (a property): read, as DeepEP's dispatch returns it
+        return result
+
     x, idx, weights = inputs.x, inputs.topk_idx, inputs.topk_weights
     first = dispatch(x, idx, weights, num_experts=num_experts)
     ops = {
-        "dispatch bf16": lambda: dispatch(x, idx, weights, num_experts=num_experts),
-        "dispatch fp8": lambda: dispatch(inputs.x_fp8, idx, weights, num_experts=num_experts),
+        "dispatch bf16": lambda: routed(x, idx, weights, num_experts=num_experts),
+        "dispatch fp8": lambda: routed(inputs.x_fp8, idx, weights, num_experts=num_experts),
         "combine bf16": lambda: combine(first.recv_x, first.handle),
     }
     if "handle" in inspect.signature(dispatch).parameters:  # a re-dispatch along the handle's route
         ops["dispatch cached"] = lambda: dispatch(x, handle=first.handle)
     if impl != "reference":  # DeepEP's convention: the layout computed once, before the timed call
         layout = torch_ep.get_dispatch_layout(idx, num_experts)
-        ops["dispatch bf16, layout given"] = lambda: dispatch(x, idx, weights, num_experts=num_experts, layout=layout)
-        ops["dispatch fp8, layout given"] = lambda: dispatch(inputs.x_fp8, idx, weights, num_experts=num_experts,
-                                                             layout=layout)
+        ops["dispatch bf16, layout given"] = lambda: routed(x, idx, weights, num_experts=num_experts, layout=layout)
+        ops["dispatch fp8, layout given"] = lambda: routed(inputs.x_fp8, idx, weights, num_experts=num_experts,
+                                                           layout=layout)
     return ops, first
 
 
@@ -228,23 +250,26 @@ def reference_results(inputs: Inputs, num_experts: int) -> Dict[str, object]:
 
 
 def check_against_reference(ops: Dict[str, Callable[[], object]], inputs: Inputs, num_experts: int,
-                            sync_group, expected: Optional[Dict[str, object]] = None) -> None:
+                            sync_group, expected: Optional[Dict[str, object]] = None,
+                            fields: Optional[Callable[[str, object], object]] = None) -> None:
     """One call of each ep op against torch_ep.reference on the same inputs (`expected`: from
     reference_results, computed here when not given); raises on every rank if any rank got a
-    different result."""
+    different result. `fields(op, result)` names a result's fields as the native API's
+    (deep_ep_fields for the DeepEP API's tuples)."""
     expected = expected or reference_results(inputs, num_experts)
+    call = (lambda op: ops[op]()) if fields is None else (lambda op: fields(op, ops[op]()))
     found = []
     for op, want in expected.items():
         for variant in (op, f"{op}, layout given"):
             if variant not in ops:
                 continue
-            got = ops[variant]()
+            got = call(variant)
             for field in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
                 found += differences(f"{variant} {field}", getattr(got, field), getattr(want, field))
     bf16 = expected["dispatch bf16"]
     if "dispatch cached" in ops:
-        found += differences("dispatch cached recv_x", ops["dispatch cached"]().recv_x, bf16.recv_x)
-    found += differences("combine bf16 combined_x", ops["combine bf16"]().combined_x,
+        found += differences("dispatch cached recv_x", call("dispatch cached").recv_x, bf16.recv_x)
+    found += differences("combine bf16 combined_x", call("combine bf16").combined_x,
                          reference.combine(bf16.recv_x, bf16.handle).combined_x)
     problems = rank_problems("; ".join(found) or None, sync_group)
     if problems:
@@ -345,9 +370,10 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     ops, first = subject_ops(args.impl, inputs, args.experts, "native" if args.api == "both" else args.api)
     wrapped = deep_ep_ops(inputs, args.experts)[0] if args.api == "both" else {}
     if args.impl == "ep":
-        check_against_reference(ops, inputs, args.experts, sync_group)
+        check_against_reference(ops, inputs, args.experts, sync_group,
+                                fields=deep_ep_fields if args.api == "deep_ep" else None)
         if wrapped:
-            check_against_reference(wrapped, inputs, args.experts, sync_group)
+            check_against_reference(wrapped, inputs, args.experts, sync_group, fields=deep_ep_fields)
 
     recv_rows = first.recv_x.shape[0]
     row_bytes = {"bf16": args.hidden * 2, "fp8": args.hidden + 4 * -(-args.hidden // FP8_BLOCK)}

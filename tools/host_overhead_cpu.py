@@ -7,7 +7,9 @@ op itself takes 30-600 us with a wide spread (the ranks' record exchange), which
 10-30 us of Python around it; so the ops' CPU kernels are then swapped for stubs that return
 what the real kernel returned for the same inputs (same dispatcher path, constant cost, no
 communication), and each sequence is timed next to the same torch.ops.ep calls made directly:
-the difference is what moe.py / buffer.py / utils.py spend around the op. --profile adds
+the difference is what moe.py / buffer.py / utils.py spend around the op. The "+ counts list"
+rows read num_recv_tokens_per_expert (made when read), which the Buffer's dispatch always returns:
+the native work that compares with the Buffer's like for like (benchmarks/moe.py reads it too). --profile adds
 cProfile's top functions per sequence on the stubs (us per call, own / with callees; the
 profiler's own cost inflates Python calls several-fold).
 Rank 0 prints: with the real ops the slower rank's numbers (the ranks run in lockstep); the
@@ -156,6 +158,10 @@ def main():
     def native_fresh():
         return torch_ep.dispatch(x, idx, w, num_experts=e, layout=torch_ep.get_dispatch_layout(idx, e))
 
+    def listed(result):  # the per-expert counts read as a list, as DeepEP's dispatch always returns them
+        result.num_recv_tokens_per_expert
+        return result
+
     def floor_fresh():
         lay = ops.get_dispatch_layout(idx, e, size, False)
         return ops.dispatch(x, None, idx, w, None, None, e, 0, name, lay[3], None)
@@ -173,6 +179,13 @@ def main():
         ("native dispatch, layout given, bf16", lambda: torch_ep.dispatch(x, idx, w, num_experts=e, layout=layout),
          lambda: ops.dispatch(x, None, idx, w, None, None, e, 0, name, layout.meta, None)),
         ("native dispatch, layout given, fp8", lambda: torch_ep.dispatch(fp8, idx, w, num_experts=e, layout=layout),
+         lambda: ops.dispatch(fp8[0], fp8[1], idx, w, None, None, e, 0, name, layout.meta, None)),
+        ("native fresh + counts list", lambda: listed(native_fresh()), floor_fresh),
+        ("native layout given, bf16 + counts list",
+         lambda: listed(torch_ep.dispatch(x, idx, w, num_experts=e, layout=layout)),
+         lambda: ops.dispatch(x, None, idx, w, None, None, e, 0, name, layout.meta, None)),
+        ("native layout given, fp8 + counts list",
+         lambda: listed(torch_ep.dispatch(fp8, idx, w, num_experts=e, layout=layout)),
          lambda: ops.dispatch(fp8[0], fp8[1], idx, w, None, None, e, 0, name, layout.meta, None)),
         ("native dispatch, cached handle", lambda: torch_ep.dispatch(x, handle=routed.handle),
          lambda: ops.dispatch(x, None, None, None, meta, counts, e, 0, name)),

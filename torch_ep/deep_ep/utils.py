@@ -113,19 +113,17 @@ class _HostCounts:
     per call, which a layout-given dispatch on a fast GPU cannot hide. `values` ends at the send
     matrix where more follows than a view costs to make (tolist costs per value: the matrix has
     R*R, 1024 values at 32 ranks; a view costs about 100 values)."""
-    __slots__ = ("values", "per_expert_start", "matrix_start", "internode")
+    __slots__ = ("values", "per_expert_start", "matrix_start", "internode", "sizes_on_host")
 
     def __init__(self, native: DispatchHandle):
-        counts = native.counts
-        self.per_expert_start, self.matrix_start = native._per_expert_start, native._matrix_start
-        end, total = self.matrix_start, counts.numel()
-        self.values = (counts[:end] if total - end > 100 else counts).tolist()
+        counts, start, end = native.counts, native._per_expert_start, native._matrix_start
+        total = counts.numel()
+        values = (counts[:end] if total - end > 100 else counts).tolist()
+        self.values, self.per_expert_start, self.matrix_start = values, start, end
         self.internode = total > end + send_matrix_size(native.num_ranks)
-
-    @property
-    def sizes_on_host(self) -> bool:
-        """False where only the device knows the sizes (a CUDA dispatch with num_worst_tokens: -1)."""
-        return self.values[2] >= 0  # the first send count
+        # False where only the device knows the sizes (a CUDA dispatch with num_worst_tokens: -1);
+        # an attribute, not a property: every dispatch asks.
+        self.sizes_on_host = values[2] >= 0  # the first send count
 
     def per_expert(self, alignment: int) -> List[int]:
         """As DispatchResult.num_recv_tokens_per_expert."""
