@@ -29,7 +29,8 @@
 #     (tools/deep_ep_overhead.py: the DeepEP API's cost part by part), moe_profile
 #     (tools/moe_profile.py), copy_tests (the MoE copy variants' GPU tests), internode_bench,
 #     (TORCH_EP_INTERNODE_BENCH_ARGS adds arguments, e.g. --no-host-route; TORCH_EP_INTERNODE_BENCH the
-#     topologies, default 2x2), ll_remote_bench (the low-latency ops with the remote path forced, same topologies),
+#     topologies, default 2x2; TORCH_EP_INTERNODE_BENCH_VARIANTS runs it and internode_profile once
+#     per set of settings, below), ll_remote_bench (the low-latency ops with the remote path forced, same topologies),
 #     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
 #     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), timeouts, faults (a rank killed
 #     mid-stream on CUDA), export_probe (tools/export_probe.py), a2a_bench (at
@@ -241,29 +242,51 @@ if [ "$WHAT" = pending ]; then
       tools/moe_profile.py > "$LOGS/moe_profile_2ranks.log" 2>&1 || STATUS=1
     grep "^rank 0" "$LOGS/moe_profile_2ranks.log" >> "$SUMMARY"
   fi
+  # TORCH_EP_INTERNODE_BENCH_VARIANTS: the internode_bench and internode_profile steps once per
+  # variant (space-separated), each a comma-separated list of VAR=VALUE set for that run only, or
+  # "default" (nothing set; the default is that one run), so that one build compares several, e.g.
+  # "default TORCH_EP_INTERNODE_SEND_THREADS=1024,TORCH_EP_EXCHANGE_THREADS=1024"; a variant's logs
+  # carry its settings in their names.
+  internode_variants() {
+    local variant=$1
+    VARIANT_ENV=(); VARIANT_TAG=""
+    if [ "$variant" != default ]; then
+      IFS=, read -ra VARIANT_ENV <<< "$variant"
+      VARIANT_TAG="_$(echo "$variant" | sed 's/TORCH_EP_//g; s/[^A-Za-z0-9=]/_/g; s/=/-/g')"
+    fi
+  }
   if [[ $STEPS == *" internode_bench "* ]]; then
     # TORCH_EP_INTERNODE_BENCH picks the topologies (default 2x2); every rank gets an equal
     # share of the GPU's 132 SMs.
     for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
-      R=$(( ${TOPO%x*} * ${TOPO#*x} ))
-      step "internode benchmark, $TOPO virtual nodes (device route, host route, intranode)"
-      NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_SYMMETRIC_SIZE=3G \
-        CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-$((132 / R))} timeout 200 \
-        torchrun --standalone --nproc-per-node "$R" benchmarks/internode.py --ranks-per-node "${TOPO#*x}" \
-        --out "$LOGS/internode_$TOPO" ${TORCH_EP_INTERNODE_BENCH_ARGS:-} > "$LOGS/internode_bench_$TOPO.log" 2>&1 || STATUS=1
-      tail -22 "$LOGS/internode_bench_$TOPO.log" >> "$SUMMARY"
+      for VARIANT in ${TORCH_EP_INTERNODE_BENCH_VARIANTS:-default}; do
+        internode_variants "$VARIANT"
+        R=$(( ${TOPO%x*} * ${TOPO#*x} ))
+        step "internode benchmark, $TOPO virtual nodes (device route, host route, intranode)${VARIANT_TAG:+, $VARIANT}"
+        env ${VARIANT_ENV[@]+"${VARIANT_ENV[@]}"} \
+          NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_SYMMETRIC_SIZE=3G \
+          CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-$((132 / R))} timeout 200 \
+          torchrun --standalone --nproc-per-node "$R" benchmarks/internode.py --ranks-per-node "${TOPO#*x}" \
+          --out "$LOGS/internode_$TOPO$VARIANT_TAG" ${TORCH_EP_INTERNODE_BENCH_ARGS:-} \
+          > "$LOGS/internode_bench_$TOPO$VARIANT_TAG.log" 2>&1 || STATUS=1
+        tail -22 "$LOGS/internode_bench_$TOPO$VARIANT_TAG.log" >> "$SUMMARY"
+      done
     done
   fi
   [[ $STEPS == *" ll_remote_bench "* ]] && ll_remote_benches
   if [[ $STEPS == *" internode_profile "* ]]; then
     for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
-      R=$(( ${TOPO%x*} * ${TOPO#*x} ))
-      step "internode profile, $TOPO virtual nodes (each kernel's time per call, every rank)"
-      NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_DISABLE_NVLS=1 \
-        NVSHMEM_SYMMETRIC_SIZE=3G TORCH_EP_RANKS_PER_NODE=${TOPO#*x} CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) \
-        TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-$((132 / R))} timeout 100 torchrun --standalone --nproc-per-node "$R" \
-        tools/internode_profile.py > "$LOGS/internode_profile_$TOPO.log" 2>&1 || STATUS=1
-      grep "^rank " "$LOGS/internode_profile_$TOPO.log" >> "$SUMMARY"
+      for VARIANT in ${TORCH_EP_INTERNODE_BENCH_VARIANTS:-default}; do
+        internode_variants "$VARIANT"
+        R=$(( ${TOPO%x*} * ${TOPO#*x} ))
+        step "internode profile, $TOPO virtual nodes (each kernel's time per call, every rank)${VARIANT_TAG:+, $VARIANT}"
+        env ${VARIANT_ENV[@]+"${VARIANT_ENV[@]}"} \
+          NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_DISABLE_NCCL=1 NVSHMEM_DISABLE_NVLS=1 \
+          NVSHMEM_SYMMETRIC_SIZE=3G TORCH_EP_RANKS_PER_NODE=${TOPO#*x} CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / R)) \
+          TORCH_EP_NUM_SMS=${TORCH_EP_NUM_SMS:-$((132 / R))} timeout 100 torchrun --standalone --nproc-per-node "$R" \
+          tools/internode_profile.py > "$LOGS/internode_profile_$TOPO$VARIANT_TAG.log" 2>&1 || STATUS=1
+        grep "^rank " "$LOGS/internode_profile_$TOPO$VARIANT_TAG.log" >> "$SUMMARY"
+      done
     done
   fi
   if [[ $STEPS == *" sm_ceiling "* ]]; then

@@ -32,8 +32,10 @@ __device__ __forceinline__ size_t row_fields(const IxParams& p) {
 // RDMA write of the row; on one GPU, NVSHMEM's P2P copy keeps one 16-byte load in flight per
 // thread, so the bytes in flight follow the threads that put at once (Threads, below). Rows lie
 // W apart; a put carries the row's fields only. x (scales) in place already (x_packed,
-// scales_packed) is not copied.
-template <int Threads>
+// scales_packed) is not copied; where both are (or x has no scales), the variant without kPack
+// runs: it holds no copy loop, whose registers would not fit the 64 of a 1024-thread block.
+// kInFlight: the pack's 16-byte loads in flight per lane.
+template <int Threads, bool kPack, int kInFlight>
 __global__ void __launch_bounds__(Threads) dispatch_send_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
@@ -51,10 +53,10 @@ __global__ void __launch_bounds__(Threads) dispatch_send_kernel(IxParams p) {
     for (int m = 0; m < NN; ++m) goes |= slots[m] >= 0;
     if (!goes) continue;
     char* packed = row(p, l.rail_send(), p.node * C + t);
-    if (!p.x_packed) warp_copy(packed, p.x + t * p.x_bytes, p.x_bytes, lane);
-    if (p.x_scales && !p.scales_packed)
-      warp_copy(packed + p.off_scales, reinterpret_cast<const char*>(p.x_scales + t * p.num_scales),
-                4 * p.num_scales, lane);
+    if (kPack && !p.x_packed) warp_copy<kInFlight>(packed, p.x + t * p.x_bytes, p.x_bytes, lane);
+    if (kPack && p.x_scales && !p.scales_packed)
+      warp_copy<kInFlight>(packed + p.off_scales, reinterpret_cast<const char*>(p.x_scales + t * p.num_scales),
+                           4 * p.num_scales, lane);
     if (!p.cached) {
       for (int64_t k = lane; k < K; k += 32) at<int64_t>(packed, p.off_ids)[k] = p.topk_idx[t * K + k];
       if (p.topk_weights)
@@ -282,10 +284,19 @@ cudaError_t launch_dispatch_send(const IxParams& p, cudaStream_t stream) {
   // With the payload packed already (dispatch_buffer) the kernel only puts: twice the threads
   // a block keep twice the put loads in flight (2x2, bf16: 305 -> 200 us). Where it packs x its
   // own unrolled copy wants the registers that 1024 threads halve (64: spills; no gain measured).
-  if (p.x_packed && (p.x_scales == nullptr || p.scales_packed))
-    dispatch_send_kernel<kPutThreads><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
-  else
-    dispatch_send_kernel<kThreads><<<p.num_blocks, kThreads, 0, stream>>>(p);
+  // IxParams::send_threads (experimental) sets the block either way: kThreads, or kPutThreads
+  // with the pack at 2 loads in flight per lane (4 spill in 64 registers): the put's loads in
+  // flight double, the pack's per SM are those of 4 at kThreads.
+  if (p.x_packed && (p.x_scales == nullptr || p.scales_packed)) {
+    if (p.send_threads == kThreads)
+      dispatch_send_kernel<kThreads, false, 8><<<p.num_blocks, kThreads, 0, stream>>>(p);
+    else
+      dispatch_send_kernel<kPutThreads, false, 8><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
+  } else if (p.send_threads == kPutThreads) {
+    dispatch_send_kernel<kPutThreads, true, 2><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
+  } else {
+    dispatch_send_kernel<kThreads, true, 8><<<p.num_blocks, kThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
