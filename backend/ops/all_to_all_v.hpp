@@ -44,7 +44,8 @@ struct CommPoolCall {
 // all_to_all_single on the same kernels, queued on `stream`: byte counts known on the host go
 // in the kernel's parameters, and the device checks each receiver's recv_bytes against what its
 // senders send (a disagreement moves nothing on any rank; it raises at the next call, or where
-// take_all_to_all_single_report hands it to the call's Work). Returns the call's id.
+// take_all_to_all_single_report hands it to the call's Work). Returns the call's id; throws
+// CommError where the transport failed (the caller raises it through the group's fault log).
 // `pool` (a group with a comm pool, every call of it): the plan chooses one copy when every
 // rank's output that receives bytes lies in its arena, else the staged move.
 int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,

@@ -2,6 +2,7 @@
 
 #include <numeric>
 
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/utils/pybind.h>
 
 #include "backend/common/errors.hpp"
@@ -20,6 +21,7 @@ ProcessGroupEP::ProcessGroupEP(const c10::intrusive_ptr<c10d::Store>& store, int
       cpu_backend_(std::move(cpu_backend)),
       cuda_backend_(std::move(cuda_backend)) {
   TORCH_CHECK(cpu_backend_, "ProcessGroupEP needs an inner CPU backend");
+  faults_ = std::make_shared<FaultLog>(store, FaultLog::instance_prefix(*store, size), rank, size);
   try {  // collective, like the group's creation: every rank learns every rank's node
     topology_ = detect_topology(rendezvous_, config.ranks_per_node, config.launch_local_world_size, host_identity(),
                                 "ep/topology");
@@ -151,12 +153,17 @@ void CallGate::close(const std::string& why, bool overrule) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (closed_.load() && !overrule) return;  // the first error is the one worth reporting
   why_ = why;
+  by_failure_.store(false, std::memory_order_release);
   closed_.store(true, std::memory_order_release);
 }
 
 void CallGate::close_and_tell_peers(const std::string& why) {
-  close(why);
   std::lock_guard<std::mutex> lock(mutex_);
+  if (!closed_.load()) {
+    why_ = why;
+    by_failure_.store(true, std::memory_order_release);
+    closed_.store(true, std::memory_order_release);
+  }
   if (peer_notice_) peer_notice_(why);
 }
 
@@ -172,9 +179,27 @@ std::string CallGate::why() const {
 
 void ProcessGroupEP::check_usable(const char* op) const {
   if (gate_->open()) return;
+  // A failed CUDA transport: its error may be the echo of another rank's (the host path's
+  // transport carries causes itself).
+  const std::string why = gate_->closed_by_failure() ? faults_->report(gate_->why()) : gate_->why();
   C10_THROW_ERROR(DistBackendError, std::string(op) + " on rank " + std::to_string(getRank()) +
-                                        ": this 'ep' process group takes no more calls: " + gate_->why() +
+                                        ": this 'ep' process group takes no more calls: " + why +
                                         ". Destroy it (dist.destroy_process_group) and create a new one.");
+}
+
+void ProcessGroupEP::raise_failure(const std::string& message) const {
+  C10_THROW_ERROR(DistBackendError, faults_->report(message));
+}
+
+c10::intrusive_ptr<ProcessGroupEP> ProcessGroupEP::of_group(const std::string& group_name) {
+  try {
+    c10::intrusive_ptr<c10d::Backend> backend =
+        c10d::resolve_process_group(group_name)->getBackend(c10::DeviceType::CPU);
+    if (auto* ep = dynamic_cast<ProcessGroupEP*>(backend.get())) return c10::intrusive_ptr<ProcessGroupEP>::reclaim_copy(ep);
+    return {};
+  } catch (const std::exception&) {  // not registered, or no CPU backend
+    return {};
+  }
 }
 
 void ProcessGroupEP::stop_taking_calls(const std::string& why, bool overrule) { gate_->close(why, overrule); }
@@ -259,8 +284,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::host_all_to_all(
       }
     } catch (const CommError& e) {
       // Timeouts included: the transport no longer agrees with the peers on what comes next, so
-      // nothing on this group is safe.
+      // nothing on this group is safe. Recorded for the ranks that wait on this one over CUDA
+      // (the MoE ops exchange their records here); this path's own message stays as it is.
       stop_taking_calls(std::string("an earlier call failed: ") + e.what());
+      faults_->record(e.what());
       error = as_dist_error(std::current_exception());
     } catch (...) {
       error = as_dist_error(std::current_exception());

@@ -18,6 +18,7 @@
 #include <string>
 
 #include "backend/process_group/config.hpp"
+#include "backend/process_group/fault_log.hpp"
 #include "backend/process_group/host_worker.hpp"
 #include "backend/process_group/store_rendezvous.hpp"
 #include "backend/process_group/validate.hpp"
@@ -57,11 +58,15 @@ class CallGate {
   // Closes the gate and tells the peers through `notice`: across nodes a rank may wait on a
   // live peer that is itself stuck on a dead one, and only the stuck one knows which.
   void close_and_tell_peers(const std::string& why);
+  // Whether close_and_tell_peers gave the reason (a transport failed, perhaps because a peer
+  // did: the group's fault log may know the first cause).
+  bool closed_by_failure() const { return by_failure_.load(std::memory_order_acquire); }
   // How to tell them (the host transport's failure word); empty to stop telling.
   void set_peer_notice(std::function<void(const std::string&)> notice);
 
  private:
   std::atomic<bool> closed_{false};
+  std::atomic<bool> by_failure_{false};
   mutable std::mutex mutex_;
   std::string why_;
   std::function<void(const std::string&)> peer_notice_;
@@ -123,6 +128,16 @@ class ProcessGroupEP : public c10d::Backend {
   void check_errors();
   // check_errors' part across nodes: what the NVSHMEM hop's kernels reported (internode_path.cpp).
   void check_internode_errors();
+  // The error path of every CUDA op whose transport failed (a timeout, a peer gone, ranks out of
+  // step): records `message` in the group's fault log, appends the first cause other ranks
+  // recorded there (a rank may stop only because the peer it waited for stopped first), and
+  // raises it as DistBackendError.
+  [[noreturn]] void raise_failure(const std::string& message) const;
+  // The log itself, for Works and transport listeners that outlive a call.
+  std::shared_ptr<FaultLog> fault_log() const { return faults_; }
+  // The 'ep' backend of the process group registered as `group_name` (the low-latency ops
+  // know their group by name), or null.
+  static c10::intrusive_ptr<ProcessGroupEP> of_group(const std::string& group_name);
 
   // all_to_all_v's CUDA state (backend/ops/all_to_all_v.hpp), created by its first CUDA call
   // (collective) unless `create` is false; null where its kernels cannot reach every rank (ranks
@@ -262,6 +277,7 @@ class ProcessGroupEP : public c10d::Backend {
   c10::intrusive_ptr<c10d::Backend> cpu_backend_;   // null after shutdown()
   c10::intrusive_ptr<c10d::Backend> cuda_backend_;  // null without CUDA, or after shutdown()
   std::shared_ptr<CallGate> gate_ = std::make_shared<CallGate>();
+  std::shared_ptr<FaultLog> faults_;  // under ep/fault/<instance>/ in store_
 
   mutable std::mutex host_mutex_;
   enum class HostPath { kUndecided, kShm, kGloo } host_path_ = HostPath::kUndecided;

@@ -5,6 +5,7 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include "backend/common/arena_allocator.hpp"
+#include "backend/process_group/fault_log.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 
 namespace py = pybind11;
@@ -103,6 +104,16 @@ void register_process_group(py::module_& m) {
       .def_property_readonly("used", &ArenaAllocator::used)
       .def_property_readonly("largest_free", &ArenaAllocator::largest_free)
       .def_property_readonly("num_allocations", &ArenaAllocator::num_allocations);
+
+  // The fault log alone, on any store: for CPU tests of what an error gains from the records
+  // other ranks left (ProcessGroupEP keeps one per group, under FaultLog::instance_prefix).
+  py::class_<FaultLog, std::shared_ptr<FaultLog>>(m, "_FaultLog")
+      .def(py::init<c10::intrusive_ptr<c10d::Store>, std::string, int, int>(), py::arg("store"), py::arg("prefix"),
+           py::arg("rank"), py::arg("size"))
+      .def("record", &FaultLog::record, py::arg("message"), py::call_guard<py::gil_scoped_release>())
+      .def("explain", &FaultLog::explain, py::arg("message"), py::call_guard<py::gil_scoped_release>())
+      .def("report", &FaultLog::report, py::arg("message"), py::call_guard<py::gil_scoped_release>());
+  m.def("_first_peer_named", &first_peer_named, py::arg("message"), py::arg("rank"));
 
   // The argument checks alone, for tests of their messages on inputs no group would accept.
   m.def("_check_all_to_all_single",

@@ -283,7 +283,7 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
   // An earlier call's problem raises once this call is queued (see all_to_all_v_cuda).
   const AllToAllVState::Report raise_later = state.take_report();
   kernels::AllToAllVParams p{};
-  try {
+  {  // a CommError (a failed transport) raises at the caller, through the group's fault log
     state.transport().check_healthy(op);
     state.fill(p);
     p.op = kernels::kOpAllToAllSingle;
@@ -328,8 +328,6 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
     for (int r = 0; r < R; ++r)
       if (r != rank) peers.push_back(r);
     state.transport().track(op, stream, std::move(peers));
-  } catch (const CommError& e) {  // timeouts included
-    C10_THROW_ERROR(DistBackendError, e.what());
   }
   if (raise_later[0] != kernels::kReportNone) AllToAllVState::raise(raise_later, rank, op, /*earlier=*/true);
   return p.call_id;
@@ -421,7 +419,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       AllToAllVState::raise(raise_later, rank, op, /*earlier=*/raise_later[kernels::kReportCallId] != p.call_id);
     return {output_splits, output_offsets};
   } catch (const CommError& e) {  // timeouts included
-    C10_THROW_ERROR(DistBackendError, e.what());
+    group.raise_failure(e.what());
   }
 }
 

@@ -11,6 +11,7 @@
 #include "backend/common/errors.hpp"
 #include "backend/kernels/low_latency.cuh"
 #include "backend/ops/low_latency_ops.hpp"
+#include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
 #include "backend/transport/nvshmem/low_latency_buffer.hpp"
 #include "backend/transport/nvshmem/nvshmem_runtime.hpp"
@@ -20,6 +21,13 @@ namespace {
 
 using at::Tensor;
 using kernels::ll::LowLatencyLayout;
+
+// A failed buffer's error, through the fault log of the group (found by its name) where it is an
+// 'ep' group: the rank this one waited for may have stopped first, for another.
+[[noreturn]] void raise_failure(const std::string& group_name, const std::string& message) {
+  if (auto group = ProcessGroupEP::of_group(group_name)) group->raise_failure(message);
+  C10_THROW_ERROR(DistBackendError, message);
+}
 
 // The group's buffer, checked: set up, healthy, on `device`, large enough for `need`.
 LowLatencyBuffer& buffer_for(const std::string& group_name, const at::Device& device, const LowLatencyLayout* need,
@@ -35,7 +43,7 @@ LowLatencyBuffer& buffer_for(const std::string& group_name, const at::Device& de
   try {
     buffer->check(op);
   } catch (const CommError& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
+    raise_failure(group_name, e.what());
   }
   return *buffer;
 }
@@ -215,7 +223,7 @@ void check_errors(const std::string& group_name, const char* op) {
   try {
     buffer->check(op);
   } catch (const CommError& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
+    raise_failure(group_name, e.what());
   }
 }
 

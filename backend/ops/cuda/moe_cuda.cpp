@@ -328,7 +328,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
     return o;
   } catch (const CommError& e) {  // timeouts included
-    C10_THROW_ERROR(DistBackendError, e.what());
+    group.raise_failure(e.what());
   }
 }
 
@@ -389,7 +389,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     transport->track(op, stream, peers_of(int(rank), int(R)));
     return o;
   } catch (const CommError& e) {  // timeouts included
-    C10_THROW_ERROR(DistBackendError, e.what());
+    group.raise_failure(e.what());
   }
 }
 

@@ -116,7 +116,7 @@ DispatchOutputs dispatch_cuda_internode(ProcessGroupEP& group, const DispatchArg
     group.count_hop_bytes(bytes.rail, bytes.node);
     return o;
   } catch (const CommError& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
+    group.raise_failure(e.what());
   }
 }
 
@@ -133,7 +133,7 @@ CombineOutputs combine_cuda_internode(ProcessGroupEP& group, const CombineArgs& 
     group.count_hop_bytes(bytes.rail, bytes.node);
     return o;
   } catch (const CommError& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
+    group.raise_failure(e.what());
   }
 }
 
@@ -144,7 +144,7 @@ Tensor combine_buffer_cuda(ProcessGroupEP& group, const HandleCounts& h, int64_t
   try {
     return combine_buffer_cuda_internode_device(group, h, rows, hidden, dtype, device);
   } catch (const CommError& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
+    group.raise_failure(e.what());
   }
 }
 
@@ -155,7 +155,7 @@ std::vector<Tensor> dispatch_buffer_cuda(ProcessGroupEP& group, int64_t rows, in
   try {
     return dispatch_buffer_cuda_internode_device(group, rows, hidden, dtype, device);
   } catch (const CommError& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
+    group.raise_failure(e.what());
   }
 }
 

@@ -18,9 +18,11 @@ namespace ep {
 
 void ProcessGroupEP::refuse_calls_when_failed(CudaTransport& transport) {
   // The gate, not the group: the listener runs on the transport's watchdog thread. The peers
-  // hear of it too: one waiting on this rank over the host channel then names the real cause.
-  transport.on_failure([gate = gate_](const std::string& why) {
+  // hear of it too: one waiting on this rank over the host channel then names the real cause,
+  // and one waiting on it elsewhere finds it in the fault log.
+  transport.on_failure([gate = gate_, faults = faults_](const std::string& why) {
     gate->close_and_tell_peers("its CUDA transport failed: " + why);
+    faults->record(why);
   });
 }
 
@@ -40,7 +42,7 @@ void ProcessGroupEP::check_errors() {
     for (CudaTransport* t : {moe.get(), a2a.get(), a2av ? &transport_of(*a2av) : nullptr})
       if (t) t->check_healthy("check_errors");
   } catch (const CommError& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
+    raise_failure(e.what());
   }
   check_internode_errors();
   if (moe) {
@@ -181,16 +183,20 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
   // Raised once the buffers are tied to the comm stream: an earlier call's problem (this call is
   // queued) or a failed transport (nothing was).
   std::exception_ptr pending;
+  std::string failed;
   phase.next("ep::all_to_all_single/launch");
   try {
     call_id = all_to_all_single_cuda(*state, getRank(), in, out, send_bytes, recv_bytes, comm.stream(),
                                      pool ? &pool_call : nullptr);
+  } catch (const CommError& e) {  // timeouts included
+    failed = e.what();
   } catch (...) {
     pending = std::current_exception();
   }
   phase.next("ep::all_to_all_single/finish");
   std::vector<at::Tensor> outputs{output};
   finish_on(comm, spans, outputs);
+  if (!failed.empty()) raise_failure(failed);
   if (pending) std::rethrow_exception(pending);
   phase.next("ep::all_to_all_single/work");
   // A disagreement the device found in this very call raises at the Work's wait, once.
@@ -200,8 +206,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
     return *seen;
   };
   return c10::make_intrusive<EPCudaWork>(getRank(), c10d::OpType::ALLTOALL_BASE, std::move(outputs), comm,
-                                         shared_transport_of(*state), config_.blocking_wait, config_.timeout,
-                                         more_errors);
+                                         shared_transport_of(*state), faults_, config_.blocking_wait,
+                                         config_.timeout, more_errors);
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
@@ -216,10 +222,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::T
   try {
     transport->all_to_all(spans.sends, spans.recvs, comm.stream(), op_name);
   } catch (const std::exception& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
+    raise_failure(e.what());
   }
   finish_on(comm, spans, outputs);
-  return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport,
+  return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport, faults_,
                                          config_.blocking_wait, config_.timeout);
 }
 

@@ -34,12 +34,11 @@ void finish_on(const c10::cuda::CUDAStream& comm, const AllToAllSpans& spans, co
 
 EPCudaWork::EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs,
                        c10::cuda::CUDAStream comm_stream, std::shared_ptr<CudaTransport> transport,
-                       bool blocking_wait, std::chrono::milliseconds timeout,
+                       std::shared_ptr<FaultLog> faults, bool blocking_wait, std::chrono::milliseconds timeout,
                        std::function<std::string()> more_errors)
     : c10d::Work(rank, type), outputs_(std::move(outputs)), device_(comm_stream.device_index()),
-      comm_stream_(comm_stream),
-      transport_(std::move(transport)), more_errors_(std::move(more_errors)), blocking_wait_(blocking_wait),
-      timeout_(timeout) {
+      comm_stream_(comm_stream), transport_(std::move(transport)), faults_(std::move(faults)),
+      more_errors_(std::move(more_errors)), blocking_wait_(blocking_wait), timeout_(timeout) {
   c10::cuda::CUDAGuard guard(device_);
   done_ = event_pool().take(device_);
   C10_CUDA_CHECK(cudaEventRecord(done_, comm_stream.stream()));
@@ -75,11 +74,14 @@ void EPCudaWork::raise_if_failed() const {
     transport_->check_healthy("wait");  // a kernel's timeout counts once the kernel has ended
   } catch (const CommError&) {
   }
+  auto raise = [this](const std::string& error) {
+    C10_THROW_ERROR(DistBackendError, faults_ ? faults_->report(error) : error);
+  };
   const std::string error = transport_->error();
-  if (!error.empty()) C10_THROW_ERROR(DistBackendError, error);
+  if (!error.empty()) raise(error);
   if (!more_errors_) return;
   const std::string more = more_errors_();
-  if (!more.empty()) C10_THROW_ERROR(DistBackendError, "torch_ep: " + more);
+  if (!more.empty()) raise("torch_ep: " + more);
 }
 
 bool EPCudaWork::isCompleted() {

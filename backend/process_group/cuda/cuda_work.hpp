@@ -15,6 +15,7 @@
 namespace ep {
 
 class CudaTransport;
+class FaultLog;
 struct AllToAllSpans;
 
 // The comm stream starts after everything the caller queued so far (the inputs are ready).
@@ -28,10 +29,11 @@ class EPCudaWork : public c10d::Work {
  public:
   ~EPCudaWork() override;
   // `more_errors`, where given, reports failures of another transport the op used ("" if none):
-  // the NVSHMEM hop across nodes.
+  // the NVSHMEM hop across nodes. A failure raises through `faults`, the group's fault log
+  // (ProcessGroupEP::raise_failure).
   EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs, c10::cuda::CUDAStream comm_stream,
-             std::shared_ptr<CudaTransport> transport, bool blocking_wait, std::chrono::milliseconds timeout,
-             std::function<std::string()> more_errors = {});
+             std::shared_ptr<CudaTransport> transport, std::shared_ptr<FaultLog> faults, bool blocking_wait,
+             std::chrono::milliseconds timeout, std::function<std::string()> more_errors = {});
 
   bool isCompleted() override;
   bool isSuccess() const override;
@@ -49,6 +51,7 @@ class EPCudaWork : public c10d::Work {
   bool captured_ = false;       // queued inside a CUDA graph capture
   cudaEvent_t done_ = nullptr;  // recorded on the comm stream after the op; from a pool
   std::shared_ptr<CudaTransport> transport_;
+  std::shared_ptr<FaultLog> faults_;
   std::function<std::string()> more_errors_;
   bool blocking_wait_;
   std::chrono::milliseconds timeout_;

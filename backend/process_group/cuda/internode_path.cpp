@@ -30,6 +30,9 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
       internode_transport_ = std::make_shared<InternodeTransport>(rendezvous_, topology_, cc, "ep/internode",
                                                                   config_.internode_a2a_device);
       internode_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
+      // The node's watchdog records a stuck wait as soon as it sees it: a rank on another node
+      // waiting on this one may be about to time out too, and should learn why.
+      internode_transport_->node().on_failure([faults = faults_](const std::string& why) { faults->record(why); });
     } catch (const std::exception& e) {
       C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's transport across nodes "
                                             "(CUDA IPC in the node, NVSHMEM between nodes) failed: " + e.what());
@@ -72,7 +75,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
     transport->net().all_to_all(remote, spans.sends, spans.recvs, comm.stream(), op_name);
     transport->node().track(op_name, comm.stream(), {});
   } catch (const std::exception& e) {
-    C10_THROW_ERROR(DistBackendError, e.what());
+    raise_failure(e.what());
   }
   finish_on(comm, spans, outputs);
   // Work.wait() also raises a peer the NVSHMEM hop waited for in vain (blocking waits poll it).
@@ -81,7 +84,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
     return e.empty() ? e : std::string(op_name) + ": " + e;
   };
   return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport->node_shared(),
-                                         config_.blocking_wait, config_.timeout, net_error);
+                                         faults_, config_.blocking_wait, config_.timeout, net_error);
 }
 
 void ProcessGroupEP::check_internode_errors() {
@@ -92,15 +95,15 @@ void ProcessGroupEP::check_internode_errors() {
   }
   if (!transport) return;
   const std::string e = transport->net().error();
-  if (!e.empty()) C10_THROW_ERROR(DistBackendError, "check_errors on rank " + std::to_string(getRank()) + ": " + e);
+  if (!e.empty()) raise_failure("check_errors on rank " + std::to_string(getRank()) + ": " + e);
   // The device route's dispatch/combine: a wait of its kernels that gave up.
   if (InternodeBuffer* moe = transport->moe_if_made())
     if (const std::string m = moe->error(); !m.empty())
-      C10_THROW_ERROR(DistBackendError, "check_errors on rank " + std::to_string(getRank()) + ": " + m);
+      raise_failure("check_errors on rank " + std::to_string(getRank()) + ": " + m);
   try {
     transport->node().check_healthy("check_errors");
   } catch (const CommError& err) {
-    C10_THROW_ERROR(DistBackendError, err.what());
+    raise_failure(err.what());
   }
 }
 
