@@ -14,6 +14,9 @@ class Rendezvous {
   virtual ~Rendezvous() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  // The rank that errors name for member `rank`: the same here; the whole group's rank where
+  // this is a subset of it (a node's ranks), so that messages name ranks as the user counts them.
+  virtual int group_rank(int rank) const { return rank; }
   virtual void set(const std::string& key, const std::vector<uint8_t>& value) = 0;
   // Blocks until `key` exists (bounded by the group timeout).
   virtual std::vector<uint8_t> get(const std::string& key) = 0;

@@ -22,6 +22,7 @@ class SubsetRendezvous : public Rendezvous {
   }
   int rank() const override { return rank_; }
   int size() const override { return int(ranks_.size()); }
+  int group_rank(int rank) const override { return parent_.group_rank(ranks_.at(size_t(rank))); }
   void set(const std::string& key, const std::vector<uint8_t>& value) override { parent_.set(tag_ + "/" + key, value); }
   std::vector<uint8_t> get(const std::string& key) override { return parent_.get(tag_ + "/" + key); }
   void barrier(const std::string& tag) override {

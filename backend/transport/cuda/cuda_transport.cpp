@@ -88,6 +88,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
       chunk_bytes_(chunk_bytes_for(config.buffer_bytes, rdv.size())),
       control_(rdv, control_config(config.timeout, config.control_slot_bytes), tag + "/control"),
       opened_(rdv.size()) {
+  for (int r = 0; r < size_; ++r) group_ranks_.push_back(rdv.group_rank(r));
   if (size_ > kMaxRanks) throw CommError("torch_ep: the CUDA transport supports up to 2048 ranks per node");
   EP_CUDA_CHECK(cudaSetDevice(config.device));
   // full = 0 (nothing sent), empty = 1 (every slot free), ready = done = 0.
@@ -178,8 +179,8 @@ void CudaTransport::check_healthy(const char* op_name) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (error_.empty() && waited_for)  // the watchdog has not seen it yet
       kernel_error = (last_op_.empty() ? std::string(op_name) : last_op_) + ": timed out on rank " +
-                     std::to_string(rank_) + " after " + std::to_string(timeout_.count()) +
-                     " ms waiting for peer rank " + std::to_string(waited_for - 1) +
+                     name(rank_) + " after " + std::to_string(timeout_.count()) +
+                     " ms waiting for peer rank " + name(waited_for - 1) +
                      " (in the device kernel): a peer never arrived or stalled";
     error = error_;
   }
@@ -246,9 +247,9 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     if (theirs[p].expect_bytes != sends[p].bytes || theirs[p].send_bytes != recvs[p].bytes) {
       // Both ranks of the pair raise; peers that queued work with them are released by their
       // watchdogs. The flags no longer agree, so this transport takes no more calls.
-      std::string msg = std::string(op_name) + ": rank " + std::to_string(rank_) + " sends " +
-                        std::to_string(sends[p].bytes) + " bytes to rank " + std::to_string(p) + " and expects " +
-                        std::to_string(recvs[p].bytes) + ", but rank " + std::to_string(p) + " expects " +
+      std::string msg = std::string(op_name) + ": rank " + name(rank_) + " sends " +
+                        std::to_string(sends[p].bytes) + " bytes to rank " + name(p) + " and expects " +
+                        std::to_string(recvs[p].bytes) + ", but rank " + name(p) + " expects " +
                         std::to_string(theirs[p].expect_bytes) + " and sends " +
                         std::to_string(theirs[p].send_bytes) + ": the ranks' split sizes disagree";
       fail(msg);
@@ -441,8 +442,8 @@ void CudaTransport::watch() {
         const auto elapsed = std::chrono::steady_clock::now() - op.start;
         if (elapsed > timeout_) {
           std::string peers;
-          for (int p : op.peers) peers += (peers.empty() ? "" : ", ") + std::to_string(p);
-          error = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
+          for (int p : op.peers) peers += (peers.empty() ? "" : ", ") + name(p);
+          error = op.op + ": timed out on rank " + name(rank_) + " after " +
                   std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()) +
                   " ms waiting for peer rank(s) " + peers + ": a peer never arrived or stalled";
         }
@@ -454,8 +455,8 @@ void CudaTransport::watch() {
       if (state != cudaSuccess)
         error = op.op + ": CUDA error " + cudaGetErrorString(state);
       else if (waited_for)  // a kernel's bounded wait expired and it gave up
-        error = op.op + ": timed out on rank " + std::to_string(rank_) + " after " +
-                std::to_string(timeout_.count()) + " ms waiting for peer rank " + std::to_string(waited_for - 1) +
+        error = op.op + ": timed out on rank " + name(rank_) + " after " +
+                std::to_string(timeout_.count()) + " ms waiting for peer rank " + name(waited_for - 1) +
                 " (in the device kernel): a peer never arrived or stalled";
       watched.pop_front();
     }

@@ -132,6 +132,13 @@ class CudaTransport {
 
   int rank_;
   int size_;
+  // Each member's rank in the whole group (a node's transport across nodes is a subset of it):
+  // what errors name, as the user counts ranks.
+  std::vector<int> group_ranks_;
+  std::string name(int member) const {
+    return member >= 0 && member < int(group_ranks_.size()) ? std::to_string(group_ranks_[size_t(member)])
+                                                             : std::to_string(member);
+  }
   std::chrono::milliseconds timeout_;
   int num_sms_;
   PeerBuffers buffers_;
