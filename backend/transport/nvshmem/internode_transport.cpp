@@ -41,21 +41,13 @@ InternodeTransport::InternodeTransport(Rendezvous& group_rdv, const Topology& to
   // (a grid small enough to be resident at once: blocks wait on the peer's).
   const int remote_peers = std::max(topology.size - topology.ranks_per_node, 1);
   nc.num_slots = device_exchange ? std::clamp(64 / remote_peers, 2, 16) : 2;
-  // The device-driven kernel's blocks wait on the peer's, so its whole grid (2 x remote peers x
-  // slots) must be resident: no more slots than this rank's SMs hold at the kernel's occupancy.
-  // Where not one slot a peer fits, the hop goes in host-queued rounds instead. The ranks agree
-  // (the smallest fit decides), so that every rank runs the same protocol.
-  // TORCH_EP_EXCHANGE_THREADS (experimental, experimental_env.hpp) sets the kernel's block.
+  // TORCH_EP_EXCHANGE_THREADS (experimental, experimental_env.hpp): the device-driven kernel's
+  // block; then no more slots than keep its grid (2 x remote peers x slots) resident on this
+  // rank's SMs at that block's occupancy. The default keeps the slots above.
   nc.threads = device_exchange ? experimental_threads("TORCH_EP_EXCHANGE_THREADS", {256, 512, 1024}) : 0;
-  if (device_exchange) {
-    const int threads = nc.threads > 0 ? nc.threads : kernels::kExchangeThreads;
-    const int fit = kernels::exchange_blocks_per_sm(threads) * resident_sms(config.num_sms, config.device);
-    const int own = std::clamp(std::min(nc.num_slots, fit / (2 * remote_peers)), 0, 16);
-    int agreed = own;
-    for (const auto& v : group_rdv.all_gather(tag + "/exchange_slots", {uint8_t(own)})) agreed = std::min(agreed, int(v.at(0)));
-    device_exchange = agreed > 0;
-    nc.num_slots = device_exchange ? agreed : 2;
-    if (!device_exchange) nc.threads = 0;
+  if (nc.threads > 0) {
+    const int fit = kernels::exchange_blocks_per_sm(nc.threads) * resident_sms(config.num_sms, config.device);
+    nc.num_slots = std::clamp(std::min(nc.num_slots, fit / (2 * remote_peers)), 1, 16);
   }
   nc.chunk_bytes = std::max<size_t>(config.buffer_bytes / (size_t(nc.num_slots) * topology.size), 64 << 10);
   nc.device_driven = device_exchange;
