@@ -62,10 +62,7 @@ struct LocalRows {
   }
 };
 
-// Threads: the block (kThreads, or kPutThreads with IxParams::send_threads); kInFlight: the row
-// copy's 16-byte loads in flight per lane (fewer at 1024 threads: 64 registers a thread).
-template <int Threads, int kInFlight>
-__global__ void __launch_bounds__(Threads) combine_push_kernel(IxParams p) {
+__global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
   const int R = l.num_ranks, L = l.ranks_per_node, NN = l.num_nodes;
@@ -106,14 +103,14 @@ __global__ void __launch_bounds__(Threads) combine_push_kernel(IxParams p) {
   __syncthreads();
   const bool zero_copy = (c.zero_copy >> p.local) & 1;
   const int units = zero_copy ? (p.num_topk > 0 ? 1 : 0) : (p.num_topk > 0 ? 2 : 1);
-  const int64_t M = units > 0 ? c.prefix[R] : 0, warps = int64_t(gridDim.x) * (Threads / 32);
-  for (int64_t i = int64_t(blockIdx.x) * (Threads / 32) + warp; i < M; i += warps) {
+  const int64_t M = units > 0 ? c.prefix[R] : 0, warps = int64_t(gridDim.x) * (kThreads / 32);
+  for (int64_t i = int64_t(blockIdx.x) * (kThreads / 32) + warp; i < M; i += warps) {
     const int s = source_of(c.prefix, R, i);
     const int forwarder = rank_of(p, p.node, s % L);
     if (p.x_in_place && forwarder == p.rank) continue;  // read from x by this rank's reduce and receive
     char* dst = row(p, l.stage(), (int64_t(p.local) * NN + s / L) * C + (i - c.prefix[s]));
     if (char* mapped = node_peer(p, dst, forwarder)) {
-      if (!zero_copy) warp_copy<kInFlight>(mapped, p.x + i * p.x_bytes, p.x_bytes, lane);
+      if (!zero_copy) warp_copy(mapped, p.x + i * p.x_bytes, p.x_bytes, lane);
       for (int64_t e = lane; e < K; e += 32)
         at<float>(mapped, p.off_weights)[e] = p.topk_weights[i * K + e];
       if (lane == 0) atomicAdd_block(&pushed[s % L], units);
@@ -146,14 +143,9 @@ __global__ void __launch_bounds__(Threads) combine_push_kernel(IxParams p) {
 // row per relayed token, the float32 sum of its local ranks' rows in rank order rounded to x's
 // dtype (weights summed in float32), into rail_send[m] (block m: never over this node's packed
 // rows, which may hold the next dispatch's x), put chunk by chunk to the source on node m (m
-// another node). A chunk's rows take the block's warps, kParts warps a row (Threads / 32 /
-// kChunkRows), each summing every kParts-th turn of its words. kPairWords > 0 (the experimental
-// IxParams::reduce_threads): rows two at a time, kPairWords words of each a lane
-// (sum_row_pairs); 0: sum_rows. Every element is summed in the same order whatever the variant.
-template <typename T, int Threads, int kPairWords>
-__global__ void __launch_bounds__(Threads) combine_reduce_kernel(IxParams p) {
-  constexpr int kParts = Threads / 32 / kChunkRows;
-  static_assert(kParts >= 1 && Threads % (32 * kChunkRows) == 0, "a whole number of warps a row");
+// another node).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
   const int L = l.ranks_per_node, NN = l.num_nodes;
@@ -187,22 +179,17 @@ __global__ void __launch_bounds__(Threads) combine_reduce_kernel(IxParams p) {
     const int64_t n = c.relay[m], chunks = (n + kChunkRows - 1) / kChunkRows;
     for (int64_t k = (blockIdx.x + int64_t(m) * 7) % gridDim.x; k < chunks; k += gridDim.x) {
       const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
-      const int row_warp = warp % kChunkRows, part = warp / kChunkRows;
-      if (row_warp < rows) {
-        const int64_t slot = first + row_warp;
+      if (warp < rows) {
+        const int64_t slot = first + warp;
         const int32_t* pos = routes + (m * C + slot) * L;
         const int s = rank_of(p, m, p.local);  // the source: its forwarder has its local index
         const char* src[kMaxLocal];
         for (int j = 0; j < L; ++j) src[j] = local.row(j, s, m, pos[j]);
         char* dst = block_row(p, l.rail_send(), m, slot);
-        if (kPairWords == 0)
-          sum_rows<T>(dst, L, [&](int j) { return src[j]; }, H, lane);
-        else
-          sum_row_pairs<T, (kPairWords > 0 ? kPairWords : 1)>(dst, L, src, H, lane, part * 32 * kPairWords,
-                                                               32 * kPairWords * kParts);
+        sum_rows<T>(dst, L, [&](int j) { return src[j]; }, H, lane);
         // Weights travel when the call has them (num_topk > 0), whatever this rank's own
         // outputs hold: a forwarder with no tokens of its own has a null out_weights.
-        if (K > 0 && part == 0)
+        if (K > 0)
           for (int64_t e = lane; e < K; e += 32) {
             float acc = 0.f;
             for (int j = 0; j < L; ++j)
@@ -315,35 +302,16 @@ __global__ void combine_in_wait_kernel(IxParams p) {
 }  // namespace
 
 cudaError_t launch_combine_push(const IxParams& p, cudaStream_t stream) {
-  if (p.send_threads == kPutThreads)
-    combine_push_kernel<kPutThreads, 4><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
-  else
-    combine_push_kernel<kThreads, 8><<<p.num_blocks, kThreads, 0, stream>>>(p);
+  combine_push_kernel<<<p.num_blocks, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int Threads, int kPairWords>
-static void launch_combine_reduce_at(const IxParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kBFloat16:
-      combine_reduce_kernel<__nv_bfloat16, Threads, kPairWords><<<p.num_blocks, Threads, 0, stream>>>(p);
-      break;
-    case DType::kFloat16: combine_reduce_kernel<__half, Threads, kPairWords><<<p.num_blocks, Threads, 0, stream>>>(p); break;
-    default: combine_reduce_kernel<float, Threads, kPairWords><<<p.num_blocks, Threads, 0, stream>>>(p); break;
-  }
-}
-
 cudaError_t launch_combine_reduce(const IxParams& p, cudaStream_t stream) {
-  // IxParams::reduce_threads (experimental): kPutThreads puts each chunk with twice the threads
-  // (two warps a row, rows two at a time, a word each: the sums' loads in flight stay the
-  // default's, the most 64 registers hold without spilling); kThreads keeps the default block
-  // and puts, its sums with twice the loads in flight (two rows at a time, 4 words each).
-  if (p.reduce_threads == kPutThreads)
-    launch_combine_reduce_at<kPutThreads, 1>(p, stream);
-  else if (p.reduce_threads == kThreads)
-    launch_combine_reduce_at<kThreads, kSumWords>(p, stream);
-  else
-    launch_combine_reduce_at<kThreads, 0>(p, stream);
+  switch (p.dtype) {
+    case DType::kBFloat16: combine_reduce_kernel<__nv_bfloat16><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
+    case DType::kFloat16: combine_reduce_kernel<__half><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
+    default: combine_reduce_kernel<float><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
+  }
   return cudaGetLastError();
 }
 

@@ -157,16 +157,16 @@ template <> __device__ __forceinline__ float from_float(float v) { return v; }
 // kSumWords loads of each row in flight instead of one (a row sum is bound by load latency).
 constexpr int kSumWords = 4;
 
-// acc[u][0..16 / sizeof(T)) += the elements of 16-byte word v + 32 u of row (u < kWords, the
+// acc[u][0..16 / sizeof(T)) += the elements of 16-byte word v + 32 u of row (u < kSumWords, the
 // words below `words`): the loads first, then the adds.
-template <typename T, int kWords = kSumWords>
+template <typename T>
 __device__ __forceinline__ void add_words(float (*acc)[16 / sizeof(T)], const char* row, int64_t v, int64_t words) {
-  uint4 w[kWords];
+  uint4 w[kSumWords];
 #pragma unroll
-  for (int u = 0; u < kWords; ++u)
+  for (int u = 0; u < kSumWords; ++u)
     if (v + 32 * u < words) w[u] = __ldcg(reinterpret_cast<const uint4*>(row) + v + 32 * u);
 #pragma unroll
-  for (int u = 0; u < kWords; ++u)
+  for (int u = 0; u < kSumWords; ++u)
     if (v + 32 * u < words) {
       const T* e = reinterpret_cast<const T*>(&w[u]);
 #pragma unroll
@@ -177,9 +177,8 @@ __device__ __forceinline__ void add_words(float (*acc)[16 / sizeof(T)], const ch
 // dst = the float32 sum, node by node, of one row per node, rounded once to T; a warp, 16 bytes
 // a lane where the rows allow it. Node m's row is node_row(m) (null: none), except node `own`
 // (-1: none), whose row is the float32 sum of local_row(0..L) (null: none) rounded to T, as a
-// forwarder sums it (combine_reduce_kernel), so that both give the same bits. kWords: the
-// 16-byte words of each row a lane loads at once (the sums' order does not depend on it).
-template <typename T, int kWords = kSumWords, typename NodeRow, typename LocalRow>
+// forwarder sums it (combine_reduce_kernel), so that both give the same bits.
+template <typename T, typename NodeRow, typename LocalRow>
 __device__ __forceinline__ void sum_node_rows(char* dst, int n, NodeRow node_row, int own, int L, LocalRow local_row,
                                               int64_t hidden, int lane) {
   constexpr int kPer = 16 / sizeof(T);
@@ -187,31 +186,31 @@ __device__ __forceinline__ void sum_node_rows(char* dst, int n, NodeRow node_row
   for (int j = 0; j < L; ++j) any_local |= local_row(j) != nullptr;
   if ((hidden * int64_t(sizeof(T))) % 16 == 0 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
     const int64_t words = hidden / kPer;
-    for (int64_t v = lane; v < words; v += 32 * kWords) {
-      float acc[kWords][kPer];
+    for (int64_t v = lane; v < words; v += 32 * kSumWords) {
+      float acc[kSumWords][kPer];
 #pragma unroll
-      for (int u = 0; u < kWords; ++u)
+      for (int u = 0; u < kSumWords; ++u)
 #pragma unroll
         for (int i = 0; i < kPer; ++i) acc[u][i] = 0.f;
       for (int m = 0; m < n; ++m) {
         if (m != own) {
-          if (const char* row = node_row(m)) add_words<T, kWords>(acc, row, v, words);
+          if (const char* row = node_row(m)) add_words<T>(acc, row, v, words);
         } else if (any_local) {
-          float part[kWords][kPer];
+          float part[kSumWords][kPer];
 #pragma unroll
-          for (int u = 0; u < kWords; ++u)
+          for (int u = 0; u < kSumWords; ++u)
 #pragma unroll
             for (int i = 0; i < kPer; ++i) part[u][i] = 0.f;
           for (int j = 0; j < L; ++j)
-            if (const char* row = local_row(j)) add_words<T, kWords>(part, row, v, words);
+            if (const char* row = local_row(j)) add_words<T>(part, row, v, words);
 #pragma unroll
-          for (int u = 0; u < kWords; ++u)
+          for (int u = 0; u < kSumWords; ++u)
 #pragma unroll
             for (int i = 0; i < kPer; ++i) acc[u][i] += to_float(from_float<T>(part[u][i]));
         }
       }
 #pragma unroll
-      for (int u = 0; u < kWords; ++u)
+      for (int u = 0; u < kSumWords; ++u)
         if (v + 32 * u < words) {
           uint4 out;
           T* o = reinterpret_cast<T*>(&out);
@@ -239,62 +238,9 @@ __device__ __forceinline__ void sum_node_rows(char* dst, int n, NodeRow node_row
 }
 
 // dst = the float32 sum of the rows src(0..n) (null: none) in that order, rounded once to T.
-template <typename T, int kWords = kSumWords, typename Src>
+template <typename T, typename Src>
 __device__ __forceinline__ void sum_rows(char* dst, int n, Src src, int64_t hidden, int lane) {
-  sum_node_rows<T, kWords>(dst, n, src, -1, 0, [](int) -> const char* { return nullptr; }, hidden, lane);
-}
-
-// sum_rows of rows[0..n) (null: none) over the 16-byte words w = first + lane + 32 u + step i of
-// the rows (a warp's share where several warps sum one row), two rows at a time: both rows'
-// kWords words loaded, then added in row order (per element the same float32 sums as sum_rows,
-// bit for bit), so that a lane keeps 2 x kWords loads in flight with kWords words of sums.
-// Rows whose bytes are not 16-byte words take sum_rows, whole, in the warp with first == 0.
-template <typename T, int kWords>
-__device__ __forceinline__ void sum_row_pairs(char* dst, int n, const char* const* rows, int64_t hidden, int lane,
-                                              int first, int step) {
-  constexpr int kPer = 16 / sizeof(T);
-  if ((hidden * int64_t(sizeof(T))) % 16 != 0 || (reinterpret_cast<uintptr_t>(dst) & 15) != 0) {
-    if (first == 0) sum_rows<T, kWords>(dst, n, [rows](int j) { return rows[j]; }, hidden, lane);
-    return;
-  }
-  const int words = int(hidden / kPer);
-  for (int v = first + lane; v < words; v += step) {
-    float acc[kWords][kPer];
-#pragma unroll
-    for (int u = 0; u < kWords; ++u)
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) acc[u][i] = 0.f;
-    for (int j = 0; j < n; j += 2) {
-      const uint4* one = reinterpret_cast<const uint4*>(rows[j]);
-      const uint4* two = j + 1 < n ? reinterpret_cast<const uint4*>(rows[j + 1]) : nullptr;
-      uint4 w[2][kWords];
-#pragma unroll
-      for (int u = 0; u < kWords; ++u)
-        if (v + 32 * u < words) {
-          if (one) w[0][u] = __ldcg(one + v + 32 * u);
-          if (two) w[1][u] = __ldcg(two + v + 32 * u);
-        }
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        if (r == 0 ? one != nullptr : two != nullptr)
-#pragma unroll
-          for (int u = 0; u < kWords; ++u)
-            if (v + 32 * u < words) {
-              const T* e = reinterpret_cast<const T*>(&w[r][u]);
-#pragma unroll
-              for (int i = 0; i < kPer; ++i) acc[u][i] += to_float(e[i]);
-            }
-    }
-#pragma unroll
-    for (int u = 0; u < kWords; ++u)
-      if (v + 32 * u < words) {
-        uint4 out;
-        T* o = reinterpret_cast<T*>(&out);
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) o[i] = from_float<T>(acc[u][i]);
-        reinterpret_cast<uint4*>(dst)[v + 32 * u] = out;
-      }
-  }
+  sum_node_rows<T>(dst, n, src, -1, 0, [](int) -> const char* { return nullptr; }, hidden, lane);
 }
 
 // Grid of a kernel whose blocks wait on peers: within the SM budget (ranks share a GPU under

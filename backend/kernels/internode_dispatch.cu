@@ -284,19 +284,10 @@ cudaError_t launch_dispatch_send(const IxParams& p, cudaStream_t stream) {
   // With the payload packed already (dispatch_buffer) the kernel only puts: twice the threads
   // a block keep twice the put loads in flight (2x2, bf16: 305 -> 200 us). Where it packs x its
   // own unrolled copy wants the registers that 1024 threads halve (64: spills; no gain measured).
-  // IxParams::send_threads (experimental) sets the block either way: kThreads, or kPutThreads
-  // with the pack at 2 loads in flight per lane (4 spill in 64 registers): the put's loads in
-  // flight double, the pack's per SM are those of 4 at kThreads.
-  if (p.x_packed && (p.x_scales == nullptr || p.scales_packed)) {
-    if (p.send_threads == kThreads)
-      dispatch_send_kernel<kThreads, false, 8><<<p.num_blocks, kThreads, 0, stream>>>(p);
-    else
-      dispatch_send_kernel<kPutThreads, false, 8><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
-  } else if (p.send_threads == kPutThreads) {
-    dispatch_send_kernel<kPutThreads, true, 2><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
-  } else {
+  if (p.x_packed && (p.x_scales == nullptr || p.scales_packed))
+    dispatch_send_kernel<kPutThreads, false, 8><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
+  else
     dispatch_send_kernel<kThreads, true, 8><<<p.num_blocks, kThreads, 0, stream>>>(p);
-  }
   return cudaGetLastError();
 }
 

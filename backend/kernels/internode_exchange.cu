@@ -48,15 +48,7 @@ __device__ bool block_wait(const uint64_t* word, uint64_t value, uint64_t deadli
   return came;
 }
 
-// Threads: the block (ExchangeParams::threads). The copies keep kCopyUnroll loads a thread in
-// flight, the puts (NVSHMEM's block copy over P2P) one, so the bytes in flight follow the
-// threads resident on an SM: at kExchangeThreads the kernel's registers (84) let 2 blocks in,
-// 512 threads; the larger blocks are held to 64 registers (2 blocks of 512, or 1 of 1024: 1024
-// threads an SM), where 2 loads in flight fit (4 spill).
-template <int Threads>
-__global__ void __launch_bounds__(Threads, Threads > kExchangeThreads ? 1024 / Threads : 1)
-    exchange_kernel(const __grid_constant__ ExchangeParams p) {
-  constexpr int kCopyUnroll = Threads > kExchangeThreads ? 2 : 4;
+__global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid_constant__ ExchangeParams p) {
   const Slots at{p};
   const uint64_t S = p.num_slots, C = p.chunk_bytes;
   const bool sending = blockIdx.x < p.num_peers * S;
@@ -73,7 +65,7 @@ __global__ void __launch_bounds__(Threads, Threads > kExchangeThreads ? 1024 / T
       if (i >= S && !block_wait(at.credit(peer.pe, slot), i / S, deadline, peer.pe, p.error)) return;
       const char* src = peer.send + k * C;
       if (!direct) {
-        block_copy<kCopyUnroll>(at.stage(peer.pe, slot), src, n);
+        block_copy<4>(at.stage(peer.pe, slot), src, n);
         __syncthreads();
         src = at.stage(peer.pe, slot);
       }
@@ -87,7 +79,7 @@ __global__ void __launch_bounds__(Threads, Threads > kExchangeThreads ? 1024 / T
       const uint64_t j = peer.received_before + k, n = peer.recv_bytes - k * C < C ? peer.recv_bytes - k * C : C;
       if (!block_wait(at.full(peer.pe, slot), j / S + 1, deadline, peer.pe, p.error)) return;
       // L1 is not coherent with the peer's writes, and this block read the slot's previous chunk.
-      block_copy<kCopyUnroll>(peer.recv + k * C, at.slot(peer.pe, slot), n, CachedGlobalLoad{});
+      block_copy<4>(peer.recv + k * C, at.slot(peer.pe, slot), n, CachedGlobalLoad{});
       __syncthreads();
       if (threadIdx.x == 0) {
         __threadfence();
@@ -102,31 +94,8 @@ __global__ void __launch_bounds__(Threads, Threads > kExchangeThreads ? 1024 / T
 cudaError_t launch_exchange(const ExchangeParams& p, cudaStream_t stream) {
   if (p.num_peers <= 0) return cudaSuccess;
   if (p.num_peers > kMaxExchangePeers || p.num_slots < 1) return cudaErrorInvalidValue;
-  const int grid = 2 * p.num_peers * p.num_slots;
-  switch (p.threads) {
-    case 0:
-    case kExchangeThreads: exchange_kernel<kExchangeThreads><<<grid, kExchangeThreads, 0, stream>>>(p); break;
-    case 512: exchange_kernel<512><<<grid, 512, 0, stream>>>(p); break;
-    case 1024: exchange_kernel<1024><<<grid, 1024, 0, stream>>>(p); break;
-    default: return cudaErrorInvalidValue;
-  }
+  exchange_kernel<<<2 * p.num_peers * p.num_slots, kExchangeThreads, 0, stream>>>(p);
   return cudaGetLastError();
-}
-
-bool exchange_threads_supported(int threads) {
-  return threads == kExchangeThreads || threads == 512 || threads == 1024;
-}
-
-int exchange_blocks_per_sm(int threads) {
-  int blocks = 0;
-  cudaError_t e = cudaErrorInvalidValue;
-  if (threads == kExchangeThreads)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, exchange_kernel<kExchangeThreads>, threads, 0);
-  else if (threads == 512)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, exchange_kernel<512>, threads, 0);
-  else if (threads == 1024)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, exchange_kernel<1024>, threads, 0);
-  return e == cudaSuccess ? blocks : 0;
 }
 
 }  // namespace ep::kernels

@@ -22,8 +22,7 @@ struct ExchangePeer {
   uint64_t received_before;   // chunks received from it by earlier calls
 };
 
-// Grid: 2 x num_peers x num_slots blocks, all resident at once (a sender that waits for a credit
-// holds its SM until the peer's receiver runs, and that one may wait for this rank's sender). Block (peer, slot) of the first half sends the
+// Grid: 2 x num_peers x num_slots blocks. Block (peer, slot) of the first half sends the
 // chunks of that peer that use that slot, in order; of the second half, receives them. A block
 // waits only on the matching block of the peer, never on another block of its own grid.
 struct ExchangeParams {
@@ -34,15 +33,8 @@ struct ExchangeParams {
   ExchangePeer peers[kMaxExchangePeers];
   uint64_t timeout_ns;
   int* error;                 // host-mapped: 1 + the peer a wait timed out on (the first one)
-  int threads;                // a block: kExchangeThreads (0 too), 512 or 1024 (exchange_threads_supported)
 };
 
 cudaError_t launch_exchange(const ExchangeParams& p, cudaStream_t stream);
-
-// Whether the exchange kernel has a variant of `threads` a block (kExchangeThreads, 512, 1024).
-bool exchange_threads_supported(int threads);
-// How many blocks of `threads` (a supported size) of the exchange kernel fit on one SM at once
-// (registers, threads): the grid, whose blocks wait on the peers', must be resident whole.
-int exchange_blocks_per_sm(int threads);
 
 }  // namespace ep::kernels

@@ -10,7 +10,6 @@
 
 #include "backend/common/errors.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
-#include "backend/transport/nvshmem/experimental_env.hpp"
 #include "backend/transport/nvshmem/nvshmem_runtime.hpp"
 
 namespace ep {
@@ -31,8 +30,6 @@ InternodeBuffer::InternodeBuffer(const Topology& topology, int device, std::chro
   layout_.capacity = capacity;
   layout_.row_bytes = (std::max<int64_t>(min_row_bytes, 16) + 15) / 16 * 16;
   layout_.combine_rows = combine_rows > 0 ? combine_rows : topology.size * capacity;
-  send_threads_ = experimental_threads("TORCH_EP_INTERNODE_SEND_THREADS", {ix::kThreads, ix::kPutThreads});
-  reduce_threads_ = experimental_threads("TORCH_EP_INTERNODE_REDUCE_THREADS", {ix::kThreads, ix::kPutThreads});
   EP_CUDA_CHECK(cudaSetDevice(device));
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(int), cudaHostAllocMapped));
   *error_host_ = 0;
@@ -139,8 +136,6 @@ ix::IxParams InternodeBuffer::params() {
   p.error = error_device_;
   p.host = ctrl_device_;
   p.num_blocks = num_blocks_;
-  p.send_threads = send_threads_;
-  p.reduce_threads = reduce_threads_;
   p.ticket = ++tickets_;
   return p;
 }

@@ -73,8 +73,6 @@ class InternodeBuffer {
   int device_;
   std::chrono::milliseconds timeout_;
   int num_blocks_ = 1;
-  int send_threads_ = 0;    // TORCH_EP_INTERNODE_SEND_THREADS (experimental_env.hpp), 0: default
-  int reduce_threads_ = 0;  // TORCH_EP_INTERNODE_REDUCE_THREADS
   kernels::ix::IxLayout layout_{};
   char* base_ = nullptr;  // symmetric
   bool maps_node_peers_ = false;

@@ -26,7 +26,6 @@ NvshmemExchange::NvshmemExchange(int rank, int size, const NvshmemExchangeConfig
       chunk_bytes_(round_up(std::max<size_t>(config.chunk_bytes, kAlign), kAlign)),
       timeout_(config.timeout),
       device_driven_(config.device_driven),
-      threads_(config.threads),
       chunks_sent_(size, 0),
       chunks_received_(size, 0) {
   EP_CUDA_CHECK(cudaSetDevice(config.device));
@@ -159,7 +158,6 @@ void NvshmemExchange::all_to_all_on_device(const std::vector<int>& peers, const 
   p.num_peers = int(peers.size());
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = error_device_;
-  p.threads = threads_;
   for (size_t q = 0; q < peers.size(); ++q) {
     const int pe = peers[q];
     kernels::ExchangePeer& e = p.peers[q];

@@ -44,7 +44,6 @@ struct NvshmemExchangeConfig {
   // One launch per call moves every chunk (kernels/internode_exchange.cuh: a block per peer and
   // slot), instead of rounds the host queues; the same slots and signals.
   bool device_driven = false;
-  int threads = 0;  // the device-driven kernel's block (ExchangeParams::threads; 0: its default)
 };
 
 class NvshmemExchange {
@@ -81,7 +80,6 @@ class NvshmemExchange {
   int rank_, size_, num_slots_;
   size_t chunk_bytes_;
   bool device_driven_;
-  int threads_;
   std::chrono::milliseconds timeout_;
   // Symmetric: [receive slots: size x slots x chunk][send stages: size x slots x chunk]
   //            [full: size x slots][credit: size x slots] (uint64 signals)
