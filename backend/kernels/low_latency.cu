@@ -128,24 +128,21 @@ __device__ void cast_token_chunk(const DispatchSendParams& p, int t, int c, char
   if (load_chunk(p, t, c, lane, raw)) store_chunk(p, c, raw, token, lane);
 }
 
-// How many of the tokens go to rank r (a warp, lanes over the tokens; a token's first kBatch
-// expert ids loaded at once, not one round trip each).
-__device__ int count_going_to(const DispatchSendParams& p, int r, int lane) {
-  constexpr int kBatch = 8;
+// Whether pair slots [k0, k1) of token t hold an expert of rank r.
+__device__ __forceinline__ bool has_expert_of(const DispatchSendParams& p, int t, int r, int k0, int k1, int step) {
   const int64_t first = int64_t(r) * (p.num_experts / p.g.num_ranks), last = first + p.num_experts / p.g.num_ranks;
-  int n = 0;
-  for (int t = lane; t < p.num_tokens; t += 32) {
-    const int64_t* ids = p.topk_idx + int64_t(t) * p.num_topk;
-    bool hit = false;
-    for (int k0 = 0; k0 < p.num_topk; k0 += kBatch) {
-      int64_t e[kBatch];
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) e[i] = k0 + i < p.num_topk ? __ldg(ids + k0 + i) : -1;
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) hit |= e[i] >= first && e[i] < last;
-    }
-    n += hit;
+  bool hit = false;
+  for (int k = k0; k < k1; k += step) {
+    const int64_t e = __ldg(p.topk_idx + int64_t(t) * p.num_topk + k);
+    hit |= e >= first && e < last;
   }
+  return hit;
+}
+
+// How many of the tokens go to rank r (a warp, lanes over the tokens).
+__device__ __forceinline__ int count_going_to(const DispatchSendParams& p, int r, int lane) {
+  int n = 0;
+  for (int t = lane; t < p.num_tokens; t += 32) n += has_expert_of(p, t, r, 0, p.num_topk, 1);
   return __reduce_add_sync(0xffffffffu, n);
 }
 
@@ -162,10 +159,12 @@ __device__ __forceinline__ unsigned long long remote_owners_of(const DispatchSen
   return owners;
 }
 
-// Groups across nodes: a warp casts the whole of token t into this rank's token region
-// (kChunksInFlight chunks' loads in flight at once) and marks its unrouted slots. Returns the
-// remote ranks it goes to (remote_owners_of).
-__device__ unsigned long long cast_whole_token(const DispatchSendParams& p, int t, int lane) {
+// Groups across nodes: a warp casts the whole of token t (kChunksInFlight chunks' loads in flight
+// at once), then pushes it to each remote owner of one of its experts, to row [me][t] of their
+// remote_tokens: the push starts as soon as the token is cast, while other warps still cast
+// theirs, instead of in a kernel after every cast. One put per token and owner (a NIC moves
+// whole tokens best); each signals the owner's flag for this rank.
+__device__ void cast_and_push_token(const DispatchSendParams& p, int t, int lane) {
   constexpr int kChunksInFlight = 4;
   const GroupArgs& g = p.g;
   const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
@@ -182,46 +181,11 @@ __device__ unsigned long long cast_whole_token(const DispatchSendParams& p, int 
     for (int i = 0; i < kChunksInFlight; ++i)
       if (c0 + i < chunks) store_chunk(p, c0 + i, raw[i], token, lane);  // skips what load_chunk did not load
   }
-  return owners;
-}
-
-// Groups across nodes: the block's warps share the puts of the tokens its warps just cast, one
-// put per (token, remote owner), to row [me][t] of the owner's remote_tokens, each signalling
-// the owner's flag for this rank. owners_of[i]: the remote owners of token first + i * stride
-// (0 past the step's tokens). Warp w takes pairs w, w + kWarps, ... in (token, owner) order, so
-// a token's owners are served by several warps at once: NVSHMEM's warp put over P2P is a copy
-// bound by load latency, and a token has up to one owner per remote rank.
-// Safe to read rows other warps wrote: the caller's __syncthreads orders their stores before
-// these warps' reads (CTA scope: the put over P2P copies the row with this warp's own loads),
-// as the __syncwarp did when the casting warp put its own row (other lanes wrote parts of it);
-// a transport whose NIC reads the row fences before ringing it (a cumulative fence, which
-// covers what this warp saw through the barrier).
-__device__ void push_cast_tokens(const DispatchSendParams& p, const unsigned long long* owners_of, int first,
-                                 int stride, int lane, int warp) {
-  static_assert(kWarps <= 32, "a lane per token of the step");
-  const GroupArgs& g = p.g;
-  const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
-  const unsigned long long owners = lane < kWarps ? owners_of[lane] : 0;
-  const int mine = __popcll(owners);
-  int upto = mine;  // pairs of tokens 0..lane, inclusive
-#pragma unroll
-  for (int d = 1; d < 32; d *= 2) {
-    const int v = __shfl_up_sync(0xffffffffu, upto, d);
-    if (lane >= d) upto += v;
-  }
-  const int pairs = __shfl_sync(0xffffffffu, upto, 31);
+  __syncwarp();  // every lane's part of the token is in before the puts read it
+  char* mirror = g.half + g.layout.remote_tokens() + (int64_t(g.rank) * p.max_tokens + t) * token_bytes;
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
-  for (int pair = warp; pair < pairs; pair += kWarps) {
-    const int i = __ffs(__ballot_sync(0xffffffffu, upto > pair)) - 1;  // the pair's token
-    unsigned long long left = __shfl_sync(0xffffffffu, owners, i);
-    for (int skip = pair - (__shfl_sync(0xffffffffu, upto, i) - __shfl_sync(0xffffffffu, mine, i)); skip > 0; --skip)
-      left &= left - 1;
-    const int t = first + i * stride;
-    nvshmemx_putmem_signal_nbi_warp(
-        g.half + g.layout.remote_tokens() + (int64_t(g.rank) * p.max_tokens + t) * token_bytes,
-        g.half + g.layout.dispatch_tokens() + t * token_bytes, size_t(token_bytes), flag, 1, NVSHMEM_SIGNAL_ADD,
-        __ffsll(left) - 1);
-  }
+  for (unsigned long long left = owners; left; left &= left - 1)
+    nvshmemx_putmem_signal_nbi_warp(mirror, token, size_t(token_bytes), flag, 1, NVSHMEM_SIGNAL_ADD, __ffsll(left) - 1);
 }
 
 // Groups across nodes, after a warp numbered expert e (n pairs) of a remote owner r: pushes the
@@ -254,72 +218,38 @@ __device__ void push_numbering(const DispatchSendParams& p, int e, int n, int la
                                   size_t(E_local) * 4, flag, closing_signal(puts), NVSHMEM_SIGNAL_ADD, r);
 }
 
-// Groups across nodes. Block b takes tokens b, b + grid, ..., then experts b, b + grid, ...,
-// kWarps units a step, a warp each: every block gets its share of the token puts, the long pole.
-// A step's warps cast their tokens whole and number their experts side by side; after a barrier
-// the block's warps share the step's token puts (push_cast_tokens); then each numbering warp
-// pushes its list and, the last to number an owner's experts, that owner's counts
-// (push_numbering).
-__device__ void send_across_nodes(const DispatchSendParams& p, int lane, int warp) {
-  // The remote owners of a step's tokens, by warp. Two, used by alternate steps: a warp writes
-  // step s's after barrier s - 1, which every warp reaches only after its reads of step s - 2's
-  // (steps with tokens come first, so barrier s - 1 exists whenever step s has tokens).
-  __shared__ unsigned long long step_owners[2][kWarps];
-  const GroupArgs& g = p.g;
-  const int grid = int(gridDim.x), b = int(blockIdx.x), E_local = p.num_experts / g.num_ranks;
-  const int my_tokens = b < p.num_tokens ? (p.num_tokens - 1 - b) / grid + 1 : 0;
-  const int my_experts = b < p.num_experts ? (p.num_experts - 1 - b) / grid + 1 : 0;
-  int* lists = at<int>(g.half, g.layout.dispatch_lists());
-  int* counts = at<int>(g.half, g.layout.dispatch_counts());
-  for (int j0 = 0, step = 0; j0 < my_tokens + my_experts; j0 += kWarps, ++step) {
-    const int j = j0 + warp;
-    unsigned long long owners = 0;
-    int e = -1, n = 0;
-    if (j < my_tokens) {
-      owners = cast_whole_token(p, b + j * grid, lane);
-    } else if (j < my_tokens + my_experts) {
-      e = b + (j - my_tokens) * grid;
-      n = number_expert(p, e, lists + int64_t(e) * p.max_tokens, counts + e, lane);
-    }
-    if (j0 < my_tokens) {  // the same for every warp of the block
-      unsigned long long* owners_of = step_owners[step & 1];
-      if (lane == 0) owners_of[warp] = owners;
-      __syncthreads();  // the step's rows are cast and their owners known
-      push_cast_tokens(p, owners_of, b + j0 * grid, grid, lane, warp);
-    }
-    if (e >= 0 && is_remote(g, e / E_local)) push_numbering(p, e, n, lane);
-  }
-}
-
-// Within a node (kPushRemote false): work units, a warp each: first the E experts' numberings,
-// then (token, 512-channel chunk) casts. Across nodes: send_across_nodes.
+// Work units, a warp each. Within a node (kPushRemote false): first the E experts' numberings,
+// then (token, 512-channel chunk) casts. Across nodes: first the tokens, whole, each pushed to its
+// remote owners by the warp that cast it (the pushes are the long pole, so they start first);
+// then the numberings, which push the lists and counts (push_numbering).
 template <bool kPushRemote>
 __global__ void __launch_bounds__(kThreads, kPushRemote ? 1 : 2) dispatch_send_kernel(DispatchSendParams p) {
   const GroupArgs& g = p.g;
-  const int E = p.num_experts;
+  const int E = p.num_experts, E_local = E / g.num_ranks;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   stamp(g, kDispatchSendCounter, 0);
   // The peers are done reading this half's tokens and lists (from the call before last).
   wait_words(g, g.layout.dispatch_credits(), kDispatchSendCounter, kDispatchSendTimeout);
   stamp(g, kDispatchSendCounter, 1);
 
-  if constexpr (kPushRemote) {
-    send_across_nodes(p, lane, warp);
-  } else {
-    char* tokens = g.half + g.layout.dispatch_tokens();
-    int* lists = at<int>(g.half, g.layout.dispatch_lists());
-    int* counts = at<int>(g.half, g.layout.dispatch_counts());
-    const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
-    const int chunks = (p.hidden + kSendChunk - 1) / kSendChunk;
-    const int64_t units = E + int64_t(p.num_tokens) * chunks;
-    for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += int64_t(gridDim.x) * kWarps) {
-      if (u < E) {
-        const int e = int(u);
-        number_expert(p, e, lists + int64_t(e) * p.max_tokens, counts + e, lane);
-      } else {
-        const int t = int((u - E) / chunks), c = int((u - E) % chunks);
-        cast_token_chunk(p, t, c, tokens + t * token_bytes, lane);
-      }
+  char* tokens = g.half + g.layout.dispatch_tokens();
+  int* lists = at<int>(g.half, g.layout.dispatch_lists());
+  int* counts = at<int>(g.half, g.layout.dispatch_counts());
+  const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
+  const int chunks = (p.hidden + kSendChunk - 1) / kSendChunk;
+  const int64_t token_units = kPushRemote ? p.num_tokens : int64_t(p.num_tokens) * chunks;
+  const int64_t first_token_unit = kPushRemote ? 0 : E, first_expert_unit = kPushRemote ? token_units : 0;
+  const int64_t units = E + token_units;
+  for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += int64_t(gridDim.x) * kWarps) {
+    if (u >= first_expert_unit && u < first_expert_unit + E) {
+      const int e = int(u - first_expert_unit);
+      const int n = number_expert(p, e, lists + int64_t(e) * p.max_tokens, counts + e, lane);
+      if (kPushRemote && is_remote(g, e / E_local)) push_numbering(p, e, n, lane);
+    } else if (kPushRemote) {
+      cast_and_push_token(p, int(u - first_token_unit), lane);
+    } else {
+      const int t = int((u - first_token_unit) / chunks), c = int((u - first_token_unit) % chunks);
+      cast_token_chunk(p, t, c, tokens + t * token_bytes, lane);
     }
   }
   stamp(g, kDispatchSendCounter, 2);

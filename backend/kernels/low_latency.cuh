@@ -25,11 +25,10 @@
 // they would read is pushed to them instead, through NVSHMEM's device API (put with signal,
 // so the same code runs over IBGDA, IBRC or P2P):
 //   dispatch: send (its variant for groups with remote peers: a warp casts a whole token)
-//             pushes each token, as soon as its block's warps have cast theirs, once to every
-//             remote owner of one of its experts (remote_tokens; the block's warps share those
-//             puts), and each list as soon as it is numbered, then the counts of an owner's
-//             experts once all are numbered; no kernel apart, so the pushes overlap the
-//             casting and the receive kernel follows send directly;
+//             pushes each token, as soon as it is cast, once to every remote owner of one of
+//             its experts (remote_tokens), and each list as soon as it is numbered, then the
+//             counts of an owner's experts once all are numbered; no kernel apart, so the
+//             pushes overlap the casting and the receive kernel follows send directly;
 //   combine:  send pushes each row back to its remote token's rank (remote_rows);
 //   receivers of both read those regions locally.
 // A remote peer's flag counts puts rather than blocks (low_latency_layout.hpp); credits go back
