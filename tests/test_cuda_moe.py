@@ -178,6 +178,7 @@ COPY_ROUTES = [
     ("random", 64, 4, 2, torch.float32),      # 256-byte rows: bulk, many rows a stage
     ("random", 7, 4, 2, torch.bfloat16),      # 14-byte rows: warp kernels
     ("random", 130, 9, 3, torch.float16),     # 260-byte rows: warp kernels
+    ("random", 8320, 40, 24, torch.bfloat16),  # fp8 with 65 scales, 40 experts a token: past 64 and 32
     ("empty_rank", 256, 3, 2, torch.bfloat16),
     ("unrouted", 24, 3, 2, torch.bfloat16),
     ("one_expert", 16, 2, 2, torch.bfloat16),
@@ -225,6 +226,7 @@ def rank_worst_case_wide(seed):
 def rank_copy_variant(seed):
     for i, case in enumerate(COPY_ROUTES):
         checks.rank_dispatch_combine(seed + i, *case, device="cuda")
+    rank_float_sums(seed)
     checks.rank_many_tokens(seed, device="cuda")
     rank_worst_case_wide(seed)
     checks.rank_dispatch_combine(seed, "random", 12, 3, 3, torch.bfloat16, alignment=4, device="cuda")
@@ -234,6 +236,38 @@ def test_copy_variant(copy_pool):
     """Every check above on a pool whose default group runs TORCH_EP_MOE_COPY's kernels with
     TORCH_EP_NUM_SMS blocks, against torch_ep.reference bit for bit."""
     copy_pool.run(rank_copy_variant, _seed())
+
+
+def rank_float_sums(seed, device="cuda"):
+    """Rows of random float32 values from up to four ranks: their float sums depend on the order,
+    which must be ascending rank, as the reference's (the other checks' integer rows sum exactly
+    in any order). Hidden 64 takes the 16-byte path, 7 the one-element one."""
+    for i, hidden in enumerate((64, 7)):
+        num_experts, g, _, idx, _ = checks.make_inputs(seed + i, "random", hidden, 8, 2, torch.float32, device)
+        x = torch.randn(idx.shape[0], hidden, generator=g)
+        w = torch.rand(idx.shape, generator=g)
+        expected = reference.dispatch(x, idx.cpu(), w, num_experts=num_experts)
+        got = torch_ep.dispatch(x.to(device), idx, w.to(device), num_experts=num_experts)
+        checks.check_result(got, expected)
+        back = expected.recv_x * torch.randn(expected.recv_x.shape[0], 1, generator=g)  # each rank's rows differ
+        ref = reference.combine(back, expected.handle, expected.recv_topk_weights)
+        comb = torch_ep.combine(back.to(device), got.handle, got.recv_topk_weights)
+        assert same_bits(comb.combined_x.cpu(), ref.combined_x), "combined_x differs from the reference"
+        assert torch.equal(comb.combined_topk_weights.cpu(), ref.combined_topk_weights)
+
+
+def rank_many_sources(seed):
+    for i, case in enumerate(COPY_ROUTES[:4]):
+        checks.rank_dispatch_combine(seed + i, *case, device="cuda")
+    rank_float_sums(seed)
+
+
+@pytest.mark.parametrize("sms", [1, 8])
+def test_unroll_many_sources(sms):
+    """The unroll combine sums a token's rows two sources at a time where more than two ranks sent
+    one, which the copy pools above (2 ranks in the GPU suite) never have: 4 ranks here."""
+    pool = rank_pool(4, cuda=True, env={"TORCH_EP_MOE_COPY": "unroll", "TORCH_EP_NUM_SMS": str(sms)})
+    pool.run(rank_many_sources, _seed())
 
 
 def rank_copy_options(copy):

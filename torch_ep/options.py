@@ -25,7 +25,8 @@ ENVIRONMENT = {
     "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default 0, automatic: CUDA dispatch/combine take "
                         "torch_ep/data/sm_table.json's budget for the GPU and group, else every SM; all_to_all one per peer)",
     "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: warp (default; a warp per row, 16-byte "
-                         "loads), unroll (the same with four times the loads in flight) or bulk (Hopper bulk "
+                         "loads), unroll (for few SMs: the same with a row's loads issued together and the next "
+                         "row's lookups a row ahead, about one round trip to memory per row) or bulk (Hopper bulk "
                          "async copies through a shared-memory ring: many bytes in flight per SM, for few SMs)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",

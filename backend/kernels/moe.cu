@@ -6,6 +6,7 @@
 #include "backend/kernels/moe.cuh"
 #include "backend/kernels/moe_bulk.cuh"
 #include "backend/kernels/moe_device.cuh"
+#include "backend/kernels/moe_unroll.cuh"
 #include "backend/kernels/sync.cuh"
 
 namespace ep::kernels {
@@ -148,7 +149,7 @@ __device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t by
   }
 }
 
-// kDepth: loads in flight per lane (MoeCopy kWarp 4, kUnroll 16).
+// MoeCopy::kWarp, kDepth = 4 loads in flight per lane; kUnroll has its own kernel (moe_unroll.cu).
 template <typename V, int kDepth>
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
   __shared__ int64_t first_row[kMaxRanksPerNode + 1];  // where each source's rows start here
@@ -192,7 +193,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
 
 // A warp per token: lane d holds where the token's row sits in rank d's input, and the warp
 // sums those rows (ascending rank: the result does not depend on timing), V elements a lane,
-// kUnroll chunks of the row per lane at once (MoeCopy kWarp 4, kUnroll 8).
+// kUnroll chunks of the row per lane at once (MoeCopy::kWarp: 4; kUnroll has its own kernel,
+// moe_unroll.cu).
 template <typename T, int V, int kUnroll>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
   __shared__ int64_t rows_of_warp[kWarps][kMaxRanksPerNode];
@@ -265,41 +267,30 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
   handshake_end(p.handshake, R);
 }
 
-bool aligned(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
+constexpr int kWarpChunks = 4;  // combine_kernel's kUnroll and dispatch_kernel's kDepth for MoeCopy::kWarp
 
-int grid_for(int num_blocks, int64_t warps_of_work) {
-  const int64_t wanted = (warps_of_work + kWarps - 1) / kWarps;
-  return int(wanted < 1 ? 1 : (wanted < num_blocks ? wanted : num_blocks));
-}
-
-template <typename T, int kUnroll>
+template <typename T>
 cudaError_t launch_combine_as(const CombineParams& p, cudaStream_t stream) {
   // V elements per access: 16 bytes where the hidden size and every input allow it.
   constexpr int kVector = 16 / sizeof(T);
   bool wide = p.hidden % kVector == 0 && aligned(p.out, 16);
   for (int d = 0; d < p.num_ranks; ++d) wide = wide && (!p.x[d] || aligned(p.x[d], 16));
-  const int grid = grid_for(p.num_blocks, p.num_tokens);
+  const int grid = grid_for_warps(p.num_blocks, p.num_tokens);
   if (wide)
-    combine_kernel<T, kVector, kUnroll><<<grid, kThreads, 0, stream>>>(p);
+    combine_kernel<T, kVector, kWarpChunks><<<grid, kThreads, 0, stream>>>(p);
   else
-    combine_kernel<T, 1, kUnroll><<<grid, kThreads, 0, stream>>>(p);
+    combine_kernel<T, 1, kWarpChunks><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_combine_as(const CombineParams& p, cudaStream_t stream) {
-  return p.copy == MoeCopy::kUnroll ? launch_combine_as<T, 8>(p, stream) : launch_combine_as<T, 4>(p, stream);
-}
-
-template <int kDepth>
 cudaError_t launch_dispatch_warps(const DispatchParams& p, int vec, cudaStream_t stream) {
-  const int grid = grid_for(p.num_blocks, p.capacity);
+  const int grid = grid_for_warps(p.num_blocks, p.capacity);
   switch (vec) {
-    case 16: dispatch_kernel<int4, kDepth><<<grid, kThreads, 0, stream>>>(p); break;
-    case 8: dispatch_kernel<int2, kDepth><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: dispatch_kernel<int, kDepth><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: dispatch_kernel<short, kDepth><<<grid, kThreads, 0, stream>>>(p); break;
-    default: dispatch_kernel<char, kDepth><<<grid, kThreads, 0, stream>>>(p); break;
+    case 16: dispatch_kernel<int4, kWarpChunks><<<grid, kThreads, 0, stream>>>(p); break;
+    case 8: dispatch_kernel<int2, kWarpChunks><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: dispatch_kernel<int, kWarpChunks><<<grid, kThreads, 0, stream>>>(p); break;
+    case 2: dispatch_kernel<short, kWarpChunks><<<grid, kThreads, 0, stream>>>(p); break;
+    default: dispatch_kernel<char, kWarpChunks><<<grid, kThreads, 0, stream>>>(p); break;
   }
   return cudaGetLastError();
 }
@@ -334,7 +325,7 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
     const cudaError_t err = launch_dispatch_bulk(p, stream);
     if (err != cudaErrorNotSupported) return err;  // else no sm_90: warps
   }
-  return p.copy == MoeCopy::kUnroll ? launch_dispatch_warps<16>(p, vec, stream) : launch_dispatch_warps<4>(p, vec, stream);
+  return p.copy == MoeCopy::kUnroll ? launch_dispatch_unroll(p, vec, stream) : launch_dispatch_warps(p, vec, stream);
 }
 
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
@@ -343,6 +334,7 @@ cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
     const cudaError_t err = launch_combine_bulk(p, stream);
     if (err != cudaErrorNotSupported) return err;  // else the rows do not suit bulk copies: warps
   }
+  if (p.copy == MoeCopy::kUnroll) return launch_combine_unroll(p, stream);
   switch (p.dtype) {
     case DType::kBFloat16: return launch_combine_as<__nv_bfloat16>(p, stream);
     case DType::kFloat16: return launch_combine_as<__half>(p, stream);

@@ -63,8 +63,12 @@ struct Handshake {
 // ---- how dispatch and combine move the rows (Options.moe_copy), all pulling the same bytes:
 //   kWarp    a warp per row (dispatch) or token (combine), 16-byte loads, four per lane in flight:
 //            enough with many SMs, too few bytes in flight per SM when the grid is small
-//   kUnroll  the same kernels with sixteen loads per lane in flight (dispatch) and twice the chunks
-//            of a row per lane (combine): fewer round trips to memory per row
+//   kUnroll  for few SMs, where a warp's round trips to memory per row bound the rate (moe_unroll.cu):
+//            the same split of the work, each warp's loads reordered. Dispatch looks a row's source
+//            token up a row ahead and loads a row's payload (sixteen 16-byte loads a lane), scales,
+//            topk ids and weights together before storing any: an fp8 row of hidden 7168 is one
+//            round trip. Combine looks a token's positions up a token ahead and loads two sources'
+//            rows before summing them (in the same order: the same bits as kWarp)
 //   kBulk    Hopper bulk async copies (cp.async.bulk, TMA) through a ring of shared-memory stages
 //            per block, one thread issuing: ~128 KiB in flight per SM whatever the grid (moe_bulk.cu).
 //            Needs sm_90 and rows of a multiple of 16 bytes at 16-byte aligned addresses; anything

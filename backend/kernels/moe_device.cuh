@@ -1,5 +1,6 @@
-// Device code shared by the MoE pull kernels (moe.cu, moe_bulk.cu): the flag handshake around a
-// pull, and the payload element types combine sums.
+// Device code shared by the MoE pull kernels (moe.cu, moe_unroll.cu, moe_bulk.cu): the flag
+// handshake around a pull, where a dispatch's rows come from, the payload element types combine
+// sums; and the launchers' grid and alignment helpers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -58,9 +59,22 @@ __device__ inline void handshake_end(const Handshake& h, int num_ranks) {
   if (threadIdx.x == 0) *h.blocks_finished = 0;
 }
 
+// The rows a dispatch copies of those this rank received: at most capacity. Block 0 reports an
+// overflow (more received than the outputs hold).
+__device__ inline int64_t rows_within_capacity(const DispatchParams& p, int64_t received) {
+  if (received > p.capacity && blockIdx.x == 0 && threadIdx.x == 0 &&
+      atomicCAS(&p.overflow->state, 0, 1) == 0) {  // the first overflow since the host took the last one
+    p.overflow->call_id = p.call_id;
+    p.overflow->received = received;
+    p.overflow->capacity = p.capacity;
+    __threadfence_system();
+    atomicExch(&p.overflow->state, 2);
+  }
+  return received < p.capacity ? received : p.capacity;
+}
+
 // Where each source's rows start among this rank's received rows (first_row[R]: rows received),
-// and the overflow report of a dispatch that received more than its outputs hold (block 0).
-// Every thread of the block calls it; it returns the rows to copy (at most capacity).
+// thread 0 reading the sources' counts; then rows_within_capacity. Every thread of the block calls it.
 __device__ inline int64_t dispatch_rows(const DispatchParams& p, int64_t* first_row) {
   const int R = p.num_ranks;
   if (threadIdx.x == 0) {
@@ -72,16 +86,7 @@ __device__ inline int64_t dispatch_rows(const DispatchParams& p, int64_t* first_
     first_row[R] = at;
   }
   __syncthreads();
-  const int64_t received = first_row[R];
-  if (received > p.capacity && blockIdx.x == 0 && threadIdx.x == 0 &&
-      atomicCAS(&p.overflow->state, 0, 1) == 0) {  // the first overflow since the host took the last one
-    p.overflow->call_id = p.call_id;
-    p.overflow->received = received;
-    p.overflow->capacity = p.capacity;
-    __threadfence_system();
-    atomicExch(&p.overflow->state, 2);
-  }
-  return received < p.capacity ? received : p.capacity;
+  return rows_within_capacity(p, first_row[R]);
 }
 
 template <typename T>
@@ -106,5 +111,15 @@ template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
+
+// ---- host side of the launchers
+inline bool aligned(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
+
+// Blocks of kThreads for `warps_of_work` warps' work (a warp per row or token): at most the SM budget.
+inline int grid_for_warps(int num_blocks, int64_t warps_of_work) {
+  constexpr int kWarpsPerBlock = kThreads / 32;
+  const int64_t wanted = (warps_of_work + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  return int(wanted < 1 ? 1 : (wanted < num_blocks ? wanted : num_blocks));
+}
 
 }  // namespace ep::kernels
