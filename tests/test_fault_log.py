@@ -34,7 +34,8 @@ def timed(call, *args):
 @pytest.mark.parametrize("message,rank,peer", [
     (RANK3, 3, 0),
     (RANK0, 0, 1),
-    ("all_to_all_single: timed out on rank 2 after 3050 ms waiting for peer rank(s) 0, 1, 3: ...", 2, 0),
+    # a watchdog's list of every peer of the op names none of them as the one waited for
+    ("all_to_all_single: timed out on rank 2 after 3050 ms waiting for peer rank(s) 0, 1, 3: ...", 2, -1),
     ("all_to_all_single: timed out on rank 0 after 3050 ms waiting for peer rank(s) 0, 3: ...", 0, 3),
     ("dispatch: the ranks' split sizes disagree", 0, -1),
     ("operand rank 2 mismatch", 2, -1),
@@ -105,12 +106,40 @@ def test_where_the_peer_recorded_nothing_an_earlier_record_stands_in():
 
 def test_only_the_first_error_is_recorded_and_groups_never_meet():
     store = dist.HashStore()
-    log = logs(store)
+    log = logs(store, prefix=_C._fault_instance_prefix(store, 0))
     log[0].record(RANK0)
     log[0].record("all_to_all_single: rank 0 waited for rank 2")
     assert "rank 0 had stopped first: " + RANK0 in log[3].report(RANK3)
-    other = logs(store, prefix="ep/fault/1/")  # another instance of the group
+    other = logs(store, prefix=_C._fault_instance_prefix(store, 0))  # the next instance of the group
     assert other[3].report(RANK3) == RANK3
+
+
+def test_a_peer_that_records_after_the_grace_is_found_at_the_next_error():
+    log = logs(dist.HashStore())
+    assert log[3].report(RANK3) == RANK3
+    log[0].record(RANK0)
+    elapsed, error = timed(log[3].explain, RANK3)
+    assert "rank 0 had stopped first: " + RANK0 in error, "a miss is not kept: " + error
+    assert elapsed < GRACE_S, "the grace for rank 0 was spent once already"
+
+
+def test_a_fellow_victim_does_not_stand_in_and_a_gone_peer_is_not_waited_for():
+    log = logs(dist.HashStore())
+    log[0].record(RANK0)
+    mine = "all_to_all_single: rank 3 stopped because peer rank 1 exited (its process 4242 is gone)"
+    elapsed, error = timed(log[3].report, mine)
+    assert error == mine, "rank 0 only saw the same death: " + error
+    assert elapsed < GRACE_S, "a peer seen gone records nothing: no grace"
+
+
+def test_ranks_agree_on_the_instance_whatever_the_order():
+    store = dist.HashStore()
+    first = [_C._fault_instance_prefix(store, r) for r in (0, 1, 2, 3)]
+    second = [_C._fault_instance_prefix(store, r) for r in (3, 1, 0, 2)]  # another order
+    third_rank2_early = _C._fault_instance_prefix(store, 2)
+    assert len(set(first)) == 1 and len(set(second)) == 1 and first[0] != second[0]
+    assert third_rank2_early not in (first[0], second[0])
+    assert [_C._fault_instance_prefix(store, r) for r in (0, 1, 3)] == [third_rank2_early] * 3
 
 
 class HangingStore(dist.Store):

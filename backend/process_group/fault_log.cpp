@@ -86,16 +86,20 @@ int first_peer_named(const std::string& message, int self) {
     if (message.compare(j, 3, "(s)") == 0) j += 3;
     else if (message.compare(j, 1, "s") == 0) j += 1;
     if (j >= message.size() || message[j] != ' ') continue;
-    // "rank(s) 0, 1": every number of the list
+    // "rank(s) 0, 1": a list of several other ranks (a watchdog's "every peer of the op") names
+    // none of them as the one it waited for, so it blames no one.
+    int named = -1, others = 0;
     for (++j; j < message.size() && std::isdigit(static_cast<unsigned char>(message[j]));) {
       size_t end = j;
       while (end < message.size() && std::isdigit(static_cast<unsigned char>(message[end]))) ++end;
       if (end - j > 9) break;
       const int r = std::stoi(message.substr(j, end - j));
-      if (r != self) return r;
+      if (r != self && others++ == 0) named = r;
       if (message.compare(end, 2, ", ") != 0) break;
       j = end + 2;
     }
+    if (others == 1) return named;
+    if (others > 1) return -1;
   }
   return -1;
 }
@@ -122,7 +126,7 @@ std::string root_cause_suffix(int self, int peer, const std::function<std::optio
     // Perhaps the peer is stuck and has not noticed yet: the earliest record that is not
     // about this rank stands in.
     auto it = std::find_if(earlier.begin(), earlier.end(), [&](const FaultRecord& r) {
-      return r.rank != self && r.rank != peer && r.peer != self;
+      return r.rank != self && r.rank != peer && r.peer != self && r.peer != peer;
     });
     if (it == earlier.end()) return "";
     start = it->rank;
@@ -197,12 +201,11 @@ FaultLog::FaultLog(c10::intrusive_ptr<c10d::Store> store, std::string prefix, in
   shared_->size = size;
 }
 
-std::string FaultLog::instance_prefix(c10d::Store& store, int size) {
-  // Every rank adds one at creation, and a group's creation ends only once all of its ranks have
-  // come (its set-up exchanges wait for them): the instances of one group name and store take
-  // the counts in blocks of `size`.
-  const int64_t n = store.add("ep/fault/instances", 1);
-  return "ep/fault/" + std::to_string((n - 1) / std::max(size, 1)) + "/";
+std::string FaultLog::instance_prefix(c10d::Store& store, int rank) {
+  // A counter per rank: each rank's n-th group on this store (torch gives each group name a
+  // store prefix of its own) is instance n, however the ranks' creations interleave.
+  const int64_t n = store.add("ep/fault/instances/" + std::to_string(rank), 1);
+  return "ep/fault/" + std::to_string(n - 1) + "/";
 }
 
 void FaultLog::record(const std::string& message) {
@@ -241,16 +244,23 @@ std::string FaultLog::explain(const std::string& message) {
     if (auto it = suffixes_.find(peer); it != suffixes_.end()) return message + it->second;
   }
   std::string suffix;
+  bool waited_before = false;  // the grace for this peer was spent once: look, do not wait
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    waited_before = !graced_.insert(peer).second;
+  }
+  // A peer seen gone will record nothing: look once, do not wait for it.
+  if (message.find("exited") != std::string::npos) waited_before = true;
   if (!shared_->unreachable.load()) {
     auto found = run_bounded(
-        [s = shared_, peer]() {
+        [s = shared_, peer, grace = waited_before ? std::chrono::milliseconds(0) : kGrace]() {
           std::map<int, std::optional<FaultRecord>> seen;  // one read per rank and explanation
           auto lookup = [&](int r) {
             auto it = seen.find(r);
             if (it == seen.end()) it = seen.emplace(r, s->lookup(r)).first;
             return it->second;
           };
-          const auto grace_end = std::chrono::steady_clock::now() + kGrace;
+          const auto grace_end = std::chrono::steady_clock::now() + grace;
           while (!s->lookup(peer) && std::chrono::steady_clock::now() < grace_end) std::this_thread::sleep_for(kPoll);
           const std::vector<FaultRecord> earlier = lookup(peer) ? std::vector<FaultRecord>() : s->earlier();
           return root_cause_suffix(s->rank, peer, lookup, earlier);
@@ -259,8 +269,9 @@ std::string FaultLog::explain(const std::string& message) {
     if (found) suffix = *found;
     else shared_->unreachable = true;
   }
+  // Only a cause found is kept: a peer that had recorded nothing yet may record later.
   std::lock_guard<std::mutex> lock(mutex_);
-  suffixes_.emplace(peer, suffix);
+  if (!suffix.empty()) suffixes_.emplace(peer, suffix);
   return message + suffix;
 }
 

@@ -20,6 +20,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -56,9 +57,9 @@ class FaultLog {
   // `prefix`: the key namespace of this group instance (ends with '/').
   FaultLog(c10::intrusive_ptr<c10d::Store> store, std::string prefix, int rank, int size);
   // Every rank of a group calls this once at the group's creation (one store round trip): an
-  // id of this instance of the group that all its ranks agree on, so that records of an earlier
-  // group of the same name and store are never read.
-  static std::string instance_prefix(c10d::Store& store, int size);
+  // id of this instance of the group that all its ranks agree on (rank r's n-th group on this
+  // store), so that records of an earlier group of the same name and store are never read.
+  static std::string instance_prefix(c10d::Store& store, int rank);
 
   // Publishes `message` as this rank's error, once (the first call; later ones return at once).
   void record(const std::string& message);
@@ -82,7 +83,8 @@ class FaultLog {
   int rank_;
   std::mutex mutex_;
   bool recorded_ = false;
-  std::map<int, std::string> suffixes_;  // by blamed peer
+  std::map<int, std::string> suffixes_;  // causes found, by blamed peer
+  std::set<int> graced_;                 // peers this rank has waited kGrace for already
 };
 
 }  // namespace ep

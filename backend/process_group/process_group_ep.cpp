@@ -21,7 +21,7 @@ ProcessGroupEP::ProcessGroupEP(const c10::intrusive_ptr<c10d::Store>& store, int
       cpu_backend_(std::move(cpu_backend)),
       cuda_backend_(std::move(cuda_backend)) {
   TORCH_CHECK(cpu_backend_, "ProcessGroupEP needs an inner CPU backend");
-  faults_ = std::make_shared<FaultLog>(store, FaultLog::instance_prefix(*store, size), rank, size);
+  faults_ = std::make_shared<FaultLog>(store, FaultLog::instance_prefix(*store, rank), rank, size);
   try {  // collective, like the group's creation: every rank learns every rank's node
     topology_ = detect_topology(rendezvous_, config.ranks_per_node, config.launch_local_world_size, host_identity(),
                                 "ep/topology");

@@ -114,6 +114,9 @@ void register_process_group(py::module_& m) {
       .def("explain", &FaultLog::explain, py::arg("message"), py::call_guard<py::gil_scoped_release>())
       .def("report", &FaultLog::report, py::arg("message"), py::call_guard<py::gil_scoped_release>());
   m.def("_first_peer_named", &first_peer_named, py::arg("message"), py::arg("rank"));
+  m.def("_fault_instance_prefix", [](const c10::intrusive_ptr<c10d::Store>& store, int rank) {
+    return FaultLog::instance_prefix(*store, rank);
+  }, py::arg("store"), py::arg("rank"));
 
   // The argument checks alone, for tests of their messages on inputs no group would accept.
   m.def("_check_all_to_all_single",

@@ -22,10 +22,13 @@ namespace {
 using at::Tensor;
 using kernels::ll::LowLatencyLayout;
 
-// A failed buffer's error, through the fault log of the group (found by its name) where it is an
-// 'ep' group: the rank this one waited for may have stopped first, for another.
-[[noreturn]] void raise_failure(const std::string& group_name, const std::string& message) {
-  if (auto group = ProcessGroupEP::of_group(group_name)) group->raise_failure(message);
+// A buffer's error. One that stopped the buffers goes through the fault log of the group (found by
+// its name) where it is an 'ep' group: the rank this one waited for may have stopped first, for
+// another. A call's own problem (the group stays usable) raises as it is, recording nothing.
+[[noreturn]] void raise_failure(const std::string& group_name, const LowLatencyBuffer& buffer,
+                                const std::string& message) {
+  if (buffer.failed())
+    if (auto group = ProcessGroupEP::of_group(group_name)) group->raise_failure(message);
   C10_THROW_ERROR(DistBackendError, message);
 }
 
@@ -43,7 +46,7 @@ LowLatencyBuffer& buffer_for(const std::string& group_name, const at::Device& de
   try {
     buffer->check(op);
   } catch (const CommError& e) {
-    raise_failure(group_name, e.what());
+    raise_failure(group_name, *buffer, e.what());
   }
   return *buffer;
 }
@@ -223,7 +226,7 @@ void check_errors(const std::string& group_name, const char* op) {
   try {
     buffer->check(op);
   } catch (const CommError& e) {
-    raise_failure(group_name, e.what());
+    raise_failure(group_name, *buffer, e.what());
   }
 }
 

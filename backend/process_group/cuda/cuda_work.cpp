@@ -81,7 +81,9 @@ void EPCudaWork::raise_if_failed() const {
   if (!error.empty()) raise(error);
   if (!more_errors_) return;
   const std::string more = more_errors_();
-  if (!more.empty()) raise("torch_ep: " + more);
+  // A call's own problem (the ranks' split sizes disagree): the group stays usable, so it is not
+  // recorded as this rank's stop.
+  if (!more.empty()) C10_THROW_ERROR(DistBackendError, "torch_ep: " + more);
 }
 
 bool EPCudaWork::isCompleted() {

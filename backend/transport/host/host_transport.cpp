@@ -76,6 +76,7 @@ HostTransport::SlotHeader* HostTransport::slot(int owner, int src, uint64_t inde
 HostTransport::HostTransport(Rendezvous& rdv, const HostTransportConfig& config, const std::string& tag)
     : rank_(rdv.rank()), size_(rdv.size()), timeout_(config.timeout), segments_(rdv.size()),
       send_seq_(rdv.size(), 0), recv_seq_(rdv.size(), 0) {
+  for (int r = 0; r < size_; ++r) group_ranks_.push_back(rdv.group_rank(r));
   SharedConfig shared{};
   if (rank_ == 0) {
     shared.slot_bytes = round_up(std::max<size_t>(config.slot_bytes, kAlign), kAlign);
@@ -185,12 +186,12 @@ void HostTransport::fail(const std::string& message, const std::string& cause) {
 void HostTransport::check_slot(const SlotHeader* s, int src, size_t expected_bytes, const char* op_name) {
   const int me = rank_;
   if (s->message_seq != recv_seq_[src])
-    fail(std::string(op_name) + ": rank " + std::to_string(me) + " received message #" +
-         std::to_string(s->message_seq) + " from rank " + std::to_string(src) + " while expecting #" +
+    fail(std::string(op_name) + ": rank " + name(me) + " received message #" +
+         std::to_string(s->message_seq) + " from rank " + name(src) + " while expecting #" +
          std::to_string(recv_seq_[src]) + ": the ranks issued collectives in different orders");
   if (s->message_bytes != expected_bytes)
-    fail(std::string(op_name) + ": rank " + std::to_string(me) + " expects " + std::to_string(expected_bytes) +
-         " bytes from rank " + std::to_string(src) + ", but rank " + std::to_string(src) + " sends " +
+    fail(std::string(op_name) + ": rank " + name(me) + " expects " + std::to_string(expected_bytes) +
+         " bytes from rank " + name(src) + ", but rank " + name(src) + " sends " +
          std::to_string(s->message_bytes) + " bytes: the ranks' split sizes disagree");
 }
 
@@ -199,7 +200,7 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
   if (broken_.load()) raise_broken();
   const int me = rank_;
   if (sends[me].bytes != recvs[me].bytes)
-    fail(std::string(op_name) + ": rank " + std::to_string(me) + " sends " + std::to_string(sends[me].bytes) +
+    fail(std::string(op_name) + ": rank " + name(me) + " sends " + std::to_string(sends[me].bytes) +
          " bytes to itself but expects " + std::to_string(recvs[me].bytes));
   if (sends[me].bytes && sends[me].ptr != recvs[me].ptr) std::memcpy(recvs[me].ptr, sends[me].ptr, sends[me].bytes);
 
@@ -293,8 +294,8 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
         check_slot(s, src, recvs[src].bytes, op_name);
         if (s->source_pid) {  // one copy, straight out of the sender's memory
           if (!read_remote(pid_t(s->source_pid), s->source_addr, dst, recvs[src].bytes))
-            fail(std::string(op_name) + ": rank " + std::to_string(me) + " could not read rank " +
-                 std::to_string(src) + "'s data: " + errno_string(errno));
+            fail(std::string(op_name) + ": rank " + name(me) + " could not read rank " +
+                 name(src) + "'s data: " + errno_string(errno));
           received[src] = recvs[src].bytes;
         } else {
           const size_t n = std::min(slot_bytes_, recvs[src].bytes - received[src]);
@@ -320,8 +321,8 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
       const SegmentHeader* peer = header(p);
       if (p != me && peer->failed.load(std::memory_order_acquire)) {
         const std::string cause(peer->failure, strnlen(peer->failure, sizeof(peer->failure)));
-        fail(std::string(op_name) + ": rank " + std::to_string(me) + " stopped because peer rank " +
-                 std::to_string(p) + " failed: " + cause,
+        fail(std::string(op_name) + ": rank " + name(me) + " stopped because peer rank " +
+                 name(p) + " failed: " + cause,
              cause);
       }
     }
@@ -329,7 +330,8 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     if (now - last_liveness_check >= kLivenessPeriod) {  // a killed peer is named at once, not at the timeout
       last_liveness_check = now;
       for (int p = 0; p < size_; ++p)
-        if ((!checked[p] || !send_done[p] || !recv_done[p]) && peers_.gone(p)) fail(peers_.gone_message(op_name, me, p));
+        if ((!checked[p] || !send_done[p] || !recv_done[p]) && peers_.gone(p))
+          fail(peers_.gone_message(op_name, name(me), p, name(p)));
     }
     const auto elapsed = now - start;
     // Past the timeout, a rank that has every peer's message but waits on one to take its own
@@ -347,13 +349,13 @@ void HostTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
       for (int pass = 0; pass < 3 && peer < 0; ++pass)
         for (int i = 1; i < size_ && peer < 0; ++i) {
           const int p = (me + i) % size_;
-          if (pass == 0 && !checked[p]) peer = p, what = "waiting for rank " + std::to_string(p) + " to arrive";
+          if (pass == 0 && !checked[p]) peer = p, what = "waiting for rank " + name(p) + " to arrive";
           if (pass == 1 && !send_done[p])
-            peer = p, what = posted[p] ? "waiting for rank " + std::to_string(p) + " to take its data"
-                                       : "sending to rank " + std::to_string(p);
-          if (pass == 2 && !recv_done[p]) peer = p, what = "receiving from rank " + std::to_string(p);
+            peer = p, what = posted[p] ? "waiting for rank " + name(p) + " to take its data"
+                                       : "sending to rank " + name(p);
+          if (pass == 2 && !recv_done[p]) peer = p, what = "receiving from rank " + name(p);
         }
-      std::string msg = std::string(op_name) + ": timed out on rank " + std::to_string(me) + " after " +
+      std::string msg = std::string(op_name) + ": timed out on rank " + name(me) + " after " +
                         std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()) +
                         " ms " + what + " (" + std::to_string(received[peer]) + "/" +
                         std::to_string(recvs[peer].bytes) + " bytes received from it, " + std::to_string(sent[peer]) +

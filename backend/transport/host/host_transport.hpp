@@ -91,6 +91,13 @@ class HostTransport {
   [[noreturn]] void raise_broken() const;
 
   int rank_;
+  // Each member's rank in the whole group (a node's channel across nodes is a subset of it):
+  // what errors name, as the user counts ranks.
+  std::vector<int> group_ranks_;
+  std::string name(int member) const {
+    return member >= 0 && member < int(group_ranks_.size()) ? std::to_string(group_ranks_[size_t(member)])
+                                                             : std::to_string(member);
+  }
   int size_;
   size_t slot_bytes_;
   size_t slot_stride_;

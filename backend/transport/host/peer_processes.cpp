@@ -49,9 +49,10 @@ bool PeerProcesses::gone(int rank) const {
   return start_[rank] && process_start_time(pid_[rank]) != start_[rank];
 }
 
-std::string PeerProcesses::gone_message(const char* op_name, int me, int peer) const {
-  return std::string(op_name) + ": rank " + std::to_string(me) + " stopped because peer rank " +
-         std::to_string(peer) + " exited (its process " + std::to_string(pid_[peer]) + " is gone)";
+std::string PeerProcesses::gone_message(const char* op_name, const std::string& me, int peer,
+                                        const std::string& peer_name) const {
+  return std::string(op_name) + ": rank " + me + " stopped because peer rank " + peer_name + " exited (its process " +
+         std::to_string(pid_[peer]) + " is gone)";
 }
 
 }  // namespace ep

@@ -27,7 +27,8 @@ class PeerProcesses {
   bool gone(int rank) const;
   uint64_t pid(int rank) const { return pid_[rank]; }  // as that rank published it (its own namespace)
   // "<op>: rank <me> stopped because peer rank <p> exited (its process <pid> is gone)"
-  std::string gone_message(const char* op_name, int me, int peer) const;
+  // `me` and `peer_name`: the ranks as errors name them (Rendezvous::group_rank).
+  std::string gone_message(const char* op_name, const std::string& me, int peer, const std::string& peer_name) const;
 
  private:
   std::vector<uint64_t> pid_;    // per rank

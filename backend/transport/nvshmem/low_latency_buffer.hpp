@@ -41,6 +41,9 @@ class LowLatencyBuffer {
   // Raises (naming `op`) what a kernel reported since the last check; timeouts leave the flags
   // out of step with the peers', so after one every call raises.
   void check(const char* op);
+  // Whether a timeout has put the buffers out of step (every later call raises), as opposed to
+  // a call's own problem (an overflow, a bad expert id) that leaves the group usable.
+  bool failed() const { return !failed_.empty(); }
   // The half the next call of `kind` uses, alternating.
   int next_half(Kind kind) { return int(calls_[kind]++ & 1); }
   // The half the next call of `kind` will use.
