@@ -15,6 +15,9 @@ itself included. Measured, size by size and one after another:
            call without the host's (Python, c10d, launches), what a captured model step pays
   ep_device  on CUDA: an "ep" group with Options(all_to_all_device=True): all_to_all_single on
            the device protocol (counts checked by the kernels, no host control exchange)
+  ep_eager on CUDA, sizes up to ranks x 64 KiB: an "ep" group with Options(all_to_all_device=True,
+           all_to_all_eager_bytes=65536): the device protocol's eager path (each message rides with
+           the plan's record: one launch, no staging); ep_eager_graph: the same captured and replayed
   ep_pool  on CUDA: an "ep" group with a torch_ep.comm_pool, input and output allocated from it:
            the device protocol's one-copy move (each sender writes into its receivers' outputs)
   roofline on CUDA: the all_to_all bandwidth per rank that GPU memory allows. An all_to_all
@@ -52,6 +55,8 @@ SUBJECT = "ep"
 ALL_TO_ALL_V = "all_to_all_v"  # torch_ep.all_to_all_v on the subject's group
 GRAPH = "ep_graph"  # the subject's call captured in a CUDA graph
 POOL = "ep_pool"  # input and output from torch_ep.comm_pool of its group
+EAGER, EAGER_GRAPH = "ep_eager", "ep_eager_graph"  # the device protocol's eager path, eagerly and replayed
+EAGER_BYTES = 64 << 10  # its Options.all_to_all_eager_bytes: timed where every message fits
 ROOFLINE = "roofline"
 
 
@@ -99,7 +104,7 @@ def make_op(impl: str, group, recv: torch.Tensor, send: torch.Tensor):
         op = lambda: dist.all_to_all_single(pool_recv, pool_send, group=group)  # noqa: E731
         op.output = pool_recv
         return op
-    if impl == GRAPH:
+    if impl in (GRAPH, EAGER_GRAPH):
         op = make_op(SUBJECT, group, recv, send)
         op()  # the group's state is set up outside the capture (collectively)
         torch.cuda.synchronize()
@@ -264,6 +269,9 @@ def main() -> None:
         sharing = common.ranks_per_gpu(device, sync_group)
         impls["ep_device"] = dist.new_group(backend="ep", pg_options=torch_ep.Options(all_to_all_device=True))
         impls[GRAPH] = impls["ep_device"]
+        impls[EAGER] = dist.new_group(backend="ep", pg_options=torch_ep.Options(
+            all_to_all_device=True, all_to_all_eager_bytes=EAGER_BYTES))
+        impls[EAGER_GRAPH] = impls[EAGER]
         # Its own group: a group with a comm pool runs every all_to_all_single on the device protocol.
         impls[POOL] = dist.new_group(backend="ep", pg_options=torch_ep.Options(
             comm_pool_bytes=max(1 << 30, 8 * args.max_bytes)))
@@ -274,7 +282,9 @@ def main() -> None:
     gloo_max = args.gloo_max_bytes if args.gloo_max_bytes is not None else (
         4 << 20 if device.type == "cuda" else args.max_bytes)
     for size in sizes_between(args.min_bytes, args.max_bytes, args.factor):
-        timed = {impl: group for impl, group in impls.items() if impl != "gloo" or size <= gloo_max}
+        timed = {impl: group for impl, group in impls.items()
+                 if (impl != "gloo" or size <= gloo_max)
+                 and (impl not in (EAGER, EAGER_GRAPH) or size // world_size <= EAGER_BYTES)}
         measurements += measure_size(timed, size, device, sync_group, runs=args.runs, warmup=args.warmup)
         if device.type == "cuda":
             measurements.append(measure_roofline(size, device, sharing, sync_group, runs=args.runs,

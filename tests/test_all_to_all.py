@@ -155,3 +155,20 @@ def rank_repeated_calls(seed, iterations):
 
 def test_repeated_calls(pool4):
     pool4.run(rank_repeated_calls, seed=torch.randint(0, 2**30, ()).item(), iterations=500)
+
+
+def test_eager_bytes_option(monkeypatch):
+    """Options.all_to_all_eager_bytes (TORCH_EP_ALL_TO_ALL_EAGER_BYTES): off by default, 0 or a
+    multiple of 16 up to 1 MiB, passed to the group's config."""
+    from datetime import timedelta
+
+    monkeypatch.delenv("TORCH_EP_ALL_TO_ALL_EAGER_BYTES", raising=False)
+    assert torch_ep.Options().all_to_all_eager_bytes == 0
+    monkeypatch.setenv("TORCH_EP_ALL_TO_ALL_EAGER_BYTES", str(64 << 10))
+    assert torch_ep.Options().all_to_all_eager_bytes == 64 << 10
+    assert torch_ep.Options()._to_config(timedelta(seconds=1)).all_to_all_eager_bytes == 64 << 10
+    for bad in (-16, 17, (1 << 20) + 16):
+        with pytest.raises(ValueError, match="all_to_all_eager_bytes"):
+            torch_ep.Options(all_to_all_eager_bytes=bad)
+    assert torch_ep.Options(all_to_all_eager_bytes=1 << 20).all_to_all_eager_bytes == 1 << 20
+    assert "TORCH_EP_ALL_TO_ALL_EAGER_BYTES" in torch_ep.options.ENVIRONMENT

@@ -24,8 +24,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C
 
 
 # Both protocols of all_to_all_single: the host control exchange (the default, one copy) and the
-# device protocol (Options.all_to_all_device: counts checked by the kernels, staged).
-PROTOCOLS = {"host": {"TORCH_EP_ALL_TO_ALL_DEVICE": "0"}, "device": {"TORCH_EP_ALL_TO_ALL_DEVICE": "1"}}
+# device protocol (Options.all_to_all_device: counts checked by the kernels, staged); and the device
+# protocol with its eager path (Options.all_to_all_eager_bytes: messages of up to 64 KiB ride with
+# the plan's records; CHUNK_EDGE_BYTES mixes messages under and over it in one call, so some ranks
+# take the eager launch alone while others stage their larger messages).
+EAGER_BYTES = 64 << 10
+PROTOCOLS = {"host": {"TORCH_EP_ALL_TO_ALL_DEVICE": "0"}, "device": {"TORCH_EP_ALL_TO_ALL_DEVICE": "1"},
+             "eager": {"TORCH_EP_ALL_TO_ALL_DEVICE": "1", "TORCH_EP_ALL_TO_ALL_EAGER_BYTES": str(EAGER_BYTES)}}
 
 
 @pytest.fixture(params=[(n, p) for n in cuda_world_sizes() for p in PROTOCOLS], ids=lambda v: f"{v[0]}ranks-{v[1]}")
@@ -282,10 +287,59 @@ def rank_device_protocol_settings(seed):
             dist.destroy_process_group(group)
 
 
+@pytest.mark.parametrize("protocol", ["device", "eager"])
 @pytest.mark.parametrize("world_size", cuda_world_sizes(), ids=lambda n: f"{n}ranks")
-def test_device_protocol_settings(world_size):
-    rank_pool(world_size, cuda=True, env=PROTOCOLS["device"]).run(rank_device_protocol_settings, seed=_seed(),
+def test_device_protocol_settings(world_size, protocol):
+    rank_pool(world_size, cuda=True, env=PROTOCOLS[protocol]).run(rank_device_protocol_settings, seed=_seed(),
                                                                    timeout_s=300)
+
+
+def rank_eager_threshold(seed, eager_bytes):
+    """The eager path about its bound: messages of eager_bytes - 1, eager_bytes and eager_bytes + 1
+    (and empty ones) in one call, every pair both ways, as raw bytes and as 12-byte rows, with the
+    plan and move in two launches and in one; then a call all of whose messages fit, captured in a
+    CUDA graph and replayed. Outputs poisoned, compared bit for bit with the reference."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    edges = (0, eager_bytes - 1, eager_bytes, eager_bytes + 1, 16, eager_bytes + 4096)
+    groups = {}
+    try:
+        for name, options in (("two launches", {}), ("one launch", dict(all_to_all_one_launch=True))):
+            groups[name] = dist.new_group(pg_options=torch_ep.Options(
+                all_to_all_device=True, all_to_all_eager_bytes=eager_bytes, **options))
+        for name, group in groups.items():
+            for call in range(len(edges)):
+                m = torch.tensor([[edges[(call + 2 * s + 3 * d) % len(edges)] for d in range(size)]
+                                  for s in range(size)], dtype=torch.int64)
+                for dtype, row_shape in CHUNK_EDGE_ROWS:
+                    g = torch.Generator().manual_seed(seed * 131 + call * 17 + rank)
+                    chunk_edge_call(group, dtype, row_shape, chunk_edge_rows(m, dtype, row_shape), g,
+                                    f"{name}, eager {eager_bytes}, bytes {m.tolist()}, {dtype} {row_shape}")
+            # All messages fit: the eager launch alone, captured and replayed.
+            g = torch.Generator(device="cuda").manual_seed(seed + rank)
+            static_in = torch.randint(1, 256, (size * eager_bytes,), dtype=torch.uint8, device="cuda", generator=g)
+            static_out = torch.empty_like(static_in)
+            dist.all_to_all_single(static_out, static_in, group=group)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                dist.all_to_all_single(static_out, static_in, group=group)
+            for _ in range(5):
+                static_in.random_(1, 256, generator=g)
+                poison_(static_out)
+                graph.replay()
+                torch.cuda.synchronize()
+                expected = reference.all_to_all_single(static_out.shape, static_in.cpu(), group=group)
+                assert same_bits(static_out, expected), f"{name}: a replay's output differs"
+    finally:
+        for group in groups.values():
+            dist.destroy_process_group(group)
+
+
+@pytest.mark.parametrize("world_size", cuda_world_sizes(), ids=lambda n: f"{n}ranks")
+def test_eager_threshold(world_size):
+    pool = rank_pool(world_size, cuda=True, env=PROTOCOLS["device"])
+    for eager_bytes in (1008, EAGER_BYTES):
+        pool.run(rank_eager_threshold, seed=_seed(), eager_bytes=eager_bytes, timeout_s=300)
 
 
 def rank_stream_semantics(seed):

@@ -139,6 +139,36 @@ def test_one_copy_grids_and_two_launches(cuda_pool):
     cuda_pool.run(rank_one_copy_knobs, seed=_seed(), timeout_s=300)
 
 
+def rank_pool_eager(seed):
+    """Pool tensors on a group with the eager path (Options.all_to_all_eager_bytes): a rank all of
+    whose messages fit takes the eager launch alone and keeps every rank of that call off the one
+    copy; others stage or copy once what does not fit. CHUNK_EDGE_BYTES calls, two launches and one,
+    outputs poisoned and compared with the reference (which move ran is not asserted)."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    n = len(cuda_checks.CHUNK_EDGE_BYTES)
+    for options in (dict(), dict(all_to_all_one_launch=True)):
+        group, pool = _pool_group(all_to_all_eager_bytes=cuda_checks.EAGER_BYTES, **options)
+        try:
+            for call in range(n + 1):
+                m = cuda_checks.chunk_edge_matrix(size, (seed + call) % n, large=call == n)
+                if call == n - 1:  # every message fits
+                    m = torch.full((size, size), 1000 + 16 * call, dtype=torch.int64)
+                in_splits, out_splits = m[rank].tolist(), m[:, rank].tolist()
+                g = torch.Generator().manual_seed(seed * 7 + call * 131 + rank)
+                inp = _allocated(pool, True, (sum(in_splits),), torch.uint8)
+                inp.copy_(cuda_checks.chunk_edge_input(sum(in_splits), torch.uint8, (), g))
+                out = poison_(_allocated(pool, True, (sum(out_splits),), torch.uint8))
+                dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+                expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
+                assert same_bits(out, expected), f"{options}, bytes {m.tolist()}: wrong output"
+        finally:
+            dist.destroy_process_group(group)
+
+
+def test_pool_with_eager_path(cuda_pool):
+    cuda_pool.run(rank_pool_eager, seed=_seed(), timeout_s=300)
+
+
 def rank_mixed_calls(seed):
     """Calls on and off the pool, interleaved on one group: the plan picks the move on the
     device, so ranks never disagree, even when only some ranks' outputs are in the pool."""

@@ -45,6 +45,11 @@ ENVIRONMENT = {
                                        "of this rank's share, TORCH_EP_NUM_SMS or CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of "
                                        "the GPU, less one for the plan's block)",
     "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "1 runs the device protocol's plan and move in one kernel launch instead of two (measured slower on one H200)",
+    "TORCH_EP_ALL_TO_ALL_EAGER_BYTES": "the device protocol's eager path for small CUDA all_to_all_single calls: a "
+                                       "message of at most this many bytes (a multiple of 16, up to 1 MiB; default 0, "
+                                       "off) rides with the plan's record, and a call whose messages all fit is one "
+                                       "launch with no staging; grows each rank's registered block by ranks x this; "
+                                       "the smallest over the ranks",
     "TORCH_EP_FORCE_REMOTE": "1 makes the low-latency ops reach ranks on other (virtual) nodes by NVSHMEM puts, as "
                              "across real nodes, even where NVLink could map them (tests that path on one machine)",
     "TORCH_EP_INTERNODE_DEVICE": "0 sends CUDA dispatch/combine across nodes on the host-driven route (host rounds) "
@@ -116,6 +121,7 @@ class Options:
     all_to_all_slot_bytes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_SLOT_BYTES", 0))
     all_to_all_pool_blocks: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_POOL_BLOCKS", 0))
     all_to_all_one_launch: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_ONE_LAUNCH")))
+    all_to_all_eager_bytes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_EAGER_BYTES", 0))
     force_remote: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_FORCE_REMOTE")))
     all_to_all_v_device: bool = field(default_factory=lambda: _env_int("TORCH_EP_ALL_TO_ALL_V_DEVICE") != 0)
     all_to_all_device: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_DEVICE")))
@@ -141,11 +147,13 @@ class Options:
             "all_to_all_slot_bytes": self.all_to_all_slot_bytes == 0 or (self.all_to_all_slot_bytes >= 4096 and
                                                                         self.all_to_all_slot_bytes % 4096 == 0),
             "all_to_all_pool_blocks": self.all_to_all_pool_blocks >= 0,
+            "all_to_all_eager_bytes": 0 <= self.all_to_all_eager_bytes <= 1 << 20 and self.all_to_all_eager_bytes % 16 == 0,
         }
         minimum = {"host_slot_bytes": 64, "host_num_slots": 1, "cuda_buffer_bytes": 1 << 16, "comm_pool_bytes": 2 << 20,
                    "internode_capacity": 1}
         expected = {"all_to_all_lanes": "0 (automatic) to 32",
-                    "all_to_all_slot_bytes": "0 (automatic) or a multiple of 4096"}
+                    "all_to_all_slot_bytes": "0 (automatic) or a multiple of 4096",
+                    "all_to_all_eager_bytes": "0 (off) or a multiple of 16 up to 1048576"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"Options.{name}={getattr(self, name)}: expected "
@@ -173,6 +181,7 @@ class Options:
         config.all_to_all_slot_bytes = self.all_to_all_slot_bytes
         config.all_to_all_pool_blocks = self.all_to_all_pool_blocks
         config.all_to_all_one_launch = self.all_to_all_one_launch
+        config.all_to_all_eager_bytes = self.all_to_all_eager_bytes
         config.force_remote = self.force_remote
         config.all_to_all_v_device = self.all_to_all_v_device
         config.all_to_all_device = self.all_to_all_device

@@ -39,8 +39,16 @@ __device__ __forceinline__ uint32_t* flag_at(char* block, size_t offset) {
   return reinterpret_cast<uint32_t*>(block + offset);
 }
 
+// Eager calls: a message rides with its record when it has 1..eager_bytes bytes. A function of
+// its size alone, which its sender (its splits) and its receiver (the sender's record) agree on.
+__device__ __forceinline__ bool eager_message(uint64_t bytes, uint64_t eager_bytes) {
+  return bytes > 0 && bytes <= eager_bytes;
+}
+
 // The plan, by one block whose first kPlanThreads threads (one per rank) do the work: the plan
-// kernel, or block 0 of the one-launch call kernel.
+// kernel, or block 0 of the one-launch call kernel. kEager (p.eager_bytes > 0; a block of
+// kMoveThreads): the eager messages too, see all_to_all_v.cuh.
+template <bool kEager>
 __device__ void plan(const AllToAllVParams& p) {
   const int t = threadIdx.x, R = p.num_ranks, me = p.rank;
   const uint64_t deadline = now_ns() + p.timeout_ns;
@@ -59,11 +67,40 @@ __device__ void plan(const AllToAllVParams& p) {
   }
   if (status == 0 && (p.allow_extra_rows ? sum > p.num_rows : sum != p.num_rows)) status = L::kBadSum;
 
+  // Eager: the slots in the peers' blocks are free first, then the messages that fit go into
+  // their eager regions (the record below publishes them); a source's slot is freed only once its
+  // messages are copied out (the end of this function).
+  __shared__ bool slot_free[kMaxRanksPerNode];    // eager: this rank's slot in peer t's block
+  __shared__ bool record_read[kMaxRanksPerNode];  // eager: source t's record is here, read
+  if constexpr (kEager) {
+    if (t < R) {
+      record_read[t] = false;
+      slot_free[t] = wait_for(flag_at(p.blocks[t], L::record_flag(me)), 0, deadline, p.abort);
+      if (!slot_free[t]) {
+        atomicExch(p.error, 1 + t);
+        failed = 1;
+      }
+    }
+    __syncthreads();
+    if (status == 0) {  // else nothing moves, and the splits may reach past input
+      const uint64_t row_bytes = uint64_t(p.row_bytes);
+      int64_t offset = 0;
+      for (int d = 0; d < R; ++d) {
+        const uint64_t bytes = uint64_t(splits[d]) * row_bytes;
+        if (d != me && slot_free[d] && eager_message(bytes, p.eager_bytes))
+          block_copy_call<kUnroll, kMoveThreads>(p.blocks[d] + p.layout.eager_region(R, me, p.eager_bytes),
+                                                 p.input + offset * row_bytes, bytes, StreamingLoad{}, PlainStore{});
+        offset += splits[d];
+      }
+    }
+    __syncthreads();  // every thread's stores are issued before the releases below
+  }
+
   // 1. This rank's record into peer t's block, once t has read the one before.
   if (t < R) {
     uint32_t* flag = flag_at(p.blocks[t], L::record_flag(me));
-    if (!wait_for(flag, 0, deadline, p.abort)) {
-      atomicExch(p.error, 1 + t);
+    if (!(kEager ? slot_free[t] : wait_for(flag, 0, deadline, p.abort))) {
+      if (!kEager) atomicExch(p.error, 1 + t);  // eager: set above
       failed = 1;
     } else {
       volatile int64_t* record = reinterpret_cast<volatile int64_t*>(p.blocks[t] + L::record(me));
@@ -93,7 +130,8 @@ __device__ void plan(const AllToAllVParams& p) {
       if (records[t][L::kHasExpected])
         for (int s = 0; s < R; ++s) records[t][L::kExpected + s] = record[L::kExpected + s];
       records[t][L::kOutArena] = record[L::kOutArena];
-      store_release(flag, 0);
+      if constexpr (kEager) record_read[t] = true;  // freed once its message is copied out
+      else store_release(flag, 0);
     }
   }
   __syncthreads();
@@ -136,9 +174,12 @@ __device__ void plan(const AllToAllVParams& p) {
     // nothing everywhere). So the move kernel's two ends count, and cut into chunks, the same bytes.
     const int64_t arrived = nothing ? 0 : records[t][me];
     const int64_t send_rows = nothing || overflows[t] ? 0 : splits[t];
-    p.plan[t] = direct ? 0 : send_rows;
+    // Eager messages moved by this block, not by the move (their sizes both ends agree on).
+    const bool eager_to = kEager && eager_message(uint64_t(splits[t]) * uint64_t(p.row_bytes), p.eager_bytes);
+    const bool eager_from = kEager && eager_message(uint64_t(records[t][me]) * uint64_t(p.row_bytes), p.eager_bytes);
+    p.plan[t] = direct || eager_to ? 0 : send_rows;
     p.plan[R + t] = send_offset;
-    p.plan[2 * R + t] = direct || overflow ? 0 : arrived;
+    p.plan[2 * R + t] = direct || overflow || eager_from ? 0 : arrived;
     p.plan[3 * R + t] = recv_offset;
     p.output_splits[t] = arrived;
     p.output_offsets[t] = out_offset;
@@ -146,7 +187,7 @@ __device__ void plan(const AllToAllVParams& p) {
       // Where this rank's rows for t go: after those of the ranks before this one, in t's output.
       int64_t before = 0;
       for (int s = 0; s < me; ++s) before += records[s][t];
-      p.pool_plan[PoolPlan::bytes(t)] = direct ? send_rows * p.row_bytes : 0;
+      p.pool_plan[PoolPlan::bytes(t)] = direct && !eager_to ? send_rows * p.row_bytes : 0;
       p.pool_plan[PoolPlan::arena_offset(R, t)] = records[t][L::kOutArena] + before * p.row_bytes;
       p.pool_plan[PoolPlan::input_offset(R, t)] = send_offset * p.row_bytes;
     }
@@ -190,9 +231,42 @@ __device__ void plan(const AllToAllVParams& p) {
       report[0] = code;
     }
   }
+
+  if constexpr (kEager) {
+    // 4. The eager messages from the eager regions (this rank's own from input) into the output,
+    // where the plan moves anything here; then the sources' record slots are free again.
+    if (!nothing && !overflow) {
+      const uint64_t row_bytes = uint64_t(p.row_bytes);
+      int64_t out_rows = 0, own_offset = 0;
+      for (int d = 0; d < me; ++d) own_offset += splits[d];
+      for (int s = 0; s < R; ++s) {
+        const uint64_t bytes = uint64_t(records[s][me]) * row_bytes;
+        char* out = p.output + out_rows * row_bytes;
+        if (eager_message(bytes, p.eager_bytes)) {
+          if (s == me)
+            block_copy_call<kUnroll, kMoveThreads>(out, p.input + own_offset * row_bytes, bytes, StreamingLoad{},
+                                                   StreamingStore{});
+          else
+            block_copy_call<kUnroll, kMoveThreads>(out, p.blocks[me] + p.layout.eager_region(R, s, p.eager_bytes),
+                                                   bytes, CachedGlobalLoad{}, StreamingStore{});
+        }
+        out_rows += records[s][me];
+      }
+    }
+    __syncthreads();  // every thread has read the eager regions before they are handed back
+    if (t < R && record_read[t]) {
+      __threadfence_system();
+      store_release(flag_at(p.blocks[me], L::record_flag(t)), 0);
+    }
+  }
 }
 
-__global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) { plan(p); }
+__global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) { plan<false>(p); }
+
+// The plan of an eager call (p.eager_bytes > 0), which copies too: a block of kMoveThreads.
+__global__ void __launch_bounds__(kMoveThreads) all_to_all_v_eager_plan_kernel(AllToAllVParams p) {
+  plan<true>(p);
+}
 
 // One launch: block 0 writes the plan, then raises this rank's "plan ready" flag (the last block
 // to finish clears it again).
@@ -357,10 +431,12 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(
 
 // A whole call in one launch: block 0 plans while the others wait for it, then the blocks move as
 // the move kernels above do (blocks 1..pool_workers copy a one-copy move: block 0 starts late).
+// kEager: block 0's plan moves the eager messages too.
+template <bool kEager>
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllToAllVParams p) {
   bool planned = true;
   if (blockIdx.x == 0) {
-    plan(p);
+    plan<kEager>(p);
     publish_plan(p);
   } else {
     planned = await_plan(p);
@@ -381,7 +457,8 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllT
 cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t stream) {
   if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0)
     return cudaErrorInvalidValue;
-  all_to_all_v_plan_kernel<<<1, kPlanThreads, 0, stream>>>(params);
+  if (params.eager_bytes > 0) all_to_all_v_eager_plan_kernel<<<1, kMoveThreads, 0, stream>>>(params);
+  else all_to_all_v_plan_kernel<<<1, kPlanThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 
@@ -415,7 +492,9 @@ cudaError_t launch_all_to_all_v_call(const AllToAllVParams& params, int pool_blo
   AllToAllVParams p = params;
   p.pool_workers = params.pool_plan != nullptr ? (pool_blocks > 0 ? pool_blocks : 1) : 0;
   const int direct = p.pool_workers > 0 ? 1 + p.pool_workers : 0;
-  all_to_all_v_call_kernel<<<direct > staged ? direct : staged, kMoveThreads, 0, stream>>>(p);
+  const int grid = direct > staged ? direct : staged;
+  if (p.eager_bytes > 0) all_to_all_v_call_kernel<true><<<grid, kMoveThreads, 0, stream>>>(p);
+  else all_to_all_v_call_kernel<false><<<grid, kMoveThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -51,6 +51,17 @@
 // last block of a message raises the receiver's "done" flag for this source, and the receiver's
 // last block takes every source's flag before the call ends. Otherwise (some output outside the
 // arenas) the same launch runs the staged move above.
+// Eager (eager_bytes > 0, all_to_all_single with TORCH_EP_ALL_TO_ALL_EAGER_BYTES): a message of
+// 1..eager_bytes bytes rides with its record. The plan (a block of kMoveThreads) waits until each
+// peer's record slot is free, writes the rank's messages that fit into their receivers' eager
+// regions, then publishes the records; once it has every record it plans as above, copies the
+// messages that fit from its eager regions (its own straight from input) into the output, and
+// only then frees the record slots (a sender's next call waits for that before it rewrites the
+// region). Which messages are eager is a function of their size alone, so both ends agree (the
+// records give every rank every message's size); the plan moves nothing else for them, staged or
+// one copy. A rank all of whose messages fit (its splits both ways, known on the host) launches
+// the plan alone: one launch, one cross-process round trip; it publishes no arena (out_arena -1),
+// so no rank of that call takes the one copy, whose done flags it would never take.
 // Every wait is bounded by timeout_ns (and ends when *abort is set); one that gives up sets
 // *error = 1 + the peer (the transport's watchdog then fails the group, naming op, rank and
 // peer). Problems of the call itself (invalid splits, an overflowing output) go to *report,
@@ -131,6 +142,14 @@ struct AllToAllVLayout {
   __host__ __device__ size_t total_bytes(int num_ranks) const {
     return kDataOffset + size_t(num_ranks) * lanes * kSlots * chunk_bytes;
   }
+  // Eager calls (AllToAllVParams::eager_bytes > 0): per source, its message to this rank, written
+  // with its record; after the staging slots, so the block grows only where the option is on.
+  __host__ __device__ size_t eager_region(int num_ranks, int src, uint64_t eager_bytes) const {
+    return total_bytes(num_ranks) + size_t(src) * eager_bytes;
+  }
+  __host__ __device__ size_t total_bytes(int num_ranks, uint64_t eager_bytes) const {
+    return eager_region(num_ranks, num_ranks, eager_bytes);
+  }
 };
 static_assert(kMaxRanksPerNode * AllToAllVLayout::kRecordWords * sizeof(int64_t) <= AllToAllVLayout::kFlagsOffset,
               "the records fit before the flags");
@@ -185,6 +204,9 @@ struct AllToAllVParams {
   int64_t* pool_plan;             // [1 + 3R] device scratch: one copy (1) or staged (0); bytes for each
                                   // destination, their offset in its arena, their offset in input; or null
   int pool_workers;               // the blocks that copy when it is one copy (the launchers set it)
+  // eager (last, so that the other kernels' parameters keep their offsets)
+  uint64_t eager_bytes;           // 0: off. Else a message of 1..eager_bytes bytes rides with its
+                                  // sender's record (the eager region), a multiple of 16
 };
 
 // The plan's pool_plan, for the host (tests) and the move kernels.
@@ -196,6 +218,7 @@ struct PoolPlan {
   __host__ __device__ static int words(int num_ranks) { return 1 + 3 * num_ranks; }
 };
 
+// With params.eager_bytes > 0 the plan also moves the eager messages (see above).
 cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t stream);
 cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t stream);
 // The move of a group with a comm pool (params.pool_plan set): one copy where the plan chose it,

@@ -35,6 +35,9 @@ struct Config {
   int all_to_all_pool_blocks = 0;       // one-copy move: the blocks that copy (automatic: two per SM of this
                                         // rank's share, less the plan's block)
   bool all_to_all_one_launch = false;   // plan and move in one kernel launch (slower on one H200: two launches)
+  size_t all_to_all_eager_bytes = 0;    // all_to_all_single on the device protocol: messages of at most this
+                                        // many bytes ride with the plan's records (0: off; the smallest over
+                                        // the ranks; a multiple of 16)
   bool force_remote = false;            // low-latency ops reach other nodes' ranks by NVSHMEM puts even
                                         // where they could map them (tests the path across nodes on one)
   bool internode_device = true;         // CUDA dispatch/combine across nodes driven by the device (NVSHMEM

@@ -71,6 +71,22 @@ AllToAllVLayout agreed_layout(Rendezvous& rdv, const Config& config, const std::
   return agreed;
 }
 
+// The eager path's bound (0: off): each rank's option, rounded up to 16 bytes (eager regions stay
+// aligned for vector copies), the smallest over the ranks: a message's sender and receiver must
+// both call it eager.
+uint64_t agreed_eager_bytes(Rendezvous& rdv, const Config& config, const std::string& tag) {
+  const uint64_t mine = (uint64_t(config.all_to_all_eager_bytes) + 15) / 16 * 16;
+  std::vector<uint8_t> bytes(sizeof(mine));
+  std::memcpy(bytes.data(), &mine, sizeof(mine));
+  uint64_t agreed = mine;
+  for (const std::vector<uint8_t>& theirs : rdv.all_gather(tag + "/eager", bytes)) {
+    uint64_t e = 0;
+    std::memcpy(&e, theirs.data(), std::min(theirs.size(), sizeof(e)));
+    agreed = std::min(agreed, e);
+  }
+  return agreed;
+}
+
 }  // namespace
 
 class AllToAllVState {
@@ -79,7 +95,8 @@ class AllToAllVState {
       : rank_(rdv.rank()), size_(rdv.size()) {
     layout_ = agreed_layout(rdv, config, tag);
     one_launch_ = config.all_to_all_one_launch;
-    buffers_ = std::make_unique<PeerBuffers>(rdv, device, layout_.total_bytes(size_), tag + "/buffers");
+    eager_bytes_ = agreed_eager_bytes(rdv, config, tag);
+    buffers_ = std::make_unique<PeerBuffers>(rdv, device, layout_.total_bytes(size_, eager_bytes_), tag + "/buffers");
     CudaTransportConfig cc;
     cc.device = device;
     cc.buffer_bytes = 0;  // flags only: the watchdog, the kernel error word and the failure listener
@@ -217,6 +234,7 @@ class AllToAllVState {
   int64_t* pool_plan() { return scratch() + 6 * kernels::kMaxRanksPerNode; }
   int pool_blocks() const { return pool_blocks_; }
   bool one_launch() const { return one_launch_; }
+  uint64_t eager_bytes() const { return eager_bytes_; }
   std::shared_ptr<CudaTransport> shared_transport() const { return transport_; }
 
   void check_reports(int rank, const char* op) {
@@ -251,6 +269,7 @@ class AllToAllVState {
   Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: begin/end)
   int pool_blocks_ = 0;               // grid of the one-copy move
   bool one_launch_ = false;           // plan and move in one launch
+  uint64_t eager_bytes_ = 0;          // all_to_all_single's eager messages: at most this (0: off)
   cudaEvent_t last_call_ = nullptr;   // recorded after the last call's kernels (see begin)
   bool recorded_ = false;             // last_call_ marks the last call
   bool last_on_comm_ = false;         // the last call ran on last_comm_, the comm stream
@@ -315,8 +334,22 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
     uint64_t sent = 0;
     for (size_t b : send_bytes) sent += b;
     const int blocks = int(std::min<uint64_t>(state.pool_blocks(), std::max<uint64_t>(1, sent / (64 << 10))));
+    // Eager: messages of 1..eager_bytes ride with the records (both ends call a message eager by its
+    // size alone). Where every message this rank sends and expects is that small, the plan kernel
+    // moves all of them and nothing is left to move: that launch alone. Ranks may decide this
+    // differently (a rank's neighbours can send large messages elsewhere): a rank's move waits only
+    // on the peers it stages with, and both ends of a message agree whether it is staged. It
+    // publishes no arena (out_arena -1): no rank takes the one copy, whose "done" flags a rank
+    // without a move would never take. Split sizes that disagree make nothing move anywhere.
+    p.eager_bytes = state.eager_bytes();
+    bool eager_only = p.eager_bytes > 0;
+    for (int r = 0; r < R; ++r)
+      eager_only = eager_only && send_bytes[r] <= p.eager_bytes && recv_bytes[r] <= p.eager_bytes;
+    if (eager_only) p.out_arena = -1;
     state.begin(stream, /*comm=*/true);
-    if (state.one_launch()) {
+    if (eager_only) {
+      EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
+    } else if (state.one_launch()) {
       EP_CUDA_CHECK(kernels::launch_all_to_all_v_call(p, pool ? blocks : 0, stream));
     } else {
       EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
