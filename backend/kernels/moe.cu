@@ -271,12 +271,9 @@ constexpr int kWarpChunks = 4;  // combine_kernel's kUnroll and dispatch_kernel'
 
 template <typename T>
 cudaError_t launch_combine_as(const CombineParams& p, cudaStream_t stream) {
-  // V elements per access: 16 bytes where the hidden size and every input allow it.
-  constexpr int kVector = 16 / sizeof(T);
-  bool wide = p.hidden % kVector == 0 && aligned(p.out, 16);
-  for (int d = 0; d < p.num_ranks; ++d) wide = wide && (!p.x[d] || aligned(p.x[d], 16));
+  constexpr int kVector = 16 / sizeof(T);  // elements per 16-byte access
   const int grid = grid_for_warps(p.num_blocks, p.num_tokens);
-  if (wide)
+  if (combine_wide(p, kVector))
     combine_kernel<T, kVector, kWarpChunks><<<grid, kThreads, 0, stream>>>(p);
   else
     combine_kernel<T, 1, kWarpChunks><<<grid, kThreads, 0, stream>>>(p);

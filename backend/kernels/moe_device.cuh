@@ -122,4 +122,12 @@ inline int grid_for_warps(int num_blocks, int64_t warps_of_work) {
   return int(wanted < 1 ? 1 : (wanted < num_blocks ? wanted : num_blocks));
 }
 
+// Whether combine may move `vector` elements per access: 16 bytes where the hidden size, the
+// output and every rank's input allow it.
+inline bool combine_wide(const CombineParams& p, int vector) {
+  bool wide = p.hidden % vector == 0 && aligned(p.out, 16);
+  for (int d = 0; d < p.num_ranks; ++d) wide = wide && (!p.x[d] || aligned(p.x[d], 16));
+  return wide;
+}
+
 }  // namespace ep::kernels
