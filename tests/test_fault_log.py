@@ -58,6 +58,12 @@ def test_a_cascade_names_the_first_cause_and_the_dead_rank():
     assert log[0].explain(RANK0) == RANK0
 
 
+def test_a_record_made_without_waiting_lands():
+    log = logs(dist.HashStore())
+    log[0].record(RANK0, False)
+    assert "rank 0 had stopped first: " + RANK0 in log[3].report(RANK3)
+
+
 def test_a_peer_that_records_a_little_later_is_waited_for():
     log = logs(dist.HashStore())
     threading.Timer(0.2, log[0].record, (RANK0,)).start()
@@ -157,6 +163,9 @@ class HangingStore(dist.Store):
 
 
 def test_a_store_that_does_not_answer_costs_one_deadline():
+    watchdog = _C._FaultLog(HangingStore(3.0), PREFIX, 3, 4)
+    elapsed, _ = timed(watchdog.record, RANK0, False)
+    assert elapsed < 0.1, "a watchdog's record waits for no store"
     log = _C._FaultLog(HangingStore(3.0), PREFIX, 3, 4)
     elapsed, _ = timed(log.record, RANK0)
     assert elapsed < 1.5

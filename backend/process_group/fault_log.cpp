@@ -208,7 +208,7 @@ std::string FaultLog::instance_prefix(c10d::Store& store, int rank) {
   return "ep/fault/" + std::to_string(n - 1) + "/";
 }
 
-void FaultLog::record(const std::string& message) {
+void FaultLog::record(const std::string& message, bool wait) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (recorded_) return;
@@ -232,8 +232,8 @@ void FaultLog::record(const std::string& message) {
         s->store->set(s->prefix + "order/" + std::to_string(n), std::vector<uint8_t>(who.begin(), who.end()));
         return std::string();
       },
-      kDeadline - kGrace);
-  if (!done) shared_->unreachable = true;
+      wait ? kDeadline - kGrace : std::chrono::milliseconds(0));
+  if (!done && wait) shared_->unreachable = true;
 }
 
 std::string FaultLog::explain(const std::string& message) {

@@ -62,7 +62,9 @@ class FaultLog {
   static std::string instance_prefix(c10d::Store& store, int rank);
 
   // Publishes `message` as this rank's error, once (the first call; later ones return at once).
-  void record(const std::string& message);
+  // `wait` false (watchdogs, workers): the store call goes on alone, so that a store whose host
+  // died holds no one; the caller that raises records with a wait.
+  void record(const std::string& message, bool wait = true);
   // `message` with the first cause other ranks recorded appended, where one is found: waits up
   // to kGrace for the peer it names to record (it may time out a hair later than this rank).
   // The suffix found for a peer is reused: only the first error of a group waits.

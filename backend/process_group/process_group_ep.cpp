@@ -287,7 +287,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::host_all_to_all(
       // nothing on this group is safe. Recorded for the ranks that wait on this one over CUDA
       // (the MoE ops exchange their records here); this path's own message stays as it is.
       stop_taking_calls(std::string("an earlier call failed: ") + e.what());
-      faults_->record(e.what());
+      faults_->record(e.what(), /*wait=*/false);
       error = as_dist_error(std::current_exception());
     } catch (...) {
       error = as_dist_error(std::current_exception());

@@ -111,7 +111,8 @@ void register_process_group(py::module_& m) {
   py::class_<FaultLog, std::shared_ptr<FaultLog>>(m, "_FaultLog")
       .def(py::init<c10::intrusive_ptr<c10d::Store>, std::string, int, int>(), py::arg("store"), py::arg("prefix"),
            py::arg("rank"), py::arg("size"))
-      .def("record", &FaultLog::record, py::arg("message"), py::call_guard<py::gil_scoped_release>())
+      .def("record", &FaultLog::record, py::arg("message"), py::arg("wait") = true,
+           py::call_guard<py::gil_scoped_release>())
       .def("explain", &FaultLog::explain, py::arg("message"), py::call_guard<py::gil_scoped_release>())
       .def("report", &FaultLog::report, py::arg("message"), py::call_guard<py::gil_scoped_release>());
   m.def("_first_peer_named", &first_peer_named, py::arg("message"), py::arg("rank"));

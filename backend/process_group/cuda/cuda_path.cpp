@@ -22,7 +22,7 @@ void ProcessGroupEP::refuse_calls_when_failed(CudaTransport& transport) {
   // and one waiting on it elsewhere finds it in the fault log.
   transport.on_failure([gate = gate_, faults = faults_](const std::string& why) {
     gate->close_and_tell_peers("its CUDA transport failed: " + why);
-    faults->record(why);
+    faults->record(why, /*wait=*/false);
   });
 }
 

@@ -32,7 +32,8 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
       internode_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
       // The node's watchdog records a stuck wait as soon as it sees it: a rank on another node
       // waiting on this one may be about to time out too, and should learn why.
-      internode_transport_->node().on_failure([faults = faults_](const std::string& why) { faults->record(why); });
+      internode_transport_->node().on_failure(
+          [faults = faults_](const std::string& why) { faults->record(why, /*wait=*/false); });
     } catch (const std::exception& e) {
       C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's transport across nodes "
                                             "(CUDA IPC in the node, NVSHMEM between nodes) failed: " + e.what());
