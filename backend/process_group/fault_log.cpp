@@ -239,18 +239,15 @@ void FaultLog::record(const std::string& message, bool wait) {
 std::string FaultLog::explain(const std::string& message) {
   const int peer = first_peer_named(message, rank_);
   if (peer < 0) return message;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (auto it = suffixes_.find(peer); it != suffixes_.end()) return message + it->second;
-  }
-  std::string suffix;
   bool waited_before = false;  // the grace for this peer was spent once: look, do not wait
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (auto it = suffixes_.find(peer); it != suffixes_.end()) return message + it->second;
     waited_before = !graced_.insert(peer).second;
   }
   // A peer seen gone will record nothing: look once, do not wait for it.
   if (message.find("exited") != std::string::npos) waited_before = true;
+  std::string suffix;
   if (!shared_->unreachable.load()) {
     auto found = run_bounded(
         [s = shared_, peer, grace = waited_before ? std::chrono::milliseconds(0) : kGrace]() {
@@ -261,8 +258,13 @@ std::string FaultLog::explain(const std::string& message) {
             return it->second;
           };
           const auto grace_end = std::chrono::steady_clock::now() + grace;
-          while (!s->lookup(peer) && std::chrono::steady_clock::now() < grace_end) std::this_thread::sleep_for(kPoll);
-          const std::vector<FaultRecord> earlier = lookup(peer) ? std::vector<FaultRecord>() : s->earlier();
+          std::optional<FaultRecord> first = s->lookup(peer);
+          while (!first && std::chrono::steady_clock::now() < grace_end) {
+            std::this_thread::sleep_for(kPoll);
+            first = s->lookup(peer);
+          }
+          seen.emplace(peer, first);
+          const std::vector<FaultRecord> earlier = first ? std::vector<FaultRecord>() : s->earlier();
           return root_cause_suffix(s->rank, peer, lookup, earlier);
         },
         kDeadline);

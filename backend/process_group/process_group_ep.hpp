@@ -133,8 +133,6 @@ class ProcessGroupEP : public c10d::Backend {
   // recorded there (a rank may stop only because the peer it waited for stopped first), and
   // raises it as DistBackendError.
   [[noreturn]] void raise_failure(const std::string& message) const;
-  // The log itself, for Works and transport listeners that outlive a call.
-  std::shared_ptr<FaultLog> fault_log() const { return faults_; }
   // The 'ep' backend of the process group registered as `group_name` (the low-latency ops
   // know their group by name), or null.
   static c10::intrusive_ptr<ProcessGroupEP> of_group(const std::string& group_name);
