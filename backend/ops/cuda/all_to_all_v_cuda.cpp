@@ -51,38 +51,30 @@ int sm_share(const Config& config, int device) {
   return percent > 0 && percent < 100 ? std::max(1, (sms * percent + 99) / 100) : sms;
 }
 
-// The layout every rank uses: each rank's lanes and slot from its options, the smallest over the
-// ranks (the kernels of two ranks must cut a message alike).
-AllToAllVLayout agreed_layout(Rendezvous& rdv, const Config& config, const std::string& tag) {
+// What every rank of the group uses, the smallest over the ranks of each rank's options: the
+// layout's lanes and slot (the kernels of two ranks must cut a message alike), and the eager
+// bound (a message's sender and receiver must both call it eager; rounded up to 16 bytes, so
+// eager regions stay aligned for vector copies; 0: off). One exchange at set-up.
+struct AgreedSettings {
+  AllToAllVLayout layout;
+  uint64_t eager_bytes;
+};
+AgreedSettings agreed_settings(Rendezvous& rdv, const Config& config, const std::string& tag) {
   const int size = rdv.size();
-  AllToAllVLayout mine{};
-  mine.lanes = config.all_to_all_lanes > 0 ? std::min(config.all_to_all_lanes, AllToAllVLayout::kMaxLanes)
-                                           : AllToAllVLayout::lanes_for(size);
-  mine.chunk_bytes = chunk_bytes_for(config, size, mine.lanes);
+  AgreedSettings mine{};
+  mine.layout.lanes = config.all_to_all_lanes > 0 ? std::min(config.all_to_all_lanes, AllToAllVLayout::kMaxLanes)
+                                                  : AllToAllVLayout::lanes_for(size);
+  mine.layout.chunk_bytes = chunk_bytes_for(config, size, mine.layout.lanes);
+  mine.eager_bytes = (uint64_t(config.all_to_all_eager_bytes) + 15) / 16 * 16;
   std::vector<uint8_t> bytes(sizeof(mine));
   std::memcpy(bytes.data(), &mine, sizeof(mine));
-  AllToAllVLayout agreed = mine;
+  AgreedSettings agreed = mine;
   for (const std::vector<uint8_t>& theirs : rdv.all_gather(tag + "/layout", bytes)) {
-    AllToAllVLayout l{};
-    std::memcpy(&l, theirs.data(), std::min(theirs.size(), sizeof(l)));
-    agreed.lanes = std::min(agreed.lanes, l.lanes);
-    agreed.chunk_bytes = std::min(agreed.chunk_bytes, l.chunk_bytes);
-  }
-  return agreed;
-}
-
-// The eager path's bound (0: off): each rank's option, rounded up to 16 bytes (eager regions stay
-// aligned for vector copies), the smallest over the ranks: a message's sender and receiver must
-// both call it eager.
-uint64_t agreed_eager_bytes(Rendezvous& rdv, const Config& config, const std::string& tag) {
-  const uint64_t mine = (uint64_t(config.all_to_all_eager_bytes) + 15) / 16 * 16;
-  std::vector<uint8_t> bytes(sizeof(mine));
-  std::memcpy(bytes.data(), &mine, sizeof(mine));
-  uint64_t agreed = mine;
-  for (const std::vector<uint8_t>& theirs : rdv.all_gather(tag + "/eager", bytes)) {
-    uint64_t e = 0;
-    std::memcpy(&e, theirs.data(), std::min(theirs.size(), sizeof(e)));
-    agreed = std::min(agreed, e);
+    AgreedSettings t{};
+    std::memcpy(&t, theirs.data(), std::min(theirs.size(), sizeof(t)));
+    agreed.layout.lanes = std::min(agreed.layout.lanes, t.layout.lanes);
+    agreed.layout.chunk_bytes = std::min(agreed.layout.chunk_bytes, t.layout.chunk_bytes);
+    agreed.eager_bytes = std::min(agreed.eager_bytes, t.eager_bytes);
   }
   return agreed;
 }
@@ -93,9 +85,10 @@ class AllToAllVState {
  public:
   AllToAllVState(Rendezvous& rdv, const Config& config, int device, const std::string& tag)
       : rank_(rdv.rank()), size_(rdv.size()) {
-    layout_ = agreed_layout(rdv, config, tag);
+    const AgreedSettings agreed = agreed_settings(rdv, config, tag);
+    layout_ = agreed.layout;
+    eager_bytes_ = agreed.eager_bytes;
     one_launch_ = config.all_to_all_one_launch;
-    eager_bytes_ = agreed_eager_bytes(rdv, config, tag);
     buffers_ = std::make_unique<PeerBuffers>(rdv, device, layout_.total_bytes(size_, eager_bytes_), tag + "/buffers");
     CudaTransportConfig cc;
     cc.device = device;
