@@ -245,7 +245,7 @@ if [ "$WHAT" = pending ]; then
   # TORCH_EP_INTERNODE_BENCH_VARIANTS: the internode_bench and internode_profile steps once per
   # variant (space-separated), each a comma-separated list of VAR=VALUE set for that run only, or
   # "default" (nothing set; the default is that one run), so that one build compares several, e.g.
-  # "default TORCH_EP_INTERNODE_SEND_THREADS=1024,TORCH_EP_EXCHANGE_THREADS=1024"; a variant's logs
+  # "default TORCH_EP_INTERNODE_NODE_P2P=0,TORCH_EP_NUM_SMS=16"; a variant's logs
   # carry its settings in their names.
   internode_variants() {
     local variant=$1

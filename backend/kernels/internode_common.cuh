@@ -108,24 +108,10 @@ __device__ __forceinline__ void get_warp(char* dst, const char* src, int64_t byt
   }
 }
 
-// A warp copies `bytes` from src to dst: 16-byte words where both are aligned (kInFlight loads
-// of each lane in flight before it stores; 8 is ll::warp_copy_l2's), else bytes. Fewer in flight
-// where a block of 1024 threads leaves a thread 64 registers.
-template <int kInFlight = 8>
+// A warp copies `bytes` from src to dst: 16-byte words where both are aligned, else bytes.
 __device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t bytes, int lane) {
   if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes)) & 15) == 0) {
-    uint4* d = reinterpret_cast<uint4*>(dst);
-    const uint4* s = reinterpret_cast<const uint4*>(src);
-    const int64_t n = bytes / 16;
-    for (int64_t base = lane; base < n; base += 32 * kInFlight) {
-      uint4 v[kInFlight];
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u)
-        if (base + 32 * u < n) v[u] = __ldcg(s + base + 32 * u);
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u)
-        if (base + 32 * u < n) d[base + 32 * u] = v[u];
-    }
+    ll::warp_copy_l2(reinterpret_cast<uint4*>(dst), reinterpret_cast<const uint4*>(src), bytes / 16, lane);
   } else {
     for (int64_t i = lane; i < bytes; i += 32) dst[i] = src[i];
   }

@@ -188,11 +188,6 @@ struct IxParams {
   IxHostCtrl* host;    // host-mapped (device address)
   int num_blocks;      // SM budget of the kernels that wait on peers
   bool node_p2p;       // the node hop by stores/loads where NVSHMEM maps the peer (else puts/gets)
-  // Experimental block sizes (InternodeBuffer reads them once from the environment; 0: the
-  // default): the send kernels' (dispatch send, combine push) and the combine reduce's, each
-  // kThreads or kPutThreads (launch_* pick the kernel variant; others take the default).
-  int send_threads;
-  int reduce_threads;
   // the call
   int32_t op;
   int64_t row_stride;  // bytes between rows of this call in a block (dispatch: layout.row_bytes;

@@ -34,8 +34,7 @@ __device__ __forceinline__ size_t row_fields(const IxParams& p) {
 // W apart; a put carries the row's fields only. x (scales) in place already (x_packed,
 // scales_packed) is not copied; where both are (or x has no scales), the variant without kPack
 // runs: it holds no copy loop, whose registers would not fit the 64 of a 1024-thread block.
-// kInFlight: the pack's 16-byte loads in flight per lane.
-template <int Threads, bool kPack, int kInFlight>
+template <int Threads, bool kPack>
 __global__ void __launch_bounds__(Threads) dispatch_send_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
@@ -53,10 +52,10 @@ __global__ void __launch_bounds__(Threads) dispatch_send_kernel(IxParams p) {
     for (int m = 0; m < NN; ++m) goes |= slots[m] >= 0;
     if (!goes) continue;
     char* packed = row(p, l.rail_send(), p.node * C + t);
-    if (kPack && !p.x_packed) warp_copy<kInFlight>(packed, p.x + t * p.x_bytes, p.x_bytes, lane);
+    if (kPack && !p.x_packed) warp_copy(packed, p.x + t * p.x_bytes, p.x_bytes, lane);
     if (kPack && p.x_scales && !p.scales_packed)
-      warp_copy<kInFlight>(packed + p.off_scales, reinterpret_cast<const char*>(p.x_scales + t * p.num_scales),
-                           4 * p.num_scales, lane);
+      warp_copy(packed + p.off_scales, reinterpret_cast<const char*>(p.x_scales + t * p.num_scales),
+                4 * p.num_scales, lane);
     if (!p.cached) {
       for (int64_t k = lane; k < K; k += 32) at<int64_t>(packed, p.off_ids)[k] = p.topk_idx[t * K + k];
       if (p.topk_weights)
@@ -285,9 +284,9 @@ cudaError_t launch_dispatch_send(const IxParams& p, cudaStream_t stream) {
   // a block keep twice the put loads in flight (2x2, bf16: 305 -> 200 us). Where it packs x its
   // own unrolled copy wants the registers that 1024 threads halve (64: spills; no gain measured).
   if (p.x_packed && (p.x_scales == nullptr || p.scales_packed))
-    dispatch_send_kernel<kPutThreads, false, 8><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
+    dispatch_send_kernel<kPutThreads, false><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
   else
-    dispatch_send_kernel<kThreads, true, 8><<<p.num_blocks, kThreads, 0, stream>>>(p);
+    dispatch_send_kernel<kThreads, true><<<p.num_blocks, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
