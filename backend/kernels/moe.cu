@@ -282,13 +282,7 @@ cudaError_t launch_combine_as(const CombineParams& p, cudaStream_t stream) {
 
 cudaError_t launch_dispatch_warps(const DispatchParams& p, int vec, cudaStream_t stream) {
   const int grid = grid_for_warps(p.num_blocks, p.capacity);
-  switch (vec) {
-    case 16: dispatch_kernel<int4, kWarpChunks><<<grid, kThreads, 0, stream>>>(p); break;
-    case 8: dispatch_kernel<int2, kWarpChunks><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: dispatch_kernel<int, kWarpChunks><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: dispatch_kernel<short, kWarpChunks><<<grid, kThreads, 0, stream>>>(p); break;
-    default: dispatch_kernel<char, kWarpChunks><<<grid, kThreads, 0, stream>>>(p); break;
-  }
+  with_access_type(vec, [&](auto v) { dispatch_kernel<decltype(v), kWarpChunks><<<grid, kThreads, 0, stream>>>(p); });
   return cudaGetLastError();
 }
 

@@ -122,6 +122,19 @@ inline int grid_for_warps(int num_blocks, int64_t warps_of_work) {
   return int(wanted < 1 ? 1 : (wanted < num_blocks ? wanted : num_blocks));
 }
 
+// Calls launch(V{}) with V the access type of `vec` bytes (16, 8, 4, 2; else 1): the dispatch
+// launchers' choice of kernel instance.
+template <typename Launch>
+inline void with_access_type(int vec, Launch&& launch) {
+  switch (vec) {
+    case 16: launch(int4{}); break;
+    case 8: launch(int2{}); break;
+    case 4: launch(int{}); break;
+    case 2: launch(short{}); break;
+    default: launch(char{}); break;
+  }
+}
+
 // Whether combine may move `vector` elements per access: 16 bytes where the hidden size, the
 // output and every rank's input allow it.
 inline bool combine_wide(const CombineParams& p, int vector) {

@@ -346,13 +346,9 @@ cudaError_t launch_combine_unroll_as(const CombineParams& p, cudaStream_t stream
 
 cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_t stream) {
   const int grid = grid_for_warps(p.num_blocks, p.capacity);
-  switch (vec) {
-    case 16: dispatch_unroll_kernel<int4, kDispatchDepth><<<grid, kThreads, 0, stream>>>(p); break;
-    case 8: dispatch_unroll_kernel<int2, kDispatchDepth><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: dispatch_unroll_kernel<int, kDispatchDepth><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: dispatch_unroll_kernel<short, kDispatchDepth><<<grid, kThreads, 0, stream>>>(p); break;
-    default: dispatch_unroll_kernel<char, kDispatchDepth><<<grid, kThreads, 0, stream>>>(p); break;
-  }
+  with_access_type(vec, [&](auto v) {
+    dispatch_unroll_kernel<decltype(v), kDispatchDepth><<<grid, kThreads, 0, stream>>>(p);
+  });
   return cudaGetLastError();
 }
 
