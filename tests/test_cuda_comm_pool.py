@@ -108,6 +108,20 @@ def test_one_copy_dtypes_and_splits(cuda_pool):
     cuda_pool.run(rank_one_copy, seed=_seed(), timeout_s=300)
 
 
+def _check_pool_call(group, pool, m, seed, options):
+    """One all_to_all_single of the byte matrix m (m[s][d]: bytes s sends d) on pool tensors,
+    fresh random input, poisoned output, compared bit for bit with the reference."""
+    rank = dist.get_rank()
+    in_splits, out_splits = m[rank].tolist(), m[:, rank].tolist()
+    g = torch.Generator().manual_seed(seed)
+    inp = _allocated(pool, True, (sum(in_splits),), torch.uint8)
+    inp.copy_(cuda_checks.chunk_edge_input(sum(in_splits), torch.uint8, (), g))
+    out = poison_(_allocated(pool, True, (sum(out_splits),), torch.uint8))
+    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+    expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
+    assert same_bits(out, expected), f"{options}, bytes {m.tolist()}: wrong output"
+
+
 def rank_one_copy_knobs(seed):
     """The one-copy move with other grids than the default (Options.all_to_all_pool_blocks: one
     block, a few, more than the call has 64 KiB pieces for) and with its plan and move in one
@@ -122,14 +136,7 @@ def rank_one_copy_knobs(seed):
         try:
             for call in range(3):
                 m = cuda_checks.chunk_edge_matrix(size, (seed + call * 5) % n, large=call == 2)
-                in_splits, out_splits = m[rank].tolist(), m[:, rank].tolist()
-                g = torch.Generator().manual_seed(seed * 7 + call * 131 + rank)
-                inp = _allocated(pool, True, (sum(in_splits),), torch.uint8)
-                inp.copy_(cuda_checks.chunk_edge_input(sum(in_splits), torch.uint8, (), g))
-                out = poison_(_allocated(pool, True, (sum(out_splits),), torch.uint8))
-                dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-                expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
-                assert same_bits(out, expected), f"{options}, bytes {m.tolist()}: wrong output"
+                _check_pool_call(group, pool, m, seed * 7 + call * 131 + rank, options)
                 assert _one_copy(group), f"{options}, bytes {m.tolist()}: not one copy"
         finally:
             dist.destroy_process_group(group)
@@ -153,14 +160,7 @@ def rank_pool_eager(seed):
                 m = cuda_checks.chunk_edge_matrix(size, (seed + call) % n, large=call == n)
                 if call == n - 1:  # every message fits
                     m = torch.full((size, size), 1000 + 16 * call, dtype=torch.int64)
-                in_splits, out_splits = m[rank].tolist(), m[:, rank].tolist()
-                g = torch.Generator().manual_seed(seed * 7 + call * 131 + rank)
-                inp = _allocated(pool, True, (sum(in_splits),), torch.uint8)
-                inp.copy_(cuda_checks.chunk_edge_input(sum(in_splits), torch.uint8, (), g))
-                out = poison_(_allocated(pool, True, (sum(out_splits),), torch.uint8))
-                dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-                expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
-                assert same_bits(out, expected), f"{options}, bytes {m.tolist()}: wrong output"
+                _check_pool_call(group, pool, m, seed * 7 + call * 131 + rank, options)
         finally:
             dist.destroy_process_group(group)
 
