@@ -17,7 +17,7 @@ import test_all_to_all as cpu_checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
 from torch_ep import reference
-from torch_ep.testing import poison_, random_tensor, same_bits
+from torch_ep.testing import poison_, random_tensor, same_bits, where_bits_differ
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C.has_cuda,
                                 reason="needs CUDA and a CUDA build of torch_ep")
@@ -245,7 +245,8 @@ def chunk_edge_call(group, dtype, row_shape, rows, g, what):
     out = poison_(torch.empty((sum(out_splits), *row_shape), dtype=dtype, device="cuda"))
     dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
     expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
-    assert same_bits(out, expected), f"{what}: all_to_all_single output differs"
+    assert same_bits(out, expected), \
+        f"{what}: all_to_all_single output differs: {where_bits_differ(out, expected, out_splits)}"
     return inp, out, expected
 
 

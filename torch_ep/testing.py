@@ -240,3 +240,27 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0:
         return True
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def where_bits_differ(a: torch.Tensor, b: torch.Tensor, row_splits=None) -> str:
+    """For a failed same_bits: how many bytes differ and where the first one lies (its row and,
+    given the rows per source rank, the source), so that a failure on a GPU run says which
+    message went wrong."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"shape/dtype {tuple(a.shape)} {a.dtype} against {tuple(b.shape)} {b.dtype}"
+    x = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    y = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    wrong = (x != y).nonzero().flatten()
+    if wrong.numel() == 0:
+        return "no byte differs"
+    first, last = int(wrong[0]), int(wrong[-1])
+    row_bytes = max(1, x.numel() // max(1, a.shape[0] if a.dim() else 1))
+    where = f"{wrong.numel()} of {x.numel()} bytes differ, bytes {first}..{last} (row {first // row_bytes})"
+    if row_splits is not None:
+        start = 0
+        for source, rows in enumerate(row_splits):
+            if first // row_bytes < start + rows:
+                where += f", first in the rows from rank {source} (rows {start}..{start + rows - 1})"
+                break
+            start += rows
+    return where
