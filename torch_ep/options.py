@@ -24,9 +24,9 @@ ENVIRONMENT = {
                                 "the first comm_pool call on a group; tensors of the pool must fit in it",
     "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default 0, automatic: CUDA dispatch/combine take "
                         "torch_ep/data/sm_table.json's budget for the GPU and group, else every SM; all_to_all one per peer)",
-    "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: warp (default; a warp per row, 16-byte "
-                         "loads), unroll (for few SMs: the same with a row's loads issued together and the next "
-                         "row's lookups a row ahead, about one round trip to memory per row) or bulk (Hopper bulk "
+    "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: unroll (default; a warp per row, a row's "
+                         "loads issued together and the next row's lookups a row ahead, about one round trip to "
+                         "memory per row), warp (a warp per row, 16-byte loads, one lookup after another) or bulk (Hopper bulk "
                          "async copies through a shared-memory ring: many bytes in flight per SM, for few SMs)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
@@ -91,6 +91,9 @@ def _env_timeout() -> Optional[timedelta]:
 
 
 MOE_COPIES = ("warp", "unroll", "bulk")  # Options.moe_copy's values, in the order of kernels::MoeCopy
+# The default: unroll led warp at every SM budget of the 2026-12-04 sweep on the H200 (2 ranks; 4 SMs:
+# 167 / 131 / 278 GB/s against 148 / 100 / 174 for dispatch bf16 / fp8 / combine; benchmarks/RESULTS.md).
+DEFAULT_MOE_COPY = "unroll"
 
 
 def _default(name: str, fallback):
@@ -115,7 +118,7 @@ class Options:
     comm_pool_bytes: int = field(default_factory=_default("TORCH_EP_COMM_POOL_BYTES", 1 << 30))
     num_sms: int = field(default_factory=_default("TORCH_EP_NUM_SMS", 0))
     ranks_per_node: int = field(default_factory=_default("TORCH_EP_RANKS_PER_NODE", 0))
-    moe_copy: str = field(default_factory=lambda: os.environ.get("TORCH_EP_MOE_COPY") or "warp")
+    moe_copy: str = field(default_factory=lambda: os.environ.get("TORCH_EP_MOE_COPY") or DEFAULT_MOE_COPY)
     blocking_wait: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_BLOCKING_WAIT")))
     all_to_all_lanes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_LANES", 0))
     all_to_all_slot_bytes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_SLOT_BYTES", 0))

@@ -20,8 +20,8 @@ struct Config {
   int num_sms = 0;                      // SM budget of communication kernels; 0 = automatic
   int auto_sms_dispatch = 0;            // where num_sms is 0: dispatch's budget measured for this GPU and
   int auto_sms_combine = 0;             // group size (torch_ep/data/sm_table.json); 0 = every SM
-  int moe_copy = 0;                     // intranode CUDA dispatch/combine copy: kernels::MoeCopy (0 warp,
-                                        // 1 unroll, 2 bulk; torch_ep.options.MOE_COPIES)
+  int moe_copy = 1;                     // intranode CUDA dispatch/combine copy: kernels::MoeCopy (0 warp,
+                                        // 1 unroll, the default, 2 bulk; torch_ep.options.MOE_COPIES)
   int ranks_per_node = 0;               // override of the node size; 0 = detect
   int launch_local_world_size = 0;      // the launcher's LOCAL_WORLD_SIZE where the group is the launch
   bool blocking_wait = false;           // CUDA Work.wait() blocks the CPU and raises on errors
