@@ -42,8 +42,8 @@ ENVIRONMENT = {
                                       "TORCH_EP_CUDA_BUFFER_BYTES / (2 x ranks x lanes) is less); the smallest over the ranks",
     "TORCH_EP_ALL_TO_ALL_POOL_BLOCKS": "the device protocol's one-copy move (tensors of torch_ep.comm_pool): the "
                                        "blocks that copy, one piece of the call each (default 0, automatic: two per SM "
-                                       "of this rank's share, TORCH_EP_NUM_SMS or CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of "
-                                       "the GPU, less one for the plan's block)",
+                                       "of this rank's share (TORCH_EP_NUM_SMS, or the SMs its context has, which "
+                                       "under MPS is the client's share), less one for the plan's block)",
     "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "1 runs the device protocol's plan and move in one kernel launch instead of two (measured slower on one H200)",
     "TORCH_EP_ALL_TO_ALL_EAGER_BYTES": "the device protocol's eager path for small CUDA all_to_all_single calls: a "
                                        "message of at most this many bytes (a multiple of 16, up to 1 MiB; default 0, "

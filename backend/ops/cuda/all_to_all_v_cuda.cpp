@@ -40,15 +40,14 @@ uint64_t chunk_bytes_for(const Config& config, int size, int lanes) {
   return std::max<uint64_t>(chunk / kAlign, 1) * kAlign;
 }
 
-// The SMs this rank may fill: the SM budget where one is set, else its MPS share of the GPU
-// (ranks sharing a GPU each hold CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of its SMs), else every SM.
+// The SMs this rank may fill: the SM budget where one is set, else the SMs its context has. Under
+// MPS the device attribute already counts only the client's share (on the H200 at
+// CUDA_MPS_ACTIVE_THREAD_PERCENTAGE 50 / 25 / 12 it reads 66 / 32 / 14 of 132), so the share is not
+// applied again.
 int sm_share(const Config& config, int device) {
   int sms = 0;
   EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (config.num_sms > 0) return std::min(config.num_sms, sms);
-  const char* mps = std::getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
-  const int percent = mps ? std::atoi(mps) : 100;
-  return percent > 0 && percent < 100 ? std::max(1, (sms * percent + 99) / 100) : sms;
+  return config.num_sms > 0 ? std::min(config.num_sms, sms) : sms;
 }
 
 // What every rank of the group uses, the smallest over the ranks of each rank's options: the
