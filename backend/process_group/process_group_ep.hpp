@@ -120,8 +120,8 @@ class ProcessGroupEP : public c10d::Backend {
   uint64_t rail_bytes() const { return rail_bytes_.load(); }
   uint64_t node_bytes() const { return node_bytes_.load(); }
   // The CUDA transport of the MoE kernels, apart from all_to_all's so that their flags never
-  // meet (all_to_all runs on the comm stream, MoE ops on the caller's). Created by the first
-  // CUDA dispatch (collective); throws where CUDA IPC cannot reach every rank.
+  // meet (all_to_all may run on the comm stream, MoE ops run on the caller's). Created by the
+  // first CUDA dispatch (collective); throws where CUDA IPC cannot reach every rank.
   std::shared_ptr<CudaTransport> moe_transport(const at::Device& device, const char* op_name);
   // What the device reported since the last call (torch_ep.check_errors): raises DistBackendError
   // when the group takes no more calls, ValueError naming a CUDA dispatch that received more

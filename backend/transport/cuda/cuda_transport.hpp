@@ -64,8 +64,8 @@ class CudaTransport {
   // Enqueues the exchange on `stream`, after this transport's previous one whatever stream that
   // ran on, and returns its end (track); pointers are device memory. Throws if the transport
   // failed earlier (a timeout), since its flags no longer agree with the peers'.
-  std::shared_ptr<StreamMark> all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs, cudaStream_t stream,
-                  const char* op_name);
+  std::shared_ptr<StreamMark> all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
+                                         cudaStream_t stream, const char* op_name);
 
   // The error that stopped this transport, or "" while it is healthy.
   std::string error() const;
