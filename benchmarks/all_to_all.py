@@ -14,7 +14,10 @@ itself included. Measured, size by size and one after another:
   ep_graph on CUDA: the ep_device call captured in a CUDA graph and replayed: the device's time per
            call without the host's (Python, c10d, launches), what a captured model step pays
   ep_device  on CUDA: an "ep" group with Options(all_to_all_device=True): all_to_all_single on
-           the device protocol (counts checked by the kernels, no host control exchange)
+           the device protocol (counts checked by the kernels, no host control exchange). Like
+           every row but the next, async_op=False: the call runs on the caller's stream
+  ep_device_async on CUDA: the ep_device call with async_op=True, then work.wait(): the comm
+           stream's fork and join, what async_op=False saves the host
   ep_eager on CUDA, sizes up to ranks x 64 KiB: an "ep" group with Options(all_to_all_device=True,
            all_to_all_eager_bytes=65536): the device protocol's eager path (each message rides with
            the plan's record: one launch, no staging); ep_eager_graph: the same captured and replayed
@@ -55,6 +58,7 @@ SUBJECT = "ep"
 ALL_TO_ALL_V = "all_to_all_v"  # torch_ep.all_to_all_v on the subject's group
 GRAPH = "ep_graph"  # the subject's call captured in a CUDA graph
 POOL = "ep_pool"  # input and output from torch_ep.comm_pool of its group
+DEVICE_ASYNC = "ep_device_async"  # the device protocol with async_op=True, then wait()
 EAGER, EAGER_GRAPH = "ep_eager", "ep_eager_graph"  # the device protocol's eager path, eagerly and replayed
 EAGER_BYTES = 64 << 10  # its Options.all_to_all_eager_bytes: timed where every message fits
 ROOFLINE = "roofline"
@@ -112,6 +116,8 @@ def make_op(impl: str, group, recv: torch.Tensor, send: torch.Tensor):
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             op()
         return graph.replay
+    if impl == DEVICE_ASYNC:
+        return lambda: dist.all_to_all_single(recv, send, group=group, async_op=True).wait()
     if impl == ALL_TO_ALL_V:
         splits = torch.full((dist.get_world_size(),), send.numel() // dist.get_world_size(), dtype=torch.int64,
                             device=send.device)
@@ -268,6 +274,7 @@ def main() -> None:
     if device.type == "cuda":
         sharing = common.ranks_per_gpu(device, sync_group)
         impls["ep_device"] = dist.new_group(backend="ep", pg_options=torch_ep.Options(all_to_all_device=True))
+        impls[DEVICE_ASYNC] = impls["ep_device"]
         impls[GRAPH] = impls["ep_device"]
         impls[EAGER] = dist.new_group(backend="ep", pg_options=torch_ep.Options(
             all_to_all_device=True, all_to_all_eager_bytes=EAGER_BYTES))

@@ -330,7 +330,7 @@ if [ "$WHAT" = pending ]; then
   fi
   if [[ $STEPS == *" a2a_bench "* ]]; then
     for R in ${TORCH_EP_PENDING_BENCH_RANKS:-2}; do
-      step "all_to_all benchmark, $R ranks (ep, ep_device, ep_graph, all_to_all_v)"
+      step "all_to_all benchmark, $R ranks (ep, ep_device, ep_device_async, ep_graph, all_to_all_v)"
       run_bench "$R" 90 "pending_bench_${R}ranks.log" 12 benchmarks/all_to_all.py --device cuda --max-bytes $((64 << 20)) \
         --out "$LOGS/all_to_all_${R}ranks"
     done

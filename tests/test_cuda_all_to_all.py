@@ -107,6 +107,80 @@ def test_async_op_and_future(cuda_pool):
     cuda_pool.run(cpu_checks.rank_async_and_ordering, seed=_seed(), device="cuda")
 
 
+def _uneven_splits(shared, size, rank):
+    """One call's split sizes, alike on every rank (`shared` is seeded alike): rows[src][dst]."""
+    rows = torch.randint(1, 300, (size, size), generator=shared)
+    return rows[:, rank].tolist(), rows[rank].tolist()  # output_split_sizes, input_split_sizes
+
+
+def rank_sync_op_on_caller_stream(seed):
+    """async_op=False runs on the caller's current stream, as ProcessGroupNCCL's asyncOp=False does:
+    work queued on that stream right after the call, with no wait or other sync, sees the whole
+    output, also when the stream was busy before the call. Calls in a row on different streams, and
+    async_op=True ones between them, stay in order (they share the transport's flags and slots)."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator(device="cuda").manual_seed(seed + rank)
+    shared = torch.Generator().manual_seed(seed)
+    a, b, c = torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()
+    checks = []  # (what was read on the op's stream, input, output splits, input splits)
+
+    def call(stream, busy=False, async_op=False):
+        out_splits, in_splits = _uneven_splits(shared, size, rank)
+        with torch.cuda.stream(stream):
+            if busy:
+                torch.cuda._sleep(20_000_000)  # a missing dependency on the stream would show
+            x = torch.empty(sum(in_splits), 5, device="cuda").normal_(generator=g)
+            y = poison_(torch.empty(sum(out_splits), 5, device="cuda"))
+            work = dist.all_to_all_single(y, x, out_splits, in_splits, async_op=async_op)
+            assert (work is None) == (not async_op)
+            if async_op:
+                work.wait()
+            checks.append((y.clone(), x, out_splits, in_splits))
+
+    call(a, busy=True)
+    call(b)  # right away on another stream: after the call still held up on `a`
+    call(b, async_op=True)
+    call(a, busy=True)
+    call(torch.cuda.current_stream())
+
+    # The Work of an async_op=False call (what dist.all_to_all_single waits on and drops): wait()
+    # from another stream orders that stream after the op; its future and completion work too.
+    out_splits, in_splits = _uneven_splits(shared, size, rank)
+    with torch.cuda.stream(a):
+        torch.cuda._sleep(20_000_000)
+        x = torch.empty(sum(in_splits), 5, device="cuda").normal_(generator=g)
+        y = poison_(torch.empty(sum(out_splits), 5, device="cuda"))
+        opts = dist.AllToAllOptions()
+        opts.asyncOp = False
+        world = dist.group.WORLD
+        work = getattr(world, "all_to_all_single", world.alltoall_base)(y, x, out_splits, in_splits, opts)
+    with torch.cuda.stream(c):
+        work.wait()
+        checks.append((y.clone(), x, out_splits, in_splits))
+    torch.cuda.synchronize()
+    assert work.is_completed()
+    assert same_bits(work.get_future().wait()[0], y)
+
+    # The list form (the host protocol's all_to_all) on a busy side stream.
+    rows = torch.randint(0, 40, (size, size), generator=shared)
+    with torch.cuda.stream(a):
+        torch.cuda._sleep(20_000_000)
+        inputs = [torch.empty(int(rows[rank][d]), 3, device="cuda").normal_(generator=g) for d in range(size)]
+        outputs = [poison_(torch.empty(int(rows[s][rank]), 3, device="cuda")) for s in range(size)]
+        dist.all_to_all(outputs, inputs)
+        seen = [o.clone() for o in outputs]
+    torch.cuda.synchronize()
+
+    for read, x, out_splits, in_splits in checks:
+        assert same_bits(read, reference.all_to_all_single(read.shape, x, out_splits, in_splits))
+    for read, expected in zip(seen, reference.all_to_all(inputs)):
+        assert same_bits(read, expected)
+
+
+def test_sync_op_on_caller_stream(cuda_pool):
+    cuda_pool.run(rank_sync_op_on_caller_stream, seed=_seed())
+
+
 def test_non_contiguous(cuda_pool):
     cuda_pool.run(cpu_checks.rank_non_contiguous, seed=_seed(), device="cuda")
 
@@ -391,6 +465,48 @@ def rank_cuda_graph(seed):
 
 def test_cuda_graph_capture_and_replay(cuda_pool):
     cuda_pool.run(rank_cuda_graph, seed=_seed())
+
+
+def rank_cuda_graph_sync_and_async(seed):
+    """One graph holds an async_op=False call with uneven splits (it runs on the capturing stream)
+    and an async_op=True call with its wait() (the comm stream joins the capture). Each replay,
+    on a side stream, on fresh inputs into poisoned outputs, leaves both outputs right, readable on
+    the replay stream with no other sync."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator(device="cuda").manual_seed(seed + rank)
+    out_splits, in_splits = _uneven_splits(torch.Generator().manual_seed(seed), size, rank)
+    in_sync = torch.randn(sum(in_splits), 7, device="cuda", generator=g)
+    out_sync = torch.empty(sum(out_splits), 7, device="cuda")
+    in_async = torch.randn(size * 32, 3, device="cuda", generator=g)
+    out_async = torch.empty_like(in_async)
+
+    def both():
+        dist.all_to_all_single(out_sync, in_sync, out_splits, in_splits)
+        dist.all_to_all_single(out_async, in_async, async_op=True).wait()
+
+    both()  # warm-up: the transports and the comm stream exist before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        both()
+    replay = torch.cuda.Stream()
+    for _ in range(4):
+        in_sync.normal_(generator=g)
+        in_async.normal_(generator=g)
+        poison_(out_sync)
+        poison_(out_async)
+        replay.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(replay):
+            torch.cuda._sleep(10_000_000)
+            graph.replay()
+            read_sync, read_async = out_sync.clone(), out_async.clone()
+        torch.cuda.synchronize()
+        assert same_bits(read_sync, reference.all_to_all_single(out_sync.shape, in_sync, out_splits, in_splits))
+        assert same_bits(read_async, reference.all_to_all_single(out_async.shape, in_async))
+
+
+def test_cuda_graph_sync_and_async_ops(cuda_pool):
+    cuda_pool.run(rank_cuda_graph_sync_and_async, seed=_seed())
 
 
 def rank_memory_stays_flat(seed, iterations):

@@ -7,7 +7,10 @@ prints, in microseconds per call:
   host   the host time per call issued: N calls back to back, no synchronisation until the
          clock has stopped, divided by N (the median of --repeats such runs), for
            all_to_all_single  dist.all_to_all_single on an "ep" group with
-                              Options(all_to_all_device=True)
+                              Options(all_to_all_device=True) (async_op=False: on the caller's
+                              stream)
+           async_op=True      the same with async_op=True, then work.wait() (the comm stream's
+                              fork and join)
            host protocol      the same on the default group (the host control exchange)
            all_to_all_v       torch_ep.all_to_all_v into a given output, on the device group
            copy_              a plain dst.copy_(src) of the same bytes: what launching one op
@@ -112,6 +115,7 @@ def main():
         assert torch.equal(y.cpu(), expected), "all_to_all_v: wrong output"
         subjects = {
             "all_to_all_single": lambda: dist.all_to_all_single(y, x, group=device_group),
+            "async_op=True": lambda: dist.all_to_all_single(y, x, group=device_group, async_op=True).wait(),
             "host protocol": lambda: dist.all_to_all_single(y, x),
             "all_to_all_v": lambda: torch_ep.all_to_all_v(x, splits, output=y, group=device_group),
             "copy_": lambda: y.copy_(x),

@@ -16,6 +16,7 @@ namespace ep {
 
 class CudaTransport;
 class ProcessGroupEP;
+class StreamMark;
 class Rendezvous;
 struct Config;
 
@@ -41,16 +42,25 @@ struct CommPoolCall {
   int64_t output_offset;  // this rank's output: its byte offset in its arena; -2: empty; -1: outside
 };
 
-// all_to_all_single on the same kernels, queued on `stream`: byte counts known on the host go
-// in the kernel's parameters, and the device checks each receiver's recv_bytes against what its
-// senders send (a disagreement moves nothing on any rank; it raises at the next call, or where
-// take_all_to_all_single_report hands it to the call's Work). Returns the call's id; throws
-// CommError where the transport failed (the caller raises it through the group's fault log).
-// `pool` (a group with a comm pool, every call of it): the plan chooses one copy when every
-// rank's output that receives bytes lies in its arena, else the staged move.
-int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
-                               const std::vector<size_t>& send_bytes, const std::vector<size_t>& recv_bytes,
-                               CUstream_st* stream, const CommPoolCall* pool = nullptr);
+// Blocks until the group's last call (either op, on whatever stream) has ended.
+void wait_for_last_call(AllToAllVState& state);
+
+struct AllToAllSingleCall {
+  int64_t call_id;
+  std::shared_ptr<StreamMark> end;  // its kernels' end on the stream; null inside a graph capture
+};
+// all_to_all_single on the same kernels, queued on `stream` (after the group's previous call,
+// whatever stream that ran on): byte counts known on the host go in the kernel's parameters, and
+// the device checks each receiver's recv_bytes against what its senders send (a disagreement
+// moves nothing on any rank; it raises at the next call, or where take_all_to_all_single_report
+// hands it to the call's Work). Throws CommError where the transport failed (the caller raises it
+// through the group's fault log). `pool` (a group with a comm pool, every call of it): the plan
+// chooses one copy when every rank's output that receives bytes lies in its arena, else the
+// staged move.
+AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
+                                          const std::vector<size_t>& send_bytes,
+                                          const std::vector<size_t>& recv_bytes, CUstream_st* stream,
+                                          const CommPoolCall* pool = nullptr);
 // Whether the last call of a group with a comm pool moved its bytes with one copy (waits for the
 // device: for tests).
 bool last_call_one_copy(AllToAllVState& state);

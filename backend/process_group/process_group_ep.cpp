@@ -109,7 +109,7 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor>, AllToAllSpans,
-                                                                    c10d::OpType, const char* op_name) {
+                                                                    c10d::OpType, const char* op_name, bool) {
   TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
 }
 
@@ -120,7 +120,7 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device&,
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::Tensor>, AllToAllSpans, c10d::OpType,
-                                                               const char* op_name) {
+                                                               const char* op_name, bool) {
   TORCH_CHECK(false, op_name, ": torch_ep was built without CUDA support");
 }
 
@@ -132,7 +132,7 @@ void ProcessGroupEP::abort_cuda(const std::string&) {}
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at::Tensor&, AllToAllSpans,
                                                                         const std::vector<size_t>&,
-                                                                        const std::vector<size_t>&) {
+                                                                        const std::vector<size_t>&, bool) {
   return {};
 }
 
@@ -346,19 +346,19 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall_base(at::Tensor& output,
   // A group with a comm pool: the device protocol on every rank, whose plan picks one copy
   if (input.is_cuda() && comm_pool())
     if (auto work = device_all_to_all_single(output, single_spans(output, input, layout), layout.send_bytes,
-                                             layout.recv_bytes))
+                                             layout.recv_bytes, opts.asyncOp))
       return work;
   if (input.is_cuda() && topology_.multi_node() && internode_built())  // peers on other nodes: NVSHMEM
     return internode_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
-                                "all_to_all_single");
+                                "all_to_all_single", opts.asyncOp);
   if (input.is_cuda() && config_.all_to_all_device)
     if (auto work = device_all_to_all_single(output, single_spans(output, input, layout), layout.send_bytes,
-                                             layout.recv_bytes))
+                                             layout.recv_bytes, opts.asyncOp))
       return work;
   if (input.is_cuda() && cuda_transport(input.device(), "all_to_all_single"))
-    // Staging happens on the caller's stream, before the comm stream forks.
+    // Staging happens on the caller's stream, before the comm stream forks (async_op).
     return cuda_all_to_all({output}, single_spans(output, input, layout), c10d::OpType::ALLTOALL_BASE,
-                           "all_to_all_single");
+                           "all_to_all_single", opts.asyncOp);
   if (!input.device().is_cpu())
     return inner_for(input, "all_to_all_single")->alltoall_base(output, input, output_split_sizes,
                                                                 input_split_sizes, opts);
@@ -375,9 +375,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::alltoall(std::vector<at::Tensor>&
   check_usable("all_to_all");
   check_all_to_all(outputs, inputs, getSize());
   if (inputs[0].is_cuda() && topology_.multi_node() && internode_built())
-    return internode_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all");
+    return internode_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all",
+                                opts.asyncOp);
   if (inputs[0].is_cuda() && cuda_transport(inputs[0].device(), "all_to_all"))
-    return cuda_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all");
+    return cuda_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all", opts.asyncOp);
   if (!inputs[0].device().is_cpu()) return inner_for(inputs, "all_to_all")->alltoall(outputs, inputs, opts);
   return host_all_to_all(outputs, list_spans(outputs, inputs), c10d::OpType::ALLTOALL, "all_to_all",
                          [cpu = cpu_backend("all_to_all"), outputs, inputs]() mutable {
@@ -603,13 +604,13 @@ void ProcessGroupEP::shutdown() {
     gate_->set_peer_notice(nullptr);
     host_transport_.reset();  // unmaps the segments; their names were unlinked at set-up
   }
+  close_comm_pool();  // first: it waits for the device protocol's last call, which a2av_state_ knows
   {
     std::lock_guard<std::mutex> lock(cuda_mutex_);
     cuda_transport_.reset();  // Works still alive keep it until they go
     moe_transport_.reset();
     a2av_state_.reset();
   }
-  close_comm_pool();
   // The inner backends go now, not with the last reference to this group, which a user's module
   // may hold until the interpreter exits: Gloo's threads free finished Works' tensors, which
   // needs the GIL, and a thread asking a finalizing interpreter for it is ended inside a

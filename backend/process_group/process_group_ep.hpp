@@ -32,6 +32,7 @@ class object;
 namespace ep {
 
 class AllToAllVState;
+class CallOrder;
 class CommPool;
 class CudaTransport;
 class InternodeTransport;
@@ -119,8 +120,8 @@ class ProcessGroupEP : public c10d::Backend {
   uint64_t rail_bytes() const { return rail_bytes_.load(); }
   uint64_t node_bytes() const { return node_bytes_.load(); }
   // The CUDA transport of the MoE kernels, apart from all_to_all's so that their flags never
-  // meet (all_to_all runs on the comm stream, MoE ops on the caller's). Created by the first
-  // CUDA dispatch (collective); throws where CUDA IPC cannot reach every rank.
+  // meet (all_to_all may run on the comm stream, MoE ops run on the caller's). Created by the
+  // first CUDA dispatch (collective); throws where CUDA IPC cannot reach every rank.
   std::shared_ptr<CudaTransport> moe_transport(const at::Device& device, const char* op_name);
   // What the device reported since the last call (torch_ep.check_errors): raises DistBackendError
   // when the group takes no more calls, ValueError naming a CUDA dispatch that received more
@@ -247,20 +248,22 @@ class ProcessGroupEP : public c10d::Backend {
   void abort_cuda(const std::string& why);
   // The comm pool, or null (cuda/comm_pool_path.cpp).
   std::shared_ptr<CommPool> comm_pool() const;
-  // Shutdown: once the comm stream has drained, unmaps the peers' arenas; this rank's arena goes
-  // when torch has given back every segment (CommPool::close).
+  // Shutdown: once the device protocol's last call has ended, unmaps the peers' arenas; this
+  // rank's arena goes when torch has given back every segment (CommPool::close).
   void close_comm_pool();
+  // The CUDA all_to_all paths below run on the caller's current stream unless `async_op`
+  // (c10d's AllToAllOptions::asyncOp), then on a comm stream: cuda/cuda_work.hpp, op_stream.
   // all_to_all_single on the device protocol (all_to_all_v's kernels, backend/ops/all_to_all_v.hpp):
   // no host control exchange. A null Work where those kernels cannot reach every rank.
   c10::intrusive_ptr<c10d::Work> device_all_to_all_single(const at::Tensor& output, AllToAllSpans spans,
                                                           const std::vector<size_t>& send_bytes,
-                                                          const std::vector<size_t>& recv_bytes);
+                                                          const std::vector<size_t>& recv_bytes, bool async_op);
   // Runs an all_to_all on the CUDA transport.
   c10::intrusive_ptr<c10d::Work> cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
-                                                 c10d::OpType type, const char* op_name);
+                                                 c10d::OpType type, const char* op_name, bool async_op);
   // Runs a CUDA all_to_all across nodes: IPC copies to this node's ranks, NVSHMEM puts to others.
   c10::intrusive_ptr<c10d::Work> internode_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
-                                                      c10d::OpType type, const char* op_name);
+                                                      c10d::OpType type, const char* op_name, bool async_op);
   // Runs an all_to_all on the host transport, from the worker thread; `delegate` runs it on the
   // inner Gloo backend instead when the ranks span hosts.
   c10::intrusive_ptr<c10d::Work> host_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
@@ -294,6 +297,7 @@ class ProcessGroupEP : public c10d::Backend {
   std::shared_ptr<void> comm_allocator_;  // its torch allocator (a CUDAAllocator)
   std::shared_ptr<InternodeTransport> internode_transport_;
   std::optional<c10::Stream> internode_stream_;
+  std::shared_ptr<CallOrder> internode_order_;  // its all_to_all's calls, node and NVSHMEM hop together
   std::atomic<uint64_t> dispatch_count_{0};
   std::atomic<uint64_t> rail_bytes_{0}, node_bytes_{0};
   HostWorker host_worker_;  // declared last: joined first on destruction

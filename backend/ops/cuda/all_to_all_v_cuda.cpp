@@ -119,7 +119,6 @@ class AllToAllVState {
 
   ~AllToAllVState() {
     transport_.reset();  // first: its destructor lets calls in flight finish (or time out)
-    if (last_call_) cudaEventDestroy(last_call_);
     if (report_host_) cudaFreeHost(report_host_);
     if (abort_host_) cudaFreeHost(abort_host_);
   }
@@ -194,27 +193,10 @@ class AllToAllVState {
   }
 
   // Calls of this group run one after another whatever stream they are queued on (all_to_all_v
-  // on the caller's, all_to_all_single on the group's comm stream): every rank writes its records
-  // in call order, and two calls of one rank never share the blocks at once. `begin` makes
-  // `stream` wait for the previous call; `end` marks this one. Inside a graph capture neither
-  // (an event recorded outside cannot be waited on there; replays follow the graph's stream).
-  // `comm`: the group's comm stream, which lives as long as the group: a call there after one
-  // there needs no event (the stream orders them), and one elsewhere after it takes an event
-  // recorded on it then (which covers the earlier call, if later work too).
-  void begin(cudaStream_t stream, bool comm) {
-    if (stream_capturing(stream)) return;
-    if (!last_call_) EP_CUDA_CHECK(cudaEventCreateWithFlags(&last_call_, cudaEventDisableTiming));
-    if (last_on_comm_ && comm && last_comm_ == stream) return;
-    if (last_on_comm_) EP_CUDA_CHECK(cudaEventRecord(last_call_, last_comm_));
-    if (last_on_comm_ || recorded_) EP_CUDA_CHECK(cudaStreamWaitEvent(stream, last_call_, 0));
-  }
-  void end(cudaStream_t stream, bool comm) {
-    if (stream_capturing(stream)) return;
-    last_on_comm_ = comm;
-    last_comm_ = comm ? stream : nullptr;
-    if (!comm) EP_CUDA_CHECK(cudaEventRecord(last_call_, stream));
-    recorded_ = !comm;
-  }
+  // and all_to_all_single without async_op on the caller's, all_to_all_single with it on the
+  // group's comm stream): every rank writes its records in call order, and two calls of one rank
+  // never share the blocks at once.
+  CallOrder& order() { return order_; }
 
   // [6 kMaxRanksPerNode]: output_splits, output_offsets, plan; then the pool plan.
   int64_t* scratch() {
@@ -258,15 +240,11 @@ class AllToAllVState {
   int64_t calls_ = 0;                 // calls so far: each one's call_id
   int* abort_host_ = nullptr;         // pinned, mapped: set by abort()
   int* abort_device_ = nullptr;
-  Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: begin/end)
+  Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: order_)
   int pool_blocks_ = 0;               // grid of the one-copy move
   bool one_launch_ = false;           // plan and move in one launch
   uint64_t eager_bytes_ = 0;          // all_to_all_single's eager messages: at most this (0: off)
-  cudaEvent_t last_call_ = nullptr;   // recorded after the last call's kernels (see begin)
-  bool recorded_ = false;             // last_call_ marks the last call
-  bool last_on_comm_ = false;         // the last call ran on last_comm_, the comm stream
-  cudaStream_t last_comm_ = nullptr;
-
+  CallOrder order_;
 };
 
 std::shared_ptr<AllToAllVState> create_all_to_all_v_state(Rendezvous& rdv, const Config& config, int device,
@@ -280,20 +258,24 @@ int device_of(const AllToAllVState& state) { return state.device(); }
 
 void check_all_to_all_v_reports(AllToAllVState& state, int rank, const char* op) { state.check_reports(rank, op); }
 
+void wait_for_last_call(AllToAllVState& state) { state.order().wait_for_last(); }
+
 std::shared_ptr<CudaTransport> shared_transport_of(AllToAllVState& state) { return state.shared_transport(); }
 
 std::string take_all_to_all_single_report(AllToAllVState& state, int64_t call_id, int rank) {
   return state.take_report_of(call_id, rank);
 }
 
-int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
-                               const std::vector<size_t>& send_bytes, const std::vector<size_t>& recv_bytes,
-                               cudaStream_t stream, const CommPoolCall* pool) {
+AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
+                                          const std::vector<size_t>& send_bytes,
+                                          const std::vector<size_t>& recv_bytes, cudaStream_t stream,
+                                          const CommPoolCall* pool) {
   const char* op = "all_to_all_single";
   const int R = int(send_bytes.size());
   // An earlier call's problem raises once this call is queued (see all_to_all_v_cuda).
   const AllToAllVState::Report raise_later = state.take_report();
   kernels::AllToAllVParams p{};
+  std::shared_ptr<StreamMark> end;
   {  // a CommError (a failed transport) raises at the caller, through the group's fault log
     state.transport().check_healthy(op);
     state.fill(p);
@@ -338,7 +320,7 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
     for (int r = 0; r < R; ++r)
       eager_only = eager_only && send_bytes[r] <= p.eager_bytes && recv_bytes[r] <= p.eager_bytes;
     if (eager_only) p.out_arena = -1;
-    state.begin(stream, /*comm=*/true);
+    state.order().begin(stream);
     if (eager_only) {
       EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
     } else if (state.one_launch()) {
@@ -348,14 +330,14 @@ int64_t all_to_all_single_cuda(AllToAllVState& state, int rank, const char* inpu
       if (pool) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, blocks, stream));
       else EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
     }
-    state.end(stream, /*comm=*/true);
     std::vector<int> peers;
     for (int r = 0; r < R; ++r)
       if (r != rank) peers.push_back(r);
-    state.transport().track(op, stream, std::move(peers));
+    end = state.transport().track(op, stream, std::move(peers));
+    state.order().end(end);
   }
   if (raise_later[0] != kernels::kReportNone) AllToAllVState::raise(raise_later, rank, op, /*earlier=*/true);
-  return p.call_id;
+  return {p.call_id, std::move(end)};
 }
 
 bool last_call_one_copy(AllToAllVState& state) {
@@ -402,7 +384,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     p.output_splits = output_splits.data_ptr<int64_t>();
     p.output_offsets = output_offsets.data_ptr<int64_t>();
     p.plan = plan.data_ptr<int64_t>();
-    state.begin(stream, /*comm=*/false);
+    state.order().begin(stream);
 
     Tensor output, staging;
     if (given) {
@@ -434,12 +416,11 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     }
     p.output = static_cast<char*>(staging.data_ptr());
     if (!one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
-    state.end(stream, /*comm=*/false);
     if (!staging.is_same(output)) output.copy_(staging);
     std::vector<int> peers;
     for (int r = 0; r < R; ++r)
       if (r != rank) peers.push_back(r);
-    state.transport().track(op, stream, std::move(peers));
+    state.order().end(state.transport().track(op, stream, std::move(peers)));
     if (raise_later[0] != kernels::kReportNone)
       AllToAllVState::raise(raise_later, rank, op, /*earlier=*/raise_later[kernels::kReportCallId] != p.call_id);
     return {output_splits, output_offsets};

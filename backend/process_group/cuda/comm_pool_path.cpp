@@ -110,18 +110,19 @@ std::vector<int64_t> ProcessGroupEP::comm_pool_stats() {
 
 void ProcessGroupEP::close_comm_pool() {
   std::shared_ptr<CommPool> pool;
-  std::optional<c10::Stream> comm;
+  std::shared_ptr<AllToAllVState> state;
   {
     std::lock_guard<std::mutex> lock(cuda_mutex_);
     pool = std::move(comm_pool_);
     comm_allocator_.reset();  // kept for the process (keep_for_the_process): segments may still come back
-    comm = comm_stream_;
+    state = a2av_state_;
   }
   if (!pool) return;
-  // A call in flight may still write the peers' arenas through their mappings.
-  if (comm) {
-    c10::cuda::CUDAGuard guard(comm->device_index());
-    cudaStreamSynchronize(c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *comm).stream());
+  // A call in flight may still write the peers' arenas through their mappings; the pool's calls
+  // all run on the device protocol, on the comm stream or the caller's.
+  if (state) {
+    c10::cuda::CUDAGuard guard(c10::DeviceIndex(device_of(*state)));
+    wait_for_last_call(*state);
   }
   pool->close();
 }

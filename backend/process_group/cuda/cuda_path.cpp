@@ -148,7 +148,8 @@ std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Dev
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at::Tensor& output, AllToAllSpans spans,
                                                                         const std::vector<size_t>& send_bytes,
-                                                                        const std::vector<size_t>& recv_bytes) {
+                                                                        const std::vector<size_t>& recv_bytes,
+                                                                        bool async_op) {
   const char* op = "all_to_all_single";
   Phases phase;  // the host's share of a call, for tools/a2a_profile.py
   phase.next("ep::all_to_all_single/state");
@@ -156,14 +157,16 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
   if (!state) return {};
   const c10::DeviceIndex device = output.device().index();
   c10::cuda::CUDAGuard guard(device);
-  auto caller = c10::cuda::getCurrentCUDAStream(device);
-  {
-    std::lock_guard<std::mutex> lock(cuda_mutex_);
-    if (!comm_stream_) comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device);
+  const auto caller = c10::cuda::getCurrentCUDAStream(device);
+  auto stream = caller;  // where the call runs: the caller's stream, or (async_op) the comm stream
+  if (async_op) {
+    {
+      std::lock_guard<std::mutex> lock(cuda_mutex_);
+      if (!comm_stream_) comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device);
+    }
+    phase.next("ep::all_to_all_single/fork");
+    stream = op_stream(caller, c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *comm_stream_), async_op);
   }
-  c10::cuda::CUDAStream comm(c10::cuda::CUDAStream::UNCHECKED, *comm_stream_);
-  phase.next("ep::all_to_all_single/fork");
-  start_after(caller, comm);
   // spans.buffers: the contiguous input, and the output or its contiguous staging (single_spans).
   const char* in = static_cast<const char*>(spans.buffers[0].data_ptr());
   char* out = static_cast<char*>(spans.buffers[1].data_ptr());
@@ -179,15 +182,15 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
     pool_call.arenas = arenas.data();
     pool_call.output_offset = out_bytes == 0 ? -2 : pool->offset_of(out, out_bytes);
   }
-  int64_t call_id = 0;
-  // Raised once the buffers are tied to the comm stream: an earlier call's problem (this call is
+  AllToAllSingleCall call{};
+  // Raised once the buffers are tied to the op's stream: an earlier call's problem (this call is
   // queued) or a failed transport (nothing was).
   std::exception_ptr pending;
   std::string failed;
   phase.next("ep::all_to_all_single/launch");
   try {
-    call_id = all_to_all_single_cuda(*state, getRank(), in, out, send_bytes, recv_bytes, comm.stream(),
-                                     pool ? &pool_call : nullptr);
+    call = all_to_all_single_cuda(*state, getRank(), in, out, send_bytes, recv_bytes, stream.stream(),
+                                  pool ? &pool_call : nullptr);
   } catch (const CommError& e) {  // timeouts included
     failed = e.what();
   } catch (...) {
@@ -195,38 +198,37 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
   }
   phase.next("ep::all_to_all_single/finish");
   std::vector<at::Tensor> outputs{output};
-  finish_on(comm, spans, outputs);
+  std::shared_ptr<StreamMark> done = finish_on(stream, spans, outputs, async_op, std::move(call.end));
   if (!failed.empty()) raise_failure(failed);
   if (pending) std::rethrow_exception(pending);
   phase.next("ep::all_to_all_single/work");
   // A disagreement the device found in this very call raises at the Work's wait, once.
   auto seen = std::make_shared<std::string>();
-  auto more_errors = [state, call_id, rank = getRank(), seen]() {
+  auto more_errors = [state, call_id = call.call_id, rank = getRank(), seen]() {
     if (seen->empty()) *seen = take_all_to_all_single_report(*state, call_id, rank);
     return *seen;
   };
-  return c10::make_intrusive<EPCudaWork>(getRank(), c10d::OpType::ALLTOALL_BASE, std::move(outputs), comm,
-                                         shared_transport_of(*state), faults_, config_.blocking_wait,
-                                         config_.timeout, more_errors);
+  return c10::make_intrusive<EPCudaWork>(getRank(), c10d::OpType::ALLTOALL_BASE, std::move(outputs), stream,
+                                         std::move(done), shared_transport_of(*state), faults_,
+                                         config_.blocking_wait, config_.timeout, more_errors);
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::cuda_all_to_all(std::vector<at::Tensor> outputs, AllToAllSpans spans,
-                                                               c10d::OpType type, const char* op_name) {
+                                                               c10d::OpType type, const char* op_name, bool async_op) {
   std::shared_ptr<CudaTransport> transport = cuda_transport_;
   const c10::DeviceIndex device = c10::DeviceIndex(transport->device());
   c10::cuda::CUDAGuard guard(device);
-  auto caller = c10::cuda::getCurrentCUDAStream(device);
-  c10::cuda::CUDAStream comm(c10::cuda::CUDAStream::UNCHECKED, *comm_stream_);
-
-  start_after(caller, comm);
+  const auto stream = op_stream(c10::cuda::getCurrentCUDAStream(device),
+                                c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *comm_stream_), async_op);
+  std::shared_ptr<StreamMark> end;
   try {
-    transport->all_to_all(spans.sends, spans.recvs, comm.stream(), op_name);
+    end = transport->all_to_all(spans.sends, spans.recvs, stream.stream(), op_name);
   } catch (const std::exception& e) {
     raise_failure(e.what());
   }
-  finish_on(comm, spans, outputs);
-  return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport, faults_,
-                                         config_.blocking_wait, config_.timeout);
+  std::shared_ptr<StreamMark> done = finish_on(stream, spans, outputs, async_op, std::move(end));
+  return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), stream, std::move(done), transport,
+                                         faults_, config_.blocking_wait, config_.timeout);
 }
 
 }  // namespace ep

@@ -8,12 +8,15 @@
 #include <thread>
 
 #include "backend/process_group/process_group_ep.hpp"
+#include "backend/transport/cuda/call_order.hpp"
 #include "backend/transport/cuda/cuda_transport.hpp"
 #include "backend/transport/cuda/event_pool.hpp"
 
 namespace ep {
 
-void start_after(const c10::cuda::CUDAStream& caller, const c10::cuda::CUDAStream& comm) {
+c10::cuda::CUDAStream op_stream(const c10::cuda::CUDAStream& caller, const c10::cuda::CUDAStream& comm,
+                                bool async_op) {
+  if (!async_op) return caller;
   // The wait takes the event's state when it is queued, so one event serves every call.
   c10::cuda::CUDAGuard guard(caller.device_index());
   static thread_local std::unordered_map<int, cudaEvent_t> forks;
@@ -21,52 +24,50 @@ void start_after(const c10::cuda::CUDAStream& caller, const c10::cuda::CUDAStrea
   if (!fork) fork = event_pool().take(caller.device_index());
   C10_CUDA_CHECK(cudaEventRecord(fork, caller.stream()));
   C10_CUDA_CHECK(cudaStreamWaitEvent(comm.stream(), fork, 0));
+  return comm;
 }
 
-void finish_on(const c10::cuda::CUDAStream& comm, const AllToAllSpans& spans, const std::vector<at::Tensor>& outputs) {
-  {
-    c10::cuda::CUDAStreamGuard on_comm(comm);
+std::shared_ptr<StreamMark> finish_on(const c10::cuda::CUDAStream& stream, const AllToAllSpans& spans,
+                                      const std::vector<at::Tensor>& outputs, bool async_op,
+                                      std::shared_ptr<StreamMark> kernels_end) {
+  if (!spans.copy_back.empty()) {
+    c10::cuda::CUDAStreamGuard on_stream(stream);
     for (const auto& [output, staging] : spans.copy_back) output.copy_(staging);
   }
-  for (const auto& t : spans.buffers) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
-  for (const auto& t : outputs) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
+  if (async_op) {
+    for (const auto& t : spans.buffers) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
+    for (const auto& t : outputs) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
+  }
+  if (kernels_end && spans.copy_back.empty()) return kernels_end;
+  c10::cuda::CUDAGuard guard(stream.device_index());
+  return std::make_shared<StreamMark>(stream.device_index(), stream.stream());
 }
 
-EPCudaWork::EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs,
-                       c10::cuda::CUDAStream comm_stream, std::shared_ptr<CudaTransport> transport,
+EPCudaWork::EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs, c10::cuda::CUDAStream stream,
+                       std::shared_ptr<StreamMark> done, std::shared_ptr<CudaTransport> transport,
                        std::shared_ptr<FaultLog> faults, bool blocking_wait, std::chrono::milliseconds timeout,
                        std::function<std::string()> more_errors)
-    : c10d::Work(rank, type), outputs_(std::move(outputs)), device_(comm_stream.device_index()),
-      comm_stream_(comm_stream), transport_(std::move(transport)), faults_(std::move(faults)),
-      more_errors_(std::move(more_errors)), blocking_wait_(blocking_wait), timeout_(timeout) {
-  c10::cuda::CUDAGuard guard(device_);
-  done_ = event_pool().take(device_);
-  C10_CUDA_CHECK(cudaEventRecord(done_, comm_stream.stream()));
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  cudaStreamIsCapturing(comm_stream.stream(), &capture);
-  captured_ = capture != cudaStreamCaptureStatusNone;
-}
+    : c10d::Work(rank, type), outputs_(std::move(outputs)), stream_(stream), done_(std::move(done)),
+      transport_(std::move(transport)), faults_(std::move(faults)), more_errors_(std::move(more_errors)),
+      blocking_wait_(blocking_wait), timeout_(timeout) {}
 
 // Made when first asked for: most callers only wait(), and a CUDA-aware future costs the host
 // microseconds per call (its type, and an event recorded per output storage).
 c10::intrusive_ptr<c10::ivalue::Future> EPCudaWork::getFuture() {
   std::lock_guard<std::mutex> lock(future_mutex_);
   if (future_) return future_;
-  if (!captured_) {
-    // Completed on the comm stream (at its tail now, which holds this op's end): fut.wait()
+  c10::cuda::CUDAGuard device(stream_.device_index());
+  if (!stream_capturing(stream_.stream())) {
+    // Completed on the op's stream (at its tail now, which holds this op's end): fut.wait()
     // makes the waiter's stream wait for it.
-    c10::cuda::CUDAStreamGuard guard(comm_stream_);
+    c10::cuda::CUDAStreamGuard guard(stream_);
     future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()),
-                                                       std::vector<c10::Device>{comm_stream_.device()});
+                                                       std::vector<c10::Device>{stream_.device()});
   } else {
     future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()));
   }
   future_->markCompleted(c10::IValue(outputs_));
   return future_;
-}
-
-EPCudaWork::~EPCudaWork() {
-  if (done_) event_pool().give(device_, done_);
 }
 
 void EPCudaWork::raise_if_failed() const {
@@ -87,7 +88,7 @@ void EPCudaWork::raise_if_failed() const {
 }
 
 bool EPCudaWork::isCompleted() {
-  const cudaError_t state = cudaEventQuery(done_);
+  const cudaError_t state = cudaEventQuery(done_->event());
   if (state == cudaErrorNotReady) return false;
   C10_CUDA_CHECK(state);
   return true;
@@ -124,7 +125,9 @@ bool EPCudaWork::wait(std::chrono::milliseconds timeout) {
 }
 
 void EPCudaWork::synchronize() {
-  C10_CUDA_CHECK(cudaStreamWaitEvent(c10::cuda::getCurrentCUDAStream(device_).stream(), done_, 0));
+  const cudaStream_t current = c10::cuda::getCurrentCUDAStream(stream_.device_index()).stream();
+  if (current == stream_.stream()) return;  // the op ran there: the stream orders what follows
+  C10_CUDA_CHECK(cudaStreamWaitEvent(current, done_->event(), 0));
 }
 
 }  // namespace ep

@@ -1,5 +1,5 @@
 // ProcessGroupEP across nodes, CUDA tensors: the InternodeTransport (IPC inside the node, NVSHMEM
-// to other nodes) and all_to_all on it, with the stream semantics of cuda_path.cpp.
+// to other nodes) and all_to_all on it, with the stream semantics of cuda_path.cpp (cuda_work.hpp).
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -7,6 +7,7 @@
 
 #include "backend/process_group/cuda/cuda_work.hpp"
 #include "backend/process_group/process_group_ep.hpp"
+#include "backend/transport/cuda/call_order.hpp"
 #ifdef TORCH_EP_WITH_NVSHMEM
 #include "backend/transport/nvshmem/internode_buffer.hpp"
 #include "backend/transport/nvshmem/internode_transport.hpp"
@@ -30,6 +31,7 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
       internode_transport_ = std::make_shared<InternodeTransport>(rendezvous_, topology_, cc, "ep/internode",
                                                                   config_.internode_a2a_device);
       internode_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
+      internode_order_ = std::make_shared<CallOrder>();
       // The node's watchdog records a stuck wait as soon as it sees it: a rank on another node
       // waiting on this one may be about to time out too, and should learn why.
       internode_transport_->node().on_failure(
@@ -51,13 +53,16 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport_if_made(
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor> outputs,
                                                                     AllToAllSpans spans, c10d::OpType type,
-                                                                    const char* op_name) {
+                                                                    const char* op_name, bool async_op) {
   const at::Device device = outputs[0].device();
   std::shared_ptr<InternodeTransport> transport = internode_transport(device, op_name);
   c10::cuda::CUDAGuard guard(device);
-  auto caller = c10::cuda::getCurrentCUDAStream(device.index());
-  c10::cuda::CUDAStream comm(c10::cuda::CUDAStream::UNCHECKED, *internode_stream_);
-  start_after(caller, comm);
+  const auto stream = op_stream(c10::cuda::getCurrentCUDAStream(device.index()),
+                                c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *internode_stream_), async_op);
+  // The NVSHMEM hop's slots and signal counts carry from call to call, like the node's flags: a
+  // call on another stream than the last one's waits for all of it.
+  internode_order_->begin(stream.stream());
+  std::shared_ptr<StreamMark> end;
 
   const Topology& t = topology_;
   try {
@@ -68,24 +73,26 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
       node_sends.push_back(spans.sends[r]);
       node_recvs.push_back(spans.recvs[r]);
     }
-    transport->node().all_to_all(node_sends, node_recvs, comm.stream(), op_name);
+    transport->node().all_to_all(node_sends, node_recvs, stream.stream(), op_name);
     // Every other rank over NVSHMEM: once per pair, whatever the split.
     std::vector<int> remote;
     for (int r = 0; r < t.size; ++r)
       if (t.node_of(r) != t.node) remote.push_back(r);
-    transport->net().all_to_all(remote, spans.sends, spans.recvs, comm.stream(), op_name);
-    transport->node().track(op_name, comm.stream(), {});
+    transport->net().all_to_all(remote, spans.sends, spans.recvs, stream.stream(), op_name);
+    end = transport->node().track(op_name, stream.stream(), {});
+    internode_order_->end(end);
   } catch (const std::exception& e) {
     raise_failure(e.what());
   }
-  finish_on(comm, spans, outputs);
+  std::shared_ptr<StreamMark> done = finish_on(stream, spans, outputs, async_op, std::move(end));
   // Work.wait() also raises a peer the NVSHMEM hop waited for in vain (blocking waits poll it).
   auto net_error = [transport, op_name] {
     const std::string e = transport->net().error();
     return e.empty() ? e : std::string(op_name) + ": " + e;
   };
-  return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), comm, transport->node_shared(),
-                                         faults_, config_.blocking_wait, config_.timeout, net_error);
+  return c10::make_intrusive<EPCudaWork>(getRank(), type, std::move(outputs), stream, std::move(done),
+                                         transport->node_shared(), faults_, config_.blocking_wait, config_.timeout,
+                                         net_error);
 }
 
 void ProcessGroupEP::check_internode_errors() {
@@ -123,7 +130,7 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
 std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport_if_made() { return nullptr; }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor>, AllToAllSpans,
-                                                                    c10d::OpType, const char* op_name) {
+                                                                    c10d::OpType, const char* op_name, bool) {
   internode_transport(at::Device(at::kCUDA), op_name);
   return {};
 }

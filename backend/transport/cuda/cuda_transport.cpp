@@ -203,19 +203,21 @@ void CudaTransport::exchange(const void* mine, void* theirs, size_t record_bytes
   control_exchange(sends, recvs, op_name);
 }
 
-void CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<int> peers) {
-  if (stream_capturing(stream)) return;  // replays run where the watchdog cannot see
-  Inflight op{op_name, std::chrono::steady_clock::now(), std::move(peers), event_pool().take(device())};
-  EP_CUDA_CHECK(cudaEventRecord(op.done, stream));
+std::shared_ptr<StreamMark> CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<int> peers) {
+  if (stream_capturing(stream)) return nullptr;  // replays run where the watchdog cannot see
+  auto done = std::make_shared<StreamMark>(device(), stream);
+  Inflight op{op_name, std::chrono::steady_clock::now(), std::move(peers), done};
   {
     std::lock_guard<std::mutex> lock(mutex_);
     last_op_ = op.op;
     inflight_.push_back(std::move(op));
   }
+  return done;
 }
 
-void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
-                               cudaStream_t stream, const char* op_name) {
+std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuffer>& sends,
+                                                     const std::vector<RecvBuffer>& recvs, cudaStream_t stream,
+                                                     const char* op_name) {
   check_healthy(op_name);
   EP_CUDA_CHECK(cudaSetDevice(buffers_.device()));
 
@@ -262,6 +264,7 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
   // on the path.
 
   // 2. Data.
+  all_to_all_order_.begin(stream);
   if (sends[rank_].bytes)
     EP_CUDA_CHECK(cudaMemcpyAsync(recvs[rank_].ptr, sends[rank_].ptr, sends[rank_].bytes, cudaMemcpyDeviceToDevice,
                                   stream));
@@ -283,7 +286,9 @@ void CudaTransport::all_to_all(const std::vector<SendBuffer>& sends, const std::
     enqueue_staged(sends, recvs, stream);
   }
 
-  track(op_name, stream, std::move(peers));
+  std::shared_ptr<StreamMark> end = track(op_name, stream, std::move(peers));
+  all_to_all_order_.end(end);
+  return end;
 }
 
 void CudaTransport::enqueue_direct(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
@@ -422,7 +427,6 @@ void CudaTransport::watch() {
   // Calls move from inflight_ to this thread's own queue and are queried without the lock:
   // a driver call under it would stall the next op's track() on the caller's thread.
   std::deque<Inflight> watched;
-  std::vector<cudaEvent_t> finished;
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
     const bool releasing = !error_.empty();
@@ -437,7 +441,7 @@ void CudaTransport::watch() {
     bool stalled = false;
     while (!watched.empty()) {
       Inflight& op = watched.front();
-      const cudaError_t state = cudaEventQuery(op.done);
+      const cudaError_t state = cudaEventQuery(op.done->event());
       if (state == cudaErrorNotReady) {
         const auto elapsed = std::chrono::steady_clock::now() - op.start;
         if (elapsed > timeout_) {
@@ -450,7 +454,6 @@ void CudaTransport::watch() {
         stalled = true;
         break;
       }
-      finished.push_back(op.done);
       const int waited_for = *static_cast<volatile int*>(kernel_error_host_);
       if (state != cudaSuccess)
         error = op.op + ": CUDA error " + cudaGetErrorString(state);
@@ -458,12 +461,10 @@ void CudaTransport::watch() {
         error = op.op + ": timed out on rank " + name(rank_) + " after " +
                 std::to_string(timeout_.count()) + " ms waiting for peer rank " + name(waited_for - 1) +
                 " (in the device kernel): a peer never arrived or stalled";
-      watched.pop_front();
+      watched.pop_front();  // its event goes back to the pool with the mark's last holder
     }
 
     lock.lock();
-    for (cudaEvent_t e : finished) event_pool().give(device(), e);
-    finished.clear();
     if (!error.empty()) {
       lock.unlock();
       fail(error);

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "backend/kernels/moe.cuh"  // DispatchOverflow
+#include "backend/transport/cuda/call_order.hpp"
 #include "backend/transport/cuda/peer_buffers.hpp"
 #include "backend/transport/host/host_transport.hpp"  // SendBuffer, RecvBuffer
 #include "backend/transport/rendezvous.hpp"
@@ -60,10 +61,11 @@ class CudaTransport {
   CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config, const std::string& tag);
   ~CudaTransport();
 
-  // Enqueues the exchange on `stream` and returns; pointers are device memory. Throws if the
-  // transport failed earlier (a timeout), since its flags no longer agree with the peers'.
-  void all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs, cudaStream_t stream,
-                  const char* op_name);
+  // Enqueues the exchange on `stream`, after this transport's previous one whatever stream that
+  // ran on, and returns its end (track); pointers are device memory. Throws if the transport
+  // failed earlier (a timeout), since its flags no longer agree with the peers'.
+  std::shared_ptr<StreamMark> all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
+                                         cudaStream_t stream, const char* op_name);
 
   // The error that stopped this transport, or "" while it is healthy.
   std::string error() const;
@@ -102,15 +104,16 @@ class CudaTransport {
   // when none did. Bad input, not a transport failure: the transport stays healthy.
   std::string take_dispatch_overflow();
   std::chrono::milliseconds timeout() const { return timeout_; }
-  // Lets the watchdog bound what was just queued on `stream` (a no-op while capturing a graph).
-  void track(const char* op_name, cudaStream_t stream, std::vector<int> peers);
+  // Lets the watchdog bound what was just queued on `stream`; returns the mark it watches, the
+  // end of that work (null while capturing a graph: a no-op then).
+  std::shared_ptr<StreamMark> track(const char* op_name, cudaStream_t stream, std::vector<int> peers);
 
  private:
   struct Inflight {
     std::string op;
     std::chrono::steady_clock::time_point start;
     std::vector<int> peers;  // ranks this call exchanges data with
-    cudaEvent_t done;
+    std::shared_ptr<StreamMark> done;
   };
 
   uint32_t* full_flag(int owner, int src, int slot) const;
@@ -148,6 +151,7 @@ class CudaTransport {
   // Our exported allocations by CUDA buffer id (unique per allocation, never reused), so that a
   // steady stream of calls over the caching allocator's blocks makes no export call.
   std::unordered_map<uint64_t, std::pair<CUdeviceptr, cudaIpcMemHandle_t>> exported_;
+  CallOrder all_to_all_order_;  // all_to_all's calls share the flags and slots (caller's thread)
   cudaStream_t watchdog_stream_ = nullptr;
   int* kernel_error_host_ = nullptr;  // pinned, mapped: 1 + the peer a kernel's wait timed out on
   int* kernel_error_device_ = nullptr;
