@@ -468,41 +468,51 @@ def test_cuda_graph_capture_and_replay(cuda_pool):
 
 
 def rank_cuda_graph_sync_and_async(seed):
-    """One graph holds an async_op=False call with uneven splits (it runs on the capturing stream)
-    and an async_op=True call with its wait() (the comm stream joins the capture). Each replay,
-    on a side stream, on fresh inputs into poisoned outputs, leaves both outputs right, readable on
-    the replay stream with no other sync."""
+    """One graph holds an async_op=False call with uneven splits (it runs on the capturing stream),
+    an async_op=True call with its wait() (the comm stream joins the capture), and an async call
+    left in flight while a plain call is queued, then waited on: the two share the transport's
+    flags and slots, so the capture must order them although neither stream does. Each replay,
+    on a side stream, on fresh inputs into poisoned outputs, leaves every output right, readable
+    on the replay stream with no other sync."""
     rank, size = dist.get_rank(), dist.get_world_size()
     g = torch.Generator(device="cuda").manual_seed(seed + rank)
     out_splits, in_splits = _uneven_splits(torch.Generator().manual_seed(seed), size, rank)
-    in_sync = torch.randn(sum(in_splits), 7, device="cuda", generator=g)
-    out_sync = torch.empty(sum(out_splits), 7, device="cuda")
-    in_async = torch.randn(size * 32, 3, device="cuda", generator=g)
-    out_async = torch.empty_like(in_async)
+    calls = []  # (input, output, output splits, input splits)
+    for rows_out, rows_in, width in ((out_splits, in_splits, 7), ([32] * size, [32] * size, 3),
+                                     ([48] * size, [48] * size, 5), (out_splits, in_splits, 9)):
+        calls.append((torch.randn(sum(rows_in), width, device="cuda", generator=g),
+                      torch.empty(sum(rows_out), width, device="cuda"), rows_out, rows_in))
 
-    def both():
-        dist.all_to_all_single(out_sync, in_sync, out_splits, in_splits)
-        dist.all_to_all_single(out_async, in_async, async_op=True).wait()
+    def run(i, **kwargs):
+        inp, out, rows_out, rows_in = calls[i]
+        return dist.all_to_all_single(out, inp, rows_out, rows_in, **kwargs)
 
-    both()  # warm-up: the transports and the comm stream exist before the capture
+    def all_calls():
+        run(0)
+        run(1, async_op=True).wait()
+        in_flight = run(2, async_op=True)
+        run(3)
+        in_flight.wait()
+
+    all_calls()  # warm-up: the transports and the comm stream exist before the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        both()
+        all_calls()
     replay = torch.cuda.Stream()
     for _ in range(4):
-        in_sync.normal_(generator=g)
-        in_async.normal_(generator=g)
-        poison_(out_sync)
-        poison_(out_async)
+        for inp, out, _, _ in calls:
+            inp.normal_(generator=g)
+            poison_(out)
         replay.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(replay):
             torch.cuda._sleep(10_000_000)
             graph.replay()
-            read_sync, read_async = out_sync.clone(), out_async.clone()
+            reads = [out.clone() for _, out, _, _ in calls]
         torch.cuda.synchronize()
-        assert same_bits(read_sync, reference.all_to_all_single(out_sync.shape, in_sync, out_splits, in_splits))
-        assert same_bits(read_async, reference.all_to_all_single(out_async.shape, in_async))
+        for i, ((inp, out, rows_out, rows_in), read) in enumerate(zip(calls, reads)):
+            expected = reference.all_to_all_single(out.shape, inp, rows_out, rows_in)
+            assert same_bits(read, expected), f"call {i}: {where_bits_differ(read, expected, rows_out)}"
 
 
 def test_cuda_graph_sync_and_async_ops(cuda_pool):

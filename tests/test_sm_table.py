@@ -112,14 +112,17 @@ def test_parse_budgets():
 
 
 def test_entries_per_copy_variant(monkeypatch):
-    """Entries name their copy variant (Options.moe_copy); one without a name is warp's."""
+    """Entries name their copy variant (Options.moe_copy); one without a name is warp's, and
+    warp's stands in for a variant with no entry of its own."""
     bulk = {**entry(copy="bulk"), "dispatch": 4, "combine": 2}
     legacy = {k: v for k, v in entry().items() if k != "copy"}
     table = {"entries": [legacy, bulk]}
     assert entry()["copy"] == "warp"
     assert sm_table.lookup("NVIDIA H200", 2, 1, table) == {"dispatch": 24, "combine": 8}
     assert sm_table.lookup("NVIDIA H200", 2, 1, table, copy="bulk") == {"dispatch": 4, "combine": 2}
-    assert sm_table.lookup("NVIDIA H200", 2, 1, table, copy="unroll") is None
+    assert sm_table.lookup("NVIDIA H200", 2, 1, table, copy="unroll") == {"dispatch": 24, "combine": 8}
+    assert sm_table.lookup("NVIDIA H200", 2, 1, {"entries": [bulk]}, copy="unroll") is None
+    assert sm_table.lookup("NVIDIA H200", 4, 1, table, copy="unroll") is None
     monkeypatch.delenv("TORCH_EP_NUM_SMS", raising=False)
     config = torch_ep.Options(moe_copy="bulk")._to_config(timedelta(seconds=60))
     sm_table.apply(config, 0, "NVIDIA H200", 2, 1, table, copy="bulk")

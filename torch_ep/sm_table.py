@@ -20,7 +20,7 @@ from typing import Dict, Mapping, Optional
 TABLE_PATH = Path(__file__).resolve().parent / "data" / "sm_table.json"
 OPS = ("dispatch", "combine")
 REACH = 0.95  # share of the sweep's best bandwidth that the chosen budget must reach
-DEFAULT_COPY = "warp"  # Options.moe_copy of entries that name none
+UNNAMED_ENTRY_COPY = "warp"  # Options.moe_copy of entries that name none (written before variants)
 
 
 def fewest_sms(gbps_by_sms: Mapping[int, float], reach: float = REACH) -> int:
@@ -33,7 +33,7 @@ def fewest_sms(gbps_by_sms: Mapping[int, float], reach: float = REACH) -> int:
 
 def derive_entry(gbps: Mapping[str, Mapping[int, float]], *, device: str, ranks: int, ranks_per_gpu: int,
                  reach: float = REACH, measured: Optional[Dict[str, object]] = None,
-                 copy: str = DEFAULT_COPY) -> Dict[str, object]:
+                 copy: str = UNNAMED_ENTRY_COPY) -> Dict[str, object]:
     """A table entry from a sweep of one copy variant: `gbps` is {op: {sms: GB/s}} for each op of OPS."""
     missing = [op for op in OPS if not gbps.get(op)]
     if missing:
@@ -51,19 +51,21 @@ def load(path: Optional[Path] = None) -> Dict[str, object]:
 
 
 def lookup(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Mapping[str, object]] = None,
-           copy: str = DEFAULT_COPY) -> Optional[Dict[str, int]]:
+           copy: str = UNNAMED_ENTRY_COPY) -> Optional[Dict[str, int]]:
     """{"dispatch": sms, "combine": sms} of the table's entry for this GPU model, group and copy
-    variant, or None."""
+    variant, or None. Where the variant has no entry for this setting, warp's entry stands in:
+    the other variants reached warp's bandwidth with as many SMs or fewer wherever both were
+    swept (benchmarks/RESULTS.md), so its budget bounds theirs rather than every SM."""
     table = load() if table is None else table
+    found = {}
     for entry in table.get("entries", []):
-        key = (entry.get("device"), entry.get("ranks"), entry.get("ranks_per_gpu"), entry.get("copy", DEFAULT_COPY))
-        if key == (device, ranks, ranks_per_gpu, copy):
-            return {op: int(entry[op]) for op in OPS}
-    return None
+        if (entry.get("device"), entry.get("ranks"), entry.get("ranks_per_gpu")) == (device, ranks, ranks_per_gpu):
+            found[entry.get("copy", UNNAMED_ENTRY_COPY)] = {op: int(entry[op]) for op in OPS}
+    return found.get(copy, found.get("warp"))
 
 
 def apply(config, options_num_sms: int, device: str, ranks: int, ranks_per_gpu: int,
-          table: Optional[Mapping[str, object]] = None, copy: str = DEFAULT_COPY) -> None:
+          table: Optional[Mapping[str, object]] = None, copy: str = UNNAMED_ENTRY_COPY) -> None:
     """Sets config.auto_sms_{dispatch,combine} from the table where Options.num_sms is 0; an
     explicit num_sms (Options or TORCH_EP_NUM_SMS) overrides the table and leaves them at 0."""
     if options_num_sms > 0:

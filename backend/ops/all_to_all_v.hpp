@@ -42,8 +42,6 @@ struct CommPoolCall {
   int64_t output_offset;  // this rank's output: its byte offset in its arena; -2: empty; -1: outside
 };
 
-// Blocks until the group's last call (either op, on whatever stream) has ended.
-void wait_for_last_call(AllToAllVState& state);
 
 struct AllToAllSingleCall {
   int64_t call_id;

@@ -32,7 +32,6 @@ class object;
 namespace ep {
 
 class AllToAllVState;
-class CallOrder;
 class CommPool;
 class CudaTransport;
 class InternodeTransport;
@@ -297,7 +296,6 @@ class ProcessGroupEP : public c10d::Backend {
   std::shared_ptr<void> comm_allocator_;  // its torch allocator (a CUDAAllocator)
   std::shared_ptr<InternodeTransport> internode_transport_;
   std::optional<c10::Stream> internode_stream_;
-  std::shared_ptr<CallOrder> internode_order_;  // its all_to_all's calls, node and NVSHMEM hop together
   std::atomic<uint64_t> dispatch_count_{0};
   std::atomic<uint64_t> rail_bytes_{0}, node_bytes_{0};
   HostWorker host_worker_;  // declared last: joined first on destruction

@@ -114,6 +114,9 @@ class AllToAllVState {
     // rank's share (its launch bounds), the plan's block 0 of the one launch included.
     pool_blocks_ = config.all_to_all_pool_blocks > 0 ? config.all_to_all_pool_blocks
                                                      : std::max(1, 2 * sm_share(config, device) - 1);
+    // The flags' cudaMemcpy from pageable memory may return before the device holds them; the
+    // peers write them as soon as the barrier passes.
+    EP_CUDA_CHECK(cudaDeviceSynchronize());
     rdv.barrier(tag + "/ready");  // no peer writes our flags before they are initialised
   }
 
@@ -258,7 +261,6 @@ int device_of(const AllToAllVState& state) { return state.device(); }
 
 void check_all_to_all_v_reports(AllToAllVState& state, int rank, const char* op) { state.check_reports(rank, op); }
 
-void wait_for_last_call(AllToAllVState& state) { state.order().wait_for_last(); }
 
 std::shared_ptr<CudaTransport> shared_transport_of(AllToAllVState& state) { return state.shared_transport(); }
 
@@ -334,7 +336,7 @@ AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const
     for (int r = 0; r < R; ++r)
       if (r != rank) peers.push_back(r);
     end = state.transport().track(op, stream, std::move(peers));
-    state.order().end(end);
+    state.order().end(stream, end);
   }
   if (raise_later[0] != kernels::kReportNone) AllToAllVState::raise(raise_later, rank, op, /*earlier=*/true);
   return {p.call_id, std::move(end)};
@@ -420,7 +422,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     std::vector<int> peers;
     for (int r = 0; r < R; ++r)
       if (r != rank) peers.push_back(r);
-    state.order().end(state.transport().track(op, stream, std::move(peers)));
+    state.order().end(stream, state.transport().track(op, stream, std::move(peers)));
     if (raise_later[0] != kernels::kReportNone)
       AllToAllVState::raise(raise_later, rank, op, /*earlier=*/raise_later[kernels::kReportCallId] != p.call_id);
     return {output_splits, output_offsets};

@@ -118,11 +118,11 @@ void ProcessGroupEP::close_comm_pool() {
     state = a2av_state_;
   }
   if (!pool) return;
-  // A call in flight may still write the peers' arenas through their mappings; the pool's calls
-  // all run on the device protocol, on the comm stream or the caller's.
+  // A call in flight may still write the peers' arenas through their mappings: eager calls on
+  // any stream, and graph replays, which no call order sees. Shutdown, so the whole device.
   if (state) {
     c10::cuda::CUDAGuard guard(c10::DeviceIndex(device_of(*state)));
-    wait_for_last_call(*state);
+    cudaDeviceSynchronize();
   }
   pool->close();
 }

@@ -39,8 +39,9 @@ std::shared_ptr<StreamMark> finish_on(const c10::cuda::CUDAStream& stream, const
     for (const auto& t : outputs) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
   }
   if (kernels_end && spans.copy_back.empty()) return kernels_end;
+  // No mark from the transport: the call was queued inside a capture (its watchdog marks nothing).
   c10::cuda::CUDAGuard guard(stream.device_index());
-  return std::make_shared<StreamMark>(stream.device_index(), stream.stream());
+  return std::make_shared<StreamMark>(stream.device_index(), stream.stream(), /*captured=*/!kernels_end);
 }
 
 EPCudaWork::EPCudaWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs, c10::cuda::CUDAStream stream,
@@ -57,7 +58,7 @@ c10::intrusive_ptr<c10::ivalue::Future> EPCudaWork::getFuture() {
   std::lock_guard<std::mutex> lock(future_mutex_);
   if (future_) return future_;
   c10::cuda::CUDAGuard device(stream_.device_index());
-  if (!stream_capturing(stream_.stream())) {
+  if (!done_->captured()) {
     // Completed on the op's stream (at its tail now, which holds this op's end): fut.wait()
     // makes the waiter's stream wait for it.
     c10::cuda::CUDAStreamGuard guard(stream_);
@@ -107,7 +108,8 @@ std::exception_ptr EPCudaWork::exception() const {
 
 bool EPCudaWork::wait(std::chrono::milliseconds timeout) {
   raise_if_failed();
-  if (blocking_wait_) {
+  // A Work queued inside a capture has no completion to poll (its end is a node of the graph).
+  if (blocking_wait_ && !done_->captured()) {
     // Poll rather than cudaEventSynchronize: the transport's watchdog may release a stuck op,
     // and the error it records should surface here, within the timeout.
     const auto limit = timeout == kNoTimeout ? timeout_ : timeout;

@@ -31,7 +31,6 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
       internode_transport_ = std::make_shared<InternodeTransport>(rendezvous_, topology_, cc, "ep/internode",
                                                                   config_.internode_a2a_device);
       internode_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
-      internode_order_ = std::make_shared<CallOrder>();
       // The node's watchdog records a stuck wait as soon as it sees it: a rank on another node
       // waiting on this one may be about to time out too, and should learn why.
       internode_transport_->node().on_failure(
@@ -59,13 +58,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
   c10::cuda::CUDAGuard guard(device);
   const auto stream = op_stream(c10::cuda::getCurrentCUDAStream(device.index()),
                                 c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *internode_stream_), async_op);
-  // The NVSHMEM hop's slots and signal counts carry from call to call, like the node's flags: a
-  // call on another stream than the last one's waits for all of it.
-  internode_order_->begin(stream.stream());
   std::shared_ptr<StreamMark> end;
 
   const Topology& t = topology_;
   try {
+    // The NVSHMEM hop's slots and signal counts carry from call to call, like the node's flags:
+    // a call on another stream than the last one's waits for all of it.
+    transport->net_order().begin(stream.stream());
     // This node's ranks (self included) over CUDA IPC, indexed by local rank.
     std::vector<SendBuffer> node_sends;
     std::vector<RecvBuffer> node_recvs;
@@ -80,7 +79,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
       if (t.node_of(r) != t.node) remote.push_back(r);
     transport->net().all_to_all(remote, spans.sends, spans.recvs, stream.stream(), op_name);
     end = transport->node().track(op_name, stream.stream(), {});
-    internode_order_->end(end);
+    transport->net_order().end(stream.stream(), end);
   } catch (const std::exception& e) {
     raise_failure(e.what());
   }

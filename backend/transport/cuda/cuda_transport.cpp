@@ -104,6 +104,9 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&overflow_host_), sizeof(*overflow_host_), cudaHostAllocMapped));
   std::memset(overflow_host_, 0, sizeof(*overflow_host_));
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&overflow_device_), overflow_host_, 0));
+  // cudaMemcpy from pageable memory and cudaMemset may return before the device holds the values;
+  // the peers write these flags as soon as the barrier passes.
+  EP_CUDA_CHECK(cudaDeviceSynchronize());
   rdv.barrier(tag + "/ready");  // no peer writes our flags before they are initialised
   watchdog_ = std::thread([this] { watch(); });
 }
@@ -287,7 +290,7 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
   }
 
   std::shared_ptr<StreamMark> end = track(op_name, stream, std::move(peers));
-  all_to_all_order_.end(end);
+  all_to_all_order_.end(stream, end);
   return end;
 }
 
