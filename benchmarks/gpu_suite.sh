@@ -33,7 +33,9 @@
 #     per set of settings, below), ll_remote_bench (the low-latency ops with the remote path forced, same topologies),
 #     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
 #     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), timeouts, faults (a rank killed
-#     mid-stream on CUDA), export_probe (tools/export_probe.py), a2a_bench (at
+#     mid-stream on CUDA), export_probe (tools/export_probe.py), a2a_profile (tools/a2a_profile.py:
+#     all_to_all's host time per call), a2a_kernels (tools/a2a_kernels.py: its device time kernel
+#     by kernel, every rank, 2 ranks), a2a_bench (at
 #     TORCH_EP_PENDING_BENCH_RANKS), a2a_sweep (benchmarks/all_to_all_sweep.py: the device
 #     protocol's staged and one-copy settings, TORCH_EP_A2A_SWEEP_STAGED / _POOL, at
 #     TORCH_EP_PENDING_BENCH_RANKS), compile (the compile mode) and
@@ -208,7 +210,8 @@ if [ "$WHAT" = pending ]; then
   # (torch_ep.deep_ep's GPU tests, its example, the MoE benchmark through both APIs in one run),
   # internode_bench (the device route's
   # benchmark against the host route and the intranode route), timeouts (the CUDA timeout fault
-  # tests), a2a_profile (all_to_all's host time per call), a2a_bench (the all_to_all benchmark,
+  # tests), a2a_profile (all_to_all's host time per call), a2a_kernels (its device time kernel by
+  # kernel, every rank), a2a_bench (the all_to_all benchmark,
   # with the pool row); then compile (the compile
   # mode's checks) and sm_sweep (the sm-sweep mode).
   STEPS=" ${TORCH_EP_PENDING_STEPS:-deep_ep_bench deep_ep_overhead copy_tests sm_sweep} "
@@ -316,6 +319,12 @@ if [ "$WHAT" = pending ]; then
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 90 torchrun --standalone --nproc-per-node 2 \
       tools/a2a_profile.py --cpu-only > "$LOGS/a2a_profile_2ranks.log" 2>&1 || STATUS=1
     grep -v "^W1\|^\*\*\*" "$LOGS/a2a_profile_2ranks.log" | tail -40 >> "$SUMMARY"
+  fi
+  if [[ $STEPS == *" a2a_kernels "* ]]; then
+    step "all_to_all's device time kernel by kernel, every rank (tools/a2a_kernels.py), 2 ranks"
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 120 torchrun --standalone --nproc-per-node 2 \
+      tools/a2a_kernels.py > "$LOGS/a2a_kernels_2ranks.log" 2>&1 || STATUS=1
+    grep -v "^W1\|^\*\*\*" "$LOGS/a2a_kernels_2ranks.log" | tail -60 >> "$SUMMARY"
   fi
   if [[ $STEPS == *" a2a_sweep "* ]]; then
     # Settings as Options.all_to_all_* (lanes, slot, blocks, launches=2 for two launches); the

@@ -1,6 +1,6 @@
 """Set-up shared by the profiling tools (moe_profile, ll_profile, internode_profile,
-deep_ep_overhead): the shape options, the process group with this rank's GPU current, the inputs
-each rank draws, and each kernel's time from a torch.profiler run."""
+deep_ep_overhead, a2a_profile, a2a_kernels): the shape options, the process group with this rank's
+GPU current, the inputs each rank draws, and each kernel's name and time from a torch.profiler run."""
 import argparse
 import os
 import re
@@ -45,14 +45,20 @@ def make_fp8(x, args):
     return x.float().to(torch.float8_e4m3fn), torch.rand(args.tokens, (args.hidden + 127) // 128, device="cuda")
 
 
+def kernel_name(name: str) -> str:
+    """A device event's name as its `*_kernel` function (mangled or not) where it has one, else
+    the name's last 40 characters ("Memcpy DtoD (Device -> Device)")."""
+    found = re.findall(r"([A-Za-z_]+_kernel)", name)
+    return found[-1] if found else name[-40:]
+
+
 def kernel_times(prof, calls: int):
     """Each CUDA kernel's device time per call (us) in a torch.profiler run of `calls` calls, by
-    the name of its `*_kernel` function (mangled or not) where it has one."""
+    kernel_name."""
     times = defaultdict(float)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            found = re.findall(r"([A-Za-z_]+_kernel)", e.name)
-            times[found[-1] if found else e.name[-40:]] += e.device_time_total / calls
+            times[kernel_name(e.name)] += e.device_time_total / calls
     return times
 
 
