@@ -51,10 +51,11 @@ __device__ bool block_wait(const uint64_t* word, uint64_t value, uint64_t deadli
 __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid_constant__ ExchangeParams p) {
   const Slots at{p};
   const uint64_t S = p.num_slots, C = p.chunk_bytes;
-  const bool sending = blockIdx.x < p.num_peers * S;
-  const uint64_t b = sending ? blockIdx.x : blockIdx.x - p.num_peers * S;
-  const ExchangePeer& peer = p.peers[b / S];
-  const uint64_t slot = b % S;
+  const bool sending = blockIdx.x % 2 == 0;
+  const uint64_t pair = blockIdx.x / 2;
+  const ExchangePeer& peer = p.peers[pair / S];
+  const uint64_t slot = pair % S;
+  if (peer.pe < 0) return;  // no partner this round
   const uint64_t deadline = now_ns() + p.timeout_ns;
   if (sending) {
     const uint64_t chunks = (peer.send_bytes + C - 1) / C;

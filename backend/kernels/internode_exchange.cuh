@@ -12,8 +12,19 @@ namespace ep::kernels {
 constexpr int kMaxExchangePeers = 128;
 constexpr int kExchangeThreads = 256;
 
+// The rounds of a round-robin schedule over `size` ranks (the circle method): in each round every
+// rank has one partner, and a rank's partner's partner is itself. size - 1 rounds for an even
+// size, size for an odd one (a rank sits out each round).
+__host__ __device__ inline int exchange_rounds(int size) { return size % 2 ? size : size - 1; }
+// `rank`'s partner in `round`, or -1 where it sits out.
+__host__ __device__ inline int exchange_partner(int round, int rank, int size) {
+  const int last = exchange_rounds(size);  // the fixed point of the circle; a dummy rank for odd sizes
+  const int partner = rank == last ? round : rank == round ? last : ((2 * round - rank) % last + last) % last;
+  return partner < size ? partner : -1;
+}
+
 struct ExchangePeer {
-  int pe;                     // the peer's group rank (= NVSHMEM PE)
+  int pe;                     // the peer's group rank (= NVSHMEM PE); -1: none this round
   const char* send;           // this call's bytes to it
   uint64_t send_bytes;
   uint64_t sent_before;       // chunks sent to it by earlier calls
@@ -22,14 +33,19 @@ struct ExchangePeer {
   uint64_t received_before;   // chunks received from it by earlier calls
 };
 
-// Grid: 2 x num_peers x num_slots blocks. Block (peer, slot) of the first half sends the
-// chunks of that peer that use that slot, in order; of the second half, receives them. A block
-// waits only on the matching block of the peer, never on another block of its own grid.
+// Grid: 2 x rounds x num_slots blocks, where peers[round] is this rank's partner in that round
+// of exchange_partner's schedule (pe -1 where there is none, or the partner is not a peer of
+// this call: the peer relation is symmetric, so the partner then has none either). Blocks 2i and
+// 2i + 1, pair i = round x num_slots + slot, send the chunks to peers[round] that use that slot,
+// in order, and receive those from it. A block waits only on the block of the same index on
+// its partner, which has this rank at the same round: so the lowest pair not yet done is
+// resident on both ranks (blocks start in index order), and the grid need not be resident at
+// once (messages past the slots' budget wait for credits without holding up their drain).
 struct ExchangeParams {
   char* base;                 // the symmetric buffer (NvshmemExchange's layout)
   int rank, size, num_slots;
   uint64_t chunk_bytes;
-  int num_peers;
+  int num_peers;              // the schedule's rounds: exchange_rounds(size)
   ExchangePeer peers[kMaxExchangePeers];
   uint64_t timeout_ns;
   int* error;                 // host-mapped: 1 + the peer a wait timed out on (the first one)
