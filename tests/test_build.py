@@ -144,6 +144,43 @@ def test_nvshmem_host_code_compiles(source, tmp_path):
     _syntax_check(source, tmp_path, defines=["TORCH_EP_WITH_NVSHMEM"], includes=[f"{_nvshmem_root()}/include"])
 
 
+EXCHANGE_SCHEDULE_CHECK = r"""
+#include <cstdio>
+#include <vector>
+#include "backend/kernels/internode_exchange.cuh"
+using namespace ep::kernels;
+int main() {  // every round an involution without fixed points; every ordered pair exactly once
+  for (int n = 1; n <= 129; ++n) {
+    std::vector<int> seen(n * n, 0);
+    for (int k = 0; k < exchange_rounds(n); ++k)
+      for (int r = 0; r < n; ++r) {
+        const int p = exchange_partner(k, r, n);
+        if (p < 0) continue;
+        if (p == r || p >= n || exchange_partner(k, p, n) != r) { std::printf("n=%d round %d: %d -> %d\n", n, k, r, p); return 1; }
+        ++seen[r * n + p];
+      }
+    for (int a = 0; a < n; ++a)
+      for (int b = 0; b < n; ++b)
+        if (a != b && seen[a * n + b] != 1) { std::printf("n=%d: %d -> %d %d times\n", n, a, b, seen[a * n + b]); return 1; }
+  }
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(_cuda_include_dir() is None or shutil.which("g++") is None, reason="needs g++ and the CUDA headers")
+def test_exchange_schedule_pairs_every_rank_once(tmp_path):
+    """The device hop across nodes pairs ranks by exchange_partner's rounds: both ends of a pair
+    must use the same blocks (same round), or a block would wait on one its partner never runs."""
+    source = tmp_path / "schedule.cpp"
+    source.write_text(EXCHANGE_SCHEDULE_CHECK)
+    binary = tmp_path / "schedule"
+    subprocess.run(["g++", "-std=c++17", f"-I{ROOT}", f"-I{_cuda_include_dir()}", str(source), "-o", str(binary)],
+                   check=True)
+    run = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout
+
+
 def test_ci_runs_the_readme_commands():
     """.ci/run runs exactly the README's Quick start commands, so that CI checks what a user runs."""
     with open(os.path.join(ROOT, "README.md")) as f:
