@@ -81,6 +81,16 @@ def test_all_to_all_across_nodes(cuda_nodes):
 
 
 @pytest.mark.parametrize("topology", topologies())
+def test_all_to_all_across_nodes_past_the_slots(topology):
+    """Messages of up to 6 MiB, many times the slots a peer has (16 x 64 KiB at the 1 MiB
+    budget): senders wait for credits mid-call. At 2x4 the device hop's grid (224 blocks) is not
+    resident at once on a rank's 14 SMs; the schedule's pairing (exchange_partner) keeps each
+    pair's sender and receiver resident together, so the call finishes."""
+    pool = _pool(topology, "device")
+    pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda", max_rows=3000, width=512)
+
+
+@pytest.mark.parametrize("topology", topologies())
 def test_all_to_all_across_nodes_host_rounds(topology):
     """The same, with the NVSHMEM hop in rounds the host queues (TORCH_EP_INTERNODE_A2A_DEVICE=0;
     the default is one launch): any split, many chunks per pair (the 1 MiB budget), several calls
