@@ -83,7 +83,7 @@ def test_all_to_all_across_nodes(cuda_nodes):
 @pytest.mark.parametrize("topology", topologies())
 def test_all_to_all_across_nodes_past_the_slots(topology):
     """Messages of up to 6 MiB, many times the slots a peer has (16 x 64 KiB at the 1 MiB
-    budget): senders wait for credits mid-call. At 2x4 the device hop's grid (224 blocks) is not
+    budget): senders wait for credits mid-call. At 2x4 the device hop's grid (128 blocks) is not
     resident at once on a rank's 14 SMs; the schedule's pairing (exchange_partner) keeps each
     pair's sender and receiver resident together, so the call finishes."""
     pool = _pool(topology, "device")

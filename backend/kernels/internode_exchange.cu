@@ -30,15 +30,26 @@ struct Slots {  // NvshmemExchange's layout of the symmetric buffer
 };
 
 // Thread 0 waits (bounded) until *word >= value; the block learns whether it came.
+// Another block's give-up (*error set) ends the wait too, checked about every 100 us: *error is
+// host memory, and a rank's blocks then stop within that, not a timeout each.
 __device__ bool block_wait(const uint64_t* word, uint64_t value, uint64_t deadline, int peer, int* error) {
   __shared__ int came;
   if (threadIdx.x == 0) {
     came = 1;
+    uint64_t next_look = now_ns() + 100000;
     while (load_acquire(word) < value) {
-      if (now_ns() > deadline) {
+      const uint64_t now = now_ns();
+      if (now > deadline) {
         atomicCAS(error, 0, 1 + peer);
         came = 0;
         break;
+      }
+      if (now > next_look) {
+        if (*reinterpret_cast<volatile int*>(error) != 0) {
+          came = 0;
+          break;
+        }
+        next_look = now + 100000;
       }
       __nanosleep(128);
     }
@@ -55,7 +66,9 @@ __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid
   const uint64_t pair = blockIdx.x / 2;
   const ExchangePeer& peer = p.peers[pair / S];
   const uint64_t slot = pair % S;
-  if (peer.pe < 0) return;  // no partner this round
+  // A block that starts late (the grid need not be resident) after another gave up on a peer
+  // ends at once, rather than waiting out a timeout of its own.
+  if (*reinterpret_cast<volatile int*>(p.error) != 0) return;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   if (sending) {
     const uint64_t chunks = (peer.send_bytes + C - 1) / C;

@@ -24,7 +24,7 @@ __host__ __device__ inline int exchange_partner(int round, int rank, int size) {
 }
 
 struct ExchangePeer {
-  int pe;                     // the peer's group rank (= NVSHMEM PE); -1: none this round
+  int pe;                     // the peer's group rank (= NVSHMEM PE)
   const char* send;           // this call's bytes to it
   uint64_t send_bytes;
   uint64_t sent_before;       // chunks sent to it by earlier calls
@@ -33,14 +33,16 @@ struct ExchangePeer {
   uint64_t received_before;   // chunks received from it by earlier calls
 };
 
-// Grid: 2 x rounds x num_slots blocks, where peers[round] is this rank's partner in that round
-// of exchange_partner's schedule (pe -1 where there is none, or the partner is not a peer of
-// this call: the peer relation is symmetric, so the partner then has none either). Blocks 2i and
-// 2i + 1, pair i = round x num_slots + slot, send the chunks to peers[round] that use that slot,
-// in order, and receive those from it. A block waits only on the block of the same index on
-// its partner, which has this rank at the same round: so the lowest pair not yet done is
-// resident on both ranks (blocks start in index order), and the grid need not be resident at
-// once (messages past the slots' budget wait for credits without holding up their drain).
+// Grid: 2 x num_peers x num_slots blocks. peers[] lists this call's peers in the order of their
+// rounds in exchange_partner's schedule (a peer's partner there is this rank, in the same
+// round). Blocks 2i and 2i + 1, pair i = q x num_slots + slot, send the chunks to peers[q] that
+// use that slot, in order, and receive those from it; each waits only on the other block of the
+// same (round, slot) on that peer. Every rank orders its pairs by (round, slot), so the pair of
+// lowest key not yet done anywhere has both its ranks' blocks started and resident (blocks
+// start in index order, all before it are done), and it progresses: the grid need not be
+// resident at once, and a message past the slots' budget waits for credits without holding up
+// their drain. The peer relation must be symmetric (every caller's is: the other nodes' ranks,
+// or the same local rank on the other nodes).
 struct ExchangeParams {
   char* base;                 // the symmetric buffer (NvshmemExchange's layout)
   int rank, size, num_slots;

@@ -20,7 +20,7 @@ InternodeTransport::InternodeTransport(Rendezvous& group_rdv, const Topology& to
   // The registered budget, spread over the peers' slots, at least 64 KiB a chunk. Two slots a
   // peer for the host-queued rounds; the device-driven exchange runs a block per peer and slot,
   // so more slots (smaller chunks) are more blocks at work, up to about 64 per direction in all
-  // (a grid small enough to be resident at once: blocks wait on the peer's).
+  // (the grid need not be resident at once: see kernels::ExchangeParams).
   const int remote_peers = std::max(topology.size - topology.ranks_per_node, 1);
   nc.num_slots = device_exchange ? std::clamp(64 / remote_peers, 2, 16) : 2;
   nc.chunk_bytes = std::max<size_t>(config.buffer_bytes / (size_t(nc.num_slots) * topology.size), 64 << 10);

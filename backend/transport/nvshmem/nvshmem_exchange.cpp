@@ -82,7 +82,7 @@ void NvshmemExchange::all_to_all(const std::vector<int>& peers, const std::vecto
     last_op_ = op_name;
   }
   // Both ways keep the same slots, signal values and counters, so either may take any call.
-  if (device_driven_ && kernels::exchange_rounds(size_) <= kernels::kMaxExchangePeers)
+  if (device_driven_ && peers.size() <= size_t(kernels::kMaxExchangePeers))
     return all_to_all_on_device(peers, sends, recvs, stream);
   const size_t S = size_t(num_slots_);
   uint64_t rounds = 0;
@@ -155,19 +155,17 @@ void NvshmemExchange::all_to_all_on_device(const std::vector<int>& peers, const 
   p.size = size_;
   p.num_slots = num_slots_;
   p.chunk_bytes = chunk_bytes_;
-  p.num_peers = kernels::exchange_rounds(size_);
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = error_device_;
-  // Each peer at its round of the schedule, so that both ends of a pair use the same blocks.
+  // The peers in the order of their rounds in the schedule: both ends of a pair then order
+  // their pairs alike (see ExchangeParams).
   std::vector<bool> is_peer(size_t(size_), false);
   for (int pe : peers) is_peer[size_t(pe)] = true;
-  bool any = false;
-  for (int round = 0; round < p.num_peers; ++round) {
+  p.num_peers = 0;
+  for (int round = 0; round < kernels::exchange_rounds(size_); ++round) {
     const int pe = kernels::exchange_partner(round, rank_, size_);
-    kernels::ExchangePeer& e = p.peers[round];
-    e.pe = -1;
     if (pe < 0 || !is_peer[size_t(pe)]) continue;
-    any = true;
+    kernels::ExchangePeer& e = p.peers[p.num_peers++];
     e.pe = pe;
     e.send = static_cast<const char*>(sends[pe].ptr);
     e.send_bytes = sends[pe].bytes;
@@ -179,7 +177,7 @@ void NvshmemExchange::all_to_all_on_device(const std::vector<int>& peers, const 
     chunks_received_[pe] += chunks_of(recvs[pe].bytes, chunk_bytes_);
     bytes_sent_ += sends[pe].bytes;
   }
-  if (any) EP_CUDA_CHECK(kernels::launch_exchange(p, stream));
+  EP_CUDA_CHECK(kernels::launch_exchange(p, stream));
 }
 
 }  // namespace ep
