@@ -269,17 +269,6 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
 
 constexpr int kWarpChunks = 4;  // combine_kernel's kUnroll and dispatch_kernel's kDepth for MoeCopy::kWarp
 
-template <typename T>
-cudaError_t launch_combine_as(const CombineParams& p, cudaStream_t stream) {
-  constexpr int kVector = 16 / sizeof(T);  // elements per 16-byte access
-  const int grid = grid_for_warps(p.num_blocks, p.num_tokens);
-  if (combine_wide(p, kVector))
-    combine_kernel<T, kVector, kWarpChunks><<<grid, kThreads, 0, stream>>>(p);
-  else
-    combine_kernel<T, 1, kWarpChunks><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
 cudaError_t launch_dispatch_warps(const DispatchParams& p, int vec, cudaStream_t stream) {
   const int grid = grid_for_warps(p.num_blocks, p.capacity);
   with_access_type(vec, [&](auto v) { dispatch_kernel<decltype(v), kWarpChunks><<<grid, kThreads, 0, stream>>>(p); });
@@ -326,12 +315,10 @@ cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
     if (err != cudaErrorNotSupported) return err;  // else the rows do not suit bulk copies: warps
   }
   if (p.copy == MoeCopy::kUnroll) return launch_combine_unroll(p, stream);
-  switch (p.dtype) {
-    case DType::kBFloat16: return launch_combine_as<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_combine_as<__half>(p, stream);
-    case DType::kFloat32: return launch_combine_as<float>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  const int grid = grid_for_warps(p.num_blocks, p.num_tokens);
+  return with_combine_instance(p, [&](auto t, auto vector) {
+    combine_kernel<decltype(t), decltype(vector)::value, kWarpChunks><<<grid, kThreads, 0, stream>>>(p);
+  });
 }
 
 }  // namespace ep::kernels

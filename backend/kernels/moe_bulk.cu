@@ -434,12 +434,7 @@ cudaError_t launch_combine_bulk(const CombineParams& p, cudaStream_t stream) {
   bool fits = (p.hidden * element) % 16 == 0 && (!p.out || aligned16(p.out));
   for (int d = 0; d < p.num_ranks; ++d) fits = fits && (!p.x[d] || aligned16(p.x[d]));
   if (!fits || !bulk_copies_available()) return cudaErrorNotSupported;
-  switch (p.dtype) {
-    case DType::kBFloat16: return launch_combine_bulk_as<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_combine_bulk_as<__half>(p, stream);
-    case DType::kFloat32: return launch_combine_bulk_as<float>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(p.dtype, [&](auto t) { return launch_combine_bulk_as<decltype(t)>(p, stream); });
 }
 
 }  // namespace ep::kernels

@@ -5,6 +5,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <type_traits>
 
 #include "backend/kernels/moe.cuh"
 #include "backend/kernels/sync.cuh"
@@ -141,6 +142,31 @@ inline bool combine_wide(const CombineParams& p, int vector) {
   bool wide = p.hidden % vector == 0 && aligned(p.out, 16);
   for (int d = 0; d < p.num_ranks; ++d) wide = wide && (!p.x[d] || aligned(p.x[d], 16));
   return wide;
+}
+
+// Returns launch(T{}) with T the element type of `dtype` (bf16, fp16, fp32): the combine
+// launchers' dtype switch; cudaErrorInvalidValue for another.
+template <typename Launch>
+inline cudaError_t with_element_type(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kBFloat16: return launch(__nv_bfloat16{});
+    case DType::kFloat16: return launch(__half{});
+    case DType::kFloat32: return launch(float{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls launch(T{}, std::integral_constant<int, V>{}) for combine's element type T and its
+// elements per access V (16 bytes' worth where combine_wide allows, else 1), then returns the
+// launch's error: the warp kernels' choice of instance.
+template <typename Launch>
+inline cudaError_t with_combine_instance(const CombineParams& p, Launch&& launch) {
+  return with_element_type(p.dtype, [&](auto t) {
+    constexpr int kVector = 16 / int(sizeof(t));
+    if (combine_wide(p, kVector)) launch(t, std::integral_constant<int, kVector>{});
+    else launch(t, std::integral_constant<int, 1>{});
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace ep::kernels

@@ -331,17 +331,6 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
   handshake_end(p.handshake, R);
 }
 
-template <typename T>
-cudaError_t launch_combine_unroll_as(const CombineParams& p, cudaStream_t stream) {
-  constexpr int kVector = 16 / sizeof(T);  // elements per 16-byte access
-  const int grid = grid_for_warps(p.num_blocks, p.num_tokens);
-  if (combine_wide(p, kVector))
-    combine_unroll_kernel<T, kVector, kCombineChunks><<<grid, kThreads, 0, stream>>>(p);
-  else
-    combine_unroll_kernel<T, 1, kCombineChunks><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_t stream) {
@@ -353,12 +342,10 @@ cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_
 }
 
 cudaError_t launch_combine_unroll(const CombineParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kBFloat16: return launch_combine_unroll_as<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_combine_unroll_as<__half>(p, stream);
-    case DType::kFloat32: return launch_combine_unroll_as<float>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  const int grid = grid_for_warps(p.num_blocks, p.num_tokens);
+  return with_combine_instance(p, [&](auto t, auto vector) {
+    combine_unroll_kernel<decltype(t), decltype(vector)::value, kCombineChunks><<<grid, kThreads, 0, stream>>>(p);
+  });
 }
 
 }  // namespace ep::kernels
