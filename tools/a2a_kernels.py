@@ -39,6 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import torch_ep
 from torch_ep import reference
+from torch_ep.testing import same_bits, where_bits_differ
 
 from profile_common import init_on_local_gpu, kernel_name  # tools/, the script's folder
 
@@ -98,9 +99,7 @@ def check(name: str, fn, output, expected, sync_group):
     output.copy_(expected.bitwise_not())  # differs from the expected data in every byte
     fn()
     torch.cuda.synchronize()
-    problem = None
-    if not torch.equal(output, expected):
-        problem = f"rank {dist.get_rank()}: first wrong byte at {(output != expected).nonzero()[0].item()}"
+    problem = None if same_bits(output, expected) else f"rank {dist.get_rank()}: {where_bits_differ(output, expected)}"
     problems = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem, group=sync_group)
     if any(problems):

@@ -42,7 +42,6 @@ struct CommPoolCall {
   int64_t output_offset;  // this rank's output: its byte offset in its arena; -2: empty; -1: outside
 };
 
-
 struct AllToAllSingleCall {
   int64_t call_id;
   std::shared_ptr<StreamMark> end;  // its kernels' end on the stream; null inside a graph capture

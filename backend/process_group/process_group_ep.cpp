@@ -604,7 +604,7 @@ void ProcessGroupEP::shutdown() {
     gate_->set_peer_notice(nullptr);
     host_transport_.reset();  // unmaps the segments; their names were unlinked at set-up
   }
-  close_comm_pool();  // first: it waits for the device protocol's last call, which a2av_state_ knows
+  close_comm_pool();  // first: it waits for the calls in flight on a2av_state_'s device
   {
     std::lock_guard<std::mutex> lock(cuda_mutex_);
     cuda_transport_.reset();  // Works still alive keep it until they go

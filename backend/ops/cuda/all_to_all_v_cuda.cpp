@@ -261,7 +261,6 @@ int device_of(const AllToAllVState& state) { return state.device(); }
 
 void check_all_to_all_v_reports(AllToAllVState& state, int rank, const char* op) { state.check_reports(rank, op); }
 
-
 std::shared_ptr<CudaTransport> shared_transport_of(AllToAllVState& state) { return state.shared_transport(); }
 
 std::string take_all_to_all_single_report(AllToAllVState& state, int64_t call_id, int rank) {

@@ -48,14 +48,7 @@ class CudaHops : public InternodeHops {
     if (sends[topo_.rank].bytes)
       EP_CUDA_CHECK(cudaMemcpyAsync(recvs[topo_.rank].ptr, sends[topo_.rank].ptr, sends[topo_.rank].bytes,
                                     cudaMemcpyDeviceToDevice, stream_));
-    // The NVSHMEM hop's slots and signals carry from call to call, all_to_all's too: a hop on
-    // another stream than the last one's waits for it.
-    CallOrder& order = transport_.net_order();
-    order.begin(stream_);
     transport_.net().all_to_all(peers, sends, recvs, stream_, op);
-    int device = 0;
-    EP_CUDA_CHECK(cudaGetDevice(&device));
-    order.end(stream_, stream_capturing(stream_) ? nullptr : std::make_shared<StreamMark>(device, stream_));
     return out;
   }
 

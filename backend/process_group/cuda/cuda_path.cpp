@@ -165,7 +165,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
       if (!comm_stream_) comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device);
     }
     phase.next("ep::all_to_all_single/fork");
-    stream = op_stream(caller, c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *comm_stream_), async_op);
+    stream = op_stream(caller, c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *comm_stream_), /*async_op=*/true);
   }
   // spans.buffers: the contiguous input, and the output or its contiguous staging (single_spans).
   const char* in = static_cast<const char*>(spans.buffers[0].data_ptr());

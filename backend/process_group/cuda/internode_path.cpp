@@ -7,7 +7,6 @@
 
 #include "backend/process_group/cuda/cuda_work.hpp"
 #include "backend/process_group/process_group_ep.hpp"
-#include "backend/transport/cuda/call_order.hpp"
 #ifdef TORCH_EP_WITH_NVSHMEM
 #include "backend/transport/nvshmem/internode_buffer.hpp"
 #include "backend/transport/nvshmem/internode_transport.hpp"
@@ -62,9 +61,6 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
 
   const Topology& t = topology_;
   try {
-    // The NVSHMEM hop's slots and signal counts carry from call to call, like the node's flags:
-    // a call on another stream than the last one's waits for all of it.
-    transport->net_order().begin(stream.stream());
     // This node's ranks (self included) over CUDA IPC, indexed by local rank.
     std::vector<SendBuffer> node_sends;
     std::vector<RecvBuffer> node_recvs;
@@ -79,7 +75,6 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
       if (t.node_of(r) != t.node) remote.push_back(r);
     transport->net().all_to_all(remote, spans.sends, spans.recvs, stream.stream(), op_name);
     end = transport->node().track(op_name, stream.stream(), {});
-    transport->net_order().end(stream.stream(), end);
   } catch (const std::exception& e) {
     raise_failure(e.what());
   }

@@ -28,9 +28,6 @@ class InternodeTransport {
   std::shared_ptr<CudaTransport> node_shared() { return node_; }
   // Peers indexed by group rank (= NVSHMEM PE).
   NvshmemExchange& net() { return *net_; }
-  // The order of the calls that use net()'s slots and signals (all_to_all's hop, the host-driven
-  // dispatch/combine's rail hop), whatever stream each is queued on.
-  CallOrder& net_order() { return net_order_; }
   // The buffer of the device-driven dispatch/combine; made (not yet allocated) on first use.
   InternodeBuffer& moe(int64_t capacity, int64_t min_row_bytes, int64_t combine_rows);
   InternodeBuffer* moe_if_made() { return moe_.get(); }
@@ -40,7 +37,6 @@ class InternodeTransport {
   SubsetRendezvous node_rdv_;
   std::shared_ptr<CudaTransport> node_;
   std::unique_ptr<NvshmemExchange> net_;
-  CallOrder net_order_;
   CudaTransportConfig config_;
   std::unique_ptr<InternodeBuffer> moe_;
 };

@@ -26,6 +26,7 @@ NvshmemExchange::NvshmemExchange(int rank, int size, const NvshmemExchangeConfig
       chunk_bytes_(round_up(std::max<size_t>(config.chunk_bytes, kAlign), kAlign)),
       timeout_(config.timeout),
       device_driven_(config.device_driven),
+      device_(config.device),
       chunks_sent_(size, 0),
       chunks_received_(size, 0) {
   EP_CUDA_CHECK(cudaSetDevice(config.device));
@@ -81,9 +82,19 @@ void NvshmemExchange::all_to_all(const std::vector<int>& peers, const std::vecto
     std::lock_guard<std::mutex> lock(error_mutex_);
     last_op_ = op_name;
   }
+  // The slots and signal counts carry from call to call: a call queued on another stream than
+  // the last one's waits for it (all_to_all's hop and the host-driven route's rail hop alike).
+  order_.begin(stream);
   // Both ways keep the same slots, signal values and counters, so either may take any call.
   if (device_driven_ && peers.size() <= size_t(kernels::kMaxExchangePeers))
-    return all_to_all_on_device(peers, sends, recvs, stream);
+    all_to_all_on_device(peers, sends, recvs, stream);
+  else
+    all_to_all_in_rounds(peers, sends, recvs, stream);
+  order_.end(stream, stream_capturing(stream) ? nullptr : std::make_shared<StreamMark>(device_, stream));
+}
+
+void NvshmemExchange::all_to_all_in_rounds(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
+                                           const std::vector<RecvBuffer>& recvs, cudaStream_t stream) {
   const size_t S = size_t(num_slots_);
   uint64_t rounds = 0;
   for (int p : peers)

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/transport/cuda/call_order.hpp"
 #include "backend/transport/host/host_transport.hpp"  // SendBuffer, RecvBuffer
 
 namespace ep {
@@ -56,7 +57,8 @@ class NvshmemExchange {
 
   // sends[p] / recvs[p] for every rank p; data moves only with the ranks of `peers` (not this
   // rank), in both directions, and every rank of `peers` must make the matching call. Queued on
-  // `stream`; the buffers must stay valid until it gets there.
+  // `stream`, after this exchange's previous call whatever stream that ran on; the buffers must
+  // stay valid until it gets there.
   void all_to_all(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
                   const std::vector<RecvBuffer>& recvs, cudaStream_t stream, const char* op_name);
   bool device_driven() const { return device_driven_; }
@@ -74,12 +76,16 @@ class NvshmemExchange {
   uint64_t* full_signal(char* base, int src, int index) const;
   uint64_t* credit_signal(char* base, int dst, int index) const;
 
+  // The call in one launch (device-driven), or in rounds the host queues.
   void all_to_all_on_device(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
+                            const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
+  void all_to_all_in_rounds(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
                             const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
 
   int rank_, size_, num_slots_;
   size_t chunk_bytes_;
   bool device_driven_;
+  int device_;
   std::chrono::milliseconds timeout_;
   // Symmetric: [receive slots: size x slots x chunk][send stages: size x slots x chunk]
   //            [full: size x slots][credit: size x slots] (uint64 signals)
@@ -90,6 +96,7 @@ class NvshmemExchange {
   std::mutex error_mutex_;  // error() runs on the caller's thread and on Work.wait()'s
   std::string failed_;
   std::string last_op_;  // of the last call, named in its error
+  CallOrder order_;      // the calls, in turn on the device
   uint64_t bytes_sent_ = 0;
 };
 
