@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import torch_ep
 from torch_ep import reference
-from torch_ep.testing import poison_, random_tensor, same_bits
+from torch_ep.testing import poison_, random_tensor, same_bits, where_bits_differ
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
           torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.complex64]
@@ -172,3 +172,17 @@ def test_eager_bytes_option(monkeypatch):
             torch_ep.Options(all_to_all_eager_bytes=bad)
     assert torch_ep.Options(all_to_all_eager_bytes=1 << 20).all_to_all_eager_bytes == 1 << 20
     assert "TORCH_EP_ALL_TO_ALL_EAGER_BYTES" in torch_ep.options.ENVIRONMENT
+
+
+def test_where_bits_differ_names_the_bytes_and_source():
+    """The GPU tests' failure message (torch_ep.testing.where_bits_differ): how many bytes differ,
+    the first and last, its row, and the source rank whose rows hold it."""
+    expected = torch.randn(6, 4, generator=torch.Generator().manual_seed(5))
+    got = expected.clone()
+    got[3, 1] = float("nan")
+    assert not same_bits(got, expected)
+    message = where_bits_differ(got, expected, [2, 3, 1])
+    assert message.startswith("4 of 96 bytes differ, bytes 52..55 (row 3)"), message
+    assert "from rank 1 (rows 2..4)" in message, message
+    assert where_bits_differ(expected, expected.clone()) == "no byte differs"
+    assert "shape/dtype" in where_bits_differ(expected, expected.double())
