@@ -29,27 +29,25 @@ struct Slots {  // NvshmemExchange's layout of the symmetric buffer
   }
 };
 
-// Thread 0 waits (bounded) until *word >= value; the block learns whether it came.
-// Another block's give-up (*error set) ends the wait too, checked about every 100 us: *error is
-// host memory, and a rank's blocks then stop within that, not a timeout each.
-__device__ bool block_wait(const uint64_t* word, uint64_t value, uint64_t deadline, int peer, int* error) {
+// Thread 0 waits (bounded) until *word >= value; the block learns whether it came. A block that
+// gives up marks *gave_up too, which ends the others' waits at once: it lives in device memory,
+// so every block may read it as often as it likes (a read of the host-mapped error word crosses
+// PCIe, and one per warp at every block's start cost 1.3 ms a call at 2x2).
+__device__ bool block_wait(const uint64_t* word, uint64_t value, uint64_t deadline, int peer, int* error,
+                           uint32_t* gave_up) {
   __shared__ int came;
   if (threadIdx.x == 0) {
     came = 1;
-    uint64_t next_look = now_ns() + 100000;
     while (load_acquire(word) < value) {
-      const uint64_t now = now_ns();
-      if (now > deadline) {
-        atomicCAS(error, 0, 1 + peer);
+      if (*reinterpret_cast<volatile uint32_t*>(gave_up) != 0) {
         came = 0;
         break;
       }
-      if (now > next_look) {
-        if (*reinterpret_cast<volatile int*>(error) != 0) {
-          came = 0;
-          break;
-        }
-        next_look = now + 100000;
+      if (now_ns() > deadline) {
+        atomicCAS(error, 0, 1 + peer);
+        atomicExch(gave_up, 1u);
+        came = 0;
+        break;
       }
       __nanosleep(128);
     }
@@ -68,7 +66,7 @@ __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid
   const uint64_t slot = pair % S;
   // A block that starts late (the grid need not be resident) after another gave up on a peer
   // ends at once, rather than waiting out a timeout of its own.
-  if (*reinterpret_cast<volatile int*>(p.error) != 0) return;
+  if (*reinterpret_cast<volatile uint32_t*>(p.gave_up) != 0) return;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   if (sending) {
     const uint64_t chunks = (peer.send_bytes + C - 1) / C;
@@ -76,7 +74,7 @@ __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid
     // The chunks of this call that use `slot`: i = sent_before + k with i % S == slot.
     for (uint64_t k = (slot + S - peer.sent_before % S) % S; k < chunks; k += S) {
       const uint64_t i = peer.sent_before + k, n = peer.send_bytes - k * C < C ? peer.send_bytes - k * C : C;
-      if (i >= S && !block_wait(at.credit(peer.pe, slot), i / S, deadline, peer.pe, p.error)) return;
+      if (i >= S && !block_wait(at.credit(peer.pe, slot), i / S, deadline, peer.pe, p.error, p.gave_up)) return;
       const char* src = peer.send + k * C;
       if (!direct) {
         block_copy<4>(at.stage(peer.pe, slot), src, n);
@@ -91,7 +89,7 @@ __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid
     const uint64_t chunks = (peer.recv_bytes + C - 1) / C;
     for (uint64_t k = (slot + S - peer.received_before % S) % S; k < chunks; k += S) {
       const uint64_t j = peer.received_before + k, n = peer.recv_bytes - k * C < C ? peer.recv_bytes - k * C : C;
-      if (!block_wait(at.full(peer.pe, slot), j / S + 1, deadline, peer.pe, p.error)) return;
+      if (!block_wait(at.full(peer.pe, slot), j / S + 1, deadline, peer.pe, p.error, p.gave_up)) return;
       // L1 is not coherent with the peer's writes, and this block read the slot's previous chunk.
       block_copy<4>(peer.recv + k * C, at.slot(peer.pe, slot), n, CachedGlobalLoad{});
       __syncthreads();

@@ -51,6 +51,7 @@ struct ExchangeParams {
   ExchangePeer peers[kMaxExchangePeers];
   uint64_t timeout_ns;
   int* error;                 // host-mapped: 1 + the peer a wait timed out on (the first one)
+  uint32_t* gave_up;          // device memory: set with *error, and read by every block instead of it
 };
 
 cudaError_t launch_exchange(const ExchangeParams& p, cudaStream_t stream);

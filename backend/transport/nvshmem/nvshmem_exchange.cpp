@@ -37,6 +37,8 @@ NvshmemExchange::NvshmemExchange(int rank, int size, const NvshmemExchangeConfig
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(int), cudaHostAllocMapped));
   *error_host_ = 0;
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
+  EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&gave_up_), sizeof(uint32_t)));
+  EP_CUDA_CHECK(cudaMemset(gave_up_, 0, sizeof(uint32_t)));
   EP_CUDA_CHECK(cudaDeviceSynchronize());
   nvshmem_barrier_all();  // no peer signals us before our signals are zero
 }
@@ -44,6 +46,7 @@ NvshmemExchange::NvshmemExchange(int rank, int size, const NvshmemExchangeConfig
 NvshmemExchange::~NvshmemExchange() {
   // The symmetric buffer stays: nvshmem_free is collective and ranks leave at different times.
   if (error_host_) cudaFreeHost(error_host_);
+  if (gave_up_) cudaFree(gave_up_);
 }
 
 char* NvshmemExchange::slot(char* base, int src, int index) const {
@@ -168,6 +171,7 @@ void NvshmemExchange::all_to_all_on_device(const std::vector<int>& peers, const 
   p.chunk_bytes = chunk_bytes_;
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = error_device_;
+  p.gave_up = gave_up_;
   // The peers in the order of their rounds in the schedule: both ends of a pair then order
   // their pairs alike (see ExchangeParams).
   std::vector<bool> is_peer(size_t(size_), false);

@@ -93,6 +93,7 @@ class NvshmemExchange {
   std::vector<uint64_t> chunks_sent_, chunks_received_;  // per peer, over the exchange's life
   int* error_host_ = nullptr;
   int* error_device_ = nullptr;
+  uint32_t* gave_up_ = nullptr;  // the device exchange's blocks read this, not the host-mapped word
   std::mutex error_mutex_;  // error() runs on the caller's thread and on Work.wait()'s
   std::string failed_;
   std::string last_op_;  // of the last call, named in its error
