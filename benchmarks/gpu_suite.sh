@@ -32,7 +32,8 @@
 #     topologies, default 2x2; TORCH_EP_INTERNODE_BENCH_VARIANTS runs it and internode_profile once
 #     per set of settings, below), ll_remote_bench (the low-latency ops with the remote path forced, same topologies),
 #     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
-#     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), timeouts, faults (a rank killed
+#     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), pool_probe (tools/pool_copy_probe.cu:
+#     the one-copy move's copy shapes, 2 ranks under MPS at 64 MiB, then 1 rank), timeouts, faults (a rank killed
 #     mid-stream on CUDA), export_probe (tools/export_probe.py), a2a_profile (tools/a2a_profile.py:
 #     all_to_all's host time per call), a2a_kernels (tools/a2a_kernels.py: its device time kernel
 #     by kernel, every rank, 2 ranks), a2a_bench (at
@@ -212,7 +213,7 @@ if [ "$WHAT" = pending ]; then
   # benchmark against the host route and the intranode route), timeouts (the CUDA timeout fault
   # tests), a2a_profile (all_to_all's host time per call), a2a_kernels (its device time kernel by
   # kernel, every rank), a2a_bench (the all_to_all benchmark,
-  # with the pool row); then compile (the compile
+  # with the pool row), sm_ceiling and pool_probe (stand-alone copy probes, tools/*.cu); then compile (the compile
   # mode's checks) and sm_sweep (the sm-sweep mode).
   STEPS=" ${TORCH_EP_PENDING_STEPS:-deep_ep_bench deep_ep_overhead copy_tests sm_sweep} "
   [[ $STEPS == *" internode "* ]] && pending_test internode_device ${TORCH_EP_INTERNODE_LIMIT_S:-200} NVSHMEM_SYMMETRIC_SIZE=3G \
@@ -298,6 +299,15 @@ if [ "$WHAT" = pending ]; then
     { "$NVCC" -O3 -arch=sm_90 -std=c++17 -o /tmp/sm_copy_ceiling tools/sm_copy_ceiling.cu && \
       CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 timeout 120 /tmp/sm_copy_ceiling 512; } > "$LOGS/sm_copy_ceiling.log" 2>&1 || STATUS=1
     tail -20 "$LOGS/sm_copy_ceiling.log" >> "$SUMMARY"
+  fi
+  if [[ $STEPS == *" pool_probe "* ]]; then
+    # Issue 16: 2 forked ranks at 50 % of the SMs each (the a2a_kernels step's sharing), then 1 rank alone.
+    step "the one-copy move's copy shapes (tools/pool_copy_probe.cu, 64 MiB per rank, 2 ranks under MPS, then 1)"
+    NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    { "$NVCC" -O3 -arch=sm_90 -std=c++17 -I. -o /tmp/pool_copy_probe tools/pool_copy_probe.cu && \
+      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 120 /tmp/pool_copy_probe 64 2 && \
+      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 timeout 120 /tmp/pool_copy_probe 64 1; } > "$LOGS/pool_copy_probe.log" 2>&1 || STATUS=1
+    cat "$LOGS/pool_copy_probe.log" >> "$SUMMARY"
   fi
   [[ $STEPS == *" timeouts "* ]] && pending_test timeouts 150 -- tests/test_faults.py -k "timeout_cuda"
   # faults: a rank SIGKILLed mid-stream on CUDA (2 and 4 ranks, across 2x2 virtual nodes, the

@@ -42,6 +42,20 @@ def test_kernel_compiles_for_sm90(source, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+# The stand-alone GPU probes (tools/*.cu, gpu_suite.sh builds them with nvcc); pool_copy_probe.cu
+# includes backend/kernels/copy.cuh, so a change there must keep it building.
+TOOLS = sorted(glob.glob(os.path.join(ROOT, "tools", "*.cu")))
+
+
+@pytest.mark.skipif(not has_nvcc, reason="nvcc not on PATH")
+@pytest.mark.parametrize("source", TOOLS, ids=os.path.basename)
+def test_tool_compiles_for_sm90(source, tmp_path):
+    """Built as gpu_suite.sh builds them (linking needs no GPU)."""
+    cmd = ["nvcc", "-O3", "-std=c++17", "-arch=sm_90", f"-I{ROOT}", source, "-o", str(tmp_path / "probe")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def _nvshmem_root():
     """The nvidia-nvshmem-cu13 wheel's nvidia/nvshmem folder (TORCH_EP_NVSHMEM_ROOT overrides), or None."""
     roots = [os.environ["TORCH_EP_NVSHMEM_ROOT"]] if os.environ.get("TORCH_EP_NVSHMEM_ROOT") else []

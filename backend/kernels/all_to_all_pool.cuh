@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "backend/kernels/all_to_all_v.cuh"
 #include "backend/kernels/copy.cuh"
@@ -31,12 +32,30 @@ namespace ep::kernels::pool {
 
 constexpr uint64_t kMinPiece = 64 << 10;  // one pass of a block of 512 threads, 8 x 16 B each
 
+// Issue 16's candidates, off until tools/pool_copy_probe.cu (gpu_suite.sh's pool_probe step) and the
+// all_to_all benchmark say otherwise; a build sets them with -D (CUDAFLAGS on a fresh build folder).
+// kPieceAlign: a piece is a multiple of it. 16 keeps vector copies aligned; 128 or more starts every
+// block on a cache line where the messages start on one (tools/sm_copy_ceiling.cu's 16-byte loads
+// ran 5-16 % slower per SM at the SM counts whose pieces began 48 or 96 bytes into a line).
+#ifndef TORCH_EP_POOL_PIECE_ALIGN
+#define TORCH_EP_POOL_PIECE_ALIGN 16
+#endif
+constexpr uint64_t kPieceAlign = TORCH_EP_POOL_PIECE_ALIGN;
+static_assert(kPieceAlign >= 16 && kPieceAlign % 16 == 0 && kMinPiece % kPieceAlign == 0,
+              "TORCH_EP_POOL_PIECE_ALIGN: a multiple of 16 that divides 64 KiB");
+// TORCH_EP_POOL_STREAMING_STORES: stores evict-first (st.global.cs). Off: the receiver's next kernels
+// read the output, which plain stores leave in L2 where it fits (small calls); 64 MiB do not fit.
+#ifndef TORCH_EP_POOL_STREAMING_STORES
+#define TORCH_EP_POOL_STREAMING_STORES 0
+#endif
+using PushStore = std::conditional_t<TORCH_EP_POOL_STREAMING_STORES != 0, StreamingStore, PlainStore>;
+
 __device__ __forceinline__ uint32_t* word_at(char* block, size_t offset) {
   return reinterpret_cast<uint32_t*>(block + offset);
 }
 
 __device__ __forceinline__ uint64_t piece_bytes(uint64_t total, uint64_t workers) {
-  const uint64_t even = ((total + workers - 1) / workers + 15) / 16 * 16;  // 16-byte multiples keep vector copies aligned
+  const uint64_t even = ((total + workers - 1) / workers + kPieceAlign - 1) / kPieceAlign * kPieceAlign;
   return even > kMinPiece ? even : kMinPiece;
 }
 
@@ -65,7 +84,7 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
     if (from < to)
       block_copy_call<kUnroll, kThreads>(p.pool[d] + arena_offset[d] + (from - begin),
                                          p.input + input_offset[d] + (from - begin), to - from, StreamingLoad{},
-                                         PlainStore{});
+                                         PushStore{});
     begin = end;
   }
   __syncthreads();  // every thread's stores are issued before thread 0's fence

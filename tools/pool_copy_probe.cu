@@ -1,0 +1,297 @@
+// Which copy shape moves all_to_all_v's one-copy ("pool") move fastest (issue 16). Stand-alone (no
+// torch): R forked processes share the GPU; each rank copies MiB of input as pool::push does (R
+// messages, its own first, each straight into its receiver's arena, a peer's through a CUDA IPC
+// mapping), all ranks at once. Run it under MPS, as gpu_suite.sh's ranks run (without, they time-slice):
+//
+//   nvcc -O3 -arch=sm_90 -std=c++17 -I. -o /tmp/pool_copy_probe tools/pool_copy_probe.cu
+//   CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 /tmp/pool_copy_probe [MiB per rank=64] [ranks=2] [iterations=40]
+//
+// n = the SM count the device reports to a rank (its MPS share: 66 of 132 at 50 %). The copy loop is
+// the library's own (block_copy_call of backend/kernels/copy.cuh); a variant picks threads x 16-byte
+// loads in flight per thread, load and store flavours, the grid, and the cut of the rank's stream of
+// bytes: a piece per block (total / blocks rounded up to `align` bytes, at least 64 KiB, as
+// pool::piece_bytes cuts with align 16) or chunks dealt round robin (grid-stride); each block ends
+// with __threadfence_system, as pool::push's do. Not emulated: the plan kernel, the done counts and
+// flags, the wait for the peers at the end. Each variant is checked word by word on poisoned arenas,
+// then timed: `iterations` back-to-back launches per rank, the ranks started together by a barrier,
+// CUDA events between launches. Reported: the slowest rank's median, GB/s per rank (each byte once,
+// the all_to_all benchmark's algbw) and all ranks together, and the share of cudaMemcpyAsync (the
+// copy engines, a copy per message: the same move) in the same run.
+#include <cuda_runtime.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <csignal>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <new>
+#include <thread>
+#include <vector>
+
+#include "backend/kernels/copy.cuh"
+
+#define CHECK(x)                                                                                             \
+  do {                                                                                                       \
+    if (cudaError_t e_ = (x); e_ != cudaSuccess)                                                             \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)), std::exit(1); \
+  } while (0)
+
+using namespace ep::kernels;
+constexpr int kMaxRanks = 8, kMaxVariants = 32;
+constexpr uint64_t kMinPiece = 64 << 10;
+
+struct Move {  // one rank's messages in stream order: message k goes to rank (rank + k) % R
+  const char* src[kMaxRanks];
+  char* dst[kMaxRanks];
+  uint64_t message;  // bytes each
+  int count;
+};
+
+struct NonCoherentLoad {  // __ldg: ld.global.nc, through the texture path
+  template <typename T>
+  __device__ __forceinline__ T operator()(const T* p) const { return __ldg(p); }
+};
+
+// Block b copies chunks b, b + grid, ... of the stream (one chunk per block: pool::push's cut).
+template <int kUnroll, int kThreads, int kBlocksPerSm, typename Load, typename Store>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) pool_move(Move m, uint64_t chunk, bool fence) {
+  const uint64_t total = m.message * uint64_t(m.count);
+  for (uint64_t lo = blockIdx.x * chunk; lo < total; lo += uint64_t(gridDim.x) * chunk) {
+    const uint64_t hi = lo + chunk < total ? lo + chunk : total;
+    for (int k = 0; k < m.count; ++k) {
+      const uint64_t begin = uint64_t(k) * m.message, end = begin + m.message;
+      const uint64_t from = begin > lo ? begin : lo, to = end < hi ? end : hi;
+      if (from < to)
+        block_copy_call<kUnroll, kThreads>(m.dst[k] + (from - begin), m.src[k] + (from - begin), to - from, Load{},
+                                           Store{});
+    }
+  }
+  if (fence) {
+    __syncthreads();
+    if (threadIdx.x == 0) __threadfence_system();
+  }
+}
+
+__host__ __device__ uint32_t pattern(int rank, uint64_t word) {  // never the poison 0xffffffff
+  return uint32_t(word * 2654435761u + uint64_t(rank) * 0x9E3779B9u) & 0x7fffffffu;
+}
+
+__global__ void fill(uint32_t* p, uint64_t words, int rank) {
+  for (uint64_t i = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; i < words; i += uint64_t(gridDim.x) * blockDim.x)
+    p[i] = pattern(rank, i);
+}
+
+// Rank `me`'s arena: source s's message at s * message, the words of s's input from me * message.
+__global__ void count_wrong(const uint32_t* arena, uint64_t message_words, int ranks, int me,
+                            unsigned long long* wrong) {
+  for (uint64_t i = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; i < message_words * ranks;
+       i += uint64_t(gridDim.x) * blockDim.x)
+    if (arena[i] != pattern(int(i / message_words), me * message_words + i % message_words)) atomicAdd(wrong, 1ull);
+}
+
+using Launch = void (*)(const Move&, int blocks, uint64_t chunk, bool fence, cudaStream_t);
+// U loads in flight per thread of T, registers for 1024 / T blocks per SM (B) unless given.
+template <int U, int T, typename L, typename S, int B = 1024 / T>
+void launch(const Move& m, int blocks, uint64_t chunk, bool fence, cudaStream_t stream) {
+  pool_move<U, T, B, L, S><<<blocks, T, 0, stream>>>(m, chunk, fence);
+}
+constexpr Launch kToday = launch<8, 512, StreamingLoad, PlainStore>;
+
+struct Variant {
+  const char* name;
+  Launch run;  // nullptr: cudaMemcpyAsync per message
+  int blocks;
+  uint64_t chunk;
+  bool fence;
+};
+
+uint64_t piece(uint64_t total, int blocks, uint64_t align) {  // pool::piece_bytes, rounded to `align`
+  const uint64_t even = ((total + blocks - 1) / blocks + align - 1) / align * align;
+  return std::max(even, kMinPiece);
+}
+
+// Rows in groups: today's kernel and cut (the library's automatic grid: 2 blocks per SM of the share,
+// less the plan's); today with one thing changed; other threads x loads and grids (pieces aligned to
+// 4 KiB: compare with "today, pieces aligned to 4 KiB"); pieces and chunks of a fixed size.
+std::vector<Variant> variants(uint64_t total, int n) {
+  const int today = std::max(1, 2 * n - 1);
+  const uint64_t cut = piece(total, today, 16);
+  auto aligned = [&](int blocks) { return piece(total, blocks, 4096); };
+  auto pieces = [&](uint64_t bytes) { return int((total + bytes - 1) / bytes); };
+  return {
+      {"cudaMemcpyAsync, a copy per message", nullptr, 0, 0, false},
+      {"today: 512x8, ld.cs / st plain, 2n-1 blocks, pieces /16 B, fence", kToday, today, cut, true},
+      {"today, pieces aligned to 128 B", kToday, today, piece(total, today, 128), true},
+      {"today, pieces aligned to 4 KiB", kToday, today, aligned(today), true},
+      {"today, no fence", kToday, today, cut, false},
+      {"today, loads plain", launch<8, 512, PlainLoad, PlainStore>, today, cut, true},
+      {"today, loads __ldg", launch<8, 512, NonCoherentLoad, PlainStore>, today, cut, true},
+      {"today, stores st.cs", launch<8, 512, StreamingLoad, StreamingStore>, today, cut, true},
+      {"today, loads __ldg, stores st.cs", launch<8, 512, NonCoherentLoad, StreamingStore>, today, cut, true},
+      {"today, unroll 4", launch<4, 512, StreamingLoad, PlainStore>, today, cut, true},
+      {"512x8, n blocks (1 per SM)", kToday, n, aligned(n), true},
+      // 16 int4 in flight spill at 64 registers: 1 block per SM, as many bytes in flight per SM as today.
+      {"512x16, n blocks (1 per SM, 128 registers)", launch<16, 512, StreamingLoad, PlainStore, 1>, n, aligned(n),
+       true},
+      {"1024x4, n blocks", launch<4, 1024, StreamingLoad, PlainStore>, n, aligned(n), true},
+      {"1024x8, n blocks", launch<8, 1024, StreamingLoad, PlainStore>, n, aligned(n), true},
+      {"512x8, 2n blocks", kToday, 2 * n, aligned(2 * n), true},
+      {"512x8, 4n blocks (2 waves)", kToday, 4 * n, aligned(4 * n), true},
+      {"512x8, 8n blocks (4 waves)", kToday, 8 * n, aligned(8 * n), true},
+      {"512x8, a piece of 256 KiB per block", kToday, pieces(256 << 10), 256 << 10, true},
+      {"512x8, a piece of 128 KiB per block", kToday, pieces(128 << 10), 128 << 10, true},
+      {"512x8, a piece of 64 KiB per block", kToday, pieces(64 << 10), 64 << 10, true},
+      {"512x8, 2n blocks, chunks of 64 KiB round robin", kToday, 2 * n, 64 << 10, true},
+      {"512x8, 2n blocks, chunks of 256 KiB round robin", kToday, 2 * n, 256 << 10, true},
+      {"512x8, 2n blocks, chunks of 1 MiB round robin", kToday, 2 * n, 1 << 20, true},
+      {"512x8, 2n blocks, chunks of 2 MiB round robin", kToday, 2 * n, 2 << 20, true},
+  };
+}
+
+struct Shared {  // anonymous shared memory of the forked ranks
+  std::atomic<int> arrived{0}, generation{0}, sms{0};
+  char device[256];
+  cudaIpcMemHandle_t arena[kMaxRanks];
+  float median_ms[kMaxRanks][kMaxVariants];
+  unsigned long long wrong[kMaxRanks][kMaxVariants];
+};
+
+void barrier(Shared* s, int ranks) {
+  const int generation = s->generation.load();
+  if (s->arrived.fetch_add(1) + 1 == ranks) {
+    s->arrived.store(0);
+    s->generation.fetch_add(1);
+  } else {
+    while (s->generation.load() == generation) std::this_thread::yield();
+  }
+}
+
+void rank_main(Shared* s, int me, int ranks, uint64_t bytes, int iterations) {
+  CHECK(cudaSetDevice(0));
+  int n = 0;
+  CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, 0));
+  if (me == 0) {
+    cudaDeviceProp prop;
+    CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::snprintf(s->device, sizeof(s->device), "%s", prop.name);
+    s->sms = n;
+  }
+  const uint64_t message = bytes / ranks;
+  char *input, *arena;
+  CHECK(cudaMalloc(&input, bytes));
+  CHECK(cudaMalloc(&arena, bytes));
+  fill<<<1024, 256>>>(reinterpret_cast<uint32_t*>(input), bytes / 4, me);
+  CHECK(cudaIpcGetMemHandle(&s->arena[me], arena));
+  barrier(s, ranks);
+  Move m{};
+  m.message = message;
+  m.count = ranks;
+  for (int k = 0; k < ranks; ++k) {
+    const int d = (me + k) % ranks;
+    char* peer = arena;
+    if (d != me)
+      CHECK(cudaIpcOpenMemHandle(reinterpret_cast<void**>(&peer), s->arena[d], cudaIpcMemLazyEnablePeerAccess));
+    m.src[k] = input + d * message;
+    m.dst[k] = peer + me * message;
+  }
+  cudaStream_t stream;
+  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  unsigned long long* wrong;
+  CHECK(cudaMalloc(&wrong, sizeof(*wrong)));
+  std::vector<cudaEvent_t> events(iterations + 1);
+  for (cudaEvent_t& e : events) CHECK(cudaEventCreate(&e));
+  const std::vector<Variant> list = variants(bytes, n);
+  if (list.size() > kMaxVariants) std::exit(3);
+  for (size_t v = 0; v < list.size(); ++v) {
+    const Variant& x = list[v];
+    auto run = [&] {
+      if (x.run) x.run(m, x.blocks, x.chunk, x.fence, stream);
+      for (int k = 0; !x.run && k < ranks; ++k)
+        CHECK(cudaMemcpyAsync(m.dst[k], m.src[k], message, cudaMemcpyDeviceToDevice, stream));
+    };
+    CHECK(cudaMemset(arena, 0xff, bytes));
+    CHECK(cudaDeviceSynchronize());
+    barrier(s, ranks);  // every arena poisoned
+    run();
+    CHECK(cudaStreamSynchronize(stream));
+    CHECK(cudaGetLastError());
+    barrier(s, ranks);  // every rank's messages landed
+    CHECK(cudaMemset(wrong, 0, sizeof(*wrong)));
+    count_wrong<<<1024, 256>>>(reinterpret_cast<const uint32_t*>(arena), message / 4, ranks, me, wrong);
+    CHECK(cudaMemcpy(&s->wrong[me][v], wrong, sizeof(*wrong), cudaMemcpyDeviceToHost));
+    barrier(s, ranks);  // checked before anyone writes again
+    CHECK(cudaEventRecord(events[0], stream));
+    for (int i = 0; i < iterations; ++i) {
+      run();
+      CHECK(cudaEventRecord(events[i + 1], stream));
+    }
+    CHECK(cudaStreamSynchronize(stream));
+    std::vector<float> ms(iterations);
+    for (int i = 0; i < iterations; ++i) CHECK(cudaEventElapsedTime(&ms[i], events[i], events[i + 1]));
+    std::nth_element(ms.begin(), ms.begin() + iterations / 2, ms.end());
+    s->median_ms[me][v] = ms[iterations / 2];
+    barrier(s, ranks);
+  }
+}
+
+int main(int argc, char** argv) {
+  const uint64_t bytes = uint64_t(argc > 1 ? std::atoi(argv[1]) : 64) << 20;
+  const int ranks = argc > 2 ? std::atoi(argv[2]) : 2, iterations = argc > 3 ? std::atoi(argv[3]) : 40;
+  if (ranks < 1 || ranks > kMaxRanks || bytes % (16 * ranks) != 0 || iterations < 20) {
+    std::fprintf(stderr, "usage: %s [MiB per rank=64] [ranks=2, 1..%d] [iterations=40, >= 20]\n", argv[0], kMaxRanks);
+    return 2;
+  }
+  // Before any CUDA call: the ranks are forked processes, each with its own context (MPS client).
+  void* memory = mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (memory == MAP_FAILED) return 1;
+  Shared* s = new (memory) Shared();
+  std::vector<pid_t> children;
+  for (int r = 0; r < ranks; ++r) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);  // a timeout that kills the probe ends its ranks too
+      rank_main(s, r, ranks, bytes, iterations);
+      std::_Exit(0);
+    }
+    children.push_back(pid);
+  }
+  bool failed = false;
+  for (size_t left = children.size(); left > 0; --left) {
+    int status = 0;
+    const pid_t pid = wait(&status);
+    if (pid < 0 || (WIFEXITED(status) && WEXITSTATUS(status) == 0)) continue;
+    failed = true;  // the other ranks would wait at a barrier for ever
+    for (pid_t other : children)
+      if (other != pid) kill(other, SIGKILL);
+  }
+  if (failed) return 1;
+  const std::vector<Variant> list = variants(bytes, s->sms);
+  const char* mps = std::getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
+  std::printf("%s, %d ranks, %d SMs each (n; CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=%s), %llu MiB per rank, "
+              "median of %d launches per rank\n", s->device, ranks, s->sms.load(), mps ? mps : "unset",
+              (unsigned long long)(bytes >> 20), iterations);
+  std::printf("| variant | blocks | piece / chunk bytes | us (ranks' medians, max / min) | GB/s per rank | "
+              "GB/s all ranks | share of memcpy | words wrong |\n|---|--:|--:|--:|--:|--:|--:|--:|\n");
+  float memcpy_ms = 0;
+  for (size_t v = 0; v < list.size(); ++v) {
+    float ms = 0, fastest = 1e30f;  // GB/s from the slowest rank's
+    unsigned long long wrong = 0;
+    for (int r = 0; r < ranks; ++r) {
+      ms = std::max(ms, s->median_ms[r][v]);
+      fastest = std::min(fastest, s->median_ms[r][v]);
+      wrong += s->wrong[r][v];
+    }
+    if (v == 0) memcpy_ms = ms;
+    failed = failed || wrong != 0;
+    std::printf("| %s | %d | %llu | %.1f / %.1f | %.1f | %.1f | %.0f %% | %llu |\n", list[v].name, list[v].blocks,
+                (unsigned long long)list[v].chunk, ms * 1e3f, fastest * 1e3f, bytes / ms / 1e6f,
+                ranks * bytes / ms / 1e6f, 100 * memcpy_ms / ms, wrong);
+  }
+  std::printf(failed ? "SOME VARIANT COPIED WRONG\n" : "every variant copied exactly\n");
+  return failed ? 1 : 0;
+}
