@@ -33,6 +33,7 @@ namespace ep {
 
 class AllToAllVState;
 class CommPool;
+struct MoePool;
 class CudaTransport;
 class InternodeTransport;
 
@@ -152,6 +153,17 @@ class ProcessGroupEP : public c10d::Backend {
   // {arena bytes, bytes torch holds in it, whether the last all_to_all_single went with one copy
   // (waits for the device)}; empty without a comm pool. For tests.
   std::vector<int64_t> comm_pool_stats();
+
+  // The MoE pool on cuda:`device` (cuda/moe_pool.hpp), created by the first call (collective:
+  // every rank reserves Config::moe_pool_bytes and maps every peer's arena; a pushing dispatch
+  // makes that call on every rank alike). Defined in cuda/comm_pool_path.cpp (CUDA builds only).
+  std::shared_ptr<MoePool> moe_pool(int device, const char* op_name);
+  // The MoE pool, or null where none was made.
+  std::shared_ptr<MoePool> moe_pool_if_any() const;
+  // {arena bytes, bytes torch holds in it}; empty without a MoE pool. For tests.
+  std::vector<int64_t> moe_pool_stats();
+  // The offset of [ptr, ptr + bytes) in this rank's MoE arena, or -1 (outside, or no pool). For tests.
+  int64_t moe_pool_offset(int64_t ptr, int64_t bytes);
 
   // --- ours ---
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
@@ -294,6 +306,7 @@ class ProcessGroupEP : public c10d::Backend {
   bool a2av_decided_ = false;
   std::shared_ptr<CommPool> comm_pool_;
   std::shared_ptr<void> comm_allocator_;  // its torch allocator (a CUDAAllocator)
+  std::shared_ptr<MoePool> moe_pool_;
   std::shared_ptr<InternodeTransport> internode_transport_;
   std::optional<c10::Stream> internode_stream_;
   std::atomic<uint64_t> dispatch_count_{0};
