@@ -289,3 +289,115 @@ def rank_copy_options(copy):
 def test_copy_variant_through_options(cuda_pool, copy):
     """Options(moe_copy=...) on a new group, beside the default group's kernels (unroll)."""
     cuda_pool.run(rank_copy_options, copy)
+
+
+# ----------------------------------------------------------------------------- push (Options.moe_push)
+# TORCH_EP_MOE_PUSH=1: each rank writes its own rows into the receivers' outputs, which dispatch
+# allocates from the group's MoE pool (every rank maps it). The copy variants' checks (bf16, fp8
+# with scales, layout given and computed inside, along a handle, num_worst_tokens padding,
+# weights, combine of recv_x and of other tensors) on pools that push, at small SM budgets and the
+# automatic one; then the pool itself: outputs in it, poisoned pool memory, a full pool.
+PUSH_SMS = (1, 8, 0)
+
+
+@pytest.fixture(params=[(n, sms) for n in copy_world_sizes() for sms in PUSH_SMS],
+                ids=lambda v: f"{v[0]}ranks-sms{v[1]}")
+def push_pool(request):
+    world_size, sms = request.param
+    return rank_pool(world_size, cuda=True, env={"TORCH_EP_MOE_PUSH": "1", "TORCH_EP_NUM_SMS": str(sms)})
+
+
+def in_moe_pool(tensors, group=None):
+    backend = torch_ep.get_backend(group)
+    return all(t.numel() == 0 or backend._moe_pool_offset(t.data_ptr(), t.numel() * t.element_size()) >= 0
+               for t in tensors)
+
+
+def rank_push_pool(seed):
+    """Outputs lie in the MoE pool. An earlier call's outputs, filled with 0x7f bytes (bf16 and
+    float32 near their largest, int64 ids far out of range) and freed, give their blocks back to the
+    pool; the next call on fresh data, same shapes, must overwrite or pad every row of them. Then
+    combine of recv_x itself (in the pool, reached by arena offset) on even ranks and of a copy
+    (exported) on odd ones, against torch_ep.reference."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    for i, worst in enumerate((0, 160 * size)):
+        num_experts, g, x, idx, w = checks.make_inputs(seed + i, "random", 512, 4, 2, torch.bfloat16, "cuda",
+                                                       max_tokens=150)
+        first = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst)
+        outputs = [first.recv_x, first.recv_topk_idx, first.recv_topk_weights]
+        assert in_moe_pool(outputs), "a pushing dispatch's outputs lie in the MoE pool"
+        stats = torch_ep.get_backend()._moe_pool_stats()
+        assert len(stats) == 2 and stats[1] > 0 and stats[1] <= stats[0]
+        for t in outputs:
+            t.view(torch.uint8).fill_(0x7F)
+        del first, outputs, t
+        x2 = torch.randint(-60, 60, tuple(x.shape), generator=g).to(torch.bfloat16)
+        w2 = torch.rand(tuple(idx.shape), generator=g)
+        expected = reference.dispatch(x2, idx.cpu(), w2, num_experts=num_experts)
+        got = torch_ep.dispatch(x2.cuda(), idx, w2.cuda(), num_experts=num_experts, num_worst_tokens=worst)
+        assert in_moe_pool([got.recv_x, got.recv_topk_idx, got.recv_topk_weights])
+        m = expected.recv_topk_idx.shape[0]
+        assert got.recv_x.shape[0] == (worst or m)
+        assert same_bits(got.recv_x[:m].cpu(), expected.recv_x), "recv_x differs from the reference"
+        assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx)
+        assert torch.equal(got.recv_topk_weights[:m].cpu(), expected.recv_topk_weights)
+        assert bool((got.recv_topk_idx[m:] == -1).all()) and bool((got.recv_topk_weights[m:] == 0).all())
+        back = got.recv_x if rank % 2 == 0 else got.recv_x.clone()
+        ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
+        weights = None if worst else got.recv_topk_weights  # in the pool too: reached by arena offset
+        comb = torch_ep.combine(back, got.handle, weights)
+        assert same_bits(comb.combined_x.cpu(), ref.combined_x), "combined_x differs from the reference"
+        if weights is not None:
+            assert torch.equal(comb.combined_topk_weights.cpu(), ref.combined_topk_weights)
+        dist.barrier()
+
+
+def rank_push_variant(seed):
+    rank_copy_variant(seed)
+    rank_push_pool(seed)
+    checks.rank_worst_case(seed, device="cuda")
+
+
+def test_push_variant(push_pool):
+    """Every copy-variant check and the pool checks above on a pool whose default group pushes
+    (TORCH_EP_MOE_PUSH=1) with TORCH_EP_NUM_SMS blocks, bit for bit against torch_ep.reference."""
+    push_pool.run(rank_push_variant, _seed())
+
+
+@pytest.mark.parametrize("sms", [1, 8])
+def test_push_many_sources(sms):
+    """Push with 4 ranks: rows of three lower ranks before a sender's own on each receiver."""
+    pool = rank_pool(4, cuda=True, env={"TORCH_EP_MOE_PUSH": "1", "TORCH_EP_NUM_SMS": str(sms)})
+    pool.run(rank_many_sources, _seed())
+
+
+def rank_push_pool_full(seed):
+    """A MoE pool of 2 MiB (Options.moe_pool_bytes) cannot hold 16 KiB rows by the hundred: every
+    rank raises a ValueError naming TORCH_EP_MOE_POOL_BYTES before any kernel starts, whether the
+    outputs were sized before the records (num_worst_tokens) or after them (the second exchange,
+    only rank 0 receiving, so the others raise for it), and the group keeps working."""
+    size = dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(moe_push=True, moe_pool_bytes=2 << 20))
+    experts_per_rank, hidden, tokens = 2, 4096, 200
+    num_experts = experts_per_rank * size
+    x = torch.randn(tokens, hidden, device="cuda")
+    to_rank0 = torch.zeros(tokens, 1, dtype=torch.long, device="cuda")  # expert 0: rank 0's
+    for kwargs in ({"num_worst_tokens": tokens * size}, {}):
+        with pytest.raises(ValueError, match="TORCH_EP_MOE_POOL_BYTES"):
+            torch_ep.dispatch(x, to_rank0, num_experts=num_experts, group=group, **kwargs)
+    num_experts, g, xs, idx, w = checks.make_inputs(seed, "random", 16, 2, experts_per_rank, torch.float32, "cuda")
+    expected = reference.dispatch(xs.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    got = torch_ep.dispatch(xs, idx, w, num_experts=num_experts, group=group)
+    checks.check_result(got, expected)
+    assert in_moe_pool([got.recv_x, got.recv_topk_idx, got.recv_topk_weights], group)
+    comb = torch_ep.combine(got.recv_x, got.handle, got.recv_topk_weights, group=group)
+    ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
+    assert same_bits(comb.combined_x.cpu(), ref.combined_x)
+    del got, comb
+    dist.destroy_process_group(group)
+
+
+def test_push_pool_full(cuda_pool):
+    if cuda_pool.world_size < 2:
+        pytest.skip("needs two ranks")
+    cuda_pool.run(rank_push_pool_full, _seed())

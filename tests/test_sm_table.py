@@ -141,6 +141,28 @@ def test_moe_copy_option(monkeypatch):
         torch_ep.Options()
 
 
+def test_moe_push_options(monkeypatch):
+    """Options.moe_push (TORCH_EP_MOE_PUSH, off by default) and Options.moe_pool_bytes
+    (TORCH_EP_MOE_POOL_BYTES, 1 GiB by default, at least 2 MiB) reach the group's Config."""
+    monkeypatch.delenv("TORCH_EP_MOE_PUSH", raising=False)
+    monkeypatch.delenv("TORCH_EP_MOE_POOL_BYTES", raising=False)
+    config = torch_ep.Options()._to_config(timedelta(seconds=60))
+    assert torch_ep.Options().moe_push is False and config.moe_push is False
+    assert torch_ep.Options().moe_pool_bytes == 1 << 30 and config.moe_pool_bytes == 1 << 30
+    monkeypatch.setenv("TORCH_EP_MOE_PUSH", "1")
+    monkeypatch.setenv("TORCH_EP_MOE_POOL_BYTES", str(64 << 20))
+    config = torch_ep.Options()._to_config(timedelta(seconds=60))
+    assert (config.moe_push, config.moe_pool_bytes) == (True, 64 << 20)
+    monkeypatch.setenv("TORCH_EP_MOE_PUSH", "0")
+    assert torch_ep.Options().moe_push is False
+    assert torch_ep.Options(moe_push=True)._to_config(timedelta(seconds=60)).moe_push is True
+    with pytest.raises(ValueError, match="moe_pool_bytes"):
+        torch_ep.Options(moe_pool_bytes=1 << 20)
+    monkeypatch.setenv("TORCH_EP_MOE_PUSH", "yes")
+    with pytest.raises(ValueError, match="TORCH_EP_MOE_PUSH"):
+        torch_ep.Options()
+
+
 def test_readme_lists_every_environment_variable():
     """The README's environment table and torch_ep.options.ENVIRONMENT name the same variables."""
     import re
