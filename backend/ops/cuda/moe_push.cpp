@@ -60,7 +60,8 @@ bool allocate_from_pool(MoePool& pool, int rank, const DispatchArgs& a, int64_t 
   const at::TensorOptions floats = a.x.options().dtype(at::kFloat);
   const int64_t bytes = capacity * (H * int64_t(a.x.element_size()) + (a.x_scales ? a.x_scales->size(1) * 4 : 0) +
                                     (cached ? 0 : K * 8) + (a.topk_weights ? K * 4 : 0));
-  const std::string where = "rank " + std::to_string(rank) + ": the MoE pool of TORCH_EP_MOE_PUSH ";
+  // Kept under a record's 255 characters of detail.
+  const std::string where = "rank " + std::to_string(rank) + ": the MoE pool (TORCH_EP_MOE_POOL_BYTES";
   try {
     RouteToPool route(pool, a.x.device().index());
     o.recv_x = at::empty({capacity, H}, a.x.options());
@@ -71,10 +72,9 @@ bool allocate_from_pool(MoePool& pool, int rank, const DispatchArgs& a, int64_t 
     o.recv_topk_weights = a.topk_weights ? at::empty({capacity, K}, floats) : at::empty({0}, floats);
   } catch (const c10::OutOfMemoryError&) {
     o = DispatchOutputs{};
-    *why = where + "(TORCH_EP_MOE_POOL_BYTES, Options.moe_pool_bytes: " + mib(pool.arena->bytes()) + " per rank, " +
-           mib(pool.arena->used()) + " of it held) cannot hold this dispatch's outputs (" + std::to_string(capacity) +
-           " rows, " + mib(size_t(bytes)) + "). Raise TORCH_EP_MOE_POOL_BYTES, or keep fewer dispatch outputs "
-           "alive (they stay in the pool while referenced)";
+    *why = where + ": " + mib(pool.arena->bytes()) + " a rank, " + mib(pool.arena->used()) +
+           " held) cannot hold this dispatch's outputs (" + std::to_string(capacity) + " rows, " + mib(size_t(bytes)) +
+           "); raise TORCH_EP_MOE_POOL_BYTES or keep fewer dispatch outputs alive";
     return false;
   }
   const at::Tensor* outputs[4] = {&o.recv_x, &o.recv_x_scales, &o.recv_topk_idx, &o.recv_topk_weights};
@@ -83,8 +83,8 @@ bool allocate_from_pool(MoePool& pool, int rank, const DispatchArgs& a, int64_t 
     target.offset[i] = t.numel() ? pool.arena->offset_of(t.data_ptr(), t.nbytes()) : -1;
     if (t.numel() && target.offset[i] < 0) {
       o = DispatchOutputs{};
-      *why = where + "did not get its outputs: this thread's CUDA allocations go to another pool (a "
-             "torch.cuda.use_mem_pool around the dispatch?); a pushing dispatch allocates them from its own";
+      *why = where + ") did not get this dispatch's outputs: this thread's allocations go to another pool "
+             "(a torch.cuda.use_mem_pool around a dispatch with TORCH_EP_MOE_PUSH=1?)";
       return false;
     }
   }
