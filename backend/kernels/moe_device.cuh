@@ -13,9 +13,15 @@
 namespace ep::kernels {
 
 // Before a pull kernel reads any peer: block 0 says this rank's inputs are ready, and every
-// block waits (without clearing) for the peers' word.
-__device__ inline void handshake_begin(const Handshake& h, int num_ranks) {
+// block waits (without clearing) for the peers' word. With kSayIfSeen (a pushing kernel, which
+// writes into the peers' outputs) it returns, alike to every thread of the block, whether every
+// peer really raised its word: false where a wait timed out or found a word the watchdog forced
+// (release_waits writes 0x01 into every byte; a peer stores 1), so that the block stores into no
+// peer whose outputs may still be in use. The pull instances (kSayIfSeen false) are unchanged.
+template <bool kSayIfSeen = false>
+__device__ inline bool handshake_begin(const Handshake& h, int num_ranks) {
   const int peer = threadIdx.x;
+  bool seen = true;
   if (peer < num_ranks) {
     if (blockIdx.x == 0 && h.ready_to_set[peer]) {
       __threadfence_system();
@@ -23,16 +29,22 @@ __device__ inline void handshake_begin(const Handshake& h, int num_ranks) {
     }
     if (h.ready_to_wait[peer]) {
       const uint64_t deadline = now_ns() + h.timeout_ns;
-      while (load_acquire(h.ready_to_wait[peer]) == 0) {
+      uint32_t word;
+      while ((word = load_acquire(h.ready_to_wait[peer])) == 0) {
         if (now_ns() > deadline) {
           atomicExch(h.error, 1 + peer);
           break;
         }
         __nanosleep(100);
       }
+      if (kSayIfSeen) seen = word == 1;
     }
   }
-  __syncthreads();
+  if (!kSayIfSeen) {
+    __syncthreads();
+    return true;
+  }
+  return __syncthreads_and(seen) != 0;
 }
 
 // After a block's last read of a peer. The last block of the grid clears the ready flags it

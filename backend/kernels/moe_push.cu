@@ -41,7 +41,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(DispatchPushPar
   if (blockIdx.x == 0 && threadIdx.x < R && p.counts_to_set[threadIdx.x]) {
     for (int d = 0; d < R; ++d) p.counts_to_set[threadIdx.x][d] = int32_t(rows_sent(p, me, d));
   }
-  handshake_begin(p.handshake, R);
+  // A receiver whose ready word this block did not see (a timeout, or the watchdog releasing a
+  // failed group) may still use its outputs: store nothing, only finish the handshake.
+  if (!handshake_begin</*kSayIfSeen=*/true>(p.handshake, R)) {
+    handshake_end</*kPushed=*/true>(p.handshake, R);
+    return;
+  }
 
   if (threadIdx.x < 32) {  // lane d: R <= kMaxRanksPerNode = 32
     const int d = lane;
