@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <thread>
 
@@ -75,6 +76,11 @@ bool allocate_from_pool(MoePool& pool, int rank, const DispatchArgs& a, int64_t 
     *why = where + ": " + mib(pool.arena->bytes()) + " a rank, " + mib(pool.arena->used()) +
            " held) cannot hold this dispatch's outputs (" + std::to_string(capacity) + " rows, " + mib(size_t(bytes)) +
            "); raise TORCH_EP_MOE_POOL_BYTES or keep fewer dispatch outputs alive";
+    return false;
+  } catch (const std::exception& e) {  // any other failure is a refusal too: every rank raises, none hangs
+    o = DispatchOutputs{};
+    *why = where + ") could not allocate this dispatch's outputs (" + std::to_string(capacity) + " rows, " +
+           mib(size_t(bytes)) + "): " + e.what();
     return false;
   }
   const at::Tensor* outputs[4] = {&o.recv_x, &o.recv_x_scales, &o.recv_topk_idx, &o.recv_topk_weights};
