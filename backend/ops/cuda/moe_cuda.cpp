@@ -297,16 +297,20 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     DispatchOutputs o;
     // Under push the receivers' outputs come first where their rows are known now (a handle, or
     // num_worst_tokens): where they lie, or that the pool cannot hold them, rides in the records.
+    // Elsewhere the target says capacity -1: not known yet (a second exchange follows).
     bool allocated = false;
+    PushTarget target{{-1, -1, -1, -1}, -1};
     if (push) {
-      for (Record& r : mine) r.push = 1;
+      for (Record& r : mine) {
+        r.push = 1;
+        r.target = target;
+      }
       if (cached || worst) {
         phase.next("ep::dispatch/outputs");
         int64_t rows = 0;  // the capacity computed below from the records, known now
         if (worst) rows = a.num_worst_tokens;
         else
           for (int64_t n : a.handle_counts->recv) rows += n;
-        PushTarget target{{-1, -1, -1, -1}, -1};
         std::string why;
         allocated = allocate_from_pool(*pool, int(rank), a, rows, o, target, &why);
         for (Record& r : mine) {
@@ -330,13 +334,17 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     const int64_t K = cached ? 0 : a.topk_idx->size(1);
 
     if (push) {
+      // Whether a second exchange runs is read from the records, which every rank sees alike
+      // (ranks may differ in num_worst_tokens): once any receiver's target is unknown, every rank
+      // takes part, those that allocated before the records sending their target again.
+      bool any_unknown = false;
+      for (const Record& r : theirs) any_unknown = any_unknown || r.target.capacity < 0;
       std::vector<PushTarget> targets;
-      if (allocated) {
+      if (!any_unknown) {
         for (const Record& r : theirs) targets.push_back(r.target);
-      } else {  // the rows came with the records: allocate, then tell every sender where
-        PushTarget target{{-1, -1, -1, -1}, -1};
+      } else {
         std::string why;
-        allocate_from_pool(*pool, int(rank), a, capacity, o, target, &why);
+        if (!allocated) allocate_from_pool(*pool, int(rank), a, capacity, o, target, &why);  // the rows came with the records
         phase.next("ep::dispatch/exchange_targets");
         targets = exchange_targets(*transport, target, why, op);
       }
