@@ -154,11 +154,8 @@ class ProcessGroupEP : public c10d::Backend {
   // (waits for the device)}; empty without a comm pool. For tests.
   std::vector<int64_t> comm_pool_stats();
 
-  // The MoE pool on cuda:`device` (cuda/moe_pool.hpp), created by the first call (collective:
-  // every rank reserves Config::moe_pool_bytes and maps every peer's arena; a pushing dispatch
-  // makes that call on every rank alike). Defined in cuda/comm_pool_path.cpp (CUDA builds only).
-  std::shared_ptr<MoePool> moe_pool(int device, const char* op_name);
-  // The MoE pool, or null where none was made.
+  // The MoE pool (cuda/moe_pool.hpp), or null where none was made: a group with
+  // Config::moe_push makes it with its MoE transport (moe_transport), on every rank alike.
   std::shared_ptr<MoePool> moe_pool_if_any() const;
   // {arena bytes, bytes torch holds in it}; empty without a MoE pool. For tests.
   std::vector<int64_t> moe_pool_stats();
@@ -221,6 +218,13 @@ class ProcessGroupEP : public c10d::Backend {
   // Raises DistBackendError naming `op` once the group takes no more calls: it was shut down or
   // aborted, or a transport failed (its state no longer agrees with the peers').
   void check_usable(const char* op) const;
+  // A new MoE pool on cuda:`device` (collective: every rank reserves Config::moe_pool_bytes and
+  // maps every peer's arena); moe_transport makes it, under cuda_mutex_, where the group pushes.
+  // Defined in cuda/comm_pool_path.cpp (CUDA builds only).
+  std::shared_ptr<MoePool> make_moe_pool(int device, const char* op_name);
+  // Raises ValueError on every rank unless every rank has the same Config::moe_push (one
+  // all_gather over the set-up rendezvous): a pushing rank would wait for peers that pull.
+  void agree_on_moe_push(const char* op_name);
   // Makes every later call raise with `why`; the first reason stays unless `overrule`.
   void stop_taking_calls(const std::string& why, bool overrule = false);
   // The inner backend for `op` (after check_usable): a reference, since shutdown() drops ours.

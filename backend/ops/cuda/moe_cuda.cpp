@@ -258,9 +258,10 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   const bool cached = a.handle_meta.has_value(), worst = a.num_worst_tokens > 0;
   const MetaLayout l{R, E, N};
   // Push (Options.moe_push): each rank writes its rows into the receivers' outputs, which come
-  // from the MoE pool (its first use sets it up, collectively: every rank pushes alike).
+  // from the MoE pool (made with the transport, on every rank alike). Only such a group has one.
   const bool push = push_this_call(group, stream);
-  std::shared_ptr<MoePool> pool = push ? group.moe_pool(device.index(), op) : group.moe_pool_if_any();
+  std::shared_ptr<MoePool> pool = group.config().moe_push ? group.moe_pool_if_any() : nullptr;
+  TORCH_CHECK(!push || pool, op, ": this group pushes (Options.moe_push) but has no MoE pool");
   const CommPool* moe_arena = pool ? pool->arena.get() : nullptr;
 
   Phases phase;
@@ -435,7 +436,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
   const int64_t K = a.topk_weights ? a.topk_weights->size(1) : 0;
   // Combine pulls as ever; an x (or weights) of the MoE pool, a pushing dispatch's output, is
   // reached through the arena every rank maps, not exported.
-  std::shared_ptr<MoePool> pool = group.moe_pool_if_any();
+  std::shared_ptr<MoePool> pool = group.config().moe_push ? group.moe_pool_if_any() : nullptr;
   const CommPool* moe_arena = pool ? pool->arena.get() : nullptr;
 
   Phases phase;

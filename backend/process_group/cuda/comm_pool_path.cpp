@@ -109,34 +109,28 @@ std::vector<int64_t> ProcessGroupEP::comm_pool_stats() {
   return {int64_t(pool->bytes()), int64_t(pool->used()), last_call_one_copy(*state) ? 1 : 0};
 }
 
-std::shared_ptr<MoePool> ProcessGroupEP::moe_pool(int device, const char* op) {
-  std::lock_guard<std::mutex> lock(cuda_mutex_);
-  if (!moe_pool_) {
-    c10::cuda::CUDAGuard guard{c10::DeviceIndex(device)};
-    auto pool = std::make_shared<MoePool>();
-    try {
-      pool->arena = std::make_shared<CommPool>(rendezvous_, device, config_.moe_pool_bytes, "ep/cuda/moe_pool");
-    } catch (const std::exception& e) {
-      C10_THROW_ERROR(DistBackendError, std::string(op) + ": setting up the MoE pool (" +
-                                            std::to_string(config_.moe_pool_bytes) +
-                                            " bytes per rank, TORCH_EP_MOE_POOL_BYTES) for TORCH_EP_MOE_PUSH failed: " +
-                                            e.what());
-    }
-    std::shared_ptr<CommPool> arena = pool->arena;
-    // A failed segment makes torch raise OutOfMemoryError; the dispatch turns that into its own
-    // error naming TORCH_EP_MOE_POOL_BYTES (moe_cuda.cpp), so no reason is kept here.
-    std::shared_ptr<TorchAllocator> torch_allocator = keep_for_the_process(torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
-        [arena](size_t bytes, int device, cudaStream_t) -> void* {
-          std::string why;
-          return arena->allocate(bytes, device, &why);
-        },
-        [arena](void* ptr, size_t, int, cudaStream_t) { arena->release(ptr); }));
-    pool->mem_pool = std::make_unique<at::cuda::MemPool>(torch_allocator);
-    moe_pool_ = std::move(pool);
+std::shared_ptr<MoePool> ProcessGroupEP::make_moe_pool(int device, const char* op) {
+  c10::cuda::CUDAGuard guard{c10::DeviceIndex(device)};
+  auto pool = std::make_shared<MoePool>();
+  try {
+    pool->arena = std::make_shared<CommPool>(rendezvous_, device, config_.moe_pool_bytes, "ep/cuda/moe_pool");
+  } catch (const std::exception& e) {
+    C10_THROW_ERROR(DistBackendError, std::string(op) + ": setting up the MoE pool (" +
+                                          std::to_string(config_.moe_pool_bytes) +
+                                          " bytes per rank, TORCH_EP_MOE_POOL_BYTES) for TORCH_EP_MOE_PUSH failed: " +
+                                          e.what());
   }
-  TORCH_CHECK_VALUE(moe_pool_->arena->device() == device, op, ": this group's MoE pool is on cuda:",
-                    moe_pool_->arena->device(), ", but the tensors are on cuda:", device);
-  return moe_pool_;
+  std::shared_ptr<CommPool> arena = pool->arena;
+  // A failed segment makes torch raise OutOfMemoryError; the dispatch turns that into its own
+  // error naming TORCH_EP_MOE_POOL_BYTES (moe_push.cpp), so no reason is kept here.
+  std::shared_ptr<TorchAllocator> torch_allocator = keep_for_the_process(torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
+      [arena](size_t bytes, int device, cudaStream_t) -> void* {
+        std::string why;
+        return arena->allocate(bytes, device, &why);
+      },
+      [arena](void* ptr, size_t, int, cudaStream_t) { arena->release(ptr); }));
+  pool->mem_pool = std::make_unique<at::cuda::MemPool>(torch_allocator);
+  return pool;
 }
 
 std::shared_ptr<MoePool> ProcessGroupEP::moe_pool_if_any() const {
@@ -179,7 +173,8 @@ void ProcessGroupEP::close_comm_pool() {
     c10::cuda::CUDAGuard guard(c10::DeviceIndex(moe->arena->device()));
     moe->arena->close();
     // torch gives back the pool's free segments now, the rest as their tensors go (the allocator
-    // is kept for the process, as the comm pool's).
+    // is kept for the process, as the comm pool's). Not while a dispatch routes into it.
+    std::lock_guard<std::mutex> route(moe->route_mutex);
     moe->mem_pool.reset();
   }
 }
