@@ -1,5 +1,6 @@
 """The SM budget table (torch_ep/sm_table.py): deriving an entry from a sweep, looking it up, and
 Options.num_sms overriding it; and benchmarks/moe.py's --sm-sweep flag. CPU only, synthetic numbers."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -161,6 +162,10 @@ def test_moe_push_options(monkeypatch):
     monkeypatch.setenv("TORCH_EP_MOE_PUSH", "yes")
     with pytest.raises(ValueError, match="TORCH_EP_MOE_PUSH"):
         torch_ep.Options()
+    # Options is a positional dataclass: the new fields come last, so that no older one moved.
+    names = [f.name for f in dataclasses.fields(torch_ep.Options)]
+    assert names[-2:] == ["moe_push", "moe_pool_bytes"]
+    assert names.index("moe_copy") == names.index("ranks_per_node") + 1 == names.index("blocking_wait") - 1
 
 
 def test_readme_lists_every_environment_variable():

@@ -32,8 +32,9 @@ ENVIRONMENT = {
                          "receivers' outputs, which dispatch then allocates from a MoE pool every rank maps "
                          "(TORCH_EP_MOE_POOL_BYTES); no input is exported per call. Opt-in until measured; the default "
                          "(0) pulls, each rank reading its peers' inputs. The CPU path ignores it",
-    "TORCH_EP_MOE_POOL_BYTES": "the MoE pool's arena per rank in bytes (default 1 GiB), reserved on the GPU by the "
-                               "first dispatch with TORCH_EP_MOE_PUSH=1; every live dispatch output must fit in it",
+    "TORCH_EP_MOE_POOL_BYTES": "the MoE pool's arena per rank in bytes (default 1 GiB), reserved on the GPU at the "
+                               "group's first CUDA dispatch with TORCH_EP_MOE_PUSH=1; every live dispatch output must "
+                               "fit in it",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
     "TORCH_EP_ALL_TO_ALL_V_DEVICE": "0 makes CUDA all_to_all_v read its splits on the host (one wait, not capturable) "
@@ -125,8 +126,6 @@ class Options:
     num_sms: int = field(default_factory=_default("TORCH_EP_NUM_SMS", 0))
     ranks_per_node: int = field(default_factory=_default("TORCH_EP_RANKS_PER_NODE", 0))
     moe_copy: str = field(default_factory=lambda: os.environ.get("TORCH_EP_MOE_COPY") or DEFAULT_MOE_COPY)
-    moe_push: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_MOE_PUSH")))
-    moe_pool_bytes: int = field(default_factory=_default("TORCH_EP_MOE_POOL_BYTES", 1 << 30))
     blocking_wait: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_BLOCKING_WAIT")))
     all_to_all_lanes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_LANES", 0))
     all_to_all_slot_bytes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_SLOT_BYTES", 0))
@@ -142,6 +141,9 @@ class Options:
     internode_capacity: int = field(default_factory=_default("TORCH_EP_INTERNODE_CAPACITY", 4096))
     internode_row_bytes: int = field(default_factory=_default("TORCH_EP_INTERNODE_ROW_BYTES", 0))
     internode_combine_rows: int = field(default_factory=_default("TORCH_EP_INTERNODE_COMBINE_ROWS", 0))
+    # Newer fields last, so that no earlier field changes position (Options is a positional dataclass).
+    moe_push: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_MOE_PUSH")))
+    moe_pool_bytes: int = field(default_factory=_default("TORCH_EP_MOE_POOL_BYTES", 1 << 30))
 
     def __post_init__(self) -> None:
         checks = {
