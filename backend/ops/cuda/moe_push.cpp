@@ -90,7 +90,7 @@ bool allocate_from_pool(MoePool& pool, int rank, const DispatchArgs& a, int64_t 
     if (t.numel() && target.offset[i] < 0) {
       o = DispatchOutputs{};
       *why = where + ") did not get this dispatch's outputs: this thread's allocations go to another pool "
-             "(a torch.cuda.use_mem_pool around a dispatch with TORCH_EP_MOE_PUSH=1?)";
+             "(torch.cuda.use_mem_pool or a reduce-overhead torch.compile warm-up around a pushing dispatch?)";
       return false;
     }
   }
