@@ -313,6 +313,50 @@ def in_moe_pool(tensors, group=None):
                for t in tensors)
 
 
+def poison_and_free(tensors):
+    """Fills `tensors` with 0x7f bytes (bf16 and float32 near their largest, int64 ids far out of
+    range); returns their [start, end) byte ranges. The caller frees them: their blocks go back to
+    the MoE pool, where the next outputs of the same shapes land."""
+    ranges = []
+    for t in tensors:
+        if t.numel():
+            t.view(torch.uint8).fill_(0x7F)
+            ranges.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+    return ranges
+
+
+def overlaps(t, ranges):
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    return any(start < e and s < end for s, e in ranges)
+
+
+def check_dispatch(got, expected, worst=0):
+    """got against the reference: the real rows, and with num_worst_tokens the padding after them."""
+    m = expected.recv_topk_idx.shape[0]
+    assert got.recv_x.shape[0] == (worst or m)
+    assert same_bits(got.recv_x[:m].cpu(), expected.recv_x), "recv_x differs from the reference"
+    assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx), "recv_topk_idx differs"
+    assert torch.equal(got.recv_topk_weights[:m].cpu(), expected.recv_topk_weights), "recv_topk_weights differ"
+    assert bool((got.recv_topk_idx[m:] == -1).all()) and bool((got.recv_topk_weights[m:] == 0).all())
+    if not worst:
+        assert got.num_recv_tokens_per_expert == expected.num_recv_tokens_per_expert
+
+
+def assert_still_pushes(seed, group=None):
+    """A push rank function's last check: a dispatch (num_worst_tokens, so that every rank gets
+    outputs) right against the reference, its outputs in the MoE pool: the group pushed, it did
+    not quietly pull."""
+    size = dist.get_world_size()
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 64, 2, 2, torch.bfloat16, "cuda")
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    worst = 24 * size
+    got = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst, group=group)
+    check_dispatch(got, expected, worst)
+    outputs = [got.recv_x, got.recv_topk_idx, got.recv_topk_weights]
+    assert all(t.numel() for t in outputs) and in_moe_pool(outputs, group), "this group did not push"
+    assert torch_ep.get_backend(group)._moe_pool_stats()[1] > 0
+
+
 def rank_push_pool(seed):
     """Outputs lie in the MoE pool. An earlier call's outputs, filled with 0x7f bytes (bf16 and
     float32 near their largest, int64 ids far out of range) and freed, give their blocks back to the
@@ -328,20 +372,18 @@ def rank_push_pool(seed):
         assert in_moe_pool(outputs), "a pushing dispatch's outputs lie in the MoE pool"
         stats = torch_ep.get_backend()._moe_pool_stats()
         assert len(stats) == 2 and stats[1] > 0 and stats[1] <= stats[0]
-        for t in outputs:
-            t.view(torch.uint8).fill_(0x7F)
-        del first, outputs, t
+        poisoned = poison_and_free(outputs)
+        del first, outputs
         x2 = torch.randint(-60, 60, tuple(x.shape), generator=g).to(torch.bfloat16)
         w2 = torch.rand(tuple(idx.shape), generator=g)
         expected = reference.dispatch(x2, idx.cpu(), w2, num_experts=num_experts)
         got = torch_ep.dispatch(x2.cuda(), idx, w2.cuda(), num_experts=num_experts, num_worst_tokens=worst)
-        assert in_moe_pool([got.recv_x, got.recv_topk_idx, got.recv_topk_weights])
-        m = expected.recv_topk_idx.shape[0]
-        assert got.recv_x.shape[0] == (worst or m)
-        assert same_bits(got.recv_x[:m].cpu(), expected.recv_x), "recv_x differs from the reference"
-        assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx)
-        assert torch.equal(got.recv_topk_weights[:m].cpu(), expected.recv_topk_weights)
-        assert bool((got.recv_topk_idx[m:] == -1).all()) and bool((got.recv_topk_weights[m:] == 0).all())
+        outputs = [got.recv_x, got.recv_topk_idx, got.recv_topk_weights]
+        assert in_moe_pool(outputs)
+        # Same shapes on the same stream: the pool hands the poisoned blocks out again, so the
+        # checks below see any row the kernel left unwritten.
+        assert all(overlaps(t, poisoned) for t in outputs if t.numel()), "the poisoned blocks were not reused"
+        check_dispatch(got, expected, worst)
         back = got.recv_x if rank % 2 == 0 else got.recv_x.clone()
         ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
         weights = None if worst else got.recv_topk_weights  # in the pool too: reached by arena offset
@@ -356,6 +398,73 @@ def rank_push_variant(seed):
     rank_copy_variant(seed)
     rank_push_pool(seed)
     checks.rank_worst_case(seed, device="cuda")
+    rank_push_worst_on_one_rank(seed)
+    rank_push_race(seed)
+    assert_still_pushes(seed)
+
+
+def rank_push_worst_on_one_rank(seed):
+    """num_worst_tokens on rank 0 only (with its layout, so its records carry its rows): rank 0
+    sizes its outputs before the records, the others after them, and every rank still takes part
+    in the second exchange of targets (it is decided from the records, alike on every rank).
+    Twice: the first call's outputs poisoned and freed, the second checked against the reference
+    on blocks that reuse them."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 256, 4, 2, torch.bfloat16, "cuda", max_tokens=90)
+    worst = 90 * size if rank == 0 else 0
+    kwargs = {"num_worst_tokens": worst, "layout": torch_ep.get_dispatch_layout(idx, num_experts)} if worst else {}
+    first = torch_ep.dispatch(x, idx, w, num_experts=num_experts, **kwargs)
+    outputs = [first.recv_x, first.recv_topk_idx, first.recv_topk_weights]
+    assert in_moe_pool(outputs)
+    poisoned = poison_and_free(outputs)
+    del first, outputs
+    x2 = torch.randint(-60, 60, tuple(x.shape), generator=g).to(torch.bfloat16)
+    w2 = torch.rand(tuple(idx.shape), generator=g)
+    expected = reference.dispatch(x2, idx.cpu(), w2, num_experts=num_experts)
+    got = torch_ep.dispatch(x2.cuda(), idx, w2.cuda(), num_experts=num_experts, **kwargs)
+    outputs = [got.recv_x, got.recv_topk_idx, got.recv_topk_weights]
+    assert in_moe_pool(outputs)
+    assert all(overlaps(t, poisoned) for t in outputs if t.numel()), "the poisoned blocks were not reused"
+    check_dispatch(got, expected, worst)
+    ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
+    comb = torch_ep.combine(got.recv_x, got.handle)
+    assert same_bits(comb.combined_x.cpu(), ref.combined_x), "combined_x differs from the reference"
+    dist.barrier()
+
+
+def rank_push_race(seed, iterations=24):
+    """dispatch -> combine -> dispatch, sizes changing every iteration (and num_worst_tokens on some),
+    with no barrier between iterations and a random short sleep on one rank, so that ranks reach
+    each call at different times and the pool hands the last iteration's blocks out again while
+    peers may still be on it. Every result against torch_ep.reference; the references are computed
+    first (they are collectives, which would line the ranks up)."""
+    import random
+    rank, size = dist.get_rank(), dist.get_world_size()
+    sleeper = random.Random(seed)
+    slow_rank = sleeper.randrange(size)
+    cases = []
+    for i in range(iterations):
+        first = checks.make_inputs(seed + 2 * i, "random", 128 + 64 * (i % 3), 4, 2, torch.bfloat16, "cuda",
+                                   max_tokens=4 + (37 * i) % 160)
+        second = checks.make_inputs(seed + 2 * i + 1, "random", 64, 2, 2, torch.bfloat16, "cuda",
+                                    max_tokens=4 + (53 * i + 90) % 160)
+        ex1 = reference.dispatch(first[2].cpu(), first[3].cpu(), first[4].cpu(), num_experts=first[0])
+        comb1 = reference.combine(ex1.recv_x, ex1.handle, ex1.recv_topk_weights)
+        ex2 = reference.dispatch(second[2].cpu(), second[3].cpu(), second[4].cpu(), num_experts=second[0])
+        cases.append((first, ex1, comb1, second, ex2, 164 * size if i % 3 == 2 else 0))
+    for first, ex1, comb1, second, ex2, worst in cases:
+        if rank == slow_rank:
+            time.sleep(sleeper.uniform(0, 0.004))
+        a = torch_ep.dispatch(first[2], first[3], first[4], num_experts=first[0])
+        c = torch_ep.combine(a.recv_x, a.handle, a.recv_topk_weights)
+        b = torch_ep.dispatch(second[2], second[3], second[4], num_experts=second[0], num_worst_tokens=worst)
+        check_dispatch(a, ex1)
+        assert same_bits(c.combined_x.cpu(), comb1.combined_x), "combined_x differs from the reference"
+        assert torch.equal(c.combined_topk_weights.cpu(), comb1.combined_topk_weights)
+        check_dispatch(b, ex2, worst)
+        assert in_moe_pool([a.recv_x, a.recv_topk_idx, a.recv_topk_weights, b.recv_x, b.recv_topk_idx])
+        del a, b, c
+    dist.barrier()
 
 
 def test_push_variant(push_pool):
@@ -368,7 +477,14 @@ def test_push_variant(push_pool):
 def test_push_many_sources(sms):
     """Push with 4 ranks: rows of three lower ranks before a sender's own on each receiver."""
     pool = rank_pool(4, cuda=True, env={"TORCH_EP_MOE_PUSH": "1", "TORCH_EP_NUM_SMS": str(sms)})
-    pool.run(rank_many_sources, _seed())
+    pool.run(rank_push_many_sources, _seed())
+
+
+def rank_push_many_sources(seed):
+    rank_many_sources(seed)
+    rank_push_worst_on_one_rank(seed)
+    rank_push_race(seed, iterations=12)
+    assert_still_pushes(seed)
 
 
 def rank_push_pool_full(seed):
@@ -394,6 +510,7 @@ def rank_push_pool_full(seed):
     ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
     assert same_bits(comb.combined_x.cpu(), ref.combined_x)
     del got, comb
+    assert_still_pushes(seed, group)
     dist.destroy_process_group(group)
 
 
@@ -401,3 +518,24 @@ def test_push_pool_full(cuda_pool):
     if cuda_pool.world_size < 2:
         pytest.skip("needs two ranks")
     cuda_pool.run(rank_push_pool_full, _seed())
+
+
+def rank_push_disagree():
+    """Ranks that disagree on Options.moe_push all raise a ValueError naming it at the group's
+    first CUDA dispatch (where the MoE pool would be made), instead of the pushing ranks waiting
+    for peers that pull; again at the next call; other groups are untouched."""
+    rank = dist.get_rank()
+    group = dist.new_group(pg_options=torch_ep.Options(moe_push=rank == 0))
+    num_experts, g, x, idx, w = checks.make_inputs(_seed_for(0) + rank, "random", 64, 2, 2, torch.float32, "cuda")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="TORCH_EP_MOE_PUSH"):
+            torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group)
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    checks.check_result(torch_ep.dispatch(x, idx, w, num_experts=num_experts), expected)
+    dist.destroy_process_group(group)
+
+
+def test_push_ranks_disagree(cuda_pool):
+    if cuda_pool.world_size < 2:
+        pytest.skip("needs two ranks")
+    cuda_pool.run(rank_push_disagree)
