@@ -289,3 +289,253 @@ def rank_copy_options(copy):
 def test_copy_variant_through_options(cuda_pool, copy):
     """Options(moe_copy=...) on a new group, beside the default group's kernels (unroll)."""
     cuda_pool.run(rank_copy_options, copy)
+
+
+# ----------------------------------------------------------------------------- push (Options.moe_push)
+# TORCH_EP_MOE_PUSH=1: each rank writes its own rows into the receivers' outputs, which dispatch
+# allocates from the group's MoE pool (every rank maps it). The copy variants' checks (bf16, fp8
+# with scales, layout given and computed inside, along a handle, num_worst_tokens padding,
+# weights, combine of recv_x and of other tensors) on pools that push, at small SM budgets and the
+# automatic one; then the pool itself: outputs in it, poisoned pool memory, a full pool.
+PUSH_SMS = (1, 8, 0)
+
+
+@pytest.fixture(params=[(n, sms) for n in copy_world_sizes() for sms in PUSH_SMS],
+                ids=lambda v: f"{v[0]}ranks-sms{v[1]}")
+def push_pool(request):
+    world_size, sms = request.param
+    return rank_pool(world_size, cuda=True, env={"TORCH_EP_MOE_PUSH": "1", "TORCH_EP_NUM_SMS": str(sms)})
+
+
+def in_moe_pool(tensors, group=None):
+    backend = torch_ep.get_backend(group)
+    return all(t.numel() == 0 or backend._moe_pool_offset(t.data_ptr(), t.numel() * t.element_size()) >= 0
+               for t in tensors)
+
+
+def poison_and_free(tensors):
+    """Fills `tensors` with 0x7f bytes (bf16 and float32 near their largest, int64 ids far out of
+    range); returns their [start, end) byte ranges. The caller frees them: their blocks go back to
+    the MoE pool, where the next outputs of the same shapes land."""
+    ranges = []
+    for t in tensors:
+        if t.numel():
+            t.view(torch.uint8).fill_(0x7F)
+            ranges.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+    return ranges
+
+
+def overlaps(t, ranges):
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    return any(start < e and s < end for s, e in ranges)
+
+
+def check_dispatch(got, expected, worst=0):
+    """got against the reference: the real rows, and with num_worst_tokens the padding after them."""
+    m = expected.recv_topk_idx.shape[0]
+    assert got.recv_x.shape[0] == (worst or m)
+    assert same_bits(got.recv_x[:m].cpu(), expected.recv_x), "recv_x differs from the reference"
+    assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx), "recv_topk_idx differs"
+    assert torch.equal(got.recv_topk_weights[:m].cpu(), expected.recv_topk_weights), "recv_topk_weights differ"
+    assert bool((got.recv_topk_idx[m:] == -1).all()) and bool((got.recv_topk_weights[m:] == 0).all())
+    if not worst:
+        assert got.num_recv_tokens_per_expert == expected.num_recv_tokens_per_expert
+
+
+def assert_still_pushes(seed, group=None):
+    """A push rank function's last check: a dispatch (num_worst_tokens, so that every rank gets
+    outputs) right against the reference, its outputs in the MoE pool: the group pushed, it did
+    not quietly pull."""
+    size = dist.get_world_size()
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 64, 2, 2, torch.bfloat16, "cuda")
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    worst = 24 * size
+    got = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst, group=group)
+    check_dispatch(got, expected, worst)
+    outputs = [got.recv_x, got.recv_topk_idx, got.recv_topk_weights]
+    assert all(t.numel() for t in outputs) and in_moe_pool(outputs, group), "this group did not push"
+    assert torch_ep.get_backend(group)._moe_pool_stats()[1] > 0
+
+
+def rank_push_pool(seed):
+    """Outputs lie in the MoE pool. An earlier call's outputs, filled with 0x7f bytes (bf16 and
+    float32 near their largest, int64 ids far out of range) and freed, give their blocks back to the
+    pool; the next call on fresh data, same shapes, must overwrite or pad every row of them. Then
+    combine of recv_x itself (in the pool, reached by arena offset) on even ranks and of a copy
+    (exported) on odd ones, against torch_ep.reference."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    for i, worst in enumerate((0, 160 * size)):
+        num_experts, g, x, idx, w = checks.make_inputs(seed + i, "random", 512, 4, 2, torch.bfloat16, "cuda",
+                                                       max_tokens=150)
+        first = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst)
+        outputs = [first.recv_x, first.recv_topk_idx, first.recv_topk_weights]
+        assert in_moe_pool(outputs), "a pushing dispatch's outputs lie in the MoE pool"
+        stats = torch_ep.get_backend()._moe_pool_stats()
+        assert len(stats) == 2 and stats[1] > 0 and stats[1] <= stats[0]
+        poisoned = poison_and_free(outputs)
+        del first, outputs
+        x2 = torch.randint(-60, 60, tuple(x.shape), generator=g).to(torch.bfloat16)
+        w2 = torch.rand(tuple(idx.shape), generator=g)
+        expected = reference.dispatch(x2, idx.cpu(), w2, num_experts=num_experts)
+        got = torch_ep.dispatch(x2.cuda(), idx, w2.cuda(), num_experts=num_experts, num_worst_tokens=worst)
+        outputs = [got.recv_x, got.recv_topk_idx, got.recv_topk_weights]
+        assert in_moe_pool(outputs)
+        # Same shapes on the same stream: the pool hands the poisoned blocks out again, so the
+        # checks below see any row the kernel left unwritten.
+        assert all(overlaps(t, poisoned) for t in outputs if t.numel()), "the poisoned blocks were not reused"
+        check_dispatch(got, expected, worst)
+        back = got.recv_x if rank % 2 == 0 else got.recv_x.clone()
+        ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
+        weights = None if worst else got.recv_topk_weights  # in the pool too: reached by arena offset
+        comb = torch_ep.combine(back, got.handle, weights)
+        assert same_bits(comb.combined_x.cpu(), ref.combined_x), "combined_x differs from the reference"
+        if weights is not None:
+            assert torch.equal(comb.combined_topk_weights.cpu(), ref.combined_topk_weights)
+        dist.barrier()
+
+
+def rank_push_variant(seed):
+    rank_copy_variant(seed)
+    rank_push_pool(seed)
+    checks.rank_worst_case(seed, device="cuda")
+    rank_push_worst_on_one_rank(seed)
+    rank_push_race(seed)
+    assert_still_pushes(seed)
+
+
+def rank_push_worst_on_one_rank(seed):
+    """num_worst_tokens on rank 0 only (with its layout, so its records carry its rows): rank 0
+    sizes its outputs before the records, the others after them, and every rank still takes part
+    in the second exchange of targets (it is decided from the records, alike on every rank).
+    Twice: the first call's outputs poisoned and freed, the second checked against the reference
+    on blocks that reuse them."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 256, 4, 2, torch.bfloat16, "cuda", max_tokens=90)
+    worst = 90 * size if rank == 0 else 0
+    kwargs = {"num_worst_tokens": worst, "layout": torch_ep.get_dispatch_layout(idx, num_experts)} if worst else {}
+    first = torch_ep.dispatch(x, idx, w, num_experts=num_experts, **kwargs)
+    outputs = [first.recv_x, first.recv_topk_idx, first.recv_topk_weights]
+    assert in_moe_pool(outputs)
+    poisoned = poison_and_free(outputs)
+    del first, outputs
+    x2 = torch.randint(-60, 60, tuple(x.shape), generator=g).to(torch.bfloat16)
+    w2 = torch.rand(tuple(idx.shape), generator=g)
+    expected = reference.dispatch(x2, idx.cpu(), w2, num_experts=num_experts)
+    got = torch_ep.dispatch(x2.cuda(), idx, w2.cuda(), num_experts=num_experts, **kwargs)
+    outputs = [got.recv_x, got.recv_topk_idx, got.recv_topk_weights]
+    assert in_moe_pool(outputs)
+    assert all(overlaps(t, poisoned) for t in outputs if t.numel()), "the poisoned blocks were not reused"
+    check_dispatch(got, expected, worst)
+    ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
+    comb = torch_ep.combine(got.recv_x, got.handle)
+    assert same_bits(comb.combined_x.cpu(), ref.combined_x), "combined_x differs from the reference"
+    dist.barrier()
+
+
+def rank_push_race(seed, iterations=24):
+    """dispatch -> combine -> dispatch, sizes changing every iteration (and num_worst_tokens on some),
+    with no barrier between iterations and a random short sleep on one rank, so that ranks reach
+    each call at different times and the pool hands the last iteration's blocks out again while
+    peers may still be on it. Every result against torch_ep.reference; the references are computed
+    first (they are collectives, which would line the ranks up)."""
+    import random
+    rank, size = dist.get_rank(), dist.get_world_size()
+    sleeper = random.Random(seed)
+    slow_rank = sleeper.randrange(size)
+    cases = []
+    for i in range(iterations):
+        first = checks.make_inputs(seed + 2 * i, "random", 128 + 64 * (i % 3), 4, 2, torch.bfloat16, "cuda",
+                                   max_tokens=4 + (37 * i) % 160)
+        second = checks.make_inputs(seed + 2 * i + 1, "random", 64, 2, 2, torch.bfloat16, "cuda",
+                                    max_tokens=4 + (53 * i + 90) % 160)
+        ex1 = reference.dispatch(first[2].cpu(), first[3].cpu(), first[4].cpu(), num_experts=first[0])
+        comb1 = reference.combine(ex1.recv_x, ex1.handle, ex1.recv_topk_weights)
+        ex2 = reference.dispatch(second[2].cpu(), second[3].cpu(), second[4].cpu(), num_experts=second[0])
+        cases.append((first, ex1, comb1, second, ex2, 164 * size if i % 3 == 2 else 0))
+    for first, ex1, comb1, second, ex2, worst in cases:
+        if rank == slow_rank:
+            time.sleep(sleeper.uniform(0, 0.004))
+        a = torch_ep.dispatch(first[2], first[3], first[4], num_experts=first[0])
+        c = torch_ep.combine(a.recv_x, a.handle, a.recv_topk_weights)
+        b = torch_ep.dispatch(second[2], second[3], second[4], num_experts=second[0], num_worst_tokens=worst)
+        check_dispatch(a, ex1)
+        assert same_bits(c.combined_x.cpu(), comb1.combined_x), "combined_x differs from the reference"
+        assert torch.equal(c.combined_topk_weights.cpu(), comb1.combined_topk_weights)
+        check_dispatch(b, ex2, worst)
+        assert in_moe_pool([a.recv_x, a.recv_topk_idx, a.recv_topk_weights, b.recv_x, b.recv_topk_idx])
+        del a, b, c
+    dist.barrier()
+
+
+def test_push_variant(push_pool):
+    """Every copy-variant check and the pool checks above on a pool whose default group pushes
+    (TORCH_EP_MOE_PUSH=1) with TORCH_EP_NUM_SMS blocks, bit for bit against torch_ep.reference."""
+    push_pool.run(rank_push_variant, _seed())
+
+
+@pytest.mark.parametrize("sms", [1, 8])
+def test_push_many_sources(sms):
+    """Push with 4 ranks: rows of three lower ranks before a sender's own on each receiver."""
+    pool = rank_pool(4, cuda=True, env={"TORCH_EP_MOE_PUSH": "1", "TORCH_EP_NUM_SMS": str(sms)})
+    pool.run(rank_push_many_sources, _seed())
+
+
+def rank_push_many_sources(seed):
+    rank_many_sources(seed)
+    rank_push_worst_on_one_rank(seed)
+    rank_push_race(seed, iterations=12)
+    assert_still_pushes(seed)
+
+
+def rank_push_pool_full(seed):
+    """A MoE pool of 2 MiB (Options.moe_pool_bytes) cannot hold 16 KiB rows by the hundred: every
+    rank raises a ValueError naming TORCH_EP_MOE_POOL_BYTES before any kernel starts, whether the
+    outputs were sized before the records (num_worst_tokens) or after them (the second exchange,
+    only rank 0 receiving, so the others raise for it), and the group keeps working."""
+    size = dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(moe_push=True, moe_pool_bytes=2 << 20))
+    experts_per_rank, hidden, tokens = 2, 4096, 200
+    num_experts = experts_per_rank * size
+    x = torch.randn(tokens, hidden, device="cuda")
+    to_rank0 = torch.zeros(tokens, 1, dtype=torch.long, device="cuda")  # expert 0: rank 0's
+    for kwargs in ({"num_worst_tokens": tokens * size}, {}):
+        with pytest.raises(ValueError, match="TORCH_EP_MOE_POOL_BYTES"):
+            torch_ep.dispatch(x, to_rank0, num_experts=num_experts, group=group, **kwargs)
+    num_experts, g, xs, idx, w = checks.make_inputs(seed, "random", 16, 2, experts_per_rank, torch.float32, "cuda")
+    expected = reference.dispatch(xs.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    got = torch_ep.dispatch(xs, idx, w, num_experts=num_experts, group=group)
+    checks.check_result(got, expected)
+    assert in_moe_pool([got.recv_x, got.recv_topk_idx, got.recv_topk_weights], group)
+    comb = torch_ep.combine(got.recv_x, got.handle, got.recv_topk_weights, group=group)
+    ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
+    assert same_bits(comb.combined_x.cpu(), ref.combined_x)
+    del got, comb
+    assert_still_pushes(seed, group)
+    dist.destroy_process_group(group)
+
+
+def test_push_pool_full(cuda_pool):
+    if cuda_pool.world_size < 2:
+        pytest.skip("needs two ranks")
+    cuda_pool.run(rank_push_pool_full, _seed())
+
+
+def rank_push_disagree():
+    """Ranks that disagree on Options.moe_push all raise a ValueError naming it at the group's
+    first CUDA dispatch (where the MoE pool would be made), instead of the pushing ranks waiting
+    for peers that pull; again at the next call; other groups are untouched."""
+    rank = dist.get_rank()
+    group = dist.new_group(pg_options=torch_ep.Options(moe_push=rank == 0))
+    num_experts, g, x, idx, w = checks.make_inputs(_seed_for(0) + rank, "random", 64, 2, 2, torch.float32, "cuda")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="TORCH_EP_MOE_PUSH"):
+            torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group)
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    checks.check_result(torch_ep.dispatch(x, idx, w, num_experts=num_experts), expected)
+    dist.destroy_process_group(group)
+
+
+def test_push_ranks_disagree(cuda_pool):
+    if cuda_pool.world_size < 2:
+        pytest.skip("needs two ranks")
+    cuda_pool.run(rank_push_disagree)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import torch_ep
+from conftest import rank_pool
 from torch_ep import reference
 from torch_ep.testing import same_bits
 
@@ -155,6 +156,13 @@ CASE_IDS = lambda v: str(v).replace("torch.", "")  # noqa: E731
 @pytest.mark.parametrize("kind,hidden,top_k,experts_per_rank,dtype", ROUTE_CASES, ids=CASE_IDS)
 def test_dispatch_combine(pool, kind, hidden, top_k, experts_per_rank, dtype):
     pool.run(rank_dispatch_combine, _seed(), kind, hidden, top_k, experts_per_rank, dtype)
+
+
+def test_cpu_ignores_moe_push():
+    """TORCH_EP_MOE_PUSH concerns intranode CUDA dispatch; on CPU tensors a group with it set runs
+    the shared-memory path as ever, with the same results."""
+    pool = rank_pool(2, env={"TORCH_EP_MOE_PUSH": "1"})
+    pool.run(rank_dispatch_combine, _seed(), "random", 130, 4, 2, torch.bfloat16)
 
 
 def test_expert_alignment(pool4):

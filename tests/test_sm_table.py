@@ -1,5 +1,6 @@
 """The SM budget table (torch_ep/sm_table.py): deriving an entry from a sweep, looking it up, and
 Options.num_sms overriding it; and benchmarks/moe.py's --sm-sweep flag. CPU only, synthetic numbers."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -139,6 +140,32 @@ def test_moe_copy_option(monkeypatch):
     monkeypatch.setenv("TORCH_EP_MOE_COPY", "tma")
     with pytest.raises(ValueError, match="TORCH_EP_MOE_COPY"):
         torch_ep.Options()
+
+
+def test_moe_push_options(monkeypatch):
+    """Options.moe_push (TORCH_EP_MOE_PUSH, off by default) and Options.moe_pool_bytes
+    (TORCH_EP_MOE_POOL_BYTES, 1 GiB by default, at least 2 MiB) reach the group's Config."""
+    monkeypatch.delenv("TORCH_EP_MOE_PUSH", raising=False)
+    monkeypatch.delenv("TORCH_EP_MOE_POOL_BYTES", raising=False)
+    config = torch_ep.Options()._to_config(timedelta(seconds=60))
+    assert torch_ep.Options().moe_push is False and config.moe_push is False
+    assert torch_ep.Options().moe_pool_bytes == 1 << 30 and config.moe_pool_bytes == 1 << 30
+    monkeypatch.setenv("TORCH_EP_MOE_PUSH", "1")
+    monkeypatch.setenv("TORCH_EP_MOE_POOL_BYTES", str(64 << 20))
+    config = torch_ep.Options()._to_config(timedelta(seconds=60))
+    assert (config.moe_push, config.moe_pool_bytes) == (True, 64 << 20)
+    monkeypatch.setenv("TORCH_EP_MOE_PUSH", "0")
+    assert torch_ep.Options().moe_push is False
+    assert torch_ep.Options(moe_push=True)._to_config(timedelta(seconds=60)).moe_push is True
+    with pytest.raises(ValueError, match="moe_pool_bytes"):
+        torch_ep.Options(moe_pool_bytes=1 << 20)
+    monkeypatch.setenv("TORCH_EP_MOE_PUSH", "yes")
+    with pytest.raises(ValueError, match="TORCH_EP_MOE_PUSH"):
+        torch_ep.Options()
+    # Options is a positional dataclass: the new fields come last, so that no older one moved.
+    names = [f.name for f in dataclasses.fields(torch_ep.Options)]
+    assert names[-2:] == ["moe_push", "moe_pool_bytes"]
+    assert names.index("moe_copy") == names.index("ranks_per_node") + 1 == names.index("blocking_wait") - 1
 
 
 def test_readme_lists_every_environment_variable():

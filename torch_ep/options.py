@@ -28,6 +28,13 @@ ENVIRONMENT = {
                          "loads issued together and the next row's lookups a row ahead, about one round trip to "
                          "memory per row), warp (a warp per row, 16-byte loads, one lookup after another) or bulk (Hopper bulk "
                          "async copies through a shared-memory ring: many bytes in flight per SM, for few SMs)",
+    "TORCH_EP_MOE_PUSH": "1 makes intranode CUDA dispatch push: each rank writes its own rows straight into the "
+                         "receivers' outputs, which dispatch then allocates from a MoE pool every rank maps "
+                         "(TORCH_EP_MOE_POOL_BYTES); no input is exported per call. Opt-in until measured; the default "
+                         "(0) pulls, each rank reading its peers' inputs. The CPU path ignores it",
+    "TORCH_EP_MOE_POOL_BYTES": "the MoE pool's arena per rank in bytes (default 1 GiB), reserved on the GPU at the "
+                               "group's first CUDA dispatch with TORCH_EP_MOE_PUSH=1; every live dispatch output must "
+                               "fit in it",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
     "TORCH_EP_ALL_TO_ALL_V_DEVICE": "0 makes CUDA all_to_all_v read its splits on the host (one wait, not capturable) "
@@ -134,6 +141,9 @@ class Options:
     internode_capacity: int = field(default_factory=_default("TORCH_EP_INTERNODE_CAPACITY", 4096))
     internode_row_bytes: int = field(default_factory=_default("TORCH_EP_INTERNODE_ROW_BYTES", 0))
     internode_combine_rows: int = field(default_factory=_default("TORCH_EP_INTERNODE_COMBINE_ROWS", 0))
+    # Newer fields last, so that no earlier field changes position (Options is a positional dataclass).
+    moe_push: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_MOE_PUSH")))
+    moe_pool_bytes: int = field(default_factory=_default("TORCH_EP_MOE_POOL_BYTES", 1 << 30))
 
     def __post_init__(self) -> None:
         checks = {
@@ -141,6 +151,7 @@ class Options:
             "host_num_slots": self.host_num_slots >= 1,
             "cuda_buffer_bytes": self.cuda_buffer_bytes >= 1 << 16,
             "comm_pool_bytes": self.comm_pool_bytes >= 2 << 20,
+            "moe_pool_bytes": self.moe_pool_bytes >= 2 << 20,
             "num_sms": self.num_sms >= 0,
             "ranks_per_node": self.ranks_per_node >= 0,
             "internode_capacity": self.internode_capacity >= 1,
@@ -153,7 +164,7 @@ class Options:
             "all_to_all_eager_bytes": 0 <= self.all_to_all_eager_bytes <= 1 << 20 and self.all_to_all_eager_bytes % 16 == 0,
         }
         minimum = {"host_slot_bytes": 64, "host_num_slots": 1, "cuda_buffer_bytes": 1 << 16, "comm_pool_bytes": 2 << 20,
-                   "internode_capacity": 1}
+                   "moe_pool_bytes": 2 << 20, "internode_capacity": 1}
         expected = {"all_to_all_lanes": "0 (automatic) to 32",
                     "all_to_all_slot_bytes": "0 (automatic) or a multiple of 4096",
                     "all_to_all_eager_bytes": "0 (off) or a multiple of 16 up to 1048576"}
@@ -179,6 +190,8 @@ class Options:
         config.num_sms = self.num_sms
         config.ranks_per_node = self.ranks_per_node
         config.moe_copy = MOE_COPIES.index(self.moe_copy)
+        config.moe_push = self.moe_push
+        config.moe_pool_bytes = self.moe_pool_bytes
         config.blocking_wait = self.blocking_wait
         config.all_to_all_lanes = self.all_to_all_lanes
         config.all_to_all_slot_bytes = self.all_to_all_slot_bytes

@@ -115,6 +115,46 @@ struct DispatchParams {
 };
 cudaError_t launch_dispatch(const DispatchParams& params, cudaStream_t stream);
 
+// ---- push dispatch (Options.moe_push, moe_push.cu): each rank reads only its own inputs and
+// routing table and writes every row it sends straight into the receiver's outputs, which lie in
+// memory every rank maps (the MoE pool): at the row and with the local ids the pull kernel would
+// have written there, so the outputs are the same bits. Handshake (same flags as the pull's):
+//   block 0 writes this rank's row of the send matrix into every peer's block (counts_to_set),
+//   then raises "ready" there: "my stream reached this call, my outputs may be written". Every
+//   block waits for every peer's ready before it writes (a receiver's outputs) or reads (the
+//   peers' rows of the send matrix in this rank's block). The last block says "done writing
+//   yours" to every peer and waits for every peer's done: this rank's outputs are whole when
+//   its kernel ends. Rows past a receiver's capacity (num_worst_tokens) are not written; the
+//   receiver reports the overflow as the pull kernel does. MoeCopy::kUnroll's row copy whatever
+//   Options.moe_copy says.
+struct DispatchTarget {  // a receiver's outputs as mapped here (null: none, or nothing to write)
+  char* recv_x;
+  float* recv_x_scales;
+  int64_t* recv_topk_idx;
+  float* recv_topk_weights;
+  int64_t capacity;  // rows they hold
+};
+constexpr int kPushCountsStride = kMaxRanksPerNode;  // int32 a rank's row of the send matrix takes
+struct DispatchPushParams {
+  int num_ranks;
+  int rank;
+  int64_t num_experts;
+  DispatchSource src;                        // this rank's inputs and routing table
+  DispatchTarget dst[kMaxRanksPerNode];      // every rank's outputs, this rank's own included
+  int32_t* counts_to_set[kMaxRanksPerNode];  // this rank's row of the send matrix in peer r's block
+                                             // (null for itself)
+  const int32_t* counts;  // [kMaxRanksPerNode][kPushCountsStride] in this rank's block: row s is what
+                          // rank s sends to each rank, written before s's ready flag
+  int64_t row_bytes;      // H * element size
+  int num_scales;
+  int num_topk;
+  int num_blocks;  // the SM budget
+  int64_t call_id;               // for the overflow report
+  DispatchOverflow* overflow;    // host-mapped: where more rows arriving than dst[rank].capacity is reported
+  Handshake handshake;           // ready and done halves both set (a pushing dispatch has no signal kernel)
+};
+cudaError_t launch_dispatch_push(const DispatchPushParams& params, cudaStream_t stream);
+
 // ---- combine: for each token, sum the rows the ranks it went to send back
 enum class DType : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2 };
 struct CombineParams {

@@ -13,9 +13,15 @@
 namespace ep::kernels {
 
 // Before a pull kernel reads any peer: block 0 says this rank's inputs are ready, and every
-// block waits (without clearing) for the peers' word.
-__device__ inline void handshake_begin(const Handshake& h, int num_ranks) {
+// block waits (without clearing) for the peers' word. With kSayIfSeen (a pushing kernel, which
+// writes into the peers' outputs) it returns, alike to every thread of the block, whether every
+// peer really raised its word: false where a wait timed out or found a word the watchdog forced
+// (release_waits writes 0x01 into every byte; a peer stores 1), so that the block stores into no
+// peer whose outputs may still be in use. The pull instances (kSayIfSeen false) are unchanged.
+template <bool kSayIfSeen = false>
+__device__ inline bool handshake_begin(const Handshake& h, int num_ranks) {
   const int peer = threadIdx.x;
+  bool seen = true;
   if (peer < num_ranks) {
     if (blockIdx.x == 0 && h.ready_to_set[peer]) {
       __threadfence_system();
@@ -23,26 +29,36 @@ __device__ inline void handshake_begin(const Handshake& h, int num_ranks) {
     }
     if (h.ready_to_wait[peer]) {
       const uint64_t deadline = now_ns() + h.timeout_ns;
-      while (load_acquire(h.ready_to_wait[peer]) == 0) {
+      uint32_t word;
+      while ((word = load_acquire(h.ready_to_wait[peer])) == 0) {
         if (now_ns() > deadline) {
           atomicExch(h.error, 1 + peer);
           break;
         }
         __nanosleep(100);
       }
+      if (kSayIfSeen) seen = word == 1;
     }
   }
-  __syncthreads();
+  if (!kSayIfSeen) {
+    __syncthreads();
+    return true;
+  }
+  return __syncthreads_and(seen) != 0;
 }
 
 // After a block's last read of a peer. The last block of the grid clears the ready flags it
 // waited on (before its done flag lets a peer's next call set them again), says done, and
-// waits until every peer is done reading this rank's inputs.
+// waits until every peer is done reading this rank's inputs. A pushing kernel (kPushed) wrote
+// peers' memory instead: each block fences at system scope, so that a peer's acquire of the
+// done flag sees every block's stores.
+template <bool kPushed = false>
 __device__ inline void handshake_end(const Handshake& h, int num_ranks) {
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
+    if (kPushed) __threadfence_system();
+    else __threadfence();
     last = atomicAdd(h.blocks_finished, 1u) == gridDim.x - 1;
   }
   __syncthreads();
@@ -60,17 +76,24 @@ __device__ inline void handshake_end(const Handshake& h, int num_ranks) {
   if (threadIdx.x == 0) *h.blocks_finished = 0;
 }
 
+// Block 0's thread 0 reports that more rows arrived than the outputs hold, unless an earlier
+// overflow is still waiting for the host to take it.
+__device__ inline void report_overflow(DispatchOverflow* overflow, int64_t call_id, int64_t received,
+                                       int64_t capacity) {
+  if (received > capacity && blockIdx.x == 0 && threadIdx.x == 0 &&
+      atomicCAS(&overflow->state, 0, 1) == 0) {  // the first overflow since the host took the last one
+    overflow->call_id = call_id;
+    overflow->received = received;
+    overflow->capacity = capacity;
+    __threadfence_system();
+    atomicExch(&overflow->state, 2);
+  }
+}
+
 // The rows a dispatch copies of those this rank received: at most capacity. Block 0 reports an
 // overflow (more received than the outputs hold).
 __device__ inline int64_t rows_within_capacity(const DispatchParams& p, int64_t received) {
-  if (received > p.capacity && blockIdx.x == 0 && threadIdx.x == 0 &&
-      atomicCAS(&p.overflow->state, 0, 1) == 0) {  // the first overflow since the host took the last one
-    p.overflow->call_id = p.call_id;
-    p.overflow->received = received;
-    p.overflow->capacity = p.capacity;
-    __threadfence_system();
-    atomicExch(&p.overflow->state, 2);
-  }
+  report_overflow(p.overflow, p.call_id, received, p.capacity);
   return received < p.capacity ? received : p.capacity;
 }
 
@@ -88,6 +111,79 @@ __device__ inline int64_t dispatch_rows(const DispatchParams& p, int64_t* first_
   }
   __syncthreads();
   return rows_within_capacity(p, first_row[R]);
+}
+
+// Where a dispatch writes a row: its outputs (this rank's, or a receiver's as mapped here).
+struct RowOutputs {
+  char* x;
+  float* x_scales;
+  int64_t* topk_idx;
+  float* topk_weights;
+};
+
+// A warp copies source token t of `src` to row `row` of `dst`: payload, fp8 scales, topk ids (local
+// ones, [lo, hi) being the receiver's experts; -1 for others' experts) and weights (0 for others'
+// experts). The first round's loads all go out before its first store (MoeCopy::kUnroll's row).
+template <typename V, int kDepth>
+__device__ __forceinline__ void copy_row_to(const DispatchSource& src, int64_t t, const RowOutputs& dst, int64_t row,
+                                            int64_t row_bytes, int S, int K, int64_t lo, int64_t hi, int lane) {
+  const int64_t n = row_bytes / int64_t(sizeof(V));
+  const V* in = reinterpret_cast<const V*>(src.x + t * row_bytes);
+  V* out = reinterpret_cast<V*>(dst.x + row * row_bytes);
+  const float* scales_in = src.x_scales + t * S;
+  float* scales_out = dst.x_scales + row * S;
+  const bool routed = src.topk_idx != nullptr;  // else a dispatch along a handle: no ids to send
+  const bool weighted = dst.topk_weights != nullptr;
+
+  V v[kDepth] = {};  // zeros: no value lives on past the round
+#pragma unroll
+  for (int u = 0; u < kDepth; ++u)
+    if (lane + 32 * u < n) v[u] = in[lane + 32 * u];
+  float scale[2] = {};
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    if (lane + 32 * j < S) scale[j] = scales_in[lane + 32 * j];
+  int64_t e = -1;
+  float w = 0.f;
+  if (routed && lane < K) {
+    e = src.topk_idx[t * K + lane];
+    if (weighted) w = src.topk_weights[t * K + lane];  // in bounds whoever owns e: kept only if this rank does
+  }
+
+#pragma unroll
+  for (int u = 0; u < kDepth; ++u)
+    if (lane + 32 * u < n) out[lane + 32 * u] = v[u];
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    if (lane + 32 * j < S) scales_out[lane + 32 * j] = scale[j];
+  if (routed && lane < K) {
+    const bool mine = e >= lo && e < hi;
+    dst.topk_idx[row * K + lane] = mine ? e - lo : -1;
+    if (weighted) dst.topk_weights[row * K + lane] = mine ? w : 0.f;
+  }
+
+  // The rest, a round trip each: payload past the first round, scales past 64, ids past 32.
+#pragma unroll 1
+  for (int64_t i = lane + 32 * kDepth; i < n; i += 32 * kDepth) {
+    V rest[kDepth] = {};
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u)
+      if (i + 32 * u < n) rest[u] = in[i + 32 * u];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u)
+      if (i + 32 * u < n) out[i + 32 * u] = rest[u];
+  }
+#pragma unroll 1
+  for (int i = lane + 64; i < S; i += 32) scales_out[i] = scales_in[i];
+  if (routed) {
+#pragma unroll 1
+    for (int k = lane + 32; k < K; k += 32) {
+      const int64_t id = src.topk_idx[t * K + k];
+      const bool mine = id >= lo && id < hi;
+      dst.topk_idx[row * K + k] = mine ? id - lo : -1;
+      if (weighted) dst.topk_weights[row * K + k] = mine ? src.topk_weights[t * K + k] : 0.f;
+    }
+  }
 }
 
 template <typename T>

@@ -62,70 +62,12 @@ __device__ __forceinline__ int64_t source_token(const DispatchParams& p, const i
   return src.meta[theirs.send_tokens() + p.rank * src.num_tokens + (row - first_row[s])];
 }
 
-// A warp copies source token t of `src` to received row `row`: payload, fp8 scales, topk ids (local
-// ones, -1 for others' experts) and weights (0 for others' experts). The first round's loads all
-// go out before its first store.
+// A warp copies source token t of `src` to received row `row` (copy_row_to, moe_device.cuh).
 template <typename V, int kDepth>
 __device__ __forceinline__ void copy_row(const DispatchParams& p, const DispatchSource& src, int64_t t, int64_t row,
                                          int64_t lo, int64_t hi, int lane) {
-  const int64_t n = p.row_bytes / int64_t(sizeof(V));
-  const V* in = reinterpret_cast<const V*>(src.x + t * p.row_bytes);
-  V* out = reinterpret_cast<V*>(p.recv_x + row * p.row_bytes);
-  const int S = p.num_scales, K = p.num_topk;
-  const float* scales_in = src.x_scales + t * S;
-  float* scales_out = p.recv_x_scales + row * S;
-  const bool routed = src.topk_idx != nullptr;  // else a dispatch along a handle: no ids to send
-  const bool weighted = p.recv_topk_weights != nullptr;
-
-  V v[kDepth] = {};  // zeros: no value lives on past the round
-#pragma unroll
-  for (int u = 0; u < kDepth; ++u)
-    if (lane + 32 * u < n) v[u] = in[lane + 32 * u];
-  float scale[2] = {};
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-    if (lane + 32 * j < S) scale[j] = scales_in[lane + 32 * j];
-  int64_t e = -1;
-  float w = 0.f;
-  if (routed && lane < K) {
-    e = src.topk_idx[t * K + lane];
-    if (weighted) w = src.topk_weights[t * K + lane];  // in bounds whoever owns e: kept only if this rank does
-  }
-
-#pragma unroll
-  for (int u = 0; u < kDepth; ++u)
-    if (lane + 32 * u < n) out[lane + 32 * u] = v[u];
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-    if (lane + 32 * j < S) scales_out[lane + 32 * j] = scale[j];
-  if (routed && lane < K) {
-    const bool mine = e >= lo && e < hi;
-    p.recv_topk_idx[row * K + lane] = mine ? e - lo : -1;
-    if (weighted) p.recv_topk_weights[row * K + lane] = mine ? w : 0.f;
-  }
-
-  // The rest, a round trip each: payload past the first round, scales past 64, ids past 32.
-#pragma unroll 1
-  for (int64_t i = lane + 32 * kDepth; i < n; i += 32 * kDepth) {
-    V rest[kDepth] = {};
-#pragma unroll
-    for (int u = 0; u < kDepth; ++u)
-      if (i + 32 * u < n) rest[u] = in[i + 32 * u];
-#pragma unroll
-    for (int u = 0; u < kDepth; ++u)
-      if (i + 32 * u < n) out[i + 32 * u] = rest[u];
-  }
-#pragma unroll 1
-  for (int i = lane + 64; i < S; i += 32) scales_out[i] = scales_in[i];
-  if (routed) {
-#pragma unroll 1
-    for (int k = lane + 32; k < K; k += 32) {
-      const int64_t id = src.topk_idx[t * K + k];
-      const bool mine = id >= lo && id < hi;
-      p.recv_topk_idx[row * K + k] = mine ? id - lo : -1;
-      if (weighted) p.recv_topk_weights[row * K + k] = mine ? src.topk_weights[t * K + k] : 0.f;
-    }
-  }
+  const RowOutputs out{p.recv_x, p.recv_x_scales, p.recv_topk_idx, p.recv_topk_weights};
+  copy_row_to<V, kDepth>(src, t, out, row, p.row_bytes, p.num_scales, p.num_topk, lo, hi, lane);
 }
 
 template <typename V, int kDepth>

@@ -62,6 +62,7 @@ void check_records(const char* op_name, int rank, const Record& mine, const std:
     same(op_name, rank, p, "the number of top-k slots sent", mine.num_topk, r.num_topk);
     same(op_name, rank, p, "whether fp8 scales are sent", mine.has_scales, r.has_scales);
     same(op_name, rank, p, "whether topk_weights are sent", mine.has_weights, r.has_weights);
+    same(op_name, rank, p, "whether dispatch pushes (Options.moe_push, TORCH_EP_MOE_PUSH)", mine.push, r.push);
   }
 }
 

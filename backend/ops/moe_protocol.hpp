@@ -29,6 +29,13 @@ struct PeerRegion {
   uint32_t pad;
 };
 
+// A pushing dispatch's receiver (CUDA, Options.moe_push): where its outputs lie in its MoE arena,
+// which every rank maps, so that each sender writes them at that arena's base plus the offset.
+struct PushTarget {
+  int64_t offset[4];  // recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights; -1: none (empty)
+  int64_t capacity;   // rows they hold
+};
+
 struct Record {
   OpKind op;
   int32_t status;        // 0, or this rank rejected its input (see `detail`)
@@ -46,6 +53,9 @@ struct Record {
   int64_t rows_back;     // combine: rows I sent you at dispatch
   int64_t relay_rows;    // dispatch across nodes: tokens I send to your node through you (you are
                          // my rail peer there, backend/ops/moe_internode.hpp); else 0
+  int64_t push;          // dispatch: 1 when this call pushes (CUDA, Options.moe_push); the ranks must agree
+  PushTarget target;     // dispatch that pushes: my outputs, where they were allocated before the
+                         // exchange (a handle or num_worst_tokens); else capacity -1 (a second exchange)
   char detail[256];      // why `status` is set
   PeerRegion regions[kMaxRegions];
   int32_t rows_per_expert[kMaxLocalExperts];  // dispatch: my rows for each of your experts

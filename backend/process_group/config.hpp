@@ -22,6 +22,9 @@ struct Config {
   int auto_sms_combine = 0;             // group size (torch_ep/data/sm_table.json); 0 = every SM
   int moe_copy = 1;                     // intranode CUDA dispatch/combine copy: kernels::MoeCopy (0 warp,
                                         // 1 unroll, the default, 2 bulk; torch_ep.options.MOE_COPIES)
+  bool moe_push = false;                // intranode CUDA dispatch pushes rows into outputs it allocates from
+                                        // the MoE pool (opt-in until measured; false: each rank pulls)
+  size_t moe_pool_bytes = size_t(1) << 30;  // that pool's arena per rank, reserved with the MoE transport
   int ranks_per_node = 0;               // override of the node size; 0 = detect
   int launch_local_world_size = 0;      // the launcher's LOCAL_WORLD_SIZE where the group is the launch
   bool blocking_wait = false;           // CUDA Work.wait() blocks the CPU and raises on errors

@@ -33,6 +33,7 @@ namespace ep {
 
 class AllToAllVState;
 class CommPool;
+struct MoePool;
 class CudaTransport;
 class InternodeTransport;
 
@@ -153,6 +154,14 @@ class ProcessGroupEP : public c10d::Backend {
   // (waits for the device)}; empty without a comm pool. For tests.
   std::vector<int64_t> comm_pool_stats();
 
+  // The MoE pool (cuda/moe_pool.hpp), or null where none was made: a group with
+  // Config::moe_push makes it with its MoE transport (moe_transport), on every rank alike.
+  std::shared_ptr<MoePool> moe_pool_if_any() const;
+  // {arena bytes, bytes torch holds in it}; empty without a MoE pool. For tests.
+  std::vector<int64_t> moe_pool_stats();
+  // The offset of [ptr, ptr + bytes) in this rank's MoE arena, or -1 (outside, or no pool). For tests.
+  int64_t moe_pool_offset(int64_t ptr, int64_t bytes);
+
   // --- ours ---
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
                                                std::vector<int64_t>& output_split_sizes,
@@ -209,6 +218,13 @@ class ProcessGroupEP : public c10d::Backend {
   // Raises DistBackendError naming `op` once the group takes no more calls: it was shut down or
   // aborted, or a transport failed (its state no longer agrees with the peers').
   void check_usable(const char* op) const;
+  // A new MoE pool on cuda:`device` (collective: every rank reserves Config::moe_pool_bytes and
+  // maps every peer's arena); moe_transport makes it, under cuda_mutex_, where the group pushes.
+  // Defined in cuda/comm_pool_path.cpp (CUDA builds only).
+  std::shared_ptr<MoePool> make_moe_pool(int device, const char* op_name);
+  // Raises ValueError on every rank unless every rank has the same Config::moe_push (one
+  // all_gather over the set-up rendezvous): a pushing rank would wait for peers that pull.
+  void agree_on_moe_push(const char* op_name);
   // Makes every later call raise with `why`; the first reason stays unless `overrule`.
   void stop_taking_calls(const std::string& why, bool overrule = false);
   // The inner backend for `op` (after check_usable): a reference, since shutdown() drops ours.
@@ -294,6 +310,7 @@ class ProcessGroupEP : public c10d::Backend {
   bool a2av_decided_ = false;
   std::shared_ptr<CommPool> comm_pool_;
   std::shared_ptr<void> comm_allocator_;  // its torch allocator (a CUDAAllocator)
+  std::shared_ptr<MoePool> moe_pool_;
   std::shared_ptr<InternodeTransport> internode_transport_;
   std::optional<c10::Stream> internode_stream_;
   std::atomic<uint64_t> dispatch_count_{0};

@@ -29,6 +29,8 @@ void register_process_group(py::module_& m) {
       .def_readwrite("auto_sms_dispatch", &Config::auto_sms_dispatch)
       .def_readwrite("auto_sms_combine", &Config::auto_sms_combine)
       .def_readwrite("moe_copy", &Config::moe_copy)
+      .def_readwrite("moe_push", &Config::moe_push)
+      .def_readwrite("moe_pool_bytes", &Config::moe_pool_bytes)
       .def_readwrite("ranks_per_node", &Config::ranks_per_node)
       .def_readwrite("launch_local_world_size", &Config::launch_local_world_size)
       .def_readwrite("blocking_wait", &Config::blocking_wait)
@@ -94,7 +96,11 @@ void register_process_group(py::module_& m) {
            "torch_ep.comm_pool wraps it in a torch.cuda.MemPool")
       .def("_comm_pool_stats", &ProcessGroupEP::comm_pool_stats, py::call_guard<py::gil_scoped_release>(),
            "[arena bytes, bytes torch holds in it, 1 if the last all_to_all_single went with one copy] "
-           "(waits for the device), or [] without a comm pool: for tests");
+           "(waits for the device), or [] without a comm pool: for tests")
+      .def("_moe_pool_stats", &ProcessGroupEP::moe_pool_stats, py::call_guard<py::gil_scoped_release>(),
+           "[arena bytes, bytes torch holds in it] of the MoE pool (TORCH_EP_MOE_PUSH), or [] without one: for tests")
+      .def("_moe_pool_offset", &ProcessGroupEP::moe_pool_offset, py::arg("ptr"), py::arg("bytes"),
+           "the offset of [ptr, ptr + bytes) in this rank's MoE arena, or -1: for tests");
 
   // The comm pool's range allocator alone, for CPU tests of its bookkeeping.
   py::class_<ArenaAllocator>(m, "_ArenaAllocator")

@@ -25,9 +25,11 @@
 #include "backend/common/errors.hpp"
 #include "backend/common/phases.hpp"
 #include "backend/kernels/moe.cuh"
+#include "backend/ops/cuda/moe_push.hpp"
 #include "backend/ops/moe_internode.hpp"
 #include "backend/ops/moe_ops.hpp"
 #include "backend/ops/moe_protocol.hpp"
+#include "backend/process_group/cuda/moe_pool.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
 #include "backend/transport/cuda/cuda_transport.hpp"
@@ -41,13 +43,24 @@ using kernels::MetaLayout;
 const void* ptr_of(const std::optional<Tensor>& t) { return t && t->numel() ? t->data_ptr() : nullptr; }
 const void* ptr_of(const Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
-// Exports `ptrs` into records[p].regions for every peer; false when one cannot be exported.
-bool share(CudaTransport& transport, const std::vector<const void*>& ptrs, std::vector<Record>& records) {
+constexpr uint32_t kInMoeArena = 2;  // PeerRegion::valid: `offset` is in the owner's MoE arena, not exported
+
+// Exports `ptrs` into records[p].regions for every peer; false when one cannot be exported. A
+// tensor in the MoE pool (a pushing dispatch's output, `moe_arena`) is not exported: every rank
+// maps that arena already, so its offset there is enough.
+bool share(CudaTransport& transport, const std::vector<const void*>& ptrs, std::vector<Record>& records,
+           const CommPool* moe_arena) {
   PeerRegion regions[kMaxRegions];
   std::memset(regions, 0, sizeof(regions));
   bool ok = true;
   for (size_t i = 0; i < ptrs.size(); ++i) {
     if (!ptrs[i]) continue;
+    const int64_t arena_offset = moe_arena ? moe_arena->offset_of(ptrs[i], 1) : -1;
+    if (arena_offset >= 0) {
+      regions[i].offset = uint64_t(arena_offset);
+      regions[i].valid = kInMoeArena;
+      continue;
+    }
     cudaIpcMemHandle_t handle;
     if (!transport.export_allocation(ptrs[i], &handle, &regions[i].offset)) {
       ok = false;
@@ -65,10 +78,16 @@ bool share(CudaTransport& transport, const std::vector<const void*>& ptrs, std::
 }
 
 // Where a peer's region is mapped here; this rank's own pointer for itself.
-const char* peer_ptr(CudaTransport& transport, int peer, const Record& record, int region, const void* own) {
+const char* peer_ptr(CudaTransport& transport, int peer, const Record& record, int region, const void* own,
+                     const CommPool* moe_arena) {
   if (peer == transport.rank()) return static_cast<const char*>(own);
   const PeerRegion& r = record.regions[region];
   if (!r.valid) return nullptr;
+  if (r.valid == kInMoeArena) {
+    const char* base = moe_arena ? moe_arena->arena(peer) : nullptr;
+    TORCH_CHECK(base, "rank ", peer, " sent a tensor of its MoE pool, but that pool is not mapped here");
+    return base + r.offset;
+  }
   cudaIpcMemHandle_t handle;
   std::memcpy(&handle, r.ipc_handle, sizeof(handle));
   return transport.open_peer_allocation(peer, handle) + r.offset;
@@ -238,6 +257,12 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts;
   const bool cached = a.handle_meta.has_value(), worst = a.num_worst_tokens > 0;
   const MetaLayout l{R, E, N};
+  // Push (Options.moe_push): each rank writes its rows into the receivers' outputs, which come
+  // from the MoE pool (made with the transport, on every rank alike). Only such a group has one.
+  const bool push = push_this_call(group, stream);
+  std::shared_ptr<MoePool> pool = group.config().moe_push ? group.moe_pool_if_any() : nullptr;
+  TORCH_CHECK(!push || pool, op, ": this group pushes (Options.moe_push) but has no MoE pool");
+  const CommPool* moe_arena = pool ? pool->arena.get() : nullptr;
 
   Phases phase;
   try {
@@ -255,8 +280,9 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     Tensor header = a.layout_header ? *a.layout_header : fresh.host_header;
     std::vector<int64_t> send(R, -1);
     // The handshake goes out before the host waits, so it overlaps that wait; where the host
-    // does not wait, after the exchange, so that no rank's kernel waits on a peer's host.
-    if (host_waits) signal_ready(*transport, stream);
+    // does not wait, after the exchange, so that no rank's kernel waits on a peer's host. A
+    // pushing kernel sends its ready half itself, with its row of the send matrix.
+    if (host_waits && !push) signal_ready(*transport, stream);
     if (cached) {
       send = a.handle_counts->send;
     } else if (!worst || header.defined()) {  // a given layout's header is read, as every rank does
@@ -269,9 +295,35 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     const uint64_t call_id = group.next_dispatch_id();
     std::vector<Record> mine = dispatch_records(a, R, call_id, header.defined() ? header.data_ptr<int32_t>() : nullptr);
     reject_if_overflowed(*transport, mine);
-    phase.next("ep::dispatch/export");
-    share(*transport, {ptr_of(a.x), ptr_of(a.x_scales), ptr_of(a.topk_idx), ptr_of(a.topk_weights), ptr_of(meta)},
-          mine);
+    DispatchOutputs o;
+    // Under push the receivers' outputs come first where their rows are known now (a handle, or
+    // num_worst_tokens): where they lie, or that the pool cannot hold them, rides in the records.
+    // Elsewhere the target says capacity -1: not known yet (a second exchange follows).
+    bool allocated = false;
+    PushTarget target{{-1, -1, -1, -1}, -1};
+    if (push) {
+      for (Record& r : mine) {
+        r.push = 1;
+        r.target = target;
+      }
+      if (cached || worst) {
+        phase.next("ep::dispatch/outputs");
+        int64_t rows = 0;  // the capacity computed below from the records, known now
+        if (worst) rows = a.num_worst_tokens;
+        else
+          for (int64_t n : a.handle_counts->recv) rows += n;
+        std::string why;
+        allocated = allocate_from_pool(*pool, int(rank), a, rows, o, target, &why);
+        for (Record& r : mine) {
+          r.target = target;
+          if (!allocated) set_rejected(r, why);
+        }
+      }
+    } else {
+      phase.next("ep::dispatch/export");
+      share(*transport, {ptr_of(a.x), ptr_of(a.x_scales), ptr_of(a.topk_idx), ptr_of(a.topk_weights), ptr_of(meta)},
+            mine, moe_arena);
+    }
     phase.next("ep::dispatch/exchange");
     const std::vector<Record> theirs = exchange(*transport, mine, op);
     phase.next("ep::dispatch/outputs");
@@ -282,7 +334,47 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     const int64_t capacity = worst ? a.num_worst_tokens : M;
     const int64_t K = cached ? 0 : a.topk_idx->size(1);
 
-    DispatchOutputs o;
+    if (push) {
+      // Whether a second exchange runs is read from the records, which every rank sees alike
+      // (ranks may differ in num_worst_tokens): once any receiver's target is unknown, every rank
+      // takes part, those that allocated before the records sending their target again.
+      bool any_unknown = false;
+      for (const Record& r : theirs) any_unknown = any_unknown || r.target.capacity < 0;
+      std::vector<PushTarget> targets;
+      if (!any_unknown) {
+        for (const Record& r : theirs) targets.push_back(r.target);
+      } else {
+        std::string why;
+        if (!allocated) allocate_from_pool(*pool, int(rank), a, capacity, o, target, &why);  // the rows came with the records
+        phase.next("ep::dispatch/exchange_targets");
+        targets = exchange_targets(*transport, target, why, op);
+      }
+      kernels::DispatchPushParams p{};
+      p.num_ranks = int(R);
+      p.rank = int(rank);
+      p.num_experts = E;
+      p.src = {static_cast<const char*>(ptr_of(a.x)), static_cast<const float*>(ptr_of(a.x_scales)),
+               static_cast<const int64_t*>(ptr_of(a.topk_idx)), static_cast<const float*>(ptr_of(a.topk_weights)),
+               meta.data_ptr<int32_t>(), N};
+      set_targets(*pool, int(R), targets, p.dst);
+      for (int d = 0; d < R; ++d) p.counts_to_set[d] = d == rank ? nullptr : transport->push_counts(d, int(rank));
+      p.counts = transport->push_counts(int(rank), 0);
+      p.row_bytes = H * int64_t(a.x.element_size());
+      p.num_scales = a.x_scales ? int(a.x_scales->size(1)) : 0;
+      p.num_topk = int(K);
+      p.num_blocks = num_blocks(group, device, group.config().auto_sms_dispatch);
+      p.call_id = int64_t(call_id);
+      p.overflow = transport->dispatch_overflow();
+      p.handshake = handshake(*transport, /*with_ready=*/true);
+      phase.next("ep::dispatch/launch");
+      EP_CUDA_CHECK(kernels::launch_dispatch_push(p, stream));
+      phase.next("ep::dispatch/track");
+      transport->track(op, stream, peers_of(int(rank), int(R)));
+      o.meta = given ? at::empty({0}, meta.options()) : meta;
+      o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
+      return o;
+    }
+
     o.recv_x = at::empty({capacity, H}, a.x.options());
     o.recv_x_scales = a.x_scales ? at::empty({capacity, a.x_scales->size(1)}, a.x_scales->options())
                                  : at::empty({0}, a.x.options().dtype(at::kFloat));
@@ -297,11 +389,11 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.num_experts = E;
     for (int s = 0; s < R; ++s) {
       kernels::DispatchSource& src = p.src[s];
-      src.x = peer_ptr(*transport, s, theirs[s], 0, ptr_of(a.x));
-      src.x_scales = reinterpret_cast<const float*>(peer_ptr(*transport, s, theirs[s], 1, ptr_of(a.x_scales)));
-      src.topk_idx = reinterpret_cast<const int64_t*>(peer_ptr(*transport, s, theirs[s], 2, ptr_of(a.topk_idx)));
-      src.topk_weights = reinterpret_cast<const float*>(peer_ptr(*transport, s, theirs[s], 3, ptr_of(a.topk_weights)));
-      src.meta = reinterpret_cast<const int32_t*>(peer_ptr(*transport, s, theirs[s], 4, ptr_of(meta)));
+      src.x = peer_ptr(*transport, s, theirs[s], 0, ptr_of(a.x), moe_arena);
+      src.x_scales = reinterpret_cast<const float*>(peer_ptr(*transport, s, theirs[s], 1, ptr_of(a.x_scales), moe_arena));
+      src.topk_idx = reinterpret_cast<const int64_t*>(peer_ptr(*transport, s, theirs[s], 2, ptr_of(a.topk_idx), moe_arena));
+      src.topk_weights = reinterpret_cast<const float*>(peer_ptr(*transport, s, theirs[s], 3, ptr_of(a.topk_weights), moe_arena));
+      src.meta = reinterpret_cast<const int32_t*>(peer_ptr(*transport, s, theirs[s], 4, ptr_of(meta), moe_arena));
       src.num_tokens = theirs[s].num_tokens;
     }
     p.row_bytes = H * int64_t(a.x.element_size());
@@ -342,6 +434,10 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
   const int64_t R = group.getSize(), rank = group.getRank();
   const int64_t N = a.num_tokens, H = a.x.size(1);
   const int64_t K = a.topk_weights ? a.topk_weights->size(1) : 0;
+  // Combine pulls as ever; an x (or weights) of the MoE pool, a pushing dispatch's output, is
+  // reached through the arena every rank maps, not exported.
+  std::shared_ptr<MoePool> pool = group.config().moe_push ? group.moe_pool_if_any() : nullptr;
+  const CommPool* moe_arena = pool ? pool->arena.get() : nullptr;
 
   Phases phase;
   try {
@@ -349,7 +445,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     std::vector<Record> mine = combine_records(a, R);
     reject_if_overflowed(*transport, mine);
     phase.next("ep::combine/export");
-    share(*transport, {ptr_of(a.x), ptr_of(a.topk_weights), ptr_of(a.handle_meta)}, mine);
+    share(*transport, {ptr_of(a.x), ptr_of(a.topk_weights), ptr_of(a.handle_meta)}, mine, moe_arena);
     phase.next("ep::combine/exchange");
     const std::vector<Record> theirs = exchange(*transport, mine, op);
     phase.next("ep::combine/outputs");
@@ -366,9 +462,9 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     p.num_experts = a.num_experts;
     p.num_tokens = N;
     for (int d = 0; d < R; ++d) {
-      p.x[d] = peer_ptr(*transport, d, theirs[d], 0, ptr_of(a.x));
-      p.topk_weights[d] = reinterpret_cast<const float*>(peer_ptr(*transport, d, theirs[d], 1, ptr_of(a.topk_weights)));
-      p.meta[d] = reinterpret_cast<const int32_t*>(peer_ptr(*transport, d, theirs[d], 2, ptr_of(a.handle_meta)));
+      p.x[d] = peer_ptr(*transport, d, theirs[d], 0, ptr_of(a.x), moe_arena);
+      p.topk_weights[d] = reinterpret_cast<const float*>(peer_ptr(*transport, d, theirs[d], 1, ptr_of(a.topk_weights), moe_arena));
+      p.meta[d] = reinterpret_cast<const int32_t*>(peer_ptr(*transport, d, theirs[d], 2, ptr_of(a.handle_meta), moe_arena));
       p.x_rows[d] = d == rank ? a.x.size(0) : theirs[d].num_tokens;
     }
     p.hidden = H;

@@ -14,6 +14,7 @@
 #include "backend/kernels/all_to_all.cuh"  // kMaxRanksPerNode
 #include "backend/ops/all_to_all_v.hpp"
 #include "backend/process_group/process_group_ep.hpp"
+#include "backend/process_group/cuda/moe_pool.hpp"
 #include "backend/transport/cuda/comm_pool.hpp"
 
 namespace ep {
@@ -108,23 +109,74 @@ std::vector<int64_t> ProcessGroupEP::comm_pool_stats() {
   return {int64_t(pool->bytes()), int64_t(pool->used()), last_call_one_copy(*state) ? 1 : 0};
 }
 
+std::shared_ptr<MoePool> ProcessGroupEP::make_moe_pool(int device, const char* op) {
+  c10::cuda::CUDAGuard guard{c10::DeviceIndex(device)};
+  auto pool = std::make_shared<MoePool>();
+  try {
+    pool->arena = std::make_shared<CommPool>(rendezvous_, device, config_.moe_pool_bytes, "ep/cuda/moe_pool");
+  } catch (const std::exception& e) {
+    C10_THROW_ERROR(DistBackendError, std::string(op) + ": setting up the MoE pool (" +
+                                          std::to_string(config_.moe_pool_bytes) +
+                                          " bytes per rank, TORCH_EP_MOE_POOL_BYTES) for TORCH_EP_MOE_PUSH failed: " +
+                                          e.what());
+  }
+  std::shared_ptr<CommPool> arena = pool->arena;
+  // A failed segment makes torch raise OutOfMemoryError; the dispatch turns that into its own
+  // error naming TORCH_EP_MOE_POOL_BYTES (moe_push.cpp), so no reason is kept here.
+  std::shared_ptr<TorchAllocator> torch_allocator = keep_for_the_process(torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
+      [arena](size_t bytes, int device, cudaStream_t) -> void* {
+        std::string why;
+        return arena->allocate(bytes, device, &why);
+      },
+      [arena](void* ptr, size_t, int, cudaStream_t) { arena->release(ptr); }));
+  pool->mem_pool = std::make_unique<at::cuda::MemPool>(torch_allocator);
+  return pool;
+}
+
+std::shared_ptr<MoePool> ProcessGroupEP::moe_pool_if_any() const {
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  return moe_pool_;
+}
+
+std::vector<int64_t> ProcessGroupEP::moe_pool_stats() {
+  std::shared_ptr<MoePool> pool = moe_pool_if_any();
+  if (!pool) return {};
+  return {int64_t(pool->arena->bytes()), int64_t(pool->arena->used())};
+}
+
+int64_t ProcessGroupEP::moe_pool_offset(int64_t ptr, int64_t bytes) {
+  std::shared_ptr<MoePool> pool = moe_pool_if_any();
+  return pool ? pool->arena->offset_of(reinterpret_cast<const void*>(ptr), size_t(bytes)) : -1;
+}
+
 void ProcessGroupEP::close_comm_pool() {
   std::shared_ptr<CommPool> pool;
+  std::shared_ptr<MoePool> moe;
   std::shared_ptr<AllToAllVState> state;
   {
     std::lock_guard<std::mutex> lock(cuda_mutex_);
     pool = std::move(comm_pool_);
     comm_allocator_.reset();  // kept for the process (keep_for_the_process): segments may still come back
+    moe = std::move(moe_pool_);
     state = a2av_state_;
   }
-  if (!pool) return;
+  if (!pool && !moe) return;
   // A call in flight may still write the peers' arenas through their mappings: eager calls on
   // any stream, and graph replays, which no call order sees. Shutdown, so the whole device.
-  if (state) {
-    c10::cuda::CUDAGuard guard(c10::DeviceIndex(device_of(*state)));
+  const int device = moe ? moe->arena->device() : state ? device_of(*state) : -1;
+  if (device >= 0) {
+    c10::cuda::CUDAGuard guard(c10::DeviceIndex(device));
     cudaDeviceSynchronize();
   }
-  pool->close();
+  if (pool) pool->close();
+  if (moe) {
+    c10::cuda::CUDAGuard guard(c10::DeviceIndex(moe->arena->device()));
+    moe->arena->close();
+    // torch gives back the pool's free segments now, the rest as their tensors go (the allocator
+    // is kept for the process, as the comm pool's). Not while a dispatch routes into it.
+    std::lock_guard<std::mutex> route(moe->route_mutex);
+    moe->mem_pool.reset();
+  }
 }
 
 }  // namespace ep

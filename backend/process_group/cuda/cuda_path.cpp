@@ -103,6 +103,8 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& d
     const bool one_host = ranks_share_host_for(op_name, "dispatch/combine");
     // Ranks on other hosts cannot map each other's memory; the internode path is another issue.
     TORCH_CHECK(one_host, op_name, ": CUDA dispatch/combine need every rank of the group on one host");
+    agree_on_moe_push(op_name);
+    std::shared_ptr<CudaTransport> transport;
     try {
       CudaTransportConfig cc;
       cc.device = device.index();
@@ -110,17 +112,35 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& d
       cc.num_sms = config_.num_sms;
       cc.timeout = config_.timeout;
       cc.control_slot_bytes = 16 << 10;  // a dispatch record in one chunk
-      moe_transport_ = std::make_shared<CudaTransport>(rendezvous_, cc, "ep/cuda/moe");
-      refuse_calls_when_failed(*moe_transport_);
+      transport = std::make_shared<CudaTransport>(rendezvous_, cc, "ep/cuda/moe");
+      refuse_calls_when_failed(*transport);
     } catch (const std::exception& e) {
       C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's CUDA transport for "
                                             "dispatch/combine failed: " + e.what());
     }
+    // A pushing group's pool comes with the transport, on every rank alike (collective), so
+    // that no later call sets it up on some ranks only.
+    if (config_.moe_push) moe_pool_ = make_moe_pool(device.index(), op_name);
+    moe_transport_ = std::move(transport);
   }
   TORCH_CHECK_VALUE(moe_transport_->device() == device.index(), op_name, ": this 'ep' group runs dispatch/combine on cuda:",
                     moe_transport_->device(), " (its first call), but got a tensor on ", device,
                     "; use one device per rank and group");
   return moe_transport_;
+}
+
+void ProcessGroupEP::agree_on_moe_push(const char* op_name) {
+  std::vector<std::vector<uint8_t>> all;
+  try {
+    all = rendezvous_.all_gather("ep/cuda/moe/push", {uint8_t(config_.moe_push ? 1 : 0)});
+  } catch (const std::exception& e) {
+    C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's CUDA transport for "
+                                          "dispatch/combine failed: " + e.what());
+  }
+  for (int r = 0; r < int(all.size()); ++r)
+    TORCH_CHECK_VALUE(all[r] == all[0], op_name, ": the ranks disagree on whether dispatch pushes "
+                      "(Options.moe_push, TORCH_EP_MOE_PUSH): rank 0 has ", int(all[0].at(0)), ", rank ", r,
+                      " has ", int(all[r].at(0)), "; set it alike on every rank of the group");
 }
 
 std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Device& device, const char* op_name,

@@ -13,13 +13,21 @@ namespace ep {
 namespace {
 
 // Block layout: flags, then the staging regions.
-//   [full: size x 2][empty: size x 2][ready: size][done: size] (uint32) ... [grid counter]
+//   [full: size x 2][empty: size x 2][ready: size][done: size] (uint32) ...
+//   [push counts at kPushCountsOffset: kMaxRanksPerNode rows of kPushCountsStride int32] ... [grid counter]
 //   [regions at kDataOffset]
 // Region `src` (2 slots of chunk_bytes) starts at kDataOffset + src * 2 * chunk_bytes.
 constexpr size_t kDataOffset = 64 << 10;
 constexpr int kSlots = 2;
 constexpr size_t kChunkAlign = 4096;
-constexpr int kMaxRanks = 2048;  // flags of kMaxRanks ranks fit before kDataOffset
+constexpr int kMaxRanks = 2048;  // flags of kMaxRanks ranks fit before kPushCountsOffset
+// A pushing MoE dispatch's send matrix rows (kernels/moe.cuh, DispatchPushParams::counts): past
+// every flag (kMaxRanks x 6 words = 48 KiB), before the grid counter.
+constexpr size_t kPushCountsOffset = 56 << 10;
+static_assert(kPushCountsOffset >= size_t(kMaxRanks) * 6 * sizeof(uint32_t) &&
+                  kPushCountsOffset + sizeof(int32_t) * kernels::kMaxRanksPerNode * kernels::kPushCountsStride <
+                      kDataOffset - sizeof(uint32_t),
+              "the push counts fit between the flags and the grid counter");
 // Messages up to this size go through the one-launch kernel: for them latency, not bandwidth,
 // decides, and the kernel waits on all peers at once where stream waits queue one by one.
 constexpr size_t kSmallMessageBytes = 1 << 20;
@@ -70,6 +78,10 @@ uint32_t* CudaTransport::ready_flag(int owner, int receiver) const {
 }
 uint32_t* CudaTransport::done_flag(int owner, int sender) const {
   return reinterpret_cast<uint32_t*>(buffers_.block(owner)) + size_ * kSlots * 2 + size_ + sender;
+}
+int32_t* CudaTransport::push_counts(int owner, int sender) const {
+  if (size_ > kernels::kMaxRanksPerNode) return nullptr;
+  return reinterpret_cast<int32_t*>(buffers_.block(owner) + kPushCountsOffset) + sender * kernels::kPushCountsStride;
 }
 uint32_t* CudaTransport::grid_counter() const {
   return reinterpret_cast<uint32_t*>(buffers_.block(rank_) + kDataOffset) - 1;  // past every flag

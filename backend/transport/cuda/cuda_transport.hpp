@@ -94,6 +94,9 @@ class CudaTransport {
   // Handshake flags: a set ready/done flag in `owner`'s block at index `peer`.
   uint32_t* ready_flag(int owner, int peer) const;
   uint32_t* done_flag(int owner, int peer) const;
+  // A pushing MoE dispatch's row of the send matrix from `sender` in `owner`'s block
+  // (kernels::kPushCountsStride int32); null in groups of more than kMaxRanksPerNode ranks.
+  int32_t* push_counts(int owner, int sender) const;
   // A counter in this rank's own block, 0 between kernels: a kernel's blocks count themselves
   // done on it, and the last one resets it.
   uint32_t* grid_counter() const;

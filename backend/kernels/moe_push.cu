@@ -1,0 +1,135 @@
+// MoE dispatch that pushes (Options.moe_push; the protocol is in moe.cuh, DispatchPushParams): a
+// warp per row this rank sends, over its send list to each rank in turn (its rows to rank 0, then
+// to rank 1, ...), each row stored into the receiver's outputs by moe_unroll.cu's row copy
+// (copy_row_to). The receiver's row is where the pull kernel would have put it: the rows of
+// lower ranks first, then this rank's in its token order.
+#include "backend/kernels/moe_device.cuh"
+#include "backend/kernels/sync.cuh"
+
+namespace ep::kernels {
+namespace {
+
+constexpr int kWarps = kThreads / 32;
+constexpr int kPushDepth = 16;  // 16-byte payload loads a lane per round trip, as moe_unroll.cu's dispatch
+
+// Rows rank s sends to rank d: this rank's from its routing table, a peer's from the row of the
+// send matrix it wrote into this rank's block before its ready flag (read after waiting for it).
+__device__ __forceinline__ int64_t rows_sent(const DispatchPushParams& p, int s, int d) {
+  if (s == p.rank) return p.src.meta[MetaLayout::tokens_per_rank() + d];
+  return *reinterpret_cast<const volatile int32_t*>(p.counts + s * kPushCountsStride + d);
+}
+
+// Item i of this rank's send list: its receiver (into `d`) and the token it sends.
+__device__ __forceinline__ int64_t item_token(const DispatchPushParams& p, const int64_t* first_item, int64_t i,
+                                              int& d) {
+  d = 0;
+  while (i >= first_item[d + 1]) ++d;
+  const MetaLayout mine{p.num_ranks, p.num_experts, p.src.num_tokens};
+  return p.src.meta[mine.send_tokens() + d * p.src.num_tokens + (i - first_item[d])];
+}
+
+template <typename V, int kDepth>
+__global__ void __launch_bounds__(kThreads) dispatch_push_kernel(DispatchPushParams p) {
+  __shared__ int64_t first_item[kMaxRanksPerNode + 1];  // where this rank's rows to rank d start in its send list
+  __shared__ int64_t first_row_on[kMaxRanksPerNode];    // where they start among rank d's received rows
+  __shared__ int64_t received_here;                     // rows every rank sends to this one
+  const int R = p.num_ranks, me = p.rank;
+  const int lane = threadIdx.x & 31;
+
+  // This rank's row of the send matrix to every peer, then the ready half of the handshake (the
+  // same thread raises the flag after its stores and a system fence).
+  if (blockIdx.x == 0 && threadIdx.x < R && p.counts_to_set[threadIdx.x]) {
+    for (int d = 0; d < R; ++d) p.counts_to_set[threadIdx.x][d] = int32_t(rows_sent(p, me, d));
+  }
+  // A receiver whose ready word this block did not see (a timeout, or the watchdog releasing a
+  // failed group) may still use its outputs: store nothing, only finish the handshake.
+  if (!handshake_begin</*kSayIfSeen=*/true>(p.handshake, R)) {
+    handshake_end</*kPushed=*/true>(p.handshake, R);
+    return;
+  }
+
+  if (threadIdx.x < 32) {  // lane d: R <= kMaxRanksPerNode = 32
+    const int d = lane;
+    int64_t before = 0, sends = 0, arriving = 0;
+    if (d < R) {
+      for (int s = 0; s < me; ++s) before += rows_sent(p, s, d);
+      sends = rows_sent(p, me, d);
+      arriving = rows_sent(p, d, me);
+    }
+    for (int offset = 1; offset < 32; offset <<= 1) {  // inclusive scan of sends, sum of arriving
+      const int64_t below = __shfl_up_sync(0xffffffffu, sends, offset);
+      if (d >= offset) sends += below;
+      arriving += __shfl_xor_sync(0xffffffffu, arriving, offset);
+    }
+    if (d < R) {
+      first_row_on[d] = before;
+      first_item[d + 1] = sends;
+    }
+    if (d == 0) {
+      first_item[0] = 0;
+      received_here = arriving;
+    }
+  }
+  __syncthreads();
+  const int64_t capacity_here = p.dst[me].capacity;
+  report_overflow(p.overflow, p.call_id, received_here, capacity_here);
+  const int64_t items = first_item[R];
+  const int64_t per_rank = p.num_experts / R;
+
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  const int64_t first_warp_item = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  int64_t i = first_warp_item;
+  int d = 0;
+  int64_t t = i < items ? item_token(p, first_item, i, d) : 0;
+#pragma unroll 1
+  for (; i < items; i += warps) {
+    int next_d = 0;  // the next item's token, on its way while this row copies
+    const int64_t next_t = i + warps < items ? item_token(p, first_item, i + warps, next_d) : 0;
+    const DispatchTarget& to = p.dst[d];
+    const int64_t row = first_row_on[d] + (i - first_item[d]);
+    if (row < to.capacity) {  // else past the receiver's num_worst_tokens: dropped, as it reports
+      const RowOutputs out{to.recv_x, to.recv_x_scales, to.recv_topk_idx, to.recv_topk_weights};
+      copy_row_to<V, kDepth>(p.src, t, out, row, p.row_bytes, p.num_scales, p.num_topk, d * per_rank,
+                             (d + 1) * per_rank, lane);
+    }
+    d = next_d;
+    t = next_t;
+  }
+  // Padding of this rank's fixed-size outputs (num_worst_tokens): routed nowhere. No sender
+  // writes these rows.
+  const DispatchTarget& here = p.dst[me];
+  const int64_t K = p.num_topk;
+#pragma unroll 1
+  for (int64_t row = (received_here < capacity_here ? received_here : capacity_here) + first_warp_item;
+       row < capacity_here; row += warps) {
+    for (int64_t k = lane; k < K; k += 32) {
+      if (here.recv_topk_idx) here.recv_topk_idx[row * K + k] = -1;
+      if (here.recv_topk_weights) here.recv_topk_weights[row * K + k] = 0.f;
+    }
+  }
+  handshake_end</*kPushed=*/true>(p.handshake, R);
+}
+
+}  // namespace
+
+cudaError_t launch_dispatch_push(const DispatchPushParams& p, cudaStream_t stream) {
+  if (p.num_ranks < 1 || p.num_ranks > kMaxRanksPerNode || p.num_blocks < 1) return cudaErrorInvalidValue;
+  // The widest access that the row size, this rank's x and every receiver's recv_x allow.
+  int vec = 16;
+  auto fits = [&](const void* ptr) { return !ptr || aligned(ptr, vec); };
+  for (;; vec /= 2) {
+    bool ok = p.row_bytes % vec == 0 && fits(p.src.x);
+    for (int d = 0; d < p.num_ranks; ++d) ok = ok && fits(p.dst[d].recv_x);
+    if (ok || vec == 1) break;
+  }
+  // Warps for every row this rank may send (a token goes to each rank at most once) and for its
+  // padding rows; at most the SM budget.
+  const int64_t rows = p.src.num_tokens * p.num_ranks;
+  const int grid = grid_for_warps(p.num_blocks, rows > p.dst[p.rank].capacity ? rows : p.dst[p.rank].capacity);
+  with_access_type(vec, [&](auto v) {
+    dispatch_push_kernel<decltype(v), kPushDepth><<<grid, kThreads, 0, stream>>>(p);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace ep::kernels
