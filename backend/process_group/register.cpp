@@ -31,6 +31,7 @@ void register_process_group(py::module_& m) {
       .def_readwrite("moe_copy", &Config::moe_copy)
       .def_readwrite("moe_push", &Config::moe_push)
       .def_readwrite("moe_pool_bytes", &Config::moe_pool_bytes)
+      .def_readwrite("moe_device_records", &Config::moe_device_records)
       .def_readwrite("ranks_per_node", &Config::ranks_per_node)
       .def_readwrite("launch_local_world_size", &Config::launch_local_world_size)
       .def_readwrite("blocking_wait", &Config::blocking_wait)

@@ -52,6 +52,11 @@ struct CudaTransportConfig {
   size_t buffer_bytes = 64 << 20;  // this rank's registered receive block
   int num_sms = 0;                 // SM budget of the transport's kernels; 0 = one block per peer
   size_t control_slot_bytes = 256;  // chunk of the per-call control exchange over shared memory
+  // A region past the staging regions for the MoE device records (kernels/moe_records.cuh,
+  // MoeRecordsLayout::kBytes); 0: none. Its first `records_flag_bytes` are flags that the release
+  // of stuck waits sets too.
+  size_t records_bytes = 0;
+  size_t records_flag_bytes = 0;
   std::chrono::milliseconds timeout{std::chrono::minutes(30)};
 };
 
@@ -101,6 +106,12 @@ class CudaTransport {
   // done on it, and the last one resets it.
   uint32_t* grid_counter() const;
   int* kernel_error() const { return kernel_error_device_; }
+  // `owner`'s records region (CudaTransportConfig::records_bytes) as mapped here; null without one.
+  char* records(int owner) const;
+  // Where MoE notify kernels report what they found (kernels::kMoeReportWords int64, host-mapped;
+  // device pointer), and the report taken (word 0 is 0 when there is none), cleared.
+  int64_t* moe_report() const { return moe_report_device_; }
+  std::vector<int64_t> take_moe_report();
   // Where dispatch kernels report receiving more rows than num_worst_tokens (device pointer).
   kernels::DispatchOverflow* dispatch_overflow() const { return overflow_device_; }
   // The overflow a finished dispatch kernel reported, as the error to raise, and clears it; ""
@@ -160,6 +171,10 @@ class CudaTransport {
   int* kernel_error_device_ = nullptr;
   kernels::DispatchOverflow* overflow_host_ = nullptr;  // pinned, mapped
   kernels::DispatchOverflow* overflow_device_ = nullptr;
+  size_t records_offset_ = 0;  // of the records region in every block; 0: none
+  size_t records_flag_bytes_ = 0;
+  int64_t* moe_report_host_ = nullptr;  // pinned, mapped
+  int64_t* moe_report_device_ = nullptr;
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;
