@@ -161,6 +161,8 @@ class ProcessGroupEP : public c10d::Backend {
   std::vector<int64_t> moe_pool_stats();
   // The offset of [ptr, ptr + bytes) in this rank's MoE arena, or -1 (outside, or no pool). For tests.
   int64_t moe_pool_offset(int64_t ptr, int64_t bytes);
+  // Host record exchanges this rank's MoE transport made (0 before it exists). For tests.
+  int64_t moe_exchanges();
 
   // --- ours ---
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,

@@ -235,6 +235,7 @@ void CudaTransport::check_healthy(const char* op_name) {
 }
 
 void CudaTransport::exchange(const void* mine, void* theirs, size_t record_bytes, const char* op_name) {
+  exchanges_.fetch_add(1, std::memory_order_relaxed);
   std::vector<SendBuffer> sends(size_);
   std::vector<RecvBuffer> recvs(size_);
   for (int p = 0; p < size_; ++p) {

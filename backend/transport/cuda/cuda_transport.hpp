@@ -92,6 +92,8 @@ class CudaTransport {
   // Sends mine[p] (record_bytes each) to every rank p and returns what each sent us, over shared
   // memory; raises on timeouts like all_to_all.
   void exchange(const void* mine, void* theirs, size_t record_bytes, const char* op_name);
+  // How many exchanges this rank made (for tests: a call with device records makes none).
+  uint64_t exchanges() const { return exchanges_.load(std::memory_order_relaxed); }
   // Exports the allocation holding `ptr` (handle + offset); false when it cannot be exported.
   bool export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset);
   // Maps a peer's exported allocation once; later calls reuse the mapping.
@@ -171,6 +173,7 @@ class CudaTransport {
   int* kernel_error_device_ = nullptr;
   kernels::DispatchOverflow* overflow_host_ = nullptr;  // pinned, mapped
   kernels::DispatchOverflow* overflow_device_ = nullptr;
+  std::atomic<uint64_t> exchanges_{0};
   size_t records_offset_ = 0;  // of the records region in every block; 0: none
   size_t records_flag_bytes_ = 0;
   int64_t* moe_report_host_ = nullptr;  // pinned, mapped
