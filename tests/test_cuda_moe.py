@@ -409,6 +409,8 @@ def rank_push_worst_on_one_rank(seed):
     in the second exchange of targets (it is decided from the records, alike on every rank).
     Twice: the first call's outputs poisoned and freed, the second checked against the reference
     on blocks that reuse them."""
+    if os.environ.get("TORCH_EP_MOE_DEVICE_RECORDS") == "1":
+        return  # rank 0 would wait for device records, the others in the host exchange (docs/moe_push.md, 4)
     rank, size = dist.get_rank(), dist.get_world_size()
     num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 256, 4, 2, torch.bfloat16, "cuda", max_tokens=90)
     worst = 90 * size if rank == 0 else 0
@@ -675,6 +677,26 @@ def rank_device_records_all(seed):
     assert_still_pushes(seed)
 
 
+def raises_now_or_next(call, next_call, error, match):
+    """Runs `call` then `next_call` on every rank (in step whatever raised). What the device found
+    in `call` raises there where its kernel ran before the host looked ("this dispatch"), else at
+    `next_call` once queued ("an earlier dispatch"); exactly once. Returns call's result or None."""
+    result = None
+    try:
+        result = call()
+    except error as e:
+        assert "found by the device during this dispatch" in str(e) and _matches(match, str(e)), str(e)
+    torch.cuda.synchronize()  # the notify kernel ran: its report is there
+    try:
+        next_call()
+    except error as e:
+        assert result is not None and "found by the device during an earlier dispatch" in str(e), str(e)
+        assert _matches(match, str(e)), str(e)
+    else:
+        assert result is None, "the device's report did not raise at the next call"
+    return result
+
+
 def _matches(pattern, text):
     import re
     return re.search(pattern, text) is not None
@@ -684,31 +706,28 @@ def rank_device_records_mismatch(seed):
     """A hidden size that differs across ranks (rank 0: 64, the others 128), num_worst_tokens: no
     host exchange sees it; every rank's device does, moves nothing (recv_topk_idx all -1), and every
     rank raises a RuntimeError naming the hidden size and both values at its next call, here the
-    next dispatch (once queued: it ran, nobody waits). Then the group works: a dispatch with device
+    next dispatch (once queued: it ran, nobody waits). Likewise rank 0 dispatching along the handle
+    of another dispatch than its peers'. Then the group works: a dispatch with device
     records, one with host records, combine, against the reference, and check_errors is quiet."""
     rank, size = dist.get_rank(), dist.get_world_size()
     hidden = 64 if rank == 0 else 128
     num_experts, g, x, idx, w = checks.make_inputs(seed, "random", hidden, 2, 2, torch.bfloat16, "cuda")
     worst = 24 * size
-    raised = False
-    try:
-        out = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst)
-    except RuntimeError as e:  # the device was quicker than this host: raised at the call itself
-        assert "during this dispatch" in str(e) and "hidden size" in str(e), str(e)
-        raised = True
-    torch.cuda.synchronize()
-    if not raised:
-        assert bool((out.recv_topk_idx == -1).all()) and bool((out.recv_topk_weights == 0).all())
-    # Every rank makes the next call, whether it raised already or not (the ranks stay in step).
     good = checks.make_inputs(seed + 1, "random", 32, 2, 2, torch.bfloat16, "cuda")
-    try:
-        torch_ep.dispatch(good[2], good[3], good[4], num_experts=good[0], num_worst_tokens=worst)
-    except RuntimeError as e:
-        assert not raised and _matches(r"found by the device during an earlier dispatch \(#\d+\), which does not wait "
-                                       r"for it: the ranks disagree on the hidden size: rank 0 has 64, rank 1 has 128",
-                                       str(e)), str(e)
-    else:
-        assert raised, "the device's report did not raise at the next call"
+    out = raises_now_or_next(
+        lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst),
+        lambda: torch_ep.dispatch(good[2], good[3], good[4], num_experts=good[0], num_worst_tokens=worst),
+        RuntimeError, r"which does not wait for it: the ranks disagree on the hidden size: rank 0 has 64, rank 1 has 128")
+    if out is not None:  # nothing moved: every row is padding
+        assert bool((out.recv_topk_idx == -1).all()) and bool((out.recv_topk_weights == 0).all())
+    # Rank 0 dispatches along the handle of another dispatch than its peers: every rank raises.
+    first = torch_ep.dispatch(good[2], good[3], num_experts=good[0])
+    second = torch_ep.dispatch(good[2], good[3], num_experts=good[0])
+    chosen = first if rank == 0 else second
+    raises_now_or_next(lambda: torch_ep.dispatch(good[2], handle=chosen.handle),
+                       lambda: torch_ep.dispatch(good[2], handle=second.handle), RuntimeError,
+                       r"rank 1 dispatched along the handle of dispatch #\d+ but rank 0 along that of #\d+; every rank "
+                       r"must pass the handle of the same dispatch")
     dist.barrier()
     torch_ep.check_errors()
     for i in range(2):
