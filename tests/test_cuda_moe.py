@@ -798,3 +798,38 @@ def test_device_records_ranks_disagree(cuda_pool):
     if cuda_pool.world_size < 2:
         pytest.skip("needs two ranks")
     cuda_pool.run(rank_device_records_disagree)
+
+
+def rank_device_records_missing_peer():
+    """The last rank never makes the num_worst_tokens dispatch: every other rank's notify kernel
+    gives up after the group's timeout (its waits are bounded; nothing moves), its push kernel's
+    "done" wait too, and check_errors then raises naming the op and the peer."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(moe_push=True, moe_device_records=True,
+                                                       timeout=timedelta(seconds=3)))
+    num_experts, g, x, idx, w = checks.make_inputs(_seed_for(rank), "random", 16, 2, 2, torch.float32, "cuda")
+    torch_ep.dispatch(x, idx, num_experts=num_experts, group=group)  # every rank sets the transport up
+    torch.cuda.synchronize()
+    error = None
+    if rank != size - 1:
+        start = time.monotonic()
+        try:
+            torch_ep.dispatch(x, idx, num_experts=num_experts, group=group, num_worst_tokens=24 * size)
+            torch.cuda.synchronize()
+            torch_ep.check_errors(group)
+        except Exception as e:  # noqa: BLE001
+            error = (str(e), time.monotonic() - start)
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return error
+
+
+def test_device_records_missing_peer_times_out(cuda_pool):
+    if cuda_pool.world_size < 2:
+        pytest.skip("needs two ranks")
+    results = cuda_pool.run(rank_device_records_missing_peer)
+    for result in results[:-1]:
+        assert result is not None, "a missing peer raised nothing"
+        message, elapsed = result
+        assert "dispatch" in message and "timed out" in message, message
+        assert elapsed < 30
