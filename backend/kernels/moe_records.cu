@@ -96,17 +96,18 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) dispatch_notify_kernel(Dispa
   __syncthreads();
 
   // 3. The verdict, the same on every rank that got every record, and this rank's plan.
-  MoeVerdict v{kVerdictTimedOut, 0, me, missing - 1, 0, 0};
-  if (!missing) v = moe_verdict(records, R);
   int64_t* plan = plan_of(p);
   if (t < R) {
     int64_t first_row = 0;  // this rank's rows for t come after those of the ranks before it
     for (int s = 0; s < me; ++s) first_row += missing ? 0 : records[s][kRecSend + t];
     plan[kPlanFirstRow + t] = first_row;
-    plan[kPlanCapacity + t] = missing ? 0 : records[t][kRecCapacity];
+    // This rank's own capacity whatever came: its padding covers its outputs even after a timeout.
+    plan[kPlanCapacity + t] = t == me ? p.record[kRecCapacity] : missing ? 0 : records[t][kRecCapacity];
     for (int i = 0; i < 4; ++i) plan[kPlanOffset + 4 * t + i] = missing ? -1 : records[t][kRecOffset + i];
   }
   if (t == 0) {
+    MoeVerdict v{kVerdictTimedOut, 0, me, missing - 1, 0, 0};
+    if (!missing) v = moe_verdict(records, R);
     int64_t received = 0;
     for (int s = 0; s < R && !missing; ++s) received += records[s][kRecSend + me];
     plan[kPlanMoves] = v.moves() ? 1 : 0;
