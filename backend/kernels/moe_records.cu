@@ -101,9 +101,11 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) dispatch_notify_kernel(Dispa
     int64_t first_row = 0;  // this rank's rows for t come after those of the ranks before it
     for (int s = 0; s < me; ++s) first_row += missing ? 0 : records[s][kRecSend + t];
     plan[kPlanFirstRow + t] = first_row;
-    // This rank's own capacity whatever came: its padding covers its outputs even after a timeout.
+    // This rank's own capacity and outputs whatever came: its padding covers them even after a
+    // timeout (offsets of -1 would leave its rows unwritten).
     plan[kPlanCapacity + t] = t == me ? p.record[kRecCapacity] : missing ? 0 : records[t][kRecCapacity];
-    for (int i = 0; i < 4; ++i) plan[kPlanOffset + 4 * t + i] = missing ? -1 : records[t][kRecOffset + i];
+    for (int i = 0; i < 4; ++i)
+      plan[kPlanOffset + 4 * t + i] = t == me ? p.record[kRecOffset + i] : missing ? -1 : records[t][kRecOffset + i];
   }
   if (t == 0) {
     MoeVerdict v{kVerdictTimedOut, 0, me, missing - 1, 0, 0};
