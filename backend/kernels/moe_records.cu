@@ -118,7 +118,12 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) dispatch_notify_kernel(Dispa
     // that refused for its own pool (its host raises that at the call).
     const bool own_refusal = v.code == kVerdictRefused && p.record[kRecStatus] == kRefusedPool;
     volatile int64_t* report = p.report;
-    if (v.code != kVerdictOk && v.code != kVerdictTimedOut && !own_refusal && report[kMoeReportCode] == 0) {
+    const bool reported = v.code != kVerdictOk && v.code != kVerdictTimedOut && !own_refusal;
+    if (reported && report[kMoeReportCode] != 0) {  // the host has not taken the last one: counted
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.report + kMoeReportLater), 1ull);
+      report[kMoeReportLaterCallId] = p.record[kRecCallId];
+      __threadfence_system();
+    } else if (reported) {
       report[kMoeReportDetail] = v.detail;
       report[kMoeReportRank] = v.rank;
       report[kMoeReportPeer] = v.peer;

@@ -132,7 +132,9 @@ enum MoeReportWord : int {
   kMoeReportValue,
   kMoeReportPeerValue,
   kMoeReportCallId,    // the dispatch whose notify found it
-  kMoeReportWords = 8,
+  kMoeReportLater,     // problems found while this report waited for the host (they had no slot)
+  kMoeReportLaterCallId,  // the last of those calls
+  kMoeReportWords,
 };
 
 // ---- offsets in each rank's records region (a part of its MoE transport block, CudaTransport::records)
@@ -162,6 +164,7 @@ struct DispatchRecordsParams {
   int num_topk;
   int num_blocks;                     // the SM budget
   int64_t* report;                    // host-mapped, kMoeReportWords: the first problem since the host looked
+                                      // and a count of later ones
   Handshake handshake;                // the done half (the records are the ready half); its bound and error
                                       // word bound the notify's waits too
 };

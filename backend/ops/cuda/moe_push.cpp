@@ -285,8 +285,13 @@ std::string device_report_message(const std::vector<int64_t>& w, int rank, int64
     default:
       what = "the device reported problem " + std::to_string(w[kMoeReportCode]);
   }
+  std::string later;
+  if (w[kMoeReportLater] > 0)
+    later = "; " + std::to_string(w[kMoeReportLater]) + " later dispatch" + (w[kMoeReportLater] > 1 ? "es" : "") +
+            " also went wrong before this was raised (the last #" + std::to_string(w[kMoeReportLaterCallId]) +
+            "; only this first problem is described)";
   return std::string(op) + " on rank " + std::to_string(rank) + ": found by the device during " + when +
-         ", which does not wait for it: " + what;
+         ", which does not wait for it: " + what + later;
 }
 
 void raise_device_report(CudaTransport& transport, int rank, int64_t current_call, const char* op) {

@@ -114,12 +114,14 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   if (config.records_bytes) {  // every slot free (flags 0), no plan
     records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;
     records_flag_bytes_ = config.records_flag_bytes;
+    // Zeroed before any peer writes a flag in it: the cudaDeviceSynchronize below, before the
+    // barrier, covers this memset too.
     EP_CUDA_CHECK(cudaMemset(buffers_.block(rank_) + records_offset_, 0, config.records_bytes));
+    EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&moe_report_host_),
+                                kernels::kMoeReportWords * sizeof(int64_t), cudaHostAllocMapped));
+    std::memset(moe_report_host_, 0, kernels::kMoeReportWords * sizeof(int64_t));
+    EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&moe_report_device_), moe_report_host_, 0));
   }
-  EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&moe_report_host_), kernels::kMoeReportWords * sizeof(int64_t),
-                              cudaHostAllocMapped));
-  std::memset(moe_report_host_, 0, kernels::kMoeReportWords * sizeof(int64_t));
-  EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&moe_report_device_), moe_report_host_, 0));
   EP_CUDA_CHECK(cudaStreamCreateWithFlags(&watchdog_stream_, cudaStreamNonBlocking));
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&kernel_error_host_), sizeof(int), cudaHostAllocMapped));
   *kernel_error_host_ = 0;
@@ -158,12 +160,22 @@ char* CudaTransport::records(int owner) const {
 }
 
 std::vector<int64_t> CudaTransport::take_moe_report() {
+  using namespace kernels;
   volatile int64_t* r = moe_report_host_;
-  std::vector<int64_t> words(kernels::kMoeReportWords, 0);
-  if (!r || r[0] == 0) return words;
+  std::vector<int64_t> words(kMoeReportWords, 0);
+  if (!r) return words;
+  // Under the lock, so that two threads cannot both take (and raise) one report. While word 0 is
+  // set the device writes only the later-problems words, so the others read whole.
+  std::lock_guard<std::mutex> lock(moe_report_mutex_);
+  if (r[kMoeReportCode] == 0) return words;
   std::atomic_thread_fence(std::memory_order_acquire);
-  for (int w = 0; w < kernels::kMoeReportWords; ++w) words[size_t(w)] = r[w];
-  r[0] = 0;  // the next report may be written
+  for (int w = 0; w < kMoeReportWords; ++w) words[size_t(w)] = r[w];
+  // The count of later problems back to 0 with what it held at that moment (a notify kernel may
+  // add to it meanwhile: the device's atomicAdd against the host's exchange).
+  words[kMoeReportLater] = __atomic_exchange_n(const_cast<int64_t*>(&r[kMoeReportLater]), int64_t(0), __ATOMIC_SEQ_CST);
+  words[kMoeReportLaterCallId] = r[kMoeReportLaterCallId];
+  std::atomic_thread_fence(std::memory_order_release);
+  r[kMoeReportCode] = 0;  // the next report may be written
   return words;
 }
 
