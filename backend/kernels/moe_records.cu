@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) dispatch_notify_kernel(Dispa
     plan[kPlanMoves] = v.moves() ? 1 : 0;
     plan[kPlanReceived] = received;
     // Reported on every rank, but for a timeout (the transport's error word says it) and on a rank
-    // that refused for its own pool (its host raises that at the call).
-    const bool own_refusal = v.code == kVerdictRefused && p.record[kRecStatus] == kRefusedPool;
+    // whose host refused (its pool, an earlier overflow): that host raises its own reason at the call.
+    const bool own_refusal = v.code == kVerdictRefused && p.record[kRecStatus] != kRefusedNone;
     volatile int64_t* report = p.report;
     const bool reported = v.code != kVerdictOk && v.code != kVerdictTimedOut && !own_refusal;
     if (reported && report[kMoeReportCode] != 0) {  // the host has not taken the last one: counted

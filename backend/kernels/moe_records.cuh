@@ -58,6 +58,8 @@ enum MoeRefusal : int64_t {
   kRefusedNone = 0,
   kRefusedPool = 1,       // its MoE pool could not hold its outputs: value = their rows
   kRefusedExpertIds = 2,  // its topk_idx holds ids outside [-1, num_experts): value = the smallest, value2 the largest
+  kRefusedOverflow = 3,   // an earlier dispatch of its (pulling, or a graph replay) overflowed num_worst_tokens and
+                          // was not raised yet: its host raises that at this call, as the host records' path does
 };
 
 // ---- the verdict every rank reaches on the same records (first problem found, in this order)

@@ -150,7 +150,10 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   const bool cached = a.handle_meta.has_value();
   const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts, K = cached ? 0 : a.topk_idx->size(1);
   const int64_t call_id = int64_t(group.next_dispatch_id());
-  int64_t capacity = a.num_worst_tokens;  // the rows this rank's outputs hold
+  // The rows this rank's outputs hold. Along the handle of a num_worst_tokens dispatch, its recv
+  // counts are -1 (only the device knew them): its num_worst_tokens, whatever this call passed.
+  int64_t capacity = a.num_worst_tokens;
+  if (capacity <= 0 && cached && a.handle_counts->num_worst_tokens > 0) capacity = a.handle_counts->num_worst_tokens;
   if (capacity <= 0) {
     capacity = 0;
     for (int64_t n : a.handle_counts->recv) capacity += n;
@@ -180,7 +183,10 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   record[kRecHasScales] = a.x_scales.has_value();
   record[kRecHasWeights] = a.topk_weights.has_value();
   record[kRecPush] = 1;
-  record[kRecStatus] = allocated ? kRefusedNone : kRefusedPool;
+  // An overflow an earlier dispatch left (pulling, or a graph replay) refuses this call on every
+  // rank through the records, as reject_if_overflowed does through the host's.
+  const std::string overflow = transport.take_dispatch_overflow();
+  record[kRecStatus] = !overflow.empty() ? kRefusedOverflow : allocated ? kRefusedNone : kRefusedPool;
   record[kRecStatusValue] = capacity;
   record[kRecCapacity] = allocated ? capacity : -1;
   for (int i = 0; i < 4; ++i) record[kRecOffset + i] = allocated ? target.offset[i] : -1;
@@ -204,9 +210,9 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   transport.track(op, stream, std::move(peers));
 
   // Queued: now this rank may raise without leaving a peer waiting for its record.
+  TORCH_CHECK_VALUE(overflow.empty(), overflow, "; no rank moved rows in this dispatch (#", call_id, ")",
+                    allocated ? "" : " (nor could this rank allocate its outputs: " + refusal + ")");
   TORCH_CHECK_VALUE(allocated, op, " on rank ", rank, ": ", refusal, "; no rank moved rows in this call");
-  const std::string overflow = transport.take_dispatch_overflow();  // of an earlier pulling dispatch
-  TORCH_CHECK_VALUE(overflow.empty(), overflow);
   raise_device_report(transport, rank, call_id, op);
 
   o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
@@ -253,11 +259,15 @@ std::string device_report_message(const std::vector<int64_t>& w, int rank, int64
   const char* nothing_moved = "; no rank moved rows in that call (its outputs are padding: recv_topk_idx -1)";
   switch (w[kMoeReportCode]) {
     case kVerdictRefused:
-      what = w[kMoeReportDetail] == kRefusedPool
-                 ? "rank " + std::to_string(who) + " could not allocate its outputs (" + std::to_string(value) +
-                       " rows) in its MoE pool (TORCH_EP_MOE_POOL_BYTES)"
-                 : "rank " + std::to_string(who) + "'s topk_idx holds expert ids outside [-1, num_experts): the "
-                       "smallest is " + std::to_string(value) + ", the largest " + std::to_string(peer_value);
+      if (w[kMoeReportDetail] == kRefusedPool)
+        what = "rank " + std::to_string(who) + " could not allocate its outputs (" + std::to_string(value) +
+               " rows) in its MoE pool (TORCH_EP_MOE_POOL_BYTES)";
+      else if (w[kMoeReportDetail] == kRefusedOverflow)
+        what = "an earlier dispatch on rank " + std::to_string(who) + " received more rows than num_worst_tokens "
+               "(that rank raises which)";
+      else
+        what = "rank " + std::to_string(who) + "'s topk_idx holds expert ids outside [-1, num_experts): the "
+               "smallest is " + std::to_string(value) + ", the largest " + std::to_string(peer_value);
       what += nothing_moved;
       break;
     case kVerdictOutOfStep:
