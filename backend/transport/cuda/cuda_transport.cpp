@@ -155,6 +155,13 @@ CudaTransport::~CudaTransport() {
   if (moe_report_host_) cudaFreeHost(moe_report_host_);
 }
 
+std::string CudaTransport::device_records_hint(const std::string& op) const {
+  if (!records_offset_ || op.rfind("dispatch", 0) != 0) return "";
+  return " (with device records, TORCH_EP_MOE_DEVICE_RECORDS, a likely cause: the ranks disagree on giving a "
+         "handle or num_worst_tokens in this call, so one waits for a device record and another in the host "
+         "exchange)";
+}
+
 char* CudaTransport::records(int owner) const {
   return records_offset_ ? buffers_.block(owner) + records_offset_ : nullptr;
 }
@@ -234,7 +241,8 @@ void CudaTransport::check_healthy(const char* op_name) {
       kernel_error = (last_op_.empty() ? std::string(op_name) : last_op_) + ": timed out on rank " +
                      name(rank_) + " after " + std::to_string(timeout_.count()) +
                      " ms waiting for peer rank " + name(waited_for - 1) +
-                     " (in the device kernel): a peer never arrived or stalled";
+                     " (in the device kernel): a peer never arrived or stalled" +
+                     device_records_hint(last_op_.empty() ? std::string(op_name) : last_op_);
     error = error_;
   }
   if (!kernel_error.empty()) {
@@ -506,7 +514,8 @@ void CudaTransport::watch() {
           for (int p : op.peers) peers += (peers.empty() ? "" : ", ") + name(p);
           error = op.op + ": timed out on rank " + name(rank_) + " after " +
                   std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()) +
-                  " ms waiting for peer rank(s) " + peers + ": a peer never arrived or stalled";
+                  " ms waiting for peer rank(s) " + peers + ": a peer never arrived or stalled" +
+                  device_records_hint(op.op);
         }
         stalled = true;
         break;
@@ -517,7 +526,7 @@ void CudaTransport::watch() {
       else if (waited_for)  // a kernel's bounded wait expired and it gave up
         error = op.op + ": timed out on rank " + name(rank_) + " after " +
                 std::to_string(timeout_.count()) + " ms waiting for peer rank " + name(waited_for - 1) +
-                " (in the device kernel): a peer never arrived or stalled";
+                " (in the device kernel): a peer never arrived or stalled" + device_records_hint(op.op);
       watched.pop_front();  // its event goes back to the pool with the mark's last holder
     }
 

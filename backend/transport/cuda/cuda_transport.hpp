@@ -149,6 +149,8 @@ class CudaTransport {
   // Records the first error and tells the listener (called without mutex_ held).
   void fail(const std::string& why);
   void release_waits();  // makes every wait on this rank's flags pass
+  // What a dispatch's timeout adds where device records are on: the likely cause.
+  std::string device_records_hint(const std::string& op) const;
 
   int rank_;
   int size_;
