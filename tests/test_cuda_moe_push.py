@@ -364,11 +364,13 @@ def rank_device_records(seed):
 
 
 def rank_device_records_race(seed, iterations=24):
-    """Back to back with no barrier, a random short sleep on one rank: dispatch with num_worst_tokens
-    (device records), along its handle twice (device records), combine (host records), so that
-    ranks publish the next call's record while peers still read the last one, and slots, plan and
-    pool blocks are reused at once. Every result against torch_ep.reference (computed first: the
-    reference's collectives would line the ranks up)."""
+    """Back to back with no barrier and no host wait: dispatch with num_worst_tokens (device
+    records), along its handle twice (device records), combine (host records), while one rank's
+    GPU sleeps a random while (up to a few ms) before each iteration, so that the other ranks'
+    kernels publish the next call's record while the slow one still reads the last, and slots and
+    plan are reused at once. The host never waits inside the loop (no .cpu()): every output is kept
+    and checked after it against torch_ep.reference (computed first: the reference's collectives
+    would line the ranks up)."""
     import random
     rank, size = dist.get_rank(), dist.get_world_size()
     sleeper = random.Random(seed)
@@ -382,20 +384,25 @@ def rank_device_records_race(seed, iterations=24):
         ex2 = reference.dispatch(x2, handle=ex.handle)
         comb = reference.combine(ex.recv_x, ex.handle)
         cases.append((num_experts, x, idx, w, x2.cuda(), ex, ex2, comb, 164 * size))
+    torch.cuda.synchronize()
     before = moe_exchanges()
+    results = []
     for num_experts, x, idx, w, x2, ex, ex2, comb, worst in cases:
         if rank == slow_rank:
-            time.sleep(sleeper.uniform(0, 0.004))
+            torch.cuda._sleep(sleeper.randrange(0, 6_000_000))  # cycles: up to a few ms on this GPU
         a = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst)
         b = torch_ep.dispatch(x2, handle=a.handle)
         c = torch_ep.dispatch(x, handle=a.handle)
         d = torch_ep.combine(a.recv_x, a.handle)
+        results.append((a, b, c, d))
+    assert moe_exchanges() - before == iterations, "only the combines exchange host records"
+    torch.cuda.synchronize()
+    for (a, b, c, d), (num_experts, x, idx, w, x2, ex, ex2, comb, worst) in zip(results, cases):
         check_dispatch(a, ex, worst)
         check_along(b, ex2, worst)
         assert same_bits(c.recv_x[:ex.recv_x.shape[0]].cpu(), ex.recv_x)
         assert same_bits(d.combined_x.cpu(), comb.combined_x), "combined_x differs from the reference"
-        del a, b, c, d
-    assert moe_exchanges() - before == iterations, "only the combines exchange host records"
+    del results
     torch_ep.check_errors()
     dist.barrier()
 
@@ -453,20 +460,24 @@ def rank_device_records_mismatch(seed):
     num_experts, g, x, idx, w = checks.make_inputs(seed, "random", hidden, 2, 2, torch.bfloat16, "cuda")
     worst = 24 * size
     good = checks.make_inputs(seed + 1, "random", 32, 2, 2, torch.bfloat16, "cuda")
+    before = moe_exchanges()
     out = raises_now_or_next(
         lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst),
         lambda: torch_ep.dispatch(good[2], good[3], good[4], num_experts=good[0], num_worst_tokens=worst),
         RuntimeError, r"which does not wait for it: the ranks disagree on the hidden size: rank 0 has 64, rank 1 has 128")
+    assert moe_exchanges() == before, "a dispatch with num_worst_tokens exchanged host records"
     if out is not None:  # nothing moved: every row is padding
         assert bool((out.recv_topk_idx == -1).all()) and bool((out.recv_topk_weights == 0).all())
     # Rank 0 dispatches along the handle of another dispatch than its peers: every rank raises.
     first = torch_ep.dispatch(good[2], good[3], num_experts=good[0])
     second = torch_ep.dispatch(good[2], good[3], num_experts=good[0])
     chosen = first if rank == 0 else second
+    before = moe_exchanges()
     raises_now_or_next(lambda: torch_ep.dispatch(good[2], handle=chosen.handle),
                        lambda: torch_ep.dispatch(good[2], handle=second.handle), RuntimeError,
                        r"rank 1 dispatched along the handle of dispatch #\d+ but rank 0 along that of #\d+; every rank "
                        r"must pass the handle of the same dispatch")
+    assert moe_exchanges() == before, "a dispatch along a handle exchanged host records"
     dist.barrier()
     torch_ep.check_errors()
     for i in range(2):
@@ -496,11 +507,13 @@ def rank_device_records_overflow(seed):
     expected = reference.dispatch(x.cpu(), to_rank0.cpu(), num_experts=num_experts)
     match = rf"rank 0 received {tokens * size} rows but its outputs hold {tokens} \(num_worst_tokens\)"
     got = None
+    before = moe_exchanges()
     try:
         got = torch_ep.dispatch(x, to_rank0, num_experts=num_experts, num_worst_tokens=tokens)
     except ValueError as e:
         assert "during this dispatch" in str(e) and _matches(match, str(e)), str(e)
     torch.cuda.synchronize()
+    assert moe_exchanges() == before, "a dispatch with num_worst_tokens exchanged host records"
     if got is not None:
         if rank == 0:
             assert same_bits(got.recv_x.cpu(), expected.recv_x[:tokens]), "the rows that fit differ"
@@ -512,11 +525,100 @@ def rank_device_records_overflow(seed):
     assert_still_pushes(seed)
 
 
+def rank_device_records_pool_full(seed):
+    """Device records, a MoE pool of 2 MiB: rank 0's num_worst_tokens outputs (16 KiB rows by the
+    hundred) do not fit, its peers' do. Rank 0 raises a ValueError naming TORCH_EP_MOE_POOL_BYTES
+    at the call (after its record went out, so no peer waits); every other rank's device sees
+    rank 0's refusal, moves nothing, and raises at the call or the next, naming rank 0. No host
+    exchange. Then the group works: device and host records against the reference."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(moe_push=True, moe_device_records=True,
+                                                       moe_pool_bytes=2 << 20))
+    experts_per_rank, hidden, tokens = 2, 4096, 4
+    num_experts = experts_per_rank * size
+    g = torch.Generator().manual_seed(seed + rank)
+    x = torch.randn(tokens, hidden, generator=g).cuda()
+    idx = torch.randint(0, num_experts, (tokens, 1), generator=g).cuda()
+    worst = 400 if rank == 0 else tokens * size  # rank 0: 400 x 16 KiB > 2 MiB
+    small = checks.make_inputs(seed + 1, "random", 16, 2, experts_per_rank, torch.float32, "cuda")
+    torch_ep.dispatch(small[2], small[3], num_experts=small[0], group=group)  # the transport and pool set up
+    torch.cuda.synchronize()
+    before = moe_exchanges(group)
+    call = lambda: torch_ep.dispatch(x, idx, num_experts=num_experts, num_worst_tokens=worst, group=group)  # noqa: E731
+    next_call = lambda: torch_ep.dispatch(small[2], small[3], num_experts=small[0],  # noqa: E731
+                                          num_worst_tokens=16 * size, group=group)
+    if rank == 0:
+        with pytest.raises(ValueError, match="TORCH_EP_MOE_POOL_BYTES"):
+            call()
+        torch.cuda.synchronize()
+        next_call()  # its device does not report its own refusal again
+    else:
+        raises_now_or_next(call, next_call, ValueError,
+                           r"rank 0 could not allocate its outputs \(400 rows\) in its MoE pool "
+                           r"\(TORCH_EP_MOE_POOL_BYTES\); no rank moved rows")
+    assert moe_exchanges(group) == before, "a dispatch with num_worst_tokens exchanged host records"
+    dist.barrier()
+    torch.cuda.synchronize()
+    torch_ep.check_errors(group)
+    num_experts, g, xs, idx, w = checks.make_inputs(seed + 2, "random", 16, 2, experts_per_rank, torch.float32, "cuda")
+    expected = reference.dispatch(xs.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    for worst in (16 * size, 0):
+        got = torch_ep.dispatch(xs, idx, w, num_experts=num_experts, num_worst_tokens=worst, group=group)
+        check_dispatch(got, expected, worst)
+        comb = torch_ep.combine(got.recv_x, got.handle, group=group)
+        assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
+        del got, comb
+    torch.cuda.synchronize()
+    torch_ep.check_errors(group)
+    assert_still_pushes(seed, group)
+    dist.destroy_process_group(group)
+
+
+def rank_device_records_expert_ids(seed):
+    """The last rank's topk_idx holds an expert id >= num_experts, with num_worst_tokens: the host
+    never looks at the ids; that rank's device refuses in its record, every rank's verdict refuses
+    the call (nothing moves: all padding) and every rank raises a ValueError naming the last rank
+    and the ids, at the call or the next. No host exchange; then the group works."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 64, 2, 2, torch.bfloat16, "cuda")
+    if rank == size - 1 and idx.shape[0]:
+        idx = idx.clone()
+        idx[0, 0] = num_experts + 3
+    worst = 24 * size
+    good = checks.make_inputs(seed + 1, "random", 32, 2, 2, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    before = moe_exchanges()
+    out = raises_now_or_next(
+        lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst),
+        lambda: torch_ep.dispatch(good[2], good[3], good[4], num_experts=good[0], num_worst_tokens=worst),
+        ValueError, rf"rank {size - 1}'s topk_idx holds expert ids outside \[-1, num_experts\): the smallest is -?\d+, "
+                    rf"the largest {num_experts + 3}; no rank moved rows")
+    assert moe_exchanges() == before, "a dispatch with num_worst_tokens exchanged host records"
+    if out is not None:  # nothing moved: every row is padding
+        assert bool((out.recv_topk_idx == -1).all()) and bool((out.recv_topk_weights == 0).all())
+    dist.barrier()
+    torch.cuda.synchronize()
+    torch_ep.check_errors()
+    num_experts, g, x, idx, w = checks.make_inputs(seed + 2, "random", 128, 2, 2, torch.bfloat16, "cuda")
+    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+    check_dispatch(torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst), expected, worst)
+    torch.cuda.synchronize()
+    torch_ep.check_errors()
+    assert_still_pushes(seed)
+
+
 def test_device_records_errors(records_pool):
     if records_pool.world_size < 2:
         pytest.skip("needs two ranks")
     records_pool.run(rank_device_records_mismatch, _seed())
     records_pool.run(rank_device_records_overflow, _seed())
+    records_pool.run(rank_device_records_expert_ids, _seed())
+
+
+def test_device_records_pool_full(cuda_pool):
+    if cuda_pool.world_size < 2:
+        pytest.skip("needs two ranks")
+    cuda_pool.run(rank_device_records_pool_full, _seed())
 
 
 def rank_device_records_disagree():
