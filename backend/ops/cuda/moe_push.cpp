@@ -264,7 +264,7 @@ std::string device_report_message(const std::vector<int64_t>& w, int rank, int64
                " rows) in its MoE pool (TORCH_EP_MOE_POOL_BYTES)";
       else if (w[kMoeReportDetail] == kRefusedOverflow)
         what = "an earlier dispatch on rank " + std::to_string(who) + " received more rows than num_worst_tokens "
-               "(that rank raises which)";
+               "(that rank raises it)";
       else
         what = "rank " + std::to_string(who) + "'s topk_idx holds expert ids outside [-1, num_experts): the "
                "smallest is " + std::to_string(value) + ", the largest " + std::to_string(peer_value);
