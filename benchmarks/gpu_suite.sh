@@ -134,7 +134,7 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ] || [ "$WHAT" = moe ]; then
   step "GPU MoE tests, ${TORCH_EP_MOE_WORLD_SIZES:-1,2,4,8} ranks"
   TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_MOE_WORLD_SIZES:-1,2,4,8} timeout 300 python3 -m pytest tests/test_cuda_moe.py \
-    -q -ra -x > "$LOGS/gpu_moe_tests.log" 2>&1 || STATUS=1
+    tests/test_cuda_moe_push.py -q -ra -x > "$LOGS/gpu_moe_tests.log" 2>&1 || STATUS=1
   grep -v "^\[rank" "$LOGS/gpu_moe_tests.log" | tail -40 >> "$SUMMARY"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ] || [ "$WHAT" = a2av ]; then
@@ -322,8 +322,8 @@ if [ "$WHAT" = pending ]; then
   # (Options.moe_copy warp, unroll and bulk) against the reference at 1, 2, 8 SMs and
   # automatic, their fuzz included, 2 ranks (TORCH_EP_COPY_WORLD_SIZES).
   [[ $STEPS == *" copy_tests "* ]] && pending_test copy_tests 300 TORCH_EP_TEST_WORLD_SIZES=2 \
-    TORCH_EP_COPY_WORLD_SIZES=${TORCH_EP_COPY_WORLD_SIZES:-2} -- tests/test_cuda_moe.py tests/test_fuzz.py \
-    -k "(not test_fuzz or copy_variant) and not missing_peer"
+    TORCH_EP_COPY_WORLD_SIZES=${TORCH_EP_COPY_WORLD_SIZES:-2} -- tests/test_cuda_moe.py tests/test_cuda_moe_push.py \
+    tests/test_fuzz.py -k "(not test_fuzz or copy_variant) and not missing_peer"
   if [[ $STEPS == *" a2a_profile "* ]]; then
     step "all_to_all's host time per call (tools/a2a_profile.py), 2 ranks"
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 90 torchrun --standalone --nproc-per-node 2 \

@@ -195,6 +195,140 @@ def test_exchange_schedule_pairs_every_rank_once(tmp_path):
     assert run.returncode == 0, run.stdout
 
 
+MOE_VERDICT_CHECK = r"""
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+#include "backend/kernels/moe_records.cuh"
+using namespace ep::kernels;
+
+static std::mt19937_64 rng(7);
+static int failures = 0;
+#define EXPECT(cond, ...) do { if (!(cond)) { std::printf(__VA_ARGS__); std::printf("\n"); ++failures; } } while (0)
+
+// R ranks' records of one well-formed call: a random send matrix, capacities that hold it,
+// `handle`: every rank expects what its senders send.
+static std::vector<std::vector<int64_t>> call(int R, bool handle, int64_t spare) {
+  std::vector<std::vector<int64_t>> rec(R, std::vector<int64_t>(kMoeRecordWords, 0));
+  for (int s = 0; s < R; ++s) {
+    auto& r = rec[s];
+    r[kRecOp] = kMoeRecordDispatch; r[kRecCallId] = 41; r[kRecHandleId] = handle ? 17 : 0;
+    r[kRecNumExperts] = 8 * R; r[kRecHidden] = 7168; r[kRecDtype] = 15; r[kRecNumTopk] = handle ? 0 : 8;
+    r[kRecHasScales] = 1; r[kRecHasWeights] = !handle; r[kRecPush] = 1;
+    for (int i = 0; i < 4; ++i) r[kRecOffset + i] = 4096 * (i + 1) * (s + 1);
+    for (int d = 0; d < R; ++d) r[kRecSend + d] = int64_t(rng() % 300);
+  }
+  for (int d = 0; d < R; ++d) {
+    int64_t arriving = 0;
+    for (int s = 0; s < R; ++s) {
+      arriving += rec[s][kRecSend + d];
+      rec[d][kRecExpect + s] = handle ? rec[s][kRecSend + d] : -1;
+    }
+    rec[d][kRecCapacity] = arriving + spare;
+  }
+  return rec;
+}
+
+// What rank `me` evaluates: its own copy of the R records it gathered (the same words everywhere).
+static MoeVerdict on_rank(const std::vector<std::vector<int64_t>>& rec, int me) {
+  static int64_t mine[kMaxRanksPerNode][kMoeRecordWords];
+  std::memset(mine, 0xA5, sizeof(mine));  // words past R differ per rank: the verdict must not read them
+  for (size_t s = 0; s < rec.size(); ++s)
+    for (int w = 0; w < kMoeRecordWords; ++w) mine[s][w] = rec[s][w];
+  for (size_t s = 0; s < rec.size(); ++s)  // send/expect entries past R, garbage that differs per rank
+    for (int d = int(rec.size()); d < kMaxRanksPerNode; ++d) {
+      mine[s][kRecSend + d] = me * 1000 + d;
+      mine[s][kRecExpect + d] = me * 1000 + d;
+    }
+  return moe_verdict(mine, int(rec.size()));
+}
+
+// Every rank reaches the same verdict, equal to `want` (code, detail, rank, peer, value, peer_value).
+static void same_everywhere(const std::vector<std::vector<int64_t>>& rec, MoeVerdict want, const char* what) {
+  for (int me = 0; me < int(rec.size()); ++me) {
+    const MoeVerdict v = on_rank(rec, me);
+    EXPECT(v.code == want.code && v.detail == want.detail && v.rank == want.rank && v.peer == want.peer &&
+               v.value == want.value && v.peer_value == want.peer_value,
+           "R=%zu %s on rank %d: got code %lld detail %lld rank %lld peer %lld values %lld/%lld, want %lld %lld %lld "
+           "%lld %lld/%lld", rec.size(), what, me, (long long)v.code, (long long)v.detail, (long long)v.rank,
+           (long long)v.peer, (long long)v.value, (long long)v.peer_value, (long long)want.code,
+           (long long)want.detail, (long long)want.rank, (long long)want.peer, (long long)want.value,
+           (long long)want.peer_value);
+  }
+}
+
+int main() {
+  for (int R : {1, 2, 3, 4, 8, 32})
+    for (bool handle : {false, true}) {
+      auto ok = call(R, handle, handle ? 0 : 5);
+      same_everywhere(ok, {kVerdictOk, 0, -1, -1, 0, 0}, "a well-formed call");
+      EXPECT(on_rank(ok, 0).moves(), "a well-formed call moves rows");
+      for (int s = 1; s < R; ++s) {
+        for (int w = kFirstCheckedWord; w <= kLastCheckedWord; ++w) {  // every checked field, on every rank
+          auto bad = ok;
+          bad[s][w] += 3;
+          same_everywhere(bad, {kVerdictMismatch, w, s, 0, ok[0][w] + 3, ok[0][w]}, "a field mismatch");
+          EXPECT(!on_rank(bad, 0).moves(), "a mismatch moves nothing");
+        }
+        auto late = ok;  // out of step: one rank at another dispatch
+        late[s][kRecCallId] = 42;
+        same_everywhere(late, {kVerdictOutOfStep, kRecCallId, s, 0, 42, 41}, "out-of-step call ids");
+        EXPECT(!on_rank(late, 0).moves(), "out of step moves nothing");
+        auto other_handle = ok;
+        other_handle[s][kRecHandleId] = 99;
+        same_everywhere(other_handle, {kVerdictHandle, 0, s, 0, 99, ok[0][kRecHandleId]}, "another handle");
+      }
+      for (int s = 0; s < R; ++s) {
+        auto refused = ok;  // a rank refuses (its pool, or ids out of range): nothing moves anywhere
+        refused[s][kRecStatus] = kRefusedExpertIds;
+        refused[s][kRecStatusValue] = -5;
+        refused[s][kRecStatusValue2] = 1000;
+        same_everywhere(refused, {kVerdictRefused, kRefusedExpertIds, s, -1, -5, 1000}, "a refusal");
+        EXPECT(!on_rank(refused, 0).moves(), "a refusal moves nothing");
+      }
+      if (handle && R > 1) {  // a receiver's handle expects other counts than its sender sends
+        auto off = ok;
+        off[1][kRecExpect + 0] += 1;
+        same_everywhere(off, {kVerdictHandle, 1, 1, 0, ok[1][kRecExpect + 0] + 1, ok[0][kRecSend + 1]},
+                        "a handle expecting other counts");
+      }
+      for (int d = 0; d < R; ++d) {  // overflow past a receiver's capacity: seen alike, rows still move
+        auto over = ok;
+        int64_t arriving = 0;
+        for (int s = 0; s < R; ++s) arriving += over[s][kRecSend + d];
+        if (arriving == 0) { over[0][kRecSend + d] = 1; arriving = 1; if (handle) over[d][kRecExpect + 0] += 1; }
+        over[d][kRecCapacity] = arriving - 1;
+        same_everywhere(over, {kVerdictOverflow, 0, d, -1, arriving, arriving - 1}, "an overflow");
+        EXPECT(on_rank(over, 0).moves(), "an overflow still moves the rows that fit");
+      }
+      auto first = ok;  // several problems: the first in the documented order, alike everywhere
+      if (R > 1) {
+        first[R - 1][kRecHidden] = 1;
+        first[R - 1][kRecCallId] = 40;
+        same_everywhere(first, {kVerdictOutOfStep, kRecCallId, R - 1, 0, 40, 41}, "out of step before a mismatch");
+      }
+    }
+  return failures ? 1 : 0;
+}
+"""
+
+
+@pytest.mark.skipif(_cuda_include_dir() is None or shutil.which("g++") is None, reason="needs g++ and the CUDA headers")
+def test_moe_device_records_verdict(tmp_path):
+    """moe_verdict (kernels/moe_records.cuh), compiled for the host: every rank evaluates it on the
+    same records (a copy of its own, garbage past R) and reaches the same verdict: every checked
+    field's mismatch, out-of-step call ids, another handle, a handle expecting other counts, a
+    refusal, an overflow at any receiver (the rows that fit still move), the first problem first."""
+    source = tmp_path / "verdict.cpp"
+    source.write_text(MOE_VERDICT_CHECK)
+    binary = tmp_path / "verdict"
+    subprocess.run(["g++", "-std=c++17", "-Wall", f"-I{ROOT}", f"-I{_cuda_include_dir()}", str(source), "-o",
+                    str(binary)], check=True)
+    run = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:]
+
+
 def test_ci_runs_the_readme_commands():
     """.ci/run runs exactly the README's Quick start commands, so that CI checks what a user runs."""
     with open(os.path.join(ROOT, "README.md")) as f:

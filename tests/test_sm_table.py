@@ -164,7 +164,7 @@ def test_moe_push_options(monkeypatch):
         torch_ep.Options()
     # Options is a positional dataclass: the new fields come last, so that no older one moved.
     names = [f.name for f in dataclasses.fields(torch_ep.Options)]
-    assert names[-2:] == ["moe_push", "moe_pool_bytes"]
+    assert names[-3:] == ["moe_push", "moe_pool_bytes", "moe_device_records"]
     assert names.index("moe_copy") == names.index("ranks_per_node") + 1 == names.index("blocking_wait") - 1
 
 
@@ -185,3 +185,24 @@ def test_parse_copies():
     assert parse_copies("warp,bulk,warp") == ["warp", "bulk"]
     with pytest.raises(ValueError, match="expected variants"):
         parse_copies("warp,tma")
+
+
+def test_moe_device_records_option(monkeypatch):
+    """Options.moe_device_records (TORCH_EP_MOE_DEVICE_RECORDS, off by default) reaches the Config,
+    and only with moe_push: set without it, a ValueError names both at set-up."""
+    monkeypatch.delenv("TORCH_EP_MOE_PUSH", raising=False)
+    monkeypatch.delenv("TORCH_EP_MOE_DEVICE_RECORDS", raising=False)
+    assert torch_ep.Options().moe_device_records is False
+    assert torch_ep.Options()._to_config(timedelta(seconds=60)).moe_device_records is False
+    config = torch_ep.Options(moe_push=True, moe_device_records=True)._to_config(timedelta(seconds=60))
+    assert (config.moe_push, config.moe_device_records) == (True, True)
+    with pytest.raises(ValueError, match="moe_device_records.*TORCH_EP_MOE_PUSH"):
+        torch_ep.Options(moe_device_records=True)
+    monkeypatch.setenv("TORCH_EP_MOE_DEVICE_RECORDS", "1")
+    with pytest.raises(ValueError, match="TORCH_EP_MOE_DEVICE_RECORDS"):
+        torch_ep.Options()
+    monkeypatch.setenv("TORCH_EP_MOE_PUSH", "1")
+    assert torch_ep.Options().moe_device_records is True
+    monkeypatch.setenv("TORCH_EP_MOE_DEVICE_RECORDS", "yes")
+    with pytest.raises(ValueError, match="TORCH_EP_MOE_DEVICE_RECORDS"):
+        torch_ep.Options()

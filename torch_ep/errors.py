@@ -30,6 +30,15 @@ def check_errors(group=None) -> None:
       memory outside the outputs was touched, and the group stays usable. Without this check the
       error is raised on every rank by the group's next dispatch or combine that finds it (the
       next one after the overflowing kernel finished).
+    - A pushing CUDA dispatch with device records (Options.moe_device_records) whose kernels found
+      the ranks' calls disagreeing (RuntimeError: a checked field, out-of-step calls, another
+      handle) or bad input (ValueError: expert ids out of range, a pool that could not hold a
+      rank's outputs, more rows than num_worst_tokens): "... found by the device during an earlier
+      dispatch (#<n>), which does not wait for it: ...", on every rank. Without this check it raises
+      at the rank's next CUDA dispatch or combine, once that call is queued. These are
+      asynchronous like CUDA errors: the first problem is described, later ones until it is raised
+      only counted ("<k> later dispatches also went wrong ... the last #<m>"); to tie them to a
+      step, call torch.cuda.synchronize() then check_errors() at a fixed point on every rank.
     - The low-latency ops' kernel errors (more rows than the capacity, an expert id out of range),
       as torch_ep.low_latency.check_errors raises them.
     - all_to_all_v into a given output on CUDA: RuntimeError when more rows arrived than the

@@ -35,6 +35,12 @@ ENVIRONMENT = {
     "TORCH_EP_MOE_POOL_BYTES": "the MoE pool's arena per rank in bytes (default 1 GiB), reserved on the GPU at the "
                                "group's first CUDA dispatch with TORCH_EP_MOE_PUSH=1; every live dispatch output must "
                                "fit in it",
+    "TORCH_EP_MOE_DEVICE_RECORDS": "1 (with TORCH_EP_MOE_PUSH=1, on every rank alike) makes a pushing dispatch along a "
+                                   "handle or with num_worst_tokens exchange its records through the device, not the "
+                                   "host: no host rendezvous; what the device finds wrong raises at the rank's next "
+                                   "dispatch/combine or torch_ep.check_errors(). Every rank must give a handle, or "
+                                   "num_worst_tokens, in the same calls: a rank that does waits for device records, "
+                                   "one that does not in the host exchange, until the timeout fails the group",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
     "TORCH_EP_ALL_TO_ALL_V_DEVICE": "0 makes CUDA all_to_all_v read its splits on the host (one wait, not capturable) "
@@ -144,6 +150,7 @@ class Options:
     # Newer fields last, so that no earlier field changes position (Options is a positional dataclass).
     moe_push: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_MOE_PUSH")))
     moe_pool_bytes: int = field(default_factory=_default("TORCH_EP_MOE_POOL_BYTES", 1 << 30))
+    moe_device_records: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_MOE_DEVICE_RECORDS")))
 
     def __post_init__(self) -> None:
         checks = {
@@ -175,6 +182,9 @@ class Options:
         if self.moe_copy not in MOE_COPIES:
             raise ValueError(f"Options.moe_copy={self.moe_copy!r} (TORCH_EP_MOE_COPY): expected one of "
                              f"{', '.join(MOE_COPIES)}")
+        if self.moe_device_records and not self.moe_push:
+            raise ValueError("Options.moe_device_records (TORCH_EP_MOE_DEVICE_RECORDS) needs Options.moe_push "
+                             "(TORCH_EP_MOE_PUSH=1): only a pushing dispatch exchanges its records through the device")
         if self.timeout is not None and self.timeout.total_seconds() <= 0:
             raise ValueError(f"Options.timeout={self.timeout}: expected a positive duration")
 
@@ -192,6 +202,7 @@ class Options:
         config.moe_copy = MOE_COPIES.index(self.moe_copy)
         config.moe_push = self.moe_push
         config.moe_pool_bytes = self.moe_pool_bytes
+        config.moe_device_records = self.moe_device_records
         config.blocking_wait = self.blocking_wait
         config.all_to_all_lanes = self.all_to_all_lanes
         config.all_to_all_slot_bytes = self.all_to_all_slot_bytes

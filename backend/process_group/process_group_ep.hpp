@@ -161,6 +161,8 @@ class ProcessGroupEP : public c10d::Backend {
   std::vector<int64_t> moe_pool_stats();
   // The offset of [ptr, ptr + bytes) in this rank's MoE arena, or -1 (outside, or no pool). For tests.
   int64_t moe_pool_offset(int64_t ptr, int64_t bytes);
+  // Host record exchanges this rank's MoE transport made (0 before it exists). For tests.
+  int64_t moe_exchanges();
 
   // --- ours ---
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
@@ -222,8 +224,9 @@ class ProcessGroupEP : public c10d::Backend {
   // maps every peer's arena); moe_transport makes it, under cuda_mutex_, where the group pushes.
   // Defined in cuda/comm_pool_path.cpp (CUDA builds only).
   std::shared_ptr<MoePool> make_moe_pool(int device, const char* op_name);
-  // Raises ValueError on every rank unless every rank has the same Config::moe_push (one
-  // all_gather over the set-up rendezvous): a pushing rank would wait for peers that pull.
+  // Raises ValueError on every rank unless every rank has the same Config::moe_push and
+  // moe_device_records (one all_gather over the set-up rendezvous): a pushing rank would wait for
+  // peers that pull, one publishing device records for peers that exchange host records.
   void agree_on_moe_push(const char* op_name);
   // Makes every later call raise with `why`; the first reason stays unless `overrule`.
   void stop_taking_calls(const std::string& why, bool overrule = false);

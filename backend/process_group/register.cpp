@@ -31,6 +31,7 @@ void register_process_group(py::module_& m) {
       .def_readwrite("moe_copy", &Config::moe_copy)
       .def_readwrite("moe_push", &Config::moe_push)
       .def_readwrite("moe_pool_bytes", &Config::moe_pool_bytes)
+      .def_readwrite("moe_device_records", &Config::moe_device_records)
       .def_readwrite("ranks_per_node", &Config::ranks_per_node)
       .def_readwrite("launch_local_world_size", &Config::launch_local_world_size)
       .def_readwrite("blocking_wait", &Config::blocking_wait)
@@ -100,7 +101,10 @@ void register_process_group(py::module_& m) {
       .def("_moe_pool_stats", &ProcessGroupEP::moe_pool_stats, py::call_guard<py::gil_scoped_release>(),
            "[arena bytes, bytes torch holds in it] of the MoE pool (TORCH_EP_MOE_PUSH), or [] without one: for tests")
       .def("_moe_pool_offset", &ProcessGroupEP::moe_pool_offset, py::arg("ptr"), py::arg("bytes"),
-           "the offset of [ptr, ptr + bytes) in this rank's MoE arena, or -1: for tests");
+           "the offset of [ptr, ptr + bytes) in this rank's MoE arena, or -1: for tests")
+      .def("_moe_exchanges", &ProcessGroupEP::moe_exchanges,
+           "host record exchanges this rank's MoE transport made (a dispatch with device records makes none): "
+           "for tests");
 
   // The comm pool's range allocator alone, for CPU tests of its bookkeeping.
   py::class_<ArenaAllocator>(m, "_ArenaAllocator")

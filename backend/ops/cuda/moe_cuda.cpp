@@ -6,7 +6,8 @@
 //                 the layout kernel writes to pinned memory (a wait; then a [signal] kernel
 //                 sends "ready" first, so it overlaps the wait); none with num_worst_tokens.
 //                 Then one record exchange with every peer: sizes, checks, and IPC handles of
-//                 the tensors its kernel will read
+//                 the tensors its kernel will read (none under Options.moe_device_records where
+//                 the host need not wait for sizes: moe_push.cpp, kernels/moe_records.cuh)
 //   [dispatch | combine]   one kernel: "my inputs are ready" to every peer and wait for theirs;
 //                 pull straight from the peers' tensors into this rank's outputs; then "I am
 //                 done reading yours" and wait until every peer is done with ours, so no input
@@ -277,6 +278,14 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     TORCH_CHECK_VALUE(!host_waits || !stream_capturing(stream), op, ": inside a CUDA graph capture, a dispatch "
                       "needs num_worst_tokens or a handle (without them the host waits for the sizes)");
     const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, &fresh);
+    // Device records (Options.moe_device_records): no host exchange at all where the host need
+    // not wait for sizes; the expert ids are checked on the device, not from a given header.
+    if (device_records_this_call(group, push, a)) {
+      phase.next("ep::dispatch/device_records");
+      return dispatch_with_device_records(group, *transport, *pool, a, meta, given, stream,
+                                          num_blocks(group, device, group.config().auto_sms_dispatch),
+                                          handshake(*transport, /*with_ready=*/false));
+    }
     Tensor header = a.layout_header ? *a.layout_header : fresh.host_header;
     std::vector<int64_t> send(R, -1);
     // The handshake goes out before the host waits, so it overlaps that wait; where the host
@@ -370,6 +379,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       EP_CUDA_CHECK(kernels::launch_dispatch_push(p, stream));
       phase.next("ep::dispatch/track");
       transport->track(op, stream, peers_of(int(rank), int(R)));
+      raise_device_report(*transport, int(rank), int64_t(call_id), op);  // queued: no peer waits in vain
       o.meta = given ? at::empty({0}, meta.options()) : meta;
       o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
       return o;
@@ -415,6 +425,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     EP_CUDA_CHECK(kernels::launch_dispatch(p, stream));
     phase.next("ep::dispatch/track");
     transport->track(op, stream, peers_of(int(rank), int(R)));
+    raise_device_report(*transport, int(rank), int64_t(call_id), op);  // queued: no peer waits in vain
 
     o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
     o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
@@ -483,6 +494,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     EP_CUDA_CHECK(kernels::launch_combine(p, stream));
     phase.next("ep::combine/track");
     transport->track(op, stream, peers_of(int(rank), int(R)));
+    raise_device_report(*transport, int(rank), -1, op);  // an earlier dispatch's, once this call is queued
     return o;
   } catch (const CommError& e) {  // timeouts included
     group.raise_failure(e.what());

@@ -8,6 +8,8 @@
 #include <mutex>
 #include <thread>
 
+#include "backend/common/errors.hpp"
+#include "backend/kernels/moe_records.cuh"
 #include "backend/process_group/cuda/moe_pool.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
@@ -133,6 +135,182 @@ void set_targets(MoePool& pool, int num_ranks, const std::vector<PushTarget>& ta
     dst[d].recv_topk_weights = reinterpret_cast<float*>(at(3));
     dst[d].capacity = t.capacity;
   }
+}
+
+bool device_records_this_call(const ProcessGroupEP& group, bool push, const DispatchArgs& a) {
+  return push && group.config().moe_device_records && (a.handle_meta.has_value() || a.num_worst_tokens > 0);
+}
+
+DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTransport& transport, MoePool& pool,
+                                             const DispatchArgs& a, const at::Tensor& meta, bool given,
+                                             cudaStream_t stream, int num_blocks, const kernels::Handshake& handshake) {
+  using namespace kernels;
+  const char* op = "dispatch";
+  const int R = transport.size(), rank = transport.rank();
+  const bool cached = a.handle_meta.has_value();
+  const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts, K = cached ? 0 : a.topk_idx->size(1);
+  const int64_t call_id = int64_t(group.next_dispatch_id());
+  // The rows this rank's outputs hold. Along the handle of a num_worst_tokens dispatch, its recv
+  // counts are -1 (only the device knew them): its num_worst_tokens, whatever this call passed.
+  int64_t capacity = a.num_worst_tokens;
+  if (capacity <= 0 && cached && a.handle_counts->num_worst_tokens > 0) capacity = a.handle_counts->num_worst_tokens;
+  if (capacity <= 0) {
+    capacity = 0;
+    for (int64_t n : a.handle_counts->recv) capacity += n;
+  }
+  DispatchOutputs o;
+  PushTarget target{{-1, -1, -1, -1}, -1};
+  std::string refusal;
+  const bool allocated = allocate_from_pool(pool, rank, a, capacity, o, target, &refusal);
+
+  DispatchRecordsParams p{};
+  p.num_ranks = R;
+  p.rank = rank;
+  p.num_experts = E;
+  p.src = {static_cast<const char*>(a.x.numel() ? a.x.data_ptr() : nullptr),
+           a.x_scales && a.x_scales->numel() ? a.x_scales->data_ptr<float>() : nullptr,
+           cached || !a.topk_idx->numel() ? nullptr : a.topk_idx->data_ptr<int64_t>(),
+           a.topk_weights && a.topk_weights->numel() ? a.topk_weights->data_ptr<float>() : nullptr,
+           meta.data_ptr<int32_t>(), N};
+  int64_t* record = p.record;
+  record[kRecOp] = kMoeRecordDispatch;
+  record[kRecCallId] = call_id;
+  record[kRecHandleId] = cached ? a.handle_counts->call_id : 0;
+  record[kRecNumExperts] = E;
+  record[kRecHidden] = H;
+  record[kRecDtype] = int64_t(a.x.scalar_type());
+  record[kRecNumTopk] = K;
+  record[kRecHasScales] = a.x_scales.has_value();
+  record[kRecHasWeights] = a.topk_weights.has_value();
+  record[kRecPush] = 1;
+  // An overflow an earlier dispatch left (pulling, or a graph replay) refuses this call on every
+  // rank through the records, as reject_if_overflowed does through the host's.
+  const std::string overflow = transport.take_dispatch_overflow();
+  record[kRecStatus] = !overflow.empty() ? kRefusedOverflow : allocated ? kRefusedNone : kRefusedPool;
+  record[kRecStatusValue] = capacity;
+  record[kRecCapacity] = allocated ? capacity : -1;
+  for (int i = 0; i < 4; ++i) record[kRecOffset + i] = allocated ? target.offset[i] : -1;
+  for (int s = 0; s < R; ++s) record[kRecExpect + s] = cached ? a.handle_counts->recv[size_t(s)] : -1;  // -1: none
+  for (int r = 0; r < R; ++r) {
+    p.records[r] = transport.records(r);
+    p.arenas[r] = pool.arena->arena(r);
+    TORCH_CHECK(p.records[r] && p.arenas[r], op, ": rank ", r, "'s records or MoE arena are not mapped here (the "
+                "group is shutting down?)");
+  }
+  p.row_bytes = H * int64_t(a.x.element_size());
+  p.num_scales = a.x_scales ? int(a.x_scales->size(1)) : 0;
+  p.num_topk = int(K);
+  p.num_blocks = num_blocks;
+  p.report = transport.moe_report();
+  p.handshake = handshake;
+  EP_CUDA_CHECK(launch_dispatch_with_records(p, stream));
+  std::vector<int> peers;
+  for (int r = 0; r < R; ++r)
+    if (r != rank) peers.push_back(r);
+  transport.track(op, stream, std::move(peers));
+
+  // Queued: now this rank may raise without leaving a peer waiting for its record.
+  TORCH_CHECK_VALUE(overflow.empty(), overflow, "; no rank moved rows in this dispatch (#", call_id, ")",
+                    allocated ? "" : " (nor could this rank allocate its outputs: " + refusal + ")");
+  TORCH_CHECK_VALUE(allocated, op, " on rank ", rank, ": ", refusal, "; no rank moved rows in this call");
+  raise_device_report(transport, rank, call_id, op);
+
+  o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
+  if (cached) {
+    o.counts = at::empty({0}, at::kLong);
+  } else {  // only the device knows the sizes, as a pulling dispatch with num_worst_tokens
+    HandleCounts c;
+    c.call_id = call_id;
+    c.num_worst_tokens = a.num_worst_tokens;
+    c.send.assign(size_t(R), -1);
+    c.recv.assign(size_t(R), -1);
+    c.per_expert.assign(size_t(E / R), -1);
+    c.sent.assign(size_t(HandleCounts::matrix_size(R)), -1);
+    o.counts = c.to_tensor();
+  }
+  return o;
+}
+
+namespace {
+
+const char* checked_field(int64_t word) {
+  switch (word) {
+    case kernels::kRecNumExperts: return "num_experts";
+    case kernels::kRecHidden: return "the hidden size";
+    case kernels::kRecDtype: return "the dtype of x (as c10::ScalarType)";
+    case kernels::kRecNumTopk: return "the number of top-k slots sent (0 along a handle)";
+    case kernels::kRecHasScales: return "whether fp8 scales are sent";
+    case kernels::kRecHasWeights: return "whether topk_weights are sent";
+    case kernels::kRecPush: return "whether dispatch pushes (Options.moe_push, TORCH_EP_MOE_PUSH)";
+  }
+  return "a record field";
+}
+
+}  // namespace
+
+std::string device_report_message(const std::vector<int64_t>& w, int rank, int64_t current_call, const char* op) {
+  using namespace kernels;
+  if (w.size() < size_t(kMoeReportWords) || w[kMoeReportCode] == kVerdictOk) return "";
+  const int64_t call = w[kMoeReportCallId], who = w[kMoeReportRank], peer = w[kMoeReportPeer];
+  const int64_t value = w[kMoeReportValue], peer_value = w[kMoeReportPeerValue];
+  const std::string when = call == current_call ? "this dispatch (#" + std::to_string(call) + ")"
+                                                : "an earlier dispatch (#" + std::to_string(call) + ")";
+  std::string what;
+  const char* nothing_moved = "; no rank moved rows in that call (its outputs are padding: recv_topk_idx -1)";
+  switch (w[kMoeReportCode]) {
+    case kVerdictRefused:
+      if (w[kMoeReportDetail] == kRefusedPool)
+        what = "rank " + std::to_string(who) + " could not allocate its outputs (" + std::to_string(value) +
+               " rows) in its MoE pool (TORCH_EP_MOE_POOL_BYTES)";
+      else if (w[kMoeReportDetail] == kRefusedOverflow)
+        what = "an earlier dispatch on rank " + std::to_string(who) + " received more rows than num_worst_tokens "
+               "(that rank raises it)";
+      else
+        what = "rank " + std::to_string(who) + "'s topk_idx holds expert ids outside [-1, num_experts): the "
+               "smallest is " + std::to_string(value) + ", the largest " + std::to_string(peer_value);
+      what += nothing_moved;
+      break;
+    case kVerdictOutOfStep:
+      what = "rank " + std::to_string(who) + " was at its dispatch #" + std::to_string(value) + " but rank " +
+             std::to_string(peer) + " at #" + std::to_string(peer_value) + "; the ranks' calls are out of step" +
+             nothing_moved;
+      break;
+    case kVerdictMismatch:
+      what = std::string("the ranks disagree on ") + checked_field(w[kMoeReportDetail]) + ": rank " +
+             std::to_string(peer) + " has " + std::to_string(peer_value) + ", rank " + std::to_string(who) + " has " +
+             std::to_string(value) + "; every rank of the group must make the same call" + nothing_moved;
+      break;
+    case kVerdictHandle:
+      what = w[kMoeReportDetail] == 0
+                 ? "rank " + std::to_string(who) + " dispatched along the handle of dispatch #" + std::to_string(value) +
+                       " but rank " + std::to_string(peer) + " along that of #" + std::to_string(peer_value)
+                 : "rank " + std::to_string(who) + "'s handle expects " + std::to_string(value) + " rows from rank " +
+                       std::to_string(peer) + ", which sends " + std::to_string(peer_value);
+      what += std::string("; every rank must pass the handle of the same dispatch") + nothing_moved;
+      break;
+    case kVerdictOverflow:
+      what = "rank " + std::to_string(who) + " received " + std::to_string(value) + " rows but its outputs hold " +
+             std::to_string(peer_value) + " (num_worst_tokens); the rows past them were dropped (raise num_worst_tokens)";
+      break;
+    default:
+      what = "the device reported problem " + std::to_string(w[kMoeReportCode]);
+  }
+  std::string later;
+  if (w[kMoeReportLater] > 0)
+    later = "; " + std::to_string(w[kMoeReportLater]) + " later dispatch" + (w[kMoeReportLater] > 1 ? "es" : "") +
+            " also went wrong before this was raised (the last #" + std::to_string(w[kMoeReportLaterCallId]) +
+            "; only this first problem is described)";
+  return std::string(op) + " on rank " + std::to_string(rank) + ": found by the device during " + when +
+         ", which does not wait for it: " + what + later;
+}
+
+void raise_device_report(CudaTransport& transport, int rank, int64_t current_call, const char* op) {
+  const std::vector<int64_t> words = transport.take_moe_report();
+  const std::string why = device_report_message(words, rank, current_call, op);
+  if (why.empty()) return;
+  const int64_t code = words[kernels::kMoeReportCode];
+  TORCH_CHECK_VALUE(code != kernels::kVerdictRefused && code != kernels::kVerdictOverflow, why);
+  TORCH_CHECK(false, why);
 }
 
 }  // namespace ep::moe

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <cuda_runtime.h>
 
 #include <string>
 #include <vector>
@@ -42,5 +43,29 @@ std::vector<PushTarget> exchange_targets(CudaTransport& transport, const PushTar
 // Every receiver's outputs as mapped here, from its target and the arenas this rank maps.
 void set_targets(MoePool& pool, int num_ranks, const std::vector<PushTarget>& targets,
                  kernels::DispatchTarget* dst);
+
+// ---- device records (Options.moe_device_records; kernels/moe_records.cuh)
+// Whether a pushing call exchanges its records through the device: the option is on and the host
+// need not wait for sizes (a handle, or num_worst_tokens). Every rank decides alike where the
+// ranks make the same call (one with a handle or num_worst_tokens where a peer has neither is out
+// of step: the host exchange and the device records then wait for each other until the timeout).
+bool device_records_this_call(const ProcessGroupEP& group, bool push, const DispatchArgs& a);
+
+// A pushing dispatch with no host exchange: the outputs from the pool, this rank's record in the
+// parameters, the notify and push kernels, tracking. `handshake` is the done half (no ready flags:
+// the records are the ready half). The input checks ran before. After the launch it raises (the
+// call is queued, so no peer waits for this rank in vain): this rank's pool refusal, or what an
+// earlier call's kernels reported (raise_device_report).
+DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTransport& transport, MoePool& pool,
+                                             const DispatchArgs& a, const at::Tensor& meta, bool given,
+                                             cudaStream_t stream, int num_blocks, const kernels::Handshake& handshake);
+
+// What a notify kernel reported (CudaTransport::take_moe_report's words) as the error to raise on
+// `rank`; "" when it reported nothing. `current_call`: the call that raises it (-1: none, as in
+// check_errors), to say whether the report is this call's or an earlier one's.
+std::string device_report_message(const std::vector<int64_t>& words, int rank, int64_t current_call, const char* op);
+// Takes the transport's report and raises it (ValueError for a refusal or an overflow,
+// RuntimeError for ranks that disagree); nothing when there is none.
+void raise_device_report(CudaTransport& transport, int rank, int64_t current_call, const char* op);
 
 }  // namespace ep::moe

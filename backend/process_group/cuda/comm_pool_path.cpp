@@ -16,6 +16,7 @@
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/process_group/cuda/moe_pool.hpp"
 #include "backend/transport/cuda/comm_pool.hpp"
+#include "backend/transport/cuda/cuda_transport.hpp"  // moe_exchanges
 
 namespace ep {
 
@@ -147,6 +148,11 @@ std::vector<int64_t> ProcessGroupEP::moe_pool_stats() {
 int64_t ProcessGroupEP::moe_pool_offset(int64_t ptr, int64_t bytes) {
   std::shared_ptr<MoePool> pool = moe_pool_if_any();
   return pool ? pool->arena->offset_of(reinterpret_cast<const void*>(ptr), size_t(bytes)) : -1;
+}
+
+int64_t ProcessGroupEP::moe_exchanges() {
+  std::lock_guard<std::mutex> lock(cuda_mutex_);
+  return moe_transport_ ? int64_t(moe_transport_->exchanges()) : 0;
 }
 
 void ProcessGroupEP::close_comm_pool() {

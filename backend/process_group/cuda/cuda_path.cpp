@@ -7,7 +7,9 @@
 
 #include "backend/common/phases.hpp"
 #include "backend/kernels/all_to_all.cuh"  // kMaxRanksPerNode
+#include "backend/kernels/moe_records.cuh"  // MoeRecordsLayout
 #include "backend/ops/all_to_all_v.hpp"
+#include "backend/ops/cuda/moe_push.hpp"  // raise_device_report
 #include "backend/process_group/cuda/cuda_work.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/process_group/work.hpp"
@@ -48,6 +50,7 @@ void ProcessGroupEP::check_errors() {
   if (moe) {
     const std::string overflow = moe->take_dispatch_overflow();
     TORCH_CHECK_VALUE(overflow.empty(), overflow);
+    moe::raise_device_report(*moe, getRank(), -1, "check_errors");
   }
   if (a2av) check_all_to_all_v_reports(*a2av, getRank(), "all_to_all_v");
 }
@@ -112,6 +115,10 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& d
       cc.num_sms = config_.num_sms;
       cc.timeout = config_.timeout;
       cc.control_slot_bytes = 16 << 10;  // a dispatch record in one chunk
+      if (config_.moe_push && config_.moe_device_records) {
+        cc.records_bytes = kernels::MoeRecordsLayout::kBytes;
+        cc.records_flag_bytes = kernels::MoeRecordsLayout::kFlagsBytes;
+      }
       transport = std::make_shared<CudaTransport>(rendezvous_, cc, "ep/cuda/moe");
       refuse_calls_when_failed(*transport);
     } catch (const std::exception& e) {
@@ -132,15 +139,21 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& d
 void ProcessGroupEP::agree_on_moe_push(const char* op_name) {
   std::vector<std::vector<uint8_t>> all;
   try {
-    all = rendezvous_.all_gather("ep/cuda/moe/push", {uint8_t(config_.moe_push ? 1 : 0)});
+    all = rendezvous_.all_gather("ep/cuda/moe/push", {uint8_t(config_.moe_push ? 1 : 0),
+                                                      uint8_t(config_.moe_device_records ? 1 : 0)});
   } catch (const std::exception& e) {
     C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's CUDA transport for "
                                           "dispatch/combine failed: " + e.what());
   }
-  for (int r = 0; r < int(all.size()); ++r)
-    TORCH_CHECK_VALUE(all[r] == all[0], op_name, ": the ranks disagree on whether dispatch pushes "
+  for (int r = 0; r < int(all.size()); ++r) {
+    TORCH_CHECK_VALUE(all[r].at(0) == all[0].at(0), op_name, ": the ranks disagree on whether dispatch pushes "
                       "(Options.moe_push, TORCH_EP_MOE_PUSH): rank 0 has ", int(all[0].at(0)), ", rank ", r,
                       " has ", int(all[r].at(0)), "; set it alike on every rank of the group");
+    TORCH_CHECK_VALUE(all[r].at(1) == all[0].at(1), op_name, ": the ranks disagree on whether dispatch exchanges "
+                      "its records through the device (Options.moe_device_records, TORCH_EP_MOE_DEVICE_RECORDS): "
+                      "rank 0 has ", int(all[0].at(1)), ", rank ", r, " has ", int(all[r].at(1)),
+                      "; set it alike on every rank of the group");
+  }
 }
 
 std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Device& device, const char* op_name,

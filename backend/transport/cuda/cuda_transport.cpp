@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "backend/kernels/all_to_all.cuh"
+#include "backend/kernels/moe_records.cuh"  // kMoeReportWords
 #include "backend/transport/cuda/cuda_check.hpp"
 #include "backend/transport/cuda/event_pool.hpp"
 
@@ -15,7 +16,7 @@ namespace {
 // Block layout: flags, then the staging regions.
 //   [full: size x 2][empty: size x 2][ready: size][done: size] (uint32) ...
 //   [push counts at kPushCountsOffset: kMaxRanksPerNode rows of kPushCountsStride int32] ... [grid counter]
-//   [regions at kDataOffset]
+//   [regions at kDataOffset] [records region, where CudaTransportConfig::records_bytes asks for one]
 // Region `src` (2 slots of chunk_bytes) starts at kDataOffset + src * 2 * chunk_bytes.
 constexpr size_t kDataOffset = 64 << 10;
 constexpr int kSlots = 2;
@@ -95,7 +96,8 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
       size_(rdv.size()),
       timeout_(config.timeout),
       num_sms_(config.num_sms),
-      buffers_(rdv, config.device, kDataOffset + chunk_bytes_for(config.buffer_bytes, rdv.size()) * rdv.size() * kSlots,
+      buffers_(rdv, config.device,
+               kDataOffset + chunk_bytes_for(config.buffer_bytes, rdv.size()) * rdv.size() * kSlots + config.records_bytes,
                tag + "/buffers"),
       chunk_bytes_(chunk_bytes_for(config.buffer_bytes, rdv.size())),
       control_(rdv, control_config(config.timeout, config.control_slot_bytes), tag + "/control"),
@@ -109,6 +111,17 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   EP_CUDA_CHECK(cudaMemcpy(buffers_.block(rank_), flags.data(), flags.size() * sizeof(uint32_t),
                            cudaMemcpyHostToDevice));
   EP_CUDA_CHECK(cudaMemset(grid_counter(), 0, sizeof(uint32_t)));
+  if (config.records_bytes) {  // every slot free (flags 0), no plan
+    records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;
+    records_flag_bytes_ = config.records_flag_bytes;
+    // Zeroed before any peer writes a flag in it: the cudaDeviceSynchronize below, before the
+    // barrier, covers this memset too.
+    EP_CUDA_CHECK(cudaMemset(buffers_.block(rank_) + records_offset_, 0, config.records_bytes));
+    EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&moe_report_host_),
+                                kernels::kMoeReportWords * sizeof(int64_t), cudaHostAllocMapped));
+    std::memset(moe_report_host_, 0, kernels::kMoeReportWords * sizeof(int64_t));
+    EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&moe_report_device_), moe_report_host_, 0));
+  }
   EP_CUDA_CHECK(cudaStreamCreateWithFlags(&watchdog_stream_, cudaStreamNonBlocking));
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&kernel_error_host_), sizeof(int), cudaHostAllocMapped));
   *kernel_error_host_ = 0;
@@ -139,6 +152,38 @@ CudaTransport::~CudaTransport() {
   }
   if (kernel_error_host_) cudaFreeHost(kernel_error_host_);
   if (overflow_host_) cudaFreeHost(overflow_host_);
+  if (moe_report_host_) cudaFreeHost(moe_report_host_);
+}
+
+std::string CudaTransport::device_records_hint(const std::string& op) const {
+  if (!records_offset_ || op.rfind("dispatch", 0) != 0) return "";
+  return " (with device records, TORCH_EP_MOE_DEVICE_RECORDS, a likely cause: the ranks disagree on giving a "
+         "handle or num_worst_tokens in this call, so one waits for a device record and another in the host "
+         "exchange)";
+}
+
+char* CudaTransport::records(int owner) const {
+  return records_offset_ ? buffers_.block(owner) + records_offset_ : nullptr;
+}
+
+std::vector<int64_t> CudaTransport::take_moe_report() {
+  using namespace kernels;
+  volatile int64_t* r = moe_report_host_;
+  std::vector<int64_t> words(kMoeReportWords, 0);
+  if (!r) return words;
+  // Under the lock, so that two threads cannot both take (and raise) one report. While word 0 is
+  // set the device writes only the later-problems words, so the others read whole.
+  std::lock_guard<std::mutex> lock(moe_report_mutex_);
+  if (r[kMoeReportCode] == 0) return words;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  for (int w = 0; w < kMoeReportWords; ++w) words[size_t(w)] = r[w];
+  // The count of later problems back to 0 with what it held at that moment (a notify kernel may
+  // add to it meanwhile: the device's atomicAdd against the host's exchange).
+  words[kMoeReportLater] = __atomic_exchange_n(const_cast<int64_t*>(&r[kMoeReportLater]), int64_t(0), __ATOMIC_SEQ_CST);
+  words[kMoeReportLaterCallId] = r[kMoeReportLaterCallId];
+  std::atomic_thread_fence(std::memory_order_release);
+  r[kMoeReportCode] = 0;  // the next report may be written
+  return words;
 }
 
 std::string CudaTransport::take_dispatch_overflow() {
@@ -196,7 +241,8 @@ void CudaTransport::check_healthy(const char* op_name) {
       kernel_error = (last_op_.empty() ? std::string(op_name) : last_op_) + ": timed out on rank " +
                      name(rank_) + " after " + std::to_string(timeout_.count()) +
                      " ms waiting for peer rank " + name(waited_for - 1) +
-                     " (in the device kernel): a peer never arrived or stalled";
+                     " (in the device kernel): a peer never arrived or stalled" +
+                     device_records_hint(last_op_.empty() ? std::string(op_name) : last_op_);
     error = error_;
   }
   if (!kernel_error.empty()) {
@@ -209,6 +255,7 @@ void CudaTransport::check_healthy(const char* op_name) {
 }
 
 void CudaTransport::exchange(const void* mine, void* theirs, size_t record_bytes, const char* op_name) {
+  exchanges_.fetch_add(1, std::memory_order_relaxed);
   std::vector<SendBuffer> sends(size_);
   std::vector<RecvBuffer> recvs(size_);
   for (int p = 0; p < size_; ++p) {
@@ -431,6 +478,9 @@ void CudaTransport::release_waits() {
   // Non-zero bytes in every flag of ours: each GEQ-1 wait on this rank passes.
   cudaMemsetAsync(buffers_.block(rank_), 0x01, size_t(size_) * (kSlots * 2 + 2) * sizeof(uint32_t),
                   watchdog_stream_);
+  // And the records' flags: a notify waiting for a record finds a value no peer stores, and moves nothing.
+  if (records_flag_bytes_)
+    cudaMemsetAsync(buffers_.block(rank_) + records_offset_, 0x01, records_flag_bytes_, watchdog_stream_);
 }
 
 void CudaTransport::watch() {
@@ -464,7 +514,8 @@ void CudaTransport::watch() {
           for (int p : op.peers) peers += (peers.empty() ? "" : ", ") + name(p);
           error = op.op + ": timed out on rank " + name(rank_) + " after " +
                   std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()) +
-                  " ms waiting for peer rank(s) " + peers + ": a peer never arrived or stalled";
+                  " ms waiting for peer rank(s) " + peers + ": a peer never arrived or stalled" +
+                  device_records_hint(op.op);
         }
         stalled = true;
         break;
@@ -475,7 +526,7 @@ void CudaTransport::watch() {
       else if (waited_for)  // a kernel's bounded wait expired and it gave up
         error = op.op + ": timed out on rank " + name(rank_) + " after " +
                 std::to_string(timeout_.count()) + " ms waiting for peer rank " + name(waited_for - 1) +
-                " (in the device kernel): a peer never arrived or stalled";
+                " (in the device kernel): a peer never arrived or stalled" + device_records_hint(op.op);
       watched.pop_front();  // its event goes back to the pool with the mark's last holder
     }
 

@@ -52,6 +52,11 @@ struct CudaTransportConfig {
   size_t buffer_bytes = 64 << 20;  // this rank's registered receive block
   int num_sms = 0;                 // SM budget of the transport's kernels; 0 = one block per peer
   size_t control_slot_bytes = 256;  // chunk of the per-call control exchange over shared memory
+  // A region past the staging regions for the MoE device records (kernels/moe_records.cuh,
+  // MoeRecordsLayout::kBytes); 0: none. Its first `records_flag_bytes` are flags that the release
+  // of stuck waits sets too.
+  size_t records_bytes = 0;
+  size_t records_flag_bytes = 0;
   std::chrono::milliseconds timeout{std::chrono::minutes(30)};
 };
 
@@ -87,6 +92,8 @@ class CudaTransport {
   // Sends mine[p] (record_bytes each) to every rank p and returns what each sent us, over shared
   // memory; raises on timeouts like all_to_all.
   void exchange(const void* mine, void* theirs, size_t record_bytes, const char* op_name);
+  // How many exchanges this rank made (for tests: a call with device records makes none).
+  uint64_t exchanges() const { return exchanges_.load(std::memory_order_relaxed); }
   // Exports the allocation holding `ptr` (handle + offset); false when it cannot be exported.
   bool export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset);
   // Maps a peer's exported allocation once; later calls reuse the mapping.
@@ -101,6 +108,13 @@ class CudaTransport {
   // done on it, and the last one resets it.
   uint32_t* grid_counter() const;
   int* kernel_error() const { return kernel_error_device_; }
+  // `owner`'s records region (CudaTransportConfig::records_bytes) as mapped here; null without one.
+  char* records(int owner) const;
+  // Where MoE notify kernels report what they found (kernels::kMoeReportWords int64, host-mapped;
+  // device pointer; null without a records region), and the report taken (word 0 is 0 when there
+  // is none), cleared: one caller takes each report, whatever the threads.
+  int64_t* moe_report() const { return moe_report_device_; }
+  std::vector<int64_t> take_moe_report();
   // Where dispatch kernels report receiving more rows than num_worst_tokens (device pointer).
   kernels::DispatchOverflow* dispatch_overflow() const { return overflow_device_; }
   // The overflow a finished dispatch kernel reported, as the error to raise, and clears it; ""
@@ -135,6 +149,8 @@ class CudaTransport {
   // Records the first error and tells the listener (called without mutex_ held).
   void fail(const std::string& why);
   void release_waits();  // makes every wait on this rank's flags pass
+  // What a dispatch's timeout adds where device records are on: the likely cause.
+  std::string device_records_hint(const std::string& op) const;
 
   int rank_;
   int size_;
@@ -160,6 +176,12 @@ class CudaTransport {
   int* kernel_error_device_ = nullptr;
   kernels::DispatchOverflow* overflow_host_ = nullptr;  // pinned, mapped
   kernels::DispatchOverflow* overflow_device_ = nullptr;
+  std::atomic<uint64_t> exchanges_{0};
+  size_t records_offset_ = 0;  // of the records region in every block; 0: none
+  size_t records_flag_bytes_ = 0;
+  int64_t* moe_report_host_ = nullptr;  // pinned, mapped
+  int64_t* moe_report_device_ = nullptr;
+  std::mutex moe_report_mutex_;  // take_moe_report's read-and-clear
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;

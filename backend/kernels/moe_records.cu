@@ -1,0 +1,233 @@
+// A pushing dispatch with device records (moe_records.cuh): the notify kernel (one block of
+// kMaxRanksPerNode threads, thread t the slot of rank t) publishes this rank's record, gathers
+// every rank's, evaluates the verdict and writes this rank's plan; then the push kernel moves
+// this rank's rows as moe_push.cu does (a warp per row, copy_row_to), with the receivers' outputs
+// and row offsets from the plan instead of the handshake's counts.
+#include "backend/kernels/moe_device.cuh"
+#include "backend/kernels/moe_records.cuh"
+#include "backend/kernels/sync.cuh"
+
+namespace ep::kernels {
+namespace {
+
+using L = MoeRecordsLayout;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPushDepth = 16;  // as moe_push.cu
+
+__device__ __forceinline__ uint32_t* flag_in(char* region, int src) {
+  return reinterpret_cast<uint32_t*>(region + L::full_flag(src));
+}
+__device__ __forceinline__ int64_t* plan_of(const DispatchRecordsParams& p) {
+  return reinterpret_cast<int64_t*>(p.records[p.rank] + L::kPlanOffset);
+}
+
+// Waits until *flag is 0 (a free slot); false after the deadline.
+__device__ __forceinline__ bool wait_free(const uint32_t* flag, uint64_t deadline) {
+  while (load_acquire(flag) != 0) {
+    if (now_ns() > deadline) return false;
+    __nanosleep(100);
+  }
+  return true;
+}
+
+// Waits until *flag != 0 and returns it (0 after the deadline).
+__device__ __forceinline__ uint32_t wait_nonzero(const uint32_t* flag, uint64_t deadline) {
+  uint32_t word;
+  while ((word = load_acquire(flag)) == 0) {
+    if (now_ns() > deadline) return 0;
+    __nanosleep(100);
+  }
+  return word;
+}
+
+__global__ void __launch_bounds__(kMaxRanksPerNode) dispatch_notify_kernel(DispatchRecordsParams p) {
+  const int t = threadIdx.x, R = p.num_ranks, me = p.rank;
+  __shared__ int64_t records[kMaxRanksPerNode][kMoeRecordWords];
+  __shared__ int missing;  // 1 + a rank whose record did not come (a timeout, or released waits)
+  if (t == 0) missing = 0;
+  const uint64_t deadline = now_ns() + p.handshake.timeout_ns;
+  const int32_t* sends = p.src.meta + MetaLayout::tokens_per_rank();
+  // Expert ids out of range refuse the call here, where the host has not seen them.
+  int64_t status = p.record[kRecStatus], value = p.record[kRecStatusValue], value2 = p.record[kRecStatusValue2];
+  if (status == kRefusedNone && p.src.topk_idx) {
+    const MetaLayout l{R, p.num_experts, p.src.num_tokens};
+    const int64_t lo = p.src.meta[l.id_range()], hi = p.src.meta[l.id_range() + 1];
+    if (lo < -1 || hi >= p.num_experts) status = kRefusedExpertIds, value = lo, value2 = hi;
+  }
+  __syncthreads();
+
+  // 1. This rank's record into rank t's slot for it, once t has read the one before.
+  if (t < R) {
+    uint32_t* flag = flag_in(p.records[t], me);
+    if (!wait_free(flag, deadline)) {
+      atomicExch(p.handshake.error, 1 + t);
+      atomicCAS(&missing, 0, 1 + t);
+    } else {
+      volatile int64_t* record = reinterpret_cast<volatile int64_t*>(p.records[t] + L::record(me));
+      for (int w = 0; w < kRecSend; ++w) record[w] = p.record[w];
+      record[kRecStatus] = status;
+      record[kRecStatusValue] = value;
+      record[kRecStatusValue2] = value2;
+      for (int d = 0; d < R; ++d) {
+        record[kRecSend + d] = sends[d];
+        record[kRecExpect + d] = p.record[kRecExpect + d];
+      }
+      __threadfence_system();
+      store_release(flag, 1);
+    }
+  }
+  // 2. Rank t's record from this rank's slot for it; then the slot is free again.
+  if (t < R) {
+    uint32_t* flag = flag_in(p.records[me], t);
+    const uint32_t word = wait_nonzero(flag, deadline);
+    if (word != 1) {  // 0: timed out; else a value the transport's release wrote
+      if (word == 0) atomicExch(p.handshake.error, 1 + t);
+      atomicCAS(&missing, 0, 1 + t);
+    } else {
+      const volatile int64_t* record = reinterpret_cast<const volatile int64_t*>(p.records[me] + L::record(t));
+      for (int w = 0; w < kRecSend; ++w) records[t][w] = record[w];
+      for (int d = 0; d < R; ++d) {
+        records[t][kRecSend + d] = record[kRecSend + d];
+        records[t][kRecExpect + d] = record[kRecExpect + d];
+      }
+      store_release(flag, 0);
+    }
+  }
+  __syncthreads();
+
+  // 3. The verdict, the same on every rank that got every record, and this rank's plan.
+  int64_t* plan = plan_of(p);
+  if (t < R) {
+    int64_t first_row = 0;  // this rank's rows for t come after those of the ranks before it
+    for (int s = 0; s < me; ++s) first_row += missing ? 0 : records[s][kRecSend + t];
+    plan[kPlanFirstRow + t] = first_row;
+    // This rank's own capacity and outputs whatever came: its padding covers them even after a
+    // timeout (offsets of -1 would leave its rows unwritten).
+    plan[kPlanCapacity + t] = t == me ? p.record[kRecCapacity] : missing ? 0 : records[t][kRecCapacity];
+    for (int i = 0; i < 4; ++i)
+      plan[kPlanOffset + 4 * t + i] = t == me ? p.record[kRecOffset + i] : missing ? -1 : records[t][kRecOffset + i];
+  }
+  if (t == 0) {
+    MoeVerdict v{kVerdictTimedOut, 0, me, missing - 1, 0, 0};
+    if (!missing) v = moe_verdict(records, R);
+    int64_t received = 0;
+    for (int s = 0; s < R && !missing; ++s) received += records[s][kRecSend + me];
+    plan[kPlanMoves] = v.moves() ? 1 : 0;
+    plan[kPlanReceived] = received;
+    // Reported on every rank, but for a timeout (the transport's error word says it) and on a rank
+    // whose host refused (its pool, an earlier overflow): that host raises its own reason at the call.
+    const bool own_refusal = v.code == kVerdictRefused && p.record[kRecStatus] != kRefusedNone;
+    volatile int64_t* report = p.report;
+    const bool reported = v.code != kVerdictOk && v.code != kVerdictTimedOut && !own_refusal;
+    if (reported && report[kMoeReportCode] != 0) {  // the host has not taken the last one: counted
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.report + kMoeReportLater), 1ull);
+      report[kMoeReportLaterCallId] = p.record[kRecCallId];
+      __threadfence_system();
+    } else if (reported) {
+      report[kMoeReportDetail] = v.detail;
+      report[kMoeReportRank] = v.rank;
+      report[kMoeReportPeer] = v.peer;
+      report[kMoeReportValue] = v.value;
+      report[kMoeReportPeerValue] = v.peer_value;
+      report[kMoeReportCallId] = p.record[kRecCallId];
+      __threadfence_system();
+      report[kMoeReportCode] = v.code;
+    }
+  }
+}
+
+// Item i of this rank's send list: its receiver (into `d`) and the token it sends.
+__device__ __forceinline__ int64_t item_token(const DispatchRecordsParams& p, const int64_t* first_item, int64_t i,
+                                              int& d) {
+  d = 0;
+  while (i >= first_item[d + 1]) ++d;
+  const MetaLayout mine{p.num_ranks, p.num_experts, p.src.num_tokens};
+  return p.src.meta[mine.send_tokens() + d * p.src.num_tokens + (i - first_item[d])];
+}
+
+template <typename V, int kDepth>
+__global__ void __launch_bounds__(kThreads) dispatch_planned_kernel(DispatchRecordsParams p) {
+  __shared__ int64_t first_item[kMaxRanksPerNode + 1];  // where this rank's rows to rank d start in its send list
+  __shared__ int64_t first_row_on[kMaxRanksPerNode];    // where they start among rank d's received rows
+  __shared__ RowOutputs outputs[kMaxRanksPerNode];      // rank d's outputs as mapped here
+  __shared__ int64_t capacity[kMaxRanksPerNode];
+  const int R = p.num_ranks, me = p.rank;
+  const int lane = threadIdx.x & 31;
+  const int64_t* plan = plan_of(p);  // written by the notify kernel before this one
+  const bool moves = plan[kPlanMoves] != 0;
+
+  if (threadIdx.x < 32) {  // lane d: R <= kMaxRanksPerNode = 32
+    const int d = lane;
+    int64_t sends = 0;
+    if (d < R) {
+      sends = moves ? p.src.meta[MetaLayout::tokens_per_rank() + d] : 0;
+      first_row_on[d] = plan[kPlanFirstRow + d];
+      capacity[d] = plan[kPlanCapacity + d];
+      const int64_t* offset = plan + kPlanOffset + 4 * d;
+      auto at = [&](int i) { return offset[i] < 0 ? nullptr : p.arenas[d] + offset[i]; };
+      outputs[d] = {at(0), reinterpret_cast<float*>(at(1)), reinterpret_cast<int64_t*>(at(2)),
+                    reinterpret_cast<float*>(at(3))};
+    }
+    for (int offset = 1; offset < 32; offset <<= 1) {  // inclusive scan of sends
+      const int64_t below = __shfl_up_sync(0xffffffffu, sends, offset);
+      if (d >= offset) sends += below;
+    }
+    if (d < R) first_item[d + 1] = sends;
+    if (d == 0) first_item[0] = 0;
+  }
+  __syncthreads();
+  const int64_t items = first_item[R];
+  const int64_t per_rank = p.num_experts / R;
+
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  const int64_t first_warp_item = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  int64_t i = first_warp_item;
+  int d = 0;
+  int64_t t = i < items ? item_token(p, first_item, i, d) : 0;
+#pragma unroll 1
+  for (; i < items; i += warps) {
+    int next_d = 0;  // the next item's token, on its way while this row copies
+    const int64_t next_t = i + warps < items ? item_token(p, first_item, i + warps, next_d) : 0;
+    const int64_t row = first_row_on[d] + (i - first_item[d]);
+    if (row < capacity[d])  // else past the receiver's capacity: dropped, as every rank reports
+      copy_row_to<V, kDepth>(p.src, t, outputs[d], row, p.row_bytes, p.num_scales, p.num_topk, d * per_rank,
+                             (d + 1) * per_rank, lane);
+    d = next_d;
+    t = next_t;
+  }
+  // Padding of this rank's outputs: every row when nothing moves, else those past the rows
+  // received. No sender writes these rows.
+  const RowOutputs& here = outputs[me];
+  const int64_t K = p.num_topk, received = moves ? plan[kPlanReceived] : 0;
+#pragma unroll 1
+  for (int64_t row = (received < capacity[me] ? received : capacity[me]) + first_warp_item; row < capacity[me];
+       row += warps) {
+    for (int64_t k = lane; k < K; k += 32) {
+      if (here.topk_idx) here.topk_idx[row * K + k] = -1;
+      if (here.topk_weights) here.topk_weights[row * K + k] = 0.f;
+    }
+  }
+  handshake_end</*kPushed=*/true>(p.handshake, R);
+}
+
+}  // namespace
+
+cudaError_t launch_dispatch_with_records(const DispatchRecordsParams& p, cudaStream_t stream) {
+  if (p.num_ranks < 1 || p.num_ranks > kMaxRanksPerNode || p.num_blocks < 1) return cudaErrorInvalidValue;
+  dispatch_notify_kernel<<<1, kMaxRanksPerNode, 0, stream>>>(p);
+  const cudaError_t notified = cudaGetLastError();
+  if (notified != cudaSuccess) return notified;
+  // The widest access that the row size and this rank's x allow: the receivers' recv_x come from
+  // the MoE pool's allocator, whose blocks are 512-byte aligned, and start their rows at multiples
+  // of the row size.
+  int vec = 16;
+  while (vec > 1 && (p.row_bytes % vec != 0 || (p.src.x && !aligned(p.src.x, vec)))) vec /= 2;
+  const int64_t rows = p.src.num_tokens * p.num_ranks, own = p.record[kRecCapacity];
+  const int grid = grid_for_warps(p.num_blocks, rows > own ? rows : own);
+  with_access_type(vec, [&](auto v) {
+    dispatch_planned_kernel<decltype(v), kPushDepth><<<grid, kThreads, 0, stream>>>(p);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace ep::kernels

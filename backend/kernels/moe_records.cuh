@@ -1,0 +1,179 @@
+// Device records of a pushing dispatch that no host waits for (Options.moe_device_records: a
+// dispatch along a handle, or with num_worst_tokens, under Options.moe_push). No record goes
+// through the host: each rank's notify kernel (one block) publishes its record into a slot of
+// every peer's MoE transport block, reads every peer's record from its own, and evaluates
+// moe_verdict on the same R records as every other rank, so every rank reaches the same verdict
+// and the group stays in step without a host rendezvous. The push kernel that follows on the
+// stream reads this rank's plan (where its rows go, whether anything moves) from its block.
+//
+// Slots (all_to_all_v's plan protocol, all_to_all_v.cuh): per source, a flag in the owner's block,
+// 0 "slot free", 1 "the source's record is here". The source waits for 0, writes, raises 1; the
+// owner waits for 1, copies the record, writes 0. Flags go back to 0 after every call, so
+// back-to-back calls need no sequence numbers. A record published means "my stream reached this
+// call, my outputs may be written": the ready half of the pull's handshake.
+//
+// Host and device: the layout, the record's words, the verdict (a pure function, compiled with
+// g++ by tests/test_build.py) and the launchers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "backend/kernels/moe.cuh"
+#include "backend/kernels/moe_meta.hpp"  // EP_HOST_DEVICE
+
+namespace ep::kernels {
+
+// ---- a record: int64 words
+enum MoeRecordWord : int {
+  kRecOp = 0,         // kMoeRecordDispatch
+  kRecCallId,         // the group's dispatch count: ranks at other counts are out of step
+  kRecHandleId,       // a dispatch along a handle: the dispatch that made it; else 0
+  kRecNumExperts,     // the checks every rank's call must share, from here to kRecPush
+  kRecHidden,
+  kRecDtype,          // c10::ScalarType of x
+  kRecNumTopk,        // 0 when topk_idx is not sent (a handle)
+  kRecHasScales,
+  kRecHasWeights,
+  kRecPush,           // 1: this rank pushes (every rank that publishes a record does)
+  kRecStatus,         // 0, or MoeRefusal: this rank cannot take part (kRecStatusValue, kRecStatusValue2)
+  kRecStatusValue,
+  kRecStatusValue2,
+  kRecCapacity,       // rows this rank's outputs hold (num_worst_tokens, or the handle's received rows)
+  kRecOffset,         // [4] where they lie in its MoE arena: recv_x, recv_x_scales, recv_topk_idx,
+                      // recv_topk_weights; -1: none
+  kRecSend = kRecOffset + 4,             // [kMaxRanksPerNode] rows this rank sends each rank (its row of
+                                         // the send matrix, from its routing table on the device)
+  kRecExpect = kRecSend + kMaxRanksPerNode,  // [kMaxRanksPerNode] rows its handle expects from each
+                                             // rank; -1: no expectation (num_worst_tokens)
+  kMoeRecordWords = kRecExpect + kMaxRanksPerNode,
+};
+constexpr int64_t kMoeRecordDispatch = 0x45504452;  // "EPDR"
+constexpr int kFirstCheckedWord = kRecNumExperts, kLastCheckedWord = kRecPush;
+
+// Why a rank cannot take part (kRecStatus): it still publishes its record, so no peer waits in vain.
+enum MoeRefusal : int64_t {
+  kRefusedNone = 0,
+  kRefusedPool = 1,       // its MoE pool could not hold its outputs: value = their rows
+  kRefusedExpertIds = 2,  // its topk_idx holds ids outside [-1, num_experts): value = the smallest, value2 the largest
+  kRefusedOverflow = 3,   // an earlier dispatch of its (pulling, or a graph replay) overflowed num_worst_tokens and
+                          // was not raised yet: its host raises that at this call, as the host records' path does
+};
+
+// ---- the verdict every rank reaches on the same records (first problem found, in this order)
+enum MoeVerdictCode : int64_t {
+  kVerdictOk = 0,
+  kVerdictRefused = 1,    // `rank` refused (detail = MoeRefusal; value, peer_value its status values)
+  kVerdictOutOfStep = 2,  // `rank` is at dispatch #value, rank 0 (`peer`) at #peer_value
+  kVerdictMismatch = 3,   // record word `detail` differs: `rank` has value, rank 0 (`peer`) peer_value
+  kVerdictHandle = 4,     // detail 0: `rank` dispatches along the handle of #value, rank 0 along #peer_value;
+                          // detail 1: receiver `rank` expects value rows from `peer`, which sends peer_value
+  kVerdictOverflow = 5,   // receiver `rank` gets value rows, its outputs hold peer_value: rows move, those past
+                          // the capacity are dropped by their senders
+  kVerdictTimedOut = 6,   // this rank did not get `peer`'s record (a timeout: fatal, not the same on every rank)
+};
+struct MoeVerdict {
+  int64_t code;
+  int64_t detail;
+  int64_t rank;
+  int64_t peer;
+  int64_t value;
+  int64_t peer_value;
+  EP_HOST_DEVICE bool moves() const { return code == kVerdictOk || code == kVerdictOverflow; }
+};
+
+// A pure function of the records of ranks 0..num_ranks-1 (records[s] is rank s's): every rank
+// computes it on the same words, so every rank reaches the same verdict.
+EP_HOST_DEVICE inline MoeVerdict moe_verdict(const int64_t (*records)[kMoeRecordWords], int num_ranks) {
+  MoeVerdict v{kVerdictOk, 0, -1, -1, 0, 0};
+  const int R = num_ranks;
+  for (int s = 0; s < R; ++s)
+    if (records[s][kRecStatus] != kRefusedNone)
+      return {kVerdictRefused, records[s][kRecStatus], s, -1, records[s][kRecStatusValue], records[s][kRecStatusValue2]};
+  for (int s = 1; s < R; ++s)
+    if (records[s][kRecOp] != records[0][kRecOp] || records[s][kRecCallId] != records[0][kRecCallId])
+      return {kVerdictOutOfStep, kRecCallId, s, 0, records[s][kRecCallId], records[0][kRecCallId]};
+  for (int w = kFirstCheckedWord; w <= kLastCheckedWord; ++w)
+    for (int s = 1; s < R; ++s)
+      if (records[s][w] != records[0][w]) return {kVerdictMismatch, w, s, 0, records[s][w], records[0][w]};
+  for (int s = 1; s < R; ++s)
+    if (records[s][kRecHandleId] != records[0][kRecHandleId])
+      return {kVerdictHandle, 0, s, 0, records[s][kRecHandleId], records[0][kRecHandleId]};
+  for (int d = 0; d < R; ++d)
+    for (int s = 0; s < R; ++s) {
+      const int64_t expected = records[d][kRecExpect + s], sent = records[s][kRecSend + d];
+      if (expected >= 0 && expected != sent) return {kVerdictHandle, 1, d, s, expected, sent};
+    }
+  for (int d = 0; d < R; ++d) {
+    int64_t arriving = 0;
+    for (int s = 0; s < R; ++s) arriving += records[s][kRecSend + d];
+    if (records[d][kRecCapacity] >= 0 && arriving > records[d][kRecCapacity])
+      return {kVerdictOverflow, 0, d, -1, arriving, records[d][kRecCapacity]};
+  }
+  return v;
+}
+
+// ---- this rank's plan, written by its notify kernel for its push kernel: int64 words
+enum MoePlanWord : int {
+  kPlanMoves = 0,   // 1: rows move (the verdict allows it); 0: nothing moves, outputs are padding
+  kPlanReceived,    // rows every rank sends this one
+  kPlanFirstRow,    // [kMaxRanksPerNode] where this rank's rows start among rank d's received rows
+  kPlanCapacity = kPlanFirstRow + kMaxRanksPerNode,  // [kMaxRanksPerNode] rows rank d's outputs hold
+  kPlanOffset = kPlanCapacity + kMaxRanksPerNode,    // [kMaxRanksPerNode][4] where they lie in d's arena
+  kMoePlanWords = kPlanOffset + 4 * kMaxRanksPerNode,
+};
+
+// ---- what the notify kernel reports for the host to raise later (host-mapped; [0] = 0: nothing)
+enum MoeReportWord : int {
+  kMoeReportCode = 0,  // MoeVerdictCode
+  kMoeReportDetail,
+  kMoeReportRank,
+  kMoeReportPeer,
+  kMoeReportValue,
+  kMoeReportPeerValue,
+  kMoeReportCallId,    // the dispatch whose notify found it
+  kMoeReportLater,     // problems found while this report waited for the host (they had no slot)
+  kMoeReportLaterCallId,  // the last of those calls
+  kMoeReportWords,
+};
+
+// ---- offsets in each rank's records region (a part of its MoE transport block, CudaTransport::records)
+struct MoeRecordsLayout {
+  // The flags come first: the transport's release of stuck waits writes their bytes 0x01, which
+  // ends a wait for a record with a value no peer stores (1): the call moves nothing.
+  EP_HOST_DEVICE static constexpr size_t full_flag(int src) { return size_t(src) * 4; }
+  static constexpr size_t kFlagsBytes = kMaxRanksPerNode * 4;
+  static constexpr size_t kPlanOffset = 256;
+  static constexpr size_t kRecordsOffset = kPlanOffset + ((kMoePlanWords * 8 + 255) / 256) * 256;
+  EP_HOST_DEVICE static constexpr size_t record(int src) { return kRecordsOffset + size_t(src) * kMoeRecordWords * 8; }
+  static constexpr size_t kBytes = kRecordsOffset + size_t(kMaxRanksPerNode) * kMoeRecordWords * 8;
+};
+static_assert(MoeRecordsLayout::kFlagsBytes <= MoeRecordsLayout::kPlanOffset, "the flags fit before the plan");
+
+struct DispatchRecordsParams {
+  int num_ranks;
+  int rank;
+  int64_t num_experts;
+  DispatchSource src;                 // this rank's inputs and routing table
+  int64_t record[kMoeRecordWords];    // this rank's record as its host knows it; the device adds its
+                                      // send row and, where topk_idx is sent, refuses expert ids out of range
+  char* records[kMaxRanksPerNode];    // rank r's records region as mapped here
+  char* arenas[kMaxRanksPerNode];     // rank r's MoE arena as mapped here
+  int64_t row_bytes;                  // H * element size
+  int num_scales;
+  int num_topk;
+  int num_blocks;                     // the SM budget
+  int64_t* report;                    // host-mapped, kMoeReportWords: the first problem since the host looked
+                                      // and a count of later ones
+  Handshake handshake;                // the done half (the records are the ready half); its bound and error
+                                      // word bound the notify's waits too
+};
+
+// The notify kernel (one block) then the push kernel, on `stream`. A bad verdict moves no row on
+// any rank: each rank pads its outputs (topk ids -1, weights 0) and reports it. Two launches, not
+// one: the push kernel reads the plan in stream order, with no flag between blocks of one grid.
+cudaError_t launch_dispatch_with_records(const DispatchRecordsParams& params, cudaStream_t stream);
+
+}  // namespace ep::kernels
