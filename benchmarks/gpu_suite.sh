@@ -134,7 +134,7 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ] || [ "$WHAT" = moe ]; then
   step "GPU MoE tests, ${TORCH_EP_MOE_WORLD_SIZES:-1,2,4,8} ranks"
   TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_MOE_WORLD_SIZES:-1,2,4,8} timeout 300 python3 -m pytest tests/test_cuda_moe.py \
-    tests/test_cuda_moe_push.py -q -ra -x > "$LOGS/gpu_moe_tests.log" 2>&1 || STATUS=1
+    tests/test_cuda_moe_push.py tests/test_cuda_moe_device_records.py -q -ra -x > "$LOGS/gpu_moe_tests.log" 2>&1 || STATUS=1
   grep -v "^\[rank" "$LOGS/gpu_moe_tests.log" | tail -40 >> "$SUMMARY"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ] || [ "$WHAT" = a2av ]; then
