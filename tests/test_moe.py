@@ -296,6 +296,11 @@ def rank_worst_case(seed, device="cpu"):
     assert bool((got.recv_topk_idx[m:] == -1).all())
     comb = torch_ep.combine(got.recv_x, got.handle)
     assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
+    # The raw op along that handle without num_worst_tokens takes the handle's: the same rows.
+    h = got.handle
+    again = torch.ops.ep.dispatch(x, None, None, None, h.meta, h.counts, num_experts, 0,
+                                  dist.group.WORLD.group_name)[0]
+    assert again.shape[0] == worst and same_bits(again[:m].cpu(), expected.recv_x)
 
 
 def test_num_worst_tokens(pool):

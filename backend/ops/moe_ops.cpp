@@ -200,6 +200,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
     a.handle_meta = handle_meta->contiguous();
     TORCH_CHECK_VALUE(handle_counts.has_value(), op, ": a handle needs both its routing table and its counts");
     a.handle_counts = HandleCounts::parse(counts_vector(op, *handle_counts), R, num_experts / R);
+    // Along the handle of a num_worst_tokens dispatch only the device knew the counts (the handle
+    // holds -1): its outputs' rows are that dispatch's num_worst_tokens, whatever this call passed.
+    if (a.num_worst_tokens == 0 && a.handle_counts->num_worst_tokens > 0)
+      a.num_worst_tokens = a.handle_counts->num_worst_tokens;
   } else {
     TORCH_CHECK_VALUE(topk_idx.has_value(), op, ": give topk_idx and num_experts (a new route) or a handle");
     check_topk(op, *topk_idx, N, x.device());
