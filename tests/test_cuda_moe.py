@@ -134,10 +134,12 @@ def test_memory_flat(cuda_pool):
     cuda_pool.run(rank_memory_flat, _seed())
 
 
-def rank_missing_peer():
-    """The last rank never calls dispatch: every other rank raises within the timeout, naming the op."""
+def rank_missing_peer(options=None, worst_per_rank=0, check_errors=False):
+    """The last rank never calls dispatch: every other rank raises within the timeout, naming the op.
+    `options` add to the group's Options, `worst_per_rank` x ranks is the call's num_worst_tokens,
+    and `check_errors` asks torch_ep.check_errors after it (a call that does not wait raises there)."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3)))
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3), **(options or {})))
     num_experts, g, x, idx, w = checks.make_inputs(_seed_for(rank), "random", 16, 2, 2, torch.float32, "cuda")
     torch_ep.dispatch(x, idx, num_experts=num_experts, group=group)  # every rank sets the transport up
     torch.cuda.synchronize()
@@ -145,8 +147,10 @@ def rank_missing_peer():
     if rank != size - 1:
         start = time.monotonic()
         try:
-            torch_ep.dispatch(x, idx, num_experts=num_experts, group=group)
+            torch_ep.dispatch(x, idx, num_experts=num_experts, group=group, num_worst_tokens=worst_per_rank * size)
             torch.cuda.synchronize()
+            if check_errors:
+                torch_ep.check_errors(group)
         except Exception as e:  # noqa: BLE001
             error = (str(e), time.monotonic() - start)
     dist.barrier()

@@ -2,9 +2,6 @@
 docs/moe_push.md) on CUDA tensors, GPU machines only: no host exchange, the errors the device
 finds, a peer that never comes. The pushing helpers are tests/test_cuda_moe_push.py's.
 """
-import time
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,9 +10,9 @@ import test_cuda_moe as copy_checks
 import test_moe as checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
-from test_cuda_moe import _seed_for, rank_copy_variant
+from test_cuda_moe import rank_copy_variant
 from test_cuda_moe_push import (_seed, assert_still_pushes, check_dispatch, in_moe_pool, overlaps, poison_and_free,
-                                rank_push_pool)
+                                rank_options_disagree, rank_push_pool)
 from torch_ep import reference
 from torch_ep.testing import same_bits
 
@@ -366,18 +363,13 @@ def test_device_records_pool_full(cuda_pool):
     cuda_pool.run(rank_device_records_pool_full, _seed())
 
 
+def device_records_for(rank0):
+    return torch_ep.Options(moe_push=True, moe_device_records=rank0)
+
+
 def rank_device_records_disagree():
-    """Ranks that disagree on Options.moe_device_records all raise a ValueError naming it at the
-    group's first CUDA dispatch; other groups are untouched."""
-    rank = dist.get_rank()
-    group = dist.new_group(pg_options=torch_ep.Options(moe_push=True, moe_device_records=rank == 0))
-    num_experts, g, x, idx, w = checks.make_inputs(_seed_for(0) + rank, "random", 64, 2, 2, torch.float32, "cuda")
-    for _ in range(2):
-        with pytest.raises(ValueError, match="TORCH_EP_MOE_DEVICE_RECORDS"):
-            torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group, num_worst_tokens=64)
-    expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
-    checks.check_result(torch_ep.dispatch(x, idx, w, num_experts=num_experts), expected)
-    dist.destroy_process_group(group)
+    """Ranks that disagree on Options.moe_device_records (rank_options_disagree)."""
+    rank_options_disagree(device_records_for, "TORCH_EP_MOE_DEVICE_RECORDS", num_worst_tokens=64)
 
 
 def test_device_records_ranks_disagree(cuda_pool):
@@ -386,34 +378,14 @@ def test_device_records_ranks_disagree(cuda_pool):
     cuda_pool.run(rank_device_records_disagree)
 
 
-def rank_device_records_missing_peer():
-    """The last rank never makes the num_worst_tokens dispatch: every other rank's notify kernel
-    gives up after the group's timeout (its waits are bounded; nothing moves), its push kernel's
-    "done" wait too, and check_errors then raises naming the op and the peer."""
-    rank, size = dist.get_rank(), dist.get_world_size()
-    group = dist.new_group(pg_options=torch_ep.Options(moe_push=True, moe_device_records=True,
-                                                       timeout=timedelta(seconds=3)))
-    num_experts, g, x, idx, w = checks.make_inputs(_seed_for(rank), "random", 16, 2, 2, torch.float32, "cuda")
-    torch_ep.dispatch(x, idx, num_experts=num_experts, group=group)  # every rank sets the transport up
-    torch.cuda.synchronize()
-    error = None
-    if rank != size - 1:
-        start = time.monotonic()
-        try:
-            torch_ep.dispatch(x, idx, num_experts=num_experts, group=group, num_worst_tokens=24 * size)
-            torch.cuda.synchronize()
-            torch_ep.check_errors(group)
-        except Exception as e:  # noqa: BLE001
-            error = (str(e), time.monotonic() - start)
-    dist.barrier()
-    dist.destroy_process_group(group)
-    return error
-
-
 def test_device_records_missing_peer_times_out(cuda_pool):
     if cuda_pool.world_size < 2:
         pytest.skip("needs two ranks")
-    results = cuda_pool.run(rank_device_records_missing_peer)
+    # The last rank never makes the num_worst_tokens dispatch: every other rank's notify kernel
+    # gives up after the group's timeout (its waits are bounded; nothing moves), its push kernel's
+    # "done" wait too, and check_errors then raises naming the op and the peer.
+    results = cuda_pool.run(copy_checks.rank_missing_peer, {"moe_push": True, "moe_device_records": True},
+                            worst_per_rank=24, check_errors=True)
     for result in results[:-1]:
         assert result is not None, "a missing peer raised nothing"
         message, elapsed = result

@@ -258,19 +258,28 @@ def test_push_pool_full(cuda_pool):
     cuda_pool.run(rank_push_pool_full, _seed())
 
 
-def rank_push_disagree():
-    """Ranks that disagree on Options.moe_push all raise a ValueError naming it at the group's
-    first CUDA dispatch (where the MoE pool would be made), instead of the pushing ranks waiting
-    for peers that pull; again at the next call; other groups are untouched."""
+def rank_options_disagree(options, match, num_worst_tokens=0):
+    """Ranks whose Options differ (rank 0 with `options(True)`, the others with `options(False)`)
+    all raise a ValueError matching `match` at the group's first CUDA dispatch, instead of waiting
+    for peers that take another path; again at the next call; other groups are untouched."""
     rank = dist.get_rank()
-    group = dist.new_group(pg_options=torch_ep.Options(moe_push=rank == 0))
+    group = dist.new_group(pg_options=options(rank == 0))
     num_experts, g, x, idx, w = checks.make_inputs(_seed_for(0) + rank, "random", 64, 2, 2, torch.float32, "cuda")
     for _ in range(2):
-        with pytest.raises(ValueError, match="TORCH_EP_MOE_PUSH"):
-            torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group)
+        with pytest.raises(ValueError, match=match):
+            torch_ep.dispatch(x, idx, w, num_experts=num_experts, group=group, num_worst_tokens=num_worst_tokens)
     expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
     checks.check_result(torch_ep.dispatch(x, idx, w, num_experts=num_experts), expected)
     dist.destroy_process_group(group)
+
+
+def push_for(rank0):
+    return torch_ep.Options(moe_push=rank0)
+
+
+def rank_push_disagree():
+    """Ranks that disagree on Options.moe_push (where the MoE pool would be made)."""
+    rank_options_disagree(push_for, "TORCH_EP_MOE_PUSH")
 
 
 def test_push_ranks_disagree(cuda_pool):

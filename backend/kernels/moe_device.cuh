@@ -186,6 +186,54 @@ __device__ __forceinline__ void copy_row_to(const DispatchSource& src, int64_t t
   }
 }
 
+constexpr int kPushDepth = 16;  // 16-byte payload loads a lane per round trip, as moe_unroll.cu's dispatch
+
+// A pushing kernel's rows once it knows where they go. This rank's send list holds its rows to
+// rank 0, then to rank 1, ... (send_tokens of its routing table; first_item[d] where those to rank
+// d start, first_item[R] their count). Warp w of the grid takes items w, w + warps, ..., storing
+// each into rank d's outputs at first_row_on[d] + its place among them; rows at or past
+// capacity[d] are dropped (the receiver reports them). The next item's token is looked up while a
+// row copies. Then this rank's own rows from `received` to its capacity are padded: routed nowhere,
+// no sender writes them.
+template <typename V, int kDepth>
+__device__ __forceinline__ void push_send_list(const DispatchSource& src, int R, int me, int64_t num_experts,
+                                               const int64_t* first_item, const int64_t* first_row_on,
+                                               const RowOutputs* outputs, const int64_t* capacity, int64_t received,
+                                               int64_t row_bytes, int S, int K) {
+  const int lane = threadIdx.x & 31;
+  const MetaLayout mine{R, num_experts, src.num_tokens};
+  auto item_token = [&](int64_t i, int& d) {  // item i's receiver (into d) and token
+    d = 0;
+    while (i >= first_item[d + 1]) ++d;
+    return src.meta[mine.send_tokens() + d * src.num_tokens + (i - first_item[d])];
+  };
+  const int64_t items = first_item[R], per_rank = num_experts / R;
+  const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+  const int64_t first_warp_item = blockIdx.x * int64_t(kThreads / 32) + (threadIdx.x >> 5);
+  int64_t i = first_warp_item;
+  int d = 0;
+  int64_t t = i < items ? item_token(i, d) : 0;
+#pragma unroll 1
+  for (; i < items; i += warps) {
+    int next_d = 0;
+    const int64_t next_t = i + warps < items ? item_token(i + warps, next_d) : 0;
+    const int64_t row = first_row_on[d] + (i - first_item[d]);
+    if (row < capacity[d])
+      copy_row_to<V, kDepth>(src, t, outputs[d], row, row_bytes, S, K, d * per_rank, (d + 1) * per_rank, lane);
+    d = next_d;
+    t = next_t;
+  }
+  const RowOutputs& here = outputs[me];
+#pragma unroll 1
+  for (int64_t row = (received < capacity[me] ? received : capacity[me]) + first_warp_item; row < capacity[me];
+       row += warps) {
+    for (int64_t k = lane; k < K; k += 32) {
+      if (here.topk_idx) here.topk_idx[row * K + k] = -1;
+      if (here.topk_weights) here.topk_weights[row * K + k] = 0.f;
+    }
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ float to_float(T v);
 template <>

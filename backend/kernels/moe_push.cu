@@ -9,9 +9,6 @@
 namespace ep::kernels {
 namespace {
 
-constexpr int kWarps = kThreads / 32;
-constexpr int kPushDepth = 16;  // 16-byte payload loads a lane per round trip, as moe_unroll.cu's dispatch
-
 // Rows rank s sends to rank d: this rank's from its routing table, a peer's from the row of the
 // send matrix it wrote into this rank's block before its ready flag (read after waiting for it).
 __device__ __forceinline__ int64_t rows_sent(const DispatchPushParams& p, int s, int d) {
@@ -19,19 +16,12 @@ __device__ __forceinline__ int64_t rows_sent(const DispatchPushParams& p, int s,
   return *reinterpret_cast<const volatile int32_t*>(p.counts + s * kPushCountsStride + d);
 }
 
-// Item i of this rank's send list: its receiver (into `d`) and the token it sends.
-__device__ __forceinline__ int64_t item_token(const DispatchPushParams& p, const int64_t* first_item, int64_t i,
-                                              int& d) {
-  d = 0;
-  while (i >= first_item[d + 1]) ++d;
-  const MetaLayout mine{p.num_ranks, p.num_experts, p.src.num_tokens};
-  return p.src.meta[mine.send_tokens() + d * p.src.num_tokens + (i - first_item[d])];
-}
-
 template <typename V, int kDepth>
 __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(DispatchPushParams p) {
   __shared__ int64_t first_item[kMaxRanksPerNode + 1];  // where this rank's rows to rank d start in its send list
   __shared__ int64_t first_row_on[kMaxRanksPerNode];    // where they start among rank d's received rows
+  __shared__ RowOutputs outputs[kMaxRanksPerNode];      // rank d's outputs as mapped here
+  __shared__ int64_t capacity[kMaxRanksPerNode];
   __shared__ int64_t received_here;                     // rows every rank sends to this one
   const int R = p.num_ranks, me = p.rank;
   const int lane = threadIdx.x & 31;
@@ -64,6 +54,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(DispatchPushPar
     if (d < R) {
       first_row_on[d] = before;
       first_item[d + 1] = sends;
+      const DispatchTarget& to = p.dst[d];
+      outputs[d] = {to.recv_x, to.recv_x_scales, to.recv_topk_idx, to.recv_topk_weights};
+      capacity[d] = to.capacity;
     }
     if (d == 0) {
       first_item[0] = 0;
@@ -71,42 +64,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(DispatchPushPar
     }
   }
   __syncthreads();
-  const int64_t capacity_here = p.dst[me].capacity;
-  report_overflow(p.overflow, p.call_id, received_here, capacity_here);
-  const int64_t items = first_item[R];
-  const int64_t per_rank = p.num_experts / R;
-
-  const int64_t warps = int64_t(gridDim.x) * kWarps;
-  const int64_t first_warp_item = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
-  int64_t i = first_warp_item;
-  int d = 0;
-  int64_t t = i < items ? item_token(p, first_item, i, d) : 0;
-#pragma unroll 1
-  for (; i < items; i += warps) {
-    int next_d = 0;  // the next item's token, on its way while this row copies
-    const int64_t next_t = i + warps < items ? item_token(p, first_item, i + warps, next_d) : 0;
-    const DispatchTarget& to = p.dst[d];
-    const int64_t row = first_row_on[d] + (i - first_item[d]);
-    if (row < to.capacity) {  // else past the receiver's num_worst_tokens: dropped, as it reports
-      const RowOutputs out{to.recv_x, to.recv_x_scales, to.recv_topk_idx, to.recv_topk_weights};
-      copy_row_to<V, kDepth>(p.src, t, out, row, p.row_bytes, p.num_scales, p.num_topk, d * per_rank,
-                             (d + 1) * per_rank, lane);
-    }
-    d = next_d;
-    t = next_t;
-  }
-  // Padding of this rank's fixed-size outputs (num_worst_tokens): routed nowhere. No sender
-  // writes these rows.
-  const DispatchTarget& here = p.dst[me];
-  const int64_t K = p.num_topk;
-#pragma unroll 1
-  for (int64_t row = (received_here < capacity_here ? received_here : capacity_here) + first_warp_item;
-       row < capacity_here; row += warps) {
-    for (int64_t k = lane; k < K; k += 32) {
-      if (here.recv_topk_idx) here.recv_topk_idx[row * K + k] = -1;
-      if (here.recv_topk_weights) here.recv_topk_weights[row * K + k] = 0.f;
-    }
-  }
+  report_overflow(p.overflow, p.call_id, received_here, capacity[me]);
+  push_send_list<V, kDepth>(p.src, R, me, p.num_experts, first_item, first_row_on, outputs, capacity, received_here,
+                            p.row_bytes, p.num_scales, p.num_topk);
   handshake_end</*kPushed=*/true>(p.handshake, R);
 }
 

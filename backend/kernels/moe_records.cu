@@ -11,8 +11,6 @@ namespace ep::kernels {
 namespace {
 
 using L = MoeRecordsLayout;
-constexpr int kWarps = kThreads / 32;
-constexpr int kPushDepth = 16;  // as moe_push.cu
 
 __device__ __forceinline__ uint32_t* flag_in(char* region, int src) {
   return reinterpret_cast<uint32_t*>(region + L::full_flag(src));
@@ -136,15 +134,6 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) dispatch_notify_kernel(Dispa
   }
 }
 
-// Item i of this rank's send list: its receiver (into `d`) and the token it sends.
-__device__ __forceinline__ int64_t item_token(const DispatchRecordsParams& p, const int64_t* first_item, int64_t i,
-                                              int& d) {
-  d = 0;
-  while (i >= first_item[d + 1]) ++d;
-  const MetaLayout mine{p.num_ranks, p.num_experts, p.src.num_tokens};
-  return p.src.meta[mine.send_tokens() + d * p.src.num_tokens + (i - first_item[d])];
-}
-
 template <typename V, int kDepth>
 __global__ void __launch_bounds__(kThreads) dispatch_planned_kernel(DispatchRecordsParams p) {
   __shared__ int64_t first_item[kMaxRanksPerNode + 1];  // where this rank's rows to rank d start in its send list
@@ -176,37 +165,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_planned_kernel(DispatchReco
     if (d == 0) first_item[0] = 0;
   }
   __syncthreads();
-  const int64_t items = first_item[R];
-  const int64_t per_rank = p.num_experts / R;
-
-  const int64_t warps = int64_t(gridDim.x) * kWarps;
-  const int64_t first_warp_item = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
-  int64_t i = first_warp_item;
-  int d = 0;
-  int64_t t = i < items ? item_token(p, first_item, i, d) : 0;
-#pragma unroll 1
-  for (; i < items; i += warps) {
-    int next_d = 0;  // the next item's token, on its way while this row copies
-    const int64_t next_t = i + warps < items ? item_token(p, first_item, i + warps, next_d) : 0;
-    const int64_t row = first_row_on[d] + (i - first_item[d]);
-    if (row < capacity[d])  // else past the receiver's capacity: dropped, as every rank reports
-      copy_row_to<V, kDepth>(p.src, t, outputs[d], row, p.row_bytes, p.num_scales, p.num_topk, d * per_rank,
-                             (d + 1) * per_rank, lane);
-    d = next_d;
-    t = next_t;
-  }
-  // Padding of this rank's outputs: every row when nothing moves, else those past the rows
-  // received. No sender writes these rows.
-  const RowOutputs& here = outputs[me];
-  const int64_t K = p.num_topk, received = moves ? plan[kPlanReceived] : 0;
-#pragma unroll 1
-  for (int64_t row = (received < capacity[me] ? received : capacity[me]) + first_warp_item; row < capacity[me];
-       row += warps) {
-    for (int64_t k = lane; k < K; k += 32) {
-      if (here.topk_idx) here.topk_idx[row * K + k] = -1;
-      if (here.topk_weights) here.topk_weights[row * K + k] = 0.f;
-    }
-  }
+  // The rows that move, then this rank's padding: every row when nothing moves.
+  push_send_list<V, kDepth>(p.src, R, me, p.num_experts, first_item, first_row_on, outputs, capacity,
+                            moves ? plan[kPlanReceived] : 0, p.row_bytes, p.num_scales, p.num_topk);
   handshake_end</*kPushed=*/true>(p.handshake, R);
 }
 

@@ -317,12 +317,8 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       }
       if (cached || worst) {
         phase.next("ep::dispatch/outputs");
-        int64_t rows = 0;  // the capacity computed below from the records, known now
-        if (worst) rows = a.num_worst_tokens;
-        else
-          for (int64_t n : a.handle_counts->recv) rows += n;
         std::string why;
-        allocated = allocate_from_pool(*pool, int(rank), a, rows, o, target, &why);
+        allocated = allocate_from_pool(*pool, int(rank), a, known_capacity(a), o, target, &why);
         for (Record& r : mine) {
           r.target = target;
           if (!allocated) set_rejected(r, why);

@@ -150,14 +150,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   const bool cached = a.handle_meta.has_value();
   const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts, K = cached ? 0 : a.topk_idx->size(1);
   const int64_t call_id = int64_t(group.next_dispatch_id());
-  // The rows this rank's outputs hold. Along the handle of a num_worst_tokens dispatch, its recv
-  // counts are -1 (only the device knew them): its num_worst_tokens, whatever this call passed.
-  int64_t capacity = a.num_worst_tokens;
-  if (capacity <= 0 && cached && a.handle_counts->num_worst_tokens > 0) capacity = a.handle_counts->num_worst_tokens;
-  if (capacity <= 0) {
-    capacity = 0;
-    for (int64_t n : a.handle_counts->recv) capacity += n;
-  }
+  const int64_t capacity = known_capacity(a);
   DispatchOutputs o;
   PushTarget target{{-1, -1, -1, -1}, -1};
   std::string refusal;
@@ -302,6 +295,13 @@ std::string device_report_message(const std::vector<int64_t>& w, int rank, int64
             "; only this first problem is described)";
   return std::string(op) + " on rank " + std::to_string(rank) + ": found by the device during " + when +
          ", which does not wait for it: " + what + later;
+}
+
+int64_t known_capacity(const DispatchArgs& a) {
+  if (a.num_worst_tokens > 0) return a.num_worst_tokens;
+  int64_t rows = 0;
+  for (int64_t n : a.handle_counts->recv) rows += n;
+  return rows;
 }
 
 void raise_device_report(CudaTransport& transport, int rank, int64_t current_call, const char* op) {

@@ -60,6 +60,11 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
                                              const DispatchArgs& a, const at::Tensor& meta, bool given,
                                              cudaStream_t stream, int num_blocks, const kernels::Handshake& handshake);
 
+// The rows a pushing dispatch's outputs hold where the host knows them before any exchange (a
+// handle, or num_worst_tokens): num_worst_tokens (along such a dispatch's handle too, which
+// ep::moe::dispatch passes on), else the rows the handle received.
+int64_t known_capacity(const DispatchArgs& a);
+
 // What a notify kernel reported (CudaTransport::take_moe_report's words) as the error to raise on
 // `rank`; "" when it reported nothing. `current_call`: the call that raises it (-1: none, as in
 // check_errors), to say whether the report is this call's or an earlier one's.

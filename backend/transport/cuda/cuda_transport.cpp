@@ -169,12 +169,13 @@ char* CudaTransport::records(int owner) const {
 std::vector<int64_t> CudaTransport::take_moe_report() {
   using namespace kernels;
   volatile int64_t* r = moe_report_host_;
-  std::vector<int64_t> words(kMoeReportWords, 0);
-  if (!r) return words;
+  // Every MoE call looks: nothing to take costs one read, no lock and no allocation.
+  if (!r || r[kMoeReportCode] == 0) return {};
   // Under the lock, so that two threads cannot both take (and raise) one report. While word 0 is
   // set the device writes only the later-problems words, so the others read whole.
   std::lock_guard<std::mutex> lock(moe_report_mutex_);
-  if (r[kMoeReportCode] == 0) return words;
+  if (r[kMoeReportCode] == 0) return {};
+  std::vector<int64_t> words(kMoeReportWords, 0);
   std::atomic_thread_fence(std::memory_order_acquire);
   for (int w = 0; w < kMoeReportWords; ++w) words[size_t(w)] = r[w];
   // The count of later problems back to 0 with what it held at that moment (a notify kernel may

@@ -111,8 +111,8 @@ class CudaTransport {
   // `owner`'s records region (CudaTransportConfig::records_bytes) as mapped here; null without one.
   char* records(int owner) const;
   // Where MoE notify kernels report what they found (kernels::kMoeReportWords int64, host-mapped;
-  // device pointer; null without a records region), and the report taken (word 0 is 0 when there
-  // is none), cleared: one caller takes each report, whatever the threads.
+  // device pointer; null without a records region), and the report taken (empty when there is
+  // none), cleared: one caller takes each report, whatever the threads.
   int64_t* moe_report() const { return moe_report_device_; }
   std::vector<int64_t> take_moe_report();
   // Where dispatch kernels report receiving more rows than num_worst_tokens (device pointer).
