@@ -302,6 +302,31 @@ int main() {
         same_everywhere(over, {kVerdictOverflow, 0, d, -1, arriving, arriving - 1}, "an overflow");
         EXPECT(on_rank(over, 0).moves(), "an overflow still moves the rows that fit");
       }
+      if (R > 1) {  // one rank at a combine where the others dispatch: out of step, by op, before the call ids
+        auto other_op = ok;
+        other_op[R - 1][kRecOp] = kMoeRecordCombine;
+        other_op[R - 1][kRecCallId] = 7;
+        same_everywhere(other_op, {kVerdictOutOfStep, kRecOp, R - 1, 0, kMoeRecordCombine, kMoeRecordDispatch},
+                        "a combine among dispatches");
+        EXPECT(!on_rank(other_op, 0).moves(), "ops out of step move nothing");
+      }
+      {  // a combine: its capacity is its x's rows, never an overflow; its checks and handles as a dispatch's
+        auto comb = ok;
+        for (int s = 0; s < R; ++s) {
+          comb[s][kRecOp] = kMoeRecordCombine;
+          comb[s][kRecCapacity] = 0;
+        }
+        same_everywhere(comb, {kVerdictOk, 0, -1, -1, 0, 0}, "a combine whose x holds fewer rows than arrive");
+        if (R > 1) {
+          auto bad = comb;
+          bad[1][kRecHasWeights] ^= 1;
+          same_everywhere(bad, {kVerdictMismatch, kRecHasWeights, 1, 0, bad[1][kRecHasWeights], comb[0][kRecHasWeights]},
+                          "a combine's field mismatch");
+          auto late = comb;
+          late[1][kRecCallId] = 40;
+          same_everywhere(late, {kVerdictOutOfStep, kRecCallId, 1, 0, 40, 41}, "combines along other handles");
+        }
+      }
       auto first = ok;  // several problems: the first in the documented order, alike everywhere
       if (R > 1) {
         first[R - 1][kRecHidden] = 1;
@@ -318,8 +343,9 @@ int main() {
 def test_moe_device_records_verdict(tmp_path):
     """moe_verdict (kernels/moe_records.cuh), compiled for the host: every rank evaluates it on the
     same records (a copy of its own, garbage past R) and reaches the same verdict: every checked
-    field's mismatch, out-of-step call ids, another handle, a handle expecting other counts, a
-    refusal, an overflow at any receiver (the rows that fit still move), the first problem first."""
+    field's mismatch, out-of-step call ids or ops, another handle, a handle expecting other counts,
+    a refusal, an overflow at any receiver (the rows that fit still move; a combine's capacity is
+    no bound), the first problem first."""
     source = tmp_path / "verdict.cpp"
     source.write_text(MOE_VERDICT_CHECK)
     binary = tmp_path / "verdict"

@@ -294,9 +294,12 @@ def combine_buffer(handle: DispatchHandle, dtype: Optional[torch.dtype] = None, 
     returning, it queues on the current stream a wait (on the device, bounded by the group's
     timeout; capturable in a CUDA graph) until those ranks are done reading the region in the
     previous combine, so the caller's kernels may write it at once: call it before each combine
-    and write only the tensor of that call. Elsewhere (CPU, one node, the host-driven route, a
-    node whose ranks do not map each other, or a region too small: Options.internode_combine_rows)
-    it is a plain torch.empty of that shape on the handle's device, so code stays portable.
+    and write only the tensor of that call. On one node where the group pushes (Options.moe_push),
+    it is a tensor of the group's MoE pool, which every rank maps: a combine given it as x exports
+    nothing and, with Options.moe_device_records, copies nothing into the pool first. Elsewhere
+    (CPU, one node without push, the host-driven route, a node whose ranks do not map each other,
+    a full pool, or a region too small: Options.internode_combine_rows) it is a plain torch.empty
+    of that shape on the handle's device, so code stays portable.
     Eager only: under torch.compile it runs outside the graph (a graph break).
     """
     if not isinstance(handle, DispatchHandle):

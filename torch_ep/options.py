@@ -36,8 +36,10 @@ ENVIRONMENT = {
                                "group's first CUDA dispatch with TORCH_EP_MOE_PUSH=1; every live dispatch output must "
                                "fit in it",
     "TORCH_EP_MOE_DEVICE_RECORDS": "1 (with TORCH_EP_MOE_PUSH=1, on every rank alike) makes a pushing dispatch along a "
-                                   "handle or with num_worst_tokens exchange its records through the device, not the "
-                                   "host: no host rendezvous; what the device finds wrong raises at the rank's next "
+                                   "handle or with num_worst_tokens, and every eager combine, exchange its records "
+                                   "through the device, not the host: no host rendezvous (a combine's x outside the "
+                                   "MoE pool is copied into it first; torch_ep.combine_buffer avoids that); what the "
+                                   "device finds wrong raises at the rank's next "
                                    "dispatch/combine or torch_ep.check_errors(). Every rank must give a handle, or "
                                    "num_worst_tokens, in the same calls: a rank that does waits for device records, "
                                    "one that does not in the host exchange, until the timeout fails the group",

@@ -198,17 +198,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchParams p) {
 template <typename T, int V, int kUnroll>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
   __shared__ int64_t rows_of_warp[kWarps][kMaxRanksPerNode];
-  __shared__ int64_t first_row_at[kMaxRanksPerNode];  // where this rank's rows start on rank d
+  __shared__ CombineSources src;
   const int R = p.num_ranks;
   const int lane = threadIdx.x & 31;
   int64_t* rows = rows_of_warp[threadIdx.x >> 5];
   const MetaLayout l{R, p.num_experts, p.num_tokens};
   handshake_begin(p.handshake, R);
-  if (threadIdx.x < R) {  // rank d received the rows of ranks 0 .. rank-1 before ours
-    int64_t at = 0;
-    for (int s = 0; s < p.rank; ++s) at += p.meta[s][MetaLayout::tokens_per_rank() + threadIdx.x];
-    first_row_at[threadIdx.x] = at;
-  }
+  load_combine_sources(p, src);
   __syncthreads();
   const int32_t* mine = p.meta[p.rank];
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
@@ -216,8 +212,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     int64_t row = -1;
     if (lane < R) {
       const int pos = mine[l.token_pos() + t * R + lane];
-      if (pos >= 0) row = first_row_at[lane] + int64_t(pos);
-      if (row >= p.x_rows[lane]) row = -1;  // dropped by an overflowing dispatch
+      if (pos >= 0) row = src.first_row_at[lane] + int64_t(pos);
+      if (row >= src.x_rows[lane]) row = -1;  // dropped by an overflowing dispatch
       rows[lane] = row;
     }
     __syncwarp();
@@ -232,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
         for (int i = 0; i < V; ++i) acc[u][i] = 0.f;
       for (unsigned left = sources; left; left &= left - 1) {
         const int d = __ffs(left) - 1;
-        const auto* in = reinterpret_cast<const Pack<T, V>*>(reinterpret_cast<const T*>(p.x[d]) + rows[d] * p.hidden);
+        const auto* in = reinterpret_cast<const Pack<T, V>*>(reinterpret_cast<const T*>(src.x[d]) + rows[d] * p.hidden);
         Pack<T, V> pk[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
@@ -257,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
         for (unsigned left = sources; left; left &= left - 1) {
           const int d = __ffs(left) - 1;
           const int64_t r = rows[d];
-          acc += p.topk_weights[d][r * p.num_topk + k];
+          acc += src.topk_weights[d][r * p.num_topk + k];
         }
         p.out_weights[t * p.num_topk + k] = acc;
       }

@@ -176,6 +176,13 @@ struct CombineParams {
   int num_blocks;
   MoeCopy copy;
   Handshake handshake;
+  // Device records (moe_records.cuh; null: none): the plan this rank's notify kernel wrote before
+  // this kernel, which says where each rank's x and topk_weights lie in its MoE arena (`arenas`),
+  // the rows of its x, where this rank's rows start there, and whether anything moves. `x`,
+  // `topk_weights`, `x_rows` and meta[s] for s != rank are then unused (every rank's x is in its
+  // arena, 16-byte aligned); meta[rank] is this rank's routing table as ever.
+  const int64_t* plan;
+  const char* arenas[kMaxRanksPerNode];
 };
 cudaError_t launch_combine(const CombineParams& params, cudaStream_t stream);
 

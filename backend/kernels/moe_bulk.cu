@@ -262,17 +262,13 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_bulk_kernel(const 
   uint64_t* full = reinterpret_cast<uint64_t*>(ring + kRingBytes);
   uint64_t* empty = full + kStages;
   StageDesc* desc = reinterpret_cast<StageDesc*>(empty + kStages);
-  __shared__ int64_t first_row_at[kMaxRanksPerNode];  // where this rank's rows start on rank d
+  __shared__ CombineSources src;
   const int R = p.num_ranks;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const MetaLayout l{R, p.num_experts, p.num_tokens};
   const int32_t* token_pos = p.meta[p.rank] + l.token_pos();  // [N, R]
   handshake_begin(p.handshake, R);
-  if (threadIdx.x < R) {  // rank d received the rows of ranks 0 .. rank-1 before ours
-    int64_t at = 0;
-    for (int s = 0; s < p.rank; ++s) at += p.meta[s][MetaLayout::tokens_per_rank() + threadIdx.x];
-    first_row_at[threadIdx.x] = at;
-  }
+  load_combine_sources(p, src);
   if (threadIdx.x == 32) {
     for (int s = 0; s < kStages; ++s) bar_init(&full[s], 1), bar_init(&empty[s], 1);
     fence_bar_init();
@@ -281,8 +277,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_bulk_kernel(const 
   // Where token t's row sits in rank d's input, or -1 where it was not sent (or dropped by an
   // overflowing dispatch).
   auto row_on = [&](int d, int32_t pos) -> int64_t {
-    const int64_t row = pos >= 0 ? first_row_at[d] + pos : -1;
-    return row < p.x_rows[d] ? row : -1;
+    const int64_t row = pos >= 0 ? src.first_row_at[d] + pos : -1;
+    return row < src.x_rows[d] ? row : -1;
   };
 
   const int64_t per_block = (p.num_tokens + gridDim.x - 1) / gridDim.x;
@@ -329,7 +325,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_bulk_kernel(const 
             bar_arrive_expect(&full[st], uint32_t(__popc(sources)) * bytes);  // no source: a row of zeros
             for (uint32_t left = sources; left; left &= left - 1) {
               const int d = __ffs(left) - 1;
-              bulk_load(ring + st * kStageBytes + d * slot_bytes, p.x[d] + row[d] * row_bytes + c * chunk_bytes, bytes,
+              bulk_load(ring + st * kStageBytes + d * slot_bytes, src.x[d] + row[d] * row_bytes + c * chunk_bytes, bytes,
                         &full[st]);
             }
           }
@@ -353,7 +349,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_bulk_kernel(const 
             if (row[d] < 0) continue;
 #pragma unroll
             for (int u = 0; u < 4; ++u)
-              if (k + u < K) acc[u] += p.topk_weights[d][row[d] * K + k + u];
+              if (k + u < K) acc[u] += src.topk_weights[d][row[d] * K + k + u];
           }
 #pragma unroll
           for (int u = 0; u < 4; ++u)

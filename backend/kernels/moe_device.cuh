@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "backend/kernels/moe.cuh"
+#include "backend/kernels/moe_records.cuh"  // a combine's plan
 #include "backend/kernels/sync.cuh"
 
 namespace ep::kernels {
@@ -74,6 +75,38 @@ __device__ inline void handshake_end(const Handshake& h, int num_ranks) {
       atomicExch(h.error, 1 + peer);
   }
   if (threadIdx.x == 0) *h.blocks_finished = 0;
+}
+
+// Where each rank d's rows for this rank's tokens lie, for a combine block (in shared memory):
+// from the parameters (the host exchanged records), or from the plan of device records.
+struct CombineSources {
+  const char* x[kMaxRanksPerNode];              // rank d's combine input
+  const float* topk_weights[kMaxRanksPerNode];  // its weights, or null
+  int64_t x_rows[kMaxRanksPerNode];             // its rows: a row past them counts as not sent
+  int64_t first_row_at[kMaxRanksPerNode];       // where this rank's rows start there
+};
+
+// Threads 0..R-1 fill `s` (thread d rank d's entries); the caller syncs before reading it. A plan
+// that moves nothing (a bad verdict, a record that never came) gives every rank 0 rows: each
+// token sums no row, and the combined rows are zeros.
+__device__ inline void load_combine_sources(const CombineParams& p, CombineSources& s) {
+  const int d = threadIdx.x;
+  if (d >= p.num_ranks) return;
+  if (p.plan) {
+    const bool moves = p.plan[kPlanMoves] != 0;
+    const int64_t* offset = p.plan + kPlanOffset + 4 * d;
+    s.x[d] = offset[0] < 0 ? nullptr : p.arenas[d] + offset[0];
+    s.topk_weights[d] = offset[1] < 0 ? nullptr : reinterpret_cast<const float*>(p.arenas[d] + offset[1]);
+    s.x_rows[d] = moves && s.x[d] ? p.plan[kPlanCapacity + d] : 0;
+    s.first_row_at[d] = p.plan[kPlanFirstRow + d];
+    return;
+  }
+  int64_t at = 0;  // rank d received the rows of ranks 0 .. rank-1 before ours
+  for (int r = 0; r < p.rank; ++r) at += p.meta[r][MetaLayout::tokens_per_rank() + d];
+  s.x[d] = p.x[d];
+  s.topk_weights[d] = p.topk_weights[d];
+  s.x_rows[d] = p.x_rows[d];
+  s.first_row_at[d] = at;
 }
 
 // Block 0's thread 0 reports that more rows arrived than the outputs hold, unless an earlier

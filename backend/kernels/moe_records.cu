@@ -1,8 +1,9 @@
-// A pushing dispatch with device records (moe_records.cuh): the notify kernel (one block of
-// kMaxRanksPerNode threads, thread t the slot of rank t) publishes this rank's record, gathers
-// every rank's, evaluates the verdict and writes this rank's plan; then the push kernel moves
-// this rank's rows as moe_push.cu does (a warp per row, copy_row_to), with the receivers' outputs
-// and row offsets from the plan instead of the handshake's counts.
+// Device records (moe_records.cuh): the notify kernel (one block of kMaxRanksPerNode threads,
+// thread t the slot of rank t) publishes this rank's record, gathers every rank's, evaluates the
+// verdict and writes this rank's plan. A pushing dispatch's push kernel then moves this rank's
+// rows as moe_push.cu does (a warp per row, copy_row_to), with the receivers' outputs and row
+// offsets from the plan instead of the handshake's counts; a combine's pull kernel (moe.cu,
+// moe_unroll.cu, moe_bulk.cu) reads the peers' x from the plan (load_combine_sources).
 #include "backend/kernels/moe_device.cuh"
 #include "backend/kernels/moe_records.cuh"
 #include "backend/kernels/sync.cuh"
@@ -15,7 +16,7 @@ using L = MoeRecordsLayout;
 __device__ __forceinline__ uint32_t* flag_in(char* region, int src) {
   return reinterpret_cast<uint32_t*>(region + L::full_flag(src));
 }
-__device__ __forceinline__ int64_t* plan_of(const DispatchRecordsParams& p) {
+__device__ __forceinline__ int64_t* plan_of(const MoeNotifyParams& p) {
   return reinterpret_cast<int64_t*>(p.records[p.rank] + L::kPlanOffset);
 }
 
@@ -38,18 +39,18 @@ __device__ __forceinline__ uint32_t wait_nonzero(const uint32_t* flag, uint64_t 
   return word;
 }
 
-__global__ void __launch_bounds__(kMaxRanksPerNode) dispatch_notify_kernel(DispatchRecordsParams p) {
+__global__ void __launch_bounds__(kMaxRanksPerNode) notify_kernel(MoeNotifyParams p) {
   const int t = threadIdx.x, R = p.num_ranks, me = p.rank;
   __shared__ int64_t records[kMaxRanksPerNode][kMoeRecordWords];
   __shared__ int missing;  // 1 + a rank whose record did not come (a timeout, or released waits)
   if (t == 0) missing = 0;
-  const uint64_t deadline = now_ns() + p.handshake.timeout_ns;
-  const int32_t* sends = p.src.meta + MetaLayout::tokens_per_rank();
+  const uint64_t deadline = now_ns() + p.timeout_ns;
+  const int32_t* sends = p.meta + MetaLayout::tokens_per_rank();
   // Expert ids out of range refuse the call here, where the host has not seen them.
   int64_t status = p.record[kRecStatus], value = p.record[kRecStatusValue], value2 = p.record[kRecStatusValue2];
-  if (status == kRefusedNone && p.src.topk_idx) {
-    const MetaLayout l{R, p.num_experts, p.src.num_tokens};
-    const int64_t lo = p.src.meta[l.id_range()], hi = p.src.meta[l.id_range() + 1];
+  if (status == kRefusedNone && p.check_expert_ids) {
+    const MetaLayout l{R, p.num_experts, p.num_tokens};
+    const int64_t lo = p.meta[l.id_range()], hi = p.meta[l.id_range() + 1];
     if (lo < -1 || hi >= p.num_experts) status = kRefusedExpertIds, value = lo, value2 = hi;
   }
   __syncthreads();
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) dispatch_notify_kernel(Dispa
   if (t < R) {
     uint32_t* flag = flag_in(p.records[t], me);
     if (!wait_free(flag, deadline)) {
-      atomicExch(p.handshake.error, 1 + t);
+      atomicExch(p.error, 1 + t);
       atomicCAS(&missing, 0, 1 + t);
     } else {
       volatile int64_t* record = reinterpret_cast<volatile int64_t*>(p.records[t] + L::record(me));
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) dispatch_notify_kernel(Dispa
     uint32_t* flag = flag_in(p.records[me], t);
     const uint32_t word = wait_nonzero(flag, deadline);
     if (word != 1) {  // 0: timed out; else a value the transport's release wrote
-      if (word == 0) atomicExch(p.handshake.error, 1 + t);
+      if (word == 0) atomicExch(p.error, 1 + t);
       atomicCAS(&missing, 0, 1 + t);
     } else {
       const volatile int64_t* record = reinterpret_cast<const volatile int64_t*>(p.records[me] + L::record(t));
@@ -128,6 +129,7 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) dispatch_notify_kernel(Dispa
       report[kMoeReportValue] = v.value;
       report[kMoeReportPeerValue] = v.peer_value;
       report[kMoeReportCallId] = p.record[kRecCallId];
+      report[kMoeReportOp] = p.record[kRecOp];
       __threadfence_system();
       report[kMoeReportCode] = v.code;
     }
@@ -140,9 +142,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_planned_kernel(DispatchReco
   __shared__ int64_t first_row_on[kMaxRanksPerNode];    // where they start among rank d's received rows
   __shared__ RowOutputs outputs[kMaxRanksPerNode];      // rank d's outputs as mapped here
   __shared__ int64_t capacity[kMaxRanksPerNode];
-  const int R = p.num_ranks, me = p.rank;
+  const int R = p.notify.num_ranks, me = p.notify.rank;
   const int lane = threadIdx.x & 31;
-  const int64_t* plan = plan_of(p);  // written by the notify kernel before this one
+  const int64_t* plan = plan_of(p.notify);  // written by the notify kernel before this one
   const bool moves = plan[kPlanMoves] != 0;
 
   if (threadIdx.x < 32) {  // lane d: R <= kMaxRanksPerNode = 32
@@ -166,24 +168,29 @@ __global__ void __launch_bounds__(kThreads) dispatch_planned_kernel(DispatchReco
   }
   __syncthreads();
   // The rows that move, then this rank's padding: every row when nothing moves.
-  push_send_list<V, kDepth>(p.src, R, me, p.num_experts, first_item, first_row_on, outputs, capacity,
+  push_send_list<V, kDepth>(p.src, R, me, p.notify.num_experts, first_item, first_row_on, outputs, capacity,
                             moves ? plan[kPlanReceived] : 0, p.row_bytes, p.num_scales, p.num_topk);
   handshake_end</*kPushed=*/true>(p.handshake, R);
 }
 
 }  // namespace
 
+cudaError_t launch_moe_notify(const MoeNotifyParams& p, cudaStream_t stream) {
+  if (p.num_ranks < 1 || p.num_ranks > kMaxRanksPerNode || !p.meta) return cudaErrorInvalidValue;
+  notify_kernel<<<1, kMaxRanksPerNode, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_dispatch_with_records(const DispatchRecordsParams& p, cudaStream_t stream) {
-  if (p.num_ranks < 1 || p.num_ranks > kMaxRanksPerNode || p.num_blocks < 1) return cudaErrorInvalidValue;
-  dispatch_notify_kernel<<<1, kMaxRanksPerNode, 0, stream>>>(p);
-  const cudaError_t notified = cudaGetLastError();
+  if (p.num_blocks < 1) return cudaErrorInvalidValue;
+  const cudaError_t notified = launch_moe_notify(p.notify, stream);
   if (notified != cudaSuccess) return notified;
   // The widest access that the row size and this rank's x allow: the receivers' recv_x come from
   // the MoE pool's allocator, whose blocks are 512-byte aligned, and start their rows at multiples
   // of the row size.
   int vec = 16;
   while (vec > 1 && (p.row_bytes % vec != 0 || (p.src.x && !aligned(p.src.x, vec)))) vec /= 2;
-  const int64_t rows = p.src.num_tokens * p.num_ranks, own = p.record[kRecCapacity];
+  const int64_t rows = p.src.num_tokens * p.notify.num_ranks, own = p.notify.record[kRecCapacity];
   const int grid = grid_for_warps(p.num_blocks, rows > own ? rows : own);
   with_access_type(vec, [&](auto v) {
     dispatch_planned_kernel<decltype(v), kPushDepth><<<grid, kThreads, 0, stream>>>(p);

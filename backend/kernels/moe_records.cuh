@@ -1,16 +1,19 @@
-// Device records of a pushing dispatch that no host waits for (Options.moe_device_records: a
-// dispatch along a handle, or with num_worst_tokens, under Options.moe_push). No record goes
-// through the host: each rank's notify kernel (one block) publishes its record into a slot of
-// every peer's MoE transport block, reads every peer's record from its own, and evaluates
-// moe_verdict on the same R records as every other rank, so every rank reaches the same verdict
-// and the group stays in step without a host rendezvous. The push kernel that follows on the
-// stream reads this rank's plan (where its rows go, whether anything moves) from its block.
+// Device records of the MoE calls that no host waits for (Options.moe_device_records, under
+// Options.moe_push): a pushing dispatch along a handle or with num_worst_tokens, and every eager
+// combine. No record goes through the host: each rank's notify kernel (one block) publishes its
+// record into a slot of every peer's MoE transport block, reads every peer's record from its own,
+// and evaluates moe_verdict on the same R records as every other rank, so every rank reaches the
+// same verdict and the group stays in step without a host rendezvous. The kernel that follows on
+// the stream (dispatch: the push kernel; combine: the pull kernels of moe.cuh, CombineParams::plan)
+// reads this rank's plan from its block: whether anything moves, where rows start, where the
+// peers' tensors lie in their MoE arenas.
 //
 // Slots (all_to_all_v's plan protocol, all_to_all_v.cuh): per source, a flag in the owner's block,
 // 0 "slot free", 1 "the source's record is here". The source waits for 0, writes, raises 1; the
 // owner waits for 1, copies the record, writes 0. Flags go back to 0 after every call, so
 // back-to-back calls need no sequence numbers. A record published means "my stream reached this
-// call, my outputs may be written": the ready half of the pull's handshake.
+// call, my outputs may be written (dispatch), my x may be read (combine)": the ready half of the
+// pull's handshake.
 //
 // Host and device: the layout, the record's words, the verdict (a pure function, compiled with
 // g++ by tests/test_build.py) and the launchers.
@@ -28,9 +31,10 @@ namespace ep::kernels {
 
 // ---- a record: int64 words
 enum MoeRecordWord : int {
-  kRecOp = 0,         // kMoeRecordDispatch
-  kRecCallId,         // the group's dispatch count: ranks at other counts are out of step
-  kRecHandleId,       // a dispatch along a handle: the dispatch that made it; else 0
+  kRecOp = 0,         // kMoeRecordDispatch or kMoeRecordCombine
+  kRecCallId,         // dispatch: the group's dispatch count; combine: its handle's dispatch. Ranks at
+                      // other ids (or ops) are out of step
+  kRecHandleId,       // along a handle (dispatch or combine): the dispatch that made it; else 0
   kRecNumExperts,     // the checks every rank's call must share, from here to kRecPush
   kRecHidden,
   kRecDtype,          // c10::ScalarType of x
@@ -41,22 +45,25 @@ enum MoeRecordWord : int {
   kRecStatus,         // 0, or MoeRefusal: this rank cannot take part (kRecStatusValue, kRecStatusValue2)
   kRecStatusValue,
   kRecStatusValue2,
-  kRecCapacity,       // rows this rank's outputs hold (num_worst_tokens, or the handle's received rows)
-  kRecOffset,         // [4] where they lie in its MoE arena: recv_x, recv_x_scales, recv_topk_idx,
-                      // recv_topk_weights; -1: none
+  kRecCapacity,       // dispatch: rows this rank's outputs hold (num_worst_tokens, or the handle's received
+                      // rows); combine: rows of its x (a row past them was dropped by an overflowing dispatch)
+  kRecOffset,         // [4] where they lie in its MoE arena; dispatch: recv_x, recv_x_scales, recv_topk_idx,
+                      // recv_topk_weights; combine: x, topk_weights, -1, -1; -1: none
   kRecSend = kRecOffset + 4,             // [kMaxRanksPerNode] rows this rank sends each rank (its row of
-                                         // the send matrix, from its routing table on the device)
+                                         // the send matrix, from its routing table on the device; combine:
+                                         // the handle's, so the rows it sent at dispatch)
   kRecExpect = kRecSend + kMaxRanksPerNode,  // [kMaxRanksPerNode] rows its handle expects from each
-                                             // rank; -1: no expectation (num_worst_tokens)
+                                             // rank (received at dispatch); -1: no expectation
   kMoeRecordWords = kRecExpect + kMaxRanksPerNode,
 };
 constexpr int64_t kMoeRecordDispatch = 0x45504452;  // "EPDR"
+constexpr int64_t kMoeRecordCombine = 0x45504352;   // "EPCR"
 constexpr int kFirstCheckedWord = kRecNumExperts, kLastCheckedWord = kRecPush;
 
 // Why a rank cannot take part (kRecStatus): it still publishes its record, so no peer waits in vain.
 enum MoeRefusal : int64_t {
   kRefusedNone = 0,
-  kRefusedPool = 1,       // its MoE pool could not hold its outputs: value = their rows
+  kRefusedPool = 1,       // its MoE pool could not hold its outputs (combine: the copy of its x): value = their rows
   kRefusedExpertIds = 2,  // its topk_idx holds ids outside [-1, num_experts): value = the smallest, value2 the largest
   kRefusedOverflow = 3,   // an earlier dispatch of its (pulling, or a graph replay) overflowed num_worst_tokens and
                           // was not raised yet: its host raises that at this call, as the host records' path does
@@ -66,12 +73,13 @@ enum MoeRefusal : int64_t {
 enum MoeVerdictCode : int64_t {
   kVerdictOk = 0,
   kVerdictRefused = 1,    // `rank` refused (detail = MoeRefusal; value, peer_value its status values)
-  kVerdictOutOfStep = 2,  // `rank` is at dispatch #value, rank 0 (`peer`) at #peer_value
+  kVerdictOutOfStep = 2,  // detail kRecCallId: `rank` is at call #value, rank 0 (`peer`) at #peer_value;
+                          // detail kRecOp: `rank` makes op `value` (kMoeRecord*), rank 0 op `peer_value`
   kVerdictMismatch = 3,   // record word `detail` differs: `rank` has value, rank 0 (`peer`) peer_value
   kVerdictHandle = 4,     // detail 0: `rank` dispatches along the handle of #value, rank 0 along #peer_value;
                           // detail 1: receiver `rank` expects value rows from `peer`, which sends peer_value
-  kVerdictOverflow = 5,   // receiver `rank` gets value rows, its outputs hold peer_value: rows move, those past
-                          // the capacity are dropped by their senders
+  kVerdictOverflow = 5,   // dispatch: receiver `rank` gets value rows, its outputs hold peer_value: rows move,
+                          // those past the capacity are dropped by their senders
   kVerdictTimedOut = 6,   // this rank did not get `peer`'s record (a timeout: fatal, not the same on every rank)
 };
 struct MoeVerdict {
@@ -93,7 +101,10 @@ EP_HOST_DEVICE inline MoeVerdict moe_verdict(const int64_t (*records)[kMoeRecord
     if (records[s][kRecStatus] != kRefusedNone)
       return {kVerdictRefused, records[s][kRecStatus], s, -1, records[s][kRecStatusValue], records[s][kRecStatusValue2]};
   for (int s = 1; s < R; ++s)
-    if (records[s][kRecOp] != records[0][kRecOp] || records[s][kRecCallId] != records[0][kRecCallId])
+    if (records[s][kRecOp] != records[0][kRecOp])
+      return {kVerdictOutOfStep, kRecOp, s, 0, records[s][kRecOp], records[0][kRecOp]};
+  for (int s = 1; s < R; ++s)
+    if (records[s][kRecCallId] != records[0][kRecCallId])
       return {kVerdictOutOfStep, kRecCallId, s, 0, records[s][kRecCallId], records[0][kRecCallId]};
   for (int w = kFirstCheckedWord; w <= kLastCheckedWord; ++w)
     for (int s = 1; s < R; ++s)
@@ -106,6 +117,7 @@ EP_HOST_DEVICE inline MoeVerdict moe_verdict(const int64_t (*records)[kMoeRecord
       const int64_t expected = records[d][kRecExpect + s], sent = records[s][kRecSend + d];
       if (expected >= 0 && expected != sent) return {kVerdictHandle, 1, d, s, expected, sent};
     }
+  if (records[0][kRecOp] != kMoeRecordDispatch) return v;  // a combine's capacity is its x's rows
   for (int d = 0; d < R; ++d) {
     int64_t arriving = 0;
     for (int s = 0; s < R; ++s) arriving += records[s][kRecSend + d];
@@ -115,13 +127,14 @@ EP_HOST_DEVICE inline MoeVerdict moe_verdict(const int64_t (*records)[kMoeRecord
   return v;
 }
 
-// ---- this rank's plan, written by its notify kernel for its push kernel: int64 words
+// ---- this rank's plan, written by its notify kernel for the kernel that follows: int64 words
 enum MoePlanWord : int {
-  kPlanMoves = 0,   // 1: rows move (the verdict allows it); 0: nothing moves, outputs are padding
+  kPlanMoves = 0,   // 1: rows move (the verdict allows it); 0: nothing moves (dispatch: outputs are
+                    // padding; combine: every token sums no row)
   kPlanReceived,    // rows every rank sends this one
   kPlanFirstRow,    // [kMaxRanksPerNode] where this rank's rows start among rank d's received rows
-  kPlanCapacity = kPlanFirstRow + kMaxRanksPerNode,  // [kMaxRanksPerNode] rows rank d's outputs hold
-  kPlanOffset = kPlanCapacity + kMaxRanksPerNode,    // [kMaxRanksPerNode][4] where they lie in d's arena
+  kPlanCapacity = kPlanFirstRow + kMaxRanksPerNode,  // [kMaxRanksPerNode] rank d's kRecCapacity
+  kPlanOffset = kPlanCapacity + kMaxRanksPerNode,    // [kMaxRanksPerNode][4] rank d's kRecOffset
   kMoePlanWords = kPlanOffset + 4 * kMaxRanksPerNode,
 };
 
@@ -133,9 +146,10 @@ enum MoeReportWord : int {
   kMoeReportPeer,
   kMoeReportValue,
   kMoeReportPeerValue,
-  kMoeReportCallId,    // the dispatch whose notify found it
+  kMoeReportCallId,    // the call whose notify found it (its kRecCallId)
   kMoeReportLater,     // problems found while this report waited for the host (they had no slot)
   kMoeReportLaterCallId,  // the last of those calls
+  kMoeReportOp,        // the op whose notify found it (kMoeRecordDispatch or kMoeRecordCombine)
   kMoeReportWords,
 };
 
@@ -152,28 +166,40 @@ struct MoeRecordsLayout {
 };
 static_assert(MoeRecordsLayout::kFlagsBytes <= MoeRecordsLayout::kPlanOffset, "the flags fit before the plan");
 
-struct DispatchRecordsParams {
+// What a notify kernel needs: this rank's record, where every rank's records region is mapped,
+// where to report.
+struct MoeNotifyParams {
   int num_ranks;
   int rank;
   int64_t num_experts;
-  DispatchSource src;                 // this rank's inputs and routing table
-  int64_t record[kMoeRecordWords];    // this rank's record as its host knows it; the device adds its
-                                      // send row and, where topk_idx is sent, refuses expert ids out of range
+  const int32_t* meta;                // this rank's routing table (combine: its handle's)
+  int64_t num_tokens;                 // its N
+  bool check_expert_ids;              // topk_idx is sent: refuse ids outside [-1, num_experts) (from the
+                                      // table's id range, which no host has read)
+  int64_t record[kMoeRecordWords];    // this rank's record as its host knows it; the device adds its send row
   char* records[kMaxRanksPerNode];    // rank r's records region as mapped here
+  int64_t* report;                    // host-mapped, kMoeReportWords: the first problem since the host looked
+                                      // and a count of later ones
+  uint64_t timeout_ns;                // the bound on each wait for a slot or a record
+  int* error;                         // host-mapped: 1 + the rank a wait timed out on
+};
+
+// The notify kernel alone (one block): the records, the verdict, this rank's plan (in its records
+// region, kPlanOffset) and the report. A combine launches it before its pull kernel, whose
+// CombineParams::plan points at that plan.
+cudaError_t launch_moe_notify(const MoeNotifyParams& params, cudaStream_t stream);
+
+struct DispatchRecordsParams {
+  MoeNotifyParams notify;             // its bound and error word are the handshake's
+  DispatchSource src;                 // this rank's inputs and routing table
   char* arenas[kMaxRanksPerNode];     // rank r's MoE arena as mapped here
   int64_t row_bytes;                  // H * element size
   int num_scales;
   int num_topk;
   int num_blocks;                     // the SM budget
-  int64_t* report;                    // host-mapped, kMoeReportWords: the first problem since the host looked
-                                      // and a count of later ones
-  Handshake handshake;                // the done half (the records are the ready half); its bound and error
-                                      // word bound the notify's waits too
+  Handshake handshake;                // the done half (the records are the ready half)
 };
 
-// The notify kernel (one block) then the push kernel, on `stream`. A bad verdict moves no row on
-// any rank: each rank pads its outputs (topk ids -1, weights 0) and reports it. Two launches, not
-// one: the push kernel reads the plan in stream order, with no flag between blocks of one grid.
 cudaError_t launch_dispatch_with_records(const DispatchRecordsParams& params, cudaStream_t stream);
 
 }  // namespace ep::kernels

@@ -121,21 +121,23 @@ __device__ __forceinline__ float element(const Word<T, V>& word, int i) {
 
 // Rank d's row of the warp's token (lane d holds its index). Every lane calls it, with the same d.
 template <typename T, int V>
-__device__ __forceinline__ const Word<T, V>* source_row(const CombineParams& p, int d, int64_t row_of_lane) {
+__device__ __forceinline__ const Word<T, V>* source_row(const CombineParams& p, const CombineSources& src, int d,
+                                                        int64_t row_of_lane) {
   const int64_t row = __shfl_sync(0xffffffffu, row_of_lane, d);
-  return reinterpret_cast<const Word<T, V>*>(reinterpret_cast<const T*>(p.x[d]) + row * p.hidden);
+  return reinterpret_cast<const Word<T, V>*>(reinterpret_cast<const T*>(src.x[d]) + row * p.hidden);
 }
 
 // The token's row from at most two sources (bits of `sources`): each round loads kChunks chunks
 // a lane of both rows, then sums them; nothing is held across the loads but what they load.
 template <typename T, int V, int kChunks>
-__device__ __forceinline__ void sum_two_sources(const CombineParams& p, unsigned sources, int64_t row,
+__device__ __forceinline__ void sum_two_sources(const CombineParams& p, const CombineSources& src, unsigned sources,
+                                                int64_t row,
                                                 Pack<T, V>* out, int lane) {
   const int64_t chunks = p.hidden / V;
   const int d0 = __ffs(sources) - 1, d1 = __ffs(sources & (sources - 1)) - 1;  // -1: none
   const bool has0 = d0 >= 0, has1 = d1 >= 0;
-  const Word<T, V>* in0 = has0 ? source_row<T, V>(p, d0, row) : nullptr;
-  const Word<T, V>* in1 = has1 ? source_row<T, V>(p, d1, row) : nullptr;
+  const Word<T, V>* in0 = has0 ? source_row<T, V>(p, src, d0, row) : nullptr;
+  const Word<T, V>* in1 = has1 ? source_row<T, V>(p, src, d1, row) : nullptr;
 #pragma unroll 1
   for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kChunks) {
     Word<T, V> a[kChunks] = {}, b[kChunks] = {};  // zeros: no value lives on past the round
@@ -166,7 +168,8 @@ __device__ __forceinline__ void sum_two_sources(const CombineParams& p, unsigned
 // step together over the warp (every lane runs each, idle past the row's end), since source_row
 // shuffles.
 template <typename T, int V, int kChunks>
-__device__ __forceinline__ void sum_sources(const CombineParams& p, unsigned sources, int64_t row,
+__device__ __forceinline__ void sum_sources(const CombineParams& p, const CombineSources& src, unsigned sources,
+                                                int64_t row,
                                             Pack<T, V>* out, int lane) {
   const int64_t chunks = p.hidden / V;
 #pragma unroll 1
@@ -183,9 +186,9 @@ __device__ __forceinline__ void sum_sources(const CombineParams& p, unsigned sou
       left &= left - 1;
       const int d1 = __ffs(left) - 1;  // -1: d0 was the last
       left &= left - 1;
-      const Word<T, V>* in0 = source_row<T, V>(p, d0, row);
+      const Word<T, V>* in0 = source_row<T, V>(p, src, d0, row);
       const bool has1 = d1 >= 0;
-      const Word<T, V>* in1 = has1 ? source_row<T, V>(p, d1, row) : nullptr;
+      const Word<T, V>* in1 = has1 ? source_row<T, V>(p, src, d1, row) : nullptr;
       Word<T, V> a[kChunks] = {}, b[kChunks] = {};  // zeros: no value lives on past the round
 #pragma unroll
       for (int u = 0; u < kChunks; ++u)
@@ -217,16 +220,12 @@ __device__ __forceinline__ void sum_sources(const CombineParams& p, unsigned sou
 
 template <typename T, int V, int kChunks>
 __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams p) {
-  __shared__ int64_t first_row_at[kMaxRanksPerNode];  // where this rank's rows start on rank d
+  __shared__ CombineSources src;
   const int R = p.num_ranks;
   const int lane = threadIdx.x & 31;
   const MetaLayout l{R, p.num_experts, p.num_tokens};
   handshake_begin(p.handshake, R);
-  if (threadIdx.x < R) {  // rank d received the rows of ranks 0 .. rank-1 before ours
-    int64_t at = 0;
-    for (int s = 0; s < p.rank; ++s) at += p.meta[s][MetaLayout::tokens_per_rank() + threadIdx.x];
-    first_row_at[threadIdx.x] = at;
-  }
+  load_combine_sources(p, src);
   __syncthreads();
   const int32_t* token_pos = p.meta[p.rank] + l.token_pos();  // [N, R]
   const int64_t warps = int64_t(gridDim.x) * kWarps;
@@ -237,16 +236,16 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
   for (; t < p.num_tokens; t += warps) {
     int64_t row = -1;  // lane d: where the token's row sits in rank d's input
     if (pos >= 0) {
-      row = first_row_at[lane] + int64_t(pos);
-      if (row >= p.x_rows[lane]) row = -1;  // dropped by an overflowing dispatch
+      row = src.first_row_at[lane] + int64_t(pos);
+      if (row >= src.x_rows[lane]) row = -1;  // dropped by an overflowing dispatch
     }
     pos = lane < R && t + warps < p.num_tokens ? token_pos[(t + warps) * R + lane] : -1;
     const unsigned sources = __ballot_sync(0xffffffffu, row >= 0);
     auto* out = reinterpret_cast<Pack<T, V>*>(reinterpret_cast<T*>(p.out) + t * p.hidden);
     if (__popc(sources) <= 2)
-      sum_two_sources<T, V, kChunks>(p, sources, row, out, lane);
+      sum_two_sources<T, V, kChunks>(p, src, sources, row, out, lane);
     else
-      sum_sources<T, V, kChunks / 2>(p, sources, row, out, lane);
+      sum_sources<T, V, kChunks / 2>(p, src, sources, row, out, lane);
     if (p.out_weights) {
       const int K = p.num_topk;
       for (int k0 = 0; k0 < K; k0 += 32) {  // every lane runs each step: source_row-like shuffles
@@ -260,8 +259,8 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
           const int64_t r0 = __shfl_sync(0xffffffffu, row, d0);
           const int64_t r1 = __shfl_sync(0xffffffffu, row, d1 >= 0 ? d1 : d0);
           if (k < K) {
-            const float w0 = p.topk_weights[d0][r0 * K + k];
-            const float w1 = d1 >= 0 ? p.topk_weights[d1][r1 * K + k] : 0.f;
+            const float w0 = src.topk_weights[d0][r0 * K + k];
+            const float w1 = d1 >= 0 ? src.topk_weights[d1][r1 * K + k] : 0.f;
             acc += w0;
             if (d1 >= 0) acc += w1;
           }

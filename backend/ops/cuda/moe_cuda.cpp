@@ -6,8 +6,9 @@
 //                 the layout kernel writes to pinned memory (a wait; then a [signal] kernel
 //                 sends "ready" first, so it overlaps the wait); none with num_worst_tokens.
 //                 Then one record exchange with every peer: sizes, checks, and IPC handles of
-//                 the tensors its kernel will read (none under Options.moe_device_records where
-//                 the host need not wait for sizes: moe_push.cpp, kernels/moe_records.cuh)
+//                 the tensors its kernel will read (none under Options.moe_device_records, for a
+//                 dispatch the host need not wait for and for an eager combine: a notify kernel
+//                 exchanges the records instead; moe_push.cpp, kernels/moe_records.cuh)
 //   [dispatch | combine]   one kernel: "my inputs are ready" to every peer and wait for theirs;
 //                 pull straight from the peers' tensors into this rank's outputs; then "I am
 //                 done reading yours" and wait until every peer is done with ours, so no input
@@ -442,55 +443,72 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
   const int64_t N = a.num_tokens, H = a.x.size(1);
   const int64_t K = a.topk_weights ? a.topk_weights->size(1) : 0;
   // Combine pulls as ever; an x (or weights) of the MoE pool, a pushing dispatch's output, is
-  // reached through the arena every rank maps, not exported.
+  // reached through the arena every rank maps, not exported. With device records (eager calls)
+  // the records go through the device too: no host exchange (moe_push.cpp, notify_combine).
   std::shared_ptr<MoePool> pool = group.config().moe_push ? group.moe_pool_if_any() : nullptr;
   const CommPool* moe_arena = pool ? pool->arena.get() : nullptr;
+  const bool device_records = combine_device_records_this_call(group, stream);
+  TORCH_CHECK(!device_records || pool, op, ": this group exchanges records through the device "
+              "(Options.moe_device_records) but has no MoE pool");
 
   Phases phase;
   try {
-    phase.next("ep::combine/records");
-    std::vector<Record> mine = combine_records(a, R);
-    reject_if_overflowed(*transport, mine);
-    phase.next("ep::combine/export");
-    share(*transport, {ptr_of(a.x), ptr_of(a.topk_weights), ptr_of(a.handle_meta)}, mine, moe_arena);
-    phase.next("ep::combine/exchange");
-    const std::vector<Record> theirs = exchange(*transport, mine, op);
-    phase.next("ep::combine/outputs");
-    check_records(op, int(rank), mine[rank], theirs);
-    check_combine_counts(a, rank, theirs);
-
-    CombineOutputs o;
-    o.combined_x = at::empty({N, H}, a.x.options());
-    o.combined_topk_weights = a.topk_weights ? at::empty({N, K}, a.x.options().dtype(at::kFloat))
-                                             : at::empty({0}, a.x.options().dtype(at::kFloat));
     kernels::CombineParams p{};
     p.num_ranks = int(R);
     p.rank = int(rank);
     p.num_experts = a.num_experts;
     p.num_tokens = N;
-    for (int d = 0; d < R; ++d) {
-      p.x[d] = peer_ptr(*transport, d, theirs[d], 0, ptr_of(a.x), moe_arena);
-      p.topk_weights[d] = reinterpret_cast<const float*>(peer_ptr(*transport, d, theirs[d], 1, ptr_of(a.topk_weights), moe_arena));
-      p.meta[d] = reinterpret_cast<const int32_t*>(peer_ptr(*transport, d, theirs[d], 2, ptr_of(a.handle_meta), moe_arena));
-      p.x_rows[d] = d == rank ? a.x.size(0) : theirs[d].num_tokens;
-    }
+    p.meta[rank] = a.handle_meta.data_ptr<int32_t>();
     p.hidden = H;
     p.dtype = a.x.scalar_type() == at::kBFloat16 ? kernels::DType::kBFloat16
               : a.x.scalar_type() == at::kHalf   ? kernels::DType::kFloat16
                                                   : kernels::DType::kFloat32;
     p.num_topk = int(K);
-    p.out = static_cast<char*>(o.combined_x.data_ptr());
-    p.out_weights = a.topk_weights ? o.combined_topk_weights.data_ptr<float>() : nullptr;
     p.num_blocks = num_blocks(group, device, group.config().auto_sms_combine);
     p.copy = kernels::MoeCopy(group.config().moe_copy);
+    // The records are the ready half under device records; else the kernel sends it.
+    p.handshake = handshake(*transport, /*with_ready=*/!device_records);
 
-    p.handshake = handshake(*transport, /*with_ready=*/true);
+    // The outputs first: an allocation that fails raises before any peer waits for this rank.
+    phase.next("ep::combine/outputs");
+    CombineOutputs o;
+    o.combined_x = at::empty({N, H}, a.x.options());
+    o.combined_topk_weights = a.topk_weights ? at::empty({N, K}, a.x.options().dtype(at::kFloat))
+                                             : at::empty({0}, a.x.options().dtype(at::kFloat));
+    p.out = static_cast<char*>(o.combined_x.data_ptr());
+    p.out_weights = a.topk_weights ? o.combined_topk_weights.data_ptr<float>() : nullptr;
+
+    std::vector<Tensor> staged;  // copies of x and weights in the MoE pool, held until the launch is queued
+    std::string raise_after;     // this rank's refusal, raised once its kernels are queued
+    if (device_records) {
+      phase.next("ep::combine/device_records");
+      raise_after = notify_combine(*transport, *pool, a, stream, p, staged);
+    } else {
+      phase.next("ep::combine/records");
+      std::vector<Record> mine = combine_records(a, R);
+      reject_if_overflowed(*transport, mine);
+      phase.next("ep::combine/export");
+      share(*transport, {ptr_of(a.x), ptr_of(a.topk_weights), ptr_of(a.handle_meta)}, mine, moe_arena);
+      phase.next("ep::combine/exchange");
+      const std::vector<Record> theirs = exchange(*transport, mine, op);
+      check_records(op, int(rank), mine[rank], theirs);
+      check_combine_counts(a, rank, theirs);
+      for (int d = 0; d < R; ++d) {
+        p.x[d] = peer_ptr(*transport, d, theirs[d], 0, ptr_of(a.x), moe_arena);
+        p.topk_weights[d] = reinterpret_cast<const float*>(peer_ptr(*transport, d, theirs[d], 1, ptr_of(a.topk_weights), moe_arena));
+        p.meta[d] = reinterpret_cast<const int32_t*>(peer_ptr(*transport, d, theirs[d], 2, ptr_of(a.handle_meta), moe_arena));
+        p.x_rows[d] = d == rank ? a.x.size(0) : theirs[d].num_tokens;
+      }
+    }
+
 
     phase.next("ep::combine/launch");
     EP_CUDA_CHECK(kernels::launch_combine(p, stream));
     phase.next("ep::combine/track");
     transport->track(op, stream, peers_of(int(rank), int(R)));
-    raise_device_report(*transport, int(rank), -1, op);  // an earlier dispatch's, once this call is queued
+    staged.clear();  // freed in stream order: reused only after this call's kernels
+    TORCH_CHECK_VALUE(raise_after.empty(), raise_after);
+    raise_device_report(*transport, int(rank), int64_t(a.handle_counts.call_id), op);  // once this call is queued
     return o;
   } catch (const CommError& e) {  // timeouts included
     group.raise_failure(e.what());

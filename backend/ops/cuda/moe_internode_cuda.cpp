@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "backend/kernels/moe_meta.hpp"
+#include "backend/ops/cuda/moe_push.hpp"
 #include "backend/ops/moe_internode.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
@@ -139,7 +140,8 @@ CombineOutputs combine_cuda_internode(ProcessGroupEP& group, const CombineArgs& 
 
 Tensor combine_buffer_cuda(ProcessGroupEP& group, const HandleCounts& h, int64_t rows, int64_t hidden,
                            at::ScalarType dtype, const at::Device& device) {
-  if (!group.topology().multi_node() || !group.config().internode_device) return {};
+  if (!group.topology().multi_node()) return combine_buffer_in_pool(group, rows, hidden, dtype, device);
+  if (!group.config().internode_device) return {};
   c10::cuda::CUDAGuard guard(device);
   try {
     return combine_buffer_cuda_internode_device(group, h, rows, hidden, dtype, device);
@@ -176,9 +178,9 @@ CombineOutputs combine_cuda_internode(ProcessGroupEP& group, const CombineArgs& 
   group.internode_transport(a.x.device(), "combine");
   return {};
 }
-at::Tensor combine_buffer_cuda(ProcessGroupEP&, const HandleCounts&, int64_t, int64_t, at::ScalarType,
-                               const at::Device&) {
-  return {};
+at::Tensor combine_buffer_cuda(ProcessGroupEP& group, const HandleCounts&, int64_t rows, int64_t hidden,
+                               at::ScalarType dtype, const at::Device& device) {
+  return combine_buffer_in_pool(group, rows, hidden, dtype, device);  // one node's route, virtual nodes too
 }
 std::vector<at::Tensor> dispatch_buffer_cuda(ProcessGroupEP&, int64_t, int64_t, at::ScalarType, const at::Device&) {
   return {};

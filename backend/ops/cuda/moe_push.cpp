@@ -1,6 +1,7 @@
 #include "backend/ops/cuda/moe_push.hpp"
 
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 
 #include <cstring>
@@ -157,15 +158,19 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   const bool allocated = allocate_from_pool(pool, rank, a, capacity, o, target, &refusal);
 
   DispatchRecordsParams p{};
-  p.num_ranks = R;
-  p.rank = rank;
-  p.num_experts = E;
+  MoeNotifyParams& n = p.notify;
+  n.num_ranks = R;
+  n.rank = rank;
+  n.num_experts = E;
+  n.meta = meta.data_ptr<int32_t>();
+  n.num_tokens = N;
+  n.check_expert_ids = !cached && a.topk_idx->numel() > 0;
   p.src = {static_cast<const char*>(a.x.numel() ? a.x.data_ptr() : nullptr),
            a.x_scales && a.x_scales->numel() ? a.x_scales->data_ptr<float>() : nullptr,
            cached || !a.topk_idx->numel() ? nullptr : a.topk_idx->data_ptr<int64_t>(),
            a.topk_weights && a.topk_weights->numel() ? a.topk_weights->data_ptr<float>() : nullptr,
            meta.data_ptr<int32_t>(), N};
-  int64_t* record = p.record;
+  int64_t* record = n.record;
   record[kRecOp] = kMoeRecordDispatch;
   record[kRecCallId] = call_id;
   record[kRecHandleId] = cached ? a.handle_counts->call_id : 0;
@@ -185,16 +190,18 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   for (int i = 0; i < 4; ++i) record[kRecOffset + i] = allocated ? target.offset[i] : -1;
   for (int s = 0; s < R; ++s) record[kRecExpect + s] = cached ? a.handle_counts->recv[size_t(s)] : -1;  // -1: none
   for (int r = 0; r < R; ++r) {
-    p.records[r] = transport.records(r);
+    n.records[r] = transport.records(r);
     p.arenas[r] = pool.arena->arena(r);
-    TORCH_CHECK(p.records[r] && p.arenas[r], op, ": rank ", r, "'s records or MoE arena are not mapped here (the "
+    TORCH_CHECK(n.records[r] && p.arenas[r], op, ": rank ", r, "'s records or MoE arena are not mapped here (the "
                 "group is shutting down?)");
   }
   p.row_bytes = H * int64_t(a.x.element_size());
   p.num_scales = a.x_scales ? int(a.x_scales->size(1)) : 0;
   p.num_topk = int(K);
   p.num_blocks = num_blocks;
-  p.report = transport.moe_report();
+  n.report = transport.moe_report();
+  n.timeout_ns = handshake.timeout_ns;
+  n.error = handshake.error;
   p.handshake = handshake;
   EP_CUDA_CHECK(launch_dispatch_with_records(p, stream));
   std::vector<int> peers;
@@ -224,6 +231,121 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   return o;
 }
 
+bool combine_device_records_this_call(const ProcessGroupEP& group, cudaStream_t stream) {
+  return group.config().moe_push && group.config().moe_device_records && !stream_capturing(stream);
+}
+
+at::Tensor empty_in_pool(MoePool& pool, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  try {
+    RouteToPool route(pool, options.device().index());
+    at::Tensor t = at::empty(sizes, options);
+    if (t.numel() && pool.arena->offset_of(t.data_ptr(), t.nbytes()) < 0) return {};  // routed to another pool
+    return t;
+  } catch (const std::exception&) {  // out of memory, or another failure: the caller decides
+    return {};
+  }
+}
+
+at::Tensor combine_buffer_in_pool(ProcessGroupEP& group, int64_t rows, int64_t hidden, at::ScalarType dtype,
+                                  const at::Device& device) {
+  if (!group.config().moe_push) return {};
+  const std::shared_ptr<MoePool> pool = group.moe_pool_if_any();
+  if (!pool) return {};
+  c10::cuda::CUDAGuard guard(device);
+  return empty_in_pool(*pool, {rows, hidden}, at::TensorOptions().dtype(dtype).device(device));
+}
+
+namespace {
+
+// Where `t` lies in this rank's MoE arena, 16-byte aligned (the pull kernels' widest loads): its
+// offset there; else the offset of a copy made there on `stream`, kept in `staged` until the
+// launch is queued (freed then, the caching allocator reuses it in stream order, after the pull
+// kernel, which ends once every peer is done reading it). -1: an empty tensor. False: the pool
+// cannot hold the copy.
+bool offset_in_arena(MoePool& pool, const at::Tensor& t, cudaStream_t stream,
+                     std::vector<at::Tensor>& staged, int64_t* offset) {
+  *offset = -1;
+  if (!t.numel()) return true;
+  const int64_t at = pool.arena->offset_of(t.data_ptr(), t.nbytes());
+  if (at >= 0 && at % 16 == 0) {
+    *offset = at;
+    return true;
+  }
+  at::Tensor copy = empty_in_pool(pool, t.sizes(), t.options());
+  if (!copy.defined()) return false;
+  EP_CUDA_CHECK(cudaMemcpyAsync(copy.data_ptr(), t.data_ptr(), t.nbytes(), cudaMemcpyDeviceToDevice, stream));
+  *offset = pool.arena->offset_of(copy.data_ptr(), copy.nbytes());
+  staged.push_back(std::move(copy));
+  return true;
+}
+
+}  // namespace
+
+std::string notify_combine(CudaTransport& transport, MoePool& pool, const CombineArgs& a,
+                           cudaStream_t stream, kernels::CombineParams& p, std::vector<at::Tensor>& staged) {
+  using namespace kernels;
+  const char* op = "combine";
+  const int R = transport.size(), rank = transport.rank();
+  const HandleCounts& h = a.handle_counts;
+  int64_t x_at = -1, weights_at = -1;
+  bool held = offset_in_arena(pool, a.x, stream, staged, &x_at);
+  if (held && a.topk_weights) held = offset_in_arena(pool, *a.topk_weights, stream, staged, &weights_at);
+  // An overflow an earlier dispatch left refuses this call on every rank, as reject_if_overflowed
+  // does through the host's records.
+  const std::string overflow = transport.take_dispatch_overflow();
+
+  MoeNotifyParams n{};
+  n.num_ranks = R;
+  n.rank = rank;
+  n.num_experts = a.num_experts;
+  n.meta = a.handle_meta.data_ptr<int32_t>();  // its send row: the rows this rank sent at dispatch
+  n.num_tokens = a.num_tokens;
+  n.check_expert_ids = false;
+  int64_t* record = n.record;
+  record[kRecOp] = kMoeRecordCombine;
+  record[kRecCallId] = int64_t(h.call_id);
+  record[kRecHandleId] = int64_t(h.call_id);
+  record[kRecNumExperts] = a.num_experts;
+  record[kRecHidden] = a.x.size(1);
+  record[kRecDtype] = int64_t(a.x.scalar_type());
+  record[kRecNumTopk] = a.topk_weights ? a.topk_weights->size(1) : 0;
+  record[kRecHasScales] = 0;
+  record[kRecHasWeights] = a.topk_weights.has_value();
+  record[kRecPush] = 1;
+  record[kRecStatus] = !overflow.empty() ? kRefusedOverflow : held ? kRefusedNone : kRefusedPool;
+  record[kRecStatusValue] = a.x.size(0);
+  record[kRecCapacity] = a.x.size(0);
+  record[kRecOffset + 0] = x_at;
+  record[kRecOffset + 1] = weights_at;
+  record[kRecOffset + 2] = record[kRecOffset + 3] = -1;
+  for (int s = 0; s < R; ++s) record[kRecExpect + s] = h.recv[size_t(s)];  // -1: only the device knew
+  for (int r = 0; r < R; ++r) {
+    n.records[r] = transport.records(r);
+    p.arenas[r] = pool.arena->arena(r);
+    TORCH_CHECK(n.records[r] && p.arenas[r], op, ": rank ", r, "'s records or MoE arena are not mapped here (the "
+                "group is shutting down?)");
+  }
+  n.report = transport.moe_report();
+  n.timeout_ns = p.handshake.timeout_ns;
+  n.error = p.handshake.error;
+  EP_CUDA_CHECK(launch_moe_notify(n, stream));
+  p.plan = reinterpret_cast<const int64_t*>(transport.records(rank) + MoeRecordsLayout::kPlanOffset);
+  for (int d = 0; d < R; ++d) {  // the plan says where the peers' tensors lie
+    p.x[d] = nullptr;
+    p.topk_weights[d] = nullptr;
+    p.x_rows[d] = 0;
+    if (d != rank) p.meta[d] = nullptr;
+  }
+  if (!overflow.empty()) return overflow + "; no rank moved rows in this combine";
+  if (!held)
+    return std::string(op) + " on rank " + std::to_string(rank) + ": the MoE pool (TORCH_EP_MOE_POOL_BYTES: " +
+           mib(pool.arena->bytes()) + " a rank, " + mib(pool.arena->used()) + " held) cannot hold a copy of x (" +
+           std::to_string(a.x.size(0)) + " rows), which peers read from there; no rank moved rows in this combine "
+           "(its outputs are zeros). Write x into torch_ep.combine_buffer(handle), raise TORCH_EP_MOE_POOL_BYTES, or "
+           "keep fewer dispatch outputs alive";
+  return "";
+}
+
 namespace {
 
 const char* checked_field(int64_t word) {
@@ -231,7 +353,7 @@ const char* checked_field(int64_t word) {
     case kernels::kRecNumExperts: return "num_experts";
     case kernels::kRecHidden: return "the hidden size";
     case kernels::kRecDtype: return "the dtype of x (as c10::ScalarType)";
-    case kernels::kRecNumTopk: return "the number of top-k slots sent (0 along a handle)";
+    case kernels::kRecNumTopk: return "the number of top-k slots sent (0 along a handle; a combine: topk_weights' columns)";
     case kernels::kRecHasScales: return "whether fp8 scales are sent";
     case kernels::kRecHasWeights: return "whether topk_weights are sent";
     case kernels::kRecPush: return "whether dispatch pushes (Options.moe_push, TORCH_EP_MOE_PUSH)";
@@ -246,15 +368,24 @@ std::string device_report_message(const std::vector<int64_t>& w, int rank, int64
   if (w.size() < size_t(kMoeReportWords) || w[kMoeReportCode] == kVerdictOk) return "";
   const int64_t call = w[kMoeReportCallId], who = w[kMoeReportRank], peer = w[kMoeReportPeer];
   const int64_t value = w[kMoeReportValue], peer_value = w[kMoeReportPeerValue];
-  const std::string when = call == current_call ? "this dispatch (#" + std::to_string(call) + ")"
-                                                : "an earlier dispatch (#" + std::to_string(call) + ")";
+  const bool combine = w[kMoeReportOp] == kMoeRecordCombine;
+  // "this" call only where the report is of the raising op's kind and of its call id.
+  const bool this_call = call == current_call && std::string(op) == (combine ? "combine" : "dispatch");
+  const std::string when =
+      combine ? (this_call ? "this combine" : "an earlier combine") + std::string(" (along the handle of dispatch #") +
+                    std::to_string(call) + ")"
+              : (this_call ? "this dispatch (#" : "an earlier dispatch (#") + std::to_string(call) + ")";
   std::string what;
-  const char* nothing_moved = "; no rank moved rows in that call (its outputs are padding: recv_topk_idx -1)";
+  const char* nothing_moved = combine ? "; no rank moved rows in that call (its outputs are zeros)"
+                                      : "; no rank moved rows in that call (its outputs are padding: recv_topk_idx -1)";
+  auto op_name = [](int64_t word) {
+    return std::string(word == kMoeRecordDispatch ? "a dispatch" : word == kMoeRecordCombine ? "a combine" : "another op");
+  };
   switch (w[kMoeReportCode]) {
     case kVerdictRefused:
       if (w[kMoeReportDetail] == kRefusedPool)
-        what = "rank " + std::to_string(who) + " could not allocate its outputs (" + std::to_string(value) +
-               " rows) in its MoE pool (TORCH_EP_MOE_POOL_BYTES)";
+        what = "rank " + std::to_string(who) + " could not allocate " + (combine ? "a copy of its x (" : "its outputs (") +
+               std::to_string(value) + " rows) in its MoE pool (TORCH_EP_MOE_POOL_BYTES)";
       else if (w[kMoeReportDetail] == kRefusedOverflow)
         what = "an earlier dispatch on rank " + std::to_string(who) + " received more rows than num_worst_tokens "
                "(that rank raises it)";
@@ -264,9 +395,17 @@ std::string device_report_message(const std::vector<int64_t>& w, int rank, int64
       what += nothing_moved;
       break;
     case kVerdictOutOfStep:
-      what = "rank " + std::to_string(who) + " was at its dispatch #" + std::to_string(value) + " but rank " +
-             std::to_string(peer) + " at #" + std::to_string(peer_value) + "; the ranks' calls are out of step" +
-             nothing_moved;
+      if (w[kMoeReportDetail] == kRecOp)
+        what = "rank " + std::to_string(who) + " made " + op_name(value) + " but rank " + std::to_string(peer) + " " +
+               op_name(peer_value) + "; the ranks' calls are out of step" + nothing_moved;
+      else if (combine)
+        what = "rank " + std::to_string(who) + " combined along the handle of dispatch #" + std::to_string(value) +
+               " but rank " + std::to_string(peer) + " along that of #" + std::to_string(peer_value) +
+               "; every rank must pass the handle of the same dispatch" + nothing_moved;
+      else
+        what = "rank " + std::to_string(who) + " was at its dispatch #" + std::to_string(value) + " but rank " +
+               std::to_string(peer) + " at #" + std::to_string(peer_value) + "; the ranks' calls are out of step" +
+               nothing_moved;
       break;
     case kVerdictMismatch:
       what = std::string("the ranks disagree on ") + checked_field(w[kMoeReportDetail]) + ": rank " +
@@ -277,8 +416,11 @@ std::string device_report_message(const std::vector<int64_t>& w, int rank, int64
       what = w[kMoeReportDetail] == 0
                  ? "rank " + std::to_string(who) + " dispatched along the handle of dispatch #" + std::to_string(value) +
                        " but rank " + std::to_string(peer) + " along that of #" + std::to_string(peer_value)
-                 : "rank " + std::to_string(who) + "'s handle expects " + std::to_string(value) + " rows from rank " +
-                       std::to_string(peer) + ", which sends " + std::to_string(peer_value);
+                 : combine ? "rank " + std::to_string(who) + "'s handle says it received " + std::to_string(value) +
+                                 " rows from rank " + std::to_string(peer) + ", whose handle says it sent " +
+                                 std::to_string(peer_value)
+                           : "rank " + std::to_string(who) + "'s handle expects " + std::to_string(value) +
+                                 " rows from rank " + std::to_string(peer) + ", which sends " + std::to_string(peer_value);
       what += std::string("; every rank must pass the handle of the same dispatch") + nothing_moved;
       break;
     case kVerdictOverflow:

@@ -60,14 +60,37 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
                                              const DispatchArgs& a, const at::Tensor& meta, bool given,
                                              cudaStream_t stream, int num_blocks, const kernels::Handshake& handshake);
 
+// ---- combine with device records (under the same options): every eager combine of such a group
+// exchanges its records through the device; a combine captured in a CUDA graph keeps the host's.
+bool combine_device_records_this_call(const ProcessGroupEP& group, cudaStream_t stream);
+
+// The device records' half of such a combine: this rank's x and topk_weights in the MoE pool (where
+// they lie there, 16-byte aligned; else a copy there, queued on `stream` and kept in `staged` until
+// the launch is queued), the notify kernel, and `p`'s plan and arenas, for the pull kernel that
+// follows (`p`'s handshake is set: its bound and error word bound the notify's waits). Returns
+// what this rank raises once that kernel is queued: its refusal (the pool cannot hold the copy, or
+// an earlier dispatch's overflow), which makes every rank's pull move nothing; "" where none.
+std::string notify_combine(CudaTransport& transport, MoePool& pool, const CombineArgs& a,
+                           cudaStream_t stream, kernels::CombineParams& p, std::vector<at::Tensor>& staged);
+
+// A [rows, hidden] tensor of `dtype` from the MoE pool, for torch_ep.combine_buffer: a combine
+// given it (or any 16-byte aligned tensor of the pool) as x copies nothing. Undefined where the
+// pool cannot hold it (the caller makes a plain tensor).
+at::Tensor empty_in_pool(MoePool& pool, at::IntArrayRef sizes, const at::TensorOptions& options);
+// torch_ep.combine_buffer on one node: a [rows, hidden] tensor of the group's MoE pool where the
+// group pushes (Options.moe_push) and its pool is made; undefined elsewhere or where it is full.
+at::Tensor combine_buffer_in_pool(ProcessGroupEP& group, int64_t rows, int64_t hidden, at::ScalarType dtype,
+                                  const at::Device& device);
+
 // The rows a pushing dispatch's outputs hold where the host knows them before any exchange (a
 // handle, or num_worst_tokens): num_worst_tokens (along such a dispatch's handle too, which
 // ep::moe::dispatch passes on), else the rows the handle received.
 int64_t known_capacity(const DispatchArgs& a);
 
 // What a notify kernel reported (CudaTransport::take_moe_report's words) as the error to raise on
-// `rank`; "" when it reported nothing. `current_call`: the call that raises it (-1: none, as in
-// check_errors), to say whether the report is this call's or an earlier one's.
+// `rank`; "" when it reported nothing. `current_call` (the dispatch's id; a combine's handle's) and
+// `op`: the call that raises it (-1: none, as in check_errors), to say whether the report is this
+// call's or an earlier one's.
 std::string device_report_message(const std::vector<int64_t>& words, int rank, int64_t current_call, const char* op);
 // Takes the transport's report and raises it (ValueError for a refusal or an overflow,
 // RuntimeError for ranks that disagree); nothing when there is none.
