@@ -30,7 +30,8 @@
 #     (tools/moe_profile.py), copy_tests (the MoE copy variants' GPU tests), internode_bench,
 #     (TORCH_EP_INTERNODE_BENCH_ARGS adds arguments, e.g. --no-host-route; TORCH_EP_INTERNODE_BENCH the
 #     topologies, default 2x2; TORCH_EP_INTERNODE_BENCH_VARIANTS runs it and internode_profile once
-#     per set of settings, below), ll_remote_bench (the low-latency ops with the remote path forced, same topologies),
+#     per set of settings, below), ll_remote_bench (the low-latency ops with the remote path forced, same topologies;
+#     TORCH_EP_LL_REMOTE_BENCH_VARIANTS runs it once per set of settings, at ll_remote_benches),
 #     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
 #     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), pool_probe (tools/pool_copy_probe.cu:
 #     the one-copy move's copy shapes, 2 ranks under MPS at 64 MiB, then 1 rank), timeouts, faults (a rank killed
@@ -107,13 +108,27 @@ run_bench() {
     torchrun --standalone --nproc-per-node "$R" "$@" > "$LOGS/$LOG" 2>&1 || STATUS=1
   tail -"$LINES" "$LOGS/$LOG" >> "$SUMMARY"
 }
-# The low-latency ops with the remote path forced against intranode, at each TORCH_EP_INTERNODE_BENCH topology.
+# The low-latency ops with the remote path forced against intranode, at each TORCH_EP_INTERNODE_BENCH topology,
+# once per TORCH_EP_LL_REMOTE_BENCH_VARIANTS entry (space-separated; each a comma-separated list of
+# VAR=VALUE set for that run only, or "default"), e.g. "default TORCH_EP_LL_REMOTE_PUTS=batched";
+# a variant's logs carry its settings in their names.
 ll_remote_benches() {
+  local TOPO VARIANT TAG ENVS
   for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
     local R=$(( ${TOPO%x*} * ${TOPO#*x} ))
-    step "low-latency benchmark, $TOPO virtual nodes, remote path forced against intranode"
-    run_bench "$R" 150 "ll_remote_bench_$TOPO.log" 12 benchmarks/low_latency.py --remote-ranks-per-node "${TOPO#*x}" \
-      --out "$LOGS/low_latency_remote_$TOPO"
+    for VARIANT in ${TORCH_EP_LL_REMOTE_BENCH_VARIANTS:-default}; do
+      ENVS=(); TAG=""
+      if [ "$VARIANT" != default ]; then
+        IFS=, read -ra ENVS <<< "$VARIANT"
+        TAG="_$(echo "$VARIANT" | sed 's/TORCH_EP_//g; s/[^A-Za-z0-9=]/_/g; s/=/-/g')"
+      fi
+      step "low-latency benchmark, $TOPO virtual nodes, remote path forced against intranode${TAG:+, $VARIANT}"
+      # a subshell, so that the variant's settings end with its run
+      ( [ ${#ENVS[@]} -gt 0 ] && export "${ENVS[@]}"
+        run_bench "$R" 150 "ll_remote_bench_$TOPO$TAG.log" 12 benchmarks/low_latency.py --remote-ranks-per-node "${TOPO#*x}" \
+          --out "$LOGS/low_latency_remote_$TOPO$TAG"
+        exit $STATUS ) || STATUS=1
+    done
   done
 }
 python3 -c 'import deep_ep; print("deep_ep", deep_ep.__file__)' >> "$SUMMARY" 2>&1 || echo "deep_ep: not importable" >> "$SUMMARY"

@@ -139,10 +139,20 @@ __device__ __forceinline__ bool has_expert_of(const DispatchSendParams& p, int t
   return hit;
 }
 
-// How many of the tokens go to rank r (a warp, lanes over the tokens).
-__device__ __forceinline__ int count_going_to(const DispatchSendParams& p, int r, int lane) {
+// Tokens per put across nodes: 1 unless puts take runs (DispatchSendParams::remote_put_tokens).
+__device__ __forceinline__ int put_tokens(const DispatchSendParams& p) { return max(p.remote_put_tokens, 1); }
+
+// Whether a put to rank r starts at token t: t goes to r, and starts a run of tokens going to r
+// or a new piece of one (runs are cut at multiples of put_tokens). One thread.
+__device__ __forceinline__ bool starts_put(const DispatchSendParams& p, int t, int r) {
+  return has_expert_of(p, t, r, 0, p.num_topk, 1) &&
+         (t % put_tokens(p) == 0 || !has_expert_of(p, t - 1, r, 0, p.num_topk, 1));
+}
+
+// How many token puts rank r gets from this rank (a warp, lanes over the tokens).
+__device__ __forceinline__ int count_token_puts(const DispatchSendParams& p, int r, int lane) {
   int n = 0;
-  for (int t = lane; t < p.num_tokens; t += 32) n += has_expert_of(p, t, r, 0, p.num_topk, 1);
+  for (int t = lane; t < p.num_tokens; t += 32) n += starts_put(p, t, r);
   return __reduce_add_sync(0xffffffffu, n);
 }
 
@@ -188,6 +198,50 @@ __device__ void cast_and_push_token(const DispatchSendParams& p, int t, int lane
     nvshmemx_putmem_signal_nbi_warp(mirror, token, size_t(token_bytes), flag, 1, NVSHMEM_SIGNAL_ADD, __ffsll(left) - 1);
 }
 
+// Tokens per block in the grouped send across nodes: the tokens spread over every block, in
+// groups of whole pieces (so that where a put starts does not depend on the grid).
+__host__ __device__ __forceinline__ int group_tokens(int num_tokens, int grid, int piece) {
+  const int per_block = (num_tokens + grid - 1) / grid;
+  return (per_block + piece - 1) / piece * piece;
+}
+
+// Groups across nodes, puts of runs (remote_put_tokens >= 1): block b casts its group of
+// consecutive tokens, a warp per (token, 512-channel chunk) as within a node, so the cast is
+// spread over every warp; then its warps share the group's puts: per remote owner r, each run
+// of consecutive tokens going to r, cut at multiples of put_tokens, is one put (source and
+// destination rows are consecutive alike), signalling r's flag once. Every thread of the block
+// calls it.
+__device__ void cast_and_push_group(const DispatchSendParams& p, int lane, int warp) {
+  const GroupArgs& g = p.g;
+  const int piece = put_tokens(p);
+  const int group = group_tokens(p.num_tokens, int(gridDim.x), piece);
+  const int first = int(blockIdx.x) * group, last = min(first + group, p.num_tokens);
+  if (first >= last) return;  // the whole block
+  const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
+  char* tokens = g.half + g.layout.dispatch_tokens();
+  const int chunks = (p.hidden + kSendChunk - 1) / kSendChunk;
+  for (int u = warp; u < (last - first) * chunks; u += kWarps) {
+    const int t = first + u / chunks;
+    cast_token_chunk(p, t, u % chunks, tokens + t * token_bytes, lane);
+  }
+  __syncthreads();  // the group is cast before any warp puts it
+  const int R = g.num_ranks;
+  char* mirror = g.half + g.layout.remote_tokens() + int64_t(g.rank) * p.max_tokens * token_bytes;
+  uint64_t* flag = my_word(g, g.layout.dispatch_flags());
+  // (token, rank) pairs of the group, ranks inner: a warp's next put goes to another owner.
+  for (int j = warp; j < (last - first) * R; j += kWarps) {
+    const int t = first + j / R, r = j % R;
+    if (!is_remote(g, r)) continue;
+    if (!__shfl_sync(0xffffffffu, lane == 0 && starts_put(p, t, r), 0)) continue;
+    int n = 1;  // the run's length: tokens going to r, up to the piece's end
+    while (t + n < last && (t + n) % piece != 0 &&
+           __any_sync(0xffffffffu, has_expert_of(p, t + n, r, lane, p.num_topk, 32)))
+      ++n;
+    nvshmemx_putmem_signal_nbi_warp(mirror + t * token_bytes, tokens + t * token_bytes, size_t(n * token_bytes), flag,
+                                    1, NVSHMEM_SIGNAL_ADD, r);
+  }
+}
+
 // Groups across nodes, after a warp numbered expert e (n pairs) of a remote owner r: pushes the
 // list to [me][le] of r's remote_lists, then counts itself among the warps that numbered r's
 // experts; the last of them pushes their counts with the closing signal, the number of puts r
@@ -213,7 +267,7 @@ __device__ void push_numbering(const DispatchSendParams& p, int e, int n, int la
   if (lane == 0) *numbered = 0;  // all of r's experts are numbered: nobody adds to it again this call
   int lists_put = 0;
   for (int k = lane; k < E_local; k += 32) lists_put += min(max(__ldcg(counts + r * E_local + k), 0), cap) > 0;
-  const int64_t puts = count_going_to(p, r, lane) + __reduce_add_sync(0xffffffffu, lists_put) + 1;
+  const int64_t puts = count_token_puts(p, r, lane) + __reduce_add_sync(0xffffffffu, lists_put) + 1;
   nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_counts()) + g.rank * E_local, counts + r * E_local,
                                   size_t(E_local) * 4, flag, closing_signal(puts), NVSHMEM_SIGNAL_ADD, r);
 }
@@ -221,7 +275,9 @@ __device__ void push_numbering(const DispatchSendParams& p, int e, int n, int la
 // Work units, a warp each. Within a node (kPushRemote false): first the E experts' numberings,
 // then (token, 512-channel chunk) casts. Across nodes: first the tokens, whole, each pushed to its
 // remote owners by the warp that cast it (the pushes are the long pole, so they start first);
-// then the numberings, which push the lists and counts (push_numbering).
+// then the numberings, which push the lists and counts (push_numbering). Across nodes with
+// remote_put_tokens, each block first casts and pushes its group of tokens (cast_and_push_group),
+// then the warps take the numberings only.
 template <bool kPushRemote>
 __global__ void __launch_bounds__(kThreads, kPushRemote ? 1 : 2) dispatch_send_kernel(DispatchSendParams p) {
   const GroupArgs& g = p.g;
@@ -238,8 +294,10 @@ __global__ void __launch_bounds__(kThreads, kPushRemote ? 1 : 2) dispatch_send_k
   const int64_t token_bytes = LowLatencyLayout::token_bytes(p.hidden, p.use_fp8);
   const int chunks = (p.hidden + kSendChunk - 1) / kSendChunk;
   const int64_t token_units = kPushRemote ? p.num_tokens : int64_t(p.num_tokens) * chunks;
-  const int64_t first_token_unit = kPushRemote ? 0 : E, first_expert_unit = kPushRemote ? token_units : 0;
-  const int64_t units = E + token_units;
+  const bool grouped = kPushRemote && p.remote_put_tokens > 0;
+  const int64_t first_token_unit = kPushRemote ? 0 : E, first_expert_unit = kPushRemote && !grouped ? token_units : 0;
+  if (grouped) cast_and_push_group(p, lane, warp);  // the tokens; then only the numberings below
+  const int64_t units = E + (grouped ? 0 : token_units);
   for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += int64_t(gridDim.x) * kWarps) {
     if (u >= first_expert_unit && u < first_expert_unit + E) {
       const int e = int(u - first_expert_unit);
@@ -511,7 +569,7 @@ bool valid_group(const GroupArgs& g) {
 
 cudaError_t launch_dispatch_send(const DispatchSendParams& p, cudaStream_t stream) {
   if (!valid_group(p.g) || p.num_experts % p.g.num_ranks || p.hidden % kHiddenMultiple ||
-      (p.num_tokens > 0 && !p.send_slot))
+      (p.num_tokens > 0 && !p.send_slot) || p.remote_put_tokens < 0 || p.remote_put_tokens > 64)
     return cudaErrorInvalidValue;
   if (any_remote(p.g)) {  // a warp per token (cast and pushed whole) or expert
     dispatch_send_kernel<true><<<grid_for(p.g.num_blocks, p.num_experts + int64_t(p.num_tokens)), kThreads, 0, stream>>>(p);

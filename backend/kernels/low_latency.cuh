@@ -26,7 +26,9 @@
 // so the same code runs over IBGDA, IBRC or P2P):
 //   dispatch: send (its variant for groups with remote peers: a warp casts a whole token)
 //             pushes each token, as soon as it is cast, once to every remote owner of one of
-//             its experts (remote_tokens), and each list as soon as it is numbered, then the
+//             its experts (remote_tokens; or, by DispatchSendParams::remote_put_tokens, a block
+//             casts a group of tokens and its warps push runs of consecutive tokens, one put
+//             each), and each list as soon as it is numbered, then the
 //             counts of an owner's experts once all are numbered; no kernel apart, so the
 //             pushes overlap the casting and the receive kernel follows send directly;
 //   combine:  send pushes each row back to its remote token's rank (remote_rows);
@@ -88,6 +90,11 @@ struct DispatchSendParams {
   int num_tokens, hidden, num_topk, num_experts, max_tokens;
   bool use_fp8;
   bool round_scale;         // fp8 scales rounded up to a power of two
+  // Groups across nodes, how the tokens are put (TORCH_EP_LL_REMOTE_PUTS): 0, a warp casts a
+  // token whole and puts it to each remote owner (one put per token and owner); n >= 1, a block
+  // casts a group of consecutive tokens ((token, chunk) a warp, as within a node), then its
+  // warps share the group's puts, one per run of up to n consecutive tokens going to an owner.
+  int remote_put_tokens;
 };
 cudaError_t launch_dispatch_send(const DispatchSendParams& params, cudaStream_t stream);
 

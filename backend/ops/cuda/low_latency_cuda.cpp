@@ -3,6 +3,9 @@
 // can be captured in a CUDA graph; the outputs are allocated at their fixed sizes.
 #ifdef TORCH_EP_WITH_NVSHMEM
 
+#include <cstdlib>
+#include <string>
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -49,6 +52,29 @@ LowLatencyBuffer& buffer_for(const std::string& group_name, const at::Device& de
     raise_failure(group_name, *buffer, e.what());
   }
   return *buffer;
+}
+
+// TORCH_EP_LL_REMOTE_PUTS, read once: how a dispatch across nodes puts its tokens
+// (DispatchSendParams::remote_put_tokens): "token" (the default, 0: a warp per token, a put per
+// token and owner), "grouped" (1: a block per group of tokens, still a put per token and owner),
+// "batched" (4) or "batchedN" (N in 1..64: a put per run of up to N consecutive tokens). Ranks
+// may differ: a rank's puts and the count its last put signals are its own.
+int remote_put_tokens() {
+  static const int value = [] {
+    const char* env = std::getenv("TORCH_EP_LL_REMOTE_PUTS");
+    const std::string mode = env ? env : "";
+    if (mode.empty() || mode == "token") return 0;
+    if (mode == "grouped") return 1;
+    if (mode == "batched") return 4;
+    const std::string digits = mode.rfind("batched", 0) == 0 ? mode.substr(7) : "";
+    const bool numeric = !digits.empty() && digits.size() <= 2 &&
+                         digits.find_first_not_of("0123456789") == std::string::npos;
+    const int n = numeric ? std::stoi(digits) : 0;
+    TORCH_CHECK_VALUE(n >= 1 && n <= 64, "TORCH_EP_LL_REMOTE_PUTS='", mode,
+                      "': expected token, grouped, batched or batchedN with N in 1..64");
+    return n;
+  }();
+  return value;
 }
 
 cudaStream_t current_stream(const at::Device& device) {
@@ -126,6 +152,7 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   p.max_tokens = int(max_tokens);
   p.use_fp8 = use_fp8;
   p.round_scale = round_scale;
+  p.remote_put_tokens = remote_put_tokens();
   C10_CUDA_CHECK(kernels::ll::launch_dispatch_send(p, stream));
   if (!send_only) launch_dispatch_recv(buffer, o, max_tokens, K, num_experts, stream);
   return o;
