@@ -210,6 +210,7 @@ def test_device_records(records_pool):
 
 def rank_device_records_all(seed):
     rank_device_records(seed)
+    rank_device_records_sized(seed)
     rank_device_records_combine(seed)
     rank_device_records_race(seed)
     rank_copy_variant(seed)
@@ -318,6 +319,84 @@ def rank_device_records_combine_errors(seed):
     torch_ep.check_errors()
     comb = torch_ep.combine(second.recv_x, second.handle)
     assert same_bits(comb.combined_x.cpu(), ref.combined_x), "combined_x differs from the reference"
+    torch.cuda.synchronize()
+    torch_ep.check_errors()
+    assert_still_pushes(seed)
+
+
+def rank_device_records_sized(seed):
+    """Dispatches whose hosts wait for their sizes (a fresh layout, a given one, fp8), with device
+    records: no host exchange; the sizes, num_recv_tokens_per_expert and the handle's send matrix
+    come from the device's records (a first round), the outputs from the pool (a second round),
+    and everything equals torch_ep.reference on outputs poisoned the call before; a combine and a
+    dispatch along the handle too. Back to back with a dispatch with num_worst_tokens in
+    between, so that one- and two-round calls share the slots."""
+    size = dist.get_world_size()
+    for i in range(2):
+        num_experts, g, x, idx, w = checks.make_inputs(seed + i, "random", 256, 4, 2, torch.bfloat16, "cuda",
+                                                       max_tokens=120)
+        expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
+        scales = torch.rand(x.shape[0], 2, generator=g)
+        fp8 = (x.cpu().float().to(torch.float8_e4m3fn), scales)
+        expected8 = reference.dispatch(fp8, idx.cpu(), w.cpu(), num_experts=num_experts)
+        first = torch_ep.dispatch(x, idx, w, num_experts=num_experts)
+        poisoned = poison_and_free([first.recv_x, first.recv_topk_idx, first.recv_topk_weights])
+        del first
+        before = moe_exchanges()
+        got = torch_ep.dispatch(x, idx, w, num_experts=num_experts)  # a fresh layout
+        worst = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=130 * size)
+        layout = torch_ep.get_dispatch_layout(idx, num_experts)
+        given = torch_ep.dispatch(tuple(t.cuda() for t in fp8), idx, w, num_experts=num_experts, layout=layout)
+        along = torch_ep.dispatch(x, handle=got.handle)
+        comb = torch_ep.combine(got.recv_x, got.handle)
+        assert moe_exchanges() == before, "a dispatch with device records exchanged host records"
+        outputs = [got.recv_x, got.recv_topk_idx, got.recv_topk_weights]
+        assert in_moe_pool(outputs) and any(overlaps(t, poisoned) for t in outputs if t.numel())
+        check_dispatch(got, expected)
+        check_dispatch(worst, expected, 130 * size)
+        assert list(got.num_recv_tokens_per_expert) == list(expected.num_recv_tokens_per_expert)
+        assert same_bits(given.recv_x[0].cpu(), expected8.recv_x[0]) and same_bits(given.recv_x[1].cpu(),
+                                                                                     expected8.recv_x[1])
+        assert torch.equal(given.recv_topk_idx.cpu(), expected8.recv_topk_idx)
+        assert list(given.num_recv_tokens_per_expert) == list(expected8.num_recv_tokens_per_expert)
+        rank = dist.get_rank()
+        for h in (got.handle, given.handle):  # the sizes and the send matrix, from the device's records
+            assert h.recv_counts == expected.handle.recv_counts and h.send_counts == expected.handle.send_counts
+            assert h.send_matrix[:, rank].tolist() == h.recv_counts and h.send_matrix[rank].tolist() == h.send_counts
+        check_along(along, reference.dispatch(x.cpu(), handle=expected.handle))
+        assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
+    torch.cuda.synchronize()
+    torch_ep.check_errors()
+    dist.barrier()
+
+
+def rank_device_records_waits_disagree(seed):
+    """num_worst_tokens on rank 0 only, with device records: rank 0 knows its outputs, the others
+    wait for their sizes, and the records say so (kRecWaits). The waiting ranks raise a
+    RuntimeError at the call, rank 0 at the call or its next; nothing moves; no rank hangs. (The
+    host records' push serves this case with a second exchange.) Then the group works."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 64, 2, 2, torch.bfloat16, "cuda")
+    worst = 24 * size
+    good = checks.make_inputs(seed + 1, "random", 32, 2, 2, torch.bfloat16, "cuda")
+    expected = reference.dispatch(good[2].cpu(), good[3].cpu(), good[4].cpu(), num_experts=good[0])
+    match = r"the ranks disagree on whether the dispatch waits for its sizes"
+    call = lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts,  # noqa: E731
+                                     num_worst_tokens=worst if rank == 0 else 0)
+    next_call = lambda: torch_ep.dispatch(good[2], good[3], good[4], num_experts=good[0],  # noqa: E731
+                                          num_worst_tokens=worst)
+    before = moe_exchanges()
+    if rank == 0:
+        raises_now_or_next(call, next_call, RuntimeError, match)
+    else:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+        next_call()
+    assert moe_exchanges() == before, "a dispatch with device records exchanged host records"
+    dist.barrier()
+    torch.cuda.synchronize()
+    torch_ep.check_errors()
+    check_dispatch(next_call(), expected, worst)
     torch.cuda.synchronize()
     torch_ep.check_errors()
     assert_still_pushes(seed)
@@ -485,6 +564,7 @@ def test_device_records_errors(records_pool):
     records_pool.run(rank_device_records_overflow, _seed())
     records_pool.run(rank_device_records_expert_ids, _seed())
     records_pool.run(rank_device_records_combine_errors, _seed())
+    records_pool.run(rank_device_records_waits_disagree, _seed())
 
 
 def test_device_records_pool_full(cuda_pool):

@@ -35,14 +35,14 @@ ENVIRONMENT = {
     "TORCH_EP_MOE_POOL_BYTES": "the MoE pool's arena per rank in bytes (default 1 GiB), reserved on the GPU at the "
                                "group's first CUDA dispatch with TORCH_EP_MOE_PUSH=1; every live dispatch output must "
                                "fit in it",
-    "TORCH_EP_MOE_DEVICE_RECORDS": "1 (with TORCH_EP_MOE_PUSH=1, on every rank alike) makes a pushing dispatch along a "
-                                   "handle or with num_worst_tokens, and every eager combine, exchange its records "
+    "TORCH_EP_MOE_DEVICE_RECORDS": "1 (with TORCH_EP_MOE_PUSH=1, on every rank alike) makes every eager pushing "
+                                   "dispatch and every eager combine exchange its records "
                                    "through the device, not the host: no host rendezvous (a combine's x outside the "
                                    "MoE pool is copied into it first; torch_ep.combine_buffer avoids that); what the "
                                    "device finds wrong raises at the rank's next "
-                                   "dispatch/combine or torch_ep.check_errors(). Every rank must give a handle, or "
-                                   "num_worst_tokens, in the same calls: a rank that does waits for device records, "
-                                   "one that does not in the host exchange, until the timeout fails the group",
+                                   "dispatch/combine or torch_ep.check_errors() (a dispatch without a handle or "
+                                   "num_worst_tokens waits for its sizes, and raises then). Every rank must give a "
+                                   "handle, or num_worst_tokens, in the same calls, else every rank raises",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
     "TORCH_EP_ALL_TO_ALL_V_DEVICE": "0 makes CUDA all_to_all_v read its splits on the host (one wait, not capturable) "

@@ -46,10 +46,14 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) notify_kernel(MoeNotifyParam
   if (t == 0) missing = 0;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   const int32_t* sends = p.meta + MetaLayout::tokens_per_rank();
+  // A dispatch's first round (no outputs yet: its receivers wait for their sizes) sends its tokens
+  // per local expert of each receiver with its record.
+  const bool first_round = p.record[kRecOp] == kMoeRecordDispatch && p.record[kRecCapacity] < 0;
+  const int64_t per_rank = p.num_experts / R;  // local experts (<= kMaxRecordExperts: the host checks)
+  const MetaLayout l{R, p.num_experts, p.num_tokens};
   // Expert ids out of range refuse the call here, where the host has not seen them.
   int64_t status = p.record[kRecStatus], value = p.record[kRecStatusValue], value2 = p.record[kRecStatusValue2];
   if (status == kRefusedNone && p.check_expert_ids) {
-    const MetaLayout l{R, p.num_experts, p.num_tokens};
     const int64_t lo = p.meta[l.id_range()], hi = p.meta[l.id_range() + 1];
     if (lo < -1 || hi >= p.num_experts) status = kRefusedExpertIds, value = lo, value2 = hi;
   }
@@ -71,11 +75,18 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) notify_kernel(MoeNotifyParam
         record[kRecSend + d] = sends[d];
         record[kRecExpect + d] = p.record[kRecExpect + d];
       }
+      if (first_round) {  // t's tokens per local expert
+        volatile int32_t* experts = reinterpret_cast<volatile int32_t*>(p.records[t] + L::experts(me));
+        const int32_t* mine = p.meta + l.tokens_per_rank_expert() + t * per_rank;
+        for (int64_t e = 0; e < per_rank; ++e) experts[e] = mine[e];
+      }
       __threadfence_system();
       store_release(flag, 1);
     }
   }
-  // 2. Rank t's record from this rank's slot for it; then the slot is free again.
+  // 2. Rank t's record from this rank's slot for it; then the slot is free again (where the host
+  // waits for the sizes, once the tokens per expert that came with it are summed, below).
+  bool got = false;
   if (t < R) {
     uint32_t* flag = flag_in(p.records[me], t);
     const uint32_t word = wait_nonzero(flag, deadline);
@@ -89,10 +100,22 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) notify_kernel(MoeNotifyParam
         records[t][kRecSend + d] = record[kRecSend + d];
         records[t][kRecExpect + d] = record[kRecExpect + d];
       }
-      store_release(flag, 0);
+      got = true;
+      if (!p.sizes) store_release(flag, 0);
     }
   }
   __syncthreads();
+  if (p.sizes) {  // the tokens per local expert, summed over the senders; then the slots are free
+    if (!missing)
+      for (int64_t e = t; e < per_rank; e += blockDim.x) {
+        int64_t n = 0;
+        for (int s = 0; s < R; ++s) n += reinterpret_cast<const volatile int32_t*>(p.records[me] + L::experts(s))[e];
+        p.sizes[kSizesPerExpert + e] = n;
+      }
+    __threadfence_system();
+    __syncthreads();
+    if (got) store_release(flag_in(p.records[me], t), 0);
+  }
 
   // 3. The verdict, the same on every rank that got every record, and this rank's plan.
   int64_t* plan = plan_of(p);
@@ -123,6 +146,8 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) notify_kernel(MoeNotifyParam
       report[kMoeReportLaterCallId] = p.record[kRecCallId];
       __threadfence_system();
     } else if (reported) {
+      report[kMoeReportLater] = 0;  // a count the host's take may have left behind
+      report[kMoeReportLaterCallId] = 0;
       report[kMoeReportDetail] = v.detail;
       report[kMoeReportRank] = v.rank;
       report[kMoeReportPeer] = v.peer;
@@ -132,6 +157,17 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) notify_kernel(MoeNotifyParam
       report[kMoeReportOp] = p.record[kRecOp];
       __threadfence_system();
       report[kMoeReportCode] = v.code;
+    }
+    if (p.sizes) {  // after the report: a host that finds a bad verdict here raises what it says
+      volatile int64_t* sizes = p.sizes;
+      sizes[kSizesCode] = v.code;
+      sizes[kSizesPeer] = v.peer;
+      for (int s = 0; s < R; ++s) {
+        sizes[kSizesRecv + s] = missing ? 0 : records[s][kRecSend + me];
+        for (int j = 0; j < R; ++j) sizes[kSizesSent + s * R + j] = missing ? 0 : records[s][kRecSend + j];
+      }
+      __threadfence_system();
+      sizes[kSizesTicket] = p.record[kRecCallId];
     }
   }
 }

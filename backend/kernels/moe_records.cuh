@@ -1,12 +1,14 @@
-// Device records of the MoE calls that no host waits for (Options.moe_device_records, under
-// Options.moe_push): a pushing dispatch along a handle or with num_worst_tokens, and every eager
-// combine. No record goes through the host: each rank's notify kernel (one block) publishes its
+// Device records of the eager MoE calls (Options.moe_device_records, under Options.moe_push): every
+// pushing dispatch and every combine. No record goes through the host: each rank's notify kernel (one block) publishes its
 // record into a slot of every peer's MoE transport block, reads every peer's record from its own,
 // and evaluates moe_verdict on the same R records as every other rank, so every rank reaches the
 // same verdict and the group stays in step without a host rendezvous. The kernel that follows on
 // the stream (dispatch: the push kernel; combine: the pull kernels of moe.cuh, CombineParams::plan)
 // reads this rank's plan from its block: whether anything moves, where rows start, where the
-// peers' tensors lie in their MoE arenas.
+// peers' tensors lie in their MoE arenas. A dispatch whose host waits for its sizes (no handle, no
+// num_worst_tokens) makes two rounds: the first without outputs (capacity -1), whose notify kernel
+// also writes the sizes to host-mapped memory (MoeSizesWord); the host allocates the outputs, then
+// the second round, with them, and the push kernel.
 //
 // Slots (all_to_all_v's plan protocol, all_to_all_v.cuh): per source, a flag in the owner's block,
 // 0 "slot free", 1 "the source's record is here". The source waits for 0, writes, raises 1; the
@@ -42,11 +44,13 @@ enum MoeRecordWord : int {
   kRecHasScales,
   kRecHasWeights,
   kRecPush,           // 1: this rank pushes (every rank that publishes a record does)
+  kRecWaits,          // dispatch: 1 where the host waits for the sizes (two rounds), 0 where it knows them
   kRecStatus,         // 0, or MoeRefusal: this rank cannot take part (kRecStatusValue, kRecStatusValue2)
   kRecStatusValue,
   kRecStatusValue2,
   kRecCapacity,       // dispatch: rows this rank's outputs hold (num_worst_tokens, or the handle's received
-                      // rows); combine: rows of its x (a row past them was dropped by an overflowing dispatch)
+                      // rows; -1 in a first round: not allocated yet); combine: rows of its x (a row past them
+                      // was dropped by an overflowing dispatch)
   kRecOffset,         // [4] where they lie in its MoE arena; dispatch: recv_x, recv_x_scales, recv_topk_idx,
                       // recv_topk_weights; combine: x, topk_weights, -1, -1; -1: none
   kRecSend = kRecOffset + 4,             // [kMaxRanksPerNode] rows this rank sends each rank (its row of
@@ -58,7 +62,8 @@ enum MoeRecordWord : int {
 };
 constexpr int64_t kMoeRecordDispatch = 0x45504452;  // "EPDR"
 constexpr int64_t kMoeRecordCombine = 0x45504352;   // "EPCR"
-constexpr int kFirstCheckedWord = kRecNumExperts, kLastCheckedWord = kRecPush;
+constexpr int kFirstCheckedWord = kRecNumExperts, kLastCheckedWord = kRecWaits;
+constexpr int kMaxRecordExperts = 1024;  // local experts whose counts a dispatch's record carries
 
 // Why a rank cannot take part (kRecStatus): it still publishes its record, so no peer waits in vain.
 enum MoeRefusal : int64_t {
@@ -153,6 +158,18 @@ enum MoeReportWord : int {
   kMoeReportWords,
 };
 
+// ---- what the first round's notify kernel of a dispatch the host waits for writes to host-mapped
+// memory (MoeNotifyParams::sizes): int64 words, the ticket last
+enum MoeSizesWord : int {
+  kSizesTicket = 0,  // the call id of the words below, written once they are there (the host waits for it)
+  kSizesCode,        // the verdict's MoeVerdictCode (kVerdictTimedOut: kSizesPeer's record never came)
+  kSizesPeer,
+  kSizesRecv,        // [kMaxRanksPerNode] rows each rank sends this one
+  kSizesSent = kSizesRecv + kMaxRanksPerNode,                  // [R][R] rows rank s sends rank j at s * R + j
+  kSizesPerExpert = kSizesSent + kMaxRanksPerNode * kMaxRanksPerNode,  // [E/R] rows for each local expert
+  kMoeSizesWords = kSizesPerExpert + kMaxRecordExperts,
+};
+
 // ---- offsets in each rank's records region (a part of its MoE transport block, CudaTransport::records)
 struct MoeRecordsLayout {
   // The flags come first: the transport's release of stuck waits writes their bytes 0x01, which
@@ -162,7 +179,10 @@ struct MoeRecordsLayout {
   static constexpr size_t kPlanOffset = 256;
   static constexpr size_t kRecordsOffset = kPlanOffset + ((kMoePlanWords * 8 + 255) / 256) * 256;
   EP_HOST_DEVICE static constexpr size_t record(int src) { return kRecordsOffset + size_t(src) * kMoeRecordWords * 8; }
-  static constexpr size_t kBytes = kRecordsOffset + size_t(kMaxRanksPerNode) * kMoeRecordWords * 8;
+  // A dispatch's record goes with its tokens per local expert of the receiver (int32, E/R of them).
+  static constexpr size_t kExpertsOffset = kRecordsOffset + size_t(kMaxRanksPerNode) * kMoeRecordWords * 8;
+  EP_HOST_DEVICE static constexpr size_t experts(int src) { return kExpertsOffset + size_t(src) * kMaxRecordExperts * 4; }
+  static constexpr size_t kBytes = kExpertsOffset + size_t(kMaxRanksPerNode) * kMaxRecordExperts * 4;
 };
 static_assert(MoeRecordsLayout::kFlagsBytes <= MoeRecordsLayout::kPlanOffset, "the flags fit before the plan");
 
@@ -180,6 +200,8 @@ struct MoeNotifyParams {
   char* records[kMaxRanksPerNode];    // rank r's records region as mapped here
   int64_t* report;                    // host-mapped, kMoeReportWords: the first problem since the host looked
                                       // and a count of later ones
+  int64_t* sizes;                     // host-mapped, kMoeSizesWords: where a first round writes the sizes the
+                                      // host waits for; null: none (the host knows its outputs)
   uint64_t timeout_ns;                // the bound on each wait for a slot or a record
   int* error;                         // host-mapped: 1 + the rank a wait timed out on
 };

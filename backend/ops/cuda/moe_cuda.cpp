@@ -273,15 +273,17 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     // The sizes, on the host: from the handle, from the given layout's host header, or from the
     // header the layout kernel writes to the host now (one wait for that kernel), or nowhere
     // with num_worst_tokens, so that nothing waits on the device.
+    // Device records (Options.moe_device_records): no host exchange at all; a dispatch that waits
+    // for its sizes reads them from the device's records, not from the layout's header.
+    const bool device_records = device_records_this_call(group, push);
     LayoutExtras fresh;
-    fresh.want_host_header = !given && !worst;
+    fresh.want_host_header = !given && !worst && !device_records;
     const bool host_waits = !cached && !worst && !a.layout_header;
     TORCH_CHECK_VALUE(!host_waits || !stream_capturing(stream), op, ": inside a CUDA graph capture, a dispatch "
                       "needs num_worst_tokens or a handle (without them the host waits for the sizes)");
     const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, &fresh);
-    // Device records (Options.moe_device_records): no host exchange at all where the host need
-    // not wait for sizes; the expert ids are checked on the device, not from a given header.
-    if (device_records_this_call(group, push, a)) {
+    // The expert ids are checked on the device there, not from a given header.
+    if (device_records) {
       phase.next("ep::dispatch/device_records");
       return dispatch_with_device_records(group, *transport, *pool, a, meta, given, stream,
                                           num_blocks(group, device, group.config().auto_sms_dispatch),

@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -138,9 +140,60 @@ void set_targets(MoePool& pool, int num_ranks, const std::vector<PushTarget>& ta
   }
 }
 
-bool device_records_this_call(const ProcessGroupEP& group, bool push, const DispatchArgs& a) {
-  return push && group.config().moe_device_records && (a.handle_meta.has_value() || a.num_worst_tokens > 0);
+bool device_records_this_call(const ProcessGroupEP& group, bool push) {
+  return push && group.config().moe_device_records;
 }
+
+namespace {
+
+// The sizes of a dispatch whose host waits for them, as its first round's notify kernel wrote
+// them (kernels::MoeSizesWord): this rank's handle counts. Raises where the verdict stops the call,
+// on every rank alike (they evaluated the same records): this rank's own refusal (`overflow`, an
+// earlier dispatch's), else the device's report; a record that never came fails the group.
+HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, int64_t call_id, int64_t num_experts,
+                            const std::string& overflow) {
+  using namespace kernels;
+  const char* op = "dispatch";
+  const int R = transport.size(), rank = transport.rank();
+  const volatile int64_t* sizes = transport.moe_sizes_host();
+  // The notify kernel's waits are bounded by the timeout, and it writes the ticket even then; the
+  // host's bound is a backstop for a stream stuck before it.
+  const auto deadline = std::chrono::steady_clock::now() + 2 * group.config().timeout;
+  for (uint64_t spins = 0; sizes[kSizesTicket] != call_id; ++spins) {
+    if (spins % 1024 == 1023) {
+      transport.check_healthy(op);
+      if (std::chrono::steady_clock::now() > deadline)
+        throw TimeoutError(std::string(op) + ": rank " + std::to_string(rank) + ": the sizes of this dispatch (#" +
+                           std::to_string(call_id) + ") did not come back from the device within twice the group's "
+                           "timeout (is an earlier op on this stream stuck?)");
+      std::this_thread::yield();
+    }
+  }
+  std::atomic_thread_fence(std::memory_order_acquire);
+  const int64_t code = sizes[kSizesCode];
+  if (code == kVerdictTimedOut) {
+    transport.check_healthy(op);  // the kernel set the error word: this raises naming the peer
+    throw TimeoutError(std::string(op) + ": rank " + std::to_string(rank) + ": rank " + std::to_string(sizes[kSizesPeer]) +
+                       "'s record of this dispatch never came (the group's timeout)");
+  }
+  if (code != kVerdictOk) {  // nothing moves on any rank: every host raises now
+    TORCH_CHECK_VALUE(overflow.empty(), overflow, "; no rank moved rows in this dispatch (#", call_id, ")");
+    raise_device_report(transport, rank, call_id, op);
+    TORCH_CHECK(false, op, " on rank ", rank, ": the device stopped this dispatch (#", call_id, ", verdict ", code,
+                ") and left no report");
+  }
+  auto word = [&](int i) { return int64_t(sizes[i]); };
+  HandleCounts c;
+  c.call_id = call_id;
+  for (int s = 0; s < R; ++s) c.recv.push_back(word(kSizesRecv + s));
+  for (int j = 0; j < R; ++j) c.send.push_back(word(kSizesSent + rank * R + j));
+  for (int64_t e = 0; e < num_experts / R; ++e) c.per_expert.push_back(word(kSizesPerExpert + int(e)));
+  if (R <= kMaxMatrixRanks)
+    for (int i = 0; i < R * R; ++i) c.sent.push_back(word(kSizesSent + i));
+  return c;
+}
+
+}  // namespace
 
 DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTransport& transport, MoePool& pool,
                                              const DispatchArgs& a, const at::Tensor& meta, bool given,
@@ -149,13 +202,11 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   const char* op = "dispatch";
   const int R = transport.size(), rank = transport.rank();
   const bool cached = a.handle_meta.has_value();
+  const bool waits = !cached && a.num_worst_tokens <= 0;  // for the sizes: two rounds
   const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts, K = cached ? 0 : a.topk_idx->size(1);
+  TORCH_CHECK_VALUE(E / R <= kMaxRecordExperts, op, ": device records count up to ", kMaxRecordExperts,
+                    " experts per rank, this call has ", E / R);
   const int64_t call_id = int64_t(group.next_dispatch_id());
-  const int64_t capacity = known_capacity(a);
-  DispatchOutputs o;
-  PushTarget target{{-1, -1, -1, -1}, -1};
-  std::string refusal;
-  const bool allocated = allocate_from_pool(pool, rank, a, capacity, o, target, &refusal);
 
   DispatchRecordsParams p{};
   MoeNotifyParams& n = p.notify;
@@ -181,13 +232,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   record[kRecHasScales] = a.x_scales.has_value();
   record[kRecHasWeights] = a.topk_weights.has_value();
   record[kRecPush] = 1;
-  // An overflow an earlier dispatch left (pulling, or a graph replay) refuses this call on every
-  // rank through the records, as reject_if_overflowed does through the host's.
-  const std::string overflow = transport.take_dispatch_overflow();
-  record[kRecStatus] = !overflow.empty() ? kRefusedOverflow : allocated ? kRefusedNone : kRefusedPool;
-  record[kRecStatusValue] = capacity;
-  record[kRecCapacity] = allocated ? capacity : -1;
-  for (int i = 0; i < 4; ++i) record[kRecOffset + i] = allocated ? target.offset[i] : -1;
+  record[kRecWaits] = waits;
   for (int s = 0; s < R; ++s) record[kRecExpect + s] = cached ? a.handle_counts->recv[size_t(s)] : -1;  // -1: none
   for (int r = 0; r < R; ++r) {
     n.records[r] = transport.records(r);
@@ -195,13 +240,42 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
     TORCH_CHECK(n.records[r] && p.arenas[r], op, ": rank ", r, "'s records or MoE arena are not mapped here (the "
                 "group is shutting down?)");
   }
+  n.report = transport.moe_report();
+  n.timeout_ns = handshake.timeout_ns;
+  n.error = handshake.error;
+  // An overflow an earlier dispatch left (pulling, or a graph replay) refuses this call on every
+  // rank through the records, as reject_if_overflowed does through the host's.
+  const std::string overflow = transport.take_dispatch_overflow();
+
+  HandleCounts sized;  // the sizes of a dispatch that waits for them
+  int64_t capacity = 0;
+  if (waits) {
+    // Round 1, without outputs (capacity -1): its notify kernel writes the sizes this host waits
+    // for, then every rank allocates its outputs and the second round publishes them.
+    record[kRecStatus] = overflow.empty() ? kRefusedNone : kRefusedOverflow;
+    record[kRecCapacity] = -1;
+    for (int i = 0; i < 4; ++i) record[kRecOffset + i] = -1;
+    n.sizes = transport.moe_sizes();
+    EP_CUDA_CHECK(launch_moe_notify(n, stream));
+    sized = wait_for_sizes(group, transport, call_id, E, overflow);  // raises where the verdict stops the call
+    for (int64_t rows : sized.recv) capacity += rows;
+    n.sizes = nullptr;
+    n.check_expert_ids = false;  // round 1 checked them
+  } else {
+    capacity = known_capacity(a);
+  }
+  DispatchOutputs o;
+  PushTarget target{{-1, -1, -1, -1}, -1};
+  std::string refusal;
+  const bool allocated = allocate_from_pool(pool, rank, a, capacity, o, target, &refusal);
+  record[kRecStatus] = !overflow.empty() && !waits ? kRefusedOverflow : allocated ? kRefusedNone : kRefusedPool;
+  record[kRecStatusValue] = capacity;
+  record[kRecCapacity] = allocated ? capacity : -1;
+  for (int i = 0; i < 4; ++i) record[kRecOffset + i] = allocated ? target.offset[i] : -1;
   p.row_bytes = H * int64_t(a.x.element_size());
   p.num_scales = a.x_scales ? int(a.x_scales->size(1)) : 0;
   p.num_topk = int(K);
   p.num_blocks = num_blocks;
-  n.report = transport.moe_report();
-  n.timeout_ns = handshake.timeout_ns;
-  n.error = handshake.error;
   p.handshake = handshake;
   EP_CUDA_CHECK(launch_dispatch_with_records(p, stream));
   std::vector<int> peers;
@@ -210,7 +284,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   transport.track(op, stream, std::move(peers));
 
   // Queued: now this rank may raise without leaving a peer waiting for its record.
-  TORCH_CHECK_VALUE(overflow.empty(), overflow, "; no rank moved rows in this dispatch (#", call_id, ")",
+  TORCH_CHECK_VALUE(overflow.empty() || waits, overflow, "; no rank moved rows in this dispatch (#", call_id, ")",
                     allocated ? "" : " (nor could this rank allocate its outputs: " + refusal + ")");
   TORCH_CHECK_VALUE(allocated, op, " on rank ", rank, ": ", refusal, "; no rank moved rows in this call");
   raise_device_report(transport, rank, call_id, op);
@@ -218,6 +292,8 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
   if (cached) {
     o.counts = at::empty({0}, at::kLong);
+  } else if (waits) {
+    o.counts = sized.to_tensor();
   } else {  // only the device knows the sizes, as a pulling dispatch with num_worst_tokens
     HandleCounts c;
     c.call_id = call_id;
@@ -357,6 +433,9 @@ const char* checked_field(int64_t word) {
     case kernels::kRecHasScales: return "whether fp8 scales are sent";
     case kernels::kRecHasWeights: return "whether topk_weights are sent";
     case kernels::kRecPush: return "whether dispatch pushes (Options.moe_push, TORCH_EP_MOE_PUSH)";
+    case kernels::kRecWaits:
+      return "whether the dispatch waits for its sizes (1: neither a handle nor num_worst_tokens; every rank must "
+             "give a handle, or num_worst_tokens, in the same calls)";
   }
   return "a record field";
 }

@@ -45,17 +45,20 @@ void set_targets(MoePool& pool, int num_ranks, const std::vector<PushTarget>& ta
                  kernels::DispatchTarget* dst);
 
 // ---- device records (Options.moe_device_records; kernels/moe_records.cuh)
-// Whether a pushing call exchanges its records through the device: the option is on and the host
-// need not wait for sizes (a handle, or num_worst_tokens). Every rank decides alike where the
-// ranks make the same call (one with a handle or num_worst_tokens where a peer has neither is out
-// of step: the host exchange and the device records then wait for each other until the timeout).
-bool device_records_this_call(const ProcessGroupEP& group, bool push, const DispatchArgs& a);
+// Whether a pushing call exchanges its records through the device: the option is on (a pushing
+// call is an eager one). Every rank decides alike.
+bool device_records_this_call(const ProcessGroupEP& group, bool push);
 
-// A pushing dispatch with no host exchange: the outputs from the pool, this rank's record in the
-// parameters, the notify and push kernels, tracking. `handshake` is the done half (no ready flags:
-// the records are the ready half). The input checks ran before. After the launch it raises (the
-// call is queued, so no peer waits for this rank in vain): this rank's pool refusal, or what an
-// earlier call's kernels reported (raise_device_report).
+// A pushing dispatch with no host exchange: this rank's record in the parameters, the notify
+// kernel, the outputs from the pool, the push kernel, tracking. Where the host knows its rows (a
+// handle, num_worst_tokens) that is one round; else a first round's notify kernel writes the
+// sizes to mapped memory, the host waits for them (its one wait, as for the layout's header),
+// allocates, and a second round publishes the outputs. Ranks that disagree on waiting are told
+// apart by the records (kRecWaits). `handshake` is the done half (no ready flags: the records
+// are the ready half). The input checks ran before. After the launch it raises (the call is
+// queued, so no peer waits for this rank in vain): this rank's pool refusal, or what an earlier
+// call's kernels reported (raise_device_report); a first round's bad verdict raises on every rank
+// before any output is allocated.
 DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTransport& transport, MoePool& pool,
                                              const DispatchArgs& a, const at::Tensor& meta, bool given,
                                              cudaStream_t stream, int num_blocks, const kernels::Handshake& handshake);

@@ -117,9 +117,11 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
     // Zeroed before any peer writes a flag in it: the cudaDeviceSynchronize below, before the
     // barrier, covers this memset too.
     EP_CUDA_CHECK(cudaMemset(buffers_.block(rank_) + records_offset_, 0, config.records_bytes));
-    EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&moe_report_host_),
-                                kernels::kMoeReportWords * sizeof(int64_t), cudaHostAllocMapped));
-    std::memset(moe_report_host_, 0, kernels::kMoeReportWords * sizeof(int64_t));
+    // The report, then the sizes a dispatch's first round writes (kernels/moe_records.cuh).
+    const size_t words = kernels::kMoeReportWords + kernels::kMoeSizesWords;
+    EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&moe_report_host_), words * sizeof(int64_t),
+                                cudaHostAllocMapped));
+    std::memset(moe_report_host_, 0, words * sizeof(int64_t));
     EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&moe_report_device_), moe_report_host_, 0));
   }
   EP_CUDA_CHECK(cudaStreamCreateWithFlags(&watchdog_stream_, cudaStreamNonBlocking));
@@ -157,13 +159,20 @@ CudaTransport::~CudaTransport() {
 
 std::string CudaTransport::device_records_hint(const std::string& op) const {
   if (!records_offset_ || op.rfind("dispatch", 0) != 0) return "";
-  return " (with device records, TORCH_EP_MOE_DEVICE_RECORDS, a likely cause: the ranks disagree on giving a "
-         "handle or num_worst_tokens in this call, so one waits for a device record and another in the host "
-         "exchange)";
+  return " (with device records, TORCH_EP_MOE_DEVICE_RECORDS, a likely cause: the ranks' calls are out of step, "
+         "e.g. one captures a CUDA graph, whose dispatch keeps host records, where another runs eagerly)";
 }
 
 char* CudaTransport::records(int owner) const {
   return records_offset_ ? buffers_.block(owner) + records_offset_ : nullptr;
+}
+
+int64_t* CudaTransport::moe_sizes() const {
+  return moe_report_device_ ? moe_report_device_ + kernels::kMoeReportWords : nullptr;
+}
+
+const volatile int64_t* CudaTransport::moe_sizes_host() const {
+  return moe_report_host_ ? moe_report_host_ + kernels::kMoeReportWords : nullptr;
 }
 
 std::vector<int64_t> CudaTransport::take_moe_report() {

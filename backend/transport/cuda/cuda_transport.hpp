@@ -114,6 +114,10 @@ class CudaTransport {
   // device pointer; null without a records region), and the report taken (empty when there is
   // none), cleared: one caller takes each report, whatever the threads.
   int64_t* moe_report() const { return moe_report_device_; }
+  // Where a dispatch's first round of device records writes the sizes its host waits for
+  // (kernels::MoeSizesWord): the device's pointer, and the host's; null without a records region.
+  int64_t* moe_sizes() const;
+  const volatile int64_t* moe_sizes_host() const;
   std::vector<int64_t> take_moe_report();
   // Where dispatch kernels report receiving more rows than num_worst_tokens (device pointer).
   kernels::DispatchOverflow* dispatch_overflow() const { return overflow_device_; }
