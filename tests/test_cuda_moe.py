@@ -212,6 +212,14 @@ def rank_worst_case_wide(seed):
     fp8 = (x.cpu().float().to(torch.float8_e4m3fn), scales)
     for payload, sent in ((x.cpu(), x), (fp8, tuple(t.cuda() for t in fp8))):
         expected = reference.dispatch(payload, idx.cpu(), w.cpu(), num_experts=num_experts)
+        # Poison where the outputs will lie: torch's default pool, and the blocks of a call of the
+        # same shapes, filled and freed (under TORCH_EP_MOE_PUSH they are the MoE pool's, which
+        # _poison_cache does not reach; tests/test_cuda_moe_push.py checks that they are reused).
+        stale = torch_ep.dispatch(sent, idx, w, num_experts=num_experts, num_worst_tokens=worst)
+        xs = stale.recv_x if isinstance(stale.recv_x, tuple) else (stale.recv_x,)
+        for t in (*xs, stale.recv_topk_idx, stale.recv_topk_weights):
+            t.view(torch.uint8).fill_(0x7F)
+        del stale, xs, t
         checks._poison_cache("cuda", worst * 256 * 8)
         got = torch_ep.dispatch(sent, idx, w, num_experts=num_experts, num_worst_tokens=worst)
         m = expected.recv_topk_idx.shape[0]

@@ -3,7 +3,8 @@ GPU machines only: the copy variants' checks of tests/test_cuda_moe.py on pools 
 MoE pool itself. Device records (TORCH_EP_MOE_DEVICE_RECORDS): tests/test_cuda_moe_device_records.py.
 """
 import os
-import time
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ _seed = checks._seed
 # allocates from the group's MoE pool (every rank maps it). The copy variants' checks (bf16, fp8
 # with scales, layout given and computed inside, along a handle, num_worst_tokens padding,
 # weights, combine of recv_x and of other tensors) on pools that push, at small SM budgets and the
-# automatic one; then the pool itself: outputs in it, poisoned pool memory, a full pool.
+# automatic one; then the pool itself: outputs in it, poisoned pool memory (bf16 and fp8, a new
+# route and along its handle), a full pool.
 PUSH_SMS = (1, 8, 0)
 
 
@@ -50,9 +52,9 @@ def in_moe_pool(tensors, group=None):
 
 
 def poison_and_free(tensors):
-    """Fills `tensors` with 0x7f bytes (bf16 and float32 near their largest, int64 ids far out of
-    range); returns their [start, end) byte ranges. The caller frees them: their blocks go back to
-    the MoE pool, where the next outputs of the same shapes land."""
+    """Fills `tensors` with 0x7f bytes (bf16 and float32 near their largest, float8_e4m3fn NaN,
+    int64 ids far out of range); returns their [start, end) byte ranges. The caller frees them:
+    their blocks go back to the MoE pool, where the next outputs of the same shapes land."""
     ranges = []
     for t in tensors:
         if t.numel():
@@ -66,16 +68,61 @@ def overlaps(t, ranges):
     return any(start < e and s < end for s, e in ranges)
 
 
+def result_tensors(result):
+    """A dispatch result's outputs: recv_x (both tensors of the fp8 pair), and recv_topk_idx and
+    recv_topk_weights where it has them (a new route with weights)."""
+    xs = list(result.recv_x) if isinstance(result.recv_x, tuple) else [result.recv_x]
+    return xs + [t for t in (result.recv_topk_idx, result.recv_topk_weights) if t is not None]
+
+
 def check_dispatch(got, expected, worst=0):
-    """got against the reference: the real rows, and with num_worst_tokens the padding after them."""
+    """got against the reference: recv_x (or the fp8 pair: payload and scales), and for a new
+    route recv_topk_idx, recv_topk_weights and the counts; the real rows, and with num_worst_tokens
+    the padding after them (ids -1, weights 0; recv_x's padding is unspecified on CUDA)."""
+    pairs = zip(got.recv_x, expected.recv_x) if isinstance(expected.recv_x, tuple) else [(got.recv_x, expected.recv_x)]
+    for g, e in pairs:
+        m = e.shape[0]
+        assert g.shape[0] == (worst or m)
+        assert same_bits(g[:m].cpu(), e), "recv_x (or its fp8 scales) differs from the reference"
+    if expected.recv_topk_idx is None:  # along a handle: no top-k outputs
+        assert got.recv_topk_idx is None
+        return
     m = expected.recv_topk_idx.shape[0]
-    assert got.recv_x.shape[0] == (worst or m)
-    assert same_bits(got.recv_x[:m].cpu(), expected.recv_x), "recv_x differs from the reference"
     assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx), "recv_topk_idx differs"
     assert torch.equal(got.recv_topk_weights[:m].cpu(), expected.recv_topk_weights), "recv_topk_weights differ"
     assert bool((got.recv_topk_idx[m:] == -1).all()) and bool((got.recv_topk_weights[m:] == 0).all())
     if not worst:
         assert got.num_recv_tokens_per_expert == expected.num_recv_tokens_per_expert
+
+
+def as_payload(x, g, fp8):
+    """Integer-valued bf16 rows x (CPU) as dispatch takes them: x itself, or with fp8 the pair
+    (x as float8_e4m3fn, float32 scales [N, ceil(H / 128)] drawn from g)."""
+    if not fp8:
+        return x
+    return x.float().to(torch.float8_e4m3fn), torch.rand(x.shape[0], (x.shape[1] + 127) // 128, generator=g)
+
+
+def to_cuda(payload):
+    return tuple(t.cuda() for t in payload) if isinstance(payload, tuple) else payload.cuda()
+
+
+def dispatch_on_poison(dispatch_one, stale, fresh):
+    """dispatch_one(stale)'s outputs (in the MoE pool) poisoned with poison_and_free and freed, then
+    dispatch_one(fresh), same shapes: its outputs lie in the pool on the poisoned blocks. Returns
+    that second result, for the caller to check against the reference."""
+    first = dispatch_one(stale)
+    outputs = result_tensors(first)
+    assert in_moe_pool(outputs), "a pushing dispatch's outputs lie in the MoE pool"
+    poisoned = poison_and_free(outputs)
+    del first, outputs
+    got = dispatch_one(fresh)
+    outputs = result_tensors(got)
+    assert in_moe_pool(outputs)
+    # Same shapes on the same stream, nothing else allocated from the pool in between: it hands
+    # the poisoned blocks out again, so the caller's checks see any row the kernel left unwritten.
+    assert all(overlaps(t, poisoned) for t in outputs if t.numel()), "the poisoned blocks were not reused"
+    return got
 
 
 def assert_still_pushes(seed, group=None):
@@ -94,39 +141,39 @@ def assert_still_pushes(seed, group=None):
 
 
 def rank_push_pool(seed):
-    """Outputs lie in the MoE pool. An earlier call's outputs, filled with 0x7f bytes (bf16 and
-    float32 near their largest, int64 ids far out of range) and freed, give their blocks back to the
-    pool; the next call on fresh data, same shapes, must overwrite or pad every row of them. Then
-    combine of recv_x itself (in the pool, reached by arena offset) on even ranks and of a copy
-    (exported) on odd ones, against torch_ep.reference."""
+    """Outputs lie in the MoE pool. An earlier call's outputs, filled with 0x7f bytes
+    (poison_and_free) and freed, give their blocks back to the pool; the next call of the same
+    shapes on fresh data takes them and must overwrite every real row (and, with num_worst_tokens,
+    pad the rows after them: ids -1, weights 0): bf16 and the fp8 pair (payload and scales), with
+    sizes and with num_worst_tokens, for a new route and then along its handle, each against
+    torch_ep.reference bit for bit. Then combine of the bf16 recv_x itself (in the pool, reached by
+    arena offset) on even ranks and of a copy (exported) on odd ones, against the reference."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    for i, worst in enumerate((0, 160 * size)):
+    for i, (worst, fp8) in enumerate([(0, False), (0, True), (160 * size, False), (160 * size, True)]):
         num_experts, g, x, idx, w = checks.make_inputs(seed + i, "random", 512, 4, 2, torch.bfloat16, "cuda",
                                                        max_tokens=150)
-        first = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst)
-        outputs = [first.recv_x, first.recv_topk_idx, first.recv_topk_weights]
-        assert in_moe_pool(outputs), "a pushing dispatch's outputs lie in the MoE pool"
+        rows = [x.cpu()] + [torch.randint(-60, 60, tuple(x.shape), generator=g).to(torch.bfloat16) for _ in range(2)]
+        stale, fresh, along = (as_payload(r, g, fp8) for r in rows)
+        w2 = torch.rand(tuple(idx.shape), generator=g)
+        expected = reference.dispatch(fresh, idx.cpu(), w2, num_experts=num_experts)
+        expected_along = reference.dispatch(along, handle=expected.handle)
+        got = dispatch_on_poison(lambda p: torch_ep.dispatch(to_cuda(p), idx, w2.cuda(), num_experts=num_experts,
+                                                             num_worst_tokens=worst), stale, fresh)
         stats = torch_ep.get_backend()._moe_pool_stats()
         assert len(stats) == 2 and stats[1] > 0 and stats[1] <= stats[0]
-        poisoned = poison_and_free(outputs)
-        del first, outputs
-        x2 = torch.randint(-60, 60, tuple(x.shape), generator=g).to(torch.bfloat16)
-        w2 = torch.rand(tuple(idx.shape), generator=g)
-        expected = reference.dispatch(x2, idx.cpu(), w2, num_experts=num_experts)
-        got = torch_ep.dispatch(x2.cuda(), idx, w2.cuda(), num_experts=num_experts, num_worst_tokens=worst)
-        outputs = [got.recv_x, got.recv_topk_idx, got.recv_topk_weights]
-        assert in_moe_pool(outputs)
-        # Same shapes on the same stream: the pool hands the poisoned blocks out again, so the
-        # checks below see any row the kernel left unwritten.
-        assert all(overlaps(t, poisoned) for t in outputs if t.numel()), "the poisoned blocks were not reused"
         check_dispatch(got, expected, worst)
-        back = got.recv_x if rank % 2 == 0 else got.recv_x.clone()
-        ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
-        weights = None if worst else got.recv_topk_weights  # in the pool too: reached by arena offset
-        comb = torch_ep.combine(back, got.handle, weights)
-        assert same_bits(comb.combined_x.cpu(), ref.combined_x), "combined_x differs from the reference"
-        if weights is not None:
-            assert torch.equal(comb.combined_topk_weights.cpu(), ref.combined_topk_weights)
+        handle = got.handle
+        again = dispatch_on_poison(lambda p: torch_ep.dispatch(to_cuda(p), handle=handle), fresh, along)
+        check_dispatch(again, expected_along, worst)
+        if not fp8:
+            back = got.recv_x if rank % 2 == 0 else got.recv_x.clone()
+            ref = reference.combine(expected.recv_x, expected.handle, expected.recv_topk_weights)
+            weights = None if worst else got.recv_topk_weights  # in the pool too: reached by arena offset
+            comb = torch_ep.combine(back, got.handle, weights)
+            assert same_bits(comb.combined_x.cpu(), ref.combined_x), "combined_x differs from the reference"
+            if weights is not None:
+                assert torch.equal(comb.combined_topk_weights.cpu(), ref.combined_topk_weights)
+        del got, again
         dist.barrier()
 
 
@@ -170,13 +217,28 @@ def rank_push_worst_on_one_rank(seed):
     dist.barrier()
 
 
+def copied_out(result):
+    """A new route's outputs copied out of the MoE pool on the stream (no host wait), as a
+    stand-in for `result` in check_dispatch; once `result` is dropped its pool blocks are free for
+    the next outputs."""
+    return SimpleNamespace(recv_x=result.recv_x.clone(), recv_topk_idx=result.recv_topk_idx.clone(),
+                           recv_topk_weights=result.recv_topk_weights.clone(),
+                           num_recv_tokens_per_expert=result.num_recv_tokens_per_expert)
+
+
 def rank_push_race(seed, iterations=24):
-    """dispatch -> combine -> dispatch, sizes changing every iteration (and num_worst_tokens on some),
-    with no barrier between iterations and a random short sleep on one rank, so that ranks reach
-    each call at different times and the pool hands the last iteration's blocks out again while
-    peers may still be on it. Every result against torch_ep.reference; the references are computed
-    first (they are collectives, which would line the ranks up)."""
-    import random
+    """Host records, back to back with no barrier and no host wait but those push makes itself.
+    Each iteration, sizes changing every time: a new route without num_worst_tokens (the host
+    waits for its sizes, then a second small exchange of targets), combine of its recv_x and
+    weights in place (peers pull them by arena offset), its outputs copied out and freed (the pool
+    hands their blocks to the next outputs at once), a new route with num_worst_tokens (with sizes
+    every third iteration) and one along its handle. One rank's GPU sleeps a random while (up to a
+    few ms) after the first dispatch (whose host waited for the sizes: a sleep before it would
+    hold the host back too), so that its host and the other ranks queue the next calls, and
+    allocate and publish their outputs, while its GPU is still on the last ones. The host never
+    reads a result inside the loop (no .cpu()): every result is kept (the first dispatch's as its
+    copy) and checked after a final synchronize against torch_ep.reference (computed first: the
+    reference's collectives would line the ranks up)."""
     rank, size = dist.get_rank(), dist.get_world_size()
     sleeper = random.Random(seed)
     slow_rank = sleeper.randrange(size)
@@ -189,19 +251,32 @@ def rank_push_race(seed, iterations=24):
         ex1 = reference.dispatch(first[2].cpu(), first[3].cpu(), first[4].cpu(), num_experts=first[0])
         comb1 = reference.combine(ex1.recv_x, ex1.handle, ex1.recv_topk_weights)
         ex2 = reference.dispatch(second[2].cpu(), second[3].cpu(), second[4].cpu(), num_experts=second[0])
-        cases.append((first, ex1, comb1, second, ex2, 164 * size if i % 3 == 2 else 0))
-    for first, ex1, comb1, second, ex2, worst in cases:
-        if rank == slow_rank:
-            time.sleep(sleeper.uniform(0, 0.004))
+        x3 = torch.randint(-60, 60, tuple(second[2].shape), generator=second[1]).to(torch.bfloat16)
+        ex3 = reference.dispatch(x3, handle=ex2.handle)
+        worst = 164 * size if i % 3 else 0  # above any rank's received rows (< 160 tokens from each rank)
+        cases.append((first, ex1, comb1, second, ex2, x3.cuda(), ex3, worst))
+    torch.cuda.synchronize()
+    results = []
+    for first, ex1, comb1, second, ex2, x3, ex3, worst in cases:
         a = torch_ep.dispatch(first[2], first[3], first[4], num_experts=first[0])
+        assert in_moe_pool(result_tensors(a))
+        if rank == slow_rank:
+            torch.cuda._sleep(sleeper.randrange(0, 6_000_000))  # cycles: up to a few ms on this GPU
         c = torch_ep.combine(a.recv_x, a.handle, a.recv_topk_weights)
+        a = copied_out(a)
         b = torch_ep.dispatch(second[2], second[3], second[4], num_experts=second[0], num_worst_tokens=worst)
+        h = torch_ep.dispatch(x3, handle=b.handle)
+        results.append((a, c, b, h))
+    torch.cuda.synchronize()
+    for (a, c, b, h), (first, ex1, comb1, second, ex2, x3, ex3, worst) in zip(results, cases):
         check_dispatch(a, ex1)
         assert same_bits(c.combined_x.cpu(), comb1.combined_x), "combined_x differs from the reference"
         assert torch.equal(c.combined_topk_weights.cpu(), comb1.combined_topk_weights)
         check_dispatch(b, ex2, worst)
-        assert in_moe_pool([a.recv_x, a.recv_topk_idx, a.recv_topk_weights, b.recv_x, b.recv_topk_idx])
-        del a, b, c
+        check_dispatch(h, ex3, worst)
+        assert in_moe_pool(result_tensors(b) + result_tensors(h))
+    del results
+    torch_ep.check_errors()
     dist.barrier()
 
 
