@@ -13,6 +13,8 @@ takes several counts for a sweep. Ops, timed one after another:
   dispatch fp8     the same with x cast to float8_e4m3fn per 128-channel block, float32 scales
   dispatch cached  dispatch(x, handle=handle), the handle of a bf16 dispatch (where --impl has it)
   combine bf16     combine(recv_x, handle): the reverse of a bf16 dispatch
+  ..., fresh x     the same with a copy of recv_x made once before, as expert outputs are (under
+                   push with device records it lies outside the MoE pool: copied in per call)
 Each dispatch on a new route (all but cached) reads its num_recv_tokens_per_expert as a list,
 as DeepEP's dispatch always returns it (a MoE layer sizes its expert GEMMs with it).
 --impl picks what is measured: torch_ep's ops ("ep") or torch_ep.reference's (to develop the
@@ -78,7 +80,7 @@ from benchmarks import common  # noqa: E402
 ROOFLINE = "roofline"
 DEEPEP = "DeepEP"
 OPS = ("dispatch bf16", "dispatch fp8", "dispatch bf16, layout given", "dispatch fp8, layout given",
-       "dispatch cached", "combine bf16")
+       "dispatch cached", "combine bf16", "combine bf16, fresh x")
 FP8_BLOCK = 128  # channels per fp8 scale
 
 
@@ -207,10 +209,14 @@ def subject_ops(impl: str, inputs: Inputs, num_experts: int,
 
     x, idx, weights = inputs.x, inputs.topk_idx, inputs.topk_weights
     first = dispatch(x, idx, weights, num_experts=num_experts)
+    # An x that no dispatch made, as expert outputs are: outside the MoE pool under push (device
+    # records copy it in first), exported under pull as recv_x is.
+    fresh = first.recv_x.clone()
     ops = {
         "dispatch bf16": lambda: routed(x, idx, weights, num_experts=num_experts),
         "dispatch fp8": lambda: routed(inputs.x_fp8, idx, weights, num_experts=num_experts),
         "combine bf16": lambda: combine(first.recv_x, first.handle),
+        "combine bf16, fresh x": lambda: combine(fresh, first.handle),
     }
     if "handle" in inspect.signature(dispatch).parameters:  # a re-dispatch along the handle's route
         ops["dispatch cached"] = lambda: dispatch(x, handle=first.handle)
@@ -269,8 +275,10 @@ def check_against_reference(ops: Dict[str, Callable[[], object]], inputs: Inputs
     bf16 = expected["dispatch bf16"]
     if "dispatch cached" in ops:
         found += differences("dispatch cached recv_x", call("dispatch cached").recv_x, bf16.recv_x)
-    found += differences("combine bf16 combined_x", call("combine bf16").combined_x,
-                         reference.combine(bf16.recv_x, bf16.handle).combined_x)
+    combined = reference.combine(bf16.recv_x, bf16.handle).combined_x
+    for variant in ("combine bf16", "combine bf16, fresh x"):
+        if variant in ops:
+            found += differences(f"{variant} combined_x", call(variant).combined_x, combined)
     problems = rank_problems("; ".join(found) or None, sync_group)
     if problems:
         raise RuntimeError(f"ep differs from torch_ep.reference on {inputs.x.shape[0]} tokens per rank, "
