@@ -155,6 +155,7 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) notify_kernel(MoeNotifyParam
       report[kMoeReportPeerValue] = v.peer_value;
       report[kMoeReportCallId] = p.record[kRecCallId];
       report[kMoeReportOp] = p.record[kRecOp];
+      report[kMoeReportSeq] = p.call_seq;
       __threadfence_system();
       report[kMoeReportCode] = v.code;
     }

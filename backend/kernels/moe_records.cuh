@@ -155,6 +155,7 @@ enum MoeReportWord : int {
   kMoeReportLater,     // problems found while this report waited for the host (they had no slot)
   kMoeReportLaterCallId,  // the last of those calls
   kMoeReportOp,        // the op whose notify found it (kMoeRecordDispatch or kMoeRecordCombine)
+  kMoeReportSeq,       // that call's MoeNotifyParams::call_seq: tells this call's report from an earlier one's
   kMoeReportWords,
 };
 
@@ -196,6 +197,8 @@ struct MoeNotifyParams {
   int64_t num_tokens;                 // its N
   bool check_expert_ids;              // topk_idx is sent: refuse ids outside [-1, num_experts) (from the
                                       // table's id range, which no host has read)
+  int64_t call_seq;                   // this rank's count of calls with device records (both rounds of a call
+                                      // alike), for the report: combines along one handle share a call id
   int64_t record[kMoeRecordWords];    // this rank's record as its host knows it; the device adds its send row
   char* records[kMaxRanksPerNode];    // rank r's records region as mapped here
   int64_t* report;                    // host-mapped, kMoeReportWords: the first problem since the host looked

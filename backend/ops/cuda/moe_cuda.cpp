@@ -378,7 +378,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       EP_CUDA_CHECK(kernels::launch_dispatch_push(p, stream));
       phase.next("ep::dispatch/track");
       transport->track(op, stream, peers_of(int(rank), int(R)));
-      raise_device_report(*transport, int(rank), int64_t(call_id), op);  // queued: no peer waits in vain
+      raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
       o.meta = given ? at::empty({0}, meta.options()) : meta;
       o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
       return o;
@@ -424,7 +424,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     EP_CUDA_CHECK(kernels::launch_dispatch(p, stream));
     phase.next("ep::dispatch/track");
     transport->track(op, stream, peers_of(int(rank), int(R)));
-    raise_device_report(*transport, int(rank), int64_t(call_id), op);  // queued: no peer waits in vain
+    raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
 
     o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
     o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
@@ -471,7 +471,8 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     // The records are the ready half under device records; else the kernel sends it.
     p.handshake = handshake(*transport, /*with_ready=*/!device_records);
 
-    // The outputs first: an allocation that fails raises before any peer waits for this rank.
+    // The outputs first: an allocation that fails raises before this rank's record or ready flag
+    // goes out (peers already waiting for it time out, as for any rank that stops mid-call).
     phase.next("ep::combine/outputs");
     CombineOutputs o;
     o.combined_x = at::empty({N, H}, a.x.options());
@@ -482,9 +483,10 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
 
     std::vector<Tensor> staged;  // copies of x and weights in the MoE pool, held until the launch is queued
     std::string raise_after;     // this rank's refusal, raised once its kernels are queued
+    const int64_t seq = device_records ? transport->next_moe_call() : -1;
     if (device_records) {
       phase.next("ep::combine/device_records");
-      raise_after = notify_combine(*transport, *pool, a, stream, p, staged);
+      raise_after = notify_combine(*transport, *pool, a, seq, stream, p, staged);
     } else {
       phase.next("ep::combine/records");
       std::vector<Record> mine = combine_records(a, R);
@@ -510,7 +512,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     transport->track(op, stream, peers_of(int(rank), int(R)));
     staged.clear();  // freed in stream order: reused only after this call's kernels
     TORCH_CHECK_VALUE(raise_after.empty(), raise_after);
-    raise_device_report(*transport, int(rank), int64_t(a.handle_counts.call_id), op);  // once this call is queued
+    raise_device_report(*transport, int(rank), seq, op);  // once this call is queued
     return o;
   } catch (const CommError& e) {  // timeouts included
     group.raise_failure(e.what());

@@ -150,8 +150,8 @@ namespace {
 // them (kernels::MoeSizesWord): this rank's handle counts. Raises where the verdict stops the call,
 // on every rank alike (they evaluated the same records): this rank's own refusal (`overflow`, an
 // earlier dispatch's), else the device's report; a record that never came fails the group.
-HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, int64_t call_id, int64_t num_experts,
-                            const std::string& overflow) {
+HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, int64_t call_id, int64_t seq,
+                            int64_t num_experts, const std::string& overflow) {
   using namespace kernels;
   const char* op = "dispatch";
   const int R = transport.size(), rank = transport.rank();
@@ -178,7 +178,7 @@ HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, int
   }
   if (code != kVerdictOk) {  // nothing moves on any rank: every host raises now
     TORCH_CHECK_VALUE(overflow.empty(), overflow, "; no rank moved rows in this dispatch (#", call_id, ")");
-    raise_device_report(transport, rank, call_id, op);
+    raise_device_report(transport, rank, seq, op);
     TORCH_CHECK(false, op, " on rank ", rank, ": the device stopped this dispatch (#", call_id, ", verdict ", code,
                 ") and left no report");
   }
@@ -207,6 +207,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   TORCH_CHECK_VALUE(E / R <= kMaxRecordExperts, op, ": device records count up to ", kMaxRecordExperts,
                     " experts per rank, this call has ", E / R);
   const int64_t call_id = int64_t(group.next_dispatch_id());
+  const int64_t seq = transport.next_moe_call();
 
   DispatchRecordsParams p{};
   MoeNotifyParams& n = p.notify;
@@ -216,6 +217,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   n.meta = meta.data_ptr<int32_t>();
   n.num_tokens = N;
   n.check_expert_ids = !cached && a.topk_idx->numel() > 0;
+  n.call_seq = seq;
   p.src = {static_cast<const char*>(a.x.numel() ? a.x.data_ptr() : nullptr),
            a.x_scales && a.x_scales->numel() ? a.x_scales->data_ptr<float>() : nullptr,
            cached || !a.topk_idx->numel() ? nullptr : a.topk_idx->data_ptr<int64_t>(),
@@ -257,7 +259,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
     for (int i = 0; i < 4; ++i) record[kRecOffset + i] = -1;
     n.sizes = transport.moe_sizes();
     EP_CUDA_CHECK(launch_moe_notify(n, stream));
-    sized = wait_for_sizes(group, transport, call_id, E, overflow);  // raises where the verdict stops the call
+    sized = wait_for_sizes(group, transport, call_id, seq, E, overflow);  // raises where the verdict stops the call
     for (int64_t rows : sized.recv) capacity += rows;
     n.sizes = nullptr;
     n.check_expert_ids = false;  // round 1 checked them
@@ -287,7 +289,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   TORCH_CHECK_VALUE(overflow.empty() || waits, overflow, "; no rank moved rows in this dispatch (#", call_id, ")",
                     allocated ? "" : " (nor could this rank allocate its outputs: " + refusal + ")");
   TORCH_CHECK_VALUE(allocated, op, " on rank ", rank, ": ", refusal, "; no rank moved rows in this call");
-  raise_device_report(transport, rank, call_id, op);
+  raise_device_report(transport, rank, seq, op);
 
   o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
   if (cached) {
@@ -357,7 +359,7 @@ bool offset_in_arena(MoePool& pool, const at::Tensor& t, cudaStream_t stream,
 
 }  // namespace
 
-std::string notify_combine(CudaTransport& transport, MoePool& pool, const CombineArgs& a,
+std::string notify_combine(CudaTransport& transport, MoePool& pool, const CombineArgs& a, int64_t call_seq,
                            cudaStream_t stream, kernels::CombineParams& p, std::vector<at::Tensor>& staged) {
   using namespace kernels;
   const char* op = "combine";
@@ -377,6 +379,7 @@ std::string notify_combine(CudaTransport& transport, MoePool& pool, const Combin
   n.meta = a.handle_meta.data_ptr<int32_t>();  // its send row: the rows this rank sent at dispatch
   n.num_tokens = a.num_tokens;
   n.check_expert_ids = false;
+  n.call_seq = call_seq;
   int64_t* record = n.record;
   record[kRecOp] = kMoeRecordCombine;
   record[kRecCallId] = int64_t(h.call_id);
@@ -442,14 +445,14 @@ const char* checked_field(int64_t word) {
 
 }  // namespace
 
-std::string device_report_message(const std::vector<int64_t>& w, int rank, int64_t current_call, const char* op) {
+std::string device_report_message(const std::vector<int64_t>& w, int rank, int64_t current_seq, const char* op) {
   using namespace kernels;
   if (w.size() < size_t(kMoeReportWords) || w[kMoeReportCode] == kVerdictOk) return "";
   const int64_t call = w[kMoeReportCallId], who = w[kMoeReportRank], peer = w[kMoeReportPeer];
   const int64_t value = w[kMoeReportValue], peer_value = w[kMoeReportPeerValue];
   const bool combine = w[kMoeReportOp] == kMoeRecordCombine;
-  // "this" call only where the report is of the raising op's kind and of its call id.
-  const bool this_call = call == current_call && std::string(op) == (combine ? "combine" : "dispatch");
+  // "this" call only where the report is of the raising call's notify (kMoeReportSeq).
+  const bool this_call = current_seq > 0 && w[kMoeReportSeq] == current_seq;
   const std::string when =
       combine ? (this_call ? "this combine" : "an earlier combine") + std::string(" (along the handle of dispatch #") +
                     std::to_string(call) + ")"
@@ -511,9 +514,9 @@ std::string device_report_message(const std::vector<int64_t>& w, int rank, int64
   }
   std::string later;
   if (w[kMoeReportLater] > 0)
-    later = "; " + std::to_string(w[kMoeReportLater]) + " later dispatch" + (w[kMoeReportLater] > 1 ? "es" : "") +
-            " also went wrong before this was raised (the last #" + std::to_string(w[kMoeReportLaterCallId]) +
-            "; only this first problem is described)";
+    later = "; " + std::to_string(w[kMoeReportLater]) + " later dispatch/combine call" +
+            (w[kMoeReportLater] > 1 ? "s" : "") + " also went wrong before this was raised (the last of dispatch #" +
+            std::to_string(w[kMoeReportLaterCallId]) + " or its handle; only this first problem is described)";
   return std::string(op) + " on rank " + std::to_string(rank) + ": found by the device during " + when +
          ", which does not wait for it: " + what + later;
 }
@@ -525,9 +528,9 @@ int64_t known_capacity(const DispatchArgs& a) {
   return rows;
 }
 
-void raise_device_report(CudaTransport& transport, int rank, int64_t current_call, const char* op) {
+void raise_device_report(CudaTransport& transport, int rank, int64_t current_seq, const char* op) {
   const std::vector<int64_t> words = transport.take_moe_report();
-  const std::string why = device_report_message(words, rank, current_call, op);
+  const std::string why = device_report_message(words, rank, current_seq, op);
   if (why.empty()) return;
   const int64_t code = words[kernels::kMoeReportCode];
   TORCH_CHECK_VALUE(code != kernels::kVerdictRefused && code != kernels::kVerdictOverflow, why);

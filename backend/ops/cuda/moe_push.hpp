@@ -73,7 +73,7 @@ bool combine_device_records_this_call(const ProcessGroupEP& group, cudaStream_t 
 // follows (`p`'s handshake is set: its bound and error word bound the notify's waits). Returns
 // what this rank raises once that kernel is queued: its refusal (the pool cannot hold the copy, or
 // an earlier dispatch's overflow), which makes every rank's pull move nothing; "" where none.
-std::string notify_combine(CudaTransport& transport, MoePool& pool, const CombineArgs& a,
+std::string notify_combine(CudaTransport& transport, MoePool& pool, const CombineArgs& a, int64_t call_seq,
                            cudaStream_t stream, kernels::CombineParams& p, std::vector<at::Tensor>& staged);
 
 // A [rows, hidden] tensor of `dtype` from the MoE pool, for torch_ep.combine_buffer: a combine
@@ -91,12 +91,12 @@ at::Tensor combine_buffer_in_pool(ProcessGroupEP& group, int64_t rows, int64_t h
 int64_t known_capacity(const DispatchArgs& a);
 
 // What a notify kernel reported (CudaTransport::take_moe_report's words) as the error to raise on
-// `rank`; "" when it reported nothing. `current_call` (the dispatch's id; a combine's handle's) and
-// `op`: the call that raises it (-1: none, as in check_errors), to say whether the report is this
-// call's or an earlier one's.
-std::string device_report_message(const std::vector<int64_t>& words, int rank, int64_t current_call, const char* op);
+// `rank` in `op`; "" when it reported nothing. `current_seq`: the raising call's
+// CudaTransport::next_moe_call (-1: a call without device records, or check_errors), to say
+// whether the report is this call's or an earlier one's.
+std::string device_report_message(const std::vector<int64_t>& words, int rank, int64_t current_seq, const char* op);
 // Takes the transport's report and raises it (ValueError for a refusal or an overflow,
 // RuntimeError for ranks that disagree); nothing when there is none.
-void raise_device_report(CudaTransport& transport, int rank, int64_t current_call, const char* op);
+void raise_device_report(CudaTransport& transport, int rank, int64_t current_seq, const char* op);
 
 }  // namespace ep::moe

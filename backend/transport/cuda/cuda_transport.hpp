@@ -119,6 +119,8 @@ class CudaTransport {
   int64_t* moe_sizes() const;
   const volatile int64_t* moe_sizes_host() const;
   std::vector<int64_t> take_moe_report();
+  // The next MoE call with device records, counted on this rank (kernels::MoeNotifyParams::call_seq).
+  int64_t next_moe_call() { return moe_calls_.fetch_add(1, std::memory_order_relaxed) + 1; }
   // Where dispatch kernels report receiving more rows than num_worst_tokens (device pointer).
   kernels::DispatchOverflow* dispatch_overflow() const { return overflow_device_; }
   // The overflow a finished dispatch kernel reported, as the error to raise, and clears it; ""
@@ -186,6 +188,7 @@ class CudaTransport {
   int64_t* moe_report_host_ = nullptr;  // pinned, mapped
   int64_t* moe_report_device_ = nullptr;
   std::mutex moe_report_mutex_;  // take_moe_report's read-and-clear
+  std::atomic<int64_t> moe_calls_{0};
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;
