@@ -32,10 +32,14 @@ def cuda_pool(request):
 RECORDS_ENV = {"TORCH_EP_MOE_PUSH": "1", "TORCH_EP_MOE_DEVICE_RECORDS": "1"}
 
 
-@pytest.fixture(params=[(n, sms) for n in (2, 4) for sms in (1, 0)], ids=lambda v: f"{v[0]}ranks-sms{v[1]}")
+@pytest.fixture(params=[(n, sms, 0) for n in (2, 4) for sms in (1, 0)] + [(2, 0, 1), (4, 1, 1)],
+                ids=lambda v: f"{v[0]}ranks-sms{v[1]}" + ("-one_launch" if v[2] else ""))
 def records_pool(request):
-    world_size, sms = request.param
-    return rank_pool(world_size, cuda=True, env={**RECORDS_ENV, "TORCH_EP_NUM_SMS": str(sms)})
+    """Device records at 2 and 4 ranks, 1 SM and the automatic budget; and with the dispatch's
+    notify step fused into its push kernel (TORCH_EP_MOE_ONE_LAUNCH)."""
+    world_size, sms, one_launch = request.param
+    return rank_pool(world_size, cuda=True, env={**RECORDS_ENV, "TORCH_EP_NUM_SMS": str(sms),
+                                                 "TORCH_EP_MOE_ONE_LAUNCH": str(one_launch)})
 
 
 def moe_exchanges(group=None):
@@ -397,6 +401,23 @@ def rank_device_records_waits_disagree(seed):
     torch.cuda.synchronize()
     torch_ep.check_errors()
     check_dispatch(next_call(), expected, worst)
+    # Rank 0 combines where the others dispatch without num_worst_tokens: the records' ops differ.
+    # The dispatching ranks raise at the call (their first round), rank 0 at the call or its next;
+    # nothing moves, and no rank waits for a "done" the others never send.
+    got = torch_ep.dispatch(good[2], good[3], good[4], num_experts=good[0])
+    match = r"rank \d+ made a (dispatch|combine) but rank 0 a (dispatch|combine); the ranks' calls are out of step"
+    if rank == 0:
+        raises_now_or_next(lambda: torch_ep.combine(got.recv_x, got.handle), next_call, RuntimeError, match,
+                           op="combine")
+    else:
+        with pytest.raises(RuntimeError, match=match):
+            torch_ep.dispatch(good[2], good[3], good[4], num_experts=good[0])
+        next_call()
+    dist.barrier()
+    torch.cuda.synchronize()
+    torch_ep.check_errors()
+    comb = torch_ep.combine(got.recv_x, got.handle)
+    assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
     torch.cuda.synchronize()
     torch_ep.check_errors()
     assert_still_pushes(seed)
@@ -552,6 +573,15 @@ def rank_device_records_expert_ids(seed):
     num_experts, g, x, idx, w = checks.make_inputs(seed + 2, "random", 128, 2, 2, torch.bfloat16, "cuda")
     expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
     check_dispatch(torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst), expected, worst)
+    # The same without num_worst_tokens: the first round's verdict refuses it, and every rank raises
+    # at the call (it waits for its sizes), none allocates; then the group works.
+    bad = idx.clone()
+    if rank == size - 1 and bad.shape[0]:
+        bad[0, 0] = num_experts + 3
+    with pytest.raises(ValueError, match=rf"found by the device during this dispatch .*rank {size - 1}'s topk_idx "
+                                         rf"holds expert ids outside"):
+        torch_ep.dispatch(x, bad, w, num_experts=num_experts)
+    check_dispatch(torch_ep.dispatch(x, idx, w, num_experts=num_experts), expected)
     torch.cuda.synchronize()
     torch_ep.check_errors()
     assert_still_pushes(seed)

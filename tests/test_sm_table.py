@@ -164,7 +164,7 @@ def test_moe_push_options(monkeypatch):
         torch_ep.Options()
     # Options is a positional dataclass: the new fields come last, so that no older one moved.
     names = [f.name for f in dataclasses.fields(torch_ep.Options)]
-    assert names[-3:] == ["moe_push", "moe_pool_bytes", "moe_device_records"]
+    assert names[-4:] == ["moe_push", "moe_pool_bytes", "moe_device_records", "moe_one_launch"]
     assert names.index("moe_copy") == names.index("ranks_per_node") + 1 == names.index("blocking_wait") - 1
 
 
@@ -205,4 +205,25 @@ def test_moe_device_records_option(monkeypatch):
     assert torch_ep.Options().moe_device_records is True
     monkeypatch.setenv("TORCH_EP_MOE_DEVICE_RECORDS", "yes")
     with pytest.raises(ValueError, match="TORCH_EP_MOE_DEVICE_RECORDS"):
+        torch_ep.Options()
+
+
+def test_moe_one_launch_option(monkeypatch):
+    """Options.moe_one_launch (TORCH_EP_MOE_ONE_LAUNCH, off by default) reaches the Config, and only
+    with moe_device_records: set without it, a ValueError names both."""
+    for name in ("TORCH_EP_MOE_PUSH", "TORCH_EP_MOE_DEVICE_RECORDS", "TORCH_EP_MOE_ONE_LAUNCH"):
+        monkeypatch.delenv(name, raising=False)
+    assert torch_ep.Options().moe_one_launch is False
+    assert torch_ep.Options()._to_config(timedelta(seconds=60)).moe_one_launch is False
+    config = torch_ep.Options(moe_push=True, moe_device_records=True, moe_one_launch=True)._to_config(
+        timedelta(seconds=60))
+    assert (config.moe_device_records, config.moe_one_launch) == (True, True)
+    with pytest.raises(ValueError, match="moe_one_launch.*TORCH_EP_MOE_DEVICE_RECORDS"):
+        torch_ep.Options(moe_push=True, moe_one_launch=True)
+    monkeypatch.setenv("TORCH_EP_MOE_PUSH", "1")
+    monkeypatch.setenv("TORCH_EP_MOE_DEVICE_RECORDS", "1")
+    monkeypatch.setenv("TORCH_EP_MOE_ONE_LAUNCH", "1")
+    assert torch_ep.Options().moe_one_launch is True
+    monkeypatch.setenv("TORCH_EP_MOE_ONE_LAUNCH", "yes")
+    with pytest.raises(ValueError, match="TORCH_EP_MOE_ONE_LAUNCH"):
         torch_ep.Options()

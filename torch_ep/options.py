@@ -43,6 +43,9 @@ ENVIRONMENT = {
                                    "dispatch/combine or torch_ep.check_errors() (a dispatch without a handle or "
                                    "num_worst_tokens waits for its sizes, and raises then). Every rank must give a "
                                    "handle, or num_worst_tokens, in the same calls, else every rank raises",
+    "TORCH_EP_MOE_ONE_LAUNCH": "1 (with TORCH_EP_MOE_DEVICE_RECORDS=1) runs a pushing dispatch's notify step as block 0 "
+                               "of its push kernel: one launch instead of two (opt-in until measured; combine keeps "
+                               "two)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
     "TORCH_EP_ALL_TO_ALL_V_DEVICE": "0 makes CUDA all_to_all_v read its splits on the host (one wait, not capturable) "
@@ -153,6 +156,7 @@ class Options:
     moe_push: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_MOE_PUSH")))
     moe_pool_bytes: int = field(default_factory=_default("TORCH_EP_MOE_POOL_BYTES", 1 << 30))
     moe_device_records: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_MOE_DEVICE_RECORDS")))
+    moe_one_launch: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_MOE_ONE_LAUNCH")))
 
     def __post_init__(self) -> None:
         checks = {
@@ -187,6 +191,9 @@ class Options:
         if self.moe_device_records and not self.moe_push:
             raise ValueError("Options.moe_device_records (TORCH_EP_MOE_DEVICE_RECORDS) needs Options.moe_push "
                              "(TORCH_EP_MOE_PUSH=1): only a pushing dispatch exchanges its records through the device")
+        if self.moe_one_launch and not self.moe_device_records:
+            raise ValueError("Options.moe_one_launch (TORCH_EP_MOE_ONE_LAUNCH) needs Options.moe_device_records "
+                             "(TORCH_EP_MOE_DEVICE_RECORDS=1): it fuses their notify step into the push kernel")
         if self.timeout is not None and self.timeout.total_seconds() <= 0:
             raise ValueError(f"Options.timeout={self.timeout}: expected a positive duration")
 
@@ -205,6 +212,7 @@ class Options:
         config.moe_push = self.moe_push
         config.moe_pool_bytes = self.moe_pool_bytes
         config.moe_device_records = self.moe_device_records
+        config.moe_one_launch = self.moe_one_launch
         config.blocking_wait = self.blocking_wait
         config.all_to_all_lanes = self.all_to_all_lanes
         config.all_to_all_slot_bytes = self.all_to_all_slot_bytes

@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     }
     __syncwarp();  // rows[] is rewritten for the next token
   }
-  handshake_end(p.handshake, R);
+  handshake_end(p.handshake, R, combine_says_done(p));
 }
 
 constexpr int kWarpChunks = 4;  // combine_kernel's kUnroll and dispatch_kernel's kDepth for MoeCopy::kWarp

@@ -383,7 +383,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_bulk_kernel(const 
       if (lane == 0) bar_arrive(&empty[st]);  // the stage is read: the producer may refill it
     }
   }
-  handshake_end(p.handshake, R);
+  handshake_end(p.handshake, R, combine_says_done(p));
 #endif
 }
 

@@ -52,9 +52,10 @@ __device__ inline bool handshake_begin(const Handshake& h, int num_ranks) {
 // waited on (before its done flag lets a peer's next call set them again), says done, and
 // waits until every peer is done reading this rank's inputs. A pushing kernel (kPushed) wrote
 // peers' memory instead: each block fences at system scope, so that a peer's acquire of the
-// done flag sees every block's stores.
+// done flag sees every block's stores. `say_done` false (device records whose verdict moved
+// nothing, alike on every rank): no done half, as no rank read or wrote a peer.
 template <bool kPushed = false>
-__device__ inline void handshake_end(const Handshake& h, int num_ranks) {
+__device__ inline void handshake_end(const Handshake& h, int num_ranks, bool say_done = true) {
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -67,15 +68,19 @@ __device__ inline void handshake_end(const Handshake& h, int num_ranks) {
   const int peer = threadIdx.x;
   if (peer < num_ranks) {
     if (h.ready_to_wait[peer]) *h.ready_to_wait[peer] = 0;
-    if (h.done_to_set[peer]) {
+    if (say_done && h.done_to_set[peer]) {
       __threadfence_system();
       store_release(h.done_to_set[peer], 1);
     }
-    if (h.done_to_wait[peer] && !take_flag(h.done_to_wait[peer], now_ns() + h.timeout_ns))
+    if (say_done && h.done_to_wait[peer] && !take_flag(h.done_to_wait[peer], now_ns() + h.timeout_ns))
       atomicExch(h.error, 1 + peer);
   }
   if (threadIdx.x == 0) *h.blocks_finished = 0;
 }
+
+// Whether a combine's done half runs: always on the host records' path; with device records only
+// where the verdict moved rows (the same on every rank: handshake_end's say_done).
+__device__ inline bool combine_says_done(const CombineParams& p) { return !p.plan || p.plan[kPlanMoves] != 0; }
 
 // Where each rank d's rows for this rank's tokens lie, for a combine block (in shared memory):
 // from the parameters (the host exchanged records), or from the plan of device records.

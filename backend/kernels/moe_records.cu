@@ -39,16 +39,18 @@ __device__ __forceinline__ uint32_t wait_nonzero(const uint32_t* flag, uint64_t 
   return word;
 }
 
-__global__ void __launch_bounds__(kMaxRanksPerNode) notify_kernel(MoeNotifyParams p) {
+// The notify step, by one block (every thread calls it; threads 0..R-1 take the slots): publish,
+// gather, verdict, plan, report, and the sizes where the host waits for them.
+__device__ void notify_block(const MoeNotifyParams& p) {
   const int t = threadIdx.x, R = p.num_ranks, me = p.rank;
   __shared__ int64_t records[kMaxRanksPerNode][kMoeRecordWords];
   __shared__ int missing;  // 1 + a rank whose record did not come (a timeout, or released waits)
   if (t == 0) missing = 0;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   const int32_t* sends = p.meta + MetaLayout::tokens_per_rank();
-  // A dispatch's first round (no outputs yet: its receivers wait for their sizes) sends its tokens
-  // per local expert of each receiver with its record.
-  const bool first_round = p.record[kRecOp] == kMoeRecordDispatch && p.record[kRecCapacity] < 0;
+  // A dispatch's first round (no outputs yet: every rank's host waits for its sizes) sends its
+  // tokens per local expert of each receiver with its record.
+  const bool first_round = p.sizes != nullptr;
   const int64_t per_rank = p.num_experts / R;  // local experts (<= kMaxRecordExperts: the host checks)
   const MetaLayout l{R, p.num_experts, p.num_tokens};
   // Expert ids out of range refuse the call here, where the host has not seen them.
@@ -171,9 +173,43 @@ __global__ void __launch_bounds__(kMaxRanksPerNode) notify_kernel(MoeNotifyParam
       sizes[kSizesTicket] = p.record[kRecCallId];
     }
   }
+  __syncthreads();  // the plan is whole (a fused kernel's block 0 publishes it next)
 }
 
-template <typename V, int kDepth>
+__global__ void __launch_bounds__(kMaxRanksPerNode) notify_kernel(MoeNotifyParams p) { notify_block(p); }
+
+// A fused launch (DispatchRecordsParams::one_launch): block 0 runs the notify step, then says the
+// plan is ready (this call's call_seq in the plan-ready word of this rank's records region); the
+// other blocks wait for that word (bounded: block 0's own waits are), then read the plan. False
+// where the wait gave up: that block moves nothing.
+__device__ bool notify_in_block_zero(const DispatchRecordsParams& p) {
+  uint64_t* ready = reinterpret_cast<uint64_t*>(p.notify.records[p.notify.rank] + L::kPlanReadyOffset);
+  __shared__ bool seen;
+  if (blockIdx.x == 0) {
+    notify_block(p.notify);
+    if (threadIdx.x == 0) {
+      __threadfence();
+      store_release(ready, uint64_t(p.notify.call_seq));
+    }
+    return true;
+  }
+  if (threadIdx.x == 0) {
+    const uint64_t deadline = now_ns() + 2 * p.notify.timeout_ns;
+    seen = true;
+    while (load_acquire(ready) != uint64_t(p.notify.call_seq)) {
+      if (now_ns() > deadline) {
+        atomicExch(p.notify.error, 1 + p.notify.rank);
+        seen = false;
+        break;
+      }
+      __nanosleep(64);
+    }
+  }
+  __syncthreads();
+  return seen;
+}
+
+template <typename V, int kDepth, bool kOneLaunch>
 __global__ void __launch_bounds__(kThreads) dispatch_planned_kernel(DispatchRecordsParams p) {
   __shared__ int64_t first_item[kMaxRanksPerNode + 1];  // where this rank's rows to rank d start in its send list
   __shared__ int64_t first_row_on[kMaxRanksPerNode];    // where they start among rank d's received rows
@@ -181,8 +217,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_planned_kernel(DispatchReco
   __shared__ int64_t capacity[kMaxRanksPerNode];
   const int R = p.notify.num_ranks, me = p.notify.rank;
   const int lane = threadIdx.x & 31;
-  const int64_t* plan = plan_of(p.notify);  // written by the notify kernel before this one
-  const bool moves = plan[kPlanMoves] != 0;
+  // Written by the notify kernel before this one, or by this grid's block 0.
+  const bool planned = kOneLaunch ? notify_in_block_zero(p) : true;
+  const int64_t* plan = plan_of(p.notify);
+  const bool moves = planned && plan[kPlanMoves] != 0;
 
   if (threadIdx.x < 32) {  // lane d: R <= kMaxRanksPerNode = 32
     const int d = lane;
@@ -207,7 +245,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_planned_kernel(DispatchReco
   // The rows that move, then this rank's padding: every row when nothing moves.
   push_send_list<V, kDepth>(p.src, R, me, p.notify.num_experts, first_item, first_row_on, outputs, capacity,
                             moves ? plan[kPlanReceived] : 0, p.row_bytes, p.num_scales, p.num_topk);
-  handshake_end</*kPushed=*/true>(p.handshake, R);
+  // The done half only where rows moved: the verdict is every rank's, and a rank whose first round
+  // stopped the call launched no kernel to say done.
+  handshake_end</*kPushed=*/true>(p.handshake, R, moves);
 }
 
 }  // namespace
@@ -220,8 +260,12 @@ cudaError_t launch_moe_notify(const MoeNotifyParams& p, cudaStream_t stream) {
 
 cudaError_t launch_dispatch_with_records(const DispatchRecordsParams& p, cudaStream_t stream) {
   if (p.num_blocks < 1) return cudaErrorInvalidValue;
-  const cudaError_t notified = launch_moe_notify(p.notify, stream);
-  if (notified != cudaSuccess) return notified;
+  if (!p.one_launch) {
+    const cudaError_t notified = launch_moe_notify(p.notify, stream);
+    if (notified != cudaSuccess) return notified;
+  } else if (p.notify.num_ranks < 1 || p.notify.num_ranks > kMaxRanksPerNode || !p.notify.meta || p.notify.sizes) {
+    return cudaErrorInvalidValue;  // a first round (sizes) runs the notify kernel alone
+  }
   // The widest access that the row size and this rank's x allow: the receivers' recv_x come from
   // the MoE pool's allocator, whose blocks are 512-byte aligned, and start their rows at multiples
   // of the row size.
@@ -230,7 +274,8 @@ cudaError_t launch_dispatch_with_records(const DispatchRecordsParams& p, cudaStr
   const int64_t rows = p.src.num_tokens * p.notify.num_ranks, own = p.notify.record[kRecCapacity];
   const int grid = grid_for_warps(p.num_blocks, rows > own ? rows : own);
   with_access_type(vec, [&](auto v) {
-    dispatch_planned_kernel<decltype(v), kPushDepth><<<grid, kThreads, 0, stream>>>(p);
+    if (p.one_launch) dispatch_planned_kernel<decltype(v), kPushDepth, true><<<grid, kThreads, 0, stream>>>(p);
+    else dispatch_planned_kernel<decltype(v), kPushDepth, false><<<grid, kThreads, 0, stream>>>(p);
   });
   return cudaGetLastError();
 }

@@ -177,6 +177,8 @@ struct MoeRecordsLayout {
   // ends a wait for a record with a value no peer stores (1): the call moves nothing.
   EP_HOST_DEVICE static constexpr size_t full_flag(int src) { return size_t(src) * 4; }
   static constexpr size_t kFlagsBytes = kMaxRanksPerNode * 4;
+  // uint64: the call_seq of the last plan a fused launch's block 0 wrote (DispatchRecordsParams::one_launch)
+  static constexpr size_t kPlanReadyOffset = kFlagsBytes;
   static constexpr size_t kPlanOffset = 256;
   static constexpr size_t kRecordsOffset = kPlanOffset + ((kMoePlanWords * 8 + 255) / 256) * 256;
   EP_HOST_DEVICE static constexpr size_t record(int src) { return kRecordsOffset + size_t(src) * kMoeRecordWords * 8; }
@@ -185,7 +187,7 @@ struct MoeRecordsLayout {
   EP_HOST_DEVICE static constexpr size_t experts(int src) { return kExpertsOffset + size_t(src) * kMaxRecordExperts * 4; }
   static constexpr size_t kBytes = kExpertsOffset + size_t(kMaxRanksPerNode) * kMaxRecordExperts * 4;
 };
-static_assert(MoeRecordsLayout::kFlagsBytes <= MoeRecordsLayout::kPlanOffset, "the flags fit before the plan");
+static_assert(MoeRecordsLayout::kPlanReadyOffset + 8 <= MoeRecordsLayout::kPlanOffset, "the flags fit before the plan");
 
 // What a notify kernel needs: this rank's record, where every rank's records region is mapped,
 // where to report.
@@ -222,7 +224,9 @@ struct DispatchRecordsParams {
   int num_scales;
   int num_topk;
   int num_blocks;                     // the SM budget
-  Handshake handshake;                // the done half (the records are the ready half)
+  Handshake handshake;                // the done half (the records are the ready half), where rows move
+  bool one_launch;                    // the notify step as block 0 of the push kernel (Options.moe_one_launch):
+                                      // one launch; the other blocks wait for its plan
 };
 
 cudaError_t launch_dispatch_with_records(const DispatchRecordsParams& params, cudaStream_t stream);

@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
       }
     }
   }
-  handshake_end(p.handshake, R);
+  handshake_end(p.handshake, R, combine_says_done(p));
 }
 
 }  // namespace

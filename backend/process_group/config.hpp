@@ -25,9 +25,9 @@ struct Config {
   bool moe_push = false;                // intranode CUDA dispatch pushes rows into outputs it allocates from
                                         // the MoE pool (opt-in until measured; false: each rank pulls)
   size_t moe_pool_bytes = size_t(1) << 30;  // that pool's arena per rank, reserved with the MoE transport
-  bool moe_device_records = false;      // with moe_push: a dispatch along a handle or with num_worst_tokens
-                                        // exchanges its records through the device (kernels/moe_records.cuh),
-                                        // not the host
+  bool moe_device_records = false;      // with moe_push: every eager dispatch and combine exchanges its
+                                        // records through the device (kernels/moe_records.cuh), not the host
+  bool moe_one_launch = false;          // with moe_device_records: a dispatch's notify step in its push kernel
   int ranks_per_node = 0;               // override of the node size; 0 = detect
   int launch_local_world_size = 0;      // the launcher's LOCAL_WORLD_SIZE where the group is the launch
   bool blocking_wait = false;           // CUDA Work.wait() blocks the CPU and raises on errors

@@ -32,6 +32,7 @@ void register_process_group(py::module_& m) {
       .def_readwrite("moe_push", &Config::moe_push)
       .def_readwrite("moe_pool_bytes", &Config::moe_pool_bytes)
       .def_readwrite("moe_device_records", &Config::moe_device_records)
+      .def_readwrite("moe_one_launch", &Config::moe_one_launch)
       .def_readwrite("ranks_per_node", &Config::ranks_per_node)
       .def_readwrite("launch_local_world_size", &Config::launch_local_world_size)
       .def_readwrite("blocking_wait", &Config::blocking_wait)

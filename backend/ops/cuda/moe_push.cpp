@@ -150,8 +150,8 @@ namespace {
 // them (kernels::MoeSizesWord): this rank's handle counts. Raises where the verdict stops the call,
 // on every rank alike (they evaluated the same records): this rank's own refusal (`overflow`, an
 // earlier dispatch's), else the device's report; a record that never came fails the group.
-HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, int64_t call_id, int64_t seq,
-                            int64_t num_experts, const std::string& overflow) {
+HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, cudaStream_t stream, int64_t call_id,
+                            int64_t seq, int64_t num_experts, const std::string& overflow) {
   using namespace kernels;
   const char* op = "dispatch";
   const int R = transport.size(), rank = transport.rank();
@@ -159,17 +159,28 @@ HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, int
   // The notify kernel's waits are bounded by the timeout, and it writes the ticket even then; the
   // host's bound is a backstop for a stream stuck before it.
   const auto deadline = std::chrono::steady_clock::now() + 2 * group.config().timeout;
-  for (uint64_t spins = 0; sizes[kSizesTicket] != call_id; ++spins) {
+  const int64_t* ticket = const_cast<const int64_t*>(sizes + kSizesTicket);
+  for (uint64_t spins = 0; __atomic_load_n(ticket, __ATOMIC_ACQUIRE) != call_id; ++spins) {
     if (spins % 1024 == 1023) {
       transport.check_healthy(op);
-      if (std::chrono::steady_clock::now() > deadline)
-        throw TimeoutError(std::string(op) + ": rank " + std::to_string(rank) + ": the sizes of this dispatch (#" +
-                           std::to_string(call_id) + ") did not come back from the device within twice the group's "
-                           "timeout (is an earlier op on this stream stuck?)");
+      const cudaError_t queried = cudaStreamQuery(stream);  // a stream that failed never gets there
+      if (queried != cudaSuccess && queried != cudaErrorNotReady) {
+        (void)cudaGetLastError();
+        const std::string why = std::string(op) + ": rank " + std::to_string(rank) + ": the stream failed while "
+                                "waiting for this dispatch's sizes: " + cudaGetErrorString(queried);
+        transport.abort(why);
+        throw CommError(why);
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        const std::string why = std::string(op) + ": rank " + std::to_string(rank) + ": the sizes of this dispatch (#" +
+                                std::to_string(call_id) + ") did not come back from the device within twice the "
+                                "group's timeout (is an earlier op on this stream stuck?)";
+        transport.abort(why);  // its notify kernel may still publish a record later: no call goes on
+        throw TimeoutError(why);
+      }
       std::this_thread::yield();
     }
   }
-  std::atomic_thread_fence(std::memory_order_acquire);
   const int64_t code = sizes[kSizesCode];
   if (code == kVerdictTimedOut) {
     transport.check_healthy(op);  // the kernel set the error word: this raises naming the peer
@@ -178,7 +189,7 @@ HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, int
   }
   if (code != kVerdictOk) {  // nothing moves on any rank: every host raises now
     TORCH_CHECK_VALUE(overflow.empty(), overflow, "; no rank moved rows in this dispatch (#", call_id, ")");
-    raise_device_report(transport, rank, seq, op);
+    raise_device_report(transport, rank, seq, op, /*waited=*/true);
     TORCH_CHECK(false, op, " on rank ", rank, ": the device stopped this dispatch (#", call_id, ", verdict ", code,
                 ") and left no report");
   }
@@ -204,7 +215,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   const bool cached = a.handle_meta.has_value();
   const bool waits = !cached && a.num_worst_tokens <= 0;  // for the sizes: two rounds
   const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts, K = cached ? 0 : a.topk_idx->size(1);
-  TORCH_CHECK_VALUE(E / R <= kMaxRecordExperts, op, ": device records count up to ", kMaxRecordExperts,
+  TORCH_CHECK_VALUE(!waits || E / R <= kMaxRecordExperts, op, ": device records count up to ", kMaxRecordExperts,
                     " experts per rank, this call has ", E / R);
   const int64_t call_id = int64_t(group.next_dispatch_id());
   const int64_t seq = transport.next_moe_call();
@@ -259,7 +270,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
     for (int i = 0; i < 4; ++i) record[kRecOffset + i] = -1;
     n.sizes = transport.moe_sizes();
     EP_CUDA_CHECK(launch_moe_notify(n, stream));
-    sized = wait_for_sizes(group, transport, call_id, seq, E, overflow);  // raises where the verdict stops the call
+    sized = wait_for_sizes(group, transport, stream, call_id, seq, E, overflow);  // raises where the verdict stops the call
     for (int64_t rows : sized.recv) capacity += rows;
     n.sizes = nullptr;
     n.check_expert_ids = false;  // round 1 checked them
@@ -279,6 +290,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   p.num_topk = int(K);
   p.num_blocks = num_blocks;
   p.handshake = handshake;
+  p.one_launch = group.config().moe_one_launch;
   EP_CUDA_CHECK(launch_dispatch_with_records(p, stream));
   std::vector<int> peers;
   for (int r = 0; r < R; ++r)
@@ -445,7 +457,8 @@ const char* checked_field(int64_t word) {
 
 }  // namespace
 
-std::string device_report_message(const std::vector<int64_t>& w, int rank, int64_t current_seq, const char* op) {
+std::string device_report_message(const std::vector<int64_t>& w, int rank, int64_t current_seq, const char* op,
+                                  bool waited) {
   using namespace kernels;
   if (w.size() < size_t(kMoeReportWords) || w[kMoeReportCode] == kVerdictOk) return "";
   const int64_t call = w[kMoeReportCallId], who = w[kMoeReportRank], peer = w[kMoeReportPeer];
@@ -518,7 +531,7 @@ std::string device_report_message(const std::vector<int64_t>& w, int rank, int64
             (w[kMoeReportLater] > 1 ? "s" : "") + " also went wrong before this was raised (the last of dispatch #" +
             std::to_string(w[kMoeReportLaterCallId]) + " or its handle; only this first problem is described)";
   return std::string(op) + " on rank " + std::to_string(rank) + ": found by the device during " + when +
-         ", which does not wait for it: " + what + later;
+         (this_call && waited ? ": " : ", which does not wait for it: ") + what + later;
 }
 
 int64_t known_capacity(const DispatchArgs& a) {
@@ -528,9 +541,9 @@ int64_t known_capacity(const DispatchArgs& a) {
   return rows;
 }
 
-void raise_device_report(CudaTransport& transport, int rank, int64_t current_seq, const char* op) {
+void raise_device_report(CudaTransport& transport, int rank, int64_t current_seq, const char* op, bool waited) {
   const std::vector<int64_t> words = transport.take_moe_report();
-  const std::string why = device_report_message(words, rank, current_seq, op);
+  const std::string why = device_report_message(words, rank, current_seq, op, waited);
   if (why.empty()) return;
   const int64_t code = words[kernels::kMoeReportCode];
   TORCH_CHECK_VALUE(code != kernels::kVerdictRefused && code != kernels::kVerdictOverflow, why);

@@ -94,9 +94,11 @@ int64_t known_capacity(const DispatchArgs& a);
 // `rank` in `op`; "" when it reported nothing. `current_seq`: the raising call's
 // CudaTransport::next_moe_call (-1: a call without device records, or check_errors), to say
 // whether the report is this call's or an earlier one's.
-std::string device_report_message(const std::vector<int64_t>& words, int rank, int64_t current_seq, const char* op);
+// `waited`: the raising call waited for the device (a dispatch's first round).
+std::string device_report_message(const std::vector<int64_t>& words, int rank, int64_t current_seq, const char* op,
+                                  bool waited = false);
 // Takes the transport's report and raises it (ValueError for a refusal or an overflow,
 // RuntimeError for ranks that disagree); nothing when there is none.
-void raise_device_report(CudaTransport& transport, int rank, int64_t current_seq, const char* op);
+void raise_device_report(CudaTransport& transport, int rank, int64_t current_seq, const char* op, bool waited = false);
 
 }  // namespace ep::moe
