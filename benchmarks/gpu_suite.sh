@@ -35,7 +35,9 @@
 #     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
 #     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), pool_probe (tools/pool_copy_probe.cu:
 #     the one-copy move's copy shapes, 2 ranks under MPS at 64 MiB, then 1 rank), timeouts, faults (a rank killed
-#     mid-stream on CUDA), export_probe (tools/export_probe.py), a2a_profile (tools/a2a_profile.py:
+#     mid-stream on CUDA), push_tests / push_ab / push_profile (push dispatch and device records:
+#     their tests, and the MoE benchmark and profile per TORCH_EP_PUSH_VARIANTS; see the steps),
+#     export_probe (tools/export_probe.py), a2a_profile (tools/a2a_profile.py:
 #     all_to_all's host time per call), a2a_kernels (tools/a2a_kernels.py: its device time kernel
 #     by kernel, every rank, 2 ranks), a2a_bench (at
 #     TORCH_EP_PENDING_BENCH_RANKS), a2a_sweep (benchmarks/all_to_all_sweep.py: the device
@@ -260,6 +262,37 @@ if [ "$WHAT" = pending ]; then
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 100 torchrun --standalone --nproc-per-node 2 \
       tools/moe_profile.py > "$LOGS/moe_profile_2ranks.log" 2>&1 || STATUS=1
     grep "^rank 0" "$LOGS/moe_profile_2ranks.log" >> "$SUMMARY"
+  fi
+  # Push dispatch and device records (docs/moe_push.md): push_tests, their GPU tests at
+  # TORCH_EP_PUSH_WORLD_SIZES (default 2; the device-records file runs 2 and 4 inside); push_ab,
+  # benchmarks/moe.py --api both once per TORCH_EP_PUSH_VARIANTS entry (comma-separated VAR=VALUE
+  # lists, as the internode variants; default pull, push with device records, and that in one
+  # launch), 2 ranks, a 4 GiB MoE pool; push_profile, tools/moe_profile.py per variant likewise.
+  PUSH_VARIANTS=${TORCH_EP_PUSH_VARIANTS:-"TORCH_EP_MOE_PUSH=0 TORCH_EP_MOE_PUSH=1,TORCH_EP_MOE_DEVICE_RECORDS=1 TORCH_EP_MOE_PUSH=1,TORCH_EP_MOE_DEVICE_RECORDS=1,TORCH_EP_MOE_ONE_LAUNCH=1"}
+  push_tag() { echo "$1" | sed 's/TORCH_EP_MOE_//g; s/[^A-Za-z0-9=]/_/g; s/=/-/g'; }
+  [[ $STEPS == *" push_tests "* ]] && pending_test push_tests ${TORCH_EP_PUSH_LIMIT_S:-360} \
+    TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_PUSH_WORLD_SIZES:-2} TORCH_EP_COPY_WORLD_SIZES=${TORCH_EP_PUSH_WORLD_SIZES:-2} -- \
+    tests/test_cuda_moe_push.py tests/test_cuda_moe_device_records.py -x
+  if [[ $STEPS == *" push_ab "* ]]; then
+    for VARIANT in $PUSH_VARIANTS; do
+      IFS=, read -ra PUSH_ENV <<< "$VARIANT"
+      TAG=$(push_tag "$VARIANT")
+      step "MoE benchmark, both APIs, 2 ranks, $VARIANT"
+      env "${PUSH_ENV[@]}" TORCH_EP_MOE_POOL_BYTES=4294967296 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 150 \
+        torchrun --standalone --nproc-per-node 2 benchmarks/moe.py --api both --out "$LOGS/moe_ab_$TAG" \
+        > "$LOGS/moe_ab_$TAG.log" 2>&1 || STATUS=1
+      tail -34 "$LOGS/moe_ab_$TAG.log" >> "$SUMMARY"
+    done
+  fi
+  if [[ $STEPS == *" push_profile "* ]]; then
+    for VARIANT in $PUSH_VARIANTS; do
+      IFS=, read -ra PUSH_ENV <<< "$VARIANT"
+      TAG=$(push_tag "$VARIANT")
+      step "MoE profile, 2 ranks, $VARIANT"
+      env "${PUSH_ENV[@]}" TORCH_EP_MOE_POOL_BYTES=4294967296 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 100 \
+        torchrun --standalone --nproc-per-node 2 tools/moe_profile.py > "$LOGS/moe_profile_$TAG.log" 2>&1 || STATUS=1
+      grep "^rank 0" "$LOGS/moe_profile_$TAG.log" >> "$SUMMARY"
+    done
   fi
   # TORCH_EP_INTERNODE_BENCH_VARIANTS: the internode_bench and internode_profile steps once per
   # variant (space-separated), each a comma-separated list of VAR=VALUE set for that run only, or
