@@ -78,9 +78,9 @@ __device__ inline void handshake_end(const Handshake& h, int num_ranks, bool say
   if (threadIdx.x == 0) *h.blocks_finished = 0;
 }
 
-// Whether a combine's done half runs: always on the host records' path; with device records only
-// where the verdict moved rows (the same on every rank: handshake_end's say_done).
-__device__ inline bool combine_says_done(const CombineParams& p) { return !p.plan || p.plan[kPlanMoves] != 0; }
+// Whether a combine's done half runs: always on the host records' path; with device records where
+// the plan says so (kPlanSayDone: rows moved, alike on every rank, or a record never came).
+__device__ inline bool combine_says_done(const CombineParams& p) { return !p.plan || p.plan[kPlanSayDone] != 0; }
 
 // Where each rank d's rows for this rank's tokens lie, for a combine block (in shared memory):
 // from the parameters (the host exchanged records), or from the plan of device records.

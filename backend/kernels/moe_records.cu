@@ -137,6 +137,9 @@ __device__ void notify_block(const MoeNotifyParams& p) {
     int64_t received = 0;
     for (int s = 0; s < R && !missing; ++s) received += records[s][kRecSend + me];
     plan[kPlanMoves] = v.moves() ? 1 : 0;
+    // A verdict of every record is every rank's: the done half runs alike. Without one (a record
+    // that never came) peers that got theirs may have moved rows: wait for their done, bounded.
+    plan[kPlanSayDone] = v.moves() || missing ? 1 : 0;
     plan[kPlanReceived] = received;
     // Reported on every rank, but for a timeout (the transport's error word says it) and on a rank
     // whose host refused (its pool, an earlier overflow): that host raises its own reason at the call.
@@ -198,7 +201,7 @@ __device__ bool notify_in_block_zero(const DispatchRecordsParams& p) {
     seen = true;
     while (load_acquire(ready) != uint64_t(p.notify.call_seq)) {
       if (now_ns() > deadline) {
-        atomicExch(p.notify.error, 1 + p.notify.rank);
+        atomicCAS(p.notify.error, 0, 1 + p.notify.rank);  // block 0 never came: keep a peer it named
         seen = false;
         break;
       }
@@ -217,10 +220,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_planned_kernel(DispatchReco
   __shared__ int64_t capacity[kMaxRanksPerNode];
   const int R = p.notify.num_ranks, me = p.notify.rank;
   const int lane = threadIdx.x & 31;
-  // Written by the notify kernel before this one, or by this grid's block 0.
+  // Written by the notify kernel before this one, or by this grid's block 0. A block that gave up
+  // waiting for it (the group fails) touches nothing: the plan there may be the last call's.
   const bool planned = kOneLaunch ? notify_in_block_zero(p) : true;
   const int64_t* plan = plan_of(p.notify);
-  const bool moves = planned && plan[kPlanMoves] != 0;
+  if (!planned) {
+    handshake_end</*kPushed=*/true>(p.handshake, p.notify.num_ranks, true);
+    return;
+  }
+  const bool moves = plan[kPlanMoves] != 0;
 
   if (threadIdx.x < 32) {  // lane d: R <= kMaxRanksPerNode = 32
     const int d = lane;
@@ -245,9 +253,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_planned_kernel(DispatchReco
   // The rows that move, then this rank's padding: every row when nothing moves.
   push_send_list<V, kDepth>(p.src, R, me, p.notify.num_experts, first_item, first_row_on, outputs, capacity,
                             moves ? plan[kPlanReceived] : 0, p.row_bytes, p.num_scales, p.num_topk);
-  // The done half only where rows moved: the verdict is every rank's, and a rank whose first round
-  // stopped the call launched no kernel to say done.
-  handshake_end</*kPushed=*/true>(p.handshake, R, moves);
+  // The done half only where rows may have moved (kPlanSayDone): a rank whose first round stopped
+  // the call launched no kernel to say done.
+  handshake_end</*kPushed=*/true>(p.handshake, R, plan[kPlanSayDone] != 0);
 }
 
 }  // namespace

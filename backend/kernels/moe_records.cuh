@@ -140,7 +140,9 @@ enum MoePlanWord : int {
   kPlanFirstRow,    // [kMaxRanksPerNode] where this rank's rows start among rank d's received rows
   kPlanCapacity = kPlanFirstRow + kMaxRanksPerNode,  // [kMaxRanksPerNode] rank d's kRecCapacity
   kPlanOffset = kPlanCapacity + kMaxRanksPerNode,    // [kMaxRanksPerNode][4] rank d's kRecOffset
-  kMoePlanWords = kPlanOffset + 4 * kMaxRanksPerNode,
+  kPlanSayDone = kPlanOffset + 4 * kMaxRanksPerNode,  // 1: the kernel runs the done half (rows move, or a
+                                                      // record never came, so peers may have moved some)
+  kMoePlanWords,
 };
 
 // ---- what the notify kernel reports for the host to raise later (host-mapped; [0] = 0: nothing)

@@ -163,7 +163,11 @@ HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, cud
   for (uint64_t spins = 0; __atomic_load_n(ticket, __ATOMIC_ACQUIRE) != call_id; ++spins) {
     if (spins % 1024 == 1023) {
       transport.check_healthy(op);
-      const cudaError_t queried = cudaStreamQuery(stream);  // a stream that failed never gets there
+      // A stream that failed never gets there. Relaxed: another thread may be capturing a graph.
+      cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+      EP_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+      const cudaError_t queried = cudaStreamQuery(stream);
+      EP_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
       if (queried != cudaSuccess && queried != cudaErrorNotReady) {
         (void)cudaGetLastError();
         const std::string why = std::string(op) + ": rank " + std::to_string(rank) + ": the stream failed while "
@@ -215,7 +219,8 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   const bool cached = a.handle_meta.has_value();
   const bool waits = !cached && a.num_worst_tokens <= 0;  // for the sizes: two rounds
   const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts, K = cached ? 0 : a.topk_idx->size(1);
-  TORCH_CHECK_VALUE(!waits || E / R <= kMaxRecordExperts, op, ": device records count up to ", kMaxRecordExperts,
+  // Every call, alike on every rank (moe_ops's check_experts bounds E / R the same before).
+  TORCH_CHECK_VALUE(E / R <= kMaxRecordExperts, op, ": device records count up to ", kMaxRecordExperts,
                     " experts per rank, this call has ", E / R);
   const int64_t call_id = int64_t(group.next_dispatch_id());
   const int64_t seq = transport.next_moe_call();
