@@ -20,6 +20,8 @@ def main():
     fp8 = make_fp8(x, args)
     d = torch_ep.dispatch(x, idx, w, num_experts=args.experts)
     layout = torch_ep.get_dispatch_layout(idx, args.experts)
+    fresh = d.recv_x.clone()
+    worst = args.tokens * dist.get_world_size()
     ops = {
         "dispatch bf16, layout given": lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts, layout=layout),
         "dispatch fp8, layout given": lambda: torch_ep.dispatch(fp8, idx, w, num_experts=args.experts, layout=layout),
@@ -28,6 +30,10 @@ def main():
         "dispatch fp8": lambda: torch_ep.dispatch(fp8, idx, w, num_experts=args.experts),
         "dispatch cached": lambda: torch_ep.dispatch(x, handle=d.handle),
         "combine bf16": lambda: torch_ep.combine(d.recv_x, d.handle),
+        # An x no dispatch made, as expert outputs are (device records copy it into the MoE pool).
+        "combine bf16, fresh x": lambda: torch_ep.combine(fresh, d.handle),
+        "dispatch bf16, num_worst_tokens": lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts,
+                                                                     num_worst_tokens=worst),
         "raw op dispatch": lambda: torch.ops.ep.dispatch(x, None, idx, w, None, None, args.experts, 0,
                                                          dist.group.WORLD.group_name),
     }
