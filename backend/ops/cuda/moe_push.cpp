@@ -146,6 +146,21 @@ bool device_records_this_call(const ProcessGroupEP& group, bool push) {
 
 namespace {
 
+// A notify step's slots, report, bounds (the handshake's) and every rank's MoE arena as mapped here.
+template <typename Arena>
+void connect_notify(CudaTransport& transport, MoePool& pool, const kernels::Handshake& handshake,
+                    kernels::MoeNotifyParams& n, Arena** arenas, const char* op) {
+  for (int r = 0; r < transport.size(); ++r) {
+    n.records[r] = transport.records(r);
+    arenas[r] = pool.arena->arena(r);
+    TORCH_CHECK(n.records[r] && arenas[r], op, ": rank ", r, "'s records or MoE arena are not mapped here (the "
+                "group is shutting down?)");
+  }
+  n.report = transport.moe_report();
+  n.timeout_ns = handshake.timeout_ns;
+  n.error = handshake.error;
+}
+
 // The sizes of a dispatch whose host waits for them, as its first round's notify kernel wrote
 // them (kernels::MoeSizesWord): this rank's handle counts. Raises where the verdict stops the call,
 // on every rank alike (they evaluated the same records): this rank's own refusal (`overflow`, an
@@ -252,15 +267,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   record[kRecPush] = 1;
   record[kRecWaits] = waits;
   for (int s = 0; s < R; ++s) record[kRecExpect + s] = cached ? a.handle_counts->recv[size_t(s)] : -1;  // -1: none
-  for (int r = 0; r < R; ++r) {
-    n.records[r] = transport.records(r);
-    p.arenas[r] = pool.arena->arena(r);
-    TORCH_CHECK(n.records[r] && p.arenas[r], op, ": rank ", r, "'s records or MoE arena are not mapped here (the "
-                "group is shutting down?)");
-  }
-  n.report = transport.moe_report();
-  n.timeout_ns = handshake.timeout_ns;
-  n.error = handshake.error;
+  connect_notify(transport, pool, handshake, n, p.arenas, op);
   // An overflow an earlier dispatch left (pulling, or a graph replay) refuses this call on every
   // rank through the records, as reject_if_overflowed does through the host's.
   const std::string overflow = transport.take_dispatch_overflow();
@@ -415,15 +422,7 @@ std::string notify_combine(CudaTransport& transport, MoePool& pool, const Combin
   record[kRecOffset + 1] = weights_at;
   record[kRecOffset + 2] = record[kRecOffset + 3] = -1;
   for (int s = 0; s < R; ++s) record[kRecExpect + s] = h.recv[size_t(s)];  // -1: only the device knew
-  for (int r = 0; r < R; ++r) {
-    n.records[r] = transport.records(r);
-    p.arenas[r] = pool.arena->arena(r);
-    TORCH_CHECK(n.records[r] && p.arenas[r], op, ": rank ", r, "'s records or MoE arena are not mapped here (the "
-                "group is shutting down?)");
-  }
-  n.report = transport.moe_report();
-  n.timeout_ns = p.handshake.timeout_ns;
-  n.error = p.handshake.error;
+  connect_notify(transport, pool, p.handshake, n, p.arenas, op);
   EP_CUDA_CHECK(launch_moe_notify(n, stream));
   p.plan = reinterpret_cast<const int64_t*>(transport.records(rank) + MoeRecordsLayout::kPlanOffset);
   for (int d = 0; d < R; ++d) {  // the plan says where the peers' tensors lie
