@@ -28,7 +28,8 @@ def cuda_pool(request):
 # TORCH_EP_MOE_DEVICE_RECORDS=1 (with TORCH_EP_MOE_PUSH=1): a pushing dispatch the host need not
 # wait for (a handle, or num_worst_tokens), and every eager combine, exchange their records through
 # the device, not the host: no host rendezvous; what the device finds wrong raises at the rank's
-# next MoE call or torch_ep.check_errors(). Other dispatches keep their host records.
+# next MoE call or torch_ep.check_errors(). A dispatch that waits for its sizes makes two rounds of
+# records (the sizes come back through host-mapped memory) and raises a bad verdict at the call.
 RECORDS_ENV = {"TORCH_EP_MOE_PUSH": "1", "TORCH_EP_MOE_DEVICE_RECORDS": "1"}
 
 
@@ -92,7 +93,7 @@ def rank_device_records(seed):
         comb = torch_ep.combine(got.recv_x, got.handle)
         assert same_bits(comb.combined_x.cpu(), ref_comb.combined_x), "combined_x differs from the reference"
 
-        sized = torch_ep.dispatch(x2.cuda(), idx, w2.cuda(), num_experts=num_experts)  # host records: the sizes
+        sized = torch_ep.dispatch(x2.cuda(), idx, w2.cuda(), num_experts=num_experts)  # two rounds: the sizes
         check_dispatch(sized, expected)
         poison_and_free([again.recv_x, *again8.recv_x])  # freed blocks the next outputs may take
         del again, again8
@@ -401,18 +402,28 @@ def rank_device_records_waits_disagree(seed):
     torch.cuda.synchronize()
     torch_ep.check_errors()
     check_dispatch(next_call(), expected, worst)
-    # Rank 0 combines where the others dispatch without num_worst_tokens: the records' ops differ.
-    # The dispatching ranks raise at the call (their first round), rank 0 at the call or its next;
-    # nothing moves, and no rank waits for a "done" the others never send.
+    # Rank 0 combines where the others dispatch without num_worst_tokens, then the other way round
+    # (every rank makes one dispatch, so the dispatch counts stay in step). The records' ops differ
+    # both times: a dispatching rank raises at the call (its first round), a combining one at a later
+    # call or check_errors; nothing moves, and no rank waits for a "done" the others never send.
     got = torch_ep.dispatch(good[2], good[3], good[4], num_experts=good[0])
     match = r"rank \d+ made a (dispatch|combine) but rank 0 a (dispatch|combine); the ranks' calls are out of step"
-    if rank == 0:
-        raises_now_or_next(lambda: torch_ep.combine(got.recv_x, got.handle), next_call, RuntimeError, match,
-                           op="combine")
-    else:
-        with pytest.raises(RuntimeError, match=match):
-            torch_ep.dispatch(good[2], good[3], good[4], num_experts=good[0])
-        next_call()
+    raised = []
+    for combining_rank_zero in (True, False):
+        try:
+            if (rank == 0) == combining_rank_zero:
+                torch_ep.combine(got.recv_x, got.handle)
+            else:
+                torch_ep.dispatch(good[2], good[3], good[4], num_experts=good[0])
+        except RuntimeError as e:
+            raised.append(str(e))
+        torch.cuda.synchronize()
+    try:
+        torch_ep.check_errors()
+    except RuntimeError as e:
+        raised.append(str(e))
+    assert raised and all(_matches(match, m) for m in raised), raised
+    assert rank == 0 or len(raised) == 2, raised  # its dispatch at the call, its combine's report later
     dist.barrier()
     torch.cuda.synchronize()
     torch_ep.check_errors()

@@ -44,8 +44,8 @@ ENVIRONMENT = {
                                    "num_worst_tokens waits for its sizes, and raises then). Every rank must give a "
                                    "handle, or num_worst_tokens, in the same calls, else every rank raises",
     "TORCH_EP_MOE_ONE_LAUNCH": "1 (with TORCH_EP_MOE_DEVICE_RECORDS=1) runs a pushing dispatch's notify step as block 0 "
-                               "of its push kernel: one launch instead of two (opt-in until measured; combine keeps "
-                               "two)",
+                               "of its push kernel: one launch instead of two (opt-in until measured; combine, and the "
+                               "first round of a dispatch that waits for its sizes, keep their own notify launch)",
     "TORCH_EP_RANKS_PER_NODE": "override of ranks per node, to emulate several nodes on one",
     "TORCH_EP_BLOCKING_WAIT": "1 makes CUDA Work.wait() block the CPU and raise on errors, as TORCH_NCCL_BLOCKING_WAIT",
     "TORCH_EP_ALL_TO_ALL_V_DEVICE": "0 makes CUDA all_to_all_v read its splits on the host (one wait, not capturable) "

@@ -224,14 +224,22 @@ __device__ void cast_and_push_group(const DispatchSendParams& p, int lane, int w
     const int t = first + u / chunks;
     cast_token_chunk(p, t, u % chunks, tokens + t * token_bytes, lane);
   }
-  __syncthreads();  // the group is cast before any warp puts it
-  const int R = g.num_ranks;
+  // The remote ranks, so that the puts below spread over every warp (with (token, rank) pairs a
+  // warp's rank stays the same whenever R divides kWarps, and same-node ranks leave warps idle).
+  __shared__ int remote[kMaxRanks];
+  __shared__ int num_remote;
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int r = 0; r < g.num_ranks; ++r)
+      if (is_remote(g, r)) remote[n++] = r;
+    num_remote = n;
+  }
+  __syncthreads();  // the group is cast, and the remote ranks listed, before any warp puts
   char* mirror = g.half + g.layout.remote_tokens() + int64_t(g.rank) * p.max_tokens * token_bytes;
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
-  // (token, rank) pairs of the group, ranks inner: a warp's next put goes to another owner.
-  for (int j = warp; j < (last - first) * R; j += kWarps) {
-    const int t = first + j / R, r = j % R;
-    if (!is_remote(g, r)) continue;
+  // (token, remote rank) pairs of the group, ranks inner.
+  for (int j = warp; j < (last - first) * num_remote; j += kWarps) {
+    const int t = first + j / num_remote, r = remote[j % num_remote];
     if (!__shfl_sync(0xffffffffu, lane == 0 && starts_put(p, t, r), 0)) continue;
     int n = 1;  // the run's length: tokens going to r, up to the piece's end
     while (t + n < last && (t + n) % piece != 0 &&

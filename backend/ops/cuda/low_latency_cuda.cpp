@@ -120,6 +120,7 @@ void launch_combine_recv(LowLatencyBuffer& buffer, const Tensor& topk_idx, const
 DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t max_tokens, int64_t num_experts,
                               bool use_fp8, bool round_scale, bool send_only, const std::string& group_name) {
   const char* op = "low_latency_dispatch";
+  const int put_tokens = remote_put_tokens();  // a bad setting raises here, before this rank takes a buffer half
   const at::Device device = x.device();
   c10::cuda::CUDAGuard guard(device);
   const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
@@ -152,7 +153,7 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   p.max_tokens = int(max_tokens);
   p.use_fp8 = use_fp8;
   p.round_scale = round_scale;
-  p.remote_put_tokens = remote_put_tokens();
+  p.remote_put_tokens = put_tokens;
   C10_CUDA_CHECK(kernels::ll::launch_dispatch_send(p, stream));
   if (!send_only) launch_dispatch_recv(buffer, o, max_tokens, K, num_experts, stream);
   return o;

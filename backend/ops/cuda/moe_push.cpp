@@ -173,7 +173,8 @@ HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, cud
   const volatile int64_t* sizes = transport.moe_sizes_host();
   // The notify kernel's waits are bounded by the timeout, and it writes the ticket even then; the
   // host's bound is a backstop for a stream stuck before it.
-  const auto deadline = std::chrono::steady_clock::now() + 2 * group.config().timeout;
+  // Three timeouts: the last call's done wait, this notify's waits, and a margin.
+  const auto deadline = std::chrono::steady_clock::now() + 3 * group.config().timeout;
   const int64_t* ticket = const_cast<const int64_t*>(sizes + kSizesTicket);
   for (uint64_t spins = 0; __atomic_load_n(ticket, __ATOMIC_ACQUIRE) != call_id; ++spins) {
     if (spins % 1024 == 1023) {
@@ -192,7 +193,7 @@ HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, cud
       }
       if (std::chrono::steady_clock::now() > deadline) {
         const std::string why = std::string(op) + ": rank " + std::to_string(rank) + ": the sizes of this dispatch (#" +
-                                std::to_string(call_id) + ") did not come back from the device within twice the "
+                                std::to_string(call_id) + ") did not come back from the device within three times the "
                                 "group's timeout (is an earlier op on this stream stuck?)";
         transport.abort(why);  // its notify kernel may still publish a record later: no call goes on
         throw TimeoutError(why);

@@ -1,11 +1,12 @@
 // The host side of a pushing CUDA dispatch (Options.moe_push; kernels/moe.cuh, DispatchPushParams):
-// outputs from the group's MoE pool, where every sender reaches them, and where they lie.
+// outputs from the group's MoE pool, where every sender reaches them, and where they lie; and of
+// device records (Options.moe_device_records; kernels/moe_records.cuh) for dispatch and combine.
 //
-// In this step the host records are still exchanged (moe_cuda.cpp): a receiver tells its senders
-// where its outputs lie in its arena, in its record where it could allocate them before the
-// exchange (a handle or num_worst_tokens give the rows) and otherwise in a second, small
-// exchange once the records gave the rows. A rank whose pool cannot hold its outputs says so
-// there, and every rank raises before any kernel starts.
+// With host records (moe_cuda.cpp) a receiver tells its senders where its outputs lie in its
+// arena, in its record where it could allocate them before the exchange (a handle or
+// num_worst_tokens give the rows) and otherwise in a second, small exchange once the records gave
+// the rows. A rank whose pool cannot hold its outputs says so there, and every rank raises before
+// any kernel starts. With device records the same travels through the notify kernels' slots.
 #pragma once
 
 #include <ATen/ATen.h>
