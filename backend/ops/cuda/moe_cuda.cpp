@@ -284,10 +284,10 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, &fresh);
     // The expert ids are checked on the device there, not from a given header.
     if (device_records) {
-      phase.next("ep::dispatch/device_records");
+      phase.next("ep::dispatch/records");
       return dispatch_with_device_records(group, *transport, *pool, a, meta, given, stream,
                                           num_blocks(group, device, group.config().auto_sms_dispatch),
-                                          handshake(*transport, /*with_ready=*/false));
+                                          handshake(*transport, /*with_ready=*/false), phase);
     }
     Tensor header = a.layout_header ? *a.layout_header : fresh.host_header;
     std::vector<int64_t> send(R, -1);
@@ -485,7 +485,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     std::string raise_after;     // this rank's refusal, raised once its kernels are queued
     const int64_t seq = device_records ? transport->next_moe_call() : -1;
     if (device_records) {
-      phase.next("ep::combine/device_records");
+      phase.next("ep::combine/notify");  // the staging copies of x outside the pool included
       raise_after = notify_combine(*transport, *pool, a, seq, stream, p, staged);
     } else {
       phase.next("ep::combine/records");

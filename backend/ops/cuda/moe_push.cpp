@@ -228,7 +228,8 @@ HandleCounts wait_for_sizes(ProcessGroupEP& group, CudaTransport& transport, cud
 
 DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTransport& transport, MoePool& pool,
                                              const DispatchArgs& a, const at::Tensor& meta, bool given,
-                                             cudaStream_t stream, int num_blocks, const kernels::Handshake& handshake) {
+                                             cudaStream_t stream, int num_blocks, const kernels::Handshake& handshake,
+                                             Phases& phase) {
   using namespace kernels;
   const char* op = "dispatch";
   const int R = transport.size(), rank = transport.rank();
@@ -282,7 +283,9 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
     record[kRecCapacity] = -1;
     for (int i = 0; i < 4; ++i) record[kRecOffset + i] = -1;
     n.sizes = transport.moe_sizes();
+    phase.next("ep::dispatch/first_round");
     EP_CUDA_CHECK(launch_moe_notify(n, stream));
+    phase.next("ep::dispatch/wait_for_sizes");
     sized = wait_for_sizes(group, transport, stream, call_id, seq, E, overflow);  // raises where the verdict stops the call
     for (int64_t rows : sized.recv) capacity += rows;
     n.sizes = nullptr;
@@ -290,6 +293,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   } else {
     capacity = known_capacity(a);
   }
+  phase.next("ep::dispatch/outputs");
   DispatchOutputs o;
   PushTarget target{{-1, -1, -1, -1}, -1};
   std::string refusal;
@@ -304,7 +308,9 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   p.num_blocks = num_blocks;
   p.handshake = handshake;
   p.one_launch = group.config().moe_one_launch;
+  phase.next("ep::dispatch/launch");
   EP_CUDA_CHECK(launch_dispatch_with_records(p, stream));
+  phase.next("ep::dispatch/track");
   std::vector<int> peers;
   for (int r = 0; r < R; ++r)
     if (r != rank) peers.push_back(r);
@@ -316,6 +322,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   TORCH_CHECK_VALUE(allocated, op, " on rank ", rank, ": ", refusal, "; no rank moved rows in this call");
   raise_device_report(transport, rank, seq, op);
 
+  phase.next("ep::dispatch/counts");
   o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
   if (cached) {
     o.counts = at::empty({0}, at::kLong);

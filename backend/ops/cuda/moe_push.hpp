@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/common/phases.hpp"
 #include "backend/kernels/moe.cuh"
 #include "backend/ops/moe_ops.hpp"
 #include "backend/ops/moe_protocol.hpp"
@@ -60,9 +61,11 @@ bool device_records_this_call(const ProcessGroupEP& group, bool push);
 // queued, so no peer waits for this rank in vain): this rank's pool refusal, or what an earlier
 // call's kernels reported (raise_device_report); a first round's bad verdict raises on every rank
 // before any output is allocated.
+// `phase` names its host phases (tools/moe_profile.py).
 DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTransport& transport, MoePool& pool,
                                              const DispatchArgs& a, const at::Tensor& meta, bool given,
-                                             cudaStream_t stream, int num_blocks, const kernels::Handshake& handshake);
+                                             cudaStream_t stream, int num_blocks, const kernels::Handshake& handshake,
+                                             Phases& phase);
 
 // ---- combine with device records (under the same options): every eager combine of such a group
 // exchanges its records through the device; a combine captured in a CUDA graph keeps the host's.
