@@ -272,7 +272,7 @@ if [ "$WHAT" = pending ]; then
   push_tag() { echo "$1" | sed 's/TORCH_EP_MOE_//g; s/[^A-Za-z0-9=]/_/g; s/=/-/g'; }
   [[ $STEPS == *" push_tests "* ]] && pending_test push_tests ${TORCH_EP_PUSH_LIMIT_S:-360} \
     TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_PUSH_WORLD_SIZES:-2} TORCH_EP_COPY_WORLD_SIZES=${TORCH_EP_PUSH_WORLD_SIZES:-2} -- \
-    tests/test_cuda_moe_push.py tests/test_cuda_moe_device_records.py -x
+    tests/test_cuda_moe_push.py tests/test_cuda_moe_device_records.py tests/test_cuda_moe_records_combine.py -x
   if [[ $STEPS == *" push_ab "* ]]; then
     for VARIANT in $PUSH_VARIANTS; do
       IFS=, read -ra PUSH_ENV <<< "$VARIANT"
