@@ -361,6 +361,13 @@ at::Tensor combine_buffer_in_pool(ProcessGroupEP& group, int64_t rows, int64_t h
   if (!group.config().moe_push) return {};
   const std::shared_ptr<MoePool> pool = group.moe_pool_if_any();
   if (!pool) return {};
+  // A failed group raises here as every op does: a peer's late write after a timeout may still
+  // land in this pool's freed blocks, so none is handed out again (docs/moe_push.md, section 4).
+  try {
+    group.moe_transport(device, "combine_buffer")->check_healthy("combine_buffer");
+  } catch (const CommError& e) {
+    group.raise_failure(e.what());
+  }
   c10::cuda::CUDAGuard guard(device);
   return empty_in_pool(*pool, {rows, hidden}, at::TensorOptions().dtype(dtype).device(device));
 }
