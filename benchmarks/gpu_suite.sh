@@ -273,27 +273,23 @@ if [ "$WHAT" = pending ]; then
   [[ $STEPS == *" push_tests "* ]] && pending_test push_tests ${TORCH_EP_PUSH_LIMIT_S:-360} \
     TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_PUSH_WORLD_SIZES:-2} TORCH_EP_COPY_WORLD_SIZES=${TORCH_EP_PUSH_WORLD_SIZES:-2} -- \
     tests/test_cuda_moe_push.py tests/test_cuda_moe_device_records.py tests/test_cuda_moe_records_combine.py -x
-  if [[ $STEPS == *" push_ab "* ]]; then
+  # push_runs WHAT LIMIT_S LOG_PREFIX SUMMARY_CMD SCRIPT ARGS...: SCRIPT on 2 ranks once per variant.
+  push_runs() {
+    local what=$1 limit=$2 prefix=$3 summary=$4; shift 4
     for VARIANT in $PUSH_VARIANTS; do
       IFS=, read -ra PUSH_ENV <<< "$VARIANT"
       TAG=$(push_tag "$VARIANT")
-      step "MoE benchmark, both APIs, 2 ranks, $VARIANT"
-      env "${PUSH_ENV[@]}" TORCH_EP_MOE_POOL_BYTES=4294967296 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 150 \
-        torchrun --standalone --nproc-per-node 2 benchmarks/moe.py --api both --out "$LOGS/moe_ab_$TAG" \
-        > "$LOGS/moe_ab_$TAG.log" 2>&1 || STATUS=1
-      tail -34 "$LOGS/moe_ab_$TAG.log" >> "$SUMMARY"
+      step "$what, 2 ranks, $VARIANT"
+      env "${PUSH_ENV[@]}" TORCH_EP_MOE_POOL_BYTES=4294967296 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout "$limit" \
+        torchrun --standalone --nproc-per-node 2 "$@" ${prefix:+--out "$LOGS/${prefix}_$TAG"} \
+        > "$LOGS/${prefix:-moe_profile}_$TAG.log" 2>&1 || STATUS=1
+      $summary "$LOGS/${prefix:-moe_profile}_$TAG.log" >> "$SUMMARY"
     done
-  fi
-  if [[ $STEPS == *" push_profile "* ]]; then
-    for VARIANT in $PUSH_VARIANTS; do
-      IFS=, read -ra PUSH_ENV <<< "$VARIANT"
-      TAG=$(push_tag "$VARIANT")
-      step "MoE profile, 2 ranks, $VARIANT"
-      env "${PUSH_ENV[@]}" TORCH_EP_MOE_POOL_BYTES=4294967296 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 100 \
-        torchrun --standalone --nproc-per-node 2 tools/moe_profile.py > "$LOGS/moe_profile_$TAG.log" 2>&1 || STATUS=1
-      grep "^rank 0" "$LOGS/moe_profile_$TAG.log" >> "$SUMMARY"
-    done
-  fi
+  }
+  summary_tail() { tail -34 "$1"; }
+  summary_rank0() { grep "^rank 0" "$1"; }
+  [[ $STEPS == *" push_ab "* ]] && push_runs "MoE benchmark, both APIs" 150 moe_ab summary_tail benchmarks/moe.py --api both
+  [[ $STEPS == *" push_profile "* ]] && push_runs "MoE profile" 100 "" summary_rank0 tools/moe_profile.py
   # TORCH_EP_INTERNODE_BENCH_VARIANTS: the internode_bench and internode_profile steps once per
   # variant (space-separated), each a comma-separated list of VAR=VALUE set for that run only, or
   # "default" (nothing set; the default is that one run), so that one build compares several, e.g.
