@@ -113,7 +113,8 @@ run_bench() {
 # The low-latency ops with the remote path forced against intranode, at each TORCH_EP_INTERNODE_BENCH topology,
 # once per TORCH_EP_LL_REMOTE_BENCH_VARIANTS entry (space-separated; each a comma-separated list of
 # VAR=VALUE set for that run only, or "default"), e.g. "default TORCH_EP_LL_REMOTE_PUTS=batched";
-# a variant's logs carry its settings in their names.
+# a variant's logs carry its settings in their names. `ll_remote_benches profile`: tools/ll_profile.py
+# instead, with phase stamps.
 ll_remote_benches() {
   local TOPO VARIANT TAG ENVS
   for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
@@ -124,8 +125,16 @@ ll_remote_benches() {
         IFS=, read -ra ENVS <<< "$VARIANT"
         TAG="_$(echo "$VARIANT" | sed 's/TORCH_EP_//g; s/[^A-Za-z0-9=]/_/g; s/=/-/g')"
       fi
-      step "low-latency benchmark, $TOPO virtual nodes, remote path forced against intranode${TAG:+, $VARIANT}"
       # a subshell, so that the variant's settings end with its run
+      if [ "${1:-bench}" = profile ]; then
+        step "low-latency profile with phase stamps, $TOPO virtual nodes, remote path forced${TAG:+, $VARIANT}"
+        ( [ ${#ENVS[@]} -gt 0 ] && export "${ENVS[@]}"
+          export TORCH_EP_FORCE_REMOTE=1 TORCH_EP_RANKS_PER_NODE="${TOPO#*x}" TORCH_EP_LL_TRACE=1
+          run_bench "$R" 120 "ll_remote_profile_$TOPO$TAG.log" 45 tools/ll_profile.py
+          exit $STATUS ) || STATUS=1
+        continue
+      fi
+      step "low-latency benchmark, $TOPO virtual nodes, remote path forced against intranode${TAG:+, $VARIANT}"
       ( [ ${#ENVS[@]} -gt 0 ] && export "${ENVS[@]}"
         run_bench "$R" 150 "ll_remote_bench_$TOPO$TAG.log" 12 benchmarks/low_latency.py --remote-ranks-per-node "${TOPO#*x}" \
           --out "$LOGS/low_latency_remote_$TOPO$TAG"
@@ -322,6 +331,9 @@ if [ "$WHAT" = pending ]; then
     done
   fi
   [[ $STEPS == *" ll_remote_bench "* ]] && ll_remote_benches
+  # ll_remote_profile: tools/ll_profile.py with the remote path forced and phase stamps
+  # (TORCH_EP_LL_TRACE), per topology and variant as ll_remote_bench: where the send's time goes.
+  [[ $STEPS == *" ll_remote_profile "* ]] && ll_remote_benches profile
   if [[ $STEPS == *" internode_profile "* ]]; then
     for TOPO in ${TORCH_EP_INTERNODE_BENCH:-2x2}; do
       for VARIANT in ${TORCH_EP_INTERNODE_BENCH_VARIANTS:-default}; do
