@@ -405,8 +405,9 @@ std::string notify_combine(CudaTransport& transport, MoePool& pool, const Combin
   const int R = transport.size(), rank = transport.rank();
   const HandleCounts& h = a.handle_counts;
   int64_t x_at = -1, weights_at = -1;
-  bool held = offset_in_arena(pool, a.x, stream, staged, &x_at);
-  if (held && a.topk_weights) held = offset_in_arena(pool, *a.topk_weights, stream, staged, &weights_at);
+  const bool x_held = offset_in_arena(pool, a.x, stream, staged, &x_at);
+  const bool held = x_held && (!a.topk_weights || offset_in_arena(pool, *a.topk_weights, stream, staged, &weights_at));
+  const char* copied = x_held ? "topk_weights" : "x";  // what the pool could not hold
   // An overflow an earlier dispatch left refuses this call on every rank, as reject_if_overflowed
   // does through the host's records.
   const std::string overflow = transport.take_dispatch_overflow();
@@ -432,6 +433,7 @@ std::string notify_combine(CudaTransport& transport, MoePool& pool, const Combin
   record[kRecPush] = 1;
   record[kRecStatus] = !overflow.empty() ? kRefusedOverflow : held ? kRefusedNone : kRefusedPool;
   record[kRecStatusValue] = a.x.size(0);
+  record[kRecStatusValue2] = x_held ? 1 : 0;  // a refusal's tensor: 0 x, 1 topk_weights
   record[kRecCapacity] = a.x.size(0);
   record[kRecOffset + 0] = x_at;
   record[kRecOffset + 1] = weights_at;
@@ -449,7 +451,7 @@ std::string notify_combine(CudaTransport& transport, MoePool& pool, const Combin
   if (!overflow.empty()) return overflow + "; no rank moved rows in this combine";
   if (!held)
     return std::string(op) + " on rank " + std::to_string(rank) + ": the MoE pool (TORCH_EP_MOE_POOL_BYTES: " +
-           mib(pool.arena->bytes()) + " a rank, " + mib(pool.arena->used()) + " held) cannot hold a copy of x (" +
+           mib(pool.arena->bytes()) + " a rank, " + mib(pool.arena->used()) + " held) cannot hold a copy of " + copied + " (" +
            std::to_string(a.x.size(0)) + " rows), which peers read from there; no rank moved rows in this combine "
            "(its outputs are zeros). Write x into torch_ep.combine_buffer(handle), raise TORCH_EP_MOE_POOL_BYTES, or "
            "keep fewer dispatch outputs alive";
@@ -498,7 +500,8 @@ std::string device_report_message(const std::vector<int64_t>& w, int rank, int64
   switch (w[kMoeReportCode]) {
     case kVerdictRefused:
       if (w[kMoeReportDetail] == kRefusedPool)
-        what = "rank " + std::to_string(who) + " could not allocate " + (combine ? "a copy of its x (" : "its outputs (") +
+        what = "rank " + std::to_string(who) + " could not allocate " +
+               (!combine ? "its outputs (" : peer_value ? "a copy of its topk_weights (" : "a copy of its x (") +
                std::to_string(value) + " rows) in its MoE pool (TORCH_EP_MOE_POOL_BYTES)";
       else if (w[kMoeReportDetail] == kRefusedOverflow)
         what = "an earlier dispatch on rank " + std::to_string(who) + " received more rows than num_worst_tokens "
