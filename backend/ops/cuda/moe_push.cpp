@@ -116,7 +116,7 @@ std::vector<PushTarget> exchange_targets(CudaTransport& transport, const PushTar
   std::vector<TargetRecord> records(static_cast<size_t>(R), record);
   std::vector<TargetRecord> theirs(records.size());
   transport.exchange(records.data(), theirs.data(), sizeof(TargetRecord), op);
-  TORCH_CHECK_VALUE(why.empty(), op, " on rank ", rank, ": ", why);
+  TORCH_CHECK_VALUE(why.empty(), op, " on ", why);  // `why` starts with "rank N: "
   std::vector<PushTarget> targets;
   for (int p = 0; p < R; ++p) {
     TORCH_CHECK_VALUE(theirs[p].status == 0, op, " on rank ", rank, ": rank ", p, " could not allocate its outputs (",
@@ -319,7 +319,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   // Queued: now this rank may raise without leaving a peer waiting for its record.
   TORCH_CHECK_VALUE(overflow.empty() || waits, overflow, "; no rank moved rows in this dispatch (#", call_id, ")",
                     allocated ? "" : " (nor could this rank allocate its outputs: " + refusal + ")");
-  TORCH_CHECK_VALUE(allocated, op, " on rank ", rank, ": ", refusal, "; no rank moved rows in this call");
+  TORCH_CHECK_VALUE(allocated, op, " on ", refusal, "; no rank moved rows in this call");  // "rank N: ..."
   raise_device_report(transport, rank, seq, op);
 
   phase.next("ep::dispatch/counts");
