@@ -320,7 +320,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   TORCH_CHECK_VALUE(overflow.empty() || waits, overflow, "; no rank moved rows in this dispatch (#", call_id, ")",
                     allocated ? "" : " (nor could this rank allocate its outputs: " + refusal + ")");
   TORCH_CHECK_VALUE(allocated, op, " on ", refusal, "; no rank moved rows in this call");  // "rank N: ..."
-  raise_device_report(transport, rank, seq, op);
+  raise_device_report(transport, rank, seq, op, /*waited=*/waits);
 
   phase.next("ep::dispatch/counts");
   o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
