@@ -13,8 +13,8 @@ import test_moe as checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
 from test_cuda_moe import rank_copy_variant
-from test_cuda_moe_push import (_seed, assert_still_pushes, check_dispatch, in_moe_pool, overlaps, poison_and_free,
-                                rank_options_disagree, rank_push_pool)
+from test_cuda_moe_push import (_seed, assert_still_pushes, check_combine, check_dispatch, in_moe_pool, overlaps,
+                                poison_and_free, rank_options_disagree, rank_push_pool)
 from torch_ep import reference
 from torch_ep.testing import same_bits
 
@@ -237,8 +237,7 @@ def rank_device_records_mismatch(seed):
         expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
         got = torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst if i == 0 else 0)
         check_dispatch(got, expected, worst if i == 0 else 0)
-        comb = torch_ep.combine(got.recv_x, got.handle)
-        assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
+        check_combine(got, expected)
     torch.cuda.synchronize()
     torch_ep.check_errors()
     assert_still_pushes(seed)
@@ -342,8 +341,7 @@ def rank_device_records_waits_disagree(seed):
     dist.barrier()
     torch.cuda.synchronize()
     torch_ep.check_errors()
-    comb = torch_ep.combine(got.recv_x, got.handle)
-    assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
+    check_combine(got, expected)
     torch.cuda.synchronize()
     torch_ep.check_errors()
     assert_still_pushes(seed)
@@ -422,9 +420,8 @@ def rank_device_records_pool_full(seed):
     for worst in (16 * size, 0):
         got = torch_ep.dispatch(xs, idx, w, num_experts=num_experts, num_worst_tokens=worst, group=group)
         check_dispatch(got, expected, worst)
-        comb = torch_ep.combine(got.recv_x, got.handle, group=group)
-        assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
-        del got, comb
+        check_combine(got, expected, group)
+        del got
     torch.cuda.synchronize()
     torch_ep.check_errors(group)
     assert_still_pushes(seed, group)

@@ -75,6 +75,12 @@ def result_tensors(result):
     return xs + [t for t in (result.recv_topk_idx, result.recv_topk_weights) if t is not None]
 
 
+def check_combine(got, expected, group=None):
+    """combine(got.recv_x, got.handle) against the reference's combine of expected's rows, bit for bit."""
+    comb = torch_ep.combine(got.recv_x, got.handle, group=group)
+    assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
+
+
 def check_dispatch(got, expected, worst=0):
     """got against the reference: recv_x (or the fp8 pair: payload and scales), and for a new
     route recv_topk_idx, recv_topk_weights and the counts; the real rows, and with num_worst_tokens

@@ -13,7 +13,7 @@ import test_moe as checks
 import torch_ep
 from conftest import rank_pool
 from test_cuda_moe_device_records import moe_exchanges, raises_now_or_next
-from test_cuda_moe_push import _seed, assert_still_pushes, in_moe_pool
+from test_cuda_moe_push import _seed, assert_still_pushes, check_combine, in_moe_pool
 from torch_ep import reference
 from torch_ep.testing import same_bits
 
@@ -149,8 +149,7 @@ def rank_device_records_combine_pool_full(seed):
     torch.cuda.synchronize()
     torch_ep.check_errors(group)
     expected = reference.dispatch(x.cpu(), idx.cpu(), num_experts=num_experts)
-    comb = torch_ep.combine(got.recv_x, got.handle, group=group)
-    assert same_bits(comb.combined_x.cpu(), reference.combine(expected.recv_x, expected.handle).combined_x)
+    check_combine(got, expected, group)
     torch.cuda.synchronize()
     torch_ep.check_errors(group)
     dist.destroy_process_group(group)

@@ -201,6 +201,7 @@ __device__ __forceinline__ void copy_row_to(const DispatchSource& src, int64_t t
   }
 
   // The rest, a round trip each: payload past the first round, scales past 64, ids past 32.
+  // Guarded and not unrolled, unlike moe.cu's warp_copy: that loop here spills (int4: 148-180 bytes).
 #pragma unroll 1
   for (int64_t i = lane + 32 * kDepth; i < n; i += 32 * kDepth) {
     V rest[kDepth] = {};

@@ -103,11 +103,11 @@ __device__ void notify_block(const MoeNotifyParams& p) {
         records[t][kRecExpect + d] = record[kRecExpect + d];
       }
       got = true;
-      if (!p.sizes) store_release(flag, 0);
+      if (!first_round) store_release(flag, 0);
     }
   }
   __syncthreads();
-  if (p.sizes) {  // the tokens per local expert, summed over the senders; then the slots are free
+  if (first_round) {  // the tokens per local expert, summed over the senders; then the slots are free
     if (!missing)
       for (int64_t e = t; e < per_rank; e += blockDim.x) {
         int64_t n = 0;

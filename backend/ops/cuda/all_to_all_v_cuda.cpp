@@ -331,10 +331,7 @@ AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const
       if (pool) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, blocks, stream));
       else EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
     }
-    std::vector<int> peers;
-    for (int r = 0; r < R; ++r)
-      if (r != rank) peers.push_back(r);
-    end = state.transport().track(op, stream, std::move(peers));
+    end = state.transport().track(op, stream);
     state.order().end(stream, end);
   }
   if (raise_later[0] != kernels::kReportNone) AllToAllVState::raise(raise_later, rank, op, /*earlier=*/true);
@@ -418,10 +415,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     p.output = static_cast<char*>(staging.data_ptr());
     if (!one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
     if (!staging.is_same(output)) output.copy_(staging);
-    std::vector<int> peers;
-    for (int r = 0; r < R; ++r)
-      if (r != rank) peers.push_back(r);
-    state.order().end(stream, state.transport().track(op, stream, std::move(peers)));
+    state.order().end(stream, state.transport().track(op, stream));
     if (raise_later[0] != kernels::kReportNone)
       AllToAllVState::raise(raise_later, rank, op, /*earlier=*/raise_later[kernels::kReportCallId] != p.call_id);
     return {output_splits, output_offsets};

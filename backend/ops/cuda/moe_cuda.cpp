@@ -155,13 +155,6 @@ int num_blocks(ProcessGroupEP& group, const at::Device& device, int measured) {
   return measured > 0 ? std::min(measured, sms) : sms;
 }
 
-std::vector<int> peers_of(int rank, int size) {
-  std::vector<int> peers;
-  for (int p = 0; p < size; ++p)
-    if (p != rank) peers.push_back(p);
-  return peers;
-}
-
 // A dispatch kernel that received more rows than num_worst_tokens reported it; the host raises
 // it through the next call's records, so that every rank raises together and the group goes on
 // (the kernel dropped the rows past the outputs and completed its handshake; combines skip rows
@@ -261,7 +254,8 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   const MetaLayout l{R, E, N};
   // Push (Options.moe_push): each rank writes its rows into the receivers' outputs, which come
   // from the MoE pool (made with the transport, on every rank alike). Only such a group has one.
-  const bool push = push_this_call(group, stream);
+  const bool capturing = stream_capturing(stream);  // asked once per call
+  const bool push = push_this_call(group, capturing);
   std::shared_ptr<MoePool> pool = group.config().moe_push ? group.moe_pool_if_any() : nullptr;
   TORCH_CHECK(!push || pool, op, ": this group pushes (Options.moe_push) but has no MoE pool");
   const CommPool* moe_arena = pool ? pool->arena.get() : nullptr;
@@ -279,7 +273,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     LayoutExtras fresh;
     fresh.want_host_header = !given && !worst && !device_records;
     const bool host_waits = !cached && !worst && !a.layout_header;
-    TORCH_CHECK_VALUE(!host_waits || !stream_capturing(stream), op, ": inside a CUDA graph capture, a dispatch "
+    TORCH_CHECK_VALUE(!host_waits || !capturing, op, ": inside a CUDA graph capture, a dispatch "
                       "needs num_worst_tokens or a handle (without them the host waits for the sizes)");
     const Tensor meta = cached ? *a.handle_meta : a.layout_meta ? *a.layout_meta : layout_cuda(*a.topk_idx, E, R, &fresh);
     // The expert ids are checked on the device there, not from a given header.
@@ -377,7 +371,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       phase.next("ep::dispatch/launch");
       EP_CUDA_CHECK(kernels::launch_dispatch_push(p, stream));
       phase.next("ep::dispatch/track");
-      transport->track(op, stream, peers_of(int(rank), int(R)));
+      transport->track(op, stream);
       raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
       o.meta = given ? at::empty({0}, meta.options()) : meta;
       o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
@@ -423,7 +417,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     phase.next("ep::dispatch/launch");
     EP_CUDA_CHECK(kernels::launch_dispatch(p, stream));
     phase.next("ep::dispatch/track");
-    transport->track(op, stream, peers_of(int(rank), int(R)));
+    transport->track(op, stream);
     raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
 
     o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
@@ -505,11 +499,10 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
       }
     }
 
-
     phase.next("ep::combine/launch");
     EP_CUDA_CHECK(kernels::launch_combine(p, stream));
     phase.next("ep::combine/track");
-    transport->track(op, stream, peers_of(int(rank), int(R)));
+    transport->track(op, stream);
     staged.clear();  // freed in stream order: reused only after this call's kernels
     TORCH_CHECK_VALUE(raise_after.empty(), raise_after);
     raise_device_report(*transport, int(rank), seq, op);  // once this call is queued

@@ -55,8 +55,8 @@ struct TargetRecord {
 
 }  // namespace
 
-bool push_this_call(ProcessGroupEP& group, cudaStream_t stream) {
-  return group.config().moe_push && !stream_capturing(stream);
+bool push_this_call(const ProcessGroupEP& group, bool capturing) {
+  return group.config().moe_push && !capturing;
 }
 
 bool allocate_from_pool(MoePool& pool, int rank, const DispatchArgs& a, int64_t capacity, DispatchOutputs& o,
@@ -311,10 +311,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   phase.next("ep::dispatch/launch");
   EP_CUDA_CHECK(launch_dispatch_with_records(p, stream));
   phase.next("ep::dispatch/track");
-  std::vector<int> peers;
-  for (int r = 0; r < R; ++r)
-    if (r != rank) peers.push_back(r);
-  transport.track(op, stream, std::move(peers));
+  transport.track(op, stream);
 
   // Queued: now this rank may raise without leaving a peer waiting for its record.
   TORCH_CHECK_VALUE(overflow.empty() || waits, overflow, "; no rank moved rows in this dispatch (#", call_id, ")",

@@ -27,9 +27,9 @@ struct MoePool;
 
 namespace ep::moe {
 
-// Whether this call pushes: Options.moe_push, except while `stream` is being captured into a CUDA
+// Whether this call pushes: Options.moe_push, except while its stream is being captured into a CUDA
 // graph (the capture's pool would take the outputs, not the MoE pool), where the call pulls.
-bool push_this_call(ProcessGroupEP& group, cudaStream_t stream);
+bool push_this_call(const ProcessGroupEP& group, bool capturing);
 
 // Allocates a dispatch's outputs of `capacity` rows (as the pull path shapes them) from `pool`
 // into `o`, and says where they lie in `target`. False, with `why` naming TORCH_EP_MOE_POOL_BYTES,

@@ -56,6 +56,31 @@ std::shared_ptr<TorchAllocator> keep_for_the_process(std::shared_ptr<TorchAlloca
   return allocator;
 }
 
+// A torch allocator over `arena`, kept for the process. `explain`: a failed segment's reason
+// goes into torch's out-of-memory error (the comm pool); the MoE pool's dispatch words its own.
+std::shared_ptr<TorchAllocator> allocator_over(std::shared_ptr<CommPool> arena, bool explain) {
+  if (explain) explain_out_of_memory();
+  return keep_for_the_process(torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
+      [arena, explain](size_t bytes, int device, cudaStream_t) -> void* {
+        std::string why;
+        void* ptr = arena->allocate(bytes, device, &why);
+        if (explain) last_failure = std::move(why);
+        return ptr;
+      },
+      [arena](void* ptr, size_t, int, cudaStream_t) { arena->release(ptr); }));
+}
+
+// Every rank's arena of `bytes` (collective); a failure raises naming `what` and `variable`.
+std::shared_ptr<CommPool> make_arena(Rendezvous& rendezvous, int device, size_t bytes, const std::string& tag,
+                                     const std::string& what, const char* variable) {
+  try {
+    return std::make_shared<CommPool>(rendezvous, device, bytes, tag);
+  } catch (const std::exception& e) {
+    C10_THROW_ERROR(DistBackendError, what + " (" + std::to_string(bytes) + " bytes per rank, " + variable +
+                                          ") failed: " + e.what());
+  }
+}
+
 }  // namespace
 
 std::shared_ptr<CommPool> ProcessGroupEP::comm_pool() const {
@@ -76,25 +101,10 @@ pybind11::object ProcessGroupEP::comm_pool_allocator(int device) {
     std::lock_guard<std::mutex> lock(cuda_mutex_);
     if (!comm_pool_) {
       c10::cuda::CUDAGuard guard{c10::DeviceIndex(device)};
-      std::shared_ptr<CommPool> pool;
-      try {
-        pool = std::make_shared<CommPool>(rendezvous_, device, config_.comm_pool_bytes, "ep/cuda/comm_pool");
-      } catch (const std::exception& e) {
-        C10_THROW_ERROR(DistBackendError, std::string("torch_ep.comm_pool: setting up the arenas (") +
-                                              std::to_string(config_.comm_pool_bytes) +
-                                              " bytes per rank, TORCH_EP_COMM_POOL_BYTES) failed: " + e.what());
-      }
-      std::shared_ptr<TorchAllocator> torch_allocator = keep_for_the_process(torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
-          [pool](size_t bytes, int device, cudaStream_t) -> void* {
-            std::string why;
-            void* ptr = pool->allocate(bytes, device, &why);
-            last_failure = std::move(why);
-            return ptr;
-          },
-          [pool](void* ptr, size_t, int, cudaStream_t) { pool->release(ptr); }));
-      explain_out_of_memory();
+      std::shared_ptr<CommPool> pool = make_arena(rendezvous_, device, config_.comm_pool_bytes, "ep/cuda/comm_pool",
+                                                  "torch_ep.comm_pool: setting up the arenas", "TORCH_EP_COMM_POOL_BYTES");
+      comm_allocator_ = allocator_over(pool, /*explain=*/true);
       comm_pool_ = std::move(pool);
-      comm_allocator_ = torch_allocator;
     }
     TORCH_CHECK_VALUE(comm_pool_->device() == device, "torch_ep.comm_pool: this group's pool is on cuda:",
                       comm_pool_->device(), ", but the current device is cuda:", device);
@@ -113,24 +123,11 @@ std::vector<int64_t> ProcessGroupEP::comm_pool_stats() {
 std::shared_ptr<MoePool> ProcessGroupEP::make_moe_pool(int device, const char* op) {
   c10::cuda::CUDAGuard guard{c10::DeviceIndex(device)};
   auto pool = std::make_shared<MoePool>();
-  try {
-    pool->arena = std::make_shared<CommPool>(rendezvous_, device, config_.moe_pool_bytes, "ep/cuda/moe_pool");
-  } catch (const std::exception& e) {
-    C10_THROW_ERROR(DistBackendError, std::string(op) + ": setting up the MoE pool (" +
-                                          std::to_string(config_.moe_pool_bytes) +
-                                          " bytes per rank, TORCH_EP_MOE_POOL_BYTES) for TORCH_EP_MOE_PUSH failed: " +
-                                          e.what());
-  }
-  std::shared_ptr<CommPool> arena = pool->arena;
+  pool->arena = make_arena(rendezvous_, device, config_.moe_pool_bytes, "ep/cuda/moe_pool",
+                           std::string(op) + ": setting up the MoE pool for TORCH_EP_MOE_PUSH", "TORCH_EP_MOE_POOL_BYTES");
   // A failed segment makes torch raise OutOfMemoryError; the dispatch turns that into its own
   // error naming TORCH_EP_MOE_POOL_BYTES (moe_push.cpp), so no reason is kept here.
-  std::shared_ptr<TorchAllocator> torch_allocator = keep_for_the_process(torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
-      [arena](size_t bytes, int device, cudaStream_t) -> void* {
-        std::string why;
-        return arena->allocate(bytes, device, &why);
-      },
-      [arena](void* ptr, size_t, int, cudaStream_t) { arena->release(ptr); }));
-  pool->mem_pool = std::make_unique<at::cuda::MemPool>(torch_allocator);
+  pool->mem_pool = std::make_unique<at::cuda::MemPool>(allocator_over(pool->arena, /*explain=*/false));
   return pool;
 }
 

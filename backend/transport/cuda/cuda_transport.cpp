@@ -287,6 +287,13 @@ std::shared_ptr<StreamMark> CudaTransport::track(const char* op_name, cudaStream
   return done;
 }
 
+std::shared_ptr<StreamMark> CudaTransport::track(const char* op_name, cudaStream_t stream) {
+  std::vector<int> peers;
+  for (int p = 0; p < size_; ++p)
+    if (p != rank_) peers.push_back(p);
+  return track(op_name, stream, std::move(peers));
+}
+
 std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuffer>& sends,
                                                      const std::vector<RecvBuffer>& recvs, cudaStream_t stream,
                                                      const char* op_name) {

@@ -130,6 +130,8 @@ class CudaTransport {
   // Lets the watchdog bound what was just queued on `stream`; returns the mark it watches, the
   // end of that work (null while capturing a graph: a no-op then).
   std::shared_ptr<StreamMark> track(const char* op_name, cudaStream_t stream, std::vector<int> peers);
+  // The same for a call that waits on every other rank of the transport.
+  std::shared_ptr<StreamMark> track(const char* op_name, cudaStream_t stream);
 
  private:
   struct Inflight {
