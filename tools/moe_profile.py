@@ -83,6 +83,10 @@ def main():
                   if e.key.startswith(("ep::", "aten::", "cuda"))}
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])[:12])
         lines.append(f"rank {rank} HOST {name}: {host * 1e6:.1f} us/call on the host | {top}")
+        # Where the op's own time goes outside its named phases: each range's self time (driver
+        # calls, "cu*", included), the largest first.
+        selves = sorted(((e.key, e.self_cpu_time_total / 30) for e in prof.key_averages()), key=lambda kv: -kv[1])
+        lines.append(f"rank {rank} SELF {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in selves[:10]))
     # The same protocol on CPU tensors (host exchange + shared-memory rows), tiny payload.
     xc, idxc = torch.randn(64, 8), idx[:64].cpu()
     dc = torch_ep.dispatch(xc, idxc, num_experts=args.experts)

@@ -15,6 +15,7 @@ class Phases {
     current_.emplace(at::RecordScope::USER_SCOPE);
     if (current_->isActive()) current_->before(name, c10::ArrayRef<const c10::IValue>{});
   }
+  void end() { current_.reset(); }
 
  private:
   std::optional<at::RecordFunction> current_;

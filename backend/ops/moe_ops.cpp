@@ -11,6 +11,7 @@
 
 #include <pybind11/stl.h>
 
+#include "backend/common/phases.hpp"
 #include "backend/kernels/moe_meta.hpp"
 #include "backend/ops/moe_protocol.hpp"
 #include "backend/ops/register_moe.hpp"
@@ -178,6 +179,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
     const std::optional<Tensor>& handle_counts, int64_t num_experts, int64_t num_worst_tokens, c10::string_view group_name,
     const std::optional<Tensor>& layout_meta, const std::optional<Tensor>& layout_header) {
   const char* op = "dispatch";
+  Phases phase;  // the argument checks, apart from the route's own phases (tools/moe_profile.py)
+  phase.next("ep::dispatch/checks");
   check_payload(op, x, x_scales);
   ProcessGroupEP& group = resolve_group(std::string(group_name), x.device(), op);
   const int64_t R = group.getSize();
@@ -229,6 +232,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
       a.topk_weights = topk_weights->contiguous();
     }
   }
+  phase.end();
   DispatchOutputs o = x.is_cuda() ? dispatch_cuda(group, a) : dispatch_cpu(group, a);
   return {o.recv_x, o.recv_x_scales, o.recv_topk_idx, o.recv_topk_weights, o.meta, o.counts};
 }
@@ -237,6 +241,8 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const std::optional<Tensor>&
                                    const Tensor& handle_meta, const Tensor& handle_counts, int64_t num_experts,
                                    c10::string_view group_name) {
   const char* op = "combine";
+  Phases phase;
+  phase.next("ep::combine/checks");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) >= 1, op, ": x must be 2-D [received rows, hidden], got shape ",
                     x.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
@@ -265,6 +271,7 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const std::optional<Tensor>&
     check_weights(op, *topk_weights, x.size(0), -1, x.device());
     a.topk_weights = topk_weights->contiguous();
   }
+  phase.end();
   CombineOutputs o = x.is_cuda() ? combine_cuda(group, a) : combine_cpu(group, a);
   return {o.combined_x, o.combined_topk_weights};
 }

@@ -244,6 +244,8 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   // Across nodes, the hierarchical route (without NVSHMEM in the build, virtual nodes on one
   // host stay on this one).
   if (group.topology().multi_node() && ProcessGroupEP::internode_built()) return dispatch_cuda_internode(group, a);
+  Phases phase;
+  phase.next("ep::dispatch/setup");
   const at::Device device = a.x.device();
   c10::cuda::CUDAGuard guard(device);
   std::shared_ptr<CudaTransport> transport = transport_for(group, device, op);
@@ -260,7 +262,6 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   TORCH_CHECK(!push || pool, op, ": this group pushes (Options.moe_push) but has no MoE pool");
   const CommPool* moe_arena = pool ? pool->arena.get() : nullptr;
 
-  Phases phase;
   try {
     phase.next("ep::dispatch/layout");
     const bool given = cached || a.layout_meta;  // a routing table computed earlier
@@ -431,6 +432,8 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
 CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
   const char* op = "combine";
   if (group.topology().multi_node() && ProcessGroupEP::internode_built()) return combine_cuda_internode(group, a);
+  Phases phase;
+  phase.next("ep::combine/setup");
   const at::Device device = a.x.device();
   c10::cuda::CUDAGuard guard(device);
   std::shared_ptr<CudaTransport> transport = transport_for(group, device, op);
@@ -447,7 +450,6 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
   TORCH_CHECK(!device_records || pool, op, ": this group exchanges records through the device "
               "(Options.moe_device_records) but has no MoE pool");
 
-  Phases phase;
   try {
     kernels::CombineParams p{};
     p.num_ranks = int(R);
