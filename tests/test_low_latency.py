@@ -76,6 +76,17 @@ def _raises(fn, exc, text):
     assert text in str(info.value), str(info.value)
 
 
+def test_remote_puts_setting():
+    """TORCH_EP_LL_REMOTE_PUTS (how a dispatch across nodes puts its tokens) parses its documented
+    values, and anything else raises a ValueError that names the variable and what it takes."""
+    parse = _C._ll_parse_remote_puts
+    assert [parse(v) for v in (None, "", "token", "grouped", "batched", "batched1", "batched64")] == [0, 0, 0, 1, 4,
+                                                                                                      1, 64]
+    for bad in ("batched0", "batched65", "batched999", "batchedx", "tokens", "Batched", "batched-1", "grouped2"):
+        with pytest.raises(ValueError, match=r"TORCH_EP_LL_REMOTE_PUTS='.*': expected token, grouped, batched"):
+            parse(bad)
+
+
 def test_dispatch_argument_checks():
     x = torch.zeros(4, 256, dtype=torch.bfloat16)
     idx = torch.zeros(4, 2, dtype=torch.int64)

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <pybind11/chrono.h>
+#include <pybind11/stl.h>
 
 #include "backend/kernels/low_latency_layout.hpp"
 #include "backend/ops/register_low_latency.hpp"
@@ -261,6 +262,20 @@ TORCH_LIBRARY_IMPL(ep, CUDA, m) {
 
 namespace ep {
 
+int ll::parse_remote_puts(const char* value) {
+  const std::string mode = value ? value : "";
+  if (mode.empty() || mode == "token") return 0;
+  if (mode == "grouped") return 1;
+  if (mode == "batched") return 4;
+  const std::string digits = mode.rfind("batched", 0) == 0 ? mode.substr(7) : "";
+  const bool numeric =
+      !digits.empty() && digits.size() <= 2 && digits.find_first_not_of("0123456789") == std::string::npos;
+  const int n = numeric ? std::stoi(digits) : 0;
+  TORCH_CHECK_VALUE(n >= 1 && n <= 64, "TORCH_EP_LL_REMOTE_PUTS='", mode,
+                    "': expected token, grouped, batched or batchedN with N in 1..64");
+  return n;
+}
+
 void register_low_latency(pybind11::module_& m) {
   namespace py = pybind11;
   m.attr("has_nvshmem") = ll::built_with_nvshmem();
@@ -282,6 +297,9 @@ void register_low_latency(pybind11::module_& m) {
         "the low-latency kernels' phase timestamps (TORCH_EP_LL_TRACE=1; tools/ll_profile.py)");
   m.def("_ll_combine_buffer", &ll::combine_buffer_cuda, py::arg("group_name"), py::arg("num_local_experts"),
         py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("device"));
+  m.def("_ll_parse_remote_puts", [](std::optional<std::string> value) {
+    return ll::parse_remote_puts(value ? value->c_str() : nullptr);
+  }, py::arg("value"), "TORCH_EP_LL_REMOTE_PUTS's parse, for tests");
   m.def("_ll_check_errors", [](const std::string& group_name) { ll::check_errors(group_name, "low-latency ops"); });
 }
 

@@ -27,6 +27,13 @@ namespace ep::ll {
 extern const char* const kNoNvshmemMessage;
 bool built_with_nvshmem();
 
+// TORCH_EP_LL_REMOTE_PUTS's value (null: unset): how a dispatch across nodes puts its tokens
+// (DispatchSendParams::remote_put_tokens): "token" or unset 0 (a warp per token, a put per token
+// and owner), "grouped" 1 (a block per group of tokens, still a put per token and owner),
+// "batched" 4 or "batchedN" N in 1..64 (a put per run of up to N consecutive tokens); anything
+// else raises ValueError naming the variable.
+int parse_remote_puts(const char* value);
+
 // Checks of every argument (dtype, shape, device, ranges) before anything runs; they raise
 // ValueError / TypeError naming the argument.
 void check_dispatch_args(const at::Tensor& x, const at::Tensor& topk_idx, int64_t max_tokens_per_rank,

@@ -54,26 +54,10 @@ LowLatencyBuffer& buffer_for(const std::string& group_name, const at::Device& de
   return *buffer;
 }
 
-// TORCH_EP_LL_REMOTE_PUTS, read once: how a dispatch across nodes puts its tokens
-// (DispatchSendParams::remote_put_tokens): "token" (the default, 0: a warp per token, a put per
-// token and owner), "grouped" (1: a block per group of tokens, still a put per token and owner),
-// "batched" (4) or "batchedN" (N in 1..64: a put per run of up to N consecutive tokens). Ranks
-// may differ: a rank's puts and the count its last put signals are its own.
+// TORCH_EP_LL_REMOTE_PUTS, read once (parse_remote_puts, low_latency_ops.cpp). Ranks may
+// differ: a rank's puts and the count its last put signals are its own.
 int remote_put_tokens() {
-  static const int value = [] {
-    const char* env = std::getenv("TORCH_EP_LL_REMOTE_PUTS");
-    const std::string mode = env ? env : "";
-    if (mode.empty() || mode == "token") return 0;
-    if (mode == "grouped") return 1;
-    if (mode == "batched") return 4;
-    const std::string digits = mode.rfind("batched", 0) == 0 ? mode.substr(7) : "";
-    const bool numeric = !digits.empty() && digits.size() <= 2 &&
-                         digits.find_first_not_of("0123456789") == std::string::npos;
-    const int n = numeric ? std::stoi(digits) : 0;
-    TORCH_CHECK_VALUE(n >= 1 && n <= 64, "TORCH_EP_LL_REMOTE_PUTS='", mode,
-                      "': expected token, grouped, batched or batchedN with N in 1..64");
-    return n;
-  }();
+  static const int value = parse_remote_puts(std::getenv("TORCH_EP_LL_REMOTE_PUTS"));
   return value;
 }
 
