@@ -10,6 +10,7 @@
 #include "backend/kernels/copy.cuh"
 #include "backend/kernels/internode_exchange.cuh"
 #include "backend/kernels/sync.cuh"
+#include "backend/kernels/whatif_puts.cuh"
 
 namespace ep::kernels {
 namespace {
@@ -57,6 +58,8 @@ __device__ bool block_wait(const uint64_t* word, uint64_t value, uint64_t deadli
   return came;
 }
 
+// kCopyPuts: the what-if of whatif_puts.cuh (ExchangeParams::whatif_copy_puts), an instance of its own.
+template <bool kCopyPuts>
 __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid_constant__ ExchangeParams p) {
   const Slots at{p};
   const uint64_t S = p.num_slots, C = p.chunk_bytes;
@@ -82,8 +85,8 @@ __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid
         src = at.stage(peer.pe, slot);
       }
       // The blocking kind: the stage (or input) may be reused once it returns.
-      nvshmemx_putmem_signal_block(at.slot(p.rank, slot), src, n, at.full(p.rank, slot), i / S + 1,
-                                   NVSHMEM_SIGNAL_SET, peer.pe);
+      put_signal_block<kCopyPuts>(at.slot(p.rank, slot), src, n, at.full(p.rank, slot), i / S + 1,
+                       NVSHMEM_SIGNAL_SET, peer.pe);
     }
   } else {
     const uint64_t chunks = (peer.recv_bytes + C - 1) / C;
@@ -106,7 +109,11 @@ __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid
 cudaError_t launch_exchange(const ExchangeParams& p, cudaStream_t stream) {
   if (p.num_peers <= 0) return cudaSuccess;
   if (p.num_peers > kMaxExchangePeers || p.num_slots < 1) return cudaErrorInvalidValue;
-  exchange_kernel<<<2 * p.num_peers * p.num_slots, kExchangeThreads, 0, stream>>>(p);
+  const int grid = 2 * p.num_peers * p.num_slots;
+  if (p.whatif_copy_puts)
+    exchange_kernel<true><<<grid, kExchangeThreads, 0, stream>>>(p);
+  else
+    exchange_kernel<false><<<grid, kExchangeThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -52,6 +52,7 @@ struct ExchangeParams {
   uint64_t timeout_ns;
   int* error;                 // host-mapped: 1 + the peer a wait timed out on (the first one)
   uint32_t* gave_up;          // device memory: set with *error, and read by every block instead of it
+  bool whatif_copy_puts;      // puts to mapped peers as the block's own copy (whatif_puts.cuh)
 };
 
 cudaError_t launch_exchange(const ExchangeParams& p, cudaStream_t stream);

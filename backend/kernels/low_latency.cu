@@ -11,6 +11,7 @@
 
 #include "backend/kernels/low_latency.cuh"
 #include "backend/kernels/low_latency_device.cuh"  // completion words, peers, warp copies and scans
+#include "backend/kernels/whatif_puts.cuh"
 
 namespace ep::kernels::ll {
 namespace {
@@ -174,6 +175,7 @@ __device__ __forceinline__ unsigned long long remote_owners_of(const DispatchSen
 // remote_tokens: the push starts as soon as the token is cast, while other warps still cast
 // theirs, instead of in a kernel after every cast. One put per token and owner (a NIC moves
 // whole tokens best); each signals the owner's flag for this rank.
+template <bool kCopyPuts>
 __device__ void cast_and_push_token(const DispatchSendParams& p, int t, int lane) {
   constexpr int kChunksInFlight = 4;
   const GroupArgs& g = p.g;
@@ -195,7 +197,8 @@ __device__ void cast_and_push_token(const DispatchSendParams& p, int t, int lane
   char* mirror = g.half + g.layout.remote_tokens() + (int64_t(g.rank) * p.max_tokens + t) * token_bytes;
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
   for (unsigned long long left = owners; left; left &= left - 1)
-    nvshmemx_putmem_signal_nbi_warp(mirror, token, size_t(token_bytes), flag, 1, NVSHMEM_SIGNAL_ADD, __ffsll(left) - 1);
+    put_signal_nbi_warp<kCopyPuts>(mirror, token, size_t(token_bytes), flag, 1, NVSHMEM_SIGNAL_ADD,
+                        __ffsll(left) - 1);
 }
 
 // Tokens per block in the grouped send across nodes: the tokens spread over every block, in
@@ -211,6 +214,7 @@ __host__ __device__ __forceinline__ int group_tokens(int num_tokens, int grid, i
 // of consecutive tokens going to r, cut at multiples of put_tokens, is one put (source and
 // destination rows are consecutive alike), signalling r's flag once. Every thread of the block
 // calls it.
+template <bool kCopyPuts>
 __device__ void cast_and_push_group(const DispatchSendParams& p, int lane, int warp) {
   const GroupArgs& g = p.g;
   const int piece = put_tokens(p);
@@ -245,8 +249,8 @@ __device__ void cast_and_push_group(const DispatchSendParams& p, int lane, int w
     while (t + n < last && (t + n) % piece != 0 &&
            __any_sync(0xffffffffu, has_expert_of(p, t + n, r, lane, p.num_topk, 32)))
       ++n;
-    nvshmemx_putmem_signal_nbi_warp(mirror + t * token_bytes, tokens + t * token_bytes, size_t(n * token_bytes), flag,
-                                    1, NVSHMEM_SIGNAL_ADD, r);
+    put_signal_nbi_warp<kCopyPuts>(mirror + t * token_bytes, tokens + t * token_bytes,
+                        size_t(n * token_bytes), flag, 1, NVSHMEM_SIGNAL_ADD, r);
   }
 }
 
@@ -286,7 +290,8 @@ __device__ void push_numbering(const DispatchSendParams& p, int e, int n, int la
 // then the numberings, which push the lists and counts (push_numbering). Across nodes with
 // remote_put_tokens, each block first casts and pushes its group of tokens (cast_and_push_group),
 // then the warps take the numberings only.
-template <bool kPushRemote>
+// kCopyPuts: the what-if of whatif_puts.cuh (GroupArgs::whatif_copy_puts), an instance of its own.
+template <bool kPushRemote, bool kCopyPuts = false>
 __global__ void __launch_bounds__(kThreads, kPushRemote ? 1 : 2) dispatch_send_kernel(DispatchSendParams p) {
   const GroupArgs& g = p.g;
   const int E = p.num_experts, E_local = E / g.num_ranks;
@@ -304,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, kPushRemote ? 1 : 2) dispatch_send_k
   const int64_t token_units = kPushRemote ? p.num_tokens : int64_t(p.num_tokens) * chunks;
   const bool grouped = kPushRemote && p.remote_put_tokens > 0;
   const int64_t first_token_unit = kPushRemote ? 0 : E, first_expert_unit = kPushRemote && !grouped ? token_units : 0;
-  if (grouped) cast_and_push_group(p, lane, warp);  // the tokens; then only the numberings below
+  if (grouped) cast_and_push_group<kCopyPuts>(p, lane, warp);  // the tokens; then only the numberings below
   const int64_t units = E + (grouped ? 0 : token_units);
   for (int64_t u = int64_t(blockIdx.x) * kWarps + warp; u < units; u += int64_t(gridDim.x) * kWarps) {
     if (u >= first_expert_unit && u < first_expert_unit + E) {
@@ -312,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, kPushRemote ? 1 : 2) dispatch_send_k
       const int n = number_expert(p, e, lists + int64_t(e) * p.max_tokens, counts + e, lane);
       if (kPushRemote && is_remote(g, e / E_local)) push_numbering(p, e, n, lane);
     } else if (kPushRemote) {
-      cast_and_push_token(p, int(u - first_token_unit), lane);
+      cast_and_push_token<kCopyPuts>(p, int(u - first_token_unit), lane);
     } else {
       const int t = int((u - first_token_unit) / chunks), c = int((u - first_token_unit) % chunks);
       cast_token_chunk(p, t, c, tokens + t * token_bytes, lane);
@@ -403,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
 // with their number, goes before any: it needs only the layout. kPushRemote: the group has
 // remote peers; without, the kernel holds no NVSHMEM call and fits two blocks per SM unspilled
 // (with, it spills a little at two blocks per SM, kept: twice the pushes in flight).
-template <bool kPushRemote>
+template <bool kPushRemote, bool kCopyPuts = false>
 __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendParams p) {
   extern __shared__ int smem[];
   const GroupArgs& g = p.g;
@@ -466,7 +471,7 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
         __syncwarp();  // the lanes' copies are in before the put reads them
         uint16_t* dst = at<uint16_t>(g.half, g.layout.remote_rows()) +
                         ((int64_t(g.rank) * E_local + le) * p.max_tokens + i) * H;
-        nvshmemx_putmem_signal_nbi_warp(dst, region + row * H, size_t(H) * 2, flag, 1, NVSHMEM_SIGNAL_ADD, r);
+        put_signal_nbi_warp<kCopyPuts>(dst, region + row * H, size_t(H) * 2, flag, 1, NVSHMEM_SIGNAL_ADD, r);
       }
     }
   }
@@ -580,7 +585,11 @@ cudaError_t launch_dispatch_send(const DispatchSendParams& p, cudaStream_t strea
       (p.num_tokens > 0 && !p.send_slot) || p.remote_put_tokens < 0 || p.remote_put_tokens > 64)
     return cudaErrorInvalidValue;
   if (any_remote(p.g)) {  // a warp per token (cast and pushed whole) or expert
-    dispatch_send_kernel<true><<<grid_for(p.g.num_blocks, p.num_experts + int64_t(p.num_tokens)), kThreads, 0, stream>>>(p);
+    const int64_t grid = grid_for(p.g.num_blocks, p.num_experts + int64_t(p.num_tokens));
+    if (p.g.whatif_copy_puts)
+      dispatch_send_kernel<true, true><<<grid, kThreads, 0, stream>>>(p);
+    else
+      dispatch_send_kernel<true><<<grid, kThreads, 0, stream>>>(p);
   } else {  // a warp per expert or (token, chunk)
     const int64_t units = p.num_experts + int64_t(p.num_tokens) * ((p.hidden + kSendChunk - 1) / kSendChunk);
     dispatch_send_kernel<false><<<grid_for(p.g.num_blocks, units), kThreads, 0, stream>>>(p);
@@ -608,8 +617,9 @@ cudaError_t launch_combine_send(const CombineSendParams& p, cudaStream_t stream)
   const bool idle = zero_copy && !any_remote(p.g);
   const int64_t smem = 3 * (int64_t(p.num_experts) + 1) * int64_t(sizeof(int));
   if (any_remote(p.g)) {
-    if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel<true>, smem); err != cudaSuccess) return err;
-    combine_send_kernel<true><<<p.g.num_blocks, kThreads, smem, stream>>>(p);
+    auto* kernel = p.g.whatif_copy_puts ? combine_send_kernel<true, true> : combine_send_kernel<true>;
+    if (const cudaError_t err = allow_dynamic_smem(kernel, smem); err != cudaSuccess) return err;
+    kernel<<<p.g.num_blocks, kThreads, smem, stream>>>(p);
   } else {
     if (const cudaError_t err = allow_dynamic_smem(combine_send_kernel<false>, smem); err != cudaSuccess) return err;
     combine_send_kernel<false><<<idle ? 1 : p.g.num_blocks, kThreads, smem, stream>>>(p);

@@ -80,6 +80,7 @@ struct GroupArgs {
   uint64_t timeout_ns;
   int* error;           // host-mapped error word (0 = fine)
   uint64_t* trace;      // phase timestamps (kTraceWords), or null: off
+  bool whatif_copy_puts;  // the send kernels in their what-if instances (whatif_puts.cuh)
 };
 
 struct DispatchSendParams {

@@ -160,6 +160,7 @@ kernels::ll::GroupArgs LowLatencyBuffer::args(int half) const {
   g.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   g.error = error_device_;
   g.trace = trace_;
+  g.whatif_copy_puts = nvshmem::whatif_copy_puts();
   return g;
 }
 

@@ -172,6 +172,7 @@ void NvshmemExchange::all_to_all_on_device(const std::vector<int>& peers, const 
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = error_device_;
   p.gave_up = gave_up_;
+  p.whatif_copy_puts = nvshmem::whatif_copy_puts();
   // The peers in the order of their rounds in the schedule: both ends of a pair then order
   // their pairs alike (see ExchangeParams).
   std::vector<bool> is_peer(size_t(size_), false);

@@ -3,6 +3,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -115,5 +116,13 @@ void free_symmetric(void* ptr) {
 }
 
 void* peer_ptr(void* ptr, int pe) { return nvshmem_ptr(ptr, pe); }
+
+bool whatif_copy_puts() {
+  static const bool on = [] {
+    const char* env = std::getenv("TORCH_EP_WHATIF_COPY_PUTS");
+    return env && std::string(env) == "1";
+  }();
+  return on;
+}
 
 }  // namespace ep::nvshmem
