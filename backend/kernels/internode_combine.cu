@@ -13,6 +13,7 @@
 // tells it when they are done (combine_in_done), which combine_buffer waits for before the
 // caller writes the region again.
 #include "backend/kernels/internode_common.cuh"
+#include "backend/kernels/whatif_puts.cuh"
 
 namespace ep::kernels::ix {
 namespace {
@@ -144,7 +145,8 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
 // dtype (weights summed in float32), into rail_send[m] (block m: never over this node's packed
 // rows, which may hold the next dispatch's x), put chunk by chunk to the source on node m (m
 // another node).
-template <typename T>
+// kCopyPuts: the what-if of whatif_puts.cuh (IxParams::whatif_copy_puts), instances of their own.
+template <typename T, bool kCopyPuts = false>
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
@@ -198,9 +200,9 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
           }
       }
       __syncthreads();
-      nvshmemx_putmem_signal_nbi_block(row(p, l.rail_recv(), p.node * C + first), block_row(p, l.rail_send(), m, first),
-                                       size_t(rows * p.row_stride), chunk_flag(p, p.node, k), seq, NVSHMEM_SIGNAL_SET,
-                                       rank_of(p, m, p.local));
+      put_signal_nbi_block<kCopyPuts>(row(p, l.rail_recv(), p.node * C + first), block_row(p, l.rail_send(), m, first),
+                                      size_t(rows * p.row_stride), chunk_flag(p, p.node, k), seq, NVSHMEM_SIGNAL_SET,
+                                      rank_of(p, m, p.local));
     }
   }
   __syncthreads();
@@ -308,7 +310,12 @@ cudaError_t launch_combine_push(const IxParams& p, cudaStream_t stream) {
 
 cudaError_t launch_combine_reduce(const IxParams& p, cudaStream_t stream) {
   switch (p.dtype) {
-    case DType::kBFloat16: combine_reduce_kernel<__nv_bfloat16><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
+    case DType::kBFloat16:
+      if (p.whatif_copy_puts)
+        combine_reduce_kernel<__nv_bfloat16, true><<<p.num_blocks, kThreads, 0, stream>>>(p);
+      else
+        combine_reduce_kernel<__nv_bfloat16><<<p.num_blocks, kThreads, 0, stream>>>(p);
+      break;
     case DType::kFloat16: combine_reduce_kernel<__half><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
     default: combine_reduce_kernel<float><<<p.num_blocks, kThreads, 0, stream>>>(p); break;
   }

@@ -188,6 +188,7 @@ struct IxParams {
   IxHostCtrl* host;    // host-mapped (device address)
   int num_blocks;      // SM budget of the kernels that wait on peers
   bool node_p2p;       // the node hop by stores/loads where NVSHMEM maps the peer (else puts/gets)
+  bool whatif_copy_puts;  // the rail puts in the kernels' what-if instances (whatif_puts.cuh)
   // the call
   int32_t op;
   int64_t row_stride;  // bytes between rows of this call in a block (dispatch: layout.row_bytes;

@@ -13,6 +13,7 @@
 // the row's other fields beside it (x_packed): (n - 1) + k copies. Before handing them out it
 // waits until the last dispatch's readers of the packed rows are done (dispatch_in_wait_kernel).
 #include "backend/kernels/internode_common.cuh"
+#include "backend/kernels/whatif_puts.cuh"
 
 namespace ep::kernels::ix {
 namespace {
@@ -34,7 +35,8 @@ __device__ __forceinline__ size_t row_fields(const IxParams& p) {
 // W apart; a put carries the row's fields only. x (scales) in place already (x_packed,
 // scales_packed) is not copied; where both are (or x has no scales), the variant without kPack
 // runs: it holds no copy loop, whose registers would not fit the 64 of a 1024-thread block.
-template <int Threads, bool kPack>
+// kCopyPuts: the what-if of whatif_puts.cuh (IxParams::whatif_copy_puts), instances of their own.
+template <int Threads, bool kPack, bool kCopyPuts = false>
 __global__ void __launch_bounds__(Threads) dispatch_send_kernel(IxParams p) {
   if (!call_ok(p)) return;
   const IxLayout& l = p.layout;
@@ -71,9 +73,8 @@ __global__ void __launch_bounds__(Threads) dispatch_send_kernel(IxParams p) {
     for (int i = 1; i < NN; ++i) {
       const int m = (p.node + i) % NN;
       if (slots[m] < 0) continue;
-      nvshmemx_putmem_signal_nbi_warp(row(p, l.rail_recv(), p.node * C + slots[m]), packed, row_fields(p),
-                                      row_flag(p, p.node, slots[m]), seq, NVSHMEM_SIGNAL_SET,
-                                      rank_of(p, m, p.local));
+      put_signal_nbi_warp<kCopyPuts>(row(p, l.rail_recv(), p.node * C + slots[m]), packed, row_fields(p),
+                                     row_flag(p, p.node, slots[m]), seq, NVSHMEM_SIGNAL_SET, rank_of(p, m, p.local));
       put = true;
     }
   }
@@ -283,8 +284,13 @@ cudaError_t launch_dispatch_send(const IxParams& p, cudaStream_t stream) {
   // With the payload packed already (dispatch_buffer) the kernel only puts: twice the threads
   // a block keep twice the put loads in flight (2x2, bf16: 305 -> 200 us). Where it packs x its
   // own unrolled copy wants the registers that 1024 threads halve (64: spills; no gain measured).
-  if (p.x_packed && (p.x_scales == nullptr || p.scales_packed))
+  const bool packed = p.x_packed && (p.x_scales == nullptr || p.scales_packed);
+  if (packed && p.whatif_copy_puts)
+    dispatch_send_kernel<kPutThreads, false, true><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
+  else if (packed)
     dispatch_send_kernel<kPutThreads, false><<<p.num_blocks, kPutThreads, 0, stream>>>(p);
+  else if (p.whatif_copy_puts)
+    dispatch_send_kernel<kThreads, true, true><<<p.num_blocks, kThreads, 0, stream>>>(p);
   else
     dispatch_send_kernel<kThreads, true><<<p.num_blocks, kThreads, 0, stream>>>(p);
   return cudaGetLastError();

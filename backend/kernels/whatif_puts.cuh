@@ -45,10 +45,10 @@ __device__ __forceinline__ void warp_copy_words(int4* d, const int4* s, uint64_t
 static __device__ __noinline__ bool whatif_copy_put(void* dst, const void* src, size_t bytes, uint64_t* signal,
                                              uint64_t value, int op, int pe) {
   char* mapped = static_cast<char*>(nvshmem_ptr(dst, pe));
-  if (!mapped || ((reinterpret_cast<uintptr_t>(mapped) | reinterpret_cast<uintptr_t>(src) | bytes) & 15) != 0)
-    return false;
+  if (!mapped || ((reinterpret_cast<uintptr_t>(mapped) | reinterpret_cast<uintptr_t>(src)) & 15) != 0) return false;
   const int lane = threadIdx.x & 31;
   warp_copy_words(reinterpret_cast<int4*>(mapped), static_cast<const int4*>(src), bytes / 16, lane);
+  for (size_t i = bytes / 16 * 16 + lane; i < bytes; i += 32) mapped[i] = static_cast<const char*>(src)[i];
   __threadfence_system();  // every lane's stores, before the signal that says they landed
   __syncwarp();
   if (lane == 0) nvshmemx_signal_op(signal, value, op, pe);
@@ -72,12 +72,20 @@ static __device__ __noinline__ bool whatif_copy_put_block(void* dst, const void*
                                                           uint64_t value, int op, int pe) {
   char* mapped = static_cast<char*>(nvshmem_ptr(dst, pe));
   if (!mapped) return false;
-  block_copy<4>(mapped, static_cast<const char*>(src), bytes, StreamingLoad{});
+  block_copy<4>(mapped, static_cast<const char*>(src), bytes);
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) nvshmemx_signal_op(signal, value, op, pe);
   __syncthreads();
   return true;
+}
+
+template <bool kCopy>
+__device__ __forceinline__ void put_signal_nbi_block(void* dst, const void* src, size_t bytes, uint64_t* signal,
+                                                     uint64_t value, int op, int pe) {
+  if constexpr (kCopy)
+    if (whatif_copy_put_block(dst, src, bytes, signal, value, op, pe)) return;
+  nvshmemx_putmem_signal_nbi_block(dst, src, bytes, signal, value, op, pe);
 }
 
 template <bool kCopy>

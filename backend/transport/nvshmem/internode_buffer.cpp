@@ -136,6 +136,7 @@ ix::IxParams InternodeBuffer::params() {
   p.error = error_device_;
   p.host = ctrl_device_;
   p.num_blocks = num_blocks_;
+  p.whatif_copy_puts = nvshmem::whatif_copy_puts();
   p.ticket = ++tickets_;
   return p;
 }
