@@ -245,10 +245,12 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   // host stay on this one).
   if (group.topology().multi_node() && ProcessGroupEP::internode_built()) return dispatch_cuda_internode(group, a);
   Phases phase;
-  phase.next("ep::dispatch/setup");
+  phase.next("ep::dispatch/setup/guard");
   const at::Device device = a.x.device();
   c10::cuda::CUDAGuard guard(device);
+  phase.next("ep::dispatch/setup/transport");
   std::shared_ptr<CudaTransport> transport = transport_for(group, device, op);
+  phase.next("ep::dispatch/setup");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const int64_t R = group.getSize(), rank = group.getRank();
   const int64_t N = a.x.size(0), H = a.x.size(1), E = a.num_experts;
@@ -433,10 +435,12 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
   const char* op = "combine";
   if (group.topology().multi_node() && ProcessGroupEP::internode_built()) return combine_cuda_internode(group, a);
   Phases phase;
-  phase.next("ep::combine/setup");
+  phase.next("ep::combine/setup/guard");
   const at::Device device = a.x.device();
   c10::cuda::CUDAGuard guard(device);
+  phase.next("ep::combine/setup/transport");
   std::shared_ptr<CudaTransport> transport = transport_for(group, device, op);
+  phase.next("ep::combine/setup");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const int64_t R = group.getSize(), rank = group.getRank();
   const int64_t N = a.num_tokens, H = a.x.size(1);
@@ -462,6 +466,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
               : a.x.scalar_type() == at::kHalf   ? kernels::DType::kFloat16
                                                   : kernels::DType::kFloat32;
     p.num_topk = int(K);
+    phase.next("ep::combine/setup/params");
     p.num_blocks = num_blocks(group, device, group.config().auto_sms_combine);
     p.copy = kernels::MoeCopy(group.config().moe_copy);
     // The records are the ready half under device records; else the kernel sends it.
