@@ -196,9 +196,22 @@ __device__ void cast_and_push_token(const DispatchSendParams& p, int t, int lane
   __syncwarp();  // every lane's part of the token is in before the puts read it
   char* mirror = g.half + g.layout.remote_tokens() + (int64_t(g.rank) * p.max_tokens + t) * token_bytes;
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
+  if (!p.remote_one_fence) {
+    for (unsigned long long left = owners; left; left &= left - 1)
+      put_signal_nbi_warp<kCopyPuts>(mirror, token, size_t(token_bytes), flag, 1, NVSHMEM_SIGNAL_ADD,
+                                     __ffsll(left) - 1);
+    return;
+  }
+  // One fence for the token's puts: each lane's share of every put is ordered before the
+  // signals, which lane 0 sends once the warp has fenced.
   for (unsigned long long left = owners; left; left &= left - 1)
-    put_signal_nbi_warp<kCopyPuts>(mirror, token, size_t(token_bytes), flag, 1, NVSHMEM_SIGNAL_ADD,
-                        __ffsll(left) - 1);
+    nvshmemx_putmem_nbi_warp(mirror, token, size_t(token_bytes), __ffsll(left) - 1);
+  nvshmem_fence();
+  __syncwarp();
+  if (lane == 0)
+    for (unsigned long long left = owners; left; left &= left - 1)
+      nvshmemx_signal_op(flag, 1, NVSHMEM_SIGNAL_ADD, __ffsll(left) - 1);
+  __syncwarp();
 }
 
 // Tokens per block in the grouped send across nodes: the tokens spread over every block, in

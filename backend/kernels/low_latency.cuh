@@ -96,6 +96,9 @@ struct DispatchSendParams {
   // casts a group of consecutive tokens ((token, chunk) a warp, as within a node), then its
   // warps share the group's puts, one per run of up to n consecutive tokens going to an owner.
   int remote_put_tokens;
+  // With remote_put_tokens 0: a token's puts to its owners go without signals, then one fence,
+  // then a signal to each (TORCH_EP_LL_REMOTE_PUTS=fenced), instead of a put with its signal each.
+  bool remote_one_fence;
 };
 cudaError_t launch_dispatch_send(const DispatchSendParams& params, cudaStream_t stream);
 

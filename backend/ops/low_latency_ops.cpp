@@ -262,18 +262,19 @@ TORCH_LIBRARY_IMPL(ep, CUDA, m) {
 
 namespace ep {
 
-int ll::parse_remote_puts(const char* value) {
+ll::RemotePuts ll::parse_remote_puts(const char* value) {
   const std::string mode = value ? value : "";
-  if (mode.empty() || mode == "token") return 0;
-  if (mode == "grouped") return 1;
-  if (mode == "batched") return 4;
+  if (mode.empty() || mode == "token") return {0, false};
+  if (mode == "fenced") return {0, true};
+  if (mode == "grouped") return {1, false};
+  if (mode == "batched") return {4, false};
   const std::string digits = mode.rfind("batched", 0) == 0 ? mode.substr(7) : "";
   const bool numeric =
       !digits.empty() && digits.size() <= 2 && digits.find_first_not_of("0123456789") == std::string::npos;
   const int n = numeric ? std::stoi(digits) : 0;
   TORCH_CHECK_VALUE(n >= 1 && n <= 64, "TORCH_EP_LL_REMOTE_PUTS='", mode,
-                    "': expected token, grouped, batched or batchedN with N in 1..64");
-  return n;
+                    "': expected token, fenced, grouped, batched or batchedN with N in 1..64");
+  return {n, false};
 }
 
 void register_low_latency(pybind11::module_& m) {
@@ -298,8 +299,9 @@ void register_low_latency(pybind11::module_& m) {
   m.def("_ll_combine_buffer", &ll::combine_buffer_cuda, py::arg("group_name"), py::arg("num_local_experts"),
         py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("device"));
   m.def("_ll_parse_remote_puts", [](std::optional<std::string> value) {
-    return ll::parse_remote_puts(value ? value->c_str() : nullptr);
-  }, py::arg("value"), "TORCH_EP_LL_REMOTE_PUTS's parse, for tests");
+    const ll::RemotePuts puts = ll::parse_remote_puts(value ? value->c_str() : nullptr);
+    return std::make_pair(puts.tokens, puts.one_fence);
+  }, py::arg("value"), "TORCH_EP_LL_REMOTE_PUTS's parse, for tests: (tokens per put, one fence per token)");
   m.def("_ll_check_errors", [](const std::string& group_name) { ll::check_errors(group_name, "low-latency ops"); });
 }
 

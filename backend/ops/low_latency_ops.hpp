@@ -28,11 +28,17 @@ extern const char* const kNoNvshmemMessage;
 bool built_with_nvshmem();
 
 // TORCH_EP_LL_REMOTE_PUTS's value (null: unset): how a dispatch across nodes puts its tokens
-// (DispatchSendParams::remote_put_tokens): "token" or unset 0 (a warp per token, a put per token
-// and owner), "grouped" 1 (a block per group of tokens, still a put per token and owner),
-// "batched" 4 or "batchedN" N in 1..64 (a put per run of up to N consecutive tokens); anything
-// else raises ValueError naming the variable.
-int parse_remote_puts(const char* value);
+// (DispatchSendParams::remote_put_tokens, remote_one_fence): "token" or unset {0, false} (a
+// warp per token, a put with its signal per token and owner), "fenced" {0, true} (the same puts
+// without signals, then one fence, then the signals: one fence per token, not per put),
+// "grouped" {1, false} (a block per group of tokens, still a put per token and owner), "batched"
+// {4, false} or "batchedN" {N, false}, N in 1..64 (a put per run of up to N consecutive tokens);
+// anything else raises ValueError naming the variable.
+struct RemotePuts {
+  int tokens = 0;
+  bool one_fence = false;
+};
+RemotePuts parse_remote_puts(const char* value);
 
 // Checks of every argument (dtype, shape, device, ranges) before anything runs; they raise
 // ValueError / TypeError naming the argument.

@@ -56,8 +56,8 @@ LowLatencyBuffer& buffer_for(const std::string& group_name, const at::Device& de
 
 // TORCH_EP_LL_REMOTE_PUTS, read once (parse_remote_puts, low_latency_ops.cpp). Ranks may
 // differ: a rank's puts and the count its last put signals are its own.
-int remote_put_tokens() {
-  static const int value = parse_remote_puts(std::getenv("TORCH_EP_LL_REMOTE_PUTS"));
+RemotePuts remote_puts() {
+  static const RemotePuts value = parse_remote_puts(std::getenv("TORCH_EP_LL_REMOTE_PUTS"));
   return value;
 }
 
@@ -104,7 +104,7 @@ void launch_combine_recv(LowLatencyBuffer& buffer, const Tensor& topk_idx, const
 DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t max_tokens, int64_t num_experts,
                               bool use_fp8, bool round_scale, bool send_only, const std::string& group_name) {
   const char* op = "low_latency_dispatch";
-  const int put_tokens = remote_put_tokens();  // a bad setting raises here, before this rank takes a buffer half
+  const RemotePuts puts = remote_puts();  // a bad setting raises here, before this rank takes a buffer half
   const at::Device device = x.device();
   c10::cuda::CUDAGuard guard(device);
   const LowLatencyBuffer* probe = find_low_latency_buffer(group_name);
@@ -137,7 +137,8 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   p.max_tokens = int(max_tokens);
   p.use_fp8 = use_fp8;
   p.round_scale = round_scale;
-  p.remote_put_tokens = put_tokens;
+  p.remote_put_tokens = puts.tokens;
+  p.remote_one_fence = puts.one_fence;
   C10_CUDA_CHECK(kernels::ll::launch_dispatch_send(p, stream));
   if (!send_only) launch_dispatch_recv(buffer, o, max_tokens, K, num_experts, stream);
   return o;
