@@ -73,19 +73,20 @@ def main():
                  "deep_ep dispatch cached"):
         torch.cuda.synchronize()
         dist.barrier()
+        calls = 30
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            for _ in range(30):
+            for _ in range(calls):
                 ops[name]()
-            host = (time.perf_counter() - start) / 30
+            host = (time.perf_counter() - start) / calls
         torch.cuda.synchronize()  # outside the profile: the queue's drain is no call's host time
-        phases = {e.key: e.cpu_time_total / 30 for e in prof.key_averages()
+        phases = {e.key: e.cpu_time_total / calls for e in prof.key_averages()
                   if e.key.startswith(("ep::", "aten::", "cuda"))}
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])[:12])
         lines.append(f"rank {rank} HOST {name}: {host * 1e6:.1f} us/call on the host | {top}")
         # Where the op's own time goes outside its named phases: each range's self time (driver
         # calls, "cu*", included), the largest first.
-        selves = sorted(((e.key, e.self_cpu_time_total / 30) for e in prof.key_averages()), key=lambda kv: -kv[1])
+        selves = sorted(((e.key, e.self_cpu_time_total / calls) for e in prof.key_averages()), key=lambda kv: -kv[1])
         lines.append(f"rank {rank} SELF {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in selves[:10]))
     # The same protocol on CPU tensors (host exchange + shared-memory rows), tiny payload.
     xc, idxc = torch.randn(64, 8), idx[:64].cpu()

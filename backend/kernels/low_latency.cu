@@ -202,15 +202,18 @@ __device__ void cast_and_push_token(const DispatchSendParams& p, int t, int lane
                                      __ffsll(left) - 1);
     return;
   }
-  // One fence for the token's puts: each lane's share of every put is ordered before the
-  // signals, which lane 0 sends once the warp has fenced.
+  // One fence for the token's puts, by lane 0 once the warp's lanes have done their shares (the
+  // pattern of NVSHMEM's own P2P put with signal), then its signals. For P2P only: on IBGDA a
+  // fence waits on every queue pair, where a put with its signal needs none. The what-if's
+  // copies (kCopyPuts) do not apply here.
   for (unsigned long long left = owners; left; left &= left - 1)
     nvshmemx_putmem_nbi_warp(mirror, token, size_t(token_bytes), __ffsll(left) - 1);
-  nvshmem_fence();
   __syncwarp();
-  if (lane == 0)
+  if (lane == 0) {
+    nvshmem_fence();
     for (unsigned long long left = owners; left; left &= left - 1)
       nvshmemx_signal_op(flag, 1, NVSHMEM_SIGNAL_ADD, __ffsll(left) - 1);
+  }
   __syncwarp();
 }
 

@@ -19,6 +19,8 @@
 #include "backend/kernels/copy.cuh"
 
 namespace ep::kernels {
+// Internal linkage throughout: each -rdc translation unit that includes this keeps its own copy.
+namespace {
 
 // `words` 16-byte words from s to d by the warp, kUnroll loads a lane in flight.
 template <int kUnroll = 8>
@@ -42,7 +44,7 @@ __device__ __forceinline__ void warp_copy_words(int4* d, const int4* s, uint64_t
 // The what-if's put: false where NVSHMEM does not map `dst` on `pe` or an end is not 16-byte
 // aligned (the caller puts as usual). Not inlined, so that the kernels' registers stay what they
 // are without the switch.
-static __device__ __noinline__ bool whatif_copy_put(void* dst, const void* src, size_t bytes, uint64_t* signal,
+__device__ __noinline__ bool whatif_copy_put(void* dst, const void* src, size_t bytes, uint64_t* signal,
                                              uint64_t value, int op, int pe) {
   char* mapped = static_cast<char*>(nvshmem_ptr(dst, pe));
   if (!mapped || ((reinterpret_cast<uintptr_t>(mapped) | reinterpret_cast<uintptr_t>(src)) & 15) != 0) return false;
@@ -68,7 +70,7 @@ __device__ __forceinline__ void put_signal_nbi_warp(void* dst, const void* src, 
 
 // nvshmemx_putmem_signal_block (blocking), or under the what-if the block's own copy where NVSHMEM
 // maps `dst` on `pe` (false where it does not). Every thread of the block calls it.
-static __device__ __noinline__ bool whatif_copy_put_block(void* dst, const void* src, size_t bytes, uint64_t* signal,
+__device__ __noinline__ bool whatif_copy_put_block(void* dst, const void* src, size_t bytes, uint64_t* signal,
                                                           uint64_t value, int op, int pe) {
   char* mapped = static_cast<char*>(nvshmem_ptr(dst, pe));
   if (!mapped) return false;
@@ -96,4 +98,5 @@ __device__ __forceinline__ void put_signal_block(void* dst, const void* src, siz
   nvshmemx_putmem_signal_block(dst, src, bytes, signal, value, op, pe);
 }
 
+}  // namespace
 }  // namespace ep::kernels
