@@ -200,9 +200,9 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
           }
       }
       __syncthreads();
-      put_signal_nbi_block<kCopyPuts>(row(p, l.rail_recv(), p.node * C + first), block_row(p, l.rail_send(), m, first),
-                                      size_t(rows * p.row_stride), chunk_flag(p, p.node, k), seq, NVSHMEM_SIGNAL_SET,
-                                      rank_of(p, m, p.local));
+      put_signal_block<kCopyPuts, false>(row(p, l.rail_recv(), p.node * C + first),
+                                         block_row(p, l.rail_send(), m, first), size_t(rows * p.row_stride),
+                                         chunk_flag(p, p.node, k), seq, NVSHMEM_SIGNAL_SET, rank_of(p, m, p.local));
     }
   }
   __syncthreads();

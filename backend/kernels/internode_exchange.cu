@@ -85,8 +85,8 @@ __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid
         src = at.stage(peer.pe, slot);
       }
       // The blocking kind: the stage (or input) may be reused once it returns.
-      put_signal_block<kCopyPuts>(at.slot(p.rank, slot), src, n, at.full(p.rank, slot), i / S + 1,
-                       NVSHMEM_SIGNAL_SET, peer.pe);
+      put_signal_block<kCopyPuts, true>(at.slot(p.rank, slot), src, n, at.full(p.rank, slot), i / S + 1,
+                                        NVSHMEM_SIGNAL_SET, peer.pe);
     }
   } else {
     const uint64_t chunks = (peer.recv_bytes + C - 1) / C;

@@ -17,29 +17,11 @@
 #include <cstdint>
 
 #include "backend/kernels/copy.cuh"
+#include "backend/kernels/low_latency_device.cuh"  // ll::warp_copy_l2
 
 namespace ep::kernels {
 // Internal linkage throughout: each -rdc translation unit that includes this keeps its own copy.
 namespace {
-
-// `words` 16-byte words from s to d by the warp, kUnroll loads a lane in flight.
-template <int kUnroll = 8>
-__device__ __forceinline__ void warp_copy_words(int4* d, const int4* s, uint64_t words, int lane) {
-  uint64_t i = lane;
-  for (; i + uint64_t(kUnroll - 1) * 32 < words; i += uint64_t(kUnroll) * 32) {
-    int4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = s[i + u * 32];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) d[i + u * 32] = v[u];
-  }
-  int4 v[kUnroll];
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) v[u] = i + u * 32 < words ? s[i + u * 32] : int4{};
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u)
-    if (i + u * 32 < words) d[i + u * 32] = v[u];
-}
 
 // The what-if's put: false where NVSHMEM does not map `dst` on `pe` or an end is not 16-byte
 // aligned (the caller puts as usual). Not inlined, so that the kernels' registers stay what they
@@ -49,7 +31,7 @@ __device__ __noinline__ bool whatif_copy_put(void* dst, const void* src, size_t 
   char* mapped = static_cast<char*>(nvshmem_ptr(dst, pe));
   if (!mapped || ((reinterpret_cast<uintptr_t>(mapped) | reinterpret_cast<uintptr_t>(src)) & 15) != 0) return false;
   const int lane = threadIdx.x & 31;
-  warp_copy_words(reinterpret_cast<int4*>(mapped), static_cast<const int4*>(src), bytes / 16, lane);
+  ll::warp_copy_l2(reinterpret_cast<uint4*>(mapped), static_cast<const uint4*>(src), int64_t(bytes / 16), lane);
   for (size_t i = bytes / 16 * 16 + lane; i < bytes; i += 32) mapped[i] = static_cast<const char*>(src)[i];
   __threadfence_system();  // every lane's stores, before the signal that says they landed
   __syncwarp();
@@ -68,10 +50,10 @@ __device__ __forceinline__ void put_signal_nbi_warp(void* dst, const void* src, 
   nvshmemx_putmem_signal_nbi_warp(dst, src, bytes, signal, value, op, pe);
 }
 
-// nvshmemx_putmem_signal_block (blocking), or under the what-if the block's own copy where NVSHMEM
-// maps `dst` on `pe` (false where it does not). Every thread of the block calls it.
+// The block's what-if put: false where NVSHMEM does not map `dst` on `pe` (the caller puts as
+// usual). Every thread of the block calls it.
 __device__ __noinline__ bool whatif_copy_put_block(void* dst, const void* src, size_t bytes, uint64_t* signal,
-                                                          uint64_t value, int op, int pe) {
+                                                   uint64_t value, int op, int pe) {
   char* mapped = static_cast<char*>(nvshmem_ptr(dst, pe));
   if (!mapped) return false;
   block_copy<4>(mapped, static_cast<const char*>(src), bytes);
@@ -82,20 +64,17 @@ __device__ __noinline__ bool whatif_copy_put_block(void* dst, const void* src, s
   return true;
 }
 
-template <bool kCopy>
-__device__ __forceinline__ void put_signal_nbi_block(void* dst, const void* src, size_t bytes, uint64_t* signal,
-                                                     uint64_t value, int op, int pe) {
-  if constexpr (kCopy)
-    if (whatif_copy_put_block(dst, src, bytes, signal, value, op, pe)) return;
-  nvshmemx_putmem_signal_nbi_block(dst, src, bytes, signal, value, op, pe);
-}
-
-template <bool kCopy>
+// nvshmemx_putmem_signal_block (kBlocking) or its nbi kind, or in the what-if's kernel instances
+// (kCopy) the block's own copy where it applies (complete on return, as either kind allows).
+template <bool kCopy, bool kBlocking>
 __device__ __forceinline__ void put_signal_block(void* dst, const void* src, size_t bytes, uint64_t* signal,
                                                  uint64_t value, int op, int pe) {
   if constexpr (kCopy)
     if (whatif_copy_put_block(dst, src, bytes, signal, value, op, pe)) return;
-  nvshmemx_putmem_signal_block(dst, src, bytes, signal, value, op, pe);
+  if constexpr (kBlocking)
+    nvshmemx_putmem_signal_block(dst, src, bytes, signal, value, op, pe);
+  else
+    nvshmemx_putmem_signal_nbi_block(dst, src, bytes, signal, value, op, pe);
 }
 
 }  // namespace
