@@ -89,6 +89,16 @@ def test_remote_puts_setting():
             parse(bad)
 
 
+def test_whatif_switch():
+    """TORCH_EP_WHATIF_COPY_PUTS (the measurements' what-if) is on only at 1; a value other than 0
+    or 1 raises a ValueError naming the variable, not a silent off."""
+    name = "TORCH_EP_WHATIF_COPY_PUTS"
+    assert [_C._env_switch(name, v) for v in (None, "", "0", "1")] == [False, False, False, True]
+    for bad in ("2", "yes", "true", " 1", "on"):
+        with pytest.raises(ValueError, match=r"TORCH_EP_WHATIF_COPY_PUTS='.*': expected 0 or 1"):
+            _C._env_switch(name, bad)
+
+
 def test_dispatch_argument_checks():
     x = torch.zeros(4, 256, dtype=torch.bfloat16)
     idx = torch.zeros(4, 2, dtype=torch.int64)

@@ -10,6 +10,7 @@
 #include <pybind11/chrono.h>
 #include <pybind11/stl.h>
 
+#include "backend/common/env_switch.hpp"
 #include "backend/kernels/low_latency_layout.hpp"
 #include "backend/ops/register_low_latency.hpp"
 
@@ -302,6 +303,9 @@ void register_low_latency(pybind11::module_& m) {
     const ll::RemotePuts puts = ll::parse_remote_puts(value ? value->c_str() : nullptr);
     return std::make_pair(puts.tokens, puts.one_fence);
   }, py::arg("value"), "TORCH_EP_LL_REMOTE_PUTS's parse, for tests: (tokens per put, one fence per token)");
+  m.def("_env_switch", [](const std::string& name, std::optional<std::string> value) {
+    return env_switch(name.c_str(), value ? value->c_str() : nullptr);
+  }, py::arg("name"), py::arg("value"), "an on/off environment switch's parse (TORCH_EP_WHATIF_COPY_PUTS), for tests");
   m.def("_ll_check_errors", [](const std::string& group_name) { ll::check_errors(group_name, "low-latency ops"); });
 }
 

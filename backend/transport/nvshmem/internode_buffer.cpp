@@ -19,6 +19,7 @@ namespace ix = kernels::ix;
 InternodeBuffer::InternodeBuffer(const Topology& topology, int device, std::chrono::milliseconds timeout,
                                  int64_t capacity, int64_t min_row_bytes, int64_t combine_rows)
     : topology_(topology), device_(device), timeout_(timeout) {
+  nvshmem::whatif_copy_puts();  // a bad TORCH_EP_WHATIF_COPY_PUTS raises at set-up, not in a call
   if (topology.size > ix::kMaxRanks || topology.ranks_per_node > ix::kMaxLocal)
     throw CommError("torch_ep: dispatch/combine across nodes on the device support up to " +
                     std::to_string(ix::kMaxRanks) + " ranks of up to " + std::to_string(ix::kMaxLocal) +

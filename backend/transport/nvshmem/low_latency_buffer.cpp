@@ -14,6 +14,7 @@ using kernels::ll::LowLatencyLayout;
 
 LowLatencyBuffer::LowLatencyBuffer(int rank, int size, int device, std::chrono::milliseconds timeout, int num_sms)
     : rank_(rank), size_(size), device_(device), timeout_(timeout) {
+  nvshmem::whatif_copy_puts();  // a bad TORCH_EP_WHATIF_COPY_PUTS raises at set-up, not in a call
   if (size > kernels::ll::kMaxRanks)
     throw CommError("torch_ep: low-latency ops support groups of up to " + std::to_string(kernels::ll::kMaxRanks) +
                     " ranks, this one has " + std::to_string(size));

@@ -29,6 +29,7 @@ NvshmemExchange::NvshmemExchange(int rank, int size, const NvshmemExchangeConfig
       device_(config.device),
       chunks_sent_(size, 0),
       chunks_received_(size, 0) {
+  nvshmem::whatif_copy_puts();  // a bad TORCH_EP_WHATIF_COPY_PUTS raises at set-up, not in a call
   EP_CUDA_CHECK(cudaSetDevice(config.device));
   const size_t data = 2 * size_t(size) * num_slots_ * chunk_bytes_;  // receive slots, then send slots
   const size_t signals = 2 * size_t(size) * num_slots_ * sizeof(uint64_t);

@@ -3,12 +3,12 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
 #include <string>
 
+#include "backend/common/env_switch.hpp"
 #include "backend/common/errors.hpp"
 
 namespace ep::nvshmem {
@@ -118,10 +118,7 @@ void free_symmetric(void* ptr) {
 void* peer_ptr(void* ptr, int pe) { return nvshmem_ptr(ptr, pe); }
 
 bool whatif_copy_puts() {
-  static const bool on = [] {
-    const char* env = std::getenv("TORCH_EP_WHATIF_COPY_PUTS");
-    return env && std::string(env) == "1";
-  }();
+  static const bool on = env_switch("TORCH_EP_WHATIF_COPY_PUTS");
   return on;
 }
 

@@ -34,7 +34,8 @@ void free_symmetric(void* ptr);
 // This PE's address of `pe`'s copy of the symmetric `ptr`, or null where it cannot be mapped.
 void* peer_ptr(void* ptr, int pe);
 
-// TORCH_EP_WHATIF_COPY_PUTS=1 (read once): the what-if of backend/kernels/whatif_puts.cuh, for
+// TORCH_EP_WHATIF_COPY_PUTS=1 (read once; 0 or unset: off; else ValueError, raised by the first
+// read, which the buffers' set-up makes): the what-if of backend/kernels/whatif_puts.cuh, for
 // measurements on one machine; puts to ranks NVSHMEM maps here move by the kernels' own copies.
 bool whatif_copy_puts();
 
