@@ -553,7 +553,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layer-experts", type=int, default=8)
     parser.add_argument("--layer-top-k", type=int, default=2)
     parser.add_argument("--sm-sweep", default=None, metavar="S,S,...",
-                        help="instead of the table: time dispatch and combine bf16 at each SM budget (Options.num_sms), "
+                        help="instead of the table: time dispatch bf16 and fp8 (layout in the call and given) and combine "
+                             "bf16 at each SM budget (Options.num_sms), "
                              "e.g. 1,2,4,8,16,24,32; writes moe_sm_sweep.{json,png} with the torch_ep/data/sm_table.json "
                              "entry (benchmarks/moe_sm_sweep.py)")
     parser.add_argument("--copy", default=None, metavar="C,C,...",

@@ -3,15 +3,18 @@
     torchrun --nproc-per-node 2 benchmarks/moe.py --sm-sweep 1,2,4,8,16,24,32 --copy warp,bulk --out /tmp/sweep
 
 For each budget S and copy variant C (--copy, default warp), an "ep" group over every rank with
-torch_ep.Options(num_sms=S, moe_copy=C) runs dispatch bf16, dispatch fp8 and combine bf16
-(moe.py's ops and bandwidth, on the first --tokens), checked against torch_ep.reference, then
+torch_ep.Options(num_sms=S, moe_copy=C) runs dispatch bf16 and fp8, each with its layout computed
+in the call and with the layout given (DeepEP's convention, and the one issue 18's targets and
+DeepEP's tuned figures use), and combine bf16 (moe.py's ops and bandwidth, on the first
+--tokens), checked against torch_ep.reference, then
 timed by moe.py's two methods: stream (--stream-calls back to back) and isolated (--runs, one
 call each after an L2 flush and a barrier). Rank 0 prints the table, then stream GB/s with a row
 per budget and a column per op and variant, and writes to --out:
   moe_sm_sweep.json  the bandwidths, and `sm_table_entries`: per variant the entry for
                      torch_ep/data/sm_table.json (per op the fewest SMs whose stream bandwidth
-                     reaches 95% of that variant's best; add it to the table's "entries" by hand,
-                     see torch_ep/sm_table.py); `sm_table_entry` is the first variant's
+                     reaches 95% of that variant's best, dispatch from its layout-given rows: the
+                     kernel's own curve; add it to the table's "entries" by hand, see
+                     torch_ep/sm_table.py); `sm_table_entry` is the first variant's
   moe_sm_sweep.png   GB/s per rank against SMs: a subplot per op, a colour per variant, stream
                      solid and isolated dashed; DeepEP's tuned figure dotted where DEEPEP_TUNED
                      has the sweep's setting
@@ -38,16 +41,24 @@ from torch_ep.options import MOE_COPIES
 from benchmarks import common
 from benchmarks.moe import FP8_BLOCK, Measurement, check_against_reference, make_inputs, reference_results
 
-SWEPT = {"dispatch": "dispatch bf16", "combine": "combine bf16"}  # table op -> moe.py op
-OPS = ("dispatch bf16", "dispatch fp8", "combine bf16")  # timed at each budget
+# Table op -> moe.py op. Dispatch's budget comes from its layout-given rows: a layout computed in
+# the call adds a kernel and a host wait for the sizes that no SM budget shortens, which flattens
+# the curve and makes few SMs look enough.
+SWEPT = {"dispatch": "dispatch bf16, layout given", "combine": "combine bf16"}
+LAYOUT_GIVEN = ", layout given"
+OPS = ("dispatch bf16", "dispatch fp8", "dispatch bf16" + LAYOUT_GIVEN, "dispatch fp8" + LAYOUT_GIVEN,
+       "combine bf16")  # timed at each budget
 
 # DeepEP v1 (commit 567632d, built from source on the GPU machine), its own intranode test tuned over
 # SMs and chunk sizes (best at 24 SMs), with the ranks sharing the GPU under MPS as the sweep's do:
-# GB/s per rank, drawn as reference lines on a sweep of the same setting.
+# GB/s per rank, drawn as reference lines on a sweep of the same setting. Its test passes the layout
+# computed before the timed dispatch: the reference of the layout-given rows.
 # (device, ranks, ranks per GPU, tokens, hidden, top_k, experts) -> {op: GB/s}
 DEEPEP_TUNED = {
-    ("NVIDIA H200", 2, 2, 4096, 7168, 8, 256): {"dispatch bf16": 310.0, "dispatch fp8": 228.0, "combine bf16": 248.0},
-    ("NVIDIA H100 80GB HBM3", 2, 2, 4096, 7168, 8, 256): {"dispatch bf16": 284.0, "dispatch fp8": 223.0,
+    ("NVIDIA H200", 2, 2, 4096, 7168, 8, 256): {"dispatch bf16" + LAYOUT_GIVEN: 310.0,
+                                                "dispatch fp8" + LAYOUT_GIVEN: 228.0, "combine bf16": 248.0},
+    ("NVIDIA H100 80GB HBM3", 2, 2, 4096, 7168, 8, 256): {"dispatch bf16" + LAYOUT_GIVEN: 284.0,
+                                                          "dispatch fp8" + LAYOUT_GIVEN: 223.0,
                                                           "combine bf16": 233.0},
 }
 
@@ -78,11 +89,17 @@ def measure_budget(sms: int, copy: str, inputs, expected, tokens: int, args, dev
     group = dist.new_group(backend=torch_ep.BACKEND_NAME, pg_options=torch_ep.Options(num_sms=sms, moe_copy=copy))
     x, idx, weights, E = inputs.x, inputs.topk_idx, inputs.topk_weights, args.experts
     first = torch_ep.dispatch(x, idx, weights, num_experts=E, group=group)
+    layout = torch_ep.get_dispatch_layout(idx, E, group=group)
     ops = {
         "dispatch bf16": lambda: torch_ep.dispatch(x, idx, weights, num_experts=E, group=group),
         "dispatch fp8": lambda: torch_ep.dispatch(inputs.x_fp8, idx, weights, num_experts=E, group=group),
+        "dispatch bf16" + LAYOUT_GIVEN: lambda: torch_ep.dispatch(x, idx, weights, num_experts=E, layout=layout,
+                                                                  group=group),
+        "dispatch fp8" + LAYOUT_GIVEN: lambda: torch_ep.dispatch(inputs.x_fp8, idx, weights, num_experts=E,
+                                                                 layout=layout, group=group),
         "combine bf16": lambda: torch_ep.combine(first.recv_x, first.handle, group=group),
     }
+    assert tuple(ops) == OPS
     check_against_reference(ops, inputs, E, sync_group, expected)
     rows = first.recv_x.shape[0]  # combine: the bytes of the dispatch it reverses
     op_bytes = {op: rows * (args.hidden + 4 * -(-args.hidden // FP8_BLOCK) if "fp8" in op else args.hidden * 2)
@@ -213,7 +230,7 @@ def plot_sweep(data: dict, path: str) -> bool:
     colours = dict(zip(copies, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
     reference = deepep_reference(meta) or {}
     budgets = sorted({r["sms"] for r in results})
-    fig, axes = plt.subplots(1, len(OPS), figsize=(15, 5), sharey=True)
+    fig, axes = plt.subplots(1, len(OPS), figsize=(3.6 * len(OPS), 5), sharey=True)
     for ax, op in zip(axes, OPS):
         for copy in copies:
             for method, style in methods.items():

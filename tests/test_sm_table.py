@@ -101,6 +101,36 @@ def test_moe_benchmark_has_the_sweep_flag():
     assert bad.returncode == 2 and "expected SM counts >= 1" in bad.stderr
 
 
+def test_sm_sweep_runs_on_cpu(tmp_path):
+    """The sweep end to end on CPU ranks, tiny shapes: every op (dispatch with the layout in the
+    call and given, combine) for every budget, copy variant and method, each checked against
+    torch_ep.reference before it is timed, and the table entry's dispatch curve taken from the
+    layout-given rows (issue 18's targets and DeepEP's tuned figures pass the layout)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.moe_sm_sweep import OPS, SWEPT
+    finally:
+        sys.path.remove(str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "benchmarks" / "moe.py"), "--sm-sweep", "1,2", "--copy", "warp,unroll", "--device", "cpu",
+           "--tokens", "48", "--hidden", "256", "--experts", "8", "--top-k", "2", "--runs", "2", "--warmup", "1",
+           "--stream-calls", "2", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads((tmp_path / "moe_sm_sweep.json").read_text())
+    found = {(r["sms"], r["copy"], r["op"], r["method"]) for r in data["results"]}
+    assert found == {(s, c, op, m) for s in (1, 2) for c in ("warp", "unroll") for op in OPS
+                     for m in ("isolated", "stream")}
+    assert SWEPT["dispatch"] == "dispatch bf16, layout given"
+    for e in data["sm_table_entries"]:
+        stream = {(r["sms"], r["op"]): r["GBps"] for r in data["results"]
+                  if r["copy"] == e["copy"] and r["method"] == "stream"}
+        for table_op, op in SWEPT.items():
+            assert e["measured"]["GBps"][table_op] == {str(s): stream[(s, op)] for s in (1, 2)}
+
+
 def test_parse_budgets():
     sys.path.insert(0, str(ROOT))
     try:
