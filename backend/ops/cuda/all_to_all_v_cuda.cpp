@@ -15,6 +15,7 @@
 
 #include "backend/common/errors.hpp"
 #include "backend/kernels/all_to_all_v.cuh"
+#include "backend/ops/cuda/cuda_outputs.hpp"
 #include "backend/ops/all_to_all_v.hpp"
 #include "backend/process_group/config.hpp"
 #include "backend/process_group/process_group_ep.hpp"
@@ -365,9 +366,9 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     }
     const Tensor in = input.contiguous();
     const Tensor splits = input_splits.contiguous();
-    const Tensor output_splits = at::empty({R}, splits.options());
-    const Tensor output_offsets = at::empty({R}, splits.options());
-    const Tensor plan = at::empty({4 * R}, splits.options());
+    const Tensor output_splits = empty_output({R}, splits.options());
+    const Tensor output_offsets = empty_output({R}, splits.options());
+    const Tensor plan = empty_output({4 * R}, splits.options());
 
     kernels::AllToAllVParams p{};
     state.fill(p);
@@ -410,7 +411,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       const int64_t* n = sizes.data_ptr<int64_t>();
       std::vector<int64_t> shape = in.sizes().vec();
       shape[0] = std::accumulate(n, n + R, int64_t(0));
-      output = staging = *allocated = at::empty(shape, in.options());
+      output = staging = *allocated = empty_output(shape, in.options());
     }
     p.output = static_cast<char*>(staging.data_ptr());
     if (!one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));

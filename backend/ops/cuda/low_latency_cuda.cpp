@@ -13,6 +13,7 @@
 
 #include "backend/common/errors.hpp"
 #include "backend/kernels/low_latency.cuh"
+#include "backend/ops/cuda/cuda_outputs.hpp"
 #include "backend/ops/low_latency_ops.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
@@ -115,13 +116,13 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   const int64_t rows = R * max_tokens;
   const auto opts = x.options();
   DispatchOutputs o;
-  o.recv_x = at::empty({E_local, rows, H}, opts.dtype(use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16));
-  o.recv_scales = use_fp8 ? at::empty({E_local, rows, H / kernels::ll::kChannelsPerScale}, opts.dtype(at::kFloat))
-                          : at::empty({0}, opts.dtype(at::kFloat));
-  o.recv_count = at::empty({E_local}, opts.dtype(at::kInt));
-  o.recv_src_info = at::empty({E_local, rows}, opts.dtype(at::kInt));
-  o.recv_layout = at::empty({E_local, R}, opts.dtype(at::kInt));
-  o.send_slot = at::empty({N, K}, opts.dtype(at::kInt));
+  o.recv_x = empty_output({E_local, rows, H}, opts.dtype(use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16));
+  o.recv_scales = use_fp8 ? empty_output({E_local, rows, H / kernels::ll::kChannelsPerScale}, opts.dtype(at::kFloat))
+                          : empty_output({0}, opts.dtype(at::kFloat));
+  o.recv_count = empty_output({E_local}, opts.dtype(at::kInt));
+  o.recv_src_info = empty_output({E_local, rows}, opts.dtype(at::kInt));
+  o.recv_layout = empty_output({E_local, R}, opts.dtype(at::kInt));
+  o.send_slot = empty_output({N, K}, opts.dtype(at::kInt));
   o.half = buffer.next_half(LowLatencyBuffer::kDispatch);
 
   const cudaStream_t stream = current_stream(device);

@@ -27,6 +27,7 @@
 #include "backend/common/errors.hpp"
 #include "backend/common/phases.hpp"
 #include "backend/kernels/moe.cuh"
+#include "backend/ops/cuda/cuda_outputs.hpp"
 #include "backend/ops/cuda/moe_push.hpp"
 #include "backend/ops/moe_internode.hpp"
 #include "backend/ops/moe_ops.hpp"
@@ -183,7 +184,7 @@ Tensor layout_cuda(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
   const int64_t N = topk_idx.size(0);
   const MetaLayout l{num_ranks, num_experts, N};
   const at::TensorOptions ints = topk_idx.options().dtype(at::kInt);
-  Tensor meta = at::empty({l.size()}, ints);
+  Tensor meta = empty_output({l.size()}, ints);
   kernels::LayoutParams p{};
   p.topk_idx = topk_idx.data_ptr<int64_t>();
   p.num_tokens = N;
@@ -192,13 +193,13 @@ Tensor layout_cuda(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
   p.num_experts = num_experts;
   p.meta = meta.data_ptr<int32_t>();
   if (extras && extras->want_counts) {
-    extras->num_tokens_per_rank = at::empty({num_ranks}, ints);
-    extras->num_tokens_per_expert = at::empty({num_experts}, ints);
+    extras->num_tokens_per_rank = empty_output({num_ranks}, ints);
+    extras->num_tokens_per_expert = empty_output({num_experts}, ints);
     p.tokens_per_rank = extras->num_tokens_per_rank.data_ptr<int32_t>();
     p.pairs_per_expert = extras->num_tokens_per_expert.data_ptr<int32_t>();
   }
   if (extras && extras->want_is_token_in_rank) {
-    extras->is_token_in_rank = at::empty({N, num_ranks}, topk_idx.options().dtype(at::kBool));
+    extras->is_token_in_rank = empty_output({N, num_ranks}, topk_idx.options().dtype(at::kBool));
     p.is_token_in_rank = extras->is_token_in_rank.data_ptr<bool>();
   }
   if (extras && extras->want_host_header) {
@@ -376,18 +377,18 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       phase.next("ep::dispatch/track");
       transport->track(op, stream);
       raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
-      o.meta = given ? at::empty({0}, meta.options()) : meta;
+      o.meta = given ? empty_output({0}, meta.options()) : meta;
       o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
       return o;
     }
 
-    o.recv_x = at::empty({capacity, H}, a.x.options());
-    o.recv_x_scales = a.x_scales ? at::empty({capacity, a.x_scales->size(1)}, a.x_scales->options())
-                                 : at::empty({0}, a.x.options().dtype(at::kFloat));
-    o.recv_topk_idx = cached ? at::empty({0}, a.x.options().dtype(at::kLong))
-                             : at::empty({capacity, K}, a.x.options().dtype(at::kLong));
-    o.recv_topk_weights = a.topk_weights ? at::empty({capacity, K}, a.x.options().dtype(at::kFloat))
-                                         : at::empty({0}, a.x.options().dtype(at::kFloat));
+    o.recv_x = empty_output({capacity, H}, a.x.options());
+    o.recv_x_scales = a.x_scales ? empty_output({capacity, a.x_scales->size(1)}, a.x_scales->options())
+                                 : empty_output({0}, a.x.options().dtype(at::kFloat));
+    o.recv_topk_idx = cached ? empty_output({0}, a.x.options().dtype(at::kLong))
+                             : empty_output({capacity, K}, a.x.options().dtype(at::kLong));
+    o.recv_topk_weights = a.topk_weights ? empty_output({capacity, K}, a.x.options().dtype(at::kFloat))
+                                         : empty_output({0}, a.x.options().dtype(at::kFloat));
 
     kernels::DispatchParams p{};
     p.num_ranks = int(R);
@@ -423,7 +424,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     transport->track(op, stream);
     raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
 
-    o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
+    o.meta = given ? empty_output({0}, meta.options()) : meta;  // the caller keeps the table it gave
     o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
     return o;
   } catch (const CommError& e) {  // timeouts included
@@ -476,9 +477,9 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     // goes out (peers already waiting for it time out, as for any rank that stops mid-call).
     phase.next("ep::combine/outputs");
     CombineOutputs o;
-    o.combined_x = at::empty({N, H}, a.x.options());
-    o.combined_topk_weights = a.topk_weights ? at::empty({N, K}, a.x.options().dtype(at::kFloat))
-                                             : at::empty({0}, a.x.options().dtype(at::kFloat));
+    o.combined_x = empty_output({N, H}, a.x.options());
+    o.combined_topk_weights = a.topk_weights ? empty_output({N, K}, a.x.options().dtype(at::kFloat))
+                                             : empty_output({0}, a.x.options().dtype(at::kFloat));
     p.out = static_cast<char*>(o.combined_x.data_ptr());
     p.out_weights = a.topk_weights ? o.combined_topk_weights.data_ptr<float>() : nullptr;
 

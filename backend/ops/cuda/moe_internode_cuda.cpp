@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "backend/kernels/moe_meta.hpp"
+#include "backend/ops/cuda/cuda_outputs.hpp"
 #include "backend/ops/cuda/moe_push.hpp"
 #include "backend/ops/moe_internode.hpp"
 #include "backend/process_group/process_group_ep.hpp"
@@ -32,7 +33,7 @@ class CudaHops : public InternodeHops {
   Tensor rail(const Tensor& rows, const std::vector<int64_t>& send, const std::vector<int64_t>& recv,
               const char* op) override {
     const int64_t row_bytes = rows.size(1);
-    Tensor out = at::empty({total(recv), row_bytes}, rows.options());
+    Tensor out = empty_output({total(recv), row_bytes}, rows.options());
     std::vector<SendBuffer> sends(topo_.size, SendBuffer{nullptr, 0});
     std::vector<RecvBuffer> recvs(topo_.size, RecvBuffer{nullptr, 0});
     std::vector<int> peers;
@@ -56,7 +57,7 @@ class CudaHops : public InternodeHops {
   Tensor node(const Tensor& rows, const std::vector<int64_t>& send, const std::vector<int64_t>& recv,
               const char* op) override {
     const int64_t row_bytes = rows.size(1);
-    Tensor out = at::empty({total(recv), row_bytes}, rows.options());
+    Tensor out = empty_output({total(recv), row_bytes}, rows.options());
     std::vector<SendBuffer> sends;
     std::vector<RecvBuffer> recvs;
     const char* in = rows.numel() ? static_cast<const char*>(rows.data_ptr()) : nullptr;

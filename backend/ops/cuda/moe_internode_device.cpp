@@ -16,6 +16,7 @@
 #include <algorithm>
 
 #include "backend/kernels/internode_device.cuh"
+#include "backend/ops/cuda/cuda_outputs.hpp"
 #include "backend/ops/moe_protocol.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
@@ -139,7 +140,7 @@ ix::IxParams call_params(ProcessGroupEP& group, InternodeBuffer& b, int32_t op, 
   if (group.config().num_sms > 0) p.num_blocks = group.config().num_sms;  // the SM budget
   p.node_p2p = group.config().internode_node_p2p;
   const int64_t NN = p.layout.num_nodes;
-  scratch = at::empty({NN + 2 * NN * std::max<int64_t>(N, 1)}, meta.options());
+  scratch = empty_output({NN + 2 * NN * std::max<int64_t>(N, 1)}, meta.options());
   p.op = op;
   p.meta = meta.data_ptr<int32_t>();
   p.num_tokens = N;
@@ -260,10 +261,10 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
 
   DispatchOutputs o;
   const at::TensorOptions opts = a.x.options();
-  o.recv_x = at::empty({M, H}, opts);
-  o.recv_x_scales = S ? at::empty({M, S}, opts.dtype(at::kFloat)) : at::empty({0}, opts.dtype(at::kFloat));
-  o.recv_topk_idx = cached ? at::empty({0}, opts.dtype(at::kLong)) : at::empty({M, K}, opts.dtype(at::kLong));
-  o.recv_topk_weights = with_weights ? at::empty({M, K}, opts.dtype(at::kFloat)) : at::empty({0}, opts.dtype(at::kFloat));
+  o.recv_x = empty_output({M, H}, opts);
+  o.recv_x_scales = S ? empty_output({M, S}, opts.dtype(at::kFloat)) : empty_output({0}, opts.dtype(at::kFloat));
+  o.recv_topk_idx = cached ? empty_output({0}, opts.dtype(at::kLong)) : empty_output({M, K}, opts.dtype(at::kLong));
+  o.recv_topk_weights = with_weights ? empty_output({M, K}, opts.dtype(at::kFloat)) : empty_output({0}, opts.dtype(at::kFloat));
   p.recv_x = static_cast<char*>(o.recv_x.data_ptr());
   p.recv_x_scales = S ? o.recv_x_scales.data_ptr<float>() : nullptr;
   p.recv_topk_idx = cached ? nullptr : o.recv_topk_idx.data_ptr<int64_t>();
@@ -271,7 +272,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   p.out_rows = M;
   EP_CUDA_CHECK(ix::launch_dispatch_receive(p, stream));
 
-  o.meta = cached || a.layout_meta ? at::empty({0}, meta.options()) : meta;
+  o.meta = cached || a.layout_meta ? empty_output({0}, meta.options()) : meta;
   o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
   return o;
 }
@@ -326,9 +327,9 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   p.hidden = H;
 
   CombineOutputs o;
-  o.combined_x = at::empty({N, H}, a.x.options());
-  o.combined_topk_weights = K ? at::empty({N, K}, a.x.options().dtype(at::kFloat))
-                              : at::empty({0}, a.x.options().dtype(at::kFloat));
+  o.combined_x = empty_output({N, H}, a.x.options());
+  o.combined_topk_weights = K ? empty_output({N, K}, a.x.options().dtype(at::kFloat))
+                              : empty_output({0}, a.x.options().dtype(at::kFloat));
   p.out = static_cast<char*>(o.combined_x.data_ptr());
   p.out_weights = K ? o.combined_topk_weights.data_ptr<float>() : nullptr;
 

@@ -13,6 +13,7 @@
 
 #include "backend/common/errors.hpp"
 #include "backend/kernels/moe_records.cuh"
+#include "backend/ops/cuda/cuda_outputs.hpp"
 #include "backend/process_group/cuda/moe_pool.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
@@ -70,12 +71,12 @@ bool allocate_from_pool(MoePool& pool, int rank, const DispatchArgs& a, int64_t 
   const std::string where = "rank " + std::to_string(rank) + ": the MoE pool (TORCH_EP_MOE_POOL_BYTES";
   try {
     RouteToPool route(pool, a.x.device().index());
-    o.recv_x = at::empty({capacity, H}, a.x.options());
-    o.recv_x_scales = a.x_scales ? at::empty({capacity, a.x_scales->size(1)}, a.x_scales->options())
-                                 : at::empty({0}, floats);
-    o.recv_topk_idx = cached ? at::empty({0}, a.x.options().dtype(at::kLong))
-                             : at::empty({capacity, K}, a.x.options().dtype(at::kLong));
-    o.recv_topk_weights = a.topk_weights ? at::empty({capacity, K}, floats) : at::empty({0}, floats);
+    o.recv_x = empty_output({capacity, H}, a.x.options());
+    o.recv_x_scales = a.x_scales ? empty_output({capacity, a.x_scales->size(1)}, a.x_scales->options())
+                                 : empty_output({0}, floats);
+    o.recv_topk_idx = cached ? empty_output({0}, a.x.options().dtype(at::kLong))
+                             : empty_output({capacity, K}, a.x.options().dtype(at::kLong));
+    o.recv_topk_weights = a.topk_weights ? empty_output({capacity, K}, floats) : empty_output({0}, floats);
   } catch (const c10::OutOfMemoryError&) {
     o = DispatchOutputs{};
     *why = where + ": " + mib(pool.arena->bytes()) + " a rank, " + mib(pool.arena->used()) +
@@ -325,7 +326,7 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   raise_device_report(transport, rank, seq, op, /*waited=*/waits);
 
   phase.next("ep::dispatch/counts");
-  o.meta = given ? at::empty({0}, meta.options()) : meta;  // the caller keeps the table it gave
+  o.meta = given ? empty_output({0}, meta.options()) : meta;  // the caller keeps the table it gave
   if (cached) {
     o.counts = at::empty({0}, at::kLong);
   } else if (waits) {
