@@ -1,6 +1,9 @@
 // torch_ep._C: one register_* call per subsystem.
 #include <torch/csrc/utils/pybind.h>
 
+#include <tuple>
+
+#include "backend/common/phase_clock.hpp"
 #include "backend/ops/moe_protocol.hpp"
 #include "backend/ops/register_low_latency.hpp"
 #include "backend/ops/register_moe.hpp"
@@ -12,6 +15,13 @@ PYBIND11_MODULE(_C, m) {
   ep::register_low_latency(m);
   ep::register_moe(m);
   m.attr("max_matrix_ranks") = ep::moe::kMaxMatrixRanks;
+  // The host phases' steady clock (backend/common/phase_clock.hpp), for tools/*_profile.py.
+  m.def("_phase_clock", &ep::phase_clock::enable, pybind11::arg("on"));
+  m.def("_take_phase_times", [] {
+    std::vector<std::tuple<std::string, int64_t, int64_t>> out;
+    for (const ep::phase_clock::Total& t : ep::phase_clock::take()) out.emplace_back(t.phase, t.calls, t.ns);
+    return out;
+  }, "[(phase, calls, ns)] since the last take, cleared");
 #ifdef TORCH_EP_WITH_CUDA
   m.attr("has_cuda") = true;
 #else

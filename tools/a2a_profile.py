@@ -17,6 +17,9 @@ prints, in microseconds per call:
                               costs on this host, for reference
   stream the same calls with a synchronisation after the N: the time per call once the device's
          work is counted too
+  clock  the host time per call issued again, split by the ops' named phases on their own
+         steady clock, without the profiler (phase_clock_line in profile_common.py), and what
+         lies outside every phase (Python, c10d, the dispatcher)
   profile torch.profiler's breakdown of N calls of each: the top functions by self CPU time
          (aten and c10d ops, and, with CUDA activity, the CUDA runtime calls), us per call and
          calls per call. The profiler's own cost inflates these; compare them with each other.
@@ -34,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 import torch_ep
 from torch_ep import reference
 
-from profile_common import init_on_local_gpu  # tools/, the script's folder
+from profile_common import init_on_local_gpu, phase_clock_line  # tools/, the script's folder
 
 
 def parse_args():
@@ -125,6 +128,10 @@ def main():
             say(f"{label}: host {name} {time_us(fn, args.calls, args.repeats, with_device=False):.1f} us per call issued")
         for name, fn in subjects.items():
             say(f"{label}: stream {name} {time_us(fn, args.calls, args.repeats, with_device=True):.1f} us per call")
+        for name, fn in subjects.items():
+            warm(fn)
+            say(f"{label}: clock {name}: {phase_clock_line(fn, args.calls)}")
+            torch.cuda.synchronize()
         for name, fn in subjects.items():
             breakdown = profile_line(fn, args.calls, args.top, args.cpu_only)
             say(f"{label}: profile {name}, self CPU us per call: {breakdown}")

@@ -1,5 +1,8 @@
 """Where a dispatch / combine spends its time: kernel durations (torch.profiler) next to the
-wall time per call, at DeepEP's benchmark shape. Run with torchrun on a GPU machine:
+wall time per call, at DeepEP's benchmark shape; then the host time per call of the main ops,
+without the profiler (HOST), split by the ops' phases on their own clock (CLOCK), and under the
+profiler (HOST, SELF: it places time but inflates whatever encloses a CUDA call). Run with
+torchrun on a GPU machine:
 
     torchrun --nproc-per-node 2 tools/moe_profile.py [--hidden 7168] [--tokens 4096]
 """
@@ -10,7 +13,8 @@ import torch.distributed as dist
 
 import torch_ep
 
-from profile_common import init_on_local_gpu, kernel_times, make_fp8, make_inputs, shape_parser, top_kernels  # tools/, the script's folder
+from profile_common import (init_on_local_gpu, kernel_times, make_fp8, make_inputs, phase_clock_line,  # tools/
+                            shape_parser, top_kernels)
 
 
 def main():
@@ -81,6 +85,10 @@ def main():
         bare = (time.perf_counter() - start) / calls
         torch.cuda.synchronize()
         dist.barrier()
+        # The phases on their own clock, still without the profiler.
+        clocked = phase_clock_line(ops[name], calls)
+        torch.cuda.synchronize()
+        dist.barrier()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
             for _ in range(calls):
@@ -96,6 +104,7 @@ def main():
         # calls, "cu*", included), the largest first.
         selves = sorted(((e.key, e.self_cpu_time_total / calls) for e in prof.key_averages()), key=lambda kv: -kv[1])
         lines.append(f"rank {rank} SELF {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in selves[:10]))
+        lines.append(f"rank {rank} CLOCK {name}: {clocked}")
     # The same protocol on CPU tensors (host exchange + shared-memory rows), tiny payload.
     xc, idxc = torch.randn(64, 8), idx[:64].cpu()
     dc = torch_ep.dispatch(xc, idxc, num_experts=args.experts)

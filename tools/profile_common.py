@@ -1,9 +1,11 @@
 """Set-up shared by the profiling tools (moe_profile, ll_profile, internode_profile,
 deep_ep_overhead, a2a_profile, a2a_kernels): the shape options, the process group with this rank's
-GPU current, the inputs each rank draws, and each kernel's name and time from a torch.profiler run."""
+GPU current, the inputs each rank draws, each kernel's name and time from a torch.profiler run,
+and the host phases' own clock."""
 import argparse
 import os
 import re
+import time
 from collections import defaultdict
 
 import torch
@@ -66,3 +68,26 @@ def top_kernels(times, count: int, digits: int = 1) -> str:
     """The `count` longest kernels of kernel_times, "name us, ..."."""
     ranked = sorted(times.items(), key=lambda kv: -kv[1])[:count]
     return ", ".join(f"{name} {us:.{digits}f}" for name, us in ranked)
+
+
+def phase_clock_line(fn, calls: int) -> str:
+    """The host time of `calls` calls of fn back to back, without the profiler, split by the ops'
+    named phases (ep::<op>/<phase>) as their own steady clock measures them
+    (backend/common/phase_clock.hpp): "total T us/call; phase us, ...", the largest first, a phase
+    that runs other than once a call with its count per call, and what the calls spent outside
+    every phase (Python, the dispatcher, c10d, the op's entry). The profiler's ranges place this
+    time too, but inflate whatever encloses a CUDA call."""
+    torch_ep._C._take_phase_times()  # whatever earlier calls left
+    torch_ep._C._phase_clock(True)
+    try:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        total = (time.perf_counter() - start) / calls * 1e6
+    finally:
+        torch_ep._C._phase_clock(False)
+    phases = sorted(torch_ep._C._take_phase_times(), key=lambda t: -t[2])
+    parts = [f"{name} {ns / calls / 1e3:.1f}" + ("" if count == calls else f" (x{count / calls:g})")
+             for name, count, ns in phases]
+    outside = total - sum(ns for _, _, ns in phases) / calls / 1e3
+    return f"total {total:.1f} us/call; " + ", ".join(parts + [f"outside the phases {outside:.1f}"])

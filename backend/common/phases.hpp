@@ -1,24 +1,46 @@
-// Names the host phases of a call as ranges in torch.profiler's CPU timeline
-// (tools/moe_profile.py, tools/a2a_profile.py); costs nothing when no profiler runs.
+// Names the host phases of a call as ranges in torch.profiler's CPU timeline, and times them on
+// a steady clock where the phase clock is on (phase_clock.hpp); costs nothing when neither is.
 #pragma once
 
 #include <ATen/record_function.h>
 
+#include <chrono>
 #include <optional>
+
+#include "backend/common/phase_clock.hpp"
 
 namespace ep {
 
 class Phases {
  public:
+  Phases() = default;
+  Phases(const Phases&) = delete;
+  Phases& operator=(const Phases&) = delete;
+  ~Phases() { close(); }  // the last phase ends with the call, returned or raised
+
   void next(const char* name) {
-    current_.reset();
+    close();
     current_.emplace(at::RecordScope::USER_SCOPE);
     if (current_->isActive()) current_->before(name, c10::ArrayRef<const c10::IValue>{});
+    if (phase_clock::enabled()) {
+      timed_ = name;
+      start_ = std::chrono::steady_clock::now();
+    }
   }
-  void end() { current_.reset(); }
+  void end() { close(); }
 
  private:
+  void close() {
+    current_.reset();
+    if (timed_) {
+      phase_clock::add(timed_, std::chrono::steady_clock::now() - start_);
+      timed_ = nullptr;
+    }
+  }
+
   std::optional<at::RecordFunction> current_;
+  const char* timed_ = nullptr;  // the phase the clock times, if any
+  std::chrono::steady_clock::time_point start_;
 };
 
 }  // namespace ep

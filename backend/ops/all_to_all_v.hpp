@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "backend/common/phases.hpp"
+
 struct CUstream_st;  // cudaStream_t, without CUDA's headers (this one is built without CUDA too)
 
 namespace ep {
@@ -53,11 +55,11 @@ struct AllToAllSingleCall {
 // hands it to the call's Work). Throws CommError where the transport failed (the caller raises it
 // through the group's fault log). `pool` (a group with a comm pool, every call of it): the plan
 // chooses one copy when every rank's output that receives bytes lies in its arena, else the
-// staged move.
+// staged move. `phase`: the caller's, which this call moves on through its own phases.
 AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
                                           const std::vector<size_t>& send_bytes,
                                           const std::vector<size_t>& recv_bytes, CUstream_st* stream,
-                                          const CommPoolCall* pool = nullptr);
+                                          const CommPoolCall* pool, Phases& phase);
 // Whether the last call of a group with a comm pool moved its bytes with one copy (waits for the
 // device: for tests).
 bool last_call_one_copy(AllToAllVState& state);

@@ -271,7 +271,7 @@ std::string take_all_to_all_single_report(AllToAllVState& state, int64_t call_id
 AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
                                           const std::vector<size_t>& send_bytes,
                                           const std::vector<size_t>& recv_bytes, cudaStream_t stream,
-                                          const CommPoolCall* pool) {
+                                          const CommPoolCall* pool, Phases& phase) {
   const char* op = "all_to_all_single";
   const int R = int(send_bytes.size());
   // An earlier call's problem raises once this call is queued (see all_to_all_v_cuda).
@@ -322,6 +322,7 @@ AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const
     for (int r = 0; r < R; ++r)
       eager_only = eager_only && send_bytes[r] <= p.eager_bytes && recv_bytes[r] <= p.eager_bytes;
     if (eager_only) p.out_arena = -1;
+    phase.next("ep::all_to_all_single/launch");
     state.order().begin(stream);
     if (eager_only) {
       EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
@@ -332,6 +333,7 @@ AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const
       if (pool) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, blocks, stream));
       else EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
     }
+    phase.next("ep::all_to_all_single/track");
     end = state.transport().track(op, stream);
     state.order().end(stream, end);
   }

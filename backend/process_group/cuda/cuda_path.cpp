@@ -220,10 +220,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
   // queued) or a failed transport (nothing was).
   std::exception_ptr pending;
   std::string failed;
-  phase.next("ep::all_to_all_single/launch");
+  phase.next("ep::all_to_all_single/params");  // then launch and track (all_to_all_single_cuda)
   try {
     call = all_to_all_single_cuda(*state, getRank(), in, out, send_bytes, recv_bytes, stream.stream(),
-                                  pool ? &pool_call : nullptr);
+                                  pool ? &pool_call : nullptr, phase);
   } catch (const CommError& e) {  // timeouts included
     failed = e.what();
   } catch (...) {
