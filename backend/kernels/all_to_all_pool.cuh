@@ -111,7 +111,7 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
 // that the call ends once this rank's output is whole.
 __device__ __forceinline__ void take_done(const AllToAllVParams& p) {
   using L = AllToAllVLayout;
-  const uint64_t deadline = now_ns() + p.timeout_ns;
+  const uint64_t deadline = deadline_after(p.timeout_ns);
   const int src = threadIdx.x;
   if (src < p.num_ranks && !take(word_at(p.blocks[p.rank], L::pool_done_flag(src)), deadline, p.abort))
     atomicExch(p.error, 1 + src);

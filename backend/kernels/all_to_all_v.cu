@@ -51,7 +51,7 @@ __device__ __forceinline__ bool eager_message(uint64_t bytes, uint64_t eager_byt
 template <bool kEager>
 __device__ void plan(const AllToAllVParams& p) {
   const int t = threadIdx.x, R = p.num_ranks, me = p.rank;
-  const uint64_t deadline = now_ns() + p.timeout_ns;
+  const uint64_t deadline = deadline_after(p.timeout_ns);
   __shared__ int64_t splits[kMaxRanksPerNode];                     // this rank's
   __shared__ int64_t records[kMaxRanksPerNode][L::kRecordWords];   // each source's
   __shared__ bool overflows[kMaxRanksPerNode];                     // per receiver
@@ -284,8 +284,7 @@ __device__ void publish_plan(const AllToAllVParams& p) {
 __device__ bool await_plan(const AllToAllVParams& p) {
   __shared__ int ready;
   if (threadIdx.x == 0) {
-    const uint64_t now = now_ns(), bound = p.timeout_ns < (UINT64_MAX - now) / 2 ? 2 * p.timeout_ns : UINT64_MAX - now;
-    ready = wait_for(flag_at(p.blocks[p.rank], L::kPlanReady), 1, now + bound, p.abort);
+    ready = wait_for(flag_at(p.blocks[p.rank], L::kPlanReady), 1, deadline_after(p.timeout_ns, 2), p.abort);
     if (!ready) atomicCAS(p.error, 0, 1 + p.rank);
   }
   __syncthreads();
@@ -321,7 +320,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
   const int R = p.num_ranks, me = p.rank, lanes = p.layout.lanes;
   const int pair = block / kStagedRoles, role = block % kStagedRoles;
   const int b = pair / lanes, lane = pair % lanes;
-  const uint64_t deadline = now_ns() + p.timeout_ns;
+  const uint64_t deadline = deadline_after(p.timeout_ns);
   const int64_t* send_rows = p.plan;
   const int64_t* send_offsets = p.plan + R;
   const int64_t* recv_rows = p.plan + 2 * R;

@@ -13,6 +13,13 @@ __device__ __forceinline__ uint64_t now_ns() {
   return t;
 }
 
+// The deadline `times` (>= 1) x timeout_ns from now, saturating: a timeout near UINT64_MAX (no
+// bound) must not wrap into a deadline already past.
+__device__ __forceinline__ uint64_t deadline_after(uint64_t timeout_ns, uint64_t times = 1) {
+  const uint64_t now = now_ns(), room = UINT64_MAX - now;
+  return timeout_ns <= room / times ? now + timeout_ns * times : UINT64_MAX;
+}
+
 __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -33,7 +40,9 @@ __device__ __forceinline__ void store_release(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// Waits until *flag != 0, then clears it; false after the deadline (the peer never came).
+// Waits until *flag != 0, then clears it; false after the deadline (the peer never came). No abort
+// word: its callers' flags are a CudaTransport's, whose watchdog releases a failed transport's
+// waits by setting them (CudaTransport::release_waits).
 __device__ __forceinline__ bool take_flag(uint32_t* flag, uint64_t deadline) {
   while (load_acquire(flag) == 0) {
     if (now_ns() > deadline) return false;
