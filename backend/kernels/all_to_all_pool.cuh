@@ -99,6 +99,9 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
     if (worker >= first && worker <= last) {
       uint32_t* count = word_at(p.blocks[me], L::pool_chunk_count(d));
       if (atomicAdd(count, 1u) + 1 == last - first + 1) {
+        // The acquire side of the count: the other segments' stores, fenced before their counts,
+        // come before the release below (the atomic alone is relaxed).
+        __threadfence();
         *reinterpret_cast<volatile uint32_t*>(count) = 0;  // ready for the next call
         store_release(word_at(p.blocks[d], L::pool_done_flag(me)), 1);
       }

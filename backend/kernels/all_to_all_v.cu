@@ -410,6 +410,7 @@ __device__ void finish_call(const AllToAllVParams& p, size_t finished, bool fuse
     __threadfence();  // block 0's plan is written before its count: the last block reads it
     last = atomicAdd(count, 1u) + 1 == gridDim.x;
     if (last) {
+      __threadfence();  // the acquire side of the count: the plan is read after every block's count
       *reinterpret_cast<volatile uint32_t*>(count) = 0;
       if (fused) *reinterpret_cast<volatile uint32_t*>(flag_at(p.blocks[p.rank], L::kPlanReady)) = 0;
     }
