@@ -9,6 +9,11 @@ namespace ep::kernels {
 
 constexpr int kMaxRanksPerNode = 32;
 
+// A kernel's error word (host-mapped, CudaTransport::kernel_error) holds 1 + the peer a bounded
+// wait gave up on, or this where the wait was on no peer (an all_to_all_v block waiting for its own
+// rank's plan): the host's message then names none.
+constexpr int kErrorNoPeer = -1;
+
 // One rank's part of a direct (one-copy) all_to_all of small messages, in one launch. The flag
 // protocol is the copy-engine path's: a receiver sets `ready` in each sender's block; a sender
 // waits for its `ready`, copies into the receiver's output, then sets `done` in the receiver's

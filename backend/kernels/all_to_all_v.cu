@@ -280,12 +280,13 @@ __device__ void publish_plan(const AllToAllVParams& p) {
 
 // The other blocks of the launch wait for block 0's plan. Block 0 starts first (blocks go in index
 // order) and its own waits give up after the timeout, so a bound of twice that leaves the report
-// of a missing peer to block 0; this one fires only if block 0 never ran.
+// of a missing peer to block 0; this one fires only if block 0 never ran, and waited on no peer:
+// kErrorNoPeer, unless block 0 named one.
 __device__ bool await_plan(const AllToAllVParams& p) {
   __shared__ int ready;
   if (threadIdx.x == 0) {
     ready = wait_for(flag_at(p.blocks[p.rank], L::kPlanReady), 1, deadline_after(p.timeout_ns, 2), p.abort);
-    if (!ready) atomicCAS(p.error, 0, 1 + p.rank);
+    if (!ready) atomicCAS(p.error, 0, kErrorNoPeer);
   }
   __syncthreads();
   return ready != 0;

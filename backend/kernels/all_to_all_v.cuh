@@ -63,8 +63,8 @@
 // the plan alone: one launch, one cross-process round trip; it publishes no arena (out_arena -1),
 // so no rank of that call takes the one copy, whose done flags it would never take.
 // Every wait is bounded by timeout_ns (and ends when *abort is set); one that gives up sets
-// *error = 1 + the peer (the transport's watchdog then fails the group, naming op, rank and
-// peer). Problems of the call itself (invalid splits, an overflowing output) go to *report,
+// *error = 1 + the peer, or kErrorNoPeer (the transport's watchdog then fails the group, naming
+// op, rank and peer). Problems of the call itself (invalid splits, an overflowing output) go to *report,
 // which the host raises later.
 #pragma once
 
@@ -192,7 +192,7 @@ struct AllToAllVParams {
   char* blocks[kMaxRanksPerNode];  // rank r's block as mapped here
   AllToAllVLayout layout;
   uint64_t timeout_ns;
-  int* error;       // host-mapped: 1 + the peer a wait timed out on (fatal)
+  int* error;       // host-mapped: 1 + the peer a wait timed out on, or kErrorNoPeer (fatal)
   const int* abort;  // host-mapped: non-zero once the group is aborted; every wait then gives up
   int64_t* report;  // host-mapped: kReportWords, the first problem since the host last looked
   int64_t call_id;  // the host's count of this group's calls, for the report

@@ -242,6 +242,11 @@ bool CudaTransport::export_allocation(const void* ptr, cudaIpcMemHandle_t* handl
   return true;
 }
 
+std::string CudaTransport::kernel_waited_for(int waited_for) const {
+  if (waited_for == kernels::kErrorNoPeer) return "in the device kernel for this rank's own plan (no peer known)";
+  return "for peer rank " + name(waited_for - 1) + " (in the device kernel)";
+}
+
 void CudaTransport::check_healthy(const char* op_name) {
   const int waited_for = *static_cast<volatile int*>(kernel_error_host_);
   std::string error, kernel_error;
@@ -250,8 +255,7 @@ void CudaTransport::check_healthy(const char* op_name) {
     if (error_.empty() && waited_for)  // the watchdog has not seen it yet
       kernel_error = (last_op_.empty() ? std::string(op_name) : last_op_) + ": timed out on rank " +
                      name(rank_) + " after " + std::to_string(timeout_.count()) +
-                     " ms waiting for peer rank " + name(waited_for - 1) +
-                     " (in the device kernel): a peer never arrived or stalled" +
+                     " ms waiting " + kernel_waited_for(waited_for) + ": a peer never arrived or stalled" +
                      device_records_hint(last_op_.empty() ? std::string(op_name) : last_op_);
     error = error_;
   }
@@ -542,8 +546,8 @@ void CudaTransport::watch() {
         error = op.op + ": CUDA error " + cudaGetErrorString(state);
       else if (waited_for)  // a kernel's bounded wait expired and it gave up
         error = op.op + ": timed out on rank " + name(rank_) + " after " +
-                std::to_string(timeout_.count()) + " ms waiting for peer rank " + name(waited_for - 1) +
-                " (in the device kernel): a peer never arrived or stalled" + device_records_hint(op.op);
+                std::to_string(timeout_.count()) + " ms waiting " + kernel_waited_for(waited_for) +
+                ": a peer never arrived or stalled" + device_records_hint(op.op);
       watched.pop_front();  // its event goes back to the pool with the mark's last holder
     }
 

@@ -169,6 +169,8 @@ class CudaTransport {
     return member >= 0 && member < int(group_ranks_.size()) ? std::to_string(group_ranks_[size_t(member)])
                                                              : std::to_string(member);
   }
+  // What a kernel's error word (1 + a peer, or kernels::kErrorNoPeer) says its wait was for.
+  std::string kernel_waited_for(int waited_for) const;
   std::chrono::milliseconds timeout_;
   int num_sms_;
   PeerBuffers buffers_;
