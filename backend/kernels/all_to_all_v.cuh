@@ -193,7 +193,7 @@ struct AllToAllVParams {
   AllToAllVLayout layout;
   uint64_t timeout_ns;
   int* error;       // host-mapped: 1 + the peer a wait timed out on, or kErrorNoPeer (fatal)
-  const int* abort;  // host-mapped: non-zero once the group is aborted; every wait then gives up
+  const int* abort;  // host-mapped: non-zero once the transport failed (abort() too); every wait then gives up
   int64_t* report;  // host-mapped: kReportWords, the first problem since the host last looked
   int64_t call_id;  // the host's count of this group's calls, for the report
   int64_t op;       // AllToAllVOp, for the report

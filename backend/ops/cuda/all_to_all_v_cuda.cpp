@@ -108,9 +108,6 @@ class AllToAllVState {
                                 cudaHostAllocMapped));
     std::fill(report_host_, report_host_ + kernels::kReportWords, 0);
     EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&report_device_), report_host_, 0));
-    EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&abort_host_), sizeof(int), cudaHostAllocMapped));
-    *abort_host_ = 0;
-    EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_device_), abort_host_, 0));
     // The one-copy move: one piece of the call per block; two blocks of 512 threads per SM of this
     // rank's share (its launch bounds), the plan's block 0 of the one launch included.
     pool_blocks_ = config.all_to_all_pool_blocks > 0 ? config.all_to_all_pool_blocks
@@ -124,14 +121,11 @@ class AllToAllVState {
   ~AllToAllVState() {
     transport_.reset();  // first: its destructor lets calls in flight finish (or time out)
     if (report_host_) cudaFreeHost(report_host_);
-    if (abort_host_) cudaFreeHost(abort_host_);
   }
 
-  // The group's abort(): waits in flight give up at their next poll, and the transport fails.
-  void abort(const std::string& why) {
-    *static_cast<volatile int*>(abort_host_) = 1;
-    transport_->abort(why);
-  }
+  // The group's abort(): the transport fails, which sets the abort word the kernels poll (as any
+  // failure of it does: a timeout then releases the calls queued behind the one that timed out).
+  void abort(const std::string& why) { transport_->abort(why); }
 
   CudaTransport& transport() { return *transport_; }
   int device() const { return buffers_->device(); }
@@ -228,7 +222,7 @@ class AllToAllVState {
     p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(transport_->timeout()).count());
     p.error = transport_->kernel_error();
     p.report = report_device_;
-    p.abort = abort_device_;
+    p.abort = transport_->kernel_abort();
     p.call_id = ++calls_;
     p.out_arena = -1;  // no one copy unless the call says otherwise
     p.pool_plan = nullptr;
@@ -242,8 +236,6 @@ class AllToAllVState {
   int64_t* report_host_ = nullptr;    // pinned, mapped: kReportWords
   int64_t* report_device_ = nullptr;
   int64_t calls_ = 0;                 // calls so far: each one's call_id
-  int* abort_host_ = nullptr;         // pinned, mapped: set by abort()
-  int* abort_device_ = nullptr;
   Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: order_)
   int pool_blocks_ = 0;               // grid of the one-copy move
   bool one_launch_ = false;           // plan and move in one launch

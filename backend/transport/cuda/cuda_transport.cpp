@@ -128,6 +128,9 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&kernel_error_host_), sizeof(int), cudaHostAllocMapped));
   *kernel_error_host_ = 0;
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&kernel_error_device_), kernel_error_host_, 0));
+  EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&kernel_abort_host_), sizeof(int), cudaHostAllocMapped));
+  *kernel_abort_host_ = 0;
+  EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&kernel_abort_device_), kernel_abort_host_, 0));
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&overflow_host_), sizeof(*overflow_host_), cudaHostAllocMapped));
   std::memset(overflow_host_, 0, sizeof(*overflow_host_));
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&overflow_device_), overflow_host_, 0));
@@ -153,6 +156,7 @@ CudaTransport::~CudaTransport() {
     cudaStreamDestroy(watchdog_stream_);
   }
   if (kernel_error_host_) cudaFreeHost(kernel_error_host_);
+  if (kernel_abort_host_) cudaFreeHost(kernel_abort_host_);
   if (overflow_host_) cudaFreeHost(overflow_host_);
   if (moe_report_host_) cudaFreeHost(moe_report_host_);
 }
@@ -484,6 +488,9 @@ void CudaTransport::on_failure(std::function<void(const std::string&)> listener)
 void CudaTransport::abort(const std::string& why) { fail(why); }
 
 void CudaTransport::fail(const std::string& why) {
+  // First, and on every failure (a timeout, a failed exchange, abort()): the kernels in flight or
+  // queued that poll it give up at their next poll instead of each waiting out its own timeout.
+  if (kernel_abort_host_) *static_cast<volatile int*>(kernel_abort_host_) = 1;
   std::function<void(const std::string&)> listener;
   {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -108,6 +108,9 @@ class CudaTransport {
   // done on it, and the last one resets it.
   uint32_t* grid_counter() const;
   int* kernel_error() const { return kernel_error_device_; }
+  // Host-mapped, non-zero once this transport has failed (fail(): any failure, abort() included),
+  // for kernels whose bounded waits poll it (all_to_all_v's); it lives as long as the transport.
+  const int* kernel_abort() const { return kernel_abort_device_; }
   // `owner`'s records region (CudaTransportConfig::records_bytes) as mapped here; null without one.
   char* records(int owner) const;
   // Where MoE notify kernels report what they found (kernels::kMoeReportWords int64, host-mapped;
@@ -184,6 +187,8 @@ class CudaTransport {
   cudaStream_t watchdog_stream_ = nullptr;
   int* kernel_error_host_ = nullptr;  // pinned, mapped: 1 + the peer a kernel's wait timed out on
   int* kernel_error_device_ = nullptr;
+  int* kernel_abort_host_ = nullptr;  // pinned, mapped: set by fail()
+  int* kernel_abort_device_ = nullptr;
   kernels::DispatchOverflow* overflow_host_ = nullptr;  // pinned, mapped
   kernels::DispatchOverflow* overflow_device_ = nullptr;
   std::atomic<uint64_t> exchanges_{0};
