@@ -178,16 +178,36 @@ class AllToAllVState {
     }
   }
 
+  // What raise(w, ...) would raise, as a message.
+  static std::string message(const Report& w, int rank, const char* op, bool earlier) {
+    try {
+      raise(w, rank, op, earlier);
+    } catch (const c10::Error& e) {
+      return e.what_without_backtrace();
+    }
+  }
+
+  // Raises `first` (report[0] != 0) with `second`'s message added where there is one, so that
+  // neither is lost. Each is an earlier call's unless made by `call_id`.
+  [[noreturn]] static void raise_both(const Report& first, const Report& second, int rank, const char* op,
+                                      int64_t call_id) {
+    const bool first_earlier = first[kernels::kReportCallId] != call_id;
+    if (second[0] == kernels::kReportNone) raise(first, rank, op, first_earlier);
+    const std::string also = message(second, rank, op, second[kernels::kReportCallId] != call_id);
+    try {
+      raise(first, rank, op, first_earlier);
+    } catch (c10::Error& e) {
+      e.add_context("the device also reported: " + also);
+      throw;
+    }
+  }
+
   // The message of the problem `call_id` reported, taken (""), so that a Work can raise its own
   // call's problem once; another call's stays for the next call to raise.
   std::string take_report_of(int64_t call_id, int rank) {
     volatile int64_t* report = report_host_;
     if (report[0] == kernels::kReportNone || report[kernels::kReportCallId] != call_id) return "";
-    try {
-      raise(take_report(), rank, "all_to_all_single", /*earlier=*/false);
-    } catch (const c10::Error& e) {
-      return e.what_without_backtrace();
-    }
+    return message(take_report(), rank, "all_to_all_single", /*earlier=*/false);
   }
 
   // Calls of this group run one after another whatever stream they are queued on (all_to_all_v
@@ -350,7 +370,8 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
   c10::cuda::CUDAGuard guard(input.device());
   // An earlier call's problem raises once this call is queued: raising before would leave the
   // peers' kernels waiting for this rank's record, and the group out of step.
-  AllToAllVState::Report raise_later = state.take_report();
+  const AllToAllVState::Report raise_later = state.take_report();
+  AllToAllVState::Report found_after{};  // output=None: what the plan's wait found (raised too)
   try {
     state.transport().check_healthy(op);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
@@ -399,9 +420,8 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       EP_CUDA_CHECK(cudaStreamSynchronize(stream));
       // A problem found now (this call's, or an earlier call's whose plan ran meanwhile) raises
       // once the move is queued too: every rank queues it, and after a problem of this call
-      // (found alike by every rank) it moves nothing.
-      const AllToAllVState::Report now = state.take_report();
-      if (now[0] != kernels::kReportNone) raise_later = now;
+      // (found alike by every rank) it moves nothing. With one taken before, both raise.
+      found_after = state.take_report();
       const int64_t* n = sizes.data_ptr<int64_t>();
       std::vector<int64_t> shape = in.sizes().vec();
       shape[0] = std::accumulate(n, n + R, int64_t(0));
@@ -412,7 +432,9 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     if (!staging.is_same(output)) output.copy_(staging);
     state.order().end(stream, state.transport().track(op, stream));
     if (raise_later[0] != kernels::kReportNone)
-      AllToAllVState::raise(raise_later, rank, op, /*earlier=*/raise_later[kernels::kReportCallId] != p.call_id);
+      AllToAllVState::raise_both(raise_later, found_after, rank, op, p.call_id);
+    if (found_after[0] != kernels::kReportNone)
+      AllToAllVState::raise(found_after, rank, op, /*earlier=*/found_after[kernels::kReportCallId] != p.call_id);
     return {output_splits, output_offsets};
   } catch (const CommError& e) {  // timeouts included
     group.raise_failure(e.what());
