@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <vector>
 
@@ -133,14 +134,11 @@ class AllToAllVState {
   using Report = std::array<int64_t, kernels::kReportWords>;
 
   // The first problem the kernels reported since the host last looked (report[0] == 0: none),
-  // cleared: the kernel reports again once the word is clear.
+  // cleared: the kernel reports again once the word is clear. One taker at a time (the calls'
+  // threads, and Works asked from any thread): each report is taken once.
   Report take_report() {
-    Report w{};
-    volatile int64_t* report = report_host_;
-    if (report[0] == kernels::kReportNone) return w;
-    for (int i = 0; i < kernels::kReportWords; ++i) w[i] = report[i];
-    report[0] = kernels::kReportNone;
-    return w;
+    std::lock_guard<std::mutex> lock(report_mutex_);
+    return take_report_locked();
   }
 
   // Raises `w` (report[0] != 0). `earlier`: an earlier call's, which did not wait for it.
@@ -205,9 +203,14 @@ class AllToAllVState {
   // The message of the problem `call_id` reported, taken (""), so that a Work can raise its own
   // call's problem once; another call's stays for the next call to raise.
   std::string take_report_of(int64_t call_id, int rank) {
-    volatile int64_t* report = report_host_;
-    if (report[0] == kernels::kReportNone || report[kernels::kReportCallId] != call_id) return "";
-    return message(take_report(), rank, "all_to_all_single", /*earlier=*/false);
+    Report w{};
+    {
+      std::lock_guard<std::mutex> lock(report_mutex_);
+      volatile int64_t* report = report_host_;
+      if (report[0] == kernels::kReportNone || report[kernels::kReportCallId] != call_id) return "";
+      w = take_report_locked();
+    }
+    return message(w, rank, "all_to_all_single", /*earlier=*/false);
   }
 
   // Calls of this group run one after another whatever stream they are queued on (all_to_all_v
@@ -249,12 +252,22 @@ class AllToAllVState {
   }
 
  private:
+  Report take_report_locked() {
+    Report w{};
+    volatile int64_t* report = report_host_;
+    if (report[0] == kernels::kReportNone) return w;
+    for (int i = 0; i < kernels::kReportWords; ++i) w[i] = report[i];
+    report[0] = kernels::kReportNone;
+    return w;
+  }
+
   int rank_, size_;
   AllToAllVLayout layout_{};
   std::unique_ptr<PeerBuffers> buffers_;
   std::shared_ptr<CudaTransport> transport_;
   int64_t* report_host_ = nullptr;    // pinned, mapped: kReportWords
   int64_t* report_device_ = nullptr;
+  std::mutex report_mutex_;           // take_report's and take_report_of's read-and-clear
   int64_t calls_ = 0;                 // calls so far: each one's call_id
   Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: order_)
   int pool_blocks_ = 0;               // grid of the one-copy move

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <mutex>
+
 #include "backend/common/phases.hpp"
 #include "backend/kernels/all_to_all.cuh"  // kMaxRanksPerNode
 #include "backend/kernels/moe_records.cuh"  // MoeRecordsLayout
@@ -235,11 +237,17 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
   if (!failed.empty()) raise_failure(failed);
   if (pending) std::rethrow_exception(pending);
   phase.next("ep::all_to_all_single/work");
-  // A disagreement the device found in this very call raises at the Work's wait, once.
-  auto seen = std::make_shared<std::string>();
+  // A disagreement the device found in this very call raises at the Work's wait, once. The Work
+  // may be asked from several threads (isSuccess, wait, exception): the message is kept under a lock.
+  struct Seen {
+    std::mutex mutex;
+    std::string message;
+  };
+  auto seen = std::make_shared<Seen>();
   auto more_errors = [state, call_id = call.call_id, rank = getRank(), seen]() {
-    if (seen->empty()) *seen = take_all_to_all_single_report(*state, call_id, rank);
-    return *seen;
+    std::lock_guard<std::mutex> lock(seen->mutex);
+    if (seen->message.empty()) seen->message = take_all_to_all_single_report(*state, call_id, rank);
+    return seen->message;
   };
   return c10::make_intrusive<EPCudaWork>(getRank(), c10d::OpType::ALLTOALL_BASE, std::move(outputs), stream,
                                          std::move(done), shared_transport_of(*state), faults_,
