@@ -317,6 +317,9 @@ __host__ __device__ __forceinline__ int staged_blocks(int num_ranks, int lanes) 
 // while the peer's receiver drains the other. A block waits only on the pair of the same index
 // on another rank, and the two blocks of the lowest pending pair are resident together (blocks
 // go in index order, and any share of the GPU holds two), so the grid need not be resident.
+// A drain (p.output null): the senders send as planned, the receivers take each chunk and hand its
+// slot back without copying it, and this rank's own rows stay where they are; the peers' moves end
+// as usual (all_to_all_v_cuda, when the output could not be allocated after the plan).
 __device__ void staged_move(const AllToAllVParams& p, int block) {
   const int R = p.num_ranks, me = p.rank, lanes = p.layout.lanes;
   const int pair = block / kStagedRoles, role = block % kStagedRoles;
@@ -328,6 +331,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
   const int64_t* recv_offsets = p.plan + 3 * R;
   const uint64_t row_bytes = uint64_t(p.row_bytes);
   if (b == 0) {
+    if (p.output == nullptr) return;  // a drain
     const uint64_t bytes = uint64_t(plan_word(recv_rows + me)) * row_bytes;
     // 16-byte multiples keep vector copies aligned; rounded up, so that fewer bytes than shares
     // still go (to the first)
@@ -368,7 +372,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
   } else {
     const int src = (me + R - b) % R;
     const uint64_t bytes = uint64_t(plan_word(recv_rows + src)) * row_bytes;
-    char* recv = p.output + plan_word(recv_offsets + src) * row_bytes;
+    char* recv = p.output ? p.output + plan_word(recv_offsets + src) * row_bytes : nullptr;  // null: a drain
     const uint64_t chunk = message_chunk_bytes(bytes, p.layout), chunks = (bytes + chunk - 1) / chunk;
     for (uint64_t j = 0, k = lane; k < chunks; ++j, k += lanes) {
       const int slot = int(j % L::kSlots);
@@ -380,7 +384,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
       if (!go) return;
       const uint64_t from = k * chunk, n = bytes - from < chunk ? bytes - from : chunk;
       char* staged = p.blocks[me] + p.layout.slot(src, lane, slot);
-      block_copy_call<kUnroll, kMoveThreads>(recv + from, staged, n, CachedGlobalLoad{}, StreamingStore{});
+      if (recv) block_copy_call<kUnroll, kMoveThreads>(recv + from, staged, n, CachedGlobalLoad{}, StreamingStore{});
       __syncthreads();  // every thread has read the slot before it is dropped and handed back
       discard_from_l2(staged, n);
       __syncthreads();

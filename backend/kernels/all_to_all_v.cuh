@@ -184,7 +184,7 @@ struct AllToAllVParams {
   int allow_extra_rows;         // input may hold rows past the splits' sum (they stay)
   int64_t row_bytes;
   const char* input;            // [N, row_bytes], contiguous
-  char* output;                 // [M, row_bytes], contiguous (move only)
+  char* output;                 // [M, row_bytes], contiguous (move only); null: the staged move drains
   int64_t* output_splits;       // [R]: rows that arrived from each rank (0s when nothing moved)
   int64_t* output_offsets;      // [R]: their exclusive cumulative sum
   int64_t* plan;                // [4R] device scratch: send rows, send row offsets, receive rows, receive row offsets

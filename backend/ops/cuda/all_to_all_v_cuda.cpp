@@ -375,6 +375,24 @@ bool last_call_one_copy(AllToAllVState& state) {
   return direct != 0;
 }
 
+namespace {
+
+// all_to_all_v with output=None when the host fails between the plan and the move (the output's
+// allocation runs out of memory): the plan is queued on every rank, and every peer's staged move
+// waits on this rank's. A drain (output null, see staged_move) still sends this rank's rows and
+// takes what the peers send, dropping it, so that the peers' calls complete and only this one
+// raises. Best effort: should it fail too, the first error raises.
+void queue_drain(AllToAllVState& state, kernels::AllToAllVParams p, cudaStream_t stream, const char* op) noexcept {
+  p.output = nullptr;
+  try {
+    EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+    state.order().end(stream, state.transport().track(op, stream));
+  } catch (...) {
+  }
+}
+
+}  // namespace
+
 std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVState& state, const Tensor& input,
                                             const Tensor& input_splits, const std::optional<Tensor>& given,
                                             Tensor* allocated, bool allow_extra_rows) {
@@ -426,19 +444,23 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     const bool one_launch = given && state.one_launch();
     if (one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_call(p, 0, stream));
     else EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
-    if (!given) {
+    if (!given) try {
       const Tensor sizes = at::empty({R}, splits.options().device(at::kCPU).pinned_memory(true));
       EP_CUDA_CHECK(cudaMemcpyAsync(sizes.data_ptr(), p.output_splits, R * sizeof(int64_t), cudaMemcpyDeviceToHost,
                                     stream));
       EP_CUDA_CHECK(cudaStreamSynchronize(stream));
-      // A problem found now (this call's, or an earlier call's whose plan ran meanwhile) raises
-      // once the move is queued too: every rank queues it, and after a problem of this call
-      // (found alike by every rank) it moves nothing. With one taken before, both raise.
-      found_after = state.take_report();
       const int64_t* n = sizes.data_ptr<int64_t>();
       std::vector<int64_t> shape = in.sizes().vec();
       shape[0] = std::accumulate(n, n + R, int64_t(0));
       output = staging = *allocated = empty_output(shape, in.options());
+      // A problem found now (this call's, or an earlier call's whose plan ran meanwhile) raises
+      // once the move is queued too: every rank queues it, and after a problem of this call
+      // (found alike by every rank) it moves nothing. With one taken before, both raise. Taken
+      // after the allocation: should that fail, the report stays for the next call.
+      found_after = state.take_report();
+    } catch (...) {
+      queue_drain(state, p, stream, op);
+      throw;
     }
     p.output = static_cast<char*>(staging.data_ptr());
     if (!one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
