@@ -113,6 +113,7 @@ class AllToAllVState {
     // rank's share (its launch bounds), the plan's block 0 of the one launch included.
     pool_blocks_ = config.all_to_all_pool_blocks > 0 ? config.all_to_all_pool_blocks
                                                      : std::max(1, 2 * sm_share(config, device) - 1);
+    pool_grid_automatic_ = config.all_to_all_pool_blocks <= 0;
     // The flags' cudaMemcpy from pageable memory may return before the device holds them; the
     // peers write them as soon as the barrier passes.
     EP_CUDA_CHECK(cudaDeviceSynchronize());
@@ -227,7 +228,18 @@ class AllToAllVState {
     return scratch_.data_ptr<int64_t>();
   }
   int64_t* pool_plan() { return scratch() + 6 * kernels::kMaxRanksPerNode; }
-  int pool_blocks() const { return pool_blocks_; }
+  // The one-copy move's grid for a call that sends `sent` bytes: a piece of at least 64 KiB per
+  // block, so that small calls launch fewer blocks. The automatic grid also grows with large calls,
+  // to pieces of at most 128 KiB: several waves of small pieces keep the copy at the copy engines'
+  // rate where one wave of large ones fell short (tools/pool_copy_probe.cu: 100 % against 89 % at
+  // 64 MiB; a2a_sweep at 2 ranks, H100, 0805d53: 71 % of the roofline with 528 blocks against 63 %
+  // with 131). Ranks may launch different grids: none waits on a peer's count.
+  int pool_grid(uint64_t sent) const {
+    const uint64_t at_least_64k = std::max<uint64_t>(1, sent / (64 << 10));
+    if (at_least_64k < uint64_t(pool_blocks_) || !pool_grid_automatic_)
+      return int(std::min<uint64_t>(pool_blocks_, at_least_64k));
+    return int(std::min<uint64_t>(std::max<uint64_t>(pool_blocks_, sent / (128 << 10)), kMaxPoolGrid));
+  }
   bool one_launch() const { return one_launch_; }
   uint64_t eager_bytes() const { return eager_bytes_; }
   std::shared_ptr<CudaTransport> shared_transport() const { return transport_; }
@@ -270,7 +282,9 @@ class AllToAllVState {
   std::mutex report_mutex_;           // take_report's and take_report_of's read-and-clear
   int64_t calls_ = 0;                 // calls so far: each one's call_id
   Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: order_)
-  int pool_blocks_ = 0;               // grid of the one-copy move
+  static constexpr uint64_t kMaxPoolGrid = 4096;  // 512 MiB calls in 128 KiB pieces; larger ones take larger pieces
+  int pool_blocks_ = 0;               // grid of the one-copy move (Options.all_to_all_pool_blocks, or two per SM)
+  bool pool_grid_automatic_ = true;   // no grid set in the options: it grows with the call (pool_grid)
   bool one_launch_ = false;           // plan and move in one launch
   uint64_t eager_bytes_ = 0;          // all_to_all_single's eager messages: at most this (0: off)
   CallOrder order_;
@@ -330,11 +344,9 @@ AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const
       for (int r = 0; r < R; ++r) p.pool[r] = pool->arenas[r];
       p.pool_plan = state.pool_plan();
     }
-    // One piece of at least 64 KiB per block of a one-copy move (backend/kernels/all_to_all_pool.cuh):
-    // small calls launch fewer blocks. Ranks may launch different grids: none waits on a peer's count.
     uint64_t sent = 0;
     for (size_t b : send_bytes) sent += b;
-    const int blocks = int(std::min<uint64_t>(state.pool_blocks(), std::max<uint64_t>(1, sent / (64 << 10))));
+    const int blocks = state.pool_grid(sent);  // backend/kernels/all_to_all_pool.cuh: a piece each
     // Eager: messages of 1..eager_bytes ride with the records (both ends call a message eager by its
     // size alone). Where every message this rank sends and expects is that small, the plan kernel
     // moves all of them and nothing is left to move: that launch alone. Ranks may decide this
