@@ -27,8 +27,8 @@ def test_extension_matches_torch():
 
 # The kernels that call NVSHMEM's device API need its headers and relocatable device code:
 # checked on their own below.
-NVSHMEM_KERNELS = ["low_latency.cu", "internode_notify.cu", "internode_dispatch.cu", "internode_combine.cu",
-                   "internode_exchange.cu"]
+NVSHMEM_KERNELS = ["low_latency_dispatch.cu", "low_latency_combine.cu", "internode_notify.cu", "internode_dispatch.cu",
+                   "internode_combine.cu", "internode_exchange.cu"]
 KERNELS = sorted(k for k in glob.glob(os.path.join(ROOT, "backend", "kernels", "*.cu"))
                  if os.path.basename(k) not in NVSHMEM_KERNELS)
 
@@ -74,7 +74,7 @@ def _nvshmem_root():
 
 @pytest.mark.skipif(not has_nvcc or _nvshmem_root() is None, reason="needs nvcc and the nvidia-nvshmem-cu13 wheel")
 def test_nvshmem_kernels_compile_and_device_link(tmp_path):
-    """The NVSHMEM kernels (low_latency.cu and the device-driven route across nodes,
+    """The NVSHMEM kernels (low_latency_*.cu and the device-driven route across nodes,
     internode_*.cu) compile with -rdc against NVSHMEM's headers and device-link with
     libnvshmem_device.a into a shared object, as CMakeLists.txt builds them (sm_90, no -dlto)."""
     nvshmem = _nvshmem_root()

@@ -3,7 +3,7 @@ in a replayed CUDA graph of back-to-back calls, at DeepEP's decoding shape. A re
 time includes waiting for the peers' sends.
 
 With TORCH_EP_LL_TRACE=1 the kernels also stamp the global timer at their phase boundaries
-(backend/kernels/low_latency.cu, `stamp`), and rank 0 prints the last call of each graph as one
+(backend/kernels/low_latency_*.cu, `stamp`), and rank 0 prints the last call of each graph as one
 timeline of every rank's kernels (ranks on one GPU share its timer): when each kernel starts,
 and when its blocks pass each phase (median and last block), in microseconds from the call's
 first kernel start.

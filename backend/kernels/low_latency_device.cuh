@@ -1,4 +1,4 @@
-// Device helpers of the low-latency kernels (low_latency.cu, their only includer): error
+// Device helpers of the low-latency kernels (low_latency_dispatch.cu, low_latency_combine.cu): error
 // reports and trace stamps, peer addressing (local peers by mapped address, remote ones through
 // NVSHMEM), completion words, warp copies and scans. Protocol and buffer layout: low_latency.cuh.
 #pragma once

@@ -1,4 +1,4 @@
-// The low-latency ops on CUDA tensors: host glue around backend/kernels/low_latency.cu, on the
+// The low-latency ops on CUDA tensors: host glue around backend/kernels/low_latency_*.cu, on the
 // caller's current stream. Nothing here waits on the device or allocates by data, so a call
 // can be captured in a CUDA graph; the outputs are allocated at their fixed sizes.
 #ifdef TORCH_EP_WITH_NVSHMEM
