@@ -223,6 +223,13 @@ def shared_seed(sync_group) -> int:
     return seed[0]
 
 
+def rank_problems(problem: Optional[str], sync_group) -> List[str]:
+    """Every rank's `problem` (None for none), as 'rank r: ...', the same list on every rank."""
+    problems: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem, group=sync_group)
+    return [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+
+
 def ranks_per_gpu(device: torch.device, sync_group) -> int:
     """The most ranks that share one GPU (1 when every rank has its own)."""
     uuids: List[Optional[str]] = [None] * dist.get_world_size()
