@@ -18,31 +18,50 @@
 namespace ep::kernels::ix {
 namespace {
 
-// The zero-copy inputs of this node's other ranks, as this rank reads them: rank j's combine_in
-// through the mapping (null: j pushed its rows) and j's first row from source (m, this rank's
-// local index), j's prefix of that source, at [j * NN + m].
+// The inputs of this node's ranks as this rank reads them: rank j's combine_in through the
+// mapping (null: j pushed its rows), j's first row from source (m, this rank's local index), j's
+// prefix of that source, at [j * NN + m], and j's x rows: a row of j's at or past them was
+// dropped by an overflowing dispatch (num_worst_tokens) and counts as not sent, as on one node
+// (moe.cu). `first` is loaded where j's rows are read in place or j's x may be short (its
+// record's worst_rows); `rows` is INT64_MAX where j's x holds every row it received.
 struct NodeInputs {
   const char* base[kMaxLocal];
   int64_t first[kMaxRanks];
+  int64_t rows[kMaxLocal];
 };
 
 // Block-wide, once the count words are complete: j signals them after its notify wrote its prefix,
-// which stays until every rank has started the next call (each waits for all records there).
+// which stays until every rank has started the next call (each waits for all records there). The
+// records are this call's (a peer's next call writes the other parity).
 __device__ void load_node_inputs(const IxParams& p, NodeInputs& in) {
   const int L = p.layout.ranks_per_node, NN = p.layout.num_nodes;
-  const uint32_t zero_copy = ctrl(p).zero_copy & ~(1u << p.local);  // its own rows are x (x_in_place)
-  for (int j = threadIdx.x; j < L; j += blockDim.x)
+  IxCtrl& c = ctrl(p);
+  const IxRecord* got = at<IxRecord>(p.base, p.layout.records_recv()) + (c.seq & 1) * p.layout.num_ranks;
+  const uint32_t zero_copy = c.zero_copy & ~(1u << p.local);  // its own rows are x (x_in_place)
+  for (int j = threadIdx.x; j < L; j += blockDim.x) {
+    const IxRecordHeader& r = got[rank_of(p, p.node, j)];
     in.base[j] = (zero_copy >> j) & 1 ? node_peer(p, at<char>(p.base, p.layout.combine_in()), rank_of(p, p.node, j))
                                       : nullptr;
-  for (int i = threadIdx.x; i < L * NN; i += blockDim.x)
-    if ((zero_copy >> (i / NN)) & 1)
-      in.first[i] = node_peer(p, &ctrl(p), rank_of(p, p.node, i / NN))->prefix[rank_of(p, i % NN, p.local)];
+    in.rows[j] = j == p.local ? p.x_rows : r.worst_rows ? r.num_tokens : INT64_MAX;
+  }
+  for (int i = threadIdx.x; i < L * NN; i += blockDim.x) {
+    const int j = i / NN, s = rank_of(p, i % NN, p.local), peer = rank_of(p, p.node, j);
+    int64_t first = 0;  // where LocalRows::row does not read it
+    if (j == p.local) {
+      first = c.prefix[s];
+    } else if ((zero_copy >> j) & 1 || got[peer].worst_rows) {
+      const IxCtrl* mapped = node_peer(p, &c, peer);
+      first = mapped ? mapped->prefix[s] : get_word(&c.prefix[s], peer);
+    }
+    in.first[i] = first;
+  }
   __syncthreads();
 }
 
 // Where local rank j's row `pos` of source s (on node m) lies for this rank as its forwarder, and
 // its weights: this rank's own rows in x itself (x_in_place), a zero-copy rank's in its
-// combine_in (weights pushed into the stage), else both in the stage, pushed there.
+// combine_in (weights pushed into the stage), else both in the stage, pushed there. Null for a
+// row j's x does not hold (nothing was pushed for it; weights() is asked only where row() is not null).
 struct LocalRows {
   const IxParams& p;
   const IxCtrl& c;
@@ -53,8 +72,10 @@ struct LocalRows {
   }
   __device__ const char* row(int j, int s, int m, int32_t pos) const {
     if (pos < 0) return nullptr;
+    const int64_t first = in.first[j * p.layout.num_nodes + m];
+    if (in.rows[j] != INT64_MAX && first + pos >= in.rows[j]) return nullptr;  // dropped by an overflowing dispatch
     if (in_place(j)) return p.x + (c.prefix[s] + pos) * p.x_bytes;
-    if (const char* base = in.base[j]) return base + (in.first[j * p.layout.num_nodes + m] + pos) * p.x_bytes;
+    if (const char* base = in.base[j]) return base + (first + pos) * p.x_bytes;
     return staged(j, m, pos);
   }
   __device__ const float* weights(int j, int s, int m, int32_t pos) const {
@@ -109,6 +130,12 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(IxParams p) {
     const int s = source_of(c.prefix, R, i);
     const int forwarder = rank_of(p, p.node, s % L);
     if (p.x_in_place && forwarder == p.rank) continue;  // read from x by this rank's reduce and receive
+    // Dropped by an overflowing dispatch: not in x. Nothing moves; the forwarder skips the row
+    // (this rank's record says worst_rows) but counts it, as the closing signal does.
+    if (i >= p.x_rows) {
+      if (lane == 0) atomicAdd_block(&pushed[s % L], units);
+      continue;
+    }
     char* dst = row(p, l.stage(), (int64_t(p.local) * NN + s / L) * C + (i - c.prefix[s]));
     if (char* mapped = node_peer(p, dst, forwarder)) {
       if (!zero_copy) warp_copy(mapped, p.x + i * p.x_bytes, p.x_bytes, lane);

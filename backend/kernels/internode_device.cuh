@@ -108,6 +108,9 @@ struct IxRecordHeader {
   int32_t relay_rows;  // tokens I send to your node through you (you are my rail peer there)
   int32_t zero_copy;   // combine: my x is my combine_in region (my node's ranks may read it in place)
   int32_t maps_node;   // combine: I map every rank of my node (node_p2p): I can read their combine_in
+  int32_t worst_rows;  // combine: my x has num_worst_tokens rows (num_tokens), which may be fewer than I
+                       // received (an overflowing dispatch): my rows past them count as not sent
+  int32_t pad;
 };
 struct IxRecord : IxRecordHeader {
   int32_t rows_per_expert[kMaxLocalExperts];  // dispatch without handle: per expert of yours
@@ -223,7 +226,8 @@ struct IxParams {
   int64_t* recv_topk_idx;
   float* recv_topk_weights;
   int64_t out_rows;  // rows the outputs hold: num_worst_tokens, or the total the host read
-  // combine: x [x_rows, hidden] rows back (| weights at off_weights), outputs [N, hidden]
+  // combine: x [x_rows, hidden] rows back (| weights at off_weights), outputs [N, hidden]; a
+  // received row at or past x_rows (dropped by an overflowing dispatch) counts as not sent
   int64_t x_rows;
   bool x_in_place;  // x is 16-byte aligned: this rank, as the forwarder of its own rows, reads
                     // them from x (and topk_weights) instead of pushing them into its own stage

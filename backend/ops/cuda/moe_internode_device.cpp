@@ -299,6 +299,9 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   mine.dtype = int64_t(a.x.scalar_type());
   mine.has_weights = K > 0;
   mine.num_tokens = a.x.size(0);
+  // With num_worst_tokens x may hold fewer rows than this rank received (an overflowing dispatch):
+  // the rows past it count as not sent, on every rank that reads them (internode_combine.cu).
+  mine.worst_rows = h.num_worst_tokens > 0;
   // Zero copy: x is the region combine_buffer handed out, and this rank maps its node's ranks;
   // the notify reads it in place only where every rank of the node maps its peers.
   mine.maps_node = group.config().internode_node_p2p && buf.maps_node_peers();
