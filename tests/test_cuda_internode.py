@@ -101,6 +101,30 @@ def test_all_to_all_across_nodes_host_rounds(topology):
     pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda", max_rows=3000, width=64)
 
 
+def rank_all_to_all_capture_refused(seed):
+    """all_to_all_single across nodes inside a CUDA-graph capture raises ValueError naming the op
+    before it queues anything (the NVSHMEM hop numbers chunks on the host, which a replay would
+    repeat); the capture stays empty and the group works after."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    inp = torch.ones(4 * size, 8, device="cuda")
+    out = torch.empty_like(inp)
+    dist.all_to_all_single(out, inp)  # the transport, outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="inside a CUDA graph capture") as refused:
+        with torch.cuda.graph(graph):
+            dist.all_to_all_single(out, inp)
+    assert "all_to_all_single" in str(refused.value), refused.value
+    internode.rank_all_to_all_across_nodes(seed, device="cuda")
+    return str(refused.value)
+
+
+def test_all_to_all_capture_refused(device_route):
+    device_route.run(rank_all_to_all_capture_refused, _seed())
+
+
 @pytest.mark.parametrize("kind,hidden,top_k,experts_per_rank,dtype", checks.ROUTE_CASES, ids=checks.CASE_IDS)
 def test_dispatch_combine(cuda_nodes, kind, hidden, top_k, experts_per_rank, dtype):
     cuda_nodes.run(checks.rank_dispatch_combine, _seed(), kind, hidden, top_k, experts_per_rank, dtype, device="cuda")

@@ -88,6 +88,16 @@ class CudaHops : public InternodeHops {
   cudaStream_t stream_;
 };
 
+// The host-driven route's rail hop is NvshmemExchange::all_to_all, whose chunk numbers are host
+// counters a graph would replay unchanged (and the route waits on the host for sizes): refused
+// before anything is queued (the exchange refuses too, but only once this call's first hops are in).
+void refuse_capture(const at::Device& device, const char* op) {
+  TORCH_CHECK_VALUE(!stream_capturing(c10::cuda::getCurrentCUDAStream(device.index()).stream()), op,
+                    ": inside a CUDA graph capture, the host-driven route across nodes (Options.internode_device="
+                    "False, TORCH_EP_INTERNODE_DEVICE=0) cannot be captured; the device route (the default) can, "
+                    "with num_worst_tokens");
+}
+
 std::shared_ptr<InternodeTransport> usable_transport(ProcessGroupEP& group, const at::Device& device, const char* op) {
   std::shared_ptr<InternodeTransport> transport = group.internode_transport(device, op);
   transport->net().check(op);
@@ -101,6 +111,7 @@ DispatchOutputs dispatch_cuda_internode(ProcessGroupEP& group, const DispatchArg
   const char* op = "dispatch";
   const at::Device device = a.x.device();
   c10::cuda::CUDAGuard guard(device);
+  if (!group.config().internode_device) refuse_capture(device, op);
   try {
     std::shared_ptr<InternodeTransport> transport = usable_transport(group, device, op);
     if (group.config().internode_device) return dispatch_cuda_internode_device(group, *transport, a);
@@ -126,6 +137,7 @@ CombineOutputs combine_cuda_internode(ProcessGroupEP& group, const CombineArgs& 
   const char* op = "combine";
   const at::Device device = a.x.device();
   c10::cuda::CUDAGuard guard(device);
+  if (!group.config().internode_device) refuse_capture(device, op);
   try {
     std::shared_ptr<InternodeTransport> transport = usable_transport(group, device, op);
     if (group.config().internode_device) return combine_cuda_internode_device(group, *transport, a);

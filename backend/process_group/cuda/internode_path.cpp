@@ -7,6 +7,7 @@
 
 #include "backend/process_group/cuda/cuda_work.hpp"
 #include "backend/process_group/process_group_ep.hpp"
+#include "backend/transport/cuda/cuda_check.hpp"
 #ifdef TORCH_EP_WITH_NVSHMEM
 #include "backend/transport/nvshmem/internode_buffer.hpp"
 #include "backend/transport/nvshmem/internode_transport.hpp"
@@ -53,6 +54,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
                                                                     AllToAllSpans spans, c10d::OpType type,
                                                                     const char* op_name, bool async_op) {
   const at::Device device = outputs[0].device();
+  // The NVSHMEM hop numbers each pair's chunks on the host (NvshmemExchange's counters), and a
+  // graph would replay the captured numbers: from the second replay on, receivers would take
+  // stale slots and senders overwrite slots still being read. Refused before anything is queued
+  // (or the transport set up).
+  TORCH_CHECK_VALUE(!stream_capturing(c10::cuda::getCurrentCUDAStream(device.index()).stream()), op_name,
+                    ": inside a CUDA graph capture, an all_to_all across nodes cannot be captured (its NVSHMEM "
+                    "hop counts chunks on the host, which a replay would repeat); run it outside the capture");
   std::shared_ptr<InternodeTransport> transport = internode_transport(device, op_name);
   c10::cuda::CUDAGuard guard(device);
   const auto stream = op_stream(c10::cuda::getCurrentCUDAStream(device.index()),

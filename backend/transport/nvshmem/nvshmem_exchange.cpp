@@ -1,5 +1,6 @@
 #include "backend/transport/nvshmem/nvshmem_exchange.hpp"
 
+#include <c10/util/Exception.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
@@ -82,6 +83,11 @@ void NvshmemExchange::check(const char* op_name) {
 void NvshmemExchange::all_to_all(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
                                  const std::vector<RecvBuffer>& recvs, cudaStream_t stream, const char* op_name) {
   check(op_name);
+  // The chunk numbers (chunks_sent_, chunks_received_) are host counters baked into what is
+  // queued: a graph would replay them unchanged. The callers refuse a capture before they queue
+  // anything; this keeps the class's own rule.
+  TORCH_CHECK_VALUE(!stream_capturing(stream), op_name, ": inside a CUDA graph capture, the NVSHMEM hop across "
+                    "nodes cannot be captured (it counts chunks on the host, which a replay would repeat)");
   {
     std::lock_guard<std::mutex> lock(error_mutex_);
     last_op_ = op_name;
@@ -94,7 +100,7 @@ void NvshmemExchange::all_to_all(const std::vector<int>& peers, const std::vecto
     all_to_all_on_device(peers, sends, recvs, stream);
   else
     all_to_all_in_rounds(peers, sends, recvs, stream);
-  order_.end(stream, stream_capturing(stream) ? nullptr : std::make_shared<StreamMark>(device_, stream));
+  order_.end(stream, std::make_shared<StreamMark>(device_, stream));
 }
 
 void NvshmemExchange::all_to_all_in_rounds(const std::vector<int>& peers, const std::vector<SendBuffer>& sends,
