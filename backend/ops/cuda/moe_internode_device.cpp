@@ -133,6 +133,34 @@ std::string refusal(const ix::IxRecordHeader& d, const InternodeBuffer& b) {
   TORCH_CHECK(false, op, ": rank ", rank, " refused a call across nodes that its peers' records accept");
 }
 
+// A call's place among the buffer's calls (InternodeBuffer::begin_call) from its first launch on:
+// ended on every way out, so that a call refused after its notify ran still orders the next.
+class OrderedCall {
+ public:
+  OrderedCall(InternodeBuffer& b, cudaStream_t stream, bool capturing) : b_(b), stream_(stream), capturing_(capturing) {
+    b_.begin_call(stream_);
+  }
+  ~OrderedCall() {
+    if (!open_) return;
+    try {
+      b_.end_call(stream_, capturing_);
+    } catch (...) {  // an error is on its way out already
+    }
+  }
+  OrderedCall(const OrderedCall&) = delete;
+  OrderedCall& operator=(const OrderedCall&) = delete;
+  void end() {
+    open_ = false;
+    b_.end_call(stream_, capturing_);
+  }
+
+ private:
+  InternodeBuffer& b_;
+  cudaStream_t stream_;
+  bool capturing_;
+  bool open_ = true;
+};
+
 // The parameters every launch of a call shares.
 ix::IxParams call_params(ProcessGroupEP& group, InternodeBuffer& b, int32_t op, const Tensor& meta, int64_t N,
                          int64_t E, Tensor& scratch) {
@@ -165,9 +193,10 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   TORCH_CHECK_VALUE(E / R <= ix::kMaxLocalExperts, op, ": across nodes on the device, a rank owns at most ",
                     ix::kMaxLocalExperts, " experts; this call gives it ", E / R);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.x.device().index()).stream();
+  const bool capturing = stream_capturing(stream);
   // Without num_worst_tokens the host waits for the notify's sizes, which a capture never runs:
   // refuse at once (every rank captures alike) rather than wait out twice the timeout.
-  TORCH_CHECK_VALUE(worst || !stream_capturing(stream), op, ": inside a CUDA graph capture, a dispatch across "
+  TORCH_CHECK_VALUE(worst || !capturing, op, ": inside a CUDA graph capture, a dispatch across "
                     "nodes needs num_worst_tokens (without it the host waits for the received sizes)");
   const DispatchRow row(H * int64_t(a.x.element_size()), S, K, with_weights, R);
   InternodeBuffer& buf = buffer_for(group, transport, std::max(row.stride, r16(2 * H) + r16(4 * K)), stream, op);
@@ -199,7 +228,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   // What a kernel reported since (an overflow, a refusal no host waited for) refuses this call on
   // every rank (InternodeBuffer::take_pending); not a captured call, whose record every replay
   // would repeat.
-  if (mine.status == ix::kOk && !stream_capturing(stream)) mine.status = buf.take_pending(mine.detail);
+  if (mine.status == ix::kOk && !capturing) mine.status = buf.take_pending(mine.detail);
   // Zero copy: x (its scales) is dispatch_buffer's view of this rank's packed rows, where the
   // pack would put it; it stays. Each rank decides for itself: the rows are the same either way.
   const int64_t W = buf.row_bytes();
@@ -224,6 +253,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   p.off_weights = row.off_weights;
   p.off_pos = row.off_pos;
 
+  OrderedCall order(buf, stream, capturing);
   EP_CUDA_CHECK(ix::launch_node_layout(p, stream));
   EP_CUDA_CHECK(ix::launch_notify(p, stream));
   EP_CUDA_CHECK(ix::launch_dispatch_send(p, stream));
@@ -271,6 +301,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   p.recv_topk_weights = with_weights ? o.recv_topk_weights.data_ptr<float>() : nullptr;
   p.out_rows = M;
   EP_CUDA_CHECK(ix::launch_dispatch_receive(p, stream));
+  order.end();
 
   o.meta = cached || a.layout_meta ? empty_output({0}, meta.options()) : meta;
   o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
@@ -286,6 +317,7 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   const int64_t K = a.topk_weights ? a.topk_weights->size(1) : 0;
   const HandleCounts& h = a.handle_counts;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.x.device().index()).stream();
+  const bool capturing = stream_capturing(stream);
   const int64_t x_bytes = H * int64_t(a.x.element_size()), stride = r16(x_bytes) + r16(4 * K);
   InternodeBuffer& buf = buffer_for(group, transport, stride, stream, op);
 
@@ -314,8 +346,8 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
     mine.detail = stride;
   }
   // As in dispatch: what a kernel reported since refuses this call on every rank.
-  if (mine.status == ix::kOk && !stream_capturing(stream)) mine.status = buf.take_pending(mine.detail);
-  const bool host_waits = h.num_worst_tokens == 0 && !stream_capturing(stream);
+  if (mine.status == ix::kOk && !capturing) mine.status = buf.take_pending(mine.detail);
+  const bool host_waits = h.num_worst_tokens == 0 && !capturing;
   p.row_stride = stride;
   p.host_waits = host_waits;
   p.cached = true;  // no per-expert counts travel
@@ -336,11 +368,13 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   p.out = static_cast<char*>(o.combined_x.data_ptr());
   p.out_weights = K ? o.combined_topk_weights.data_ptr<float>() : nullptr;
 
+  OrderedCall order(buf, stream, capturing);
   EP_CUDA_CHECK(ix::launch_node_layout(p, stream));
   EP_CUDA_CHECK(ix::launch_notify(p, stream));
   EP_CUDA_CHECK(ix::launch_combine_push(p, stream));
   EP_CUDA_CHECK(ix::launch_combine_reduce(p, stream));
   EP_CUDA_CHECK(ix::launch_combine_receive(p, stream));
+  order.end();
   if (host_waits) {
     const ix::IxHostCtrl& c = buf.wait_for(p.ticket, op);
     if (!c.ok) raise_refusal(op, rank, c, buf, R);

@@ -142,6 +142,11 @@ ix::IxParams InternodeBuffer::params() {
   return p;
 }
 
+void InternodeBuffer::end_call(cudaStream_t stream, bool capturing) {
+  // Inside a capture the order is the capture's own (an event recorded in it), as for all_to_all.
+  order_.end(stream, capturing ? nullptr : std::make_shared<StreamMark>(device_, stream));
+}
+
 const ix::IxHostCtrl& InternodeBuffer::wait_for(int64_t ticket, const char* op) {
   // The notify step's own waits are bounded by the timeout; the stream may hold earlier work
   // (the caller's), so the host allows twice that before it gives up.

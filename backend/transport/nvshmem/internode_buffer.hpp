@@ -16,6 +16,7 @@
 #include <string>
 
 #include "backend/kernels/internode_device.cuh"
+#include "backend/transport/cuda/call_order.hpp"
 #include "backend/transport/topology.hpp"
 
 namespace ep {
@@ -65,6 +66,13 @@ class InternodeBuffer {
   // results; raises naming `op` otherwise.
   const kernels::ix::IxHostCtrl& wait_for(int64_t ticket, const char* op);
   int num_blocks() const { return num_blocks_; }
+  // Calls share the buffer's records, signals and counters, and each rests on this rank's
+  // previous call's kernels having ended before its own start (its record goes out after them):
+  // a call queued on another stream than the last one's waits for it (CallOrder). begin_call
+  // before a call's first launch, end_call after its last, on every way out once one is queued
+  // (a refusal raised after the notify ran included). `capturing`: the stream is being captured.
+  void begin_call(cudaStream_t stream) { order_.begin(stream); }
+  void end_call(cudaStream_t stream, bool capturing);
 
  private:
   std::string describe(int code) const;
@@ -81,6 +89,7 @@ class InternodeBuffer {
   kernels::ix::IxHostCtrl* ctrl_host_ = nullptr;  // pinned, mapped
   kernels::ix::IxHostCtrl* ctrl_device_ = nullptr;
   int64_t tickets_ = 0;
+  CallOrder order_;
   std::mutex mutex_;
   std::string failed_;  // set after a timeout
 };
