@@ -188,13 +188,13 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
   const uint64_t deadline = now_ns() + p.timeout_ns;
   for (int j = threadIdx.x; j < L; j += blockDim.x)
     if (!wait_complete(count_word(p, j), deadline)) {
-      ll::report(p.error, kReduceTimeout, rank_of(p, p.node, j));
+      report(p.error, kReduceTimeout, rank_of(p, p.node, j));
       failed = 1;
     }
   for (int m = threadIdx.x; m < NN; m += blockDim.x)
     if (m != p.node &&
         !wait_at_least(route_flag(p, m), uint64_t((c.relay[m] + kChunkRows - 1) / kChunkRows), deadline)) {
-      ll::report(p.error, kReduceTimeout, rank_of(p, m, p.local));
+      report(p.error, kReduceTimeout, rank_of(p, m, p.local));
       failed = 1;
     }
   __syncthreads();
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
   const uint64_t deadline = now_ns() + p.timeout_ns;
   for (int j = threadIdx.x; j < L; j += blockDim.x)
     if (!wait_complete(count_word(p, j), deadline)) {
-      ll::report(p.error, kReduceTimeout, rank_of(p, p.node, j));
+      report(p.error, kReduceTimeout, rank_of(p, p.node, j));
       failed = 1;
     }
   __syncthreads();
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
         const int32_t slot = p.node_pos[t * NN + m];
         if (m != p.node && slot >= 0 &&
             !wait_at_least(chunk_flag(p, m, slot / kChunkRows), seq, now_ns() + p.timeout_ns)) {
-          ll::report(p.error, kCombineTimeout, rank_of(p, m, p.local));
+          report(p.error, kCombineTimeout, rank_of(p, m, p.local));
           lost = true;
           break;
         }
@@ -325,7 +325,7 @@ __global__ void combine_in_wait_kernel(IxParams p) {
   if (k >= p.layout.ranks_per_node || k == p.local) return;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   if (!wait_at_least(combine_in_done(p, k), ctrl(p).zero_copy_seq, deadline))
-    ll::report(p.error, kCombineInTimeout, rank_of(p, p.node, k));
+    report(p.error, kCombineInTimeout, rank_of(p, p.node, k));
 }
 
 }  // namespace

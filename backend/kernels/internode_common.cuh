@@ -1,5 +1,5 @@
 // Device helpers of the internode kernels (internode_*.cu, their only includers): addressing of
-// the symmetric buffer, bounded waits, row copies. Error reports, completion words and warp copies
+// the symmetric buffer, error reports, bounded waits, row copies. Completion words and warp copies
 // are the low-latency kernels' (low_latency_device.cuh).
 #pragma once
 
@@ -9,11 +9,29 @@
 #include <nvshmemx.h>
 
 #include "backend/kernels/internode_device.cuh"
-#include "backend/kernels/low_latency_device.cuh"  // ll::report, ll::complete, ll::closing_signal
+#include "backend/kernels/low_latency_device.cuh"  // ll::complete, ll::closing_signal, ll::warp_copy_l2
 #include "backend/kernels/sync.cuh"                // now_ns, load_acquire
 
 namespace ep::kernels::ix {
 namespace {
+
+// Whether `code` is one the host clears when its next call refuses with it
+// (InternodeBuffer::take_pending): a refusal no host waited for, or an overflow. The other kinds
+// are timeouts, which the host raises for good.
+__device__ __forceinline__ bool pending_refusal(int code) {
+  return error_kind(code) == kRejected || error_kind(code) == kOverflow;
+}
+
+// Reports an error in the host-mapped word: the first one wins, except that a timeout replaces a
+// pending refusal or overflow (the host would clear the word, and the timeout would never be
+// raised). A plain check-then-store, as ll::report: the word is pinned host memory, where device
+// atomics are not guaranteed on every platform (two reports at once may still keep either).
+__device__ __forceinline__ void report(int* error, int kind, int peer) {
+  volatile int* word = error;
+  const int code = kind * 65536 + peer + 1, held = *word;
+  if (held == 0 || (pending_refusal(held) && !pending_refusal(code))) *word = code;
+  __threadfence_system();
+}
 
 template <typename T>
 __device__ __forceinline__ T* at(char* base, int64_t offset) {

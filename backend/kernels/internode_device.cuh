@@ -74,7 +74,8 @@ enum Status : int32_t {
   kOverflowed = 5,  // an earlier dispatch (num_worst_tokens) on this rank received more rows than it holds
   kRefusedBefore = 6,  // rank `detail` refused an earlier call that no host waited for (this rank's kRejected)
 };
-// Error word (host-mapped): kind * 65536 + peer + 1, the first one wins.
+// Error word (host-mapped): kind * 65536 + peer + 1, the first one wins, except that a timeout
+// replaces a pending kRejected or kOverflow (the host clears those at its next call).
 enum ErrorKind : int {
   kNotifyTimeout = 1,   // a rank's record never came
   kForwardTimeout = 2,  // the rail peer's chunk never came (peer: that source)

@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
       // A thread a row of the chunk waits for the row's signal (its acquire, then the barrier,
       // orders every thread's reads of the row).
       if (threadIdx.x < rows && !wait_at_least(row_flag(p, m, first + threadIdx.x), seq, now_ns() + p.timeout_ns)) {
-        ll::report(p.error, kForwardTimeout, s);
+        report(p.error, kForwardTimeout, s);
         failed = 1;
       }
       __syncthreads();
@@ -180,14 +180,14 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
     if (ok) {
       for (int s = threadIdx.x; s < R; s += blockDim.x)
         if ((s / L == p.node) == own_pass && !wait_at_least(count_word(p, s), uint64_t(c.recv[s]), deadline)) {
-          ll::report(p.error, kReceiveTimeout, rank_of(p, p.node, s % L));
+          report(p.error, kReceiveTimeout, rank_of(p, p.node, s % L));
           failed = 1;
         }
     }
     __syncthreads();
     const bool lost = !ok || failed;
     const int64_t M = ok ? c.prefix[R] : 0;
-    if (own_pass && M > p.out_rows && blockIdx.x == 0 && threadIdx.x == 0) ll::report(p.error, kOverflow, p.rank);
+    if (own_pass && M > p.out_rows && blockIdx.x == 0 && threadIdx.x == 0) report(p.error, kOverflow, p.rank);
     for (int64_t i = int64_t(blockIdx.x) * (kThreads / 32) + warp; i < p.out_rows; i += warps) {
       const int s = i < M ? source_of(c.prefix, R, i) : -1;
       if (s >= 0 && (s / L == p.node) != own_pass) continue;  // the other pass's row
@@ -275,7 +275,7 @@ __global__ void dispatch_in_wait_kernel(IxParams p) {
   if (k >= p.layout.ranks_per_node || k == p.local) return;
   const uint64_t deadline = now_ns() + p.timeout_ns;
   if (!wait_at_least(dispatch_in_done(p, k), ctrl(p).dispatch_seq, deadline))
-    ll::report(p.error, kDispatchInTimeout, rank_of(p, p.node, k));
+    report(p.error, kDispatchInTimeout, rank_of(p, p.node, k));
 }
 
 }  // namespace

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
   const uint64_t deadline = now_ns() + p.timeout_ns;
   for (int r = threadIdx.x; r < R; r += blockDim.x)
     if (!wait_at_least(flags + r, seq, deadline)) {
-      ll::report(p.error, kNotifyTimeout, r);
+      report(p.error, kNotifyTimeout, r);
       atomicExch(&timed_out_s, 1);
     }
   __syncthreads();
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
     // calls: each reads its word whenever it starts a call). Not reported: a rank's own refusal
     // its host raised at this call already, and kRefusedBefore (no refusal chain).
     if (!ok && !timed_out_s && !p.host_waits && news_s < R && !(news_s == p.rank && p.mine.status != kOk))
-      ll::report(p.error, kRejected, news_s);
+      report(p.error, kRejected, news_s);
     nvshmem_quiet();  // the record stage is reused by the next call
   }
 }

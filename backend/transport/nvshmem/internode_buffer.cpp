@@ -118,12 +118,18 @@ void InternodeBuffer::check(const char* op) {
 }
 
 ix::Status InternodeBuffer::take_pending(int64_t& detail) {
-  const int code = *static_cast<volatile int*>(error_host_);
-  const int kind = ix::error_kind(code);
-  if (kind != ix::kOverflow && kind != ix::kRejected) return ix::kOk;
-  *static_cast<volatile int*>(error_host_) = 0;
+  const auto pending = [](int code) {
+    return ix::error_kind(code) == ix::kOverflow || ix::error_kind(code) == ix::kRejected;
+  };
+  // Cleared only while it still holds the code read: a kernel may replace a pending code with a
+  // timeout meanwhile (ix::report), which must stay for check() to raise.
+  int code = __atomic_load_n(error_host_, __ATOMIC_ACQUIRE);
+  while (pending(code) &&
+         !__atomic_compare_exchange_n(error_host_, &code, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+  }
+  if (!pending(code)) return ix::kOk;
   detail = ix::error_peer(code);
-  return kind == ix::kOverflow ? ix::kOverflowed : ix::kRefusedBefore;
+  return ix::error_kind(code) == ix::kOverflow ? ix::kOverflowed : ix::kRefusedBefore;
 }
 
 ix::IxParams InternodeBuffer::params() {
@@ -161,6 +167,16 @@ const ix::IxHostCtrl& InternodeBuffer::wait_for(int64_t ticket, const char* op) 
   }
   std::atomic_thread_fence(std::memory_order_acquire);
   if (const std::string e = error(); !e.empty()) throw CommError(std::string("torch_ep: ") + op + ": " + e);
+  // The notify gave up on a record, but no timeout shows in the word (another report raced it):
+  // the same failure, for good, rather than a refusal in the records' words.
+  if (ctrl_host_->timed_out) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (failed_.empty())
+      failed_ = "rank " + std::to_string(topology_.rank) + " waited past the timeout (" +
+                std::to_string(double(timeout_.count()) / 1000.0) + " s) for a peer's record of a dispatch/combine "
+                "across nodes; the group's buffers across nodes are out of step since, so every later call raises";
+    throw CommError(std::string("torch_ep: ") + op + ": " + failed_);
+  }
   return *ctrl_host_;
 }
 
