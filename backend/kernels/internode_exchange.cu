@@ -45,7 +45,11 @@ __device__ bool block_wait(const uint64_t* word, uint64_t value, uint64_t deadli
         break;
       }
       if (now_ns() > deadline) {
-        atomicCAS(error, 0, 1 + peer);
+        // The first report wins, mostly: a check-then-store, as ll::report (device atomics on
+        // pinned host memory are not guaranteed on every platform); every code is a timeout.
+        volatile int* word = error;
+        if (*word == 0) *word = 1 + peer;
+        __threadfence_system();
         atomicExch(gave_up, 1u);
         came = 0;
         break;
