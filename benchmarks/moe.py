@@ -83,7 +83,8 @@ from benchmarks.moe_deep_ep import DeepEP, deep_ep_fields, deep_ep_ops  # noqa: 
 
 ROOFLINE = "roofline"
 DEEPEP = "DeepEP"
-OPS = ("dispatch bf16", "dispatch fp8", "dispatch bf16, layout given", "dispatch fp8, layout given",
+LAYOUT_GIVEN = ", layout given"  # an op timed with its layout computed before the call
+OPS = ("dispatch bf16", "dispatch fp8", "dispatch bf16" + LAYOUT_GIVEN, "dispatch fp8" + LAYOUT_GIVEN,
        "dispatch cached", "combine bf16", "combine bf16, fresh x")
 FP8_BLOCK = 128  # channels per fp8 scale
 
@@ -214,34 +215,59 @@ def reference_results(inputs: Inputs, num_experts: int) -> Dict[str, object]:
             for op, payload in (("dispatch bf16", inputs.x), ("dispatch fp8", inputs.x_fp8))}
 
 
+POISON_FIELDS = ("recv_x", "recv_topk_idx", "recv_topk_weights", "combined_x", "combined_topk_weights")
+
+
+def poison_outputs(result) -> None:
+    """Fills a result's output tensors with 0xFF bytes (NaN for floats, -1 for indices), so that the
+    allocator hands the next call of the same shapes memory that holds no correct rows: a row the
+    checked call fails to write then shows."""
+    for field in POISON_FIELDS:
+        value = getattr(result, field, None)
+        for t in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(t, torch.Tensor) and t.numel() and t.is_contiguous():
+                t.view(torch.uint8).fill_(0xFF)
+
+
 def check_against_reference(ops: Dict[str, Callable[[], object]], inputs: Inputs, num_experts: int,
                             sync_group, expected: Optional[Dict[str, object]] = None,
-                            fields: Optional[Callable[[str, object], object]] = None) -> None:
+                            fields: Optional[Callable[[str, object], object]] = None) -> List[str]:
     """One call of each ep op against torch_ep.reference on the same inputs (`expected`: from
     reference_results, computed here when not given); raises on every rank if any rank got a
-    different result. `fields(op, result)` names a result's fields as the native API's
-    (deep_ep_fields for the DeepEP API's tuples)."""
+    different result. Each checked call follows a call of the same op whose outputs were poisoned
+    and freed (poison_outputs), so that memory left over from an earlier call cannot pass for its
+    output. `fields(op, result)` names a result's fields as the native API's (deep_ep_fields for
+    the DeepEP API's tuples). Returns the ops it checked."""
     expected = expected or reference_results(inputs, num_experts)
-    call = (lambda op: ops[op]()) if fields is None else (lambda op: fields(op, ops[op]()))
-    found = []
+    named = (lambda op, r: r) if fields is None else fields
+
+    def call(op):
+        poison_outputs(named(op, ops[op]()))
+        return named(op, ops[op]())
+
+    found, checked = [], []
     for op, want in expected.items():
-        for variant in (op, f"{op}, layout given"):
+        for variant in (op, f"{op}{LAYOUT_GIVEN}"):
             if variant not in ops:
                 continue
             got = call(variant)
+            checked.append(variant)
             for field in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert"):
                 found += differences(f"{variant} {field}", getattr(got, field), getattr(want, field))
     bf16 = expected["dispatch bf16"]
     if "dispatch cached" in ops:
         found += differences("dispatch cached recv_x", call("dispatch cached").recv_x, bf16.recv_x)
+        checked.append("dispatch cached")
     combined = reference.combine(bf16.recv_x, bf16.handle).combined_x
     for variant in ("combine bf16", "combine bf16, fresh x"):
         if variant in ops:
             found += differences(f"{variant} combined_x", call(variant).combined_x, combined)
+            checked.append(variant)
     problems = common.rank_problems("; ".join(found) or None, sync_group)
     if problems:
         raise RuntimeError(f"ep differs from torch_ep.reference on {inputs.x.shape[0]} tokens per rank, "
                            f"not timing it:\n  " + "\n  ".join(problems))
+    return checked
 
 
 def copy_op(num_bytes: int, device: torch.device) -> Callable[[], object]:

@@ -39,13 +39,13 @@ from torch_ep import sm_table
 from torch_ep.options import MOE_COPIES
 
 from benchmarks import common
-from benchmarks.moe import FP8_BLOCK, Measurement, check_against_reference, make_inputs, reference_results
+from benchmarks.moe import (FP8_BLOCK, LAYOUT_GIVEN, Measurement, check_against_reference, make_inputs,
+                            reference_results)
 
 # Table op -> moe.py op. Dispatch's budget comes from its layout-given rows: a layout computed in
 # the call adds a kernel and a host wait for the sizes that no SM budget shortens, which flattens
 # the curve and makes few SMs look enough.
 SWEPT = {"dispatch": "dispatch bf16, layout given", "combine": "combine bf16"}
-LAYOUT_GIVEN = ", layout given"
 OPS = ("dispatch bf16", "dispatch fp8", "dispatch bf16" + LAYOUT_GIVEN, "dispatch fp8" + LAYOUT_GIVEN,
        "combine bf16")  # timed at each budget
 
@@ -100,7 +100,9 @@ def measure_budget(sms: int, copy: str, inputs, expected, tokens: int, args, dev
         "combine bf16": lambda: torch_ep.combine(first.recv_x, first.handle, group=group),
     }
     assert tuple(ops) == OPS
-    check_against_reference(ops, inputs, E, sync_group, expected)
+    unchecked = set(OPS) - set(check_against_reference(ops, inputs, E, sync_group, expected))
+    if unchecked:  # a row no check covers is timed blind
+        raise RuntimeError(f"the sweep's ops {sorted(unchecked)} have no reference check")
     rows = first.recv_x.shape[0]  # combine: the bytes of the dispatch it reverses
     op_bytes = {op: rows * (args.hidden + 4 * -(-args.hidden // FP8_BLOCK) if "fp8" in op else args.hidden * 2)
                 for op in OPS}

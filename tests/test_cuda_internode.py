@@ -137,6 +137,45 @@ def test_many_tokens_autograd_async_worst_case(cuda_nodes):
     cuda_nodes.run(checks.rank_worst_case, _seed(), device="cuda")
 
 
+def rank_worst_overflow_then_combine(seed):
+    """More rows than num_worst_tokens, then a combine along that handle at once (16d4970): the
+    combine reads no row past its x (no illegal access: the context would be lost), the overflow
+    raises on rank 0 by the next synchronising point, and the group keeps working."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    x = torch.randn(5, 8, device="cuda") + dist.get_rank()
+    idx = torch.zeros(5, 1, dtype=torch.int64, device="cuda")  # every token to rank 0's first expert
+    said = []
+    steps = [lambda: torch_ep.dispatch(x, idx, num_experts=2 * size, num_worst_tokens=2)]
+    steps.append(lambda: torch_ep.combine(steps_out[0].recv_x, steps_out[0].handle))
+    steps.append(lambda: (torch.cuda.synchronize(), torch_ep.check_errors()))
+    steps_out = []
+    for step in steps:
+        try:
+            steps_out.append(step())
+        except ValueError as e:
+            said.append(str(e))
+            steps_out.append(None)
+        if steps_out[0] is None:
+            break
+    torch.cuda.synchronize()
+    for _ in range(2):  # a call may still carry the refusal to every rank: the one after goes through
+        try:
+            checks.rank_worst_case(seed)
+            break
+        except ValueError as e:
+            said.append(str(e))
+    else:
+        raise AssertionError(f"the group did not recover: {said}")
+    if dist.get_rank() == 0:
+        assert any("num_worst_tokens" in m for m in said), said
+
+
+def test_worst_overflow_then_combine(device_route):
+    device_route.run(rank_worst_overflow_then_combine, _seed())
+
+
 def test_hop_bytes(cuda_nodes):
     cuda_nodes.run(internode.rank_hop_bytes, _seed(), device="cuda")
 

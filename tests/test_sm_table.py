@@ -257,3 +257,41 @@ def test_moe_one_launch_option(monkeypatch):
     monkeypatch.setenv("TORCH_EP_MOE_ONE_LAUNCH", "yes")
     with pytest.raises(ValueError, match="TORCH_EP_MOE_ONE_LAUNCH"):
         torch_ep.Options()
+
+
+CORRUPT_LAYOUT_GIVEN = """
+import runpy, sys
+import torch
+import torch_ep
+
+real = torch_ep.dispatch
+
+
+def corrupt(*args, **kwargs):  # a bf16 dispatch that loses its last row whenever the layout is given
+    result = real(*args, **kwargs)
+    if kwargs.get("layout") is not None and isinstance(result.recv_x, torch.Tensor) and result.recv_x.shape[0]:
+        result.recv_x[-1] = 0
+    return result
+
+
+torch_ep.dispatch = corrupt
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sm_sweep_refuses_a_wrong_row(tmp_path):
+    """The sweep's reference check covers the layout-given rows: a dispatch that is wrong only
+    with the layout given stops the sweep before anything is timed."""
+    script = tmp_path / "corrupt.py"
+    script.write_text(CORRUPT_LAYOUT_GIVEN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(ROOT / "benchmarks" / "moe.py"), "--sm-sweep", "1", "--copy", "warp", "--device", "cpu",
+           "--tokens", "48", "--hidden", "256", "--experts", "8", "--top-k", "2", "--runs", "1", "--warmup", "0",
+           "--stream-calls", "2", "--out", str(tmp_path / "out")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0, out.stdout[-2000:]
+    assert "differs from torch_ep.reference" in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "layout given recv_x" in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
