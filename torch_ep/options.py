@@ -61,7 +61,9 @@ ENVIRONMENT = {
     "TORCH_EP_ALL_TO_ALL_POOL_BLOCKS": "the device protocol's one-copy move (tensors of torch_ep.comm_pool): the "
                                        "blocks that copy, one piece of the call each (default 0, automatic: two per SM "
                                        "of this rank's share (TORCH_EP_NUM_SMS, or the SMs its context has, which "
-                                       "under MPS is the client's share), less one for the plan's block)",
+                                       "under MPS is the client's share), less one for the plan's block, and more "
+                                       "for large calls, so that no piece passes 128 KiB; a value set is the most a "
+                                       "call takes)",
     "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "1 runs the device protocol's plan and move in one kernel launch instead of two (measured slower on one H200)",
     "TORCH_EP_ALL_TO_ALL_EAGER_BYTES": "the device protocol's eager path for small CUDA all_to_all_single calls: a "
                                        "message of at most this many bytes (a multiple of 16, up to 1 MiB; default 0, "
