@@ -182,7 +182,8 @@ def run(args, device: torch.device, sync_group) -> None:
                                **shape)
     entries = [sm_table.derive_entry(sweep_gbps(results, method, copy), device=device_name, ranks=world_size,
                                      ranks_per_gpu=ranks_per_gpu, copy=copy, measured={
-                                         "method": method, **shape, "date": meta["date"], "commit": meta["commit"]})
+                                         "method": method, "ops": dict(SWEPT), **shape, "date": meta["date"],
+                                         "commit": meta["commit"]})
                for copy in copies]
     rows = [[sms, copy, m.method, m.op, common.format_bytes(int(m.bytes_per_rank)), f"{m.time_s * 1e6:.1f}",
              f"{m.gbps:.2f}"]

@@ -125,6 +125,7 @@ def test_sm_sweep_runs_on_cpu(tmp_path):
                      for m in ("isolated", "stream")}
     assert SWEPT["dispatch"] == "dispatch bf16, layout given"
     for e in data["sm_table_entries"]:
+        assert e["measured"]["ops"] == SWEPT  # which rows an entry's budgets come from
         stream = {(r["sms"], r["op"]): r["GBps"] for r in data["results"]
                   if r["copy"] == e["copy"] and r["method"] == "stream"}
         for table_op, op in SWEPT.items():
