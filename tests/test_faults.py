@@ -190,6 +190,92 @@ def test_rank_killed_mid_stream_cuda_device_protocol(world_size, victim):
     _kill_mid_stream(world_size, victim, "cuda", extra_env={"TORCH_EP_ALL_TO_ALL_DEVICE": "1"})
 
 
+def rank_killed_with_async_calls_queued(victim, timeout_s, seed):
+    """Every rank makes a first checked all_to_all_single (it sets up the device protocol's state,
+    collectively); then rank `victim` SIGKILLs itself while each other rank has three async
+    all_to_all_single queued back to back, and waits for each in turn. The group's Work.wait()
+    blocks (TORCH_EP_BLOCKING_WAIT): without it a wait only orders the caller's stream and raises
+    nothing before the failure. On a survivor returns: whether each call was still pending once
+    all three were queued; each wait's (seconds, error type, message); the seconds from queueing
+    the first call until the device is idle again; and the errors of two later calls."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    config = torch_ep.get_backend().config
+    assert config.all_to_all_device and config.blocking_wait, "the ranks' environment did not reach the group"
+    assert config.timeout == timedelta(seconds=timeout_s), config.timeout
+    splits = torch.randint(1, 4, (size, size), generator=torch.Generator().manual_seed(seed))
+    checked_all_to_all(0, splits, device="cuda")
+    if rank == victim:
+        # After the survivors have queued their calls (milliseconds after the first call ends):
+        # it dies while they wait for it, and it never makes them.
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    x = torch.arange(size * 4, dtype=torch.float32, device="cuda")
+    outputs = [torch.empty_like(x) for _ in range(3)]
+    start = time.monotonic()
+    works = [dist.all_to_all_single(y, x, async_op=True) for y in outputs]
+    pending = [not w.is_completed() for w in works]
+    waits = [_error_of(w.wait) for w in works]
+    # A wait raises once the transport failed, but the calls queued behind the first still hold
+    # the comm stream until their kernels give up: the device is idle only after this.
+    torch.cuda.synchronize()
+    elapsed = time.monotonic() - start
+    later = {
+        "all_to_all_single": _error_of(lambda: dist.all_to_all_single(torch.empty_like(x), x)),
+        "check_errors": _error_of(torch_ep.check_errors),
+    }
+    return pending, waits, elapsed, later
+
+
+@needs_cuda
+@pytest.mark.parametrize("world_size,victim", [(2, 1), (4, 2)], ids=["2ranks", "4ranks"])
+def test_rank_killed_mid_stream_cuda_device_protocol_async_queued(world_size, victim):
+    """A rank SIGKILLed while the survivors have three async all_to_all_single queued on the
+    device protocol: the first call's wait for it expires and fails the group's CUDA transport,
+    which sets the abort word the kernels poll (68c8875), so the two calls queued behind it give
+    up at once instead of each waiting out a timeout of its own. Every survivor's three waits
+    raise naming the op and the dead peer, its device is idle again in about one timeout (not
+    three), the group then refuses calls, and every survivor exits cleanly."""
+    timeout_s = 8
+    # The first call ends about timeout_s after it was queued; with the abort word the other two
+    # end right after it. Before 68c8875 each queued call started its own timeout when the one
+    # before it ended: about 3 x timeout_s in all (24 s). The bound, 1.5 x timeout_s plus a
+    # margin (the first error's fault-log lookup, up to 1.5 s, and late wake-ups), is 16 s: well
+    # above the one timeout, and below the three it must tell apart (hence not SLACK_S, which with
+    # 1.5 x 8 s would pass 22 s).
+    bound_s = 1.5 * timeout_s + 4
+    assert bound_s < 3 * timeout_s, "the bound would pass the behaviour before 68c8875"
+    before = set(shm_names())
+    env = {"OMP_NUM_THREADS": "1", "TORCH_EP_TIMEOUT_S": str(timeout_s), "TORCH_EP_ALL_TO_ALL_DEVICE": "1",
+           "TORCH_EP_BLOCKING_WAIT": "1",  # each wait raises (see the rank function)
+           # ranks sharing a GPU split it under MPS, as in the GPU suite
+           "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(100 // -(-world_size // torch.cuda.device_count()))}
+    ranks = RankPool(world_size, env=env, timeout_s=60, cuda=True)
+    survivors = [r for r in range(world_size) if r != victim]
+    seed = random.randrange(2**30)
+    try:
+        ranks.start(range(world_size), rank_killed_with_async_calls_queued, victim, timeout_s, seed)
+        # Room for three timeouts and more: a regression fails the bound below, with its numbers.
+        outcomes = ranks.results(survivors, "rank_killed_with_async_calls_queued after the kill",
+                                 timeout_s=3 * timeout_s + 60)
+    finally:
+        exit_codes = ranks.close()
+    for r, (pending, waits, elapsed, later) in outcomes.items():
+        assert pending == [True] * 3, f"seed {seed}: rank {r}: calls done although rank {victim} never made them"
+        for call, (waited, kind, error) in enumerate(waits):
+            where = f"seed {seed}: rank {r}, wait {call} ({waited:.1f} s)"
+            assert kind == "DistBackendError", f"{where}: {kind}: {error}"
+            assert _names_dead_peer(error, victim), f"{where}: the error names neither op nor peer: {error}"
+        assert elapsed < bound_s, (f"seed {seed}: rank {r}: the queued calls ended {elapsed:.1f} s after the first was "
+                                   f"queued, bound {bound_s:.0f} s (timeout {timeout_s} s); waits took "
+                                   f"{[round(w[0], 1) for w in waits]} s")
+        for op, (waited, kind, error) in later.items():
+            # Refused without waiting for a peer (the fault log's store lookups take at most 1.5 s).
+            assert kind == "DistBackendError" and waited < 2.0, f"seed {seed}: rank {r}, later {op}: {kind}: {error}"
+            assert error.startswith(f"{op} on rank {r}: this 'ep' process group takes no more calls"), error
+    assert exit_codes == [-9 if r == victim else 0 for r in range(world_size)], exit_codes
+    assert leaked(shm_names(), before, ranks.pids) == []
+
+
 # ----------------------------------------------------------------------------- timeouts
 
 def rank_timeout(kind, timeout_s, absent, seed, source="option", device="cpu"):
