@@ -243,7 +243,7 @@ if [ "$WHAT" = pending ]; then
   # mode's checks) and sm_sweep (the sm-sweep mode).
   STEPS=" ${TORCH_EP_PENDING_STEPS:-deep_ep_bench deep_ep_overhead copy_tests sm_sweep} "
   [[ $STEPS == *" internode "* ]] && pending_test internode_device ${TORCH_EP_INTERNODE_LIMIT_S:-200} NVSHMEM_SYMMETRIC_SIZE=3G \
-    TORCH_EP_INTERNODE_TOPOLOGIES=${TORCH_EP_INTERNODE_TOPOLOGIES:-2x2} TORCH_EP_INTERNODE_ROUTES=${TORCH_EP_INTERNODE_ROUTES:-device} -- tests/test_cuda_internode.py
+    TORCH_EP_INTERNODE_TOPOLOGIES=${TORCH_EP_INTERNODE_TOPOLOGIES:-2x2} TORCH_EP_INTERNODE_ROUTES=${TORCH_EP_INTERNODE_ROUTES:-device} -- tests/test_cuda_internode.py tests/test_cuda_internode_refusals.py
   [[ $STEPS == *" pool "* ]] && pending_test pool ${TORCH_EP_POOL_LIMIT_S:-110} TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- \
     ${TORCH_EP_POOL_TESTS:-tests/test_cuda_comm_pool.py tests/test_cuda_all_to_all_v.py tests/test_cuda_all_to_all.py}
   [[ $STEPS == *" deep_ep_tests "* ]] && pending_test deep_ep_tests 60 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py
@@ -465,7 +465,7 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = internode ] || [ "$WHAT" = ll-remote ]; then
   need_nvshmem4py
   TESTS="tests/test_cuda_low_latency_across_nodes.py"
-  [ "$WHAT" = ll-remote ] || TESTS="tests/test_cuda_internode.py $TESTS"
+  [ "$WHAT" = ll-remote ] || TESTS="tests/test_cuda_internode.py tests/test_cuda_internode_refusals.py $TESTS"
   step "GPU internode tests ($TESTS), virtual nodes ${TORCH_EP_INTERNODE_TOPOLOGIES:=2x2,2x4} (nodes x ranks per node)"
   TORCH_EP_INTERNODE_TOPOLOGIES=$TORCH_EP_INTERNODE_TOPOLOGIES timeout 360 python3 -m pytest $TESTS \
     -q -ra -x > "$LOGS/gpu_internode_tests.log" 2>&1 || STATUS=1

@@ -1,0 +1,133 @@
+"""Refusals and failures across (virtual) nodes on CUDA: bad input, a capture all_to_all cannot
+replay, more rows than num_worst_tokens, the buffer's capacity and row width, a peer that never
+arrives. Each raises a clear error on the ranks it names, and the group works afterwards. The
+pools, fixtures and topologies are tests/test_cuda_internode.py's."""
+import pytest
+import torch
+
+import test_cuda_all_to_all as all_to_all_checks
+import test_internode as internode
+import test_moe as checks
+import torch_ep
+from test_cuda_internode import CAPACITY, ROW_BYTES, _seed, cuda_nodes, device_route, pytestmark  # noqa: F401
+
+
+def rank_all_to_all_capture_refused(seed):
+    """all_to_all_single across nodes inside a CUDA-graph capture raises ValueError naming the op
+    before it queues anything (the NVSHMEM hop numbers chunks on the host, which a replay would
+    repeat); the capture stays empty and the group works after."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    inp = torch.ones(4 * size, 8, device="cuda")
+    out = torch.empty_like(inp)
+    dist.all_to_all_single(out, inp)  # the transport, outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="inside a CUDA graph capture") as refused:
+        with torch.cuda.graph(graph):
+            dist.all_to_all_single(out, inp)
+    assert "all_to_all_single" in str(refused.value), refused.value
+    internode.rank_all_to_all_across_nodes(seed, device="cuda")
+    return str(refused.value)
+
+
+def test_all_to_all_capture_refused(device_route):
+    device_route.run(rank_all_to_all_capture_refused, _seed())
+
+
+def rank_worst_overflow_then_combine(seed):
+    """More rows than num_worst_tokens, then a combine along that handle at once (16d4970): the
+    combine reads no row past its x (no illegal access: the context would be lost), the overflow
+    raises on rank 0 by the next synchronising point, and the group keeps working."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    x = torch.randn(5, 8, device="cuda") + dist.get_rank()
+    idx = torch.zeros(5, 1, dtype=torch.int64, device="cuda")  # every token to rank 0's first expert
+    said = []
+    steps = [lambda: torch_ep.dispatch(x, idx, num_experts=2 * size, num_worst_tokens=2)]
+    steps.append(lambda: torch_ep.combine(steps_out[0].recv_x, steps_out[0].handle))
+    steps.append(lambda: (torch.cuda.synchronize(), torch_ep.check_errors()))
+    steps_out = []
+    for step in steps:
+        try:
+            steps_out.append(step())
+        except ValueError as e:
+            said.append(str(e))
+            steps_out.append(None)
+        if steps_out[0] is None:
+            break
+    torch.cuda.synchronize()
+    for _ in range(2):  # a call may still carry the refusal to every rank: the one after goes through
+        try:
+            checks.rank_worst_case(seed)
+            break
+        except ValueError as e:
+            said.append(str(e))
+    else:
+        raise AssertionError(f"the group did not recover: {said}")
+    if dist.get_rank() == 0:
+        assert any("num_worst_tokens" in m for m in said), said
+
+
+def test_worst_overflow_then_combine(device_route):
+    device_route.run(rank_worst_overflow_then_combine, _seed())
+
+
+def test_bad_input(cuda_nodes):
+    cuda_nodes.run(checks.rank_bad_input, device="cuda")
+    cuda_nodes.run(checks.rank_mismatched_handles, device="cuda")
+
+
+def test_remote_peer_never_arrives_raises_in_wait(cuda_nodes):
+    """The first rank of node 1 skips a call: rank 0's Work.wait() (blocking waits) raises within
+    the timeout, naming the op and a peer of node 1, which only the NVSHMEM hop waits for (that
+    rank, or one of its node that waited for it first)."""
+    import re
+
+    absent = cuda_nodes.world_size // 2
+    error, elapsed = cuda_nodes.run(all_to_all_checks.rank_peer_never_arrives, absent)[0]
+    assert error is not None and error[0] == "DistBackendError", error
+    named = re.search(r"for rank (\d+)", error[1])
+    assert "all_to_all_single" in error[1] and named and int(named.group(1)) >= absent, error
+    assert 2.5 < elapsed < 20, elapsed
+
+
+def rank_over_capacity(seed):
+    """One rank dispatches more tokens than Options.internode_capacity: every rank raises
+    ValueError naming x and the option, nothing moves, and the group works afterwards."""
+    import torch.distributed as dist
+
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 8, 2, 2, torch.float32, "cuda")
+    if dist.get_rank() == 0:
+        big = CAPACITY + 5
+        x = torch.randn(big, 8, device="cuda")
+        idx = torch.randint(0, num_experts, (big, 2), device="cuda")
+        w = torch.ones(big, 2, device="cuda")
+    msg = checks._raises(lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts), ValueError,
+                         "internode_capacity")
+    assert "x has" in msg and ("rank 0" in msg), msg
+    checks.rank_dispatch_combine(seed + 1, "random", 16, 2, 2, torch.bfloat16, device="cuda")
+    return msg
+
+
+def test_over_capacity(device_route):
+    device_route.run(rank_over_capacity, _seed())
+
+
+def rank_row_too_wide(seed):
+    """After a first call has sized the buffer (ROW_BYTES), a dispatch of wider rows: every rank
+    raises ValueError naming x and Options.internode_row_bytes with the bytes its rows need,
+    nothing moves, and the group works afterwards."""
+    checks.rank_dispatch_combine(seed, "random", 16, 2, 2, torch.bfloat16, device="cuda")
+    num_experts, g, x, idx, w = checks.make_inputs(seed + 1, "random", ROW_BYTES // 2 + 64, 2, 2, torch.bfloat16, "cuda")
+    msg = checks._raises(lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts), ValueError,
+                         "internode_row_bytes")
+    assert "x's rows take" in msg and f"sized for {ROW_BYTES}" in msg, msg
+    checks.rank_dispatch_combine(seed + 2, "random", 16, 2, 2, torch.bfloat16, device="cuda")
+    return msg
+
+
+def test_row_too_wide(device_route):
+    device_route.run(rank_row_too_wide, _seed())
