@@ -529,3 +529,26 @@ def test_compile_fullgraph_with_num_worst_tokens(device_route):
     backward, as one fullgraph inductor graph with no unbacked size (the device route's handle
     has a fixed size), equal to eager bit for bit (test_compile.rank_ops)."""
     device_route.run(compile_checks.rank_ops, _seed(), "worst", device="cuda", timeout_s=300)
+
+
+def rank_first_calls_of_different_widths(seed):
+    """The group's first calls across nodes need rows of different widths: topk_weights on rank 0
+    only, rows just past the default stride with them (hidden 8256 bf16, top-32) and within it
+    without. The ranks size the one symmetric buffer alike, the widest (before, each sized its own:
+    the regions' offsets then differed from rank to rank), whether or not the mixed call itself
+    goes through; then full calls of that width match the reference."""
+    import torch.distributed as dist
+
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 8256, 32, 8, torch.bfloat16, "cuda")
+    try:
+        torch_ep.dispatch(x, idx, w if dist.get_rank() == 0 else None, num_experts=num_experts)
+        torch.cuda.synchronize()
+    except ValueError:
+        pass  # a refusal of the mixed call is fine: the buffer's size is what this checks
+    checks.rank_dispatch_combine(seed + 1, "random", 8256, 32, 8, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.parametrize("topology", topologies())
+def test_first_calls_of_different_widths(topology):
+    # A fresh group (the buffer is sized by its first call) at the default row stride.
+    _pool(topology, "device", {"TORCH_EP_INTERNODE_ROW_BYTES": "0"}).run(rank_first_calls_of_different_widths, _seed())

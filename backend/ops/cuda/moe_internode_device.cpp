@@ -80,7 +80,9 @@ InternodeBuffer& buffer_for(ProcessGroupEP& group, InternodeTransport& transport
   if (!b.allocated()) {
     TORCH_CHECK(!stream_capturing(stream), op, ": the group's first call across nodes allocates its NVSHMEM buffer "
                 "(collectively), which a CUDA graph cannot capture; run one dispatch before capturing");
-    b.reserve(row_bytes);
+    // Every rank's first call sizes the rows alike (a rank without weights may need fewer bytes
+    // a row): the buffer is one symmetric allocation, the same size everywhere.
+    b.reserve(transport.agree_on_max("internode/moe_row_bytes", std::max(row_bytes, b.row_bytes())));
   }
   return b;
 }

@@ -1,6 +1,7 @@
 #include "backend/transport/nvshmem/internode_transport.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 #include "backend/common/errors.hpp"
 #include "backend/transport/nvshmem/nvshmem_runtime.hpp"
@@ -10,6 +11,7 @@ namespace ep {
 InternodeTransport::InternodeTransport(Rendezvous& group_rdv, const Topology& topology,
                                        const CudaTransportConfig& config, const std::string& tag, bool device_exchange)
     : topology_(topology),
+      group_rdv_(group_rdv),
       node_rdv_(group_rdv, topology.node_ranks(), tag + "/node" + std::to_string(topology.node)) {
   if (!topology_.problem.empty()) throw CommError("torch_ep: " + topology_.problem);
   config_ = config;
@@ -34,6 +36,18 @@ InternodeBuffer& InternodeTransport::moe(int64_t capacity, int64_t min_row_bytes
     moe_ = std::make_unique<InternodeBuffer>(topology_, config_.device, config_.timeout, capacity, min_row_bytes,
                                              combine_rows);
   return *moe_;
+}
+
+int64_t InternodeTransport::agree_on_max(const std::string& tag, int64_t mine) {
+  std::vector<uint8_t> bytes(sizeof(mine));
+  std::memcpy(bytes.data(), &mine, sizeof(mine));
+  int64_t agreed = mine;
+  for (const std::vector<uint8_t>& theirs : group_rdv_.all_gather(tag, bytes)) {
+    int64_t value = 0;
+    std::memcpy(&value, theirs.data(), std::min(theirs.size(), sizeof(value)));
+    agreed = std::max(agreed, value);
+  }
+  return agreed;
 }
 
 }  // namespace ep

@@ -31,9 +31,13 @@ class InternodeTransport {
   // The buffer of the device-driven dispatch/combine; made (not yet allocated) on first use.
   InternodeBuffer& moe(int64_t capacity, int64_t min_row_bytes, int64_t combine_rows);
   InternodeBuffer* moe_if_made() { return moe_.get(); }
+  // The largest of every rank's `mine` (collective, over the group's store): what sizes a
+  // symmetric allocation, which must be the same size on every rank.
+  int64_t agree_on_max(const std::string& tag, int64_t mine);
 
  private:
   Topology topology_;
+  Rendezvous& group_rdv_;
   SubsetRendezvous node_rdv_;
   std::shared_ptr<CudaTransport> node_;
   std::unique_ptr<NvshmemExchange> net_;
