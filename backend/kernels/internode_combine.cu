@@ -241,7 +241,12 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
 // t's dispatch positions), rounded as a forwarder rounds it. A token sent nowhere gets zeros.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
-  if (!call_ok(p)) return;
+  if (!call_ok(p)) {  // refused on every rank (no host waits under num_worst_tokens): zeros, not stale memory
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x, first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    for (int64_t i = first; i < p.num_tokens * p.hidden; i += stride) reinterpret_cast<T*>(p.out)[i] = from_float<T>(0.f);
+    for (int64_t i = first; i < p.num_tokens * p.num_topk; i += stride) p.out_weights[i] = 0.f;
+    return;
+  }
   const IxLayout& l = p.layout;
   const int R = l.num_ranks, L = l.ranks_per_node, NN = l.num_nodes;
   const int64_t C = l.capacity, K = p.num_topk, H = p.hidden;
