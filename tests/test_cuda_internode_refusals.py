@@ -37,38 +37,37 @@ def test_all_to_all_capture_refused(device_route):
 
 
 def rank_worst_overflow_then_combine(seed):
-    """More rows than num_worst_tokens, then a combine along that handle at once (16d4970): the
-    combine reads no row past its x (no illegal access: the context would be lost), the overflow
-    raises on rank 0 by the next synchronising point, and the group keeps working."""
+    """More rows than num_worst_tokens (every token to rank 0, which keeps 2), then a combine along
+    that handle, both queued before the device runs the dispatch (so no host has seen the
+    overflow): the combine reads no row past its x (16d4970; x's storage holds NaN past its 2 rows,
+    which a read past them would carry into the sums), so rank 0's first two rows come back to
+    source 0's tokens 0 and 1 and every other token gets zeros. The next calls the hosts wait for
+    raise the overflow on every rank together, and the group keeps working."""
     import torch.distributed as dist
 
-    size = dist.get_world_size()
-    x = torch.randn(5, 8, device="cuda") + dist.get_rank()
+    rank, size = dist.get_rank(), dist.get_world_size()
+    x = torch.randn(5, 8, device="cuda") + rank
     idx = torch.zeros(5, 1, dtype=torch.int64, device="cuda")  # every token to rank 0's first expert
+    torch.cuda._sleep(100_000_000)  # about 60 ms of device time: both calls are queued behind it
+    d = torch_ep.dispatch(x, idx, num_experts=2 * size, num_worst_tokens=2)
+    rows = torch.full((5 * size, 8), float("nan"), device="cuda")
+    rows[:2] = d.recv_x
+    combined = torch_ep.combine(rows[:2], d.handle).combined_x
+    expected = torch.zeros_like(x)
+    if rank == 0:
+        expected[:2] = x[:2]
+    assert torch.equal(combined, expected), (combined, expected)
     said = []
-    steps = [lambda: torch_ep.dispatch(x, idx, num_experts=2 * size, num_worst_tokens=2)]
-    steps.append(lambda: torch_ep.combine(steps_out[0].recv_x, steps_out[0].handle))
-    steps.append(lambda: (torch.cuda.synchronize(), torch_ep.check_errors()))
-    steps_out = []
-    for step in steps:
+    for _ in range(2):  # the hosts wait for these: the overflow raises on every rank together
         try:
-            steps_out.append(step())
-        except ValueError as e:
-            said.append(str(e))
-            steps_out.append(None)
-        if steps_out[0] is None:
-            break
-    torch.cuda.synchronize()
-    for _ in range(2):  # a call may still carry the refusal to every rank: the one after goes through
-        try:
-            checks.rank_worst_case(seed)
+            checks.rank_dispatch_combine(seed, "random", 16, 2, 2, torch.float32, device="cuda")
             break
         except ValueError as e:
             said.append(str(e))
     else:
         raise AssertionError(f"the group did not recover: {said}")
-    if dist.get_rank() == 0:
-        assert any("num_worst_tokens" in m for m in said), said
+    assert any("num_worst_tokens" in m for m in said), said
+    checks.rank_worst_case(seed, device="cuda")
 
 
 def test_worst_overflow_then_combine(device_route):

@@ -47,8 +47,8 @@ __device__ bool block_wait(const uint64_t* word, uint64_t value, uint64_t deadli
       if (now_ns() > deadline) {
         // The first report wins, mostly: a check-then-store, as ll::report (device atomics on
         // pinned host memory are not guaranteed on every platform); every code is a timeout.
-        volatile int* word = error;
-        if (*word == 0) *word = 1 + peer;
+        volatile int* reported = error;
+        if (*reported == 0) *reported = 1 + peer;
         __threadfence_system();
         atomicExch(gave_up, 1u);
         came = 0;

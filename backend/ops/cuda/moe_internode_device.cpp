@@ -411,8 +411,13 @@ Tensor combine_buffer_cuda_internode_device(ProcessGroupEP& group, const HandleC
     return {};
   }
   // The caller's kernels write the region next: first the node's ranks must be done reading it.
+  // In the buffer's call order: the wait reads the number of the last call that read the region,
+  // which an earlier call on another stream may not have set yet.
   const ix::IxParams p = buf->params();
-  EP_CUDA_CHECK(ix::launch_combine_in_wait(p, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  OrderedCall order(*buf, stream, stream_capturing(stream));
+  EP_CUDA_CHECK(ix::launch_combine_in_wait(p, stream));
+  order.end();
   return at::from_blob(buf->combine_in(), {rows, hidden}, at::TensorOptions().dtype(dtype).device(device));
 }
 
@@ -433,7 +438,10 @@ std::vector<Tensor> dispatch_buffer_cuda_internode_device(ProcessGroupEP& group,
   if (rows > buf->capacity() || r16(x_bytes) + r16(4 * S) > W) return {};
   // The caller's kernels write the rows next: first the node's ranks must be done reading them.
   const ix::IxParams p = buf->params();
-  EP_CUDA_CHECK(ix::launch_dispatch_in_wait(p, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  OrderedCall order(*buf, stream, stream_capturing(stream));  // as combine_buffer's wait
+  EP_CUDA_CHECK(ix::launch_dispatch_in_wait(p, stream));
+  order.end();
   char* pack = buf->dispatch_in();
   const at::TensorOptions opts = at::TensorOptions().device(device);
   std::vector<Tensor> views{at::from_blob(pack, {rows, hidden}, {W / int64_t(c10::elementSize(dtype)), 1},
