@@ -25,12 +25,17 @@ __device__ __forceinline__ bool pending_refusal(int code) {
 // Reports an error in the host-mapped word: the first one wins, except that a timeout replaces a
 // pending refusal or overflow (the host would clear the word, and the timeout would never be
 // raised). A plain check-then-store, as ll::report: the word is pinned host memory, where device
-// atomics are not guaranteed on every platform (two reports at once may still keep either).
+// atomics are not guaranteed on every platform. A timeout looks again after its fence: a pending
+// code stored at the same moment (once a kernel at most) would otherwise win and be cleared.
 __device__ __forceinline__ void report(int* error, int kind, int peer) {
   volatile int* word = error;
   const int code = kind * 65536 + peer + 1, held = *word;
   if (held == 0 || (pending_refusal(held) && !pending_refusal(code))) *word = code;
   __threadfence_system();
+  if (!pending_refusal(code) && pending_refusal(*word)) {
+    *word = code;
+    __threadfence_system();
+  }
 }
 
 template <typename T>
