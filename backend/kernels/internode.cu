@@ -12,11 +12,7 @@ __global__ void wait_signals_kernel(const WaitSignalsParams p) {
     const uint64_t deadline = now_ns() + p.timeout_ns;
     while (load_acquire(p.signal[i]) < p.at_least[i]) {
       if (now_ns() > deadline) {
-        // The stream goes on; the host raises at the next call. The first report wins, mostly: a
-        // check-then-store, as ll::report (device atomics on pinned host memory are not
-        // guaranteed on every platform); every code is a timeout.
-        volatile int* word = p.error;
-        if (*word == 0) *word = 1 + p.peer[i];
+        report_first(p.error, 1 + p.peer[i]);  // the stream goes on; the host raises at the next call
         break;
       }
       __nanosleep(200);

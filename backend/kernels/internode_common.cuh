@@ -15,18 +15,11 @@
 namespace ep::kernels::ix {
 namespace {
 
-// Whether `code` is one the host clears when its next call refuses with it
-// (InternodeBuffer::take_pending): a refusal no host waited for, or an overflow. The other kinds
-// are timeouts, which the host raises for good.
-__device__ __forceinline__ bool pending_refusal(int code) {
-  return error_kind(code) == kRejected || error_kind(code) == kOverflow;
-}
-
 // Reports an error in the host-mapped word: the first one wins, except that a timeout replaces a
 // pending refusal or overflow (the host would clear the word, and the timeout would never be
-// raised). A plain check-then-store, as ll::report: the word is pinned host memory, where device
-// atomics are not guaranteed on every platform. A timeout looks again after its fence: a pending
-// code stored at the same moment (once a kernel at most) would otherwise win and be cleared.
+// raised). A plain check-then-store, as report_first (sync.cuh). A timeout looks again after its
+// fence: a pending code stored at the same moment (once a kernel at most) would otherwise win and
+// be cleared.
 __device__ __forceinline__ void report(int* error, int kind, int peer) {
   volatile int* word = error;
   const int code = kind * 65536 + peer + 1, held = *word;

@@ -89,6 +89,12 @@ enum ErrorKind : int {
 };
 EP_HOST_DEVICE inline int error_kind(int code) { return code / 65536; }
 EP_HOST_DEVICE inline int error_peer(int code) { return code % 65536 - 1; }
+// Whether `code` is one the host clears when its next call refuses with it
+// (InternodeBuffer::take_pending): a refusal no host waited for, or an overflow. The other kinds
+// are timeouts, which the host raises for good.
+EP_HOST_DEVICE inline bool pending_refusal(int code) {
+  return error_kind(code) == kRejected || error_kind(code) == kOverflow;
+}
 
 // What every rank tells every peer at the start of a call (the fields check_records compares).
 struct IxRecordHeader {

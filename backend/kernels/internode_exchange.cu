@@ -45,11 +45,7 @@ __device__ bool block_wait(const uint64_t* word, uint64_t value, uint64_t deadli
         break;
       }
       if (now_ns() > deadline) {
-        // The first report wins, mostly: a check-then-store, as ll::report (device atomics on
-        // pinned host memory are not guaranteed on every platform); every code is a timeout.
-        volatile int* reported = error;
-        if (*reported == 0) *reported = 1 + peer;
-        __threadfence_system();
+        report_first(error, 1 + peer);  // every code is a timeout
         atomicExch(gave_up, 1u);
         came = 0;
         break;

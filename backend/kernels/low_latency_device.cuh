@@ -12,13 +12,8 @@
 namespace ep::kernels::ll {
 namespace {
 
-// The first error wins, mostly: a plain check-then-store (a race only picks which error shows),
-// as the word is pinned host memory, where device atomics are not guaranteed on every platform.
-__device__ __forceinline__ void report(int* error, int kind, int peer) {
-  volatile int* word = error;
-  if (*word == 0) *word = kind * 65536 + peer + 1;
-  __threadfence_system();
-}
+// The first error wins, mostly (report_first).
+__device__ __forceinline__ void report(int* error, int kind, int peer) { report_first(error, kind * 65536 + peer + 1); }
 
 // Thread 0 of the block stamps `point` of `kernel` (a no-op unless tracing).
 __device__ __forceinline__ void stamp(const GroupArgs& g, Counter kernel, int point) {

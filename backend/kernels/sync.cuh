@@ -20,6 +20,15 @@ __device__ __forceinline__ uint64_t deadline_after(uint64_t timeout_ns, uint64_t
   return timeout_ns <= room / times ? now + timeout_ns * times : UINT64_MAX;
 }
 
+// A kernel's report in a host-mapped word: the first one wins, mostly. A plain check-then-store (a
+// race only picks which report shows), as the word is pinned host memory, where device atomics are
+// not guaranteed on every platform; fenced, so that the host sees it before what follows.
+__device__ __forceinline__ void report_first(int* word, int code) {
+  volatile int* w = word;
+  if (*w == 0) *w = code;
+  __threadfence_system();
+}
+
 __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");

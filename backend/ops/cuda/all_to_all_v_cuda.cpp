@@ -235,10 +235,10 @@ class AllToAllVState {
   // 64 MiB; a2a_sweep at 2 ranks, H100, 0805d53: 71 % of the roofline with 528 blocks against 63 %
   // with 131). Ranks may launch different grids: none waits on a peer's count.
   int pool_grid(uint64_t sent) const {
-    const uint64_t at_least_64k = std::max<uint64_t>(1, sent / (64 << 10));
-    if (at_least_64k < uint64_t(pool_blocks_) || !pool_grid_automatic_)
-      return int(std::min<uint64_t>(pool_blocks_, at_least_64k));
-    return int(std::min<uint64_t>(std::max<uint64_t>(pool_blocks_, sent / (128 << 10)), kMaxPoolGrid));
+    const uint64_t grid = pool_grid_automatic_
+                              ? std::min<uint64_t>(std::max<uint64_t>(pool_blocks_, sent / (128 << 10)), kMaxPoolGrid)
+                              : uint64_t(pool_blocks_);
+    return int(std::min<uint64_t>(grid, std::max<uint64_t>(1, sent / (64 << 10))));
   }
   bool one_launch() const { return one_launch_; }
   uint64_t eager_bytes() const { return eager_bytes_; }

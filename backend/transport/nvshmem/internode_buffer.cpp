@@ -118,16 +118,13 @@ void InternodeBuffer::check(const char* op) {
 }
 
 ix::Status InternodeBuffer::take_pending(int64_t& detail) {
-  const auto pending = [](int code) {
-    return ix::error_kind(code) == ix::kOverflow || ix::error_kind(code) == ix::kRejected;
-  };
   // Cleared only while it still holds the code read: a kernel may replace a pending code with a
   // timeout meanwhile (ix::report), which must stay for check() to raise.
   int code = __atomic_load_n(error_host_, __ATOMIC_ACQUIRE);
-  while (pending(code) &&
+  while (ix::pending_refusal(code) &&
          !__atomic_compare_exchange_n(error_host_, &code, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
   }
-  if (!pending(code)) return ix::kOk;
+  if (!ix::pending_refusal(code)) return ix::kOk;
   detail = ix::error_peer(code);
   return ix::error_kind(code) == ix::kOverflow ? ix::kOverflowed : ix::kRefusedBefore;
 }
