@@ -5,7 +5,12 @@ import pytest
 
 from torch_ep.testing import RankPool
 
-_pools = {}
+_pools = {}  # oldest use first: CUDA pools past the budget below close in that order
+
+# Ranks alive on the GPUs at once. MPS serves a bounded number of clients per GPU (48 on Hopper),
+# and each distinct env of a test file starts a pool of its own; past the limit a new rank's
+# set_device fails with "busy or unavailable".
+MAX_CUDA_RANKS = int(os.environ.get("TORCH_EP_TEST_MAX_CUDA_RANKS", "24"))
 
 
 def rank_pool(world_size: int, cuda: bool = False, env=None) -> RankPool:
@@ -14,10 +19,15 @@ def rank_pool(world_size: int, cuda: bool = False, env=None) -> RankPool:
     CUDA pools bind rank r to GPU r % device_count; ranks sharing a GPU split it under MPS."""
     extra = dict(env or {})
     key = (world_size, cuda, tuple(sorted(extra.items())))
-    pool = _pools.get(key)
-    if pool is None or pool.broken:
-        if pool is not None:
-            pool.close()
+    pool = _pools.pop(key, None)
+    if pool is not None and pool.broken:
+        pool.close()
+        pool = None
+    if pool is None and cuda:
+        _close_oldest_cuda_pools(room_for=world_size)
+    if pool is not None:
+        _pools[key] = pool  # now the latest used
+    else:
         env = {"TORCH_EP_TIMEOUT_S": "60", **extra}
         if cuda:
             import torch
@@ -26,6 +36,17 @@ def rank_pool(world_size: int, cuda: bool = False, env=None) -> RankPool:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // sharing)
         pool = _pools[key] = RankPool(world_size, env=env, cuda=cuda)
     return pool
+
+
+def _close_oldest_cuda_pools(room_for: int) -> None:
+    live = [(key, p) for key, p in _pools.items() if key[1]]
+    alive = sum(key[0] for key, _ in live)
+    for key, p in live:
+        if alive + room_for <= MAX_CUDA_RANKS:
+            break
+        p.close()
+        del _pools[key]
+        alive -= key[0]
 
 
 def cuda_world_sizes():
