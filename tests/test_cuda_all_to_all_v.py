@@ -325,6 +325,41 @@ def test_overflow_raised_at_next_call(cuda_pool):
     cuda_pool.run(rank_overflow_raised_at_next_call, seed=_seed())
 
 
+def rank_later_problems_counted(seed):
+    """Two overflowing calls run on the device before the host looks (this rank's stream held back
+    by a sleep until both are queued): the device keeps the first's report and counts the second,
+    so the error raised at the next call names both, and neither output is written."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    m, splits, inp, total = cpu_checks._case("to_one", seed, torch.float32, (3,), "cuda")
+    short = rank == size - 1
+    outs = [poison_(torch.empty(total - 1 if short else total + 1, 3, device="cuda")) for _ in range(2)]
+    befores = [out.clone() for out in outs]
+    torch.cuda._sleep(50_000_000)  # tens of milliseconds: no plan runs before both calls are queued
+    for out in outs:
+        torch_ep.all_to_all_v(inp, splits, output=out)
+    torch.cuda.synchronize()
+    m, splits, inp, total = cpu_checks._case("random", seed + 1, torch.float32, (3,), "cuda")
+    out3 = poison_(torch.empty(total, 3, device="cuda"))
+    error = None
+    try:
+        torch_ep.all_to_all_v(inp, splits, output=out3)
+    except RuntimeError as e:
+        error = str(e)
+    torch.cuda.synchronize()
+    if short:
+        assert error is not None and "output has room for" in error, error
+        assert "a problem in 1 later call(s) too" in error, error
+    else:
+        assert error is None, error
+    for out, before in zip(outs, befores):
+        assert same_bits(out, before), "an overflowing call wrote its output"
+    assert same_bits(out3, reference.all_to_all_v(inp, splits).output), "the next call's data did not move"
+
+
+def test_later_problems_counted(cuda_pool):
+    cuda_pool.run(rank_later_problems_counted, seed=_seed())
+
+
 def rank_interleaved_with_all_to_all_single(seed):
     """all_to_all_single on the device protocol (the comm stream) and all_to_all_v (the caller's
     stream) share the group's kernels and blocks: an async all_to_all_single followed at once by

@@ -193,38 +193,45 @@ __device__ void plan(const AllToAllVParams& p) {
     }
   }
   if (t == 0 && p.pool_plan) p.pool_plan[PoolPlan::kDirect] = direct ? 1 : 0;
-  if (t == 0 && !failed && *reinterpret_cast<volatile int64_t*>(p.report) == kReportNone) {
+  if (t == 0 && !failed) {
     volatile int64_t* report = p.report;
-    int64_t code = kReportNone;
-    if (bad_rank >= 0) {
+    const int64_t code = bad_rank >= 0      ? kReportBadSplits
+                         : size_rank >= 0   ? kReportRowBytes
+                         : mismatch_to >= 0 ? kReportMismatch
+                         : overflow         ? kReportOverflow
+                                            : kReportNone;
+    const bool earlier_waits = code != kReportNone && report[0] != kReportNone;
+    if (earlier_waits) {
+      // An earlier call's report still waits for the host: count this one, so that the host's
+      // error says that later calls moved nothing either (calls run in turn: no other plan here).
+      report[kReportDropped] = report[kReportDropped] + 1;
+      report[kReportDroppedCallId] = p.call_id;
+      __threadfence_system();
+    } else if (code == kReportBadSplits) {
       int64_t bad_sum = 0;
       for (int d = 0; d < R; ++d) bad_sum += records[bad_rank][d];
-      code = kReportBadSplits;
       report[1] = bad_rank;
       report[2] = records[bad_rank][L::kStatus];
       report[3] = bad_sum;
       report[4] = records[bad_rank][L::kNumRows];
       const int64_t status = records[bad_rank][L::kStatus];
       report[5] = status != L::kBadSum ? records[bad_rank][status - 1] : 0;
-    } else if (size_rank >= 0) {
-      code = kReportRowBytes;
+    } else if (code == kReportRowBytes) {
       report[1] = size_rank;
       report[2] = records[size_rank][L::kRowBytes];
       report[3] = p.row_bytes;
-    } else if (mismatch_to >= 0) {
-      code = kReportMismatch;
+    } else if (code == kReportMismatch) {
       report[1] = mismatch_to;
       report[2] = mismatch_from;
       report[3] = records[mismatch_to][L::kExpected + mismatch_from];
       report[4] = records[mismatch_from][mismatch_to];
-    } else if (overflow) {
+    } else if (code == kReportOverflow) {
       int64_t arrived = 0;
       for (int s = 0; s < R; ++s) arrived += records[s][me];
-      code = kReportOverflow;
       report[1] = p.capacity;
       report[2] = arrived;
     }
-    if (code != kReportNone) {
+    if (code != kReportNone && !earlier_waits) {
       report[kReportCallId] = p.call_id;
       report[kReportOp] = p.op;
       __threadfence_system();

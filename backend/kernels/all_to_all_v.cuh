@@ -166,9 +166,13 @@ enum AllToAllVReport : int64_t {
   kReportRowBytes = 3,   // [1] a rank whose rows differ from this rank's, [2] its row bytes, [3] ours
   kReportMismatch = 4,   // [1] a receiver, [2] a sender, [3] rows the receiver expects, [4] rows the sender sends
 };
-constexpr int kReportWords = 8;
+constexpr int kReportWords = 10;
 constexpr int kReportOp = 6;      // every report: the op of the call whose plan made it (AllToAllVOp)
 constexpr int kReportCallId = 7;  // every report: the call_id of the call whose plan made it
+// Later calls that found a problem while the word held an earlier one (their outputs were not
+// written either), and the last of them; the host clears them with the report.
+constexpr int kReportDropped = 8;
+constexpr int kReportDroppedCallId = 9;
 enum AllToAllVOp : int64_t { kOpAllToAllV = 0, kOpAllToAllSingle = 1 };
 
 struct AllToAllVParams {
@@ -195,6 +199,7 @@ struct AllToAllVParams {
   int* error;       // host-mapped: 1 + the peer a wait timed out on, or kErrorNoPeer (fatal)
   const int* abort;  // host-mapped: non-zero once the transport failed (abort() too); every wait then gives up
   int64_t* report;  // host-mapped: kReportWords, the first problem since the host last looked
+                    // (and a count of those after it)
   int64_t call_id;  // the host's count of this group's calls, for the report
   int64_t op;       // AllToAllVOp, for the report
   // one copy (a group with a comm pool; launch_all_to_all_v_move_any)

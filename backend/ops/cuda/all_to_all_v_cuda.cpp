@@ -144,6 +144,18 @@ class AllToAllVState {
 
   // Raises `w` (report[0] != 0). `earlier`: an earlier call's, which did not wait for it.
   [[noreturn]] static void raise(const Report& w, int rank, const char* op, bool earlier) {
+    if (w[kernels::kReportDropped] == 0) raise_one(w, rank, op, earlier);
+    try {
+      raise_one(w, rank, op, earlier);
+    } catch (c10::Error& e) {
+      e.add_context("the device found a problem in " + std::to_string(w[kernels::kReportDropped]) +
+                    " later call(s) too (the last: call " + std::to_string(w[kernels::kReportDroppedCallId]) +
+                    " of this group), reported while this one waited: their outputs were not written either");
+      throw;
+    }
+  }
+
+  [[noreturn]] static void raise_one(const Report& w, int rank, const char* op, bool earlier) {
     const std::string made_by = w[kernels::kReportOp] == kernels::kOpAllToAllSingle
                                     ? "all_to_all_single"
                                     : "all_to_all_v into a given output";
@@ -269,6 +281,9 @@ class AllToAllVState {
     volatile int64_t* report = report_host_;
     if (report[0] == kernels::kReportNone) return w;
     for (int i = 0; i < kernels::kReportWords; ++i) w[i] = report[i];
+    // Plain stores (no device atomics on pinned memory): a plan that lands between the copy above
+    // and these stores may go uncounted, or counted with the next report; a window of a few stores.
+    report[kernels::kReportDropped] = 0;
     report[0] = kernels::kReportNone;
     return w;
   }
