@@ -130,3 +130,95 @@ def rank_row_too_wide(seed):
 
 def test_row_too_wide(device_route):
     device_route.run(rank_row_too_wide, _seed())
+
+
+def _worst_dispatch_on(group, seed):
+    """A dispatch across nodes on `group` that no host waits for (num_worst_tokens)."""
+    import torch.distributed as dist
+
+    num_experts, _, x, idx, w = checks.make_inputs(seed, "random", 16, 2, 2, torch.bfloat16, "cuda")
+    worst = 24 * dist.get_world_size()  # make_inputs' most tokens from every rank
+    return lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst, group=group)
+
+
+def rank_queued_calls_after_a_lost_peer(seed):
+    """Node 1's first rank skips three dispatches that no host waits for: every other rank's
+    three queued calls end within about one timeout, not one each (the first wait that gives up
+    ends the later waits at once, IxCtrl::gave_up), and check_errors then raises naming the wait
+    across nodes. Returns (error, seconds to drain the three calls), None on the absent rank."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3)))
+    call = _worst_dispatch_on(group, seed)
+    call()  # the buffer, on every rank
+    torch.cuda.synchronize()
+    result = None
+    if rank != size // 2:
+        start = time.monotonic()
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        elapsed = time.monotonic() - start
+        error = None
+        try:
+            torch_ep.check_errors(group)
+        except RuntimeError as e:
+            error = str(e)
+        result = (error, elapsed)
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return result
+
+
+def test_queued_calls_after_a_lost_peer(device_route):
+    results = device_route.run(rank_queued_calls_after_a_lost_peer, _seed(), timeout_s=120)
+    for rank, result in enumerate(results):
+        if rank == len(results) // 2:
+            continue
+        error, elapsed = result
+        assert error is not None and "across nodes" in error and "past the timeout" in error, (rank, error)
+        assert elapsed < 5.4, (rank, elapsed)  # 1.8 timeouts: three calls' waits would take 9 s or more
+
+
+def rank_abort_releases_waits_across_nodes(seed):
+    """Rank 0 aborts the group while its dispatch across nodes (no host wait) waits for node 1's
+    first rank, held up by a 5-second kernel: rank 0's stream is released at once, not at the
+    (8-second) timeout, and its next call raises naming the abort."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=8)))
+    call = _worst_dispatch_on(group, seed)
+    call()
+    torch.cuda.synchronize()
+    if rank == size // 2:
+        torch.cuda._sleep(int(5 * torch.cuda.get_device_properties(0).clock_rate * 1e3))  # ~5 s
+    call()
+    elapsed = later = None
+    if rank == 0:
+        time.sleep(0.5)
+        start = time.monotonic()
+        group.abort()
+        torch.cuda.synchronize()
+        elapsed = time.monotonic() - start
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001
+            later = (type(e).__name__, str(e))
+    torch.cuda.synchronize()
+    dist.barrier()
+    dist.destroy_process_group(group)
+    return elapsed, later
+
+
+def test_abort_releases_waits_across_nodes(device_route):
+    (elapsed, later) = device_route.run(rank_abort_releases_waits_across_nodes, _seed(), timeout_s=120)[0]
+    assert elapsed < 2, elapsed
+    assert later is not None and later[0] == "DistBackendError" and "aborted" in later[1], later

@@ -187,14 +187,14 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(IxParams p) {
   __syncthreads();
   const uint64_t deadline = now_ns() + p.timeout_ns;
   for (int j = threadIdx.x; j < L; j += blockDim.x)
-    if (!wait_complete(count_word(p, j), deadline)) {
-      report(p.error, kReduceTimeout, rank_of(p, p.node, j));
+    if (!wait_complete(p, count_word(p, j), deadline)) {
+      give_up(p, kReduceTimeout, rank_of(p, p.node, j));
       failed = 1;
     }
   for (int m = threadIdx.x; m < NN; m += blockDim.x)
     if (m != p.node &&
-        !wait_at_least(route_flag(p, m), uint64_t((c.relay[m] + kChunkRows - 1) / kChunkRows), deadline)) {
-      report(p.error, kReduceTimeout, rank_of(p, m, p.local));
+        !wait_at_least(p, route_flag(p, m), uint64_t((c.relay[m] + kChunkRows - 1) / kChunkRows), deadline)) {
+      give_up(p, kReduceTimeout, rank_of(p, m, p.local));
       failed = 1;
     }
   __syncthreads();
@@ -261,8 +261,8 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
   // This node's ranks' rows: their pushes are complete (as the reduce kernel waits for them).
   const uint64_t deadline = now_ns() + p.timeout_ns;
   for (int j = threadIdx.x; j < L; j += blockDim.x)
-    if (!wait_complete(count_word(p, j), deadline)) {
-      report(p.error, kReduceTimeout, rank_of(p, p.node, j));
+    if (!wait_complete(p, count_word(p, j), deadline)) {
+      give_up(p, kReduceTimeout, rank_of(p, p.node, j));
       failed = 1;
     }
   __syncthreads();
@@ -275,8 +275,8 @@ __global__ void __launch_bounds__(kThreads) combine_receive_kernel(IxParams p) {
       for (int m = 0; m < NN; ++m) {
         const int32_t slot = p.node_pos[t * NN + m];
         if (m != p.node && slot >= 0 &&
-            !wait_at_least(chunk_flag(p, m, slot / kChunkRows), seq, now_ns() + p.timeout_ns)) {
-          report(p.error, kCombineTimeout, rank_of(p, m, p.local));
+            !wait_at_least(p, chunk_flag(p, m, slot / kChunkRows), seq, now_ns() + p.timeout_ns)) {
+          give_up(p, kCombineTimeout, rank_of(p, m, p.local));
           lost = true;
           break;
         }
@@ -329,8 +329,8 @@ __global__ void combine_in_wait_kernel(IxParams p) {
   const int k = int(threadIdx.x);
   if (k >= p.layout.ranks_per_node || k == p.local) return;
   const uint64_t deadline = now_ns() + p.timeout_ns;
-  if (!wait_at_least(combine_in_done(p, k), ctrl(p).zero_copy_seq, deadline))
-    report(p.error, kCombineInTimeout, rank_of(p, p.node, k));
+  if (!wait_at_least(p, combine_in_done(p, k), ctrl(p).zero_copy_seq, deadline))
+    give_up(p, kCombineInTimeout, rank_of(p, p.node, k));
 }
 
 }  // namespace

@@ -69,19 +69,34 @@ __device__ __forceinline__ int rank_of(const IxParams& p, int node, int local) {
   return node * p.layout.ranks_per_node + local;
 }
 
-// Waits (bounded) until *word >= value; false at the deadline.
-__device__ __forceinline__ bool wait_at_least(const uint64_t* word, uint64_t value, uint64_t deadline) {
+// Whether a wait of this rank's kernels gave up (or the host aborted the group): the buffer's
+// signals are out of step with the peers' for good, so every later wait ends at once instead of
+// waiting out a timeout of its own (calls queued behind a dead peer end within one timeout). In
+// device memory: cheap to read in every wait's loop, where the host-mapped error word crosses PCIe.
+__device__ __forceinline__ bool gave_up(const IxParams& p) {
+  return *reinterpret_cast<volatile const uint32_t*>(&ctrl(p).gave_up) != 0;
+}
+
+// A wait that timed out: reports it (naming `peer`), and ends every other wait (gave_up).
+__device__ __forceinline__ void give_up(const IxParams& p, int kind, int peer) {
+  report(p.error, kind, peer);
+  atomicExch(&ctrl(p).gave_up, 1u);
+}
+
+// Waits (bounded) until *word >= value; false at the deadline, or once a wait gave up.
+__device__ __forceinline__ bool wait_at_least(const IxParams& p, const uint64_t* word, uint64_t value,
+                                              uint64_t deadline) {
   while (load_acquire(word) < value) {
-    if (now_ns() > deadline) return false;
+    if (now_ns() > deadline || gave_up(p)) return false;
     __nanosleep(64);
   }
   return true;
 }
 
-// Waits (bounded) until the completion word (ll::complete) is complete.
-__device__ __forceinline__ bool wait_complete(const uint64_t* word, uint64_t deadline) {
+// Waits (bounded) until the completion word (ll::complete) is complete; false as wait_at_least.
+__device__ __forceinline__ bool wait_complete(const IxParams& p, const uint64_t* word, uint64_t deadline) {
   while (!ll::complete(load_acquire(word))) {
-    if (now_ns() > deadline) return false;
+    if (now_ns() > deadline || gave_up(p)) return false;
     __nanosleep(64);
   }
   return true;

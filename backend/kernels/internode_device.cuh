@@ -86,6 +86,7 @@ enum ErrorKind : int {
   kOverflow = 7,        // a dispatch received more rows than num_worst_tokens (peer: this rank)
   kCombineInTimeout = 8,  // combine_buffer: node rank `peer` never finished reading this rank's combine_in
   kDispatchInTimeout = 9,  // dispatch_buffer: node rank `peer` never finished reading this rank's packed rows
+  kAborted = 10,           // the host aborted the group (InternodeBuffer::abort; peer: this rank)
 };
 EP_HOST_DEVICE inline int error_kind(int code) { return code / 65536; }
 EP_HOST_DEVICE inline int error_peer(int code) { return code % 65536 - 1; }
@@ -151,7 +152,8 @@ struct IxCtrl {
   uint64_t zero_copy_seq;          // the last call whose combine read this rank's combine_in (0: none)
   uint64_t dispatch_seq;           // the last dispatch that went ahead (its node ranks read this rank's packed rows)
   uint32_t receive_blocks_done;    // the receive kernel's blocks past their reads (reset by the notify)
-  int32_t pad;
+  uint32_t gave_up;                // set by a wait that timed out, or by the host's abort: every wait of
+                                   // this rank's kernels, queued calls' included, ends at once, for good
 };
 
 struct IxLayout {

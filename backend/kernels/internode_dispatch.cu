@@ -118,8 +118,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(IxParams p) 
       const int64_t first = k * kChunkRows, rows = n - first < kChunkRows ? n - first : kChunkRows;
       // A thread a row of the chunk waits for the row's signal (its acquire, then the barrier,
       // orders every thread's reads of the row).
-      if (threadIdx.x < rows && !wait_at_least(row_flag(p, m, first + threadIdx.x), seq, now_ns() + p.timeout_ns)) {
-        report(p.error, kForwardTimeout, s);
+      if (threadIdx.x < rows && !wait_at_least(p, row_flag(p, m, first + threadIdx.x), seq, now_ns() + p.timeout_ns)) {
+        give_up(p, kForwardTimeout, s);
         failed = 1;
       }
       __syncthreads();
@@ -179,8 +179,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_receive_kernel(IxParams p) 
     const bool own_pass = pass == 0;
     if (ok) {
       for (int s = threadIdx.x; s < R; s += blockDim.x)
-        if ((s / L == p.node) == own_pass && !wait_at_least(count_word(p, s), uint64_t(c.recv[s]), deadline)) {
-          report(p.error, kReceiveTimeout, rank_of(p, p.node, s % L));
+        if ((s / L == p.node) == own_pass && !wait_at_least(p, count_word(p, s), uint64_t(c.recv[s]), deadline)) {
+          give_up(p, kReceiveTimeout, rank_of(p, p.node, s % L));
           failed = 1;
         }
     }
@@ -274,8 +274,8 @@ __global__ void dispatch_in_wait_kernel(IxParams p) {
   const int k = int(threadIdx.x);
   if (k >= p.layout.ranks_per_node || k == p.local) return;
   const uint64_t deadline = now_ns() + p.timeout_ns;
-  if (!wait_at_least(dispatch_in_done(p, k), ctrl(p).dispatch_seq, deadline))
-    report(p.error, kDispatchInTimeout, rank_of(p, p.node, k));
+  if (!wait_at_least(p, dispatch_in_done(p, k), ctrl(p).dispatch_seq, deadline))
+    give_up(p, kDispatchInTimeout, rank_of(p, p.node, k));
 }
 
 }  // namespace

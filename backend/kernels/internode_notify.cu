@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
 
   const uint64_t deadline = now_ns() + p.timeout_ns;
   for (int r = threadIdx.x; r < R; r += blockDim.x)
-    if (!wait_at_least(flags + r, seq, deadline)) {
-      report(p.error, kNotifyTimeout, r);
+    if (!wait_at_least(p, flags + r, seq, deadline)) {
+      give_up(p, kNotifyTimeout, r);
       atomicExch(&timed_out_s, 1);
     }
   __syncthreads();

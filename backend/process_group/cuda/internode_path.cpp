@@ -50,6 +50,10 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport_if_made(
   return internode_transport_;
 }
 
+void ProcessGroupEP::abort_internode(const std::string& why) {
+  if (std::shared_ptr<InternodeTransport> transport = internode_transport_if_made()) transport->abort(why);
+}
+
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor> outputs,
                                                                     AllToAllSpans spans, c10d::OpType type,
                                                                     const char* op_name, bool async_op) {
@@ -130,6 +134,8 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
 }
 
 std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport_if_made() { return nullptr; }
+
+void ProcessGroupEP::abort_internode(const std::string&) {}
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor>, AllToAllSpans,
                                                                     c10d::OpType, const char* op_name, bool) {

@@ -4,6 +4,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
 
 #include "backend/common/errors.hpp"
@@ -35,6 +36,23 @@ inline bool stream_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
   return status != cudaStreamCaptureStatusNone;
+}
+
+// Sets the device word `word` (on `device`) to 1 while this process's kernels may spin on it, as
+// an abort does: a copy on a stream of its own (non-blocking: it waits for no other stream), by
+// the copy engines, since a memset kernel could find every SM taken by the spinning kernels.
+// Best effort: an abort must not throw.
+inline void set_device_flag(int device, uint32_t* word) noexcept {
+  int before = -1;
+  if (cudaGetDevice(&before) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) return;
+  cudaStream_t stream = nullptr;
+  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess) {
+    static const uint32_t one = 1;
+    if (cudaMemcpyAsync(word, &one, sizeof(one), cudaMemcpyHostToDevice, stream) == cudaSuccess)
+      cudaStreamSynchronize(stream);
+    cudaStreamDestroy(stream);
+  }
+  cudaSetDevice(before);
 }
 
 }  // namespace ep

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cstring>
 #include <thread>
 
@@ -92,6 +93,8 @@ std::string InternodeBuffer::describe(int code) const {
     case ix::kRejected:
       return "rank " + std::to_string(peer) + " refused a dispatch/combine across nodes whose results no host "
              "waited for (num_worst_tokens; its outputs are padding only); call it without num_worst_tokens to see why";
+    case ix::kAborted:
+      return who + "'s group was aborted";
     case ix::kOverflow:
       return who + " received more rows in a dispatch across nodes than num_worst_tokens; the rows past it were "
              "dropped";
@@ -108,6 +111,23 @@ std::string InternodeBuffer::error() {
   if (code != 0 && kind != ix::kRejected && kind != ix::kOverflow)
     failed_ = describe(code) + "; the group's buffers across nodes are out of step since, so every later call raises";
   return failed_;
+}
+
+void InternodeBuffer::abort(const std::string& why) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (failed_.empty())
+      failed_ = why + "; the group's buffers across nodes are out of step since, so every later call raises";
+    // The word names the abort (a pending refusal gives way), so that a wait it ends reports no
+    // timeout of its own.
+    const int aborted = ix::kAborted * 65536 + topology_.rank + 1;
+    int code = __atomic_load_n(error_host_, __ATOMIC_ACQUIRE);
+    while ((code == 0 || ix::pending_refusal(code)) &&
+           !__atomic_compare_exchange_n(error_host_, &code, aborted, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    }
+    aborted_.store(true, std::memory_order_release);
+  }
+  if (base_) set_device_flag(device_, reinterpret_cast<uint32_t*>(base_ + layout_.ctrl() + offsetof(ix::IxCtrl, gave_up)));
 }
 
 void InternodeBuffer::check(const char* op) {
@@ -160,7 +180,10 @@ const ix::IxHostCtrl& InternodeBuffer::wait_for(int64_t ticket, const char* op) 
       throw CommError(std::string("torch_ep: ") + op + ": rank " + std::to_string(topology_.rank) + " waited past " +
                       std::to_string(2 * timeout_.count()) + " ms for the sizes of a call across nodes (the device "
                       "never reached its notify step)");
-    if (++spins > 1024) std::this_thread::yield();
+    if (++spins > 1024) {
+      if (aborted_.load(std::memory_order_acquire)) break;  // error() raises it below
+      std::this_thread::yield();
+    }
   }
   std::atomic_thread_fence(std::memory_order_acquire);
   if (const std::string e = error(); !e.empty()) throw CommError(std::string("torch_ep: ") + op + ": " + e);

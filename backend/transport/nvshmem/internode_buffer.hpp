@@ -10,6 +10,7 @@
 // Header without NVSHMEM types.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <mutex>
@@ -60,6 +61,9 @@ class InternodeBuffer {
   kernels::ix::Status take_pending(int64_t& detail);
   // Work.wait()'s view of check(): the failure's text, or "" (does not clear it).
   std::string error();
+  // The group was aborted (`why`): every later call raises, and every wait of this rank's kernels,
+  // queued calls' included, ends at once (IxCtrl::gave_up) rather than at its timeout. Any thread.
+  void abort(const std::string& why);
   // The group's parameters with this call's ticket (host_waits callers wait for it).
   kernels::ix::IxParams params();
   // Waits (bounded by the timeout) until the notify step of the call with `ticket` wrote its
@@ -91,7 +95,8 @@ class InternodeBuffer {
   int64_t tickets_ = 0;
   CallOrder order_;
   std::mutex mutex_;
-  std::string failed_;  // set after a timeout
+  std::string failed_;  // set after a timeout or an abort
+  std::atomic<bool> aborted_{false};  // read by wait_for's spin without the mutex
 };
 
 }  // namespace ep

@@ -32,10 +32,22 @@ InternodeTransport::InternodeTransport(Rendezvous& group_rdv, const Topology& to
 }
 
 InternodeBuffer& InternodeTransport::moe(int64_t capacity, int64_t min_row_bytes, int64_t combine_rows) {
+  std::lock_guard<std::mutex> lock(moe_mutex_);
   if (!moe_)
     moe_ = std::make_unique<InternodeBuffer>(topology_, config_.device, config_.timeout, capacity, min_row_bytes,
                                              combine_rows);
   return *moe_;
+}
+
+InternodeBuffer* InternodeTransport::moe_if_made() {
+  std::lock_guard<std::mutex> lock(moe_mutex_);
+  return moe_.get();
+}
+
+void InternodeTransport::abort(const std::string& why) {
+  node_->abort(why);
+  net_->abort(why);
+  if (InternodeBuffer* moe = moe_if_made()) moe->abort(why);
 }
 
 int64_t InternodeTransport::agree_on_max(const std::string& tag, int64_t mine) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "backend/transport/cuda/cuda_transport.hpp"
@@ -30,7 +31,10 @@ class InternodeTransport {
   NvshmemExchange& net() { return *net_; }
   // The buffer of the device-driven dispatch/combine; made (not yet allocated) on first use.
   InternodeBuffer& moe(int64_t capacity, int64_t min_row_bytes, int64_t combine_rows);
-  InternodeBuffer* moe_if_made() { return moe_.get(); }
+  InternodeBuffer* moe_if_made();
+  // Aborts every transport of the group across nodes (`why`): later calls raise, and the
+  // kernels' waits end at once. Any thread.
+  void abort(const std::string& why);
   // The largest of every rank's `mine` (collective, over the group's store): what sizes a
   // symmetric allocation, which must be the same size on every rank.
   int64_t agree_on_max(const std::string& tag, int64_t mine);
@@ -42,6 +46,7 @@ class InternodeTransport {
   std::shared_ptr<CudaTransport> node_;
   std::unique_ptr<NvshmemExchange> net_;
   CudaTransportConfig config_;
+  std::mutex moe_mutex_;  // moe_'s creation against abort() from another thread
   std::unique_ptr<InternodeBuffer> moe_;
 };
 

@@ -76,6 +76,14 @@ std::string NvshmemExchange::error() {
   return failed_;
 }
 
+void NvshmemExchange::abort(const std::string& why) {
+  {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    if (failed_.empty()) failed_ = why + "; this group takes no more internode calls";
+  }
+  if (gave_up_) set_device_flag(device_, gave_up_);
+}
+
 void NvshmemExchange::check(const char* op_name) {
   if (const std::string failed = error(); !failed.empty()) throw CommError(std::string(op_name) + ": " + failed);
 }

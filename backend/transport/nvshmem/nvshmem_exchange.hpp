@@ -67,6 +67,9 @@ class NvshmemExchange {
   // What failed, or "": check's text without raising, for Work.wait() polling while a wait
   // kernel may still report (the first report fails the exchange for good).
   std::string error();
+  // The group was aborted (`why`): every later call raises, and the device exchange's waits,
+  // queued calls' included, end at once (gave_up_). Any thread.
+  void abort(const std::string& why);
   // Bytes put to other PEs so far.
   uint64_t bytes_sent() const { return bytes_sent_; }
 
