@@ -334,7 +334,10 @@ def rank_later_problems_counted(seed):
     short = rank == size - 1
     outs = [poison_(torch.empty(total - 1 if short else total + 1, 3, device="cuda")) for _ in range(2)]
     befores = [out.clone() for out in outs]
-    torch.cuda._sleep(50_000_000)  # tens of milliseconds: no plan runs before both calls are queued
+    torch_ep.all_to_all_v(inp, splits)  # the group's set-up (collective, slow) before the timed part
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(0.2 * torch.cuda.get_device_properties(0).clock_rate * 1e3))  # ~0.2 s: no plan
+    # runs before both calls are queued
     for out in outs:
         torch_ep.all_to_all_v(inp, splits, output=out)
     torch.cuda.synchronize()

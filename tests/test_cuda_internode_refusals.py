@@ -132,12 +132,18 @@ def test_row_too_wide(device_route):
     device_route.run(rank_row_too_wide, _seed())
 
 
+def _small_buffers(**options):
+    """Options of a group of its own whose buffer across nodes is small: each group's lives in the
+    NVSHMEM heap for good (internode_buffer.hpp), and the pool's groups take most of it."""
+    return torch_ep.Options(internode_capacity=64, internode_combine_rows=1, **options)
+
+
 def _worst_dispatch_on(group, seed):
     """A dispatch across nodes on `group` that no host waits for (num_worst_tokens)."""
     import torch.distributed as dist
 
     num_experts, _, x, idx, w = checks.make_inputs(seed, "random", 16, 2, 2, torch.bfloat16, "cuda")
-    worst = 24 * dist.get_world_size()  # make_inputs' most tokens from every rank
+    worst = 24 * dist.get_world_size()  # make_inputs' most tokens from every rank (capacity 64 each)
     return lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst, group=group)
 
 
@@ -152,7 +158,7 @@ def rank_queued_calls_after_a_lost_peer(seed):
     import torch.distributed as dist
 
     rank, size = dist.get_rank(), dist.get_world_size()
-    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=3)))
+    group = dist.new_group(pg_options=_small_buffers(timeout=timedelta(seconds=3)))
     call = _worst_dispatch_on(group, seed)
     call()  # the buffer, on every rank
     torch.cuda.synchronize()
@@ -194,7 +200,7 @@ def rank_abort_releases_waits_across_nodes(seed):
     import torch.distributed as dist
 
     rank, size = dist.get_rank(), dist.get_world_size()
-    group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=8)))
+    group = dist.new_group(pg_options=_small_buffers(timeout=timedelta(seconds=8)))
     call = _worst_dispatch_on(group, seed)
     call()
     torch.cuda.synchronize()

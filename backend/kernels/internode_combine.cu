@@ -329,7 +329,7 @@ __global__ void combine_in_wait_kernel(IxParams p) {
   const int k = int(threadIdx.x);
   if (k >= p.layout.ranks_per_node || k == p.local) return;
   const uint64_t deadline = now_ns() + p.timeout_ns;
-  if (!wait_at_least(p, combine_in_done(p, k), ctrl(p).zero_copy_seq, deadline))
+  if (!wait_at_least(p, combine_in_done(p, k), ctrl(p).zero_copy_seq, deadline, /*heed_gave_up=*/false))
     give_up(p, kCombineInTimeout, rank_of(p, p.node, k));
 }
 

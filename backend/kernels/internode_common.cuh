@@ -77,17 +77,20 @@ __device__ __forceinline__ bool gave_up(const IxParams& p) {
   return *reinterpret_cast<volatile const uint32_t*>(&ctrl(p).gave_up) != 0;
 }
 
-// A wait that timed out: reports it (naming `peer`), and ends every other wait (gave_up).
+// A wait that gave up: reports its timeout (naming `peer`) unless another wait gave up first (that
+// one reported, or the host's abort named itself), and ends every other wait (gave_up).
 __device__ __forceinline__ void give_up(const IxParams& p, int kind, int peer) {
-  report(p.error, kind, peer);
+  if (!gave_up(p)) report(p.error, kind, peer);
   atomicExch(&ctrl(p).gave_up, 1u);
 }
 
-// Waits (bounded) until *word >= value; false at the deadline, or once a wait gave up.
+// Waits (bounded) until *word >= value; false at the deadline, or once a wait gave up unless
+// `heed_gave_up` is false: the waits that guard a region node peers read in place (dispatch_in,
+// combine_in) wait for live readers whatever failed elsewhere, or the next writes would race them.
 __device__ __forceinline__ bool wait_at_least(const IxParams& p, const uint64_t* word, uint64_t value,
-                                              uint64_t deadline) {
+                                              uint64_t deadline, bool heed_gave_up = true) {
   while (load_acquire(word) < value) {
-    if (now_ns() > deadline || gave_up(p)) return false;
+    if (now_ns() > deadline || (heed_gave_up && gave_up(p))) return false;
     __nanosleep(64);
   }
   return true;

@@ -282,7 +282,8 @@ class AllToAllVState {
     if (report[0] == kernels::kReportNone) return w;
     for (int i = 0; i < kernels::kReportWords; ++i) w[i] = report[i];
     // Plain stores (no device atomics on pinned memory): a plan that lands between the copy above
-    // and these stores may go uncounted, or counted with the next report; a window of a few stores.
+    // and these stores may go uncounted (a window of a few stores). A fresh report zeroes the
+    // count itself, so a late one is never added to an unrelated report.
     report[kernels::kReportDropped] = 0;
     report[0] = kernels::kReportNone;
     return w;
