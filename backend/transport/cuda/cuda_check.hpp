@@ -40,18 +40,31 @@ inline bool stream_capturing(cudaStream_t stream) {
 
 // Sets the device word `word` (on `device`) to 1 while this process's kernels may spin on it, as
 // an abort does: a copy on a stream of its own (non-blocking: it waits for no other stream), by
-// the copy engines, since a memset kernel could find every SM taken by the spinning kernels.
-// Best effort: an abort must not throw.
+// the copy engines, since a memset kernel could find every SM taken by the spinning kernels; in
+// relaxed capture mode, so that another thread's graph capture is not invalidated. Best effort:
+// an abort must not throw, nor leave an error for the next launch's check to find.
 inline void set_device_flag(int device, uint32_t* word) noexcept {
   int before = -1;
-  if (cudaGetDevice(&before) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) return;
+  if (cudaGetDevice(&before) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  static uint32_t* one = [] {  // pinned: an asynchronous copy from it is a plain DMA
+    uint32_t* p = nullptr;
+    if (cudaHostAlloc(reinterpret_cast<void**>(&p), sizeof(uint32_t), cudaHostAllocDefault) != cudaSuccess) return p;
+    *p = 1;
+    return p;
+  }();
   cudaStream_t stream = nullptr;
-  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess) {
-    static const uint32_t one = 1;
-    if (cudaMemcpyAsync(word, &one, sizeof(one), cudaMemcpyHostToDevice, stream) == cudaSuccess)
+  if (one && cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess) {
+    if (cudaMemcpyAsync(word, one, sizeof(*one), cudaMemcpyHostToDevice, stream) == cudaSuccess)
       cudaStreamSynchronize(stream);
     cudaStreamDestroy(stream);
   }
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  cudaGetLastError();
   cudaSetDevice(before);
 }
 

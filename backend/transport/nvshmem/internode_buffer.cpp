@@ -63,6 +63,8 @@ void InternodeBuffer::reserve(int64_t row_bytes) {
   EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_));
   num_blocks_ = std::max(1, sms);
   base_ = base;
+  gave_up_.store(reinterpret_cast<uint32_t*>(base + layout_.ctrl() + offsetof(ix::IxCtrl, gave_up)),
+                 std::memory_order_release);
 }
 
 std::string InternodeBuffer::describe(int code) const {
@@ -127,7 +129,7 @@ void InternodeBuffer::abort(const std::string& why) {
     }
     aborted_.store(true, std::memory_order_release);
   }
-  if (base_) set_device_flag(device_, reinterpret_cast<uint32_t*>(base_ + layout_.ctrl() + offsetof(ix::IxCtrl, gave_up)));
+  if (uint32_t* gave_up = gave_up_.load(std::memory_order_acquire)) set_device_flag(device_, gave_up);
 }
 
 void InternodeBuffer::check(const char* op) {
