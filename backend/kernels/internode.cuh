@@ -21,7 +21,6 @@ struct WaitSignalsParams {
   int peer[kMaxWaitSignals];                // who sets it, for the error
   uint64_t timeout_ns;
   int* error;  // host-mapped: 1 + the peer a wait timed out on (first one wins)
-  uint32_t* gave_up;  // device memory: set by a wait that timed out, or by an abort; ends every wait
 };
 cudaError_t launch_wait_signals(const WaitSignalsParams& params, cudaStream_t stream);
 

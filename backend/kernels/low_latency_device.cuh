@@ -46,18 +46,14 @@ __device__ __forceinline__ uint64_t* my_word(const GroupArgs& g, int64_t offset)
 __device__ __forceinline__ bool complete(uint64_t v) { return v != 0 && (v >> 32) == (v & 0xffffffffu); }
 
 // Threads r < R wait (bounded by the timeout) until word r at `offset` of this rank's half is
-// complete; a word still incomplete at the deadline is reported, naming its peer, and ends every
-// other wait of this rank's kernels (GroupArgs::gave_up): calls queued behind a lost peer end
-// within one timeout, not one each.
+// complete; a word still incomplete at the deadline is reported, naming its peer.
 __device__ void wait_complete(const GroupArgs& g, int64_t offset, int error_kind) {
   const uint64_t deadline = now_ns() + g.timeout_ns;
   for (int r = threadIdx.x; r < g.num_ranks; r += blockDim.x) {
     const uint64_t* word = at<uint64_t>(g.half, offset + 8 * r);
     while (!complete(load_acquire(word))) {
-      if (*reinterpret_cast<volatile uint32_t*>(g.gave_up) != 0) break;  // that wait reported
       if (now_ns() > deadline) {
         report(g.error, error_kind, r);
-        atomicExch(g.gave_up, 1u);
         break;
       }
       __nanosleep(64);

@@ -24,9 +24,6 @@ LowLatencyBuffer::LowLatencyBuffer(int rank, int size, int device, std::chrono::
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(int), cudaHostAllocMapped));
   *error_host_ = 0;
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
-  EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&gave_up_), sizeof(uint32_t)));
-  EP_CUDA_CHECK(cudaMemset(gave_up_, 0, sizeof(uint32_t)));
-  EP_CUDA_CHECK(cudaDeviceSynchronize());  // zero before any kernel, whatever stream it runs on
   const char* trace = std::getenv("TORCH_EP_LL_TRACE");
   if (trace && std::string(trace) == "1") {
     EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&trace_), kernels::ll::kTraceWords * sizeof(uint64_t)));
@@ -36,7 +33,6 @@ LowLatencyBuffer::LowLatencyBuffer(int rank, int size, int device, std::chrono::
 
 LowLatencyBuffer::~LowLatencyBuffer() {
   if (error_host_) cudaFreeHost(error_host_);
-  if (gave_up_) cudaFree(gave_up_);
   if (trace_) cudaFree(trace_);
 }
 
@@ -164,7 +160,6 @@ kernels::ll::GroupArgs LowLatencyBuffer::args(int half) const {
   g.num_blocks = num_blocks_;
   g.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   g.error = error_device_;
-  g.gave_up = gave_up_;
   g.trace = trace_;
   g.whatif_copy_puts = nvshmem::whatif_copy_puts();
   return g;

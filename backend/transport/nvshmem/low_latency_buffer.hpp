@@ -62,7 +62,6 @@ class LowLatencyBuffer {
   std::vector<char*> peers_;     // every rank's base_, as this rank maps it; null: remote
   int* error_host_ = nullptr;    // pinned, mapped
   int* error_device_ = nullptr;
-  uint32_t* gave_up_ = nullptr;  // device: GroupArgs::gave_up
   uint64_t* trace_ = nullptr;    // device, kTraceWords; null unless tracing
   uint64_t calls_[2] = {0, 0};
   std::string failed_;           // set after a timeout

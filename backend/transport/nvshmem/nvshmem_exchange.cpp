@@ -122,7 +122,6 @@ void NvshmemExchange::all_to_all_in_rounds(const std::vector<int>& peers, const 
     if (w.count == 0) return;
     w.timeout_ns = timeout_ns;
     w.error = error_device_;
-    w.gave_up = gave_up_;
     EP_CUDA_CHECK(kernels::launch_wait_signals(w, stream));
     w.count = 0;
   };
