@@ -256,19 +256,30 @@ def rank_abort_releases_kernel_wait():
     """Rank 0 aborts the group while its all_to_all_v kernels wait for rank 1 (held up by a
     5-second kernel): rank 0's stream is released at once, not at the timeout, and later calls
     raise. Rank 1 then waits for rank 0 until the (8-second) timeout."""
-    import time
     from datetime import timedelta
 
-    rank, size = dist.get_rank(), dist.get_world_size()
+    size = dist.get_world_size()
     group = dist.new_group(pg_options=torch_ep.Options(timeout=timedelta(seconds=8)))
     x = torch.randn(size * 4, 2, device="cuda")
     splits = torch.full((size,), 4, dtype=torch.int64, device="cuda")
     out = torch.empty_like(x)
-    torch_ep.all_to_all_v(x, splits, output=out, group=group)
+    return abort_while_waiting(group, lambda: torch_ep.all_to_all_v(x, splits, output=out, group=group), 1)
+
+
+def abort_while_waiting(group, call, held_rank):
+    """The rank side of an abort test: `call()` on every rank, then again with `held_rank`'s stream
+    held up by a 5-second kernel, so that rank 0's kernels wait for it; rank 0 aborts `group` half
+    a second in, times how long its stream takes to drain, and calls once more. Returns (those
+    seconds, what the last call raised as (type name, message)) on rank 0, (None, None) elsewhere;
+    destroys the group."""
+    import time
+
+    rank = dist.get_rank()
+    call()
     torch.cuda.synchronize()
-    if rank == 1:
+    if rank == held_rank:
         torch.cuda._sleep(int(5 * torch.cuda.get_device_properties(0).clock_rate * 1e3))  # ~5 s
-    torch_ep.all_to_all_v(x, splits, output=out, group=group)
+    call()
     elapsed = later = None
     if rank == 0:
         time.sleep(0.5)
@@ -277,7 +288,7 @@ def rank_abort_releases_kernel_wait():
         torch.cuda.synchronize()
         elapsed = time.monotonic() - start
         try:
-            torch_ep.all_to_all_v(x, splits, output=out, group=group)
+            call()
         except Exception as e:  # noqa: BLE001
             later = (type(e).__name__, str(e))
     torch.cuda.synchronize()
@@ -294,6 +305,20 @@ def test_abort_releases_a_kernel_wait(world_size):
     assert later is not None and later[0] == "DistBackendError" and "aborted" in later[1], later
 
 
+def _next_call(seed):
+    """A fresh random call into a poisoned output of its size, after calls that overflowed: (what it
+    raised or None, its output, input and splits), synchronised."""
+    m, splits, inp, total = cpu_checks._case("random", seed, torch.float32, (3,), "cuda")
+    out = poison_(torch.empty(total, 3, device="cuda"))
+    error = None
+    try:
+        torch_ep.all_to_all_v(inp, splits, output=out)
+    except RuntimeError as e:
+        error = str(e)
+    torch.cuda.synchronize()
+    return error, out, inp, splits
+
+
 def rank_overflow_raised_at_next_call(seed):
     """Unchecked, an overflow raises at the rank's next call, after that call is queued: its
     data still moves on every rank, and the call after works everywhere."""
@@ -303,14 +328,7 @@ def rank_overflow_raised_at_next_call(seed):
     out = poison_(torch.empty(total - 1 if short else total + 1, 3, device="cuda"))
     before = out.clone()
     torch_ep.all_to_all_v(inp, splits, output=out)  # returns: nothing waits for the device
-    m, splits, inp, total = cpu_checks._case("random", seed + 1, torch.float32, (3,), "cuda")
-    out2 = poison_(torch.empty(total, 3, device="cuda"))
-    error = None
-    try:
-        torch_ep.all_to_all_v(inp, splits, output=out2)
-    except RuntimeError as e:
-        error = str(e)
-    torch.cuda.synchronize()
+    error, out2, inp, splits = _next_call(seed + 1)
     if short:
         assert error is not None and "output has room for" in error and "earlier" in error, error
         assert same_bits(out, before), "an overflowing call wrote its output"
@@ -341,14 +359,7 @@ def rank_later_problems_counted(seed):
     for out in outs:
         torch_ep.all_to_all_v(inp, splits, output=out)
     torch.cuda.synchronize()
-    m, splits, inp, total = cpu_checks._case("random", seed + 1, torch.float32, (3,), "cuda")
-    out3 = poison_(torch.empty(total, 3, device="cuda"))
-    error = None
-    try:
-        torch_ep.all_to_all_v(inp, splits, output=out3)
-    except RuntimeError as e:
-        error = str(e)
-    torch.cuda.synchronize()
+    error, out3, inp, splits = _next_call(seed + 1)
     if short:
         assert error is not None and "output has room for" in error, error
         assert "a problem in 1 later call(s) too" in error, error

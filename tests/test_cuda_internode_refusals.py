@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import test_cuda_all_to_all as all_to_all_checks
+from test_cuda_all_to_all_v import abort_while_waiting
 import test_internode as internode
 import test_moe as checks
 import torch_ep
@@ -194,34 +195,12 @@ def rank_abort_releases_waits_across_nodes(seed):
     """Rank 0 aborts the group while its dispatch across nodes (no host wait) waits for node 1's
     first rank, held up by a 5-second kernel: rank 0's stream is released at once, not at the
     (8-second) timeout, and its next call raises naming the abort."""
-    import time
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    rank, size = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(pg_options=_small_buffers(timeout=timedelta(seconds=8)))
-    call = _worst_dispatch_on(group, seed)
-    call()
-    torch.cuda.synchronize()
-    if rank == size // 2:
-        torch.cuda._sleep(int(5 * torch.cuda.get_device_properties(0).clock_rate * 1e3))  # ~5 s
-    call()
-    elapsed = later = None
-    if rank == 0:
-        time.sleep(0.5)
-        start = time.monotonic()
-        group.abort()
-        torch.cuda.synchronize()
-        elapsed = time.monotonic() - start
-        try:
-            call()
-        except Exception as e:  # noqa: BLE001
-            later = (type(e).__name__, str(e))
-    torch.cuda.synchronize()
-    dist.barrier()
-    dist.destroy_process_group(group)
-    return elapsed, later
+    return abort_while_waiting(group, _worst_dispatch_on(group, seed), held_rank=dist.get_world_size() // 2)
 
 
 def test_abort_releases_waits_across_nodes(device_route):
