@@ -38,6 +38,22 @@ inline bool stream_capturing(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
+// A pinned word holding 1, the source of set_device_flag's copy. Made at the first call, which
+// the transports make at their set-up: a page-locked allocation may serialise the streams, which
+// must not happen while kernels spin in an abort.
+inline const uint32_t* pinned_one() noexcept {
+  static uint32_t* one = [] {
+    uint32_t* p = nullptr;
+    if (cudaHostAlloc(reinterpret_cast<void**>(&p), sizeof(uint32_t), cudaHostAllocDefault) != cudaSuccess) {
+      cudaGetLastError();
+      return static_cast<uint32_t*>(nullptr);
+    }
+    *p = 1;
+    return p;
+  }();
+  return one;
+}
+
 // Sets the device word `word` (on `device`) to 1 while this process's kernels may spin on it, as
 // an abort does: a copy on a stream of its own (non-blocking: it waits for no other stream), by
 // the copy engines, since a memset kernel could find every SM taken by the spinning kernels; in
@@ -51,13 +67,8 @@ inline void set_device_flag(int device, uint32_t* word) noexcept {
   }
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   cudaThreadExchangeStreamCaptureMode(&mode);
-  static uint32_t* one = [] {  // pinned: an asynchronous copy from it is a plain DMA
-    uint32_t* p = nullptr;
-    if (cudaHostAlloc(reinterpret_cast<void**>(&p), sizeof(uint32_t), cudaHostAllocDefault) != cudaSuccess) return p;
-    *p = 1;
-    return p;
-  }();
   cudaStream_t stream = nullptr;
+  const uint32_t* one = pinned_one();
   if (one && cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess) {
     if (cudaMemcpyAsync(word, one, sizeof(*one), cudaMemcpyHostToDevice, stream) == cudaSuccess)
       cudaStreamSynchronize(stream);

@@ -39,6 +39,7 @@ InternodeBuffer::InternodeBuffer(const Topology& topology, int device, std::chro
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&ctrl_host_), sizeof(ix::IxHostCtrl), cudaHostAllocMapped));
   std::memset(static_cast<void*>(ctrl_host_), 0, sizeof(ix::IxHostCtrl));
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctrl_device_), ctrl_host_, 0));
+  pinned_one();  // abort()'s source, made now (set_device_flag)
 }
 
 InternodeBuffer::~InternodeBuffer() {

@@ -41,6 +41,7 @@ NvshmemExchange::NvshmemExchange(int rank, int size, const NvshmemExchangeConfig
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
   EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&gave_up_), sizeof(uint32_t)));
   EP_CUDA_CHECK(cudaMemset(gave_up_, 0, sizeof(uint32_t)));
+  pinned_one();  // abort()'s source, made now (set_device_flag)
   EP_CUDA_CHECK(cudaDeviceSynchronize());
   nvshmem_barrier_all();  // no peer signals us before our signals are zero
 }
