@@ -232,7 +232,7 @@ __device__ void plan(const AllToAllVParams& p) {
       report[2] = arrived;
     }
     if (code != kReportNone && !earlier_waits) {
-      report[kReportDropped] = 0;  // a count left by a plan that raced the host's last take
+      report[kReportDropped] = 0;  // the count of the last report taken
       report[kReportDroppedCallId] = 0;
       report[kReportCallId] = p.call_id;
       report[kReportOp] = p.op;

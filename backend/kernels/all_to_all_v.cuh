@@ -170,7 +170,7 @@ constexpr int kReportWords = 10;
 constexpr int kReportOp = 6;      // every report: the op of the call whose plan made it (AllToAllVOp)
 constexpr int kReportCallId = 7;  // every report: the call_id of the call whose plan made it
 // Later calls that found a problem while the word held an earlier one (their outputs were not
-// written either), and the last of them; the host clears them with the report.
+// written either), and the last of them; zeroed by the next fresh report.
 constexpr int kReportDropped = 8;
 constexpr int kReportDroppedCallId = 9;
 enum AllToAllVOp : int64_t { kOpAllToAllV = 0, kOpAllToAllSingle = 1 };

@@ -281,10 +281,9 @@ class AllToAllVState {
     volatile int64_t* report = report_host_;
     if (report[0] == kernels::kReportNone) return w;
     for (int i = 0; i < kernels::kReportWords; ++i) w[i] = report[i];
-    // Plain stores (no device atomics on pinned memory): a plan that lands between the copy above
-    // and these stores may go uncounted (a window of a few stores). A fresh report zeroes the
-    // count itself, so a late one is never added to an unrelated report.
-    report[kernels::kReportDropped] = 0;
+    // A plain store (no device atomics on pinned memory): a plan that counts itself between the
+    // copy above and this store goes uncounted. The count needs no clearing here: the next fresh
+    // report zeroes it (all_to_all_v.cu's plan).
     report[0] = kernels::kReportNone;
     return w;
   }

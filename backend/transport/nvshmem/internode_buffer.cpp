@@ -128,7 +128,6 @@ void InternodeBuffer::abort(const std::string& why) {
     while ((code == 0 || ix::pending_refusal(code)) &&
            !__atomic_compare_exchange_n(error_host_, &code, aborted, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
     }
-    aborted_.store(true, std::memory_order_release);
   }
   if (uint32_t* gave_up = gave_up_.load(std::memory_order_acquire)) set_device_flag(device_, gave_up);
 }
@@ -184,7 +183,8 @@ const ix::IxHostCtrl& InternodeBuffer::wait_for(int64_t ticket, const char* op) 
                       std::to_string(2 * timeout_.count()) + " ms for the sizes of a call across nodes (the device "
                       "never reached its notify step)");
     if (++spins > 1024) {
-      if (aborted_.load(std::memory_order_acquire)) break;  // error() raises it below
+      // An abort names itself in the error word (abort()): error() raises it below.
+      if (ix::error_kind(__atomic_load_n(error_host_, __ATOMIC_ACQUIRE)) == ix::kAborted) break;
       std::this_thread::yield();
     }
   }

@@ -96,7 +96,6 @@ class InternodeBuffer {
   CallOrder order_;
   std::mutex mutex_;
   std::string failed_;  // set after a timeout or an abort
-  std::atomic<bool> aborted_{false};  // read by wait_for's spin without the mutex
   std::atomic<uint32_t*> gave_up_{nullptr};  // IxCtrl::gave_up once allocated, for abort() from any thread
 };
 
