@@ -280,6 +280,86 @@ def rank_peer_never_sends(absent):
     return waited, str(first.value), str(later.value)
 
 
+def rank_queued_calls_after_a_lost_peer(absent):
+    """Rank `absent` stops calling; this rank queues a dispatch, a combine and a dispatch without
+    waiting. The first wait that gives up ends every later wait of the rank's kernels at once
+    (GroupArgs::gave_up): the three take one timeout, not three, and the receives that gave up
+    read nothing (the combine's rows, into a poisoned out, are zeros). Returns (seconds waited,
+    the error raised after, whether the combine wrote zeros, whether the last dispatch counted
+    no rows) on the ranks that stayed, None on `absent`."""
+    num_experts, x, idx, w = make_inputs(7, "random", 6, 256, 2, 2, device="cuda")
+    d = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)  # sets up
+    torch.cuda.synchronize()
+    dist.barrier()
+    if dist.get_rank() == absent:
+        return None
+    out = poison_(torch.empty(x.shape, dtype=torch.bfloat16, device="cuda"))
+    start = time.monotonic()
+    first = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)
+    expert_rows = torch.randn(first.recv_x[0].shape, device="cuda").to(torch.bfloat16)
+    torch_ep.low_latency_combine(expert_rows, idx, w, first.handle, out=out)
+    last = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)
+    torch.cuda.synchronize()  # returns: the first wait gave up, the later ones ended on it
+    waited = time.monotonic() - start
+    with pytest.raises(dist.DistBackendError) as error:
+        torch_ep.low_latency.check_errors()
+    return waited, str(error.value), bool((out == 0).all()), bool((last.recv_count == 0).all())
+
+
+def test_queued_calls_after_a_lost_peer():
+    timeout_s, absent = 4, 1  # a pool of its own: the lost peer leaves its group failed
+    pool = rank_pool(2, cuda=True, env={"TORCH_EP_TIMEOUT_S": str(timeout_s)})
+    waited, error, zeros, no_rows = pool.run(rank_queued_calls_after_a_lost_peer, absent)[0]
+    assert timeout_s - 0.5 <= waited < 1.8 * timeout_s, waited  # three timeouts without gave_up
+    assert f"rank 0: a low_latency_dispatch receive waited past the timeout ({timeout_s}" in error, error
+    assert f"for rank {absent} to send" in error, error
+    assert zeros, "the combine that gave up left out unwritten"
+    assert no_rows, "the dispatch that gave up left recv_count unwritten"
+
+
+def rank_abort_releases_low_latency_waits():
+    """Rank 0 aborts a group while its low-latency dispatch waits for rank 1, held up by a
+    5-second kernel: rank 0's stream is released at once, not at the (20-second) timeout, and
+    its next call raises naming the abort. Returns (seconds to drain, (type, message) of that
+    call) on rank 0, (None, None) elsewhere."""
+    group = dist.new_group()  # the pool's default group stays usable for the barrier below
+    num_experts, x, idx, _ = make_inputs(7, "random", 6, 256, 2, 2, device="cuda")
+
+    def call():
+        return torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts, group=group)
+
+    call()
+    torch.cuda.synchronize()
+    dist.barrier()
+    if dist.get_rank() == 1:
+        torch.cuda._sleep(int(5 * torch.cuda.get_device_properties(0).clock_rate * 1e3))  # ~5 s
+    call()
+    elapsed = later = None
+    if dist.get_rank() == 0:
+        time.sleep(0.5)
+        start = time.monotonic()
+        group.abort()
+        torch.cuda.synchronize()
+        elapsed = time.monotonic() - start
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001
+            later = (type(e).__name__, str(e))
+    torch.cuda.synchronize()
+    dist.barrier()
+    return elapsed, later
+
+
+def test_abort_releases_low_latency_waits():
+    pool = rank_pool(2, cuda=True, env={"TORCH_EP_TIMEOUT_S": "20", "TORCH_EP_TEST_POOL": "abort"})
+    try:
+        (elapsed, later), _ = pool.run(rank_abort_releases_low_latency_waits, timeout_s=120)
+    finally:
+        pool.close()  # its NVSHMEM world belongs to the aborted group
+    assert elapsed < 2, elapsed
+    assert later is not None and later[0] == "DistBackendError" and "aborted" in later[1], later
+
+
 def test_peer_never_sends():
     timeout_s, absent = 5, 1
     pool = rank_pool(2, cuda=True, env={"TORCH_EP_TIMEOUT_S": str(timeout_s)})

@@ -116,3 +116,16 @@ def test_remote_peer_never_sends():
     assert f"rank 0: a low_latency_dispatch receive waited past the timeout ({timeout_s}" in first, first
     assert f"for rank {absent} to send" in first, first
     assert "low_latency_combine" in later and "every later call raises" in later, later
+
+
+def test_remote_queued_calls_after_a_lost_peer():
+    """As test_queued_calls_after_a_lost_peer, the lost rank on the other node: the remote
+    path's waits end on gave_up too."""
+    timeout_s, absent = 4, 2
+    env = dict(SINGLE_HOST_NVSHMEM, TORCH_EP_RANKS_PER_NODE="2", TORCH_EP_FORCE_REMOTE="1",
+               TORCH_EP_TIMEOUT_S=str(timeout_s))
+    pool = rank_pool(4, cuda=True, env=env)
+    waited, error, zeros, no_rows = pool.run(ll.rank_queued_calls_after_a_lost_peer, absent)[0]
+    assert timeout_s - 0.5 <= waited < 1.8 * timeout_s, waited
+    assert f"for rank {absent} to send" in error, error
+    assert zeros and no_rows, (zeros, no_rows)

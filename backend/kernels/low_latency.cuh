@@ -79,6 +79,8 @@ struct GroupArgs {
   int num_blocks;       // SM budget
   uint64_t timeout_ns;
   int* error;           // host-mapped error word (0 = fine)
+  uint32_t* gave_up;    // device memory: set by a wait that timed out, or by the host's abort; every
+                        // later wait of this rank's kernels (queued calls' included) then ends at once
   uint64_t* trace;      // phase timestamps (kTraceWords), or null: off
   bool whatif_copy_puts;  // the send kernels in their what-if instances (whatif_puts.cuh)
 };

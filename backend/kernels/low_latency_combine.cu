@@ -46,7 +46,9 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
   stamp(g, kCombineSendCounter, 0);
   // The readers of the call before last are done with this half's region (and remote ones with
   // their remote_rows, which this call overwrites, and have reset their flag for this rank).
-  wait_words(g, g.layout.combine_credits(), kCombineSendCounter, kCombineSendTimeout);
+  // Else (a timeout, or an earlier one: gave_up) the block writes and pushes nothing, and does
+  // not arrive: its peers' receives then give up on this rank in turn.
+  if (!wait_words(g, g.layout.combine_credits(), kCombineSendCounter, kCombineSendTimeout)) return;
   stamp(g, kCombineSendCounter, 1);
   uint64_t* flag = my_word(g, g.layout.combine_flags());
   if (kPushRemote && blockIdx.x == 0) {  // a warp per remote rank: the closing signal, with the number of rows
@@ -104,9 +106,11 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(CombineSendPa
   stamp(g, kCombineSendCounter, 3);
 }
 
-// Waits, without taking them, for the credits of this half's combine region (one block).
+// Waits, without taking them, for the credits of this half's combine region (one block). The
+// caller's kernels write the region next and nothing stops them, so this wait ignores gave_up:
+// live readers of the call before last finish first, whatever failed elsewhere.
 __global__ void combine_region_wait_kernel(GroupArgs g) {
-  wait_complete(g, g.layout.combine_credits(), kCombineSendTimeout);
+  wait_complete(g, g.layout.combine_credits(), kCombineSendTimeout, /*heed_gave_up=*/false);
 }
 
 // ------------------------------------------------------------------------------ combine recv
@@ -120,7 +124,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(CombineRecvPa
   const int R = g.num_ranks, H = p.hidden, K = p.num_topk, E = p.num_experts, E_local = E / R;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   stamp(g, kCombineRecvCounter, 0);
-  wait_words(g, g.layout.combine_flags(), kCombineRecvCounter, kCombineRecvTimeout);
+  // Else some owner's rows never came (or an earlier wait gave up): nothing is read, the block's
+  // rows of out are zeros, and the credits go back (this block reads nothing more).
+  const bool rows_ready = wait_words(g, g.layout.combine_flags(), kCombineRecvCounter, kCombineRecvTimeout);
   stamp(g, kCombineRecvCounter, 1);
 
   const int chunks = (H + kRecvChunk - 1) / kRecvChunk;
@@ -131,6 +137,10 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(CombineRecvPa
     const int t = int(u / chunks), c = int(u % chunks);
     const int ch0 = c * kRecvChunk + lane * 8;
     if (ch0 >= H) continue;
+    if (!rows_ready) {
+      *reinterpret_cast<uint4*>(p.out + int64_t(t) * H + ch0) = make_uint4(0, 0, 0, 0);
+      continue;
+    }
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.f;

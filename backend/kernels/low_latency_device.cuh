@@ -12,8 +12,20 @@
 namespace ep::kernels::ll {
 namespace {
 
-// The first error wins, mostly (report_first).
-__device__ __forceinline__ void report(int* error, int kind, int peer) { report_first(error, kind * 65536 + peer + 1); }
+// Reports an error in the host-mapped word: the first one wins, except that a timeout replaces a
+// pending report (pending_report: an overflow or a bad expert id, which the host clears once
+// raised; the timeout would never be). A plain check-then-store, as report_first (sync.cuh); a
+// timeout looks again after its fence, in case a pending code was stored at the same moment.
+__device__ __forceinline__ void report(int* error, int kind, int peer) {
+  volatile int* word = error;
+  const int code = kind * 65536 + peer + 1, held = *word;
+  if (held == 0 || (pending_report(held) && !pending_report(code))) *word = code;
+  __threadfence_system();
+  if (!pending_report(code) && pending_report(*word)) {
+    *word = code;
+    __threadfence_system();
+  }
+}
 
 // Thread 0 of the block stamps `point` of `kernel` (a no-op unless tracing).
 __device__ __forceinline__ void stamp(const GroupArgs& g, Counter kernel, int point) {
@@ -45,29 +57,52 @@ __device__ __forceinline__ uint64_t* my_word(const GroupArgs& g, int64_t offset)
 
 __device__ __forceinline__ bool complete(uint64_t v) { return v != 0 && (v >> 32) == (v & 0xffffffffu); }
 
+// Whether a wait of this rank's kernels gave up (or the host aborted the group): the buffer's
+// completion words are out of step with the peers' for good, so every later wait ends at once
+// instead of waiting out a timeout of its own (calls queued behind a lost peer end within one
+// timeout). In device memory: cheap to read in a wait's loop, where the error word crosses PCIe.
+__device__ __forceinline__ bool gave_up(const GroupArgs& g) {
+  return *reinterpret_cast<volatile const uint32_t*>(g.gave_up) != 0;
+}
+
 // Threads r < R wait (bounded by the timeout) until word r at `offset` of this rank's half is
-// complete; a word still incomplete at the deadline is reported, naming its peer.
-__device__ void wait_complete(const GroupArgs& g, int64_t offset, int error_kind) {
+// complete; true where this thread's words all completed. A word still incomplete at the deadline
+// is reported, naming its peer (unless another wait gave up first: that one reported), and ends
+// every other wait (gave_up), which then reports nothing of its own. `heed_gave_up` false: a wait
+// that guards memory live peers still read, which the caller's own kernels write next
+// (combine_region_wait), waits for them whatever failed elsewhere.
+__device__ bool wait_complete(const GroupArgs& g, int64_t offset, int error_kind, bool heed_gave_up = true) {
   const uint64_t deadline = now_ns() + g.timeout_ns;
-  for (int r = threadIdx.x; r < g.num_ranks; r += blockDim.x) {
+  bool ok = true;
+  for (int r = threadIdx.x; r < g.num_ranks && ok; r += blockDim.x) {
     const uint64_t* word = at<uint64_t>(g.half, offset + 8 * r);
     while (!complete(load_acquire(word))) {
+      if (heed_gave_up && gave_up(g)) {
+        ok = false;
+        break;
+      }
       if (now_ns() > deadline) {
-        report(g.error, error_kind, r);
+        if (!gave_up(g)) report(g.error, error_kind, r);
+        atomicExch(g.gave_up, 1u);
+        ok = false;
         break;
       }
       __nanosleep(64);
     }
   }
+  return ok;
 }
 
 // wait_complete, then the block that passes last resets the words: every block of this kernel
 // has seen them, and no peer adds to them again before this kernel's own arrivals (which follow).
-// After it every thread of the block may read what the peers published.
-__device__ void wait_words(const GroupArgs& g, int64_t offset, Counter counter, int error_kind) {
-  wait_complete(g, offset, error_kind);
-  __syncthreads();
-  if (threadIdx.x == 0) {
+// After it every thread of the block may read what the peers published. False in every thread of
+// a block where a word did not complete: the block must then neither write what the words guard
+// (a live peer may still read it) nor arrive (nothing it guards was published). Blocks decide
+// alone: one that passed may write, as its words were complete. Once a wait failed the words stay
+// out of step for good (gave_up), so a failed block leaves the counter and the words as they are.
+__device__ bool wait_words(const GroupArgs& g, int64_t offset, Counter counter, int error_kind) {
+  const bool passed_here = __syncthreads_and(wait_complete(g, offset, error_kind));
+  if (passed_here && threadIdx.x == 0) {
     uint32_t* passed = at<uint32_t>(g.half, g.layout.counters() + 4 * counter);
     __threadfence();
     if (atomicAdd(passed, 1u) == gridDim.x - 1) {
@@ -75,6 +110,7 @@ __device__ void wait_words(const GroupArgs& g, int64_t offset, Counter counter, 
       for (int r = 0; r < g.num_ranks; ++r) *at<uint64_t>(g.half, offset + 8 * r) = 0;
     }
   }
+  return passed_here;
 }
 
 // This block's arrival at word `rank` of `offset` in every rank's half, once everything the

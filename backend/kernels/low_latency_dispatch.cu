@@ -313,8 +313,10 @@ __global__ void __launch_bounds__(kThreads, kPushRemote ? 1 : 2) dispatch_send_k
   const int E = p.num_experts, E_local = E / g.num_ranks;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   stamp(g, kDispatchSendCounter, 0);
-  // The peers are done reading this half's tokens and lists (from the call before last).
-  wait_words(g, g.layout.dispatch_credits(), kDispatchSendCounter, kDispatchSendTimeout);
+  // The peers are done reading this half's tokens and lists (from the call before last). Else
+  // (a timeout, or an earlier one: gave_up) this block writes nothing a live peer may still read,
+  // and does not arrive: its peers' receives then give up on this rank in turn.
+  if (!wait_words(g, g.layout.dispatch_credits(), kDispatchSendCounter, kDispatchSendTimeout)) return;
   stamp(g, kDispatchSendCounter, 1);
 
   char* tokens = g.half + g.layout.dispatch_tokens();
@@ -364,7 +366,14 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchRecv
   const int units = experts * R;  // unit j * R + r: expert blockIdx.x + j * grid, rank r
   auto expert_of = [&](int unit) { return int(blockIdx.x) + unit / R * int(gridDim.x); };
   stamp(g, kDispatchRecvCounter, 0);
-  wait_words(g, g.layout.dispatch_flags(), kDispatchRecvCounter, kDispatchRecvTimeout);
+  if (!wait_words(g, g.layout.dispatch_flags(), kDispatchRecvCounter, kDispatchRecvTimeout)) {
+    // Some sender's tokens never came (or an earlier wait gave up): nothing is read, the block's
+    // experts received no rows, and the credits go back (this block reads nothing more).
+    for (int u = threadIdx.x; u < units; u += blockDim.x) p.recv_layout[int64_t(expert_of(u)) * R + u % R] = 0;
+    for (int j = threadIdx.x; j < experts; j += blockDim.x) p.recv_count[expert_of(j * R)] = 0;
+    arrive_everywhere(g, g.layout.dispatch_credits(), true);
+    return;
+  }
   stamp(g, kDispatchRecvCounter, 1);
 
   // Rank r's counts, lists and tokens for this rank's experts: at r (read in place), or, for a

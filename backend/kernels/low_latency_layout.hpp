@@ -25,9 +25,16 @@ enum ErrorKind : int {
   kCombineRecvTimeout = 4,
   kDispatchOverflow = 5,     // more than max_tokens pairs from one rank to one expert
   kBadExpert = 6,            // a topk_idx entry outside [-1, num_experts)
+  kAborted = 7,              // the host aborted the group (LowLatencyBuffer::abort; peer: this rank)
 };
-inline int error_kind(int code) { return code >> 16; }
-inline int error_peer(int code) { return (code & 0xffff) - 1; }
+EP_LL_HOST_DEVICE inline int error_kind(int code) { return code >> 16; }
+EP_LL_HOST_DEVICE inline int error_peer(int code) { return (code & 0xffff) - 1; }
+// A call's own problem, which the host raises once and clears (the group stays usable), as
+// opposed to a timeout or an abort, after which every call raises: the latter replace the former
+// in the error word, or the host would clear the word and never raise them.
+EP_LL_HOST_DEVICE inline bool pending_report(int code) {
+  return error_kind(code) == kDispatchOverflow || error_kind(code) == kBadExpert;
+}
 
 // Byte offsets inside one half of the symmetric buffer (the protocol: low_latency.cuh).
 struct LowLatencyLayout {

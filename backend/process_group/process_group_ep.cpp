@@ -129,7 +129,7 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device&, 
 }
 
 void ProcessGroupEP::abort_cuda(const std::string&) {}
-void ProcessGroupEP::abort_internode(const std::string&) {}
+void ProcessGroupEP::abort_nvshmem(const std::string&) {}
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at::Tensor&, AllToAllSpans,
                                                                         const std::vector<size_t>&,
@@ -400,7 +400,7 @@ void ProcessGroupEP::abort() {
     if (host_transport_) host_transport_->abort("rank " + std::to_string(getRank()) + " aborted its process group");
   }
   abort_cuda("rank " + std::to_string(getRank()) + " aborted its process group");  // releases kernel waits
-  abort_internode("rank " + std::to_string(getRank()) + " aborted its process group");
+  abort_nvshmem("rank " + std::to_string(getRank()) + " aborted its process group");
   c10::intrusive_ptr<c10d::Backend> cpu, cuda;
   {
     std::lock_guard<std::mutex> lock(state_mutex_);

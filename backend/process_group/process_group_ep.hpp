@@ -264,7 +264,8 @@ class ProcessGroupEP : public c10d::Backend {
   void refuse_calls_when_failed(CudaTransport& transport);
   // Fails the CUDA transports now (abort()): their waits in flight are released.
   void abort_cuda(const std::string& why);
-  void abort_internode(const std::string& why);  // the transports across nodes (NVSHMEM builds)
+  // The NVSHMEM transports (NVSHMEM builds): across nodes, and the group's low-latency buffers.
+  void abort_nvshmem(const std::string& why);
   // The comm pool, or null (cuda/comm_pool_path.cpp).
   std::shared_ptr<CommPool> comm_pool() const;
   // Shutdown: once the device protocol's last call has ended, unmaps the peers' arenas; this

@@ -11,6 +11,7 @@
 #ifdef TORCH_EP_WITH_NVSHMEM
 #include "backend/transport/nvshmem/internode_buffer.hpp"
 #include "backend/transport/nvshmem/internode_transport.hpp"
+#include "backend/transport/nvshmem/low_latency_buffer.hpp"
 #endif
 
 namespace ep {
@@ -50,8 +51,9 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport_if_made(
   return internode_transport_;
 }
 
-void ProcessGroupEP::abort_internode(const std::string& why) {
+void ProcessGroupEP::abort_nvshmem(const std::string& why) {
   if (std::shared_ptr<InternodeTransport> transport = internode_transport_if_made()) transport->abort(why);
+  abort_low_latency_buffer(getGroupUid());  // the buffers are found by the group's name
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor> outputs,
@@ -135,7 +137,7 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
 
 std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport_if_made() { return nullptr; }
 
-void ProcessGroupEP::abort_internode(const std::string&) {}
+void ProcessGroupEP::abort_nvshmem(const std::string&) {}
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<at::Tensor>, AllToAllSpans,
                                                                     c10d::OpType, const char* op_name, bool) {

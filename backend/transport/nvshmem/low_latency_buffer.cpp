@@ -24,6 +24,10 @@ LowLatencyBuffer::LowLatencyBuffer(int rank, int size, int device, std::chrono::
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(int), cudaHostAllocMapped));
   *error_host_ = 0;
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
+  EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&gave_up_), sizeof(uint32_t)));
+  EP_CUDA_CHECK(cudaMemset(gave_up_, 0, sizeof(uint32_t)));
+  EP_CUDA_CHECK(cudaDeviceSynchronize());  // zero before any kernel, whatever stream it runs on
+  pinned_one();  // abort()'s source, made now (set_device_flag)
   const char* trace = std::getenv("TORCH_EP_LL_TRACE");
   if (trace && std::string(trace) == "1") {
     EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&trace_), kernels::ll::kTraceWords * sizeof(uint64_t)));
@@ -33,6 +37,7 @@ LowLatencyBuffer::LowLatencyBuffer(int rank, int size, int device, std::chrono::
 
 LowLatencyBuffer::~LowLatencyBuffer() {
   if (error_host_) cudaFreeHost(error_host_);
+  if (gave_up_) cudaFree(gave_up_);
   if (trace_) cudaFree(trace_);
 }
 
@@ -105,9 +110,20 @@ bool LowLatencyBuffer::reserve(const LowLatencyLayout& need, const std::vector<i
   return true;
 }
 
+void LowLatencyBuffer::abort() noexcept {
+  // The word names the abort (a pending report gives way), so that a wait it ends reports no
+  // timeout of its own; check() raises it, for good.
+  const int aborted = kernels::ll::kAborted * 65536 + rank_ + 1;
+  int code = __atomic_load_n(error_host_, __ATOMIC_ACQUIRE);
+  while ((code == 0 || kernels::ll::pending_report(code)) &&
+         !__atomic_compare_exchange_n(error_host_, &code, aborted, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+  }
+  set_device_flag(device_, gave_up_);
+}
+
 void LowLatencyBuffer::check(const char* op) {
   if (!failed_.empty()) throw CommError(std::string("torch_ep: ") + op + ": " + failed_);
-  const int code = *static_cast<volatile int*>(error_host_);
+  const int code = __atomic_load_n(error_host_, __ATOMIC_ACQUIRE);
   if (code == 0) return;
   const int kind = kernels::ll::error_kind(code), peer = kernels::ll::error_peer(code);
   const std::string timeout = std::to_string(double(timeout_.count()) / 1000.0) + " s";
@@ -141,10 +157,16 @@ void LowLatencyBuffer::check(const char* op) {
              "; such slots were not routed";
       fatal = false;
       break;
+    case kernels::ll::kAborted:
+      what = "the process group was aborted (abort()) and its low-latency kernels stopped waiting";
+      break;
     default:
       what = "a low-latency kernel reported error code " + std::to_string(code);
   }
-  *static_cast<volatile int*>(error_host_) = 0;
+  // Cleared only if it still holds this code: a timeout or an abort stored since replaced it,
+  // and the next check raises that one.
+  int seen = code;
+  __atomic_compare_exchange_n(error_host_, &seen, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
   what = "rank " + std::to_string(rank_) + ": " + what;
   if (fatal) failed_ = what + "; the group's low-latency buffers are out of step since, so every later call raises";
   throw CommError(std::string("torch_ep: ") + op + ": " + what + " (reported by an earlier call's kernel)");
@@ -160,6 +182,7 @@ kernels::ll::GroupArgs LowLatencyBuffer::args(int half) const {
   g.num_blocks = num_blocks_;
   g.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   g.error = error_device_;
+  g.gave_up = gave_up_;
   g.trace = trace_;
   g.whatif_copy_puts = nvshmem::whatif_copy_puts();
   return g;
@@ -177,6 +200,10 @@ LowLatencyBuffer* find_low_latency_buffer(const std::string& group_name) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   auto it = registry().find(group_name);
   return it == registry().end() ? nullptr : it->second.get();
+}
+
+void abort_low_latency_buffer(const std::string& group_name) noexcept {
+  if (LowLatencyBuffer* buffer = find_low_latency_buffer(group_name)) buffer->abort();
 }
 
 bool reserve_low_latency_buffer(const std::string& group_name, int rank, int size, int device,

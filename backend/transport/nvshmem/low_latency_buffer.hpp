@@ -44,6 +44,10 @@ class LowLatencyBuffer {
   // Whether a timeout has put the buffers out of step (every later call raises), as opposed to
   // a call's own problem (an overflow, a bad expert id) that leaves the group usable.
   bool failed() const { return !failed_.empty(); }
+  // The group was aborted (ProcessGroupEP::abort, from any thread): the error word names the
+  // abort, and every wait of this rank's kernels, queued calls' included, ends at once
+  // (GroupArgs::gave_up), except the wait before the caller writes the combine region.
+  void abort() noexcept;
   // The half the next call of `kind` uses, alternating.
   int next_half(Kind kind) { return int(calls_[kind]++ & 1); }
   // The half the next call of `kind` will use.
@@ -62,6 +66,7 @@ class LowLatencyBuffer {
   std::vector<char*> peers_;     // every rank's base_, as this rank maps it; null: remote
   int* error_host_ = nullptr;    // pinned, mapped
   int* error_device_ = nullptr;
+  uint32_t* gave_up_ = nullptr;  // device: GroupArgs::gave_up
   uint64_t* trace_ = nullptr;    // device, kTraceWords; null unless tracing
   uint64_t calls_[2] = {0, 0};
   std::string failed_;           // set after a timeout
@@ -69,6 +74,8 @@ class LowLatencyBuffer {
 
 // The buffer of the group named `group_name`, or null before torch_ep/low_latency.py set it up.
 LowLatencyBuffer* find_low_latency_buffer(const std::string& group_name);
+// abort() on the buffer of the group named `group_name`, if it has one.
+void abort_low_latency_buffer(const std::string& group_name) noexcept;
 // Creates (first call) and grows the group's buffer: collective, see LowLatencyBuffer::reserve.
 bool reserve_low_latency_buffer(const std::string& group_name, int rank, int size, int device,
                                 std::chrono::milliseconds timeout, int num_sms,
