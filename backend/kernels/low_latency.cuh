@@ -78,7 +78,10 @@ struct GroupArgs {
   LowLatencyLayout layout;
   int num_blocks;       // SM budget
   uint64_t timeout_ns;
-  int* error;           // host-mapped error word (0 = fine)
+  int* error;           // host-mapped, 0 = fine: a timeout (or the host's abort), the first one
+                        // wins and stays (every later call raises)
+  int* pending;         // host-mapped, 0 = fine: a call's own problem (an overflow, a bad expert
+                        // id), raised once by the host, which then clears it
   uint32_t* gave_up;    // device memory: set by a wait that timed out, or by the host's abort; every
                         // later wait of this rank's kernels (queued calls' included) then ends at once
   uint64_t* trace;      // phase timestamps (kTraceWords), or null: off

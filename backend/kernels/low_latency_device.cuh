@@ -12,19 +12,11 @@
 namespace ep::kernels::ll {
 namespace {
 
-// Reports an error in the host-mapped word: the first one wins, except that a timeout replaces a
-// pending report (pending_report: an overflow or a bad expert id, which the host clears once
-// raised; the timeout would never be). A plain check-then-store, as report_first (sync.cuh); a
-// timeout looks again after its fence, in case a pending code was stored at the same moment.
-__device__ __forceinline__ void report(int* error, int kind, int peer) {
-  volatile int* word = error;
-  const int code = kind * 65536 + peer + 1, held = *word;
-  if (held == 0 || (pending_report(held) && !pending_report(code))) *word = code;
-  __threadfence_system();
-  if (!pending_report(code) && pending_report(*word)) {
-    *word = code;
-    __threadfence_system();
-  }
+// Reports an error: a call's own problem (pending_report) in the word the host clears once it
+// raised it, a timeout in the word it never clears, so that neither hides the other. The first
+// one of each wins, mostly (report_first).
+__device__ __forceinline__ void report(const GroupArgs& g, int kind, int peer) {
+  report_first(pending_report(kind * 65536) ? g.pending : g.error, kind * 65536 + peer + 1);
 }
 
 // Thread 0 of the block stamps `point` of `kernel` (a no-op unless tracing).
@@ -68,12 +60,15 @@ __device__ __forceinline__ bool gave_up(const GroupArgs& g) {
 // Threads r < R wait (bounded by the timeout) until word r at `offset` of this rank's half is
 // complete; true where this thread's words all completed. A word still incomplete at the deadline
 // is reported, naming its peer (unless another wait gave up first: that one reported), and ends
-// every other wait (gave_up), which then reports nothing of its own. `heed_gave_up` false: a wait
-// that guards memory live peers still read, which the caller's own kernels write next
-// (combine_region_wait), waits for them whatever failed elsewhere.
+// every other wait (gave_up), which then reports nothing of its own. Once gave_up is set a wait
+// fails at once even on a complete word: the failed blocks reset no words, so a complete one may
+// be left from an earlier call, and a block that passed on it would write or read a half out of
+// step with its peers. `heed_gave_up` false: a wait that guards memory live peers still read,
+// which the caller's own kernels write next (combine_region_wait), waits for them whatever
+// failed elsewhere.
 __device__ bool wait_complete(const GroupArgs& g, int64_t offset, int error_kind, bool heed_gave_up = true) {
   const uint64_t deadline = now_ns() + g.timeout_ns;
-  bool ok = true;
+  bool ok = !(heed_gave_up && gave_up(g));
   for (int r = threadIdx.x; r < g.num_ranks && ok; r += blockDim.x) {
     const uint64_t* word = at<uint64_t>(g.half, offset + 8 * r);
     while (!complete(load_acquire(word))) {
@@ -82,7 +77,7 @@ __device__ bool wait_complete(const GroupArgs& g, int64_t offset, int error_kind
         break;
       }
       if (now_ns() > deadline) {
-        if (!gave_up(g)) report(g.error, error_kind, r);
+        if (!gave_up(g)) report(g, error_kind, r);
         atomicExch(g.gave_up, 1u);
         ok = false;
         break;

@@ -52,7 +52,7 @@ __device__ int number_expert(const DispatchSendParams& p, int e, int* list, int*
   }
   if (lane == 0) {
     *count = min(n, p.max_tokens);
-    if (n > p.max_tokens) report(p.g.error, kDispatchOverflow, e / (p.num_experts / p.g.num_ranks));
+    if (n > p.max_tokens) report(p.g, kDispatchOverflow, e / (p.num_experts / p.g.num_ranks));
   }
   return min(n, p.max_tokens);
 }
@@ -63,7 +63,7 @@ __device__ void mark_unrouted(const DispatchSendParams& p, int t, int lane) {
     const int64_t e = p.topk_idx[int64_t(t) * p.num_topk + k];
     if (e >= 0 && e < p.num_experts) continue;
     p.send_slot[int64_t(t) * p.num_topk + k] = -1;
-    if (e != -1) report(p.g.error, kBadExpert, p.g.rank);
+    if (e != -1) report(p.g, kBadExpert, p.g.rank);
   }
 }
 

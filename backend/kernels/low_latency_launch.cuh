@@ -33,7 +33,8 @@ cudaError_t allow_dynamic_smem(Kernel kernel, int64_t smem) {
 // wherever a peer is remote.
 bool valid_group(const GroupArgs& g) {
   return g.num_ranks >= 1 && g.num_ranks <= kMaxRanks && g.rank >= 0 && g.rank < g.num_ranks && g.half &&
-         g.peers[g.rank] && g.num_blocks >= 1 && g.error && (!any_remote(g) || g.layout.remote);
+         g.peers[g.rank] && g.num_blocks >= 1 && g.error && g.pending && g.gave_up &&
+         (!any_remote(g) || g.layout.remote);
 }
 
 }  // namespace

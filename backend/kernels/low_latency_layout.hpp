@@ -30,8 +30,8 @@ enum ErrorKind : int {
 EP_LL_HOST_DEVICE inline int error_kind(int code) { return code >> 16; }
 EP_LL_HOST_DEVICE inline int error_peer(int code) { return (code & 0xffff) - 1; }
 // A call's own problem, which the host raises once and clears (the group stays usable), as
-// opposed to a timeout or an abort, after which every call raises: the latter replace the former
-// in the error word, or the host would clear the word and never raise them.
+// opposed to a timeout or an abort, after which every call raises. They go to words of their own
+// (GroupArgs::pending, GroupArgs::error), so that clearing the one never loses the other.
 EP_LL_HOST_DEVICE inline bool pending_report(int code) {
   return error_kind(code) == kDispatchOverflow || error_kind(code) == kBadExpert;
 }

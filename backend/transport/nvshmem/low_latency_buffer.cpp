@@ -21,9 +21,9 @@ LowLatencyBuffer::LowLatencyBuffer(int rank, int size, int device, std::chrono::
   int sms = num_sms;
   if (sms <= 0) EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   num_blocks_ = sms;
-  EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(int), cudaHostAllocMapped));
-  *error_host_ = 0;
-  EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
+  EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&words_host_), kWords * sizeof(int), cudaHostAllocMapped));
+  words_host_[kFailure] = words_host_[kPending] = 0;
+  EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&words_device_), words_host_, 0));
   EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&gave_up_), sizeof(uint32_t)));
   EP_CUDA_CHECK(cudaMemset(gave_up_, 0, sizeof(uint32_t)));
   EP_CUDA_CHECK(cudaDeviceSynchronize());  // zero before any kernel, whatever stream it runs on
@@ -36,7 +36,7 @@ LowLatencyBuffer::LowLatencyBuffer(int rank, int size, int device, std::chrono::
 }
 
 LowLatencyBuffer::~LowLatencyBuffer() {
-  if (error_host_) cudaFreeHost(error_host_);
+  if (words_host_) cudaFreeHost(words_host_);
   if (gave_up_) cudaFree(gave_up_);
   if (trace_) cudaFree(trace_);
 }
@@ -94,7 +94,8 @@ bool LowLatencyBuffer::reserve(const LowLatencyLayout& need, const std::vector<i
                     "rank " + std::to_string(rank_) + " cannot map the buffers of ranks " + unmapped +
                     ", which the group's topology puts on its node (NVLink P2P off, or ranks sharing a GPU without "
                     "MPS?)");
-  // Flags and counters zero; every credit complete (nothing to protect yet).
+  // Flags and counters zero; every credit complete (nothing to protect yet). gave_up stays as it
+  // is: once set, the failure word is set too, and every call raises before it launches.
   EP_CUDA_CHECK(cudaMemset(base, 0, size_t(grown.total_bytes())));
   const std::vector<uint64_t> given(size_t(size_), kernels::ll::kCompleteWord);
   for (int half = 0; half < 2; ++half) {
@@ -111,65 +112,59 @@ bool LowLatencyBuffer::reserve(const LowLatencyLayout& need, const std::vector<i
 }
 
 void LowLatencyBuffer::abort() noexcept {
-  // The word names the abort (a pending report gives way), so that a wait it ends reports no
-  // timeout of its own; check() raises it, for good.
+  // The failure word names the abort unless a timeout got there first (or stores over it: either
+  // is fatal, and the word is never cleared); gave_up ends the kernels' waits at once.
+  int none = 0;
   const int aborted = kernels::ll::kAborted * 65536 + rank_ + 1;
-  int code = __atomic_load_n(error_host_, __ATOMIC_ACQUIRE);
-  while ((code == 0 || kernels::ll::pending_report(code)) &&
-         !__atomic_compare_exchange_n(error_host_, &code, aborted, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-  }
+  __atomic_compare_exchange_n(&words_host_[kFailure], &none, aborted, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
   set_device_flag(device_, gave_up_);
 }
 
-void LowLatencyBuffer::check(const char* op) {
-  if (!failed_.empty()) throw CommError(std::string("torch_ep: ") + op + ": " + failed_);
-  const int code = __atomic_load_n(error_host_, __ATOMIC_ACQUIRE);
-  if (code == 0) return;
+bool LowLatencyBuffer::failed() const { return __atomic_load_n(&words_host_[kFailure], __ATOMIC_ACQUIRE) != 0; }
+
+std::string LowLatencyBuffer::describe(int code) const {
   const int kind = kernels::ll::error_kind(code), peer = kernels::ll::error_peer(code);
   const std::string timeout = std::to_string(double(timeout_.count()) / 1000.0) + " s";
-  std::string what;
-  bool fatal = true;
   switch (kind) {
     case kernels::ll::kDispatchSendTimeout:
-      what = "a low_latency_dispatch send waited past the timeout (" + timeout + ") for rank " + std::to_string(peer) +
-             " to finish receiving the dispatch before last on the same buffer half (more than two dispatches in flight, or a "
-             "rank stopped calling)";
-      break;
+      return "a low_latency_dispatch send waited past the timeout (" + timeout + ") for rank " + std::to_string(peer) +
+             " to finish receiving the dispatch before last on the same buffer half (more than two dispatches in "
+             "flight, or a rank stopped calling)";
     case kernels::ll::kDispatchRecvTimeout:
-      what = "a low_latency_dispatch receive waited past the timeout (" + timeout + ") for rank " +
+      return "a low_latency_dispatch receive waited past the timeout (" + timeout + ") for rank " +
              std::to_string(peer) + " to send";
-      break;
     case kernels::ll::kCombineSendTimeout:
-      what = "a low_latency_combine send waited past the timeout (" + timeout + ") for rank " + std::to_string(peer) +
+      return "a low_latency_combine send waited past the timeout (" + timeout + ") for rank " + std::to_string(peer) +
              " to finish receiving the combine before last on the same buffer half";
-      break;
     case kernels::ll::kCombineRecvTimeout:
-      what = "a low_latency_combine receive waited past the timeout (" + timeout + ") for rank " +
+      return "a low_latency_combine receive waited past the timeout (" + timeout + ") for rank " +
              std::to_string(peer) + " to send";
-      break;
     case kernels::ll::kDispatchOverflow:
-      what = "a low_latency_dispatch sent more than max_tokens_per_rank rows to one expert of rank " +
+      return "a low_latency_dispatch sent more than max_tokens_per_rank rows to one expert of rank " +
              std::to_string(peer) + " (a token naming one expert in several slots?); the extra rows were dropped";
-      fatal = false;
-      break;
     case kernels::ll::kBadExpert:
-      what = "a low_latency_dispatch got a topk_idx entry outside [-1, num_experts) on rank " + std::to_string(peer) +
+      return "a low_latency_dispatch got a topk_idx entry outside [-1, num_experts) on rank " + std::to_string(peer) +
              "; such slots were not routed";
-      fatal = false;
-      break;
     case kernels::ll::kAborted:
-      what = "the process group was aborted (abort()) and its low-latency kernels stopped waiting";
-      break;
+      return "the process group was aborted (abort()) and its low-latency kernels stopped waiting";
     default:
-      what = "a low-latency kernel reported error code " + std::to_string(code);
+      return "a low-latency kernel reported error code " + std::to_string(code);
   }
-  // Cleared only if it still holds this code: a timeout or an abort stored since replaced it,
-  // and the next check raises that one.
-  int seen = code;
-  __atomic_compare_exchange_n(error_host_, &seen, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-  what = "rank " + std::to_string(rank_) + ": " + what;
-  if (fatal) failed_ = what + "; the group's low-latency buffers are out of step since, so every later call raises";
-  throw CommError(std::string("torch_ep: ") + op + ": " + what + " (reported by an earlier call's kernel)");
+}
+
+void LowLatencyBuffer::check(const char* op) {
+  const std::string prefix = std::string("torch_ep: ") + op + ": rank " + std::to_string(rank_) + ": ";
+  // A failure stays in its word: this call and every later one raise it, from any thread.
+  if (const int failure = __atomic_load_n(&words_host_[kFailure], __ATOMIC_ACQUIRE); failure != 0)
+    throw CommError(prefix + describe(failure) +
+                    "; the group's low-latency buffers are out of step since, so every later call raises");
+  const int pending = __atomic_load_n(&words_host_[kPending], __ATOMIC_ACQUIRE);
+  if (pending == 0) return;
+  // Cleared only if it still holds this code (a kernel may have stored another since: the next
+  // check raises that one); raised once, and the group goes on.
+  int seen = pending;
+  __atomic_compare_exchange_n(&words_host_[kPending], &seen, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+  throw CommError(prefix + describe(pending) + " (reported by an earlier call's kernel)");
 }
 
 kernels::ll::GroupArgs LowLatencyBuffer::args(int half) const {
@@ -181,7 +176,8 @@ kernels::ll::GroupArgs LowLatencyBuffer::args(int half) const {
   g.layout = layout_;
   g.num_blocks = num_blocks_;
   g.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
-  g.error = error_device_;
+  g.error = words_device_ + kFailure;
+  g.pending = words_device_ + kPending;
   g.gave_up = gave_up_;
   g.trace = trace_;
   g.whatif_copy_puts = nvshmem::whatif_copy_puts();

@@ -41,11 +41,11 @@ class LowLatencyBuffer {
   // Raises (naming `op`) what a kernel reported since the last check; timeouts leave the flags
   // out of step with the peers', so after one every call raises.
   void check(const char* op);
-  // Whether a timeout has put the buffers out of step (every later call raises), as opposed to
-  // a call's own problem (an overflow, a bad expert id) that leaves the group usable.
-  bool failed() const { return !failed_.empty(); }
-  // The group was aborted (ProcessGroupEP::abort, from any thread): the error word names the
-  // abort, and every wait of this rank's kernels, queued calls' included, ends at once
+  // Whether a timeout (or abort()) has put the buffers out of step (every later call raises), as
+  // opposed to a call's own problem (an overflow, a bad expert id) that leaves the group usable.
+  bool failed() const;
+  // The group was aborted (ProcessGroupEP::abort, from any thread): the failure word names the
+  // abort (every later call raises), and every wait of this rank's kernels, queued calls' included, ends at once
   // (GroupArgs::gave_up), except the wait before the caller writes the combine region.
   void abort() noexcept;
   // The half the next call of `kind` uses, alternating.
@@ -64,12 +64,16 @@ class LowLatencyBuffer {
   kernels::ll::LowLatencyLayout layout_{};
   char* base_ = nullptr;         // symmetric: two halves
   std::vector<char*> peers_;     // every rank's base_, as this rank maps it; null: remote
-  int* error_host_ = nullptr;    // pinned, mapped
-  int* error_device_ = nullptr;
+  std::string describe(int code) const;  // a kernel's error code, in words
+
+  // Pinned, mapped: kFailure (GroupArgs::error: a timeout or the abort; never cleared) and
+  // kPending (GroupArgs::pending: a call's own problem; cleared once raised).
+  enum Word : int { kFailure = 0, kPending = 1, kWords = 2 };
+  int* words_host_ = nullptr;
+  int* words_device_ = nullptr;
   uint32_t* gave_up_ = nullptr;  // device: GroupArgs::gave_up
   uint64_t* trace_ = nullptr;    // device, kTraceWords; null unless tracing
   uint64_t calls_[2] = {0, 0};
-  std::string failed_;           // set after a timeout
 };
 
 // The buffer of the group named `group_name`, or null before torch_ep/low_latency.py set it up.
