@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
+from test_cuda_all_to_all_v import abort_while_waiting
 from test_low_latency import FP8_BLOCK, expert_outputs, make_inputs, valid_rows
 from torch_ep import reference
 from torch_ep.testing import poison_, same_bits
@@ -259,15 +260,23 @@ def test_errors_the_kernels_see(cuda_pool):
     cuda_pool.run(rank_errors_the_kernels_see, _seed())
 
 
+def _set_up_then_lose(absent):
+    """A dispatch on every rank (it sets the buffers up), then rank `absent` stops calling:
+    (num_experts, x, topk_idx, topk_weights, that dispatch) elsewhere, None on `absent`."""
+    num_experts, x, idx, w = make_inputs(7, "random", 6, 256, 2, 2, device="cuda")
+    d = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)
+    torch.cuda.synchronize()
+    dist.barrier()
+    return None if dist.get_rank() == absent else (num_experts, x, idx, w, d)
+
+
 def rank_peer_never_sends(absent):
     """A peer that never makes the call: the receive gives up after the group's timeout, the
     error names the op, this rank and the missing peer, and every later call raises."""
-    num_experts, x, idx, w = make_inputs(7, "random", 6, 256, 2, 2, device="cuda")
-    d = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)  # sets up
-    torch.cuda.synchronize()
-    dist.barrier()
-    if dist.get_rank() == absent:
+    state = _set_up_then_lose(absent)
+    if state is None:
         return None
+    num_experts, x, idx, w, d = state
     start = time.monotonic()
     torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)
     torch.cuda.synchronize()  # returns: the kernel gave up waiting
@@ -287,12 +296,10 @@ def rank_queued_calls_after_a_lost_peer(absent):
     read nothing (the combine's rows, into a poisoned out, are zeros). Returns (seconds waited,
     the error raised after, whether the combine wrote zeros, whether the last dispatch counted
     no rows) on the ranks that stayed, None on `absent`."""
-    num_experts, x, idx, w = make_inputs(7, "random", 6, 256, 2, 2, device="cuda")
-    d = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)  # sets up
-    torch.cuda.synchronize()
-    dist.barrier()
-    if dist.get_rank() == absent:
+    state = _set_up_then_lose(absent)
+    if state is None:
         return None
+    num_experts, x, idx, w, d = state
     out = poison_(torch.empty(x.shape, dtype=torch.bfloat16, device="cuda"))
     # The ops' outputs filled (integers with their largest value) where they are allocated, so a
     # count the kernel leaves unwritten cannot read as zero by chance.
@@ -327,34 +334,12 @@ def test_queued_calls_after_a_lost_peer():
 def rank_abort_releases_low_latency_waits():
     """Rank 0 aborts a group while its low-latency dispatch waits for rank 1, held up by a
     5-second kernel: rank 0's stream is released at once, not when rank 1 sends (about 4.5 s
-    later) nor at the 20-second timeout, and its next call raises naming the abort. Returns (seconds to drain, (type, message) of that
-    call) on rank 0, (None, None) elsewhere."""
-    group = dist.new_group()  # the pool's default group stays usable for the barrier below
+    later) nor at the 20-second timeout, and its next call raises naming the abort
+    (abort_while_waiting). A group of its own: the pool's default one stays for the barriers."""
+    group = dist.new_group()
     num_experts, x, idx, _ = make_inputs(7, "random", 6, 256, 2, 2, device="cuda")
-
-    def call():
-        return torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts, group=group)
-
-    call()
-    torch.cuda.synchronize()
-    dist.barrier()
-    if dist.get_rank() == 1:
-        torch.cuda._sleep(int(5 * torch.cuda.get_device_properties(0).clock_rate * 1e3))  # ~5 s
-    call()
-    elapsed = later = None
-    if dist.get_rank() == 0:
-        time.sleep(0.5)
-        start = time.monotonic()
-        group.abort()
-        torch.cuda.synchronize()
-        elapsed = time.monotonic() - start
-        try:
-            call()
-        except Exception as e:  # noqa: BLE001
-            later = (type(e).__name__, str(e))
-    torch.cuda.synchronize()
-    dist.barrier()
-    return elapsed, later
+    return abort_while_waiting(group, lambda: torch_ep.low_latency_dispatch(
+        x, idx, max_tokens_per_rank=8, num_experts=num_experts, group=group), held_rank=1)
 
 
 def test_abort_releases_low_latency_waits():
