@@ -374,6 +374,54 @@ def test_later_problems_counted(cuda_pool):
     cuda_pool.run(rank_later_problems_counted, seed=_seed())
 
 
+def rank_allocation_fails_after_the_plan(seed):
+    """all_to_all_v with output=None, whose output the last rank cannot allocate once the plan has
+    sized it (its allocator capped just above what it holds: set_per_process_memory_fraction).
+    That rank raises the allocator's error and queues a drain (af64d17), so every other rank's
+    call completes with its data, well within the group's (60 s) timeout; the call after works
+    everywhere."""
+    import time
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    victim = size - 1
+    g = torch.Generator().manual_seed(seed + rank)
+    splits = torch.randint(1, 5, (size,), generator=g)
+    splits[victim] = 8192  # rows of 4 KiB: 32 MiB from every rank, more than the victim's cap leaves
+    from torch_ep.testing import random_tensor
+    inp = random_tensor((int(splits.sum()), 1024), torch.float32, g, "cuda")
+    splits = splits.cuda()
+    expected = reference.all_to_all_v(inp, splits)
+    torch.cuda.synchronize()
+    if rank == victim:
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (8 << 20)) / total)
+    dist.barrier()
+    error, start = None, time.monotonic()
+    try:
+        res = torch_ep.all_to_all_v(inp, splits)
+    except RuntimeError as e:
+        error = str(e)
+    finally:
+        if rank == victim:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.synchronize()
+    elapsed = time.monotonic() - start
+    if rank == victim:
+        assert error is not None and "out of memory" in error.lower(), error
+    else:
+        assert error is None, error
+        assert same_bits(res.output, expected.output), "a peer's call did not complete with its data"
+        assert elapsed < 20, f"a peer's call waited {elapsed:.1f} s for the victim's move"
+    error, out, inp, splits = _next_call(seed + 1)
+    assert error is None, error
+    assert same_bits(out, reference.all_to_all_v(inp, splits).output), "the call after did not move"
+
+
+def test_allocation_fails_after_the_plan(cuda_pool):
+    cuda_pool.run(rank_allocation_fails_after_the_plan, seed=_seed())
+
+
 def rank_interleaved_with_all_to_all_single(seed):
     """all_to_all_single on the device protocol (the comm stream) and all_to_all_v (the caller's
     stream) share the group's kernels and blocks: an async all_to_all_single followed at once by
