@@ -12,6 +12,7 @@
 #include <cstring>
 #include <mutex>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "backend/common/errors.hpp"
@@ -139,7 +140,15 @@ class AllToAllVState {
   // threads, and Works asked from any thread): each report is taken once.
   Report take_report() {
     std::lock_guard<std::mutex> lock(report_mutex_);
+    if (held_[0] != kernels::kReportNone) return std::exchange(held_, Report{});
     return take_report_locked();
+  }
+
+  // A report that a call took but could not raise, as it failed otherwise first (its output's
+  // allocation): the next take_report() returns it, so that it still raises.
+  void hold_for_next_call(const Report& w) {
+    std::lock_guard<std::mutex> lock(report_mutex_);
+    if (held_[0] == kernels::kReportNone) held_ = w;
   }
 
   // Raises `w` (report[0] != 0). `earlier`: an earlier call's, which did not wait for it.
@@ -295,6 +304,7 @@ class AllToAllVState {
   int64_t* report_host_ = nullptr;    // pinned, mapped: kReportWords
   int64_t* report_device_ = nullptr;
   std::mutex report_mutex_;           // take_report's and take_report_of's read-and-clear
+  Report held_{};                     // hold_for_next_call's
   int64_t calls_ = 0;                 // calls so far: each one's call_id
   Tensor scratch_;                    // all_to_all_single's plan and counts (calls run in turn: order_)
   static constexpr uint64_t kMaxPoolGrid = 4096;  // 512 MiB calls in 128 KiB pieces; larger ones take larger pieces
@@ -487,6 +497,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       found_after = state.take_report();
     } catch (...) {
       queue_drain(state, p, stream, op);
+      state.hold_for_next_call(raise_later);  // an earlier call's problem still raises, at the next call
       throw;
     }
     p.output = static_cast<char*>(staging.data_ptr());
