@@ -16,7 +16,8 @@ namespace {
 // raised it, a timeout in the word it never clears, so that neither hides the other. The first
 // one of each wins, mostly (report_first).
 __device__ __forceinline__ void report(const GroupArgs& g, int kind, int peer) {
-  report_first(pending_report(kind * 65536) ? g.pending : g.error, kind * 65536 + peer + 1);
+  const int code = kind * 65536 + peer + 1;
+  report_first(pending_report(code) ? g.pending : g.error, code);
 }
 
 // Thread 0 of the block stamps `point` of `kernel` (a no-op unless tracing).

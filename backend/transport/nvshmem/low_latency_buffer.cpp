@@ -153,10 +153,11 @@ std::string LowLatencyBuffer::describe(int code) const {
 }
 
 void LowLatencyBuffer::check(const char* op) {
-  const std::string prefix = std::string("torch_ep: ") + op + ": rank " + std::to_string(rank_) + ": ";
+  // Every call passes here: two loads, and the message only once there is something to raise.
+  auto prefix = [&] { return std::string("torch_ep: ") + op + ": rank " + std::to_string(rank_) + ": "; };
   // A failure stays in its word: this call and every later one raise it, from any thread.
   if (const int failure = __atomic_load_n(&words_host_[kFailure], __ATOMIC_ACQUIRE); failure != 0)
-    throw CommError(prefix + describe(failure) +
+    throw CommError(prefix() + describe(failure) +
                     "; the group's low-latency buffers are out of step since, so every later call raises");
   const int pending = __atomic_load_n(&words_host_[kPending], __ATOMIC_ACQUIRE);
   if (pending == 0) return;
@@ -164,7 +165,7 @@ void LowLatencyBuffer::check(const char* op) {
   // check raises that one); raised once, and the group goes on.
   int seen = pending;
   __atomic_compare_exchange_n(&words_host_[kPending], &seen, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-  throw CommError(prefix + describe(pending) + " (reported by an earlier call's kernel)");
+  throw CommError(prefix() + describe(pending) + " (reported by an earlier call's kernel)");
 }
 
 kernels::ll::GroupArgs LowLatencyBuffer::args(int half) const {
