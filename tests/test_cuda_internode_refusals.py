@@ -116,6 +116,57 @@ def test_over_capacity(device_route):
     device_route.run(rank_over_capacity, _seed())
 
 
+def rank_refused_by_peers_records(seed):
+    """Rank 0 refuses a dispatch that no host waits for (num_worst_tokens; more tokens than the
+    capacity) and raises at once; its peers learn of it from the device and refuse their next such
+    dispatch, raising ValueError naming rank 0. Rank 0's record of that next call was fine, so its
+    host had nothing to raise there and its outputs are padding: its call after that raises
+    ValueError saying so, once that call is queued (the peers' copy of it completes), and the
+    group works afterwards. Returns what each of the two calls raised on this rank (or None)."""
+    import torch.distributed as dist
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    worst = 24 * size  # make_inputs' most tokens from every rank
+    num_experts, _, x, idx, w = checks.make_inputs(seed, "random", 16, 2, 2, torch.bfloat16, "cuda")
+    if rank == 0:
+        big = CAPACITY + 5
+        refused = (torch.randn(big, 16, device="cuda").bfloat16(), torch.randint(0, num_experts, (big, 2), device="cuda"),
+                   torch.ones(big, 2, device="cuda"))
+        checks._raises(lambda: torch_ep.dispatch(*refused, num_experts=num_experts, num_worst_tokens=worst),
+                       ValueError, "internode_capacity")
+    else:
+        torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst)
+    torch.cuda.synchronize()  # every notify ran: the peers' hosts hold rank 0's refusal
+    dist.barrier()
+
+    def said(call):
+        try:
+            call()
+        except ValueError as e:
+            return str(e)
+        return None
+
+    padded = said(lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts, num_worst_tokens=worst))
+    torch.cuda.synchronize()  # rank 0's notify of that call ran: its host holds the notice
+    dist.barrier()
+    told = said(lambda: torch_ep.dispatch(x, idx, w, num_experts=num_experts))
+    torch.cuda.synchronize()
+    dist.barrier()
+    checks.rank_dispatch_combine(seed + 1, "random", 16, 2, 2, torch.bfloat16, device="cuda")
+    return padded, told
+
+
+def test_refused_by_peers_records(device_route):
+    results = device_route.run(rank_refused_by_peers_records, _seed())
+    (padded, told) = results[0]
+    assert padded is None, padded  # rank 0's record accepted the call: nothing to raise there
+    assert told is not None and "refused by its peers" in told and "rank 0's refusal" in told, told
+    assert "padding" in told and "dispatch on rank 0" in told, told
+    for rank, (padded, told) in enumerate(results[1:], start=1):
+        assert padded is not None and "rank 0 refused an earlier" in padded, (rank, padded)
+        assert told is None, (rank, told)  # no refusal chain: the peers' next call goes through
+
+
 def rank_row_too_wide(seed):
     """After a first call has sized the buffer (ROW_BYTES), a dispatch of wider rows: every rank
     raises ValueError naming x and Options.internode_row_bytes with the bytes its rows need,

@@ -231,6 +231,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   // every rank (InternodeBuffer::take_pending); not a captured call, whose record every replay
   // would repeat.
   if (mine.status == ix::kOk && !capturing) mine.status = buf.take_pending(mine.detail);
+  const std::string late = capturing ? std::string() : buf.take_late_refusal();  // raised once this call is queued
   // Zero copy: x (its scales) is dispatch_buffer's view of this rank's packed rows, where the
   // pack would put it; it stays. Each rank decides for itself: the rows are the same either way.
   const int64_t W = buf.row_bytes();
@@ -305,6 +306,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   EP_CUDA_CHECK(ix::launch_dispatch_receive(p, stream));
   order.end();
 
+  TORCH_CHECK_VALUE(late.empty(), op, " on rank ", rank, ": ", late);
   o.meta = cached || a.layout_meta ? empty_output({0}, meta.options()) : meta;
   o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
   return o;
@@ -349,6 +351,7 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   }
   // As in dispatch: what a kernel reported since refuses this call on every rank.
   if (mine.status == ix::kOk && !capturing) mine.status = buf.take_pending(mine.detail);
+  const std::string late = capturing ? std::string() : buf.take_late_refusal();  // raised once this call is queued
   const bool host_waits = h.num_worst_tokens == 0 && !capturing;
   p.row_stride = stride;
   p.host_waits = host_waits;
@@ -390,6 +393,7 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   } else if (mine.status != ix::kOk) {
     TORCH_CHECK_VALUE(false, op, " on rank ", rank, ": ", refusal(mine, buf));
   }
+  TORCH_CHECK_VALUE(late.empty(), op, " on rank ", rank, ": ", late);
   return o;
 }
 

@@ -59,6 +59,10 @@ class InternodeBuffer {
   // record, so that every rank refuses that call together; raising it before the call instead
   // would leave this rank out of the call's notify alone.
   kernels::ix::Status take_pending(int64_t& detail);
+  // A notice that an earlier call no host waited for was refused by the peers' records while this
+  // rank's own accepted it (kRefusedByPeers), as the text to raise, or "" (clears it). The caller
+  // raises it once its own call is queued: the peers are in that call too.
+  std::string take_late_refusal();
   // Work.wait()'s view of check(): the failure's text, or "" (does not clear it).
   std::string error();
   // The group was aborted (`why`): every later call raises, and every wait of this rank's kernels,
