@@ -15,18 +15,17 @@
 namespace ep::kernels::ix {
 namespace {
 
-// Reports an error in the host-mapped word: a code replaces one of lower severity only
-// (error_severity), so a timeout replaces a pending refusal or overflow (the host would clear the
-// word, and the timeout would never be raised), and a refusal a late notice; among equals the
-// first wins. A plain check-then-store, as report_first (sync.cuh). A code looks again after its
-// fence: one of lower severity stored at the same moment (once a kernel at most) would otherwise
-// win and be cleared.
+// Reports an error in the host-mapped word: the first one wins, except that a timeout replaces a
+// pending refusal or overflow (the host would clear the word, and the timeout would never be
+// raised). A plain check-then-store, as report_first (sync.cuh). A timeout looks again after its
+// fence: a pending code stored at the same moment (once a kernel at most) would otherwise win and
+// be cleared.
 __device__ __forceinline__ void report(int* error, int kind, int peer) {
   volatile int* word = error;
-  const int code = kind * 65536 + peer + 1, severity = error_severity(code);
-  if (error_severity(*word) < severity) *word = code;
+  const int code = kind * 65536 + peer + 1, held = *word;
+  if (held == 0 || (pending_refusal(held) && !pending_refusal(code))) *word = code;
   __threadfence_system();
-  if (error_severity(*word) < severity) {  // a code of lower severity raced this one in
+  if (!pending_refusal(code) && pending_refusal(*word)) {
     *word = code;
     __threadfence_system();
   }

@@ -74,10 +74,8 @@ enum Status : int32_t {
   kOverflowed = 5,  // an earlier dispatch (num_worst_tokens) on this rank received more rows than it holds
   kRefusedBefore = 6,  // rank `detail` refused an earlier call that no host waited for (this rank's kRejected)
 };
-// Error word (host-mapped): kind * 65536 + peer + 1. A code replaces one of lower severity
-// (error_severity): a timeout or the abort replaces a pending kRejected or kOverflow, which
-// replaces a kRefusedByPeers notice (the host clears those two sorts at its next call); among
-// codes of one severity the first wins.
+// Error word (host-mapped): kind * 65536 + peer + 1, the first one wins, except that a timeout
+// replaces a pending kRejected or kOverflow (the host clears those at its next call).
 enum ErrorKind : int {
   kNotifyTimeout = 1,   // a rank's record never came
   kForwardTimeout = 2,  // the rail peer's chunk never came (peer: that source)
@@ -89,23 +87,14 @@ enum ErrorKind : int {
   kCombineInTimeout = 8,  // combine_buffer: node rank `peer` never finished reading this rank's combine_in
   kDispatchInTimeout = 9,  // dispatch_buffer: node rank `peer` never finished reading this rank's packed rows
   kAborted = 10,           // the host aborted the group (InternodeBuffer::abort; peer: this rank)
-  // A call no host waited for was refused by its peers' records (each carried kRefusedBefore: rank
-  // `peer` refused an earlier call) while this rank's own accepted it, so its outputs are padding.
-  // The host raises it after its next call is queued and never carries it into a record: the
-  // peers raised that refusal already, and carrying it would refuse calls in a chain.
-  kRefusedByPeers = 11,
 };
 EP_HOST_DEVICE inline int error_kind(int code) { return code / 65536; }
 EP_HOST_DEVICE inline int error_peer(int code) { return code % 65536 - 1; }
 // Whether `code` is one the host clears when its next call refuses with it
-// (InternodeBuffer::take_pending): a refusal no host waited for, or an overflow.
+// (InternodeBuffer::take_pending): a refusal no host waited for, or an overflow. The other kinds
+// are timeouts, which the host raises for good.
 EP_HOST_DEVICE inline bool pending_refusal(int code) {
   return error_kind(code) == kRejected || error_kind(code) == kOverflow;
-}
-// 0: no code; 1: kRefusedByPeers (a notice, InternodeBuffer::take_late_refusal); 2: a pending
-// refusal; 3: a failure (the timeouts and the abort), which the host raises for good.
-EP_HOST_DEVICE inline int error_severity(int code) {
-  return code == 0 ? 0 : error_kind(code) == kRefusedByPeers ? 1 : pending_refusal(code) ? 2 : 3;
 }
 
 // What every rank tells every peer at the start of a call (the fields check_records compares).
@@ -149,6 +138,12 @@ struct IxHostCtrl {
   int32_t relay[kMaxRanks];                 // [NN] tokens each rail peer sends through this rank
   int32_t per_expert[kMaxLocalExperts];     // received tokens per local expert
   IxRecordHeader records[kMaxRanks];
+  // A notice, apart from the error word (which it would contend with): a call no host waited for
+  // was refused by its peers' records (each carried kRefusedBefore: rank `refused_by_peers - 1`
+  // refused an earlier call) while this rank's own accepted it, so its outputs are padding. Set
+  // by the notify, cleared by the host, which raises it after its next call is queued and never
+  // carries it into a record (the peers raised that refusal already: no refusal chain).
+  volatile int32_t refused_by_peers;
 };
 
 // Device state of the current call, in the symmetric buffer (never read by peers).

@@ -162,13 +162,12 @@ __global__ void __launch_bounds__(kThreads) notify_kernel(IxParams p) {
     // rank out of the call while its peers wait for its record (and hosts learn it at different
     // calls: each reads its word whenever it starts a call). Not reported: a rank's own refusal
     // its host raised at this call already, and kRefusedBefore (no refusal chain). A rank whose
-    // own record was fine, refused by peers carrying kRefusedBefore only, gets a notice instead,
-    // which its host raises after its next call is queued (kRefusedByPeers): no call is silently
-    // padding.
+    // own record was fine, refused by peers carrying kRefusedBefore only, gets a notice instead
+    // (IxHostCtrl::refused_by_peers), which its host raises after its next call is queued.
     if (!ok && !timed_out_s && !p.host_waits && news_s < R && !(news_s == p.rank && p.mine.status != kOk))
       report(p.error, kRejected, news_s);
-    else if (!ok && !timed_out_s && !p.host_waits && news_s == R && mine.status == kOk)
-      report(p.error, kRefusedByPeers, int(got[bad_s].detail));
+    else if (!ok && !timed_out_s && !p.host_waits && news_s == R && mine.status == kOk && !p.host->refused_by_peers)
+      p.host->refused_by_peers = int32_t(got[bad_s].detail) + 1;
     nvshmem_quiet();  // the record stage is reused by the next call
   }
 }

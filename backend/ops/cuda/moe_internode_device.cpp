@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "backend/kernels/internode_device.cuh"
 #include "backend/ops/cuda/cuda_outputs.hpp"
@@ -163,6 +164,26 @@ class OrderedCall {
   bool open_ = true;
 };
 
+// A notice taken at a call's start (InternodeBuffer::take_late_refusal; none inside a capture):
+// raised once the call is queued, or put back for the next call if the call raises first.
+class LateNotice {
+ public:
+  LateNotice(InternodeBuffer& b, bool capturing) : b_(b), notice_(capturing ? 0 : b.take_late_refusal()) {}
+  ~LateNotice() {
+    if (notice_) b_.put_back_late_refusal(notice_);
+  }
+  LateNotice(const LateNotice&) = delete;
+  LateNotice& operator=(const LateNotice&) = delete;
+  void raise(const char* op, int rank) {
+    const int notice = std::exchange(notice_, 0);
+    TORCH_CHECK_VALUE(notice == 0, op, " on rank ", rank, ": ", b_.describe_late_refusal(notice));
+  }
+
+ private:
+  InternodeBuffer& b_;
+  int notice_;
+};
+
 // The parameters every launch of a call shares.
 ix::IxParams call_params(ProcessGroupEP& group, InternodeBuffer& b, int32_t op, const Tensor& meta, int64_t N,
                          int64_t E, Tensor& scratch) {
@@ -231,7 +252,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   // every rank (InternodeBuffer::take_pending); not a captured call, whose record every replay
   // would repeat.
   if (mine.status == ix::kOk && !capturing) mine.status = buf.take_pending(mine.detail);
-  const std::string late = capturing ? std::string() : buf.take_late_refusal();  // raised once this call is queued
+  LateNotice late(buf, capturing);
   // Zero copy: x (its scales) is dispatch_buffer's view of this rank's packed rows, where the
   // pack would put it; it stays. Each rank decides for itself: the rows are the same either way.
   const int64_t W = buf.row_bytes();
@@ -306,7 +327,7 @@ DispatchOutputs dispatch_cuda_internode_device(ProcessGroupEP& group, InternodeT
   EP_CUDA_CHECK(ix::launch_dispatch_receive(p, stream));
   order.end();
 
-  TORCH_CHECK_VALUE(late.empty(), op, " on rank ", rank, ": ", late);
+  late.raise(op, rank);
   o.meta = cached || a.layout_meta ? empty_output({0}, meta.options()) : meta;
   o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
   return o;
@@ -351,7 +372,7 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   }
   // As in dispatch: what a kernel reported since refuses this call on every rank.
   if (mine.status == ix::kOk && !capturing) mine.status = buf.take_pending(mine.detail);
-  const std::string late = capturing ? std::string() : buf.take_late_refusal();  // raised once this call is queued
+  LateNotice late(buf, capturing);
   const bool host_waits = h.num_worst_tokens == 0 && !capturing;
   p.row_stride = stride;
   p.host_waits = host_waits;
@@ -393,7 +414,7 @@ CombineOutputs combine_cuda_internode_device(ProcessGroupEP& group, InternodeTra
   } else if (mine.status != ix::kOk) {
     TORCH_CHECK_VALUE(false, op, " on rank ", rank, ": ", refusal(mine, buf));
   }
-  TORCH_CHECK_VALUE(late.empty(), op, " on rank ", rank, ": ", late);
+  late.raise(op, rank);
   return o;
 }
 

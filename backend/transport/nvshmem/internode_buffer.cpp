@@ -96,11 +96,6 @@ std::string InternodeBuffer::describe(int code) const {
     case ix::kRejected:
       return "rank " + std::to_string(peer) + " refused a dispatch/combine across nodes whose results no host "
              "waited for (num_worst_tokens; its outputs are padding only); call it without num_worst_tokens to see why";
-    case ix::kRefusedByPeers:
-      return "an earlier dispatch/combine across nodes whose results no host waited for (num_worst_tokens, or a "
-             "CUDA graph) was refused by its peers, who had been told of rank " + std::to_string(peer) +
-             "'s refusal of a call before it, although " + who + "'s record accepted it; " + who + "'s outputs of "
-             "that call are padding only (the peers raised it at their calls)";
     case ix::kAborted:
       return who + "'s group was aborted";
     case ix::kOverflow:
@@ -115,7 +110,8 @@ std::string InternodeBuffer::error() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!failed_.empty()) return failed_;
   const int code = *static_cast<volatile int*>(error_host_);
-  if (ix::error_severity(code) == 3)
+  const int kind = ix::error_kind(code);
+  if (code != 0 && kind != ix::kRejected && kind != ix::kOverflow)
     failed_ = describe(code) + "; the group's buffers across nodes are out of step since, so every later call raises";
   return failed_;
 }
@@ -125,11 +121,11 @@ void InternodeBuffer::abort(const std::string& why) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (failed_.empty())
       failed_ = why + "; the group's buffers across nodes are out of step since, so every later call raises";
-    // The word names the abort (a pending refusal or a notice gives way), so that a wait it ends
-    // reports no timeout of its own.
+    // The word names the abort (a pending refusal gives way), so that a wait it ends reports no
+    // timeout of its own.
     const int aborted = ix::kAborted * 65536 + topology_.rank + 1;
     int code = __atomic_load_n(error_host_, __ATOMIC_ACQUIRE);
-    while (ix::error_severity(code) < 3 &&
+    while ((code == 0 || ix::pending_refusal(code)) &&
            !__atomic_compare_exchange_n(error_host_, &code, aborted, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
     }
   }
@@ -155,12 +151,20 @@ ix::Status InternodeBuffer::take_pending(int64_t& detail) {
   return ix::error_kind(code) == ix::kOverflow ? ix::kOverflowed : ix::kRefusedBefore;
 }
 
-std::string InternodeBuffer::take_late_refusal() {
-  int code = __atomic_load_n(error_host_, __ATOMIC_ACQUIRE);  // cleared only while it holds the notice, as above
-  while (ix::error_kind(code) == ix::kRefusedByPeers &&
-         !__atomic_compare_exchange_n(error_host_, &code, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-  }
-  return ix::error_kind(code) == ix::kRefusedByPeers ? describe(code) : std::string();
+int InternodeBuffer::take_late_refusal() {
+  return __atomic_exchange_n(&ctrl_host_->refused_by_peers, 0, __ATOMIC_ACQ_REL);
+}
+
+void InternodeBuffer::put_back_late_refusal(int notice) {
+  int none = 0;  // a notice the device set since stays: either says the same
+  __atomic_compare_exchange_n(&ctrl_host_->refused_by_peers, &none, notice, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+std::string InternodeBuffer::describe_late_refusal(int notice) const {
+  const std::string me = "rank " + std::to_string(topology_.rank);
+  return "an earlier dispatch/combine across nodes whose results no host waited for (num_worst_tokens, or a CUDA "
+         "graph) was refused by its peers, told of rank " + std::to_string(notice - 1) + "'s refusal of a call "
+         "before it, although " + me + "'s own record accepted it: " + me + "'s outputs of that call are padding only";
 }
 
 ix::IxParams InternodeBuffer::params() {

@@ -60,9 +60,12 @@ class InternodeBuffer {
   // would leave this rank out of the call's notify alone.
   kernels::ix::Status take_pending(int64_t& detail);
   // A notice that an earlier call no host waited for was refused by the peers' records while this
-  // rank's own accepted it (kRefusedByPeers), as the text to raise, or "" (clears it). The caller
-  // raises it once its own call is queued: the peers are in that call too.
-  std::string take_late_refusal();
+  // rank's own accepted it (IxHostCtrl::refused_by_peers; 0: none), which the caller raises once
+  // its own call is queued (the peers are in that call too), or puts back if that call raises for
+  // another reason first; and its text.
+  int take_late_refusal();
+  void put_back_late_refusal(int notice);
+  std::string describe_late_refusal(int notice) const;
   // Work.wait()'s view of check(): the failure's text, or "" (does not clear it).
   std::string error();
   // The group was aborted (`why`): every later call raises, and every wait of this rank's kernels,
