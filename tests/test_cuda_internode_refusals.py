@@ -49,6 +49,17 @@ def rank_worst_overflow_then_combine(seed):
     rank, size = dist.get_rank(), dist.get_world_size()
     x = torch.randn(5, 8, device="cuda") + rank
     idx = torch.zeros(5, 1, dtype=torch.int64, device="cuda")  # every token to rank 0's first expert
+    # The same calls with room for every row first: they allocate the buffer (collectively) and
+    # load every kernel below. CUDA loads a kernel at its first launch (lazy loading), which may
+    # wait for the device: behind the sleep, that would let the dispatch run before the combine
+    # is queued.
+    warm = torch_ep.dispatch(x, idx, num_experts=2 * size, num_worst_tokens=5 * size)
+    rows = torch.full((5 * size, 8), float("nan"), device="cuda")
+    rows[:] = warm.recv_x
+    torch_ep.combine(rows, warm.handle)
+    torch.cuda._sleep(1000)
+    torch.cuda.synchronize()
+    dist.barrier()
     torch.cuda._sleep(100_000_000)  # about 60 ms of device time: both calls are queued behind it
     d = torch_ep.dispatch(x, idx, num_experts=2 * size, num_worst_tokens=2)
     rows = torch.full((5 * size, 8), float("nan"), device="cuda")

@@ -261,10 +261,21 @@ def test_errors_the_kernels_see(cuda_pool):
 
 
 def _set_up_then_lose(absent):
-    """A dispatch on every rank (it sets the buffers up), then rank `absent` stops calling:
-    (num_experts, x, topk_idx, topk_weights, that dispatch) elsewhere, None on `absent`."""
+    """A dispatch and a combine on every rank (they set the buffers up), then rank `absent` stops
+    calling: (num_experts, x, topk_idx, topk_weights, that dispatch) elsewhere, None on `absent`.
+    Every kernel the calls behind the lost peer launch (the ops', the inputs', the fills of
+    uninitialised outputs) runs here first: CUDA loads a kernel at its first launch (lazy
+    loading), which may wait for the device, so a first launch queued behind a wait that spins
+    for the lost peer would hold the host until that wait timed out."""
     num_experts, x, idx, w = make_inputs(7, "random", 6, 256, 2, 2, device="cuda")
-    d = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as rank_queued_calls_after_a_lost_peer
+    try:
+        d = torch_ep.low_latency_dispatch(x, idx, max_tokens_per_rank=8, num_experts=num_experts)
+        expert_rows = torch.randn(d.recv_x[0].shape, device="cuda").to(torch.bfloat16)
+        out = poison_(torch.empty(x.shape, dtype=torch.bfloat16, device="cuda"))
+        torch_ep.low_latency_combine(expert_rows, idx, w, d.handle, out=out)
+    finally:
+        torch.use_deterministic_algorithms(False)
     torch.cuda.synchronize()
     dist.barrier()
     return None if dist.get_rank() == absent else (num_experts, x, idx, w, d)
