@@ -64,6 +64,11 @@ ENVIRONMENT = {
                                        "under MPS is the client's share), less one for the plan's block, and more "
                                        "for large calls, so that no piece passes 128 KiB; a value set is the most a "
                                        "call takes)",
+    "TORCH_EP_ALL_TO_ALL_KERNEL_BYTES": "CUDA all_to_all_single on the host protocol: a rank whose largest message "
+                                        "to a peer has at most this many bytes sends all of them with one kernel "
+                                        "(SM copies, every peer at once); larger ones go by the copy engines, one peer "
+                                        "after another (default 1 MiB; 0: always the copy engines); each rank decides "
+                                        "for itself",
     "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "1 runs the device protocol's plan and move in one kernel launch instead of two (measured slower on one H200)",
     "TORCH_EP_ALL_TO_ALL_EAGER_BYTES": "the device protocol's eager path for small CUDA all_to_all_single calls: a "
                                        "message of at most this many bytes (a multiple of 16, up to 1 MiB; default 0, "
@@ -143,6 +148,7 @@ class Options:
     all_to_all_lanes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_LANES", 0))
     all_to_all_slot_bytes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_SLOT_BYTES", 0))
     all_to_all_pool_blocks: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_POOL_BLOCKS", 0))
+    all_to_all_kernel_bytes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_KERNEL_BYTES", 1 << 20))
     all_to_all_one_launch: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_ALL_TO_ALL_ONE_LAUNCH")))
     all_to_all_eager_bytes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_EAGER_BYTES", 0))
     force_remote: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_FORCE_REMOTE")))
@@ -176,6 +182,7 @@ class Options:
             "all_to_all_slot_bytes": self.all_to_all_slot_bytes == 0 or (self.all_to_all_slot_bytes >= 4096 and
                                                                         self.all_to_all_slot_bytes % 4096 == 0),
             "all_to_all_pool_blocks": self.all_to_all_pool_blocks >= 0,
+            "all_to_all_kernel_bytes": self.all_to_all_kernel_bytes >= 0,
             "all_to_all_eager_bytes": 0 <= self.all_to_all_eager_bytes <= 1 << 20 and self.all_to_all_eager_bytes % 16 == 0,
         }
         minimum = {"host_slot_bytes": 64, "host_num_slots": 1, "cuda_buffer_bytes": 1 << 16, "comm_pool_bytes": 2 << 20,
@@ -219,6 +226,7 @@ class Options:
         config.all_to_all_lanes = self.all_to_all_lanes
         config.all_to_all_slot_bytes = self.all_to_all_slot_bytes
         config.all_to_all_pool_blocks = self.all_to_all_pool_blocks
+        config.all_to_all_kernel_bytes = self.all_to_all_kernel_bytes
         config.all_to_all_one_launch = self.all_to_all_one_launch
         config.all_to_all_eager_bytes = self.all_to_all_eager_bytes
         config.force_remote = self.force_remote

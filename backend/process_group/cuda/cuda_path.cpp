@@ -72,6 +72,7 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& 
       CudaTransportConfig cc;
       cc.device = device.index();
       cc.buffer_bytes = config_.cuda_buffer_bytes;
+      cc.kernel_bytes = config_.all_to_all_kernel_bytes;
       cc.num_sms = config_.num_sms;
       cc.timeout = config_.timeout;
       cuda_transport_ = std::make_shared<CudaTransport>(rendezvous_, cc, "ep/cuda/transport");

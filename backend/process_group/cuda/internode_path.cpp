@@ -26,6 +26,7 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
       CudaTransportConfig cc;
       cc.device = device.index();
       cc.buffer_bytes = config_.cuda_buffer_bytes;
+      cc.kernel_bytes = config_.all_to_all_kernel_bytes;
       cc.num_sms = config_.num_sms;
       cc.timeout = config_.timeout;
       cc.control_slot_bytes = 256;

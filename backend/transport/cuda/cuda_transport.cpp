@@ -29,10 +29,6 @@ static_assert(kPushCountsOffset >= size_t(kMaxRanks) * 6 * sizeof(uint32_t) &&
                   kPushCountsOffset + sizeof(int32_t) * kernels::kMaxRanksPerNode * kernels::kPushCountsStride <
                       kDataOffset - sizeof(uint32_t),
               "the push counts fit between the flags and the grid counter");
-// Messages up to this size go through the one-launch kernel: for them latency, not bandwidth,
-// decides, and the kernel waits on all peers at once where stream waits queue one by one.
-constexpr size_t kSmallMessageBytes = 1 << 20;
-
 CUdeviceptr dptr(const void* p) { return reinterpret_cast<CUdeviceptr>(p); }
 
 size_t chunk_bytes_for(size_t buffer_bytes, int size) {
@@ -96,6 +92,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
       size_(rdv.size()),
       timeout_(config.timeout),
       num_sms_(config.num_sms),
+      kernel_bytes_(config.kernel_bytes),
       buffers_(rdv, config.device,
                kDataOffset + chunk_bytes_for(config.buffer_bytes, rdv.size()) * rdv.size() * kSlots + config.records_bytes,
                tag + "/buffers"),
@@ -364,7 +361,9 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
       if (p != rank_) largest = std::max(largest, sends[p].bytes);
     if (peers.empty()) {
       // Nothing crosses ranks (world size 1, or all-zero splits to peers): the self copy is all.
-    } else if (largest <= kSmallMessageBytes && size_ <= kernels::kMaxRanksPerNode) {
+    } else if (largest <= kernel_bytes_ && size_ <= kernels::kMaxRanksPerNode) {
+      // One kernel: for small messages latency decides, and the kernel waits on every peer at
+      // once where stream waits queue one by one (CudaTransportConfig::kernel_bytes).
       launch_direct_small(sends, remote, recvs, stream);
     } else {
       enqueue_direct(sends, remote, recvs, stream);

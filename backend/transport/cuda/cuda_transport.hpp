@@ -51,6 +51,9 @@ struct CudaTransportConfig {
   int device = 0;
   size_t buffer_bytes = 64 << 20;  // this rank's registered receive block
   int num_sms = 0;                 // SM budget of the transport's kernels; 0 = one block per peer
+  // all_to_all: messages up to this size (the largest to any peer) go through one kernel, larger
+  // ones by the copy engines (Options.all_to_all_kernel_bytes).
+  size_t kernel_bytes = size_t(1) << 20;
   size_t control_slot_bytes = 256;  // chunk of the per-call control exchange over shared memory
   // A region past the staging regions for the MoE device records (kernels/moe_records.cuh,
   // MoeRecordsLayout::kBytes); 0: none. Its first `records_flag_bytes` are flags that the release
@@ -176,6 +179,7 @@ class CudaTransport {
   std::string kernel_waited_for(int waited_for) const;
   std::chrono::milliseconds timeout_;
   int num_sms_;
+  size_t kernel_bytes_;
   PeerBuffers buffers_;
   size_t chunk_bytes_;
   HostTransport control_;  // per-call exchange of sizes and receive-buffer handles
