@@ -174,6 +174,21 @@ def test_eager_bytes_option(monkeypatch):
     assert "TORCH_EP_ALL_TO_ALL_EAGER_BYTES" in torch_ep.options.ENVIRONMENT
 
 
+def test_kernel_bytes_option(monkeypatch):
+    """Options.all_to_all_kernel_bytes (TORCH_EP_ALL_TO_ALL_KERNEL_BYTES): 1 MiB by default, any
+    size from 0 (always the copy engines), passed to the group's config."""
+    from datetime import timedelta
+
+    monkeypatch.delenv("TORCH_EP_ALL_TO_ALL_KERNEL_BYTES", raising=False)
+    assert torch_ep.Options().all_to_all_kernel_bytes == 1 << 20
+    monkeypatch.setenv("TORCH_EP_ALL_TO_ALL_KERNEL_BYTES", str(64 << 20))
+    assert torch_ep.Options()._to_config(timedelta(seconds=1)).all_to_all_kernel_bytes == 64 << 20
+    assert torch_ep.Options(all_to_all_kernel_bytes=0).all_to_all_kernel_bytes == 0
+    with pytest.raises(ValueError, match=r"Options.all_to_all_kernel_bytes=-1: expected >= 0"):
+        torch_ep.Options(all_to_all_kernel_bytes=-1)
+    assert "TORCH_EP_ALL_TO_ALL_KERNEL_BYTES" in torch_ep.options.ENVIRONMENT
+
+
 def test_where_bits_differ_names_the_bytes_and_source():
     """The GPU tests' failure message (torch_ep.testing.where_bits_differ): how many bytes differ,
     the first and last, its row, and the source rank whose rows hold it."""

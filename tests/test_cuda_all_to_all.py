@@ -216,6 +216,25 @@ def test_sm_budget(cuda_pool):
     cuda_pool.run(rank_sm_budget, seed=_seed())
 
 
+def rank_kernel_bytes(seed):
+    """Options.all_to_all_kernel_bytes moves the host protocol's line between its two direct
+    paths: 0 sends even small messages by the copy engines, 64 MiB sends messages of several MiB
+    with the one kernel. Each rank decides for itself (its largest message), and every split
+    shape stays right either way."""
+    for i, kernel_bytes in enumerate((0, 64 << 20)):
+        group = dist.new_group(pg_options=torch_ep.Options(all_to_all_kernel_bytes=kernel_bytes))
+        try:
+            for j, kind in enumerate(("even", "uneven", "to_one")):
+                cpu_checks.check_single(torch.bfloat16, kind, (257,), seed + 3 * i + j, group=group, device="cuda")
+            cpu_checks.check_single(torch.float32, "uneven", (1_000_003,), seed + 3 * i, group=group, device="cuda")
+        finally:
+            dist.destroy_process_group(group)
+
+
+def test_kernel_bytes(cuda_pool):
+    cuda_pool.run(rank_kernel_bytes, seed=_seed())
+
+
 def test_messages_larger_than_buffers(cuda_pool):
     cuda_pool.run(rank_larger_than_buffers, seed=_seed())
 
