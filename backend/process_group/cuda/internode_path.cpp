@@ -34,15 +34,9 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
                                                                   config_.internode_a2a_device);
       internode_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
       // The node's watchdog records a stuck wait as soon as it sees it: a rank on another node
-      // waiting on this one may be about to time out too, and should learn why. And the node's
-      // failure (a timeout, a failed exchange) puts the group's calls across nodes out of step:
-      // their NVSHMEM waits end at once, and their next calls raise it, rather than each waiting
-      // out a timeout of its own.
+      // waiting on this one may be about to time out too, and should learn why.
       internode_transport_->node().on_failure(
-          [faults = faults_, across = std::weak_ptr<InternodeTransport>(internode_transport_)](const std::string& why) {
-            faults->record(why, /*wait=*/false);
-            if (std::shared_ptr<InternodeTransport> transport = across.lock()) transport->abort_across_nodes(why);
-          });
+          [faults = faults_](const std::string& why) { faults->record(why, /*wait=*/false); });
     } catch (const std::exception& e) {
       C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's transport across nodes "
                                             "(CUDA IPC in the node, NVSHMEM between nodes) failed: " + e.what());

@@ -33,11 +33,9 @@ InternodeTransport::InternodeTransport(Rendezvous& group_rdv, const Topology& to
 
 InternodeBuffer& InternodeTransport::moe(int64_t capacity, int64_t min_row_bytes, int64_t combine_rows) {
   std::lock_guard<std::mutex> lock(moe_mutex_);
-  if (!moe_) {
+  if (!moe_)
     moe_ = std::make_unique<InternodeBuffer>(topology_, config_.device, config_.timeout, capacity, min_row_bytes,
                                              combine_rows);
-    if (!failed_.empty()) moe_->abort(failed_);
-  }
   return *moe_;
 }
 
@@ -47,15 +45,9 @@ InternodeBuffer* InternodeTransport::moe_if_made() {
 }
 
 void InternodeTransport::abort(const std::string& why) {
-  node_->abort(why);  // its failure listener (internode_path.cpp) may have run the line below already
-  abort_across_nodes(why);
-}
-
-void InternodeTransport::abort_across_nodes(const std::string& why) {
+  node_->abort(why);
   net_->abort(why);
-  std::lock_guard<std::mutex> lock(moe_mutex_);
-  if (failed_.empty()) failed_ = why;
-  if (moe_) moe_->abort(why);
+  if (InternodeBuffer* moe = moe_if_made()) moe->abort(why);
 }
 
 int64_t InternodeTransport::agree_on_max(const std::string& tag, int64_t mine) {

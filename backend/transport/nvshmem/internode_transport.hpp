@@ -35,10 +35,6 @@ class InternodeTransport {
   // Aborts every transport of the group across nodes (`why`): later calls raise, and the
   // kernels' waits end at once. Any thread.
   void abort(const std::string& why);
-  // The same for the NVSHMEM parts only (all_to_all's hop, the dispatch/combine buffer, made
-  // now or later): what a failure of the node's transport calls, which leaves the group's calls
-  // across nodes out of step too. Any thread; idempotent.
-  void abort_across_nodes(const std::string& why);
   // The largest of every rank's `mine` (collective, over the group's store): what sizes a
   // symmetric allocation, which must be the same size on every rank.
   int64_t agree_on_max(const std::string& tag, int64_t mine);
@@ -52,7 +48,6 @@ class InternodeTransport {
   CudaTransportConfig config_;
   std::mutex moe_mutex_;  // moe_'s creation against abort() from another thread
   std::unique_ptr<InternodeBuffer> moe_;
-  std::string failed_;    // why abort_across_nodes ran (a buffer made later starts aborted)
 };
 
 }  // namespace ep
