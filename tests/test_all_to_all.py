@@ -176,7 +176,7 @@ def test_eager_bytes_option(monkeypatch):
 
 def test_kernel_bytes_option(monkeypatch):
     """Options.all_to_all_kernel_bytes (TORCH_EP_ALL_TO_ALL_KERNEL_BYTES): 1 MiB by default, any
-    size from 0 (always the copy engines), passed to the group's config."""
+    size from 0 (the copy engines for every rank that sends), passed to the group's config."""
     from datetime import timedelta
 
     monkeypatch.delenv("TORCH_EP_ALL_TO_ALL_KERNEL_BYTES", raising=False)

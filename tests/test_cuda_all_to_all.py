@@ -218,9 +218,9 @@ def test_sm_budget(cuda_pool):
 
 def rank_kernel_bytes(seed):
     """Options.all_to_all_kernel_bytes moves the host protocol's line between its two direct
-    paths: 0 sends even small messages by the copy engines, 64 MiB sends messages of several MiB
-    with the one kernel. Each rank decides for itself (its largest message), and every split
-    shape stays right either way."""
+    paths: 0 sends even small messages by the copy engines (a rank that only receives still
+    takes the kernel), 64 MiB sends messages of several MiB with the one kernel. Each rank decides
+    for itself (its largest message), and every split shape stays right either way."""
     for i, kernel_bytes in enumerate((0, 64 << 20)):
         group = dist.new_group(pg_options=torch_ep.Options(all_to_all_kernel_bytes=kernel_bytes))
         try:

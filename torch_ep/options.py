@@ -67,7 +67,7 @@ ENVIRONMENT = {
     "TORCH_EP_ALL_TO_ALL_KERNEL_BYTES": "CUDA all_to_all_single on the host protocol: a rank whose largest message "
                                         "to a peer has at most this many bytes sends all of them with one kernel "
                                         "(SM copies, every peer at once); larger ones go by the copy engines, one peer "
-                                        "after another (default 1 MiB; 0: always the copy engines); each rank decides "
+                                        "after another (default 1 MiB; 0: the copy engines for every rank that sends); each rank decides "
                                         "for itself",
     "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "1 runs the device protocol's plan and move in one kernel launch instead of two (measured slower on one H200)",
     "TORCH_EP_ALL_TO_ALL_EAGER_BYTES": "the device protocol's eager path for small CUDA all_to_all_single calls: a "
