@@ -73,7 +73,10 @@ struct Handshake {
 //            per block, one thread issuing: ~128 KiB in flight per SM whatever the grid (moe_bulk.cu).
 //            Needs sm_90 and rows of a multiple of 16 bytes at 16-byte aligned addresses; anything
 //            else runs kWarp.
-enum class MoeCopy : int { kWarp = 0, kUnroll = 1, kBulk = 2 };
+//   kAhead   kUnroll whose dispatch loads the next row's source token so that nothing waits on
+//            it before the next row (kUnroll's load is waited on before the current row's payload
+//            loads: a round trip more a row). Combine is kUnroll's. Opt-in until measured.
+enum class MoeCopy : int { kWarp = 0, kUnroll = 1, kBulk = 2, kAhead = 3 };
 
 // ---- dispatch: pull the rows every source rank sends to this rank
 // A dispatch whose rank received more rows than its outputs hold (num_worst_tokens), as its

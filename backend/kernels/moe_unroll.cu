@@ -62,6 +62,23 @@ __device__ __forceinline__ int64_t source_token(const DispatchParams& p, const i
   return src.meta[theirs.send_tokens() + p.rank * src.num_tokens + (row - first_row[s])];
 }
 
+// kLookAhead (MoeCopy::kAhead): row `row`'s source rank, searched up from `s` in shared memory
+// only (a warp's rows only grow), and where its token lies: source_token split in two, so that
+// the next row's token is an int32 widened only at the end of the current row. In kUnroll's
+// SASS (sm_90, nvcc 13) source_token's int64 is widened right after its load, and the current
+// row's payload loads wait for that: a round trip more a row, which fits the H100 sweep's 43 ns
+// a row an SM at 1-8 SMs. With the split, the first wait on that load comes after them.
+__device__ __forceinline__ int source_of(const int64_t* first_row, int R, int64_t row, int s) {
+  while (s + 1 < R && row >= first_row[s + 1]) ++s;
+  return s;
+}
+__device__ __forceinline__ const int32_t* token_slot(const DispatchParams& p, const int64_t* first_row, int64_t row,
+                                                     int s) {
+  const DispatchSource& src = p.src[s];
+  const MetaLayout theirs{p.num_ranks, p.num_experts, src.num_tokens};
+  return src.meta + theirs.send_tokens() + p.rank * src.num_tokens + (row - first_row[s]);
+}
+
 // A warp copies source token t of `src` to received row `row` (copy_row_to, moe_device.cuh).
 template <typename V, int kDepth>
 __device__ __forceinline__ void copy_row(const DispatchParams& p, const DispatchSource& src, int64_t t, int64_t row,
@@ -70,7 +87,7 @@ __device__ __forceinline__ void copy_row(const DispatchParams& p, const Dispatch
   copy_row_to<V, kDepth>(src, t, out, row, p.row_bytes, p.num_scales, p.num_topk, lo, hi, lane);
 }
 
-template <typename V, int kDepth>
+template <typename V, int kDepth, bool kLookAhead>
 __global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParams p) {
   __shared__ int64_t first_row[kMaxRanksPerNode + 1];
   const int R = p.num_ranks;
@@ -81,15 +98,30 @@ __global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParam
 
   const int64_t warps = int64_t(gridDim.x) * kWarps;
   int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
-  int s = 0;
-  int64_t t = row < rows ? source_token(p, first_row, row, s) : 0;
+  if constexpr (kLookAhead) {
+    int s = row < rows ? source_of(first_row, R, row, 0) : 0;
+    int64_t t = row < rows ? *token_slot(p, first_row, row, s) : 0;
 #pragma unroll 1
-  for (; row < rows; row += warps) {
-    int next_s = 0;  // the next row's source token, on its way while this row copies
-    const int64_t next_t = row + warps < rows ? source_token(p, first_row, row + warps, next_s) : 0;
-    copy_row<V, kDepth>(p, p.src[s], t, row, lo, hi, lane);
-    s = next_s;
-    t = next_t;
+    for (; row < rows; row += warps) {
+      const int64_t next = row + warps;
+      const int next_s = next < rows ? source_of(first_row, R, next, s) : s;
+      int32_t next_t = 0;  // on its way while this row copies, widened only after it
+      if (next < rows) next_t = *token_slot(p, first_row, next, next_s);
+      copy_row<V, kDepth>(p, p.src[s], t, row, lo, hi, lane);
+      s = next_s;
+      t = next_t;
+    }
+  } else {
+    int s = 0;
+    int64_t t = row < rows ? source_token(p, first_row, row, s) : 0;
+#pragma unroll 1
+    for (; row < rows; row += warps) {
+      int next_s = 0;  // the next row's source token, on its way while this row copies
+      const int64_t next_t = row + warps < rows ? source_token(p, first_row, row + warps, next_s) : 0;
+      copy_row<V, kDepth>(p, p.src[s], t, row, lo, hi, lane);
+      s = next_s;
+      t = next_t;
+    }
   }
   for (; row < p.capacity; row += warps) {  // padding of a fixed-size output: routed nowhere
     for (int k = lane; k < p.num_topk; k += 32) {
@@ -274,10 +306,13 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
 
 }  // namespace
 
-cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_t stream) {
+cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, bool look_ahead, cudaStream_t stream) {
   const int grid = grid_for_warps(p.num_blocks, p.capacity);
   with_access_type(vec, [&](auto v) {
-    dispatch_unroll_kernel<decltype(v), kDispatchDepth><<<grid, kThreads, 0, stream>>>(p);
+    if (look_ahead)
+      dispatch_unroll_kernel<decltype(v), kDispatchDepth, true><<<grid, kThreads, 0, stream>>>(p);
+    else
+      dispatch_unroll_kernel<decltype(v), kDispatchDepth, false><<<grid, kThreads, 0, stream>>>(p);
   });
   return cudaGetLastError();
 }
