@@ -104,6 +104,11 @@ struct DispatchSendParams {
   // With remote_put_tokens 0: a token's puts to its owners go without signals, then one fence,
   // then a signal to each (TORCH_EP_LL_REMOTE_PUTS=fenced), instead of a put with its signal each.
   bool remote_one_fence;
+  // With remote_put_tokens 0 (TORCH_EP_LL_REMOTE_PUTS=block): every put (tokens, lists, counts)
+  // goes without a signal, each warp waits for its own puts once (nvshmem_quiet) after its last,
+  // and remote peers' flags count the blocks' arrivals as local ones do (arrive_everywhere), not
+  // the puts: one system fence a warp instead of one a put, and no count of the puts.
+  bool remote_block_signals;
 };
 cudaError_t launch_dispatch_send(const DispatchSendParams& params, cudaStream_t stream);
 

@@ -196,6 +196,11 @@ __device__ void cast_and_push_token(const DispatchSendParams& p, int t, int lane
   __syncwarp();  // every lane's part of the token is in before the puts read it
   char* mirror = g.half + g.layout.remote_tokens() + (int64_t(g.rank) * p.max_tokens + t) * token_bytes;
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
+  if (p.remote_block_signals) {  // no signal: the owners count this rank's blocks (the kernel's end)
+    for (unsigned long long left = owners; left; left &= left - 1)
+      nvshmemx_putmem_nbi_warp(mirror, token, size_t(token_bytes), __ffsll(left) - 1);
+    return;
+  }
   if (!p.remote_one_fence) {
     for (unsigned long long left = owners; left; left &= left - 1)
       put_signal_nbi_warp<kCopyPuts>(mirror, token, size_t(token_bytes), flag, 1, NVSHMEM_SIGNAL_ADD,
@@ -282,9 +287,11 @@ __device__ void push_numbering(const DispatchSendParams& p, int e, int n, int la
   const int* counts = at<int>(g.half, g.layout.dispatch_counts());
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
   __syncwarp();  // the lanes' list entries (and lane 0's count) are in
-  if (n > 0)
-    nvshmemx_putmem_signal_nbi_warp(at<int>(g.half, g.layout.remote_lists()) + (int64_t(g.rank) * E_local + le) * cap,
-                                    lists + int64_t(e) * cap, size_t(n) * 4, flag, 1, NVSHMEM_SIGNAL_ADD, r);
+  int* remote_list = at<int>(g.half, g.layout.remote_lists()) + (int64_t(g.rank) * E_local + le) * cap;
+  if (n > 0 && p.remote_block_signals)
+    nvshmemx_putmem_nbi_warp(remote_list, lists + int64_t(e) * cap, size_t(n) * 4, r);
+  else if (n > 0)
+    nvshmemx_putmem_signal_nbi_warp(remote_list, lists + int64_t(e) * cap, size_t(n) * 4, flag, 1, NVSHMEM_SIGNAL_ADD, r);
   uint32_t* numbered = at<uint32_t>(g.half, g.layout.owner_arrivals()) + r;
   __threadfence();  // this warp's count is visible before its arrival
   __syncwarp();
@@ -293,6 +300,11 @@ __device__ void push_numbering(const DispatchSendParams& p, int e, int n, int la
   if (__shfl_sync(0xffffffffu, before, 0) != uint32_t(E_local - 1)) return;
   __threadfence();  // every other warp's count, seen through the counter, before reading them
   if (lane == 0) *numbered = 0;  // all of r's experts are numbered: nobody adds to it again this call
+  if (p.remote_block_signals) {  // the counts, with no signal and no count of the puts
+    nvshmemx_putmem_nbi_warp(at<int>(g.half, g.layout.remote_counts()) + g.rank * E_local, counts + r * E_local,
+                             size_t(E_local) * 4, r);
+    return;
+  }
   int lists_put = 0;
   for (int k = lane; k < E_local; k += 32) lists_put += min(max(__ldcg(counts + r * E_local + k), 0), cap) > 0;
   const int64_t puts = count_token_puts(p, r, lane) + __reduce_add_sync(0xffffffffu, lists_put) + 1;
@@ -342,8 +354,14 @@ __global__ void __launch_bounds__(kThreads, kPushRemote ? 1 : 2) dispatch_send_k
     }
   }
   stamp(g, kDispatchSendCounter, 2);
-  // "my tokens, lists and counts are out" (local peers; remote ones count the puts)
-  arrive_everywhere(g, g.layout.dispatch_flags(), false);
+  // "my tokens, lists and counts are out" (local peers; remote ones count the puts, or with
+  // remote_block_signals the blocks too, once each warp's puts are complete)
+  const bool block_signals = kPushRemote && p.remote_block_signals;
+  if (block_signals) {
+    __syncwarp();
+    if (lane == 0) nvshmem_quiet();
+  }
+  arrive_everywhere(g, g.layout.dispatch_flags(), block_signals);
   stamp(g, kDispatchSendCounter, 3);
 }
 

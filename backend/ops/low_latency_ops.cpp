@@ -267,6 +267,7 @@ ll::RemotePuts ll::parse_remote_puts(const char* value) {
   const std::string mode = value ? value : "";
   if (mode.empty() || mode == "token") return {0, false};
   if (mode == "fenced") return {0, true};
+  if (mode == "block") return {0, false, true};
   if (mode == "grouped") return {1, false};
   if (mode == "batched") return {4, false};
   const std::string digits = mode.rfind("batched", 0) == 0 ? mode.substr(7) : "";
@@ -274,7 +275,7 @@ ll::RemotePuts ll::parse_remote_puts(const char* value) {
       !digits.empty() && digits.size() <= 2 && digits.find_first_not_of("0123456789") == std::string::npos;
   const int n = numeric ? std::stoi(digits) : 0;
   TORCH_CHECK_VALUE(n >= 1 && n <= 64, "TORCH_EP_LL_REMOTE_PUTS='", mode,
-                    "': expected token, fenced, grouped, batched or batchedN with N in 1..64");
+                    "': expected token, fenced, grouped, batched or batchedN with N in 1..64, or block");
   return {n, false};
 }
 
@@ -301,8 +302,9 @@ void register_low_latency(pybind11::module_& m) {
         py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("device"));
   m.def("_ll_parse_remote_puts", [](std::optional<std::string> value) {
     const ll::RemotePuts puts = ll::parse_remote_puts(value ? value->c_str() : nullptr);
-    return std::make_pair(puts.tokens, puts.one_fence);
-  }, py::arg("value"), "TORCH_EP_LL_REMOTE_PUTS's parse, for tests: (tokens per put, one fence per token)");
+    return std::make_tuple(puts.tokens, puts.one_fence, puts.block_signals);
+  }, py::arg("value"), "TORCH_EP_LL_REMOTE_PUTS's parse, for tests: (tokens per put, one fence per token, "
+     "signals per block)");
   m.def("_env_switch", [](const std::string& name, std::optional<std::string> value) {
     return env_switch(name.c_str(), value ? value->c_str() : nullptr);
   }, py::arg("name"), py::arg("value"), "an on/off environment switch's parse (TORCH_EP_WHATIF_COPY_PUTS), for tests");

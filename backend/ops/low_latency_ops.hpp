@@ -37,6 +37,7 @@ bool built_with_nvshmem();
 struct RemotePuts {
   int tokens = 0;
   bool one_fence = false;
+  bool block_signals = false;  // "block": DispatchSendParams::remote_block_signals
 };
 RemotePuts parse_remote_puts(const char* value);
 

@@ -140,6 +140,7 @@ DispatchOutputs dispatch_cuda(const Tensor& x, const Tensor& topk_idx, int64_t m
   p.round_scale = round_scale;
   p.remote_put_tokens = puts.tokens;
   p.remote_one_fence = puts.one_fence;
+  p.remote_block_signals = puts.block_signals;
   C10_CUDA_CHECK(kernels::ll::launch_dispatch_send(p, stream));
   if (!send_only) launch_dispatch_recv(buffer, o, max_tokens, K, num_experts, stream);
   return o;
