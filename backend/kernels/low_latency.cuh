@@ -33,8 +33,8 @@
 //             pushes overlap the casting and the receive kernel follows send directly;
 //   combine:  send pushes each row back to its remote token's rank (remote_rows);
 //   receivers of both read those regions locally.
-// A remote peer's flag counts puts rather than blocks (low_latency_layout.hpp); credits go back
-// as NVSHMEM signals.
+// A remote peer's flag counts puts rather than blocks (low_latency_layout.hpp), or blocks with
+// DispatchSendParams::remote_block_signals; credits go back as NVSHMEM signals.
 // Flags and credits are completion words (low_latency_layout.hpp): every block of the writer
 // adds its arrival, so no block waits for the others before signalling. The last block past a
 // wait resets the words it waited on, before its own arrival: nobody adds to them again until

@@ -5,7 +5,8 @@
 // Local peers are reached through the addresses the host mapped once (GroupArgs::peers, from
 // nvshmem_ptr: NVLink P2P, or the same GPU under MPS). Remote peers (null there) only through
 // NVSHMEM's device API: puts with a signal into symmetric addresses of this rank's own half,
-// which NVSHMEM translates for the target.
+// which NVSHMEM translates for the target (or, with remote_block_signals, puts without one and a
+// signal per block at the send's end).
 #include <cuda_fp8.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -174,7 +175,8 @@ __device__ __forceinline__ unsigned long long remote_owners_of(const DispatchSen
 // at once), then pushes it to each remote owner of one of its experts, to row [me][t] of their
 // remote_tokens: the push starts as soon as the token is cast, while other warps still cast
 // theirs, instead of in a kernel after every cast. One put per token and owner (a NIC moves
-// whole tokens best); each signals the owner's flag for this rank.
+// whole tokens best); each signals the owner's flag for this rank (with remote_block_signals none
+// does: the block's arrival at the kernel's end does).
 template <bool kCopyPuts>
 __device__ void cast_and_push_token(const DispatchSendParams& p, int t, int lane) {
   constexpr int kChunksInFlight = 4;
@@ -196,7 +198,9 @@ __device__ void cast_and_push_token(const DispatchSendParams& p, int t, int lane
   __syncwarp();  // every lane's part of the token is in before the puts read it
   char* mirror = g.half + g.layout.remote_tokens() + (int64_t(g.rank) * p.max_tokens + t) * token_bytes;
   uint64_t* flag = my_word(g, g.layout.dispatch_flags());
-  if (p.remote_block_signals) {  // no signal: the owners count this rank's blocks (the kernel's end)
+  // No signal: the owners count this rank's blocks (the kernel's end). The what-if's copies
+  // (kCopyPuts) do not apply here.
+  if (p.remote_block_signals) {
     for (unsigned long long left = owners; left; left &= left - 1)
       nvshmemx_putmem_nbi_warp(mirror, token, size_t(token_bytes), __ffsll(left) - 1);
     return;
@@ -279,7 +283,8 @@ __device__ void cast_and_push_group(const DispatchSendParams& p, int lane, int w
 // list to [me][le] of r's remote_lists, then counts itself among the warps that numbered r's
 // experts; the last of them pushes their counts with the closing signal, the number of puts r
 // gets from this rank in all (its tokens, non-empty lists and the counts): r's flag for this
-// rank completes once every one has landed, in whatever order.
+// rank completes once every one has landed, in whatever order. With remote_block_signals the
+// puts carry no signal and nothing counts them: the blocks' arrivals complete r's flag.
 __device__ void push_numbering(const DispatchSendParams& p, int e, int n, int lane) {
   const GroupArgs& g = p.g;
   const int E_local = p.num_experts / g.num_ranks, r = e / E_local, le = e - r * E_local, cap = p.max_tokens;
@@ -298,6 +303,7 @@ __device__ void push_numbering(const DispatchSendParams& p, int e, int n, int la
   uint32_t before = 0;
   if (lane == 0) before = atomicAdd(numbered, 1u);
   if (__shfl_sync(0xffffffffu, before, 0) != uint32_t(E_local - 1)) return;
+  __syncwarp();  // lane 0 saw the counter: the shuffle alone orders no memory for the other lanes
   __threadfence();  // every other warp's count, seen through the counter, before reading them
   if (lane == 0) *numbered = 0;  // all of r's experts are numbered: nobody adds to it again this call
   if (p.remote_block_signals) {  // the counts, with no signal and no count of the puts
