@@ -73,6 +73,17 @@ def test_pushes_many_experts_and_owners(remote_pool, case):
     remote_pool.run(ll.run_case, ll._seed() + 1, *case, hook=True, zero_copy=True)
 
 
+@pytest.mark.parametrize("topology", _topologies(), ids=lambda t: f"{t[0]}x{t[1]}")
+def test_block_signals(topology):
+    """TORCH_EP_LL_REMOTE_PUTS=block: the remote puts go without signals and every block signals
+    its remote owners once at the send's end; the same rows as the reference, with many owners
+    per token, a hook and the zero-copy combine, and over several calls on both buffer halves."""
+    pool = _remote_pool(topology, TORCH_EP_LL_REMOTE_PUTS="block")
+    assert all(pool.run(rank_case_and_remote_ranks, ll._seed(), *PUSH_CASES[0])), "the remote path was not taken"
+    pool.run(ll.run_case, ll._seed() + 1, *PUSH_CASES[2], hook=True, zero_copy=True)
+    pool.run(ll.rank_two_live_and_repeated, ll._seed() + 2)
+
+
 def test_one_block_many_steps(remote_pool_one_block):
     """One block a kernel (TORCH_EP_NUM_SMS=1): the send's block casts every token, a step of its
     warps at a time, and shares each step's puts among them; three steps of tokens (the owners of

@@ -302,7 +302,7 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
     if (err != cudaErrorNotSupported) return err;  // else no sm_90: warps
   }
   if (p.copy == MoeCopy::kUnroll || p.copy == MoeCopy::kAhead)
-    return launch_dispatch_unroll(p, vec, /*look_ahead=*/p.copy == MoeCopy::kAhead, stream);
+    return launch_dispatch_unroll(p, vec, stream);
   return launch_dispatch_warps(p, vec, stream);
 }
 

@@ -52,19 +52,9 @@ __device__ __forceinline__ int64_t dispatch_rows_at_once(const DispatchParams& p
   return rows_within_capacity(p, first_row[R]);
 }
 
-// Received row `row`'s source rank (into `s`) and token there: the load that the row's loads wait on.
-__device__ __forceinline__ int64_t source_token(const DispatchParams& p, const int64_t* first_row, int64_t row,
-                                                int& s) {
-  s = 0;
-  while (row >= first_row[s + 1]) ++s;
-  const DispatchSource& src = p.src[s];
-  const MetaLayout theirs{p.num_ranks, p.num_experts, src.num_tokens};
-  return src.meta[theirs.send_tokens() + p.rank * src.num_tokens + (row - first_row[s])];
-}
-
-// kLookAhead (MoeCopy::kAhead): row `row`'s source rank, searched up from `s` in shared memory
-// only (a warp's rows only grow), and where its token lies: source_token split in two, so that
-// the next row's token is an int32 widened only at the end of the current row. In kUnroll's
+// Row `row`'s source rank, searched up from `s` in shared memory only (a warp's rows only grow),
+// and where its token lies. kLookAhead (MoeCopy::kAhead) uses the two apart, so that the next
+// row's token is an int32 widened only at the end of the current row. In kUnroll's
 // SASS (sm_90, nvcc 13) source_token's int64 is widened right after its load, and the current
 // row's payload loads wait for that: a round trip more a row, which fits the H100 sweep's 43 ns
 // a row an SM at 1-8 SMs. With the split, the first wait on that load comes after them.
@@ -77,6 +67,13 @@ __device__ __forceinline__ const int32_t* token_slot(const DispatchParams& p, co
   const DispatchSource& src = p.src[s];
   const MetaLayout theirs{p.num_ranks, p.num_experts, src.num_tokens};
   return src.meta + theirs.send_tokens() + p.rank * src.num_tokens + (row - first_row[s]);
+}
+
+// Received row `row`'s source rank (into `s`) and token there: the load that the row's loads wait on.
+__device__ __forceinline__ int64_t source_token(const DispatchParams& p, const int64_t* first_row, int64_t row,
+                                                int& s) {
+  s = source_of(first_row, p.num_ranks, row, 0);
+  return *token_slot(p, first_row, row, s);
 }
 
 // A warp copies source token t of `src` to received row `row` (copy_row_to, moe_device.cuh).
@@ -306,10 +303,10 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
 
 }  // namespace
 
-cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, bool look_ahead, cudaStream_t stream) {
+cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_t stream) {
   const int grid = grid_for_warps(p.num_blocks, p.capacity);
   with_access_type(vec, [&](auto v) {
-    if (look_ahead)
+    if (p.copy == MoeCopy::kAhead)
       dispatch_unroll_kernel<decltype(v), kDispatchDepth, true><<<grid, kThreads, 0, stream>>>(p);
     else
       dispatch_unroll_kernel<decltype(v), kDispatchDepth, false><<<grid, kThreads, 0, stream>>>(p);
