@@ -74,11 +74,14 @@ def test_pushes_many_experts_and_owners(remote_pool, case):
 
 
 @pytest.mark.parametrize("topology", _topologies(), ids=lambda t: f"{t[0]}x{t[1]}")
-def test_block_signals(topology):
-    """TORCH_EP_LL_REMOTE_PUTS=block: the remote puts go without signals and every block signals
-    its remote owners once at the send's end; the same rows as the reference, with many owners
-    per token, a hook and the zero-copy combine, and over several calls on both buffer halves."""
-    pool = _remote_pool(topology, TORCH_EP_LL_REMOTE_PUTS="block")
+@pytest.mark.parametrize("puts", ["token", "block"])
+def test_remote_puts_modes(topology, puts):
+    """The send's remote puts chosen by name: `token` (a put with its signal per token and owner,
+    the default where a NIC reaches the peers; the other tests here run `block`, the default on
+    P2P) and `block` named (no signal a put; every block signals its remote owners once at the
+    send's end). The same rows as the reference, with many owners per token, a hook and the
+    zero-copy combine, and over several calls on both buffer halves."""
+    pool = _remote_pool(topology, TORCH_EP_LL_REMOTE_PUTS=puts)
     assert all(pool.run(rank_case_and_remote_ranks, ll._seed(), *PUSH_CASES[0])), "the remote path was not taken"
     pool.run(ll.run_case, ll._seed() + 1, *PUSH_CASES[2], hook=True, zero_copy=True)
     pool.run(ll.rank_two_live_and_repeated, ll._seed() + 2)

@@ -79,11 +79,13 @@ def _raises(fn, exc, text):
 def test_remote_puts_setting():
     """TORCH_EP_LL_REMOTE_PUTS (how a dispatch across nodes puts its tokens) parses its documented
     values, and anything else raises a ValueError that names the variable and what it takes."""
-    parse = _C._ll_parse_remote_puts  # (tokens per put, one fence per token, signals per block)
+    parse = _C._ll_parse_remote_puts  # (tokens per put, one fence per token, signals per block, per buffer)
     settings = (None, "", "token", "fenced", "grouped", "batched", "batched1", "batched64", "block")
-    assert [tuple(parse(v)) for v in settings] == [(0, False, False), (0, False, False), (0, False, False),
-                                                   (0, True, False), (1, False, False), (4, False, False),
-                                                   (1, False, False), (64, False, False), (0, False, True)]
+    assert [tuple(parse(v)) for v in settings] == [(0, False, False, True), (0, False, False, True),
+                                                   (0, False, False, False), (0, True, False, False),
+                                                   (1, False, False, False), (4, False, False, False),
+                                                   (1, False, False, False), (64, False, False, False),
+                                                   (0, False, True, False)]
     for bad in ("batched0", "batched65", "batched999", "batchedx", "tokens", "Batched", "batched-1", "grouped2",
                 "fenced1", "blocks", "block1"):
         with pytest.raises(ValueError, match=r"TORCH_EP_LL_REMOTE_PUTS='.*': expected token, fenced, grouped, batched"):

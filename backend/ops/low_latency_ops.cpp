@@ -265,7 +265,8 @@ namespace ep {
 
 ll::RemotePuts ll::parse_remote_puts(const char* value) {
   const std::string mode = value ? value : "";
-  if (mode.empty() || mode == "token") return {0, false};
+  if (mode.empty()) return {0, false, false, true};
+  if (mode == "token") return {0, false};
   if (mode == "fenced") return {0, true};
   if (mode == "block") return {0, false, true};
   if (mode == "grouped") return {1, false};
@@ -302,9 +303,9 @@ void register_low_latency(pybind11::module_& m) {
         py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("device"));
   m.def("_ll_parse_remote_puts", [](std::optional<std::string> value) {
     const ll::RemotePuts puts = ll::parse_remote_puts(value ? value->c_str() : nullptr);
-    return std::make_tuple(puts.tokens, puts.one_fence, puts.block_signals);
+    return std::make_tuple(puts.tokens, puts.one_fence, puts.block_signals, puts.automatic);
   }, py::arg("value"), "TORCH_EP_LL_REMOTE_PUTS's parse, for tests: (tokens per put, one fence per token, "
-     "signals per block)");
+     "signals per block, picked per buffer)");
   m.def("_env_switch", [](const std::string& name, std::optional<std::string> value) {
     return env_switch(name.c_str(), value ? value->c_str() : nullptr);
   }, py::arg("name"), py::arg("value"), "an on/off environment switch's parse (TORCH_EP_WHATIF_COPY_PUTS), for tests");

@@ -28,8 +28,9 @@ extern const char* const kNoNvshmemMessage;
 bool built_with_nvshmem();
 
 // TORCH_EP_LL_REMOTE_PUTS's value (null: unset): how a dispatch across nodes puts its tokens
-// (DispatchSendParams::remote_put_tokens, remote_one_fence): "token" or unset {0, false} (a
-// warp per token, a put with its signal per token and owner), "fenced" {0, true} (the same puts
+// (DispatchSendParams::remote_put_tokens, remote_one_fence): unset or "" picks per buffer
+// (`automatic`: "block" where NVSHMEM reaches every remote peer by P2P, "token" where a NIC does),
+// "token" {0, false} (a warp per token, a put with its signal per token and owner), "fenced" {0, true} (the same puts
 // without signals, then one fence, then the signals: one fence per token, not per put),
 // "grouped" {1, false} (a block per group of tokens, still a put per token and owner), "batched"
 // {4, false} or "batchedN" {N, false}, N in 1..64 (a put per run of up to N consecutive tokens);
@@ -38,6 +39,7 @@ struct RemotePuts {
   int tokens = 0;
   bool one_fence = false;
   bool block_signals = false;  // "block": DispatchSendParams::remote_block_signals
+  bool automatic = false;      // unset: block_signals follows LowLatencyBuffer::remote_by_p2p
 };
 RemotePuts parse_remote_puts(const char* value);
 

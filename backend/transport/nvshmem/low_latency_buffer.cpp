@@ -81,9 +81,12 @@ bool LowLatencyBuffer::reserve(const LowLatencyLayout& need, const std::vector<i
   char* base = static_cast<char*>(nvshmem::malloc_symmetric(size_t(grown.total_bytes())));
   std::string unmapped;
   std::vector<char*> peers(size_t(size_), nullptr);
+  bool remote_by_p2p = true;
   for (int pe = 0; pe < size_; ++pe) {
     const bool forced = pe != rank_ && std::find(remote_ranks.begin(), remote_ranks.end(), pe) != remote_ranks.end();
-    if (!forced) peers[pe] = static_cast<char*>(nvshmem::peer_ptr(base, pe));
+    char* mapped = static_cast<char*>(nvshmem::peer_ptr(base, pe));
+    if (!forced) peers[pe] = mapped;
+    if (!mapped) remote_by_p2p = false;  // a NIC reaches it
     if (!peers[pe] && !forced) unmapped += (unmapped.empty() ? "" : ", ") + std::to_string(pe);
   }
   if (!peers[rank_]) throw CommError("torch_ep: nvshmem_ptr cannot map this rank's own low-latency buffer");
@@ -106,6 +109,7 @@ bool LowLatencyBuffer::reserve(const LowLatencyLayout& need, const std::vector<i
   EP_CUDA_CHECK(cudaDeviceSynchronize());
   base_ = base;
   peers_ = std::move(peers);
+  remote_by_p2p_ = remote_by_p2p;
   layout_ = grown;
   calls_[0] = calls_[1] = 0;
   return true;

@@ -38,6 +38,9 @@ class LowLatencyBuffer {
   bool reserve(const kernels::ll::LowLatencyLayout& need, const std::vector<int>& remote_ranks);
   // The ranks reached through NVSHMEM's device API (no load or store reaches them).
   std::vector<int> remote_ranks() const;
+  // Whether NVSHMEM itself reaches every remote rank by P2P (ranks forced remote on one node, as
+  // the virtual nodes of the tests and benchmarks are), not through a NIC.
+  bool remote_by_p2p() const { return remote_by_p2p_; }
   // Raises (naming `op`) what a kernel reported since the last check; timeouts leave the flags
   // out of step with the peers', so after one every call raises.
   void check(const char* op);
@@ -64,6 +67,7 @@ class LowLatencyBuffer {
   kernels::ll::LowLatencyLayout layout_{};
   char* base_ = nullptr;         // symmetric: two halves
   std::vector<char*> peers_;     // every rank's base_, as this rank maps it; null: remote
+  bool remote_by_p2p_ = true;
   std::string describe(int code) const;  // a kernel's error code, in words
 
   // Pinned, mapped: kFailure (GroupArgs::error: a timeout or the abort; never cleared) and
