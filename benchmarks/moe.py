@@ -463,7 +463,7 @@ def parse_args() -> argparse.Namespace:
                              "e.g. 1,2,4,8,16,24,32; writes moe_sm_sweep.{json,png} with the torch_ep/data/sm_table.json "
                              "entry (benchmarks/moe_sm_sweep.py)")
     parser.add_argument("--copy", default=None, metavar="C,C,...",
-                        help="with --sm-sweep: the copy variants (Options.moe_copy: warp, unroll, bulk, ahead) each budget "
+                        help="with --sm-sweep: the copy variants (Options.moe_copy: warp, unroll, bulk) each budget "
                              "is measured with, e.g. warp,bulk (default warp)")
     args = parser.parse_args()
     if args.copy is not None and args.sm_sweep is None:

@@ -178,7 +178,7 @@ def test_missing_peer_times_out(cuda_pool):
 # weights, many tokens (the ring wraps many times), num_worst_tokens padding. Pools of
 # TORCH_EP_COPY_WORLD_SIZES ranks (default 2), so that the GPU suite's 1,2,4,8 do not multiply them.
 COPY_CASES = ([("bulk", sms) for sms in (1, 2, 8, 0)] + [("unroll", sms) for sms in (1, 8, 0)]
-              + [("ahead", sms) for sms in (1, 8, 0)] + [("warp", sms) for sms in (1, 8, 0)])
+              + [("warp", sms) for sms in (1, 8, 0)])
 COPY_ROUTES = [
     ("random", 7168, 8, 4, torch.bfloat16),   # 14 KiB rows: bulk, a row across two stages
     ("random", 64, 4, 2, torch.float32),      # 256-byte rows: bulk, many rows a stage
@@ -298,7 +298,7 @@ def rank_copy_options(copy):
     dist.destroy_process_group(group)
 
 
-@pytest.mark.parametrize("copy", ["bulk", "unroll", "ahead", "warp"])
+@pytest.mark.parametrize("copy", ["bulk", "unroll", "warp"])
 def test_copy_variant_through_options(cuda_pool, copy):
     """Options(moe_copy=...) on a new group, beside the default group's kernels (unroll)."""
     cuda_pool.run(rank_copy_options, copy)

@@ -26,10 +26,9 @@ ENVIRONMENT = {
                         "torch_ep/data/sm_table.json's budget for the GPU and group, else every SM; all_to_all one per peer)",
     "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: unroll (default; a warp per row, a row's "
                          "loads issued together and the next row's lookups a row ahead, about one round trip to "
-                         "memory per row), warp (a warp per row, 16-byte loads, one lookup after another), bulk (Hopper bulk "
-                         "async copies through a shared-memory ring: many bytes in flight per SM, for few SMs) or "
-                         "ahead (unroll whose dispatch waits for the next row's token only at the next row; "
-                         "opt-in until measured)",
+                         "memory per row), warp (a warp per row, 16-byte loads, one lookup after another) or bulk "
+                         "(Hopper bulk async copies through a shared-memory ring: many bytes in flight per SM, for "
+                         "few SMs)",
     "TORCH_EP_MOE_PUSH": "1 makes intranode CUDA dispatch push: each rank writes its own rows straight into the "
                          "receivers' outputs, which dispatch then allocates from a MoE pool every rank maps "
                          "(TORCH_EP_MOE_POOL_BYTES); no input is exported per call. Opt-in until measured; the default "
@@ -117,7 +116,7 @@ def _env_timeout() -> Optional[timedelta]:
         raise ValueError(f"TORCH_EP_TIMEOUT_S={value!r}: expected seconds") from None
 
 
-MOE_COPIES = ("warp", "unroll", "bulk", "ahead")  # Options.moe_copy's values, in the order of kernels::MoeCopy
+MOE_COPIES = ("warp", "unroll", "bulk")  # Options.moe_copy's values, in the order of kernels::MoeCopy
 # The default: unroll led warp at every SM budget of the 2026-12-04 sweep on the H200 (2 ranks; 4 SMs:
 # 167 / 131 / 278 GB/s against 148 / 100 / 174 for dispatch bf16 / fp8 / combine; benchmarks/RESULTS.md).
 DEFAULT_MOE_COPY = "unroll"

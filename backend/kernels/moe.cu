@@ -301,9 +301,7 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
     const cudaError_t err = launch_dispatch_bulk(p, stream);
     if (err != cudaErrorNotSupported) return err;  // else no sm_90: warps
   }
-  if (p.copy == MoeCopy::kUnroll || p.copy == MoeCopy::kAhead)
-    return launch_dispatch_unroll(p, vec, stream);
-  return launch_dispatch_warps(p, vec, stream);
+  return p.copy == MoeCopy::kUnroll ? launch_dispatch_unroll(p, vec, stream) : launch_dispatch_warps(p, vec, stream);
 }
 
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
@@ -312,7 +310,7 @@ cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
     const cudaError_t err = launch_combine_bulk(p, stream);
     if (err != cudaErrorNotSupported) return err;  // else the rows do not suit bulk copies: warps
   }
-  if (p.copy == MoeCopy::kUnroll || p.copy == MoeCopy::kAhead) return launch_combine_unroll(p, stream);
+  if (p.copy == MoeCopy::kUnroll) return launch_combine_unroll(p, stream);
   const int grid = grid_for_warps(p.num_blocks, p.num_tokens);
   return with_combine_instance(p, [&](auto t, auto vector) {
     combine_kernel<decltype(t), decltype(vector)::value, kWarpChunks><<<grid, kThreads, 0, stream>>>(p);

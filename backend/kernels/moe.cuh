@@ -64,19 +64,18 @@ struct Handshake {
 //   kWarp    a warp per row (dispatch) or token (combine), 16-byte loads, four per lane in flight:
 //            enough with many SMs, too few bytes in flight per SM when the grid is small
 //   kUnroll  for few SMs, where a warp's round trips to memory per row bound the rate (moe_unroll.cu):
-//            the same split of the work, each warp's loads reordered. Dispatch looks a row's source
-//            token up a row ahead and loads a row's payload (sixteen 16-byte loads a lane), scales,
-//            topk ids and weights together before storing any: an fp8 row of hidden 7168 is one
-//            round trip. Combine looks a token's positions up a token ahead and loads two sources'
-//            rows before summing them (in the same order: the same bits as kWarp)
+//            the same split of the work, each warp's loads reordered. Dispatch loads the next row's
+//            source token while the current row copies, widening it only after that row (widened
+//            at once, the current row's payload loads waited on it), and loads a row's payload
+//            (sixteen 16-byte loads a lane), scales, topk ids and weights together before storing
+//            any: an fp8 row of hidden 7168 is one round trip. Combine looks a token's positions
+//            up a token ahead and loads two sources' rows before summing them (in the same order:
+//            the same bits as kWarp)
 //   kBulk    Hopper bulk async copies (cp.async.bulk, TMA) through a ring of shared-memory stages
 //            per block, one thread issuing: ~128 KiB in flight per SM whatever the grid (moe_bulk.cu).
 //            Needs sm_90 and rows of a multiple of 16 bytes at 16-byte aligned addresses; anything
 //            else runs kWarp.
-//   kAhead   kUnroll whose dispatch loads the next row's source token so that nothing waits on
-//            it before the next row (kUnroll's load is waited on before the current row's payload
-//            loads: a round trip more a row). Combine is kUnroll's. Opt-in until measured.
-enum class MoeCopy : int { kWarp = 0, kUnroll = 1, kBulk = 2, kAhead = 3 };
+enum class MoeCopy : int { kWarp = 0, kUnroll = 1, kBulk = 2 };
 
 // ---- dispatch: pull the rows every source rank sends to this rank
 // A dispatch whose rank received more rows than its outputs hold (num_worst_tokens), as its

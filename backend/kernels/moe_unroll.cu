@@ -8,11 +8,13 @@
 // then the topk ids, then the weights (the compiler keeps every load after a store that might
 // alias it); combine looks up the token's positions, then loads and sums one source's row at a
 // time. Here:
-//   dispatch  the source token of the warp's next row is looked up a row ahead, while the current
-//             row's loads are in flight; a row's first 32 x kDepth payload units, its first 64
-//             scales and 32 topk ids and weights are all loaded before any of them is stored: an
-//             fp8 row of hidden 7168 (448 16-byte units) is one round trip, a bf16 row two.
-//             The sources' row counts are read by a lane each, not one after another.
+//   dispatch  the source token of the warp's next row is loaded while the current row copies, as
+//             an int32 widened only after that row (in the SASS of a lookup that widened it right
+//             after its load, sm_90 / nvcc 13, the current row's payload loads waited on it: a round
+//             trip more a row). A row's first 32 x kDepth payload units, its first 64 scales and
+//             32 topk ids and weights are all loaded before any of them is stored: an fp8 row of
+//             hidden 7168 (448 16-byte units) is one round trip, a bf16 row two. The sources' row
+//             counts are read by a lane each, not one after another.
 //   combine   the positions of the warp's next token are looked up a token ahead; the rows of two
 //             sources are loaded before they are summed. With at most two sources (every token of
 //             a 2-rank group, most of a 4-rank one) no running sum is held across the loads, so
@@ -53,11 +55,8 @@ __device__ __forceinline__ int64_t dispatch_rows_at_once(const DispatchParams& p
 }
 
 // Row `row`'s source rank, searched up from `s` in shared memory only (a warp's rows only grow),
-// and where its token lies. kLookAhead (MoeCopy::kAhead) uses the two apart, so that the next
-// row's token is an int32 widened only at the end of the current row. In kUnroll's
-// SASS (sm_90, nvcc 13) source_token's int64 is widened right after its load, and the current
-// row's payload loads wait for that: a round trip more a row, which fits the H100 sweep's 43 ns
-// a row an SM at 1-8 SMs. With the split, the first wait on that load comes after them.
+// and where its token lies: apart, so that the kernel can load the next row's token as an int32
+// and widen it only after the current row (the header says why).
 __device__ __forceinline__ int source_of(const int64_t* first_row, int R, int64_t row, int s) {
   while (s + 1 < R && row >= first_row[s + 1]) ++s;
   return s;
@@ -69,13 +68,6 @@ __device__ __forceinline__ const int32_t* token_slot(const DispatchParams& p, co
   return src.meta + theirs.send_tokens() + p.rank * src.num_tokens + (row - first_row[s]);
 }
 
-// Received row `row`'s source rank (into `s`) and token there: the load that the row's loads wait on.
-__device__ __forceinline__ int64_t source_token(const DispatchParams& p, const int64_t* first_row, int64_t row,
-                                                int& s) {
-  s = source_of(first_row, p.num_ranks, row, 0);
-  return *token_slot(p, first_row, row, s);
-}
-
 // A warp copies source token t of `src` to received row `row` (copy_row_to, moe_device.cuh).
 template <typename V, int kDepth>
 __device__ __forceinline__ void copy_row(const DispatchParams& p, const DispatchSource& src, int64_t t, int64_t row,
@@ -84,7 +76,7 @@ __device__ __forceinline__ void copy_row(const DispatchParams& p, const Dispatch
   copy_row_to<V, kDepth>(src, t, out, row, p.row_bytes, p.num_scales, p.num_topk, lo, hi, lane);
 }
 
-template <typename V, int kDepth, bool kLookAhead>
+template <typename V, int kDepth>
 __global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParams p) {
   __shared__ int64_t first_row[kMaxRanksPerNode + 1];
   const int R = p.num_ranks;
@@ -95,30 +87,17 @@ __global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParam
 
   const int64_t warps = int64_t(gridDim.x) * kWarps;
   int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
-  if constexpr (kLookAhead) {
-    int s = row < rows ? source_of(first_row, R, row, 0) : 0;
-    int64_t t = row < rows ? *token_slot(p, first_row, row, s) : 0;
+  int s = row < rows ? source_of(first_row, R, row, 0) : 0;
+  int64_t t = row < rows ? *token_slot(p, first_row, row, s) : 0;
 #pragma unroll 1
-    for (; row < rows; row += warps) {
-      const int64_t next = row + warps;
-      const int next_s = next < rows ? source_of(first_row, R, next, s) : s;
-      int32_t next_t = 0;  // on its way while this row copies, widened only after it
-      if (next < rows) next_t = *token_slot(p, first_row, next, next_s);
-      copy_row<V, kDepth>(p, p.src[s], t, row, lo, hi, lane);
-      s = next_s;
-      t = next_t;
-    }
-  } else {
-    int s = 0;
-    int64_t t = row < rows ? source_token(p, first_row, row, s) : 0;
-#pragma unroll 1
-    for (; row < rows; row += warps) {
-      int next_s = 0;  // the next row's source token, on its way while this row copies
-      const int64_t next_t = row + warps < rows ? source_token(p, first_row, row + warps, next_s) : 0;
-      copy_row<V, kDepth>(p, p.src[s], t, row, lo, hi, lane);
-      s = next_s;
-      t = next_t;
-    }
+  for (; row < rows; row += warps) {
+    const int64_t next = row + warps;
+    const int next_s = next < rows ? source_of(first_row, R, next, s) : s;
+    int32_t next_t = 0;  // on its way while this row copies, widened only after it
+    if (next < rows) next_t = *token_slot(p, first_row, next, next_s);
+    copy_row<V, kDepth>(p, p.src[s], t, row, lo, hi, lane);
+    s = next_s;
+    t = next_t;
   }
   for (; row < p.capacity; row += warps) {  // padding of a fixed-size output: routed nowhere
     for (int k = lane; k < p.num_topk; k += 32) {
@@ -306,10 +285,7 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
 cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_t stream) {
   const int grid = grid_for_warps(p.num_blocks, p.capacity);
   with_access_type(vec, [&](auto v) {
-    if (p.copy == MoeCopy::kAhead)
-      dispatch_unroll_kernel<decltype(v), kDispatchDepth, true><<<grid, kThreads, 0, stream>>>(p);
-    else
-      dispatch_unroll_kernel<decltype(v), kDispatchDepth, false><<<grid, kThreads, 0, stream>>>(p);
+    dispatch_unroll_kernel<decltype(v), kDispatchDepth><<<grid, kThreads, 0, stream>>>(p);
   });
   return cudaGetLastError();
 }

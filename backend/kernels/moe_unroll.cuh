@@ -9,7 +9,6 @@
 namespace ep::kernels {
 
 // vec: the widest access (16, 8, 4, 2 or 1 bytes) that the row size and every row's address allow.
-// MoeCopy::kAhead takes the dispatch's split token lookup (moe_unroll.cu's source_of / token_slot).
 cudaError_t launch_dispatch_unroll(const DispatchParams& params, int vec, cudaStream_t stream);
 cudaError_t launch_combine_unroll(const CombineParams& params, cudaStream_t stream);
 

@@ -21,7 +21,7 @@ struct Config {
   int auto_sms_dispatch = 0;            // where num_sms is 0: dispatch's budget measured for this GPU and
   int auto_sms_combine = 0;             // group size (torch_ep/data/sm_table.json); 0 = every SM
   int moe_copy = 1;                     // intranode CUDA dispatch/combine copy: kernels::MoeCopy (0 warp,
-                                        // 1 unroll, the default, 2 bulk, 3 ahead; torch_ep.options.MOE_COPIES)
+                                        // 1 unroll, the default, 2 bulk; torch_ep.options.MOE_COPIES)
   bool moe_push = false;                // intranode CUDA dispatch pushes rows into outputs it allocates from
                                         // the MoE pool (opt-in until measured; false: each rank pulls)
   size_t moe_pool_bytes = size_t(1) << 30;  // that pool's arena per rank, reserved with the MoE transport
