@@ -203,13 +203,22 @@ def rank_larger_than_buffers(seed):
 
 
 def rank_sm_budget(seed):
-    # One SM for the small-message kernel: a single block serves every peer in turn.
-    group = dist.new_group(pg_options=torch_ep.Options(num_sms=1))
-    try:
-        for i, kind in enumerate(("even", "uneven", "to_one")):
-            cpu_checks.check_single(torch.bfloat16, kind, (257,), seed + i, group=group, device="cuda")
-    finally:
-        dist.destroy_process_group(group)
+    """The direct kernel cuts each message into 64 KiB slices (at most 256, larger past 16 MiB)
+    that its blocks share: one block serves every (peer, slice) in turn, three blocks a number of
+    units that is no multiple of theirs or the peers'; messages of one slice, of a few slices with
+    rows that are no multiple of 16 bytes (slice edges then fall inside rows), and of more than
+    256 slices; every split shape, so some peers get several slices and others none."""
+    shapes = ((torch.bfloat16, (257,)), (torch.float32, (8191,)), (torch.float32, (16388,)),
+              (torch.uint8, ((16 << 20) // 5 + 7,)))
+    for i, num_sms in enumerate((1, 3)):
+        group = dist.new_group(pg_options=torch_ep.Options(num_sms=num_sms, all_to_all_kernel_bytes=64 << 20))
+        try:
+            for j, (dtype, row_shape) in enumerate(shapes):
+                for k, kind in enumerate(("even", "uneven", "to_one")):
+                    cpu_checks.check_single(dtype, kind, row_shape, seed + 100 * i + 10 * j + k, group=group,
+                                            device="cuda")
+        finally:
+            dist.destroy_process_group(group)
 
 
 def test_sm_budget(cuda_pool):

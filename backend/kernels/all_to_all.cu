@@ -6,28 +6,51 @@ namespace ep::kernels {
 namespace {
 
 constexpr int kThreads = 512;
+// 16-byte loads in flight per thread: 64 KiB per block, a slice's size (kDirectSliceBytes).
+constexpr int kUnroll = 8;
 
-// Block b sends to peers b, b + gridDim.x, ...; block 0 first tells every sender that our
-// output is ready and, last, waits for every sender's data.
-__global__ void __launch_bounds__(kThreads) all_to_all_small_kernel(AllToAllSmallParams p) {
+// Block 0 first tells every sender that our output is ready and, last, waits for every sender's
+// data; in between every block takes units (peer, slice) b, b + gridDim.x, ...
+__global__ void __launch_bounds__(kThreads) all_to_all_direct_kernel(AllToAllDirectParams p) {
   const uint64_t deadline = now_ns() + p.timeout_ns;
   if (blockIdx.x == 0)
     for (int src = threadIdx.x; src < p.size; src += blockDim.x)
       if (p.ready_to_set[src]) store_release(p.ready_to_set[src], 1);
 
   __shared__ int go;
-  for (int dst = blockIdx.x; dst < p.size; dst += gridDim.x) {
-    if (!p.ready_to_wait[dst]) continue;
+  const uint32_t peers = uint32_t(p.size - 1), units = direct_units(p);
+  for (uint32_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int dst = (p.rank + 1 + int(u % peers)) % p.size;
+    const uint32_t slice = u / peers, slices = direct_slices(p.send_bytes[dst]);
+    if (!p.ready_to_wait[dst] || slice >= slices) continue;  // uniform across the block
     if (threadIdx.x == 0) {
-      go = take_flag(p.ready_to_wait[dst], deadline);
+      uint32_t* ready = p.ready_to_wait[dst];
+      go = 1;
+      while (load_acquire(ready) == 0)
+        if (now_ns() > deadline) { go = 0; break; } else __nanosleep(100);
       if (!go) atomicExch(p.error, 1 + dst);
     }
     __syncthreads();
-    if (go) block_copy(p.remote_recv[dst], p.send[dst], p.send_bytes[dst]);
-    __syncthreads();  // every thread's stores are issued before the release below
-    if (threadIdx.x == 0 && go) {
+    const bool went = go;
+    __syncthreads();  // every thread has read go before thread 0 may write the next unit's
+    if (!went) continue;
+    // Slice boundaries in 16-byte multiples: each slice's vectors stay aligned as the message's.
+    const uint64_t bytes = p.send_bytes[dst];
+    const uint64_t share = ((bytes + slices - 1) / slices + 15) / 16 * 16;
+    const uint64_t from = share * slice < bytes ? share * slice : bytes;
+    const uint64_t to = from + share < bytes ? from + share : bytes;
+    block_copy<kUnroll, kThreads>(p.remote_recv[dst] + from, p.send[dst] + from, to - from, StreamingLoad{});
+    __syncthreads();  // every thread's stores are issued before the fence below
+    if (threadIdx.x == 0) {
+      // Fence, then count: the last block to count sees every slice's stores ordered before its own
+      // fence and release (the fence-then-atomic pattern of a grid's last block).
       __threadfence_system();
-      store_release(p.done_to_set[dst], 1);
+      if (atomicAdd(&p.slices_done[dst], 1u) + 1 == slices) {
+        p.slices_done[dst] = 0;
+        *p.ready_to_wait[dst] = 0;  // every slice's block has read it
+        __threadfence_system();
+        store_release(p.done_to_set[dst], 1);
+      }
     }
   }
 
@@ -38,12 +61,13 @@ __global__ void __launch_bounds__(kThreads) all_to_all_small_kernel(AllToAllSmal
 
 }  // namespace
 
-cudaError_t launch_all_to_all_small(const AllToAllSmallParams& params, cudaStream_t stream) {
-  if (params.size < 1 || params.size > kMaxRanksPerNode || params.num_blocks < 1) return cudaErrorInvalidValue;
-  // At most one block per peer: the grid stays small enough to be resident next to other
-  // ranks' work (ranks sharing a GPU under MPS each hold a slice of the SMs).
-  const int blocks = params.num_blocks < params.size ? params.num_blocks : params.size;
-  all_to_all_small_kernel<<<blocks, kThreads, 0, stream>>>(params);
+cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStream_t stream) {
+  if (params.size < 1 || params.size > kMaxRanksPerNode || params.num_blocks < 1 || !params.slices_done)
+    return cudaErrorInvalidValue;
+  // Block 0 sets the ready flags and waits for the data even where this rank sends nothing.
+  const uint32_t units = direct_units(params);
+  const int blocks = units == 0 ? 1 : units < uint32_t(params.num_blocks) ? int(units) : params.num_blocks;
+  all_to_all_direct_kernel<<<blocks, kThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

@@ -15,12 +15,14 @@ namespace {
 
 // Block layout: flags, then the staging regions.
 //   [full: size x 2][empty: size x 2][ready: size][done: size] (uint32) ...
-//   [push counts at kPushCountsOffset: kMaxRanksPerNode rows of kPushCountsStride int32] ... [grid counter]
+//   [push counts at kPushCountsOffset: kMaxRanksPerNode rows of kPushCountsStride int32]
+//   [slices done at kSlicesDoneOffset: kMaxRanksPerNode uint32] ... [grid counter]
 //   [regions at kDataOffset] [records region, where CudaTransportConfig::records_bytes asks for one]
 // Region `src` (2 slots of chunk_bytes) starts at kDataOffset + src * 2 * chunk_bytes.
 constexpr size_t kDataOffset = 64 << 10;
 constexpr int kSlots = 2;
 constexpr size_t kChunkAlign = 4096;
+constexpr int kDefaultDirectBlocks = 32;
 constexpr int kMaxRanks = 2048;  // flags of kMaxRanks ranks fit before kPushCountsOffset
 // A pushing MoE dispatch's send matrix rows (kernels/moe.cuh, DispatchPushParams::counts): past
 // every flag (kMaxRanks x 6 words = 48 KiB), before the grid counter.
@@ -29,6 +31,12 @@ static_assert(kPushCountsOffset >= size_t(kMaxRanks) * 6 * sizeof(uint32_t) &&
                   kPushCountsOffset + sizeof(int32_t) * kernels::kMaxRanksPerNode * kernels::kPushCountsStride <
                       kDataOffset - sizeof(uint32_t),
               "the push counts fit between the flags and the grid counter");
+// The direct kernel's count of a message's slices copied, a word per peer (kernels/all_to_all.cuh).
+constexpr size_t kSlicesDoneOffset = 60 << 10;
+static_assert(kSlicesDoneOffset >= kPushCountsOffset + sizeof(int32_t) * kernels::kMaxRanksPerNode *
+                                                           kernels::kPushCountsStride &&
+                  kSlicesDoneOffset + sizeof(uint32_t) * kernels::kMaxRanksPerNode < kDataOffset - sizeof(uint32_t),
+              "the slice counts fit between the push counts and the grid counter");
 CUdeviceptr dptr(const void* p) { return reinterpret_cast<CUdeviceptr>(p); }
 
 size_t chunk_bytes_for(size_t buffer_bytes, int size) {
@@ -80,6 +88,9 @@ int32_t* CudaTransport::push_counts(int owner, int sender) const {
   if (size_ > kernels::kMaxRanksPerNode) return nullptr;
   return reinterpret_cast<int32_t*>(buffers_.block(owner) + kPushCountsOffset) + sender * kernels::kPushCountsStride;
 }
+uint32_t* CudaTransport::slices_done() const {
+  return reinterpret_cast<uint32_t*>(buffers_.block(rank_) + kSlicesDoneOffset);
+}
 uint32_t* CudaTransport::grid_counter() const {
   return reinterpret_cast<uint32_t*>(buffers_.block(rank_) + kDataOffset) - 1;  // past every flag
 }
@@ -108,6 +119,12 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   EP_CUDA_CHECK(cudaMemcpy(buffers_.block(rank_), flags.data(), flags.size() * sizeof(uint32_t),
                            cudaMemcpyHostToDevice));
   EP_CUDA_CHECK(cudaMemset(grid_counter(), 0, sizeof(uint32_t)));
+  EP_CUDA_CHECK(cudaMemset(slices_done(), 0, sizeof(uint32_t) * kernels::kMaxRanksPerNode));
+  // Without an SM budget the direct kernel takes up to kDefaultDirectBlocks SMs (under MPS the
+  // count is the client's share), as NCCL's channels do, and at least a block a peer as before.
+  int sms = 0;
+  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, config.device));
+  default_direct_blocks_ = std::max(size_, std::min(sms, kDefaultDirectBlocks));
   if (config.records_bytes) {  // every slot free (flags 0), no plan
     records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;
     records_flag_bytes_ = config.records_flag_bytes;
@@ -362,9 +379,9 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
     if (peers.empty()) {
       // Nothing crosses ranks (world size 1, or all-zero splits to peers): the self copy is all.
     } else if (largest <= kernel_bytes_ && size_ <= kernels::kMaxRanksPerNode) {
-      // One kernel: for small messages latency decides, and the kernel waits on every peer at
-      // once where stream waits queue one by one (CudaTransportConfig::kernel_bytes).
-      launch_direct_small(sends, remote, recvs, stream);
+      // One kernel: it waits on every peer at once where stream waits queue one by one, and
+      // spreads each message over blocks (CudaTransportConfig::kernel_bytes).
+      launch_direct_kernel(sends, remote, recvs, stream);
     } else {
       enqueue_direct(sends, remote, recvs, stream);
     }
@@ -401,12 +418,14 @@ void CudaTransport::enqueue_direct(const std::vector<SendBuffer>& sends, const s
   }
 }
 
-void CudaTransport::launch_direct_small(const std::vector<SendBuffer>& sends,
+void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
                                         const std::vector<char*>& remote_outputs,
                                         const std::vector<RecvBuffer>& recvs, cudaStream_t stream) {
-  kernels::AllToAllSmallParams p{};
+  kernels::AllToAllDirectParams p{};
+  p.rank = rank_;
   p.size = size_;
-  p.num_blocks = num_sms_ > 0 ? num_sms_ : size_;
+  p.num_blocks = num_sms_ > 0 ? num_sms_ : default_direct_blocks_;
+  p.slices_done = slices_done();
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = kernel_error_device_;
   for (int peer = 0; peer < size_; ++peer) {
@@ -423,7 +442,7 @@ void CudaTransport::launch_direct_small(const std::vector<SendBuffer>& sends,
       p.done_to_wait[peer] = done_flag(rank_, peer);
     }
   }
-  EP_CUDA_CHECK(kernels::launch_all_to_all_small(p, stream));
+  EP_CUDA_CHECK(kernels::launch_all_to_all_direct(p, stream));
 }
 
 void CudaTransport::enqueue_staged(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,

@@ -50,7 +50,7 @@ namespace ep {
 struct CudaTransportConfig {
   int device = 0;
   size_t buffer_bytes = 64 << 20;  // this rank's registered receive block
-  int num_sms = 0;                 // SM budget of the transport's kernels; 0 = one block per peer
+  int num_sms = 0;                 // SM budget of the transport's kernels; 0 = up to 32 SMs
   // all_to_all: messages up to this size (the largest to any peer) go through one kernel, larger
   // ones by the copy engines (Options.all_to_all_kernel_bytes).
   size_t kernel_bytes = size_t(1) << 20;
@@ -110,6 +110,7 @@ class CudaTransport {
   // A counter in this rank's own block, 0 between kernels: a kernel's blocks count themselves
   // done on it, and the last one resets it.
   uint32_t* grid_counter() const;
+  uint32_t* slices_done() const;  // the direct kernel's, in this rank's block
   int* kernel_error() const { return kernel_error_device_; }
   // Host-mapped, non-zero once this transport has failed (fail(): any failure, abort() included),
   // for kernels whose bounded waits poll it (all_to_all_v's); it lives as long as the transport.
@@ -152,7 +153,7 @@ class CudaTransport {
   char* slot_data(int owner, int src, int slot) const;
   void enqueue_direct(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
                       const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
-  void launch_direct_small(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
+  void launch_direct_kernel(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
                            const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
   void enqueue_staged(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
                       cudaStream_t stream);
@@ -180,6 +181,7 @@ class CudaTransport {
   std::chrono::milliseconds timeout_;
   int num_sms_;
   size_t kernel_bytes_;
+  int default_direct_blocks_ = 1;  // the direct kernel's grid without an SM budget
   PeerBuffers buffers_;
   size_t chunk_bytes_;
   HostTransport control_;  // per-call exchange of sizes and receive-buffer handles
