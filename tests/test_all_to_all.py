@@ -175,12 +175,12 @@ def test_eager_bytes_option(monkeypatch):
 
 
 def test_kernel_bytes_option(monkeypatch):
-    """Options.all_to_all_kernel_bytes (TORCH_EP_ALL_TO_ALL_KERNEL_BYTES): 1 MiB by default, any
+    """Options.all_to_all_kernel_bytes (TORCH_EP_ALL_TO_ALL_KERNEL_BYTES): 8 MiB by default, any
     size from 0 (the copy engines for every rank that sends), passed to the group's config."""
     from datetime import timedelta
 
     monkeypatch.delenv("TORCH_EP_ALL_TO_ALL_KERNEL_BYTES", raising=False)
-    assert torch_ep.Options().all_to_all_kernel_bytes == 1 << 20
+    assert torch_ep.Options().all_to_all_kernel_bytes == 8 << 20
     monkeypatch.setenv("TORCH_EP_ALL_TO_ALL_KERNEL_BYTES", str(64 << 20))
     assert torch_ep.Options()._to_config(timedelta(seconds=1)).all_to_all_kernel_bytes == 64 << 20
     assert torch_ep.Options(all_to_all_kernel_bytes=0).all_to_all_kernel_bytes == 0

@@ -6,12 +6,14 @@ namespace ep::kernels {
 namespace {
 
 constexpr int kThreads = 512;
-// 16-byte loads in flight per thread: 64 KiB per block, a slice's size (kDirectSliceBytes).
+// 16-byte loads in flight per thread: 64 KiB per block, a slice's size (kDirectSliceBytes), and
+// two blocks an SM (64 registers; the copy is a call of its own, so that only the loop around it
+// spills), 128 KiB an SM: what tools/sm_copy_ceiling.cu found a copy needs on the H200.
 constexpr int kUnroll = 8;
 
 // Block 0 first tells every sender that our output is ready and, last, waits for every sender's
 // data; in between every block takes units (peer, slice) b, b + gridDim.x, ...
-__global__ void __launch_bounds__(kThreads) all_to_all_direct_kernel(AllToAllDirectParams p) {
+__global__ void __launch_bounds__(kThreads, 2) all_to_all_direct_kernel(AllToAllDirectParams p) {
   const uint64_t deadline = now_ns() + p.timeout_ns;
   if (blockIdx.x == 0)
     for (int src = threadIdx.x; src < p.size; src += blockDim.x)
@@ -39,7 +41,8 @@ __global__ void __launch_bounds__(kThreads) all_to_all_direct_kernel(AllToAllDir
     const uint64_t share = ((bytes + slices - 1) / slices + 15) / 16 * 16;
     const uint64_t from = share * slice < bytes ? share * slice : bytes;
     const uint64_t to = from + share < bytes ? from + share : bytes;
-    block_copy<kUnroll, kThreads>(p.remote_recv[dst] + from, p.send[dst] + from, to - from, StreamingLoad{});
+    block_copy_call<kUnroll, kThreads>(p.remote_recv[dst] + from, p.send[dst] + from, to - from, StreamingLoad{},
+                                       PlainStore{});
     __syncthreads();  // every thread's stores are issued before the fence below
     if (threadIdx.x == 0) {
       // Fence, then count: the last block to count sees every slice's stores ordered before its own

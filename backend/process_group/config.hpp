@@ -41,7 +41,7 @@ struct Config {
   int all_to_all_pool_blocks = 0;       // one-copy move: the blocks that copy (automatic: two per SM of this
                                         // rank's share, less the plan's block, more for large calls: pieces
                                         // of at most 128 KiB)
-  size_t all_to_all_kernel_bytes = size_t(1) << 20;  // host protocol: a rank whose largest message has at most
+  size_t all_to_all_kernel_bytes = size_t(8) << 20;  // host protocol: a rank whose largest message has at most
                                         // this many bytes sends with one kernel, else by the copy engines
   bool all_to_all_one_launch = false;   // plan and move in one kernel launch (slower on one H200: two launches)
   size_t all_to_all_eager_bytes = 0;    // all_to_all_single on the device protocol: messages of at most this

@@ -53,7 +53,7 @@ struct CudaTransportConfig {
   int num_sms = 0;                 // SM budget of the transport's kernels; 0 = up to 32 SMs
   // all_to_all: messages up to this size (the largest to any peer) go through one kernel, larger
   // ones by the copy engines (Options.all_to_all_kernel_bytes).
-  size_t kernel_bytes = size_t(1) << 20;
+  size_t kernel_bytes = size_t(8) << 20;
   size_t control_slot_bytes = 256;  // chunk of the per-call control exchange over shared memory
   // A region past the staging regions for the MoE device records (kernels/moe_records.cuh,
   // MoeRecordsLayout::kBytes); 0: none. Its first `records_flag_bytes` are flags that the release
