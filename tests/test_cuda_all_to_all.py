@@ -204,8 +204,9 @@ def rank_larger_than_buffers(seed):
 
 def rank_sm_budget(seed):
     """The direct kernel cuts each message into 64 KiB slices (at most 256, larger past 16 MiB)
-    that its blocks share: one block serves every (peer, slice) in turn, three blocks a number of
-    units that is no multiple of theirs or the peers'; messages of one slice, of a few slices with
+    that its blocks share: one block serves every (peer, slice) in turn; with a budget of three the
+    grid shrinks until it shares no factor with the peers (two at 4 ranks), so that every block
+    serves every peer; messages of one slice, of a few slices with
     rows that are no multiple of 16 bytes (slice edges then fall inside rows), and of more than
     256 slices; every split shape, so some peers get several slices and others none."""
     shapes = ((torch.bfloat16, (257,)), (torch.float32, (8191,)), (torch.float32, (16388,)),

@@ -30,7 +30,12 @@ __global__ void __launch_bounds__(kThreads, 2) all_to_all_direct_kernel(AllToAll
       go = 1;
       while (load_acquire(ready) == 0)
         if (now_ns() > deadline) { go = 0; break; } else __nanosleep(100);
-      if (!go) atomicExch(p.error, 1 + dst);
+      if (!go) {
+        report_first(p.error, 1 + dst);
+        // The message's count can no longer reach its slices: a later launch (a graph replay,
+        // which no host check stops) times out on it instead of setting done after a part.
+        atomicOr(&p.slices_done[dst], 0x80000000u);
+      }
     }
     __syncthreads();
     const bool went = go;
@@ -59,7 +64,7 @@ __global__ void __launch_bounds__(kThreads, 2) all_to_all_direct_kernel(AllToAll
 
   if (blockIdx.x == 0)
     for (int src = threadIdx.x; src < p.size; src += blockDim.x)
-      if (p.done_to_wait[src] && !take_flag(p.done_to_wait[src], deadline)) atomicExch(p.error, 1 + src);
+      if (p.done_to_wait[src] && !take_flag(p.done_to_wait[src], deadline)) report_first(p.error, 1 + src);
 }
 
 }  // namespace
@@ -69,7 +74,13 @@ cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStr
     return cudaErrorInvalidValue;
   // Block 0 sets the ready flags and waits for the data even where this rank sends nothing.
   const uint32_t units = direct_units(params);
-  const int blocks = units == 0 ? 1 : units < uint32_t(params.num_blocks) ? int(units) : params.num_blocks;
+  int blocks = units == 0 ? 1 : units < uint32_t(params.num_blocks) ? int(units) : params.num_blocks;
+  // Block b takes units b, b + blocks, ...: their peers (unit % peers) cycle through every peer
+  // only where blocks and peers share no factor, else a large message to one peer would get a
+  // fraction of the blocks.
+  const int peers = params.size - 1;
+  auto gcd = [](int a, int b) { while (b) { const int t = a % b; a = b; b = t; } return a; };
+  while (blocks > 1 && peers > 1 && gcd(blocks, peers) != 1) --blocks;
   all_to_all_direct_kernel<<<blocks, kThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }

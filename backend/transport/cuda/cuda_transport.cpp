@@ -120,8 +120,9 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
                            cudaMemcpyHostToDevice));
   EP_CUDA_CHECK(cudaMemset(grid_counter(), 0, sizeof(uint32_t)));
   EP_CUDA_CHECK(cudaMemset(slices_done(), 0, sizeof(uint32_t) * kernels::kMaxRanksPerNode));
-  // Without an SM budget the direct kernel takes up to kDefaultDirectBlocks SMs (under MPS the
-  // count is the client's share), as NCCL's channels do, and at least a block a peer as before.
+  // Without an SM budget the direct kernel takes up to kDefaultDirectBlocks blocks (two an SM;
+  // under MPS the SM count is the client's share), as NCCL's channels do, and at least a block a
+  // peer as before.
   int sms = 0;
   EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, config.device));
   default_direct_blocks_ = std::max(size_, std::min(sms, kDefaultDirectBlocks));

@@ -67,7 +67,7 @@ class LowLatencyBuffer {
   kernels::ll::LowLatencyLayout layout_{};
   char* base_ = nullptr;         // symmetric: two halves
   std::vector<char*> peers_;     // every rank's base_, as this rank maps it; null: remote
-  bool remote_by_p2p_ = true;
+  bool remote_by_p2p_ = false;  // set by reserve()
   std::string describe(int code) const;  // a kernel's error code, in words
 
   // Pinned, mapped: kFailure (GroupArgs::error: a timeout or the abort; never cleared) and
