@@ -2,10 +2,26 @@
 #include "backend/kernels/copy.cuh"
 #include "backend/kernels/sync.cuh"
 
+#include <algorithm>
+#include <numeric>
+
 namespace ep::kernels {
 namespace {
 
 constexpr int kThreads = 512;
+
+// A direct (one-copy) message is cut into slices of at least kDirectSliceBytes, at most
+// kMaxDirectSlices of them, each a unit of work for one block: a block keeps 64 KiB of loads in
+// flight, so that a message of a few slices already spreads over as many SMs. Its receiver never
+// sees the slices (the flags count messages), so the two sides need not cut alike.
+constexpr uint64_t kDirectSliceBytes = 64 << 10;
+constexpr uint32_t kMaxDirectSlices = 256;
+
+__host__ __device__ __forceinline__ uint32_t direct_slices(uint64_t bytes) {
+  const uint64_t n = (bytes + kDirectSliceBytes - 1) / kDirectSliceBytes;
+  return n < kMaxDirectSlices ? uint32_t(n) : kMaxDirectSlices;
+}
+
 // 16-byte loads in flight per thread: 64 KiB per block, a slice's size (kDirectSliceBytes), and
 // two blocks an SM (64 registers; the copy is a call of its own, so that only the loop around it
 // spills), 128 KiB an SM: what tools/sm_copy_ceiling.cu found a copy needs on the H200.
@@ -13,23 +29,20 @@ constexpr int kUnroll = 8;
 
 // Block 0 first tells every sender that our output is ready and, last, waits for every sender's
 // data; in between every block takes units (peer, slice) b, b + gridDim.x, ...
-__global__ void __launch_bounds__(kThreads, 2) all_to_all_direct_kernel(AllToAllDirectParams p) {
+__global__ void __launch_bounds__(kThreads, 2) all_to_all_direct_kernel(AllToAllDirectParams p, uint32_t units) {
   const uint64_t deadline = now_ns() + p.timeout_ns;
   if (blockIdx.x == 0)
     for (int src = threadIdx.x; src < p.size; src += blockDim.x)
       if (p.ready_to_set[src]) store_release(p.ready_to_set[src], 1);
 
   __shared__ int go;
-  const uint32_t peers = uint32_t(p.size - 1), units = direct_units(p);
+  const uint32_t peers = uint32_t(p.size - 1);
   for (uint32_t u = blockIdx.x; u < units; u += gridDim.x) {
     const int dst = (p.rank + 1 + int(u % peers)) % p.size;
     const uint32_t slice = u / peers, slices = direct_slices(p.send_bytes[dst]);
     if (!p.ready_to_wait[dst] || slice >= slices) continue;  // uniform across the block
     if (threadIdx.x == 0) {
-      uint32_t* ready = p.ready_to_wait[dst];
-      go = 1;
-      while (load_acquire(ready) == 0)
-        if (now_ns() > deadline) { go = 0; break; } else __nanosleep(100);
+      go = wait_set(p.ready_to_wait[dst], deadline);  // left set: the message's other slices wait on it too
       if (!go) {
         report_first(p.error, 1 + dst);
         // The message's count can no longer reach its slices: a later launch (a graph replay,
@@ -67,6 +80,16 @@ __global__ void __launch_bounds__(kThreads, 2) all_to_all_direct_kernel(AllToAll
       if (p.done_to_wait[src] && !take_flag(p.done_to_wait[src], deadline)) report_first(p.error, 1 + src);
 }
 
+// The launch's units of work: the peers, rotated from rank + 1 so that the ranks do not all start
+// on rank 0, times the most slices a message takes; unit u is peer u % (size - 1)'s slice
+// u / (size - 1), none where that message has fewer.
+uint32_t direct_units(const AllToAllDirectParams& p) {
+  uint32_t most = 0;
+  for (int d = 0; d < p.size; ++d)
+    if (p.ready_to_wait[d]) most = std::max(most, direct_slices(p.send_bytes[d]));
+  return most * uint32_t(p.size - 1);
+}
+
 }  // namespace
 
 cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStream_t stream) {
@@ -78,10 +101,8 @@ cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStr
   // Block b takes units b, b + blocks, ...: their peers (unit % peers) cycle through every peer
   // only where blocks and peers share no factor, else a large message to one peer would get a
   // fraction of the blocks.
-  const int peers = params.size - 1;
-  auto gcd = [](int a, int b) { while (b) { const int t = a % b; a = b; b = t; } return a; };
-  while (blocks > 1 && peers > 1 && gcd(blocks, peers) != 1) --blocks;
-  all_to_all_direct_kernel<<<blocks, kThreads, 0, stream>>>(params);
+  while (blocks > 1 && std::gcd(blocks, params.size - 1) != 1) --blocks;
+  all_to_all_direct_kernel<<<blocks, kThreads, 0, stream>>>(params, units);
   return cudaGetLastError();
 }
 

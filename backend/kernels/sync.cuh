@@ -49,14 +49,20 @@ __device__ __forceinline__ void store_release(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// Waits until *flag != 0, then clears it; false after the deadline (the peer never came). No abort
+// Waits until *flag != 0, leaving it; false after the deadline (the peer never came). No abort
 // word: its callers' flags are a CudaTransport's, whose watchdog releases a failed transport's
 // waits by setting them (CudaTransport::release_waits).
-__device__ __forceinline__ bool take_flag(uint32_t* flag, uint64_t deadline) {
+__device__ __forceinline__ bool wait_set(const uint32_t* flag, uint64_t deadline) {
   while (load_acquire(flag) == 0) {
     if (now_ns() > deadline) return false;
     __nanosleep(100);
   }
+  return true;
+}
+
+// wait_set, then clears the flag.
+__device__ __forceinline__ bool take_flag(uint32_t* flag, uint64_t deadline) {
+  if (!wait_set(flag, deadline)) return false;
   *flag = 0;
   return true;
 }
