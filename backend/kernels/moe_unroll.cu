@@ -15,9 +15,7 @@
 //             32 topk ids and weights are all loaded before any of them is stored: an fp8 row of
 //             hidden 7168 (448 16-byte units) is one round trip, a bf16 row two. The sources' row
 //             counts are read by a lane each, not one after another.
-//   combine   the positions of the warp's next token are looked up a token ahead, issued after the
-//             current token's first loads (issued before them, the lookup shared their scoreboard
-//             in the SASS, and they waited for it: a round trip more a token); the rows of two
+//   combine   the positions of the warp's next token are looked up a token ahead; the rows of two
 //             sources are loaded before they are summed. With at most two sources (every token of
 //             a 2-rank group, most of a 4-rank one) no running sum is held across the loads, so
 //             2 x kChunks 16-byte loads a lane are in flight; with more, pairs of sources at
@@ -139,11 +137,10 @@ __device__ __forceinline__ const Word<T, V>* source_row(const CombineParams& p, 
 
 // The token's row from at most two sources (bits of `sources`): each round loads kChunks chunks
 // a lane of both rows, then sums them; nothing is held across the loads but what they load.
-// after_first_loads runs once a lane, right after its first loads are issued.
-template <typename T, int V, int kChunks, typename AfterLoads>
+template <typename T, int V, int kChunks>
 __device__ __forceinline__ void sum_two_sources(const CombineParams& p, const CombineSources& src, unsigned sources,
-                                                int64_t row, Pack<T, V>* out, int lane,
-                                                AfterLoads&& after_first_loads) {
+                                                int64_t row,
+                                                Pack<T, V>* out, int lane) {
   const int64_t chunks = p.hidden / V;
   const int d0 = __ffs(sources) - 1, d1 = __ffs(sources & (sources - 1)) - 1;  // -1: none
   const bool has0 = d0 >= 0, has1 = d1 >= 0;
@@ -158,7 +155,6 @@ __device__ __forceinline__ void sum_two_sources(const CombineParams& p, const Co
 #pragma unroll
     for (int u = 0; u < kChunks; ++u)
       if (has1 && c0 + 32 * u < chunks) b[u] = in1[c0 + 32 * u];
-    if (c0 == lane) after_first_loads();
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       if (c0 + 32 * u >= chunks) break;
@@ -173,20 +169,17 @@ __device__ __forceinline__ void sum_two_sources(const CombineParams& p, const Co
       out[c0 + 32 * u] = sum;
     }
   }
-  if (lane >= chunks) after_first_loads();  // a lane with no round
 }
 
 // The token's row from any number of sources: each round holds a running sum of kChunks chunks a
 // lane and adds the sources two at a time, both rows loaded before either is added. The rounds
 // step together over the warp (every lane runs each, idle past the row's end), since source_row
-// shuffles. after_first_loads runs once a lane, after the first source's first loads (after the
-// second's, the compiler made those wait for the first's data).
-template <typename T, int V, int kChunks, typename AfterLoads>
+// shuffles.
+template <typename T, int V, int kChunks>
 __device__ __forceinline__ void sum_sources(const CombineParams& p, const CombineSources& src, unsigned sources,
-                                            int64_t row, Pack<T, V>* out, int lane,
-                                            AfterLoads&& after_first_loads) {
+                                                int64_t row,
+                                            Pack<T, V>* out, int lane) {
   const int64_t chunks = p.hidden / V;
-  bool first = true;
 #pragma unroll 1
   for (int64_t base = 0; base < chunks; base += 32 * kChunks) {
     const int64_t c0 = base + lane;
@@ -208,8 +201,6 @@ __device__ __forceinline__ void sum_sources(const CombineParams& p, const Combin
 #pragma unroll
       for (int u = 0; u < kChunks; ++u)
         if (c0 + 32 * u < chunks) a[u] = in0[c0 + 32 * u];
-      if (first) after_first_loads();
-      first = false;
 #pragma unroll
       for (int u = 0; u < kChunks; ++u)
         if (has1 && c0 + 32 * u < chunks) b[u] = in1[c0 + 32 * u];
@@ -233,7 +224,6 @@ __device__ __forceinline__ void sum_sources(const CombineParams& p, const Combin
       out[c0 + 32 * u] = sum;
     }
   }
-  if (first) after_first_loads();
 }
 
 template <typename T, int V, int kChunks>
@@ -257,17 +247,13 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
       row = src.first_row_at[lane] + int64_t(pos);
       if (row >= src.x_rows[lane]) row = -1;  // dropped by an overflowing dispatch
     }
-    // The next token's lookup issues after this token's first loads: issued before them, it shared
-    // their scoreboard and the first loads waited for it (sm_90 SASS, nvcc 13).
-    const auto look_ahead = [&] {
-      pos = lane < R && t + warps < p.num_tokens ? token_pos[(t + warps) * R + lane] : -1;
-    };
+    pos = lane < R && t + warps < p.num_tokens ? token_pos[(t + warps) * R + lane] : -1;
     const unsigned sources = __ballot_sync(0xffffffffu, row >= 0);
     auto* out = reinterpret_cast<Pack<T, V>*>(reinterpret_cast<T*>(p.out) + t * p.hidden);
     if (__popc(sources) <= 2)
-      sum_two_sources<T, V, kChunks>(p, src, sources, row, out, lane, look_ahead);
+      sum_two_sources<T, V, kChunks>(p, src, sources, row, out, lane);
     else
-      sum_sources<T, V, kChunks / 2>(p, src, sources, row, out, lane, look_ahead);
+      sum_sources<T, V, kChunks / 2>(p, src, sources, row, out, lane);
     if (p.out_weights) {
       const int K = p.num_topk;
       for (int k0 = 0; k0 < K; k0 += 32) {  // every lane runs each step: source_row-like shuffles
