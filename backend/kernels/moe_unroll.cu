@@ -27,10 +27,6 @@
 #include "backend/kernels/moe_device.cuh"
 #include "backend/kernels/moe_unroll.cuh"
 
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-
 namespace ep::kernels {
 namespace {
 
@@ -80,9 +76,8 @@ __device__ __forceinline__ void copy_row(const DispatchParams& p, const Dispatch
   copy_row_to<V, kDepth>(src, t, out, row, p.row_bytes, p.num_scales, p.num_topk, lo, hi, lane);
 }
 
-template <typename V, int kDepth, int kBlock = kThreads>
-__global__ void __launch_bounds__(kBlock) dispatch_unroll_kernel(DispatchParams p) {
-  constexpr int kBlockWarps = kBlock / 32;
+template <typename V, int kDepth>
+__global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParams p) {
   __shared__ int64_t first_row[kMaxRanksPerNode + 1];
   const int R = p.num_ranks;
   const int lane = threadIdx.x & 31;
@@ -90,8 +85,8 @@ __global__ void __launch_bounds__(kBlock) dispatch_unroll_kernel(DispatchParams 
   const int64_t rows = dispatch_rows_at_once(p, first_row);
   const int64_t per_rank = p.num_experts / R, lo = p.rank * per_rank, hi = lo + per_rank;
 
-  const int64_t warps = int64_t(gridDim.x) * kBlockWarps;
-  int64_t row = blockIdx.x * int64_t(kBlockWarps) + (threadIdx.x >> 5);
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
   int s = row < rows ? source_of(first_row, R, row, 0) : 0;
   int64_t t = row < rows ? *token_slot(p, first_row, row, s) : 0;
 #pragma unroll 1
@@ -287,32 +282,8 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
 
 }  // namespace
 
-// A what-if for measurements (TORCH_EP_WHATIF_UNROLL_DISPATCH=1024x8 or 1024x4; never the
-// default): 16-byte rows by blocks of 1024 threads at 8 or 4 loads a lane (64 registers), twice
-// the warps an SM of the default 512 x 16, the same or half the bytes in flight. Does a row's
-// fixed cost (its lookup, scales and ids) hide behind more warps?
-int whatif_dispatch_shape() {
-  static const int shape = [] {
-    const char* v = std::getenv("TORCH_EP_WHATIF_UNROLL_DISPATCH");
-    if (!v || !*v) return 0;
-    if (!std::strcmp(v, "1024x8")) return 8;
-    if (!std::strcmp(v, "1024x4")) return 4;
-    std::fprintf(stderr, "torch_ep: TORCH_EP_WHATIF_UNROLL_DISPATCH=%s ignored (1024x8 or 1024x4)\n", v);
-    return 0;
-  }();
-  return shape;
-}
-
 cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_t stream) {
   const int grid = grid_for_warps(p.num_blocks, p.capacity);
-  if (vec == 16 && whatif_dispatch_shape() == 8) {
-    dispatch_unroll_kernel<int4, 8, 1024><<<grid, 1024, 0, stream>>>(p);
-    return cudaGetLastError();
-  }
-  if (vec == 16 && whatif_dispatch_shape() == 4) {
-    dispatch_unroll_kernel<int4, 4, 1024><<<grid, 1024, 0, stream>>>(p);
-    return cudaGetLastError();
-  }
   with_access_type(vec, [&](auto v) {
     dispatch_unroll_kernel<decltype(v), kDispatchDepth><<<grid, kThreads, 0, stream>>>(p);
   });
