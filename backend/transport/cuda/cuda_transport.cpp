@@ -120,12 +120,13 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
                            cudaMemcpyHostToDevice));
   EP_CUDA_CHECK(cudaMemset(grid_counter(), 0, sizeof(uint32_t)));
   EP_CUDA_CHECK(cudaMemset(slices_done(), 0, sizeof(uint32_t) * kernels::kMaxRanksPerNode));
-  // Without an SM budget the direct kernel takes up to kDefaultDirectBlocks blocks (two an SM;
-  // under MPS the SM count is the client's share), as NCCL's channels do, and at least a block a
-  // peer as before.
+  // Without an SM budget the direct kernel takes up to kDefaultDirectBlocks blocks, two an SM
+  // (under MPS the SM count is the client's share: 14 at 8 ranks on an H100, where 27 blocks
+  // moved 4 / 16 MiB per rank 10 / 7 % faster than 13), as NCCL's channels do, and at least a
+  // block a peer as before.
   int sms = 0;
   EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, config.device));
-  default_direct_blocks_ = std::max(size_, std::min(sms, kDefaultDirectBlocks));
+  default_direct_blocks_ = std::max(size_, std::min(2 * sms, kDefaultDirectBlocks));
   if (config.records_bytes) {  // every slot free (flags 0), no plan
     records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;
     records_flag_bytes_ = config.records_flag_bytes;
