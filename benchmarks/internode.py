@@ -222,6 +222,8 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-host-route", action="store_true", help="leave out the host-driven route's rows")
+    parser.add_argument("--a2a-only", action="store_true",
+                        help="all_to_all_single only, on the intranode and device-route groups (no MoE ops, no rounds row)")
     parser.add_argument("--stream-calls", type=int, default=20,
                         help="calls back to back for the stream columns (DeepEP's bench method); <= 1 skips them")
     args = parser.parse_args()
@@ -234,18 +236,19 @@ def main():
     across = lambda device_route: torch_ep.Options(  # noqa: E731
         ranks_per_node=args.ranks_per_node, internode_device=device_route, internode_capacity=max(args.tokens, 1))
     groups = {"internode": dist.new_group(backend="ep", pg_options=across(True))}
-    if not args.no_host_route:
+    if not args.no_host_route and not args.a2a_only:
         groups["internode-host"] = dist.new_group(backend="ep", pg_options=across(False))
-    # all_to_all_single with its NVSHMEM hop in rounds the host queues (not the default): its row only.
-    a2a_rounds = torch_ep.Options(ranks_per_node=args.ranks_per_node, internode_a2a_device=False)
-    groups["internode-a2a-rounds"] = dist.new_group(backend="ep", pg_options=a2a_rounds)
+    if not args.a2a_only:
+        # all_to_all_single with its NVSHMEM hop in rounds the host queues (not the default): its row only.
+        a2a_rounds = torch_ep.Options(ranks_per_node=args.ranks_per_node, internode_a2a_device=False)
+        groups["internode-a2a-rounds"] = dist.new_group(backend="ep", pg_options=a2a_rounds)
     hosts: List[str] = [None] * world
     dist.all_gather_object(hosts, os.uname().nodename, group=sync)
     if len(set(hosts)) == 1:  # the intranode path needs every rank on one host
         groups = {"intranode": dist.new_group(backend="ep", pg_options=torch_ep.Options(ranks_per_node=world)), **groups}
     rows = []
     for name, group in groups.items():
-        rows += measure(name, group, args, device, sync, flush, a2a_only=name == "internode-a2a-rounds")
+        rows += measure(name, group, args, device, sync, flush, a2a_only=args.a2a_only or name == "internode-a2a-rounds")
     intranode = {r["op"]: r for r in rows if r["group"] == "intranode"}
     for r in rows:  # the zero-copy combine against the intranode route's (plain) combine
         base = intranode.get(r["op"].split(",")[0]) if r["group"] != "intranode" else None

@@ -318,6 +318,7 @@ class ProcessGroupEP : public c10d::Backend {
   std::shared_ptr<MoePool> moe_pool_;
   std::shared_ptr<InternodeTransport> internode_transport_;
   std::optional<c10::Stream> internode_stream_;
+  std::optional<c10::Stream> node_hop_stream_;  // all_to_all's node hop, beside its NVSHMEM hop
   std::atomic<uint64_t> dispatch_count_{0};
   std::atomic<uint64_t> rail_bytes_{0}, node_bytes_{0};
   HostWorker host_worker_;  // declared last: joined first on destruction

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "backend/common/env_switch.hpp"
 #include "backend/process_group/cuda/cuda_work.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
@@ -33,6 +34,7 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
       internode_transport_ = std::make_shared<InternodeTransport>(rendezvous_, topology_, cc, "ep/internode",
                                                                   config_.internode_a2a_device);
       internode_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
+      node_hop_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
       // The node's watchdog records a stuck wait as soon as it sees it: a rank on another node
       // waiting on this one may be about to time out too, and should learn why.
       internode_transport_->node().on_failure(
@@ -75,6 +77,22 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
   std::shared_ptr<StreamMark> end;
 
   const Topology& t = topology_;
+  // The two hops touch disjoint rows of the outputs and share no buffer, so the node hop runs on a
+  // stream of its own beside the NVSHMEM hop, forked from the op's stream and joined back before
+  // its end (NCCL's channels also drive NVLink and network peers at once). Every rank queues them
+  // in the same order and on streams of the same priority, and each hop's kernels wait only for
+  // the same hop's kernels at the peers. TORCH_EP_WHATIF_SERIAL_HOPS=1 (measurements only) queues
+  // both on the op's stream, one after the other, as before.
+  static const bool serial = env_switch("TORCH_EP_WHATIF_SERIAL_HOPS");
+  const cudaStream_t node_stream =
+      serial ? stream.stream() : c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *node_hop_stream_).stream();
+  bool forked = false;
+  auto join = [&] {  // also where the NVSHMEM hop threw: no write of the node hop outlives the op
+    if (!forked) return;
+    forked = false;
+    const StreamMark node_done(device.index(), node_stream);
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), node_done.event(), 0));
+  };
   try {
     // This node's ranks (self included) over CUDA IPC, indexed by local rank.
     std::vector<SendBuffer> node_sends;
@@ -83,14 +101,24 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
       node_sends.push_back(spans.sends[r]);
       node_recvs.push_back(spans.recvs[r]);
     }
-    transport->node().all_to_all(node_sends, node_recvs, stream.stream(), op_name);
+    if (node_stream != stream.stream()) {
+      const StreamMark fork(device.index(), stream.stream());
+      C10_CUDA_CHECK(cudaStreamWaitEvent(node_stream, fork.event(), 0));
+      forked = true;
+    }
+    transport->node().all_to_all(node_sends, node_recvs, node_stream, op_name);
     // Every other rank over NVSHMEM: once per pair, whatever the split.
     std::vector<int> remote;
     for (int r = 0; r < t.size; ++r)
       if (t.node_of(r) != t.node) remote.push_back(r);
     transport->net().all_to_all(remote, spans.sends, spans.recvs, stream.stream(), op_name);
+    join();
     end = transport->node().track(op_name, stream.stream(), {});
   } catch (const std::exception& e) {
+    try {
+      join();
+    } catch (...) {
+    }
     raise_failure(e.what());
   }
   std::shared_ptr<StreamMark> done = finish_on(stream, spans, outputs, async_op, std::move(end));
