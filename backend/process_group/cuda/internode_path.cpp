@@ -77,15 +77,23 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
   std::shared_ptr<StreamMark> end;
 
   const Topology& t = topology_;
-  // The two hops touch disjoint rows of the outputs and share no buffer, so the node hop runs on a
-  // stream of its own beside the NVSHMEM hop, forked from the op's stream and joined back before
-  // its end (NCCL's channels also drive NVLink and network peers at once). Every rank queues them
-  // in the same order and on streams of the same priority, and each hop's kernels wait only for
-  // the same hop's kernels at the peers. TORCH_EP_WHATIF_SERIAL_HOPS=1 (measurements only) queues
-  // both on the op's stream, one after the other, as before.
+  // The two hops touch disjoint rows of the outputs and share no buffer. Where the node hop moves
+  // by the copy engines (its messages above the transport's kernel_bytes) it runs on a stream of
+  // its own beside the NVSHMEM hop's kernel, forked from the op's stream and joined back before
+  // the op's end, as NCCL's channels drive NVLink and network peers at once: at 2x2 virtual nodes
+  // on one H100, 64 MiB per rank (16 MiB a node peer), 349 us a call back to back against 482
+  // queued one after the other (a call after a barrier: 726 against 757). Where the node hop is a
+  // kernel it stays before the NVSHMEM hop on the op's stream: two kernels that both wait on
+  // peers then shared the SMs, and at 2x4 (8 MiB a node peer) a call after a barrier took 2.8-4.5
+  // ms against 1.7 (back to back 0.71 against 0.75). TORCH_EP_WHATIF_SERIAL_HOPS=1 (measurements
+  // only) queues both hops one after the other always.
   static const bool serial = env_switch("TORCH_EP_WHATIF_SERIAL_HOPS");
+  size_t largest_node_message = 0;
+  for (int r : t.node_ranks())
+    if (r != t.rank) largest_node_message = std::max(largest_node_message, spans.sends[r].bytes);
+  const bool beside = !serial && largest_node_message > transport->node().kernel_bytes();
   const cudaStream_t node_stream =
-      serial ? stream.stream() : c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *node_hop_stream_).stream();
+      beside ? c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *node_hop_stream_).stream() : stream.stream();
   bool forked = false;
   auto join = [&] {  // also where the NVSHMEM hop threw: no write of the node hop outlives the op
     if (!forked) return;

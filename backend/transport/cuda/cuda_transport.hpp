@@ -86,6 +86,9 @@ class CudaTransport {
   int device() const { return buffers_.device(); }
   int rank() const { return rank_; }
   int size() const { return size_; }
+  // all_to_all moves by one kernel where the largest message to a peer has at most this many
+  // bytes (and every receiver exported its output), else by the copy engines.
+  size_t kernel_bytes() const { return kernel_bytes_; }
 
   // ---- for kernels that read peers' memory directly (MoE dispatch/combine, backend/ops) ----
   // Throws naming `op_name` once the transport has failed, or once a kernel's bounded wait gave
