@@ -222,6 +222,9 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-host-route", action="store_true", help="leave out the host-driven route's rows")
+    parser.add_argument("--node-kernel-bytes", type=int, default=None,
+                        help="Options.all_to_all_kernel_bytes of the groups across nodes only (their node hop's "
+                             "kernel line; 0: the copy engines, so the node hop runs beside the NVSHMEM hop)")
     parser.add_argument("--a2a-only", action="store_true",
                         help="all_to_all_single only, on the intranode and device-route groups (no MoE ops, no rounds row)")
     parser.add_argument("--stream-calls", type=int, default=20,
@@ -233,8 +236,10 @@ def main():
     world = dist.get_world_size()
     sync = dist.new_group(backend="gloo")
     flush = common.l2_flusher(device)
+    node_hop = {} if args.node_kernel_bytes is None else {"all_to_all_kernel_bytes": args.node_kernel_bytes}
     across = lambda device_route: torch_ep.Options(  # noqa: E731
-        ranks_per_node=args.ranks_per_node, internode_device=device_route, internode_capacity=max(args.tokens, 1))
+        ranks_per_node=args.ranks_per_node, internode_device=device_route, internode_capacity=max(args.tokens, 1),
+        **node_hop)
     groups = {"internode": dist.new_group(backend="ep", pg_options=across(True))}
     if not args.no_host_route and not args.a2a_only:
         groups["internode-host"] = dist.new_group(backend="ep", pg_options=across(False))
