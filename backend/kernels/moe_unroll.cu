@@ -27,6 +27,9 @@
 #include "backend/kernels/moe_device.cuh"
 #include "backend/kernels/moe_unroll.cuh"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace ep::kernels {
 namespace {
 
@@ -98,6 +101,144 @@ __global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParam
     copy_row<V, kDepth>(p, p.src[s], t, row, lo, hi, lane);
     s = next_s;
     t = next_t;
+  }
+  for (; row < p.capacity; row += warps) {  // padding of a fixed-size output: routed nowhere
+    for (int k = lane; k < p.num_topk; k += 32) {
+      if (p.recv_topk_idx) p.recv_topk_idx[row * p.num_topk + k] = -1;
+      if (p.recv_topk_weights) p.recv_topk_weights[row * p.num_topk + k] = 0.f;
+    }
+  }
+  handshake_end(p.handshake, R);
+}
+
+// ------------------------------------------------------------ dispatch, rows staged in shared memory
+// A what-if for measurements (TORCH_EP_WHATIF_DISPATCH_STAGED=1; never the default), for 16-byte
+// rows of at most kStagedUnits units (an fp8 row of hidden 7168): a warp keeps its next row's
+// payload on its way (cp.async into one of two shared-memory stages of its own, no registers held)
+// and its scales, ids and weights (registers) while it stores the current row, so that the work of a
+// row past its loads (the stores' issue, the scales and ids, the next lookups) no longer leaves the
+// warp with nothing in flight. A lane reads back only the units it copied, so no warp barrier.
+
+constexpr int kStagedDepth = 14;  // units a lane a stage
+constexpr int64_t kStagedUnits = 32 * kStagedDepth;
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* global) {
+  const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(global) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all_but_last() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+// A row's scales (lanes j and j + 32), and its topk id and weight (lane k < K): as copy_row_to.
+struct RowMeta {
+  float scale[2];
+  int64_t id;
+  float weight;
+};
+
+__device__ __forceinline__ RowMeta load_meta(const DispatchSource& src, int64_t t, int S, int K, bool weighted,
+                                             int lane) {
+  RowMeta m{{0.f, 0.f}, -1, 0.f};
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    if (lane + 32 * j < S) m.scale[j] = src.x_scales[t * S + lane + 32 * j];
+  if (src.topk_idx && lane < K) {
+    m.id = src.topk_idx[t * K + lane];
+    if (weighted) m.weight = src.topk_weights[t * K + lane];
+  }
+  return m;
+}
+
+// Row `row`'s scales and ids: the first 64 and 32 from `m`, the rest (rare) read now from token t.
+__device__ __forceinline__ void store_meta(const DispatchParams& p, const DispatchSource& src, int64_t t, int64_t row,
+                                           const RowMeta& m, int64_t lo, int64_t hi, int lane) {
+  const int S = p.num_scales, K = p.num_topk;
+  const bool routed = src.topk_idx != nullptr, weighted = p.recv_topk_weights != nullptr;
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    if (lane + 32 * j < S) p.recv_x_scales[row * S + lane + 32 * j] = m.scale[j];
+  if (routed && lane < K) {
+    const bool mine = m.id >= lo && m.id < hi;
+    p.recv_topk_idx[row * K + lane] = mine ? m.id - lo : -1;
+    if (weighted) p.recv_topk_weights[row * K + lane] = mine ? m.weight : 0.f;
+  }
+#pragma unroll 1
+  for (int i = lane + 64; i < S; i += 32) p.recv_x_scales[row * S + i] = src.x_scales[t * S + i];
+  if (routed) {
+#pragma unroll 1
+    for (int k = lane + 32; k < K; k += 32) {
+      const int64_t id = src.topk_idx[t * K + k];
+      const bool mine = id >= lo && id < hi;
+      p.recv_topk_idx[row * K + k] = mine ? id - lo : -1;
+      if (weighted) p.recv_topk_weights[row * K + k] = mine ? src.topk_weights[t * K + k] : 0.f;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) dispatch_staged_kernel(DispatchParams p) {
+  extern __shared__ int4 staged[];  // [kWarps][2][stage units]
+  __shared__ int64_t first_row[kMaxRanksPerNode + 1];
+  const int R = p.num_ranks;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  handshake_begin(p.handshake, R);
+  const int64_t rows = dispatch_rows_at_once(p, first_row);
+  const int64_t per_rank = p.num_experts / R, lo = p.rank * per_rank, hi = lo + per_rank;
+  const int64_t n = p.row_bytes / 16;  // at most kStagedUnits (the launcher's check)
+  const int64_t units = (n + 31) / 32 * 32;
+  int4* const stages = staged + 2 * warp * units;  // this warp's two: stage b at stages + b * units
+  const bool weighted = p.recv_topk_weights != nullptr;
+
+  // Row r (source s, token t) into stage b: its payload (one commit group, left in flight) and meta.
+  auto issue = [&](int s, int64_t t, int b) {
+    const int4* in = reinterpret_cast<const int4*>(p.src[s].x + t * p.row_bytes);
+#pragma unroll
+    for (int k = 0; k < kStagedDepth; ++k)
+      if (lane + 32 * k < n) cp_async_16(stages + b * units + lane + 32 * k, in + lane + 32 * k);
+    return load_meta(p.src[s], t, p.num_scales, p.num_topk, weighted, lane);
+  };
+
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  int64_t row = blockIdx.x * int64_t(kWarps) + warp;
+  int s = 0;
+  int64_t t = 0;
+  RowMeta meta{};
+  if (row < rows) {
+    s = source_of(first_row, R, row, 0);
+    t = *token_slot(p, first_row, row, s);
+    meta = issue(s, t, 0);
+  }
+  cp_async_commit();
+  int64_t next = row + warps;
+  int next_s = s;
+  int32_t next_t = 0;  // on its way during the current row
+  if (next < rows) {
+    next_s = source_of(first_row, R, next, s);
+    next_t = *token_slot(p, first_row, next, next_s);
+  }
+#pragma unroll 1
+  for (int b = 0; row < rows; row += warps, b ^= 1) {
+    RowMeta next_meta{};
+    if (next < rows) next_meta = issue(next_s, next_t, b ^ 1);
+    cp_async_commit();  // empty past the last row: the wait below still counts groups alike
+    const int64_t after = next + warps;
+    int after_s = next_s;
+    int32_t after_t = 0;
+    if (after < rows) {
+      after_s = source_of(first_row, R, after, next_s);
+      after_t = *token_slot(p, first_row, after, after_s);
+    }
+    cp_async_wait_all_but_last();  // this row's group has landed (this lane's units)
+    int4* out = reinterpret_cast<int4*>(p.recv_x + row * p.row_bytes);
+#pragma unroll
+    for (int k = 0; k < kStagedDepth; ++k)
+      if (lane + 32 * k < n) out[lane + 32 * k] = stages[b * units + lane + 32 * k];
+    store_meta(p, p.src[s], t, row, meta, lo, hi, lane);
+    meta = next_meta;
+    s = next_s;
+    t = next_t;
+    next = after;
+    next_s = after_s;
+    next_t = after_t;
   }
   for (; row < p.capacity; row += warps) {  // padding of a fixed-size output: routed nowhere
     for (int k = lane; k < p.num_topk; k += 32) {
@@ -280,10 +421,35 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
   handshake_end(p.handshake, R, combine_says_done(p));
 }
 
+// The staged what-if's dynamic shared memory for rows of `row_bytes`, or 0 where it does not apply
+// (off, rows not of 16-byte units or longer than a stage, or more than this device lets a block take).
+size_t staged_dispatch_bytes(int vec, int64_t row_bytes) {
+  static const bool on = [] {
+    const char* v = std::getenv("TORCH_EP_WHATIF_DISPATCH_STAGED");
+    return v && std::strcmp(v, "1") == 0;
+  }();
+  if (!on || vec != 16 || row_bytes % 16 != 0 || row_bytes / 16 > kStagedUnits) return 0;
+  const size_t bytes = size_t(kWarps) * 2 * size_t((row_bytes / 16 + 31) / 32 * 32) * 16;
+  static size_t allowed = 0;  // what the kernel was last allowed (one device a process)
+  if (bytes > allowed) {
+    if (cudaFuncSetAttribute(dispatch_staged_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) !=
+        cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    allowed = bytes;
+  }
+  return bytes;
+}
+
 }  // namespace
 
 cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_t stream) {
   const int grid = grid_for_warps(p.num_blocks, p.capacity);
+  if (const size_t bytes = staged_dispatch_bytes(vec, p.row_bytes)) {
+    dispatch_staged_kernel<<<grid, kThreads, bytes, stream>>>(p);
+    return cudaGetLastError();
+  }
   with_access_type(vec, [&](auto v) {
     dispatch_unroll_kernel<decltype(v), kDispatchDepth><<<grid, kThreads, 0, stream>>>(p);
   });
