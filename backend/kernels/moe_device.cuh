@@ -159,6 +159,25 @@ struct RowOutputs {
   float* topk_weights;
 };
 
+// A row's scales past the first 64 and topk ids (and weights) past the first 32, which a warp's
+// first round leaves (rare: hidden above 8192 at 128 a scale, top-k above 32), a round trip each.
+__device__ __forceinline__ void copy_meta_rest(const DispatchSource& src, int64_t t, const RowOutputs& dst,
+                                               int64_t row, const float* scales_in, float* scales_out, int S,
+                                               int K, bool routed, bool weighted, int64_t lo, int64_t hi,
+                                               int lane) {
+#pragma unroll 1
+  for (int i = lane + 64; i < S; i += 32) scales_out[i] = scales_in[i];
+  if (routed) {
+#pragma unroll 1
+    for (int k = lane + 32; k < K; k += 32) {
+      const int64_t id = src.topk_idx[t * K + k];
+      const bool mine = id >= lo && id < hi;
+      dst.topk_idx[row * K + k] = mine ? id - lo : -1;
+      if (weighted) dst.topk_weights[row * K + k] = mine ? src.topk_weights[t * K + k] : 0.f;
+    }
+  }
+}
+
 // A warp copies source token t of `src` to row `row` of `dst`: payload, fp8 scales, topk ids (local
 // ones, [lo, hi) being the receiver's experts; -1 for others' experts) and weights (0 for others'
 // experts). The first round's loads all go out before its first store (MoeCopy::kUnroll's row).
@@ -212,17 +231,7 @@ __device__ __forceinline__ void copy_row_to(const DispatchSource& src, int64_t t
     for (int u = 0; u < kDepth; ++u)
       if (i + 32 * u < n) out[i + 32 * u] = rest[u];
   }
-#pragma unroll 1
-  for (int i = lane + 64; i < S; i += 32) scales_out[i] = scales_in[i];
-  if (routed) {
-#pragma unroll 1
-    for (int k = lane + 32; k < K; k += 32) {
-      const int64_t id = src.topk_idx[t * K + k];
-      const bool mine = id >= lo && id < hi;
-      dst.topk_idx[row * K + k] = mine ? id - lo : -1;
-      if (weighted) dst.topk_weights[row * K + k] = mine ? src.topk_weights[t * K + k] : 0.f;
-    }
-  }
+  copy_meta_rest(src, t, dst, row, scales_in, scales_out, S, K, routed, weighted, lo, hi, lane);
 }
 
 constexpr int kPushDepth = 16;  // 16-byte payload loads a lane per round trip, as moe_unroll.cu's dispatch

@@ -57,6 +57,16 @@ __device__ __forceinline__ int64_t dispatch_rows_at_once(const DispatchParams& p
   return rows_within_capacity(p, first_row[R]);
 }
 
+// Rows from `row` (then every `warps`) to the capacity of a fixed-size output: routed nowhere.
+__device__ __forceinline__ void pad_unrouted_rows(const DispatchParams& p, int64_t row, int64_t warps, int lane) {
+  for (; row < p.capacity; row += warps) {
+    for (int k = lane; k < p.num_topk; k += 32) {
+      if (p.recv_topk_idx) p.recv_topk_idx[row * p.num_topk + k] = -1;
+      if (p.recv_topk_weights) p.recv_topk_weights[row * p.num_topk + k] = 0.f;
+    }
+  }
+}
+
 // Row `row`'s source rank, searched up from `s` in shared memory only (a warp's rows only grow),
 // and where its token lies: apart, so that the kernel can load the next row's token as an int32
 // and widen it only after the current row (the header says why).
@@ -102,12 +112,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParam
     s = next_s;
     t = next_t;
   }
-  for (; row < p.capacity; row += warps) {  // padding of a fixed-size output: routed nowhere
-    for (int k = lane; k < p.num_topk; k += 32) {
-      if (p.recv_topk_idx) p.recv_topk_idx[row * p.num_topk + k] = -1;
-      if (p.recv_topk_weights) p.recv_topk_weights[row * p.num_topk + k] = 0.f;
-    }
-  }
+  pad_unrouted_rows(p, row, warps, lane);
   handshake_end(p.handshake, R);
 }
 
@@ -162,17 +167,8 @@ __device__ __forceinline__ void store_meta(const DispatchParams& p, const Dispat
     p.recv_topk_idx[row * K + lane] = mine ? m.id - lo : -1;
     if (weighted) p.recv_topk_weights[row * K + lane] = mine ? m.weight : 0.f;
   }
-#pragma unroll 1
-  for (int i = lane + 64; i < S; i += 32) p.recv_x_scales[row * S + i] = src.x_scales[t * S + i];
-  if (routed) {
-#pragma unroll 1
-    for (int k = lane + 32; k < K; k += 32) {
-      const int64_t id = src.topk_idx[t * K + k];
-      const bool mine = id >= lo && id < hi;
-      p.recv_topk_idx[row * K + k] = mine ? id - lo : -1;
-      if (weighted) p.recv_topk_weights[row * K + k] = mine ? src.topk_weights[t * K + k] : 0.f;
-    }
-  }
+  copy_meta_rest(src, t, RowOutputs{p.recv_x, p.recv_x_scales, p.recv_topk_idx, p.recv_topk_weights}, row,
+                 src.x_scales + t * S, p.recv_x_scales + row * S, S, K, routed, weighted, lo, hi, lane);
 }
 
 __global__ void __launch_bounds__(kThreads) dispatch_staged_kernel(DispatchParams p) {
@@ -240,12 +236,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_staged_kernel(DispatchParam
     next_s = after_s;
     next_t = after_t;
   }
-  for (; row < p.capacity; row += warps) {  // padding of a fixed-size output: routed nowhere
-    for (int k = lane; k < p.num_topk; k += 32) {
-      if (p.recv_topk_idx) p.recv_topk_idx[row * p.num_topk + k] = -1;
-      if (p.recv_topk_weights) p.recv_topk_weights[row * p.num_topk + k] = 0.f;
-    }
-  }
+  pad_unrouted_rows(p, row, warps, lane);
   handshake_end(p.handshake, R);
 }
 
