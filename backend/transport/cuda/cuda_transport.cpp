@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "backend/common/env_switch.hpp"
 #include "backend/kernels/all_to_all.cuh"
 #include "backend/kernels/moe_records.cuh"  // kMoeReportWords
 #include "backend/transport/cuda/cuda_check.hpp"
@@ -23,6 +24,8 @@ constexpr size_t kDataOffset = 64 << 10;
 constexpr int kSlots = 2;
 constexpr size_t kChunkAlign = 4096;
 constexpr int kDefaultDirectBlocks = 32;
+// all_to_all's self copy from this size on runs beside the peers' traffic (CudaTransport::all_to_all).
+constexpr size_t kSelfCopyBesideBytes = size_t(1) << 20;
 constexpr int kMaxRanks = 2048;  // flags of kMaxRanks ranks fit before kPushCountsOffset
 // A pushing MoE dispatch's send matrix rows (kernels/moe.cuh, DispatchPushParams::counts): past
 // every flag (kMaxRanks x 6 words = 48 KiB), before the grid counter.
@@ -141,6 +144,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
     EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&moe_report_device_), moe_report_host_, 0));
   }
   EP_CUDA_CHECK(cudaStreamCreateWithFlags(&watchdog_stream_, cudaStreamNonBlocking));
+  EP_CUDA_CHECK(cudaStreamCreateWithFlags(&self_copy_stream_, cudaStreamNonBlocking));
   EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&kernel_error_host_), sizeof(int), cudaHostAllocMapped));
   *kernel_error_host_ = 0;
   EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&kernel_error_device_), kernel_error_host_, 0));
@@ -170,6 +174,10 @@ CudaTransport::~CudaTransport() {
   if (watchdog_stream_) {
     cudaStreamSynchronize(watchdog_stream_);
     cudaStreamDestroy(watchdog_stream_);
+  }
+  if (self_copy_stream_) {
+    cudaStreamSynchronize(self_copy_stream_);
+    cudaStreamDestroy(self_copy_stream_);
   }
   if (kernel_error_host_) cudaFreeHost(kernel_error_host_);
   if (kernel_abort_host_) cudaFreeHost(kernel_abort_host_);
@@ -368,28 +376,60 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
 
   // 2. Data.
   all_to_all_order_.begin(stream);
-  if (sends[rank_].bytes)
-    EP_CUDA_CHECK(cudaMemcpyAsync(recvs[rank_].ptr, sends[rank_].ptr, sends[rank_].bytes, cudaMemcpyDeviceToDevice,
-                                  stream));
-  if (all_exported) {
-    std::vector<char*> remote(size_, nullptr);
-    for (int p = 0; p < size_; ++p)
-      if (p != rank_ && sends[p].bytes) remote[p] = open_peer_allocation(p, theirs[p].handle) + theirs[p].offset;
-    size_t largest = 0;
-    for (int p = 0; p < size_; ++p)
-      if (p != rank_) largest = std::max(largest, sends[p].bytes);
-    if (peers.empty()) {
-      // Nothing crosses ranks (world size 1, or all-zero splits to peers): the self copy is all.
-    } else if (largest <= kernel_bytes_ && size_ <= kernels::kMaxRanksPerNode) {
-      // One kernel: it waits on every peer at once where stream waits queue one by one, and
-      // spreads each message over blocks (CudaTransportConfig::kernel_bytes).
-      launch_direct_kernel(sends, remote, recvs, stream);
-    } else {
-      enqueue_direct(sends, remote, recvs, stream);
+  // What-if (TORCH_EP_WHATIF_SELF_COPY_BESIDE=1, measurements only until measured): a large self
+  // copy runs on a stream of its own, forked here and joined before the call's end, rather than
+  // ahead of the peers' traffic on `stream`. It waits on no flag, and queued first it holds back
+  // this rank's ready flags (the direct kernel sets them as it starts) and its peer copies by its
+  // own length (at 2 ranks, half the call's bytes). Small ones would stay in line: the fork and
+  // join cost the host two event records and two waits. Not inside a capture.
+  static const bool beside_on = env_switch("TORCH_EP_WHATIF_SELF_COPY_BESIDE");
+  const bool self_beside =
+      beside_on && sends[rank_].bytes >= kSelfCopyBesideBytes && !peers.empty() && !stream_capturing(stream);
+  if (sends[rank_].bytes) {
+    cudaStream_t self_stream = stream;
+    if (self_beside) {
+      const StreamMark fork(device(), stream);
+      EP_CUDA_CHECK(cudaStreamWaitEvent(self_copy_stream_, fork.event(), 0));
+      self_stream = self_copy_stream_;
     }
-  } else {
-    enqueue_staged(sends, recvs, stream);
+    EP_CUDA_CHECK(cudaMemcpyAsync(recvs[rank_].ptr, sends[rank_].ptr, sends[rank_].bytes, cudaMemcpyDeviceToDevice,
+                                  self_stream));
   }
+  // The join, also where queueing the peers' traffic throws: no write of the self copy outlives
+  // the call's stream.
+  auto join_self_copy = [&] {
+    if (!self_beside) return;
+    const StreamMark self_done(device(), self_copy_stream_);
+    EP_CUDA_CHECK(cudaStreamWaitEvent(stream, self_done.event(), 0));
+  };
+  try {
+    if (all_exported) {
+      std::vector<char*> remote(size_, nullptr);
+      for (int p = 0; p < size_; ++p)
+        if (p != rank_ && sends[p].bytes) remote[p] = open_peer_allocation(p, theirs[p].handle) + theirs[p].offset;
+      size_t largest = 0;
+      for (int p = 0; p < size_; ++p)
+        if (p != rank_) largest = std::max(largest, sends[p].bytes);
+      if (peers.empty()) {
+        // Nothing crosses ranks (world size 1, or all-zero splits to peers): the self copy is all.
+      } else if (largest <= kernel_bytes_ && size_ <= kernels::kMaxRanksPerNode) {
+        // One kernel: it waits on every peer at once where stream waits queue one by one, and
+        // spreads each message over blocks (CudaTransportConfig::kernel_bytes).
+        launch_direct_kernel(sends, remote, recvs, stream);
+      } else {
+        enqueue_direct(sends, remote, recvs, stream);
+      }
+    } else {
+      enqueue_staged(sends, recvs, stream);
+    }
+  } catch (...) {
+    try {
+      join_self_copy();
+    } catch (...) {
+    }
+    throw;
+  }
+  join_self_copy();
 
   std::shared_ptr<StreamMark> end = track(op_name, stream, std::move(peers));
   all_to_all_order_.end(stream, end);

@@ -194,6 +194,7 @@ class CudaTransport {
   std::unordered_map<uint64_t, std::pair<CUdeviceptr, cudaIpcMemHandle_t>> exported_;
   CallOrder all_to_all_order_;  // all_to_all's calls share the flags and slots (caller's thread)
   cudaStream_t watchdog_stream_ = nullptr;
+  cudaStream_t self_copy_stream_ = nullptr;  // all_to_all's large self copy, beside the peers' traffic
   int* kernel_error_host_ = nullptr;  // pinned, mapped: 1 + the peer a kernel's wait timed out on
   int* kernel_error_device_ = nullptr;
   int* kernel_abort_host_ = nullptr;  // pinned, mapped: set by fail()
