@@ -117,12 +117,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParam
 }
 
 // ------------------------------------------------------------ dispatch, rows staged in shared memory
-// A what-if for measurements (TORCH_EP_WHATIF_DISPATCH_STAGED=1; never the default), for 16-byte
-// rows of at most kStagedUnits units (an fp8 row of hidden 7168): a warp keeps its next row's
-// payload on its way (cp.async into one of two shared-memory stages of its own, no registers held)
-// and its scales, ids and weights (registers) while it stores the current row, so that the work of a
-// row past its loads (the stores' issue, the scales and ids, the next lookups) no longer leaves the
-// warp with nothing in flight. A lane reads back only the units it copied, so no warp barrier.
+// A what-if for measurements (TORCH_EP_WHATIF_DISPATCH_STAGED=1; never the default), for rows of
+// 16-byte units: a warp keeps its next chunk of a row (at most kStagedUnits units: an fp8 row of
+// hidden 7168 is one, a bf16 row two) on its way, by cp.async into one of two shared-memory stages
+// of its own (no registers held), with the next row's scales, ids and weights (registers), while it
+// stores the current chunk; so the work of a row past its loads (the stores' issue, the scales and
+// ids, the next lookups) no longer leaves the warp with nothing in flight. A lane reads back only
+// the units it copied, so no warp barrier.
 
 constexpr int kStagedDepth = 14;  // units a lane a stage
 constexpr int64_t kStagedUnits = 32 * kStagedDepth;
@@ -179,62 +180,74 @@ __global__ void __launch_bounds__(kThreads) dispatch_staged_kernel(DispatchParam
   handshake_begin(p.handshake, R);
   const int64_t rows = dispatch_rows_at_once(p, first_row);
   const int64_t per_rank = p.num_experts / R, lo = p.rank * per_rank, hi = lo + per_rank;
-  const int64_t n = p.row_bytes / 16;  // at most kStagedUnits (the launcher's check)
-  const int64_t units = (n + 31) / 32 * 32;
+  const int64_t n = p.row_bytes / 16;
+  const int64_t chunk = n < kStagedUnits ? n : kStagedUnits, chunks = (n + chunk - 1) / chunk;
+  const int64_t units = (chunk + 31) / 32 * 32;  // a stage
   int4* const stages = staged + 2 * warp * units;  // this warp's two: stage b at stages + b * units
   const bool weighted = p.recv_topk_weights != nullptr;
 
-  // Row r (source s, token t) into stage b: its payload (one commit group, left in flight) and meta.
-  auto issue = [&](int s, int64_t t, int b) {
-    const int4* in = reinterpret_cast<const int4*>(p.src[s].x + t * p.row_bytes);
+  // Chunk c of source s's token t into stage b: one commit group, left in flight.
+  auto issue = [&](int s, int64_t t, int64_t c, int b) {
+    const int64_t from = c * chunk, length = n - from < chunk ? n - from : chunk;
+    const int4* in = reinterpret_cast<const int4*>(p.src[s].x + t * p.row_bytes) + from;
 #pragma unroll
     for (int k = 0; k < kStagedDepth; ++k)
-      if (lane + 32 * k < n) cp_async_16(stages + b * units + lane + 32 * k, in + lane + 32 * k);
-    return load_meta(p.src[s], t, p.num_scales, p.num_topk, weighted, lane);
+      if (lane + 32 * k < length) cp_async_16(stages + b * units + lane + 32 * k, in + lane + 32 * k);
   };
 
   const int64_t warps = int64_t(gridDim.x) * kWarps;
-  int64_t row = blockIdx.x * int64_t(kWarps) + warp;
+  int64_t row = blockIdx.x * int64_t(kWarps) + warp, c = 0;  // the item (row, chunk) being stored
   int s = 0;
   int64_t t = 0;
   RowMeta meta{};
   if (row < rows) {
     s = source_of(first_row, R, row, 0);
     t = *token_slot(p, first_row, row, s);
-    meta = issue(s, t, 0);
+    issue(s, t, 0, 0);
+    meta = load_meta(p.src[s], t, p.num_scales, p.num_topk, weighted, lane);
   }
   cp_async_commit();
-  int64_t next = row + warps;
-  int next_s = s;
-  int32_t next_t = 0;  // on its way during the current row
-  if (next < rows) {
-    next_s = source_of(first_row, R, next, s);
-    next_t = *token_slot(p, first_row, next, next_s);
+  int64_t ahead = row + warps;  // the warp's next row, its token on its way
+  int ahead_s = s;
+  int32_t ahead_t = 0;
+  if (ahead < rows) {
+    ahead_s = source_of(first_row, R, ahead, s);
+    ahead_t = *token_slot(p, first_row, ahead, ahead_s);
   }
 #pragma unroll 1
-  for (int b = 0; row < rows; row += warps, b ^= 1) {
+  for (int b = 0; row < rows; b ^= 1) {
+    // The next item: the row's next chunk, else the next row's first (with its meta).
+    const bool new_row = c + 1 == chunks;
+    const int64_t next = new_row ? ahead : row, next_c = new_row ? 0 : c + 1;
+    const int next_s = new_row ? ahead_s : s;
+    const int64_t next_t = new_row ? int64_t(ahead_t) : t;
     RowMeta next_meta{};
-    if (next < rows) next_meta = issue(next_s, next_t, b ^ 1);
-    cp_async_commit();  // empty past the last row: the wait below still counts groups alike
-    const int64_t after = next + warps;
-    int after_s = next_s;
-    int32_t after_t = 0;
-    if (after < rows) {
-      after_s = source_of(first_row, R, after, next_s);
-      after_t = *token_slot(p, first_row, after, after_s);
+    if (next < rows) {
+      issue(next_s, next_t, next_c, b ^ 1);
+      if (new_row) next_meta = load_meta(p.src[next_s], next_t, p.num_scales, p.num_topk, weighted, lane);
     }
-    cp_async_wait_all_but_last();  // this row's group has landed (this lane's units)
-    int4* out = reinterpret_cast<int4*>(p.recv_x + row * p.row_bytes);
+    cp_async_commit();  // empty past the last item: the wait below still counts groups alike
+    if (new_row && next < rows) {
+      ahead = next + warps;
+      ahead_s = next_s;
+      ahead_t = 0;
+      if (ahead < rows) {
+        ahead_s = source_of(first_row, R, ahead, next_s);
+        ahead_t = *token_slot(p, first_row, ahead, ahead_s);
+      }
+    }
+    cp_async_wait_all_but_last();  // this item's group has landed (this lane's units)
+    const int64_t from = c * chunk, length = n - from < chunk ? n - from : chunk;
+    int4* out = reinterpret_cast<int4*>(p.recv_x + row * p.row_bytes) + from;
 #pragma unroll
     for (int k = 0; k < kStagedDepth; ++k)
-      if (lane + 32 * k < n) out[lane + 32 * k] = stages[b * units + lane + 32 * k];
-    store_meta(p, p.src[s], t, row, meta, lo, hi, lane);
-    meta = next_meta;
+      if (lane + 32 * k < length) out[lane + 32 * k] = stages[b * units + lane + 32 * k];
+    if (c == 0) store_meta(p, p.src[s], t, row, meta, lo, hi, lane);
+    if (new_row) meta = next_meta;
+    row = next;
+    c = next_c;
     s = next_s;
     t = next_t;
-    next = after;
-    next_s = after_s;
-    next_t = after_t;
   }
   pad_unrouted_rows(p, row, warps, lane);
   handshake_end(p.handshake, R);
@@ -413,14 +426,15 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
 }
 
 // The staged what-if's dynamic shared memory for rows of `row_bytes`, or 0 where it does not apply
-// (off, rows not of 16-byte units or longer than a stage, or more than this device lets a block take).
+// (off, rows not of 16-byte units, or more than this device lets a block take).
 size_t staged_dispatch_bytes(int vec, int64_t row_bytes) {
   static const bool on = [] {
     const char* v = std::getenv("TORCH_EP_WHATIF_DISPATCH_STAGED");
     return v && std::strcmp(v, "1") == 0;
   }();
-  if (!on || vec != 16 || row_bytes % 16 != 0 || row_bytes / 16 > kStagedUnits) return 0;
-  const size_t bytes = size_t(kWarps) * 2 * size_t((row_bytes / 16 + 31) / 32 * 32) * 16;
+  if (!on || vec != 16 || row_bytes % 16 != 0 || row_bytes == 0) return 0;
+  const int64_t chunk = row_bytes / 16 < kStagedUnits ? row_bytes / 16 : kStagedUnits;
+  const size_t bytes = size_t(kWarps) * 2 * size_t((chunk + 31) / 32 * 32) * 16;
   static size_t allowed = 0;  // what the kernel was last allowed (one device a process)
   if (bytes > allowed) {
     if (cudaFuncSetAttribute(dispatch_staged_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) !=
