@@ -69,8 +69,7 @@ struct Handshake {
 //            at once, the current row's payload loads waited on it), and loads a row's payload
 //            (sixteen 16-byte loads a lane), scales, topk ids and weights together before storing
 //            any: an fp8 row of hidden 7168 is one round trip. Combine looks a token's positions
-//            up a token ahead (issued after the current token's first loads) and loads two sources'
-//            rows before summing them (in the same order:
+//            up a token ahead and loads two sources' rows before summing them (in the same order:
 //            the same bits as kWarp)
 //   kBulk    Hopper bulk async copies (cp.async.bulk, TMA) through a ring of shared-memory stages
 //            per block, one thread issuing: ~128 KiB in flight per SM whatever the grid (moe_bulk.cu).
@@ -112,6 +111,7 @@ struct DispatchParams {
   int64_t capacity;          // rows of the outputs; rows past those received are padding
   int num_blocks;            // the SM budget
   MoeCopy copy;
+  bool whatif_staged;        // kUnroll's 16-byte rows through shared memory (TORCH_EP_WHATIF_DISPATCH_STAGED)
   int64_t call_id;           // for the overflow report
   DispatchOverflow* overflow;  // host-mapped: where more rows arriving than `capacity` is reported
   Handshake handshake;

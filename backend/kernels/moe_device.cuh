@@ -159,6 +159,43 @@ struct RowOutputs {
   float* topk_weights;
 };
 
+// The first round of a row's meta: its scales (lanes j and j + 32) and its topk id and weight
+// (lane k < K). routed: the source has ids (else a dispatch along a handle); weighted: the output
+// takes weights.
+struct RowMeta {
+  float scale[2];
+  int64_t id;
+  float weight;
+};
+
+__device__ __forceinline__ RowMeta load_meta(const DispatchSource& src, int64_t t, const float* scales_in, int S,
+                                             int K, bool routed, bool weighted, int lane) {
+  RowMeta m{{0.f, 0.f}, -1, 0.f};
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    if (lane + 32 * j < S) m.scale[j] = scales_in[lane + 32 * j];
+  if (routed && lane < K) {
+    m.id = src.topk_idx[t * K + lane];
+    if (weighted) m.weight = src.topk_weights[t * K + lane];  // in bounds whoever owns id: kept only if this rank does
+  }
+  return m;
+}
+
+// Stores load_meta's round into row `row` of `dst`: the ids local to the receiver ([lo, hi) its
+// experts) as local ids, others' as -1 with weight 0.
+__device__ __forceinline__ void store_meta(const RowMeta& m, const RowOutputs& dst, int64_t row, float* scales_out,
+                                           int S, int K, bool routed, bool weighted, int64_t lo, int64_t hi,
+                                           int lane) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    if (lane + 32 * j < S) scales_out[lane + 32 * j] = m.scale[j];
+  if (routed && lane < K) {
+    const bool mine = m.id >= lo && m.id < hi;
+    dst.topk_idx[row * K + lane] = mine ? m.id - lo : -1;
+    if (weighted) dst.topk_weights[row * K + lane] = mine ? m.weight : 0.f;
+  }
+}
+
 // A row's scales past the first 64 and topk ids (and weights) past the first 32, which a warp's
 // first round leaves (rare: hidden above 8192 at 128 a scale, top-k above 32), a round trip each.
 __device__ __forceinline__ void copy_meta_rest(const DispatchSource& src, int64_t t, const RowOutputs& dst,
@@ -196,28 +233,12 @@ __device__ __forceinline__ void copy_row_to(const DispatchSource& src, int64_t t
 #pragma unroll
   for (int u = 0; u < kDepth; ++u)
     if (lane + 32 * u < n) v[u] = in[lane + 32 * u];
-  float scale[2] = {};
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-    if (lane + 32 * j < S) scale[j] = scales_in[lane + 32 * j];
-  int64_t e = -1;
-  float w = 0.f;
-  if (routed && lane < K) {
-    e = src.topk_idx[t * K + lane];
-    if (weighted) w = src.topk_weights[t * K + lane];  // in bounds whoever owns e: kept only if this rank does
-  }
+  const RowMeta meta = load_meta(src, t, scales_in, S, K, routed, weighted, lane);
 
 #pragma unroll
   for (int u = 0; u < kDepth; ++u)
     if (lane + 32 * u < n) out[lane + 32 * u] = v[u];
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-    if (lane + 32 * j < S) scales_out[lane + 32 * j] = scale[j];
-  if (routed && lane < K) {
-    const bool mine = e >= lo && e < hi;
-    dst.topk_idx[row * K + lane] = mine ? e - lo : -1;
-    if (weighted) dst.topk_weights[row * K + lane] = mine ? w : 0.f;
-  }
+  store_meta(meta, dst, row, scales_out, S, K, routed, weighted, lo, hi, lane);
 
   // The rest, a round trip each: payload past the first round, scales past 64, ids past 32.
   // Guarded and not unrolled, unlike moe.cu's warp_copy: that loop here spills (int4: 148-180 bytes).

@@ -27,9 +27,6 @@
 #include "backend/kernels/moe_device.cuh"
 #include "backend/kernels/moe_unroll.cuh"
 
-#include <cstdlib>
-#include <cstring>
-
 namespace ep::kernels {
 namespace {
 
@@ -117,7 +114,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParam
 }
 
 // ------------------------------------------------------------ dispatch, rows staged in shared memory
-// A what-if for measurements (TORCH_EP_WHATIF_DISPATCH_STAGED=1; never the default), for rows of
+// A what-if for measurements (DispatchParams::whatif_staged, TORCH_EP_WHATIF_DISPATCH_STAGED=1;
+// never the default), for rows of
 // 16-byte units: a warp keeps its next chunk of a row (at most kStagedUnits units: an fp8 row of
 // hidden 7168 is one, a bf16 row two) on its way, by cp.async into one of two shared-memory stages
 // of its own (no registers held), with the next row's scales, ids and weights (registers), while it
@@ -135,43 +133,6 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* global) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all_but_last() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
-// A row's scales (lanes j and j + 32), and its topk id and weight (lane k < K): as copy_row_to.
-struct RowMeta {
-  float scale[2];
-  int64_t id;
-  float weight;
-};
-
-__device__ __forceinline__ RowMeta load_meta(const DispatchSource& src, int64_t t, int S, int K, bool weighted,
-                                             int lane) {
-  RowMeta m{{0.f, 0.f}, -1, 0.f};
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-    if (lane + 32 * j < S) m.scale[j] = src.x_scales[t * S + lane + 32 * j];
-  if (src.topk_idx && lane < K) {
-    m.id = src.topk_idx[t * K + lane];
-    if (weighted) m.weight = src.topk_weights[t * K + lane];
-  }
-  return m;
-}
-
-// Row `row`'s scales and ids: the first 64 and 32 from `m`, the rest (rare) read now from token t.
-__device__ __forceinline__ void store_meta(const DispatchParams& p, const DispatchSource& src, int64_t t, int64_t row,
-                                           const RowMeta& m, int64_t lo, int64_t hi, int lane) {
-  const int S = p.num_scales, K = p.num_topk;
-  const bool routed = src.topk_idx != nullptr, weighted = p.recv_topk_weights != nullptr;
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-    if (lane + 32 * j < S) p.recv_x_scales[row * S + lane + 32 * j] = m.scale[j];
-  if (routed && lane < K) {
-    const bool mine = m.id >= lo && m.id < hi;
-    p.recv_topk_idx[row * K + lane] = mine ? m.id - lo : -1;
-    if (weighted) p.recv_topk_weights[row * K + lane] = mine ? m.weight : 0.f;
-  }
-  copy_meta_rest(src, t, RowOutputs{p.recv_x, p.recv_x_scales, p.recv_topk_idx, p.recv_topk_weights}, row,
-                 src.x_scales + t * S, p.recv_x_scales + row * S, S, K, routed, weighted, lo, hi, lane);
-}
-
 __global__ void __launch_bounds__(kThreads) dispatch_staged_kernel(DispatchParams p) {
   extern __shared__ int4 staged[];  // [kWarps][2][stage units]
   __shared__ int64_t first_row[kMaxRanksPerNode + 1];
@@ -184,7 +145,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_staged_kernel(DispatchParam
   const int64_t chunk = n < kStagedUnits ? n : kStagedUnits, chunks = (n + chunk - 1) / chunk;
   const int64_t units = (chunk + 31) / 32 * 32;  // a stage
   int4* const stages = staged + 2 * warp * units;  // this warp's two: stage b at stages + b * units
-  const bool weighted = p.recv_topk_weights != nullptr;
+  const int S = p.num_scales, K = p.num_topk;
+  const RowOutputs outputs{p.recv_x, p.recv_x_scales, p.recv_topk_idx, p.recv_topk_weights};
+  const bool weighted = outputs.topk_weights != nullptr;
+  auto meta_of = [&](int s, int64_t t) {
+    const DispatchSource& src = p.src[s];
+    return load_meta(src, t, src.x_scales + t * S, S, K, src.topk_idx != nullptr, weighted, lane);
+  };
 
   // Chunk c of source s's token t into stage b: one commit group, left in flight.
   auto issue = [&](int s, int64_t t, int64_t c, int b) {
@@ -204,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_staged_kernel(DispatchParam
     s = source_of(first_row, R, row, 0);
     t = *token_slot(p, first_row, row, s);
     issue(s, t, 0, 0);
-    meta = load_meta(p.src[s], t, p.num_scales, p.num_topk, weighted, lane);
+    meta = meta_of(s, t);
   }
   cp_async_commit();
   int64_t ahead = row + warps;  // the warp's next row, its token on its way
@@ -224,7 +191,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_staged_kernel(DispatchParam
     RowMeta next_meta{};
     if (next < rows) {
       issue(next_s, next_t, next_c, b ^ 1);
-      if (new_row) next_meta = load_meta(p.src[next_s], next_t, p.num_scales, p.num_topk, weighted, lane);
+      if (new_row) next_meta = meta_of(next_s, next_t);
     }
     cp_async_commit();  // empty past the last item: the wait below still counts groups alike
     if (new_row && next < rows) {
@@ -242,7 +209,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_staged_kernel(DispatchParam
 #pragma unroll
     for (int k = 0; k < kStagedDepth; ++k)
       if (lane + 32 * k < length) out[lane + 32 * k] = stages[b * units + lane + 32 * k];
-    if (c == 0) store_meta(p, p.src[s], t, row, meta, lo, hi, lane);
+    if (c == 0) {
+      const DispatchSource& src = p.src[s];
+      const bool routed = src.topk_idx != nullptr;
+      store_meta(meta, outputs, row, p.recv_x_scales + row * S, S, K, routed, weighted, lo, hi, lane);
+      copy_meta_rest(src, t, outputs, row, src.x_scales + t * S, p.recv_x_scales + row * S, S, K, routed, weighted,
+                     lo, hi, lane);
+    }
     if (new_row) meta = next_meta;
     row = next;
     c = next_c;
@@ -427,11 +400,7 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
 
 // The staged what-if's dynamic shared memory for rows of `row_bytes`, or 0 where it does not apply
 // (off, rows not of 16-byte units, or more than this device lets a block take).
-size_t staged_dispatch_bytes(int vec, int64_t row_bytes) {
-  static const bool on = [] {
-    const char* v = std::getenv("TORCH_EP_WHATIF_DISPATCH_STAGED");
-    return v && std::strcmp(v, "1") == 0;
-  }();
+size_t staged_dispatch_bytes(bool on, int vec, int64_t row_bytes) {
   if (!on || vec != 16 || row_bytes % 16 != 0 || row_bytes == 0) return 0;
   const int64_t chunk = row_bytes / 16 < kStagedUnits ? row_bytes / 16 : kStagedUnits;
   const size_t bytes = size_t(kWarps) * 2 * size_t((chunk + 31) / 32 * 32) * 16;
@@ -451,7 +420,7 @@ size_t staged_dispatch_bytes(int vec, int64_t row_bytes) {
 
 cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_t stream) {
   const int grid = grid_for_warps(p.num_blocks, p.capacity);
-  if (const size_t bytes = staged_dispatch_bytes(vec, p.row_bytes)) {
+  if (const size_t bytes = staged_dispatch_bytes(p.whatif_staged, vec, p.row_bytes)) {
     dispatch_staged_kernel<<<grid, kThreads, bytes, stream>>>(p);
     return cudaGetLastError();
   }

@@ -78,9 +78,9 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
 
   const Topology& t = topology_;
   // The two hops touch disjoint rows of the outputs and share no buffer. Where the node hop moves
-  // by the copy engines (its messages above the transport's kernel_bytes) it runs on a stream of
-  // its own beside the NVSHMEM hop's kernel, forked from the op's stream and joined back before
-  // the op's end, as NCCL's channels drive NVLink and network peers at once: at 2x2 virtual nodes
+  // by the copy engines (not CudaTransport::moves_by_kernel: a message above kernel_bytes) it runs
+  // on a stream of its own beside the NVSHMEM hop's kernel, forked from the op's stream and joined
+  // back before the op's end, as NCCL's channels drive NVLink and network peers at once: at 2x2 virtual nodes
   // on one H100, 64 MiB per rank (16 MiB a node peer), 349 us a call back to back against 482
   // queued one after the other (a call after a barrier: 726 against 757). Where the node hop is a
   // kernel it stays before the NVSHMEM hop on the op's stream: two kernels that both wait on
@@ -88,32 +88,21 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
   // ms against 1.7 (back to back 0.71 against 0.75). TORCH_EP_WHATIF_SERIAL_HOPS=1 (measurements
   // only) queues both hops one after the other always.
   static const bool serial = env_switch("TORCH_EP_WHATIF_SERIAL_HOPS");
-  size_t largest_node_message = 0;
-  for (int r : t.node_ranks())
-    if (r != t.rank) largest_node_message = std::max(largest_node_message, spans.sends[r].bytes);
-  const bool beside = !serial && largest_node_message > transport->node().kernel_bytes();
+  // This node's ranks (self included) over CUDA IPC, indexed by local rank.
+  std::vector<SendBuffer> node_sends;
+  std::vector<RecvBuffer> node_recvs;
+  for (int r : t.node_ranks()) {
+    node_sends.push_back(spans.sends[r]);
+    node_recvs.push_back(spans.recvs[r]);
+  }
+  const bool beside = !serial && !transport->node().moves_by_kernel(node_sends);
   const cudaStream_t node_stream =
       beside ? c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *node_hop_stream_).stream() : stream.stream();
-  bool forked = false;
   auto join = [&] {  // also where the NVSHMEM hop threw: no write of the node hop outlives the op
-    if (!forked) return;
-    forked = false;
-    const StreamMark node_done(device.index(), node_stream);
-    C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), node_done.event(), 0));
+    if (beside) queue_after(device.index(), stream.stream(), node_stream);
   };
   try {
-    // This node's ranks (self included) over CUDA IPC, indexed by local rank.
-    std::vector<SendBuffer> node_sends;
-    std::vector<RecvBuffer> node_recvs;
-    for (int r : t.node_ranks()) {
-      node_sends.push_back(spans.sends[r]);
-      node_recvs.push_back(spans.recvs[r]);
-    }
-    if (node_stream != stream.stream()) {
-      const StreamMark fork(device.index(), stream.stream());
-      C10_CUDA_CHECK(cudaStreamWaitEvent(node_stream, fork.event(), 0));
-      forked = true;
-    }
+    if (beside) queue_after(device.index(), node_stream, stream.stream());
     transport->node().all_to_all(node_sends, node_recvs, node_stream, op_name);
     // Every other rank over NVSHMEM: once per pair, whatever the split.
     std::vector<int> remote;

@@ -39,6 +39,13 @@ class StreamMark {
   bool captured_;
 };
 
+// `waiter` runs what is queued on it from now on only after what `waited` has queued so far: a
+// fork to a second stream, or its join back (an event from the pool, recorded and waited for).
+inline void queue_after(int device, cudaStream_t waiter, cudaStream_t waited) {
+  const StreamMark mark(device, waited);
+  EP_CUDA_CHECK(cudaStreamWaitEvent(waiter, mark.event(), 0));
+}
+
 // Calls that share a transport's flags and slots run one after another on the device: every rank
 // writes its records in call order, and two calls of one rank never share a slot at once. A call
 // on the stream of the one before needs nothing (the stream orders them); one on another stream

@@ -385,34 +385,23 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
   static const bool beside_on = env_switch("TORCH_EP_WHATIF_SELF_COPY_BESIDE");
   const bool self_beside =
       beside_on && sends[rank_].bytes >= kSelfCopyBesideBytes && !peers.empty() && !stream_capturing(stream);
-  if (sends[rank_].bytes) {
-    cudaStream_t self_stream = stream;
-    if (self_beside) {
-      const StreamMark fork(device(), stream);
-      EP_CUDA_CHECK(cudaStreamWaitEvent(self_copy_stream_, fork.event(), 0));
-      self_stream = self_copy_stream_;
-    }
+  if (self_beside) queue_after(device(), self_copy_stream_, stream);
+  if (sends[rank_].bytes)
     EP_CUDA_CHECK(cudaMemcpyAsync(recvs[rank_].ptr, sends[rank_].ptr, sends[rank_].bytes, cudaMemcpyDeviceToDevice,
-                                  self_stream));
-  }
+                                  self_beside ? self_copy_stream_ : stream));
   // The join, also where queueing the peers' traffic throws: no write of the self copy outlives
   // the call's stream.
   auto join_self_copy = [&] {
-    if (!self_beside) return;
-    const StreamMark self_done(device(), self_copy_stream_);
-    EP_CUDA_CHECK(cudaStreamWaitEvent(stream, self_done.event(), 0));
+    if (self_beside) queue_after(device(), stream, self_copy_stream_);
   };
   try {
     if (all_exported) {
       std::vector<char*> remote(size_, nullptr);
       for (int p = 0; p < size_; ++p)
         if (p != rank_ && sends[p].bytes) remote[p] = open_peer_allocation(p, theirs[p].handle) + theirs[p].offset;
-      size_t largest = 0;
-      for (int p = 0; p < size_; ++p)
-        if (p != rank_) largest = std::max(largest, sends[p].bytes);
       if (peers.empty()) {
         // Nothing crosses ranks (world size 1, or all-zero splits to peers): the self copy is all.
-      } else if (largest <= kernel_bytes_ && size_ <= kernels::kMaxRanksPerNode) {
+      } else if (moves_by_kernel(sends)) {
         // One kernel: it waits on every peer at once where stream waits queue one by one, and
         // spreads each message over blocks (CudaTransportConfig::kernel_bytes).
         launch_direct_kernel(sends, remote, recvs, stream);
@@ -434,6 +423,13 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
   std::shared_ptr<StreamMark> end = track(op_name, stream, std::move(peers));
   all_to_all_order_.end(stream, end);
   return end;
+}
+
+bool CudaTransport::moves_by_kernel(const std::vector<SendBuffer>& sends) const {
+  size_t largest = 0;
+  for (int p = 0; p < size_; ++p)
+    if (p != rank_) largest = std::max(largest, sends[p].bytes);
+  return largest <= kernel_bytes_ && size_ <= kernels::kMaxRanksPerNode;
 }
 
 void CudaTransport::enqueue_direct(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
@@ -471,7 +467,7 @@ void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = kernel_error_device_;
   for (int peer = 0; peer < size_; ++peer) {
-    if (peer == rank_) continue;  // the self block was copied on the stream already
+    if (peer == rank_) continue;  // all_to_all copies the self block apart
     if (sends[peer].bytes) {
       p.send[peer] = static_cast<const char*>(sends[peer].ptr);
       p.remote_recv[peer] = remote_outputs[peer];

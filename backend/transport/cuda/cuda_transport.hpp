@@ -86,9 +86,10 @@ class CudaTransport {
   int device() const { return buffers_.device(); }
   int rank() const { return rank_; }
   int size() const { return size_; }
-  // all_to_all moves by one kernel where the largest message to a peer has at most this many
-  // bytes (and every receiver exported its output), else by the copy engines.
-  size_t kernel_bytes() const { return kernel_bytes_; }
+  // Whether all_to_all moves a call with these sends by its one kernel (where every receiver
+  // exported its output; else it stages through the copy engines): the largest message to a peer
+  // has at most CudaTransportConfig::kernel_bytes. Else the copy engines move it, on no SM.
+  bool moves_by_kernel(const std::vector<SendBuffer>& sends) const;
 
   // ---- for kernels that read peers' memory directly (MoE dispatch/combine, backend/ops) ----
   // Throws naming `op_name` once the transport has failed, or once a kernel's bounded wait gave
