@@ -245,6 +245,16 @@ def test_kernel_bytes(cuda_pool):
     cuda_pool.run(rank_kernel_bytes, seed=_seed())
 
 
+@pytest.mark.parametrize("world_size", cuda_world_sizes())
+def test_self_copy_beside(world_size):
+    """The what-if TORCH_EP_WHATIF_SELF_COPY_BESIDE=1 (read once a process): the host protocol
+    copies a rank's own message of 1 MiB or more on a stream of its own, beside the kernel (a
+    kernel line of 64 MiB) or the copy engines (0); every split shape stays right, and so do the
+    calls of messages under 1 MiB, copied in line."""
+    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_SELF_COPY_BESIDE": "1"})
+    pool.run(rank_kernel_bytes, seed=_seed())
+
+
 def test_messages_larger_than_buffers(cuda_pool):
     cuda_pool.run(rank_larger_than_buffers, seed=_seed())
 

@@ -90,6 +90,17 @@ def test_all_to_all_across_nodes_past_the_slots(topology):
 
 
 @pytest.mark.parametrize("topology", topologies())
+def test_all_to_all_across_nodes_node_hop_beside(topology):
+    """The node hop on the copy engines (TORCH_EP_ALL_TO_ALL_KERNEL_BYTES=0), so that it runs on a
+    stream of its own beside the NVSHMEM hop (internode_path.cpp); small and multi-chunk messages,
+    several calls back to back."""
+    pool = _pool(topology, "device", {"TORCH_EP_ALL_TO_ALL_KERNEL_BYTES": "0"})
+    for _ in range(2):
+        pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda")
+    pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda", max_rows=3000, width=64)
+
+
+@pytest.mark.parametrize("topology", topologies())
 def test_all_to_all_across_nodes_host_rounds(topology):
     """The same, with the NVSHMEM hop in rounds the host queues (TORCH_EP_INTERNODE_A2A_DEVICE=0;
     the default is one launch): any split, many chunks per pair (the 1 MiB budget), several calls

@@ -252,6 +252,16 @@ def test_copy_variant(copy_pool):
     copy_pool.run(rank_copy_variant, _seed())
 
 
+@pytest.mark.parametrize("sms", [1, 8, 0])
+def test_unroll_staged_whatif(sms):
+    """The what-if TORCH_EP_WHATIF_DISPATCH_STAGED=1 (unroll's 16-byte rows through shared memory,
+    in chunks of up to 448 units: the 14 KiB bf16 rows and the fp8 rows of hidden 8320, with 65
+    scales and 40 ids, take two; 256-byte rows one) on every check of test_copy_variant."""
+    pool = rank_pool(2, cuda=True, env={"TORCH_EP_MOE_COPY": "unroll", "TORCH_EP_NUM_SMS": str(sms),
+                                        "TORCH_EP_WHATIF_DISPATCH_STAGED": "1"})
+    pool.run(rank_copy_variant, _seed())
+
+
 def rank_float_sums(seed, device="cuda"):
     """Rows of random float32 values from up to four ranks: their float sums depend on the order,
     which must be ascending rank, as the reference's (the other checks' integer rows sum exactly
