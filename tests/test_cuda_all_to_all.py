@@ -237,6 +237,9 @@ def rank_kernel_bytes(seed):
             for j, kind in enumerate(("even", "uneven", "to_one")):
                 cpu_checks.check_single(torch.bfloat16, kind, (257,), seed + 3 * i + j, group=group, device="cuda")
             cpu_checks.check_single(torch.float32, "uneven", (1_000_003,), seed + 3 * i, group=group, device="cuda")
+            # Rows of 4 MB, a rank's own message as large as the peers' together at 2 ranks: by the
+            # copy engines (line 0) its self copy runs on a stream of its own.
+            cpu_checks.check_single(torch.float32, "even", (1_000_003,), seed + 3 * i, group=group, device="cuda")
         finally:
             dist.destroy_process_group(group)
 
@@ -246,12 +249,13 @@ def test_kernel_bytes(cuda_pool):
 
 
 @pytest.mark.parametrize("world_size", cuda_world_sizes())
-def test_self_copy_beside(world_size):
-    """The what-if TORCH_EP_WHATIF_SELF_COPY_BESIDE=1 (read once a process): the host protocol
-    copies a rank's own message of 1 MiB or more on a stream of its own, beside the kernel (a
-    kernel line of 64 MiB) or the copy engines (0); every split shape stays right, and so do the
-    calls of messages under 1 MiB, copied in line."""
-    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_SELF_COPY_BESIDE": "1"})
+def test_self_copy_in_line(world_size):
+    """The what-if TORCH_EP_WHATIF_SELF_COPY_IN_LINE=1 (read once a process): the host protocol
+    copies a rank's own message ahead of the peers' traffic on the call's stream, also where they
+    go by the copy engines and it is 1 MiB or more and as large as theirs together (by default it
+    runs on a stream of its own then, as test_kernel_bytes's line of 0 takes at 2 ranks); every
+    split shape stays right."""
+    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_SELF_COPY_IN_LINE": "1"})
     pool.run(rank_kernel_bytes, seed=_seed())
 
 

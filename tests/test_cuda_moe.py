@@ -252,14 +252,20 @@ def test_copy_variant(copy_pool):
     copy_pool.run(rank_copy_variant, _seed())
 
 
+def rank_whole_rounds(seed):
+    rank_copy_variant(seed)
+    # Hidden 10240: fp8 rows of two rounds of depth 10 with 80 scales, bf16 rows of four; 40 experts
+    # a token: past 64 scales and 32 ids after whole rounds.
+    checks.rank_dispatch_combine(seed + 101, "random", 10240, 40, 24, torch.bfloat16, device="cuda")
+
+
 @pytest.mark.parametrize("sms", [1, 8, 0])
-def test_unroll_staged_whatif(sms):
-    """The what-if TORCH_EP_WHATIF_DISPATCH_STAGED=1 (unroll's 16-byte rows through shared memory,
-    in chunks of up to 448 units: the 14 KiB bf16 rows and the fp8 rows of hidden 8320, with 65
-    scales and 40 ids, take two; 256-byte rows one) on every check of test_copy_variant."""
-    pool = rank_pool(2, cuda=True, env={"TORCH_EP_MOE_COPY": "unroll", "TORCH_EP_NUM_SMS": str(sms),
-                                        "TORCH_EP_WHATIF_DISPATCH_STAGED": "1"})
-    pool.run(rank_copy_variant, _seed())
+def test_unroll_whole_rounds(sms):
+    """unroll's rows of whole rounds, copied unguarded at the largest depth of 16, 14, 12, 10, 8
+    whose round divides the row (hidden 7168 at 14: fp8 one round, bf16 two; 10240 at 10, past 64
+    scales and 32 ids; other rows the guarded kernel), on every check of test_copy_variant."""
+    pool = rank_pool(2, cuda=True, env={"TORCH_EP_MOE_COPY": "unroll", "TORCH_EP_NUM_SMS": str(sms)})
+    pool.run(rank_whole_rounds, _seed())
 
 
 def rank_float_sums(seed, device="cuda"):

@@ -111,7 +111,6 @@ struct DispatchParams {
   int64_t capacity;          // rows of the outputs; rows past those received are padding
   int num_blocks;            // the SM budget
   MoeCopy copy;
-  bool whatif_staged;        // kUnroll's 16-byte rows through shared memory (TORCH_EP_WHATIF_DISPATCH_STAGED)
   int64_t call_id;           // for the overflow report
   DispatchOverflow* overflow;  // host-mapped: where more rows arriving than `capacity` is reported
   Handshake handshake;

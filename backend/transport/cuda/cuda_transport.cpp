@@ -376,15 +376,21 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
 
   // 2. Data.
   all_to_all_order_.begin(stream);
-  // What-if (TORCH_EP_WHATIF_SELF_COPY_BESIDE=1, measurements only until measured): a large self
-  // copy runs on a stream of its own, forked here and joined before the call's end, rather than
-  // ahead of the peers' traffic on `stream`. It waits on no flag, and queued first it holds back
-  // this rank's ready flags (the direct kernel sets them as it starts) and its peer copies by its
-  // own length (at 2 ranks, half the call's bytes). Small ones would stay in line: the fork and
-  // join cost the host two event records and two waits. Not inside a capture.
-  static const bool beside_on = env_switch("TORCH_EP_WHATIF_SELF_COPY_BESIDE");
-  const bool self_beside =
-      beside_on && sends[rank_].bytes >= kSelfCopyBesideBytes && !peers.empty() && !stream_capturing(stream);
+  // Where the peers' messages go by the copy engines and this rank's own message is at least as
+  // large as theirs together (2 ranks), the self copy runs on a stream of its own, forked here and
+  // joined before the call's end, rather than ahead of them on `stream`: it waits on no flag, and
+  // queued first it holds back this rank's copies by half the call's bytes. H100, 2 ranks, 64 MiB
+  // a rank, three runs: 105.4-110.8 us against 114.0-128.3 in line. At 4 ranks (a quarter of the
+  // bytes) it gained nothing (260.4-272.3 against 237.3-277.8); beside the direct kernel it takes
+  // its SMs; below 1 MiB the fork and join (two event records and two waits) cost more than they
+  // save; not inside a capture. TORCH_EP_WHATIF_SELF_COPY_IN_LINE=1 keeps it in line (measurements).
+  const bool by_kernel = all_exported && !peers.empty() && moves_by_kernel(sends);
+  size_t to_peers = 0;
+  for (int p : peers) to_peers += sends[p].bytes;
+  static const bool in_line = env_switch("TORCH_EP_WHATIF_SELF_COPY_IN_LINE");
+  const bool self_beside = !in_line && all_exported && !by_kernel && !peers.empty() &&
+                           sends[rank_].bytes >= kSelfCopyBesideBytes && sends[rank_].bytes >= to_peers &&
+                           !stream_capturing(stream);
   if (self_beside) queue_after(device(), self_copy_stream_, stream);
   if (sends[rank_].bytes)
     EP_CUDA_CHECK(cudaMemcpyAsync(recvs[rank_].ptr, sends[rank_].ptr, sends[rank_].bytes, cudaMemcpyDeviceToDevice,
@@ -401,7 +407,7 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
         if (p != rank_ && sends[p].bytes) remote[p] = open_peer_allocation(p, theirs[p].handle) + theirs[p].offset;
       if (peers.empty()) {
         // Nothing crosses ranks (world size 1, or all-zero splits to peers): the self copy is all.
-      } else if (moves_by_kernel(sends)) {
+      } else if (by_kernel) {
         // One kernel: it waits on every peer at once where stream waits queue one by one, and
         // spreads each message over blocks (CudaTransportConfig::kernel_bytes).
         launch_direct_kernel(sends, remote, recvs, stream);
