@@ -259,6 +259,20 @@ def test_self_copy_in_line(world_size):
     pool.run(rank_kernel_bytes, seed=_seed())
 
 
+def rank_self_in_kernel(seed):
+    cpu_checks.rank_all_dtypes(seed, device="cuda")
+    rank_kernel_bytes(seed)
+
+
+@pytest.mark.parametrize("world_size", cuda_world_sizes())
+def test_self_in_kernel_whatif(world_size):
+    """The what-if TORCH_EP_WHATIF_SELF_IN_KERNEL=1 (read once a process): where the host protocol's
+    direct kernel moves the peers' messages, it copies the rank's own message too, in slices after
+    theirs (every dtype and split shape, a line of 0 and of 64 MiB)."""
+    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_SELF_IN_KERNEL": "1"})
+    pool.run(rank_self_in_kernel, seed=_seed())
+
+
 def test_messages_larger_than_buffers(cuda_pool):
     cuda_pool.run(rank_larger_than_buffers, seed=_seed())
 

@@ -27,9 +27,22 @@ __host__ __device__ __forceinline__ uint32_t direct_slices(uint64_t bytes) {
 // spills), 128 KiB an SM: what tools/sm_copy_ceiling.cu found a copy needs on the H200.
 constexpr int kUnroll = 8;
 
+// Slice `slice` of the message to `dst` (this rank's own included), by the whole block. Slice
+// boundaries in 16-byte multiples: each slice's vectors stay aligned as the message's.
+__device__ __forceinline__ void copy_slice(const AllToAllDirectParams& p, int dst, uint32_t slice, uint32_t slices) {
+  const uint64_t bytes = p.send_bytes[dst];
+  const uint64_t share = ((bytes + slices - 1) / slices + 15) / 16 * 16;
+  const uint64_t from = share * slice < bytes ? share * slice : bytes;
+  const uint64_t to = from + share < bytes ? from + share : bytes;
+  block_copy_call<kUnroll, kThreads>(p.remote_recv[dst] + from, p.send[dst] + from, to - from, StreamingLoad{},
+                                     PlainStore{});
+}
+
 // Block 0 first tells every sender that our output is ready and, last, waits for every sender's
-// data; in between every block takes units (peer, slice) b, b + gridDim.x, ...
-__global__ void __launch_bounds__(kThreads, 2) all_to_all_direct_kernel(AllToAllDirectParams p, uint32_t units) {
+// data; in between every block takes units b, b + gridDim.x, ...: (peer, slice) units below
+// peer_units, then the slices of this rank's own message, which wait on no flag and count nowhere.
+__global__ void __launch_bounds__(kThreads, 2)
+    all_to_all_direct_kernel(AllToAllDirectParams p, uint32_t peer_units, uint32_t units) {
   const uint64_t deadline = now_ns() + p.timeout_ns;
   if (blockIdx.x == 0)
     for (int src = threadIdx.x; src < p.size; src += blockDim.x)
@@ -38,6 +51,10 @@ __global__ void __launch_bounds__(kThreads, 2) all_to_all_direct_kernel(AllToAll
   __shared__ int go;
   const uint32_t peers = uint32_t(p.size - 1);
   for (uint32_t u = blockIdx.x; u < units; u += gridDim.x) {
+    if (u >= peer_units) {  // uniform across the block
+      copy_slice(p, p.rank, u - peer_units, direct_slices(p.send_bytes[p.rank]));
+      continue;
+    }
     const int dst = (p.rank + 1 + int(u % peers)) % p.size;
     const uint32_t slice = u / peers, slices = direct_slices(p.send_bytes[dst]);
     if (!p.ready_to_wait[dst] || slice >= slices) continue;  // uniform across the block
@@ -54,13 +71,7 @@ __global__ void __launch_bounds__(kThreads, 2) all_to_all_direct_kernel(AllToAll
     const bool went = go;
     __syncthreads();  // every thread has read go before thread 0 may write the next unit's
     if (!went) continue;
-    // Slice boundaries in 16-byte multiples: each slice's vectors stay aligned as the message's.
-    const uint64_t bytes = p.send_bytes[dst];
-    const uint64_t share = ((bytes + slices - 1) / slices + 15) / 16 * 16;
-    const uint64_t from = share * slice < bytes ? share * slice : bytes;
-    const uint64_t to = from + share < bytes ? from + share : bytes;
-    block_copy_call<kUnroll, kThreads>(p.remote_recv[dst] + from, p.send[dst] + from, to - from, StreamingLoad{},
-                                       PlainStore{});
+    copy_slice(p, dst, slice, slices);
     __syncthreads();  // every thread's stores are issued before the fence below
     if (threadIdx.x == 0) {
       // Fence, then count: the last block to count sees every slice's stores ordered before its own
@@ -80,10 +91,10 @@ __global__ void __launch_bounds__(kThreads, 2) all_to_all_direct_kernel(AllToAll
       if (p.done_to_wait[src] && !take_flag(p.done_to_wait[src], deadline)) report_first(p.error, 1 + src);
 }
 
-// The launch's units of work: the peers, rotated from rank + 1 so that the ranks do not all start
-// on rank 0, times the most slices a message takes; unit u is peer u % (size - 1)'s slice
-// u / (size - 1), none where that message has fewer.
-uint32_t direct_units(const AllToAllDirectParams& p) {
+// The launch's units of work to peers: the peers, rotated from rank + 1 so that the ranks do not
+// all start on rank 0, times the most slices a message takes; unit u is peer u % (size - 1)'s
+// slice u / (size - 1), none where that message has fewer.
+uint32_t direct_peer_units(const AllToAllDirectParams& p) {
   uint32_t most = 0;
   for (int d = 0; d < p.size; ++d)
     if (p.ready_to_wait[d]) most = std::max(most, direct_slices(p.send_bytes[d]));
@@ -96,13 +107,16 @@ cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStr
   if (params.size < 1 || params.size > kMaxRanksPerNode || params.num_blocks < 1 || !params.slices_done)
     return cudaErrorInvalidValue;
   // Block 0 sets the ready flags and waits for the data even where this rank sends nothing.
-  const uint32_t units = direct_units(params);
+  const uint32_t peer_units = direct_peer_units(params);
+  const int self = params.rank;
+  const bool self_copy = params.send[self] && params.send_bytes[self];
+  const uint32_t units = peer_units + (self_copy ? direct_slices(params.send_bytes[self]) : 0);
   int blocks = units == 0 ? 1 : units < uint32_t(params.num_blocks) ? int(units) : params.num_blocks;
   // Block b takes units b, b + blocks, ...: their peers (unit % peers) cycle through every peer
   // only where blocks and peers share no factor, else a large message to one peer would get a
   // fraction of the blocks.
   while (blocks > 1 && std::gcd(blocks, params.size - 1) != 1) --blocks;
-  all_to_all_direct_kernel<<<blocks, kThreads, 0, stream>>>(params, units);
+  all_to_all_direct_kernel<<<blocks, kThreads, 0, stream>>>(params, peer_units, units);
   return cudaGetLastError();
 }
 

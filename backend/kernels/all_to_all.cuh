@@ -20,7 +20,9 @@ constexpr int kErrorNoPeer = -1;
 // clears the flags it waited on. Null flag pointers mean "no traffic". A message's slices
 // (all_to_all.cu; only the sender sees them) go to different blocks: each waits for `ready`
 // (leaving it), copies its slice and counts itself in `slices_done`, in this rank's own memory;
-// the last to count clears `ready` and the count and sets `done`.
+// the last to count clears `ready` and the count and sets `done`. This rank's own message (entry
+// `rank`: send, remote_recv its own output, send_bytes; no flags) goes in slices too, after the
+// peers' units: no copy of its own to launch.
 struct AllToAllDirectParams {
   int rank, size;
   int num_blocks;  // the grid: blocks share the (peer, slice) units when fewer

@@ -392,7 +392,13 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
                            sends[rank_].bytes >= kSelfCopyBesideBytes && sends[rank_].bytes >= to_peers &&
                            !stream_capturing(stream);
   if (self_beside) queue_after(device(), self_copy_stream_, stream);
-  if (sends[rank_].bytes)
+  // What-if (TORCH_EP_WHATIF_SELF_IN_KERNEL=1, measurements only until measured): where the direct
+  // kernel runs, it copies the self message too (launch_direct_kernel), so no copy of its own is
+  // issued: about 3 us of host time a call (a 4 KiB copy's cudaMemcpyAsync, as much as the
+  // kernel's launch), where issue 16's small calls are host-bound (25 us at 8 ranks: 28.5).
+  static const bool self_in_kernel_on = env_switch("TORCH_EP_WHATIF_SELF_IN_KERNEL");
+  const bool self_in_kernel = by_kernel && self_in_kernel_on;
+  if (sends[rank_].bytes && !self_in_kernel)
     EP_CUDA_CHECK(cudaMemcpyAsync(recvs[rank_].ptr, sends[rank_].ptr, sends[rank_].bytes, cudaMemcpyDeviceToDevice,
                                   self_beside ? self_copy_stream_ : stream));
   // The join, also where queueing the peers' traffic throws: no write of the self copy outlives
@@ -410,7 +416,7 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
       } else if (by_kernel) {
         // One kernel: it waits on every peer at once where stream waits queue one by one, and
         // spreads each message over blocks (CudaTransportConfig::kernel_bytes).
-        launch_direct_kernel(sends, remote, recvs, stream);
+        launch_direct_kernel(sends, remote, recvs, self_in_kernel, stream);
       } else {
         enqueue_direct(sends, remote, recvs, stream);
       }
@@ -464,7 +470,7 @@ void CudaTransport::enqueue_direct(const std::vector<SendBuffer>& sends, const s
 
 void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
                                         const std::vector<char*>& remote_outputs,
-                                        const std::vector<RecvBuffer>& recvs, cudaStream_t stream) {
+                                        const std::vector<RecvBuffer>& recvs, bool with_self, cudaStream_t stream) {
   kernels::AllToAllDirectParams p{};
   p.rank = rank_;
   p.size = size_;
@@ -473,7 +479,13 @@ void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = kernel_error_device_;
   for (int peer = 0; peer < size_; ++peer) {
-    if (peer == rank_) continue;  // all_to_all copies the self block apart
+    if (peer == rank_) {  // the self message where the kernel copies it: its slices with the peers', no flags
+      if (!with_self) continue;
+      p.send[peer] = static_cast<const char*>(sends[peer].ptr);
+      p.remote_recv[peer] = static_cast<char*>(recvs[peer].ptr);
+      p.send_bytes[peer] = sends[peer].bytes;
+      continue;
+    }
     if (sends[peer].bytes) {
       p.send[peer] = static_cast<const char*>(sends[peer].ptr);
       p.remote_recv[peer] = remote_outputs[peer];

@@ -157,8 +157,9 @@ class CudaTransport {
   char* slot_data(int owner, int src, int slot) const;
   void enqueue_direct(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
                       const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
+  // with_self: the kernel copies this rank's own message too (else all_to_all copied it apart).
   void launch_direct_kernel(const std::vector<SendBuffer>& sends, const std::vector<char*>& remote_outputs,
-                           const std::vector<RecvBuffer>& recvs, cudaStream_t stream);
+                           const std::vector<RecvBuffer>& recvs, bool with_self, cudaStream_t stream);
   void enqueue_staged(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
                       cudaStream_t stream);
   void watch();
