@@ -16,7 +16,9 @@ takes several counts for a sweep. Ops, timed one after another:
   ..., fresh x     the same with a copy of recv_x made once before, as expert outputs are (under
                    push with device records it lies outside the MoE pool: copied in per call)
 Each dispatch on a new route (all but cached) reads its num_recv_tokens_per_expert as a list,
-as DeepEP's dispatch always returns it (a MoE layer sizes its expert GEMMs with it).
+as DeepEP's dispatch always returns it (a MoE layer sizes its expert GEMMs with it). --graph adds
+dispatch bf16 / fp8 and combine bf16 ", graph replay": each captured in a CUDA graph
+(num_worst_tokens) and replayed, no host work of the op's on the clock (benchmarks/moe_graph.py).
 --impl picks what is measured: torch_ep's ops ("ep") or torch_ep.reference's (to develop the
 benchmark before the ops exist). --api deep_ep measures the same ops through torch_ep.deep_ep's
 Buffer (DeepEP's calls: get_dispatch_layout then dispatch, the handle tuples, the comm stream),
@@ -80,12 +82,14 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 from benchmarks.moe_deep_ep import DeepEP, deep_ep_fields, deep_ep_ops  # noqa: E402
+from benchmarks.moe_graph import GRAPH, GRAPH_OPS, graph_ops  # noqa: E402
 
 ROOFLINE = "roofline"
 DEEPEP = "DeepEP"
 LAYOUT_GIVEN = ", layout given"  # an op timed with its layout computed before the call
 OPS = ("dispatch bf16", "dispatch fp8", "dispatch bf16" + LAYOUT_GIVEN, "dispatch fp8" + LAYOUT_GIVEN,
        "dispatch cached", "combine bf16", "combine bf16, fresh x")
+ALL_OPS = OPS + GRAPH_OPS  # the table's order
 FP8_BLOCK = 128  # channels per fp8 scale
 
 
@@ -270,6 +274,28 @@ def check_against_reference(ops: Dict[str, Callable[[], object]], inputs: Inputs
     return checked
 
 
+def check_graphs(outputs: Dict[str, object], inputs: Inputs, num_experts: int, sync_group) -> None:
+    """The graph rows' outputs (one replay each) against torch_ep.reference: the received rows,
+    then padding that routes nowhere; raises on every rank if any rank's differ."""
+    expected = reference_results(inputs, num_experts)
+    found = []
+    for op, want in expected.items():
+        got = outputs[op + GRAPH]
+        m = want.recv_topk_idx.shape[0]
+        rows = tuple(t[:m] for t in got.recv_x) if isinstance(got.recv_x, tuple) else got.recv_x[:m]
+        found += differences(f"{op} graph recv_x", rows, want.recv_x)
+        found += differences(f"{op} graph recv_topk_idx", got.recv_topk_idx[:m], want.recv_topk_idx)
+        found += differences(f"{op} graph recv_topk_weights", got.recv_topk_weights[:m], want.recv_topk_weights)
+        if not bool((got.recv_topk_idx[m:] == -1).all()):
+            found.append(f"{op} graph: a padding row routes somewhere")
+    bf16 = expected["dispatch bf16"]
+    found += differences("combine graph combined_x", outputs["combine bf16" + GRAPH].combined_x,
+                         reference.combine(bf16.recv_x, bf16.handle).combined_x)
+    problems = common.rank_problems("; ".join(found) or None, sync_group)
+    if problems:
+        raise RuntimeError("a graph replay differs from torch_ep.reference, not timing it:\n  " + "\n  ".join(problems))
+
+
 def copy_op(num_bytes: int, device: torch.device) -> Callable[[], object]:
     src = torch.randint(0, 256, (num_bytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -288,9 +314,16 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
         if wrapped:
             check_against_reference(wrapped, inputs, args.experts, sync_group, fields=deep_ep_fields)
 
+    names = OPS
+    if args.graph:
+        graphs, outputs = graph_ops(inputs, args.experts, world_size)
+        check_graphs(outputs, inputs, args.experts, sync_group)
+        ops.update(graphs)
+        names = ALL_OPS
+
     recv_rows = first.recv_x.shape[0]
     row_bytes = {"bf16": args.hidden * 2, "fp8": args.hidden + 4 * -(-args.hidden // FP8_BLOCK)}
-    op_bytes = {op: recv_rows * row_bytes["fp8" if "fp8" in op else "bf16"] for op in OPS}
+    op_bytes = {op: recv_rows * row_bytes["fp8" if "fp8" in op else "bf16"] for op in names}
     rank_bytes: List[Optional[Dict[str, int]]] = [None] * world_size
     dist.all_gather_object(rank_bytes, op_bytes, group=sync_group)
 
@@ -298,7 +331,7 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     timed.update({(WRAPPER, op): fn for op, fn in wrapped.items()})
     timed.update({(DEEPEP, op): fn for op, fn in deepep.ops(inputs, args.experts, recv_rows, sync_group).items()})
     copies = {num_bytes: copy_op(num_bytes, device) for num_bytes in set(op_bytes.values())}
-    timed.update({(ROOFLINE, op): copies[op_bytes[op]] for op in OPS})
+    timed.update({(ROOFLINE, op): copies[op_bytes[op]] for op in names})
     for fn in timed.values():
         for _ in range(args.warmup):
             fn()
@@ -352,7 +385,7 @@ def results_table(measurements: List[Measurement], subject: str) -> str:
     headers += [f"{WRAPPER} us", f"{WRAPPER} time/{subject}"] if wrapped else []
     rows = []
     for tokens, method, op in sorted({(m.tokens, m.method, m.op) for m in measurements},
-                                 key=lambda k: (k[0], k[1], OPS.index(k[2]))):
+                                 key=lambda k: (k[0], k[1], ALL_OPS.index(k[2]))):
         subject_m, roofline, deepep = (by_key.get((impl, op, tokens, method))
                                        for impl in (subject, ROOFLINE, DEEPEP))
         row = [tokens, method, op, common.format_bytes(int(roofline.bytes_per_rank))]
@@ -451,6 +484,8 @@ def parse_args() -> argparse.Namespace:
                         help="stream method: rounds of --stream-calls calls per op, the ops taking turns; "
                              "the time is the median of the rounds' means")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--graph", action="store_true",
+                        help="also the graph-replay rows of dispatch bf16 / fp8 and combine (CUDA; benchmarks/moe_graph.py)")
     parser.add_argument("--layer", choices=["no", "also", "only"], default="no",
                         help="the compiled-layer rows: also, or only them (see the module's docstring)")
     parser.add_argument("--layer-hidden", type=int, default=2048)
@@ -479,6 +514,8 @@ def parse_args() -> argparse.Namespace:
             parser.error("--sm-sweep measures torch_ep's native ops (no --impl, --api or --layer)")
     if not 0 < args.top_k <= args.experts:
         parser.error(f"--top-k {args.top_k} must be in 1..--experts ({args.experts})")
+    if args.graph and (args.impl != "ep" or args.api != "native" or args.device == "cpu"):
+        parser.error("--graph replays torch_ep's native ops on CUDA (no --impl reference, --api or --device cpu)")
     if args.api != "native" and args.impl != "ep":
         parser.error(f"--api {args.api} measures torch_ep's ops (--impl ep)")
     if not 0.0 <= args.masked_ratio <= 1.0:
