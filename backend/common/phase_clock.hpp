@@ -26,4 +26,33 @@ struct Total {
 // Every phase's count and time since the last take, merged by name, sorted by name; cleared.
 std::vector<Total> take();
 
+// Named phases of a call, each timed from its next() to the next one or the end of the scope,
+// where the clock is on. Torch-free: the transports use it as is; phases.hpp's Phases adds the
+// profiler's ranges.
+class Steps {
+ public:
+  Steps() = default;
+  Steps(const Steps&) = delete;
+  Steps& operator=(const Steps&) = delete;
+  ~Steps() { end(); }
+
+  void next(const char* name) {
+    end();
+    if (enabled()) {
+      timed_ = name;
+      start_ = std::chrono::steady_clock::now();
+    }
+  }
+  void end() {
+    if (timed_) {
+      add(timed_, std::chrono::steady_clock::now() - start_);
+      timed_ = nullptr;
+    }
+  }
+
+ private:
+  const char* timed_ = nullptr;  // the phase being timed, if any
+  std::chrono::steady_clock::time_point start_;
+};
+
 }  // namespace ep::phase_clock

@@ -4,7 +4,6 @@
 
 #include <ATen/record_function.h>
 
-#include <chrono>
 #include <optional>
 
 #include "backend/common/phase_clock.hpp"
@@ -22,25 +21,18 @@ class Phases {
     close();
     current_.emplace(at::RecordScope::USER_SCOPE);
     if (current_->isActive()) current_->before(name, c10::ArrayRef<const c10::IValue>{});
-    if (phase_clock::enabled()) {
-      timed_ = name;
-      start_ = std::chrono::steady_clock::now();
-    }
+    clock_.next(name);
   }
   void end() { close(); }
 
  private:
   void close() {
     current_.reset();
-    if (timed_) {
-      phase_clock::add(timed_, std::chrono::steady_clock::now() - start_);
-      timed_ = nullptr;
-    }
+    clock_.end();
   }
 
   std::optional<at::RecordFunction> current_;
-  const char* timed_ = nullptr;  // the phase the clock times, if any
-  std::chrono::steady_clock::time_point start_;
+  phase_clock::Steps clock_;
 };
 
 }  // namespace ep

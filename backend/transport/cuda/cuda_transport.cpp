@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "backend/common/env_switch.hpp"
+#include "backend/common/phase_clock.hpp"
 #include "backend/kernels/all_to_all.cuh"
 #include "backend/kernels/moe_records.cuh"  // kMoeReportWords
 #include "backend/transport/cuda/cuda_check.hpp"
@@ -329,10 +330,13 @@ std::shared_ptr<StreamMark> CudaTransport::track(const char* op_name, cudaStream
 std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuffer>& sends,
                                                      const std::vector<RecvBuffer>& recvs, cudaStream_t stream,
                                                      const char* op_name) {
+  phase_clock::Steps step;  // the host's share of a call, for tools/a2a_profile.py
+  step.next("ep::host_protocol/checks");
   check_healthy(op_name);
   EP_CUDA_CHECK(cudaSetDevice(buffers_.device()));
 
   // 1. Control exchange: sizes both ways, and where each peer's data should land.
+  step.next("ep::host_protocol/export");
   std::vector<ControlRecord> mine(size_), theirs(size_);
   bool all_exported = true;
   for (int p = 0; p < size_; ++p) {
@@ -353,6 +357,7 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
     ctrl_sends[p] = {&mine[p], sizeof(ControlRecord)};
     ctrl_recvs[p] = {&theirs[p], sizeof(ControlRecord)};
   }
+  step.next("ep::host_protocol/exchange");  // the peers' records: this rank waits for the last to come
   control_exchange(ctrl_sends, ctrl_recvs, op_name);
   std::vector<int> peers;
   for (int p = 0; p < size_; ++p) {
@@ -375,6 +380,7 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
   // on the path.
 
   // 2. Data.
+  step.next("ep::host_protocol/self_copy");
   all_to_all_order_.begin(stream);
   // Where the peers' messages go by the copy engines and this rank's own message is at least as
   // large as theirs together (2 ranks), the self copy runs on a stream of its own, forked here and
@@ -407,6 +413,7 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
     if (self_beside) queue_after(device(), stream, self_copy_stream_);
   };
   try {
+    step.next("ep::host_protocol/launch");  // the peers' outputs opened (cached), then the kernel or the copies
     if (all_exported) {
       std::vector<char*> remote(size_, nullptr);
       for (int p = 0; p < size_; ++p)
@@ -432,6 +439,7 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
   }
   join_self_copy();
 
+  step.next("ep::host_protocol/track");
   std::shared_ptr<StreamMark> end = track(op_name, stream, std::move(peers));
   all_to_all_order_.end(stream, end);
   return end;
