@@ -29,11 +29,13 @@ def calls_of(prof, calls: int):
     """Per call: (host start, host end, [(name, stream, start, end)]) in ns, the device events
     between the call's entry and the next call's (the calls are synchronised, so none spills)."""
     events = prof.profiler.kineto_results.events()
+    cuda = torch.autograd.DeviceType.CUDA
+    # The host's ranges (the profiler mirrors them on the device as annotations: left out).
     marks = sorted((e.start_ns(), e.end_ns(), int(e.name().split()[1])) for e in events
-                   if e.name().startswith("a2a_call "))
+                   if e.name().startswith("a2a_call ") and e.device_type() != cuda)
     assert len(marks) == calls, f"found {len(marks)} call ranges, expected {calls}"
     device = [(e.start_ns(), e.end_ns(), kernel_name(e.name()), e.device_resource_id()) for e in events
-              if e.device_type() == torch.autograd.DeviceType.CUDA]
+              if e.device_type() == cuda and not e.name().startswith("a2a_call ")]
     out = []
     for i, (start, end, _) in enumerate(marks):
         until = marks[i + 1][0] if i + 1 < len(marks) else float("inf")
