@@ -274,10 +274,10 @@ def check_against_reference(ops: Dict[str, Callable[[], object]], inputs: Inputs
     return checked
 
 
-def check_graphs(outputs: Dict[str, object], inputs: Inputs, num_experts: int, sync_group) -> None:
-    """The graph rows' outputs (one replay each) against torch_ep.reference: the received rows,
-    then padding that routes nowhere; raises on every rank if any rank's differ."""
-    expected = reference_results(inputs, num_experts)
+def check_graphs(outputs: Dict[str, object], expected: Dict[str, object], sync_group) -> None:
+    """The graph rows' outputs (one replay each) against torch_ep.reference's (`expected`, from
+    reference_results): the received rows, then padding that routes nowhere; raises on every rank
+    if any rank's differ."""
     found = []
     for op, want in expected.items():
         got = outputs[op + GRAPH]
@@ -309,15 +309,16 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
     ops, first = subject_ops(args.impl, inputs, args.experts, "native" if args.api == "both" else args.api)
     wrapped = deep_ep_ops(inputs, args.experts)[0] if args.api == "both" else {}
     if args.impl == "ep":
-        check_against_reference(ops, inputs, args.experts, sync_group,
+        expected = reference_results(inputs, args.experts)  # once, for every check below
+        check_against_reference(ops, inputs, args.experts, sync_group, expected,
                                 fields=deep_ep_fields if args.api == "deep_ep" else None)
         if wrapped:
-            check_against_reference(wrapped, inputs, args.experts, sync_group, fields=deep_ep_fields)
+            check_against_reference(wrapped, inputs, args.experts, sync_group, expected, fields=deep_ep_fields)
 
     names = OPS
-    if args.graph:
+    if args.graph:  # impl "ep" (parse_args)
         graphs, outputs = graph_ops(inputs, args.experts, world_size)
-        check_graphs(outputs, inputs, args.experts, sync_group)
+        check_graphs(outputs, expected, sync_group)
         ops.update(graphs)
         names = ALL_OPS
 

@@ -15,6 +15,8 @@ first rank's entry into the call. Device and host times are the profiler's (one 
 clock).
 """
 import argparse
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import torch_ep
 
 from profile_common import init_on_local_gpu, kernel_name  # tools/, the script's folder
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for benchmarks
+from benchmarks import common  # noqa: E402
 
 
 def calls_of(prof, calls: int):
@@ -95,7 +100,7 @@ def main():
     init_on_local_gpu()
     world = dist.get_world_size()
     sync = dist.new_group(backend="gloo")
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda").zero_  # as benchmarks/common.l2_flusher
+    flush = common.l2_flusher(torch.device("cuda"))  # as benchmarks/internode.py's isolated method
     node_hop = {} if args.node_kernel_bytes is None else {"all_to_all_kernel_bytes": args.node_kernel_bytes}
     groups = {
         "intranode": dist.new_group(backend="ep", pg_options=torch_ep.Options(ranks_per_node=world)),

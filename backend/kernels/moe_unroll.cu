@@ -298,7 +298,7 @@ __global__ void __launch_bounds__(kThreads) combine_unroll_kernel(CombineParams 
 constexpr int kWholeDepths[] = {16, 14, 12, 10, 8};
 
 int whole_depth(int vec, int64_t row_bytes) {
-  if (vec != 16 || row_bytes <= 0 || row_bytes % 16 != 0) return 0;
+  if (vec != 16 || row_bytes <= 0) return 0;  // vec 16: rows of 16-byte units
   for (const int depth : kWholeDepths)
     if ((row_bytes / 16) % (32 * depth) == 0) return depth;
   return 0;
@@ -325,12 +325,15 @@ cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_
     // a row's payload passes through L1 once; what an SM moves tops out near 50 GB/s whatever its
     // loads in flight (tools/sm_copy_ceiling.cu), so the L1's share of that is the question.
     if (depth == 14 && p.whatif_hints) {
-      if (p.whatif_hints == 1)
-        dispatch_unroll_kernel<int4, 14, true, NoAllocateLoad, PlainStore><<<grid, kThreads, 0, stream>>>(p);
-      else if (p.whatif_hints == 2)
-        dispatch_unroll_kernel<int4, 14, true, PlainLoad, StreamingStore><<<grid, kThreads, 0, stream>>>(p);
-      else
-        dispatch_unroll_kernel<int4, 14, true, NoAllocateLoad, StreamingStore><<<grid, kThreads, 0, stream>>>(p);
+      auto launch = [&](auto load, auto store) {
+        dispatch_unroll_kernel<int4, 14, true, decltype(load), decltype(store)><<<grid, kThreads, 0, stream>>>(p);
+      };
+      auto with_store = [&](auto load) {
+        if (p.whatif_hints & 2) launch(load, StreamingStore{});
+        else launch(load, PlainStore{});
+      };
+      if (p.whatif_hints & 1) with_store(NoAllocateLoad{});
+      else with_store(PlainLoad{});
       return cudaGetLastError();
     }
     with_whole_depth(depth, [&](auto d) {
