@@ -259,6 +259,31 @@ def test_self_copy_in_line(world_size):
     pool.run(rank_kernel_bytes, seed=_seed())
 
 
+HOST_PROTOCOL_PHASES = ("checks", "export", "exchange", "self_copy", "launch", "track")
+
+
+def rank_host_protocol_phases(seed):
+    """The host protocol's phases on the phase clock (tools/a2a_profile.py's clock lines): each once
+    a call while the clock is on, none while it is off; the calls stay right."""
+    C = torch_ep._C
+    C._take_phase_times()
+    C._phase_clock(True)
+    try:
+        for i in range(3):
+            cpu_checks.check_single(torch.float32, "uneven", (33,), seed + i, device="cuda")
+    finally:
+        C._phase_clock(False)
+    times = {name: calls for name, calls, _ in C._take_phase_times()}
+    for phase in HOST_PROTOCOL_PHASES:
+        assert times.get(f"ep::host_protocol/{phase}") == 3, times
+    cpu_checks.check_single(torch.float32, "even", (33,), seed, device="cuda")
+    assert not any(name.startswith("ep::host_protocol/") for name, _, _ in C._take_phase_times())
+
+
+def test_host_protocol_phases():
+    rank_pool(2, cuda=True, env=PROTOCOLS["host"]).run(rank_host_protocol_phases, seed=_seed())
+
+
 def rank_self_in_kernel(seed):
     cpu_checks.rank_all_dtypes(seed, device="cuda")
     rank_kernel_bytes(seed)
