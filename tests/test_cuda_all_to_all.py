@@ -284,18 +284,19 @@ def test_host_protocol_phases():
     rank_pool(2, cuda=True, env=PROTOCOLS["host"]).run(rank_host_protocol_phases, seed=_seed())
 
 
-def rank_self_in_kernel(seed):
+def rank_self_apart(seed):
     cpu_checks.rank_all_dtypes(seed, device="cuda")
     rank_kernel_bytes(seed)
 
 
 @pytest.mark.parametrize("world_size", cuda_world_sizes())
-def test_self_in_kernel_whatif(world_size):
-    """The what-if TORCH_EP_WHATIF_SELF_IN_KERNEL=1 (read once a process): where the host protocol's
-    direct kernel moves the peers' messages, it copies the rank's own message too, in slices after
-    theirs (every dtype and split shape, a line of 0 and of 64 MiB)."""
-    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_SELF_IN_KERNEL": "1"})
-    pool.run(rank_self_in_kernel, seed=_seed())
+def test_self_copy_apart_whatif(world_size):
+    """The what-if TORCH_EP_WHATIF_SELF_COPY_APART=1 (read once a process): where the host
+    protocol's direct kernel moves the peers' messages, the rank's own message goes by a copy of
+    its own, as before the kernel took it in slices after theirs (every dtype and split shape, a
+    line of 0 and of 64 MiB); the default path is test_kernel_bytes's."""
+    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_SELF_COPY_APART": "1"})
+    pool.run(rank_self_apart, seed=_seed())
 
 
 def test_messages_larger_than_buffers(cuda_pool):

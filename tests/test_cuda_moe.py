@@ -268,17 +268,6 @@ def test_unroll_whole_rounds(sms):
     pool.run(rank_whole_rounds, _seed())
 
 
-@pytest.mark.parametrize("nc_loads,cs_stores", [("1", "0"), ("0", "1"), ("1", "1")])
-def test_unroll_cache_hints_whatif(nc_loads, cs_stores):
-    """The what-ifs TORCH_EP_WHATIF_DISPATCH_NC_LOADS / _CS_STORES (unroll's payload loads that L1
-    does not keep, its stores evict-first; rows of depth 14, hidden 7168) on every check of
-    test_copy_variant."""
-    pool = rank_pool(2, cuda=True, env={"TORCH_EP_MOE_COPY": "unroll", "TORCH_EP_NUM_SMS": "8",
-                                        "TORCH_EP_WHATIF_DISPATCH_NC_LOADS": nc_loads,
-                                        "TORCH_EP_WHATIF_DISPATCH_CS_STORES": cs_stores})
-    pool.run(rank_whole_rounds, _seed())
-
-
 def rank_float_sums(seed, device="cuda"):
     """Rows of random float32 values from up to four ranks: their float sums depend on the order,
     which must be ascending rank, as the reference's (the other checks' integer rows sum exactly

@@ -72,18 +72,6 @@ struct StreamingLoad {
   __device__ __forceinline__ T operator()(const T* p) const { return __ldcs(p); }
 };
 
-// Read-only for the kernel's life and not kept in L1 (ld.global.nc.L1::no_allocate): a payload
-// read once. 16-byte accesses only.
-struct NoAllocateLoad {
-  __device__ __forceinline__ int4 operator()(const int4* p) const {
-    int4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-  }
-};
-
 struct PlainStore {
   template <typename T>
   __device__ __forceinline__ void operator()(T* p, const T& v) const { *p = v; }

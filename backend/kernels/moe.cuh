@@ -111,8 +111,6 @@ struct DispatchParams {
   int64_t capacity;          // rows of the outputs; rows past those received are padding
   int num_blocks;            // the SM budget
   MoeCopy copy;
-  int whatif_hints;          // kUnroll's payload hints, measurements only: bit 0 TORCH_EP_WHATIF_DISPATCH_NC_LOADS,
-                             // bit 1 TORCH_EP_WHATIF_DISPATCH_CS_STORES
   int64_t call_id;           // for the overflow report
   DispatchOverflow* overflow;  // host-mapped: where more rows arriving than `capacity` is reported
   Handshake handshake;

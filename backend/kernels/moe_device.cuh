@@ -7,7 +7,6 @@
 #include <cuda_fp16.h>
 #include <type_traits>
 
-#include "backend/kernels/copy.cuh"
 #include "backend/kernels/moe.cuh"
 #include "backend/kernels/moe_records.cuh"  // a combine's plan
 #include "backend/kernels/sync.cuh"
@@ -222,8 +221,7 @@ __device__ __forceinline__ void copy_meta_rest(const DispatchSource& src, int64_
 // kWhole: the row is whole rounds (its units a multiple of 32 x kDepth, as the launcher checks), so
 // no access needs a guard. The guarded loop's SASS (sm_90, nvcc 13) spends most of a row's ~400
 // instructions on 64-bit guards, packing them into registers and zeroing the round's registers.
-// Load / Store: the payload's accesses (copy.cuh's policies; the meta's are plain).
-template <typename V, int kDepth, bool kWhole = false, typename Load = PlainLoad, typename Store = PlainStore>
+template <typename V, int kDepth, bool kWhole = false>
 __device__ __forceinline__ void copy_row_to(const DispatchSource& src, int64_t t, const RowOutputs& dst, int64_t row,
                                             int64_t row_bytes, int S, int K, int64_t lo, int64_t hi, int lane) {
   const int64_t n = row_bytes / int64_t(sizeof(V));
@@ -237,12 +235,12 @@ __device__ __forceinline__ void copy_row_to(const DispatchSource& src, int64_t t
   V v[kDepth] = {};  // zeros: no value lives on past the round
 #pragma unroll
   for (int u = 0; u < kDepth; ++u)
-    if (kWhole || lane + 32 * u < n) v[u] = Load{}(in + lane + 32 * u);
+    if (kWhole || lane + 32 * u < n) v[u] = in[lane + 32 * u];
   const RowMeta meta = load_meta(src, t, scales_in, S, K, routed, weighted, lane);
 
 #pragma unroll
   for (int u = 0; u < kDepth; ++u)
-    if (kWhole || lane + 32 * u < n) Store{}(out + lane + 32 * u, v[u]);
+    if (kWhole || lane + 32 * u < n) out[lane + 32 * u] = v[u];
   store_meta(meta, dst, row, scales_out, S, K, routed, weighted, lo, hi, lane);
 
   // The rest, a round trip each: payload past the first round, scales past 64, ids past 32.
@@ -252,10 +250,10 @@ __device__ __forceinline__ void copy_row_to(const DispatchSource& src, int64_t t
     V rest[kDepth] = {};
 #pragma unroll
     for (int u = 0; u < kDepth; ++u)
-      if (kWhole || i + 32 * u < n) rest[u] = Load{}(in + i + 32 * u);
+      if (kWhole || i + 32 * u < n) rest[u] = in[i + 32 * u];
 #pragma unroll
     for (int u = 0; u < kDepth; ++u)
-      if (kWhole || i + 32 * u < n) Store{}(out + i + 32 * u, rest[u]);
+      if (kWhole || i + 32 * u < n) out[i + 32 * u] = rest[u];
   }
   copy_meta_rest(src, t, dst, row, scales_in, scales_out, S, K, routed, weighted, lo, hi, lane);
 }

@@ -82,16 +82,15 @@ __device__ __forceinline__ const int32_t* token_slot(const DispatchParams& p, co
 }
 
 // A warp copies source token t of `src` to received row `row` (copy_row_to, moe_device.cuh).
-template <typename V, int kDepth, bool kWhole, typename Load, typename Store>
+template <typename V, int kDepth, bool kWhole>
 __device__ __forceinline__ void copy_row(const DispatchParams& p, const DispatchSource& src, int64_t t, int64_t row,
                                          int64_t lo, int64_t hi, int lane) {
   const RowOutputs out{p.recv_x, p.recv_x_scales, p.recv_topk_idx, p.recv_topk_weights};
-  copy_row_to<V, kDepth, kWhole, Load, Store>(src, t, out, row, p.row_bytes, p.num_scales, p.num_topk, lo, hi, lane);
+  copy_row_to<V, kDepth, kWhole>(src, t, out, row, p.row_bytes, p.num_scales, p.num_topk, lo, hi, lane);
 }
 
-// kWhole: rows of whole rounds, copied unguarded (copy_row_to). Load / Store: the payload's
-// accesses (plain but for the cache-hint what-if below).
-template <typename V, int kDepth, bool kWhole = false, typename Load = PlainLoad, typename Store = PlainStore>
+// kWhole: rows of whole rounds, copied unguarded (copy_row_to).
+template <typename V, int kDepth, bool kWhole = false>
 __global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParams p) {
   __shared__ int64_t first_row[kMaxRanksPerNode + 1];
   const int R = p.num_ranks;
@@ -110,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_unroll_kernel(DispatchParam
     const int next_s = next < rows ? source_of(first_row, R, next, s) : s;
     int32_t next_t = 0;  // on its way while this row copies, widened only after it
     if (next < rows) next_t = *token_slot(p, first_row, next, next_s);
-    copy_row<V, kDepth, kWhole, Load, Store>(p, p.src[s], t, row, lo, hi, lane);
+    copy_row<V, kDepth, kWhole>(p, p.src[s], t, row, lo, hi, lane);
     s = next_s;
     t = next_t;
   }
@@ -320,22 +319,6 @@ void with_whole_depth(int depth, F&& f) {
 cudaError_t launch_dispatch_unroll(const DispatchParams& p, int vec, cudaStream_t stream) {
   const int grid = grid_for_warps(p.num_blocks, p.capacity);
   if (const int depth = whole_depth(vec, p.row_bytes)) {
-    // The cache-hint what-if (DispatchParams::whatif_hints; measurements only), at depth 14 (hidden
-    // 7168): payload loads that L1 does not keep (bit 0), stores evict-first (bit 1). With few SMs
-    // a row's payload passes through L1 once; what an SM moves tops out near 50 GB/s whatever its
-    // loads in flight (tools/sm_copy_ceiling.cu), so the L1's share of that is the question.
-    if (depth == 14 && p.whatif_hints) {
-      auto launch = [&](auto load, auto store) {
-        dispatch_unroll_kernel<int4, 14, true, decltype(load), decltype(store)><<<grid, kThreads, 0, stream>>>(p);
-      };
-      auto with_store = [&](auto load) {
-        if (p.whatif_hints & 2) launch(load, StreamingStore{});
-        else launch(load, PlainStore{});
-      };
-      if (p.whatif_hints & 1) with_store(NoAllocateLoad{});
-      else with_store(PlainLoad{});
-      return cudaGetLastError();
-    }
     with_whole_depth(depth, [&](auto d) {
       dispatch_unroll_kernel<int4, decltype(d)::value, true><<<grid, kThreads, 0, stream>>>(p);
     });

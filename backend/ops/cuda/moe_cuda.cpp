@@ -24,7 +24,6 @@
 #include <optional>
 #include <thread>
 
-#include "backend/common/env_switch.hpp"
 #include "backend/common/errors.hpp"
 #include "backend/common/phases.hpp"
 #include "backend/kernels/moe.cuh"
@@ -414,10 +413,6 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.capacity = capacity;
     p.num_blocks = num_blocks(group, device, group.config().auto_sms_dispatch);
     p.copy = kernels::MoeCopy(group.config().moe_copy);
-    // Measurements only: unroll's payload loads that L1 does not keep, its stores evict-first.
-    static const int whatif_hints = int(env_switch("TORCH_EP_WHATIF_DISPATCH_NC_LOADS")) |
-                                    int(env_switch("TORCH_EP_WHATIF_DISPATCH_CS_STORES")) << 1;
-    p.whatif_hints = whatif_hints;
     p.call_id = int64_t(call_id);
     p.overflow = transport->dispatch_overflow();
 

@@ -398,12 +398,13 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
                            sends[rank_].bytes >= kSelfCopyBesideBytes && sends[rank_].bytes >= to_peers &&
                            !stream_capturing(stream);
   if (self_beside) queue_after(device(), self_copy_stream_, stream);
-  // What-if (TORCH_EP_WHATIF_SELF_IN_KERNEL=1, measurements only until measured): where the direct
-  // kernel runs, it copies the self message too (launch_direct_kernel), so no copy of its own is
-  // issued: about 3 us of host time a call (a 4 KiB copy's cudaMemcpyAsync, as much as the
-  // kernel's launch), where issue 16's small calls are host-bound (25 us at 8 ranks: 28.5).
-  static const bool self_in_kernel_on = env_switch("TORCH_EP_WHATIF_SELF_IN_KERNEL");
-  const bool self_in_kernel = by_kernel && self_in_kernel_on;
+  // Where the direct kernel runs, it copies the self message too, in slices after the peers'
+  // (launch_direct_kernel): no cudaMemcpyAsync of its own, whose host time (about 6 us a call on
+  // the phase clock) is as much as the kernel's launch where small calls are host-bound. H100,
+  // 4 KiB-1 MiB a rank, two alternations: 2 ranks 20.5-28.5 us against 23.4-32.8, 8 ranks
+  // 37.3-47.0 against 45.9-50.4. TORCH_EP_WHATIF_SELF_COPY_APART=1 issues it apart (measurements).
+  static const bool self_apart = env_switch("TORCH_EP_WHATIF_SELF_COPY_APART");
+  const bool self_in_kernel = by_kernel && !self_apart;
   if (sends[rank_].bytes && !self_in_kernel)
     EP_CUDA_CHECK(cudaMemcpyAsync(recvs[rank_].ptr, sends[rank_].ptr, sends[rank_].bytes, cudaMemcpyDeviceToDevice,
                                   self_beside ? self_copy_stream_ : stream));
