@@ -9,7 +9,8 @@ what.
     NVSHMEM_DISABLE_NVLS=1 NVSHMEM_SYMMETRIC_SIZE=3G CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=12 \\
         torchrun --nproc-per-node 8 tools/a2a_timeline.py --ranks-per-node 4 [--node-kernel-bytes 0]
 
-Rank 0 prints, per group, the call whose slowest rank is the median of --calls, each rank's line:
+Rank 0 prints, per group, the call whose slowest rank is the median of --calls (or every call
+with --every-call), each rank's line:
 its host span in the call, then each device event as name@stream [start-end], in us from the
 first rank's entry into the call. Device and host times are the profiler's (one machine, one
 clock).
@@ -50,7 +51,8 @@ def calls_of(prof, calls: int):
 
 
 def timeline(name, group, args, sync, flush):
-    """Rank 0's lines for one group: the median call (by its slowest rank's end), every rank."""
+    """Rank 0's lines for one group: the median call (by its slowest rank's end), or every call
+    with --every-call, each with every rank's line."""
     numel = args.bytes // 4
     inp = torch.randn(numel, device="cuda")
     out = torch.empty_like(inp)
@@ -76,15 +78,16 @@ def timeline(name, group, args, sync, flush):
         t0 = min(r[i][0] for r in every)
         last = max([r[i][1] for r in every] + [e[3] for r in every for e in r[i][2]])
         spans.append((last - t0, i, t0))
-    spans.sort()
-    span, i, t0 = spans[len(spans) // 2]
-    us = lambda ns: (ns - t0) / 1e3  # noqa: E731
-    lines = [f"{name}: call {i}, {span / 1e3:.1f} us from the first entry to the last end "
-             f"(calls: {', '.join(f'{s / 1e3:.0f}' for s, _, _ in sorted(spans, key=lambda x: x[1]))} us)"]
-    for rank, r in enumerate(every):
-        start, end, device = r[i]
-        parts = [f"{n}@{stream} [{us(s):.0f}-{us(t):.0f}]" for n, stream, s, t in device]
-        lines.append(f"  rank {rank}: host [{us(start):.0f}-{us(end):.0f}] | " + ", ".join(parts))
+    by_call = sorted(spans, key=lambda x: x[1])
+    lines = [f"{name}: calls {', '.join(f'{s / 1e3:.0f}' for s, _, _ in by_call)} us from the first entry to the "
+             "last end"]
+    for span, i, t0 in by_call if args.every_call else [sorted(spans)[len(spans) // 2]]:
+        us = lambda ns: (ns - t0) / 1e3  # noqa: E731
+        lines.append(f" call {i}: {span / 1e3:.1f} us")
+        for rank, r in enumerate(every):
+            start, end, device = r[i]
+            parts = [f"{n}@{stream} [{us(s):.0f}-{us(t):.0f}]" for n, stream, s, t in device]
+            lines.append(f"  rank {rank}: host [{us(start):.0f}-{us(end):.0f}] | " + ", ".join(parts))
     return lines
 
 
@@ -93,6 +96,7 @@ def main():
     parser.add_argument("--ranks-per-node", type=int, required=True)
     parser.add_argument("--bytes", type=int, default=64 << 20, help="all_to_all_single's bytes per rank")
     parser.add_argument("--calls", type=int, default=7)
+    parser.add_argument("--every-call", action="store_true", help="every call's lines, not only the median's")
     parser.add_argument("--node-kernel-bytes", type=int, default=None,
                         help="Options.all_to_all_kernel_bytes of the group across nodes "
                              "(0: its node hop by the copy engines)")
