@@ -97,6 +97,9 @@ def main():
     parser.add_argument("--bytes", type=int, default=64 << 20, help="all_to_all_single's bytes per rank")
     parser.add_argument("--calls", type=int, default=7)
     parser.add_argument("--every-call", action="store_true", help="every call's lines, not only the median's")
+    parser.add_argument("--across-first", action="store_true",
+                        help="time the group across nodes first, so that the intranode group's calls run with "
+                             "NVSHMEM (started by the first call across nodes) up too")
     parser.add_argument("--node-kernel-bytes", type=int, default=None,
                         help="Options.all_to_all_kernel_bytes of the group across nodes "
                              "(0: its node hop by the copy engines)")
@@ -112,7 +115,7 @@ def main():
             backend="ep", pg_options=torch_ep.Options(ranks_per_node=args.ranks_per_node, **node_hop)),
     }
     lines = []
-    for name, group in groups.items():
+    for name, group in reversed(groups.items()) if args.across_first else groups.items():
         lines += timeline(name, group, args, sync, flush)
     if dist.get_rank() == 0:
         print("\n".join(lines), flush=True)
