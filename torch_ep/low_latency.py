@@ -16,8 +16,8 @@ torch's NVSHMEM symmetric memory, say), that world is used as it is, if it is th
 
 Before initialising, variables NVSHMEM reads at init get defaults where unset (never overriding
 the user's): on one host NVSHMEM_REMOTE_TRANSPORT=none, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo,
-NVSHMEM_DISABLE_NCCL=1, NVSHMEM_DISABLE_NVLS=1; everywhere NVSHMEM_SYMMETRIC_SIZE large enough
-for the first call's buffers (at least 2 GiB).
+NVSHMEM_DISABLE_NCCL=1, NVSHMEM_DISABLE_NVLS=1, NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1; everywhere
+NVSHMEM_SYMMETRIC_SIZE large enough for the first call's buffers (at least 2 GiB).
 
 Rules, as DeepEP's:
 - Every rank of the group makes the same calls with the same max_tokens_per_rank, hidden size,
@@ -56,6 +56,9 @@ SINGLE_HOST_NVSHMEM_ENV = {
     "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
     "NVSHMEM_DISABLE_NCCL": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
+    # No proxy thread where no remote transport needs one (it spins a core a rank; see
+    # backend/transport/nvshmem/nvshmem_runtime.cpp's init_over).
+    "NVSHMEM_DISABLE_LOCAL_ONLY_PROXY": "1",
 }
 MIN_SYMMETRIC_HEAP_BYTES = 2 << 30
 

@@ -85,9 +85,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
   // queued one after the other (a call after a barrier: 726 against 757). Where the node hop is a
   // kernel it stays before the NVSHMEM hop on the op's stream: two kernels that both wait on
   // peers then shared the SMs, and at 2x4 (8 MiB a node peer) a call after a barrier took 2.8-4.5
-  // ms against 1.7 (back to back 0.71 against 0.75). TORCH_EP_WHATIF_SERIAL_HOPS=1 (measurements
-  // only) queues both hops one after the other always.
+  // ms against 1.7 (back to back 0.71 against 0.75). Those figures after a barrier date from
+  // before NVSHMEM's proxy thread was off on one machine (nvshmem_runtime.cpp's init_over): its
+  // spinning took the ranks' cores and stalled calls by 3.5 ms at random. Measurements only:
+  // TORCH_EP_WHATIF_SERIAL_HOPS=1 queues both hops one after the other always,
+  // TORCH_EP_WHATIF_NODE_KERNEL_BESIDE=1 runs the node hop beside also where it is a kernel.
   static const bool serial = env_switch("TORCH_EP_WHATIF_SERIAL_HOPS");
+  static const bool kernel_beside = env_switch("TORCH_EP_WHATIF_NODE_KERNEL_BESIDE");
   // This node's ranks (self included) over CUDA IPC, indexed by local rank.
   std::vector<SendBuffer> node_sends;
   std::vector<RecvBuffer> node_recvs;
@@ -95,7 +99,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
     node_sends.push_back(spans.sends[r]);
     node_recvs.push_back(spans.recvs[r]);
   }
-  const bool beside = !serial && !transport->node().moves_by_kernel(node_sends);
+  const bool beside = !serial && (kernel_beside || !transport->node().moves_by_kernel(node_sends));
   const cudaStream_t node_stream =
       beside ? c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *node_hop_stream_).stream() : stream.stream();
   auto join = [&] {  // also where the NVSHMEM hop threw: no write of the node hop outlives the op
