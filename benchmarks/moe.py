@@ -17,8 +17,9 @@ takes several counts for a sweep. Ops, timed one after another:
                    push with device records it lies outside the MoE pool: copied in per call)
 Each dispatch on a new route (all but cached) reads its num_recv_tokens_per_expert as a list,
 as DeepEP's dispatch always returns it (a MoE layer sizes its expert GEMMs with it). --graph adds
-dispatch bf16 / fp8 and combine bf16 ", graph replay": each captured in a CUDA graph
-(num_worst_tokens) and replayed, no host work of the op's on the clock (benchmarks/moe_graph.py).
+dispatch bf16 / fp8 and combine bf16 with num_worst_tokens: called eagerly (", num_worst_tokens":
+no host wait) and captured in a CUDA graph and replayed (", graph replay": no host work of the
+op's on the clock) (benchmarks/moe_graph.py).
 --impl picks what is measured: torch_ep's ops ("ep") or torch_ep.reference's (to develop the
 benchmark before the ops exist). --api deep_ep measures the same ops through torch_ep.deep_ep's
 Buffer (DeepEP's calls: get_dispatch_layout then dispatch, the handle tuples, the comm stream),
@@ -82,7 +83,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 from benchmarks.moe_deep_ep import DeepEP, deep_ep_fields, deep_ep_ops  # noqa: E402
-from benchmarks.moe_graph import GRAPH, GRAPH_OPS, graph_ops  # noqa: E402
+from benchmarks.moe_graph import GRAPH, GRAPH_OPS, WORST, graph_ops  # noqa: E402
 
 ROOFLINE = "roofline"
 DEEPEP = "DeepEP"
@@ -275,25 +276,26 @@ def check_against_reference(ops: Dict[str, Callable[[], object]], inputs: Inputs
 
 
 def check_graphs(outputs: Dict[str, object], expected: Dict[str, object], sync_group) -> None:
-    """The graph rows' outputs (one replay each) against torch_ep.reference's (`expected`, from
-    reference_results): the received rows, then padding that routes nowhere; raises on every rank
-    if any rank's differ."""
+    """The graph rows' outputs (one eager call with num_worst_tokens, one replay) against
+    torch_ep.reference's (`expected`, from reference_results): the received rows, then padding
+    that routes nowhere; raises on every rank if any rank's differ."""
     found = []
-    for op, want in expected.items():
-        got = outputs[op + GRAPH]
-        m = want.recv_topk_idx.shape[0]
-        rows = tuple(t[:m] for t in got.recv_x) if isinstance(got.recv_x, tuple) else got.recv_x[:m]
-        found += differences(f"{op} graph recv_x", rows, want.recv_x)
-        found += differences(f"{op} graph recv_topk_idx", got.recv_topk_idx[:m], want.recv_topk_idx)
-        found += differences(f"{op} graph recv_topk_weights", got.recv_topk_weights[:m], want.recv_topk_weights)
-        if not bool((got.recv_topk_idx[m:] == -1).all()):
-            found.append(f"{op} graph: a padding row routes somewhere")
     bf16 = expected["dispatch bf16"]
-    found += differences("combine graph combined_x", outputs["combine bf16" + GRAPH].combined_x,
-                         reference.combine(bf16.recv_x, bf16.handle).combined_x)
+    combined = reference.combine(bf16.recv_x, bf16.handle).combined_x
+    for kind in (WORST, GRAPH):
+        for op, want in expected.items():
+            got, name = outputs[op + kind], op + kind
+            m = want.recv_topk_idx.shape[0]
+            rows = tuple(t[:m] for t in got.recv_x) if isinstance(got.recv_x, tuple) else got.recv_x[:m]
+            found += differences(f"{name} recv_x", rows, want.recv_x)
+            found += differences(f"{name} recv_topk_idx", got.recv_topk_idx[:m], want.recv_topk_idx)
+            found += differences(f"{name} recv_topk_weights", got.recv_topk_weights[:m], want.recv_topk_weights)
+            if not bool((got.recv_topk_idx[m:] == -1).all()):
+                found.append(f"{name}: a padding row routes somewhere")
+        found += differences(f"combine bf16{kind} combined_x", outputs["combine bf16" + kind].combined_x, combined)
     problems = common.rank_problems("; ".join(found) or None, sync_group)
     if problems:
-        raise RuntimeError("a graph replay differs from torch_ep.reference, not timing it:\n  " + "\n  ".join(problems))
+        raise RuntimeError("a graph row differs from torch_ep.reference, not timing it:\n  " + "\n  ".join(problems))
 
 
 def copy_op(num_bytes: int, device: torch.device) -> Callable[[], object]:
@@ -486,7 +488,8 @@ def parse_args() -> argparse.Namespace:
                              "the time is the median of the rounds' means")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--graph", action="store_true",
-                        help="also the graph-replay rows of dispatch bf16 / fp8 and combine (CUDA; benchmarks/moe_graph.py)")
+                        help="also dispatch bf16 / fp8 and combine with num_worst_tokens, eager and replayed from CUDA "
+                             "graphs (CUDA; benchmarks/moe_graph.py)")
     parser.add_argument("--layer", choices=["no", "also", "only"], default="no",
                         help="the compiled-layer rows: also, or only them (see the module's docstring)")
     parser.add_argument("--layer-hidden", type=int, default=2048)
