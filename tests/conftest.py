@@ -1,4 +1,5 @@
 import os
+import time
 import shutil
 
 import pytest
@@ -78,3 +79,28 @@ def shm_segments():
 
 
 has_nvcc = shutil.which("nvcc") is not None
+
+
+def busy_threads(seconds: float = 1.0, share: float = 0.3):
+    """This process's threads that used more than `share` of a core over `seconds` of idling
+    (/proc/self/task's utime + stime): {name: CPU seconds}. A rank between calls should have none;
+    a thread that spins takes a core from the ranks sharing the host's cores."""
+    def cpu_seconds():
+        ticks, found = os.sysconf("SC_CLK_TCK"), {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue  # the thread ended meanwhile
+            fields = stat[stat.rindex(")") + 2:].split()  # from the state on: utime, stime are 11, 12
+            found[tid] = (f"{name} ({tid})", (int(fields[11]) + int(fields[12])) / ticks)
+        return found
+
+    before = cpu_seconds()
+    time.sleep(seconds)
+    after = cpu_seconds()
+    return {name: round(used - before[tid][1], 2) for tid, (name, used) in after.items()
+            if tid in before and used - before[tid][1] > share * seconds}

@@ -89,6 +89,13 @@ def test_all_to_all_across_nodes_past_the_slots(topology):
     pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda", max_rows=3000, width=512)
 
 
+@pytest.mark.parametrize("topology", topologies())
+def test_nothing_spins_while_idle(topology):
+    """After calls across nodes (NVSHMEM up, its remote transport none), no thread of a rank's
+    process spins while it idles: NVSHMEM's proxy thread is off (nvshmem_runtime.cpp's init_over)."""
+    _pool(topology, "device").run(internode.rank_nothing_spins_while_idle, _seed(), device="cuda")
+
+
 NODE_HOPS_BESIDE = {"copy_engines": {"TORCH_EP_ALL_TO_ALL_KERNEL_BYTES": "0"},
                     "kernel": {"TORCH_EP_WHATIF_NODE_KERNEL_BESIDE": "1"}}
 

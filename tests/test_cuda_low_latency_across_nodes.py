@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import test_cuda_low_latency as ll
 import torch_ep
-from conftest import rank_pool
+from conftest import busy_threads, rank_pool
 
 pytestmark = ll.pytestmark
 
@@ -94,6 +94,19 @@ def test_one_block_many_steps(remote_pool_one_block):
     case = ("random", 41, 640, 6, 17, True, True, 48)
     checked = remote_pool_one_block.run(rank_case_and_remote_ranks, ll._seed(), *case)
     assert all(checked), "the remote path was not taken"
+
+
+def rank_idle_after_a_round(seed):
+    """After a round with the remote path, no thread of the rank's process spins while it idles
+    (torch_ep.low_latency defaults NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1 on one host)."""
+    ll.run_case(seed, *ll.CASES[0])
+    torch.cuda.synchronize()
+    busy = busy_threads()
+    assert not busy, f"rank {dist.get_rank()}: threads busy while the rank idles (CPU seconds in 1 s): {busy}"
+
+
+def test_nothing_spins_while_idle(remote_pool):
+    remote_pool.run(rank_idle_after_a_round, ll._seed())
 
 
 def test_hook_and_zero_copy(remote_pool):

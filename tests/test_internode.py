@@ -6,6 +6,7 @@ The MoE checks are test_moe.py's rank functions, run on groups that span nodes: 
 contract does not depend on the route. Combine's reference follows the group's nodes (one
 rounding to x's dtype per node, as the hierarchical route sums).
 """
+import os
 from datetime import timedelta
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import torch_ep
-from conftest import rank_pool
+from conftest import busy_threads, rank_pool
 from torch_ep import reference
 from torch_ep.testing import poison_, same_bits
 
@@ -109,6 +110,22 @@ def rank_all_to_all_across_nodes(seed, device="cpu", max_rows=40, width=3):
 
 def test_all_to_all_across_nodes(nodes):
     nodes.run(rank_all_to_all_across_nodes, _seed())
+
+
+def rank_nothing_spins_while_idle(seed, device="cpu"):
+    """After calls across nodes, no thread of the rank's process busy-waits while the rank is
+    idle: with several ranks a host, a spinning thread takes a core from them (NVSHMEM's proxy
+    thread did, on CUDA, until torch_ep turned it off where no remote transport needs it)."""
+    rank_all_to_all_across_nodes(seed, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    busy = busy_threads()
+    assert not busy, f"rank {dist.get_rank()}: threads busy while the rank idles (CPU seconds in 1 s): {busy}"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc/self/task")
+def test_nothing_spins_while_idle(nodes):
+    nodes.run(rank_nothing_spins_while_idle, _seed())
 
 
 # ----------------------------------------------------------------------------- dispatch / combine
