@@ -16,8 +16,9 @@ torch's NVSHMEM symmetric memory, say), that world is used as it is, if it is th
 
 Before initialising, variables NVSHMEM reads at init get defaults where unset (never overriding
 the user's): on one host NVSHMEM_REMOTE_TRANSPORT=none, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo,
-NVSHMEM_DISABLE_NCCL=1, NVSHMEM_DISABLE_NVLS=1, NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1; everywhere
-NVSHMEM_SYMMETRIC_SIZE large enough for the first call's buffers (at least 2 GiB).
+NVSHMEM_DISABLE_NCCL=1, NVSHMEM_DISABLE_NVLS=1; with no remote transport
+NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1; everywhere NVSHMEM_SYMMETRIC_SIZE large enough for the first
+call's buffers (at least 2 GiB).
 
 Rules, as DeepEP's:
 - Every rank of the group makes the same calls with the same max_tokens_per_rank, hidden size,
@@ -56,10 +57,11 @@ SINGLE_HOST_NVSHMEM_ENV = {
     "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
     "NVSHMEM_DISABLE_NCCL": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
-    # No proxy thread where no remote transport needs one (it spins a core a rank; see
-    # backend/transport/nvshmem/nvshmem_runtime.cpp's init_over).
-    "NVSHMEM_DISABLE_LOCAL_ONLY_PROXY": "1",
 }
+# Where the remote transport is none: no proxy thread, which would serve only NVSHMEM's device-side
+# global exit and wait timeouts (torch_ep uses neither) and spins a core a rank (see
+# backend/transport/nvshmem/nvshmem_runtime.cpp's init_over, which defaults it alike).
+LOCAL_ONLY_NVSHMEM_ENV = {"NVSHMEM_DISABLE_LOCAL_ONLY_PROXY": "1"}
 MIN_SYMMETRIC_HEAP_BYTES = 2 << 30
 
 _world: Optional[Tuple[int, ...]] = None  # global ranks of this process's NVSHMEM world
@@ -108,6 +110,9 @@ def _bootstrap_nvshmem(group, device: torch.device, heap_bytes: int) -> None:
     defaults["NVSHMEM_SYMMETRIC_SIZE"] = str(max(MIN_SYMMETRIC_HEAP_BYTES, heap_bytes * 3 // 2 + (256 << 20)))
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
+    if os.environ.get("NVSHMEM_REMOTE_TRANSPORT") == "none":
+        for name, value in LOCAL_ONLY_NVSHMEM_ENV.items():
+            os.environ.setdefault(name, value)
 
     uid_bytes = [None]
     if group.rank() == 0:
