@@ -1,6 +1,6 @@
 """torch_ep.comm_pool on CUDA (GPU machines only): tensors from the pool take the one-copy path
-of all_to_all_single, every other call keeps working on the same group, and the pool's memory
-comes and goes with the group.
+of all_to_all_single and of all_to_all_v into a given output, every other call keeps working on
+the same group, and the pool's memory comes and goes with the group.
 
     TORCH_EP_TEST_WORLD_SIZES=1,2,4 python -m pytest tests/test_cuda_comm_pool.py -q
 
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import test_all_to_all as cpu_checks
+import test_all_to_all_v as v_checks
 import test_cuda_all_to_all as cuda_checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
@@ -44,7 +45,8 @@ def _pool_group(**options):
 
 
 def _one_copy(group) -> bool:
-    """Whether the group's last all_to_all_single moved its bytes once (waits for the device)."""
+    """Whether the group's last all_to_all_single or all_to_all_v moved its bytes once (waits for
+    the device)."""
     return torch_ep.get_backend(group)._comm_pool_stats()[2] == 1
 
 
@@ -202,6 +204,80 @@ def rank_mixed_calls(seed):
             assert _one_copy(group)
     finally:
         dist.destroy_process_group(group)
+
+
+def rank_all_to_all_v_one_copy(seed):
+    """torch_ep.all_to_all_v into outputs from the pool takes the one copy too, where every
+    receiving rank's output lies there: random splits (a rank that sends nothing, one that receives
+    nothing), several dtypes and row shapes (odd row bytes, rows of 300 KB), outputs with rows to
+    spare, which stay untouched. One rank's output outside the pool, or output=None, takes the
+    staged move; an output one row short raises on its rank and writes nothing there, and the
+    next call is one copy again."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group, pool = _pool_group()
+
+    def call(m, dtype, row_shape, seed, *, out_pool=True, spare=0):
+        total = int(m[:, rank].sum())
+        g = torch.Generator().manual_seed(seed * 131 + rank)
+        splits = m[rank].cuda()
+        with torch.cuda.use_mem_pool(pool) if out_pool else contextlib.nullcontext():
+            out = poison_(torch.empty((total + spare, *row_shape), dtype=dtype, device="cuda"))
+        with torch.cuda.use_mem_pool(pool):
+            inp = random_tensor((int(m[rank].sum()), *row_shape), dtype, g, "cuda")
+        untouched = v_checks._bytes_past(out, total)
+        res = torch_ep.all_to_all_v(inp, splits, output=out, group=group)
+        one_copy = _one_copy(group)  # before the reference's own calls on the group
+        expected = reference.all_to_all_v(inp, splits, group=group)
+        what = f"{dtype} {row_shape} out_pool={out_pool}"
+        assert res.output is out and same_bits(out[:total], expected.output), f"{what}: wrong output"
+        assert torch.equal(v_checks._bytes_past(out, total), untouched), f"{what}: rows past the received ones written"
+        v_checks._check_result(res, expected, what)
+        return one_copy
+
+    try:
+        cases = [(torch.float32, (5,)), (torch.bfloat16, (3, 7)), (torch.float8_e4m3fn, (33,)), (torch.int64, ()),
+                 (torch.uint8, (300_001,))]
+        for i, (dtype, row_shape) in enumerate(cases):
+            m = v_checks.split_matrix("random", size, seed + i)
+            assert call(m, dtype, row_shape, seed + i, spare=i % 3), f"{dtype} {row_shape}: not one copy"
+        m = v_checks.split_matrix("even", size, seed)
+        assert not call(m, torch.float32, (6,), seed, out_pool=rank != 0), "one copy although rank 0's output is outside"
+        # output=None: allocated after the plan, so outside the pool; staged, and right.
+        with torch.cuda.use_mem_pool(pool):
+            inp = random_tensor((int(m[rank].sum()), 6), torch.float32, torch.Generator().manual_seed(seed), "cuda")
+        res = torch_ep.all_to_all_v(inp, m[rank].cuda(), group=group)
+        assert not _one_copy(group), "one copy into an output allocated after the plan"
+        assert same_bits(res.output, reference.all_to_all_v(inp, m[rank].cuda(), group=group).output)
+        # The last rank's output one row short: it raises, writes nothing; the others' calls complete.
+        m = v_checks.split_matrix("to_one", size, seed)
+        total = int(m[:, rank].sum())
+        short = rank == size - 1
+        with torch.cuda.use_mem_pool(pool):
+            out = poison_(torch.empty(total - 1 if short else total + 1, 3, device="cuda"))
+            inp = random_tensor((int(m[rank].sum()), 3), torch.float32, torch.Generator().manual_seed(seed + rank), "cuda")
+        before = out.clone()
+        error = None
+        try:
+            torch_ep.all_to_all_v(inp, m[rank].cuda(), output=out, group=group)
+            torch.cuda.synchronize()
+            torch_ep.check_errors(group)
+        except RuntimeError as e:
+            error = str(e)
+        expected = reference.all_to_all_v(inp, m[rank].cuda(), group=group)
+        if short:
+            assert error is not None and f"{total} rows arrived" in error, error
+            assert same_bits(out, before), "an overflowing call wrote its output"
+        else:
+            assert error is None, error
+            assert same_bits(out[:total], expected.output) and same_bits(out[total:], before[total:])
+        m = v_checks.split_matrix("random", size, seed + 99)
+        assert call(m, torch.bfloat16, (9,), seed + 99), "not one copy after an overflow"
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_all_to_all_v_one_copy(cuda_pool):
+    cuda_pool.run(rank_all_to_all_v_one_copy, seed=_seed(), timeout_s=300)
 
 
 def test_mixed_pool_and_other_calls(cuda_pool):

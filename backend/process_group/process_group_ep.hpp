@@ -138,6 +138,8 @@ class ProcessGroupEP : public c10d::Backend {
   // know their group by name), or null.
   static c10::intrusive_ptr<ProcessGroupEP> of_group(const std::string& group_name);
 
+  // The comm pool, or null (cuda/comm_pool_path.cpp): all_to_all_v's one copy looks its output up in it.
+  std::shared_ptr<CommPool> comm_pool() const;
   // all_to_all_v's CUDA state (backend/ops/all_to_all_v.hpp), created by its first CUDA call
   // (collective) unless `create` is false; null where its kernels cannot reach every rank (ranks
   // on several hosts, more than kMaxRanksPerNode ranks) or without CUDA in the build.
@@ -266,8 +268,6 @@ class ProcessGroupEP : public c10d::Backend {
   void abort_cuda(const std::string& why);
   // The NVSHMEM transports (NVSHMEM builds): across nodes, and the group's low-latency buffers.
   void abort_nvshmem(const std::string& why);
-  // The comm pool, or null (cuda/comm_pool_path.cpp).
-  std::shared_ptr<CommPool> comm_pool() const;
   // Shutdown: once the device protocol's last call has ended, unmaps the peers' arenas; this
   // rank's arena goes when torch has given back every segment (CommPool::close).
   void close_comm_pool();

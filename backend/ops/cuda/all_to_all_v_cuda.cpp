@@ -21,6 +21,7 @@
 #include "backend/ops/all_to_all_v.hpp"
 #include "backend/process_group/config.hpp"
 #include "backend/process_group/process_group_ep.hpp"
+#include "backend/transport/cuda/comm_pool.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
 #include "backend/transport/cuda/cuda_transport.hpp"
 #include "backend/transport/cuda/peer_buffers.hpp"
@@ -476,10 +477,24 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       staging = output.is_contiguous() ? output : output.contiguous();
       p.output = static_cast<char*>(staging.data_ptr());
     }
+    // A group with a comm pool: where this rank's output lies in its arena, for the plan to choose
+    // one copy when every receiving rank's does, as all_to_all_single's (all_to_all_pool.cuh). An
+    // output given contiguous in the arena publishes its offset (its capacity's bytes; an empty one
+    // takes either move); a strided output's staging and output=None's (allocated after the plan)
+    // lie outside it. The plan's offsets stop at the receiver's capacity: an overflowing receiver
+    // gets nothing from anyone, one copy or staged.
+    int pool_blocks = 0;
+    if (std::shared_ptr<CommPool> pool = group.comm_pool()) {
+      for (int r = 0; r < R; ++r) p.pool[r] = pool->arena(r);
+      p.pool_plan = state.pool_plan();
+      const size_t out_bytes = size_t(p.capacity > 0 ? p.capacity : 0) * size_t(row_bytes);
+      p.out_arena = !given || !staging.is_same(output) ? -1 : out_bytes == 0 ? -2 : pool->offset_of(p.output, out_bytes);
+      pool_blocks = state.pool_grid(uint64_t(p.num_rows) * uint64_t(row_bytes));
+    }
     // An output given: plan and move in one launch. Else the plan alone first: the host waits for
     // its sizes to allocate the output.
     const bool one_launch = given && state.one_launch();
-    if (one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_call(p, 0, stream));
+    if (one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_call(p, pool_blocks, stream));
     else EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
     if (!given) try {
       const Tensor sizes = at::empty({R}, splits.options().device(at::kCPU).pinned_memory(true));
@@ -501,7 +516,10 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       throw;
     }
     p.output = static_cast<char*>(staging.data_ptr());
-    if (!one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+    if (!one_launch) {
+      if (p.pool_plan) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, pool_blocks, stream));
+      else EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
+    }
     if (!staging.is_same(output)) output.copy_(staging);
     state.order().end(stream, state.transport().track(op, stream));
     if (raise_later[0] != kernels::kReportNone)
