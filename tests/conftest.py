@@ -1,6 +1,6 @@
 import os
-import time
 import shutil
+import time
 
 import pytest
 
@@ -81,10 +81,21 @@ def shm_segments():
 has_nvcc = shutil.which("nvcc") is not None
 
 
-def busy_threads(seconds: float = 1.0, share: float = 0.3):
-    """This process's threads that used more than `share` of a core over `seconds` of idling
-    (/proc/self/task's utime + stime): {name: CPU seconds}. A rank between calls should have none;
-    a thread that spins takes a core from the ranks sharing the host's cores."""
+def assert_nothing_spins(seconds: float = 1.0, share: float = 0.3):
+    """Fails if a thread of this process uses more than `share` of a core over `seconds` of idling
+    (/proc/self/task's utime + stime; its device work done first where CUDA is up). A rank between
+    calls should have none: a thread that spins takes a core from the ranks sharing the host's."""
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    busy = _busy_threads(seconds, share)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    assert not busy, f"rank {rank}: threads busy while the rank idles (CPU seconds in {seconds} s): {busy}"
+
+
+def _busy_threads(seconds, share):
     def cpu_seconds():
         ticks, found = os.sysconf("SC_CLK_TCK"), {}
         for tid in os.listdir("/proc/self/task"):

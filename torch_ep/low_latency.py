@@ -58,10 +58,6 @@ SINGLE_HOST_NVSHMEM_ENV = {
     "NVSHMEM_DISABLE_NCCL": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-# Where the remote transport is none: no proxy thread, which would serve only NVSHMEM's device-side
-# global exit and wait timeouts (torch_ep uses neither) and spins a core a rank (see
-# backend/transport/nvshmem/nvshmem_runtime.cpp's init_over, which defaults it alike).
-LOCAL_ONLY_NVSHMEM_ENV = {"NVSHMEM_DISABLE_LOCAL_ONLY_PROXY": "1"}
 MIN_SYMMETRIC_HEAP_BYTES = 2 << 30
 
 _world: Optional[Tuple[int, ...]] = None  # global ranks of this process's NVSHMEM world
@@ -110,9 +106,7 @@ def _bootstrap_nvshmem(group, device: torch.device, heap_bytes: int) -> None:
     defaults["NVSHMEM_SYMMETRIC_SIZE"] = str(max(MIN_SYMMETRIC_HEAP_BYTES, heap_bytes * 3 // 2 + (256 << 20)))
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
-    if os.environ.get("NVSHMEM_REMOTE_TRANSPORT") == "none":
-        for name, value in LOCAL_ONLY_NVSHMEM_ENV.items():
-            os.environ.setdefault(name, value)
+    _C._ll_nvshmem_env_defaults()  # no proxy thread without a remote transport (nvshmem_runtime.cpp)
 
     uid_bytes = [None]
     if group.rank() == 0:

@@ -218,6 +218,7 @@ Tensor combine_buffer_cuda(const std::string&, int64_t, int64_t, int64_t, const 
 }
 int nvshmem_status() { return 0; }
 void nvshmem_attach(int, int) { TORCH_CHECK(false, kNoNvshmemMessage); }
+void nvshmem_env_defaults() {}
 bool buffer_fits(const std::string&, int64_t, int64_t, int64_t, int64_t, bool) { return false; }
 bool reserve_buffer(const std::string&, int, int, int, std::chrono::milliseconds, int, int64_t, int64_t, int64_t, bool,
                     const std::vector<int>&) {
@@ -290,6 +291,8 @@ void register_low_latency(pybind11::module_& m) {
         py::arg("send_slot"), py::arg("layout"), py::arg("out"), py::arg("max_tokens_per_rank"), py::arg("num_experts"),
         py::arg("num_ranks"));
   m.def("_ll_nvshmem_status", &ll::nvshmem_status, "nvshmemx_init_status() (0 without NVSHMEM in the build)");
+  m.def("_ll_nvshmem_env_defaults", &ll::nvshmem_env_defaults,
+        "defaults NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1 where NVSHMEM_REMOTE_TRANSPORT is none (before initialising)");
   m.def("_ll_nvshmem_attach", &ll::nvshmem_attach, py::arg("rank"), py::arg("size"),
         py::call_guard<py::gil_scoped_release>());
   m.def("_ll_buffer_fits", &ll::buffer_fits);

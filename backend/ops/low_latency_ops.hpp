@@ -81,6 +81,7 @@ at::Tensor combine_buffer_cuda(const std::string& group_name, int64_t num_local_
 // ---- the runtime, for torch_ep/low_latency.py
 int nvshmem_status();
 void nvshmem_attach(int rank, int size);
+void nvshmem_env_defaults();  // nvshmem::default_local_only_env (nothing without NVSHMEM)
 // Whether the group's buffer holds these sizes (false before its first reserve). `remote`: with
 // the regions remote peers push into (groups that span nodes).
 bool buffer_fits(const std::string& group_name, int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens,

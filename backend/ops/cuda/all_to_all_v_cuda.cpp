@@ -487,8 +487,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     if (std::shared_ptr<CommPool> pool = group.comm_pool()) {
       for (int r = 0; r < R; ++r) p.pool[r] = pool->arena(r);
       p.pool_plan = state.pool_plan();
-      const size_t out_bytes = size_t(p.capacity > 0 ? p.capacity : 0) * size_t(row_bytes);
-      p.out_arena = !given || !staging.is_same(output) ? -1 : out_bytes == 0 ? -2 : pool->offset_of(p.output, out_bytes);
+      if (given && staging.is_same(output)) p.out_arena = pool->output_offset(p.output, size_t(p.capacity * row_bytes));
       pool_blocks = state.pool_grid(uint64_t(p.num_rows) * uint64_t(row_bytes));
     }
     // An output given: plan and move in one launch. Else the plan alone first: the host waits for

@@ -215,6 +215,8 @@ int nvshmem_status() { return nvshmem::init_status(); }
 
 void nvshmem_attach(int rank, int size) { nvshmem::attach(rank, size); }
 
+void nvshmem_env_defaults() { nvshmem::default_local_only_env(); }
+
 bool buffer_fits(const std::string& group_name, int64_t num_ranks, int64_t num_local_experts, int64_t max_tokens,
                  int64_t hidden, bool remote) {
   const LowLatencyBuffer* buffer = find_low_latency_buffer(group_name);

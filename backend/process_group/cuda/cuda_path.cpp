@@ -216,7 +216,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::device_all_to_all_single(const at
     size_t out_bytes = 0;
     for (size_t b : recv_bytes) out_bytes += b;
     pool_call.arenas = arenas.data();
-    pool_call.output_offset = out_bytes == 0 ? -2 : pool->offset_of(out, out_bytes);
+    pool_call.output_offset = pool->output_offset(out, out_bytes);
   }
   AllToAllSingleCall call{};
   // Raised once the buffers are tied to the op's stream: an earlier call's problem (this call is

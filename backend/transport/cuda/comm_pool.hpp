@@ -41,6 +41,9 @@ class CommPool {
   char* arena(int r) const { return buffers_ ? buffers_->block(r) : nullptr; }
   // The offset of [ptr, ptr + bytes) in this rank's arena, or -1 when it lies outside.
   int64_t offset_of(const void* ptr, size_t bytes) const;
+  // An all_to_all output's word for the one-copy plan (AllToAllVParams::out_arena): -2 where it
+  // is empty (either move will do), else offset_of.
+  int64_t output_offset(const void* ptr, size_t bytes) const { return bytes == 0 ? -2 : offset_of(ptr, bytes); }
   size_t bytes() const { return allocator_.bytes(); }
   size_t used() const { return allocator_.used(); }
   int device() const { return device_; }

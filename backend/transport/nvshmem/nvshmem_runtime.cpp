@@ -65,18 +65,21 @@ void attach(int rank, int size) {
                     "; low-latency ops need the NVSHMEM world to be their group (one such group per process)");
 }
 
+void default_local_only_env() {
+  // Peers by load and store only (no remote transport): NVSHMEM's proxy thread would serve only
+  // its device-side global exit and wait timeouts, neither of which torch_ep uses (its waits have
+  // deadlines of their own), and it spins a core a rank. Ranks that share a host's cores then
+  // lose them for scheduler slices: virtual nodes 2x4 on one 16-core H100 machine, calls after a
+  // barrier stalled 3.5 ms at random (all_to_all 2.24x intranode against 1.21x with it off).
+  const char* remote = std::getenv("NVSHMEM_REMOTE_TRANSPORT");
+  if (remote && std::strcmp(remote, "none") == 0) setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "1", /*overwrite=*/0);
+}
+
 void init_over(Rendezvous& rdv, int device) {
   {
     std::lock_guard<std::mutex> lock(mutex);
     if (nvshmemx_init_status() < NVSHMEM_STATUS_IS_INITIALIZED) {
-      // Peers by load and store only (no remote transport): NVSHMEM's proxy thread would serve only
-      // its device-side global exit and wait timeouts, neither of which torch_ep uses (its waits
-      // have deadlines of their own), and it spins a core a rank. Ranks that share a host's cores
-      // then lose them for scheduler slices: virtual nodes 2x4 on one 16-core H100 machine, calls
-      // after a barrier stalled 3.5 ms at random (all_to_all 2.24x intranode against 1.21x with
-      // it off). A default only: the user's own setting stands.
-      const char* remote = std::getenv("NVSHMEM_REMOTE_TRANSPORT");
-      if (remote && std::strcmp(remote, "none") == 0) setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "1", /*overwrite=*/0);
+      default_local_only_env();
       nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
       if (rdv.rank() == 0) {
         if (nvshmemx_get_uniqueid(&id) != 0) throw CommError("torch_ep: nvshmemx_get_uniqueid failed");

@@ -22,9 +22,13 @@ int init_status();
 void attach(int rank, int size);
 bool attached();
 
+// Defaults NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1 where NVSHMEM_REMOTE_TRANSPORT is "none" (a setting
+// of the user's stands), before NVSHMEM initialises: both of torch_ep's ways in call it.
+void default_local_only_env();
+
 // Initialises NVSHMEM over `rdv` where nothing has yet (rank 0's unique id goes through the
 // store; every rank of `rdv` calls this, as PE rdv.rank() of rdv.size()), then attach(). Reads
-// NVSHMEM's environment (transports, heap size) as it is: the caller sets nothing.
+// NVSHMEM's environment (transports, heap size) as it is, but for default_local_only_env().
 void init_over(Rendezvous& rdv, int device);
 
 // Collective over every PE (nvshmem_malloc / nvshmem_free); throws when the heap is too small.
