@@ -276,8 +276,11 @@ def rank_all_to_all_v_one_copy(seed):
         dist.destroy_process_group(group)
 
 
-def test_all_to_all_v_one_copy(cuda_pool):
-    cuda_pool.run(rank_all_to_all_v_one_copy, seed=_seed(), timeout_s=300)
+@pytest.mark.parametrize("world_size", cuda_world_sizes())
+def test_all_to_all_v_one_copy(world_size):
+    """all_to_all_v's one copy, opt-in (TORCH_EP_WHATIF_A2AV_ONE_COPY=1) until this test has run on a GPU."""
+    pool = rank_pool(world_size, cuda=True, env={"TORCH_EP_WHATIF_A2AV_ONE_COPY": "1"})
+    pool.run(rank_all_to_all_v_one_copy, seed=_seed(), timeout_s=300)
 
 
 def test_mixed_pool_and_other_calls(cuda_pool):
