@@ -278,8 +278,7 @@ def rank_all_to_all_v_one_copy(seed):
 
 @pytest.mark.parametrize("world_size", cuda_world_sizes())
 def test_all_to_all_v_one_copy(world_size):
-    """all_to_all_v's one copy, opt-in (TORCH_EP_WHATIF_A2AV_ONE_COPY=1) until this test has run on a GPU."""
-    pool = rank_pool(world_size, cuda=True, env={"TORCH_EP_WHATIF_A2AV_ONE_COPY": "1"})
+    pool = rank_pool(world_size, cuda=True)
     pool.run(rank_all_to_all_v_one_copy, seed=_seed(), timeout_s=300)
 
 

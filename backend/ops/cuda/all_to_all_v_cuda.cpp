@@ -15,7 +15,6 @@
 #include <utility>
 #include <vector>
 
-#include "backend/common/env_switch.hpp"
 #include "backend/common/errors.hpp"
 #include "backend/kernels/all_to_all_v.cuh"
 #include "backend/ops/cuda/cuda_outputs.hpp"
@@ -483,11 +482,9 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     // output given contiguous in the arena publishes its offset (its capacity's bytes; an empty one
     // takes either move); a strided output's staging and output=None's (allocated after the plan)
     // lie outside it. The plan's offsets stop at the receiver's capacity: an overflowing receiver
-    // gets nothing from anyone, one copy or staged. Opt-in (TORCH_EP_WHATIF_A2AV_ONE_COPY=1) until
-    // its GPU test (test_all_to_all_v_one_copy) has run: staged by default, as before.
-    static const bool one_copy = env_switch("TORCH_EP_WHATIF_A2AV_ONE_COPY");
+    // gets nothing from anyone, one copy or staged.
     int pool_blocks = 0;
-    if (std::shared_ptr<CommPool> pool = one_copy ? group.comm_pool() : nullptr) {
+    if (std::shared_ptr<CommPool> pool = group.comm_pool()) {
       for (int r = 0; r < R; ++r) p.pool[r] = pool->arena(r);
       p.pool_plan = state.pool_plan();
       if (given && staging.is_same(output)) p.out_arena = pool->output_offset(p.output, size_t(p.capacity * row_bytes));
