@@ -224,7 +224,7 @@ def main():
     parser.add_argument("--no-host-route", action="store_true", help="leave out the host-driven route's rows")
     parser.add_argument("--node-kernel-bytes", type=int, default=None,
                         help="Options.all_to_all_kernel_bytes of the groups across nodes only (their node hop's "
-                             "kernel line; 0: the copy engines, so the node hop runs beside the NVSHMEM hop)")
+                             "kernel line; 0: the copy engines)")
     parser.add_argument("--a2a-only", action="store_true",
                         help="all_to_all_single only, on the intranode and device-route groups (no MoE ops, no rounds row)")
     parser.add_argument("--stream-calls", type=int, default=20,

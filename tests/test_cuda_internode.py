@@ -96,18 +96,18 @@ def test_nothing_spins_while_idle(topology):
     _pool(topology, "device").run(internode.rank_nothing_spins_while_idle, _seed(), device="cuda")
 
 
-NODE_HOPS_BESIDE = {"copy_engines": {"TORCH_EP_ALL_TO_ALL_KERNEL_BYTES": "0"},
-                    "kernel": {"TORCH_EP_WHATIF_NODE_KERNEL_BESIDE": "1"}}
+NODE_HOPS = {"copy_engines": {"TORCH_EP_ALL_TO_ALL_KERNEL_BYTES": "0"},
+             "kernel_in_turn": {"TORCH_EP_WHATIF_NODE_KERNEL_IN_TURN": "1"}}
 
 
-@pytest.mark.parametrize("node_hop", NODE_HOPS_BESIDE)
+@pytest.mark.parametrize("node_hop", NODE_HOPS)
 @pytest.mark.parametrize("topology", topologies())
-def test_all_to_all_across_nodes_node_hop_beside(topology, node_hop):
-    """The node hop on a stream of its own beside the NVSHMEM hop (internode_path.cpp): on the copy
-    engines (TORCH_EP_ALL_TO_ALL_KERNEL_BYTES=0), or the direct kernel with the what-if
-    TORCH_EP_WHATIF_NODE_KERNEL_BESIDE=1; small and multi-chunk messages, several calls back to
-    back."""
-    pool = _pool(topology, "device", NODE_HOPS_BESIDE[node_hop])
+def test_all_to_all_across_nodes_node_hop(topology, node_hop):
+    """The node hop's other forms (internode_path.cpp; the default is its direct kernel beside the
+    NVSHMEM hop): on the copy engines (TORCH_EP_ALL_TO_ALL_KERNEL_BYTES=0), beside too, or the
+    kernel before the NVSHMEM hop on the op's stream (the what-if TORCH_EP_WHATIF_NODE_KERNEL_IN_TURN=1);
+    small and multi-chunk messages, several calls back to back."""
+    pool = _pool(topology, "device", NODE_HOPS[node_hop])
     for _ in range(2):
         pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda")
     pool.run(internode.rank_all_to_all_across_nodes, _seed(), device="cuda", max_rows=3000, width=64)

@@ -77,21 +77,18 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
   std::shared_ptr<StreamMark> end;
 
   const Topology& t = topology_;
-  // The two hops touch disjoint rows of the outputs and share no buffer. Where the node hop moves
-  // by the copy engines (not CudaTransport::moves_by_kernel: a message above kernel_bytes) it runs
-  // on a stream of its own beside the NVSHMEM hop's kernel, forked from the op's stream and joined
-  // back before the op's end, as NCCL's channels drive NVLink and network peers at once: at 2x2 virtual nodes
-  // on one H100, 64 MiB per rank (16 MiB a node peer), 349 us a call back to back against 482
-  // queued one after the other (a call after a barrier: 726 against 757). Where the node hop is a
-  // kernel it stays before the NVSHMEM hop on the op's stream: two kernels that both wait on
-  // peers then shared the SMs, and at 2x4 (8 MiB a node peer) a call after a barrier took 2.8-4.5
-  // ms against 1.7 (back to back 0.71 against 0.75). Those figures after a barrier date from
-  // before NVSHMEM's proxy thread was off on one machine (nvshmem_runtime.cpp's init_over): its
-  // spinning took the ranks' cores and stalled calls by 3.5 ms at random. Measurements only:
+  // The two hops touch disjoint rows of the outputs and share no buffer, so the node hop runs on a
+  // stream of its own beside the NVSHMEM hop's kernel, forked from the op's stream and joined back
+  // before the op's end, as NCCL's channels drive NVLink and network peers at once. On one H100 at
+  // 2x4 virtual nodes, 64 MiB per rank, the node hop's direct kernel beside took a call after a
+  // barrier to 1408 us against 1441-1451 in turn, and back to back to 705 us against 757 (29f9c6e,
+  // two alternations); by the copy engines (a message above kernel_bytes) at 2x2, 726 against 757
+  // and 349 against 482. (9505576 had put the kernel in turn from figures taken while NVSHMEM's
+  // proxy thread spun a core per rank: nvshmem_runtime.cpp's init_over.) Measurements only:
   // TORCH_EP_WHATIF_SERIAL_HOPS=1 queues both hops one after the other always,
-  // TORCH_EP_WHATIF_NODE_KERNEL_BESIDE=1 runs the node hop beside also where it is a kernel.
+  // TORCH_EP_WHATIF_NODE_KERNEL_IN_TURN=1 where the node hop is a kernel.
   static const bool serial = env_switch("TORCH_EP_WHATIF_SERIAL_HOPS");
-  static const bool kernel_beside = env_switch("TORCH_EP_WHATIF_NODE_KERNEL_BESIDE");
+  static const bool kernel_in_turn = env_switch("TORCH_EP_WHATIF_NODE_KERNEL_IN_TURN");
   // This node's ranks (self included) over CUDA IPC, indexed by local rank.
   std::vector<SendBuffer> node_sends;
   std::vector<RecvBuffer> node_recvs;
@@ -99,7 +96,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupEP::internode_all_to_all(std::vector<
     node_sends.push_back(spans.sends[r]);
     node_recvs.push_back(spans.recvs[r]);
   }
-  const bool beside = !serial && (kernel_beside || !transport->node().moves_by_kernel(node_sends));
+  const bool beside = !serial && !(kernel_in_turn && transport->node().moves_by_kernel(node_sends));
   const cudaStream_t node_stream =
       beside ? c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *node_hop_stream_).stream() : stream.stream();
   auto join = [&] {  // also where the NVSHMEM hop threw: no write of the node hop outlives the op
