@@ -8,6 +8,7 @@
 #include "backend/ops/register_low_latency.hpp"
 #include "backend/ops/register_moe.hpp"
 #include "backend/process_group/register.hpp"
+#include "backend/transport/cuda/kernel_preload.hpp"  // no CUDA includes: CPU builds use its struct
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_ep native extension";
@@ -27,4 +28,15 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("has_cuda") = false;
 #endif
+  // The kernels loaded at the transports' set-up (backend/transport/cuda/kernel_preload.hpp).
+  m.def("_kernels_preloaded", [] {
+#ifdef TORCH_EP_WITH_CUDA
+    const ep::KernelPreload p = ep::kernels_preloaded();
+#else
+    ep::KernelPreload p;
+    p.skipped = "built without CUDA";
+#endif
+    return pybind11::dict(pybind11::arg("modules") = p.modules, pybind11::arg("functions") = p.functions,
+                          pybind11::arg("skipped") = p.skipped, pybind11::arg("error") = p.error);
+  }, "{modules, functions, skipped, error}: this process's kernels loaded at set-up, why none were, the first failure");
 }

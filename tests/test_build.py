@@ -42,6 +42,26 @@ def test_kernel_compiles_for_sm90(source, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_every_kernel_module_is_preloaded():
+    """Each kernels/*.cu with a kernel names one for kernel_preload.cpp (module_kernels.hpp), which
+    loads its module's kernels at set-up: a file left out would load at its first launch."""
+    header = open(os.path.join(ROOT, "backend", "kernels", "module_kernels.hpp")).read()
+    preload = open(os.path.join(ROOT, "backend", "transport", "cuda", "kernel_preload.cpp")).read()
+    for source in glob.glob(os.path.join(ROOT, "backend", "kernels", "*.cu")):
+        if "__global__" not in open(source).read():
+            continue
+        hook = os.path.basename(source)[:-3] + "_module_kernel"
+        assert f"{hook}()" in open(source).read() and f"{hook}();" in header, f"{source}: no {hook}()"
+        assert f"kernels::{hook}," in preload, f"kernel_preload.cpp does not list {hook}"
+
+
+def test_kernels_preloaded_report():
+    report = torch_ep._C._kernels_preloaded()
+    assert set(report) == {"modules", "functions", "skipped", "error"}
+    if not torch_ep._C.has_cuda:
+        assert report == {"modules": 0, "functions": 0, "skipped": "built without CUDA", "error": ""}
+
+
 # The stand-alone GPU probes (tools/*.cu, gpu_suite.sh builds them with nvcc); pool_copy_probe.cu
 # includes backend/kernels/copy.cuh, so a change there must keep it building.
 TOOLS = sorted(glob.glob(os.path.join(ROOT, "tools", "*.cu")))
@@ -145,7 +165,8 @@ def test_cuda_host_code_compiles(source, tmp_path):
 NVSHMEM_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport", "nvshmem", "*.cpp"))
                               + [os.path.join(ROOT, "backend", "ops", "cuda", "low_latency_cuda.cpp")]
                               # CUDA host files with an NVSHMEM-only branch (the internode path)
-                              + [os.path.join(ROOT, "backend", "process_group", "cuda", "internode_path.cpp"),
+                              + [os.path.join(ROOT, "backend", "transport", "cuda", "kernel_preload.cpp"),
+                                 os.path.join(ROOT, "backend", "process_group", "cuda", "internode_path.cpp"),
                                  os.path.join(ROOT, "backend", "ops", "cuda", "moe_internode_cuda.cpp"),
                                  os.path.join(ROOT, "backend", "ops", "cuda", "moe_internode_device.cpp")])
 

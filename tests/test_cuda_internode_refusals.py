@@ -52,7 +52,7 @@ def rank_worst_overflow_then_combine(seed):
     # The same calls with room for every row first: they allocate the buffer (collectively) and
     # load every kernel below. CUDA loads a kernel at its first launch (lazy loading), which may
     # wait for the device: behind the sleep, that would let the dispatch run before the combine
-    # is queued.
+    # is queued. (torch_ep's own kernels are loaded at set-up, kernel_preload.hpp; torch's are not.)
     warm = torch_ep.dispatch(x, idx, num_experts=2 * size, num_worst_tokens=5 * size)
     rows = torch.full((5 * size, 8), float("nan"), device="cuda")
     rows[:] = warm.recv_x

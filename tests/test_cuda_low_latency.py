@@ -266,7 +266,8 @@ def _set_up_then_lose(absent):
     Every kernel the calls behind the lost peer launch (the ops', the inputs', the fills of
     uninitialised outputs) runs here first: CUDA loads a kernel at its first launch (lazy
     loading), which may wait for the device, so a first launch queued behind a wait that spins
-    for the lost peer would hold the host until that wait timed out."""
+    for the lost peer would hold the host until that wait timed out (torch_ep loads its own
+    kernels at set-up, backend/transport/cuda/kernel_preload.hpp; torch's it does not)."""
     num_experts, x, idx, w = make_inputs(7, "random", 6, 256, 2, 2, device="cuda")
     torch.use_deterministic_algorithms(True, warn_only=True)  # as rank_queued_calls_after_a_lost_peer
     try:

@@ -1,5 +1,6 @@
 #include "backend/kernels/all_to_all.cuh"
 #include "backend/kernels/copy.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/sync.cuh"
 
 #include <algorithm>
@@ -119,5 +120,7 @@ cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStr
   all_to_all_direct_kernel<<<blocks, kThreads, 0, stream>>>(params, peer_units, units);
   return cudaGetLastError();
 }
+
+const void* all_to_all_module_kernel() { return reinterpret_cast<const void*>(all_to_all_direct_kernel); }
 
 }  // namespace ep::kernels

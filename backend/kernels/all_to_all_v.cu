@@ -1,6 +1,7 @@
 #include "backend/kernels/all_to_all_pool.cuh"
 #include "backend/kernels/all_to_all_v.cuh"
 #include "backend/kernels/copy.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/sync.cuh"
 
 namespace ep::kernels {
@@ -511,5 +512,7 @@ cudaError_t launch_all_to_all_v_call(const AllToAllVParams& params, int pool_blo
   else all_to_all_v_call_kernel<false><<<grid, kMoveThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
+
+const void* all_to_all_v_module_kernel() { return reinterpret_cast<const void*>(all_to_all_v_plan_kernel); }
 
 }  // namespace ep::kernels

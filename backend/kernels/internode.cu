@@ -1,4 +1,5 @@
 #include "backend/kernels/internode.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/sync.cuh"
 
 namespace ep::kernels {
@@ -29,5 +30,7 @@ cudaError_t launch_wait_signals(const WaitSignalsParams& params, cudaStream_t st
   wait_signals_kernel<<<1, kMaxWaitSignals, 0, stream>>>(params);
   return cudaGetLastError();
 }
+
+const void* internode_module_kernel() { return reinterpret_cast<const void*>(wait_signals_kernel); }
 
 }  // namespace ep::kernels

@@ -13,6 +13,7 @@
 // tells it when they are done (combine_in_done), which combine_buffer waits for before the
 // caller writes the region again.
 #include "backend/kernels/internode_common.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/whatif_puts.cuh"
 
 namespace ep::kernels::ix {
@@ -370,3 +371,7 @@ cudaError_t launch_combine_receive(const IxParams& p, cudaStream_t stream) {
 }
 
 }  // namespace ep::kernels::ix
+
+const void* ep::kernels::internode_combine_module_kernel() {
+  return reinterpret_cast<const void*>(ep::kernels::ix::combine_in_wait_kernel);
+}

@@ -13,6 +13,7 @@
 // the row's other fields beside it (x_packed): (n - 1) + k copies. Before handing them out it
 // waits until the last dispatch's readers of the packed rows are done (dispatch_in_wait_kernel).
 #include "backend/kernels/internode_common.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/whatif_puts.cuh"
 
 namespace ep::kernels::ix {
@@ -313,3 +314,7 @@ cudaError_t launch_dispatch_receive(const IxParams& p, cudaStream_t stream) {
 }
 
 }  // namespace ep::kernels::ix
+
+const void* ep::kernels::internode_dispatch_module_kernel() {
+  return reinterpret_cast<const void*>(ep::kernels::ix::dispatch_in_wait_kernel);
+}

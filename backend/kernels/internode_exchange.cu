@@ -9,6 +9,7 @@
 
 #include "backend/kernels/copy.cuh"
 #include "backend/kernels/internode_exchange.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/sync.cuh"
 #include "backend/kernels/whatif_puts.cuh"
 
@@ -116,5 +117,7 @@ cudaError_t launch_exchange(const ExchangeParams& p, cudaStream_t stream) {
     exchange_kernel<false><<<grid, kExchangeThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
+
+const void* internode_exchange_module_kernel() { return reinterpret_cast<const void*>(exchange_kernel<false>); }
 
 }  // namespace ep::kernels

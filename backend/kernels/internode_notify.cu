@@ -3,6 +3,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "backend/kernels/internode_common.cuh"
+#include "backend/kernels/module_kernels.hpp"
 
 namespace ep::kernels::ix {
 namespace {
@@ -188,3 +189,7 @@ cudaError_t launch_notify(const IxParams& p, cudaStream_t stream) {
 }
 
 }  // namespace ep::kernels::ix
+
+const void* ep::kernels::internode_notify_module_kernel() {
+  return reinterpret_cast<const void*>(ep::kernels::ix::notify_kernel);
+}

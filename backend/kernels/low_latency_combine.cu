@@ -14,6 +14,7 @@
 #include "backend/kernels/low_latency.cuh"
 #include "backend/kernels/low_latency_device.cuh"  // completion words, peers, warp copies and scans
 #include "backend/kernels/low_latency_launch.cuh"  // kWarps, grid sizes, group checks
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/whatif_puts.cuh"
 
 namespace ep::kernels::ll {
@@ -231,3 +232,7 @@ cudaError_t launch_combine_region_wait(const GroupArgs& g, cudaStream_t stream) 
 }
 
 }  // namespace ep::kernels::ll
+
+const void* ep::kernels::low_latency_combine_module_kernel() {
+  return reinterpret_cast<const void*>(ep::kernels::ll::combine_region_wait_kernel);
+}

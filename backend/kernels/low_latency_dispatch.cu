@@ -14,6 +14,7 @@
 #include "backend/kernels/low_latency.cuh"
 #include "backend/kernels/low_latency_device.cuh"  // completion words, peers, warp copies and scans
 #include "backend/kernels/low_latency_launch.cuh"  // kWarps, grid sizes, group checks
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/whatif_puts.cuh"
 
 namespace ep::kernels::ll {
@@ -478,3 +479,7 @@ cudaError_t launch_dispatch_recv(const DispatchRecvParams& p, cudaStream_t strea
 }
 
 }  // namespace ep::kernels::ll
+
+const void* ep::kernels::low_latency_dispatch_module_kernel() {
+  return reinterpret_cast<const void*>(ep::kernels::ll::dispatch_recv_kernel);
+}

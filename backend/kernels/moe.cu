@@ -4,6 +4,7 @@
 #include <climits>
 
 #include "backend/kernels/moe.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/moe_bulk.cuh"
 #include "backend/kernels/moe_device.cuh"
 #include "backend/kernels/moe_unroll.cuh"
@@ -316,5 +317,7 @@ cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
     combine_kernel<decltype(t), decltype(vector)::value, kWarpChunks><<<grid, kThreads, 0, stream>>>(p);
   });
 }
+
+const void* moe_module_kernel() { return reinterpret_cast<const void*>(layout_kernel); }
 
 }  // namespace ep::kernels

@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 
 #include "backend/kernels/moe_bulk.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/moe_device.cuh"
 
 namespace ep::kernels {
@@ -432,5 +433,7 @@ cudaError_t launch_combine_bulk(const CombineParams& p, cudaStream_t stream) {
   if (!fits || !bulk_copies_available()) return cudaErrorNotSupported;
   return with_element_type(p.dtype, [&](auto t) { return launch_combine_bulk_as<decltype(t)>(p, stream); });
 }
+
+const void* moe_bulk_module_kernel() { return reinterpret_cast<const void*>(dispatch_bulk_kernel); }
 
 }  // namespace ep::kernels

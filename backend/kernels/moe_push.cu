@@ -4,6 +4,7 @@
 // (copy_row_to). The receiver's row is where the pull kernel would have put it: the rows of
 // lower ranks first, then this rank's in its token order.
 #include "backend/kernels/moe_device.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/sync.cuh"
 
 namespace ep::kernels {
@@ -91,5 +92,7 @@ cudaError_t launch_dispatch_push(const DispatchPushParams& p, cudaStream_t strea
   });
   return cudaGetLastError();
 }
+
+const void* moe_push_module_kernel() { return reinterpret_cast<const void*>(dispatch_push_kernel<int4, kPushDepth>); }
 
 }  // namespace ep::kernels

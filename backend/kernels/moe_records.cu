@@ -5,6 +5,7 @@
 // offsets from the plan instead of the handshake's counts; a combine's pull kernel (moe.cu,
 // moe_unroll.cu, moe_bulk.cu) reads the peers' x from the plan (load_combine_sources).
 #include "backend/kernels/moe_device.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/moe_records.cuh"
 #include "backend/kernels/sync.cuh"
 
@@ -287,5 +288,7 @@ cudaError_t launch_dispatch_with_records(const DispatchRecordsParams& p, cudaStr
   });
   return cudaGetLastError();
 }
+
+const void* moe_records_module_kernel() { return reinterpret_cast<const void*>(notify_kernel); }
 
 }  // namespace ep::kernels

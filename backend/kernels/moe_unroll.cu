@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "backend/kernels/moe_device.cuh"
+#include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/moe_unroll.cuh"
 
 namespace ep::kernels {
@@ -336,5 +337,7 @@ cudaError_t launch_combine_unroll(const CombineParams& p, cudaStream_t stream) {
     combine_unroll_kernel<decltype(t), decltype(vector)::value, kCombineChunks><<<grid, kThreads, 0, stream>>>(p);
   });
 }
+
+const void* moe_unroll_module_kernel() { return reinterpret_cast<const void*>(dispatch_unroll_kernel<int4, kDispatchDepth>); }
 
 }  // namespace ep::kernels

@@ -11,6 +11,7 @@
 #include "backend/kernels/moe_records.cuh"  // kMoeReportWords
 #include "backend/transport/cuda/cuda_check.hpp"
 #include "backend/transport/cuda/event_pool.hpp"
+#include "backend/transport/cuda/kernel_preload.hpp"
 
 namespace ep {
 namespace {
@@ -117,6 +118,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   for (int r = 0; r < size_; ++r) group_ranks_.push_back(rdv.group_rank(r));
   if (size_ > kMaxRanks) throw CommError("torch_ep: the CUDA transport supports up to 2048 ranks per node");
   EP_CUDA_CHECK(cudaSetDevice(config.device));
+  preload_kernels(config.device);  // before any kernel of ours can spin (kernel_preload.hpp)
   // full = 0 (nothing sent), empty = 1 (every slot free), ready = done = 0.
   std::vector<uint32_t> flags(size_t(size_) * (kSlots * 2 + 2), 0);
   std::fill(flags.begin() + size_ * kSlots, flags.begin() + size_ * kSlots * 2, 1u);

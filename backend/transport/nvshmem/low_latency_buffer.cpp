@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend/transport/cuda/cuda_check.hpp"
+#include "backend/transport/cuda/kernel_preload.hpp"
 #include "backend/transport/nvshmem/nvshmem_runtime.hpp"
 
 namespace ep {
@@ -18,6 +19,7 @@ LowLatencyBuffer::LowLatencyBuffer(int rank, int size, int device, std::chrono::
   if (size > kernels::ll::kMaxRanks)
     throw CommError("torch_ep: low-latency ops support groups of up to " + std::to_string(kernels::ll::kMaxRanks) +
                     " ranks, this one has " + std::to_string(size));
+  preload_kernels(device);  // before any kernel of ours can spin (kernel_preload.hpp)
   int sms = num_sms;
   if (sms <= 0) EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   num_blocks_ = sms;

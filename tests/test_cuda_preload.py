@@ -1,0 +1,69 @@
+"""torch_ep's kernels are loaded when a CUDA transport is set up (GPU machines only).
+
+Under CUDA's lazy loading a kernel's code loads at its first launch, and that load may wait for
+the device: behind one of our kernels spinning on a lost peer, the host would be held until the
+wait timed out (backend/transport/cuda/kernel_preload.hpp). The ranks here run with
+CUDA_MODULE_LOADING=LAZY, so the preload has work to do whatever the driver's default.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torch_ep
+from conftest import rank_pool
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C.has_cuda,
+                                reason="needs CUDA and a CUDA build of torch_ep")
+
+LAZY = {"CUDA_MODULE_LOADING": "LAZY"}
+
+# The modules built apart (no -rdc): all_to_all, all_to_all_v, internode, moe, moe_bulk, moe_push,
+# moe_records, moe_unroll (backend/kernels/module_kernels.hpp). NVSHMEM builds add one.
+MODULES_BUILT_APART = 8
+
+
+def rank_preload_report():
+    """One all_to_all_single on the group's CUDA transport; the preload's report after it."""
+    assert os.environ.get("CUDA_MODULE_LOADING") == "LAZY"
+    before = torch_ep._C._kernels_preloaded()
+    rank, size = dist.get_rank(), dist.get_world_size()
+    x = torch.arange(size * 4, device="cuda", dtype=torch.float32) + 100 * rank
+    y = torch.empty_like(x)
+    dist.all_to_all_single(y, x)
+    torch.cuda.synchronize()
+    expected = torch.cat([torch.arange(4, device="cuda", dtype=torch.float32) + 4 * rank + 100 * src
+                          for src in range(size)])
+    assert torch.equal(y, expected)
+    return before, torch_ep._C._kernels_preloaded()
+
+
+def test_kernels_are_loaded_when_the_transport_is_set_up():
+    pool = rank_pool(2, cuda=True, env=LAZY)
+    for rank, (before, after) in enumerate(pool.run(rank_preload_report)):
+        assert after["error"] == "", f"rank {rank}: {after}"
+        assert after["skipped"] == "", f"rank {rank}: {after}"
+        assert after["modules"] >= MODULES_BUILT_APART, f"rank {rank}: {after}"
+        assert after["functions"] > after["modules"], f"rank {rank}: {after}"  # most modules hold several
+        # A pool's first CUDA op sets the transport up; a reused pool had it from an earlier test.
+        assert before["modules"] in (0, after["modules"]), f"rank {rank}: {before} then {after}"
+
+
+def rank_preload_off_report():
+    assert os.environ.get("TORCH_EP_PRELOAD_KERNELS") == "0"
+    rank, size = dist.get_rank(), dist.get_world_size()
+    x = torch.full((size * 2,), float(rank), device="cuda")
+    y = torch.empty_like(x)
+    dist.all_to_all_single(y, x)
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.arange(size, device="cuda", dtype=torch.float32).repeat_interleave(2))
+    return torch_ep._C._kernels_preloaded()
+
+
+def test_preload_off():
+    """TORCH_EP_PRELOAD_KERNELS=0: nothing loaded at set-up, and the ops work as before."""
+    pool = rank_pool(2, cuda=True, env={**LAZY, "TORCH_EP_PRELOAD_KERNELS": "0"})
+    for rank, report in enumerate(pool.run(rank_preload_off_report)):
+        assert report == {"modules": 0, "functions": 0, "skipped": "TORCH_EP_PRELOAD_KERNELS=0", "error": ""}, \
+            f"rank {rank}: {report}"
