@@ -56,6 +56,7 @@ bool share(CudaTransport& transport, const std::vector<const void*>& ptrs, std::
   PeerRegion regions[kMaxRegions];
   std::memset(regions, 0, sizeof(regions));
   bool ok = true;
+  CudaTransport::Export last;  // tensors of one caching-allocator block share one lookup
   for (size_t i = 0; i < ptrs.size(); ++i) {
     if (!ptrs[i]) continue;
     const int64_t arena_offset = moe_arena ? moe_arena->offset_of(ptrs[i], 1) : -1;
@@ -65,7 +66,7 @@ bool share(CudaTransport& transport, const std::vector<const void*>& ptrs, std::
       continue;
     }
     cudaIpcMemHandle_t handle;
-    if (!transport.export_allocation(ptrs[i], &handle, &regions[i].offset)) {
+    if (!transport.export_allocation(ptrs[i], &handle, &regions[i].offset, &last)) {
       ok = false;
       continue;
     }

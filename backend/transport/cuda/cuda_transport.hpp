@@ -101,8 +101,16 @@ class CudaTransport {
   void exchange(const void* mine, void* theirs, size_t record_bytes, const char* op_name);
   // How many exchanges this rank made (for tests: a call with device records makes none).
   uint64_t exchanges() const { return exchanges_.load(std::memory_order_relaxed); }
+  // One allocation's export, kept for the rest of one call: a pointer inside [base, end) shares
+  // it without asking the driver again (all_to_all_single's receive spans are slices of one output).
+  struct Export {
+    CUdeviceptr base = 0, end = 0;
+    cudaIpcMemHandle_t handle{};
+  };
   // Exports the allocation holding `ptr` (handle + offset); false when it cannot be exported.
-  bool export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset);
+  // `last`, where given, is used when `ptr` lies inside it and refilled otherwise; it holds for one
+  // call only, while its tensors are alive (a freed block's addresses may come back as another).
+  bool export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset, Export* last = nullptr);
   // Maps a peer's exported allocation once; later calls reuse the mapping.
   char* open_peer_allocation(int peer, const cudaIpcMemHandle_t& handle);
   // Handshake flags: a set ready/done flag in `owner`'s block at index `peer`.
