@@ -9,10 +9,11 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
+import test_all_to_all as cpu_checks
 import torch_ep
 from conftest import rank_pool
+from test_cuda_all_to_all import _seed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C.has_cuda,
                                 reason="needs CUDA and a CUDA build of torch_ep")
@@ -24,24 +25,18 @@ LAZY = {"CUDA_MODULE_LOADING": "LAZY"}
 MODULES_BUILT_APART = 8
 
 
-def rank_preload_report():
-    """One all_to_all_single on the group's CUDA transport; the preload's report after it."""
+def rank_preload_report(seed):
+    """One all_to_all_single on the group's CUDA transport (checked against torch_ep.reference);
+    the preload's report before and after it."""
     assert os.environ.get("CUDA_MODULE_LOADING") == "LAZY"
     before = torch_ep._C._kernels_preloaded()
-    rank, size = dist.get_rank(), dist.get_world_size()
-    x = torch.arange(size * 4, device="cuda", dtype=torch.float32) + 100 * rank
-    y = torch.empty_like(x)
-    dist.all_to_all_single(y, x)
-    torch.cuda.synchronize()
-    expected = torch.cat([torch.arange(4, device="cuda", dtype=torch.float32) + 4 * rank + 100 * src
-                          for src in range(size)])
-    assert torch.equal(y, expected)
+    cpu_checks.check_single(torch.float32, "uneven", (33,), seed, device="cuda")
     return before, torch_ep._C._kernels_preloaded()
 
 
 def test_kernels_are_loaded_when_the_transport_is_set_up():
     pool = rank_pool(2, cuda=True, env=LAZY)
-    for rank, (before, after) in enumerate(pool.run(rank_preload_report)):
+    for rank, (before, after) in enumerate(pool.run(rank_preload_report, _seed())):
         assert after["error"] == "", f"rank {rank}: {after}"
         assert after["skipped"] == "", f"rank {rank}: {after}"
         assert after["modules"] >= MODULES_BUILT_APART, f"rank {rank}: {after}"
@@ -50,20 +45,25 @@ def test_kernels_are_loaded_when_the_transport_is_set_up():
         assert before["modules"] in (0, after["modules"]), f"rank {rank}: {before} then {after}"
 
 
-def rank_preload_off_report():
+def rank_preload_off_report(seed):
     assert os.environ.get("TORCH_EP_PRELOAD_KERNELS") == "0"
-    rank, size = dist.get_rank(), dist.get_world_size()
-    x = torch.full((size * 2,), float(rank), device="cuda")
-    y = torch.empty_like(x)
-    dist.all_to_all_single(y, x)
-    torch.cuda.synchronize()
-    assert torch.equal(y, torch.arange(size, device="cuda", dtype=torch.float32).repeat_interleave(2))
+    cpu_checks.check_single(torch.float32, "uneven", (33,), seed, device="cuda")
     return torch_ep._C._kernels_preloaded()
 
 
 def test_preload_off():
     """TORCH_EP_PRELOAD_KERNELS=0: nothing loaded at set-up, and the ops work as before."""
     pool = rank_pool(2, cuda=True, env={**LAZY, "TORCH_EP_PRELOAD_KERNELS": "0"})
-    for rank, report in enumerate(pool.run(rank_preload_off_report)):
+    for rank, report in enumerate(pool.run(rank_preload_off_report, _seed())):
         assert report == {"modules": 0, "functions": 0, "skipped": "TORCH_EP_PRELOAD_KERNELS=0", "error": ""}, \
             f"rank {rank}: {report}"
+
+
+def rank_preload_bad_value(seed):
+    with pytest.raises(RuntimeError, match=r"TORCH_EP_PRELOAD_KERNELS='2': expected 0 or 1"):
+        cpu_checks.check_single(torch.float32, "uneven", (33,), seed, device="cuda")
+
+
+def test_preload_bad_value():
+    """A value other than 0 or 1 raises at the transport's set-up, naming the variable, on every rank."""
+    rank_pool(2, cuda=True, env={"TORCH_EP_PRELOAD_KERNELS": "2"}).run(rank_preload_bad_value, _seed())
