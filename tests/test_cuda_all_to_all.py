@@ -299,6 +299,21 @@ def test_self_copy_apart_whatif(world_size):
     pool.run(rank_self_apart, seed=_seed())
 
 
+def rank_export_once(seed):
+    cpu_checks.rank_all_dtypes(seed, device="cuda")
+    cpu_checks.rank_list_form(seed, device="cuda")  # outputs in separate tensors: one lookup each
+    cpu_checks.rank_non_contiguous(seed, device="cuda")
+
+
+@pytest.mark.parametrize("world_size", cuda_world_sizes())
+def test_export_once_whatif(world_size):
+    """The what-if TORCH_EP_WHATIF_EXPORT_ONCE=1 (read once a process): the host protocol looks an
+    output's allocation up once a call and reuses it for every receive span inside it
+    (CudaTransport::Export); every dtype and split shape, the list form, strided tensors."""
+    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_EXPORT_ONCE": "1"})
+    pool.run(rank_export_once, seed=_seed())
+
+
 def test_messages_larger_than_buffers(cuda_pool):
     cuda_pool.run(rank_larger_than_buffers, seed=_seed())
 

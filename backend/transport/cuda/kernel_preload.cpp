@@ -113,12 +113,13 @@ std::string load_module(const Driver& d, const void* kernel, std::vector<CUmodul
 }  // namespace
 
 void preload_kernels(int device) {
+  // Opt-in until tests/test_cuda_preload.py has passed on a GPU.
   const char* value = std::getenv("TORCH_EP_PRELOAD_KERNELS");
-  const bool on = !value || !*value || env_switch("TORCH_EP_PRELOAD_KERNELS", value);  // on unless 0
+  const bool on = env_switch("TORCH_EP_PRELOAD_KERNELS", value);
   std::lock_guard<std::mutex> lock(preload_mutex);
   if (!devices_loaded.insert(device).second) return;
   if (!on) {
-    preload_state.skipped = "TORCH_EP_PRELOAD_KERNELS=0";
+    preload_state.skipped = value && *value ? "TORCH_EP_PRELOAD_KERNELS=0" : "off: TORCH_EP_PRELOAD_KERNELS=1 turns it on";
     return;
   }
 #if CUDART_VERSION >= 12050
