@@ -306,11 +306,11 @@ def rank_export_once(seed):
 
 
 @pytest.mark.parametrize("world_size", cuda_world_sizes())
-def test_export_once_whatif(world_size):
-    """The what-if TORCH_EP_WHATIF_EXPORT_ONCE=1 (read once a process): the host protocol looks an
-    output's allocation up once a call and reuses it for every receive span inside it
-    (CudaTransport::Export); every dtype and split shape, the list form, strided tensors."""
-    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_EXPORT_ONCE": "1"})
+def test_receive_spans_share_one_export(world_size):
+    """The host protocol looks an output's allocation up once a call and reuses it for every
+    receive span inside it (CudaTransport::Export); every dtype and split shape, the list form
+    (one lookup per output tensor), strided tensors."""
+    pool = rank_pool(world_size, cuda=True, env=PROTOCOLS["host"])
     pool.run(rank_export_once, seed=_seed())
 
 

@@ -3,8 +3,8 @@
 Under CUDA's lazy loading a kernel's code loads at its first launch, and that load may wait for
 the device: behind one of our kernels spinning on a lost peer, the host would be held until the
 wait timed out (backend/transport/cuda/kernel_preload.hpp). The ranks here run with
-CUDA_MODULE_LOADING=LAZY, so the preload has work to do whatever the driver's default. It is
-opt-in (TORCH_EP_PRELOAD_KERNELS=1) until these tests have passed on a GPU.
+CUDA_MODULE_LOADING=LAZY, so the preload has work to do whatever the driver's default. It is on
+unless TORCH_EP_PRELOAD_KERNELS=0.
 """
 import os
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not torch_ep._C
                                 reason="needs CUDA and a CUDA build of torch_ep")
 
 LAZY = {"CUDA_MODULE_LOADING": "LAZY"}
-ON = {**LAZY, "TORCH_EP_PRELOAD_KERNELS": "1"}  # opt-in until this file has passed on a GPU
+ON = LAZY  # the default: no TORCH_EP_PRELOAD_KERNELS
 
 # The modules built apart (no -rdc): all_to_all, all_to_all_v, internode, moe, moe_bulk, moe_push,
 # moe_records, moe_unroll (backend/kernels/module_kernels.hpp). NVSHMEM builds add one.

@@ -252,9 +252,8 @@ char* CudaTransport::open_peer_allocation(int peer, const cudaIpcMemHandle_t& ha
 
 bool CudaTransport::export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset, Export* last) {
   // A lookup costs a driver call; at 8 ranks a call's 7 receive spans would ask 7 times for one
-  // output. What-if until measured and run on a GPU: TORCH_EP_WHATIF_EXPORT_ONCE=1 reuses `last`.
-  static const bool once = env_switch("TORCH_EP_WHATIF_EXPORT_ONCE");
-  if (last && once && last->base <= dptr(ptr) && dptr(ptr) < last->end) {
+  // output, so a span inside the block `last` found reuses it.
+  if (last && last->base <= dptr(ptr) && dptr(ptr) < last->end) {
     *handle = last->handle;
     *offset = dptr(ptr) - last->base;
     return true;

@@ -113,13 +113,13 @@ std::string load_module(const Driver& d, const void* kernel, std::vector<CUmodul
 }  // namespace
 
 void preload_kernels(int device) {
-  // Opt-in until tests/test_cuda_preload.py has passed on a GPU.
+  // On unless TORCH_EP_PRELOAD_KERNELS=0 (a value other than 0 or 1 raises, naming it).
   const char* value = std::getenv("TORCH_EP_PRELOAD_KERNELS");
-  const bool on = env_switch("TORCH_EP_PRELOAD_KERNELS", value);
+  const bool on = !value || !*value || env_switch("TORCH_EP_PRELOAD_KERNELS", value);
   std::lock_guard<std::mutex> lock(preload_mutex);
   if (!devices_loaded.insert(device).second) return;
   if (!on) {
-    preload_state.skipped = value && *value ? "TORCH_EP_PRELOAD_KERNELS=0" : "off: TORCH_EP_PRELOAD_KERNELS=1 turns it on";
+    preload_state.skipped = "TORCH_EP_PRELOAD_KERNELS=0";
     return;
   }
 #if CUDART_VERSION >= 12050

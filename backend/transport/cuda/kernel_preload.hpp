@@ -16,9 +16,8 @@ struct KernelPreload {
 };
 
 // Loads every kernel of torch_ep's modules on `device`, once per device and process; best effort
-// (a failure is kept in kernels_preloaded().error). Opt-in until its GPU test has passed:
-// TORCH_EP_PRELOAD_KERNELS=1 turns it on, 0 or unset leaves it off; another
-// value than 0 or 1 raises (env_switch).
+// (a failure is kept in kernels_preloaded().error). TORCH_EP_PRELOAD_KERNELS=0 turns it off;
+// another value than 0 or 1 raises (env_switch).
 void preload_kernels(int device);
 
 KernelPreload kernels_preloaded();
