@@ -1,7 +1,8 @@
 """Where a dispatch / combine spends its time: kernel durations (torch.profiler) next to the
-wall time per call, at DeepEP's benchmark shape; then the host time per call of the main ops,
-without the profiler (HOST), split by the ops' phases on their own clock (CLOCK), and under the
-profiler (HOST, SELF: it places time but inflates whatever encloses a CUDA call). Run with
+wall time per call, at DeepEP's benchmark shape; then the host time per call of the main ops
+without the profiler (ROUNDS: the ops in turn, the median of 7 rounds; HOST: each op alone),
+split by the ops' phases on their own clock (CLOCK), and under the profiler (HOST, SELF: it
+places time but inflates whatever encloses a CUDA call). Run with
 torchrun on a GPU machine:
 
     torchrun --nproc-per-node 2 tools/moe_profile.py [--hidden 7168] [--tokens 4096]
@@ -71,10 +72,27 @@ def main():
         top = top_kernels(kernel_times(prof, n), 5)
         lines.append(f"rank {rank} {name:36s} wall {wall * 1e6:7.1f} us/call | kernels us/call: {top}")
         dist.barrier()
+    host_ops = ("dispatch bf16, layout given", "dispatch fp8, layout given", "dispatch cached", "combine bf16",
+                "deep_ep dispatch bf16, layout given", "deep_ep dispatch cached")
+    # The host time per call without the profiler, the ops taken in turn over several rounds, so
+    # that no op owes its figure to its place in the order (the median and the range of the rounds).
+    rounds = {name: [] for name in host_ops}
+    for _ in range(7):
+        for name in host_ops:
+            torch.cuda.synchronize()
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(30):
+                ops[name]()
+            rounds[name].append((time.perf_counter() - start) / 30 * 1e6)
+    torch.cuda.synchronize()
+    for name, times in rounds.items():
+        times.sort()
+        lines.append(f"rank {rank} ROUNDS {name}: median {times[len(times) // 2]:.1f} us/call on the host "
+                     f"(7 rounds in turn with the other ops, {times[0]:.1f}-{times[-1]:.1f})")
     # The host side, back to back as in the benchmark's stream method: the op's phases
     # (ep::<op>/<phase> ranges of backend/ops/cuda/moe_cuda.cpp) in microseconds per call.
-    for name in ("dispatch fp8, layout given", "dispatch cached", "combine bf16", "deep_ep dispatch bf16, layout given",
-                 "deep_ep dispatch cached"):
+    for name in host_ops:
         calls = 30
         # Without the profiler first: its ranges and event records cost host time of their own.
         torch.cuda.synchronize()
