@@ -69,9 +69,12 @@ class CudaTransport {
   CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config, const std::string& tag);
   ~CudaTransport();
 
+  static constexpr int kSlots = 2;  // staging slots of each (owner, source) region
+
   // Enqueues the exchange on `stream`, after this transport's previous one whatever stream that
   // ran on, and returns its end (track); pointers are device memory. Throws if the transport
-  // failed earlier (a timeout), since its flags no longer agree with the peers'.
+  // failed earlier (a timeout), since its flags no longer agree with the peers'. The host
+  // protocol, host_protocol.cpp.
   std::shared_ptr<StreamMark> all_to_all(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,
                                          cudaStream_t stream, const char* op_name);
 
