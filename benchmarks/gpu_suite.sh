@@ -148,7 +148,7 @@ python3 -c 'import deep_ep; print("deep_ep", deep_ep.__file__)' >> "$SUMMARY" 2>
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   step "GPU tests, 1 2 4 8 ranks"
   # Both protocols of all_to_all_single (host control exchange, device): twice the tests.
-  TORCH_EP_TEST_WORLD_SIZES=1,2,4,8 timeout 420 python3 -m pytest tests/test_cuda_all_to_all.py -q -ra -x \
+  TORCH_EP_TEST_WORLD_SIZES=1,2,4,8 timeout 420 python3 -m pytest tests/test_cuda_all_to_all.py tests/test_cuda_all_to_all_chunks.py -q -ra -x \
     > "$LOGS/gpu_tests.log" 2>&1 || STATUS=1
   tail -15 "$LOGS/gpu_tests.log" >> "$SUMMARY"
 fi
@@ -247,7 +247,7 @@ if [ "$WHAT" = pending ]; then
   [[ $STEPS == *" internode "* ]] && pending_test internode_device ${TORCH_EP_INTERNODE_LIMIT_S:-200} NVSHMEM_SYMMETRIC_SIZE=3G \
     TORCH_EP_INTERNODE_TOPOLOGIES=${TORCH_EP_INTERNODE_TOPOLOGIES:-2x2} TORCH_EP_INTERNODE_ROUTES=${TORCH_EP_INTERNODE_ROUTES:-device} -- tests/test_cuda_internode.py tests/test_cuda_internode_refusals.py
   [[ $STEPS == *" pool "* ]] && pending_test pool ${TORCH_EP_POOL_LIMIT_S:-110} TORCH_EP_TEST_WORLD_SIZES=${TORCH_EP_POOL_WORLD_SIZES:-2} -- \
-    ${TORCH_EP_POOL_TESTS:-tests/test_cuda_comm_pool.py tests/test_cuda_all_to_all_v.py tests/test_cuda_all_to_all.py}
+    ${TORCH_EP_POOL_TESTS:-tests/test_cuda_comm_pool.py tests/test_cuda_all_to_all_v.py tests/test_cuda_all_to_all.py tests/test_cuda_all_to_all_chunks.py}
   [[ $STEPS == *" deep_ep_tests "* ]] && pending_test deep_ep_tests 60 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py
   if [[ $STEPS == *" deep_ep "* ]]; then
     pending_test deep_ep 45 TORCH_EP_TEST_WORLD_SIZES=2 -- tests/test_cuda_deep_ep.py tests/test_deep_ep.py -x

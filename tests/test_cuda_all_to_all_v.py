@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import test_all_to_all_v as cpu_checks
-import test_cuda_all_to_all as single_checks
+import test_cuda_all_to_all_chunks as chunk_checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
 from torch_ep import reference
@@ -147,15 +147,15 @@ def test_messages_larger_than_staging(cuda_pool):
 
 
 def rank_chunk_edges(seed):
-    """Messages about the staged move's chunk sizes (test_cuda_all_to_all.CHUNK_EDGE_BYTES): every
+    """Messages about the staged move's chunk sizes (test_cuda_all_to_all_chunks.CHUNK_EDGE_BYTES): every
     pair in both directions, as raw bytes and as 12-byte rows, through the default 128 KiB staging
     slots (one call with a message of many rounds too), 64 KiB and 4 KiB slots; into a given
     output (poisoned, one row to spare that must stay so) and an allocated one. The reference runs
     on CPU copies over the host transport, apart from the kernels under test."""
     rank = dist.get_rank()
-    with single_checks.chunk_edge_groups() as groups:
-        for what, group, dtype, row_shape, rows, g in single_checks.chunk_edge_cases(seed, groups):
-            inp = single_checks.chunk_edge_input(int(rows[rank].sum()), dtype, row_shape, g)
+    with chunk_checks.chunk_edge_groups() as groups:
+        for what, group, dtype, row_shape, rows, g in chunk_checks.chunk_edge_cases(seed, groups):
+            inp = chunk_checks.chunk_edge_input(int(rows[rank].sum()), dtype, row_shape, g)
             splits = rows[rank].cuda()
             total = int(rows[:, rank].sum())
             expected = reference.all_to_all_v(inp.cpu(), splits.cpu())
@@ -180,8 +180,8 @@ def rank_chunk_edges_graph(seed):
     those messages, and what is left to itself): chunk sizes and counts per lane change from one
     replay to the next, so each replay must find every slot flag back where the protocol starts."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    n = len(single_checks.CHUNK_EDGE_BYTES)
-    matrices = [single_checks.chunk_edge_matrix(size, call) for call in range(n)]
+    n = len(chunk_checks.CHUNK_EDGE_BYTES)
+    matrices = [chunk_checks.chunk_edge_matrix(size, call) for call in range(n)]
     rows = max(int(m.sum(1).max()) for m in matrices)
     static_in = torch.ones(rows, dtype=torch.uint8, device="cuda")
     static_splits = torch.zeros(size, dtype=torch.int64, device="cuda")
@@ -196,7 +196,7 @@ def rank_chunk_edges_graph(seed):
     for call in range(n):
         m = matrices[(seed + call) % n].clone()
         m.diagonal().add_(rows - m.sum(1))  # the rest of each rank's input to itself
-        static_in.copy_(single_checks.chunk_edge_input(rows, torch.uint8, (), g))
+        static_in.copy_(chunk_checks.chunk_edge_input(rows, torch.uint8, (), g))
         static_splits.copy_(m[rank])
         poison_(static_out)
         graph.replay()

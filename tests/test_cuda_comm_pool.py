@@ -19,6 +19,7 @@ import torch.distributed as dist
 import test_all_to_all as cpu_checks
 import test_all_to_all_v as v_checks
 import test_cuda_all_to_all as cuda_checks
+import test_cuda_all_to_all_chunks as chunk_checks
 import torch_ep
 from conftest import cuda_world_sizes, rank_pool
 from torch_ep import reference
@@ -117,7 +118,7 @@ def _check_pool_call(group, pool, m, seed, options):
     in_splits, out_splits = m[rank].tolist(), m[:, rank].tolist()
     g = torch.Generator().manual_seed(seed)
     inp = _allocated(pool, True, (sum(in_splits),), torch.uint8)
-    inp.copy_(cuda_checks.chunk_edge_input(sum(in_splits), torch.uint8, (), g))
+    inp.copy_(chunk_checks.chunk_edge_input(sum(in_splits), torch.uint8, (), g))
     out = poison_(_allocated(pool, True, (sum(out_splits),), torch.uint8))
     dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
     expected = reference.all_to_all_single(out.shape, inp.cpu(), out_splits, in_splits, group=group)
@@ -131,13 +132,13 @@ def rank_one_copy_knobs(seed):
     size, none a multiple of 16 bytes but the empty ones), the output poisoned, compared with the
     reference, and it must have been one copy."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    n = len(cuda_checks.CHUNK_EDGE_BYTES)
+    n = len(chunk_checks.CHUNK_EDGE_BYTES)
     settings = [dict(all_to_all_pool_blocks=blocks) for blocks in (1, 3, 7, 300)] + [dict(all_to_all_one_launch=True)]
     for options in settings:
         group, pool = _pool_group(**options)
         try:
             for call in range(3):
-                m = cuda_checks.chunk_edge_matrix(size, (seed + call * 5) % n, large=call == 2)
+                m = chunk_checks.chunk_edge_matrix(size, (seed + call * 5) % n, large=call == 2)
                 _check_pool_call(group, pool, m, seed * 7 + call * 131 + rank, options)
                 assert _one_copy(group), f"{options}, bytes {m.tolist()}: not one copy"
         finally:
@@ -154,12 +155,12 @@ def rank_pool_eager(seed):
     copy; others stage or copy once what does not fit. CHUNK_EDGE_BYTES calls, two launches and one,
     outputs poisoned and compared with the reference (which move ran is not asserted)."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    n = len(cuda_checks.CHUNK_EDGE_BYTES)
+    n = len(chunk_checks.CHUNK_EDGE_BYTES)
     for options in (dict(), dict(all_to_all_one_launch=True)):
         group, pool = _pool_group(all_to_all_eager_bytes=cuda_checks.EAGER_BYTES, **options)
         try:
             for call in range(n + 1):
-                m = cuda_checks.chunk_edge_matrix(size, (seed + call) % n, large=call == n)
+                m = chunk_checks.chunk_edge_matrix(size, (seed + call) % n, large=call == n)
                 if call == n - 1:  # every message fits
                     m = torch.full((size, size), 1000 + 16 * call, dtype=torch.int64)
                 _check_pool_call(group, pool, m, seed * 7 + call * 131 + rank, options)
