@@ -333,7 +333,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     }
     phase.next("ep::dispatch/exchange");
     const std::vector<Record> theirs = exchange(*transport, mine, op);
-    phase.next("ep::dispatch/outputs");
+    phase.next("ep::dispatch/counts");
     check_records(op, int(rank), mine[rank], theirs);
     const HandleCounts counts = dispatch_counts(a, rank, call_id, send, theirs);
     int64_t M = 0;
@@ -383,6 +383,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       return o;
     }
 
+    phase.next("ep::dispatch/outputs");
     o.recv_x = empty_output({capacity, H}, a.x.options());
     o.recv_x_scales = a.x_scales ? empty_output({capacity, a.x_scales->size(1)}, a.x_scales->options())
                                  : empty_output({0}, a.x.options().dtype(at::kFloat));
@@ -391,6 +392,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     o.recv_topk_weights = a.topk_weights ? empty_output({capacity, K}, a.x.options().dtype(at::kFloat))
                                          : empty_output({0}, a.x.options().dtype(at::kFloat));
 
+    phase.next("ep::dispatch/params");  // the peers' tensors as mapped here, the grid, the handshake
     kernels::DispatchParams p{};
     p.num_ranks = int(R);
     p.rank = int(rank);
@@ -425,6 +427,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     transport->track(op, stream);
     raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
 
+    phase.next("ep::dispatch/handle");
     o.meta = given ? empty_output({0}, meta.options()) : meta;  // the caller keeps the table it gave
     o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
     return o;
@@ -498,6 +501,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
       share(*transport, {ptr_of(a.x), ptr_of(a.topk_weights), ptr_of(a.handle_meta)}, mine, moe_arena);
       phase.next("ep::combine/exchange");
       const std::vector<Record> theirs = exchange(*transport, mine, op);
+      phase.next("ep::combine/peers");  // the records' checks, the peers' tensors as mapped here
       check_records(op, int(rank), mine[rank], theirs);
       check_combine_counts(a, rank, theirs);
       for (int d = 0; d < R; ++d) {
