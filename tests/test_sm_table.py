@@ -207,6 +207,25 @@ def test_readme_lists_every_environment_variable():
     assert listed == set(torch_ep.options.ENVIRONMENT)
 
 
+def test_every_variable_read_is_listed():
+    """Every TORCH_EP_* variable the library's sources name is in torch_ep.options.ENVIRONMENT, but
+    the what-ifs (TORCH_EP_WHATIF_*: measurements, not settings), and none is listed that no source
+    names."""
+    import re
+    named = set()
+    for folder in ("backend", "torch_ep"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".cpp", ".hpp", ".cu", ".cuh", ".h"):
+                text = path.read_text()
+                if path.name == "options.py":  # the list itself names them all
+                    start = text.index("ENVIRONMENT = {")
+                    text = text[:start] + text[text.index("\n}\n", start):]
+                named |= set(re.findall(r'"(TORCH_EP_[A-Z0-9_]+)"', text))
+    settings = {name for name in named if not name.startswith("TORCH_EP_WHATIF_")}
+    assert settings == set(torch_ep.options.ENVIRONMENT), (sorted(settings - set(torch_ep.options.ENVIRONMENT)),
+                                                            sorted(set(torch_ep.options.ENVIRONMENT) - settings))
+
+
 def test_parse_copies():
     sys.path.insert(0, str(ROOT))
     try:

@@ -94,6 +94,13 @@ ENVIRONMENT = {
                                        "zero-copy region per rank (default 0: ranks x capacity, every row a rank can "
                                        "receive; 264 MiB at 2x2 and the defaults); a combine_buffer that does not fit "
                                        "is a plain tensor",
+    "TORCH_EP_PRELOAD_KERNELS": "0 stops a group's CUDA transport and the low-latency buffer from loading every kernel "
+                                "of torch_ep when they are set up (default 1: under CUDA's lazy loading no first launch "
+                                "then waits for the device behind a kernel spinning on a lost peer)",
+    "TORCH_EP_LL_REMOTE_PUTS": "how the low-latency dispatch puts its tokens to ranks on other nodes: unset picks block "
+                               "where NVSHMEM reaches every remote peer by P2P and token where a NIC does; token, "
+                               "fenced, grouped, batched or batchedN (N in 1..64), block",
+    "TORCH_EP_LL_TRACE": "1 makes the low-latency kernels write their phase timestamps (tools/ll_profile.py)",
 }
 
 
