@@ -256,6 +256,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--factor", type=int, choices=[2, 4], default=4, help="ratio of successive sizes")
     parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS, help="timed runs per size (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before the timed runs")
+    parser.add_argument("--descending", action="store_true",
+                        help="measure the largest size first: whatever the first size measured pays for the "
+                             "process's start then lands on the largest, not on the smallest")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--gloo-max-bytes", type=int, default=None,
                         help="largest size Gloo is timed at (default: all on CPU, 4 MiB on CUDA, where "
@@ -288,7 +291,8 @@ def main() -> None:
     measurements = []
     gloo_max = args.gloo_max_bytes if args.gloo_max_bytes is not None else (
         4 << 20 if device.type == "cuda" else args.max_bytes)
-    for size in sizes_between(args.min_bytes, args.max_bytes, args.factor):
+    sizes = sizes_between(args.min_bytes, args.max_bytes, args.factor)
+    for size in sorted(sizes, reverse=True) if args.descending else sizes:
         timed = {impl: group for impl, group in impls.items()
                  if (impl != "gloo" or size <= gloo_max)
                  and (impl not in (EAGER, EAGER_GRAPH) or size // world_size <= EAGER_BYTES)}
