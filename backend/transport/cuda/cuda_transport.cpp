@@ -5,12 +5,9 @@
 #include <algorithm>
 #include <cstring>
 
-#include "backend/common/env_switch.hpp"
-#include "backend/common/phase_clock.hpp"
 #include "backend/kernels/all_to_all.cuh"
 #include "backend/kernels/moe_records.cuh"  // kMoeReportWords
 #include "backend/transport/cuda/cuda_check.hpp"
-#include "backend/transport/cuda/event_pool.hpp"
 #include "backend/transport/cuda/kernel_preload.hpp"
 
 namespace ep {

@@ -11,7 +11,6 @@
 #include "backend/kernels/all_to_all.cuh"
 #include "backend/transport/cuda/cuda_check.hpp"
 #include "backend/transport/cuda/cuda_transport.hpp"
-#include "backend/transport/cuda/event_pool.hpp"
 
 namespace ep {
 namespace {
