@@ -46,6 +46,12 @@ def test_autograd(cuda_pool):
     cuda_pool.run(checks.rank_autograd, _seed(), device="cuda")
 
 
+def test_direct_call_whatif():
+    """TORCH_EP_WHATIF_DIRECT_CALL=1 on CUDA: the pybind entries' outputs and errors (test_moe.py)."""
+    rank_pool(2, cuda=True, env={"TORCH_EP_WHATIF_DIRECT_CALL": "1"}).run(checks.rank_direct_call, _seed(),
+                                                                           device="cuda")
+
+
 def test_async_op(cuda_pool):
     cuda_pool.run(checks.rank_async, _seed(), device="cuda")
 

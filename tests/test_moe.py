@@ -4,6 +4,7 @@ against torch_ep.reference, on 2 to 4 CPU ranks over the shared-memory transport
 The rank functions take a `device` so that tests/test_cuda_moe.py runs the same checks on CUDA.
 Data is integer-valued, so sums are exact and every comparison is bit for bit.
 """
+import os
 from datetime import timedelta
 
 import pytest
@@ -490,3 +491,31 @@ def rank_mismatched_handles(device="cpu"):
 def test_ops_are_registered():
     for name in ("get_dispatch_layout", "dispatch", "combine"):
         assert hasattr(torch.ops.ep, name)
+
+
+def rank_direct_call(seed, device="cpu"):
+    """Under TORCH_EP_WHATIF_DIRECT_CALL=1 eager dispatch and combine call the pybind entries, not
+    the torch ops (replaced here by stubs that raise): the same outputs as the reference, fp8 and
+    cached dispatches included, and the same errors for bad input. A dispatch that needs a gradient
+    still goes through autograd."""
+    from torch_ep import moe
+    assert os.environ.get("TORCH_EP_WHATIF_DIRECT_CALL") == "1"
+
+    def refuse(*args):
+        raise AssertionError("the torch op was called, not the direct entry")
+
+    ops = moe._dispatch_op, moe._combine_op
+    moe._dispatch_op, moe._combine_op = refuse, refuse
+    try:
+        for case in ROUTE_CASES[:3] + ROUTE_CASES[5:6]:
+            rank_dispatch_combine(seed, *case, device=device)
+        rank_bad_input(device=device)
+        num_experts, g, x, idx, w = make_inputs(seed, "random", 8, 2, 2, torch.float32, device)
+        got = torch_ep.dispatch(x.requires_grad_(), idx, w, num_experts=num_experts)
+        assert got.recv_x.grad_fn is not None, "a dispatch that needs a gradient left autograd"
+    finally:
+        moe._dispatch_op, moe._combine_op = ops
+
+
+def test_direct_call_whatif():
+    rank_pool(2, env={"TORCH_EP_WHATIF_DIRECT_CALL": "1"}).run(rank_direct_call, _seed())

@@ -3,6 +3,7 @@
 // reported through the call's first exchange instead, so that every rank raises together.
 #include "backend/ops/moe_ops.hpp"
 
+#include <ATen/record_function.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/utils/pybind.h>
@@ -362,6 +363,26 @@ namespace ep {
 
 void register_moe(pybind11::module_& m) {
   namespace py = pybind11;
+  // The ops' own functions for plain eager tensors, without the dispatcher's boxed call of
+  // eleven arguments and six outputs: torch_ep.moe calls them under TORCH_EP_WHATIF_DIRECT_CALL=1
+  // where nothing could intercept the op (no tensor subclass, mode, functorch transform or
+  // compile). The profiler still sees the op's name.
+  m.def("_dispatch_direct",
+        [](const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const std::optional<at::Tensor>& topk_idx,
+           const std::optional<at::Tensor>& topk_weights, const std::optional<at::Tensor>& handle_meta,
+           const std::optional<at::Tensor>& handle_counts, int64_t num_experts, int64_t num_worst_tokens,
+           const std::string& group_name, const std::optional<at::Tensor>& layout_meta,
+           const std::optional<at::Tensor>& layout_header) {
+          RECORD_FUNCTION("ep::dispatch", std::vector<c10::IValue>());
+          return moe::dispatch(x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts,
+                               num_worst_tokens, group_name, layout_meta, layout_header);
+        });
+  m.def("_combine_direct",
+        [](const at::Tensor& x, const std::optional<at::Tensor>& topk_weights, const at::Tensor& handle_meta,
+           const at::Tensor& handle_counts, int64_t num_experts, const std::string& group_name) {
+          RECORD_FUNCTION("ep::combine", std::vector<c10::IValue>());
+          return moe::combine(x, topk_weights, handle_meta, handle_counts, num_experts, group_name);
+        });
   m.def("_combine_buffer", &moe::combine_buffer, py::arg("group_name"), py::arg("handle_counts"),
         py::arg("num_experts"), py::arg("rows"), py::arg("hidden"), py::arg("dtype"), py::arg("device"),
         "torch_ep.combine_buffer's zero-copy region, or None (the caller makes a plain tensor)");
