@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backend/common/errors.hpp"
+#include "backend/common/phases.hpp"
 #include "backend/kernels/all_to_all_v.cuh"
 #include "backend/ops/cuda/cuda_outputs.hpp"
 #include "backend/ops/all_to_all_v.hpp"
@@ -435,6 +436,8 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
                                             const Tensor& input_splits, const std::optional<Tensor>& given,
                                             Tensor* allocated, bool allow_extra_rows) {
   const char* op = "all_to_all_v";
+  Phases phase;  // the host's share of a call, for tools/a2a_profile.py
+  phase.next("ep::all_to_all_v/setup");
   const int rank = group.getRank(), R = group.getSize();
   c10::cuda::CUDAGuard guard(input.device());
   // An earlier call's problem raises once this call is queued: raising before would leave the
@@ -448,12 +451,14 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       TORCH_CHECK(!stream_capturing(stream), op, ": output=None waits for the sizes to allocate the "
                   "output, which a CUDA graph capture cannot do; give an output (its worst-case rows)");
     }
+    phase.next("ep::all_to_all_v/outputs");
     const Tensor in = input.contiguous();
     const Tensor splits = input_splits.contiguous();
     const Tensor output_splits = empty_output({R}, splits.options());
     const Tensor output_offsets = empty_output({R}, splits.options());
     const Tensor plan = empty_output({4 * R}, splits.options());
 
+    phase.next("ep::all_to_all_v/params");
     kernels::AllToAllVParams p{};
     state.fill(p);
     p.input_splits = splits.data_ptr<int64_t>();
@@ -493,9 +498,11 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     // An output given: plan and move in one launch. Else the plan alone first: the host waits for
     // its sizes to allocate the output.
     const bool one_launch = given && state.one_launch();
+    phase.next("ep::all_to_all_v/launch");
     if (one_launch) EP_CUDA_CHECK(kernels::launch_all_to_all_v_call(p, pool_blocks, stream));
     else EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
     if (!given) try {
+      phase.next("ep::all_to_all_v/wait_for_sizes");
       const Tensor sizes = at::empty({R}, splits.options().device(at::kCPU).pinned_memory(true));
       EP_CUDA_CHECK(cudaMemcpyAsync(sizes.data_ptr(), p.output_splits, R * sizeof(int64_t), cudaMemcpyDeviceToHost,
                                     stream));
@@ -515,11 +522,13 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
       throw;
     }
     p.output = static_cast<char*>(staging.data_ptr());
+    phase.next("ep::all_to_all_v/move");
     if (!one_launch) {
       if (p.pool_plan) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, pool_blocks, stream));
       else EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
     }
     if (!staging.is_same(output)) output.copy_(staging);
+    phase.next("ep::all_to_all_v/track");
     state.order().end(stream, state.transport().track(op, stream));
     if (raise_later[0] != kernels::kReportNone)
       AllToAllVState::raise_both(raise_later, found_after, rank, op, p.call_id);
