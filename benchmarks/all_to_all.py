@@ -292,7 +292,7 @@ def main() -> None:
     gloo_max = args.gloo_max_bytes if args.gloo_max_bytes is not None else (
         4 << 20 if device.type == "cuda" else args.max_bytes)
     sizes = sizes_between(args.min_bytes, args.max_bytes, args.factor)
-    for size in sorted(sizes, reverse=True) if args.descending else sizes:
+    for size in sizes[::-1] if args.descending else sizes:
         timed = {impl: group for impl, group in impls.items()
                  if (impl != "gloo" or size <= gloo_max)
                  and (impl not in (EAGER, EAGER_GRAPH) or size // world_size <= EAGER_BYTES)}

@@ -1,9 +1,8 @@
 """Where a dispatch / combine spends its time: kernel durations (torch.profiler) next to the
 wall time per call, at DeepEP's benchmark shape; then the host time per call of the main ops
-without the profiler (ROUNDS: the ops in turn, the median of 7 rounds; HOST: each op alone),
-split by the ops' phases on their own clock (CLOCK), and under the profiler (HOST, SELF: it
-places time but inflates whatever encloses a CUDA call). Run with
-torchrun on a GPU machine:
+without the profiler (ROUNDS: the ops in turn, the median of 7 rounds), split by the ops' phases
+on their own clock (CLOCK), and under the profiler (HOST, SELF: it places time but inflates
+whatever encloses a CUDA call). Run with torchrun on a GPU machine:
 
     torchrun --nproc-per-node 2 tools/moe_profile.py [--hidden 7168] [--tokens 4096]
 """
@@ -94,16 +93,10 @@ def main():
     # (ep::<op>/<phase> ranges of backend/ops/cuda/moe_cuda.cpp) in microseconds per call.
     for name in host_ops:
         calls = 30
-        # Without the profiler first: its ranges and event records cost host time of their own.
         torch.cuda.synchronize()
         dist.barrier()
-        start = time.perf_counter()
-        for _ in range(calls):
-            ops[name]()
-        bare = (time.perf_counter() - start) / calls
-        torch.cuda.synchronize()
-        dist.barrier()
-        # The phases on their own clock, still without the profiler.
+        # The phases on their own clock, without the profiler (its ranges and event records cost
+        # host time of their own).
         clocked = phase_clock_line(ops[name], calls)
         torch.cuda.synchronize()
         dist.barrier()
@@ -116,7 +109,8 @@ def main():
         phases = {e.key: e.cpu_time_total / calls for e in prof.key_averages()
                   if e.key.startswith(("ep::", "aten::", "cuda"))}
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])[:12])
-        lines.append(f"rank {rank} HOST {name}: {bare * 1e6:.1f} us/call on the host without the profiler, "
+        bare = rounds[name][len(rounds[name]) // 2]  # sorted above: the rounds' median
+        lines.append(f"rank {rank} HOST {name}: {bare:.1f} us/call on the host without the profiler (ROUNDS), "
                      f"{host * 1e6:.1f} under it | {top}")
         # Where the op's own time goes outside its named phases: each range's self time (driver
         # calls, "cu*", included), the largest first.
