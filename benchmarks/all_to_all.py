@@ -13,6 +13,10 @@ itself included. Measured, size by size and one after another:
            splits an int64 tensor on the device and the output given
   ep_graph on CUDA: the ep_device call captured in a CUDA graph and replayed: the device's time per
            call without the host's (Python, c10d, launches), what a captured model step pays
+  ep_default_graph  on CUDA: the default's call (the host protocol) captured and replayed: its
+           control exchange runs once, at the capture, and a replay is the one copy alone (the
+           direct kernel); timed where every message fits the direct kernel (8 MiB, the default
+           Options.all_to_all_kernel_bytes)
   ep_device  on CUDA: an "ep" group with Options(all_to_all_device=True): all_to_all_single on
            the device protocol (counts checked by the kernels, no host control exchange). Like
            every row but the next, async_op=False: the call runs on the caller's stream
@@ -57,6 +61,8 @@ from benchmarks import common  # noqa: E402
 SUBJECT = "ep"
 ALL_TO_ALL_V = "all_to_all_v"  # torch_ep.all_to_all_v on the subject's group
 GRAPH = "ep_graph"  # the subject's call captured in a CUDA graph
+DEFAULT_GRAPH = "ep_default_graph"  # the default group's call (the host protocol) captured
+DIRECT_KERNEL_BYTES = 8 << 20  # Options.all_to_all_kernel_bytes: the direct kernel's largest message
 POOL = "ep_pool"  # input and output from torch_ep.comm_pool of its group
 DEVICE_ASYNC = "ep_device_async"  # the device protocol with async_op=True, then wait()
 EAGER, EAGER_GRAPH = "ep_eager", "ep_eager_graph"  # the device protocol's eager path, eagerly and replayed
@@ -108,7 +114,7 @@ def make_op(impl: str, group, recv: torch.Tensor, send: torch.Tensor):
         op = lambda: dist.all_to_all_single(pool_recv, pool_send, group=group)  # noqa: E731
         op.output = pool_recv
         return op
-    if impl in (GRAPH, EAGER_GRAPH):
+    if impl in (GRAPH, EAGER_GRAPH, DEFAULT_GRAPH):
         op = make_op(SUBJECT, group, recv, send)
         op()  # the group's state is set up outside the capture (collectively)
         torch.cuda.synchronize()
@@ -279,6 +285,7 @@ def main() -> None:
         impls["ep_device"] = dist.new_group(backend="ep", pg_options=torch_ep.Options(all_to_all_device=True))
         impls[DEVICE_ASYNC] = impls["ep_device"]
         impls[GRAPH] = impls["ep_device"]
+        impls[DEFAULT_GRAPH] = dist.group.WORLD
         impls[EAGER] = dist.new_group(backend="ep", pg_options=torch_ep.Options(
             all_to_all_device=True, all_to_all_eager_bytes=EAGER_BYTES))
         impls[EAGER_GRAPH] = impls[EAGER]
@@ -295,7 +302,8 @@ def main() -> None:
     for size in sizes[::-1] if args.descending else sizes:
         timed = {impl: group for impl, group in impls.items()
                  if (impl != "gloo" or size <= gloo_max)
-                 and (impl not in (EAGER, EAGER_GRAPH) or size // world_size <= EAGER_BYTES)}
+                 and (impl not in (EAGER, EAGER_GRAPH) or size // world_size <= EAGER_BYTES)
+                 and (impl != DEFAULT_GRAPH or size // world_size <= DIRECT_KERNEL_BYTES)}
         measurements += measure_size(timed, size, device, sync_group, runs=args.runs, warmup=args.warmup)
         if device.type == "cuda":
             measurements.append(measure_roofline(size, device, sharing, sync_group, runs=args.runs,

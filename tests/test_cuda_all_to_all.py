@@ -346,21 +346,39 @@ def test_stream_semantics(cuda_pool):
 
 
 def rank_cuda_graph(seed):
+    """A call captured and replayed on fresh inputs into poisoned outputs: on the default group,
+    and where the host protocol runs, on a group whose messages all go by the copy engines
+    (all_to_all_kernel_bytes=0: the captured copies and stream flag operations) and one whose
+    messages of several MiB all go by the direct kernel."""
     rank, size = dist.get_rank(), dist.get_world_size()
     g = torch.Generator(device="cuda").manual_seed(seed + rank)
-    static_in = torch.randn(size * 64, 33, device="cuda", generator=g)
-    static_out = torch.empty_like(static_in)
-    dist.all_to_all_single(static_out, static_in)  # warm-up creates the transport outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        dist.all_to_all_single(static_out, static_in)
-    for _ in range(5):
-        static_in.normal_(generator=g)
-        poison_(static_out)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert same_bits(static_out, reference.all_to_all_single(static_out.shape, static_in))
+    groups = {"default": None}
+    if not torch_ep.Options().all_to_all_device:
+        for kernel_bytes in (0, 64 << 20):
+            groups[f"kernel_bytes={kernel_bytes}"] = dist.new_group(
+                pg_options=torch_ep.Options(all_to_all_kernel_bytes=kernel_bytes))
+    try:
+        for name, group in groups.items():
+            rows = size * 64 if group is None else size * (1 << 20) // 33 + 5  # about 4 MiB a message
+            static_in = torch.randn(rows - rows % size, 33, device="cuda", generator=g)
+            static_out = torch.empty_like(static_in)
+            dist.all_to_all_single(static_out, static_in, group=group)  # the transport made outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                dist.all_to_all_single(static_out, static_in, group=group)
+            for _ in range(3):
+                static_in.normal_(generator=g)
+                poison_(static_out)
+                graph.replay()
+                torch.cuda.synchronize()
+                expected = reference.all_to_all_single(static_out.shape, static_in, group=group)
+                assert same_bits(static_out, expected), f"{name}: a replay's output differs"
+            del graph
+    finally:
+        for group in groups.values():
+            if group is not None:
+                dist.destroy_process_group(group)
 
 
 def test_cuda_graph_capture_and_replay(cuda_pool):
