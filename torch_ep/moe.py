@@ -157,6 +157,7 @@ _layout_op, _dispatch_op, _combine_op = torch.ops.ep.get_dispatch_layout, torch.
 # not through the dispatcher's boxed call (2.0 against 0.5 us for a call of dispatch's schema on the
 # CPU machine); measured on a GPU host before it becomes the default.
 _DIRECT = None
+_PLAIN = frozenset((torch.Tensor, type(None)))  # what the direct call takes: plain tensors, or None
 
 
 def _direct(*tensors) -> bool:
@@ -170,7 +171,7 @@ def _direct(*tensors) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    return _PLAIN.issuperset(map(type, tensors))  # half the time of all() over a generator
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group=None) -> DispatchLayout:
