@@ -511,6 +511,19 @@ def rank_direct_call(seed, device="cpu"):
             rank_dispatch_combine(seed, *case, device=device)
         rank_bad_input(device=device)
         num_experts, g, x, idx, w = make_inputs(seed, "random", 8, 2, 2, torch.float32, device)
+        # The outputs that hold nothing come back as None, not as empty tensors: bf16's scales and
+        # a given layout's table; a cached dispatch's ids, weights, table and counts; combine's
+        # weights without weights.
+        name, layout = dist.group.WORLD.group_name, torch_ep.get_dispatch_layout(idx, num_experts)
+        out = torch_ep._C._dispatch_direct(x, None, idx, w, None, None, num_experts, 0, name, layout.meta,
+                                           layout.header)
+        assert [t is None for t in out] == [False, True, False, False, True, False], out
+        handle = torch_ep.dispatch(x, idx, w, num_experts=num_experts).handle
+        out = torch_ep._C._dispatch_direct(x, None, None, None, handle.meta, handle.counts, num_experts, 0, name,
+                                           None, None)
+        assert [t is None for t in out] == [False, True, True, True, True, True], out
+        out = torch_ep._C._combine_direct(out[0], None, handle.meta, handle.counts, num_experts, name)
+        assert [t is None for t in out] == [False, True], out
         got = torch_ep.dispatch(x.requires_grad_(), idx, w, num_experts=num_experts)
         assert got.recv_x.grad_fn is not None, "a dispatch that needs a gradient left autograd"
     finally:

@@ -155,7 +155,9 @@ _layout_op, _dispatch_op, _combine_op = torch.ops.ep.get_dispatch_layout, torch.
 # What-if (TORCH_EP_WHATIF_DIRECT_CALL=1, read at the first call): eager dispatch and combine on
 # plain tensors call the ops' functions through pybind (_C._dispatch_direct, _C._combine_direct),
 # not through the dispatcher's boxed call (2.0 against 0.5 us for a call of dispatch's schema on the
-# CPU machine); measured on a GPU host before it becomes the default.
+# CPU machine), and take None for the outputs that hold nothing in the call (bf16's scales, a given
+# layout's table, a cached dispatch's ids and counts), which the op returns as empty tensors;
+# measured on a GPU host before it becomes the default.
 _DIRECT = None
 _PLAIN = frozenset((torch.Tensor, type(None)))  # what the direct call takes: plain tensors, or None
 

@@ -185,8 +185,8 @@ DispatchOutputs dispatch_cpu(ProcessGroupEP& group, const DispatchArgs& a) {
 
   DispatchOutputs o = unpack_dispatch_rows(rows, a, cached, rank, counts.call_id);
   // A dispatch along a handle gives no new handle: the caller keeps the one it passed.
-  o.meta = cached || a.layout_meta ? at::empty({0}, at::kInt) : meta;  // the caller keeps the table it gave
-  o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
+  o.meta = cached || a.layout_meta ? placeholder(a.placeholders, at::kInt) : meta;  // the caller keeps the table it gave
+  o.counts = cached ? placeholder(a.placeholders, at::kLong) : counts.to_tensor();
   return o;
 }
 
@@ -227,7 +227,7 @@ CombineOutputs combine_cpu(ProcessGroupEP& group, const CombineArgs& a) {
     const int64_t K = a.topk_weights->size(1);
     o.combined_topk_weights = at::zeros({N, K}, at::kFloat).index_add_(0, order, unpack(rows, at, K, at::kFloat));
   } else {
-    o.combined_topk_weights = at::empty({0}, at::kFloat);
+    o.combined_topk_weights = placeholder(a.placeholders, at::kFloat);
   }
   return o;
 }

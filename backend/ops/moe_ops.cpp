@@ -174,11 +174,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> get_dispatch_layout(const Ten
           meta.narrow(0, l.pairs_per_expert(), num_experts).clone(), in_rank, meta, no_header};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
+// The ops' bodies; `placeholders` false (the direct call) leaves the outputs that hold nothing
+// undefined (moe_ops.hpp's placeholder()).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch_with(
     const Tensor& x, const std::optional<Tensor>& x_scales, const std::optional<Tensor>& topk_idx,
     const std::optional<Tensor>& topk_weights, const std::optional<Tensor>& handle_meta,
     const std::optional<Tensor>& handle_counts, int64_t num_experts, int64_t num_worst_tokens, c10::string_view group_name,
-    const std::optional<Tensor>& layout_meta, const std::optional<Tensor>& layout_header) {
+    const std::optional<Tensor>& layout_meta, const std::optional<Tensor>& layout_header, bool placeholders) {
   const char* op = "dispatch";
   Phases phase;  // the argument checks, apart from the route's own phases (tools/moe_profile.py)
   phase.next("ep::dispatch/checks");
@@ -197,6 +199,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
     a.x_scales = x_scales->is_contiguous() || !in_dispatch_buffer(group, *x_scales) ? x_scales->contiguous() : *x_scales;
   a.num_experts = num_experts;
   a.num_worst_tokens = num_worst_tokens;
+  a.placeholders = placeholders;
   if (handle_meta) {
     TORCH_CHECK_VALUE(!topk_idx && !topk_weights, op, ": give either topk_idx (a new route) or a handle (an earlier "
                       "route), not both");
@@ -238,9 +241,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
   return {o.recv_x, o.recv_x_scales, o.recv_topk_idx, o.recv_topk_weights, o.meta, o.counts};
 }
 
-std::tuple<Tensor, Tensor> combine(const Tensor& x, const std::optional<Tensor>& topk_weights,
-                                   const Tensor& handle_meta, const Tensor& handle_counts, int64_t num_experts,
-                                   c10::string_view group_name) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
+    const Tensor& x, const std::optional<Tensor>& x_scales, const std::optional<Tensor>& topk_idx,
+    const std::optional<Tensor>& topk_weights, const std::optional<Tensor>& handle_meta,
+    const std::optional<Tensor>& handle_counts, int64_t num_experts, int64_t num_worst_tokens, c10::string_view group_name,
+    const std::optional<Tensor>& layout_meta, const std::optional<Tensor>& layout_header) {
+  return dispatch_with(x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts, num_worst_tokens,
+                       group_name, layout_meta, layout_header, /*placeholders=*/true);
+}
+
+std::tuple<Tensor, Tensor> combine_with(const Tensor& x, const std::optional<Tensor>& topk_weights,
+                                        const Tensor& handle_meta, const Tensor& handle_counts, int64_t num_experts,
+                                        c10::string_view group_name, bool placeholders) {
   const char* op = "combine";
   Phases phase;
   phase.next("ep::combine/checks");
@@ -259,6 +271,7 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const std::optional<Tensor>&
   a.handle_counts = HandleCounts::parse(counts_vector(op, handle_counts), R, num_experts / R);
   a.num_experts = num_experts;
   a.num_tokens = kernels::MetaLayout::tokens_for_size(handle_meta.numel(), R, num_experts);
+  a.placeholders = placeholders;
   int64_t rows = 0;
   for (int64_t n : a.handle_counts.recv) rows += n;
   if (a.handle_counts.num_worst_tokens > 0) {
@@ -275,6 +288,12 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const std::optional<Tensor>&
   phase.end();
   CombineOutputs o = x.is_cuda() ? combine_cuda(group, a) : combine_cpu(group, a);
   return {o.combined_x, o.combined_topk_weights};
+}
+
+std::tuple<Tensor, Tensor> combine(const Tensor& x, const std::optional<Tensor>& topk_weights,
+                                   const Tensor& handle_meta, const Tensor& handle_counts, int64_t num_experts,
+                                   c10::string_view group_name) {
+  return combine_with(x, topk_weights, handle_meta, handle_counts, num_experts, group_name, /*placeholders=*/true);
 }
 
 // torch_ep.combine_buffer's region, or None where the caller makes a plain tensor: a CPU handle,
@@ -366,7 +385,7 @@ void register_moe(pybind11::module_& m) {
   // The ops' own functions for plain eager tensors, without the dispatcher's boxed call of
   // eleven arguments and six outputs: torch_ep.moe calls them under TORCH_EP_WHATIF_DIRECT_CALL=1
   // where nothing could intercept the op (no tensor subclass, mode, functorch transform or
-  // compile). The profiler still sees the op's name.
+  // compile). The profiler still sees the op's name. Outputs that hold nothing come back as None.
   m.def("_dispatch_direct",
         [](const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const std::optional<at::Tensor>& topk_idx,
            const std::optional<at::Tensor>& topk_weights, const std::optional<at::Tensor>& handle_meta,
@@ -374,14 +393,15 @@ void register_moe(pybind11::module_& m) {
            const std::string& group_name, const std::optional<at::Tensor>& layout_meta,
            const std::optional<at::Tensor>& layout_header) {
           RECORD_FUNCTION("ep::dispatch", std::vector<c10::IValue>());
-          return moe::dispatch(x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts,
-                               num_worst_tokens, group_name, layout_meta, layout_header);
+          return moe::dispatch_with(x, x_scales, topk_idx, topk_weights, handle_meta, handle_counts, num_experts,
+                                    num_worst_tokens, group_name, layout_meta, layout_header, /*placeholders=*/false);
         });
   m.def("_combine_direct",
         [](const at::Tensor& x, const std::optional<at::Tensor>& topk_weights, const at::Tensor& handle_meta,
            const at::Tensor& handle_counts, int64_t num_experts, const std::string& group_name) {
           RECORD_FUNCTION("ep::combine", std::vector<c10::IValue>());
-          return moe::combine(x, topk_weights, handle_meta, handle_counts, num_experts, group_name);
+          return moe::combine_with(x, topk_weights, handle_meta, handle_counts, num_experts, group_name,
+                                   /*placeholders=*/false);
         });
   m.def("_combine_buffer", &moe::combine_buffer, py::arg("group_name"), py::arg("handle_counts"),
         py::arg("num_experts"), py::arg("rows"), py::arg("hidden"), py::arg("dtype"), py::arg("device"),

@@ -49,10 +49,11 @@ struct DispatchArgs {
   std::optional<HandleCounts> handle_counts;
   int64_t num_experts = 0;
   int64_t num_worst_tokens = 0;  // > 0: outputs have this many rows and no host sync is needed
+  bool placeholders = true;      // see placeholder() below
 };
 
 struct DispatchOutputs {
-  at::Tensor recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights;  // absent ones are empty
+  at::Tensor recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights;  // absent ones: placeholder()
   at::Tensor meta;    // the handle: routing table
   at::Tensor counts;  // the handle: HandleCounts::to_tensor()
 };
@@ -64,10 +65,19 @@ struct CombineArgs {
   HandleCounts handle_counts;
   int64_t num_experts = 0;
   int64_t num_tokens = 0;  // N of the dispatch
+  bool placeholders = true;  // see placeholder() below
 };
 
+// An output that holds nothing in this call (bf16's scales, a cached dispatch's ids, a given
+// layout's table, combine's weights without weights): the ops' schemas return a fixed set of
+// tensors, so the ops return an empty one; the direct call (torch_ep.moe's _C._dispatch_direct)
+// takes an undefined one, None in Python, sparing the tensor's making, wrapping and freeing.
+inline at::Tensor placeholder(bool wanted, const at::TensorOptions& options) {
+  return wanted ? at::empty({0}, options) : at::Tensor();
+}
+
 struct CombineOutputs {
-  at::Tensor combined_x, combined_topk_weights;  // the latter empty when no weights were given
+  at::Tensor combined_x, combined_topk_weights;  // the latter a placeholder() when no weights were given
 };
 
 // The "ep" backend of the group registered as `group_name`, for `device`'s tensors; raises naming

@@ -35,14 +35,15 @@ inline DispatchOutputs unpack_dispatch_rows(const at::Tensor& rows, const Dispat
   DispatchOutputs o;
   int64_t at = 0;
   o.recv_x = unpack(rows, at, H, a.x.scalar_type());
-  o.recv_x_scales = a.x_scales ? unpack(rows, at, a.x_scales->size(1), at::kFloat) : at::empty({0}, opts.dtype(at::kFloat));
-  o.recv_topk_idx = cached ? at::empty({0}, opts.dtype(at::kLong)) : unpack(rows, at, K, at::kLong);
-  o.recv_topk_weights = a.topk_weights ? unpack(rows, at, K, at::kFloat) : at::empty({0}, opts.dtype(at::kFloat));
+  o.recv_x_scales = a.x_scales ? unpack(rows, at, a.x_scales->size(1), at::kFloat)
+                               : placeholder(a.placeholders, opts.dtype(at::kFloat));
+  o.recv_topk_idx = cached ? placeholder(a.placeholders, opts.dtype(at::kLong)) : unpack(rows, at, K, at::kLong);
+  o.recv_topk_weights = a.topk_weights ? unpack(rows, at, K, at::kFloat) : placeholder(a.placeholders, opts.dtype(at::kFloat));
   if (a.num_worst_tokens > 0) {
     TORCH_CHECK_VALUE(M <= a.num_worst_tokens, dispatch_overflow_message(call_id, rank, M, a.num_worst_tokens,
                                                                          /*dropped=*/false));
     auto pad = [&](const at::Tensor& t, double value) {
-      if (t.dim() < 2) return t;
+      if (!t.defined() || t.dim() < 2) return t;  // a placeholder
       at::Tensor out = at::full({a.num_worst_tokens, t.size(1)}, value, t.options());
       out.narrow(0, 0, M).copy_(t);
       return out;

@@ -22,4 +22,9 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   return at::Tensor(at::detail::empty_cuda(sizes, options));
 }
 
+// moe_ops.hpp's placeholder(), made as empty_output makes a tensor.
+inline at::Tensor placeholder_output(bool wanted, const at::TensorOptions& options) {
+  return wanted ? empty_output({0}, options) : at::Tensor();
+}
+
 }  // namespace ep

@@ -378,19 +378,19 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       phase.next("ep::dispatch/track");
       transport->track(op, stream);
       raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
-      o.meta = given ? empty_output({0}, meta.options()) : meta;
-      o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
+      o.meta = given ? placeholder_output(a.placeholders, meta.options()) : meta;
+      o.counts = cached ? placeholder(a.placeholders, at::kLong) : counts.to_tensor();
       return o;
     }
 
     phase.next("ep::dispatch/outputs");
     o.recv_x = empty_output({capacity, H}, a.x.options());
     o.recv_x_scales = a.x_scales ? empty_output({capacity, a.x_scales->size(1)}, a.x_scales->options())
-                                 : empty_output({0}, a.x.options().dtype(at::kFloat));
-    o.recv_topk_idx = cached ? empty_output({0}, a.x.options().dtype(at::kLong))
+                                 : placeholder_output(a.placeholders, a.x.options().dtype(at::kFloat));
+    o.recv_topk_idx = cached ? placeholder_output(a.placeholders, a.x.options().dtype(at::kLong))
                              : empty_output({capacity, K}, a.x.options().dtype(at::kLong));
     o.recv_topk_weights = a.topk_weights ? empty_output({capacity, K}, a.x.options().dtype(at::kFloat))
-                                         : empty_output({0}, a.x.options().dtype(at::kFloat));
+                                         : placeholder_output(a.placeholders, a.x.options().dtype(at::kFloat));
 
     phase.next("ep::dispatch/params");  // the peers' tensors as mapped here, the grid, the handshake
     kernels::DispatchParams p{};
@@ -428,8 +428,8 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
 
     phase.next("ep::dispatch/handle");
-    o.meta = given ? empty_output({0}, meta.options()) : meta;  // the caller keeps the table it gave
-    o.counts = cached ? at::empty({0}, at::kLong) : counts.to_tensor();
+    o.meta = given ? placeholder_output(a.placeholders, meta.options()) : meta;  // the caller keeps the table it gave
+    o.counts = cached ? placeholder(a.placeholders, at::kLong) : counts.to_tensor();
     return o;
   } catch (const CommError& e) {  // timeouts included
     group.raise_failure(e.what());
@@ -483,7 +483,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     CombineOutputs o;
     o.combined_x = empty_output({N, H}, a.x.options());
     o.combined_topk_weights = a.topk_weights ? empty_output({N, K}, a.x.options().dtype(at::kFloat))
-                                             : empty_output({0}, a.x.options().dtype(at::kFloat));
+                                             : placeholder_output(a.placeholders, a.x.options().dtype(at::kFloat));
     p.out = static_cast<char*>(o.combined_x.data_ptr());
     p.out_weights = a.topk_weights ? o.combined_topk_weights.data_ptr<float>() : nullptr;
 

@@ -73,10 +73,10 @@ bool allocate_from_pool(MoePool& pool, int rank, const DispatchArgs& a, int64_t 
     RouteToPool route(pool, a.x.device().index());
     o.recv_x = empty_output({capacity, H}, a.x.options());
     o.recv_x_scales = a.x_scales ? empty_output({capacity, a.x_scales->size(1)}, a.x_scales->options())
-                                 : empty_output({0}, floats);
-    o.recv_topk_idx = cached ? empty_output({0}, a.x.options().dtype(at::kLong))
+                                 : placeholder_output(a.placeholders, floats);
+    o.recv_topk_idx = cached ? placeholder_output(a.placeholders, a.x.options().dtype(at::kLong))
                              : empty_output({capacity, K}, a.x.options().dtype(at::kLong));
-    o.recv_topk_weights = a.topk_weights ? empty_output({capacity, K}, floats) : empty_output({0}, floats);
+    o.recv_topk_weights = a.topk_weights ? empty_output({capacity, K}, floats) : placeholder_output(a.placeholders, floats);
   } catch (const c10::OutOfMemoryError&) {
     o = DispatchOutputs{};
     *why = where + ": " + mib(pool.arena->bytes()) + " a rank, " + mib(pool.arena->used()) +
@@ -92,8 +92,9 @@ bool allocate_from_pool(MoePool& pool, int rank, const DispatchArgs& a, int64_t 
   const at::Tensor* outputs[4] = {&o.recv_x, &o.recv_x_scales, &o.recv_topk_idx, &o.recv_topk_weights};
   for (int i = 0; i < 4; ++i) {
     const at::Tensor& t = *outputs[i];
-    target.offset[i] = t.numel() ? pool.arena->offset_of(t.data_ptr(), t.nbytes()) : -1;
-    if (t.numel() && target.offset[i] < 0) {
+    const bool holds = t.defined() && t.numel();  // not a placeholder
+    target.offset[i] = holds ? pool.arena->offset_of(t.data_ptr(), t.nbytes()) : -1;
+    if (holds && target.offset[i] < 0) {
       o = DispatchOutputs{};
       *why = where + ") did not get this dispatch's outputs: this thread's allocations go to another pool "
              "(torch.cuda.use_mem_pool or a reduce-overhead torch.compile warm-up around a pushing dispatch?)";
@@ -326,9 +327,9 @@ DispatchOutputs dispatch_with_device_records(ProcessGroupEP& group, CudaTranspor
   raise_device_report(transport, rank, seq, op, /*waited=*/waits);
 
   phase.next("ep::dispatch/counts");
-  o.meta = given ? empty_output({0}, meta.options()) : meta;  // the caller keeps the table it gave
+  o.meta = given ? placeholder_output(a.placeholders, meta.options()) : meta;  // the caller keeps the table it gave
   if (cached) {
-    o.counts = at::empty({0}, at::kLong);
+    o.counts = placeholder(a.placeholders, at::kLong);
   } else if (waits) {
     o.counts = sized.to_tensor();
   } else {  // only the device knows the sizes, as a pulling dispatch with num_worst_tokens
