@@ -198,6 +198,7 @@ class CudaTransport {
   int num_sms_;
   size_t kernel_bytes_;
   int default_direct_blocks_ = 1;  // the direct kernel's grid without an SM budget
+  int large_message_blocks_ = 1;   // the same where a message has at least 2 MiB (host_protocol.cpp)
   PeerBuffers buffers_;
   size_t chunk_bytes_;
   HostTransport control_;  // per-call exchange of sizes and receive-buffer handles

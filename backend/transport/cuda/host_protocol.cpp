@@ -17,6 +17,9 @@ namespace {
 
 // The self copy from this size on runs beside the peers' traffic (all_to_all below).
 constexpr size_t kSelfCopyBesideBytes = size_t(1) << 20;
+// From this message size on the direct kernel takes its larger grid (cuda_transport.cpp,
+// kLargeMessageDirectBlocks).
+constexpr size_t kLargeMessageBytes = size_t(2) << 20;
 
 // What a rank tells one peer at the start of every call.
 struct ControlRecord {
@@ -195,7 +198,9 @@ void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
   kernels::AllToAllDirectParams p{};
   p.rank = rank_;
   p.size = size_;
-  p.num_blocks = num_sms_ > 0 ? num_sms_ : default_direct_blocks_;
+  size_t largest = 0;
+  for (int peer = 0; peer < size_; ++peer) largest = std::max(largest, std::max(sends[peer].bytes, recvs[peer].bytes));
+  p.num_blocks = num_sms_ > 0 ? num_sms_ : largest >= kLargeMessageBytes ? large_message_blocks_ : default_direct_blocks_;
   p.slices_done = slices_done();
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = kernel_error_device_;
