@@ -164,14 +164,16 @@ _PLAIN = frozenset((torch.Tensor, type(None)))  # what the direct call takes: pl
 
 def _direct(*tensors) -> bool:
     """Whether the what-if's direct call may stand in for the op: nothing that intercepts ops is
-    active (a torch function or dispatch mode, a functorch transform, compile) and every tensor
-    (or None) is a plain torch.Tensor, no subclass (DTensor, FakeTensor)."""
+    active (a torch function or dispatch mode, a functorch transform, compile, the jit tracer) and
+    every tensor (or None) is a plain torch.Tensor, no subclass (DTensor, FakeTensor)."""
     global _DIRECT
     if _DIRECT is None:
         _DIRECT = os.environ.get("TORCH_EP_WHATIF_DIRECT_CALL", "0") == "1"
     if not _DIRECT or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    if torch._C._get_tracing_state() is not None:  # torch.jit.trace records ops, not pybind calls
         return False
     return _PLAIN.issuperset(map(type, tensors))  # half the time of all() over a generator
 
