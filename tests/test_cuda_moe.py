@@ -46,10 +46,11 @@ def test_autograd(cuda_pool):
     cuda_pool.run(checks.rank_autograd, _seed(), device="cuda")
 
 
-def test_direct_call_whatif():
-    """TORCH_EP_WHATIF_DIRECT_CALL=1 on CUDA: the pybind entries' outputs and errors (test_moe.py)."""
-    rank_pool(2, cuda=True, env={"TORCH_EP_WHATIF_DIRECT_CALL": "1"}).run(checks.rank_direct_call, _seed(),
-                                                                           device="cuda")
+@pytest.mark.parametrize("direct", [True, False], ids=["direct_call", "torch_ops"])
+def test_direct_call(direct):
+    """The direct call (the default) and TORCH_EP_DIRECT_CALL=0 on CUDA: outputs and errors (test_moe.py)."""
+    rank_pool(2, cuda=True, env={"TORCH_EP_DIRECT_CALL": "1" if direct else "0"}).run(
+        checks.rank_direct_call, _seed(), device="cuda", direct=direct)
 
 
 def test_async_op(cuda_pool):

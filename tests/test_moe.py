@@ -493,42 +493,47 @@ def test_ops_are_registered():
         assert hasattr(torch.ops.ep, name)
 
 
-def rank_direct_call(seed, device="cpu"):
-    """Under TORCH_EP_WHATIF_DIRECT_CALL=1 eager dispatch and combine call the pybind entries, not
-    the torch ops (replaced here by stubs that raise): the same outputs as the reference, fp8 and
-    cached dispatches included, and the same errors for bad input. A dispatch that needs a gradient
-    still goes through autograd."""
-    from torch_ep import moe
-    assert os.environ.get("TORCH_EP_WHATIF_DIRECT_CALL") == "1"
+def rank_direct_call(seed, device="cpu", direct=True):
+    """Eager dispatch and combine on plain tensors call the pybind entries (the direct call, the
+    default), not the torch ops; under TORCH_EP_DIRECT_CALL=0 the torch ops. The other path is
+    replaced by stubs that raise. Either way: the same outputs as the reference, fp8 and cached
+    dispatches included, and the same errors for bad input; a dispatch that needs a gradient goes
+    through autograd."""
+    from torch_ep import _C, moe
+    assert os.environ.get("TORCH_EP_DIRECT_CALL", "1") == ("1" if direct else "0")
 
     def refuse(*args):
-        raise AssertionError("the torch op was called, not the direct entry")
+        raise AssertionError("the path that should not run ran")
 
-    ops = moe._dispatch_op, moe._combine_op
-    moe._dispatch_op, moe._combine_op = refuse, refuse
+    owner, names = (moe, ("_dispatch_op", "_combine_op")) if direct else (_C, ("_dispatch_direct", "_combine_direct"))
+    kept = [getattr(owner, n) for n in names]
+    for n in names:
+        setattr(owner, n, refuse)
     try:
         for case in ROUTE_CASES[:3] + ROUTE_CASES[5:6]:
             rank_dispatch_combine(seed, *case, device=device)
         rank_bad_input(device=device)
         num_experts, g, x, idx, w = make_inputs(seed, "random", 8, 2, 2, torch.float32, device)
+        got = torch_ep.dispatch(x.clone().requires_grad_(), idx, w, num_experts=num_experts)
+        assert got.recv_x.grad_fn is not None, "a dispatch that needs a gradient left autograd"
+        if not direct:
+            return
         # The outputs that hold nothing come back as None, not as empty tensors: bf16's scales and
         # a given layout's table; a cached dispatch's ids, weights, table and counts; combine's
         # weights without weights.
         name, layout = dist.group.WORLD.group_name, torch_ep.get_dispatch_layout(idx, num_experts)
-        out = torch_ep._C._dispatch_direct(x, None, idx, w, None, None, num_experts, 0, name, layout.meta,
-                                           layout.header)
+        out = _C._dispatch_direct(x, None, idx, w, None, None, num_experts, 0, name, layout.meta, layout.header)
         assert [t is None for t in out] == [False, True, False, False, True, False], out
         handle = torch_ep.dispatch(x, idx, w, num_experts=num_experts).handle
-        out = torch_ep._C._dispatch_direct(x, None, None, None, handle.meta, handle.counts, num_experts, 0, name,
-                                           None, None)
+        out = _C._dispatch_direct(x, None, None, None, handle.meta, handle.counts, num_experts, 0, name, None, None)
         assert [t is None for t in out] == [False, True, True, True, True, True], out
-        out = torch_ep._C._combine_direct(out[0], None, handle.meta, handle.counts, num_experts, name)
+        out = _C._combine_direct(out[0], None, handle.meta, handle.counts, num_experts, name)
         assert [t is None for t in out] == [False, True], out
-        got = torch_ep.dispatch(x.requires_grad_(), idx, w, num_experts=num_experts)
-        assert got.recv_x.grad_fn is not None, "a dispatch that needs a gradient left autograd"
     finally:
-        moe._dispatch_op, moe._combine_op = ops
+        for n, fn in zip(names, kept):
+            setattr(owner, n, fn)
 
 
-def test_direct_call_whatif():
-    rank_pool(2, env={"TORCH_EP_WHATIF_DIRECT_CALL": "1"}).run(rank_direct_call, _seed())
+@pytest.mark.parametrize("direct", [True, False], ids=["direct_call", "torch_ops"])
+def test_direct_call(direct):
+    rank_pool(2, env={"TORCH_EP_DIRECT_CALL": "1" if direct else "0"}).run(rank_direct_call, _seed(), direct=direct)

@@ -152,23 +152,27 @@ class _Combine(torch.autograd.Function):
 # namespaces' Python (about 0.5 us a call).
 _layout_op, _dispatch_op, _combine_op = torch.ops.ep.get_dispatch_layout, torch.ops.ep.dispatch, torch.ops.ep.combine
 
-# What-if (TORCH_EP_WHATIF_DIRECT_CALL=1, read at the first call): eager dispatch and combine on
-# plain tensors call the ops' functions through pybind (_C._dispatch_direct, _C._combine_direct),
-# not through the dispatcher's boxed call (2.0 against 0.5 us for a call of dispatch's schema on the
-# CPU machine), and take None for the outputs that hold nothing in the call (bf16's scales, a given
-# layout's table, a cached dispatch's ids and counts), which the op returns as empty tensors;
-# measured on a GPU host before it becomes the default.
+# The direct call (TORCH_EP_DIRECT_CALL=0 turns it off; read at the first call): eager dispatch
+# and combine on plain tensors call the ops' functions through pybind (_C._dispatch_direct,
+# _C._combine_direct), not through the dispatcher's boxed call (2.0 against 0.5 us for a call of
+# dispatch's schema on the CPU machine), and take None for the outputs that hold nothing in the call
+# (bf16's scales, a given layout's table, a cached dispatch's ids and counts), which the op returns
+# as empty tensors: on an H100 host a cached dispatch's handle took 0.7-1.0 us against 2.8-4.2, its
+# outputs 2.9-4.6 against 5.9-9.6 (tools/moe_profile.py's phase clock, session 33).
 _DIRECT = None
 _PLAIN = frozenset((torch.Tensor, type(None)))  # what the direct call takes: plain tensors, or None
 
 
 def _direct(*tensors) -> bool:
-    """Whether the what-if's direct call may stand in for the op: nothing that intercepts ops is
+    """Whether the direct call may stand in for the op: nothing that intercepts ops is
     active (a torch function or dispatch mode, a functorch transform, compile, the jit tracer) and
     every tensor (or None) is a plain torch.Tensor, no subclass (DTensor, FakeTensor)."""
     global _DIRECT
     if _DIRECT is None:
-        _DIRECT = os.environ.get("TORCH_EP_WHATIF_DIRECT_CALL", "0") == "1"
+        value = os.environ.get("TORCH_EP_DIRECT_CALL", "1") or "1"
+        if value not in ("0", "1"):
+            raise ValueError(f"TORCH_EP_DIRECT_CALL={value!r}: expected 0 or 1")
+        _DIRECT = value == "1"
     if not _DIRECT or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:

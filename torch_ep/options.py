@@ -94,6 +94,9 @@ ENVIRONMENT = {
                                        "zero-copy region per rank (default 0: ranks x capacity, every row a rank can "
                                        "receive; 264 MiB at 2x2 and the defaults); a combine_buffer that does not fit "
                                        "is a plain tensor",
+    "TORCH_EP_DIRECT_CALL": "0 makes eager dispatch and combine on plain tensors call the torch ops through the "
+                            "dispatcher instead of their functions directly (default 1: a few microseconds of host "
+                            "time a call less; subclasses, modes, autograd, compile and the jit tracer take the ops)",
     "TORCH_EP_PRELOAD_KERNELS": "0 stops a group's CUDA transport and the low-latency buffer from loading every kernel "
                                 "of torch_ep when they are set up (default 1: under CUDA's lazy loading no first launch "
                                 "then waits for the device behind a kernel spinning on a lost peer)",

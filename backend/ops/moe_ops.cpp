@@ -383,7 +383,7 @@ namespace ep {
 void register_moe(pybind11::module_& m) {
   namespace py = pybind11;
   // The ops' own functions for plain eager tensors, without the dispatcher's boxed call of
-  // eleven arguments and six outputs: torch_ep.moe calls them under TORCH_EP_WHATIF_DIRECT_CALL=1
+  // eleven arguments and six outputs: torch_ep.moe calls them (unless TORCH_EP_DIRECT_CALL=0)
   // where nothing could intercept the op (no tensor subclass, mode, functorch transform or
   // compile). The profiler still sees the op's name. Outputs that hold nothing come back as None.
   m.def("_dispatch_direct",
