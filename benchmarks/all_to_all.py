@@ -30,7 +30,11 @@ itself included. Measured, size by size and one after another:
   roofline on CUDA: the all_to_all bandwidth per rank that GPU memory allows. An all_to_all
            must read and write each byte at least once, so every rank times a plain
            dst.copy_(src) of the same bytes, all at once: the R ranks sharing a GPU split its
-           copy_rate (read + write), roofline = copy_rate / (2R), R = 1 with a GPU per rank
+           copy_rate (read + write), roofline = copy_rate / (2R), R = 1 with a GPU per rank;
+           below a few MiB that copy_ is bound by the host's time per call, as eager calls are
+  roofline_graph  on CUDA: the same copy_ captured in a CUDA graph and replayed, the device's
+           copy time alone: the reference of the replayed rows (ep_default_graph's share of it
+           is the table's last column)
 algbw = bytes sent per rank / time; busbw = algbw * (R-1)/R (nccl-tests' convention). A time is
 the median over runs of the slowest rank's time in that run. Before timing, each
 implementation's output is checked once against fresh random data.
@@ -68,6 +72,8 @@ DEVICE_ASYNC = "ep_device_async"  # the device protocol with async_op=True, then
 EAGER, EAGER_GRAPH = "ep_eager", "ep_eager_graph"  # the device protocol's eager path, eagerly and replayed
 EAGER_BYTES = 64 << 10  # its Options.all_to_all_eager_bytes: timed where every message fits
 ROOFLINE = "roofline"
+ROOFLINE_GRAPH = "roofline_graph"  # the roofline's copy replayed from a CUDA graph: the reference of the replays
+ROOFLINES = (ROOFLINE, ROOFLINE_GRAPH)
 
 
 @dataclass
@@ -202,17 +208,34 @@ def measure_roofline(size: int, device: torch.device, ranks_per_gpu: int, sync_g
     return Measurement(ROOFLINE, size, size, common.slowest_rank(times, sync_group))
 
 
+def measure_roofline_graph(size: int, device: torch.device, sync_group, *, runs: int, warmup: int) -> Measurement:
+    """measure_roofline's copy captured in a CUDA graph and replayed, as the *_graph rows are."""
+    src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        dst.copy_(src)
+    times = common.time_runs(graph.replay, device=device, runs=runs, warmup=warmup, ops_per_run=ops_per_run(size),
+                             barrier=lambda: dist.barrier(group=sync_group))
+    return Measurement(ROOFLINE_GRAPH, size, size, common.slowest_rank(times, sync_group))
+
+
 def results_table(measurements: List[Measurement], world_size: int) -> str:
     """One row per size: time, algbw and busbw of each implementation, then ep's ratio to each."""
     impls = list(dict.fromkeys(m.impl for m in measurements))
-    timed = [i for i in impls if i != ROOFLINE]
+    timed = [i for i in impls if i not in ROOFLINES]
+    rooflines = [i for i in ROOFLINES if i in impls]
+    replay_share = ROOFLINE_GRAPH in impls and DEFAULT_GRAPH in impls
     by_key = {(m.impl, m.size): m for m in measurements}
     headers = ["size/rank"]
     for impl in timed:
         headers += [f"{impl} us", f"{impl} algbw GB/s", f"{impl} busbw GB/s"]
-    if ROOFLINE in impls:
-        headers.append("roofline algbw GB/s")
+    headers += [f"{impl} algbw GB/s" for impl in rooflines]
     headers += [f"{SUBJECT}/{impl}" for impl in impls if impl != SUBJECT]
+    if replay_share:
+        headers.append(f"{DEFAULT_GRAPH}/{ROOFLINE_GRAPH}")
     rows = []
     for size in sorted({m.size for m in measurements}):
         row = [common.format_bytes(size)]
@@ -220,14 +243,16 @@ def results_table(measurements: List[Measurement], world_size: int) -> str:
             m = by_key.get((impl, size))
             row += ([f"{m.time_s * 1e6:.1f}", f"{m.algbw_gbps:.3f}", f"{m.busbw_gbps(world_size):.3f}"] if m
                     else ["-"] * 3)
-        if ROOFLINE in impls:
-            row.append(f"{by_key[ROOFLINE, size].algbw_gbps:.1f}")
+        row += [f"{by_key[impl, size].algbw_gbps:.1f}" for impl in rooflines]
         subject = by_key[SUBJECT, size]
         for impl in impls:
             if impl != SUBJECT:
                 other = by_key.get((impl, size))
                 ratio = subject.algbw_gbps / other.algbw_gbps if other else None
-                row.append("-" if ratio is None else f"{ratio:.0%}" if impl == ROOFLINE else f"{ratio:.2f}x")
+                row.append("-" if ratio is None else f"{ratio:.0%}" if impl in ROOFLINES else f"{ratio:.2f}x")
+        if replay_share:
+            replayed = by_key.get((DEFAULT_GRAPH, size))
+            row.append(f"{replayed.algbw_gbps / by_key[ROOFLINE_GRAPH, size].algbw_gbps:.0%}" if replayed else "-")
         rows.append(row)
     return common.markdown_table(headers, rows)
 
@@ -249,7 +274,7 @@ def write_results(out_dir: str, measurements: List[Measurement], meta: Dict[str,
         xs, ys = series.setdefault(m.impl, ([], []))
         xs.append(m.size)
         ys.append(m.algbw_gbps)
-    common.write_plot(os.path.join(out_dir, "all_to_all.png"), series, dashed=[ROOFLINE],
+    common.write_plot(os.path.join(out_dir, "all_to_all.png"), series, dashed=list(ROOFLINES),
                       title=f"all_to_all_single, {world_size} ranks, {meta['machine']}",
                       xlabel="bytes sent per rank", ylabel="algbw (GB/s)")
 
@@ -308,6 +333,7 @@ def main() -> None:
         if device.type == "cuda":
             measurements.append(measure_roofline(size, device, sharing, sync_group, runs=args.runs,
                                                  warmup=args.warmup))
+            measurements.append(measure_roofline_graph(size, device, sync_group, runs=args.runs, warmup=args.warmup))
         if rank == 0:
             print(f"measured {common.format_bytes(size)} per rank", flush=True)
 
