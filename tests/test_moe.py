@@ -534,6 +534,34 @@ def rank_direct_call(seed, device="cpu", direct=True):
             setattr(owner, n, fn)
 
 
+def test_direct_call_steps_aside():
+    """The direct call stands in for the ops only on plain eager tensors: not on a tensor
+    subclass, under a dispatch or torch function mode, a functorch transform or the jit tracer."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch_ep import moe
+
+    class Sub(torch.Tensor):
+        pass
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, 4)
+    assert moe._direct(x, None, x)
+    assert not moe._direct(x, x.as_subclass(Sub))
+    with Passthrough():
+        assert not moe._direct(x)
+    with TorchFunctionMode():
+        assert not moe._direct(x)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(moe._direct(t)) or t)(x)
+    torch.jit.trace(lambda t: seen.append(moe._direct(t)) or t * 2, (x,), check_trace=False)
+    assert seen == [False, False]
+    assert moe._direct(x)
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct_call", "torch_ops"])
 def test_direct_call(direct):
     rank_pool(2, env={"TORCH_EP_DIRECT_CALL": "1" if direct else "0"}).run(rank_direct_call, _seed(), direct=direct)
