@@ -534,6 +534,7 @@ def rank_direct_call(seed, device="cpu", direct=True):
             setattr(owner, n, fn)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 def test_direct_call_steps_aside():
     """The direct call stands in for the ops only on plain eager tensors: not on a tensor
     subclass, under a dispatch or torch function mode, a functorch transform or the jit tracer."""
