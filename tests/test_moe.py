@@ -563,6 +563,14 @@ def test_direct_call_steps_aside():
     assert moe._direct(x)
 
 
+def test_direct_call_switch_refuses_other_values(monkeypatch):
+    from torch_ep import moe
+    monkeypatch.setattr(moe, "_DIRECT", None)
+    monkeypatch.setenv("TORCH_EP_DIRECT_CALL", "yes")
+    with pytest.raises(ValueError, match="TORCH_EP_DIRECT_CALL='yes': expected 0 or 1"):
+        moe._direct(torch.zeros(1))
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct_call", "torch_ops"])
 def test_direct_call(direct):
     rank_pool(2, env={"TORCH_EP_DIRECT_CALL": "1" if direct else "0"}).run(rank_direct_call, _seed(), direct=direct)

@@ -168,12 +168,14 @@ def _direct(*tensors) -> bool:
     active (a torch function or dispatch mode, a functorch transform, compile, the jit tracer) and
     every tensor (or None) is a plain torch.Tensor, no subclass (DTensor, FakeTensor)."""
     global _DIRECT
+    if torch.compiler.is_compiling():  # first: a trace never reads the switch or sets the global
+        return False
     if _DIRECT is None:
         value = os.environ.get("TORCH_EP_DIRECT_CALL", "1") or "1"
         if value not in ("0", "1"):
             raise ValueError(f"TORCH_EP_DIRECT_CALL={value!r}: expected 0 or 1")
         _DIRECT = value == "1"
-    if not _DIRECT or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    if not _DIRECT or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
