@@ -7,7 +7,8 @@ op itself takes 30-600 us with a wide spread (the ranks' record exchange), which
 10-30 us of Python around it; so the ops' CPU kernels are then swapped for stubs that return
 what the real kernel returned for the same inputs (same dispatcher path, constant cost, no
 communication), and each sequence is timed next to the same torch.ops.ep calls made directly:
-the difference is what moe.py / buffer.py / utils.py spend around the op. The "+ counts list"
+the difference is what moe.py / buffer.py / utils.py spend around the op. Under the direct call (the default)
+the pybind entries are stubbed instead, and the floors call them. The "+ counts list"
 rows read num_recv_tokens_per_expert (made when read), which the Buffer's dispatch always returns:
 the native work that compares with the Buffer's like for like (benchmarks/moe.py reads it too). --profile adds
 cProfile's top functions per sequence on the stubs (us per call, own / with callees; the
@@ -144,7 +145,18 @@ def main():
     x = torch.randn(n, args.hidden, generator=g).bfloat16()
     fp8 = (x.float().to(torch.float8_e4m3fn), torch.rand(n, -(-args.hidden // 128), generator=g))
     name = dist.group.WORLD.group_name
-    ops = torch.ops.ep
+    # The entries torch_ep.moe calls: the ops' functions through pybind (the direct call, the
+    # default), or the torch ops under TORCH_EP_DIRECT_CALL=0. Looked up at each call, so that the
+    # floors below call the stubs once they are in place.
+    direct = os.environ.get("TORCH_EP_DIRECT_CALL", "1") != "0"
+    torch_ops = torch.ops.ep
+
+    class Entries:
+        get_dispatch_layout = staticmethod(lambda *a: torch_ops.get_dispatch_layout(*a))
+        dispatch = staticmethod(lambda *a: (torch_ep._C._dispatch_direct if direct else torch_ops.dispatch)(*a))
+        combine = staticmethod(lambda *a: (torch_ep._C._combine_direct if direct else torch_ops.combine)(*a))
+
+    ops = Entries
 
     layout = torch_ep.get_dispatch_layout(idx, e)
     routed = torch_ep.dispatch(x, idx, w, num_experts=e, layout=layout)
@@ -188,7 +200,7 @@ def main():
          lambda: listed(torch_ep.dispatch(fp8, idx, w, num_experts=e, layout=layout)),
          lambda: ops.dispatch(fp8[0], fp8[1], idx, w, None, None, e, 0, name, layout.meta, None)),
         ("native dispatch, cached handle", lambda: torch_ep.dispatch(x, handle=routed.handle),
-         lambda: ops.dispatch(x, None, None, None, meta, counts, e, 0, name)),
+         lambda: ops.dispatch(x, None, None, None, meta, counts, e, 0, name, None, None)),
         ("native combine", lambda: torch_ep.combine(routed.recv_x, routed.handle),
          lambda: ops.combine(routed.recv_x, None, meta, counts, e, name)),
         ("Buffer layout", lambda: buffer.get_dispatch_layout(idx, e),
@@ -199,7 +211,7 @@ def main():
         ("Buffer dispatch, layout given, fp8", lambda: buffer.dispatch(fp8, **given),
          lambda: ops.dispatch(fp8[0], fp8[1], idx, w, None, None, e, 0, name, layout.meta, None)),
         ("Buffer dispatch, cached handle", lambda: buffer.dispatch(x, handle=b_handle),
-         lambda: ops.dispatch(x, None, None, None, meta, counts, e, 0, name)),
+         lambda: ops.dispatch(x, None, None, None, meta, counts, e, 0, name, None, None)),
         ("Buffer combine (with weights)", lambda: buffer.combine(b_recv, b_handle, b_w),
          lambda: ops.combine(b_recv, b_w, b_handle.native.meta, b_handle.native.counts, e, name)),
     ]
@@ -227,14 +239,19 @@ def main():
         ("dispatch", torch.bfloat16, False): ops.dispatch(x, None, idx, w, None, None, e, 0, name, layout.meta, None),
         ("dispatch", torch.float8_e4m3fn, False): ops.dispatch(fp8[0], fp8[1], idx, w, None, None, e, 0, name,
                                                                layout.meta, None),
-        ("dispatch", torch.bfloat16, True): ops.dispatch(x, None, None, None, meta, counts, e, 0, name),
+        ("dispatch", torch.bfloat16, True): ops.dispatch(x, None, None, None, meta, counts, e, 0, name, None, None),
         ("combine", False): ops.combine(routed.recv_x, None, meta, counts, e, name),
         ("combine", True): ops.combine(b_recv, b_w, b_handle.native.meta, b_handle.native.counts, e, name),
     }
     lib = torch.library.Library("ep", "IMPL")
     lib.impl("get_dispatch_layout", lambda *a: recorded["layout"], "CPU")
-    lib.impl("dispatch", lambda x, s, i, w, hm, *a: recorded["dispatch", x.dtype, hm is not None], "CPU")
-    lib.impl("combine", lambda x, w, *a: recorded["combine", w is not None], "CPU")
+    dispatch_stub = lambda x, s, i, w, hm, *a: recorded["dispatch", x.dtype, hm is not None]  # noqa: E731
+    combine_stub = lambda x, w, *a: recorded["combine", w is not None]  # noqa: E731
+    if direct:  # the direct entries stand in for the ops: stub them (a Python call, as cheap as pybind's)
+        torch_ep._C._dispatch_direct, torch_ep._C._combine_direct = dispatch_stub, combine_stub
+    else:
+        lib.impl("dispatch", dispatch_stub, "CPU")
+        lib.impl("combine", combine_stub, "CPU")
     if args.callgrind:
         counter = Callgrind(args.callgrind)
         say("stubbed kernels, instructions per call (callgrind): whole / op floor / Python layers")
