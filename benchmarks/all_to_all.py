@@ -15,8 +15,8 @@ itself included. Measured, size by size and one after another:
            call without the host's (Python, c10d, launches), what a captured model step pays
   ep_default_graph  on CUDA: the default's call (the host protocol) captured and replayed: its
            control exchange runs once, at the capture, and a replay is the one copy alone (the
-           direct kernel); timed where every message fits the direct kernel (8 MiB, the default
-           Options.all_to_all_kernel_bytes)
+           direct kernel); timed where every message fits the direct kernel (the group's
+           Options.all_to_all_kernel_bytes, 8 MiB by default)
   ep_device  on CUDA: an "ep" group with Options(all_to_all_device=True): all_to_all_single on
            the device protocol (counts checked by the kernels, no host control exchange). Like
            every row but the next, async_op=False: the call runs on the caller's stream
@@ -66,7 +66,6 @@ SUBJECT = "ep"
 ALL_TO_ALL_V = "all_to_all_v"  # torch_ep.all_to_all_v on the subject's group
 GRAPH = "ep_graph"  # the subject's call captured in a CUDA graph
 DEFAULT_GRAPH = "ep_default_graph"  # the default group's call (the host protocol) captured
-DIRECT_KERNEL_BYTES = 8 << 20  # Options.all_to_all_kernel_bytes: the direct kernel's largest message
 POOL = "ep_pool"  # input and output from torch_ep.comm_pool of its group
 DEVICE_ASYNC = "ep_device_async"  # the device protocol with async_op=True, then wait()
 EAGER, EAGER_GRAPH = "ep_eager", "ep_eager_graph"  # the device protocol's eager path, eagerly and replayed
@@ -109,6 +108,17 @@ def pair_data(seed: int, src: int, dst: int, num_bytes: int, device: torch.devic
     return torch.randint(0, 256, (num_bytes,), dtype=torch.uint8, generator=generator).to(device)
 
 
+def replayed(op):
+    """op captured in a CUDA graph: its replay. One eager call first sets up what op needs (the
+    group's state, collectively) outside the capture."""
+    op()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        op()
+    return graph.replay
+
+
 def make_op(impl: str, group, recv: torch.Tensor, send: torch.Tensor):
     """One call of `impl` from `send` into `recv` (even split). For ep_pool the call runs on
     copies of both from the group's comm pool; `op.output` is its output. An impl's first word
@@ -121,13 +131,7 @@ def make_op(impl: str, group, recv: torch.Tensor, send: torch.Tensor):
         op.output = pool_recv
         return op
     if impl in (GRAPH, EAGER_GRAPH, DEFAULT_GRAPH):
-        op = make_op(SUBJECT, group, recv, send)
-        op()  # the group's state is set up outside the capture (collectively)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            op()
-        return graph.replay
+        return replayed(make_op(SUBJECT, group, recv, send))
     if impl == DEVICE_ASYNC:
         return lambda: dist.all_to_all_single(recv, send, group=group, async_op=True).wait()
     if impl == ALL_TO_ALL_V:
@@ -194,32 +198,20 @@ def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync
 
 
 def measure_roofline(size: int, device: torch.device, ranks_per_gpu: int, sync_group, *, runs: int,
-                     warmup: int) -> Measurement:
+                     warmup: int, replay: bool = False) -> Measurement:
     """The copy roofline as an all_to_all time: every rank copies `size` bytes at once.
 
     An all_to_all must at least read and write each byte once, so on a GPU shared by R ranks it
     is bounded by the time of R concurrent copies: roofline algbw = copy_rate / (2R), with the
     whole GPU's copy rate (read + write), measured under the same sharing (MPS split) as ep.
+    `replay`: the copy captured in a CUDA graph and replayed (roofline_graph), as the *_graph rows are.
     """
     src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    times = common.time_runs(lambda: dst.copy_(src), device=device, runs=runs, warmup=warmup,
+    op = lambda: dst.copy_(src)  # noqa: E731
+    times = common.time_runs(replayed(op) if replay else op, device=device, runs=runs, warmup=warmup,
                              ops_per_run=ops_per_run(size), barrier=lambda: dist.barrier(group=sync_group))
-    return Measurement(ROOFLINE, size, size, common.slowest_rank(times, sync_group))
-
-
-def measure_roofline_graph(size: int, device: torch.device, sync_group, *, runs: int, warmup: int) -> Measurement:
-    """measure_roofline's copy captured in a CUDA graph and replayed, as the *_graph rows are."""
-    src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        dst.copy_(src)
-    times = common.time_runs(graph.replay, device=device, runs=runs, warmup=warmup, ops_per_run=ops_per_run(size),
-                             barrier=lambda: dist.barrier(group=sync_group))
-    return Measurement(ROOFLINE_GRAPH, size, size, common.slowest_rank(times, sync_group))
+    return Measurement(ROOFLINE_GRAPH if replay else ROOFLINE, size, size, common.slowest_rank(times, sync_group))
 
 
 def results_table(measurements: List[Measurement], world_size: int) -> str:
@@ -324,16 +316,17 @@ def main() -> None:
     gloo_max = args.gloo_max_bytes if args.gloo_max_bytes is not None else (
         4 << 20 if device.type == "cuda" else args.max_bytes)
     sizes = sizes_between(args.min_bytes, args.max_bytes, args.factor)
+    direct_kernel_bytes = torch_ep.Options().all_to_all_kernel_bytes  # the default group's largest direct-kernel message
     for size in sizes[::-1] if args.descending else sizes:
         timed = {impl: group for impl, group in impls.items()
                  if (impl != "gloo" or size <= gloo_max)
                  and (impl not in (EAGER, EAGER_GRAPH) or size // world_size <= EAGER_BYTES)
-                 and (impl != DEFAULT_GRAPH or size // world_size <= DIRECT_KERNEL_BYTES)}
+                 and (impl != DEFAULT_GRAPH or size // world_size <= direct_kernel_bytes)}
         measurements += measure_size(timed, size, device, sync_group, runs=args.runs, warmup=args.warmup)
         if device.type == "cuda":
-            measurements.append(measure_roofline(size, device, sharing, sync_group, runs=args.runs,
-                                                 warmup=args.warmup))
-            measurements.append(measure_roofline_graph(size, device, sync_group, runs=args.runs, warmup=args.warmup))
+            for replay in (False, True):
+                measurements.append(measure_roofline(size, device, sharing, sync_group, runs=args.runs,
+                                                     warmup=args.warmup, replay=replay))
         if rank == 0:
             print(f"measured {common.format_bytes(size)} per rank", flush=True)
 
