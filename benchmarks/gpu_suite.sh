@@ -34,6 +34,7 @@
 #     TORCH_EP_LL_REMOTE_BENCH_VARIANTS runs it once per set of settings, at ll_remote_benches),
 #     internode_profile (tools/internode_profile.py: each kernel's time across 2x2 virtual nodes),
 #     launch_probe (tools/launch_probe.cu: a launch's host cost against its parameters' size),
+#     handshake_probe (tools/handshake_probe.cu: a call's floor where ranks share the GPU),
 #     reports (all_to_all's device report tests of session 24),
 #     sm_ceiling (tools/sm_copy_ceiling.cu: what k SMs can copy), pool_probe (tools/pool_copy_probe.cu:
 #     the one-copy move's copy shapes, 2 ranks under MPS at 64 MiB, then 1 rank), timeouts, faults (a rank killed
@@ -374,6 +375,15 @@ if [ "$WHAT" = pending ]; then
     { "$NVCC" -O3 -arch=sm_90 -std=c++17 -o /tmp/launch_probe tools/launch_probe.cu && \
       CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 60 /tmp/launch_probe 10000; } > "$LOGS/launch_probe.log" 2>&1 || STATUS=1
     cat "$LOGS/launch_probe.log" >> "$SUMMARY"
+  fi
+  if [[ $STEPS == *" handshake_probe "* ]]; then
+    # Issue 16: the least a call costs where ranks share the GPU (kernels that meet, no data), 2 and 8 ranks.
+    step "a call's floor: kernels that meet their peers and move nothing (tools/handshake_probe.cu, 2 and 8 ranks)"
+    NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    { "$NVCC" -O3 -arch=sm_90 -std=c++17 -I. -o /tmp/handshake_probe tools/handshake_probe.cu && \
+      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 timeout 60 /tmp/handshake_probe 2 && \
+      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=12 timeout 60 /tmp/handshake_probe 8; } > "$LOGS/handshake_probe.log" 2>&1 || STATUS=1
+    cat "$LOGS/handshake_probe.log" >> "$SUMMARY"
   fi
   # reports: later problems counted by all_to_all's device report (573eac3).
   [[ $STEPS == *" reports "* ]] && pending_test reports 120 TORCH_EP_TEST_WORLD_SIZES=1,2 -- \

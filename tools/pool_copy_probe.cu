@@ -17,29 +17,11 @@
 // CUDA events between launches. Reported: the slowest rank's median, GB/s per rank (each byte once,
 // the all_to_all benchmark's algbw) and all ranks together, and the share of cudaMemcpyAsync (the
 // copy engines, a copy per message: the same move) in the same run.
-#include <cuda_runtime.h>
-#include <sys/mman.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <atomic>
-#include <csignal>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <new>
-#include <thread>
-#include <vector>
 
 #include "backend/kernels/copy.cuh"
-
-#define CHECK(x)                                                                                             \
-  do {                                                                                                       \
-    if (cudaError_t e_ = (x); e_ != cudaSuccess)                                                             \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)), std::exit(1); \
-  } while (0)
+#include "tools/forked_ranks.hpp"
 
 using namespace ep::kernels;
 constexpr int kMaxRanks = 8, kMaxVariants = 32;
@@ -154,22 +136,15 @@ std::vector<Variant> variants(uint64_t total, int n) {
 }
 
 struct Shared {  // anonymous shared memory of the forked ranks
-  std::atomic<int> arrived{0}, generation{0}, sms{0};
+  RankBarrier ranks_met;
+  std::atomic<int> sms{0};
   char device[256];
   cudaIpcMemHandle_t arena[kMaxRanks];
   float median_ms[kMaxRanks][kMaxVariants];
   unsigned long long wrong[kMaxRanks][kMaxVariants];
 };
 
-void barrier(Shared* s, int ranks) {
-  const int generation = s->generation.load();
-  if (s->arrived.fetch_add(1) + 1 == ranks) {
-    s->arrived.store(0);
-    s->generation.fetch_add(1);
-  } else {
-    while (s->generation.load() == generation) std::this_thread::yield();
-  }
-}
+void barrier(Shared* s, int ranks) { s->ranks_met.wait(ranks); }
 
 void rank_main(Shared* s, int me, int ranks, uint64_t bytes, int iterations) {
   CHECK(cudaSetDevice(0));
@@ -246,30 +221,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s [MiB per rank=64] [ranks=2, 1..%d] [iterations=40, >= 20]\n", argv[0], kMaxRanks);
     return 2;
   }
-  // Before any CUDA call: the ranks are forked processes, each with its own context (MPS client).
-  void* memory = mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  if (memory == MAP_FAILED) return 1;
-  Shared* s = new (memory) Shared();
-  std::vector<pid_t> children;
-  for (int r = 0; r < ranks; ++r) {
-    const pid_t pid = fork();
-    if (pid == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);  // a timeout that kills the probe ends its ranks too
-      rank_main(s, r, ranks, bytes, iterations);
-      std::_Exit(0);
-    }
-    children.push_back(pid);
-  }
+  Shared* s = run_forked<Shared>(ranks, [&](Shared* shared, int r) { rank_main(shared, r, ranks, bytes, iterations); });
+  if (!s) return 1;
   bool failed = false;
-  for (size_t left = children.size(); left > 0; --left) {
-    int status = 0;
-    const pid_t pid = wait(&status);
-    if (pid < 0 || (WIFEXITED(status) && WEXITSTATUS(status) == 0)) continue;
-    failed = true;  // the other ranks would wait at a barrier for ever
-    for (pid_t other : children)
-      if (other != pid) kill(other, SIGKILL);
-  }
-  if (failed) return 1;
   const std::vector<Variant> list = variants(bytes, s->sms);
   const char* mps = std::getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
   std::printf("%s, %d ranks, %d SMs each (n; CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=%s), %llu MiB per rank, "
