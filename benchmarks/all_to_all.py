@@ -161,15 +161,15 @@ def check_output(impl: str, group, send: torch.Tensor, expected: torch.Tensor, s
                            f"wrong output, not timing it: " + "; ".join(problems))
 
 
-def ops_per_run(num_bytes: int) -> int:
+def ops_per_run(num_bytes: int, calls: int = 0) -> int:
     # Back-to-back calls per timed run (nccl-tests times a loop too): ranks leave the barrier
     # up to hundreds of microseconds apart on a loaded machine, and a few calls would count
-    # that skew as their own time.
-    return max(8, min(32, (256 << 20) // num_bytes))
+    # that skew as their own time. `calls` (--calls-per-run) > 0 fixes the count.
+    return calls if calls > 0 else max(8, min(32, (256 << 20) // num_bytes))
 
 
 def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync_group, *, runs: int,
-                 warmup: int) -> List[Measurement]:
+                 warmup: int, calls: int = 0) -> List[Measurement]:
     """Checks, then times the all_to_all of `size` bytes per rank on each group of `impls`.
 
     `sync_group` (a Gloo group of the same ranks) carries the barriers, checks and reductions.
@@ -191,14 +191,14 @@ def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync
     for _ in range(runs):
         for impl, op in ops.items():
             run_times[impl] += common.time_runs(op, device=device, runs=1, warmup=0,
-                                                ops_per_run=ops_per_run(send.numel()),
+                                                ops_per_run=ops_per_run(send.numel(), calls),
                                                 barrier=lambda: dist.barrier(group=sync_group))
     return [Measurement(impl, size, send.numel(), common.slowest_rank(times, sync_group))
             for impl, times in run_times.items()]
 
 
 def measure_roofline(size: int, device: torch.device, ranks_per_gpu: int, sync_group, *, runs: int,
-                     warmup: int, replay: bool = False) -> Measurement:
+                     warmup: int, replay: bool = False, calls: int = 0) -> Measurement:
     """The copy roofline as an all_to_all time: every rank copies `size` bytes at once.
 
     An all_to_all must at least read and write each byte once, so on a GPU shared by R ranks it
@@ -210,7 +210,7 @@ def measure_roofline(size: int, device: torch.device, ranks_per_gpu: int, sync_g
     dst = torch.empty_like(src)
     op = lambda: dst.copy_(src)  # noqa: E731
     times = common.time_runs(replayed(op) if replay else op, device=device, runs=runs, warmup=warmup,
-                             ops_per_run=ops_per_run(size), barrier=lambda: dist.barrier(group=sync_group))
+                             ops_per_run=ops_per_run(size, calls), barrier=lambda: dist.barrier(group=sync_group))
     return Measurement(ROOFLINE_GRAPH if replay else ROOFLINE, size, size, common.slowest_rank(times, sync_group))
 
 
@@ -279,6 +279,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--factor", type=int, choices=[2, 4], default=4, help="ratio of successive sizes")
     parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS, help="timed runs per size (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before the timed runs")
+    parser.add_argument("--calls-per-run", type=int, default=0,
+                        help="back-to-back calls per timed run (default 0: 32, fewer above 8 MiB per rank)")
     parser.add_argument("--descending", action="store_true",
                         help="measure the largest size first: whatever the first size measured pays for the "
                              "process's start then lands on the largest, not on the smallest")
@@ -322,16 +324,18 @@ def main() -> None:
                  if (impl != "gloo" or size <= gloo_max)
                  and (impl not in (EAGER, EAGER_GRAPH) or size // world_size <= EAGER_BYTES)
                  and (impl != DEFAULT_GRAPH or size // world_size <= direct_kernel_bytes)}
-        measurements += measure_size(timed, size, device, sync_group, runs=args.runs, warmup=args.warmup)
+        measurements += measure_size(timed, size, device, sync_group, runs=args.runs, warmup=args.warmup,
+                                     calls=args.calls_per_run)
         if device.type == "cuda":
             for replay in (False, True):
                 measurements.append(measure_roofline(size, device, sharing, sync_group, runs=args.runs,
-                                                     warmup=args.warmup, replay=replay))
+                                                     warmup=args.warmup, replay=replay, calls=args.calls_per_run))
         if rank == 0:
             print(f"measured {common.format_bytes(size)} per rank", flush=True)
 
     if rank == 0:
         meta = common.run_metadata(device, ranks=world_size, runs=args.runs, warmup=args.warmup,
+                                   calls_per_run=args.calls_per_run or "32, fewer above 8 MiB",
                                    env={k: v for k, v in os.environ.items() if k.startswith("TORCH_EP_")})
         if device.type == "cuda":
             meta["ranks_per_gpu"] = sharing
