@@ -163,9 +163,11 @@ def check_output(impl: str, group, send: torch.Tensor, expected: torch.Tensor, s
 
 def ops_per_run(num_bytes: int, calls: int = 0) -> int:
     # Back-to-back calls per timed run (nccl-tests times a loop too): ranks leave the barrier
-    # up to hundreds of microseconds apart on a loaded machine, and a few calls would count
-    # that skew as their own time. `calls` (--calls-per-run) > 0 fixes the count.
-    return calls if calls > 0 else max(8, min(32, (256 << 20) // num_bytes))
+    # up to hundreds of microseconds apart on a loaded machine, and the run's first call waits
+    # for the last rank, so a few calls would count that skew as their own time. 256 calls
+    # against 32 took 0.7-2.1 us off a replayed call and 3-7 us off an eager one at 4 KiB-4 MiB
+    # (H200, 2 ranks, alternating, 92d72d9); up to 1 GiB a run. `calls` > 0 fixes the count.
+    return calls if calls > 0 else max(8, min(256, (1 << 30) // num_bytes))
 
 
 def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync_group, *, runs: int,
@@ -280,7 +282,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS, help="timed runs per size (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before the timed runs")
     parser.add_argument("--calls-per-run", type=int, default=0,
-                        help="back-to-back calls per timed run (default 0: 32, fewer above 8 MiB per rank)")
+                        help="back-to-back calls per timed run (default 0: 256, fewer above 4 MiB per rank)")
     parser.add_argument("--descending", action="store_true",
                         help="measure the largest size first: whatever the first size measured pays for the "
                              "process's start then lands on the largest, not on the smallest")
@@ -335,7 +337,7 @@ def main() -> None:
 
     if rank == 0:
         meta = common.run_metadata(device, ranks=world_size, runs=args.runs, warmup=args.warmup,
-                                   calls_per_run=args.calls_per_run or "32, fewer above 8 MiB",
+                                   calls_per_run=args.calls_per_run or "256, fewer above 4 MiB",
                                    env={k: v for k, v in os.environ.items() if k.startswith("TORCH_EP_")})
         if device.type == "cuda":
             meta["ranks_per_gpu"] = sharing
