@@ -161,13 +161,16 @@ def check_output(impl: str, group, send: torch.Tensor, expected: torch.Tensor, s
                            f"wrong output, not timing it: " + "; ".join(problems))
 
 
-def ops_per_run(num_bytes: int, calls: int = 0) -> int:
+def ops_per_run(num_bytes: int, device: torch.device, calls: int = 0) -> int:
     # Back-to-back calls per timed run (nccl-tests times a loop too): ranks leave the barrier
     # up to hundreds of microseconds apart on a loaded machine, and the run's first call waits
-    # for the last rank, so a few calls would count that skew as their own time. 256 calls
-    # against 32 took 0.7-2.1 us off a replayed call and 3-7 us off an eager one at 4 KiB-4 MiB
-    # (H200, 2 ranks, alternating, 92d72d9); up to 1 GiB a run. `calls` > 0 fixes the count.
-    return calls if calls > 0 else max(8, min(256, (1 << 30) // num_bytes))
+    # for the last rank, so a few calls would count that skew as their own time. On CUDA 256
+    # calls against 32 took 0.7-2.1 us off a replayed call and 3-7 us off an eager one at 4 KiB-4
+    # MiB (H200, 2 ranks, alternating, 92d72d9): up to 1 GiB a run there, 256 MiB on CPU (whose
+    # calls take milliseconds). `calls` > 0 (--calls-per-run) fixes the count.
+    if calls > 0:
+        return calls
+    return max(8, min(256, (1 << 30) // num_bytes)) if device.type == "cuda" else max(8, min(32, (256 << 20) // num_bytes))
 
 
 def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync_group, *, runs: int,
@@ -193,7 +196,7 @@ def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync
     for _ in range(runs):
         for impl, op in ops.items():
             run_times[impl] += common.time_runs(op, device=device, runs=1, warmup=0,
-                                                ops_per_run=ops_per_run(send.numel(), calls),
+                                                ops_per_run=ops_per_run(send.numel(), device, calls),
                                                 barrier=lambda: dist.barrier(group=sync_group))
     return [Measurement(impl, size, send.numel(), common.slowest_rank(times, sync_group))
             for impl, times in run_times.items()]
@@ -212,7 +215,7 @@ def measure_roofline(size: int, device: torch.device, ranks_per_gpu: int, sync_g
     dst = torch.empty_like(src)
     op = lambda: dst.copy_(src)  # noqa: E731
     times = common.time_runs(replayed(op) if replay else op, device=device, runs=runs, warmup=warmup,
-                             ops_per_run=ops_per_run(size, calls), barrier=lambda: dist.barrier(group=sync_group))
+                             ops_per_run=ops_per_run(size, device, calls), barrier=lambda: dist.barrier(group=sync_group))
     return Measurement(ROOFLINE_GRAPH if replay else ROOFLINE, size, size, common.slowest_rank(times, sync_group))
 
 
@@ -282,7 +285,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=common.MIN_TIMED_RUNS, help="timed runs per size (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before the timed runs")
     parser.add_argument("--calls-per-run", type=int, default=0,
-                        help="back-to-back calls per timed run (default 0: 256, fewer above 4 MiB per rank)")
+                        help="back-to-back calls per timed run (default 0: on CUDA 256, fewer above 4 MiB per "
+                             "rank; on CPU 32, fewer above 8 MiB)")
     parser.add_argument("--descending", action="store_true",
                         help="measure the largest size first: whatever the first size measured pays for the "
                              "process's start then lands on the largest, not on the smallest")
@@ -337,7 +341,9 @@ def main() -> None:
 
     if rank == 0:
         meta = common.run_metadata(device, ranks=world_size, runs=args.runs, warmup=args.warmup,
-                                   calls_per_run=args.calls_per_run or "256, fewer above 4 MiB",
+                                   calls_per_run=args.calls_per_run or ("by size: 256 up to 4 MiB, fewer above" if
+                                                                        device.type == "cuda" else
+                                                                        "by size: 32 up to 8 MiB, fewer above"),
                                    env={k: v for k, v in os.environ.items() if k.startswith("TORCH_EP_")})
         if device.type == "cuda":
             meta["ranks_per_gpu"] = sharing
