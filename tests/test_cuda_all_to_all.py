@@ -258,6 +258,20 @@ def test_self_copy_in_line(world_size):
     pool.run(rank_kernel_bytes, seed=_seed())
 
 
+def rank_all_dtypes_and_kernel_bytes(seed):
+    cpu_checks.rank_all_dtypes(seed, device="cuda")
+    rank_kernel_bytes(seed)
+
+
+@pytest.mark.parametrize("world_size", cuda_world_sizes())
+def test_direct_gpu_scope(world_size):
+    """The what-if TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1 (read once a process): the direct kernel's
+    flags and fences at GPU scope, the ranks sharing one GPU here; every dtype and split shape
+    stays right, by the kernel and by the copy engines."""
+    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_DIRECT_GPU_SCOPE": "1"})
+    pool.run(rank_all_dtypes_and_kernel_bytes, seed=_seed())
+
+
 HOST_PROTOCOL_PHASES = ("checks", "export", "exchange", "self_copy", "launch", "track")
 
 
@@ -283,9 +297,6 @@ def test_host_protocol_phases():
     rank_pool(2, cuda=True, env=PROTOCOLS["host"]).run(rank_host_protocol_phases, seed=_seed())
 
 
-def rank_self_apart(seed):
-    cpu_checks.rank_all_dtypes(seed, device="cuda")
-    rank_kernel_bytes(seed)
 
 
 @pytest.mark.parametrize("world_size", cuda_world_sizes())
@@ -295,7 +306,7 @@ def test_self_copy_apart_whatif(world_size):
     its own, as before the kernel took it in slices after theirs (every dtype and split shape, a
     line of 0 and of 64 MiB); the default path is test_kernel_bytes's."""
     pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_SELF_COPY_APART": "1"})
-    pool.run(rank_self_apart, seed=_seed())
+    pool.run(rank_all_dtypes_and_kernel_bytes, seed=_seed())
 
 
 def rank_export_once(seed):

@@ -42,12 +42,14 @@ __device__ __forceinline__ void copy_slice(const AllToAllDirectParams& p, int ds
 // Block 0 first tells every sender that our output is ready and, last, waits for every sender's
 // data; in between every block takes units b, b + gridDim.x, ...: (peer, slice) units below
 // peer_units, then the slices of this rank's own message, which wait on no flag and count nowhere.
+// kGpu: the flags' accesses and the fences at GPU scope (AllToAllDirectParams::gpu_scope).
+template <bool kGpu>
 __global__ void __launch_bounds__(kThreads, 2)
     all_to_all_direct_kernel(AllToAllDirectParams p, uint32_t peer_units, uint32_t units) {
   const uint64_t deadline = now_ns() + p.timeout_ns;
   if (blockIdx.x == 0)
     for (int src = threadIdx.x; src < p.size; src += blockDim.x)
-      if (p.ready_to_set[src]) store_release(p.ready_to_set[src], 1);
+      if (p.ready_to_set[src]) scoped_store_release<kGpu>(p.ready_to_set[src], 1);
 
   __shared__ int go;
   const uint32_t peers = uint32_t(p.size - 1);
@@ -60,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const uint32_t slice = u / peers, slices = direct_slices(p.send_bytes[dst]);
     if (!p.ready_to_wait[dst] || slice >= slices) continue;  // uniform across the block
     if (threadIdx.x == 0) {
-      go = wait_set(p.ready_to_wait[dst], deadline);  // left set: the message's other slices wait on it too
+      go = wait_set<kGpu>(p.ready_to_wait[dst], deadline);  // left set: the message's other slices wait on it too
       if (!go) {
         report_first(p.error, 1 + dst);
         // The message's count can no longer reach its slices: a later launch (a graph replay,
@@ -77,19 +79,19 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (threadIdx.x == 0) {
       // Fence, then count: the last block to count sees every slice's stores ordered before its own
       // fence and release (the fence-then-atomic pattern of a grid's last block).
-      __threadfence_system();
+      scoped_fence<kGpu>();
       if (atomicAdd(&p.slices_done[dst], 1u) + 1 == slices) {
         p.slices_done[dst] = 0;
         *p.ready_to_wait[dst] = 0;  // every slice's block has read it
-        __threadfence_system();
-        store_release(p.done_to_set[dst], 1);
+        scoped_fence<kGpu>();
+        scoped_store_release<kGpu>(p.done_to_set[dst], 1);
       }
     }
   }
 
   if (blockIdx.x == 0)
     for (int src = threadIdx.x; src < p.size; src += blockDim.x)
-      if (p.done_to_wait[src] && !take_flag(p.done_to_wait[src], deadline)) report_first(p.error, 1 + src);
+      if (p.done_to_wait[src] && !take_flag<kGpu>(p.done_to_wait[src], deadline)) report_first(p.error, 1 + src);
 }
 
 // The launch's units of work to peers: the peers, rotated from rank + 1 so that the ranks do not
@@ -117,10 +119,12 @@ cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStr
   // only where blocks and peers share no factor, else a large message to one peer would get a
   // fraction of the blocks.
   while (blocks > 1 && std::gcd(blocks, params.size - 1) != 1) --blocks;
-  all_to_all_direct_kernel<<<blocks, kThreads, 0, stream>>>(params, peer_units, units);
+  if (params.gpu_scope) all_to_all_direct_kernel<true><<<blocks, kThreads, 0, stream>>>(params, peer_units, units);
+  else all_to_all_direct_kernel<false><<<blocks, kThreads, 0, stream>>>(params, peer_units, units);
   return cudaGetLastError();
 }
 
-const void* all_to_all_module_kernel() { return reinterpret_cast<const void*>(all_to_all_direct_kernel); }
+// kernel_preload.cpp loads the whole module, both instantiations.
+const void* all_to_all_module_kernel() { return reinterpret_cast<const void*>(all_to_all_direct_kernel<false>); }
 
 }  // namespace ep::kernels

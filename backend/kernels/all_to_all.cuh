@@ -36,6 +36,9 @@ struct AllToAllDirectParams {
   uint32_t* slices_done;  // in our block, a word per peer, 0 between launches
   uint64_t timeout_ns;    // bound of every wait (globaltimer)
   int* error;             // host-mapped; on a timeout set to 1 + the peer waited for
+  // The flags and the data's fences at GPU scope, not system scope: only where every peer
+  // shares this GPU (ranks under MPS). TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1, a what-if to measure.
+  bool gpu_scope;
 };
 
 cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStream_t stream);

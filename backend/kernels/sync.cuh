@@ -49,11 +49,44 @@ __device__ __forceinline__ void store_release(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// The same at GPU scope: enough where every thread that reads or writes the word runs on this GPU
+// (ranks that share it under MPS, each in its own process), not for a peer on another GPU.
+__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// A flag's accesses at system scope (kGpu false) or GPU scope (kGpu true), for kernels that
+// take the scope as a template argument.
+template <bool kGpu>
+__device__ __forceinline__ uint32_t scoped_load_acquire(const uint32_t* p) {
+  if constexpr (kGpu) return load_acquire_gpu(p);
+  else return load_acquire(p);
+}
+
+template <bool kGpu>
+__device__ __forceinline__ void scoped_store_release(uint32_t* p, uint32_t v) {
+  if constexpr (kGpu) store_release_gpu(p, v);
+  else store_release(p, v);
+}
+
+template <bool kGpu>
+__device__ __forceinline__ void scoped_fence() {
+  if constexpr (kGpu) __threadfence();
+  else __threadfence_system();
+}
+
 // Waits until *flag != 0, leaving it; false after the deadline (the peer never came). No abort
 // word: its callers' flags are a CudaTransport's, whose watchdog releases a failed transport's
 // waits by setting them (CudaTransport::release_waits).
+template <bool kGpu = false>
 __device__ __forceinline__ bool wait_set(const uint32_t* flag, uint64_t deadline) {
-  while (load_acquire(flag) == 0) {
+  while (scoped_load_acquire<kGpu>(flag) == 0) {
     if (now_ns() > deadline) return false;
     __nanosleep(100);
   }
@@ -61,8 +94,9 @@ __device__ __forceinline__ bool wait_set(const uint32_t* flag, uint64_t deadline
 }
 
 // wait_set, then clears the flag.
+template <bool kGpu = false>
 __device__ __forceinline__ bool take_flag(uint32_t* flag, uint64_t deadline) {
-  if (!wait_set(flag, deadline)) return false;
+  if (!wait_set<kGpu>(flag, deadline)) return false;
   *flag = 0;
   return true;
 }

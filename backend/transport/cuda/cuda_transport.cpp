@@ -118,6 +118,15 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   default_direct_blocks_ = std::max(size_, std::min(2 * sms, kDefaultDirectBlocks));
   large_message_blocks_ = size_ <= 2 ? std::max(size_, std::min(2 * sms, kLargeMessageDirectBlocks))
                                      : default_direct_blocks_;
+  // Where the peers' blocks lie, as mapped here: GPU-scope flags serve only peers on this GPU.
+  peers_on_this_gpu_ = true;
+  for (int r = 0; r < size_; ++r) {
+    cudaPointerAttributes where{};
+    if (r != rank_ && (cudaPointerGetAttributes(&where, buffers_.block(r)) != cudaSuccess ||
+                       where.type != cudaMemoryTypeDevice || where.device != config.device))
+      peers_on_this_gpu_ = false;
+  }
+  cudaGetLastError();  // a failed query above leaves no error behind
   if (config.records_bytes) {  // every slot free (flags 0), no plan
     records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;
     records_flag_bytes_ = config.records_flag_bytes;

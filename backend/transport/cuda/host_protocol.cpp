@@ -204,6 +204,10 @@ void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
   p.slices_done = slices_done();
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = kernel_error_device_;
+  // A what-if to measure: the kernel's flags and fences at GPU scope where every peer shares this
+  // GPU (system scope else, as without it).
+  static const bool gpu_scope = env_switch("TORCH_EP_WHATIF_DIRECT_GPU_SCOPE");
+  p.gpu_scope = gpu_scope && peers_on_this_gpu_;
   for (int peer = 0; peer < size_; ++peer) {
     if (peer == rank_) {  // the self message where the kernel copies it: its slices with the peers', no flags
       if (!with_self) continue;
