@@ -4,6 +4,7 @@
 #include <cuda.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 
 #include "backend/common/env_switch.hpp"
@@ -208,6 +209,13 @@ void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
   // GPU (system scope else, as without it).
   static const bool gpu_scope = env_switch("TORCH_EP_WHATIF_DIRECT_GPU_SCOPE");
   p.gpu_scope = gpu_scope && peers_on_this_gpu_;
+  static bool said = false;  // a measurement should know when the what-if did not take
+  if (gpu_scope && !said) {
+    said = true;
+    std::fprintf(stderr, "torch_ep: TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1 %s\n",
+                 p.gpu_scope ? "in effect: every peer shares this GPU"
+                             : "ignored: a peer's buffer lies on another GPU (system scope kept)");
+  }
   for (int peer = 0; peer < size_; ++peer) {
     if (peer == rank_) {  // the self message where the kernel copies it: its slices with the peers', no flags
       if (!with_self) continue;
