@@ -49,30 +49,21 @@ __device__ __forceinline__ void store_release(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// The same at GPU scope: enough where every thread that reads or writes the word runs on this GPU
-// (ranks that share it under MPS, each in its own process), not for a peer on another GPU.
-__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
+// A flag's accesses at system scope (kGpu false: the functions above) or GPU scope (kGpu true):
+// enough where every thread that reads or writes the word runs on this GPU (ranks that share it
+// under MPS, each in its own process), not for a peer on another GPU.
+template <bool kGpu>
+__device__ __forceinline__ uint32_t scoped_load_acquire(const uint32_t* p) {
+  if constexpr (!kGpu) return load_acquire(p);
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
 
-__device__ __forceinline__ void store_release_gpu(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// A flag's accesses at system scope (kGpu false) or GPU scope (kGpu true), for kernels that
-// take the scope as a template argument.
-template <bool kGpu>
-__device__ __forceinline__ uint32_t scoped_load_acquire(const uint32_t* p) {
-  if constexpr (kGpu) return load_acquire_gpu(p);
-  else return load_acquire(p);
-}
-
 template <bool kGpu>
 __device__ __forceinline__ void scoped_store_release(uint32_t* p, uint32_t v) {
-  if constexpr (kGpu) store_release_gpu(p, v);
-  else store_release(p, v);
+  if constexpr (!kGpu) store_release(p, v);
+  else asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 template <bool kGpu>
