@@ -3,8 +3,10 @@
 #include <cuda.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 
+#include "backend/common/env_switch.hpp"
 #include "backend/kernels/all_to_all.cuh"
 #include "backend/kernels/moe_records.cuh"  // kMoeReportWords
 #include "backend/transport/cuda/cuda_check.hpp"
@@ -118,15 +120,23 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   default_direct_blocks_ = std::max(size_, std::min(2 * sms, kDefaultDirectBlocks));
   large_message_blocks_ = size_ <= 2 ? std::max(size_, std::min(2 * sms, kLargeMessageDirectBlocks))
                                      : default_direct_blocks_;
-  // Where the peers' blocks lie, as mapped here: GPU-scope flags serve only peers on this GPU.
-  peers_on_this_gpu_ = true;
-  for (int r = 0; r < size_; ++r) {
-    cudaPointerAttributes where{};
-    if (r != rank_ && (cudaPointerGetAttributes(&where, buffers_.block(r)) != cudaSuccess ||
-                       where.type != cudaMemoryTypeDevice || where.device != config.device))
-      peers_on_this_gpu_ = false;
+  // A what-if to measure (TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1): the direct kernel's flags and
+  // fences at GPU scope, which serve only where every peer's block lies on this GPU (as mapped
+  // here); system scope else, as without it. Decided once, here, and said once per transport.
+  if (env_switch("TORCH_EP_WHATIF_DIRECT_GPU_SCOPE")) {
+    direct_gpu_scope_ = true;
+    for (int r = 0; r < size_; ++r) {
+      cudaPointerAttributes where{};
+      if (r != rank_ && (cudaPointerGetAttributes(&where, buffers_.block(r)) != cudaSuccess ||
+                         where.type != cudaMemoryTypeDevice || where.device != config.device))
+        direct_gpu_scope_ = false;
+    }
+    cudaGetLastError();  // a failed query above leaves no error behind
+    if (rank_ == 0)
+      std::fprintf(stderr, "torch_ep: TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1 %s\n",
+                   direct_gpu_scope_ ? "in effect: every peer shares this GPU"
+                                     : "ignored: a peer's buffer lies on another GPU (system scope kept)");
   }
-  cudaGetLastError();  // a failed query above leaves no error behind
   if (config.records_bytes) {  // every slot free (flags 0), no plan
     records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;
     records_flag_bytes_ = config.records_flag_bytes;

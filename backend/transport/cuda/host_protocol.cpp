@@ -4,7 +4,6 @@
 #include <cuda.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstring>
 
 #include "backend/common/env_switch.hpp"
@@ -205,17 +204,7 @@ void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
   p.slices_done = slices_done();
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = kernel_error_device_;
-  // A what-if to measure: the kernel's flags and fences at GPU scope where every peer shares this
-  // GPU (system scope else, as without it).
-  static const bool gpu_scope = env_switch("TORCH_EP_WHATIF_DIRECT_GPU_SCOPE");
-  p.gpu_scope = gpu_scope && peers_on_this_gpu_;
-  static bool said = false;  // a measurement should know when the what-if did not take
-  if (gpu_scope && !said) {
-    said = true;
-    std::fprintf(stderr, "torch_ep: TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1 %s\n",
-                 p.gpu_scope ? "in effect: every peer shares this GPU"
-                             : "ignored: a peer's buffer lies on another GPU (system scope kept)");
-  }
+  p.gpu_scope = direct_gpu_scope_;  // the what-if (cuda_transport.cpp's constructor)
   for (int peer = 0; peer < size_; ++peer) {
     if (peer == rank_) {  // the self message where the kernel copies it: its slices with the peers', no flags
       if (!with_self) continue;
