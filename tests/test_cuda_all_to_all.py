@@ -356,6 +356,27 @@ def test_stream_semantics(cuda_pool):
     cuda_pool.run(rank_stream_semantics, seed=_seed())
 
 
+def check_replays(static_out, static_in, group, generator, replays, also=None, name=""):
+    """dist.all_to_all_single(static_out, static_in) captured in a CUDA graph (after one eager
+    call: the group's state is made outside the capture), then replayed `replays` times, each on
+    fresh inputs into a poisoned output, checked against torch_ep.reference; `also()`, where
+    given, must hold after each replay."""
+    dist.all_to_all_single(static_out, static_in, group=group)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dist.all_to_all_single(static_out, static_in, group=group)
+    for _ in range(replays):
+        static_in.normal_(generator=generator)
+        poison_(static_out)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.all_to_all_single(static_out.shape, static_in, group=group)
+        assert same_bits(static_out, expected), f"{name}: a replay's output differs"
+        assert also is None or also(), f"{name}: {also.__name__} does not hold after a replay"
+    del graph
+
+
 def rank_cuda_graph(seed):
     """A call captured and replayed on fresh inputs into poisoned outputs: on the default group,
     and where the host protocol runs, on a group whose messages all go by the copy engines
@@ -372,20 +393,7 @@ def rank_cuda_graph(seed):
         for name, group in groups.items():
             rows = size * 64 if group is None else size * (1 << 20) // 33 + 5  # about 4 MiB a message
             static_in = torch.randn(rows - rows % size, 33, device="cuda", generator=g)
-            static_out = torch.empty_like(static_in)
-            dist.all_to_all_single(static_out, static_in, group=group)  # the transport made outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                dist.all_to_all_single(static_out, static_in, group=group)
-            for _ in range(3):
-                static_in.normal_(generator=g)
-                poison_(static_out)
-                graph.replay()
-                torch.cuda.synchronize()
-                expected = reference.all_to_all_single(static_out.shape, static_in, group=group)
-                assert same_bits(static_out, expected), f"{name}: a replay's output differs"
-            del graph
+            check_replays(torch.empty_like(static_in), static_in, group, g, replays=3, name=name)
     finally:
         for group in groups.values():
             if group is not None:

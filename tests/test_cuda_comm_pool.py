@@ -362,19 +362,11 @@ def rank_cuda_graph(seed):
         with torch.cuda.use_mem_pool(pool):
             static_in = torch.randn(size * 64, 33, device="cuda", generator=g)
             static_out = torch.empty_like(static_in)
-        dist.all_to_all_single(static_out, static_in, group=group)  # the group's state, outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            dist.all_to_all_single(static_out, static_in, group=group)
-        for _ in range(5):
-            static_in.normal_(generator=g)
-            poison_(static_out)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert same_bits(static_out, reference.all_to_all_single(static_out.shape, static_in, group=group))
-            assert _one_copy(group)
-        del graph
+
+        def one_copy():
+            return _one_copy(group)
+
+        cuda_checks.check_replays(static_out, static_in, group, g, replays=5, also=one_copy, name="pool")
     finally:
         dist.destroy_process_group(group)
 
