@@ -248,8 +248,8 @@ def results_table(measurements: List[Measurement], world_size: int) -> str:
                 ratio = subject.algbw_gbps / other.algbw_gbps if other else None
                 row.append("-" if ratio is None else f"{ratio:.0%}" if impl in ROOFLINES else f"{ratio:.2f}x")
         if replay_share:
-            replayed = by_key.get((DEFAULT_GRAPH, size))
-            row.append(f"{replayed.algbw_gbps / by_key[ROOFLINE_GRAPH, size].algbw_gbps:.0%}" if replayed else "-")
+            graph_row = by_key.get((DEFAULT_GRAPH, size))
+            row.append(f"{graph_row.algbw_gbps / by_key[ROOFLINE_GRAPH, size].algbw_gbps:.0%}" if graph_row else "-")
         rows.append(row)
     return common.markdown_table(headers, rows)
 
@@ -341,9 +341,8 @@ def main() -> None:
 
     if rank == 0:
         meta = common.run_metadata(device, ranks=world_size, runs=args.runs, warmup=args.warmup,
-                                   calls_per_run=args.calls_per_run or ("by size: 256 up to 4 MiB, fewer above" if
-                                                                        device.type == "cuda" else
-                                                                        "by size: 32 up to 8 MiB, fewer above"),
+                                   calls_per_run={common.format_bytes(s): ops_per_run(s, device, args.calls_per_run)
+                                                  for s in sizes},
                                    env={k: v for k, v in os.environ.items() if k.startswith("TORCH_EP_")})
         if device.type == "cuda":
             meta["ranks_per_gpu"] = sharing
