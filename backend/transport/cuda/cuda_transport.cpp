@@ -24,13 +24,14 @@ namespace {
 constexpr size_t kDataOffset = 64 << 10;
 constexpr size_t kChunkAlign = 4096;
 constexpr int kDefaultDirectBlocks = 32;
-// The direct kernel's grid where a message has at least 2 MiB (host_protocol.cpp), at 2 ranks.
+// The direct kernel's grid where a message has at least kLargeMessageBytes (direct_blocks), at 2 ranks.
 // H100, 2 ranks under MPS at 50 %, alternating with 32, three runs each: 8 / 16 MiB per rank
 // (messages of 4 / 8 MiB) replayed 14.9-15.2 / 31.7-34.2 us against 18.1-19.8 / 35.7-38.2,
 // eagerly 23.8-24.5 / 34.7-37.5 against 26.9-31.0 / 38.5-41.9; 4 MiB replayed 10.9-11.9 against
 // 11.5-12.1. Up to 256 KiB per rank 96 blocks lost (eagerly 27-29 against 18 us at 256 KiB),
 // hence the bound. Not measured at more ranks, which keep 32 (results/h100_2026-12-06, session 33).
 constexpr int kLargeMessageDirectBlocks = 96;
+constexpr size_t kLargeMessageBytes = size_t(2) << 20;
 constexpr int kMaxRanks = 2048;  // flags of kMaxRanks ranks fit before kPushCountsOffset
 // A pushing MoE dispatch's send matrix rows (kernels/moe.cuh, DispatchPushParams::counts): past
 // every flag (kMaxRanks x 6 words = 48 KiB), before the grid counter.
@@ -322,6 +323,11 @@ void CudaTransport::exchange(const void* mine, void* theirs, size_t record_bytes
     recvs[p] = {static_cast<char*>(theirs) + p * record_bytes, record_bytes};
   }
   control_exchange(sends, recvs, op_name);
+}
+
+int CudaTransport::direct_blocks(size_t largest_message) const {
+  if (num_sms_ > 0) return num_sms_;  // the group's SM budget
+  return largest_message >= kLargeMessageBytes ? large_message_blocks_ : default_direct_blocks_;
 }
 
 std::shared_ptr<StreamMark> CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<int> peers) {

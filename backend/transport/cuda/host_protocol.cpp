@@ -17,9 +17,6 @@ namespace {
 
 // The self copy from this size on runs beside the peers' traffic (all_to_all below).
 constexpr size_t kSelfCopyBesideBytes = size_t(1) << 20;
-// From this message size on the direct kernel takes its larger grid (cuda_transport.cpp,
-// kLargeMessageDirectBlocks).
-constexpr size_t kLargeMessageBytes = size_t(2) << 20;
 
 // What a rank tells one peer at the start of every call.
 struct ControlRecord {
@@ -200,7 +197,7 @@ void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
   p.size = size_;
   size_t largest = 0;
   for (int peer = 0; peer < size_; ++peer) largest = std::max(largest, std::max(sends[peer].bytes, recvs[peer].bytes));
-  p.num_blocks = num_sms_ > 0 ? num_sms_ : largest >= kLargeMessageBytes ? large_message_blocks_ : default_direct_blocks_;
+  p.num_blocks = direct_blocks(largest);
   p.slices_done = slices_done();
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = kernel_error_device_;
