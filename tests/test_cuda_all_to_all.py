@@ -258,18 +258,26 @@ def test_self_copy_in_line(world_size):
     pool.run(rank_kernel_bytes, seed=_seed())
 
 
-def rank_all_dtypes_and_kernel_bytes(seed):
+def rank_direct_whatif(seed):
     cpu_checks.rank_all_dtypes(seed, device="cuda")
     rank_kernel_bytes(seed)
+    rank_sm_budget(seed)  # a block serves several slices of a message: the counts it adds at its end
 
 
+DIRECT_WHATIFS = ("TORCH_EP_WHATIF_DIRECT_GPU_SCOPE", "TORCH_EP_WHATIF_DIRECT_BLOCK_COUNTS",
+                  "TORCH_EP_WHATIF_SELF_COPY_APART")
+
+
+@pytest.mark.parametrize("whatif", DIRECT_WHATIFS)
 @pytest.mark.parametrize("world_size", cuda_world_sizes())
-def test_direct_gpu_scope(world_size):
-    """The what-if TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1 (read once a process): the direct kernel's
-    flags and fences at GPU scope, the ranks sharing one GPU here; every dtype and split shape
-    stays right, by the kernel and by the copy engines."""
-    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_DIRECT_GPU_SCOPE": "1"})
-    pool.run(rank_all_dtypes_and_kernel_bytes, seed=_seed())
+def test_direct_whatif(world_size, whatif):
+    """The direct kernel's what-ifs (each read once a process): its flags and fences at GPU scope,
+    the ranks sharing one GPU here; a block's slices counted once at its end, behind one fence; the
+    rank's own message by a copy of its own, as before the kernel took it in slices after the
+    peers'. Every dtype and split shape stays right, by the kernel and by the copy engines (a line
+    of 0 and of 64 MiB), also where a block serves several slices (SM budgets of 1 and 3)."""
+    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], whatif: "1"})
+    pool.run(rank_direct_whatif, seed=_seed())
 
 
 HOST_PROTOCOL_PHASES = ("checks", "export", "exchange", "self_copy", "launch", "track")
@@ -296,17 +304,6 @@ def rank_host_protocol_phases(seed):
 def test_host_protocol_phases():
     rank_pool(2, cuda=True, env=PROTOCOLS["host"]).run(rank_host_protocol_phases, seed=_seed())
 
-
-
-
-@pytest.mark.parametrize("world_size", cuda_world_sizes())
-def test_self_copy_apart_whatif(world_size):
-    """The what-if TORCH_EP_WHATIF_SELF_COPY_APART=1 (read once a process): where the host
-    protocol's direct kernel moves the peers' messages, the rank's own message goes by a copy of
-    its own, as before the kernel took it in slices after theirs (every dtype and split shape, a
-    line of 0 and of 64 MiB); the default path is test_kernel_bytes's."""
-    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], "TORCH_EP_WHATIF_SELF_COPY_APART": "1"})
-    pool.run(rank_all_dtypes_and_kernel_bytes, seed=_seed())
 
 
 def rank_export_once(seed):

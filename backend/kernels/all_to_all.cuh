@@ -39,6 +39,9 @@ struct AllToAllDirectParams {
   // The flags and the data's fences at GPU scope, not system scope: only where every peer
   // shares this GPU (ranks under MPS). TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1, a what-if to measure.
   bool gpu_scope;
+  // Each block counts its slices once, at its end, behind one fence, not each slice behind a
+  // fence of its own. TORCH_EP_WHATIF_DIRECT_BLOCK_COUNTS=1, a what-if to measure.
+  bool block_counts;
 };
 
 cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStream_t stream);

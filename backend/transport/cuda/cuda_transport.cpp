@@ -138,6 +138,9 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
                    direct_gpu_scope_ ? "in effect: every peer shares this GPU"
                                      : "ignored: a peer's buffer lies on another GPU (system scope kept)");
   }
+  direct_block_counts_ = env_switch("TORCH_EP_WHATIF_DIRECT_BLOCK_COUNTS");  // a what-if to measure
+  if (direct_block_counts_ && rank_ == 0)
+    std::fprintf(stderr, "torch_ep: TORCH_EP_WHATIF_DIRECT_BLOCK_COUNTS=1: one fence a block in the direct kernel\n");
   if (config.records_bytes) {  // every slot free (flags 0), no plan
     records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;
     records_flag_bytes_ = config.records_flag_bytes;
