@@ -258,26 +258,27 @@ def test_self_copy_in_line(world_size):
     pool.run(rank_kernel_bytes, seed=_seed())
 
 
-def rank_direct_whatif(seed):
+def rank_direct_kernel(seed):
     cpu_checks.rank_all_dtypes(seed, device="cuda")
     rank_kernel_bytes(seed)
-    rank_sm_budget(seed)  # a block serves several slices of a message: the counts it adds at its end
+    rank_sm_budget(seed)  # a block serves several slices of a message
 
 
-DIRECT_WHATIFS = ("TORCH_EP_WHATIF_DIRECT_GPU_SCOPE", "TORCH_EP_WHATIF_DIRECT_BLOCK_COUNTS",
-                  "TORCH_EP_WHATIF_SELF_COPY_APART")
+DIRECT_KERNEL_VARIANTS = {"system_scope": {"TORCH_EP_DIRECT_GPU_SCOPE": "0"},
+                          "self_copy_apart": {"TORCH_EP_WHATIF_SELF_COPY_APART": "1"}}
 
 
-@pytest.mark.parametrize("whatif", DIRECT_WHATIFS)
+@pytest.mark.parametrize("variant", sorted(DIRECT_KERNEL_VARIANTS))
 @pytest.mark.parametrize("world_size", cuda_world_sizes())
-def test_direct_whatif(world_size, whatif):
-    """The direct kernel's what-ifs (each read once a process): its flags and fences at GPU scope,
-    the ranks sharing one GPU here; a block's slices counted once at its end, behind one fence; the
-    rank's own message by a copy of its own, as before the kernel took it in slices after the
-    peers'. Every dtype and split shape stays right, by the kernel and by the copy engines (a line
-    of 0 and of 64 MiB), also where a block serves several slices (SM budgets of 1 and 3)."""
-    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], whatif: "1"})
-    pool.run(rank_direct_whatif, seed=_seed())
+def test_direct_kernel_variants(world_size, variant):
+    """The direct kernel's other forms (each read once a process): its flags and fences at system
+    scope, as where a peer is another GPU (the ranks share one here, where GPU scope is the
+    default); the rank's own message by a copy of its own (a what-if), as before the kernel took it
+    in slices after the peers'. Every dtype and split shape stays right, by the kernel and by the
+    copy engines (a line of 0 and of 64 MiB), also where a block serves several slices (SM budgets
+    of 1 and 3)."""
+    pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], **DIRECT_KERNEL_VARIANTS[variant]})
+    pool.run(rank_direct_kernel, seed=_seed())
 
 
 HOST_PROTOCOL_PHASES = ("checks", "export", "exchange", "self_copy", "launch", "track")

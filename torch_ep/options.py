@@ -71,6 +71,10 @@ ENVIRONMENT = {
                                         "(SM copies, every peer at once); larger ones go by the copy engines, one peer "
                                         "after another (default 8 MiB; 0: the copy engines for every rank that sends); each rank decides "
                                         "for itself",
+    "TORCH_EP_DIRECT_GPU_SCOPE": "0 keeps the flags and fences of CUDA all_to_all_single's one kernel (the host "
+                                 "protocol's direct kernel) at system scope also where every peer's buffer lies on "
+                                 "this GPU (default 1: GPU scope there, as for ranks sharing a GPU under MPS; "
+                                 "system scope where a peer is another GPU)",
     "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "1 runs the device protocol's plan and move in one kernel launch instead of two (measured slower on one H200)",
     "TORCH_EP_ALL_TO_ALL_EAGER_BYTES": "the device protocol's eager path for small CUDA all_to_all_single calls: a "
                                        "message of at most this many bytes (a multiple of 16, up to 1 MiB; default 0, "

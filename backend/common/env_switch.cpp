@@ -15,4 +15,9 @@ bool env_switch(const char* name, const char* value) {
 
 bool env_switch(const char* name) { return env_switch(name, std::getenv(name)); }
 
+bool env_switch_on_by_default(const char* name) {
+  const char* value = std::getenv(name);
+  return !value || !*value || env_switch(name, value);
+}
+
 }  // namespace ep

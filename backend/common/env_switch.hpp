@@ -6,5 +6,6 @@ namespace ep {
 
 bool env_switch(const char* name, const char* value);  // value: the variable's, or null where unset
 bool env_switch(const char* name);                      // std::getenv(name)
+bool env_switch_on_by_default(const char* name);        // the same, but unset or "" is on
 
 }  // namespace ep

@@ -39,24 +39,10 @@ __device__ __forceinline__ void copy_slice(const AllToAllDirectParams& p, int ds
                                      PlainStore{});
 }
 
-// Counts `n` more slices of the message to `dst` as landed (thread 0, after a fence that orders
-// this block's stores of them): the last to count clears the count and `ready` and sets `done`.
-template <bool kGpu>
-__device__ __forceinline__ void count_slices(const AllToAllDirectParams& p, int dst, uint32_t n, uint32_t slices) {
-  if (atomicAdd(&p.slices_done[dst], n) + n == slices) {
-    p.slices_done[dst] = 0;
-    *p.ready_to_wait[dst] = 0;  // every slice's block has read it
-    scoped_fence<kGpu>();
-    scoped_store_release<kGpu>(p.done_to_set[dst], 1);
-  }
-}
-
 // Block 0 first tells every sender that our output is ready and, last, waits for every sender's
 // data; in between every block takes units b, b + gridDim.x, ...: (peer, slice) units below
 // peer_units, then the slices of this rank's own message, which wait on no flag and count nowhere.
 // kGpu: the flags' accesses and the fences at GPU scope (AllToAllDirectParams::gpu_scope).
-// A block counts each slice after it, behind a fence of its own, or (p.block_counts) all of its
-// slices once, at its end, behind one fence: a fence waits for the block's stores to land.
 template <bool kGpu>
 __global__ void __launch_bounds__(kThreads, 2)
     all_to_all_direct_kernel(AllToAllDirectParams p, uint32_t peer_units, uint32_t units) {
@@ -66,9 +52,6 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (p.ready_to_set[src]) scoped_store_release<kGpu>(p.ready_to_set[src], 1);
 
   __shared__ int go;
-  __shared__ uint32_t copied[kMaxRanksPerNode];  // p.block_counts: this block's slices per peer, thread 0's
-  if (p.block_counts && threadIdx.x == 0)
-    for (int d = 0; d < p.size; ++d) copied[d] = 0;
   const uint32_t peers = uint32_t(p.size - 1);
   for (uint32_t u = blockIdx.x; u < units; u += gridDim.x) {
     if (u >= peer_units) {  // uniform across the block
@@ -92,26 +75,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();  // every thread has read go before thread 0 may write the next unit's
     if (!went) continue;
     copy_slice(p, dst, slice, slices);
-    if (p.block_counts) {  // counted at the block's end
-      if (threadIdx.x == 0) ++copied[dst];
-      continue;
-    }
     __syncthreads();  // every thread's stores are issued before the fence below
     if (threadIdx.x == 0) {
       // Fence, then count: the last block to count sees every slice's stores ordered before its own
       // fence and release (the fence-then-atomic pattern of a grid's last block).
       scoped_fence<kGpu>();
-      count_slices<kGpu>(p, dst, 1, slices);
-    }
-  }
-  if (p.block_counts) {  // before block 0's wait below: a peer's wait may need these counts
-    __syncthreads();     // every thread's stores are issued before the fence
-    if (threadIdx.x == 0) {
-      bool any = false;
-      for (int d = 0; d < p.size; ++d) any |= copied[d] != 0;
-      if (any) scoped_fence<kGpu>();
-      for (int d = 0; d < p.size; ++d)
-        if (copied[d]) count_slices<kGpu>(p, d, copied[d], direct_slices(p.send_bytes[d]));
+      if (atomicAdd(&p.slices_done[dst], 1u) + 1 == slices) {
+        p.slices_done[dst] = 0;
+        *p.ready_to_wait[dst] = 0;  // every slice's block has read it
+        scoped_fence<kGpu>();
+        scoped_store_release<kGpu>(p.done_to_set[dst], 1);
+      }
     }
   }
 

@@ -37,11 +37,8 @@ struct AllToAllDirectParams {
   uint64_t timeout_ns;    // bound of every wait (globaltimer)
   int* error;             // host-mapped; on a timeout set to 1 + the peer waited for
   // The flags and the data's fences at GPU scope, not system scope: only where every peer
-  // shares this GPU (ranks under MPS). TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1, a what-if to measure.
+  // shares this GPU (ranks under MPS), which GPU scope covers (CudaTransport decides).
   bool gpu_scope;
-  // Each block counts its slices once, at its end, behind one fence, not each slice behind a
-  // fence of its own. TORCH_EP_WHATIF_DIRECT_BLOCK_COUNTS=1, a what-if to measure.
-  bool block_counts;
 };
 
 cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStream_t stream);

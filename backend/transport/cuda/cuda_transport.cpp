@@ -3,7 +3,6 @@
 #include <cuda.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstring>
 
 #include "backend/common/env_switch.hpp"
@@ -121,26 +120,19 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   default_direct_blocks_ = std::max(size_, std::min(2 * sms, kDefaultDirectBlocks));
   large_message_blocks_ = size_ <= 2 ? std::max(size_, std::min(2 * sms, kLargeMessageDirectBlocks))
                                      : default_direct_blocks_;
-  // A what-if to measure (TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1): the direct kernel's flags and
-  // fences at GPU scope, which serve only where every peer's block lies on this GPU (as mapped
-  // here); system scope else, as without it. Decided once, here, and said once per transport.
-  if (env_switch("TORCH_EP_WHATIF_DIRECT_GPU_SCOPE")) {
-    direct_gpu_scope_ = true;
-    for (int r = 0; r < size_; ++r) {
-      cudaPointerAttributes where{};
-      if (r != rank_ && (cudaPointerGetAttributes(&where, buffers_.block(r)) != cudaSuccess ||
-                         where.type != cudaMemoryTypeDevice || where.device != config.device))
-        direct_gpu_scope_ = false;
-    }
-    cudaGetLastError();  // a failed query above leaves no error behind
-    if (rank_ == 0)
-      std::fprintf(stderr, "torch_ep: TORCH_EP_WHATIF_DIRECT_GPU_SCOPE=1 %s\n",
-                   direct_gpu_scope_ ? "in effect: every peer shares this GPU"
-                                     : "ignored: a peer's buffer lies on another GPU (system scope kept)");
+  // The direct kernel's flags and fences at GPU scope where every peer's block lies on this GPU
+  // (as mapped here: ranks sharing it under MPS), which that scope covers; system scope where a
+  // peer is another GPU. H100, 2 ranks, alternating three times: replayed 6.1-6.4 us a call
+  // against 7.4-7.8 at 4-16 KiB, 9.4-9.6 against 10.2-10.4 at 4 MiB; the same at 64 MiB
+  // (results/h100_2026-12-06/direct_whatif_ab_2ba59cc.md). TORCH_EP_DIRECT_GPU_SCOPE=0 keeps system scope.
+  direct_gpu_scope_ = env_switch_on_by_default("TORCH_EP_DIRECT_GPU_SCOPE");
+  for (int r = 0; r < size_ && direct_gpu_scope_; ++r) {
+    cudaPointerAttributes where{};
+    if (r != rank_ && (cudaPointerGetAttributes(&where, buffers_.block(r)) != cudaSuccess ||
+                       where.type != cudaMemoryTypeDevice || where.device != config.device))
+      direct_gpu_scope_ = false;
   }
-  direct_block_counts_ = env_switch("TORCH_EP_WHATIF_DIRECT_BLOCK_COUNTS");  // a what-if to measure
-  if (direct_block_counts_ && rank_ == 0)
-    std::fprintf(stderr, "torch_ep: TORCH_EP_WHATIF_DIRECT_BLOCK_COUNTS=1: one fence a block in the direct kernel\n");
+  cudaGetLastError();  // a failed query above leaves no error behind
   if (config.records_bytes) {  // every slot free (flags 0), no plan
     records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;
     records_flag_bytes_ = config.records_flag_bytes;

@@ -201,8 +201,7 @@ class CudaTransport {
   size_t kernel_bytes_;
   int default_direct_blocks_ = 1;  // the direct kernel's grid without an SM budget
   int large_message_blocks_ = 1;   // the same where a message has at least 2 MiB (direct_blocks)
-  bool direct_gpu_scope_ = false;  // the direct kernel at GPU scope (the what-if, where every peer shares this GPU)
-  bool direct_block_counts_ = false;  // the direct kernel counts a block's slices at its end (the what-if)
+  bool direct_gpu_scope_ = false;  // the direct kernel at GPU scope: every peer shares this GPU
   PeerBuffers buffers_;
   size_t chunk_bytes_;
   HostTransport control_;  // per-call exchange of sizes and receive-buffer handles

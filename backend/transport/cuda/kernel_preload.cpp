@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <mutex>
 #include <set>
 #include <vector>
@@ -114,8 +113,7 @@ std::string load_module(const Driver& d, const void* kernel, std::vector<CUmodul
 
 void preload_kernels(int device) {
   // On unless TORCH_EP_PRELOAD_KERNELS=0 (a value other than 0 or 1 raises, naming it).
-  const char* value = std::getenv("TORCH_EP_PRELOAD_KERNELS");
-  const bool on = !value || !*value || env_switch("TORCH_EP_PRELOAD_KERNELS", value);
+  const bool on = env_switch_on_by_default("TORCH_EP_PRELOAD_KERNELS");
   std::lock_guard<std::mutex> lock(preload_mutex);
   if (!devices_loaded.insert(device).second) return;
   if (!on) {
