@@ -123,7 +123,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   // The direct kernel's flags and fences at GPU scope where every peer's block lies on this GPU
   // (as mapped here: ranks sharing it under MPS), which that scope covers; system scope where a
   // peer is another GPU. H100, 2 ranks, alternating three times: replayed 6.1-6.4 us a call
-  // against 7.4-7.8 at 4-16 KiB, 9.4-9.6 against 10.2-10.4 at 4 MiB; the same at 64 MiB
+  // against 7.4-7.9 at 4-16 KiB, 9.4-9.6 against 10.2-10.4 at 4 MiB; the same at 64 MiB
   // (results/h100_2026-12-06/direct_whatif_ab_2ba59cc.md). TORCH_EP_DIRECT_GPU_SCOPE=0 keeps system scope.
   direct_gpu_scope_ = env_switch_on_by_default("TORCH_EP_DIRECT_GPU_SCOPE");
   for (int r = 0; r < size_ && direct_gpu_scope_; ++r) {
