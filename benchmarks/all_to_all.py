@@ -170,7 +170,8 @@ def ops_per_run(num_bytes: int, device: torch.device, calls: int = 0) -> int:
     # calls take milliseconds). `calls` > 0 (--calls-per-run) fixes the count.
     if calls > 0:
         return calls
-    return max(8, min(256, (1 << 30) // num_bytes)) if device.type == "cuda" else max(8, min(32, (256 << 20) // num_bytes))
+    most, bytes_per_run = (256, 1 << 30) if device.type == "cuda" else (32, 256 << 20)
+    return max(8, min(most, bytes_per_run // num_bytes))
 
 
 def measure_size(impls: Dict[str, object], size: int, device: torch.device, sync_group, *, runs: int,

@@ -306,7 +306,6 @@ def test_host_protocol_phases():
     rank_pool(2, cuda=True, env=PROTOCOLS["host"]).run(rank_host_protocol_phases, seed=_seed())
 
 
-
 def rank_export_once(seed):
     cpu_checks.rank_all_dtypes(seed, device="cuda")
     cpu_checks.rank_list_form(seed, device="cuda")  # outputs in separate tensors: one lookup each
