@@ -25,7 +25,7 @@ constexpr int kErrorNoPeer = -1;
 // peers' units: no copy of its own to launch.
 struct AllToAllDirectParams {
   int rank, size;
-  int num_blocks;  // the grid: blocks share the (peer, slice) units when fewer
+  int num_blocks;  // the most blocks: a block a (peer, slice) unit, or blocks share them when fewer
   const char* send[kMaxRanksPerNode];       // this rank's block for peer p
   char* remote_recv[kMaxRanksPerNode];      // where it lands in peer p's output (mapped)
   uint64_t send_bytes[kMaxRanksPerNode];

@@ -22,15 +22,15 @@ namespace {
 // Region `src` (2 slots of chunk_bytes) starts at kDataOffset + src * 2 * chunk_bytes.
 constexpr size_t kDataOffset = 64 << 10;
 constexpr size_t kChunkAlign = 4096;
-constexpr int kDefaultDirectBlocks = 32;
-// The direct kernel's grid where a message has at least kLargeMessageBytes (direct_blocks), at 2 ranks.
-// H100, 2 ranks under MPS at 50 %, alternating with 32, three runs each: 8 / 16 MiB per rank
-// (messages of 4 / 8 MiB) replayed 14.9-15.2 / 31.7-34.2 us against 18.1-19.8 / 35.7-38.2,
-// eagerly 23.8-24.5 / 34.7-37.5 against 26.9-31.0 / 38.5-41.9; 4 MiB replayed 10.9-11.9 against
-// 11.5-12.1. Up to 256 KiB per rank 96 blocks lost (eagerly 27-29 against 18 us at 256 KiB),
-// hence the bound. Not measured at more ranks, which keep 32 (results/h100_2026-12-06, session 33).
-constexpr int kLargeMessageDirectBlocks = 96;
-constexpr size_t kLargeMessageBytes = size_t(2) << 20;
+// The direct kernel's grid without an SM budget: a block for each unit of work (a slice of a
+// message, kernels/all_to_all.cu), at most kMaxDirectBlocks, in waves where the client's share of
+// the SMs holds fewer. H100, replayed, against the grids before (32 blocks; 96 at 2 ranks from
+// 2 MiB a message): 2 ranks, 16 MiB a rank 27.8-27.9 us against 29.5-29.7, 64 MiB (the kernel
+// forced: TORCH_EP_ALL_TO_ALL_KERNEL_BYTES) 101.7-103.0 against 105.7-106.0, and one wave of 132
+// blocks 103.6-103.9; 4 ranks, 4 / 16 MiB 15.8 / 57.9 against 17.6 / 61.3; 8 ranks within 1.5 %.
+// Smaller calls have no more units than those grids held, and run as before
+// (results/h100_2026-12-07, e0da301, as TORCH_EP_NUM_SMS=512).
+constexpr int kMaxDirectBlocks = 512;
 constexpr int kMaxRanks = 2048;  // flags of kMaxRanks ranks fit before kPushCountsOffset
 // A pushing MoE dispatch's send matrix rows (kernels/moe.cuh, DispatchPushParams::counts): past
 // every flag (kMaxRanks x 6 words = 48 KiB), before the grid counter.
@@ -111,15 +111,6 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
                            cudaMemcpyHostToDevice));
   EP_CUDA_CHECK(cudaMemset(grid_counter(), 0, sizeof(uint32_t)));
   EP_CUDA_CHECK(cudaMemset(slices_done(), 0, sizeof(uint32_t) * kernels::kMaxRanksPerNode));
-  // Without an SM budget the direct kernel takes up to kDefaultDirectBlocks blocks, two an SM
-  // (under MPS the SM count is the client's share: 14 at 8 ranks on an H100, where 27 blocks
-  // moved 4 / 16 MiB per rank 10 / 7 % faster than 13), as NCCL's channels do, and at least a
-  // block a peer as before.
-  int sms = 0;
-  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, config.device));
-  default_direct_blocks_ = std::max(size_, std::min(2 * sms, kDefaultDirectBlocks));
-  large_message_blocks_ = size_ <= 2 ? std::max(size_, std::min(2 * sms, kLargeMessageDirectBlocks))
-                                     : default_direct_blocks_;
   // The direct kernel's flags and fences at GPU scope where every peer's block lies on this GPU
   // (as mapped here: ranks sharing it under MPS), which that scope covers; system scope where a
   // peer is another GPU. H100, 2 ranks, alternating three times: replayed 6.1-6.4 us a call
@@ -320,9 +311,8 @@ void CudaTransport::exchange(const void* mine, void* theirs, size_t record_bytes
   control_exchange(sends, recvs, op_name);
 }
 
-int CudaTransport::direct_blocks(size_t largest_message) const {
-  if (num_sms_ > 0) return num_sms_;  // the group's SM budget
-  return largest_message >= kLargeMessageBytes ? large_message_blocks_ : default_direct_blocks_;
+int CudaTransport::direct_blocks() const {
+  return num_sms_ > 0 ? num_sms_ : kMaxDirectBlocks;  // the group's SM budget, else a block a unit
 }
 
 std::shared_ptr<StreamMark> CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<int> peers) {

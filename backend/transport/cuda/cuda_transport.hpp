@@ -93,8 +93,8 @@ class CudaTransport {
   // exported its output; else it stages through the copy engines): the largest message to a peer
   // has at most CudaTransportConfig::kernel_bytes. Else the copy engines move it, on no SM.
   bool moves_by_kernel(const std::vector<SendBuffer>& sends) const;
-  // The direct kernel's grid for a call whose largest message (sent or received) has these bytes.
-  int direct_blocks(size_t largest_message) const;
+  // The most blocks the direct kernel launches (it takes fewer where a call has fewer units of work).
+  int direct_blocks() const;
 
   // ---- for kernels that read peers' memory directly (MoE dispatch/combine, backend/ops) ----
   // Throws naming `op_name` once the transport has failed, or once a kernel's bounded wait gave
@@ -199,8 +199,6 @@ class CudaTransport {
   std::chrono::milliseconds timeout_;
   int num_sms_;
   size_t kernel_bytes_;
-  int default_direct_blocks_ = 1;  // the direct kernel's grid without an SM budget
-  int large_message_blocks_ = 1;   // the same where a message has at least 2 MiB (direct_blocks)
   bool direct_gpu_scope_ = false;  // the direct kernel at GPU scope: every peer shares this GPU
   PeerBuffers buffers_;
   size_t chunk_bytes_;

@@ -195,9 +195,7 @@ void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
   kernels::AllToAllDirectParams p{};
   p.rank = rank_;
   p.size = size_;
-  size_t largest = 0;
-  for (int peer = 0; peer < size_; ++peer) largest = std::max(largest, std::max(sends[peer].bytes, recvs[peer].bytes));
-  p.num_blocks = direct_blocks(largest);
+  p.num_blocks = direct_blocks();
   p.slices_done = slices_done();
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = kernel_error_device_;
