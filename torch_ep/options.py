@@ -24,7 +24,7 @@ ENVIRONMENT = {
                                 "the first comm_pool call on a group; tensors of the pool must fit in it",
     "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default 0, automatic: CUDA dispatch/combine take "
                         "torch_ep/data/sm_table.json's budget for the GPU and group, else every SM; all_to_all's "
-                        "direct kernel up to 32 blocks, two an SM, at least one a peer)",
+                        "direct kernel a block a slice of a message, at most 512)",
     "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: unroll (default; a warp per row, a row's "
                          "loads issued together and the next row's lookups a row ahead, about one round trip to "
                          "memory per row), warp (a warp per row, 16-byte loads, one lookup after another) or bulk "

@@ -50,7 +50,7 @@ namespace ep {
 struct CudaTransportConfig {
   int device = 0;
   size_t buffer_bytes = 64 << 20;  // this rank's registered receive block
-  int num_sms = 0;                 // blocks of the transport's kernels; 0 = up to 32 (two an SM)
+  int num_sms = 0;                 // blocks of the transport's kernels; 0 = a block a unit of work, at most 512
   // all_to_all: messages up to this size (the largest to any peer) go through one kernel, larger
   // ones by the copy engines (Options.all_to_all_kernel_bytes).
   size_t kernel_bytes = size_t(8) << 20;
