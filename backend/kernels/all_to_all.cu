@@ -115,10 +115,10 @@ cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStr
   const bool self_copy = params.send[self] && params.send_bytes[self];
   const uint32_t units = peer_units + (self_copy ? direct_slices(params.send_bytes[self]) : 0);
   int blocks = units == 0 ? 1 : units < uint32_t(params.num_blocks) ? int(units) : params.num_blocks;
-  // Block b takes units b, b + blocks, ...: their peers (unit % peers) cycle through every peer
-  // only where blocks and peers share no factor, else a large message to one peer would get a
-  // fraction of the blocks.
-  while (blocks > 1 && std::gcd(blocks, params.size - 1) != 1) --blocks;
+  // Block b takes units b, b + blocks, ...: where blocks are fewer than units, their peers (unit %
+  // peers) cycle through every peer only where blocks and peers share no factor, else a large
+  // message to one peer would get a fraction of the blocks. A block a unit needs no such care.
+  while (blocks > 1 && uint32_t(blocks) < units && std::gcd(blocks, params.size - 1) != 1) --blocks;
   if (params.gpu_scope) all_to_all_direct_kernel<true><<<blocks, kThreads, 0, stream>>>(params, peer_units, units);
   else all_to_all_direct_kernel<false><<<blocks, kThreads, 0, stream>>>(params, peer_units, units);
   return cudaGetLastError();
