@@ -1,5 +1,6 @@
 #include "backend/kernels/all_to_all.cuh"
 #include "backend/kernels/copy.cuh"
+#include "backend/kernels/early_launch.cuh"
 #include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/sync.cuh"
 
@@ -47,6 +48,7 @@ template <bool kGpu>
 __global__ void __launch_bounds__(kThreads, 2)
     all_to_all_direct_kernel(AllToAllDirectParams p, uint32_t peer_units, uint32_t units) {
   const uint64_t deadline = now_ns() + p.timeout_ns;
+  wait_for_prior_grid();  // launched early (p.early_launch): our output is free once the stream says so
   if (blockIdx.x == 0)
     for (int src = threadIdx.x; src < p.size; src += blockDim.x)
       if (p.ready_to_set[src]) scoped_store_release<kGpu>(p.ready_to_set[src], 1);
@@ -89,9 +91,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  if (blockIdx.x == 0)
+  if (blockIdx.x == 0) {
+    let_next_grid_start();  // the other blocks let it as they exit: the next kernel's launch overlaps the wait below
     for (int src = threadIdx.x; src < p.size; src += blockDim.x)
       if (p.done_to_wait[src] && !take_flag<kGpu>(p.done_to_wait[src], deadline)) report_first(p.error, 1 + src);
+  }
 }
 
 // The launch's units of work to peers: the peers, rotated from rank + 1 so that the ranks do not
@@ -119,9 +123,8 @@ cudaError_t launch_all_to_all_direct(const AllToAllDirectParams& params, cudaStr
   // peers) cycle through every peer only where blocks and peers share no factor, else a large
   // message to one peer would get a fraction of the blocks. A block a unit needs no such care.
   while (blocks > 1 && uint32_t(blocks) < units && std::gcd(blocks, params.size - 1) != 1) --blocks;
-  if (params.gpu_scope) all_to_all_direct_kernel<true><<<blocks, kThreads, 0, stream>>>(params, peer_units, units);
-  else all_to_all_direct_kernel<false><<<blocks, kThreads, 0, stream>>>(params, peer_units, units);
-  return cudaGetLastError();
+  return launch_kernel(params.gpu_scope ? all_to_all_direct_kernel<true> : all_to_all_direct_kernel<false>, blocks,
+                       kThreads, stream, params.early_launch, params, peer_units, units);
 }
 
 // kernel_preload.cpp loads the whole module, both instantiations.

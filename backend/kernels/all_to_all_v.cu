@@ -1,6 +1,7 @@
 #include "backend/kernels/all_to_all_pool.cuh"
 #include "backend/kernels/all_to_all_v.cuh"
 #include "backend/kernels/copy.cuh"
+#include "backend/kernels/early_launch.cuh"
 #include "backend/kernels/module_kernels.hpp"
 #include "backend/kernels/sync.cuh"
 
@@ -271,10 +272,18 @@ __device__ void plan(const AllToAllVParams& p) {
   }
 }
 
-__global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) { plan<false>(p); }
+// Launched early (p.early_launch): the plan's block lets the move be scheduled at once; the move's
+// blocks wait for the plan's end in their own wait_for_prior_grid().
+__global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) {
+  wait_for_prior_grid();
+  let_next_grid_start();
+  plan<false>(p);
+}
 
 // The plan of an eager call (p.eager_bytes > 0), which copies too: a block of kMoveThreads.
 __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_eager_plan_kernel(AllToAllVParams p) {
+  wait_for_prior_grid();
+  let_next_grid_start();
   plan<true>(p);
 }
 
@@ -407,6 +416,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
 }
 
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_kernel(AllToAllVParams p) {
+  wait_for_prior_grid();
   staged_move(p, blockIdx.x);
 }
 
@@ -438,9 +448,11 @@ __device__ void finish_call(const AllToAllVParams& p, size_t finished, bool fuse
 // A group with a comm pool: one copy where the plan chose it (the first pool_workers blocks), else
 // the staged move (the first staged_blocks blocks); the others end at once.
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(AllToAllVParams p) {
+  wait_for_prior_grid();
   if (one_copy(p)) {
     if (int(blockIdx.x) < p.pool_workers) pool::push<kUnroll, kMoveThreads>(p, blockIdx.x, p.pool_workers);
   } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) staged_move(p, blockIdx.x);
+  let_next_grid_start();  // the next call's plan launches while the last block waits for the data
   finish_call(p, L::kPoolFinished, /*fused=*/false);
 }
 
@@ -449,6 +461,7 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(
 // kEager: block 0's plan moves the eager messages too.
 template <bool kEager>
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllToAllVParams p) {
+  wait_for_prior_grid();
   bool planned = true;
   if (blockIdx.x == 0) {
     plan<kEager>(p);
@@ -464,6 +477,7 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllT
       staged_move(p, blockIdx.x);
     }
   }
+  let_next_grid_start();
   finish_call(p, L::kCallFinished, /*fused=*/true);
 }
 
@@ -472,9 +486,9 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllT
 cudaError_t launch_all_to_all_v_plan(const AllToAllVParams& params, cudaStream_t stream) {
   if (params.num_ranks < 1 || params.num_ranks > kMaxRanksPerNode || params.layout.chunk_bytes == 0)
     return cudaErrorInvalidValue;
-  if (params.eager_bytes > 0) all_to_all_v_eager_plan_kernel<<<1, kMoveThreads, 0, stream>>>(params);
-  else all_to_all_v_plan_kernel<<<1, kPlanThreads, 0, stream>>>(params);
-  return cudaGetLastError();
+  if (params.eager_bytes > 0)
+    return launch_kernel(all_to_all_v_eager_plan_kernel, 1, kMoveThreads, stream, params.early_launch, params);
+  return launch_kernel(all_to_all_v_plan_kernel, 1, kPlanThreads, stream, params.early_launch, params);
 }
 
 cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t stream) {
@@ -482,8 +496,8 @@ cudaError_t launch_all_to_all_v_move(const AllToAllVParams& params, cudaStream_t
       params.layout.lanes < 1 || params.layout.lanes > L::kMaxLanes)
     return cudaErrorInvalidValue;
   // A pair of blocks per (peer offset, lane), see staged_move: the grid need not be resident.
-  all_to_all_v_move_kernel<<<staged_blocks(params.num_ranks, params.layout.lanes), kMoveThreads, 0, stream>>>(params);
-  return cudaGetLastError();
+  return launch_kernel(all_to_all_v_move_kernel, staged_blocks(params.num_ranks, params.layout.lanes), kMoveThreads,
+                       stream, params.early_launch, params);
 }
 
 cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int blocks, cudaStream_t stream) {
@@ -493,8 +507,8 @@ cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int bloc
   const int staged = staged_blocks(params.num_ranks, params.layout.lanes);
   AllToAllVParams p = params;
   p.pool_workers = blocks > 0 ? blocks : 1;
-  all_to_all_v_move_any_kernel<<<p.pool_workers > staged ? p.pool_workers : staged, kMoveThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(all_to_all_v_move_any_kernel, p.pool_workers > staged ? p.pool_workers : staged, kMoveThreads,
+                       stream, p.early_launch, p);
 }
 
 cudaError_t launch_all_to_all_v_call(const AllToAllVParams& params, int pool_blocks, cudaStream_t stream) {
@@ -508,9 +522,8 @@ cudaError_t launch_all_to_all_v_call(const AllToAllVParams& params, int pool_blo
   p.pool_workers = params.pool_plan != nullptr ? (pool_blocks > 0 ? pool_blocks : 1) : 0;
   const int direct = p.pool_workers > 0 ? 1 + p.pool_workers : 0;
   const int grid = direct > staged ? direct : staged;
-  if (p.eager_bytes > 0) all_to_all_v_call_kernel<true><<<grid, kMoveThreads, 0, stream>>>(p);
-  else all_to_all_v_call_kernel<false><<<grid, kMoveThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(p.eager_bytes > 0 ? all_to_all_v_call_kernel<true> : all_to_all_v_call_kernel<false>, grid,
+                       kMoveThreads, stream, p.early_launch, p);
 }
 
 const void* all_to_all_v_module_kernel() { return reinterpret_cast<const void*>(all_to_all_v_plan_kernel); }

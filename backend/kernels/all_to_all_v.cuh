@@ -212,6 +212,10 @@ struct AllToAllVParams {
   // eager (last, so that the other kernels' parameters keep their offsets)
   uint64_t eager_bytes;           // 0: off. Else a message of 1..eager_bytes bytes rides with its
                                   // sender's record (the eager region), a multiple of 16
+  // Launched early (early_launch.cuh, the what-if TORCH_EP_WHATIF_EARLY_LAUNCH): the plan lets the
+  // move be scheduled while it meets the peers, and the move the next call's plan while its last
+  // block waits for the data.
+  bool early_launch;
 };
 
 // The plan's pool_plan, for the host (tests) and the move kernels.

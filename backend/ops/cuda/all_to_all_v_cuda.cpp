@@ -284,6 +284,7 @@ class AllToAllVState {
     p.call_id = ++calls_;
     p.out_arena = -1;  // no one copy unless the call says otherwise
     p.pool_plan = nullptr;
+    p.early_launch = transport_->early_launch();
   }
 
  private:

@@ -124,6 +124,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
       direct_gpu_scope_ = false;
   }
   cudaGetLastError();  // a failed query above leaves no error behind
+  early_launch_ = env_switch("TORCH_EP_WHATIF_EARLY_LAUNCH");
   if (config.records_bytes) {  // every slot free (flags 0), no plan
     records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;
     records_flag_bytes_ = config.records_flag_bytes;

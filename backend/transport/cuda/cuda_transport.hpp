@@ -95,6 +95,9 @@ class CudaTransport {
   bool moves_by_kernel(const std::vector<SendBuffer>& sends) const;
   // The most blocks the direct kernel launches (it takes fewer where a call has fewer units of work).
   int direct_blocks() const;
+  // all_to_all's kernels launched early (backend/kernels/early_launch.cuh): the what-if
+  // TORCH_EP_WHATIF_EARLY_LAUNCH=1, read once; measurements only.
+  bool early_launch() const { return early_launch_; }
 
   // ---- for kernels that read peers' memory directly (MoE dispatch/combine, backend/ops) ----
   // Throws naming `op_name` once the transport has failed, or once a kernel's bounded wait gave
@@ -200,6 +203,7 @@ class CudaTransport {
   int num_sms_;
   size_t kernel_bytes_;
   bool direct_gpu_scope_ = false;  // the direct kernel at GPU scope: every peer shares this GPU
+  bool early_launch_ = false;
   PeerBuffers buffers_;
   size_t chunk_bytes_;
   HostTransport control_;  // per-call exchange of sizes and receive-buffer handles

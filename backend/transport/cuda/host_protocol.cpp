@@ -200,6 +200,7 @@ void CudaTransport::launch_direct_kernel(const std::vector<SendBuffer>& sends,
   p.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout_).count());
   p.error = kernel_error_device_;
   p.gpu_scope = direct_gpu_scope_;  // decided once, in cuda_transport.cpp's constructor
+  p.early_launch = early_launch_;
   for (int peer = 0; peer < size_; ++peer) {
     if (peer == rank_) {  // the self message where the kernel copies it: its slices with the peers', no flags
       if (!with_self) continue;
