@@ -89,7 +89,7 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
   }
   __syncthreads();  // every thread's stores are issued before thread 0's fence
   if (threadIdx.x != 0) return;
-  __threadfence_system();
+  fence_in(p.gpu_scope);
   begin = 0;
   for (int k = 0; k < R; ++k) {
     const int d = (me + k) % R;
@@ -103,7 +103,7 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
         // come before the release below (the atomic alone is relaxed).
         __threadfence();
         *reinterpret_cast<volatile uint32_t*>(count) = 0;  // ready for the next call
-        store_release(word_at(p.blocks[d], L::pool_done_flag(me)), 1);
+        store_release_in(word_at(p.blocks[d], L::pool_done_flag(me)), 1, p.gpu_scope);
       }
     }
     begin = end;
@@ -116,7 +116,7 @@ __device__ __forceinline__ void take_done(const AllToAllVParams& p) {
   using L = AllToAllVLayout;
   const uint64_t deadline = deadline_after(p.timeout_ns);
   const int src = threadIdx.x;
-  if (src < p.num_ranks && !take(word_at(p.blocks[p.rank], L::pool_done_flag(src)), deadline, p.abort))
+  if (src < p.num_ranks && !take(word_at(p.blocks[p.rank], L::pool_done_flag(src)), deadline, p.abort, p.gpu_scope))
     atomicExch(p.error, 1 + src);
 }
 

@@ -77,7 +77,7 @@ __device__ void plan(const AllToAllVParams& p) {
   if constexpr (kEager) {
     if (t < R) {
       record_read[t] = false;
-      slot_free[t] = wait_for(flag_at(p.blocks[t], L::record_flag(me)), 0, deadline, p.abort);
+      slot_free[t] = wait_for(flag_at(p.blocks[t], L::record_flag(me)), 0, deadline, p.abort, p.gpu_scope);
       if (!slot_free[t]) {
         atomicExch(p.error, 1 + t);
         failed = 1;
@@ -101,7 +101,7 @@ __device__ void plan(const AllToAllVParams& p) {
   // 1. This rank's record into peer t's block, once t has read the one before.
   if (t < R) {
     uint32_t* flag = flag_at(p.blocks[t], L::record_flag(me));
-    if (!(kEager ? slot_free[t] : wait_for(flag, 0, deadline, p.abort))) {
+    if (!(kEager ? slot_free[t] : wait_for(flag, 0, deadline, p.abort, p.gpu_scope))) {
       if (!kEager) atomicExch(p.error, 1 + t);  // eager: set above
       failed = 1;
     } else {
@@ -115,14 +115,14 @@ __device__ void plan(const AllToAllVParams& p) {
       if (p.has_expected)
         for (int s = 0; s < R; ++s) record[L::kExpected + s] = p.expected_splits[s];
       record[L::kOutArena] = p.out_arena;
-      __threadfence_system();
-      store_release(flag, 1);
+      fence_in(p.gpu_scope);
+      store_release_in(flag, 1, p.gpu_scope);
     }
   }
   // 2. Source t's record from this rank's block; then its slot is free again.
   if (t < R) {
     uint32_t* flag = flag_at(p.blocks[me], L::record_flag(t));
-    if (!wait_for(flag, 1, deadline, p.abort)) {
+    if (!wait_for(flag, 1, deadline, p.abort, p.gpu_scope)) {
       atomicExch(p.error, 1 + t);
       failed = 1;
     } else {
@@ -133,7 +133,7 @@ __device__ void plan(const AllToAllVParams& p) {
         for (int s = 0; s < R; ++s) records[t][L::kExpected + s] = record[L::kExpected + s];
       records[t][L::kOutArena] = record[L::kOutArena];
       if constexpr (kEager) record_read[t] = true;  // freed once its message is copied out
-      else store_release(flag, 0);
+      else store_release_in(flag, 0, p.gpu_scope);
     }
   }
   __syncthreads();
@@ -266,8 +266,8 @@ __device__ void plan(const AllToAllVParams& p) {
     }
     __syncthreads();  // every thread has read the eager regions before they are handed back
     if (t < R && record_read[t]) {
-      __threadfence_system();
-      store_release(flag_at(p.blocks[me], L::record_flag(t)), 0);
+      fence_in(p.gpu_scope);
+      store_release_in(flag_at(p.blocks[me], L::record_flag(t)), 0, p.gpu_scope);
     }
   }
 }
@@ -293,7 +293,7 @@ __device__ void publish_plan(const AllToAllVParams& p) {
   __syncthreads();  // every thread's words of the plan are written
   if (threadIdx.x == 0) {
     __threadfence();
-    store_release(flag_at(p.blocks[p.rank], L::kPlanReady), 1);
+    store_release_in(flag_at(p.blocks[p.rank], L::kPlanReady), 1, p.gpu_scope);
   }
 }
 
@@ -304,7 +304,7 @@ __device__ void publish_plan(const AllToAllVParams& p) {
 __device__ bool await_plan(const AllToAllVParams& p) {
   __shared__ int ready;
   if (threadIdx.x == 0) {
-    ready = wait_for(flag_at(p.blocks[p.rank], L::kPlanReady), 1, deadline_after(p.timeout_ns, 2), p.abort);
+    ready = wait_for(flag_at(p.blocks[p.rank], L::kPlanReady), 1, deadline_after(p.timeout_ns, 2), p.abort, p.gpu_scope);
     if (!ready) atomicCAS(p.error, 0, kErrorNoPeer);
   }
   __syncthreads();
@@ -374,7 +374,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
     for (uint64_t j = 0, k = lane; k < chunks; ++j, k += lanes) {
       const int slot = int(j % L::kSlots);
       if (threadIdx.x == 0) {
-        go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort);  // dst drained round j - 2
+        go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort, p.gpu_scope);  // dst drained round j - 2
         if (!go) atomicExch(p.error, 1 + dst);
       }
       __syncthreads();
@@ -384,8 +384,8 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
                                              StreamingLoad{}, PlainStore{});
       __syncthreads();  // every thread's stores are issued before the release below
       if (threadIdx.x == 0) {
-        __threadfence_system();
-        store_release(flag_at(p.blocks[dst], L::full_flag(me, lane, slot)), 1);
+        fence_in(p.gpu_scope);
+        store_release_in(flag_at(p.blocks[dst], L::full_flag(me, lane, slot)), 1, p.gpu_scope);
       }
     }
   } else {
@@ -396,7 +396,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
     for (uint64_t j = 0, k = lane; k < chunks; ++j, k += lanes) {
       const int slot = int(j % L::kSlots);
       if (threadIdx.x == 0) {
-        go = take(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline, p.abort);  // src sent round j
+        go = take(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline, p.abort, p.gpu_scope);  // src sent round j
         if (!go) atomicExch(p.error, 1 + src);
       }
       __syncthreads();
@@ -408,8 +408,8 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
       discard_from_l2(staged, n);
       __syncthreads();
       if (threadIdx.x == 0) {
-        __threadfence_system();
-        store_release(flag_at(p.blocks[src], L::empty_flag(me, lane, slot)), 1);
+        fence_in(p.gpu_scope);
+        store_release_in(flag_at(p.blocks[src], L::empty_flag(me, lane, slot)), 1, p.gpu_scope);
       }
     }
   }

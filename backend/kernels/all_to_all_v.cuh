@@ -216,6 +216,10 @@ struct AllToAllVParams {
   // move be scheduled while it meets the peers, and the move the next call's plan while its last
   // block waits for the data.
   bool early_launch;
+  // The flags and the data's fences at GPU scope, not system scope (the what-if
+  // TORCH_EP_WHATIF_DEVICE_GPU_SCOPE=1): only where every peer shares this GPU (ranks under MPS),
+  // as AllToAllDirectParams::gpu_scope. The host's report stays at system scope.
+  bool gpu_scope;
 };
 
 // The plan's pool_plan, for the host (tests) and the move kernels.

@@ -72,6 +72,19 @@ __device__ __forceinline__ void scoped_fence() {
   else __threadfence_system();
 }
 
+// The same with the scope chosen at run time: `gpu` a kernel parameter, alike in every thread.
+__device__ __forceinline__ uint32_t load_acquire_in(const uint32_t* p, bool gpu) {
+  return gpu ? scoped_load_acquire<true>(p) : load_acquire(p);
+}
+__device__ __forceinline__ void store_release_in(uint32_t* p, uint32_t v, bool gpu) {
+  if (gpu) scoped_store_release<true>(p, v);
+  else store_release(p, v);
+}
+__device__ __forceinline__ void fence_in(bool gpu) {
+  if (gpu) __threadfence();
+  else __threadfence_system();
+}
+
 // Waits until *flag != 0, leaving it; false after the deadline (the peer never came). No abort
 // word: its callers' flags are a CudaTransport's, whose watchdog releases a failed transport's
 // waits by setting them (CudaTransport::release_waits).
@@ -93,9 +106,10 @@ __device__ __forceinline__ bool take_flag(uint32_t* flag, uint64_t deadline) {
 }
 
 // Waits until *flag == value, leaving it; false after the deadline or once the group is aborted
-// (*abort, a host-mapped word: read only every few polls).
-__device__ __forceinline__ bool wait_for(const uint32_t* flag, uint32_t value, uint64_t deadline, const int* abort) {
-  for (uint32_t polls = 1; load_acquire(flag) != value; ++polls) {
+// (*abort, a host-mapped word: read only every few polls). `gpu`: the loads at GPU scope.
+__device__ __forceinline__ bool wait_for(const uint32_t* flag, uint32_t value, uint64_t deadline, const int* abort,
+                                         bool gpu = false) {
+  for (uint32_t polls = 1; load_acquire_in(flag, gpu) != value; ++polls) {
     if (now_ns() > deadline) return false;
     if (polls % 64 == 0 && *reinterpret_cast<const volatile int*>(abort)) return false;
     __nanosleep(100);
@@ -104,8 +118,8 @@ __device__ __forceinline__ bool wait_for(const uint32_t* flag, uint32_t value, u
 }
 
 // Waits until *flag != 0, then clears it; false as wait_for.
-__device__ __forceinline__ bool take(uint32_t* flag, uint64_t deadline, const int* abort) {
-  for (uint32_t polls = 1; load_acquire(flag) == 0; ++polls) {
+__device__ __forceinline__ bool take(uint32_t* flag, uint64_t deadline, const int* abort, bool gpu = false) {
+  for (uint32_t polls = 1; load_acquire_in(flag, gpu) == 0; ++polls) {
     if (now_ns() > deadline) return false;
     if (polls % 64 == 0 && *reinterpret_cast<const volatile int*>(abort)) return false;
     __nanosleep(100);

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "backend/common/env_switch.hpp"
 #include "backend/common/errors.hpp"
 #include "backend/common/phases.hpp"
 #include "backend/kernels/all_to_all_v.cuh"
@@ -94,6 +95,8 @@ class AllToAllVState {
     eager_bytes_ = agreed.eager_bytes;
     one_launch_ = config.all_to_all_one_launch;
     buffers_ = std::make_unique<PeerBuffers>(rdv, device, layout_.total_bytes(size_, eager_bytes_), tag + "/buffers");
+    // A what-if for measurements (the direct kernel's GPU scope, for the device protocol).
+    gpu_scope_ = env_switch("TORCH_EP_WHATIF_DEVICE_GPU_SCOPE") && buffers_->all_on_this_gpu();
     CudaTransportConfig cc;
     cc.device = device;
     cc.buffer_bytes = 0;  // flags only: the watchdog, the kernel error word and the failure listener
@@ -285,6 +288,7 @@ class AllToAllVState {
     p.out_arena = -1;  // no one copy unless the call says otherwise
     p.pool_plan = nullptr;
     p.early_launch = transport_->early_launch();
+    p.gpu_scope = gpu_scope_;
   }
 
  private:
@@ -314,6 +318,7 @@ class AllToAllVState {
   int pool_blocks_ = 0;               // grid of the one-copy move (Options.all_to_all_pool_blocks, or two per SM)
   bool pool_grid_automatic_ = true;   // no grid set in the options: it grows with the call (pool_grid)
   bool one_launch_ = false;           // plan and move in one launch
+  bool gpu_scope_ = false;            // the kernels' flags at GPU scope (AllToAllVParams::gpu_scope)
   uint64_t eager_bytes_ = 0;          // all_to_all_single's eager messages: at most this (0: off)
   CallOrder order_;
 };

@@ -116,14 +116,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   // peer is another GPU. H100, 2 ranks, alternating three times: replayed 6.1-6.4 us a call
   // against 7.4-7.9 at 4-16 KiB, 9.4-9.6 against 10.2-10.4 at 4 MiB; the same at 64 MiB
   // (results/h100_2026-12-06/direct_whatif_ab_2ba59cc.md). TORCH_EP_DIRECT_GPU_SCOPE=0 keeps system scope.
-  direct_gpu_scope_ = env_switch_on_by_default("TORCH_EP_DIRECT_GPU_SCOPE");
-  for (int r = 0; r < size_ && direct_gpu_scope_; ++r) {
-    cudaPointerAttributes where{};
-    if (r != rank_ && (cudaPointerGetAttributes(&where, buffers_.block(r)) != cudaSuccess ||
-                       where.type != cudaMemoryTypeDevice || where.device != config.device))
-      direct_gpu_scope_ = false;
-  }
-  cudaGetLastError();  // a failed query above leaves no error behind
+  direct_gpu_scope_ = env_switch_on_by_default("TORCH_EP_DIRECT_GPU_SCOPE") && buffers_.all_on_this_gpu();
   early_launch_ = env_switch("TORCH_EP_WHATIF_EARLY_LAUNCH");
   if (config.records_bytes) {  // every slot free (flags 0), no plan
     records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;

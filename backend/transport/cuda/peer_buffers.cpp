@@ -54,6 +54,18 @@ void PeerBuffers::close_peers() {
   }
 }
 
+bool PeerBuffers::all_on_this_gpu() const {
+  bool here = true;
+  for (size_t r = 0; r < blocks_.size() && here; ++r) {
+    cudaPointerAttributes where{};
+    if (int(r) != rank_ && (!blocks_[r] || cudaPointerGetAttributes(&where, blocks_[r]) != cudaSuccess ||
+                            where.type != cudaMemoryTypeDevice || where.device != device_))
+      here = false;
+  }
+  cudaGetLastError();  // a failed query above leaves no error behind
+  return here;
+}
+
 PeerBuffers::~PeerBuffers() {
   close_peers();
   DeviceScope scope(device_);

@@ -27,6 +27,9 @@ class PeerBuffers {
   void close_peers();
   size_t bytes() const { return bytes_; }
   int device() const { return device_; }
+  // Whether every peer's block lies on this rank's GPU (ranks that share it under MPS): then the
+  // flags in the blocks need only GPU scope.
+  bool all_on_this_gpu() const;
 
  private:
   int rank_;
