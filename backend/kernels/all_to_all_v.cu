@@ -22,6 +22,7 @@ constexpr uint64_t kMinStagedChunk = 32 << 10;
 // a lane's receiver copies round j while its sender fills round j + 1, so with n rounds the two
 // copies overlap for n - 1 of n + 1 steps; with 4 the pipeline's fill and drain cost a quarter.
 constexpr uint64_t kMinRounds = 4;
+static_assert(L::kRecordWords % 2 == 0, "the plan reads a record in 16-byte loads");
 
 // The chunk size of a message of `bytes`: its bytes spread evenly over every lane in at least
 // kMinRounds rounds (more where slot-sized chunks need more), in 16-byte multiples (vector copies
@@ -55,7 +56,7 @@ __device__ void plan(const AllToAllVParams& p) {
   const int t = threadIdx.x, R = p.num_ranks, me = p.rank;
   const uint64_t deadline = deadline_after(p.timeout_ns);
   __shared__ int64_t splits[kMaxRanksPerNode];                     // this rank's
-  __shared__ int64_t records[kMaxRanksPerNode][L::kRecordWords];   // each source's
+  __shared__ __align__(16) int64_t records[kMaxRanksPerNode][L::kRecordWords];  // each source's
   __shared__ bool overflows[kMaxRanksPerNode];                     // per receiver
   __shared__ bool unreachable[kMaxRanksPerNode];                   // receives bytes outside its arena
   __shared__ int failed;                                           // a wait timed out
@@ -105,7 +106,9 @@ __device__ void plan(const AllToAllVParams& p) {
       if (!kEager) atomicExch(p.error, 1 + t);  // eager: set above
       failed = 1;
     } else {
-      volatile int64_t* record = reinterpret_cast<volatile int64_t*>(p.blocks[t] + L::record(me));
+      // Plain stores, ordered before the flag by its release; the eager messages, written by
+      // every thread before the barrier above, by a fence of their own first.
+      int64_t* record = reinterpret_cast<int64_t*>(p.blocks[t] + L::record(me));
       for (int d = 0; d < R; ++d) record[d] = splits[d];
       record[L::kCapacity] = p.capacity;
       record[L::kStatus] = status;
@@ -115,7 +118,7 @@ __device__ void plan(const AllToAllVParams& p) {
       if (p.has_expected)
         for (int s = 0; s < R; ++s) record[L::kExpected + s] = p.expected_splits[s];
       record[L::kOutArena] = p.out_arena;
-      fence_in(p.gpu_scope);
+      if constexpr (kEager) fence_in(p.gpu_scope);
       store_release_in(flag, 1, p.gpu_scope);
     }
   }
@@ -126,12 +129,12 @@ __device__ void plan(const AllToAllVParams& p) {
       atomicExch(p.error, 1 + t);
       failed = 1;
     } else {
-      const volatile int64_t* record = reinterpret_cast<const volatile int64_t*>(p.blocks[me] + L::record(t));
-      for (int w = 0; w < R; ++w) records[t][w] = record[w];
-      for (size_t w = kMaxRanksPerNode; w < L::kExpected; ++w) records[t][w] = record[w];
-      if (records[t][L::kHasExpected])
-        for (int s = 0; s < R; ++s) records[t][L::kExpected + s] = record[L::kExpected + s];
-      records[t][L::kOutArena] = record[L::kOutArena];
+      // The whole record at once, in 16-byte loads from L2 (ordered after the acquire above): a few
+      // memory round trips, where a word at a time took one each.
+      const longlong2* from = reinterpret_cast<const longlong2*>(p.blocks[me] + L::record(t));
+      longlong2* to = reinterpret_cast<longlong2*>(records[t]);
+#pragma unroll 8
+      for (int c = 0; c < int(L::kRecordWords / 2); ++c) to[c] = __ldcg(from + c);
       if constexpr (kEager) record_read[t] = true;  // freed once its message is copied out
       else store_release_in(flag, 0, p.gpu_scope);
     }
