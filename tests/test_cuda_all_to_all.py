@@ -265,6 +265,7 @@ def rank_direct_kernel(seed):
 
 
 DIRECT_KERNEL_VARIANTS = {"system_scope": {"TORCH_EP_DIRECT_GPU_SCOPE": "0"},
+                          "in_stream_order": {"TORCH_EP_EARLY_LAUNCH": "0"},
                           "self_copy_apart": {"TORCH_EP_WHATIF_SELF_COPY_APART": "1"}}
 
 
@@ -273,7 +274,7 @@ DIRECT_KERNEL_VARIANTS = {"system_scope": {"TORCH_EP_DIRECT_GPU_SCOPE": "0"},
 def test_direct_kernel_variants(world_size, variant):
     """The direct kernel's other forms (each read once a process): its flags and fences at system
     scope, as where a peer is another GPU (the ranks share one here, where GPU scope is the
-    default); the rank's own message by a copy of its own (a what-if), as before the kernel took it
+    default); launched in plain stream order (not early); the rank's own message by a copy of its own (a what-if), as before the kernel took it
     in slices after the peers'. Every dtype and split shape stays right, by the kernel and by the
     copy engines (a line of 0 and of 64 MiB), also where a block serves several slices (SM budgets
     of 1 and 3)."""

@@ -116,6 +116,28 @@ def test_cuda_graph_replay_with_changing_splits(cuda_pool):
     cuda_pool.run(rank_cuda_graph_changing_splits, seed=_seed())
 
 
+# The device protocol's other forms (each read once a process): its flags at system scope and its
+# kernels launched in stream order, as before both defaults (and as where a peer is another GPU);
+# the staged slots' flags at GPU scope too (a what-if).
+PROTOCOL_VARIANTS = {"system_scope_in_order": {"TORCH_EP_DEVICE_GPU_SCOPE": "0", "TORCH_EP_EARLY_LAUNCH": "0"},
+                     "staged_gpu_scope": {"TORCH_EP_WHATIF_STAGED_GPU_SCOPE": "1"}}
+
+
+def rank_protocol_variant(seed):
+    cpu_checks.rank_given_and_allocated(seed, device="cuda")
+    rank_many_chunks(seed)
+    rank_cuda_graph_changing_splits(seed)
+
+
+@pytest.mark.parametrize("variant", sorted(PROTOCOL_VARIANTS))
+@pytest.mark.parametrize("world_size", cuda_world_sizes())
+def test_protocol_variants(world_size, variant):
+    """Every split shape, messages of many chunks, and a graph replayed with changing splits stay
+    right under each form of the protocol."""
+    pool = rank_pool(world_size, cuda=True, env={**DEVICE_PATH, **PROTOCOL_VARIANTS[variant]})
+    pool.run(rank_protocol_variant, seed=_seed())
+
+
 def rank_many_chunks(seed):
     """A 64 KiB buffer: staging slots of a few KiB, so every message crosses many chunks and
     reuses each slot within one call; rows whose size is not a multiple of 16 bytes too."""

@@ -75,6 +75,13 @@ ENVIRONMENT = {
                                  "protocol's direct kernel) at system scope also where every peer's buffer lies on "
                                  "this GPU (default 1: GPU scope there, as for ranks sharing a GPU under MPS; "
                                  "system scope where a peer is another GPU)",
+    "TORCH_EP_DEVICE_GPU_SCOPE": "0 keeps the device protocol's flags and fences (all_to_all_v, the comm pool, "
+                                 "Options.all_to_all_device) at system scope also where every peer's block lies on "
+                                 "this GPU (default 1: GPU scope there but for the staged slots' flags; system scope "
+                                 "where a peer is another GPU)",
+    "TORCH_EP_EARLY_LAUNCH": "0 launches CUDA all_to_all's kernels in plain stream order (default 1: each is "
+                             "launched as a programmatic dependent launch, scheduled while the kernel before it "
+                             "ends and waiting for it on the device, so that no launch latency lies between them)",
     "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "1 runs the device protocol's plan and move in one kernel launch instead of two (measured slower on one H200)",
     "TORCH_EP_ALL_TO_ALL_EAGER_BYTES": "the device protocol's eager path for small CUDA all_to_all_single calls: a "
                                        "message of at most this many bytes (a multiple of 16, up to 1 MiB; default 0, "

@@ -39,8 +39,8 @@ struct AllToAllDirectParams {
   // The flags and the data's fences at GPU scope, not system scope: only where every peer
   // shares this GPU (ranks under MPS), which GPU scope covers (CudaTransport decides).
   bool gpu_scope;
-  // Launched early (early_launch.cuh, the what-if TORCH_EP_WHATIF_EARLY_LAUNCH): scheduled while the
-  // stream's kernel before it ends; block 0 lets the next kernel start before its last wait.
+  // Launched early (early_launch.cuh; TORCH_EP_EARLY_LAUNCH): scheduled while the stream's kernel
+  // before it ends; block 0 lets the next kernel start before its last wait.
   bool early_launch;
 };
 

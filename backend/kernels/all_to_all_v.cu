@@ -377,7 +377,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
     for (uint64_t j = 0, k = lane; k < chunks; ++j, k += lanes) {
       const int slot = int(j % L::kSlots);
       if (threadIdx.x == 0) {
-        go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort, p.gpu_scope);  // dst drained round j - 2
+        go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort, p.staged_gpu_scope);  // dst drained round j - 2
         if (!go) atomicExch(p.error, 1 + dst);
       }
       __syncthreads();
@@ -387,8 +387,8 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
                                              StreamingLoad{}, PlainStore{});
       __syncthreads();  // every thread's stores are issued before the release below
       if (threadIdx.x == 0) {
-        fence_in(p.gpu_scope);
-        store_release_in(flag_at(p.blocks[dst], L::full_flag(me, lane, slot)), 1, p.gpu_scope);
+        fence_in(p.staged_gpu_scope);
+        store_release_in(flag_at(p.blocks[dst], L::full_flag(me, lane, slot)), 1, p.staged_gpu_scope);
       }
     }
   } else {
@@ -399,7 +399,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
     for (uint64_t j = 0, k = lane; k < chunks; ++j, k += lanes) {
       const int slot = int(j % L::kSlots);
       if (threadIdx.x == 0) {
-        go = take(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline, p.abort, p.gpu_scope);  // src sent round j
+        go = take(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline, p.abort, p.staged_gpu_scope);  // src sent round j
         if (!go) atomicExch(p.error, 1 + src);
       }
       __syncthreads();
@@ -411,8 +411,8 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
       discard_from_l2(staged, n);
       __syncthreads();
       if (threadIdx.x == 0) {
-        fence_in(p.gpu_scope);
-        store_release_in(flag_at(p.blocks[src], L::empty_flag(me, lane, slot)), 1, p.gpu_scope);
+        fence_in(p.staged_gpu_scope);
+        store_release_in(flag_at(p.blocks[src], L::empty_flag(me, lane, slot)), 1, p.staged_gpu_scope);
       }
     }
   }

@@ -212,14 +212,16 @@ struct AllToAllVParams {
   // eager (last, so that the other kernels' parameters keep their offsets)
   uint64_t eager_bytes;           // 0: off. Else a message of 1..eager_bytes bytes rides with its
                                   // sender's record (the eager region), a multiple of 16
-  // Launched early (early_launch.cuh, the what-if TORCH_EP_WHATIF_EARLY_LAUNCH): the plan lets the
-  // move be scheduled while it meets the peers, and the move the next call's plan while its last
-  // block waits for the data.
+  // Launched early (early_launch.cuh; TORCH_EP_EARLY_LAUNCH): the plan lets the move be scheduled
+  // while it meets the peers, and the move the next call's plan while its last block waits for the
+  // data.
   bool early_launch;
-  // The flags and the data's fences at GPU scope, not system scope (the what-if
-  // TORCH_EP_WHATIF_DEVICE_GPU_SCOPE=1): only where every peer shares this GPU (ranks under MPS),
-  // as AllToAllDirectParams::gpu_scope. The host's report stays at system scope.
+  // The records', the plan's and the one-copy move's flags and fences at GPU scope, not system
+  // scope (TORCH_EP_DEVICE_GPU_SCOPE): only where every peer shares this GPU (ranks under MPS), as
+  // AllToAllDirectParams::gpu_scope. The host's report stays at system scope; the staged slots'
+  // flags follow staged_gpu_scope (a what-if).
   bool gpu_scope;
+  bool staged_gpu_scope;
 };
 
 // The plan's pool_plan, for the host (tests) and the move kernels.

@@ -1,6 +1,6 @@
-// Programmatic dependent launch (sm_90), the what-if TORCH_EP_WHATIF_EARLY_LAUNCH: a kernel launched
-// with `early` set may be scheduled while the kernel before it on its stream still runs, once every
-// block of that kernel has called let_next_grid_start() or exited. Its blocks then wait in
+// Programmatic dependent launch (sm_90; all_to_all's kernels unless TORCH_EP_EARLY_LAUNCH=0): a
+// kernel launched with `early` set may be scheduled while the kernel before it on its stream still
+// runs, once every block of that kernel has called let_next_grid_start() or exited. Its blocks then wait in
 // wait_for_prior_grid() until that kernel has ended and its memory is visible, as stream order
 // would have it, but without the launch's own latency between the two (1.5-3.6 us a kernel boundary
 // in tools/a2a_kernels.py's gaps). Both calls are no-ops in a kernel launched plainly, and a kernel

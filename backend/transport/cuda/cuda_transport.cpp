@@ -117,7 +117,12 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
   // against 7.4-7.9 at 4-16 KiB, 9.4-9.6 against 10.2-10.4 at 4 MiB; the same at 64 MiB
   // (results/h100_2026-12-06/direct_whatif_ab_2ba59cc.md). TORCH_EP_DIRECT_GPU_SCOPE=0 keeps system scope.
   direct_gpu_scope_ = env_switch_on_by_default("TORCH_EP_DIRECT_GPU_SCOPE") && buffers_.all_on_this_gpu();
-  early_launch_ = env_switch("TORCH_EP_WHATIF_EARLY_LAUNCH");
+  // all_to_all's kernels launched early (backend/kernels/early_launch.cuh): the next kernel's launch
+  // overlaps the end of the one before it. H100, 2 ranks, with the device protocol's GPU scope, two
+  // runs: the default's eager 16 MiB 27.9-28.0 us against 29.2-29.4, the device protocol's calls
+  // 2-5 us less up to 4 MiB and 13-24 us less at 8 ranks (results/h100_2026-12-07/
+  // all_to_all_whatifs_*_4e4ab08.md). TORCH_EP_EARLY_LAUNCH=0 launches them in stream order.
+  early_launch_ = env_switch_on_by_default("TORCH_EP_EARLY_LAUNCH");
   if (config.records_bytes) {  // every slot free (flags 0), no plan
     records_offset_ = kDataOffset + chunk_bytes_ * size_t(size_) * kSlots;
     records_flag_bytes_ = config.records_flag_bytes;

@@ -95,8 +95,8 @@ class CudaTransport {
   bool moves_by_kernel(const std::vector<SendBuffer>& sends) const;
   // The most blocks the direct kernel launches (it takes fewer where a call has fewer units of work).
   int direct_blocks() const;
-  // all_to_all's kernels launched early (backend/kernels/early_launch.cuh): the what-if
-  // TORCH_EP_WHATIF_EARLY_LAUNCH=1, read once; measurements only.
+  // all_to_all's kernels launched early (backend/kernels/early_launch.cuh): on unless
+  // TORCH_EP_EARLY_LAUNCH=0, read once.
   bool early_launch() const { return early_launch_; }
 
   // ---- for kernels that read peers' memory directly (MoE dispatch/combine, backend/ops) ----
