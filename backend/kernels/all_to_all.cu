@@ -47,8 +47,8 @@ __device__ __forceinline__ void copy_slice(const AllToAllDirectParams& p, int ds
 template <bool kGpu>
 __global__ void __launch_bounds__(kThreads, 2)
     all_to_all_direct_kernel(AllToAllDirectParams p, uint32_t peer_units, uint32_t units) {
-  const uint64_t deadline = now_ns() + p.timeout_ns;
   wait_for_prior_grid();  // launched early (p.early_launch): our output is free once the stream says so
+  const uint64_t deadline = now_ns() + p.timeout_ns;  // from here: the kernel before may have waited long
   if (blockIdx.x == 0)
     for (int src = threadIdx.x; src < p.size; src += blockDim.x)
       if (p.ready_to_set[src]) scoped_store_release<kGpu>(p.ready_to_set[src], 1);

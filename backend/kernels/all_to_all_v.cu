@@ -307,7 +307,8 @@ __device__ void publish_plan(const AllToAllVParams& p) {
 __device__ bool await_plan(const AllToAllVParams& p) {
   __shared__ int ready;
   if (threadIdx.x == 0) {
-    ready = wait_for(flag_at(p.blocks[p.rank], L::kPlanReady), 1, deadline_after(p.timeout_ns, 2), p.abort, p.gpu_scope);
+    ready = wait_for(flag_at(p.blocks[p.rank], L::kPlanReady), 1, deadline_after(p.timeout_ns, 2), p.abort,
+                     p.gpu_scope);
     if (!ready) atomicCAS(p.error, 0, kErrorNoPeer);
   }
   __syncthreads();
@@ -377,7 +378,8 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
     for (uint64_t j = 0, k = lane; k < chunks; ++j, k += lanes) {
       const int slot = int(j % L::kSlots);
       if (threadIdx.x == 0) {
-        go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort, p.staged_gpu_scope);  // dst drained round j - 2
+        // dst drained round j - 2
+        go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort, p.staged_gpu_scope);
         if (!go) atomicExch(p.error, 1 + dst);
       }
       __syncthreads();
@@ -399,7 +401,8 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
     for (uint64_t j = 0, k = lane; k < chunks; ++j, k += lanes) {
       const int slot = int(j % L::kSlots);
       if (threadIdx.x == 0) {
-        go = take(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline, p.abort, p.staged_gpu_scope);  // src sent round j
+        go = take(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline, p.abort,
+                  p.staged_gpu_scope);  // src sent round j
         if (!go) atomicExch(p.error, 1 + src);
       }
       __syncthreads();
