@@ -274,10 +274,10 @@ DIRECT_KERNEL_VARIANTS = {"system_scope": {"TORCH_EP_DIRECT_GPU_SCOPE": "0"},
 def test_direct_kernel_variants(world_size, variant):
     """The direct kernel's other forms (each read once a process): its flags and fences at system
     scope, as where a peer is another GPU (the ranks share one here, where GPU scope is the
-    default); launched in plain stream order (not early); the rank's own message by a copy of its own (a what-if), as before the kernel took it
-    in slices after the peers'. Every dtype and split shape stays right, by the kernel and by the
-    copy engines (a line of 0 and of 64 MiB), also where a block serves several slices (SM budgets
-    of 1 and 3)."""
+    default); launched in plain stream order (not early); the rank's own message by a copy of its
+    own (a what-if), as before the kernel took it in slices after the peers'. Every dtype and split
+    shape stays right, by the kernel and by the copy engines (a line of 0 and of 64 MiB), also
+    where a block serves several slices (SM budgets of 1 and 3)."""
     pool = rank_pool(world_size, cuda=True, env={**PROTOCOLS["host"], **DIRECT_KERNEL_VARIANTS[variant]})
     pool.run(rank_direct_kernel, seed=_seed())
 

@@ -313,7 +313,8 @@ void register_low_latency(pybind11::module_& m) {
     return env_switch(name.c_str(), value ? value->c_str() : nullptr);
   }, py::arg("name"), py::arg("value"), "an on/off environment switch's parse (TORCH_EP_WHATIF_COPY_PUTS), for tests");
   m.def("_env_switch_on_by_default", [](const std::string& name) { return env_switch_on_by_default(name.c_str()); },
-        py::arg("name"), "a switch that is on unless set to 0, read from the environment (TORCH_EP_DIRECT_GPU_SCOPE), for tests");
+        py::arg("name"),
+        "a switch that is on unless set to 0, read from the environment (TORCH_EP_DIRECT_GPU_SCOPE), for tests");
   m.def("_ll_check_errors", [](const std::string& group_name) { ll::check_errors(group_name, "low-latency ops"); });
 }
 
