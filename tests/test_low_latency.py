@@ -102,10 +102,10 @@ def test_whatif_switch():
             _C._env_switch(name, bad)
 
 
-def test_switch_on_by_default(monkeypatch):
-    """TORCH_EP_DIRECT_GPU_SCOPE (read by the CUDA transport at its set-up) is on unless 0: unset,
-    "" and 1 are on; a value other than 0 or 1 raises a ValueError naming the variable."""
-    name = "TORCH_EP_DIRECT_GPU_SCOPE"
+@pytest.mark.parametrize("name", ["TORCH_EP_DIRECT_GPU_SCOPE", "TORCH_EP_DEVICE_GPU_SCOPE", "TORCH_EP_EARLY_LAUNCH"])
+def test_switch_on_by_default(monkeypatch, name):
+    """The switches the CUDA transports read at their set-up are on unless 0: unset, "" and 1 are
+    on; a value other than 0 or 1 raises a ValueError naming the variable."""
     monkeypatch.delenv(name, raising=False)
     assert _C._env_switch_on_by_default(name)
     for value, on in (("", True), ("1", True), ("0", False)):
@@ -113,7 +113,7 @@ def test_switch_on_by_default(monkeypatch):
         assert _C._env_switch_on_by_default(name) == on, value
     for bad in ("2", "off", "false"):
         monkeypatch.setenv(name, bad)
-        with pytest.raises(ValueError, match=r"TORCH_EP_DIRECT_GPU_SCOPE='.*': expected 0 or 1"):
+        with pytest.raises(ValueError, match=name + r"='.*': expected 0 or 1"):
             _C._env_switch_on_by_default(name)
 
 
