@@ -68,6 +68,37 @@ def test_bad_input(cuda_pool):
     cuda_pool.run(checks.rank_mismatched_handles, device="cuda")
 
 
+def rank_small_outputs(seed):
+    """recv_x's small siblings (the fp8 scales, the top-k ids and weights) share one allocation
+    (backend/ops/cuda/cuda_outputs.hpp): each lies apart from the others, aligned, holds the
+    reference's values (num_worst_tokens' padding included), and writing one leaves the others."""
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 300, 3, 2, torch.bfloat16, "cuda")
+    fp8 = (x.cpu().float().to(torch.float8_e4m3fn), torch.rand(x.shape[0], 3, generator=g))
+    expected = reference.dispatch(fp8, idx.cpu(), w.cpu(), num_experts=num_experts)
+    m = expected.recv_x.shape[0]
+    for worst in (0, 24 * dist.get_world_size()):
+        got = torch_ep.dispatch(tuple(t.cuda() for t in fp8), idx, w, num_experts=num_experts, num_worst_tokens=worst)
+        small = [got.recv_x_scales, got.recv_topk_idx, got.recv_topk_weights]
+        assert all(t.is_contiguous() and t.shape[0] == (worst or m) for t in small)
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in small)
+        assert all(lo % 16 == 0 for lo, _ in spans), f"misaligned: {spans}"
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), f"overlapping: {spans}"
+        assert torch.equal(got.recv_x_scales[:m].cpu(), expected.recv_x_scales)
+        got.recv_topk_idx.fill_(-7)
+        got.recv_x_scales.fill_(float("nan"))
+        assert torch.equal(got.recv_topk_weights[:m].cpu(), expected.recv_topk_weights)
+        assert bool((got.recv_topk_weights[m:] == 0).all())
+        got.recv_topk_weights.fill_(5.0)
+        assert bool((got.recv_topk_idx == -7).all()) and bool(got.recv_x_scales.isnan().all())
+        dist.barrier()
+
+
+@pytest.mark.parametrize("apart", ["0", "1"], ids=["together", "apart"])
+def test_small_outputs(apart):
+    """One allocation for the small outputs (the default), and each its own (the what-if)."""
+    rank_pool(2, cuda=True, env={"TORCH_EP_WHATIF_OUTPUTS_APART": apart}).run(rank_small_outputs, _seed())
+
+
 def rank_graph(seed):
     """dispatch + combine captured in one CUDA graph (num_worst_tokens: no host sync), replayed
     on new data, each replay checked against the reference."""

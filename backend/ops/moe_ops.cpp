@@ -3,6 +3,7 @@
 // reported through the call's first exchange instead, so that every rank raises together.
 #include "backend/ops/moe_ops.hpp"
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -11,6 +12,8 @@
 #include <torch/version.h>
 
 #include <pybind11/stl.h>
+
+#include <algorithm>
 
 #include "backend/common/phases.hpp"
 #include "backend/kernels/moe_meta.hpp"
@@ -42,13 +45,17 @@ HandleCounts HandleCounts::parse(const std::vector<int64_t>& counts, int64_t num
 }
 
 at::Tensor HandleCounts::to_tensor() const {
-  std::vector<int64_t> v{call_id, num_worst_tokens};
-  v.insert(v.end(), send.begin(), send.end());
-  v.insert(v.end(), recv.begin(), recv.end());
-  v.insert(v.end(), per_expert.begin(), per_expert.end());
-  v.insert(v.end(), sent.begin(), sent.end());
-  v.insert(v.end(), internode.begin(), internode.end());
-  return at::tensor(v, at::kLong);
+  const std::vector<int64_t>* parts[] = {&send, &recv, &per_expert, &sent, &internode};
+  int64_t n = 2;
+  for (const std::vector<int64_t>* part : parts) n += int64_t(part->size());
+  // As at::empty's CPU kernel makes it, without the dispatcher's round trip (host time, issue 18);
+  // every value is written below.
+  at::Tensor t = at::Tensor(at::detail::empty_cpu({n}, at::kLong));
+  int64_t* v = t.data_ptr<int64_t>();
+  *v++ = call_id;
+  *v++ = num_worst_tokens;
+  for (const std::vector<int64_t>* part : parts) v = std::copy(part->begin(), part->end(), v);
+  return t;
 }
 
 ProcessGroupEP& resolve_group(const std::string& group_name, const at::Device& device, const char* op) {

@@ -24,6 +24,7 @@
 #include <optional>
 #include <thread>
 
+#include "backend/common/env_switch.hpp"
 #include "backend/common/errors.hpp"
 #include "backend/common/phases.hpp"
 #include "backend/kernels/moe.cuh"
@@ -385,12 +386,17 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
 
     phase.next("ep::dispatch/outputs");
     o.recv_x = empty_output({capacity, H}, a.x.options());
-    o.recv_x_scales = a.x_scales ? empty_output({capacity, a.x_scales->size(1)}, a.x_scales->options())
-                                 : placeholder_output(a.placeholders, a.x.options().dtype(at::kFloat));
-    o.recv_topk_idx = cached ? placeholder_output(a.placeholders, a.x.options().dtype(at::kLong))
-                             : empty_output({capacity, K}, a.x.options().dtype(at::kLong));
-    o.recv_topk_weights = a.topk_weights ? empty_output({capacity, K}, a.x.options().dtype(at::kFloat))
-                                         : placeholder_output(a.placeholders, a.x.options().dtype(at::kFloat));
+    // TORCH_EP_WHATIF_OUTPUTS_APART=1: the small outputs in allocations of their own, as before
+    // (tools/moe_profile.py's A/B).
+    static const bool apart = env_switch("TORCH_EP_WHATIF_OUTPUTS_APART");
+    auto [scales, ids, weights] = empty_outputs_together<3>(
+        {{{bool(a.x_scales), capacity, a.x_scales ? a.x_scales->size(1) : 0, at::kFloat},
+          {!cached, capacity, K, at::kLong},
+          {bool(a.topk_weights), capacity, K, at::kFloat}}},
+        a.x.options(), apart);
+    o.recv_x_scales = a.x_scales ? scales : placeholder_output(a.placeholders, a.x.options().dtype(at::kFloat));
+    o.recv_topk_idx = cached ? placeholder_output(a.placeholders, a.x.options().dtype(at::kLong)) : ids;
+    o.recv_topk_weights = a.topk_weights ? weights : placeholder_output(a.placeholders, a.x.options().dtype(at::kFloat));
 
     phase.next("ep::dispatch/params");  // the peers' tensors as mapped here, the grid, the handshake
     kernels::DispatchParams p{};
