@@ -110,6 +110,66 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
   }
 }
 
+// The move in pieces taken in turn (p.pool_pieces): each message cut into pieces of kPoolPieceBytes
+// (an empty message: one empty piece, so that its "done" flag rises too), numbered in the stream's
+// order; every block takes the next number from the counter until none is left. Each block counts
+// the pieces it copied per destination once, after one fence at its end; the count that reaches
+// the message's pieces raises the destination's "done" flag.
+constexpr uint64_t kPoolPieceBytes = kMinPiece;
+
+template <int kUnroll, int kThreads>
+__device__ void push_pieces(const AllToAllVParams& p) {
+  using L = AllToAllVLayout;
+  const int R = p.num_ranks, me = p.rank;
+  __shared__ int64_t plan[3 * kMaxRanksPerNode];
+  __shared__ uint32_t copied[kMaxRanksPerNode];  // by this block, per position k in the stream
+  __shared__ uint64_t taken;
+  for (int i = threadIdx.x; i < 3 * R; i += blockDim.x) plan[i] = __ldcg(p.pool_plan + PoolPlan::bytes(0) + i);
+  if (threadIdx.x < R) copied[threadIdx.x] = 0;
+  __syncthreads();
+  const int64_t* bytes_to = plan;
+  const int64_t* arena_offset = plan + R;
+  const int64_t* input_offset = plan + 2 * R;
+  auto pieces_of = [&](int k) {
+    const uint64_t bytes = uint64_t(bytes_to[(me + k) % R]);
+    return bytes == 0 ? uint64_t(1) : (bytes + kPoolPieceBytes - 1) / kPoolPieceBytes;
+  };
+  uint32_t* next = word_at(p.blocks[me], L::kPoolNextPiece);
+  for (;;) {
+    if (threadIdx.x == 0) taken = atomicAdd(next, 1u);
+    __syncthreads();
+    uint64_t piece = taken;
+    __syncthreads();  // every thread has read `taken` before thread 0 takes the next
+    int k = 0;
+    for (; k < R; ++k) {
+      const uint64_t n = pieces_of(k);
+      if (piece < n) break;
+      piece -= n;
+    }
+    if (k == R) break;  // none left (uniform across the block)
+    const int d = (me + k) % R;
+    const uint64_t from = piece * kPoolPieceBytes, bytes = uint64_t(bytes_to[d]);
+    const uint64_t to = from + kPoolPieceBytes < bytes ? from + kPoolPieceBytes : bytes;
+    if (from < to)
+      block_copy_call<kUnroll, kThreads>(p.pool[d] + arena_offset[d] + from, p.input + input_offset[d] + from,
+                                         to - from, StreamingLoad{}, PushStore{});
+    if (threadIdx.x == 0) ++copied[k];
+  }
+  __syncthreads();  // every thread's stores are issued before thread 0's fence
+  if (threadIdx.x != 0) return;
+  fence_in(p.gpu_scope);
+  for (int k = 0; k < R; ++k) {
+    if (copied[k] == 0) continue;
+    const int d = (me + k) % R;
+    uint32_t* count = word_at(p.blocks[me], L::pool_chunk_count(d));
+    if (atomicAdd(count, copied[k]) + copied[k] == pieces_of(k)) {
+      __threadfence();  // the acquire side of the count, as in push
+      *reinterpret_cast<volatile uint32_t*>(count) = 0;  // ready for the next call
+      store_release_in(word_at(p.blocks[d], L::pool_done_flag(me)), 1, p.gpu_scope);
+    }
+  }
+}
+
 // The last block of this rank's move: every source's "done" flag (this rank's own included), so
 // that the call ends once this rank's output is whole.
 __device__ __forceinline__ void take_done(const AllToAllVParams& p) {

@@ -430,6 +430,12 @@ __device__ __forceinline__ bool one_copy(const AllToAllVParams& p) {
   return p.pool_plan != nullptr && plan_word(p.pool_plan + PoolPlan::kDirect) != 0;
 }
 
+// Worker `worker` of p.pool_workers: its fixed piece of the call, or pieces taken in turn.
+__device__ __forceinline__ void push_one_copy(const AllToAllVParams& p, int worker) {
+  if (p.pool_pieces) pool::push_pieces<kUnroll, kMoveThreads>(p);
+  else pool::push<kUnroll, kMoveThreads>(p, worker, p.pool_workers);
+}
+
 // Every block at its end: the last of the grid to get here resets the counter `finished` (and
 // with `fused` the "plan ready" flag) for the next call, and after a one-copy move takes every
 // source's "done" flag (this rank's own included): the call ends once this rank's output is whole.
@@ -444,6 +450,8 @@ __device__ void finish_call(const AllToAllVParams& p, size_t finished, bool fuse
       __threadfence();  // the acquire side of the count: the plan is read after every block's count
       *reinterpret_cast<volatile uint32_t*>(count) = 0;
       if (fused) *reinterpret_cast<volatile uint32_t*>(flag_at(p.blocks[p.rank], L::kPlanReady)) = 0;
+      // Every block took its last piece before it counted: the counter is free for the next call.
+      if (p.pool_pieces) *reinterpret_cast<volatile uint32_t*>(flag_at(p.blocks[p.rank], L::kPoolNextPiece)) = 0;
     }
   }
   __syncthreads();
@@ -456,7 +464,7 @@ __device__ void finish_call(const AllToAllVParams& p, size_t finished, bool fuse
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(AllToAllVParams p) {
   wait_for_prior_grid();
   if (one_copy(p)) {
-    if (int(blockIdx.x) < p.pool_workers) pool::push<kUnroll, kMoveThreads>(p, blockIdx.x, p.pool_workers);
+    if (int(blockIdx.x) < p.pool_workers) push_one_copy(p, blockIdx.x);
   } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) staged_move(p, blockIdx.x);
   let_next_grid_start();  // the next call's plan launches while the last block waits for the data
   finish_call(p, L::kPoolFinished, /*fused=*/false);
@@ -477,8 +485,7 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllT
   }
   if (planned) {
     if (one_copy(p)) {
-      if (blockIdx.x > 0 && int(blockIdx.x) <= p.pool_workers)
-        pool::push<kUnroll, kMoveThreads>(p, blockIdx.x - 1, p.pool_workers);
+      if (blockIdx.x > 0 && int(blockIdx.x) <= p.pool_workers) push_one_copy(p, blockIdx.x - 1);
     } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) {
       staged_move(p, blockIdx.x);
     }

@@ -135,7 +135,10 @@ struct AllToAllVLayout {
   // finish clears it), and this rank's blocks that finished the call (the last resets it).
   static constexpr size_t kPlanReady = kPoolFinished + 4;
   static constexpr size_t kCallFinished = kPoolFinished + 8;
-  static constexpr size_t kFlagsBytes = 1024 + 2 * kLaneFlagsBytes + 2 * kMaxRanksPerNode * 4 + 12;  // every flag above
+  // One copy in pieces taken in turn (AllToAllVParams::pool_pieces): the next piece to take (the
+  // last block to finish resets it).
+  static constexpr size_t kPoolNextPiece = kPoolFinished + 12;
+  static constexpr size_t kFlagsBytes = 1024 + 2 * kLaneFlagsBytes + 2 * kMaxRanksPerNode * 4 + 16;  // every flag above
   __host__ __device__ size_t slot(int src, int lane, int slot) const {
     return kDataOffset + ((size_t(src) * lanes + lane) * kSlots + slot) * chunk_bytes;
   }
@@ -222,6 +225,10 @@ struct AllToAllVParams {
   // flags follow staged_gpu_scope (a what-if).
   bool gpu_scope;
   bool staged_gpu_scope;
+  // The one copy in pieces of kPoolPieceBytes that the blocks take in turn from a counter, not one
+  // piece a block fixed in advance (a what-if, TORCH_EP_WHATIF_POOL_PIECES): a block that starts
+  // late (another kernel holding its SM) takes fewer pieces instead of adding a wave at the end.
+  bool pool_pieces;
 };
 
 // The plan's pool_plan, for the host (tests) and the move kernels.

@@ -102,6 +102,7 @@ class AllToAllVState {
     // 158-162 us at 64 MiB against 143-147 (2 ranks), though less below 16 MiB.
     gpu_scope_ = env_switch_on_by_default("TORCH_EP_DEVICE_GPU_SCOPE") && buffers_->all_on_this_gpu();
     staged_gpu_scope_ = gpu_scope_ && env_switch("TORCH_EP_WHATIF_STAGED_GPU_SCOPE");
+    pool_pieces_ = env_switch("TORCH_EP_WHATIF_POOL_PIECES");
     CudaTransportConfig cc;
     cc.device = device;
     cc.buffer_bytes = 0;  // flags only: the watchdog, the kernel error word and the failure listener
@@ -266,6 +267,8 @@ class AllToAllVState {
   // 64 MiB; a2a_sweep at 2 ranks, H100, 0805d53: 71 % of the roofline with 528 blocks against 63 %
   // with 131). Ranks may launch different grids: none waits on a peer's count.
   int pool_grid(uint64_t sent) const {
+    // Pieces taken in turn: the blocks that fit at once (a block more would only take none).
+    if (pool_pieces_) return int(std::min<uint64_t>(pool_blocks_, std::max<uint64_t>(1, sent / (64 << 10))));
     const uint64_t grid = pool_grid_automatic_
                               ? std::min<uint64_t>(std::max<uint64_t>(pool_blocks_, sent / (128 << 10)), kMaxPoolGrid)
                               : uint64_t(pool_blocks_);
@@ -295,6 +298,7 @@ class AllToAllVState {
     p.early_launch = transport_->early_launch();
     p.gpu_scope = gpu_scope_;
     p.staged_gpu_scope = staged_gpu_scope_;
+    p.pool_pieces = pool_pieces_;
   }
 
  private:
@@ -326,6 +330,7 @@ class AllToAllVState {
   bool one_launch_ = false;           // plan and move in one launch
   bool gpu_scope_ = false;            // the kernels' flags at GPU scope (AllToAllVParams::gpu_scope)
   bool staged_gpu_scope_ = false;     // the staged slots' too (AllToAllVParams::staged_gpu_scope)
+  bool pool_pieces_ = false;          // the one copy's pieces taken in turn (AllToAllVParams::pool_pieces)
   uint64_t eager_bytes_ = 0;          // all_to_all_single's eager messages: at most this (0: off)
   CallOrder order_;
 };
