@@ -69,9 +69,10 @@ def test_bad_input(cuda_pool):
 
 
 def rank_small_outputs(seed):
-    """recv_x's small siblings (the fp8 scales, the top-k ids and weights) share one allocation
-    (backend/ops/cuda/cuda_outputs.hpp): each lies apart from the others, aligned, holds the
-    reference's values (num_worst_tokens' padding included), and writing one leaves the others."""
+    """recv_x's small siblings (the fp8 scales, the top-k ids and weights), in one allocation or
+    each in its own (backend/ops/cuda/cuda_outputs.hpp): each lies apart from the others, aligned,
+    holds the reference's values (num_worst_tokens' padding included), and writing one leaves the
+    others."""
     num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 300, 3, 2, torch.bfloat16, "cuda")
     fp8 = (x.cpu().float().to(torch.float8_e4m3fn), torch.rand(x.shape[0], 3, generator=g))
     expected = reference.dispatch(fp8, idx.cpu(), w.cpu(), num_experts=num_experts)
@@ -93,10 +94,10 @@ def rank_small_outputs(seed):
         dist.barrier()
 
 
-@pytest.mark.parametrize("apart", ["0", "1"], ids=["together", "apart"])
-def test_small_outputs(apart):
-    """One allocation for the small outputs (the default), and each its own (the what-if)."""
-    rank_pool(2, cuda=True, env={"TORCH_EP_WHATIF_OUTPUTS_APART": apart}).run(rank_small_outputs, _seed())
+@pytest.mark.parametrize("together", ["0", "1"], ids=["apart", "together"])
+def test_small_outputs(together):
+    """Each small output in an allocation of its own (the default), and all in one (the what-if)."""
+    rank_pool(2, cuda=True, env={"TORCH_EP_WHATIF_OUTPUTS_TOGETHER": together}).run(rank_small_outputs, _seed())
 
 
 def rank_graph(seed):

@@ -386,9 +386,9 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
 
     phase.next("ep::dispatch/outputs");
     o.recv_x = empty_output({capacity, H}, a.x.options());
-    // TORCH_EP_WHATIF_OUTPUTS_APART=1: the small outputs in allocations of their own, as before
-    // (tools/moe_profile.py's A/B).
-    static const bool apart = env_switch("TORCH_EP_WHATIF_OUTPUTS_APART");
+    // TORCH_EP_WHATIF_OUTPUTS_TOGETHER=1: the small outputs in one allocation (cuda_outputs.hpp), a
+    // what-if until a GPU run has tested and measured it (tools/moe_profile.py's A/B).
+    static const bool apart = !env_switch("TORCH_EP_WHATIF_OUTPUTS_TOGETHER");
     auto [scales, ids, weights] = empty_outputs_together<3>(
         {{{bool(a.x_scales), capacity, a.x_scales ? a.x_scales->size(1) : 0, at::kFloat},
           {!cached, capacity, K, at::kLong},
