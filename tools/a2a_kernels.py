@@ -21,10 +21,10 @@ them. Rank 0 prints every rank's lines as each subject ends, in microseconds per
       long after the earliest rank this rank's call i begins (its first device event) and ends
       (its last), mean and max over the calls: the skew between ranks, as far as the ranks'
       profiler clocks (one host's) agree; left out where the events do not split evenly in calls
-  rank R kernels: NAME T xC [MIN..MAX], ...
+  rank R kernels: NAME T xC [MIN..MAX; p10 A, p50 B, p90 C], ...
       each kernel or copy, its name shortened (all_to_all_v_plan_kernel: plan): device time per
-      call, launches per call, the shortest and the longest launch. A kernel that waits on its
-      peers (the plan, the move) counts its wait
+      call, launches per call, the shortest and the longest launch and the launches' deciles. A
+      kernel that waits on its peers (the plan, the move) counts its wait
   rank R gaps: A->B G xC, ...
       between device events consecutive by start: B's start minus A's end, the mean, and how
       often per call. plan->move lies inside a call, move->plan between a call and the next
@@ -106,6 +106,12 @@ def check(name: str, fn, output, expected, sync_group):
         raise RuntimeError(f"{name}: wrong output, not profiling it: " + "; ".join(p for p in problems if p))
 
 
+def tile(values, q: float) -> float:
+    """The q-quantile of values (the nearest rank): a bimodal kernel shows as p10 far from p90."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def summarize(spans, calls: int) -> dict:
     """The device events of `calls` calls (device_spans): busy us per call, each kernel's and each
     gap's line, and each call's start and end (ns) where the events split evenly in calls."""
@@ -120,7 +126,8 @@ def summarize(spans, calls: int) -> dict:
                 for i in range(0, len(spans), per_call)] if per_call else None
     return {
         "busy": busy_ns(spans) / 1e3 / calls, "calls_ns": calls_ns,
-        "kernels": ", ".join(f"{name} {sum(us) / calls:.1f} x{len(us) / calls:.3g} [{min(us):.1f}..{max(us):.1f}]"
+        "kernels": ", ".join(f"{name} {sum(us) / calls:.1f} x{len(us) / calls:.3g} [{min(us):.1f}..{max(us):.1f}; "
+                             f"p10 {tile(us, 0.1):.1f}, p50 {tile(us, 0.5):.1f}, p90 {tile(us, 0.9):.1f}]"
                              for name, us in kernels) or "none recorded (no CUPTI?)",
         "gaps": ", ".join(f"{pair} {sum(us) / len(us):.1f} x{len(us) / calls:.3g}" for pair, us in gaps.items()) or "none",
     }
