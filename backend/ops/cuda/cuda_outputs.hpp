@@ -36,27 +36,28 @@ struct OutputShape {
 // call into the caching allocator, and one free later, where each tensor took one of each (about
 // 1 us of host time apiece; issue 18). The block stays allocated while any of them lives, so
 // recv_x, whose size dwarfs theirs, keeps an allocation of its own. Unwanted shapes give undefined
-// tensors. `apart`: each in an allocation of its own (the measurements' reference).
+// tensors. `apart`: each in an allocation of its own (dispatch's default until a GPU run has
+// measured the block: moe_cuda.cpp).
 template <size_t N>
 std::array<at::Tensor, N> empty_outputs_together(const std::array<OutputShape, N>& shapes,
                                                  const at::TensorOptions& options, bool apart = false) {
   std::array<at::Tensor, N> out;
-  const bool plain = !apart && !(at::globalContext().deterministicAlgorithms() &&
-                       at::globalContext().deterministicFillUninitializedMemory()) &&
-                     options.device().type() == at::kCUDA;
+  const bool together = !apart && !(at::globalContext().deterministicAlgorithms() &&
+                                    at::globalContext().deterministicFillUninitializedMemory()) &&
+                        options.device().type() == at::kCUDA;
   std::array<int64_t, N> offset{};
   int64_t bytes = 0;
   for (size_t i = 0; i < N; ++i) {
     const OutputShape& s = shapes[i];
     if (!s.wanted) continue;
-    if (!plain) {  // each apart, as empty_output makes them (deterministic mode fills each by its dtype)
+    if (!together) {  // each apart, as empty_output makes them (deterministic mode fills each by its dtype)
       out[i] = empty_output({s.rows, s.cols}, options.dtype(s.dtype));
       continue;
     }
     offset[i] = bytes;
     bytes += (s.rows * s.cols * int64_t(c10::elementSize(s.dtype)) + 255) / 256 * 256;
   }
-  if (!plain) return out;
+  if (!together) return out;
   const at::TensorBase block = at::detail::empty_cuda({bytes}, options.dtype(at::kByte));
   for (size_t i = 0; i < N; ++i) {
     const OutputShape& s = shapes[i];
