@@ -59,19 +59,40 @@ __device__ __forceinline__ uint64_t piece_bytes(uint64_t total, uint64_t workers
   return even > kMinPiece ? even : kMinPiece;
 }
 
+// This rank's part of the plan, per destination (PoolPlan's words), read into `plan` by the block:
+// bytes, their offset in its arena, their offset in input.
+struct PushPlan {
+  const int64_t *bytes_to, *arena_offset, *input_offset;
+};
+__device__ __forceinline__ PushPlan load_push_plan(const AllToAllVParams& p, int64_t* plan) {
+  const int R = p.num_ranks;
+  for (int i = threadIdx.x; i < 3 * R; i += blockDim.x) plan[i] = __ldcg(p.pool_plan + PoolPlan::bytes(0) + i);
+  __syncthreads();
+  return {plan, plan + R, plan + 2 * R};
+}
+
+// After the caller's fence: `done` more parts of this rank's message to `dst` are written; the
+// count that reaches `parts` (the message's whole) raises dst's "done" flag for this rank.
+__device__ __forceinline__ void count_parts(const AllToAllVParams& p, int dst, uint32_t done, uint64_t parts) {
+  using L = AllToAllVLayout;
+  uint32_t* count = word_at(p.blocks[p.rank], L::pool_chunk_count(dst));
+  if (atomicAdd(count, done) + done == parts) {
+    // The acquire side of the count: the other parts' stores, fenced before their counts, come
+    // before the release below (the atomic alone is relaxed).
+    __threadfence();
+    *reinterpret_cast<volatile uint32_t*>(count) = 0;  // ready for the next call
+    store_release_in(word_at(p.blocks[dst], L::pool_done_flag(p.rank)), 1, p.gpu_scope);
+  }
+}
+
 // Worker `worker` of `workers` (one block of kThreads each): its piece of the stream, then its
 // segments counted.
 template <int kUnroll, int kThreads>
 __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers) {
-  using L = AllToAllVLayout;
   const int R = p.num_ranks, me = p.rank;
-  // Per destination: bytes, their offset in its arena, their offset in input (PoolPlan's words).
   __shared__ int64_t plan[3 * kMaxRanksPerNode];
-  for (int i = threadIdx.x; i < 3 * R; i += blockDim.x) plan[i] = __ldcg(p.pool_plan + PoolPlan::bytes(0) + i);
-  __syncthreads();
-  const int64_t* bytes_to = plan;
-  const int64_t* arena_offset = plan + R;
-  const int64_t* input_offset = plan + 2 * R;
+  const PushPlan mine = load_push_plan(p, plan);
+  const int64_t *bytes_to = mine.bytes_to, *arena_offset = mine.arena_offset, *input_offset = mine.input_offset;
   uint64_t total = 0;
   for (int d = 0; d < R; ++d) total += uint64_t(bytes_to[d]);
   const uint64_t piece = piece_bytes(total, workers), lo = worker * piece;
@@ -96,16 +117,7 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
     const uint64_t bytes = uint64_t(bytes_to[d]), end = begin + bytes;
     const uint64_t first = begin / piece < workers - 1 ? begin / piece : workers - 1;
     const uint64_t last = bytes == 0 ? first : (end - 1) / piece;
-    if (worker >= first && worker <= last) {
-      uint32_t* count = word_at(p.blocks[me], L::pool_chunk_count(d));
-      if (atomicAdd(count, 1u) + 1 == last - first + 1) {
-        // The acquire side of the count: the other segments' stores, fenced before their counts,
-        // come before the release below (the atomic alone is relaxed).
-        __threadfence();
-        *reinterpret_cast<volatile uint32_t*>(count) = 0;  // ready for the next call
-        store_release_in(word_at(p.blocks[d], L::pool_done_flag(me)), 1, p.gpu_scope);
-      }
-    }
+    if (worker >= first && worker <= last) count_parts(p, d, 1, last - first + 1);
     begin = end;
   }
 }
@@ -119,22 +131,18 @@ constexpr uint64_t kPoolPieceBytes = kMinPiece;
 
 template <int kUnroll, int kThreads>
 __device__ void push_pieces(const AllToAllVParams& p) {
-  using L = AllToAllVLayout;
   const int R = p.num_ranks, me = p.rank;
   __shared__ int64_t plan[3 * kMaxRanksPerNode];
   __shared__ uint32_t copied[kMaxRanksPerNode];  // by this block, per position k in the stream
   __shared__ uint64_t taken;
-  for (int i = threadIdx.x; i < 3 * R; i += blockDim.x) plan[i] = __ldcg(p.pool_plan + PoolPlan::bytes(0) + i);
-  if (threadIdx.x < R) copied[threadIdx.x] = 0;
-  __syncthreads();
-  const int64_t* bytes_to = plan;
-  const int64_t* arena_offset = plan + R;
-  const int64_t* input_offset = plan + 2 * R;
+  if (threadIdx.x < R) copied[threadIdx.x] = 0;  // load_push_plan's barrier orders it
+  const PushPlan mine = load_push_plan(p, plan);
+  const int64_t *bytes_to = mine.bytes_to, *arena_offset = mine.arena_offset, *input_offset = mine.input_offset;
   auto pieces_of = [&](int k) {
     const uint64_t bytes = uint64_t(bytes_to[(me + k) % R]);
     return bytes == 0 ? uint64_t(1) : (bytes + kPoolPieceBytes - 1) / kPoolPieceBytes;
   };
-  uint32_t* next = word_at(p.blocks[me], L::kPoolNextPiece);
+  uint32_t* next = word_at(p.blocks[me], AllToAllVLayout::kPoolNextPiece);
   for (;;) {
     if (threadIdx.x == 0) taken = atomicAdd(next, 1u);
     __syncthreads();
@@ -158,16 +166,8 @@ __device__ void push_pieces(const AllToAllVParams& p) {
   __syncthreads();  // every thread's stores are issued before thread 0's fence
   if (threadIdx.x != 0) return;
   fence_in(p.gpu_scope);
-  for (int k = 0; k < R; ++k) {
-    if (copied[k] == 0) continue;
-    const int d = (me + k) % R;
-    uint32_t* count = word_at(p.blocks[me], L::pool_chunk_count(d));
-    if (atomicAdd(count, copied[k]) + copied[k] == pieces_of(k)) {
-      __threadfence();  // the acquire side of the count, as in push
-      *reinterpret_cast<volatile uint32_t*>(count) = 0;  // ready for the next call
-      store_release_in(word_at(p.blocks[d], L::pool_done_flag(me)), 1, p.gpu_scope);
-    }
-  }
+  for (int k = 0; k < R; ++k)
+    if (copied[k] > 0) count_parts(p, (me + k) % R, copied[k], pieces_of(k));
 }
 
 // The last block of this rank's move: every source's "done" flag (this rank's own included), so
