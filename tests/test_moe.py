@@ -558,8 +558,14 @@ def test_direct_call_steps_aside():
         assert not moe._direct(x)
     seen = []
     torch.func.vmap(lambda t: seen.append(moe._direct(t)) or t)(x)
+    torch.func.grad(lambda t: seen.append(moe._direct(t)) or t.sum())(x)
     torch.jit.trace(lambda t: seen.append(moe._direct(t)) or t * 2, (x,), check_trace=False)
-    assert seen == [False, False]
+    assert seen == [False, False, False]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        fake = torch.empty(3)
+    assert not moe._direct(x, fake)  # a FakeTensor, outside its mode too
+    assert not moe._direct(torch.nn.Parameter(x))  # a subclass: autograd.Function's path anyway
     assert moe._direct(x)
 
 

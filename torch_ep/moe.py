@@ -160,7 +160,7 @@ _layout_op, _dispatch_op, _combine_op = torch.ops.ep.get_dispatch_layout, torch.
 # as empty tensors: on an H100 host a cached dispatch's handle took 0.7-1.0 us against 2.8-4.2, its
 # outputs 2.9-4.6 against 5.9-9.6 (tools/moe_profile.py's phase clock, session 33).
 _DIRECT = None
-_PLAIN = frozenset((torch.Tensor, type(None)))  # what the direct call takes: plain tensors, or None
+_direct_allowed = _C._direct_allowed  # the checks after the switch, in one call (moe_ops.cpp)
 
 
 def _direct(*tensors) -> bool:
@@ -175,13 +175,7 @@ def _direct(*tensors) -> bool:
         if value not in ("0", "1"):
             raise ValueError(f"TORCH_EP_DIRECT_CALL={value!r}: expected 0 or 1")
         _DIRECT = value == "1"
-    if not _DIRECT or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    if torch._C._get_tracing_state() is not None:  # torch.jit.trace records ops, not pybind calls
-        return False
-    return _PLAIN.issuperset(map(type, tensors))  # half the time of all() over a generator
+    return _DIRECT and _direct_allowed(*tensors)
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group=None) -> DispatchLayout:

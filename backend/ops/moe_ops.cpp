@@ -5,8 +5,13 @@
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/record_function.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -410,6 +415,20 @@ void register_moe(pybind11::module_& m) {
           return moe::combine_with(x, topk_weights, handle_meta, handle_counts, num_experts, group_name,
                                    /*placeholders=*/false);
         });
+  // Whether the direct call may stand in for the op (torch_ep.moe._direct): no torch function or
+  // dispatch mode, functorch transform or jit trace is active, and every argument is None or a
+  // plain torch.Tensor, no subclass (DTensor, FakeTensor). One call instead of five Python ones
+  // (0.2 against 1.1 us on the CPU machine). functorch keeps its front key in the thread's included
+  // set while any transform's layer is on its stack.
+  m.def("_direct_allowed", [](const py::args& args) {
+    if (at::impl::torch_function_mode_enabled() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+        c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+        torch::jit::tracer::isTracing())
+      return false;
+    for (const py::handle arg : args)
+      if (!arg.is_none() && Py_TYPE(arg.ptr()) != reinterpret_cast<PyTypeObject*>(THPVariableClass)) return false;
+    return true;
+  });
   m.def("_combine_buffer", &moe::combine_buffer, py::arg("group_name"), py::arg("handle_counts"),
         py::arg("num_experts"), py::arg("rows"), py::arg("hidden"), py::arg("dtype"), py::arg("device"),
         "torch_ep.combine_buffer's zero-copy region, or None (the caller makes a plain tensor)");
