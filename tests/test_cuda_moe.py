@@ -68,29 +68,35 @@ def test_bad_input(cuda_pool):
     cuda_pool.run(checks.rank_mismatched_handles, device="cuda")
 
 
-def rank_small_outputs(seed):
+def rank_small_outputs(seed, device="cuda"):
     """recv_x's small siblings (the fp8 scales, the top-k ids and weights), in one allocation or
     each in its own (backend/ops/cuda/cuda_outputs.hpp): each lies apart from the others, aligned,
     holds the reference's values (num_worst_tokens' padding included), and writing one leaves the
     others."""
-    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 300, 3, 2, torch.bfloat16, "cuda")
-    fp8 = (x.cpu().float().to(torch.float8_e4m3fn), torch.rand(x.shape[0], 3, generator=g))
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 300, 3, 2, torch.bfloat16, device)
+    fp8 = (x.cpu().float().to(torch.float8_e4m3fn), torch.rand(x.shape[0], 3, generator=g))  # 300 channels: 3 scales
     expected = reference.dispatch(fp8, idx.cpu(), w.cpu(), num_experts=num_experts)
-    m = expected.recv_x.shape[0]
+    m = expected.recv_topk_idx.shape[0]
     for worst in (0, 24 * dist.get_world_size()):
-        got = torch_ep.dispatch(tuple(t.cuda() for t in fp8), idx, w, num_experts=num_experts, num_worst_tokens=worst)
-        small = [got.recv_x_scales, got.recv_topk_idx, got.recv_topk_weights]
+        got = torch_ep.dispatch(tuple(t.to(device) for t in fp8), idx, w, num_experts=num_experts,
+                                num_worst_tokens=worst)
+        recv_x, scales = got.recv_x
+        small = [scales, got.recv_topk_idx, got.recv_topk_weights]
         assert all(t.is_contiguous() and t.shape[0] == (worst or m) for t in small)
         spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in small)
         assert all(lo % 16 == 0 for lo, _ in spans), f"misaligned: {spans}"
         assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), f"overlapping: {spans}"
-        assert torch.equal(got.recv_x_scales[:m].cpu(), expected.recv_x_scales)
+        assert same_bits(recv_x[:m].cpu(), expected.recv_x[0]), "fp8 recv_x differs"
+        assert same_bits(scales[:m].cpu(), expected.recv_x[1]), "fp8 scales differ"
+        assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx)
+        assert bool((got.recv_topk_idx[m:] == -1).all())
         got.recv_topk_idx.fill_(-7)
-        got.recv_x_scales.fill_(float("nan"))
+        scales.fill_(float("nan"))
         assert torch.equal(got.recv_topk_weights[:m].cpu(), expected.recv_topk_weights)
         assert bool((got.recv_topk_weights[m:] == 0).all())
         got.recv_topk_weights.fill_(5.0)
-        assert bool((got.recv_topk_idx == -7).all()) and bool(got.recv_x_scales.isnan().all())
+        assert bool((got.recv_topk_idx == -7).all()) and bool(scales.isnan().all())
+        assert same_bits(recv_x[:m].cpu(), expected.recv_x[0]), "writing the small outputs reached recv_x"
         dist.barrier()
 
 
