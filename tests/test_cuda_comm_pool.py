@@ -317,18 +317,20 @@ def test_reuse_across_many_calls(cuda_pool):
     cuda_pool.run(rank_many_calls, seed=_seed(), iterations=100, timeout_s=600)
 
 
-def rank_pieces_taken_in_turn(seed):
-    """The what-if TORCH_EP_WHATIF_POOL_PIECES (the one copy's 64 KiB pieces taken in turn from a
-    counter): the grids and the one launch, all_to_all_v, calls in a row and a graph replayed."""
+def rank_one_copy_shapes(seed):
+    """The one copy's work split (the pieces taken in turn from a counter, the default, or a fixed
+    piece a block under TORCH_EP_POOL_PIECES=0): the grids and the one launch, all_to_all_v,
+    calls in a row and a graph replayed."""
     rank_one_copy_knobs(seed)
     rank_all_to_all_v_one_copy(seed + 1)
     rank_many_calls(seed + 2, iterations=20)
     rank_cuda_graph(seed + 3)
 
 
-def test_pieces_taken_in_turn():
-    pool = rank_pool(2, cuda=True, env={"TORCH_EP_WHATIF_POOL_PIECES": "1"})
-    pool.run(rank_pieces_taken_in_turn, seed=_seed(), timeout_s=300)
+@pytest.mark.parametrize("in_turn", ["1", "0"], ids=["pieces_in_turn", "fixed_pieces"])
+def test_one_copy_shapes(in_turn):
+    pool = rank_pool(2, cuda=True, env={"TORCH_EP_POOL_PIECES": in_turn})
+    pool.run(rank_one_copy_shapes, seed=_seed(), timeout_s=300)
 
 
 def rank_disagreeing_splits():

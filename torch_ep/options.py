@@ -82,6 +82,9 @@ ENVIRONMENT = {
     "TORCH_EP_EARLY_LAUNCH": "0 launches CUDA all_to_all's kernels in plain stream order (default 1: each is "
                              "launched as a programmatic dependent launch, scheduled while the kernel before it "
                              "ends and waiting for it on the device, so that no launch latency lies between them)",
+    "TORCH_EP_POOL_PIECES": "0 gives each block of the device protocol's one-copy move (tensors of the comm pool) "
+                            "one fixed piece of the call (default 1: the blocks that fit at once take 64 KiB pieces "
+                            "in turn from a counter until none is left)",
     "TORCH_EP_ALL_TO_ALL_ONE_LAUNCH": "1 runs the device protocol's plan and move in one kernel launch instead of two (measured slower on one H200)",
     "TORCH_EP_ALL_TO_ALL_EAGER_BYTES": "the device protocol's eager path for small CUDA all_to_all_single calls: a "
                                        "message of at most this many bytes (a multiple of 16, up to 1 MiB; default 0, "

@@ -7,18 +7,21 @@
 // instead, until each receiver had read its input.
 //
 // Work: this rank's messages, one after another from its own destination onwards (so that ranks
-// start on different receivers), form one stream of bytes; worker w of W copies the piece
-// [w * piece, (w + 1) * piece) of it, piece = the stream over W (at least one pass of a block's
-// loads), whatever messages that piece crosses. One contiguous piece per block, as a plain copy
-// kernel cuts its range: equal work per block, long runs of 16-byte accesses, and one fence per
-// block rather than one per chunk (a fence waits until the block's stores have landed, while its
-// loads stand still). No block waits on another before its copies, so the grid need not be
-// resident at once (ranks sharing a GPU hold a slice of its SMs each).
+// start on different receivers), form one stream of bytes.
+// - By default (push_pieces) the blocks that fit at once take its 64 KiB pieces in turn from a
+//   counter until none is left: a block that starts late takes fewer, rather than a wave of its own.
+// - With TORCH_EP_POOL_PIECES=0 (push) worker w of W copies the piece [w * piece, (w + 1) * piece),
+//   piece = the stream over W (at least one pass of a block's loads), whatever messages it crosses:
+//   one contiguous piece per block, as a plain copy kernel cuts its range.
+// Either way long runs of 16-byte accesses, and one fence per block rather than one per chunk (a
+// fence waits until the block's stores have landed, while its loads stand still). No block waits
+// on another before its copies, so the grid need not be resident at once (ranks sharing a GPU
+// hold a slice of its SMs each).
 //
-// Done: a message's "segments" are the workers whose pieces it crosses (an empty message: one,
-// the worker its offset falls in), a function of the plan that every worker computes alike; each
-// counts its segment for the destination after its fence, and the one that counts the last raises
-// the destination's "done" flag for this rank.
+// Done (push; push_pieces counts pieces, below): a message's "segments" are the workers whose
+// pieces it crosses (an empty message: one, the worker its offset falls in), a function of the
+// plan that every worker computes alike; each counts its segment for the destination after its
+// fence, and the one that counts the last raises the destination's "done" flag for this rank.
 #pragma once
 
 #include <cstdint>
