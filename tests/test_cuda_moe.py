@@ -68,11 +68,11 @@ def test_bad_input(cuda_pool):
     cuda_pool.run(checks.rank_mismatched_handles, device="cuda")
 
 
-def rank_small_outputs(seed, device="cuda"):
+def rank_small_outputs(seed, device="cuda", together=None):
     """recv_x's small siblings (the fp8 scales, the top-k ids and weights), in one allocation or
-    each in its own (backend/ops/cuda/cuda_outputs.hpp): each lies apart from the others, aligned,
-    holds the reference's values (num_worst_tokens' padding included), and writing one leaves the
-    others."""
+    each in its own (backend/ops/cuda/cuda_outputs.hpp; `together` says which, None: not checked):
+    each lies apart from the others, aligned, holds the reference's values (num_worst_tokens'
+    padding included), and writing one leaves the others."""
     num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 300, 3, 2, torch.bfloat16, device)
     fp8 = (x.cpu().float().to(torch.float8_e4m3fn), torch.rand(x.shape[0], 3, generator=g))  # 300 channels: 3 scales
     expected = reference.dispatch(fp8, idx.cpu(), w.cpu(), num_experts=num_experts)
@@ -86,6 +86,9 @@ def rank_small_outputs(seed, device="cuda"):
         spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in small)
         assert all(lo % 16 == 0 for lo, _ in spans), f"misaligned: {spans}"
         assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), f"overlapping: {spans}"
+        if together is not None and (worst or m):  # empty tensors hold no allocation
+            storages = {t.untyped_storage().data_ptr() for t in small}
+            assert len(storages) == (1 if together else 3), f"together={together}: {len(storages)} allocations"
         assert same_bits(recv_x[:m].cpu(), expected.recv_x[0]), "fp8 recv_x differs"
         assert same_bits(scales[:m].cpu(), expected.recv_x[1]), "fp8 scales differ"
         assert torch.equal(got.recv_topk_idx[:m].cpu(), expected.recv_topk_idx)
@@ -100,10 +103,22 @@ def rank_small_outputs(seed, device="cuda"):
         dist.barrier()
 
 
+def rank_small_outputs_switched(seed, together):
+    """As the environment says (read at the first dispatch), then the other way from
+    _C._set_outputs_together (tools/moe_profile.py's switch between calls)."""
+    rank_small_outputs(seed, together=together)
+    torch_ep._C._set_outputs_together(not together)
+    try:
+        rank_small_outputs(seed + 1, together=not together)
+    finally:
+        torch_ep._C._set_outputs_together(together)
+
+
 @pytest.mark.parametrize("together", ["0", "1"], ids=["apart", "together"])
 def test_small_outputs(together):
     """Each small output in an allocation of its own (the default), and all in one (the what-if)."""
-    rank_pool(2, cuda=True, env={"TORCH_EP_WHATIF_OUTPUTS_TOGETHER": together}).run(rank_small_outputs, _seed())
+    rank_pool(2, cuda=True, env={"TORCH_EP_WHATIF_OUTPUTS_TOGETHER": together}).run(
+        rank_small_outputs_switched, _seed(), together=together == "1")
 
 
 def rank_graph(seed):

@@ -55,8 +55,19 @@ def main():
         "deep_ep dispatch cached": lambda: buffer.dispatch(x, handle=handle),
         "deep_ep combine bf16": lambda: buffer.combine(recv_x, handle),
     })
+    # The what-if TORCH_EP_WHATIF_OUTPUTS_TOGETHER (a dispatch's small outputs in one allocation)
+    # as ops of their own, taken in turn with the others: the host's speed drifts between runs by
+    # more than the what-if could gain, so its A/B is made within one run.
+    TOGETHER = ", outputs together"
+    for name in ("dispatch bf16, layout given", "dispatch fp8, layout given"):
+        ops[name + TOGETHER] = ops[name]
+
+    def select(name):  # before a batch of `name`'s calls: the outputs together or apart
+        torch_ep._C._set_outputs_together(name.endswith(TOGETHER))
+
     lines = []
     for name, fn in ops.items():
+        select(name)
         for _ in range(5):
             fn()
         torch.cuda.synchronize()
@@ -72,12 +83,14 @@ def main():
         lines.append(f"rank {rank} {name:36s} wall {wall * 1e6:7.1f} us/call | kernels us/call: {top}")
         dist.barrier()
     host_ops = ("dispatch bf16, layout given", "dispatch fp8, layout given", "dispatch cached", "combine bf16",
-                "deep_ep dispatch bf16, layout given", "deep_ep dispatch cached")
+                "deep_ep dispatch bf16, layout given", "deep_ep dispatch cached",
+                "dispatch bf16, layout given" + TOGETHER, "dispatch fp8, layout given" + TOGETHER)
     # The host time per call without the profiler, the ops taken in turn over several rounds, so
     # that no op owes its figure to its place in the order (the median and the range of the rounds).
     rounds = {name: [] for name in host_ops}
     for _ in range(7):
         for name in host_ops:
+            select(name)
             torch.cuda.synchronize()
             dist.barrier()
             start = time.perf_counter()
@@ -92,6 +105,7 @@ def main():
     # The host side, back to back as in the benchmark's stream method: the op's phases
     # (ep::<op>/<phase> ranges of backend/ops/cuda/moe_cuda.cpp) in microseconds per call.
     for name in host_ops:
+        select(name)
         calls = 30
         torch.cuda.synchronize()
         dist.barrier()
@@ -117,6 +131,7 @@ def main():
         selves = sorted(((e.key, e.self_cpu_time_total / calls) for e in prof.key_averages()), key=lambda kv: -kv[1])
         lines.append(f"rank {rank} SELF {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in selves[:10]))
         lines.append(f"rank {rank} CLOCK {name}: {clocked}")
+    select("")
     # The same protocol on CPU tensors (host exchange + shared-memory rows), tiny payload.
     xc, idxc = torch.randn(64, 8), idx[:64].cpu()
     dc = torch_ep.dispatch(xc, idxc, num_experts=args.experts)

@@ -19,7 +19,9 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 
+#include "backend/common/env_switch.hpp"
 #include "backend/common/phases.hpp"
 #include "backend/kernels/moe_meta.hpp"
 #include "backend/ops/moe_protocol.hpp"
@@ -364,6 +366,22 @@ const std::vector<at::Tag>& host_synced_op_tags() {
   return tags;
 }
 
+namespace {
+std::atomic<int> outputs_together_state{-1};  // -1: not yet read from the environment
+}  // namespace
+
+bool outputs_together() {
+  int state = outputs_together_state.load(std::memory_order_relaxed);
+  if (state < 0) {
+    state = env_switch("TORCH_EP_WHATIF_OUTPUTS_TOGETHER") ? 1 : 0;
+    int unread = -1;  // a set_outputs_together() meanwhile wins
+    if (!outputs_together_state.compare_exchange_strong(unread, state)) state = unread;
+  }
+  return state == 1;
+}
+
+void set_outputs_together(bool together) { outputs_together_state.store(together ? 1 : 0); }
+
 TORCH_LIBRARY(ep, m) {
   m.def("get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks, bool host_header=False) -> "
         "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank, Tensor meta, "
@@ -429,6 +447,8 @@ void register_moe(pybind11::module_& m) {
       if (!arg.is_none() && Py_TYPE(arg.ptr()) != reinterpret_cast<PyTypeObject*>(THPVariableClass)) return false;
     return true;
   });
+  m.def("_set_outputs_together", &moe::set_outputs_together, py::arg("together"),
+        "the what-if TORCH_EP_WHATIF_OUTPUTS_TOGETHER from now on (tools/moe_profile.py's A/B in one run)");
   m.def("_combine_buffer", &moe::combine_buffer, py::arg("group_name"), py::arg("handle_counts"),
         py::arg("num_experts"), py::arg("rows"), py::arg("hidden"), py::arg("dtype"), py::arg("device"),
         "torch_ep.combine_buffer's zero-copy region, or None (the caller makes a plain tensor)");

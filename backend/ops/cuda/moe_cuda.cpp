@@ -24,7 +24,6 @@
 #include <optional>
 #include <thread>
 
-#include "backend/common/env_switch.hpp"
 #include "backend/common/errors.hpp"
 #include "backend/common/phases.hpp"
 #include "backend/kernels/moe.cuh"
@@ -386,9 +385,9 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
 
     phase.next("ep::dispatch/outputs");
     o.recv_x = empty_output({capacity, H}, a.x.options());
-    // TORCH_EP_WHATIF_OUTPUTS_TOGETHER=1: the small outputs in one allocation (cuda_outputs.hpp), a
-    // what-if until a GPU run has tested and measured it (tools/moe_profile.py's A/B).
-    static const bool apart = !env_switch("TORCH_EP_WHATIF_OUTPUTS_TOGETHER");
+    // The small outputs in one allocation (cuda_outputs.hpp) under the what-if outputs_together(),
+    // until a GPU run has measured a gain (tools/moe_profile.py's A/B).
+    const bool apart = !outputs_together();
     auto [scales, ids, weights] = empty_outputs_together<3>(
         {{{bool(a.x_scales), capacity, a.x_scales ? a.x_scales->size(1) : 0, at::kFloat},
           {!cached, capacity, K, at::kLong},
