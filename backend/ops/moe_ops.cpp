@@ -4,8 +4,8 @@
 #include "backend/ops/moe_ops.hpp"
 
 #include <ATen/EmptyTensor.h>
-#include <ATen/record_function.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
