@@ -367,20 +367,16 @@ const std::vector<at::Tag>& host_synced_op_tags() {
 }
 
 namespace {
-std::atomic<int> outputs_together_state{-1};  // -1: not yet read from the environment
+// Read from the environment at the first use (a bad value raises there, and is read again next time).
+std::atomic<bool>& outputs_together_state() {
+  static std::atomic<bool> state{env_switch("TORCH_EP_WHATIF_OUTPUTS_TOGETHER")};
+  return state;
+}
 }  // namespace
 
-bool outputs_together() {
-  int state = outputs_together_state.load(std::memory_order_relaxed);
-  if (state < 0) {
-    state = env_switch("TORCH_EP_WHATIF_OUTPUTS_TOGETHER") ? 1 : 0;
-    int unread = -1;  // a set_outputs_together() meanwhile wins
-    if (!outputs_together_state.compare_exchange_strong(unread, state)) state = unread;
-  }
-  return state == 1;
-}
+bool outputs_together() { return outputs_together_state().load(std::memory_order_relaxed); }
 
-void set_outputs_together(bool together) { outputs_together_state.store(together ? 1 : 0); }
+void set_outputs_together(bool together) { outputs_together_state().store(together); }
 
 TORCH_LIBRARY(ep, m) {
   m.def("get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks, bool host_header=False) -> "

@@ -98,8 +98,9 @@ class AllToAllVState {
     // The flags at GPU scope where every peer's block lies on this GPU, as the direct kernel's
     // (TORCH_EP_DEVICE_GPU_SCOPE=0: system scope): with the early launch, 8 ranks' small calls took
     // half the time (all_to_all_v 23.7-24.2 us against 47.3-48.1, H100). The staged slots' flags
-    // stay at system scope: at GPU scope (TORCH_EP_WHATIF_STAGED_GPU_SCOPE=1) the staged move took
-    // 158-162 us at 64 MiB against 143-147 (2 ranks), though less below 16 MiB.
+    // stay at system scope (TORCH_EP_WHATIF_STAGED_GPU_SCOPE=1: GPU scope); at 64 MiB (2 ranks) the
+    // staged move took 158-162 us against 143-147 with them at GPU scope (4e4ab08), and still
+    // 167-170 against 148-150 with them at system scope (17e969e): its loss lies elsewhere.
     gpu_scope_ = env_switch_on_by_default("TORCH_EP_DEVICE_GPU_SCOPE") && buffers_->all_on_this_gpu();
     staged_gpu_scope_ = gpu_scope_ && env_switch("TORCH_EP_WHATIF_STAGED_GPU_SCOPE");
     // The one copy's pieces taken in turn from a counter (TORCH_EP_POOL_PIECES=0: a fixed piece a
@@ -271,8 +272,7 @@ class AllToAllVState {
   // with 131). Ranks may launch different grids: none waits on a peer's count.
   int pool_grid(uint64_t sent) const {
     // Pieces taken in turn: the blocks that fit at once (a block more would only take none).
-    if (pool_pieces_) return int(std::min<uint64_t>(pool_blocks_, std::max<uint64_t>(1, sent / (64 << 10))));
-    const uint64_t grid = pool_grid_automatic_
+    const uint64_t grid = pool_grid_automatic_ && !pool_pieces_
                               ? std::min<uint64_t>(std::max<uint64_t>(pool_blocks_, sent / (128 << 10)), kMaxPoolGrid)
                               : uint64_t(pool_blocks_);
     return int(std::min<uint64_t>(grid, std::max<uint64_t>(1, sent / (64 << 10))));
