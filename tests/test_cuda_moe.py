@@ -116,8 +116,8 @@ def rank_small_outputs_switched(seed, together):
 
 @pytest.mark.parametrize("together", ["0", "1"], ids=["apart", "together"])
 def test_small_outputs(together):
-    """Each small output in an allocation of its own (the default), and all in one (the what-if)."""
-    rank_pool(2, cuda=True, env={"TORCH_EP_WHATIF_OUTPUTS_TOGETHER": together}).run(
+    """All small outputs in one allocation (the default), and each in its own (TORCH_EP_OUTPUTS_TOGETHER=0)."""
+    rank_pool(2, cuda=True, env={"TORCH_EP_OUTPUTS_TOGETHER": together}).run(
         rank_small_outputs_switched, _seed(), together=together == "1")
 
 

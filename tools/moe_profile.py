@@ -55,15 +55,15 @@ def main():
         "deep_ep dispatch cached": lambda: buffer.dispatch(x, handle=handle),
         "deep_ep combine bf16": lambda: buffer.combine(recv_x, handle),
     })
-    # The what-if TORCH_EP_WHATIF_OUTPUTS_TOGETHER (a dispatch's small outputs in one allocation)
-    # as ops of their own, taken in turn with the others: the host's speed drifts between runs by
-    # more than the what-if could gain, so its A/B is made within one run.
-    TOGETHER = ", outputs together"
+    # TORCH_EP_OUTPUTS_TOGETHER=0 (a dispatch's small outputs each in an allocation of its own) as
+    # ops of their own, taken in turn with the others: the host's speed drifts between runs by more
+    # than the switch changes, so its A/B is made within one run.
+    APART = ", outputs apart"
     for name in ("dispatch bf16, layout given", "dispatch fp8, layout given"):
-        ops[name + TOGETHER] = ops[name]
+        ops[name + APART] = ops[name]
 
     def select(name):  # before a batch of `name`'s calls: the outputs together or apart
-        torch_ep._C._set_outputs_together(name.endswith(TOGETHER))
+        torch_ep._C._set_outputs_together(not name.endswith(APART))
 
     lines = []
     for name, fn in ops.items():

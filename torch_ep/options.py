@@ -45,6 +45,9 @@ ENVIRONMENT = {
                                    "dispatch/combine or torch_ep.check_errors() (a dispatch without a handle or "
                                    "num_worst_tokens waits for its sizes, and raises then). Every rank must give a "
                                    "handle, or num_worst_tokens, in the same calls, else every rank raises",
+    "TORCH_EP_OUTPUTS_TOGETHER": "0 gives each small output of a CUDA dispatch (fp8 scales, top-k ids, top-k weights) "
+                                 "an allocation of its own (default 1: the three in one allocation beside recv_x's, "
+                                 "each a tensor of its own; read at the first dispatch)",
     "TORCH_EP_MOE_ONE_LAUNCH": "1 (with TORCH_EP_MOE_DEVICE_RECORDS=1) runs a pushing dispatch's notify step as block 0 "
                                "of its push kernel: one launch instead of two (opt-in until measured; combine, and the "
                                "first round of a dispatch that waits for its sizes, keep their own notify launch)",

@@ -369,7 +369,7 @@ const std::vector<at::Tag>& host_synced_op_tags() {
 namespace {
 // Read from the environment at the first use (a bad value raises there, and is read again next time).
 std::atomic<bool>& outputs_together_state() {
-  static std::atomic<bool> state{env_switch("TORCH_EP_WHATIF_OUTPUTS_TOGETHER")};
+  static std::atomic<bool> state{env_switch_on_by_default("TORCH_EP_OUTPUTS_TOGETHER")};
   return state;
 }
 }  // namespace

@@ -121,8 +121,8 @@ std::vector<at::Tensor> dispatch_buffer_cuda(ProcessGroupEP& group, int64_t rows
 // Whether t lies in those rows: dispatch passes it on as it is (row-strided), not contiguous().
 bool in_dispatch_buffer(ProcessGroupEP& group, const at::Tensor& t);
 
-// The what-if TORCH_EP_WHATIF_OUTPUTS_TOGETHER: a CUDA dispatch's small outputs (fp8 scales, top-k
-// ids and weights) in one allocation (cuda_outputs.hpp). Read from the environment at the first
+// A CUDA dispatch's small outputs (fp8 scales, top-k ids and weights) in one allocation
+// (cuda_outputs.hpp), unless TORCH_EP_OUTPUTS_TOGETHER=0. Read from the environment at the first
 // call; tools/moe_profile.py sets it between calls (_C._set_outputs_together) to compare the two
 // within one run, where the host's speed drifts between runs.
 bool outputs_together();

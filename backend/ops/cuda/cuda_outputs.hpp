@@ -36,8 +36,8 @@ struct OutputShape {
 // call into the caching allocator, and one free later, where each tensor took one of each (about
 // 1 us of host time apiece; issue 18). The block stays allocated while any of them lives, so
 // recv_x, whose size dwarfs theirs, keeps an allocation of its own. Unwanted shapes give undefined
-// tensors. `apart`: each in an allocation of its own (dispatch's default until a GPU run has
-// measured the block: moe_cuda.cpp).
+// tensors. `apart`: each in an allocation of its own (TORCH_EP_OUTPUTS_TOGETHER=0 for dispatch:
+// moe_cuda.cpp).
 template <size_t N>
 std::array<at::Tensor, N> empty_outputs_together(const std::array<OutputShape, N>& shapes,
                                                  const at::TensorOptions& options, bool apart = false) {
