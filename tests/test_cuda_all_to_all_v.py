@@ -118,12 +118,9 @@ def test_cuda_graph_replay_with_changing_splits(cuda_pool):
 
 # The device protocol's other forms (each read once a process): its flags at system scope and its
 # kernels launched in stream order, as before both defaults (and as where a peer is another GPU);
-# the what-ifs: the staged slots' flags at GPU scope too, the staged move alone launched in stream
-# order, the plan letting the move start only at its end.
+# the staged slots' flags at GPU scope too (a what-if).
 PROTOCOL_VARIANTS = {"system_scope_in_order": {"TORCH_EP_DEVICE_GPU_SCOPE": "0", "TORCH_EP_EARLY_LAUNCH": "0"},
-                     "staged_gpu_scope": {"TORCH_EP_WHATIF_STAGED_GPU_SCOPE": "1"},
-                     "staged_in_order": {"TORCH_EP_WHATIF_STAGED_IN_ORDER": "1"},
-                     "plan_late_trigger": {"TORCH_EP_WHATIF_PLAN_LATE_TRIGGER": "1"}}
+                     "staged_gpu_scope": {"TORCH_EP_WHATIF_STAGED_GPU_SCOPE": "1"}}
 
 
 def rank_protocol_variant(seed):

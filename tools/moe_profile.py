@@ -84,7 +84,7 @@ def main():
         dist.barrier()
     host_ops = ("dispatch bf16, layout given", "dispatch fp8, layout given", "dispatch cached", "combine bf16",
                 "deep_ep dispatch bf16, layout given", "deep_ep dispatch cached",
-                "dispatch bf16, layout given" + TOGETHER, "dispatch fp8, layout given" + TOGETHER)
+                "dispatch bf16, layout given" + APART, "dispatch fp8, layout given" + APART)
     # The host time per call without the profiler, the ops taken in turn over several rounds, so
     # that no op owes its figure to its place in the order (the median and the range of the rounds).
     rounds = {name: [] for name in host_ops}

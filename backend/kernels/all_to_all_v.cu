@@ -276,22 +276,18 @@ __device__ void plan(const AllToAllVParams& p) {
 }
 
 // Launched early (p.early_launch): the plan's block lets the move be scheduled at once; the move's
-// blocks wait for the plan's end in their own wait_for_prior_grid(). With p.plan_late_trigger (a
-// what-if: 64 MiB staged 171-176 us early against 144-146 in stream order, H100, 2 ranks,
-// e7b9b05) only once the plan is done, so that the move's blocks are not resident while it waits.
+// blocks wait for the plan's end in their own wait_for_prior_grid().
 __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) {
   wait_for_prior_grid();
-  if (!p.plan_late_trigger) let_next_grid_start();
+  let_next_grid_start();
   plan<false>(p);
-  if (p.plan_late_trigger) let_next_grid_start();
 }
 
 // The plan of an eager call (p.eager_bytes > 0), which copies too: a block of kMoveThreads.
 __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_eager_plan_kernel(AllToAllVParams p) {
   wait_for_prior_grid();
-  if (!p.plan_late_trigger) let_next_grid_start();
+  let_next_grid_start();
   plan<true>(p);
-  if (p.plan_late_trigger) let_next_grid_start();
 }
 
 // One launch: block 0 writes the plan, then raises this rank's "plan ready" flag (the last block

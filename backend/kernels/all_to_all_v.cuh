@@ -219,9 +219,6 @@ struct AllToAllVParams {
   // while it meets the peers, and the move the next call's plan while its last block waits for the
   // data.
   bool early_launch;
-  // The plan lets the move start only at its end, its blocks not resident while the plan waits for
-  // its peers (a what-if, TORCH_EP_WHATIF_PLAN_LATE_TRIGGER: the 64 MiB staged move's early loss).
-  bool plan_late_trigger;
   // The records', the plan's and the one-copy move's flags and fences at GPU scope, not system
   // scope (TORCH_EP_DEVICE_GPU_SCOPE): only where every peer shares this GPU (ranks under MPS), as
   // AllToAllDirectParams::gpu_scope. The host's report stays at system scope; the staged slots'

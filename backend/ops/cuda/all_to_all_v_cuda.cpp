@@ -107,12 +107,6 @@ class AllToAllVState {
     // block): 2 ranks, H100, 17e969e, the pool at 64 MiB 117.4 us against 129.3 (16 MiB 43.9
     // against 48.0), where one wave of fixed pieces waits for its slowest block.
     pool_pieces_ = env_switch_on_by_default("TORCH_EP_POOL_PIECES");
-    // What-ifs on the early launch's cost to the large staged move: 64 MiB staged 171-176 us early
-    // against 144-146 in stream order (H100, 2 ranks, e7b9b05), while small calls gain from it.
-    // The staged move alone launched in stream order (move_any stays early: its path is the plan's);
-    staged_in_order_ = env_switch("TORCH_EP_WHATIF_STAGED_IN_ORDER");
-    // the plan letting the move start only at its end, not while it waits for its peers.
-    plan_late_trigger_ = env_switch("TORCH_EP_WHATIF_PLAN_LATE_TRIGGER");
     CudaTransportConfig cc;
     cc.device = device;
     cc.buffer_bytes = 0;  // flags only: the watchdog, the kernel error word and the failure listener
@@ -308,16 +302,6 @@ class AllToAllVState {
     p.gpu_scope = gpu_scope_;
     p.staged_gpu_scope = staged_gpu_scope_;
     p.pool_pieces = pool_pieces_;
-    p.plan_late_trigger = plan_late_trigger_;
-  }
-
-  // The staged move (launch_all_to_all_v_move), launched in stream order under the what-if
-  // TORCH_EP_WHATIF_STAGED_IN_ORDER, the plan and the other kernels still early.
-  cudaError_t launch_staged_move(const kernels::AllToAllVParams& p, cudaStream_t stream) const {
-    if (!staged_in_order_) return kernels::launch_all_to_all_v_move(p, stream);
-    kernels::AllToAllVParams in_order = p;
-    in_order.early_launch = false;
-    return kernels::launch_all_to_all_v_move(in_order, stream);
   }
 
  private:
@@ -350,8 +334,6 @@ class AllToAllVState {
   bool gpu_scope_ = false;            // the kernels' flags at GPU scope (AllToAllVParams::gpu_scope)
   bool staged_gpu_scope_ = false;     // the staged slots' too (AllToAllVParams::staged_gpu_scope)
   bool pool_pieces_ = false;          // the one copy's pieces taken in turn (AllToAllVParams::pool_pieces)
-  bool staged_in_order_ = false;      // the staged move launched in stream order (a what-if)
-  bool plan_late_trigger_ = false;    // AllToAllVParams::plan_late_trigger (a what-if)
   uint64_t eager_bytes_ = 0;          // all_to_all_single's eager messages: at most this (0: off)
   CallOrder order_;
 };
@@ -434,7 +416,7 @@ AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const
     } else {
       EP_CUDA_CHECK(kernels::launch_all_to_all_v_plan(p, stream));
       if (pool) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, blocks, stream));
-      else EP_CUDA_CHECK(state.launch_staged_move(p, stream));
+      else EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
     }
     phase.next("ep::all_to_all_single/track");
     end = state.transport().track(op, stream);
@@ -463,7 +445,7 @@ namespace {
 void queue_drain(AllToAllVState& state, kernels::AllToAllVParams p, cudaStream_t stream, const char* op) noexcept {
   p.output = nullptr;
   try {
-    EP_CUDA_CHECK(state.launch_staged_move(p, stream));
+    EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
     state.order().end(stream, state.transport().track(op, stream));
   } catch (...) {
   }
@@ -564,7 +546,7 @@ std::pair<Tensor, Tensor> all_to_all_v_cuda(ProcessGroupEP& group, AllToAllVStat
     phase.next("ep::all_to_all_v/move");
     if (!one_launch) {
       if (p.pool_plan) EP_CUDA_CHECK(kernels::launch_all_to_all_v_move_any(p, pool_blocks, stream));
-      else EP_CUDA_CHECK(state.launch_staged_move(p, stream));
+      else EP_CUDA_CHECK(kernels::launch_all_to_all_v_move(p, stream));
     }
     if (!staging.is_same(output)) output.copy_(staging);
     phase.next("ep::all_to_all_v/track");
