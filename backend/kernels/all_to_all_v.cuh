@@ -215,9 +215,9 @@ struct AllToAllVParams {
   // eager (last, so that the other kernels' parameters keep their offsets)
   uint64_t eager_bytes;           // 0: off. Else a message of 1..eager_bytes bytes rides with its
                                   // sender's record (the eager region), a multiple of 16
-  // Launched early (early_launch.cuh; TORCH_EP_EARLY_LAUNCH): the plan lets the move be scheduled
-  // while it meets the peers, and the move the next call's plan while its last block waits for the
-  // data.
+  // Launched early (early_launch.cuh; TORCH_EP_EARLY_LAUNCH): the move is launched while the plan
+  // meets the peers and starts as it ends, and the next call's plan while the move's last block
+  // waits for the data.
   bool early_launch;
   // The records', the plan's and the one-copy move's flags and fences at GPU scope, not system
   // scope (TORCH_EP_DEVICE_GPU_SCOPE): only where every peer shares this GPU (ranks under MPS), as
