@@ -98,9 +98,9 @@ class AllToAllVState {
     // The flags at GPU scope where every peer's block lies on this GPU, as the direct kernel's
     // (TORCH_EP_DEVICE_GPU_SCOPE=0: system scope): with the early launch, 8 ranks' small calls took
     // half the time (all_to_all_v 23.7-24.2 us against 47.3-48.1, H100). The staged slots' flags
-    // stay at system scope (TORCH_EP_WHATIF_STAGED_GPU_SCOPE=1: GPU scope); at 64 MiB (2 ranks) the
-    // staged move took 158-162 us against 143-147 with them at GPU scope (4e4ab08), and still
-    // 167-170 against 148-150 with them at system scope (17e969e): its loss lies elsewhere.
+    // stay at system scope (TORCH_EP_WHATIF_STAGED_GPU_SCOPE=1: GPU scope). The staged move's 64 MiB
+    // loss once put on the scope was the early launch's (the plan's trigger, all_to_all_v.cu): GPU
+    // scope off left it whole (172.8-176.8 us against 170.8-175.9, H100, e7b9b05).
     gpu_scope_ = env_switch_on_by_default("TORCH_EP_DEVICE_GPU_SCOPE") && buffers_->all_on_this_gpu();
     staged_gpu_scope_ = gpu_scope_ && env_switch("TORCH_EP_WHATIF_STAGED_GPU_SCOPE");
     // The one copy's pieces taken in turn from a counter (TORCH_EP_POOL_PIECES=0: a fixed piece a
