@@ -116,11 +116,10 @@ def test_cuda_graph_replay_with_changing_splits(cuda_pool):
     cuda_pool.run(rank_cuda_graph_changing_splits, seed=_seed())
 
 
-# The device protocol's other forms (each read once a process): its flags at system scope and its
-# kernels launched in stream order, as before both defaults (and as where a peer is another GPU);
-# the staged slots' flags at GPU scope too (a what-if).
+# The device protocol's other forms (each read once a process): its flags at system scope, as where
+# a peer is another GPU; and its kernels launched in stream order too, as before both defaults.
 PROTOCOL_VARIANTS = {"system_scope_in_order": {"TORCH_EP_DEVICE_GPU_SCOPE": "0", "TORCH_EP_EARLY_LAUNCH": "0"},
-                     "staged_gpu_scope": {"TORCH_EP_WHATIF_STAGED_GPU_SCOPE": "1"}}
+                     "system_scope": {"TORCH_EP_DEVICE_GPU_SCOPE": "0"}}
 
 
 def rank_protocol_variant(seed):

@@ -381,7 +381,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
       const int slot = int(j % L::kSlots);
       if (threadIdx.x == 0) {
         // dst drained round j - 2
-        go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort, p.staged_gpu_scope);
+        go = take(flag_at(p.blocks[me], L::empty_flag(dst, lane, slot)), deadline, p.abort, p.gpu_scope);
         if (!go) atomicExch(p.error, 1 + dst);
       }
       __syncthreads();
@@ -391,8 +391,8 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
                                              StreamingLoad{}, PlainStore{});
       __syncthreads();  // every thread's stores are issued before the release below
       if (threadIdx.x == 0) {
-        fence_in(p.staged_gpu_scope);
-        store_release_in(flag_at(p.blocks[dst], L::full_flag(me, lane, slot)), 1, p.staged_gpu_scope);
+        fence_in(p.gpu_scope);
+        store_release_in(flag_at(p.blocks[dst], L::full_flag(me, lane, slot)), 1, p.gpu_scope);
       }
     }
   } else {
@@ -404,7 +404,7 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
       const int slot = int(j % L::kSlots);
       if (threadIdx.x == 0) {
         go = take(flag_at(p.blocks[me], L::full_flag(src, lane, slot)), deadline, p.abort,
-                  p.staged_gpu_scope);  // src sent round j
+                  p.gpu_scope);  // src sent round j
         if (!go) atomicExch(p.error, 1 + src);
       }
       __syncthreads();
@@ -416,8 +416,8 @@ __device__ void staged_move(const AllToAllVParams& p, int block) {
       discard_from_l2(staged, n);
       __syncthreads();
       if (threadIdx.x == 0) {
-        fence_in(p.staged_gpu_scope);
-        store_release_in(flag_at(p.blocks[src], L::empty_flag(me, lane, slot)), 1, p.staged_gpu_scope);
+        fence_in(p.gpu_scope);
+        store_release_in(flag_at(p.blocks[src], L::empty_flag(me, lane, slot)), 1, p.gpu_scope);
       }
     }
   }

@@ -219,12 +219,10 @@ struct AllToAllVParams {
   // meets the peers and starts as it ends, and the next call's plan while the move's last block
   // waits for the data.
   bool early_launch;
-  // The records', the plan's and the one-copy move's flags and fences at GPU scope, not system
-  // scope (TORCH_EP_DEVICE_GPU_SCOPE): only where every peer shares this GPU (ranks under MPS), as
-  // AllToAllDirectParams::gpu_scope. The host's report stays at system scope; the staged slots'
-  // flags follow staged_gpu_scope (a what-if).
+  // The kernels' flags and fences (the records', the plan's, the staged slots', the one copy's) at
+  // GPU scope, not system scope (TORCH_EP_DEVICE_GPU_SCOPE): only where every peer shares this GPU
+  // (ranks under MPS), as AllToAllDirectParams::gpu_scope. The host's report stays at system scope.
   bool gpu_scope;
-  bool staged_gpu_scope;
   // The one copy in pieces of kPoolPieceBytes that the blocks take in turn from a counter, not one
   // piece a block fixed in advance (a what-if, TORCH_EP_WHATIF_POOL_PIECES): a block that starts
   // late (another kernel holding its SM) takes fewer pieces instead of adding a wave at the end.

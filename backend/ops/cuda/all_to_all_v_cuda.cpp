@@ -98,11 +98,10 @@ class AllToAllVState {
     // The flags at GPU scope where every peer's block lies on this GPU, as the direct kernel's
     // (TORCH_EP_DEVICE_GPU_SCOPE=0: system scope): with the early launch, 8 ranks' small calls took
     // half the time (all_to_all_v 23.7-24.2 us against 47.3-48.1, H100). The staged slots' flags
-    // stay at system scope (TORCH_EP_WHATIF_STAGED_GPU_SCOPE=1: GPU scope). The staged move's 64 MiB
-    // loss once put on the scope was the early launch's (the plan's trigger, all_to_all_v.cu): GPU
-    // scope off left it whole (172.8-176.8 us against 170.8-175.9, H100, e7b9b05).
+    // too, since the plan's trigger took the early launch's loss away (H100, 2 ranks, 77c62be +
+    // the what-if, two runs): 64 MiB replayed 138.0-142.0 us against 143.4-143.7, all_to_all_v
+    // 139.3-141.4 against 144.5-144.8; 8 ranks 4-64 KiB all_to_all_v 26.9-27.6 against 31.6-31.8.
     gpu_scope_ = env_switch_on_by_default("TORCH_EP_DEVICE_GPU_SCOPE") && buffers_->all_on_this_gpu();
-    staged_gpu_scope_ = gpu_scope_ && env_switch("TORCH_EP_WHATIF_STAGED_GPU_SCOPE");
     // The one copy's pieces taken in turn from a counter (TORCH_EP_POOL_PIECES=0: a fixed piece a
     // block): 2 ranks, H100, 17e969e, the pool at 64 MiB 117.4 us against 129.3 (16 MiB 43.9
     // against 48.0), where one wave of fixed pieces waits for its slowest block.
@@ -300,7 +299,6 @@ class AllToAllVState {
     p.pool_plan = nullptr;
     p.early_launch = transport_->early_launch();
     p.gpu_scope = gpu_scope_;
-    p.staged_gpu_scope = staged_gpu_scope_;
     p.pool_pieces = pool_pieces_;
   }
 
@@ -332,7 +330,6 @@ class AllToAllVState {
   bool pool_grid_automatic_ = true;   // no grid set in the options: it grows with the call (pool_grid)
   bool one_launch_ = false;           // plan and move in one launch
   bool gpu_scope_ = false;            // the kernels' flags at GPU scope (AllToAllVParams::gpu_scope)
-  bool staged_gpu_scope_ = false;     // the staged slots' too (AllToAllVParams::staged_gpu_scope)
   bool pool_pieces_ = false;          // the one copy's pieces taken in turn (AllToAllVParams::pool_pieces)
   uint64_t eager_bytes_ = 0;          // all_to_all_single's eager messages: at most this (0: off)
   CallOrder order_;
