@@ -105,8 +105,8 @@ def test_whatif_switch():
 @pytest.mark.parametrize("name", ["TORCH_EP_DIRECT_GPU_SCOPE", "TORCH_EP_DEVICE_GPU_SCOPE", "TORCH_EP_EARLY_LAUNCH",
                                   "TORCH_EP_POOL_PIECES", "TORCH_EP_OUTPUTS_TOGETHER"])
 def test_switch_on_by_default(monkeypatch, name):
-    """The switches the CUDA transports read at their set-up are on unless 0: unset, "" and 1 are
-    on; a value other than 0 or 1 raises a ValueError naming the variable."""
+    """The switches the CUDA paths read once (at their set-up or first call) are on unless 0: unset,
+    "" and 1 are on; a value other than 0 or 1 raises a ValueError naming the variable."""
     monkeypatch.delenv(name, raising=False)
     assert _C._env_switch_on_by_default(name)
     for value, on in (("", True), ("1", True), ("0", False)):

@@ -278,7 +278,7 @@ __device__ void plan(const AllToAllVParams& p) {
 // Launched early (p.early_launch): the move is launched before the plan ends, but its blocks start
 // only once the plan has met its peers, not while it waits for them. Letting them start at the
 // plan's beginning cost the staged move 64 MiB 159-161 us against 144-146 a call (H100, 2 ranks,
-// e7b9b05 + the what-if, two runs each), and no small call gained from it.
+// 27d69c4's what-if, two runs each), and no small call gained from it.
 __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) {
   wait_for_prior_grid();
   plan<false>(p);

@@ -224,7 +224,7 @@ struct AllToAllVParams {
   // (ranks under MPS), as AllToAllDirectParams::gpu_scope. The host's report stays at system scope.
   bool gpu_scope;
   // The one copy in pieces of kPoolPieceBytes that the blocks take in turn from a counter, not one
-  // piece a block fixed in advance (a what-if, TORCH_EP_WHATIF_POOL_PIECES): a block that starts
+  // piece a block fixed in advance (TORCH_EP_POOL_PIECES=0 for the latter): a block that starts
   // late (another kernel holding its SM) takes fewer pieces instead of adding a wave at the end.
   bool pool_pieces;
 };
