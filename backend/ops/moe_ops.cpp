@@ -444,7 +444,7 @@ void register_moe(pybind11::module_& m) {
     return true;
   });
   m.def("_set_outputs_together", &moe::set_outputs_together, py::arg("together"),
-        "the what-if TORCH_EP_WHATIF_OUTPUTS_TOGETHER from now on (tools/moe_profile.py's A/B in one run)");
+        "TORCH_EP_OUTPUTS_TOGETHER from now on (tools/moe_profile.py's A/B in one run)");
   m.def("_combine_buffer", &moe::combine_buffer, py::arg("group_name"), py::arg("handle_counts"),
         py::arg("num_experts"), py::arg("rows"), py::arg("hidden"), py::arg("dtype"), py::arg("device"),
         "torch_ep.combine_buffer's zero-copy region, or None (the caller makes a plain tensor)");
