@@ -3,6 +3,7 @@ import glob
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -12,6 +13,32 @@ import torch_ep
 from conftest import has_nvcc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def compile_check(request, tmp_path_factory):
+    """compile_check(test, source, command) -> the CompletedProcess of command(source, folder).
+
+    The first call for a test runs that test's every selected source at once, a core each (g++
+    parses torch's headers for 10-17 s a file on one core; nvcc takes seconds a kernel), and
+    keeps the results; each parametrized case then asserts its own. `command` builds the argv in
+    a fresh folder of its own."""
+    results = {}
+
+    def check(test, source, command):
+        if (test, source) not in results:
+            sources = [item.callspec.params["source"] for item in request.session.items
+                       if getattr(item, "originalname", None) == test and hasattr(item, "callspec")]
+            sources = [s for s in dict.fromkeys(sources + [source]) if (test, s) not in results]
+
+            def run(s):
+                return subprocess.run(command(s, tmp_path_factory.mktemp("compile")), capture_output=True, text=True)
+
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                results.update({(test, s): r for s, r in zip(sources, pool.map(run, sources))})
+        return results[(test, source)]
+
+    return check
 
 
 def test_backend_registered():
@@ -35,10 +62,10 @@ KERNELS = sorted(k for k in glob.glob(os.path.join(ROOT, "backend", "kernels", "
 
 @pytest.mark.skipif(not has_nvcc, reason="nvcc not on PATH")
 @pytest.mark.parametrize("source", KERNELS, ids=os.path.basename)
-def test_kernel_compiles_for_sm90(source, tmp_path):
+def test_kernel_compiles_for_sm90(source, compile_check):
     """Kernels are torch-free: they compile with nvcc alone, so CI checks them without a GPU."""
-    cmd = ["nvcc", "-c", "-std=c++17", "-arch=sm_90", "-O2", f"-I{ROOT}", source, "-o", str(tmp_path / "k.o")]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = compile_check("test_kernel_compiles_for_sm90", source, lambda s, folder: [
+        "nvcc", "-c", "-std=c++17", "-arch=sm_90", "-O2", f"-I{ROOT}", s, "-o", str(folder / "k.o")])
     assert result.returncode == 0, result.stderr
 
 
@@ -69,10 +96,10 @@ TOOLS = sorted(glob.glob(os.path.join(ROOT, "tools", "*.cu")))
 
 @pytest.mark.skipif(not has_nvcc, reason="nvcc not on PATH")
 @pytest.mark.parametrize("source", TOOLS, ids=os.path.basename)
-def test_tool_compiles_for_sm90(source, tmp_path):
+def test_tool_compiles_for_sm90(source, compile_check):
     """Built as gpu_suite.sh builds them (linking needs no GPU)."""
-    cmd = ["nvcc", "-O3", "-std=c++17", "-arch=sm_90", f"-I{ROOT}", source, "-o", str(tmp_path / "probe")]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = compile_check("test_tool_compiles_for_sm90", source, lambda s, folder: [
+        "nvcc", "-O3", "-std=c++17", "-arch=sm_90", f"-I{ROOT}", s, "-o", str(folder / "probe")])
     assert result.returncode == 0, result.stderr
 
 
@@ -134,32 +161,35 @@ def _cuda_include_dir():
     return None
 
 
-def _syntax_check(source, tmp_path, defines=(), includes=()):
-    """g++ -fsyntax-only of a CUDA host file against this torch's headers. CPU torch ships
-    c10/cuda headers but not the generated cuda_cmake_macros.h; an empty stand-in is enough."""
+def _syntax_command(defines=(), includes=()):
+    """command(source, folder) for compile_check: g++ -fsyntax-only of a CUDA host file against this
+    torch's headers. CPU torch ships c10/cuda headers but not the generated cuda_cmake_macros.h;
+    an empty stand-in in `folder` is enough."""
     import sysconfig
 
-    macros = tmp_path / "c10" / "cuda" / "impl"
-    macros.mkdir(parents=True)
-    (macros / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
-    cuda_include = _cuda_include_dir()
-    std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13) else "-std=c++17"
-    cmd = ["g++", std, "-fsyntax-only", "-DTORCH_EP_WITH_CUDA=1", *(f"-D{d}=1" for d in defines), f"-I{ROOT}",
-           f"-I{torch_include}", f"-I{torch_include}/torch/csrc/api/include", f"-I{tmp_path}",
-           *(f"-I{i}" for i in includes), f"-I{cuda_include}", f"-I{cuda_include}/cccl",
-           f"-I{sysconfig.get_paths()['include']}", source]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
+    def command(source, folder):
+        macros = folder / "c10" / "cuda" / "impl"
+        macros.mkdir(parents=True)
+        (macros / "cuda_cmake_macros.h").write_text("#pragma once\n")
+        torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+        cuda_include = _cuda_include_dir()
+        std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13) else "-std=c++17"
+        return ["g++", std, "-fsyntax-only", "-DTORCH_EP_WITH_CUDA=1", *(f"-D{d}=1" for d in defines), f"-I{ROOT}",
+                f"-I{torch_include}", f"-I{torch_include}/torch/csrc/api/include", f"-I{folder}",
+                *(f"-I{i}" for i in includes), f"-I{cuda_include}", f"-I{cuda_include}/cccl",
+                f"-I{sysconfig.get_paths()['include']}", source]
+
+    return command
 
 
 @pytest.mark.skipif(_cuda_include_dir() is None or torch.version.cuda is not None,
                     reason="needs the CUDA headers, and a CPU torch (a CUDA torch builds these for real)")
 @pytest.mark.parametrize("source", CUDA_HOST_SOURCES, ids=os.path.basename)
-def test_cuda_host_code_compiles(source, tmp_path):
+def test_cuda_host_code_compiles(source, compile_check):
     """The CUDA transport and its torch glue compile against this torch's headers, so CI catches
     a broken CUDA path without a GPU."""
-    _syntax_check(source, tmp_path)
+    result = compile_check("test_cuda_host_code_compiles", source, _syntax_command())
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 NVSHMEM_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport", "nvshmem", "*.cpp"))
@@ -174,9 +204,11 @@ NVSHMEM_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport
 @pytest.mark.skipif(_cuda_include_dir() is None or torch.version.cuda is not None or _nvshmem_root() is None,
                     reason="needs the CUDA headers, NVSHMEM's, and a CPU torch")
 @pytest.mark.parametrize("source", NVSHMEM_HOST_SOURCES, ids=os.path.basename)
-def test_nvshmem_host_code_compiles(source, tmp_path):
+def test_nvshmem_host_code_compiles(source, compile_check):
     """The NVSHMEM runtime and the low-latency glue compile as the NVSHMEM build compiles them."""
-    _syntax_check(source, tmp_path, defines=["TORCH_EP_WITH_NVSHMEM"], includes=[f"{_nvshmem_root()}/include"])
+    result = compile_check("test_nvshmem_host_code_compiles", source, _syntax_command(
+        defines=["TORCH_EP_WITH_NVSHMEM"], includes=[f"{_nvshmem_root()}/include"]))
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 EXCHANGE_SCHEDULE_CHECK = r"""
