@@ -22,7 +22,7 @@ def compile_check(request, tmp_path_factory):
     The first call for a test runs that test's every selected source at once, a core each (g++
     parses torch's headers for 10-17 s a file on one core; nvcc takes seconds a kernel), and
     keeps the results; each parametrized case then asserts its own. `command` builds the argv in
-    a fresh folder of its own."""
+    a fresh folder of its own, on this thread."""
     results = {}
 
     def check(test, source, command):
@@ -30,12 +30,14 @@ def compile_check(request, tmp_path_factory):
             sources = [item.callspec.params["source"] for item in request.session.items
                        if getattr(item, "originalname", None) == test and hasattr(item, "callspec")]
             sources = [s for s in dict.fromkeys(sources + [source]) if (test, s) not in results]
+            # The folders and commands here: pytest's temporary folders are not made thread-safely.
+            commands = [command(s, tmp_path_factory.mktemp("compile")) for s in sources]
 
-            def run(s):
-                return subprocess.run(command(s, tmp_path_factory.mktemp("compile")), capture_output=True, text=True)
+            def run(argv):
+                return subprocess.run(argv, capture_output=True, text=True)
 
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-                results.update({(test, s): r for s, r in zip(sources, pool.map(run, sources))})
+                results.update({(test, s): r for s, r in zip(sources, pool.map(run, commands))})
         return results[(test, source)]
 
     return check
