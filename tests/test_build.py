@@ -16,20 +16,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def compile_check(request, tmp_path_factory):
-    """compile_check(test, source, command) -> the CompletedProcess of command(source, folder).
+def _compile_results():
+    return {}  # (test, source) -> CompletedProcess, for compile_check
 
-    The first call for a test runs that test's every selected source at once, a core each (g++
+
+@pytest.fixture
+def compile_check(request, _compile_results, tmp_path_factory):
+    """compile_check(command) -> the CompletedProcess of command(source, folder) for this case's
+    `source` parameter.
+
+    The first case of a test runs that test's every selected source at once, a core each (g++
     parses torch's headers for 10-17 s a file on one core; nvcc takes seconds a kernel), and
-    keeps the results; each parametrized case then asserts its own. `command` builds the argv in
-    a fresh folder of its own, on this thread."""
-    results = {}
+    keeps the results; each case then asserts its own. `command` builds the argv in a fresh folder
+    of its own, on this thread."""
+    test, source = request.node.originalname, request.node.callspec.params["source"]
 
-    def check(test, source, command):
-        if (test, source) not in results:
+    def check(command):
+        if (test, source) not in _compile_results:
             sources = [item.callspec.params["source"] for item in request.session.items
                        if getattr(item, "originalname", None) == test and hasattr(item, "callspec")]
-            sources = [s for s in dict.fromkeys(sources + [source]) if (test, s) not in results]
+            sources = [s for s in dict.fromkeys(sources + [source]) if (test, s) not in _compile_results]
             # The folders and commands here: pytest's temporary folders are not made thread-safely.
             commands = [command(s, tmp_path_factory.mktemp("compile")) for s in sources]
 
@@ -37,8 +43,8 @@ def compile_check(request, tmp_path_factory):
                 return subprocess.run(argv, capture_output=True, text=True)
 
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-                results.update({(test, s): r for s, r in zip(sources, pool.map(run, commands))})
-        return results[(test, source)]
+                _compile_results.update({(test, s): r for s, r in zip(sources, pool.map(run, commands))})
+        return _compile_results[(test, source)]
 
     return check
 
@@ -66,7 +72,7 @@ KERNELS = sorted(k for k in glob.glob(os.path.join(ROOT, "backend", "kernels", "
 @pytest.mark.parametrize("source", KERNELS, ids=os.path.basename)
 def test_kernel_compiles_for_sm90(source, compile_check):
     """Kernels are torch-free: they compile with nvcc alone, so CI checks them without a GPU."""
-    result = compile_check("test_kernel_compiles_for_sm90", source, lambda s, folder: [
+    result = compile_check(lambda s, folder: [
         "nvcc", "-c", "-std=c++17", "-arch=sm_90", "-O2", f"-I{ROOT}", s, "-o", str(folder / "k.o")])
     assert result.returncode == 0, result.stderr
 
@@ -100,7 +106,7 @@ TOOLS = sorted(glob.glob(os.path.join(ROOT, "tools", "*.cu")))
 @pytest.mark.parametrize("source", TOOLS, ids=os.path.basename)
 def test_tool_compiles_for_sm90(source, compile_check):
     """Built as gpu_suite.sh builds them (linking needs no GPU)."""
-    result = compile_check("test_tool_compiles_for_sm90", source, lambda s, folder: [
+    result = compile_check(lambda s, folder: [
         "nvcc", "-O3", "-std=c++17", "-arch=sm_90", f"-I{ROOT}", s, "-o", str(folder / "probe")])
     assert result.returncode == 0, result.stderr
 
@@ -190,7 +196,7 @@ def _syntax_command(defines=(), includes=()):
 def test_cuda_host_code_compiles(source, compile_check):
     """The CUDA transport and its torch glue compile against this torch's headers, so CI catches
     a broken CUDA path without a GPU."""
-    result = compile_check("test_cuda_host_code_compiles", source, _syntax_command())
+    result = compile_check(_syntax_command())
     assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -208,7 +214,7 @@ NVSHMEM_HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "backend", "transport
 @pytest.mark.parametrize("source", NVSHMEM_HOST_SOURCES, ids=os.path.basename)
 def test_nvshmem_host_code_compiles(source, compile_check):
     """The NVSHMEM runtime and the low-latency glue compile as the NVSHMEM build compiles them."""
-    result = compile_check("test_nvshmem_host_code_compiles", source, _syntax_command(
+    result = compile_check(_syntax_command(
         defines=["TORCH_EP_WITH_NVSHMEM"], includes=[f"{_nvshmem_root()}/include"]))
     assert result.returncode == 0, result.stderr[-4000:]
 

@@ -68,17 +68,17 @@ def test_bad_input(cuda_pool):
     cuda_pool.run(checks.rank_mismatched_handles, device="cuda")
 
 
-def rank_small_outputs(seed, device="cuda", together=None):
+def rank_small_outputs(seed, together=None):
     """recv_x's small siblings (the fp8 scales, the top-k ids and weights), in one allocation or
     each in its own (backend/ops/cuda/cuda_outputs.hpp; `together` says which, None: not checked):
     each lies apart from the others, aligned, holds the reference's values (num_worst_tokens'
     padding included), and writing one leaves the others."""
-    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 300, 3, 2, torch.bfloat16, device)
+    num_experts, g, x, idx, w = checks.make_inputs(seed, "random", 300, 3, 2, torch.bfloat16, "cuda")
     fp8 = (x.cpu().float().to(torch.float8_e4m3fn), torch.rand(x.shape[0], 3, generator=g))  # 300 channels: 3 scales
     expected = reference.dispatch(fp8, idx.cpu(), w.cpu(), num_experts=num_experts)
     m = expected.recv_topk_idx.shape[0]
     for worst in (0, 24 * dist.get_world_size()):
-        got = torch_ep.dispatch(tuple(t.to(device) for t in fp8), idx, w, num_experts=num_experts,
+        got = torch_ep.dispatch(tuple(t.cuda() for t in fp8), idx, w, num_experts=num_experts,
                                 num_worst_tokens=worst)
         recv_x, scales = got.recv_x
         small = [scales, got.recv_topk_idx, got.recv_topk_weights]

@@ -80,8 +80,7 @@ ENVIRONMENT = {
                                  "system scope where a peer is another GPU)",
     "TORCH_EP_DEVICE_GPU_SCOPE": "0 keeps the device protocol's flags and fences (all_to_all_v, the comm pool, "
                                  "Options.all_to_all_device) at system scope also where every peer's block lies on "
-                                 "this GPU (default 1: GPU scope there; system scope "
-                                 "where a peer is another GPU)",
+                                 "this GPU (default 1: GPU scope there; system scope where a peer is another GPU)",
     "TORCH_EP_EARLY_LAUNCH": "0 launches CUDA all_to_all's kernels in plain stream order (default 1: each is "
                              "launched as a programmatic dependent launch, scheduled while the kernel before it "
                              "ends and waiting for it on the device, so that no launch latency lies between them)",
