@@ -1,24 +1,42 @@
-"""benchmarks/all_to_all.py's all_to_all.json as one line per size, for a GPU call's log.
+"""benchmarks/all_to_all.py's all_to_all.json, briefly: one line per size for a GPU call's log, or
+with --markdown one table over several runs (one per R) for RESULTS.md.
 
     python3 tools/a2a_brief.py OUT/all_to_all.json
+    python3 tools/a2a_brief.py --markdown R2/all_to_all.json R4/all_to_all.json R8/all_to_all.json
 
-Each path's us per call; from 1 MiB the eager default's and the pool's share of the roofline (eager
-copy_) and the replayed default's share of roofline_graph (the copy replayed), where the run has them.
+The lines give each path's us per call; from 1 MiB the eager default's and the pool's share of the
+roofline (eager copy_) and the replayed default's share of roofline_graph (the copy replayed), where
+the run has them. The table gives us per call, and from 1 MiB each path's share: an eager path's of
+the eager copy, a replayed path's of the copy replayed.
 """
 import json
 import sys
 
 PATHS = ("ep", "ep_default_graph", "ep_eager", "ep_eager_graph", "ep_graph", "ep_pool", "all_to_all_v", "roofline",
          "roofline_graph")
+# The table's columns: (path, its reference at 1 MiB and more); replays against the copy replayed.
+COLUMNS = (("ep", "roofline"), ("ep_default_graph", "roofline_graph"), ("ep_eager", None),
+           ("ep_eager_graph", None), ("ep_device", "roofline"), ("ep_graph", "roofline_graph"),
+           ("all_to_all_v", "roofline"), ("ep_pool", "roofline"), ("roofline", None), ("roofline_graph", None))
+SHARE_FROM = 1 << 20
 
 
-def main(path: str) -> None:
+def times(path: str) -> tuple:
+    run = json.load(open(path))
     rows = {}
-    for r in json.load(open(path))["results"]:
+    for r in run["results"]:
         rows.setdefault(r["size"], {})[r["impl"]] = r["time_us"]
-    for size, t in sorted(rows.items()):
+    return run["meta"].get("ranks"), rows
+
+
+def size_label(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+
+
+def brief(path: str) -> None:
+    for size, t in sorted(times(path)[1].items()):
         cells = [f"{impl} {t[impl]:.1f}" for impl in PATHS if impl in t]
-        if size >= 1 << 20:
+        if size >= SHARE_FROM:
             if "roofline" in t:
                 cells += [f"{impl}/roofline {100 * t['roofline'] / t[impl]:.0f}%" for impl in ("ep", "ep_pool") if impl in t]
             if "roofline_graph" in t and "ep_default_graph" in t:
@@ -26,5 +44,27 @@ def main(path: str) -> None:
         print(f"{size >> 10} KiB: " + ", ".join(cells))
 
 
+def cell(t: dict, impl: str, reference, size: int) -> str:
+    if impl not in t:
+        return "-"
+    text = f"{t[impl]:.1f}"
+    if reference and reference in t and size >= SHARE_FROM:
+        text += f" ({100 * t[reference] / t[impl]:.0f} %)"
+    return text
+
+
+def markdown(paths: list) -> None:
+    runs = [times(p) for p in paths]
+    columns = [c for c in COLUMNS if any(c[0] in t for _, rows in runs for t in rows.values())]
+    print("| R | size/rank | " + " | ".join(impl for impl, _ in columns) + " |")
+    print("|--:|--:|" + "--:|" * len(columns))
+    for ranks, rows in runs:
+        for size, t in sorted(rows.items()):
+            print(f"| {ranks} | {size_label(size)} | " + " | ".join(cell(t, impl, ref, size) for impl, ref in columns) + " |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1:2] == ["--markdown"]:
+        markdown(sys.argv[2:])
+    else:
+        brief(sys.argv[1])
