@@ -1,8 +1,10 @@
 """benchmarks/all_to_all.py's all_to_all.json, briefly: one line per size for a GPU call's log, or
-with --markdown one table over several runs (one per R) for RESULTS.md.
+over several runs (one per R) one table for RESULTS.md (--markdown) or one PNG of busbw against
+size, a panel per R (--plot; needs matplotlib).
 
     python3 tools/a2a_brief.py OUT/all_to_all.json
     python3 tools/a2a_brief.py --markdown R2/all_to_all.json R4/all_to_all.json R8/all_to_all.json
+    python3 tools/a2a_brief.py --plot OUT.png R2/all_to_all.json R4/all_to_all.json R8/all_to_all.json
 
 The lines give each path's us per call; from 1 MiB the eager default's and the pool's share of the
 roofline (eager copy_) and the replayed default's share of roofline_graph (the copy replayed), where
@@ -21,11 +23,11 @@ COLUMNS = (("ep", "roofline"), ("ep_default_graph", "roofline_graph"), ("ep_eage
 SHARE_FROM = 1 << 20
 
 
-def times(path: str) -> tuple:
+def times(path: str, key: str = "time_us") -> tuple:
     run = json.load(open(path))
     rows = {}
     for r in run["results"]:
-        rows.setdefault(r["size"], {})[r["impl"]] = r["time_us"]
+        rows.setdefault(r["size"], {})[r["impl"]] = r[key]
     return run["meta"].get("ranks"), rows
 
 
@@ -63,8 +65,38 @@ def markdown(paths: list) -> None:
             print(f"| {ranks} | {size_label(size)} | " + " | ".join(cell(t, impl, ref, size) for impl, ref in columns) + " |")
 
 
+# The plot's lines: the paths a user picks between, and the copy (dashed) eager and replayed.
+PLOTTED = ("ep", "ep_default_graph", "ep_graph", "all_to_all_v", "ep_pool", "roofline", "roofline_graph")
+
+
+def plot(out: str, paths: list) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    runs = sorted(times(p, "algbw_GBps") for p in paths)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.5), squeeze=False)
+    for ax, (ranks, rows) in zip(axes[0], runs):
+        sizes = sorted(rows)
+        for impl in PLOTTED:
+            points = [(s, rows[s][impl] * (ranks - 1) / ranks) for s in sizes if impl in rows[s]]  # busbw
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, "--" if impl.startswith("roofline") else "-o", label=impl, markersize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sizes, [size_label(s) for s in sizes], rotation=45, ha="right")
+        ax.minorticks_off()
+        ax.set(title=f"{ranks} ranks", xlabel="bytes sent per rank", ylabel="busbw (GB/s)")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--markdown"]:
         markdown(sys.argv[2:])
+    elif sys.argv[1:2] == ["--plot"]:
+        plot(sys.argv[2], sys.argv[3:])
     else:
         brief(sys.argv[1])
