@@ -1,6 +1,6 @@
 """benchmarks/all_to_all.py's all_to_all.json, briefly: one line per size for a GPU call's log, or
-over several runs (one per R) one table for RESULTS.md (--markdown) or one PNG of busbw against
-size, a panel per R (--plot; needs matplotlib).
+over several runs one table for RESULTS.md (--markdown) or one PNG of busbw against
+size, a panel per R (--plot; needs matplotlib; runs of one R are merged, later sizes over earlier).
 
     python3 tools/a2a_brief.py OUT/all_to_all.json
     python3 tools/a2a_brief.py --markdown R2/all_to_all.json R4/all_to_all.json R8/all_to_all.json
@@ -73,7 +73,11 @@ def plot(out: str, paths: list) -> None:
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
-    runs = sorted(times(p, "algbw_GBps") for p in paths)
+    by_ranks = {}  # runs of the same R merged, a later run's sizes over an earlier's
+    for p in paths:
+        ranks, rows = times(p, "algbw_GBps")
+        by_ranks.setdefault(ranks, {}).update(rows)
+    runs = sorted(by_ranks.items())
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.5), squeeze=False)
     for ax, (ranks, rows) in zip(axes[0], runs):
         sizes = sorted(rows)
