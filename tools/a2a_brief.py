@@ -4,7 +4,7 @@ size, a panel per R (--plot; needs matplotlib; runs of one R are merged, later s
 
     python3 tools/a2a_brief.py OUT/all_to_all.json
     python3 tools/a2a_brief.py --markdown R2/all_to_all.json R4/all_to_all.json R8/all_to_all.json
-    python3 tools/a2a_brief.py --plot OUT.png R2/all_to_all.json R4/all_to_all.json R8/all_to_all.json
+    python3 tools/a2a_brief.py --plot OUT.png [--paths ep,roofline,...] R2/all_to_all.json R4/all_to_all.json ...
 
 The lines give each path's us per call; from 1 MiB the eager default's and the pool's share of the
 roofline (eager copy_) and the replayed default's share of roofline_graph (the copy replayed), where
@@ -69,7 +69,7 @@ def markdown(paths: list) -> None:
 PLOTTED = ("ep", "ep_default_graph", "ep_graph", "all_to_all_v", "ep_pool", "roofline", "roofline_graph")
 
 
-def plot(out: str, paths: list) -> None:
+def plot(out: str, paths: list, plotted=PLOTTED) -> None:
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -81,11 +81,12 @@ def plot(out: str, paths: list) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.5), squeeze=False)
     for ax, (ranks, rows) in zip(axes[0], runs):
         sizes = sorted(rows)
-        for impl in PLOTTED:
+        for color, impl in enumerate(plotted):  # a path's colour the same in every panel
             points = [(s, rows[s][impl] * (ranks - 1) / ranks) for s in sizes if impl in rows[s]]  # busbw
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, "--" if impl.startswith("roofline") else "-o", label=impl, markersize=3)
+                ax.plot(xs, ys, "--" if impl.startswith("roofline") else "-o", color=f"C{color}", label=impl,
+                        markersize=3)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sizes, [size_label(s) for s in sizes], rotation=45, ha="right")
@@ -101,6 +102,10 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--markdown"]:
         markdown(sys.argv[2:])
     elif sys.argv[1:2] == ["--plot"]:
-        plot(sys.argv[2], sys.argv[3:])
+        args = sys.argv[3:]
+        if args[:1] == ["--paths"]:  # the lines to draw, e.g. --paths ep,ep_default_graph,roofline
+            plot(sys.argv[2], args[2:], tuple(args[1].split(",")))
+        else:
+            plot(sys.argv[2], args)
     else:
         brief(sys.argv[1])
