@@ -175,17 +175,19 @@ def _syntax_command(defines=(), includes=()):
     an empty stand-in in `folder` is enough."""
     import sysconfig
 
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    cuda_include = _cuda_include_dir()
+    std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13) else "-std=c++17"
+    python_include = sysconfig.get_paths()["include"]
+
     def command(source, folder):
         macros = folder / "c10" / "cuda" / "impl"
         macros.mkdir(parents=True)
         (macros / "cuda_cmake_macros.h").write_text("#pragma once\n")
-        torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
-        cuda_include = _cuda_include_dir()
-        std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13) else "-std=c++17"
         return ["g++", std, "-fsyntax-only", "-DTORCH_EP_WITH_CUDA=1", *(f"-D{d}=1" for d in defines), f"-I{ROOT}",
                 f"-I{torch_include}", f"-I{torch_include}/torch/csrc/api/include", f"-I{folder}",
                 *(f"-I{i}" for i in includes), f"-I{cuda_include}", f"-I{cuda_include}/cccl",
-                f"-I{sysconfig.get_paths()['include']}", source]
+                f"-I{python_include}", source]
 
     return command
 
