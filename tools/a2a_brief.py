@@ -32,6 +32,8 @@ def times(path: str, key: str = "time_us") -> tuple:
 
 
 def size_label(size: int) -> str:
+    """benchmarks/common.format_bytes for whole KiB / MiB, here without importing torch (the plot
+    runs where matplotlib is, torch need not be)."""
     return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
 
 
