@@ -200,3 +200,48 @@ def test_survivor_gets_error_naming_peer_that_died_before_set_up():
         exit_codes = ranks.close()
     assert exit_codes == [0, -9, 0]
     check_survivor_errors(outcomes, survivors, timeout_s)
+
+
+# ----------------------------------------------------------------------------- the test process dies
+
+# A test process with two ranks that are busy (neither reads its pipe for two minutes).
+_BUSY_POOL = """
+import time
+from torch_ep.testing import RankPool
+pool = RankPool(2, env={"OMP_NUM_THREADS": "1"}, timeout_s=60)
+pool.start(range(2), time.sleep, 120)
+print(*pool.pids, flush=True)
+time.sleep(120)
+"""
+
+
+def running(pid):
+    """Alive and not a zombie (an orphan's new parent may be slow to reap it, or never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
+def test_busy_ranks_die_with_the_test_process():
+    """The test process SIGKILLed while its ranks run a task (as `timeout` ends a GPU suite):
+    the ranks die with it at once, not after their task, so the next job finds the GPU free."""
+    import select
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY_POOL], stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], WAIT_S + 60)
+        assert ready, "the busy pool did not start"
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(running(p) for p in pids), pids
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if running(p)], f"ranks {pids} outlived their test process by 10 s"

@@ -28,8 +28,24 @@ class RankError(AssertionError):
     """One or more ranks raised, hung or died; the message holds each one's traceback."""
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel SIGKILLs this rank when the test process dies, even mid-task. A rank
+    that only noticed at its next recv() finished its task first (a fault test waits out a
+    timeout), holding its GPU's MPS client while the next job started ("busy or unavailable").
+    The kernel watches the thread that started the rank: RankPool is made on the test's thread."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before the signal was armed
+
+
 def _rank_main(rank: int, world_size: int, init_file: str, backend: str, env: Dict[str, str],
-               timeout_s: float, cuda: bool, conn) -> None:
+               timeout_s: float, cuda: bool, conn, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     os.environ.update(env)
     import torch.distributed as dist
 
@@ -88,7 +104,7 @@ class RankPool:
             self._conns.append(ours)
             self._procs.append(ctx.Process(target=_rank_main, daemon=True,
                                            args=(r, world_size, init_file, backend, dict(env or {}), timeout_s,
-                                                 cuda, theirs)))
+                                                 cuda, theirs, os.getpid())))
             self._procs[-1].start()
             theirs.close()  # only the child holds its end: its death shows here as end-of-file
         self.pids = [p.pid for p in self._procs]
