@@ -173,6 +173,47 @@ def test_moe_copy_option(monkeypatch):
         torch_ep.Options()
 
 
+def variant(copy, dispatch, run="abc1234"):
+    """A table entry of one copy variant whose dispatch bandwidth is `dispatch` ({sms: GB/s})."""
+    e = sm_table.derive_entry({"dispatch": dispatch, "combine": SWEEP["combine"]}, device="NVIDIA H100", ranks=4,
+                              ranks_per_gpu=4, copy=copy, measured={"commit": run, "date": "2026-12-07"})
+    return e
+
+
+def test_auto_copy_takes_the_variant_that_reaches_the_best_with_fewest_sms():
+    early_plateau = {4: 180.0, 8: 350.0, 16: 340.0, 24: 360.0}  # unroll: the best at 8 SMs, no higher
+    higher = {4: 160.0, 8: 280.0, 16: 420.0, 24: 460.0}         # warp: 460 at 24 SMs
+    choose = lambda entries: sm_table.choose_copy("NVIDIA H100", 4, 4, {"entries": entries})  # noqa: E731
+    assert choose([variant("unroll", early_plateau), variant("warp", higher)]) == "warp"
+    # Within 95 % of the best both ways: the fewer SMs win, then the default.
+    close = {4: 180.0, 8: 440.0, 16: 450.0, 24: 455.0}
+    assert choose([variant("unroll", close), variant("warp", higher)]) == "unroll"
+    assert choose([variant("unroll", higher), variant("warp", dict(higher))]) == "unroll"
+    assert sm_table.choose_copy("NVIDIA H100", 4, 4, {"entries": [variant("unroll", close), variant("warp", higher)]},
+                                default="warp") == "unroll"
+    # Variants of another run (another machine, another commit) do not compete.
+    assert choose([variant("unroll", early_plateau), variant("warp", higher, run="fff0000")]) == "unroll"
+    # No entry of the default for this group: the default.
+    assert choose([variant("warp", higher)]) == "unroll"
+    assert sm_table.choose_copy("NVIDIA H100", 8, 8, {"entries": [variant("unroll", early_plateau)]}) == "unroll"
+
+
+def test_auto_copy_option(monkeypatch):
+    monkeypatch.delenv("TORCH_EP_MOE_COPY", raising=False)
+    auto = torch_ep.Options(moe_copy="auto")
+    assert auto._to_config(timedelta(seconds=60)).moe_copy == 1  # unroll until the group picks
+    monkeypatch.setenv("TORCH_EP_MOE_COPY", "auto")
+    assert torch_ep.Options().moe_copy == "auto"
+    with pytest.raises(ValueError, match="or auto"):
+        torch_ep.Options(moe_copy="fastest")
+    # Every group of the shipped table resolves to a variant it has an entry for.
+    table = sm_table.load()
+    for e in table["entries"]:
+        key = (e["device"], e["ranks"], e["ranks_per_gpu"])
+        copy = sm_table.choose_copy(*key, table)
+        assert sm_table.lookup(*key, table, copy=copy) is not None, (key, copy)
+
+
 def test_moe_push_options(monkeypatch):
     """Options.moe_push (TORCH_EP_MOE_PUSH, off by default) and Options.moe_pool_bytes
     (TORCH_EP_MOE_POOL_BYTES, 1 GiB by default, at least 2 MiB) reach the group's Config."""

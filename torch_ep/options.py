@@ -29,7 +29,8 @@ ENVIRONMENT = {
                          "loads issued together and the next row's lookups a row ahead, about one round trip to "
                          "memory per row), warp (a warp per row, 16-byte loads, one lookup after another) or bulk "
                          "(Hopper bulk async copies through a shared-memory ring: many bytes in flight per SM, for "
-                         "few SMs)",
+                         "few SMs), or auto (the variant sm_table.json says reaches the best bandwidth with the "
+                         "fewest SMs on this GPU and group; unroll where it has no say or num_sms is set)",
     "TORCH_EP_MOE_PUSH": "1 makes intranode CUDA dispatch push: each rank writes its own rows straight into the "
                          "receivers' outputs, which dispatch then allocates from a MoE pool every rank maps "
                          "(TORCH_EP_MOE_POOL_BYTES); no input is exported per call. Opt-in until measured; the default "
@@ -147,6 +148,7 @@ MOE_COPIES = ("warp", "unroll", "bulk")  # Options.moe_copy's values, in the ord
 # The default: unroll led warp at every SM budget of the 2026-12-04 sweep on the H200 (2 ranks; 4 SMs:
 # 167 / 131 / 278 GB/s against 148 / 100 / 174 for dispatch bf16 / fp8 / combine; benchmarks/RESULTS.md).
 DEFAULT_MOE_COPY = "unroll"
+AUTO_MOE_COPY = "auto"  # resolved per GPU model and group when the group is made (torch_ep.sm_table.choose_copy)
 
 
 def _default(name: str, fallback):
@@ -222,9 +224,9 @@ class Options:
             if not ok:
                 raise ValueError(f"Options.{name}={getattr(self, name)}: expected "
                                  f"{expected.get(name, f'>= {minimum.get(name, 0)}')}")
-        if self.moe_copy not in MOE_COPIES:
+        if self.moe_copy not in (*MOE_COPIES, AUTO_MOE_COPY):
             raise ValueError(f"Options.moe_copy={self.moe_copy!r} (TORCH_EP_MOE_COPY): expected one of "
-                             f"{', '.join(MOE_COPIES)}")
+                             f"{', '.join(MOE_COPIES)} or {AUTO_MOE_COPY}")
         if self.moe_device_records and not self.moe_push:
             raise ValueError("Options.moe_device_records (TORCH_EP_MOE_DEVICE_RECORDS) needs Options.moe_push "
                              "(TORCH_EP_MOE_PUSH=1): only a pushing dispatch exchanges its records through the device")
@@ -245,7 +247,7 @@ class Options:
         config.comm_pool_bytes = self.comm_pool_bytes
         config.num_sms = self.num_sms
         config.ranks_per_node = self.ranks_per_node
-        config.moe_copy = MOE_COPIES.index(self.moe_copy)
+        config.moe_copy = MOE_COPIES.index(DEFAULT_MOE_COPY if self.moe_copy == AUTO_MOE_COPY else self.moe_copy)
         config.moe_push = self.moe_push
         config.moe_pool_bytes = self.moe_pool_bytes
         config.moe_device_records = self.moe_device_records

@@ -9,6 +9,8 @@ torch_ep/data/sm_table.json lists entries, each written by ``benchmarks/moe.py -
 sweep measured. An "ep" group whose Options.num_sms is 0 (automatic) takes the entry of its GPU
 model (torch.cuda.get_device_name), size, ranks per GPU and copy variant (Options.moe_copy; an
 entry without "copy" is the default "warp"'s); with none, its kernels use every SM.
+Options.moe_copy="auto" takes the variant that reaches the bandwidth with the fewest SMs
+(choose_copy), among the variants its sweep measured side by side.
 The budgets bound the intranode kernels' grid; groups across nodes keep their own.
 """
 from __future__ import annotations
@@ -62,6 +64,36 @@ def lookup(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Mapping[
         if (entry.get("device"), entry.get("ranks"), entry.get("ranks_per_gpu")) == (device, ranks, ranks_per_gpu):
             found[entry.get("copy", UNNAMED_ENTRY_COPY)] = {op: int(entry[op]) for op in OPS}
     return found.get(copy, found.get("warp"))
+
+
+def _run(entry: Mapping[str, object]) -> tuple:
+    measured = entry.get("measured") or {}
+    return measured.get("commit"), measured.get("date")
+
+
+def choose_copy(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Mapping[str, object]] = None,
+                default: str = "unroll", reach: float = REACH) -> str:
+    """Options.moe_copy="auto": the copy variant that reaches `reach` of the best dispatch bandwidth
+    any variant reached, with the fewest SMs (ties: `default`). Only the variants swept in one run
+    with `default`'s entry compete (one commit and date: machines differ more than variants do);
+    where the table has no entry of `default` for this GPU model and group, `default`."""
+    table = load() if table is None else table
+    group = [e for e in table.get("entries", [])
+             if (e.get("device"), e.get("ranks"), e.get("ranks_per_gpu")) == (device, ranks, ranks_per_gpu)]
+    base = next((e for e in group if e.get("copy", UNNAMED_ENTRY_COPY) == default), None)
+    if base is None:
+        return default
+    curves = {}
+    for e in group:
+        gbps = ((e.get("measured") or {}).get("GBps") or {}).get("dispatch")
+        if _run(e) == _run(base) and gbps:
+            curves[e.get("copy", UNNAMED_ENTRY_COPY)] = {int(sms): float(g) for sms, g in gbps.items()}
+    if not curves:
+        return default
+    best = max(max(curve.values()) for curve in curves.values())
+    reaching = [(min(sms for sms, g in curve.items() if g >= reach * best), copy != default, copy)
+                for copy, curve in curves.items() if max(curve.values()) >= reach * best]
+    return min(reaching)[2]
 
 
 def apply(config, options_num_sms: int, device: str, ranks: int, ranks_per_gpu: int,
