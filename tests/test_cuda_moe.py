@@ -360,8 +360,18 @@ def test_unroll_many_sources(sms):
     pool.run(rank_many_sources, _seed())
 
 
-def rank_copy_options(copy):
-    group = dist.new_group(pg_options=torch_ep.Options(moe_copy=copy, num_sms=3))
+def rank_copy_options(copy, num_sms=3):
+    group = dist.new_group(pg_options=torch_ep.Options(moe_copy=copy, num_sms=num_sms))
+    if copy == "auto":  # the table's pick for this GPU and group, with its budgets
+        from torch_ep import sm_table
+        from torch_ep.options import MOE_COPIES
+
+        config, ranks = torch_ep.get_backend(group).config, dist.get_world_size()
+        rpg = -(-ranks // torch.cuda.device_count())
+        chosen = sm_table.choose_copy(torch.cuda.get_device_name(), ranks, rpg)
+        budgets = sm_table.lookup(torch.cuda.get_device_name(), ranks, rpg, copy=chosen) or {"dispatch": 0, "combine": 0}
+        assert (MOE_COPIES[config.moe_copy], config.auto_sms_dispatch, config.auto_sms_combine) == (
+            chosen, budgets["dispatch"], budgets["combine"])
     num_experts, g, x, idx, w = checks.make_inputs(_seed_for(0) + dist.get_rank(), "random", 512, 4, 2,
                                                    torch.bfloat16, "cuda", max_tokens=200)
     expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
@@ -378,6 +388,12 @@ def rank_copy_options(copy):
 def test_copy_variant_through_options(cuda_pool, copy):
     """Options(moe_copy=...) on a new group, beside the default group's kernels (unroll)."""
     cuda_pool.run(rank_copy_options, copy)
+
+
+def test_auto_copy_takes_the_tables_variant(cuda_pool):
+    """Options(moe_copy="auto", num_sms=0): the group runs the variant and budgets that
+    sm_table.choose_copy picks for this GPU and group, bit for bit as every variant."""
+    cuda_pool.run(rank_copy_options, "auto", 0)
 
 
 # ----------------------------------------------------------------------------- push (Options.moe_push)
