@@ -397,7 +397,7 @@ if [ "$WHAT" = pending ]; then
     timeout 60 python3 tools/export_probe.py > "$LOGS/export_probe.log" 2>&1 || STATUS=1
     tail -20 "$LOGS/export_probe.log" >> "$SUMMARY"
   fi
-  # copy_tests: the MoE GPU tests (on the default unroll kernels) and the copy variants
+  # copy_tests: the MoE GPU tests (on the default, auto's pick of the table) and the copy variants
   # (Options.moe_copy warp, unroll and bulk) against the reference at 1, 2, 8 SMs and
   # automatic, their fuzz included, 2 ranks (TORCH_EP_COPY_WORLD_SIZES).
   [[ $STEPS == *" copy_tests "* ]] && pending_test copy_tests 300 TORCH_EP_TEST_WORLD_SIZES=2 \

@@ -386,7 +386,7 @@ def rank_copy_options(copy, num_sms=3):
 
 @pytest.mark.parametrize("copy", ["bulk", "unroll", "warp"])
 def test_copy_variant_through_options(cuda_pool, copy):
-    """Options(moe_copy=...) on a new group, beside the default group's kernels (unroll)."""
+    """Options(moe_copy=...) on a new group, beside the default group's kernels (auto's pick)."""
     cuda_pool.run(rank_copy_options, copy)
 
 

@@ -163,7 +163,7 @@ def test_entries_per_copy_variant(monkeypatch):
 
 def test_moe_copy_option(monkeypatch):
     monkeypatch.delenv("TORCH_EP_MOE_COPY", raising=False)
-    assert torch_ep.Options().moe_copy == "unroll"
+    assert torch_ep.Options().moe_copy == "auto"  # the group picks; unroll until then
     assert torch_ep.Options()._to_config(timedelta(seconds=60)).moe_copy == 1
     monkeypatch.setenv("TORCH_EP_MOE_COPY", "bulk")
     assert torch_ep.Options().moe_copy == "bulk"

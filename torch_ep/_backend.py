@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C, sm_table
-from .options import AUTO_MOE_COPY, DEFAULT_MOE_COPY, MOE_COPIES, Options
+from .options import AUTO_MOE_COPY, FALLBACK_MOE_COPY, MOE_COPIES, Options
 
 _GLOO_CONNECT_TIMEOUT = timedelta(minutes=1)
 
@@ -57,8 +57,8 @@ def create_backend(dist_opts, pg_options) -> _C.ProcessGroupEP:
         ranks_per_gpu = _ranks_per_gpu(store, rank, size)
         device_name, copy = torch.cuda.get_device_name(), options.moe_copy
         if copy == AUTO_MOE_COPY:
-            copy = (sm_table.choose_copy(device_name, size, ranks_per_gpu, default=DEFAULT_MOE_COPY)
-                    if options.num_sms == 0 else DEFAULT_MOE_COPY)
+            copy = (sm_table.choose_copy(device_name, size, ranks_per_gpu, default=FALLBACK_MOE_COPY)
+                    if options.num_sms == 0 else FALLBACK_MOE_COPY)
             config.moe_copy = MOE_COPIES.index(copy)
         sm_table.apply(config, options.num_sms, device_name, size, ranks_per_gpu, copy=copy)
         if ranks_per_gpu > 1 or not dist.is_nccl_available():
