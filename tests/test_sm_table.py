@@ -175,9 +175,8 @@ def test_moe_copy_option(monkeypatch):
 
 def variant(copy, dispatch, run="abc1234"):
     """A table entry of one copy variant whose dispatch bandwidth is `dispatch` ({sms: GB/s})."""
-    e = sm_table.derive_entry({"dispatch": dispatch, "combine": SWEEP["combine"]}, device="NVIDIA H100", ranks=4,
-                              ranks_per_gpu=4, copy=copy, measured={"commit": run, "date": "2026-12-07"})
-    return e
+    return sm_table.derive_entry({"dispatch": dispatch, "combine": SWEEP["combine"]}, device="NVIDIA H100", ranks=4,
+                                 ranks_per_gpu=4, copy=copy, measured={"commit": run, "date": "2026-12-07"})
 
 
 def test_auto_copy_takes_the_variant_that_reaches_the_best_with_fewest_sms():
