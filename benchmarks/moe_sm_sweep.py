@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 import torch_ep
 from torch_ep import sm_table
-from torch_ep.options import MOE_COPIES
+from torch_ep.options import FALLBACK_MOE_COPY, MOE_COPIES
 
 from benchmarks import common
 from benchmarks.moe import (FP8_BLOCK, LAYOUT_GIVEN, Measurement, check_against_reference, make_inputs,
@@ -190,8 +190,11 @@ def run(args, device: torch.device, sync_group) -> None:
             for (sms, copy), ms in results.items() for m in sorted(ms, key=lambda m: (m.method, m.op))]
     table = common.markdown_table(["SMs", "copy", "method", "op", "bytes/rank", "us", "GB/s"], rows)
     chosen = "; ".join(f"{e['copy']}: " + ", ".join(f"{op} {e[op]} SMs" for op in sm_table.OPS) for e in entries)
+    auto = sm_table.choose_copy(device_name, world_size, ranks_per_gpu, {"entries": entries},
+                                default=FALLBACK_MOE_COPY if FALLBACK_MOE_COPY in copies else copies[0])
     print(f"{table}\n\n{method} GB/s per rank:\n{pivot_table(results, method, copies)}\n"
-          f"sm_table entries ({method}, {sm_table.REACH:.0%} of each variant's best): {chosen}", flush=True)
+          f"sm_table entries ({method}, {sm_table.REACH:.0%} of each variant's best): {chosen}; "
+          f"Options.moe_copy='auto' would take {auto}", flush=True)
     if not args.out:
         return
     data = {

@@ -120,6 +120,9 @@ def test_sm_sweep_runs_on_cpu(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads((tmp_path / "moe_sm_sweep.json").read_text())
+    auto = sm_table.choose_copy(data["meta"]["device_name"], 2, data["meta"]["ranks_per_gpu"],
+                                {"entries": data["sm_table_entries"]})
+    assert f"Options.moe_copy='auto' would take {auto}" in out.stdout
     found = {(r["sms"], r["copy"], r["op"], r["method"]) for r in data["results"]}
     assert found == {(s, c, op, m) for s in (1, 2) for c in ("warp", "unroll") for op in OPS
                      for m in ("isolated", "stream")}
