@@ -532,6 +532,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def kernel_settings() -> str:
+    """The copy variant and SM budgets the default group's dispatch and combine ran with, as the
+    group resolved them (Options.moe_copy "auto" and num_sms 0 take torch_ep/data/sm_table.json's)."""
+    from torch_ep.options import MOE_COPIES
+
+    config = torch_ep.get_backend().config
+    budget = (f"{config.num_sms} SMs" if config.num_sms else
+              f"dispatch {config.auto_sms_dispatch or 'every'} / combine {config.auto_sms_combine or 'every'} SMs")
+    return f"{MOE_COPIES[config.moe_copy]}, {budget}"
+
+
 def main() -> None:
     args = parse_args()
     device = common.pick_device(args.device)
@@ -566,6 +577,7 @@ def main() -> None:
             env={k: v for k, v in os.environ.items() if k.startswith("TORCH_EP_")})
         if device.type == "cuda":
             meta["ranks_per_gpu"] = sharing
+            meta["kernels"] = kernel_settings()
         table = results_table(measurements, subject_name(args))
         print(table, flush=True)
         print(f"DeepEP: {meta['deepep']}", flush=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import torch_ep
+from conftest import rank_pool
 from torch_ep import sm_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,6 +215,20 @@ def test_auto_copy_option(monkeypatch):
         key = (e["device"], e["ranks"], e["ranks_per_gpu"])
         copy = sm_table.choose_copy(*key, table)
         assert sm_table.lookup(*key, table, copy=copy) is not None, (key, copy)
+
+
+def rank_kernel_settings():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.moe import kernel_settings
+
+    return kernel_settings()
+
+
+def test_moe_benchmark_names_its_kernels():
+    """benchmarks/moe.py's "kernels" line is the copy variant and SM budget the group resolved."""
+    assert rank_pool(2).run(rank_kernel_settings) == ["unroll, dispatch every / combine every SMs"] * 2  # no table on CPU
+    assert rank_pool(2, env={"TORCH_EP_NUM_SMS": "6", "TORCH_EP_MOE_COPY": "warp"}).run(rank_kernel_settings) == \
+        ["warp, 6 SMs"] * 2
 
 
 def test_moe_push_options(monkeypatch):
