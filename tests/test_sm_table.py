@@ -201,6 +201,21 @@ def test_auto_copy_takes_the_variant_that_reaches_the_best_with_fewest_sms():
     assert sm_table.choose_copy("NVIDIA H100", 8, 8, {"entries": [variant("unroll", early_plateau)]}) == "unroll"
 
 
+def test_auto_copy_resolved_when_the_group_applies_the_table():
+    """sm_table.apply turns "auto" into the chosen variant's index and budgets; with num_sms set,
+    into the fallback (unroll) and no budgets."""
+    from torch_ep.options import MOE_COPIES
+
+    table = {"entries": [variant("unroll", {4: 180.0, 8: 350.0}), {**variant("warp", {8: 280.0, 24: 460.0}),
+                                                                    "combine": 16}]}
+    config = torch_ep.Options(moe_copy="auto")._to_config(timedelta(seconds=60))
+    sm_table.apply(config, 0, "NVIDIA H100", 4, 4, table, copy="auto")
+    assert (MOE_COPIES[config.moe_copy], config.auto_sms_dispatch, config.auto_sms_combine) == ("warp", 24, 16)
+    fixed = torch_ep.Options(moe_copy="auto", num_sms=6)._to_config(timedelta(seconds=60))
+    sm_table.apply(fixed, 6, "NVIDIA H100", 4, 4, table, copy="auto")
+    assert (MOE_COPIES[fixed.moe_copy], fixed.auto_sms_dispatch, fixed.auto_sms_combine) == ("unroll", 0, 0)
+
+
 def test_auto_copy_option(monkeypatch):
     monkeypatch.delenv("TORCH_EP_MOE_COPY", raising=False)
     auto = torch_ep.Options(moe_copy="auto")

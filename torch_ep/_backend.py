@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C, sm_table
-from .options import AUTO_MOE_COPY, FALLBACK_MOE_COPY, MOE_COPIES, Options
+from .options import Options
 
 _GLOO_CONNECT_TIMEOUT = timedelta(minutes=1)
 
@@ -55,12 +55,8 @@ def create_backend(dist_opts, pg_options) -> _C.ProcessGroupEP:
     cuda_backend = None
     if torch.cuda.is_available():
         ranks_per_gpu = _ranks_per_gpu(store, rank, size)
-        device_name, copy = torch.cuda.get_device_name(), options.moe_copy
-        if copy == AUTO_MOE_COPY:
-            copy = (sm_table.choose_copy(device_name, size, ranks_per_gpu, default=FALLBACK_MOE_COPY)
-                    if options.num_sms == 0 else FALLBACK_MOE_COPY)
-            config.moe_copy = MOE_COPIES.index(copy)
-        sm_table.apply(config, options.num_sms, device_name, size, ranks_per_gpu, copy=copy)
+        sm_table.apply(config, options.num_sms, torch.cuda.get_device_name(), size, ranks_per_gpu,
+                       copy=options.moe_copy)
         if ranks_per_gpu > 1 or not dist.is_nccl_available():
             cuda_backend = cpu_backend  # Gloo moves CUDA tensors through the host
         else:

@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
+from .options import AUTO_MOE_COPY, FALLBACK_MOE_COPY, MOE_COPIES
+
 TABLE_PATH = Path(__file__).resolve().parent / "data" / "sm_table.json"
 OPS = ("dispatch", "combine")
 REACH = 0.95  # share of the sweep's best bandwidth that the chosen budget must reach
@@ -72,7 +74,7 @@ def _run(entry: Mapping[str, object]) -> tuple:
 
 
 def choose_copy(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Mapping[str, object]] = None,
-                default: str = "unroll", reach: float = REACH) -> str:
+                default: str = FALLBACK_MOE_COPY, reach: float = REACH) -> str:
     """Options.moe_copy="auto": the copy variant that reaches `reach` of the best dispatch bandwidth
     any variant reached, with the fewest SMs (ties: `default`). Only the variants swept in one run
     with `default`'s entry compete (one commit and date: machines differ more than variants do);
@@ -99,7 +101,15 @@ def choose_copy(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Map
 def apply(config, options_num_sms: int, device: str, ranks: int, ranks_per_gpu: int,
           table: Optional[Mapping[str, object]] = None, copy: str = UNNAMED_ENTRY_COPY) -> None:
     """Sets config.auto_sms_{dispatch,combine} from the table where Options.num_sms is 0; an
-    explicit num_sms (Options or TORCH_EP_NUM_SMS) overrides the table and leaves them at 0."""
+    explicit num_sms (Options or TORCH_EP_NUM_SMS) overrides the table and leaves them at 0.
+    A copy of "auto" becomes config.moe_copy here: choose_copy's pick, the fallback with num_sms."""
+    if copy == AUTO_MOE_COPY:
+        if options_num_sms > 0:
+            copy = FALLBACK_MOE_COPY
+        else:
+            table = load() if table is None else table  # read once for the choice and the budgets
+            copy = choose_copy(device, ranks, ranks_per_gpu, table)
+        config.moe_copy = MOE_COPIES.index(copy)
     if options_num_sms > 0:
         return
     budgets = lookup(device, ranks, ranks_per_gpu, table, copy)
