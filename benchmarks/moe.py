@@ -533,14 +533,19 @@ def parse_args() -> argparse.Namespace:
 
 
 def kernel_settings() -> str:
-    """The copy variant and SM budgets the default group's dispatch and combine ran with, as the
-    group resolved them (Options.moe_copy "auto" and num_sms 0 take torch_ep/data/sm_table.json's)."""
+    """The copy variant and SM budget each of the default group's kernels ran with, as the group
+    resolved them (Options.moe_copy "auto" and num_sms 0 take torch_ep/data/sm_table.json's)."""
+    from torch_ep import sm_table
     from torch_ep.options import MOE_COPIES
 
     config = torch_ep.get_backend().config
-    budget = (f"{config.num_sms} SMs" if config.num_sms else
-              f"dispatch {config.auto_sms_dispatch or 'every'} / combine {config.auto_sms_combine or 'every'} SMs")
-    return f"{MOE_COPIES[config.moe_copy]}, {budget}"
+
+    def budget(op):
+        sms = config.num_sms or getattr(config, f"auto_sms_{op}")
+        return f"{sms} SMs" if sms else "every SM"
+
+    return "; ".join(f"{op.replace('_', ' ')} {MOE_COPIES[getattr(config, f'moe_copy_{op}')]}, {budget(op)}"
+                     for op in sm_table.OPS)
 
 
 def main() -> None:

@@ -11,17 +11,19 @@ timed by moe.py's two methods: stream (--stream-calls back to back) and isolated
 call each after an L2 flush and a barrier). Rank 0 prints the table, then stream GB/s with a row
 per budget and a column per op and variant, and writes to --out:
   moe_sm_sweep.json  the bandwidths, and `sm_table_entries`: per variant the entry for
-                     torch_ep/data/sm_table.json (per op the fewest SMs whose stream bandwidth
-                     reaches 95% of that variant's best, dispatch from its layout-given rows: the
-                     kernel's own curve; add it to the table's "entries" by hand, see
-                     torch_ep/sm_table.py); `sm_table_entry` is the first variant's
+                     torch_ep/data/sm_table.json (per kernel, SWEPT below, the fewest SMs whose
+                     stream bandwidth reaches 95% of that variant's best, dispatch from its
+                     layout-given rows: the kernel's own curve; add it to the table's "entries" by
+                     hand, see torch_ep/sm_table.py); `sm_table_entry` is the first variant's
   moe_sm_sweep.png   GB/s per rank against SMs: a subplot per op, a colour per variant, stream
                      solid and isolated dashed; DeepEP's tuned figure dotted where DEEPEP_TUNED
                      has the sweep's setting
 
-Re-plot a sweep's JSON, no GPU needed (torch_ep importable, a CPU build will do; matplotlib):
+Re-plot a sweep's JSON, or derive its table entries again (after a change to the rules), no GPU
+needed (torch_ep importable, a CPU build will do; matplotlib for the plot):
 
     python -m benchmarks.moe_sm_sweep --replot moe_sm_sweep.json moe_sm_sweep.png
+    python -m benchmarks.moe_sm_sweep --entries moe_sm_sweep.json
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ from benchmarks.moe import (FP8_BLOCK, LAYOUT_GIVEN, Measurement, check_against_
 # Table op -> moe.py op. Dispatch's budget comes from its layout-given rows: a layout computed in
 # the call adds a kernel and a host wait for the sizes that no SM budget shortens, which flattens
 # the curve and makes few SMs look enough.
-SWEPT = {"dispatch": "dispatch bf16, layout given", "combine": "combine bf16"}
+SWEPT = {"dispatch": "dispatch bf16" + LAYOUT_GIVEN, "dispatch_fp8": "dispatch fp8" + LAYOUT_GIVEN,
+         "combine": "combine bf16"}
 OPS = ("dispatch bf16", "dispatch fp8", "dispatch bf16" + LAYOUT_GIVEN, "dispatch fp8" + LAYOUT_GIVEN,
        "combine bf16")  # timed at each budget
 
@@ -137,11 +140,34 @@ def measure_budget(sms: int, copy: str, inputs, expected, tokens: int, args, dev
 Results = Dict[Tuple[int, str], List[Measurement]]  # (sms, copy) -> measurements
 
 
-def sweep_gbps(results: Results, method: str, copy: str) -> Dict[str, Dict[int, float]]:
-    """{table op: {sms: GB/s}} of one timing method and copy variant."""
-    return {table_op: {sms: m.gbps for (sms, c), ms in results.items() if c == copy for m in ms
-                       if m.op == op and m.method == method}
+def sweep_gbps(rows: List[dict], method: str, copy: str) -> Dict[str, Dict[int, float]]:
+    """{table op: {sms: GB/s}} of one timing method and copy variant, from the JSON's result rows."""
+    return {table_op: {r["sms"]: r["GBps"] for r in rows
+                       if r.get("copy", "warp") == copy and r["op"] == op and r["method"] == method}
             for table_op, op in SWEPT.items()}
+
+
+def table_entries(data: dict) -> List[dict]:
+    """Per copy variant the entry for torch_ep/data/sm_table.json, from a sweep's JSON content
+    (its meta and result rows): the stream method's figures where it ran, else the isolated ones."""
+    meta, rows = data["meta"], data["results"]
+    method = "stream" if meta.get("stream_calls", 2) > 1 else "isolated"
+    shape = {k: meta.get(k) for k in ("tokens", "hidden", "top_k", "experts", "masked_ratio")}
+    copies = list(dict.fromkeys(r.get("copy", "warp") for r in rows))
+    return [sm_table.derive_entry(sweep_gbps(rows, method, copy), device=meta["device_name"], ranks=meta["ranks"],
+                                  ranks_per_gpu=meta["ranks_per_gpu"], copy=copy,
+                                  measured={"method": method, "ops": dict(SWEPT), **shape, "date": meta["date"],
+                                            "commit": meta["commit"]})
+            for copy in copies]
+
+
+def auto_picks(entries: List[dict]) -> str:
+    """What Options.moe_copy="auto" takes per kernel from these entries (one sweep's)."""
+    key = (entries[0]["device"], entries[0]["ranks"], entries[0]["ranks_per_gpu"])
+    copies = [e["copy"] for e in entries]
+    default = FALLBACK_MOE_COPY if FALLBACK_MOE_COPY in copies else copies[0]
+    return ", ".join(f"{op} {sm_table.choose_copy(*key, {'entries': entries}, default=default, op=op)}"
+                     for op in sm_table.OPS)
 
 
 def pivot_table(results: Results, method: str, copies: List[str]) -> str:
@@ -180,23 +206,6 @@ def run(args, device: torch.device, sync_group) -> None:
                                sms=args.sm_sweep, copies=copies, runs=args.runs, warmup=args.warmup,
                                stream_calls=args.stream_calls, checked="bit for bit against torch_ep.reference",
                                **shape)
-    entries = [sm_table.derive_entry(sweep_gbps(results, method, copy), device=device_name, ranks=world_size,
-                                     ranks_per_gpu=ranks_per_gpu, copy=copy, measured={
-                                         "method": method, "ops": dict(SWEPT), **shape, "date": meta["date"],
-                                         "commit": meta["commit"]})
-               for copy in copies]
-    rows = [[sms, copy, m.method, m.op, common.format_bytes(int(m.bytes_per_rank)), f"{m.time_s * 1e6:.1f}",
-             f"{m.gbps:.2f}"]
-            for (sms, copy), ms in results.items() for m in sorted(ms, key=lambda m: (m.method, m.op))]
-    table = common.markdown_table(["SMs", "copy", "method", "op", "bytes/rank", "us", "GB/s"], rows)
-    chosen = "; ".join(f"{e['copy']}: " + ", ".join(f"{op} {e[op]} SMs" for op in sm_table.OPS) for e in entries)
-    auto = sm_table.choose_copy(device_name, world_size, ranks_per_gpu, {"entries": entries},
-                                default=FALLBACK_MOE_COPY if FALLBACK_MOE_COPY in copies else copies[0])
-    print(f"{table}\n\n{method} GB/s per rank:\n{pivot_table(results, method, copies)}\n"
-          f"sm_table entries ({method}, {sm_table.REACH:.0%} of each variant's best): {chosen}; "
-          f"Options.moe_copy='auto' would take {auto}", flush=True)
-    if not args.out:
-        return
     data = {
         "benchmark": "moe dispatch/combine against the SM budget (Options.num_sms) and copy variant (Options.moe_copy)",
         "meta": meta,
@@ -204,9 +213,19 @@ def run(args, device: torch.device, sync_group) -> None:
                      "bytes_per_rank": m.bytes_per_rank, "time_us": m.time_s * 1e6, "GBps": m.gbps,
                      "run_times_us": [t * 1e6 for t in m.run_times_s]}
                     for (sms, copy), ms in results.items() for m in ms],
-        "sm_table_entry": entries[0],
-        "sm_table_entries": entries,
     }
+    entries = table_entries(data)
+    data.update(sm_table_entry=entries[0], sm_table_entries=entries)
+    rows = [[sms, copy, m.method, m.op, common.format_bytes(int(m.bytes_per_rank)), f"{m.time_s * 1e6:.1f}",
+             f"{m.gbps:.2f}"]
+            for (sms, copy), ms in results.items() for m in sorted(ms, key=lambda m: (m.method, m.op))]
+    table = common.markdown_table(["SMs", "copy", "method", "op", "bytes/rank", "us", "GB/s"], rows)
+    chosen = "; ".join(f"{e['copy']}: " + ", ".join(f"{op} {e[op]} SMs" for op in sm_table.OPS) for e in entries)
+    print(f"{table}\n\n{method} GB/s per rank:\n{pivot_table(results, method, copies)}\n"
+          f"sm_table entries ({method}, {sm_table.REACH:.0%} of each variant's best): {chosen}; "
+          f"Options.moe_copy='auto' would take {auto_picks(entries)}", flush=True)
+    if not args.out:
+        return
     common.write_json(os.path.join(args.out, "moe_sm_sweep.json"), data)
     if not plot_sweep(data, os.path.join(args.out, "moe_sm_sweep.png")):
         print("moe_sm_sweep.png: not written (no matplotlib)", flush=True)
@@ -274,13 +293,21 @@ def plot_sweep(data: dict, path: str) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Re-plot a moe_sm_sweep.json; the sweep itself runs through "
-                                                 "benchmarks/moe.py --sm-sweep")
-    parser.add_argument("--replot", nargs=2, metavar=("JSON", "PNG"), required=True,
-                        help="the sweep's moe_sm_sweep.json and the PNG to write")
+    parser = argparse.ArgumentParser(description="Re-plot a moe_sm_sweep.json, or derive its table entries again; "
+                                                 "the sweep itself runs through benchmarks/moe.py --sm-sweep")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--replot", nargs=2, metavar=("JSON", "PNG"),
+                      help="the sweep's moe_sm_sweep.json and the PNG to write")
+    what.add_argument("--entries", metavar="JSON",
+                      help="print the sm_table.json entries of a sweep's moe_sm_sweep.json, as today's rules derive them")
     args = parser.parse_args(argv)
-    with open(args.replot[0]) as f:
+    with open(args.entries or args.replot[0]) as f:
         data = json.load(f)
+    if args.entries:
+        entries = table_entries(data)
+        print(json.dumps(entries, indent=1))
+        print(f"Options.moe_copy='auto' would take {auto_picks(entries)}", file=sys.stderr)
+        return 0
     if not plot_sweep(data, args.replot[1]):
         print("no matplotlib: pip install matplotlib", file=sys.stderr)
         return 1

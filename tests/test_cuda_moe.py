@@ -5,6 +5,7 @@ what only CUDA has: CUDA-graph capture with num_worst_tokens, an SM budget, memo
 flat, and a peer that never comes raising instead of hanging. The push dispatch and device
 records: tests/test_cuda_moe_push.py (it imports the copy-variant helpers from here).
 """
+import json
 import os
 import time
 from datetime import timedelta
@@ -367,11 +368,11 @@ def rank_copy_options(copy, num_sms=3):
         from torch_ep.options import MOE_COPIES
 
         config, ranks = torch_ep.get_backend(group).config, dist.get_world_size()
-        rpg = -(-ranks // torch.cuda.device_count())
-        chosen = sm_table.choose_copy(torch.cuda.get_device_name(), ranks, rpg)
-        budgets = sm_table.lookup(torch.cuda.get_device_name(), ranks, rpg, copy=chosen) or {"dispatch": 0, "combine": 0}
-        assert (MOE_COPIES[config.moe_copy], config.auto_sms_dispatch, config.auto_sms_combine) == (
-            chosen, budgets["dispatch"], budgets["combine"])
+        key = (torch.cuda.get_device_name(), ranks, -(-ranks // torch.cuda.device_count()))
+        for op in sm_table.OPS:
+            chosen = sm_table.choose_copy(*key, op=op)
+            budget = (sm_table.lookup(*key, copy=chosen) or {op: 0})[op]
+            assert (MOE_COPIES[getattr(config, f"moe_copy_{op}")], getattr(config, f"auto_sms_{op}")) == (chosen, budget)
     num_experts, g, x, idx, w = checks.make_inputs(_seed_for(0) + dist.get_rank(), "random", 512, 4, 2,
                                                    torch.bfloat16, "cuda", max_tokens=200)
     expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
@@ -394,6 +395,50 @@ def test_auto_copy_takes_the_tables_variant(cuda_pool):
     """Options(moe_copy="auto", num_sms=0): the group runs the variant and budgets that
     sm_table.choose_copy picks for this GPU and group, bit for bit as every variant."""
     cuda_pool.run(rank_copy_options, "auto", 0)
+
+
+# The sweep of MIXED_TABLE's entries: each kernel's best is another variant's, at its own budget.
+MIXED_PEAKS = {"warp": {"dispatch": (3, 100.0), "dispatch_fp8": (3, 50.0), "combine": (3, 50.0)},
+               "bulk": {"dispatch": (2, 50.0), "dispatch_fp8": (2, 100.0), "combine": (2, 50.0)},
+               "unroll": {"dispatch": (5, 50.0), "dispatch_fp8": (5, 50.0), "combine": (5, 100.0)}}
+MIXED_PICKS = {"dispatch": ("warp", 3), "dispatch_fp8": ("bulk", 2), "combine": ("unroll", 5)}
+
+
+def rank_write_mixed_table(path):
+    """Rank 0 writes, for this GPU and group, a table whose one sweep picks MIXED_PICKS."""
+    from torch_ep import sm_table
+
+    if dist.get_rank() == 0:
+        ranks = dist.get_world_size()
+        entries = [sm_table.derive_entry({op: {1: 10.0, sms: gbps} for op, (sms, gbps) in peaks.items()},
+                                         device=torch.cuda.get_device_name(), ranks=ranks,
+                                         ranks_per_gpu=-(-ranks // torch.cuda.device_count()), copy=copy,
+                                         measured={"commit": "test", "date": "today"})
+                   for copy, peaks in MIXED_PEAKS.items()]
+        with open(path, "w") as f:
+            json.dump({"entries": entries}, f)
+    dist.barrier()
+
+
+def rank_kernels_per_op(seed):
+    from torch_ep import sm_table
+    from torch_ep.options import MOE_COPIES
+
+    config = torch_ep.get_backend().config
+    assert {op: (MOE_COPIES[getattr(config, f"moe_copy_{op}")], getattr(config, f"auto_sms_{op}"))
+            for op in sm_table.OPS} == MIXED_PICKS
+    rank_copy_variant(seed)
+
+
+def test_auto_copy_per_kernel(cuda_pool, tmp_path):
+    """Options.moe_copy="auto" on a table of one's own (TORCH_EP_SM_TABLE) that picks another
+    variant and budget for each kernel: a group whose bf16 dispatch runs warp on 3 SMs, fp8
+    dispatch bulk on 2 and combine unroll on 5, through every check of test_copy_variant (combine
+    of a dispatch by another variant, along the same handle), bit for bit."""
+    path = tmp_path / "sm_table.json"
+    cuda_pool.run(rank_write_mixed_table, str(path))
+    pool = rank_pool(cuda_pool.world_size, cuda=True, env={"TORCH_EP_SM_TABLE": str(path), "TORCH_EP_MOE_COPY": "auto"})
+    pool.run(rank_kernels_per_op, _seed())
 
 
 # ----------------------------------------------------------------------------- push (Options.moe_push)

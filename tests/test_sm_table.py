@@ -47,10 +47,16 @@ def test_derive_entry():
         sm_table.derive_entry({"dispatch": SWEEP["dispatch"]}, device="x", ranks=2, ranks_per_gpu=1)
 
 
+def budgets(dispatch, combine, fp8=None):
+    """lookup's answer: fp8 dispatch takes dispatch's budget where an entry has none of its own."""
+    return {"dispatch": dispatch, "dispatch_fp8": dispatch if fp8 is None else fp8, "combine": combine}
+
+
 def test_lookup():
-    table = {"entries": [entry(), {**entry(ranks=8), "dispatch": 99}]}
-    assert sm_table.lookup("NVIDIA H200", 2, 1, table) == {"dispatch": 24, "combine": 8}
-    assert sm_table.lookup("NVIDIA H200", 8, 1, table) == {"dispatch": 99, "combine": 8}
+    table = {"entries": [entry(), {**entry(ranks=8), "dispatch": 99}, {**entry(ranks=4), "dispatch_fp8": 6}]}
+    assert sm_table.lookup("NVIDIA H200", 2, 1, table) == budgets(24, 8)
+    assert sm_table.lookup("NVIDIA H200", 8, 1, table) == budgets(99, 8)
+    assert sm_table.lookup("NVIDIA H200", 4, 1, table) == budgets(24, 8, fp8=6)
     assert sm_table.lookup("NVIDIA H200", 2, 2, table) is None  # other sharing of the GPU
     assert sm_table.lookup("NVIDIA H100 80GB HBM3", 2, 1, table) is None
     assert sm_table.lookup("NVIDIA H200", 4, 1, {"entries": []}) is None
@@ -59,15 +65,36 @@ def test_lookup():
 def test_lookup_reads_the_table_file(tmp_path, monkeypatch):
     path = tmp_path / "sm_table.json"
     path.write_text(json.dumps({"entries": [entry()]}))
+    monkeypatch.delenv("TORCH_EP_SM_TABLE", raising=False)
     monkeypatch.setattr(sm_table, "TABLE_PATH", path)
-    assert sm_table.lookup("NVIDIA H200", 2, 1) == {"dispatch": 24, "combine": 8}
+    assert sm_table.lookup("NVIDIA H200", 2, 1) == budgets(24, 8)
+
+
+def test_a_table_of_ones_own(tmp_path, monkeypatch):
+    """TORCH_EP_SM_TABLE names a table in place of the shipped one; a missing file is named."""
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"entries": [{**entry(), "dispatch": 5}]}))
+    monkeypatch.setenv("TORCH_EP_SM_TABLE", str(path))
+    assert sm_table.lookup("NVIDIA H200", 2, 1) == budgets(5, 8)
+    monkeypatch.setenv("TORCH_EP_SM_TABLE", str(tmp_path / "none.json"))
+    with pytest.raises(FileNotFoundError, match="TORCH_EP_SM_TABLE=.*none.json.*no such file"):
+        sm_table.lookup("NVIDIA H200", 2, 1)
 
 
 def test_shipped_table_parses():
     table = sm_table.load()
     assert isinstance(table["entries"], list) and table["reach"] == sm_table.REACH
     for e in table["entries"]:
-        assert {"device", "ranks", "ranks_per_gpu", *sm_table.OPS} <= e.keys()
+        assert {"device", "ranks", "ranks_per_gpu", *sm_table.REQUIRED_OPS} <= e.keys()
+        assert e.get("dispatch_fp8", e["dispatch"]) >= 1
+
+
+def settings(config):
+    """{op: (copy variant, measured SM budget)} of a Config, per kernel."""
+    from torch_ep.options import MOE_COPIES
+
+    return {op: (MOE_COPIES[getattr(config, f"moe_copy_{op}")], getattr(config, f"auto_sms_{op}"))
+            for op in sm_table.OPS}
 
 
 def config_with_table(options, table):
@@ -80,7 +107,7 @@ def test_automatic_takes_the_table_and_num_sms_overrides_it(monkeypatch):
     monkeypatch.delenv("TORCH_EP_NUM_SMS", raising=False)
     table = {"entries": [entry()]}
     auto = config_with_table(torch_ep.Options(), table)
-    assert (auto.num_sms, auto.auto_sms_dispatch, auto.auto_sms_combine) == (0, 24, 8)
+    assert (auto.num_sms, auto.auto_sms_dispatch, auto.auto_sms_dispatch_fp8, auto.auto_sms_combine) == (0, 24, 24, 8)
     explicit = config_with_table(torch_ep.Options(num_sms=4), table)
     assert (explicit.num_sms, explicit.auto_sms_dispatch, explicit.auto_sms_combine) == (4, 0, 0)
     monkeypatch.setenv("TORCH_EP_NUM_SMS", "6")
@@ -121,9 +148,9 @@ def test_sm_sweep_runs_on_cpu(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads((tmp_path / "moe_sm_sweep.json").read_text())
-    auto = sm_table.choose_copy(data["meta"]["device_name"], 2, data["meta"]["ranks_per_gpu"],
-                                {"entries": data["sm_table_entries"]})
-    assert f"Options.moe_copy='auto' would take {auto}" in out.stdout
+    from benchmarks.moe_sm_sweep import auto_picks, table_entries  # noqa: E402 (ROOT on the path above)
+    assert f"Options.moe_copy='auto' would take {auto_picks(data['sm_table_entries'])}" in out.stdout
+    assert table_entries(data) == data["sm_table_entries"]  # what --entries derives again
     found = {(r["sms"], r["copy"], r["op"], r["method"]) for r in data["results"]}
     assert found == {(s, c, op, m) for s in (1, 2) for c in ("warp", "unroll") for op in OPS
                      for m in ("isolated", "stream")}
@@ -154,33 +181,36 @@ def test_entries_per_copy_variant(monkeypatch):
     legacy = {k: v for k, v in entry().items() if k != "copy"}
     table = {"entries": [legacy, bulk]}
     assert entry()["copy"] == "warp"
-    assert sm_table.lookup("NVIDIA H200", 2, 1, table) == {"dispatch": 24, "combine": 8}
-    assert sm_table.lookup("NVIDIA H200", 2, 1, table, copy="bulk") == {"dispatch": 4, "combine": 2}
-    assert sm_table.lookup("NVIDIA H200", 2, 1, table, copy="unroll") == {"dispatch": 24, "combine": 8}
+    assert sm_table.lookup("NVIDIA H200", 2, 1, table) == budgets(24, 8)
+    assert sm_table.lookup("NVIDIA H200", 2, 1, table, copy="bulk") == budgets(4, 2)
+    assert sm_table.lookup("NVIDIA H200", 2, 1, table, copy="unroll") == budgets(24, 8)
     assert sm_table.lookup("NVIDIA H200", 2, 1, {"entries": [bulk]}, copy="unroll") is None
     assert sm_table.lookup("NVIDIA H200", 4, 1, table, copy="unroll") is None
     monkeypatch.delenv("TORCH_EP_NUM_SMS", raising=False)
     config = torch_ep.Options(moe_copy="bulk")._to_config(timedelta(seconds=60))
     sm_table.apply(config, 0, "NVIDIA H200", 2, 1, table, copy="bulk")
-    assert (config.moe_copy, config.auto_sms_dispatch, config.auto_sms_combine) == (2, 4, 2)
+    assert settings(config) == {op: ("bulk", sms) for op, sms in budgets(4, 2).items()}
 
 
 def test_moe_copy_option(monkeypatch):
     monkeypatch.delenv("TORCH_EP_MOE_COPY", raising=False)
     assert torch_ep.Options().moe_copy == "auto"  # the group picks; unroll until then
-    assert torch_ep.Options()._to_config(timedelta(seconds=60)).moe_copy == 1
+    assert torch_ep.Options()._to_config(timedelta(seconds=60)).moe_copy_dispatch == 1
     monkeypatch.setenv("TORCH_EP_MOE_COPY", "bulk")
     assert torch_ep.Options().moe_copy == "bulk"
-    assert torch_ep.Options(moe_copy="unroll")._to_config(timedelta(seconds=60)).moe_copy == 1
+    assert settings(torch_ep.Options(moe_copy="warp")._to_config(timedelta(seconds=60))) == {
+        op: ("warp", 0) for op in sm_table.OPS}
     monkeypatch.setenv("TORCH_EP_MOE_COPY", "tma")
     with pytest.raises(ValueError, match="TORCH_EP_MOE_COPY"):
         torch_ep.Options()
 
 
-def variant(copy, dispatch, run="abc1234"):
-    """A table entry of one copy variant whose dispatch bandwidth is `dispatch` ({sms: GB/s})."""
-    return sm_table.derive_entry({"dispatch": dispatch, "combine": SWEEP["combine"]}, device="NVIDIA H100", ranks=4,
-                                 ranks_per_gpu=4, copy=copy, measured={"commit": run, "date": "2026-12-07"})
+def variant(copy, dispatch, run="abc1234", **curves):
+    """A table entry of one copy variant whose dispatch bandwidth is `dispatch` ({sms: GB/s}), and
+    the other kernels' where given (dispatch_fp8=, combine=; combine: SWEEP's)."""
+    gbps = {"dispatch": dispatch, "combine": SWEEP["combine"], **curves}
+    return sm_table.derive_entry(gbps, device="NVIDIA H100", ranks=4, ranks_per_gpu=4, copy=copy,
+                                 measured={"commit": run, "date": "2026-12-07"})
 
 
 def test_auto_copy_takes_the_variant_that_reaches_the_best_with_fewest_sms():
@@ -201,25 +231,40 @@ def test_auto_copy_takes_the_variant_that_reaches_the_best_with_fewest_sms():
     assert sm_table.choose_copy("NVIDIA H100", 8, 8, {"entries": [variant("unroll", early_plateau)]}) == "unroll"
 
 
-def test_auto_copy_resolved_when_the_group_applies_the_table():
-    """sm_table.apply turns "auto" into the chosen variant's index and budgets; with num_sms set,
-    into the fallback (unroll) and no budgets."""
-    from torch_ep.options import MOE_COPIES
+def test_auto_copy_chooses_per_kernel():
+    """fp8 dispatch and combine each take the variant that reaches their own best with the
+    fewest SMs; fp8 goes by dispatch's curves where its sweep had none of its own."""
+    high_late = {8: 280.0, 24: 460.0, 48: 470.0}
+    high_early = {8: 350.0, 24: 500.0, 48: 480.0}
+    table = {"entries": [variant("unroll", {8: 300.0, 24: 400.0}, dispatch_fp8=high_early, combine=high_early),
+                         variant("warp", high_late, dispatch_fp8=high_late, combine=high_late)]}
+    picks = {op: sm_table.choose_copy("NVIDIA H100", 4, 4, table, op=op) for op in sm_table.OPS}
+    assert picks == {"dispatch": "warp", "dispatch_fp8": "unroll", "combine": "unroll"}
+    old_sweep = {"entries": [variant("unroll", {8: 300.0, 24: 400.0}), variant("warp", high_late)]}
+    assert sm_table.choose_copy("NVIDIA H100", 4, 4, old_sweep, op="dispatch_fp8") == "warp"
+    with pytest.raises(ValueError, match="op='dispatch_bf16'"):
+        sm_table.choose_copy("NVIDIA H100", 4, 4, table, op="dispatch_bf16")
 
-    table = {"entries": [variant("unroll", {4: 180.0, 8: 350.0}), {**variant("warp", {8: 280.0, 24: 460.0}),
-                                                                    "combine": 16}]}
+
+def test_auto_copy_resolved_when_the_group_applies_the_table():
+    """sm_table.apply turns "auto" into each kernel's chosen variant and its budget; with num_sms
+    set, into the fallback (unroll) and no budgets."""
+    table = {"entries": [variant("unroll", {4: 180.0, 8: 350.0}, dispatch_fp8={4: 310.0, 8: 320.0}),
+                         {**variant("warp", {8: 280.0, 24: 460.0}, dispatch_fp8={8: 100.0, 24: 200.0}),
+                          "combine": 16}]}
     config = torch_ep.Options(moe_copy="auto")._to_config(timedelta(seconds=60))
     sm_table.apply(config, 0, "NVIDIA H100", 4, 4, table, copy="auto")
-    assert (MOE_COPIES[config.moe_copy], config.auto_sms_dispatch, config.auto_sms_combine) == ("warp", 24, 16)
+    # combine: SWEEP's curve in both, level: the fewer SMs (8, unroll's) over warp's edited 16
+    assert settings(config) == {"dispatch": ("warp", 24), "dispatch_fp8": ("unroll", 4), "combine": ("unroll", 8)}
     fixed = torch_ep.Options(moe_copy="auto", num_sms=6)._to_config(timedelta(seconds=60))
     sm_table.apply(fixed, 6, "NVIDIA H100", 4, 4, table, copy="auto")
-    assert (MOE_COPIES[fixed.moe_copy], fixed.auto_sms_dispatch, fixed.auto_sms_combine) == ("unroll", 0, 0)
+    assert settings(fixed) == {op: ("unroll", 0) for op in sm_table.OPS}
 
 
 def test_auto_copy_option(monkeypatch):
     monkeypatch.delenv("TORCH_EP_MOE_COPY", raising=False)
     auto = torch_ep.Options(moe_copy="auto")
-    assert auto._to_config(timedelta(seconds=60)).moe_copy == 1  # unroll until the group picks
+    assert settings(auto._to_config(timedelta(seconds=60))) == {op: ("unroll", 0) for op in sm_table.OPS}  # until the group picks
     monkeypatch.setenv("TORCH_EP_MOE_COPY", "auto")
     assert torch_ep.Options().moe_copy == "auto"
     with pytest.raises(ValueError, match="or auto"):
@@ -228,8 +273,9 @@ def test_auto_copy_option(monkeypatch):
     table = sm_table.load()
     for e in table["entries"]:
         key = (e["device"], e["ranks"], e["ranks_per_gpu"])
-        copy = sm_table.choose_copy(*key, table)
-        assert sm_table.lookup(*key, table, copy=copy) is not None, (key, copy)
+        for op in sm_table.OPS:
+            copy = sm_table.choose_copy(*key, table, op=op)
+            assert sm_table.lookup(*key, table, copy=copy) is not None, (key, op, copy)
 
 
 def rank_kernel_settings():
@@ -241,9 +287,10 @@ def rank_kernel_settings():
 
 def test_moe_benchmark_names_its_kernels():
     """benchmarks/moe.py's "kernels" line is the copy variant and SM budget the group resolved."""
-    assert rank_pool(2).run(rank_kernel_settings) == ["unroll, dispatch every / combine every SMs"] * 2  # no table on CPU
+    every = "dispatch unroll, every SM; dispatch fp8 unroll, every SM; combine unroll, every SM"  # no table on CPU
+    assert rank_pool(2).run(rank_kernel_settings) == [every] * 2
     assert rank_pool(2, env={"TORCH_EP_NUM_SMS": "6", "TORCH_EP_MOE_COPY": "warp"}).run(rank_kernel_settings) == \
-        ["warp, 6 SMs"] * 2
+        ["dispatch warp, 6 SMs; dispatch fp8 warp, 6 SMs; combine warp, 6 SMs"] * 2
 
 
 def test_moe_push_options(monkeypatch):

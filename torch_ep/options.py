@@ -25,13 +25,16 @@ ENVIRONMENT = {
     "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default 0, automatic: CUDA dispatch/combine take "
                         "torch_ep/data/sm_table.json's budget for the GPU and group, else every SM; all_to_all's "
                         "direct kernel a block a slice of a message, at most 512)",
-    "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: auto (default: the variant "
-                         "torch_ep/data/sm_table.json says reaches the best bandwidth with the fewest SMs on this GPU "
-                         "and group; unroll where it has no say or num_sms is set), unroll (a warp per row, a row's "
+    "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: auto (default: per kernel, dispatch, fp8 "
+                         "dispatch and combine, the variant torch_ep/data/sm_table.json says reaches its best "
+                         "bandwidth with the fewest SMs on this GPU and group; unroll where it has no say or num_sms "
+                         "is set), unroll (a warp per row, a row's "
                          "loads issued together and the next row's lookups a row ahead, about one round trip to "
                          "memory per row), warp (a warp per row, 16-byte loads, one lookup after another) or bulk "
                          "(Hopper bulk async copies through a shared-memory ring: many bytes in flight per SM, for "
                          "few SMs)",
+    "TORCH_EP_SM_TABLE": "path of an SM table in place of torch_ep/data/sm_table.json: the budgets and copy variants "
+                         "of one's own sweeps (benchmarks/moe.py --sm-sweep; torch_ep/sm_table.py)",
     "TORCH_EP_MOE_PUSH": "1 makes intranode CUDA dispatch push: each rank writes its own rows straight into the "
                          "receivers' outputs, which dispatch then allocates from a MoE pool every rank maps "
                          "(TORCH_EP_MOE_POOL_BYTES); no input is exported per call. Opt-in until measured; the default "
@@ -146,10 +149,12 @@ def _env_timeout() -> Optional[timedelta]:
 
 
 MOE_COPIES = ("warp", "unroll", "bulk")  # Options.moe_copy's values, in the order of kernels::MoeCopy
-# The default, "auto": the variant torch_ep/data/sm_table.json says reaches the best bandwidth with the
-# fewest SMs on this GPU model and group (sm_table.choose_copy), picked when the group is made. On an
-# H100 at 2 ranks that is warp at 48 SMs: stream dispatch bf16 with a layout 770-773 GB/s against
-# unroll's 663-665 at 32, in turn (cfa2295; benchmarks/RESULTS.md).
+# The default, "auto": per kernel (dispatch, fp8 dispatch, combine) the variant torch_ep/data/sm_table.json
+# says reaches that kernel's best bandwidth with the fewest SMs on this GPU model and group
+# (sm_table.choose_copy), picked when the group is made. On an H100 at 2 ranks: warp at 48 SMs for
+# dispatch (stream, bf16 with a layout: 779 GB/s against unroll's 732 at 24), unroll at 24 for fp8
+# dispatch (682 against warp's 616 at 48) and combine (855 against 817), one sweep (b9d993c;
+# benchmarks/RESULTS.md).
 AUTO_MOE_COPY = "auto"
 # Where the table has no say (no entry, or Options.num_sms set): unroll, which led warp at every SM
 # budget of the 2026-12-04 sweep on the H200 (2 ranks; 4 SMs: 167 / 131 / 278 GB/s against 148 / 100 /
@@ -253,7 +258,8 @@ class Options:
         config.comm_pool_bytes = self.comm_pool_bytes
         config.num_sms = self.num_sms
         config.ranks_per_node = self.ranks_per_node
-        config.moe_copy = MOE_COPIES.index(FALLBACK_MOE_COPY if self.moe_copy == AUTO_MOE_COPY else self.moe_copy)
+        copy = MOE_COPIES.index(FALLBACK_MOE_COPY if self.moe_copy == AUTO_MOE_COPY else self.moe_copy)
+        config.moe_copy_dispatch = config.moe_copy_dispatch_fp8 = config.moe_copy_combine = copy  # until the group picks
         config.moe_push = self.moe_push
         config.moe_pool_bytes = self.moe_pool_bytes
         config.moe_device_records = self.moe_device_records

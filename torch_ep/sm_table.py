@@ -1,28 +1,34 @@
-"""SM budgets of CUDA dispatch and combine, measured per GPU model and group: tuning as data.
+"""SM budgets and copy variants of CUDA dispatch and combine, measured per GPU model and group: tuning as data.
 
-torch_ep/data/sm_table.json lists entries, each written by ``benchmarks/moe.py --sm-sweep``::
+torch_ep/data/sm_table.json (or the file TORCH_EP_SM_TABLE names) lists entries, each written by
+``benchmarks/moe.py --sm-sweep``::
 
     {"device": "NVIDIA H200", "ranks": 8, "ranks_per_gpu": 1, "copy": "bulk",
-     "dispatch": 24, "combine": 16, "measured": {...the sweep's shape, date and commit...}}
+     "dispatch": 24, "dispatch_fp8": 16, "combine": 16, "measured": {...the sweep's shape, date and commit...}}
 
-`dispatch` and `combine` are the fewest SMs whose bandwidth reached `reach` (95%) of the best the
-sweep measured. An "ep" group whose Options.num_sms is 0 (automatic) takes the entry of its GPU
-model (torch.cuda.get_device_name), size, ranks per GPU and copy variant (Options.moe_copy; an
-entry without "copy" is the default "warp"'s); with none, its kernels use every SM.
-Options.moe_copy="auto" takes the variant that reaches the bandwidth with the fewest SMs
-(choose_copy), among the variants its sweep measured side by side.
+Per kernel (OPS: dispatch of bf16 or any other rows, dispatch of fp8 rows, combine) the fewest SMs
+whose bandwidth reached `reach` (95%) of the best the sweep measured. An entry without
+"dispatch_fp8" (swept before fp8 had its own budget) gives fp8 dispatch's budget. An "ep" group
+whose Options.num_sms is 0 (automatic) takes the entry of its GPU model
+(torch.cuda.get_device_name), size, ranks per GPU and copy variant (Options.moe_copy; an entry
+without "copy" is the default "warp"'s); with none, its kernels use every SM.
+Options.moe_copy="auto" takes, for each kernel apart, the variant that reaches that kernel's
+bandwidth with the fewest SMs (choose_copy), among the variants its sweep measured side by side.
 The budgets bound the intranode kernels' grid; groups across nodes keep their own.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
 from .options import AUTO_MOE_COPY, FALLBACK_MOE_COPY, MOE_COPIES
 
 TABLE_PATH = Path(__file__).resolve().parent / "data" / "sm_table.json"
-OPS = ("dispatch", "combine")
+TABLE_ENV = "TORCH_EP_SM_TABLE"  # a table of one's own sweeps in place of the shipped one
+OPS = ("dispatch", "dispatch_fp8", "combine")  # the kernels an entry budgets, as Config's fields name them
+REQUIRED_OPS = ("dispatch", "combine")  # an entry without dispatch_fp8 gives fp8 dispatch's
 REACH = 0.95  # share of the sweep's best bandwidth that the chosen budget must reach
 UNNAMED_ENTRY_COPY = "warp"  # Options.moe_copy of entries that name none (written before variants)
 
@@ -38,33 +44,52 @@ def fewest_sms(gbps_by_sms: Mapping[int, float], reach: float = REACH) -> int:
 def derive_entry(gbps: Mapping[str, Mapping[int, float]], *, device: str, ranks: int, ranks_per_gpu: int,
                  reach: float = REACH, measured: Optional[Dict[str, object]] = None,
                  copy: str = UNNAMED_ENTRY_COPY) -> Dict[str, object]:
-    """A table entry from a sweep of one copy variant: `gbps` is {op: {sms: GB/s}} for each op of OPS."""
-    missing = [op for op in OPS if not gbps.get(op)]
+    """A table entry from a sweep of one copy variant: `gbps` is {op: {sms: GB/s}} for each op of
+    REQUIRED_OPS, and of OPS where swept."""
+    missing = [op for op in REQUIRED_OPS if not gbps.get(op)]
     if missing:
         raise ValueError(f"derive_entry: the sweep has no {' or '.join(missing)} bandwidth")
+    swept = [op for op in OPS if gbps.get(op)]
     entry: Dict[str, object] = {"device": device, "ranks": ranks, "ranks_per_gpu": ranks_per_gpu, "copy": copy}
-    entry.update({op: fewest_sms(gbps[op], reach) for op in OPS})
+    entry.update({op: fewest_sms(gbps[op], reach) for op in swept})
     entry["measured"] = {"reach": reach, **(measured or {}),
-                         "GBps": {op: {str(s): g for s, g in sorted(gbps[op].items())} for op in OPS}}
+                         "GBps": {op: {str(s): g for s, g in sorted(gbps[op].items())} for op in swept}}
     return entry
 
 
 def load(path: Optional[Path] = None) -> Dict[str, object]:
-    with open(path or TABLE_PATH) as f:
+    """The table at `path`, else the file TORCH_EP_SM_TABLE names, else the shipped one."""
+    named = os.environ.get(TABLE_ENV)
+    if path is None and named and not os.path.isfile(named):
+        raise FileNotFoundError(f"{TABLE_ENV}={named!r}: no such file (expected an SM table, as "
+                                "torch_ep/data/sm_table.json)")
+    with open(path or named or TABLE_PATH) as f:
         return json.load(f)
+
+
+def _stand_in(op: str) -> str:
+    """The op whose figures stand in where an entry has none of `op`'s."""
+    return "dispatch" if op == "dispatch_fp8" else op
+
+
+def entry_budgets(entry: Mapping[str, object]) -> Dict[str, int]:
+    """{op: sms} for every op of OPS."""
+    return {op: int(entry[op] if op in entry else entry[_stand_in(op)]) for op in OPS}
+
+
+def _group(table: Mapping[str, object], device: str, ranks: int, ranks_per_gpu: int) -> list:
+    return [e for e in table.get("entries", [])
+            if (e.get("device"), e.get("ranks"), e.get("ranks_per_gpu")) == (device, ranks, ranks_per_gpu)]
 
 
 def lookup(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Mapping[str, object]] = None,
            copy: str = UNNAMED_ENTRY_COPY) -> Optional[Dict[str, int]]:
-    """{"dispatch": sms, "combine": sms} of the table's entry for this GPU model, group and copy
+    """{op: sms} for every op of OPS, from the table's entry for this GPU model, group and copy
     variant, or None. Where the variant has no entry for this setting, warp's entry stands in:
     the other variants reached warp's bandwidth with as many SMs or fewer wherever both were
     swept (benchmarks/RESULTS.md), so its budget bounds theirs rather than every SM."""
     table = load() if table is None else table
-    found = {}
-    for entry in table.get("entries", []):
-        if (entry.get("device"), entry.get("ranks"), entry.get("ranks_per_gpu")) == (device, ranks, ranks_per_gpu):
-            found[entry.get("copy", UNNAMED_ENTRY_COPY)] = {op: int(entry[op]) for op in OPS}
+    found = {e.get("copy", UNNAMED_ENTRY_COPY): entry_budgets(e) for e in _group(table, device, ranks, ranks_per_gpu)}
     return found.get(copy, found.get("warp"))
 
 
@@ -73,23 +98,28 @@ def _run(entry: Mapping[str, object]) -> tuple:
     return measured.get("commit"), measured.get("date")
 
 
+def _curve(entry: Mapping[str, object], op: str) -> Dict[int, float]:
+    gbps = (entry.get("measured") or {}).get("GBps") or {}
+    curve = gbps.get(op) or gbps.get(_stand_in(op)) or {}
+    return {int(sms): float(g) for sms, g in curve.items()}
+
+
 def choose_copy(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Mapping[str, object]] = None,
-                default: str = FALLBACK_MOE_COPY, reach: float = REACH) -> str:
-    """Options.moe_copy="auto": the copy variant that reaches `reach` of the best dispatch bandwidth
-    any variant reached, with the fewest SMs (ties: `default`). Only the variants swept in one run
-    with `default`'s entry compete (one commit and date: machines differ more than variants do);
-    where the table has no entry of `default` for this GPU model and group, `default`."""
+                default: str = FALLBACK_MOE_COPY, reach: float = REACH, op: str = "dispatch") -> str:
+    """Options.moe_copy="auto" for kernel `op` (one of OPS): the copy variant that reaches `reach`
+    of the best bandwidth any variant reached for it, with the fewest SMs (ties: `default`). Only
+    the variants swept in one run with `default`'s entry compete (one commit and date: machines
+    differ more than variants do); where the table has no entry of `default` for this GPU model
+    and group, `default`. fp8 dispatch goes by dispatch's figures where its run has none of its own."""
+    if op not in OPS:
+        raise ValueError(f"choose_copy: op={op!r}, expected one of {', '.join(OPS)}")
     table = load() if table is None else table
-    group = [e for e in table.get("entries", [])
-             if (e.get("device"), e.get("ranks"), e.get("ranks_per_gpu")) == (device, ranks, ranks_per_gpu)]
+    group = _group(table, device, ranks, ranks_per_gpu)
     base = next((e for e in group if e.get("copy", UNNAMED_ENTRY_COPY) == default), None)
     if base is None:
         return default
-    curves = {}
-    for e in group:
-        gbps = ((e.get("measured") or {}).get("GBps") or {}).get("dispatch")
-        if _run(e) == _run(base) and gbps:
-            curves[e.get("copy", UNNAMED_ENTRY_COPY)] = {int(sms): float(g) for sms, g in gbps.items()}
+    curves = {e.get("copy", UNNAMED_ENTRY_COPY): _curve(e, op) for e in group if _run(e) == _run(base)}
+    curves = {copy: curve for copy, curve in curves.items() if curve}
     if not curves:
         return default
     best = max(max(curve.values()) for curve in curves.values())
@@ -100,18 +130,24 @@ def choose_copy(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Map
 
 def apply(config, options_num_sms: int, device: str, ranks: int, ranks_per_gpu: int,
           table: Optional[Mapping[str, object]] = None, copy: str = UNNAMED_ENTRY_COPY) -> None:
-    """Sets config.auto_sms_{dispatch,combine} from the table where Options.num_sms is 0; an
-    explicit num_sms (Options or TORCH_EP_NUM_SMS) overrides the table and leaves them at 0.
-    A copy of "auto" becomes config.moe_copy here: choose_copy's pick, the fallback with num_sms."""
-    if copy == AUTO_MOE_COPY:
-        if options_num_sms > 0:
-            copy = FALLBACK_MOE_COPY
-        else:
-            table = load() if table is None else table  # read once for the choice and the budgets
-            copy = choose_copy(device, ranks, ranks_per_gpu, table)
-        config.moe_copy = MOE_COPIES.index(copy)
-    if options_num_sms > 0:
+    """Sets config.moe_copy_<op> and, where Options.num_sms is 0, config.auto_sms_<op> for each op
+    of OPS from the table; an explicit num_sms (Options or TORCH_EP_NUM_SMS) overrides the table
+    and leaves the budgets at 0. A copy of "auto" takes choose_copy's pick per op, the fallback
+    with num_sms; any other copy variant serves every op."""
+    explicit = options_num_sms > 0
+    if table is None and not explicit:
+        table = load()  # read once for the choices and the budgets
+    if copy != AUTO_MOE_COPY:
+        copies = dict.fromkeys(OPS, copy)
+    elif explicit:
+        copies = dict.fromkeys(OPS, FALLBACK_MOE_COPY)
+    else:
+        copies = {op: choose_copy(device, ranks, ranks_per_gpu, table, op=op) for op in OPS}
+    for op in OPS:
+        setattr(config, f"moe_copy_{op}", MOE_COPIES.index(copies[op]))
+    if explicit:
         return
-    budgets = lookup(device, ranks, ranks_per_gpu, table, copy)
-    if budgets:
-        config.auto_sms_dispatch, config.auto_sms_combine = budgets["dispatch"], budgets["combine"]
+    for op in OPS:
+        budgets = lookup(device, ranks, ranks_per_gpu, table, copies[op])
+        if budgets:
+            setattr(config, f"auto_sms_{op}", budgets[op])

@@ -18,10 +18,14 @@ struct Config {
   size_t comm_pool_bytes = size_t(1) << 30;  // torch_ep.comm_pool's arena per rank (CUDA), reserved by its
                                              // first call on the group
   int num_sms = 0;                      // SM budget of communication kernels; 0 = automatic
-  int auto_sms_dispatch = 0;            // where num_sms is 0: dispatch's budget measured for this GPU and
-  int auto_sms_combine = 0;             // group size (torch_ep/data/sm_table.json); 0 = every SM
-  int moe_copy = 1;                     // intranode CUDA dispatch/combine copy: kernels::MoeCopy (0 warp,
-                                        // 1 unroll, the default, 2 bulk; torch_ep.options.MOE_COPIES)
+  // Per intranode CUDA kernel (dispatch of bf16 or other rows, dispatch of fp8 rows, i.e. with
+  // scales, combine), as torch_ep/sm_table.py resolves them for this GPU and group size:
+  int auto_sms_dispatch = 0;            // where num_sms is 0: the budget measured
+  int auto_sms_dispatch_fp8 = 0;        // (torch_ep/data/sm_table.json); 0 = every SM
+  int auto_sms_combine = 0;
+  int moe_copy_dispatch = 1;            // how it copies: kernels::MoeCopy (0 warp, 1 unroll, the
+  int moe_copy_dispatch_fp8 = 1;        // fallback, 2 bulk; torch_ep.options.MOE_COPIES)
+  int moe_copy_combine = 1;
   bool moe_push = false;                // intranode CUDA dispatch pushes rows into outputs it allocates from
                                         // the MoE pool (opt-in until measured; false: each rank pulls)
   size_t moe_pool_bytes = size_t(1) << 30;  // that pool's arena per rank, reserved with the MoE transport

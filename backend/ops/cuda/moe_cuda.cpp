@@ -157,6 +157,14 @@ int num_blocks(ProcessGroupEP& group, const at::Device& device, int measured) {
   return measured > 0 ? std::min(measured, sms) : sms;
 }
 
+// A dispatch's measured budget and copy variant: fp8 rows (those with scales) have their own.
+int dispatch_budget(const Config& config, bool fp8) {
+  return fp8 ? config.auto_sms_dispatch_fp8 : config.auto_sms_dispatch;
+}
+kernels::MoeCopy dispatch_copy(const Config& config, bool fp8) {
+  return kernels::MoeCopy(fp8 ? config.moe_copy_dispatch_fp8 : config.moe_copy_dispatch);
+}
+
 // A dispatch kernel that received more rows than num_worst_tokens reported it; the host raises
 // it through the next call's records, so that every rank raises together and the group goes on
 // (the kernel dropped the rows past the outputs and completed its handshake; combines skip rows
@@ -285,7 +293,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     if (device_records) {
       phase.next("ep::dispatch/records");
       return dispatch_with_device_records(group, *transport, *pool, a, meta, given, stream,
-                                          num_blocks(group, device, group.config().auto_sms_dispatch),
+                                          num_blocks(group, device, dispatch_budget(group.config(), bool(a.x_scales))),
                                           handshake(*transport, /*with_ready=*/false), phase);
     }
     Tensor header = a.layout_header ? *a.layout_header : fresh.host_header;
@@ -369,7 +377,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       p.row_bytes = H * int64_t(a.x.element_size());
       p.num_scales = a.x_scales ? int(a.x_scales->size(1)) : 0;
       p.num_topk = int(K);
-      p.num_blocks = num_blocks(group, device, group.config().auto_sms_dispatch);
+      p.num_blocks = num_blocks(group, device, dispatch_budget(group.config(), bool(a.x_scales)));
       p.call_id = int64_t(call_id);
       p.overflow = transport->dispatch_overflow();
       p.handshake = handshake(*transport, /*with_ready=*/true);
@@ -421,8 +429,8 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     p.recv_topk_idx = cached ? nullptr : o.recv_topk_idx.data_ptr<int64_t>();
     p.recv_topk_weights = a.topk_weights ? o.recv_topk_weights.data_ptr<float>() : nullptr;
     p.capacity = capacity;
-    p.num_blocks = num_blocks(group, device, group.config().auto_sms_dispatch);
-    p.copy = kernels::MoeCopy(group.config().moe_copy);
+    p.num_blocks = num_blocks(group, device, dispatch_budget(group.config(), bool(a.x_scales)));
+    p.copy = dispatch_copy(group.config(), bool(a.x_scales));
     p.call_id = int64_t(call_id);
     p.overflow = transport->dispatch_overflow();
 
@@ -480,7 +488,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
     p.num_topk = int(K);
     phase.next("ep::combine/setup/params");
     p.num_blocks = num_blocks(group, device, group.config().auto_sms_combine);
-    p.copy = kernels::MoeCopy(group.config().moe_copy);
+    p.copy = kernels::MoeCopy(group.config().moe_copy_combine);
     // The records are the ready half under device records; else the kernel sends it.
     p.handshake = handshake(*transport, /*with_ready=*/!device_records);
 
