@@ -162,12 +162,13 @@ def table_entries(data: dict) -> List[dict]:
 
 
 def auto_picks(entries: List[dict]) -> str:
-    """What Options.moe_copy="auto" takes per kernel from these entries (one sweep's)."""
+    """What Options.moe_copy="auto" takes from these entries (one sweep's): by dispatch's figures,
+    and per kernel (where the table says sm_table.PER_KERNEL_KEY)."""
     key = (entries[0]["device"], entries[0]["ranks"], entries[0]["ranks_per_gpu"])
     copies = [e["copy"] for e in entries]
     default = FALLBACK_MOE_COPY if FALLBACK_MOE_COPY in copies else copies[0]
-    return ", ".join(f"{op} {sm_table.choose_copy(*key, {'entries': entries}, default=default, op=op)}"
-                     for op in sm_table.OPS)
+    pick = {op: sm_table.choose_copy(*key, {"entries": entries}, default=default, op=op) for op in sm_table.OPS}
+    return f"{pick['dispatch']} (per kernel: {', '.join(f'{op} {copy}' for op, copy in pick.items())})"
 
 
 def pivot_table(results: Results, method: str, copies: List[str]) -> str:

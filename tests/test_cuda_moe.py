@@ -370,7 +370,7 @@ def rank_copy_options(copy, num_sms=3):
         config, ranks = torch_ep.get_backend(group).config, dist.get_world_size()
         key = (torch.cuda.get_device_name(), ranks, -(-ranks // torch.cuda.device_count()))
         for op in sm_table.OPS:
-            chosen = sm_table.choose_copy(*key, op=op)
+            chosen = sm_table.choose_copy(*key, op=op if sm_table.load().get(sm_table.PER_KERNEL_KEY) else "dispatch")
             budget = (sm_table.lookup(*key, copy=chosen) or {op: 0})[op]
             assert (MOE_COPIES[getattr(config, f"moe_copy_{op}")], getattr(config, f"auto_sms_{op}")) == (chosen, budget)
     num_experts, g, x, idx, w = checks.make_inputs(_seed_for(0) + dist.get_rank(), "random", 512, 4, 2,
@@ -416,7 +416,7 @@ def rank_write_mixed_table(path):
                                          measured={"commit": "test", "date": "today"})
                    for copy, peaks in MIXED_PEAKS.items()]
         with open(path, "w") as f:
-            json.dump({"entries": entries}, f)
+            json.dump({sm_table.PER_KERNEL_KEY: True, "entries": entries}, f)
     dist.barrier()
 
 

@@ -254,6 +254,10 @@ def test_auto_copy_resolved_when_the_group_applies_the_table():
                           "combine": 16}]}
     config = torch_ep.Options(moe_copy="auto")._to_config(timedelta(seconds=60))
     sm_table.apply(config, 0, "NVIDIA H100", 4, 4, table, copy="auto")
+    # Without the table's switch, dispatch's pick and that variant's budget per kernel.
+    assert settings(config) == {"dispatch": ("warp", 24), "dispatch_fp8": ("warp", 24), "combine": ("warp", 16)}
+    config = torch_ep.Options(moe_copy="auto")._to_config(timedelta(seconds=60))
+    sm_table.apply(config, 0, "NVIDIA H100", 4, 4, {**table, sm_table.PER_KERNEL_KEY: True}, copy="auto")
     # combine: SWEEP's curve in both, level: the fewer SMs (8, unroll's) over warp's edited 16
     assert settings(config) == {"dispatch": ("warp", 24), "dispatch_fp8": ("unroll", 4), "combine": ("unroll", 8)}
     fixed = torch_ep.Options(moe_copy="auto", num_sms=6)._to_config(timedelta(seconds=60))
@@ -273,7 +277,7 @@ def test_auto_copy_option(monkeypatch):
     table = sm_table.load()
     for e in table["entries"]:
         key = (e["device"], e["ranks"], e["ranks_per_gpu"])
-        for op in sm_table.OPS:
+        for op in sm_table.OPS:  # each kernel's pick, whether or not the table switches per kernel
             copy = sm_table.choose_copy(*key, table, op=op)
             assert sm_table.lookup(*key, table, copy=copy) is not None, (key, op, copy)
 

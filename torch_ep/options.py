@@ -25,10 +25,10 @@ ENVIRONMENT = {
     "TORCH_EP_NUM_SMS": "blocks (SMs) a communication kernel may use (default 0, automatic: CUDA dispatch/combine take "
                         "torch_ep/data/sm_table.json's budget for the GPU and group, else every SM; all_to_all's "
                         "direct kernel a block a slice of a message, at most 512)",
-    "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: auto (default: per kernel, dispatch, fp8 "
-                         "dispatch and combine, the variant torch_ep/data/sm_table.json says reaches its best "
-                         "bandwidth with the fewest SMs on this GPU and group; unroll where it has no say or num_sms "
-                         "is set), unroll (a warp per row, a row's "
+    "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: auto (default: the variant "
+                         "torch_ep/data/sm_table.json says reaches the best bandwidth with the fewest SMs on this GPU "
+                         "and group, per kernel where its per_kernel_copy is true; unroll where it has no say or "
+                         "num_sms is set), unroll (a warp per row, a row's "
                          "loads issued together and the next row's lookups a row ahead, about one round trip to "
                          "memory per row), warp (a warp per row, 16-byte loads, one lookup after another) or bulk "
                          "(Hopper bulk async copies through a shared-memory ring: many bytes in flight per SM, for "
@@ -149,12 +149,11 @@ def _env_timeout() -> Optional[timedelta]:
 
 
 MOE_COPIES = ("warp", "unroll", "bulk")  # Options.moe_copy's values, in the order of kernels::MoeCopy
-# The default, "auto": per kernel (dispatch, fp8 dispatch, combine) the variant torch_ep/data/sm_table.json
-# says reaches that kernel's best bandwidth with the fewest SMs on this GPU model and group
-# (sm_table.choose_copy), picked when the group is made. On an H100 at 2 ranks: warp at 48 SMs for
-# dispatch (stream, bf16 with a layout: 779 GB/s against unroll's 732 at 24), unroll at 24 for fp8
-# dispatch (682 against warp's 616 at 48) and combine (855 against 817), one sweep (b9d993c;
-# benchmarks/RESULTS.md).
+# The default, "auto": the variant torch_ep/data/sm_table.json says reaches the best bandwidth with the
+# fewest SMs on this GPU model and group (sm_table.choose_copy; per kernel where the table's
+# per_kernel_copy is true), picked when the group is made. On an H100 at 2 ranks that is warp at 48
+# SMs: stream dispatch bf16 with a layout 779 GB/s against unroll's 732 at 24 (b9d993c's sweep;
+# 770-773 against 663-665 in turn, cfa2295; benchmarks/RESULTS.md).
 AUTO_MOE_COPY = "auto"
 # Where the table has no say (no entry, or Options.num_sms set): unroll, which led warp at every SM
 # budget of the 2026-12-04 sweep on the H200 (2 ranks; 4 SMs: 167 / 131 / 278 GB/s against 148 / 100 /

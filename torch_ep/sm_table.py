@@ -12,8 +12,9 @@ whose bandwidth reached `reach` (95%) of the best the sweep measured. An entry w
 whose Options.num_sms is 0 (automatic) takes the entry of its GPU model
 (torch.cuda.get_device_name), size, ranks per GPU and copy variant (Options.moe_copy; an entry
 without "copy" is the default "warp"'s); with none, its kernels use every SM.
-Options.moe_copy="auto" takes, for each kernel apart, the variant that reaches that kernel's
-bandwidth with the fewest SMs (choose_copy), among the variants its sweep measured side by side.
+Options.moe_copy="auto" takes the variant that reaches the bandwidth with the fewest SMs
+(choose_copy), among the variants its sweep measured side by side: by dispatch's figures for
+every kernel, or for each kernel apart by its own where the table says "per_kernel_copy": true.
 The budgets bound the intranode kernels' grid; groups across nodes keep their own.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ TABLE_ENV = "TORCH_EP_SM_TABLE"  # a table of one's own sweeps in place of the s
 OPS = ("dispatch", "dispatch_fp8", "combine")  # the kernels an entry budgets, as Config's fields name them
 REQUIRED_OPS = ("dispatch", "combine")  # an entry without dispatch_fp8 gives fp8 dispatch's
 REACH = 0.95  # share of the sweep's best bandwidth that the chosen budget must reach
+PER_KERNEL_KEY = "per_kernel_copy"  # the table's switch: "auto" picks a variant per kernel
 UNNAMED_ENTRY_COPY = "warp"  # Options.moe_copy of entries that name none (written before variants)
 
 
@@ -132,8 +134,9 @@ def apply(config, options_num_sms: int, device: str, ranks: int, ranks_per_gpu: 
           table: Optional[Mapping[str, object]] = None, copy: str = UNNAMED_ENTRY_COPY) -> None:
     """Sets config.moe_copy_<op> and, where Options.num_sms is 0, config.auto_sms_<op> for each op
     of OPS from the table; an explicit num_sms (Options or TORCH_EP_NUM_SMS) overrides the table
-    and leaves the budgets at 0. A copy of "auto" takes choose_copy's pick per op, the fallback
-    with num_sms; any other copy variant serves every op."""
+    and leaves the budgets at 0. A copy of "auto" takes choose_copy's pick, per op where the table
+    says PER_KERNEL_KEY, else dispatch's for every op; the fallback with num_sms. Any other copy
+    variant serves every op."""
     explicit = options_num_sms > 0
     if table is None and not explicit:
         table = load()  # read once for the choices and the budgets
@@ -141,8 +144,10 @@ def apply(config, options_num_sms: int, device: str, ranks: int, ranks_per_gpu: 
         copies = dict.fromkeys(OPS, copy)
     elif explicit:
         copies = dict.fromkeys(OPS, FALLBACK_MOE_COPY)
-    else:
+    elif table.get(PER_KERNEL_KEY):
         copies = {op: choose_copy(device, ranks, ranks_per_gpu, table, op=op) for op in OPS}
+    else:
+        copies = dict.fromkeys(OPS, choose_copy(device, ranks, ranks_per_gpu, table))
     for op in OPS:
         setattr(config, f"moe_copy_{op}", MOE_COPIES.index(copies[op]))
     if explicit:
