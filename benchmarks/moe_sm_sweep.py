@@ -306,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         data = json.load(f)
     if args.entries:
         entries = table_entries(data)
-        print(json.dumps(entries, indent=1))
+        print(json.dumps(entries, indent=2))
         print(f"Options.moe_copy='auto' would take {auto_picks(entries)}", file=sys.stderr)
         return 0
     if not plot_sweep(data, args.replot[1]):

@@ -397,7 +397,7 @@ def test_auto_copy_takes_the_tables_variant(cuda_pool):
     cuda_pool.run(rank_copy_options, "auto", 0)
 
 
-# The sweep of MIXED_TABLE's entries: each kernel's best is another variant's, at its own budget.
+# A table's sweep (rank_write_mixed_table) where each kernel's best is another variant's, at its own budget.
 MIXED_PEAKS = {"warp": {"dispatch": (3, 100.0), "dispatch_fp8": (3, 50.0), "combine": (3, 50.0)},
                "bulk": {"dispatch": (2, 50.0), "dispatch_fp8": (2, 100.0), "combine": (2, 50.0)},
                "unroll": {"dispatch": (5, 50.0), "dispatch_fp8": (5, 50.0), "combine": (5, 100.0)}}

@@ -129,14 +129,15 @@ def test_moe_benchmark_has_the_sweep_flag():
     assert bad.returncode == 2 and "expected SM counts >= 1" in bad.stderr
 
 
-def test_sm_sweep_runs_on_cpu(tmp_path):
+def test_sm_sweep_runs_on_cpu(tmp_path, capsys):
     """The sweep end to end on CPU ranks, tiny shapes: every op (dispatch with the layout in the
     call and given, combine) for every budget, copy variant and method, each checked against
     torch_ep.reference before it is timed, and the table entry's dispatch curve taken from the
     layout-given rows (issue 18's targets and DeepEP's tuned figures pass the layout)."""
     sys.path.insert(0, str(ROOT))
     try:
-        from benchmarks.moe_sm_sweep import OPS, SWEPT
+        from benchmarks.moe_sm_sweep import OPS, SWEPT, auto_picks, table_entries
+        from benchmarks.moe_sm_sweep import main as sweep_main
     finally:
         sys.path.remove(str(ROOT))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -148,9 +149,11 @@ def test_sm_sweep_runs_on_cpu(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads((tmp_path / "moe_sm_sweep.json").read_text())
-    from benchmarks.moe_sm_sweep import auto_picks, table_entries  # noqa: E402 (ROOT on the path above)
     assert f"Options.moe_copy='auto' would take {auto_picks(data['sm_table_entries'])}" in out.stdout
-    assert table_entries(data) == data["sm_table_entries"]  # what --entries derives again
+    assert table_entries(data) == data["sm_table_entries"]
+    capsys.readouterr()
+    assert sweep_main(["--entries", str(tmp_path / "moe_sm_sweep.json")]) == 0  # derives them again
+    assert json.loads(capsys.readouterr().out) == data["sm_table_entries"]
     found = {(r["sms"], r["copy"], r["op"], r["method"]) for r in data["results"]}
     assert found == {(s, c, op, m) for s in (1, 2) for c in ("warp", "unroll") for op in OPS
                      for m in ("isolated", "stream")}
