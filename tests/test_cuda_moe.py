@@ -437,7 +437,8 @@ def test_auto_copy_per_kernel(cuda_pool, tmp_path):
     of a dispatch by another variant, along the same handle), bit for bit."""
     path = tmp_path / "sm_table.json"
     cuda_pool.run(rank_write_mixed_table, str(path))
-    pool = rank_pool(cuda_pool.world_size, cuda=True, env={"TORCH_EP_SM_TABLE": str(path), "TORCH_EP_MOE_COPY": "auto"})
+    pool = rank_pool(cuda_pool.world_size, cuda=True,
+                     env={"TORCH_EP_SM_TABLE": str(path), "TORCH_EP_MOE_COPY": "auto", "TORCH_EP_NUM_SMS": "0"})
     pool.run(rank_kernels_per_op, _seed())
 
 
