@@ -79,6 +79,14 @@ def test_a_table_of_ones_own(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EP_SM_TABLE", str(tmp_path / "none.json"))
     with pytest.raises(FileNotFoundError, match="TORCH_EP_SM_TABLE=.*none.json.*no such file"):
         sm_table.lookup("NVIDIA H200", 2, 1)
+    (tmp_path / "bad.json").write_text("{entries: [")
+    monkeypatch.setenv("TORCH_EP_SM_TABLE", str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match=r"bad.json' \(TORCH_EP_SM_TABLE\): not JSON"):
+        sm_table.lookup("NVIDIA H200", 2, 1)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    monkeypatch.setenv("TORCH_EP_SM_TABLE", str(tmp_path / "list.json"))
+    with pytest.raises(ValueError, match='list of "entries"'):
+        sm_table.lookup("NVIDIA H200", 2, 1)
 
 
 def test_shipped_table_parses():

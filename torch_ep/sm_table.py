@@ -65,8 +65,17 @@ def load(path: Optional[Path] = None) -> Dict[str, object]:
     if path is None and named and not os.path.isfile(named):
         raise FileNotFoundError(f"{TABLE_ENV}={named!r}: no such file (expected an SM table, as "
                                 "torch_ep/data/sm_table.json)")
-    with open(path or named or TABLE_PATH) as f:
-        return json.load(f)
+    source = path or named or TABLE_PATH
+    with open(source) as f:
+        try:
+            table = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"SM table {str(source)!r}{f' ({TABLE_ENV})' if source == named else ''}: not JSON "
+                             f"({e})") from None
+    if not isinstance(table, dict) or not isinstance(table.get("entries", []), list):
+        raise ValueError(f"SM table {str(source)!r}: expected an object with a list of \"entries\", as "
+                         "torch_ep/data/sm_table.json")
+    return table
 
 
 def _stand_in(op: str) -> str:
