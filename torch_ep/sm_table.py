@@ -8,7 +8,7 @@ torch_ep/data/sm_table.json (or the file TORCH_EP_SM_TABLE names) lists entries,
 
 Per kernel (OPS: dispatch of bf16 or any other rows, dispatch of fp8 rows, combine) the fewest SMs
 whose bandwidth reached `reach` (95%) of the best the sweep measured. An entry without
-"dispatch_fp8" (swept before fp8 had its own budget) gives fp8 dispatch's budget. An "ep" group
+"dispatch_fp8" (swept before fp8 had its own budget) gives fp8 dispatch the dispatch budget. An "ep" group
 whose Options.num_sms is 0 (automatic) takes the entry of its GPU model
 (torch.cuda.get_device_name), size, ranks per GPU and copy variant (Options.moe_copy; an entry
 without "copy" is the default "warp"'s); with none, its kernels use every SM.
@@ -29,7 +29,7 @@ from .options import AUTO_MOE_COPY, FALLBACK_MOE_COPY, MOE_COPIES
 TABLE_PATH = Path(__file__).resolve().parent / "data" / "sm_table.json"
 TABLE_ENV = "TORCH_EP_SM_TABLE"  # a table of one's own sweeps in place of the shipped one
 OPS = ("dispatch", "dispatch_fp8", "combine")  # the kernels an entry budgets, as Config's fields name them
-REQUIRED_OPS = ("dispatch", "combine")  # an entry without dispatch_fp8 gives fp8 dispatch's
+REQUIRED_OPS = ("dispatch", "combine")  # an entry without dispatch_fp8 gives fp8 dispatch the dispatch budget
 REACH = 0.95  # share of the sweep's best bandwidth that the chosen budget must reach
 PER_KERNEL_KEY = "per_kernel_copy"  # the table's switch: "auto" picks a variant per kernel
 UNNAMED_ENTRY_COPY = "warp"  # Options.moe_copy of entries that name none (written before variants)
