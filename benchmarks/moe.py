@@ -536,16 +536,13 @@ def kernel_settings() -> str:
     """The copy variant and SM budget each of the default group's kernels ran with, as the group
     resolved them (Options.moe_copy "auto" and num_sms 0 take torch_ep/data/sm_table.json's)."""
     from torch_ep import sm_table
-    from torch_ep.options import MOE_COPIES
 
     config = torch_ep.get_backend().config
-
-    def budget(op):
-        sms = config.num_sms or getattr(config, f"auto_sms_{op}")
-        return f"{sms} SMs" if sms else "every SM"
-
-    return "; ".join(f"{op.replace('_', ' ')} {MOE_COPIES[getattr(config, f'moe_copy_{op}')]}, {budget(op)}"
-                     for op in sm_table.OPS)
+    parts = []
+    for op, (copy, measured) in sm_table.settings(config).items():
+        sms = config.num_sms or measured  # a set num_sms overrides the table's budget
+        parts.append(f"{op.replace('_', ' ')} {copy}, " + (f"{sms} SMs" if sms else "every SM"))
+    return "; ".join(parts)
 
 
 def main() -> None:

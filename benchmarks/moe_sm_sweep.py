@@ -143,7 +143,7 @@ Results = Dict[Tuple[int, str], List[Measurement]]  # (sms, copy) -> measurement
 def sweep_gbps(rows: List[dict], method: str, copy: str) -> Dict[str, Dict[int, float]]:
     """{table op: {sms: GB/s}} of one timing method and copy variant, from the JSON's result rows."""
     return {table_op: {r["sms"]: r["GBps"] for r in rows
-                       if r.get("copy", "warp") == copy and r["op"] == op and r["method"] == method}
+                       if r.get("copy", sm_table.UNNAMED_ENTRY_COPY) == copy and r["op"] == op and r["method"] == method}
             for table_op, op in SWEPT.items()}
 
 
@@ -153,7 +153,7 @@ def table_entries(data: dict) -> List[dict]:
     meta, rows = data["meta"], data["results"]
     method = "stream" if meta.get("stream_calls", 2) > 1 else "isolated"
     shape = {k: meta.get(k) for k in ("tokens", "hidden", "top_k", "experts", "masked_ratio")}
-    copies = list(dict.fromkeys(r.get("copy", "warp") for r in rows))
+    copies = list(dict.fromkeys(r.get("copy", sm_table.UNNAMED_ENTRY_COPY) for r in rows))
     return [sm_table.derive_entry(sweep_gbps(rows, method, copy), device=meta["device_name"], ranks=meta["ranks"],
                                   ranks_per_gpu=meta["ranks_per_gpu"], copy=copy,
                                   measured={"method": method, "ops": dict(SWEPT), **shape, "date": meta["date"],

@@ -365,14 +365,13 @@ def rank_copy_options(copy, num_sms=3):
     group = dist.new_group(pg_options=torch_ep.Options(moe_copy=copy, num_sms=num_sms))
     if copy == "auto":  # the table's pick for this GPU and group, with its budgets
         from torch_ep import sm_table
-        from torch_ep.options import MOE_COPIES
 
         config, ranks = torch_ep.get_backend(group).config, dist.get_world_size()
         key = (torch.cuda.get_device_name(), ranks, -(-ranks // torch.cuda.device_count()))
-        for op in sm_table.OPS:
-            chosen = sm_table.choose_copy(*key, op=op if sm_table.load().get(sm_table.PER_KERNEL_KEY) else "dispatch")
-            budget = (sm_table.lookup(*key, copy=chosen) or {op: 0})[op]
-            assert (MOE_COPIES[getattr(config, f"moe_copy_{op}")], getattr(config, f"auto_sms_{op}")) == (chosen, budget)
+        table = sm_table.load()
+        for op, got in sm_table.settings(config).items():
+            chosen = sm_table.choose_copy(*key, table, op=op if table.get(sm_table.PER_KERNEL_KEY) else "dispatch")
+            assert got == (chosen, (sm_table.lookup(*key, table, copy=chosen) or {op: 0})[op])
     num_experts, g, x, idx, w = checks.make_inputs(_seed_for(0) + dist.get_rank(), "random", 512, 4, 2,
                                                    torch.bfloat16, "cuda", max_tokens=200)
     expected = reference.dispatch(x.cpu(), idx.cpu(), w.cpu(), num_experts=num_experts)
@@ -422,11 +421,8 @@ def rank_write_mixed_table(path):
 
 def rank_kernels_per_op(seed):
     from torch_ep import sm_table
-    from torch_ep.options import MOE_COPIES
 
-    config = torch_ep.get_backend().config
-    assert {op: (MOE_COPIES[getattr(config, f"moe_copy_{op}")], getattr(config, f"auto_sms_{op}"))
-            for op in sm_table.OPS} == MIXED_PICKS
+    assert sm_table.settings(torch_ep.get_backend().config) == MIXED_PICKS
     rank_copy_variant(seed)
 
 

@@ -97,12 +97,7 @@ def test_shipped_table_parses():
         assert e.get("dispatch_fp8", e["dispatch"]) >= 1
 
 
-def settings(config):
-    """{op: (copy variant, measured SM budget)} of a Config, per kernel."""
-    from torch_ep.options import MOE_COPIES
-
-    return {op: (MOE_COPIES[getattr(config, f"moe_copy_{op}")], getattr(config, f"auto_sms_{op}"))
-            for op in sm_table.OPS}
+settings = sm_table.settings
 
 
 def config_with_table(options, table):

@@ -139,6 +139,12 @@ def choose_copy(device: str, ranks: int, ranks_per_gpu: int, table: Optional[Map
     return min(reaching)[2]
 
 
+def settings(config) -> Dict[str, tuple]:
+    """{op: (copy variant, measured SM budget or 0)} of a group's Config, for each op of OPS: what
+    apply resolved."""
+    return {op: (MOE_COPIES[getattr(config, f"moe_copy_{op}")], getattr(config, f"auto_sms_{op}")) for op in OPS}
+
+
 def apply(config, options_num_sms: int, device: str, ranks: int, ranks_per_gpu: int,
           table: Optional[Mapping[str, object]] = None, copy: str = UNNAMED_ENTRY_COPY) -> None:
     """Sets config.moe_copy_<op> and, where Options.num_sms is 0, config.auto_sms_<op> for each op
