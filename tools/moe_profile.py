@@ -26,6 +26,7 @@ def main():
     layout = torch_ep.get_dispatch_layout(idx, args.experts)
     fresh = d.recv_x.clone()
     worst = args.tokens * dist.get_world_size()
+    name = dist.group.WORLD.group_name
     ops = {
         "dispatch bf16, layout given": lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts, layout=layout),
         "dispatch fp8, layout given": lambda: torch_ep.dispatch(fp8, idx, w, num_experts=args.experts, layout=layout),
@@ -40,6 +41,12 @@ def main():
                                                                      num_worst_tokens=worst),
         "raw op dispatch": lambda: torch.ops.ep.dispatch(x, None, idx, w, None, None, args.experts, 0,
                                                          dist.group.WORLD.group_name),
+        # The direct call alone (what torch_ep.dispatch calls on plain eager tensors), without the
+        # Python layers: where fp8 costs more host time than bf16, whether the C++ side pays it.
+        "direct dispatch bf16, layout given": lambda: torch_ep._C._dispatch_direct(
+            x, None, idx, w, None, None, args.experts, 0, name, layout.meta, layout.header),
+        "direct dispatch fp8, layout given": lambda: torch_ep._C._dispatch_direct(
+            fp8[0], fp8[1], idx, w, None, None, args.experts, 0, name, layout.meta, layout.header),
     }
     # The same calls through torch_ep.deep_ep's Buffer (DeepEP's API), whose cost over the native
     # API's is the wrapper's.
@@ -84,7 +91,8 @@ def main():
         dist.barrier()
     host_ops = ("dispatch bf16, layout given", "dispatch fp8, layout given", "dispatch cached", "combine bf16",
                 "deep_ep dispatch bf16, layout given", "deep_ep dispatch cached",
-                "dispatch bf16, layout given" + APART, "dispatch fp8, layout given" + APART)
+                "dispatch bf16, layout given" + APART, "dispatch fp8, layout given" + APART,
+                "direct dispatch bf16, layout given", "direct dispatch fp8, layout given")
     # The host time per call without the profiler, the ops taken in turn over several rounds, so
     # that no op owes its figure to its place in the order (the median and the range of the rounds).
     rounds = {name: [] for name in host_ops}
