@@ -15,8 +15,12 @@
 // flags, the wait for the peers at the end. Each variant is checked word by word on poisoned arenas,
 // then timed: `iterations` back-to-back launches per rank, the ranks started together by a barrier,
 // CUDA events between launches. Reported: the slowest rank's median, GB/s per rank (each byte once,
-// the all_to_all benchmark's algbw) and all ranks together, and the share of cudaMemcpyAsync (the
-// copy engines, a copy per message: the same move) in the same run.
+// the all_to_all benchmark's algbw) and all ranks together, and two shares in the same run: of
+// cudaMemcpyAsync a message at a time into the receivers' arenas (the same move), and of one
+// cudaMemcpyAsync of the rank's bytes into its own arena (all_to_all.py's roofline, `dst.copy_(src)`:
+// no peer's mapping). "local" rows move the same bytes with every destination in the rank's own
+// arena (checked against its own input): whether the gap to the roofline is the copy loop's or the
+// peers' mappings'.
 #include <algorithm>
 #include <cstdint>
 
@@ -69,11 +73,15 @@ __global__ void fill(uint32_t* p, uint64_t words, int rank) {
 }
 
 // Rank `me`'s arena: source s's message at s * message, the words of s's input from me * message.
-__global__ void count_wrong(const uint32_t* arena, uint64_t message_words, int ranks, int me,
+// `local`: a local row's arena, a copy of this rank's own input.
+__global__ void count_wrong(const uint32_t* arena, uint64_t message_words, int ranks, int me, bool local,
                             unsigned long long* wrong) {
   for (uint64_t i = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; i < message_words * ranks;
-       i += uint64_t(gridDim.x) * blockDim.x)
-    if (arena[i] != pattern(int(i / message_words), me * message_words + i % message_words)) atomicAdd(wrong, 1ull);
+       i += uint64_t(gridDim.x) * blockDim.x) {
+    const uint32_t expected =
+        local ? pattern(me, i) : pattern(int(i / message_words), me * message_words + i % message_words);
+    if (arena[i] != expected) atomicAdd(wrong, 1ull);
+  }
 }
 
 using Launch = void (*)(const Move&, int blocks, uint64_t chunk, bool fence, cudaStream_t);
@@ -86,11 +94,13 @@ constexpr Launch kToday = launch<8, 512, StreamingLoad, PlainStore>;
 
 struct Variant {
   const char* name;
-  Launch run;  // nullptr: cudaMemcpyAsync per message
+  Launch run;  // nullptr: cudaMemcpyAsync per message (local: one for the whole stream)
   int blocks;
   uint64_t chunk;
   bool fence;
+  bool local = false;  // every destination in this rank's own arena
 };
+constexpr size_t kMemcpyRow = 0, kLocalCopyRow = 1;  // the two references, first in the list
 
 uint64_t piece(uint64_t total, int blocks, uint64_t align) {  // pool::piece_bytes, rounded to `align`
   const uint64_t even = ((total + blocks - 1) / blocks + align - 1) / align * align;
@@ -107,7 +117,10 @@ std::vector<Variant> variants(uint64_t total, int n) {
   auto pieces = [&](uint64_t bytes) { return int((total + bytes - 1) / bytes); };
   return {
       {"cudaMemcpyAsync, a copy per message", nullptr, 0, 0, false},
+      {"local: cudaMemcpyAsync of the whole stream (the roofline's copy)", nullptr, 0, 0, false, true},
       {"today: 512x8, ld.cs / st plain, 2n-1 blocks, pieces /16 B, fence", kToday, today, cut, true},
+      {"local: today", kToday, today, cut, true, true},
+      {"local: today, 8n blocks (4 waves)", kToday, 8 * n, aligned(8 * n), true, true},
       {"today, pieces aligned to 128 B", kToday, today, piece(total, today, 128), true},
       {"today, pieces aligned to 4 KiB", kToday, today, aligned(today), true},
       {"today, no fence", kToday, today, cut, false},
@@ -163,16 +176,17 @@ void rank_main(Shared* s, int me, int ranks, uint64_t bytes, int iterations) {
   fill<<<1024, 256>>>(reinterpret_cast<uint32_t*>(input), bytes / 4, me);
   CHECK(cudaIpcGetMemHandle(&s->arena[me], arena));
   barrier(s, ranks);
-  Move m{};
-  m.message = message;
-  m.count = ranks;
+  Move m{}, mine{};  // mine: the same sources, each message into this rank's own arena
+  m.message = mine.message = message;
+  m.count = mine.count = ranks;
   for (int k = 0; k < ranks; ++k) {
     const int d = (me + k) % ranks;
     char* peer = arena;
     if (d != me)
       CHECK(cudaIpcOpenMemHandle(reinterpret_cast<void**>(&peer), s->arena[d], cudaIpcMemLazyEnablePeerAccess));
-    m.src[k] = input + d * message;
+    m.src[k] = mine.src[k] = input + d * message;
     m.dst[k] = peer + me * message;
+    mine.dst[k] = arena + d * message;
   }
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -185,8 +199,9 @@ void rank_main(Shared* s, int me, int ranks, uint64_t bytes, int iterations) {
   for (size_t v = 0; v < list.size(); ++v) {
     const Variant& x = list[v];
     auto run = [&] {
-      if (x.run) x.run(m, x.blocks, x.chunk, x.fence, stream);
-      for (int k = 0; !x.run && k < ranks; ++k)
+      if (x.run) x.run(x.local ? mine : m, x.blocks, x.chunk, x.fence, stream);
+      else if (x.local) CHECK(cudaMemcpyAsync(arena, input, bytes, cudaMemcpyDeviceToDevice, stream));
+      for (int k = 0; !x.run && !x.local && k < ranks; ++k)
         CHECK(cudaMemcpyAsync(m.dst[k], m.src[k], message, cudaMemcpyDeviceToDevice, stream));
     };
     CHECK(cudaMemset(arena, 0xff, bytes));
@@ -197,7 +212,7 @@ void rank_main(Shared* s, int me, int ranks, uint64_t bytes, int iterations) {
     CHECK(cudaGetLastError());
     barrier(s, ranks);  // every rank's messages landed
     CHECK(cudaMemset(wrong, 0, sizeof(*wrong)));
-    count_wrong<<<1024, 256>>>(reinterpret_cast<const uint32_t*>(arena), message / 4, ranks, me, wrong);
+    count_wrong<<<1024, 256>>>(reinterpret_cast<const uint32_t*>(arena), message / 4, ranks, me, x.local, wrong);
     CHECK(cudaMemcpy(&s->wrong[me][v], wrong, sizeof(*wrong), cudaMemcpyDeviceToHost));
     barrier(s, ranks);  // checked before anyone writes again
     CHECK(cudaEventRecord(events[0], stream));
@@ -230,8 +245,11 @@ int main(int argc, char** argv) {
               "median of %d launches per rank\n", s->device, ranks, s->sms.load(), mps ? mps : "unset",
               (unsigned long long)(bytes >> 20), iterations);
   std::printf("| variant | blocks | piece / chunk bytes | us (ranks' medians, max / min) | GB/s per rank | "
-              "GB/s all ranks | share of memcpy | words wrong |\n|---|--:|--:|--:|--:|--:|--:|--:|\n");
-  float memcpy_ms = 0;
+              "GB/s all ranks | share of memcpy | share of the local copy | words wrong |\n"
+              "|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+  float slowest[kMaxVariants] = {};
+  for (size_t v = 0; v < list.size(); ++v)
+    for (int r = 0; r < ranks; ++r) slowest[v] = std::max(slowest[v], s->median_ms[r][v]);
   for (size_t v = 0; v < list.size(); ++v) {
     float ms = 0, fastest = 1e30f;  // GB/s from the slowest rank's
     unsigned long long wrong = 0;
@@ -240,11 +258,10 @@ int main(int argc, char** argv) {
       fastest = std::min(fastest, s->median_ms[r][v]);
       wrong += s->wrong[r][v];
     }
-    if (v == 0) memcpy_ms = ms;
     failed = failed || wrong != 0;
-    std::printf("| %s | %d | %llu | %.1f / %.1f | %.1f | %.1f | %.0f %% | %llu |\n", list[v].name, list[v].blocks,
-                (unsigned long long)list[v].chunk, ms * 1e3f, fastest * 1e3f, bytes / ms / 1e6f,
-                ranks * bytes / ms / 1e6f, 100 * memcpy_ms / ms, wrong);
+    std::printf("| %s | %d | %llu | %.1f / %.1f | %.1f | %.1f | %.0f %% | %.0f %% | %llu |\n", list[v].name,
+                list[v].blocks, (unsigned long long)list[v].chunk, ms * 1e3f, fastest * 1e3f, bytes / ms / 1e6f,
+                ranks * bytes / ms / 1e6f, 100 * slowest[kMemcpyRow] / ms, 100 * slowest[kLocalCopyRow] / ms, wrong);
   }
   std::printf(failed ? "SOME VARIANT COPIED WRONG\n" : "every variant copied exactly\n");
   return failed ? 1 : 0;
