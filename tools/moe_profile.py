@@ -26,7 +26,7 @@ def main():
     layout = torch_ep.get_dispatch_layout(idx, args.experts)
     fresh = d.recv_x.clone()
     worst = args.tokens * dist.get_world_size()
-    name = dist.group.WORLD.group_name
+    group_name = dist.group.WORLD.group_name  # the lambdas read it when called: no loop may rebind it
     ops = {
         "dispatch bf16, layout given": lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts, layout=layout),
         "dispatch fp8, layout given": lambda: torch_ep.dispatch(fp8, idx, w, num_experts=args.experts, layout=layout),
@@ -39,14 +39,13 @@ def main():
         "combine bf16, fresh x": lambda: torch_ep.combine(fresh, d.handle),
         "dispatch bf16, num_worst_tokens": lambda: torch_ep.dispatch(x, idx, w, num_experts=args.experts,
                                                                      num_worst_tokens=worst),
-        "raw op dispatch": lambda: torch.ops.ep.dispatch(x, None, idx, w, None, None, args.experts, 0,
-                                                         dist.group.WORLD.group_name),
+        "raw op dispatch": lambda: torch.ops.ep.dispatch(x, None, idx, w, None, None, args.experts, 0, group_name),
         # The direct call alone (what torch_ep.dispatch calls on plain eager tensors), without the
         # Python layers: where fp8 costs more host time than bf16, whether the C++ side pays it.
         "direct dispatch bf16, layout given": lambda: torch_ep._C._dispatch_direct(
-            x, None, idx, w, None, None, args.experts, 0, name, layout.meta, layout.header),
+            x, None, idx, w, None, None, args.experts, 0, group_name, layout.meta, layout.header),
         "direct dispatch fp8, layout given": lambda: torch_ep._C._dispatch_direct(
-            fp8[0], fp8[1], idx, w, None, None, args.experts, 0, name, layout.meta, layout.header),
+            fp8[0], fp8[1], idx, w, None, None, args.experts, 0, group_name, layout.meta, layout.header),
     }
     # The same calls through torch_ep.deep_ep's Buffer (DeepEP's API), whose cost over the native
     # API's is the wrapper's.

@@ -203,10 +203,13 @@ void rank_main(Shared* s, int me, int ranks, uint64_t bytes, int iterations) {
   for (size_t v = 0; v < list.size(); ++v) {
     const Variant& x = list[v];
     auto run = [&] {
-      if (x.run) x.run(x.local ? mine : m, x.blocks, x.chunk, x.fence, stream);
-      else if (x.local) CHECK(cudaMemcpyAsync(arena, input, bytes, cudaMemcpyDeviceToDevice, stream));
-      for (int k = 0; !x.run && !x.local && k < ranks; ++k)
-        CHECK(cudaMemcpyAsync(m.dst[k], m.src[k], message, cudaMemcpyDeviceToDevice, stream));
+      if (x.run)
+        x.run(x.local ? mine : m, x.blocks, x.chunk, x.fence, stream);
+      else if (x.local)
+        CHECK(cudaMemcpyAsync(arena, input, bytes, cudaMemcpyDeviceToDevice, stream));
+      else
+        for (int k = 0; k < ranks; ++k)
+          CHECK(cudaMemcpyAsync(m.dst[k], m.src[k], message, cudaMemcpyDeviceToDevice, stream));
     };
     CHECK(cudaMemset(arena, 0xff, bytes));
     CHECK(cudaDeviceSynchronize());
@@ -251,14 +254,14 @@ int main(int argc, char** argv) {
   std::printf("| variant | blocks | piece / chunk bytes | us (ranks' medians, max / min) | GB/s per rank | "
               "GB/s all ranks | share of memcpy | share of the local copy | words wrong |\n"
               "|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
-  float slowest[kMaxVariants] = {};
+  float slowest[kMaxVariants] = {};  // each variant's slowest rank's median: the GB/s and the shares
   for (size_t v = 0; v < list.size(); ++v)
     for (int r = 0; r < ranks; ++r) slowest[v] = std::max(slowest[v], s->median_ms[r][v]);
   for (size_t v = 0; v < list.size(); ++v) {
-    float ms = 0, fastest = 1e30f;  // GB/s from the slowest rank's
+    const float ms = slowest[v];
+    float fastest = 1e30f;
     unsigned long long wrong = 0;
     for (int r = 0; r < ranks; ++r) {
-      ms = std::max(ms, s->median_ms[r][v]);
       fastest = std::min(fastest, s->median_ms[r][v]);
       wrong += s->wrong[r][v];
     }
