@@ -146,6 +146,7 @@ std::shared_ptr<CommPool> ProcessGroupEP::comm_pool() const { return nullptr; }
 std::vector<int64_t> ProcessGroupEP::moe_pool_stats() { return {}; }
 int64_t ProcessGroupEP::moe_pool_offset(int64_t, int64_t) { return -1; }
 int64_t ProcessGroupEP::moe_exchanges() { return 0; }
+std::vector<int64_t> ProcessGroupEP::peer_mappings() { return {0, 0, 0, 0}; }
 void ProcessGroupEP::close_comm_pool() {}
 
 std::shared_ptr<AllToAllVState> ProcessGroupEP::all_to_all_v_state(const at::Device&, const char*, bool) {

@@ -165,6 +165,9 @@ class ProcessGroupEP : public c10d::Backend {
   int64_t moe_pool_offset(int64_t ptr, int64_t bytes);
   // Host record exchanges this rank's MoE transport made (0 before it exists). For tests.
   int64_t moe_exchanges();
+  // Peers' allocations this rank maps (peer_mappings.hpp): {open, waiting to be closed} for the
+  // MoE transport, then for all_to_all's; 0 where a transport does not exist. For tests.
+  std::vector<int64_t> peer_mappings();
 
   // --- ours ---
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,

@@ -109,6 +109,9 @@ void register_process_group(py::module_& m) {
            "the offset of [ptr, ptr + bytes) in this rank's MoE arena, or -1: for tests")
       .def("_moe_exchanges", &ProcessGroupEP::moe_exchanges,
            "host record exchanges this rank's MoE transport made (a dispatch with device records makes none): "
+           "for tests")
+      .def("_peer_mappings", &ProcessGroupEP::peer_mappings, py::call_guard<py::gil_scoped_release>(),
+           "[open, waiting to be closed] peers' allocations mapped by the MoE transport, then by all_to_all's: "
            "for tests");
 
   // The comm pool's range allocator alone, for CPU tests of its bookkeeping.

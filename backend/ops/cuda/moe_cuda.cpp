@@ -260,6 +260,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
   c10::cuda::CUDAGuard guard(device);
   phase.next("ep::dispatch/setup/transport");
   std::shared_ptr<CudaTransport> transport = transport_for(group, device, op);
+  const std::unique_lock<std::mutex> hold = transport->hold_mappings();  // until the call is tracked
   phase.next("ep::dispatch/setup");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const int64_t R = group.getSize(), rank = group.getRank();
@@ -460,6 +461,7 @@ CombineOutputs combine_cuda(ProcessGroupEP& group, const CombineArgs& a) {
   c10::cuda::CUDAGuard guard(device);
   phase.next("ep::combine/setup/transport");
   std::shared_ptr<CudaTransport> transport = transport_for(group, device, op);
+  const std::unique_lock<std::mutex> hold = transport->hold_mappings();  // until the call is tracked
   phase.next("ep::combine/setup");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const int64_t R = group.getSize(), rank = group.getRank();

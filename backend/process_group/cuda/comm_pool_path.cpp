@@ -152,6 +152,21 @@ int64_t ProcessGroupEP::moe_exchanges() {
   return moe_transport_ ? int64_t(moe_transport_->exchanges()) : 0;
 }
 
+std::vector<int64_t> ProcessGroupEP::peer_mappings() {
+  std::shared_ptr<CudaTransport> moe, a2a;
+  {
+    std::lock_guard<std::mutex> lock(cuda_mutex_);
+    moe = moe_transport_;
+    a2a = cuda_transport_;
+  }
+  std::vector<int64_t> counts;
+  for (CudaTransport* t : {moe.get(), a2a.get()}) {
+    counts.push_back(t ? int64_t(t->mappings().open_count()) : 0);
+    counts.push_back(t ? int64_t(t->mappings().closing_count()) : 0);
+  }
+  return counts;
+}
+
 void ProcessGroupEP::close_comm_pool() {
   std::shared_ptr<CommPool> pool;
   std::shared_ptr<MoePool> moe;

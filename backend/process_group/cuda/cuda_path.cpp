@@ -13,6 +13,7 @@
 #include "backend/ops/all_to_all_v.hpp"
 #include "backend/ops/cuda/moe_push.hpp"  // raise_device_report
 #include "backend/process_group/cuda/cuda_work.hpp"
+#include "backend/process_group/cuda/segment_frees.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/process_group/work.hpp"
 #include "backend/transport/cuda/comm_pool.hpp"
@@ -77,6 +78,7 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::cuda_transport(const at::Device& 
       cc.timeout = config_.timeout;
       cuda_transport_ = std::make_shared<CudaTransport>(rendezvous_, cc, "ep/cuda/transport");
       refuse_calls_when_failed(*cuda_transport_);
+      report_segment_frees(*cuda_transport_);
       comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
       cuda_path_ = CudaPath::kOurs;
     } else {
@@ -124,6 +126,7 @@ std::shared_ptr<CudaTransport> ProcessGroupEP::moe_transport(const at::Device& d
       }
       transport = std::make_shared<CudaTransport>(rendezvous_, cc, "ep/cuda/moe");
       refuse_calls_when_failed(*transport);
+      report_segment_frees(*transport);
     } catch (const std::exception& e) {
       C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's CUDA transport for "
                                             "dispatch/combine failed: " + e.what());

@@ -45,7 +45,6 @@ static_assert(kSlicesDoneOffset >= kPushCountsOffset + sizeof(int32_t) * kernels
                                                            kernels::kPushCountsStride &&
                   kSlicesDoneOffset + sizeof(uint32_t) * kernels::kMaxRanksPerNode < kDataOffset - sizeof(uint32_t),
               "the slice counts fit between the push counts and the grid counter");
-CUdeviceptr dptr(const void* p) { return reinterpret_cast<CUdeviceptr>(p); }
 
 size_t chunk_bytes_for(size_t buffer_bytes, int size) {
   return std::max<size_t>(buffer_bytes / (size_t(size) * CudaTransport::kSlots * kChunkAlign), 1) * kChunkAlign;
@@ -99,7 +98,9 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
                tag + "/buffers"),
       chunk_bytes_(chunk_bytes_for(config.buffer_bytes, rdv.size())),
       control_(rdv, control_config(config.timeout, config.control_slot_bytes), tag + "/control"),
-      opened_(rdv.size()) {
+      mappings_(rdv, tag + "/mappings"),
+      exports_(std::make_shared<ExportTable>(mappings_.take_own_log())),
+      release_mappings_(env_switch("TORCH_EP_RELEASE_PEER_MAPPINGS")) {
   for (int r = 0; r < size_; ++r) group_ranks_.push_back(rdv.group_rank(r));
   if (size_ > kMaxRanks) throw CommError("torch_ep: the CUDA transport supports up to 2048 ranks per node");
   EP_CUDA_CHECK(cudaSetDevice(config.device));
@@ -161,9 +162,7 @@ CudaTransport::~CudaTransport() {
   }
   cv_.notify_all();
   watchdog_.join();
-  cudaSetDevice(buffers_.device());
-  for (auto& peer : opened_)
-    for (auto& [handle, ptr] : peer) cudaIpcCloseMemHandle(ptr);
+  cudaSetDevice(buffers_.device());  // for the streams below and mappings_' closes after the body
   if (watchdog_stream_) {
     cudaStreamSynchronize(watchdog_stream_);
     cudaStreamDestroy(watchdog_stream_);
@@ -231,48 +230,6 @@ std::string CudaTransport::error() const {
   return error_;
 }
 
-char* CudaTransport::open_peer_allocation(int peer, const cudaIpcMemHandle_t& handle) {
-  std::string key(reinterpret_cast<const char*>(&handle), sizeof(handle));
-  auto it = opened_[peer].find(key);
-  if (it != opened_[peer].end()) return it->second;
-  void* ptr = nullptr;
-  EP_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess));
-  return opened_[peer][key] = static_cast<char*>(ptr);
-}
-
-bool CudaTransport::export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset, Export* last) {
-  // A lookup costs a driver call; at 8 ranks a call's 7 receive spans would ask 7 times for one
-  // output, so a span inside the block `last` found reuses it.
-  if (last && last->base <= dptr(ptr) && dptr(ptr) < last->end) {
-    *handle = last->handle;
-    *offset = dptr(ptr) - last->base;
-    return true;
-  }
-  unsigned long long buffer_id = 0;
-  CUdeviceptr base = 0;
-  size_t range = 0;
-  CUpointer_attribute attrs[3] = {CU_POINTER_ATTRIBUTE_BUFFER_ID, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
-                                  CU_POINTER_ATTRIBUTE_RANGE_SIZE};
-  void* values[3] = {&buffer_id, &base, &range};
-  if (cuPointerGetAttributes(3, attrs, values, dptr(ptr)) != CUDA_SUCCESS || base == 0) return false;
-  auto it = exported_.find(buffer_id);
-  if (it == exported_.end()) {
-    cudaIpcMemHandle_t h;
-    // Exportable when the buffer is a plain cudaMalloc allocation (torch's caching allocator
-    // without expandable segments); otherwise the call takes the staged path.
-    if (cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(base)) != cudaSuccess) {
-      cudaGetLastError();  // clear the failed export
-      return false;
-    }
-    if (exported_.size() > 4096) exported_.clear();  // bounded: ids of freed blocks never return
-    it = exported_.emplace(buffer_id, std::make_pair(base, h)).first;
-  }
-  *handle = it->second.second;
-  *offset = dptr(ptr) - it->second.first;
-  if (last) *last = {base, base + range, *handle};
-  return true;
-}
-
 std::string CudaTransport::kernel_waited_for(int waited_for) const {
   if (waited_for == kernels::kErrorNoPeer) return "in the device kernel for this rank's own plan (no peer known)";
   return "for peer rank " + name(waited_for - 1) + " (in the device kernel)";
@@ -322,6 +279,7 @@ std::shared_ptr<StreamMark> CudaTransport::track(const char* op_name, cudaStream
     std::lock_guard<std::mutex> lock(mutex_);
     last_op_ = op.op;
     inflight_.push_back(std::move(op));
+    tracked_.fetch_add(1, std::memory_order_release);  // in inflight_'s order: the watchdog completes them so
   }
   return done;
 }
@@ -424,7 +382,9 @@ void CudaTransport::watch() {
                 std::to_string(timeout_.count()) + " ms waiting " + kernel_waited_for(waited_for) +
                 ": a peer never arrived or stalled" + device_records_hint(op.op);
       watched.pop_front();  // its event goes back to the pool with the mark's last holder
+      completed_.fetch_add(1, std::memory_order_release);
     }
+    if (release_mappings_ && error.empty()) mappings_.sweep(tracked_, completed_);
 
     lock.lock();
     if (!error.empty()) {

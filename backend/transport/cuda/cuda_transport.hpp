@@ -42,6 +42,7 @@
 #include "backend/kernels/moe.cuh"  // DispatchOverflow
 #include "backend/transport/cuda/call_order.hpp"
 #include "backend/transport/cuda/peer_buffers.hpp"
+#include "backend/transport/cuda/peer_mappings.hpp"
 #include "backend/transport/host/host_transport.hpp"  // SendBuffer, RecvBuffer
 #include "backend/transport/rendezvous.hpp"
 
@@ -109,18 +110,23 @@ class CudaTransport {
   void exchange(const void* mine, void* theirs, size_t record_bytes, const char* op_name);
   // How many exchanges this rank made (for tests: a call with device records makes none).
   uint64_t exchanges() const { return exchanges_.load(std::memory_order_relaxed); }
-  // One allocation's export, kept for the rest of one call: a pointer inside [base, end) shares
-  // it without asking the driver again (all_to_all_single's receive spans are slices of one output).
-  struct Export {
-    CUdeviceptr base = 0, end = 0;
-    cudaIpcMemHandle_t handle{};
-  };
-  // Exports the allocation holding `ptr` (handle + offset); false when it cannot be exported.
-  // `last`, where given, is used when `ptr` lies inside it and refilled otherwise; it holds for one
-  // call only, while its tensors are alive (a freed block's addresses may come back as another).
-  bool export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset, Export* last = nullptr);
-  // Maps a peer's exported allocation once; later calls reuse the mapping.
-  char* open_peer_allocation(int peer, const cudaIpcMemHandle_t& handle);
+  using Export = ExportTable::Export;
+  // Exports the allocation holding `ptr` (ExportTable::export_allocation).
+  bool export_allocation(const void* ptr, cudaIpcMemHandle_t* handle, uint64_t* offset, Export* last = nullptr) {
+    return exports_->export_allocation(ptr, handle, offset, last);
+  }
+  // Maps a peer's exported allocation once; later calls reuse the mapping. The caller holds
+  // hold_mappings() until its call is tracked.
+  char* open_peer_allocation(int peer, const cudaIpcMemHandle_t& handle) { return mappings_.open(peer, handle); }
+  // What a call that opens peers' allocations holds from before its record exchange until it is
+  // tracked (peer_mappings.hpp): no sweep closes a mapping in between.
+  std::unique_lock<std::mutex> hold_mappings() { return mappings_.hold(); }
+  // Whether freed segments' mappings are released (TORCH_EP_RELEASE_PEER_MAPPINGS=1, read at
+  // construction): the torch side then reports this rank's freed segments to exports().
+  bool releases_mappings() const { return release_mappings_; }
+  // This rank's exports, for the allocator's trace hook (which holds it weakly).
+  std::shared_ptr<ExportTable> exports() const { return exports_; }
+  PeerMappings& mappings() { return mappings_; }
   // Handshake flags: a set ready/done flag in `owner`'s block at index `peer`.
   uint32_t* ready_flag(int owner, int peer) const;
   uint32_t* done_flag(int owner, int peer) const;
@@ -207,10 +213,11 @@ class CudaTransport {
   PeerBuffers buffers_;
   size_t chunk_bytes_;
   HostTransport control_;  // per-call exchange of sizes and receive-buffer handles
-  std::vector<std::unordered_map<std::string, char*>> opened_;  // per peer: handle bytes -> mapping
-  // Our exported allocations by CUDA buffer id (unique per allocation, never reused), so that a
-  // steady stream of calls over the caching allocator's blocks makes no export call.
-  std::unordered_map<uint64_t, std::pair<CUdeviceptr, cudaIpcMemHandle_t>> exported_;
+  PeerMappings mappings_;                 // the peers' allocations mapped here
+  std::shared_ptr<ExportTable> exports_;  // ours, exported to the peers
+  bool release_mappings_ = false;
+  std::atomic<uint64_t> tracked_{0};      // calls tracked so far
+  std::atomic<uint64_t> completed_{0};    // of those, complete in tracking order (the watchdog's)
   CallOrder all_to_all_order_;  // all_to_all's calls share the flags and slots (caller's thread)
   cudaStream_t watchdog_stream_ = nullptr;
   cudaStream_t self_copy_stream_ = nullptr;  // all_to_all's large self copy, beside the peers' traffic

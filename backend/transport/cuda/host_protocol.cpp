@@ -45,6 +45,7 @@ std::shared_ptr<StreamMark> CudaTransport::all_to_all(const std::vector<SendBuff
   step.next("ep::host_protocol/checks");
   check_healthy(op_name);
   EP_CUDA_CHECK(cudaSetDevice(buffers_.device()));
+  const std::unique_lock<std::mutex> hold = hold_mappings();  // until the call is tracked
 
   // 1. Control exchange: sizes both ways, and where each peer's data should land.
   step.next("ep::host_protocol/export");

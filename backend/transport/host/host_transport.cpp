@@ -38,17 +38,6 @@ namespace {
 constexpr size_t kAlign = 64;
 size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
-// A name no other group on this host uses: pid, time and a counter (no iostreams: they crashed
-// in this library on one toolchain, and snprintf is all this needs).
-std::string random_id() {
-  static std::atomic<uint64_t> counter{0};
-  const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%x_%llx_%llx", unsigned(getpid()), (unsigned long long)now,
-                (unsigned long long)counter.fetch_add(1));
-  return buf;
-}
-
 struct SharedConfig {  // rank 0's choice, so that every rank lays out segments identically
   uint64_t slot_bytes;
   uint64_t num_slots;
@@ -81,7 +70,7 @@ HostTransport::HostTransport(Rendezvous& rdv, const HostTransportConfig& config,
   if (rank_ == 0) {
     shared.slot_bytes = round_up(std::max<size_t>(config.slot_bytes, kAlign), kAlign);
     shared.num_slots = std::max(config.num_slots, 1);
-    std::string id = random_id();
+    std::string id = ShmSegment::unique_id();
     std::strncpy(shared.id, id.c_str(), sizeof(shared.id) - 1);
     const auto* p = reinterpret_cast<const uint8_t*>(&shared);
     rdv.set(tag + "/config", std::vector<uint8_t>(p, p + sizeof(shared)));

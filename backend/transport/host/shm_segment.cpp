@@ -4,7 +4,11 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
 #include <utility>
 
 #include "backend/common/errors.hpp"
@@ -21,6 +25,16 @@ char* map_fd(int fd, size_t bytes, const std::string& name) {
 }
 
 }  // namespace
+
+// No iostreams: they crashed in this library on one toolchain, and snprintf is all this needs.
+std::string ShmSegment::unique_id() {
+  static std::atomic<uint64_t> counter{0};
+  const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%x_%llx_%llx", unsigned(getpid()), (unsigned long long)now,
+                (unsigned long long)counter.fetch_add(1));
+  return buf;
+}
 
 ShmSegment ShmSegment::create(const std::string& name, size_t bytes) {
   int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);

@@ -13,6 +13,8 @@ class ShmSegment {
   ShmSegment() = default;
   static ShmSegment create(const std::string& name, size_t bytes);
   static ShmSegment open(const std::string& name, size_t bytes);
+  // A name part no other group on this host uses: pid, time and a counter.
+  static std::string unique_id();
   ~ShmSegment();
   ShmSegment(ShmSegment&& other) noexcept;
   ShmSegment& operator=(ShmSegment&& other) noexcept;
