@@ -427,3 +427,21 @@ def test_ci_runs_the_readme_commands():
         ci_lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     assert len(commands) == 2, commands
     assert [line for line in ci_lines if line in commands] == commands, (commands, ci_lines)
+
+
+@pytest.mark.skipif(_cuda_include_dir() is None or shutil.which("g++") is None, reason="needs g++ and the CUDA headers")
+def test_peer_mappings_release_logic(tmp_path):
+    """peer_mappings.cpp against a fake CUDA runtime that counts each mapping's references, two
+    ranks as two threads (tests/scripts/peer_mappings_check.cpp): a freed export is logged once;
+    its mapping is closed only once the calls tracked before are complete, never while a call
+    holds the mappings; one met again before its close stays mapped; a reader lapped by the log
+    lets every mapping of that peer go; the destructor closes the rest."""
+    sources = [os.path.join(ROOT, "tests", "scripts", "peer_mappings_check.cpp")] + [
+        os.path.join(ROOT, "backend", *p) for p in (("transport", "cuda", "peer_mappings.cpp"),
+                                                    ("transport", "host", "shm_segment.cpp"),
+                                                    ("transport", "rendezvous.cpp"), ("common", "errors.cpp"))]
+    binary = tmp_path / "peer_mappings"
+    subprocess.run(["g++", "-std=c++17", "-Wall", f"-I{ROOT}", f"-I{_cuda_include_dir()}", *sources, "-o",
+                    str(binary), "-lpthread", "-lrt"], check=True)
+    run = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:]
