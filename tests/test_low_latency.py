@@ -103,7 +103,7 @@ def test_whatif_switch():
 
 
 @pytest.mark.parametrize("name", ["TORCH_EP_DIRECT_GPU_SCOPE", "TORCH_EP_DEVICE_GPU_SCOPE", "TORCH_EP_EARLY_LAUNCH",
-                                  "TORCH_EP_POOL_PIECES", "TORCH_EP_OUTPUTS_TOGETHER"])
+                                  "TORCH_EP_POOL_PIECES", "TORCH_EP_OUTPUTS_TOGETHER", "TORCH_EP_RELEASE_PEER_MAPPINGS"])
 def test_switch_on_by_default(monkeypatch, name):
     """The switches the CUDA paths read once (at their set-up or first call) are on unless 0: unset,
     "" and 1 are on; a value other than 0 or 1 raises a ValueError naming the variable."""

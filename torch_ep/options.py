@@ -35,10 +35,11 @@ ENVIRONMENT = {
                          "few SMs)",
     "TORCH_EP_SM_TABLE": "path of an SM table in place of torch_ep/data/sm_table.json: the budgets and copy variants "
                          "of one's own sweeps (benchmarks/moe.py --sm-sweep; torch_ep/sm_table.py)",
-    "TORCH_EP_RELEASE_PEER_MAPPINGS": "1 makes each rank close its mappings of the peers' tensors (CUDA dispatch/combine's "
-                                      "inputs, all_to_all_single's outputs) once their owner's caching allocator frees "
-                                      "their segments (torch.cuda.empty_cache()), so that the device gets that memory back; "
-                                      "default 0 keeps every mapping until the group is destroyed. Opt-in until measured",
+    "TORCH_EP_RELEASE_PEER_MAPPINGS": "0 keeps each rank's mappings of the peers' tensors (CUDA dispatch/combine's "
+                                      "inputs, all_to_all_single's outputs) until the group is destroyed, and with them "
+                                      "the peers' freed memory; default 1 closes them once their owner's caching "
+                                      "allocator frees their segments (torch.cuda.empty_cache()), so that the device "
+                                      "gets that memory back",
     "TORCH_EP_MOE_PUSH": "1 makes intranode CUDA dispatch push: each rank writes its own rows straight into the "
                          "receivers' outputs, which dispatch then allocates from a MoE pool every rank maps "
                          "(TORCH_EP_MOE_POOL_BYTES); no input is exported per call. Opt-in until measured; the default "

@@ -6,7 +6,7 @@
 
 namespace ep {
 
-// Where `transport` releases mappings (TORCH_EP_RELEASE_PEER_MAPPINGS=1): from now on, each
+// Where `transport` releases mappings (unless TORCH_EP_RELEASE_PEER_MAPPINGS=0): from now on, each
 // segment the caching allocator frees on its device is reported to its exports. The allocator's
 // trace hook is attached once per process and holds the transports' exports weakly.
 void report_segment_frees(const CudaTransport& transport);

@@ -100,7 +100,7 @@ CudaTransport::CudaTransport(Rendezvous& rdv, const CudaTransportConfig& config,
       control_(rdv, control_config(config.timeout, config.control_slot_bytes), tag + "/control"),
       mappings_(rdv, tag + "/mappings"),
       exports_(std::make_shared<ExportTable>(mappings_.take_own_log())),
-      release_mappings_(env_switch("TORCH_EP_RELEASE_PEER_MAPPINGS")) {
+      release_mappings_(env_switch_on_by_default("TORCH_EP_RELEASE_PEER_MAPPINGS")) {
   for (int r = 0; r < size_; ++r) group_ranks_.push_back(rdv.group_rank(r));
   if (size_ > kMaxRanks) throw CommError("torch_ep: the CUDA transport supports up to 2048 ranks per node");
   EP_CUDA_CHECK(cudaSetDevice(config.device));

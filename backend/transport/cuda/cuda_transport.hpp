@@ -121,7 +121,7 @@ class CudaTransport {
   // What a call that opens peers' allocations holds from before its record exchange until it is
   // tracked (peer_mappings.hpp): no sweep closes a mapping in between.
   std::unique_lock<std::mutex> hold_mappings() { return mappings_.hold(); }
-  // Whether freed segments' mappings are released (TORCH_EP_RELEASE_PEER_MAPPINGS=1, read at
+  // Whether freed segments' mappings are released (unless TORCH_EP_RELEASE_PEER_MAPPINGS=0, read at
   // construction): the torch side then reports this rank's freed segments to exports().
   bool releases_mappings() const { return release_mappings_; }
   // This rank's exports, for the allocator's trace hook (which holds it weakly).
