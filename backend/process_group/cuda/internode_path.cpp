@@ -7,6 +7,7 @@
 
 #include "backend/common/env_switch.hpp"
 #include "backend/process_group/cuda/cuda_work.hpp"
+#include "backend/process_group/cuda/segment_frees.hpp"
 #include "backend/process_group/process_group_ep.hpp"
 #include "backend/transport/cuda/cuda_check.hpp"
 #ifdef TORCH_EP_WITH_NVSHMEM
@@ -39,6 +40,8 @@ std::shared_ptr<InternodeTransport> ProcessGroupEP::internode_transport(const at
       // waiting on this one may be about to time out too, and should learn why.
       internode_transport_->node().on_failure(
           [faults = faults_](const std::string& why) { faults->record(why, /*wait=*/false); });
+      // all_to_all's node hop maps the node's peers' outputs (host protocol): let them go once freed.
+      report_segment_frees(internode_transport_->node());
     } catch (const std::exception& e) {
       C10_THROW_ERROR(DistBackendError, std::string(op_name) + ": setting up this group's transport across nodes "
                                             "(CUDA IPC in the node, NVSHMEM between nodes) failed: " + e.what());
