@@ -35,7 +35,7 @@ void on_allocator_event(const alloc::TraceEntry& e) {
   for (Watched& w : registry()) {
     if (w.device != e.device_) continue;
     // The transport's last owner may drop it meanwhile: ours is then the table's last reference,
-    // and its destructor only unmaps a page of shared memory.
+    // and its destructor only unmaps its log of shared memory.
     if (std::shared_ptr<ExportTable> exports = w.exports.lock()) exports->forget(e.addr_, e.size_);
   }
 }
