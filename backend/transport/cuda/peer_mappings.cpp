@@ -66,7 +66,7 @@ void ExportTable::forget(uintptr_t base, size_t bytes) {
 }
 
 PeerMappings::PeerMappings(Rendezvous& rdv, const std::string& tag)
-    : rank_(rdv.rank()), opened_(rdv.size()), logs_(rdv.size()), seen_(rdv.size(), 0) {
+    : rank_(rdv.rank()), opened_(rdv.size()), seen_(rdv.size(), 0) {
   std::string id;
   if (rank_ == 0) {
     id = ShmSegment::unique_id();
@@ -75,19 +75,7 @@ PeerMappings::PeerMappings(Rendezvous& rdv, const std::string& tag)
     const std::vector<uint8_t> bytes = rdv.get(tag + "/id");
     id.assign(bytes.begin(), bytes.end());
   }
-  auto name = [&](int r) { return "/torch_ep_freed_" + id + "_" + std::to_string(r); };
-  // posix_fallocate zero-fills: the count starts at 0.
-  ShmSegment& mine = logs_[size_t(rank_)] = ShmSegment::create(name(rank_), sizeof(FreedExportsLog));
-  try {
-    rdv.barrier(tag + "/created");
-    for (int r = 0; r < rdv.size(); ++r)
-      if (r != rank_) logs_[r] = ShmSegment::open(name(r), sizeof(FreedExportsLog));
-    rdv.barrier(tag + "/mapped");
-  } catch (...) {
-    mine.unlink();
-    throw;
-  }
-  mine.unlink();  // every peer holds a mapping: the name is no longer needed
+  logs_ = ShmSegment::map_per_rank(rdv, tag, "/torch_ep_freed_" + id, sizeof(FreedExportsLog));
 }
 
 PeerMappings::~PeerMappings() {

@@ -63,7 +63,7 @@ HostTransport::SlotHeader* HostTransport::slot(int owner, int src, uint64_t inde
 }
 
 HostTransport::HostTransport(Rendezvous& rdv, const HostTransportConfig& config, const std::string& tag)
-    : rank_(rdv.rank()), size_(rdv.size()), timeout_(config.timeout), segments_(rdv.size()),
+    : rank_(rdv.rank()), size_(rdv.size()), timeout_(config.timeout),
       send_seq_(rdv.size(), 0), recv_seq_(rdv.size(), 0) {
   for (int r = 0; r < size_; ++r) group_ranks_.push_back(rdv.group_rank(r));
   SharedConfig shared{};
@@ -86,19 +86,7 @@ HostTransport::HostTransport(Rendezvous& rdv, const HostTransportConfig& config,
 
   size_t bytes = controls_offset() + round_up(sizeof(ChannelControl) * size_, kAlign) +
                  size_t(size_) * num_slots_ * slot_stride_;
-  auto name = [&](int r) { return "/torch_ep_" + std::string(shared.id) + "_" + std::to_string(r); };
-  // posix_fallocate zero-fills, so counters and flags start at 0.
-  segments_[rank_] = ShmSegment::create(name(rank_), bytes);
-  try {
-    rdv.barrier(tag + "/created");
-    for (int r = 0; r < size_; ++r)
-      if (r != rank_) segments_[r] = ShmSegment::open(name(r), bytes);
-    rdv.barrier(tag + "/mapped");
-  } catch (...) {
-    segments_[rank_].unlink();
-    throw;
-  }
-  segments_[rank_].unlink();  // every peer holds a mapping: the name is no longer needed
+  segments_ = ShmSegment::map_per_rank(rdv, tag, "/torch_ep_" + std::string(shared.id), bytes);
   peers_ = PeerProcesses(rdv, tag);
   one_copy_ = config.one_copy && probe_one_copy(rdv, tag);
 }

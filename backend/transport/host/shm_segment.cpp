@@ -36,6 +36,26 @@ std::string ShmSegment::unique_id() {
   return buf;
 }
 
+std::vector<ShmSegment> ShmSegment::map_per_rank(Rendezvous& rdv, const std::string& tag, const std::string& prefix,
+                                                 size_t bytes) {
+  const int rank = rdv.rank();
+  auto name = [&](int r) { return prefix + "_" + std::to_string(r); };
+  std::vector<ShmSegment> segments(size_t(rdv.size()));
+  // posix_fallocate zero-fills, so counters and flags start at 0.
+  ShmSegment& mine = segments[size_t(rank)] = create(name(rank), bytes);
+  try {
+    rdv.barrier(tag + "/created");
+    for (int r = 0; r < rdv.size(); ++r)
+      if (r != rank) segments[size_t(r)] = open(name(r), bytes);
+    rdv.barrier(tag + "/mapped");
+  } catch (...) {
+    mine.unlink();
+    throw;
+  }
+  mine.unlink();  // every peer holds a mapping: the name is no longer needed
+  return segments;
+}
+
 ShmSegment ShmSegment::create(const std::string& name, size_t bytes) {
   int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
   if (fd < 0) throw CommError("torch_ep: shm_open(" + name + ") failed: " + errno_string(errno));

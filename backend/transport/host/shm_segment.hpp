@@ -5,6 +5,9 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
+
+#include "backend/transport/rendezvous.hpp"
 
 namespace ep {
 
@@ -15,6 +18,10 @@ class ShmSegment {
   static ShmSegment open(const std::string& name, size_t bytes);
   // A name part no other group on this host uses: pid, time and a counter.
   static std::string unique_id();
+  // Collective over the ranks of `rdv`: each rank creates "<prefix>_<rank>" of `bytes` (zeroed),
+  // then maps every peer's; the names are unlinked once every rank holds its mappings. Indexed by rank.
+  static std::vector<ShmSegment> map_per_rank(Rendezvous& rdv, const std::string& tag, const std::string& prefix,
+                                              size_t bytes);
   ~ShmSegment();
   ShmSegment(ShmSegment&& other) noexcept;
   ShmSegment& operator=(ShmSegment&& other) noexcept;
