@@ -13,8 +13,9 @@ per budget and a column per op and variant, and writes to --out:
   moe_sm_sweep.json  the bandwidths, and `sm_table_entries`: per variant the entry for
                      torch_ep/data/sm_table.json (per kernel, SWEPT below, the fewest SMs whose
                      stream bandwidth reaches 95% of that variant's best, dispatch from its
-                     layout-given rows: the kernel's own curve; add it to the table's "entries" by
-                     hand, see torch_ep/sm_table.py); `sm_table_entry` is the first variant's
+                     layout-given rows: the kernel's own curve; `--entries JSON --into TABLE`
+                     below puts them in a table, see torch_ep/sm_table.py); `sm_table_entry` is
+                     the first variant's
   moe_sm_sweep.png   GB/s per rank against SMs: a subplot per op, a colour per variant, stream
                      solid and isolated dashed; DeepEP's tuned figure dotted where DEEPEP_TUNED
                      has the sweep's setting
@@ -24,6 +25,7 @@ needed (torch_ep importable, a CPU build will do; matplotlib for the plot):
 
     python -m benchmarks.moe_sm_sweep --replot moe_sm_sweep.json moe_sm_sweep.png
     python -m benchmarks.moe_sm_sweep --entries moe_sm_sweep.json
+    python -m benchmarks.moe_sm_sweep --entries moe_sm_sweep.json --into torch_ep/data/sm_table.json
 """
 from __future__ import annotations
 
@@ -293,6 +295,15 @@ def plot_sweep(data: dict, path: str) -> bool:
     return True
 
 
+def merge_entries(table: dict, entries: List[dict]) -> dict:
+    """`table` (sm_table.json's contents) with `entries` in it: each replaces the entry of its GPU
+    model, group and copy variant where it stands, or goes last."""
+    key = lambda e: (e["device"], e["ranks"], e["ranks_per_gpu"], e.get("copy", sm_table.UNNAMED_ENTRY_COPY))  # noqa: E731
+    new = {key(e): e for e in entries}
+    merged = [new.pop(key(e), e) for e in table.get("entries", [])]
+    return {**table, "entries": merged + list(new.values())}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Re-plot a moe_sm_sweep.json, or derive its table entries again; "
                                                  "the sweep itself runs through benchmarks/moe.py --sm-sweep")
@@ -301,13 +312,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="the sweep's moe_sm_sweep.json and the PNG to write")
     what.add_argument("--entries", metavar="JSON",
                       help="print the sm_table.json entries of a sweep's moe_sm_sweep.json, as today's rules derive them")
+    parser.add_argument("--into", metavar="TABLE",
+                        help="with --entries: write them into this sm_table.json, each in place of the entry of "
+                             "its GPU model, group and copy variant")
     args = parser.parse_args(argv)
+    if args.into and not args.entries:
+        parser.error("--into goes with --entries")
     with open(args.entries or args.replot[0]) as f:
         data = json.load(f)
     if args.entries:
         entries = table_entries(data)
         print(json.dumps(entries, indent=2))
         print(f"Options.moe_copy='auto' would take {auto_picks(entries)}", file=sys.stderr)
+        if args.into:
+            with open(args.into) as f:
+                table = merge_entries(json.load(f), entries)
+            with open(args.into, "w") as f:
+                f.write(json.dumps(table, indent=2) + "\n")
+            print(f"wrote {len(entries)} entries into {args.into}", file=sys.stderr)
         return 0
     if not plot_sweep(data, args.replot[1]):
         print("no matplotlib: pip install matplotlib", file=sys.stderr)

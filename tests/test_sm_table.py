@@ -157,6 +157,14 @@ def test_sm_sweep_runs_on_cpu(tmp_path, capsys):
     capsys.readouterr()
     assert sweep_main(["--entries", str(tmp_path / "moe_sm_sweep.json")]) == 0  # derives them again
     assert json.loads(capsys.readouterr().out) == data["sm_table_entries"]
+    # --into: the entries land in a table, in place of their GPU model's, group's and variant's.
+    mine = dict(data["sm_table_entries"][0], dispatch=-1)
+    other = dict(mine, device="another GPU")
+    table_file = tmp_path / "table.json"
+    table_file.write_text(json.dumps({"reach": 0.95, "entries": [other, mine]}))
+    assert sweep_main(["--entries", str(tmp_path / "moe_sm_sweep.json"), "--into", str(table_file)]) == 0
+    assert json.loads(table_file.read_text()) == {"reach": 0.95,
+                                                  "entries": [other] + data["sm_table_entries"]}
     found = {(r["sms"], r["copy"], r["op"], r["method"]) for r in data["results"]}
     assert found == {(s, c, op, m) for s in (1, 2) for c in ("warp", "unroll") for op in OPS
                      for m in ("isolated", "stream")}
