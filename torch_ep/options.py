@@ -156,9 +156,9 @@ def _env_timeout() -> Optional[timedelta]:
 MOE_COPIES = ("warp", "unroll", "bulk")  # Options.moe_copy's values, in the order of kernels::MoeCopy
 # The default, "auto": the variant torch_ep/data/sm_table.json says reaches the best bandwidth with the
 # fewest SMs on this GPU model and group (sm_table.choose_copy; per kernel where the table's
-# per_kernel_copy is true), picked when the group is made. On an H100 at 2 ranks that is warp at 48
-# SMs: stream dispatch bf16 with a layout 779 GB/s against unroll's 732 at 24 (b9d993c's sweep;
-# 770-773 against 663-665 in turn, cfa2295; benchmarks/RESULTS.md).
+# per_kernel_copy is true, as shipped), picked when the group is made. On an H100 at 2 ranks that is
+# warp at 48 SMs for bf16 dispatch (779 GB/s against unroll's 732 at 24, b9d993c's sweep) and unroll
+# at 24 for fp8 dispatch and combine (benchmarks/RESULTS.md).
 AUTO_MOE_COPY = "auto"
 # Where the table has no say (no entry, or Options.num_sms set): unroll, which led warp at every SM
 # budget of the 2026-12-04 sweep on the H200 (2 ranks; 4 SMs: 167 / 131 / 278 GB/s against 148 / 100 /
