@@ -20,15 +20,18 @@
 // cudaMemcpyAsync of the rank's bytes into its own arena (all_to_all.py's roofline, `dst.copy_(src)`:
 // no peer's mapping). "local" rows move the same bytes with every destination in the rank's own
 // arena (checked against its own input): whether the gap to the roofline is the copy loop's or the
-// peers' mappings'.
+// peers' mappings'. "vmm" rows write the peers' arenas through mappings of the CUDA virtual memory
+// API instead (tools/vmm_share.hpp: cuMemCreate, exported as file descriptors): whether another
+// kind of mapping would close that gap; where the driver or MPS refuses them, the rows say why.
 #include <algorithm>
 #include <cstdint>
 
 #include "backend/kernels/copy.cuh"
 #include "tools/forked_ranks.hpp"
+#include "tools/vmm_share.hpp"
 
 using namespace ep::kernels;
-constexpr int kMaxRanks = 8, kMaxVariants = 32;
+constexpr int kMaxRanks = 8, kMaxVariants = 40;
 constexpr uint64_t kMinPiece = 64 << 10;
 
 struct Move {  // one rank's messages in stream order: message k goes to rank (rank + k) % R
@@ -92,13 +95,17 @@ void launch(const Move& m, int blocks, uint64_t chunk, bool fence, cudaStream_t 
 }
 constexpr Launch kToday = launch<8, 512, StreamingLoad, PlainStore>;
 
+// Where a variant's messages land: the receivers' arenas through CUDA IPC mappings (as the library's
+// pool), every message in this rank's own arena, or the receivers' arenas of the virtual memory API.
+enum Dest { kPeers, kLocal, kVmm };
+
 struct Variant {
   const char* name;
-  Launch run;  // nullptr: cudaMemcpyAsync per message (local: one for the whole stream)
+  Launch run;  // nullptr: cudaMemcpyAsync per message (kLocal: one for the whole stream)
   int blocks;
   uint64_t chunk;
   bool fence;
-  bool local = false;  // every destination in this rank's own arena
+  Dest dest = kPeers;
 };
 constexpr size_t kMemcpyRow = 0, kLocalCopyRow = 1;  // the two references, first in the list
 
@@ -117,14 +124,18 @@ std::vector<Variant> variants(uint64_t total, int n) {
   auto pieces = [&](uint64_t bytes) { return int((total + bytes - 1) / bytes); };
   return {
       {"cudaMemcpyAsync, a copy per message", nullptr, 0, 0, false},
-      {"local: cudaMemcpyAsync of the whole stream (the roofline's copy)", nullptr, 0, 0, false, true},
+      {"local: cudaMemcpyAsync of the whole stream (the roofline's copy)", nullptr, 0, 0, false, kLocal},
       {"today: 512x8, ld.cs / st plain, 2n-1 blocks, pieces /16 B, fence", kToday, today, cut, true},
-      {"local: today", kToday, today, cut, true, true},
-      {"local: today, 8n blocks (4 waves)", kToday, 8 * n, aligned(8 * n), true, true},
-      {"local: today, loads plain", launch<8, 512, PlainLoad, PlainStore>, today, cut, true, true},
-      {"local: today, stores st.cs", launch<8, 512, StreamingLoad, StreamingStore>, today, cut, true, true},
-      {"local: 1024x8, n blocks", launch<8, 1024, StreamingLoad, PlainStore>, n, aligned(n), true, true},
-      {"local: 512x8, a piece of 128 KiB per block", kToday, pieces(128 << 10), 128 << 10, true, true},
+      {"local: today", kToday, today, cut, true, kLocal},
+      {"vmm: cudaMemcpyAsync, a copy per message", nullptr, 0, 0, false, kVmm},
+      {"vmm: today", kToday, today, cut, true, kVmm},
+      {"vmm: 512x8, 2n blocks, chunks of 64 KiB round robin", kToday, 2 * n, 64 << 10, true, kVmm},
+      {"vmm: 512x8, a piece of 128 KiB per block", kToday, pieces(128 << 10), 128 << 10, true, kVmm},
+      {"local: today, 8n blocks (4 waves)", kToday, 8 * n, aligned(8 * n), true, kLocal},
+      {"local: today, loads plain", launch<8, 512, PlainLoad, PlainStore>, today, cut, true, kLocal},
+      {"local: today, stores st.cs", launch<8, 512, StreamingLoad, StreamingStore>, today, cut, true, kLocal},
+      {"local: 1024x8, n blocks", launch<8, 1024, StreamingLoad, PlainStore>, n, aligned(n), true, kLocal},
+      {"local: 512x8, a piece of 128 KiB per block", kToday, pieces(128 << 10), 128 << 10, true, kLocal},
       {"today, pieces aligned to 128 B", kToday, today, piece(total, today, 128), true},
       {"today, pieces aligned to 4 KiB", kToday, today, aligned(today), true},
       {"today, no fence", kToday, today, cut, false},
@@ -157,13 +168,15 @@ struct Shared {  // anonymous shared memory of the forked ranks
   std::atomic<int> sms{0};
   char device[256];
   cudaIpcMemHandle_t arena[kMaxRanks];
+  std::atomic<int> vmm_failed{0};  // any rank's failure skips every rank's vmm rows
+  char vmm_why[160];
   float median_ms[kMaxRanks][kMaxVariants];
   unsigned long long wrong[kMaxRanks][kMaxVariants];
 };
 
 void barrier(Shared* s, int ranks) { s->ranks_met.wait(ranks); }
 
-void rank_main(Shared* s, int me, int ranks, uint64_t bytes, int iterations) {
+void rank_main(Shared* s, const vmm::Pairs& pairs, int me, int ranks, uint64_t bytes, int iterations) {
   CHECK(cudaSetDevice(0));
   int n = 0;
   CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, 0));
@@ -192,6 +205,14 @@ void rank_main(Shared* s, int me, int ranks, uint64_t bytes, int iterations) {
     m.dst[k] = peer + me * message;
     mine.dst[k] = arena + d * message;
   }
+  std::vector<char*> vmm_arena;  // [r]: rank r's arena of the virtual memory API, as mapped here
+  const std::string vmm_failed = vmm::share_arenas(pairs, me, bytes, vmm_arena);
+  if (!vmm_failed.empty() && !s->vmm_failed.exchange(1))
+    std::snprintf(s->vmm_why, sizeof(s->vmm_why), "rank %d: %s", me, vmm_failed.c_str());
+  barrier(s, ranks);
+  Move vm = m;  // the same messages, into the peers' arenas of the virtual memory API
+  if (!s->vmm_failed)
+    for (int k = 0; k < ranks; ++k) vm.dst[k] = vmm_arena[(me + k) % ranks] + me * message;
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   unsigned long long* wrong;
@@ -202,16 +223,19 @@ void rank_main(Shared* s, int me, int ranks, uint64_t bytes, int iterations) {
   if (list.size() > kMaxVariants) std::exit(3);
   for (size_t v = 0; v < list.size(); ++v) {
     const Variant& x = list[v];
+    if (x.dest == kVmm && s->vmm_failed) continue;  // every rank skips it alike
+    const Move& move = x.dest == kLocal ? mine : x.dest == kVmm ? vm : m;
+    char* const checked = x.dest == kVmm ? vmm_arena[me] : arena;  // where this rank's messages land
     auto run = [&] {
       if (x.run)
-        x.run(x.local ? mine : m, x.blocks, x.chunk, x.fence, stream);
-      else if (x.local)
+        x.run(move, x.blocks, x.chunk, x.fence, stream);
+      else if (x.dest == kLocal)
         CHECK(cudaMemcpyAsync(arena, input, bytes, cudaMemcpyDeviceToDevice, stream));
       else
         for (int k = 0; k < ranks; ++k)
-          CHECK(cudaMemcpyAsync(m.dst[k], m.src[k], message, cudaMemcpyDeviceToDevice, stream));
+          CHECK(cudaMemcpyAsync(move.dst[k], move.src[k], message, cudaMemcpyDeviceToDevice, stream));
     };
-    CHECK(cudaMemset(arena, 0xff, bytes));
+    CHECK(cudaMemset(checked, 0xff, bytes));
     CHECK(cudaDeviceSynchronize());
     barrier(s, ranks);  // every arena poisoned
     run();
@@ -219,7 +243,8 @@ void rank_main(Shared* s, int me, int ranks, uint64_t bytes, int iterations) {
     CHECK(cudaGetLastError());
     barrier(s, ranks);  // every rank's messages landed
     CHECK(cudaMemset(wrong, 0, sizeof(*wrong)));
-    count_wrong<<<1024, 256>>>(reinterpret_cast<const uint32_t*>(arena), message / 4, ranks, me, x.local, wrong);
+    count_wrong<<<1024, 256>>>(reinterpret_cast<const uint32_t*>(checked), message / 4, ranks, me, x.dest == kLocal,
+                               wrong);
     CHECK(cudaMemcpy(&s->wrong[me][v], wrong, sizeof(*wrong), cudaMemcpyDeviceToHost));
     barrier(s, ranks);  // checked before anyone writes again
     CHECK(cudaEventRecord(events[0], stream));
@@ -243,7 +268,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s [MiB per rank=64] [ranks=2, 1..%d] [iterations=40, >= 20]\n", argv[0], kMaxRanks);
     return 2;
   }
-  Shared* s = run_forked<Shared>(ranks, [&](Shared* shared, int r) { rank_main(shared, r, ranks, bytes, iterations); });
+  vmm::Pairs pairs;
+  if (!vmm::make_pairs(ranks, pairs)) {
+    std::perror("socketpair");
+    return 1;
+  }
+  Shared* s = run_forked<Shared>(
+      ranks, [&](Shared* shared, int r) { rank_main(shared, pairs, r, ranks, bytes, iterations); });
   if (!s) return 1;
   bool failed = false;
   const std::vector<Variant> list = variants(bytes, s->sms);
@@ -258,6 +289,10 @@ int main(int argc, char** argv) {
   for (size_t v = 0; v < list.size(); ++v)
     for (int r = 0; r < ranks; ++r) slowest[v] = std::max(slowest[v], s->median_ms[r][v]);
   for (size_t v = 0; v < list.size(); ++v) {
+    if (list[v].dest == kVmm && s->vmm_failed) {
+      std::printf("| %s | not run: %s |\n", list[v].name, s->vmm_why);
+      continue;
+    }
     const float ms = slowest[v];
     float fastest = 1e30f;
     unsigned long long wrong = 0;
