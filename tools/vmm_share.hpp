@@ -115,28 +115,30 @@ inline std::string map(const Driver& d, CUmemGenericAllocationHandle handle, siz
 inline std::string share_arenas(const Pairs& pairs, int me, uint64_t bytes, std::vector<char*>& at) {
   const int ranks = int(pairs.size());
   at.assign(ranks, nullptr);
+  // Whatever fails here, the rank still sends every peer a message (a failure's marker in place
+  // of its rank), so that no peer waits for ever.
+  std::string failed;
   Driver d;
-  if (!load(d)) return "the driver's cuMem* entry points";
+  if (!load(d)) failed = "the driver's cuMem* entry points";
   CUmemAllocationProp prop{};
   prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
   prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   prop.location.id = 0;
   prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
   size_t granularity = 0;
-  if (d.granularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) != CUDA_SUCCESS)
-    return "cuMemGetAllocationGranularity";
-  const size_t size = (bytes + granularity - 1) / granularity * granularity;
+  if (failed.empty() && d.granularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) != CUDA_SUCCESS)
+    failed = "cuMemGetAllocationGranularity";
+  const size_t size = granularity ? (bytes + granularity - 1) / granularity * granularity : 0;
   CUmemGenericAllocationHandle mine{};
-  // A rank that fails still sends (-1), so that no peer waits for ever.
-  std::string failed;
   int fd = -1;
-  if (d.create(&mine, size, &prop, 0) != CUDA_SUCCESS) failed = "cuMemCreate";
+  if (failed.empty() && d.create(&mine, size, &prop, 0) != CUDA_SUCCESS) failed = "cuMemCreate";
   if (failed.empty()) failed = map(d, mine, size, granularity, &at[me]);
   if (failed.empty() && d.export_handle(&fd, mine, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0) != CUDA_SUCCESS)
     failed = "cuMemExportToShareableHandle";
+  bool sent = true;
   for (int r = 0; r < ranks; ++r)
-    if (r != me && !send_fd(pairs[r][0], failed.empty() ? me : -1 - me, failed.empty() ? fd : 0))
-      return "sendmsg";
+    if (r != me) sent = send_fd(pairs[r][0], failed.empty() ? me : -1 - me, failed.empty() ? fd : 0) && sent;
+  if (!sent && failed.empty()) failed = "sendmsg";
   for (int k = 1; k < ranks; ++k) {
     int from = 0, theirs = -1;
     if (!receive_fd(pairs[me][1], &from, &theirs)) return "recvmsg";
