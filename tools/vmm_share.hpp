@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "backend/transport/cuda/driver_entry_point.hpp"
+
 namespace vmm {
 
 struct Driver {
@@ -34,24 +36,15 @@ struct Driver {
   PFN_cuMemImportFromShareableHandle_v10020 import_handle = nullptr;
 };
 
-template <class Fn>
-bool entry_point(const char* symbol, Fn* fn) {
-  void* p = nullptr;
-  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  if (cudaGetDriverEntryPointByVersion(symbol, &p, 10020, cudaEnableDefault, &found) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  *fn = reinterpret_cast<Fn>(p);
-  return found == cudaDriverEntryPointSuccess && p;
-}
-
 inline bool load(Driver& d) {
-  return entry_point("cuMemGetAllocationGranularity", &d.granularity) && entry_point("cuMemCreate", &d.create) &&
-         entry_point("cuMemAddressReserve", &d.reserve) && entry_point("cuMemMap", &d.map) &&
-         entry_point("cuMemSetAccess", &d.set_access) &&
-         entry_point("cuMemExportToShareableHandle", &d.export_handle) &&
-         entry_point("cuMemImportFromShareableHandle", &d.import_handle);
+  constexpr unsigned kAbi = 10020;  // every function here is of the 10.2 ABI (PFN_*_v10020)
+  return ep::driver_entry_point("cuMemGetAllocationGranularity", kAbi, &d.granularity) &&
+         ep::driver_entry_point("cuMemCreate", kAbi, &d.create) &&
+         ep::driver_entry_point("cuMemAddressReserve", kAbi, &d.reserve) &&
+         ep::driver_entry_point("cuMemMap", kAbi, &d.map) &&
+         ep::driver_entry_point("cuMemSetAccess", kAbi, &d.set_access) &&
+         ep::driver_entry_point("cuMemExportToShareableHandle", kAbi, &d.export_handle) &&
+         ep::driver_entry_point("cuMemImportFromShareableHandle", kAbi, &d.import_handle);
 }
 
 // One datagram socket pair per rank, made before the fork: rank r reads from pair[r][1], every
@@ -148,9 +141,8 @@ inline std::string share_arenas(const Pairs& pairs, int me, uint64_t bytes, std:
       continue;
     }
     CUmemGenericAllocationHandle handle{};
-    if (failed.empty() &&
-        d.import_handle(&handle, reinterpret_cast<void*>(uintptr_t(theirs)), CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) !=
-            CUDA_SUCCESS)
+    void* os_handle = reinterpret_cast<void*>(uintptr_t(theirs));
+    if (failed.empty() && d.import_handle(&handle, os_handle, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) != CUDA_SUCCESS)
       failed = "cuMemImportFromShareableHandle";
     if (failed.empty()) failed = map(d, handle, size, granularity, &at[from]);
     close(theirs);

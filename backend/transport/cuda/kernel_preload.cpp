@@ -11,6 +11,7 @@
 
 #include "backend/common/env_switch.hpp"
 #include "backend/kernels/module_kernels.hpp"
+#include "backend/transport/cuda/driver_entry_point.hpp"
 
 namespace ep {
 namespace {
@@ -54,25 +55,14 @@ struct Driver {
   }
 };
 
-template <class Fn>
-bool entry_point(const char* symbol, unsigned int version, Fn* fn) {
-  void* p = nullptr;
-  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  if (cudaGetDriverEntryPointByVersion(symbol, &p, version, cudaEnableDefault, &found) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  *fn = reinterpret_cast<Fn>(p);
-  return found == cudaDriverEntryPointSuccess && p;
-}
-
 // Fills `d`; returns why nothing is to be loaded, or "".
 std::string find_driver(Driver& d) {
-  entry_point("cuGetErrorName", 6000, &d.error_name);
-  if (!entry_point("cuModuleGetLoadingMode", 11070, &d.loading_mode) ||
-      !entry_point("cuFuncGetModule", 11000, &d.module_of) ||
-      !entry_point("cuModuleGetFunctionCount", 12040, &d.function_count) ||
-      !entry_point("cuModuleEnumerateFunctions", 12040, &d.enumerate) || !entry_point("cuFuncLoad", 12040, &d.load))
+  driver_entry_point("cuGetErrorName", 6000, &d.error_name);
+  if (!driver_entry_point("cuModuleGetLoadingMode", 11070, &d.loading_mode) ||
+      !driver_entry_point("cuFuncGetModule", 11000, &d.module_of) ||
+      !driver_entry_point("cuModuleGetFunctionCount", 12040, &d.function_count) ||
+      !driver_entry_point("cuModuleEnumerateFunctions", 12040, &d.enumerate) ||
+      !driver_entry_point("cuFuncLoad", 12040, &d.load))
     return "the driver has no cuModuleEnumerateFunctions or cuFuncLoad (CUDA 12.4+)";
   CUmoduleLoadingMode mode = CU_MODULE_LAZY_LOADING;
   if (d.loading_mode(&mode) == CUDA_SUCCESS && mode == CU_MODULE_EAGER_LOADING)
