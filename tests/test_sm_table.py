@@ -188,6 +188,23 @@ def test_parse_budgets():
         parse_budgets("1;2")
 
 
+def test_into_needs_entries(tmp_path, capsys):
+    """--into writes derived entries: without --entries it is refused, naming both, and the table is
+    left as it was."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.moe_sm_sweep import main as sweep_main
+    finally:
+        sys.path.remove(str(ROOT))
+    table = tmp_path / "table.json"
+    table.write_text('{"entries": []}')
+    with pytest.raises(SystemExit) as refused:
+        sweep_main(["--replot", str(tmp_path / "sweep.json"), str(tmp_path / "sweep.png"), "--into", str(table)])
+    assert refused.value.code == 2
+    assert "--into goes with --entries" in capsys.readouterr().err
+    assert table.read_text() == '{"entries": []}'
+
+
 def test_entries_per_copy_variant(monkeypatch):
     """Entries name their copy variant (Options.moe_copy); one without a name is warp's, and
     warp's stands in for a variant with no entry of its own."""
