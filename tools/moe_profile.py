@@ -1,6 +1,7 @@
 """Where a dispatch / combine spends its time: kernel durations (torch.profiler) next to the
 wall time per call, at DeepEP's benchmark shape; then the host time per call of the main ops
-without the profiler (ROUNDS: the ops in turn, the median of 7 rounds), split by the ops' phases
+without the profiler (ROUNDS: the ops in turn, the median of 7 rounds, beside two floors of the host:
+one launch, and an allocation the size of recv_x with a launch), split by the ops' phases
 on their own clock (CLOCK), and under the profiler (HOST, SELF: it places time but inflates
 whatever encloses a CUDA call). Run with torchrun on a GPU machine:
 
@@ -92,11 +93,20 @@ def main():
                 "deep_ep dispatch bf16, layout given", "deep_ep dispatch cached",
                 "dispatch bf16, layout given" + APART, "dispatch fp8, layout given" + APART,
                 "direct dispatch bf16, layout given", "direct dispatch fp8, layout given")
+    # This host's floors, timed in the same rounds: what torch itself pays for one kernel launch and
+    # for the allocation a dispatch must make (recv_x's size, freed when the next call drops it), so
+    # that a host time reads as a count of launches on hosts of different speed.
+    one, other = torch.ones(1, device=x.device), torch.empty(1, device=x.device)
+    floors = {
+        "floor: one torch op, a launch": lambda: torch.add(one, 1, out=other),
+        "floor: recv_x's allocation and a launch": lambda: torch.empty_like(d.recv_x).view(-1)[:1].copy_(one),
+    }
+    ops.update(floors)
     # The host time per call without the profiler, the ops taken in turn over several rounds, so
     # that no op owes its figure to its place in the order (the median and the range of the rounds).
-    rounds = {name: [] for name in host_ops}
+    rounds = {name: [] for name in host_ops + tuple(floors)}
     for _ in range(7):
-        for name in host_ops:
+        for name in rounds:
             select(name)
             torch.cuda.synchronize()
             dist.barrier()
