@@ -78,6 +78,22 @@ def test_option_and_environment(monkeypatch):
     assert "TORCH_EP_COMM_POOL_BYTES" in torch_ep.options.ENVIRONMENT
 
 
+def test_piece_bytes_option_and_environment(monkeypatch):
+    """The one-copy move's piece in turn: 0 (64 KiB) by default, else a multiple of 64 KiB up to
+    16 MiB, refused otherwise with the field named; the environment fills it, the Config carries it."""
+    monkeypatch.delenv("TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES", raising=False)
+    assert torch_ep.Options().all_to_all_pool_piece_bytes == 0
+    monkeypatch.setenv("TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES", str(128 << 10))
+    assert torch_ep.Options().all_to_all_pool_piece_bytes == 128 << 10
+    assert torch_ep.Options()._to_config(timedelta(seconds=1)).all_to_all_pool_piece_bytes == 128 << 10
+    for bad in (-(64 << 10), 4096, (64 << 10) + 16, 32 << 20):
+        with pytest.raises(ValueError, match=r"all_to_all_pool_piece_bytes=.*expected 0 \(automatic\) or a multiple of 65536"):
+            torch_ep.Options(all_to_all_pool_piece_bytes=bad)
+    assert torch_ep.Options(all_to_all_pool_piece_bytes=16 << 20).all_to_all_pool_piece_bytes == 16 << 20
+    for name in ("TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES", "TORCH_EP_POOL_TICKET_AHEAD"):
+        assert name in torch_ep.options.ENVIRONMENT
+
+
 def rank_comm_pool_without_cuda():
     try:
         torch_ep.comm_pool()

@@ -327,9 +327,21 @@ def rank_one_copy_shapes(seed):
     rank_cuda_graph(seed + 3)
 
 
-@pytest.mark.parametrize("in_turn", ["1", "0"], ids=["pieces_in_turn", "fixed_pieces"])
-def test_one_copy_shapes(in_turn):
-    pool = rank_pool(2, cuda=True, env={"TORCH_EP_POOL_PIECES": in_turn})
+# The pieces in turn at their default, with the next one taken during the copy, and of 192 KiB (a
+# message's last piece then mostly partial), both ways; and one fixed piece a block.
+ONE_COPY_SHAPES = {
+    "pieces_in_turn": {"TORCH_EP_POOL_PIECES": "1"},
+    "ticket_ahead": {"TORCH_EP_POOL_PIECES": "1", "TORCH_EP_POOL_TICKET_AHEAD": "1"},
+    "pieces_192k": {"TORCH_EP_POOL_PIECES": "1", "TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES": str(192 << 10)},
+    "pieces_192k_ahead": {"TORCH_EP_POOL_PIECES": "1", "TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES": str(192 << 10),
+                          "TORCH_EP_POOL_TICKET_AHEAD": "1"},
+    "fixed_pieces": {"TORCH_EP_POOL_PIECES": "0"},
+}
+
+
+@pytest.mark.parametrize("env", ONE_COPY_SHAPES.values(), ids=ONE_COPY_SHAPES.keys())
+def test_one_copy_shapes(env):
+    pool = rank_pool(2, cuda=True, env=env)
     pool.run(rank_one_copy_shapes, seed=_seed(), timeout_s=300)
 
 

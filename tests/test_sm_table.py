@@ -350,7 +350,8 @@ def test_moe_push_options(monkeypatch):
         torch_ep.Options()
     # Options is a positional dataclass: the new fields come last, so that no older one moved.
     names = [f.name for f in dataclasses.fields(torch_ep.Options)]
-    assert names[-4:] == ["moe_push", "moe_pool_bytes", "moe_device_records", "moe_one_launch"]
+    assert names[-5:] == ["moe_push", "moe_pool_bytes", "moe_device_records", "moe_one_launch",
+                          "all_to_all_pool_piece_bytes"]
     assert names.index("moe_copy") == names.index("ranks_per_node") + 1 == names.index("blocking_wait") - 1
 
 

@@ -94,6 +94,13 @@ ENVIRONMENT = {
     "TORCH_EP_EARLY_LAUNCH": "0 launches CUDA all_to_all's kernels in plain stream order (default 1: each is "
                              "launched as a programmatic dependent launch, scheduled while the kernel before it "
                              "ends and waiting for it on the device, so that no launch latency lies between them)",
+    "TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES": "the device protocol's one-copy move with its pieces taken in turn "
+                                            "(TORCH_EP_POOL_PIECES): a piece in bytes, a multiple of 64 KiB up to "
+                                            "16 MiB (default 0, automatic: 64 KiB, one pass of a block's loads); "
+                                            "each rank its own",
+    "TORCH_EP_POOL_TICKET_AHEAD": "1 makes each block of the one-copy move with pieces taken in turn take its next "
+                                  "piece from the counter while it copies the current one, so that the atomic's "
+                                  "round trip overlaps the copy (default 0: after it; opt-in until measured)",
     "TORCH_EP_POOL_PIECES": "0 gives each block of the device protocol's one-copy move (tensors of the comm pool) "
                             "one fixed piece of the call (default 1: the blocks that fit at once take 64 KiB pieces "
                             "in turn from a counter until none is left)",
@@ -210,6 +217,7 @@ class Options:
     moe_pool_bytes: int = field(default_factory=_default("TORCH_EP_MOE_POOL_BYTES", 1 << 30))
     moe_device_records: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_MOE_DEVICE_RECORDS")))
     moe_one_launch: bool = field(default_factory=lambda: bool(_env_int("TORCH_EP_MOE_ONE_LAUNCH")))
+    all_to_all_pool_piece_bytes: int = field(default_factory=_default("TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES", 0))
 
     def __post_init__(self) -> None:
         checks = {
@@ -229,12 +237,15 @@ class Options:
             "all_to_all_pool_blocks": self.all_to_all_pool_blocks >= 0,
             "all_to_all_kernel_bytes": self.all_to_all_kernel_bytes >= 0,
             "all_to_all_eager_bytes": 0 <= self.all_to_all_eager_bytes <= 1 << 20 and self.all_to_all_eager_bytes % 16 == 0,
+            "all_to_all_pool_piece_bytes": 0 <= self.all_to_all_pool_piece_bytes <= 16 << 20
+                                           and self.all_to_all_pool_piece_bytes % (64 << 10) == 0,
         }
         minimum = {"host_slot_bytes": 64, "host_num_slots": 1, "cuda_buffer_bytes": 1 << 16, "comm_pool_bytes": 2 << 20,
                    "moe_pool_bytes": 2 << 20, "internode_capacity": 1}
         expected = {"all_to_all_lanes": "0 (automatic) to 32",
                     "all_to_all_slot_bytes": "0 (automatic) or a multiple of 4096",
-                    "all_to_all_eager_bytes": "0 (off) or a multiple of 16 up to 1048576"}
+                    "all_to_all_eager_bytes": "0 (off) or a multiple of 16 up to 1048576",
+                    "all_to_all_pool_piece_bytes": "0 (automatic) or a multiple of 65536 up to 16777216"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"Options.{name}={getattr(self, name)}: expected "
@@ -275,6 +286,7 @@ class Options:
         config.all_to_all_kernel_bytes = self.all_to_all_kernel_bytes
         config.all_to_all_one_launch = self.all_to_all_one_launch
         config.all_to_all_eager_bytes = self.all_to_all_eager_bytes
+        config.all_to_all_pool_piece_bytes = self.all_to_all_pool_piece_bytes
         config.force_remote = self.force_remote
         config.all_to_all_v_device = self.all_to_all_v_device
         config.all_to_all_device = self.all_to_all_device

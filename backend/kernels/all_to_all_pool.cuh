@@ -125,16 +125,18 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
   }
 }
 
-// The move in pieces taken in turn (p.pool_pieces): each message cut into pieces of kPoolPieceBytes
-// (an empty message: one empty piece, so that its "done" flag rises too), numbered in the stream's
-// order; every block takes the next number from the counter until none is left. Each block counts
-// the pieces it copied per destination once, after one fence at its end; the count that reaches
-// the message's pieces raises the destination's "done" flag.
-constexpr uint64_t kPoolPieceBytes = kMinPiece;
-
+// The move in pieces taken in turn (p.pool_pieces): each message cut into pieces of
+// p.pool_piece_bytes (an empty message: one empty piece, so that its "done" flag rises too),
+// numbered in the stream's order; every block takes the next number from the counter until none is
+// left. Each block counts the pieces it copied per destination once, after one fence at its end;
+// the count that reaches the message's pieces raises the destination's "done" flag.
+// p.pool_ticket_ahead: thread 0 takes the next number as its block starts a piece, so that the
+// atomic's round trip through L2 overlaps the copy instead of standing between two pieces. Either
+// way a block stops at the first number past the last piece, and no piece is taken twice.
 template <int kUnroll, int kThreads>
 __device__ void push_pieces(const AllToAllVParams& p) {
   const int R = p.num_ranks, me = p.rank;
+  const uint64_t piece_bytes = p.pool_piece_bytes ? p.pool_piece_bytes : kMinPiece;
   __shared__ int64_t plan[3 * kMaxRanksPerNode];
   __shared__ uint32_t copied[kMaxRanksPerNode];  // by this block, per position k in the stream
   __shared__ uint64_t taken;
@@ -143,14 +145,14 @@ __device__ void push_pieces(const AllToAllVParams& p) {
   const int64_t *bytes_to = mine.bytes_to, *arena_offset = mine.arena_offset, *input_offset = mine.input_offset;
   auto pieces_of = [&](int k) {
     const uint64_t bytes = uint64_t(bytes_to[(me + k) % R]);
-    return bytes == 0 ? uint64_t(1) : (bytes + kPoolPieceBytes - 1) / kPoolPieceBytes;
+    return bytes == 0 ? uint64_t(1) : (bytes + piece_bytes - 1) / piece_bytes;
   };
   uint32_t* next = word_at(p.blocks[me], AllToAllVLayout::kPoolNextPiece);
+  if (threadIdx.x == 0) taken = atomicAdd(next, 1u);
   for (;;) {
-    if (threadIdx.x == 0) taken = atomicAdd(next, 1u);
-    __syncthreads();
+    __syncthreads();  // thread 0's `taken` is written
     uint64_t piece = taken;
-    __syncthreads();  // every thread has read `taken` before thread 0 takes the next
+    __syncthreads();  // every thread has read `taken` before thread 0 writes the next
     int k = 0;
     for (; k < R; ++k) {
       const uint64_t n = pieces_of(k);
@@ -158,16 +160,20 @@ __device__ void push_pieces(const AllToAllVParams& p) {
       piece -= n;
     }
     if (k == R) break;  // none left (uniform across the block)
+    uint32_t ahead = 0;
+    if (p.pool_ticket_ahead && threadIdx.x == 0) ahead = atomicAdd(next, 1u);  // read only after the copy
     const int d = (me + k) % R;
-    const uint64_t from = piece * kPoolPieceBytes, bytes = uint64_t(bytes_to[d]);
-    const uint64_t to = from + kPoolPieceBytes < bytes ? from + kPoolPieceBytes : bytes;
+    const uint64_t from = piece * piece_bytes, bytes = uint64_t(bytes_to[d]);
+    const uint64_t to = from + piece_bytes < bytes ? from + piece_bytes : bytes;
     if (from < to)
       block_copy_call<kUnroll, kThreads>(p.pool[d] + arena_offset[d] + from, p.input + input_offset[d] + from,
                                          to - from, StreamingLoad{}, PushStore{});
-    if (threadIdx.x == 0) ++copied[k];
+    if (threadIdx.x == 0) {
+      ++copied[k];
+      taken = p.pool_ticket_ahead ? ahead : atomicAdd(next, 1u);
+    }
   }
-  __syncthreads();  // every thread's stores are issued before thread 0's fence
-  if (threadIdx.x != 0) return;
+  if (threadIdx.x != 0) return;  // the loop's last barrier: every thread's stores are issued
   fence_in(p.gpu_scope);
   for (int k = 0; k < R; ++k)
     if (copied[k] > 0) count_parts(p, (me + k) % R, copied[k], pieces_of(k));

@@ -223,10 +223,15 @@ struct AllToAllVParams {
   // GPU scope, not system scope (TORCH_EP_DEVICE_GPU_SCOPE): only where every peer shares this GPU
   // (ranks under MPS), as AllToAllDirectParams::gpu_scope. The host's report stays at system scope.
   bool gpu_scope;
-  // The one copy in pieces of kPoolPieceBytes that the blocks take in turn from a counter, not one
+  // The one copy in pieces of pool_piece_bytes that the blocks take in turn from a counter, not one
   // piece a block fixed in advance (TORCH_EP_POOL_PIECES=0 for the latter): a block that starts
   // late (another kernel holding its SM) takes fewer pieces instead of adding a wave at the end.
   bool pool_pieces;
+  // With pool_pieces: each block takes the next piece's number while it copies the current one
+  // (TORCH_EP_POOL_TICKET_AHEAD), and the pieces' size, a multiple of 64 KiB (0: 64 KiB)
+  // (Options.all_to_all_pool_piece_bytes).
+  bool pool_ticket_ahead;
+  uint64_t pool_piece_bytes;
 };
 
 // The plan's pool_plan, for the host (tests) and the move kernels.

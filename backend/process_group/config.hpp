@@ -47,6 +47,8 @@ struct Config {
                                         // of at most 128 KiB)
   size_t all_to_all_kernel_bytes = size_t(8) << 20;  // host protocol: a rank whose largest message has at most
                                         // this many bytes sends with one kernel, else by the copy engines
+  size_t all_to_all_pool_piece_bytes = 0;  // one-copy move in pieces taken in turn: a piece (a multiple of
+                                        // 64 KiB; 0: 64 KiB, one pass of a block's loads); each rank its own
   bool all_to_all_one_launch = false;   // plan and move in one kernel launch (slower on one H200: two launches)
   size_t all_to_all_eager_bytes = 0;    // all_to_all_single on the device protocol: messages of at most this
                                         // many bytes ride with the plan's records (0: off; the smallest over

@@ -45,6 +45,7 @@ void register_process_group(py::module_& m) {
       .def_readwrite("all_to_all_lanes", &Config::all_to_all_lanes)
       .def_readwrite("all_to_all_slot_bytes", &Config::all_to_all_slot_bytes)
       .def_readwrite("all_to_all_pool_blocks", &Config::all_to_all_pool_blocks)
+      .def_readwrite("all_to_all_pool_piece_bytes", &Config::all_to_all_pool_piece_bytes)
       .def_readwrite("all_to_all_kernel_bytes", &Config::all_to_all_kernel_bytes)
       .def_readwrite("all_to_all_one_launch", &Config::all_to_all_one_launch)
       .def_readwrite("all_to_all_eager_bytes", &Config::all_to_all_eager_bytes)

@@ -106,6 +106,11 @@ class AllToAllVState {
     // block): 2 ranks, H100, 17e969e, the pool at 64 MiB 117.4 us against 129.3 (16 MiB 43.9
     // against 48.0), where one wave of fixed pieces waits for its slowest block.
     pool_pieces_ = env_switch_on_by_default("TORCH_EP_POOL_PIECES");
+    // Issue 16's candidates for the move's last 10 % (opt-in until measured): pieces larger than one
+    // pass of a block's loads (tools/pool_copy_probe.cu: fixed pieces of 128 KiB reached 98-99 % of
+    // the copy where 64 KiB in turn ran at 89-90 %), and the next piece's number taken during the copy.
+    pool_ticket_ahead_ = env_switch("TORCH_EP_POOL_TICKET_AHEAD");
+    pool_piece_bytes_ = config.all_to_all_pool_piece_bytes > 0 ? config.all_to_all_pool_piece_bytes : kPoolMinPiece;
     CudaTransportConfig cc;
     cc.device = device;
     cc.buffer_bytes = 0;  // flags only: the watchdog, the kernel error word and the failure listener
@@ -274,7 +279,8 @@ class AllToAllVState {
     const uint64_t grid = pool_grid_automatic_ && !pool_pieces_
                               ? std::min<uint64_t>(std::max<uint64_t>(pool_blocks_, sent / (128 << 10)), kMaxPoolGrid)
                               : uint64_t(pool_blocks_);
-    return int(std::min<uint64_t>(grid, std::max<uint64_t>(1, sent / (64 << 10))));
+    const uint64_t piece = pool_pieces_ ? pool_piece_bytes_ : kPoolMinPiece;
+    return int(std::min<uint64_t>(grid, std::max<uint64_t>(1, sent / piece)));
   }
   bool one_launch() const { return one_launch_; }
   uint64_t eager_bytes() const { return eager_bytes_; }
@@ -300,6 +306,8 @@ class AllToAllVState {
     p.early_launch = transport_->early_launch();
     p.gpu_scope = gpu_scope_;
     p.pool_pieces = pool_pieces_;
+    p.pool_ticket_ahead = pool_ticket_ahead_;
+    p.pool_piece_bytes = pool_piece_bytes_;
   }
 
  private:
@@ -331,6 +339,9 @@ class AllToAllVState {
   bool one_launch_ = false;           // plan and move in one launch
   bool gpu_scope_ = false;            // the kernels' flags at GPU scope (AllToAllVParams::gpu_scope)
   bool pool_pieces_ = false;          // the one copy's pieces taken in turn (AllToAllVParams::pool_pieces)
+  bool pool_ticket_ahead_ = false;    // ... the next one taken during the copy (AllToAllVParams::pool_ticket_ahead)
+  static constexpr uint64_t kPoolMinPiece = 64 << 10;  // one pass of a move block's loads
+  uint64_t pool_piece_bytes_ = kPoolMinPiece;  // ... their size (Options.all_to_all_pool_piece_bytes)
   uint64_t eager_bytes_ = 0;          // all_to_all_single's eager messages: at most this (0: off)
   CallOrder order_;
 };
