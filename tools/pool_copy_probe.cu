@@ -10,8 +10,9 @@
 // the library's own (block_copy_call of backend/kernels/copy.cuh); a variant picks threads x 16-byte
 // loads in flight per thread, load and store flavours, the grid, and the cut of the rank's stream of
 // bytes: a piece per block (total / blocks rounded up to `align` bytes, at least 64 KiB, as
-// pool::piece_bytes cuts with align 16) or chunks dealt round robin (grid-stride); each block ends
-// with __threadfence_system, as pool::push's do. Not emulated: the plan kernel, the done counts and
+// pool::piece_bytes cuts with align 16), chunks dealt round robin (grid-stride), or ("in turn" rows,
+// the library's default, pool::push_pieces) pieces of each message taken from a counter; each block
+// ends with __threadfence_system, as pool::push's do. Not emulated: the plan kernel, the done counts and
 // flags, the wait for the peers at the end. Each variant is checked word by word on poisoned arenas,
 // then timed: `iterations` back-to-back launches per rank, the ranks started together by a barrier,
 // CUDA events between launches. Reported: the slowest rank's median, GB/s per rank (each byte once,
@@ -31,7 +32,7 @@
 #include "tools/vmm_share.hpp"
 
 using namespace ep::kernels;
-constexpr int kMaxRanks = 8, kMaxVariants = 40;
+constexpr int kMaxRanks = 8, kMaxVariants = 48;
 constexpr uint64_t kMinPiece = 64 << 10;
 
 struct Move {  // one rank's messages in stream order: message k goes to rank (rank + k) % R
@@ -66,6 +67,39 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) pool_move(Move m, uint
   }
 }
 
+// The library's default cut (pool::push_pieces): each message in pieces of `piece` bytes, numbered
+// in stream order, which the blocks take in turn from a counter until none is left; kAhead: a
+// block's thread 0 takes its next number while the block copies the current one
+// (TORCH_EP_POOL_TICKET_AHEAD). The last block to finish zeroes the counters for the next launch.
+__device__ uint32_t next_piece, blocks_done;  // this rank's (each forked rank has its own context)
+
+template <int kUnroll, int kThreads, bool kAhead>
+__global__ void __launch_bounds__(kThreads, 2) pool_move_in_turn(Move m, uint64_t piece, bool fence) {
+  __shared__ uint32_t taken;
+  const uint64_t per_message = (m.message + piece - 1) / piece, pieces = per_message * uint64_t(m.count);
+  if (threadIdx.x == 0) taken = atomicAdd(&next_piece, 1u);
+  for (;;) {
+    __syncthreads();  // thread 0's `taken` is written
+    const uint64_t number = taken;
+    __syncthreads();  // every thread has read it before thread 0 writes the next
+    if (number >= pieces) break;
+    uint32_t ahead = 0;
+    if (kAhead && threadIdx.x == 0) ahead = atomicAdd(&next_piece, 1u);
+    const int k = int(number / per_message);
+    const uint64_t from = (number % per_message) * piece, to = from + piece < m.message ? from + piece : m.message;
+    block_copy_call<kUnroll, kThreads>(m.dst[k] + from, m.src[k] + from, to - from, StreamingLoad{}, PlainStore{});
+    if (threadIdx.x == 0) taken = kAhead ? ahead : atomicAdd(&next_piece, 1u);
+  }
+  if (threadIdx.x != 0) return;
+  if (fence) __threadfence_system();
+  __threadfence();  // this block's last number taken before its count
+  if (atomicAdd(&blocks_done, 1u) + 1 == gridDim.x) {
+    next_piece = 0;
+    blocks_done = 0;
+    __threadfence();
+  }
+}
+
 __host__ __device__ uint32_t pattern(int rank, uint64_t word) {  // never the poison 0xffffffff
   return uint32_t(word * 2654435761u + uint64_t(rank) * 0x9E3779B9u) & 0x7fffffffu;
 }
@@ -94,6 +128,10 @@ void launch(const Move& m, int blocks, uint64_t chunk, bool fence, cudaStream_t 
   pool_move<U, T, B, L, S><<<blocks, T, 0, stream>>>(m, chunk, fence);
 }
 constexpr Launch kToday = launch<8, 512, StreamingLoad, PlainStore>;
+template <bool kAhead>
+void launch_in_turn(const Move& m, int blocks, uint64_t piece, bool fence, cudaStream_t stream) {
+  pool_move_in_turn<8, 512, kAhead><<<blocks, 512, 0, stream>>>(m, piece, fence);
+}
 
 // Where a variant's messages land: the receivers' arenas through CUDA IPC mappings (as the library's
 // pool), every message in this rank's own arena, or the receivers' arenas of the virtual memory API.
@@ -131,6 +169,14 @@ std::vector<Variant> variants(uint64_t total, int n) {
       {"vmm: today", kToday, today, cut, true, kVmm},
       {"vmm: 512x8, 2n blocks, chunks of 64 KiB round robin", kToday, 2 * n, 64 << 10, true, kVmm},
       {"vmm: 512x8, a piece of 128 KiB per block", kToday, pieces(128 << 10), 128 << 10, true, kVmm},
+      // The library's default cut (pieces in turn, 2n-1 blocks), of each size, with and without the
+      // ticket taken ahead (Options.all_to_all_pool_piece_bytes, TORCH_EP_POOL_TICKET_AHEAD).
+      {"in turn: pieces of 64 KiB (the library's default)", launch_in_turn<false>, today, 64 << 10, true},
+      {"in turn: pieces of 64 KiB, ticket ahead", launch_in_turn<true>, today, 64 << 10, true},
+      {"in turn: pieces of 128 KiB", launch_in_turn<false>, today, 128 << 10, true},
+      {"in turn: pieces of 128 KiB, ticket ahead", launch_in_turn<true>, today, 128 << 10, true},
+      {"in turn: pieces of 256 KiB", launch_in_turn<false>, today, 256 << 10, true},
+      {"in turn: pieces of 256 KiB, ticket ahead", launch_in_turn<true>, today, 256 << 10, true},
       {"local: today, 8n blocks (4 waves)", kToday, 8 * n, aligned(8 * n), true, kLocal},
       {"local: today, loads plain", launch<8, 512, PlainLoad, PlainStore>, today, cut, true, kLocal},
       {"local: today, stores st.cs", launch<8, 512, StreamingLoad, StreamingStore>, today, cut, true, kLocal},
