@@ -279,7 +279,7 @@ def test_auto_copy_chooses_per_kernel():
 
 def test_auto_copy_resolved_when_the_group_applies_the_table():
     """sm_table.apply turns "auto" into each kernel's chosen variant and its budget; with num_sms
-    set, into the fallback (unroll) and no budgets."""
+    set, into the variant that moved the most at that budget, and no budgets."""
     table = {"entries": [variant("unroll", {4: 180.0, 8: 350.0}, dispatch_fp8={4: 310.0, 8: 320.0}),
                          {**variant("warp", {8: 280.0, 24: 460.0}, dispatch_fp8={8: 100.0, 24: 200.0}),
                           "combine": 16}]}
@@ -291,9 +291,40 @@ def test_auto_copy_resolved_when_the_group_applies_the_table():
     sm_table.apply(config, 0, "NVIDIA H100", 4, 4, {**table, sm_table.PER_KERNEL_KEY: True}, copy="auto")
     # combine: SWEEP's curve in both, level: the fewer SMs (8, unroll's) over warp's edited 16
     assert settings(config) == {"dispatch": ("warp", 24), "dispatch_fp8": ("unroll", 4), "combine": ("unroll", 8)}
+    # 6 SMs: each curve's figure at 4 (the most swept below 6); warp has none there: unroll.
     fixed = torch_ep.Options(moe_copy="auto", num_sms=6)._to_config(timedelta(seconds=60))
-    sm_table.apply(fixed, 6, "NVIDIA H100", 4, 4, table, copy="auto")
+    sm_table.apply(fixed, 6, "NVIDIA H100", 4, 4, {**table, sm_table.PER_KERNEL_KEY: True}, copy="auto")
     assert settings(fixed) == {op: ("unroll", 0) for op in sm_table.OPS}
+    # 24 SMs: warp's 460 over unroll's 350 (its figure at 8) for bf16; fp8 320 against 200: unroll.
+    sm_table.apply(fixed, 24, "NVIDIA H100", 4, 4, {**table, sm_table.PER_KERNEL_KEY: True}, copy="auto")
+    assert settings(fixed) == {"dispatch": ("warp", 0), "dispatch_fp8": ("unroll", 0), "combine": ("unroll", 0)}
+    # Without the table's switch, dispatch's pick for all three.
+    sm_table.apply(fixed, 24, "NVIDIA H100", 4, 4, table, copy="auto")
+    assert settings(fixed) == {op: ("warp", 0) for op in sm_table.OPS}
+
+
+def test_auto_copy_at_a_budget_set():
+    """With num_sms set, "auto" takes the variant whose sweep moved the most at that budget (at
+    the most SMs swept below it where it was not swept); ties, budgets below every swept one and
+    variants of other runs leave the default."""
+    unroll = {4: 180.0, 8: 350.0, 16: 340.0, 24: 360.0}
+    warp = {4: 160.0, 8: 280.0, 16: 420.0, 24: 460.0}
+    entries = [variant("unroll", unroll), variant("warp", warp)]
+    at = lambda sms, entries=entries, **kw: sm_table.choose_copy_at(  # noqa: E731
+        "NVIDIA H100", 4, 4, sms, {"entries": entries}, **kw)
+    assert [at(s) for s in (4, 8, 12, 16, 24, 64)] == ["unroll", "unroll", "unroll", "warp", "warp", "warp"]
+    assert at(2) == "unroll"  # below every swept budget
+    assert at(4, [variant("unroll", unroll), variant("warp", dict(unroll))]) == "unroll"  # a tie
+    assert at(16, [variant("unroll", unroll), variant("warp", warp, run="fff0000")]) == "unroll"
+    assert at(16, [variant("warp", warp)]) == "unroll"  # no entry of the default
+    assert at(16, default="warp") == "warp"
+    with pytest.raises(ValueError, match="choose_copy_at: op='combine_bf16'"):
+        at(8, op="combine_bf16")
+    # The shipped table: 8 ranks sharing an H100 at 8 SMs, warp's bf16 dispatch moved 229 GB/s
+    # where unroll's moved 186 (3d86ee6's sweep); 2 ranks sharing an H200, unroll's led at 8 SMs.
+    table = sm_table.load(sm_table.TABLE_PATH)
+    assert sm_table.choose_copy_at("NVIDIA H100 80GB HBM3", 8, 8, 8, table) == "warp"
+    assert [sm_table.choose_copy_at("NVIDIA H200", 2, 2, 8, table, op=op) for op in sm_table.OPS] == ["unroll"] * 3
 
 
 def test_auto_copy_option(monkeypatch):

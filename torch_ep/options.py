@@ -27,8 +27,8 @@ ENVIRONMENT = {
                         "direct kernel a block a slice of a message, at most 512)",
     "TORCH_EP_MOE_COPY": "how intranode CUDA dispatch/combine move rows: auto (default: the variant "
                          "torch_ep/data/sm_table.json says reaches the best bandwidth with the fewest SMs on this GPU "
-                         "and group, per kernel where its per_kernel_copy is true; unroll where it has no say or "
-                         "num_sms is set), unroll (a warp per row, a row's "
+                         "and group, per kernel where its per_kernel_copy is true; with num_sms set, the variant it "
+                         "says moves the most at that budget; unroll where it has no say), unroll (a warp per row, a row's "
                          "loads issued together and the next row's lookups a row ahead, about one round trip to "
                          "memory per row), warp (a warp per row, 16-byte loads, one lookup after another) or bulk "
                          "(Hopper bulk async copies through a shared-memory ring: many bytes in flight per SM, for "
@@ -167,7 +167,9 @@ MOE_COPIES = ("warp", "unroll", "bulk")  # Options.moe_copy's values, in the ord
 # warp at 48 SMs for bf16 dispatch (779 GB/s against unroll's 732 at 24, b9d993c's sweep) and unroll
 # at 24 for fp8 dispatch and combine (benchmarks/RESULTS.md).
 AUTO_MOE_COPY = "auto"
-# Where the table has no say (no entry, or Options.num_sms set): unroll, which led warp at every SM
+# With Options.num_sms set, "auto" takes the variant the table's sweep measured moving the most at that
+# budget (sm_table.choose_copy_at). Where the table has no say (no entry of this variant for the GPU
+# and group, or no budget swept at or below num_sms): unroll, which led warp at every SM
 # budget of the 2026-12-04 sweep on the H200 (2 ranks; 4 SMs: 167 / 131 / 278 GB/s against 148 / 100 /
 # 174 for dispatch bf16 / fp8 / combine).
 FALLBACK_MOE_COPY = "unroll"
