@@ -60,10 +60,14 @@ def time_runs(op: Callable[[], object], *, device: torch.device, runs: int = MIN
     return times
 
 
-def time_stream(op: Callable[[], object], *, device: torch.device, calls: int) -> List[float]:
+def time_stream(op: Callable[[], object], *, device: torch.device, calls: int,
+                host_s: Optional[List[float]] = None) -> List[float]:
     """Seconds of each of `calls` back-to-back calls of `op` (DeepEP's bench): each call sits
     between two events on the current stream and the host never waits in between, so it runs
-    ahead of the device as a model's forward pass does. On the CPU, wall time per call."""
+    ahead of the device as a model's forward pass does. On the CPU, wall time per call.
+    On CUDA `host_s` gets the host's seconds per call issued, the first call left out as the
+    device times are: where it nears the device's time per call the device waits for the host,
+    and the stream's figure is partly the host's (on the CPU the two are one: nothing added)."""
     if device.type != "cuda":
         times = []
         for _ in range(calls):
@@ -72,11 +76,16 @@ def time_stream(op: Callable[[], object], *, device: torch.device, calls: int) -
             times.append(time.perf_counter() - start_s)
         return times
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+    issued_s = []
     for start, end in events:
+        issued_s.append(time.perf_counter())
         start.record()
         op()
         end.record()
+    issued_s.append(time.perf_counter())
     torch.cuda.synchronize(device)
+    if host_s is not None:
+        host_s.append((issued_s[-1] - issued_s[min(1, calls - 1)]) / max(calls - 1, 1))
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 

@@ -39,8 +39,13 @@ bytes/rank is the mean over ranks. Two timing methods, each for every implementa
             microsecond of the call (and the ranks' skew leaving the barrier) is on the clock.
   stream    DeepEP's bench: L2 flushed once, then --stream-calls calls back to back, each between
             two events, no barrier; the time is the mean over calls (the first dropped) of the
-            slowest rank's, the median over --stream-rounds such rounds (the ops take turns). The host prepares a call while the GPU still runs the previous one,
-            as in a model's forward pass; DeepEP's published figures are measured this way. Before timing, ep's outputs are checked bit for bit against torch_ep.reference's on the
+            slowest rank's, the median over --stream-rounds such rounds (the ops take turns). The
+            host prepares a call while the GPU still runs the previous one, as in a model's
+            forward pass; DeepEP's published figures are measured this way. The table's last
+            column gives the host's time to issue a call (the slowest rank's, the rounds'
+            median); "(host-bound)" where it reaches HOST_BOUND of the call's device time: the
+            device then waits for the host at times, and the figure is partly the host's.
+Before timing, ep's outputs are checked bit for bit against torch_ep.reference's on the
 same inputs (integer-valued x, so that combine's sums are exact); a mismatch aborts the run.
 
 Rank 0 prints the table and writes moe.md and moe.json to --out.
@@ -65,7 +70,7 @@ import argparse
 import inspect
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -91,6 +96,9 @@ LAYOUT_GIVEN = ", layout given"  # an op timed with its layout computed before t
 OPS = ("dispatch bf16", "dispatch fp8", "dispatch bf16" + LAYOUT_GIVEN, "dispatch fp8" + LAYOUT_GIVEN,
        "dispatch cached", "combine bf16", "combine bf16, fresh x")
 ALL_OPS = OPS + GRAPH_OPS  # the table's order
+# Stream: a call whose host time reaches this share of its device time leaves the device waiting
+# between calls, at times (the host's time per call varies from call to call more than the device's).
+HOST_BOUND = 0.8
 FP8_BLOCK = 128  # channels per fp8 scale
 
 
@@ -103,6 +111,13 @@ class Measurement:
     run_times_s: List[float]   # per timed run (isolated) or call (stream), the slowest rank's seconds
     method: str = "isolated"   # or "stream" (see the module's docstring)
     stream_round_calls: int = 0  # stream: calls per round (run_times_s holds the rounds one after another)
+    host_s: List[float] = dataclass_field(default_factory=list)  # stream: per round, the slowest rank's host seconds per call
+
+    @property
+    def host_bound(self) -> bool:
+        """Stream: the host took at least HOST_BOUND of the device's time per call to issue a call,
+        so the device waited for it (the figure is then partly the host's speed, not the op's)."""
+        return bool(self.host_s) and common.median(self.host_s) >= HOST_BOUND * self.time_s
 
     @property
     def bytes_per_rank(self) -> float:
@@ -360,13 +375,16 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
         # Rounds taking turns, as the isolated runs: a host hiccup in one op's block of calls (the
         # ranks share this machine's few cores) weighs on one round's mean, not on the median.
         stream_times: Dict[Tuple[str, str], List[float]] = {key: [] for key in timed}
+        stream_host: Dict[Tuple[str, str], List[float]] = {key: [] for key in timed}
         for _ in range(args.stream_rounds):
             for key, fn in timed.items():
                 start_run()
-                times = common.time_stream(fn, device=device, calls=args.stream_calls)[1:]
+                host: List[float] = []
+                times = common.time_stream(fn, device=device, calls=args.stream_calls, host_s=host)[1:]
                 stream_times[key] += common.slowest_rank(times, sync_group)
+                stream_host[key] += common.slowest_rank(host, sync_group)
         measurements += [Measurement(impl, op, tokens, [b[op] for b in rank_bytes], times, method="stream",
-                                     stream_round_calls=args.stream_calls - 1)
+                                     stream_round_calls=args.stream_calls - 1, host_s=stream_host[(impl, op)])
                          for (impl, op), times in stream_times.items()]
     return measurements
 
@@ -386,6 +404,7 @@ def results_table(measurements: List[Measurement], subject: str) -> str:
     headers = ["tokens", "method", "op", "bytes/rank", f"{subject} us", f"{subject} GB/s", "roofline GB/s",
                f"{subject}/roofline", f"{DEEPEP} us", f"{DEEPEP} GB/s", f"{subject}/{DEEPEP}"]
     headers += [f"{WRAPPER} us", f"{WRAPPER} time/{subject}"] if wrapped else []
+    headers.append(f"{subject} host us/call")
     rows = []
     for tokens, method, op in sorted({(m.tokens, m.method, m.op) for m in measurements},
                                  key=lambda k: (k[0], k[1], ALL_OPS.index(k[2]))):
@@ -400,6 +419,9 @@ def results_table(measurements: List[Measurement], subject: str) -> str:
             wrapper_m = by_key.get((WRAPPER, op, tokens, method))
             row += ([f"{wrapper_m.time_s * 1e6:.1f}", f"{wrapper_m.time_s / subject_m.time_s:.3f}x"]
                     if wrapper_m and subject_m else ["n/a"] * 2)
+        host = subject_m.host_s if subject_m else []  # stream rows only
+        row.append(f"{common.median(host) * 1e6:.1f}" + (" (host-bound)" if subject_m.host_bound else "")
+                   if host else "-")
         rows.append(row)
     return common.markdown_table(headers, rows)
 
@@ -410,7 +432,9 @@ def write_results(out_dir: str, measurements: List[Measurement], meta: Dict[str,
         "meta": meta,
         "results": [{"impl": m.impl, "op": m.op, "tokens": m.tokens, "method": m.method, "bytes_per_rank": m.bytes_per_rank,
                      "rank_bytes": m.rank_bytes, "time_us": m.time_s * 1e6, "GBps": m.gbps,
-                     "run_times_us": [t * 1e6 for t in m.run_times_s]} for m in measurements],
+                     "run_times_us": [t * 1e6 for t in m.run_times_s],
+                     "host_us_per_call": [t * 1e6 for t in m.host_s], "host_bound": m.host_bound}
+                    for m in measurements],
     })
     header = (f"# MoE dispatch/combine: {meta['ranks']} ranks, {meta['device']}\n\n"
               + "\n".join(f"- {key}: {value}" for key, value in meta.items()) + "\n\n")

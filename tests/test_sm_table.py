@@ -177,6 +177,31 @@ def test_sm_sweep_runs_on_cpu(tmp_path, capsys):
             assert e["measured"]["GBps"][table_op] == {str(s): stream[(s, op)] for s in (1, 2)}
 
 
+def test_moe_table_flags_host_bound_stream_rows():
+    """benchmarks/moe.py's last column: the host's time to issue a stream call, the rounds'
+    median, flagged where it reaches HOST_BOUND of the call's device time (the device then waits
+    for the host); "-" for isolated rows and where nothing was measured (CPU runs)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.moe import HOST_BOUND, ROOFLINE, Measurement, results_table
+    finally:
+        sys.path.remove(str(ROOT))
+    op_a, op_b = "dispatch bf16, layout given", "dispatch fp8, layout given"
+    device_s = [100e-6] * 4  # two rounds of two calls
+    rows = [Measurement("ep", op_a, 64, [1 << 20], device_s, "stream", 2, host_s=[40e-6, 42e-6, 41e-6]),
+            Measurement("ep", op_b, 64, [1 << 20], device_s, "stream", 2,
+                        host_s=[HOST_BOUND * 100e-6, 90e-6, 95e-6]),
+            Measurement("ep", op_a, 64, [1 << 20], [200e-6] * 3, "isolated"),
+            Measurement("ep", "combine bf16", 64, [1 << 20], device_s, "stream", 2)]
+    rows += [Measurement(ROOFLINE, m.op, 64, [1 << 20], [50e-6], m.method) for m in rows]
+    assert not rows[0].host_bound and rows[1].host_bound and not rows[2].host_bound and not rows[3].host_bound
+    table = results_table(rows, "ep").splitlines()
+    assert table[0].rstrip(" |").endswith("ep host us/call")
+    last = {(line.split("|")[2].strip(), line.split("|")[3].strip()): line.split("|")[-2].strip() for line in table[2:]}
+    assert last == {("stream", op_a): "41.0", ("stream", op_b): "90.0 (host-bound)",
+                    ("isolated", op_a): "-", ("stream", "combine bf16"): "-"}
+
+
 def test_parse_budgets():
     sys.path.insert(0, str(ROOT))
     try:
