@@ -385,7 +385,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
       phase.next("ep::dispatch/launch");
       EP_CUDA_CHECK(kernels::launch_dispatch_push(p, stream));
       phase.next("ep::dispatch/track");
-      transport->track(op, stream);
+      transport->track_known_capture(op, stream, capturing);
       raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
       o.meta = given ? placeholder_output(a.placeholders, meta.options()) : meta;
       o.counts = cached ? placeholder(a.placeholders, at::kLong) : counts.to_tensor();
@@ -440,7 +440,7 @@ DispatchOutputs dispatch_cuda(ProcessGroupEP& group, const DispatchArgs& a) {
     phase.next("ep::dispatch/launch");
     EP_CUDA_CHECK(kernels::launch_dispatch(p, stream));
     phase.next("ep::dispatch/track");
-    transport->track(op, stream);
+    transport->track_known_capture(op, stream, capturing);  // asked at the start of the call
     raise_device_report(*transport, int(rank), -1, op);  // an earlier call's; queued: no peer waits in vain
 
     phase.next("ep::dispatch/handle");

@@ -273,6 +273,11 @@ int CudaTransport::direct_blocks() const {
 
 std::shared_ptr<StreamMark> CudaTransport::track(const char* op_name, cudaStream_t stream, std::vector<int> peers) {
   if (stream_capturing(stream)) return nullptr;  // replays run where the watchdog cannot see
+  return track_uncaptured(op_name, stream, std::move(peers));
+}
+
+std::shared_ptr<StreamMark> CudaTransport::track_uncaptured(const char* op_name, cudaStream_t stream,
+                                                            std::vector<int> peers) {
   auto done = std::make_shared<StreamMark>(device(), stream);
   Inflight op{op_name, std::chrono::steady_clock::now(), std::move(peers), done};
   {
@@ -285,10 +290,16 @@ std::shared_ptr<StreamMark> CudaTransport::track(const char* op_name, cudaStream
 }
 
 std::shared_ptr<StreamMark> CudaTransport::track(const char* op_name, cudaStream_t stream) {
+  return track_known_capture(op_name, stream, stream_capturing(stream));
+}
+
+std::shared_ptr<StreamMark> CudaTransport::track_known_capture(const char* op_name, cudaStream_t stream,
+                                                               bool capturing) {
+  if (capturing) return nullptr;
   std::vector<int> peers;
   for (int p = 0; p < size_; ++p)
     if (p != rank_) peers.push_back(p);
-  return track(op_name, stream, std::move(peers));
+  return track_uncaptured(op_name, stream, std::move(peers));
 }
 
 void CudaTransport::control_exchange(const std::vector<SendBuffer>& sends, const std::vector<RecvBuffer>& recvs,

@@ -165,6 +165,9 @@ class CudaTransport {
   std::shared_ptr<StreamMark> track(const char* op_name, cudaStream_t stream, std::vector<int> peers);
   // The same for a call that waits on every other rank of the transport.
   std::shared_ptr<StreamMark> track(const char* op_name, cudaStream_t stream);
+  // The same where the caller already asked whether `stream` captures (a driver call spared). A
+  // name of its own: an overload on bool would take the `{}` of a call that names no peers.
+  std::shared_ptr<StreamMark> track_known_capture(const char* op_name, cudaStream_t stream, bool capturing);
 
  private:
   struct Inflight {
@@ -174,6 +177,8 @@ class CudaTransport {
     std::shared_ptr<StreamMark> done;
   };
 
+  // track() on a stream known not to be capturing.
+  std::shared_ptr<StreamMark> track_uncaptured(const char* op_name, cudaStream_t stream, std::vector<int> peers);
   uint32_t* full_flag(int owner, int src, int slot) const;
   uint32_t* empty_flag(int owner, int dst, int slot) const;
   char* slot_data(int owner, int src, int slot) const;
