@@ -111,6 +111,8 @@ class AllToAllVState {
     // the copy where 64 KiB in turn ran at 89-90 %), and the next piece's number taken during the copy.
     pool_ticket_ahead_ = env_switch("TORCH_EP_POOL_TICKET_AHEAD");
     pool_piece_bytes_ = config.all_to_all_pool_piece_bytes > 0 ? config.all_to_all_pool_piece_bytes : kPoolMinPiece;
+    TORCH_CHECK_VALUE(pool_piece_bytes_ % kPoolMinPiece == 0, "Config.all_to_all_pool_piece_bytes=",
+                      config.all_to_all_pool_piece_bytes, ": expected 0 (automatic) or a multiple of 65536");
     CudaTransportConfig cc;
     cc.device = device;
     cc.buffer_bytes = 0;  // flags only: the watchdog, the kernel error word and the failure listener
