@@ -33,7 +33,7 @@
 
 namespace ep::kernels::pool {
 
-constexpr uint64_t kMinPiece = 64 << 10;  // one pass of a block of 512 threads, 8 x 16 B each
+constexpr uint64_t kMinPiece = kPoolMinPiece;  // all_to_all_v.cuh's, shared with the host
 
 // Issue 16's candidates, off until tools/pool_copy_probe.cu (gpu_suite.sh's pool_probe step) and the
 // all_to_all benchmark say otherwise; a build sets them with -D (CUDAFLAGS on a fresh build folder).

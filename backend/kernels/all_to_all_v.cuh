@@ -77,6 +77,9 @@
 
 namespace ep::kernels {
 
+// The one copy's smallest piece: one pass of a move block's loads (512 threads, 8 x 16 B each).
+constexpr uint64_t kPoolMinPiece = 64 << 10;
+
 // Offsets in each rank's registered block. Host and device.
 struct AllToAllVLayout {
   // A record: splits[R], the fields below, then expected[R] (the rows this rank expects from
@@ -228,7 +231,7 @@ struct AllToAllVParams {
   // late (another kernel holding its SM) takes fewer pieces instead of adding a wave at the end.
   bool pool_pieces;
   // With pool_pieces: each block takes the next piece's number while it copies the current one
-  // (TORCH_EP_POOL_TICKET_AHEAD), and the pieces' size, a multiple of 64 KiB (0: 64 KiB)
+  // (TORCH_EP_POOL_TICKET_AHEAD), and the pieces' size, a multiple of kPoolMinPiece (0: that)
   // (Options.all_to_all_pool_piece_bytes).
   bool pool_ticket_ahead;
   uint64_t pool_piece_bytes;

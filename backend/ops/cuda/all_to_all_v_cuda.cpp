@@ -110,8 +110,9 @@ class AllToAllVState {
     // pass of a block's loads (tools/pool_copy_probe.cu: fixed pieces of 128 KiB reached 98-99 % of
     // the copy where 64 KiB in turn ran at 89-90 %), and the next piece's number taken during the copy.
     pool_ticket_ahead_ = env_switch("TORCH_EP_POOL_TICKET_AHEAD");
-    pool_piece_bytes_ = config.all_to_all_pool_piece_bytes > 0 ? config.all_to_all_pool_piece_bytes : kPoolMinPiece;
-    TORCH_CHECK_VALUE(pool_piece_bytes_ % kPoolMinPiece == 0, "Config.all_to_all_pool_piece_bytes=",
+    pool_piece_bytes_ =
+        config.all_to_all_pool_piece_bytes > 0 ? config.all_to_all_pool_piece_bytes : kernels::kPoolMinPiece;
+    TORCH_CHECK_VALUE(pool_piece_bytes_ % kernels::kPoolMinPiece == 0, "Config.all_to_all_pool_piece_bytes=",
                       config.all_to_all_pool_piece_bytes, ": expected 0 (automatic) or a multiple of 65536");
     CudaTransportConfig cc;
     cc.device = device;
@@ -281,7 +282,7 @@ class AllToAllVState {
     const uint64_t grid = pool_grid_automatic_ && !pool_pieces_
                               ? std::min<uint64_t>(std::max<uint64_t>(pool_blocks_, sent / (128 << 10)), kMaxPoolGrid)
                               : uint64_t(pool_blocks_);
-    const uint64_t piece = pool_pieces_ ? pool_piece_bytes_ : kPoolMinPiece;
+    const uint64_t piece = pool_pieces_ ? pool_piece_bytes_ : kernels::kPoolMinPiece;
     return int(std::min<uint64_t>(grid, std::max<uint64_t>(1, sent / piece)));
   }
   bool one_launch() const { return one_launch_; }
@@ -342,8 +343,7 @@ class AllToAllVState {
   bool gpu_scope_ = false;            // the kernels' flags at GPU scope (AllToAllVParams::gpu_scope)
   bool pool_pieces_ = false;          // the one copy's pieces taken in turn (AllToAllVParams::pool_pieces)
   bool pool_ticket_ahead_ = false;    // ... the next one taken during the copy (AllToAllVParams::pool_ticket_ahead)
-  static constexpr uint64_t kPoolMinPiece = 64 << 10;  // one pass of a move block's loads
-  uint64_t pool_piece_bytes_ = kPoolMinPiece;  // ... their size (Options.all_to_all_pool_piece_bytes)
+  uint64_t pool_piece_bytes_ = kernels::kPoolMinPiece;  // ... their size (Options.all_to_all_pool_piece_bytes)
   uint64_t eager_bytes_ = 0;          // all_to_all_single's eager messages: at most this (0: off)
   CallOrder order_;
 };
