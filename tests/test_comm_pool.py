@@ -90,7 +90,7 @@ def test_piece_bytes_option_and_environment(monkeypatch):
         with pytest.raises(ValueError, match=r"all_to_all_pool_piece_bytes=.*expected 0 \(automatic\) or a multiple of 65536"):
             torch_ep.Options(all_to_all_pool_piece_bytes=bad)
     assert torch_ep.Options(all_to_all_pool_piece_bytes=16 << 20).all_to_all_pool_piece_bytes == 16 << 20
-    for name in ("TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES", "TORCH_EP_POOL_TICKET_AHEAD"):
+    for name in ("TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES", "TORCH_EP_POOL_TICKET_AHEAD", "TORCH_EP_POOL_SELF_FIRST"):
         assert name in torch_ep.options.ENVIRONMENT
 
 

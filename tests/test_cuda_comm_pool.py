@@ -336,6 +336,9 @@ ONE_COPY_SHAPES = {
     "pieces_192k_ahead": {"TORCH_EP_POOL_PIECES": "1", "TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES": str(192 << 10),
                           "TORCH_EP_POOL_TICKET_AHEAD": "1"},
     "fixed_pieces": {"TORCH_EP_POOL_PIECES": "0"},
+    "self_first": {"TORCH_EP_POOL_PIECES": "1", "TORCH_EP_POOL_SELF_FIRST": "1"},
+    "self_first_128k_ahead": {"TORCH_EP_POOL_PIECES": "1", "TORCH_EP_POOL_SELF_FIRST": "1",
+                              "TORCH_EP_ALL_TO_ALL_POOL_PIECE_BYTES": str(128 << 10), "TORCH_EP_POOL_TICKET_AHEAD": "1"},
 }
 
 
@@ -345,10 +348,11 @@ def test_one_copy_shapes(env):
     pool.run(rank_one_copy_shapes, seed=_seed(), timeout_s=300)
 
 
-def rank_disagreeing_splits():
+def rank_disagreeing_splits(own_rows_may_move=False):
     """Ranks 0 and 1 disagree (rank 0 expects three rows from rank 1, which sends two): nothing
     moves on any rank, every rank raises at its next synchronising check, and the group keeps
-    working with one copy."""
+    working with one copy. `own_rows_may_move` (TORCH_EP_POOL_SELF_FIRST): a rank whose own rows
+    agree with itself may have copied them before the plan refused the call; nothing else moves."""
     rank, size = dist.get_rank(), dist.get_world_size()
     group, pool = _pool_group(timeout=timedelta(seconds=20))
     try:
@@ -367,7 +371,14 @@ def rank_disagreeing_splits():
         except Exception as e:  # noqa: BLE001
             error = str(e)
         torch.cuda.synchronize()
-        assert same_bits(y, before), "a refused call wrote its output"
+        if own_rows_may_move and rank != 0:  # rank 0 expects one row from itself and sends two
+            own = slice(sum(out_splits[:rank]), sum(out_splits[:rank + 1]))
+            kept = torch.ones(y.shape[0], dtype=torch.bool, device="cuda")
+            kept[own] = False
+            assert same_bits(y[kept], before[kept]), "a refused call wrote rows from other ranks"
+            assert same_bits(y[own], before[own]) or same_bits(y[own], x[2 * rank:2 * rank + 2]), "own rows garbled"
+        else:
+            assert same_bits(y, before), "a refused call wrote its output"
         _check(group, pool, torch.float32, "uneven", (4,), 7)
         return error, _one_copy(group)
     finally:
@@ -380,6 +391,33 @@ def test_disagreeing_splits_raise_on_every_rank(cuda_pool):
     for error, one_copy_after in cuda_pool.run(rank_disagreeing_splits, timeout_s=120):
         assert error is not None and "split sizes disagree" in error and "rank 0 expects" in error, error
         assert one_copy_after
+
+
+def rank_self_first_edges(seed):
+    """TORCH_EP_POOL_SELF_FIRST's edges: a refused call (its own rows only may move), a call whose
+    plan takes the staged move after the own rows were copied (rank 0's output outside the pool),
+    in both launch shapes, then one copy again."""
+    error, one_copy_after = rank_disagreeing_splits(own_rows_may_move=True)
+    assert error is not None and "split sizes disagree" in error, error
+    assert one_copy_after
+    rank = dist.get_rank()
+    for options in (dict(), dict(all_to_all_one_launch=True)):
+        group, pool = _pool_group(**options)
+        try:
+            # "even": every rank receives rows, so rank 0's output outside the pool rules one copy out.
+            for i, row_shape in enumerate(((37,), (100_000,))):
+                _check(group, pool, torch.bfloat16, "even", row_shape, seed + i, out_pool=rank != 0)
+                assert not _one_copy(group), f"{options} {row_shape}: one copy with an output outside the pool"
+            for i, kind in enumerate(("uneven", "even", "to_one", "zeros")):
+                _check(group, pool, torch.float32, kind, (300_001,) if kind == "even" else (300,), seed + i)
+                assert _one_copy(group), f"{options} {kind}: not one copy"
+        finally:
+            dist.destroy_process_group(group)
+
+
+def test_self_first_edges():
+    pool = rank_pool(2, cuda=True, env={"TORCH_EP_POOL_SELF_FIRST": "1"})
+    pool.run(rank_self_first_edges, seed=_seed(), timeout_s=300)
 
 
 def rank_cuda_graph(seed):

@@ -125,6 +125,20 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
   }
 }
 
+// This rank's message to itself as the host knows it (all_to_all_single, p.pool_self_first): the
+// plan, once it has met the peers and found that they agree, says the same.
+struct SelfMessage {
+  uint64_t bytes, arena_offset, input_offset;
+};
+__device__ __forceinline__ SelfMessage host_self_message(const AllToAllVParams& p) {
+  const int me = p.rank;
+  int64_t sent_before = 0, expected_before = 0;
+  for (int r = 0; r < me; ++r) sent_before += p.host_splits[r], expected_before += p.expected_splits[r];
+  const uint64_t row = uint64_t(p.row_bytes);
+  return {uint64_t(p.host_splits[me]) * row, uint64_t(p.out_arena) + uint64_t(expected_before) * row,
+          uint64_t(sent_before) * row};
+}
+
 // The move in pieces taken in turn (p.pool_pieces): each message cut into pieces of
 // p.pool_piece_bytes (an empty message: one empty piece, so that its "done" flag rises too),
 // numbered in the stream's order; every block takes the next number from the counter until none is
@@ -133,50 +147,64 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
 // p.pool_ticket_ahead: thread 0 takes the next number as its block starts a piece, so that the
 // atomic's round trip through L2 overlaps the copy instead of standing between two pieces. Either
 // way a block stops at the first number past the last piece, and no piece is taken twice.
-template <int kUnroll, int kThreads>
-__device__ void push_pieces(const AllToAllVParams& p) {
+// p.pool_self_first: the stream begins with this rank's message to itself, whose place the host
+// knows; its pieces go before the plan is there (the caller's plan_says_one_copy() waits for it,
+// and says whether the plan chose one copy), so that the copy covers the plan's meeting with the
+// peers. Returns false, counting nothing, when the plan did not choose one copy.
+template <int kUnroll, int kThreads, typename PlanSaysOneCopy>
+__device__ bool push_pieces(const AllToAllVParams& p, PlanSaysOneCopy plan_says_one_copy) {
   const int R = p.num_ranks, me = p.rank;
   const uint64_t piece_bytes = p.pool_piece_bytes ? p.pool_piece_bytes : kMinPiece;
   __shared__ int64_t plan[3 * kMaxRanksPerNode];
   __shared__ uint32_t copied[kMaxRanksPerNode];  // by this block, per position k in the stream
   __shared__ uint64_t taken;
-  if (threadIdx.x < R) copied[threadIdx.x] = 0;  // load_push_plan's barrier orders it
-  const PushPlan mine = load_push_plan(p, plan);
-  const int64_t *bytes_to = mine.bytes_to, *arena_offset = mine.arena_offset, *input_offset = mine.input_offset;
-  auto pieces_of = [&](int k) {
-    const uint64_t bytes = uint64_t(bytes_to[(me + k) % R]);
-    return bytes == 0 ? uint64_t(1) : (bytes + piece_bytes - 1) / piece_bytes;
-  };
+  if (threadIdx.x < R) copied[threadIdx.x] = 0;  // ordered by the barriers below
+  bool planned = !p.pool_self_first;
+  PushPlan mine{};
+  if (planned) mine = load_push_plan(p, plan);
+  const SelfMessage self = host_self_message(p);  // until planned
+  auto pieces_in = [&](uint64_t bytes) { return bytes == 0 ? uint64_t(1) : (bytes + piece_bytes - 1) / piece_bytes; };
+  auto pieces_of = [&](int k) { return pieces_in(uint64_t(mine.bytes_to[(me + k) % R])); };
   uint32_t* next = word_at(p.blocks[me], AllToAllVLayout::kPoolNextPiece);
   if (threadIdx.x == 0) taken = atomicAdd(next, 1u);
   for (;;) {
     __syncthreads();  // thread 0's `taken` is written
     uint64_t piece = taken;
     __syncthreads();  // every thread has read `taken` before thread 0 writes the next
-    int k = 0;
-    for (; k < R; ++k) {
-      const uint64_t n = pieces_of(k);
-      if (piece < n) break;
-      piece -= n;
+    if (!planned && piece >= pieces_in(self.bytes)) {
+      if (!plan_says_one_copy()) return false;  // uniform across the block
+      mine = load_push_plan(p, plan);
+      planned = true;
     }
-    if (k == R) break;  // none left (uniform across the block)
+    int k = 0;
+    if (planned) {
+      for (; k < R; ++k) {
+        const uint64_t n = pieces_of(k);
+        if (piece < n) break;
+        piece -= n;
+      }
+      if (k == R) break;  // none left (uniform across the block)
+    }
     uint32_t ahead = 0;
     if (p.pool_ticket_ahead && threadIdx.x == 0) ahead = atomicAdd(next, 1u);  // read only after the copy
     const int d = (me + k) % R;
-    const uint64_t from = piece * piece_bytes, bytes = uint64_t(bytes_to[d]);
-    const uint64_t to = from + piece_bytes < bytes ? from + piece_bytes : bytes;
+    const uint64_t bytes = planned ? uint64_t(mine.bytes_to[d]) : self.bytes;
+    const uint64_t to_arena = planned ? uint64_t(mine.arena_offset[d]) : self.arena_offset;
+    const uint64_t from_input = planned ? uint64_t(mine.input_offset[d]) : self.input_offset;
+    const uint64_t from = piece * piece_bytes, to = from + piece_bytes < bytes ? from + piece_bytes : bytes;
     if (from < to)
-      block_copy_call<kUnroll, kThreads>(p.pool[d] + arena_offset[d] + from, p.input + input_offset[d] + from,
-                                         to - from, StreamingLoad{}, PushStore{});
+      block_copy_call<kUnroll, kThreads>(p.pool[d] + to_arena + from, p.input + from_input + from, to - from,
+                                         StreamingLoad{}, PushStore{});
     if (threadIdx.x == 0) {
       ++copied[k];
       taken = p.pool_ticket_ahead ? ahead : atomicAdd(next, 1u);
     }
   }
-  if (threadIdx.x != 0) return;  // the loop's last barrier: every thread's stores are issued
+  if (threadIdx.x != 0) return true;  // the loop's last barrier: every thread's stores are issued
   fence_in(p.gpu_scope);
   for (int k = 0; k < R; ++k)
     if (copied[k] > 0) count_parts(p, (me + k) % R, copied[k], pieces_of(k));
+  return true;
 }
 
 // The last block of this rank's move: every source's "done" flag (this rank's own included), so

@@ -279,8 +279,11 @@ __device__ void plan(const AllToAllVParams& p) {
 // only once the plan has met its peers, not while it waits for them. Letting them start at the
 // plan's beginning cost the staged move 64 MiB 159-161 us against 144-146 a call (H100, 2 ranks,
 // 27d69c4's what-if, two runs each), and no small call gained from it.
+// With p.pool_self_first the move starts at the plan's beginning: its blocks copy this rank's message
+// to itself meanwhile, and wait for the plan only after it.
 __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAllVParams p) {
   wait_for_prior_grid();
+  if (p.pool_self_first) let_next_grid_start();
   plan<false>(p);
   let_next_grid_start();
 }
@@ -288,6 +291,7 @@ __global__ void __launch_bounds__(kPlanThreads) all_to_all_v_plan_kernel(AllToAl
 // The plan of an eager call (p.eager_bytes > 0), which copies too: a block of kMoveThreads.
 __global__ void __launch_bounds__(kMoveThreads) all_to_all_v_eager_plan_kernel(AllToAllVParams p) {
   wait_for_prior_grid();
+  if (p.pool_self_first) let_next_grid_start();
   plan<true>(p);
   let_next_grid_start();
 }
@@ -432,10 +436,25 @@ __device__ __forceinline__ bool one_copy(const AllToAllVParams& p) {
   return p.pool_plan != nullptr && plan_word(p.pool_plan + PoolPlan::kDirect) != 0;
 }
 
-// Worker `worker` of p.pool_workers: its fixed piece of the call, or pieces taken in turn.
+// Worker `worker` of p.pool_workers, once the plan chose one copy: its fixed piece of the call, or
+// pieces taken in turn.
 __device__ __forceinline__ void push_one_copy(const AllToAllVParams& p, int worker) {
-  if (p.pool_pieces) pool::push_pieces<kUnroll, kMoveThreads>(p);
+  if (p.pool_pieces) pool::push_pieces<kUnroll, kMoveThreads>(p, [] { return true; });
   else pool::push<kUnroll, kMoveThreads>(p, worker, p.pool_workers);
+}
+
+// A worker of p.pool_self_first (pieces taken in turn): this rank's message to itself before the
+// plan, then `plan_says_one_copy()` and the rest of the one copy; else (the plan chose the staged
+// move) the staged move's block `block`, if there is one. `await()` waits for the plan, false if it
+// never came.
+template <typename AwaitPlan>
+__device__ void push_self_first(const AllToAllVParams& p, int block, AwaitPlan await) {
+  bool planned = false;
+  const bool one = pool::push_pieces<kUnroll, kMoveThreads>(p, [&] {
+    planned = await();
+    return planned && one_copy(p);
+  });
+  if (!one && planned && block < staged_blocks(p.num_ranks, p.layout.lanes)) staged_move(p, block);
 }
 
 // Every block at its end: the last of the grid to get here resets the counter `finished` (and
@@ -463,11 +482,20 @@ __device__ void finish_call(const AllToAllVParams& p, size_t finished, bool fuse
 
 // A group with a comm pool: one copy where the plan chose it (the first pool_workers blocks), else
 // the staged move (the first staged_blocks blocks); the others end at once.
+// p.pool_self_first: the plan let this grid start at its own beginning, and the workers copy this
+// rank's message to itself before they wait for it.
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(AllToAllVParams p) {
-  wait_for_prior_grid();
-  if (one_copy(p)) {
-    if (int(blockIdx.x) < p.pool_workers) push_one_copy(p, blockIdx.x);
-  } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) staged_move(p, blockIdx.x);
+  if (p.pool_self_first && int(blockIdx.x) < p.pool_workers) {
+    push_self_first(p, blockIdx.x, [] {
+      wait_for_prior_grid();
+      return true;
+    });
+  } else {
+    wait_for_prior_grid();
+    if (one_copy(p)) {
+      if (int(blockIdx.x) < p.pool_workers) push_one_copy(p, blockIdx.x);
+    } else if (int(blockIdx.x) < staged_blocks(p.num_ranks, p.layout.lanes)) staged_move(p, blockIdx.x);
+  }
   let_next_grid_start();  // the next call's plan launches while the last block waits for the data
   finish_call(p, L::kPoolFinished, /*fused=*/false);
 }
@@ -482,6 +510,10 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllT
   if (blockIdx.x == 0) {
     plan<kEager>(p);
     publish_plan(p);
+  } else if (p.pool_self_first && int(blockIdx.x) <= p.pool_workers) {
+    // This rank's message to itself while block 0 meets the peers.
+    push_self_first(p, blockIdx.x, [&] { return await_plan(p); });
+    planned = false;  // moved above
   } else {
     planned = await_plan(p);
   }

@@ -235,6 +235,11 @@ struct AllToAllVParams {
   // (Options.all_to_all_pool_piece_bytes).
   bool pool_ticket_ahead;
   uint64_t pool_piece_bytes;
+  // With pool_pieces, all_to_all_single only (TORCH_EP_POOL_SELF_FIRST): the move's blocks start as
+  // the plan does and copy this rank's message to itself, whose place the host knows (its splits,
+  // expected_splits and out_arena), while the plan meets the peers; the rest waits for the plan.
+  // A call the plan refuses (the ranks disagree) may then have written this rank's own rows.
+  bool pool_self_first;
 };
 
 // The plan's pool_plan, for the host (tests) and the move kernels.

@@ -110,6 +110,9 @@ class AllToAllVState {
     // pass of a block's loads (tools/pool_copy_probe.cu: fixed pieces of 128 KiB reached 98-99 % of
     // the copy where 64 KiB in turn ran at 89-90 %), and the next piece's number taken during the copy.
     pool_ticket_ahead_ = env_switch("TORCH_EP_POOL_TICKET_AHEAD");
+    // The one copy's message to itself during the plan's meeting (all_to_all_single; opt-in: a
+    // refused call may have written the rank's own rows, which the default never does).
+    pool_self_first_ = pool_pieces_ && env_switch("TORCH_EP_POOL_SELF_FIRST");
     pool_piece_bytes_ =
         config.all_to_all_pool_piece_bytes > 0 ? config.all_to_all_pool_piece_bytes : kernels::kPoolMinPiece;
     TORCH_CHECK_VALUE(pool_piece_bytes_ % kernels::kPoolMinPiece == 0, "Config.all_to_all_pool_piece_bytes=",
@@ -311,7 +314,9 @@ class AllToAllVState {
     p.pool_pieces = pool_pieces_;
     p.pool_ticket_ahead = pool_ticket_ahead_;
     p.pool_piece_bytes = pool_piece_bytes_;
+    p.pool_self_first = false;  // all_to_all_single's call decides
   }
+  bool pool_self_first() const { return pool_self_first_; }
 
  private:
   Report take_report_locked() {
@@ -343,6 +348,7 @@ class AllToAllVState {
   bool gpu_scope_ = false;            // the kernels' flags at GPU scope (AllToAllVParams::gpu_scope)
   bool pool_pieces_ = false;          // the one copy's pieces taken in turn (AllToAllVParams::pool_pieces)
   bool pool_ticket_ahead_ = false;    // ... the next one taken during the copy (AllToAllVParams::pool_ticket_ahead)
+  bool pool_self_first_ = false;      // ... this rank's own message first (AllToAllVParams::pool_self_first)
   uint64_t pool_piece_bytes_ = kernels::kPoolMinPiece;  // ... their size (Options.all_to_all_pool_piece_bytes)
   uint64_t eager_bytes_ = 0;          // all_to_all_single's eager messages: at most this (0: off)
   CallOrder order_;
@@ -417,6 +423,11 @@ AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const
     for (int r = 0; r < R; ++r)
       eager_only = eager_only && send_bytes[r] <= p.eager_bytes && recv_bytes[r] <= p.eager_bytes;
     if (eager_only) p.out_arena = -1;
+    // This rank's message to itself before the plan: where the host knows its place (the output in
+    // the arena, the bytes both ways alike) and the plan leaves it to the move (not eager).
+    const size_t own = send_bytes[rank];
+    p.pool_self_first = pool && state.pool_self_first() && p.out_arena >= 0 && own == recv_bytes[rank] &&
+                        !(p.eager_bytes > 0 && own <= p.eager_bytes);
     phase.next("ep::all_to_all_single/launch");
     state.order().begin(stream);
     if (eager_only) {
