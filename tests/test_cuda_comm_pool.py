@@ -348,20 +348,23 @@ def test_one_copy_shapes(env):
     pool.run(rank_one_copy_shapes, seed=_seed(), timeout_s=300)
 
 
-def rank_disagreeing_splits(own_rows_may_move=False):
+def rank_disagreeing_splits(own_rows_move=False, options=None):
     """Ranks 0 and 1 disagree (rank 0 expects three rows from rank 1, which sends two): nothing
     moves on any rank, every rank raises at its next synchronising check, and the group keeps
-    working with one copy. `own_rows_may_move` (TORCH_EP_POOL_SELF_FIRST): a rank whose own rows
-    agree with itself may have copied them before the plan refused the call; nothing else moves."""
+    working with one copy. `own_rows_move` (TORCH_EP_POOL_SELF_FIRST, rows of 512 KiB so that a
+    rank's own two pass its 1 MiB floor): a rank whose own rows agree with itself copies them
+    before the plan refuses the call (every piece of its own message is taken before any other),
+    which shows that the path ran; nothing else moves."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    group, pool = _pool_group(timeout=timedelta(seconds=20))
+    group, pool = _pool_group(timeout=timedelta(seconds=20), **(options or {}))
     try:
         out_splits = [2] * size
         if rank == 0:
             out_splits[1], out_splits[0] = 3, 1
+        row = (128 << 10,) if own_rows_move else ()
         with torch.cuda.use_mem_pool(pool):
-            x = torch.randn(size * 2, device="cuda")
-            y = poison_(torch.empty(sum(out_splits), device="cuda"))
+            x = torch.randn(size * 2, *row, device="cuda")
+            y = poison_(torch.empty(sum(out_splits), *row, device="cuda"))
         before = y.clone()
         error = None
         try:
@@ -371,12 +374,12 @@ def rank_disagreeing_splits(own_rows_may_move=False):
         except Exception as e:  # noqa: BLE001
             error = str(e)
         torch.cuda.synchronize()
-        if own_rows_may_move and rank != 0:  # rank 0 expects one row from itself and sends two
+        if own_rows_move and rank != 0:  # rank 0 expects one row from itself and sends two: no self-first
             own = slice(sum(out_splits[:rank]), sum(out_splits[:rank + 1]))
             kept = torch.ones(y.shape[0], dtype=torch.bool, device="cuda")
             kept[own] = False
             assert same_bits(y[kept], before[kept]), "a refused call wrote rows from other ranks"
-            assert same_bits(y[own], before[own]) or same_bits(y[own], x[2 * rank:2 * rank + 2]), "own rows garbled"
+            assert same_bits(y[own], x[2 * rank:2 * rank + 2]), "self-first: the own rows did not move"
         else:
             assert same_bits(y, before), "a refused call wrote its output"
         _check(group, pool, torch.float32, "uneven", (4,), 7)
@@ -394,22 +397,24 @@ def test_disagreeing_splits_raise_on_every_rank(cuda_pool):
 
 
 def rank_self_first_edges(seed):
-    """TORCH_EP_POOL_SELF_FIRST's edges: a refused call (its own rows only may move), a call whose
-    plan takes the staged move after the own rows were copied (rank 0's output outside the pool),
-    in both launch shapes, then one copy again."""
-    error, one_copy_after = rank_disagreeing_splits(own_rows_may_move=True)
-    assert error is not None and "split sizes disagree" in error, error
-    assert one_copy_after
+    """TORCH_EP_POOL_SELF_FIRST's edges, in both launch shapes and with eager messages on: a refused
+    call (its own rows alone move), a call whose plan takes the staged move after the own rows went
+    (rank 0's output outside the pool), own messages below the 1 MiB floor, then one copy again."""
     rank = dist.get_rank()
-    for options in (dict(), dict(all_to_all_one_launch=True)):
+    for options in (dict(), dict(all_to_all_one_launch=True), dict(all_to_all_eager_bytes=4096)):
+        error, one_copy_after = rank_disagreeing_splits(own_rows_move=True, options=options)
+        assert error is not None and "split sizes disagree" in error, f"{options}: {error}"
+        assert one_copy_after
         group, pool = _pool_group(**options)
         try:
-            # "even": every rank receives rows, so rank 0's output outside the pool rules one copy out.
-            for i, row_shape in enumerate(((37,), (100_000,))):
+            # "even": every rank receives rows, so rank 0's output outside the pool rules one copy
+            # out; 3 rows of 600 KB pass the floor, of 74 B do not.
+            for i, row_shape in enumerate(((37,), (300_000,))):
                 _check(group, pool, torch.bfloat16, "even", row_shape, seed + i, out_pool=rank != 0)
                 assert not _one_copy(group), f"{options} {row_shape}: one copy with an output outside the pool"
+            # Own messages of 0-6 rows of 1.2 MB: empty, below and above the floor.
             for i, kind in enumerate(("uneven", "even", "to_one", "zeros")):
-                _check(group, pool, torch.float32, kind, (300_001,) if kind == "even" else (300,), seed + i)
+                _check(group, pool, torch.float32, kind, (300_001,), seed + i)
                 assert _one_copy(group), f"{options} {kind}: not one copy"
         finally:
             dist.destroy_process_group(group)

@@ -102,8 +102,8 @@ ENVIRONMENT = {
                                   "piece from the counter while it copies the current one, so that the atomic's "
                                   "round trip overlaps the copy (default 0: after it; opt-in until measured)",
     "TORCH_EP_POOL_SELF_FIRST": "1 lets all_to_all_single's one-copy move (tensors of the comm pool, pieces taken in "
-                                "turn) copy each rank's rows to itself while the plan meets the peers, so that the "
-                                "copy covers the meeting; a call refused for disagreeing splits may then have written "
+                                "turn) copy each rank's rows to itself (1 MiB or more) while the plan meets the "
+                                "peers, so that the copy covers the meeting; a call refused for disagreeing splits may then have written "
                                 "the rank's own rows (default 0; opt-in until measured)",
     "TORCH_EP_POOL_PIECES": "0 gives each block of the device protocol's one-copy move (tensors of the comm pool) "
                             "one fixed piece of the call (default 1: the blocks that fit at once take 64 KiB pieces "

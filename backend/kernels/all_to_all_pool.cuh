@@ -125,18 +125,20 @@ __device__ void push(const AllToAllVParams& p, uint64_t worker, uint64_t workers
   }
 }
 
-// This rank's message to itself as the host knows it (all_to_all_single, p.pool_self_first): the
-// plan, once it has met the peers and found that they agree, says the same.
-struct SelfMessage {
-  uint64_t bytes, arena_offset, input_offset;
-};
-__device__ __forceinline__ SelfMessage host_self_message(const AllToAllVParams& p) {
-  const int me = p.rank;
-  int64_t sent_before = 0, expected_before = 0;
-  for (int r = 0; r < me; ++r) sent_before += p.host_splits[r], expected_before += p.expected_splits[r];
-  const uint64_t row = uint64_t(p.row_bytes);
-  return {uint64_t(p.host_splits[me]) * row, uint64_t(p.out_arena) + uint64_t(expected_before) * row,
-          uint64_t(sent_before) * row};
+// Before the plan (kSelfFirst): this rank's message to itself as the host knows it
+// (all_to_all_single), in its place of `plan`; the plan, once it has met the peers and found that
+// they agree, says the same.
+__device__ __forceinline__ PushPlan host_self_plan(const AllToAllVParams& p, int64_t* plan) {
+  const int R = p.num_ranks, me = p.rank;
+  if (threadIdx.x == 0) {
+    int64_t sent_before = 0, expected_before = 0;
+    for (int r = 0; r < me; ++r) sent_before += p.host_splits[r], expected_before += p.expected_splits[r];
+    plan[me] = p.host_splits[me] * p.row_bytes;
+    plan[R + me] = p.out_arena + expected_before * p.row_bytes;
+    plan[2 * R + me] = sent_before * p.row_bytes;
+  }
+  __syncthreads();
+  return {plan, plan + R, plan + 2 * R};
 }
 
 // The move in pieces taken in turn (p.pool_pieces): each message cut into pieces of
@@ -147,11 +149,13 @@ __device__ __forceinline__ SelfMessage host_self_message(const AllToAllVParams& 
 // p.pool_ticket_ahead: thread 0 takes the next number as its block starts a piece, so that the
 // atomic's round trip through L2 overlaps the copy instead of standing between two pieces. Either
 // way a block stops at the first number past the last piece, and no piece is taken twice.
-// p.pool_self_first: the stream begins with this rank's message to itself, whose place the host
-// knows; its pieces go before the plan is there (the caller's plan_says_one_copy() waits for it,
-// and says whether the plan chose one copy), so that the copy covers the plan's meeting with the
-// peers. Returns false, counting nothing, when the plan did not choose one copy.
-template <int kUnroll, int kThreads, typename PlanSaysOneCopy>
+// kSelfFirst (p.pool_self_first): the stream begins with this rank's message to itself, whose place
+// the host knows; its pieces go before the plan is there (the caller's plan_says_one_copy() waits
+// for it, and says whether the plan chose one copy), so that the copy covers the plan's meeting
+// with the peers. Returns false, counting nothing, when the plan did not choose one copy. A
+// template parameter, not a branch: the default's kernels keep their registers (the branch
+// spilled 4x more in them).
+template <int kUnroll, int kThreads, bool kSelfFirst, typename PlanSaysOneCopy>
 __device__ bool push_pieces(const AllToAllVParams& p, PlanSaysOneCopy plan_says_one_copy) {
   const int R = p.num_ranks, me = p.rank;
   const uint64_t piece_bytes = p.pool_piece_bytes ? p.pool_piece_bytes : kMinPiece;
@@ -159,22 +163,24 @@ __device__ bool push_pieces(const AllToAllVParams& p, PlanSaysOneCopy plan_says_
   __shared__ uint32_t copied[kMaxRanksPerNode];  // by this block, per position k in the stream
   __shared__ uint64_t taken;
   if (threadIdx.x < R) copied[threadIdx.x] = 0;  // ordered by the barriers below
-  bool planned = !p.pool_self_first;
-  PushPlan mine{};
-  if (planned) mine = load_push_plan(p, plan);
-  const SelfMessage self = host_self_message(p);  // until planned
-  auto pieces_in = [&](uint64_t bytes) { return bytes == 0 ? uint64_t(1) : (bytes + piece_bytes - 1) / piece_bytes; };
-  auto pieces_of = [&](int k) { return pieces_in(uint64_t(mine.bytes_to[(me + k) % R])); };
+  bool planned = !kSelfFirst;  // until then only `plan`'s words for this rank hold
+  const PushPlan mine = kSelfFirst ? host_self_plan(p, plan) : load_push_plan(p, plan);
+  auto pieces_of = [&](int k) {
+    const uint64_t bytes = uint64_t(mine.bytes_to[(me + k) % R]);
+    return bytes == 0 ? uint64_t(1) : (bytes + piece_bytes - 1) / piece_bytes;
+  };
   uint32_t* next = word_at(p.blocks[me], AllToAllVLayout::kPoolNextPiece);
   if (threadIdx.x == 0) taken = atomicAdd(next, 1u);
   for (;;) {
     __syncthreads();  // thread 0's `taken` is written
     uint64_t piece = taken;
     __syncthreads();  // every thread has read `taken` before thread 0 writes the next
-    if (!planned && piece >= pieces_in(self.bytes)) {
-      if (!plan_says_one_copy()) return false;  // uniform across the block
-      mine = load_push_plan(p, plan);
-      planned = true;
+    if constexpr (kSelfFirst) {
+      if (!planned && piece >= pieces_of(0)) {
+        if (!plan_says_one_copy()) return false;  // uniform across the block
+        load_push_plan(p, plan);  // over the host's words: every thread is past their last read
+        planned = true;
+      }
     }
     int k = 0;
     if (planned) {
@@ -188,13 +194,11 @@ __device__ bool push_pieces(const AllToAllVParams& p, PlanSaysOneCopy plan_says_
     uint32_t ahead = 0;
     if (p.pool_ticket_ahead && threadIdx.x == 0) ahead = atomicAdd(next, 1u);  // read only after the copy
     const int d = (me + k) % R;
-    const uint64_t bytes = planned ? uint64_t(mine.bytes_to[d]) : self.bytes;
-    const uint64_t to_arena = planned ? uint64_t(mine.arena_offset[d]) : self.arena_offset;
-    const uint64_t from_input = planned ? uint64_t(mine.input_offset[d]) : self.input_offset;
-    const uint64_t from = piece * piece_bytes, to = from + piece_bytes < bytes ? from + piece_bytes : bytes;
+    const uint64_t from = piece * piece_bytes, bytes = uint64_t(mine.bytes_to[d]);
+    const uint64_t to = from + piece_bytes < bytes ? from + piece_bytes : bytes;
     if (from < to)
-      block_copy_call<kUnroll, kThreads>(p.pool[d] + to_arena + from, p.input + from_input + from, to - from,
-                                         StreamingLoad{}, PushStore{});
+      block_copy_call<kUnroll, kThreads>(p.pool[d] + mine.arena_offset[d] + from, p.input + mine.input_offset[d] + from,
+                                         to - from, StreamingLoad{}, PushStore{});
     if (threadIdx.x == 0) {
       ++copied[k];
       taken = p.pool_ticket_ahead ? ahead : atomicAdd(next, 1u);

@@ -439,7 +439,7 @@ __device__ __forceinline__ bool one_copy(const AllToAllVParams& p) {
 // Worker `worker` of p.pool_workers, once the plan chose one copy: its fixed piece of the call, or
 // pieces taken in turn.
 __device__ __forceinline__ void push_one_copy(const AllToAllVParams& p, int worker) {
-  if (p.pool_pieces) pool::push_pieces<kUnroll, kMoveThreads>(p, [] { return true; });
+  if (p.pool_pieces) pool::push_pieces<kUnroll, kMoveThreads, false>(p, [] { return true; });
   else pool::push<kUnroll, kMoveThreads>(p, worker, p.pool_workers);
 }
 
@@ -450,7 +450,7 @@ __device__ __forceinline__ void push_one_copy(const AllToAllVParams& p, int work
 template <typename AwaitPlan>
 __device__ void push_self_first(const AllToAllVParams& p, int block, AwaitPlan await) {
   bool planned = false;
-  const bool one = pool::push_pieces<kUnroll, kMoveThreads>(p, [&] {
+  const bool one = pool::push_pieces<kUnroll, kMoveThreads, true>(p, [&] {
     planned = await();
     return planned && one_copy(p);
   });
@@ -482,10 +482,11 @@ __device__ void finish_call(const AllToAllVParams& p, size_t finished, bool fuse
 
 // A group with a comm pool: one copy where the plan chose it (the first pool_workers blocks), else
 // the staged move (the first staged_blocks blocks); the others end at once.
-// p.pool_self_first: the plan let this grid start at its own beginning, and the workers copy this
-// rank's message to itself before they wait for it.
+// kSelfFirst (p.pool_self_first): the plan let this grid start at its own beginning, and the workers
+// copy this rank's message to itself before they wait for it.
+template <bool kSelfFirst>
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(AllToAllVParams p) {
-  if (p.pool_self_first && int(blockIdx.x) < p.pool_workers) {
+  if (kSelfFirst && int(blockIdx.x) < p.pool_workers) {
     push_self_first(p, blockIdx.x, [] {
       wait_for_prior_grid();
       return true;
@@ -503,14 +504,14 @@ __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_move_any_kernel(
 // A whole call in one launch: block 0 plans while the others wait for it, then the blocks move as
 // the move kernels above do (blocks 1..pool_workers copy a one-copy move: block 0 starts late).
 // kEager: block 0's plan moves the eager messages too.
-template <bool kEager>
+template <bool kEager, bool kSelfFirst>
 __global__ void __launch_bounds__(kMoveThreads, 2) all_to_all_v_call_kernel(AllToAllVParams p) {
   wait_for_prior_grid();
   bool planned = true;
   if (blockIdx.x == 0) {
     plan<kEager>(p);
     publish_plan(p);
-  } else if (p.pool_self_first && int(blockIdx.x) <= p.pool_workers) {
+  } else if (kSelfFirst && int(blockIdx.x) <= p.pool_workers) {
     // This rank's message to itself while block 0 meets the peers.
     push_self_first(p, blockIdx.x, [&] { return await_plan(p); });
     planned = false;  // moved above
@@ -554,8 +555,8 @@ cudaError_t launch_all_to_all_v_move_any(const AllToAllVParams& params, int bloc
   const int staged = staged_blocks(params.num_ranks, params.layout.lanes);
   AllToAllVParams p = params;
   p.pool_workers = blocks > 0 ? blocks : 1;
-  return launch_kernel(all_to_all_v_move_any_kernel, p.pool_workers > staged ? p.pool_workers : staged, kMoveThreads,
-                       stream, p.early_launch, p);
+  auto* kernel = p.pool_self_first ? all_to_all_v_move_any_kernel<true> : all_to_all_v_move_any_kernel<false>;
+  return launch_kernel(kernel, p.pool_workers > staged ? p.pool_workers : staged, kMoveThreads, stream, p.early_launch, p);
 }
 
 cudaError_t launch_all_to_all_v_call(const AllToAllVParams& params, int pool_blocks, cudaStream_t stream) {
@@ -569,8 +570,11 @@ cudaError_t launch_all_to_all_v_call(const AllToAllVParams& params, int pool_blo
   p.pool_workers = params.pool_plan != nullptr ? (pool_blocks > 0 ? pool_blocks : 1) : 0;
   const int direct = p.pool_workers > 0 ? 1 + p.pool_workers : 0;
   const int grid = direct > staged ? direct : staged;
-  return launch_kernel(p.eager_bytes > 0 ? all_to_all_v_call_kernel<true> : all_to_all_v_call_kernel<false>, grid,
-                       kMoveThreads, stream, p.early_launch, p);
+  auto* kernel = p.eager_bytes > 0 ? (p.pool_self_first ? all_to_all_v_call_kernel<true, true>
+                                                          : all_to_all_v_call_kernel<true, false>)
+                                   : (p.pool_self_first ? all_to_all_v_call_kernel<false, true>
+                                                        : all_to_all_v_call_kernel<false, false>);
+  return launch_kernel(kernel, grid, kMoveThreads, stream, p.early_launch, p);
 }
 
 const void* all_to_all_v_module_kernel() { return reinterpret_cast<const void*>(all_to_all_v_plan_kernel); }

@@ -50,7 +50,8 @@
 // one for the plan's block); the
 // last block of a message raises the receiver's "done" flag for this source, and the receiver's
 // last block takes every source's flag before the call ends. Otherwise (some output outside the
-// arenas) the same launch runs the staged move above.
+// arenas) the same launch runs the staged move above. With pool_self_first (below) the blocks
+// copy this rank's rows to itself before the plan is there.
 // Eager (eager_bytes > 0, all_to_all_single with TORCH_EP_ALL_TO_ALL_EAGER_BYTES): a message of
 // 1..eager_bytes bytes rides with its record. The plan (a block of kMoveThreads) waits until each
 // peer's record slot is free, writes the rank's messages that fit into their receivers' eager

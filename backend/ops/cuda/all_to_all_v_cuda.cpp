@@ -371,6 +371,10 @@ std::string take_all_to_all_single_report(AllToAllVState& state, int64_t call_id
   return state.take_report_of(call_id, rank);
 }
 
+// TORCH_EP_POOL_SELF_FIRST's smallest own message: 16 pieces of 64 KiB, several microseconds of
+// copy, about a plan's meeting.
+constexpr size_t kSelfFirstMinBytes = 1 << 20;
+
 AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const char* input, char* output,
                                           const std::vector<size_t>& send_bytes,
                                           const std::vector<size_t>& recv_bytes, cudaStream_t stream,
@@ -424,10 +428,11 @@ AllToAllSingleCall all_to_all_single_cuda(AllToAllVState& state, int rank, const
       eager_only = eager_only && send_bytes[r] <= p.eager_bytes && recv_bytes[r] <= p.eager_bytes;
     if (eager_only) p.out_arena = -1;
     // This rank's message to itself before the plan: where the host knows its place (the output in
-    // the arena, the bytes both ways alike) and the plan leaves it to the move (not eager).
+    // the arena, the bytes both ways alike), the plan leaves it to the move (not eager), and it is
+    // large enough to cover the plan's meeting (the move's blocks stay resident while they wait).
     const size_t own = send_bytes[rank];
     p.pool_self_first = pool && state.pool_self_first() && p.out_arena >= 0 && own == recv_bytes[rank] &&
-                        !(p.eager_bytes > 0 && own <= p.eager_bytes);
+                        own >= kSelfFirstMinBytes && !(p.eager_bytes > 0 && own <= p.eager_bytes);
     phase.next("ep::all_to_all_single/launch");
     state.order().begin(stream);
     if (eager_only) {
