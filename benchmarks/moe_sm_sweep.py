@@ -43,8 +43,8 @@ from torch_ep import sm_table
 from torch_ep.options import FALLBACK_MOE_COPY, MOE_COPIES
 
 from benchmarks import common
-from benchmarks.moe import (FP8_BLOCK, LAYOUT_GIVEN, Measurement, check_against_reference, make_inputs,
-                            reference_results)
+from benchmarks.moe import FP8_BLOCK, Measurement, make_inputs
+from benchmarks.moe_checks import LAYOUT_GIVEN, check_against_reference, reference_results
 
 # Table op -> moe.py op. Dispatch's budget comes from its layout-given rows: a layout computed in
 # the call adds a kernel and a host wait for the sizes that no SM budget shortens, which flattens
