@@ -19,7 +19,6 @@ import os
 import sys
 from typing import Dict, List
 
-import torch
 import torch.distributed as dist
 
 import torch_ep

@@ -11,7 +11,6 @@ picks the virtual nodes (e.g. "2x2,2x4"); ranks sharing a GPU need MPS.
 import os
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import test_cuda_low_latency as ll

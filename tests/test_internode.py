@@ -7,7 +7,6 @@ contract does not depend on the route. Combine's reference follows the group's n
 rounding to x's dtype per node, as the hierarchical route sums).
 """
 import os
-from datetime import timedelta
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ The rank functions take a `device` so that tests/test_cuda_moe.py runs the same 
 Data is integer-valued, so sums are exact and every comparison is bit for bit.
 """
 import os
-from datetime import timedelta
 
 import pytest
 import torch

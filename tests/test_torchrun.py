@@ -12,7 +12,6 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 import torch
 
 SCRIPT = Path(__file__).parent / "scripts" / "torchrun_all_to_all.py"

@@ -153,8 +153,8 @@ __device__ __forceinline__ PushPlan host_self_plan(const AllToAllVParams& p, int
 // the host knows; its pieces go before the plan is there (the caller's plan_says_one_copy() waits
 // for it, and says whether the plan chose one copy), so that the copy covers the plan's meeting
 // with the peers. Returns false, counting nothing, when the plan did not choose one copy. A
-// template parameter, not a branch: the default's kernels keep their registers (the branch
-// spilled 4x more in them).
+// template parameter: as a runtime branch it would cost the default's kernels registers (4x the
+// spills, ptxas -v).
 template <int kUnroll, int kThreads, bool kSelfFirst, typename PlanSaysOneCopy>
 __device__ bool push_pieces(const AllToAllVParams& p, PlanSaysOneCopy plan_says_one_copy) {
   const int R = p.num_ranks, me = p.rank;
