@@ -281,8 +281,9 @@ def measure_tokens(tokens: int, args, device: torch.device, deepep: DeepEP, sync
                 start_run()
                 host: List[float] = []
                 times = common.time_stream(fn, device=device, calls=args.stream_calls, host_s=host)[1:]
-                stream_times[key] += common.slowest_rank(times, sync_group)
-                stream_host[key] += common.slowest_rank(host, sync_group)
+                slowest = common.slowest_rank(times + host, sync_group)  # one collective for both
+                stream_times[key] += slowest[:len(times)]
+                stream_host[key] += slowest[len(times):]
         measurements += [Measurement(impl, op, tokens, [b[op] for b in rank_bytes], times, method="stream",
                                      stream_round_calls=args.stream_calls - 1, host_s=stream_host[(impl, op)])
                          for (impl, op), times in stream_times.items()]
@@ -320,7 +321,7 @@ def results_table(measurements: List[Measurement], subject: str) -> str:
             row += ([f"{wrapper_m.time_s * 1e6:.1f}", f"{wrapper_m.time_s / subject_m.time_s:.3f}x"]
                     if wrapper_m and subject_m else ["n/a"] * 2)
         host = subject_m.host_s if subject_m else []  # stream rows only
-        note = (" (host-bound)" if host and subject_m.host_bound
+        note = (" (host-bound)" if subject_m.host_bound
                 else " (waits for the counts)" if op in WAITS_FOR_COUNTS else "")
         row.append(f"{common.median(host) * 1e6:.1f}{note}" if host else "-")
         rows.append(row)
